@@ -1,0 +1,33 @@
+"""fenwick: the index algebra of log-linear attention and its O(log T)-state scan.
+
+Knows nothing of ``hodlr`` or ``kernels``; needs only numpy (torch tensors are accepted
+where documented, and torch is imported only when one is passed in).
+"""
+
+from fenwick.index import (
+    NO_LEVEL,
+    Block,
+    blocks_at_level,
+    bucket,
+    buckets,
+    level,
+    level_matrix,
+    num_blocks,
+    num_levels,
+    offdiag_blocks,
+    read_levels,
+)
+
+__all__ = [
+    "NO_LEVEL",
+    "Block",
+    "blocks_at_level",
+    "bucket",
+    "buckets",
+    "level",
+    "level_matrix",
+    "num_blocks",
+    "num_levels",
+    "offdiag_blocks",
+    "read_levels",
+]

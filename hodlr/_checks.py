@@ -1,0 +1,136 @@
+"""Input validation shared by the public API.  Every message names the argument, what
+it got and what was expected."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fenwick.arrays import is_torch, namespace
+
+__all__ = [
+    "as_array",
+    "broadcast_batch",
+    "check_float_dtype",
+    "check_same_home",
+    "describe",
+    "library_of",
+    "operand_dtype_ok",
+]
+
+NUMPY_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def library_of(x) -> str:
+    return "torch" if is_torch(x) else "numpy"
+
+
+def describe(x) -> str:
+    """Short text for error messages: library, dtype, shape and device."""
+    if is_torch(x):
+        return f"torch.Tensor(shape={tuple(x.shape)}, dtype={x.dtype}, device={x.device})"
+    return f"numpy.ndarray(shape={x.shape}, dtype={x.dtype})"
+
+
+def as_array(name: str, x, min_ndim: int, layout: str):
+    """Return ``x`` as a numpy array or torch tensor with at least ``min_ndim`` dims.
+
+    Lists and scalars become numpy arrays.  ``layout`` is the expected shape in words,
+    used in the error message (for example ``"(..., T, D)"``).
+    """
+    if x is None:
+        raise TypeError(f"{name} must be an array of shape {layout}, got None")
+    if not is_torch(x) and not isinstance(x, np.ndarray):
+        if isinstance(x, (list, tuple, float, int)):
+            x = np.asarray(x)
+        else:
+            raise TypeError(
+                f"{name} must be a numpy.ndarray or torch.Tensor of shape {layout}, "
+                f"got {type(x).__name__}"
+            )
+    check_float_dtype(name, x)
+    if x.ndim < min_ndim:
+        raise ValueError(
+            f"{name} must have shape {layout} (at least {min_ndim} dims), got shape {tuple(x.shape)}"
+        )
+    return x
+
+
+def check_float_dtype(name: str, x) -> None:
+    if is_torch(x):
+        if not x.dtype.is_floating_point:
+            raise TypeError(
+                f"{name} must have a real floating dtype (float16, bfloat16, float32, float64), "
+                f"got {x.dtype}"
+            )
+    elif x.dtype not in NUMPY_FLOATS:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+
+
+def check_same_home(named: dict) -> None:
+    """All arrays must live in one library and, for torch, on one device."""
+    items = [(k, v) for k, v in named.items() if v is not None]
+    first_name, first = items[0]
+    for name, x in items[1:]:
+        if library_of(x) != library_of(first):
+            raise TypeError(
+                f"{name} is a {library_of(x)} array but {first_name} is a {library_of(first)} "
+                f"array; pass both as numpy arrays or both as torch tensors "
+                f"(got {describe(x)} and {describe(first)})"
+            )
+        if is_torch(x) and x.device != first.device:
+            raise ValueError(
+                f"{name} is on device {x.device} but {first_name} is on {first.device}; "
+                f"move them to one device"
+            )
+
+
+def operand_dtype_ok(mask_dtype, operand_dtype) -> bool:
+    """The mask's dtype must equal the operands', or be float32 for half operands."""
+    if mask_dtype == operand_dtype:
+        return True
+    if is_torch_dtype(operand_dtype):
+        import torch
+
+        return mask_dtype == torch.float32 and operand_dtype in (torch.float16, torch.bfloat16)
+    return False
+
+
+def is_torch_dtype(dtype) -> bool:
+    return type(dtype).__module__.startswith("torch")
+
+
+def broadcast_batch(named_shapes: dict) -> tuple:
+    """Broadcast the batch shapes in ``named_shapes`` (name -> shape tuple) as torch.matmul
+    does, or raise a ValueError naming them."""
+    try:
+        return tuple(np.broadcast_shapes(*[tuple(s) for s in named_shapes.values()]))
+    except ValueError:
+        listing = ", ".join(f"{k} {tuple(v)}" for k, v in named_shapes.items())
+        raise ValueError(f"batch dimensions do not broadcast: {listing}") from None
+
+
+def broadcast_to(x, shape):
+    """A view of ``x`` broadcast to ``shape`` (no copy)."""
+    if is_torch(x):
+        return x.expand(*shape)
+    return np.broadcast_to(x, shape)
+
+
+def check_finite(name: str, x, where: str = "") -> None:
+    xp = namespace(x)
+    ok = bool(xp.isfinite(x).all())
+    if not ok:
+        raise ValueError(f"{name} must be finite{where}; it holds NaN or inf")
+
+
+def check_scale(scale):
+    if scale is None:
+        return 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale

@@ -1,0 +1,100 @@
+"""The backend registry: one module per backend, all with the same signature.
+
+A backend module defines
+
+``DESCRIPTION`` : str
+    One line saying what it computes with.
+``unavailable_reason(library, device) -> str | None``
+    ``None`` if it can run on arrays of that library (``"numpy"`` / ``"torch"``) and
+    device, else why not.
+``matmul(level_scales, log_decay, x)``
+    ``level_scales (*batch, T, L)``, ``log_decay (*batch, T)`` or ``None``,
+    ``x (*batch, T, D)`` -> ``(*batch, T, D)``.
+``attention(q, k, v, level_scales, log_decay, scale)``
+    ``q, k (*batch, T, Dk)``, ``v (*batch, T, Dv)``, ``scale`` a float -> ``(*batch, T, Dv)``.
+
+The public functions :func:`hodlr.matmul` and :func:`hodlr.attention` validate the inputs
+and broadcast every batch shape to one common ``batch`` (as views, no copies) before a
+backend sees them, so backends never validate.
+
+``backend="auto"`` picks the first rule that matches and whose backend can run:
+
+1. torch tensors on a CUDA device: ``triton``, then ``chunked``;
+2. ``T <= 256``: ``dense`` (fastest for small masks);
+3. torch tensors: ``chunked``, then ``recursive``;
+4. numpy arrays: ``recursive``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from hodlr.errors import BackendUnavailableError
+
+__all__ = ["NAMES", "auto_backend", "get", "info"]
+
+NAMES = ("dense", "sparse", "recursive", "fenwick", "chunked", "triton")
+"""Every backend name, in the order :func:`hodlr.backends` lists them."""
+
+AUTO_DENSE_MAX_T = 256
+
+
+def _load(name: str):
+    try:
+        return importlib.import_module(f"hodlr.backends.{name}")
+    except ModuleNotFoundError as err:
+        if err.name == f"hodlr.backends.{name}":
+            return None
+        raise
+
+
+def get(name: str, library: str, device) -> object:
+    """The backend module ``name``, checked to run on ``library`` / ``device``."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, one of {('auto',) + NAMES}, got {type(name).__name__}")
+    if name not in NAMES:
+        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(('auto',) + NAMES)}")
+    module = _load(name)
+    if module is None:
+        raise BackendUnavailableError(f"backend {name!r} is not implemented in this version of hodlr")
+    reason = module.unavailable_reason(library, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {name!r} cannot run on {library} arrays on {device}: {reason}")
+    return module
+
+
+def auto_backend(library: str, device, T: int) -> str:
+    """The name ``backend="auto"`` resolves to (rules in the module docstring)."""
+    cuda = library == "torch" and getattr(device, "type", str(device)) == "cuda"
+    if cuda:
+        candidates = ["triton", "chunked"]
+    elif T <= AUTO_DENSE_MAX_T:
+        candidates = ["dense"]
+    elif library == "torch":
+        candidates = ["chunked", "recursive"]
+    else:
+        candidates = ["recursive"]
+    for name in candidates + ["dense"]:
+        module = _load(name)
+        if module is not None and module.unavailable_reason(library, device) is None:
+            return name
+    raise BackendUnavailableError(f"no backend can run on {library} arrays on {device}")
+
+
+def info() -> dict:
+    """``{name: {"description", "numpy", "torch_cpu", "torch_cuda"}}``: each entry of the
+    last three is ``True`` or the reason the backend cannot run there."""
+    out = {}
+    for name in NAMES:
+        module = _load(name)
+        if module is None:
+            out[name] = {"description": "not implemented", "numpy": "not implemented",
+                         "torch_cpu": "not implemented", "torch_cuda": "not implemented"}
+            continue
+        entry = {"description": module.DESCRIPTION}
+        for key, library, device in (("numpy", "numpy", "cpu"), ("torch_cpu", "torch", "cpu"),
+                                     ("torch_cuda", "torch", "cuda")):
+            reason = module.unavailable_reason(library, device)
+            entry[key] = True if reason is None else reason
+        out[name] = entry
+    return out

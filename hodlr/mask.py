@@ -1,0 +1,278 @@
+"""The log-linear mask: level scales plus an optional scalar log-decay.
+
+``M[t, s] = level_scales[t, level(t, s)] * exp(G[t] - G[s])`` for ``s <= t`` (0 above),
+with ``G = cumsum(log_decay)``.  See ``docs/mathematics.md``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import fenwick
+from fenwick.arrays import as_like, is_torch, namespace, zeros
+from hodlr import _checks
+from hodlr.errors import DenseTooLargeError
+from hodlr.options import options
+
+__all__ = ["LogLinearMask", "decay_matrix"]
+
+
+def decay_matrix(log_decay, T: int):
+    """``(..., T, T)`` matrix with ``exp(sum(log_decay[s+1 .. t]))`` for ``s <= t``, 0 above.
+
+    Each entry is summed from its own terms (a masked cumulative sum), not as a difference
+    of two prefix sums, so it is accurate to rounding in the exponent even when ``G``
+    itself is huge.  ``log_decay`` of ``None`` gives the lower-triangular ones matrix.
+    """
+    like = log_decay
+    idx = np.arange(T)
+    strictly_lower = idx[:, None] > idx[None, :]
+    if log_decay is None:
+        return np.tril(np.ones((T, T)))
+    xp = namespace(log_decay)
+    lower = as_like(strictly_lower, like)
+    causal = as_like(idx[:, None] >= idx[None, :], like)
+    terms = xp.where(lower, log_decay[..., :, None], zeros((), like))
+    exponent = xp.cumsum(terms, -2)
+    return xp.where(causal, xp.exp(exponent), zeros((), like))
+
+
+class LogLinearMask:
+    """The ``T x T`` log-linear attention mask, held as its compact generators.
+
+    Parameters
+    ----------
+    level_scales : array, shape ``(..., T, L)``
+        ``level_scales[..., t, l]`` weighs the Fenwick bucket of level ``l`` of query ``t``
+        (level 0 is the query itself).  ``L >= num_levels(T)``; extra columns are allowed
+        and never read.  Row ``t`` reads column ``l >= 1`` only if bit ``l - 1`` of ``t``
+        is set; the other entries have no effect on any result.
+    log_decay : array, shape ``(..., T)``, optional
+        Per-step log-decay ``g`` (``g = a * dt`` gives log-linear Mamba-2).  Default: no
+        decay (log-linear linear attention).  ``log_decay[..., 0]`` never enters the mask.
+    validate : bool, default True
+        Check that every entry that is read is finite (one pass over the inputs).
+
+    numpy arrays or torch tensors (any device) are accepted, float32 or float64 (torch
+    also float16 / bfloat16); both arguments must share library, device and dtype.  Leading
+    batch dimensions broadcast.
+
+    Examples
+    --------
+    >>> import numpy as np, hodlr
+    >>> T = 6
+    >>> lam = np.ones((T, hodlr.num_levels(T)))
+    >>> M = hodlr.LogLinearMask(lam, log_decay=np.full(T, np.log(0.5)))
+    >>> M.T, M.num_levels, M.batch_shape
+    (6, 4, ())
+    >>> print(M.to_dense()[3])
+    [0.125 0.25  0.5   1.    0.    0.   ]
+    """
+
+    def __init__(self, level_scales, log_decay=None, *, validate: bool = True):
+        level_scales = _checks.as_array("level_scales", level_scales, 2, "(..., T, L)")
+        T, L = level_scales.shape[-2], level_scales.shape[-1]
+        if T < 1:
+            raise ValueError(f"level_scales must have T >= 1 rows (shape (..., T, L)), got shape {tuple(level_scales.shape)}")
+        need = fenwick.num_levels(T)
+        if L < need:
+            raise ValueError(
+                f"level_scales has L={L} columns but T={T} needs at least num_levels(T)={need} "
+                f"(shape (..., {T}, {need}) or wider), got shape {tuple(level_scales.shape)}"
+            )
+        shapes = {"level_scales": level_scales.shape[:-2]}
+        if log_decay is not None:
+            log_decay = _checks.as_array("log_decay", log_decay, 1, "(..., T)")
+            _checks.check_same_home({"level_scales": level_scales, "log_decay": log_decay})
+            if log_decay.dtype != level_scales.dtype:
+                raise TypeError(
+                    f"log_decay has dtype {log_decay.dtype} but level_scales has {level_scales.dtype}; "
+                    "they must match"
+                )
+            if log_decay.shape[-1] != T:
+                raise ValueError(
+                    f"log_decay must have shape (..., T) with T={T} (from level_scales), "
+                    f"got shape {tuple(log_decay.shape)}"
+                )
+            shapes["log_decay"] = log_decay.shape[:-1]
+        self._batch_shape = _checks.broadcast_batch(shapes)
+        self._level_scales = level_scales
+        self._log_decay = log_decay
+        if validate:
+            read = as_like(fenwick.read_levels(T, L), level_scales)
+            xp = namespace(level_scales)
+            bad = ~xp.isfinite(level_scales) & read
+            if bool(bad.any()):
+                where = np.argwhere(np.asarray(_to_numpy(bad)))[0]
+                raise ValueError(
+                    f"level_scales must be finite where they are read; entry {tuple(int(i) for i in where)} "
+                    "is NaN or inf"
+                )
+            if log_decay is not None:
+                _checks.check_finite("log_decay", log_decay)
+
+    # -- properties ---------------------------------------------------------------------
+    @property
+    def level_scales(self):
+        """The level scales, shape ``(..., T, L)``."""
+        return self._level_scales
+
+    @property
+    def log_decay(self):
+        """The per-step log-decay, shape ``(..., T)``, or ``None`` (no decay)."""
+        return self._log_decay
+
+    @property
+    def T(self) -> int:
+        """Sequence length."""
+        return int(self._level_scales.shape[-2])
+
+    @property
+    def shape(self) -> tuple:
+        """``batch_shape + (T, T)``, the shape of :meth:`to_dense`."""
+        return self._batch_shape + (self.T, self.T)
+
+    @property
+    def num_levels(self) -> int:
+        """Number of levels the mask reads, ``fenwick.num_levels(T)``."""
+        return fenwick.num_levels(self.T)
+
+    @property
+    def batch_shape(self) -> tuple:
+        """Broadcast leading dims of ``level_scales`` and ``log_decay``."""
+        return self._batch_shape
+
+    @property
+    def dtype(self):
+        return self._level_scales.dtype
+
+    @property
+    def library(self) -> str:
+        """``"numpy"`` or ``"torch"``."""
+        return _checks.library_of(self._level_scales)
+
+    @property
+    def device(self):
+        """The torch device, or ``"cpu"`` for numpy arrays."""
+        return self._level_scales.device if is_torch(self._level_scales) else "cpu"
+
+    # -- values -------------------------------------------------------------------------
+    def diagonal(self):
+        """``level_scales[..., :, 0]``, the diagonal of the mask, shape ``(..., T)``."""
+        return self._level_scales[..., 0]
+
+    def block_factors(self, lev: int):
+        """Rank-1 factors of every off-diagonal block of level ``lev >= 1``.
+
+        Returns ``(u, v)`` of shape ``(*batch, n, 2**(lev-1))`` with ``n = ceil(T / 2**lev)``
+        tree nodes.  Node ``j`` covers ``[a, a + 2**lev)``, ``a = j 2**lev``, and splits at
+        ``m = a + 2**(lev-1)``; its block is ``u[j][:, None] * v[j][None, :]`` on rows
+        ``m + i`` and columns ``a + i`` (positions ``>= T`` are padding and hold 0):
+
+        ``u[t] = level_scales[t, lev] * exp(G[t] - G[m-1])``, ``v[s] = exp(G[m-1] - G[s])``.
+
+        The exponents are summed inside the block (anchored at ``m - 1``), so both factors
+        are ``<= 1`` when the decay is ``<= 0`` and long sequences never overflow.
+        """
+        T = self.T
+        if not 1 <= lev < fenwick.num_levels(T):
+            raise ValueError(f"lev must be in 1..{fenwick.num_levels(T) - 1} for T={T}, got {lev}")
+        lam = self._level_scales
+        xp = namespace(lam)
+        size = 1 << lev
+        n = -(-T // size)
+        pad = n * size - T
+        half = size // 2
+        col = lam[..., lev]
+        col = xp.concatenate([col, zeros(col.shape[:-1] + (pad,), col)], -1) if pad else col
+        col = col.reshape(col.shape[:-1] + (n, 2, half))
+        lam_rows = col[..., 1, :]
+        g = self._log_decay
+        if g is None:
+            return _broadcast_batch(lam_rows, self._batch_shape, 2), _broadcast_batch(xp.ones_like(lam_rows), self._batch_shape, 2)
+        gp = xp.concatenate([g, zeros(g.shape[:-1] + (pad,), g)], -1) if pad else g
+        gp = gp.reshape(gp.shape[:-1] + (n, 2, half))
+        row_exp = xp.cumsum(gp[..., 1, :], -1)
+        left = gp[..., 0, :]
+        col_exp = xp.concatenate(
+            [xp.flip(xp.cumsum(xp.flip(left[..., 1:], (-1,)), -1), (-1,)), zeros(left.shape[:-1] + (1,), left)],
+            -1,
+        )
+        u = lam_rows * xp.exp(row_exp)
+        v = xp.exp(col_exp)
+        return _broadcast_batch(u, self._batch_shape, 2), _broadcast_batch(v, self._batch_shape, 2)
+
+    def to_dense(self):
+        """The mask as a dense ``(*batch, T, T)`` array (same library, dtype and device).
+
+        Raises :class:`hodlr.errors.DenseTooLargeError` before allocating if the
+        intermediates exceed ``hodlr.options.dense_max_bytes``.
+        """
+        T = self.T
+        lam = self._level_scales
+        check_dense_budget(self._batch_shape, T, _itemsize(lam), "LogLinearMask.to_dense")
+        xp = namespace(lam)
+        idx = np.arange(T)
+        lev = np.maximum(fenwick.level(idx[:, None], idx[None, :]), 0)
+        gathered = lam[..., as_like(idx[:, None], lam), as_like(lev, lam)]
+        decay = decay_matrix(self._log_decay, T)
+        if self._log_decay is None:
+            decay = as_like(decay, lam, dtype=lam.dtype)
+        dense = xp.where(as_like(idx[:, None] >= idx[None, :], lam), gathered * decay, zeros((), lam))
+        return _broadcast_batch(dense, self._batch_shape, 2)
+
+    def to_sparse(self):
+        """The mask as ``diag(level_scales[:, 0]) + U V^T`` with scipy sparse ``U, V``.
+
+        See :func:`hodlr.sparse.mask_to_sparse`."""
+        from hodlr.sparse import mask_to_sparse
+
+        return mask_to_sparse(self)
+
+    def to_hodlr(self):
+        """The mask as an explicit :class:`hodlr.HODLRMatrix` tree (rank-1 off-diagonal
+        blocks, size-1 leaves).  See :func:`hodlr.tree.HODLRMatrix.from_mask`."""
+        from hodlr.tree import HODLRMatrix
+
+        return HODLRMatrix.from_mask(self)
+
+    def __repr__(self) -> str:
+        from hodlr.display import mask_repr
+
+        return mask_repr(self)
+
+    def _repr_html_(self) -> str:
+        from hodlr.display import mask_repr_html
+
+        return mask_repr_html(self)
+
+
+def _broadcast_batch(x, batch_shape, inner_ndim: int):
+    """Broadcast the leading dims of ``x`` (all but its last ``inner_ndim``) to
+    ``batch_shape`` (a view, no copy)."""
+    target = tuple(batch_shape) + tuple(x.shape[x.ndim - inner_ndim :])
+    if tuple(x.shape) == target:
+        return x
+    return _checks.broadcast_to(x, target)
+
+
+def _itemsize(x) -> int:
+    return x.element_size() if is_torch(x) else x.dtype.itemsize
+
+
+def _to_numpy(x):
+    from fenwick.arrays import to_numpy
+
+    return to_numpy(x)
+
+
+def check_dense_budget(batch_shape, T: int, itemsize: int, what: str, copies: int = 3) -> None:
+    """Refuse, before allocating, ``copies`` dense ``(*batch, T, T)`` intermediates beyond
+    ``options.dense_max_bytes``."""
+    need = copies * int(np.prod(batch_shape, dtype=np.int64)) * T * T * itemsize
+    if need > options.dense_max_bytes:
+        raise DenseTooLargeError(
+            f"{what}: a dense mask of shape {tuple(batch_shape) + (T, T)} needs about {need / 2**30:.2f} GiB, "
+            f"over hodlr.options.dense_max_bytes = {options.dense_max_bytes / 2**30:.2f} GiB; "
+            "use backend='recursive', 'sparse', 'fenwick' or 'chunked' instead, or raise the budget"
+        )

@@ -1,0 +1,55 @@
+"""The mask object and its dense form against the per-entry definition."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import fenwick
+import hodlr
+from hodlr.testing import masks, st_lengths
+
+
+def entry(lam, g, t, s):
+    """DESIGN.md §1 verbatim: lam[t, level(t, s)] * prod_{k=s+1..t} exp(g[k])."""
+    if s > t:
+        return 0.0
+    decay = 1.0 if g is None else math.exp(math.fsum(g[s + 1 : t + 1]))
+    return lam[t, fenwick.level(t, s)] * decay
+
+
+@given(masks(T=st_lengths(max_value=40), batch_shape=st.sampled_from([(), (2,)])))
+def test_to_dense_matches_definition(M):
+    dense = M.to_dense()
+    lam = np.broadcast_to(M.level_scales, M.batch_shape + M.level_scales.shape[-2:])
+    g = None if M.log_decay is None else np.broadcast_to(M.log_decay, M.batch_shape + (M.T,))
+    for b in np.ndindex(*M.batch_shape):
+        for t in range(M.T):
+            for s in range(M.T):
+                want = entry(lam[b], None if g is None else g[b], t, s)
+                assert abs(dense[b][t, s] - want) <= 1e-13 * max(1.0, abs(want))
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 63, 65, 1000])
+def test_shape_and_levels(T):
+    M = hodlr.LogLinearMask(np.ones((T, fenwick.num_levels(T))))
+    assert M.shape == (T, T) and M.num_levels == fenwick.num_levels(T)
+
+
+def test_torch_dense_matches_numpy():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    T = 37
+    lam, g = rng.standard_normal((3, T, 7)), -rng.random((T,))
+    want = hodlr.LogLinearMask(lam, g).to_dense()
+    got = hodlr.LogLinearMask(torch.tensor(lam), torch.tensor(g)).to_dense()
+    assert isinstance(got, torch.Tensor)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-14, atol=0)
+
+
+def test_dense_refuses_over_budget(monkeypatch):
+    monkeypatch.setattr(hodlr.options, "dense_max_bytes", 1000)
+    M = hodlr.LogLinearMask(np.ones((64, 7)))
+    with pytest.raises(hodlr.DenseTooLargeError, match="recursive"):
+        M.to_dense()
