@@ -125,10 +125,23 @@ def check_finite(name: str, x, where: str = "") -> None:
         raise ValueError(f"{name} must be finite{where}; it holds NaN or inf")
 
 
+def is_meta(x) -> bool:
+    """True for torch tensors on the ``meta`` device (shapes only: no values to check)."""
+    return is_torch(x) and x.device.type == "meta"
+
+
 def check_scale(scale):
+    """``None`` -> 1.0; a finite real number (Python, numpy scalar or 0-d array/tensor of a
+    real dtype) -> ``float``; anything else raises."""
     if scale is None:
         return 1.0
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+    if getattr(scale, "ndim", None) == 0 and not isinstance(scale, np.generic):
+        dtype = scale.dtype
+        real = dtype.is_floating_point if is_torch(scale) else dtype.kind in "fiu"
+        if not real or is_meta(scale):
+            raise TypeError(f"scale must be a real number or None, got a 0-d array of dtype {dtype}")
+        scale = scale.item()
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.floating, np.integer)):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
     scale = float(scale)
     if not math.isfinite(scale):

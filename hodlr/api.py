@@ -138,10 +138,8 @@ def attention(q, k, v, M, *, scale=None, backend: str = "auto"):
     return module.attention(q, k, v, lam, g, scale)
 
 
-def backends() -> dict:
-    """Every backend, what it computes with, and whether it can run here.
-
-    Returns ``{name: {"description": str, "numpy": True | reason, "torch_cpu": ...,
-    "torch_cuda": ...}}``.
-    """
-    return registry.info()
+backends = registry
+"""``hodlr.backends()``: every backend, what it computes with, and whether it can run here
+(``{name: {"description", "numpy", "torch_cpu", "torch_cuda"}}``, each of the last three
+``True`` or the reason why not).  It is the registry module itself, so
+``hodlr.backends.NAMES``, ``hodlr.backends.get`` and ``hodlr.backends.auto_backend`` work too."""

@@ -98,7 +98,7 @@ class LogLinearMask:
         self._batch_shape = _checks.broadcast_batch(shapes)
         self._level_scales = level_scales
         self._log_decay = log_decay
-        if validate:
+        if validate and not _checks.is_meta(level_scales):
             read = as_like(fenwick.read_levels(T, L), level_scales)
             xp = namespace(level_scales)
             bad = ~xp.isfinite(level_scales) & read

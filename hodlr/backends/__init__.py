@@ -28,6 +28,8 @@ backend sees them, so backends never validate.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 from hodlr.errors import BackendUnavailableError
 
@@ -98,3 +100,20 @@ def info() -> dict:
             entry[key] = True if reason is None else reason
         out[name] = entry
     return out
+
+
+class _Registry(types.ModuleType):
+    """This module is also the function ``hodlr.backends()``: ``hodlr.backends`` is one
+    object whether reached as the package attribute or as ``import hodlr.backends``, so
+    ``hodlr.backends()`` and ``hodlr.backends.NAMES`` both work."""
+
+    def __call__(self) -> dict:
+        """Every backend, what it computes with, and whether it can run here.
+
+        Returns ``{name: {"description": str, "numpy": True | reason, "torch_cpu": ...,
+        "torch_cuda": ...}}`` (see :func:`info`).
+        """
+        return info()
+
+
+sys.modules[__name__].__class__ = _Registry

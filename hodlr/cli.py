@@ -1,0 +1,554 @@
+"""The ``hodlr`` command line (also ``python -m hodlr``).
+
+Subcommands
+-----------
+``demo``
+    Build a default mask (T = 1000, batch 2, mild decay), print its block structure, run
+    every backend that can run here on random inputs (matmul and attention) and print the
+    relative error against the dense float64 reference and the time of each.  Exit status
+    1 if any backend disagrees beyond the tolerance or fails unexpectedly.
+``verify``
+    The same check at a chosen length, batch, widths, decay and set of backends.  Where
+    the dense reference would exceed ``hodlr.options.dense_max_bytes`` the reference is an
+    exact per-row computation on sampled rows (``--rows``).
+``show T``
+    The level structure: a character grid for ``T <= 64``, the block table beyond;
+    ``--png FILE`` saves the structure picture (needs matplotlib).
+``backends``
+    Which backends exist and where they can run.
+``bench``, ``bench-cpu``, ``bench-decode``
+    Hand the remaining arguments to ``hodlr.bench.main``, ``hodlr.bench_cpu.main`` and
+    ``hodlr.bench_decode.main``.
+
+The Triton backend under ``TRITON_INTERPRET=1`` (CPU) runs Python per program instance and
+is slow, so ``demo`` and ``verify`` check it on the causal prefix of the first
+``--interpreter-length`` rows (default 128): because the mask is lower triangular, those
+rows of the output depend only on the first rows of the inputs, so the prefix problem is
+compared with the same rows of the full reference.  On CUDA it runs at full length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import resource
+import sys
+import time
+import tracemalloc
+from dataclasses import dataclass
+
+import numpy as np
+
+import fenwick
+from hodlr import backends as registry
+from hodlr.errors import DenseTooLargeError
+from hodlr.mask import LogLinearMask, check_dense_budget
+from hodlr.testing import DECAYS, TOLERANCES, relative_error
+
+__all__ = ["main", "row_reference"]
+
+GRID_MAX_T = 64
+"""``show`` draws a character grid up to this length."""
+
+INTERPRETER_LENGTH = 128
+"""Default prefix length at which the Triton interpreter is checked."""
+
+LEVEL_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+BENCHES = {"bench": "hodlr.bench", "bench-cpu": "hodlr.bench_cpu", "bench-decode": "hodlr.bench_decode"}
+
+
+# -- problems and references -------------------------------------------------------------
+@dataclass
+class Problem:
+    """float64 numpy inputs of one check; every backend gets them converted."""
+
+    lam: np.ndarray
+    g: np.ndarray | None
+    x: np.ndarray
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    scale: float
+
+    @property
+    def T(self) -> int:
+        return self.lam.shape[-2]
+
+    def prefix(self, n: int) -> "Problem":
+        """The causal prefix: the first ``n`` positions (its outputs are the first ``n``
+        rows of the full outputs)."""
+        cut = lambda a: None if a is None else a[..., :n, :] if a.ndim == self.lam.ndim else a[..., :n]  # noqa: E731
+        return Problem(
+            self.lam[..., :n, :], None if self.g is None else self.g[..., :n],
+            cut(self.x), cut(self.q), cut(self.k), cut(self.v), self.scale,
+        )
+
+
+def make_problem(T, batch=(2,), d=16, dk=16, dv=16, decay="mild", seed=0) -> Problem:
+    """Random float64 inputs: scales in ``[0.5, 1.5]``, operands standard normal, the decay
+    a kind of :data:`hodlr.testing.DECAYS` or a constant per-step log-decay."""
+    rng = np.random.default_rng(seed)
+    batch = tuple(batch)
+    lam = rng.uniform(0.5, 1.5, batch + (T, fenwick.num_levels(T)))
+    if isinstance(decay, str):
+        if decay not in DECAYS:
+            raise ValueError(f"decay must be one of {DECAYS} or a number, got {decay!r}")
+        g = {
+            "none": None,
+            "zero": np.zeros(batch + (T,)),
+            "mild": -rng.uniform(0.0, 0.1, batch + (T,)),
+            "strong": -rng.uniform(0.0, 50.0, batch + (T,)),
+        }[decay]
+    else:
+        g = np.full(batch + (T,), float(decay))
+    normal = lambda width: rng.standard_normal(batch + (T, width))  # noqa: E731
+    return Problem(lam, g, normal(d), normal(dk), normal(dk), normal(dv), 1.0 / math.sqrt(dk))
+
+
+def _row_weights(lam, g, t: int) -> np.ndarray:
+    """Row ``t`` of the mask, ``M[t, :t+1]``, from the definition (segment sums of ``g``)."""
+    s = np.arange(t + 1)
+    weights = lam[t, fenwick.level(t, s)]
+    if g is not None:
+        exponent = np.concatenate([np.cumsum(g[t:0:-1])[::-1], [0.0]])
+        weights = weights * np.exp(exponent)
+    return weights
+
+
+def row_reference(problem: Problem, op: str, rows) -> np.ndarray:
+    """Exact float64 rows ``rows`` of the ``op`` ("matmul" / "attention") output, one row
+    at a time from the definition: ``(*batch, len(rows), D)``, ``O(T)`` memory per row."""
+    p = problem
+    batch = p.lam.shape[:-2]
+    width = p.x.shape[-1] if op == "matmul" else p.v.shape[-1]
+    out = np.empty(batch + (len(rows), width))
+    for b in np.ndindex(*batch):
+        lam, g = p.lam[b], None if p.g is None else p.g[b]
+        for i, t in enumerate(rows):
+            w = _row_weights(lam, g, int(t))
+            if op == "matmul":
+                out[b + (i,)] = w @ p.x[b][: t + 1]
+            else:
+                scores = p.scale * (p.k[b][: t + 1] @ p.q[b][t])
+                out[b + (i,)] = (w * scores) @ p.v[b][: t + 1]
+    return out
+
+
+def sample_rows(T: int, n: int, seed: int = 0) -> np.ndarray:
+    """First, last, powers of two and their neighbours, plus random rows: ``<= n + 40`` rows."""
+    special = {0, T - 1}
+    for b in range(T.bit_length()):
+        special |= {(1 << b) - 1, 1 << b, (1 << b) + 1}
+    rng = np.random.default_rng(seed)
+    extra = rng.integers(0, T, size=n) if n > 0 else []
+    return np.array(sorted(r for r in special | set(int(r) for r in extra) if 0 <= r < T))
+
+
+def dense_reference(problem: Problem, op: str) -> np.ndarray:
+    M = LogLinearMask(problem.lam, problem.g, validate=False)
+    from hodlr.api import attention, matmul
+
+    if op == "matmul":
+        return matmul(M, problem.x, backend="dense")
+    return attention(problem.q, problem.k, problem.v, M, scale=problem.scale, backend="dense")
+
+
+def dense_fits(problem: Problem) -> bool:
+    try:
+        check_dense_budget(problem.lam.shape[:-2], problem.T, 8, "reference")
+    except DenseTooLargeError:
+        return False
+    return True
+
+
+# -- running backends --------------------------------------------------------------------
+def _targets():
+    """The (library, device) pairs this machine offers."""
+    out = [("numpy", "cpu")]
+    try:
+        import torch
+    except ImportError:
+        return out
+    out.append(("torch", "cpu"))
+    if torch.cuda.is_available():
+        out.append(("torch", "cuda"))
+    return out
+
+
+def _convert(a, library, device, dtype):
+    if a is None or library == "numpy":
+        return None if a is None else a.astype(dtype)
+    import torch
+
+    return torch.as_tensor(a, device=device).to(getattr(torch, dtype))
+
+
+def _to_numpy(y) -> np.ndarray:
+    from fenwick.arrays import to_numpy
+
+    return np.asarray(to_numpy(y), dtype=np.float64)
+
+
+def _sync(library, device):
+    if library == "torch" and device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _tolerance(library, device, dtype, interpreted) -> float:
+    if dtype == "float64":
+        return TOLERANCES["interpreter_float64" if interpreted else "cpu_float64"]
+    if interpreted:
+        return TOLERANCES["interpreter_float32"]
+    return TOLERANCES["gpu_float32"] if device == "cuda" else 1e-5
+
+
+@dataclass
+class Result:
+    backend: str
+    where: str
+    op: str
+    error: float | None = None
+    tol: float | None = None
+    seconds: float | None = None
+    peak_bytes: int | None = None
+    note: str = ""
+    ok: bool = True
+
+
+def run_one(name, library, device, problem, op, rows, reference, dtype, repeat, interpreter_length, memory):
+    """Run backend ``name`` once per repeat on ``problem`` for ``op``; compare rows ``rows``
+    (``None``: all rows) with ``reference``."""
+    from hodlr.api import attention, matmul
+
+    where = library if library == "numpy" else f"torch/{device}"
+    interpreted = name == "triton" and device != "cuda"
+    note = ""
+    if interpreted and problem.T > interpreter_length:
+        problem = problem.prefix(interpreter_length)
+        note = f"interpreter: first {interpreter_length} rows"
+        if rows is None:
+            reference = reference[..., :interpreter_length, :]
+        else:
+            inside = rows < interpreter_length
+            reference, rows = reference[..., inside, :], rows[inside]
+    args = [_convert(a, library, device, dtype) for a in (problem.lam, problem.g, problem.x, problem.q, problem.k, problem.v)]
+    lam, g, x, q, k, v = args
+    M = LogLinearMask(lam, g, validate=False)
+    call = (lambda: matmul(M, x, backend=name)) if op == "matmul" else (
+        lambda: attention(q, k, v, M, scale=problem.scale, backend=name))
+    best = math.inf
+    peak = None
+    try:
+        for _ in range(max(repeat, 1)):
+            if memory:
+                tracemalloc.start()
+            _sync(library, device)
+            start = time.perf_counter()
+            y = call()
+            _sync(library, device)
+            best = min(best, time.perf_counter() - start)
+            if memory:
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+    except (ValueError, TypeError) as err:
+        if memory and tracemalloc.is_tracing():
+            tracemalloc.stop()
+        return Result(name, where, op, note=f"refused: {type(err).__name__}: {err}", ok=True)
+    got = _to_numpy(y)
+    if rows is not None:
+        got = got[..., rows, :]
+    err = relative_error(got, reference)
+    tol = _tolerance(library, device, dtype, interpreted)
+    return Result(name, where, op, err, tol, best, peak, note, ok=bool(err <= tol))
+
+
+def check(problem, names, ops=("matmul", "attention"), dtype="float64", rows=None, repeat=1,
+          interpreter_length=INTERPRETER_LENGTH, memory=False, out=print):
+    """Run every backend in ``names`` on every (library, device) where it can run; print a
+    table; return ``True`` iff all results agree within tolerance."""
+    references = {}
+    for op in ops:
+        start = time.perf_counter()
+        if rows is None:
+            references[op] = _to_numpy(dense_reference(problem, op))
+            kind = "dense float64"
+        else:
+            references[op] = row_reference(problem, op, rows)
+            kind = f"exact per-row float64 on {len(rows)} sampled rows"
+        out(f"reference {op}: {kind} ({time.perf_counter() - start:.2f} s)")
+    results = []
+    for name in names:
+        module = registry._load(name)
+        if module is None:
+            results.append(Result(name, "-", "-", note="not implemented in this version"))
+            continue
+        ran = False
+        reasons = []
+        for library, device in _targets():
+            reason = module.unavailable_reason(library, device)
+            if reason is not None:
+                reasons.append(f"{library}/{device}: {reason}")
+                continue
+            ran = True
+            for op in ops:
+                try:
+                    res = run_one(name, library, device, problem, op, rows, references[op], dtype, repeat,
+                                  interpreter_length, memory)
+                except Exception as err:  # an unexpected failure is reported, not hidden
+                    where = library if library == "numpy" else f"torch/{device}"
+                    res = Result(name, where, op, note=f"FAILED: {type(err).__name__}: {err}", ok=False)
+                results.append(res)
+        if not ran:
+            results.append(Result(name, "-", "-", note="unavailable here: " + "; ".join(reasons)))
+    out(format_results(results))
+    bad = [r for r in results if not r.ok]
+    if bad:
+        out(f"FAIL: {len(bad)} result(s) disagree with the reference or failed")
+    else:
+        out("OK: every backend that ran agrees with the reference")
+    return not bad
+
+
+def format_results(results) -> str:
+    heads = ["backend", "arrays", "op", "rel. error", "tolerance", "time", "peak traced", "status"]
+    cells = []
+    for r in results:
+        status = ("ok" if r.ok else "DISAGREES") if r.error is not None else ("" if r.ok else "FAILED")
+        if r.note:
+            status = f"{status} ({r.note})" if status and not r.note.startswith("FAILED") else r.note
+        cells.append([
+            r.backend, r.where, r.op,
+            "" if r.error is None else f"{r.error:.2e}",
+            "" if r.tol is None else f"{r.tol:.0e}",
+            "" if r.seconds is None else _fmt_seconds(r.seconds),
+            "" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.1f} MiB",
+            status,
+        ])
+    keep = [i for i in range(len(heads)) if i != 6 or any(c[6] for c in cells)]
+    widths = {i: max(len(heads[i]), *(len(c[i]) for c in cells)) if cells else len(heads[i]) for i in keep}
+    lines = ["  ".join(heads[i].ljust(widths[i]) for i in keep).rstrip()]
+    lines.append("  ".join("-" * widths[i] for i in keep))
+    lines += ["  ".join(c[i].ljust(widths[i]) for i in keep).rstrip() for c in cells]
+    return "\n".join(lines)
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+# -- show ----------------------------------------------------------------------------------
+def level_grid(T: int) -> str:
+    """Character picture of the levels: row ``t``, column ``s``; the digit/letter is
+    ``level(t, s)``, ``.`` above the diagonal (zero)."""
+    lev = fenwick.level_matrix(T)
+    lines = [f"levels of the T={T} mask (row t = query, column s = key; '.' = zero above the diagonal)"]
+    for t in range(T):
+        lines.append(" ".join("." if lev[t, s] < 0 else LEVEL_CHARS[lev[t, s]] for s in range(T)))
+    return "\n".join(lines)
+
+
+def _save_png(T: int, path: str) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("hodlr show --png needs matplotlib: pip install 'hodlr[plot]'") from None
+    try:
+        plotting = importlib.import_module("hodlr.plotting")
+    except ModuleNotFoundError as err:
+        if err.name == "hodlr.plotting":
+            raise SystemExit("hodlr show --png: hodlr.plotting is not part of this version") from None
+        raise
+    save = getattr(plotting, "save_structure_png", None)
+    if save is None:
+        raise SystemExit("hodlr show --png: hodlr.plotting has no save_structure_png in this version")
+    save(T, path)
+
+
+# -- argument parsing ----------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _batch(text: str) -> tuple:
+    """``"2"`` -> ``(2,)``, ``"2,3"`` -> ``(2, 3)``, ``""`` -> ``()``."""
+    if text.strip() in ("", "()"):
+        return ()
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a batch shape such as 2 or 2,3, got {text!r}") from None
+    if any(n < 0 for n in shape):
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 0, got {text!r}")
+    return shape
+
+
+def _backend_list(text: str) -> list:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in registry.NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(registry.NAMES)}"
+        )
+    return names
+
+
+def _decay(text: str):
+    if text in DECAYS:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"decay must be one of {', '.join(DECAYS)} or a number (constant per-step log-decay), got {text!r}"
+        ) from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"decay must be finite, got {text!r}")
+    return value
+
+
+def _ops(text: str) -> tuple:
+    ops = tuple(o.strip() for o in text.split(",") if o.strip())
+    if not ops or any(o not in ("matmul", "attention") for o in ops):
+        raise argparse.ArgumentTypeError(f"ops must be matmul, attention or matmul,attention, got {text!r}")
+    return ops
+
+
+def _add_check_args(p, length, batch, decay):
+    p.add_argument("--length", "-T", type=_positive_int, default=length, help=f"sequence length T (default {length})")
+    p.add_argument("--batch", type=_batch, default=batch, help="batch shape, e.g. 2 or 2,3 (default %(default)s)")
+    p.add_argument("--backends", type=_backend_list, default=list(registry.NAMES),
+                   help="comma-separated backends (default: all)")
+    p.add_argument("--ops", type=_ops, default=("matmul", "attention"), help="matmul, attention or both")
+    p.add_argument("--d", type=_positive_int, default=16, help="matmul width D (default 16)")
+    p.add_argument("--dk", type=_positive_int, default=16, help="attention Dk (default 16)")
+    p.add_argument("--dv", type=_positive_int, default=16, help="attention Dv (default 16)")
+    p.add_argument("--decay", type=_decay, default=decay,
+                   help=f"one of {', '.join(DECAYS)} or a constant per-step log-decay (default {decay})")
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", type=_positive_int, default=1, help="time the best of this many runs")
+    p.add_argument("--reference", choices=("auto", "dense", "rows"), default="auto",
+                   help="dense float64, exact sampled rows, or auto (dense when it fits the budget)")
+    p.add_argument("--rows", type=int, default=64, help="random rows sampled for the row reference (default 64)")
+    p.add_argument("--interpreter-length", type=_positive_int, default=INTERPRETER_LENGTH,
+                   help=f"prefix length for triton under TRITON_INTERPRET=1 (default {INTERPRETER_LENGTH})")
+    p.add_argument("--memory", action="store_true",
+                   help="trace the peak of Python/numpy allocations per call and print the peak RSS")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hodlr", description="HODLR matrices of log-linear attention: check, inspect, benchmark."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    demo = sub.add_parser("demo", help="build a default mask, run every backend, compare with dense float64")
+    _add_check_args(demo, 1000, (2,), "mild")
+    verify = sub.add_parser("verify", help="the demo's check at a chosen size")
+    _add_check_args(verify, 4097, (1,), "mild")
+    show = sub.add_parser("show", help="the level structure of a length-T mask")
+    show.add_argument("T", type=_positive_int)
+    show.add_argument("--png", metavar="FILE", help="also save the structure picture (needs matplotlib)")
+    sub.add_parser("backends", help="which backends exist and where they can run")
+    for name, module in BENCHES.items():
+        sub.add_parser(name, help=f"benchmarks: {module}.main (arguments passed on)", add_help=False)
+    return parser
+
+
+def _cmd_check(args, demo: bool) -> int:
+    problem = make_problem(args.length, args.batch, args.d, args.dk, args.dv, args.decay, args.seed)
+    M = LogLinearMask(problem.lam, problem.g)
+    print(repr(M))
+    print()
+    rows = None
+    if args.reference == "rows" or (args.reference == "auto" and not dense_fits(problem)):
+        rows = sample_rows(args.length, args.rows, args.seed)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ok = check(problem, args.backends, args.ops, args.dtype, rows, args.repeat, args.interpreter_length, args.memory)
+    if args.memory:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(f"peak RSS of this process: {rss / 2**10:.1f} MiB (after building inputs and references: {rss0 / 2**10:.1f} MiB)")
+    return 0 if ok else 1
+
+
+def _cmd_show(args) -> int:
+    T = args.T
+    M = LogLinearMask(np.ones((T, fenwick.num_levels(T))))
+    if T <= GRID_MAX_T:
+        print(level_grid(T))
+        print()
+    print(repr(M))
+    if args.png:
+        _save_png(T, args.png)
+        print(f"saved {args.png}")
+    return 0
+
+
+def _cmd_backends() -> int:
+    info = registry.info()
+    heads = ["backend", "numpy", "torch cpu", "torch cuda", "description"]
+    cells = []
+    notes = []
+    for name, entry in info.items():
+        row = [name]
+        reasons = {}
+        for key in ("numpy", "torch_cpu", "torch_cuda"):
+            value = entry[key]
+            if value is True:
+                row.append("yes")
+            else:
+                row.append("no*")
+                reasons.setdefault(value, []).append(key.replace("_", " "))
+        for reason, where in reasons.items():
+            notes.append(f"  {name} ({', '.join(where)}): {reason}")
+        row.append(entry["description"])
+        cells.append(row)
+    widths = [max(len(heads[i]), *(len(c[i]) for c in cells)) for i in range(len(heads))]
+    print("  ".join(h.ljust(w) for h, w in zip(heads, widths)).rstrip())
+    print("  ".join("-" * w for w in widths))
+    for c in cells:
+        print("  ".join(x.ljust(w) for x, w in zip(c, widths)).rstrip())
+    if notes:
+        print("\n* why not:")
+        print("\n".join(notes))
+    return 0
+
+
+def _cmd_bench(command: str, rest: list) -> int:
+    module_name = BENCHES[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            print(f"hodlr {command}: {module_name} is not part of this version of hodlr", file=sys.stderr)
+            return 2
+        print(f"hodlr {command}: {module_name} needs the missing package {err.name!r}", file=sys.stderr)
+        return 2
+    result = module.main(rest)
+    return int(result or 0)
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``hodlr`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in BENCHES:
+        return _cmd_bench(argv[0], argv[1:])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command in ("demo", "verify"):
+        return _cmd_check(args, args.command == "demo")
+    if args.command == "show":
+        return _cmd_show(args)
+    return _cmd_backends()
