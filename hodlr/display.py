@@ -26,7 +26,18 @@ import numpy as np
 
 import fenwick
 
-__all__ = ["Structure", "level_table", "mask_repr", "mask_repr_html", "structure", "tree_repr", "tree_repr_html"]
+__all__ = [
+    "RankProfile",
+    "Structure",
+    "factor_rank",
+    "level_table",
+    "mask_repr",
+    "mask_repr_html",
+    "rank_profile",
+    "structure",
+    "tree_repr",
+    "tree_repr_html",
+]
 
 
 @dataclass(frozen=True)
@@ -268,3 +279,165 @@ def tree_repr(tree) -> str:
 def tree_repr_html(tree) -> str:
     """HTML summary of a :class:`hodlr.HODLRMatrix` for notebooks."""
     return _html(_tree_structure(tree))
+
+
+@dataclass(frozen=True)
+class RankProfile:
+    """Numerical rank of every off-diagonal block, level by level.
+
+    ``ranks[l]`` is an ``int64`` array of shape ``(*batch_shape, num_blocks(T, l))``:
+    entry ``j`` is the rank of block ``j`` of level ``l`` (block ``j`` lies below the
+    diagonal of the tree node ``[j 2^l, (j + 1) 2^l)``, see :func:`fenwick.blocks_at_level`).
+    Printing it shows one line per level with the smallest and largest rank.
+    """
+
+    T: int
+    batch_shape: tuple
+    ranks: dict
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank of any block (0 if there are no off-diagonal blocks)."""
+        return max((int(r.max()) for r in self.ranks.values() if r.size), default=0)
+
+    @property
+    def min_rank(self) -> int:
+        """The smallest rank of any block (0 if there are no off-diagonal blocks)."""
+        return min((int(r.min()) for r in self.ranks.values() if r.size), default=0)
+
+    def counts(self) -> dict:
+        """``{level: {rank: number of blocks}}``."""
+        out = {}
+        for lev, r in self.ranks.items():
+            values, n = np.unique(r, return_counts=True)
+            out[lev] = {int(a): int(b) for a, b in zip(values, n)}
+        return out
+
+    def _rows(self):
+        for lev, r in self.ranks.items():
+            hist = ", ".join(f"rank {k}: {n:,}" for k, n in self.counts()[lev].items())
+            yield lev, r.shape[-1], int(r.min()), int(r.max()), hist
+
+    def __repr__(self) -> str:
+        head = f"RankProfile(T={self.T}, batch_shape={self.batch_shape}, max_rank={self.max_rank})"
+        rows = [("level", "blocks", "min", "max", "ranks")]
+        rows += [(str(a), f"{b:,}", str(c), str(d), e) for a, b, c, d, e in self._rows()]
+        widths = [max(len(r[k]) for r in rows) for k in range(4)]
+        lines = [head] + ["  " + "  ".join(r[k].rjust(widths[k]) for k in range(4)) + "  " + r[4] for r in rows]
+        return "\n".join(line.rstrip() for line in lines)
+
+    def _repr_html_(self) -> str:
+        body = "".join(
+            f"<tr><td>{a}</td><td>{b:,}</td><td>{c}</td><td>{d}</td><td>{html.escape(e)}</td></tr>"
+            for a, b, c, d, e in self._rows()
+        )
+        return (
+            f"<div><b>RankProfile</b> T={self.T}, batch shape {html.escape(str(self.batch_shape))}, "
+            f"max rank {self.max_rank}<table><tr><th>level</th><th>blocks</th><th>min</th><th>max</th>"
+            f"<th>ranks</th></tr>{body}</table></div>"
+        )
+
+
+def _mask_ranks(mask, levels) -> dict:
+    from fenwick.arrays import namespace, to_numpy
+
+    out = {}
+    for lev in levels:
+        u, v = mask.block_factors(lev)
+        xp = namespace(u)
+        n = fenwick.num_blocks(mask.T, lev)  # block_factors may add a node lying wholly past T
+        nonzero = xp.any(u[..., :n, :] != 0, -1) & xp.any(v[..., :n, :] != 0, -1)
+        out[lev] = to_numpy(nonzero).astype(np.int64)
+    return out
+
+
+def factor_rank(u, v, rtol=None) -> np.ndarray:
+    """Numerical ranks of the blocks ``u @ v^T`` for stacks ``u (..., m, r)``, ``v (..., n, r)``.
+
+    Computed from the factors, never from the ``m x n`` block: QR of each factor, then the
+    singular values of the ``r x r`` core ``R_u R_v^T``; singular values above
+    ``rtol * sigma_max`` count (``rtol`` defaults to ``max(m, n, r) * eps``).
+
+    Examples
+    --------
+    >>> u = np.array([[1.0, 2.0], [2.0, 4.0], [0.0, 1.0]])
+    >>> int(factor_rank(u, np.eye(2)[:2]))
+    2
+    >>> int(factor_rank(np.ones((4, 1)), np.zeros((3, 1))))
+    0
+    """
+    u = np.asarray(u, dtype=np.float64)
+    v = np.asarray(v, dtype=np.float64)
+    m, r = u.shape[-2:]
+    n = v.shape[-2]
+    if rtol is None:
+        rtol = max(m, n, r) * np.finfo(np.float64).eps
+    ru = np.linalg.qr(u, mode="r") if m else np.zeros(u.shape[:-2] + (0, r))
+    rv = np.linalg.qr(v, mode="r") if n else np.zeros(v.shape[:-2] + (0, r))
+    core = ru @ np.swapaxes(rv, -1, -2)
+    if core.shape[-1] == 0 or core.shape[-2] == 0:
+        return np.zeros(core.shape[:-2], dtype=np.int64)
+    sv = np.linalg.svd(core, compute_uv=False)
+    top = sv[..., :1]
+    return np.sum((sv > rtol * top) & (top > 0), axis=-1).astype(np.int64)
+
+
+def _tree_ranks(tree, levels) -> dict:
+    from fenwick.arrays import to_numpy
+
+    want = set(levels)
+    found = {lev: {} for lev in levels}
+    batch = tuple(getattr(tree, "batch_shape", ()))
+    for blk in tree.blocks():
+        lev, index = int(blk.level), int(blk.index)
+        if lev in want:
+            found[lev][index] = factor_rank(to_numpy(blk.U), to_numpy(blk.V))
+    out = {}
+    for lev in levels:
+        n = fenwick.num_blocks(tree.T, lev)
+        ranks = np.zeros(batch + (n,), dtype=np.int64)
+        for j, r in found[lev].items():
+            ranks[..., j] = r
+        out[lev] = ranks
+    return out
+
+
+def rank_profile(obj, levels=None) -> RankProfile:
+    """Numerical rank of every off-diagonal block of a mask or tree.
+
+    Parameters
+    ----------
+    obj : hodlr.LogLinearMask or hodlr.HODLRMatrix
+        For a mask the ranks come from :meth:`~hodlr.LogLinearMask.block_factors`: 1,
+        or 0 where a factor is all zero.  For a tree, from the SVD of the small core of
+        each block's factors (:func:`factor_rank`); the blocks are never formed.
+    levels : iterable of int, optional
+        Only these levels (default: every level that has off-diagonal blocks).
+
+    Returns
+    -------
+    RankProfile
+
+    Examples
+    --------
+    >>> import numpy as np, hodlr
+    >>> prof = rank_profile(hodlr.LogLinearMask(np.ones((6, 4))))
+    >>> prof.ranks[1], prof.max_rank
+    (array([1, 1, 1]), 1)
+    """
+    from hodlr.mask import LogLinearMask
+
+    s = structure(obj)
+    all_levels = [r.level for r in s.table]
+    if levels is None:
+        levels = all_levels
+    else:
+        levels = [int(lev) for lev in levels]
+        bad = [lev for lev in levels if lev not in all_levels]
+        if bad:
+            raise ValueError(f"levels must be among {all_levels} for this {s.kind} (T={s.T}), got {bad}")
+    if isinstance(obj, LogLinearMask):
+        ranks = _mask_ranks(obj, levels)
+    else:
+        ranks = _tree_ranks(obj, levels)
+    return RankProfile(T=s.T, batch_shape=s.batch_shape, ranks=ranks)

@@ -246,6 +246,14 @@ class LogLinearMask:
 
         return mask_repr_html(self)
 
+    def rank_profile(self, levels=None):
+        """Rank of every off-diagonal block (1, or 0 where a factor is all zero).
+
+        See :func:`hodlr.display.rank_profile`."""
+        from hodlr.display import rank_profile
+
+        return rank_profile(self, levels)
+
 
 def _broadcast_batch(x, batch_shape, inner_ndim: int):
     """Broadcast the leading dims of ``x`` (all but its last ``inner_ndim``) to

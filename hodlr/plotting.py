@@ -1,0 +1,354 @@
+"""Pictures of the HODLR structure (matplotlib, imported only when drawing).
+
+Nothing here changes matplotlib's global settings.  Every function draws on the axes it
+is given (or on a new figure's axes) and returns them.  The artists carry a ``gid`` so
+that programs and tests can find them:
+
+* ``"offdiag-L<l>"``: an off-diagonal block of level ``l`` (a ``Rectangle``);
+* ``"rank-L<l>"``: the rank written inside such a block (a ``Text``);
+* ``"leaf"``: a lower-triangular diagonal leaf (a ``Polygon``);
+* ``"grid-L<l>"``: a block outline over a heat map;
+* ``"bucket-L<l>"``: a Fenwick bucket of level ``l`` (``"query"`` for level 0).
+
+Geometry comes from :func:`fenwick.blocks_at_level` (never a ``T x T`` loop); for long
+sequences only blocks of at least ``min_block`` columns are drawn and the finer levels
+are shown as shaded diagonal leaves of that size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import fenwick
+
+__all__ = ["default_min_block", "heatmap", "plot_buckets", "save_structure_png", "spy"]
+
+MAX_BLOCKS_PER_LEVEL = 256
+"""Default drawing budget: the finest level drawn has at most about this many blocks."""
+
+LEAF_COLOR = "0.55"
+
+
+def _need_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ModuleNotFoundError as err:  # pragma: no cover - exercised only without matplotlib
+        raise ModuleNotFoundError(
+            "hodlr's pictures need matplotlib; install it with `pip install matplotlib` "
+            "(or `pip install hodlr[plot]`)"
+        ) from err
+
+
+def _new_axes(ax, size=(5.0, 5.0)):
+    if ax is not None:
+        return ax
+    import matplotlib.pyplot as plt
+
+    _, ax = plt.subplots(figsize=size)
+    return ax
+
+
+def default_min_block(T: int, leaf_size: int = 1) -> int:
+    """The smallest block size :func:`spy` draws by default: the least power of two
+    ``>= leaf_size`` whose level has at most ``MAX_BLOCKS_PER_LEVEL`` blocks.
+
+    >>> default_min_block(64), default_min_block(4096), default_min_block(2**20)
+    (1, 8, 2048)
+    """
+    size = max(1, int(leaf_size))
+    while T / (2 * size) > MAX_BLOCKS_PER_LEVEL:
+        size *= 2
+    return size
+
+
+def _describe(obj):
+    """``(T, leaf_size, kind, ranks_fn)`` for an int, a mask or a tree."""
+    from hodlr.mask import LogLinearMask
+
+    if isinstance(obj, (int, np.integer)) and not isinstance(obj, (bool, np.bool_)):
+        T = int(obj)
+        if T < 1:
+            raise ValueError(f"T must be >= 1, got {T}")
+        return T, 1, "structure", None
+    if isinstance(obj, LogLinearMask):
+        return obj.T, 1, "LogLinearMask", obj
+    if hasattr(obj, "T") and hasattr(obj, "leaf_size") and hasattr(obj, "blocks"):
+        return int(obj.T), int(obj.leaf_size), type(obj).__name__, obj
+    raise TypeError(
+        f"M must be an int T, a hodlr.LogLinearMask or a hodlr.HODLRMatrix, got {type(obj).__name__}"
+    )
+
+
+def _level_colors(n_levels: int, cmap):
+    import matplotlib
+
+    cm = matplotlib.colormaps[cmap] if isinstance(cmap, str) else cmap
+    if n_levels <= 1:
+        return [cm(0.5)]
+    return [cm(0.15 + 0.7 * i / (n_levels - 1)) for i in range(n_levels)]
+
+
+def _text_color(rgba) -> str:
+    """Black on light fills, white on dark ones."""
+    r, g, b = rgba[:3]
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+
+
+def _reduce_ranks(ranks: np.ndarray) -> np.ndarray:
+    """Over a batch, the largest rank of each block (what the picture writes)."""
+    return ranks.reshape(-1, ranks.shape[-1]).max(0) if ranks.ndim > 1 else ranks
+
+
+def spy(M, ax=None, *, min_block=None, ranks=True, cmap="viridis", legend=None, fontsize=None):
+    """Draw the block partition of a HODLR matrix.
+
+    Off-diagonal blocks are filled with one colour per level and carry their rank
+    (written where the block is large enough to hold it); diagonal leaves are shaded
+    lower triangles; the upper triangle stays empty.
+
+    Parameters
+    ----------
+    M : int, LogLinearMask or HODLRMatrix
+        An int ``T`` draws the structure of length ``T`` (all blocks rank 1).
+    ax : matplotlib Axes, optional
+        Drawn on if given, else a new figure is made.
+    min_block : int, optional
+        Draw only levels whose blocks have at least this many columns; finer structure is
+        drawn as shaded leaves of this size.  Default :func:`default_min_block`.
+    ranks : bool, default True
+        Write each block's rank (from :func:`hodlr.display.rank_profile`; for a batched
+        mask, the largest over the batch).
+    cmap : str or Colormap, default ``"viridis"``
+        Colours of the levels.
+    legend : bool, optional
+        Show a legend of the levels (default: when at most 12 levels are drawn).
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+
+    Examples
+    --------
+    >>> from matplotlib.figure import Figure
+    >>> ax = spy(8, ax=Figure().add_subplot())
+    >>> sum(p.get_gid() == "offdiag-L1" for p in ax.patches)
+    4
+    """
+    _need_matplotlib()
+    from matplotlib.patches import Patch, Polygon, Rectangle
+
+    T, leaf, kind, source = _describe(M)
+    if min_block is None:
+        min_block = default_min_block(T, leaf)
+    min_block = int(min_block)
+    if min_block < 1 or min_block & (min_block - 1):
+        raise ValueError(f"min_block must be a power of two >= 1, got {min_block}")
+    min_block = max(min_block, leaf)
+    first = min_block.bit_length()  # blocks of size 2**(l-1) >= min_block
+    levels = list(range(first, fenwick.num_levels(T)))
+    levels = [lev for lev in levels if fenwick.num_blocks(T, lev)]
+    rank_of = {}
+    if ranks and levels:
+        if source is None:
+            rank_of = {lev: np.ones(fenwick.num_blocks(T, lev), dtype=np.int64) for lev in levels}
+        else:
+            from hodlr.display import rank_profile
+
+            prof = rank_profile(source, levels=levels)
+            rank_of = {lev: _reduce_ranks(r) for lev, r in prof.ranks.items()}
+
+    ax = _new_axes(ax)
+    colors = dict(zip(levels, _level_colors(len(levels), cmap)))
+    if fontsize is None:
+        fontsize = 9
+    # leaves: lower triangles of size min_block on the diagonal
+    for a in range(0, T, min_block):
+        b = min(a + min_block, T)
+        tri = Polygon([(a, a), (a, b), (b, b)], closed=True, facecolor=LEAF_COLOR, edgecolor="none", gid="leaf")
+        ax.add_patch(tri)
+    handles = []
+    for lev in levels:
+        rs, re, cs, ce = fenwick.blocks_at_level(T, lev)
+        color = colors[lev]
+        gid = f"offdiag-L{lev}"
+        for j in range(rs.size):
+            ax.add_patch(
+                Rectangle((cs[j], rs[j]), ce[j] - cs[j], re[j] - rs[j], facecolor=color, edgecolor="white",
+                          linewidth=0.6 if rs.size < 64 else 0.2, gid=gid)
+            )
+        half = 1 << (lev - 1)
+        if lev in rank_of and half * 24 >= T:
+            r = rank_of[lev]
+            for j in range(rs.size):
+                ax.text((cs[j] + ce[j]) / 2, (rs[j] + re[j]) / 2, str(int(r[j])), ha="center", va="center",
+                        fontsize=fontsize, color=_text_color(color),
+                        gid=f"rank-L{lev}")
+        handles.append(Patch(facecolor=color, label=f"level {lev} ({half}x{half})"))
+    ax.set_xlim(0, T)
+    ax.set_ylim(T, 0)
+    ax.set_aspect("equal")
+    ax.set_xlabel("key position s")
+    ax.set_ylabel("query position t")
+    note = f", blocks >= {min_block}" if min_block > leaf else ""
+    ax.set_title(f"{kind}: T={T}, leaves {leaf}x{leaf}{note}", fontsize=10)
+    if legend is None:
+        legend = 0 < len(levels) <= 12
+    if legend:
+        handles.append(Patch(facecolor=LEAF_COLOR, label="diagonal leaves" if min_block == 1 else f"leaves {min_block}x{min_block}"))
+        ax.legend(handles=handles, loc="upper right", fontsize=7, frameon=True)
+    return ax
+
+
+def heatmap(M, ax=None, *, index=None, grid=True, min_block=None, cmap="magma", vmin=None, colorbar=True):
+    """The mask's ``|values|`` on a logarithmic colour scale, with the block grid over it.
+
+    Parameters
+    ----------
+    M : LogLinearMask or HODLRMatrix
+        Anything with ``T`` and ``to_dense()``; the dense matrix is formed, so keep ``T``
+        moderate (the mask's dense budget applies).
+    ax : matplotlib Axes, optional
+    index : tuple of int, optional
+        Which matrix of a batch to draw (default: the first).
+    grid : bool, default True
+        Outline the off-diagonal blocks (those of at least ``min_block`` columns,
+        default :func:`default_min_block`).
+    cmap : str, default ``"magma"``
+    vmin : float, optional
+        Lower end of the colour scale (default: the smallest non-zero ``|value|``).
+    colorbar : bool, default True
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+    """
+    _need_matplotlib()
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
+
+    from fenwick.arrays import to_numpy
+
+    if not hasattr(M, "to_dense") or not hasattr(M, "T"):
+        raise TypeError(f"M must be a hodlr.LogLinearMask or hodlr.HODLRMatrix, got {type(M).__name__}")
+    T = int(M.T)
+    dense = to_numpy(M.to_dense())
+    if dense.ndim > 2:
+        batch = dense.shape[:-2]
+        index = tuple(0 for _ in batch) if index is None else tuple(index)
+        if len(index) != len(batch):
+            raise ValueError(f"index must have {len(batch)} entries for batch shape {batch}, got {index}")
+        dense = dense[index]
+    elif index not in (None, ()):
+        raise ValueError(f"index must be None for an unbatched matrix, got {index}")
+    mag = np.abs(dense.astype(np.float64))
+    nonzero = mag[mag > 0]
+    if vmin is None:
+        vmin = float(nonzero.min()) if nonzero.size else 1e-300
+    vmax = float(nonzero.max()) if nonzero.size else 1.0
+    vmax = max(vmax, vmin * (1 + 1e-9))
+    shown = np.ma.masked_where(mag <= 0, mag)
+    ax = _new_axes(ax, (5.6, 5.0))
+    image = ax.imshow(shown, cmap=cmap, norm=LogNorm(vmin=vmin, vmax=vmax), extent=(0, T, T, 0),
+                      interpolation="nearest")
+    if grid:
+        leaf = int(getattr(M, "leaf_size", 1))
+        if min_block is None:
+            min_block = default_min_block(T, leaf)
+        first = max(int(min_block), leaf).bit_length()
+        for lev in range(first, fenwick.num_levels(T)):
+            rs, re, cs, ce = fenwick.blocks_at_level(T, lev)
+            for j in range(rs.size):
+                ax.add_patch(Rectangle((cs[j], rs[j]), ce[j] - cs[j], re[j] - rs[j], fill=False,
+                                       edgecolor="cyan", linewidth=0.5, gid=f"grid-L{lev}"))
+    if colorbar:
+        ax.figure.colorbar(image, ax=ax, label="|M[t, s]|", shrink=0.85)
+    ax.set_xlabel("key position s")
+    ax.set_ylabel("query position t")
+    ax.set_title(f"|M| (log scale), T={T}", fontsize=10)
+    return ax
+
+
+def plot_buckets(t: int, T: int | None = None, ax=None, *, cmap="viridis"):
+    """The Fenwick buckets seen from query position ``t``.
+
+    The positions ``0 .. T-1`` form a row; ``[0, t)`` splits into one bucket per set
+    bit of ``t`` (level ``b + 1`` for bit ``b``), coloured like :func:`spy`'s levels;
+    ``t`` itself is level 0; positions after ``t`` are future (masked).
+
+    Parameters
+    ----------
+    t : int
+        The query position, ``0 <= t < T``.
+    T : int, optional
+        Sequence length (default ``t + 1``).
+    ax : matplotlib Axes, optional
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+    """
+    _need_matplotlib()
+    import matplotlib.colors
+    from matplotlib.patches import Rectangle
+
+    if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+        raise TypeError(f"t must be an integer, got {type(t).__name__}")
+    t = int(t)
+    T = t + 1 if T is None else int(T)
+    if not 0 <= t < T:
+        raise ValueError(f"t must satisfy 0 <= t < T, got t={t}, T={T}")
+    colors = _level_colors(max(fenwick.num_levels(T) - 1, 1), cmap)
+    ax = _new_axes(ax, (min(12.0, 2.0 + 0.25 * T), 1.9))
+    for lev, start, stop in fenwick.buckets(t):
+        color = "crimson" if lev == 0 else colors[lev - 1]
+        ax.add_patch(Rectangle((start, 0), stop - start, 1, facecolor=color, edgecolor="white", linewidth=1.0,
+                               gid="query" if lev == 0 else f"bucket-L{lev}"))
+        label = "t" if lev == 0 else f"L{lev}\n{stop - start}"
+        ax.text((start + stop) / 2, 0.5, label, ha="center", va="center", fontsize=8,
+                color=_text_color(matplotlib.colors.to_rgba(color)), gid="bucket-label")
+    if t + 1 < T:
+        ax.add_patch(Rectangle((t + 1, 0), T - t - 1, 1, facecolor="0.9", edgecolor="none", gid="future"))
+    if T <= 64:
+        ax.set_xticks(np.arange(T) + 0.5)
+        ax.set_xticklabels([str(i) for i in range(T)], fontsize=6)
+    ax.set_xlim(0, T)
+    ax.set_ylim(0, 1)
+    ax.set_yticks([])
+    ax.set_xlabel("key position s")
+    ax.set_title(f"Fenwick buckets of t = {t} = 0b{t:b}", fontsize=10)
+    return ax
+
+
+def save_structure_png(T: int, path, *, min_block=None, dpi: int = 120, size: float = 6.0) -> str:
+    """Write :func:`spy` of length ``T`` to a PNG file (for ``hodlr show T --png FILE``).
+
+    Uses a standalone Agg canvas: no pyplot, no display, no global state.
+
+    Parameters
+    ----------
+    T : int
+        Sequence length, ``>= 1``.
+    path : str or path-like
+        Where to write the PNG.
+    min_block : int, optional
+        Passed to :func:`spy`.
+    dpi : int, default 120
+    size : float, default 6.0
+        Figure width and height in inches.
+
+    Returns
+    -------
+    str
+        The path written.
+    """
+    _need_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(size, size))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    spy(int(T) if isinstance(T, (int, np.integer)) else T, ax=ax, min_block=min_block)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi, format="png")
+    return str(path)

@@ -1,0 +1,150 @@
+"""Reprs and rank profiles: right numbers, cheap for long sequences."""
+
+import time
+
+import numpy as np
+import pytest
+
+import fenwick
+import hodlr
+from hodlr.display import factor_rank, level_table, rank_profile, structure
+
+LENGTHS = [1, 2, 3, 8, 63, 65, 1000, 4097]
+
+
+def _mask(T, batch=(), decay=True, seed=0):
+    rng = np.random.default_rng(seed)
+    lam = rng.uniform(0.5, 1.5, batch + (T, fenwick.num_levels(T)))
+    g = np.log(rng.uniform(0.8, 1.0, batch + (T,))) if decay else None
+    return hodlr.LogLinearMask(lam, g)
+
+
+@pytest.mark.parametrize("T", LENGTHS)
+def test_level_table_matches_block_enumeration(T):
+    table = {r.level: r for r in level_table(T)}
+    seen = {}
+    for b in fenwick.offdiag_blocks(T):
+        n, rows, cols = seen.get(b.level, (0, 0, 0))
+        seen[b.level] = (n + 1, rows + b.row_stop - b.row_start, cols + b.col_stop - b.col_start)
+    assert {lev: (r.blocks, r.rows, r.cols) for lev, r in table.items()} == seen
+
+
+@pytest.mark.parametrize("T", LENGTHS)
+def test_factor_numbers_count_every_entry_once(T):
+    s = structure(_mask(T))
+    # diagonal + every off-diagonal block's u and v; the blocks tile the strict lower triangle
+    assert sum(r.rows * r.size for r in s.table) == T * (T - 1) // 2
+    assert s.factor_numbers == T + sum(r.rows + r.cols for r in s.table)
+
+
+def test_mask_repr_contents():
+    M = _mask(1000, batch=(2, 3))
+    text = repr(M)
+    assert text.startswith("LogLinearMask(T=1000, levels=11, batch_shape=(2, 3), dtype=float64")
+    assert "decay=yes" in text
+    assert "11,000 + log-decay 1,000" in text
+    assert "1,000,000 dense" in text
+    for r in level_table(1000):
+        assert f"{r.size:,} x {r.size:,}" in text
+    html = M._repr_html_()
+    assert "<table" in html and "1,000,000" in html and "(2, 3)" in html
+
+
+def test_mask_repr_torch():
+    torch = pytest.importorskip("torch")
+    M = hodlr.LogLinearMask(torch.ones(5, 4, dtype=torch.float32))
+    assert "dtype=float32, device=cpu, decay=no" in repr(M)
+
+
+@pytest.mark.parametrize("maker", ["numpy", "torch_meta"])
+def test_reprs_cheap_for_long_sequences(maker):
+    T = 2**20
+    if maker == "numpy":
+        lam = np.broadcast_to(np.ones(1), (T, fenwick.num_levels(T)))
+        M = hodlr.LogLinearMask(lam, validate=False)
+    else:
+        torch = pytest.importorskip("torch")
+        M = hodlr.LogLinearMask(torch.empty(4, T, 21, device="meta"), torch.empty(4, T, device="meta"),
+                                validate=False)
+    repr(M)
+    M._repr_html_()
+    start = time.perf_counter()
+    for _ in range(5):
+        text = repr(M)
+        M._repr_html_()
+    per_call = (time.perf_counter() - start) / 5
+    assert per_call < 0.05, per_call
+    assert "1,048,575 rank-1 blocks" in text
+
+
+class FakeTree:
+    """The attributes tree_repr reads, without any arrays: a repr must not need them."""
+
+    def __init__(self, T, leaf_size):
+        self.T, self.leaf_size, self.batch_shape, self.dtype, self.device = T, leaf_size, (), "float64", "cpu"
+
+    def blocks(self):
+        raise AssertionError("a repr must not iterate the blocks")
+
+
+@pytest.mark.parametrize("T,leaf", [(1, 1), (8, 1), (100, 4), (2**20, 64)])
+def test_tree_repr_closed_form(T, leaf):
+    from hodlr.display import tree_repr, tree_repr_html
+
+    start = time.perf_counter()
+    text = tree_repr(FakeTree(T, leaf))
+    html = tree_repr_html(FakeTree(T, leaf))
+    assert time.perf_counter() - start < 0.05
+    s = structure(FakeTree(T, leaf))
+    assert all(2 * r.size > leaf for r in s.table)
+    assert f"T={T}" in text and f"leaf_size={leaf}" in text and "<table" in html
+
+
+@pytest.mark.parametrize("T", LENGTHS)
+def test_rank_profile_of_masks_is_all_ones(T):
+    prof = rank_profile(_mask(T, batch=(2,)))
+    assert sorted(prof.ranks) == [r.level for r in level_table(T)]
+    for lev, r in prof.ranks.items():
+        assert r.shape == (2, fenwick.num_blocks(T, lev))
+        assert (r == 1).all()
+    assert prof.max_rank == (1 if T > 1 else 0)
+    assert "RankProfile" in repr(prof) and "<table" in prof._repr_html_()
+
+
+def test_rank_profile_zero_scales_give_rank_zero():
+    T = 16
+    lam = np.ones((T, 5))
+    lam[:, 3] = 0.0
+    prof = hodlr.LogLinearMask(lam).rank_profile()
+    assert (prof.ranks[3] == 0).all()
+    assert prof.counts()[3] == {0: 2}
+    assert (prof.ranks[2] == 1).all() and prof.min_rank == 0
+
+
+def test_rank_profile_torch_matches_numpy():
+    torch = pytest.importorskip("torch")
+    M = _mask(65)
+    Mt = hodlr.LogLinearMask(torch.from_numpy(M.level_scales), torch.from_numpy(M.log_decay))
+    a, b = rank_profile(M), rank_profile(Mt)
+    assert all((a.ranks[k] == b.ranks[k]).all() for k in a.ranks)
+
+
+def test_rank_profile_levels_argument():
+    M = _mask(64)
+    assert list(rank_profile(M, levels=[6, 2]).ranks) == [6, 2]
+    with pytest.raises(ValueError, match="levels must be among"):
+        rank_profile(M, levels=[7])
+
+
+def test_factor_rank_against_dense_svd(rng):
+    for r in range(0, 4):
+        u = rng.standard_normal((3, 9, 3))
+        v = rng.standard_normal((3, 7, 3))
+        u[..., r:] = 0.0
+        expect = [np.linalg.matrix_rank(a @ b.T) for a, b in zip(u, v)]
+        assert factor_rank(u, v).tolist() == expect
+
+
+def test_structure_rejects_other_objects():
+    with pytest.raises(TypeError, match="LogLinearMask or hodlr.HODLRMatrix"):
+        structure(np.eye(3))

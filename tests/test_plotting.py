@@ -1,0 +1,132 @@
+"""Pictures: drawn headless, with the expected artists."""
+
+import collections
+
+import numpy as np
+import pytest
+
+import fenwick
+import hodlr
+
+matplotlib = pytest.importorskip("matplotlib")
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from hodlr.plotting import default_min_block, heatmap, plot_buckets, save_structure_png, spy  # noqa: E402
+
+
+def _axes():
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    return fig.add_subplot()
+
+
+def _gids(artists):
+    return collections.Counter(a.get_gid() for a in artists if a.get_gid())
+
+
+def _mask(T, batch=()):
+    rng = np.random.default_rng(T)
+    lam = rng.uniform(0.5, 1.5, batch + (T, fenwick.num_levels(T)))
+    return hodlr.LogLinearMask(lam, np.log(rng.uniform(0.7, 1.0, batch + (T,))))
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 8, 63, 65, 100, 512])
+def test_spy_draws_every_block_once(T):
+    ax = spy(T, ax=_axes())
+    counts = _gids(ax.patches)
+    for lev in range(1, fenwick.num_levels(T)):
+        assert counts[f"offdiag-L{lev}"] == fenwick.num_blocks(T, lev)
+    assert counts["leaf"] == T
+    assert sum(v for k, v in counts.items() if k.startswith("offdiag")) == sum(1 for _ in fenwick.offdiag_blocks(T))
+    ax.figure.canvas.draw()
+
+
+@pytest.mark.parametrize("T", [4097, 2**20])
+def test_spy_long_sequences_draw_coarse_levels_only(T):
+    ax = spy(T, ax=_axes())
+    size = default_min_block(T)
+    counts = _gids(ax.patches)
+    first = size.bit_length()
+    assert first > 1
+    for lev in range(1, fenwick.num_levels(T)):
+        expect = fenwick.num_blocks(T, lev) if lev >= first else 0
+        assert counts[f"offdiag-L{lev}"] == expect
+        assert expect <= hodlr.plotting.MAX_BLOCKS_PER_LEVEL + 1
+    assert counts["leaf"] == -(-T // size)
+
+
+def test_spy_writes_ranks_of_the_mask():
+    T = 16
+    lam = np.ones((T, 5))
+    lam[:, 4] = 0.0  # level 4's block becomes rank 0
+    ax = spy(hodlr.LogLinearMask(lam), ax=_axes())
+    texts = collections.defaultdict(list)
+    for text in ax.texts:
+        texts[text.get_gid()].append(text.get_text())
+    assert texts["rank-L4"] == ["0"]
+    assert texts["rank-L1"] == ["1"] * 8
+    assert texts["rank-L3"] == ["1"] * 2
+
+
+def test_spy_min_block_and_batched_mask():
+    ax = spy(_mask(64, batch=(2,)), ax=_axes(), min_block=4)
+    counts = _gids(ax.patches)
+    assert counts["offdiag-L1"] == counts["offdiag-L2"] == 0
+    assert counts["offdiag-L3"] == 8 and counts["offdiag-L6"] == 1
+    assert counts["leaf"] == 16
+    with pytest.raises(ValueError, match="min_block must be a power of two"):
+        spy(64, ax=_axes(), min_block=3)
+    with pytest.raises(TypeError, match="M must be"):
+        spy("64", ax=_axes())
+
+
+@pytest.mark.parametrize("T", [1, 5, 64])
+def test_heatmap_has_grid_and_log_colours(T):
+    M = _mask(T, batch=(3,))
+    ax = heatmap(M, ax=_axes(), index=(1,))
+    image = ax.images[0]
+    assert isinstance(image.norm, matplotlib.colors.LogNorm)
+    dense = M.to_dense()[1]
+    shown = image.get_array()
+    assert np.ma.count_masked(shown) == T * (T - 1) // 2
+    np.testing.assert_allclose(shown.compressed(), np.abs(dense)[np.tril_indices(T)])
+    counts = _gids(ax.patches)
+    for lev in range(1, fenwick.num_levels(T)):
+        assert counts[f"grid-L{lev}"] == fenwick.num_blocks(T, lev)
+    with pytest.raises(ValueError, match="index must have 1 entries"):
+        heatmap(M, ax=_axes(), index=(0, 0))
+
+
+@pytest.mark.parametrize("t,T", [(0, 1), (6, 8), (13, 16), (1000, 4097)])
+def test_plot_buckets_one_bar_per_set_bit(t, T):
+    ax = plot_buckets(t, T, ax=_axes())
+    counts = _gids(ax.patches)
+    assert counts["query"] == 1
+    bits = [b for b in range(t.bit_length()) if t >> b & 1]
+    assert sorted(k for k in counts if k.startswith("bucket")) == sorted(f"bucket-L{b + 1}" for b in bits)
+    widths = sorted(p.get_width() for p in ax.patches if p.get_gid().startswith("bucket"))
+    assert widths == sorted(1 << b for b in bits)
+    assert counts["future"] == (1 if t + 1 < T else 0)
+    with pytest.raises(ValueError, match="0 <= t < T"):
+        plot_buckets(T, T, ax=_axes())
+
+
+def test_save_structure_png(tmp_path):
+    path = tmp_path / "s.png"
+    assert save_structure_png(100, path) == str(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pyplot_axes_and_no_global_changes():
+    import matplotlib.pyplot as plt
+
+    before = dict(matplotlib.rcParams)
+    backend = matplotlib.get_backend()
+    ax = spy(8)
+    heatmap(_mask(8))
+    plot_buckets(5, 8)
+    assert matplotlib.get_backend() == backend
+    assert dict(matplotlib.rcParams) == before
+    plt.close("all")
+    assert ax is not None
