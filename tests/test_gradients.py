@@ -1,0 +1,190 @@
+"""Gradients through every torch backend equal the dense float64 gradients.
+
+For each backend that is implemented and runs on torch CPU tensors (found in the registry,
+so a backend is picked up the moment its file lands), hypothesis draws masks and operands
+and we compare the gradients with respect to ``q, k, v, level_scales, log_decay`` (and
+``X`` for ``matmul``) with the dense backend's, per gradient, to ``TOLERANCES["grad_float64"]``.
+``torch.autograd.gradcheck`` checks the dense backend itself (and every other backend) by
+finite differences.  Level scales that no row reads get a gradient of exactly zero.  A
+backend that cannot differentiate (one that computes through numpy) must say so with an
+error that mentions gradients, never return a result silently cut off from the graph.
+
+The Triton backend's gradients are proven in ``tests/test_triton_backward.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import fenwick
+import hodlr
+from hodlr import backends as registry
+from hodlr.testing import TOLERANCES, attention_inputs, batch_shapes, masks, operands, relative_error, st_lengths
+
+TOL = TOLERANCES["grad_float64"]
+CPU = torch.device("cpu")
+TORCH_BACKENDS = [name for name in registry.NAMES if name != "triton"]
+MAY_REFUSE_GRAD = {"sparse"}
+"""Backends allowed to refuse ``requires_grad`` inputs (they compute through numpy), with
+an error that names gradients."""
+
+
+def _backend_or_skip(name: str):
+    module = registry._load(name)
+    if module is None:
+        pytest.skip(f"backend {name!r} is not implemented yet")
+    reason = module.unavailable_reason("torch", CPU)
+    if reason is not None:
+        pytest.skip(f"backend {name!r} does not run on torch CPU tensors: {reason}")
+    return module
+
+
+def _leaves(M, operands_):
+    """Fresh leaf tensors (requires_grad) for the mask generators and the operands."""
+    lam = M.level_scales.detach().clone().requires_grad_(True)
+    g = None if M.log_decay is None else M.log_decay.detach().clone().requires_grad_(True)
+    ops = [x.detach().clone().requires_grad_(True) for x in operands_]
+    return lam, g, ops
+
+
+def _grads(op, name, M, operands_, scale, cotangent_seed):
+    """``{input name: gradient}`` of ``sum(out * W)`` for a fixed random cotangent ``W``."""
+    lam, g, ops = _leaves(M, operands_)
+    mask = hodlr.LogLinearMask(lam, g)
+    if op == "attention":
+        q, k, v = ops
+        out = hodlr.attention(q, k, v, mask, scale=scale, backend=name)
+        names = ["q", "k", "v"]
+    else:
+        (x,) = ops
+        out = hodlr.matmul(mask, x, backend=name)
+        names = ["X"]
+    if not out.requires_grad:
+        raise AssertionError(f"backend {name!r} returned a {op} result without a gradient graph")
+    w = torch.as_tensor(np.random.default_rng(cotangent_seed).standard_normal(tuple(out.shape)), dtype=out.dtype)
+    inputs = ops + [lam] + ([] if g is None else [g])
+    names = names + ["level_scales"] + ([] if g is None else ["log_decay"])
+    grads = torch.autograd.grad((out * w).sum(), inputs, allow_unused=True)
+    return dict(zip(names, grads))
+
+
+def _compare(op, name, M, operands_, scale, seed):
+    module = _backend_or_skip(name)
+    want = _grads(op, "dense", M, operands_, scale, seed)
+    try:
+        got = _grads(op, name, M, operands_, scale, seed)
+    except Exception as err:  # a refusal must be explicit about gradients
+        if name in MAY_REFUSE_GRAD and "grad" in str(err).lower():
+            return
+        raise
+    assert module is not None
+    for key, expected in want.items():
+        actual = got[key]
+        if actual is None:  # the input did not enter the graph: its gradient is zero
+            actual = torch.zeros_like(expected)
+        err = relative_error(actual, expected)
+        assert err <= TOL, f"{name} {op}: d{key} relative error {err:.3e} > {TOL:.0e} (T={M.T})"
+
+
+def _torch_masks(max_T=70, poison=True):
+    return masks(
+        T=st_lengths(max_value=max_T),
+        batch_shape=batch_shapes(max_dims=2, max_side=2),
+        library="torch",
+        dtype=torch.float64,
+        poison=poison,
+    )
+
+
+@pytest.mark.parametrize("name", TORCH_BACKENDS)
+@settings(max_examples=25)
+@given(data=st.data())
+def test_attention_gradients_match_dense(name, data):
+    M = data.draw(_torch_masks())
+    q, k, v = data.draw(attention_inputs(M, Dk=st.integers(1, 4), Dv=st.integers(1, 4)))
+    scale = data.draw(st.sampled_from([1.0, 0.37]))
+    _compare("attention", name, M, (q, k, v), scale, data.draw(st.integers(0, 2**31)))
+
+
+@pytest.mark.parametrize("name", TORCH_BACKENDS)
+@settings(max_examples=25)
+@given(data=st.data())
+def test_matmul_gradients_match_dense(name, data):
+    M = data.draw(_torch_masks())
+    (x,) = (data.draw(operands(M, D=st.integers(1, 4))),)
+    _compare("matmul", name, M, (x,), 1.0, data.draw(st.integers(0, 2**31)))
+
+
+def _small_case(T, decay, rng, batch=(2,)):
+    L = fenwick.num_levels(T) + 1
+    lam = torch.as_tensor(rng.uniform(0.3, 1.2, batch + (T, L)))
+    g = None if decay is None else torch.as_tensor(-rng.uniform(0.0, decay, batch + (T,)))
+    q, k = (torch.as_tensor(rng.standard_normal((1, T, 2))) for _ in range(2))
+    v = torch.as_tensor(rng.standard_normal(batch + (T, 3)))
+    return lam, g, q, k, v
+
+
+@pytest.mark.parametrize("name", TORCH_BACKENDS)
+@pytest.mark.parametrize("T,decay", [(1, 0.5), (5, None), (9, 0.7), (17, 2.0)])
+def test_gradcheck(name, T, decay, rng):
+    _backend_or_skip(name)
+    lam, g, q, k, v = _small_case(T, decay, rng)
+    inputs = [x.requires_grad_(True) for x in (q, k, v, lam) + (() if g is None else (g,))]
+
+    def attention(q, k, v, lam, g=None):
+        return hodlr.attention(q, k, v, hodlr.LogLinearMask(lam, g), scale=0.7, backend=name)
+
+    def matmul(v, lam, g=None):
+        return hodlr.matmul(hodlr.LogLinearMask(lam, g), v, backend=name)
+
+    try:
+        assert torch.autograd.gradcheck(attention, tuple(inputs))
+        assert torch.autograd.gradcheck(matmul, tuple(inputs[2:]))
+    except Exception as err:
+        if name in MAY_REFUSE_GRAD and "grad" in str(err).lower():
+            return
+        raise
+
+
+@pytest.mark.parametrize("name", TORCH_BACKENDS)
+@pytest.mark.parametrize("T", [1, 2, 3, 7, 63, 65])
+def test_unread_level_scales_get_exactly_zero_gradient(name, T, rng):
+    """Unread scales hold finite values (so a leak would show as a number, not NaN) and
+    must still get a gradient of exactly 0; every read scale gets a nonzero one here."""
+    _backend_or_skip(name)
+    lam, g, q, k, v = _small_case(T, 0.5, rng)
+    lam.requires_grad_(True)
+    g.requires_grad_(True)
+    read = torch.as_tensor(fenwick.read_levels(T, lam.shape[-1]))
+    w = torch.as_tensor(rng.standard_normal(v.shape))
+    for op in ("attention", "matmul"):
+        try:
+            M = hodlr.LogLinearMask(lam, g)
+            out = (hodlr.attention(q, k, v, M, backend=name) if op == "attention" else hodlr.matmul(M, v, backend=name))
+            (dlam,) = torch.autograd.grad((out * w).sum(), [lam])
+        except Exception as err:
+            if name in MAY_REFUSE_GRAD and "grad" in str(err).lower():
+                return
+            raise
+        unread = dlam[..., ~read]
+        assert torch.equal(unread, torch.zeros_like(unread)), f"{name} {op}: unread scales got gradient {unread}"
+        assert bool((dlam[..., read] != 0).all()), f"{name} {op}: a read scale got a zero gradient"
+
+
+@pytest.mark.parametrize("name", TORCH_BACKENDS)
+def test_no_silent_loss_of_gradient(name, rng):
+    """With inputs that require grad, a backend returns a result on the graph or refuses
+    with an error that mentions gradients."""
+    _backend_or_skip(name)
+    lam, g, q, k, v = _small_case(33, 0.5, rng)
+    v.requires_grad_(True)
+    try:
+        out = hodlr.attention(q, k, v, hodlr.LogLinearMask(lam, g), backend=name)
+    except Exception as err:
+        assert "grad" in str(err).lower(), f"{name}: refused gradients with an unclear error: {err!r}"
+        assert name in MAY_REFUSE_GRAD, f"{name} must support autograd: {err!r}"
+        return
+    assert out.requires_grad and out.grad_fn is not None, f"{name}: result silently detached from the graph"
