@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fenwick.arrays import zeros
 from hodlr import _checks, backends as registry
 from hodlr.mask import LogLinearMask
 
@@ -32,6 +33,10 @@ def _check_length(M, named: dict):
             raise ValueError(
                 f"{name} must have shape (..., T, D) with T={M.T} (the mask's length), got shape {tuple(x.shape)}"
             )
+
+
+def _empty(batch) -> bool:
+    return any(n == 0 for n in batch)
 
 
 def _resolve(backend, M, T):
@@ -65,7 +70,8 @@ def matmul(M, X, *, backend: str = "auto"):
     Returns
     -------
     Y : array, shape ``(*broadcast(batch_M, X.shape[:-2]), T, D)``
-        Same library, dtype and device as ``X``.
+        Same library, dtype and device as ``X``.  An empty batch (a dim of size 0) or
+        ``D = 0`` is not an error: the result is empty, of this shape, and no backend runs.
 
     Examples
     --------
@@ -83,6 +89,8 @@ def matmul(M, X, *, backend: str = "auto"):
     _check_length(M, {"X": X})
     batch = _checks.broadcast_batch({"M": M.batch_shape, "X": tuple(X.shape[:-2])})
     module = _resolve(backend, M, M.T)
+    if _empty(batch) or X.shape[-1] == 0:
+        return zeros(batch + tuple(X.shape[-2:]), X)
     lam, g = _mask_args(M, batch)
     X = _checks.broadcast_to(X, batch + tuple(X.shape[-2:]))
     return module.matmul(lam, g, X)
@@ -106,7 +114,9 @@ def attention(q, k, v, M, *, scale=None, backend: str = "auto"):
 
     Returns
     -------
-    O : array, shape ``(*batch, T, Dv)``, the library, dtype and device of ``v``.
+    O : array, shape ``(*batch, T, Dv)``, the library, dtype and device of ``v``.  An empty
+        batch, ``Dv = 0`` or ``Dk = 0`` (empty dot products: all zeros) is not an error; no
+        backend runs.
 
     Examples
     --------
@@ -133,6 +143,8 @@ def attention(q, k, v, M, *, scale=None, backend: str = "auto"):
         {"M": M.batch_shape, "q": tuple(q.shape[:-2]), "k": tuple(k.shape[:-2]), "v": tuple(v.shape[:-2])}
     )
     module = _resolve(backend, M, M.T)
+    if _empty(batch) or q.shape[-1] == 0 or v.shape[-1] == 0:
+        return zeros(batch + tuple(v.shape[-2:]), v)
     lam, g = _mask_args(M, batch)
     q, k, v = (_checks.broadcast_to(a, batch + tuple(a.shape[-2:])) for a in (q, k, v))
     return module.attention(q, k, v, lam, g, scale)

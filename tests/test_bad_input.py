@@ -1,0 +1,274 @@
+"""Bad input gets a clear ValueError / TypeError (or a documented subclass) naming the
+argument and what was expected.  One case per row of docs/bad-input.md (a test checks that
+the table and this file list the same cases).  The second half checks what is NOT an error:
+empty batches, zero widths and strided / transposed / broadcast operands work on every
+backend that can run here."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fenwick
+import hodlr
+from hodlr import backends as registry
+from hodlr.testing import TOLERANCES, assert_close
+
+torch = pytest.importorskip("torch")
+
+T, L = 5, fenwick.num_levels(5)
+DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
+
+
+def lam(*batch, T=T, L=L, dtype=np.float64):
+    return np.ones(batch + (T, L), dtype=dtype)
+
+
+def mask(*batch, **kw):
+    return hodlr.LogLinearMask(lam(*batch, **kw))
+
+
+def ops(*batch, T=T, D=2, dtype=np.float64):
+    return np.ones(batch + (T, D), dtype=dtype)
+
+
+def meta(shape):
+    return torch.ones(shape, dtype=torch.float64, device="meta")
+
+
+def nan_at(a, index):
+    a = np.array(a, copy=True)
+    a[index] = np.nan
+    return a
+
+
+def inf_at(a, index):
+    a = np.array(a, copy=True)
+    a[index] = -np.inf
+    return a
+
+
+def attn(q=None, k=None, v=None, M=None, **kw):
+    return hodlr.attention(ops() if q is None else q, ops() if k is None else k, ops() if v is None else v,
+                           mask() if M is None else M, **kw)
+
+
+def over_budget(monkeypatch):
+    monkeypatch.setattr(hodlr.options, "dense_max_bytes", 100)
+
+
+# (id, call, error type, message regex).  ``call`` takes pytest's monkeypatch fixture.
+CASES = [
+    # -- LogLinearMask ----------------------------------------------------------------
+    ("scales-rank-1", lambda mp: hodlr.LogLinearMask(np.ones(5)), ValueError,
+     r"level_scales must have shape \(\.\.\., T, L\).*got shape \(5,\)"),
+    ("scales-not-array", lambda mp: hodlr.LogLinearMask("abc"), TypeError,
+     r"level_scales must be a numpy.ndarray or torch.Tensor"),
+    ("scales-none", lambda mp: hodlr.LogLinearMask(None), TypeError, r"level_scales must be an array.*got None"),
+    ("length-zero", lambda mp: hodlr.LogLinearMask(np.ones((0, 1))), ValueError, r"T >= 1"),
+    ("too-few-levels", lambda mp: hodlr.LogLinearMask(np.ones((5, 3))), ValueError,
+     r"L=3 columns but T=5 needs at least num_levels\(T\)=4"),
+    ("decay-wrong-length", lambda mp: hodlr.LogLinearMask(lam(), np.zeros(4)), ValueError,
+     r"log_decay must have shape \(\.\.\., T\) with T=5"),
+    ("decay-rank-0", lambda mp: hodlr.LogLinearMask(lam(), 0.5), ValueError, r"log_decay must have shape \(\.\.\., T\)"),
+    ("mask-batch-not-broadcastable", lambda mp: hodlr.LogLinearMask(lam(2), np.zeros((3, T))), ValueError,
+     r"batch dimensions do not broadcast: level_scales \(2,\), log_decay \(3,\)"),
+    ("scales-nan-read", lambda mp: hodlr.LogLinearMask(nan_at(lam(), (3, 2))), ValueError,
+     r"level_scales must be finite where they are read; entry \(3, 2\)"),
+    ("scales-inf-read", lambda mp: hodlr.LogLinearMask(inf_at(lam(), (4, 0))), ValueError,
+     r"level_scales must be finite where they are read; entry \(4, 0\)"),
+    ("decay-nan", lambda mp: hodlr.LogLinearMask(lam(), nan_at(np.zeros(T), 2)), ValueError,
+     r"log_decay must be finite"),
+    ("decay-inf", lambda mp: hodlr.LogLinearMask(lam(), inf_at(np.zeros(T), 2)), ValueError,
+     r"log_decay must be finite"),
+    ("scales-int", lambda mp: hodlr.LogLinearMask(lam(dtype=np.int64)), TypeError,
+     r"level_scales must have dtype float32 or float64, got int64"),
+    ("scales-bool", lambda mp: hodlr.LogLinearMask(lam(dtype=bool)), TypeError,
+     r"level_scales must have dtype float32 or float64, got bool"),
+    ("scales-complex", lambda mp: hodlr.LogLinearMask(lam(dtype=np.complex128)), TypeError,
+     r"level_scales must have dtype float32 or float64, got complex128"),
+    ("scales-float16-numpy", lambda mp: hodlr.LogLinearMask(lam(dtype=np.float16)), TypeError,
+     r"level_scales must have dtype float32 or float64, got float16"),
+    ("scales-torch-int", lambda mp: hodlr.LogLinearMask(torch.ones(T, L, dtype=torch.int32)), TypeError,
+     r"level_scales must have a real floating dtype .*got torch.int32"),
+    ("scales-torch-complex", lambda mp: hodlr.LogLinearMask(torch.ones(T, L, dtype=torch.complex64)), TypeError,
+     r"level_scales must have a real floating dtype .*got torch.complex64"),
+    ("decay-dtype-mismatch", lambda mp: hodlr.LogLinearMask(lam(), np.zeros(T, np.float32)), TypeError,
+     r"log_decay has dtype float32 but level_scales has float64"),
+    ("decay-other-library", lambda mp: hodlr.LogLinearMask(torch.ones(T, L, dtype=torch.float64), np.zeros(T)),
+     TypeError, r"log_decay is a numpy array but level_scales is a torch array"),
+    ("decay-other-device", lambda mp: hodlr.LogLinearMask(torch.ones(T, L, dtype=torch.float64), meta(T)),
+     ValueError, r"log_decay is on device meta but level_scales is on cpu"),
+    # -- matmul -----------------------------------------------------------------------
+    ("matmul-not-a-mask", lambda mp: hodlr.matmul(lam(), ops()), TypeError, r"M must be a hodlr.LogLinearMask"),
+    ("matmul-x-rank-1", lambda mp: hodlr.matmul(mask(), np.ones(T)), ValueError,
+     r"X must have shape \(\.\.\., T, D\) \(at least 2 dims\)"),
+    ("matmul-x-wrong-length", lambda mp: hodlr.matmul(mask(), ops(T=6)), ValueError,
+     r"X must have shape \(\.\.\., T, D\) with T=5.*got shape \(6, 2\)"),
+    ("matmul-x-int", lambda mp: hodlr.matmul(mask(), ops(dtype=np.int32)), TypeError,
+     r"X must have dtype float32 or float64, got int32"),
+    ("matmul-x-complex", lambda mp: hodlr.matmul(mask(), ops(dtype=np.complex64)), TypeError,
+     r"X must have dtype float32 or float64, got complex64"),
+    ("matmul-dtype-mismatch", lambda mp: hodlr.matmul(mask(), ops(dtype=np.float32)), TypeError,
+     r"the mask has dtype float64 but X has float32"),
+    ("matmul-other-library", lambda mp: hodlr.matmul(mask(), torch.ones(T, 2, dtype=torch.float64)), TypeError,
+     r"X is a torch array but M.level_scales is a numpy array"),
+    ("matmul-cuda-mask-cpu-operand",
+     lambda mp: hodlr.matmul(hodlr.LogLinearMask(meta((T, L))), torch.ones(T, 2, dtype=torch.float64)),
+     ValueError, r"X is on device cpu but M.level_scales is on meta"),
+    ("matmul-cpu-mask-cuda-operand",
+     lambda mp: hodlr.matmul(hodlr.LogLinearMask(torch.ones(T, L, dtype=torch.float64)), meta((T, 2))),
+     ValueError, r"X is on device meta but M.level_scales is on cpu"),
+    ("matmul-batch-not-broadcastable", lambda mp: hodlr.matmul(mask(2), ops(3)), ValueError,
+     r"batch dimensions do not broadcast: M \(2,\), X \(3,\)"),
+    ("unknown-backend", lambda mp: hodlr.matmul(mask(), ops(), backend="cuda"), ValueError,
+     r"unknown backend 'cuda'; known backends: auto, dense, sparse, recursive, fenwick, chunked, triton"),
+    ("backend-not-a-string", lambda mp: hodlr.matmul(mask(), ops(), backend=None), TypeError,
+     r"backend must be a string"),
+    ("backend-unavailable-numpy", lambda mp: hodlr.matmul(mask(), ops(), backend="triton"),
+     hodlr.BackendUnavailableError, r"backend 'triton'"),
+    ("dense-over-budget", lambda mp: (over_budget(mp), hodlr.matmul(mask(), ops(), backend="dense")),
+     hodlr.DenseTooLargeError, r"dense_max_bytes.*use backend='recursive'"),
+    # -- attention --------------------------------------------------------------------
+    ("attention-q-rank-1", lambda mp: attn(q=np.ones(T)), ValueError, r"q must have shape \(\.\.\., T, Dk\)"),
+    ("attention-v-wrong-length", lambda mp: attn(v=ops(T=4)), ValueError,
+     r"v must have shape \(\.\.\., T, D\) with T=5"),
+    ("attention-dk-mismatch", lambda mp: attn(k=ops(D=3)), ValueError, r"q and k must share their last dim Dk"),
+    ("attention-dtype-mismatch", lambda mp: attn(k=ops(dtype=np.float32)), TypeError,
+     r"k has dtype float32 but q has float64"),
+    ("attention-batch-not-broadcastable", lambda mp: attn(q=ops(2), v=ops(3)), ValueError,
+     r"batch dimensions do not broadcast: M \(\), q \(2,\), k \(\), v \(3,\)"),
+    ("scale-string", lambda mp: attn(scale="0.5"), TypeError, r"scale must be a real number or None, got str"),
+    ("scale-bool", lambda mp: attn(scale=True), TypeError, r"scale must be a real number or None, got bool"),
+    ("scale-complex", lambda mp: attn(scale=1j), TypeError, r"scale must be a real number or None, got complex"),
+    ("scale-array", lambda mp: attn(scale=np.ones(2)), TypeError, r"scale must be a real number or None, got ndarray"),
+    ("scale-nan", lambda mp: attn(scale=float("nan")), ValueError, r"scale must be finite, got nan"),
+    ("scale-inf", lambda mp: attn(scale=np.inf), ValueError, r"scale must be finite, got inf"),
+    # -- conversions, registry, fenwick ------------------------------------------------
+    ("to-dense-over-budget", lambda mp: (over_budget(mp), mask(2).to_dense()), hodlr.DenseTooLargeError,
+     r"LogLinearMask.to_dense: a dense mask of shape \(2, 5, 5\)"),
+    ("block-factors-level", lambda mp: mask().block_factors(0), ValueError, r"lev must be in 1\.\.3 for T=5, got 0"),
+    ("registry-unknown", lambda mp: registry.get("nope", "numpy", "cpu"), ValueError, r"unknown backend 'nope'"),
+    ("num-levels-zero", lambda mp: fenwick.num_levels(0), ValueError, r"T must be >= 1, got T=0"),
+    ("num-levels-float", lambda mp: fenwick.num_levels(2.5), TypeError, r"T must be an integer, got float"),
+    ("num-levels-bool", lambda mp: fenwick.num_levels(True), TypeError, r"T must be an integer, got bool"),
+    ("level-negative", lambda mp: fenwick.level(-1, 0), ValueError, r"positions must be >= 0"),
+    ("level-float-array", lambda mp: fenwick.level(np.array([1.5]), 0), TypeError,
+     r"t must hold integers, got dtype float64"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(monkeypatch, call, error, message):
+    with pytest.raises(error, match=message) as info:
+        call(monkeypatch)
+    assert isinstance(info.value, (ValueError, TypeError))
+
+
+def test_backend_unavailable_torch_cpu_without_interpreter():
+    """triton on CPU tensors without TRITON_INTERPRET (fresh process: the interpreter
+    switch is read when triton and the kernels are imported)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import torch, hodlr\n"
+        "M = hodlr.LogLinearMask(torch.ones(5, 4, dtype=torch.float64))\n"
+        "try:\n"
+        "    hodlr.matmul(M, torch.ones(5, 2, dtype=torch.float64), backend='triton')\n"
+        "except hodlr.BackendUnavailableError as err:\n"
+        "    print('RAISED', err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"RAISED backend 'triton'", out.stdout), out.stdout
+
+
+def test_doc_table_lists_every_case():
+    text = DOC.read_text()
+    ids = set(re.findall(r"test_bad_input\[([\w-]+)\]", text))
+    assert ids == {c[0] for c in CASES}, f"docs/bad-input.md and tests differ: {ids ^ {c[0] for c in CASES}}"
+
+
+# -- not errors -------------------------------------------------------------------------
+def _runnable(library):
+    device = "cpu"
+    out = []
+    for name in registry.NAMES:
+        module = registry._load(name)
+        if module is not None and module.unavailable_reason(library, device) is None:
+            out.append(name)
+    return out
+
+
+def _problem(rng, T=37, batch=(3,)):
+    lam_ = rng.uniform(0.5, 1.5, batch + (T, fenwick.num_levels(T) + 1))
+    g = -rng.uniform(0, 1, batch + (T,))
+    return lam_, g
+
+
+def _as(library, a):
+    return a if library == "numpy" else torch.as_tensor(a)
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_strided_operands_work_on_every_backend(library):
+    """Transposed, sliced (non-unit stride), Fortran-ordered and broadcast (stride-0)
+    operands and masks give the contiguous answer on every backend that runs here."""
+    rng = np.random.default_rng(7)
+    T, D = 37, 4
+    lam_, g = _problem(rng, T)
+    X = rng.standard_normal((3, T, D))
+    q, k, v = (rng.standard_normal((3, T, D)) for _ in range(3))
+    want_M = hodlr.LogLinearMask(lam_, g)
+    want_mm = hodlr.matmul(want_M, X, backend="dense")
+    want_at = hodlr.attention(q, k, v, want_M, scale=0.5, backend="dense")
+    want_bc = hodlr.matmul(want_M, np.broadcast_to(X[:1], X.shape).copy(), backend="dense")
+
+    def odd_layouts(a):
+        """The same values as ``a`` held transposed, with a stride-2 slice and in Fortran order."""
+        transposed = np.swapaxes(np.swapaxes(a, -1, -2).copy(), -1, -2)
+        doubled = np.repeat(a, 2, axis=-2)[..., ::2, :]
+        return [transposed, doubled, np.asfortranarray(a)]
+
+    lam_f = np.swapaxes(np.swapaxes(lam_, -1, -2).copy(), -1, -2)
+    g_s = np.repeat(g, 2, axis=-1)[..., ::2]
+    M = hodlr.LogLinearMask(_as(library, lam_f), _as(library, g_s))
+    for name in _runnable(library):
+        for Xs in odd_layouts(X):
+            assert_close(hodlr.matmul(M, _as(library, Xs), backend=name), _as(library, want_mm),
+                         TOLERANCES["cpu_float64"], f"{name} matmul strided")
+        for qs, ks, vs in zip(odd_layouts(q), odd_layouts(k)[::-1], odd_layouts(v)):
+            assert_close(hodlr.attention(_as(library, qs), _as(library, ks), _as(library, vs), M, scale=0.5,
+                                         backend=name),
+                         _as(library, want_at), TOLERANCES["cpu_float64"], f"{name} attention strided")
+        Xb = np.broadcast_to(X[:1], X.shape)
+        Xb = Xb if library == "numpy" else torch.as_tensor(X[:1]).expand(X.shape)
+        assert_close(hodlr.matmul(M, Xb, backend=name), _as(library, want_bc), TOLERANCES["cpu_float64"],
+                     f"{name} matmul broadcast")
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_empty_batch_and_zero_width_are_not_errors(library):
+    """A batch dim of size 0 returns an empty result of the right shape; so does D = 0."""
+    rng = np.random.default_rng(3)
+    lam_, g = _problem(rng, T=9, batch=(1,))
+    M = hodlr.LogLinearMask(_as(library, lam_), _as(library, g))
+    for name in _runnable(library):
+        y = hodlr.matmul(M, _as(library, np.ones((0, 9, 3))), backend=name)
+        assert tuple(y.shape) == (0, 9, 3), name
+        y = hodlr.matmul(M, _as(library, np.ones((9, 0))), backend=name)
+        assert tuple(y.shape) == (1, 9, 0), name
+        o = hodlr.attention(*(_as(library, np.ones((2, 0, 9, w))) for w in (2, 2, 3)), M, backend=name)
+        assert tuple(o.shape) == (2, 0, 9, 3), name
+        empty_mask = hodlr.LogLinearMask(_as(library, np.ones((0, 9, 5))))
+        y = hodlr.matmul(empty_mask, _as(library, np.ones((9, 2))), backend=name)
+        assert tuple(y.shape) == (0, 9, 2), name
+
+
+def test_unread_non_finite_scales_are_not_errors():
+    lam_ = hodlr.testing.poison_unread(np.ones((9, 6)))
+    M = hodlr.LogLinearMask(lam_)
+    assert np.isfinite(hodlr.matmul(M, np.ones((9, 1)), backend="dense")).all()
