@@ -1,0 +1,86 @@
+"""Recursive backend: the HODLR matvec, unrolled level by level.
+
+The classic recursion on the tree (DESIGN.md "Recursive matvec")::
+
+    y1 = A11 x1
+    y2 = A22 x2 + u (v^T x1)
+
+unrolls into one pass per level ``l = 1 .. num_levels(T) - 1``: every tree node
+``[a, a + 2^l)`` (the sequence padded with zeros to ``N = 2^(num_levels(T) - 1)``) adds
+``u (v^T x[a : m])`` to ``y[m : a + 2^l]``, with ``m = a + 2^(l-1)`` and the anchored rank-1
+factors of :meth:`hodlr.LogLinearMask.block_factors`.  All nodes of a level are done at
+once (a reshape of the padded sequence to ``(nodes, 2, 2^(l-1), D)``), plus the diagonal
+term ``level_scales[:, 0] * x``.  Work ``O(T log T D)`` for matmul and
+``O(T log T Dk Dv)`` for attention, where every node first forms its state
+``K_cols^T diag(v) V_cols`` (``Dk x Dv``) and its rows read it as ``u * (Q_rows S)``.
+
+The formula is written once against :func:`fenwick.arrays.namespace`: it runs on numpy
+arrays and on torch tensors (any device), and torch autograd differentiates through it.
+float16 / bfloat16 operands are computed in the mask's dtype (float32) and cast back.
+"""
+
+from __future__ import annotations
+
+from fenwick.arrays import cast, namespace, zeros
+from hodlr.mask import LogLinearMask
+
+DESCRIPTION = "HODLR matvec, level by level over all tree nodes; numpy or torch, autograd, O(T log T)"
+
+
+def unavailable_reason(library, device):
+    return None
+
+
+def _pad(x, N: int):
+    """``x (..., T, D)`` padded with zeros to ``(..., N, D)`` (a fresh array)."""
+    T = x.shape[-2]
+    pad = zeros(tuple(x.shape[:-2]) + (N - T, x.shape[-1]), x)
+    return namespace(x).concatenate([x, pad], -2)
+
+
+def _nodes(x, n: int, half: int):
+    """View of the first ``n 2 half`` rows of ``x (..., N, D)`` as ``(..., n, 2, half, D)``:
+    ``[..., j, 0]`` are the columns of node ``j``'s off-diagonal block, ``[..., j, 1]`` its
+    rows."""
+    return x[..., : n * 2 * half, :].reshape(tuple(x.shape[:-2]) + (n, 2, half, x.shape[-1]))
+
+
+def _levels(level_scales, log_decay):
+    """Yield ``(u, v)`` of every level, shapes ``(*batch, n, half)``."""
+    mask = LogLinearMask(level_scales, log_decay, validate=False)
+    for lev in range(1, mask.num_levels):
+        yield mask.block_factors(lev)
+
+
+def matmul(level_scales, log_decay, x):
+    out_dtype = x.dtype
+    x = cast(x, level_scales.dtype)
+    T = x.shape[-2]
+    N = 1 << (T - 1).bit_length()
+    xp = _pad(x, N)
+    y = _pad(level_scales[..., 0, None] * x, N)
+    for u, v in _levels(level_scales, log_decay):
+        n, half = u.shape[-2:]
+        xs = _nodes(xp, n, half)[..., 0, :, :]
+        state = namespace(x).matmul(v[..., None, :], xs)
+        _nodes(y, n, half)[..., 1, :, :] += u[..., :, None] * state
+    return cast(y[..., :T, :], out_dtype)
+
+
+def attention(q, k, v, level_scales, log_decay, scale):
+    out_dtype = v.dtype
+    q, k, v = (cast(a, level_scales.dtype) for a in (q, k, v))
+    xp = namespace(q)
+    T = q.shape[-2]
+    N = 1 << (T - 1).bit_length()
+    q = q * scale
+    diag = level_scales[..., 0] * (q * k).sum(-1)
+    y = _pad(diag[..., None] * v, N)
+    qp, kp, vp = _pad(q, N), _pad(k, N), _pad(v, N)
+    for uf, vf in _levels(level_scales, log_decay):
+        n, half = uf.shape[-2:]
+        kc = _nodes(kp, n, half)[..., 0, :, :] * vf[..., :, None]
+        state = xp.matmul(xp.swapaxes(kc, -1, -2), _nodes(vp, n, half)[..., 0, :, :])
+        rows = xp.matmul(_nodes(qp, n, half)[..., 1, :, :], state)
+        _nodes(y, n, half)[..., 1, :, :] += uf[..., :, None] * rows
+    return cast(y[..., :T, :], out_dtype)

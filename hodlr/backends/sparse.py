@@ -1,0 +1,92 @@
+"""Sparse backend: ``M = diag(level_scales[:, 0]) + U V^T`` with scipy sparse factors.
+
+See :mod:`hodlr.sparse` for the layout.  Matmul is ``Y = lam0 * X + U (V^T X)``;
+attention forms one state per off-diagonal block, ``S_b = K[cols]^T diag(v_b) V[cols]``,
+as the sparse product ``V^T (k ⊗ v)`` (rows ``k_t ⊗ v_t`` flattened to ``Dk Dv``), spreads
+it to the rows with ``U``, and lets every query read it:
+``O[t] = q_t^T (U S)[t] + lam0[t] (q_t . k_t) v_t``.  A batch becomes one block-diagonal
+sparse product (no Python loop over blocks or batch elements).
+
+scipy computes in numpy: torch tensors are copied to the CPU and to numpy (float64 stays
+float64; float32, float16 and bfloat16 are computed in float32) and the result is
+converted back to the input's library, dtype and device.  No autograd: a torch input that
+requires grad (with grad mode on) raises :class:`hodlr.errors.BackendUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+
+from fenwick.arrays import as_like, is_torch, to_numpy
+from hodlr.errors import BackendUnavailableError
+
+DESCRIPTION = "scipy sparse diag(lam0) + U V^T (numpy inside: torch is converted, no autograd)"
+
+
+def unavailable_reason(library, device):
+    if importlib.util.find_spec("scipy") is None:
+        return "scipy is not installed (pip install scipy)"
+    return None
+
+
+def _check_no_grad(*arrays):
+    if not any(is_torch(a) and a.requires_grad for a in arrays if a is not None):
+        return
+    import torch
+
+    if torch.is_grad_enabled():
+        raise BackendUnavailableError(
+            "backend 'sparse' computes in numpy via scipy and cannot propagate gradients, but an input "
+            "requires grad; use backend='recursive' or 'dense' (or 'chunked' / 'triton' where available), "
+            "or call it under torch.no_grad()"
+        )
+
+
+def _numpy(x, dtype):
+    if is_torch(x) and x.dtype.itemsize < 4:
+        x = x.float()
+    return np.asarray(to_numpy(x), dtype=dtype)
+
+
+def _factors(level_scales, log_decay):
+    """``(dtype, batch, T, lam0 (B, T), U (B T, B K) CSC, V (B T, B K) CSC)``."""
+    from hodlr.sparse import block_diagonal, numpy_dtype, sparse_data, sparse_structure
+
+    dtype = numpy_dtype(level_scales.dtype)
+    batch = tuple(level_scales.shape[:-2])
+    T = level_scales.shape[-2]
+    structure = sparse_structure(T)
+    diagonal, U_data, V_data = sparse_data(level_scales, log_decay)
+    B = int(np.prod(batch, dtype=np.int64))
+    U = block_diagonal(structure.U_indptr, structure.U_rows, U_data.reshape(B, -1), T, structure.K)
+    V = block_diagonal(structure.V_indptr, structure.V_rows, V_data.reshape(B, -1), T, structure.K)
+    return dtype, batch, T, diagonal.reshape(B, T), U.tocsr(), V
+
+
+def _back(out, like):
+    """``out`` (numpy) in the library, dtype and device of ``like``."""
+    return as_like(out, like, dtype=like.dtype) if is_torch(like) else out.astype(like.dtype, copy=False)
+
+
+def matmul(level_scales, log_decay, x):
+    _check_no_grad(level_scales, log_decay, x)
+    dtype, batch, T, lam0, U, V = _factors(level_scales, log_decay)
+    D = x.shape[-1]
+    flat = _numpy(x, dtype).reshape(-1, D)
+    y = lam0.reshape(-1, 1) * flat + U @ (V.T @ flat)
+    return _back(y.reshape(batch + (T, D)), x)
+
+
+def attention(q, k, v, level_scales, log_decay, scale):
+    _check_no_grad(level_scales, log_decay, q, k, v)
+    dtype, batch, T, lam0, U, V = _factors(level_scales, log_decay)
+    Dk, Dv = q.shape[-1], v.shape[-1]
+    qn = _numpy(q, dtype).reshape(-1, Dk) * dtype.type(scale)
+    kn = _numpy(k, dtype).reshape(-1, Dk)
+    vn = _numpy(v, dtype).reshape(-1, Dv)
+    kv = (kn[:, :, None] * vn[:, None, :]).reshape(-1, Dk * Dv)
+    rows = (U @ (V.T @ kv)).reshape(-1, Dk, Dv)
+    out = np.einsum("tk,tkv->tv", qn, rows) + (lam0.reshape(-1) * np.einsum("tk,tk->t", qn, kn))[:, None] * vn
+    return _back(out.reshape(batch + (T, Dv)), v)
