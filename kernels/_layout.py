@@ -1,0 +1,131 @@
+"""Host-side helpers shared by the launchers: batch collapsing, block sizes, dtypes.
+
+The kernels index every tensor through two batch indices ``(b0, b1)`` with per-tensor
+strides, so broadcast views (stride 0, e.g. grouped-head ``q: (B, 1, T, Dk)`` expanded
+against ``v: (B, H, T, Dv)``) are read in place, never materialised.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+import fenwick
+
+DEFAULT_CHUNK = 64
+"""Chunk size ``C`` used when the caller passes ``chunk=None`` (levels ``0..6`` dense)."""
+
+MIN_BLOCK = 16
+"""Smallest tile side ``tl.dot`` accepts; narrower heads are zero-padded in registers."""
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def check_chunk(chunk) -> int:
+    """Validate the chunk size: a power of two in ``[16, 256]``."""
+    if chunk is None:
+        return DEFAULT_CHUNK
+    if isinstance(chunk, bool) or not isinstance(chunk, int):
+        raise TypeError(f"chunk must be an int (a power of two in [16, 256]), got {type(chunk).__name__}")
+    if chunk < MIN_BLOCK or chunk > 256 or chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two in [16, 256], got {chunk}")
+    return chunk
+
+
+def compute_types(dtype: torch.dtype):
+    """``(accumulator dtype for Triton, input_precision for fp32 dots)`` for inputs of ``dtype``.
+
+    float64 (interpreter only) accumulates in float64; float32 uses IEEE dots (no tf32);
+    float16 / bfloat16 accumulate in float32, and the dots whose operands are float32
+    intermediates (decayed keys, masked scores, chunk states) use tf32, 10 mantissa bits,
+    more than the inputs carry.
+    """
+    if dtype == torch.float64:
+        return tl.float64, "ieee"
+    if dtype == torch.float32:
+        return tl.float32, "ieee"
+    if dtype in (torch.float16, torch.bfloat16):
+        return tl.float32, "tf32"
+    raise TypeError(f"inputs must be float16, bfloat16, float32 or float64, got {dtype}")
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the chunk states in device memory: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def block(width: int, cap: int) -> int:
+    """Tile side for a head of ``width``: the next power of two, at least 16, at most ``cap``."""
+    return max(MIN_BLOCK, min(cap, triton.next_power_of_2(max(int(width), 1))))
+
+
+def collapse_batch(batch: tuple, tensors: list):
+    """Fold the batch dims of several equally-batched tensors into at most two.
+
+    Parameters
+    ----------
+    batch : tuple of int
+        The common batch shape (every tensor has ``tensor.shape[:len(batch)] == batch``).
+    tensors : list of torch.Tensor or None
+
+    Returns
+    -------
+    (B0, B1, strides, tensors)
+        ``strides[i] = (s0, s1)`` for tensor ``i`` (``(0, 0)`` for ``None``); batch index
+        ``b`` in ``0 .. B0*B1-1`` maps to ``b0 = b // B1``, ``b1 = b % B1``.  Adjacent dims
+        merge when every tensor's strides allow it; size-1 dims vanish.  If more than two
+        dims remain, the tensors that cannot be viewed with one batch stride are copied
+        (``reshape``) -- the only case that materialises anything.
+    """
+    nb = len(batch)
+    dims = []
+    for d in range(nb):
+        if batch[d] == 1:
+            continue
+        dims.append([batch[d], [0 if x is None else x.stride(d) for x in tensors]])
+    merged = []
+    for size, strides in dims:
+        if merged:
+            psize, pstrides = merged[-1]
+            if all(ps == s * size for ps, s in zip(pstrides, strides)):
+                merged[-1] = [psize * size, strides]
+                continue
+        merged.append([size, strides])
+    if len(merged) > 2:
+        total = math.prod(batch)
+        out = []
+        for x in tensors:
+            if x is None:
+                out.append(None)
+                continue
+            out.append(x.reshape((total,) + tuple(x.shape[nb:])))
+        strides = [(0, 0) if x is None else (0, x.stride(0)) for x in out]
+        return 1, total, strides, out
+    while len(merged) < 2:
+        merged.insert(0, [1, [0] * len(tensors)])
+    (B0, s0), (B1, s1) = merged
+    return B0, B1, [(a, b) for a, b in zip(s0, s1)], tensors
+
+
+def chunk_count(T: int, chunk: int) -> int:
+    """Number of chunks ``ceil(T / chunk)`` (the last one zero-padded)."""
+    return -(-T // chunk)
+
+
+def hierarchy_sizes(n_chunks: int):
+    """Sizes of the levels of aligned chunk-block states: ``[n, n >> 1, ..., n >> H]`` with
+    ``H = max(0, bit_length(n - 1) - 1)``, the highest level any chunk reads."""
+    top = max(0, (n_chunks - 1).bit_length() - 1)
+    return [n_chunks >> h for h in range(top + 1)]
+
+
+def check_levels(T: int, L: int) -> None:
+    need = fenwick.num_levels(T)
+    if L < need:
+        raise ValueError(f"level_scales has L={L} columns but T={T} needs at least num_levels(T)={need}")

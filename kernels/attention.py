@@ -1,0 +1,202 @@
+"""Chunked log-linear attention forward: ``O = (M ⊙ scale · Q Kᵀ) V``.
+
+Three launches (see ``docs/kernels.md``):
+
+1. ``_state_kernel``, grid ``(chunk, batch, Dk-tile x Dv-tile)``: the chunk state
+   ``S_j = K_jᵀ diag(exp(G_end - G)) V_j`` (local cumulative sums) and the chunk log-decay,
+   written as level 0 of the hierarchy of :mod:`kernels.states`;
+2. :func:`kernels.states.build_hierarchy`: aligned block states, levels ``1..top``;
+3. ``_output_kernel``, grid ``(chunk, batch, Dv-tile)``: levels ``0..c`` densely inside the
+   chunk (masked ``Q Kᵀ`` with per-pair level scale and local decay), plus, for each set bit
+   ``h`` of the chunk index, ``λ[t, c+h+1] exp(gap + G_t) q_t · H_h[(i >> h) - 1]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import states as _states
+from kernels._layout import (block, check_chunk, check_levels, chunk_count, collapse_batch, compute_types,
+                             hierarchy_sizes, state_dtype)
+
+
+@triton.jit
+def _state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr,
+                  T, B1, n_total, DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES,
+                  skb0, skb1, skt, skd, svb0, svb1, svt, svd, sgb0, sgb1, sgt,
+                  C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
+                  ACC: tl.constexpr, PREC: tl.constexpr):
+    j = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    tile = tl.program_id(2)
+    b0 = bh // B1
+    b1 = bh % B1
+    dk = (tile // N_DV_TILES) * BDK + tl.arange(0, BDK)
+    dv = (tile % N_DV_TILES) * BDV + tl.arange(0, BDV)
+    tl_ = tl.arange(0, C)
+    t = j * C + tl_
+    tmask = t < T
+    if HAS_G:
+        g = tl.load(g_ptr + b0 * sgb0 + b1 * sgb1 + t * sgt, mask=tmask, other=0.0).to(ACC)
+        G = tl.cumsum(g, 0)
+        g_end = tl.sum(tl.where(tl_ == C - 1, G, 0.0), 0)
+        w = tl.exp(g_end - G)
+    else:
+        g_end = tl.zeros((), dtype=ACC)
+        w = tl.full((C,), 1.0, dtype=ACC)
+    kb = tl.load(k_ptr + b0 * skb0 + b1 * skb1 + t[:, None] * skt + dk[None, :] * skd,
+                 mask=tmask[:, None] & (dk[None, :] < DK), other=0.0).to(ACC)
+    vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + t[:, None] * svt + dv[None, :] * svd,
+                 mask=tmask[:, None] & (dv[None, :] < DV), other=0.0).to(ACC)
+    S = tl.dot(tl.trans(kb * w[:, None]), vb, input_precision=PREC, out_dtype=ACC)
+    row = bh * n_total + j
+    tl.store(h_ptr + row * DK * DV + dk[:, None] * DV + dv[None, :], S,
+             mask=(dk[:, None] < DK) & (dv[None, :] < DV))
+    if tile == 0:
+        tl.store(a_ptr + row, g_end)
+
+
+@triton.jit
+def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
+                   T, B1, n_chunks, n_total, n_bits, DK: tl.constexpr, DV: tl.constexpr, scale,
+                   sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
+                   slb0, slb1, slt, sll, sgb0, sgb1, sgt, sob0, sob1, sot, sod,
+                   C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                   HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    i = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b0 = bh // B1
+    b1 = bh % B1
+    dv = tl.program_id(2) * BDV + tl.arange(0, BDV)
+    dvmask = dv < DV
+    tl_ = tl.arange(0, C)
+    t = i * C + tl_
+    tmask = t < T
+    q_base = q_ptr + b0 * sqb0 + b1 * sqb1 + t[:, None] * sqt
+    k_base = k_ptr + b0 * skb0 + b1 * skb1 + t[:, None] * skt
+    l_base = l_ptr + b0 * slb0 + b1 * slb1 + t * slt
+    if HAS_G:
+        g = tl.load(g_ptr + b0 * sgb0 + b1 * sgb1 + t * sgt, mask=tmask, other=0.0).to(ACC)
+        G = tl.cumsum(g, 0)
+    else:
+        G = tl.zeros((C,), dtype=ACC)
+
+    # levels 0..c: dense and masked inside the chunk
+    scores = tl.zeros((C, C), dtype=ACC)
+    for d0 in tl.static_range(0, DK, BDK):
+        dk = d0 + tl.arange(0, BDK)
+        m2 = tmask[:, None] & (dk[None, :] < DK)
+        qb = tl.load(q_base + dk[None, :] * sqd, mask=m2, other=0.0)
+        kb = tl.load(k_base + dk[None, :] * skd, mask=m2, other=0.0)
+        scores += tl.dot(qb, tl.trans(kb), input_precision=PREC, out_dtype=ACC)
+    xor = tl_[:, None] ^ tl_[None, :]
+    causal = tl_[:, None] >= tl_[None, :]
+    lam0 = tl.load(l_base, mask=tmask, other=0.0).to(ACC)
+    M = tl.where(xor == 0, lam0[:, None], 0.0)
+    for lev in tl.static_range(1, LOG_C + 1):
+        reads = tmask & (((tl_ >> (lev - 1)) & 1) == 1)
+        lam = tl.load(l_base + lev * sll, mask=reads, other=0.0).to(ACC)
+        M = tl.where(causal & ((xor >> (lev - 1)) == 1), lam[:, None], M)
+    if HAS_G:
+        M = M * tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0))
+    vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + t[:, None] * svt + dv[None, :] * svd,
+                 mask=tmask[:, None] & dvmask[None, :], other=0.0).to(ACC)
+    acc = tl.dot(M * scores, vb, input_precision=PREC, out_dtype=ACC)
+
+    # levels > c: one aligned block state per set bit of the chunk index
+    gap = tl.zeros((), dtype=ACC)
+    off = 0
+    nh = n_chunks
+    h = 0
+    while h < n_bits:
+        if ((i >> h) & 1) == 1:
+            blk = bh * n_total + off + (i >> h) - 1
+            lam = tl.load(l_base + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
+            rowf = lam * tl.exp(gap + G)
+            for d0 in tl.static_range(0, DK, BDK):
+                dk = d0 + tl.arange(0, BDK)
+                qb = tl.load(q_base + dk[None, :] * sqd, mask=tmask[:, None] & (dk[None, :] < DK), other=0.0)
+                sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :],
+                             mask=(dk[:, None] < DK) & dvmask[None, :], other=0.0)
+                acc += tl.dot(qb.to(ACC) * rowf[:, None], sb, input_precision=PREC, out_dtype=ACC)
+            gap += tl.load(a_ptr + blk)
+        off += nh
+        nh = nh // 2
+        h += 1
+    tl.store(o_ptr + b0 * sob0 + b1 * sob1 + t[:, None] * sot + dv[None, :] * sod, acc * scale,
+             mask=tmask[:, None] & dvmask[None, :])
+
+
+def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None, out=None,
+              return_states: bool = False):
+    """Log-linear attention forward on the GPU (or the Triton interpreter).
+
+    Parameters
+    ----------
+    q, k : torch.Tensor, shape ``(*batch, T, Dk)``
+    v : torch.Tensor, shape ``(*batch, T, Dv)``
+    level_scales : torch.Tensor, shape ``(*batch, T, L)``, ``L >= fenwick.num_levels(T)``
+    log_decay : torch.Tensor, shape ``(*batch, T)``, optional
+        All leading dims broadcast (``torch.broadcast_shapes``); broadcast operands are read
+        through stride-0 views, not copied.  Any strides (transposed, sliced) are accepted.
+        float16 / bfloat16 / float32 on CUDA (float64 too under ``TRITON_INTERPRET=1``);
+        accumulation in float32 (float64 for float64).
+    scale : float
+        Multiplies ``q kᵀ``.
+    chunk : int, optional
+        Chunk size ``C``, a power of two in ``[16, 256]`` (default 64).
+    out : torch.Tensor, optional
+        Contiguous ``(*batch, T, Dv)`` output buffer with ``v``'s dtype (tests pass one
+        filled with NaN, so an element the kernel never writes fails).
+    return_states : bool
+        Also return ``(states, logdec)``, the chunk-state hierarchy of :mod:`kernels.states`.
+
+    Returns
+    -------
+    torch.Tensor ``(*batch, T, Dv)`` (and the states when asked).
+    """
+    C = check_chunk(chunk)
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], level_scales.shape[:-2],
+                                   () if log_decay is None else log_decay.shape[:-1])
+    T, DK, DV, L = q.shape[-2], q.shape[-1], v.shape[-1], level_scales.shape[-1]
+    if k.shape[-2:] != (T, DK) or v.shape[-2] != T or level_scales.shape[-2] != T or (
+            log_decay is not None and log_decay.shape[-1] != T):
+        raise ValueError(f"shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"level_scales {tuple(level_scales.shape)}, "
+                         f"log_decay {None if log_decay is None else tuple(log_decay.shape)}")
+    check_levels(T, L)
+    acc, prec = compute_types(v.dtype)
+    q, k, v = (x.expand(batch + x.shape[-2:]) for x in (q, k, v))
+    lam = level_scales.expand(batch + level_scales.shape[-2:])
+    g = None if log_decay is None else log_decay.expand(batch + (T,))
+    if out is None:
+        out = torch.empty(batch + (T, DV), dtype=v.dtype, device=v.device)
+    elif out.shape != batch + (T, DV) or out.dtype != v.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {v.dtype} tensor of shape {batch + (T, DV)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    B0, B1, strides, (q, k, v, lam, g, out) = collapse_batch(batch, [q, k, v, lam, g, out])
+    B = B0 * B1
+    sq, sk, sv, sl, sg, so = strides
+    n = chunk_count(T, C)
+    n_total = sum(hierarchy_sizes(n))
+    states, logdec = _states.allocate(B, n, DK * DV, state_dtype(v.dtype), v.device)
+    BDK = block(DK, 64)
+    BDV = block(DV, 64)
+    n_dv = triton.cdiv(DV, BDV)
+    g_arg = lam if g is None else g
+    gst = (0, 0, 0) if g is None else (sg[0], sg[1], g.stride(-1))
+    _state_kernel[(n, B, triton.cdiv(DK, BDK) * n_dv)](
+        k, v, g_arg, states, logdec, T, B1, n_total, DK, DV, n_dv,
+        sk[0], sk[1], k.stride(-2), k.stride(-1), sv[0], sv[1], v.stride(-2), v.stride(-1), *gst,
+        C=C, BDK=BDK, BDV=BDV, HAS_G=g is not None, ACC=acc, PREC=prec)
+    _states.build_hierarchy(states, logdec, n)
+    _output_kernel[(n, B, n_dv)](
+        q, k, v, lam, g_arg, states, logdec, out, T, B1, n, n_total, (n - 1).bit_length(), DK, DV, float(scale),
+        sq[0], sq[1], q.stride(-2), q.stride(-1), sk[0], sk[1], k.stride(-2), k.stride(-1),
+        sv[0], sv[1], v.stride(-2), v.stride(-1), sl[0], sl[1], lam.stride(-2), lam.stride(-1), *gst,
+        so[0], so[1], out.stride(-2), out.stride(-1),
+        C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=g is not None, ACC=acc, PREC=prec)
+    result = out.reshape(batch + (T, DV))
+    return (result, (states, logdec)) if return_states else result

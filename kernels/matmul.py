@@ -1,0 +1,154 @@
+"""Chunked HODLR matmul forward: ``Y = M @ X`` for the log-linear mask ``M``.
+
+The attention kernels with ``q kᵀ`` replaced by ones: a chunk state is the decayed sum
+``S_j = Σ_s exp(G_end - G_s) x_s`` (a ``D``-vector), the hierarchy of
+:mod:`kernels.states` has ``F = D``, and the output kernel adds, per set bit ``h`` of the
+chunk index, the rank-1 term ``λ[t, c+h+1] exp(gap + G_t) H_h[(i >> h) - 1]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import states as _states
+from kernels._layout import (block, check_chunk, check_levels, chunk_count, collapse_batch, compute_types,
+                             hierarchy_sizes, state_dtype)
+
+
+@triton.jit
+def _state_kernel(x_ptr, g_ptr, h_ptr, a_ptr, T, B1, n_total, D,
+                  sxb0, sxb1, sxt, sxd, sgb0, sgb1, sgt,
+                  C: tl.constexpr, BD: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr):
+    j = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b0 = bh // B1
+    b1 = bh % B1
+    d = tl.program_id(2) * BD + tl.arange(0, BD)
+    tl_ = tl.arange(0, C)
+    t = j * C + tl_
+    tmask = t < T
+    xb = tl.load(x_ptr + b0 * sxb0 + b1 * sxb1 + t[:, None] * sxt + d[None, :] * sxd,
+                 mask=tmask[:, None] & (d[None, :] < D), other=0.0).to(ACC)
+    row = bh * n_total + j
+    if HAS_G:
+        g = tl.load(g_ptr + b0 * sgb0 + b1 * sgb1 + t * sgt, mask=tmask, other=0.0).to(ACC)
+        G = tl.cumsum(g, 0)
+        g_end = tl.sum(tl.where(tl_ == C - 1, G, 0.0), 0)
+        S = tl.sum(xb * tl.exp(g_end - G)[:, None], 0)
+        if tl.program_id(2) == 0:
+            tl.store(a_ptr + row, g_end)
+    else:
+        S = tl.sum(xb, 0)
+        if tl.program_id(2) == 0:
+            tl.store(a_ptr + row, tl.zeros((), dtype=ACC))
+    tl.store(h_ptr + row * D + d, S, mask=d < D)
+
+
+@triton.jit
+def _output_kernel(x_ptr, l_ptr, g_ptr, h_ptr, a_ptr, y_ptr,
+                   T, B1, n_chunks, n_total, n_bits, D,
+                   sxb0, sxb1, sxt, sxd, slb0, slb1, slt, sll, sgb0, sgb1, sgt, syb0, syb1, syt, syd,
+                   C: tl.constexpr, LOG_C: tl.constexpr, BD: tl.constexpr,
+                   HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    i = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b0 = bh // B1
+    b1 = bh % B1
+    d = tl.program_id(2) * BD + tl.arange(0, BD)
+    dmask = d < D
+    tl_ = tl.arange(0, C)
+    t = i * C + tl_
+    tmask = t < T
+    l_base = l_ptr + b0 * slb0 + b1 * slb1 + t * slt
+    if HAS_G:
+        g = tl.load(g_ptr + b0 * sgb0 + b1 * sgb1 + t * sgt, mask=tmask, other=0.0).to(ACC)
+        G = tl.cumsum(g, 0)
+    else:
+        G = tl.zeros((C,), dtype=ACC)
+    xor = tl_[:, None] ^ tl_[None, :]
+    causal = tl_[:, None] >= tl_[None, :]
+    lam0 = tl.load(l_base, mask=tmask, other=0.0).to(ACC)
+    M = tl.where(xor == 0, lam0[:, None], 0.0)
+    for lev in tl.static_range(1, LOG_C + 1):
+        reads = tmask & (((tl_ >> (lev - 1)) & 1) == 1)
+        lam = tl.load(l_base + lev * sll, mask=reads, other=0.0).to(ACC)
+        M = tl.where(causal & ((xor >> (lev - 1)) == 1), lam[:, None], M)
+    if HAS_G:
+        M = M * tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0))
+    xb = tl.load(x_ptr + b0 * sxb0 + b1 * sxb1 + t[:, None] * sxt + d[None, :] * sxd,
+                 mask=tmask[:, None] & dmask[None, :], other=0.0).to(ACC)
+    acc = tl.dot(M, xb, input_precision=PREC, out_dtype=ACC)
+    gap = tl.zeros((), dtype=ACC)
+    off = 0
+    nh = n_chunks
+    h = 0
+    while h < n_bits:
+        if ((i >> h) & 1) == 1:
+            blk = bh * n_total + off + (i >> h) - 1
+            lam = tl.load(l_base + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
+            sb = tl.load(h_ptr + blk * D + d, mask=dmask, other=0.0)
+            acc += (lam * tl.exp(gap + G))[:, None] * sb[None, :]
+            gap += tl.load(a_ptr + blk)
+        off += nh
+        nh = nh // 2
+        h += 1
+    tl.store(y_ptr + b0 * syb0 + b1 * syb1 + t[:, None] * syt + d[None, :] * syd, acc,
+             mask=tmask[:, None] & dmask[None, :])
+
+
+def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: bool = False):
+    """``Y = M @ X`` on the GPU (or the Triton interpreter).
+
+    Parameters
+    ----------
+    level_scales : torch.Tensor, shape ``(*batch, T, L)``
+    log_decay : torch.Tensor, shape ``(*batch, T)``, or None
+    x : torch.Tensor, shape ``(*batch, T, D)``
+        Leading dims broadcast; any strides; float16 / bfloat16 / float32 (float64 under the
+        interpreter), accumulation in float32 (float64).
+    chunk : int, optional
+        Chunk size, a power of two in ``[16, 256]`` (default 64).
+    out : torch.Tensor, optional
+        Contiguous ``(*batch, T, D)`` buffer with ``x``'s dtype.
+    return_states : bool
+        Also return the chunk-state hierarchy ``(states, logdec)`` of :mod:`kernels.states`.
+    """
+    C = check_chunk(chunk)
+    batch = torch.broadcast_shapes(x.shape[:-2], level_scales.shape[:-2],
+                                   () if log_decay is None else log_decay.shape[:-1])
+    T, D, L = x.shape[-2], x.shape[-1], level_scales.shape[-1]
+    if level_scales.shape[-2] != T or (log_decay is not None and log_decay.shape[-1] != T):
+        raise ValueError(f"shapes disagree: x {tuple(x.shape)}, level_scales {tuple(level_scales.shape)}, "
+                         f"log_decay {None if log_decay is None else tuple(log_decay.shape)}")
+    check_levels(T, L)
+    acc, prec = compute_types(x.dtype)
+    x = x.expand(batch + x.shape[-2:])
+    lam = level_scales.expand(batch + level_scales.shape[-2:])
+    g = None if log_decay is None else log_decay.expand(batch + (T,))
+    if out is None:
+        out = torch.empty(batch + (T, D), dtype=x.dtype, device=x.device)
+    elif out.shape != batch + (T, D) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {batch + (T, D)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    B0, B1, strides, (x, lam, g, out) = collapse_batch(batch, [x, lam, g, out])
+    B = B0 * B1
+    sx, sl, sg, sy = strides
+    n = chunk_count(T, C)
+    n_total = sum(hierarchy_sizes(n))
+    states, logdec = _states.allocate(B, n, D, state_dtype(x.dtype), x.device)
+    BD = block(D, 128)
+    g_arg = lam if g is None else g
+    gst = (0, 0, 0) if g is None else (sg[0], sg[1], g.stride(-1))
+    _state_kernel[(n, B, triton.cdiv(D, BD))](
+        x, g_arg, states, logdec, T, B1, n_total, D, sx[0], sx[1], x.stride(-2), x.stride(-1), *gst,
+        C=C, BD=BD, HAS_G=g is not None, ACC=acc)
+    _states.build_hierarchy(states, logdec, n)
+    _output_kernel[(n, B, triton.cdiv(D, BD))](
+        x, lam, g_arg, states, logdec, out, T, B1, n, n_total, (n - 1).bit_length(), D,
+        sx[0], sx[1], x.stride(-2), x.stride(-1), sl[0], sl[1], lam.stride(-2), lam.stride(-1), *gst,
+        sy[0], sy[1], out.stride(-2), out.stride(-1),
+        C=C, LOG_C=C.bit_length() - 1, BD=BD, HAS_G=g is not None, ACC=acc, PREC=prec)
+    result = out.reshape(batch + (T, D))
+    return (result, (states, logdec)) if return_states else result
