@@ -17,8 +17,10 @@ from fenwick.index import (
     offdiag_blocks,
     read_levels,
 )
+from fenwick.scan import FenwickState, live_levels
 
 __all__ = [
+    "FenwickState",
     "NO_LEVEL",
     "Block",
     "blocks_at_level",
@@ -26,6 +28,7 @@ __all__ = [
     "buckets",
     "level",
     "level_matrix",
+    "live_levels",
     "num_blocks",
     "num_levels",
     "offdiag_blocks",
