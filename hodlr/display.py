@@ -1,7 +1,8 @@
 """Text and HTML summaries of masks and trees (cheap: nothing large is materialised).
 
-Every count here comes from closed forms over the levels (``O(log T)`` work), so the
-summary of a ``T = 2**20`` mask costs microseconds.
+A mask's summary comes from closed forms over the levels (``O(log T)`` work), so the
+summary of a ``T = 2**20`` mask costs microseconds.  A tree's summary walks its nodes
+once (reading shapes only); the tree holds those nodes anyway.
 
 Examples
 --------
@@ -50,6 +51,7 @@ class LevelRow:
     size: int
     rows: int
     cols: int
+    max_rank: int | None = None
 
 
 def level_table(T: int, first_level: int = 1) -> list[LevelRow]:
@@ -144,41 +146,38 @@ def _numel(x) -> int:
     return int(np.prod(tuple(x.shape), dtype=np.int64)) if x is not None else 0
 
 
+def _tree_levels(tree) -> dict:
+    """``{level: [(index, rows, cols, U, V), ...]}`` from one walk over the tree's blocks."""
+    out = {}
+    for blk in tree.blocks():
+        out.setdefault(int(blk.level), []).append(blk)
+    return dict(sorted(out.items()))
+
+
 def _tree_structure(tree) -> Structure:
     T = int(tree.T)
-    leaf = int(getattr(tree, "leaf_size", 1))
-    first = leaf.bit_length()  # leaves of size 2**c hold levels 0..c
-    table = level_table(T, first)
-    batch = tuple(getattr(tree, "batch_shape", ()))
-    per_matrix = max(int(np.prod(batch, dtype=np.int64)), 1)
-    stored_fn = getattr(tree, "stored_numbers", None)
-    if callable(stored_fn):
-        stored = int(stored_fn()) // per_matrix
-        parts = (("leaves + factors", stored),)
-    else:
-        rank = int(getattr(tree, "rank", 1) or 1)
-        leaves = _leaf_numbers(T, leaf)
-        factors = rank * sum(r.rows + r.cols for r in table)
-        stored = leaves + factors
-        parts = (("leaves", leaves), ("factors", factors))
-    dtype = getattr(tree, "dtype", "?")
-    device = getattr(tree, "device", "cpu")
-    levels = getattr(tree, "num_levels", None)
-    if levels is None:
-        levels = fenwick.num_levels(T)
+    by_level = _tree_levels(tree)
+    table = [
+        LevelRow(lev, len(blks), 1 << (lev - 1), sum(len(b.rows) for b in blks), sum(len(b.cols) for b in blks),
+                 max(int(b.U.shape[1]) for b in blks))
+        for lev, blks in by_level.items()
+    ]
+    leaves = [int(node.T) for node in tree.leaves()]
+    leaf_numbers = sum(n * n for n in leaves)
+    factors = sum(int(b.U.size) + int(b.V.size) for blks in by_level.values() for b in blks)
     return Structure(
         kind=type(tree).__name__,
         T=T,
-        levels=int(levels),
-        leaf_size=leaf,
-        batch_shape=batch,
-        dtype=_fmt_dtype(dtype),
-        device=str(device),
+        levels=fenwick.num_levels(T),
+        leaf_size=max(leaves),
+        batch_shape=tuple(getattr(tree, "batch_shape", ())),
+        dtype=_fmt_dtype(tree.dtype),
+        device=str(getattr(tree, "device", "cpu")),
         decay=None,
         table=table,
-        stored=stored,
-        stored_parts=parts,
-        factor_numbers=stored,
+        stored=leaf_numbers + factors,
+        stored_parts=(("dense leaves", leaf_numbers), ("factors U, V", factors)),
+        factor_numbers=leaf_numbers + factors,
     )
 
 
@@ -188,7 +187,7 @@ def structure(obj) -> Structure:
 
     if isinstance(obj, LogLinearMask):
         return _mask_structure(obj)
-    if hasattr(obj, "T") and hasattr(obj, "leaf_size"):
+    if hasattr(obj, "T") and hasattr(obj, "blocks") and hasattr(obj, "leaves"):
         return _tree_structure(obj)
     raise TypeError(f"obj must be a hodlr.LogLinearMask or hodlr.HODLRMatrix, got {type(obj).__name__}")
 
@@ -196,10 +195,14 @@ def structure(obj) -> Structure:
 def _table_lines(table) -> list[str]:
     if not table:
         return ["  (no off-diagonal blocks)"]
-    cells = [(str(r.level), f"{r.blocks:,}", f"{r.size:,} x {r.size:,}") for r in table]
-    heads = ("level", "blocks", "block size")
-    widths = [max(len(heads[k]), *(len(c[k]) for c in cells)) for k in range(3)]
-    return ["  " + "  ".join(c[k].rjust(widths[k]) for k in range(3)) for c in [heads, *cells]]
+    ranked = table[0].max_rank is not None
+    heads = ("level", "blocks", "block size") + (("max rank",) if ranked else ())
+    cells = [
+        (str(r.level), f"{r.blocks:,}", f"{r.size:,} x {r.size:,}") + ((str(r.max_rank),) if ranked else ())
+        for r in table
+    ]
+    widths = [max(len(heads[k]), *(len(c[k]) for c in cells)) for k in range(len(heads))]
+    return ["  " + "  ".join(c[k].rjust(widths[k]) for k in range(len(heads))) for c in [heads, *cells]]
 
 
 def _header(s: Structure) -> str:
@@ -229,8 +232,9 @@ def _text(s: Structure) -> str:
             f"factors {s.factor_numbers:,} numbers"
         )
     else:
-        leaves = -(-s.T // s.leaf_size)
-        lines.append(f"  {leaves:,} diagonal leaves of size {s.leaf_size} + {s.num_offdiag_blocks:,} off-diagonal blocks")
+        lines.append(
+            f"  dense diagonal leaves of size <= {s.leaf_size} + {s.num_offdiag_blocks:,} low-rank off-diagonal blocks"
+        )
     lines += _table_lines(s.table)
     return "\n".join(lines)
 
@@ -238,9 +242,13 @@ def _text(s: Structure) -> str:
 def _html(s: Structure) -> str:
     esc = html.escape
     parts = " + ".join(f"{esc(name)} {n:,}" for name, n in s.stored_parts)
+    ranked = bool(s.table) and s.table[0].max_rank is not None
     rows = "".join(
-        f"<tr><td>{r.level}</td><td>{r.blocks:,}</td><td>{r.size}&times;{r.size}</td></tr>" for r in s.table
+        f"<tr><td>{r.level}</td><td>{r.blocks:,}</td><td>{r.size:,}&times;{r.size:,}</td>"
+        + (f"<td>{r.max_rank}</td>" if ranked else "") + "</tr>"
+        for r in s.table
     )
+    rank_head = "<th>max rank</th>" if ranked else ""
     batch = esc(str(s.batch_shape))
     decay = "" if s.decay is None else f"<tr><th>decay</th><td>{'yes' if s.decay else 'no'}</td></tr>"
     return (
@@ -256,7 +264,7 @@ def _html(s: Structure) -> str:
         f"<tr><th>dense T&sup2;</th><td>{s.dense:,}</td></tr>"
         f"<tr><th>compression</th><td>{esc(_ratio(s.compression))}</td></tr>"
         "</table>"
-        "<table style='border-collapse:collapse'><tr><th>level</th><th>blocks</th><th>block size</th></tr>"
+        f"<table style='border-collapse:collapse'><tr><th>level</th><th>blocks</th><th>block size</th>{rank_head}</tr>"
         f"{rows}</table></div>"
     )
 
@@ -285,15 +293,18 @@ def tree_repr_html(tree) -> str:
 class RankProfile:
     """Numerical rank of every off-diagonal block, level by level.
 
-    ``ranks[l]`` is an ``int64`` array of shape ``(*batch_shape, num_blocks(T, l))``:
-    entry ``j`` is the rank of block ``j`` of level ``l`` (block ``j`` lies below the
-    diagonal of the tree node ``[j 2^l, (j + 1) 2^l)``, see :func:`fenwick.blocks_at_level`).
+    ``ranks[l]`` is an ``int64`` array of shape ``(*batch_shape, n_l)``: the ranks of the
+    off-diagonal blocks of level ``l`` whose indices are ``indices[l]`` (block ``j`` lies
+    below the diagonal of the tree node ``[j 2^l, (j + 1) 2^l)``, see
+    :func:`fenwick.blocks_at_level`).  For a mask ``indices[l]`` is every block,
+    ``0 .. num_blocks(T, l) - 1``; a tree with dense leaves larger than 1 holds fewer.
     Printing it shows one line per level with the smallest and largest rank.
     """
 
     T: int
     batch_shape: tuple
     ranks: dict
+    indices: dict
 
     @property
     def max_rank(self) -> int:
@@ -382,27 +393,19 @@ def factor_rank(u, v, rtol=None) -> np.ndarray:
     return np.sum((sv > rtol * top) & (top > 0), axis=-1).astype(np.int64)
 
 
-def _tree_ranks(tree, levels) -> dict:
+def _tree_ranks(tree, levels, rtol) -> tuple[dict, dict]:
     from fenwick.arrays import to_numpy
 
-    want = set(levels)
-    found = {lev: {} for lev in levels}
-    batch = tuple(getattr(tree, "batch_shape", ()))
-    for blk in tree.blocks():
-        lev, index = int(blk.level), int(blk.index)
-        if lev in want:
-            found[lev][index] = factor_rank(to_numpy(blk.U), to_numpy(blk.V))
-    out = {}
+    by_level = _tree_levels(tree)
+    ranks, indices = {}, {}
     for lev in levels:
-        n = fenwick.num_blocks(tree.T, lev)
-        ranks = np.zeros(batch + (n,), dtype=np.int64)
-        for j, r in found[lev].items():
-            ranks[..., j] = r
-        out[lev] = ranks
-    return out
+        blks = by_level[lev]
+        indices[lev] = np.array([int(b.index) for b in blks], dtype=np.int64)
+        ranks[lev] = np.array([int(factor_rank(to_numpy(b.U), to_numpy(b.V), rtol)) for b in blks], dtype=np.int64)
+    return ranks, indices
 
 
-def rank_profile(obj, levels=None) -> RankProfile:
+def rank_profile(obj, levels=None, rtol=None) -> RankProfile:
     """Numerical rank of every off-diagonal block of a mask or tree.
 
     Parameters
@@ -413,6 +416,8 @@ def rank_profile(obj, levels=None) -> RankProfile:
         each block's factors (:func:`factor_rank`); the blocks are never formed.
     levels : iterable of int, optional
         Only these levels (default: every level that has off-diagonal blocks).
+    rtol : float, optional
+        For trees: the relative threshold of :func:`factor_rank`.
 
     Returns
     -------
@@ -438,6 +443,7 @@ def rank_profile(obj, levels=None) -> RankProfile:
             raise ValueError(f"levels must be among {all_levels} for this {s.kind} (T={s.T}), got {bad}")
     if isinstance(obj, LogLinearMask):
         ranks = _mask_ranks(obj, levels)
+        indices = {lev: np.arange(ranks[lev].shape[-1]) for lev in levels}
     else:
-        ranks = _tree_ranks(obj, levels)
-    return RankProfile(T=s.T, batch_shape=s.batch_shape, ranks=ranks)
+        ranks, indices = _tree_ranks(obj, levels, rtol)
+    return RankProfile(T=s.T, batch_shape=s.batch_shape, ranks=ranks, indices=indices)

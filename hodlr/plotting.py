@@ -99,6 +99,41 @@ def _reduce_ranks(ranks: np.ndarray) -> np.ndarray:
     return ranks.reshape(-1, ranks.shape[-1]).max(0) if ranks.ndim > 1 else ranks
 
 
+def _spy_geometry(T, min_block, source, ranks):
+    """``({level: (row_start, row_stop, col_start, col_stop, rank or None)}, [(a, b) leaves])``
+    for the blocks of at least ``min_block`` columns."""
+    from hodlr.display import rank_profile
+    from hodlr.mask import LogLinearMask
+
+    first = min_block.bit_length()  # levels whose blocks have 2**(l-1) >= min_block columns
+    if source is None or isinstance(source, LogLinearMask):
+        levels = [lev for lev in range(first, fenwick.num_levels(T)) if fenwick.num_blocks(T, lev)]
+        indices = {lev: np.arange(fenwick.num_blocks(T, lev)) for lev in levels}
+        tree_leaves = None
+    else:
+        present = sorted({int(b.level) for b in source.blocks()})
+        levels = [lev for lev in present if lev >= first]
+        tree_leaves = [(node.start, node.start + node.T) for node in source.leaves()] if levels == present else None
+        indices = None
+    rank_of = {}
+    if ranks and levels:
+        if source is None:
+            rank_of = {lev: np.ones(fenwick.num_blocks(T, lev), dtype=np.int64) for lev in levels}
+        else:
+            prof = rank_profile(source, levels=levels)
+            rank_of = {lev: _reduce_ranks(r) for lev, r in prof.ranks.items()}
+            indices = prof.indices
+    if indices is None:
+        indices = {lev: np.array([b.index for b in source.blocks() if b.level == lev]) for lev in levels}
+    geometry = {}
+    for lev in levels:
+        rs, re, cs, ce = (a[indices[lev]] for a in fenwick.blocks_at_level(T, lev))
+        geometry[lev] = (rs, re, cs, ce, rank_of.get(lev))
+    if tree_leaves is None:
+        tree_leaves = [(a, min(a + min_block, T)) for a in range(0, T, min_block)]
+    return geometry, tree_leaves
+
+
 def spy(M, ax=None, *, min_block=None, ranks=True, cmap="viridis", legend=None, fontsize=None):
     """Draw the block partition of a HODLR matrix.
 
@@ -144,45 +179,28 @@ def spy(M, ax=None, *, min_block=None, ranks=True, cmap="viridis", legend=None, 
     if min_block < 1 or min_block & (min_block - 1):
         raise ValueError(f"min_block must be a power of two >= 1, got {min_block}")
     min_block = max(min_block, leaf)
-    first = min_block.bit_length()  # blocks of size 2**(l-1) >= min_block
-    levels = list(range(first, fenwick.num_levels(T)))
-    levels = [lev for lev in levels if fenwick.num_blocks(T, lev)]
-    rank_of = {}
-    if ranks and levels:
-        if source is None:
-            rank_of = {lev: np.ones(fenwick.num_blocks(T, lev), dtype=np.int64) for lev in levels}
-        else:
-            from hodlr.display import rank_profile
-
-            prof = rank_profile(source, levels=levels)
-            rank_of = {lev: _reduce_ranks(r) for lev, r in prof.ranks.items()}
+    geometry, leaves = _spy_geometry(T, min_block, source, ranks)
+    levels = list(geometry)
 
     ax = _new_axes(ax)
     colors = dict(zip(levels, _level_colors(len(levels), cmap)))
     if fontsize is None:
         fontsize = 9
-    # leaves: lower triangles of size min_block on the diagonal
-    for a in range(0, T, min_block):
-        b = min(a + min_block, T)
-        tri = Polygon([(a, a), (a, b), (b, b)], closed=True, facecolor=LEAF_COLOR, edgecolor="none", gid="leaf")
-        ax.add_patch(tri)
+    for a, b in leaves:
+        ax.add_patch(Polygon([(a, a), (a, b), (b, b)], closed=True, facecolor=LEAF_COLOR, edgecolor="none", gid="leaf"))
     handles = []
-    for lev in levels:
-        rs, re, cs, ce = fenwick.blocks_at_level(T, lev)
+    for lev, (rs, re, cs, ce, rank) in geometry.items():
         color = colors[lev]
-        gid = f"offdiag-L{lev}"
         for j in range(rs.size):
             ax.add_patch(
                 Rectangle((cs[j], rs[j]), ce[j] - cs[j], re[j] - rs[j], facecolor=color, edgecolor="white",
-                          linewidth=0.6 if rs.size < 64 else 0.2, gid=gid)
+                          linewidth=0.6 if rs.size < 64 else 0.2, gid=f"offdiag-L{lev}")
             )
         half = 1 << (lev - 1)
-        if lev in rank_of and half * 24 >= T:
-            r = rank_of[lev]
+        if rank is not None and half * 24 >= T:
             for j in range(rs.size):
-                ax.text((cs[j] + ce[j]) / 2, (rs[j] + re[j]) / 2, str(int(r[j])), ha="center", va="center",
-                        fontsize=fontsize, color=_text_color(color),
-                        gid=f"rank-L{lev}")
+                ax.text((cs[j] + ce[j]) / 2, (rs[j] + re[j]) / 2, str(int(rank[j])), ha="center", va="center",
+                        fontsize=fontsize, color=_text_color(color), gid=f"rank-L{lev}")
         handles.append(Patch(facecolor=color, label=f"level {lev} ({half}x{half})"))
     ax.set_xlim(0, T)
     ax.set_ylim(T, 0)
@@ -194,7 +212,8 @@ def spy(M, ax=None, *, min_block=None, ranks=True, cmap="viridis", legend=None, 
     if legend is None:
         legend = 0 < len(levels) <= 12
     if legend:
-        handles.append(Patch(facecolor=LEAF_COLOR, label="diagonal leaves" if min_block == 1 else f"leaves {min_block}x{min_block}"))
+        label = "diagonal leaves" if min_block == 1 else f"leaves (<= {min_block}x{min_block})"
+        handles.append(Patch(facecolor=LEAF_COLOR, label=label))
         ax.legend(handles=handles, loc="upper right", fontsize=7, frameon=True)
     return ax
 

@@ -77,27 +77,38 @@ def test_reprs_cheap_for_long_sequences(maker):
     assert "1,048,575 rank-1 blocks" in text
 
 
-class FakeTree:
-    """The attributes tree_repr reads, without any arrays: a repr must not need them."""
+@pytest.mark.parametrize("T,leaf", [(1, 1), (8, 1), (63, 1), (100, 4), (65, 3)])
+def test_tree_repr_counts(T, leaf):
+    from hodlr.tree import HODLRMatrix
 
-    def __init__(self, T, leaf_size):
-        self.T, self.leaf_size, self.batch_shape, self.dtype, self.device = T, leaf_size, (), "float64", "cpu"
+    H = HODLRMatrix.from_mask(_mask(T), leaf_size=leaf)
+    text, html = repr(H), H._repr_html_()
+    s = structure(H)
+    assert s.stored == H.num_stored
+    assert {r.level: r.blocks for r in s.table} == {
+        lev: sum(1 for b in H.blocks() if b.level == lev) for lev in H.levels
+    }
+    assert all(r.max_rank == 1 for r in s.table)
+    assert f"HODLRMatrix(T={T}, levels={fenwick.num_levels(T)}, leaf_size={H.leaf_size}" in text
+    assert f"{H.num_stored:,} numbers" in text and "<table" in html and ("max rank" in html or T == 1)
 
-    def blocks(self):
-        raise AssertionError("a repr must not iterate the blocks")
 
+def test_tree_rank_profile_matches_dense_ranks(rng):
+    from hodlr.tree import HODLRMatrix
 
-@pytest.mark.parametrize("T,leaf", [(1, 1), (8, 1), (100, 4), (2**20, 64)])
-def test_tree_repr_closed_form(T, leaf):
-    from hodlr.display import tree_repr, tree_repr_html
-
-    start = time.perf_counter()
-    text = tree_repr(FakeTree(T, leaf))
-    html = tree_repr_html(FakeTree(T, leaf))
-    assert time.perf_counter() - start < 0.05
-    s = structure(FakeTree(T, leaf))
-    assert all(2 * r.size > leaf for r in s.table)
-    assert f"T={T}" in text and f"leaf_size={leaf}" in text and "<table" in html
+    T = 40
+    A = np.tril(rng.standard_normal((T, T)))
+    A[32:, :32] = np.outer(rng.standard_normal(8), rng.standard_normal(32)) * 0  # a zero block
+    A[16:24, 8:16] = rng.standard_normal((8, 3)) @ rng.standard_normal((3, 8))  # rank 3 inside level 4
+    H = HODLRMatrix.from_dense(A, leaf_size=2)
+    prof = rank_profile(H)
+    for lev, ranks in prof.ranks.items():
+        for j, r in zip(prof.indices[lev], ranks):
+            blk = H.block(lev, int(j))
+            assert r == np.linalg.matrix_rank(A[blk.rows.start:blk.rows.stop, blk.cols.start:blk.cols.stop])
+    assert prof.ranks[6].tolist() == [0]
+    assert 3 in prof.ranks[4].tolist()
+    assert prof.max_rank == 16
 
 
 @pytest.mark.parametrize("T", LENGTHS)

@@ -81,6 +81,27 @@ def test_spy_min_block_and_batched_mask():
         spy("64", ax=_axes())
 
 
+@pytest.mark.parametrize("T,leaf", [(1, 1), (8, 1), (48, 4), (65, 3)])
+def test_spy_tree_draws_its_own_blocks_and_leaves(T, leaf):
+    H = hodlr.HODLRMatrix.from_mask(_mask(T), leaf_size=leaf)
+    ax = spy(H, ax=_axes(), min_block=1)
+    counts = _gids(ax.patches)
+    assert counts["leaf"] == sum(1 for _ in H.leaves())
+    for lev in H.levels:
+        assert counts[f"offdiag-L{lev}"] == sum(1 for b in H.blocks() if b.level == lev)
+    assert sum(v for k, v in counts.items() if k.startswith("offdiag")) == sum(1 for _ in H.blocks())
+
+
+def test_spy_tree_writes_numerical_ranks(rng):
+    A = np.tril(rng.standard_normal((16, 16)))
+    H = hodlr.HODLRMatrix.from_dense(A, leaf_size=2)
+    ax = spy(H, ax=_axes())
+    texts = collections.defaultdict(list)
+    for text in ax.texts:
+        texts[text.get_gid()].append(text.get_text())
+    assert texts["rank-L4"] == ["8"] and texts["rank-L3"] == ["4", "4"]
+
+
 @pytest.mark.parametrize("T", [1, 5, 64])
 def test_heatmap_has_grid_and_log_colours(T):
     M = _mask(T, batch=(3,))
