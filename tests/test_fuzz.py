@@ -1,0 +1,371 @@
+"""Fuzzing the public API: arbitrary, often invalid shapes, dtypes, values and backends.
+
+Each example draws raw inputs, predicts independently (the oracle below, written from
+DESIGN.md and docs/bad-input.md, not from the implementation) whether they are valid, and
+calls the API:
+
+* valid inputs must give the float64 reference computed here from the definition, row by
+  row (relative error <= 1e-12 for float64, 1e-5 for float32);
+* invalid inputs must raise ``ValueError`` or ``TypeError`` (the documented errors and
+  their subclasses) -- never ``IndexError``, a bare ``RuntimeError``, or a result.
+
+``HYPOTHESIS_PROFILE=thorough`` runs more examples; the counts are in docs/reliability.md.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import event, given, strategies as st
+
+import fenwick
+import hodlr
+from hodlr import backends as registry
+
+torch = pytest.importorskip("torch")
+
+NUMPY_DTYPES = {"float64": np.float64, "float32": np.float32, "float16": np.float16, "int64": np.int64,
+                "bool": np.bool_, "complex128": np.complex128}
+TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "int64": torch.int64, "bool": torch.bool,
+                "complex128": torch.complex128}
+FLOAT = ("float64", "float32")
+BACKENDS = registry.NAMES + ("auto", "bogus")
+TOL = {"float64": 1e-12, "float32": 1e-5}
+
+
+class Invalid(Exception):
+    """The oracle's verdict: these inputs must be refused."""
+
+
+# -- drawing -------------------------------------------------------------------------
+# Each example applies a few "faults" (often none) to otherwise valid inputs, so that about
+# half the calls are valid and most invalid ones have one thing wrong.
+MASK_FAULTS = ("scales rank", "T = 0", "too few levels", "scales dtype", "non-finite read scale",
+               "decay rank", "decay length", "decay dtype", "decay batch", "non-finite decay")
+X_FAULTS = ("X rank", "X length", "X dtype", "X library", "X batch", "unknown backend", "unavailable backend")
+ATTENTION_FAULTS = ("q rank", "k length", "v length", "Dk mismatch", "k dtype", "v dtype", "bad scale",
+                    "operand batch", "unknown backend", "unavailable backend")
+
+
+def draw_faults(data, faults):
+    return data.draw(st.one_of(st.just(frozenset()), st.frozensets(st.sampled_from(faults), min_size=1, max_size=2)),
+                     label="faults")
+
+
+def bad_dtype(data, library):
+    names = [n for n in (NUMPY_DTYPES if library == "numpy" else TORCH_DTYPES) if n not in FLOAT]
+    return data.draw(st.sampled_from(names), label="bad dtype")
+
+
+def to_library(a, library, dtype):
+    """float64 numpy values as an array of ``library`` and dtype name ``dtype``."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        if library == "numpy":
+            return np.asarray(a) > 0 if dtype == "bool" else np.asarray(a).astype(NUMPY_DTYPES[dtype])
+        t = torch.as_tensor(np.asarray(a, dtype=np.float64))
+        return t > 0 if dtype == "bool" else t.to(TORCH_DTYPES[dtype])
+
+
+def draw_batch(data, label):
+    return tuple(data.draw(st.lists(st.integers(0, 3), max_size=2), label=label))
+
+
+def conflicting(batch):
+    """A batch shape that does not broadcast with ``batch`` (``batch`` itself if none can)."""
+    for i, n in enumerate(batch):
+        if n != 1:
+            return batch[:i] + (n + 1 if n else 2,) + batch[i + 1:]
+    return batch
+
+
+def draw_mask_inputs(data, rng, library, faults=frozenset()):
+    """Raw mask inputs (float64 numpy values plus the dtype names to convert to)."""
+    T = 0 if "T = 0" in faults else data.draw(st.integers(1, 40), label="T")
+    need = fenwick.num_levels(max(T, 1))
+    L = need - data.draw(st.integers(1, 2)) if "too few levels" in faults else need + data.draw(st.integers(0, 2))
+    batch = draw_batch(data, "mask batch")
+    if "decay batch" in faults:
+        batch = (2,) + batch
+    shape = batch + (T, max(L, 0))
+    if "scales rank" in faults:
+        shape = shape[len(shape) - data.draw(st.integers(0, 1)):] if len(shape) > 1 else ()
+    lam_dtype = bad_dtype(data, library) if "scales dtype" in faults else data.draw(st.sampled_from(FLOAT))
+    lam = rng.uniform(0.2, 2.0, shape) * rng.choice([-1.0, 1.0], shape) * 10.0 ** data.draw(st.integers(-3, 3))
+    if len(shape) >= 2 and T >= 1 and L >= 1:
+        read = fenwick.read_levels(T, L)
+        lam[..., ~read] = data.draw(st.sampled_from([np.nan, np.inf, 0.0, 1e300]), label="unread value")
+        if "non-finite read scale" in faults:
+            t = data.draw(st.integers(0, T - 1))
+            cols = np.flatnonzero(read[t])
+            lam[..., t, cols[data.draw(st.integers(0, cols.size - 1))]] = data.draw(
+                st.sampled_from([np.nan, np.inf, -np.inf]))
+    decay_faults = {f for f in faults if "decay" in f}
+    g, g_dtype = None, lam_dtype
+    if decay_faults or data.draw(st.booleans(), label="has decay"):
+        g_batch = tuple(1 if data.draw(st.booleans()) else n for n in batch)
+        g_batch = g_batch[data.draw(st.integers(0, len(g_batch))):]
+        if "decay batch" in faults:
+            g_batch = conflicting(batch)
+        g_T = T + data.draw(st.sampled_from([-1, 1])) if "decay length" in faults else T
+        g_shape = () if "decay rank" in faults else g_batch + (max(g_T, 0),)
+        if "decay dtype" in faults:
+            g_dtype = data.draw(st.sampled_from([d for d in FLOAT if d != lam_dtype] + [bad_dtype(data, library)]))
+        low, high = {"mild": (-1.0, 0.0), "strong": (-50.0, 0.0), "positive": (0.0, 0.5), "zero": (0.0, 0.0)}[
+            data.draw(st.sampled_from(["mild", "strong", "positive", "zero"]), label="decay kind")]
+        g = rng.uniform(low, high, g_shape)
+        if "non-finite decay" in faults and g.size:
+            g.flat[data.draw(st.integers(0, g.size - 1))] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    return lam, lam_dtype, g, g_dtype
+
+
+def draw_operand(data, rng, batch, T, D, faults, name):
+    """An operand ``(*b, T, D)`` whose batch ``b`` broadcasts with ``batch`` unless faulted."""
+    b = tuple(1 if data.draw(st.booleans()) else n for n in batch)
+    b = b[data.draw(st.integers(0, len(b))):]
+    if data.draw(st.integers(0, 3)) == 0:
+        b = (data.draw(st.integers(1, 2)),) + b  # an extra dim: valid or not, the oracle decides
+    if f"{name} batch" in faults:
+        b = conflicting(batch)
+    if f"{name} length" in faults:
+        T = T + data.draw(st.sampled_from([-1, 1]))
+    shape = b + (max(T, 0), D)
+    if f"{name} rank" in faults:
+        shape = shape[len(shape) - 1:] if data.draw(st.booleans()) else ()
+    return rng.standard_normal(shape)
+
+
+# -- the oracle ------------------------------------------------------------------------
+def check_array(a, dtype, ndim, library=None):
+    if dtype not in FLOAT:
+        raise Invalid(f"dtype {dtype}")
+    if np.ndim(a) < ndim:
+        raise Invalid("rank")
+
+
+def broadcast(*shapes):
+    try:
+        return np.broadcast_shapes(*shapes)
+    except ValueError:
+        raise Invalid("batch does not broadcast") from None
+
+
+def oracle_mask(lam, lam_dtype, g, g_dtype):
+    """Validate like DESIGN.md says; return the float64 (lam, g) as the mask will hold them."""
+    check_array(lam, lam_dtype, 2)
+    T, L = lam.shape[-2:]
+    if T < 1 or L < fenwick.num_levels(T):
+        raise Invalid("T / L")
+    with np.errstate(over="ignore"):
+        lam = np.asarray(lam).astype(lam_dtype).astype(np.float64)
+    shapes = [lam.shape[:-2]]
+    if g is not None:
+        check_array(g, g_dtype, 1)
+        if g_dtype != lam_dtype or g.shape[-1] != T:
+            raise Invalid("decay dtype / length")
+        shapes.append(g.shape[:-1])
+        g = np.asarray(g).astype(g_dtype).astype(np.float64)
+    batch = broadcast(*shapes)
+    read = fenwick.read_levels(T, L)
+    if not np.isfinite(lam[..., read]).all() or (g is not None and not np.isfinite(g).all()):
+        raise Invalid("non-finite")
+    return lam, g, batch
+
+
+def oracle_backend(backend, library, T):
+    if not isinstance(backend, str) or backend not in BACKENDS[:-1]:
+        raise Invalid("unknown backend")
+    if backend == "auto":
+        return
+    module = registry._load(backend)
+    if module is None or module.unavailable_reason(library, "cpu") is not None:
+        raise Invalid("unavailable backend")
+
+
+def row_weights(lam, g, t):
+    s = np.arange(t + 1)
+    w = lam[t, fenwick.level(t, s)]
+    if g is not None:
+        w = w * np.exp(np.concatenate([np.cumsum(g[t:0:-1])[::-1], [0.0]]))
+    return w
+
+
+def reference(lam, g, batch, op, operands, scale=1.0):
+    """float64 result from the definition, row by row (segment sums of the decay)."""
+    T = lam.shape[-2]
+    shapes = [batch] + [a.shape[:-2] for a in operands]
+    full = np.broadcast_shapes(*shapes)
+    lam = np.broadcast_to(lam, full + lam.shape[-2:])
+    g = None if g is None else np.broadcast_to(g, full + (T,))
+    ops = [np.broadcast_to(a, full + a.shape[-2:]) for a in operands]
+    width = ops[-1].shape[-1]
+    out = np.zeros(full + (T, width))
+    for b in np.ndindex(*full):
+        for t in range(T):
+            w = row_weights(lam[b], None if g is None else g[b], t)
+            if op == "matmul":
+                out[b + (t,)] = w @ ops[0][b][: t + 1]
+            else:
+                q, k, v = (a[b] for a in ops)
+                if q.shape[-1]:
+                    out[b + (t,)] = (w * (scale * (k[: t + 1] @ q[t]))) @ v[: t + 1]
+    return out
+
+
+def compare(got, want, dtype, library, want_dtype):
+    got_np = got.detach().numpy() if library == "torch" else got
+    assert type(got) is (torch.Tensor if library == "torch" else np.ndarray)
+    assert str(got.dtype).replace("torch.", "") == want_dtype, (got.dtype, want_dtype)
+    got_np = np.asarray(got_np, dtype=np.float64)
+    assert got_np.shape == want.shape, (got_np.shape, want.shape)
+    if want.size == 0:
+        return
+    assert np.isfinite(got_np).all() == np.isfinite(want).all()
+    finite = np.isfinite(want).all()
+    if finite:
+        denom = np.linalg.norm(want)
+        err = np.linalg.norm(got_np - want) / denom if denom > 0 else np.linalg.norm(got_np)
+        assert err <= TOL[dtype], f"relative error {err:.3e} > {TOL[dtype]}"
+
+
+def expect(call, verdict):
+    """Run ``call``; with an Invalid verdict it must raise a documented error."""
+    if isinstance(verdict, Invalid):
+        event(f"invalid: {verdict}")
+        with pytest.raises((ValueError, TypeError)) as info:
+            call()
+        assert not isinstance(info.value, (IndexError, KeyError)), repr(info.value)
+        event(f"raised {type(info.value).__name__}")
+        return None
+    event("valid")
+    return call()
+
+
+def make_mask(lam, lam_dtype, g, g_dtype, library):
+    lam_a = to_library(lam, library, lam_dtype) if np.ndim(lam) else float(lam)
+    g_a = None if g is None else to_library(g, library, g_dtype) if np.ndim(g) else float(g)
+    return hodlr.LogLinearMask(lam_a, g_a)
+
+
+# -- the fuzz tests ---------------------------------------------------------------------
+def draw_library_and_rng(data):
+    library = data.draw(st.sampled_from(["numpy", "torch"]), label="library")
+    return library, np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+
+
+def draw_backend(data, rng, faults, library):
+    """A backend name; picked by the seeded generator (hypothesis would favour the first)."""
+    if "unknown backend" in faults:
+        return data.draw(st.sampled_from(["bogus", "Dense", "", 3, None]), label="backend")
+    if "unavailable backend" in faults:
+        unavailable = [n for n in registry.NAMES if registry._load(n) is None
+                       or registry._load(n).unavailable_reason(library, "cpu") is not None]
+        if unavailable:
+            return unavailable[rng.integers(len(unavailable))]
+    names = ("auto",) + registry.NAMES
+    return names[rng.integers(len(names))]
+
+
+def valid_mask(data, rng, library):
+    lam, lam_dtype, g, g_dtype = draw_mask_inputs(data, rng, library)
+    lam64, g64, batch = oracle_mask(lam, lam_dtype, g, g_dtype)
+    return make_mask(lam, lam_dtype, g, g_dtype, library), lam64, g64, batch, lam_dtype
+
+
+@given(st.data())
+def test_fuzz_mask_and_to_dense(data):
+    library, rng = draw_library_and_rng(data)
+    faults = draw_faults(data, MASK_FAULTS)
+    lam, lam_dtype, g, g_dtype = draw_mask_inputs(data, rng, library, faults)
+    try:
+        verdict = oracle_mask(lam, lam_dtype, g, g_dtype)
+    except Invalid as err:
+        verdict = err
+    M = expect(lambda: make_mask(lam, lam_dtype, g, g_dtype, library), verdict)
+    if M is None:
+        return
+    lam64, g64, batch = verdict
+    T = lam64.shape[-2]
+    eye = np.broadcast_to(np.eye(T), batch + (T, T))
+    compare(M.to_dense(), reference(lam64, g64, batch, "matmul", [eye]), lam_dtype, library, lam_dtype)
+
+
+@given(st.data())
+def test_fuzz_matmul(data):
+    library, rng = draw_library_and_rng(data)
+    M, lam64, g64, batch, dtype = valid_mask(data, rng, library)
+    faults = draw_faults(data, X_FAULTS)
+    x = draw_operand(data, rng, batch, M.T, data.draw(st.integers(0, 4), label="D"), faults, "X")
+    x_dtype = (data.draw(st.sampled_from([d for d in FLOAT if d != dtype] + [bad_dtype(data, library)]))
+               if "X dtype" in faults else dtype)
+    x_library = {"numpy": "torch", "torch": "numpy"}[library] if "X library" in faults else library
+    backend = draw_backend(data, rng, faults, library)
+    try:
+        check_array(x, x_dtype, 2)
+        if x_library != library or x_dtype != dtype or x.shape[-2] != M.T:
+            raise Invalid("X library / dtype / T")
+        broadcast(batch, x.shape[:-2])
+        oracle_backend(backend, library, M.T)
+        verdict = None
+    except Invalid as err:
+        verdict = err
+    X = to_library(x, x_library, x_dtype) if np.ndim(x) else float(x)
+    Y = expect(lambda: hodlr.matmul(M, X, backend=backend), verdict)
+    if Y is not None:
+        event(f"ran backend {backend}")
+        compare(Y, reference(lam64, g64, batch, "matmul", [x.astype(x_dtype).astype(np.float64)]), dtype,
+                library, x_dtype)
+
+
+@given(st.data())
+def test_fuzz_attention(data):
+    library, rng = draw_library_and_rng(data)
+    M, lam64, g64, batch, dtype = valid_mask(data, rng, library)
+    faults = draw_faults(data, ATTENTION_FAULTS)
+    Dk, Dv = data.draw(st.integers(0, 3), label="Dk"), data.draw(st.integers(0, 3), label="Dv")
+    q = draw_operand(data, rng, batch, M.T, Dk, faults, "q")
+    k = draw_operand(data, rng, batch, M.T, Dk + 1 if "Dk mismatch" in faults else Dk, faults, "k")
+    v = draw_operand(data, rng, batch, M.T, Dv, faults | ({"v batch"} if "operand batch" in faults else set()), "v")
+    other = [d for d in FLOAT if d != dtype] + [bad_dtype(data, library)]
+    dtypes = [dtype, data.draw(st.sampled_from(other)) if "k dtype" in faults else dtype,
+              data.draw(st.sampled_from(other)) if "v dtype" in faults else dtype]
+    good_scales = st.one_of(st.none(), st.floats(-4, 4), st.sampled_from([0, 2, np.float32(0.5), np.float64(3.0)]))
+    bad_scales = st.sampled_from([math.nan, math.inf, -math.inf, "1", True, 1j, [1.0], np.ones(2)])
+    scale = data.draw(bad_scales if "bad scale" in faults else good_scales, label="scale")
+    backend = draw_backend(data, rng, faults, library)
+    try:
+        for a, dt in zip((q, k, v), dtypes):
+            check_array(a, dt, 2)
+            if dt != dtype or a.shape[-2] != M.T:
+                raise Invalid("operand dtype / T")
+        if q.shape[-1] != k.shape[-1]:
+            raise Invalid("Dk")
+        if scale is not None and (isinstance(scale, (bool, str, complex, list, np.ndarray))
+                                  or not math.isfinite(scale)):
+            raise Invalid("scale")
+        broadcast(batch, q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        oracle_backend(backend, library, M.T)
+        verdict = None
+    except Invalid as err:
+        verdict = err
+    args = [to_library(a, library, dt) if np.ndim(a) else float(a) for a, dt in zip((q, k, v), dtypes)]
+    O = expect(lambda: hodlr.attention(*args, M, scale=scale, backend=backend), verdict)
+    if O is not None:
+        event(f"ran backend {backend}")
+        ops64 = [a.astype(dt).astype(np.float64) for a, dt in zip((q, k, v), dtypes)]
+        s = 1.0 if scale is None else float(scale)
+        if dtype == "float32":
+            s = float(np.float32(s))
+        compare(O, reference(lam64, g64, batch, "attention", ops64, s), dtype, library, dtype)
+
+
+@given(st.one_of(st.integers(-5, 2**40), st.floats(allow_nan=True), st.booleans(), st.text(max_size=2),
+                 st.none()))
+def test_fuzz_index_algebra(T):
+    valid = isinstance(T, int) and not isinstance(T, bool) and T >= 1
+    if valid:
+        assert fenwick.num_levels(T) == (T - 1).bit_length() + 1
+        t = T - 1
+        assert fenwick.level(t, 0) == (t.bit_length() if t else 0)
+    else:
+        with pytest.raises((ValueError, TypeError)):
+            fenwick.num_levels(T)
