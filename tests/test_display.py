@@ -98,8 +98,8 @@ def test_tree_rank_profile_matches_dense_ranks(rng):
 
     T = 40
     A = np.tril(rng.standard_normal((T, T)))
-    A[32:, :32] = np.outer(rng.standard_normal(8), rng.standard_normal(32)) * 0  # a zero block
-    A[16:24, 8:16] = rng.standard_normal((8, 3)) @ rng.standard_normal((3, 8))  # rank 3 inside level 4
+    A[32:, :32] = 0.0  # the level-6 block is zero
+    A[24:32, 16:24] = rng.standard_normal((8, 3)) @ rng.standard_normal((3, 8))  # a rank-3 level-4 block
     H = HODLRMatrix.from_dense(A, leaf_size=2)
     prof = rank_profile(H)
     for lev, ranks in prof.ranks.items():
