@@ -1,0 +1,291 @@
+"""Triton backward kernels of chunked log-linear attention (derivation: ``docs/backward.md``).
+
+For ``O = (M ⊙ scale·Q Kᵀ) V`` with ``M[t, s] = λ[t, level(t, s)] exp(G[t] - G[s])`` and a
+cotangent ``dO`` the gradients are
+
+* ``dQ = scale (M ⊙ dP) K``, ``dK = scale (M ⊙ dP)ᵀ Q``, ``dV = (M ⊙ A)ᵀ dO`` with
+  ``dP = dO Vᵀ``, ``A = scale Q Kᵀ``;
+* ``dλ[t, l] = Σ_{s: level(t, s) = l} dP[t, s] A[t, s] exp(G[t] - G[s])`` (zero where row
+  ``t`` does not read level ``l``);
+* ``dG[t] = q_t·dq_t − k_t·dk_t`` and ``dg[u] = Σ_{t >= u} dG[t]`` for ``u >= 1``,
+  ``dg[0] = 0`` (``g[0]`` never enters the mask).
+
+Three launches, none of them ``O(T²)``, with chunk size ``C = 2^c`` and ``n = ceil(T / C)``:
+
+1. ``_intra_kernel`` (one program per chunk): the dense ``C x C`` diagonal blocks (levels
+   ``0..c``): writes ``dq, dk, dv`` and ``dλ[:, 0..c]``.
+2. ``_dq_scan_kernel`` (one program per batch entry, chunks in order): rebuilds the key-side
+   Fenwick states over chunks (``S_h``: the ``2^h`` chunks of the bucket at chunk level
+   ``h + 1``, ``Dk x Dv``, anchored at the bucket's last position), adds the across-chunk
+   ``dq`` and writes ``dλ[:, c+1+h]``.
+3. ``_dkv_scan_kernel`` (one program per batch entry, chunks in reverse): for every chunk
+   level ``h`` the query-side sum ``R_h = Σ_t λ[t, c+1+h] exp(G[t] − G[a]) q_t dO_tᵀ`` over
+   the odd (right) block of that level, anchored at the last position ``a`` of its even
+   (left) sibling, which then reads it: adds the across-chunk ``dk, dv``.
+
+Cross-chunk decays are ``exp`` of differences of the chunk-boundary prefix ``Gc`` (float64
+on the host) plus in-chunk local cumulative sums ``b``; every exponent is ``<= 0`` when
+``g <= 0``.  Extra memory beyond the inputs: ``dq, dk, dv, dλ`` accumulators (float32, or
+float64 for float64 inputs), ``b`` (``T``), ``Gc`` (``n + 1``) and ``(log2 n) x Dk x Dv``
+scratch states per batch entry: ``O(T (Dk + Dv + L))`` per head.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+DEFAULT_CHUNK = 64
+"""Chunk size of the backward when the caller passes ``chunk=None``."""
+
+MIN_BLOCK = 16
+
+
+@triton.jit
+def _intra_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, dq_ptr, dk_ptr, dv_ptr, dl_ptr,
+                  T, L, Dk, Dv, NC, scale,
+                  C: tl.constexpr, LOGC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  PREC: tl.constexpr):
+    i = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    acc = dq_ptr.dtype.element_ty
+    r = tl.arange(0, C)
+    t = i * C + r
+    tm = t < T
+    kk = tl.arange(0, BK)
+    vv = tl.arange(0, BV)
+    km = tm[:, None] & (kk < Dk)[None, :]
+    vm = tm[:, None] & (vv < Dv)[None, :]
+    qo = bh * T * Dk + t[:, None] * Dk + kk[None, :]
+    vo = bh * T * Dv + t[:, None] * Dv + vv[None, :]
+    q = tl.load(q_ptr + qo, mask=km, other=0.0).to(acc)
+    k = tl.load(k_ptr + qo, mask=km, other=0.0).to(acc)
+    v = tl.load(v_ptr + vo, mask=vm, other=0.0).to(acc)
+    do = tl.load(do_ptr + vo, mask=vm, other=0.0).to(acc)
+    b = tl.load(b_ptr + bh * NC + t).to(acc)
+
+    causal = (r[:, None] >= r[None, :]) & tm[:, None]
+    x = r[:, None] ^ r[None, :]
+    lev = tl.zeros((C, C), dtype=tl.int32)
+    for bit in tl.static_range(LOGC):
+        lev = tl.where((x >> bit) != 0, bit + 1, lev)
+    lam = tl.load(l_ptr + bh * T * L + t[:, None] * L + lev, mask=causal, other=0.0).to(acc)
+    decay = tl.where(causal, tl.exp(b[:, None] - b[None, :]), 0.0)
+    a = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=acc) * scale
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=acc)
+    m = lam * decay
+    ds = m * dp
+    dq = tl.dot(ds, k, input_precision=PREC, out_dtype=acc) * scale
+    dk = tl.dot(tl.trans(ds), q, input_precision=PREC, out_dtype=acc) * scale
+    dv = tl.dot(tl.trans(m * a), do, input_precision=PREC, out_dtype=acc)
+    tl.store(dq_ptr + qo, dq, mask=km)
+    tl.store(dk_ptr + qo, dk, mask=km)
+    tl.store(dv_ptr + vo, dv, mask=vm)
+    w = dp * a * decay
+    for lv in tl.static_range(LOGC + 1):
+        dl = tl.sum(tl.where(lev == lv, w, 0.0), 1)
+        tl.store(dl_ptr + bh * T * L + t * L + lv, dl, mask=tm & (lv < L))
+
+
+@triton.jit
+def _dq_scan_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dq_ptr, dl_ptr, s_ptr,
+                    T, L, Dk, Dv, NC, scale, n: tl.constexpr, LC: tl.constexpr,
+                    C: tl.constexpr, LOGC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    PREC: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    acc = dq_ptr.dtype.element_ty
+    r = tl.arange(0, C)
+    kk = tl.arange(0, BK)
+    vv = tl.arange(0, BV)
+    s_base = s_ptr + bh * LC * BK * BV + kk[:, None] * BV + vv[None, :]
+    gc_base = gc_ptr + bh * (n + 1)
+    for i in range(0, n):
+        t = i * C + r
+        tm = t < T
+        km = tm[:, None] & (kk < Dk)[None, :]
+        vm = tm[:, None] & (vv < Dv)[None, :]
+        qo = bh * T * Dk + t[:, None] * Dk + kk[None, :]
+        vo = bh * T * Dv + t[:, None] * Dv + vv[None, :]
+        q = tl.load(q_ptr + qo, mask=km, other=0.0).to(acc)
+        do = tl.load(do_ptr + vo, mask=vm, other=0.0).to(acc)
+        b = tl.load(b_ptr + bh * NC + t).to(acc)
+        g_here = tl.load(gc_base + i)
+        dq = tl.zeros((C, BK), dtype=acc)
+        for h in range(0, LC):
+            if ((i >> h) & 1) == 1:
+                g_end = tl.load(gc_base + ((i >> h) << h))
+                state = tl.load(s_base + h * BK * BV)
+                f = tl.exp(b + (g_here - g_end).to(acc)) * scale
+                lam = tl.load(l_ptr + bh * T * L + t * L + (LOGC + 1 + h), mask=tm, other=0.0).to(acc)
+                xs = tl.dot(do, tl.trans(state), input_precision=PREC, out_dtype=acc)
+                dq += (f * lam)[:, None] * xs
+                tl.store(dl_ptr + bh * T * L + t * L + (LOGC + 1 + h), f * tl.sum(q * xs, 1), mask=tm)
+        old = tl.load(dq_ptr + qo, mask=km, other=0.0)
+        tl.store(dq_ptr + qo, old + dq, mask=km)
+        if i + 1 < n:
+            k = tl.load(k_ptr + qo, mask=km, other=0.0).to(acc)
+            v = tl.load(v_ptr + vo, mask=vm, other=0.0).to(acc)
+            g_next = tl.load(gc_base + i + 1)
+            gamma = tl.load(b_ptr + bh * NC + i * C + C - 1).to(acc)
+            ke = k * tl.exp(gamma - b)[:, None]
+            new = tl.dot(tl.trans(ke), v, input_precision=PREC, out_dtype=acc)
+            ones = i ^ (i + 1)
+            top = 0
+            for h in range(1, LC + 1):
+                top += (ones >> h) & 1
+            for h in range(0, LC):
+                if h < top:
+                    g_end = tl.load(gc_base + ((i >> h) << h))
+                    new += tl.exp((g_next - g_end).to(acc)) * tl.load(s_base + h * BK * BV)
+            tl.debug_barrier()
+            tl.store(s_base + top * BK * BV, new)
+            tl.debug_barrier()
+
+
+@triton.jit
+def _dkv_scan_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dk_ptr, dv_ptr, r_ptr,
+                     T, L, Dk, Dv, NC, scale, n: tl.constexpr, LC: tl.constexpr,
+                     C: tl.constexpr, LOGC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     PREC: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    acc = dk_ptr.dtype.element_ty
+    r = tl.arange(0, C)
+    kk = tl.arange(0, BK)
+    vv = tl.arange(0, BV)
+    r_base = r_ptr + bh * LC * BK * BV + kk[:, None] * BV + vv[None, :]
+    gc_base = gc_ptr + bh * (n + 1)
+    for jj in range(0, n):
+        j = n - 1 - jj
+        t = j * C + r
+        tm = t < T
+        km = tm[:, None] & (kk < Dk)[None, :]
+        vm = tm[:, None] & (vv < Dv)[None, :]
+        qo = bh * T * Dk + t[:, None] * Dk + kk[None, :]
+        vo = bh * T * Dv + t[:, None] * Dv + vv[None, :]
+        b = tl.load(b_ptr + bh * NC + t).to(acc)
+        g_start = tl.load(gc_base + j)
+        g_end = tl.load(gc_base + j + 1)
+        total = tl.zeros((BK, BV), dtype=acc)
+        for h in range(0, LC):
+            start = ((j >> h) + 1) << h
+            if ((j >> h) & 1) == 0:
+                if start < n:
+                    g_anchor = tl.load(gc_base + start)
+                    total += tl.exp((g_anchor - g_end).to(acc)) * tl.load(r_base + h * BK * BV)
+        k = tl.load(k_ptr + qo, mask=km, other=0.0).to(acc)
+        v = tl.load(v_ptr + vo, mask=vm, other=0.0).to(acc)
+        gamma = tl.load(b_ptr + bh * NC + j * C + C - 1).to(acc)
+        e = tl.exp(gamma - b) * scale
+        dk = e[:, None] * tl.dot(v, tl.trans(total), input_precision=PREC, out_dtype=acc)
+        dv = e[:, None] * tl.dot(k, total, input_precision=PREC, out_dtype=acc)
+        tl.store(dk_ptr + qo, tl.load(dk_ptr + qo, mask=km, other=0.0) + dk, mask=km)
+        tl.store(dv_ptr + vo, tl.load(dv_ptr + vo, mask=vm, other=0.0) + dv, mask=vm)
+        q = tl.load(q_ptr + qo, mask=km, other=0.0).to(acc)
+        do = tl.load(do_ptr + vo, mask=vm, other=0.0).to(acc)
+        tl.debug_barrier()
+        for h in range(0, LC):
+            if ((j >> h) & 1) == 1:
+                start = (j >> h) << h
+                g_anchor = tl.load(gc_base + start)
+                lam = tl.load(l_ptr + bh * T * L + t * L + (LOGC + 1 + h), mask=tm, other=0.0).to(acc)
+                f = lam * tl.exp(b + (g_start - g_anchor).to(acc))
+                z = tl.dot(tl.trans(q * f[:, None]), do, input_precision=PREC, out_dtype=acc)
+                last = tl.minimum(n, ((j >> h) + 1) << h) - 1
+                if j != last:
+                    z += tl.load(r_base + h * BK * BV)
+                tl.store(r_base + h * BK * BV, z)
+        tl.debug_barrier()
+
+
+def _flat(x, T, width):
+    return x.reshape(-1, T, width).contiguous()
+
+
+def _accumulator(dtype: torch.dtype):
+    if dtype == torch.float64:
+        return torch.float64, "ieee"
+    if dtype == torch.float32:
+        return torch.float32, "ieee"
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.float32, "tf32"
+    raise TypeError(f"inputs must be float16, bfloat16, float32 or float64, got {dtype}")
+
+
+def _check_chunk(chunk) -> int:
+    if chunk is None:
+        return DEFAULT_CHUNK
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < MIN_BLOCK or chunk > 256 or chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two in [16, 256], got {chunk!r}")
+    return chunk
+
+
+def _block(width: int) -> int:
+    return max(MIN_BLOCK, triton.next_power_of_2(max(int(width), 1)))
+
+
+def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=None):
+    """Gradients of ``O = attention(q, k, v, level_scales, log_decay, scale)`` for ``dO``.
+
+    Parameters
+    ----------
+    q, k : torch.Tensor, shape ``(*batch, T, Dk)``
+    v, do : torch.Tensor, shape ``(*batch, T, Dv)``
+    level_scales : torch.Tensor, shape ``(*batch, T, L)``
+    log_decay : torch.Tensor, shape ``(*batch, T)``, or None
+    scale : float
+    chunk : int, optional
+        Power of two in ``[16, 256]`` (default :data:`DEFAULT_CHUNK`).
+
+    All tensors share one batch shape (broadcast views are fine), device and dtype (float16,
+    bfloat16 and float32 accumulate in float32; float64 runs under the interpreter).
+
+    Returns
+    -------
+    (dq, dk, dv, dlevel_scales, dlog_decay)
+        Shaped like the inputs (``dlog_decay`` is None when ``log_decay`` is None), in the
+        inputs' dtype.  Never-read level scales get exactly 0.
+    """
+    C = _check_chunk(chunk)
+    batch = tuple(v.shape[:-2])
+    T, Dk, Dv, L = v.shape[-2], q.shape[-1], v.shape[-1], level_scales.shape[-1]
+    acc, prec = _accumulator(v.dtype)
+    dev = v.device
+    qf, kf = _flat(q, T, Dk), _flat(k, T, Dk)
+    vf, dof = _flat(v, T, Dv), _flat(do, T, Dv)
+    lf = _flat(level_scales, T, L)
+    B = vf.shape[0]
+    n = -(-T // C)
+    NC = n * C
+    LOGC = C.bit_length() - 1
+    LC = (n - 1).bit_length()
+    b = torch.zeros((B, NC), dtype=acc, device=dev)
+    if log_decay is not None:
+        b[:, :T] = log_decay.reshape(-1, T).to(acc)
+    b = torch.cumsum(b.view(B, n, C), -1)
+    gc = torch.zeros((B, n + 1), dtype=torch.float64, device=dev)
+    gc[:, 1:] = torch.cumsum(b[:, :, -1].to(torch.float64), -1)
+    if acc == torch.float64 or dev.type != "cuda":
+        gc = gc.to(acc)
+    b = b.reshape(B, NC).contiguous()
+    dq = torch.empty((B, T, Dk), dtype=acc, device=dev)
+    dk = torch.empty((B, T, Dk), dtype=acc, device=dev)
+    dv = torch.empty((B, T, Dv), dtype=acc, device=dev)
+    dl = torch.zeros((B, T, L), dtype=acc, device=dev)
+    BK, BV = _block(Dk), _block(Dv)
+    meta = dict(C=C, LOGC=LOGC, BK=BK, BV=BV, PREC=prec)
+    _intra_kernel[(n, B)](qf, kf, vf, dof, lf, b, dq, dk, dv, dl, T, L, Dk, Dv, NC, float(scale), **meta)
+    if LC > 0:
+        scratch = torch.empty((B, LC, BK, BV), dtype=acc, device=dev)
+        _dq_scan_kernel[(B,)](qf, kf, vf, dof, lf, b, gc, dq, dl, scratch,
+                              T, L, Dk, Dv, NC, float(scale), n=n, LC=LC, **meta)
+        _dkv_scan_kernel[(B,)](qf, kf, vf, dof, lf, b, gc, dk, dv, scratch,
+                               T, L, Dk, Dv, NC, float(scale), n=n, LC=LC, **meta)
+    dg = None
+    if log_decay is not None:
+        dG = (qf.to(acc) * dq).sum(-1) - (kf.to(acc) * dk).sum(-1)
+        dg = torch.flip(torch.cumsum(torch.flip(dG, (-1,)), -1), (-1,))
+        dg[:, 0] = 0
+        dg = dg.reshape(batch + (T,)).to(log_decay.dtype)
+    return (dq.reshape(batch + (T, Dk)).to(q.dtype), dk.reshape(batch + (T, Dk)).to(k.dtype),
+            dv.reshape(batch + (T, Dv)).to(v.dtype), dl.reshape(batch + (T, L)).to(level_scales.dtype), dg)
