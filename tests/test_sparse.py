@@ -1,0 +1,101 @@
+"""The sparse form ``diag(lam0) + U V^T``: exact counts, exact block layout, values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse
+from hypothesis import given, strategies as st
+
+import fenwick
+import hodlr
+from hodlr.sparse import SparseMask, mask_to_sparse
+from hodlr.testing import TOLERANCES, assert_close, masks, operands, st_lengths
+
+TOL64 = TOLERANCES["cpu_float64"]
+
+
+def predicted_counts(T: int):
+    """``(K, nnz(U), nnz(V))`` from the index algebra alone."""
+    levels = range(1, fenwick.num_levels(T))
+    K = sum(fenwick.num_blocks(T, lev) for lev in levels)
+    nnz_u = sum(bin(t).count("1") for t in range(T))
+    nnz_v = sum(fenwick.num_blocks(T, lev) << (lev - 1) for lev in levels)
+    return K, nnz_u, nnz_v
+
+
+@given(T=st.one_of(st_lengths(1, 3000), st.sampled_from([4096, 4097, 8191])))
+def test_counts_are_exact(T):
+    S = hodlr.LogLinearMask(np.ones((T, fenwick.num_levels(T))), -np.ones(T)).to_sparse()
+    K, nnz_u, nnz_v = predicted_counts(T)
+    assert (S.K, S.U.shape, S.V.shape) == (K, (T, K), (T, K))
+    assert (S.U.nnz, S.V.nnz, S.nnz) == (nnz_u, nnz_v, T + nnz_u + nnz_v)
+    if T & (T - 1) == 0:
+        assert K == T - 1
+    assert np.array_equal(np.bincount(S.levels, minlength=fenwick.num_levels(T))[1:],
+                          [fenwick.num_blocks(T, lev) for lev in range(1, fenwick.num_levels(T))])
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 8, 63, 65, 100])
+def test_columns_are_the_blocks(T):
+    """Column ``b`` of U is supported exactly on block ``b``'s rows, of V on its columns,
+    in the order of :func:`fenwick.offdiag_blocks`."""
+    S = hodlr.LogLinearMask(np.ones((T, fenwick.num_levels(T)))).to_sparse()
+    U, V = S.U.tocsc(), S.V.tocsc()
+    blocks = list(fenwick.offdiag_blocks(T))
+    assert len(blocks) == S.K
+    for b, blk in enumerate(blocks):
+        assert S.levels[b] == blk.level
+        assert list(U.indices[U.indptr[b] : U.indptr[b + 1]]) == list(range(blk.row_start, blk.row_stop))
+        assert list(V.indices[V.indptr[b] : V.indptr[b + 1]]) == list(range(blk.col_start, blk.col_stop))
+
+
+@given(M=masks(), data=st.data())
+def test_values_match_dense(M, data):
+    S = M.to_sparse()
+    assert isinstance(S, SparseMask)
+    assert isinstance(S.U, scipy.sparse.csr_array) and isinstance(S.V, scipy.sparse.csc_array)
+    dense = M.to_dense()
+    assert_close(S.toarray(), dense, TOL64, "toarray")
+    X = data.draw(operands(M, broadcast=False))
+    assert_close(S.matmul(X), dense @ X, TOL64, "matmul")
+    assert_close(S @ X[:, 0], dense @ X[:, 0], TOL64, "matvec")
+
+
+def test_batched_gives_an_object_array_of_masks(rng):
+    T = 21
+    lam = rng.uniform(0.2, 1.5, (2, 3, T, fenwick.num_levels(T)))
+    M = hodlr.LogLinearMask(lam, -rng.uniform(0, 1, (3, T)))
+    S = M.to_sparse()
+    assert S.dtype == object and S.shape == (2, 3)
+    dense = M.to_dense()
+    for index in np.ndindex(2, 3):
+        assert_close(S[index].toarray(), dense[index], TOL64)
+
+
+def test_matmul_with_leading_dims(rng):
+    T = 17
+    M = hodlr.LogLinearMask(rng.uniform(0.2, 1.5, (T, fenwick.num_levels(T))))
+    X = rng.standard_normal((4, 2, T, 3))
+    assert_close(M.to_sparse().matmul(X), M.to_dense() @ X, TOL64)
+    with pytest.raises(ValueError, match="T=17"):
+        M.to_sparse().matmul(np.ones((T + 1, 2)))
+
+
+def test_torch_and_float32_masks():
+    torch = pytest.importorskip("torch")
+    T = 30
+    lam = torch.rand(T, fenwick.num_levels(T), dtype=torch.float32) + 0.2
+    S = mask_to_sparse(hodlr.LogLinearMask(lam, -torch.rand(T)))
+    assert S.dtype == np.float32 and S.U.dtype == np.float32 and isinstance(S.diagonal, np.ndarray)
+    S64 = hodlr.LogLinearMask(lam.double()).to_sparse()
+    assert S64.dtype == np.float64
+    assert_close(S64.toarray(), hodlr.LogLinearMask(lam.double()).to_dense().numpy(), TOL64)
+
+
+def test_strong_decay_long_sequence_stays_finite(rng):
+    T = 1 << 14
+    g = -rng.uniform(0, 50, T)
+    S = hodlr.LogLinearMask(np.ones((T, fenwick.num_levels(T))), g).to_sparse()
+    assert np.isfinite(S.U.data).all() and np.isfinite(S.V.data).all()
+    assert np.abs(S.U.data).max() <= 1 and np.abs(S.V.data).max() <= 1
