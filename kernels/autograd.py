@@ -1,0 +1,75 @@
+"""Differentiable Triton log-linear attention and matmul (``torch.autograd.Function``).
+
+The forward passes are the launchers :func:`kernels.attention.attention` and
+:func:`kernels.matmul.matmul`; the backward passes are
+:func:`kernels.attention_backward.attention_backward` and
+:func:`kernels.matmul_backward.matmul_backward` (Triton kernels, no dense fallback).
+Inputs are broadcast to one batch shape (views) before the Function sees them, so that
+autograd sums the gradients of broadcast operands (grouped heads) back to their shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.attention import attention as attention_forward
+from kernels.matmul import matmul as matmul_forward
+from kernels.attention_backward import attention_backward
+from kernels.matmul_backward import matmul_backward
+
+__all__ = ["attention", "matmul"]
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, level_scales, log_decay, scale, chunk):
+        ctx.save_for_backward(q, k, v, level_scales, log_decay)
+        ctx.scale, ctx.chunk = scale, chunk
+        return attention_forward(q, k, v, level_scales, log_decay, scale, chunk=chunk)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, level_scales, log_decay = ctx.saved_tensors
+        dq, dk, dv, dlam, dg = attention_backward(q, k, v, level_scales, log_decay, ctx.scale,
+                                                  do, chunk=ctx.chunk)
+        return dq, dk, dv, dlam, dg, None, None
+
+
+class _Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, level_scales, log_decay, x, chunk):
+        ctx.save_for_backward(level_scales, log_decay, x)
+        ctx.chunk = chunk
+        return matmul_forward(level_scales, log_decay, x, chunk=chunk)
+
+    @staticmethod
+    def backward(ctx, dy):
+        level_scales, log_decay, x = ctx.saved_tensors
+        dx, dlam, dg = matmul_backward(level_scales, log_decay, x, dy, chunk=ctx.chunk)
+        return dlam, dg, dx, None
+
+
+def _broadcast(tensors, batch):
+    return [None if x is None else x.expand(batch + tuple(x.shape[len(x.shape) - tail:]))
+            for x, tail in tensors]
+
+
+def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None):
+    """Differentiable :func:`kernels.attention.attention` (same arguments and result).
+
+    Gradients flow to ``q, k, v, level_scales`` and ``log_decay``; never-read level scales
+    get exactly 0.
+    """
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], level_scales.shape[:-2],
+                                   () if log_decay is None else log_decay.shape[:-1])
+    q, k, v, level_scales, log_decay = _broadcast(
+        [(q, 2), (k, 2), (v, 2), (level_scales, 2), (log_decay, 1)], batch)
+    return _Attention.apply(q, k, v, level_scales, log_decay, float(scale), chunk)
+
+
+def matmul(level_scales, log_decay, x, *, chunk=None):
+    """Differentiable :func:`kernels.matmul.matmul` (same arguments and result)."""
+    batch = torch.broadcast_shapes(x.shape[:-2], level_scales.shape[:-2],
+                                   () if log_decay is None else log_decay.shape[:-1])
+    level_scales, log_decay, x = _broadcast([(level_scales, 2), (log_decay, 1), (x, 2)], batch)
+    return _Matmul.apply(level_scales, log_decay, x, chunk)
