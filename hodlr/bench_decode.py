@@ -1,0 +1,268 @@
+"""Benchmark of the Fenwick decoder (``fenwick.FenwickState``) and the ``fenwick`` backend.
+
+Three measurements (figures and method in ``docs/fenwick.md``):
+
+1. **Per-token step cost** at positions around ``2**a`` and ``2**b`` (default 8 and 16),
+   ``Dk = Dv = 64``, batch 8, float32, torch on the CPU.  The state is brought to
+   ``2**e - window/2`` with :meth:`FenwickState.extend` (the documented fast-forward: the
+   same state as that many steps, computed in bulk), then ``window`` real :meth:`step`
+   calls are timed one by one, over positions ``[2**e - window/2, 2**e + window/2)``.
+   Repeats are interleaved between the two positions; the reported figure per position is
+   the smallest mean over the repeats (the least disturbed by other processes).
+2. **State memory at position 2**20** with the same widths: ``extend`` to ``2**20 - 1``
+   (20 live states, the most any position ``<= 2**20`` has), one real ``step`` to
+   ``2**20``, then :attr:`FenwickState.nbytes`; the bound is
+   ``21 * Dk * Dv * batch * itemsize``.  ``--walk`` also consumes all ``2**20`` tokens with
+   :meth:`FenwickState.prefill` at width 1 (no fast-forward) and reports the peak number of
+   state slots it allocated.
+3. **Growth of the full-sequence matmul** (``fenwick.scan.matmul``, i.e. the ``fenwick``
+   backend) from ``T = 2**10`` to ``2**18``: the least-squares slope of log(time) against
+   log(T) (``O(T log T)`` work gives about 1.1 over this range).
+
+Run ``hodlr bench-decode`` or ``python -m hodlr.bench_decode`` (``--help`` for options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+
+import numpy as np
+
+from fenwick import num_levels
+from fenwick.scan import FenwickState, matmul
+
+__all__ = ["main", "run"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hodlr bench-decode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dk", type=int, default=64)
+    p.add_argument("--dv", type=int, default=64)
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the steps are small, and OpenMP threads on "
+                        "shared cores make the timings erratic)")
+    p.add_argument("--positions", type=int, nargs=2, default=(8, 16), metavar=("A", "B"),
+                   help="time steps around positions 2**A and 2**B (default 8 16)")
+    p.add_argument("--window", type=int, default=256, help="steps timed per repeat (<= 2**A)")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--memory-exponent", type=int, default=20, help="measure state memory at 2**E")
+    p.add_argument("--walk", action="store_true",
+                   help="also prefill all 2**E tokens at width 1 and report the peak slot count")
+    p.add_argument("--matmul-exponents", type=int, nargs=2, default=(10, 18), metavar=("LO", "HI"))
+    p.add_argument("--matmul-d", type=int, default=64, help="columns of X for the matmul growth")
+    p.add_argument("--matmul-libraries", nargs="+", choices=("numpy", "torch"), default=("numpy", "torch"))
+    p.add_argument("--matmul-repeats", type=int, default=2)
+    p.add_argument("--skip", nargs="*", choices=("step", "memory", "matmul"), default=(),
+                   help="measurements to leave out")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _torch(threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    return torch
+
+
+def _fast_forward(state, torch, position: int, gen, chunk: int = 1 << 14):
+    """``state.extend`` to ``position`` in chunks (same random chunk reused: the timing and
+    the memory do not depend on the values)."""
+    B, Dk, Dv = int(np.prod(state.batch_shape)), state.Dk, state.Dv
+    size = min(chunk, max(position, 1))
+    k = torch.randn(B, size, Dk, generator=gen, dtype=state.dtype) / math.sqrt(Dk)
+    v = torch.randn(B, size, Dv, generator=gen, dtype=state.dtype)
+    g = -0.01 * torch.rand(B, size, generator=gen, dtype=state.dtype)
+    peak = state.nbytes
+    while state.position < position:
+        n = min(size, position - state.position)
+        state.extend(k[:, :n], v[:, :n], g[:, :n])
+        peak = max(peak, state.nbytes)
+    return peak
+
+
+def _step_inputs(torch, gen, n, B, Dk, Dv, L, dtype):
+    q = torch.randn(n, B, Dk, generator=gen, dtype=dtype) / math.sqrt(Dk)
+    k = torch.randn(n, B, Dk, generator=gen, dtype=dtype) / math.sqrt(Dk)
+    v = torch.randn(n, B, Dv, generator=gen, dtype=dtype)
+    lam = torch.rand(n, B, L, generator=gen, dtype=dtype)
+    g = -0.01 * torch.rand(n, B, generator=gen, dtype=dtype)
+    return q, k, v, lam, g
+
+
+def _time_steps(args, torch, dtype, exponent, gen):
+    W = args.window
+    start = (1 << exponent) - W // 2
+    state = FenwickState((args.batch,), args.dk, args.dv, dtype=dtype)
+    _fast_forward(state, torch, start, gen)
+    q, k, v, lam, g = _step_inputs(torch, gen, W, args.batch, args.dk, args.dv, num_levels(start + W), dtype)
+    times = []
+    for i in range(W):
+        t0 = time.perf_counter()
+        state.step(q[i], k[i], v[i], lam[i], g[i])
+        times.append(time.perf_counter() - t0)
+    return sum(times) / W
+
+
+def _bench_steps(args, torch, dtype):
+    a, b = args.positions
+    if args.window > (1 << a):
+        raise SystemExit(f"--window {args.window} must be <= 2**{a}")
+    gen = torch.Generator().manual_seed(args.seed)
+    means = {a: [], b: []}
+    for _ in range(args.repeats):
+        for e in (a, b):
+            means[e].append(_time_steps(args, torch, dtype, e, gen))
+    out = {}
+    for e in (a, b):
+        lo = (1 << e) - args.window // 2
+        pops = [bin(p).count("1") for p in range(lo, lo + args.window)]
+        out[f"2^{e}"] = {
+            "positions": [lo, lo + args.window],
+            "mean_live_states": sum(pops) / len(pops),
+            "best_mean_us": min(means[e]) * 1e6,
+            "median_mean_us": statistics.median(means[e]) * 1e6,
+        }
+    out["ratio_best"] = min(means[b]) / min(means[a])
+    out["ratio_median"] = statistics.median(means[b]) / statistics.median(means[a])
+    out["target_ratio"] = 2.5
+    return out
+
+
+def _bench_memory(args, torch, dtype):
+    E = args.memory_exponent
+    P = 1 << E
+    gen = torch.Generator().manual_seed(args.seed)
+    state = FenwickState((args.batch,), args.dk, args.dv, dtype=dtype)
+    t0 = time.perf_counter()
+    peak = _fast_forward(state, torch, P - 1, gen)
+    live_before = state.num_states
+    q, k, v, lam, g = _step_inputs(torch, gen, 1, args.batch, args.dk, args.dv, num_levels(P), dtype)
+    state.step(q[0], k[0], v[0], lam[0], g[0])
+    peak = max(peak, state.nbytes)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    matrix = args.dk * args.dv * args.batch * itemsize
+    out = {
+        "position": state.position,
+        "live_states_at_2^E-1": live_before,
+        "live_states": state.num_states,
+        "slots": state.capacity,
+        "nbytes": state.nbytes,
+        "peak_nbytes": peak,
+        "state_matrices_bytes": state.capacity * matrix,
+        "decay_factor_bytes": state.capacity * args.batch * itemsize,
+        "bound_bytes": (E + 1) * matrix,
+        "seconds": time.perf_counter() - t0,
+    }
+    if args.walk:
+        t0 = time.perf_counter()
+        walk = FenwickState((1,), 1, 1, dtype=np.float64)
+        rng = np.random.default_rng(args.seed)
+        x = rng.standard_normal((1, P, 1))
+        walk.prefill(x, x, x, np.ones((1, P, E + 1)), -0.01 * rng.random((1, P)))
+        out["walk"] = {"position": walk.position, "peak_slots": walk.capacity,
+                       "seconds": time.perf_counter() - t0}
+    return out
+
+
+def _bench_matmul(args):
+    lo, hi = args.matmul_exponents
+    out = {}
+    for library in args.matmul_libraries:
+        rows = []
+        for e in range(lo, hi + 1):
+            T = 1 << e
+            rng = np.random.default_rng(args.seed)
+            lam = rng.uniform(0.5, 1.0, (T, num_levels(T)))
+            g = -rng.uniform(0.0, 1.0, T)
+            x = rng.standard_normal((T, args.matmul_d))
+            if library == "torch":
+                torch = _torch(args.threads)
+                lam, g, x = (torch.as_tensor(a, dtype=torch.float32) for a in (lam, g, x))
+            best = math.inf
+            for _ in range(args.matmul_repeats):
+                t0 = time.perf_counter()
+                matmul(lam, g, x)
+                best = min(best, time.perf_counter() - t0)
+            rows.append((T, best))
+        logT = np.log([r[0] for r in rows])
+        logt = np.log([r[1] for r in rows])
+        slope = float(np.polyfit(logT, logt, 1)[0]) if len(rows) > 1 else float("nan")
+        out[library] = {
+            "dtype": "float64" if library == "numpy" else "float32",
+            "D": args.matmul_d,
+            "seconds": {str(T): t for T, t in rows},
+            "us_per_token": {str(T): t / T * 1e6 for T, t in rows},
+            "exponent_fit": slope,
+            "exponent_endpoints": float((logt[-1] - logt[0]) / (logT[-1] - logT[0])) if len(rows) > 1 else float("nan"),
+            "target_exponent": 1.2,
+        }
+    return out
+
+
+def run(argv=None) -> dict:
+    """Run the benchmark and return the results as a dict."""
+    args = _parser().parse_args(argv)
+    results = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+               "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine()}}
+    if "step" not in args.skip or "memory" not in args.skip:
+        torch = _torch(args.threads)
+        dtype = getattr(torch, args.dtype)
+        results["machine"]["torch"] = torch.__version__
+        results["machine"]["torch_threads"] = torch.get_num_threads()
+        if "step" not in args.skip:
+            results["step"] = _bench_steps(args, torch, dtype)
+        if "memory" not in args.skip:
+            results["memory"] = _bench_memory(args, torch, dtype)
+    if "matmul" not in args.skip:
+        results["matmul"] = _bench_matmul(args)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return results
+
+
+def _report(res: dict) -> str:
+    lines = []
+    if "step" in res:
+        s = res["step"]
+        lines.append("per-token FenwickState.step (torch CPU): positions, mean live states, best / median mean step")
+        for key, row in s.items():
+            if isinstance(row, dict):
+                lines.append(f"  {key:>5}  {row['positions']}  {row['mean_live_states']:.2f}  "
+                             f"{row['best_mean_us']:.1f} us / {row['median_mean_us']:.1f} us")
+        lines.append(f"  ratio best {s['ratio_best']:.3f}, median {s['ratio_median']:.3f} (target <= {s['target_ratio']})")
+    if "memory" in res:
+        m = res["memory"]
+        lines.append(f"state memory at position {m['position']}: {m['nbytes']} B = {m['slots']} slots "
+                     f"({m['state_matrices_bytes']} B matrices + {m['decay_factor_bytes']} B decay factors); "
+                     f"peak {m['peak_nbytes']} B; bound {m['bound_bytes']} B; "
+                     f"live states {m['live_states']} (at 2^E-1: {m['live_states_at_2^E-1']})")
+        if "walk" in m:
+            w = m["walk"]
+            lines.append(f"  walk: prefill of {w['position']} tokens, peak slots {w['peak_slots']} ({w['seconds']:.1f} s)")
+    for library, mm in res.get("matmul", {}).items():
+        lines.append(f"fenwick matmul growth ({library} {mm['dtype']}, D={mm['D']}): "
+                     f"exponent {mm['exponent_fit']:.3f} (fit), {mm['exponent_endpoints']:.3f} (endpoints); "
+                     f"target <= {mm['target_exponent']}")
+        for T, t in mm["seconds"].items():
+            lines.append(f"  T={T:>7}  {t:9.4f} s  {mm['us_per_token'][T]:6.2f} us/token")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Command-line entry point (``hodlr bench-decode``)."""
+    print(_report(run(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
