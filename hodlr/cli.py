@@ -147,12 +147,13 @@ def sample_rows(T: int, n: int, seed: int = 0) -> np.ndarray:
 
 
 def dense_reference(problem: Problem, op: str) -> np.ndarray:
-    M = LogLinearMask(problem.lam, problem.g, validate=False)
-    from hodlr.api import attention, matmul
-
+    """The float64 result from ``LogLinearMask.to_dense()`` and numpy (not through any
+    backend, so that a broken ``dense`` backend is caught too)."""
+    p = problem
+    dense = LogLinearMask(p.lam, p.g, validate=False).to_dense()
     if op == "matmul":
-        return matmul(M, problem.x, backend="dense")
-    return attention(problem.q, problem.k, problem.v, M, scale=problem.scale, backend="dense")
+        return dense @ p.x
+    return (dense * (p.scale * (p.q @ np.swapaxes(p.k, -1, -2)))) @ p.v
 
 
 def dense_fits(problem: Problem) -> bool:

@@ -1,0 +1,153 @@
+"""The ``hodlr`` command line: demo, verify, show, backends and the bench hand-offs."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fenwick
+import hodlr
+from hodlr import backends as registry, cli
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_demo_runs_every_available_backend(capsys):
+    """The newcomer command: no arguments, exit status 0, a row for every backend."""
+    code, out, _ = run(capsys, "demo")
+    assert code == 0, out
+    assert "T=1000" in out and "level  blocks  block size" in out
+    assert "reference matmul: dense float64" in out
+    for name in registry.NAMES:
+        assert f"\n{name} " in out, f"no row for {name}"
+    for name, entry in hodlr.backends().items():
+        if entry["numpy"] is True:
+            assert f"{name} " in out and "ok" in out
+    assert "OK: every backend that ran agrees" in out
+
+
+def test_verify_small_with_row_reference(capsys):
+    code, out, _ = run(capsys, "verify", "--length", "65", "--batch", "2,1", "--backends", "dense,recursive",
+                       "--reference", "rows", "--rows", "5", "--dk", "3", "--dv", "2", "--decay", "strong")
+    assert code == 0, out
+    assert "exact per-row float64" in out
+
+
+def test_verify_exit_code_reflects_disagreement(capsys, monkeypatch):
+    dense = registry._load("dense")
+    monkeypatch.setattr(dense, "matmul", lambda lam, g, x: x * 1.0)
+    code, out, _ = run(capsys, "verify", "--length", "33", "--backends", "dense", "--ops", "matmul")
+    assert code == 1
+    assert "DISAGREES" in out and "FAIL" in out
+
+
+def test_verify_reports_unexpected_failures(capsys, monkeypatch):
+    dense = registry._load("dense")
+
+    def broken(lam, g, x):
+        raise IndexError("boom")
+
+    monkeypatch.setattr(dense, "matmul", broken)
+    code, out, _ = run(capsys, "verify", "--length", "9", "--backends", "dense", "--ops", "matmul")
+    assert code == 1 and "FAILED: IndexError: boom" in out
+
+
+def test_row_reference_matches_dense():
+    problem = cli.make_problem(40, (2,), 3, 2, 4, "strong", seed=1)
+    rows = cli.sample_rows(40, 5)
+    for op in ("matmul", "attention"):
+        want = cli.dense_reference(problem, op)[..., rows, :]
+        got = cli.row_reference(problem, op, rows)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-300)
+
+
+def test_interpreter_prefix_is_a_causal_prefix():
+    """Rows < n of the output depend only on the first n positions (used for Triton under
+    the interpreter)."""
+    problem = cli.make_problem(100, (1,), 3, 2, 2, "mild", seed=2)
+    full = cli.dense_reference(problem, "attention")
+    prefix = cli.dense_reference(problem.prefix(37), "attention")
+    np.testing.assert_allclose(prefix, full[..., :37, :], rtol=1e-13)
+
+
+@pytest.mark.parametrize("T", [1, 2, 9, 64])
+def test_show_grid(capsys, T):
+    code, out, _ = run(capsys, "show", str(T))
+    assert code == 0
+    grid = [line.split() for line in out.splitlines()[1 : T + 1]]
+    lev = fenwick.level_matrix(T)
+    for t in range(T):
+        assert grid[t] == ["." if lev[t, s] < 0 else cli.LEVEL_CHARS[lev[t, s]] for s in range(T)]
+
+
+def test_show_large_prints_blocks_only(capsys):
+    code, out, _ = run(capsys, "show", "1000000")
+    assert code == 0
+    assert "levels of the" not in out and "524,288 x 524,288" in out
+
+
+def test_show_png(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "m.png"
+    code, out, _ = run(capsys, "show", "16", "--png", str(path))
+    assert code == 0 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_show_png_without_matplotlib(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match="needs matplotlib"):
+        cli.main(["show", "8", "--png", str(tmp_path / "m.png")])
+
+
+def test_backends_table(capsys):
+    code, out, _ = run(capsys, "backends")
+    assert code == 0
+    for name in registry.NAMES:
+        assert name in out
+    assert "dense      yes    yes" in out
+
+
+def test_bench_missing_module(capsys, monkeypatch):
+    monkeypatch.setitem(cli.BENCHES, "bench", "hodlr.no_such_bench_module")
+    code, _, err = run(capsys, "bench", "--anything")
+    assert code == 2 and "is not part of this version" in err
+
+
+def test_bench_hands_arguments_on(capsys, monkeypatch):
+    seen = {}
+    fake = type(sys)("hodlr_fake_bench")
+    fake.main = lambda argv: seen.setdefault("argv", argv) and 0
+    monkeypatch.setitem(sys.modules, "hodlr_fake_bench", fake)
+    monkeypatch.setitem(cli.BENCHES, "bench-cpu", "hodlr_fake_bench")
+    code, _, _ = run(capsys, "bench-cpu", "--lengths", "10", "--help-me")
+    assert code == 0 and seen["argv"] == ["--lengths", "10", "--help-me"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["verify", "--length", "0"], "positive integer"),
+    (["verify", "--backends", "dense,nope"], "unknown backend"),
+    (["verify", "--decay", "lots"], "decay must be one of"),
+    (["verify", "--batch", "a,b"], "batch shape"),
+    (["show", "-3"], "positive integer"),
+])
+def test_bad_arguments_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_no_command_prints_help(capsys):
+    code, out, _ = run(capsys)
+    assert code == 2 and "demo" in out
+
+
+def test_python_dash_m():
+    out = subprocess.run([sys.executable, "-m", "hodlr", "show", "4"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1:5] == ["0 . . .", "1 0 . .", "2 2 0 .", "2 2 1 0"]
