@@ -437,7 +437,7 @@ def _add_check_args(p, length, batch, decay):
                    help=f"one of {', '.join(DECAYS)} or a constant per-step log-decay (default {decay})")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeat", type=_positive_int, default=1, help="time the best of this many runs")
+    p.add_argument("--repeat", type=_positive_int, default=1, help="time the best of this many runs (demo: 2, verify: 1)")
     p.add_argument("--reference", choices=("auto", "dense", "rows"), default="auto",
                    help="dense float64, exact sampled rows, or auto (dense when it fits the budget)")
     p.add_argument("--rows", type=int, default=64, help="random rows sampled for the row reference (default 64)")
@@ -454,6 +454,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="command")
     demo = sub.add_parser("demo", help="build a default mask, run every backend, compare with dense float64")
     _add_check_args(demo, 1000, (2,), "mild")
+    demo.set_defaults(repeat=2)
     verify = sub.add_parser("verify", help="the demo's check at a chosen size")
     _add_check_args(verify, 4097, (1,), "mild")
     show = sub.add_parser("show", help="the level structure of a length-T mask")

@@ -1,0 +1,106 @@
+"""The public API's contract: types kept, broadcasting, the registry, the auto rule, and
+identities that hold on every backend that can run here."""
+
+import numpy as np
+import pytest
+
+import fenwick
+import hodlr
+from hodlr import backends as registry
+from hodlr.testing import TOLERANCES, assert_close
+
+torch = pytest.importorskip("torch")
+
+
+def runnable(library):
+    return [n for n in registry.NAMES
+            if registry._load(n) is not None and registry._load(n).unavailable_reason(library, "cpu") is None]
+
+
+def problem(T=21, batch=(), seed=0):
+    rng = np.random.default_rng(seed)
+    lam = rng.uniform(0.5, 1.5, batch + (T, fenwick.num_levels(T)))
+    g = -rng.uniform(0, 1, batch + (T,))
+    return rng, lam, g
+
+
+@pytest.mark.parametrize("library, dtype", [("numpy", "float64"), ("numpy", "float32"),
+                                            ("torch", "float64"), ("torch", "float32")])
+def test_result_keeps_library_dtype_and_shape(library, dtype):
+    rng, lam, g = problem(batch=(2, 1))
+    conv = (lambda a: a.astype(dtype)) if library == "numpy" else (lambda a: torch.as_tensor(a).to(getattr(torch, dtype)))
+    M = hodlr.LogLinearMask(conv(lam), conv(g))
+    X = conv(rng.standard_normal((3, 21, 4)))
+    q, k, v = conv(rng.standard_normal((1, 21, 2))), conv(rng.standard_normal((21, 2))), conv(rng.standard_normal((3, 21, 5)))
+    for name in runnable(library):
+        Y = hodlr.matmul(M, X, backend=name)
+        O = hodlr.attention(q, k, v, M, backend=name)
+        for out, shape in ((Y, (2, 3, 21, 4)), (O, (2, 3, 21, 5))):
+            assert type(out) is type(X), name
+            assert out.dtype == X.dtype, name
+            assert tuple(out.shape) == shape, name
+
+
+def test_registry_is_one_object():
+    import hodlr.backends as module
+
+    assert module is hodlr.backends is registry
+    assert set(hodlr.backends()) == set(registry.NAMES)
+    for entry in hodlr.backends().values():
+        assert set(entry) == {"description", "numpy", "torch_cpu", "torch_cuda"}
+        assert all(entry[k] is True or isinstance(entry[k], str) for k in ("numpy", "torch_cpu", "torch_cuda"))
+    assert hodlr.backends()["dense"]["numpy"] is True
+
+
+def test_auto_rule():
+    assert registry.auto_backend("numpy", "cpu", 256) == "dense"
+    assert registry.auto_backend("numpy", "cpu", 257) == ("recursive" if "recursive" in runnable("numpy") else "dense")
+    torch_big = registry.auto_backend("torch", torch.device("cpu"), 257)
+    expected = next((n for n in ("chunked", "recursive") if n in runnable("torch")), "dense")
+    assert torch_big == expected
+
+
+def test_lists_and_scalar_kinds_are_accepted():
+    _, lam, g = problem(T=6)
+    M = hodlr.LogLinearMask(lam.tolist(), g.tolist())
+    want = hodlr.matmul(M, np.ones((6, 1)), backend="dense")
+    np.testing.assert_array_equal(hodlr.matmul(M, [[1.0]] * 6, backend="dense"), want)
+    q = np.ones((6, 1))
+    base = hodlr.attention(q, q, q, M, scale=0.5, backend="dense")
+    for scale in (np.float32(0.5), np.float64(0.5), np.array(0.5), torch.tensor(0.5)):
+        np.testing.assert_array_equal(hodlr.attention(q, q, q, M, scale=scale, backend="dense"), base)
+
+
+def test_half_operands_with_float32_mask():
+    rng, lam, g = problem(T=17)
+    M = hodlr.LogLinearMask(torch.as_tensor(lam, dtype=torch.float32), torch.as_tensor(g, dtype=torch.float32))
+    X = torch.as_tensor(rng.standard_normal((17, 3)))
+    for half in (torch.float16, torch.bfloat16):
+        Y = hodlr.matmul(M, X.to(half), backend="dense")
+        assert Y.dtype == half
+        assert_close(Y.float(), hodlr.matmul(hodlr.LogLinearMask(lam, g), X.numpy(), backend="dense"), 1e-2)
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_attention_with_unit_keys_is_matmul_and_linear(library):
+    """Dk = 1, q = k = 1: attention equals matmul; both are linear in X / v."""
+    rng, lam, g = problem(T=45, batch=(2,))
+    conv = (lambda a: a) if library == "numpy" else torch.as_tensor
+    M = hodlr.LogLinearMask(conv(lam), conv(g))
+    X1, X2 = conv(rng.standard_normal((2, 45, 3))), conv(rng.standard_normal((2, 45, 3)))
+    ones = conv(np.ones((45, 1)))
+    tol = TOLERANCES["cpu_float64"]
+    for name in runnable(library):
+        Y1 = hodlr.matmul(M, X1, backend=name)
+        assert_close(hodlr.attention(ones, ones, X1, M, backend=name), Y1, tol, f"{name} attention = matmul")
+        assert_close(hodlr.matmul(M, 2.0 * X1 - 3.0 * X2, backend=name),
+                     2.0 * Y1 - 3.0 * hodlr.matmul(M, X2, backend=name), tol, f"{name} linear")
+
+
+def test_scale_multiplies_scores():
+    rng, lam, g = problem(T=30)
+    M = hodlr.LogLinearMask(lam, g)
+    q, k, v = (rng.standard_normal((30, 2)) for _ in range(3))
+    for name in runnable("numpy"):
+        assert_close(hodlr.attention(q, k, v, M, scale=0.25, backend=name),
+                     0.25 * hodlr.attention(q, k, v, M, backend=name), TOLERANCES["cpu_float64"], name)
