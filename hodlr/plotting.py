@@ -273,9 +273,8 @@ def heatmap(M, ax=None, *, index=None, grid=True, min_block=None, cmap="magma", 
         leaf = int(getattr(M, "leaf_size", 1))
         if min_block is None:
             min_block = default_min_block(T, leaf)
-        first = max(int(min_block), leaf).bit_length()
-        for lev in range(first, fenwick.num_levels(T)):
-            rs, re, cs, ce = fenwick.blocks_at_level(T, lev)
+        geometry, _ = _spy_geometry(T, max(int(min_block), leaf), M, ranks=False)
+        for lev, (rs, re, cs, ce, _) in geometry.items():
             for j in range(rs.size):
                 ax.add_patch(Rectangle((cs[j], rs[j]), ce[j] - cs[j], re[j] - rs[j], fill=False,
                                        edgecolor="cyan", linewidth=0.5, gid=f"grid-L{lev}"))

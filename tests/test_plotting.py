@@ -119,6 +119,15 @@ def test_heatmap_has_grid_and_log_colours(T):
         heatmap(M, ax=_axes(), index=(0, 0))
 
 
+def test_heatmap_of_a_tree_outlines_its_blocks():
+    H = hodlr.HODLRMatrix.from_mask(_mask(65), leaf_size=3)
+    ax = heatmap(H, ax=_axes(), min_block=1)
+    counts = _gids(ax.patches)
+    for lev in H.levels:
+        assert counts[f"grid-L{lev}"] == sum(1 for b in H.blocks() if b.level == lev)
+    assert sum(counts.values()) == sum(1 for _ in H.blocks())
+
+
 @pytest.mark.parametrize("t,T", [(0, 1), (6, 8), (13, 16), (1000, 4097)])
 def test_plot_buckets_one_bar_per_set_bit(t, T):
     ax = plot_buckets(t, T, ax=_axes())
