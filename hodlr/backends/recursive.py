@@ -32,8 +32,10 @@ def unavailable_reason(library, device):
 
 
 def _pad(x, N: int):
-    """``x (..., T, D)`` padded with zeros to ``(..., N, D)`` (a fresh array)."""
+    """``x (..., T, D)`` padded with zeros to ``(..., N, D)`` (``x`` itself if ``N == T``)."""
     T = x.shape[-2]
+    if N == T:
+        return x
     pad = zeros(tuple(x.shape[:-2]) + (N - T, x.shape[-1]), x)
     return namespace(x).concatenate([x, pad], -2)
 
@@ -58,7 +60,7 @@ def matmul(level_scales, log_decay, x):
     T = x.shape[-2]
     N = 1 << (T - 1).bit_length()
     xp = _pad(x, N)
-    y = _pad(level_scales[..., 0, None] * x, N)
+    y = _pad(level_scales[..., 0, None] * x, N)  # a fresh array: updated in place below
     for u, v in _levels(level_scales, log_decay):
         n, half = u.shape[-2:]
         xs = _nodes(xp, n, half)[..., 0, :, :]
