@@ -1,5 +1,7 @@
 """The ``hodlr`` command line: demo, verify, show, backends and the bench hand-offs."""
 
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -151,3 +153,40 @@ def test_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "hodlr", "show", "4"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[1:5] == ["0 . . .", "1 0 . .", "2 2 0 .", "2 2 1 0"]
+
+
+# -- README and CI ----------------------------------------------------------------------
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def readme_commands():
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Two commands\n\n```bash\n(.*?)```", text, re.S).group(1)
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_readme_starts_with_the_two_commands():
+    install_demo, install_test = readme_commands()
+    assert install_demo == "python3 -m pip install -e . && hodlr demo"
+    assert install_test.startswith("python3 -m pip install -e '.[test]' && python3 -m pytest")
+
+
+def test_ci_runs_the_readme_test_command_and_fails_on_no_tests():
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert readme_commands()[1] in ci
+    assert ci.index("python3 -m pip install -q torch==2.13.0") < ci.index(readme_commands()[1])
+    assert any('"$rc" -eq 5' in line for line in ci)
+
+
+def test_readme_python_snippets_run(capsys):
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 3
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"README.md python block {i}", "exec"), {"__name__": "readme"})
+
+
+def test_readme_backend_table_lists_every_backend():
+    text = (ROOT / "README.md").read_text()
+    listed = re.findall(r"^\| `(\w+)` \|", text, re.M)
+    assert set(registry.NAMES) <= set(listed)
