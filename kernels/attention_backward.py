@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+import fenwick
+
 DEFAULT_CHUNK = 64
 """Chunk size of the backward when the caller passes ``chunk=None``."""
 
@@ -43,7 +45,7 @@ MIN_BLOCK = 16
 
 
 @triton.jit
-def _intra_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, dq_ptr, dk_ptr, dv_ptr, dl_ptr,
+def _intra_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, dq_ptr, dk_ptr, dv_ptr, dl_ptr, col_ptr,
                   T, L, Dk, Dv, NC, scale,
                   C: tl.constexpr, LOGC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   PREC: tl.constexpr):
@@ -78,7 +80,10 @@ def _intra_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, dq_ptr, dk_ptr, dv_
     ds = m * dp
     dq = tl.dot(ds, k, input_precision=PREC, out_dtype=acc) * scale
     dk = tl.dot(tl.trans(ds), q, input_precision=PREC, out_dtype=acc) * scale
-    dv = tl.dot(tl.trans(m * a), do, input_precision=PREC, out_dtype=acc)
+    p = m * a
+    dv = tl.dot(tl.trans(p), do, input_precision=PREC, out_dtype=acc)
+    col = tl.sum(tl.where(r[:, None] > r[None, :], dp * p, 0.0), 0)
+    tl.store(col_ptr + bh * T + t, col, mask=tm)
     tl.store(dq_ptr + qo, dq, mask=km)
     tl.store(dk_ptr + qo, dk, mask=km)
     tl.store(dv_ptr + vo, dv, mask=vm)
@@ -144,7 +149,7 @@ def _dq_scan_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dq_ptr, d
 
 
 @triton.jit
-def _dkv_scan_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dk_ptr, dv_ptr, r_ptr,
+def _dkv_scan_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dk_ptr, dv_ptr, col_ptr, r_ptr,
                      T, L, Dk, Dv, NC, scale, n: tl.constexpr, LC: tl.constexpr,
                      C: tl.constexpr, LOGC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      PREC: tl.constexpr):
@@ -181,6 +186,7 @@ def _dkv_scan_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dk_ptr, 
         dv = e[:, None] * tl.dot(k, total, input_precision=PREC, out_dtype=acc)
         tl.store(dk_ptr + qo, tl.load(dk_ptr + qo, mask=km, other=0.0) + dk, mask=km)
         tl.store(dv_ptr + vo, tl.load(dv_ptr + vo, mask=vm, other=0.0) + dv, mask=vm)
+        tl.store(col_ptr + bh * T + t, tl.load(col_ptr + bh * T + t, mask=tm, other=0.0) + tl.sum(k * dk, 1), mask=tm)
         q = tl.load(q_ptr + qo, mask=km, other=0.0).to(acc)
         do = tl.load(do_ptr + vo, mask=vm, other=0.0).to(acc)
         tl.debug_barrier()
@@ -274,16 +280,20 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     dl = torch.zeros((B, T, L), dtype=acc, device=dev)
     BK, BV = _block(Dk), _block(Dv)
     meta = dict(C=C, LOGC=LOGC, BK=BK, BV=BV, PREC=prec)
-    _intra_kernel[(n, B)](qf, kf, vf, dof, lf, b, dq, dk, dv, dl, T, L, Dk, Dv, NC, float(scale), **meta)
+    col = torch.empty((B, T), dtype=acc, device=dev)
+    _intra_kernel[(n, B)](qf, kf, vf, dof, lf, b, dq, dk, dv, dl, col, T, L, Dk, Dv, NC, float(scale), **meta)
     if LC > 0:
         scratch = torch.empty((B, LC, BK, BV), dtype=acc, device=dev)
         _dq_scan_kernel[(B,)](qf, kf, vf, dof, lf, b, gc, dq, dl, scratch,
                               T, L, Dk, Dv, NC, float(scale), n=n, LC=LC, **meta)
-        _dkv_scan_kernel[(B,)](qf, kf, vf, dof, lf, b, gc, dk, dv, scratch,
+        _dkv_scan_kernel[(B,)](qf, kf, vf, dof, lf, b, gc, dk, dv, col, scratch,
                                T, L, Dk, Dv, NC, float(scale), n=n, LC=LC, **meta)
     dg = None
     if log_decay is not None:
-        dG = (qf.to(acc) * dq).sum(-1) - (kf.to(acc) * dk).sum(-1)
+        read = torch.as_tensor(fenwick.read_levels(T, L), device=dev)
+        read[:, 0] = False
+        rows = torch.where(read, lf.to(acc) * dl, torch.zeros((), dtype=acc, device=dev)).sum(-1)
+        dG = rows - col
         dg = torch.flip(torch.cumsum(torch.flip(dG, (-1,)), -1), (-1,))
         dg[:, 0] = 0
         dg = dg.reshape(batch + (T,)).to(log_decay.dtype)

@@ -1,0 +1,255 @@
+"""The Triton backward kernels give the dense float64 gradients.
+
+On the CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set below before
+anything imports triton): hypothesis draws masks (never-read scales poisoned with NaN),
+operands and cotangents; every gradient of :func:`kernels.autograd.attention` and
+:func:`kernels.autograd.matmul` must match the dense backend's autograd gradients to
+``1e-10`` (float64) or ``1e-5`` (float32), on lengths that are not multiples of the chunk,
+and never-read scales must get exactly 0.  The ``gpu`` tests run on CUDA: bfloat16 gradients
+against the float64 reference (``<= 1e-2`` per gradient) and against
+flash-linear-attention's ``chunk_log_linear_attn`` when it is importable.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+import fenwick  # noqa: E402
+import hodlr  # noqa: E402
+import kernels  # noqa: E402
+import kernels.autograd as ka  # noqa: E402
+from hodlr import backends as registry  # noqa: E402
+from hodlr.testing import TOLERANCES, attention_inputs, batch_shapes, masks, operands, relative_error, st_lengths  # noqa: E402
+
+CHUNK = 16
+"""Small chunk for the interpreter tests, so that short sequences span several chunks and
+exercise both scans."""
+
+interpreter = pytest.mark.skipif(not kernels.interpreting(), reason="CPU proofs run under TRITON_INTERPRET=1")
+
+
+def _leaves(tensors):
+    return [None if x is None else x.detach().clone().requires_grad_(True) for x in tensors]
+
+
+def _dense_grads(op, q, k, v, lam, g, scale, w):
+    leaves = _leaves([q, k, v, lam, g])
+    M = hodlr.LogLinearMask(leaves[3].double(), None if g is None else leaves[4].double())
+    if op == "attention":
+        out = hodlr.attention(*(x.double() for x in leaves[:3]), M, scale=scale, backend="dense")
+    else:
+        out = hodlr.matmul(M, leaves[2].double(), backend="dense")
+    used = [x for x in leaves if x is not None]
+    return _named(leaves, torch.autograd.grad((out * w.double()).sum(), used, allow_unused=True), op)
+
+
+def _triton_grads(op, q, k, v, lam, g, scale, w, chunk=CHUNK, through=None):
+    leaves = _leaves([q, k, v, lam, g])
+    if through is not None:  # the registered backend, through the public API
+        M = hodlr.LogLinearMask(leaves[3], leaves[4])
+        out = (hodlr.attention(*leaves[:3], M, scale=scale, backend=through) if op == "attention"
+               else hodlr.matmul(M, leaves[2], backend=through))
+    elif op == "attention":
+        out = ka.attention(*leaves, scale, chunk=chunk)
+    else:
+        out = ka.matmul(leaves[3], leaves[4], leaves[2], chunk=chunk)
+    assert out.requires_grad, "result is cut off from the autograd graph"
+    used = [x for x in leaves if x is not None]
+    return _named(leaves, torch.autograd.grad((out * w.to(out.dtype)).sum(), used, allow_unused=True), op)
+
+
+def _named(leaves, grads, op):
+    names = [n for n, x in zip(["q", "k", "v", "level_scales", "log_decay"], leaves) if x is not None]
+    out = dict(zip(names, grads))
+    if op == "matmul":
+        out.pop("q", None), out.pop("k", None)
+    return out
+
+
+def _check(got, want, tol, what, T):
+    for key, expected in want.items():
+        actual = got[key] if got[key] is not None else torch.zeros_like(expected)
+        err = relative_error(actual, expected)
+        assert err <= tol, f"{what}: d{key} relative error {err:.3e} > {tol:.0e} (T={T})"
+
+
+def _check_unread_zero(dlam, T):
+    read = torch.as_tensor(fenwick.read_levels(T, dlam.shape[-1]), device=dlam.device)
+    unread = dlam[..., ~read]
+    assert torch.equal(unread, torch.zeros_like(unread)), "never-read level scales got a nonzero gradient"
+
+
+def _inputs(M, q, k, v):
+    return q, k, v, M.level_scales, M.log_decay
+
+
+@interpreter
+@settings(max_examples=20)
+@given(data=st.data())
+def test_attention_gradients_match_dense(data):
+    M = data.draw(masks(T=st_lengths(max_value=80), batch_shape=batch_shapes(2, 2), library="torch", dtype=torch.float64))
+    q, k, v = data.draw(attention_inputs(M, Dk=st.integers(1, 5), Dv=st.integers(1, 5)))
+    scale = data.draw(st.sampled_from([1.0, 0.3]))
+    batch = torch.broadcast_shapes(M.batch_shape, q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    w = torch.as_tensor(np.random.default_rng(data.draw(st.integers(0, 2**31))).standard_normal(batch + v.shape[-1:]))
+    w = w.reshape(batch + (1, v.shape[-1])).expand(batch + (M.T, v.shape[-1])) * torch.linspace(0.5, 1.5, M.T)[:, None].double()
+    args = _inputs(M, q, k, v)
+    got = _triton_grads("attention", *args, scale, w)
+    _check(got, _dense_grads("attention", *args, scale, w), TOLERANCES["grad_float64"], "attention", M.T)
+    _check_unread_zero(got["level_scales"], M.T)
+
+
+@interpreter
+@settings(max_examples=15)
+@given(data=st.data())
+def test_matmul_gradients_match_dense(data):
+    M = data.draw(masks(T=st_lengths(max_value=80), batch_shape=batch_shapes(2, 2), library="torch", dtype=torch.float64))
+    x = data.draw(operands(M, D=st.integers(1, 5)))
+    batch = torch.broadcast_shapes(M.batch_shape, x.shape[:-2])
+    w = torch.as_tensor(np.random.default_rng(data.draw(st.integers(0, 2**31))).standard_normal(batch + x.shape[-2:]))
+    args = (None, None, x, M.level_scales, M.log_decay)
+    got = _triton_grads("matmul", *args, 1.0, w)
+    _check(got, _dense_grads("matmul", *args, 1.0, w), TOLERANCES["grad_float64"], "matmul", M.T)
+    _check_unread_zero(got["level_scales"], M.T)
+
+
+def _case(T, rng, dtype=torch.float64, batch=(2,), Dk=3, Dv=4, decay=0.5, poison=True):
+    L = fenwick.num_levels(T) + 1
+    lam = torch.as_tensor(rng.uniform(0.3, 1.2, batch + (T, L)), dtype=dtype)
+    if poison:
+        lam = hodlr.testing.poison_unread(lam)
+    g = None if decay is None else torch.as_tensor(-rng.uniform(0.0, decay, batch + (T,)), dtype=dtype)
+    q = torch.as_tensor(rng.standard_normal((1,) * len(batch) + (T, Dk)), dtype=dtype)
+    k = torch.as_tensor(rng.standard_normal(batch + (T, Dk)), dtype=dtype)
+    v = torch.as_tensor(rng.standard_normal(batch + (T, Dv)), dtype=dtype)
+    w = torch.as_tensor(rng.standard_normal(batch + (T, Dv)), dtype=dtype)
+    return q, k, v, lam, g, w
+
+
+@interpreter
+@pytest.mark.parametrize("T", [1, 2, 3, 15, 16, 17, 33, 63, 65, 129, 257])
+@pytest.mark.parametrize("decay", [None, 0.5, 30.0])
+def test_awkward_lengths(T, decay, rng):
+    q, k, v, lam, g, w = _case(T, rng, decay=decay)
+    for op in ("attention", "matmul"):
+        got = _triton_grads(op, q, k, v, lam, g, 0.5, w)
+        _check(got, _dense_grads(op, q, k, v, lam, g, 0.5, w), TOLERANCES["grad_float64"], op, T)
+        _check_unread_zero(got["level_scales"], T)
+
+
+@interpreter
+@pytest.mark.parametrize("chunk", [16, 32, 64])
+def test_chunk_sizes(chunk, rng):
+    T = 150
+    q, k, v, lam, g, w = _case(T, rng)
+    got = _triton_grads("attention", q, k, v, lam, g, 1.0, w, chunk=chunk)
+    _check(got, _dense_grads("attention", q, k, v, lam, g, 1.0, w), TOLERANCES["grad_float64"], f"chunk {chunk}", T)
+
+
+@interpreter
+@pytest.mark.parametrize("T", [5, 40, 100])
+def test_float32(T, rng):
+    q, k, v, lam, g, w = _case(T, rng, dtype=torch.float32)
+    for op in ("attention", "matmul"):
+        got = _triton_grads(op, q, k, v, lam, g, 0.5, w)
+        _check(got, _dense_grads(op, q, k, v, lam, g, 0.5, w), TOLERANCES["interpreter_float32"], op, T)
+
+
+@interpreter
+@pytest.mark.parametrize("T", [3, 33, 65])
+def test_unread_finite_scales_get_exactly_zero(T, rng):
+    """Unread scales hold finite values here, so a leak would show as a number."""
+    q, k, v, lam, g, w = _case(T, rng, poison=False)
+    read = torch.as_tensor(fenwick.read_levels(T, lam.shape[-1]))
+    for op in ("attention", "matmul"):
+        dlam = _triton_grads(op, q, k, v, lam, g, 1.0, w)["level_scales"]
+        _check_unread_zero(dlam, T)
+        assert bool((dlam[..., read] != 0).all()), f"{op}: a read scale got a zero gradient"
+
+
+@interpreter
+def test_gradcheck(rng):
+    T = 37
+    q, k, v, lam, g, _ = _case(T, rng, batch=(), Dk=2, Dv=2, poison=False)
+    inputs = tuple(x.requires_grad_(True) for x in (q, k, v, lam, g))
+    assert torch.autograd.gradcheck(lambda *a: ka.attention(*a, 0.6, chunk=CHUNK), inputs, fast_mode=True)
+    assert torch.autograd.gradcheck(lambda lam, g, x: ka.matmul(lam, g, x, chunk=CHUNK), inputs[3:] + inputs[2:3],
+                                    fast_mode=True)
+
+
+@interpreter
+@settings(max_examples=10)
+@given(data=st.data())
+def test_registered_backend_gradients(data):
+    """Once ``backend="triton"`` is registered and runs here, its gradients (through the
+    public API) are the dense ones."""
+    module = registry._load("triton")
+    if module is None or module.unavailable_reason("torch", torch.device("cpu")) is not None:
+        pytest.skip("backend 'triton' is not registered for torch CPU tensors")
+    M = data.draw(masks(T=st_lengths(max_value=80), library="torch", dtype=torch.float64))
+    q, k, v = data.draw(attention_inputs(M, Dk=st.integers(1, 4), Dv=st.integers(1, 4)))
+    w = torch.ones(torch.broadcast_shapes(M.batch_shape, v.shape[:-2]) + v.shape[-2:], dtype=torch.float64)
+    args = _inputs(M, q, k, v)
+    for op in ("attention", "matmul"):
+        got = _triton_grads(op, *args, 0.5, w, through="triton")
+        _check(got, _dense_grads(op, *args, 0.5, w), TOLERANCES["grad_float64"], f"backend=triton {op}", M.T)
+
+
+# -- GPU ------------------------------------------------------------------------------------
+
+def _gpu_case(B, H, T, D, seed, decay=0.05):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    L = fenwick.num_levels(T)
+
+    def rnd(*shape, lo=None, hi=None):
+        x = torch.rand(shape, generator=gen, device="cuda", dtype=torch.float32) if lo is not None else \
+            torch.randn(shape, generator=gen, device="cuda", dtype=torch.float32)
+        return x * (hi - lo) + lo if lo is not None else x
+
+    q, k, v, do = (rnd(B, H, T, D) for _ in range(4))
+    q, k = q / D**0.5, k / D**0.5
+    lam = rnd(B, H, T, L, lo=0.2, hi=1.0)
+    g = -rnd(B, H, T, lo=0.0, hi=decay)
+    return [x.to(torch.bfloat16) for x in (q, k, v, lam, g, do)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 63, 1000, 2048, 4097])
+def test_gpu_bf16_gradients_match_float64(T):
+    q, k, v, lam, g, do = _gpu_case(2, 2, T, 64, seed=T)
+    got = _triton_grads("attention", q, k, v, lam, g, 1.0, do, chunk=None)
+    want = _dense_grads("attention", q, k, v, lam, g, 1.0, do)
+    _check(got, want, TOLERANCES["gpu_bfloat16"], "bf16 attention", T)
+    _check_unread_zero(got["level_scales"], T)
+    got = _triton_grads("matmul", q, k, v, lam, g, 1.0, do, chunk=None)
+    want = _dense_grads("matmul", q, k, v, lam, g, 1.0, do)
+    _check(got, want, TOLERANCES["gpu_bfloat16"], "bf16 matmul", T)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [256, 2048, 4096])
+def test_gpu_gradients_match_fla(T):
+    fla = pytest.importorskip("fla.ops.log_linear_attn")
+    q, k, v, lam, g, do = _gpu_case(1, 4, T, 64, seed=7 + T)
+    ours = _triton_grads("attention", q, k, v, lam, g, 1.0, do, chunk=None)
+    want = _dense_grads("attention", q, k, v, lam, g, 1.0, do)
+    leaves = _leaves([x.transpose(1, 2).contiguous() for x in (q, k, v, lam)] + [g.transpose(1, 2).contiguous()])
+    o, _ = fla.chunk_log_linear_attn(leaves[0], leaves[1], leaves[2], leaves[4], leaves[3], scale=1.0)
+    grads = torch.autograd.grad((o * do.transpose(1, 2)).sum(), leaves)
+    theirs = dict(zip(["q", "k", "v", "level_scales", "log_decay"], (x.transpose(1, 2) for x in grads)))
+    for key in want:
+        err_ours = relative_error(ours[key], want[key])
+        err_fla = relative_error(theirs[key], want[key])
+        err_between = relative_error(ours[key], theirs[key])
+        print(f"T={T} d{key}: ours {err_ours:.2e}, fla {err_fla:.2e}, ours vs fla {err_between:.2e}")
+        assert err_ours <= TOLERANCES["gpu_bfloat16"]
+        assert err_between <= 2 * TOLERANCES["gpu_bfloat16"] or err_ours <= err_fla
