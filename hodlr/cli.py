@@ -165,16 +165,21 @@ def dense_fits(problem: Problem) -> bool:
 
 
 # -- running backends --------------------------------------------------------------------
-def _targets():
-    """The (library, device) pairs this machine offers."""
-    out = [("numpy", "cpu")]
+ARRAYS = {"numpy": ("numpy", "cpu"), "torch": ("torch", "cpu"), "cuda": ("torch", "cuda")}
+"""``--arrays`` names of the (library, device) pairs a check can run on."""
+
+
+def _targets(arrays=tuple(ARRAYS)):
+    """The (library, device) pairs among ``arrays`` that this machine offers."""
+    out = [ARRAYS["numpy"]] if "numpy" in arrays else []
     try:
         import torch
     except ImportError:
         return out
-    out.append(("torch", "cpu"))
-    if torch.cuda.is_available():
-        out.append(("torch", "cuda"))
+    if "torch" in arrays:
+        out.append(ARRAYS["torch"])
+    if "cuda" in arrays and torch.cuda.is_available():
+        out.append(ARRAYS["cuda"])
     return out
 
 
@@ -268,7 +273,7 @@ def run_one(name, library, device, problem, op, rows, reference, dtype, repeat, 
 
 
 def check(problem, names, ops=("matmul", "attention"), dtype="float64", rows=None, repeat=1,
-          interpreter_length=INTERPRETER_LENGTH, memory=False, out=print):
+          interpreter_length=INTERPRETER_LENGTH, memory=False, arrays=tuple(ARRAYS), out=print):
     """Run every backend in ``names`` on every (library, device) where it can run; print a
     table; return ``True`` iff all results agree within tolerance."""
     references = {}
@@ -289,7 +294,7 @@ def check(problem, names, ops=("matmul", "attention"), dtype="float64", rows=Non
             continue
         ran = False
         reasons = []
-        for library, device in _targets():
+        for library, device in _targets(arrays):
             reason = module.unavailable_reason(library, device)
             if reason is not None:
                 reasons.append(f"{library}/{device}: {reason}")
@@ -417,6 +422,13 @@ def _decay(text: str):
     return value
 
 
+def _arrays(text: str) -> tuple:
+    names = tuple(a.strip() for a in text.split(",") if a.strip())
+    if not names or any(a not in ARRAYS for a in names):
+        raise argparse.ArgumentTypeError(f"arrays must be a comma-separated subset of {', '.join(ARRAYS)}, got {text!r}")
+    return names
+
+
 def _ops(text: str) -> tuple:
     ops = tuple(o.strip() for o in text.split(",") if o.strip())
     if not ops or any(o not in ("matmul", "attention") for o in ops):
@@ -430,6 +442,8 @@ def _add_check_args(p, length, batch, decay):
     p.add_argument("--backends", type=_backend_list, default=list(registry.NAMES),
                    help="comma-separated backends (default: all)")
     p.add_argument("--ops", type=_ops, default=("matmul", "attention"), help="matmul, attention or both")
+    p.add_argument("--arrays", type=_arrays, default=tuple(ARRAYS),
+                   help="array types to run on: numpy, torch (CPU), cuda (default: all present)")
     p.add_argument("--d", type=_positive_int, default=16, help="matmul width D (default 16)")
     p.add_argument("--dk", type=_positive_int, default=16, help="attention Dk (default 16)")
     p.add_argument("--dv", type=_positive_int, default=16, help="attention Dv (default 16)")
@@ -475,10 +489,11 @@ def _cmd_check(args, demo: bool) -> int:
     if args.reference == "rows" or (args.reference == "auto" and not dense_fits(problem)):
         rows = sample_rows(args.length, args.rows, args.seed)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    ok = check(problem, args.backends, args.ops, args.dtype, rows, args.repeat, args.interpreter_length, args.memory)
+    ok = check(problem, args.backends, args.ops, args.dtype, rows, args.repeat, args.interpreter_length, args.memory,
+               args.arrays)
     if args.memory:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(f"peak RSS of this process: {rss / 2**10:.1f} MiB (after building inputs and references: {rss0 / 2**10:.1f} MiB)")
+        print(f"peak RSS of this process: {rss / 2**10:.1f} MiB (before the checks, inputs built: {rss0 / 2**10:.1f} MiB)")
     return 0 if ok else 1
 
 

@@ -35,9 +35,11 @@ def test_demo_runs_every_available_backend(capsys):
 
 def test_verify_small_with_row_reference(capsys):
     code, out, _ = run(capsys, "verify", "--length", "65", "--batch", "2,1", "--backends", "dense,recursive",
-                       "--reference", "rows", "--rows", "5", "--dk", "3", "--dv", "2", "--decay", "strong")
+                       "--reference", "rows", "--rows", "5", "--dk", "3", "--dv", "2", "--decay", "strong",
+                       "--arrays", "numpy", "--memory")
     assert code == 0, out
     assert "exact per-row float64" in out
+    assert "torch/cpu" not in out and "peak traced" in out and "peak RSS" in out
 
 
 def test_verify_exit_code_reflects_disagreement(capsys, monkeypatch):
@@ -136,6 +138,7 @@ def test_bench_hands_arguments_on(capsys, monkeypatch):
     (["verify", "--decay", "lots"], "decay must be one of"),
     (["verify", "--batch", "a,b"], "batch shape"),
     (["show", "-3"], "positive integer"),
+    (["verify", "--arrays", "tpu"], "arrays must be"),
 ])
 def test_bad_arguments_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as info:
