@@ -116,32 +116,51 @@ class SparseMask:
 class SparseStructure:
     """Index arrays shared by every mask of length ``T`` (see :func:`sparse_structure`).
 
-    ``U_indptr (K+1,)``, ``U_rows (nnz_U,)``, ``V_indptr (K+1,)``, ``V_rows (nnz_V,)``
-    describe ``U`` and ``V`` in CSC layout; ``levels (K,)``; ``U_counts`` / ``V_counts``
-    (one per level) say how many entries of the level's flattened factors to keep.
+    Attributes
+    ----------
+    levels : ``(K,)`` int64, the level of each column.
+    U_indptr : ``(T + 1,)``, U_cols : ``(nnz_U,)``
+        ``U`` in CSR layout (row ``t`` holds one entry per set bit of ``t``, by level).
+    V_indptr : ``(K + 1,)``, V_rows : ``(nnz_V,)``
+        ``V`` in CSC layout (column ``b`` holds its block's columns, in order).
+    U_positions : list of ``(count,)`` int64 arrays, one per level
+        Where the level's ``count`` kept entries of the flattened row factors
+        ``u (nodes, half)`` go in ``U``'s CSR data.
+    V_ranges : list of ``(start, stop)``, one per level
+        The slice of ``V``'s CSC data that holds the level's flattened column factors.
     """
 
     def __init__(self, T: int):
         self.T = T
-        levels, u_rows, v_rows, u_counts, v_counts, u_cols, v_cols = [], [], [], [], [], [], []
-        for lev in range(1, fenwick.num_levels(T)):
+        L = fenwick.num_levels(T)
+        t = np.arange(T, dtype=np.int64)
+        popcount = np.zeros(T, dtype=np.int64)
+        for b in range(L - 1):
+            popcount += (t >> b) & 1
+        self.U_indptr = np.concatenate([[0], np.cumsum(popcount)]).astype(np.int64)
+        self.U_cols = np.empty(int(self.U_indptr[-1]), dtype=np.int64)
+        filled = np.zeros(T, dtype=np.int64)
+        levels, v_rows, v_counts, self.U_positions, self.V_ranges = [], [], [], [], []
+        K = v_start = 0
+        for lev in range(1, L):
             row_start, row_stop, col_start, _ = fenwick.blocks_at_level(T, lev)
-            half = 1 << (lev - 1)
+            nb, half = row_start.size, 1 << (lev - 1)
             offsets = np.arange(half, dtype=np.int64)
-            rows = row_stop - row_start
-            levels.append(np.full(row_start.size, lev, dtype=np.int64))
-            u_counts.append(int(rows.sum()))
-            v_counts.append(row_start.size * half)
-            u_rows.append((row_start[:, None] + offsets).ravel()[: u_counts[-1]])
+            rows = (row_start[:, None] + offsets).ravel()[: int((row_stop - row_start).sum())]
+            positions = self.U_indptr[rows] + filled[rows]
+            filled[rows] += 1
+            self.U_cols[positions] = K + rows // (2 * half)
+            self.U_positions.append(positions)
             v_rows.append((col_start[:, None] + offsets).ravel())
-            u_cols.append(rows)
-            v_cols.append(np.full(row_start.size, half, dtype=np.int64))
+            v_counts.append(np.full(nb, half, dtype=np.int64))
+            self.V_ranges.append((v_start, v_start + nb * half))
+            levels.append(np.full(nb, lev, dtype=np.int64))
+            K += nb
+            v_start += nb * half
         self.levels = _concat(levels)
-        self.U_rows, self.V_rows = _concat(u_rows), _concat(v_rows)
-        self.U_indptr = np.concatenate([[0], np.cumsum(_concat(u_cols))]).astype(np.int64)
-        self.V_indptr = np.concatenate([[0], np.cumsum(_concat(v_cols))]).astype(np.int64)
-        self.U_counts, self.V_counts = u_counts, v_counts
-        for a in (self.levels, self.U_rows, self.V_rows, self.U_indptr, self.V_indptr):
+        self.V_rows = _concat(v_rows)
+        self.V_indptr = np.concatenate([[0], np.cumsum(_concat(v_counts))]).astype(np.int64)
+        for a in (self.levels, self.U_indptr, self.U_cols, self.V_rows, self.V_indptr, *self.U_positions):
             a.flags.writeable = False
 
     @property
@@ -168,6 +187,16 @@ def numpy_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64) if dtype == torch.float64 else np.dtype(np.float32)
 
 
+def as_numpy(x, dtype):
+    """``x`` (numpy or torch, any device) as a numpy array of ``dtype``; ``None`` stays
+    ``None``."""
+    if x is None:
+        return None
+    if is_torch(x) and x.dtype.itemsize < 4:
+        x = x.float()
+    return np.asarray(to_numpy(x), dtype=dtype)
+
+
 def sparse_data(level_scales, log_decay):
     """Values of the sparse form, batched.
 
@@ -175,42 +204,47 @@ def sparse_data(level_scales, log_decay):
     ----------
     level_scales : array, shape ``(*batch, T, L)``; log_decay : array ``(*batch, T)`` or None
         numpy or torch (converted to numpy: float64 stays float64, other dtypes become
-        float32).  The batch shapes must already agree.
+        float32).
 
     Returns
     -------
     diagonal : ``(*batch, T)``, U_data : ``(*batch, nnz_U)``, V_data : ``(*batch, nnz_V)``
-        numpy arrays in the CSC order of :func:`sparse_structure`.
+        numpy arrays: ``U``'s data in CSR order and ``V``'s in CSC order, as
+        :func:`sparse_structure` lays them out.
     """
     from hodlr.mask import LogLinearMask
 
     dtype = numpy_dtype(level_scales.dtype)
-    lam = to_numpy(level_scales.float() if is_torch(level_scales) and level_scales.dtype.itemsize < 4 else level_scales)
-    lam = lam.astype(dtype, copy=False)
-    g = None if log_decay is None else np.asarray(to_numpy(log_decay.float() if is_torch(log_decay) and log_decay.dtype.itemsize < 4 else log_decay), dtype=dtype)
-    mask = LogLinearMask(lam, g, validate=False)
+    mask = LogLinearMask(as_numpy(level_scales, dtype), as_numpy(log_decay, dtype), validate=False)
     structure = sparse_structure(mask.T)
     batch = mask.batch_shape
-    u_parts, v_parts = [], []
-    for lev, (nu, nv) in enumerate(zip(structure.U_counts, structure.V_counts), start=1):
+    U_data = np.empty(batch + (structure.U_cols.size,), dtype=dtype)
+    V_data = np.empty(batch + (structure.V_rows.size,), dtype=dtype)
+    for lev, (positions, (start, stop)) in enumerate(zip(structure.U_positions, structure.V_ranges), start=1):
         u, v = mask.block_factors(lev)
-        u_parts.append(u.reshape(batch + (-1,))[..., :nu])
-        v_parts.append(v.reshape(batch + (-1,))[..., :nv])
-    empty = np.zeros(batch + (0,), dtype=dtype)
-    U_data = np.concatenate(u_parts, -1) if u_parts else empty
-    V_data = np.concatenate(v_parts, -1) if v_parts else empty
-    diagonal = np.broadcast_to(lam[..., 0], batch + (mask.T,))
+        U_data[..., positions] = u.reshape(batch + (-1,))[..., : positions.size]
+        V_data[..., start:stop] = v.reshape(batch + (-1,))[..., : stop - start]
+    diagonal = np.broadcast_to(mask.diagonal(), batch + (mask.T,))
     return diagonal, U_data, V_data
 
 
-def block_diagonal(indptr, rows, data, T: int, K: int):
-    """``scipy.sparse.csc_array`` of shape ``(B T, B K)``: the ``B`` matrices given by the
-    shared CSC structure ``(indptr, rows)`` and ``data (B, nnz)`` on the diagonal."""
+def block_diagonal(kind: str, indptr, indices, data, shape):
+    """The ``B`` sparse matrices of one shared structure, on the diagonal of one.
+
+    ``kind`` is ``"csr"`` or ``"csc"``; ``indptr, indices`` describe one ``shape`` matrix
+    in that layout and ``data (B, nnz)`` holds each matrix's values.  Returns a
+    ``scipy.sparse`` array of shape ``(B shape[0], B shape[1])``.
+    """
     B, nnz = data.shape
-    shift = np.arange(B, dtype=np.int64)[:, None]
-    big_rows = (rows[None, :] + T * shift).ravel()
-    big_indptr = np.concatenate([(indptr[None, :-1] + nnz * shift).ravel(), [B * nnz]])
-    return scipy.sparse.csc_array((data.ravel(), big_rows, big_indptr), shape=(B * T, B * K))
+    if B == 1:
+        big_indices, big_indptr = indices, indptr
+    else:
+        shift = np.arange(B, dtype=np.int64)[:, None]
+        inner = shape[1] if kind == "csr" else shape[0]
+        big_indices = (indices[None, :] + inner * shift).ravel()
+        big_indptr = np.concatenate([(indptr[None, :-1] + nnz * shift).ravel(), [B * nnz]])
+    cls = scipy.sparse.csr_array if kind == "csr" else scipy.sparse.csc_array
+    return cls((data.ravel(), big_indices, big_indptr), shape=(B * shape[0], B * shape[1]))
 
 
 def mask_to_sparse(M):
@@ -241,9 +275,9 @@ def mask_to_sparse(M):
     batch = M.batch_shape
 
     def one(index):
-        U = scipy.sparse.csc_array((U_data[index], structure.U_rows, structure.U_indptr), shape=(M.T, structure.K))
+        U = scipy.sparse.csr_array((U_data[index], structure.U_cols, structure.U_indptr), shape=(M.T, structure.K))
         V = scipy.sparse.csc_array((V_data[index], structure.V_rows, structure.V_indptr), shape=(M.T, structure.K))
-        return SparseMask(np.ascontiguousarray(diagonal[index]), U.tocsr(), V, structure.levels)
+        return SparseMask(np.ascontiguousarray(diagonal[index]), U, V, structure.levels)
 
     if batch == ():
         return one(())

@@ -156,7 +156,7 @@ class HODLRMatrix:
             ``LogLinearMask(M.level_scales[0], M.log_decay[0])``), or ``leaf_size < 1``.
         """
         from hodlr.mask import LogLinearMask
-        from hodlr.sparse import numpy_dtype
+        from hodlr.sparse import as_numpy, numpy_dtype
 
         if M.batch_shape != ():
             raise ValueError(
@@ -165,15 +165,7 @@ class HODLRMatrix:
             )
         leaf_size = _check_positive_int("leaf_size", leaf_size)
         dtype = numpy_dtype(M.dtype)
-
-        def numpy(a):
-            if a is None:
-                return None
-            if is_torch(a) and a.dtype.itemsize < 4:
-                a = a.float()
-            return np.asarray(to_numpy(a), dtype=dtype)
-
-        mask = LogLinearMask(numpy(M.level_scales), numpy(M.log_decay), validate=False)
+        mask = LogLinearMask(as_numpy(M.level_scales, dtype), as_numpy(M.log_decay, dtype), validate=False)
         factors = {lev: mask.block_factors(lev) for lev in range(1, mask.num_levels)}
         diagonal = np.asarray(mask.diagonal())
 

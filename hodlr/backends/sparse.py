@@ -19,7 +19,7 @@ import importlib.util
 
 import numpy as np
 
-from fenwick.arrays import as_like, is_torch, to_numpy
+from fenwick.arrays import as_like, is_torch
 from hodlr.errors import BackendUnavailableError
 
 DESCRIPTION = "scipy sparse diag(lam0) + U V^T (numpy inside: torch is converted, no autograd)"
@@ -44,14 +44,8 @@ def _check_no_grad(*arrays):
         )
 
 
-def _numpy(x, dtype):
-    if is_torch(x) and x.dtype.itemsize < 4:
-        x = x.float()
-    return np.asarray(to_numpy(x), dtype=dtype)
-
-
 def _factors(level_scales, log_decay):
-    """``(dtype, batch, T, lam0 (B, T), U (B T, B K) CSC, V (B T, B K) CSC)``."""
+    """``(dtype, batch, T, lam0 (B, T), U (B T, B K) CSR, V (B T, B K) CSC)``."""
     from hodlr.sparse import block_diagonal, numpy_dtype, sparse_data, sparse_structure
 
     dtype = numpy_dtype(level_scales.dtype)
@@ -60,9 +54,10 @@ def _factors(level_scales, log_decay):
     structure = sparse_structure(T)
     diagonal, U_data, V_data = sparse_data(level_scales, log_decay)
     B = int(np.prod(batch, dtype=np.int64))
-    U = block_diagonal(structure.U_indptr, structure.U_rows, U_data.reshape(B, -1), T, structure.K)
-    V = block_diagonal(structure.V_indptr, structure.V_rows, V_data.reshape(B, -1), T, structure.K)
-    return dtype, batch, T, diagonal.reshape(B, T), U.tocsr(), V
+    shape = (T, structure.K)
+    U = block_diagonal("csr", structure.U_indptr, structure.U_cols, U_data.reshape(B, -1), shape)
+    V = block_diagonal("csc", structure.V_indptr, structure.V_rows, V_data.reshape(B, -1), shape)
+    return dtype, batch, T, diagonal.reshape(B, T), U, V
 
 
 def _back(out, like):
@@ -71,21 +66,25 @@ def _back(out, like):
 
 
 def matmul(level_scales, log_decay, x):
+    from hodlr.sparse import as_numpy
+
     _check_no_grad(level_scales, log_decay, x)
     dtype, batch, T, lam0, U, V = _factors(level_scales, log_decay)
     D = x.shape[-1]
-    flat = _numpy(x, dtype).reshape(-1, D)
+    flat = as_numpy(x, dtype).reshape(-1, D)
     y = lam0.reshape(-1, 1) * flat + U @ (V.T @ flat)
     return _back(y.reshape(batch + (T, D)), x)
 
 
 def attention(q, k, v, level_scales, log_decay, scale):
+    from hodlr.sparse import as_numpy
+
     _check_no_grad(level_scales, log_decay, q, k, v)
     dtype, batch, T, lam0, U, V = _factors(level_scales, log_decay)
     Dk, Dv = q.shape[-1], v.shape[-1]
-    qn = _numpy(q, dtype).reshape(-1, Dk) * dtype.type(scale)
-    kn = _numpy(k, dtype).reshape(-1, Dk)
-    vn = _numpy(v, dtype).reshape(-1, Dv)
+    qn = as_numpy(q, dtype).reshape(-1, Dk) * dtype.type(scale)
+    kn = as_numpy(k, dtype).reshape(-1, Dk)
+    vn = as_numpy(v, dtype).reshape(-1, Dv)
     kv = (kn[:, :, None] * vn[:, None, :]).reshape(-1, Dk * Dv)
     rows = (U @ (V.T @ kv)).reshape(-1, Dk, Dv)
     out = np.einsum("tk,tkv->tv", qn, rows) + (lam0.reshape(-1) * np.einsum("tk,tk->t", qn, kn))[:, None] * vn
