@@ -317,7 +317,8 @@ class FenwickState:
             tail = tuple(tail[:-1]) + (int(x.shape[-1]),)
         want = self._batch + tuple(tail)
         if tuple(x.shape) != want:
-            raise ValueError(f"{name} must have shape {layout} = {want}, got shape {tuple(x.shape)}")
+            shown = "(" + ", ".join("L" if n is None else str(n) for n in want) + ("," if len(want) == 1 else "") + ")"
+            raise ValueError(f"{name} must have shape {layout} = {shown}, got shape {tuple(x.shape)}")
         return x.reshape((self._B,) + tuple(tail))
 
     def _check_levels(self, L, last):
