@@ -94,16 +94,17 @@ def _intra_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, dq_ptr, dk_ptr, dv_
 
 
 @triton.jit
-def _dq_scan_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dq_ptr, dl_ptr, s_ptr,
-                    T, L, Dk, Dv, NC, scale, n: tl.constexpr, LC: tl.constexpr,
-                    C: tl.constexpr, LOGC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    PREC: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
+def _dq_scan(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dq_ptr, dl_ptr, s_ptr, bh, k0,
+             T, L, Dk, Dv, NC, scale, n: tl.constexpr, LC: tl.constexpr, C: tl.constexpr, LOGC: tl.constexpr,
+             BKS: tl.constexpr, SK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Chunks in order; key-side Fenwick states over chunks for the key columns
+    ``[k0, k0 + BKS)``: adds the across-chunk ``dq`` and (atomically, a partial sum over
+    key columns) ``dλ[:, c+1+h]``."""
     acc = dq_ptr.dtype.element_ty
     r = tl.arange(0, C)
-    kk = tl.arange(0, BK)
+    kk = k0 + tl.arange(0, BKS)
     vv = tl.arange(0, BV)
-    s_base = s_ptr + bh * LC * BK * BV + kk[:, None] * BV + vv[None, :]
+    s_base = s_ptr + bh * LC * SK * BV + kk[:, None] * BV + vv[None, :]
     gc_base = gc_ptr + bh * (n + 1)
     for i in range(0, n):
         t = i * C + r
@@ -116,16 +117,16 @@ def _dq_scan_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dq_ptr, d
         do = tl.load(do_ptr + vo, mask=vm, other=0.0).to(acc)
         b = tl.load(b_ptr + bh * NC + t).to(acc)
         g_here = tl.load(gc_base + i)
-        dq = tl.zeros((C, BK), dtype=acc)
+        dq = tl.zeros((C, BKS), dtype=acc)
         for h in range(0, LC):
             if ((i >> h) & 1) == 1:
                 g_end = tl.load(gc_base + ((i >> h) << h))
-                state = tl.load(s_base + h * BK * BV)
+                state = tl.load(s_base + h * SK * BV)
                 f = tl.exp(b + (g_here - g_end).to(acc)) * scale
                 lam = tl.load(l_ptr + bh * T * L + t * L + (LOGC + 1 + h), mask=tm, other=0.0).to(acc)
                 xs = tl.dot(do, tl.trans(state), input_precision=PREC, out_dtype=acc)
                 dq += (f * lam)[:, None] * xs
-                tl.store(dl_ptr + bh * T * L + t * L + (LOGC + 1 + h), f * tl.sum(q * xs, 1), mask=tm)
+                tl.atomic_add(dl_ptr + bh * T * L + t * L + (LOGC + 1 + h), f * tl.sum(q * xs, 1), mask=tm)
         old = tl.load(dq_ptr + qo, mask=km, other=0.0)
         tl.store(dq_ptr + qo, old + dq, mask=km)
         if i + 1 < n:
@@ -135,30 +136,29 @@ def _dq_scan_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dq_ptr, d
             gamma = tl.load(b_ptr + bh * NC + i * C + C - 1).to(acc)
             ke = k * tl.exp(gamma - b)[:, None]
             new = tl.dot(tl.trans(ke), v, input_precision=PREC, out_dtype=acc)
-            ones = i ^ (i + 1)
-            top = 0
-            for h in range(1, LC + 1):
-                top += (ones >> h) & 1
-            for h in range(0, LC):
-                if h < top:
-                    g_end = tl.load(gc_base + ((i >> h) << h))
-                    new += tl.exp((g_next - g_end).to(acc)) * tl.load(s_base + h * BK * BV)
             tl.debug_barrier()
-            tl.store(s_base + top * BK * BV, new)
+            for h in range(0, LC):
+                low = (i + 1) & ((2 << h) - 1)
+                if low == 0:  # bit h of i is one of its trailing ones: that bucket merges
+                    g_end = tl.load(gc_base + ((i >> h) << h))
+                    new += tl.exp((g_next - g_end).to(acc)) * tl.load(s_base + h * SK * BV)
+                if low == (1 << h):  # lowest set bit of i + 1: the merged bucket's level
+                    tl.store(s_base + h * SK * BV, new)
             tl.debug_barrier()
 
 
 @triton.jit
-def _dkv_scan_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dk_ptr, dv_ptr, col_ptr, r_ptr,
-                     T, L, Dk, Dv, NC, scale, n: tl.constexpr, LC: tl.constexpr,
-                     C: tl.constexpr, LOGC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     PREC: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
+def _dkv_scan(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dk_ptr, dv_ptr, col_ptr, r_ptr, bh, v0,
+              T, L, Dk, Dv, NC, scale, n: tl.constexpr, LC: tl.constexpr, C: tl.constexpr, LOGC: tl.constexpr,
+              BK: tl.constexpr, BVS: tl.constexpr, SV: tl.constexpr, PREC: tl.constexpr):
+    """Chunks in reverse; query-side block sums ``R_h`` for the value columns
+    ``[v0, v0 + BVS)``: adds the across-chunk ``dv`` and (atomically, partial sums over value
+    columns) ``dk`` and the column sums ``Σ_k k·dk`` used by ``dg``."""
     acc = dk_ptr.dtype.element_ty
     r = tl.arange(0, C)
     kk = tl.arange(0, BK)
-    vv = tl.arange(0, BV)
-    r_base = r_ptr + bh * LC * BK * BV + kk[:, None] * BV + vv[None, :]
+    vv = v0 + tl.arange(0, BVS)
+    r_base = r_ptr + bh * LC * BK * SV + kk[:, None] * SV + vv[None, :]
     gc_base = gc_ptr + bh * (n + 1)
     for jj in range(0, n):
         j = n - 1 - jj
@@ -171,22 +171,22 @@ def _dkv_scan_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dk_ptr, 
         b = tl.load(b_ptr + bh * NC + t).to(acc)
         g_start = tl.load(gc_base + j)
         g_end = tl.load(gc_base + j + 1)
-        total = tl.zeros((BK, BV), dtype=acc)
+        total = tl.zeros((BK, BVS), dtype=acc)
         for h in range(0, LC):
             start = ((j >> h) + 1) << h
             if ((j >> h) & 1) == 0:
                 if start < n:
                     g_anchor = tl.load(gc_base + start)
-                    total += tl.exp((g_anchor - g_end).to(acc)) * tl.load(r_base + h * BK * BV)
+                    total += tl.exp((g_anchor - g_end).to(acc)) * tl.load(r_base + h * BK * SV)
         k = tl.load(k_ptr + qo, mask=km, other=0.0).to(acc)
         v = tl.load(v_ptr + vo, mask=vm, other=0.0).to(acc)
         gamma = tl.load(b_ptr + bh * NC + j * C + C - 1).to(acc)
         e = tl.exp(gamma - b) * scale
         dk = e[:, None] * tl.dot(v, tl.trans(total), input_precision=PREC, out_dtype=acc)
         dv = e[:, None] * tl.dot(k, total, input_precision=PREC, out_dtype=acc)
-        tl.store(dk_ptr + qo, tl.load(dk_ptr + qo, mask=km, other=0.0) + dk, mask=km)
+        tl.atomic_add(dk_ptr + qo, dk, mask=km)
         tl.store(dv_ptr + vo, tl.load(dv_ptr + vo, mask=vm, other=0.0) + dv, mask=vm)
-        tl.store(col_ptr + bh * T + t, tl.load(col_ptr + bh * T + t, mask=tm, other=0.0) + tl.sum(k * dk, 1), mask=tm)
+        tl.atomic_add(col_ptr + bh * T + t, tl.sum(k * dk, 1), mask=tm)
         q = tl.load(q_ptr + qo, mask=km, other=0.0).to(acc)
         do = tl.load(do_ptr + vo, mask=vm, other=0.0).to(acc)
         tl.debug_barrier()
@@ -199,9 +199,27 @@ def _dkv_scan_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dk_ptr, 
                 z = tl.dot(tl.trans(q * f[:, None]), do, input_precision=PREC, out_dtype=acc)
                 last = tl.minimum(n, ((j >> h) + 1) << h) - 1
                 if j != last:
-                    z += tl.load(r_base + h * BK * BV)
-                tl.store(r_base + h * BK * BV, z)
+                    z += tl.load(r_base + h * BK * SV)
+                tl.store(r_base + h * BK * SV, z)
         tl.debug_barrier()
+
+
+@triton.jit
+def _scan_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dq_ptr, dk_ptr, dv_ptr, dl_ptr, col_ptr,
+                 s_ptr, r_ptr, T, L, Dk, Dv, NC, scale, n: tl.constexpr, LC: tl.constexpr,
+                 C: tl.constexpr, LOGC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 BKS: tl.constexpr, BVS: tl.constexpr, NKB: tl.constexpr, NVB: tl.constexpr,
+                 PREC: tl.constexpr):
+    """Both scans in one launch: programs ``0..NKB-1`` of axis 1 run the ``dq`` scan on a
+    key-column block each, the next ``NVB`` the ``dk, dv`` scan on a value-column block."""
+    bh = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    if p < NKB:
+        _dq_scan(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dq_ptr, dl_ptr, s_ptr, bh, p * BKS,
+                 T, L, Dk, Dv, NC, scale, n, LC, C, LOGC, BKS, NKB * BKS, BV, PREC)
+    else:
+        _dkv_scan(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dk_ptr, dv_ptr, col_ptr, r_ptr, bh,
+                  (p - NKB) * BVS, T, L, Dk, Dv, NC, scale, n, LC, C, LOGC, BK, BVS, NVB * BVS, PREC)
 
 
 def _flat(x, T, width):
@@ -230,7 +248,24 @@ def _block(width: int) -> int:
     return max(MIN_BLOCK, triton.next_power_of_2(max(int(width), 1)))
 
 
-def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=None):
+SCAN_PROGRAMS = 128
+"""The scans run one program per batch entry and feature block; on a GPU the feature blocks
+shrink (down to 16 columns) until about this many programs run."""
+
+
+def _split(width: int, B: int, cuda: bool) -> int:
+    """Feature-block width of a scan: the whole (padded) head on the CPU; on a GPU halved
+    while fewer than :data:`SCAN_PROGRAMS` programs would run."""
+    full = _block(width)
+    if not cuda:
+        return full
+    split = full
+    while split > MIN_BLOCK and B * 2 * (full // split) < SCAN_PROGRAMS:
+        split //= 2
+    return split
+
+
+def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=None, scan_block=None):
     """Gradients of ``O = attention(q, k, v, level_scales, log_decay, scale)`` for ``dO``.
 
     Parameters
@@ -242,6 +277,8 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     scale : float
     chunk : int, optional
         Power of two in ``[16, 256]`` (default :data:`DEFAULT_CHUNK`).
+    scan_block : int, optional
+        Feature-block width of the scans (a power of two >= 16); default: see :func:`_split`.
 
     All tensors share one batch shape (broadcast views are fine), device and dtype (float16,
     bfloat16 and float32 accumulate in float32; float64 runs under the interpreter).
@@ -283,11 +320,14 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     col = torch.empty((B, T), dtype=acc, device=dev)
     _intra_kernel[(n, B)](qf, kf, vf, dof, lf, b, dq, dk, dv, dl, col, T, L, Dk, Dv, NC, float(scale), **meta)
     if LC > 0:
-        scratch = torch.empty((B, LC, BK, BV), dtype=acc, device=dev)
-        _dq_scan_kernel[(B,)](qf, kf, vf, dof, lf, b, gc, dq, dl, scratch,
-                              T, L, Dk, Dv, NC, float(scale), n=n, LC=LC, **meta)
-        _dkv_scan_kernel[(B,)](qf, kf, vf, dof, lf, b, gc, dk, dv, col, scratch,
-                               T, L, Dk, Dv, NC, float(scale), n=n, LC=LC, **meta)
+        BKS, BVS = ((_split(Dk, B, v.is_cuda), _split(Dv, B, v.is_cuda)) if scan_block is None
+                    else (min(scan_block, BK), min(scan_block, BV)))
+        NKB, NVB = triton.cdiv(BK, BKS), triton.cdiv(BV, BVS)
+        s_scratch = torch.empty((B, LC, NKB * BKS, BV), dtype=acc, device=dev)
+        r_scratch = torch.empty((B, LC, BK, NVB * BVS), dtype=acc, device=dev)
+        _scan_kernel[(B, NKB + NVB)](qf, kf, vf, dof, lf, b, gc, dq, dk, dv, dl, col, s_scratch, r_scratch,
+                                     T, L, Dk, Dv, NC, float(scale), n=n, LC=LC, BKS=BKS, BVS=BVS,
+                                     NKB=NKB, NVB=NVB, **meta)
     dg = None
     if log_decay is not None:
         read = torch.as_tensor(fenwick.read_levels(T, L), device=dev)

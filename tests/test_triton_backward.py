@@ -156,6 +156,19 @@ def test_chunk_sizes(chunk, rng):
 
 
 @interpreter
+@pytest.mark.parametrize("T", [17, 100])
+def test_split_scans(T, rng):
+    """Scans split over feature blocks (the GPU layout: partial dλ, dk sums added atomically)."""
+    from kernels.attention_backward import attention_backward
+
+    q, k, v, lam, g, w = _case(T, rng, Dk=40, Dv=33)
+    want = _dense_grads("attention", q, k, v, lam, g, 0.5, w)
+    got = attention_backward(q.expand_as(k), k, v, lam, g, 0.5, w, chunk=CHUNK, scan_block=16)
+    got = dict(zip(["q", "k", "v", "level_scales", "log_decay"], (got[0].sum(0, keepdim=True),) + got[1:]))
+    _check(got, want, TOLERANCES["grad_float64"], "split scans", T)
+
+
+@interpreter
 @pytest.mark.parametrize("T", [5, 40, 100])
 def test_float32(T, rng):
     q, k, v, lam, g, w = _case(T, rng, dtype=torch.float32)
