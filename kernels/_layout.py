@@ -18,6 +18,9 @@ import fenwick
 DEFAULT_CHUNK = 64
 """Chunk size ``C`` used when the caller passes ``chunk=None`` (levels ``0..6`` dense)."""
 
+NUM_WARPS = {"attention_state": 4, "attention_output": 8, "matmul_state": 4, "matmul_output": 8, "hierarchy": 4}
+"""Warps per program of each kernel (H200-tuned; see ``docs/kernels.md``)."""
+
 MIN_BLOCK = 16
 """Smallest tile side ``tl.dot`` accepts; narrower heads are zero-padded in registers."""
 

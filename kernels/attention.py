@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from kernels import states as _states
-from kernels._layout import (block, check_chunk, check_levels, chunk_count, collapse_batch, compute_types,
+from kernels._device import intra_mask
+from kernels._layout import (NUM_WARPS, block, check_chunk, check_levels, chunk_count, collapse_batch, compute_types,
                              hierarchy_sizes, state_dtype)
 
 
@@ -60,7 +61,7 @@ def _state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr,
 
 @triton.jit
 def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
-                   T, B1, n_chunks, n_total, n_bits, DK: tl.constexpr, DV: tl.constexpr, scale,
+                   T, B1, n_chunks, n_total, N_BITS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, scale,
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
                    slb0, slb1, slt, sll, sgb0, sgb1, sgt, sob0, sob1, sot, sod,
                    C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
@@ -91,40 +92,42 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
         qb = tl.load(q_base + dk[None, :] * sqd, mask=m2, other=0.0)
         kb = tl.load(k_base + dk[None, :] * skd, mask=m2, other=0.0)
         scores += tl.dot(qb, tl.trans(kb), input_precision=PREC, out_dtype=ACC)
-    xor = tl_[:, None] ^ tl_[None, :]
-    causal = tl_[:, None] >= tl_[None, :]
-    lam0 = tl.load(l_base, mask=tmask, other=0.0).to(ACC)
-    M = tl.where(xor == 0, lam0[:, None], 0.0)
-    for lev in tl.static_range(1, LOG_C + 1):
-        reads = tmask & (((tl_ >> (lev - 1)) & 1) == 1)
-        lam = tl.load(l_base + lev * sll, mask=reads, other=0.0).to(ACC)
-        M = tl.where(causal & ((xor >> (lev - 1)) == 1), lam[:, None], M)
-    if HAS_G:
-        M = M * tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0))
+    M = intra_mask(l_base, sll, G, tmask, C, HAS_G)
     vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + t[:, None] * svt + dv[None, :] * svd,
                  mask=tmask[:, None] & dvmask[None, :], other=0.0).to(ACC)
     acc = tl.dot(M * scores, vb, input_precision=PREC, out_dtype=ACC)
 
-    # levels > c: one aligned block state per set bit of the chunk index
+    # levels > c: one aligned block state per set bit of the chunk index.  A static trip
+    # count with masked loads (no data-dependent branch around them) lets the compiler
+    # pipeline the loads of the next level under the current dot.
+    if DK <= BDK:
+        q0 = qb.to(ACC)
     gap = tl.zeros((), dtype=ACC)
     off = 0
     nh = n_chunks
-    h = 0
-    while h < n_bits:
-        if ((i >> h) & 1) == 1:
-            blk = bh * n_total + off + (i >> h) - 1
-            lam = tl.load(l_base + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
-            rowf = lam * tl.exp(gap + G)
-            for d0 in tl.static_range(0, DK, BDK):
-                dk = d0 + tl.arange(0, BDK)
-                qb = tl.load(q_base + dk[None, :] * sqd, mask=tmask[:, None] & (dk[None, :] < DK), other=0.0)
-                sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :],
-                             mask=(dk[:, None] < DK) & dvmask[None, :], other=0.0)
-                acc += tl.dot(qb.to(ACC) * rowf[:, None], sb, input_precision=PREC, out_dtype=ACC)
-            gap += tl.load(a_ptr + blk)
+    for h in tl.range(0, N_BITS):
+        on = ((i >> h) & 1) == 1
+        blk = bh * n_total + off + (i >> h) - 1
+        lam = tl.load(l_base + (LOG_C + 1 + h) * sll, mask=tmask & on, other=0.0).to(ACC)
+        a = tl.load(a_ptr + blk, mask=on, other=0.0)
+        rowf = lam * tl.exp(gap + G)
+        if DK <= BDK:
+            dk = tl.arange(0, BDK)
+            sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :],
+                         mask=on & (dk[:, None] < DK) & dvmask[None, :], other=0.0)
+            if on:
+                acc += tl.dot(q0 * rowf[:, None], sb, input_precision=PREC, out_dtype=ACC)
+        else:
+            if on:
+                for d0 in tl.static_range(0, DK, BDK):
+                    dk = d0 + tl.arange(0, BDK)
+                    qb = tl.load(q_base + dk[None, :] * sqd, mask=tmask[:, None] & (dk[None, :] < DK), other=0.0)
+                    sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :],
+                                 mask=(dk[:, None] < DK) & dvmask[None, :], other=0.0)
+                    acc += tl.dot(qb.to(ACC) * rowf[:, None], sb, input_precision=PREC, out_dtype=ACC)
+        gap += a
         off += nh
         nh = nh // 2
-        h += 1
     tl.store(o_ptr + b0 * sob0 + b1 * sob1 + t[:, None] * sot + dv[None, :] * sod, acc * scale,
              mask=tmask[:, None] & dvmask[None, :])
 
@@ -190,13 +193,14 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
     _state_kernel[(n, B, triton.cdiv(DK, BDK) * n_dv)](
         k, v, g_arg, states, logdec, T, B1, n_total, DK, DV, n_dv,
         sk[0], sk[1], k.stride(-2), k.stride(-1), sv[0], sv[1], v.stride(-2), v.stride(-1), *gst,
-        C=C, BDK=BDK, BDV=BDV, HAS_G=g is not None, ACC=acc, PREC=prec)
+        C=C, BDK=BDK, BDV=BDV, HAS_G=g is not None, ACC=acc, PREC=prec, num_warps=NUM_WARPS["attention_state"])
     _states.build_hierarchy(states, logdec, n)
     _output_kernel[(n, B, n_dv)](
         q, k, v, lam, g_arg, states, logdec, out, T, B1, n, n_total, (n - 1).bit_length(), DK, DV, float(scale),
         sq[0], sq[1], q.stride(-2), q.stride(-1), sk[0], sk[1], k.stride(-2), k.stride(-1),
         sv[0], sv[1], v.stride(-2), v.stride(-1), sl[0], sl[1], lam.stride(-2), lam.stride(-1), *gst,
         so[0], so[1], out.stride(-2), out.stride(-1),
-        C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=g is not None, ACC=acc, PREC=prec)
+        C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=g is not None, ACC=acc, PREC=prec,
+        num_warps=NUM_WARPS["attention_output"])
     result = out.reshape(batch + (T, DV))
     return (result, (states, logdec)) if return_states else result

@@ -30,8 +30,6 @@ float64 for float64 inputs), ``b`` (``T``), ``Gc`` (``n + 1``) and ``(log2 n) x 
 scratch states per batch entry: ``O(T (Dk + Dv + L))`` per head.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl
@@ -95,7 +93,7 @@ def _intra_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, dq_ptr, dk_ptr, dv_
 
 @triton.jit
 def _dq_scan(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dq_ptr, dl_ptr, s_ptr, bh, k0,
-             T, L, Dk, Dv, NC, scale, n: tl.constexpr, LC: tl.constexpr, C: tl.constexpr, LOGC: tl.constexpr,
+             T, L, Dk, Dv, NC, scale, n, LC, C: tl.constexpr, LOGC: tl.constexpr,
              BKS: tl.constexpr, SK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """Chunks in order; key-side Fenwick states over chunks for the key columns
     ``[k0, k0 + BKS)``: adds the across-chunk ``dq`` and (atomically, a partial sum over
@@ -106,7 +104,8 @@ def _dq_scan(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dq_ptr, dl_ptr, 
     vv = tl.arange(0, BV)
     s_base = s_ptr + bh * LC * SK * BV + kk[:, None] * BV + vv[None, :]
     gc_base = gc_ptr + bh * (n + 1)
-    for i in range(0, n):
+    i = 0
+    while i < n:
         t = i * C + r
         tm = t < T
         km = tm[:, None] & (kk < Dk)[None, :]
@@ -118,7 +117,8 @@ def _dq_scan(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dq_ptr, dl_ptr, 
         b = tl.load(b_ptr + bh * NC + t).to(acc)
         g_here = tl.load(gc_base + i)
         dq = tl.zeros((C, BKS), dtype=acc)
-        for h in range(0, LC):
+        h = 0
+        while h < LC:
             if ((i >> h) & 1) == 1:
                 g_end = tl.load(gc_base + ((i >> h) << h))
                 state = tl.load(s_base + h * SK * BV)
@@ -127,6 +127,7 @@ def _dq_scan(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dq_ptr, dl_ptr, 
                 xs = tl.dot(do, tl.trans(state), input_precision=PREC, out_dtype=acc)
                 dq += (f * lam)[:, None] * xs
                 tl.atomic_add(dl_ptr + bh * T * L + t * L + (LOGC + 1 + h), f * tl.sum(q * xs, 1), mask=tm)
+            h += 1
         old = tl.load(dq_ptr + qo, mask=km, other=0.0)
         tl.store(dq_ptr + qo, old + dq, mask=km)
         if i + 1 < n:
@@ -137,19 +138,22 @@ def _dq_scan(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dq_ptr, dl_ptr, 
             ke = k * tl.exp(gamma - b)[:, None]
             new = tl.dot(tl.trans(ke), v, input_precision=PREC, out_dtype=acc)
             tl.debug_barrier()
-            for h in range(0, LC):
+            h = 0
+            while h < LC:
                 low = (i + 1) & ((2 << h) - 1)
                 if low == 0:  # bit h of i is one of its trailing ones: that bucket merges
                     g_end = tl.load(gc_base + ((i >> h) << h))
                     new += tl.exp((g_next - g_end).to(acc)) * tl.load(s_base + h * SK * BV)
                 if low == (1 << h):  # lowest set bit of i + 1: the merged bucket's level
                     tl.store(s_base + h * SK * BV, new)
+                h += 1
             tl.debug_barrier()
+        i += 1
 
 
 @triton.jit
 def _dkv_scan(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dk_ptr, dv_ptr, col_ptr, r_ptr, bh, v0,
-              T, L, Dk, Dv, NC, scale, n: tl.constexpr, LC: tl.constexpr, C: tl.constexpr, LOGC: tl.constexpr,
+              T, L, Dk, Dv, NC, scale, n, LC, C: tl.constexpr, LOGC: tl.constexpr,
               BK: tl.constexpr, BVS: tl.constexpr, SV: tl.constexpr, PREC: tl.constexpr):
     """Chunks in reverse; query-side block sums ``R_h`` for the value columns
     ``[v0, v0 + BVS)``: adds the across-chunk ``dv`` and (atomically, partial sums over value
@@ -160,7 +164,8 @@ def _dkv_scan(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dk_ptr, dv_ptr,
     vv = v0 + tl.arange(0, BVS)
     r_base = r_ptr + bh * LC * BK * SV + kk[:, None] * SV + vv[None, :]
     gc_base = gc_ptr + bh * (n + 1)
-    for jj in range(0, n):
+    jj = 0
+    while jj < n:
         j = n - 1 - jj
         t = j * C + r
         tm = t < T
@@ -172,12 +177,14 @@ def _dkv_scan(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dk_ptr, dv_ptr,
         g_start = tl.load(gc_base + j)
         g_end = tl.load(gc_base + j + 1)
         total = tl.zeros((BK, BVS), dtype=acc)
-        for h in range(0, LC):
+        h = 0
+        while h < LC:
             start = ((j >> h) + 1) << h
             if ((j >> h) & 1) == 0:
                 if start < n:
                     g_anchor = tl.load(gc_base + start)
                     total += tl.exp((g_anchor - g_end).to(acc)) * tl.load(r_base + h * BK * SV)
+            h += 1
         k = tl.load(k_ptr + qo, mask=km, other=0.0).to(acc)
         v = tl.load(v_ptr + vo, mask=vm, other=0.0).to(acc)
         gamma = tl.load(b_ptr + bh * NC + j * C + C - 1).to(acc)
@@ -190,7 +197,8 @@ def _dkv_scan(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dk_ptr, dv_ptr,
         q = tl.load(q_ptr + qo, mask=km, other=0.0).to(acc)
         do = tl.load(do_ptr + vo, mask=vm, other=0.0).to(acc)
         tl.debug_barrier()
-        for h in range(0, LC):
+        h = 0
+        while h < LC:
             if ((j >> h) & 1) == 1:
                 start = (j >> h) << h
                 g_anchor = tl.load(gc_base + start)
@@ -201,12 +209,14 @@ def _dkv_scan(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dk_ptr, dv_ptr,
                 if j != last:
                     z += tl.load(r_base + h * BK * SV)
                 tl.store(r_base + h * BK * SV, z)
+            h += 1
         tl.debug_barrier()
+        jj += 1
 
 
 @triton.jit
 def _scan_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dq_ptr, dk_ptr, dv_ptr, dl_ptr, col_ptr,
-                 s_ptr, r_ptr, T, L, Dk, Dv, NC, scale, n: tl.constexpr, LC: tl.constexpr,
+                 s_ptr, r_ptr, T, L, Dk, Dv, NC, scale, n, LC,
                  C: tl.constexpr, LOGC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  BKS: tl.constexpr, BVS: tl.constexpr, NKB: tl.constexpr, NVB: tl.constexpr,
                  PREC: tl.constexpr):
@@ -326,7 +336,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         s_scratch = torch.empty((B, LC, NKB * BKS, BV), dtype=acc, device=dev)
         r_scratch = torch.empty((B, LC, BK, NVB * BVS), dtype=acc, device=dev)
         _scan_kernel[(B, NKB + NVB)](qf, kf, vf, dof, lf, b, gc, dq, dk, dv, dl, col, s_scratch, r_scratch,
-                                     T, L, Dk, Dv, NC, float(scale), n=n, LC=LC, BKS=BKS, BVS=BVS,
+                                     T, L, Dk, Dv, NC, float(scale), n, LC, BKS=BKS, BVS=BVS,
                                      NKB=NKB, NVB=NVB, **meta)
     dg = None
     if log_decay is not None:

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from kernels import states as _states
-from kernels._layout import (block, check_chunk, check_levels, chunk_count, collapse_batch, compute_types,
+from kernels._device import intra_mask
+from kernels._layout import (NUM_WARPS, block, check_chunk, check_levels, chunk_count, collapse_batch, compute_types,
                              hierarchy_sizes, state_dtype)
 
 
@@ -48,7 +49,7 @@ def _state_kernel(x_ptr, g_ptr, h_ptr, a_ptr, T, B1, n_total, D,
 
 @triton.jit
 def _output_kernel(x_ptr, l_ptr, g_ptr, h_ptr, a_ptr, y_ptr,
-                   T, B1, n_chunks, n_total, n_bits, D,
+                   T, B1, n_chunks, n_total, N_BITS: tl.constexpr, D,
                    sxb0, sxb1, sxt, sxd, slb0, slb1, slt, sll, sgb0, sgb1, sgt, syb0, syb1, syt, syd,
                    C: tl.constexpr, LOG_C: tl.constexpr, BD: tl.constexpr,
                    HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
@@ -67,33 +68,25 @@ def _output_kernel(x_ptr, l_ptr, g_ptr, h_ptr, a_ptr, y_ptr,
         G = tl.cumsum(g, 0)
     else:
         G = tl.zeros((C,), dtype=ACC)
-    xor = tl_[:, None] ^ tl_[None, :]
-    causal = tl_[:, None] >= tl_[None, :]
-    lam0 = tl.load(l_base, mask=tmask, other=0.0).to(ACC)
-    M = tl.where(xor == 0, lam0[:, None], 0.0)
-    for lev in tl.static_range(1, LOG_C + 1):
-        reads = tmask & (((tl_ >> (lev - 1)) & 1) == 1)
-        lam = tl.load(l_base + lev * sll, mask=reads, other=0.0).to(ACC)
-        M = tl.where(causal & ((xor >> (lev - 1)) == 1), lam[:, None], M)
-    if HAS_G:
-        M = M * tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0))
+    M = intra_mask(l_base, sll, G, tmask, C, HAS_G)
     xb = tl.load(x_ptr + b0 * sxb0 + b1 * sxb1 + t[:, None] * sxt + d[None, :] * sxd,
                  mask=tmask[:, None] & dmask[None, :], other=0.0).to(ACC)
     acc = tl.dot(M, xb, input_precision=PREC, out_dtype=ACC)
+    # levels > c: one aligned block state per set bit of the chunk index (static trip
+    # count, masked loads: the compiler can issue every level's loads up front)
     gap = tl.zeros((), dtype=ACC)
     off = 0
     nh = n_chunks
-    h = 0
-    while h < n_bits:
-        if ((i >> h) & 1) == 1:
-            blk = bh * n_total + off + (i >> h) - 1
-            lam = tl.load(l_base + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
-            sb = tl.load(h_ptr + blk * D + d, mask=dmask, other=0.0)
-            acc += (lam * tl.exp(gap + G))[:, None] * sb[None, :]
-            gap += tl.load(a_ptr + blk)
+    for h in tl.range(0, N_BITS):
+        on = ((i >> h) & 1) == 1
+        blk = bh * n_total + off + (i >> h) - 1
+        lam = tl.load(l_base + (LOG_C + 1 + h) * sll, mask=tmask & on, other=0.0).to(ACC)
+        sb = tl.load(h_ptr + blk * D + d, mask=dmask & on, other=0.0)
+        a = tl.load(a_ptr + blk, mask=on, other=0.0)
+        acc += (lam * tl.exp(gap + G))[:, None] * sb[None, :]
+        gap += a
         off += nh
         nh = nh // 2
-        h += 1
     tl.store(y_ptr + b0 * syb0 + b1 * syb1 + t[:, None] * syt + d[None, :] * syd, acc,
              mask=tmask[:, None] & dmask[None, :])
 
@@ -143,12 +136,13 @@ def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: b
     gst = (0, 0, 0) if g is None else (sg[0], sg[1], g.stride(-1))
     _state_kernel[(n, B, triton.cdiv(D, BD))](
         x, g_arg, states, logdec, T, B1, n_total, D, sx[0], sx[1], x.stride(-2), x.stride(-1), *gst,
-        C=C, BD=BD, HAS_G=g is not None, ACC=acc)
+        C=C, BD=BD, HAS_G=g is not None, ACC=acc, num_warps=NUM_WARPS["matmul_state"])
     _states.build_hierarchy(states, logdec, n)
     _output_kernel[(n, B, triton.cdiv(D, BD))](
         x, lam, g_arg, states, logdec, out, T, B1, n, n_total, (n - 1).bit_length(), D,
         sx[0], sx[1], x.stride(-2), x.stride(-1), sl[0], sl[1], lam.stride(-2), lam.stride(-1), *gst,
         sy[0], sy[1], out.stride(-2), out.stride(-1),
-        C=C, LOG_C=C.bit_length() - 1, BD=BD, HAS_G=g is not None, ACC=acc, PREC=prec)
+        C=C, LOG_C=C.bit_length() - 1, BD=BD, HAS_G=g is not None, ACC=acc, PREC=prec,
+        num_warps=NUM_WARPS["matmul_output"])
     result = out.reshape(batch + (T, D))
     return (result, (states, logdec)) if return_states else result

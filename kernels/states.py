@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._layout import hierarchy_sizes
+from kernels._layout import NUM_WARPS, hierarchy_sizes
 
 
 @triton.jit
@@ -89,4 +89,5 @@ def build_hierarchy(states: torch.Tensor, logdec: torch.Tensor, n_chunks: int) -
     BF = min(256, triton.next_power_of_2(F))
     BN = max(1, min(64, 4096 // BF, triton.next_power_of_2(sizes[1])))
     grid = (B, triton.cdiv(F, BF))
-    _hierarchy_kernel[grid](states, logdec, n_chunks, N, F, len(sizes) - 1, BN=BN, BF=BF)
+    _hierarchy_kernel[grid](states, logdec, n_chunks, N, F, len(sizes) - 1, BN=BN, BF=BF,
+                            num_warps=NUM_WARPS["hierarchy"])
