@@ -73,6 +73,11 @@ def fit_exponent(lengths, seconds) -> float:
     return float(np.polyfit(x, y, 1)[0])
 
 
+def _cpus() -> int:
+    """CPUs this process may run on (respects ``taskset``)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def _commit():
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -132,7 +137,7 @@ def _format_row(row, names) -> str:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     names = ["dense"] + list(args.backends)
-    print(f"hodlr bench-cpu: matmul, float64, D={args.dim}, {os.cpu_count()} CPUs, commit {_commit()}, "
+    print(f"hodlr bench-cpu: matmul, float64, D={args.dim}, {_cpus()} CPUs, commit {_commit()}, "
           f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print("median ms per call (after one warm-up call); max err = relative error vs dense (or recursive)")
     print(" | ".join([f"{'T':>9}", "rep"] + [f"{n:>12}" for n in names] + [f"{'max err':>9}"]))
@@ -158,7 +163,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": "hodlr bench-cpu", "argv": argv, "dim": args.dim, "commit": _commit(),
-                       "cpus": os.cpu_count(), "machine": platform.platform(), "rows": rows,
+                       "cpus": _cpus(), "machine": platform.platform(), "rows": rows,
                        "summary": summary}, f, indent=1)
     return 0
 
