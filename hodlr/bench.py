@@ -39,7 +39,7 @@ def _parser():
     p.add_argument("--dim", type=int, default=64, help="Dk = Dv = D")
     p.add_argument("--tokens", type=int, default=65536, help="B*T (B = max(1, tokens // T))")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    p.add_argument("--chunk", type=int, default=None, help="chunk size of the Triton kernels (default 64)")
+    p.add_argument("--chunk", type=int, default=None, help="chunk size of the Triton kernels (default: kernels.DEFAULT_CHUNK per operation)")
     p.add_argument("--dense-max-t", type=int, default=16384, help="largest T for the materialised-mask product")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
@@ -115,7 +115,7 @@ def run(args) -> dict:
         raise SystemExit("hodlr bench needs a CUDA GPU (torch.cuda.is_available() is False)")
     dev = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
-    chunk = args.chunk or kernels.DEFAULT_CHUNK
+    chunk = args.chunk
     torch.manual_seed(args.seed)
 
     def bench(fn):
@@ -203,7 +203,7 @@ def run(args) -> dict:
         "triton": triton.__version__,
         "fla": _fla_version(),
         "dtype": args.dtype,
-        "chunk": chunk,
+        "chunk": chunk or dict(kernels.DEFAULT_CHUNK),
         "tokens": args.tokens,
         "copy_bandwidth": copy_bw,
         "peers_missing": {k: v for k, v in peers.items() if k.endswith("_missing")},

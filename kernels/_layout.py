@@ -15,10 +15,11 @@ import triton.language as tl
 
 import fenwick
 
-DEFAULT_CHUNK = 64
-"""Chunk size ``C`` used when the caller passes ``chunk=None`` (levels ``0..6`` dense)."""
+DEFAULT_CHUNK = {"attention": 64, "matmul": 32}
+"""Chunk size ``C`` per operation when the caller passes ``chunk=None`` (H200-tuned, see
+``docs/kernels.md``): attention 64 (levels ``0..6`` dense), matmul 32."""
 
-NUM_WARPS = {"attention_state": 4, "attention_output": 8, "matmul_state": 4, "matmul_output": 8, "hierarchy": 4}
+NUM_WARPS = {"attention_state": 4, "attention_output": 4, "matmul_state": 4, "matmul_output": 4, "hierarchy": 4}
 """Warps per program of each kernel (H200-tuned; see ``docs/kernels.md``)."""
 
 MIN_BLOCK = 16
@@ -30,10 +31,10 @@ def interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
-def check_chunk(chunk) -> int:
-    """Validate the chunk size: a power of two in ``[16, 256]``."""
+def check_chunk(chunk, op: str) -> int:
+    """Validate the chunk size: a power of two in ``[16, 256]`` (``None``: the default of ``op``)."""
     if chunk is None:
-        return DEFAULT_CHUNK
+        return DEFAULT_CHUNK[op]
     if isinstance(chunk, bool) or not isinstance(chunk, int):
         raise TypeError(f"chunk must be an int (a power of two in [16, 256]), got {type(chunk).__name__}")
     if chunk < MIN_BLOCK or chunk > 256 or chunk & (chunk - 1):

@@ -61,7 +61,7 @@ def _state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr,
 
 @triton.jit
 def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
-                   T, B1, n_chunks, n_total, N_BITS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, scale,
+                   T, B1, n_chunks, n_total, n_bits, DK: tl.constexpr, DV: tl.constexpr, scale,
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
                    slb0, slb1, slt, sll, sgb0, sgb1, sgt, sob0, sob1, sot, sod,
                    C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
@@ -97,37 +97,26 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
                  mask=tmask[:, None] & dvmask[None, :], other=0.0).to(ACC)
     acc = tl.dot(M * scores, vb, input_precision=PREC, out_dtype=ACC)
 
-    # levels > c: one aligned block state per set bit of the chunk index.  A static trip
-    # count with masked loads (no data-dependent branch around them) lets the compiler
-    # pipeline the loads of the next level under the current dot.
-    if DK <= BDK:
-        q0 = qb.to(ACC)
+    # levels > c: one aligned block state per set bit of the chunk index
     gap = tl.zeros((), dtype=ACC)
     off = 0
     nh = n_chunks
-    for h in tl.range(0, N_BITS):
-        on = ((i >> h) & 1) == 1
-        blk = bh * n_total + off + (i >> h) - 1
-        lam = tl.load(l_base + (LOG_C + 1 + h) * sll, mask=tmask & on, other=0.0).to(ACC)
-        a = tl.load(a_ptr + blk, mask=on, other=0.0)
-        rowf = lam * tl.exp(gap + G)
-        if DK <= BDK:
-            dk = tl.arange(0, BDK)
-            sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :],
-                         mask=on & (dk[:, None] < DK) & dvmask[None, :], other=0.0)
-            if on:
-                acc += tl.dot(q0 * rowf[:, None], sb, input_precision=PREC, out_dtype=ACC)
-        else:
-            if on:
-                for d0 in tl.static_range(0, DK, BDK):
-                    dk = d0 + tl.arange(0, BDK)
-                    qb = tl.load(q_base + dk[None, :] * sqd, mask=tmask[:, None] & (dk[None, :] < DK), other=0.0)
-                    sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :],
-                                 mask=(dk[:, None] < DK) & dvmask[None, :], other=0.0)
-                    acc += tl.dot(qb.to(ACC) * rowf[:, None], sb, input_precision=PREC, out_dtype=ACC)
-        gap += a
+    h = 0
+    while h < n_bits:  # a while loop: the interpreter cannot range() over a computed bound
+        if ((i >> h) & 1) == 1:
+            blk = bh * n_total + off + (i >> h) - 1
+            lam = tl.load(l_base + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
+            rowf = lam * tl.exp(gap + G)
+            for d0 in tl.static_range(0, DK, BDK):
+                dk = d0 + tl.arange(0, BDK)
+                qb = tl.load(q_base + dk[None, :] * sqd, mask=tmask[:, None] & (dk[None, :] < DK), other=0.0)
+                sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :],
+                             mask=(dk[:, None] < DK) & dvmask[None, :], other=0.0)
+                acc += tl.dot(qb.to(ACC) * rowf[:, None], sb, input_precision=PREC, out_dtype=ACC)
+            gap += tl.load(a_ptr + blk)
         off += nh
         nh = nh // 2
+        h += 1
     tl.store(o_ptr + b0 * sob0 + b1 * sob1 + t[:, None] * sot + dv[None, :] * sod, acc * scale,
              mask=tmask[:, None] & dvmask[None, :])
 
@@ -149,7 +138,7 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
     scale : float
         Multiplies ``q kᵀ``.
     chunk : int, optional
-        Chunk size ``C``, a power of two in ``[16, 256]`` (default 64).
+        Chunk size ``C``, a power of two in ``[16, 256]`` (default ``DEFAULT_CHUNK["attention"]``).
     out : torch.Tensor, optional
         Contiguous ``(*batch, T, Dv)`` output buffer with ``v``'s dtype (tests pass one
         filled with NaN, so an element the kernel never writes fails).
@@ -160,7 +149,7 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
     -------
     torch.Tensor ``(*batch, T, Dv)`` (and the states when asked).
     """
-    C = check_chunk(chunk)
+    C = check_chunk(chunk, "attention")
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], level_scales.shape[:-2],
                                    () if log_decay is None else log_decay.shape[:-1])
     T, DK, DV, L = q.shape[-2], q.shape[-1], v.shape[-1], level_scales.shape[-1]

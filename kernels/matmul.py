@@ -49,7 +49,7 @@ def _state_kernel(x_ptr, g_ptr, h_ptr, a_ptr, T, B1, n_total, D,
 
 @triton.jit
 def _output_kernel(x_ptr, l_ptr, g_ptr, h_ptr, a_ptr, y_ptr,
-                   T, B1, n_chunks, n_total, N_BITS: tl.constexpr, D,
+                   T, B1, n_chunks, n_total, n_bits, D,
                    sxb0, sxb1, sxt, sxd, slb0, slb1, slt, sll, sgb0, sgb1, sgt, syb0, syb1, syt, syd,
                    C: tl.constexpr, LOG_C: tl.constexpr, BD: tl.constexpr,
                    HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
@@ -72,21 +72,21 @@ def _output_kernel(x_ptr, l_ptr, g_ptr, h_ptr, a_ptr, y_ptr,
     xb = tl.load(x_ptr + b0 * sxb0 + b1 * sxb1 + t[:, None] * sxt + d[None, :] * sxd,
                  mask=tmask[:, None] & dmask[None, :], other=0.0).to(ACC)
     acc = tl.dot(M, xb, input_precision=PREC, out_dtype=ACC)
-    # levels > c: one aligned block state per set bit of the chunk index (static trip
-    # count, masked loads: the compiler can issue every level's loads up front)
+    # levels > c: one aligned block state per set bit of the chunk index
     gap = tl.zeros((), dtype=ACC)
     off = 0
     nh = n_chunks
-    for h in tl.range(0, N_BITS):
-        on = ((i >> h) & 1) == 1
-        blk = bh * n_total + off + (i >> h) - 1
-        lam = tl.load(l_base + (LOG_C + 1 + h) * sll, mask=tmask & on, other=0.0).to(ACC)
-        sb = tl.load(h_ptr + blk * D + d, mask=dmask & on, other=0.0)
-        a = tl.load(a_ptr + blk, mask=on, other=0.0)
-        acc += (lam * tl.exp(gap + G))[:, None] * sb[None, :]
-        gap += a
+    h = 0
+    while h < n_bits:  # a while loop: the interpreter cannot range() over a computed bound
+        if ((i >> h) & 1) == 1:
+            blk = bh * n_total + off + (i >> h) - 1
+            lam = tl.load(l_base + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
+            sb = tl.load(h_ptr + blk * D + d, mask=dmask, other=0.0)
+            acc += (lam * tl.exp(gap + G))[:, None] * sb[None, :]
+            gap += tl.load(a_ptr + blk)
         off += nh
         nh = nh // 2
+        h += 1
     tl.store(y_ptr + b0 * syb0 + b1 * syb1 + t[:, None] * syt + d[None, :] * syd, acc,
              mask=tmask[:, None] & dmask[None, :])
 
@@ -102,13 +102,13 @@ def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: b
         Leading dims broadcast; any strides; float16 / bfloat16 / float32 (float64 under the
         interpreter), accumulation in float32 (float64).
     chunk : int, optional
-        Chunk size, a power of two in ``[16, 256]`` (default 64).
+        Chunk size, a power of two in ``[16, 256]`` (default ``DEFAULT_CHUNK["matmul"]``).
     out : torch.Tensor, optional
         Contiguous ``(*batch, T, D)`` buffer with ``x``'s dtype.
     return_states : bool
         Also return the chunk-state hierarchy ``(states, logdec)`` of :mod:`kernels.states`.
     """
-    C = check_chunk(chunk)
+    C = check_chunk(chunk, "matmul")
     batch = torch.broadcast_shapes(x.shape[:-2], level_scales.shape[:-2],
                                    () if log_decay is None else log_decay.shape[:-1])
     T, D, L = x.shape[-2], x.shape[-1], level_scales.shape[-1]
