@@ -7,21 +7,24 @@ cotangent ``dO`` the gradients are
   ``dP = dO Vᵀ``, ``A = scale Q Kᵀ``;
 * ``dλ[t, l] = Σ_{s: level(t, s) = l} dP[t, s] A[t, s] exp(G[t] - G[s])`` (zero where row
   ``t`` does not read level ``l``);
-* ``dG[t] = q_t·dq_t − k_t·dk_t`` and ``dg[u] = Σ_{t >= u} dG[t]`` for ``u >= 1``,
-  ``dg[0] = 0`` (``g[0]`` never enters the mask).
+* ``dg[u] = Σ_{t >= u} dG[t]`` for ``u >= 1`` and ``dg[0] = 0`` (``g[0]`` never enters the
+  mask), with ``dG[t]`` the off-diagonal row sum minus column sum of ``dP ⊙ P``: the row sum
+  is ``Σ_{l >= 1} λ[t, l] dλ[t, l]``, the column sum is accumulated by the kernels (leaving
+  the diagonal out of both avoids the cancellation of ``q·dq − k·dk`` under strong decay).
 
-Three launches, none of them ``O(T²)``, with chunk size ``C = 2^c`` and ``n = ceil(T / C)``:
+Two launches, none of them ``O(T²)``, with chunk size ``C = 2^c`` and ``n = ceil(T / C)``:
 
 1. ``_intra_kernel`` (one program per chunk): the dense ``C x C`` diagonal blocks (levels
-   ``0..c``): writes ``dq, dk, dv`` and ``dλ[:, 0..c]``.
-2. ``_dq_scan_kernel`` (one program per batch entry, chunks in order): rebuilds the key-side
+   ``0..c``): writes ``dq, dk, dv``, ``dλ[:, 0..c]`` and the in-chunk column sums.
+2. ``_scan_kernel`` runs two scans concurrently (one program per batch entry and feature
+   block each).  The ``dq`` scan (chunks in order): rebuilds the key-side
    Fenwick states over chunks (``S_h``: the ``2^h`` chunks of the bucket at chunk level
    ``h + 1``, ``Dk x Dv``, anchored at the bucket's last position), adds the across-chunk
    ``dq`` and writes ``dλ[:, c+1+h]``.
-3. ``_dkv_scan_kernel`` (one program per batch entry, chunks in reverse): for every chunk
+   The ``dk, dv`` scan (chunks in reverse): for every chunk
    level ``h`` the query-side sum ``R_h = Σ_t λ[t, c+1+h] exp(G[t] − G[a]) q_t dO_tᵀ`` over
    the odd (right) block of that level, anchored at the last position ``a`` of its even
-   (left) sibling, which then reads it: adds the across-chunk ``dk, dv``.
+   (left) sibling, which then reads it: adds the across-chunk ``dk, dv`` and column sums.
 
 Cross-chunk decays are ``exp`` of differences of the chunk-boundary prefix ``Gc`` (float64
 on the host) plus in-chunk local cumulative sums ``b``; every exponent is ``<= 0`` when
