@@ -223,3 +223,40 @@ def test_sparse_half_precision_goes_through_float32():
         y = hodlr.matmul(M, X, backend=name)
         assert y.dtype == torch.bfloat16
         assert_close(y, hodlr.matmul(M, X.float(), backend="dense"), 1e-2)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("T", [8, 37])
+def test_non_contiguous_operands(name, T, rng):
+    """Fortran-ordered, transposed and strided operands give the same results."""
+    _available(name)
+    M = hodlr.LogLinearMask(rng.uniform(0.2, 1.5, (T, hodlr.num_levels(T))), -rng.uniform(0, 1, T))
+    X = rng.standard_normal((T, 6))
+    want = hodlr.matmul(M, X[:, ::2], backend="dense")
+    for operand in (np.asfortranarray(X)[:, ::2], np.ascontiguousarray(X[:, ::2].T).T):
+        assert_close(hodlr.matmul(M, operand, backend=name), want, TOL64)
+    q, k, v = (np.asfortranarray(rng.standard_normal((T, 3))) for _ in range(3))
+    want = hodlr.attention(q, k, v, M, backend="dense")
+    assert_close(hodlr.attention(q, k, v, M, backend=name), want, TOL64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("T", [1, 65, 4097])
+def test_cuda_tensors_stay_on_cuda(name, T):
+    torch = _torch()
+    module = registry._load(name)
+    if module is None or module.unavailable_reason("torch", torch.device("cuda")) is not None:
+        pytest.skip(f"backend {name!r} does not run on CUDA tensors")
+    gen = torch.Generator().manual_seed(T)
+    for dtype, tol in ((torch.float64, TOL64), (torch.float32, TOL32)):
+        lam = torch.rand(2, T, hodlr.num_levels(T) + 1, generator=gen, dtype=torch.float64) + 0.2
+        g = -torch.rand(1, T, generator=gen, dtype=torch.float64)
+        X, q, k, v = (torch.randn(2, T, 4, generator=gen, dtype=torch.float64) for _ in range(4))
+        ref = hodlr.LogLinearMask(lam, g)
+        M = hodlr.LogLinearMask(lam.to("cuda", dtype), g.to("cuda", dtype))
+        y = hodlr.matmul(M, X.to("cuda", dtype), backend=name)
+        o = hodlr.attention(*(a.to("cuda", dtype) for a in (q, k, v)), M, backend=name)
+        assert y.device.type == "cuda" and y.dtype == dtype and o.device.type == "cuda" and o.dtype == dtype
+        assert_close(y.cpu(), hodlr.matmul(ref, X, backend="dense"), tol)
+        assert_close(o.cpu(), hodlr.attention(q, k, v, ref, backend="dense"), tol)
