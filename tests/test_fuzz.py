@@ -9,14 +9,16 @@ calls the API:
 * invalid inputs must raise ``ValueError`` or ``TypeError`` (the documented errors and
   their subclasses) -- never ``IndexError``, a bare ``RuntimeError``, or a result.
 
-``HYPOTHESIS_PROFILE=thorough`` runs more examples; the counts are in docs/reliability.md.
+``HYPOTHESIS_PROFILE=thorough`` (500 examples per test) or ``HODLR_FUZZ_EXAMPLES=N`` runs more
+examples; the counts are in docs/reliability.md.
 """
 
 import math
+import os
 
 import numpy as np
 import pytest
-from hypothesis import event, given, strategies as st
+from hypothesis import event, given, settings, strategies as st
 
 import fenwick
 import hodlr
@@ -31,6 +33,11 @@ TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "int64": tor
 FLOAT = ("float64", "float32")
 BACKENDS = registry.NAMES + ("auto", "bogus")
 TOL = {"float64": 1e-12, "float32": 1e-5}
+
+
+EXAMPLES = os.environ.get("HODLR_FUZZ_EXAMPLES")
+"""Examples per fuzz test; default: the active hypothesis profile's ``max_examples``."""
+examples = settings(max_examples=int(EXAMPLES)) if EXAMPLES else (lambda f: f)
 
 
 class Invalid(Exception):
@@ -271,6 +278,7 @@ def valid_mask(data, rng, library):
     return make_mask(lam, lam_dtype, g, g_dtype, library), lam64, g64, batch, lam_dtype
 
 
+@examples
 @given(st.data())
 def test_fuzz_mask_and_to_dense(data):
     library, rng = draw_library_and_rng(data)
@@ -289,6 +297,7 @@ def test_fuzz_mask_and_to_dense(data):
     compare(M.to_dense(), reference(lam64, g64, batch, "matmul", [eye]), lam_dtype, library, lam_dtype)
 
 
+@examples
 @given(st.data())
 def test_fuzz_matmul(data):
     library, rng = draw_library_and_rng(data)
@@ -316,6 +325,7 @@ def test_fuzz_matmul(data):
                 library, x_dtype)
 
 
+@examples
 @given(st.data())
 def test_fuzz_attention(data):
     library, rng = draw_library_and_rng(data)
@@ -358,6 +368,7 @@ def test_fuzz_attention(data):
         compare(O, reference(lam64, g64, batch, "attention", ops64, s), dtype, library, dtype)
 
 
+@examples
 @given(st.one_of(st.integers(-5, 2**40), st.floats(allow_nan=True), st.booleans(), st.text(max_size=2),
                  st.none()))
 def test_fuzz_index_algebra(T):
