@@ -337,8 +337,8 @@ class HODLRMatrix:
 
     def blocks(self) -> Iterator[HODLRBlock]:
         """Every off-diagonal block, by level then index (the order of
-        :func:`fenwick.offdiag_blocks`); rows and columns are positions in this node's
-        coordinates plus ``start``."""
+        :func:`fenwick.offdiag_blocks`).  Rows and columns are absolute positions (a
+        child node's blocks keep the positions they have in the whole matrix)."""
         internal = sorted((n for n in self.nodes() if not n.is_leaf), key=lambda n: (n.level, n.start))
         return (self._block_of(node) for node in internal)
 
