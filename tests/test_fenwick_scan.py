@@ -578,3 +578,18 @@ def test_bench_decode_smoke(tmp_path, capsys):
     assert (tmp_path / "r.json").exists()
     assert bench_decode.main(argv[:-2] + ["--skip", "step", "memory"]) == 0
     assert "fenwick matmul growth" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_cuda_backend_and_stream():
+    T = 65
+    M = _mask(T, (2,), "mild", library="torch", dtype=torch.float64)
+    M = hodlr.LogLinearMask(M.level_scales.cuda(), M.log_decay.cuda())
+    q, k, v = (torch.randn(2, T, 4, dtype=torch.float64, device="cuda") for _ in range(3))
+    ref = hodlr.attention(q, k, v, M, backend="dense")
+    assert_close(hodlr.attention(q, k, v, M, backend="fenwick"), ref, TOL)
+    assert_close(hodlr.matmul(M, v, backend="fenwick"), hodlr.matmul(M, v, backend="dense"), TOL)
+    state = FenwickState((2,), 4, 4, dtype=torch.float64, device="cuda")
+    got = _stream(state, q, k, v, M.level_scales, M.log_decay, 1.0, 30)
+    assert got.device.type == "cuda"
+    assert_close(got, ref, TOL)
