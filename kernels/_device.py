@@ -7,14 +7,26 @@ import triton.language as tl
 
 
 @triton.jit
-def intra_mask(l_base, sll, G, tmask, C: tl.constexpr, HAS_G: tl.constexpr):
+def next_decay(g_row, t, sgt, T, C: tl.constexpr, ACC: tl.constexpr):
+    """``g[t + 1]`` for the rows of one chunk, 0 past the chunk's end or ``T``: the terms of
+    the segment sums ``Σ_{k=s+1..e} g_k`` that the decays are made of."""
+    r = tl.arange(0, C)
+    return tl.load(g_row + (t + 1) * sgt, mask=(r < C - 1) & (t + 1 < T), other=0.0).to(ACC)
+
+
+@triton.jit
+def intra_mask(l_base, sll, G, g_next, tmask, C: tl.constexpr, HAS_G: tl.constexpr, EXACT: tl.constexpr):
     """The ``(C, C)`` block of the mask inside one chunk (levels ``0..c``).
 
-    ``l_base`` points at ``level_scales[t, 0]`` of the chunk's rows, ``G`` is the chunk-local
-    inclusive cumulative log-decay.  For ``s <= t`` in one aligned chunk the level is the bit
-    length of ``t ^ s`` (``fenwick.index.level``), read here off the float32 exponent of
-    ``t ^ s``; the scale is gathered straight from memory (only entries that are read by
-    definition are touched), times ``exp(G_t - G_s)`` from the local sums.
+    ``l_base`` points at ``level_scales[t, 0]`` of the chunk's rows; ``G`` is the chunk-local
+    inclusive cumulative log-decay and ``g_next`` its terms shifted by one (``g[t + 1]``).
+    For ``s <= t`` in one aligned chunk the level is the bit length of ``t ^ s``
+    (``fenwick.index.level``), read here off the float32 exponent of ``t ^ s``; the scale is
+    gathered straight from memory (only entries that are read by definition are touched).
+    The decay ``exp(Σ_{k=s+1..t} g_k)``: with ``EXACT`` each exponent is summed from its own
+    terms (a masked reverse cumulative sum, accurate to rounding even when ``G`` has grown
+    large inside the chunk: float32 / float64 inputs); otherwise ``G_t - G_s`` (cheaper; its
+    absolute error ``~|G| eps`` is far below the bfloat16 / float16 tolerance).
     """
     r = tl.arange(0, C)
     xor = r[:, None] ^ r[None, :]
@@ -23,5 +35,9 @@ def intra_mask(l_base, sll, G, tmask, C: tl.constexpr, HAS_G: tl.constexpr):
     lvl = tl.where(xor == 0, 0, expo - 126)
     M = tl.load(l_base[:, None] + lvl * sll, mask=causal, other=0.0).to(G.dtype)
     if HAS_G:
-        M = M * tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0))
+        if EXACT:
+            seg = tl.cumsum(tl.where(r[None, :] < r[:, None], g_next[None, :], 0.0), 1, reverse=True)
+        else:
+            seg = tl.where(causal, G[:, None] - G[None, :], 0.0)
+        M = M * tl.exp(seg)
     return M

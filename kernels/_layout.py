@@ -42,20 +42,25 @@ def check_chunk(chunk, op: str) -> int:
     return chunk
 
 
-def compute_types(dtype: torch.dtype):
-    """``(accumulator dtype for Triton, input_precision for fp32 dots)`` for inputs of ``dtype``.
+def compute_types(dtype: torch.dtype, device=None):
+    """``(accumulator dtype, input_precision for fp32 dots, exact intra decays)`` for inputs
+    of ``dtype``.
 
     float64 (interpreter only) accumulates in float64; float32 uses IEEE dots (no tf32);
     float16 / bfloat16 accumulate in float32, and the dots whose operands are float32
     intermediates (decayed keys, masked scores, chunk states) use tf32, 10 mantissa bits,
-    more than the inputs carry.
+    more than the inputs carry.  Exact intra-chunk decays (segment sums from their own terms,
+    see :func:`kernels._device.intra_mask`) for float32 / float64.
     """
     if dtype == torch.float64:
-        return tl.float64, "ieee"
+        if not interpreting():
+            raise TypeError("float64 inputs run only under TRITON_INTERPRET=1; on the GPU use float32 "
+                            "(IEEE dots), bfloat16 or float16, or the 'chunked' backend for float64")
+        return tl.float64, "ieee", True
     if dtype == torch.float32:
-        return tl.float32, "ieee"
+        return tl.float32, "ieee", True
     if dtype in (torch.float16, torch.bfloat16):
-        return tl.float32, "tf32"
+        return tl.float32, "tf32", False
     raise TypeError(f"inputs must be float16, bfloat16, float32 or float64, got {dtype}")
 
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels import states as _states
-from kernels._device import intra_mask
+from kernels._device import intra_mask, next_decay
 from kernels._layout import (NUM_WARPS, block, check_chunk, check_levels, chunk_count, collapse_batch, compute_types,
                              hierarchy_sizes, state_dtype)
 
@@ -40,10 +40,9 @@ def _state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr,
     t = j * C + tl_
     tmask = t < T
     if HAS_G:
-        g = tl.load(g_ptr + b0 * sgb0 + b1 * sgb1 + t * sgt, mask=tmask, other=0.0).to(ACC)
-        G = tl.cumsum(g, 0)
-        g_end = tl.sum(tl.where(tl_ == C - 1, G, 0.0), 0)
-        w = tl.exp(g_end - G)
+        g_row = g_ptr + b0 * sgb0 + b1 * sgb1
+        g_end = tl.sum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
+        w = tl.exp(tl.cumsum(next_decay(g_row, t, sgt, T, C, ACC), 0, reverse=True))
     else:
         g_end = tl.zeros((), dtype=ACC)
         w = tl.full((C,), 1.0, dtype=ACC)
@@ -65,7 +64,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
                    slb0, slb1, slt, sll, sgb0, sgb1, sgt, sob0, sob1, sot, sod,
                    C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-                   HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                   HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr):
     i = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b0 = bh // B1
@@ -79,10 +78,12 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
     k_base = k_ptr + b0 * skb0 + b1 * skb1 + t[:, None] * skt
     l_base = l_ptr + b0 * slb0 + b1 * slb1 + t * slt
     if HAS_G:
-        g = tl.load(g_ptr + b0 * sgb0 + b1 * sgb1 + t * sgt, mask=tmask, other=0.0).to(ACC)
-        G = tl.cumsum(g, 0)
+        g_row = g_ptr + b0 * sgb0 + b1 * sgb1
+        G = tl.cumsum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
+        g_next = next_decay(g_row, t, sgt, T, C, ACC)
     else:
         G = tl.zeros((C,), dtype=ACC)
+        g_next = G
 
     # levels 0..c: dense and masked inside the chunk
     scores = tl.zeros((C, C), dtype=ACC)
@@ -92,7 +93,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
         qb = tl.load(q_base + dk[None, :] * sqd, mask=m2, other=0.0)
         kb = tl.load(k_base + dk[None, :] * skd, mask=m2, other=0.0)
         scores += tl.dot(qb, tl.trans(kb), input_precision=PREC, out_dtype=ACC)
-    M = intra_mask(l_base, sll, G, tmask, C, HAS_G)
+    M = intra_mask(l_base, sll, G, g_next, tmask, C, HAS_G, EXACT)
     vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + t[:, None] * svt + dv[None, :] * svd,
                  mask=tmask[:, None] & dvmask[None, :], other=0.0).to(ACC)
     acc = tl.dot(M * scores, vb, input_precision=PREC, out_dtype=ACC)
@@ -159,7 +160,7 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
                          f"level_scales {tuple(level_scales.shape)}, "
                          f"log_decay {None if log_decay is None else tuple(log_decay.shape)}")
     check_levels(T, L)
-    acc, prec = compute_types(v.dtype)
+    acc, prec, exact = compute_types(v.dtype)
     q, k, v = (x.expand(batch + x.shape[-2:]) for x in (q, k, v))
     lam = level_scales.expand(batch + level_scales.shape[-2:])
     g = None if log_decay is None else log_decay.expand(batch + (T,))
@@ -189,7 +190,7 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
         sq[0], sq[1], q.stride(-2), q.stride(-1), sk[0], sk[1], k.stride(-2), k.stride(-1),
         sv[0], sv[1], v.stride(-2), v.stride(-1), sl[0], sl[1], lam.stride(-2), lam.stride(-1), *gst,
         so[0], so[1], out.stride(-2), out.stride(-1),
-        C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=g is not None, ACC=acc, PREC=prec,
+        C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=g is not None, ACC=acc, PREC=prec, EXACT=exact,
         num_warps=NUM_WARPS["attention_output"])
     result = out.reshape(batch + (T, DV))
     return (result, (states, logdec)) if return_states else result

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels import states as _states
-from kernels._device import intra_mask
+from kernels._device import intra_mask, next_decay
 from kernels._layout import (NUM_WARPS, block, check_chunk, check_levels, chunk_count, collapse_batch, compute_types,
                              hierarchy_sizes, state_dtype)
 
@@ -34,10 +34,10 @@ def _state_kernel(x_ptr, g_ptr, h_ptr, a_ptr, T, B1, n_total, D,
                  mask=tmask[:, None] & (d[None, :] < D), other=0.0).to(ACC)
     row = bh * n_total + j
     if HAS_G:
-        g = tl.load(g_ptr + b0 * sgb0 + b1 * sgb1 + t * sgt, mask=tmask, other=0.0).to(ACC)
-        G = tl.cumsum(g, 0)
-        g_end = tl.sum(tl.where(tl_ == C - 1, G, 0.0), 0)
-        S = tl.sum(xb * tl.exp(g_end - G)[:, None], 0)
+        g_row = g_ptr + b0 * sgb0 + b1 * sgb1
+        g_end = tl.sum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
+        w = tl.exp(tl.cumsum(next_decay(g_row, t, sgt, T, C, ACC), 0, reverse=True))
+        S = tl.sum(xb * w[:, None], 0)
         if tl.program_id(2) == 0:
             tl.store(a_ptr + row, g_end)
     else:
@@ -52,7 +52,7 @@ def _output_kernel(x_ptr, l_ptr, g_ptr, h_ptr, a_ptr, y_ptr,
                    T, B1, n_chunks, n_total, n_bits, D,
                    sxb0, sxb1, sxt, sxd, slb0, slb1, slt, sll, sgb0, sgb1, sgt, syb0, syb1, syt, syd,
                    C: tl.constexpr, LOG_C: tl.constexpr, BD: tl.constexpr,
-                   HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                   HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr):
     i = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b0 = bh // B1
@@ -64,11 +64,13 @@ def _output_kernel(x_ptr, l_ptr, g_ptr, h_ptr, a_ptr, y_ptr,
     tmask = t < T
     l_base = l_ptr + b0 * slb0 + b1 * slb1 + t * slt
     if HAS_G:
-        g = tl.load(g_ptr + b0 * sgb0 + b1 * sgb1 + t * sgt, mask=tmask, other=0.0).to(ACC)
-        G = tl.cumsum(g, 0)
+        g_row = g_ptr + b0 * sgb0 + b1 * sgb1
+        G = tl.cumsum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
+        g_next = next_decay(g_row, t, sgt, T, C, ACC)
     else:
         G = tl.zeros((C,), dtype=ACC)
-    M = intra_mask(l_base, sll, G, tmask, C, HAS_G)
+        g_next = G
+    M = intra_mask(l_base, sll, G, g_next, tmask, C, HAS_G, EXACT)
     xb = tl.load(x_ptr + b0 * sxb0 + b1 * sxb1 + t[:, None] * sxt + d[None, :] * sxd,
                  mask=tmask[:, None] & dmask[None, :], other=0.0).to(ACC)
     acc = tl.dot(M, xb, input_precision=PREC, out_dtype=ACC)
@@ -116,7 +118,7 @@ def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: b
         raise ValueError(f"shapes disagree: x {tuple(x.shape)}, level_scales {tuple(level_scales.shape)}, "
                          f"log_decay {None if log_decay is None else tuple(log_decay.shape)}")
     check_levels(T, L)
-    acc, prec = compute_types(x.dtype)
+    acc, prec, exact = compute_types(x.dtype)
     x = x.expand(batch + x.shape[-2:])
     lam = level_scales.expand(batch + level_scales.shape[-2:])
     g = None if log_decay is None else log_decay.expand(batch + (T,))
@@ -142,7 +144,7 @@ def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: b
         x, lam, g_arg, states, logdec, out, T, B1, n, n_total, (n - 1).bit_length(), D,
         sx[0], sx[1], x.stride(-2), x.stride(-1), sl[0], sl[1], lam.stride(-2), lam.stride(-1), *gst,
         sy[0], sy[1], out.stride(-2), out.stride(-1),
-        C=C, LOG_C=C.bit_length() - 1, BD=BD, HAS_G=g is not None, ACC=acc, PREC=prec,
+        C=C, LOG_C=C.bit_length() - 1, BD=BD, HAS_G=g is not None, ACC=acc, PREC=prec, EXACT=exact,
         num_warps=NUM_WARPS["matmul_output"])
     result = out.reshape(batch + (T, D))
     return (result, (states, logdec)) if return_states else result

@@ -1,0 +1,44 @@
+"""Triton backend: the chunked GPU kernels of :mod:`kernels` (forward).
+
+Available for torch tensors on a CUDA device, and for CPU tensors when Triton's
+interpreter is on (``TRITON_INTERPRET=1`` in the environment *before* ``triton`` is first
+imported; that is how the CPU test-suite proves the kernels equal to the other backends).
+float64 runs only under the interpreter; on the GPU, float32 uses IEEE dots and
+float16 / bfloat16 accumulate in float32.  Chunk size: ``kernels.DEFAULT_CHUNK``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+DESCRIPTION = "chunked Triton kernels (dense C x C blocks + Fenwick scan over chunk states); CUDA, or CPU under TRITON_INTERPRET=1"
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(library, device):
+    if library != "torch":
+        return "needs torch tensors"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    kind = getattr(device, "type", str(device))
+    if kind == "cuda":
+        return None
+    if kind == "cpu" and _interpret():
+        return None
+    return "needs a CUDA device (or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)"
+
+
+def matmul(level_scales, log_decay, x):
+    import kernels
+
+    return kernels.matmul(level_scales, log_decay, x)
+
+
+def attention(q, k, v, level_scales, log_decay, scale):
+    import kernels
+
+    return kernels.attention(q, k, v, level_scales, log_decay, scale)
