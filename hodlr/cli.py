@@ -10,7 +10,7 @@ Subcommands
 ``verify``
     The same check at a chosen length, batch, widths, decay and set of backends.  Where
     the dense reference would exceed ``hodlr.options.dense_max_bytes`` the reference is an
-    exact per-row computation on sampled rows (``--rows``).
+    per-row float64 computation from the definition on sampled rows (``--rows``).
 ``show T``
     The level structure: a character grid for ``T <= 64``, the block table beyond;
     ``--png FILE`` saves the structure picture (needs matplotlib).
@@ -79,10 +79,9 @@ class Problem:
     def prefix(self, n: int) -> "Problem":
         """The causal prefix: the first ``n`` positions (its outputs are the first ``n``
         rows of the full outputs)."""
-        cut = lambda a: None if a is None else a[..., :n, :] if a.ndim == self.lam.ndim else a[..., :n]  # noqa: E731
         return Problem(
             self.lam[..., :n, :], None if self.g is None else self.g[..., :n],
-            cut(self.x), cut(self.q), cut(self.k), cut(self.v), self.scale,
+            *(a[..., :n, :] for a in (self.x, self.q, self.k, self.v)), self.scale,
         )
 
 
@@ -118,8 +117,9 @@ def _row_weights(lam, g, t: int) -> np.ndarray:
 
 
 def row_reference(problem: Problem, op: str, rows) -> np.ndarray:
-    """Exact float64 rows ``rows`` of the ``op`` ("matmul" / "attention") output, one row
-    at a time from the definition: ``(*batch, len(rows), D)``, ``O(T)`` memory per row."""
+    """Rows ``rows`` of the ``op`` ("matmul" / "attention") output in float64, one row at a
+    time from the definition (each decay segment summed from its own terms):
+    ``(*batch, len(rows), D)``, ``O(T)`` memory per row."""
     p = problem
     batch = p.lam.shape[:-2]
     width = p.x.shape[-1] if op == "matmul" else p.v.shape[-1]
@@ -284,7 +284,7 @@ def check(problem, names, ops=("matmul", "attention"), dtype="float64", rows=Non
             kind = "dense float64"
         else:
             references[op] = row_reference(problem, op, rows)
-            kind = f"exact per-row float64 on {len(rows)} sampled rows"
+            kind = f"float64 from the definition, row by row, on {len(rows)} sampled rows"
         out(f"reference {op}: {kind} ({time.perf_counter() - start:.2f} s)")
     results = []
     for name in names:
@@ -453,7 +453,7 @@ def _add_check_args(p, length, batch, decay):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=_positive_int, default=1, help="time the best of this many runs (demo: 2, verify: 1)")
     p.add_argument("--reference", choices=("auto", "dense", "rows"), default="auto",
-                   help="dense float64, exact sampled rows, or auto (dense when it fits the budget)")
+                   help="dense float64, sampled rows from the definition, or auto (dense when it fits the budget)")
     p.add_argument("--rows", type=int, default=64, help="random rows sampled for the row reference (default 64)")
     p.add_argument("--interpreter-length", type=_positive_int, default=INTERPRETER_LENGTH,
                    help=f"prefix length for triton under TRITON_INTERPRET=1 (default {INTERPRETER_LENGTH})")

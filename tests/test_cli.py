@@ -38,7 +38,7 @@ def test_verify_small_with_row_reference(capsys):
                        "--reference", "rows", "--rows", "5", "--dk", "3", "--dv", "2", "--decay", "strong",
                        "--arrays", "numpy", "--memory")
     assert code == 0, out
-    assert "exact per-row float64" in out
+    assert "row by row, on" in out
     assert "torch/cpu" not in out and "peak traced" in out and "peak RSS" in out
 
 
