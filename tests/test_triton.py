@@ -1,0 +1,236 @@
+"""The Triton forward kernels equal every other backend.
+
+On the CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set below before
+anything imports triton; ``@triton.jit`` reads it when a kernel is defined).  Hypothesis
+draws masks (never-read scales poisoned with NaN, every decay kind), operands with
+broadcasting batch shapes, lengths that are not multiples of the chunk, and the outputs are
+filled with NaN before each launch, so an element the kernels never write fails.  float64
+must match to 1e-12 and float32 to 1e-5, against the dense reference and against every
+other backend that runs on torch CPU tensors.  On a CUDA machine (no interpreter) the same
+tests run on the GPU in float32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+import hodlr  # noqa: E402
+import kernels  # noqa: E402
+from hodlr import backends as registry  # noqa: E402
+from hodlr.backends import chunked  # noqa: E402
+from hodlr.testing import (  # noqa: E402
+    TOLERANCES,
+    assert_close,
+    attention_inputs,
+    batch_shapes,
+    masks,
+    operands,
+    poison_unread,
+    st_lengths,
+)
+
+INTERP = kernels.interpreting()
+DEVICE = "cpu" if INTERP else "cuda"
+pytestmark = pytest.mark.skipif(not INTERP and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
+DTYPES = [torch.float64, torch.float32] if INTERP else [torch.float32]
+TOL = {torch.float64: TOLERANCES["interpreter_float64"], torch.float32: TOLERANCES["interpreter_float32"]}
+CHUNK = 16
+"""Small chunk: short sequences then span several chunks and several chunk levels."""
+
+FEW = settings(max_examples=25)
+
+
+def _nan_like(shape, dtype):
+    return torch.full(tuple(shape), float("nan"), dtype=dtype, device=DEVICE)
+
+
+def _ref_attention(q, k, v, M, scale):
+    """Dense float64 reference (on the CPU)."""
+    to64 = lambda a: None if a is None else a.detach().double().cpu()
+    M64 = hodlr.LogLinearMask(to64(M.level_scales), to64(M.log_decay), validate=False)
+    return hodlr.attention(to64(q), to64(k), to64(v), M64, scale=scale, backend="dense")
+
+
+def _ref_matmul(M, x):
+    to64 = lambda a: None if a is None else a.detach().double().cpu()
+    M64 = hodlr.LogLinearMask(to64(M.level_scales), to64(M.log_decay), validate=False)
+    return hodlr.matmul(M64, to64(x), backend="dense")
+
+
+def _broadcast(M, *ops):
+    batch = torch.broadcast_shapes(M.batch_shape, *(o.shape[:-2] for o in ops))
+    lam = M.level_scales.expand(batch + M.level_scales.shape[-2:])
+    g = None if M.log_decay is None else M.log_decay.expand(batch + (M.T,))
+    return batch, lam, g
+
+
+def _mask_and(ops, T_max, dtype):
+    return masks(T=st_lengths(1, T_max), batch_shape=batch_shapes(2, 2), library="torch", dtype=dtype,
+                 device=DEVICE).flatmap(lambda M: ops(M).map(lambda o: (M, o)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@FEW
+@given(data=st.data())
+def test_attention_equals_dense(dtype, data):
+    M, (q, k, v) = data.draw(_mask_and(lambda M: attention_inputs(M, Dk=st.integers(1, 5), Dv=st.integers(1, 5)),
+                                       100, dtype))
+    scale = data.draw(st.sampled_from([1.0, 0.37]))
+    batch, lam, g = _broadcast(M, q, k, v)
+    out = _nan_like(batch + (M.T, v.shape[-1]), dtype)
+    got = kernels.attention(q, k, v, lam, g, scale, chunk=CHUNK, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert_close(got, _ref_attention(q, k, v, M, scale), TOL[dtype], "triton attention vs dense")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@FEW
+@given(data=st.data())
+def test_matmul_equals_dense(dtype, data):
+    M, x = data.draw(_mask_and(lambda M: operands(M, D=st.integers(1, 5)), 100, dtype))
+    batch, lam, g = _broadcast(M, x)
+    out = _nan_like(batch + (M.T, x.shape[-1]), dtype)
+    got = kernels.matmul(lam, g, x, chunk=CHUNK, out=out)
+    assert_close(got, _ref_matmul(M, x), TOL[dtype], "triton matmul vs dense")
+
+
+def _cpu_backends():
+    """Every other backend that runs on torch CPU tensors (dense is the reference)."""
+    names = []
+    for name in registry.NAMES:
+        module = registry._load(name)
+        if name in ("dense", "triton") or module is None:
+            continue
+        if module.unavailable_reason("torch", "cpu") is None:
+            names.append(name)
+    return names
+
+
+@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+@settings(max_examples=15)
+@given(M=masks(T=st_lengths(1, 70), batch_shape=batch_shapes(1, 2), library="torch", dtype=torch.float64), seed=st.integers(0, 2**31))
+def test_equals_every_backend(M, seed):
+    """float64: triton (through the public API, default chunk, and with chunk 16) equals
+    sparse, recursive, fenwick and chunked, whichever exist."""
+    rng = np.random.default_rng(seed)
+    T = M.T
+    q, k = (torch.as_tensor(rng.standard_normal((T, 3))) for _ in range(2))
+    v = torch.as_tensor(rng.standard_normal(M.batch_shape + (T, 2)))
+    ours = hodlr.attention(q, k, v, M, scale=0.5, backend="triton")
+    ours16 = kernels.attention(q, k, v, *_broadcast(M, q, k, v)[1:], 0.5, chunk=CHUNK)
+    mm = hodlr.matmul(M, v, backend="triton")
+    assert_close(ours16, ours, TOL[torch.float64], "chunk 16 vs default chunk")
+    for name in _cpu_backends():
+        assert_close(ours, hodlr.attention(q, k, v, M, scale=0.5, backend=name), TOL[torch.float64], f"attention vs {name}")
+        assert_close(mm, hodlr.matmul(M, v, backend=name), TOL[torch.float64], f"matmul vs {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T", [1, 2, 3, 15, 16, 17, 63, 65, 100])
+def test_awkward_lengths_and_chunked(T, dtype):
+    """Lengths that are not multiples of the chunk; the chunked reference with the same chunk."""
+    gen = torch.Generator().manual_seed(T)
+    L = hodlr.num_levels(T) + 1
+    lam = poison_unread(torch.rand(2, T, L, generator=gen, dtype=torch.float64) * 1.3 - 0.3).to(dtype).to(DEVICE)
+    g = (-torch.rand(1, T, generator=gen, dtype=torch.float64) * 3).to(dtype).to(DEVICE)
+    q, k, v = (torch.randn(2, T, d, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE) for d in (4, 4, 3))
+    out = _nan_like((2, T, 3), dtype)
+    got = kernels.attention(q, k, v, lam, g, 0.5, chunk=CHUNK, out=out)
+    M = hodlr.LogLinearMask(lam, g)
+    assert_close(got, _ref_attention(q, k, v, M, 0.5), TOL[dtype], "attention")
+    assert_close(got.cpu(), chunked.attention(q.cpu(), k.cpu(), v.cpu(), lam.cpu(), g.expand(2, T).cpu(), 0.5,
+                                             chunk=CHUNK), TOL[dtype], "attention vs chunked")
+    y = kernels.matmul(lam, g, v, chunk=CHUNK, out=_nan_like((2, T, 3), dtype))
+    assert_close(y, _ref_matmul(M, v), TOL[dtype], "matmul")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grouped_heads_broadcast_without_copy(dtype):
+    """q, k: (B, 1, T, Dk) serve v: (B, H, T, Dv); the mask is per head; strides stay 0."""
+    gen = torch.Generator().manual_seed(1)
+    B, H, T = 2, 3, 40
+    L = hodlr.num_levels(T)
+    q = torch.randn(B, 1, T, 5, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    k = torch.randn(B, 1, T, 5, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    v = torch.randn(B, H, T, 4, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    lam = poison_unread(torch.rand(B, H, T, L, generator=gen, dtype=torch.float64) + 0.2).to(dtype).to(DEVICE)
+    g = (-torch.rand(B, 1, T, generator=gen, dtype=torch.float64)).to(dtype).to(DEVICE)
+    M = hodlr.LogLinearMask(lam, g)
+    got = hodlr.attention(q, k, v, M, backend="triton")
+    assert_close(got, _ref_attention(q, k, v, M, 1.0), TOL[dtype], "grouped heads")
+    from kernels._layout import collapse_batch
+
+    qe = q.expand(B, H, T, 5)
+    B0, B1, strides, _ = collapse_batch((B, H), [qe, v])
+    assert (B0, B1) == (B, H) and strides[0][1] == 0, "the broadcast q must be read through stride 0"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_inputs(dtype):
+    """Transposed storage, sliced strides and a mask broadcast over heads."""
+    gen = torch.Generator().manual_seed(2)
+    B, H, T = 2, 2, 37
+    L = hodlr.num_levels(T) + 2
+    base = torch.randn(B, T, H, 12, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    q = base[..., 0:8:2].transpose(1, 2)           # (B, H, T, 4), strided last dim
+    k = base[..., 8:12].transpose(1, 2)            # (B, H, T, 4), (B, T, H, D) layout
+    v = torch.randn(B, H, 3, T, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE).transpose(-1, -2)
+    lam = poison_unread(torch.rand(T, L, generator=gen, dtype=torch.float64) + 0.1).T.contiguous().T  # column-major
+    lam = lam.to(dtype).to(DEVICE)
+    g = (-torch.rand(T, 2, generator=gen, dtype=torch.float64)[:, 1]).to(dtype).to(DEVICE)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous() or lam.is_contiguous())
+    M = hodlr.LogLinearMask(lam, g)
+    out = _nan_like((B, H, T, 3), dtype)
+    got = kernels.attention(q, k, v, lam, g, 0.3, chunk=CHUNK, out=out)
+    assert_close(got, _ref_attention(q, k, v, M, 0.3), TOL[dtype], "non-contiguous attention")
+    y = kernels.matmul(lam, g, v, chunk=CHUNK)
+    assert_close(y, _ref_matmul(M, v), TOL[dtype], "non-contiguous matmul")
+
+
+def test_wide_heads_and_states():
+    """Head widths above one tile (Dk, Dv > 64) and the chunk-state hierarchy's level 0."""
+    dtype = DTYPES[0]
+    gen = torch.Generator().manual_seed(3)
+    T, Dk, Dv = 50, 80, 70
+    L = hodlr.num_levels(T)
+    q, k = (torch.randn(T, Dk, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE) for _ in range(2))
+    v = torch.randn(T, Dv, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    lam = (torch.rand(T, L, generator=gen, dtype=torch.float64) + 0.5).to(dtype).to(DEVICE)
+    g = (-torch.rand(T, generator=gen, dtype=torch.float64)).to(dtype).to(DEVICE)
+    got, (states, logdec) = kernels.attention(q, k, v, lam, g, 1.0, chunk=CHUNK, return_states=True)
+    assert_close(got, _ref_attention(q, k, v, hodlr.LogLinearMask(lam, g), 1.0), TOL[dtype], "wide heads")
+    # level 0, chunk 0: K_0^T diag(exp(sum_{k>s} g_k)) V_0
+    w = torch.exp(torch.flip(torch.cumsum(torch.flip(torch.cat([g[1:CHUNK], g.new_zeros(1)]), (0,)), 0), (0,)))
+    S0 = (k[:CHUNK] * w[:, None]).T @ v[:CHUNK]
+    assert_close(states[0, 0].reshape(Dk, Dv), S0, TOL[dtype], "chunk state 0")
+    assert_close(logdec[0, 0], g[:CHUNK].sum(), TOL[dtype], "chunk log-decay 0")
+
+
+def test_bad_arguments():
+    x = torch.randn(5, 2, device=DEVICE)
+    lam = torch.ones(5, hodlr.num_levels(5), device=DEVICE)
+    with pytest.raises(ValueError, match="chunk"):
+        kernels.matmul(lam, None, x, chunk=24)
+    with pytest.raises(TypeError, match="chunk"):
+        kernels.matmul(lam, None, x, chunk=16.0)
+    with pytest.raises(ValueError, match="level_scales"):
+        kernels.matmul(lam[:, :2], None, x)
+    with pytest.raises(ValueError, match="out"):
+        kernels.matmul(lam, None, x, out=torch.empty(5, 3, device=DEVICE))
+
+
+def test_registered_backend():
+    info = hodlr.backends()["triton"]
+    assert info["torch_cuda"] is True
+    assert (info["torch_cpu"] is True) == INTERP
+    assert isinstance(info["numpy"], str)
