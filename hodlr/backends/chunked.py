@@ -59,7 +59,7 @@ def _to_torch(*arrays):
     import torch
 
     was_numpy = any(a is not None and not is_torch(a) for a in arrays)
-    out = tuple(None if a is None or is_torch(a) else torch.from_numpy(np.asarray(a)) for a in arrays)
+    out = tuple(None if a is None or is_torch(a) else torch.from_numpy(np.require(a, requirements="W")) for a in arrays)
     return tuple(o if o is not None else a for o, a in zip(out, arrays)), was_numpy
 
 
