@@ -249,9 +249,12 @@ def _accumulator(dtype: torch.dtype):
     raise TypeError(f"inputs must be float16, bfloat16, float32 or float64, got {dtype}")
 
 
-def _check_chunk(chunk) -> int:
+def _check_chunk(chunk, width: int) -> int:
+    """The chunk size: ``chunk``, or by default :data:`DEFAULT_CHUNK` for heads up to 64 wide
+    and 32 for wider ones (a 64-row tile of a 128- or 256-wide head needs more shared memory
+    than a GPU block has)."""
     if chunk is None:
-        return DEFAULT_CHUNK
+        return DEFAULT_CHUNK if width <= 64 else 32
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < MIN_BLOCK or chunk > 256 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two in [16, 256], got {chunk!r}")
     return chunk
@@ -263,7 +266,10 @@ def _block(width: int) -> int:
 
 SCAN_PROGRAMS = 128
 """The scans run one program per batch entry and feature block; on a GPU the feature blocks
-shrink (down to 16 columns) until about this many programs run."""
+(at most :data:`SCAN_BLOCK_MAX` columns) shrink down to 16 columns until about this many
+programs run."""
+
+SCAN_BLOCK_MAX = 64
 
 
 def _split(width: int, B: int, cuda: bool) -> int:
@@ -272,7 +278,7 @@ def _split(width: int, B: int, cuda: bool) -> int:
     full = _block(width)
     if not cuda:
         return full
-    split = full
+    split = min(full, SCAN_BLOCK_MAX)
     while split > MIN_BLOCK and B * 2 * (full // split) < SCAN_PROGRAMS:
         split //= 2
     return split
@@ -289,7 +295,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     log_decay : torch.Tensor, shape ``(*batch, T)``, or None
     scale : float
     chunk : int, optional
-        Power of two in ``[16, 256]`` (default :data:`DEFAULT_CHUNK`).
+        Power of two in ``[16, 256]`` (default: see :func:`_check_chunk`).
     scan_block : int, optional
         Feature-block width of the scans (a power of two >= 16); default: see :func:`_split`.
 
@@ -302,9 +308,9 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         Shaped like the inputs (``dlog_decay`` is None when ``log_decay`` is None), in the
         inputs' dtype.  Never-read level scales get exactly 0.
     """
-    C = _check_chunk(chunk)
     batch = tuple(v.shape[:-2])
     T, Dk, Dv, L = v.shape[-2], q.shape[-1], v.shape[-1], level_scales.shape[-1]
+    C = _check_chunk(chunk, max(Dk, Dv))
     acc, prec = _accumulator(v.dtype)
     dev = v.device
     qf, kf = _flat(q, T, Dk), _flat(k, T, Dk)
