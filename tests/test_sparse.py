@@ -99,3 +99,17 @@ def test_strong_decay_long_sequence_stays_finite(rng):
     S = hodlr.LogLinearMask(np.ones((T, fenwick.num_levels(T))), g).to_sparse()
     assert np.isfinite(S.U.data).all() and np.isfinite(S.V.data).all()
     assert np.abs(S.U.data).max() <= 1 and np.abs(S.V.data).max() <= 1
+
+
+@pytest.mark.parametrize("width", [1, 2, 7])
+def test_sparse_attention_in_column_groups(monkeypatch, width, rng):
+    """The sparse backend forms the block states a few columns of v at a time."""
+    import hodlr.backends.sparse as backend
+
+    monkeypatch.setattr(backend, "STATE_WIDTH", width)
+    T = 50
+    M = hodlr.LogLinearMask(rng.uniform(0.2, 1.5, (2, T, fenwick.num_levels(T))), -rng.uniform(0, 1, T))
+    q, k = rng.standard_normal((2, 2, T, 3))
+    v = rng.standard_normal((2, T, 5))
+    want = hodlr.attention(q, k, v, M, scale=0.3, backend="dense")
+    assert_close(hodlr.attention(q, k, v, M, scale=0.3, backend="sparse"), want, TOL64)

@@ -11,8 +11,11 @@ unrolls into one pass per level ``l = 1 .. num_levels(T) - 1``: every tree node
 factors of :meth:`hodlr.LogLinearMask.block_factors`.  All nodes of a level are done at
 once (a reshape of the padded sequence to ``(nodes, 2, 2^(l-1), D)``), plus the diagonal
 term ``level_scales[:, 0] * x``.  Work ``O(T log T D)`` for matmul and
-``O(T log T Dk Dv)`` for attention, where every node first forms its state
-``K_cols^T diag(v) V_cols`` (``Dk x Dv``) and its rows read it as ``u * (Q_rows S)``.
+``O(T log T Dk Dv)`` for attention, where every node forms its state
+``S = K_cols^T diag(v) V_cols`` (``Dk x Dv``) and its rows read it as ``u * (Q_rows S)``;
+nodes of the low levels, whose blocks are smaller than a state
+(``2^(l-1) (Dk + Dv) < Dk Dv``), compute ``u * ((Q_rows K_cols^T diag(v)) V_cols)``
+instead, so no level holds more than ``O(T (Dk + Dv))`` numbers.
 
 The formula is written once against :func:`fenwick.arrays.namespace`: it runs on numpy
 arrays and on torch tensors (any device), and torch autograd differentiates through it.
@@ -79,10 +82,16 @@ def attention(q, k, v, level_scales, log_decay, scale):
     diag = level_scales[..., 0] * (q * k).sum(-1)
     y = _pad(diag[..., None] * v, N)
     qp, kp, vp = _pad(q, N), _pad(k, N), _pad(v, N)
+    Dk, Dv = q.shape[-1], v.shape[-1]
     for uf, vf in _levels(level_scales, log_decay):
         n, half = uf.shape[-2:]
-        kc = _nodes(kp, n, half)[..., 0, :, :] * vf[..., :, None]
-        state = xp.matmul(xp.swapaxes(kc, -1, -2), _nodes(vp, n, half)[..., 0, :, :])
-        rows = xp.matmul(_nodes(qp, n, half)[..., 1, :, :], state)
+        q_rows = _nodes(qp, n, half)[..., 1, :, :]
+        k_cols = _nodes(kp, n, half)[..., 0, :, :] * vf[..., :, None]
+        v_cols = _nodes(vp, n, half)[..., 0, :, :]
+        if half * (Dk + Dv) < Dk * Dv:
+            # small blocks: their (half x half) scores are smaller than a Dk x Dv state
+            rows = xp.matmul(xp.matmul(q_rows, xp.swapaxes(k_cols, -1, -2)), v_cols)
+        else:
+            rows = xp.matmul(q_rows, xp.matmul(xp.swapaxes(k_cols, -1, -2), v_cols))
         _nodes(y, n, half)[..., 1, :, :] += uf[..., :, None] * rows
     return cast(y[..., :T, :], out_dtype)

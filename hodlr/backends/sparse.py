@@ -22,6 +22,11 @@ import numpy as np
 from fenwick.arrays import as_like, is_torch
 from hodlr.errors import BackendUnavailableError
 
+STATE_WIDTH = 256
+"""Attention forms the block states ``Dk x w`` columns of ``v`` at a time, with
+``w = max(1, STATE_WIDTH // Dk)``, so its temporaries hold ``O(T max(Dk, STATE_WIDTH))``
+numbers rather than ``O(T Dk Dv)``."""
+
 DESCRIPTION = "scipy sparse diag(lam0) + U V^T (numpy inside: torch is converted, no autograd)"
 
 
@@ -85,7 +90,11 @@ def attention(q, k, v, level_scales, log_decay, scale):
     qn = as_numpy(q, dtype).reshape(-1, Dk) * dtype.type(scale)
     kn = as_numpy(k, dtype).reshape(-1, Dk)
     vn = as_numpy(v, dtype).reshape(-1, Dv)
-    kv = (kn[:, :, None] * vn[:, None, :]).reshape(-1, Dk * Dv)
-    rows = (U @ (V.T @ kv)).reshape(-1, Dk, Dv)
-    out = np.einsum("tk,tkv->tv", qn, rows) + (lam0.reshape(-1) * np.einsum("tk,tk->t", qn, kn))[:, None] * vn
+    out = (lam0.reshape(-1) * np.einsum("tk,tk->t", qn, kn))[:, None] * vn
+    width = max(1, STATE_WIDTH // Dk)
+    for c in range(0, Dv, width):
+        vc = vn[:, c : c + width]
+        kv = (kn[:, :, None] * vc[:, None, :]).reshape(-1, Dk * vc.shape[1])
+        rows = (U @ (V.T @ kv)).reshape(-1, Dk, vc.shape[1])
+        out[:, c : c + width] += np.einsum("tk,tkv->tv", qn, rows)
     return _back(out.reshape(batch + (T, Dv)), v)
