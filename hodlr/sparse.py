@@ -172,9 +172,10 @@ def _concat(parts):
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=4)
 def sparse_structure(T: int) -> SparseStructure:
-    """The (cached, read-only) index arrays of the sparse form of a length-``T`` mask."""
+    """The index arrays of the sparse form of a length-``T`` mask (read-only; the last
+    four lengths are cached: about 260 MB at ``T = 2^20``)."""
     return SparseStructure(int(T))
 
 
