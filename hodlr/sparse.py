@@ -175,7 +175,7 @@ def _concat(parts):
 @functools.lru_cache(maxsize=4)
 def sparse_structure(T: int) -> SparseStructure:
     """The index arrays of the sparse form of a length-``T`` mask (read-only; the last
-    four lengths are cached: about 260 MB at ``T = 2^20``)."""
+    four lengths are cached: about 280 MB at ``T = 2^20``)."""
     return SparseStructure(int(T))
 
 
