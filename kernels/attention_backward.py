@@ -38,6 +38,8 @@ import triton
 import triton.language as tl
 
 import fenwick
+from kernels import states as _states
+from kernels._layout import hierarchy_sizes
 
 DEFAULT_CHUNK = 64
 """Chunk size of the backward when the caller passes ``chunk=None``."""
@@ -47,9 +49,10 @@ MIN_BLOCK = 16
 
 @triton.jit
 def _intra_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, dq_ptr, dk_ptr, dv_ptr, dl_ptr, col_ptr,
-                  T, L, Dk, Dv, NC, scale,
+                  gc_ptr, st_ptr, soff_ptr, r_ptr, roff_ptr,
+                  T, L, Dk, Dv, NC, scale, n, LC, NS, NR,
                   C: tl.constexpr, LOGC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  PREC: tl.constexpr):
+                  PREC: tl.constexpr, INTER: tl.constexpr):
     i = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     acc = dq_ptr.dtype.element_ty
@@ -84,6 +87,36 @@ def _intra_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, dq_ptr, dk_ptr, dv_
     p = m * a
     dv = tl.dot(tl.trans(p), do, input_precision=PREC, out_dtype=acc)
     col = tl.sum(tl.where(r[:, None] > r[None, :], dp * p, 0.0), 0)
+    if INTER:  # across chunks, from the key-side hierarchy and the query-side block sums
+        st_base = st_ptr + bh * NS * Dk * Dv
+        sm = (kk < Dk)[:, None] & (vv < Dv)[None, :]
+        so = kk[:, None] * Dv + vv[None, :]
+        gc_base = gc_ptr + bh * (n + 1)
+        g_here = tl.load(gc_base + i)
+        g_next = tl.load(gc_base + i + 1)
+        gamma = tl.load(b_ptr + bh * NC + i * C + C - 1).to(acc)
+        total = tl.zeros((BK, BV), dtype=acc)
+        h = 0
+        while h < LC:
+            if ((i >> h) & 1) == 1:  # reads the level-h block just before its own
+                state = tl.load(st_base + (tl.load(soff_ptr + h) + (i >> h) - 1) * Dk * Dv + so, mask=sm, other=0.0)
+                f = tl.exp(b + (g_here - tl.load(gc_base + ((i >> h) << h))).to(acc)) * scale
+                lam_h = tl.load(l_ptr + bh * T * L + t * L + (LOGC + 1 + h), mask=tm, other=0.0).to(acc)
+                xs = tl.dot(do, tl.trans(state.to(acc)), input_precision=PREC, out_dtype=acc)
+                dq += (f * lam_h)[:, None] * xs
+                tl.store(dl_ptr + bh * T * L + t * L + (LOGC + 1 + h), f * tl.sum(q * xs, 1), mask=tm)
+            else:  # its rows are read by the next level-h block
+                start = ((i >> h) + 1) << h
+                if start < n:
+                    slot = tl.load(roff_ptr + h) + (((i >> h) + 1) >> 1)
+                    rsum = tl.load(r_ptr + (bh * NR + slot) * Dk * Dv + so, mask=sm, other=0.0)
+                    total += tl.exp((tl.load(gc_base + start) - g_next).to(acc)) * rsum
+            h += 1
+        e = tl.exp(gamma - b) * scale
+        dk_in = e[:, None] * tl.dot(v, tl.trans(total), input_precision=PREC, out_dtype=acc)
+        dk += dk_in
+        dv += e[:, None] * tl.dot(k, total, input_precision=PREC, out_dtype=acc)
+        col += tl.sum(k * dk_in, 1)
     tl.store(col_ptr + bh * T + t, col, mask=tm)
     tl.store(dq_ptr + qo, dq, mask=km)
     tl.store(dk_ptr + qo, dk, mask=km)
@@ -92,6 +125,50 @@ def _intra_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, dq_ptr, dk_ptr, dv_
     for lv in tl.static_range(LOGC + 1):
         dl = tl.sum(tl.where(lev == lv, w, 0.0), 1)
         tl.store(dl_ptr + bh * T * L + t * L + lv, dl, mask=tm & (lv < L))
+
+
+@triton.jit
+def _prep_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, st_ptr, ld_ptr, r_ptr, roff_ptr,
+                 T, L, Dk, Dv, NC, n, LC, NS, NR,
+                 C: tl.constexpr, LOGC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Per chunk ``i``: its key-side state ``Σ_s exp(γ_i − b_s) k_s v_sᵀ`` (level 0 of the
+    hierarchy of :mod:`kernels.states`) and, for each set bit ``h`` of ``i``, its rows'
+    contribution ``Σ_t λ[t, c+1+h] exp(G[t] − G[a]) q_t dO_tᵀ`` to the query-side sum of its
+    odd level-``h`` block (anchored at the block's start ``a``), added atomically."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    acc = st_ptr.dtype.element_ty
+    r = tl.arange(0, C)
+    t = i * C + r
+    tm = t < T
+    kk = tl.arange(0, BK)
+    vv = tl.arange(0, BV)
+    km = tm[:, None] & (kk < Dk)[None, :]
+    vm = tm[:, None] & (vv < Dv)[None, :]
+    qo = bh * T * Dk + t[:, None] * Dk + kk[None, :]
+    vo = bh * T * Dv + t[:, None] * Dv + vv[None, :]
+    sm = (kk < Dk)[:, None] & (vv < Dv)[None, :]
+    so = kk[:, None] * Dv + vv[None, :]
+    b = tl.load(b_ptr + bh * NC + t).to(acc)
+    gamma = tl.load(b_ptr + bh * NC + i * C + C - 1).to(acc)
+    k = tl.load(k_ptr + qo, mask=km, other=0.0).to(acc)
+    v = tl.load(v_ptr + vo, mask=vm, other=0.0).to(acc)
+    state = tl.dot(tl.trans(k * tl.exp(gamma - b)[:, None]), v, input_precision=PREC, out_dtype=acc)
+    tl.store(st_ptr + (bh * NS + i) * Dk * Dv + so, state, mask=sm)
+    tl.store(ld_ptr + bh * NS + i, gamma)
+    q = tl.load(q_ptr + qo, mask=km, other=0.0).to(acc)
+    do = tl.load(do_ptr + vo, mask=vm, other=0.0).to(acc)
+    gc_base = gc_ptr + bh * (n + 1)
+    g_here = tl.load(gc_base + i)
+    h = 0
+    while h < LC:
+        if ((i >> h) & 1) == 1:
+            lam_h = tl.load(l_ptr + bh * T * L + t * L + (LOGC + 1 + h), mask=tm, other=0.0).to(acc)
+            f = lam_h * tl.exp(b + (g_here - tl.load(gc_base + ((i >> h) << h))).to(acc))
+            z = tl.dot(tl.trans(q * f[:, None]), do, input_precision=PREC, out_dtype=acc)
+            slot = tl.load(roff_ptr + h) + (i >> (h + 1))
+            tl.atomic_add(r_ptr + (bh * NR + slot) * Dk * Dv + so, z, mask=sm)
+        h += 1
 
 
 @triton.jit
@@ -284,7 +361,8 @@ def _split(width: int, B: int, cuda: bool) -> int:
     return split
 
 
-def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=None, scan_block=None):
+def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=None, scan_block=None,
+                       method="scan"):
     """Gradients of ``O = attention(q, k, v, level_scales, log_decay, scale)`` for ``dO``.
 
     Parameters
@@ -337,8 +415,25 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     BK, BV = _block(Dk), _block(Dv)
     meta = dict(C=C, LOGC=LOGC, BK=BK, BV=BV, PREC=prec)
     col = torch.empty((B, T), dtype=acc, device=dev)
-    _intra_kernel[(n, B)](qf, kf, vf, dof, lf, b, dq, dk, dv, dl, col, T, L, Dk, Dv, NC, float(scale), **meta)
-    if LC > 0:
+    if method not in ("scan", "parallel"):
+        raise ValueError(f"method must be 'scan' or 'parallel', got {method!r}")
+    if method == "parallel" and LC > 0:
+        st, ld = _states.allocate(B, n, Dk * Dv, acc, dev)
+        sizes = hierarchy_sizes(n)
+        soff = torch.tensor([sum(sizes[:h]) for h in range(len(sizes))], dtype=torch.int32, device=dev)
+        counts = [(((n - 1) >> h) + 1) // 2 for h in range(LC)]
+        roff = torch.tensor([sum(counts[:h]) for h in range(LC)], dtype=torch.int32, device=dev)
+        NS, NR = st.shape[1], sum(counts)
+        rsum = torch.zeros((B, NR, Dk * Dv), dtype=acc, device=dev)
+        _prep_kernel[(n, B)](qf, kf, vf, dof, lf, b, gc, st, ld, rsum, roff, T, L, Dk, Dv, NC, n, LC, NS, NR,
+                             **meta)
+        _states.build_hierarchy(st, ld, n)
+        _intra_kernel[(n, B)](qf, kf, vf, dof, lf, b, dq, dk, dv, dl, col, gc, st, soff, rsum, roff,
+                              T, L, Dk, Dv, NC, float(scale), n, LC, NS, NR, INTER=True, **meta)
+    else:
+        _intra_kernel[(n, B)](qf, kf, vf, dof, lf, b, dq, dk, dv, dl, col, gc, b, b, b, b,
+                              T, L, Dk, Dv, NC, float(scale), n, LC, 0, 0, INTER=False, **meta)
+    if method == "scan" and LC > 0:
         BKS, BVS = ((_split(Dk, B, v.is_cuda), _split(Dv, B, v.is_cuda)) if scan_block is None
                     else (min(scan_block, BK), min(scan_block, BV)))
         NKB, NVB = triton.cdiv(BK, BKS), triton.cdiv(BV, BVS)

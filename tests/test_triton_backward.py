@@ -151,6 +151,22 @@ def test_awkward_lengths(T, decay, rng):
 
 
 @interpreter
+@pytest.mark.parametrize("T", [1, 17, 65, 200])
+@pytest.mark.parametrize("method", ["scan", "parallel"])
+def test_methods(T, method, rng):
+    """Both across-chunk methods of the backward: sequential scans, and chunk-parallel
+    kernels over the key-side hierarchy and the query-side block sums."""
+    from kernels.attention_backward import attention_backward
+
+    q, k, v, lam, g, w = _case(T, rng, Dk=5, Dv=3)
+    want = _dense_grads("attention", q, k, v, lam, g, 0.5, w)
+    got = attention_backward(q.expand_as(k), k, v, lam, g, 0.5, w, chunk=CHUNK, method=method)
+    got = dict(zip(["q", "k", "v", "level_scales", "log_decay"], (got[0].sum(0, keepdim=True),) + got[1:]))
+    _check(got, want, TOLERANCES["grad_float64"], method, T)
+    _check_unread_zero(got["level_scales"], T)
+
+
+@interpreter
 @pytest.mark.parametrize("chunk", [16, 32, 64])
 def test_chunk_sizes(chunk, rng):
     T = 150
