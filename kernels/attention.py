@@ -20,7 +20,7 @@ import triton.language as tl
 from kernels import states as _states
 from kernels._device import intra_mask, next_decay
 from kernels._layout import (NUM_WARPS, block, check_chunk, check_levels, chunk_count, collapse_batch, compute_types,
-                             hierarchy_sizes, state_dtype)
+                             hierarchy_sizes, interpreting, state_dtype)
 
 
 @triton.jit
@@ -64,7 +64,8 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
                    slb0, slb1, slt, sll, sgb0, sgb1, sgt, sob0, sob1, sot, sod,
                    C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-                   HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr):
+                   HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
+                   QK_NATIVE: tl.constexpr):
     i = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b0 = bh // B1
@@ -92,6 +93,9 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
         m2 = tmask[:, None] & (dk[None, :] < DK)
         qb = tl.load(q_base + dk[None, :] * sqd, mask=m2, other=0.0)
         kb = tl.load(k_base + dk[None, :] * skd, mask=m2, other=0.0)
+        if not QK_NATIVE:  # the interpreter's 16-bit dot is wrong: upcast there
+            qb = qb.to(ACC)
+            kb = kb.to(ACC)
         scores += tl.dot(qb, tl.trans(kb), input_precision=PREC, out_dtype=ACC)
     M = intra_mask(l_base, sll, G, g_next, tmask, C, HAS_G, EXACT)
     vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + t[:, None] * svt + dv[None, :] * svd,
@@ -191,6 +195,7 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
         sv[0], sv[1], v.stride(-2), v.stride(-1), sl[0], sl[1], lam.stride(-2), lam.stride(-1), *gst,
         so[0], so[1], out.stride(-2), out.stride(-1),
         C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=g is not None, ACC=acc, PREC=prec, EXACT=exact,
+        QK_NATIVE=not interpreting(),
         num_warps=NUM_WARPS["attention_output"])
     result = out.reshape(batch + (T, DV))
     return (result, (states, logdec)) if return_states else result
