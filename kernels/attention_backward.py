@@ -341,6 +341,10 @@ def _block(width: int) -> int:
     return max(MIN_BLOCK, triton.next_power_of_2(max(int(width), 1)))
 
 
+PARALLEL_MAX_STATE = 128 * 128
+"""The chunk-parallel method holds one whole ``Dk x Dv`` state tile per program; wider heads
+(``BK * BV`` above this) take the scans, which split the states into feature blocks."""
+
 SCAN_PROGRAMS = 128
 """The scans run one program per batch entry and feature block; on a GPU the feature blocks
 (at most :data:`SCAN_BLOCK_MAX` columns) shrink down to 16 columns until about this many
@@ -362,7 +366,7 @@ def _split(width: int, B: int, cuda: bool) -> int:
 
 
 def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=None, scan_block=None,
-                       method="scan"):
+                       method=None):
     """Gradients of ``O = attention(q, k, v, level_scales, log_decay, scale)`` for ``dO``.
 
     Parameters
@@ -376,6 +380,12 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         Power of two in ``[16, 256]`` (default: see :func:`_check_chunk`).
     scan_block : int, optional
         Feature-block width of the scans (a power of two >= 16); default: see :func:`_split`.
+    method : {None, "parallel", "scan"}
+        How the across-chunk terms are computed: ``"parallel"``, one program per chunk, reading
+        the key-side state hierarchy of :mod:`kernels.states` and query-side block sums built
+        with atomics; ``"scan"``, two sequential scans over the chunks (one program per batch
+        entry and feature block).  Default: ``"parallel"`` unless the ``Dk x Dv`` state tile
+        exceeds :data:`PARALLEL_MAX_STATE`.
 
     All tensors share one batch shape (broadcast views are fine), device and dtype (float16,
     bfloat16 and float32 accumulate in float32; float64 runs under the interpreter).
@@ -415,8 +425,10 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     BK, BV = _block(Dk), _block(Dv)
     meta = dict(C=C, LOGC=LOGC, BK=BK, BV=BV, PREC=prec)
     col = torch.empty((B, T), dtype=acc, device=dev)
+    if method is None:
+        method = "parallel" if BK * BV <= PARALLEL_MAX_STATE else "scan"
     if method not in ("scan", "parallel"):
-        raise ValueError(f"method must be 'scan' or 'parallel', got {method!r}")
+        raise ValueError(f"method must be None, 'scan' or 'parallel', got {method!r}")
     if method == "parallel" and LC > 0:
         st, ld = _states.allocate(B, n, Dk * Dv, acc, dev)
         sizes = hierarchy_sizes(n)

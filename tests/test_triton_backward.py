@@ -270,6 +270,20 @@ def test_gpu_bf16_gradients_match_float64(T):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("method", ["scan", "parallel"])
+@pytest.mark.parametrize("T,D", [(4097, 64), (1500, 128), (700, 256)])
+def test_gpu_methods_bf16(method, T, D):
+    from kernels.attention_backward import attention_backward
+
+    q, k, v, lam, g, do = _gpu_case(1, 3, T, D, seed=T + D)
+    want = _dense_grads("attention", q, k, v, lam, g, D ** -0.5, do)
+    got = attention_backward(q, k, v, lam, g, D ** -0.5, do, method=method)
+    got = dict(zip(["q", "k", "v", "level_scales", "log_decay"], got))
+    _check(got, want, TOLERANCES["gpu_bfloat16"], f"bf16 {method} D={D}", T)
+    _check_unread_zero(got["level_scales"], T)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("T", [256, 2048, 4096])
 def test_gpu_gradients_match_fla(T):
     fla = pytest.importorskip("fla.ops.log_linear_attn")
