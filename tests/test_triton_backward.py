@@ -273,8 +273,10 @@ def test_gpu_bf16_gradients_match_float64(T):
 @pytest.mark.parametrize("method", ["scan", "parallel"])
 @pytest.mark.parametrize("T,D", [(4097, 64), (1500, 128), (700, 256)])
 def test_gpu_methods_bf16(method, T, D):
-    from kernels.attention_backward import attention_backward
+    from kernels.attention_backward import PARALLEL_MAX_STATE, attention_backward
 
+    if method == "parallel" and D * D > PARALLEL_MAX_STATE:
+        pytest.skip("the state tile is over PARALLEL_MAX_STATE: such heads take the scans")
     q, k, v, lam, g, do = _gpu_case(1, 3, T, D, seed=T + D)
     want = _dense_grads("attention", q, k, v, lam, g, D ** -0.5, do)
     got = attention_backward(q, k, v, lam, g, D ** -0.5, do, method=method)
