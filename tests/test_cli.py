@@ -79,6 +79,17 @@ def test_interpreter_prefix_is_a_causal_prefix():
     np.testing.assert_allclose(prefix, full[..., :37, :], rtol=1e-13)
 
 
+@pytest.mark.parametrize("reference", ["dense", "rows"])
+def test_triton_interpreter_prefix(capsys, reference):
+    module = registry._load("triton")
+    if module is None or module.unavailable_reason("torch", "cpu") is not None:
+        pytest.skip("triton cannot run on CPU tensors here (needs TRITON_INTERPRET=1)")
+    code, out, _ = run(capsys, "verify", "--length", "70", "--backends", "triton", "--arrays", "torch",
+                       "--interpreter-length", "33", "--reference", reference, "--rows", "4", "--dk", "2", "--dv", "3")
+    assert code == 0, out
+    assert out.count("interpreter: first 33 rows") == 2
+
+
 @pytest.mark.parametrize("T", [1, 2, 9, 64])
 def test_show_grid(capsys, T):
     code, out, _ = run(capsys, "show", str(T))
