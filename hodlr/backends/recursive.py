@@ -10,12 +10,18 @@ unrolls into one pass per level ``l = 1 .. num_levels(T) - 1``: every tree node
 ``u (v^T x[a : m])`` to ``y[m : a + 2^l]``, with ``m = a + 2^(l-1)`` and the anchored rank-1
 factors of :meth:`hodlr.LogLinearMask.block_factors`.  All nodes of a level are done at
 once (a reshape of the padded sequence to ``(nodes, 2, 2^(l-1), D)``), plus the diagonal
-term ``level_scales[:, 0] * x``.  Work ``O(T log T D)`` for matmul and
-``O(T log T Dk Dv)`` for attention, where every node forms its state
-``S = K_cols^T diag(v) V_cols`` (``Dk x Dv``) and its rows read it as ``u * (Q_rows S)``;
-nodes of the low levels, whose blocks are smaller than a state
+term ``level_scales[:, 0] * x``.
+
+Matmul gets the column sums ``v^T x[a : m]`` from an up-sweep, as nested-basis HODLR codes
+do: the column range of a level-``l`` block is the left child of its node, and a node's
+decay-weighted sum ``W = sum_s exp(G[end - 1] - G[s]) x_s`` is
+``exp(sum of g over the right child) W_left + W_right``.  So every level reads ``O(T D / 2^l)``
+numbers for its sums and ``O(T D)`` only to update its rows.  Attention forms every node's
+state ``S = K_cols^T diag(v) V_cols`` (``Dk x Dv``) and its rows read it as
+``u * (Q_rows S)``.  Nodes of the low levels, whose blocks are smaller than a state
 (``2^(l-1) (Dk + Dv) < Dk Dv``), compute ``u * ((Q_rows K_cols^T diag(v)) V_cols)``
-instead, so no level holds more than ``O(T (Dk + Dv))`` numbers.
+instead, so no level holds more than ``O(T (Dk + Dv))`` numbers.  Work is
+``O(T log T D)`` for matmul and ``O(T log T Dk Dv)`` for attention.
 
 The formula is written once against :func:`fenwick.arrays.namespace`: it runs on numpy
 arrays and on torch tensors (any device), and torch autograd differentiates through it.
@@ -60,15 +66,25 @@ def _levels(level_scales, log_decay):
 def matmul(level_scales, log_decay, x):
     out_dtype = x.dtype
     x = cast(x, level_scales.dtype)
-    T = x.shape[-2]
+    xp = namespace(x)
+    batch, (T, D) = tuple(x.shape[:-2]), tuple(x.shape[-2:])
     N = 1 << (T - 1).bit_length()
-    xp = _pad(x, N)
     y = _pad(level_scales[..., 0, None] * x, N)  # a fresh array: updated in place below
-    for u, v in _levels(level_scales, log_decay):
+    # Up-sweep: W[i] = sum over node i (size 2^(l-1)) of exp(G[node end - 1] - G[s]) x[s];
+    # the left node of each pair is the column range of its parent's block, anchored as
+    # block_factors anchors v, and gsum[i] is the node's sum of log-decays.
+    W = _pad(x, N)
+    gsum = None if log_decay is None else _pad(log_decay[..., None], N)[..., 0]
+    for u, _ in _levels(level_scales, log_decay):
         n, half = u.shape[-2:]
-        xs = _nodes(xp, n, half)[..., 0, :, :]
-        state = namespace(x).matmul(v[..., None, :], xs)
-        _nodes(y, n, half)[..., 1, :, :] += u[..., :, None] * state
+        pairs = W.reshape(batch + (N // (2 * half), 2, D))
+        _nodes(y, n, half)[..., 1, :, :] += u[..., :, None] * pairs[..., :n, None, 0, :]
+        if gsum is None:
+            W = pairs[..., 0, :] + pairs[..., 1, :]
+        else:
+            gpairs = gsum.reshape(batch + (N // (2 * half), 2))
+            W = xp.exp(gpairs[..., 1])[..., None] * pairs[..., 0, :] + pairs[..., 1, :]
+            gsum = gpairs[..., 0] + gpairs[..., 1]
     return cast(y[..., :T, :], out_dtype)
 
 
