@@ -23,7 +23,7 @@ from kernels._layout import (NUM_WARPS, block, check_chunk, check_levels, chunk_
                              hierarchy_sizes, interpreting, state_dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "B1", "n_total", "N_DV_TILES", "sgb0", "sgb1"])
 def _state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr,
                   T, B1, n_total, DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES,
                   skb0, skb1, skt, skd, svb0, svb1, svt, svd, sgb0, sgb1, sgt,
@@ -58,7 +58,8 @@ def _state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr,
         tl.store(a_ptr + row, g_end)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "slb0", "slb1", "slt", "sgb0",
+                            "sgb1"])
 def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
                    T, B1, n_chunks, n_total, n_bits, DK: tl.constexpr, DV: tl.constexpr, scale,
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,

@@ -18,7 +18,7 @@ from kernels._layout import (NUM_WARPS, block, check_chunk, check_levels, chunk_
                              hierarchy_sizes, state_dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "B1", "n_total", "sgb0", "sgb1"])
 def _state_kernel(x_ptr, g_ptr, h_ptr, a_ptr, T, B1, n_total, D,
                   sxb0, sxb1, sxt, sxd, sgb0, sgb1, sgt,
                   C: tl.constexpr, BD: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr):
@@ -47,7 +47,8 @@ def _state_kernel(x_ptr, g_ptr, h_ptr, a_ptr, T, B1, n_total, D,
     tl.store(h_ptr + row * D + d, S, mask=d < D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "slb0", "slb1", "slt", "sgb0",
+                            "sgb1"])
 def _output_kernel(x_ptr, l_ptr, g_ptr, h_ptr, a_ptr, y_ptr,
                    T, B1, n_chunks, n_total, n_bits, D,
                    sxb0, sxb1, sxt, sxd, slb0, slb1, slt, sll, sgb0, sgb1, sgt, syb0, syb1, syt, syd,

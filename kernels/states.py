@@ -37,7 +37,7 @@ import triton.language as tl
 from kernels._layout import NUM_WARPS, hierarchy_sizes
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks", "n_total", "N_BUILD"])
 def _hierarchy_kernel(h_ptr, a_ptr, n_chunks, n_total, F, N_BUILD, BN: tl.constexpr, BF: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     f = tl.program_id(1) * BF + tl.arange(0, BF)
@@ -87,7 +87,7 @@ def build_hierarchy(states: torch.Tensor, logdec: torch.Tensor, n_chunks: int) -
         return
     B, N, F = states.shape
     BF = min(256, triton.next_power_of_2(F))
-    BN = max(1, min(64, 4096 // BF, triton.next_power_of_2(sizes[1])))
+    BN = max(1, min(64, 4096 // BF))
     grid = (B, triton.cdiv(F, BF))
     _hierarchy_kernel[grid](states, logdec, n_chunks, N, F, len(sizes) - 1, BN=BN, BF=BF,
                             num_warps=NUM_WARPS["hierarchy"])

@@ -5,6 +5,9 @@ interpreter is on (``TRITON_INTERPRET=1`` in the environment *before* ``triton``
 imported; that is how the CPU test-suite proves the kernels equal to the other backends).
 float64 runs only under the interpreter; on the GPU, float32 uses IEEE dots and
 float16 / bfloat16 accumulate in float32.  Chunk size: ``kernels.DEFAULT_CHUNK``.
+When a gradient is wanted (grad mode on and an input that requires it) the call goes
+through :mod:`kernels.autograd` (Triton backward kernels); otherwise straight to the
+forward launchers.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-DESCRIPTION = "chunked Triton kernels (dense C x C blocks + Fenwick scan over chunk states); CUDA, or CPU under TRITON_INTERPRET=1"
+DESCRIPTION = "chunked Triton kernels (dense C x C blocks + Fenwick scan over chunk states), forward and backward; CUDA, or CPU under TRITON_INTERPRET=1"
 
 
 def _interpret() -> bool:
@@ -32,13 +35,27 @@ def unavailable_reason(library, device):
     return "needs a CUDA device (or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)"
 
 
+def _wants_grad(*tensors) -> bool:
+    import torch
+
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def matmul(level_scales, log_decay, x):
+    if _wants_grad(level_scales, log_decay, x):
+        from kernels import autograd
+
+        return autograd.matmul(level_scales, log_decay, x)
     import kernels
 
     return kernels.matmul(level_scales, log_decay, x)
 
 
 def attention(q, k, v, level_scales, log_decay, scale):
+    if _wants_grad(q, k, v, level_scales, log_decay):
+        from kernels import autograd
+
+        return autograd.attention(q, k, v, level_scales, log_decay, scale)
     import kernels
 
     return kernels.attention(q, k, v, level_scales, log_decay, scale)
