@@ -234,3 +234,20 @@ def test_registered_backend():
     assert info["torch_cuda"] is True
     assert (info["torch_cpu"] is True) == INTERP
     assert isinstance(info["numpy"], str)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_inputs(dtype):
+    """16-bit operands with a float32 mask (float32 accumulation) through the public API."""
+    gen = torch.Generator().manual_seed(4)
+    B, H, T = 1, 2, 45
+    L = hodlr.num_levels(T)
+    lam = poison_unread(torch.rand(H, T, L, generator=gen) + 0.2).to(DEVICE)
+    g = (-torch.rand(H, T, generator=gen)).to(DEVICE)
+    q, k, v = (torch.randn(B, H, T, 16, generator=gen).to(dtype).to(DEVICE) for _ in range(3))
+    M = hodlr.LogLinearMask(lam, g)
+    got = hodlr.attention(q, k, v, M, scale=0.25, backend="triton")
+    assert got.dtype == dtype
+    assert_close(got, _ref_attention(q, k, v, M, 0.25), TOLERANCES["gpu_bfloat16"], "16-bit attention")
+    y = hodlr.matmul(M, v, backend="triton")
+    assert_close(y, _ref_matmul(M, v), TOLERANCES["gpu_bfloat16"], "16-bit matmul")
