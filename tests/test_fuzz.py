@@ -304,9 +304,9 @@ def test_fuzz_matmul(data):
     M, lam64, g64, batch, dtype = valid_mask(data, rng, library)
     faults = draw_faults(data, X_FAULTS)
     x = draw_operand(data, rng, batch, M.T, data.draw(st.integers(0, 4), label="D"), faults, "X")
-    x_dtype = (data.draw(st.sampled_from([d for d in FLOAT if d != dtype] + [bad_dtype(data, library)]))
-               if "X dtype" in faults else dtype)
     x_library = {"numpy": "torch", "torch": "numpy"}[library] if "X library" in faults else library
+    x_dtype = (data.draw(st.sampled_from([d for d in FLOAT if d != dtype] + [bad_dtype(data, x_library)]))
+               if "X dtype" in faults else dtype)
     backend = draw_backend(data, rng, faults, library)
     try:
         check_array(x, x_dtype, 2)
