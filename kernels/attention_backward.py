@@ -12,25 +12,28 @@ cotangent ``dO`` the gradients are
   is ``Σ_{l >= 1} λ[t, l] dλ[t, l]``, the column sum is accumulated by the kernels (leaving
   the diagonal out of both avoids the cancellation of ``q·dq − k·dk`` under strong decay).
 
-Two launches, none of them ``O(T²)``, with chunk size ``C = 2^c`` and ``n = ceil(T / C)``:
+Nothing is ``O(T²)``.  With chunk size ``C = 2^c`` and ``n = ceil(T / C)`` chunks:
 
-1. ``_intra_kernel`` (one program per chunk): the dense ``C x C`` diagonal blocks (levels
-   ``0..c``): writes ``dq, dk, dv``, ``dλ[:, 0..c]`` and the in-chunk column sums.
-2. ``_scan_kernel`` runs two scans concurrently (one program per batch entry and feature
-   block each).  The ``dq`` scan (chunks in order): rebuilds the key-side
-   Fenwick states over chunks (``S_h``: the ``2^h`` chunks of the bucket at chunk level
-   ``h + 1``, ``Dk x Dv``, anchored at the bucket's last position), adds the across-chunk
-   ``dq`` and writes ``dλ[:, c+1+h]``.
-   The ``dk, dv`` scan (chunks in reverse): for every chunk
-   level ``h`` the query-side sum ``R_h = Σ_t λ[t, c+1+h] exp(G[t] − G[a]) q_t dO_tᵀ`` over
-   the odd (right) block of that level, anchored at the last position ``a`` of its even
-   (left) sibling, which then reads it: adds the across-chunk ``dk, dv`` and column sums.
+* ``_intra_kernel`` (one program per chunk) does the dense ``C x C`` diagonal blocks (levels
+  ``0..c``): ``dq, dk, dv``, ``dλ[:, 0..c]`` and the in-chunk column sums.
+* Across chunks, ``dq`` and ``dλ[:, c+1+h]`` read the key-side Fenwick states over chunks
+  (``S_h``: the ``2^h`` chunks of the bucket at chunk level ``h + 1``, ``Dk x Dv``), and
+  ``dk, dv`` read, for every chunk level ``h``, the query-side sum
+  ``R_h = Σ_t λ[t, c+1+h] exp(G[t] − G[a]) q_t dO_tᵀ`` over the odd (right) block of that
+  level, anchored at the last position ``a`` of its even (left) sibling.
+  ``method="parallel"`` (default): ``_prep_kernel`` writes per-chunk states (level 0 of
+  :mod:`kernels.states`' hierarchy, completed by ``build_hierarchy``) and adds the ``R_h``
+  with atomics, then ``_intra_kernel`` also does the across-chunk terms of its chunk.
+  ``method="scan"`` (heads whose state tile exceeds :data:`PARALLEL_MAX_STATE`):
+  ``_scan_kernel`` runs a forward scan (the ``S_h`` as a binary counter) and a reverse scan
+  (the ``R_h``) concurrently, split over feature blocks.
 
 Cross-chunk decays are ``exp`` of differences of the chunk-boundary prefix ``Gc`` (float64
-on the host) plus in-chunk local cumulative sums ``b``; every exponent is ``<= 0`` when
+on a GPU) plus in-chunk local cumulative sums ``b``; every exponent is ``<= 0`` when
 ``g <= 0``.  Extra memory beyond the inputs: ``dq, dk, dv, dλ`` accumulators (float32, or
-float64 for float64 inputs), ``b`` (``T``), ``Gc`` (``n + 1``) and ``(log2 n) x Dk x Dv``
-scratch states per batch entry: ``O(T (Dk + Dv + L))`` per head.
+float64 for float64 inputs), ``b`` and the column sums (``T``), ``Gc`` (``n + 1``) and chunk
+states (``≈ 3n`` for the parallel method, ``2 log2 n`` for the scans) of ``Dk x Dv`` per
+batch entry: ``O(T (Dk + Dv + L))`` per head plus chunk states.
 """
 
 import torch
