@@ -204,3 +204,9 @@ def test_readme_backend_table_lists_every_backend():
     text = (ROOT / "README.md").read_text()
     listed = re.findall(r"^\| `(\w+)` \|", text, re.M)
     assert set(registry.NAMES) <= set(listed)
+
+
+def test_readme_links_exist():
+    text = (ROOT / "README.md").read_text()
+    for link in re.findall(r"\]\((docs/[^)#]+)\)", text):
+        assert (ROOT / link).exists(), link
