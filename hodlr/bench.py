@@ -8,6 +8,10 @@ then times each with ``triton.testing.do_bench`` (median, milliseconds):
   (the linear lower bound; agreement checked with every level scale 1, where log-linear
   equals Mamba-2-style linear attention) and causal ``scaled_dot_product_attention``
   (softmax: timed, not compared), each when importable;
+* attention forward+backward (``--backward``, on by default): the differentiable
+  ``kernels.autograd.attention`` against ``chunk_log_linear_attn`` and causal SDPA, each
+  timing one forward and the gradients of all its inputs for a fixed random ``dO``, with
+  the peak memory of our pass;
 * matmul forward: ``kernels.matmul`` against a cuBLAS product with the materialised
   ``T x T`` mask (where it fits, ``--dense-max-t``) and against the measured copy
   bandwidth, counting the bytes the operation must move (X read, Y written, the level
@@ -47,6 +51,9 @@ def _parser():
     p.add_argument("--png", default="bench.png", help="output plot path ('' for none)")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-backward", dest="backward", action="store_false",
+                   help="skip the forward+backward timings")
+    p.add_argument("--no-matmul", dest="matmul", action="store_false", help="skip the matmul timings")
     return p
 
 
@@ -163,9 +170,15 @@ def run(args) -> dict:
         row["attn_ms_ours"] = bench(ours)
         sdpa = torch.nn.functional.scaled_dot_product_attention
         row["attn_ms_sdpa_causal"] = bench(lambda: sdpa(qh, kh, vh, is_causal=True))
+        if args.backward:
+            row.update(_forward_backward(torch, bench, peers, q, k, v, g, lam, scale, chunk))
         del q, k, v, o
         torch.cuda.empty_cache()
 
+        if not args.matmul:
+            rows.append(row)
+            print(_format_row(row), flush=True)
+            continue
         # matmul: per-head level scales and decay (the bandwidth figure) ...
         x = torch.randn(B, H, T, D, device=dev, dtype=dtype)
         row["mm_ms_ours"] = ms = bench(lambda: kernels.matmul(lamh, gh, x, chunk=chunk))
@@ -211,6 +224,56 @@ def run(args) -> dict:
     }
 
 
+def _forward_backward(torch, bench, peers, q, k, v, g, lam, scale, chunk) -> dict:
+    """Forward+backward medians (ms) of ours, fla's log-linear kernel and causal SDPA on the
+    same inputs (``(B, T, H, D)`` layout given; ours reads ``(B, H, T, D)`` views), and the
+    peak memory of ours beyond the inputs."""
+    import kernels.autograd
+
+    def leaves(*xs):
+        return [x.detach().clone().requires_grad_(True) for x in xs]
+
+    qh, kh, vh, lamh = leaves(*(x.transpose(1, 2) for x in (q, k, v, lam)))
+    (gh,) = leaves(g.transpose(1, 2))
+    do = torch.randn_like(vh)
+    ours_in = (qh, kh, vh, lamh, gh)
+
+    def ours():
+        out = kernels.autograd.attention(qh, kh, vh, lamh, gh, scale, chunk=chunk)
+        return torch.autograd.grad(out, ours_in, do)
+
+    row = {}
+    ours()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    ours()
+    torch.cuda.synchronize()
+    row["fwdbwd_peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
+    row["fwdbwd_ms_ours"] = bench(ours)
+    if "fla_log_linear" in peers:
+        fn_fla = peers["fla_log_linear"]
+        fla_in = leaves(q, k, v, g, lam)
+        do_fla = do.transpose(1, 2)
+
+        def fla():
+            out = fn_fla(*fla_in, scale=scale)[0]
+            return torch.autograd.grad(out, fla_in, do_fla)
+
+        theirs = fla()
+        mine = ours()
+        row["fwdbwd_err_dq_vs_fla"] = _rel(mine[0].transpose(1, 2), theirs[0])
+        row["fwdbwd_ms_fla_log_linear"] = bench(fla)
+    sdpa_in = leaves(*(x.transpose(1, 2) for x in (q, k, v)))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def causal():
+        return torch.autograd.grad(sdpa(*sdpa_in, is_causal=True), sdpa_in, do)
+
+    row["fwdbwd_ms_sdpa_causal"] = bench(causal)
+    return row
+
+
 def _fla_version():
     try:
         from importlib.metadata import version
@@ -230,22 +293,31 @@ def _format_row(r) -> str:
             f"sdpa {_fmt(r.get('attn_ms_sdpa_causal'))} | err fla {_fmt(r.get('attn_err_vs_fla_log_linear'), '.1e')} "
             f"gla {_fmt(r.get('attn_err_ones_vs_fla_simple_gla'), '.1e')} | mm ms {_fmt(r.get('mm_ms_ours'))} "
             f"{_fmt(r.get('mm_fraction_of_copy', 0) * 100, '.0f')}% copy, dense {_fmt(r.get('mm_ms_dense_cublas'))} "
-            f"err {_fmt(r.get('mm_err_vs_dense'), '.1e')}")
+            f"err {_fmt(r.get('mm_err_vs_dense'), '.1e')} | fwd+bwd ms ours {_fmt(r.get('fwdbwd_ms_ours'))} "
+            f"fla {_fmt(r.get('fwdbwd_ms_fla_log_linear'))} sdpa {_fmt(r.get('fwdbwd_ms_sdpa_causal'))} "
+            f"dq err vs fla {_fmt(r.get('fwdbwd_err_dq_vs_fla'), '.1e')} "
+            f"peak {_fmt(None if r.get('fwdbwd_peak_extra_bytes') is None else r['fwdbwd_peak_extra_bytes'] / 2**30, '.2f')} GiB")
 
 
 def table(result) -> str:
     """The results as a Markdown table."""
     head = ("| T | B | ours attn ms | fla log-linear ms | speed-up | fla simple_gla ms | SDPA causal ms | "
-            "err vs fla | matmul ms | matmul GB/s | % of copy | dense cuBLAS ms |")
-    lines = [head, "|" + " --- |" * 12]
+            "err vs fla | matmul ms | matmul GB/s | % of copy | dense cuBLAS ms | ours fwd+bwd ms | "
+            "fla fwd+bwd ms | SDPA fwd+bwd ms | fwd+bwd peak GiB |")
+    lines = [head, "|" + " --- |" * 16]
     for r in result["rows"]:
         ours, fla = r.get("attn_ms_ours"), r.get("attn_ms_fla_log_linear")
+        bandwidth = r.get("mm_bandwidth")
+        fraction = r.get("mm_fraction_of_copy")
+        peak = r.get("fwdbwd_peak_extra_bytes")
         lines.append(
             f"| {r['T']:,} | {r['B']} | {_fmt(ours)} | {_fmt(fla)} | "
             f"{_fmt(None if fla is None else fla / ours, '.1f')}x | {_fmt(r.get('attn_ms_fla_simple_gla'))} | "
             f"{_fmt(r.get('attn_ms_sdpa_causal'))} | {_fmt(r.get('attn_err_vs_fla_log_linear'), '.1e')} | "
-            f"{_fmt(r.get('mm_ms_ours'))} | {_fmt(r['mm_bandwidth'] / 1e9, '.0f')} | "
-            f"{_fmt(r['mm_fraction_of_copy'] * 100, '.0f')}% | {_fmt(r.get('mm_ms_dense_cublas'))} |")
+            f"{_fmt(r.get('mm_ms_ours'))} | {_fmt(None if bandwidth is None else bandwidth / 1e9, '.0f')} | "
+            f"{_fmt(None if fraction is None else fraction * 100, '.0f')}% | {_fmt(r.get('mm_ms_dense_cublas'))} | "
+            f"{_fmt(r.get('fwdbwd_ms_ours'))} | {_fmt(r.get('fwdbwd_ms_fla_log_linear'))} | "
+            f"{_fmt(r.get('fwdbwd_ms_sdpa_causal'))} | {_fmt(None if peak is None else peak / 2**30, '.2f')} |")
     return "\n".join(lines)
 
 
@@ -260,26 +332,31 @@ def plot(result, path) -> None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for key, label in (("attn_ms_ours", "hodlr triton (ours)"), ("attn_ms_fla_log_linear", "fla chunk_log_linear_attn"),
                        ("attn_ms_fla_simple_gla", "fla chunk_simple_gla (linear)"),
-                       ("attn_ms_sdpa_causal", "causal SDPA (softmax)")):
+                       ("attn_ms_sdpa_causal", "causal SDPA (softmax)"),
+                       ("fwdbwd_ms_ours", "hodlr triton fwd+bwd"), ("fwdbwd_ms_fla_log_linear", "fla log-linear fwd+bwd"),
+                       ("fwdbwd_ms_sdpa_causal", "causal SDPA fwd+bwd")):
         ys = [r.get(key) for r in rows]
         if any(y is not None for y in ys):
             a1.plot(Ts, ys, marker="o", label=label)
     a1.set_xscale("log", base=2)
     a1.set_yscale("log")
     a1.set_xlabel("T")
-    a1.set_ylabel("forward ms (median)")
-    a1.set_title(f"attention fwd, {result['dtype']}, B·T={result['tokens']:,}, H={rows[0]['H']}, D={rows[0]['D']}")
+    a1.set_ylabel("ms (median)")
+    a1.set_title(f"attention, {result['dtype']}, B·T={result['tokens']:,}, H={rows[0]['H']}, D={rows[0]['D']}")
     a1.legend()
     a1.grid(True, which="both", alpha=0.3)
-    a2.plot(Ts, [r["mm_bandwidth"] / 1e12 for r in rows], marker="o", label="hodlr triton matmul")
-    a2.axhline(result["copy_bandwidth"] / 1e12, color="k", ls="--", label="measured copy")
-    a2.axhline(result["copy_bandwidth"] / 2e12, color="gray", ls=":", label="50% of copy")
-    a2.set_xscale("log", base=2)
-    a2.set_xlabel("T")
-    a2.set_ylabel("TB/s (bytes it must move / time)")
-    a2.set_title("matmul fwd bandwidth")
-    a2.legend()
-    a2.grid(True, which="both", alpha=0.3)
+    if any("mm_bandwidth" in r for r in rows):
+        a2.plot(Ts, [r.get("mm_bandwidth", math.nan) / 1e12 for r in rows], marker="o", label="hodlr triton matmul")
+        a2.axhline(result["copy_bandwidth"] / 1e12, color="k", ls="--", label="measured copy")
+        a2.axhline(result["copy_bandwidth"] / 2e12, color="gray", ls=":", label="50% of copy")
+        a2.set_xscale("log", base=2)
+        a2.set_xlabel("T")
+        a2.set_ylabel("TB/s (bytes it must move / time)")
+        a2.set_title("matmul fwd bandwidth")
+        a2.legend()
+        a2.grid(True, which="both", alpha=0.3)
+    else:
+        a2.set_axis_off()
     fig.suptitle(f"{result['device']}  {result['date']}  commit {result['commit'][:10]}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
