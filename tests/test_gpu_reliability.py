@@ -33,7 +33,7 @@ def _exact_rows(q, k, v, lam, g, scale, rows):
         s = torch.arange(t + 1, device="cuda")
         lev = torch.as_tensor(fenwick.level(t, s.cpu().numpy()), device="cuda")
         gd = g[..., 1 : t + 1].double()
-        exponent = torch.cat([gd.flip(-1).cumsum(-1).flip(-1), torch.zeros_like(gd[..., :1])], -1)
+        exponent = torch.cat([gd.flip(-1).cumsum(-1).flip(-1), gd.new_zeros(gd.shape[:-1] + (1,))], -1)
         weights = lam[..., t, :].double()[..., lev] * exponent.exp()
         scores = scale * (k[..., : t + 1, :].double() @ q[..., t, :].double().unsqueeze(-1)).squeeze(-1)
         out.append(((weights * scores).unsqueeze(-1) * v[..., : t + 1, :].double()).sum(-2))
