@@ -24,6 +24,7 @@ _LAZY = {
     "spy": "hodlr.plotting",
     "heatmap": "hodlr.plotting",
     "plot_buckets": "hodlr.plotting",
+    "rank_profile": "hodlr.display",
     "symbolic": None,
     "testing": None,
 }

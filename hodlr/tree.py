@@ -386,6 +386,14 @@ class HODLRMatrix:
 
     __matmul__ = matmul
 
+    def rank_profile(self, levels=None, rtol=None):
+        """Numerical rank of every off-diagonal block, from its factors (no block is formed).
+
+        See :func:`hodlr.display.rank_profile`."""
+        from hodlr.display import rank_profile
+
+        return rank_profile(self, levels, rtol)
+
     def __repr__(self) -> str:
         from hodlr.display import tree_repr
 

@@ -185,3 +185,13 @@ def test_repr_delegates_to_display():
     H = hodlr.LogLinearMask(np.ones((9, 5))).to_hodlr()
     assert repr(H) == display.tree_repr(H)
     assert H._repr_html_() == display.tree_repr_html(H)
+
+
+def test_tree_rank_profile_matches_mask_and_export():
+    rng = np.random.default_rng(7)
+    T = 77
+    M = hodlr.LogLinearMask(rng.uniform(0.5, 1.5, (T, hodlr.num_levels(T))), -rng.random(T))
+    tree_profile = M.to_hodlr().rank_profile()
+    mask_profile = hodlr.rank_profile(M)
+    assert tree_profile.max_rank == mask_profile.max_rank == 1
+    assert tree_profile.counts() == mask_profile.counts()
