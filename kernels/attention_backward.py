@@ -80,7 +80,7 @@ def _intra_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, dq_ptr, dk_ptr, dv_
     for bit in tl.static_range(LOGC):
         lev = tl.where((x >> bit) != 0, bit + 1, lev)
     lam = tl.load(l_ptr + bh * T * L + t[:, None] * L + lev, mask=causal, other=0.0).to(acc)
-    decay = tl.where(causal, tl.exp(b[:, None] - b[None, :]), 0.0)
+    decay = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
     a = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=acc) * scale
     dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=acc)
     m = lam * decay
