@@ -307,7 +307,7 @@ class FenwickState:
         else:
             if is_torch(x):
                 raise TypeError(f"{name} must be a numpy array of shape {layout} (the state is numpy), got {_describe(x)}")
-            if isinstance(x, (list, tuple, float, int)):
+            if isinstance(x, (list, tuple, float, int, np.number)):  # numpy scalars too: g[t] of a float32 g
                 x = np.asarray(x, dtype=self._like.dtype)
             if not isinstance(x, np.ndarray):
                 raise TypeError(f"{name} must be a numpy array of shape {layout}, got {_describe(x)}")

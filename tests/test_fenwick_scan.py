@@ -593,3 +593,17 @@ def test_cuda_backend_and_stream():
     got = _stream(state, q, k, v, M.level_scales, M.log_decay, 1.0, 30)
     assert got.device.type == "cuda"
     assert_close(got, ref, TOL)
+
+
+def test_step_accepts_numpy_scalars_of_the_state_dtype():
+    # g[t] of a float32 array is a numpy.float32 scalar (not a Python float): it must be
+    # accepted for an unbatched float32 state, as np.float64 scalars are for float64 ones.
+    rng = np.random.default_rng(7)
+    T = 9
+    q, k, v = (rng.standard_normal((T, 2)).astype(np.float32) for _ in range(3))
+    lam = rng.uniform(0.5, 1.0, (T, fenwick.num_levels(T))).astype(np.float32)
+    g = -rng.uniform(0.0, 1.0, T).astype(np.float32)
+    state = FenwickState((), 2, 2, dtype=np.float32)
+    got = np.stack([state.step(q[t], k[t], v[t], lam[t], g[t]) for t in range(T)])
+    assert got.dtype == np.float32
+    assert_close(got, attention(q, k, v, lam, g), 1e-5)
