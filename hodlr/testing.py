@@ -10,7 +10,7 @@ Examples
 --------
 >>> from hypothesis import given
 >>> import hodlr
->>> from hodlr.testing import masks, operands, relative_error, TOLERANCES
+>>> from hodlr.testing import masks, operands, relative_error, st_lengths, TOLERANCES
 >>> @given(masks(T=st_lengths(max_value=40)).flatmap(lambda M: operands(M, D=3).map(lambda X: (M, X))))
 ... def test_recursive_matches_dense(pair):
 ...     M, X = pair
@@ -114,10 +114,17 @@ def poison_unread(level_scales):
 
 
 def _to_library(a: np.ndarray, library: str, dtype, device):
+    """``a`` as a ``library`` array of ``dtype``; a numpy dtype (the default ``numpy.float64``)
+    serves torch as the matching torch dtype."""
+    torch_dtype = type(dtype).__module__.startswith("torch")
     if library == "numpy":
+        if torch_dtype:
+            raise InvalidArgument(f"dtype must be a numpy dtype for library='numpy', got {dtype}")
         return a.astype(dtype)
     import torch
 
+    if not torch_dtype:
+        dtype = torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
     return torch.as_tensor(a, device=device).to(dtype)
 
 
@@ -158,6 +165,7 @@ def masks(
     poison : bool
         Set every never-read level scale to NaN.
     dtype : numpy or torch dtype
+        For ``library="torch"`` a numpy dtype means the matching torch dtype.
     library : ``"numpy"`` or ``"torch"``
     device : torch device (ignored for numpy)
     """

@@ -53,3 +53,19 @@ def test_dense_refuses_over_budget(monkeypatch):
     M = hodlr.LogLinearMask(np.ones((64, 7)))
     with pytest.raises(hodlr.DenseTooLargeError, match="recursive"):
         M.to_dense()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, "float32"])
+def test_masks_strategy_torch_with_numpy_dtype(dtype):
+    # masks(library="torch") with its default dtype (numpy.float64) or any numpy dtype
+    # must draw torch masks of the matching torch dtype, not fail inside torch's .to().
+    torch = pytest.importorskip("torch")
+    seen = []
+
+    @given(masks(T=st_lengths(max_value=9), library="torch", dtype=dtype))
+    def draw(M):
+        seen.append(M)
+
+    draw()
+    assert seen
+    assert all(M.library == "torch" and M.dtype == torch.from_numpy(np.zeros(0, dtype)).dtype for M in seen)
