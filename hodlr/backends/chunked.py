@@ -89,11 +89,8 @@ class _Chunks:
             self.A = g.sum(-1)
             # g[s + 1] inside the chunk (0 at its end): the terms of the segment sums
             self.g_next = torch.nn.functional.pad(g[..., 1:], (0, 1))
-        # read mask of the padded scales: row t reads column l >= 1 iff bit l-1 of t is set
-        t = np.arange(self.n * C)
-        cols = np.arange(width)
-        read = (cols[None, :] == 0) | ((t[:, None] >> np.maximum(cols[None, :] - 1, 0)) & 1).astype(bool) & (cols[None, :] >= 1)
-        read &= (t < T)[:, None]
+        # read mask of the padded scales (padding rows read nothing)
+        read = fenwick.read_levels(self.n * C, width) & (np.arange(self.n * C) < T)[:, None]
         self.read = torch.as_tensor(read.reshape(self.n, C, width), device=level_scales.device)
 
     def intra(self):
