@@ -187,9 +187,11 @@ class LogLinearMask:
         col = xp.concatenate([col, zeros(col.shape[:-1] + (pad,), col)], -1) if pad else col
         col = col.reshape(col.shape[:-1] + (n, 2, half))
         lam_rows = col[..., 1, :]
+        # v is 1 on real columns and 0 on padding ones (left halves of a last node past T)
+        cols_in = as_like((np.arange(n * size) < T).reshape(n, 2, half)[:, 0, :], lam, dtype=lam.dtype)
         g = self._log_decay
         if g is None:
-            return _broadcast_batch(lam_rows, self._batch_shape, 2), _broadcast_batch(xp.ones_like(lam_rows), self._batch_shape, 2)
+            return _broadcast_batch(lam_rows, self._batch_shape, 2), _broadcast_batch(cols_in, self._batch_shape, 2)
         gp = xp.concatenate([g, zeros(g.shape[:-1] + (pad,), g)], -1) if pad else g
         gp = gp.reshape(gp.shape[:-1] + (n, 2, half))
         row_exp = xp.cumsum(gp[..., 1, :], -1)
@@ -199,7 +201,7 @@ class LogLinearMask:
             -1,
         )
         u = lam_rows * xp.exp(row_exp)
-        v = xp.exp(col_exp)
+        v = xp.exp(col_exp) * cols_in if pad else xp.exp(col_exp)
         return _broadcast_batch(u, self._batch_shape, 2), _broadcast_batch(v, self._batch_shape, 2)
 
     def to_dense(self):

@@ -69,3 +69,24 @@ def test_masks_strategy_torch_with_numpy_dtype(dtype):
     draw()
     assert seen
     assert all(M.library == "torch" and M.dtype == torch.from_numpy(np.zeros(0, dtype)).dtype for M in seen)
+
+
+@pytest.mark.parametrize("decay", [None, "mild"])
+@pytest.mark.parametrize("T", [5, 9, 65])
+def test_block_factors_padding_holds_zero(T, decay):
+    # block_factors documents that positions >= T are padding and hold 0, in u and in v;
+    # for T = 5, level 2 has a node [4, 8) whose columns 4, 5 include the padding column 5.
+    rng = np.random.default_rng(T)
+    lam = rng.uniform(0.5, 1.0, (T, fenwick.num_levels(T)))
+    g = None if decay is None else -rng.uniform(0.0, 1.0, T)
+    M = hodlr.LogLinearMask(lam, g)
+    dense = M.to_dense()
+    for lev in range(1, M.num_levels):
+        u, v = M.block_factors(lev)
+        n, half = u.shape
+        rows = (np.arange(n)[:, None] * 2 + 1) * half + np.arange(half)
+        cols = rows - half
+        assert np.all(u[rows >= T] == 0) and np.all(v[cols >= T] == 0), f"level {lev}"
+        for j in range(n):
+            r, c = rows[j][rows[j] < T], cols[j][cols[j] < T]
+            np.testing.assert_allclose(np.outer(u[j][: r.size], v[j][: c.size]), dense[np.ix_(r, c)], rtol=1e-12)
