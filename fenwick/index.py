@@ -42,6 +42,12 @@ def _check_length(T) -> int:
     return int(T)
 
 
+def _check_int(name: str, value) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    return int(value)
+
+
 def _bit_length(x: np.ndarray) -> np.ndarray:
     """Elementwise ``int.bit_length`` of a non-negative integer array below 2**53."""
     _, exponent = np.frexp(x.astype(np.float64))
@@ -106,7 +112,7 @@ def bucket(t: int, lev: int) -> tuple[int, int]:
     Level 0 is ``(t, t + 1)``.  The range is empty (``start == stop``) when bit
     ``lev - 1`` of ``t`` is 0.
     """
-    t, lev = int(t), int(lev)
+    t, lev = _check_int("t", t), _check_int("lev", lev)
     if t < 0 or lev < 0:
         raise ValueError(f"t and lev must be >= 0, got t={t}, lev={lev}")
     if lev == 0:
@@ -149,6 +155,8 @@ def read_levels(T: int, L: int | None = None) -> np.ndarray:
     T = _check_length(T)
     if L is None:
         L = num_levels(T)
+    elif _check_int("L", L) < 0:
+        raise ValueError(f"L must be >= 0, got L={L}")
     t = np.arange(T)[:, None]
     lev = np.arange(L)[None, :]
     bit = np.right_shift(t, np.maximum(lev - 1, 0)) & 1
@@ -178,7 +186,7 @@ class Block(NamedTuple):
 def num_blocks(T: int, lev: int) -> int:
     """Number of non-empty off-diagonal blocks at level ``lev >= 1`` for length ``T``."""
     T = _check_length(T)
-    if lev < 1:
+    if _check_int("lev", lev) < 1:
         raise ValueError(f"lev must be >= 1, got {lev}")
     half = 1 << (lev - 1)
     return max(0, -(-(T - half) // (2 * half)))

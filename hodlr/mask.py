@@ -175,6 +175,9 @@ class LogLinearMask:
         are ``<= 1`` when the decay is ``<= 0`` and long sequences never overflow.
         """
         T = self.T
+        if isinstance(lev, (bool, np.bool_)) or not isinstance(lev, (int, np.integer)):
+            raise TypeError(f"lev must be an integer, got {type(lev).__name__}")
+        lev = int(lev)
         if not 1 <= lev < fenwick.num_levels(T):
             raise ValueError(f"lev must be in 1..{fenwick.num_levels(T) - 1} for T={T}, got {lev}")
         lam = self._level_scales

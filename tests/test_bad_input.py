@@ -272,3 +272,19 @@ def test_unread_non_finite_scales_are_not_errors():
     lam_ = hodlr.testing.poison_unread(np.ones((9, 6)))
     M = hodlr.LogLinearMask(lam_)
     assert np.isfinite(hodlr.matmul(M, np.ones((9, 1)), backend="dense")).all()
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: mask().block_factors(1.5), TypeError, r"lev must be an integer, got float"),
+    (lambda: mask().block_factors("1"), TypeError, r"lev must be an integer, got str"),
+    (lambda: fenwick.num_blocks(8, 1.5), TypeError, r"lev must be an integer, got float"),
+    (lambda: fenwick.bucket("a", 1), TypeError, r"t must be an integer, got str"),
+    (lambda: fenwick.bucket(3, 1.5), TypeError, r"lev must be an integer, got float"),
+    (lambda: fenwick.read_levels(8, -1), ValueError, r"L must be >= 0, got L=-1"),
+    (lambda: fenwick.read_levels(8, 2.0), TypeError, r"L must be an integer, got float"),
+], ids=["block-factors-float", "block-factors-str", "num-blocks-float", "bucket-str", "bucket-float",
+        "read-levels-negative", "read-levels-float"])
+def test_level_arguments_name_themselves(call, error, message):
+    # not in the CASES table above (that one mirrors docs/bad-input.md row by row)
+    with pytest.raises(error, match=message):
+        call()
