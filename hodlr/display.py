@@ -113,12 +113,6 @@ def _fmt_dtype(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _leaf_numbers(T: int, leaf: int) -> int:
-    """Entries on and below the diagonal inside the diagonal leaves of size ``leaf``."""
-    full, rest = divmod(T, leaf)
-    return full * leaf * (leaf + 1) // 2 + rest * (rest + 1) // 2
-
-
 def _mask_structure(mask) -> Structure:
     T = mask.T
     L = int(mask.level_scales.shape[-1])
@@ -140,10 +134,6 @@ def _mask_structure(mask) -> Structure:
         stored_parts=tuple(parts),
         factor_numbers=T + sum(r.rows + r.cols for r in table),
     )
-
-
-def _numel(x) -> int:
-    return int(np.prod(tuple(x.shape), dtype=np.int64)) if x is not None else 0
 
 
 def _tree_levels(tree) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 import fenwick
-from fenwick.arrays import as_like, is_torch, namespace, zeros
+from fenwick.arrays import as_like, is_torch, namespace, to_numpy, zeros
 from hodlr import _checks
 from hodlr.errors import DenseTooLargeError
 from hodlr.options import options
@@ -103,7 +103,7 @@ class LogLinearMask:
             xp = namespace(level_scales)
             bad = ~xp.isfinite(level_scales) & read
             if bool(bad.any()):
-                where = np.argwhere(np.asarray(_to_numpy(bad)))[0]
+                where = np.argwhere(to_numpy(bad))[0]
                 raise ValueError(
                     f"level_scales must be finite where they are read; entry {tuple(int(i) for i in where)} "
                     "is NaN or inf"
@@ -271,12 +271,6 @@ def _broadcast_batch(x, batch_shape, inner_ndim: int):
 
 def _itemsize(x) -> int:
     return x.element_size() if is_torch(x) else x.dtype.itemsize
-
-
-def _to_numpy(x):
-    from fenwick.arrays import to_numpy
-
-    return to_numpy(x)
 
 
 def check_dense_budget(batch_shape, T: int, itemsize: int, what: str, copies: int = 3) -> None:
