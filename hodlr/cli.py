@@ -43,7 +43,7 @@ import numpy as np
 
 import fenwick
 from hodlr import backends as registry
-from hodlr.errors import DenseTooLargeError
+from hodlr.errors import BackendUnavailableError, DenseTooLargeError
 from hodlr.mask import LogLinearMask, check_dense_budget
 from hodlr.testing import DECAYS, TOLERANCES, relative_error
 
@@ -213,6 +213,14 @@ def _tolerance(library, device, dtype, interpreted) -> float:
     return TOLERANCES["gpu_float32"] if device == "cuda" else 1e-5
 
 
+def _is_refusal(err, device, dtype) -> bool:
+    """Does ``err`` say the backend declines these (valid) inputs: it cannot run here, the
+    dense intermediates are over budget, or the GPU kernels take no float64?"""
+    if isinstance(err, (BackendUnavailableError, DenseTooLargeError)):
+        return True
+    return isinstance(err, TypeError) and device == "cuda" and dtype == "float64"
+
+
 @dataclass
 class Result:
     backend: str
@@ -264,6 +272,8 @@ def run_one(name, library, device, problem, op, rows, reference, dtype, repeat, 
     except (ValueError, TypeError) as err:
         if memory and tracemalloc.is_tracing():
             tracemalloc.stop()
+        if not _is_refusal(err, device, dtype):
+            raise  # valid inputs: any other ValueError / TypeError is a failure (reported by check)
         return Result(name, where, op, note=f"refused: {type(err).__name__}: {err}", ok=True)
     got = _to_numpy(y)
     if rows is not None:

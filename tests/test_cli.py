@@ -210,3 +210,28 @@ def test_readme_links_exist():
     text = (ROOT / "README.md").read_text()
     for link in re.findall(r"\]\((docs/[^)#]+)\)", text):
         assert (ROOT / link).exists(), link
+
+
+def test_verify_does_not_count_a_value_error_as_a_refusal(capsys, monkeypatch):
+    # verify builds valid inputs: a backend raising a plain ValueError / TypeError on them is
+    # a failure, not a refusal (only BackendUnavailableError, DenseTooLargeError and float64
+    # on the GPU are refusals)
+    dense = registry._load("dense")
+
+    def broken(lam, g, x):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(dense, "matmul", broken)
+    code, out, _ = run(capsys, "verify", "--length", "9", "--backends", "dense", "--ops", "matmul")
+    assert code == 1 and "FAILED: ValueError: operands could not be broadcast" in out
+
+
+def test_verify_still_reports_refusals_as_refusals(capsys, monkeypatch):
+    dense = registry._load("dense")
+
+    def unavailable(lam, g, x):
+        raise hodlr.BackendUnavailableError("not here")
+
+    monkeypatch.setattr(dense, "matmul", unavailable)
+    code, out, _ = run(capsys, "verify", "--length", "9", "--backends", "dense", "--ops", "matmul")
+    assert code == 0 and "refused: BackendUnavailableError: not here" in out
