@@ -55,7 +55,7 @@ def default_min_block(T: int, leaf_size: int = 1) -> int:
     >>> default_min_block(64), default_min_block(4096), default_min_block(2**20)
     (1, 8, 2048)
     """
-    size = max(1, int(leaf_size))
+    size = 1 << (max(1, int(leaf_size)) - 1).bit_length()
     while T / (2 * size) > MAX_BLOCKS_PER_LEVEL:
         size *= 2
     return size

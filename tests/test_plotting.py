@@ -160,3 +160,17 @@ def test_pyplot_axes_and_no_global_changes():
     assert dict(matplotlib.rcParams) == before
     plt.close("all")
     assert ax is not None
+
+
+def test_default_min_block_is_a_power_of_two_and_spy_draws_odd_leaf_trees():
+    # default_min_block documents "the least power of two >= leaf_size"; with leaf_size 3 it
+    # returned 3, which spy then refused ("min_block must be a power of two") for a tree
+    # whose largest leaf has size 3.
+    assert default_min_block(64, 3) == 4
+    assert default_min_block(64, 5) == 8
+    assert default_min_block(4096, 3) == default_min_block(4096) == 8
+    H = hodlr.HODLRMatrix.from_dense(np.tril(np.ones((7, 7))), leaf_size=3)
+    assert H.leaf_size == 3
+    ax = spy(H, ax=_axes())
+    assert _gids(ax.patches)["offdiag-L3"] == 1
+    ax.figure.canvas.draw()
