@@ -45,6 +45,17 @@ def _torch():
     return pytest.importorskip("torch")
 
 
+def test_every_cpu_backend_is_present():
+    """The skips in ``_available`` must not hide a backend: every registered backend but
+    ``triton`` (tested in its own files) has its module and runs on numpy and torch CPU arrays."""
+    _torch()
+    for name in BACKENDS:
+        module = registry._load(name)
+        assert module is not None, f"backend {name!r} is registered but its module is missing"
+        for library in ("numpy", "torch"):
+            assert module.unavailable_reason(library, "cpu") is None, f"{name} cannot run on {library} CPU arrays"
+
+
 def _mask_and(strategy_of_operands, **mask_kwargs):
     """Draw ``(M, operands)``; the mask has any decay kind, extra levels, poisoned scales."""
     mask_kwargs.setdefault("batch_shape", batch_shapes(2, 3))

@@ -179,9 +179,8 @@ def test_matmul_checks_shape():
 
 
 def test_repr_delegates_to_display():
-    display = pytest.importorskip("hodlr.display")
-    if not hasattr(display, "tree_repr"):
-        pytest.skip("hodlr.display.tree_repr does not exist yet")
+    from hodlr import display
+
     H = hodlr.LogLinearMask(np.ones((9, 5))).to_hodlr()
     assert repr(H) == display.tree_repr(H)
     assert H._repr_html_() == display.tree_repr_html(H)

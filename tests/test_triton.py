@@ -101,6 +101,7 @@ def test_matmul_equals_dense(dtype, data):
     batch, lam, g = _broadcast(M, x)
     out = _nan_like(batch + (M.T, x.shape[-1]), dtype)
     got = kernels.matmul(lam, g, x, chunk=CHUNK, out=out)
+    assert got.data_ptr() == out.data_ptr()
     assert_close(got, _ref_matmul(M, x), TOL[dtype], "triton matmul vs dense")
 
 
@@ -146,11 +147,14 @@ def test_awkward_lengths_and_chunked(T, dtype):
     q, k, v = (torch.randn(2, T, d, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE) for d in (4, 4, 3))
     out = _nan_like((2, T, 3), dtype)
     got = kernels.attention(q, k, v, lam, g, 0.5, chunk=CHUNK, out=out)
+    assert got.data_ptr() == out.data_ptr()
     M = hodlr.LogLinearMask(lam, g)
     assert_close(got, _ref_attention(q, k, v, M, 0.5), TOL[dtype], "attention")
     assert_close(got.cpu(), chunked.attention(q.cpu(), k.cpu(), v.cpu(), lam.cpu(), g.expand(2, T).cpu(), 0.5,
                                              chunk=CHUNK), TOL[dtype], "attention vs chunked")
-    y = kernels.matmul(lam, g, v, chunk=CHUNK, out=_nan_like((2, T, 3), dtype))
+    out = _nan_like((2, T, 3), dtype)
+    y = kernels.matmul(lam, g, v, chunk=CHUNK, out=out)
+    assert y.data_ptr() == out.data_ptr()
     assert_close(y, _ref_matmul(M, v), TOL[dtype], "matmul")
 
 
