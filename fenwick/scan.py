@@ -132,6 +132,11 @@ def _describe(x) -> str:
 
 def _check_scale(scale) -> float:
     if getattr(scale, "ndim", None) == 0 and hasattr(scale, "item"):
+        if is_torch(scale) and scale.requires_grad and sys.modules["torch"].is_grad_enabled():
+            raise TypeError(
+                "scale is a tensor that requires grad, but it is used as a Python float and would get no "
+                "gradient; pass scale.detach() (or a float), or multiply q by the tensor instead"
+            )
         scale = scale.item()
     if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, Real):
         raise TypeError(f"scale must be a real number, got {type(scale).__name__}")

@@ -140,6 +140,7 @@ def check_scale(scale):
         real = dtype.is_floating_point if is_torch(scale) else dtype.kind in "fiu"
         if not real or is_meta(scale):
             raise TypeError(f"scale must be a real number or None, got a 0-d array of dtype {dtype}")
+        _check_scale_grad(scale)
         scale = scale.item()
     if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.floating, np.integer)):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
@@ -147,3 +148,15 @@ def check_scale(scale):
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return scale
+
+
+def _check_scale_grad(scale) -> None:
+    """A 0-d tensor ``scale`` that requires grad would lose its gradient in ``.item()``."""
+    if is_torch(scale) and scale.requires_grad:
+        import torch
+
+        if torch.is_grad_enabled():
+            raise TypeError(
+                "scale is a tensor that requires grad, but it is used as a Python float and would get no "
+                "gradient; pass scale.detach() (or a float), or multiply q by the tensor instead"
+            )

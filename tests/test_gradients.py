@@ -188,3 +188,23 @@ def test_no_silent_loss_of_gradient(name, rng):
         assert name in MAY_REFUSE_GRAD, f"{name} must support autograd: {err!r}"
         return
     assert out.requires_grad and out.grad_fn is not None, f"{name}: result silently detached from the graph"
+
+
+def test_scale_that_requires_grad_is_refused_not_cut_off():
+    # scale is read as a Python float: a 0-d tensor that requires grad would silently get no
+    # gradient, so it is refused (under no_grad, or without requires_grad, it is accepted).
+    T = 5
+    M = hodlr.LogLinearMask(torch.ones(T, fenwick.num_levels(T), dtype=torch.float64))
+    q = torch.randn(T, 2, dtype=torch.float64)
+    scale = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(TypeError, match="scale.*requires grad"):
+        hodlr.attention(q, q, q, M, scale=scale, backend="dense")
+    from fenwick.scan import attention as scan_attention
+
+    with pytest.raises(TypeError, match="scale.*requires grad"):
+        scan_attention(q, q, q, M.level_scales, None, scale)
+    want = hodlr.attention(q, q, q, M, scale=0.5, backend="dense")
+    with torch.no_grad():
+        assert torch.equal(hodlr.attention(q, q, q, M, scale=scale, backend="dense"), want)
+        assert relative_error(scan_attention(q, q, q, M.level_scales, None, scale), want) <= TOL
+    assert torch.equal(hodlr.attention(q, q, q, M, scale=scale.detach(), backend="dense"), want)
