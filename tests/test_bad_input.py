@@ -268,10 +268,21 @@ def test_empty_batch_and_zero_width_are_not_errors(library):
         assert tuple(y.shape) == (0, 9, 2), name
 
 
-def test_unread_non_finite_scales_are_not_errors():
-    lam_ = hodlr.testing.poison_unread(np.ones((9, 6)))
-    M = hodlr.LogLinearMask(lam_)
-    assert np.isfinite(hodlr.matmul(M, np.ones((9, 1)), backend="dense")).all()
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_unread_non_finite_scales_are_not_errors(library):
+    """NaN and inf in never-read scales are accepted and change no output of any backend."""
+    rng = np.random.default_rng(11)
+    lam_, g = _problem(rng, T=9, batch=())
+    unread = ~fenwick.read_levels(9, lam_.shape[-1])
+    poisoned = lam_.copy()
+    poisoned[unread] = np.where(rng.random(int(unread.sum())) < 0.5, np.nan, np.inf)
+    M, P = (hodlr.LogLinearMask(_as(library, a), _as(library, g)) for a in (lam_, poisoned))
+    X, q, k = (_as(library, rng.standard_normal((9, 3))) for _ in range(3))
+    for name in _runnable(library):
+        want, got = hodlr.matmul(M, X, backend=name), hodlr.matmul(P, X, backend=name)
+        assert_close(got, want, TOLERANCES["cpu_float64"], f"{name} matmul")
+        want, got = hodlr.attention(q, k, X, M, backend=name), hodlr.attention(q, k, X, P, backend=name)
+        assert_close(got, want, TOLERANCES["cpu_float64"], f"{name} attention")
 
 
 @pytest.mark.parametrize("call, error, message", [
