@@ -496,7 +496,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_check(args, demo: bool) -> int:
+def _cmd_check(args) -> int:
     problem = make_problem(args.length, args.batch, args.d, args.dk, args.dv, args.decay, args.seed)
     M = LogLinearMask(problem.lam, problem.g)
     print(repr(M))
@@ -581,7 +581,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     if args.command in ("demo", "verify"):
-        return _cmd_check(args, args.command == "demo")
+        return _cmd_check(args)
     if args.command == "show":
         return _cmd_show(args)
     return _cmd_backends()
