@@ -427,7 +427,14 @@ def rank_profile(obj, levels=None, rtol=None) -> RankProfile:
     if levels is None:
         levels = all_levels
     else:
-        levels = [int(lev) for lev in levels]
+        try:
+            given = list(levels)
+        except TypeError:
+            raise TypeError(f"levels must be an iterable of integers, got {levels!r} ({type(levels).__name__})") from None
+        for lev in given:
+            if isinstance(lev, (bool, np.bool_)) or not isinstance(lev, (int, np.integer)):
+                raise TypeError(f"levels must be an iterable of integers, got {lev!r} ({type(lev).__name__})")
+        levels = [int(lev) for lev in given]
         bad = [lev for lev in levels if lev not in all_levels]
         if bad:
             raise ValueError(f"levels must be among {all_levels} for this {s.kind} (T={s.T}), got {bad}")

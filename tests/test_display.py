@@ -159,3 +159,15 @@ def test_factor_rank_against_dense_svd(rng):
 def test_structure_rejects_other_objects():
     with pytest.raises(TypeError, match="LogLinearMask or hodlr.HODLRMatrix"):
         structure(np.eye(3))
+
+
+def test_rank_profile_levels_must_be_integers():
+    # levels=[1.5] silently became level 1 and levels="a" raised int()'s message
+    M = _mask(64)
+    with pytest.raises(TypeError, match=r"levels must be an iterable of integers, got 1\.5 \(float\)"):
+        rank_profile(M, levels=[1.5])
+    with pytest.raises(TypeError, match=r"levels must be an iterable of integers, got 'a' \(str\)"):
+        rank_profile(M, levels="a")
+    with pytest.raises(TypeError, match=r"levels must be an iterable of integers, got 3 \(int\)"):
+        rank_profile(M, levels=3)
+    assert list(rank_profile(M, levels=(np.int64(2),)).ranks) == [2]
