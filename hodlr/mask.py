@@ -29,6 +29,8 @@ def decay_matrix(log_decay, T: int):
     strictly_lower = idx[:, None] > idx[None, :]
     if log_decay is None:
         return np.tril(np.ones((T, T)))
+    if log_decay.shape[-1] != T:
+        raise ValueError(f"log_decay must have shape (..., T) with T={T}, got shape {tuple(log_decay.shape)}")
     xp = namespace(log_decay)
     lower = as_like(strictly_lower, like)
     causal = as_like(idx[:, None] >= idx[None, :], like)

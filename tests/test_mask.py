@@ -90,3 +90,12 @@ def test_block_factors_padding_holds_zero(T, decay):
         for j in range(n):
             r, c = rows[j][rows[j] < T], cols[j][cols[j] < T]
             np.testing.assert_allclose(np.outer(u[j][: r.size], v[j][: c.size]), dense[np.ix_(r, c)], rtol=1e-12)
+
+
+def test_decay_matrix_checks_its_length():
+    from hodlr.mask import decay_matrix
+
+    g = -np.linspace(0.1, 0.5, 4)
+    with pytest.raises(ValueError, match=r"log_decay must have shape \(\.\.\., T\) with T=5, got shape \(4,\)"):
+        decay_matrix(g, 5)
+    np.testing.assert_allclose(decay_matrix(g, 4)[3, 1], np.exp(g[2] + g[3]), rtol=1e-15)
