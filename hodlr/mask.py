@@ -22,7 +22,14 @@ def decay_matrix(log_decay, T: int):
 
     Each entry is summed from its own terms (a masked cumulative sum), not as a difference
     of two prefix sums, so it is accurate to rounding in the exponent even when ``G``
-    itself is huge.  ``log_decay`` of ``None`` gives the lower-triangular ones matrix.
+    itself is huge.  ``log_decay`` of ``None`` gives the lower-triangular ones matrix
+    (a float64 numpy ``(T, T)`` array).
+
+    Parameters
+    ----------
+    log_decay : array, shape ``(..., T)``, or None
+        numpy or torch; the result has its library, dtype and device.
+    T : int
     """
     like = log_decay
     idx = np.arange(T)
