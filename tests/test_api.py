@@ -104,3 +104,18 @@ def test_scale_multiplies_scores():
     for name in runnable("numpy"):
         assert_close(hodlr.attention(q, k, v, M, scale=0.25, backend=name),
                      0.25 * hodlr.attention(q, k, v, M, backend=name), TOLERANCES["cpu_float64"], name)
+
+
+def test_dense_half_operands_are_computed_in_the_mask_dtype():
+    # q . k = 64 * 40 * 40 = 102400 overflows float16 (max 65504) although scale * q . k = 102.4
+    # does not: dense computed the scores in float16 and returned NaN; every other backend
+    # computes half operands in the mask's float32 and casts back.
+    T, Dk = 8, 64
+    M = hodlr.LogLinearMask(torch.ones(T, hodlr.num_levels(T)))
+    q = torch.full((T, Dk), 40.0, dtype=torch.float16)
+    v = torch.ones(T, 2, dtype=torch.float16)
+    want = hodlr.attention(q.double(), q.double(), v.double(), hodlr.LogLinearMask(M.level_scales.double()),
+                           scale=1e-3, backend="dense")
+    got = hodlr.attention(q, q, v, M, scale=1e-3, backend="dense")
+    assert got.dtype == torch.float16
+    assert_close(got, want, 1e-3)

@@ -2,7 +2,8 @@
 
 The reference every other backend is checked against.  Runs natively on numpy and on
 torch (any device, autograd included).  ``O(T^2)`` memory: refuses, before allocating,
-masks over ``hodlr.options.dense_max_bytes``.
+masks over ``hodlr.options.dense_max_bytes``.  float16 / bfloat16 operands are computed in
+the mask's dtype (float32) and cast back, as in the other backends.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ def _mask(level_scales, log_decay):
 
 
 def matmul(level_scales, log_decay, x):
-    return namespace(x).matmul(cast(_mask(level_scales, log_decay), x.dtype), x)
+    return cast(namespace(x).matmul(_mask(level_scales, log_decay), cast(x, level_scales.dtype)), x.dtype)
 
 
 def attention(q, k, v, level_scales, log_decay, scale):
     xp = namespace(q)
-    dense = cast(_mask(level_scales, log_decay), q.dtype)
+    out_dtype = v.dtype
+    q, k, v = (cast(a, level_scales.dtype) for a in (q, k, v))
     scores = xp.matmul(q, xp.swapaxes(k, -1, -2)) * scale
-    return xp.matmul(dense * scores, v)
+    return cast(xp.matmul(_mask(level_scales, log_decay) * scores, v), out_dtype)
