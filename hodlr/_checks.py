@@ -4,6 +4,7 @@ it got and what was expected."""
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
@@ -137,7 +138,10 @@ def check_scale(scale):
         return 1.0
     if getattr(scale, "ndim", None) == 0 and not isinstance(scale, np.generic):
         dtype = scale.dtype
-        real = dtype.is_floating_point if is_torch(scale) else dtype.kind in "fiu"
+        if is_torch(scale):
+            real = not dtype.is_complex and dtype != sys.modules["torch"].bool
+        else:
+            real = dtype.kind in "fiu"
         if not real or is_meta(scale):
             raise TypeError(f"scale must be a real number or None, got a 0-d array of dtype {dtype}")
         _check_scale_grad(scale)

@@ -119,3 +119,16 @@ def test_dense_half_operands_are_computed_in_the_mask_dtype():
     got = hodlr.attention(q, q, v, M, scale=1e-3, backend="dense")
     assert got.dtype == torch.float16
     assert_close(got, want, 1e-3)
+
+
+def test_integer_scale_tensors_are_accepted_like_numpy_ones():
+    # a 0-d numpy integer array was accepted as scale, a 0-d torch integer tensor refused
+    rng, lam, g = problem(T=6)
+    M = hodlr.LogLinearMask(lam, g)
+    q = rng.standard_normal((6, 2))
+    base = hodlr.attention(q, q, q, M, scale=2.0, backend="dense")
+    for scale in (2, np.int64(2), np.array(2), torch.tensor(2), torch.tensor(2, dtype=torch.int32)):
+        np.testing.assert_array_equal(hodlr.attention(q, q, q, M, scale=scale, backend="dense"), base)
+    for bad in (torch.tensor(True), torch.tensor(1j), np.array(True)):
+        with pytest.raises(TypeError, match="scale must be a real number or None"):
+            hodlr.attention(q, q, q, M, scale=bad, backend="dense")
