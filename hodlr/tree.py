@@ -117,6 +117,9 @@ class HODLRMatrix:
             return
         if any(p is None for p in (A11, A22, U, V)):
             raise ValueError("an internal HODLRMatrix node needs all of A11, A22, U, V")
+        for name, child in (("A11", A11), ("A22", A22)):
+            if not isinstance(child, HODLRMatrix):
+                raise TypeError(f"{name} must be a HODLRMatrix, got {type(child).__name__}")
         n1, n2 = A11.T, A22.T
         if n1 != _split(n1 + n2):
             raise ValueError(

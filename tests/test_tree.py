@@ -194,3 +194,12 @@ def test_tree_rank_profile_matches_mask_and_export():
     mask_profile = hodlr.rank_profile(M)
     assert tree_profile.max_rank == mask_profile.max_rank == 1
     assert tree_profile.counts() == mask_profile.counts()
+
+
+def test_internal_node_children_must_be_trees():
+    # A11 / A22 that are not HODLRMatrix nodes raised AttributeError ('.T')
+    leaf = HODLRMatrix(leaf=np.ones((1, 1)))
+    with pytest.raises(TypeError, match=r"A11 must be a HODLRMatrix, got ndarray"):
+        HODLRMatrix(A11=np.ones((1, 1)), A22=leaf, U=np.ones((1, 1)), V=np.ones((1, 1)))
+    with pytest.raises(TypeError, match=r"A22 must be a HODLRMatrix, got int"):
+        HODLRMatrix(A11=leaf, A22=1, U=np.ones((1, 1)), V=np.ones((1, 1)))
