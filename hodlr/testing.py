@@ -66,6 +66,13 @@ def _strategy(value, name):
     return st.just(value)
 
 
+def _count(name: str, value) -> int:
+    """A drawn size: an int ``>= 0``, else ``InvalidArgument``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise InvalidArgument(f"{name} must be an int >= 0, got {value!r}")
+    return int(value)
+
+
 def relative_error(actual, expected) -> float:
     """``‖actual - expected‖_F / ‖expected‖_F`` in float64 (``inf`` if the shapes differ or
     anything is NaN; the absolute error if ``expected`` is all zero)."""
@@ -172,9 +179,9 @@ def masks(
     from hodlr.mask import LogLinearMask
 
     T = draw(_strategy(st_lengths() if T is None else T, "T"))
-    batch = tuple(draw(_strategy(batch_shape, "batch_shape")))
+    batch = tuple(_count("batch_shape entries", n) for n in draw(_strategy(batch_shape, "batch_shape")))
     kind = draw(_strategy(decay, "decay"))
-    extra = draw(_strategy(extra_levels, "extra_levels"))
+    extra = _count("extra_levels", draw(_strategy(extra_levels, "extra_levels")))
     if not isinstance(T, int) or T < 1:
         raise InvalidArgument(f"T must be an int >= 1, got {T!r}")
     if kind not in DECAYS:
@@ -207,7 +214,7 @@ def _operand_batch(draw, batch):
 def operands(draw, M, D=st.integers(1, 5), broadcast: bool = True):
     """Draw ``X (..., T, D)`` for the mask ``M``: its library, dtype and device, a batch shape
     that broadcasts with ``M``'s (when ``broadcast``), entries from a standard normal."""
-    D = draw(_strategy(D, "D"))
+    D = _count("D", draw(_strategy(D, "D")))
     batch = _operand_batch(draw, M.batch_shape) if broadcast else M.batch_shape
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     x = rng.standard_normal(tuple(batch) + (M.T, D))
@@ -226,8 +233,8 @@ def _like_mask(x: np.ndarray, M):
 def attention_inputs(draw, M, Dk=st.integers(1, 5), Dv=st.integers(1, 5), broadcast: bool = True):
     """Draw ``(q, k, v)`` for the mask ``M``; with ``broadcast``, q and k may carry size-1
     batch dims (grouped heads) and each operand its own broadcastable batch shape."""
-    Dk = draw(_strategy(Dk, "Dk"))
-    Dv = draw(_strategy(Dv, "Dv"))
+    Dk = _count("Dk", draw(_strategy(Dk, "Dk")))
+    Dv = _count("Dv", draw(_strategy(Dv, "Dv")))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     out = []
     for width in (Dk, Dk, Dv):

@@ -99,3 +99,21 @@ def test_decay_matrix_checks_its_length():
     with pytest.raises(ValueError, match=r"log_decay must have shape \(\.\.\., T\) with T=5, got shape \(4,\)"):
         decay_matrix(g, 5)
     np.testing.assert_allclose(decay_matrix(g, 4)[3, 1], np.exp(g[2] + g[3]), rtol=1e-15)
+
+
+def test_strategies_report_misuse_as_invalid_argument():
+    # the module promises InvalidArgument for misuse; these leaked ValueErrors from numpy or
+    # LogLinearMask from inside the draw
+    from hypothesis.errors import InvalidArgument
+
+    from hodlr.testing import attention_inputs, operands
+
+    M = hodlr.LogLinearMask(np.ones((4, 3)))
+    for strategy in (masks(T=4, extra_levels=-1), masks(T=4, batch_shape=(-1,)), operands(M, D=-1),
+                     attention_inputs(M, Dk=-2), attention_inputs(M, Dv=1.5)):
+        @given(strategy)
+        def draw(value):
+            pass
+
+        with pytest.raises(InvalidArgument):
+            draw()
