@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-__all__ = ["is_torch", "namespace", "zeros", "full", "as_like", "cast", "to_numpy"]
+__all__ = ["is_torch", "namespace", "zeros", "as_like", "cast", "to_numpy", "describe"]
 
 
 def is_torch(x) -> bool:
@@ -31,13 +31,6 @@ def zeros(shape, like):
     if is_torch(like):
         return namespace(like).zeros(tuple(shape), dtype=like.dtype, device=like.device)
     return np.zeros(tuple(shape), dtype=like.dtype)
-
-
-def full(shape, value, like):
-    """``shape`` filled with ``value``, with the library, dtype and device of ``like``."""
-    if is_torch(like):
-        return namespace(like).full(tuple(shape), value, dtype=like.dtype, device=like.device)
-    return np.full(tuple(shape), value, dtype=like.dtype)
 
 
 def as_like(a, like, dtype=None):
@@ -62,3 +55,12 @@ def to_numpy(x) -> np.ndarray:
 def cast(x, dtype):
     """``x`` converted to ``dtype`` (no copy when it already has it)."""
     return x.to(dtype) if is_torch(x) else x.astype(dtype, copy=False)
+
+
+def describe(x) -> str:
+    """Short text for error messages: library, shape, dtype and device (or the type name)."""
+    if is_torch(x):
+        return f"torch.Tensor(shape={tuple(x.shape)}, dtype={x.dtype}, device={x.device})"
+    if isinstance(x, np.ndarray):
+        return f"numpy.ndarray(shape={x.shape}, dtype={x.dtype})"
+    return type(x).__name__

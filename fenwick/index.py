@@ -94,6 +94,8 @@ def level(t, s):
             raise TypeError(f"{name} must hold integers, got dtype {a.dtype}")
         if a.size and a.min() < 0:
             raise ValueError(f"positions must be >= 0, got {name}.min()={a.min()}")
+        if a.size and a.max() >= 2**53:
+            raise ValueError(f"positions must be < 2**53 in the array form, got {name}.max()={a.max()}")
     t64, s64 = np.broadcast_arrays(t.astype(np.int64), s.astype(np.int64))
     out = _bit_length(np.bitwise_xor(t64, s64))
     return np.where(s64 > t64, NO_LEVEL, out)

@@ -59,7 +59,7 @@ from numbers import Real
 
 import numpy as np
 
-from fenwick.arrays import as_like, is_torch, namespace, zeros
+from fenwick.arrays import as_like, describe, is_torch, namespace, zeros
 from fenwick.index import buckets, level, num_levels
 
 __all__ = ["FenwickState", "attention", "live_levels", "matmul"]
@@ -120,14 +120,6 @@ def _bmm(a, b):
     """Batched ``(B, m, k) @ (B, k, n)``; ``torch.bmm`` is much faster than ``torch.matmul``
     on the strided views the state hands it."""
     return a.bmm(b) if is_torch(a) else np.matmul(a, b)
-
-
-def _describe(x) -> str:
-    if is_torch(x):
-        return f"torch.Tensor(shape={tuple(x.shape)}, dtype={x.dtype}, device={x.device})"
-    if isinstance(x, np.ndarray):
-        return f"numpy.ndarray(shape={x.shape}, dtype={x.dtype})"
-    return type(x).__name__
 
 
 def _check_scale(scale) -> float:
@@ -306,16 +298,16 @@ class FenwickState:
         ``(B, *tail)``."""
         if is_torch(self._like):
             if not is_torch(x):
-                raise TypeError(f"{name} must be a torch.Tensor of shape {layout} (the state is torch), got {_describe(x)}")
+                raise TypeError(f"{name} must be a torch.Tensor of shape {layout} (the state is torch), got {describe(x)}")
             if x.device != self._like.device:
-                raise TypeError(f"{name} is on device {x.device} but the state is on {self._like.device}")
+                raise ValueError(f"{name} is on device {x.device} but the state is on {self._like.device}")
         else:
             if is_torch(x):
-                raise TypeError(f"{name} must be a numpy array of shape {layout} (the state is numpy), got {_describe(x)}")
+                raise TypeError(f"{name} must be a numpy array of shape {layout} (the state is numpy), got {describe(x)}")
             if isinstance(x, (list, tuple, float, int, np.number)):  # numpy scalars too: g[t] of a float32 g
                 x = np.asarray(x, dtype=self._like.dtype)
             if not isinstance(x, np.ndarray):
-                raise TypeError(f"{name} must be a numpy array of shape {layout}, got {_describe(x)}")
+                raise TypeError(f"{name} must be a numpy array of shape {layout}, got {describe(x)}")
         if x.dtype != self._like.dtype:
             raise TypeError(f"{name} has dtype {x.dtype} but the state has dtype {self._like.dtype}; they must match")
         if tail and tail[-1] is None and x.ndim == len(self._batch) + len(tail):
@@ -625,7 +617,7 @@ def _broadcast(named: dict, inner: dict):
 
 def _check_full(name, x, ndim, layout):
     if not is_torch(x) and not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array or torch tensor of shape {layout}, got {_describe(x)}")
+        raise TypeError(f"{name} must be a numpy array or torch tensor of shape {layout}, got {describe(x)}")
     if x.ndim < ndim:
         raise ValueError(f"{name} must have shape {layout}, got shape {tuple(x.shape)}")
 

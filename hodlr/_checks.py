@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from fenwick.arrays import is_torch, namespace
+from fenwick.arrays import describe, is_torch, namespace
 
 __all__ = [
     "as_array",
@@ -25,13 +25,6 @@ NUMPY_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 def library_of(x) -> str:
     return "torch" if is_torch(x) else "numpy"
-
-
-def describe(x) -> str:
-    """Short text for error messages: library, dtype, shape and device."""
-    if is_torch(x):
-        return f"torch.Tensor(shape={tuple(x.shape)}, dtype={x.dtype}, device={x.device})"
-    return f"numpy.ndarray(shape={x.shape}, dtype={x.dtype})"
 
 
 def as_array(name: str, x, min_ndim: int, layout: str):

@@ -31,6 +31,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+import fenwick
 from fenwick.arrays import is_torch, to_numpy
 from hodlr.errors import RankExceededError
 
@@ -176,7 +177,7 @@ class HODLRMatrix:
             if n == 1:
                 return cls(leaf=diagonal[a : a + 1, None].copy(), start=a)
             n1 = _split(n)
-            lev = (n - 1).bit_length()
+            lev = fenwick.num_levels(n) - 1
             u, v = factors[lev]
             j = a >> lev
             node = cls(A11=build(a, n1), A22=build(a + n1, n - n1),
@@ -252,7 +253,7 @@ class HODLRMatrix:
             if n <= leaf_size:
                 return cls(leaf=A[a : a + n, a : a + n].copy(), start=a)
             n1 = _split(n)
-            lev = (n - 1).bit_length()
+            lev = fenwick.num_levels(n) - 1
             block = A[a + n1 : a + n, a : a + n1]
             P, s, Qt, r = truncated_svd(block, tol)
             if rank is not None and r > rank:
@@ -288,7 +289,7 @@ class HODLRMatrix:
     @property
     def level(self) -> int | None:
         """Level of this node's off-diagonal block, ``(T - 1).bit_length()``; ``None`` for a leaf."""
-        return None if self.is_leaf else (self._n - 1).bit_length()
+        return None if self.is_leaf else fenwick.num_levels(self._n) - 1
 
     @property
     def index(self) -> int | None:

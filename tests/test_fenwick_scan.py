@@ -607,3 +607,11 @@ def test_step_accepts_numpy_scalars_of_the_state_dtype():
     got = np.stack([state.step(q[t], k[t], v[t], lam[t], g[t]) for t in range(T)])
     assert got.dtype == np.float32
     assert_close(got, attention(q, k, v, lam, g), 1e-5)
+
+
+def test_device_mismatch_is_a_value_error():
+    torch = pytest.importorskip("torch")
+    state = FenwickState((), 2, 2, dtype=torch.float64)
+    q = torch.ones(2, dtype=torch.float64, device="meta")
+    with pytest.raises(ValueError, match="device"):
+        state.step(q, q, q, torch.ones(1, dtype=torch.float64))

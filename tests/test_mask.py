@@ -117,3 +117,8 @@ def test_strategies_report_misuse_as_invalid_argument():
 
         with pytest.raises(InvalidArgument):
             draw()
+
+
+def test_level_refuses_positions_beyond_exact_float_range():
+    with pytest.raises(ValueError, match="2\\*\\*53"):
+        fenwick.level(np.array([2**53]), np.array([0]))

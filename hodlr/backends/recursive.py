@@ -30,6 +30,7 @@ float16 / bfloat16 operands are computed in the mask's dtype (float32) and cast 
 
 from __future__ import annotations
 
+import fenwick
 from fenwick.arrays import cast, namespace, zeros
 from hodlr.mask import LogLinearMask
 
@@ -68,7 +69,7 @@ def matmul(level_scales, log_decay, x):
     x = cast(x, level_scales.dtype)
     xp = namespace(x)
     batch, (T, D) = tuple(x.shape[:-2]), tuple(x.shape[-2:])
-    N = 1 << (T - 1).bit_length()
+    N = 1 << (fenwick.num_levels(T) - 1)
     y = _pad(level_scales[..., 0, None] * x, N)  # a fresh array: updated in place below
     # Up-sweep: W[i] = sum over node i (size 2^(l-1)) of exp(G[node end - 1] - G[s]) x[s];
     # the left node of each pair is the column range of its parent's block, anchored as
@@ -93,7 +94,7 @@ def attention(q, k, v, level_scales, log_decay, scale):
     q, k, v = (cast(a, level_scales.dtype) for a in (q, k, v))
     xp = namespace(q)
     T = q.shape[-2]
-    N = 1 << (T - 1).bit_length()
+    N = 1 << (fenwick.num_levels(T) - 1)
     q = q * scale
     diag = level_scales[..., 0] * (q * k).sum(-1)
     y = _pad(diag[..., None] * v, N)
