@@ -238,9 +238,8 @@ def expect(call, verdict):
     """Run ``call``; with an Invalid verdict it must raise a documented error."""
     if isinstance(verdict, Invalid):
         event(f"invalid: {verdict}")
-        with pytest.raises((ValueError, TypeError)) as info:
+        with pytest.raises((ValueError, TypeError)) as info:  # anything else (IndexError, ...) propagates
             call()
-        assert not isinstance(info.value, (IndexError, KeyError)), repr(info.value)
         event(f"raised {type(info.value).__name__}")
         return None
     event("valid")
