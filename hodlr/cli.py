@@ -241,10 +241,10 @@ def run_one(name, library, device, problem, op, rows, reference, dtype, repeat, 
 
     where = library if library == "numpy" else f"torch/{device}"
     interpreted = name == "triton" and device != "cuda"
-    note = ""
+    note = "Triton interpreter on the CPU: the time is not kernel speed" if interpreted else ""
     if interpreted and problem.T > interpreter_length:
         problem = problem.prefix(interpreter_length)
-        note = f"interpreter: first {interpreter_length} rows"
+        note = f"Triton interpreter on the CPU, first {interpreter_length} rows: the time is not kernel speed"
         if rows is None:
             reference = reference[..., :interpreter_length, :]
         else:

@@ -87,7 +87,7 @@ def test_triton_interpreter_prefix(capsys, reference):
     code, out, _ = run(capsys, "verify", "--length", "70", "--backends", "triton", "--arrays", "torch",
                        "--interpreter-length", "33", "--reference", reference, "--rows", "4", "--dk", "2", "--dv", "3")
     assert code == 0, out
-    assert out.count("interpreter: first 33 rows") == 2
+    assert out.count("Triton interpreter on the CPU, first 33 rows") == 2
 
 
 @pytest.mark.parametrize("T", [1, 2, 9, 64])
