@@ -26,6 +26,9 @@ full length, but longer sequences are checked on the causal prefix of the first
 ``--interpreter-length`` rows (default 8192): the mask is lower triangular, so those rows
 of the output depend only on the first rows of the inputs, and the prefix problem is
 compared with the same rows of the full reference.  On CUDA it always runs at full length.
+Without a CUDA GPU, ``demo`` and ``verify`` turn the interpreter on themselves (unless
+``TRITON_INTERPRET`` is already set, to anything, or triton was already imported), so that
+the Triton kernels are checked too; their times are then labelled as not kernel speed.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import resource
 import sys
 import time
@@ -570,6 +574,18 @@ def _cmd_bench(command: str, rest: list) -> int:
     return int(result or 0)
 
 
+def _interpret_triton_without_gpu() -> None:
+    """Set ``TRITON_INTERPRET=1`` when there is no CUDA GPU, before triton is imported."""
+    if "TRITON_INTERPRET" in os.environ or "triton" in sys.modules:
+        return
+    try:
+        import torch
+    except ImportError:
+        return
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
 def main(argv=None) -> int:
     """Entry point of the ``hodlr`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -581,6 +597,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     if args.command in ("demo", "verify"):
+        _interpret_triton_without_gpu()
         return _cmd_check(args)
     if args.command == "show":
         return _cmd_show(args)

@@ -1,5 +1,6 @@
 """The ``hodlr`` command line: demo, verify, show, backends and the bench hand-offs."""
 
+import os
 import pathlib
 import re
 import subprocess
@@ -235,3 +236,17 @@ def test_verify_still_reports_refusals_as_refusals(capsys, monkeypatch):
     monkeypatch.setattr(dense, "matmul", unavailable)
     code, out, _ = run(capsys, "verify", "--length", "9", "--backends", "dense", "--ops", "matmul")
     assert code == 0 and "refused: BackendUnavailableError: not here" in out
+
+
+def test_demo_checks_triton_in_the_interpreter_without_a_gpu():
+    """A fresh ``hodlr demo`` on a machine without CUDA turns the Triton interpreter on
+    itself, so the kernels are checked (and their times labelled as not kernel speed)."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the demo runs triton on CUDA")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "hodlr", "demo", "--length", "70"], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("triton")]
+    assert len(rows) == 2 and all(" ok (Triton interpreter on the CPU" in row for row in rows), rows
