@@ -8,11 +8,12 @@ device), so they live here.  torch is never imported unless a tensor is passed i
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
 
-__all__ = ["is_torch", "namespace", "zeros", "as_like", "cast", "to_numpy", "describe"]
+__all__ = ["is_torch", "namespace", "zeros", "as_like", "cast", "to_numpy", "describe", "check_scale"]
 
 
 def is_torch(x) -> bool:
@@ -64,3 +65,35 @@ def describe(x) -> str:
     if isinstance(x, np.ndarray):
         return f"numpy.ndarray(shape={x.shape}, dtype={x.dtype})"
     return type(x).__name__
+
+
+def check_scale(scale):
+    """``None`` -> 1.0; a finite real number (Python, numpy scalar or 0-d array/tensor of a
+    real dtype) -> ``float``; anything else raises."""
+    if scale is None:
+        return 1.0
+    if getattr(scale, "ndim", None) == 0 and not isinstance(scale, np.generic):
+        dtype = scale.dtype
+        if is_torch(scale):  # a meta tensor has no value to read
+            real = not dtype.is_complex and dtype != sys.modules["torch"].bool and scale.device.type != "meta"
+        else:
+            real = dtype.kind in "fiu"
+        if not real:
+            raise TypeError(f"scale must be a real number or None, got a 0-d array of dtype {dtype}")
+        _check_scale_grad(scale)
+        scale = scale.item()
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def _check_scale_grad(scale) -> None:
+    """A 0-d tensor ``scale`` that requires grad would lose its gradient in ``.item()``."""
+    if is_torch(scale) and scale.requires_grad and sys.modules["torch"].is_grad_enabled():
+        raise TypeError(
+                "scale is a tensor that requires grad, but it is used as a Python float and would get no "
+                "gradient; pass scale.detach() (or a float), or multiply q by the tensor instead"
+            )

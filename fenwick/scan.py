@@ -53,13 +53,11 @@ True
 
 from __future__ import annotations
 
-import math
 import sys
-from numbers import Real
 
 import numpy as np
 
-from fenwick.arrays import as_like, describe, is_torch, namespace, zeros
+from fenwick.arrays import as_like, check_scale, describe, is_torch, namespace, zeros
 from fenwick.index import buckets, level, num_levels
 
 __all__ = ["FenwickState", "attention", "live_levels", "matmul"]
@@ -120,22 +118,6 @@ def _bmm(a, b):
     """Batched ``(B, m, k) @ (B, k, n)``; ``torch.bmm`` is much faster than ``torch.matmul``
     on the strided views the state hands it."""
     return a.bmm(b) if is_torch(a) else np.matmul(a, b)
-
-
-def _check_scale(scale) -> float:
-    if getattr(scale, "ndim", None) == 0 and hasattr(scale, "item"):
-        if is_torch(scale) and scale.requires_grad and sys.modules["torch"].is_grad_enabled():
-            raise TypeError(
-                "scale is a tensor that requires grad, but it is used as a Python float and would get no "
-                "gradient; pass scale.detach() (or a float), or multiply q by the tensor instead"
-            )
-        scale = scale.item()
-    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, Real):
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return scale
 
 
 # ---------------------------------------------------------------------------------------
@@ -420,7 +402,7 @@ class FenwickState:
         -------
         o : array, shape ``(*batch, Dv)``
         """
-        scale = _check_scale(scale)
+        scale = check_scale(scale)
         q, k, v, lam, g, L = self._inputs(q, k, v, level_scales, log_decay)
         t = self._pos
         self._check_levels(L, t)
@@ -468,7 +450,7 @@ class FenwickState:
         -------
         o : array, shape ``(*batch, T, Dv)``
         """
-        scale = _check_scale(scale)
+        scale = check_scale(scale)
         T = self._length(v)
         q, k, v, lam, g, L = self._inputs(q, k, v, level_scales, log_decay, T)
         if T == 0:

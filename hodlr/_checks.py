@@ -3,15 +3,13 @@ it got and what was expected."""
 
 from __future__ import annotations
 
-import math
-import sys
-
 import numpy as np
 
-from fenwick.arrays import describe, is_torch, namespace
+from fenwick.arrays import check_scale, describe, is_torch, namespace
 
 __all__ = [
     "as_array",
+    "check_scale",
     "broadcast_batch",
     "check_float_dtype",
     "check_same_home",
@@ -122,38 +120,3 @@ def check_finite(name: str, x, where: str = "") -> None:
 def is_meta(x) -> bool:
     """True for torch tensors on the ``meta`` device (shapes only: no values to check)."""
     return is_torch(x) and x.device.type == "meta"
-
-
-def check_scale(scale):
-    """``None`` -> 1.0; a finite real number (Python, numpy scalar or 0-d array/tensor of a
-    real dtype) -> ``float``; anything else raises."""
-    if scale is None:
-        return 1.0
-    if getattr(scale, "ndim", None) == 0 and not isinstance(scale, np.generic):
-        dtype = scale.dtype
-        if is_torch(scale):
-            real = not dtype.is_complex and dtype != sys.modules["torch"].bool
-        else:
-            real = dtype.kind in "fiu"
-        if not real or is_meta(scale):
-            raise TypeError(f"scale must be a real number or None, got a 0-d array of dtype {dtype}")
-        _check_scale_grad(scale)
-        scale = scale.item()
-    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.floating, np.integer)):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return scale
-
-
-def _check_scale_grad(scale) -> None:
-    """A 0-d tensor ``scale`` that requires grad would lose its gradient in ``.item()``."""
-    if is_torch(scale) and scale.requires_grad:
-        import torch
-
-        if torch.is_grad_enabled():
-            raise TypeError(
-                "scale is a tensor that requires grad, but it is used as a Python float and would get no "
-                "gradient; pass scale.detach() (or a float), or multiply q by the tensor instead"
-            )
