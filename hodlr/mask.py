@@ -182,39 +182,59 @@ class LogLinearMask:
 
         The exponents are summed inside the block (anchored at ``m - 1``), so both factors
         are ``<= 1`` when the decay is ``<= 0`` and long sequences never overflow.
+        :meth:`block_row_factors` and :meth:`block_col_factors` compute one of the two.
         """
-        T = self.T
-        if isinstance(lev, (bool, np.bool_)) or not isinstance(lev, (int, np.integer)):
-            raise TypeError(f"lev must be an integer, got {type(lev).__name__}")
-        lev = int(lev)
-        if not 1 <= lev < fenwick.num_levels(T):
-            raise ValueError(f"lev must be in 1..{fenwick.num_levels(T) - 1} for T={T}, got {lev}")
-        lam = self._level_scales
-        xp = namespace(lam)
-        size = 1 << lev
-        n = -(-T // size)
-        pad = n * size - T
-        half = size // 2
-        col = lam[..., lev]
-        col = xp.concatenate([col, zeros(col.shape[:-1] + (pad,), col)], -1) if pad else col
-        col = col.reshape(col.shape[:-1] + (n, 2, half))
-        lam_rows = col[..., 1, :]
-        # v is 1 on real columns and 0 on padding ones (left halves of a last node past T)
-        cols_in = as_like((np.arange(n * size) < T).reshape(n, 2, half)[:, 0, :], lam, dtype=lam.dtype)
+        return self.block_row_factors(lev), self.block_col_factors(lev)
+
+    def block_row_factors(self, lev: int):
+        """``u`` of :meth:`block_factors`, shape ``(*batch, n, 2**(lev-1))``."""
+        lev = self._check_lev(lev)
+        lam_rows = self._nodes(self._level_scales[..., lev], lev)[..., 1, :]
         g = self._log_decay
         if g is None:
-            return _broadcast_batch(lam_rows, self._batch_shape, 2), _broadcast_batch(cols_in, self._batch_shape, 2)
-        gp = xp.concatenate([g, zeros(g.shape[:-1] + (pad,), g)], -1) if pad else g
-        gp = gp.reshape(gp.shape[:-1] + (n, 2, half))
-        row_exp = xp.cumsum(gp[..., 1, :], -1)
-        left = gp[..., 0, :]
+            return _broadcast_batch(lam_rows, self._batch_shape, 2)
+        xp = namespace(g)
+        u = lam_rows * xp.exp(xp.cumsum(self._nodes(g, lev)[..., 1, :], -1))
+        return _broadcast_batch(u, self._batch_shape, 2)
+
+    def block_col_factors(self, lev: int):
+        """``v`` of :meth:`block_factors`, shape ``(*batch, n, 2**(lev-1))``."""
+        lev = self._check_lev(lev)
+        lam = self._level_scales
+        size = 1 << lev
+        n = -(-self.T // size)
+        # v is 1 on real columns and 0 on padding ones (left halves of a last node past T)
+        cols_in = as_like((np.arange(n * size) < self.T).reshape(n, 2, size // 2)[:, 0, :], lam, dtype=lam.dtype)
+        g = self._log_decay
+        if g is None:
+            return _broadcast_batch(cols_in, self._batch_shape, 2)
+        xp = namespace(g)
+        left = self._nodes(g, lev)[..., 0, :]
         col_exp = xp.concatenate(
             [xp.flip(xp.cumsum(xp.flip(left[..., 1:], (-1,)), -1), (-1,)), zeros(left.shape[:-1] + (1,), left)],
             -1,
         )
-        u = lam_rows * xp.exp(row_exp)
-        v = xp.exp(col_exp) * cols_in if pad else xp.exp(col_exp)
-        return _broadcast_batch(u, self._batch_shape, 2), _broadcast_batch(v, self._batch_shape, 2)
+        v = xp.exp(col_exp) * cols_in if n * size > self.T else xp.exp(col_exp)
+        return _broadcast_batch(v, self._batch_shape, 2)
+
+    def _check_lev(self, lev) -> int:
+        if isinstance(lev, (bool, np.bool_)) or not isinstance(lev, (int, np.integer)):
+            raise TypeError(f"lev must be an integer, got {type(lev).__name__}")
+        lev = int(lev)
+        if not 1 <= lev < fenwick.num_levels(self.T):
+            raise ValueError(f"lev must be in 1..{fenwick.num_levels(self.T) - 1} for T={self.T}, got {lev}")
+        return lev
+
+    def _nodes(self, x, lev: int):
+        """``x (..., T)`` zero-padded to whole level-``lev`` nodes and viewed as
+        ``(..., n, 2, 2**(lev-1))``: ``[..., j, 0, :]`` the columns of node ``j``'s block,
+        ``[..., j, 1, :]`` its rows."""
+        size = 1 << lev
+        n = -(-self.T // size)
+        pad = n * size - self.T
+        if pad:
+            x = namespace(x).concatenate([x, zeros(x.shape[:-1] + (pad,), x)], -1)
+        return x.reshape(x.shape[:-1] + (n, 2, size // 2))
 
     def to_dense(self):
         """The mask as a dense ``(*batch, T, T)`` array (same library, dtype and device).

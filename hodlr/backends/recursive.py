@@ -57,11 +57,12 @@ def _nodes(x, n: int, half: int):
     return x[..., : n * 2 * half, :].reshape(tuple(x.shape[:-2]) + (n, 2, half, x.shape[-1]))
 
 
-def _levels(level_scales, log_decay):
-    """Yield ``(u, v)`` of every level, shapes ``(*batch, n, half)``."""
+def _levels(level_scales, log_decay, rows_only=False):
+    """Yield ``(u, v)`` of every level, shapes ``(*batch, n, half)`` (``v`` is ``None`` with
+    ``rows_only``)."""
     mask = LogLinearMask(level_scales, log_decay, validate=False)
     for lev in range(1, mask.num_levels):
-        yield mask.block_factors(lev)
+        yield (mask.block_row_factors(lev), None) if rows_only else mask.block_factors(lev)
 
 
 def matmul(level_scales, log_decay, x):
@@ -76,7 +77,7 @@ def matmul(level_scales, log_decay, x):
     # block_factors anchors v, and gsum[i] is the node's sum of log-decays.
     W = _pad(x, N)
     gsum = None if log_decay is None else _pad(log_decay[..., None], N)[..., 0]
-    for u, _ in _levels(level_scales, log_decay):
+    for u, _ in _levels(level_scales, log_decay, rows_only=True):
         n, half = u.shape[-2:]
         pairs = W.reshape(batch + (N // (2 * half), 2, D))
         _nodes(y, n, half)[..., 1, :, :] += u[..., :, None] * pairs[..., :n, None, 0, :]
