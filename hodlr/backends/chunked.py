@@ -29,6 +29,7 @@ import numpy as np
 
 import fenwick
 from fenwick.arrays import is_torch
+from hodlr.mask import decay_matrix
 
 DESCRIPTION = "chunked form (dense C x C blocks + Fenwick scan over chunk states), the Triton kernels' algorithm; torch (numpy converted), autograd"
 
@@ -85,6 +86,7 @@ class _Chunks:
             self.A = torch.zeros(level_scales.shape[:-2] + (self.n,), dtype=dtype, device=level_scales.device)
         else:
             g = torch.nn.functional.pad(log_decay, (0, pad_t)).reshape(log_decay.shape[:-1] + (self.n, C))
+            self.g = g
             self.G = torch.cumsum(g, -1)  # chunk-local, inclusive
             self.A = g.sum(-1)
             # g[s + 1] inside the chunk (0 at its end): the terms of the segment sums
@@ -105,11 +107,7 @@ class _Chunks:
         lam = torch.where(self.read, self.lam, torch.zeros((), dtype=self.lam.dtype, device=dev))
         gathered = lam[..., torch.as_tensor(r[:, None], device=dev), torch.as_tensor(np.maximum(lev, 0), device=dev)]
         if self.G is not None:
-            # exp(sum_{k=s+1..t} g_k), each exponent summed from its own terms
-            strictly = torch.as_tensor(lev > 0, device=dev)
-            terms = torch.where(strictly, self.g_next[..., None, :], torch.zeros((), dtype=self.g_next.dtype, device=dev))
-            seg = torch.flip(torch.cumsum(torch.flip(terms, (-1,)), -1), (-1,))
-            gathered = gathered * torch.exp(seg)
+            gathered = gathered * decay_matrix(self.g, C)  # exp(sum_{k=s+1..t} g_k), 0 above the diagonal
         return torch.where(causal, gathered, torch.zeros((), dtype=gathered.dtype, device=dev))
 
     def hierarchy(self, S0):
