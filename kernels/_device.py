@@ -41,3 +41,14 @@ def intra_mask(l_base, sll, G, g_next, tmask, C: tl.constexpr, HAS_G: tl.constex
             seg = tl.where(causal, G[:, None] - G[None, :], 0.0)
         M = M * tl.exp(seg)
     return M
+
+
+@triton.jit
+def dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
+    """``a @ b`` accumulated in ``ACC``.  Two operands of one 16-bit dtype go to the tensor
+    cores as they are when ``NATIVE`` (the interpreter's 16-bit dot is wrong: there, and for
+    any other pair, both are cast to ``ACC`` and multiplied with ``input_precision=PREC``)."""
+    if NATIVE and a.dtype == b.dtype and (a.dtype == tl.bfloat16 or a.dtype == tl.float16):
+        return tl.dot(a, b, out_dtype=ACC)
+    else:
+        return tl.dot(a.to(ACC), b.to(ACC), input_precision=PREC, out_dtype=ACC)

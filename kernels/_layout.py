@@ -64,9 +64,20 @@ def compute_types(dtype: torch.dtype, device=None):
     raise TypeError(f"inputs must be float16, bfloat16, float32 or float64, got {dtype}")
 
 
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the chunk states in device memory: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def state_dtypes(dtype: torch.dtype, compact: bool = False):
+    """``(states, logdec)`` dtypes of the chunk-state hierarchy for inputs of ``dtype``.
+
+    float64 inputs: both float64.  Otherwise ``logdec`` is float32 and so are the states,
+    except that with ``compact`` bfloat16 inputs keep bfloat16 states (half the state traffic,
+    the attention forward; the level sums are still formed in float32 and rounded on store).
+    float16 inputs always keep float32 states: an undecayed sum over ``T / 2`` positions can
+    pass float16's largest value, 65504.
+    """
+    if dtype == torch.float64:
+        return torch.float64, torch.float64
+    if compact and dtype == torch.bfloat16:
+        return torch.bfloat16, torch.float32
+    return torch.float32, torch.float32
 
 
 def block(width: int, cap: int) -> int:

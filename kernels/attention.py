@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 
 from kernels import states as _states
-from kernels._device import intra_mask, next_decay
+from kernels._device import dot, intra_mask, next_decay
 from kernels._layout import (NUM_WARPS, block, check_chunk, check_levels, chunk_count, collapse_batch, compute_types,
-                             hierarchy_sizes, interpreting, state_dtype)
+                             hierarchy_sizes, interpreting, state_dtypes)
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_total", "N_DV_TILES", "sgb0", "sgb1"])
@@ -28,7 +28,7 @@ def _state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr,
                   T, B1, n_total, DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES,
                   skb0, skb1, skt, skd, svb0, svb1, svt, svd, sgb0, sgb1, sgt,
                   C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
-                  ACC: tl.constexpr, PREC: tl.constexpr):
+                  ACC: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, NATIVE: tl.constexpr):
     j = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     tile = tl.program_id(2)
@@ -47,10 +47,13 @@ def _state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr,
         g_end = tl.zeros((), dtype=ACC)
         w = tl.full((C,), 1.0, dtype=ACC)
     kb = tl.load(k_ptr + b0 * skb0 + b1 * skb1 + t[:, None] * skt + dk[None, :] * skd,
-                 mask=tmask[:, None] & (dk[None, :] < DK), other=0.0).to(ACC)
+                 mask=tmask[:, None] & (dk[None, :] < DK), other=0.0)
     vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + t[:, None] * svt + dv[None, :] * svd,
-                 mask=tmask[:, None] & (dv[None, :] < DV), other=0.0).to(ACC)
-    S = tl.dot(tl.trans(kb * w[:, None]), vb, input_precision=PREC, out_dtype=ACC)
+                 mask=tmask[:, None] & (dv[None, :] < DV), other=0.0)
+    kw = kb.to(ACC) * w[:, None]
+    if LOWP and NATIVE:  # bfloat16 on a GPU: decayed keys rounded to bfloat16 for a native dot
+        kw = kw.to(kb.dtype)
+    S = dot(tl.trans(kw), vb, ACC, PREC, NATIVE)
     row = bh * n_total + j
     tl.store(h_ptr + row * DK * DV + dk[:, None] * DV + dv[None, :], S,
              mask=(dk[:, None] < DK) & (dv[None, :] < DV))
@@ -66,7 +69,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
                    slb0, slb1, slt, sll, sgb0, sgb1, sgt, sob0, sob1, sot, sod,
                    C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                    HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
-                   QK_NATIVE: tl.constexpr):
+                   LOWP: tl.constexpr, NATIVE: tl.constexpr):
     i = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b0 = bh // B1
@@ -94,14 +97,13 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
         m2 = tmask[:, None] & (dk[None, :] < DK)
         qb = tl.load(q_base + dk[None, :] * sqd, mask=m2, other=0.0)
         kb = tl.load(k_base + dk[None, :] * skd, mask=m2, other=0.0)
-        if not QK_NATIVE:  # the interpreter's 16-bit dot is wrong: upcast there
-            qb = qb.to(ACC)
-            kb = kb.to(ACC)
-        scores += tl.dot(qb, tl.trans(kb), input_precision=PREC, out_dtype=ACC)
-    M = intra_mask(l_base, sll, G, g_next, tmask, C, HAS_G, EXACT)
+        scores += dot(qb, tl.trans(kb), ACC, PREC, NATIVE)
+    P = intra_mask(l_base, sll, G, g_next, tmask, C, HAS_G, EXACT) * scores
     vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + t[:, None] * svt + dv[None, :] * svd,
-                 mask=tmask[:, None] & dvmask[None, :], other=0.0).to(ACC)
-    acc = tl.dot(M * scores, vb, input_precision=PREC, out_dtype=ACC)
+                 mask=tmask[:, None] & dvmask[None, :], other=0.0)
+    if LOWP and NATIVE:  # bfloat16 on a GPU: masked scores rounded to bfloat16 for a native dot with v
+        P = P.to(vb.dtype)
+    acc = dot(P, vb, ACC, PREC, NATIVE)
 
     # levels > c: one aligned block state per set bit of the chunk index
     gap = tl.zeros((), dtype=ACC)
@@ -112,13 +114,14 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
         if ((i >> h) & 1) == 1:
             blk = bh * n_total + off + (i >> h) - 1
             lam = tl.load(l_base + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
-            rowf = lam * tl.exp(gap + G)
+            part = tl.zeros((C, BDV), dtype=ACC)
             for d0 in tl.static_range(0, DK, BDK):
                 dk = d0 + tl.arange(0, BDK)
                 qb = tl.load(q_base + dk[None, :] * sqd, mask=tmask[:, None] & (dk[None, :] < DK), other=0.0)
                 sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :],
                              mask=(dk[:, None] < DK) & dvmask[None, :], other=0.0)
-                acc += tl.dot(qb.to(ACC) * rowf[:, None], sb, input_precision=PREC, out_dtype=ACC)
+                part += dot(qb, sb, ACC, PREC, NATIVE)
+            acc += (lam * tl.exp(gap + G))[:, None] * part
             gap += tl.load(a_ptr + blk)
         off += nh
         nh = nh // 2
@@ -166,6 +169,7 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
                          f"log_decay {None if log_decay is None else tuple(log_decay.shape)}")
     check_levels(T, L)
     acc, prec, exact = compute_types(v.dtype)
+    lowp, native = v.dtype == torch.bfloat16, not interpreting()
     q, k, v = (x.expand(batch + x.shape[-2:]) for x in (q, k, v))
     lam = level_scales.expand(batch + level_scales.shape[-2:])
     g = None if log_decay is None else log_decay.expand(batch + (T,))
@@ -179,7 +183,7 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
     sq, sk, sv, sl, sg, so = strides
     n = chunk_count(T, C)
     n_total = sum(hierarchy_sizes(n))
-    states, logdec = _states.allocate(B, n, DK * DV, state_dtype(v.dtype), v.device)
+    states, logdec = _states.allocate(B, n, DK * DV, v.device, *state_dtypes(v.dtype, compact=True))
     BDK = block(DK, 64)
     BDV = block(DV, 64)
     n_dv = triton.cdiv(DV, BDV)
@@ -188,7 +192,8 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
     _state_kernel[(n, B, triton.cdiv(DK, BDK) * n_dv)](
         k, v, g_arg, states, logdec, T, B1, n_total, DK, DV, n_dv,
         sk[0], sk[1], k.stride(-2), k.stride(-1), sv[0], sv[1], v.stride(-2), v.stride(-1), *gst,
-        C=C, BDK=BDK, BDV=BDV, HAS_G=g is not None, ACC=acc, PREC=prec, num_warps=NUM_WARPS["attention_state"])
+        C=C, BDK=BDK, BDV=BDV, HAS_G=g is not None, ACC=acc, PREC=prec, LOWP=lowp, NATIVE=native,
+        num_warps=NUM_WARPS["attention_state"])
     _states.build_hierarchy(states, logdec, n)
     _output_kernel[(n, B, n_dv)](
         q, k, v, lam, g_arg, states, logdec, out, T, B1, n, n_total, (n - 1).bit_length(), DK, DV, float(scale),
@@ -196,7 +201,7 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
         sv[0], sv[1], v.stride(-2), v.stride(-1), sl[0], sl[1], lam.stride(-2), lam.stride(-1), *gst,
         so[0], so[1], out.stride(-2), out.stride(-1),
         C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=g is not None, ACC=acc, PREC=prec, EXACT=exact,
-        QK_NATIVE=not interpreting(),
+        LOWP=lowp, NATIVE=native,
         num_warps=NUM_WARPS["attention_output"])
     result = out.reshape(batch + (T, DV))
     return (result, (states, logdec)) if return_states else result

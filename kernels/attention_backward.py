@@ -444,7 +444,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     if method not in ("scan", "parallel"):
         raise ValueError(f"method must be None, 'scan' or 'parallel', got {method!r}")
     if method == "parallel" and LC > 0:
-        st, ld = _states.allocate(B, n, Dk * Dv, acc, dev)
+        st, ld = _states.allocate(B, n, Dk * Dv, dev, acc)
         sizes = hierarchy_sizes(n)
         soff = torch.tensor([sum(sizes[:h]) for h in range(len(sizes))], dtype=torch.int32, device=dev)
         counts = [(((n - 1) >> h) + 1) // 2 for h in range(LC)]

@@ -3,7 +3,9 @@
 The attention kernels with ``q kᵀ`` replaced by ones: a chunk state is the decayed sum
 ``S_j = Σ_s exp(G_end - G_s) x_s`` (a ``D``-vector), the hierarchy of
 :mod:`kernels.states` has ``F = D``, and the output kernel adds, per set bit ``h`` of the
-chunk index, the rank-1 term ``λ[t, c+h+1] exp(gap + G_t) H_h[(i >> h) - 1]``.
+chunk index, the rank-1 term ``λ[t, c+h+1] exp(gap + G_t) H_h[(i >> h) - 1]``: all levels
+at once, as one ``(C x HB) @ (HB x D)`` product of the row factors and the gap-decayed
+block states (``HB`` >= the number of chunk levels), so no load waits on another.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import triton.language as tl
 from kernels import states as _states
 from kernels._device import intra_mask, next_decay
 from kernels._layout import (NUM_WARPS, block, check_chunk, check_levels, chunk_count, collapse_batch, compute_types,
-                             hierarchy_sizes, state_dtype)
+                             hierarchy_sizes, state_dtypes)
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_total", "sgb0", "sgb1"])
@@ -52,7 +54,7 @@ def _state_kernel(x_ptr, g_ptr, h_ptr, a_ptr, T, B1, n_total, D,
 def _output_kernel(x_ptr, l_ptr, g_ptr, h_ptr, a_ptr, y_ptr,
                    T, B1, n_chunks, n_total, n_bits, D,
                    sxb0, sxb1, sxt, sxd, slb0, slb1, slt, sll, sgb0, sgb1, sgt, syb0, syb1, syt, syd,
-                   C: tl.constexpr, LOG_C: tl.constexpr, BD: tl.constexpr,
+                   C: tl.constexpr, LOG_C: tl.constexpr, BD: tl.constexpr, HB: tl.constexpr,
                    HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr):
     i = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -75,21 +77,18 @@ def _output_kernel(x_ptr, l_ptr, g_ptr, h_ptr, a_ptr, y_ptr,
     xb = tl.load(x_ptr + b0 * sxb0 + b1 * sxb1 + t[:, None] * sxt + d[None, :] * sxd,
                  mask=tmask[:, None] & dmask[None, :], other=0.0).to(ACC)
     acc = tl.dot(M, xb, input_precision=PREC, out_dtype=ACC)
-    # levels > c: one aligned block state per set bit of the chunk index
-    gap = tl.zeros((), dtype=ACC)
-    off = 0
-    nh = n_chunks
-    h = 0
-    while h < n_bits:  # a while loop: the interpreter cannot range() over a computed bound
-        if ((i >> h) & 1) == 1:
-            blk = bh * n_total + off + (i >> h) - 1
-            lam = tl.load(l_base + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
-            sb = tl.load(h_ptr + blk * D + d, mask=dmask, other=0.0)
-            acc += (lam * tl.exp(gap + G))[:, None] * sb[None, :]
-            gap += tl.load(a_ptr + blk)
-        off += nh
-        nh = nh // 2
-        h += 1
+    # levels > c, all at once (no dependent loads): bit h of the chunk index set -> the
+    # level-h block (i >> h) - 1, decayed by the blocks of the lower set bits
+    hs = tl.arange(0, HB)
+    read = (((i >> hs) & 1) == 1) & (hs < n_bits)
+    sizes = n_chunks >> hs
+    blk = bh * n_total + tl.cumsum(sizes, 0) - sizes + (i >> hs) - 1
+    A = tl.load(a_ptr + blk, mask=read, other=0.0)
+    gap = tl.sum(tl.where(hs[None, :] < hs[:, None], A[None, :], 0.0), 1)
+    S = tl.load(h_ptr + blk[:, None] * D + d[None, :], mask=read[:, None] & dmask[None, :], other=0.0)
+    lam = tl.load(l_base[:, None] + (LOG_C + 1 + hs)[None, :] * sll, mask=tmask[:, None] & read[None, :],
+                  other=0.0).to(ACC)
+    acc += tl.dot(lam * tl.exp(G)[:, None], tl.exp(gap)[:, None] * S, input_precision=PREC, out_dtype=ACC)
     tl.store(y_ptr + b0 * syb0 + b1 * syb1 + t[:, None] * syt + d[None, :] * syd, acc,
              mask=tmask[:, None] & dmask[None, :])
 
@@ -133,7 +132,7 @@ def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: b
     sx, sl, sg, sy = strides
     n = chunk_count(T, C)
     n_total = sum(hierarchy_sizes(n))
-    states, logdec = _states.allocate(B, n, D, state_dtype(x.dtype), x.device)
+    states, logdec = _states.allocate(B, n, D, x.device, *state_dtypes(x.dtype))
     BD = block(D, 128)
     g_arg = lam if g is None else g
     gst = (0, 0, 0) if g is None else (sg[0], sg[1], g.stride(-1))
@@ -145,7 +144,7 @@ def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: b
         x, lam, g_arg, states, logdec, out, T, B1, n, n_total, (n - 1).bit_length(), D,
         sx[0], sx[1], x.stride(-2), x.stride(-1), sl[0], sl[1], lam.stride(-2), lam.stride(-1), *gst,
         sy[0], sy[1], out.stride(-2), out.stride(-1),
-        C=C, LOG_C=C.bit_length() - 1, BD=BD, HAS_G=g is not None, ACC=acc, PREC=prec, EXACT=exact,
+        C=C, LOG_C=C.bit_length() - 1, BD=BD, HB=max(16, triton.next_power_of_2((n - 1).bit_length())), HAS_G=g is not None, ACC=acc, PREC=prec, EXACT=exact,
         num_warps=NUM_WARPS["matmul_output"])
     result = out.reshape(batch + (T, D))
     return (result, (states, logdec)) if return_states else result

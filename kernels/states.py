@@ -14,8 +14,9 @@ decayed to its last position ``e``, together with its log-decay
 ``A_h[m] = sum of g over the block`` (a sum of local chunk sums, never a difference of
 prefix sums).  Everything lives in two buffers::
 
-    states : (B, N, F)   float32 (float64 for float64 inputs)
-    logdec : (B, N)      same dtype
+    states : (B, N, F)   float32; float64 for float64 inputs; bfloat16 for the attention
+                         forward on bfloat16 inputs (``kernels._layout.state_dtypes``)
+    logdec : (B, N)      float32 (float64 for float64 inputs)
     N = n_0 + n_1 + ... + n_top,  level h starts at offset n_0 + ... + n_{h-1}
 
 Level 0 is written by the per-chunk state kernels; :func:`build_hierarchy` fills the rest with
@@ -37,29 +38,37 @@ import triton.language as tl
 from kernels._layout import NUM_WARPS, hierarchy_sizes
 
 
-@triton.jit(do_not_specialize=["n_chunks", "n_total", "N_BUILD"])
-def _hierarchy_kernel(h_ptr, a_ptr, n_chunks, n_total, F, N_BUILD, BN: tl.constexpr, BF: tl.constexpr):
+@triton.jit(do_not_specialize=["n_base", "off_base", "n_total", "sub_size", "n_build"])
+def _hierarchy_kernel(h_ptr, a_ptr, n_base, off_base, n_total, F, sub_size, n_build,
+                      BN: tl.constexpr, BF: tl.constexpr):
+    """Program ``(b, f-tile, subtree)``: from the ``sub_size`` entries of level ``base``
+    (``n_base`` entries at offset ``off_base``) that its subtree covers, build ``n_build``
+    levels above, level by level with a barrier in between (a program reads only what it wrote)."""
     bh = tl.program_id(0).to(tl.int64)
     f = tl.program_id(1) * BF + tl.arange(0, BF)
     fmask = f < F
     base = bh * n_total
-    off = 0
-    nh = n_chunks
+    off = off_base
+    nh = n_base
+    width = sub_size
     lv = 0
-    while lv < N_BUILD:  # while loops: the interpreter cannot index a range with a computed bound
+    while lv < n_build:  # while loops: the interpreter cannot index a range with a computed bound
         nn = nh // 2
+        width = width // 2
+        first = tl.program_id(2) * width
         nb = 0
-        while nb < nn:
-            idx = nb + tl.arange(0, BN)
-            im = idx < nn
+        while nb < width:
+            local = nb + tl.arange(0, BN)
+            idx = first + local
+            im = (local < width) & (idx < nn)
             even = base + off + 2 * idx
             odd = even + 1
             dst = base + off + nh + idx
             a_even = tl.load(a_ptr + even, mask=im, other=0.0)
             a_odd = tl.load(a_ptr + odd, mask=im, other=0.0)
             m2 = im[:, None] & fmask[None, :]
-            h_even = tl.load(h_ptr + even[:, None] * F + f[None, :], mask=m2, other=0.0)
-            h_odd = tl.load(h_ptr + odd[:, None] * F + f[None, :], mask=m2, other=0.0)
+            h_even = tl.load(h_ptr + even[:, None] * F + f[None, :], mask=m2, other=0.0).to(a_odd.dtype)
+            h_odd = tl.load(h_ptr + odd[:, None] * F + f[None, :], mask=m2, other=0.0).to(a_odd.dtype)
             tl.store(h_ptr + dst[:, None] * F + f[None, :], tl.exp(a_odd)[:, None] * h_even + h_odd, mask=m2)
             tl.store(a_ptr + dst, a_even + a_odd, mask=im)
             nb += BN
@@ -69,25 +78,39 @@ def _hierarchy_kernel(h_ptr, a_ptr, n_chunks, n_total, F, N_BUILD, BN: tl.conste
         lv += 1
 
 
-def allocate(B: int, n_chunks: int, F: int, dtype: torch.dtype, device):
-    """Empty ``(states (B, N, F), logdec (B, N))`` buffers for ``n_chunks`` chunks."""
+SUBTREE_LEVELS = 6
+"""Levels one launch of the hierarchy kernel builds: each program owns a subtree of
+``2**SUBTREE_LEVELS`` entries of its base level, so a launch has ``n / 64`` times more
+programs than one that walks a whole batch entry, and ``ceil(top / 6)`` launches build it all."""
+
+
+def allocate(B: int, n_chunks: int, F: int, device, dtype: torch.dtype, logdec_dtype: torch.dtype = None):
+    """Empty ``(states (B, N, F), logdec (B, N))`` buffers for ``n_chunks`` chunks (``logdec``
+    in ``logdec_dtype``, default ``dtype``; the level sums are always formed in ``logdec``'s dtype
+    and rounded to ``dtype`` on store)."""
     N = sum(hierarchy_sizes(n_chunks))
     return (torch.empty((B, N, F), dtype=dtype, device=device),
-            torch.empty((B, N), dtype=dtype, device=device))
+            torch.empty((B, N), dtype=logdec_dtype or dtype, device=device))
 
 
 def build_hierarchy(states: torch.Tensor, logdec: torch.Tensor, n_chunks: int) -> None:
     """Fill levels ``1..top`` of ``states`` / ``logdec`` (level 0 already written), in place.
 
-    One launch: program ``(b, f-tile)`` walks the levels in order, with a barrier between
-    levels (every value a level reads was written by the same program).
+    ``ceil(top / SUBTREE_LEVELS)`` launches; in each, program ``(b, f-tile, subtree)`` builds
+    up to :data:`SUBTREE_LEVELS` levels of its own subtree (see ``_hierarchy_kernel``).
     """
     sizes = hierarchy_sizes(n_chunks)
-    if len(sizes) < 2:
+    top = len(sizes) - 1
+    if top == 0:
         return
     B, N, F = states.shape
     BF = min(256, triton.next_power_of_2(F))
     BN = max(1, min(64, 4096 // BF))
-    grid = (B, triton.cdiv(F, BF))
-    _hierarchy_kernel[grid](states, logdec, n_chunks, N, F, len(sizes) - 1, BN=BN, BF=BF,
-                            num_warps=NUM_WARPS["hierarchy"])
+    level = 0
+    while level < top:
+        steps = min(SUBTREE_LEVELS, top - level)
+        sub_size = 1 << steps
+        grid = (B, triton.cdiv(F, BF), triton.cdiv(sizes[level], sub_size))
+        _hierarchy_kernel[grid](states, logdec, sizes[level], sum(sizes[:level]), N, F, sub_size, steps,
+                                BN=BN, BF=BF, num_warps=NUM_WARPS["hierarchy"])
+        level += steps
