@@ -19,7 +19,7 @@ DEFAULT_CHUNK = {"attention": 64, "matmul": 32}
 """Chunk size ``C`` per operation when the caller passes ``chunk=None`` (H200-tuned, see
 ``docs/kernels.md``): attention 64 (levels ``0..6`` dense), matmul 32."""
 
-NUM_WARPS = {"attention_state": 4, "attention_output": 4, "matmul_state": 4, "matmul_output": 4, "hierarchy": 4}
+NUM_WARPS = {"attention_state": 4, "attention_output": 4, "matmul_state": 2, "matmul_output": 2, "hierarchy": 4}
 """Warps per program of each kernel (H200-tuned; see ``docs/kernels.md``)."""
 
 MIN_BLOCK = 16
