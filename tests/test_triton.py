@@ -220,6 +220,49 @@ def test_wide_heads_and_states():
     assert_close(logdec[0, 0], g[:CHUNK].sum(), TOL[dtype], "chunk log-decay 0")
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 64, 65, 128, 129, 300, 1025])
+def test_hierarchy_equals_block_sums(n):
+    """``kernels.states.build_hierarchy`` (subtrees of 2**SUBTREE_LEVELS entries, several
+    launches from n = 129 on) against each aligned block's decayed sum of its chunk states,
+    computed directly; the level layout of :mod:`kernels.states`."""
+    from kernels import states as chunk_states
+    from kernels._layout import hierarchy_sizes
+
+    dtype = DTYPES[0]
+    gen = torch.Generator().manual_seed(n)
+    B, F = 2, 3
+    level0 = torch.randn(B, n, F, generator=gen, dtype=torch.float64)
+    a0 = -torch.rand(B, n, generator=gen, dtype=torch.float64)
+    states, logdec = chunk_states.allocate(B, n, F, DEVICE, dtype)
+    states.fill_(float("nan"))
+    logdec.fill_(float("nan"))
+    states[:, :n] = level0.to(dtype)
+    logdec[:, :n] = a0.to(dtype)
+    chunk_states.build_hierarchy(states, logdec, n)
+    offset = 0
+    for h, size in enumerate(hierarchy_sizes(n)):
+        for m in range(size):
+            chunks = range(m << h, (m + 1) << h)
+            decay = [a0[:, j + 1:(m + 1) << h].sum(-1) for j in chunks]
+            want = sum(torch.exp(d)[:, None] * level0[:, j] for d, j in zip(decay, chunks))
+            assert_close(states[:, offset + m], want, TOL[dtype], f"level {h} block {m}")
+            assert_close(logdec[:, offset + m], a0[:, m << h:(m + 1) << h].sum(-1), TOL[dtype], f"A level {h} block {m}")
+        offset += size
+    assert offset == states.shape[1]
+
+
+@pytest.mark.parametrize("dtype, want", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                         (torch.float32, torch.float32)], ids=str)
+def test_attention_state_dtype(dtype, want):
+    """bfloat16 inputs keep bfloat16 chunk states (float32 level sums and log-decays);
+    float16 keeps float32 states (an undecayed sum can pass float16's largest value)."""
+    T = 40
+    x = torch.randn(T, 16, device=DEVICE).to(dtype)
+    lam = torch.ones(T, hodlr.num_levels(T), device=DEVICE)
+    _, (states, logdec) = kernels.attention(x, x, x, lam, None, 1.0, chunk=CHUNK, return_states=True)
+    assert states.dtype == want and logdec.dtype == torch.float32
+
+
 def test_bad_arguments():
     x = torch.randn(5, 2, device=DEVICE)
     lam = torch.ones(5, hodlr.num_levels(5), device=DEVICE)
