@@ -143,7 +143,9 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
         All leading dims broadcast (``torch.broadcast_shapes``); broadcast operands are read
         through stride-0 views, not copied.  Any strides (transposed, sliced) are accepted.
         float16 / bfloat16 / float32 on CUDA (float64 too under ``TRITON_INTERPRET=1``);
-        accumulation in float32 (float64 for float64).
+        accumulation in float32 (float64 for float64).  bfloat16 inputs keep bfloat16
+        chunk states and, on a GPU, run every dot on bfloat16 operands (see
+        ``docs/kernels.md`` §2, precision).
     scale : float
         Multiplies ``q kᵀ``.
     chunk : int, optional
@@ -152,7 +154,8 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
         Contiguous ``(*batch, T, Dv)`` output buffer with ``v``'s dtype (tests pass one
         filled with NaN, so an element the kernel never writes fails).
     return_states : bool
-        Also return ``(states, logdec)``, the chunk-state hierarchy of :mod:`kernels.states`.
+        Also return ``(states, logdec)``, the chunk-state hierarchy of :mod:`kernels.states`
+        (dtypes: :func:`kernels._layout.state_dtypes` with ``compact=True``).
 
     Returns
     -------
