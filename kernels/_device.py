@@ -15,6 +15,19 @@ def next_decay(g_row, t, sgt, T, C: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def chunk_decays(g_row, t, tmask, sgt, T, C: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr):
+    """``(G, g_next)`` of one chunk: the chunk-local inclusive cumulative log-decay and the
+    terms ``g[t + 1]`` of :func:`next_decay` (both zero without decay, ``HAS_G`` false)."""
+    if HAS_G:
+        G = tl.cumsum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
+        g_next = next_decay(g_row, t, sgt, T, C, ACC)
+    else:
+        G = tl.zeros((C,), dtype=ACC)
+        g_next = G
+    return G, g_next
+
+
+@triton.jit
 def intra_mask(l_base, sll, G, g_next, tmask, C: tl.constexpr, HAS_G: tl.constexpr, EXACT: tl.constexpr):
     """The ``(C, C)`` block of the mask inside one chunk (levels ``0..c``).
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels import states as _states
-from kernels._device import dot, intra_mask, next_decay
+from kernels._device import chunk_decays, dot, intra_mask, next_decay
 from kernels._layout import (NUM_WARPS, block, check_chunk, check_levels, chunk_count, collapse_batch, compute_types,
                              hierarchy_sizes, interpreting, state_dtypes)
 
@@ -82,13 +82,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
     q_base = q_ptr + b0 * sqb0 + b1 * sqb1 + t[:, None] * sqt
     k_base = k_ptr + b0 * skb0 + b1 * skb1 + t[:, None] * skt
     l_base = l_ptr + b0 * slb0 + b1 * slb1 + t * slt
-    if HAS_G:
-        g_row = g_ptr + b0 * sgb0 + b1 * sgb1
-        G = tl.cumsum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
-        g_next = next_decay(g_row, t, sgt, T, C, ACC)
-    else:
-        G = tl.zeros((C,), dtype=ACC)
-        g_next = G
+    G, g_next = chunk_decays(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC)
 
     # levels 0..c: dense and masked inside the chunk
     scores = tl.zeros((C, C), dtype=ACC)

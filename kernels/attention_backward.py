@@ -51,14 +51,10 @@ MIN_BLOCK = 16
 
 
 @triton.jit
-def _intra_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, dq_ptr, dk_ptr, dv_ptr, dl_ptr, col_ptr,
-                  gc_ptr, st_ptr, soff_ptr, r_ptr, roff_ptr,
-                  T, L, Dk, Dv, NC, scale, n, LC, NS, NR,
-                  C: tl.constexpr, LOGC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  PREC: tl.constexpr, PREC_S: tl.constexpr, INTER: tl.constexpr):
-    i = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    acc = dq_ptr.dtype.element_ty
+def _chunk_tiles(i, bh, T, Dk, Dv, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Indices of chunk ``i`` of batch entry ``bh`` in the flat ``(B, T, D)`` tensors: local
+    rows ``r``, positions ``t`` and their mask ``tm``, feature columns ``kk`` / ``vv``, the
+    ``(C, BK)`` / ``(C, BV)`` tile masks ``km`` / ``vm`` and element offsets ``qo`` / ``vo``."""
     r = tl.arange(0, C)
     t = i * C + r
     tm = t < T
@@ -68,6 +64,19 @@ def _intra_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, dq_ptr, dk_ptr, dv_
     vm = tm[:, None] & (vv < Dv)[None, :]
     qo = bh * T * Dk + t[:, None] * Dk + kk[None, :]
     vo = bh * T * Dv + t[:, None] * Dv + vv[None, :]
+    return r, t, tm, kk, vv, km, vm, qo, vo
+
+
+@triton.jit
+def _intra_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, dq_ptr, dk_ptr, dv_ptr, dl_ptr, col_ptr,
+                  gc_ptr, st_ptr, soff_ptr, r_ptr, roff_ptr,
+                  T, L, Dk, Dv, NC, scale, n, LC, NS, NR,
+                  C: tl.constexpr, LOGC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  PREC: tl.constexpr, PREC_S: tl.constexpr, INTER: tl.constexpr):
+    i = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    acc = dq_ptr.dtype.element_ty
+    r, t, tm, kk, vv, km, vm, qo, vo = _chunk_tiles(i, bh, T, Dk, Dv, C, BK, BV)
     q = tl.load(q_ptr + qo, mask=km, other=0.0).to(acc)
     k = tl.load(k_ptr + qo, mask=km, other=0.0).to(acc)
     v = tl.load(v_ptr + vo, mask=vm, other=0.0).to(acc)
@@ -141,15 +150,7 @@ def _prep_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, st_ptr, ld_p
     i = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     acc = st_ptr.dtype.element_ty
-    r = tl.arange(0, C)
-    t = i * C + r
-    tm = t < T
-    kk = tl.arange(0, BK)
-    vv = tl.arange(0, BV)
-    km = tm[:, None] & (kk < Dk)[None, :]
-    vm = tm[:, None] & (vv < Dv)[None, :]
-    qo = bh * T * Dk + t[:, None] * Dk + kk[None, :]
-    vo = bh * T * Dv + t[:, None] * Dv + vv[None, :]
+    r, t, tm, kk, vv, km, vm, qo, vo = _chunk_tiles(i, bh, T, Dk, Dv, C, BK, BV)
     sm = (kk < Dk)[:, None] & (vv < Dv)[None, :]
     so = kk[:, None] * Dv + vv[None, :]
     b = tl.load(b_ptr + bh * NC + t).to(acc)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels import states as _states
-from kernels._device import intra_mask, next_decay
+from kernels._device import chunk_decays, intra_mask, next_decay
 from kernels._layout import (NUM_WARPS, block, check_chunk, check_levels, chunk_count, collapse_batch, compute_types,
                              hierarchy_sizes, state_dtypes)
 
@@ -66,13 +66,7 @@ def _output_kernel(x_ptr, l_ptr, g_ptr, h_ptr, a_ptr, y_ptr,
     t = i * C + tl_
     tmask = t < T
     l_base = l_ptr + b0 * slb0 + b1 * slb1 + t * slt
-    if HAS_G:
-        g_row = g_ptr + b0 * sgb0 + b1 * sgb1
-        G = tl.cumsum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
-        g_next = next_decay(g_row, t, sgt, T, C, ACC)
-    else:
-        G = tl.zeros((C,), dtype=ACC)
-        g_next = G
+    G, g_next = chunk_decays(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC)
     M = intra_mask(l_base, sll, G, g_next, tmask, C, HAS_G, EXACT)
     xb = tl.load(x_ptr + b0 * sxb0 + b1 * sxb1 + t[:, None] * sxt + d[None, :] * sxd,
                  mask=tmask[:, None] & dmask[None, :], other=0.0).to(ACC)
