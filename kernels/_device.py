@@ -7,6 +7,17 @@ import triton.language as tl
 
 
 @triton.jit
+def chunk_rows(B1, T, C: tl.constexpr):
+    """``(i, bh, b0, b1, t, tmask)`` of this program: chunk ``i`` (program axis 0), collapsed
+    batch entry ``bh`` (axis 1) and its two batch indices ``b0 = bh // B1``, ``b1 = bh % B1``
+    (see ``kernels._layout.collapse_batch``), the chunk's positions ``t`` and ``t < T``."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    t = i * C + tl.arange(0, C)
+    return i, bh, bh // B1, bh % B1, t, t < T
+
+
+@triton.jit
 def next_decay(g_row, t, sgt, T, C: tl.constexpr, ACC: tl.constexpr):
     """``g[t + 1]`` for the rows of one chunk, 0 past the chunk's end or ``T``: the terms of
     the segment sums ``Σ_{k=s+1..e} g_k`` that the decays are made of."""

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels import states as _states
-from kernels._device import chunk_decays, dot, intra_mask, next_decay
+from kernels._device import chunk_decays, chunk_rows, dot, intra_mask, next_decay
 from kernels._layout import (NUM_WARPS, block, check_chunk, check_levels, chunk_count, collapse_batch, compute_types,
                              hierarchy_sizes, interpreting, state_dtypes)
 
@@ -29,16 +29,10 @@ def _state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr,
                   skb0, skb1, skt, skd, svb0, svb1, svt, svd, sgb0, sgb1, sgt,
                   C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
                   ACC: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, NATIVE: tl.constexpr):
-    j = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    j, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
     tile = tl.program_id(2)
-    b0 = bh // B1
-    b1 = bh % B1
     dk = (tile // N_DV_TILES) * BDK + tl.arange(0, BDK)
     dv = (tile % N_DV_TILES) * BDV + tl.arange(0, BDV)
-    tl_ = tl.arange(0, C)
-    t = j * C + tl_
-    tmask = t < T
     if HAS_G:
         g_row = g_ptr + b0 * sgb0 + b1 * sgb1
         g_end = tl.sum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
@@ -70,15 +64,9 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
                    C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                    HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
                    LOWP: tl.constexpr, NATIVE: tl.constexpr):
-    i = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b0 = bh // B1
-    b1 = bh % B1
+    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
     dv = tl.program_id(2) * BDV + tl.arange(0, BDV)
     dvmask = dv < DV
-    tl_ = tl.arange(0, C)
-    t = i * C + tl_
-    tmask = t < T
     q_base = q_ptr + b0 * sqb0 + b1 * sqb1 + t[:, None] * sqt
     k_base = k_ptr + b0 * skb0 + b1 * skb1 + t[:, None] * skt
     l_base = l_ptr + b0 * slb0 + b1 * slb1 + t * slt

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels import states as _states
-from kernels._device import chunk_decays, intra_mask, next_decay
+from kernels._device import chunk_decays, chunk_rows, intra_mask, next_decay
 from kernels._layout import (NUM_WARPS, block, check_chunk, check_levels, chunk_count, collapse_batch, compute_types,
                              hierarchy_sizes, state_dtypes)
 
@@ -24,14 +24,8 @@ from kernels._layout import (NUM_WARPS, block, check_chunk, check_levels, chunk_
 def _state_kernel(x_ptr, g_ptr, h_ptr, a_ptr, T, B1, n_total, D,
                   sxb0, sxb1, sxt, sxd, sgb0, sgb1, sgt,
                   C: tl.constexpr, BD: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr):
-    j = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b0 = bh // B1
-    b1 = bh % B1
+    j, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
     d = tl.program_id(2) * BD + tl.arange(0, BD)
-    tl_ = tl.arange(0, C)
-    t = j * C + tl_
-    tmask = t < T
     xb = tl.load(x_ptr + b0 * sxb0 + b1 * sxb1 + t[:, None] * sxt + d[None, :] * sxd,
                  mask=tmask[:, None] & (d[None, :] < D), other=0.0).to(ACC)
     row = bh * n_total + j
@@ -56,15 +50,9 @@ def _output_kernel(x_ptr, l_ptr, g_ptr, h_ptr, a_ptr, y_ptr,
                    sxb0, sxb1, sxt, sxd, slb0, slb1, slt, sll, sgb0, sgb1, sgt, syb0, syb1, syt, syd,
                    C: tl.constexpr, LOG_C: tl.constexpr, BD: tl.constexpr, HB: tl.constexpr,
                    HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr):
-    i = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b0 = bh // B1
-    b1 = bh % B1
+    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
     d = tl.program_id(2) * BD + tl.arange(0, BD)
     dmask = d < D
-    tl_ = tl.arange(0, C)
-    t = i * C + tl_
-    tmask = t < T
     l_base = l_ptr + b0 * slb0 + b1 * slb1 + t * slt
     G, g_next = chunk_decays(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC)
     M = intra_mask(l_base, sll, G, g_next, tmask, C, HAS_G, EXACT)
