@@ -22,6 +22,11 @@ DEFAULT_CHUNK = {"attention": 64, "matmul": 32}
 NUM_WARPS = {"attention_state": 4, "attention_output": 4, "matmul_state": 2, "matmul_output": 2, "hierarchy": 4}
 """Warps per program of each kernel (H200-tuned; see ``docs/kernels.md``)."""
 
+MAX_REGISTERS = {"matmul_output": 80}
+"""Register caps (Triton's ``maxnreg``) for tiles at most 64 columns wide; wider tiles run
+uncapped.  H200-tuned: uncapped, the matmul output kernel takes 103 registers, which leaves
+room for 9 two-warp programs per SM; at 80 it runs about 10% faster (``docs/kernels.md`` §3c)."""
+
 MIN_BLOCK = 16
 """Smallest tile side ``tl.dot`` accepts; narrower heads are zero-padded in registers."""
 

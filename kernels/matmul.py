@@ -16,8 +16,8 @@ import triton.language as tl
 
 from kernels import states as _states
 from kernels._device import chunk_decays, chunk_rows, intra_mask, next_decay
-from kernels._layout import (NUM_WARPS, block, check_chunk, check_levels, chunk_count, collapse_batch, compute_types,
-                             hierarchy_sizes, state_dtypes)
+from kernels._layout import (MAX_REGISTERS, NUM_WARPS, block, check_chunk, check_levels, chunk_count, collapse_batch,
+                             compute_types, hierarchy_sizes, state_dtypes)
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_total", "sgb0", "sgb1"])
@@ -127,6 +127,6 @@ def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: b
         sx[0], sx[1], x.stride(-2), x.stride(-1), sl[0], sl[1], lam.stride(-2), lam.stride(-1), *gst,
         sy[0], sy[1], out.stride(-2), out.stride(-1),
         C=C, LOG_C=C.bit_length() - 1, BD=BD, HB=max(16, triton.next_power_of_2((n - 1).bit_length())), HAS_G=g is not None, ACC=acc, PREC=prec, EXACT=exact,
-        num_warps=NUM_WARPS["matmul_output"])
+        num_warps=NUM_WARPS["matmul_output"], **({"maxnreg": MAX_REGISTERS["matmul_output"]} if BD <= 64 else {}))
     result = out.reshape(batch + (T, D))
     return (result, (states, logdec)) if return_states else result
