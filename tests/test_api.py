@@ -132,3 +132,20 @@ def test_integer_scale_tensors_are_accepted_like_numpy_ones():
     for bad in (torch.tensor(True), torch.tensor(1j), np.array(True)):
         with pytest.raises(TypeError, match="scale must be a real number or None"):
             hodlr.attention(q, q, q, M, scale=bad, backend="dense")
+
+
+def test_scaled_error_measures_against_the_absolute_computation():
+    """A float32 score with cancellation: far off relatively, within float32 rounding of the
+    computation's size; NaN and shape mismatches never pass."""
+    from hodlr.testing import relative_error, scaled_error
+
+    q = np.array([1.0 + 2.0 ** -12, -1.0], dtype=np.float32)
+    k = np.array([1.0 + 2.0 ** -12, 1.0 + 2.0 ** -11 + 2.0 ** -23], dtype=np.float32)
+    exact = float(np.dot(q.astype(np.float64), k.astype(np.float64)))
+    got = np.array([np.float32(q[0] * k[0]) + np.float32(q[1] * k[1])], dtype=np.float32)
+    size = np.array([float(np.dot(np.abs(q).astype(np.float64), np.abs(k).astype(np.float64)))])
+    assert relative_error(got, np.array([exact])) > 1e-2
+    assert scaled_error(got, np.array([exact]), size) < 1e-6
+    assert scaled_error(got, np.array([exact]), size) <= relative_error(got, np.array([exact]))
+    assert scaled_error(np.array([np.nan]), np.array([exact]), size) == np.inf
+    assert scaled_error(got, np.array([exact, 0.0]), np.array([1.0, 1.0])) == np.inf
