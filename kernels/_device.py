@@ -39,31 +39,37 @@ def chunk_decays(g_row, t, tmask, sgt, T, C: tl.constexpr, HAS_G: tl.constexpr, 
 
 
 @triton.jit
-def intra_mask(l_base, sll, G, g_next, tmask, C: tl.constexpr, HAS_G: tl.constexpr, EXACT: tl.constexpr):
+def intra_mask(l_chunk, slt, sll, G, g_next, tmask, C: tl.constexpr, HAS_G: tl.constexpr, EXACT: tl.constexpr):
     """The ``(C, C)`` block of the mask inside one chunk (levels ``0..c``).
 
-    ``l_base`` points at ``level_scales[t, 0]`` of the chunk's rows; ``G`` is the chunk-local
-    inclusive cumulative log-decay and ``g_next`` its terms shifted by one (``g[t + 1]``).
-    For ``s <= t`` in one aligned chunk the level is the bit length of ``t ^ s``
-    (``fenwick.index.level``), read here off the float32 exponent of ``t ^ s``; the scale is
-    gathered straight from memory (only entries that are read by definition are touched).
-    The decay ``exp(Σ_{k=s+1..t} g_k)``: with ``EXACT`` each exponent is summed from its own
-    terms (a masked reverse cumulative sum, accurate to rounding even when ``G`` has grown
-    large inside the chunk: float32 / float64 inputs); otherwise ``G_t - G_s`` (cheaper; its
-    absolute error ``~|G| eps`` is far below the bfloat16 / float16 tolerance).
+    ``l_chunk`` points at ``level_scales[t0, 0]`` of the chunk's first row, ``slt`` / ``sll``
+    are the row and level strides; ``G`` is the chunk-local inclusive cumulative log-decay and
+    ``g_next`` its terms shifted by one (``g[t + 1]``).  For ``s <= t`` in one aligned chunk
+    the level is the bit length of ``t ^ s`` (``fenwick.index.level``), read here off the
+    float32 exponent of ``t ^ s``; the scale is gathered straight from memory (only entries
+    that are read by definition are touched).  The decay ``exp(Σ_{k=s+1..t} g_k)``: with
+    ``EXACT`` each exponent is summed from its own terms (a masked reverse cumulative sum,
+    accurate to rounding even when ``G`` has grown large inside the chunk: float32 / float64
+    inputs); otherwise from ``G_t - G_s`` (its absolute error ``~|G| eps`` is far below the
+    bfloat16 / float16 tolerance), as the product ``exp(G_t - G_e) exp(G_e - G_s)`` with
+    ``G_e`` the chunk's last value -- two exponentials per row instead of one per element --
+    while ``|G - G_e| < 40`` over the chunk (no product of the two factors can overflow),
+    and element by element otherwise.
     """
     r = tl.arange(0, C)
     xor = r[:, None] ^ r[None, :]
     causal = (r[:, None] >= r[None, :]) & tmask[:, None]
-    expo = xor.to(tl.float32).to(tl.int32, bitcast=True) >> 23
-    lvl = tl.where(xor == 0, 0, expo - 126)
-    M = tl.load(l_base[:, None] + lvl * sll, mask=causal, other=0.0).to(G.dtype)
+    lvl = tl.where(xor == 0, 0, (xor.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 126)
+    M = tl.load(l_chunk + (r[:, None] * slt + lvl * sll), mask=causal, other=0.0).to(G.dtype)
     if HAS_G:
         if EXACT:
-            seg = tl.cumsum(tl.where(r[None, :] < r[:, None], g_next[None, :], 0.0), 1, reverse=True)
+            M = M * tl.exp(tl.cumsum(tl.where(r[None, :] < r[:, None], g_next[None, :], 0.0), 1, reverse=True))
         else:
-            seg = tl.where(causal, G[:, None] - G[None, :], 0.0)
-        M = M * tl.exp(seg)
+            g_end = tl.sum(tl.where(r == C - 1, G, 0.0), 0)
+            if tl.max(tl.abs(G - g_end), 0) < 40.0:
+                M = M * (tl.exp(G - g_end)[:, None] * tl.exp(g_end - G)[None, :])
+            else:
+                M = M * tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0))
     return M
 
 

@@ -80,7 +80,8 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
         qb = tl.load(q_base + dk[None, :] * sqd, mask=m2, other=0.0)
         kb = tl.load(k_base + dk[None, :] * skd, mask=m2, other=0.0)
         scores += dot(qb, tl.trans(kb), ACC, PREC, NATIVE)
-    P = intra_mask(l_base, sll, G, g_next, tmask, C, HAS_G, EXACT) * scores
+    l_chunk = l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt
+    P = intra_mask(l_chunk, slt, sll, G, g_next, tmask, C, HAS_G, EXACT) * scores
     vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + t[:, None] * svt + dv[None, :] * svd,
                  mask=tmask[:, None] & dvmask[None, :], other=0.0)
     if LOWP and NATIVE:  # bfloat16 on a GPU: masked scores rounded to bfloat16 for a native dot with v

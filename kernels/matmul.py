@@ -4,8 +4,8 @@ The attention kernels with ``q kᵀ`` replaced by ones: a chunk state is the dec
 ``S_j = Σ_s exp(G_end - G_s) x_s`` (a ``D``-vector), the hierarchy of
 :mod:`kernels.states` has ``F = D``, and the output kernel adds, per set bit ``h`` of the
 chunk index, the rank-1 term ``λ[t, c+h+1] exp(gap + G_t) H_h[(i >> h) - 1]``: all levels
-at once, as one ``(C x HB) @ (HB x D)`` product of the row factors and the gap-decayed
-block states (``HB`` >= the number of chunk levels), so no load waits on another.
+at once, as one ``(C x HB) @ (HB x D)`` product of the decayed row factors and the block
+states (``HB`` >= the number of chunk levels), so no load waits on another.
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ def _output_kernel(x_ptr, l_ptr, g_ptr, h_ptr, a_ptr, y_ptr,
     i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
     d = tl.program_id(2) * BD + tl.arange(0, BD)
     dmask = d < D
-    l_base = l_ptr + b0 * slb0 + b1 * slb1 + t * slt
+    l_chunk = l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt
     G, g_next = chunk_decays(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC)
-    M = intra_mask(l_base, sll, G, g_next, tmask, C, HAS_G, EXACT)
+    M = intra_mask(l_chunk, slt, sll, G, g_next, tmask, C, HAS_G, EXACT)
     xb = tl.load(x_ptr + b0 * sxb0 + b1 * sxb1 + t[:, None] * sxt + d[None, :] * sxd,
                  mask=tmask[:, None] & dmask[None, :], other=0.0).to(ACC)
     acc = tl.dot(M, xb, input_precision=PREC, out_dtype=ACC)
@@ -68,9 +68,10 @@ def _output_kernel(x_ptr, l_ptr, g_ptr, h_ptr, a_ptr, y_ptr,
     A = tl.load(a_ptr + blk, mask=read, other=0.0)
     gap = tl.sum(tl.where(hs[None, :] < hs[:, None], A[None, :], 0.0), 1)
     S = tl.load(h_ptr + blk[:, None] * D + d[None, :], mask=read[:, None] & dmask[None, :], other=0.0)
-    lam = tl.load(l_base[:, None] + (LOG_C + 1 + hs)[None, :] * sll, mask=tmask[:, None] & read[None, :],
-                  other=0.0).to(ACC)
-    acc += tl.dot(lam * tl.exp(G)[:, None], tl.exp(gap)[:, None] * S, input_precision=PREC, out_dtype=ACC)
+    r = tl.arange(0, C)
+    lam = tl.load(l_chunk + (r[:, None] * slt + (LOG_C + 1 + hs)[None, :] * sll),
+                  mask=tmask[:, None] & read[None, :], other=0.0).to(ACC)
+    acc += tl.dot(lam * tl.exp(G)[:, None] * tl.exp(gap)[None, :], S, input_precision=PREC, out_dtype=ACC)
     tl.store(y_ptr + b0 * syb0 + b1 * syb1 + t[:, None] * syt + d[None, :] * syd, acc,
              mask=tmask[:, None] & dmask[None, :])
 

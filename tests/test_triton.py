@@ -299,13 +299,16 @@ def test_registered_backend():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_half_precision_inputs(dtype):
-    """16-bit operands with a float32 mask (float32 accumulation) through the public API."""
+@pytest.mark.parametrize("step", [0.5, 50.0])
+def test_half_precision_inputs(dtype, step):
+    """16-bit operands with a float32 mask (float32 accumulation) through the public API.
+    Decay steps up to 0.5 keep every chunk's in-chunk decay as a product of two per-row
+    factors; steps up to 50 take the element-by-element exponentials (``intra_mask``)."""
     gen = torch.Generator().manual_seed(4)
     B, H, T = 1, 2, 45
     L = hodlr.num_levels(T)
     lam = poison_unread(torch.rand(H, T, L, generator=gen) + 0.2).to(DEVICE)
-    g = (-torch.rand(H, T, generator=gen)).to(DEVICE)
+    g = (-step * torch.rand(H, T, generator=gen)).to(DEVICE)
     q, k, v = (torch.randn(B, H, T, 16, generator=gen).to(dtype).to(DEVICE) for _ in range(3))
     M = hodlr.LogLinearMask(lam, g)
     got = hodlr.attention(q, k, v, M, scale=0.25, backend="triton")
