@@ -74,16 +74,15 @@ def _count(name: str, value) -> int:
     return int(value)
 
 
+def _float64(x) -> np.ndarray:
+    """``x`` (numpy or torch, any float dtype, 16-bit included) as a float64 numpy array."""
+    return np.asarray(to_numpy(x.float() if is_torch(x) and x.dtype.itemsize < 4 else x), dtype=np.float64)
+
+
 def relative_error(actual, expected) -> float:
     """``‖actual - expected‖_F / ‖expected‖_F`` in float64 (``inf`` if the shapes differ or
     anything is NaN; the absolute error if ``expected`` is all zero)."""
-    a = np.asarray(to_numpy(actual.float() if is_torch(actual) and actual.dtype.itemsize < 4 else actual), dtype=np.float64)
-    b = np.asarray(to_numpy(expected.float() if is_torch(expected) and expected.dtype.itemsize < 4 else expected), dtype=np.float64)
-    if a.shape != b.shape or not np.isfinite(a).all() or not np.isfinite(b).all():
-        return math.inf
-    denom = np.linalg.norm(b)
-    diff = np.linalg.norm(a - b)
-    return float(diff / denom) if denom > 0 else float(diff)
+    return scaled_error(actual, expected, expected)
 
 
 def scaled_error(actual, expected, magnitude) -> float:
@@ -97,13 +96,11 @@ def scaled_error(actual, expected, magnitude) -> float:
     misses a fixed :func:`relative_error` bound: one score ``q·k`` of two standard-normal
     256-vectors summed in float32 is more than 1e-5 off (relatively) in about 1% of draws.
     Never larger than :func:`relative_error` (``|expected| <= magnitude`` elementwise), equal
-    to it when nothing cancels; ``inf`` if anything is NaN or the shapes differ.
+    to it when nothing cancels; ``inf`` if anything is NaN or the shapes differ (the absolute
+    error if ``magnitude`` is all zero).
     """
-    a = np.asarray(to_numpy(actual.float() if is_torch(actual) and actual.dtype.itemsize < 4 else actual), dtype=np.float64)
-    b = np.asarray(to_numpy(expected), dtype=np.float64)
-    m = np.asarray(to_numpy(magnitude), dtype=np.float64)
-    if a.shape != b.shape or a.shape != m.shape or not (np.isfinite(a).all() and np.isfinite(b).all()
-                                                         and np.isfinite(m).all()):
+    a, b, m = _float64(actual), _float64(expected), _float64(magnitude)
+    if a.shape != b.shape or a.shape != m.shape or not all(np.isfinite(z).all() for z in (a, b, m)):
         return math.inf
     denom = np.linalg.norm(m)
     diff = np.linalg.norm(a - b)
