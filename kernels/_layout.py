@@ -85,9 +85,40 @@ def state_dtypes(dtype: torch.dtype, compact: bool = False):
     return torch.float32, torch.float32
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ints (host side; ``triton.cdiv`` costs microseconds a call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (1 for ``n <= 1``); host side, like :func:`cdiv`."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def broadcast_shape(*shapes) -> torch.Size:
+    """The broadcast of several shapes (``torch.broadcast_shapes``, whose symbolic-shape checks
+    cost about 30 µs a call on the host).
+
+    Raises
+    ------
+    ValueError
+        Naming the shapes, when a dim is neither 1 nor the others' size.
+    """
+    ndim = max((len(shape) for shape in shapes), default=0)
+    out = [1] * ndim
+    for shape in shapes:
+        for axis, size in enumerate(shape, ndim - len(shape)):
+            if size != 1:
+                if out[axis] not in (1, size):
+                    raise ValueError(f"batch shapes {[tuple(s) for s in shapes]} do not broadcast: "
+                                     f"dim {axis - ndim} is {out[axis]} in one and {size} in another")
+                out[axis] = size
+    return torch.Size(out)
+
+
 def block(width: int, cap: int) -> int:
     """Tile side for a head of ``width``: the next power of two, at least 16, at most ``cap``."""
-    return max(MIN_BLOCK, min(cap, triton.next_power_of_2(max(int(width), 1))))
+    return max(MIN_BLOCK, min(cap, next_power_of_2(int(width))))
 
 
 def collapse_batch(batch: tuple, tensors: list):

@@ -19,8 +19,8 @@ import triton.language as tl
 
 from kernels import states as _states
 from kernels._device import chunk_decays, chunk_rows, dot, intra_mask, next_decay
-from kernels._layout import (NUM_WARPS, block, check_chunk, check_levels, chunk_count, collapse_batch, compute_types,
-                             hierarchy_sizes, interpreting, state_dtypes)
+from kernels._layout import (NUM_WARPS, block, broadcast_shape, cdiv, check_chunk, check_levels, chunk_count,
+                             collapse_batch, compute_types, hierarchy_sizes, interpreting, state_dtypes)
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_total", "N_DV_TILES", "sgb0", "sgb1"])
@@ -123,7 +123,7 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
     v : torch.Tensor, shape ``(*batch, T, Dv)``
     level_scales : torch.Tensor, shape ``(*batch, T, L)``, ``L >= fenwick.num_levels(T)``
     log_decay : torch.Tensor, shape ``(*batch, T)``, optional
-        All leading dims broadcast (``torch.broadcast_shapes``); broadcast operands are read
+        All leading dims broadcast (as ``torch.broadcast_shapes``); broadcast operands are read
         through stride-0 views, not copied.  Any strides (transposed, sliced) are accepted.
         float16 / bfloat16 / float32 on CUDA (float64 too under ``TRITON_INTERPRET=1``);
         accumulation in float32 (float64 for float64).  bfloat16 inputs keep bfloat16
@@ -145,8 +145,8 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
     torch.Tensor ``(*batch, T, Dv)`` (and the states when asked).
     """
     C = check_chunk(chunk, "attention")
-    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], level_scales.shape[:-2],
-                                   () if log_decay is None else log_decay.shape[:-1])
+    batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2], level_scales.shape[:-2],
+                            () if log_decay is None else log_decay.shape[:-1])
     T, DK, DV, L = q.shape[-2], q.shape[-1], v.shape[-1], level_scales.shape[-1]
     if k.shape[-2:] != (T, DK) or v.shape[-2] != T or level_scales.shape[-2] != T or (
             log_decay is not None and log_decay.shape[-1] != T):
@@ -172,10 +172,10 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
     states, logdec = _states.allocate(B, n, DK * DV, v.device, *state_dtypes(v.dtype, compact=True))
     BDK = block(DK, 64)
     BDV = block(DV, 64)
-    n_dv = triton.cdiv(DV, BDV)
+    n_dv = cdiv(DV, BDV)
     g_arg = lam if g is None else g
     gst = (0, 0, 0) if g is None else (sg[0], sg[1], g.stride(-1))
-    _state_kernel[(n, B, triton.cdiv(DK, BDK) * n_dv)](
+    _state_kernel[(n, B, cdiv(DK, BDK) * n_dv)](
         k, v, g_arg, states, logdec, T, B1, n_total, DK, DV, n_dv,
         sk[0], sk[1], k.stride(-2), k.stride(-1), sv[0], sv[1], v.stride(-2), v.stride(-1), *gst,
         C=C, BDK=BDK, BDV=BDV, HAS_G=g is not None, ACC=acc, PREC=prec, LOWP=lowp, NATIVE=native,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels._layout import broadcast_shape
 from kernels.attention import attention as attention_forward
 from kernels.matmul import matmul as matmul_forward
 from kernels.attention_backward import attention_backward
@@ -60,8 +61,8 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
     Gradients flow to ``q, k, v, level_scales`` and ``log_decay``; never-read level scales
     get exactly 0.
     """
-    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], level_scales.shape[:-2],
-                                   () if log_decay is None else log_decay.shape[:-1])
+    batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2], level_scales.shape[:-2],
+                            () if log_decay is None else log_decay.shape[:-1])
     q, k, v, level_scales, log_decay = _broadcast(
         [(q, 2), (k, 2), (v, 2), (level_scales, 2), (log_decay, 1)], batch)
     return _Attention.apply(q, k, v, level_scales, log_decay, float(scale), chunk)
@@ -69,7 +70,6 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
 
 def matmul(level_scales, log_decay, x, *, chunk=None):
     """Differentiable :func:`kernels.matmul.matmul` (same arguments and result)."""
-    batch = torch.broadcast_shapes(x.shape[:-2], level_scales.shape[:-2],
-                                   () if log_decay is None else log_decay.shape[:-1])
+    batch = broadcast_shape(x.shape[:-2], level_scales.shape[:-2], () if log_decay is None else log_decay.shape[:-1])
     level_scales, log_decay, x = _broadcast([(level_scales, 2), (log_decay, 1), (x, 2)], batch)
     return _Matmul.apply(level_scales, log_decay, x, chunk)

@@ -16,8 +16,8 @@ import triton.language as tl
 
 from kernels import states as _states
 from kernels._device import chunk_decays, chunk_rows, intra_mask, next_decay
-from kernels._layout import (MAX_REGISTERS, NUM_WARPS, block, check_chunk, check_levels, chunk_count, collapse_batch,
-                             compute_types, hierarchy_sizes, state_dtypes)
+from kernels._layout import (MAX_REGISTERS, NUM_WARPS, block, broadcast_shape, cdiv, check_chunk, check_levels, chunk_count,
+                             collapse_batch, compute_types, hierarchy_sizes, next_power_of_2, state_dtypes)
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_total", "sgb0", "sgb1"])
@@ -94,8 +94,7 @@ def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: b
         Also return the chunk-state hierarchy ``(states, logdec)`` of :mod:`kernels.states`.
     """
     C = check_chunk(chunk, "matmul")
-    batch = torch.broadcast_shapes(x.shape[:-2], level_scales.shape[:-2],
-                                   () if log_decay is None else log_decay.shape[:-1])
+    batch = broadcast_shape(x.shape[:-2], level_scales.shape[:-2], () if log_decay is None else log_decay.shape[:-1])
     T, D, L = x.shape[-2], x.shape[-1], level_scales.shape[-1]
     if level_scales.shape[-2] != T or (log_decay is not None and log_decay.shape[-1] != T):
         raise ValueError(f"shapes disagree: x {tuple(x.shape)}, level_scales {tuple(level_scales.shape)}, "
@@ -119,15 +118,15 @@ def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: b
     BD = block(D, 128)
     g_arg = lam if g is None else g
     gst = (0, 0, 0) if g is None else (sg[0], sg[1], g.stride(-1))
-    _state_kernel[(n, B, triton.cdiv(D, BD))](
+    _state_kernel[(n, B, cdiv(D, BD))](
         x, g_arg, states, logdec, T, B1, n_total, D, sx[0], sx[1], x.stride(-2), x.stride(-1), *gst,
         C=C, BD=BD, HAS_G=g is not None, ACC=acc, num_warps=NUM_WARPS["matmul_state"])
     _states.build_hierarchy(states, logdec, n)
-    _output_kernel[(n, B, triton.cdiv(D, BD))](
+    _output_kernel[(n, B, cdiv(D, BD))](
         x, lam, g_arg, states, logdec, out, T, B1, n, n_total, (n - 1).bit_length(), D,
         sx[0], sx[1], x.stride(-2), x.stride(-1), sl[0], sl[1], lam.stride(-2), lam.stride(-1), *gst,
         sy[0], sy[1], out.stride(-2), out.stride(-1),
-        C=C, LOG_C=C.bit_length() - 1, BD=BD, HB=max(16, triton.next_power_of_2((n - 1).bit_length())), HAS_G=g is not None, ACC=acc, PREC=prec, EXACT=exact,
+        C=C, LOG_C=C.bit_length() - 1, BD=BD, HB=max(16, next_power_of_2((n - 1).bit_length())), HAS_G=g is not None, ACC=acc, PREC=prec, EXACT=exact,
         num_warps=NUM_WARPS["matmul_output"], **({"maxnreg": MAX_REGISTERS["matmul_output"]} if BD <= 64 else {}))
     result = out.reshape(batch + (T, D))
     return (result, (states, logdec)) if return_states else result

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._layout import NUM_WARPS, hierarchy_sizes
+from kernels._layout import NUM_WARPS, cdiv, hierarchy_sizes, next_power_of_2
 
 
 @triton.jit(do_not_specialize=["n_base", "off_base", "n_total", "sub_size", "n_build"])
@@ -104,13 +104,13 @@ def build_hierarchy(states: torch.Tensor, logdec: torch.Tensor, n_chunks: int) -
     if top == 0:
         return
     B, N, F = states.shape
-    BF = min(256, triton.next_power_of_2(F))
+    BF = min(256, next_power_of_2(F))
     BN = max(1, min(64, 4096 // BF))
     level = 0
     while level < top:
         steps = min(SUBTREE_LEVELS, top - level)
         sub_size = 1 << steps
-        grid = (B, triton.cdiv(F, BF), triton.cdiv(sizes[level], sub_size))
+        grid = (B, cdiv(F, BF), cdiv(sizes[level], sub_size))
         _hierarchy_kernel[grid](states, logdec, sizes[level], sum(sizes[:level]), N, F, sub_size, steps,
                                 BN=BN, BF=BF, num_warps=NUM_WARPS["hierarchy"])
         level += steps

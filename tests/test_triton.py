@@ -23,6 +23,7 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
+import triton  # noqa: E402
 
 import hodlr  # noqa: E402
 import kernels  # noqa: E402
@@ -316,3 +317,23 @@ def test_half_precision_inputs(dtype, step):
     assert_close(got, _ref_attention(q, k, v, M, 0.25), TOLERANCES["gpu_bfloat16"], "16-bit attention")
     y = hodlr.matmul(M, v, backend="triton")
     assert_close(y, _ref_matmul(M, v), TOLERANCES["gpu_bfloat16"], "16-bit matmul")
+
+
+@settings(max_examples=200)
+@given(data=st.data())
+def test_host_shape_helpers_match_torch_and_triton(data):
+    """The launchers' host helpers (cheaper than ``torch.broadcast_shapes``, ``triton.cdiv``
+    and ``triton.next_power_of_2``) give the same answers; shapes that do not broadcast raise
+    ``ValueError`` naming them."""
+    from hypothesis.extra.numpy import mutually_broadcastable_shapes
+
+    from kernels._layout import broadcast_shape, cdiv, next_power_of_2
+
+    shapes = data.draw(mutually_broadcastable_shapes(num_shapes=data.draw(st.integers(1, 4)), min_side=0,
+                                                     max_dims=4)).input_shapes
+    assert broadcast_shape(*shapes) == torch.broadcast_shapes(*shapes)
+    n, m = data.draw(st.integers(1, 10**6)), data.draw(st.integers(1, 300))
+    assert cdiv(n, m) == triton.cdiv(n, m)
+    assert next_power_of_2(n) == triton.next_power_of_2(n)
+    with pytest.raises(ValueError, match=r"\(2, 3\).*\(4, 3\)"):
+        broadcast_shape((2, 3), (4, 3))
