@@ -59,6 +59,13 @@ def _record(key, err, T, relative):
     _save()
 
 
+def _check(op, dtype, case, got, ref, size):
+    """Record the scaled and the plain relative error of ``got``; assert the scaled one."""
+    err = scaled_error(got, ref, size)
+    _record(f"{op} {str(dtype).replace('torch.', '')}", err, case["T"], relative_error(got, ref))
+    assert err <= TOL[dtype], f"{case}: scaled error {err:.3e} > {TOL[dtype]:.0e}"
+
+
 @st.composite
 def gpu_case(draw):
     """A random problem: shapes, decay kind, head widths, grouped heads; arrays from a seed."""
@@ -124,11 +131,8 @@ def test_attention_gpu(dtype, case):
     q, k, v, lam, g = _inputs(case, dtype)
     out = torch.full(v.shape, float("nan"), dtype=dtype, device="cuda")
     got = kernels.attention(q, k, v, lam, g, 0.125, out=out)
-    ref = _reference_attention(q, k, v, lam, g, 0.125)
-    size = _reference_attention(q.abs(), k.abs(), v.abs(), lam.abs(), g, 0.125)
-    err = scaled_error(got, ref, size)
-    _record(f"attention {str(dtype).replace('torch.', '')}", err, case["T"], relative_error(got, ref))
-    assert err <= TOL[dtype], f"{case}: relative error {err:.3e}"
+    _check("attention", dtype, case, got, _reference_attention(q, k, v, lam, g, 0.125),
+           _reference_attention(q.abs(), k.abs(), v.abs(), lam.abs(), g, 0.125))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -140,10 +144,7 @@ def test_matmul_gpu(dtype, case):
     _, _, x, lam, g = _inputs(case, dtype)
     out = torch.full(x.shape, float("nan"), dtype=dtype, device="cuda")
     got = kernels.matmul(lam, g, x, out=out)
-    ref = _reference_matmul(lam, g, x)
-    err = scaled_error(got, ref, _reference_matmul(lam.abs(), g, x.abs()))
-    _record(f"matmul {str(dtype).replace('torch.', '')}", err, case["T"], relative_error(got, ref))
-    assert err <= TOL[dtype], f"{case}: relative error {err:.3e}"
+    _check("matmul", dtype, case, got, _reference_matmul(lam, g, x), _reference_matmul(lam.abs(), g, x.abs()))
 
 
 @pytest.mark.parametrize("T", [1000, 4096, 16384])
