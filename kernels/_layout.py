@@ -116,6 +116,17 @@ def broadcast_shape(*shapes) -> torch.Size:
     return torch.Size(out)
 
 
+def output_buffer(out, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+    """``out`` checked to be a contiguous tensor of ``shape`` with ``like``'s dtype, or a new
+    one on ``like``'s device when ``out`` is None."""
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if out.shape != shape or out.dtype != like.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {like.dtype} tensor of shape {tuple(shape)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
 def block(width: int, cap: int) -> int:
     """Tile side for a head of ``width``: the next power of two, at least 16, at most ``cap``."""
     return max(MIN_BLOCK, min(cap, next_power_of_2(int(width))))

@@ -20,7 +20,7 @@ import triton.language as tl
 from kernels import states as _states
 from kernels._device import chunk_decays, chunk_rows, dot, intra_mask, next_decay
 from kernels._layout import (NUM_WARPS, block, broadcast_shape, cdiv, check_chunk, check_levels, chunk_count,
-                             collapse_batch, compute_types, hierarchy_sizes, interpreting, state_dtypes)
+                             collapse_batch, compute_types, hierarchy_sizes, interpreting, output_buffer, state_dtypes)
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_total", "N_DV_TILES", "sgb0", "sgb1"])
@@ -159,11 +159,7 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
     q, k, v = (x.expand(batch + x.shape[-2:]) for x in (q, k, v))
     lam = level_scales.expand(batch + level_scales.shape[-2:])
     g = None if log_decay is None else log_decay.expand(batch + (T,))
-    if out is None:
-        out = torch.empty(batch + (T, DV), dtype=v.dtype, device=v.device)
-    elif out.shape != batch + (T, DV) or out.dtype != v.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {v.dtype} tensor of shape {batch + (T, DV)}, "
-                         f"got {out.dtype} {tuple(out.shape)}")
+    out = output_buffer(out, batch + (T, DV), v)
     B0, B1, strides, (q, k, v, lam, g, out) = collapse_batch(batch, [q, k, v, lam, g, out])
     B = B0 * B1
     sq, sk, sv, sl, sg, so = strides

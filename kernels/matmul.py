@@ -16,8 +16,9 @@ import triton.language as tl
 
 from kernels import states as _states
 from kernels._device import chunk_decays, chunk_rows, intra_mask, next_decay
-from kernels._layout import (MAX_REGISTERS, NUM_WARPS, block, broadcast_shape, cdiv, check_chunk, check_levels, chunk_count,
-                             collapse_batch, compute_types, hierarchy_sizes, next_power_of_2, state_dtypes)
+from kernels._layout import (MAX_REGISTERS, NUM_WARPS, block, broadcast_shape, cdiv, check_chunk, check_levels,
+                             chunk_count, collapse_batch, compute_types, hierarchy_sizes, next_power_of_2, output_buffer,
+                             state_dtypes)
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_total", "sgb0", "sgb1"])
@@ -104,11 +105,7 @@ def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: b
     x = x.expand(batch + x.shape[-2:])
     lam = level_scales.expand(batch + level_scales.shape[-2:])
     g = None if log_decay is None else log_decay.expand(batch + (T,))
-    if out is None:
-        out = torch.empty(batch + (T, D), dtype=x.dtype, device=x.device)
-    elif out.shape != batch + (T, D) or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {batch + (T, D)}, "
-                         f"got {out.dtype} {tuple(out.shape)}")
+    out = output_buffer(out, batch + (T, D), x)
     B0, B1, strides, (x, lam, g, out) = collapse_batch(batch, [x, lam, g, out])
     B = B0 * B1
     sx, sl, sg, sy = strides
