@@ -42,7 +42,7 @@ import triton.language as tl
 
 import fenwick
 from kernels import states as _states
-from kernels._layout import hierarchy_sizes
+from kernels._layout import cdiv, hierarchy_sizes, next_power_of_2
 
 DEFAULT_CHUNK = 64
 """Chunk size of the backward when the caller passes ``chunk=None``."""
@@ -353,7 +353,7 @@ def _check_chunk(chunk, width: int) -> int:
 
 
 def _block(width: int) -> int:
-    return max(MIN_BLOCK, triton.next_power_of_2(max(int(width), 1)))
+    return max(MIN_BLOCK, next_power_of_2(int(width)))
 
 
 PARALLEL_MAX_STATE = 128 * 128
@@ -465,7 +465,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     if method == "scan" and LC > 0:
         BKS, BVS = ((_split(Dk, B, v.is_cuda), _split(Dv, B, v.is_cuda)) if scan_block is None
                     else (min(scan_block, BK), min(scan_block, BV)))
-        NKB, NVB = triton.cdiv(BK, BKS), triton.cdiv(BV, BVS)
+        NKB, NVB = cdiv(BK, BKS), cdiv(BV, BVS)
         s_scratch = torch.empty((B, LC, NKB * BKS, BV), dtype=acc, device=dev)
         r_scratch = torch.empty((B, LC, BK, NVB * BVS), dtype=acc, device=dev)
         _scan_kernel[(B, NKB + NVB)](qf, kf, vf, dof, lf, b, gc, dq, dk, dv, dl, col, s_scratch, r_scratch,
