@@ -12,9 +12,9 @@ def chunk_rows(B1, T, C: tl.constexpr):
     batch entry ``bh`` (axis 1) and its two batch indices ``b0 = bh // B1``, ``b1 = bh % B1``
     (see ``kernels._layout.collapse_batch``), the chunk's positions ``t`` and ``t < T``."""
     i = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(1)
     t = i * C + tl.arange(0, C)
-    return i, bh, bh // B1, bh % B1, t, t < T
+    return i, bh.to(tl.int64), (bh // B1).to(tl.int64), (bh % B1).to(tl.int64), t, t < T
 
 
 @triton.jit
@@ -51,10 +51,10 @@ def intra_mask(l_chunk, slt, sll, G, g_next, tmask, C: tl.constexpr, HAS_G: tl.c
     ``EXACT`` each exponent is summed from its own terms (a masked reverse cumulative sum,
     accurate to rounding even when ``G`` has grown large inside the chunk: float32 / float64
     inputs); otherwise from ``G_t - G_s`` (its absolute error ``~|G| eps`` is far below the
-    bfloat16 / float16 tolerance), as the product ``exp(G_t - G_e) exp(G_e - G_s)`` with
-    ``G_e`` the chunk's last value -- two exponentials per row instead of one per element --
-    while ``|G - G_e| < 40`` over the chunk (no product of the two factors can overflow),
-    and element by element otherwise.
+    bfloat16 / float16 tolerance), as the product ``exp(G_t) exp(-G_s)`` -- one exponential
+    per row instead of one per element, ``exp(G)`` shared with the caller's level rows --
+    while ``|G| < 40`` over the chunk (no product of the two factors can overflow or
+    underflow), and element by element otherwise.
     """
     r = tl.arange(0, C)
     xor = r[:, None] ^ r[None, :]
@@ -65,9 +65,8 @@ def intra_mask(l_chunk, slt, sll, G, g_next, tmask, C: tl.constexpr, HAS_G: tl.c
         if EXACT:
             M = M * tl.exp(tl.cumsum(tl.where(r[None, :] < r[:, None], g_next[None, :], 0.0), 1, reverse=True))
         else:
-            g_end = tl.sum(tl.where(r == C - 1, G, 0.0), 0)
-            if tl.max(tl.abs(G - g_end), 0) < 40.0:
-                M = M * (tl.exp(G - g_end)[:, None] * tl.exp(g_end - G)[None, :])
+            if tl.max(tl.abs(G), 0) < 40.0:
+                M = M * (tl.exp(G)[:, None] * tl.exp(-G)[None, :])
             else:
                 M = M * tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0))
     return M

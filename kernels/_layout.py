@@ -19,13 +19,13 @@ DEFAULT_CHUNK = {"attention": 64, "matmul": 32}
 """Chunk size ``C`` per operation when the caller passes ``chunk=None`` (H200-tuned, see
 ``docs/kernels.md``): attention 64 (levels ``0..6`` dense), matmul 32."""
 
-NUM_WARPS = {"attention_state": 4, "attention_output": 4, "matmul_state": 2, "matmul_output": 2, "hierarchy": 4}
+NUM_WARPS = {"attention_state": 4, "attention_output": 4, "matmul_state": 4, "matmul_output": 2, "hierarchy": 4}
 """Warps per program of each kernel (H200-tuned; see ``docs/kernels.md``)."""
 
-MAX_REGISTERS = {"matmul_output": 80}
-"""Register caps (Triton's ``maxnreg``) for tiles at most 64 columns wide; wider tiles run
-uncapped.  H200-tuned: uncapped, the matmul output kernel takes 103 registers, which leaves
-room for 9 two-warp programs per SM; at 80 it runs about 10% faster (``docs/kernels.md`` §3c)."""
+MAX_REGISTERS = {"matmul_output": 64}
+"""Register caps (Triton's ``maxnreg``) for bfloat16 inputs and tiles at most 64 columns wide;
+other cases run uncapped (float32's IEEE dots would spill).  H200-tuned: 64 registers leave
+room for 16 two-warp programs per SM (``docs/kernels.md`` §3c, §3d)."""
 
 MIN_BLOCK = 16
 """Smallest tile side ``tl.dot`` accepts; narrower heads are zero-padded in registers."""

@@ -15,33 +15,79 @@ import triton
 import triton.language as tl
 
 from kernels import states as _states
-from kernels._device import chunk_decays, chunk_rows, intra_mask, next_decay
+from kernels._device import chunk_decays, chunk_rows, dot, intra_mask, next_decay
 from kernels._layout import (MAX_REGISTERS, NUM_WARPS, block, broadcast_shape, cdiv, check_chunk, check_levels,
                              chunk_count, collapse_batch, compute_types, hierarchy_sizes, next_power_of_2, output_buffer,
-                             state_dtypes)
+                             interpreting, state_dtypes)
 
 
-@triton.jit(do_not_specialize=["T", "B1", "n_total", "sgb0", "sgb1"])
-def _state_kernel(x_ptr, g_ptr, h_ptr, a_ptr, T, B1, n_total, D,
+@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "top", "sgb0", "sgb1"])
+def _state_kernel(x_ptr, g_ptr, h_ptr, a_ptr, T, B1, n_chunks, n_total, top, D,
                   sxb0, sxb1, sxt, sxd, sgb0, sgb1, sgt,
-                  C: tl.constexpr, BD: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr):
-    j, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+                  C: tl.constexpr, P: tl.constexpr, LEVELS: tl.constexpr, BD: tl.constexpr, HAS_G: tl.constexpr,
+                  ACC: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, NATIVE: tl.constexpr):
+    """Program ``(tile, batch entry, D-tile)``: the ``R = P C`` rows of ``P`` consecutive chunks
+    -> the block states of levels ``0 .. LEVELS-1`` inside them (at most 16 blocks), as one
+    ``(16 x R) @ (R x D)`` product of decay weights and ``x``.  The weight of row ``s`` in a
+    block is ``w_s F[c]``: ``w_s = exp(Σ_{k=s+1..end of its chunk c} g_k)`` and ``F[c]`` the
+    exponential of the chunk sums ``A`` after ``c`` in the block (every exponent a sum of its
+    own terms).  Levels above ``top`` and blocks past the last full one are not stored."""
+    R: tl.constexpr = P * C
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b0 = (bh // B1).to(tl.int64)
+    b1 = (bh % B1).to(tl.int64)
+    s = tl.arange(0, R)
+    t = tile * R + s
+    tmask = t < T
     d = tl.program_id(2) * BD + tl.arange(0, BD)
-    xb = tl.load(x_ptr + b0 * sxb0 + b1 * sxb1 + t[:, None] * sxt + d[None, :] * sxd,
-                 mask=tmask[:, None] & (d[None, :] < D), other=0.0).to(ACC)
-    row = bh * n_total + j
+    # block row j: level h (the P >> h blocks of level h follow those of level h - 1), chunks
+    # [first, last] of the tile, start of level h in the hierarchy
+    j = tl.arange(0, 16)
+    h = tl.zeros((16,), tl.int32)
+    b = tl.zeros((16,), tl.int32)
+    level_start = tl.zeros((16,), tl.int32)
+    rows = 0
+    offset = 0
+    for lv in tl.static_range(LEVELS):
+        here = (j >= rows) & (j < rows + (P >> lv))
+        h = tl.where(here, lv, h)
+        b = tl.where(here, j - rows, b)
+        level_start = tl.where(here, offset, level_start)
+        rows += P >> lv
+        offset += n_chunks >> lv
+    first = b << h
+    last = first + (1 << h) - 1
+    block = (tile * P >> h) + b
+    stored = (j < rows) & (h <= top) & (block < (n_chunks >> h))
+    chunk = s // C
+    inside = (chunk[None, :] >= first[:, None]) & (chunk[None, :] <= last[:, None])
     if HAS_G:
         g_row = g_ptr + b0 * sgb0 + b1 * sgb1
-        g_end = tl.sum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
-        w = tl.exp(tl.cumsum(next_decay(g_row, t, sgt, T, C, ACC), 0, reverse=True))
-        S = tl.sum(xb * w[:, None], 0)
-        if tl.program_id(2) == 0:
-            tl.store(a_ptr + row, g_end)
+        g = tl.reshape(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), (P, C))
+        g_next = tl.load(g_row + (t + 1) * sgt, mask=(s % C != C - 1) & (t + 1 < T), other=0.0).to(ACC)
+        w = tl.reshape(tl.exp(tl.cumsum(tl.reshape(g_next, (P, C)), 1, reverse=True)), (R,))
+        c = tl.arange(0, P)
+        A = tl.sum(g, 1)
+        in_block = (c[None, :] >= first[:, None]) & (c[None, :] <= last[:, None])
+        A_next = tl.sum(tl.where(c[None, :] == c[:, None] + 1, A[None, :], 0.0), 1)
+        F = tl.exp(tl.cumsum(tl.where(in_block & (c[None, :] < last[:, None]), A_next[None, :], 0.0), 1,
+                             reverse=True))
+        F = tl.reshape(tl.broadcast_to(F[:, :, None], (16, P, C)), (16, R))
+        W = tl.where(inside, w[None, :] * F, 0.0)
+        A_block = tl.sum(tl.where(in_block, A[None, :], 0.0), 1)
     else:
-        S = tl.sum(xb, 0)
-        if tl.program_id(2) == 0:
-            tl.store(a_ptr + row, tl.zeros((), dtype=ACC))
-    tl.store(h_ptr + row * D + d, S, mask=d < D)
+        W = tl.where(inside, 1.0, 0.0).to(ACC)
+        A_block = tl.zeros((16,), dtype=ACC)
+    xb = tl.load(x_ptr + b0 * sxb0 + b1 * sxb1 + t[:, None] * sxt + d[None, :] * sxd,
+                 mask=tmask[:, None] & (d[None, :] < D), other=0.0)
+    if LOWP and NATIVE:  # bfloat16 on a GPU: the decay weights rounded to bfloat16 for a native dot
+        W = W.to(xb.dtype)
+    S = dot(W, xb, ACC, PREC, NATIVE)
+    row = bh.to(tl.int64) * n_total + level_start + block
+    tl.store(h_ptr + row[:, None] * D + d[None, :], S, mask=stored[:, None] & (d[None, :] < D))
+    if tl.program_id(2) == 0:
+        tl.store(a_ptr + row, A_block, mask=stored)
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "slb0", "slb1", "slt", "sgb0",
@@ -50,7 +96,8 @@ def _output_kernel(x_ptr, l_ptr, g_ptr, h_ptr, a_ptr, y_ptr,
                    T, B1, n_chunks, n_total, n_bits, D,
                    sxb0, sxb1, sxt, sxd, slb0, slb1, slt, sll, sgb0, sgb1, sgt, syb0, syb1, syt, syd,
                    C: tl.constexpr, LOG_C: tl.constexpr, BD: tl.constexpr, HB: tl.constexpr,
-                   HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr):
+                   HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
+                   LOWP: tl.constexpr, NATIVE: tl.constexpr):
     i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
     d = tl.program_id(2) * BD + tl.arange(0, BD)
     dmask = d < D
@@ -58,8 +105,10 @@ def _output_kernel(x_ptr, l_ptr, g_ptr, h_ptr, a_ptr, y_ptr,
     G, g_next = chunk_decays(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC)
     M = intra_mask(l_chunk, slt, sll, G, g_next, tmask, C, HAS_G, EXACT)
     xb = tl.load(x_ptr + b0 * sxb0 + b1 * sxb1 + t[:, None] * sxt + d[None, :] * sxd,
-                 mask=tmask[:, None] & dmask[None, :], other=0.0).to(ACC)
-    acc = tl.dot(M, xb, input_precision=PREC, out_dtype=ACC)
+                 mask=tmask[:, None] & dmask[None, :], other=0.0)
+    if LOWP and NATIVE:  # bfloat16 on a GPU: the mask rounded to bfloat16 for a native dot with x
+        M = M.to(xb.dtype)
+    acc = dot(M, xb, ACC, PREC, NATIVE)
     # levels > c, all at once (no dependent loads): bit h of the chunk index set -> the
     # level-h block (i >> h) - 1, decayed by the blocks of the lower set bits
     hs = tl.arange(0, HB)
@@ -67,14 +116,24 @@ def _output_kernel(x_ptr, l_ptr, g_ptr, h_ptr, a_ptr, y_ptr,
     sizes = n_chunks >> hs
     blk = bh * n_total + tl.cumsum(sizes, 0) - sizes + (i >> hs) - 1
     A = tl.load(a_ptr + blk, mask=read, other=0.0)
-    gap = tl.sum(tl.where(hs[None, :] < hs[:, None], A[None, :], 0.0), 1)
+    gap = tl.cumsum(A, 0) - A
     S = tl.load(h_ptr + blk[:, None] * D + d[None, :], mask=read[:, None] & dmask[None, :], other=0.0)
     r = tl.arange(0, C)
     lam = tl.load(l_chunk + (r[:, None] * slt + (LOG_C + 1 + hs)[None, :] * sll),
                   mask=tmask[:, None] & read[None, :], other=0.0).to(ACC)
-    acc += tl.dot(lam * tl.exp(G)[:, None] * tl.exp(gap)[None, :], S, input_precision=PREC, out_dtype=ACC)
+    rows = lam * tl.exp(G)[:, None] * tl.exp(gap)[None, :]
+    if LOWP and NATIVE:  # and the level rows, for a native dot with the bfloat16 block states
+        rows = rows.to(S.dtype)
+    acc += dot(rows, S, ACC, PREC, NATIVE)
     tl.store(y_ptr + b0 * syb0 + b1 * syb1 + t[:, None] * syt + d[None, :] * syd, acc,
              mask=tmask[:, None] & dmask[None, :])
+
+
+STATE_CHUNKS = 4
+"""Chunks per program of the state kernel (a power of two, at most 16)."""
+STATE_LEVELS = 3
+"""Levels of the chunk-state hierarchy that the state kernel writes straight from ``x``
+(``STATE_CHUNKS >= 2**(STATE_LEVELS - 1)``); :func:`kernels.states.build_hierarchy` adds the rest."""
 
 
 def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: bool = False):
@@ -102,6 +161,7 @@ def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: b
                          f"log_decay {None if log_decay is None else tuple(log_decay.shape)}")
     check_levels(T, L)
     acc, prec, exact = compute_types(x.dtype)
+    lowp, native = x.dtype == torch.bfloat16, not interpreting()
     x = x.expand(batch + x.shape[-2:])
     lam = level_scales.expand(batch + level_scales.shape[-2:])
     g = None if log_decay is None else log_decay.expand(batch + (T,))
@@ -111,19 +171,25 @@ def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: b
     sx, sl, sg, sy = strides
     n = chunk_count(T, C)
     n_total = sum(hierarchy_sizes(n))
-    states, logdec = _states.allocate(B, n, D, x.device, *state_dtypes(x.dtype))
+    states, logdec = _states.allocate(B, n, D, x.device, *state_dtypes(x.dtype, compact=True))
     BD = block(D, 128)
     g_arg = lam if g is None else g
     gst = (0, 0, 0) if g is None else (sg[0], sg[1], g.stride(-1))
-    _state_kernel[(n, B, cdiv(D, BD))](
-        x, g_arg, states, logdec, T, B1, n_total, D, sx[0], sx[1], x.stride(-2), x.stride(-1), *gst,
-        C=C, BD=BD, HAS_G=g is not None, ACC=acc, num_warps=NUM_WARPS["matmul_state"])
-    _states.build_hierarchy(states, logdec, n)
+    top = len(hierarchy_sizes(n)) - 1
+    P, levels = STATE_CHUNKS, STATE_LEVELS
+    if sum(P >> h for h in range(levels)) > 16 or P < 1 << (levels - 1) or P & (P - 1):
+        raise ValueError(f"STATE_CHUNKS = {P} must be a power of two >= 2**(STATE_LEVELS - 1) with at most "
+                         f"16 blocks in levels 0 .. STATE_LEVELS - 1 = {levels - 1}")
+    _state_kernel[(cdiv(n, P), B, cdiv(D, BD))](
+        x, g_arg, states, logdec, T, B1, n, n_total, top, D, sx[0], sx[1], x.stride(-2), x.stride(-1), *gst,
+        C=C, P=P, LEVELS=levels, BD=BD, HAS_G=g is not None, ACC=acc, PREC=prec, LOWP=lowp, NATIVE=native,
+        num_warps=NUM_WARPS["matmul_state"])
+    _states.build_hierarchy(states, logdec, n, first_level=levels - 1)
     _output_kernel[(n, B, cdiv(D, BD))](
         x, lam, g_arg, states, logdec, out, T, B1, n, n_total, (n - 1).bit_length(), D,
         sx[0], sx[1], x.stride(-2), x.stride(-1), sl[0], sl[1], lam.stride(-2), lam.stride(-1), *gst,
         sy[0], sy[1], out.stride(-2), out.stride(-1),
         C=C, LOG_C=C.bit_length() - 1, BD=BD, HB=max(16, next_power_of_2((n - 1).bit_length())), HAS_G=g is not None, ACC=acc, PREC=prec, EXACT=exact,
-        num_warps=NUM_WARPS["matmul_output"], **({"maxnreg": MAX_REGISTERS["matmul_output"]} if BD <= 64 else {}))
+        LOWP=lowp, NATIVE=native, num_warps=NUM_WARPS["matmul_output"], **({"maxnreg": MAX_REGISTERS["matmul_output"]} if BD <= 64 and lowp else {}))
     result = out.reshape(batch + (T, D))
     return (result, (states, logdec)) if return_states else result

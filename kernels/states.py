@@ -93,8 +93,9 @@ def allocate(B: int, n_chunks: int, F: int, device, dtype: torch.dtype, logdec_d
             torch.empty((B, N), dtype=logdec_dtype or dtype, device=device))
 
 
-def build_hierarchy(states: torch.Tensor, logdec: torch.Tensor, n_chunks: int) -> None:
-    """Fill levels ``1..top`` of ``states`` / ``logdec`` (level 0 already written), in place.
+def build_hierarchy(states: torch.Tensor, logdec: torch.Tensor, n_chunks: int, first_level: int = 0) -> None:
+    """Fill levels ``first_level + 1 .. top`` of ``states`` / ``logdec`` (levels
+    ``0 .. first_level`` already written), in place.
 
     ``ceil(top / SUBTREE_LEVELS)`` launches; in each, program ``(b, f-tile, subtree)`` builds
     up to :data:`SUBTREE_LEVELS` levels of its own subtree (see ``_hierarchy_kernel``).
@@ -106,7 +107,7 @@ def build_hierarchy(states: torch.Tensor, logdec: torch.Tensor, n_chunks: int) -
     B, N, F = states.shape
     BF = min(256, next_power_of_2(F))
     BN = max(1, min(64, 4096 // BF))
-    level = 0
+    level = min(first_level, top)
     while level < top:
         steps = min(SUBTREE_LEVELS, top - level)
         sub_size = 1 << steps

@@ -267,6 +267,45 @@ def test_hierarchy_equals_block_sums(n):
     assert offset == states.shape[1]
 
 
+@pytest.mark.parametrize("chunks, levels", [(1, 1), (2, 2), (4, 1), (4, 3), (8, 4), (16, 1)])
+@pytest.mark.parametrize("T", [1, 40, 300, 1000])
+def test_matmul_state_kernel_levels(chunks, levels, T, monkeypatch):
+    """The matmul's state kernel (programs of ``kernels.matmul.STATE_CHUNKS`` chunks) writes
+    levels ``0 .. STATE_LEVELS-1`` of the hierarchy straight from ``x``, ``build_hierarchy``
+    the rest: every block state and log-decay equals its decayed sum computed directly, with
+    the buffers poisoned with NaN (a slot left unwritten or written twice by different
+    programs fails)."""
+    import importlib
+
+    from kernels import states as chunk_states
+    from kernels._layout import hierarchy_sizes
+
+    module = importlib.import_module("kernels.matmul")
+    monkeypatch.setattr(module, "STATE_CHUNKS", chunks)
+    monkeypatch.setattr(module, "STATE_LEVELS", levels)
+    allocate = chunk_states.allocate
+
+    def poisoned(*args, **kwargs):
+        return tuple(buffer.fill_(float("nan")) for buffer in allocate(*args, **kwargs))
+
+    monkeypatch.setattr(chunk_states, "allocate", poisoned)
+    dtype = DTYPES[0]
+    gen = torch.Generator().manual_seed(T)
+    x = torch.randn(2, T, 3, generator=gen, dtype=torch.float64)
+    g = -torch.rand(2, T, generator=gen, dtype=torch.float64)
+    lam = torch.rand(2, T, hodlr.num_levels(T), generator=gen, dtype=torch.float64)
+    _, (states, logdec) = kernels.matmul(lam.to(dtype), g.to(dtype), x.to(dtype), chunk=CHUNK, return_states=True)
+    offset = 0
+    for h, size in enumerate(hierarchy_sizes(-(-T // CHUNK))):
+        for m in range(size):
+            rows = range(m * CHUNK << h, min((m + 1) * CHUNK << h, T))
+            want = sum(torch.exp(g[:, s + 1:rows[-1] + 1].sum(-1))[:, None] * x[:, s] for s in rows)
+            assert_close(states[:, offset + m], want, TOL[dtype], f"level {h} block {m}")
+            assert_close(logdec[:, offset + m], g[:, rows[0]:rows[-1] + 1].sum(-1), TOL[dtype], f"A level {h} block {m}")
+        offset += size
+    assert offset == states.shape[1]
+
+
 @pytest.mark.parametrize("dtype, want", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
                                          (torch.float32, torch.float32)], ids=str)
 def test_attention_state_dtype(dtype, want):
