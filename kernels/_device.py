@@ -39,7 +39,7 @@ def chunk_decays(g_row, t, tmask, sgt, T, C: tl.constexpr, HAS_G: tl.constexpr, 
 
 
 @triton.jit
-def intra_mask(l_chunk, slt, sll, G, g_next, tmask, C: tl.constexpr, HAS_G: tl.constexpr, EXACT: tl.constexpr):
+def intra_mask(l_chunk, slt, sll, L, G, g_next, tmask, C: tl.constexpr, HAS_G: tl.constexpr, EXACT: tl.constexpr):
     """The ``(C, C)`` block of the mask inside one chunk (levels ``0..c``).
 
     ``l_chunk`` points at ``level_scales[t0, 0]`` of the chunk's first row, ``slt`` / ``sll``
@@ -60,7 +60,10 @@ def intra_mask(l_chunk, slt, sll, G, g_next, tmask, C: tl.constexpr, HAS_G: tl.c
     xor = r[:, None] ^ r[None, :]
     causal = (r[:, None] >= r[None, :]) & tmask[:, None]
     lvl = tl.where(xor == 0, 0, (xor.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 126)
-    M = tl.load(l_chunk + (r[:, None] * slt + lvl * sll), mask=causal, other=0.0).to(G.dtype)
+    LV: tl.constexpr = 8 if C <= 128 else 16
+    col = tl.arange(0, LV)
+    rows = tl.load(l_chunk + (r[:, None] * slt + col[None, :] * sll), mask=tmask[:, None] & (col[None, :] < L))
+    M = tl.where(causal, tl.gather(rows, lvl, 1), 0.0).to(G.dtype)
     if HAS_G:
         if EXACT:
             M = M * tl.exp(tl.cumsum(tl.where(r[None, :] < r[:, None], g_next[None, :], 0.0), 1, reverse=True))

@@ -55,10 +55,10 @@ def _state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr,
         tl.store(a_ptr + row, g_end)
 
 
-@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "slb0", "slb1", "slt", "sgb0",
+@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sgb0",
                             "sgb1"])
 def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
-                   T, B1, n_chunks, n_total, n_bits, DK: tl.constexpr, DV: tl.constexpr, scale,
+                   T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, scale,
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
                    slb0, slb1, slt, sll, sgb0, sgb1, sgt, sob0, sob1, sot, sod,
                    C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
@@ -81,7 +81,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
         kb = tl.load(k_base + dk[None, :] * skd, mask=m2, other=0.0)
         scores += dot(qb, tl.trans(kb), ACC, PREC, NATIVE)
     l_chunk = l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt
-    P = intra_mask(l_chunk, slt, sll, G, g_next, tmask, C, HAS_G, EXACT) * scores
+    P = intra_mask(l_chunk, slt, sll, L, G, g_next, tmask, C, HAS_G, EXACT) * scores
     vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + t[:, None] * svt + dv[None, :] * svd,
                  mask=tmask[:, None] & dvmask[None, :], other=0.0)
     if LOWP and NATIVE:  # bfloat16 on a GPU: masked scores rounded to bfloat16 for a native dot with v
@@ -178,7 +178,7 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
         num_warps=NUM_WARPS["attention_state"])
     _states.build_hierarchy(states, logdec, n)
     _output_kernel[(n, B, n_dv)](
-        q, k, v, lam, g_arg, states, logdec, out, T, B1, n, n_total, (n - 1).bit_length(), DK, DV, float(scale),
+        q, k, v, lam, g_arg, states, logdec, out, T, B1, n, n_total, (n - 1).bit_length(), L, DK, DV, float(scale),
         sq[0], sq[1], q.stride(-2), q.stride(-1), sk[0], sk[1], k.stride(-2), k.stride(-1),
         sv[0], sv[1], v.stride(-2), v.stride(-1), sl[0], sl[1], lam.stride(-2), lam.stride(-1), *gst,
         so[0], so[1], out.stride(-2), out.stride(-1),

@@ -90,10 +90,10 @@ def _state_kernel(x_ptr, g_ptr, h_ptr, a_ptr, T, B1, n_chunks, n_total, top, D,
         tl.store(a_ptr + row, A_block, mask=stored)
 
 
-@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "slb0", "slb1", "slt", "sgb0",
+@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sgb0",
                             "sgb1"])
 def _output_kernel(x_ptr, l_ptr, g_ptr, h_ptr, a_ptr, y_ptr,
-                   T, B1, n_chunks, n_total, n_bits, D,
+                   T, B1, n_chunks, n_total, n_bits, D, L,
                    sxb0, sxb1, sxt, sxd, slb0, slb1, slt, sll, sgb0, sgb1, sgt, syb0, syb1, syt, syd,
                    C: tl.constexpr, LOG_C: tl.constexpr, BD: tl.constexpr, HB: tl.constexpr,
                    HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
@@ -103,7 +103,7 @@ def _output_kernel(x_ptr, l_ptr, g_ptr, h_ptr, a_ptr, y_ptr,
     dmask = d < D
     l_chunk = l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt
     G, g_next = chunk_decays(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC)
-    M = intra_mask(l_chunk, slt, sll, G, g_next, tmask, C, HAS_G, EXACT)
+    M = intra_mask(l_chunk, slt, sll, L, G, g_next, tmask, C, HAS_G, EXACT)
     xb = tl.load(x_ptr + b0 * sxb0 + b1 * sxb1 + t[:, None] * sxt + d[None, :] * sxd,
                  mask=tmask[:, None] & dmask[None, :], other=0.0)
     if LOWP and NATIVE:  # bfloat16 on a GPU: the mask rounded to bfloat16 for a native dot with x
@@ -186,7 +186,7 @@ def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: b
         num_warps=NUM_WARPS["matmul_state"])
     _states.build_hierarchy(states, logdec, n, first_level=levels - 1)
     _output_kernel[(n, B, cdiv(D, BD))](
-        x, lam, g_arg, states, logdec, out, T, B1, n, n_total, (n - 1).bit_length(), D,
+        x, lam, g_arg, states, logdec, out, T, B1, n, n_total, (n - 1).bit_length(), D, L,
         sx[0], sx[1], x.stride(-2), x.stride(-1), sl[0], sl[1], lam.stride(-2), lam.stride(-1), *gst,
         sy[0], sy[1], out.stride(-2), out.stride(-1),
         C=C, LOG_C=C.bit_length() - 1, BD=BD, HB=max(16, next_power_of_2((n - 1).bit_length())), HAS_G=g is not None, ACC=acc, PREC=prec, EXACT=exact,
