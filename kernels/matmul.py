@@ -21,12 +21,12 @@ from kernels._layout import (MAX_REGISTERS, NUM_WARPS, block, broadcast_shape, c
                              interpreting, state_dtypes)
 
 
-@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "top", "sgb0", "sgb1"])
-def _state_kernel(x_ptr, g_ptr, h_ptr, a_ptr, T, B1, n_chunks, n_total, top, D,
+@triton.jit(do_not_specialize=["T", "B", "B1", "n_chunks", "n_total", "top", "sgb0", "sgb1"])
+def _state_kernel(x_ptr, g_ptr, h_ptr, a_ptr, T, B, B1, n_chunks, n_total, top, D,
                   sxb0, sxb1, sxt, sxd, sgb0, sgb1, sgt,
                   C: tl.constexpr, P: tl.constexpr, LEVELS: tl.constexpr, BD: tl.constexpr, HAS_G: tl.constexpr,
                   ACC: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, NATIVE: tl.constexpr):
-    """Program ``(tile, batch entry, D-tile)``: the ``R = P C`` rows of ``P`` consecutive chunks
+    """Program ``(tile, batch entry B - 1 - axis 1, D-tile)``: the ``R = P C`` rows of ``P`` consecutive chunks
     -> the block states of levels ``0 .. LEVELS-1`` inside them (at most 16 blocks), as one
     ``(16 x R) @ (R x D)`` product of decay weights and ``x``.  The weight of row ``s`` in a
     block is ``w_s F[c]``: ``w_s = exp(Σ_{k=s+1..end of its chunk c} g_k)`` and ``F[c]`` the
@@ -34,7 +34,7 @@ def _state_kernel(x_ptr, g_ptr, h_ptr, a_ptr, T, B1, n_chunks, n_total, top, D,
     own terms).  Levels above ``top`` and blocks past the last full one are not stored."""
     R: tl.constexpr = P * C
     tile = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = B - 1 - tl.program_id(1)  # last entry first, so the output kernel's first entries are still in L2
     b0 = (bh // B1).to(tl.int64)
     b1 = (bh % B1).to(tl.int64)
     s = tl.arange(0, R)
@@ -181,7 +181,7 @@ def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: b
         raise ValueError(f"STATE_CHUNKS = {P} must be a power of two >= 2**(STATE_LEVELS - 1) with at most "
                          f"16 blocks in levels 0 .. STATE_LEVELS - 1 = {levels - 1}")
     _state_kernel[(cdiv(n, P), B, cdiv(D, BD))](
-        x, g_arg, states, logdec, T, B1, n, n_total, top, D, sx[0], sx[1], x.stride(-2), x.stride(-1), *gst,
+        x, g_arg, states, logdec, T, B, B1, n, n_total, top, D, sx[0], sx[1], x.stride(-2), x.stride(-1), *gst,
         C=C, P=P, LEVELS=levels, BD=BD, HAS_G=g is not None, ACC=acc, PREC=prec, LOWP=lowp, NATIVE=native,
         num_warps=NUM_WARPS["matmul_state"])
     _states.build_hierarchy(states, logdec, n, first_level=levels - 1)
