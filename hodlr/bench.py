@@ -15,7 +15,10 @@ then times each with ``triton.testing.do_bench`` (median, milliseconds):
 * matmul forward: ``kernels.matmul`` against a cuBLAS product with the materialised
   ``T x T`` mask (where it fits, ``--dense-max-t``) and against the measured copy
   bandwidth, counting the bytes the operation must move (X read, Y written, the level
-  scales and log-decays it reads, each once).
+  scales and log-decays it reads, each once).  Timed twice: as called from Python, and as
+  the replay of a CUDA graph of one call (the GPU's time without the host's launch
+  overhead, which is what a caller gets under ``torch.cuda.graphs`` or ``torch.compile``;
+  the copy it is compared with is a single launch).
 
 It prints a table and writes JSON and a PNG plot (matplotlib, Agg).  Shapes default to
 DESIGN.md §4: bf16, H = 16, D = 64, B·T = 65,536 tokens (B = 1 from 64K on), T = 2K … 128K.
@@ -98,6 +101,21 @@ def _copy_bandwidth(torch, bench, device) -> float:
     dst = torch.empty_like(src)
     ms = bench(lambda: dst.copy_(src))
     return 2 * n * 4 / (ms * 1e-3)
+
+
+def _graph_replay(torch, fn):
+    """``fn`` captured into a CUDA graph (after three warm-up calls on a side stream); returns
+    the graph's ``replay``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def _matmul_bytes(B, H, T, D, itemsize, lam_itemsize, g_itemsize):
@@ -186,6 +204,9 @@ def run(args) -> dict:
         row["mm_bytes"] = nbytes
         row["mm_bandwidth"] = nbytes / (ms * 1e-3)
         row["mm_fraction_of_copy"] = row["mm_bandwidth"] / copy_bw
+        row["mm_ms_ours_graph"] = ms = bench(_graph_replay(torch, lambda: kernels.matmul(lamh, gh, x, chunk=chunk)))
+        row["mm_bandwidth_graph"] = nbytes / (ms * 1e-3)
+        row["mm_fraction_of_copy_graph"] = row["mm_bandwidth_graph"] / copy_bw
         # ... and one mask shared by all heads, against the materialised-mask cuBLAS product
         if T <= args.dense_max_t:
             lam1, g1 = lamh[:1, :1], gh[:1, :1]
@@ -292,7 +313,8 @@ def _format_row(r) -> str:
             f"fla-loglin {_fmt(r.get('attn_ms_fla_log_linear'))} gla {_fmt(r.get('attn_ms_fla_simple_gla'))} "
             f"sdpa {_fmt(r.get('attn_ms_sdpa_causal'))} | err fla {_fmt(r.get('attn_err_vs_fla_log_linear'), '.1e')} "
             f"gla {_fmt(r.get('attn_err_ones_vs_fla_simple_gla'), '.1e')} | mm ms {_fmt(r.get('mm_ms_ours'))} "
-            f"{_fmt(r.get('mm_fraction_of_copy', 0) * 100, '.0f')}% copy, dense {_fmt(r.get('mm_ms_dense_cublas'))} "
+            f"{_fmt(r.get('mm_fraction_of_copy', 0) * 100, '.0f')}% copy, graph {_fmt(r.get('mm_ms_ours_graph'))} "
+            f"{_fmt(r.get('mm_fraction_of_copy_graph', 0) * 100, '.0f')}%, dense {_fmt(r.get('mm_ms_dense_cublas'))} "
             f"err {_fmt(r.get('mm_err_vs_dense'), '.1e')} | fwd+bwd ms ours {_fmt(r.get('fwdbwd_ms_ours'))} "
             f"fla {_fmt(r.get('fwdbwd_ms_fla_log_linear'))} sdpa {_fmt(r.get('fwdbwd_ms_sdpa_causal'))} "
             f"dq err vs fla {_fmt(r.get('fwdbwd_err_dq_vs_fla'), '.1e')} "
@@ -302,20 +324,22 @@ def _format_row(r) -> str:
 def table(result) -> str:
     """The results as a Markdown table."""
     head = ("| T | B | ours attn ms | fla log-linear ms | speed-up | fla simple_gla ms | SDPA causal ms | "
-            "err vs fla | matmul ms | matmul GB/s | % of copy | dense cuBLAS ms | ours fwd+bwd ms | "
-            "fla fwd+bwd ms | SDPA fwd+bwd ms | fwd+bwd peak GiB |")
-    lines = [head, "|" + " --- |" * 16]
+            "err vs fla | matmul ms | matmul GB/s | % of copy | matmul graph ms | % of copy (graph) | "
+            "dense cuBLAS ms | ours fwd+bwd ms | fla fwd+bwd ms | SDPA fwd+bwd ms | fwd+bwd peak GiB |")
+    lines = [head, "|" + " --- |" * 18]
     for r in result["rows"]:
         ours, fla = r.get("attn_ms_ours"), r.get("attn_ms_fla_log_linear")
         bandwidth = r.get("mm_bandwidth")
         fraction = r.get("mm_fraction_of_copy")
+        fraction_graph = r.get("mm_fraction_of_copy_graph")
         peak = r.get("fwdbwd_peak_extra_bytes")
         lines.append(
             f"| {r['T']:,} | {r['B']} | {_fmt(ours)} | {_fmt(fla)} | "
             f"{_fmt(None if fla is None else fla / ours, '.1f')}x | {_fmt(r.get('attn_ms_fla_simple_gla'))} | "
             f"{_fmt(r.get('attn_ms_sdpa_causal'))} | {_fmt(r.get('attn_err_vs_fla_log_linear'), '.1e')} | "
             f"{_fmt(r.get('mm_ms_ours'))} | {_fmt(None if bandwidth is None else bandwidth / 1e9, '.0f')} | "
-            f"{_fmt(None if fraction is None else fraction * 100, '.0f')}% | {_fmt(r.get('mm_ms_dense_cublas'))} | "
+            f"{_fmt(None if fraction is None else fraction * 100, '.0f')}% | {_fmt(r.get('mm_ms_ours_graph'))} | "
+            f"{_fmt(None if fraction_graph is None else fraction_graph * 100, '.0f')}% | {_fmt(r.get('mm_ms_dense_cublas'))} | "
             f"{_fmt(r.get('fwdbwd_ms_ours'))} | {_fmt(r.get('fwdbwd_ms_fla_log_linear'))} | "
             f"{_fmt(r.get('fwdbwd_ms_sdpa_causal'))} | {_fmt(None if peak is None else peak / 2**30, '.2f')} |")
     return "\n".join(lines)
@@ -347,6 +371,8 @@ def plot(result, path) -> None:
     a1.grid(True, which="both", alpha=0.3)
     if any("mm_bandwidth" in r for r in rows):
         a2.plot(Ts, [r.get("mm_bandwidth", math.nan) / 1e12 for r in rows], marker="o", label="hodlr triton matmul")
+        a2.plot(Ts, [r.get("mm_bandwidth_graph", math.nan) / 1e12 for r in rows], marker="s",
+                label="the same, CUDA-graph replay")
         a2.axhline(result["copy_bandwidth"] / 1e12, color="k", ls="--", label="measured copy")
         a2.axhline(result["copy_bandwidth"] / 2e12, color="gray", ls=":", label="50% of copy")
         a2.set_xscale("log", base=2)
