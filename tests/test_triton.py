@@ -294,7 +294,8 @@ def test_matmul_state_kernel_levels(chunks, levels, T, monkeypatch):
     x = torch.randn(2, T, 3, generator=gen, dtype=torch.float64)
     g = -torch.rand(2, T, generator=gen, dtype=torch.float64)
     lam = torch.rand(2, T, hodlr.num_levels(T), generator=gen, dtype=torch.float64)
-    _, (states, logdec) = kernels.matmul(lam.to(dtype), g.to(dtype), x.to(dtype), chunk=CHUNK, return_states=True)
+    _, (states, logdec) = kernels.matmul(*(a.to(DEVICE, dtype) for a in (lam, g, x)), chunk=CHUNK, return_states=True)
+    states, logdec = states.cpu(), logdec.cpu()
     offset = 0
     for h, size in enumerate(hierarchy_sizes(-(-T // CHUNK))):
         for m in range(size):
