@@ -1,8 +1,8 @@
 """Chunked HODLR matmul forward: ``Y = M @ X`` for the log-linear mask ``M``.
 
 The attention kernels with ``q kᵀ`` replaced by ones: a chunk state is the decayed sum
-``S_j = Σ_s exp(G_end - G_s) x_s`` (a ``D``-vector), the hierarchy of
-:mod:`kernels.states` has ``F = D``, and the output kernel adds, per set bit ``h`` of the
+``S_j = Σ_s exp(G_end - G_s) x_s`` (a ``D``-vector; the state kernel writes levels 0..2 of
+the hierarchy of :mod:`kernels.states` at once, ``F = D``), and the output kernel adds, per set bit ``h`` of the
 chunk index, the rank-1 term ``λ[t, c+h+1] exp(gap + G_t) H_h[(i >> h) - 1]``: all levels
 at once, as one ``(C x HB) @ (HB x D)`` product of the decayed row factors and the block
 states (``HB`` >= the number of chunk levels), so no load waits on another.
@@ -151,7 +151,8 @@ def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: b
     out : torch.Tensor, optional
         Contiguous ``(*batch, T, D)`` buffer with ``x``'s dtype.
     return_states : bool
-        Also return the chunk-state hierarchy ``(states, logdec)`` of :mod:`kernels.states`.
+        Also return the chunk-state hierarchy ``(states, logdec)`` of :mod:`kernels.states`
+        (dtypes: :func:`kernels._layout.state_dtypes` with ``compact=True``).
     """
     C = check_chunk(chunk, "matmul")
     batch = broadcast_shape(x.shape[:-2], level_scales.shape[:-2], () if log_decay is None else log_decay.shape[:-1])

@@ -15,11 +15,12 @@ decayed to its last position ``e``, together with its log-decay
 prefix sums).  Everything lives in two buffers::
 
     states : (B, N, F)   float32; float64 for float64 inputs; bfloat16 for the attention
-                         forward on bfloat16 inputs (``kernels._layout.state_dtypes``)
+                         and matmul forwards on bfloat16 inputs (``kernels._layout.state_dtypes``)
     logdec : (B, N)      float32 (float64 for float64 inputs)
     N = n_0 + n_1 + ... + n_top,  level h starts at offset n_0 + ... + n_{h-1}
 
-Level 0 is written by the per-chunk state kernels; :func:`build_hierarchy` fills the rest with
+Level 0 is written by the per-chunk state kernels (levels 0 .. 2 by the matmul's, which
+computes them straight from ``x``); :func:`build_hierarchy` fills the rest with
 ``H_{h+1}[m] = exp(A_h[2m+1]) H_h[2m] + H_h[2m+1]`` and ``A_{h+1}[m] = A_h[2m] + A_h[2m+1]``.
 
 Chunk ``i`` reads, for each set bit ``h`` of ``i``, the level-``h`` block ``(i >> h) - 1``:
