@@ -26,12 +26,13 @@ def _state_kernel(x_ptr, g_ptr, h_ptr, a_ptr, T, B, B1, n_chunks, n_total, top, 
                   sxb0, sxb1, sxt, sxd, sgb0, sgb1, sgt,
                   C: tl.constexpr, P: tl.constexpr, LEVELS: tl.constexpr, BD: tl.constexpr, HAS_G: tl.constexpr,
                   ACC: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, NATIVE: tl.constexpr):
-    """Program ``(tile, batch entry B - 1 - axis 1, D-tile)``: the ``R = P C`` rows of ``P`` consecutive chunks
-    -> the block states of levels ``0 .. LEVELS-1`` inside them (at most 16 blocks), as one
-    ``(16 x R) @ (R x D)`` product of decay weights and ``x``.  The weight of row ``s`` in a
-    block is ``w_s F[c]``: ``w_s = exp(Σ_{k=s+1..end of its chunk c} g_k)`` and ``F[c]`` the
-    exponential of the chunk sums ``A`` after ``c`` in the block (every exponent a sum of its
-    own terms).  Levels above ``top`` and blocks past the last full one are not stored."""
+    """Program ``(tile, batch entry B - 1 - axis 1, D-tile)``: the ``R = P C`` rows of ``P``
+    consecutive chunks -> the block states of levels ``0 .. LEVELS-1`` inside them (at most 16
+    blocks), as one ``(16 x R) @ (R x D)`` product of decay weights and ``x``.  The weight of
+    row ``s`` in a block is ``w_s tail[c]``: ``w_s = exp(Σ_{k=s+1..end of its chunk c} g_k)``
+    and ``tail[c]`` the exponential of the chunk sums ``A`` after ``c`` in the block (every
+    exponent a sum of its own terms).  Levels above ``top`` and blocks past the last full one
+    are not stored."""
     R: tl.constexpr = P * C
     tile = tl.program_id(0)
     bh = B - 1 - tl.program_id(1)  # last entry first, so the output kernel's first entries are still in L2
@@ -71,10 +72,10 @@ def _state_kernel(x_ptr, g_ptr, h_ptr, a_ptr, T, B, B1, n_chunks, n_total, top, 
         A = tl.sum(g, 1)
         in_block = (c[None, :] >= first[:, None]) & (c[None, :] <= last[:, None])
         A_next = tl.sum(tl.where(c[None, :] == c[:, None] + 1, A[None, :], 0.0), 1)
-        F = tl.exp(tl.cumsum(tl.where(in_block & (c[None, :] < last[:, None]), A_next[None, :], 0.0), 1,
-                             reverse=True))
-        F = tl.reshape(tl.broadcast_to(F[:, :, None], (16, P, C)), (16, R))
-        W = tl.where(inside, w[None, :] * F, 0.0)
+        tail = tl.exp(tl.cumsum(tl.where(in_block & (c[None, :] < last[:, None]), A_next[None, :], 0.0), 1,
+                                reverse=True))
+        tail = tl.reshape(tl.broadcast_to(tail[:, :, None], (16, P, C)), (16, R))
+        W = tl.where(inside, w[None, :] * tail, 0.0)
         A_block = tl.sum(tl.where(in_block, A[None, :], 0.0), 1)
     else:
         W = tl.where(inside, 1.0, 0.0).to(ACC)
