@@ -19,10 +19,9 @@ def chunk_rows(B1, T, C: tl.constexpr):
 
 @triton.jit
 def next_decay(g_row, t, sgt, T, C: tl.constexpr, ACC: tl.constexpr):
-    """``g[t + 1]`` for the rows of one chunk, 0 past the chunk's end or ``T``: the terms of
-    the segment sums ``Σ_{k=s+1..e} g_k`` that the decays are made of."""
-    r = tl.arange(0, C)
-    return tl.load(g_row + (t + 1) * sgt, mask=(r < C - 1) & (t + 1 < T), other=0.0).to(ACC)
+    """``g[t + 1]`` for the rows ``t`` of one or more whole chunks, 0 past each chunk's end or
+    ``T``: the terms of the segment sums ``Σ_{k=s+1..e} g_k`` that the decays are made of."""
+    return tl.load(g_row + (t + 1) * sgt, mask=(t % C < C - 1) & (t + 1 < T), other=0.0).to(ACC)
 
 
 @triton.jit

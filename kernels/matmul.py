@@ -66,8 +66,8 @@ def _state_kernel(x_ptr, g_ptr, h_ptr, a_ptr, T, B, B1, n_chunks, n_total, top, 
     if HAS_G:
         g_row = g_ptr + b0 * sgb0 + b1 * sgb1
         g = tl.reshape(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), (P, C))
-        g_next = tl.load(g_row + (t + 1) * sgt, mask=(s % C != C - 1) & (t + 1 < T), other=0.0).to(ACC)
-        w = tl.reshape(tl.exp(tl.cumsum(tl.reshape(g_next, (P, C)), 1, reverse=True)), (R,))
+        w = tl.reshape(tl.exp(tl.cumsum(tl.reshape(next_decay(g_row, t, sgt, T, C, ACC), (P, C)), 1, reverse=True)),
+                       (R,))
         c = tl.arange(0, P)
         A = tl.sum(g, 1)
         in_block = (c[None, :] >= first[:, None]) & (c[None, :] <= last[:, None])
@@ -172,12 +172,12 @@ def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: b
     B = B0 * B1
     sx, sl, sg, sy = strides
     n = chunk_count(T, C)
-    n_total = sum(hierarchy_sizes(n))
+    sizes = hierarchy_sizes(n)
+    n_total, top = sum(sizes), len(sizes) - 1
     states, logdec = _states.allocate(B, n, D, x.device, *state_dtypes(x.dtype, compact=True))
     BD = block(D, 128)
     g_arg = lam if g is None else g
     gst = (0, 0, 0) if g is None else (sg[0], sg[1], g.stride(-1))
-    top = len(hierarchy_sizes(n)) - 1
     P, levels = STATE_CHUNKS, STATE_LEVELS
     if sum(P >> h for h in range(levels)) > 16 or P < 1 << (levels - 1) or P & (P - 1):
         raise ValueError(f"STATE_CHUNKS = {P} must be a power of two >= 2**(STATE_LEVELS - 1) with at most "
