@@ -45,8 +45,10 @@ def intra_mask(l_chunk, slt, sll, L, G, g_next, tmask, C: tl.constexpr, HAS_G: t
     are the row and level strides; ``G`` is the chunk-local inclusive cumulative log-decay and
     ``g_next`` its terms shifted by one (``g[t + 1]``).  For ``s <= t`` in one aligned chunk
     the level is the bit length of ``t ^ s`` (``fenwick.index.level``), read here off the
-    float32 exponent of ``t ^ s``; the scale is gathered straight from memory (only entries
-    that are read by definition are touched).  The decay ``exp(Σ_{k=s+1..t} g_k)``: with
+    float32 exponent of ``t ^ s``; the scale is gathered in registers (``tl.gather``) from one
+    ``(C, 8)`` tile of the chunk's rows, levels ``0..7`` (16 columns for ``C = 256``; columns
+    ``>= L`` not loaded): an entry that is not read by definition may be loaded, but is never
+    selected.  The decay ``exp(Σ_{k=s+1..t} g_k)``: with
     ``EXACT`` each exponent is summed from its own terms (a masked reverse cumulative sum,
     accurate to rounding even when ``G`` has grown large inside the chunk: float32 / float64
     inputs); otherwise from ``G_t - G_s`` (its absolute error ``~|G| eps`` is far below the
