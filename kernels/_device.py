@@ -85,3 +85,34 @@ def dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
         return tl.dot(a, b, out_dtype=ACC)
     else:
         return tl.dot(a.to(ACC), b.to(ACC), input_precision=PREC, out_dtype=ACC)
+
+
+@triton.jit
+def load_tile(x, b0, b1, row0, col0, sb0, sb1, st, sd, T, D, R: tl.constexpr, BD: tl.constexpr, TMA: tl.constexpr):
+    """The ``(R, BD)`` tile of rows ``row0 ..`` and columns ``col0 ..`` of batch entry
+    ``(b0, b1)``, zero past ``T`` and ``D``.  With ``TMA``, ``x`` is a tensor descriptor of
+    the ``(B0, B1, T, D)`` view (:func:`kernels._layout.tma_descriptor`: one bulk copy into
+    shared memory, bounds applied by the copy engine); otherwise a pointer with strides
+    ``sb0, sb1, st, sd`` (the tile's first row in int64, offsets inside it in int32)."""
+    if TMA:
+        return tl.reshape(x.load([b0.to(tl.int32), b1.to(tl.int32), row0, col0]), (R, BD))
+    else:
+        r = tl.arange(0, R)
+        d = col0 + tl.arange(0, BD)
+        base = x + b0 * sb0 + b1 * sb1 + row0.to(tl.int64) * st
+        return tl.load(base + (r[:, None] * st + d[None, :] * sd), mask=((row0 + r) < T)[:, None] & (d < D)[None, :],
+                       other=0.0)
+
+
+@triton.jit
+def store_tile(y, value, b0, b1, row0, col0, sb0, sb1, st, sd, T, D, R: tl.constexpr, BD: tl.constexpr,
+               TMA: tl.constexpr):
+    """Store the ``(R, BD)`` tile ``value`` (in ``y``'s dtype) where :func:`load_tile` reads
+    it; nothing past ``T`` or ``D`` is written."""
+    if TMA:
+        y.store([b0.to(tl.int32), b1.to(tl.int32), row0, col0], tl.reshape(value.to(y.dtype), (1, 1, R, BD)))
+    else:
+        r = tl.arange(0, R)
+        d = col0 + tl.arange(0, BD)
+        base = y + b0 * sb0 + b1 * sb1 + row0.to(tl.int64) * st
+        tl.store(base + (r[:, None] * st + d[None, :] * sd), value, mask=((row0 + r) < T)[:, None] & (d < D)[None, :])

@@ -7,28 +7,60 @@ against ``v: (B, H, T, Dv)``) are read in place, never materialised.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 import fenwick
 
-DEFAULT_CHUNK = {"attention": 64, "matmul": 32}
+DEFAULT_CHUNK = {"attention": 64, "matmul": 16}
 """Chunk size ``C`` per operation when the caller passes ``chunk=None`` (H200-tuned, see
-``docs/kernels.md``): attention 64 (levels ``0..6`` dense), matmul 32."""
+``docs/kernels.md``): attention 64 (levels ``0..6`` dense), matmul 16."""
 
-NUM_WARPS = {"attention_state": 4, "attention_output": 4, "matmul_state": 4, "matmul_output": 2, "hierarchy": 4}
+NUM_WARPS = {"attention_state": 4, "attention_output": 4, "matmul_state": 4, "matmul_output": 1, "hierarchy": 4}
 """Warps per program of each kernel (H200-tuned; see ``docs/kernels.md``)."""
 
 MAX_REGISTERS = {"matmul_output": 64}
 """Register caps (Triton's ``maxnreg``) for bfloat16 inputs and tiles at most 64 columns wide;
 other cases run uncapped (float32's IEEE dots would spill).  H200-tuned: 64 registers leave
-room for 16 two-warp programs per SM (``docs/kernels.md`` §3c, §3d)."""
+room for 32 one-warp programs per SM, the most an SM holds (``docs/kernels.md`` §3c–§3e)."""
+
+USE_TMA = True
+"""Move the matmul's ``x`` / ``y`` tiles with the tensor memory accelerator where
+:func:`tma_descriptor` allows it (False: always through pointers; the tests run both)."""
 
 MIN_BLOCK = 16
 """Smallest tile side ``tl.dot`` accepts; narrower heads are zero-padded in registers."""
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_capability(index):
+    return torch.cuda.get_device_capability(index)
+
+
+def tma_descriptor(tensor: torch.Tensor, B0: int, B1: int, batch_strides, block_rows: int, block_cols: int):
+    """A ``TensorDescriptor`` of the ``(B0, B1, T, D)`` view of ``tensor`` (batch strides
+    from :func:`collapse_batch`) with ``(1, 1, block_rows, block_cols)`` tiles, for
+    :func:`kernels._device.load_tile` / ``store_tile``; None where the copy engine cannot
+    serve it (then the kernels use pointers): :data:`USE_TMA` off, a GPU before Hopper
+    (sm_90), a last stride other than 1, another stride or the base address not a multiple
+    of 16 bytes, or a broadcast (stride-0) batch dim of size > 1.  The interpreter takes
+    descriptors too, so the CPU tests run this path."""
+    if not USE_TMA or (not interpreting() and _compute_capability(tensor.device.index)[0] < 9):
+        return None
+    T, D = tensor.shape[-2:]
+    size = tensor.element_size()
+    s0, s1 = batch_strides
+    s0 = s0 if B0 > 1 else s1 * B1 or T * tensor.stride(-2)  # a size-1 dim: any aligned stride
+    s1 = s1 if B1 > 1 else T * tensor.stride(-2)
+    strides = (s0, s1, tensor.stride(-2))
+    if tensor.stride(-1) != 1 or tensor.data_ptr() % 16 or any(s <= 0 or s * size % 16 for s in strides):
+        return None
+    return TensorDescriptor(tensor, [B0, B1, T, D], [*strides, 1], [1, 1, block_rows, block_cols])
 
 
 def interpreting() -> bool:

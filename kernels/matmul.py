@@ -1,12 +1,13 @@
 """Chunked HODLR matmul forward: ``Y = M @ X`` for the log-linear mask ``M``.
 
 The attention kernels with ``q kᵀ`` replaced by ones: a chunk state is the decayed sum
-``S_j = Σ_s exp(G_end - G_s) x_s`` (a ``D``-vector; the state kernel writes levels 0..2 of
-the hierarchy of :mod:`kernels.states` at once, ``F = D``), and the output kernel adds, per set bit ``h`` of the
-chunk index, the rank-1 term ``λ[t, c+h+1] exp(gap + G_t) H_h[(i >> h) - 1]``: all levels
-at once, as one ``(C x HB) @ (HB x D)`` product of the decayed row factors and the block
-states (``HB`` >= the number of chunk levels), so no load waits on another.
-"""
+``S_j = Σ_s exp(G_end - G_s) x_s`` (a ``D``-vector, ``F = D``; the state kernel writes the
+levels inside its :data:`STATE_ROWS` rows of the hierarchy of :mod:`kernels.states` at once),
+and the output kernel adds, per set bit ``h`` of the chunk index, the rank-1 term
+``λ[t, c+h+1] exp(gap + G_t) H_h[(i >> h) - 1]``: all levels at once, as one
+``(C x HB) @ (HB x D)`` product of the decayed row factors and the block states (``HB`` >=
+the number of chunk levels), so no load waits on another.  On Hopper GPUs the ``x`` and ``y``
+tiles move through the tensor memory accelerator (:func:`kernels._layout.tma_descriptor`)."""
 
 from __future__ import annotations
 
@@ -15,24 +16,24 @@ import triton
 import triton.language as tl
 
 from kernels import states as _states
-from kernels._device import chunk_decays, chunk_rows, dot, intra_mask, next_decay
+from kernels._device import chunk_decays, chunk_rows, dot, intra_mask, load_tile, next_decay, store_tile
 from kernels._layout import (MAX_REGISTERS, NUM_WARPS, block, broadcast_shape, cdiv, check_chunk, check_levels,
                              chunk_count, collapse_batch, compute_types, hierarchy_sizes, next_power_of_2, output_buffer,
-                             interpreting, state_dtypes)
+                             interpreting, state_dtypes, tma_descriptor)
 
 
 @triton.jit(do_not_specialize=["T", "B", "B1", "n_chunks", "n_total", "top", "sgb0", "sgb1"])
-def _state_kernel(x_ptr, g_ptr, h_ptr, a_ptr, T, B, B1, n_chunks, n_total, top, D,
+def _state_kernel(x, g_ptr, h_ptr, a_ptr, T, B, B1, n_chunks, n_total, top, D,
                   sxb0, sxb1, sxt, sxd, sgb0, sgb1, sgt,
                   C: tl.constexpr, P: tl.constexpr, LEVELS: tl.constexpr, BD: tl.constexpr, HAS_G: tl.constexpr,
-                  ACC: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, NATIVE: tl.constexpr):
+                  ACC: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, NATIVE: tl.constexpr, TMA: tl.constexpr):
     """Program ``(tile, batch entry B - 1 - axis 1, D-tile)``: the ``R = P C`` rows of ``P``
     consecutive chunks -> the block states of levels ``0 .. LEVELS-1`` inside them (at most 16
     blocks), as one ``(16 x R) @ (R x D)`` product of decay weights and ``x``.  The weight of
     row ``s`` in a block is ``w_s tail[c]``: ``w_s = exp(Σ_{k=s+1..end of its chunk c} g_k)``
     and ``tail[c]`` the exponential of the chunk sums ``A`` after ``c`` in the block (every
     exponent a sum of its own terms).  Levels above ``top`` and blocks past the last full one
-    are not stored."""
+    are not stored.  ``x``: a tensor descriptor with ``TMA``, else a pointer (``load_tile``)."""
     R: tl.constexpr = P * C
     tile = tl.program_id(0)
     bh = B - 1 - tl.program_id(1)  # last entry first, so the output kernel's first entries are still in L2
@@ -42,6 +43,7 @@ def _state_kernel(x_ptr, g_ptr, h_ptr, a_ptr, T, B, B1, n_chunks, n_total, top, 
     t = tile * R + s
     tmask = t < T
     d = tl.program_id(2) * BD + tl.arange(0, BD)
+    xb = load_tile(x, b0, b1, tile * R, tl.program_id(2) * BD, sxb0, sxb1, sxt, sxd, T, D, R, BD, TMA)
     # block row j: level h (the P >> h blocks of level h follow those of level h - 1), chunks
     # [first, last] of the tile, start of level h in the hierarchy
     j = tl.arange(0, 16)
@@ -80,8 +82,6 @@ def _state_kernel(x_ptr, g_ptr, h_ptr, a_ptr, T, B, B1, n_chunks, n_total, top, 
     else:
         W = tl.where(inside, 1.0, 0.0).to(ACC)
         A_block = tl.zeros((16,), dtype=ACC)
-    xb = tl.load(x_ptr + b0 * sxb0 + b1 * sxb1 + t[:, None] * sxt + d[None, :] * sxd,
-                 mask=tmask[:, None] & (d[None, :] < D), other=0.0)
     if LOWP and NATIVE:  # bfloat16 on a GPU: the decay weights rounded to bfloat16 for a native dot
         W = W.to(xb.dtype)
     S = dot(W, xb, ACC, PREC, NATIVE)
@@ -93,48 +93,51 @@ def _state_kernel(x_ptr, g_ptr, h_ptr, a_ptr, T, B, B1, n_chunks, n_total, top, 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sgb0",
                             "sgb1"])
-def _output_kernel(x_ptr, l_ptr, g_ptr, h_ptr, a_ptr, y_ptr,
+def _output_kernel(x, l_ptr, g_ptr, h_ptr, a_ptr, y,
                    T, B1, n_chunks, n_total, n_bits, D, L,
                    sxb0, sxb1, sxt, sxd, slb0, slb1, slt, sll, sgb0, sgb1, sgt, syb0, syb1, syt, syd,
                    C: tl.constexpr, LOG_C: tl.constexpr, BD: tl.constexpr, HB: tl.constexpr,
                    HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
-                   LOWP: tl.constexpr, NATIVE: tl.constexpr):
+                   LOWP: tl.constexpr, NATIVE: tl.constexpr, TMA: tl.constexpr):
+    """Program ``(chunk i, batch entry, D-tile)``: ``y`` of the chunk's rows, levels ``0..c``
+    densely (``intra_mask``) plus the levels above from the block states.  ``x`` and ``y``:
+    tensor descriptors with ``TMA``, else pointers (``load_tile`` / ``store_tile``)."""
     i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
     d = tl.program_id(2) * BD + tl.arange(0, BD)
     dmask = d < D
     l_chunk = l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt
+    # every load first: the kernel waits on memory more than it computes, so all loads are in
+    # flight together (no load depends on another).  Levels > c: bit h of the chunk index set
+    # -> the level-h block (i >> h) - 1, decayed by the blocks of the lower set bits.
     G, g_next = chunk_decays(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC)
-    M = intra_mask(l_chunk, slt, sll, L, G, g_next, tmask, C, HAS_G, EXACT)
-    xb = tl.load(x_ptr + b0 * sxb0 + b1 * sxb1 + t[:, None] * sxt + d[None, :] * sxd,
-                 mask=tmask[:, None] & dmask[None, :], other=0.0)
-    if LOWP and NATIVE:  # bfloat16 on a GPU: the mask rounded to bfloat16 for a native dot with x
-        M = M.to(xb.dtype)
-    acc = dot(M, xb, ACC, PREC, NATIVE)
-    # levels > c, all at once (no dependent loads): bit h of the chunk index set -> the
-    # level-h block (i >> h) - 1, decayed by the blocks of the lower set bits
     hs = tl.arange(0, HB)
     read = (((i >> hs) & 1) == 1) & (hs < n_bits)
     sizes = n_chunks >> hs
-    blk = bh * n_total + tl.cumsum(sizes, 0) - sizes + (i >> hs) - 1
-    A = tl.load(a_ptr + blk, mask=read, other=0.0)
-    gap = tl.cumsum(A, 0) - A
-    S = tl.load(h_ptr + blk[:, None] * D + d[None, :], mask=read[:, None] & dmask[None, :], other=0.0)
+    blk = tl.cumsum(sizes, 0) - sizes + (i >> hs) - 1  # in this batch entry's hierarchy
+    A = tl.load(a_ptr + bh * n_total + blk, mask=read, other=0.0)
+    S = tl.load(h_ptr + bh * n_total * D + (blk[:, None] * D + d[None, :]), mask=read[:, None] & dmask[None, :],
+                other=0.0)
     r = tl.arange(0, C)
     lam = tl.load(l_chunk + (r[:, None] * slt + (LOG_C + 1 + hs)[None, :] * sll),
-                  mask=tmask[:, None] & read[None, :], other=0.0).to(ACC)
-    rows = lam * tl.exp(G)[:, None] * tl.exp(gap)[None, :]
+                  mask=tmask[:, None] & read[None, :], other=0.0)
+    xb = load_tile(x, b0, b1, i * C, tl.program_id(2) * BD, sxb0, sxb1, sxt, sxd, T, D, C, BD, TMA)
+    # levels 0..c inside the chunk, then the levels above as one (C x HB) @ (HB x D) product
+    M = intra_mask(l_chunk, slt, sll, L, G, g_next, tmask, C, HAS_G, EXACT)
+    if LOWP and NATIVE:  # bfloat16 on a GPU: the mask rounded to bfloat16 for a native dot with x
+        M = M.to(xb.dtype)
+    acc = dot(M, xb, ACC, PREC, NATIVE)
+    gap = tl.cumsum(A, 0) - A
+    rows = lam.to(ACC) * tl.exp(G)[:, None] * tl.exp(gap)[None, :]
     if LOWP and NATIVE:  # and the level rows, for a native dot with the bfloat16 block states
         rows = rows.to(S.dtype)
     acc += dot(rows, S, ACC, PREC, NATIVE)
-    tl.store(y_ptr + b0 * syb0 + b1 * syb1 + t[:, None] * syt + d[None, :] * syd, acc,
-             mask=tmask[:, None] & dmask[None, :])
+    store_tile(y, acc, b0, b1, i * C, tl.program_id(2) * BD, syb0, syb1, syt, syd, T, D, C, BD, TMA)
 
 
-STATE_CHUNKS = 4
-"""Chunks per program of the state kernel (a power of two, at most 16)."""
-STATE_LEVELS = 3
-"""Levels of the chunk-state hierarchy that the state kernel writes straight from ``x``
-(``STATE_CHUNKS >= 2**(STATE_LEVELS - 1)``); :func:`kernels.states.build_hierarchy` adds the rest."""
+STATE_ROWS = 128
+"""Rows per program of the state kernel: ``P = STATE_ROWS // C`` chunks (at least 1, at most
+8), whose hierarchy levels ``0 .. log2 P`` (``2P - 1`` block states) it writes straight from
+``x``; :func:`kernels.states.build_hierarchy` adds the rest."""
 
 
 def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: bool = False):
@@ -178,20 +181,26 @@ def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: b
     BD = block(D, 128)
     g_arg = lam if g is None else g
     gst = (0, 0, 0) if g is None else (sg[0], sg[1], g.stride(-1))
-    P, levels = STATE_CHUNKS, STATE_LEVELS
-    if sum(P >> h for h in range(levels)) > 16 or P < 1 << (levels - 1) or P & (P - 1):
-        raise ValueError(f"STATE_CHUNKS = {P} must be a power of two >= 2**(STATE_LEVELS - 1) with at most "
-                         f"16 blocks in levels 0 .. STATE_LEVELS - 1 = {levels - 1}")
+    P = max(1, STATE_ROWS // C)
+    levels = P.bit_length()
+    if P > 8 or P & (P - 1):
+        raise ValueError(f"STATE_ROWS // chunk = {STATE_ROWS} // {C} must be a power of two <= 8")
+    tma = lambda tensor, rows: tma_descriptor(tensor, B0, B1, strides[0 if tensor is x else 3], rows, BD)
+    x_states, x_rows, y_rows = tma(x, P * C), tma(x, C), tma(out, C)
     _state_kernel[(cdiv(n, P), B, cdiv(D, BD))](
-        x, g_arg, states, logdec, T, B, B1, n, n_total, top, D, sx[0], sx[1], x.stride(-2), x.stride(-1), *gst,
+        x if x_states is None else x_states, g_arg, states, logdec, T, B, B1, n, n_total, top, D,
+        sx[0], sx[1], x.stride(-2), x.stride(-1), *gst,
         C=C, P=P, LEVELS=levels, BD=BD, HAS_G=g is not None, ACC=acc, PREC=prec, LOWP=lowp, NATIVE=native,
-        num_warps=NUM_WARPS["matmul_state"])
+        TMA=x_states is not None, num_warps=NUM_WARPS["matmul_state"])
     _states.build_hierarchy(states, logdec, n, first_level=levels - 1)
+    use_tma = x_rows is not None and y_rows is not None
     _output_kernel[(n, B, cdiv(D, BD))](
-        x, lam, g_arg, states, logdec, out, T, B1, n, n_total, (n - 1).bit_length(), D, L,
-        sx[0], sx[1], x.stride(-2), x.stride(-1), sl[0], sl[1], lam.stride(-2), lam.stride(-1), *gst,
-        sy[0], sy[1], out.stride(-2), out.stride(-1),
-        C=C, LOG_C=C.bit_length() - 1, BD=BD, HB=max(16, next_power_of_2((n - 1).bit_length())), HAS_G=g is not None, ACC=acc, PREC=prec, EXACT=exact,
-        LOWP=lowp, NATIVE=native, num_warps=NUM_WARPS["matmul_output"], **({"maxnreg": MAX_REGISTERS["matmul_output"]} if BD <= 64 and lowp else {}))
+        x_rows if use_tma else x, lam, g_arg, states, logdec, y_rows if use_tma else out, T, B1, n, n_total,
+        (n - 1).bit_length(), D, L, sx[0], sx[1], x.stride(-2), x.stride(-1), sl[0], sl[1], lam.stride(-2),
+        lam.stride(-1), *gst, sy[0], sy[1], out.stride(-2), out.stride(-1),
+        C=C, LOG_C=C.bit_length() - 1, BD=BD, HB=max(16, next_power_of_2((n - 1).bit_length())),
+        HAS_G=g is not None, ACC=acc, PREC=prec, EXACT=exact, LOWP=lowp, NATIVE=native, TMA=use_tma,
+        num_warps=NUM_WARPS["matmul_output"],
+        **({"maxnreg": MAX_REGISTERS["matmul_output"]} if BD <= 64 and lowp else {}))
     result = out.reshape(batch + (T, D))
     return (result, (states, logdec)) if return_states else result

@@ -174,6 +174,52 @@ def test_awkward_lengths_and_chunked(T, dtype):
     assert_close(y, _ref_matmul(M, v), TOL[dtype], "matmul")
 
 
+@pytest.mark.parametrize("T", [1, 2, 3, 15, 63, 65, 1000])
+@pytest.mark.parametrize("D", [16, 24, 100])
+def test_matmul_tma_and_pointer_paths_agree(T, D, monkeypatch):
+    """``x`` / ``y`` tiles through tensor descriptors (TMA) or through pointers: the same
+    numbers, every element written (NaN-poisoned output), chunk tails clipped by the copy."""
+    from kernels import _layout
+
+    dtype = DTYPES[0]
+    gen = torch.Generator().manual_seed(T + D)
+    L = hodlr.num_levels(T)
+    x = torch.randn(2, 3, T, D, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    lam = poison_unread(torch.rand(2, 3, T, L, generator=gen, dtype=torch.float64) + 0.2).to(dtype).to(DEVICE)
+    g = (-torch.rand(2, 3, T, generator=gen, dtype=torch.float64)).to(dtype).to(DEVICE)
+    got = {}
+    for tma in (True, False):
+        monkeypatch.setattr(_layout, "USE_TMA", tma)
+        out = _nan_like((2, 3, T, D), dtype)
+        got[tma] = kernels.matmul(lam, g, x, out=out)
+        eligible = _layout.tma_descriptor(x, 1, 6, (0, T * D), CHUNK, 16) is not None
+        assert eligible == (tma and D * x.element_size() % 16 == 0)
+    assert torch.equal(got[True], got[False])
+    assert_close(got[True], _ref_matmul(hodlr.LogLinearMask(lam, g), x), TOL[dtype], "matmul")
+
+
+def test_tma_descriptor_eligibility(monkeypatch):
+    """Descriptors only where the copy engine can serve the view: last stride 1, the other
+    strides and the base 16-byte aligned, no broadcast batch dim; None when switched off."""
+    from kernels import _layout
+
+    x = torch.zeros(2, 3, 40, 32, device=DEVICE)
+    B0, B1, strides, _ = _layout.collapse_batch((2, 3), [x])
+    desc = _layout.tma_descriptor(x, B0, B1, strides[0], 16, 32)
+    assert desc.shape == [1, 6, 40, 32] and desc.block_shape == [1, 1, 16, 32]
+    assert _layout.tma_descriptor(x.transpose(-1, -2), B0, B1, strides[0], 16, 32) is None  # last stride 40
+    assert _layout.tma_descriptor(x[..., :31], B0, B1, strides[0], 16, 32) is not None  # rows still 128 bytes apart
+    odd = torch.zeros(2, 3, 40, 31, device=DEVICE)  # rows 124 bytes apart
+    assert _layout.tma_descriptor(odd, B0, B1, (3 * 40 * 31, 40 * 31), 16, 32) is None
+    shifted = torch.zeros(2 * 3 * 40 * 32 + 1, device=DEVICE)[1:].view(2, 3, 40, 32)  # base 4 bytes off
+    assert _layout.tma_descriptor(shifted, B0, B1, strides[0], 16, 32) is None
+    wide = x[:, :1].expand(2, 3, 40, 32)
+    B0, B1, strides, _ = _layout.collapse_batch((2, 3), [wide])
+    assert strides[0][1] == 0 and _layout.tma_descriptor(wide, B0, B1, strides[0], 16, 32) is None
+    monkeypatch.setattr(_layout, "USE_TMA", False)
+    assert _layout.tma_descriptor(x, 2, 3, (3 * 40 * 32, 40 * 32), 16, 32) is None
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_grouped_heads_broadcast_without_copy(dtype):
     """q, k: (B, 1, T, Dk) serve v: (B, H, T, Dv); the mask is per head; strides stay 0."""
@@ -267,22 +313,24 @@ def test_hierarchy_equals_block_sums(n):
     assert offset == states.shape[1]
 
 
-@pytest.mark.parametrize("chunks, levels", [(1, 1), (2, 2), (4, 1), (4, 3), (8, 4), (16, 1)])
+@pytest.mark.parametrize("rows, chunk, tma", [(16, 16, True), (32, 16, False), (64, 16, True), (128, 16, True),
+                                             (128, 16, False), (128, 32, True), (64, 64, False)])
 @pytest.mark.parametrize("T", [1, 40, 300, 1000])
-def test_matmul_state_kernel_levels(chunks, levels, T, monkeypatch):
-    """The matmul's state kernel (programs of ``kernels.matmul.STATE_CHUNKS`` chunks) writes
-    levels ``0 .. STATE_LEVELS-1`` of the hierarchy straight from ``x``, ``build_hierarchy``
+def test_matmul_state_kernel_levels(rows, chunk, tma, T, monkeypatch):
+    """The matmul's state kernel (programs of ``kernels.matmul.STATE_ROWS`` rows, ``P`` chunks)
+    writes levels ``0 .. log2 P`` of the hierarchy straight from ``x``, ``build_hierarchy``
     the rest: every block state and log-decay equals its decayed sum computed directly, with
     the buffers poisoned with NaN (a slot left unwritten or written twice by different
-    programs fails)."""
+    programs fails); ``x`` read through a tensor descriptor and through pointers."""
     import importlib
 
+    from kernels import _layout
     from kernels import states as chunk_states
     from kernels._layout import hierarchy_sizes
 
     module = importlib.import_module("kernels.matmul")
-    monkeypatch.setattr(module, "STATE_CHUNKS", chunks)
-    monkeypatch.setattr(module, "STATE_LEVELS", levels)
+    monkeypatch.setattr(module, "STATE_ROWS", rows)
+    monkeypatch.setattr(_layout, "USE_TMA", tma)
     allocate = chunk_states.allocate
 
     def poisoned(*args, **kwargs):
@@ -291,15 +339,15 @@ def test_matmul_state_kernel_levels(chunks, levels, T, monkeypatch):
     monkeypatch.setattr(chunk_states, "allocate", poisoned)
     dtype = DTYPES[0]
     gen = torch.Generator().manual_seed(T)
-    x = torch.randn(2, T, 3, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, T, 4, generator=gen, dtype=torch.float64)
     g = -torch.rand(2, T, generator=gen, dtype=torch.float64)
     lam = torch.rand(2, T, hodlr.num_levels(T), generator=gen, dtype=torch.float64)
-    _, (states, logdec) = kernels.matmul(*(a.to(DEVICE, dtype) for a in (lam, g, x)), chunk=CHUNK, return_states=True)
+    _, (states, logdec) = kernels.matmul(*(a.to(DEVICE, dtype) for a in (lam, g, x)), chunk=chunk, return_states=True)
     states, logdec = states.cpu(), logdec.cpu()
     offset = 0
-    for h, size in enumerate(hierarchy_sizes(-(-T // CHUNK))):
+    for h, size in enumerate(hierarchy_sizes(-(-T // chunk))):
         for m in range(size):
-            rows = range(m * CHUNK << h, min((m + 1) * CHUNK << h, T))
+            rows = range(m * chunk << h, min((m + 1) * chunk << h, T))
             want = sum(torch.exp(g[:, s + 1:rows[-1] + 1].sum(-1))[:, None] * x[:, s] for s in rows)
             assert_close(states[:, offset + m], want, TOL[dtype], f"level {h} block {m}")
             assert_close(logdec[:, offset + m], g[:, rows[0]:rows[-1] + 1].sum(-1), TOL[dtype], f"A level {h} block {m}")
