@@ -185,8 +185,9 @@ def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: b
     levels = P.bit_length()
     if P > 8 or P & (P - 1):
         raise ValueError(f"STATE_ROWS // chunk = {STATE_ROWS} // {C} must be a power of two <= 8")
-    tma = lambda tensor, rows: tma_descriptor(tensor, B0, B1, strides[0 if tensor is x else 3], rows, BD)
-    x_states, x_rows, y_rows = tma(x, P * C), tma(x, C), tma(out, C)
+    x_states = tma_descriptor(x, B0, B1, sx, P * C, BD)  # None: the kernels take pointers
+    x_rows = tma_descriptor(x, B0, B1, sx, C, BD)
+    y_rows = tma_descriptor(out, B0, B1, sy, C, BD)
     _state_kernel[(cdiv(n, P), B, cdiv(D, BD))](
         x if x_states is None else x_states, g_arg, states, logdec, T, B, B1, n, n_total, top, D,
         sx[0], sx[1], x.stride(-2), x.stride(-1), *gst,
