@@ -88,20 +88,27 @@ def dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
 
 
 @triton.jit
+def _tile_pointers(x, b0, b1, row0, col0, sb0, sb1, st, sd, T, D, R: tl.constexpr, BD: tl.constexpr):
+    """Pointers and in-bounds mask of the ``(R, BD)`` tile of :func:`load_tile` (the tile's
+    first row in int64, offsets inside it in int32)."""
+    r = tl.arange(0, R)
+    d = col0 + tl.arange(0, BD)
+    base = x + b0 * sb0 + b1 * sb1 + row0.to(tl.int64) * st
+    return base + (r[:, None] * st + d[None, :] * sd), ((row0 + r) < T)[:, None] & (d < D)[None, :]
+
+
+@triton.jit
 def load_tile(x, b0, b1, row0, col0, sb0, sb1, st, sd, T, D, R: tl.constexpr, BD: tl.constexpr, TMA: tl.constexpr):
     """The ``(R, BD)`` tile of rows ``row0 ..`` and columns ``col0 ..`` of batch entry
     ``(b0, b1)``, zero past ``T`` and ``D``.  With ``TMA``, ``x`` is a tensor descriptor of
     the ``(B0, B1, T, D)`` view (:func:`kernels._layout.tma_descriptor`: one bulk copy into
     shared memory, bounds applied by the copy engine); otherwise a pointer with strides
-    ``sb0, sb1, st, sd`` (the tile's first row in int64, offsets inside it in int32)."""
+    ``sb0, sb1, st, sd``."""
     if TMA:
         return tl.reshape(x.load([b0.to(tl.int32), b1.to(tl.int32), row0, col0]), (R, BD))
     else:
-        r = tl.arange(0, R)
-        d = col0 + tl.arange(0, BD)
-        base = x + b0 * sb0 + b1 * sb1 + row0.to(tl.int64) * st
-        return tl.load(base + (r[:, None] * st + d[None, :] * sd), mask=((row0 + r) < T)[:, None] & (d < D)[None, :],
-                       other=0.0)
+        ptrs, mask = _tile_pointers(x, b0, b1, row0, col0, sb0, sb1, st, sd, T, D, R, BD)
+        return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -112,7 +119,5 @@ def store_tile(y, value, b0, b1, row0, col0, sb0, sb1, st, sd, T, D, R: tl.const
     if TMA:
         y.store([b0.to(tl.int32), b1.to(tl.int32), row0, col0], tl.reshape(value.to(y.dtype), (1, 1, R, BD)))
     else:
-        r = tl.arange(0, R)
-        d = col0 + tl.arange(0, BD)
-        base = y + b0 * sb0 + b1 * sb1 + row0.to(tl.int64) * st
-        tl.store(base + (r[:, None] * st + d[None, :] * sd), value, mask=((row0 + r) < T)[:, None] & (d < D)[None, :])
+        ptrs, mask = _tile_pointers(y, b0, b1, row0, col0, sb0, sb1, st, sd, T, D, R, BD)
+        tl.store(ptrs, value, mask=mask)
