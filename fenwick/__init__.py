@@ -4,7 +4,7 @@ Knows nothing of ``hodlr`` or ``kernels``; needs only numpy (torch tensors are a
 where documented, and torch is imported only when one is passed in).
 """
 
-from fenwick.index import (
+from .index import (
     NO_LEVEL,
     Block,
     blocks_at_level,
@@ -17,7 +17,7 @@ from fenwick.index import (
     offdiag_blocks,
     read_levels,
 )
-from fenwick.scan import FenwickState, live_levels
+from .scan import FenwickState, live_levels
 
 __all__ = [
     "FenwickState",

@@ -35,7 +35,7 @@ case with vector states (no key dimension, no multiplication by one).
 Examples
 --------
 >>> import numpy as np
->>> from fenwick.scan import FenwickState, attention
+>>> from hodlr.fenwick.scan import FenwickState, attention
 >>> rng = np.random.default_rng(0)
 >>> T, Dk, Dv = 6, 3, 2
 >>> q, k, v = rng.standard_normal((T, Dk)), rng.standard_normal((T, Dk)), rng.standard_normal((T, Dv))
@@ -57,8 +57,8 @@ import sys
 
 import numpy as np
 
-from fenwick.arrays import as_like, check_scale, describe, is_torch, namespace, zeros
-from fenwick.index import buckets, level, num_levels
+from .arrays import as_like, check_scale, describe, is_torch, namespace, zeros
+from .index import buckets, level, num_levels
 
 __all__ = ["FenwickState", "attention", "live_levels", "matmul"]
 

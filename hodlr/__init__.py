@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-from fenwick import level, num_levels
+from hodlr.fenwick import level, num_levels
 from hodlr.api import attention, backends, matmul
 from hodlr.errors import BackendUnavailableError, DenseTooLargeError, RankExceededError
 from hodlr.mask import LogLinearMask

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fenwick.arrays import check_scale, describe, is_torch, namespace
+from hodlr.fenwick.arrays import check_scale, describe, is_torch, namespace
 
 __all__ = [
     "as_array",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fenwick.arrays import zeros
+from hodlr.fenwick.arrays import zeros
 from hodlr import _checks, backends as registry
 from hodlr.mask import LogLinearMask
 

@@ -121,7 +121,7 @@ def _graph_replay(torch, fn):
 def _matmul_bytes(B, H, T, D, itemsize, lam_itemsize, g_itemsize):
     """Bytes the matmul must move: X read, Y written, each level scale that is read
     (``fenwick.read_levels``) and the log-decay, once each."""
-    import fenwick
+    from hodlr import fenwick
 
     n_read = int(fenwick.read_levels(T).sum())
     return B * H * (2 * T * D * itemsize + n_read * lam_itemsize + T * g_itemsize)
@@ -132,8 +132,8 @@ def run(args) -> dict:
     import triton
     import triton.testing
 
-    import fenwick
-    import kernels
+    from hodlr import fenwick
+    from hodlr import kernels
     from hodlr.mask import LogLinearMask
 
     if not torch.cuda.is_available():
@@ -164,7 +164,7 @@ def run(args) -> dict:
         lamh = lam.transpose(1, 2).contiguous()
 
         def ours():
-            return kernels.attention(qh, kh, vh, lamh, gh, scale, chunk=chunk)
+            return kernels.attention_forward(qh, kh, vh, lamh, gh, scale, chunk=chunk)
 
         o = ours()
         if "fla_log_linear" in peers:
@@ -178,7 +178,7 @@ def run(args) -> dict:
         if "fla_simple_gla" in peers:
             fn_gla = peers["fla_simple_gla"]
             ones = torch.ones(1, 1, 1, 1, device=dev, dtype=dtype).expand(B, H, T, L)
-            o1 = kernels.attention(qh, kh, vh, ones, gh, scale, chunk=chunk)
+            o1 = kernels.attention_forward(qh, kh, vh, ones, gh, scale, chunk=chunk)
 
             def gla():
                 return fn_gla(q, k, v, g=g, scale=scale)[0]
@@ -199,18 +199,18 @@ def run(args) -> dict:
             continue
         # matmul: per-head level scales and decay (the bandwidth figure) ...
         x = torch.randn(B, H, T, D, device=dev, dtype=dtype)
-        row["mm_ms_ours"] = ms = bench(lambda: kernels.matmul(lamh, gh, x, chunk=chunk))
+        row["mm_ms_ours"] = ms = bench(lambda: kernels.matmul_forward(lamh, gh, x, chunk=chunk))
         nbytes = _matmul_bytes(B, H, T, D, x.element_size(), lamh.element_size(), 4)
         row["mm_bytes"] = nbytes
         row["mm_bandwidth"] = nbytes / (ms * 1e-3)
         row["mm_fraction_of_copy"] = row["mm_bandwidth"] / copy_bw
-        row["mm_ms_ours_graph"] = ms = bench(_graph_replay(torch, lambda: kernels.matmul(lamh, gh, x, chunk=chunk)))
+        row["mm_ms_ours_graph"] = ms = bench(_graph_replay(torch, lambda: kernels.matmul_forward(lamh, gh, x, chunk=chunk)))
         row["mm_bandwidth_graph"] = nbytes / (ms * 1e-3)
         row["mm_fraction_of_copy_graph"] = row["mm_bandwidth_graph"] / copy_bw
         # ... and one mask shared by all heads, against the materialised-mask cuBLAS product
         if T <= args.dense_max_t:
             lam1, g1 = lamh[:1, :1], gh[:1, :1]
-            y = kernels.matmul(lam1, g1, x, chunk=chunk)
+            y = kernels.matmul_forward(lam1, g1, x, chunk=chunk)
             dense = LogLinearMask(lam1[0, 0].float(), g1[0, 0].float(), validate=False)
             from hodlr.options import options
 
@@ -249,7 +249,7 @@ def _forward_backward(torch, bench, peers, q, k, v, g, lam, scale, chunk) -> dic
     """Forward+backward medians (ms) of ours, fla's log-linear kernel and causal SDPA on the
     same inputs (``(B, T, H, D)`` layout given; ours reads ``(B, H, T, D)`` views), and the
     peak memory of ours beyond the inputs."""
-    import kernels.autograd
+    from hodlr import kernels
 
     def leaves(*xs):
         return [x.detach().clone().requires_grad_(True) for x in xs]
@@ -260,7 +260,7 @@ def _forward_backward(torch, bench, peers, q, k, v, g, lam, scale, chunk) -> dic
     ours_in = (qh, kh, vh, lamh, gh)
 
     def ours():
-        out = kernels.autograd.attention(qh, kh, vh, lamh, gh, scale, chunk=chunk)
+        out = kernels.attention(qh, kh, vh, lamh, gh, scale, chunk=chunk)
         return torch.autograd.grad(out, ours_in, do)
 
     row = {}

@@ -35,8 +35,8 @@ import time
 
 import numpy as np
 
-from fenwick import num_levels
-from fenwick.scan import FenwickState, matmul
+from hodlr.fenwick import num_levels
+from hodlr.fenwick.scan import FenwickState, matmul
 
 __all__ = ["main", "run"]
 

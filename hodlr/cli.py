@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import fenwick
+from hodlr import fenwick
 from hodlr import backends as registry
 from hodlr.errors import BackendUnavailableError, DenseTooLargeError
 from hodlr.mask import LogLinearMask, check_dense_budget
@@ -197,7 +197,7 @@ def _convert(a, library, device, dtype):
 
 
 def _to_numpy(y) -> np.ndarray:
-    from fenwick.arrays import to_numpy
+    from hodlr.fenwick.arrays import to_numpy
 
     return np.asarray(to_numpy(y), dtype=np.float64)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-import fenwick
+from hodlr import fenwick
 
 __all__ = [
     "RankProfile",
@@ -340,7 +340,7 @@ class RankProfile:
 
 
 def _mask_ranks(mask, levels) -> dict:
-    from fenwick.arrays import namespace, to_numpy
+    from hodlr.fenwick.arrays import namespace, to_numpy
 
     out = {}
     for lev in levels:
@@ -384,7 +384,7 @@ def factor_rank(u, v, rtol=None) -> np.ndarray:
 
 
 def _tree_ranks(tree, levels, rtol) -> tuple[dict, dict]:
-    from fenwick.arrays import to_numpy
+    from hodlr.fenwick.arrays import to_numpy
 
     by_level = _tree_levels(tree)
     ranks, indices = {}, {}

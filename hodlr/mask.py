@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-import fenwick
-from fenwick.arrays import as_like, is_torch, namespace, to_numpy, zeros
+from hodlr import fenwick
+from hodlr.fenwick.arrays import as_like, is_torch, namespace, to_numpy, zeros
 from hodlr import _checks
 from hodlr.errors import DenseTooLargeError
 from hodlr.options import options

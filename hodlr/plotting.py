@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-import fenwick
+from hodlr import fenwick
 
 __all__ = ["default_min_block", "heatmap", "plot_buckets", "save_structure_png", "spy"]
 
@@ -245,7 +245,7 @@ def heatmap(M, ax=None, *, index=None, grid=True, min_block=None, cmap="magma", 
     from matplotlib.colors import LogNorm
     from matplotlib.patches import Rectangle
 
-    from fenwick.arrays import to_numpy
+    from hodlr.fenwick.arrays import to_numpy
 
     if not hasattr(M, "to_dense") or not hasattr(M, "T"):
         raise TypeError(f"M must be a hodlr.LogLinearMask or hodlr.HODLRMatrix, got {type(M).__name__}")

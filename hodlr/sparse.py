@@ -23,8 +23,8 @@ import functools
 import numpy as np
 import scipy.sparse
 
-import fenwick
-from fenwick.arrays import is_torch, to_numpy
+from hodlr import fenwick
+from hodlr.fenwick.arrays import is_torch, to_numpy
 
 __all__ = ["SparseMask", "mask_to_sparse", "sparse_structure"]
 

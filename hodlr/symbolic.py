@@ -29,7 +29,7 @@ from itertools import combinations
 
 import sympy
 
-import fenwick
+from hodlr import fenwick
 
 __all__ = [
     "BlockProof",

@@ -26,8 +26,8 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-import fenwick
-from fenwick.arrays import is_torch, namespace, to_numpy
+from hodlr import fenwick
+from hodlr.fenwick.arrays import is_torch, namespace, to_numpy
 
 __all__ = [
     "AWKWARD_LENGTHS",

@@ -31,8 +31,8 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-import fenwick
-from fenwick.arrays import is_torch, to_numpy
+from hodlr import fenwick
+from hodlr.fenwick.arrays import is_torch, to_numpy
 from hodlr.errors import RankExceededError
 
 __all__ = ["HODLRBlock", "HODLRMatrix", "numerical_rank"]

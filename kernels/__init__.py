@@ -1,14 +1,23 @@
-"""Triton kernels for the log-linear (HODLR) mask: chunked attention and matmul, forward.
+"""Triton kernels for the log-linear (HODLR) mask: chunked attention and matmul, forward and
+backward (imported as ``hodlr.kernels``).
 
-Imports ``fenwick`` only (never ``hodlr``).  Launchers take torch tensors ``(*batch, T, D)``
-with any strides; they run on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (which must
-be set before ``triton`` is first imported: ``@triton.jit`` reads it when a kernel is
-defined).  See ``docs/kernels.md`` for the algorithm, the chunk-state layout and the
+Imports ``hodlr.fenwick`` only (never the rest of ``hodlr``).  The public functions
+:func:`attention` and :func:`matmul` are differentiable (``torch.autograd``); the launchers
+without autograd are :func:`attention_forward` / :func:`matmul_forward` and
+:func:`attention_backward` / :func:`matmul_backward`.  They take torch tensors
+``(*batch, T, D)`` with any strides and run on CUDA, and on the CPU under
+``TRITON_INTERPRET=1`` (which must be set before this package is first imported:
+``@triton.jit`` reads it when a kernel is defined; :func:`interpreting` says which way the
+kernels were built).  See ``docs/kernels.md`` for the algorithm, the chunk-state layout and the
 FLOP / byte floor.
 """
 
-from kernels._layout import DEFAULT_CHUNK, interpreting
-from kernels.attention import attention
-from kernels.matmul import matmul
+from ._layout import DEFAULT_CHUNK, interpreting
+from .attention import attention_forward
+from .attention_backward import attention_backward
+from .autograd import attention, matmul
+from .matmul import matmul_forward
+from .matmul_backward import matmul_backward
 
-__all__ = ["DEFAULT_CHUNK", "attention", "interpreting", "matmul"]
+__all__ = ["DEFAULT_CHUNK", "attention", "attention_backward", "attention_forward", "interpreting", "matmul",
+           "matmul_backward", "matmul_forward"]

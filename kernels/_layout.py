@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-import fenwick
+from hodlr import fenwick
 
 DEFAULT_CHUNK = {"attention": 64, "matmul": 16}
 """Chunk size ``C`` per operation when the caller passes ``chunk=None`` (H200-tuned, see

@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import states as _states
-from kernels._device import chunk_decays, chunk_rows, dot, intra_mask, next_decay
-from kernels._layout import (NUM_WARPS, block, broadcast_shape, cdiv, check_chunk, check_levels, chunk_count,
+from . import states as _states
+from ._device import chunk_decays, chunk_rows, dot, intra_mask, next_decay
+from ._layout import (NUM_WARPS, block, broadcast_shape, cdiv, check_chunk, check_levels, chunk_count,
                              collapse_batch, compute_types, hierarchy_sizes, interpreting, output_buffer, state_dtypes)
 
 
@@ -113,7 +113,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
              mask=tmask[:, None] & dvmask[None, :])
 
 
-def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None, out=None,
+def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None, out=None,
               return_states: bool = False):
     """Log-linear attention forward on the GPU (or the Triton interpreter).
 

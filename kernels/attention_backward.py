@@ -40,9 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
-import fenwick
-from kernels import states as _states
-from kernels._layout import cdiv, hierarchy_sizes, next_power_of_2
+from hodlr import fenwick
+from . import states as _states
+from ._layout import cdiv, hierarchy_sizes, next_power_of_2
 
 DEFAULT_CHUNK = 64
 """Chunk size of the backward when the caller passes ``chunk=None``."""

@@ -1,9 +1,9 @@
 """Differentiable Triton log-linear attention and matmul (``torch.autograd.Function``).
 
-The forward passes are the launchers :func:`kernels.attention.attention` and
-:func:`kernels.matmul.matmul`; the backward passes are
-:func:`kernels.attention_backward.attention_backward` and
-:func:`kernels.matmul_backward.matmul_backward` (Triton kernels, no dense fallback).
+The forward passes are the launchers :func:`attention_forward` and
+:func:`matmul_forward`; the backward passes are
+:func:`attention_backward` and
+:func:`matmul_backward` (Triton kernels, no dense fallback).
 Inputs are broadcast to one batch shape (views) before the Function sees them, so that
 autograd sums the gradients of broadcast operands (grouped heads) back to their shapes.
 """
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from kernels._layout import broadcast_shape
-from kernels.attention import attention as attention_forward
-from kernels.matmul import matmul as matmul_forward
-from kernels.attention_backward import attention_backward
-from kernels.matmul_backward import matmul_backward
+from ._layout import broadcast_shape
+from .attention import attention_forward
+from .matmul import matmul_forward
+from .attention_backward import attention_backward
+from .matmul_backward import matmul_backward
 
 __all__ = ["attention", "matmul"]
 
@@ -56,7 +56,7 @@ def _broadcast(tensors, batch):
 
 
 def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None):
-    """Differentiable :func:`kernels.attention.attention` (same arguments and result).
+    """Differentiable :func:`attention_forward` (same arguments and result).
 
     Gradients flow to ``q, k, v, level_scales`` and ``log_decay``; never-read level scales
     get exactly 0.
@@ -69,7 +69,7 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
 
 
 def matmul(level_scales, log_decay, x, *, chunk=None):
-    """Differentiable :func:`kernels.matmul.matmul` (same arguments and result)."""
+    """Differentiable :func:`matmul_forward` (same arguments and result)."""
     batch = broadcast_shape(x.shape[:-2], level_scales.shape[:-2], () if log_decay is None else log_decay.shape[:-1])
     level_scales, log_decay, x = _broadcast([(level_scales, 2), (log_decay, 1), (x, 2)], batch)
     return _Matmul.apply(level_scales, log_decay, x, chunk)

@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import states as _states
-from kernels._device import chunk_decays, chunk_rows, dot, intra_mask, load_tile, next_decay, store_tile
-from kernels._layout import (MAX_REGISTERS, NUM_WARPS, block, broadcast_shape, cdiv, check_chunk, check_levels,
+from . import states as _states
+from ._device import chunk_decays, chunk_rows, dot, intra_mask, load_tile, next_decay, store_tile
+from ._layout import (MAX_REGISTERS, NUM_WARPS, block, broadcast_shape, cdiv, check_chunk, check_levels,
                              chunk_count, collapse_batch, compute_types, hierarchy_sizes, next_power_of_2, output_buffer,
                              interpreting, state_dtypes, tma_descriptor)
 
@@ -140,7 +140,7 @@ STATE_ROWS = 128
 ``x``; :func:`kernels.states.build_hierarchy` adds the rest."""
 
 
-def matmul(level_scales, log_decay, x, *, chunk=None, out=None, return_states: bool = False):
+def matmul_forward(level_scales, log_decay, x, *, chunk=None, out=None, return_states: bool = False):
     """``Y = M @ X`` on the GPU (or the Triton interpreter).
 
     Parameters

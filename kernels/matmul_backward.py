@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.attention_backward import attention_backward
+from .attention_backward import attention_backward
 
 
 def matmul_backward(level_scales, log_decay, x, dy, *, chunk=None):

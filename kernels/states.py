@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._layout import NUM_WARPS, cdiv, hierarchy_sizes, next_power_of_2
+from ._layout import NUM_WARPS, cdiv, hierarchy_sizes, next_power_of_2
 
 
 @triton.jit(do_not_specialize=["n_base", "off_base", "n_total", "sub_size", "n_build"])

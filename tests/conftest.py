@@ -1,8 +1,23 @@
+"""Test configuration shared by every module.
+
+Triton's interpreter is chosen here, once, before anything imports triton: without a CUDA
+device the Triton kernels run on the CPU under ``TRITON_INTERPRET=1`` (``@triton.jit`` reads
+the variable when a kernel is defined), so every module sees the same kernels whichever
+files are collected.  An explicit ``TRITON_INTERPRET`` in the environment is kept.
+"""
+
+import importlib.util
 import os
 
-import numpy as np
-import pytest
-from hypothesis import HealthCheck, settings
+if "TRITON_INTERPRET" not in os.environ and importlib.util.find_spec("torch") is not None:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "default",
@@ -19,8 +34,6 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    import importlib.util
-
     has_gpu = False
     if importlib.util.find_spec("torch") is not None:
         import torch

@@ -4,7 +4,7 @@ identities that hold on every backend that can run here."""
 import numpy as np
 import pytest
 
-import fenwick
+from hodlr import fenwick
 import hodlr
 from hodlr import backends as registry
 from hodlr.testing import TOLERANCES, assert_close

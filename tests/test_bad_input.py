@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-import fenwick
+from hodlr import fenwick
 import hodlr
 from hodlr import backends as registry
 from hodlr.testing import TOLERANCES, assert_close

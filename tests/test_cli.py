@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-import fenwick
+from hodlr import fenwick
 import hodlr
 from hodlr import backends as registry, cli
 

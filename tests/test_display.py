@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-import fenwick
+from hodlr import fenwick
 import hodlr
 from hodlr.display import factor_rank, level_table, rank_profile, structure
 

@@ -19,9 +19,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import fenwick
+from hodlr import fenwick
 import hodlr
-from fenwick.scan import FenwickState, attention, live_levels, matmul
+from hodlr.fenwick.scan import FenwickState, attention, live_levels, matmul
 from hodlr.testing import (
     TOLERANCES,
     assert_close,

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from hypothesis import event, given, settings, strategies as st
 
-import fenwick
+from hodlr import fenwick
 import hodlr
 from hodlr import backends as registry
 

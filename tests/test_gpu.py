@@ -126,11 +126,11 @@ def _reference_matmul(lam, g, x):
 @GPU
 @given(case=gpu_case())
 def test_attention_gpu(dtype, case):
-    import kernels
+    from hodlr import kernels
 
     q, k, v, lam, g = _inputs(case, dtype)
     out = torch.full(v.shape, float("nan"), dtype=dtype, device="cuda")
-    got = kernels.attention(q, k, v, lam, g, 0.125, out=out)
+    got = kernels.attention_forward(q, k, v, lam, g, 0.125, out=out)
     _check("attention", dtype, case, got, _reference_attention(q, k, v, lam, g, 0.125),
            _reference_attention(q.abs(), k.abs(), v.abs(), lam.abs(), g, 0.125))
 
@@ -139,11 +139,11 @@ def test_attention_gpu(dtype, case):
 @GPU
 @given(case=gpu_case())
 def test_matmul_gpu(dtype, case):
-    import kernels
+    from hodlr import kernels
 
     _, _, x, lam, g = _inputs(case, dtype)
     out = torch.full(x.shape, float("nan"), dtype=dtype, device="cuda")
-    got = kernels.matmul(lam, g, x, out=out)
+    got = kernels.matmul_forward(lam, g, x, out=out)
     _check("matmul", dtype, case, got, _reference_matmul(lam, g, x), _reference_matmul(lam.abs(), g, x.abs()))
 
 
@@ -152,7 +152,7 @@ def test_same_inputs_as_fla(T):
     """bfloat16, per-head q/k/v, D = 64: ours and fla's ``chunk_log_linear_attn`` on identical
     inputs, each against the float64 reference."""
     fla = pytest.importorskip("fla.ops.log_linear_attn")
-    import kernels
+    from hodlr import kernels
 
     gen = torch.Generator(device="cuda").manual_seed(T)
     B, H, D = 1, 4, 64
@@ -163,7 +163,7 @@ def test_same_inputs_as_fla(T):
     scale = D ** -0.5
     theirs = fla.chunk_log_linear_attn(q, k, v, g, lam, scale=scale)[0]
     th = lambda a: a.transpose(1, 2)
-    ours = th(kernels.attention(th(q), th(k), th(v), th(lam), g.transpose(1, 2), scale))
+    ours = th(kernels.attention_forward(th(q), th(k), th(v), th(lam), g.transpose(1, 2), scale))
     ref = th(_reference_attention(th(q), th(k), th(v), th(lam).float(), g.transpose(1, 2), scale))
     e_ours, e_fla, e_between = relative_error(ours, ref), relative_error(theirs, ref), relative_error(ours, theirs)
     REPORT["fla"].append({"T": T, "B": B, "H": H, "D": D, "ours_vs_ref": e_ours, "fla_vs_ref": e_fla,

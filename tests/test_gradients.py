@@ -19,7 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import fenwick
+from hodlr import fenwick
 import hodlr
 from hodlr import backends as registry
 from hodlr.testing import TOLERANCES, attention_inputs, batch_shapes, masks, operands, relative_error, st_lengths
@@ -199,7 +199,7 @@ def test_scale_that_requires_grad_is_refused_not_cut_off():
     scale = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
     with pytest.raises(TypeError, match="scale.*requires grad"):
         hodlr.attention(q, q, q, M, scale=scale, backend="dense")
-    from fenwick.scan import attention as scan_attention
+    from hodlr.fenwick.scan import attention as scan_attention
 
     with pytest.raises(TypeError, match="scale.*requires grad"):
         scan_attention(q, q, q, M.level_scales, None, scale)

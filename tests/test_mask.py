@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-import fenwick
+from hodlr import fenwick
 import hodlr
 from hodlr.testing import masks, st_lengths
 

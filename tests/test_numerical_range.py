@@ -11,7 +11,7 @@ only in the Frobenius norm, so tiny rows next to huge ones are checked too.
 import numpy as np
 import pytest
 
-import fenwick
+from hodlr import fenwick
 import hodlr
 from hodlr import backends as registry
 

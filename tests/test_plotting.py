@@ -5,7 +5,7 @@ import collections
 import numpy as np
 import pytest
 
-import fenwick
+from hodlr import fenwick
 import hodlr
 
 matplotlib = pytest.importorskip("matplotlib")

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse
 from hypothesis import given, strategies as st
 
-import fenwick
+from hodlr import fenwick
 import hodlr
 from hodlr.sparse import SparseMask, mask_to_sparse
 from hodlr.testing import TOLERANCES, assert_close, masks, operands, st_lengths

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import sympy
 
-import fenwick
+from hodlr import fenwick
 import hodlr
 from hodlr import symbolic
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-import fenwick
+from hodlr import fenwick
 import hodlr
 from hodlr.errors import RankExceededError
 from hodlr.testing import TOLERANCES, assert_close, masks, operands, st_lengths

@@ -13,12 +13,7 @@ tests run on the GPU in float32.
 
 from __future__ import annotations
 
-import os
-
 import torch
-
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -26,7 +21,7 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 import triton  # noqa: E402
 
 import hodlr  # noqa: E402
-import kernels  # noqa: E402
+from hodlr import kernels  # noqa: E402
 from hodlr import backends as registry  # noqa: E402
 from hodlr.backends import chunked  # noqa: E402
 from hodlr.testing import (  # noqa: E402
@@ -103,7 +98,7 @@ def test_attention_equals_dense(dtype, data):
     scale = data.draw(st.sampled_from([1.0, 0.37]))
     batch, lam, g = _broadcast(M, q, k, v)
     out = _nan_like(batch + (M.T, v.shape[-1]), dtype)
-    got = kernels.attention(q, k, v, lam, g, scale, chunk=CHUNK, out=out)
+    got = kernels.attention_forward(q, k, v, lam, g, scale, chunk=CHUNK, out=out)
     assert got.data_ptr() == out.data_ptr()
     _assert_scaled(got, _ref_attention(q, k, v, M, scale), _ref_attention(q.abs(), k.abs(), v.abs(), _abs_mask(M), scale),
                    TOL[dtype], "triton attention vs dense")
@@ -116,7 +111,7 @@ def test_matmul_equals_dense(dtype, data):
     M, x = data.draw(_mask_and(lambda M: operands(M, D=st.integers(1, 5)), 100, dtype))
     batch, lam, g = _broadcast(M, x)
     out = _nan_like(batch + (M.T, x.shape[-1]), dtype)
-    got = kernels.matmul(lam, g, x, chunk=CHUNK, out=out)
+    got = kernels.matmul_forward(lam, g, x, chunk=CHUNK, out=out)
     assert got.data_ptr() == out.data_ptr()
     _assert_scaled(got, _ref_matmul(M, x), _ref_matmul(_abs_mask(M), x.abs()), TOL[dtype], "triton matmul vs dense")
 
@@ -144,7 +139,7 @@ def test_equals_every_backend(M, seed):
     q, k = (torch.as_tensor(rng.standard_normal((T, 3))) for _ in range(2))
     v = torch.as_tensor(rng.standard_normal(M.batch_shape + (T, 2)))
     ours = hodlr.attention(q, k, v, M, scale=0.5, backend="triton")
-    ours16 = kernels.attention(q, k, v, *_broadcast(M, q, k, v)[1:], 0.5, chunk=CHUNK)
+    ours16 = kernels.attention_forward(q, k, v, *_broadcast(M, q, k, v)[1:], 0.5, chunk=CHUNK)
     mm = hodlr.matmul(M, v, backend="triton")
     assert_close(ours16, ours, TOL[torch.float64], "chunk 16 vs default chunk")
     for name in _cpu_backends():
@@ -162,14 +157,14 @@ def test_awkward_lengths_and_chunked(T, dtype):
     g = (-torch.rand(1, T, generator=gen, dtype=torch.float64) * 3).to(dtype).to(DEVICE)
     q, k, v = (torch.randn(2, T, d, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE) for d in (4, 4, 3))
     out = _nan_like((2, T, 3), dtype)
-    got = kernels.attention(q, k, v, lam, g, 0.5, chunk=CHUNK, out=out)
+    got = kernels.attention_forward(q, k, v, lam, g, 0.5, chunk=CHUNK, out=out)
     assert got.data_ptr() == out.data_ptr()
     M = hodlr.LogLinearMask(lam, g)
     assert_close(got, _ref_attention(q, k, v, M, 0.5), TOL[dtype], "attention")
     assert_close(got.cpu(), chunked.attention(q.cpu(), k.cpu(), v.cpu(), lam.cpu(), g.expand(2, T).cpu(), 0.5,
                                              chunk=CHUNK), TOL[dtype], "attention vs chunked")
     out = _nan_like((2, T, 3), dtype)
-    y = kernels.matmul(lam, g, v, chunk=CHUNK, out=out)
+    y = kernels.matmul_forward(lam, g, v, chunk=CHUNK, out=out)
     assert y.data_ptr() == out.data_ptr()
     assert_close(y, _ref_matmul(M, v), TOL[dtype], "matmul")
 
@@ -179,7 +174,7 @@ def test_awkward_lengths_and_chunked(T, dtype):
 def test_matmul_tma_and_pointer_paths_agree(T, D, monkeypatch):
     """``x`` / ``y`` tiles through tensor descriptors (TMA) or through pointers: the same
     numbers, every element written (NaN-poisoned output), chunk tails clipped by the copy."""
-    from kernels import _layout
+    from hodlr.kernels import _layout
 
     dtype = DTYPES[0]
     gen = torch.Generator().manual_seed(T + D)
@@ -191,7 +186,7 @@ def test_matmul_tma_and_pointer_paths_agree(T, D, monkeypatch):
     for tma in (True, False):
         monkeypatch.setattr(_layout, "USE_TMA", tma)
         out = _nan_like((2, 3, T, D), dtype)
-        got[tma] = kernels.matmul(lam, g, x, out=out)
+        got[tma] = kernels.matmul_forward(lam, g, x, out=out)
         eligible = _layout.tma_descriptor(x, 1, 6, (0, T * D), CHUNK, 16) is not None
         assert eligible == (tma and D * x.element_size() % 16 == 0)
     assert torch.equal(got[True], got[False])
@@ -201,7 +196,7 @@ def test_matmul_tma_and_pointer_paths_agree(T, D, monkeypatch):
 def test_tma_descriptor_eligibility(monkeypatch):
     """Descriptors only where the copy engine can serve the view: last stride 1, the other
     strides and the base 16-byte aligned, no broadcast batch dim; None when switched off."""
-    from kernels import _layout
+    from hodlr.kernels import _layout
 
     x = torch.zeros(2, 3, 40, 32, device=DEVICE)
     B0, B1, strides, _ = _layout.collapse_batch((2, 3), [x])
@@ -234,7 +229,7 @@ def test_grouped_heads_broadcast_without_copy(dtype):
     M = hodlr.LogLinearMask(lam, g)
     got = hodlr.attention(q, k, v, M, backend="triton")
     assert_close(got, _ref_attention(q, k, v, M, 1.0), TOL[dtype], "grouped heads")
-    from kernels._layout import collapse_batch
+    from hodlr.kernels._layout import collapse_batch
 
     qe = q.expand(B, H, T, 5)
     B0, B1, strides, _ = collapse_batch((B, H), [qe, v])
@@ -257,9 +252,9 @@ def test_non_contiguous_inputs(dtype):
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous() or lam.is_contiguous())
     M = hodlr.LogLinearMask(lam, g)
     out = _nan_like((B, H, T, 3), dtype)
-    got = kernels.attention(q, k, v, lam, g, 0.3, chunk=CHUNK, out=out)
+    got = kernels.attention_forward(q, k, v, lam, g, 0.3, chunk=CHUNK, out=out)
     assert_close(got, _ref_attention(q, k, v, M, 0.3), TOL[dtype], "non-contiguous attention")
-    y = kernels.matmul(lam, g, v, chunk=CHUNK)
+    y = kernels.matmul_forward(lam, g, v, chunk=CHUNK)
     assert_close(y, _ref_matmul(M, v), TOL[dtype], "non-contiguous matmul")
 
 
@@ -273,7 +268,7 @@ def test_wide_heads_and_states():
     v = torch.randn(T, Dv, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
     lam = (torch.rand(T, L, generator=gen, dtype=torch.float64) + 0.5).to(dtype).to(DEVICE)
     g = (-torch.rand(T, generator=gen, dtype=torch.float64)).to(dtype).to(DEVICE)
-    got, (states, logdec) = kernels.attention(q, k, v, lam, g, 1.0, chunk=CHUNK, return_states=True)
+    got, (states, logdec) = kernels.attention_forward(q, k, v, lam, g, 1.0, chunk=CHUNK, return_states=True)
     assert_close(got, _ref_attention(q, k, v, hodlr.LogLinearMask(lam, g), 1.0), TOL[dtype], "wide heads")
     # level 0, chunk 0: K_0^T diag(exp(sum_{k>s} g_k)) V_0
     w = torch.exp(torch.flip(torch.cumsum(torch.flip(torch.cat([g[1:CHUNK], g.new_zeros(1)]), (0,)), 0), (0,)))
@@ -287,8 +282,8 @@ def test_hierarchy_equals_block_sums(n):
     """``kernels.states.build_hierarchy`` (subtrees of 2**SUBTREE_LEVELS entries, several
     launches from n = 129 on) against each aligned block's decayed sum of its chunk states,
     computed directly; the level layout of :mod:`kernels.states`."""
-    from kernels import states as chunk_states
-    from kernels._layout import hierarchy_sizes
+    from hodlr.kernels import states as chunk_states
+    from hodlr.kernels._layout import hierarchy_sizes
 
     dtype = DTYPES[0]
     gen = torch.Generator().manual_seed(n)
@@ -324,11 +319,11 @@ def test_matmul_state_kernel_levels(rows, chunk, tma, T, monkeypatch):
     programs fails); ``x`` read through a tensor descriptor and through pointers."""
     import importlib
 
-    from kernels import _layout
-    from kernels import states as chunk_states
-    from kernels._layout import hierarchy_sizes
+    from hodlr.kernels import _layout
+    from hodlr.kernels import states as chunk_states
+    from hodlr.kernels._layout import hierarchy_sizes
 
-    module = importlib.import_module("kernels.matmul")
+    module = importlib.import_module("hodlr.kernels.matmul")
     monkeypatch.setattr(module, "STATE_ROWS", rows)
     monkeypatch.setattr(_layout, "USE_TMA", tma)
     allocate = chunk_states.allocate
@@ -342,7 +337,7 @@ def test_matmul_state_kernel_levels(rows, chunk, tma, T, monkeypatch):
     x = torch.randn(2, T, 4, generator=gen, dtype=torch.float64)
     g = -torch.rand(2, T, generator=gen, dtype=torch.float64)
     lam = torch.rand(2, T, hodlr.num_levels(T), generator=gen, dtype=torch.float64)
-    _, (states, logdec) = kernels.matmul(*(a.to(DEVICE, dtype) for a in (lam, g, x)), chunk=chunk, return_states=True)
+    _, (states, logdec) = kernels.matmul_forward(*(a.to(DEVICE, dtype) for a in (lam, g, x)), chunk=chunk, return_states=True)
     states, logdec = states.cpu(), logdec.cpu()
     offset = 0
     for h, size in enumerate(hierarchy_sizes(-(-T // chunk))):
@@ -363,7 +358,7 @@ def test_attention_state_dtype(dtype, want):
     T = 40
     x = torch.randn(T, 16, device=DEVICE).to(dtype)
     lam = torch.ones(T, hodlr.num_levels(T), device=DEVICE)
-    _, (states, logdec) = kernels.attention(x, x, x, lam, None, 1.0, chunk=CHUNK, return_states=True)
+    _, (states, logdec) = kernels.attention_forward(x, x, x, lam, None, 1.0, chunk=CHUNK, return_states=True)
     assert states.dtype == want and logdec.dtype == torch.float32
 
 
@@ -371,13 +366,13 @@ def test_bad_arguments():
     x = torch.randn(5, 2, device=DEVICE)
     lam = torch.ones(5, hodlr.num_levels(5), device=DEVICE)
     with pytest.raises(ValueError, match="chunk"):
-        kernels.matmul(lam, None, x, chunk=24)
+        kernels.matmul_forward(lam, None, x, chunk=24)
     with pytest.raises(TypeError, match="chunk"):
-        kernels.matmul(lam, None, x, chunk=16.0)
+        kernels.matmul_forward(lam, None, x, chunk=16.0)
     with pytest.raises(ValueError, match="level_scales"):
-        kernels.matmul(lam[:, :2], None, x)
+        kernels.matmul_forward(lam[:, :2], None, x)
     with pytest.raises(ValueError, match="out"):
-        kernels.matmul(lam, None, x, out=torch.empty(5, 3, device=DEVICE))
+        kernels.matmul_forward(lam, None, x, out=torch.empty(5, 3, device=DEVICE))
 
 
 def test_registered_backend():
@@ -415,7 +410,7 @@ def test_host_shape_helpers_match_torch_and_triton(data):
     ``ValueError`` naming them."""
     from hypothesis.extra.numpy import mutually_broadcastable_shapes
 
-    from kernels._layout import broadcast_shape, cdiv, next_power_of_2
+    from hodlr.kernels._layout import broadcast_shape, cdiv, next_power_of_2
 
     shapes = data.draw(mutually_broadcastable_shapes(num_shapes=data.draw(st.integers(1, 4)), min_side=0,
                                                      max_dims=4)).input_shapes

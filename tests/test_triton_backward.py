@@ -2,8 +2,8 @@
 
 On the CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set below before
 anything imports triton): hypothesis draws masks (never-read scales poisoned with NaN),
-operands and cotangents; every gradient of :func:`kernels.autograd.attention` and
-:func:`kernels.autograd.matmul` must match the dense backend's autograd gradients to
+operands and cotangents; every gradient of :func:`hodlr.kernels.attention` and
+:func:`hodlr.kernels.matmul` must match the dense backend's autograd gradients to
 ``1e-10`` (float64) or ``1e-5`` (float32), on lengths that are not multiples of the chunk,
 and never-read scales must get exactly 0.  The ``gpu`` tests run on CUDA: bfloat16 gradients
 against the float64 reference (``<= 1e-2`` per gradient) and against
@@ -12,21 +12,16 @@ flash-linear-attention's ``chunk_log_linear_attn`` when it is importable.
 
 from __future__ import annotations
 
-import os
-
 import torch
-
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-import fenwick  # noqa: E402
+from hodlr import fenwick  # noqa: E402
 import hodlr  # noqa: E402
-import kernels  # noqa: E402
-import kernels.autograd as ka  # noqa: E402
+from hodlr import kernels  # noqa: E402
+
 from hodlr import backends as registry  # noqa: E402
 from hodlr.testing import TOLERANCES, attention_inputs, batch_shapes, masks, operands, relative_error, st_lengths  # noqa: E402
 
@@ -60,9 +55,9 @@ def _triton_grads(op, q, k, v, lam, g, scale, w, chunk=CHUNK, through=None):
         out = (hodlr.attention(*leaves[:3], M, scale=scale, backend=through) if op == "attention"
                else hodlr.matmul(M, leaves[2], backend=through))
     elif op == "attention":
-        out = ka.attention(*leaves, scale, chunk=chunk)
+        out = kernels.attention(*leaves, scale, chunk=chunk)
     else:
-        out = ka.matmul(leaves[3], leaves[4], leaves[2], chunk=chunk)
+        out = kernels.matmul(leaves[3], leaves[4], leaves[2], chunk=chunk)
     assert out.requires_grad, "result is cut off from the autograd graph"
     used = [x for x in leaves if x is not None]
     return _named(leaves, torch.autograd.grad((out * w.to(out.dtype)).sum(), used, allow_unused=True), op)
@@ -152,7 +147,7 @@ def test_awkward_lengths(T, decay, rng):
 def test_methods(T, method, rng):
     """Both across-chunk methods of the backward: sequential scans, and chunk-parallel
     kernels over the key-side hierarchy and the query-side block sums."""
-    from kernels.attention_backward import attention_backward
+    from hodlr.kernels.attention_backward import attention_backward
 
     q, k, v, lam, g, w = _case(T, rng, Dk=5, Dv=3)
     want = _dense_grads("attention", q, k, v, lam, g, 0.5, w)
@@ -175,7 +170,7 @@ def test_chunk_sizes(chunk, rng):
 @pytest.mark.parametrize("T", [17, 100])
 def test_split_scans(T, rng):
     """Scans split over feature blocks (the GPU layout: partial dλ, dk sums added atomically)."""
-    from kernels.attention_backward import attention_backward
+    from hodlr.kernels.attention_backward import attention_backward
 
     q, k, v, lam, g, w = _case(T, rng, Dk=40, Dv=33)
     want = _dense_grads("attention", q, k, v, lam, g, 0.5, w)
@@ -210,8 +205,8 @@ def test_gradcheck(rng):
     T = 37
     q, k, v, lam, g, _ = _case(T, rng, batch=(), Dk=2, Dv=2, poison=False)
     inputs = tuple(x.requires_grad_(True) for x in (q, k, v, lam, g))
-    assert torch.autograd.gradcheck(lambda *a: ka.attention(*a, 0.6, chunk=CHUNK), inputs, fast_mode=True)
-    assert torch.autograd.gradcheck(lambda lam, g, x: ka.matmul(lam, g, x, chunk=CHUNK), inputs[3:] + inputs[2:3],
+    assert torch.autograd.gradcheck(lambda *a: kernels.attention(*a, 0.6, chunk=CHUNK), inputs, fast_mode=True)
+    assert torch.autograd.gradcheck(lambda lam, g, x: kernels.matmul(lam, g, x, chunk=CHUNK), inputs[3:] + inputs[2:3],
                                     fast_mode=True)
 
 
@@ -269,7 +264,7 @@ def test_gpu_bf16_gradients_match_float64(T):
 @pytest.mark.parametrize("method", ["scan", "parallel"])
 @pytest.mark.parametrize("T,D", [(4097, 64), (1500, 128), (700, 256)])
 def test_gpu_methods_bf16(method, T, D):
-    from kernels.attention_backward import PARALLEL_MAX_STATE, attention_backward
+    from hodlr.kernels.attention_backward import PARALLEL_MAX_STATE, attention_backward
 
     if method == "parallel" and D * D > PARALLEL_MAX_STATE:
         pytest.skip("the state tile is over PARALLEL_MAX_STATE: such heads take the scans")

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
-import fenwick
-from fenwick.arrays import is_torch
+from hodlr import fenwick
+from hodlr.fenwick.arrays import is_torch
 from hodlr.mask import decay_matrix
 
 DESCRIPTION = "chunked form (dense C x C blocks + Fenwick scan over chunk states), the Triton kernels' algorithm; torch (numpy converted), autograd"

@@ -8,7 +8,7 @@ the mask's dtype (float32) and cast back, as in the other backends.
 
 from __future__ import annotations
 
-from fenwick.arrays import cast, namespace
+from hodlr.fenwick.arrays import cast, namespace
 from hodlr.mask import LogLinearMask
 
 DESCRIPTION = "materialised T x T mask (the reference); numpy or torch, autograd"

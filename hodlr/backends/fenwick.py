@@ -8,8 +8,8 @@ Half-precision torch operands are computed in the mask's float32 and cast back.
 
 from __future__ import annotations
 
-from fenwick import scan
-from fenwick.arrays import cast
+from hodlr.fenwick import scan
+from hodlr.fenwick.arrays import cast
 
 DESCRIPTION = "Fenwick scan: O(log T) recurrent states, loop over time; numpy or torch, autograd"
 

@@ -30,8 +30,8 @@ float16 / bfloat16 operands are computed in the mask's dtype (float32) and cast 
 
 from __future__ import annotations
 
-import fenwick
-from fenwick.arrays import cast, namespace, zeros
+from hodlr import fenwick
+from hodlr.fenwick.arrays import cast, namespace, zeros
 from hodlr.mask import LogLinearMask
 
 DESCRIPTION = "HODLR matvec, level by level over all tree nodes; numpy or torch, autograd, O(T log T)"

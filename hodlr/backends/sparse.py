@@ -19,7 +19,7 @@ import importlib.util
 
 import numpy as np
 
-from fenwick.arrays import as_like, is_torch
+from hodlr.fenwick.arrays import as_like, is_torch
 from hodlr.errors import BackendUnavailableError
 
 STATE_WIDTH = 256

@@ -42,20 +42,16 @@ def _wants_grad(*tensors) -> bool:
 
 
 def matmul(level_scales, log_decay, x):
+    from hodlr import kernels
+
     if _wants_grad(level_scales, log_decay, x):
-        from kernels import autograd
-
-        return autograd.matmul(level_scales, log_decay, x)
-    import kernels
-
-    return kernels.matmul(level_scales, log_decay, x)
+        return kernels.matmul(level_scales, log_decay, x)
+    return kernels.matmul_forward(level_scales, log_decay, x)
 
 
 def attention(q, k, v, level_scales, log_decay, scale):
+    from hodlr import kernels
+
     if _wants_grad(q, k, v, level_scales, log_decay):
-        from kernels import autograd
-
-        return autograd.attention(q, k, v, level_scales, log_decay, scale)
-    import kernels
-
-    return kernels.attention(q, k, v, level_scales, log_decay, scale)
+        return kernels.attention(q, k, v, level_scales, log_decay, scale)
+    return kernels.attention_forward(q, k, v, level_scales, log_decay, scale)
