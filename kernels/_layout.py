@@ -21,7 +21,8 @@ DEFAULT_CHUNK = {"attention": 64, "matmul": 16}
 """Chunk size ``C`` per operation when the caller passes ``chunk=None`` (H200-tuned, see
 ``docs/kernels.md``): attention 64 (levels ``0..6`` dense), matmul 16."""
 
-NUM_WARPS = {"attention_state": 4, "attention_output": 4, "attention_backward": 4, "matmul_state": 4,
+NUM_WARPS = {"attention_state": 4, "attention_output": 4, "attention_backward": 4,
+             "attention_backward_wide": 8, "matmul_state": 4,
              "matmul_output": 1, "hierarchy": 4}
 """Warps per program of each kernel (H200-tuned; see ``docs/kernels.md``)."""
 

@@ -350,7 +350,8 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     tiles = cdiv(DK, BDK) * n_dv
     atomic = tiles > 1
     has_g = layout.tensors["g"] is not None
-    meta = dict(HAS_G=has_g, ACC=acc, PREC=prec, LOWP=lowp, NATIVE=native)
+    warps = NUM_WARPS["attention_backward" if max(BDK, BDV) <= 64 else "attention_backward_wide"]
+    meta = dict(HAS_G=has_g, ACC=acc, PREC=prec, LOWP=lowp, NATIVE=native, num_warps=warps)
     strides = (*layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("do")[1:],
                *layout.args("l")[1:], *layout.decay_args()[1:])
     ptrs = (layout.tensors["q"], layout.tensors["k"], v, layout.tensors["do"], layout.tensors["l"],
@@ -369,8 +370,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
             layout.tensors["q"], layout.tensors["do"], layout.tensors["l"], layout.decay_args()[0], logdec, rsum,
             T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale),
             *layout.args("q")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *layout.decay_args()[1:],
-            C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, **meta,
-            num_warps=NUM_WARPS["attention_backward"])
+            C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, **meta)
     # outputs: straight in the inputs' dtypes, or float32 (float64) buffers for the atomic partial sums
     def buffer(shape, dtype):
         if atomic:
@@ -383,11 +383,10 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     _query_kernel[(n, B, tiles)](
         *ptrs, states, logdec, dq, dl, row, T, layout.B1, n, states.shape[1], n_bits, L, DK, DV, n_dv,
         float(scale), *strides, C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=next_power_of_2(L),
-        EXACT=exact, ATOMIC=atomic, **meta, num_warps=NUM_WARPS["attention_backward"])
+        EXACT=exact, ATOMIC=atomic, **meta)
     _key_kernel[(n, B, tiles)](
         *ptrs, logdec, rsum, dk, dv, col, T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv,
-        float(scale), *strides, C=C, BDK=BDK, BDV=BDV, EXACT=exact, ATOMIC=atomic, **meta,
-        num_warps=NUM_WARPS["attention_backward"])
+        float(scale), *strides, C=C, BDK=BDK, BDV=BDV, EXACT=exact, ATOMIC=atomic, **meta)
     batch = layout.batch
     dg = None
     if has_g:
