@@ -108,7 +108,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr,
         first_tile = tl.where(hit, base, first_tile)
         base += count
         h += 1
-    off, roff, _ = _levels_offsets(n_chunks, lvl)
+    off, roff, n_readers = _levels_offsets(n_chunks, lvl)
     per_block = tl.where((1 << lvl) > (1 << P_LOG), (1 << lvl) >> P_LOG, 1)
     span = (1 << lvl) // per_block
     local = p - first_tile
@@ -128,7 +128,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr,
         while j < count:
             t = (first + j) * C + r
             tmask = t < T
-            G, _ = chunk_decays(g_row, t, tmask, sgt, T, C, HAS_G, ACC)
+            G, g_next = chunk_decays(g_row, t, tmask, sgt, T, C, HAS_G, ACC)
             lam = tl.load(l_col + t * slt, mask=tmask, other=0.0).to(ACC)
             qb = tl.load(q_row + t[:, None] * sqt + dk[None, :] * sqd,
                          mask=tmask[:, None] & (dk[None, :] < DK), other=0.0)
@@ -149,7 +149,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr,
         else:  # a tile of a larger block: decayed to the block's start by the tiles before it
             before = tl.zeros((), dtype=ACC)
             if HAS_G:
-                p_off, _, _ = _levels_offsets(n_chunks, P_LOG)
+                p_off, p_roff, p_readers = _levels_offsets(n_chunks, P_LOG)
                 entry = bh * n_total + p_off + (((2 * block_idx + 1) << lvl) >> P_LOG)
                 k = 0
                 while k < tile:
@@ -254,7 +254,7 @@ def _key_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, dk_ptr,
     ob = tl.load(do_ptr + b0 * sob0 + b1 * sob1 + t[:, None] * sot + dv[None, :] * sod, mask=vmask, other=0.0)
     g_row = g_ptr + b0 * sgb0 + b1 * sgb1
     G, g_next = chunk_decays(g_row, t, tmask, sgt, T, C, HAS_G, ACC)
-    lam, _ = intra_scales(l_ptr + b0 * slb0 + b1 * slb1 + (j * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
+    lam, lvl = intra_scales(l_ptr + b0 * slb0 + b1 * slb1 + (j * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
     M = lam.to(ACC) * _decays(G, g_next, tmask, C, HAS_G, EXACT) * scale
     dP = dot(ob, tl.trans(vb), ACC, PREC, NATIVE)
     S = dot(qb, tl.trans(kb), ACC, PREC, NATIVE)
