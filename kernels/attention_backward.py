@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import chunk_decays, chunk_rows, dot, intra_decay, intra_scales, next_decay
+from ._device import chunk_decays, chunk_rows, dot, dot_split, intra_decay, intra_scales, next_decay
 from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, interpreting,
                       next_power_of_2, state_dtypes)
 from .attention import attention_layout, chunk_states
@@ -45,6 +45,13 @@ from .attention import attention_layout, chunk_states
 MAX_TILE = 128
 """Widest feature tile of one backward program; wider heads are split into tiles whose partial
 sums are combined with atomics."""
+
+FUSED = True
+"""One kernel per chunk computes every gradient (False: a query-side and a key-side kernel)."""
+
+SPLIT = False
+"""Carry the float32 chunk states and block sums through two 16-bit dots each (head and
+remainder) instead of one rounding, for the sums behind ``dlog_decay`` (see ``dot_split``)."""
 
 TILE_CHUNKS = 16
 """Chunks summed by one program of ``_query_block_kernel`` (a power of two): blocks of at most
@@ -78,6 +85,35 @@ def _decays(G, g_next, tmask, C: tl.constexpr, HAS_G: tl.constexpr, EXACT: tl.co
     return D
 
 
+@triton.jit
+def _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot, sod, slt, sgt, dk, dv,
+               DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+               HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr,
+               SPLIT: tl.constexpr):
+    """``Σ_t scale λ_t exp(G_t - G_a) dO_t q_tᵀ`` (``(BDV, BDK)``, the transposed block sum) over
+    the ``count`` chunks from chunk ``first``, ``a`` the last position before them; ``l_col``
+    points at the level-scale column the rows read."""
+    r = tl.arange(0, C)
+    acc = tl.zeros((BDV, BDK), dtype=ACC)
+    gap = tl.zeros((), dtype=ACC)
+    j = 0
+    while j < count:
+        t = (first + j) * C + r
+        tmask = t < T
+        G, g_next = chunk_decays(g_row, t, tmask, sgt, T, C, HAS_G, ACC)
+        lam = tl.load(l_col + t * slt, mask=tmask, other=0.0).to(ACC)
+        qb = tl.load(q_row + t[:, None] * sqt + dk[None, :] * sqd, mask=tmask[:, None] & (dk[None, :] < DK),
+                     other=0.0)
+        ob = tl.load(o_row + t[:, None] * sot + dv[None, :] * sod, mask=tmask[:, None] & (dv[None, :] < DV),
+                     other=0.0)
+        qw = qb.to(ACC) * (scale * lam * tl.exp(gap + G))[:, None]
+        acc += dot_split(tl.trans(ob), qw, ACC, PREC, NATIVE, SPLIT)
+        if HAS_G:
+            gap += tl.sum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
+        j += 1
+    return acc
+
+
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_r", "n_bits", "L", "slb0", "slb1", "slt",
                                "sgb0", "sgb1"])
 def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr,
@@ -85,77 +121,57 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr,
                         scale, sqb0, sqb1, sqt, sqd, sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt,
                         C: tl.constexpr, LOG_C: tl.constexpr, P_LOG: tl.constexpr, BDK: tl.constexpr,
                         BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                        LOWP: tl.constexpr, NATIVE: tl.constexpr):
-    """Program ``(p, batch entry, feature tile)``: ``p`` enumerates, level by level, the reader
-    blocks (tiles of at most ``2^P_LOG`` chunks) of the block sums ``R``."""
+                        LOWP: tl.constexpr, NATIVE: tl.constexpr, SPLIT: tl.constexpr):
+    """Program ``(group * n_bits + level, batch entry, feature tile)`` over aligned groups of
+    ``2^P_LOG`` chunks, the level varying fastest (the programs of one group read the same rows,
+    from L2): a level below ``P_LOG`` sums the reader blocks inside the group and stores them;
+    a higher level adds the group's share of the reader block that holds it (if any) atomically,
+    decayed to the block's start by the groups before it."""
     p = tl.program_id(0)
+    h = p % n_bits
+    first = (p // n_bits) << P_LOG
     bh = tl.program_id(1).to(tl.int64)
     b0 = bh // B1
     b1 = bh % B1
     tile_f = tl.program_id(2)
     dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
     dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
-    # which level, block and tile: count the tiles of the levels below
-    h = 0
-    base = 0
-    lvl = tl.zeros((), tl.int32) - 1
-    first_tile = tl.zeros((), tl.int32)
-    while h < n_bits:
-        per_block = tl.where((1 << h) > (1 << P_LOG), (1 << h) >> P_LOG, 1)
-        count = per_block * ((((n_chunks + (1 << h) - 1) >> h) >> 1))
-        hit = (lvl < 0) & (p < base + count)
-        lvl = tl.where(hit, h, lvl)
-        first_tile = tl.where(hit, base, first_tile)
-        base += count
-        h += 1
-    off, roff, n_readers = _levels_offsets(n_chunks, lvl)
-    per_block = tl.where((1 << lvl) > (1 << P_LOG), (1 << lvl) >> P_LOG, 1)
-    span = (1 << lvl) // per_block
-    local = p - first_tile
-    block_idx = local // per_block
-    tile = local % per_block
-    first = ((2 * block_idx + 1) << lvl) + tile * span
-    count = tl.minimum(span, n_chunks - first)
-    if count > 0:
-        r = tl.arange(0, C)
-        q_row = q_ptr + b0 * sqb0 + b1 * sqb1
-        o_row = do_ptr + b0 * sob0 + b1 * sob1
-        g_row = g_ptr + b0 * sgb0 + b1 * sgb1
-        l_col = l_ptr + b0 * slb0 + b1 * slb1 + (LOG_C + 1 + lvl) * sll
-        acc = tl.zeros((BDK, BDV), dtype=ACC)
-        gap = tl.zeros((), dtype=ACC)
-        j = 0
-        while j < count:
-            t = (first + j) * C + r
-            tmask = t < T
-            G, g_next = chunk_decays(g_row, t, tmask, sgt, T, C, HAS_G, ACC)
-            lam = tl.load(l_col + t * slt, mask=tmask, other=0.0).to(ACC)
-            qb = tl.load(q_row + t[:, None] * sqt + dk[None, :] * sqd,
-                         mask=tmask[:, None] & (dk[None, :] < DK), other=0.0)
-            ob = tl.load(o_row + t[:, None] * sot + dv[None, :] * sod,
-                         mask=tmask[:, None] & (dv[None, :] < DV), other=0.0)
-            qw = qb.to(ACC) * (scale * lam * tl.exp(gap + G))[:, None]
-            if LOWP and NATIVE:
-                qw = qw.to(qb.dtype)
-            acc += dot(tl.trans(qw), ob, ACC, PREC, NATIVE)
-            if HAS_G:
-                gap += tl.sum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
-            j += 1
-        row = bh * n_r + roff + block_idx
-        dst = r_ptr + row * DK * DV + dk[:, None] * DV + dv[None, :]
-        fmask = (dk[:, None] < DK) & (dv[None, :] < DV)
-        if per_block == 1:
-            tl.store(dst, acc, mask=fmask)
-        else:  # a tile of a larger block: decayed to the block's start by the tiles before it
-            before = tl.zeros((), dtype=ACC)
-            if HAS_G:
-                p_off, p_roff, p_readers = _levels_offsets(n_chunks, P_LOG)
-                entry = bh * n_total + p_off + (((2 * block_idx + 1) << lvl) >> P_LOG)
-                k = 0
-                while k < tile:
-                    before += tl.load(a_ptr + entry + k)
-                    k += 1
-            tl.atomic_add(dst, acc * tl.exp(before), mask=fmask)
+    off, roff, n_readers = _levels_offsets(n_chunks, h)
+    q_row = q_ptr + b0 * sqb0 + b1 * sqb1
+    o_row = do_ptr + b0 * sob0 + b1 * sob1
+    g_row = g_ptr + b0 * sgb0 + b1 * sgb1
+    l_col = l_ptr + b0 * slb0 + b1 * slb1 + (LOG_C + 1 + h) * sll
+    fmask = (dk[None, :] < DK) & (dv[:, None] < DV)
+    r_tile = dk[None, :] * DV + dv[:, None]
+    if h < P_LOG:
+        nb = 0
+        while nb < (1 << (P_LOG - h - 1)):
+            b = (first >> h) + 2 * nb + 1
+            count = tl.minimum(1 << h, n_chunks - (b << h))
+            if count > 0:
+                acc = _block_sum(q_row, o_row, l_col, g_row, b << h, count, T, scale, sqt, sqd, sot, sod, slt, sgt,
+                                 dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, NATIVE, SPLIT)
+                tl.store(r_ptr + (bh * n_r + roff + (b >> 1)) * DK * DV + r_tile, acc, mask=fmask)
+            nb += 1
+    else:
+        b = first >> h
+        count = tl.minimum(1 << P_LOG, n_chunks - first)
+        if ((b & 1) == 1) & (count > 0):
+            acc = _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot, sod, slt, sgt,
+                             dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, NATIVE, SPLIT)
+            dst = r_ptr + (bh * n_r + roff + (b >> 1)) * DK * DV + r_tile
+            if h == P_LOG:  # the group is the whole block
+                tl.store(dst, acc, mask=fmask)
+            else:
+                before = tl.zeros((), dtype=ACC)
+                if HAS_G:
+                    p_off, p_roff, p_readers = _levels_offsets(n_chunks, P_LOG)
+                    entry = bh * n_total + p_off + ((b << h) >> P_LOG)
+                    k = 0
+                    while k < ((first - (b << h)) >> P_LOG):
+                        before += tl.load(a_ptr + entry + k)
+                        k += 1
+                tl.atomic_add(dst, acc * tl.exp(before), mask=fmask)
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sgb0",
@@ -309,9 +325,130 @@ def _key_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, dk_ptr,
         tl.store(col_ptr + bh * T + t, col, mask=tmask)
 
 
+@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_r", "n_bits", "L", "slb0", "slb1", "slt",
+                               "sgb0", "sgb1"])
+def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr, dq_ptr, dk_ptr, dv_ptr, dl_ptr,
+                  dgl_ptr, tot_ptr, T, B1, n_chunks, n_total, n_r, n_bits, L, DK: tl.constexpr, DV: tl.constexpr,
+                  N_DV_TILES, scale, sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
+                  sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt,
+                  C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
+                  HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
+                  LOWP: tl.constexpr, NATIVE: tl.constexpr, ATOMIC: tl.constexpr, SPLIT: tl.constexpr):
+    """Program ``(chunk i, batch entry, feature tile)``: every gradient of the chunk's rows --
+    ``dq``, ``dk``, ``dv``, ``dλ`` and the chunk-local reverse cumulative sum of
+    ``row - col`` with its total (``dg`` is that plus the totals of the later chunks).  With
+    ``ATOMIC`` (heads split into feature tiles) ``dq, dk, dv`` are added atomically and the
+    other outputs are this tile's partial sums, in a slice of their own per tile."""
+    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+    tile_f = tl.program_id(2)
+    dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
+    dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
+    kmask = tmask[:, None] & (dk[None, :] < DK)
+    vmask = tmask[:, None] & (dv[None, :] < DV)
+    qb = tl.load(q_ptr + b0 * sqb0 + b1 * sqb1 + t[:, None] * sqt + dk[None, :] * sqd, mask=kmask, other=0.0)
+    kb = tl.load(k_ptr + b0 * skb0 + b1 * skb1 + t[:, None] * skt + dk[None, :] * skd, mask=kmask, other=0.0)
+    S = dot(qb, tl.trans(kb), ACC, PREC, NATIVE)
+    vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + t[:, None] * svt + dv[None, :] * svd, mask=vmask, other=0.0)
+    ob = tl.load(do_ptr + b0 * sob0 + b1 * sob1 + t[:, None] * sot + dv[None, :] * sod, mask=vmask, other=0.0)
+    dP = dot(ob, tl.trans(vb), ACC, PREC, NATIVE)
+    g_row = g_ptr + b0 * sgb0 + b1 * sgb1
+    l_base = l_ptr + b0 * slb0 + b1 * slb1
+    G, g_next = chunk_decays(g_row, t, tmask, sgt, T, C, HAS_G, ACC)
+    lam, lvl = intra_scales(l_base + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
+    Dec = _decays(G, g_next, tmask, C, HAS_G, EXACT) * scale
+    Wd = dP * S * Dec
+    col_l = tl.arange(0, BL)
+    dl = tl.zeros((C, BL), dtype=ACC)
+    for lv in tl.static_range(LOG_C + 1):
+        dl = tl.where(col_l[None, :] == lv, tl.sum(tl.where(lvl == lv, Wd, 0.0), 1)[:, None], dl)
+    M = lam.to(ACC) * Dec
+    r = tl.arange(0, C)
+    W = tl.where(r[:, None] > r[None, :], lam.to(ACC) * Wd, 0.0)
+    row = tl.sum(W, 1)
+    col = tl.sum(W, 0)
+    dS = M * dP
+    Pm = M * S
+    if LOWP and NATIVE:
+        dS = dS.to(kb.dtype)
+        Pm = Pm.to(ob.dtype)
+    dq = dot(dS, kb, ACC, PREC, NATIVE)
+    dk_acc = dot(tl.trans(dS), qb, ACC, PREC, NATIVE)
+    dv_acc = dot(tl.trans(Pm), ob, ACC, PREC, NATIVE)
+    # levels > c, query side: the level-h state (i >> h) - 1 for each set bit h of the chunk index
+    gap = tl.zeros((), dtype=ACC)
+    off = 0
+    h = 0
+    while h < n_bits:
+        if ((i >> h) & 1) == 1:
+            blk = bh * n_total + off + (i >> h) - 1
+            sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :],
+                         mask=(dk[:, None] < DK) & (dv[None, :] < DV), other=0.0)
+            X = dot_split(ob, tl.trans(sb.to(ACC)), ACC, PREC, NATIVE, SPLIT)
+            e = scale * tl.exp(gap + G)
+            lam_h = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
+            dq += (lam_h * e)[:, None] * X
+            dl_h = e * tl.sum(qb.to(ACC) * X, 1)
+            dl = tl.where(col_l[None, :] == LOG_C + 1 + h, dl_h[:, None], dl)
+            row += lam_h * dl_h
+            gap += tl.load(a_ptr + blk)
+        off += n_chunks >> h
+        h += 1
+    # key side: the block sums of the readers of every level-h block that holds this chunk (clear
+    # bits h), decayed from the block's end back to the chunk's end
+    D = tl.zeros((BDK, BDV), dtype=ACC)
+    zeta = tl.zeros((), dtype=ACC)
+    off = 0
+    roff = 0
+    h = 0
+    while h < n_bits:
+        if ((i >> h) & 1) == 0:
+            reader = (i >> h) + 1
+            if (reader << h) < n_chunks:
+                src = r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV
+                D += tl.exp(zeta) * tl.load(src + dk[:, None] * DV + dv[None, :],
+                                            mask=(dk[:, None] < DK) & (dv[None, :] < DV), other=0.0)
+                if HAS_G:
+                    if ((reader + 1) << h) <= n_chunks:
+                        zeta += tl.load(a_ptr + bh * n_total + off + reader)
+        off += n_chunks >> h
+        roff += ((n_chunks + (1 << h) - 1) >> h) >> 1
+        h += 1
+    if HAS_G:
+        w = tl.exp(tl.cumsum(g_next, 0, reverse=True))
+    else:
+        w = tl.full((C,), 1.0, dtype=ACC)
+    dk_inter = w[:, None] * dot_split(vb, tl.trans(D), ACC, PREC, NATIVE, SPLIT)
+    dv_acc += w[:, None] * dot_split(kb, D, ACC, PREC, NATIVE, SPLIT)
+    dk_acc += dk_inter
+    col += tl.sum(kb.to(ACC) * dk_inter, 1)
+    dG = tl.where(tmask, row - col, 0.0)
+    dq_dst = dq_ptr + (bh * T + t[:, None]) * DK + dk[None, :]
+    dk_dst = dk_ptr + (bh * T + t[:, None]) * DK + dk[None, :]
+    dv_dst = dv_ptr + (bh * T + t[:, None]) * DV + dv[None, :]
+    part = tile_f.to(tl.int64) * tl.num_programs(1) if ATOMIC else 0
+    dl_dst = dl_ptr + ((part + bh) * T + t[:, None]) * L + col_l[None, :]
+    if ATOMIC:
+        tl.atomic_add(dq_dst, dq, mask=kmask)
+        tl.atomic_add(dk_dst, dk_acc, mask=kmask)
+        tl.atomic_add(dv_dst, dv_acc, mask=vmask)
+    else:
+        tl.store(dq_dst, dq, mask=kmask)
+        tl.store(dk_dst, dk_acc, mask=kmask)
+        tl.store(dv_dst, dv_acc, mask=vmask)
+    tl.store(dl_dst, dl, mask=tmask[:, None] & (col_l[None, :] < L))
+    tl.store(dgl_ptr + (part + bh) * n_chunks * C + i * C + r, tl.cumsum(dG, 0, reverse=True))
+    tl.store(tot_ptr + (part + bh) * n_chunks + i, tl.sum(dG, 0))
+
+
+def scratch(shape, dtype, device) -> torch.Tensor:
+    """An uninitialised work buffer (the tests fill these with NaN, so a read of anything not
+    written first shows)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def default_chunk(width: int) -> int:
     """The backward's chunk size for heads of ``width`` (the wider of ``Dk``, ``Dv``)."""
-    return 64 if width <= 64 else 32
+    return 64
 
 
 def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=None):
@@ -360,17 +497,16 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     r_counts = [(((n + (1 << h) - 1) >> h) >> 1) for h in range(n_bits)]
     n_r = max(1, sum(r_counts))
     p_log = TILE_CHUNKS.bit_length() - 1
-    rsum = torch.empty((B, n_r, DK * DV), dtype=acc_torch, device=dev)
+    rsum = scratch((B, n_r, DK * DV), acc_torch, dev)
     tiled = sum(r_counts[p_log + 1:])  # levels of blocks larger than a tile: summed atomically
     if tiled:
         rsum[:, n_r - tiled:].zero_()
-    programs = sum(c * max(1, (1 << h) >> p_log) for h, c in enumerate(r_counts))
-    if programs:
-        _query_block_kernel[(programs, B, tiles)](
+    if n_bits:
+        _query_block_kernel[(cdiv(n, TILE_CHUNKS) * n_bits, B, tiles)](
             layout.tensors["q"], layout.tensors["do"], layout.tensors["l"], layout.decay_args()[0], logdec, rsum,
             T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale),
             *layout.args("q")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *layout.decay_args()[1:],
-            C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, **meta)
+            C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, SPLIT=SPLIT, **meta)
     # outputs: straight in the inputs' dtypes, or float32 (float64) buffers for the atomic partial sums
     def buffer(shape, dtype):
         if atomic:
@@ -378,20 +514,38 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         return torch.empty(shape, dtype=dtype, device=dev)
 
     dq, dk = buffer((B, T, DK), q.dtype), buffer((B, T, DK), k.dtype)
-    dv, dl = buffer((B, T, DV), v.dtype), buffer((B, T, L), level_scales.dtype)
-    row, col = buffer((B, T), acc_torch), buffer((B, T), acc_torch)
-    _query_kernel[(n, B, tiles)](
-        *ptrs, states, logdec, dq, dl, row, T, layout.B1, n, states.shape[1], n_bits, L, DK, DV, n_dv,
-        float(scale), *strides, C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=next_power_of_2(L),
-        EXACT=exact, ATOMIC=atomic, **meta)
-    _key_kernel[(n, B, tiles)](
-        *ptrs, logdec, rsum, dk, dv, col, T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv,
-        float(scale), *strides, C=C, BDK=BDK, BDV=BDV, EXACT=exact, ATOMIC=atomic, **meta)
+    dv = buffer((B, T, DV), v.dtype)
     batch = layout.batch
-    dg = None
-    if has_g:
-        dg = torch.flip(torch.cumsum(torch.flip(row - col, (-1,)), -1), (-1,))
-        dg[:, 0] = 0
-        dg = dg.reshape(batch + (T,)).to(log_decay.dtype)
+    if FUSED:
+        parts = tiles if atomic else 1
+        dl = torch.empty((parts * B, T, L), dtype=acc_torch if atomic else level_scales.dtype, device=dev)
+        dgl = torch.empty((parts * B, n * C), dtype=acc_torch, device=dev)
+        tot = torch.empty((parts * B, n), dtype=acc_torch, device=dev)
+        _chunk_kernel[(n, B, tiles)](
+            *ptrs, states, logdec, rsum, dq, dk, dv, dl, dgl, tot, T, layout.B1, n, states.shape[1], n_r, n_bits, L,
+            DK, DV, n_dv, float(scale), *strides, C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV,
+            BL=next_power_of_2(L), EXACT=exact, ATOMIC=atomic, SPLIT=SPLIT, **meta)
+        if atomic:
+            dl, dgl, tot = (x.view((parts, -1) + x.shape[1:]).sum(0) for x in (dl, dgl, tot))
+        dg = None
+        if has_g:
+            later = torch.flip(torch.cumsum(torch.flip(tot, (-1,)), -1), (-1,)) - tot
+            dg = (dgl.view(B, n, C) + later[..., None]).view(B, n * C)[:, :T]
+            dg[:, 0] = 0
+            dg = dg.reshape(batch + (T,)).to(log_decay.dtype)
+    else:
+        dl, row, col = buffer((B, T, L), level_scales.dtype), buffer((B, T), acc_torch), buffer((B, T), acc_torch)
+        _query_kernel[(n, B, tiles)](
+            *ptrs, states, logdec, dq, dl, row, T, layout.B1, n, states.shape[1], n_bits, L, DK, DV, n_dv,
+            float(scale), *strides, C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=next_power_of_2(L),
+            EXACT=exact, ATOMIC=atomic, **meta)
+        _key_kernel[(n, B, tiles)](
+            *ptrs, logdec, rsum, dk, dv, col, T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv,
+            float(scale), *strides, C=C, BDK=BDK, BDV=BDV, EXACT=exact, ATOMIC=atomic, **meta)
+        dg = None
+        if has_g:
+            dg = torch.flip(torch.cumsum(torch.flip(row - col, (-1,)), -1), (-1,))
+            dg[:, 0] = 0
+            dg = dg.reshape(batch + (T,)).to(log_decay.dtype)
     return (dq.reshape(batch + (T, DK)).to(q.dtype), dk.reshape(batch + (T, DK)).to(k.dtype),
             dv.reshape(batch + (T, DV)).to(v.dtype), dl.reshape(batch + (T, L)).to(level_scales.dtype), dg)

@@ -151,6 +151,7 @@ def test_block_sum_tiles(T, tile_chunks, rng, monkeypatch):
     ones tile by tile with atomic adds (small tiles make short sequences take that path)."""
     module = importlib.import_module("hodlr.kernels.attention_backward")
     monkeypatch.setattr(module, "TILE_CHUNKS", tile_chunks)
+    monkeypatch.setattr(module, "scratch", lambda *a: torch.full(*a[:1], float("nan"), dtype=a[1], device=a[2]))
     q, k, v, lam, g, w = _case(T, rng, Dk=5, Dv=3)
     want = _dense_grads("attention", q, k, v, lam, g, 0.5, w)
     got = module.attention_backward(q, k, v, lam, g, 0.5, w, chunk=CHUNK)
