@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hodlr.fenwick.arrays import zeros
-from hodlr import _checks, backends as registry
+from hodlr import _checks, _deferred, backends as registry
 from hodlr.mask import LogLinearMask
 
 __all__ = ["attention", "backends", "matmul"]
@@ -82,6 +82,7 @@ def matmul(M, X, *, backend: str = "auto"):
     >>> hodlr.matmul(M, X, backend="dense").ravel()          # running sums: no decay
     array([ 0.,  1.,  3.,  6., 10.])
     """
+    _deferred.report()
     _check_mask(M)
     X = _checks.as_array("X", X, 2, "(..., T, D)")
     _checks.check_same_home({"M.level_scales": M.level_scales, "X": X})
@@ -127,6 +128,7 @@ def attention(q, k, v, M, *, scale=None, backend: str = "auto"):
     >>> hodlr.attention(ones, ones, np.arange(T, dtype=float)[:, None], M).ravel()
     array([0., 1., 3., 6.])
     """
+    _deferred.report()
     _check_mask(M)
     q = _checks.as_array("q", q, 2, "(..., T, Dk)")
     k = _checks.as_array("k", k, 2, "(..., T, Dk)")
