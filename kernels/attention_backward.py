@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import chunk_decays, chunk_rows, dot, dot_split, intra_decay, intra_scales, next_decay
+from ._device import chunk_decays, chunk_rows, dot, intra_decay, intra_scales, next_decay
 from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, interpreting,
                       next_power_of_2, state_dtypes)
 from .attention import attention_layout, chunk_states
@@ -44,10 +44,6 @@ from .attention import attention_layout, chunk_states
 MAX_TILE = 128
 """Widest feature tile of one backward program; wider heads are split into tiles whose partial
 sums are combined with atomics."""
-
-SPLIT = False
-"""Carry the float32 chunk states and block sums through two 16-bit dots each (head and
-remainder) instead of one rounding, for the sums behind ``dlog_decay`` (see ``dot_split``)."""
 
 TILE_CHUNKS = 16
 """Chunks summed by one program of ``_query_block_kernel`` (a power of two): blocks of at most
@@ -82,10 +78,62 @@ def _decays(G, g_next, tmask, C: tl.constexpr, HAS_G: tl.constexpr, EXACT: tl.co
 
 
 @triton.jit
+def _rounded(x, like, LOWP: tl.constexpr, NATIVE: tl.constexpr):
+    """``x`` rounded to ``like``'s 16-bit dtype for a native dot (bfloat16 on a GPU), else as is."""
+    if LOWP and NATIVE:
+        return x.to(like.dtype)
+    else:
+        return x
+
+
+@triton.jit(do_not_specialize=["n_chunks", "n_total", "n_r", "n_bits"])
+def _span_kernel(h_ptr, a_ptr, r_ptr, span_ptr, n_chunks, n_total, n_r, n_bits, DK: tl.constexpr,
+                 DV: tl.constexpr, N_DV_TILES, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
+                 ACC: tl.constexpr):
+    """Program ``(chunk i, batch entry, feature tile)``: the weight of the pairs that span chunk
+    ``i`` inside one level block, ``Σ_h exp(A_i + ζ_h) <R_h, U_h>`` over the clear bits ``h`` of
+    ``i``: ``U_h`` gathers the states ``i`` reads at the set bits below ``h`` (the keys of the
+    block before ``i``), ``R_h`` the queries of the block that reads it (this tile's partial sum)."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    tile_f = tl.program_id(2)
+    dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
+    dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
+    fmask = (dk[:, None] < DK) & (dv[None, :] < DV)
+    tile = dk[:, None] * DV + dv[None, :]
+    A_i = tl.load(a_ptr + bh * n_total + i).to(ACC) if HAS_G else tl.zeros((), dtype=ACC)
+    U = tl.zeros((BDK, BDV), dtype=ACC)
+    span = tl.zeros((), dtype=ACC)
+    gap = tl.zeros((), dtype=ACC)
+    zeta = tl.zeros((), dtype=ACC)
+    off = 0
+    roff = 0
+    h = 0
+    while h < n_bits:
+        if ((i >> h) & 1) == 1:
+            blk = bh * n_total + off + (i >> h) - 1
+            U += tl.exp(gap) * tl.load(h_ptr + blk * DK * DV + tile, mask=fmask, other=0.0).to(ACC)
+            if HAS_G:
+                gap += tl.load(a_ptr + blk)
+        else:
+            reader = (i >> h) + 1
+            if (reader << h) < n_chunks:
+                R = tl.load(r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV + tile, mask=fmask, other=0.0)
+                span += tl.exp(A_i + zeta) * tl.sum(tl.sum(R * U, 1), 0)
+                if HAS_G:
+                    if ((reader + 1) << h) <= n_chunks:
+                        zeta += tl.load(a_ptr + bh * n_total + off + reader)
+        off += n_chunks >> h
+        roff += ((n_chunks + (1 << h) - 1) >> h) >> 1
+        h += 1
+    tl.store(span_ptr + (tile_f.to(tl.int64) * tl.num_programs(1) + bh) * n_chunks + i, span)
+
+
+@triton.jit
 def _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot, sod, slt, sgt, dk, dv,
                DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-               HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr,
-               SPLIT: tl.constexpr):
+               HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+               NATIVE: tl.constexpr):
     """``Σ_t scale λ_t exp(G_t - G_a) dO_t q_tᵀ`` (``(BDV, BDK)``, the transposed block sum) over
     the ``count`` chunks from chunk ``first``, ``a`` the last position before them; ``l_col``
     points at the level-scale column the rows read."""
@@ -102,8 +150,8 @@ def _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot
                      other=0.0)
         ob = tl.load(o_row + t[:, None] * sot + dv[None, :] * sod, mask=tmask[:, None] & (dv[None, :] < DV),
                      other=0.0)
-        qw = qb.to(ACC) * (scale * lam * tl.exp(gap + G))[:, None]
-        acc += dot_split(tl.trans(ob), qw, ACC, PREC, NATIVE, SPLIT)
+        qw = _rounded(qb.to(ACC) * (scale * lam * tl.exp(gap + G))[:, None], qb, LOWP, NATIVE)
+        acc += dot(tl.trans(ob), qw, ACC, PREC, NATIVE)
         if HAS_G:
             gap += tl.sum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
         j += 1
@@ -117,7 +165,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr,
                         scale, sqb0, sqb1, sqt, sqd, sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt,
                         C: tl.constexpr, LOG_C: tl.constexpr, P_LOG: tl.constexpr, BDK: tl.constexpr,
                         BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                        LOWP: tl.constexpr, NATIVE: tl.constexpr, SPLIT: tl.constexpr):
+                        LOWP: tl.constexpr, NATIVE: tl.constexpr):
     """Program ``(group * n_bits + level, batch entry, feature tile)`` over aligned groups of
     ``2^P_LOG`` chunks, the level varying fastest (the programs of one group read the same rows,
     from L2): a level below ``P_LOG`` sums the reader blocks inside the group and stores them;
@@ -146,7 +194,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr,
             count = tl.minimum(1 << h, n_chunks - (b << h))
             if count > 0:
                 acc = _block_sum(q_row, o_row, l_col, g_row, b << h, count, T, scale, sqt, sqd, sot, sod, slt, sgt,
-                                 dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, NATIVE, SPLIT)
+                                 dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE)
                 tl.store(r_ptr + (bh * n_r + roff + (b >> 1)) * DK * DV + r_tile, acc, mask=fmask)
             nb += 1
     else:
@@ -154,7 +202,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr,
         count = tl.minimum(1 << P_LOG, n_chunks - first)
         if ((b & 1) == 1) & (count > 0):
             acc = _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot, sod, slt, sgt,
-                             dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, NATIVE, SPLIT)
+                             dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE)
             dst = r_ptr + (bh * n_r + roff + (b >> 1)) * DK * DV + r_tile
             if h == P_LOG:  # the group is the whole block
                 tl.store(dst, acc, mask=fmask)
@@ -173,17 +221,16 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr,
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_r", "n_bits", "L", "slb0", "slb1", "slt",
                                "sgb0", "sgb1"])
 def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr, dq_ptr, dk_ptr, dv_ptr, dl_ptr,
-                  dgl_ptr, span_ptr, lvl_ptr, T, B1, n_chunks, n_total, n_r, n_bits, L, DK: tl.constexpr,
+                  dgl_ptr, lvl_ptr, T, B1, n_chunks, n_total, n_r, n_bits, L, DK: tl.constexpr,
                   DV: tl.constexpr, N_DV_TILES, scale, sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
                   sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt,
                   C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
                   NB: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
-                  LOWP: tl.constexpr, NATIVE: tl.constexpr, ATOMIC: tl.constexpr, SPLIT: tl.constexpr):
+                  LOWP: tl.constexpr, NATIVE: tl.constexpr, ATOMIC: tl.constexpr):
     """Program ``(chunk i, batch entry, feature tile)``: every gradient of the chunk's rows.
 
     Writes ``dq``, ``dk``, ``dv``, ``dλ`` and, for ``dg`` (see :func:`attention_backward`), the
-    chunk-local part of each row, the weight of the pairs that span the chunk and lie in one
-    level block (``span``), and the chunk's per-level row sums (``lvl``, ``NB`` columns).  With
+    chunk-local part of each row and the chunk's row sums per level (``lvl``, level-major).  With
     ``ATOMIC`` (heads split into feature tiles) ``dq, dk, dv`` are added atomically and the
     other outputs are this tile's partial sums, in a slice of their own per tile."""
     i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
@@ -223,17 +270,11 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
     dk_acc = dot(tl.trans(dS), qb, ACC, PREC, NATIVE)
     dv_acc = dot(tl.trans(Pm), ob, ACC, PREC, NATIVE)
     # levels > c, one walk over the bits h of the chunk index, low to high.  Set bit: the chunk
-    # reads the level-h state (i >> h) - 1 (dq, dλ; U gathers the states read so far, decayed to
-    # the chunk's start).  Clear bit: the chunk lies in the level-h block (i >> h), read by the
-    # block after it through the block sum R (dk, dv via D; the pairs of U's keys and R's
-    # queries span this chunk).
-    A_i = tl.sum(tl.where(tmask, tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0.0), 0) if HAS_G \
-        else tl.zeros((), dtype=ACC)
+    # reads the level-h state (i >> h) - 1 (dq, dλ).  Clear bit: the chunk lies in the level-h
+    # block (i >> h), read by the block after it through the block sum R (dk, dv via D).
     levels = tl.arange(0, NB)
     lvl_rows = tl.zeros((NB,), dtype=ACC)
-    U = tl.zeros((BDK, BDV), dtype=ACC)
     D = tl.zeros((BDK, BDV), dtype=ACC)
-    span = tl.zeros((), dtype=ACC)
     gap = tl.zeros((), dtype=ACC)
     zeta = tl.zeros((), dtype=ACC)
     off = 0
@@ -242,8 +283,8 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
     while h < n_bits:
         if ((i >> h) & 1) == 1:
             blk = bh * n_total + off + (i >> h) - 1
-            sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :], mask=fmask, other=0.0).to(ACC)
-            X = dot_split(ob, tl.trans(sb), ACC, PREC, NATIVE, SPLIT)
+            sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :], mask=fmask, other=0.0)
+            X = dot(ob, tl.trans(_rounded(sb, ob, LOWP, NATIVE)), ACC, PREC, NATIVE)
             e = scale * tl.exp(gap + G)
             lam_h = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
             dq += (lam_h * e)[:, None] * X
@@ -252,15 +293,12 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
             row_h = lam_h * dl_h
             row += row_h
             lvl_rows = tl.where(levels == h, tl.sum(row_h, 0), lvl_rows)
-            U += tl.exp(gap) * sb
             gap += tl.load(a_ptr + blk)
         else:
             reader = (i >> h) + 1
             if (reader << h) < n_chunks:
-                Rh = tl.load(r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV + dk[:, None] * DV + dv[None, :],
-                             mask=fmask, other=0.0)
-                D += tl.exp(zeta) * Rh
-                span += tl.exp(A_i + zeta) * tl.sum(tl.sum(Rh * U, 1), 0)
+                D += tl.exp(zeta) * tl.load(r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV + dk[:, None] * DV
+                                            + dv[None, :], mask=fmask, other=0.0)
                 if HAS_G:
                     if ((reader + 1) << h) <= n_chunks:
                         zeta += tl.load(a_ptr + bh * n_total + off + reader)
@@ -271,8 +309,9 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
         w = tl.exp(tl.cumsum(g_next, 0, reverse=True))
     else:
         w = tl.full((C,), 1.0, dtype=ACC)
-    dk_inter = w[:, None] * dot_split(vb, tl.trans(D), ACC, PREC, NATIVE, SPLIT)
-    dv_acc += w[:, None] * dot_split(kb, D, ACC, PREC, NATIVE, SPLIT)
+    D = _rounded(D, kb, LOWP, NATIVE)
+    dk_inter = w[:, None] * dot(vb, tl.trans(D), ACC, PREC, NATIVE)
+    dv_acc += w[:, None] * dot(kb, D, ACC, PREC, NATIVE)
     dk_acc += dk_inter
     col_later = tl.sum(kb.to(ACC) * dk_inter, 1)  # pairs with a later chunk
     # the chunk-local part of dg: pairs with a row at or after t and a column before t that
@@ -292,33 +331,31 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
         tl.store(dk_dst, dk_acc, mask=kmask)
         tl.store(dv_dst, dv_acc, mask=vmask)
     tl.store(dl_dst, dl, mask=tmask[:, None] & (col_l[None, :] < L))
-    chunk_row = (part + bh) * n_chunks + i
-    tl.store(dgl_ptr + chunk_row * C + r, dgl)
-    tl.store(span_ptr + chunk_row, span)
-    tl.store(lvl_ptr + chunk_row * NB + levels, lvl_rows)
+    tl.store(dgl_ptr + ((part + bh) * n_chunks + i) * C + r, dgl)
+    tl.store(lvl_ptr + ((part + bh) * NB + levels) * n_chunks + i, lvl_rows)
 
 
 @functools.lru_cache(maxsize=64)
-def _gap_indices(n: int, levels: int, device):
-    """For chunk ``i`` and level ``h``: ``(i + 1, min(end of i's level-h block + 1, n), bit h of i)``
-    as ``(n,)``, ``(n, levels)``, ``(n, levels)`` device tensors."""
-    i = torch.arange(n)
-    h = torch.arange(levels)
-    end = torch.minimum(((i[:, None] >> h) << h) + (1 << h), torch.tensor(n))
-    return (i + 1).to(device), end.to(device), (((i[:, None] >> h) & 1) == 1).to(device)
+def _gap_indices(levels: int, n: int, device):
+    """For level ``h`` and chunk ``i``: the last chunk of ``i``'s level-``h`` block (clipped to
+    ``n - 1``), and whether bit ``h`` of ``i`` is set, as ``(levels, n)`` device tensors."""
+    h = torch.arange(levels)[:, None]
+    i = torch.arange(n)[None, :]
+    end = torch.clamp(((i >> h) << h) + (1 << h) - 1, max=n - 1)
+    return end.to(device), (((i >> h) & 1) == 1).to(device)
 
 
 def _spanning_in_gap(level_rows):
     """Per chunk ``i``: the summed weights of the pairs that span it with chunk ``i`` in the gap
     between the state a later chunk ``c`` reads at level ``h`` and ``c`` itself -- the later
-    chunks of ``i``'s own level-``h`` block when bit ``h`` of ``i`` is set.  ``level_rows (B, n,
-    NB)`` holds each chunk's row sums per level; suffix sums over chunks give the block parts."""
-    B, n, levels = level_rows.shape
-    after = torch.zeros((B, n + 1, levels), dtype=level_rows.dtype, device=level_rows.device)
-    after[:, :n] = torch.flip(torch.cumsum(torch.flip(level_rows, (1,)), 1), (1,))
-    nxt, end, bit = _gap_indices(n, levels, level_rows.device)
-    inside = after[:, nxt] - torch.gather(after, 1, end.expand(B, n, levels))
-    return torch.where(bit, inside, 0.0).sum(-1)
+    chunks of ``i``'s own level-``h`` block when bit ``h`` of ``i`` is set.  ``level_rows (B, NB,
+    n)`` holds each chunk's row sums per level; differences of prefix sums over chunks give the
+    block parts (their rounding is that of a sum over one level's row sums, a few per block)."""
+    B, levels, n = level_rows.shape
+    before = torch.cumsum(level_rows, -1)
+    end, bit = _gap_indices(levels, n, level_rows.device)
+    inside = torch.gather(before, -1, end.expand(B, levels, n)) - before
+    return torch.where(bit, inside, 0.0).sum(1)
 
 
 def scratch(shape, dtype, device) -> torch.Tensor:
@@ -387,7 +424,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
             layout.tensors["q"], layout.tensors["do"], layout.tensors["l"], layout.decay_args()[0], logdec, rsum,
             T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale),
             *layout.args("q")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *layout.decay_args()[1:],
-            C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, SPLIT=SPLIT, **meta)
+            C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, **meta)
     # outputs: straight in the inputs' dtypes, or float32 (float64) buffers for the atomic partial sums
     def buffer(shape, dtype):
         if atomic:
@@ -401,18 +438,22 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     NB = next_power_of_2(max(n_bits, 1))
     dl = torch.empty((parts * B, T, L), dtype=acc_torch if atomic else level_scales.dtype, device=dev)
     dgl = scratch((parts * B, n * C), acc_torch, dev)
-    span = scratch((parts * B, n), acc_torch, dev)
-    lvl_rows = scratch((parts * B, n, NB), acc_torch, dev)
+    lvl_rows = scratch((parts * B, NB, n), acc_torch, dev)
     _chunk_kernel[(n, B, tiles)](
-        *ptrs, states, logdec, rsum, dq, dk, dv, dl, dgl, span, lvl_rows, T, layout.B1, n, states.shape[1], n_r,
+        *ptrs, states, logdec, rsum, dq, dk, dv, dl, dgl, lvl_rows, T, layout.B1, n, states.shape[1], n_r,
         n_bits, L, DK, DV, n_dv, float(scale), *strides, C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV,
-        BL=next_power_of_2(L), NB=NB, EXACT=exact, ATOMIC=atomic, SPLIT=SPLIT, **meta)
-    if atomic:
-        dl, dgl, span, lvl_rows = (x.view((parts, -1) + x.shape[1:]).sum(0) for x in (dl, dgl, span, lvl_rows))
+        BL=next_power_of_2(L), NB=NB, EXACT=exact, ATOMIC=atomic, **meta)
     dg = None
     if has_g:
+        span = scratch((parts * B, n), acc_torch, dev)
+        _span_kernel[(n, B, tiles)](states, logdec, rsum, span, n, states.shape[1], n_r, n_bits, DK, DV, n_dv,
+                                    BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, num_warps=meta["num_warps"])
+        if atomic:
+            dgl, span, lvl_rows = (x.view((parts, -1) + x.shape[1:]).sum(0) for x in (dgl, span, lvl_rows))
         dg = (dgl.view(B, n, C) + (span + _spanning_in_gap(lvl_rows))[..., None]).view(B, n * C)[:, :T]
         dg[:, 0] = 0
         dg = dg.reshape(batch + (T,)).to(log_decay.dtype)
+    if atomic:
+        dl = dl.view((parts, -1) + dl.shape[1:]).sum(0)
     return (dq.reshape(batch + (T, DK)).to(q.dtype), dk.reshape(batch + (T, DK)).to(k.dtype),
             dv.reshape(batch + (T, DV)).to(v.dtype), dl.reshape(batch + (T, L)).to(level_scales.dtype), dg)
