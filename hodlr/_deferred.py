@@ -51,6 +51,12 @@ def report(wait_for: Check = None) -> None:
 
     Checks still running on the GPU stay queued, unless ``wait_for`` is given: that one is waited
     for (and everything queued before it)."""
+    if not _pending:
+        return
+    import torch
+
+    if torch.cuda.is_current_stream_capturing():  # no event may be queried while a graph is captured
+        return
     if wait_for is not None and not wait_for.done:
         wait_for.event.synchronize()
     while _pending and (_pending[0].done or _pending[0].event.query()):
