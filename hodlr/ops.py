@@ -240,6 +240,21 @@ def _op_fake(q, k, v, g, level_scales, scale, initial_states, initial_positions,
             q.new_empty((Nseq,), dtype=torch.int64))
 
 
+def _autograd_on():
+    """Autograd back on inside a custom operator's implementation, which the dispatcher runs
+    below autograd (the autograd keys excluded): the backward recomputes the forward under it."""
+    import contextlib
+
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for name in ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor", "ADInplaceOrView"):
+        exclude = exclude.remove(getattr(keys, name))
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude))
+    stack.enter_context(torch.enable_grad())
+    return stack
+
+
 @torch.library.custom_op("hodlr::log_linear_attn_backward", mutates_args=())
 def _op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  g: Optional[torch.Tensor], level_scales: torch.Tensor, scale: float,
@@ -250,7 +265,7 @@ def _op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: to
     """Gradients ``(dq, dk, dv, dg, dlevel_scales, dinitial_states)`` of :func:`_op` (empty for
     an absent ``g`` / initial state): the backend's forward recomputed under autograd."""
     inputs = [q, k, v, g, level_scales, initial_states]
-    with torch.enable_grad():
+    with _autograd_on():
         leaves = [None if x is None else x.detach().requires_grad_(True) for x in inputs]
         o, states, _ = _forward(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], scale, leaves[5],
                                 initial_positions, cu_seqlens, output_final_state, final_slots, backend)
@@ -302,6 +317,10 @@ _op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------
 # the public functions
 # ---------------------------------------------------------------------------------------
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _bhtd(x):
     """``(B, T, H, ...)`` -> the view ``(B, H, T, ...)``."""
     return None if x is None else x.transpose(1, 2)
@@ -385,6 +404,11 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
     else:
         end = _check_values(T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
         final_slots = max(S_in, end.bit_length())
+        if (T == 1 and initial_state is not None and cu_seqlens is None and q.device.type == "cuda"
+                and backend in ("auto", "triton") and not _wants_grad(q, k, v, g, level_scales, init)):
+            state = LogLinearState(initial_state.with_slots(final_slots).states.clone(), pos.clone(), validate=False)
+            o = log_linear_attn_step(q, k, v, g, level_scales, state, scale=scale, backend="triton", validate=False)
+            return o, (state if output_final_state else None)
         o, states, positions = _forward(_bhtd(q), _bhtd(k), _bhtd(v), g_, lam, scale, init, pos, cu_seqlens,
                                         output_final_state, final_slots, backend)
     o = o.transpose(1, 2)
@@ -440,9 +464,9 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
     if backend == "auto":
         backend = "triton" if q.device.type == "cuda" else "torch"
     if backend == "triton":
-        from hodlr import kernels
+        from hodlr.kernels.decode import decode_step
 
-        o = kernels.decode_step(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0],
+        o = decode_step(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0],
                                 level_scales[:, 0], state.states, state.positions, scale)
         return o[:, None]
     o, new = log_linear_attn(q, k, v, g, level_scales, initial_state=state, output_final_state=True, scale=scale,
