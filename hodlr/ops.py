@@ -164,6 +164,8 @@ def _grouped(q, k, v, level_scales, g):
 def _plain(module, q, k, v, level_scales, g, scale, cu_seqlens):
     """A backend's ``attention`` on grouped-head views; packed sequences one call each."""
     N, H, T, Dv = v.shape
+    if T == 0:
+        return v.new_zeros((N, H, 0, Dv))
     if cu_seqlens is None:
         return module.attention(*_grouped(q, k, v, level_scales, g), scale).flatten(1, 2)
     cu = cu_seqlens.tolist()
