@@ -62,7 +62,7 @@ def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, l_ptr, s_ptr, pos_ptr, o_ptr,
         if HAS_G:
             e = tl.exp(tl.load(g_ptr + n * sgn + h * sgh).to(ACC))
         else:
-            e = tl.full((), 1.0, ACC)
+            e = 1.0
         carry = p ^ (p + 1)  # bits 0 .. D-1 set: the slots that merge, and slot D itself
         read = tl.zeros((BDV,), dtype=ACC)
         merged = tl.zeros((BDK, BDV), dtype=ACC)

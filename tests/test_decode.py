@@ -100,3 +100,15 @@ def test_op_with_one_token_matches_step():
     assert relative_error(o, o2) <= 1e-12 and relative_error(after.with_slots(stepped.num_slots).states,
                                                             stepped.states) <= 1e-12
     assert np.array_equal(after.positions.numpy(), [6, 13])
+
+
+def test_bench_decode_gpu_step_smoke():
+    """``hodlr bench-decode --gpu-step`` on the CPU (interpreter, tiny sizes): the code path runs
+    and the byte model counts 2 * live + 1 state matrices."""
+    from hodlr import bench_decode
+
+    res = bench_decode.run(["--gpu-step", "--skip", "step", "memory", "matmul", "--gpu-device", "cpu",
+                            "--gpu-batch", "1", "--gpu-heads", "2", "--gpu-d", "16", "--gpu-positions", "3", "4"])
+    rows = res["gpu_step"]
+    assert rows["3"]["state_bytes"] == 5 * 2 * 16 * 16 * 4 and rows["4"]["live_slots"] == 1
+    assert "decode step" in bench_decode._report(res)
