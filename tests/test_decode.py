@@ -15,14 +15,21 @@ from hodlr.testing import poison_unread, relative_error
 
 from test_state import prefix_state
 
+INTERP = hodlr.backends._load("triton").unavailable_reason("torch", torch.device("cpu")) is None
+DEVICE = "cpu" if INTERP else "cuda"
+KERNEL_DT = torch.float64 if INTERP else torch.float32  # float64 runs only under the interpreter
+TOL = 1e-12 if INTERP else 1e-5
 DT = torch.float64
 POSITIONS = [0, 1, 2, 7, 8, 15, 16, 31, 32, 21]
+pytestmark = pytest.mark.skipif(not INTERP and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
 
 
-def needs_triton():
-    pytest.importorskip("triton")
-    if hodlr.backends.get("triton", "torch", torch.device("cpu")) is None:  # pragma: no cover
-        pytest.skip("no triton")
+def dev(x):
+    """A float64 CPU tensor, or state, on the kernels' device and dtype."""
+    if isinstance(x, hodlr.LogLinearState):
+        return hodlr.LogLinearState(x.states.to(DEVICE, KERNEL_DT, copy=True), x.positions.to(DEVICE, copy=True))
+    return None if x is None else x.to(DEVICE, KERNEL_DT)
 
 
 def step_inputs(state, seed, grouped=True):
@@ -49,11 +56,12 @@ def test_decode_kernel_equals_scan(decay):
     g = g if decay else None
     want, after = hodlr.log_linear_attn(q, k, v, g, lam, initial_state=state, output_final_state=True,
                                         backend="fenwick")
-    states, positions = state.states.clone(), state.positions.clone()
+    states, positions = dev(state.states), state.positions.to(DEVICE)
+    q, k, v, g, lam = (dev(x) for x in (q, k, v, g, lam))
     o = decode_step(q[:, 0, :, :], k[:, 0], v[:, 0], None if g is None else g[:, 0], lam[:, 0], states, positions, 1.0,
-                    out=torch.full((len(POSITIONS), 2, 5), float("nan"), dtype=DT))
-    assert relative_error(o, want[:, 0]) <= 1e-12
-    assert relative_error(states, after.states[:, :, :states.shape[2]]) <= 1e-12
+                    out=torch.full((len(POSITIONS), 2, 5), float("nan"), dtype=KERNEL_DT, device=DEVICE))
+    assert relative_error(o.cpu(), want[:, 0]) <= TOL
+    assert relative_error(states.cpu(), after.states[:, :, :states.shape[2]]) <= TOL
     assert positions.tolist() == [p + 1 for p in POSITIONS]
 
 
@@ -61,21 +69,21 @@ def test_step_triton_equals_torch_and_full_sequence():
     """Three steps from mixed positions, by the kernel and by the torch path, then the dense
     reference on a sequence started from 0 (a prefix of its own)."""
     state, _ = prefix_state([0, 3, 7, 8], H=2, Dk=2, Dv=3)
-    a, b = state.clone(), state.clone()
+    a, b = dev(state), dev(state)
     for t in range(3):
-        q, k, v, g, lam = step_inputs(a, 10 + t, grouped=False)
-        o1 = hodlr.log_linear_attn_step(q, k, v, g, lam, a, backend="triton", scale=0.5)
-        o2 = hodlr.log_linear_attn_step(q, k, v, g, lam, b, backend="torch", scale=0.5)
-        assert relative_error(o1, o2) <= 1e-12
-    assert torch.equal(a.positions, b.positions) and relative_error(a.states, b.states) <= 1e-12
+        inputs = [dev(x) for x in step_inputs(a, 10 + t, grouped=False)]
+        o1 = hodlr.log_linear_attn_step(*inputs, a, backend="triton", scale=0.5)
+        o2 = hodlr.log_linear_attn_step(*inputs, b, backend="torch", scale=0.5)
+        assert relative_error(o1, o2) <= TOL
+    assert torch.equal(a.positions, b.positions) and relative_error(a.states, b.states) <= TOL
 
 
 def test_step_overflow_refused_or_nan():
     """A step past the state's slots: refused with validation (state untouched); without it the
     kernel leaves that row alone and writes NaN, other rows step normally."""
     state, _ = prefix_state([3, 1], H=1, Dk=2, Dv=2)
-    state = state.with_slots(2)  # position 3 -> 4 needs 3 slots
-    q, k, v, g, lam = step_inputs(state, 5)
+    state = dev(state.with_slots(2))  # position 3 -> 4 needs 3 slots
+    q, k, v, g, lam = (dev(x) for x in step_inputs(state, 5))
     before = state.clone()
     with pytest.raises(ValueError, match="needs 3 slots but the state has 2"):
         hodlr.log_linear_attn_step(q, k, v, g, lam, state, backend="triton")
@@ -91,17 +99,19 @@ def test_op_with_one_token_matches_step():
     """``log_linear_attn`` with T == 1 and a state (the op's functional form) leaves the given state
     alone and returns the stepped one."""
     state, _ = prefix_state([5, 12], H=2, Dk=2, Dv=2)
-    q, k, v, g, lam = step_inputs(state, 7)
+    state = dev(state)
+    q, k, v, g, lam = (dev(x) for x in step_inputs(state, 7))
     before = state.clone()
     o, after = hodlr.log_linear_attn(q, k, v, g, lam, initial_state=state, output_final_state=True)
     assert torch.equal(state.states, before.states)
     stepped = state.clone()
     o2 = hodlr.log_linear_attn_step(q, k, v, g, lam, stepped, backend="triton")
-    assert relative_error(o, o2) <= 1e-12 and relative_error(after.with_slots(stepped.num_slots).states,
-                                                            stepped.states) <= 1e-12
-    assert np.array_equal(after.positions.numpy(), [6, 13])
+    assert relative_error(o, o2) <= TOL and relative_error(after.with_slots(stepped.num_slots).states,
+                                                           stepped.states) <= TOL
+    assert np.array_equal(after.positions.cpu().numpy(), [6, 13])
 
 
+@pytest.mark.skipif(not INTERP, reason="the smoke test runs the interpreter on the CPU")
 def test_bench_decode_gpu_step_smoke():
     """``hodlr bench-decode --gpu-step`` on the CPU (interpreter, tiny sizes): the code path runs
     and the byte model counts 2 * live + 1 state matrices."""
