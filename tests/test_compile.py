@@ -16,6 +16,8 @@ from hodlr.testing import relative_error
 from test_ops import TRITON_STATE, draw_inputs, require_state
 
 DT = torch.float64
+INTERP = hodlr.backends._load("triton").unavailable_reason("torch", torch.device("cpu")) is None
+interpreter = pytest.mark.skipif(not INTERP, reason="CPU tensors on the triton backend need TRITON_INTERPRET=1")
 
 
 def model(q, k, v, g, lam, state, backend):
@@ -65,12 +67,14 @@ def test_opcheck_chunked(with_state, packed):
     torch.library.opcheck(torch.ops.hodlr.log_linear_attn.default, op_args("chunked", with_state, packed))
 
 
+@interpreter
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=TRITON_STATE)])
 def test_opcheck_triton_state(backend):
     require_state(backend)
     torch.library.opcheck(torch.ops.hodlr.log_linear_attn.default, op_args(backend, True, True))
 
 
+@interpreter
 def test_opcheck_triton_without_state():
     """The interpreted Triton kernels through the op's plain path (no state, no packing)."""
     args = list(op_args("triton", False, False))
