@@ -107,9 +107,9 @@ def _check_static(q, k, v, g, level_scales, initial_state, output_final_state, c
     return scale, Nseq
 
 
-def _check_values(T, L, cu_seqlens, initial_positions, num_slots=None):
-    """The checks that read ``cu_seqlens`` and the state's positions on the host; returns
-    the largest end position."""
+def _check_values(N, T, L, cu_seqlens, initial_positions, num_slots=None):
+    """The checks that read ``cu_seqlens`` and the state's positions on the host (``N`` rows of
+    ``T`` tokens); returns the largest end position."""
     if cu_seqlens is not None:
         cu = cu_seqlens.tolist()
         if cu[0] != 0:
@@ -120,8 +120,7 @@ def _check_values(T, L, cu_seqlens, initial_positions, num_slots=None):
                                  f"cu_seqlens[{i}]={cu[i]}")
         if cu[-1] != T:
             raise ValueError(f"cu_seqlens must end at T={T} (the tokens of q), got cu_seqlens[-1]={cu[-1]}")
-    _, _, length, start = segments(1, T, cu_seqlens, initial_positions) if cu_seqlens is not None else \
-        segments(1 if initial_positions is None else initial_positions.shape[0], T, None, initial_positions)
+    _, _, length, start = segments(N, T, cu_seqlens, initial_positions)
     if start.size and start.min() < 0:
         raise ValueError(f"initial_state.positions must be >= 0, got {int(start.min())}")
     if num_slots is not None and start.size and int(start.max()).bit_length() > num_slots:
@@ -218,7 +217,7 @@ def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Ten
         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``log_linear_attn`` on the ``(N, H, T, D)`` layout with flat arguments:
     ``(o, states, positions)``, the last two empty without ``output_final_state``."""
-    _check_values(q.shape[2], level_scales.shape[-1], cu_seqlens, initial_positions,
+    _check_values(q.shape[0], q.shape[2], level_scales.shape[-1], cu_seqlens, initial_positions,
                   None if initial_states is None else initial_states.shape[2])
     o, states, positions = _forward(q, k, v, g, level_scales, scale, initial_states, initial_positions,
                                     cu_seqlens, output_final_state, final_slots, backend)
@@ -400,11 +399,12 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
     pos = None if initial_state is None else initial_state.positions
     S_in = 0 if initial_state is None else initial_state.num_slots
     if torch.compiler.is_compiling():
-        final_slots = S_in if initial_state is not None else T.bit_length()
+        # no host read while tracing: the slot count comes from shapes (int(T) specialises T)
+        final_slots = 0 if not output_final_state else S_in if initial_state is not None else int(T).bit_length()
         o, states, positions = _op(_bhtd(q), _bhtd(k), _bhtd(v), g_, lam, scale, init, pos, cu_seqlens,
                                    output_final_state, final_slots, backend)
     else:
-        end = _check_values(T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
+        end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
         final_slots = max(S_in, end.bit_length())
         if (T == 1 and initial_state is not None and cu_seqlens is None and q.device.type == "cuda"
                 and backend in ("auto", "triton") and not _wants_grad(q, k, v, g, level_scales, init)):
@@ -458,7 +458,7 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     L = level_scales.shape[-1]
     if validate:
-        end = _check_values(1, L, None, state.positions, state.num_slots)
+        end = _check_values(q.shape[0], 1, L, None, state.positions, state.num_slots)
         if end.bit_length() > state.num_slots:
             raise ValueError(f"the step takes position {end - 1} to {end}, which needs {end.bit_length()} slots but "
                              f"the state has {state.num_slots}; make it with more (state.with_slots(S), or "
