@@ -83,6 +83,7 @@ def test_opcheck_triton_without_state():
 
 
 @pytest.mark.gpu
+@TRITON_STATE
 def test_compile_inductor_on_gpu():
     q, k, v, g, lam = (x.cuda().float() for x in draw_inputs(2, 2, 300, 2, 2, 64, 64, "mild"))
     lam = torch.nan_to_num(lam)
