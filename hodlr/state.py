@@ -11,7 +11,8 @@ the log-decay.  Every decay up to the last consumed token ``p - 1`` is applied; 
 own decay is applied when it is consumed.  Slots of empty buckets hold 0.  Nothing else is needed:
 the carried states are only ever multiplied by ``exp`` of later decays.
 
-One object holds a batch of sequences, each at its own position.
+One object holds a batch of sequences, each at its own position.  :func:`combine` composes the
+state at ``a`` with the state of the tokens ``[a, b)`` alone into the state at ``b``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from hodlr.fenwick.arrays import describe
 
-__all__ = ["LogLinearState"]
+__all__ = ["LogLinearState", "combine"]
 
 
 def _bit_length(positions) -> int:
@@ -262,6 +263,89 @@ class LogLinearState:
         if need > slots:
             raise ValueError(f"slots={slots} cannot hold position {int(self.positions.max())} (needs {need})")
         return LogLinearState(self.states[:, :, :slots].contiguous(), self.positions, validate=False)
+
+
+def combine(first: LogLinearState, second: LogLinearState, log_decay=None, *, validate: bool = True) -> LogLinearState:
+    """The state at ``b`` from the state at ``a`` and the state of the tokens ``[a, b)`` alone.
+
+    ``first`` is the state of each sequence at position ``a`` (every token before ``a``);
+    ``second`` the state at ``b >= a`` of a call that started at ``a`` from an all-zero state
+    (its buckets hold the tokens ``[a, b)`` only); ``log_decay`` the sum of the log-decays of those
+    tokens.  With ``d = bit_length(a XOR b)`` (the level of ``a`` seen from ``b``), the bucket of
+    level ``l`` of ``b``
+
+    * for ``l > d`` is the bucket ``l`` of ``a`` (``a`` and ``b`` agree on the bits ``>= l - 1``),
+      decayed by ``exp(log_decay)``;
+    * for ``l = d`` is ``[start, a) ∪ [a, start + 2^(d-1))``: the buckets ``1 .. d - 1`` of ``a``
+      (which tile ``[start, a)``), decayed, plus bucket ``d`` of ``second``;
+    * for ``l < d`` lies inside ``[a, b)``: bucket ``l`` of ``second``.
+
+    ``a == b`` gives ``first`` (every ``l > d = 0``; ``second`` is empty).  Pure and differentiable
+    in both states and ``log_decay``; no host read unless ``validate``.
+
+    Parameters
+    ----------
+    first, second : LogLinearState
+        The same ``(N, H, ·, Dk, Dv)``, dtype and device; slot counts may differ.
+    log_decay : torch.Tensor, shape ``(N, H)``, or None
+        ``sum(g[a:b])`` per sequence and head, in the states' dtype (``None``: no decay).
+    validate : bool, default True
+        Check ``first.positions <= second.positions`` (one host read).
+
+    Returns
+    -------
+    LogLinearState
+        At ``second.positions``, with ``max(first.num_slots, second.num_slots)`` slots.
+
+    Examples
+    --------
+    >>> import torch, hodlr
+    >>> from hodlr.state import combine
+    >>> q, k, v = (torch.randn(1, 11, 1, 2, dtype=torch.float64) for _ in range(3))
+    >>> lam = torch.rand(1, 11, 1, 5, dtype=torch.float64)
+    >>> _, whole = hodlr.log_linear_attn(q, k, v, None, lam, output_final_state=True)
+    >>> _, head = hodlr.log_linear_attn(q[:, :6], k[:, :6], v[:, :6], None, lam[:, :6], output_final_state=True)
+    >>> zero = hodlr.LogLinearState(torch.zeros(1, 1, 3, 2, 2, dtype=torch.float64), torch.tensor([6]))
+    >>> _, tail = hodlr.log_linear_attn(q[:, 6:], k[:, 6:], v[:, 6:], None, lam[:, 6:], initial_state=zero,
+    ...                                 output_final_state=True)
+    >>> bool(torch.allclose(combine(head, tail).states, whole.states))
+    True
+    """
+    import torch
+
+    for name, s in (("first", first), ("second", second)):
+        if not isinstance(s, LogLinearState):
+            raise TypeError(f"{name} must be a hodlr.LogLinearState, got {type(s).__name__}")
+    want = (first.batch_size, first.num_heads, first.Dk, first.Dv)
+    got = (second.batch_size, second.num_heads, second.Dk, second.Dv)
+    if got != want:
+        raise ValueError(f"second must have the (N, H, Dk, Dv) of first, {want}, got {got}")
+    if second.dtype != first.dtype or second.device != first.device:
+        raise ValueError(f"second is {second.dtype} on {second.device} but first is {first.dtype} on {first.device}")
+    if log_decay is not None:
+        if not isinstance(log_decay, torch.Tensor) or tuple(log_decay.shape) != want[:2]:
+            raise ValueError(f"log_decay must be a tensor of shape (N, H) = {want[:2]}, got {describe(log_decay)}")
+    if validate and first.batch_size:
+        behind = (second.positions < first.positions).nonzero()
+        if behind.numel():
+            n = int(behind[0, 0])
+            raise ValueError(f"second must be at or after first: sequence {n} has first.positions = "
+                             f"{int(first.positions[n])} > second.positions = {int(second.positions[n])}")
+    S = max(first.num_slots, second.num_slots)
+    Y = first.with_slots(S).states
+    X = second.with_slots(S).states
+    a, b = first.positions[:, None], second.positions[:, None]
+    below = torch.arange(S, device=Y.device)  # l - 1
+    above = (a >> below) == (b >> below)  # l > d
+    at = ~above & ((a >> (below + 1)) == (b >> (below + 1)))  # l == d
+    if log_decay is not None:
+        decay = torch.exp(log_decay.to(Y.dtype))[:, :, None, None, None]
+        Y = decay * Y
+    # the buckets 1 .. l - 1 of a, per l (a cumulative sum over the slots, no subtraction)
+    lower = torch.cat([torch.zeros_like(Y[:, :, :1]), torch.cumsum(Y[:, :, :-1], 2)], 2)
+    above, at = above[:, None, :, None, None], at[:, None, :, None, None]
+    states = torch.where(above, Y, torch.where(at, lower + X, X))
+    return LogLinearState(states, second.positions, validate=False)
 
 
 def segments(N: int, T: int, cu_seqlens=None, initial_positions=None):

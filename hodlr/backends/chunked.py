@@ -229,6 +229,54 @@ def _pick(x, rows, index):
     return x.movedim(3, 1)[r, torch.as_tensor(index, device=dev)].movedim(1, 3)
 
 
+def read_state(q, level_scales, G, states, start, positions, valid):
+    """What tokens read of the buckets their sequences carry in (unscaled): for the token at
+    absolute position ``t`` of a row that starts at ``a`` with the bucket states ``states``,
+
+    ``sum_l [bit l - 1 of a] · λ[t, max(l, level(t, a))] · exp(G[t]) · q_tᵀ states[l - 1]``
+
+    (a bucket of ``a`` at level ``l`` lies at level ``max(l, level(t, a))`` from every ``t >= a``,
+    docs/models.md), ``G`` the log-decay summed from the row's first token to ``t``, inclusive.
+
+    Parameters
+    ----------
+    q : torch.Tensor, shape ``(R, Hqk, 1 or grp, W, Dk)``
+    level_scales : torch.Tensor, shape ``(R, Hqk, grp, W, width)``
+        Only the entries read are touched (unread ones may be NaN).
+    G : torch.Tensor, shape ``(R, Hqk, grp, W)``, or None (no decay)
+    states : torch.Tensor, shape ``(R, Hqk, grp, S, Dk, Dv)``
+    start : numpy int64 array ``(R,)``: ``a``
+    positions : numpy int64 array ``(R, W)``: the absolute position of each token (``>= a`` where valid)
+    valid : numpy bool array ``(R, W)``: which entries are tokens
+
+    Returns
+    -------
+    torch.Tensor, shape ``(R, Hqk, grp, W, Dv)``, or None when no row carries a live bucket.
+    """
+    import torch
+
+    dev = level_scales.device
+    R, Hqk, grp, W = level_scales.shape[:4]
+    zero = torch.zeros((), dtype=level_scales.dtype, device=dev)
+    D = fenwick.level(np.maximum(positions, start[:, None]), start[:, None])
+    decay = None if G is None else torch.exp(G)
+    out = None
+    for l in range(1, states.shape[3] + 1):
+        live = ((start >> (l - 1)) & 1) == 1
+        if not live.any():
+            continue
+        read = valid & live[:, None]
+        col = np.where(read, np.maximum(l, D), 0)
+        pick = torch.as_tensor(col, device=dev)[:, None, None, :, None].expand(R, Hqk, grp, W, 1)
+        wt = torch.gather(level_scales, -1, pick)[..., 0]
+        wt = torch.where(torch.as_tensor(read, device=dev)[:, None, None], wt, zero)
+        if decay is not None:
+            wt = wt * decay
+        term = wt[..., None] * (q @ states[:, :, :, l - 1])
+        out = term if out is None else out + term
+    return out
+
+
 def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, initial_positions, cu_seqlens,
                     output_final_state, *, chunk: int = DEFAULT_CHUNK):
     """Log-linear attention that continues from a state and/or runs packed sequences.
@@ -335,18 +383,10 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
     init = None
     if S_in:
         init = initial_state.to(work).unflatten(1, (Hqk, grp))  # (R, Hqk, grp, S, Dk, Dv)
-        G = torch.zeros_like(ch.lam[..., 0]).flatten(3) if g is None else torch.cumsum(g, -1)
-        decay = torch.exp(G)
-        D = fenwick.level(np.maximum(P, a[:, None]), a[:, None])
-        for l in range(1, S_in + 1):
-            live = ((a >> (l - 1)) & 1) == 1
-            if not live.any():
-                continue
-            col = np.where(valid & live[:, None], np.maximum(l, D), 0)
-            pick = torch.as_tensor(col, device=dev)[:, None, None, :, None].expand(R, Hqk, grp, W, 1)
-            wt = torch.gather(ch.lam.flatten(3, 4), -1, pick)[..., 0]
-            wt = torch.where(torch.as_tensor(valid & live[:, None], device=dev)[:, None, None], wt, zero)
-            o = o + (wt * decay)[..., None] * (qr @ init[:, :, :, l - 1])
+        G = None if g is None else torch.cumsum(g, -1)
+        carried = read_state(qr, ch.lam.flatten(3, 4), G, init, a, P, valid)
+        if carried is not None:
+            o = o + carried
     o = (o * scale).flatten(1, 2)  # (R, H, W, Dv)
 
     # back to the input layout
