@@ -1,0 +1,500 @@
+"""Context parallelism for log-linear attention over ``torch.distributed`` (gloo on CPUs, NCCL on GPUs).
+
+The sequence is cut into contiguous shards, one per rank of a process group.  Each rank holds its
+shard of ``q, k, v, g, level_scales`` in :func:`hodlr.log_linear_attn`'s ``(B, T, H, D)`` layout
+and gets its shard of the output; levels are those of global positions.  What crosses ranks is one
+``Dk x Dv`` matrix per Fenwick level, head and sequence (the bucket states of a shard's end) and one
+log-decay per head and sequence, never ``q, k, v``.  The algorithm (docs/distributed.md):
+
+1. every rank runs its shard alone, from an all-zero state at its global start position (its
+   sequences' first tokens start from their initial states), and keeps the bucket states at its end;
+2. one ``all_gather`` (autograd: ``torch.distributed.nn.functional.all_gather``, whose backward
+   sends the state gradients back) gives every rank those states;
+3. rank ``r`` folds the states of the earlier ranks with :func:`hodlr.state.combine` into the state
+   at its start, and adds what its tokens read of that state (:func:`state_term`) to its outputs: by
+   linearity, the call from that state equals the call from zeros plus this term.
+
+Also here: :func:`shard_offsets` (an even split), :func:`payload_bytes` (the bytes formula) and
+:func:`record_communication` (what the collectives of this module moved).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from hodlr import fenwick
+from hodlr.state import LogLinearState, combine
+
+__all__ = ["CommRecord", "combine", "log_linear_attn", "payload_bytes", "record_communication", "shard_offsets",
+           "state_term"]
+
+
+# ---------------------------------------------------------------------------------------
+# communication accounting
+# ---------------------------------------------------------------------------------------
+@dataclass
+class CommRecord:
+    """The collectives :mod:`hodlr.distributed` ran while recording, on this rank.
+
+    ``entries`` holds one dict per collective: ``what`` (``"metadata"``: the shard lengths and
+    argument checks; ``"states"``: the bucket states and log-decays), ``direction`` (``"forward"``,
+    or ``"backward"`` for the gradient of the states), ``payload`` (bytes this rank contributes)
+    and ``sent`` (bytes this rank sends in a ring: ``(world - 1) * payload``).
+    """
+
+    entries: list = field(default_factory=list)
+
+    def add(self, what: str, direction: str, payload: int, world: int) -> None:
+        self.entries.append({"what": what, "direction": direction, "payload": int(payload),
+                             "sent": int(payload) * (world - 1), "world": int(world)})
+
+    def total(self, key: str = "sent", what=None, direction=None) -> int:
+        """Sum of ``key`` (``"sent"`` or ``"payload"``) over the entries that match."""
+        return sum(e[key] for e in self.entries
+                   if (what is None or e["what"] == what) and (direction is None or e["direction"] == direction))
+
+
+_RECORDS: list = []
+
+
+@contextlib.contextmanager
+def record_communication():
+    """Record the collectives of :func:`log_linear_attn` (forward, and the backward of calls made
+    inside the block) on this rank.
+
+    >>> with record_communication() as rec:
+    ...     pass
+    >>> rec.total()
+    0
+    """
+    rec = CommRecord()
+    _RECORDS.append(rec)
+    try:
+        yield rec
+    finally:
+        _RECORDS.remove(rec)
+
+
+def payload_bytes(rows: int, heads: int, slots: int, Dk: int, Dv: int, *, decay: bool = True,
+                  itemsize: int = 4) -> int:
+    """Bytes one rank contributes to the states ``all_gather``: ``rows`` sequences times ``heads``
+    times (``slots`` bucket matrices ``Dk x Dv``, plus one log-decay when there is a decay), in
+    the state's dtype (``itemsize`` 4 for float32).  In a ring each rank sends ``world - 1``
+    times this, forward, and as much again for the gradient in the backward.
+
+    >>> payload_bytes(1, 16, 21, 64, 64)  # one sequence of up to 2**21 tokens, 16 heads of 64
+    5505088
+    """
+    return int(rows) * int(heads) * (int(slots) * int(Dk) * int(Dv) + int(bool(decay))) * int(itemsize)
+
+
+def _all_gather(tensor, group, world: int, what: str):
+    """``world`` tensors (this rank's ``tensor`` from every rank), recorded; differentiable
+    (the backward sums the gradients of every rank's copy into the contributing rank)."""
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+
+    for rec in _RECORDS:
+        rec.add(what, "forward", tensor.numel() * tensor.element_size(), world)
+    if not tensor.requires_grad:
+        out = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(out, tensor.contiguous(), group=group)
+        return out
+    if _RECORDS:
+        recs = list(_RECORDS)
+
+        def hook(grad):
+            for rec in recs:
+                rec.add(what, "backward", grad.numel() * grad.element_size(), world)
+
+        tensor.register_hook(hook)
+    return list(dist_fn.all_gather(tensor, group=group if group is not None else dist.group.WORLD))
+
+
+class _Depend(torch.autograd.Function):
+    """``x`` unchanged, with ``others`` in its graph (their gradient: zero).  The states
+    ``all_gather`` has a collective backward that every rank must run: tied to ``o`` (where ``o``
+    does not read the gathered states) and to the rank's inputs (where its payload holds none of
+    their states), every rank's backward reaches it, also with ``torch.autograd.grad`` on a subset
+    of the inputs."""
+
+    @staticmethod
+    def forward(ctx, x, *others):
+        ctx.shapes = len(others)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        return (grad,) + (None,) * ctx.shapes
+
+
+# ---------------------------------------------------------------------------------------
+# shards
+# ---------------------------------------------------------------------------------------
+def shard_offsets(T: int, world_size: int) -> list:
+    """``world_size + 1`` offsets of an even split of ``T`` tokens into contiguous shards (the first
+    ``T % world_size`` shards one token longer): rank ``r`` holds ``[offsets[r], offsets[r + 1])``.
+
+    >>> shard_offsets(10, 4)
+    [0, 3, 6, 8, 10]
+    """
+    for name, x in (("T", T), ("world_size", world_size)):
+        if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if T < 0 or world_size < 1:
+        raise ValueError(f"need T >= 0 and world_size >= 1, got T={T}, world_size={world_size}")
+    base, extra = divmod(int(T), int(world_size))
+    return [r * base + min(r, extra) for r in range(int(world_size) + 1)]
+
+
+_META = ("tokens", "B (batch of q)", "heads of q and k", "heads of v", "Dk", "Dv", "g given", "initial_state given",
+         "initial_state slots", "cu_seqlens length", "output_final_state", "dtype of q", "gradients wanted",
+         "cu_seqlens", "initial_state.positions", "scale", "backend")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _crc(values) -> int:
+    return zlib.crc32(np.asarray(values, dtype=np.int64).tobytes())
+
+
+def _exchange_metadata(q, v, g, initial_state, cu_seqlens, output_final_state, wants_grad, scale, backend,
+                       group, rank, world, refused):
+    """Every rank's shard length (the offsets) and whether any rank wants gradients, after checking
+    that the ranks agree on everything that must be replicated; every rank raises otherwise (the
+    same ValueError, or ``refused``, this rank's own error, on the rank that refused its arguments)."""
+    import torch.distributed as dist
+
+    if refused is None:
+        cu = [] if cu_seqlens is None else cu_seqlens.tolist()
+        pos = [] if initial_state is None else initial_state.positions.tolist()
+        mine = [q.shape[1], q.shape[0], q.shape[2], v.shape[2], q.shape[3], v.shape[3], g is not None,
+                initial_state is not None, 0 if initial_state is None else initial_state.num_slots,
+                len(cu), output_final_state, _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1, wants_grad,
+                _crc(cu), _crc(pos), _crc(np.float64(scale).view(np.int64)), zlib.crc32(backend.encode()), 0]
+        device = q.device
+    else:
+        mine = [-1] * len(_META) + [1]
+        device = q.device if isinstance(q, torch.Tensor) else (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu")
+    meta = torch.tensor([int(x) for x in mine], dtype=torch.int64, device=device)
+    rows = [m.tolist() for m in _all_gather(meta, group, world, "metadata")]
+    if refused is not None:
+        raise refused
+    bad = [j for j in range(world) if rows[j][-1]]
+    if bad:
+        raise ValueError(f"rank {bad[0]} of the group refused its arguments (its own error says why); "
+                         f"rank {rank} stops too")
+    for i, name in enumerate(_META):
+        if i == 0 or name == "gradients wanted":
+            continue
+        values = [row[i] for row in rows]
+        if len(set(values)) > 1:
+            j = next(j for j in range(world) if values[j] != values[0])
+            raise ValueError(f"every rank of the group must pass the same {name}: rank 0 has "
+                             f"{_show(name, rows[0][i])}, rank {j} has {_show(name, rows[j][i])} "
+                             f"(this is rank {rank})")
+    lengths = [row[0] for row in rows]
+    return [0] + np.cumsum(lengths).tolist(), any(row[_META.index("gradients wanted")] for row in rows)
+
+
+def _show(name, value):
+    if name == "dtype of q":
+        return str(_DTYPES[value]) if 0 <= value < len(_DTYPES) else "another dtype"
+    if name in ("cu_seqlens", "initial_state.positions", "scale", "backend"):
+        return f"checksum {value}"
+    return str(value)
+
+
+@dataclass
+class _Plan:
+    """Host-side layout of one call: per rank ``j`` and sequence ``n`` the global token range
+    ``[lo, hi)`` of ``n`` inside shard ``j`` and its absolute positions ``[a, a + hi - lo)``."""
+
+    offsets: list
+    lo: np.ndarray  # (world, N)
+    hi: np.ndarray
+    a: np.ndarray
+    first: np.ndarray  # (N,): the rank of each sequence's first token (where it starts from its initial state)
+    start: np.ndarray  # (N,): initial positions
+    end: np.ndarray  # (N,): final positions
+    rows: list  # per rank: the sequences whose states that rank sends
+
+    @property
+    def length(self):
+        return self.hi - self.lo
+
+
+def _plan(offsets, Nseq, cu, start, output_final_state) -> _Plan:
+    world = len(offsets) - 1
+    o = np.asarray(offsets, dtype=np.int64)
+    if cu is None:  # every batch row is one sequence over all the shards
+        s0, s1 = np.zeros(Nseq, dtype=np.int64), np.full(Nseq, o[-1], dtype=np.int64)
+    else:
+        cu = np.asarray(cu, dtype=np.int64)
+        s0, s1 = cu[:-1], cu[1:]
+    lo = np.clip(s0[None, :], o[:-1, None], o[1:, None])
+    hi = np.clip(s1[None, :], o[:-1, None], o[1:, None])
+    a = start[None, :] + lo - s0[None, :]
+    first = np.searchsorted(o[:world], s0, side="right") - 1
+    crosses = (hi == o[1:, None]) & (s1[None, :] > o[1:, None])
+    send = (hi > lo) & (crosses | bool(output_final_state))
+    rows = [np.nonzero(send[j])[0] for j in range(world)]
+    return _Plan(list(offsets), lo, hi, a, first, start, start + s1 - s0, rows)
+
+
+# ---------------------------------------------------------------------------------------
+# the op
+# ---------------------------------------------------------------------------------------
+def _segments_decay(g, plan, rank, local, cu_local):
+    """``(len(local), H)``: the log-decay summed over each local sequence's tokens on this rank."""
+    if cu_local is None:
+        return g.sum(1)
+    lengths = torch.as_tensor(plan.length[rank, local], device=g.device)
+    seg = torch.repeat_interleave(torch.arange(len(local), device=g.device), lengths)
+    return g.new_zeros((len(local), g.shape[2])).index_add(0, seg, g[0])
+
+
+def state_term(q, level_scales, g, state, scale=1.0):
+    """What the tokens of a call read of the state it starts from.
+
+    By linearity in the past, :func:`hodlr.log_linear_attn` from ``state`` equals the same call
+    from an all-zero state at the same positions plus this term: the token at absolute position
+    ``t`` of sequence ``n`` (which starts at ``a = state.positions[n]``) reads the bucket of level
+    ``l`` of ``a`` at level ``max(l, level(t, a))``, decayed by ``exp(g[a] + ... + g[t])``
+    (:func:`hodlr.backends.chunked.read_state`).  Differentiable in every tensor argument.
+
+    Parameters
+    ----------
+    q : torch.Tensor, shape ``(B, T, Hqk, Dk)``
+    level_scales : torch.Tensor, shape ``(B, T, H, L)``
+    g : torch.Tensor, shape ``(B, T, H)``, or None
+    state : hodlr.LogLinearState
+        ``B`` sequences, the heads of ``level_scales``.
+    scale : float
+
+    Returns
+    -------
+    torch.Tensor, shape ``(B, T, H, Dv)``, in the state's dtype, or None when no sequence carries
+    a live bucket.
+
+    Examples
+    --------
+    >>> import torch, hodlr
+    >>> from hodlr.distributed import state_term
+    >>> q, k, v = (torch.randn(1, 4, 1, 2, dtype=torch.float64) for _ in range(3))
+    >>> lam = torch.rand(1, 4, 1, 4, dtype=torch.float64)
+    >>> state = hodlr.LogLinearState(torch.randn(1, 1, 3, 2, 2, dtype=torch.float64), torch.tensor([4]))
+    >>> state.states[:, :, :2] = 0  # position 4 = 0b100: only the bucket of level 3 is live
+    >>> zero = hodlr.LogLinearState(torch.zeros_like(state.states), state.positions)
+    >>> o, _ = hodlr.log_linear_attn(q, k, v, None, lam, initial_state=state)
+    >>> o0, _ = hodlr.log_linear_attn(q, k, v, None, lam, initial_state=zero)
+    >>> bool(torch.allclose(o, o0 + state_term(q, lam, None, state)))
+    True
+    """
+    from hodlr.backends import chunked
+
+    B, T, Hqk = q.shape[:3]
+    H = level_scales.shape[2]
+    work = state.dtype
+    start = np.asarray(state.positions.tolist(), dtype=np.int64)
+    G = None if g is None else torch.cumsum(g.to(work), 1).transpose(1, 2).unflatten(1, (Hqk, H // Hqk))
+    read = chunked.read_state(q.to(work).transpose(1, 2)[:, :, None],
+                              level_scales.to(work).transpose(1, 2).unflatten(1, (Hqk, H // Hqk)), G,
+                              state.states.unflatten(1, (Hqk, H // Hqk)), start,
+                              start[:, None] + np.arange(T)[None, :], np.ones((B, T), dtype=bool))
+    return None if read is None else scale * read.flatten(1, 2).transpose(1, 2)
+
+
+@torch.compiler.disable
+def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_state=False, cu_seqlens=None,
+                    scale=1.0, *, group=None, backend: str = "auto"):
+    """:func:`hodlr.log_linear_attn` with the sequence split across the ranks of a process group.
+
+    Call it on every rank of ``group`` with that rank's shard: contiguous, in rank order, any
+    lengths (uneven shards and empty ones allowed; the shard lengths are exchanged, see
+    :func:`shard_offsets` for an even split).  Rank ``r``'s first token is at global token
+    ``offsets[r]`` and levels are those of global positions, so the shards of the output, the
+    gradients and the final state equal one call on the whole sequence.
+
+    Parameters
+    ----------
+    q, k : torch.Tensor, shape ``(B, T_r, Hqk, Dk)``
+    v : torch.Tensor, shape ``(B, T_r, H, Dv)``
+    g : torch.Tensor, shape ``(B, T_r, H)``, or None
+    level_scales : torch.Tensor, shape ``(B, T_r, H, L)``
+        This rank's shard (``T_r`` tokens) of :func:`hodlr.log_linear_attn`'s arguments;
+        ``L >= num_levels`` of the largest global end position.
+    initial_state : hodlr.LogLinearState, optional
+        The same on every rank (one row per sequence).  Sequence ``n`` starts from row ``n`` on the
+        rank holding its first token (rank 0 without ``cu_seqlens``); the other ranks read only the
+        positions.  Its gradient accumulates on the ranks that use it: summed over the ranks it
+        is the gradient of the sum of every rank's loss (all-reduce it where one copy is kept).
+    output_final_state : bool
+        Also return the state after every sequence's last token, the same on every rank.  Its
+        gradient, like every other, is that of the sum of all ranks' losses: a loss that
+        counts it once reads it on one rank.
+    cu_seqlens : torch.Tensor, shape ``(N + 1,)``, optional
+        Packed sequences over the *whole* (global) sequence, the same on every rank: ``B = 1``,
+        ``cu_seqlens[-1]`` the total length.  A sequence that continues on the next rank carries
+        its state there; one that starts on a rank starts from zero (or its initial state).
+    scale : float or None
+        As :func:`hodlr.log_linear_attn` (same on every rank).
+    group : torch.distributed.ProcessGroup, optional
+        The ranks that share the sequence, in shard order of their group ranks (default: the
+        world).
+    backend : str
+        The backend of every local call (one with state: ``chunked``, ``fenwick``, ``triton``).
+
+    Returns
+    -------
+    o : torch.Tensor, shape ``(B, T_r, H, Dv)``
+        This rank's shard of the output.
+    final_state : hodlr.LogLinearState or None
+        With ``max(S, bit_length(largest end position))`` slots.
+
+    Notes
+    -----
+    Collective: every rank of the group must make the call, in the same order as the other
+    collectives, and, when gradients are wanted, run the backward through ``o`` or the final
+    state (its backward is a collective too).  Host reads: ``cu_seqlens``, the positions and one
+    small ``all_gather`` of the shard lengths and argument checks.  Under ``torch.compile`` the
+    call is a graph break (``torch.compiler.disable``): the model around it compiles.
+    Communication per call: :func:`payload_bytes` per rank (``record_communication`` measures it).
+    """
+    import torch.distributed as dist
+
+    from hodlr import ops
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("hodlr.distributed.log_linear_attn needs torch.distributed initialised "
+                           "(torch.distributed.init_process_group, e.g. under torchrun)")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    refused = None
+    try:  # a rank that refuses its arguments tells the others (no rank waits for it in a collective)
+        scale, Nseq = ops._check_static(q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens,
+                                        scale)
+    except (TypeError, ValueError) as err:
+        if world == 1:
+            raise
+        refused = err
+    init = None if initial_state is None or refused else initial_state.states
+    wants_grad = not refused and ops._wants_grad(q, k, v, g, level_scales, init)
+    if world == 1:
+        return ops.log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens, scale,
+                                   backend=backend)
+    offsets, wants_grad = _exchange_metadata(q, v, g, initial_state, cu_seqlens, output_final_state, wants_grad,
+                                             scale, backend, group, rank, world, refused)
+    B, T, Hqk, Dk = q.shape
+    H, Dv = v.shape[2], v.shape[3]
+    grp = H // Hqk
+    work = ops.work_dtype(v.dtype)
+    dev = q.device
+    S_in = 0 if initial_state is None else initial_state.num_slots
+    pos = None if initial_state is None else initial_state.positions
+    end = ops._check_values(B, offsets[-1], level_scales.shape[-1], cu_seqlens, pos,
+                            None if initial_state is None else S_in)
+    S = max(S_in, end.bit_length())
+    start = np.zeros(Nseq, dtype=np.int64) if pos is None else np.asarray(pos.tolist(), dtype=np.int64)
+    plan = _plan(offsets, Nseq, None if cu_seqlens is None else cu_seqlens.tolist(), start, output_final_state)
+    init_full = None if initial_state is None else initial_state.with_slots(S).states
+
+    # 1. this shard alone: from zeros at its start positions, or from the initial state where a sequence begins
+    local = np.nonzero(plan.length[rank] > 0)[0]
+    cu_local = None
+    if cu_seqlens is not None:
+        cu_local = torch.as_tensor(np.concatenate([[0], np.cumsum(plan.length[rank, local])]), device=dev)
+    carried = local[plan.first[local] < rank]  # sequences that began on an earlier rank
+    begins = plan.first[local] == rank
+    send = plan.rows[rank]
+    final_local = bool(len(send))
+    o = v.new_zeros((B, 0, H, Dv))
+    X = A = None
+    if len(local):
+        state = None
+        if init is not None or plan.a[rank, local].any():
+            states = torch.zeros((len(local), H, S, Dk, Dv), dtype=work, device=dev)
+            if init_full is not None and begins.any():
+                mask = torch.as_tensor(begins, device=dev)[:, None, None, None, None]
+                states = torch.where(mask, init_full[torch.as_tensor(local, device=dev)], states)
+            state = LogLinearState(states, torch.as_tensor(plan.a[rank, local], device=dev), validate=False)
+        o, fin = ops.log_linear_attn(q, k, v, g, level_scales, state, final_local, cu_local, scale, backend=backend)
+        if final_local:
+            X = fin.with_slots(S).states
+            if g is not None:
+                A = _segments_decay(g.to(work), plan, rank, local, cu_local)
+
+    # 2. the states every rank needs: one all_gather
+    K = max(len(r) for r in plan.rows)
+    if K == 0:
+        return o, None
+    width = H * S * Dk * Dv
+    payload = torch.zeros((K, width + (H if g is not None else 0)), dtype=work, device=dev)
+    if len(send):
+        at = torch.as_tensor(np.searchsorted(local, send), device=dev)
+        mine = X[at].flatten(1) if g is None else torch.cat([X[at].flatten(1), A[at]], 1)
+        payload = torch.cat([mine, payload[len(send):]])
+    if wants_grad:
+        if not payload.requires_grad:
+            payload.requires_grad_(True)
+        payload = _Depend.apply(payload, *[x for x in (q, k, v, g, level_scales, init)
+                                            if x is not None and x.requires_grad])
+    gathered = _all_gather(payload.flatten(), group, world, "states")
+
+    def piece(j, rows):
+        """States and log-decays that rank ``j`` sent for the sequences ``rows`` (all in its list)."""
+        at = torch.as_tensor(np.searchsorted(plan.rows[j], rows), device=dev)
+        block = gathered[j].view(K, -1)[at]
+        st = block[:, :width].view(len(rows), H, S, Dk, Dv)
+        return st, (None if g is None else block[:, width:])
+
+    # 3. fold the earlier ranks' states into each carried sequence's state at this rank's start
+    #    (and, for the final state, every rank's into every sequence's end)
+    need = np.arange(Nseq) if output_final_state else carried
+    Z = torch.zeros((len(need), H, S, Dk, Dv), dtype=work, device=dev)
+    if init_full is not None:  # what a sequence without tokens passes through: its initial state's live buckets
+        live = (plan.start[need, None] >> np.arange(S)[None, :]) & 1 == 1
+        Z = torch.where(torch.as_tensor(live, device=dev)[:, None, :, None, None],
+                        init_full[torch.as_tensor(need, device=dev)], Z)
+    Zpos = plan.start[need].copy()
+    carried_state = None
+    for j in range(world if output_final_state else rank):
+        if j == rank and len(carried):
+            carried_state = Z[torch.as_tensor(np.searchsorted(need, carried), device=dev)]
+        rows = np.intersect1d(need, plan.rows[j])
+        if not len(rows):
+            continue
+        at = np.searchsorted(need, rows)
+        st, dec = piece(j, rows)
+        fresh = plan.first[rows] == j
+        prev = LogLinearState(Z[torch.as_tensor(at, device=dev)], torch.as_tensor(Zpos[at], device=dev),
+                              validate=False)
+        new = combine(prev, LogLinearState(st, torch.as_tensor(plan.a[j, rows] + plan.length[j, rows], device=dev),
+                                           validate=False), dec, validate=False).states
+        new = torch.where(torch.as_tensor(fresh, device=dev)[:, None, None, None, None], st, new)
+        Z = Z.index_copy(0, torch.as_tensor(at, device=dev), new)
+        Zpos[at] = plan.a[j, rows] + plan.length[j, rows]
+    if carried_state is None and len(carried):
+        carried_state = Z[torch.as_tensor(np.searchsorted(need, carried), device=dev)]
+
+    # what the carried sequences' tokens read of their states at this rank's start
+    read = None
+    if len(carried):
+        W = T if cu_seqlens is None else int(plan.length[rank, carried[0]])  # packed: the first local sequence
+        cut = [None if x is None else x[:, :W] for x in (q, level_scales, g)]
+        read = state_term(*cut, LogLinearState(carried_state, torch.as_tensor(plan.a[rank, carried], device=dev),
+                                               validate=False), scale)
+        if read is not None:
+            fixed = (o[:, :W].to(work) + read).to(v.dtype)
+            o = fixed if W == T else torch.cat([fixed, o[:, W:]], 1)
+    if read is None:
+        o = _Depend.apply(o, *gathered)
+    if not output_final_state:
+        return o, None
+    return o, LogLinearState(Z, torch.as_tensor(plan.end, device=dev), validate=False)
