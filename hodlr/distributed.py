@@ -8,8 +8,8 @@ log-decay per head and sequence, never ``q, k, v``.  The algorithm (docs/distrib
 
 1. every rank runs its shard alone, from an all-zero state at its global start position (its
    sequences' first tokens start from their initial states), and keeps the bucket states at its end;
-2. one ``all_gather`` (autograd: ``torch.distributed.nn.functional.all_gather``, whose backward
-   sends the state gradients back) gives every rank those states;
+2. one ``all_gather`` gives every rank those states (differentiable: its backward reduce-scatters
+   the state gradients back to the ranks that sent the states);
 3. rank ``r`` folds the states of the earlier ranks with :func:`hodlr.state.combine` into the state
    at its start, and adds what its tokens read of that state (:func:`state_term`) to its outputs: by
    linearity, the call from that state equals the call from zeros plus this term.
@@ -39,23 +39,30 @@ __all__ = ["CommRecord", "combine", "log_linear_attn", "payload_bytes", "record_
 # ---------------------------------------------------------------------------------------
 @dataclass
 class CommRecord:
-    """The collectives :mod:`hodlr.distributed` ran while recording, on this rank.
+    """The collectives :mod:`hodlr.distributed` ran on this rank while recording.
 
     ``entries`` holds one dict per collective: ``what`` (``"metadata"``: the shard lengths and
-    argument checks; ``"states"``: the bucket states and log-decays), ``direction`` (``"forward"``,
-    or ``"backward"`` for the gradient of the states), ``payload`` (bytes this rank contributes)
-    and ``sent`` (bytes this rank sends in a ring: ``(world - 1) * payload``).
+    argument checks; ``"states"``: the bucket states and log-decays), ``direction`` (``"forward"``:
+    ``all_gather``; ``"backward"``: the ``reduce_scatter`` of their gradients), ``payload`` (bytes
+    this rank contributes: its part of the gathered tensor, or of the reduced gradient), ``sent``
+    (bytes this rank sends in a ring, ``(world - 1) * payload``) and, when timed, ``seconds`` (wall
+    time of the collective, the device synchronised before and after: waiting for the other ranks
+    included).
     """
 
     entries: list = field(default_factory=list)
+    timed: bool = False
 
-    def add(self, what: str, direction: str, payload: int, world: int) -> None:
-        self.entries.append({"what": what, "direction": direction, "payload": int(payload),
-                             "sent": int(payload) * (world - 1), "world": int(world)})
+    def add(self, what: str, direction: str, payload: int, world: int, seconds=None) -> None:
+        entry = {"what": what, "direction": direction, "payload": int(payload), "sent": int(payload) * (world - 1),
+                 "world": int(world)}
+        if seconds is not None:
+            entry["seconds"] = float(seconds)
+        self.entries.append(entry)
 
-    def total(self, key: str = "sent", what=None, direction=None) -> int:
-        """Sum of ``key`` (``"sent"`` or ``"payload"``) over the entries that match."""
-        return sum(e[key] for e in self.entries
+    def total(self, key: str = "sent", what=None, direction=None):
+        """Sum of ``key`` (``"sent"``, ``"payload"`` or ``"seconds"``) over the entries that match."""
+        return sum(e.get(key, 0) for e in self.entries
                    if (what is None or e["what"] == what) and (direction is None or e["direction"] == direction))
 
 
@@ -63,16 +70,18 @@ _RECORDS: list = []
 
 
 @contextlib.contextmanager
-def record_communication():
-    """Record the collectives of :func:`log_linear_attn` (forward, and the backward of calls made
-    inside the block) on this rank.
+def record_communication(timed: bool = False):
+    """Record the collectives that :func:`log_linear_attn` runs on this rank inside the block,
+    forward and backward (a ``backward()`` inside the block is recorded too).
+
+    ``timed``: also time each collective (the device is synchronised before and after it).
 
     >>> with record_communication() as rec:
     ...     pass
     >>> rec.total()
     0
     """
-    rec = CommRecord()
+    rec = CommRecord(timed=timed)
     _RECORDS.append(rec)
     try:
         yield rec
@@ -93,27 +102,52 @@ def payload_bytes(rows: int, heads: int, slots: int, Dk: int, Dv: int, *, decay:
     return int(rows) * int(heads) * (int(slots) * int(Dk) * int(Dv) + int(bool(decay))) * int(itemsize)
 
 
-def _all_gather(tensor, group, world: int, what: str):
-    """``world`` tensors (this rank's ``tensor`` from every rank), recorded; differentiable
-    (the backward sums the gradients of every rank's copy into the contributing rank)."""
-    import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_fn
+def _collective(what, direction, tensor, world, run):
+    """``run()``, recorded (and timed) for every active :class:`CommRecord`."""
+    import time
 
+    timed = any(rec.timed for rec in _RECORDS)
+    if timed and tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+    t0 = time.perf_counter()
+    run()
+    if timed and tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+    seconds = time.perf_counter() - t0
     for rec in _RECORDS:
-        rec.add(what, "forward", tensor.numel() * tensor.element_size(), world)
-    if not tensor.requires_grad:
-        out = [torch.empty_like(tensor) for _ in range(world)]
-        dist.all_gather(out, tensor.contiguous(), group=group)
-        return out
-    if _RECORDS:
-        recs = list(_RECORDS)
+        rec.add(what, direction, tensor.numel() * tensor.element_size(), world, seconds if rec.timed else None)
 
-        def hook(grad):
-            for rec in recs:
-                rec.add(what, "backward", grad.numel() * grad.element_size(), world)
 
-        tensor.register_hook(hook)
-    return list(dist_fn.all_gather(tensor, group=group if group is not None else dist.group.WORLD))
+class _AllGather(torch.autograd.Function):
+    """``(world, *x.shape)``: ``x`` of every rank of ``group``; the backward reduce-scatters the
+    gradient (each rank gets the sum, over the ranks, of the gradients of its own part)."""
+
+    @staticmethod
+    def forward(ctx, x, group, world, what):
+        import torch.distributed as dist
+
+        ctx.group, ctx.world, ctx.what = group, world, what
+        x = x.contiguous()
+        out = x.new_empty((world * x.numel(),))
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the name before torch 2.13
+        _collective(what, "forward", x, world, lambda: gather(out, x.view(-1), group=group))
+        return out.view((world,) + tuple(x.shape))
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        out = grad.new_empty(grad.shape[1:])
+        scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        _collective(ctx.what, "backward", out, ctx.world,
+                    lambda: scatter(out.view(-1), grad.view(-1), op=dist.ReduceOp.SUM, group=ctx.group))
+        return out, None, None, None
+
+
+def _all_gather(x, group, world: int, what: str):
+    """``(world, *x.shape)``, the ``x`` of every rank; differentiable when ``x`` requires grad."""
+    return _AllGather.apply(x, group, world, what)
 
 
 class _Depend(torch.autograd.Function):
@@ -182,7 +216,7 @@ def _exchange_metadata(q, v, g, initial_state, cu_seqlens, output_final_state, w
         device = q.device if isinstance(q, torch.Tensor) else (
             torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu")
     meta = torch.tensor([int(x) for x in mine], dtype=torch.int64, device=device)
-    rows = [m.tolist() for m in _all_gather(meta, group, world, "metadata")]
+    rows = _all_gather(meta, group, world, "metadata").tolist()
     if refused is not None:
         raise refused
     bad = [j for j in range(world) if rows[j][-1]]
@@ -196,8 +230,7 @@ def _exchange_metadata(q, v, g, initial_state, cu_seqlens, output_final_state, w
         if len(set(values)) > 1:
             j = next(j for j in range(world) if values[j] != values[0])
             raise ValueError(f"every rank of the group must pass the same {name}: rank 0 has "
-                             f"{_show(name, rows[0][i])}, rank {j} has {_show(name, rows[j][i])} "
-                             f"(this is rank {rank})")
+                             f"{_show(name, rows[0][i])}, rank {j} has {_show(name, rows[j][i])}")
     lengths = [row[0] for row in rows]
     return [0] + np.cumsum(lengths).tolist(), any(row[_META.index("gradients wanted")] for row in rows)
 
@@ -494,7 +527,7 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
             fixed = (o[:, :W].to(work) + read).to(v.dtype)
             o = fixed if W == T else torch.cat([fixed, o[:, W:]], 1)
     if read is None:
-        o = _Depend.apply(o, *gathered)
+        o = _Depend.apply(o, gathered)
     if not output_final_state:
         return o, None
     return o, LogLinearState(Z, torch.as_tensor(plan.end, device=dev), validate=False)

@@ -1,0 +1,453 @@
+"""``hodlr.distributed``: context parallelism over torch.distributed (gloo on the CPU).
+
+In one process (hypothesis, float64):
+
+* ``state.combine(state at a, state of [a, b) alone, sum g[a:b])`` equals the final state of one
+  call over ``[0, b)`` (``a = 0``, ``a = b``, unaligned splits, sequences at different positions);
+* ``state_term``: a call from a state equals the call from zeros at the same positions plus the
+  term (the correction that replaces a second local pass);
+* ``shard_offsets``, ``payload_bytes``, and the error without a process group.
+
+Spawned gloo groups (``torch.multiprocessing``, one spawn of 4 processes holding groups of 1, 2, 3
+and 4 ranks, one spawn of 8 holding groups of 5 and 8): cases drawn by hypothesis in the parent
+(uneven and even shards, empty shards, batches and packed sequences crossing shard boundaries,
+initial states, final states, decay none / mild / strong, grouped heads, ``chunked`` and
+``fenwick``, float64 and float32) give outputs, final states and gradients (of ``q, k, v, g``, the
+level scales and the initial state) equal to one single-process call on the whole sequence; the
+bytes each rank hands to the states ``all_gather`` (forward) and ``reduce_scatter`` (backward)
+equal :func:`hodlr.distributed.payload_bytes`; arguments that disagree across ranks, or that one
+rank refuses, raise on every rank (no rank waits in a collective); a ``torch.compile``d function
+around the call (a graph break) gives the eager values and gradients.
+
+The Triton backend joins these legs once ``hodlr.kernels.attention`` takes initial states.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import Phase, given, settings, strategies as st
+
+import hodlr
+from hodlr import fenwick
+from hodlr.distributed import payload_bytes, shard_offsets, state_term
+from hodlr.state import LogLinearState, combine
+from hodlr.testing import TOLERANCES, relative_error
+
+TOL = TOLERANCES["cpu_float64"]
+DT = torch.float64
+
+
+# -- inputs ------------------------------------------------------------------------------------
+def make_inputs(seed, B, T, Hqk, grp, Dk, Dv, decay, positions, L, dtype=DT):
+    """fla-layout inputs; ``positions (B, T)`` the absolute position of every token (NaN in the
+    level scales it never reads)."""
+    rng = np.random.default_rng(seed)
+    H = Hqk * grp
+    q, k = (torch.tensor(rng.standard_normal((B, T, Hqk, Dk)), dtype=dtype) for _ in range(2))
+    v = torch.tensor(rng.standard_normal((B, T, H, Dv)), dtype=dtype)
+    lam = rng.uniform(0.3, 1.5, (B, T, H, L)) * rng.choice([-1.0, 1.0], (B, T, H, L), p=[0.2, 0.8])
+    lev = np.arange(L)
+    read = (lev == 0) | (((positions[:, :, None] >> np.maximum(lev - 1, 0)) & 1) == 1)
+    lam = torch.tensor(np.where(read[:, :, None, :], lam, np.nan))
+    g = None
+    if decay == "mild":
+        g = torch.tensor(-rng.uniform(0.0, 1.0, (B, T, H)))
+    elif decay == "strong":
+        g = torch.tensor(np.where(rng.random((B, T, H)) < 0.5, -rng.uniform(0, 1e-3, (B, T, H)),
+                                  -rng.uniform(0, 30, (B, T, H))))
+    if dtype != DT:
+        lam, g = lam.float(), None if g is None else g.float()
+    return q, k, v, g, lam
+
+
+def random_state(seed, N, H, Dk, Dv, positions, slots, dtype=DT):
+    """Bucket states for ``positions``: random where live, 0 elsewhere."""
+    rng = np.random.default_rng(seed)
+    states = rng.standard_normal((N, H, slots, Dk, Dv))
+    live = (np.asarray(positions)[:, None] >> np.arange(slots)[None, :]) & 1
+    return LogLinearState(torch.tensor(states * live[:, None, :, None, None], dtype=dtype), torch.tensor(positions))
+
+
+# -- combine ------------------------------------------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(ends=st.lists(st.tuples(st.one_of(st.sampled_from([0, 1, 7, 8, 31, 32, 33, 64]), st.integers(0, 90)),
+                               st.one_of(st.sampled_from([0, 1, 2, 31, 32, 33]), st.integers(0, 60))),
+                     min_size=1, max_size=3),
+       decay=st.sampled_from(["none", "mild", "strong"]), backend=st.sampled_from(["chunked", "fenwick"]),
+       seed=st.integers(0, 2**31))
+def test_combine_equals_one_call(ends, decay, backend, seed):
+    """Per sequence ``n``: the state at ``a_n`` (one call over ``[0, a_n)``) combined with the state
+    of ``[a_n, b_n)`` (a call from zeros at ``a_n``) is the state of one call over ``[0, b_n)``."""
+    a = [x for x, _ in ends]
+    b = [x + y for x, y in ends]
+    N, Hqk, grp, Dk, Dv = len(ends), 1, 2, 2, 3
+    H = Hqk * grp
+    T = max(max(b), 1)
+    pos = np.broadcast_to(np.arange(T), (N, T))
+    q, k, v, g, lam = make_inputs(seed, N, T, Hqk, grp, Dk, Dv, decay, pos, fenwick.num_levels(T) + 1)
+    lengths = torch.tensor(b)
+    # every sequence packed from position 0 (its own tokens), at a, then [a, b) from zeros at a
+    S = max(1, T.bit_length())
+
+    def run(lo, hi, start):
+        cu = torch.tensor(np.concatenate([[0], np.cumsum(np.subtract(hi, lo))]))
+        parts = [[x[n:n + 1, lo[n]:hi[n]] for n in range(N)] for x in (q, k, v, g, lam) if x is not None]
+        packed = [torch.cat(p, 1) for p in parts]
+        if g is None:
+            packed.insert(3, None)
+        state = LogLinearState(torch.zeros(N, H, S, Dk, Dv, dtype=DT), torch.tensor(start))
+        _, fin = hodlr.log_linear_attn(*packed, initial_state=state, output_final_state=True, cu_seqlens=cu,
+                                       backend=backend)
+        return fin
+
+    whole = run([0] * N, b, [0] * N)
+    head = run([0] * N, a, [0] * N)
+    tail = run(a, b, a)
+    sums = None if g is None else torch.stack([g[n, a[n]:b[n]].sum(0) for n in range(N)])
+    got = combine(head, tail, sums)
+    assert got.positions.tolist() == whole.positions.tolist() == b
+    assert relative_error(got.states, whole.states) <= TOL
+    assert lengths.tolist() == b
+
+
+def test_combine_checks():
+    s = LogLinearState.zeros(2, 1, 2, 2, slots=3)
+    later = LogLinearState(torch.zeros(2, 1, 3, 2, 2), torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="second must be at or after first: sequence 0 has first.positions = 1"):
+        combine(later, s)
+    with pytest.raises(ValueError, match=r"log_decay must be a tensor of shape \(N, H\) = \(2, 1\)"):
+        combine(s, later, torch.zeros(2))
+    with pytest.raises(ValueError, match=r"second must have the \(N, H, Dk, Dv\) of first"):
+        combine(s, LogLinearState.zeros(2, 2, 2, 2, slots=3))
+    with pytest.raises(TypeError, match="first must be a hodlr.LogLinearState"):
+        combine(s.states, s)
+
+
+# -- the correction term ----------------------------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 3), T=st.sampled_from([1, 2, 3, 17, 63, 65, 70]), decay=st.sampled_from(["none", "mild",
+                                                                                                   "strong"]),
+       starts=st.lists(st.one_of(st.sampled_from([0, 1, 2, 64, 96, 127]), st.integers(0, 200)), min_size=3,
+                       max_size=3),
+       seed=st.integers(0, 2**31))
+def test_state_term_is_the_difference(B, T, decay, starts, seed):
+    """A call from a state equals the call from zeros at the same positions plus ``state_term``
+    (values and gradients): the one-pass form of the context-parallel algorithm."""
+    a = np.array(starts[:B])
+    Hqk, grp, Dk, Dv = 2, 2, 2, 3
+    pos = a[:, None] + np.arange(T)[None, :]
+    L = fenwick.num_levels(int(pos.max()) + 1) + 1
+    q, k, v, g, lam = make_inputs(seed, B, T, Hqk, grp, Dk, Dv, decay, pos, L)
+    S = max(1, int(a.max()).bit_length())
+    state = random_state(seed + 1, B, Hqk * grp, Dk, Dv, a, S)
+    states = state.states.requires_grad_()
+    q.requires_grad_()
+    full, _ = hodlr.log_linear_attn(q, k, v, g, lam, initial_state=state, scale=0.7)
+    zero, _ = hodlr.log_linear_attn(q, k, v, g, lam, initial_state=LogLinearState(torch.zeros_like(states),
+                                                                                  state.positions), scale=0.7)
+    term = state_term(q, lam, g, state, 0.7)
+    if not a.any():
+        assert term is None and relative_error(zero, full) <= TOL
+        return
+    assert relative_error(zero + term, full) <= TOL
+    w = torch.randn_like(full)
+    want = torch.autograd.grad((full * w).sum(), (q, states))
+    got = torch.autograd.grad(((zero + term) * w).sum(), (q, states))
+    for x, y in zip(got, want):
+        assert relative_error(x, y) <= 1e-10
+
+
+# -- small pieces -----------------------------------------------------------------------------
+def test_shard_offsets_and_payload():
+    assert shard_offsets(10, 4) == [0, 3, 6, 8, 10]
+    assert shard_offsets(3, 5) == [0, 1, 2, 3, 3, 3]
+    assert shard_offsets(0, 2) == [0, 0, 0]
+    with pytest.raises(ValueError, match="world_size >= 1"):
+        shard_offsets(4, 0)
+    with pytest.raises(TypeError, match="T must be an int"):
+        shard_offsets(4.0, 2)
+    assert payload_bytes(2, 3, 4, 5, 6, decay=False, itemsize=8) == 2 * 3 * 4 * 5 * 6 * 8
+    assert payload_bytes(1, 16, 21, 64, 64) == 16 * (21 * 64 * 64 + 1) * 4
+
+
+def test_needs_a_process_group():
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    x = torch.zeros(1, 2, 1, 1)
+    with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
+        hodlr.distributed.log_linear_attn(x, x, x, None, x)
+
+
+# -- spawned groups ---------------------------------------------------------------------------
+@st.composite
+def cases(draw, size):
+    """One context-parallel call on a group of ``size`` ranks, with its single-process reference
+    drawn later from ``seed``."""
+    if draw(st.booleans(), label="even shards"):
+        T = draw(st.integers(1, 40 * size))
+        lengths = np.diff(shard_offsets(T, size)).tolist()
+    else:
+        lengths = draw(st.lists(st.one_of(st.sampled_from([0, 1, 2, 3, 31, 32, 33, 64, 65]), st.integers(0, 70)),
+                                min_size=size, max_size=size), label="shard lengths")
+    T = sum(lengths)
+    if T == 0:
+        lengths[-1] = T = 1
+    packed = draw(st.booleans(), label="packed")
+    cuts = sorted(draw(st.lists(st.integers(0, T), max_size=4), label="cuts")) if packed else []
+    nseq = len(cuts) + 1 if packed else draw(st.integers(1, 2), label="B")
+    init = draw(st.booleans(), label="initial state")
+    return dict(
+        lengths=lengths, cu=[0, *cuts, T] if packed else None, nseq=nseq,
+        heads=draw(st.sampled_from([(1, 1), (1, 2), (2, 1)]), label="heads"),
+        Dk=draw(st.integers(1, 3), label="Dk"), Dv=draw(st.integers(1, 3), label="Dv"),
+        decay=draw(st.sampled_from(["none", "mild", "strong"]), label="decay"),
+        starts=draw(st.lists(st.one_of(st.sampled_from([0, 1, 5, 64]), st.integers(0, 150)), min_size=nseq,
+                             max_size=nseq), label="starts") if init else None,
+        final=draw(st.booleans(), label="final state"),
+        scale=draw(st.sampled_from([1.0, 0.5, None]), label="scale"),
+        backend=draw(st.sampled_from(["chunked", "chunked", "fenwick"]), label="backend"),
+        dtype=draw(st.sampled_from(["float64", "float64", "float64", "float32"]), label="dtype"),
+        seed=draw(st.integers(0, 2**31), label="seed"))
+
+
+def reference(case):
+    """Inputs, loss weights and the single-process results of ``case`` on the whole sequence."""
+    dtype = getattr(torch, case["dtype"])
+    T, N = sum(case["lengths"]), case["nseq"]
+    Hqk, grp = case["heads"]
+    H = Hqk * grp
+    starts = np.zeros(N, dtype=np.int64) if case["starts"] is None else np.array(case["starts"])
+    if case["cu"] is None:
+        B, pos = N, starts[:, None] + np.arange(T)[None, :]
+    else:
+        cu = np.array(case["cu"])
+        seq = np.searchsorted(cu, np.arange(T), side="right") - 1
+        B, pos = 1, (starts[seq] + np.arange(T) - cu[seq])[None, :]
+    end = int((pos.max(initial=0) + 1) if T else 1)
+    L = fenwick.num_levels(max(end, int(starts.max(initial=0)) + 1)) + 1
+    args = list(make_inputs(case["seed"], B, T, Hqk, grp, case["Dk"], case["Dv"], case["decay"], pos, L, dtype))
+    state = None
+    if case["starts"] is not None:
+        S = max(1, int(starts.max()).bit_length())
+        state = random_state(case["seed"] + 1, N, H, case["Dk"], case["Dv"], starts, S,
+                             hodlr.ops.work_dtype(dtype))
+    leaves = [None if x is None else x.clone().requires_grad_() for x in args]
+    init = None if state is None else LogLinearState(state.states.clone().requires_grad_(), state.positions)
+    cu = None if case["cu"] is None else torch.tensor(case["cu"])
+    o, fin = hodlr.log_linear_attn(*leaves, initial_state=init, output_final_state=case["final"], cu_seqlens=cu,
+                                   scale=case["scale"], backend=case["backend"])
+    gen = torch.Generator().manual_seed(case["seed"])
+    w = torch.randn(o.shape, generator=gen, dtype=o.dtype)
+    loss = (o * w).sum()
+    wf = None
+    if case["final"]:
+        wf = torch.randn(fin.states.shape, generator=gen, dtype=fin.dtype)
+        loss = loss + (fin.states * wf).sum()
+    wrt = [x for x in leaves + [None if init is None else init.states] if x is not None]
+    grads = torch.autograd.grad(loss, wrt)
+    return dict(args=args, state=None if state is None else (state.states, state.positions), cu=cu, w=w, wf=wf,
+                o=o.detach(), final=None if fin is None else (fin.states.detach(), fin.positions),
+                grads=[torch.nan_to_num(x) for x in grads])
+
+
+def expected_payload(case):
+    """The states payload per rank from the formula: rows = the most sequences any rank sends
+    (its sequences that continue on a later rank; with a final state, all it holds tokens of)."""
+    o = np.concatenate([[0], np.cumsum(case["lengths"])])
+    T = o[-1]
+    seqs = [(0, T)] * case["nseq"] if case["cu"] is None else list(zip(case["cu"][:-1], case["cu"][1:]))
+    rows = 0
+    for r in range(len(case["lengths"])):
+        held = [(s0, s1) for s0, s1 in seqs if min(s1, o[r + 1]) > max(s0, o[r])]
+        rows = max(rows, len(held) if case["final"] else sum(s1 > o[r + 1] for _, s1 in held))
+    if rows == 0 or len(case["lengths"]) == 1:
+        return 0
+    S = max(0 if case["starts"] is None else max(1, max(case["starts"]).bit_length()),
+            int(max((s1 - s0) + (0 if case["starts"] is None else case["starts"][i])
+                    for i, (s0, s1) in enumerate(seqs))).bit_length())
+    Hqk, grp = case["heads"]
+    return payload_bytes(rows, Hqk * grp, S, case["Dk"], case["Dv"], decay=case["decay"] != "none",
+                         itemsize=8 if case["dtype"] == "float64" else 4)
+
+
+def _errors(got, want):
+    return relative_error(torch.nan_to_num(got), torch.nan_to_num(want))
+
+
+def _run_case(case, ref, group, grank, size):
+    """This rank's part of one case: errors against the reference, and the recorded bytes."""
+    import torch.distributed as dist
+
+    off = np.concatenate([[0], np.cumsum(case["lengths"])]).tolist()
+    sl = slice(off[grank], off[grank + 1])
+    shard = [None if x is None else x[:, sl].clone().requires_grad_() for x in ref["args"]]
+    init = None
+    if ref["state"] is not None:
+        init = LogLinearState(ref["state"][0].clone().requires_grad_(), ref["state"][1])
+    with hodlr.distributed.record_communication() as rec:
+        o, fin = hodlr.distributed.log_linear_attn(*shard, initial_state=init, output_final_state=case["final"],
+                                                   cu_seqlens=ref["cu"], scale=case["scale"], group=group,
+                                                   backend=case["backend"])
+        loss = (o * ref["w"][:, sl]).sum()
+        if case["final"] and grank == size - 1:  # counted once: on the last rank
+            loss = loss + (fin.states * ref["wf"]).sum()
+        if loss.requires_grad:  # (an empty shard that sends and reads nothing has no graph)
+            loss.backward()
+    errors = {"o": relative_error(o, ref["o"][:, sl])}
+    if case["final"]:
+        errors["final"] = relative_error(fin.states, ref["final"][0])
+        errors["positions"] = float(fin.positions.tolist() != ref["final"][1].tolist())
+    leaves = [x for x in shard if x is not None]
+    names = [n for n, x in zip("q k v g level_scales".split(), shard) if x is not None]
+    for name, x, want in zip(names, leaves, ref["grads"]):
+        got = torch.zeros_like(x) if x.grad is None else x.grad
+        errors["d" + name] = _errors(got, want[:, sl])
+    if init is not None:
+        got = (torch.zeros_like(init.states) if init.states.grad is None else init.states.grad).contiguous().clone()
+        dist.all_reduce(got, group=group)
+        errors["dinitial_state"] = _errors(got, ref["grads"][-1])
+    return {"errors": errors, "forward": rec.total("payload", "states", "forward"),
+            "backward": rec.total("payload", "states", "backward"), "calls": len(rec.entries)}
+
+
+def _bad_inputs(group, grank):
+    """Arguments the ranks disagree on, or that one rank refuses: every rank raises."""
+    out = []
+    x = torch.randn(1, 4, 2, 3, dtype=DT)
+    lam = torch.rand(1, 4, 2, 5, dtype=DT)
+    for kind in ("heads", "refused", "cu_seqlens", "narrow"):
+        q, v, level_scales, cu = x, x, lam, None
+        if kind == "heads" and grank == 1:
+            v, level_scales = torch.cat([x, x], 2), torch.cat([lam, lam], 2)
+        if kind == "refused" and grank == 1:
+            q = x[0]
+        if kind == "cu_seqlens":
+            cu = torch.tensor([0, 3, 5])
+        if kind == "narrow":
+            level_scales = lam[..., :2]
+        try:
+            hodlr.distributed.log_linear_attn(q, x, v, None, level_scales, cu_seqlens=cu, group=group)
+            out.append((kind, "no error"))
+        except (TypeError, ValueError) as err:
+            out.append((kind, f"{type(err).__name__}: {err}"))
+    return out
+
+
+def _compiled(group, grank):
+    """A compiled function around the call (a graph break) against eager: values and gradients."""
+    x = [torch.randn(1, 6, 1, 2, dtype=DT, generator=torch.Generator().manual_seed(i)).requires_grad_()
+         for i in range(3)]
+    lam = torch.rand(1, 6, 1, 5, dtype=DT, generator=torch.Generator().manual_seed(3))
+
+    def f(q, k, v):
+        o, _ = hodlr.distributed.log_linear_attn(torch.tanh(q), k * 2, v, None, lam, group=group)
+        return (o.sin() * 3).sum()
+
+    eager = f(*x)
+    want = torch.autograd.grad(eager, x)
+    got_value = torch.compile(f, backend="aot_eager")(*x)
+    got = torch.autograd.grad(got_value, x)
+    return [relative_error(got_value, eager)] + [relative_error(a, b) for a, b in zip(got, want)]
+
+
+def _worker(rank, nprocs, folder):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=nprocs,
+                            timeout=datetime.timedelta(seconds=120))
+    plan = torch.load(os.path.join(folder, "cases.pt"), weights_only=False)
+    groups = {ranks: dist.new_group(list(ranks)) for ranks in plan["groups"]}  # every process, same order
+    results = []
+    for i, (ranks, case, ref) in enumerate(plan["cases"]):
+        if rank in ranks:
+            results.append((i, _run_case(case, ref, groups[ranks], ranks.index(rank), len(ranks))))
+    extra = {}
+    if rank in plan["checks"]:
+        grp = groups[plan["checks"]]
+        grank = plan["checks"].index(rank)
+        extra = {"bad": _bad_inputs(grp, grank), "compiled": _compiled(grp, grank)}
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as fh:
+        json.dump({"results": results, **extra}, fh)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _spawn(tmp, nprocs, groups, assigned, checks=()):
+    """Run ``assigned`` (``(group ranks, case)`` pairs) in ``nprocs`` spawned gloo processes (and
+    the refusal and compile checks on the group ``checks``); assert every rank's errors and bytes."""
+    import torch.multiprocessing as mp
+
+    cases_ = [(group, case, reference(case)) for group, case in assigned]
+    torch.save({"groups": groups, "cases": cases_, "checks": checks}, tmp / "cases.pt")
+    mp.spawn(_worker, args=(nprocs, str(tmp)), nprocs=nprocs, join=True)
+    out = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(nprocs)]
+    seen = set()
+    for r in range(nprocs):
+        for i, res in out[r]["results"]:
+            seen.add(i)
+            ranks, case, _ = cases_[i]
+            f64 = case["dtype"] == "float64"
+            for name, err in res["errors"].items():
+                bound = (TOL if f64 else 1e-5) if name in ("o", "final", "positions") else (1e-10 if f64 else 1e-4)
+                assert err <= bound, f"rank {r} of {ranks}: {name} error {err:.2e} > {bound:.0e} in {case}"
+            want = expected_payload(case)
+            assert res["forward"] == want, f"rank {r} of {ranks}: sent {res['forward']} bytes, formula {want}: {case}"
+            assert res["backward"] == want, f"rank {r} of {ranks}: backward {res['backward']} != {want}: {case}"
+    assert seen == set(range(len(cases_)))
+    return out
+
+
+def _check_bad_and_compiled(out, checks):
+    """The ranks of ``checks`` agree on every refusal; the compiled function matches eager."""
+    bad = [dict(out[r]["bad"]) for r in checks]
+    assert bad[0]["heads"] == bad[1]["heads"] == ("ValueError: every rank of the group must pass the same heads of "
+                                                  "v: rank 0 has 2, rank 1 has 4"), bad
+    assert bad[1]["refused"].startswith("ValueError: q must have shape (B, T, Hqk, Dk)"), bad
+    assert bad[0]["refused"].startswith("ValueError: rank 1 of the group refused its arguments"), bad
+    for b in bad:
+        assert "cu_seqlens must end at T=8" in b["cu_seqlens"], b
+        assert "level_scales has L=2 levels but absolute position 7" in b["narrow"], b
+    for r in checks:
+        assert max(out[r]["compiled"]) <= TOL, out[r]["compiled"]
+
+
+def draw(strategy, n):
+    """``n`` values of ``strategy`` drawn by hypothesis (its simplest first), for the spawned
+    groups: one spawn runs them all; a failure names the case."""
+    out = []
+
+    @settings(max_examples=n, deadline=None, phases=(Phase.generate,), database=None)
+    @given(strategy)
+    def collect(x):
+        out.append(x)
+
+    collect()
+    return out
+
+
+def test_two_three_four_ranks_equal_one_process(tmp_path_factory):
+    """Groups of 2, 3 and 4 gloo ranks (and one of 1) in one spawn of 4 processes; the two groups
+    of 2 are disjoint and run side by side."""
+    groups = [(3,), (0, 1), (2, 3), (1, 2, 3), (0, 1, 2, 3)]
+    assigned = [((3,), c) for c in draw(cases(1), 1)]
+    assigned += [(groups[1 + i % 2], c) for i, c in enumerate(draw(cases(2), 6))]
+    assigned += [((1, 2, 3), c) for c in draw(cases(3), 4)]
+    assigned += [((0, 1, 2, 3), c) for c in draw(cases(4), 4)]
+    out = _spawn(tmp_path_factory.mktemp("cp4"), 4, groups, assigned, (0, 1))
+    _check_bad_and_compiled(out, (0, 1))
+
+
+def test_eight_ranks_equal_one_process(tmp_path_factory):
+    """Groups of 5 and 8 gloo ranks on the CPU (on GPUs, the benchmark runs 4 and 8 devices), and
+    an even split of 64 tokens over 8 ranks from a state at position 37 with a final state."""
+    groups = [(3, 4, 5, 6, 7), tuple(range(8))]
+    assigned = [(groups[0], c) for c in draw(cases(5), 3)] + [(groups[1], c) for c in draw(cases(8), 3)]
+    even = dict(assigned[-1][1], lengths=[8] * 8, cu=None, nseq=1, starts=[37], final=True)
+    assigned.append((groups[1], even))
+    _spawn(tmp_path_factory.mktemp("cp8"), 8, groups, assigned)
