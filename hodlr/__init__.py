@@ -28,6 +28,7 @@ _LAZY = {
     "heatmap": "hodlr.plotting",
     "plot_buckets": "hodlr.plotting",
     "rank_profile": "hodlr.display",
+    "distributed": None,
     "symbolic": None,
     "testing": None,
 }

@@ -16,9 +16,10 @@ Subcommands
     ``--png FILE`` saves the structure picture (needs matplotlib).
 ``backends``
     Which backends exist and where they can run.
-``bench``, ``bench-cpu``, ``bench-decode``
-    Hand the remaining arguments to ``hodlr.bench.main``, ``hodlr.bench_cpu.main`` and
-    ``hodlr.bench_decode.main``.
+``bench``, ``bench-cpu``, ``bench-decode``, ``bench-cp``
+    Hand the remaining arguments to ``hodlr.bench.main``, ``hodlr.bench_cpu.main``,
+    ``hodlr.bench_decode.main`` and ``hodlr.distributed_bench.main`` (context parallelism,
+    under ``torchrun``).
 
 The Triton backend under ``TRITON_INTERPRET=1`` (CPU) runs Python per program instance:
 about 1 s for the demo's T = 1000, batch 2, so ``demo`` and the default ``verify`` run it at
@@ -61,7 +62,8 @@ INTERPRETER_LENGTH = 8192
 
 LEVEL_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
-BENCHES = {"bench": "hodlr.bench", "bench-cpu": "hodlr.bench_cpu", "bench-decode": "hodlr.bench_decode"}
+BENCHES = {"bench": "hodlr.bench", "bench-cpu": "hodlr.bench_cpu", "bench-decode": "hodlr.bench_decode",
+           "bench-cp": "hodlr.distributed_bench"}
 
 
 # -- problems and references -------------------------------------------------------------

@@ -343,7 +343,9 @@ def state_term(q, level_scales, g, state, scale=1.0):
     return None if read is None else scale * read.flatten(1, 2).transpose(1, 2)
 
 
-@torch.compiler.disable
+_COMPILED_OUT = []
+
+
 def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_state=False, cu_seqlens=None,
                     scale=1.0, *, group=None, backend: str = "auto"):
     """:func:`hodlr.log_linear_attn` with the sequence split across the ranks of a process group.
@@ -396,16 +398,28 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
     collectives, and, when gradients are wanted, run the backward through ``o`` or the final
     state (its backward is a collective too).  Host reads: ``cu_seqlens``, the positions and one
     small ``all_gather`` of the shard lengths and argument checks.  Under ``torch.compile`` the
-    call is a graph break (``torch.compiler.disable``): the model around it compiles.
+    call is a graph break (it runs through ``torch.compiler.disable``): the model around it compiles.
     Communication per call: :func:`payload_bytes` per rank (``record_communication`` measures it).
     """
+    if torch.compiler.is_compiling():  # leave the call out of the graph (torch._dynamo is loaded by now)
+        if not _COMPILED_OUT:
+            _COMPILED_OUT.append(torch.compiler.disable(_log_linear_attn))
+        return _COMPILED_OUT[0](q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens, scale,
+                                group=group, backend=backend)
+    return _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens, scale,
+                            group=group, backend=backend)
+
+
+def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens, scale, *, group,
+                     backend):
+    """:func:`log_linear_attn` (eager)."""
     import torch.distributed as dist
 
     from hodlr import ops
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("hodlr.distributed.log_linear_attn needs torch.distributed initialised "
-                           "(torch.distributed.init_process_group, e.g. under torchrun)")
+        raise ValueError("group: torch.distributed is not initialised; hodlr.distributed.log_linear_attn runs on "
+                         "the ranks of a process group (torch.distributed.init_process_group, e.g. under torchrun)")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     rank, world = dist.get_rank(group), dist.get_world_size(group)

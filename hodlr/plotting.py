@@ -8,7 +8,9 @@ that programs and tests can find them:
 * ``"rank-L<l>"``: the rank written inside such a block (a ``Text``);
 * ``"leaf"``: a lower-triangular diagonal leaf (a ``Polygon``);
 * ``"grid-L<l>"``: a block outline over a heat map;
-* ``"bucket-L<l>"``: a Fenwick bucket of level ``l`` (``"query"`` for level 0).
+* ``"bucket-L<l>"``: a Fenwick bucket of level ``l`` (``"query"`` for level 0);
+* ``"sent-L<l>"`` / ``"composed-L<l>"``: in :func:`plot_context_parallel`, a bucket a rank sends
+  (of its end, over its own tokens) / a bucket of its start that it composes from earlier ranks.
 
 Geometry comes from :func:`fenwick.blocks_at_level` (never a ``T x T`` loop); for long
 sequences only blocks of at least ``min_block`` columns are drawn and the finer levels
@@ -21,7 +23,7 @@ import numpy as np
 
 from hodlr import fenwick
 
-__all__ = ["default_min_block", "heatmap", "plot_buckets", "save_structure_png", "spy"]
+__all__ = ["default_min_block", "heatmap", "plot_buckets", "plot_context_parallel", "save_structure_png", "spy"]
 
 MAX_BLOCKS_PER_LEVEL = 256
 """Default drawing budget: the finest level drawn has at most about this many blocks."""
@@ -335,6 +337,108 @@ def plot_buckets(t: int, T: int | None = None, ax=None, *, cmap="viridis"):
     ax.set_xlabel("key position s")
     ax.set_title(f"Fenwick buckets of t = {t} = 0b{t:b}", fontsize=10)
     return ax
+
+
+def plot_context_parallel(offsets, axes=None, *, cmap="viridis"):
+    """What crosses ranks when a sequence is split into contiguous shards (``hodlr.distributed``).
+
+    Left: the mask, each entry ``(t, s)`` coloured by the rank holding key ``s`` when it lies on an
+    earlier rank than query ``t`` (what reaches ``t`` through the exchanged states), grey when both
+    lie on one rank (computed there), with the HODLR blocks outlined: the blocks that straddle a
+    shard boundary are split between the local pass and the carried states.  Right: for each rank
+    ``r`` on ``[a, b) = [offsets[r], offsets[r + 1])``, the buckets it sends (those of ``b`` over
+    its own tokens: one ``Dk x Dv`` matrix per level, head and sequence) and the buckets of ``a``
+    that it composes from the earlier ranks' states, coloured by level as in :func:`plot_buckets`.
+
+    Parameters
+    ----------
+    offsets : sequence of int
+        ``world + 1`` non-decreasing shard offsets from 0 (``hodlr.distributed.shard_offsets``);
+        at most 256 tokens.
+    axes : pair of matplotlib Axes, optional
+    cmap : str or Colormap, default ``"viridis"``
+
+    Returns
+    -------
+    (Axes, Axes)
+
+    Examples
+    --------
+    >>> from matplotlib.figure import Figure
+    >>> fig = Figure()
+    >>> left, right = plot_context_parallel([0, 5, 12], axes=fig.subplots(1, 2))
+    >>> sorted({p.get_gid() for p in right.patches if p.get_gid().startswith("sent")})
+    ['sent-L1', 'sent-L3', 'sent-L4']
+    """
+    _need_matplotlib()
+    import matplotlib
+    import matplotlib.colors
+    from matplotlib.patches import Rectangle
+
+    o = [int(x) for x in offsets]
+    if len(o) < 2 or o[0] != 0 or any(b < a for a, b in zip(o, o[1:])):
+        raise ValueError(f"offsets must be non-decreasing from 0 with at least two entries, got {list(offsets)}")
+    T, world = o[-1], len(o) - 1
+    if not 1 <= T <= 256:
+        raise ValueError(f"the picture draws 1 to 256 tokens, got offsets ending at {T}")
+    if axes is None:
+        import matplotlib.pyplot as plt
+
+        _, axes = plt.subplots(1, 2, figsize=(12.0, 5.6), gridspec_kw={"width_ratios": [1, 1.35]})
+    left, right = axes
+    ranks = np.searchsorted(np.asarray(o[1:]), np.arange(T), side="right")
+    palette = matplotlib.colormaps["tab10"]
+    image = np.ones((T, T, 4))
+    t, s = np.arange(T)[:, None], np.arange(T)[None, :]
+    below = s <= t
+    image[below & (ranks[s] == ranks[t])] = matplotlib.colors.to_rgba("0.82")
+    for j in range(world):
+        image[below & (ranks[s] == j) & (ranks[t] > j)] = palette(j % 10)
+    left.imshow(image, extent=(0, T, T, 0), interpolation="nearest", gid="mask")
+    for lev in range(1, fenwick.num_levels(T)):
+        for rs, re, cs, ce in zip(*fenwick.blocks_at_level(T, lev)):
+            left.add_patch(Rectangle((cs, rs), ce - cs, re - rs, facecolor="none", edgecolor="black",
+                                     linewidth=0.4 + 0.25 * lev, gid=f"offdiag-L{lev}"))
+    for x in o[1:-1]:
+        left.axvline(x, color="black", linestyle="--", linewidth=0.8, gid="shard-boundary")
+        left.axhline(x, color="black", linestyle="--", linewidth=0.8, gid="shard-boundary")
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=palette(j % 10), label=f"key on rank {j}, query later") for j in range(world - 1)]
+    handles.append(Patch(facecolor="0.82", label="key and query on one rank"))
+    left.legend(handles=handles, loc="upper right", fontsize=7, frameon=True)
+    left.set_xlim(0, T)
+    left.set_ylim(T, 0)
+    left.set_aspect("equal")
+    left.set_xlabel("key position s")
+    left.set_ylabel("query position t")
+    left.set_title("mask entries by the rank of the key", fontsize=10)
+
+    colors = _level_colors(T.bit_length(), cmap)  # the end T has buckets up to level bit_length(T)
+    for r in range(world):
+        a, b = o[r], o[r + 1]
+        y = 2 * r
+        right.add_patch(Rectangle((a, y), b - a, 2, facecolor=palette(r % 10), alpha=0.18, edgecolor="none",
+                                  gid="shard"))
+        rows = ((y + 0.1, "sent", [(lev, max(lo, a), hi) for lev, lo, hi in fenwick.buckets(b)[1:] if hi > a]),
+                (y + 1.0, "composed", fenwick.buckets(a)[1:] if a else []))
+        for y0, kind, spans in rows:
+            for lev, lo, hi in spans:
+                color = colors[lev - 1]
+                right.add_patch(Rectangle((lo, y0), hi - lo, 0.85, facecolor=color, edgecolor="white",
+                                          linewidth=1.0, hatch=None if kind == "sent" else "//", gid=f"{kind}-L{lev}"))
+                if hi - lo >= 0.03 * T:
+                    right.text((lo + hi) / 2, y0 + 0.43, f"L{lev}", ha="center", va="center", fontsize=7,
+                               color=_text_color(matplotlib.colors.to_rgba(color)))
+        note = " (final state only)" if r == world - 1 else ""
+        right.text(T + 0.5, y + 0.55, f"rank {r} sends (end {b}){note}", va="center", fontsize=8)
+        right.text(T + 0.5, y + 1.45, f"rank {r} composes (start {a})", va="center", fontsize=8)
+    right.set_xlim(0, T)
+    right.set_ylim(2 * world, 0)
+    right.set_yticks([])
+    right.set_xlabel("key position s")
+    right.set_title("bucket states: sent by each rank, composed at each start", fontsize=10)
+    return left, right
 
 
 def save_structure_png(T: int, path, *, min_block=None, dpi: int = 120, size: float = 6.0) -> str:

@@ -16,6 +16,7 @@ import pytest
 from hodlr import fenwick
 import hodlr
 from hodlr import backends as registry
+from hodlr.state import combine
 from hodlr.testing import TOLERANCES, assert_close
 
 torch = pytest.importorskip("torch")
@@ -197,6 +198,13 @@ CASES = [
                                            torch.ones(2, 1, 2, 2, dtype=torch.float64), None,
                                            torch.ones(2, 1, 2, 5, dtype=torch.float64), state(position=15)),
      ValueError, r"the step takes position 15 to 16, which needs 5 slots but the state has 4"),
+    ("combine-behind", lambda mp: combine(state(position=5), state(position=3)), ValueError,
+     r"second must be at or after first: sequence 0 has first.positions = 5 > second.positions = 3"),
+    ("combine-decay-shape", lambda mp: combine(state(), state(), torch.zeros(2, dtype=torch.float64)), ValueError,
+     r"log_decay must be a tensor of shape \(N, H\) = \(2, 2\)"),
+    ("cp-no-process-group", lambda mp: hodlr.distributed.log_linear_attn(*(torch.ones(1, 2, 1, 1),) * 3, None,
+                                                                          torch.ones(1, 2, 1, 2)),
+     ValueError, r"group: torch.distributed is not initialised"),
     # -- conversions, registry, fenwick ------------------------------------------------
     ("to-dense-over-budget", lambda mp: (over_budget(mp), mask(2).to_dense()), hodlr.DenseTooLargeError,
      r"LogLinearMask.to_dense: a dense mask of shape \(2, 5, 5\)"),
