@@ -151,16 +151,16 @@ def _all_gather(x, group, world: int, what: str):
 
 
 class _Depend(torch.autograd.Function):
-    """``x`` unchanged, with ``others`` in its graph (their gradient: zero).  The states
+    """A copy of ``x`` with ``others`` in its graph (their gradient: zero).  The states
     ``all_gather`` has a collective backward that every rank must run: tied to ``o`` (where ``o``
     does not read the gathered states) and to the rank's inputs (where its payload holds none of
     their states), every rank's backward reaches it, also with ``torch.autograd.grad`` on a subset
-    of the inputs."""
+    of the inputs.  (A copy, not a view: the caller may modify it in place.)"""
 
     @staticmethod
     def forward(ctx, x, *others):
         ctx.shapes = len(others)
-        return x.view_as(x)
+        return x.clone()
 
     @staticmethod
     def backward(ctx, grad, *_):
@@ -366,9 +366,10 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
         ``L >= num_levels`` of the largest global end position.
     initial_state : hodlr.LogLinearState, optional
         The same on every rank (one row per sequence).  Sequence ``n`` starts from row ``n`` on the
-        rank holding its first token (rank 0 without ``cu_seqlens``); the other ranks read only the
-        positions.  Its gradient accumulates on the ranks that use it: summed over the ranks it
-        is the gradient of the sum of every rank's loss (all-reduce it where one copy is kept).
+        rank holding its first token (rank 0 without ``cu_seqlens``); the other ranks read its
+        positions (and, for the final state, the rows of sequences without tokens).  Its gradient
+        accumulates on the ranks that use it: summed over the ranks it is the gradient of the sum of
+        every rank's loss (all-reduce it where one copy is kept).
     output_final_state : bool
         Also return the state after every sequence's last token, the same on every rank.  Its
         gradient, like every other, is that of the sum of all ranks' losses: a loss that
@@ -540,7 +541,7 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
         if read is not None:
             fixed = (o[:, :W].to(work) + read).to(v.dtype)
             o = fixed if W == T else torch.cat([fixed, o[:, W:]], 1)
-    if read is None:
+    if read is None and wants_grad:
         o = _Depend.apply(o, gathered)
     if not output_final_state:
         return o, None
