@@ -64,8 +64,9 @@ def intra_scales(l_chunk, slt, sll, L, tmask, C: tl.constexpr):
     chunk's rows, levels ``0..7`` (16 columns for ``C = 256``; columns ``>= L`` not loaded): an
     entry that is not read by definition may be loaded, but is never selected."""
     r = tl.arange(0, C)
+    xor = r[:, None] ^ r[None, :]
     causal = (r[:, None] >= r[None, :]) & tmask[:, None]
-    lvl = bit_length(r[:, None] ^ r[None, :])
+    lvl = bit_length(xor)
     LV: tl.constexpr = 8 if C <= 128 else 16
     col = tl.arange(0, LV)
     rows = tl.load(l_chunk + (r[:, None] * slt + col[None, :] * sll), mask=tmask[:, None] & (col[None, :] < L))

@@ -43,39 +43,41 @@ def _state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr, s_ptr, tab_ptr, cs_ptr,
             return
         b1 = tl.program_id(1).to(tl.int64)
         bk1 = b1 // GRP
-        row = b1 * n_total + hbase + (I - I0) + 1
+        tr = t + shift
     else:
         j, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
         bk1 = b1
-        shift = 0
-        lo = 0
-        hi = T
-        row = bh * n_total + j
+        tr = t
     tile = tl.program_id(2)
     dk = (tile // N_DV_TILES) * BDK + tl.arange(0, BDK)
     dv = (tile % N_DV_TILES) * BDV + tl.arange(0, BDV)
     if HAS_G:
-        g_row = g_ptr + b0 * sgb0 + b1 * sgb1 + shift * sgt
-        g_end = tl.sum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
         if VARLEN:
+            g_row = g_ptr + b0 * sgb0 + b1 * sgb1 + shift * sgt
+            g_end = tl.sum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
             w = tl.exp(tl.cumsum(next_decay(g_row, t, sgt, hi, C, ACC, lo), 0, reverse=True))
         else:
+            g_row = g_ptr + b0 * sgb0 + b1 * sgb1
+            g_end = tl.sum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
             w = tl.exp(tl.cumsum(next_decay(g_row, t, sgt, T, C, ACC), 0, reverse=True))
     else:
         g_end = tl.zeros((), dtype=ACC)
         w = tl.full((C,), 1.0, dtype=ACC)
-    kb = tl.load(k_ptr + b0 * skb0 + bk1 * skb1 + (t[:, None] + shift) * skt + dk[None, :] * skd,
+    kb = tl.load(k_ptr + b0 * skb0 + bk1 * skb1 + tr[:, None] * skt + dk[None, :] * skd,
                  mask=tmask[:, None] & (dk[None, :] < DK), other=0.0)
-    vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + (t[:, None] + shift) * svt + dv[None, :] * svd,
+    vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + tr[:, None] * svt + dv[None, :] * svd,
                  mask=tmask[:, None] & (dv[None, :] < DV), other=0.0)
     kw = kb.to(ACC) * w[:, None]
     if LOWP and NATIVE:  # bfloat16 on a GPU: decayed keys rounded to bfloat16 for a native dot
         kw = kw.to(kb.dtype)
     S = dot(tl.trans(kw), vb, ACC, PREC, NATIVE)
     if VARLEN:
+        row = b1 * n_total + hbase + (I - I0) + 1
         if I == I0:
             S += tl.exp(g_end) * _carried_low(s_ptr, (n * tl.num_programs(1) + b1) * S_IN, S_IN, lo, dk, dv, DK, DV,
                                               LOG_C, ACC, BDK, BDV)
+    else:
+        row = bh * n_total + j
     tl.store(h_ptr + row * DK * DV + dk[:, None] * DV + dv[None, :], S,
              mask=(dk[:, None] < DK) & (dv[None, :] < DV))
     if tile == 0:
@@ -147,20 +149,20 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr, s_ptr
         b1 = tl.program_id(1).to(tl.int64)
         bq1 = b1 // GRP
         base += b1 * n_total
-        G, g_next = chunk_decays(g_ptr + b0 * sgb0 + b1 * sgb1 + shift * sgt, t, tmask, sgt, e, C, HAS_G, ACC, a)
+        tr = t + shift
     else:
         i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
         bq1 = b1
-        shift = 0
-        I0 = 0
-        span = 0
-        base = bh * n_total
-        G, g_next = chunk_decays(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC)
+        tr = t
     dv = tl.program_id(2) * BDV + tl.arange(0, BDV)
     dvmask = dv < DV
-    q_base = q_ptr + b0 * sqb0 + bq1 * sqb1 + (t[:, None] + shift) * sqt
-    k_base = k_ptr + b0 * skb0 + bq1 * skb1 + (t[:, None] + shift) * skt
-    l_base = l_ptr + b0 * slb0 + b1 * slb1 + (t + shift) * slt
+    q_base = q_ptr + b0 * sqb0 + bq1 * sqb1 + tr[:, None] * sqt
+    k_base = k_ptr + b0 * skb0 + bq1 * skb1 + tr[:, None] * skt
+    l_base = l_ptr + b0 * slb0 + b1 * slb1 + tr * slt
+    if VARLEN:
+        G, g_next = chunk_decays(g_ptr + b0 * sgb0 + b1 * sgb1 + shift * sgt, t, tmask, sgt, e, C, HAS_G, ACC, a)
+    else:
+        G, g_next = chunk_decays(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC)
 
     # levels 0..c: dense and masked inside the chunk
     scores = tl.zeros((C, C), dtype=ACC)
@@ -170,9 +172,12 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr, s_ptr
         qb = tl.load(q_base + dk[None, :] * sqd, mask=m2, other=0.0)
         kb = tl.load(k_base + dk[None, :] * skd, mask=m2, other=0.0)
         scores += dot(qb, tl.trans(kb), ACC, PREC, NATIVE)
-    l_chunk = l_ptr + b0 * slb0 + b1 * slb1 + (i * C + shift).to(tl.int64) * slt
+    if VARLEN:
+        l_chunk = l_ptr + b0 * slb0 + b1 * slb1 + (i * C + shift) * slt
+    else:
+        l_chunk = l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt
     P = intra_mask(l_chunk, slt, sll, L, G, g_next, tmask, C, HAS_G, EXACT) * scores
-    vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + (t[:, None] + shift) * svt + dv[None, :] * svd,
+    vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + tr[:, None] * svt + dv[None, :] * svd,
                  mask=tmask[:, None] & dvmask[None, :], other=0.0)
     if LOWP and NATIVE:  # bfloat16 on a GPU: masked scores rounded to bfloat16 for a native dot with v
         P = P.to(vb.dtype)
@@ -180,17 +185,28 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr, s_ptr
 
     # levels > c: one aligned block state per set bit of the chunk index
     gap = tl.zeros((), dtype=ACC)
-    off = base
+    if VARLEN:
+        off = base
+    else:
+        off = 0
+        nh = n_chunks
     h = 0
     while h < n_bits:  # a while loop: the interpreter cannot range() over a computed bound
         if ((i >> h) & 1) == 1:
-            blk = block_entry(off, (i >> h) - 1, h, I0, VARLEN)
+            if VARLEN:
+                blk = block_entry(off, (i >> h) - 1, h, I0, VARLEN)
+            else:
+                blk = bh * n_total + off + (i >> h) - 1
             lam = level_scale(l_base, LOG_C + 1 + h, sll, L, tmask, VARLEN).to(ACC)
             part = _read_state(q_base, sqd, tmask, h_ptr, blk, dv, dvmask, DK, DV, C, BDK, BDV, ACC, PREC, LOWP,
                                NATIVE)
             acc += (lam * tl.exp(gap + G))[:, None] * part
             gap += tl.load(a_ptr + blk)
-        off += level_size(n_chunks, span, h, VARLEN)
+        if VARLEN:
+            off += level_size(0, span, h, VARLEN)
+        else:
+            off += nh
+            nh = nh // 2
         h += 1
     if VARLEN:
         if i == I0:  # the carried buckets of levels 1..c: bucket l at level max(l, bit_length(t ^ a)) from t
@@ -202,7 +218,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr, s_ptr
                                        ACC, PREC, LOWP, NATIVE)
                     lam = level_scale(l_base, tl.maximum(far, l), sll, L, tmask, VARLEN).to(ACC)
                     acc += (lam * tl.exp(G))[:, None] * part
-    tl.store(o_ptr + b0 * sob0 + b1 * sob1 + (t[:, None] + shift) * sot + dv[None, :] * sod, acc * scale,
+    tl.store(o_ptr + b0 * sob0 + b1 * sob1 + tr[:, None] * sot + dv[None, :] * sod, acc * scale,
              mask=tmask[:, None] & dvmask[None, :])
 
 
