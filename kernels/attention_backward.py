@@ -300,7 +300,7 @@ def _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot
                                "sgb0", "sgb1", "GRP"])
 def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_ptr,
                         T, B1, n_chunks, n_total, n_r, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES,
-                        scale, GRP, sqb0, sqb1, sqt, sqd, sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt,
+                        scale, sqb0, sqb1, sqt, sqd, sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt, GRP,
                         C: tl.constexpr, LOG_C: tl.constexpr, P_LOG: tl.constexpr, BDK: tl.constexpr,
                         BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                         LOWP: tl.constexpr, NATIVE: tl.constexpr, VARLEN: tl.constexpr):
@@ -316,12 +316,12 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_p
     ``b - (I0 >> h)`` for reader block ``b``: the first is the reader of the carried bucket)."""
     p = tl.program_id(0)
     h = p % n_bits
-    tile_f = tl.program_id(2)
-    dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
-    dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
-    fmask = (dk[None, :] < DK) & (dv[:, None] < DV)
-    r_tile = dk[None, :] * DV + dv[:, None]
     if VARLEN:
+        tile_f = tl.program_id(2)
+        dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
+        dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
+        fmask = (dk[None, :] < DK) & (dv[:, None] < DV)
+        r_tile = dk[None, :] * DV + dv[:, None]
         gslot = p // n_bits
         n = tl.load(gs_ptr + gslot).to(tl.int64)
         b0, row0, length, a, base, span = sequence_row(tab_ptr, n)
@@ -382,11 +382,16 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_p
         bh = tl.program_id(1).to(tl.int64)
         b0 = bh // B1
         b1 = bh % B1
+        tile_f = tl.program_id(2)
+        dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
+        dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
         off, roff, n_readers = _levels_offsets(n_chunks, h)
         q_row = q_ptr + b0 * sqb0 + b1 * sqb1
         o_row = do_ptr + b0 * sob0 + b1 * sob1
         g_row = g_ptr + b0 * sgb0 + b1 * sgb1
         l_col = l_ptr + b0 * slb0 + b1 * slb1 + (LOG_C + 1 + h) * sll
+        fmask = (dk[None, :] < DK) & (dv[:, None] < DV)
+        r_tile = dk[None, :] * DV + dv[:, None]
         if h < P_LOG:
             nb = 0
             while nb < (1 << (P_LOG - h - 1)):
@@ -722,8 +727,8 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     if n_bits:
         _query_block_kernel[(cdiv(n, TILE_CHUNKS) * n_bits, B, tiles)](
             layout.tensors["q"], layout.tensors["do"], layout.tensors["l"], layout.decay_args()[0], logdec, rsum,
-            logdec, logdec, T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale), 1,
-            *layout.args("q")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *layout.decay_args()[1:],
+            logdec, logdec, T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale),
+            *layout.args("q")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *layout.decay_args()[1:], 1,
             C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, VARLEN=False, **meta)
     # outputs: straight in the inputs' dtypes, or float32 (float64) buffers for the atomic partial sums
     def buffer(shape, dtype):
@@ -847,8 +852,8 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
     if seqs.n_groups and H:
         _query_block_kernel[(seqs.n_groups * NH, H, tiles)](
             q, do, level_scales, layout.decay_args()[0], logdec, rsum, seqs.table, seqs.group_seq, T, 1, 0,
-            seqs.n_entries, 0, NH, L, DK, DV, n_dv, float(scale), grp, *layout.args("q")[1:], *layout.args("do")[1:],
-            *layout.args("l")[1:], *layout.decay_args()[1:], C=C, LOG_C=c, P_LOG=p_log, BDK=BDK, BDV=BDV,
+            seqs.n_entries, 0, NH, L, DK, DV, n_dv, float(scale), *layout.args("q")[1:], *layout.args("do")[1:],
+            *layout.args("l")[1:], *layout.decay_args()[1:], grp, C=C, LOG_C=c, P_LOG=p_log, BDK=BDK, BDV=BDV,
             VARLEN=True, **meta)
     NB = next_power_of_2(NH)
     dinit = None if initial is None else torch.empty_like(initial)
