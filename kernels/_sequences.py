@@ -21,7 +21,10 @@ A sequence of length ``T_n`` starting at ``a`` covers the absolute chunks ``I0 =
 ``I1 = (a + T_n - 1) >> c``: at most ``cdiv(T_n + C - 1, C)`` of them whatever ``a`` is
 (``cdiv(T_n, C)`` when every sequence starts at 0), which is the number of chunk slots it gets;
 programs of slots past its last chunk exit at once.  Its region of the hierarchy holds, at level
-``h``, the blocks ``m`` from ``(I0 >> h) - 1`` (the carried bucket, entry 0) to ``(I1 >> h) + 1``.
+``h``, ``(span >> h) + 3`` entries (the levels one after the other, from ``hbase``): block ``m`` at
+entry ``m - (I0 >> h) + 1``, so entry 0 is block ``(I0 >> h) - 1``, the carried bucket of level
+``c + 1 + h``.  The backward's block sums take the same layout, the block sum of reader block
+``b`` at entry ``b - (I0 >> h)`` (entry 0: the readers of the carried bucket).
 """
 
 from __future__ import annotations

@@ -20,10 +20,10 @@ import triton
 import triton.language as tl
 
 from . import _sequences, states as _states
-from ._device import (bit_length, block_entry, chunk_decays, chunk_rows, dot, intra_mask, level_size, next_decay,
+from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_mask, next_decay,
                       sequence_chunk, sequence_row, state_tile)
 from ._layout import (NUM_WARPS, block, broadcast_shape, cdiv, check_chunk, check_levels, chunk_count,
-                      collapse_batch, compute_types, interpreting, output_buffer, state_dtypes)
+                      collapse_batch, compute_types, interpreting, output_buffer, scratch, state_dtypes)
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_total", "N_DV_TILES", "sgb0", "sgb1", "GRP", "S_IN"])
@@ -194,7 +194,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr, s_ptr
     while h < n_bits:  # a while loop: the interpreter cannot range() over a computed bound
         if ((i >> h) & 1) == 1:
             if VARLEN:
-                blk = block_entry(off, (i >> h) - 1, h, I0, VARLEN)
+                blk = off + (i >> h) - (I0 >> h)
             else:
                 blk = bh * n_total + off + (i >> h) - 1
             lam = level_scale(l_base, LOG_C + 1 + h, sll, L, tmask, VARLEN).to(ACC)
@@ -203,7 +203,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr, s_ptr
             acc += (lam * tl.exp(gap + G))[:, None] * part
             gap += tl.load(a_ptr + blk)
         if VARLEN:
-            off += level_size(0, span, h, VARLEN)
+            off += (span >> h) + 3
         else:
             off += nh
             nh = nh // 2
@@ -249,7 +249,7 @@ def _final_state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr, s_ptr, f_ptr, tab_ptr
     partial = (length > 0) & ((e & (C - 1)) != 0)  # e's chunk holds tokens of the call
     A_part = tl.zeros((), dtype=ACC)
     if partial:
-        A_part = tl.load(a_ptr + block_entry(base, E, 0, I0, True)).to(ACC)
+        A_part = tl.load(a_ptr + base + E - I0 + 1).to(ACC)
     out = f_ptr + (n * tl.num_programs(1) + hd) * S_OUT * DK * DV + dk[:, None] * DV + dv[None, :]
     # levels 1..c
     t = E * C + tl.arange(0, C)
@@ -285,11 +285,11 @@ def _final_state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr, s_ptr, f_ptr, tab_ptr
     while LOG_C + h < S_OUT:
         acc = tl.zeros((BDK, BDV), dtype=ACC)
         if (h < n_bits) & (((E >> h) & 1) == 1):
-            blk = block_entry(off, (E >> h) - 1, h, I0, True)
+            blk = off + (E >> h) - (I0 >> h)
             acc = tl.exp(gap) * state_tile(h_ptr, blk, dk, dv, DK, DV, ACC)
             gap += tl.load(a_ptr + blk)
         tl.store(out + (LOG_C + h) * DK * DV, acc, mask=fmask)
-        off += level_size(0, span, h, True)
+        off += (span >> h) + 3
         h += 1
 
 
@@ -508,8 +508,8 @@ def sequence_states(layout: SequenceLayout, seqs, C: int, initial, state_dtype, 
     DK, DV, H = layout.DK, layout.DV, layout.H
     v = layout.tensors["v"]
     acc, prec, _ = compute_types(v.dtype)
-    states = torch.empty((H, seqs.n_entries, DK * DV), dtype=state_dtype, device=v.device)
-    logdec = torch.empty((H, seqs.n_entries), dtype=logdec_dtype, device=v.device)
+    states = scratch((H, seqs.n_entries, DK * DV), state_dtype, v.device)
+    logdec = scratch((H, seqs.n_entries), logdec_dtype, v.device)
     BDK, BDV = block(DK, 64), block(DV, 64)
     n_dv = cdiv(DV, BDV)
     S_in = 0 if initial is None else initial.shape[2]
@@ -531,7 +531,7 @@ def final_states(layout: SequenceLayout, seqs, C: int, states, logdec, initial):
     DK, DV, H = layout.DK, layout.DV, layout.H
     v = layout.tensors["v"]
     acc, prec, _ = compute_types(v.dtype)
-    final = torch.empty((seqs.count, H, seqs.final_slots, DK, DV), dtype=states.dtype, device=v.device)
+    final = scratch((seqs.count, H, seqs.final_slots, DK, DV), states.dtype, v.device)
     BDK, BDV = block(DK, 64), block(DV, 64)
     n_dv = cdiv(DV, BDV)
     if seqs.count and H and seqs.final_slots:

@@ -37,9 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import (bit_length, block_entry, chunk_decays, chunk_rows, dot, intra_decay, intra_scales,
+from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_decay, intra_scales,
                       next_decay, sequence_chunk, sequence_row, state_tile)
-from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, interpreting,
+from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, interpreting, scratch,
                       next_power_of_2, state_dtypes)
 from . import _sequences
 from .attention import attention_layout, check_initial_state, chunk_states, sequence_layout, sequence_states
@@ -115,7 +115,7 @@ def _span_kernel(h_ptr, a_ptr, r_ptr, span_ptr, tab_ptr, cs_ptr, n_chunks, n_tot
     fmask = (dk[:, None] < DK) & (dv[None, :] < DV)
     tile = dk[:, None] * DV + dv[None, :]
     if VARLEN:
-        A_i = tl.load(a_ptr + block_entry(base, i, 0, I0, VARLEN)).to(ACC) if HAS_G else tl.zeros((), dtype=ACC)
+        A_i = tl.load(a_ptr + base + i - I0 + 1).to(ACC) if HAS_G else tl.zeros((), dtype=ACC)
     else:
         A_i = tl.load(a_ptr + bh * n_total + i).to(ACC) if HAS_G else tl.zeros((), dtype=ACC)
     U = tl.zeros((BDK, BDV), dtype=ACC)
@@ -131,7 +131,7 @@ def _span_kernel(h_ptr, a_ptr, r_ptr, span_ptr, tab_ptr, cs_ptr, n_chunks, n_tot
     while h < n_bits:
         if ((i >> h) & 1) == 1:
             if VARLEN:
-                blk = block_entry(off, (i >> h) - 1, h, I0, VARLEN)
+                blk = off + (i >> h) - (I0 >> h)
             else:
                 blk = bh * n_total + off + (i >> h) - 1
             U += tl.exp(gap) * tl.load(h_ptr + blk * DK * DV + tile, mask=fmask, other=0.0).to(ACC)
@@ -145,7 +145,7 @@ def _span_kernel(h_ptr, a_ptr, r_ptr, span_ptr, tab_ptr, cs_ptr, n_chunks, n_tot
                     span += tl.exp(A_i + zeta) * tl.sum(tl.sum(R * U, 1), 0)
                     if HAS_G:
                         if reader <= (I1 >> h):
-                            zeta += tl.load(a_ptr + block_entry(off, reader, h, I0, VARLEN))
+                            zeta += tl.load(a_ptr + off + reader - (I0 >> h) + 1)
             else:
                 if (reader << h) < n_chunks:
                     R = tl.load(r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV + tile, mask=fmask, other=0.0)
@@ -196,7 +196,7 @@ def _sequence_kernel(h_ptr, a_ptr, r_ptr, s_ptr, df_ptr, di_ptr, rc_ptr, le_ptr,
     levels = tl.arange(0, NB)
     A_part = tl.zeros((), dtype=ACC)
     if nonempty & ((e & (C - 1)) != 0):  # decay of the tokens of e's chunk
-        A_part = tl.load(a_ptr + block_entry(base, E, 0, I0, True)).to(ACC)
+        A_part = tl.load(a_ptr + base + E - I0 + 1).to(ACC)
     if FINAL:
         out = (n * tl.num_programs(1) + hd) * S_OUT
         reads = tl.zeros((NB,), dtype=ACC)
@@ -206,7 +206,7 @@ def _sequence_kernel(h_ptr, a_ptr, r_ptr, s_ptr, df_ptr, di_ptr, rc_ptr, le_ptr,
         h = 0
         while h < n_bits:
             if (((E >> h) & 1) == 1) & (LOG_C + h < S_OUT):
-                blk = block_entry(off, (E >> h) - 1, h, I0, True)
+                blk = off + (E >> h) - (I0 >> h)
                 dF = state_tile(df_ptr, out + LOG_C + h, dk, dv, DK, DV, ACC)
                 wgt = tl.exp(gap)
                 dst = r_ptr + (off + (E >> h) - (I0 >> h)) * DK * DV + tile
@@ -246,13 +246,13 @@ def _sequence_kernel(h_ptr, a_ptr, r_ptr, s_ptr, df_ptr, di_ptr, rc_ptr, le_ptr,
             if LOG_C + h < S_IN:
                 A_h = tl.zeros((), dtype=ACC)
                 if nonempty:
-                    A_h = tl.load(a_ptr + block_entry(top, I0 >> h, h, I0, True)).to(ACC)
+                    A_h = tl.load(a_ptr + top + 1).to(ACC)
                 d_init = state_tile(r_ptr, top, dk, dv, DK, DV, ACC) + tl.exp(A_h) * walk
                 tl.store(di_ptr + (first + LOG_C + h) * DK * DV + tile, d_init, mask=fmask)
         else:
             A_r = tl.zeros((), dtype=ACC)
             if nonempty & (((I0 >> h) + 1) <= (I1 >> h)):
-                A_r = tl.load(a_ptr + block_entry(top, (I0 >> h) + 1, h, I0, True)).to(ACC)
+                A_r = tl.load(a_ptr + top + 2).to(ACC)
             walk = state_tile(r_ptr, top + 1, dk, dv, DK, DV, ACC) + tl.exp(A_r) * walk
             if LOG_C + h < S_IN:
                 tl.store(di_ptr + (first + LOG_C + h) * DK * DV + tile, tl.zeros((BDK, BDV), dtype=ACC), mask=fmask)
@@ -520,7 +520,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
     while h < n_bits:
         if ((i >> h) & 1) == 1:
             if VARLEN:
-                blk = block_entry(off, (i >> h) - 1, h, I0, VARLEN)
+                blk = off + (i >> h) - (I0 >> h)
             else:
                 blk = bh * n_total + off + (i >> h) - 1
             sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :], mask=fmask, other=0.0)
@@ -546,7 +546,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
                                                 + dv[None, :], mask=fmask, other=0.0)
                     if HAS_G:
                         if reader <= (I1 >> h):
-                            zeta += tl.load(a_ptr + block_entry(off, reader, h, I0, VARLEN))
+                            zeta += tl.load(a_ptr + off + reader - (I0 >> h) + 1)
             else:
                 if (reader << h) < n_chunks:
                     D += tl.exp(zeta) * tl.load(r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV + dk[:, None] * DV
@@ -570,7 +570,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
             far = bit_length((t ^ a) & (C - 1))
             first = (n * tl.num_programs(1) + b1) * S_IN
             e_t = scale * tl.exp(G)
-            A_i = tl.load(a_ptr + block_entry(base, i, 0, I0, VARLEN)).to(ACC)
+            A_i = tl.load(a_ptr + base + i - I0 + 1).to(ACC)
             for l in tl.static_range(1, LOG_C + 1):
                 if (l <= S_IN) & (((a >> (l - 1)) & 1) == 1):
                     sb = state_tile(s_ptr, first + l - 1, dk, dv, DK, DV, ACC)
@@ -661,12 +661,6 @@ def _spanning_in_gap(level_rows):
     end, bit = _gap_indices(levels, n, level_rows.device)
     inside = torch.gather(before, -1, end.expand(B, levels, n)) - before
     return torch.where(bit, inside, 0.0).sum(1)
-
-
-def scratch(shape, dtype, device) -> torch.Tensor:
-    """An uninitialised work buffer (the tests fill these with NaN, so a read of anything not
-    written first shows)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def default_chunk(width: int) -> int:
@@ -856,7 +850,7 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
             *layout.args("l")[1:], *layout.decay_args()[1:], grp, C=C, LOG_C=c, P_LOG=p_log, BDK=BDK, BDV=BDV,
             VARLEN=True, **meta)
     NB = next_power_of_2(NH)
-    dinit = None if initial is None else torch.empty_like(initial)
+    dinit = None if initial is None else scratch(initial.shape, initial.dtype, dev)
     rc = scratch((count, H, tiles), acc_torch, dev)
     reads = scratch((count, H, tiles, NB), acc_torch, dev)
     if (final or initial is not None) and count and H:
@@ -866,11 +860,11 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
             DK, DV, n_dv, NB=NB, C=C, LOG_C=c, BDK=BDK, BDV=BDV, ACC=acc, FINAL=final, num_warps=warps)
     # every gradient of the chunks' rows; dq and dk per head of v (summed over each group below)
     parts = tiles if atomic else 1
-    make = torch.zeros if atomic else torch.empty
-    dq = make((N * H, T, DK), dtype=acc_torch, device=dev)
-    dk = make((N * H, T, DK), dtype=acc_torch, device=dev)
-    dv = make((N * H, T, DV), dtype=acc_torch if atomic else v.dtype, device=dev)
-    dl = torch.empty((parts * N * H, T, L), dtype=acc_torch if atomic else level_scales.dtype, device=dev)
+    make = (lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=dev)) if atomic else \
+        (lambda shape, dtype: scratch(shape, dtype, dev))
+    dq, dk = make((N * H, T, DK), acc_torch), make((N * H, T, DK), acc_torch)
+    dv = make((N * H, T, DV), acc_torch if atomic else v.dtype)
+    dl = scratch((parts * N * H, T, L), acc_torch if atomic else level_scales.dtype, dev)
     dgl = scratch((parts * H, seqs.n_slots * C), acc_torch, dev)
     lvl_rows = scratch((parts * H, NB, seqs.n_slots), acc_torch, dev)
     if seqs.n_slots and H:

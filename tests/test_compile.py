@@ -13,7 +13,7 @@ import torch
 import hodlr
 from hodlr.testing import relative_error
 
-from test_ops import TRITON_STATE, draw_inputs, require_state
+from test_ops import draw_inputs
 
 DT = torch.float64
 INTERP = hodlr.backends._load("triton").unavailable_reason("torch", torch.device("cpu")) is None
@@ -68,10 +68,8 @@ def test_opcheck_chunked(with_state, packed):
 
 
 @interpreter
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=TRITON_STATE)])
-def test_opcheck_triton_state(backend):
-    require_state(backend)
-    torch.library.opcheck(torch.ops.hodlr.log_linear_attn.default, op_args(backend, True, True))
+def test_opcheck_triton_state():
+    torch.library.opcheck(torch.ops.hodlr.log_linear_attn.default, op_args("triton", True, True))
 
 
 @interpreter
@@ -83,7 +81,6 @@ def test_opcheck_triton_without_state():
 
 
 @pytest.mark.gpu
-@TRITON_STATE
 def test_compile_inductor_on_gpu():
     q, k, v, g, lam = (x.cuda().float() for x in draw_inputs(2, 2, 300, 2, 2, 64, 64, "mild"))
     lam = torch.nan_to_num(lam)
