@@ -180,8 +180,8 @@ def _attention_row(torch, bench, args, D, H, T, dtype, fla):
         _timed(row, "sdpa_fwd", lambda: bench(lambda: sdpa(*sl, is_causal=True)))
         if args.backward:
             _timed(row, "sdpa_fwdbwd", lambda: bench(lambda: torch.autograd.grad(sdpa(*sl, is_causal=True), sl, doh)))
-        if fla is not None and D % 64 == 0 and T < (1 << 17):
-            fl = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, lam)]
+        if fla is not None and D % 64 == 0 and T < (1 << 17):  # fla takes level scales in the inputs' dtype
+            fl = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, lam.to(dtype))]
             _timed(row, "fla_fwd", lambda: bench(lambda: fla(*fl, scale=scale)[0]))
             if args.backward:
                 _timed(row, "fla_fwdbwd", lambda: bench(lambda: torch.autograd.grad(fla(*fl, scale=scale)[0], fl, do)))
