@@ -60,7 +60,14 @@ class LogLinearMask:
         Per-step log-decay ``g`` (``g = a * dt`` gives log-linear Mamba-2).  Default: no
         decay (log-linear linear attention).  ``log_decay[..., 0]`` never enters the mask.
     validate : bool, default True
-        Check that every entry that is read is finite (one pass over the inputs).
+        Check that every level scale that is read, and the log-decay, are finite.  numpy
+        arrays and CPU tensors are checked here, before the constructor returns (a
+        ``ValueError`` naming the first bad entry).  CUDA tensors are checked by one device
+        kernel queued here, with no host synchronisation and nothing of size ``T`` built on
+        the host; its verdict is reported as the same ``ValueError`` by the first hodlr call
+        that finds it in (at the latest :meth:`check`, which waits for it).  Meanwhile a
+        non-finite read scale cannot give a finite wrong result: it turns the rows that read
+        it non-finite.  Masks built while a CUDA graph is captured are not checked.
 
     numpy arrays or torch tensors (any device) are accepted, float32 or float64 (torch
     also float16 / bfloat16); both arguments must share library, device and dtype.  Leading
