@@ -98,7 +98,7 @@ def _case(T: int, D: int, rng):
 def run(lengths, D: int, backends, dense_max_t: int, repeats, seed: int) -> list:
     """Time every case; one dict per length."""
     import hodlr
-    from hodlr.testing import relative_error
+    from hodlr._accuracy import relative_error
 
     rng = np.random.default_rng(seed)
     rows = []

@@ -47,9 +47,10 @@ import numpy as np
 
 from hodlr import fenwick
 from hodlr import backends as registry
+from hodlr._accuracy import DECAYS, TOLERANCES, relative_error
+from hodlr._formulas import check_dense_budget
 from hodlr.errors import BackendUnavailableError, DenseTooLargeError
-from hodlr.mask import LogLinearMask, check_dense_budget
-from hodlr.testing import DECAYS, TOLERANCES, relative_error
+from hodlr.mask import LogLinearMask
 
 __all__ = ["main", "row_reference"]
 
@@ -162,8 +163,10 @@ def dense_reference(problem: Problem, op: str) -> np.ndarray:
 
 
 def dense_fits(problem: Problem) -> bool:
+    """Does the dense float64 reference fit ``hodlr.options.dense_max_bytes``?  Attention's
+    holds three dense arrays at once: the mask, the scores and their product."""
     try:
-        check_dense_budget(problem.lam.shape[:-2], problem.T, 8, "reference")
+        check_dense_budget(problem.lam.shape[:-2], problem.T, 8, "reference", arrays=3)
     except DenseTooLargeError:
         return False
     return True
