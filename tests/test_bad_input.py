@@ -152,7 +152,7 @@ CASES = [
     ("to-dense-over-budget", lambda mp: (over_budget(mp), mask(2).to_dense()), hodlr.DenseTooLargeError,
      r"LogLinearMask.to_dense: a dense mask of shape \(2, 5, 5\)"),
     ("block-factors-level", lambda mp: mask().block_factors(0), ValueError, r"lev must be in 1\.\.3 for T=5, got 0"),
-    ("registry-unknown", lambda mp: registry.get("nope", "numpy", "cpu"), ValueError, r"unknown backend 'nope'"),
+    ("registry-unknown", lambda mp: registry.get("nope", "numpy", "cpu", op="matmul"), ValueError, r"unknown backend 'nope'"),
     ("num-levels-zero", lambda mp: fenwick.num_levels(0), ValueError, r"T must be >= 1, got T=0"),
     ("num-levels-float", lambda mp: fenwick.num_levels(2.5), TypeError, r"T must be an integer, got float"),
     ("num-levels-bool", lambda mp: fenwick.num_levels(True), TypeError, r"T must be an integer, got bool"),
@@ -197,8 +197,7 @@ def _runnable(library):
     device = "cpu"
     out = []
     for name in registry.NAMES:
-        module = registry._load(name)
-        if module is not None and module.unavailable_reason(library, device) is None:
+        if registry.load(name).unavailable_reason(library, device) is None:
             out.append(name)
     return out
 
