@@ -34,6 +34,7 @@ __all__ = [
     "dense_mask",
     "itemsize",
     "numpy_dtype",
+    "tie_decay",
 ]
 
 STEP_BYTES = 16 * 2**20
@@ -158,6 +159,16 @@ def block_col_factors(level_scales, log_decay, lev: int):
         -1,
     )
     return xp.exp(col_exp) * cols_in if n * size > T else xp.exp(col_exp)
+
+
+def tie_decay(out, log_decay):
+    """``out``, tied with weight zero to a ``log_decay`` that no formula read: at ``T = 1``
+    (``log_decay[..., 0]`` never enters the mask) a torch ``log_decay`` that requires grad then
+    gets a zero gradient, as from the backends whose formulas touch it, not ``None``.  ``out``
+    has ``log_decay``'s dtype; anything else is returned as it is."""
+    if log_decay is None or log_decay.shape[-1] != 1 or not is_torch(log_decay) or not log_decay.requires_grad:
+        return out
+    return out + 0 * log_decay[..., None]
 
 
 def _slab_bytes(rows: int, T: int, batch_size: int, nbytes: int) -> int:

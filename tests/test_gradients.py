@@ -207,3 +207,30 @@ def test_scale_that_requires_grad_is_refused_not_cut_off():
         assert torch.equal(hodlr.attention(q, q, q, M, scale=scale, backend="dense"), want)
         assert relative_error(scan_attention(q, q, q, M.level_scales, None, scale), want) <= TOL
     assert torch.equal(hodlr.attention(q, q, q, M, scale=scale.detach(), backend="dense"), want)
+
+
+@pytest.mark.parametrize("op", ["matmul", "attention"])
+@pytest.mark.parametrize("batch", [(), (2,)], ids=str)
+def test_length_one_decay_gets_a_zero_gradient_on_every_backend(op, batch):
+    """At ``T = 1`` no decay enters the result (``log_decay[..., 0]`` never does), yet a
+    ``log_decay`` that is an input gets a gradient on every backend that differentiates: zero,
+    never ``None`` (``torch.autograd.grad`` without ``allow_unused`` fails on an unused input).
+    The triton backend is included when it runs here (under the interpreter)."""
+    gen = torch.Generator().manual_seed(1)
+    names = [n for n in registry.NAMES if n not in MAY_REFUSE_GRAD
+             and registry.load(n).unavailable_reason("torch", CPU) is None]
+    assert set(TORCH_BACKENDS) - MAY_REFUSE_GRAD <= set(names)
+    values = (torch.rand(batch + (1, 2), generator=gen, dtype=torch.float64),
+              -torch.rand(batch + (1,), generator=gen, dtype=torch.float64),
+              torch.randn(batch + (1, 3), generator=gen, dtype=torch.float64))
+    grads = {}
+    for name in names:
+        lam, g, x = (a.clone().requires_grad_(True) for a in values)
+        M = hodlr.LogLinearMask(lam, g)
+        out = hodlr.matmul(M, x, backend=name) if op == "matmul" else hodlr.attention(x, x, x, M, backend=name)
+        grads[name] = torch.autograd.grad(out.sum(), (lam, g, x))
+    for name, (d_lam, d_g, d_x) in grads.items():
+        assert torch.equal(d_g, torch.zeros_like(d_g)), name
+        assert torch.equal(d_lam[..., 1:], torch.zeros_like(d_lam[..., 1:])), name  # column 1 is never read
+        for got, want in zip((d_lam, d_x), grads["dense"][::2]):
+            assert relative_error(got, want) <= TOL, name
