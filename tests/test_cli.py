@@ -1,5 +1,6 @@
 """The ``hodlr`` command line: demo, verify, show, backends and the bench hand-offs."""
 
+import json
 import os
 import pathlib
 import re
@@ -264,3 +265,14 @@ def test_demo_checks_triton_in_the_interpreter_without_a_gpu():
     assert out.returncode == 0, out.stdout + out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("triton")]
     assert len(rows) == 2 and all(" ok (Triton interpreter on the CPU" in row for row in rows), rows
+
+
+def test_bench_cpu_prints_no_exponent_for_one_length(capsys, tmp_path):
+    path = tmp_path / "bench.json"
+    code, out, _ = run(capsys, "bench-cpu", "--lengths", "16", "--repeats", "1", "--backends", "recursive",
+                       "--json", str(path))
+    assert code == 0
+    assert "nan" not in out.lower() and "growth exponent" not in out and "recursive: " in out
+    assert json.loads(path.read_text())["summary"]["recursive"]["exponent_all"] is None
+    code, out, _ = run(capsys, "bench-cpu", "--lengths", "16", "32", "--repeats", "1", "--backends", "recursive")
+    assert code == 0 and "growth exponent" in out and "nan" not in out.lower()
