@@ -121,12 +121,11 @@ def auto_backend(library: str, device, T: int, *, op: str) -> str:
 
 def _environment() -> dict:
     """``{key of WHERE: None | why nothing runs there on this machine}``."""
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
+    try:
+        import torch
+    except ImportError:
         missing = "torch is not installed (pip install torch)"
         return {"numpy": None, "torch_cpu": missing, "torch_cuda": missing}
-    import torch
 
     cuda = None if torch.cuda.is_available() else "no CUDA device here (torch.cuda.is_available() is False)"
     return {"numpy": None, "torch_cpu": None, "torch_cuda": cuda}

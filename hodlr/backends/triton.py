@@ -14,14 +14,8 @@ requires it) the call goes through the differentiable :func:`hodlr.kernels.matmu
 from __future__ import annotations
 
 import importlib.util
-import os
 
 DESCRIPTION = "chunked Triton kernels (dense C x C blocks + Fenwick scan over chunk states), forward and backward; CUDA, or CPU under TRITON_INTERPRET=1"
-
-
-def _env_asks_interpreter() -> bool:
-    """Does the environment ask for the interpreter now (as triton reads the variable)?"""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y")
 
 
 def unavailable_reason(library, device):
@@ -30,19 +24,22 @@ def unavailable_reason(library, device):
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
     kind = getattr(device, "type", str(device))
-    if kind == "cuda":
-        return None
-    if kind != "cpu":
+    if kind not in ("cuda", "cpu"):
         return f"needs CUDA tensors (or CPU tensors under Triton's interpreter), got device {device}"
+    import triton
+
     from hodlr import kernels
 
-    if kernels.interpreting():
-        return None
-    if _env_asks_interpreter():
+    if kernels.interpreting() and not triton.knobs.runtime.interpret:
+        return ("TRITON_INTERPRET was unset after hodlr.kernels was imported: its kernels were defined for "
+                "Triton's interpreter, which runs them only while TRITON_INTERPRET=1; set it again")
+    if not kernels.interpreting() and triton.knobs.runtime.interpret:
         return ("TRITON_INTERPRET=1 was set after hodlr.kernels was imported, so its kernels were compiled for "
                 "the GPU; set TRITON_INTERPRET=1 before importing hodlr.kernels (before the first use of the "
                 "triton backend) to run them on the CPU")
-    return "needs a CUDA device (or CPU tensors with TRITON_INTERPRET=1 set before hodlr.kernels is imported)"
+    if kind == "cpu" and not kernels.interpreting():
+        return "needs a CUDA device (or CPU tensors with TRITON_INTERPRET=1 set before hodlr.kernels is imported)"
+    return None
 
 
 def _wants_grad(*tensors) -> bool:
