@@ -176,29 +176,39 @@ def _slab_bytes(rows: int, T: int, batch_size: int, nbytes: int) -> int:
     return rows * T * (INDEX_BYTES_PER_ENTRY + VALUE_ARRAYS_PER_ENTRY * batch_size * nbytes)
 
 
-def _plan(batch, T: int, nbytes: int, arrays: int) -> tuple[int, int]:
+def _fixed_bytes(T: int, L: int, batch_size: int, nbytes: int) -> int:
+    """What the assembly holds besides the slabs: the level scales with a zero column, the
+    carried decay row and a few length-``T`` index arrays."""
+    return batch_size * T * (L + 5) * nbytes + INDEX_BYTES_PER_ENTRY * T
+
+
+def _plan(batch, T: int, L: int, nbytes: int, arrays: int) -> tuple[int, int]:
     """``(rows per slab, bytes needed at the peak)`` of a dense assembly whose caller holds
     ``arrays`` dense ``(*batch, T, T)`` arrays at once (the mask included): the largest slab
     whose temporaries stay under ``max(STEP_BYTES, result / 4)`` and the budget."""
     batch_size = int(np.prod(batch, dtype=np.int64))
     result = batch_size * T * T * nbytes
+    fixed = arrays * result + _fixed_bytes(T, L, batch_size, nbytes)
     per_row = _slab_bytes(1, T, batch_size, nbytes)
-    room = min(max(STEP_BYTES, result // 4), options.dense_max_bytes - arrays * result)
+    room = min(max(STEP_BYTES, result // 4), options.dense_max_bytes - fixed)
     rows = int(min(T, max(1, room // per_row)))
-    return rows, arrays * result + rows * per_row
+    return rows, fixed + rows * per_row
 
 
-def dense_bytes(batch, T: int, itemsize: int, arrays: int = 1) -> int:
+def dense_bytes(batch, T: int, itemsize: int, arrays: int = 1, L: int | None = None) -> int:
     """Bytes the dense path allocates at its peak for a ``(*batch, T, T)`` mask of
-    ``itemsize``-byte elements when its caller holds ``arrays`` such arrays at once: the
-    arrays themselves plus the temporaries of assembling the mask a slab of rows at a time."""
-    return _plan(tuple(batch), int(T), int(itemsize), int(arrays))[1]
+    ``itemsize``-byte elements, from ``L`` level scales per row (default ``num_levels(T)``),
+    when its caller holds ``arrays`` such arrays at once: the arrays themselves plus the
+    temporaries of assembling the mask a slab of rows at a time."""
+    L = fenwick.num_levels(T) if L is None else int(L)
+    return _plan(tuple(batch), int(T), L, int(itemsize), int(arrays))[1]
 
 
-def check_dense_budget(batch, T: int, itemsize: int, what: str, arrays: int = 1) -> int:
+def check_dense_budget(batch, T: int, itemsize: int, what: str, arrays: int = 1, L: int | None = None) -> int:
     """Refuse, before allocating, a dense path over ``options.dense_max_bytes`` (see
     :func:`dense_bytes`); return the rows per slab of the assembly."""
-    rows, need = _plan(tuple(batch), int(T), int(itemsize), int(arrays))
+    L = fenwick.num_levels(T) if L is None else int(L)
+    rows, need = _plan(tuple(batch), int(T), L, int(itemsize), int(arrays))
     if need > options.dense_max_bytes:
         raise DenseTooLargeError(
             f"{what}: a dense mask of shape {tuple(batch) + (T, T)} needs about {need / 2**30:.2f} GiB, "
@@ -220,7 +230,7 @@ def dense_mask(level_scales, log_decay, what: str, arrays: int = 1):
     """
     T, L = level_scales.shape[-2:]
     batch = batch_shape(level_scales, log_decay)
-    step = check_dense_budget(batch, T, itemsize(level_scales), what, arrays)
+    step = check_dense_budget(batch, T, itemsize(level_scales), what, arrays, L)
     xp = namespace(level_scales)
     # one zero column after the scales: entries above the diagonal gather it
     padded = xp.concatenate([level_scales, zeros(tuple(level_scales.shape[:-1]) + (1,), level_scales)], -1)
