@@ -8,8 +8,8 @@ through the public API: the median of several repeats after one untimed warm-up 
 ``S.matmul(X)`` of an already built :class:`hodlr.sparse.SparseMask`.  It then fits the
 growth exponent ``p`` of ``time ~ T^p`` by least squares in log-log coordinates (over all
 lengths, and over ``T >= 2^14``, where fixed overheads no longer dominate) and prints a
-table.  Goals (issue 2): ``p <= 1.2``, ``>= 10x`` faster than dense at ``T = 4096``,
-``T = 2^20`` in a few seconds.
+table.  Targets: ``p <= 1.2``, ``>= 10x`` faster than dense at ``T = 4096``, ``T = 2^20``
+in a few seconds.
 """
 
 from __future__ import annotations
