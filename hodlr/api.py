@@ -6,7 +6,7 @@ from hodlr.fenwick.arrays import zeros
 from hodlr import _checks, _deferred, backends as registry
 from hodlr.mask import LogLinearMask
 
-__all__ = ["attention", "backends", "matmul"]
+__all__ = ["attention", "matmul"]
 
 
 def _check_mask(M):
@@ -39,10 +39,11 @@ def _empty(batch) -> bool:
     return any(n == 0 for n in batch)
 
 
-def _resolve(backend, M, T):
+def _resolve(backend, M, T, op: str):
+    """The backend module that runs ``op`` for the mask ``M``."""
     if backend == "auto":
-        backend = registry.auto_backend(M.library, M.device, T)
-    return registry.get(backend, M.library, M.device)
+        backend = registry.auto_backend(M.library, M.device, T, op=op)
+    return registry.get(backend, M.library, M.device, op=op)
 
 
 def _mask_args(M, batch):
@@ -64,8 +65,8 @@ def matmul(M, X, *, backend: str = "auto"):
         numpy array or torch tensor, in the mask's library and on its device, with the
         mask's dtype (a float32 mask also serves float16 / bfloat16 operands).
     backend : str, default ``"auto"``
-        One of ``hodlr.backends()``; ``"auto"`` picks by the rule in
-        :mod:`hodlr.backends`.
+        One of ``hodlr.backends.NAMES`` (:func:`hodlr.backend_info` says where each can
+        run); ``"auto"`` picks by the rule in :mod:`hodlr.backends`.
 
     Returns
     -------
@@ -89,7 +90,7 @@ def matmul(M, X, *, backend: str = "auto"):
     _check_operand_dtypes(M, {"X": X})
     _check_length(M, {"X": X})
     batch = _checks.broadcast_batch({"M": M.batch_shape, "X": tuple(X.shape[:-2])})
-    module = _resolve(backend, M, M.T)
+    module = _resolve(backend, M, M.T, "matmul")
     if _empty(batch) or X.shape[-1] == 0:
         return zeros(batch + tuple(X.shape[-2:]), X)
     lam, g = _mask_args(M, batch)
@@ -144,16 +145,10 @@ def attention(q, k, v, M, *, scale=None, backend: str = "auto"):
     batch = _checks.broadcast_batch(
         {"M": M.batch_shape, "q": tuple(q.shape[:-2]), "k": tuple(k.shape[:-2]), "v": tuple(v.shape[:-2])}
     )
-    module = _resolve(backend, M, M.T)
+    module = _resolve(backend, M, M.T, "attention")
     if _empty(batch) or q.shape[-1] == 0 or v.shape[-1] == 0:
         return zeros(batch + tuple(v.shape[-2:]), v)
     lam, g = _mask_args(M, batch)
     q, k, v = (_checks.broadcast_to(a, batch + tuple(a.shape[-2:])) for a in (q, k, v))
     return module.attention(q, k, v, lam, g, scale)
 
-
-backends = registry
-"""``hodlr.backends()``: every backend, what it computes with, and whether it can run here
-(``{name: {"description", "numpy", "torch_cpu", "torch_cuda"}}``, each of the last three
-``True`` or the reason why not).  It is the registry module itself, so
-``hodlr.backends.NAMES``, ``hodlr.backends.get`` and ``hodlr.backends.auto_backend`` work too."""

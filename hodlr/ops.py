@@ -141,14 +141,14 @@ def _check_values(N, T, L, cu_seqlens, initial_positions, num_slots=None):
 # ---------------------------------------------------------------------------------------
 def _resolve(backend, device, T, needs_state):
     if backend != "auto":
-        return registry.get(backend, "torch", device)
+        return registry.get(backend, "torch", device, op="attention")
     if needs_state:
         cuda = device.type == "cuda"
         for name in (["triton", "chunked"] if cuda else ["chunked"]):
-            module = registry._load(name)
-            if module is not None and module.unavailable_reason("torch", device) is None:
+            module = registry.load(name)
+            if module.unavailable_reason("torch", device) is None:
                 return module
-    return registry.get(registry.auto_backend("torch", device, T), "torch", device)
+    return registry.get(registry.auto_backend("torch", device, T, op="attention"), "torch", device, op="attention")
 
 
 def _grouped(q, k, v, level_scales, g):
@@ -192,7 +192,7 @@ def _forward(q, k, v, g, level_scales, scale, init_states, init_positions, cu_se
         raise BackendUnavailableError(
             f"backend {module.__name__.rsplit('.', 1)[-1]!r} has no recurrent state "
             f"(initial_state / output_final_state); use one of the backends with state: "
-            f"{', '.join(n for n in registry.NAMES if registry.has_state(registry._load(n)))}")
+            f"{', '.join(n for n in registry.NAMES if registry.has_state(registry.load(n)))}")
     else:
         out = _plain(module, q, k, v, level_scales, g, scale, cu_seqlens)
     if not output_final_state:

@@ -8,6 +8,7 @@ Half-precision torch operands are computed in the mask's float32 and cast back.
 
 from __future__ import annotations
 
+from hodlr._formulas import tie_decay
 from hodlr.fenwick import scan
 from hodlr.fenwick.arrays import cast
 
@@ -20,13 +21,13 @@ def unavailable_reason(library, device):
 
 def matmul(level_scales, log_decay, x):
     work = level_scales.dtype
-    return cast(scan.matmul(level_scales, log_decay, cast(x, work)), x.dtype)
+    return cast(tie_decay(scan.matmul(level_scales, log_decay, cast(x, work)), log_decay), x.dtype)
 
 
 def attention(q, k, v, level_scales, log_decay, scale):
     work = level_scales.dtype
     out = scan.attention(cast(q, work), cast(k, work), cast(v, work), level_scales, log_decay, scale)
-    return cast(out, v.dtype)
+    return cast(tie_decay(out, log_decay), v.dtype)
 
 
 def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, initial_positions, cu_seqlens,
