@@ -117,12 +117,12 @@ def compute_types(dtype: torch.dtype, device=None):
 def state_dtypes(dtype: torch.dtype, compact: bool = False):
     """``(states, logdec)`` dtypes of the chunk-state hierarchy for inputs of ``dtype``.
 
-    float64 inputs: both float64.  Otherwise ``logdec`` is float32 and so are the states,
-    except that with ``compact`` bfloat16 inputs keep bfloat16 states (half the state traffic;
-    the attention and matmul forwards; the level sums are still formed in float32 and rounded
-    on store).
-    float16 inputs always keep float32 states: an undecayed sum over ``T / 2`` positions can
-    pass float16's largest value, 65504.
+    float64 inputs: both float64.  Otherwise ``logdec`` is float32 and so are the states, except
+    that with ``compact`` bfloat16 inputs keep bfloat16 states (half the state traffic; the
+    matmul's forward).  The attention keeps float32 states and rounds each once when it reads it,
+    so their error does not grow with the levels they were summed through (``docs/kernels.md`` §2).
+    float16 inputs always keep float32 states: an undecayed sum over ``T / 2`` positions can pass
+    float16's largest value, 65504.
     """
     if dtype == torch.float64:
         return torch.float64, torch.float64
