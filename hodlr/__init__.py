@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 
 from hodlr.fenwick import level, num_levels
-from hodlr.api import attention, backends, matmul
+from hodlr.api import attention, backends, gated_delta_attention, gated_delta_matrix, matmul
 from hodlr.errors import BackendUnavailableError, DenseTooLargeError, RankExceededError
 from hodlr.mask import LogLinearMask
 from hodlr.options import options
@@ -36,6 +36,8 @@ __all__ = [
     "RankExceededError",
     "attention",
     "backends",
+    "gated_delta_attention",
+    "gated_delta_matrix",
     "level",
     "matmul",
     "num_levels",
