@@ -315,6 +315,42 @@ class FenwickState(_StreamingState):
         self._buf = zeros((self._B, self._Dk, 0, self._Dv), like)
         self._c = zeros((self._B, 0), like)
 
+    @classmethod
+    def from_states(cls, position: int, states: dict, batch_shape=(), Dk: int = 1, Dv: int = 1,
+                    dtype=np.float64, device=None):
+        """The state at ``position`` whose live buckets hold ``states``: the inverse of
+        :meth:`states` (``FenwickState.from_states(s.position, s.states(), ...)`` continues
+        exactly like ``s``).
+
+        Parameters
+        ----------
+        position : int, ``>= 0``
+        states : dict ``{level: S}``
+            One entry per live level of ``position`` (its set bits, :func:`live_levels`),
+            ``S`` of shape ``(*batch_shape, Dk, Dv)`` with the state's library, dtype and
+            device.  Gradients flow from the new state to these arrays.
+        batch_shape, Dk, Dv, dtype, device
+            As for the constructor.
+        """
+        self = cls(batch_shape, Dk, Dv, dtype, device)
+        if isinstance(position, (bool, np.bool_)) or not isinstance(position, (int, np.integer)) or position < 0:
+            raise ValueError(f"position must be an integer >= 0, got {position!r}")
+        if not isinstance(states, dict):
+            raise TypeError(f"states must be a dict {{level: array}}, got {type(states).__name__}")
+        levels = [int(x) for x in live_levels(int(position))[0] if x > 0]
+        if sorted(states) != sorted(levels):
+            raise ValueError(f"states must hold exactly the live levels {sorted(levels)} of position {position}, "
+                             f"got levels {sorted(states)}")
+        slots = [self._operand(f"states[{lev}]", states[lev], (self._Dk, self._Dv), "(*batch, Dk, Dv)")
+                 for lev in levels]
+        if slots:
+            xp = namespace(self._like)
+            self._buf = xp.stack(slots, 2)
+            self._c = xp.ones_like(self._buf[:, 0, :, 0])
+        self._pos = int(position)
+        self._levels = levels
+        return self
+
     @property
     def capacity(self) -> int:
         """Number of state slots allocated (the most live states held so far)."""

@@ -21,6 +21,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "HODLRMatrix": "hodlr.tree",
+    "LogLinearState": "hodlr.state",
+    "log_linear_attn": "hodlr.ops",
+    "log_linear_attn_step": "hodlr.ops",
     "spy": "hodlr.plotting",
     "heatmap": "hodlr.plotting",
     "plot_buckets": "hodlr.plotting",

@@ -13,6 +13,24 @@ A backend module defines
 ``attention(q, k, v, level_scales, log_decay, scale)``
     ``q, k (*batch, T, Dk)``, ``v (*batch, T, Dv)``, ``scale`` a float -> ``(*batch, T, Dv)``.
 
+``attention_state(q, k, v, level_scales, log_decay, scale, initial_state, initial_positions, cu_seqlens, output_final_state)`` (optional)
+    Attention that continues from a recurrent state and/or runs packed sequences, on the
+    layout of ``hodlr.kernels.attention``: ``q, k (N, Hqk, T, Dk)``, ``v (N, H, T, Dv)``
+    (``Hqk`` divides ``H``; head ``h`` reads head ``h // (H // Hqk)`` of ``q`` and ``k``),
+    ``level_scales (N, H, T, L)``, ``log_decay (N, H, T)`` or ``None``, ``initial_state
+    (Nseq, H, S, Dk, Dv)`` with ``initial_positions (Nseq,)`` (int64) or both ``None``,
+    ``cu_seqlens (Nseq + 1,)`` or ``None`` (then ``Nseq = N``; with it ``N = 1``) ->
+    ``o (N, H, T, Dv)``, or with ``output_final_state`` ``(o, (states (Nseq, H, S', Dk, Dv),
+    positions (Nseq,)))`` where ``S' >= S`` holds every end position.  Positions continue:
+    token ``i`` of sequence ``n`` is at ``initial_positions[n] + i`` (docs/models.md).  torch
+    only, differentiable in every floating input.  Defined by ``chunked``, ``fenwick`` and
+    ``triton``.
+
+:func:`hodlr.log_linear_attn` calls ``attention_state`` for every call with an initial state,
+a final state or ``cu_seqlens``.  A backend without it serves the calls with neither state
+(packed sequences by one ``attention`` call per sequence) and refuses the others with
+:class:`hodlr.BackendUnavailableError`.
+
 The public functions :func:`hodlr.matmul` and :func:`hodlr.attention` validate the inputs
 and broadcast every batch shape to one common ``batch`` (as views, no copies) before a
 backend sees them, so backends never validate.
@@ -33,7 +51,7 @@ import types
 
 from hodlr.errors import BackendUnavailableError
 
-__all__ = ["NAMES", "auto_backend", "get", "info"]
+__all__ = ["NAMES", "auto_backend", "get", "has_state", "info"]
 
 NAMES = ("dense", "sparse", "recursive", "fenwick", "chunked", "triton")
 """Every backend name, in the order :func:`hodlr.backends` lists them."""
@@ -63,6 +81,11 @@ def get(name: str, library: str, device) -> object:
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run on {library} arrays on {device}: {reason}")
     return module
+
+
+def has_state(module) -> bool:
+    """Whether the backend module defines the optional ``attention_state`` (see above)."""
+    return callable(getattr(module, "attention_state", None))
 
 
 def auto_backend(library: str, device, T: int) -> str:

@@ -207,6 +207,205 @@ def attention(q, k, v, level_scales, log_decay, scale, *, chunk: int = DEFAULT_C
 
 
 # ---------------------------------------------------------------------------------------
+# state hand-off and packed sequences
+# ---------------------------------------------------------------------------------------
+def _rows(x, src, tail: int):
+    """``x (N, Hx, T, *tail)`` gathered into rows: ``(R, Hx, W, *tail)`` with entry ``[r, :, j]`` =
+    ``x`` at flat token ``src[r, j]`` (flat over ``(N, T)``; ``N * T`` selects zeros)."""
+    import torch
+
+    N, Hx, T = x.shape[:3]
+    flat = x.movedim(2, 1).reshape((N * T, Hx) + tuple(x.shape[3:]))
+    flat = torch.cat([flat, flat.new_zeros((1,) + tuple(flat.shape[1:]))])
+    return flat[torch.as_tensor(src, device=x.device)].movedim(1, 2)
+
+
+def _pick(x, rows, index):
+    """``x[r, ..., index[r, i], ...]`` along dim 3 of ``x (R, a, b, n, ...)`` -> ``(R, a, b, m, ...)``."""
+    import torch
+
+    dev = x.device
+    r = torch.as_tensor(rows, device=dev)[:, None]
+    return x.movedim(3, 1)[r, torch.as_tensor(index, device=dev)].movedim(1, 3)
+
+
+def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, initial_positions, cu_seqlens,
+                    output_final_state, *, chunk: int = DEFAULT_CHUNK):
+    """Log-linear attention that continues from a state and/or runs packed sequences.
+
+    The layout of ``hodlr.kernels.attention`` (docs/models.md): ``q, k (N, Hqk, T, Dk)``,
+    ``v (N, H, T, Dv)`` (head ``h`` reads head ``h // (H // Hqk)`` of ``q``, ``k``),
+    ``level_scales (N, H, T, L)``, ``log_decay (N, H, T)`` or None, ``initial_state
+    (Nseq, H, S, Dk, Dv)`` with ``initial_positions (Nseq,)`` (int64) or both None,
+    ``cu_seqlens (Nseq + 1,)`` or None (then ``Nseq = N``).  Token ``i`` of sequence ``n`` is
+    at absolute position ``initial_positions[n] + i``; row ``i`` of the level scales belongs to
+    that position.  Inputs are validated by :func:`hodlr.log_linear_attn`.
+
+    Returns ``o (N, H, T, Dv)``, and with ``output_final_state`` also ``(states (Nseq, H, S', Dk, Dv),
+    positions (Nseq,))``, ``S' = max(S, bit_length(largest end position))``.
+
+    The chunked algorithm with absolute positions, every sequence in one batched computation
+    (no loop over sequences): each sequence is laid out from the start of the aligned chunk
+    holding its first token (zeros before it, and after its end), so that a chunk's levels
+    ``0..c`` are those of absolute positions; the aligned block states of the chunk hierarchy
+    are those of absolute chunk indices, level ``h`` holding blocks ``m >= I0 >> h``
+    (``I0`` the first chunk), each summed over the sequence's own tokens.  The initial bucket
+    states are read by every token ``t``: the level-``l`` bucket of the start ``a`` lies at level
+    ``max(l, bit_length(t XOR a))`` from ``t``.  The final buckets at the end ``e`` are sums of
+    the chunk states (whole chunks before ``e``'s chunk), of the tokens of ``e``'s chunk and of the
+    initial buckets, each at its level from ``e``.
+    """
+    import torch
+
+    from hodlr.state import segments
+
+    C = _check_chunk(chunk)
+    c = C.bit_length() - 1
+    out_dtype = v.dtype
+    work = level_scales.dtype
+    dev = v.device
+    N, Hqk, T, Dk = q.shape
+    H, Dv, L = v.shape[1], v.shape[-1], level_scales.shape[-1]
+    grp = H // Hqk
+    batch, offset, length, a = segments(N, T, cu_seqlens, initial_positions)
+    R = a.size
+    e = a + length
+    r = a % C
+    I0 = a >> c
+    n = max(1, int((-(-(r + length) // C)).max(initial=1)))
+    W = n * C
+    j = np.arange(W)
+    tok = j[None, :] - r[:, None]
+    valid = (tok >= 0) & (tok < length[:, None])
+    src = np.where(valid, batch[:, None] * T + offset[:, None] + tok, N * T)
+    P = (a - r)[:, None] + j[None, :]  # absolute positions of the row layout
+    I1 = np.where(length > 0, (e - 1) >> c, I0)
+    bits = int(fenwick.level(I1, np.minimum(I0, I1)).max(initial=0))
+    width = max(L, c + 1 + bits)
+
+    # rows (R, Hqk, grp, W, ...): q and k broadcast over the group
+    qr = _rows(q.to(work), src, 1)[:, :, None]
+    kr = _rows(k.to(work), src, 1)[:, :, None]
+    vr = _rows(v.to(work), src, 1).unflatten(1, (Hqk, grp))
+    lam = _rows(level_scales, src, 1).unflatten(1, (Hqk, grp))
+    lam = torch.nn.functional.pad(lam, (0, width - L))
+    lev = np.arange(width)
+    read = valid[:, :, None] & ((lev == 0) | (((P[:, :, None] >> np.maximum(lev - 1, 0)) & 1) == 1))
+    lam = torch.where(torch.as_tensor(read[:, None, None], device=dev), lam, torch.zeros((), dtype=work, device=dev))
+    g = None if log_decay is None else _rows(log_decay, src, 0).unflatten(1, (Hqk, grp))
+
+    # levels 0..c: dense inside each aligned chunk; levels > c: the hierarchy of chunk states
+    ch = _Chunks(lam, g, C)
+    qc, kc, vc = (_chunk(x, n, C) for x in (qr, kr, vr))
+    o = (ch.intra() * (qc @ kc.transpose(-1, -2))) @ vc  # (R, Hqk, grp, n, C, Dv)
+    w = ch.end_weights()
+    kw = kc if w is None else kc * w[..., None]
+    S0 = kw.transpose(-1, -2) @ vc  # (R, Hqk, grp, n, Dk, Dv)
+    rows = np.arange(R)
+    states, A = [S0], [ch.A]
+    for h in range(1, bits):
+        b = (I0 >> (h - 1)) & 1
+        size = states[-1].shape[3]
+        half = np.arange((size + 2) // 2)
+        even = np.minimum(2 * half[None, :] + 1 - b[:, None], size + 1)
+        odd = np.minimum(even + 1, size + 1)
+        Sp = torch.nn.functional.pad(states[-1], (0, 0, 0, 0, 1, 1))
+        Ap = torch.nn.functional.pad(A[-1], (1, 1))
+        a_odd = _pick(Ap, rows, odd)
+        states.append(torch.exp(a_odd)[..., None, None] * _pick(Sp, rows, even) + _pick(Sp, rows, odd))
+        A.append(_pick(Ap, rows, even) + a_odd)
+    Gc = ch.G if ch.G is not None else torch.zeros_like(ch.lam[..., 0])
+    I = I0[:, None] + np.arange(n)[None, :]
+    gap = torch.zeros_like(ch.A)
+    zero = torch.zeros((), dtype=work, device=dev)
+    for h in range(bits):
+        block = (I >> h) - 1 - (I0[:, None] >> h)
+        use = (((I >> h) & 1) == 1) & (block >= 0)
+        idx = np.where(use, block, 0)
+        use_t = torch.as_tensor(use, device=dev)[:, None, None]
+        rowf = ch.lam[..., c + 1 + h] * torch.exp(gap[..., None] + Gc)
+        rowf = torch.where(use_t[..., None], rowf, zero)
+        o = o + rowf[..., None] * (qc @ _pick(states[h], rows, idx))
+        gap = gap + torch.where(use_t, _pick(A[h], rows, idx), zero)
+    o = o.flatten(3, 4)  # (R, Hqk, grp, W, Dv)
+
+    # the initial buckets, read by every token at level max(l, bit_length(t XOR a))
+    S_in = 0 if initial_state is None else initial_state.shape[2]
+    init = None
+    if S_in:
+        init = initial_state.to(work).unflatten(1, (Hqk, grp))  # (R, Hqk, grp, S, Dk, Dv)
+        G = torch.zeros_like(ch.lam[..., 0]).flatten(3) if g is None else torch.cumsum(g, -1)
+        decay = torch.exp(G)
+        D = fenwick.level(np.maximum(P, a[:, None]), a[:, None])
+        for l in range(1, S_in + 1):
+            live = ((a >> (l - 1)) & 1) == 1
+            if not live.any():
+                continue
+            col = np.where(valid & live[:, None], np.maximum(l, D), 0)
+            pick = torch.as_tensor(col, device=dev)[:, None, None, :, None].expand(R, Hqk, grp, W, 1)
+            wt = torch.gather(ch.lam.flatten(3, 4), -1, pick)[..., 0]
+            wt = torch.where(torch.as_tensor(valid & live[:, None], device=dev)[:, None, None], wt, zero)
+            o = o + (wt * decay)[..., None] * (qr @ init[:, :, :, l - 1])
+    o = (o * scale).flatten(1, 2)  # (R, H, W, Dv)
+
+    # back to the input layout
+    if cu_seqlens is None:
+        out_row = np.repeat(np.arange(N)[:, None], T, 1)
+        out_col = r[:, None] + np.arange(T)[None, :]
+    else:
+        t = np.arange(T)
+        out_row = (np.searchsorted(offset + length, t, side="right"))[None, :]
+        out_col = (r[out_row] + t[None, :] - offset[out_row])
+    o = o.movedim(2, 1)[torch.as_tensor(out_row, device=dev), torch.as_tensor(out_col, device=dev)]
+    o = o.movedim(1, 2).to(out_dtype)
+    if not output_final_state:
+        return o
+
+    # final buckets at the end e of each sequence
+    S_out = max(S_in, int(fenwick.level(e.max(initial=0), 0)))
+    final = S0.new_zeros((R, Hqk, grp, S_out, Dk, Dv))
+    De = fenwick.level(e, a)
+    if S_in:
+        move = np.zeros((R, S_in, S_out))
+        for l in range(1, S_in + 1):
+            live = ((a >> (l - 1)) & 1) == 1
+            move[rows[live], l - 1, np.maximum(l, De[live]) - 1] = 1.0
+        total = torch.exp(ch.A.sum(-1)) if g is not None else torch.ones_like(ch.A[..., 0])
+        moved = torch.einsum("rij,rhgikv->rhgjkv", torch.as_tensor(move, dtype=work, device=dev), init)
+        final = final + total[..., None, None, None] * moved
+    E = e >> c
+    whole = I < E[:, None]  # chunks wholly before e's chunk: all their tokens at one level from e
+    if whole.any():
+        target = c + fenwick.level(np.maximum(E[:, None], I), np.minimum(E[:, None], I))
+        onehot = np.zeros((R, n, S_out))
+        rr, jj = np.nonzero(whole)
+        onehot[rr, jj, target[rr, jj] - 1] = 1.0
+        if g is None:
+            after = torch.ones_like(ch.A)
+        else:  # exp of the decay of the later chunks: a reverse cumulative sum of their own terms
+            later = torch.flip(torch.cumsum(torch.flip(ch.A[..., 1:], (-1,)), -1), (-1,))
+            after = torch.exp(torch.nn.functional.pad(later, (0, 1)))
+        final = final + torch.einsum("rjl,rhgj,rhgjkv->rhglkv", torch.as_tensor(onehot, dtype=work, device=dev),
+                                     after, S0)
+    part = (e % C != 0) & (length > 0)
+    if part.any():  # the tokens of e's chunk, at levels 1..c from e
+        JE = np.where(part, E - I0, 0)
+        Pe = (a - r)[:, None] + JE[:, None] * C + np.arange(C)[None, :]
+        inside = part[:, None] & (Pe < e[:, None]) & (Pe >= a[:, None])
+        target = np.where(inside, fenwick.level(np.maximum(e[:, None], Pe), np.minimum(e[:, None], Pe)), 0)
+        onehot = np.zeros((R, C, S_out))
+        rr, tt = np.nonzero(inside)
+        onehot[rr, tt, target[rr, tt] - 1] = 1.0
+        kE = _pick(kw, rows, JE[:, None])[:, :, :, 0]  # (R, Hqk, grp or 1, C, Dk)
+        vE = _pick(vc, rows, JE[:, None])[:, :, :, 0]
+        kE = kE.expand(vE.shape[:3] + kE.shape[3:])
+        final = final + torch.einsum("rcl,rhgck,rhgcv->rhglkv", torch.as_tensor(onehot, dtype=work, device=dev),
+                                     kE, vE)
+    positions = torch.as_tensor(e, dtype=torch.int64, device=dev)
+    return o, (final.flatten(1, 2), positions)
+
+
+# ---------------------------------------------------------------------------------------
 # log-linear Gated DeltaNet
 # ---------------------------------------------------------------------------------------
 def _solve_unit_lower(N, B, left=True):

@@ -32,6 +32,53 @@ def attention(q, k, v, level_scales, log_decay, scale):
     return cast(out, v.dtype)
 
 
+def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, initial_positions, cu_seqlens,
+                    output_final_state):
+    """The state-aware attention of the backend contract (layout in :mod:`hodlr.backends`): for each
+    sequence, a :class:`FenwickState` at its start position holding the initial buckets, then
+    :meth:`FenwickState.prefill` over its tokens (torch tensors; autograd flows through the
+    initial state)."""
+    import torch
+
+    from hodlr import fenwick
+    from hodlr.fenwick.scan import FenwickState
+    from hodlr.state import segments
+
+    work = level_scales.dtype
+    N, Hqk, T, Dk = q.shape
+    H, Dv = v.shape[1], v.shape[-1]
+    grp = H // Hqk
+    batch, offset, length, start = segments(N, T, cu_seqlens, initial_positions)
+    S_in = 0 if initial_state is None else initial_state.shape[2]
+    S_out = max(S_in, fenwick.level(int((start + length).max(initial=0)), 0))
+    outs, finals = [], []
+    for n in range(start.size):
+        b, sl, a = int(batch[n]), slice(int(offset[n]), int(offset[n] + length[n])), int(start[n])
+        Tn = int(length[n])
+        qn, kn = (x[b, :, sl].to(work)[:, None].expand(Hqk, grp, Tn, Dk) for x in (q, k))
+        vn = v[b, :, sl].to(work).unflatten(0, (Hqk, grp))
+        lam = level_scales[b, :, sl].unflatten(0, (Hqk, grp))
+        g = None if log_decay is None else log_decay[b, :, sl].unflatten(0, (Hqk, grp))
+        buckets = {lev: initial_state[n, :, lev - 1].to(work).unflatten(0, (Hqk, grp))
+                   for lev in range(1, a.bit_length() + 1) if (a >> (lev - 1)) & 1}
+        state = FenwickState.from_states(a, buckets, (Hqk, grp), Dk, Dv, work, v.device)
+        outs.append(state.prefill(qn, kn, vn, lam, g, scale).flatten(0, 1))
+        if output_final_state:
+            final = torch.zeros((H, S_out, Dk, Dv), dtype=work, device=v.device)
+            live = state.states()
+            if live:
+                levels = sorted(live)
+                final = final.index_copy(1, torch.as_tensor([lev - 1 for lev in levels], device=v.device),
+                                         torch.stack([live[lev].flatten(0, 1) for lev in levels], 1))
+            finals.append(final)
+    o = (torch.stack(outs) if cu_seqlens is None else torch.cat(outs, 1)[None]).to(v.dtype)
+    if not output_final_state:
+        return o
+    positions = torch.as_tensor(start + length, dtype=torch.int64, device=v.device)
+    states = torch.stack(finals) if finals else torch.zeros((0, H, S_out, Dk, Dv), dtype=work, device=v.device)
+    return o, (states, positions)
+
+
 def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale, *, state=None, position: int = 0,
                           final_state: bool = False):
     """Log-linear Gated DeltaNet by the bucket recurrence (:class:`hodlr.fenwick.delta.GatedDeltaState`).

@@ -55,3 +55,14 @@ def attention(q, k, v, level_scales, log_decay, scale):
     if _wants_grad(q, k, v, level_scales, log_decay):
         return kernels.attention(q, k, v, level_scales, log_decay, scale)
     return kernels.attention_forward(q, k, v, level_scales, log_decay, scale)
+
+
+def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, initial_positions, cu_seqlens,
+                    output_final_state):
+    """The state-aware attention of the backend contract: ``hodlr.kernels.attention`` with its
+    state and packed-sequence keywords (differentiable, same layout)."""
+    from hodlr import kernels
+
+    return kernels.attention(q, k, v, level_scales, log_decay, scale, initial_state=initial_state,
+                             initial_positions=initial_positions, cu_seqlens=cu_seqlens,
+                             output_final_state=output_final_state)

@@ -1,0 +1,453 @@
+"""The fla-compatible op: ``log_linear_attn`` on ``(B, T, H, D)`` tensors, with recurrent state
+hand-off, packed sequences and ``torch.compile`` support; ``log_linear_attn_step`` for decoding.
+
+A layout and state wrapper over the backends of :mod:`hodlr.backends` (the mathematics is
+``hodlr.attention``'s, see docs/models.md): inputs are validated here, viewed as
+``(B, H, T, D)`` (no copies), and handed to the backend's ``attention_state`` (or
+``attention`` for calls without state).  Under ``torch.compile`` the call goes through the
+custom operator ``torch.ops.hodlr.log_linear_attn`` (fake implementation and autograd
+registered), so that a compiled model keeps the op in its graph.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from hodlr import _checks, backends as registry
+from hodlr import fenwick
+from hodlr.errors import BackendUnavailableError
+from hodlr.state import LogLinearState, segments
+
+__all__ = ["log_linear_attn", "log_linear_attn_step"]
+
+
+# ---------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------
+def _tensor(name, x, ndim, layout):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {_checks.describe(x)}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have shape {layout}, got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+
+
+def work_dtype(dtype) -> torch.dtype:
+    """The dtype the op computes and keeps its state in: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_static(q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens, scale):
+    """Every check that needs shapes, dtypes and devices only (no host read); returns
+    ``(scale, Nseq)``."""
+    _tensor("q", q, 4, "(B, T, Hqk, Dk)")
+    _tensor("k", k, 4, "(B, T, Hqk, Dk)")
+    _tensor("v", v, 4, "(B, T, H, Dv)")
+    _tensor("level_scales", level_scales, 4, "(B, T, H, L)")
+    if g is not None:
+        _tensor("g", g, 3, "(B, T, H)")
+    B, T, Hqk, Dk = q.shape
+    H, Dv = v.shape[2], v.shape[3]
+    if tuple(k.shape) != tuple(q.shape):
+        raise ValueError(f"k must have the shape of q, (B, T, Hqk, Dk) = {tuple(q.shape)}, got {tuple(k.shape)}")
+    if tuple(v.shape[:2]) != (B, T):
+        raise ValueError(f"v must have shape (B, T, H, Dv) with (B, T) = {(B, T)} (from q), got {tuple(v.shape)}")
+    if Hqk < 1 or H % Hqk:
+        raise ValueError(f"the {Hqk} heads of q and k must divide the {H} heads of v "
+                         f"(q: {tuple(q.shape)}, v: {tuple(v.shape)})")
+    if tuple(level_scales.shape[:3]) != (B, T, H):
+        raise ValueError(f"level_scales must have shape (B, T, H, L) with (B, T, H) = {(B, T, H)}, "
+                         f"got {tuple(level_scales.shape)}")
+    if g is not None and tuple(g.shape) != (B, T, H):
+        raise ValueError(f"g must have shape (B, T, H) = {(B, T, H)}, got {tuple(g.shape)}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; they must match")
+    named = {"q": q, "k": k, "v": v, "level_scales": level_scales, "g": g}
+    _checks.check_same_home(named)
+    if isinstance(output_final_state, torch.Tensor) or not isinstance(output_final_state, bool):
+        raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
+    if scale is None:
+        scale = Dk ** -0.5 if Dk else 1.0
+    scale = _checks.check_scale(scale)
+    Nseq = B
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor):
+            raise TypeError(f"cu_seqlens must be an integer torch.Tensor of shape (N + 1,), "
+                            f"got {_checks.describe(cu_seqlens)}")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+            raise ValueError(f"cu_seqlens must have shape (N + 1,) with N >= 1 sequences, "
+                             f"got shape {tuple(cu_seqlens.shape)}")
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"cu_seqlens is on device {cu_seqlens.device} but q is on {q.device}")
+        if B != 1:
+            raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got B={B} "
+                             f"(q of shape {tuple(q.shape)})")
+        Nseq = cu_seqlens.shape[0] - 1
+    if initial_state is not None:
+        if not isinstance(initial_state, LogLinearState):
+            raise TypeError(f"initial_state must be a hodlr.LogLinearState, got {type(initial_state).__name__}")
+        s = initial_state.states
+        want = (Nseq, H, Dk, Dv)
+        got = (s.shape[0], s.shape[1], s.shape[3], s.shape[4])
+        if got != want:
+            raise ValueError(f"initial_state must have (N, H, Dk, Dv) = {want} "
+                             f"({'sequences of cu_seqlens' if cu_seqlens is not None else 'batch of q'}, heads of v, "
+                             f"widths of k and v), got states of shape {tuple(s.shape)}")
+        if s.dtype != work_dtype(v.dtype):
+            raise TypeError(f"initial_state has dtype {s.dtype} but {v.dtype} inputs need a "
+                            f"{work_dtype(v.dtype)} state")
+        if s.device != q.device:
+            raise ValueError(f"initial_state is on device {s.device} but q is on {q.device}")
+    return scale, Nseq
+
+
+def _check_values(T, L, cu_seqlens, initial_positions, num_slots=None):
+    """The checks that read ``cu_seqlens`` and the state's positions on the host; returns
+    the largest end position."""
+    if cu_seqlens is not None:
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0]={cu[0]}")
+        for i in range(1, len(cu)):
+            if cu[i] < cu[i - 1]:
+                raise ValueError(f"cu_seqlens must be non-decreasing, got cu_seqlens[{i - 1}]={cu[i - 1]} > "
+                                 f"cu_seqlens[{i}]={cu[i]}")
+        if cu[-1] != T:
+            raise ValueError(f"cu_seqlens must end at T={T} (the tokens of q), got cu_seqlens[-1]={cu[-1]}")
+    _, _, length, start = segments(1, T, cu_seqlens, initial_positions) if cu_seqlens is not None else \
+        segments(1 if initial_positions is None else initial_positions.shape[0], T, None, initial_positions)
+    if start.size and start.min() < 0:
+        raise ValueError(f"initial_state.positions must be >= 0, got {int(start.min())}")
+    if num_slots is not None and start.size and int(start.max()).bit_length() > num_slots:
+        raise ValueError(f"initial_state has {num_slots} slots but position {int(start.max())} needs "
+                         f"{int(start.max()).bit_length()}")
+    end = int((start + length).max(initial=0))
+    if end >= 1:
+        need = fenwick.num_levels(end)
+        if L < need:
+            where = "" if initial_positions is None else f" (the state continues from position {int(start.max())})"
+            raise ValueError(f"level_scales has L={L} levels but absolute position {end - 1}{where} needs at least "
+                             f"num_levels({end})={need}")
+    return end
+
+
+# ---------------------------------------------------------------------------------------
+# the computation on the (N, H, T, D) layout
+# ---------------------------------------------------------------------------------------
+def _resolve(backend, device, T, needs_state):
+    if backend != "auto":
+        return registry.get(backend, "torch", device)
+    if needs_state:
+        cuda = device.type == "cuda"
+        for name in (["triton", "chunked"] if cuda else ["chunked"]):
+            module = registry._load(name)
+            if module is not None and module.unavailable_reason("torch", device) is None:
+                return module
+    return registry.get(registry.auto_backend("torch", device, T), "torch", device)
+
+
+def _grouped(q, k, v, level_scales, g):
+    """5-d views ``(N, Hqk, G, T, D)``: q and k broadcast over the ``G`` heads of each group."""
+    Hqk, grp = q.shape[1], v.shape[1] // q.shape[1]
+    q5, k5 = (x[:, :, None].expand(x.shape[0], Hqk, grp, *x.shape[2:]) for x in (q, k))
+    v5, lam5 = (x.unflatten(1, (Hqk, grp)) for x in (v, level_scales))
+    g5 = None if g is None else g.unflatten(1, (Hqk, grp))
+    return q5, k5, v5, lam5, g5
+
+
+def _plain(module, q, k, v, level_scales, g, scale, cu_seqlens):
+    """A backend's ``attention`` on grouped-head views; packed sequences one call each."""
+    N, H, T, Dv = v.shape
+    if cu_seqlens is None:
+        return module.attention(*_grouped(q, k, v, level_scales, g), scale).flatten(1, 2)
+    cu = cu_seqlens.tolist()
+    outs = []
+    for i in range(len(cu) - 1):
+        sl = slice(cu[i], cu[i + 1])
+        if cu[i + 1] > cu[i]:
+            parts = [None if x is None else x[..., sl, :] for x in (q, k, v, level_scales)]
+            outs.append(module.attention(*_grouped(*parts, None if g is None else g[..., sl]), scale).flatten(1, 2))
+    return torch.cat(outs, 2) if outs else v.new_zeros((N, H, 0, Dv))
+
+
+def _forward(q, k, v, g, level_scales, scale, init_states, init_positions, cu_seqlens, output_final_state,
+             final_slots, backend):
+    """``(o, states, positions)`` on the ``(N, H, T, D)`` layout (``level_scales`` and ``g``
+    already in the work dtype); ``states`` padded or cut to ``final_slots`` slots (cut slots are
+    empty: the caller checked the end positions); empty tensors without ``output_final_state``."""
+    T = q.shape[2]
+    needs_state = init_states is not None or output_final_state
+    module = _resolve(backend, q.device, T, needs_state or cu_seqlens is not None)
+    if registry.has_state(module) and (needs_state or cu_seqlens is not None):
+        out = module.attention_state(q, k, v, level_scales, g, scale, init_states, init_positions, cu_seqlens,
+                                     output_final_state)
+    elif needs_state:
+        raise BackendUnavailableError(
+            f"backend {module.__name__.rsplit('.', 1)[-1]!r} has no recurrent state "
+            f"(initial_state / output_final_state); use one of the backends with state: "
+            f"{', '.join(n for n in registry.NAMES if registry.has_state(registry._load(n)))}")
+    else:
+        out = _plain(module, q, k, v, level_scales, g, scale, cu_seqlens)
+    if not output_final_state:
+        empty = q.new_zeros((0,), dtype=level_scales.dtype)
+        return out, empty, empty.new_zeros((0,), dtype=torch.int64)
+    o, (states, positions) = out
+    S = states.shape[2]
+    if S < final_slots:
+        states = torch.nn.functional.pad(states, (0, 0, 0, 0, 0, final_slots - S))
+    elif S > final_slots:
+        states = states[:, :, :final_slots]
+    return o, states, positions
+
+
+# ---------------------------------------------------------------------------------------
+# the custom operator (what torch.compile sees)
+# ---------------------------------------------------------------------------------------
+@torch.library.custom_op("hodlr::log_linear_attn", mutates_args=())
+def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor], level_scales: torch.Tensor,
+        scale: float, initial_states: Optional[torch.Tensor], initial_positions: Optional[torch.Tensor],
+        cu_seqlens: Optional[torch.Tensor], output_final_state: bool, final_slots: int,
+        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``log_linear_attn`` on the ``(N, H, T, D)`` layout with flat arguments:
+    ``(o, states, positions)``, the last two empty without ``output_final_state``."""
+    _check_values(q.shape[2], level_scales.shape[-1], cu_seqlens, initial_positions,
+                  None if initial_states is None else initial_states.shape[2])
+    o, states, positions = _forward(q, k, v, g, level_scales, scale, initial_states, initial_positions,
+                                    cu_seqlens, output_final_state, final_slots, backend)
+    if output_final_state and states.shape[2] and int(positions.max()).bit_length() > final_slots:
+        raise ValueError(f"the final state needs {int(positions.max()).bit_length()} slots but has "
+                         f"{final_slots} (under torch.compile it keeps the initial state's slots: make the state "
+                         f"with more, LogLinearState.zeros(..., max_position=...) or state.with_slots(S))")
+    return o.contiguous(), states.contiguous(), positions.contiguous()
+
+
+@_op.register_fake
+def _op_fake(q, k, v, g, level_scales, scale, initial_states, initial_positions, cu_seqlens, output_final_state,
+             final_slots, backend):
+    N, Hqk, T, Dk = q.shape
+    H, Dv = v.shape[1], v.shape[3]
+    o = v.new_empty((N, H, T, Dv))
+    if not output_final_state:
+        return o, level_scales.new_empty((0,)), q.new_empty((0,), dtype=torch.int64)
+    Nseq = N if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return (o, level_scales.new_empty((Nseq, H, final_slots, Dk, Dv)),
+            q.new_empty((Nseq,), dtype=torch.int64))
+
+
+@torch.library.custom_op("hodlr::log_linear_attn_backward", mutates_args=())
+def _op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 g: Optional[torch.Tensor], level_scales: torch.Tensor, scale: float,
+                 initial_states: Optional[torch.Tensor], initial_positions: Optional[torch.Tensor],
+                 cu_seqlens: Optional[torch.Tensor], output_final_state: bool, final_slots: int,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor]:
+    """Gradients ``(dq, dk, dv, dg, dlevel_scales, dinitial_states)`` of :func:`_op` (empty for
+    an absent ``g`` / initial state): the backend's forward recomputed under autograd."""
+    inputs = [q, k, v, g, level_scales, initial_states]
+    with torch.enable_grad():
+        leaves = [None if x is None else x.detach().requires_grad_(True) for x in inputs]
+        o, states, _ = _forward(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], scale, leaves[5],
+                                initial_positions, cu_seqlens, output_final_state, final_slots, backend)
+        outs, grads = [o], [do]
+        if output_final_state:
+            outs.append(states)
+            grads.append(dstates)
+        wrt = [x for x in leaves if x is not None]
+        got = iter(torch.autograd.grad(outs, wrt, grads, allow_unused=True))
+    result = []
+    for x in leaves:
+        if x is None:
+            result.append(q.new_empty((0,)))
+            continue
+        d = next(got)
+        result.append(torch.zeros_like(x) if d is None else d.contiguous())
+    return tuple(result)
+
+
+@_op_backward.register_fake
+def _op_backward_fake(do, dstates, q, k, v, g, level_scales, scale, initial_states, initial_positions, cu_seqlens,
+                      output_final_state, final_slots, backend):
+    return tuple(q.new_empty((0,)) if x is None else torch.empty_like(x)
+                 for x in (q, k, v, g, level_scales, initial_states))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, lam, scale, init, pos, cu, final, slots, backend = inputs
+    ctx.save_for_backward(q, k, v, g, lam, init, pos, cu)
+    ctx.args = (scale, final, slots, backend)
+
+
+def _backward(ctx, do, dstates, dpositions):
+    q, k, v, g, lam, init, pos, cu = ctx.saved_tensors
+    scale, final, slots, backend = ctx.args
+    if dstates is None or not final:
+        dstates = lam.new_zeros((0,)) if not final else lam.new_zeros((cu.shape[0] - 1 if cu is not None else
+                                                                       q.shape[0], v.shape[1], slots,
+                                                                       q.shape[3], v.shape[3]))
+    dq, dk, dv, dg, dlam, dinit = torch.ops.hodlr.log_linear_attn_backward(
+        do, dstates, q, k, v, g, lam, scale, init, pos, cu, final, slots, backend)
+    return (dq, dk, dv, None if g is None else dg, dlam, None, None if init is None else dinit,
+            None, None, None, None, None)
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# the public functions
+# ---------------------------------------------------------------------------------------
+def _bhtd(x):
+    """``(B, T, H, ...)`` -> the view ``(B, H, T, ...)``."""
+    return None if x is None else x.transpose(1, 2)
+
+
+def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_state=False, cu_seqlens=None,
+                    scale=1.0, *, backend: str = "auto"):
+    """Log-linear attention on flash-linear-attention's layout, with state hand-off and packed
+    sequences: a drop-in for fla's ``chunk_log_linear_attn`` (same argument order and defaults
+    as fla-core 0.6.0).
+
+    ``o_t = scale * sum_{s <= t} level_scales[t, level(t, s)] exp(G_t - G_s) (q_t . k_s) v_s`` with
+    ``G`` the cumulative sum of ``g`` and positions absolute (docs/models.md).
+
+    Parameters
+    ----------
+    q, k : torch.Tensor, shape ``(B, T, Hqk, Dk)``
+    v : torch.Tensor, shape ``(B, T, H, Dv)``
+        ``Hqk`` divides ``H``; head ``h`` of ``v`` reads head ``h // (H // Hqk)`` of ``q`` and ``k``
+        (grouped heads, read in place).  One floating dtype; any strides.
+    g : torch.Tensor, shape ``(B, T, H)``, or None
+        Per-token log-decay (``None``: no decay).  ``g`` of an absolute position 0 has no effect.
+    level_scales : torch.Tensor, shape ``(B, T, H, L)``
+        Row ``t`` reads level 0 and level ``l >= 1`` iff bit ``l - 1`` of its absolute position is
+        set; ``L >= num_levels(largest end position)``.  Other entries are never read (NaN allowed).
+        ``g`` and ``level_scales`` are used in float32 (float64 for float64 inputs).
+    initial_state : hodlr.LogLinearState, optional
+        One row per sequence (``B``, or ``len(cu_seqlens) - 1``), the heads and widths of ``v`` and
+        ``k``, float32 (float64 for float64 inputs), on the inputs' device.  Sequence ``n`` starts at
+        absolute position ``initial_state.positions[n]``.  Gradients flow into ``initial_state.states``.
+    output_final_state : bool
+        Also return the state after the last token of every sequence.
+    cu_seqlens : torch.Tensor, shape ``(N + 1,)``, int32 or int64, optional
+        Packed sequences: ``B == 1``, sequence ``n`` is ``[cu_seqlens[n], cu_seqlens[n + 1])`` along
+        ``T``, its own Fenwick tree (positions restart at 0, or at its state's position).  Empty
+        sequences are allowed.
+    scale : float or None, default 1.0
+        Multiplies ``q . k``; ``None`` means ``Dk ** -0.5``.
+    backend : str, default ``"auto"``
+        One of ``hodlr.backends()`` that runs on torch here; calls with a state need one with
+        state support (``chunked``, ``fenwick``, ``triton``); ``auto`` picks ``triton`` then ``chunked``
+        on a GPU, ``chunked`` (``dense`` for short stateless calls) on the CPU.
+
+    Returns
+    -------
+    o : torch.Tensor, shape ``(B, T, H, Dv)``, the dtype of ``v``
+    final_state : hodlr.LogLinearState or None
+        With ``max(S, bit_length(largest end position))`` slots (``S`` those of the initial state).
+        Under ``torch.compile`` the slot count cannot depend on values: it is the initial state's
+        (``bit_length(T)`` without one), and a call whose end positions need more raises.
+
+    Examples
+    --------
+    >>> import torch, hodlr
+    >>> B, T, H, D = 2, 10, 3, 4
+    >>> q, k, v = (torch.randn(B, T, H, D, dtype=torch.float64) for _ in range(3))
+    >>> g = -torch.rand(B, T, H, dtype=torch.float64)
+    >>> lam = torch.rand(B, T, H, hodlr.num_levels(T), dtype=torch.float64)
+    >>> o, _ = hodlr.log_linear_attn(q, k, v, g, lam)
+    >>> o1, state = hodlr.log_linear_attn(q[:, :6], k[:, :6], v[:, :6], g[:, :6], lam[:, :6],
+    ...                                   output_final_state=True)
+    >>> o2, _ = hodlr.log_linear_attn(q[:, 6:], k[:, 6:], v[:, 6:], g[:, 6:], lam[:, 6:], initial_state=state)
+    >>> bool(torch.allclose(torch.cat([o1, o2], 1), o)), state.positions.tolist()
+    (True, [6, 6])
+    """
+    scale, Nseq = _check_static(q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens, scale)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, one of {('auto',) + registry.NAMES}, got {type(backend).__name__}")
+    work = work_dtype(v.dtype)
+    B, T, Hqk, Dk = q.shape
+    L = level_scales.shape[-1]
+    lam = _bhtd(level_scales).to(work)
+    g_ = None if g is None else _bhtd(g).to(work)
+    init = None if initial_state is None else initial_state.states
+    pos = None if initial_state is None else initial_state.positions
+    S_in = 0 if initial_state is None else initial_state.num_slots
+    if torch.compiler.is_compiling():
+        final_slots = S_in if initial_state is not None else T.bit_length()
+        o, states, positions = _op(_bhtd(q), _bhtd(k), _bhtd(v), g_, lam, scale, init, pos, cu_seqlens,
+                                   output_final_state, final_slots, backend)
+    else:
+        end = _check_values(T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
+        final_slots = max(S_in, end.bit_length())
+        o, states, positions = _forward(_bhtd(q), _bhtd(k), _bhtd(v), g_, lam, scale, init, pos, cu_seqlens,
+                                        output_final_state, final_slots, backend)
+    o = o.transpose(1, 2)
+    if not output_final_state:
+        return o, None
+    return o, LogLinearState(states, positions, validate=False)
+
+
+def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend: str = "auto",
+                         validate: bool = True):
+    """One decoding step for a batch of sequences, each at its own position: consumes one token
+    per sequence and updates ``state`` in place (its ``states`` and ``positions`` tensors; what a
+    preallocated decoding cache and CUDA graphs need).
+
+    Parameters
+    ----------
+    q, k : torch.Tensor, shape ``(B, 1, Hqk, Dk)``
+    v : torch.Tensor, shape ``(B, 1, H, Dv)``
+    g : torch.Tensor, shape ``(B, 1, H)``, or None
+    level_scales : torch.Tensor, shape ``(B, 1, H, L)``
+        The layout of :func:`log_linear_attn` with ``T = 1``.
+    state : hodlr.LogLinearState
+        ``B`` sequences; each must stay below ``2**S`` (``S`` its slots) after the step.
+    scale : float or None
+    backend : ``"auto"``, ``"triton"`` or ``"torch"``
+        ``triton``: the decode kernel (``hodlr.kernels.decode_step``: one launch, no host
+        synchronisation, capturable in a CUDA graph; on the CPU under ``TRITON_INTERPRET=1``);
+        ``torch``: :func:`log_linear_attn` on one token and a copy into ``state``.  ``auto`` picks
+        ``triton`` on a GPU.
+    validate : bool, default True
+        Read the positions on the host and refuse a step that would overflow the state's slots or
+        read past ``level_scales``.  Pass False inside CUDA-graph capture (no host read); the
+        kernel then leaves such rows untouched and writes NaN outputs for them.
+
+    Returns
+    -------
+    o : torch.Tensor, shape ``(B, 1, H, Dv)``
+    """
+    scale, _ = _check_static(q, k, v, g, level_scales, state, False, None, scale)
+    if state is None:
+        raise TypeError("state must be a hodlr.LogLinearState (LogLinearState.zeros(...) for a new cache)")
+    if q.shape[1] != 1:
+        raise ValueError(f"log_linear_attn_step takes one token per sequence (T = 1), got q of shape {tuple(q.shape)}")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    L = level_scales.shape[-1]
+    if validate:
+        end = _check_values(1, L, None, state.positions, state.num_slots)
+        if end.bit_length() > state.num_slots:
+            raise ValueError(f"the step takes position {end - 1} to {end}, which needs {end.bit_length()} slots but "
+                             f"the state has {state.num_slots}; make it with more (state.with_slots(S), or "
+                             f"LogLinearState.zeros(..., max_position=...))")
+    if backend == "auto":
+        backend = "triton" if q.device.type == "cuda" else "torch"
+    if backend == "triton":
+        from hodlr import kernels
+
+        o = kernels.decode_step(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0],
+                                level_scales[:, 0], state.states, state.positions, scale)
+        return o[:, None]
+    o, new = log_linear_attn(q, k, v, g, level_scales, initial_state=state, output_final_state=True, scale=scale,
+                             backend="chunked")
+    with torch.no_grad():
+        state.states.copy_(new.states[:, :, :state.num_slots])
+        state.positions.copy_(new.positions)
+    return o

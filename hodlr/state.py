@@ -1,0 +1,292 @@
+"""``LogLinearState``: the recurrent state of log-linear attention, handed from one call to the next.
+
+After a sequence has consumed positions ``[0, p)``, what its future outputs need of the past is
+one ``Dk x Dv`` matrix per non-empty Fenwick bucket of ``p`` (docs/models.md):
+
+``states[n, h, l - 1] = sum_{s in bucket_l(p)} exp(G[p - 1] - G[s]) k_s v_s^T``
+
+with ``bucket_l(p) = [start, start + 2**(l - 1))``, ``start = (p >> l) << l``, non-empty iff bit
+``l - 1`` of ``p`` is set (:func:`hodlr.fenwick.index.bucket`), ``G`` the inclusive cumulative sum of
+the log-decay.  Every decay up to the last consumed token ``p - 1`` is applied; the next token's
+own decay is applied when it is consumed.  Slots of empty buckets hold 0.  Nothing else is needed:
+the carried states are only ever multiplied by ``exp`` of later decays.
+
+One object holds a batch of sequences, each at its own position.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hodlr.fenwick.arrays import describe
+
+__all__ = ["LogLinearState"]
+
+
+def _bit_length(positions) -> int:
+    """``bit_length`` of the largest entry of an int64 tensor (one host read)."""
+    return int(positions.max()).bit_length() if positions.numel() else 0
+
+
+class LogLinearState:
+    """Per sequence and head, the live Fenwick bucket states and the position.
+
+    Parameters
+    ----------
+    states : torch.Tensor, shape ``(N, H, S, Dk, Dv)``
+        float32 (float64 for float64 computations).  Slot ``l - 1`` holds the level-``l`` bucket
+        of ``positions[n]`` (see the module docstring); ``S >= bit_length(max(positions))``.
+    positions : torch.Tensor, shape ``(N,)``, int64, on the device of ``states``
+        Tokens consumed by each sequence: the absolute position of its next token.
+    validate : bool, default True
+        Check that every position is ``>= 0`` and fits in ``S`` slots (one host read of
+        ``positions``).  Shapes, dtypes and devices are always checked.
+
+    Attributes
+    ----------
+    batch_size, num_heads, num_slots, Dk, Dv, dtype, device, nbytes
+
+    Notes
+    -----
+    Supports ``.to(...)``, ``.detach()``, ``.clone()``, batch selection and reordering
+    (``state[idx]``, :meth:`index_select`: what a generation cache needs for beam search) and
+    conversion to and from :class:`hodlr.fenwick.FenwickState` (:meth:`to_fenwick`,
+    :meth:`from_fenwick`).  Gradients flow through ``states`` (it may require grad).
+
+    Examples
+    --------
+    >>> import torch, hodlr
+    >>> s = hodlr.LogLinearState.zeros(2, 4, Dk=8, Dv=8, max_position=1000)
+    >>> s.num_slots, tuple(s.states.shape), s.positions.tolist()
+    (10, (2, 4, 10, 8, 8), [0, 0])
+    """
+
+    __slots__ = ("states", "positions")
+
+    def __init__(self, states, positions, *, validate: bool = True):
+        import torch
+
+        if not isinstance(states, torch.Tensor):
+            raise TypeError(f"states must be a torch.Tensor of shape (N, H, S, Dk, Dv), got {describe(states)}")
+        if states.dim() != 5:
+            raise ValueError(f"states must have shape (N, H, S, Dk, Dv), got shape {tuple(states.shape)}")
+        if states.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"states must be float32 (float64 for float64 computations), got {states.dtype}")
+        if not isinstance(positions, torch.Tensor):
+            raise TypeError(f"positions must be an int64 torch.Tensor of shape (N,), got {describe(positions)}")
+        if positions.dtype != torch.int64:
+            raise TypeError(f"positions must have dtype torch.int64, got {positions.dtype}")
+        if positions.dim() != 1 or positions.shape[0] != states.shape[0]:
+            raise ValueError(f"positions must have shape (N,) = ({states.shape[0]},) (N from states of shape "
+                             f"{tuple(states.shape)}), got shape {tuple(positions.shape)}")
+        if positions.device != states.device:
+            raise ValueError(f"positions is on device {positions.device} but states is on {states.device}")
+        if validate and positions.numel() and positions.device.type != "meta":
+            low = int(positions.min())
+            if low < 0:
+                raise ValueError(f"positions must be >= 0, got {low}")
+            need = _bit_length(positions)
+            if need > states.shape[2]:
+                raise ValueError(f"states has S={states.shape[2]} slots but position {int(positions.max())} "
+                                 f"needs bit_length = {need}")
+        self.states = states
+        self.positions = positions
+
+    # -- constructors ------------------------------------------------------------------
+    @classmethod
+    def zeros(cls, batch_size: int, num_heads: int, Dk: int, Dv: int, *, max_position=None, slots=None,
+              dtype=None, device=None) -> "LogLinearState":
+        """A state at position 0 (all slots empty) for a preallocated decoding cache.
+
+        Parameters
+        ----------
+        batch_size, num_heads, Dk, Dv : int
+        max_position : int, optional
+            The largest position the cache will reach: ``slots = bit_length(max_position)``.
+        slots : int, optional
+            The slot count ``S`` itself (exactly one of ``max_position`` / ``slots``).
+        dtype : torch dtype, default float32
+        device : torch device, default CPU
+        """
+        import torch
+
+        for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("Dk", Dk), ("Dv", Dv)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if (max_position is None) == (slots is None):
+            raise TypeError("pass exactly one of max_position and slots")
+        if slots is None:
+            if isinstance(max_position, bool) or not isinstance(max_position, (int, np.integer)) or max_position < 0:
+                raise ValueError(f"max_position must be an integer >= 0, got {max_position!r}")
+            slots = int(max_position).bit_length()
+        elif isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 0:
+            raise ValueError(f"slots must be an integer >= 0, got {slots!r}")
+        dtype = torch.float32 if dtype is None else dtype
+        states = torch.zeros((batch_size, num_heads, int(slots), Dk, Dv), dtype=dtype, device=device)
+        return cls(states, torch.zeros(batch_size, dtype=torch.int64, device=states.device), validate=False)
+
+    @classmethod
+    def from_fenwick(cls, fenwick_states) -> "LogLinearState":
+        """From a :class:`hodlr.fenwick.FenwickState` of batch shape ``(N, H)`` (one shared
+        position), or a list of them (one per group of sequences, each ``(N_i, H)``,
+        concatenated along the batch).  The decay factors ``c`` of the Fenwick state are folded
+        into the state values; numpy states become CPU tensors.  Lossless: see :meth:`to_fenwick`."""
+        import torch
+
+        from hodlr.fenwick import FenwickState
+
+        if isinstance(fenwick_states, (list, tuple)):
+            if not fenwick_states:
+                raise ValueError("fenwick_states must not be an empty list")
+            parts = [cls.from_fenwick(f) for f in fenwick_states]
+            slots = max(p.num_slots for p in parts)
+            parts = [p.with_slots(slots) for p in parts]
+            return cls(torch.cat([p.states for p in parts]), torch.cat([p.positions for p in parts]), validate=False)
+        if not isinstance(fenwick_states, FenwickState):
+            raise TypeError(f"fenwick_states must be a hodlr.fenwick.FenwickState or a list of them, "
+                            f"got {type(fenwick_states).__name__}")
+        f = fenwick_states
+        if len(f.batch_shape) != 2:
+            raise ValueError(f"the FenwickState must have batch shape (N, H), got {f.batch_shape}")
+        N, H = f.batch_shape
+        slots = int(f.position).bit_length()
+        states = {lev: torch.as_tensor(s) for lev, s in f.states().items()}
+        torch_state = isinstance(f.dtype, torch.dtype)
+        dtype = f.dtype if torch_state else torch.from_numpy(np.zeros(0, dtype=f.dtype)).dtype
+        device = f.device if torch_state else None
+        out = torch.zeros((N, H, slots, f.Dk, f.Dv), dtype=dtype, device=device)
+        if states:
+            levels = sorted(states)
+            out = out.index_copy(2, torch.as_tensor([lev - 1 for lev in levels], device=out.device),
+                                 torch.stack([states[lev] for lev in levels], 2))
+        return cls(out, torch.full((N,), int(f.position), dtype=torch.int64, device=out.device), validate=False)
+
+    def to_fenwick(self):
+        """This state as a :class:`hodlr.fenwick.FenwickState` of batch shape ``(N, H)`` (its decay
+        factors ``c`` set to 1), when every sequence is at one position; otherwise a list of
+        FenwickStates, one per sequence (batch shape ``(1, H)``), in batch order.  ``states()``
+        round-trips exactly and the FenwickState continues exactly as this state does."""
+        from hodlr.fenwick import FenwickState
+
+        pos = self.positions.tolist()
+        if len(set(pos)) > 1:
+            return [self[n].to_fenwick() for n in range(self.batch_size)]
+        position = pos[0] if pos else 0
+        levels = [lev for lev in range(1, self.num_slots + 1) if (position >> (lev - 1)) & 1]
+        return FenwickState.from_states(position, {lev: self.states[:, :, lev - 1] for lev in levels},
+                                        (self.batch_size, self.num_heads), self.Dk, self.Dv, self.dtype, self.device)
+
+    # -- read-only facts ---------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return int(self.states.shape[0])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.states.shape[1])
+
+    @property
+    def num_slots(self) -> int:
+        """``S``: positions up to ``2**S - 1`` fit."""
+        return int(self.states.shape[2])
+
+    @property
+    def Dk(self) -> int:
+        return int(self.states.shape[3])
+
+    @property
+    def Dv(self) -> int:
+        return int(self.states.shape[4])
+
+    @property
+    def dtype(self):
+        return self.states.dtype
+
+    @property
+    def device(self):
+        return self.states.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.states.numel() * self.states.element_size() + self.positions.numel() * 8
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    def __repr__(self) -> str:
+        return (f"LogLinearState(N={self.batch_size}, H={self.num_heads}, S={self.num_slots}, Dk={self.Dk}, "
+                f"Dv={self.Dv}, dtype={self.dtype}, device={self.device})")
+
+    # -- copies and moves --------------------------------------------------------------
+    def to(self, *args, **kwargs) -> "LogLinearState":
+        """``states.to(*args, **kwargs)``; ``positions`` follow to the new device (they stay int64)."""
+        states = self.states.to(*args, **kwargs)
+        return LogLinearState(states, self.positions.to(states.device), validate=False)
+
+    def detach(self) -> "LogLinearState":
+        return LogLinearState(self.states.detach(), self.positions, validate=False)
+
+    def clone(self) -> "LogLinearState":
+        return LogLinearState(self.states.clone(), self.positions.clone(), validate=False)
+
+    def index_select(self, indices) -> "LogLinearState":
+        """The sequences ``indices`` (an int tensor or sequence, repeats allowed), in that order."""
+        import torch
+
+        idx = torch.as_tensor(indices, device=self.states.device)
+        if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
+            raise TypeError(f"indices must be a 1-d integer tensor or sequence, got {describe(idx)}")
+        return LogLinearState(self.states.index_select(0, idx), self.positions.index_select(0, idx), validate=False)
+
+    def __getitem__(self, index) -> "LogLinearState":
+        """Batch selection: an int (the batch dim is kept: ``N = 1``), a slice, a boolean mask
+        or integer indices."""
+        if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
+            n = int(index)
+            if not -self.batch_size <= n < self.batch_size:
+                raise IndexError(f"sequence {n} out of range for a state of {self.batch_size} sequences")
+            n %= self.batch_size
+            index = slice(n, n + 1)
+        return LogLinearState(self.states[index], self.positions[index], validate=False)
+
+    def with_slots(self, slots: int) -> "LogLinearState":
+        """The same state with ``slots`` slots: empty ones appended, or trailing ones dropped
+        (they must be empty: every position ``< 2**slots``)."""
+        import torch
+
+        S = self.num_slots
+        if slots >= S:
+            pad = self.states.new_zeros(self.states.shape[:2] + (slots - S,) + self.states.shape[3:])
+            return LogLinearState(torch.cat([self.states, pad], 2), self.positions, validate=False)
+        need = _bit_length(self.positions)
+        if need > slots:
+            raise ValueError(f"slots={slots} cannot hold position {int(self.positions.max())} (needs {need})")
+        return LogLinearState(self.states[:, :, :slots], self.positions, validate=False)
+
+
+def segments(N: int, T: int, cu_seqlens=None, initial_positions=None):
+    """Host-side description of the sequences of one call, for the backends.
+
+    ``q, k, v`` of shape ``(N, H, T, D)`` hold either ``N`` sequences of length ``T`` or, with
+    ``cu_seqlens``, ``N == 1`` and ``len(cu_seqlens) - 1`` packed sequences.  Returns int64 numpy
+    arrays ``(batch, offset, length, start)``, one entry per sequence: its batch row and first token
+    along ``T``, its length, and the absolute position of its first token (``initial_positions``, or 0).
+    One host read of ``cu_seqlens`` and ``initial_positions``.
+    """
+    if cu_seqlens is None:
+        count = N
+        batch = np.arange(N, dtype=np.int64)
+        offset = np.zeros(N, dtype=np.int64)
+        length = np.full(N, T, dtype=np.int64)
+    else:
+        cu = np.asarray(cu_seqlens.tolist(), dtype=np.int64)
+        count = cu.size - 1
+        batch = np.zeros(count, dtype=np.int64)
+        offset = cu[:-1]
+        length = np.diff(cu)
+    if initial_positions is None:
+        start = np.zeros(count, dtype=np.int64)
+    else:
+        start = np.asarray(initial_positions.tolist(), dtype=np.int64).reshape(count)
+    return batch, offset, length, start
+
