@@ -24,6 +24,7 @@ _LAZY = {
     "LogLinearState": "hodlr.state",
     "log_linear_attn": "hodlr.ops",
     "log_linear_attn_step": "hodlr.ops",
+    "log_linear_gated_delta_rule": "hodlr.ops",
     "spy": "hodlr.plotting",
     "heatmap": "hodlr.plotting",
     "plot_buckets": "hodlr.plotting",
