@@ -31,7 +31,18 @@ a final state or ``cu_seqlens``.  A backend without it serves the calls with nei
 (packed sequences by one ``attention`` call per sequence) and refuses the others with
 :class:`hodlr.BackendUnavailableError`.
 
-The public functions :func:`hodlr.matmul` and :func:`hodlr.attention` validate the inputs
+``gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale)`` (optional)
+    Log-linear Gated DeltaNet (:func:`hodlr.gated_delta_attention`): the layout of
+    ``attention`` plus ``beta (*batch, T)`` -> ``(*batch, T, Dv)``.  Defined by ``dense``,
+    ``fenwick`` and ``chunked``; the others are refused by name.  ``fenwick`` and ``chunked``
+    also take the keywords ``state`` (``(*batch, S, Dk, Dv)``, the bucket states of the first
+    token's absolute position, slot ``l - 1`` = level ``l``), ``position`` (that position) and
+    ``final_state`` (also return the bucket states after the last token):
+    :func:`hodlr.log_linear_gated_delta_rule` runs state hand-off and packed sequences through
+    them, one call per start position.
+
+The public functions :func:`hodlr.matmul`, :func:`hodlr.attention` and
+:func:`hodlr.gated_delta_attention` validate the inputs
 and broadcast every batch shape to one common ``batch`` (as views, no copies) before a
 backend sees them, so backends never validate.
 
@@ -41,6 +52,9 @@ backend sees them, so backends never validate.
 2. ``T <= 256``: ``dense`` (fastest for small masks);
 3. torch tensors: ``chunked``, then ``recursive``;
 4. numpy arrays: ``recursive``.
+
+For ``gated_delta_attention`` a pick without it (``triton``, ``recursive``) is replaced by
+``chunked`` (torch) or ``fenwick`` (numpy).
 """
 
 from __future__ import annotations
