@@ -302,13 +302,14 @@ def _itemsize(x) -> int:
     return x.element_size() if is_torch(x) else x.dtype.itemsize
 
 
-def check_dense_budget(batch_shape, T: int, itemsize: int, what: str, copies: int = 3) -> None:
+def check_dense_budget(batch_shape, T: int, itemsize: int, what: str, copies: int = 3,
+                       instead: str = "'recursive', 'sparse', 'fenwick' or 'chunked'") -> None:
     """Refuse, before allocating, ``copies`` dense ``(*batch, T, T)`` intermediates beyond
-    ``options.dense_max_bytes``."""
+    ``options.dense_max_bytes``; the message suggests the backends ``instead``."""
     need = copies * int(np.prod(batch_shape, dtype=np.int64)) * T * T * itemsize
     if need > options.dense_max_bytes:
         raise DenseTooLargeError(
             f"{what}: a dense mask of shape {tuple(batch_shape) + (T, T)} needs about {need / 2**30:.2f} GiB, "
             f"over hodlr.options.dense_max_bytes = {options.dense_max_bytes / 2**30:.2f} GiB; "
-            "use backend='recursive', 'sparse', 'fenwick' or 'chunked' instead, or raise the budget"
+            f"use backend={instead} instead, or raise the budget"
         )

@@ -56,7 +56,8 @@ def delta_matrix(q, k, beta, scale):
     batch, T, Dk = tuple(q.shape[:-2]), int(q.shape[-2]), int(q.shape[-1])
     recording = is_torch(q) and xp.is_grad_enabled() and any(a.requires_grad for a in (q, k, beta))
     itemsize = q.element_size() if is_torch(q) else q.dtype.itemsize
-    check_dense_budget(batch, T, itemsize, "gated_delta_attention (dense)", copies=3 + (Dk if recording else 0))
+    check_dense_budget(batch, T, itemsize, "gated_delta_attention (dense)", copies=3 + (Dk if recording else 0),
+                       instead="'fenwick' or 'chunked'")
     eye = as_like(np.eye(T), q, dtype=q.dtype)
     bk = beta[..., None] * k
     W = zeros(batch + (Dk, T), q)
