@@ -18,6 +18,12 @@ Precision: every exponent is a sum of its own terms -- a segment sum inside one 
 difference of two prefix sums is ever exponentiated, so long sequences with strong decay
 lose nothing.
 
+Log-linear Gated DeltaNet (:func:`gated_delta_attention`) follows the same plan with the
+delta rule's transitions: the UT form inside each chunk, block states *and* block transitions
+in the hierarchy, and each chunk's queries moved to its start once and across every block
+they pass (docs/mathematics.md, "Log-linear Gated DeltaNet"); it continues from bucket states
+at any absolute position and returns the final ones.
+
 Runs on torch tensors (any device, autograd included); numpy inputs are converted to
 torch CPU tensors and the result back to numpy.  float16 / bfloat16 operands are computed
 in the mask's dtype and cast back.  Any ``T``: the sequence is zero-padded to whole chunks.
