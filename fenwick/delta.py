@@ -125,7 +125,8 @@ class GatedDeltaState(_StreamingState):
         """Each live state as an array: ``{level: S}``, ``S`` of shape ``(*batch, Dk, Dv)``:
         ``sum_{s in bucket(position, level)} (A_{p-1} ... A_{s+1}) beta_s k_s v_s^T``,
         ``p = position``."""
-        return {lev: self._stack[:, i].reshape(self._batch + (self._Dk, self._Dv)) for i, lev in enumerate(self._levels)}
+        shape = self._batch + (self._Dk, self._Dv)
+        return {lev: self._stack[:, i].reshape(shape) for i, lev in enumerate(self._levels)}
 
     def stacked(self, slots: int | None = None):
         """The states as one array ``(*batch, slots, Dk, Dv)``, slot ``l - 1`` holding level ``l``

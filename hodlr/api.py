@@ -185,7 +185,9 @@ def _gated_delta_operands(M, scale, q, k, beta, v=None):
     _check_operand_dtypes(M, {**matrices, "beta": beta})
     _check_length(M, matrices)
     if beta.shape[-1] != M.T:
-        raise ValueError(f"beta must have shape (..., T) with T={M.T} (the mask's length), got shape {tuple(beta.shape)}")
+        raise ValueError(
+            f"beta must have shape (..., T) with T={M.T} (the mask's length), got shape {tuple(beta.shape)}"
+        )
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(
             f"q and k must share their last dim Dk: q has shape {tuple(q.shape)}, k has shape {tuple(k.shape)}"

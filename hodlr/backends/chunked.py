@@ -421,13 +421,6 @@ def _solve_unit_lower(N, B, left=True):
     return torch.linalg.solve_triangular(N, B, upper=False, left=left, unitriangular=True)
 
 
-def _identity_blocks(like, shape_head, m, D):
-    import torch
-
-    eye = torch.eye(D, dtype=like.dtype, device=like.device)
-    return eye.expand(shape_head + (m, D, D))
-
-
 class _DeltaChunks:
     """One call of the chunked log-linear Gated DeltaNet, cut into aligned chunks.
 
@@ -455,7 +448,6 @@ class _DeltaChunks:
 
         self.C, self.c, self.a = C, C.bit_length() - 1, a
         T = v.shape[-2]
-        self.T = T
         self.r = a % C
         self.I0 = a // C
         self.n = -(-(self.r + T) // C)
@@ -497,11 +489,11 @@ class _DeltaChunks:
     def hierarchy(self, U, carried):
         """Aligned block states and transitions of every level ``h`` (blocks of ``2^h``
         chunks) from the chunk contributions ``U (..., n, Dk, Dv)``, over the absolute block
-        indices the call touches: returns
-        ``(states, trans, offsets)``, ``states[h] (..., m_h, Dk, Dv)`` holding block
-        ``offsets[h] + j`` at ``j``.  ``carried`` maps a level ``h`` to the carried Fenwick bucket
-        of mask level ``c + 1 + h`` (the block ``(I0 >> h) - 1``, already moved to ``a - 1``; its
-        transition is the identity)."""
+        indices the call touches.  Returns ``(states, trans, offsets)``: ``states[h]
+        (..., m_h, Dk, Dv)`` and ``trans[h] (..., m_h, Dk, Dk)`` hold block ``offsets[h] + j`` at
+        ``j``.  ``carried`` maps a level ``h`` to the carried Fenwick bucket of mask level
+        ``c + 1 + h`` (the block ``(I0 >> h) - 1``, already moved to ``a - 1``: its transition is
+        the identity)."""
         import torch
 
         H, Tr, off = U, self.trans, self.I0
@@ -509,8 +501,9 @@ class _DeltaChunks:
         Dk, Dv = H.shape[-2:]
 
         def grow(H, Tr, front, back):
+            """``front`` / ``back`` empty blocks (zero state, identity transition) around the level."""
             zH = torch.zeros(head + (1, Dk, Dv), dtype=H.dtype, device=H.device)
-            eT = _identity_blocks(H, head, 1, Dk)
+            eT = torch.eye(Dk, dtype=H.dtype, device=H.device).expand(head + (1, Dk, Dk))
             parts_H = [zH] * front + [H] + [zH] * back
             parts_T = [eT] * front + [Tr] + [eT] * back
             return torch.cat(parts_H, -3), torch.cat(parts_T, -3)
@@ -523,7 +516,8 @@ class _DeltaChunks:
                     H, Tr = grow(H, Tr, off - idx, 0)
                     off = idx
                 j = idx - off
-                H = torch.cat([H[..., :j, :, :], (H[..., j, :, :] + carried[h])[..., None, :, :], H[..., j + 1 :, :, :]], -3)
+                with_carried = (H[..., j, :, :] + carried[h])[..., None, :, :]
+                H = torch.cat([H[..., :j, :, :], with_carried, H[..., j + 1 :, :, :]], -3)
             states.append(H)
             trans.append(Tr)
             offsets.append(off)
@@ -569,7 +563,8 @@ def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale, *, chun
     import torch
 
     C = _check_chunk(chunk)
-    (q, k, v, beta, level_scales, log_decay, state), was_numpy = _to_torch(q, k, v, beta, level_scales, log_decay, state)
+    arrays, was_numpy = _to_torch(q, k, v, beta, level_scales, log_decay, state)
+    q, k, v, beta, level_scales, log_decay, state = arrays
     out_dtype = v.dtype
     work = level_scales.dtype
     q, k, v, beta = (x.to(work) for x in (q, k, v, beta))
@@ -600,7 +595,7 @@ def _delta_forward(ch, state, scale, slots, final_state):
     C, c, a = ch.C, ch.c, ch.a
     o = (ch.P * ch.lam_intra) @ ch.vc
     small = _carried_small(state, a, c)
-    U0_extra = None
+    U = ch.U
     if small:
         # the first chunk's queries read the carried in-chunk buckets; each bucket is one level
         # for every query (its keys share the bits from the bucket's level up)
@@ -613,10 +608,8 @@ def _delta_forward(ch, state, scale, slots, final_state):
         reads = torch.einsum("...cd,...mdv->...cmv", ch.q_start[..., 0, :, :], S_small)
         o0 = o[..., 0, :, :] + (w[..., None] * reads).sum(-2)
         o = torch.cat([o0[..., None, :, :], o[..., 1:, :, :]], -3)
-        U0_extra = ch.trans[..., 0, :, :] @ S_small.sum(-3)
-    U = ch.U
-    if U0_extra is not None:
-        U = torch.cat([(U[..., 0, :, :] + U0_extra)[..., None, :, :], U[..., 1:, :, :]], -3)
+        U0 = U[..., 0, :, :] + ch.trans[..., 0, :, :] @ S_small.sum(-3)  # moved to the first chunk's end
+        U = torch.cat([U0[..., None, :, :], U[..., 1:, :, :]], -3)
     carried = {h: state[..., c + h, :, :] for h in range(ch.bits) if (ch.I0 >> h) & 1}
     states, trans, offsets = ch.hierarchy(U, carried)
     chunks = ch.I0 + np.arange(ch.n)
@@ -643,15 +636,14 @@ def _final_states(ch, state, small, states, trans, offsets, slots):
     """The bucket states of ``p = a + T`` (see :func:`gated_delta_attention`)."""
     import torch
 
-    C, c, p, P = ch.C, ch.c, ch.p, ch.J
+    C, c, p, J = ch.C, ch.c, ch.p, ch.J
     head = tuple(ch.U.shape[:-3])
     Dk, Dv = ch.U.shape[-2:]
     out = [None] * slots
     partial = p % C != 0
     if partial:  # buckets of levels <= c lie in the last, partial chunk
         E, vl = ch.E[..., -1, :, :], ch.vc[..., -1, :, :]
-        base = P * C
-        rows = np.arange(C) + base
+        rows = np.arange(C) + J * C
         for lev in range(1, c + 1):
             if not (p >> (lev - 1)) & 1:
                 continue
@@ -666,10 +658,10 @@ def _final_states(ch, state, small, states, trans, offsets, slots):
         acc = ch.trans[..., -1, :, :]
     else:
         acc = None
-    for h in range(P.bit_length()):
-        if not (P >> h) & 1:
+    for h in range(J.bit_length()):
+        if not (J >> h) & 1:
             continue
-        j = (P >> h) - 1 - offsets[h]
+        j = (J >> h) - 1 - offsets[h]
         S, Tb = states[h][..., j, :, :], trans[h][..., j, :, :]
         out[c + h] = S if acc is None else acc @ S
         acc = Tb if acc is None else acc @ Tb
