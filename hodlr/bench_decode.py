@@ -21,7 +21,21 @@ Three measurements (figures and method in ``docs/fenwick.md``):
    log(T) (``O(T log T)`` work gives about 1.1 over this range), best of the repeats,
    which are interleaved over the lengths.
 
-Run ``hodlr bench-decode`` or ``python -m hodlr.bench_decode`` (``--help`` for options).
+4. **The decode step on the GPU** (``--gpu-step``): :func:`hodlr.log_linear_attn_step` with the
+   Triton decode kernel (``hodlr.kernels.decode``) for ``B`` sequences of ``H`` heads with
+   ``Dk = Dv = D`` (default 64, 16, 64) at positions ``2**16 - 1`` and ``2**16``, float32 state,
+   timed as the replay of a CUDA graph of one step (with the copy that puts the positions back,
+   so that every replay steps from the same position); the bytes of the states the step must
+   read and write (every live slot read; every live slot decayed or cleared, and the merged slot,
+   written) over the copy bandwidth measured in the same run (a device-to-device copy of 1 GiB).
+   When ``fla`` is importable, fla's decoding path for its log-linear layer --
+   ``chunk_log_linear_attn`` on one token from a state at the same position, batch, heads and
+   widths (prefilled with one sequence and repeated along the batch) -- is timed beside it
+   (eager: that path reads values on the host and cannot be captured).  ``--gpu-device cpu``
+   runs the same code under ``TRITON_INTERPRET=1`` at small sizes (a smoke test; no timing value).
+
+Run ``hodlr bench-decode`` or ``python -m hodlr.bench_decode`` (``--help`` for options);
+``hodlr bench-decode --gpu-step --skip step memory matmul`` times only the GPU step.
 """
 
 from __future__ import annotations
@@ -63,6 +77,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--matmul-repeats", type=int, default=2)
     p.add_argument("--skip", nargs="*", choices=("step", "memory", "matmul"), default=(),
                    help="measurements to leave out")
+    p.add_argument("--gpu-step", action="store_true", help="also time the Triton decode step on the GPU")
+    p.add_argument("--gpu-device", default="cuda", help="device of --gpu-step (cpu: interpreter smoke test)")
+    p.add_argument("--gpu-batch", type=int, default=64)
+    p.add_argument("--gpu-heads", type=int, default=16)
+    p.add_argument("--gpu-d", type=int, default=64, help="Dk = Dv of --gpu-step")
+    p.add_argument("--gpu-positions", type=int, nargs="+", default=(2**16 - 1, 2**16))
+    p.add_argument("--gpu-replays", type=int, default=200)
+    p.add_argument("--gpu-dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                   help="dtype of q, k, v (the state is float32)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -226,6 +249,127 @@ def _slope(lengths, seconds) -> float:
     return float(np.polyfit(np.log(lengths), np.log(seconds), 1)[0])
 
 
+def _step_bytes(p: int, B: int, H: int, D: int) -> int:
+    """State bytes one step from position ``p`` must move: every live slot read, every live slot
+    written (decayed, or cleared when it merges) and the merged slot written, float32."""
+    live = bin(p).count("1")
+    return (2 * live + 1) * B * H * D * D * 4
+
+
+def _gpu_timer(torch, device):
+    """``time(fn, repeats) -> seconds per call``: CUDA events on a GPU, the wall clock otherwise."""
+    if device.type == "cuda":
+        def time_it(fn, repeats):
+            fn()
+            torch.cuda.synchronize()
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                fn()
+            stop.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(stop) / 1e3 / repeats
+        return time_it
+
+    def time_wall(fn, repeats):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) / repeats
+    return time_wall
+
+
+def _copy_bandwidth(torch, device, time_it, nbytes=1 << 30):
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    seconds = time_it(lambda: dst.copy_(src), 20)
+    return 2 * src.numel() * 4 / seconds
+
+
+def _graph(torch, fn):
+    """A CUDA graph of ``fn`` (warmed up on a side stream), replayed by the returned callable."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _fla_step(torch, args, p, dtype, device, time_it):
+    """fla's log-linear decoding: one token from a state at position ``p`` (seconds per step)."""
+    from fla.ops.log_linear_attn import chunk_log_linear_attn
+
+    B, H, D = args.gpu_batch, args.gpu_heads, args.gpu_d
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    L = num_levels(p + 1) + 1
+
+    def inputs(n, T):
+        q, k, v = (torch.randn(n, T, H, D, generator=gen, device=device, dtype=dtype) / math.sqrt(D) for _ in range(3))
+        g = -0.01 * torch.rand(n, T, H, generator=gen, device=device)
+        lam = torch.rand(n, T, H, L, generator=gen, device=device, dtype=dtype)
+        return q, k, v, g, lam
+
+    _, state = chunk_log_linear_attn(*inputs(1, p), output_final_state=True)
+    for name, value in vars(state).items():  # one prefilled sequence, repeated along the batch
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == 1:
+            setattr(state, name, value.expand(B, *value.shape[1:]).contiguous())
+    step = inputs(B, 1)
+    return time_it(lambda: chunk_log_linear_attn(*step, initial_state=state, output_final_state=True), 20)
+
+
+def _bench_gpu_step(args):
+    import torch
+
+    import hodlr
+
+    device = torch.device(args.gpu_device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--gpu-step needs a CUDA device (or --gpu-device cpu with TRITON_INTERPRET=1)")
+    B, H, D = args.gpu_batch, args.gpu_heads, args.gpu_d
+    dtype = getattr(torch, args.gpu_dtype)
+    time_it = _gpu_timer(torch, device)
+    out = {"batch": B, "heads": H, "D": D, "dtype": args.gpu_dtype, "state_dtype": "float32",
+           "copy_bytes_per_s": _copy_bandwidth(torch, device, time_it, 1 << (30 if device.type == "cuda" else 22))}
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    for p in args.gpu_positions:
+        slots = (p + 1).bit_length()
+        state = hodlr.LogLinearState.zeros(B, H, D, D, slots=slots, device=device)
+        live = torch.tensor([(p >> i) & 1 for i in range(slots)], dtype=torch.float32, device=device)
+        state.states.normal_(generator=gen).mul_(live[:, None, None])
+        start = torch.full((B,), p, dtype=torch.int64, device=device)
+        state.positions.copy_(start)
+        q, k = (torch.randn(B, 1, H, D, generator=gen, device=device).to(dtype) / math.sqrt(D) for _ in range(2))
+        v = torch.randn(B, 1, H, D, generator=gen, device=device).to(dtype)
+        g = -0.01 * torch.rand(B, 1, H, generator=gen, device=device)
+        lam = torch.rand(B, 1, H, slots + 1, generator=gen, device=device)
+
+        def step():
+            state.positions.copy_(start)
+            return hodlr.log_linear_attn_step(q, k, v, g, lam, state, backend="triton", validate=False)
+
+        replay = _graph(torch, step) if device.type == "cuda" else step
+        seconds = time_it(replay, args.gpu_replays if device.type == "cuda" else 2)
+        nbytes = _step_bytes(p, B, H, D)
+        row = {"position": p, "live_slots": bin(p).count("1"), "slots": slots, "us": seconds * 1e6,
+               "state_bytes": nbytes, "bytes_per_s": nbytes / seconds,
+               "fraction_of_copy": nbytes / seconds / out["copy_bytes_per_s"]}
+        if device.type == "cuda":
+            try:
+                row["fla_us"] = _fla_step(torch, args, p, dtype, device, time_it) * 1e6
+            except ImportError:
+                row["fla_us"] = None
+            except Exception as err:  # fla's own refusals (shapes, lengths, shared memory) are reported
+                row["fla_error"] = f"{type(err).__name__}: {err}"
+        out[str(p)] = row
+    return out
+
+
 def run(argv=None) -> dict:
     """Run the benchmark and return the results as a dict."""
     args = _parser().parse_args(argv)
@@ -242,6 +386,8 @@ def run(argv=None) -> dict:
             results["memory"] = _bench_memory(args, torch, dtype)
     if "matmul" not in args.skip:
         results["matmul"] = _bench_matmul(args)
+    if args.gpu_step:
+        results["gpu_step"] = _bench_gpu_step(args)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)
@@ -276,6 +422,17 @@ def _report(res: dict) -> str:
         for T, t in mm["seconds"].items():
             lines.append(f"  T={T:>7}  {t:9.4f} s  {mm['us_per_token'][T]:6.2f} us/token  "
                          f"(CPU {mm['cpu_seconds'][T]:.4f} s)")
+    if "gpu_step" in res:
+        gs = res["gpu_step"]
+        lines.append(f"decode step (Triton, graph replay), B={gs['batch']} H={gs['heads']} D={gs['D']} {gs['dtype']}, "
+                     f"float32 state; copy {gs['copy_bytes_per_s'] / 1e12:.2f} TB/s")
+        for key, row in gs.items():
+            if isinstance(row, dict):
+                fla = (f"fla {row['fla_us']:.1f} us" if row.get("fla_us") else
+                       row.get("fla_error", "fla not importable"))
+                lines.append(f"  position {row['position']:>7} ({row['live_slots']} live slots): {row['us']:.1f} us, "
+                             f"{row['state_bytes'] / 1e6:.1f} MB of states, {row['bytes_per_s'] / 1e12:.2f} TB/s = "
+                             f"{100 * row['fraction_of_copy']:.1f}% of copy; {fla}")
     return "\n".join(lines)
 
 

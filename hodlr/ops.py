@@ -108,9 +108,9 @@ def _check_static(q, k, v, g, level_scales, initial_state, output_final_state, c
     return scale, Nseq
 
 
-def _check_values(T, L, cu_seqlens, initial_positions, num_slots=None):
-    """The checks that read ``cu_seqlens`` and the state's positions on the host; returns
-    the largest end position."""
+def _check_values(N, T, L, cu_seqlens, initial_positions, num_slots=None):
+    """The checks that read ``cu_seqlens`` and the state's positions on the host (``N`` rows of
+    ``T`` tokens); returns the largest end position."""
     if cu_seqlens is not None:
         cu = cu_seqlens.tolist()
         if cu[0] != 0:
@@ -121,8 +121,7 @@ def _check_values(T, L, cu_seqlens, initial_positions, num_slots=None):
                                  f"cu_seqlens[{i}]={cu[i]}")
         if cu[-1] != T:
             raise ValueError(f"cu_seqlens must end at T={T} (the tokens of q), got cu_seqlens[-1]={cu[-1]}")
-    _, _, length, start = segments(1, T, cu_seqlens, initial_positions) if cu_seqlens is not None else \
-        segments(1 if initial_positions is None else initial_positions.shape[0], T, None, initial_positions)
+    _, _, length, start = segments(N, T, cu_seqlens, initial_positions)
     if start.size and start.min() < 0:
         raise ValueError(f"initial_state.positions must be >= 0, got {int(start.min())}")
     if num_slots is not None and start.size and int(start.max()).bit_length() > num_slots:
@@ -165,6 +164,8 @@ def _grouped(q, k, v, level_scales, g):
 def _plain(module, q, k, v, level_scales, g, scale, cu_seqlens):
     """A backend's ``attention`` on grouped-head views; packed sequences one call each."""
     N, H, T, Dv = v.shape
+    if T == 0:
+        return v.new_zeros((N, H, 0, Dv))
     if cu_seqlens is None:
         return module.attention(*_grouped(q, k, v, level_scales, g), scale).flatten(1, 2)
     cu = cu_seqlens.tolist()
@@ -217,7 +218,7 @@ def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Ten
         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``log_linear_attn`` on the ``(N, H, T, D)`` layout with flat arguments:
     ``(o, states, positions)``, the last two empty without ``output_final_state``."""
-    _check_values(q.shape[2], level_scales.shape[-1], cu_seqlens, initial_positions,
+    _check_values(q.shape[0], q.shape[2], level_scales.shape[-1], cu_seqlens, initial_positions,
                   None if initial_states is None else initial_states.shape[2])
     o, states, positions = _forward(q, k, v, g, level_scales, scale, initial_states, initial_positions,
                                     cu_seqlens, output_final_state, final_slots, backend)
@@ -241,6 +242,21 @@ def _op_fake(q, k, v, g, level_scales, scale, initial_states, initial_positions,
             q.new_empty((Nseq,), dtype=torch.int64))
 
 
+def _autograd_on():
+    """Autograd back on inside a custom operator's implementation, which the dispatcher runs
+    below autograd (the autograd keys excluded): the backward recomputes the forward under it."""
+    import contextlib
+
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for name in ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor", "ADInplaceOrView"):
+        exclude = exclude.remove(getattr(keys, name))
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude))
+    stack.enter_context(torch.enable_grad())
+    return stack
+
+
 @torch.library.custom_op("hodlr::log_linear_attn_backward", mutates_args=())
 def _op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  g: Optional[torch.Tensor], level_scales: torch.Tensor, scale: float,
@@ -251,7 +267,7 @@ def _op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: to
     """Gradients ``(dq, dk, dv, dg, dlevel_scales, dinitial_states)`` of :func:`_op` (empty for
     an absent ``g`` / initial state): the backend's forward recomputed under autograd."""
     inputs = [q, k, v, g, level_scales, initial_states]
-    with torch.enable_grad():
+    with _autograd_on():
         leaves = [None if x is None else x.detach().requires_grad_(True) for x in inputs]
         o, states, _ = _forward(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], scale, leaves[5],
                                 initial_positions, cu_seqlens, output_final_state, final_slots, backend)
@@ -303,6 +319,10 @@ _op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------
 # the public functions
 # ---------------------------------------------------------------------------------------
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _bhtd(x):
     """``(B, T, H, ...)`` -> the view ``(B, H, T, ...)``."""
     return None if x is None else x.transpose(1, 2)
@@ -380,12 +400,18 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
     pos = None if initial_state is None else initial_state.positions
     S_in = 0 if initial_state is None else initial_state.num_slots
     if torch.compiler.is_compiling():
-        final_slots = S_in if initial_state is not None else T.bit_length()
+        # no host read while tracing: the slot count comes from shapes (int(T) specialises T)
+        final_slots = 0 if not output_final_state else S_in if initial_state is not None else int(T).bit_length()
         o, states, positions = _op(_bhtd(q), _bhtd(k), _bhtd(v), g_, lam, scale, init, pos, cu_seqlens,
                                    output_final_state, final_slots, backend)
     else:
-        end = _check_values(T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
+        end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
         final_slots = max(S_in, end.bit_length())
+        if (T == 1 and initial_state is not None and cu_seqlens is None and q.device.type == "cuda"
+                and backend in ("auto", "triton") and not _wants_grad(q, k, v, g, level_scales, init)):
+            state = LogLinearState(initial_state.with_slots(final_slots).states.clone(), pos.clone(), validate=False)
+            o = log_linear_attn_step(q, k, v, g, level_scales, state, scale=scale, backend="triton", validate=False)
+            return o, (state if output_final_state else None)
         o, states, positions = _forward(_bhtd(q), _bhtd(k), _bhtd(v), g_, lam, scale, init, pos, cu_seqlens,
                                         output_final_state, final_slots, backend)
     o = o.transpose(1, 2)
@@ -433,7 +459,7 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     L = level_scales.shape[-1]
     if validate:
-        end = _check_values(1, L, None, state.positions, state.num_slots)
+        end = _check_values(q.shape[0], 1, L, None, state.positions, state.num_slots)
         if end.bit_length() > state.num_slots:
             raise ValueError(f"the step takes position {end - 1} to {end}, which needs {end.bit_length()} slots but "
                              f"the state has {state.num_slots}; make it with more (state.with_slots(S), or "
@@ -441,9 +467,9 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
     if backend == "auto":
         backend = "triton" if q.device.type == "cuda" else "torch"
     if backend == "triton":
-        from hodlr import kernels
+        from hodlr.kernels.decode import decode_step
 
-        o = kernels.decode_step(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0],
+        o = decode_step(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0],
                                 level_scales[:, 0], state.states, state.positions, scale)
         return o[:, None]
     o, new = log_linear_attn(q, k, v, g, level_scales, initial_state=state, output_final_state=True, scale=scale,
@@ -612,10 +638,10 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, one of {('auto',) + registry.NAMES}, got {type(backend).__name__}")
     work = work_dtype(v.dtype)
-    T, L = q.shape[1], level_scales.shape[-1]
+    B, T, L = q.shape[0], q.shape[1], level_scales.shape[-1]
     pos = None if initial_state is None else initial_state.positions
     S_in = 0 if initial_state is None else initial_state.num_slots
-    end = _check_values(T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
+    end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
     o, states, positions = _gated_delta_forward(
         _bhtd(q), _bhtd(k), _bhtd(v), _bhtd(beta).to(work), None if g is None else _bhtd(g).to(work),
         _bhtd(level_scales).to(work), scale, None if initial_state is None else initial_state.states, pos,

@@ -250,8 +250,8 @@ class LogLinearState:
         return LogLinearState(self.states[index], self.positions[index], validate=False)
 
     def with_slots(self, slots: int) -> "LogLinearState":
-        """The same state with ``slots`` slots: empty ones appended, or trailing ones dropped
-        (they must be empty: every position ``< 2**slots``)."""
+        """The same state with ``slots`` slots (a new contiguous tensor): empty ones appended, or
+        trailing ones dropped (they must be empty: every position ``< 2**slots``)."""
         import torch
 
         S = self.num_slots
@@ -261,7 +261,7 @@ class LogLinearState:
         need = _bit_length(self.positions)
         if need > slots:
             raise ValueError(f"slots={slots} cannot hold position {int(self.positions.max())} (needs {need})")
-        return LogLinearState(self.states[:, :, :slots], self.positions, validate=False)
+        return LogLinearState(self.states[:, :, :slots].contiguous(), self.positions, validate=False)
 
 
 def segments(N: int, T: int, cu_seqlens=None, initial_positions=None):

@@ -76,6 +76,20 @@ def over_budget(monkeypatch):
     monkeypatch.setattr(hodlr.options, "dense_max_bytes", 100)
 
 
+def lla(B=2, Tq=T, Hqk=1, H=2, Dk=2, L=L, state=None, dtype=torch.float64, **kw):
+    """``hodlr.log_linear_attn`` on valid inputs of these sizes, with the keywords ``kw``."""
+    q, k = (torch.ones(B, Tq, Hqk, Dk, dtype=dtype) for _ in range(2))
+    v = torch.ones(B, Tq, H, 2, dtype=dtype)
+    return hodlr.log_linear_attn(q, k, v, torch.zeros(B, Tq, H, dtype=dtype), torch.ones(B, Tq, H, L, dtype=dtype),
+                                 initial_state=state, **kw)
+
+
+def state(N=2, H=2, Dk=2, Dv=2, position=0, dtype=torch.float64, device="cpu", slots=4):
+    s = hodlr.LogLinearState.zeros(N, H, Dk, Dv, slots=slots, dtype=dtype, device=device)
+    return hodlr.LogLinearState(s.states, torch.full((N,), position, dtype=torch.int64, device=device),
+                                validate=False)
+
+
 # (id, call, error type, message regex).  ``call`` takes pytest's monkeypatch fixture.
 CASES = [
     # -- LogLinearMask ----------------------------------------------------------------
@@ -163,6 +177,41 @@ CASES = [
     ("scale-array", lambda mp: attn(scale=np.ones(2)), TypeError, r"scale must be a real number or None, got ndarray"),
     ("scale-nan", lambda mp: attn(scale=float("nan")), ValueError, r"scale must be finite, got nan"),
     ("scale-inf", lambda mp: attn(scale=np.inf), ValueError, r"scale must be finite, got inf"),
+    # -- log_linear_attn: packed sequences, state hand-off -----------------------------
+    ("op-cu-seqlens-not-from-zero", lambda mp: lla(B=1, cu_seqlens=torch.tensor([1, 5])), ValueError,
+     r"cu_seqlens must start at 0, got cu_seqlens\[0\]=1"),
+    ("op-cu-seqlens-decreasing", lambda mp: lla(B=1, cu_seqlens=torch.tensor([0, 3, 2, 5])), ValueError,
+     r"cu_seqlens must be non-decreasing, got cu_seqlens\[1\]=3 > cu_seqlens\[2\]=2"),
+    ("op-cu-seqlens-not-ending-at-t", lambda mp: lla(B=1, cu_seqlens=torch.tensor([0, 4])), ValueError,
+     r"cu_seqlens must end at T=5 \(the tokens of q\), got cu_seqlens\[-1\]=4"),
+    ("op-cu-seqlens-not-integer", lambda mp: lla(B=1, cu_seqlens=torch.tensor([0.0, 5.0])), TypeError,
+     r"cu_seqlens must be an int32 or int64 tensor, got torch.float32"),
+    ("op-cu-seqlens-batch", lambda mp: lla(B=2, cu_seqlens=torch.tensor([0, 5])), ValueError,
+     r"with cu_seqlens the batch size must be 1 .*got B=2"),
+    ("op-state-batch", lambda mp: lla(state=state(N=3)), ValueError,
+     r"initial_state must have \(N, H, Dk, Dv\) = \(2, 2, 2, 2\) .*got states of shape \(3, 2, 4, 2, 2\)"),
+    ("op-state-heads", lambda mp: lla(state=state(H=4)), ValueError,
+     r"initial_state must have \(N, H, Dk, Dv\) = \(2, 2, 2, 2\)"),
+    ("op-state-width", lambda mp: lla(state=state(Dk=3)), ValueError,
+     r"initial_state must have \(N, H, Dk, Dv\) = \(2, 2, 2, 2\) .*got states of shape \(2, 2, 4, 3, 2\)"),
+    ("op-state-dtype", lambda mp: lla(state=state(dtype=torch.float32)), TypeError,
+     r"initial_state has dtype torch.float32 but torch.float64 inputs need a torch.float64 state"),
+    ("op-state-device", lambda mp: lla(state=state(device="meta")), ValueError,
+     r"initial_state is on device meta but q is on cpu"),
+    ("op-state-not-a-state", lambda mp: lla(state=torch.zeros(2, 2, 4, 2, 2)), TypeError,
+     r"initial_state must be a hodlr.LogLinearState, got Tensor"),
+    ("op-scales-too-narrow-for-state", lambda mp: lla(state=state(position=12), L=5), ValueError,
+     r"level_scales has L=5 levels but absolute position 16 \(the state continues from position 12\) needs at "
+     r"least num_levels\(17\)=6"),
+    ("op-heads-not-dividing", lambda mp: lla(Hqk=2, H=3), ValueError,
+     r"the 2 heads of q and k must divide the 3 heads of v"),
+    ("op-backend-without-state", lambda mp: lla(output_final_state=True, backend="dense"),
+     hodlr.BackendUnavailableError, r"backend 'dense' has no recurrent state"),
+    ("op-step-past-the-slots",
+     lambda mp: hodlr.log_linear_attn_step(*(x[:, :1] for x in (torch.ones(2, 1, 1, 2, dtype=torch.float64),) * 2),
+                                           torch.ones(2, 1, 2, 2, dtype=torch.float64), None,
+                                           torch.ones(2, 1, 2, 5, dtype=torch.float64), state(position=15)),
+     ValueError, r"the step takes position 15 to 16, which needs 5 slots but the state has 4"),
     # -- gated delta attention -----------------------------------------------------------
     ("gdn-beta-wrong-length", lambda mp: gdn(beta=np.ones(T + 1)), ValueError,
      r"beta must have shape \(\.\.\., T\) with T=5"),

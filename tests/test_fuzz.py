@@ -379,3 +379,135 @@ def test_fuzz_index_algebra(T):
     else:
         with pytest.raises((ValueError, TypeError)):
             fenwick.num_levels(T)
+
+
+# -- log_linear_attn: packed sequences and state hand-off -----------------------------------
+OP_FAULTS = ("cu start", "cu decreasing", "cu end", "cu float", "cu batch", "state batch", "state heads",
+             "state width", "state dtype", "state device", "narrow scales", "heads not dividing", "bad scale",
+             "backend without state")
+
+
+def bucket_states(k, v, g, end, slots):
+    """``(H, slots, Dk, Dv)`` float64: the Fenwick buckets of position ``end`` from their definition
+    (``k (end, H, Dk)``, ``v (end, H, Dv)``, ``g (end, H)`` or None, positions from 0)."""
+    H, Dk, Dv = v.shape[1], k.shape[2], v.shape[2]
+    out = np.zeros((H, slots, Dk, Dv))
+    for lev in range(1, slots + 1):
+        start, stop = fenwick.bucket(end, lev)
+        for s in range(start, stop):
+            w = np.ones(H) if g is None else np.exp(g[s + 1:end].sum(0))
+            out[:, lev - 1] += w[:, None, None] * k[s][:, :, None] * v[s][:, None, :]
+    return out
+
+
+@examples
+@given(st.data())
+def test_fuzz_log_linear_attn(data):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    faults = draw_faults(data, OP_FAULTS)
+    packed = data.draw(st.booleans(), label="packed") or bool({"cu start", "cu decreasing", "cu end", "cu float",
+                                                               "cu batch"} & faults)
+    with_state = data.draw(st.booleans(), label="state") or any(f.startswith("state") for f in faults)
+    n = data.draw(st.integers(1, 3), label="sequences")
+    lengths = [data.draw(st.integers(0 if packed else 1, 6)) for _ in range(n)]
+    if not packed:
+        lengths = [lengths[0]] * n
+    starts = [data.draw(st.integers(0, 20)) if with_state else 0 for _ in range(n)]
+    Hqk, grp, Dk, Dv = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3)), 2
+    H = Hqk * grp
+    has_g = data.draw(st.booleans(), label="decay")
+    end = max(a + x for a, x in zip(starts, lengths))
+    L = fenwick.num_levels(max(end, 1)) + data.draw(st.integers(0, 1))
+    if "narrow scales" in faults:
+        L = fenwick.num_levels(max(end, 2)) - 1
+    backend = data.draw(st.sampled_from(["auto", "chunked", "fenwick", "dense"]), label="backend")
+    if "backend without state" in faults:
+        backend = "dense"
+    final = data.draw(st.booleans(), label="final") or "backend without state" in faults
+    scale = data.draw(st.sampled_from([math.nan, "1", True]) if "bad scale" in faults else
+                      st.sampled_from([1.0, 0.5, None]), label="scale")
+    # every sequence drawn from position 0; the call gets its part [a, a + length)
+    full = []
+    for a, x in zip(starts, lengths):
+        e = a + x
+        k = rng.standard_normal((e, Hqk, Dk))
+        q = rng.standard_normal((e, Hqk, Dk))
+        v = rng.standard_normal((e, H, Dv))
+        g = -rng.uniform(0, 1, (e, H)) if has_g else None
+        lam = rng.uniform(0.3, 1.5, (e, H, L))
+        if e:
+            lam = np.where(fenwick.read_levels(e, L)[:, None, :], lam, np.nan)
+        full.append((q, k, v, g, lam))
+    parts = [[None if x is None else x[a:] for x in seq] for a, seq in zip(starts, full)]
+    stack = (lambda xs: np.concatenate(xs)[None]) if packed else np.stack
+    arrays = [None if parts[0][j] is None else torch.tensor(stack([p[j] for p in parts])) for j in range(5)]
+    q, k, v, g, lam = arrays
+    S = max(1, max(starts).bit_length())
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)])) if packed else None
+    B = 1 if packed else n
+    if "heads not dividing" in faults:
+        q, k = (x[:, :, :1].repeat(1, 1, H + 1, 1) for x in (q, k))
+    if cu is not None:
+        if "cu start" in faults:
+            cu = cu + 1
+        if "cu decreasing" in faults and n > 1:
+            c = cu.tolist()
+            c[1], c[2] = c[2] + 1, c[1]
+            cu = torch.tensor(c)
+        if "cu end" in faults:
+            cu[-1] += 1
+        if "cu float" in faults:
+            cu = cu.double()
+        if "cu batch" in faults:
+            q, k, v, g, lam = (None if x is None else torch.cat([x, x]) for x in (q, k, v, g, lam))
+    state = None
+    if with_state:
+        states = np.stack([bucket_states(np.repeat(f[1], grp, 1), f[2], f[3], a, S) for a, f in zip(starts, full)])
+        N_, H_, Dk_ = n + ("state batch" in faults), H + ("state heads" in faults), Dk + ("state width" in faults)
+        states = np.resize(states, (N_, H_, S, Dk_, Dv)) if (N_, H_, Dk_) != (n, H, Dk) else states
+        dtype = torch.float32 if "state dtype" in faults else torch.float64
+        device = "meta" if "state device" in faults else "cpu"
+        state = hodlr.LogLinearState(torch.tensor(states, dtype=dtype, device=device),
+                                     torch.tensor(starts[:N_] + [0] * (N_ - n), device=device), validate=False)
+    try:
+        if q.shape[2] == 0 or H % q.shape[2]:
+            raise Invalid("heads")
+        if cu is not None:
+            if cu.dtype.is_floating_point or B * (1 + ("cu batch" in faults)) != 1:
+                raise Invalid("cu_seqlens type / batch")
+            c = cu.tolist()
+            if c[0] != 0 or any(y < x for x, y in zip(c, c[1:])) or c[-1] != q.shape[1]:
+                raise Invalid("cu_seqlens values")
+        if scale is not None and not isinstance(scale, float) or (isinstance(scale, float) and math.isnan(scale)):
+            raise Invalid("scale")
+        if state is not None and (tuple(state.states.shape) != (n, H, S, Dk, Dv) or state.dtype != torch.float64
+                                  or state.device.type != "cpu"):
+            raise Invalid("state")
+        if end and L < fenwick.num_levels(end):
+            raise Invalid("narrow scales")
+        if backend == "dense" and (with_state or final):
+            raise Invalid("backend without state")
+        verdict = None
+    except Invalid as err:
+        verdict = err
+    out = expect(lambda: hodlr.log_linear_attn(q, k, v, g, lam, initial_state=state, output_final_state=final,
+                                               cu_seqlens=cu, scale=scale, backend=backend), verdict)
+    if out is None:
+        return
+    o, last = out
+    s = Dk ** -0.5 if scale is None else scale
+    lo = 0
+    for i, (a, x) in enumerate(zip(starts, lengths)):
+        fq, fk, fv, fg, flam = full[i]
+        e = a + x
+        got = o[0, lo:lo + x] if packed else o[i]
+        lo += x
+        if x:
+            ops64 = [np.repeat(fq, grp, 1).transpose(1, 0, 2), np.repeat(fk, grp, 1).transpose(1, 0, 2),
+                     fv.transpose(1, 0, 2)]
+            want = reference(flam.transpose(1, 0, 2), None if fg is None else fg.T, (H,), "attention", ops64, s)
+            compare(got.transpose(0, 1), want[:, a:], "float64", "torch", "float64")
+        if final:
+            assert int(last.positions[i]) == e
+            ref = bucket_states(np.repeat(fk, grp, 1), fv, fg, e, last.num_slots)
+            assert np.abs(last.states[i].numpy() - ref).max(initial=0.0) <= 1e-10 * max(1.0, np.abs(ref).max(initial=0.0))

@@ -265,15 +265,16 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
 
     from hodlr.state import segments
 
-    C = _check_chunk(chunk)
-    c = C.bit_length() - 1
-    out_dtype = v.dtype
-    work = level_scales.dtype
-    dev = v.device
     N, Hqk, T, Dk = q.shape
     H, Dv, L = v.shape[1], v.shape[-1], level_scales.shape[-1]
     grp = H // Hqk
     batch, offset, length, a = segments(N, T, cu_seqlens, initial_positions)
+    # no chunk longer than the longest sequence needs (many short packed sequences stay cheap)
+    C = min(_check_chunk(chunk), 1 << (int(length.max(initial=1)) - 1).bit_length() if length.size else 1)
+    c = C.bit_length() - 1
+    out_dtype = v.dtype
+    work = level_scales.dtype
+    dev = v.device
     R = a.size
     e = a + length
     r = a % C

@@ -1,0 +1,124 @@
+"""The decode kernel (``hodlr.kernels.decode``, under the interpreter on the CPU) and
+``hodlr.log_linear_attn_step``: one token for a batch of sequences at different positions
+(0, 1, 2^k - 1, 2^k and others) equals the Fenwick scan, state and positions updated in place.
+
+``kernels`` is imported inside the tests (see tests/test_gpu.py for why)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import hodlr
+from hodlr.testing import poison_unread, relative_error
+
+from test_state import prefix_state
+
+INTERP = hodlr.backends._load("triton").unavailable_reason("torch", torch.device("cpu")) is None
+DEVICE = "cpu" if INTERP else "cuda"
+KERNEL_DT = torch.float64 if INTERP else torch.float32  # float64 runs only under the interpreter
+TOL = 1e-12 if INTERP else 1e-5
+DT = torch.float64
+POSITIONS = [0, 1, 2, 7, 8, 15, 16, 31, 32, 21]
+pytestmark = pytest.mark.skipif(not INTERP and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
+
+
+def dev(x):
+    """A float64 CPU tensor, or state, on the kernels' device and dtype."""
+    if isinstance(x, hodlr.LogLinearState):
+        return hodlr.LogLinearState(x.states.to(DEVICE, KERNEL_DT, copy=True), x.positions.to(DEVICE, copy=True))
+    return None if x is None else x.to(DEVICE, KERNEL_DT)
+
+
+def step_inputs(state, seed, grouped=True):
+    gen = torch.Generator().manual_seed(seed)
+    N, H, Dk, Dv = state.batch_size, state.num_heads, state.Dk, state.Dv
+    Hqk = 1 if grouped else H
+    q, k = (torch.randn(N, 1, Hqk, Dk, generator=gen, dtype=DT) for _ in range(2))
+    v = torch.randn(N, 1, H, Dv, generator=gen, dtype=DT)
+    g = -torch.rand(N, 1, H, generator=gen, dtype=DT)
+    L = state.num_slots + 1
+    lam = torch.rand(N, H, L, generator=gen, dtype=DT)
+    # poison what the token at each row's position does not read
+    lam = torch.stack([poison_unread(torch.cat([torch.zeros(int(p), L, dtype=DT), lam[n, h:h + 1]]))[-1:]
+                       for n, p in enumerate(state.positions.tolist()) for h in range(H)]).reshape(N, H, 1, L)
+    return q, k, v, g, lam.transpose(1, 2)
+
+
+@pytest.mark.parametrize("decay", [True, False])
+def test_decode_kernel_equals_scan(decay):
+    from hodlr.kernels.decode import decode_step
+
+    state, _ = prefix_state(POSITIONS, H=2, Dk=3, Dv=5)
+    q, k, v, g, lam = step_inputs(state, 1)
+    g = g if decay else None
+    want, after = hodlr.log_linear_attn(q, k, v, g, lam, initial_state=state, output_final_state=True,
+                                        backend="fenwick")
+    states, positions = dev(state.states), state.positions.to(DEVICE)
+    q, k, v, g, lam = (dev(x) for x in (q, k, v, g, lam))
+    o = decode_step(q[:, 0, :, :], k[:, 0], v[:, 0], None if g is None else g[:, 0], lam[:, 0], states, positions, 1.0,
+                    out=torch.full((len(POSITIONS), 2, 5), float("nan"), dtype=KERNEL_DT, device=DEVICE))
+    assert relative_error(o.cpu(), want[:, 0]) <= TOL
+    assert relative_error(states.cpu(), after.states[:, :, :states.shape[2]]) <= TOL
+    assert positions.tolist() == [p + 1 for p in POSITIONS]
+
+
+def test_step_triton_equals_torch_and_full_sequence():
+    """Three steps from mixed positions, by the kernel and by the torch path, then the dense
+    reference on a sequence started from 0 (a prefix of its own)."""
+    state, _ = prefix_state([0, 3, 7, 8], H=2, Dk=2, Dv=3)
+    a, b = dev(state), dev(state)
+    for t in range(3):
+        inputs = [dev(x) for x in step_inputs(a, 10 + t, grouped=False)]
+        o1 = hodlr.log_linear_attn_step(*inputs, a, backend="triton", scale=0.5)
+        o2 = hodlr.log_linear_attn_step(*inputs, b, backend="torch", scale=0.5)
+        assert relative_error(o1, o2) <= TOL
+    assert torch.equal(a.positions, b.positions) and relative_error(a.states, b.states) <= TOL
+
+
+def test_step_overflow_refused_or_nan():
+    """A step past the state's slots: refused with validation (state untouched); without it the
+    kernel leaves that row alone and writes NaN, other rows step normally."""
+    state, _ = prefix_state([3, 1], H=1, Dk=2, Dv=2)
+    state = dev(state.with_slots(2))  # position 3 -> 4 needs 3 slots
+    q, k, v, g, lam = (dev(x) for x in step_inputs(state, 5))
+    before = state.clone()
+    with pytest.raises(ValueError, match="needs 3 slots but the state has 2"):
+        hodlr.log_linear_attn_step(q, k, v, g, lam, state, backend="triton")
+    assert torch.equal(state.states, before.states) and torch.equal(state.positions, before.positions)
+    o = hodlr.log_linear_attn_step(q, k, v, g, lam, state, backend="triton", validate=False)
+    assert torch.isnan(o[0]).all() and torch.isfinite(o[1]).all()
+    assert state.positions.tolist() == [3, 2] and torch.equal(state.states[0], before.states[0])
+    with pytest.raises(ValueError, match="one token per sequence"):
+        hodlr.log_linear_attn_step(*(torch.cat([x, x], 1) for x in (q, k, v, g, lam)), state)
+
+
+def test_op_with_one_token_matches_step():
+    """``log_linear_attn`` with T == 1 and a state (the op's functional form) leaves the given state
+    alone and returns the stepped one."""
+    state, _ = prefix_state([5, 12], H=2, Dk=2, Dv=2)
+    state = dev(state)
+    q, k, v, g, lam = (dev(x) for x in step_inputs(state, 7))
+    before = state.clone()
+    o, after = hodlr.log_linear_attn(q, k, v, g, lam, initial_state=state, output_final_state=True)
+    assert torch.equal(state.states, before.states)
+    stepped = state.clone()
+    o2 = hodlr.log_linear_attn_step(q, k, v, g, lam, stepped, backend="triton")
+    assert relative_error(o, o2) <= TOL and relative_error(after.with_slots(stepped.num_slots).states,
+                                                           stepped.states) <= TOL
+    assert np.array_equal(after.positions.cpu().numpy(), [6, 13])
+
+
+@pytest.mark.skipif(not INTERP, reason="the smoke test runs the interpreter on the CPU")
+def test_bench_decode_gpu_step_smoke():
+    """``hodlr bench-decode --gpu-step`` on the CPU (interpreter, tiny sizes): the code path runs
+    and the byte model counts 2 * live + 1 state matrices."""
+    from hodlr import bench_decode
+
+    res = bench_decode.run(["--gpu-step", "--skip", "step", "memory", "matmul", "--gpu-device", "cpu",
+                            "--gpu-batch", "1", "--gpu-heads", "2", "--gpu-d", "16", "--gpu-positions", "3", "4"])
+    rows = res["gpu_step"]
+    assert rows["3"]["state_bytes"] == 5 * 2 * 16 * 16 * 4 and rows["4"]["live_slots"] == 1
+    assert "decode step" in bench_decode._report(res)

@@ -1,0 +1,112 @@
+"""``hodlr.LogLinearState``: construction, copies, batch selection, and the lossless conversion to
+and from ``hodlr.fenwick.FenwickState``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hodlr
+from hodlr.fenwick import FenwickState
+from hodlr.testing import relative_error
+
+DT = torch.float64
+
+
+def prefix_state(positions, H=3, Dk=2, Dv=4, seed=0):
+    """A state of ``len(positions)`` sequences made by the op (one call per sequence), and the
+    inputs that continue it by 5 tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    top = max(positions) + 5
+    L = hodlr.num_levels(top)
+    q, k = (torch.randn(len(positions), top, 1, Dk, generator=gen, dtype=DT) for _ in range(2))
+    v = torch.randn(len(positions), top, H, Dv, generator=gen, dtype=DT)
+    g = -torch.rand(len(positions), top, H, generator=gen, dtype=DT)
+    lam = torch.rand(len(positions), top, H, L, generator=gen, dtype=DT)
+    parts = []
+    for n, a in enumerate(positions):
+        _, s = hodlr.log_linear_attn(q[n:n + 1, :a], k[n:n + 1, :a], v[n:n + 1, :a], g[n:n + 1, :a],
+                                     lam[n:n + 1, :a], output_final_state=True, backend="fenwick")
+        parts.append(s.with_slots(top.bit_length()))
+    state = hodlr.LogLinearState(torch.cat([p.states for p in parts]), torch.cat([p.positions for p in parts]))
+    rest = [torch.stack([x[n, a:a + 5] for n, a in enumerate(positions)]) for x in (q, k, v, g, lam)]
+    return state, rest
+
+
+def test_zeros_and_facts():
+    s = hodlr.LogLinearState.zeros(3, 2, 4, 5, max_position=2**16)
+    assert s.num_slots == 17 and s.states.dtype == torch.float32 and s.positions.tolist() == [0, 0, 0]
+    assert (s.batch_size, s.num_heads, s.Dk, s.Dv, len(s)) == (3, 2, 4, 5, 3)
+    assert s.nbytes == 3 * 2 * 17 * 4 * 5 * 4 + 3 * 8
+    assert hodlr.LogLinearState.zeros(1, 1, 1, 1, slots=4, dtype=DT).states.shape == (1, 1, 4, 1, 1)
+    assert "S=17" in repr(s)
+    with pytest.raises(TypeError, match="exactly one of max_position and slots"):
+        hodlr.LogLinearState.zeros(1, 1, 1, 1)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 0"):
+        hodlr.LogLinearState.zeros(-1, 1, 1, 1, slots=2)
+
+
+@pytest.mark.parametrize("states, positions, error, match", [
+    ("x", torch.zeros(1, dtype=torch.int64), TypeError, "states must be a torch.Tensor"),
+    (torch.zeros(1, 1, 1, 1), torch.zeros(1, dtype=torch.int64), ValueError, r"states must have shape \(N, H, S, Dk, Dv\)"),
+    (torch.zeros(1, 1, 1, 1, 1, dtype=torch.float16), torch.zeros(1, dtype=torch.int64), TypeError, "float32"),
+    (torch.zeros(1, 1, 1, 1, 1), torch.zeros(1, dtype=torch.int32), TypeError, "torch.int64"),
+    (torch.zeros(2, 1, 1, 1, 1), torch.zeros(1, dtype=torch.int64), ValueError, r"positions must have shape \(N,\) = \(2,\)"),
+    (torch.zeros(1, 1, 1, 1, 1), torch.zeros(1, dtype=torch.int64, device="meta"), ValueError, "device meta"),
+    (torch.zeros(1, 1, 2, 1, 1), torch.tensor([4]), ValueError, "S=2 slots but position 4 needs"),
+    (torch.zeros(1, 1, 2, 1, 1), torch.tensor([-1]), ValueError, "positions must be >= 0"),
+])
+def test_constructor_refuses(states, positions, error, match):
+    with pytest.raises(error, match=match):
+        hodlr.LogLinearState(states, positions)
+
+
+def test_copies_and_batch_selection():
+    state, _ = prefix_state([3, 8, 5])
+    for other in (state.clone(), state.detach(), state.to(torch.float64), state.to("cpu")):
+        assert torch.equal(other.states, state.states) and torch.equal(other.positions, state.positions)
+    assert state.clone().states.data_ptr() != state.states.data_ptr()
+    assert state.to(torch.float32).dtype == torch.float32 and state.to(torch.float32).positions.dtype == torch.int64
+    picked = state.index_select([2, 0, 0])
+    assert picked.positions.tolist() == [5, 3, 3] and torch.equal(picked.states[1], state.states[0])
+    assert state[1].positions.tolist() == [8] and state[-1].positions.tolist() == [5]
+    assert state[1:].batch_size == 2 and state[torch.tensor([True, False, True])].positions.tolist() == [3, 5]
+    assert torch.equal(state.with_slots(8).states[:, :, :state.num_slots], state.states)
+    assert state.with_slots(4).num_slots == 4
+    with pytest.raises(ValueError, match="slots=3 cannot hold position 8"):
+        state.with_slots(3)
+    with pytest.raises(IndexError):
+        state[3]
+
+
+def test_fenwick_round_trip_one_position():
+    """LogLinearState -> FenwickState -> LogLinearState is exact, and the FenwickState continues
+    like the op does."""
+    state, (q, k, v, g, lam) = prefix_state([6, 6])
+    f = state.to_fenwick()
+    assert isinstance(f, FenwickState) and f.position == 6 and f.levels == (3, 2)
+    for lev, s in f.states().items():
+        assert torch.equal(s, state.states[:, :, lev - 1])
+    back = hodlr.LogLinearState.from_fenwick(f)
+    assert torch.equal(back.with_slots(state.num_slots).states, state.states)
+    o, _ = hodlr.log_linear_attn(q, k, v, g, lam, initial_state=state, backend="chunked")
+    grp = v.shape[2]
+    out = f.prefill(*(x.transpose(1, 2).expand(-1, grp, -1, -1) for x in (q, k)), v.transpose(1, 2),
+                    lam.transpose(1, 2), g.transpose(1, 2))
+    assert relative_error(out.transpose(1, 2), o) <= 1e-12
+    numpy_state = FenwickState.from_states(6, {lev: s.numpy() for lev, s in state.to_fenwick().states().items()},
+                                           (2, 3), 2, 4)
+    assert torch.equal(hodlr.LogLinearState.from_fenwick(numpy_state).states, back.states)
+
+
+def test_fenwick_round_trip_per_sequence():
+    state, _ = prefix_state([0, 1, 7, 8])
+    parts = state.to_fenwick()
+    assert [p.position for p in parts] == [0, 1, 7, 8] and all(p.batch_shape == (1, 3) for p in parts)
+    back = hodlr.LogLinearState.from_fenwick(parts)
+    assert torch.equal(back.positions, state.positions)
+    assert torch.equal(back.with_slots(state.num_slots).states, state.states)
+    with pytest.raises(TypeError, match="must be a hodlr.fenwick.FenwickState"):
+        hodlr.LogLinearState.from_fenwick("x")
+    with pytest.raises(ValueError, match="must hold exactly the live levels"):
+        FenwickState.from_states(3, {1: torch.zeros(1, 1, dtype=DT)}, (), 1, 1, DT)
