@@ -21,7 +21,7 @@ then times each with ``triton.testing.do_bench`` (median, milliseconds):
   the copy it is compared with is a single launch).
 
 It prints a table and writes JSON and a PNG plot (matplotlib, Agg).  Shapes default to
-DESIGN.md §4: bf16, H = 16, D = 64, B·T = 65,536 tokens (B = 1 from 64K on), T = 2K … 128K.
+docs/mathematics.md §12: bf16, H = 16, D = 64, B·T = 65,536 tokens (B = 1 from 64K on), T = 2K … 128K.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The mask in sparse form: ``M = diag(level_scales[:, 0]) + U V^T`` with scipy sparse ``U, V``.
 
 Column ``b`` of ``U`` and ``V`` belongs to one off-diagonal block of the HODLR tree
-(DESIGN.md "Sparse form"): the columns run level by level (``1 .. num_levels(T) - 1``)
+(docs/mathematics.md §5): the columns run level by level (``1 .. num_levels(T) - 1``)
 and, within a level, by block index, as :func:`fenwick.blocks_at_level` enumerates them.
 Column ``b`` of ``U`` holds the anchored row factor ``u`` on the block's rows and column
 ``b`` of ``V`` the column factor ``v`` on its columns, so the block is ``U[:, b] V[:, b]^T``.

@@ -52,7 +52,7 @@ TOLERANCES = {
     "gpu_bfloat16": 1e-2,
     "grad_float64": 1e-10,
 }
-"""Relative-error bounds ``‖a - b‖_F / ‖b‖_F`` against a float64 reference (DESIGN.md §3)."""
+"""Relative-error bounds ``‖a - b‖_F / ‖b‖_F`` against a float64 reference (docs/mathematics.md §11)."""
 
 AWKWARD_LENGTHS = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257)
 

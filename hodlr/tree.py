@@ -15,7 +15,7 @@ One node class, :class:`HODLRMatrix`, holds a square lower-triangular matrix of 
 
 **Split rule.**  A node of size ``n`` splits at ``n1 = 2^(k-1)`` with
 ``k = (n - 1).bit_length()``, the largest power of two below ``n``.  This is the tree of
-the log-linear mask (DESIGN.md "HODLR form", the tree padded to a power of two and
+the log-linear mask (docs/mathematics.md §4, the tree padded to a power of two and
 clipped to ``T``): the lower-left block of the node that starts at ``a`` has rows
 ``[a + n1, a + n)``, columns ``[a, a + n1)`` and holds exactly the entries of **level**
 ``k``; its **index** is ``a >> k``, as in :func:`fenwick.blocks_at_level`.  Every block is

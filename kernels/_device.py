@@ -38,25 +38,16 @@ def chunk_decays(g_row, t, tmask, sgt, T, C: tl.constexpr, HAS_G: tl.constexpr, 
 
 
 @triton.jit
-def intra_mask(l_chunk, slt, sll, L, G, g_next, tmask, C: tl.constexpr, HAS_G: tl.constexpr, EXACT: tl.constexpr):
-    """The ``(C, C)`` block of the mask inside one chunk (levels ``0..c``).
+def intra_scales(l_chunk, slt, sll, L, tmask, C: tl.constexpr):
+    """``(Λ, lvl)`` of one chunk: ``Λ[t, s] = λ[t, level(t, s)]`` for ``s <= t`` (0 above the
+    diagonal and on rows past ``T``) and the ``(C, C)`` in-chunk levels.
 
     ``l_chunk`` points at ``level_scales[t0, 0]`` of the chunk's first row, ``slt`` / ``sll``
-    are the row and level strides; ``G`` is the chunk-local inclusive cumulative log-decay and
-    ``g_next`` its terms shifted by one (``g[t + 1]``).  For ``s <= t`` in one aligned chunk
-    the level is the bit length of ``t ^ s`` (``fenwick.index.level``), read here off the
-    float32 exponent of ``t ^ s``; the scale is gathered in registers (``tl.gather``) from one
-    ``(C, 8)`` tile of the chunk's rows, levels ``0..7`` (16 columns for ``C = 256``; columns
-    ``>= L`` not loaded): an entry that is not read by definition may be loaded, but is never
-    selected.  The decay ``exp(Σ_{k=s+1..t} g_k)``: with
-    ``EXACT`` each exponent is summed from its own terms (a masked reverse cumulative sum,
-    accurate to rounding even when ``G`` has grown large inside the chunk: float32 / float64
-    inputs); otherwise from ``G_t - G_s`` (its absolute error ``~|G| eps`` is far below the
-    bfloat16 / float16 tolerance), as the product ``exp(G_t) exp(-G_s)`` -- one exponential
-    per row instead of one per element, ``exp(G)`` shared with the caller's level rows --
-    while ``|G| < 40`` over the chunk (no product of the two factors can overflow or
-    underflow), and element by element otherwise.
-    """
+    are the row and level strides.  For ``s <= t`` in one aligned chunk the level is the bit
+    length of ``t ^ s`` (``hodlr.fenwick.index.level``), read here off the float32 exponent of
+    ``t ^ s``; the scale is gathered in registers (``tl.gather``) from one ``(C, 8)`` tile of the
+    chunk's rows, levels ``0..7`` (16 columns for ``C = 256``; columns ``>= L`` not loaded): an
+    entry that is not read by definition may be loaded, but is never selected."""
     r = tl.arange(0, C)
     xor = r[:, None] ^ r[None, :]
     causal = (r[:, None] >= r[None, :]) & tmask[:, None]
@@ -64,15 +55,41 @@ def intra_mask(l_chunk, slt, sll, L, G, g_next, tmask, C: tl.constexpr, HAS_G: t
     LV: tl.constexpr = 8 if C <= 128 else 16
     col = tl.arange(0, LV)
     rows = tl.load(l_chunk + (r[:, None] * slt + col[None, :] * sll), mask=tmask[:, None] & (col[None, :] < L))
-    M = tl.where(causal, tl.gather(rows, lvl, 1), 0.0).to(G.dtype)
-    if HAS_G:
-        if EXACT:
-            M = M * tl.exp(tl.cumsum(tl.where(r[None, :] < r[:, None], g_next[None, :], 0.0), 1, reverse=True))
+    return tl.where(causal, tl.gather(rows, lvl, 1), 0.0), lvl
+
+
+@triton.jit
+def intra_decay(G, g_next, tmask, C: tl.constexpr, EXACT: tl.constexpr):
+    """``(C, C)`` in-chunk decays ``exp(Σ_{k=s+1..t} g_k)`` for ``s <= t`` (0 above the
+    diagonal and on rows past ``T``).
+
+    ``G`` is the chunk-local inclusive cumulative log-decay and ``g_next`` its terms shifted by
+    one (``g[t + 1]``).  With ``EXACT`` each exponent is summed from its own terms (a masked
+    reverse cumulative sum, accurate to rounding even when ``G`` has grown large inside the
+    chunk: float32 / float64 inputs); otherwise from ``G_t - G_s`` (its absolute error
+    ``~|G| eps`` is far below the bfloat16 / float16 tolerance), as the product
+    ``exp(G_t) exp(-G_s)`` -- one exponential per row instead of one per element -- while
+    ``|G| < 40`` over the chunk (no product of the two factors can overflow or underflow), and
+    element by element otherwise."""
+    r = tl.arange(0, C)
+    causal = (r[:, None] >= r[None, :]) & tmask[:, None]
+    if EXACT:
+        D = tl.exp(tl.cumsum(tl.where(r[None, :] < r[:, None], g_next[None, :], 0.0), 1, reverse=True))
+    else:
+        if tl.max(tl.abs(G), 0) < 40.0:
+            D = tl.exp(G)[:, None] * tl.exp(-G)[None, :]
         else:
-            if tl.max(tl.abs(G), 0) < 40.0:
-                M = M * (tl.exp(G)[:, None] * tl.exp(-G)[None, :])
-            else:
-                M = M * tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0))
+            D = tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0))
+    return tl.where(causal, D, 0.0)
+
+
+@triton.jit
+def intra_mask(l_chunk, slt, sll, L, G, g_next, tmask, C: tl.constexpr, HAS_G: tl.constexpr, EXACT: tl.constexpr):
+    """The ``(C, C)`` block of the mask inside one chunk (levels ``0..c``): the scales of
+    :func:`intra_scales` times the decays of :func:`intra_decay` (``G``'s dtype)."""
+    M = intra_scales(l_chunk, slt, sll, L, tmask, C)[0].to(G.dtype)
+    if HAS_G:
+        M = M * intra_decay(G, g_next, tmask, C, EXACT)
     return M
 
 
@@ -85,6 +102,22 @@ def dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
         return tl.dot(a, b, out_dtype=ACC)
     else:
         return tl.dot(a.to(ACC), b.to(ACC), input_precision=PREC, out_dtype=ACC)
+
+
+@triton.jit
+def dot_split(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr, SPLIT: tl.constexpr):
+    """``a @ b`` for a 16-bit ``a`` and a float32 ``b``: with ``SPLIT`` on a GPU, ``b`` is cut into
+    a 16-bit head and the 16-bit rounding of its remainder, two native dots whose sum carries
+    about 16 significant bits of ``b`` (twice the work of one dot); otherwise ``b`` is rounded
+    once to ``a``'s dtype (``NATIVE``) or both go through :func:`dot`."""
+    if NATIVE and (a.dtype == tl.bfloat16 or a.dtype == tl.float16):
+        head = b.to(a.dtype)
+        out = tl.dot(a, head, out_dtype=ACC)
+        if SPLIT:
+            out += tl.dot(a, (b - head.to(b.dtype)).to(a.dtype), out_dtype=ACC)
+        return out
+    else:
+        return dot(a, b, ACC, PREC, NATIVE)
 
 
 @triton.jit

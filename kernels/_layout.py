@@ -18,20 +18,18 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from hodlr import fenwick
 
 DEFAULT_CHUNK = {"attention": 64, "matmul": 16}
-"""Chunk size ``C`` per operation when the caller passes ``chunk=None`` (H200-tuned, see
-``docs/kernels.md``): attention 64 (levels ``0..6`` dense), matmul 16."""
+"""Chunk size ``C`` per operation when the caller passes ``chunk=None`` (H200-tuned: ``docs/kernels.md`` §3)."""
 
-NUM_WARPS = {"attention_state": 4, "attention_output": 4, "matmul_state": 4, "matmul_output": 1, "hierarchy": 4}
-"""Warps per program of each kernel (H200-tuned; see ``docs/kernels.md``)."""
+NUM_WARPS = {"attention_state": 4, "attention_output": 4, "attention_backward": 4,
+             "attention_backward_wide": 8, "matmul_state": 4,
+             "matmul_output": 1, "hierarchy": 4}
+"""Warps per program of each kernel (H200-tuned: ``docs/kernels.md`` §3)."""
 
 MAX_REGISTERS = {"matmul_output": 64}
-"""Register caps (Triton's ``maxnreg``) for bfloat16 inputs and tiles at most 64 columns wide;
-other cases run uncapped (float32's IEEE dots would spill).  H200-tuned: 64 registers leave
-room for 32 one-warp programs per SM, the most an SM holds (``docs/kernels.md`` §3c–§3e)."""
+"""Register caps (``maxnreg``), bfloat16 tiles of at most 64 columns only (H200-tuned: ``docs/kernels.md`` §3)."""
 
 USE_TMA = True
-"""Move the matmul's ``x`` / ``y`` tiles with the tensor memory accelerator where
-:func:`tma_descriptor` allows it (False: always through pointers; the tests run both)."""
+"""Matmul ``x`` / ``y`` tiles through TMA where :func:`tma_descriptor` allows; False: pointers (docs/kernels.md §3)."""
 
 MIN_BLOCK = 16
 """Smallest tile side ``tl.dot`` accepts; narrower heads are zero-padded in registers."""

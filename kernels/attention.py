@@ -13,6 +13,8 @@ Three launches (see ``docs/kernels.md``):
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -20,7 +22,7 @@ import triton.language as tl
 from . import states as _states
 from ._device import chunk_decays, chunk_rows, dot, intra_mask, next_decay
 from ._layout import (NUM_WARPS, block, broadcast_shape, cdiv, check_chunk, check_levels, chunk_count,
-                             collapse_batch, compute_types, hierarchy_sizes, interpreting, output_buffer, state_dtypes)
+                      collapse_batch, compute_types, interpreting, output_buffer, state_dtypes)
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_total", "N_DV_TILES", "sgb0", "sgb1"])
@@ -103,6 +105,8 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
                 qb = tl.load(q_base + dk[None, :] * sqd, mask=tmask[:, None] & (dk[None, :] < DK), other=0.0)
                 sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :],
                              mask=(dk[:, None] < DK) & dvmask[None, :], other=0.0)
+                if LOWP and NATIVE:  # bfloat16 on a GPU: the float32 state rounded once, for a native dot
+                    sb = sb.to(qb.dtype)
                 part += dot(qb, sb, ACC, PREC, NATIVE)
             acc += (lam * tl.exp(gap + G))[:, None] * part
             gap += tl.load(a_ptr + blk)
@@ -113,8 +117,83 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
              mask=tmask[:, None] & dvmask[None, :])
 
 
+class Layout(NamedTuple):
+    """One call's tensors as the kernels index them: every operand broadcast to the common batch
+    shape (views) and folded into two batch indices ``(b0, b1)`` with per-tensor strides
+    (:func:`kernels._layout.collapse_batch`)."""
+
+    batch: tuple
+    B0: int
+    B1: int
+    T: int
+    DK: int
+    DV: int
+    L: int
+    tensors: dict
+    strides: dict
+
+    @property
+    def B(self) -> int:
+        return self.B0 * self.B1
+
+    def args(self, name: str) -> tuple:
+        """``(pointer, s_b0, s_b1, s_row, s_col)`` of the ``(*batch, T, width)`` tensor ``name``."""
+        x = self.tensors[name]
+        return (x, *self.strides[name], x.stride(-2), x.stride(-1))
+
+    def decay_args(self) -> tuple:
+        """``(pointer, s_b0, s_b1, s_t)`` of the log-decay; without one, the level scales' pointer
+        (never read: the kernels take ``HAS_G=False``) and zero strides."""
+        g = self.tensors["g"]
+        if g is None:
+            return (self.tensors["l"], 0, 0, 0)
+        return (g, *self.strides["g"], g.stride(-1))
+
+
+def attention_layout(q, k, v, level_scales, log_decay, **others) -> Layout:
+    """Check the shapes of one attention call and fold its batch dims (views, no copies).
+
+    ``others`` are further ``(*batch, T, width)`` tensors of the call (cotangents, output
+    buffers) that share the batch; they are broadcast and folded with the rest."""
+    batch = tuple(broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2], level_scales.shape[:-2],
+                                  () if log_decay is None else log_decay.shape[:-1],
+                                  *(x.shape[:-2] for x in others.values())))
+    T, DK, DV, L = q.shape[-2], q.shape[-1], v.shape[-1], level_scales.shape[-1]
+    if k.shape[-2:] != (T, DK) or v.shape[-2] != T or level_scales.shape[-2] != T or (
+            log_decay is not None and log_decay.shape[-1] != T):
+        raise ValueError(f"shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"level_scales {tuple(level_scales.shape)}, "
+                         f"log_decay {None if log_decay is None else tuple(log_decay.shape)}")
+    check_levels(T, L)
+    named = {"q": q, "k": k, "v": v, "l": level_scales, **others}
+    named = {name: x.expand(batch + tuple(x.shape[-2:])) for name, x in named.items()}
+    named["g"] = None if log_decay is None else log_decay.expand(batch + (T,))
+    B0, B1, strides, folded = collapse_batch(batch, list(named.values()))
+    return Layout(batch, B0, B1, T, DK, DV, L, dict(zip(named, folded)), dict(zip(named, strides)))
+
+
+def chunk_states(layout: Layout, C: int, state_dtype, logdec_dtype):
+    """The chunk-state hierarchy of :mod:`kernels.states` for the keys and values of ``layout``
+    with chunk size ``C``: ``(states (B, N, Dk*Dv), logdec (B, N))``.  Shared by the forward and
+    the backward (which recomputes it rather than keeping it)."""
+    k, v, g = (layout.tensors[name] for name in ("k", "v", "g"))
+    DK, DV = layout.DK, layout.DV
+    acc, prec, _ = compute_types(v.dtype)
+    n = chunk_count(layout.T, C)
+    states, logdec = _states.allocate(layout.B, n, DK * DV, v.device, state_dtype, logdec_dtype)
+    BDK, BDV = block(DK, 64), block(DV, 64)
+    n_dv = cdiv(DV, BDV)
+    _state_kernel[(n, layout.B, cdiv(DK, BDK) * n_dv)](
+        k, v, layout.decay_args()[0], states, logdec, layout.T, layout.B1, states.shape[1], DK, DV, n_dv,
+        *layout.args("k")[1:], *layout.args("v")[1:], *layout.decay_args()[1:],
+        C=C, BDK=BDK, BDV=BDV, HAS_G=g is not None, ACC=acc, PREC=prec, LOWP=v.dtype == torch.bfloat16,
+        NATIVE=not interpreting(), num_warps=NUM_WARPS["attention_state"])
+    _states.build_hierarchy(states, logdec, n)
+    return states, logdec
+
+
 def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None, out=None,
-              return_states: bool = False):
+                      return_states: bool = False):
     """Log-linear attention forward on the GPU (or the Triton interpreter).
 
     Parameters
@@ -126,9 +205,9 @@ def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0,
         All leading dims broadcast (as ``torch.broadcast_shapes``); broadcast operands are read
         through stride-0 views, not copied.  Any strides (transposed, sliced) are accepted.
         float16 / bfloat16 / float32 on CUDA (float64 too under ``TRITON_INTERPRET=1``);
-        accumulation in float32 (float64 for float64).  bfloat16 inputs keep bfloat16
-        chunk states and, on a GPU, run every dot on bfloat16 operands (see
-        ``docs/kernels.md`` §2, precision).
+        accumulation in float32 (float64 for float64).  The chunk states are summed and kept in
+        float32 (float64 for float64); on a GPU, bfloat16 inputs run every dot on bfloat16
+        operands, each state rounded once when it is read (see ``docs/kernels.md``, precision).
     scale : float
         Multiplies ``q kᵀ``.
     chunk : int, optional
@@ -138,52 +217,29 @@ def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0,
         filled with NaN, so an element the kernel never writes fails).
     return_states : bool
         Also return ``(states, logdec)``, the chunk-state hierarchy of :mod:`kernels.states`
-        (dtypes: :func:`kernels._layout.state_dtypes` with ``compact=True``).
+        (dtypes: :func:`kernels._layout.state_dtypes`).
 
     Returns
     -------
     torch.Tensor ``(*batch, T, Dv)`` (and the states when asked).
     """
     C = check_chunk(chunk, "attention")
-    batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2], level_scales.shape[:-2],
-                            () if log_decay is None else log_decay.shape[:-1])
-    T, DK, DV, L = q.shape[-2], q.shape[-1], v.shape[-1], level_scales.shape[-1]
-    if k.shape[-2:] != (T, DK) or v.shape[-2] != T or level_scales.shape[-2] != T or (
-            log_decay is not None and log_decay.shape[-1] != T):
-        raise ValueError(f"shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
-                         f"level_scales {tuple(level_scales.shape)}, "
-                         f"log_decay {None if log_decay is None else tuple(log_decay.shape)}")
-    check_levels(T, L)
+    layout = attention_layout(q, k, v, level_scales, log_decay)
+    T, DK, DV, L = layout.T, layout.DK, layout.DV, layout.L
+    v = layout.tensors["v"]
     acc, prec, exact = compute_types(v.dtype)
-    lowp, native = v.dtype == torch.bfloat16, not interpreting()
-    q, k, v = (x.expand(batch + x.shape[-2:]) for x in (q, k, v))
-    lam = level_scales.expand(batch + level_scales.shape[-2:])
-    g = None if log_decay is None else log_decay.expand(batch + (T,))
-    out = output_buffer(out, batch + (T, DV), v)
-    B0, B1, strides, (q, k, v, lam, g, out) = collapse_batch(batch, [q, k, v, lam, g, out])
-    B = B0 * B1
-    sq, sk, sv, sl, sg, so = strides
+    out = output_buffer(out, layout.batch + (T, DV), v)
+    o_flat = out.reshape((layout.B0, layout.B1, T, DV))
+    states, logdec = chunk_states(layout, C, *state_dtypes(v.dtype))
     n = chunk_count(T, C)
-    n_total = sum(hierarchy_sizes(n))
-    states, logdec = _states.allocate(B, n, DK * DV, v.device, *state_dtypes(v.dtype, compact=True))
-    BDK = block(DK, 64)
-    BDV = block(DV, 64)
+    BDK, BDV = block(DK, 64), block(DV, 64)
     n_dv = cdiv(DV, BDV)
-    g_arg = lam if g is None else g
-    gst = (0, 0, 0) if g is None else (sg[0], sg[1], g.stride(-1))
-    _state_kernel[(n, B, cdiv(DK, BDK) * n_dv)](
-        k, v, g_arg, states, logdec, T, B1, n_total, DK, DV, n_dv,
-        sk[0], sk[1], k.stride(-2), k.stride(-1), sv[0], sv[1], v.stride(-2), v.stride(-1), *gst,
-        C=C, BDK=BDK, BDV=BDV, HAS_G=g is not None, ACC=acc, PREC=prec, LOWP=lowp, NATIVE=native,
-        num_warps=NUM_WARPS["attention_state"])
-    _states.build_hierarchy(states, logdec, n)
-    _output_kernel[(n, B, n_dv)](
-        q, k, v, lam, g_arg, states, logdec, out, T, B1, n, n_total, (n - 1).bit_length(), L, DK, DV, float(scale),
-        sq[0], sq[1], q.stride(-2), q.stride(-1), sk[0], sk[1], k.stride(-2), k.stride(-1),
-        sv[0], sv[1], v.stride(-2), v.stride(-1), sl[0], sl[1], lam.stride(-2), lam.stride(-1), *gst,
-        so[0], so[1], out.stride(-2), out.stride(-1),
-        C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=g is not None, ACC=acc, PREC=prec, EXACT=exact,
-        LOWP=lowp, NATIVE=native,
+    _output_kernel[(n, layout.B, n_dv)](
+        layout.tensors["q"], layout.tensors["k"], v, layout.tensors["l"], layout.decay_args()[0], states, logdec,
+        o_flat, T, layout.B1, n, states.shape[1], (n - 1).bit_length(), L, DK, DV, float(scale),
+        *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("l")[1:],
+        *layout.decay_args()[1:], o_flat.stride(0), o_flat.stride(1), o_flat.stride(2), o_flat.stride(3),
+        C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=layout.tensors["g"] is not None, ACC=acc,
+        PREC=prec, EXACT=exact, LOWP=v.dtype == torch.bfloat16, NATIVE=not interpreting(),
         num_warps=NUM_WARPS["attention_output"])
-    result = out.reshape(batch + (T, DV))
-    return (result, (states, logdec)) if return_states else result
+    return (out, (states, logdec)) if return_states else out

@@ -1,387 +1,457 @@
-"""Triton backward kernels of chunked log-linear attention (derivation: ``docs/backward.md``).
+"""Triton backward of chunked log-linear attention (derivation: ``docs/backward.md``).
 
 For ``O = (M ⊙ scale·Q Kᵀ) V`` with ``M[t, s] = λ[t, level(t, s)] exp(G[t] - G[s])`` and a
-cotangent ``dO`` the gradients are
+cotangent ``dO``, with ``dP = dO Vᵀ``, ``S = Q Kᵀ`` and ``W = scale·M ⊙ dP ⊙ S``:
 
-* ``dQ = scale (M ⊙ dP) K``, ``dK = scale (M ⊙ dP)ᵀ Q``, ``dV = (M ⊙ A)ᵀ dO`` with
-  ``dP = dO Vᵀ``, ``A = scale Q Kᵀ``;
-* ``dλ[t, l] = Σ_{s: level(t, s) = l} dP[t, s] A[t, s] exp(G[t] - G[s])`` (zero where row
-  ``t`` does not read level ``l``);
-* ``dg[u] = Σ_{t >= u} dG[t]`` for ``u >= 1`` and ``dg[0] = 0`` (``g[0]`` never enters the
-  mask), with ``dG[t]`` the off-diagonal row sum minus column sum of ``dP ⊙ P``: the row sum
-  is ``Σ_{l >= 1} λ[t, l] dλ[t, l]``, the column sum is accumulated by the kernels (leaving
-  the diagonal out of both avoids the cancellation of ``q·dq − k·dk`` under strong decay).
+* ``dQ = scale (M ⊙ dP) K``, ``dK = scale (M ⊙ dP)ᵀ Q``, ``dV = scale (M ⊙ S)ᵀ dO``;
+* ``dλ[t, l] = Σ_{s: level(t, s) = l} W[t, s] / λ[t, l]`` (zero where row ``t`` does not read
+  level ``l``);
+* ``dg[u] = Σ_{t >= u} (row_t - col_t)`` with ``row_t = Σ_{s < t} W[t, s]`` and
+  ``col_s = Σ_{t > s} W[t, s]`` (the diagonal, which would cancel, is left out of both);
+  ``dg[0] = 0``.
 
-Nothing is ``O(T²)``.  With chunk size ``C = 2^c`` and ``n = ceil(T / C)`` chunks:
+The structure mirrors the forward (:mod:`kernels.attention`), chunk size ``C = 2^c``:
 
-* ``_intra_kernel`` (one program per chunk) does the dense ``C x C`` diagonal blocks (levels
-  ``0..c``): ``dq, dk, dv``, ``dλ[:, 0..c]`` and the in-chunk column sums.
-* Across chunks, ``dq`` and ``dλ[:, c+1+h]`` read the key-side Fenwick states over chunks
-  (``S_h``: the ``2^h`` chunks of the bucket at chunk level ``h + 1``, ``Dk x Dv``), and
-  ``dk, dv`` read, for every chunk level ``h``, the query-side sum
-  ``R_h = Σ_t λ[t, c+1+h] exp(G[t] − G[a]) q_t dO_tᵀ`` over the odd (right) block of that
-  level, anchored at the last position ``a`` of its even (left) sibling.
-  ``method="parallel"`` (default): ``_prep_kernel`` writes per-chunk states (level 0 of
-  :mod:`kernels.states`' hierarchy, completed by ``build_hierarchy``) and adds the ``R_h``
-  with atomics, then ``_intra_kernel`` also does the across-chunk terms of its chunk.
-  ``method="scan"`` (heads whose state tile exceeds :data:`PARALLEL_MAX_STATE`):
-  ``_scan_kernel`` runs a forward scan (the ``S_h`` as a binary counter) and a reverse scan
-  (the ``R_h``) concurrently, split over feature blocks.
+1. :func:`kernels.attention.chunk_states` recomputes the forward's key-side hierarchy ``H``.
+2. ``_query_block_kernel`` builds the query-side block sums, the adjoint of ``H``:
+   ``R_h[b] = Σ_{t in block b} scale λ[t, c+1+h] exp(G[t] - G[a_b]) q_t dO_tᵀ`` for every block
+   ``b`` of ``2^h`` chunks that reads a level-``h`` state (odd ``b``; ``a_b`` the last position
+   before it).  A program sums one block, or a tile of :data:`TILE_CHUNKS` chunks of a larger
+   block, which it adds atomically (the only atomics: one per tile, not one per chunk).
+3. ``_query_kernel`` (one program per chunk): ``dq``, ``dλ`` and ``row`` -- the dense in-chunk
+   part plus, for each set bit ``h`` of the chunk index, the read of ``H_h`` (the forward's
+   output kernel, transposed).
+4. ``_key_kernel`` (one program per chunk): ``dk``, ``dv`` and ``col`` -- the dense in-chunk
+   part plus ``D_j = Σ_h exp(ζ_h) R_h[(j >> h) + 1]`` over the clear bits ``h`` of the chunk
+   index (the blocks whose readers hold the chunk), ``dk_s = w_s D_j v_s``, ``dv_s = w_s D_jᵀ k_s``.
+5. ``dg`` is the reverse cumulative sum of ``row - col``.
 
-Cross-chunk decays are ``exp`` of differences of the chunk-boundary prefix ``Gc`` (float64
-on a GPU) plus in-chunk local cumulative sums ``b``; every exponent is ``<= 0`` when
-``g <= 0``.  Extra memory beyond the inputs: ``dq, dk, dv, dλ`` accumulators (float32, or
-float64 for float64 inputs), ``b`` and the column sums (``T``), ``Gc`` (``n + 1``) and chunk
-states (``≈ 3n`` for the parallel method, ``2 log2 n`` for the scans) of ``Dk x Dv`` per
-batch entry: ``O(T (Dk + Dv + L))`` per head plus chunk states.
+Every exponent is a sum of its own terms (chunk-local cumulative sums, sums of block
+log-decays), never a difference of prefix sums.  Heads wider than :data:`MAX_TILE` are split
+into ``(Dk-tile, Dv-tile)`` programs whose partial results are added atomically.
 """
+
+from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from hodlr import fenwick
-from . import states as _states
-from ._layout import cdiv, hierarchy_sizes, next_power_of_2
+from ._device import chunk_decays, chunk_rows, dot, dot_split, intra_decay, intra_scales, next_decay
+from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, interpreting,
+                      next_power_of_2, state_dtypes)
+from .attention import attention_layout, chunk_states
 
-DEFAULT_CHUNK = 64
-"""Chunk size of the backward when the caller passes ``chunk=None``."""
+MAX_TILE = 128
+"""Widest feature tile of one backward program; wider heads are split into tiles whose partial
+sums are combined with atomics."""
 
-MIN_BLOCK = 16
+FUSED = True
+"""One kernel per chunk computes every gradient (False: a query-side and a key-side kernel)."""
 
+SPLIT = False
+"""Carry the float32 chunk states and block sums through two 16-bit dots each (head and
+remainder) instead of one rounding, for the sums behind ``dlog_decay`` (see ``dot_split``)."""
 
-@triton.jit
-def _chunk_tiles(i, bh, T, Dk, Dv, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Indices of chunk ``i`` of batch entry ``bh`` in the flat ``(B, T, D)`` tensors: local
-    rows ``r``, positions ``t`` and their mask ``tm``, feature columns ``kk`` / ``vv``, the
-    ``(C, BK)`` / ``(C, BV)`` tile masks ``km`` / ``vm`` and element offsets ``qo`` / ``vo``."""
-    r = tl.arange(0, C)
-    t = i * C + r
-    tm = t < T
-    kk = tl.arange(0, BK)
-    vv = tl.arange(0, BV)
-    km = tm[:, None] & (kk < Dk)[None, :]
-    vm = tm[:, None] & (vv < Dv)[None, :]
-    qo = bh * T * Dk + t[:, None] * Dk + kk[None, :]
-    vo = bh * T * Dv + t[:, None] * Dv + vv[None, :]
-    return r, t, tm, kk, vv, km, vm, qo, vo
+TILE_CHUNKS = 16
+"""Chunks summed by one program of ``_query_block_kernel`` (a power of two): blocks of at most
+this many chunks are summed whole and stored, larger ones tile by tile with one atomic add each."""
 
 
 @triton.jit
-def _intra_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, dq_ptr, dk_ptr, dv_ptr, dl_ptr, col_ptr,
-                  gc_ptr, st_ptr, soff_ptr, r_ptr, roff_ptr,
-                  T, L, Dk, Dv, NC, scale, n, LC, NS, NR,
-                  C: tl.constexpr, LOGC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  PREC: tl.constexpr, PREC_S: tl.constexpr, INTER: tl.constexpr):
-    i = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    acc = dq_ptr.dtype.element_ty
-    r, t, tm, kk, vv, km, vm, qo, vo = _chunk_tiles(i, bh, T, Dk, Dv, C, BK, BV)
-    q = tl.load(q_ptr + qo, mask=km, other=0.0).to(acc)
-    k = tl.load(k_ptr + qo, mask=km, other=0.0).to(acc)
-    v = tl.load(v_ptr + vo, mask=vm, other=0.0).to(acc)
-    do = tl.load(do_ptr + vo, mask=vm, other=0.0).to(acc)
-    b = tl.load(b_ptr + bh * NC + t).to(acc)
-
-    causal = (r[:, None] >= r[None, :]) & tm[:, None]
-    x = r[:, None] ^ r[None, :]
-    lev = tl.zeros((C, C), dtype=tl.int32)
-    for bit in tl.static_range(LOGC):
-        lev = tl.where((x >> bit) != 0, bit + 1, lev)
-    lam = tl.load(l_ptr + bh * T * L + t[:, None] * L + lev, mask=causal, other=0.0).to(acc)
-    decay = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
-    a = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=acc) * scale
-    dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=acc)
-    m = lam * decay
-    ds = m * dp
-    dq = tl.dot(ds, k, input_precision=PREC, out_dtype=acc) * scale
-    dk = tl.dot(tl.trans(ds), q, input_precision=PREC, out_dtype=acc) * scale
-    p = m * a
-    dv = tl.dot(tl.trans(p), do, input_precision=PREC, out_dtype=acc)
-    col = tl.sum(tl.where(r[:, None] > r[None, :], dp * p, 0.0), 0)
-    if INTER:  # across chunks, from the key-side hierarchy and the query-side block sums
-        st_base = st_ptr + bh * NS * Dk * Dv
-        sm = (kk < Dk)[:, None] & (vv < Dv)[None, :]
-        so = kk[:, None] * Dv + vv[None, :]
-        gc_base = gc_ptr + bh * (n + 1)
-        g_here = tl.load(gc_base + i)
-        g_next = tl.load(gc_base + i + 1)
-        gamma = tl.load(b_ptr + bh * NC + i * C + C - 1).to(acc)
-        total = tl.zeros((BK, BV), dtype=acc)
-        h = 0
-        while h < LC:
-            if ((i >> h) & 1) == 1:  # reads the level-h block just before its own
-                state = tl.load(st_base + (tl.load(soff_ptr + h) + (i >> h) - 1) * Dk * Dv + so, mask=sm, other=0.0)
-                f = tl.exp(b + (g_here - tl.load(gc_base + ((i >> h) << h))).to(acc)) * scale
-                lam_h = tl.load(l_ptr + bh * T * L + t * L + (LOGC + 1 + h), mask=tm, other=0.0).to(acc)
-                xs = tl.dot(do, tl.trans(state.to(acc)), input_precision=PREC_S, out_dtype=acc)
-                dq += (f * lam_h)[:, None] * xs
-                tl.store(dl_ptr + bh * T * L + t * L + (LOGC + 1 + h), f * tl.sum(q * xs, 1), mask=tm)
-            else:  # its rows are read by the next level-h block
-                start = ((i >> h) + 1) << h
-                if start < n:
-                    slot = tl.load(roff_ptr + h) + (((i >> h) + 1) >> 1)
-                    rsum = tl.load(r_ptr + (bh * NR + slot) * Dk * Dv + so, mask=sm, other=0.0)
-                    total += tl.exp((tl.load(gc_base + start) - g_next).to(acc)) * rsum
-            h += 1
-        e = tl.exp(gamma - b) * scale
-        dk_in = e[:, None] * tl.dot(v, tl.trans(total), input_precision=PREC_S, out_dtype=acc)
-        dk += dk_in
-        dv += e[:, None] * tl.dot(k, total, input_precision=PREC_S, out_dtype=acc)
-        col += tl.sum(k * dk_in, 1)
-    tl.store(col_ptr + bh * T + t, col, mask=tm)
-    tl.store(dq_ptr + qo, dq, mask=km)
-    tl.store(dk_ptr + qo, dk, mask=km)
-    tl.store(dv_ptr + vo, dv, mask=vm)
-    w = dp * a * decay
-    for lv in tl.static_range(LOGC + 1):
-        dl = tl.sum(tl.where(lev == lv, w, 0.0), 1)
-        tl.store(dl_ptr + bh * T * L + t * L + lv, dl, mask=tm & (lv < L))
+def _levels_offsets(n_chunks, h):
+    """``(start of level h in the hierarchy, start of level h in the block sums, reader blocks at
+    level h)``: the hierarchy holds ``n >> h'`` entries per level, the block sums one per odd
+    block of ``2^h'`` chunks, ``ceil(n / 2^h') // 2`` per level."""
+    off = 0
+    roff = 0
+    lv = 0
+    while lv < h:
+        off += n_chunks >> lv
+        roff += ((n_chunks + (1 << lv) - 1) >> lv) >> 1
+        lv += 1
+    return off, roff, ((n_chunks + (1 << h) - 1) >> h) >> 1
 
 
 @triton.jit
-def _prep_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, st_ptr, ld_ptr, r_ptr, roff_ptr,
-                 T, L, Dk, Dv, NC, n, LC, NS, NR,
-                 C: tl.constexpr, LOGC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Per chunk ``i``: its key-side state ``Σ_s exp(γ_i − b_s) k_s v_sᵀ`` (level 0 of the
-    hierarchy of :mod:`kernels.states`) and, for each set bit ``h`` of ``i``, its rows'
-    contribution ``Σ_t λ[t, c+1+h] exp(G[t] − G[a]) q_t dO_tᵀ`` to the query-side sum of its
-    odd level-``h`` block (anchored at the block's start ``a``), added atomically."""
-    i = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    acc = st_ptr.dtype.element_ty
-    r, t, tm, kk, vv, km, vm, qo, vo = _chunk_tiles(i, bh, T, Dk, Dv, C, BK, BV)
-    sm = (kk < Dk)[:, None] & (vv < Dv)[None, :]
-    so = kk[:, None] * Dv + vv[None, :]
-    b = tl.load(b_ptr + bh * NC + t).to(acc)
-    gamma = tl.load(b_ptr + bh * NC + i * C + C - 1).to(acc)
-    k = tl.load(k_ptr + qo, mask=km, other=0.0).to(acc)
-    v = tl.load(v_ptr + vo, mask=vm, other=0.0).to(acc)
-    state = tl.dot(tl.trans(k * tl.exp(gamma - b)[:, None]), v, input_precision=PREC, out_dtype=acc)
-    tl.store(st_ptr + (bh * NS + i) * Dk * Dv + so, state, mask=sm)
-    tl.store(ld_ptr + bh * NS + i, gamma)
-    q = tl.load(q_ptr + qo, mask=km, other=0.0).to(acc)
-    do = tl.load(do_ptr + vo, mask=vm, other=0.0).to(acc)
-    gc_base = gc_ptr + bh * (n + 1)
-    g_here = tl.load(gc_base + i)
-    h = 0
-    while h < LC:
-        if ((i >> h) & 1) == 1:
-            lam_h = tl.load(l_ptr + bh * T * L + t * L + (LOGC + 1 + h), mask=tm, other=0.0).to(acc)
-            f = lam_h * tl.exp(b + (g_here - tl.load(gc_base + ((i >> h) << h))).to(acc))
-            z = tl.dot(tl.trans(q * f[:, None]), do, input_precision=PREC, out_dtype=acc)
-            slot = tl.load(roff_ptr + h) + (i >> (h + 1))
-            tl.atomic_add(r_ptr + (bh * NR + slot) * Dk * Dv + so, z, mask=sm)
-        h += 1
-
-
-@triton.jit
-def _dq_scan(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dq_ptr, dl_ptr, s_ptr, bh, k0,
-             T, L, Dk, Dv, NC, scale, n, LC, C: tl.constexpr, LOGC: tl.constexpr,
-             BKS: tl.constexpr, SK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Chunks in order; key-side Fenwick states over chunks for the key columns
-    ``[k0, k0 + BKS)``: adds the across-chunk ``dq`` and (atomically, a partial sum over
-    key columns) ``dλ[:, c+1+h]``."""
-    acc = dq_ptr.dtype.element_ty
-    r = tl.arange(0, C)
-    kk = k0 + tl.arange(0, BKS)
-    vv = tl.arange(0, BV)
-    s_base = s_ptr + bh * LC * SK * BV + kk[:, None] * BV + vv[None, :]
-    gc_base = gc_ptr + bh * (n + 1)
-    i = 0
-    while i < n:
-        t = i * C + r
-        tm = t < T
-        km = tm[:, None] & (kk < Dk)[None, :]
-        vm = tm[:, None] & (vv < Dv)[None, :]
-        qo = bh * T * Dk + t[:, None] * Dk + kk[None, :]
-        vo = bh * T * Dv + t[:, None] * Dv + vv[None, :]
-        q = tl.load(q_ptr + qo, mask=km, other=0.0).to(acc)
-        do = tl.load(do_ptr + vo, mask=vm, other=0.0).to(acc)
-        b = tl.load(b_ptr + bh * NC + t).to(acc)
-        g_here = tl.load(gc_base + i)
-        dq = tl.zeros((C, BKS), dtype=acc)
-        h = 0
-        while h < LC:
-            if ((i >> h) & 1) == 1:
-                g_end = tl.load(gc_base + ((i >> h) << h))
-                state = tl.load(s_base + h * SK * BV)
-                f = tl.exp(b + (g_here - g_end).to(acc)) * scale
-                lam = tl.load(l_ptr + bh * T * L + t * L + (LOGC + 1 + h), mask=tm, other=0.0).to(acc)
-                xs = tl.dot(do, tl.trans(state), input_precision=PREC, out_dtype=acc)
-                dq += (f * lam)[:, None] * xs
-                tl.atomic_add(dl_ptr + bh * T * L + t * L + (LOGC + 1 + h), f * tl.sum(q * xs, 1), mask=tm)
-            h += 1
-        old = tl.load(dq_ptr + qo, mask=km, other=0.0)
-        tl.store(dq_ptr + qo, old + dq, mask=km)
-        if i + 1 < n:
-            k = tl.load(k_ptr + qo, mask=km, other=0.0).to(acc)
-            v = tl.load(v_ptr + vo, mask=vm, other=0.0).to(acc)
-            g_next = tl.load(gc_base + i + 1)
-            gamma = tl.load(b_ptr + bh * NC + i * C + C - 1).to(acc)
-            ke = k * tl.exp(gamma - b)[:, None]
-            new = tl.dot(tl.trans(ke), v, input_precision=PREC, out_dtype=acc)
-            tl.debug_barrier()
-            h = 0
-            while h < LC:
-                low = (i + 1) & ((2 << h) - 1)
-                if low == 0:  # bit h of i is one of its trailing ones: that bucket merges
-                    g_end = tl.load(gc_base + ((i >> h) << h))
-                    new += tl.exp((g_next - g_end).to(acc)) * tl.load(s_base + h * SK * BV)
-                if low == (1 << h):  # lowest set bit of i + 1: the merged bucket's level
-                    tl.store(s_base + h * SK * BV, new)
-                h += 1
-            tl.debug_barrier()
-        i += 1
-
-
-@triton.jit
-def _dkv_scan(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dk_ptr, dv_ptr, col_ptr, r_ptr, bh, v0,
-              T, L, Dk, Dv, NC, scale, n, LC, C: tl.constexpr, LOGC: tl.constexpr,
-              BK: tl.constexpr, BVS: tl.constexpr, SV: tl.constexpr, PREC: tl.constexpr):
-    """Chunks in reverse; query-side block sums ``R_h`` for the value columns
-    ``[v0, v0 + BVS)``: adds the across-chunk ``dv`` and (atomically, partial sums over value
-    columns) ``dk`` and the column sums ``Σ_k k·dk`` used by ``dg``."""
-    acc = dk_ptr.dtype.element_ty
-    r = tl.arange(0, C)
-    kk = tl.arange(0, BK)
-    vv = v0 + tl.arange(0, BVS)
-    r_base = r_ptr + bh * LC * BK * SV + kk[:, None] * SV + vv[None, :]
-    gc_base = gc_ptr + bh * (n + 1)
-    jj = 0
-    while jj < n:
-        j = n - 1 - jj
-        t = j * C + r
-        tm = t < T
-        km = tm[:, None] & (kk < Dk)[None, :]
-        vm = tm[:, None] & (vv < Dv)[None, :]
-        qo = bh * T * Dk + t[:, None] * Dk + kk[None, :]
-        vo = bh * T * Dv + t[:, None] * Dv + vv[None, :]
-        b = tl.load(b_ptr + bh * NC + t).to(acc)
-        g_start = tl.load(gc_base + j)
-        g_end = tl.load(gc_base + j + 1)
-        total = tl.zeros((BK, BVS), dtype=acc)
-        h = 0
-        while h < LC:
-            start = ((j >> h) + 1) << h
-            if ((j >> h) & 1) == 0:
-                if start < n:
-                    g_anchor = tl.load(gc_base + start)
-                    total += tl.exp((g_anchor - g_end).to(acc)) * tl.load(r_base + h * BK * SV)
-            h += 1
-        k = tl.load(k_ptr + qo, mask=km, other=0.0).to(acc)
-        v = tl.load(v_ptr + vo, mask=vm, other=0.0).to(acc)
-        gamma = tl.load(b_ptr + bh * NC + j * C + C - 1).to(acc)
-        e = tl.exp(gamma - b) * scale
-        dk = e[:, None] * tl.dot(v, tl.trans(total), input_precision=PREC, out_dtype=acc)
-        dv = e[:, None] * tl.dot(k, total, input_precision=PREC, out_dtype=acc)
-        tl.atomic_add(dk_ptr + qo, dk, mask=km)
-        tl.store(dv_ptr + vo, tl.load(dv_ptr + vo, mask=vm, other=0.0) + dv, mask=vm)
-        tl.atomic_add(col_ptr + bh * T + t, tl.sum(k * dk, 1), mask=tm)
-        q = tl.load(q_ptr + qo, mask=km, other=0.0).to(acc)
-        do = tl.load(do_ptr + vo, mask=vm, other=0.0).to(acc)
-        tl.debug_barrier()
-        h = 0
-        while h < LC:
-            if ((j >> h) & 1) == 1:
-                start = (j >> h) << h
-                g_anchor = tl.load(gc_base + start)
-                lam = tl.load(l_ptr + bh * T * L + t * L + (LOGC + 1 + h), mask=tm, other=0.0).to(acc)
-                f = lam * tl.exp(b + (g_start - g_anchor).to(acc))
-                z = tl.dot(tl.trans(q * f[:, None]), do, input_precision=PREC, out_dtype=acc)
-                last = tl.minimum(n, ((j >> h) + 1) << h) - 1
-                if j != last:
-                    z += tl.load(r_base + h * BK * SV)
-                tl.store(r_base + h * BK * SV, z)
-            h += 1
-        tl.debug_barrier()
-        jj += 1
-
-
-@triton.jit
-def _scan_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dq_ptr, dk_ptr, dv_ptr, dl_ptr, col_ptr,
-                 s_ptr, r_ptr, T, L, Dk, Dv, NC, scale, n, LC,
-                 C: tl.constexpr, LOGC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 BKS: tl.constexpr, BVS: tl.constexpr, NKB: tl.constexpr, NVB: tl.constexpr,
-                 PREC: tl.constexpr):
-    """Both scans in one launch: programs ``0..NKB-1`` of axis 1 run the ``dq`` scan on a
-    key-column block each, the next ``NVB`` the ``dk, dv`` scan on a value-column block."""
-    bh = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1)
-    if p < NKB:
-        _dq_scan(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dq_ptr, dl_ptr, s_ptr, bh, p * BKS,
-                 T, L, Dk, Dv, NC, scale, n, LC, C, LOGC, BKS, NKB * BKS, BV, PREC)
+def _decays(G, g_next, tmask, C: tl.constexpr, HAS_G: tl.constexpr, EXACT: tl.constexpr):
+    """The in-chunk decays of :func:`kernels._device.intra_decay`, or the causal ones-mask
+    without decay."""
+    if HAS_G:
+        D = intra_decay(G, g_next, tmask, C, EXACT)
     else:
-        _dkv_scan(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, b_ptr, gc_ptr, dk_ptr, dv_ptr, col_ptr, r_ptr, bh,
-                  (p - NKB) * BVS, T, L, Dk, Dv, NC, scale, n, LC, C, LOGC, BK, BVS, NVB * BVS, PREC)
+        r = tl.arange(0, C)
+        D = tl.where((r[:, None] >= r[None, :]) & tmask[:, None], 1.0, 0.0).to(G.dtype)
+    return D
 
 
-def _flat(x, T, width):
-    return x.reshape(-1, T, width).contiguous()
+@triton.jit
+def _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot, sod, slt, sgt, dk, dv,
+               DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+               HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr,
+               SPLIT: tl.constexpr):
+    """``Σ_t scale λ_t exp(G_t - G_a) dO_t q_tᵀ`` (``(BDV, BDK)``, the transposed block sum) over
+    the ``count`` chunks from chunk ``first``, ``a`` the last position before them; ``l_col``
+    points at the level-scale column the rows read."""
+    r = tl.arange(0, C)
+    acc = tl.zeros((BDV, BDK), dtype=ACC)
+    gap = tl.zeros((), dtype=ACC)
+    j = 0
+    while j < count:
+        t = (first + j) * C + r
+        tmask = t < T
+        G, g_next = chunk_decays(g_row, t, tmask, sgt, T, C, HAS_G, ACC)
+        lam = tl.load(l_col + t * slt, mask=tmask, other=0.0).to(ACC)
+        qb = tl.load(q_row + t[:, None] * sqt + dk[None, :] * sqd, mask=tmask[:, None] & (dk[None, :] < DK),
+                     other=0.0)
+        ob = tl.load(o_row + t[:, None] * sot + dv[None, :] * sod, mask=tmask[:, None] & (dv[None, :] < DV),
+                     other=0.0)
+        qw = qb.to(ACC) * (scale * lam * tl.exp(gap + G))[:, None]
+        acc += dot_split(tl.trans(ob), qw, ACC, PREC, NATIVE, SPLIT)
+        if HAS_G:
+            gap += tl.sum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
+        j += 1
+    return acc
 
 
-def _accumulator(dtype: torch.dtype):
-    """``(accumulator dtype, precision of the in-chunk dots, precision of the dots with chunk
-    states)`` for inputs of ``dtype``.
+@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_r", "n_bits", "L", "slb0", "slb1", "slt",
+                               "sgb0", "sgb1"])
+def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr,
+                        T, B1, n_chunks, n_total, n_r, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES,
+                        scale, sqb0, sqb1, sqt, sqd, sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt,
+                        C: tl.constexpr, LOG_C: tl.constexpr, P_LOG: tl.constexpr, BDK: tl.constexpr,
+                        BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                        LOWP: tl.constexpr, NATIVE: tl.constexpr, SPLIT: tl.constexpr):
+    """Program ``(group * n_bits + level, batch entry, feature tile)`` over aligned groups of
+    ``2^P_LOG`` chunks, the level varying fastest (the programs of one group read the same rows,
+    from L2): a level below ``P_LOG`` sums the reader blocks inside the group and stores them;
+    a higher level adds the group's share of the reader block that holds it (if any) atomically,
+    decayed to the block's start by the groups before it."""
+    p = tl.program_id(0)
+    h = p % n_bits
+    first = (p // n_bits) << P_LOG
+    bh = tl.program_id(1).to(tl.int64)
+    b0 = bh // B1
+    b1 = bh % B1
+    tile_f = tl.program_id(2)
+    dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
+    dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
+    off, roff, n_readers = _levels_offsets(n_chunks, h)
+    q_row = q_ptr + b0 * sqb0 + b1 * sqb1
+    o_row = do_ptr + b0 * sob0 + b1 * sob1
+    g_row = g_ptr + b0 * sgb0 + b1 * sgb1
+    l_col = l_ptr + b0 * slb0 + b1 * slb1 + (LOG_C + 1 + h) * sll
+    fmask = (dk[None, :] < DK) & (dv[:, None] < DV)
+    r_tile = dk[None, :] * DV + dv[:, None]
+    if h < P_LOG:
+        nb = 0
+        while nb < (1 << (P_LOG - h - 1)):
+            b = (first >> h) + 2 * nb + 1
+            count = tl.minimum(1 << h, n_chunks - (b << h))
+            if count > 0:
+                acc = _block_sum(q_row, o_row, l_col, g_row, b << h, count, T, scale, sqt, sqd, sot, sod, slt, sgt,
+                                 dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, NATIVE, SPLIT)
+                tl.store(r_ptr + (bh * n_r + roff + (b >> 1)) * DK * DV + r_tile, acc, mask=fmask)
+            nb += 1
+    else:
+        b = first >> h
+        count = tl.minimum(1 << P_LOG, n_chunks - first)
+        if ((b & 1) == 1) & (count > 0):
+            acc = _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot, sod, slt, sgt,
+                             dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, NATIVE, SPLIT)
+            dst = r_ptr + (bh * n_r + roff + (b >> 1)) * DK * DV + r_tile
+            if h == P_LOG:  # the group is the whole block
+                tl.store(dst, acc, mask=fmask)
+            else:
+                before = tl.zeros((), dtype=ACC)
+                if HAS_G:
+                    p_off, p_roff, p_readers = _levels_offsets(n_chunks, P_LOG)
+                    entry = bh * n_total + p_off + ((b << h) >> P_LOG)
+                    k = 0
+                    while k < ((first - (b << h)) >> P_LOG):
+                        before += tl.load(a_ptr + entry + k)
+                        k += 1
+                tl.atomic_add(dst, acc * tl.exp(before), mask=fmask)
 
-    For 16-bit inputs the in-chunk products ``q kᵀ`` and ``dO vᵀ`` are exact in tf32 (a bf16 /
-    fp16 value is a tf32 value) and the other in-chunk dots only feed ``dq, dk, dv``; the dots
-    with float32 states (``dO Sᵀ``, ``v Rᵀ``, ``k R``, the states themselves) feed ``dλ`` and
-    the column sums behind ``dlog_decay``, a reverse cumulative sum of differences whose error
-    grows with ``T``: those use 3xTF32.  Measured on the H200 (bf16, H = 16, D = 64, against
-    the float32 IEEE path): plain tf32 there gave ``dlog_decay`` relative errors of 9.4e-3 at
-    T = 65,536 and 1.8e-2 at 131,072; 3xTF32 gave 1.1e-5 and 1.9e-5.
-    """
-    if dtype == torch.float64:
-        return torch.float64, "ieee", "ieee"
-    if dtype == torch.float32:
-        return torch.float32, "ieee", "ieee"
-    if dtype in (torch.float16, torch.bfloat16):
-        return torch.float32, "tf32", "tf32x3"
-    raise TypeError(f"inputs must be float16, bfloat16, float32 or float64, got {dtype}")
+
+@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sgb0",
+                               "sgb1"])
+def _query_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, dq_ptr, dl_ptr, row_ptr,
+                  T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES, scale,
+                  sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd, sob0, sob1, sot, sod,
+                  slb0, slb1, slt, sll, sgb0, sgb1, sgt,
+                  C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
+                  HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
+                  LOWP: tl.constexpr, NATIVE: tl.constexpr, ATOMIC: tl.constexpr):
+    """Program ``(chunk i, batch entry, feature tile)``: ``dq``, ``dλ`` and ``row`` of the chunk's
+    rows (partial sums over the feature tile, added atomically with ``ATOMIC``)."""
+    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+    tile_f = tl.program_id(2)
+    dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
+    dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
+    kmask = tmask[:, None] & (dk[None, :] < DK)
+    vmask = tmask[:, None] & (dv[None, :] < DV)
+    qb = tl.load(q_ptr + b0 * sqb0 + b1 * sqb1 + t[:, None] * sqt + dk[None, :] * sqd, mask=kmask, other=0.0)
+    kb = tl.load(k_ptr + b0 * skb0 + b1 * skb1 + t[:, None] * skt + dk[None, :] * skd, mask=kmask, other=0.0)
+    vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + t[:, None] * svt + dv[None, :] * svd, mask=vmask, other=0.0)
+    ob = tl.load(do_ptr + b0 * sob0 + b1 * sob1 + t[:, None] * sot + dv[None, :] * sod, mask=vmask, other=0.0)
+    l_base = l_ptr + b0 * slb0 + b1 * slb1
+    G, g_next = chunk_decays(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC)
+    lam, lvl = intra_scales(l_base + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
+    lam = lam.to(ACC)
+    dP = dot(ob, tl.trans(vb), ACC, PREC, NATIVE)
+    S = dot(qb, tl.trans(kb), ACC, PREC, NATIVE)
+    dPd = dP * _decays(G, g_next, tmask, C, HAS_G, EXACT) * scale
+    Wd = dPd * S
+    dS = lam * dPd
+    if LOWP and NATIVE:
+        dS = dS.to(kb.dtype)
+    dq = dot(dS, kb, ACC, PREC, NATIVE)
+    r = tl.arange(0, C)
+    row = tl.sum(tl.where(r[:, None] > r[None, :], lam * Wd, 0.0), 1)
+    col_l = tl.arange(0, BL)
+    dl = tl.zeros((C, BL), dtype=ACC)
+    for lv in tl.static_range(LOG_C + 1):
+        dl = tl.where(col_l[None, :] == lv, tl.sum(tl.where(lvl == lv, Wd, 0.0), 1)[:, None], dl)
+    # levels > c: the level-h state (i >> h) - 1 for each set bit h of the chunk index
+    gap = tl.zeros((), dtype=ACC)
+    off = 0
+    h = 0
+    while h < n_bits:
+        if ((i >> h) & 1) == 1:
+            blk = bh * n_total + off + (i >> h) - 1
+            sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :],
+                         mask=(dk[:, None] < DK) & (dv[None, :] < DV), other=0.0)
+            if LOWP and NATIVE:
+                sb = sb.to(ob.dtype)
+            X = dot(ob, tl.trans(sb), ACC, PREC, NATIVE)
+            e = scale * tl.exp(gap + G)
+            lam_h = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
+            dq += (lam_h * e)[:, None] * X
+            dl_h = e * tl.sum(qb.to(ACC) * X, 1)
+            dl = tl.where(col_l[None, :] == LOG_C + 1 + h, dl_h[:, None], dl)
+            row += lam_h * dl_h
+            gap += tl.load(a_ptr + blk)
+        off += n_chunks >> h
+        h += 1
+    dq_dst = dq_ptr + (bh * T + t[:, None]) * DK + dk[None, :]
+    dl_dst = dl_ptr + (bh * T + t[:, None]) * L + col_l[None, :]
+    lmask = tmask[:, None] & (col_l[None, :] < L)
+    if ATOMIC:
+        tl.atomic_add(dq_dst, dq, mask=kmask)
+        tl.atomic_add(dl_dst, dl, mask=lmask)
+        tl.atomic_add(row_ptr + bh * T + t, row, mask=tmask)
+    else:
+        tl.store(dq_dst, dq, mask=kmask)
+        tl.store(dl_dst, dl, mask=lmask)
+        tl.store(row_ptr + bh * T + t, row, mask=tmask)
 
 
-def _check_chunk(chunk, width: int) -> int:
-    """The chunk size: ``chunk``, or by default :data:`DEFAULT_CHUNK` for heads up to 64 wide
-    and 32 for wider ones (a 64-row tile of a 128- or 256-wide head needs more shared memory
-    than a GPU block has)."""
-    if chunk is None:
-        return DEFAULT_CHUNK if width <= 64 else 32
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < MIN_BLOCK or chunk > 256 or chunk & (chunk - 1):
-        raise ValueError(f"chunk must be a power of two in [16, 256], got {chunk!r}")
-    return chunk
+@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_r", "n_bits", "L", "slb0", "slb1", "slt",
+                               "sgb0", "sgb1"])
+def _key_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, dk_ptr, dv_ptr, col_ptr,
+                T, B1, n_chunks, n_total, n_r, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES, scale,
+                sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd, sob0, sob1, sot, sod,
+                slb0, slb1, slt, sll, sgb0, sgb1, sgt,
+                C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
+                LOWP: tl.constexpr, NATIVE: tl.constexpr, ATOMIC: tl.constexpr):
+    """Program ``(chunk j, batch entry, feature tile)``: ``dk``, ``dv`` and ``col`` of the chunk's
+    rows (partial sums over the feature tile, added atomically with ``ATOMIC``)."""
+    j, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+    tile_f = tl.program_id(2)
+    dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
+    dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
+    kmask = tmask[:, None] & (dk[None, :] < DK)
+    vmask = tmask[:, None] & (dv[None, :] < DV)
+    qb = tl.load(q_ptr + b0 * sqb0 + b1 * sqb1 + t[:, None] * sqt + dk[None, :] * sqd, mask=kmask, other=0.0)
+    kb = tl.load(k_ptr + b0 * skb0 + b1 * skb1 + t[:, None] * skt + dk[None, :] * skd, mask=kmask, other=0.0)
+    vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + t[:, None] * svt + dv[None, :] * svd, mask=vmask, other=0.0)
+    ob = tl.load(do_ptr + b0 * sob0 + b1 * sob1 + t[:, None] * sot + dv[None, :] * sod, mask=vmask, other=0.0)
+    g_row = g_ptr + b0 * sgb0 + b1 * sgb1
+    G, g_next = chunk_decays(g_row, t, tmask, sgt, T, C, HAS_G, ACC)
+    lam, lvl = intra_scales(l_ptr + b0 * slb0 + b1 * slb1 + (j * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
+    M = lam.to(ACC) * _decays(G, g_next, tmask, C, HAS_G, EXACT) * scale
+    dP = dot(ob, tl.trans(vb), ACC, PREC, NATIVE)
+    S = dot(qb, tl.trans(kb), ACC, PREC, NATIVE)
+    r = tl.arange(0, C)
+    col = tl.sum(tl.where(r[:, None] > r[None, :], M * dP * S, 0.0), 0)
+    Pm = M * S
+    dS = M * dP
+    if LOWP and NATIVE:
+        Pm = Pm.to(ob.dtype)
+        dS = dS.to(qb.dtype)
+    dv_acc = dot(tl.trans(Pm), ob, ACC, PREC, NATIVE)
+    dk_acc = dot(tl.trans(dS), qb, ACC, PREC, NATIVE)
+    # levels > c: the block sums of the readers of every level-h block that holds chunk j
+    # (clear bits h of j), decayed from the block's end back to the chunk's end
+    D = tl.zeros((BDK, BDV), dtype=ACC)
+    zeta = tl.zeros((), dtype=ACC)
+    fmask = (dk[:, None] < DK) & (dv[None, :] < DV)
+    off = 0
+    roff = 0
+    h = 0
+    while h < n_bits:
+        if ((j >> h) & 1) == 0:
+            reader = (j >> h) + 1
+            if (reader << h) < n_chunks:
+                src = r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV
+                D += tl.exp(zeta) * tl.load(src + dk[:, None] * DV + dv[None, :], mask=fmask, other=0.0)
+                if HAS_G:
+                    if ((reader + 1) << h) <= n_chunks:
+                        zeta += tl.load(a_ptr + bh * n_total + off + reader)
+        off += n_chunks >> h
+        roff += ((n_chunks + (1 << h) - 1) >> h) >> 1
+        h += 1
+    if HAS_G:
+        w = tl.exp(tl.cumsum(next_decay(g_row, t, sgt, T, C, ACC), 0, reverse=True))
+    else:
+        w = tl.full((C,), 1.0, dtype=ACC)
+    if LOWP and NATIVE:
+        D = D.to(kb.dtype)
+    dk_inter = w[:, None] * dot(vb, tl.trans(D), ACC, PREC, NATIVE)
+    dv_acc += w[:, None] * dot(kb, D, ACC, PREC, NATIVE)
+    dk_acc += dk_inter
+    col += tl.sum(kb.to(ACC) * dk_inter, 1)
+    dk_dst = dk_ptr + (bh * T + t[:, None]) * DK + dk[None, :]
+    dv_dst = dv_ptr + (bh * T + t[:, None]) * DV + dv[None, :]
+    if ATOMIC:
+        tl.atomic_add(dk_dst, dk_acc, mask=kmask)
+        tl.atomic_add(dv_dst, dv_acc, mask=vmask)
+        tl.atomic_add(col_ptr + bh * T + t, col, mask=tmask)
+    else:
+        tl.store(dk_dst, dk_acc, mask=kmask)
+        tl.store(dv_dst, dv_acc, mask=vmask)
+        tl.store(col_ptr + bh * T + t, col, mask=tmask)
 
 
-def _block(width: int) -> int:
-    return max(MIN_BLOCK, next_power_of_2(int(width)))
+@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_r", "n_bits", "L", "slb0", "slb1", "slt",
+                               "sgb0", "sgb1"])
+def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr, dq_ptr, dk_ptr, dv_ptr, dl_ptr,
+                  dgl_ptr, tot_ptr, T, B1, n_chunks, n_total, n_r, n_bits, L, DK: tl.constexpr, DV: tl.constexpr,
+                  N_DV_TILES, scale, sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
+                  sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt,
+                  C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
+                  HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
+                  LOWP: tl.constexpr, NATIVE: tl.constexpr, ATOMIC: tl.constexpr, SPLIT: tl.constexpr):
+    """Program ``(chunk i, batch entry, feature tile)``: every gradient of the chunk's rows --
+    ``dq``, ``dk``, ``dv``, ``dλ`` and the chunk-local reverse cumulative sum of
+    ``row - col`` with its total (``dg`` is that plus the totals of the later chunks).  With
+    ``ATOMIC`` (heads split into feature tiles) ``dq, dk, dv`` are added atomically and the
+    other outputs are this tile's partial sums, in a slice of their own per tile."""
+    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+    tile_f = tl.program_id(2)
+    dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
+    dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
+    kmask = tmask[:, None] & (dk[None, :] < DK)
+    vmask = tmask[:, None] & (dv[None, :] < DV)
+    qb = tl.load(q_ptr + b0 * sqb0 + b1 * sqb1 + t[:, None] * sqt + dk[None, :] * sqd, mask=kmask, other=0.0)
+    kb = tl.load(k_ptr + b0 * skb0 + b1 * skb1 + t[:, None] * skt + dk[None, :] * skd, mask=kmask, other=0.0)
+    S = dot(qb, tl.trans(kb), ACC, PREC, NATIVE)
+    vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + t[:, None] * svt + dv[None, :] * svd, mask=vmask, other=0.0)
+    ob = tl.load(do_ptr + b0 * sob0 + b1 * sob1 + t[:, None] * sot + dv[None, :] * sod, mask=vmask, other=0.0)
+    dP = dot(ob, tl.trans(vb), ACC, PREC, NATIVE)
+    g_row = g_ptr + b0 * sgb0 + b1 * sgb1
+    l_base = l_ptr + b0 * slb0 + b1 * slb1
+    G, g_next = chunk_decays(g_row, t, tmask, sgt, T, C, HAS_G, ACC)
+    lam, lvl = intra_scales(l_base + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
+    Dec = _decays(G, g_next, tmask, C, HAS_G, EXACT) * scale
+    Wd = dP * S * Dec
+    col_l = tl.arange(0, BL)
+    dl = tl.zeros((C, BL), dtype=ACC)
+    for lv in tl.static_range(LOG_C + 1):
+        dl = tl.where(col_l[None, :] == lv, tl.sum(tl.where(lvl == lv, Wd, 0.0), 1)[:, None], dl)
+    M = lam.to(ACC) * Dec
+    r = tl.arange(0, C)
+    W = tl.where(r[:, None] > r[None, :], lam.to(ACC) * Wd, 0.0)
+    row = tl.sum(W, 1)
+    col = tl.sum(W, 0)
+    dS = M * dP
+    Pm = M * S
+    if LOWP and NATIVE:
+        dS = dS.to(kb.dtype)
+        Pm = Pm.to(ob.dtype)
+    dq = dot(dS, kb, ACC, PREC, NATIVE)
+    dk_acc = dot(tl.trans(dS), qb, ACC, PREC, NATIVE)
+    dv_acc = dot(tl.trans(Pm), ob, ACC, PREC, NATIVE)
+    # levels > c, query side: the level-h state (i >> h) - 1 for each set bit h of the chunk index
+    gap = tl.zeros((), dtype=ACC)
+    off = 0
+    h = 0
+    while h < n_bits:
+        if ((i >> h) & 1) == 1:
+            blk = bh * n_total + off + (i >> h) - 1
+            sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :],
+                         mask=(dk[:, None] < DK) & (dv[None, :] < DV), other=0.0)
+            X = dot_split(ob, tl.trans(sb.to(ACC)), ACC, PREC, NATIVE, SPLIT)
+            e = scale * tl.exp(gap + G)
+            lam_h = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
+            dq += (lam_h * e)[:, None] * X
+            dl_h = e * tl.sum(qb.to(ACC) * X, 1)
+            dl = tl.where(col_l[None, :] == LOG_C + 1 + h, dl_h[:, None], dl)
+            row += lam_h * dl_h
+            gap += tl.load(a_ptr + blk)
+        off += n_chunks >> h
+        h += 1
+    # key side: the block sums of the readers of every level-h block that holds this chunk (clear
+    # bits h), decayed from the block's end back to the chunk's end
+    D = tl.zeros((BDK, BDV), dtype=ACC)
+    zeta = tl.zeros((), dtype=ACC)
+    off = 0
+    roff = 0
+    h = 0
+    while h < n_bits:
+        if ((i >> h) & 1) == 0:
+            reader = (i >> h) + 1
+            if (reader << h) < n_chunks:
+                src = r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV
+                D += tl.exp(zeta) * tl.load(src + dk[:, None] * DV + dv[None, :],
+                                            mask=(dk[:, None] < DK) & (dv[None, :] < DV), other=0.0)
+                if HAS_G:
+                    if ((reader + 1) << h) <= n_chunks:
+                        zeta += tl.load(a_ptr + bh * n_total + off + reader)
+        off += n_chunks >> h
+        roff += ((n_chunks + (1 << h) - 1) >> h) >> 1
+        h += 1
+    if HAS_G:
+        w = tl.exp(tl.cumsum(g_next, 0, reverse=True))
+    else:
+        w = tl.full((C,), 1.0, dtype=ACC)
+    dk_inter = w[:, None] * dot_split(vb, tl.trans(D), ACC, PREC, NATIVE, SPLIT)
+    dv_acc += w[:, None] * dot_split(kb, D, ACC, PREC, NATIVE, SPLIT)
+    dk_acc += dk_inter
+    col += tl.sum(kb.to(ACC) * dk_inter, 1)
+    dG = tl.where(tmask, row - col, 0.0)
+    dq_dst = dq_ptr + (bh * T + t[:, None]) * DK + dk[None, :]
+    dk_dst = dk_ptr + (bh * T + t[:, None]) * DK + dk[None, :]
+    dv_dst = dv_ptr + (bh * T + t[:, None]) * DV + dv[None, :]
+    part = tile_f.to(tl.int64) * tl.num_programs(1) if ATOMIC else 0
+    dl_dst = dl_ptr + ((part + bh) * T + t[:, None]) * L + col_l[None, :]
+    if ATOMIC:
+        tl.atomic_add(dq_dst, dq, mask=kmask)
+        tl.atomic_add(dk_dst, dk_acc, mask=kmask)
+        tl.atomic_add(dv_dst, dv_acc, mask=vmask)
+    else:
+        tl.store(dq_dst, dq, mask=kmask)
+        tl.store(dk_dst, dk_acc, mask=kmask)
+        tl.store(dv_dst, dv_acc, mask=vmask)
+    tl.store(dl_dst, dl, mask=tmask[:, None] & (col_l[None, :] < L))
+    tl.store(dgl_ptr + (part + bh) * n_chunks * C + i * C + r, tl.cumsum(dG, 0, reverse=True))
+    tl.store(tot_ptr + (part + bh) * n_chunks + i, tl.sum(dG, 0))
 
 
-PARALLEL_MAX_STATE = 128 * 128
-"""The chunk-parallel method holds one whole ``Dk x Dv`` state tile per program; wider heads
-(``BK * BV`` above this) take the scans, which split the states into feature blocks."""
-
-SCAN_PROGRAMS = 128
-"""The scans run one program per batch entry and feature block; on a GPU the feature blocks
-(at most :data:`SCAN_BLOCK_MAX` columns) shrink down to 16 columns until about this many
-programs run."""
-
-SCAN_BLOCK_MAX = 64
+def scratch(shape, dtype, device) -> torch.Tensor:
+    """An uninitialised work buffer (the tests fill these with NaN, so a read of anything not
+    written first shows)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _split(width: int, B: int, cuda: bool) -> int:
-    """Feature-block width of a scan: the whole (padded) head on the CPU; on a GPU halved
-    while fewer than :data:`SCAN_PROGRAMS` programs would run."""
-    full = _block(width)
-    if not cuda:
-        return full
-    split = min(full, SCAN_BLOCK_MAX)
-    while split > MIN_BLOCK and B * 2 * (full // split) < SCAN_PROGRAMS:
-        split //= 2
-    return split
+def default_chunk(width: int) -> int:
+    """The backward's chunk size for heads of ``width`` (the wider of ``Dk``, ``Dv``)."""
+    return 64
 
 
-def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=None, scan_block=None,
-                       method=None):
+def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=None):
     """Gradients of ``O = attention(q, k, v, level_scales, log_decay, scale)`` for ``dO``.
 
     Parameters
@@ -390,95 +460,92 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     v, do : torch.Tensor, shape ``(*batch, T, Dv)``
     level_scales : torch.Tensor, shape ``(*batch, T, L)``
     log_decay : torch.Tensor, shape ``(*batch, T)``, or None
+        Leading dims broadcast (views are read in place, never copied); any strides.
     scale : float
     chunk : int, optional
-        Power of two in ``[16, 256]`` (default: see :func:`_check_chunk`).
-    scan_block : int, optional
-        Feature-block width of the scans (a power of two >= 16); default: see :func:`_split`.
-    method : {None, "parallel", "scan"}
-        How the across-chunk terms are computed: ``"parallel"``, one program per chunk, reading
-        the key-side state hierarchy of :mod:`kernels.states` and query-side block sums built
-        with atomics; ``"scan"``, two sequential scans over the chunks (one program per batch
-        entry and feature block).  Default: ``"parallel"`` unless the ``Dk x Dv`` state tile
-        exceeds :data:`PARALLEL_MAX_STATE`.
-
-    All tensors share one batch shape (broadcast views are fine), device and dtype (float16,
-    bfloat16 and float32 accumulate in float32; float64 runs under the interpreter).
+        Power of two in ``[16, 256]``; default :func:`default_chunk` of the head width.
 
     Returns
     -------
     (dq, dk, dv, dlevel_scales, dlog_decay)
-        Shaped like the inputs (``dlog_decay`` is None when ``log_decay`` is None), in the
-        inputs' dtype.  Never-read level scales get exactly 0.
+        Of shape ``(*batch, T, ·)`` (the broadcast batch) in the inputs' dtypes (``dlog_decay`` is
+        None when ``log_decay`` is None).  Never-read level scales get exactly 0.
     """
-    batch = tuple(v.shape[:-2])
-    T, Dk, Dv, L = v.shape[-2], q.shape[-1], v.shape[-1], level_scales.shape[-1]
-    C = _check_chunk(chunk, max(Dk, Dv))
-    acc, prec, prec_s = _accumulator(v.dtype)
+    layout = attention_layout(q, k, v, level_scales, log_decay, do=do)
+    T, DK, DV, L, B = layout.T, layout.DK, layout.DV, layout.L, layout.B
+    C = check_chunk(chunk if chunk is not None else default_chunk(max(DK, DV)), "attention")
+    v = layout.tensors["v"]
     dev = v.device
-    qf, kf = _flat(q, T, Dk), _flat(k, T, Dk)
-    vf, dof = _flat(v, T, Dv), _flat(do, T, Dv)
-    lf = _flat(level_scales, T, L)
-    B = vf.shape[0]
-    n = -(-T // C)
-    NC = n * C
-    LOGC = C.bit_length() - 1
-    LC = (n - 1).bit_length()
-    b = torch.zeros((B, NC), dtype=acc, device=dev)
-    if log_decay is not None:
-        b[:, :T] = log_decay.reshape(-1, T).to(acc)
-    b = torch.cumsum(b.view(B, n, C), -1)
-    gc = torch.zeros((B, n + 1), dtype=torch.float64, device=dev)
-    gc[:, 1:] = torch.cumsum(b[:, :, -1].to(torch.float64), -1)
-    if acc == torch.float64 or dev.type != "cuda":
-        gc = gc.to(acc)
-    b = b.reshape(B, NC).contiguous()
-    dq = torch.empty((B, T, Dk), dtype=acc, device=dev)
-    dk = torch.empty((B, T, Dk), dtype=acc, device=dev)
-    dv = torch.empty((B, T, Dv), dtype=acc, device=dev)
-    dl = torch.zeros((B, T, L), dtype=acc, device=dev)
-    BK, BV = _block(Dk), _block(Dv)
-    meta = dict(C=C, LOGC=LOGC, BK=BK, BV=BV, PREC=prec_s)
-    col = torch.empty((B, T), dtype=acc, device=dev)
-    if method is None:
-        method = "parallel" if BK * BV <= PARALLEL_MAX_STATE else "scan"
-    if method not in ("scan", "parallel"):
-        raise ValueError(f"method must be None, 'scan' or 'parallel', got {method!r}")
-    if method == "parallel" and LC > 0:
-        st, ld = _states.allocate(B, n, Dk * Dv, dev, acc)
-        sizes = hierarchy_sizes(n)
-        soff = torch.tensor([sum(sizes[:h]) for h in range(len(sizes))], dtype=torch.int32, device=dev)
-        counts = [(((n - 1) >> h) + 1) // 2 for h in range(LC)]
-        roff = torch.tensor([sum(counts[:h]) for h in range(LC)], dtype=torch.int32, device=dev)
-        NS, NR = st.shape[1], sum(counts)
-        rsum = torch.zeros((B, NR, Dk * Dv), dtype=acc, device=dev)
-        _prep_kernel[(n, B)](qf, kf, vf, dof, lf, b, gc, st, ld, rsum, roff, T, L, Dk, Dv, NC, n, LC, NS, NR,
-                             **meta)
-        _states.build_hierarchy(st, ld, n)
-        _intra_kernel[(n, B)](qf, kf, vf, dof, lf, b, dq, dk, dv, dl, col, gc, st, soff, rsum, roff,
-                              T, L, Dk, Dv, NC, float(scale), n, LC, NS, NR, INTER=True, PREC_S=prec_s,
-                              **dict(meta, PREC=prec))
+    acc, prec, exact = compute_types(v.dtype)
+    acc_torch = torch.float64 if v.dtype == torch.float64 else torch.float32
+    lowp, native = v.dtype == torch.bfloat16, not interpreting()
+    n = chunk_count(T, C)
+    n_bits = (n - 1).bit_length()
+    states, logdec = chunk_states(layout, C, *state_dtypes(v.dtype))
+    BDK, BDV = block(DK, MAX_TILE), block(DV, MAX_TILE)
+    n_dv = cdiv(DV, BDV)
+    tiles = cdiv(DK, BDK) * n_dv
+    atomic = tiles > 1
+    has_g = layout.tensors["g"] is not None
+    warps = NUM_WARPS["attention_backward" if max(BDK, BDV) <= 64 else "attention_backward_wide"]
+    meta = dict(HAS_G=has_g, ACC=acc, PREC=prec, LOWP=lowp, NATIVE=native, num_warps=warps)
+    strides = (*layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("do")[1:],
+               *layout.args("l")[1:], *layout.decay_args()[1:])
+    ptrs = (layout.tensors["q"], layout.tensors["k"], v, layout.tensors["do"], layout.tensors["l"],
+            layout.decay_args()[0])
+    # query-side block sums
+    r_counts = [(((n + (1 << h) - 1) >> h) >> 1) for h in range(n_bits)]
+    n_r = max(1, sum(r_counts))
+    p_log = TILE_CHUNKS.bit_length() - 1
+    rsum = scratch((B, n_r, DK * DV), acc_torch, dev)
+    tiled = sum(r_counts[p_log + 1:])  # levels of blocks larger than a tile: summed atomically
+    if tiled:
+        rsum[:, n_r - tiled:].zero_()
+    if n_bits:
+        _query_block_kernel[(cdiv(n, TILE_CHUNKS) * n_bits, B, tiles)](
+            layout.tensors["q"], layout.tensors["do"], layout.tensors["l"], layout.decay_args()[0], logdec, rsum,
+            T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale),
+            *layout.args("q")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *layout.decay_args()[1:],
+            C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, SPLIT=SPLIT, **meta)
+    # outputs: straight in the inputs' dtypes, or float32 (float64) buffers for the atomic partial sums
+    def buffer(shape, dtype):
+        if atomic:
+            return torch.zeros(shape, dtype=acc_torch, device=dev)
+        return torch.empty(shape, dtype=dtype, device=dev)
+
+    dq, dk = buffer((B, T, DK), q.dtype), buffer((B, T, DK), k.dtype)
+    dv = buffer((B, T, DV), v.dtype)
+    batch = layout.batch
+    if FUSED:
+        parts = tiles if atomic else 1
+        dl = torch.empty((parts * B, T, L), dtype=acc_torch if atomic else level_scales.dtype, device=dev)
+        dgl = torch.empty((parts * B, n * C), dtype=acc_torch, device=dev)
+        tot = torch.empty((parts * B, n), dtype=acc_torch, device=dev)
+        _chunk_kernel[(n, B, tiles)](
+            *ptrs, states, logdec, rsum, dq, dk, dv, dl, dgl, tot, T, layout.B1, n, states.shape[1], n_r, n_bits, L,
+            DK, DV, n_dv, float(scale), *strides, C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV,
+            BL=next_power_of_2(L), EXACT=exact, ATOMIC=atomic, SPLIT=SPLIT, **meta)
+        if atomic:
+            dl, dgl, tot = (x.view((parts, -1) + x.shape[1:]).sum(0) for x in (dl, dgl, tot))
+        dg = None
+        if has_g:
+            later = torch.flip(torch.cumsum(torch.flip(tot, (-1,)), -1), (-1,)) - tot
+            dg = (dgl.view(B, n, C) + later[..., None]).view(B, n * C)[:, :T]
+            dg[:, 0] = 0
+            dg = dg.reshape(batch + (T,)).to(log_decay.dtype)
     else:
-        _intra_kernel[(n, B)](qf, kf, vf, dof, lf, b, dq, dk, dv, dl, col, gc, b, b, b, b,
-                              T, L, Dk, Dv, NC, float(scale), n, LC, 0, 0, INTER=False, PREC_S=prec_s,
-                              **dict(meta, PREC=prec))
-    if method == "scan" and LC > 0:
-        BKS, BVS = ((_split(Dk, B, v.is_cuda), _split(Dv, B, v.is_cuda)) if scan_block is None
-                    else (min(scan_block, BK), min(scan_block, BV)))
-        NKB, NVB = cdiv(BK, BKS), cdiv(BV, BVS)
-        s_scratch = torch.empty((B, LC, NKB * BKS, BV), dtype=acc, device=dev)
-        r_scratch = torch.empty((B, LC, BK, NVB * BVS), dtype=acc, device=dev)
-        _scan_kernel[(B, NKB + NVB)](qf, kf, vf, dof, lf, b, gc, dq, dk, dv, dl, col, s_scratch, r_scratch,
-                                     T, L, Dk, Dv, NC, float(scale), n, LC, BKS=BKS, BVS=BVS,
-                                     NKB=NKB, NVB=NVB, **meta)
-    dg = None
-    if log_decay is not None:
-        read = torch.as_tensor(fenwick.read_levels(T, L), device=dev)
-        read[:, 0] = False
-        rows = torch.where(read, lf.to(acc) * dl, torch.zeros((), dtype=acc, device=dev)).sum(-1)
-        dG = rows - col
-        dg = torch.flip(torch.cumsum(torch.flip(dG, (-1,)), -1), (-1,))
-        dg[:, 0] = 0
-        dg = dg.reshape(batch + (T,)).to(log_decay.dtype)
-    return (dq.reshape(batch + (T, Dk)).to(q.dtype), dk.reshape(batch + (T, Dk)).to(k.dtype),
-            dv.reshape(batch + (T, Dv)).to(v.dtype), dl.reshape(batch + (T, L)).to(level_scales.dtype), dg)
+        dl, row, col = buffer((B, T, L), level_scales.dtype), buffer((B, T), acc_torch), buffer((B, T), acc_torch)
+        _query_kernel[(n, B, tiles)](
+            *ptrs, states, logdec, dq, dl, row, T, layout.B1, n, states.shape[1], n_bits, L, DK, DV, n_dv,
+            float(scale), *strides, C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=next_power_of_2(L),
+            EXACT=exact, ATOMIC=atomic, **meta)
+        _key_kernel[(n, B, tiles)](
+            *ptrs, logdec, rsum, dk, dv, col, T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv,
+            float(scale), *strides, C=C, BDK=BDK, BDV=BDV, EXACT=exact, ATOMIC=atomic, **meta)
+        dg = None
+        if has_g:
+            dg = torch.flip(torch.cumsum(torch.flip(row - col, (-1,)), -1), (-1,))
+            dg[:, 0] = 0
+            dg = dg.reshape(batch + (T,)).to(log_decay.dtype)
+    return (dq.reshape(batch + (T, DK)).to(q.dtype), dk.reshape(batch + (T, DK)).to(k.dtype),
+            dv.reshape(batch + (T, DV)).to(v.dtype), dl.reshape(batch + (T, L)).to(level_scales.dtype), dg)

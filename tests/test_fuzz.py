@@ -1,7 +1,7 @@
 """Fuzzing the public API: arbitrary, often invalid shapes, dtypes, values and backends.
 
 Each example draws raw inputs, predicts independently (the oracle below, written from
-DESIGN.md and docs/bad-input.md, not from the implementation) whether they are valid, and
+docs/mathematics.md and docs/bad-input.md, not from the implementation) whether they are valid, and
 calls the API:
 
 * valid inputs must give the float64 reference computed here from the definition, row by
@@ -157,7 +157,7 @@ def broadcast(*shapes):
 
 
 def oracle_mask(lam, lam_dtype, g, g_dtype):
-    """Validate like DESIGN.md says; return the float64 (lam, g) as the mask will hold them."""
+    """Validate like docs/mathematics.md §3 and §9 say; return the float64 (lam, g) as the mask will hold them."""
     check_array(lam, lam_dtype, 2)
     T, L = lam.shape[-2:]
     if T < 1 or L < fenwick.num_levels(T):

@@ -26,7 +26,7 @@ def _inputs(T, H=4, D=64, dtype=torch.float32, seed=0):
 
 
 def _exact_rows(q, k, v, lam, g, scale, rows):
-    """``O[t]`` for the given rows in float64 straight from DESIGN.md §1, one row at a time:
+    """``O[t]`` for the given rows in float64 straight from docs/mathematics.md §3, one row at a time:
     ``Σ_s λ[t, level(t, s)] exp(Σ_{j=s+1..t} g[j]) (scale q_t·k_s) v_s``."""
     out = []
     for t in rows:

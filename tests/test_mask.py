@@ -12,7 +12,7 @@ from hodlr.testing import masks, st_lengths
 
 
 def entry(lam, g, t, s):
-    """DESIGN.md §1 verbatim: lam[t, level(t, s)] * prod_{k=s+1..t} exp(g[k])."""
+    """docs/mathematics.md §3 verbatim: lam[t, level(t, s)] * prod_{k=s+1..t} exp(g[k])."""
     if s > t:
         return 0.0
     decay = 1.0 if g is None else math.exp(math.fsum(g[s + 1 : t + 1]))

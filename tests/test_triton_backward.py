@@ -12,6 +12,8 @@ flash-linear-attention's ``chunk_log_linear_attn`` when it is importable.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 import numpy as np  # noqa: E402
@@ -27,7 +29,7 @@ from hodlr.testing import TOLERANCES, attention_inputs, batch_shapes, masks, ope
 
 CHUNK = 16
 """Small chunk for the interpreter tests, so that short sequences span several chunks and
-exercise both scans."""
+span several levels of the block sums."""
 
 interpreter = pytest.mark.skipif(not kernels.interpreting(), reason="CPU proofs run under TRITON_INTERPRET=1")
 
@@ -142,18 +144,19 @@ def test_awkward_lengths(T, decay, rng):
 
 
 @interpreter
-@pytest.mark.parametrize("T", [1, 17, 65, 200])
-@pytest.mark.parametrize("method", ["scan", "parallel"])
-def test_methods(T, method, rng):
-    """Both across-chunk methods of the backward: sequential scans, and chunk-parallel
-    kernels over the key-side hierarchy and the query-side block sums."""
-    from hodlr.kernels.attention_backward import attention_backward
-
+@pytest.mark.parametrize("T", [1, 17, 65, 300])
+@pytest.mark.parametrize("tile_chunks", [1, 2, 16])
+def test_block_sum_tiles(T, tile_chunks, rng, monkeypatch):
+    """The query-side block sums: blocks of at most ``TILE_CHUNKS`` chunks summed whole, larger
+    ones tile by tile with atomic adds (small tiles make short sequences take that path)."""
+    module = importlib.import_module("hodlr.kernels.attention_backward")
+    monkeypatch.setattr(module, "TILE_CHUNKS", tile_chunks)
+    monkeypatch.setattr(module, "scratch", lambda *a: torch.full(*a[:1], float("nan"), dtype=a[1], device=a[2]))
     q, k, v, lam, g, w = _case(T, rng, Dk=5, Dv=3)
     want = _dense_grads("attention", q, k, v, lam, g, 0.5, w)
-    got = attention_backward(q.expand_as(k), k, v, lam, g, 0.5, w, chunk=CHUNK, method=method)
+    got = module.attention_backward(q, k, v, lam, g, 0.5, w, chunk=CHUNK)
     got = dict(zip(["q", "k", "v", "level_scales", "log_decay"], (got[0].sum(0, keepdim=True),) + got[1:]))
-    _check(got, want, TOLERANCES["grad_float64"], method, T)
+    _check(got, want, TOLERANCES["grad_float64"], f"tiles of {tile_chunks} chunks", T)
     _check_unread_zero(got["level_scales"], T)
 
 
@@ -168,15 +171,18 @@ def test_chunk_sizes(chunk, rng):
 
 @interpreter
 @pytest.mark.parametrize("T", [17, 100])
-def test_split_scans(T, rng):
-    """Scans split over feature blocks (the GPU layout: partial dλ, dk sums added atomically)."""
-    from hodlr.kernels.attention_backward import attention_backward
-
-    q, k, v, lam, g, w = _case(T, rng, Dk=40, Dv=33)
+@pytest.mark.parametrize("decay", [None, 0.5])
+def test_feature_tiles(T, decay, rng, monkeypatch):
+    """Heads wider than ``MAX_TILE`` split into (Dk-tile, Dv-tile) programs whose partial dq, dk,
+    dv, dλ and decay sums are added atomically (the layout of 256-wide heads on a GPU)."""
+    module = importlib.import_module("hodlr.kernels.attention_backward")
+    monkeypatch.setattr(module, "MAX_TILE", 16)
+    q, k, v, lam, g, w = _case(T, rng, Dk=40, Dv=33, decay=decay)
     want = _dense_grads("attention", q, k, v, lam, g, 0.5, w)
-    got = attention_backward(q.expand_as(k), k, v, lam, g, 0.5, w, chunk=CHUNK, scan_block=16)
+    got = module.attention_backward(q, k, v, lam, g, 0.5, w, chunk=CHUNK)
     got = dict(zip(["q", "k", "v", "level_scales", "log_decay"], (got[0].sum(0, keepdim=True),) + got[1:]))
-    _check(got, want, TOLERANCES["grad_float64"], "split scans", T)
+    _check(got, {key: val for key, val in want.items()}, TOLERANCES["grad_float64"], "feature tiles", T)
+    _check_unread_zero(got["level_scales"], T)
 
 
 @interpreter
@@ -261,18 +267,17 @@ def test_gpu_bf16_gradients_match_float64(T):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["scan", "parallel"])
-@pytest.mark.parametrize("T,D", [(4097, 64), (1500, 128), (700, 256)])
-def test_gpu_methods_bf16(method, T, D):
-    from hodlr.kernels.attention_backward import PARALLEL_MAX_STATE, attention_backward
+@pytest.mark.parametrize("T,D", [(4097, 16), (4097, 64), (1500, 100), (1500, 128), (700, 256)])
+def test_gpu_widths_bf16(T, D):
+    """Every head width the kernels tile differently (one feature tile up to 128, atomically
+    combined tiles beyond; 100 is not a power of two)."""
+    from hodlr.kernels import attention_backward
 
-    if method == "parallel" and D * D > PARALLEL_MAX_STATE:
-        pytest.skip("the state tile is over PARALLEL_MAX_STATE: such heads take the scans")
     q, k, v, lam, g, do = _gpu_case(1, 3, T, D, seed=T + D)
     want = _dense_grads("attention", q, k, v, lam, g, D ** -0.5, do)
-    got = attention_backward(q, k, v, lam, g, D ** -0.5, do, method=method)
+    got = attention_backward(q, k, v, lam, g, D ** -0.5, do)
     got = dict(zip(["q", "k", "v", "level_scales", "log_decay"], got))
-    _check(got, want, TOLERANCES["gpu_bfloat16"], f"bf16 {method} D={D}", T)
+    _check(got, want, TOLERANCES["gpu_bfloat16"], f"bf16 D={D}", T)
     _check_unread_zero(got["level_scales"], T)
 
 

@@ -1,6 +1,6 @@
 """Chunked backend: the algorithm of the Triton kernels, in plain PyTorch.
 
-With chunk size ``C = 2^c`` (DESIGN.md "Chunked form"), levels ``0..c`` live inside a chunk
+With chunk size ``C = 2^c`` (docs/mathematics.md §8), levels ``0..c`` live inside a chunk
 and are computed densely (a masked ``C x C`` block per chunk); levels ``> c`` come from the
 chunk states ``S_j = K_jᵀ diag(exp(G_end - G)) V_j`` (matmul: ``Σ_s exp(G_end - G_s) x_s``),
 combined into aligned block states, level ``h`` holding blocks of ``2^h`` chunks:

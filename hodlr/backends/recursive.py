@@ -1,6 +1,6 @@
 """Recursive backend: the HODLR matvec, unrolled level by level.
 
-The classic recursion on the tree (DESIGN.md "Recursive matvec")::
+The classic recursion on the tree (docs/mathematics.md §6)::
 
     y1 = A11 x1
     y2 = A22 x2 + u (v^T x1)
