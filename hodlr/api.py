@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from hodlr.fenwick.arrays import cast, zeros
-from hodlr import _checks, backends as registry
+from hodlr import _checks, _deferred, backends as registry
 from hodlr.errors import BackendUnavailableError
 from hodlr.mask import LogLinearMask
 
@@ -84,6 +84,7 @@ def matmul(M, X, *, backend: str = "auto"):
     >>> hodlr.matmul(M, X, backend="dense").ravel()          # running sums: no decay
     array([ 0.,  1.,  3.,  6., 10.])
     """
+    _deferred.report()
     _check_mask(M)
     X = _checks.as_array("X", X, 2, "(..., T, D)")
     _checks.check_same_home({"M.level_scales": M.level_scales, "X": X})
@@ -129,6 +130,7 @@ def attention(q, k, v, M, *, scale=None, backend: str = "auto"):
     >>> hodlr.attention(ones, ones, np.arange(T, dtype=float)[:, None], M).ravel()
     array([0., 1., 3., 6.])
     """
+    _deferred.report()
     _check_mask(M)
     q = _checks.as_array("q", q, 2, "(..., T, Dk)")
     k = _checks.as_array("k", k, 2, "(..., T, Dk)")
@@ -174,6 +176,7 @@ def _gated_delta_operands(M, scale, q, k, beta, v=None):
     """Validate the operands of :func:`gated_delta_attention` (``v`` may be left out); return
     ``(q, k, beta, v, batch, scale)`` with the broadcast batch shape and the resolved scale
     (``None`` when ``Dk = 0``)."""
+    _deferred.report()
     _check_mask(M)
     q = _checks.as_array("q", q, 2, "(..., T, Dk)")
     k = _checks.as_array("k", k, 2, "(..., T, Dk)")

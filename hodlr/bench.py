@@ -1,27 +1,25 @@
-"""Benchmark harness (``hodlr bench``): the Triton kernels against their peers on one GPU.
+"""Benchmark harness (``hodlr bench``): log-linear attention through the public API, beside its peers,
+on one GPU.
 
-For each length ``T`` it first checks that the compared kernels agree on the same inputs,
-then times each with ``triton.testing.do_bench`` (median, milliseconds):
+For every head width (``--widths``; ``H`` heads with ``H·D`` fixed, B·T tokens fixed) and length it
+times, with ``triton.testing.do_bench`` (median, milliseconds), calls exactly as users write them:
 
-* attention forward: ``kernels.attention`` against flash-linear-attention's
-  ``chunk_log_linear_attn`` (same inputs, relative error reported), ``chunk_simple_gla``
-  (the linear lower bound; agreement checked with every level scale 1, where log-linear
-  equals Mamba-2-style linear attention) and causal ``scaled_dot_product_attention``
-  (softmax: timed, not compared), each when importable;
-* attention forward+backward (``--backward``, on by default): the differentiable
-  ``kernels.autograd.attention`` against ``chunk_log_linear_attn`` and causal SDPA, each
-  timing one forward and the gradients of all its inputs for a fixed random ``dO``, with
-  the peak memory of our pass;
-* matmul forward: ``kernels.matmul`` against a cuBLAS product with the materialised
-  ``T x T`` mask (where it fits, ``--dense-max-t``) and against the measured copy
-  bandwidth, counting the bytes the operation must move (X read, Y written, the level
-  scales and log-decays it reads, each once).  Timed twice: as called from Python, and as
-  the replay of a CUDA graph of one call (the GPU's time without the host's launch
-  overhead, which is what a caller gets under ``torch.cuda.graphs`` or ``torch.compile``;
-  the copy it is compared with is a single launch).
+* ``hodlr.attention(q, k, v, hodlr.LogLinearMask(level_scales, log_decay), scale=...)`` with its
+  default arguments (the mask built per call, validated on the device), the same with an unvalidated
+  mask, and the replay of a CUDA graph of the default call (the GPU's own time);
+* forward + backward: that call and ``torch.autograd.grad`` of every input (q, k, v, level scales,
+  log-decay) for a fixed random ``dO``, eager and as a CUDA-graph replay, and its ratio to the
+  forward;
+* causal ``scaled_dot_product_attention`` (FlashAttention on Hopper) and flash-linear-attention's
+  ``chunk_log_linear_attn`` (when importable; it refuses ``Dk % 64 != 0`` and ``T >= 2^17``),
+  forward and forward + backward, on the same inputs;
+* the matmul ``Y = M @ X`` (first width only) against the measured copy bandwidth, counting the bytes
+  it must move, as called and as a CUDA-graph replay.
 
-It prints a table and writes JSON and a PNG plot (matplotlib, Agg).  Shapes default to
-docs/mathematics.md §12: bf16, H = 16, D = 64, B·T = 65,536 tokens (B = 1 from 64K on), T = 2K … 128K.
+``--accuracy`` adds the bfloat16 errors of ours and of fla against a float64 reference (the
+``chunked`` backend in float64 on the GPU), outputs and every gradient, with and without decay.
+Inputs are fla's ``(B, T, H, D)`` layout; hodlr reads ``(B, H, T, D)`` views of them (no copies).
+It prints a table and writes JSON and a PNG plot (matplotlib, Agg).
 """
 
 from __future__ import annotations
@@ -33,30 +31,32 @@ import math
 import os
 import subprocess
 import sys
+import traceback
 
 __all__ = ["main"]
 
 DEFAULT_LENGTHS = (2048, 8192, 16384, 32768, 65536, 131072)
+DEFAULT_WIDTHS = (64, 128, 256)
 
 
 def _parser():
     p = argparse.ArgumentParser(prog="hodlr bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", "-T", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="sequence lengths")
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--dim", type=int, default=64, help="Dk = Dv = D")
+    p.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS), help="head widths Dk = Dv")
+    p.add_argument("--model-width", type=int, default=1024, help="H * D (H = model_width // D heads)")
     p.add_argument("--tokens", type=int, default=65536, help="B*T (B = max(1, tokens // T))")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    p.add_argument("--chunk", type=int, default=None, help="chunk size of the Triton kernels (default: kernels.DEFAULT_CHUNK per operation)")
-    p.add_argument("--dense-max-t", type=int, default=16384, help="largest T for the materialised-mask product")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
     p.add_argument("--json", default="bench.json", help="output JSON path")
     p.add_argument("--png", default="bench.png", help="output plot path ('' for none)")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-backward", dest="backward", action="store_false",
-                   help="skip the forward+backward timings")
+    p.add_argument("--no-backward", dest="backward", action="store_false", help="skip forward + backward")
     p.add_argument("--no-matmul", dest="matmul", action="store_false", help="skip the matmul timings")
+    p.add_argument("--no-peers", dest="peers", action="store_false", help="skip SDPA and fla")
+    p.add_argument("--accuracy", type=int, nargs="*", default=None,
+                   help="also measure bf16 errors against float64 at these lengths (H = 2, D = 64)")
     return p
 
 
@@ -69,43 +69,34 @@ def _commit(given):
         return os.environ.get("HODLR_COMMIT", "unknown")
 
 
-def _peers():
-    out = {}
+def _fla():
     try:
         from fla.ops.log_linear_attn import chunk_log_linear_attn
 
-        out["fla_log_linear"] = chunk_log_linear_attn
-    except ImportError as err:
-        out["fla_log_linear_missing"] = str(err)
-    try:
-        from fla.ops.simple_gla import chunk_simple_gla
+        return chunk_log_linear_attn
+    except ImportError:
+        return None
 
-        out["fla_simple_gla"] = chunk_simple_gla
-    except ImportError as err:
-        out["fla_simple_gla_missing"] = str(err)
-    return out
+
+def _fla_version():
+    try:
+        from importlib.metadata import version
+
+        return version("fla-core")
+    except Exception:  # noqa: BLE001 - any failure means "not installed"
+        return None
 
 
 def _rel(a, b) -> float:
-    a = a.double()
-    b = b.double()
+    a, b = a.detach().double(), b.detach().double()
     if not bool(a.isfinite().all()):
         return math.inf
     return float((a - b).norm() / b.norm())
 
 
-def _copy_bandwidth(torch, bench, device) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + written), 1 GiB buffers."""
-    n = 1 << 28
-    src = torch.rand(n, device=device)
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
-    return 2 * n * 4 / (ms * 1e-3)
-
-
 def _graph_replay(torch, fn):
-    """``fn`` captured into a CUDA graph (after three warm-up calls on a side stream); returns
-    the graph's ``replay``."""
+    """``fn`` captured into a CUDA graph (after three warm-up calls on a side stream); returns the
+    graph's ``replay``."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -118,13 +109,136 @@ def _graph_replay(torch, fn):
     return graph.replay
 
 
-def _matmul_bytes(B, H, T, D, itemsize, lam_itemsize, g_itemsize):
-    """Bytes the matmul must move: X read, Y written, each level scale that is read
-    (``fenwick.read_levels``) and the log-decay, once each."""
+def _copy_bandwidth(torch, bench, device) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + written), 1 GiB buffers."""
+    n = 1 << 28
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * n * 4 / (ms * 1e-3)
+
+
+def _inputs(torch, B, T, H, D, dtype, decay=0.1, seed=0):
+    """``(q, k, v, log_decay, level_scales, dO)`` in fla's ``(B, T, H, ·)`` layout: 16-bit q, k, v,
+    dO; float32 decay and scales (a float32 mask serves 16-bit operands)."""
     from hodlr import fenwick
 
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v, do = (torch.randn(B, T, H, D, device="cuda", generator=gen).to(dtype) for _ in range(4))
+    g = -decay * torch.rand(B, T, H, device="cuda", generator=gen)
+    lam = 0.5 + torch.rand(B, T, H, fenwick.num_levels(T), device="cuda", generator=gen)
+    return q, k, v, g, lam, do
+
+
+def _timed(row, key, fn):
+    try:
+        row[key] = fn()
+    except Exception:  # noqa: BLE001 - a failed measurement is recorded, the run goes on
+        row[key + "_error"] = traceback.format_exc(limit=3)[-400:]
+
+
+def _attention_row(torch, bench, args, D, H, T, dtype, fla):
+    import hodlr
+
+    B = max(1, args.tokens // T)
+    row = {"D": D, "H": H, "T": T, "B": B}
+    q, k, v, g, lam, do = _inputs(torch, B, T, H, D, dtype, seed=args.seed)
+    scale = D ** -0.5
+
+    def heads(*xs):  # (B, T, H, ·) -> (B, H, T, ·) views
+        return [x.transpose(1, 2) for x in xs]
+
+    qh, kh, vh, gh, lamh, doh = heads(q, k, v, g, lam, do)
+
+    def call(validate=True):
+        return hodlr.attention(qh, kh, vh, hodlr.LogLinearMask(lamh, gh, validate=validate), scale=scale)
+
+    _timed(row, "fwd", lambda: bench(call))
+    _timed(row, "fwd_unvalidated", lambda: bench(lambda: call(False)))
+    _timed(row, "fwd_graph", lambda: bench(_graph_replay(torch, call)))
+    if args.backward:
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, lam)]
+
+        def fwdbwd():
+            lq, lk, lv, lg, ll = heads(*leaves)
+            out = hodlr.attention(lq, lk, lv, hodlr.LogLinearMask(ll, lg), scale=scale)
+            return torch.autograd.grad(out, leaves, doh)
+
+        _timed(row, "fwdbwd", lambda: bench(fwdbwd))
+        _timed(row, "fwdbwd_graph", lambda: bench(_graph_replay(torch, fwdbwd)))
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fwdbwd()
+        torch.cuda.synchronize()
+        row["fwdbwd_peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
+        if "fwd" in row and "fwdbwd" in row:
+            row["fwdbwd_over_fwd"] = row["fwdbwd"] / row["fwd"]
+    if args.peers:
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        sl = [x.detach().clone().requires_grad_(True) for x in (qh, kh, vh)]
+        _timed(row, "sdpa_fwd", lambda: bench(lambda: sdpa(*sl, is_causal=True)))
+        if args.backward:
+            _timed(row, "sdpa_fwdbwd", lambda: bench(lambda: torch.autograd.grad(sdpa(*sl, is_causal=True), sl, doh)))
+        if fla is not None and D % 64 == 0 and T < (1 << 17):  # fla takes level scales in the inputs' dtype
+            fl = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, lam.to(dtype))]
+            _timed(row, "fla_fwd", lambda: bench(lambda: fla(*fl, scale=scale)[0]))
+            if args.backward:
+                _timed(row, "fla_fwdbwd", lambda: bench(lambda: torch.autograd.grad(fla(*fl, scale=scale)[0], fl, do)))
+    return row
+
+
+def _matmul_row(torch, bench, args, D, H, T, dtype, copy_bw):
+    import hodlr
+    from hodlr import fenwick
+
+    B = max(1, args.tokens // T)
+    row = {"T": T, "B": B, "H": H, "D": D}
+    x = torch.randn(B, H, T, D, device="cuda", dtype=dtype)
+    lam = 0.5 + torch.rand(B, H, T, fenwick.num_levels(T), device="cuda")
+    g = -0.1 * torch.rand(B, H, T, device="cuda")
+
+    def call():
+        return hodlr.matmul(hodlr.LogLinearMask(lam, g, validate=False), x)
+
     n_read = int(fenwick.read_levels(T).sum())
-    return B * H * (2 * T * D * itemsize + n_read * lam_itemsize + T * g_itemsize)
+    nbytes = B * H * (2 * T * D * x.element_size() + n_read * 4 + T * 4)
+    row["mm_bytes"] = nbytes
+    _timed(row, "mm", lambda: bench(call))
+    _timed(row, "mm_graph", lambda: bench(_graph_replay(torch, call)))
+    for key in ("mm", "mm_graph"):
+        if key in row:
+            row[key + "_fraction_of_copy"] = nbytes / (row[key] * 1e-3) / copy_bw
+    return row
+
+
+def _accuracy(torch, T, decay, fla):
+    """bf16 errors of ours and of fla against the float64 chunked backend: output and gradients."""
+    from hodlr import kernels
+    from hodlr.backends import chunked
+
+    q, k, v, g, lam, do = _inputs(torch, 1, T, 2, 64, torch.bfloat16, decay=max(decay, 1e-9), seed=T)
+    if decay == 0.0:
+        g = torch.zeros_like(g)
+    lam = lam.to(torch.bfloat16)
+    heads = [x.transpose(1, 2) for x in (q, k, v, lam, g)]
+    ref = [x.double().detach().requires_grad_(True) for x in heads]
+    o_ref = chunked.attention(*ref[:3], ref[3], ref[4], 1.0)
+    g_ref = torch.autograd.grad(o_ref, ref, do.transpose(1, 2).double())
+    ours = [x.detach().clone().requires_grad_(True) for x in heads]
+    o = kernels.attention(*ours, 1.0)
+    names = ("q", "k", "v", "level_scales", "log_decay")
+    row = {"T": T, "decay": decay, "o_ours": _rel(o, o_ref)}
+    for n, a, b in zip(names, torch.autograd.grad(o, ours, do.transpose(1, 2)), g_ref):
+        row[f"d{n}_ours"] = _rel(a, b)
+    if fla is not None and T < (1 << 17):
+        fl = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, lam)]
+        of = fla(*fl, scale=1.0)[0]
+        row["o_fla"] = _rel(of.transpose(1, 2), o_ref)
+        grads = dict(zip(("q", "k", "v", "log_decay", "level_scales"), torch.autograd.grad(of, fl, do)))
+        for n, b in zip(names, g_ref):
+            row[f"d{n}_fla"] = _rel(grads[n].transpose(1, 2), b)
+    return row
 
 
 def run(args) -> dict:
@@ -132,216 +246,73 @@ def run(args) -> dict:
     import triton
     import triton.testing
 
-    from hodlr import fenwick
     from hodlr import kernels
-    from hodlr.mask import LogLinearMask
 
     if not torch.cuda.is_available():
         raise SystemExit("hodlr bench needs a CUDA GPU (torch.cuda.is_available() is False)")
-    dev = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
-    chunk = args.chunk
-    torch.manual_seed(args.seed)
 
     def bench(fn):
         return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
 
-    peers = _peers()
-    H, D = args.heads, args.dim
-    copy_bw = _copy_bandwidth(torch, bench, dev)
-    rows = []
-    for T in args.lengths:
-        B = max(1, args.tokens // T)
-        L = fenwick.num_levels(T)
-        row = {"T": T, "B": B, "H": H, "D": D}
-        # inputs in flash-linear-attention's (B, T, H, D) layout; ours reads (B, H, T, D)
-        q, k, v = (torch.randn(B, T, H, D, device=dev, dtype=dtype) for _ in range(3))
-        g = -0.1 * torch.rand(B, T, H, device=dev, dtype=torch.float32)
-        lam = (0.5 + torch.rand(B, T, H, L, device=dev, dtype=torch.float32)).to(dtype)
-        scale = D ** -0.5
-        qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-        gh = g.transpose(1, 2).contiguous()
-        lamh = lam.transpose(1, 2).contiguous()
-
-        def ours():
-            return kernels.attention_forward(qh, kh, vh, lamh, gh, scale, chunk=chunk)
-
-        o = ours()
-        if "fla_log_linear" in peers:
-            fn_fla = peers["fla_log_linear"]
-
-            def fla():
-                return fn_fla(q, k, v, g, lam, scale=scale)[0]
-
-            row["attn_err_vs_fla_log_linear"] = _rel(o.transpose(1, 2), fla())
-            row["attn_ms_fla_log_linear"] = bench(fla)
-        if "fla_simple_gla" in peers:
-            fn_gla = peers["fla_simple_gla"]
-            ones = torch.ones(1, 1, 1, 1, device=dev, dtype=dtype).expand(B, H, T, L)
-            o1 = kernels.attention_forward(qh, kh, vh, ones, gh, scale, chunk=chunk)
-
-            def gla():
-                return fn_gla(q, k, v, g=g, scale=scale)[0]
-
-            row["attn_err_ones_vs_fla_simple_gla"] = _rel(o1.transpose(1, 2), gla())
-            row["attn_ms_fla_simple_gla"] = bench(gla)
-        row["attn_ms_ours"] = bench(ours)
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-        row["attn_ms_sdpa_causal"] = bench(lambda: sdpa(qh, kh, vh, is_causal=True))
-        if args.backward:
-            row.update(_forward_backward(torch, bench, peers, q, k, v, g, lam, scale, chunk))
-        del q, k, v, o
-        torch.cuda.empty_cache()
-
-        if not args.matmul:
-            rows.append(row)
-            print(_format_row(row), flush=True)
-            continue
-        # matmul: per-head level scales and decay (the bandwidth figure) ...
-        x = torch.randn(B, H, T, D, device=dev, dtype=dtype)
-        row["mm_ms_ours"] = ms = bench(lambda: kernels.matmul_forward(lamh, gh, x, chunk=chunk))
-        nbytes = _matmul_bytes(B, H, T, D, x.element_size(), lamh.element_size(), 4)
-        row["mm_bytes"] = nbytes
-        row["mm_bandwidth"] = nbytes / (ms * 1e-3)
-        row["mm_fraction_of_copy"] = row["mm_bandwidth"] / copy_bw
-        row["mm_ms_ours_graph"] = ms = bench(_graph_replay(torch, lambda: kernels.matmul_forward(lamh, gh, x, chunk=chunk)))
-        row["mm_bandwidth_graph"] = nbytes / (ms * 1e-3)
-        row["mm_fraction_of_copy_graph"] = row["mm_bandwidth_graph"] / copy_bw
-        # ... and one mask shared by all heads, against the materialised-mask cuBLAS product
-        if T <= args.dense_max_t:
-            lam1, g1 = lamh[:1, :1], gh[:1, :1]
-            y = kernels.matmul_forward(lam1, g1, x, chunk=chunk)
-            dense = LogLinearMask(lam1[0, 0].float(), g1[0, 0].float(), validate=False)
-            from hodlr.options import options
-
-            old = options.dense_max_bytes
-            options.dense_max_bytes = max(old, 4 * T * T * 8)
-            try:
-                Md = dense.to_dense().to(dtype)
-            finally:
-                options.dense_max_bytes = old
-            row["mm_err_vs_dense"] = _rel(y, torch.matmul(Md, x))
-            row["mm_ms_dense_cublas"] = bench(lambda: torch.matmul(Md, x))
-            del Md
-        del x
-        torch.cuda.empty_cache()
-        rows.append(row)
-        print(_format_row(row), flush=True)
-    props = torch.cuda.get_device_properties(dev)
-    return {
-        "device": props.name,
-        "sm_count": props.multi_processor_count,
+    fla = _fla() if args.peers else None
+    copy_bw = _copy_bandwidth(torch, bench, "cuda")
+    result = {
+        "device": torch.cuda.get_device_properties(0).name,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": _commit(args.commit),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "fla": _fla_version(),
-        "dtype": args.dtype,
-        "chunk": chunk or dict(kernels.DEFAULT_CHUNK),
-        "tokens": args.tokens,
-        "copy_bandwidth": copy_bw,
-        "peers_missing": {k: v for k, v in peers.items() if k.endswith("_missing")},
-        "rows": rows,
+        "commit": _commit(args.commit), "torch": torch.__version__, "triton": triton.__version__,
+        "fla": _fla_version(), "dtype": args.dtype, "tokens": args.tokens, "copy_bandwidth": copy_bw,
+        "chunk": dict(kernels.DEFAULT_CHUNK), "rows": [], "matmul": [], "accuracy": [],
     }
-
-
-def _forward_backward(torch, bench, peers, q, k, v, g, lam, scale, chunk) -> dict:
-    """Forward+backward medians (ms) of ours, fla's log-linear kernel and causal SDPA on the
-    same inputs (``(B, T, H, D)`` layout given; ours reads ``(B, H, T, D)`` views), and the
-    peak memory of ours beyond the inputs."""
-    from hodlr import kernels
-
-    def leaves(*xs):
-        return [x.detach().clone().requires_grad_(True) for x in xs]
-
-    qh, kh, vh, lamh = leaves(*(x.transpose(1, 2) for x in (q, k, v, lam)))
-    (gh,) = leaves(g.transpose(1, 2))
-    do = torch.randn_like(vh)
-    ours_in = (qh, kh, vh, lamh, gh)
-
-    def ours():
-        out = kernels.attention(qh, kh, vh, lamh, gh, scale, chunk=chunk)
-        return torch.autograd.grad(out, ours_in, do)
-
-    row = {}
-    ours()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    ours()
-    torch.cuda.synchronize()
-    row["fwdbwd_peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
-    row["fwdbwd_ms_ours"] = bench(ours)
-    if "fla_log_linear" in peers:
-        fn_fla = peers["fla_log_linear"]
-        fla_in = leaves(q, k, v, g, lam)
-        do_fla = do.transpose(1, 2)
-
-        def fla():
-            out = fn_fla(*fla_in, scale=scale)[0]
-            return torch.autograd.grad(out, fla_in, do_fla)
-
-        theirs = fla()
-        mine = ours()
-        row["fwdbwd_err_dq_vs_fla"] = _rel(mine[0].transpose(1, 2), theirs[0])
-        row["fwdbwd_ms_fla_log_linear"] = bench(fla)
-    sdpa_in = leaves(*(x.transpose(1, 2) for x in (q, k, v)))
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def causal():
-        return torch.autograd.grad(sdpa(*sdpa_in, is_causal=True), sdpa_in, do)
-
-    row["fwdbwd_ms_sdpa_causal"] = bench(causal)
-    return row
-
-
-def _fla_version():
-    try:
-        from importlib.metadata import version
-
-        return version("fla-core")
-    except Exception:  # noqa: BLE001 - any failure means "not installed"
-        return None
+    for D in args.widths:
+        H = max(1, args.model_width // D)
+        for T in args.lengths:
+            row = _attention_row(torch, bench, args, D, H, T, dtype, fla)
+            result["rows"].append(row)
+            print(_format_row(row), flush=True)
+            torch.cuda.empty_cache()
+    if args.matmul:
+        D = args.widths[0]
+        for T in args.lengths:
+            row = _matmul_row(torch, bench, args, D, max(1, args.model_width // D), T, dtype, copy_bw)
+            result["matmul"].append(row)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            torch.cuda.empty_cache()
+    for T in args.accuracy or ():
+        for decay in (0.0, 0.1):
+            try:
+                row = _accuracy(torch, T, decay, _fla())
+            except Exception:  # noqa: BLE001
+                row = {"T": T, "decay": decay, "error": traceback.format_exc(limit=3)[-400:]}
+            result["accuracy"].append(row)
+            print({k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            torch.cuda.empty_cache()
+    return result
 
 
 def _fmt(v, spec=".3f"):
-    return "-" if v is None else format(v, spec)
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
 def _format_row(r) -> str:
-    return (f"T={r['T']:>7} B={r['B']:>3} | attn ms ours {_fmt(r.get('attn_ms_ours'))} "
-            f"fla-loglin {_fmt(r.get('attn_ms_fla_log_linear'))} gla {_fmt(r.get('attn_ms_fla_simple_gla'))} "
-            f"sdpa {_fmt(r.get('attn_ms_sdpa_causal'))} | err fla {_fmt(r.get('attn_err_vs_fla_log_linear'), '.1e')} "
-            f"gla {_fmt(r.get('attn_err_ones_vs_fla_simple_gla'), '.1e')} | mm ms {_fmt(r.get('mm_ms_ours'))} "
-            f"{_fmt(r.get('mm_fraction_of_copy', 0) * 100, '.0f')}% copy, graph {_fmt(r.get('mm_ms_ours_graph'))} "
-            f"{_fmt(r.get('mm_fraction_of_copy_graph', 0) * 100, '.0f')}%, dense {_fmt(r.get('mm_ms_dense_cublas'))} "
-            f"err {_fmt(r.get('mm_err_vs_dense'), '.1e')} | fwd+bwd ms ours {_fmt(r.get('fwdbwd_ms_ours'))} "
-            f"fla {_fmt(r.get('fwdbwd_ms_fla_log_linear'))} sdpa {_fmt(r.get('fwdbwd_ms_sdpa_causal'))} "
-            f"dq err vs fla {_fmt(r.get('fwdbwd_err_dq_vs_fla'), '.1e')} "
-            f"peak {_fmt(None if r.get('fwdbwd_peak_extra_bytes') is None else r['fwdbwd_peak_extra_bytes'] / 2**30, '.2f')} GiB")
+    return (f"D={r['D']:>3} H={r['H']:>2} T={r['T']:>7} B={r['B']:>3} | fwd {_fmt(r.get('fwd'))} "
+            f"unvalidated {_fmt(r.get('fwd_unvalidated'))} graph {_fmt(r.get('fwd_graph'))} | fwd+bwd "
+            f"{_fmt(r.get('fwdbwd'))} graph {_fmt(r.get('fwdbwd_graph'))} ratio {_fmt(r.get('fwdbwd_over_fwd'), '.2f')} | "
+            f"sdpa {_fmt(r.get('sdpa_fwd'))} / {_fmt(r.get('sdpa_fwdbwd'))} | fla {_fmt(r.get('fla_fwd'))} / "
+            f"{_fmt(r.get('fla_fwdbwd'))}")
 
 
 def table(result) -> str:
-    """The results as a Markdown table."""
-    head = ("| T | B | ours attn ms | fla log-linear ms | speed-up | fla simple_gla ms | SDPA causal ms | "
-            "err vs fla | matmul ms | matmul GB/s | % of copy | matmul graph ms | % of copy (graph) | "
-            "dense cuBLAS ms | ours fwd+bwd ms | fla fwd+bwd ms | SDPA fwd+bwd ms | fwd+bwd peak GiB |")
-    lines = [head, "|" + " --- |" * 18]
+    """The attention results as a Markdown table (ms)."""
+    head = ("| D | H | T | B | fwd | fwd, unvalidated mask | fwd, graph | fwd+bwd | fwd+bwd, graph | fwd+bwd / fwd | "
+            "SDPA fwd | SDPA fwd+bwd | fla fwd | fla fwd+bwd |")
+    lines = [head, "|" + " --- |" * 14]
     for r in result["rows"]:
-        ours, fla = r.get("attn_ms_ours"), r.get("attn_ms_fla_log_linear")
-        bandwidth = r.get("mm_bandwidth")
-        fraction = r.get("mm_fraction_of_copy")
-        fraction_graph = r.get("mm_fraction_of_copy_graph")
-        peak = r.get("fwdbwd_peak_extra_bytes")
         lines.append(
-            f"| {r['T']:,} | {r['B']} | {_fmt(ours)} | {_fmt(fla)} | "
-            f"{_fmt(None if fla is None else fla / ours, '.1f')}x | {_fmt(r.get('attn_ms_fla_simple_gla'))} | "
-            f"{_fmt(r.get('attn_ms_sdpa_causal'))} | {_fmt(r.get('attn_err_vs_fla_log_linear'), '.1e')} | "
-            f"{_fmt(r.get('mm_ms_ours'))} | {_fmt(None if bandwidth is None else bandwidth / 1e9, '.0f')} | "
-            f"{_fmt(None if fraction is None else fraction * 100, '.0f')}% | {_fmt(r.get('mm_ms_ours_graph'))} | "
-            f"{_fmt(None if fraction_graph is None else fraction_graph * 100, '.0f')}% | {_fmt(r.get('mm_ms_dense_cublas'))} | "
-            f"{_fmt(r.get('fwdbwd_ms_ours'))} | {_fmt(r.get('fwdbwd_ms_fla_log_linear'))} | "
-            f"{_fmt(r.get('fwdbwd_ms_sdpa_causal'))} | {_fmt(None if peak is None else peak / 2**30, '.2f')} |")
+            f"| {r['D']} | {r['H']} | {r['T']:,} | {r['B']} | {_fmt(r.get('fwd'))} | {_fmt(r.get('fwd_unvalidated'))} | "
+            f"{_fmt(r.get('fwd_graph'))} | {_fmt(r.get('fwdbwd'))} | {_fmt(r.get('fwdbwd_graph'))} | "
+            f"{_fmt(r.get('fwdbwd_over_fwd'), '.2f')} | {_fmt(r.get('sdpa_fwd'))} | {_fmt(r.get('sdpa_fwdbwd'))} | "
+            f"{_fmt(r.get('fla_fwd'))} | {_fmt(r.get('fla_fwdbwd'))} |")
     return "\n".join(lines)
 
 
@@ -351,41 +322,38 @@ def plot(result, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
-    Ts = [r["T"] for r in rows]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for key, label in (("attn_ms_ours", "hodlr triton (ours)"), ("attn_ms_fla_log_linear", "fla chunk_log_linear_attn"),
-                       ("attn_ms_fla_simple_gla", "fla chunk_simple_gla (linear)"),
-                       ("attn_ms_sdpa_causal", "causal SDPA (softmax)"),
-                       ("fwdbwd_ms_ours", "hodlr triton fwd+bwd"), ("fwdbwd_ms_fla_log_linear", "fla log-linear fwd+bwd"),
-                       ("fwdbwd_ms_sdpa_causal", "causal SDPA fwd+bwd")):
-        ys = [r.get(key) for r in rows]
-        if any(y is not None for y in ys):
-            a1.plot(Ts, ys, marker="o", label=label)
-    a1.set_xscale("log", base=2)
-    a1.set_yscale("log")
-    a1.set_xlabel("T")
-    a1.set_ylabel("ms (median)")
-    a1.set_title(f"attention, {result['dtype']}, B·T={result['tokens']:,}, H={rows[0]['H']}, D={rows[0]['D']}")
-    a1.legend()
-    a1.grid(True, which="both", alpha=0.3)
-    if any("mm_bandwidth" in r for r in rows):
-        a2.plot(Ts, [r.get("mm_bandwidth", math.nan) / 1e12 for r in rows], marker="o", label="hodlr triton matmul")
-        a2.plot(Ts, [r.get("mm_bandwidth_graph", math.nan) / 1e12 for r in rows], marker="s",
-                label="the same, CUDA-graph replay")
-        a2.axhline(result["copy_bandwidth"] / 1e12, color="k", ls="--", label="measured copy")
-        a2.axhline(result["copy_bandwidth"] / 2e12, color="gray", ls=":", label="50% of copy")
-        a2.set_xscale("log", base=2)
-        a2.set_xlabel("T")
-        a2.set_ylabel("TB/s (bytes it must move / time)")
-        a2.set_title("matmul fwd bandwidth")
-        a2.legend()
-        a2.grid(True, which="both", alpha=0.3)
-    else:
-        a2.set_axis_off()
-    fig.suptitle(f"{result['device']}  {result['date']}  commit {result['commit'][:10]}")
+    widths = sorted({r["D"] for r in result["rows"]})
+    fig, axes = plt.subplots(1, len(widths) + 1, figsize=(5 * (len(widths) + 1), 4.5), squeeze=False)
+    series = (("fwd", "hodlr fwd", "C0", "-"), ("fwdbwd", "hodlr fwd+bwd", "C0", "--"),
+              ("sdpa_fwd", "SDPA (causal) fwd", "C1", "-"), ("sdpa_fwdbwd", "SDPA fwd+bwd", "C1", "--"),
+              ("fla_fwd", "fla log-linear fwd", "C2", "-"), ("fla_fwdbwd", "fla log-linear fwd+bwd", "C2", "--"))
+    for ax, D in zip(axes[0], widths):
+        rows = [r for r in result["rows"] if r["D"] == D]
+        Ts = [r["T"] for r in rows]
+        for key, label, color, style in series:
+            ys = [r.get(key, math.nan) for r in rows]
+            if any(not math.isnan(y) for y in ys):
+                ax.plot(Ts, ys, marker="o", color=color, ls=style, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("T")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"D = {D}, H = {rows[0]['H']}, B·T = {result['tokens']:,}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    for D in widths:
+        rows = [r for r in result["rows"] if r["D"] == D]
+        ax.plot([r["T"] for r in rows], [r.get("fwdbwd_over_fwd", math.nan) for r in rows], marker="o", label=f"D = {D}")
+    ax.axhline(3.0, color="k", ls=":", label="3x")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("T")
+    ax.set_title("hodlr fwd+bwd / fwd")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"{result['device']}  {result['date']}  commit {result['commit'][:10]}  {result['dtype']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -394,8 +362,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     result = run(args)
     print(table(result))
-    print(f"copy bandwidth {result['copy_bandwidth'] / 1e12:.2f} TB/s; device {result['device']}; "
-          f"commit {result['commit']}")
+    print(f"copy bandwidth {result['copy_bandwidth'] / 1e12:.2f} TB/s; device {result['device']}; commit {result['commit']}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)

@@ -10,7 +10,7 @@ import numpy as np
 
 from hodlr import fenwick
 from hodlr.fenwick.arrays import as_like, is_torch, namespace, to_numpy, zeros
-from hodlr import _checks
+from hodlr import _checks, _deferred
 from hodlr.errors import DenseTooLargeError
 from hodlr.options import options
 
@@ -60,7 +60,14 @@ class LogLinearMask:
         Per-step log-decay ``g`` (``g = a * dt`` gives log-linear Mamba-2).  Default: no
         decay (log-linear linear attention).  ``log_decay[..., 0]`` never enters the mask.
     validate : bool, default True
-        Check that every entry that is read is finite (one pass over the inputs).
+        Check that every level scale that is read, and the log-decay, are finite.  numpy
+        arrays and CPU tensors are checked here, before the constructor returns (a
+        ``ValueError`` naming the first bad entry).  CUDA tensors are checked by one device
+        kernel queued here, with no host synchronisation and nothing of size ``T`` built on
+        the host; its verdict is reported as the same ``ValueError`` by the first hodlr call
+        that finds it in (at the latest :meth:`check`, which waits for it).  Meanwhile a
+        non-finite read scale cannot give a finite wrong result: it turns the rows that read
+        it non-finite.  Masks built while a CUDA graph is captured are not checked.
 
     numpy arrays or torch tensors (any device) are accepted, float32 or float64 (torch
     also float16 / bfloat16); both arguments must share library, device and dtype.  Leading
@@ -107,7 +114,11 @@ class LogLinearMask:
         self._batch_shape = _checks.broadcast_batch(shapes)
         self._level_scales = level_scales
         self._log_decay = log_decay
-        if validate and not _checks.is_meta(level_scales):
+        self._check = None
+        _deferred.report()
+        if validate and is_torch(level_scales) and level_scales.device.type == "cuda":
+            self._check = _device_check(level_scales, log_decay)
+        elif validate and not _checks.is_meta(level_scales):
             read = as_like(fenwick.read_levels(T, L), level_scales)
             xp = namespace(level_scales)
             bad = ~xp.isfinite(level_scales) & read
@@ -164,6 +175,16 @@ class LogLinearMask:
     def device(self):
         """The torch device, or ``"cpu"`` for numpy arrays."""
         return self._level_scales.device if is_torch(self._level_scales) else "cpu"
+
+    def check(self) -> None:
+        """Wait for the device-side validation of a CUDA mask and raise its ``ValueError`` if a
+        scale that is read, or a log-decay, is NaN or infinite.  (Masks on the CPU are checked
+        when they are built; this then does nothing.)"""
+        if self._check is not None:
+            _deferred.report(self._check)
+            _deferred.report()
+            if not self._check.done:
+                self._check.finish()
 
     # -- values -------------------------------------------------------------------------
     def diagonal(self):
@@ -313,3 +334,21 @@ def check_dense_budget(batch_shape, T: int, itemsize: int, what: str, copies: in
             f"over hodlr.options.dense_max_bytes = {options.dense_max_bytes / 2**30:.2f} GiB; "
             f"use backend={instead} instead, or raise the budget"
         )
+
+
+def _device_check(level_scales, log_decay):
+    """Queue the finiteness check of a CUDA mask's read scales and its log-decay on the device
+    (:func:`hodlr.kernels.checks.nonfinite_flag`, no host synchronisation); reported by
+    :mod:`hodlr._deferred`.  Nothing is queued while a CUDA graph is captured or for an empty mask."""
+    if level_scales.numel() == 0:
+        return None
+    from hodlr.kernels.checks import nonfinite_flag
+
+    flag = nonfinite_flag(level_scales, log_decay)
+    return _deferred.submit(
+        flag,
+        f"level_scales must be finite where they are read and log_decay finite; the CUDA mask with "
+        f"level_scales of shape {tuple(level_scales.shape)}"
+        + ("" if log_decay is None else f" and log_decay of shape {tuple(log_decay.shape)}")
+        + " holds NaN or inf there (found by the check queued on the device when the mask was built)",
+    )

@@ -105,22 +105,6 @@ def dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def dot_split(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr, SPLIT: tl.constexpr):
-    """``a @ b`` for a 16-bit ``a`` and a float32 ``b``: with ``SPLIT`` on a GPU, ``b`` is cut into
-    a 16-bit head and the 16-bit rounding of its remainder, two native dots whose sum carries
-    about 16 significant bits of ``b`` (twice the work of one dot); otherwise ``b`` is rounded
-    once to ``a``'s dtype (``NATIVE``) or both go through :func:`dot`."""
-    if NATIVE and (a.dtype == tl.bfloat16 or a.dtype == tl.float16):
-        head = b.to(a.dtype)
-        out = tl.dot(a, head, out_dtype=ACC)
-        if SPLIT:
-            out += tl.dot(a, (b - head.to(b.dtype)).to(a.dtype), out_dtype=ACC)
-        return out
-    else:
-        return dot(a, b, ACC, PREC, NATIVE)
-
-
-@triton.jit
 def _tile_pointers(x, b0, b1, row0, col0, sb0, sb1, st, sd, T, D, R: tl.constexpr, BD: tl.constexpr):
     """Pointers and in-bounds mask of the ``(R, BD)`` tile of :func:`load_tile` (the tile's
     first row in int64, offsets inside it in int32)."""

@@ -6,9 +6,7 @@ cotangent ``dO``, with ``dP = dO Vᵀ``, ``S = Q Kᵀ`` and ``W = scale·M ⊙ d
 * ``dQ = scale (M ⊙ dP) K``, ``dK = scale (M ⊙ dP)ᵀ Q``, ``dV = scale (M ⊙ S)ᵀ dO``;
 * ``dλ[t, l] = Σ_{s: level(t, s) = l} W[t, s] / λ[t, l]`` (zero where row ``t`` does not read
   level ``l``);
-* ``dg[u] = Σ_{t >= u} (row_t - col_t)`` with ``row_t = Σ_{s < t} W[t, s]`` and
-  ``col_s = Σ_{t > s} W[t, s]`` (the diagonal, which would cancel, is left out of both);
-  ``dg[0] = 0``.
+* ``dg[u] = Σ_{t >= u > s} W[t, s]`` (the pairs whose decay contains ``g[u]``), ``dg[0] = 0``.
 
 The structure mirrors the forward (:mod:`kernels.attention`), chunk size ``C = 2^c``:
 
@@ -16,28 +14,29 @@ The structure mirrors the forward (:mod:`kernels.attention`), chunk size ``C = 2
 2. ``_query_block_kernel`` builds the query-side block sums, the adjoint of ``H``:
    ``R_h[b] = Σ_{t in block b} scale λ[t, c+1+h] exp(G[t] - G[a_b]) q_t dO_tᵀ`` for every block
    ``b`` of ``2^h`` chunks that reads a level-``h`` state (odd ``b``; ``a_b`` the last position
-   before it).  A program sums one block, or a tile of :data:`TILE_CHUNKS` chunks of a larger
-   block, which it adds atomically (the only atomics: one per tile, not one per chunk).
-3. ``_query_kernel`` (one program per chunk): ``dq``, ``dλ`` and ``row`` -- the dense in-chunk
-   part plus, for each set bit ``h`` of the chunk index, the read of ``H_h`` (the forward's
-   output kernel, transposed).
-4. ``_key_kernel`` (one program per chunk): ``dk``, ``dv`` and ``col`` -- the dense in-chunk
-   part plus ``D_j = Σ_h exp(ζ_h) R_h[(j >> h) + 1]`` over the clear bits ``h`` of the chunk
-   index (the blocks whose readers hold the chunk), ``dk_s = w_s D_j v_s``, ``dv_s = w_s D_jᵀ k_s``.
-5. ``dg`` is the reverse cumulative sum of ``row - col``.
+   before it), over aligned groups of :data:`TILE_CHUNKS` chunks (one atomic add per group of a
+   larger block; no other atomics).
+3. ``_chunk_kernel`` (one program per chunk) computes every gradient of the chunk's rows: the
+   dense in-chunk part, then one walk over the bits of the chunk index -- a set bit reads the
+   level-``h`` state (``dq``, ``dλ``), a clear bit adds the block sum of the readers of the block
+   that holds the chunk (``dk_s = w_s D v_s``, ``dv_s = w_s Dᵀ k_s``).
+4. ``dg`` is assembled from chunk-local sums plus, per chunk, the pairs that span it: no sum runs
+   along the whole sequence, so its rounding does not grow with ``T`` (``docs/backward.md``).
 
 Every exponent is a sum of its own terms (chunk-local cumulative sums, sums of block
 log-decays), never a difference of prefix sums.  Heads wider than :data:`MAX_TILE` are split
-into ``(Dk-tile, Dv-tile)`` programs whose partial results are added atomically.
+into ``(Dk-tile, Dv-tile)`` programs whose partial results are added.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from ._device import chunk_decays, chunk_rows, dot, dot_split, intra_decay, intra_scales, next_decay
+from ._device import chunk_decays, chunk_rows, dot, intra_decay, intra_scales, next_decay
 from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, interpreting,
                       next_power_of_2, state_dtypes)
 from .attention import attention_layout, chunk_states
@@ -45,13 +44,6 @@ from .attention import attention_layout, chunk_states
 MAX_TILE = 128
 """Widest feature tile of one backward program; wider heads are split into tiles whose partial
 sums are combined with atomics."""
-
-FUSED = True
-"""One kernel per chunk computes every gradient (False: a query-side and a key-side kernel)."""
-
-SPLIT = False
-"""Carry the float32 chunk states and block sums through two 16-bit dots each (head and
-remainder) instead of one rounding, for the sums behind ``dlog_decay`` (see ``dot_split``)."""
 
 TILE_CHUNKS = 16
 """Chunks summed by one program of ``_query_block_kernel`` (a power of two): blocks of at most
@@ -86,10 +78,62 @@ def _decays(G, g_next, tmask, C: tl.constexpr, HAS_G: tl.constexpr, EXACT: tl.co
 
 
 @triton.jit
+def _rounded(x, like, LOWP: tl.constexpr, NATIVE: tl.constexpr):
+    """``x`` rounded to ``like``'s 16-bit dtype for a native dot (bfloat16 on a GPU), else as is."""
+    if LOWP and NATIVE:
+        return x.to(like.dtype)
+    else:
+        return x
+
+
+@triton.jit(do_not_specialize=["n_chunks", "n_total", "n_r", "n_bits"])
+def _span_kernel(h_ptr, a_ptr, r_ptr, span_ptr, n_chunks, n_total, n_r, n_bits, DK: tl.constexpr,
+                 DV: tl.constexpr, N_DV_TILES, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
+                 ACC: tl.constexpr):
+    """Program ``(chunk i, batch entry, feature tile)``: the weight of the pairs that span chunk
+    ``i`` inside one level block, ``Σ_h exp(A_i + ζ_h) <R_h, U_h>`` over the clear bits ``h`` of
+    ``i``: ``U_h`` gathers the states ``i`` reads at the set bits below ``h`` (the keys of the
+    block before ``i``), ``R_h`` the queries of the block that reads it (this tile's partial sum)."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    tile_f = tl.program_id(2)
+    dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
+    dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
+    fmask = (dk[:, None] < DK) & (dv[None, :] < DV)
+    tile = dk[:, None] * DV + dv[None, :]
+    A_i = tl.load(a_ptr + bh * n_total + i).to(ACC) if HAS_G else tl.zeros((), dtype=ACC)
+    U = tl.zeros((BDK, BDV), dtype=ACC)
+    span = tl.zeros((), dtype=ACC)
+    gap = tl.zeros((), dtype=ACC)
+    zeta = tl.zeros((), dtype=ACC)
+    off = 0
+    roff = 0
+    h = 0
+    while h < n_bits:
+        if ((i >> h) & 1) == 1:
+            blk = bh * n_total + off + (i >> h) - 1
+            U += tl.exp(gap) * tl.load(h_ptr + blk * DK * DV + tile, mask=fmask, other=0.0).to(ACC)
+            if HAS_G:
+                gap += tl.load(a_ptr + blk)
+        else:
+            reader = (i >> h) + 1
+            if (reader << h) < n_chunks:
+                R = tl.load(r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV + tile, mask=fmask, other=0.0)
+                span += tl.exp(A_i + zeta) * tl.sum(tl.sum(R * U, 1), 0)
+                if HAS_G:
+                    if ((reader + 1) << h) <= n_chunks:
+                        zeta += tl.load(a_ptr + bh * n_total + off + reader)
+        off += n_chunks >> h
+        roff += ((n_chunks + (1 << h) - 1) >> h) >> 1
+        h += 1
+    tl.store(span_ptr + (tile_f.to(tl.int64) * tl.num_programs(1) + bh) * n_chunks + i, span)
+
+
+@triton.jit
 def _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot, sod, slt, sgt, dk, dv,
                DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-               HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr,
-               SPLIT: tl.constexpr):
+               HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+               NATIVE: tl.constexpr):
     """``Σ_t scale λ_t exp(G_t - G_a) dO_t q_tᵀ`` (``(BDV, BDK)``, the transposed block sum) over
     the ``count`` chunks from chunk ``first``, ``a`` the last position before them; ``l_col``
     points at the level-scale column the rows read."""
@@ -106,8 +150,8 @@ def _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot
                      other=0.0)
         ob = tl.load(o_row + t[:, None] * sot + dv[None, :] * sod, mask=tmask[:, None] & (dv[None, :] < DV),
                      other=0.0)
-        qw = qb.to(ACC) * (scale * lam * tl.exp(gap + G))[:, None]
-        acc += dot_split(tl.trans(ob), qw, ACC, PREC, NATIVE, SPLIT)
+        qw = _rounded(qb.to(ACC) * (scale * lam * tl.exp(gap + G))[:, None], qb, LOWP, NATIVE)
+        acc += dot(tl.trans(ob), qw, ACC, PREC, NATIVE)
         if HAS_G:
             gap += tl.sum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
         j += 1
@@ -121,7 +165,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr,
                         scale, sqb0, sqb1, sqt, sqd, sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt,
                         C: tl.constexpr, LOG_C: tl.constexpr, P_LOG: tl.constexpr, BDK: tl.constexpr,
                         BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                        LOWP: tl.constexpr, NATIVE: tl.constexpr, SPLIT: tl.constexpr):
+                        LOWP: tl.constexpr, NATIVE: tl.constexpr):
     """Program ``(group * n_bits + level, batch entry, feature tile)`` over aligned groups of
     ``2^P_LOG`` chunks, the level varying fastest (the programs of one group read the same rows,
     from L2): a level below ``P_LOG`` sums the reader blocks inside the group and stores them;
@@ -150,7 +194,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr,
             count = tl.minimum(1 << h, n_chunks - (b << h))
             if count > 0:
                 acc = _block_sum(q_row, o_row, l_col, g_row, b << h, count, T, scale, sqt, sqd, sot, sod, slt, sgt,
-                                 dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, NATIVE, SPLIT)
+                                 dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE)
                 tl.store(r_ptr + (bh * n_r + roff + (b >> 1)) * DK * DV + r_tile, acc, mask=fmask)
             nb += 1
     else:
@@ -158,7 +202,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr,
         count = tl.minimum(1 << P_LOG, n_chunks - first)
         if ((b & 1) == 1) & (count > 0):
             acc = _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot, sod, slt, sgt,
-                             dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, NATIVE, SPLIT)
+                             dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE)
             dst = r_ptr + (bh * n_r + roff + (b >> 1)) * DK * DV + r_tile
             if h == P_LOG:  # the group is the whole block
                 tl.store(dst, acc, mask=fmask)
@@ -174,169 +218,19 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr,
                 tl.atomic_add(dst, acc * tl.exp(before), mask=fmask)
 
 
-@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sgb0",
-                               "sgb1"])
-def _query_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, dq_ptr, dl_ptr, row_ptr,
-                  T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES, scale,
-                  sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd, sob0, sob1, sot, sod,
-                  slb0, slb1, slt, sll, sgb0, sgb1, sgt,
-                  C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
-                  HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
-                  LOWP: tl.constexpr, NATIVE: tl.constexpr, ATOMIC: tl.constexpr):
-    """Program ``(chunk i, batch entry, feature tile)``: ``dq``, ``dλ`` and ``row`` of the chunk's
-    rows (partial sums over the feature tile, added atomically with ``ATOMIC``)."""
-    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
-    tile_f = tl.program_id(2)
-    dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
-    dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
-    kmask = tmask[:, None] & (dk[None, :] < DK)
-    vmask = tmask[:, None] & (dv[None, :] < DV)
-    qb = tl.load(q_ptr + b0 * sqb0 + b1 * sqb1 + t[:, None] * sqt + dk[None, :] * sqd, mask=kmask, other=0.0)
-    kb = tl.load(k_ptr + b0 * skb0 + b1 * skb1 + t[:, None] * skt + dk[None, :] * skd, mask=kmask, other=0.0)
-    vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + t[:, None] * svt + dv[None, :] * svd, mask=vmask, other=0.0)
-    ob = tl.load(do_ptr + b0 * sob0 + b1 * sob1 + t[:, None] * sot + dv[None, :] * sod, mask=vmask, other=0.0)
-    l_base = l_ptr + b0 * slb0 + b1 * slb1
-    G, g_next = chunk_decays(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC)
-    lam, lvl = intra_scales(l_base + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
-    lam = lam.to(ACC)
-    dP = dot(ob, tl.trans(vb), ACC, PREC, NATIVE)
-    S = dot(qb, tl.trans(kb), ACC, PREC, NATIVE)
-    dPd = dP * _decays(G, g_next, tmask, C, HAS_G, EXACT) * scale
-    Wd = dPd * S
-    dS = lam * dPd
-    if LOWP and NATIVE:
-        dS = dS.to(kb.dtype)
-    dq = dot(dS, kb, ACC, PREC, NATIVE)
-    r = tl.arange(0, C)
-    row = tl.sum(tl.where(r[:, None] > r[None, :], lam * Wd, 0.0), 1)
-    col_l = tl.arange(0, BL)
-    dl = tl.zeros((C, BL), dtype=ACC)
-    for lv in tl.static_range(LOG_C + 1):
-        dl = tl.where(col_l[None, :] == lv, tl.sum(tl.where(lvl == lv, Wd, 0.0), 1)[:, None], dl)
-    # levels > c: the level-h state (i >> h) - 1 for each set bit h of the chunk index
-    gap = tl.zeros((), dtype=ACC)
-    off = 0
-    h = 0
-    while h < n_bits:
-        if ((i >> h) & 1) == 1:
-            blk = bh * n_total + off + (i >> h) - 1
-            sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :],
-                         mask=(dk[:, None] < DK) & (dv[None, :] < DV), other=0.0)
-            if LOWP and NATIVE:
-                sb = sb.to(ob.dtype)
-            X = dot(ob, tl.trans(sb), ACC, PREC, NATIVE)
-            e = scale * tl.exp(gap + G)
-            lam_h = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
-            dq += (lam_h * e)[:, None] * X
-            dl_h = e * tl.sum(qb.to(ACC) * X, 1)
-            dl = tl.where(col_l[None, :] == LOG_C + 1 + h, dl_h[:, None], dl)
-            row += lam_h * dl_h
-            gap += tl.load(a_ptr + blk)
-        off += n_chunks >> h
-        h += 1
-    dq_dst = dq_ptr + (bh * T + t[:, None]) * DK + dk[None, :]
-    dl_dst = dl_ptr + (bh * T + t[:, None]) * L + col_l[None, :]
-    lmask = tmask[:, None] & (col_l[None, :] < L)
-    if ATOMIC:
-        tl.atomic_add(dq_dst, dq, mask=kmask)
-        tl.atomic_add(dl_dst, dl, mask=lmask)
-        tl.atomic_add(row_ptr + bh * T + t, row, mask=tmask)
-    else:
-        tl.store(dq_dst, dq, mask=kmask)
-        tl.store(dl_dst, dl, mask=lmask)
-        tl.store(row_ptr + bh * T + t, row, mask=tmask)
-
-
-@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_r", "n_bits", "L", "slb0", "slb1", "slt",
-                               "sgb0", "sgb1"])
-def _key_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, dk_ptr, dv_ptr, col_ptr,
-                T, B1, n_chunks, n_total, n_r, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES, scale,
-                sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd, sob0, sob1, sot, sod,
-                slb0, slb1, slt, sll, sgb0, sgb1, sgt,
-                C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-                HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
-                LOWP: tl.constexpr, NATIVE: tl.constexpr, ATOMIC: tl.constexpr):
-    """Program ``(chunk j, batch entry, feature tile)``: ``dk``, ``dv`` and ``col`` of the chunk's
-    rows (partial sums over the feature tile, added atomically with ``ATOMIC``)."""
-    j, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
-    tile_f = tl.program_id(2)
-    dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
-    dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
-    kmask = tmask[:, None] & (dk[None, :] < DK)
-    vmask = tmask[:, None] & (dv[None, :] < DV)
-    qb = tl.load(q_ptr + b0 * sqb0 + b1 * sqb1 + t[:, None] * sqt + dk[None, :] * sqd, mask=kmask, other=0.0)
-    kb = tl.load(k_ptr + b0 * skb0 + b1 * skb1 + t[:, None] * skt + dk[None, :] * skd, mask=kmask, other=0.0)
-    vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + t[:, None] * svt + dv[None, :] * svd, mask=vmask, other=0.0)
-    ob = tl.load(do_ptr + b0 * sob0 + b1 * sob1 + t[:, None] * sot + dv[None, :] * sod, mask=vmask, other=0.0)
-    g_row = g_ptr + b0 * sgb0 + b1 * sgb1
-    G, g_next = chunk_decays(g_row, t, tmask, sgt, T, C, HAS_G, ACC)
-    lam, lvl = intra_scales(l_ptr + b0 * slb0 + b1 * slb1 + (j * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
-    M = lam.to(ACC) * _decays(G, g_next, tmask, C, HAS_G, EXACT) * scale
-    dP = dot(ob, tl.trans(vb), ACC, PREC, NATIVE)
-    S = dot(qb, tl.trans(kb), ACC, PREC, NATIVE)
-    r = tl.arange(0, C)
-    col = tl.sum(tl.where(r[:, None] > r[None, :], M * dP * S, 0.0), 0)
-    Pm = M * S
-    dS = M * dP
-    if LOWP and NATIVE:
-        Pm = Pm.to(ob.dtype)
-        dS = dS.to(qb.dtype)
-    dv_acc = dot(tl.trans(Pm), ob, ACC, PREC, NATIVE)
-    dk_acc = dot(tl.trans(dS), qb, ACC, PREC, NATIVE)
-    # levels > c: the block sums of the readers of every level-h block that holds chunk j
-    # (clear bits h of j), decayed from the block's end back to the chunk's end
-    D = tl.zeros((BDK, BDV), dtype=ACC)
-    zeta = tl.zeros((), dtype=ACC)
-    fmask = (dk[:, None] < DK) & (dv[None, :] < DV)
-    off = 0
-    roff = 0
-    h = 0
-    while h < n_bits:
-        if ((j >> h) & 1) == 0:
-            reader = (j >> h) + 1
-            if (reader << h) < n_chunks:
-                src = r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV
-                D += tl.exp(zeta) * tl.load(src + dk[:, None] * DV + dv[None, :], mask=fmask, other=0.0)
-                if HAS_G:
-                    if ((reader + 1) << h) <= n_chunks:
-                        zeta += tl.load(a_ptr + bh * n_total + off + reader)
-        off += n_chunks >> h
-        roff += ((n_chunks + (1 << h) - 1) >> h) >> 1
-        h += 1
-    if HAS_G:
-        w = tl.exp(tl.cumsum(next_decay(g_row, t, sgt, T, C, ACC), 0, reverse=True))
-    else:
-        w = tl.full((C,), 1.0, dtype=ACC)
-    if LOWP and NATIVE:
-        D = D.to(kb.dtype)
-    dk_inter = w[:, None] * dot(vb, tl.trans(D), ACC, PREC, NATIVE)
-    dv_acc += w[:, None] * dot(kb, D, ACC, PREC, NATIVE)
-    dk_acc += dk_inter
-    col += tl.sum(kb.to(ACC) * dk_inter, 1)
-    dk_dst = dk_ptr + (bh * T + t[:, None]) * DK + dk[None, :]
-    dv_dst = dv_ptr + (bh * T + t[:, None]) * DV + dv[None, :]
-    if ATOMIC:
-        tl.atomic_add(dk_dst, dk_acc, mask=kmask)
-        tl.atomic_add(dv_dst, dv_acc, mask=vmask)
-        tl.atomic_add(col_ptr + bh * T + t, col, mask=tmask)
-    else:
-        tl.store(dk_dst, dk_acc, mask=kmask)
-        tl.store(dv_dst, dv_acc, mask=vmask)
-        tl.store(col_ptr + bh * T + t, col, mask=tmask)
-
-
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_r", "n_bits", "L", "slb0", "slb1", "slt",
                                "sgb0", "sgb1"])
 def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr, dq_ptr, dk_ptr, dv_ptr, dl_ptr,
-                  dgl_ptr, tot_ptr, T, B1, n_chunks, n_total, n_r, n_bits, L, DK: tl.constexpr, DV: tl.constexpr,
-                  N_DV_TILES, scale, sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
+                  dgl_ptr, lvl_ptr, T, B1, n_chunks, n_total, n_r, n_bits, L, DK: tl.constexpr,
+                  DV: tl.constexpr, N_DV_TILES, scale, sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
                   sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt,
                   C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
-                  HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
-                  LOWP: tl.constexpr, NATIVE: tl.constexpr, ATOMIC: tl.constexpr, SPLIT: tl.constexpr):
-    """Program ``(chunk i, batch entry, feature tile)``: every gradient of the chunk's rows --
-    ``dq``, ``dk``, ``dv``, ``dλ`` and the chunk-local reverse cumulative sum of
-    ``row - col`` with its total (``dg`` is that plus the totals of the later chunks).  With
+                  NB: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
+                  LOWP: tl.constexpr, NATIVE: tl.constexpr, ATOMIC: tl.constexpr):
+    """Program ``(chunk i, batch entry, feature tile)``: every gradient of the chunk's rows.
+
+    Writes ``dq``, ``dk``, ``dv``, ``dλ`` and, for ``dg`` (see :func:`attention_backward`), the
+    chunk-local part of each row and the chunk's row sums per level (``lvl``, level-major).  With
     ``ATOMIC`` (heads split into feature tiles) ``dq, dk, dv`` are added atomically and the
     other outputs are this tile's partial sums, in a slice of their own per tile."""
     i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
@@ -345,6 +239,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
     dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
     kmask = tmask[:, None] & (dk[None, :] < DK)
     vmask = tmask[:, None] & (dv[None, :] < DV)
+    fmask = (dk[:, None] < DK) & (dv[None, :] < DV)
     qb = tl.load(q_ptr + b0 * sqb0 + b1 * sqb1 + t[:, None] * sqt + dk[None, :] * sqd, mask=kmask, other=0.0)
     kb = tl.load(k_ptr + b0 * skb0 + b1 * skb1 + t[:, None] * skt + dk[None, :] * skd, mask=kmask, other=0.0)
     S = dot(qb, tl.trans(kb), ACC, PREC, NATIVE)
@@ -363,8 +258,8 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
         dl = tl.where(col_l[None, :] == lv, tl.sum(tl.where(lvl == lv, Wd, 0.0), 1)[:, None], dl)
     M = lam.to(ACC) * Dec
     r = tl.arange(0, C)
-    W = tl.where(r[:, None] > r[None, :], lam.to(ACC) * Wd, 0.0)
-    row = tl.sum(W, 1)
+    W = tl.where(r[:, None] > r[None, :], M * dP * S, 0.0)
+    row = tl.sum(W, 1)  # pairs inside the chunk: their decay gradient stays inside it
     col = tl.sum(W, 0)
     dS = M * dP
     Pm = M * S
@@ -374,39 +269,36 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
     dq = dot(dS, kb, ACC, PREC, NATIVE)
     dk_acc = dot(tl.trans(dS), qb, ACC, PREC, NATIVE)
     dv_acc = dot(tl.trans(Pm), ob, ACC, PREC, NATIVE)
-    # levels > c, query side: the level-h state (i >> h) - 1 for each set bit h of the chunk index
-    gap = tl.zeros((), dtype=ACC)
-    off = 0
-    h = 0
-    while h < n_bits:
-        if ((i >> h) & 1) == 1:
-            blk = bh * n_total + off + (i >> h) - 1
-            sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :],
-                         mask=(dk[:, None] < DK) & (dv[None, :] < DV), other=0.0)
-            X = dot_split(ob, tl.trans(sb.to(ACC)), ACC, PREC, NATIVE, SPLIT)
-            e = scale * tl.exp(gap + G)
-            lam_h = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
-            dq += (lam_h * e)[:, None] * X
-            dl_h = e * tl.sum(qb.to(ACC) * X, 1)
-            dl = tl.where(col_l[None, :] == LOG_C + 1 + h, dl_h[:, None], dl)
-            row += lam_h * dl_h
-            gap += tl.load(a_ptr + blk)
-        off += n_chunks >> h
-        h += 1
-    # key side: the block sums of the readers of every level-h block that holds this chunk (clear
-    # bits h), decayed from the block's end back to the chunk's end
+    # levels > c, one walk over the bits h of the chunk index, low to high.  Set bit: the chunk
+    # reads the level-h state (i >> h) - 1 (dq, dλ).  Clear bit: the chunk lies in the level-h
+    # block (i >> h), read by the block after it through the block sum R (dk, dv via D).
+    levels = tl.arange(0, NB)
+    lvl_rows = tl.zeros((NB,), dtype=ACC)
     D = tl.zeros((BDK, BDV), dtype=ACC)
+    gap = tl.zeros((), dtype=ACC)
     zeta = tl.zeros((), dtype=ACC)
     off = 0
     roff = 0
     h = 0
     while h < n_bits:
-        if ((i >> h) & 1) == 0:
+        if ((i >> h) & 1) == 1:
+            blk = bh * n_total + off + (i >> h) - 1
+            sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :], mask=fmask, other=0.0)
+            X = dot(ob, tl.trans(_rounded(sb, ob, LOWP, NATIVE)), ACC, PREC, NATIVE)
+            e = scale * tl.exp(gap + G)
+            lam_h = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
+            dq += (lam_h * e)[:, None] * X
+            dl_h = e * tl.sum(qb.to(ACC) * X, 1)
+            dl = tl.where(col_l[None, :] == LOG_C + 1 + h, dl_h[:, None], dl)
+            row_h = lam_h * dl_h
+            row += row_h
+            lvl_rows = tl.where(levels == h, tl.sum(row_h, 0), lvl_rows)
+            gap += tl.load(a_ptr + blk)
+        else:
             reader = (i >> h) + 1
             if (reader << h) < n_chunks:
-                src = r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV
-                D += tl.exp(zeta) * tl.load(src + dk[:, None] * DV + dv[None, :],
-                                            mask=(dk[:, None] < DK) & (dv[None, :] < DV), other=0.0)
+                D += tl.exp(zeta) * tl.load(r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV + dk[:, None] * DV
+                                            + dv[None, :], mask=fmask, other=0.0)
                 if HAS_G:
                     if ((reader + 1) << h) <= n_chunks:
                         zeta += tl.load(a_ptr + bh * n_total + off + reader)
@@ -417,11 +309,14 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
         w = tl.exp(tl.cumsum(g_next, 0, reverse=True))
     else:
         w = tl.full((C,), 1.0, dtype=ACC)
-    dk_inter = w[:, None] * dot_split(vb, tl.trans(D), ACC, PREC, NATIVE, SPLIT)
-    dv_acc += w[:, None] * dot_split(kb, D, ACC, PREC, NATIVE, SPLIT)
+    D = _rounded(D, kb, LOWP, NATIVE)
+    dk_inter = w[:, None] * dot(vb, tl.trans(D), ACC, PREC, NATIVE)
+    dv_acc += w[:, None] * dot(kb, D, ACC, PREC, NATIVE)
     dk_acc += dk_inter
-    col += tl.sum(kb.to(ACC) * dk_inter, 1)
-    dG = tl.where(tmask, row - col, 0.0)
+    col_later = tl.sum(kb.to(ACC) * dk_inter, 1)  # pairs with a later chunk
+    # the chunk-local part of dg: pairs with a row at or after t and a column before t that
+    # have at least one end in this chunk
+    dgl = tl.cumsum(tl.where(tmask, row - col, 0.0), 0, reverse=True) + tl.cumsum(col_later, 0) - col_later
     dq_dst = dq_ptr + (bh * T + t[:, None]) * DK + dk[None, :]
     dk_dst = dk_ptr + (bh * T + t[:, None]) * DK + dk[None, :]
     dv_dst = dv_ptr + (bh * T + t[:, None]) * DV + dv[None, :]
@@ -436,8 +331,31 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
         tl.store(dk_dst, dk_acc, mask=kmask)
         tl.store(dv_dst, dv_acc, mask=vmask)
     tl.store(dl_dst, dl, mask=tmask[:, None] & (col_l[None, :] < L))
-    tl.store(dgl_ptr + (part + bh) * n_chunks * C + i * C + r, tl.cumsum(dG, 0, reverse=True))
-    tl.store(tot_ptr + (part + bh) * n_chunks + i, tl.sum(dG, 0))
+    tl.store(dgl_ptr + ((part + bh) * n_chunks + i) * C + r, dgl)
+    tl.store(lvl_ptr + ((part + bh) * NB + levels) * n_chunks + i, lvl_rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _gap_indices(levels: int, n: int, device):
+    """For level ``h`` and chunk ``i``: the last chunk of ``i``'s level-``h`` block (clipped to
+    ``n - 1``), and whether bit ``h`` of ``i`` is set, as ``(levels, n)`` device tensors."""
+    h = torch.arange(levels)[:, None]
+    i = torch.arange(n)[None, :]
+    end = torch.clamp(((i >> h) << h) + (1 << h) - 1, max=n - 1)
+    return end.to(device), (((i >> h) & 1) == 1).to(device)
+
+
+def _spanning_in_gap(level_rows):
+    """Per chunk ``i``: the summed weights of the pairs that span it with chunk ``i`` in the gap
+    between the state a later chunk ``c`` reads at level ``h`` and ``c`` itself -- the later
+    chunks of ``i``'s own level-``h`` block when bit ``h`` of ``i`` is set.  ``level_rows (B, NB,
+    n)`` holds each chunk's row sums per level; differences of prefix sums over chunks give the
+    block parts (their rounding is that of a sum over one level's row sums, a few per block)."""
+    B, levels, n = level_rows.shape
+    before = torch.cumsum(level_rows, -1)
+    end, bit = _gap_indices(levels, n, level_rows.device)
+    inside = torch.gather(before, -1, end.expand(B, levels, n)) - before
+    return torch.where(bit, inside, 0.0).sum(1)
 
 
 def scratch(shape, dtype, device) -> torch.Tensor:
@@ -506,7 +424,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
             layout.tensors["q"], layout.tensors["do"], layout.tensors["l"], layout.decay_args()[0], logdec, rsum,
             T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale),
             *layout.args("q")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *layout.decay_args()[1:],
-            C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, SPLIT=SPLIT, **meta)
+            C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, **meta)
     # outputs: straight in the inputs' dtypes, or float32 (float64) buffers for the atomic partial sums
     def buffer(shape, dtype):
         if atomic:
@@ -516,36 +434,26 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     dq, dk = buffer((B, T, DK), q.dtype), buffer((B, T, DK), k.dtype)
     dv = buffer((B, T, DV), v.dtype)
     batch = layout.batch
-    if FUSED:
-        parts = tiles if atomic else 1
-        dl = torch.empty((parts * B, T, L), dtype=acc_torch if atomic else level_scales.dtype, device=dev)
-        dgl = torch.empty((parts * B, n * C), dtype=acc_torch, device=dev)
-        tot = torch.empty((parts * B, n), dtype=acc_torch, device=dev)
-        _chunk_kernel[(n, B, tiles)](
-            *ptrs, states, logdec, rsum, dq, dk, dv, dl, dgl, tot, T, layout.B1, n, states.shape[1], n_r, n_bits, L,
-            DK, DV, n_dv, float(scale), *strides, C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV,
-            BL=next_power_of_2(L), EXACT=exact, ATOMIC=atomic, SPLIT=SPLIT, **meta)
+    parts = tiles if atomic else 1
+    NB = next_power_of_2(max(n_bits, 1))
+    dl = torch.empty((parts * B, T, L), dtype=acc_torch if atomic else level_scales.dtype, device=dev)
+    dgl = scratch((parts * B, n * C), acc_torch, dev)
+    lvl_rows = scratch((parts * B, NB, n), acc_torch, dev)
+    _chunk_kernel[(n, B, tiles)](
+        *ptrs, states, logdec, rsum, dq, dk, dv, dl, dgl, lvl_rows, T, layout.B1, n, states.shape[1], n_r,
+        n_bits, L, DK, DV, n_dv, float(scale), *strides, C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV,
+        BL=next_power_of_2(L), NB=NB, EXACT=exact, ATOMIC=atomic, **meta)
+    dg = None
+    if has_g:
+        span = scratch((parts * B, n), acc_torch, dev)
+        _span_kernel[(n, B, tiles)](states, logdec, rsum, span, n, states.shape[1], n_r, n_bits, DK, DV, n_dv,
+                                    BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, num_warps=meta["num_warps"])
         if atomic:
-            dl, dgl, tot = (x.view((parts, -1) + x.shape[1:]).sum(0) for x in (dl, dgl, tot))
-        dg = None
-        if has_g:
-            later = torch.flip(torch.cumsum(torch.flip(tot, (-1,)), -1), (-1,)) - tot
-            dg = (dgl.view(B, n, C) + later[..., None]).view(B, n * C)[:, :T]
-            dg[:, 0] = 0
-            dg = dg.reshape(batch + (T,)).to(log_decay.dtype)
-    else:
-        dl, row, col = buffer((B, T, L), level_scales.dtype), buffer((B, T), acc_torch), buffer((B, T), acc_torch)
-        _query_kernel[(n, B, tiles)](
-            *ptrs, states, logdec, dq, dl, row, T, layout.B1, n, states.shape[1], n_bits, L, DK, DV, n_dv,
-            float(scale), *strides, C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=next_power_of_2(L),
-            EXACT=exact, ATOMIC=atomic, **meta)
-        _key_kernel[(n, B, tiles)](
-            *ptrs, logdec, rsum, dk, dv, col, T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv,
-            float(scale), *strides, C=C, BDK=BDK, BDV=BDV, EXACT=exact, ATOMIC=atomic, **meta)
-        dg = None
-        if has_g:
-            dg = torch.flip(torch.cumsum(torch.flip(row - col, (-1,)), -1), (-1,))
-            dg[:, 0] = 0
-            dg = dg.reshape(batch + (T,)).to(log_decay.dtype)
+            dgl, span, lvl_rows = (x.view((parts, -1) + x.shape[1:]).sum(0) for x in (dgl, span, lvl_rows))
+        dg = (dgl.view(B, n, C) + (span + _spanning_in_gap(lvl_rows))[..., None]).view(B, n * C)[:, :T]
+        dg[:, 0] = 0
+        dg = dg.reshape(batch + (T,)).to(log_decay.dtype)
+    if atomic:
+        dl = dl.view((parts, -1) + dl.shape[1:]).sum(0)
     return (dq.reshape(batch + (T, DK)).to(q.dtype), dk.reshape(batch + (T, DK)).to(k.dtype),
             dv.reshape(batch + (T, DV)).to(v.dtype), dl.reshape(batch + (T, L)).to(level_scales.dtype), dg)

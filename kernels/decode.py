@@ -122,14 +122,16 @@ def decode_step(q, k, v, log_decay, level_scales, states, positions, scale: floa
         raise ValueError(f"shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
                          "(want q, k (N, Hqk, Dk), v (N, H, Dv), Hqk dividing H)")
     if tuple(level_scales.shape[:2]) != (N, H) or L < 1:
-        raise ValueError(f"level_scales must have shape (N, H, L) = ({N}, {H}, L >= 1), got {tuple(level_scales.shape)}")
+        raise ValueError(f"level_scales must have shape (N, H, L) = ({N}, {H}, L >= 1), "
+                         f"got {tuple(level_scales.shape)}")
     if log_decay is not None and tuple(log_decay.shape) != (N, H):
         raise ValueError(f"log_decay must have shape (N, H) = ({N}, {H}), got {tuple(log_decay.shape)}")
     if tuple(states.shape) != (N, H, S, DK, DV) or not states.is_contiguous():
         raise ValueError(f"states must be a contiguous tensor of shape (N, H, S, Dk, Dv) = ({N}, {H}, S, {DK}, {DV}), "
                          f"got {tuple(states.shape)} (contiguous: {states.is_contiguous()})")
     if positions.dtype != torch.int64 or tuple(positions.shape) != (N,):
-        raise ValueError(f"positions must be an int64 tensor of shape ({N},), got {positions.dtype} {tuple(positions.shape)}")
+        raise ValueError(f"positions must be an int64 tensor of shape ({N},), "
+                         f"got {positions.dtype} {tuple(positions.shape)}")
     acc, _, _ = compute_types(states.dtype)
     if states.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"states must be float32 (float64 under the interpreter), got {states.dtype}")

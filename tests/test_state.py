@@ -48,10 +48,12 @@ def test_zeros_and_facts():
 
 @pytest.mark.parametrize("states, positions, error, match", [
     ("x", torch.zeros(1, dtype=torch.int64), TypeError, "states must be a torch.Tensor"),
-    (torch.zeros(1, 1, 1, 1), torch.zeros(1, dtype=torch.int64), ValueError, r"states must have shape \(N, H, S, Dk, Dv\)"),
+    (torch.zeros(1, 1, 1, 1), torch.zeros(1, dtype=torch.int64), ValueError,
+     r"states must have shape \(N, H, S, Dk, Dv\)"),
     (torch.zeros(1, 1, 1, 1, 1, dtype=torch.float16), torch.zeros(1, dtype=torch.int64), TypeError, "float32"),
     (torch.zeros(1, 1, 1, 1, 1), torch.zeros(1, dtype=torch.int32), TypeError, "torch.int64"),
-    (torch.zeros(2, 1, 1, 1, 1), torch.zeros(1, dtype=torch.int64), ValueError, r"positions must have shape \(N,\) = \(2,\)"),
+    (torch.zeros(2, 1, 1, 1, 1), torch.zeros(1, dtype=torch.int64), ValueError,
+     r"positions must have shape \(N,\) = \(2,\)"),
     (torch.zeros(1, 1, 1, 1, 1), torch.zeros(1, dtype=torch.int64, device="meta"), ValueError, "device meta"),
     (torch.zeros(1, 1, 2, 1, 1), torch.tensor([4]), ValueError, "S=2 slots but position 4 needs"),
     (torch.zeros(1, 1, 2, 1, 1), torch.tensor([-1]), ValueError, "positions must be >= 0"),

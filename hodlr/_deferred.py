@@ -1,0 +1,65 @@
+"""Checks that run on the GPU without stopping the host, reported once their verdict is in.
+
+A check is a one-element int32 device tensor (1: failed).  :func:`submit` queues an asynchronous
+copy of it to pinned host memory and records an event; :func:`report` raises the check's
+``ValueError`` when the event has completed (without waiting, or waiting for one given check).
+Every public operation of hodlr calls :func:`report` first, so a failed check surfaces at the
+latest at the next hodlr call once the GPU has got that far; ``LogLinearMask.check()`` waits for
+its own.
+"""
+
+from __future__ import annotations
+
+import collections
+
+_pending: collections.deque = collections.deque()
+
+
+class Check:
+    """One queued device check: the event after its copy, the pinned verdict, the message."""
+
+    __slots__ = ("event", "verdict", "message", "done")
+
+    def __init__(self, event, verdict, message):
+        self.event, self.verdict, self.message, self.done = event, verdict, message, False
+
+    def finish(self) -> None:
+        """Mark the check reported; raise its error if it failed."""
+        self.done = True
+        if int(self.verdict[0]):
+            raise ValueError(self.message)
+
+
+def submit(flag, message: str):
+    """Queue the device verdict ``flag`` (one int32, non-zero: failed); returns its :class:`Check`,
+    or None while a CUDA graph is being captured (no host copy can be queued then)."""
+    import torch
+
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    verdict = torch.empty(1, dtype=torch.int32, pin_memory=True)
+    verdict.copy_(flag, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    check = Check(event, verdict, message)
+    _pending.append(check)
+    return check
+
+
+def report(wait_for: Check = None) -> None:
+    """Raise the ``ValueError`` of the first completed check that failed (in submission order).
+
+    Checks still running on the GPU stay queued, unless ``wait_for`` is given: that one is waited
+    for (and everything queued before it)."""
+    if not _pending:
+        return
+    import torch
+
+    if torch.cuda.is_current_stream_capturing():  # no event may be queried while a graph is captured
+        return
+    if wait_for is not None and not wait_for.done:
+        wait_for.event.synchronize()
+    while _pending and (_pending[0].done or _pending[0].event.query()):
+        check = _pending.popleft()
+        if not check.done:
+            check.finish()
