@@ -13,7 +13,7 @@ lazy (``HODLRMatrix``, the pictures, ``rank_profile``, ``kernels``, ``symbolic``
 """
 
 from hodlr import backends, errors, fenwick
-from hodlr.api import attention, matmul
+from hodlr.api import attention, gated_delta_attention, gated_delta_matrix, matmul
 from hodlr.backends import info as backend_info
 from hodlr.errors import BackendUnavailableError, DenseTooLargeError, RankExceededError
 from hodlr.fenwick import level, num_levels
@@ -27,6 +27,7 @@ _LAZY = {
     "LogLinearState": "hodlr.state",
     "log_linear_attn": "hodlr.ops",
     "log_linear_attn_step": "hodlr.ops",
+    "log_linear_gated_delta_rule": "hodlr.ops",
     "spy": "hodlr.plotting",
     "heatmap": "hodlr.plotting",
     "plot_buckets": "hodlr.plotting",
@@ -47,6 +48,8 @@ __all__ = [
     "backends",
     "errors",
     "fenwick",
+    "gated_delta_attention",
+    "gated_delta_matrix",
     "level",
     "matmul",
     "num_levels",

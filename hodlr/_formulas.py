@@ -204,33 +204,40 @@ def dense_bytes(batch, T: int, itemsize: int, arrays: int = 1, L: int | None = N
     return _plan(tuple(batch), int(T), L, int(itemsize), int(arrays))[1]
 
 
-def check_dense_budget(batch, T: int, itemsize: int, what: str, arrays: int = 1, L: int | None = None) -> int:
+DENSE_INSTEAD = "'recursive', 'sparse', 'fenwick' or 'chunked'"
+"""The backends a refused dense path suggests (those of every operation of the mask)."""
+
+
+def check_dense_budget(batch, T: int, itemsize: int, what: str, arrays: int = 1, L: int | None = None,
+                       instead: str = DENSE_INSTEAD) -> int:
     """Refuse, before allocating, a dense path over ``options.dense_max_bytes`` (see
-    :func:`dense_bytes`); return the rows per slab of the assembly."""
+    :func:`dense_bytes`), suggesting the backends ``instead``; return the rows per slab of the
+    assembly."""
     L = fenwick.num_levels(T) if L is None else int(L)
     rows, need = _plan(tuple(batch), int(T), L, int(itemsize), int(arrays))
     if need > options.dense_max_bytes:
         raise DenseTooLargeError(
             f"{what}: a dense mask of shape {tuple(batch) + (T, T)} needs about {need / 2**30:.2f} GiB, "
             f"over hodlr.options.dense_max_bytes = {options.dense_max_bytes / 2**30:.2f} GiB; "
-            "use backend='recursive', 'sparse', 'fenwick' or 'chunked' instead, or raise the budget"
+            f"use backend={instead} instead, or raise the budget"
         )
     return rows
 
 
-def dense_mask(level_scales, log_decay, what: str, arrays: int = 1):
+def dense_mask(level_scales, log_decay, what: str, arrays: int = 1, instead: str = DENSE_INSTEAD):
     """The mask as a dense ``(*batch, T, T)`` array (the library, dtype and device of
     ``level_scales``; ``batch`` broadcast from both generators).
 
     Checked against the budget first (:func:`check_dense_budget`; ``arrays`` counts the
-    dense arrays the caller will hold at once, this one included), then assembled a slab of
+    dense arrays the caller will hold at once, this one included; ``instead`` names the backends
+    a refusal suggests), then assembled a slab of
     rows at a time: entry ``(t, s)`` is ``level_scales[t, level(t, s)]`` times the decay
     ``exp(sum(log_decay[s+1 .. t]))`` summed down its column from its own terms, and 0 above
     the diagonal.
     """
     T, L = level_scales.shape[-2:]
     batch = batch_shape(level_scales, log_decay)
-    step = check_dense_budget(batch, T, itemsize(level_scales), what, arrays, L)
+    step = check_dense_budget(batch, T, itemsize(level_scales), what, arrays, L, instead)
     xp = namespace(level_scales)
     # one zero column after the scales: entries above the diagonal gather it
     padded = xp.concatenate([level_scales, zeros(tuple(level_scales.shape[:-1]) + (1,), level_scales)], -1)

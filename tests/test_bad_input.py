@@ -57,6 +57,21 @@ def attn(q=None, k=None, v=None, M=None, **kw):
                            mask() if M is None else M, **kw)
 
 
+def gdn(q=None, k=None, v=None, beta=None, M=None, **kw):
+    return hodlr.gated_delta_attention(ops() if q is None else q, ops() if k is None else k,
+                                       ops() if v is None else v, np.ones(T) if beta is None else beta,
+                                       mask() if M is None else M, **kw)
+
+
+def gdn_rule(state=False, beta_shape=(1, T, 2), backend="auto"):
+    """``log_linear_gated_delta_rule`` on ones; ``state``: continue from the state at position T."""
+    t = lambda *shape: torch.ones(shape, dtype=torch.float64)  # noqa: E731
+    args = [t(1, T, 2, 2), t(1, T, 2, 2), t(1, T, 2, 2), t(1, T, 2), t(*beta_shape), t(1, T, 2, L + 1)]
+    init = hodlr.log_linear_gated_delta_rule(*args[:4], t(1, T, 2), args[5], output_final_state=True)[1] if state \
+        else None
+    return hodlr.log_linear_gated_delta_rule(*args, initial_state=init, backend=backend)
+
+
 def over_budget(monkeypatch):
     monkeypatch.setattr(hodlr.options, "dense_max_bytes", 100)
 
@@ -199,6 +214,21 @@ CASES = [
                                            torch.ones(2, 1, 2, 2, dtype=torch.float64), None,
                                            torch.ones(2, 1, 2, 5, dtype=torch.float64), state(position=15)),
      ValueError, r"the step takes position 15 to 16, which needs 5 slots but the state has 4"),
+    # -- gated delta attention -----------------------------------------------------------
+    ("gdn-beta-wrong-length", lambda mp: gdn(beta=np.ones(T + 1)), ValueError,
+     r"beta must have shape \(\.\.\., T\) with T=5"),
+    ("gdn-beta-dtype-mismatch", lambda mp: gdn(beta=np.ones(T, np.float32)), TypeError,
+     r"beta has dtype float32 but q has float64"),
+    ("gdn-beta-batch-not-broadcastable", lambda mp: gdn(q=ops(2), beta=np.ones((3, T))), ValueError,
+     r"batch dimensions do not broadcast: M \(\), q \(2,\), k \(\), v \(\), beta \(3,\)"),
+    ("gdn-backend-without-op", lambda mp: gdn(backend="recursive"), hodlr.BackendUnavailableError,
+     r"backend 'recursive' does not offer gated_delta_attention; backends that do: dense, fenwick, chunked"),
+    ("gdn-dense-over-budget", lambda mp: (over_budget(mp), gdn(backend="dense")), hodlr.DenseTooLargeError,
+     r"backend 'dense' gated_delta_attention: a dense mask of shape \(5, 5\).*use backend='fenwick' or 'chunked'"),
+    ("gdn-rule-beta-shape", lambda mp: gdn_rule(beta_shape=(1, T, 1)), ValueError,
+     r"beta must have shape \(B, T, H\) = \(1, 5, 2\), got \(1, 5, 1\)"),
+    ("gdn-rule-state-on-dense", lambda mp: gdn_rule(state=True, backend="dense"), hodlr.BackendUnavailableError,
+     r"backend 'dense' has no recurrent state"),
     # -- conversions, registry, fenwick ------------------------------------------------
     ("to-dense-over-budget", lambda mp: (over_budget(mp), mask(2).to_dense()), hodlr.DenseTooLargeError,
      r"LogLinearMask.to_dense: a dense mask of shape \(2, 5, 5\)"),

@@ -15,6 +15,14 @@ and any of the operations of :data:`OPS` (a module that lacks one does not offer
     ``x (*batch, T, D)`` -> ``(*batch, T, D)``.
 ``attention(q, k, v, level_scales, log_decay, scale)``
     ``q, k (*batch, T, Dk)``, ``v (*batch, T, Dv)``, ``scale`` a float -> ``(*batch, T, Dv)``.
+``gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale)``
+    Log-linear Gated DeltaNet (:func:`hodlr.gated_delta_attention`): the layout of
+    ``attention`` plus ``beta (*batch, T)`` -> ``(*batch, T, Dv)``.  Offered by ``dense``,
+    ``fenwick`` and ``chunked``.  ``fenwick`` and ``chunked`` also take the keywords ``state``
+    (``(*batch, S, Dk, Dv)``, the bucket states of the first token's absolute position, slot
+    ``l - 1`` = level ``l``), ``position`` (that position) and ``final_state`` (also return the
+    bucket states after the last token): :func:`hodlr.log_linear_gated_delta_rule` runs state
+    hand-off and packed sequences through them, one call per start position.
 
 ``attention_state(q, k, v, level_scales, log_decay, scale, initial_state, initial_positions, cu_seqlens, output_final_state)`` (optional)
     Attention that continues from a recurrent state and/or runs packed sequences, on the
@@ -34,8 +42,8 @@ a final state or ``cu_seqlens``.  A backend without it serves the calls with nei
 (packed sequences by one ``attention`` call per sequence) and refuses the others with
 :class:`hodlr.BackendUnavailableError`.
 
-The public functions :func:`hodlr.matmul` and :func:`hodlr.attention` validate the inputs
-and broadcast every batch shape to one common ``batch`` (as views, no copies) before a
+The public functions :func:`hodlr.matmul`, :func:`hodlr.attention` and
+:func:`hodlr.gated_delta_attention` validate the inputs and broadcast every batch shape to one common ``batch`` (as views, no copies) before a
 backend sees them, so backends never validate.
 
 ``backend="auto"`` picks the first rule that matches and whose backend offers the operation
