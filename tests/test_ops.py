@@ -39,7 +39,7 @@ STATE_BACKENDS = ["chunked", "fenwick", "triton"]
 
 def require_state(backend):
     """The triton legs run on CPU tensors under the interpreter (tests/test_gpu.py covers the GPU)."""
-    if backend == "triton" and hodlr.backends._load("triton").unavailable_reason("torch", torch.device("cpu")):
+    if backend == "triton" and hodlr.backends.load("triton").unavailable_reason("torch", torch.device("cpu")):
         pytest.skip("the triton legs run on CPU tensors under TRITON_INTERPRET=1")
 
 
