@@ -133,7 +133,7 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
             The recurrent state (``states (B, num_v_heads, S, head_k_dim, head_v_dim)``) and the
             three convolutions' last inputs (none without short convolutions).
         """
-        self._check_call(hidden_states, cache, 3 if self.use_short_conv else 0)
+        self._check_call(hidden_states, cache)
         x = hidden_states
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         convs = ()
@@ -159,6 +159,10 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
         gate = self.g_proj(x).unflatten(-1, (self.num_v_heads, self.head_v_dim)) if self.use_gate else None
         out = self.o_proj(self.o_norm(o, gate).flatten(-2))
         return out, (LayerCache(state, convs) if use_cache else None)
+
+    def _cache_layout(self):
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d) if self.use_short_conv else ()
+        return (self.num_v_heads, self.head_k_dim, self.head_v_dim), convs
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, head_dim={self.head_dim}, num_heads={self.num_heads}, "

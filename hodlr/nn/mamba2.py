@@ -153,7 +153,7 @@ class LogLinearMamba2(LogLinearLayer):
             The recurrent state (``states (B, num_heads, S, state_size, head_dim)``) and the
             convolution's last inputs ``(B, conv_dim, conv_kernel)``.
         """
-        self._check_call(hidden_states, cache, 1)
+        self._check_call(hidden_states, cache)
         Bsz, T, _ = hidden_states.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
         parts = [self.intermediate_size, self.conv_dim, H] + ([H * self.num_levels] if self.hierarchical else [])
@@ -177,6 +177,9 @@ class LogLinearMamba2(LogLinearLayer):
         y = self.norm(y, z) if self.rmsnorm else y * F.silu(z)
         out = self.out_proj(y)
         return out, (LayerCache(state, (conv,)) if use_cache else None)
+
+    def _cache_layout(self):
+        return (self.num_heads, self.ssm_state_size, self.head_dim), (self.conv1d,)
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, hidden_size={self.hidden_size}, "

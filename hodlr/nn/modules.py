@@ -254,7 +254,24 @@ class LogLinearLayer(nn.Module):
             return torch.ones((), device=x.device).expand(x.shape[0], x.shape[1], H, self.num_levels)
         return level_scales(self.L, dl.unflatten(-1, (H, self.num_levels)))
 
-    def _check_call(self, x, cache, num_conv: int) -> None:
+    def new_cache(self, batch_size: int, *, max_position: int | None = None) -> LayerCache:
+        """An empty cache (every sequence at position 0) for ``batch_size`` sequences, on the
+        parameters' device: the recurrent state with ``bit_length(max_position)`` slots (default
+        ``max_position = 2**(num_levels - 1)``, the most the layer reads) and zero convolution
+        inputs.  A cache with enough slots never grows, which ``torch.compile`` needs (the slot
+        count of a compiled call is the initial state's)."""
+        check_int("batch_size", batch_size, 0)
+        max_position = 1 << (self.num_levels - 1) if max_position is None else check_int("max_position",
+                                                                                        max_position, 0)
+        (H, Dk, Dv), convs = self._cache_layout()
+        p = self.A_log
+        state = LogLinearState.zeros(batch_size, H, Dk, Dv, max_position=max_position,
+                                     dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
+                                     device=p.device)
+        return LayerCache(state, tuple(p.new_zeros((batch_size, conv.hidden_size, conv.kernel_size[0]))
+                                       for conv in convs))
+
+    def _check_call(self, x, cache) -> None:
         check_hidden_states(self, x)
         name = type(self).__name__
         if cache is None:
@@ -264,11 +281,15 @@ class LogLinearLayer(nn.Module):
                                  f"(2**(num_levels - 1)), got {x.shape[1]}; make the layer with more levels")
             return
         if not isinstance(cache, LayerCache):
-            raise TypeError(f"{name}: cache must be a hodlr.nn.LayerCache (returned with use_cache=True), "
-                            f"got {type(cache).__name__}")
-        if len(cache.conv) != num_conv:
-            raise ValueError(f"{name}: the cache holds {len(cache.conv)} convolution states but this layer "
-                             f"has {num_conv}; was it made by another kind of layer?")
+            raise TypeError(f"{name}: cache must be a hodlr.nn.LayerCache (returned with use_cache=True, or "
+                            f"new_cache()), got {type(cache).__name__}")
         if cache.batch_size != x.shape[0]:
             raise ValueError(f"{name}: the cache holds {cache.batch_size} sequences but hidden_states has a "
                              f"batch of {x.shape[0]}")
+        (H, Dk, Dv), convs = self._cache_layout()
+        s = cache.state
+        want = [(H, Dk, Dv)] + [(c.hidden_size, c.kernel_size[0]) for c in convs]
+        got = [(s.num_heads, s.Dk, s.Dv)] + [tuple(c.shape[1:]) for c in cache.conv]
+        if got != want:
+            raise ValueError(f"{name}: the cache does not fit this layer: state (heads, Dk, Dv) and convolution "
+                             f"(channels, width) {want} wanted, got {got}")
