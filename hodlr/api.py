@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from hodlr.fenwick.arrays import cast, zeros
 from hodlr import _checks, _deferred, backends as registry
-from hodlr.errors import BackendUnavailableError
 from hodlr.mask import LogLinearMask
 
-__all__ = ["attention", "backends", "gated_delta_attention", "gated_delta_matrix", "matmul"]
+__all__ = ["attention", "gated_delta_attention", "gated_delta_matrix", "matmul"]
 
 
 def _check_mask(M):
@@ -41,10 +40,11 @@ def _empty(batch) -> bool:
     return any(n == 0 for n in batch)
 
 
-def _resolve(backend, M, T):
+def _resolve(backend, M, T, op: str):
+    """The backend module that runs ``op`` for the mask ``M``."""
     if backend == "auto":
-        backend = registry.auto_backend(M.library, M.device, T)
-    return registry.get(backend, M.library, M.device)
+        backend = registry.auto_backend(M.library, M.device, T, op=op)
+    return registry.get(backend, M.library, M.device, op=op)
 
 
 def _mask_args(M, batch):
@@ -66,8 +66,8 @@ def matmul(M, X, *, backend: str = "auto"):
         numpy array or torch tensor, in the mask's library and on its device, with the
         mask's dtype (a float32 mask also serves float16 / bfloat16 operands).
     backend : str, default ``"auto"``
-        One of ``hodlr.backends()``; ``"auto"`` picks by the rule in
-        :mod:`hodlr.backends`.
+        One of ``hodlr.backends.NAMES`` (:func:`hodlr.backend_info` says where each can
+        run); ``"auto"`` picks by the rule in :mod:`hodlr.backends`.
 
     Returns
     -------
@@ -91,7 +91,7 @@ def matmul(M, X, *, backend: str = "auto"):
     _check_operand_dtypes(M, {"X": X})
     _check_length(M, {"X": X})
     batch = _checks.broadcast_batch({"M": M.batch_shape, "X": tuple(X.shape[:-2])})
-    module = _resolve(backend, M, M.T)
+    module = _resolve(backend, M, M.T, "matmul")
     if _empty(batch) or X.shape[-1] == 0:
         return zeros(batch + tuple(X.shape[-2:]), X)
     lam, g = _mask_args(M, batch)
@@ -146,30 +146,12 @@ def attention(q, k, v, M, *, scale=None, backend: str = "auto"):
     batch = _checks.broadcast_batch(
         {"M": M.batch_shape, "q": tuple(q.shape[:-2]), "k": tuple(k.shape[:-2]), "v": tuple(v.shape[:-2])}
     )
-    module = _resolve(backend, M, M.T)
+    module = _resolve(backend, M, M.T, "attention")
     if _empty(batch) or q.shape[-1] == 0 or v.shape[-1] == 0:
         return zeros(batch + tuple(v.shape[-2:]), v)
     lam, g = _mask_args(M, batch)
     q, k, v = (_checks.broadcast_to(a, batch + tuple(a.shape[-2:])) for a in (q, k, v))
     return module.attention(q, k, v, lam, g, scale)
-
-
-GATED_DELTA_AUTO_FALLBACK = {"numpy": "fenwick", "torch": "chunked"}
-"""The backend ``backend="auto"`` takes for :func:`gated_delta_attention` when the attention
-rule picks one without it (``triton`` on CUDA, ``recursive`` for long numpy inputs)."""
-
-
-def _resolve_gated_delta(backend, M, T):
-    name = registry.auto_backend(M.library, M.device, T) if backend == "auto" else backend
-    module = registry.get(name, M.library, M.device)
-    if hasattr(module, "gated_delta_attention"):
-        return module
-    if backend == "auto":
-        return registry.get(GATED_DELTA_AUTO_FALLBACK[M.library], M.library, M.device)
-    have = [n for n in registry.NAMES if hasattr(registry._load(n), "gated_delta_attention")]
-    raise BackendUnavailableError(
-        f"backend {name!r} does not implement gated_delta_attention; backends that do: {', '.join(have)}"
-    )
 
 
 def _gated_delta_operands(M, scale, q, k, beta, v=None):
@@ -228,8 +210,10 @@ def gated_delta_attention(q, k, v, beta, M, *, scale=None, backend: str = "auto"
         Multiplies ``P``; default ``Dk ** -0.5`` (as flash-linear-attention's Gated DeltaNet;
         note that :func:`attention` defaults to 1).
     backend : str, default ``"auto"``
-        ``"dense"``, ``"fenwick"`` or ``"chunked"``; ``"auto"`` picks as for :func:`attention`
-        and, where that backend lacks this operation, ``fenwick`` (numpy) or ``chunked`` (torch).
+        ``"dense"``, ``"fenwick"`` or ``"chunked"`` (the backends that offer it); ``"auto"`` picks
+        by the rule in :mod:`hodlr.backends`: ``chunked`` for torch tensors (``dense`` up to
+        ``T = 256`` on the CPU), ``dense`` for numpy arrays (the first backend in order that
+        offers it; pass ``backend="chunked"`` or ``"fenwick"`` for long numpy sequences).
 
     Returns
     -------
@@ -246,7 +230,7 @@ def gated_delta_attention(q, k, v, beta, M, *, scale=None, backend: str = "auto"
     array([0., 1., 2., 3.])
     """
     q, k, beta, v, batch, scale = _gated_delta_operands(M, scale, q, k, beta, v)
-    module = _resolve_gated_delta(backend, M, M.T)
+    module = _resolve(backend, M, M.T, "gated_delta_attention")
     if _empty(batch) or q.shape[-1] == 0 or v.shape[-1] == 0:
         return zeros(batch + tuple(v.shape[-2:]), v)
     lam, g = _mask_args(M, batch)

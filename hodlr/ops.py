@@ -142,14 +142,14 @@ def _check_values(N, T, L, cu_seqlens, initial_positions, num_slots=None):
 # ---------------------------------------------------------------------------------------
 def _resolve(backend, device, T, needs_state):
     if backend != "auto":
-        return registry.get(backend, "torch", device)
+        return registry.get(backend, "torch", device, op="attention")
     if needs_state:
         cuda = device.type == "cuda"
         for name in (["triton", "chunked"] if cuda else ["chunked"]):
-            module = registry._load(name)
-            if module is not None and module.unavailable_reason("torch", device) is None:
+            module = registry.load(name)
+            if module.unavailable_reason("torch", device) is None:
                 return module
-    return registry.get(registry.auto_backend("torch", device, T), "torch", device)
+    return registry.get(registry.auto_backend("torch", device, T, op="attention"), "torch", device, op="attention")
 
 
 def _grouped(q, k, v, level_scales, g):
@@ -193,7 +193,7 @@ def _forward(q, k, v, g, level_scales, scale, init_states, init_positions, cu_se
         raise BackendUnavailableError(
             f"backend {module.__name__.rsplit('.', 1)[-1]!r} has no recurrent state "
             f"(initial_state / output_final_state); use one of the backends with state: "
-            f"{', '.join(n for n in registry.NAMES if registry.has_state(registry._load(n)))}")
+            f"{', '.join(n for n in registry.NAMES if registry.has_state(registry.load(n)))}")
     else:
         out = _plain(module, q, k, v, level_scales, g, scale, cu_seqlens)
     if not output_final_state:
@@ -524,13 +524,8 @@ def _continues(module) -> bool:
 
 
 def _resolve_gated_delta(backend, device):
-    name = "chunked" if backend == "auto" else backend
-    module = registry.get(name, "torch", device)
-    if not hasattr(module, "gated_delta_attention"):
-        have = [n for n in registry.NAMES if hasattr(registry._load(n), "gated_delta_attention")]
-        raise BackendUnavailableError(f"backend {name!r} does not implement gated_delta_attention; "
-                                      f"backends that do: {', '.join(have)}")
-    return module
+    """The backend module for :func:`log_linear_gated_delta_rule`: ``chunked`` for ``"auto"``."""
+    return registry.get("chunked" if backend == "auto" else backend, "torch", device, op="gated_delta_attention")
 
 
 def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, init_positions, cu_seqlens,
@@ -545,8 +540,8 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
     module = _resolve_gated_delta(backend, q.device)
     stateful = init_states is not None or output_final_state
     if stateful and not _continues(module):
-        have = [n for n in registry.NAMES if hasattr(registry._load(n), "gated_delta_attention")
-                and _continues(registry._load(n))]
+        have = [n for n in registry.NAMES if registry.offers(registry.load(n), "gated_delta_attention")
+                and _continues(registry.load(n))]
         raise BackendUnavailableError(f"backend {module.__name__.rsplit('.', 1)[-1]!r} has no recurrent state "
                                       f"(initial_state / output_final_state); use one of {', '.join(have)}")
     seq_batch, offset, length, start = segments(N, T, cu_seqlens, init_positions)

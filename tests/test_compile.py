@@ -16,7 +16,7 @@ from hodlr.testing import relative_error
 from test_ops import TRITON_STATE, draw_inputs, require_state
 
 DT = torch.float64
-INTERP = hodlr.backends._load("triton").unavailable_reason("torch", torch.device("cpu")) is None
+INTERP = hodlr.backends.load("triton").unavailable_reason("torch", torch.device("cpu")) is None
 interpreter = pytest.mark.skipif(not INTERP, reason="CPU tensors on the triton backend need TRITON_INTERPRET=1")
 
 

@@ -183,8 +183,7 @@ def oracle_backend(backend, library, T):
         raise Invalid("unknown backend")
     if backend == "auto":
         return
-    module = registry._load(backend)
-    if module is None or module.unavailable_reason(library, "cpu") is not None:
+    if registry.load(backend).unavailable_reason(library, "cpu") is not None:
         raise Invalid("unavailable backend")
 
 
@@ -263,8 +262,7 @@ def draw_backend(data, rng, faults, library):
     if "unknown backend" in faults:
         return data.draw(st.sampled_from(["bogus", "Dense", "", 3, None]), label="backend")
     if "unavailable backend" in faults:
-        unavailable = [n for n in registry.NAMES if registry._load(n) is None
-                       or registry._load(n).unavailable_reason(library, "cpu") is not None]
+        unavailable = [n for n in registry.NAMES if registry.load(n).unavailable_reason(library, "cpu") is not None]
         if unavailable:
             return unavailable[rng.integers(len(unavailable))]
     names = ("auto",) + registry.NAMES

@@ -51,7 +51,7 @@ STATE_BACKENDS = ["chunked", "fenwick", pytest.param("triton", marks=TRITON_STAT
 def require_state(backend):
     """The triton legs run on CPU tensors under the interpreter (tests/test_gpu.py covers the GPU);
     they fail at once (no hypothesis search) while the kernels lack the state keywords."""
-    if backend == "triton" and hodlr.backends._load("triton").unavailable_reason("torch", torch.device("cpu")):
+    if backend == "triton" and hodlr.backends.load("triton").unavailable_reason("torch", torch.device("cpu")):
         pytest.skip("the triton legs run on CPU tensors under TRITON_INTERPRET=1")
     if backend == "triton" and not triton_has_state():
         raise TypeError("hodlr.kernels.attention takes no initial_state yet")

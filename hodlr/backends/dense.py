@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from hodlr._formulas import dense_mask, tie_decay
 from hodlr.fenwick.arrays import as_like, cast, is_torch, namespace, zeros
-from hodlr.mask import LogLinearMask, check_dense_budget
 
 DESCRIPTION = "materialised T x T mask (the reference); numpy or torch, autograd"
 
@@ -25,20 +25,22 @@ def unavailable_reason(library, device):
     return None
 
 
-def _mask(level_scales, log_decay):
-    return LogLinearMask(level_scales, log_decay, validate=False).to_dense()
+def _mask(level_scales, log_decay, op: str, arrays: int):
+    """The dense mask, checked against the budget for ``arrays`` dense arrays at once."""
+    return dense_mask(level_scales, log_decay, f"backend 'dense' {op}", arrays)
 
 
 def matmul(level_scales, log_decay, x):
-    return cast(namespace(x).matmul(_mask(level_scales, log_decay), cast(x, level_scales.dtype)), x.dtype)
+    return cast(namespace(x).matmul(_mask(level_scales, log_decay, "matmul", 1), cast(x, level_scales.dtype)), x.dtype)
 
 
 def attention(q, k, v, level_scales, log_decay, scale):
     xp = namespace(q)
     out_dtype = v.dtype
     q, k, v = (cast(a, level_scales.dtype) for a in (q, k, v))
+    mask = _mask(level_scales, log_decay, "attention", 3)  # the mask, the scores, their product
     scores = xp.matmul(q, xp.swapaxes(k, -1, -2)) * scale
-    return cast(xp.matmul(_mask(level_scales, log_decay) * scores, v), out_dtype)
+    return cast(xp.matmul(mask * scores, v), out_dtype)
 
 
 def delta_matrix(q, k, beta, scale):
@@ -54,10 +56,6 @@ def delta_matrix(q, k, beta, scale):
     """
     xp = namespace(q)
     batch, T, Dk = tuple(q.shape[:-2]), int(q.shape[-2]), int(q.shape[-1])
-    recording = is_torch(q) and xp.is_grad_enabled() and any(a.requires_grad for a in (q, k, beta))
-    itemsize = q.element_size() if is_torch(q) else q.dtype.itemsize
-    check_dense_budget(batch, T, itemsize, "gated_delta_attention (dense)", copies=3 + (Dk if recording else 0),
-                       instead="'fenwick' or 'chunked'")
     eye = as_like(np.eye(T), q, dtype=q.dtype)
     bk = beta[..., None] * k
     W = zeros(batch + (Dk, T), q)
@@ -70,12 +68,20 @@ def delta_matrix(q, k, beta, scale):
 
 
 def gated_delta_matrix(q, k, beta, level_scales, log_decay, scale):
-    """``P ⊙ Mλ`` of log-linear Gated DeltaNet, shape ``(*batch, T, T)`` (see the module docstring)."""
-    return delta_matrix(q, k, beta, scale) * _mask(level_scales, log_decay)
+    """``P ⊙ Mλ = P_δ ⊙ M`` of log-linear Gated DeltaNet, shape ``(*batch, T, T)`` (see the
+    module docstring).  Refuses, before allocating, sizes over the dense budget: ``P_δ``, the
+    mask and their product, and while autograd records the ``T`` saved ``(Dk, T)`` steps of
+    :func:`delta_matrix`."""
+    recording = is_torch(q) and namespace(q).is_grad_enabled() and any(a.requires_grad for a in (q, k, beta))
+    arrays = 3 + (int(q.shape[-1]) if recording else 0)
+    mask = dense_mask(level_scales, log_decay, "backend 'dense' gated_delta_attention", arrays,
+                      instead="'fenwick' or 'chunked'")
+    return delta_matrix(q, k, beta, scale) * mask
 
 
 def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale):
     out_dtype = v.dtype
     q, k, v, beta = (cast(a, level_scales.dtype) for a in (q, k, v, beta))
     xp = namespace(v)
-    return cast(xp.matmul(gated_delta_matrix(q, k, beta, level_scales, log_decay, scale), v), out_dtype)
+    out = xp.matmul(gated_delta_matrix(q, k, beta, level_scales, log_decay, scale), v)
+    return cast(tie_decay(out, log_decay), out_dtype)

@@ -11,6 +11,7 @@ moved by every transition: ``O(T log T Dk Dv)`` work, and it continues from a st
 
 from __future__ import annotations
 
+from hodlr._formulas import tie_decay
 from hodlr.fenwick import delta, scan
 from hodlr.fenwick.arrays import cast, is_torch
 
@@ -23,13 +24,13 @@ def unavailable_reason(library, device):
 
 def matmul(level_scales, log_decay, x):
     work = level_scales.dtype
-    return cast(scan.matmul(level_scales, log_decay, cast(x, work)), x.dtype)
+    return cast(tie_decay(scan.matmul(level_scales, log_decay, cast(x, work)), log_decay), x.dtype)
 
 
 def attention(q, k, v, level_scales, log_decay, scale):
     work = level_scales.dtype
     out = scan.attention(cast(q, work), cast(k, work), cast(v, work), level_scales, log_decay, scale)
-    return cast(out, v.dtype)
+    return cast(tie_decay(out, log_decay), v.dtype)
 
 
 def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, initial_positions, cu_seqlens,
@@ -94,7 +95,7 @@ def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale, *, stat
                                device=v.device if is_torch(v) else None, position=position,
                                states=None if state is None else cast(state, work))
     q, k, v, beta = (cast(a, work) for a in (q, k, v, beta))
-    out = cast(st.prefill(q, k, v, beta, level_scales, log_decay, scale), out_dtype)
+    out = cast(tie_decay(st.prefill(q, k, v, beta, level_scales, log_decay, scale), log_decay), out_dtype)
     if not final_state:
         return out
     slots = max(0 if state is None else int(state.shape[-3]), (int(position) + T).bit_length())
