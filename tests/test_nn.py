@@ -268,8 +268,10 @@ BAD_MAMBA = [
     (dict(num_heads=4, head_dim=3, hidden_size=6, n_groups=3), ValueError, "n_groups=3 must divide num_heads=4"),
     (dict(num_heads=0, head_dim=3, hidden_size=6), ValueError, "num_heads must be an integer >= 1, got 0"),
     (dict(num_heads=4, head_dim=3, hidden_size=6, expand=1.3), ValueError, "expand \\* hidden_size must be a positive integer"),
+    (dict(num_heads=4, head_dim=3, hidden_size=6, expand="2"), ValueError, "expand \\* hidden_size must be a positive integer"),
     (dict(num_heads=4, head_dim=3, hidden_size=6, hidden_act="gelu"), ValueError, "hidden_act must be 'silu'"),
     (dict(num_heads=4, head_dim=3, hidden_size=6, dt_limit=(1.0, 0.5)), ValueError, "dt_limit must be a pair"),
+    (dict(num_heads=4, head_dim=3, hidden_size=6, dt_limit=("0", 1)), ValueError, "dt_limit must be a pair"),
     (dict(num_heads=4, head_dim=3, hidden_size=6, dt_min=0.0), ValueError, "need 0 < dt_min <= dt_max"),
     (dict(num_heads=4, head_dim=3, hidden_size=6, num_levels=0), ValueError, "num_levels must be an integer >= 1"),
     (dict(num_heads=4, head_dim=3, hidden_size=6, conv_kernel=2.5), ValueError, "conv_kernel must be an integer"),
@@ -279,6 +281,7 @@ BAD_MAMBA = [
 BAD_GDN = [
     (dict(num_heads=3, num_v_heads=4), ValueError, r"num_heads=3 \(query/key heads\) must divide num_v_heads=4"),
     (dict(head_dim=3, expand_v=0.5), ValueError, "head_dim \\* expand_v must be a positive integer"),
+    (dict(expand_v="2"), ValueError, "head_dim \\* expand_v must be a positive integer"),
     (dict(hidden_size=-2), ValueError, "hidden_size must be an integer >= 1, got -2"),
     (dict(conv_size=0), ValueError, "conv_size must be an integer >= 1"),
 ]

@@ -78,9 +78,9 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
             check_int(name, value)
         if num_v_heads % num_heads:
             raise ValueError(f"num_heads={num_heads} (query/key heads) must divide num_v_heads={num_v_heads}")
-        head_v_dim = head_dim * expand_v
-        if isinstance(expand_v, bool) or not isinstance(expand_v, (int, float)) or head_v_dim != int(head_v_dim) \
-                or head_v_dim < 1:
+        ok = isinstance(expand_v, (int, float)) and not isinstance(expand_v, bool)
+        head_v_dim = head_dim * expand_v if ok else 0.5
+        if head_v_dim != int(head_v_dim) or head_v_dim < 1:
             raise ValueError(f"head_dim * expand_v must be a positive integer (the value head width), got "
                              f"head_dim={head_dim}, expand_v={expand_v!r}")
         self.hidden_size, self.expand_v, self.head_dim = hidden_size, expand_v, head_dim

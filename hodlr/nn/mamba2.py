@@ -88,8 +88,8 @@ class LogLinearMamba2(LogLinearLayer):
         for name, value in (("num_heads", num_heads), ("head_dim", head_dim), ("hidden_size", hidden_size),
                             ("state_size", state_size), ("n_groups", n_groups), ("conv_kernel", conv_kernel)):
             check_int(name, value)
-        inner = expand * hidden_size
-        if isinstance(expand, bool) or not isinstance(expand, (int, float)) or inner != int(inner) or inner < 1:
+        inner = expand * hidden_size if isinstance(expand, (int, float)) and not isinstance(expand, bool) else 0.5
+        if inner != int(inner) or inner < 1:
             raise ValueError(f"expand * hidden_size must be a positive integer, got expand={expand!r} "
                              f"with hidden_size={hidden_size}")
         if num_heads * head_dim != int(inner):
@@ -99,10 +99,12 @@ class LogLinearMamba2(LogLinearLayer):
             raise ValueError(f"n_groups={n_groups} must divide num_heads={num_heads}")
         if hidden_act not in ("silu", "swish"):
             raise ValueError(f"hidden_act must be 'silu' (or 'swish', the same), got {hidden_act!r}")
-        lo, hi = (dt_limit if isinstance(dt_limit, (tuple, list)) and len(dt_limit) == 2 else (None, None))
-        if lo is None or not 0 <= lo < hi:
+        pair = isinstance(dt_limit, (tuple, list)) and len(dt_limit) == 2 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in dt_limit)
+        lo, hi = dt_limit if pair else (None, None)
+        if not pair or not 0 <= lo < hi:
             raise ValueError(f"dt_limit must be a pair (low, high) with 0 <= low < high, got {dt_limit!r}")
-        if not 0 < dt_min <= dt_max:
+        if not all(isinstance(x, (int, float)) for x in (dt_min, dt_max)) or not 0 < dt_min <= dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min!r}, dt_max={dt_max!r}")
 
         self.num_heads, self.head_dim, self.hidden_size = num_heads, head_dim, hidden_size
