@@ -265,20 +265,20 @@ def test_bad_calls_are_refused():
         mamba(inputs(1, 3, 6), cache=cache)
 
 
-BAD_MAMBA = [
-    (dict(num_heads=4, head_dim=4, hidden_size=6), ValueError, r"num_heads \* head_dim = 4 \* 4 = 16 must equal expand \* hidden_size = 12"),
-    (dict(num_heads=4, head_dim=3, hidden_size=6, n_groups=3), ValueError, "n_groups=3 must divide num_heads=4"),
-    (dict(num_heads=0, head_dim=3, hidden_size=6), ValueError, "num_heads must be an integer >= 1, got 0"),
-    (dict(num_heads=4, head_dim=3, hidden_size=6, expand=1.3), ValueError, "expand \\* hidden_size must be a positive integer"),
-    (dict(num_heads=4, head_dim=3, hidden_size=6, expand="2"), ValueError, "expand \\* hidden_size must be a positive integer"),
-    (dict(num_heads=4, head_dim=3, hidden_size=6, hidden_act="gelu"), ValueError, "hidden_act must be 'silu'"),
-    (dict(num_heads=4, head_dim=3, hidden_size=6, dt_limit=(1.0, 0.5)), ValueError, "dt_limit must be a pair"),
-    (dict(num_heads=4, head_dim=3, hidden_size=6, dt_limit=("0", 1)), ValueError, "dt_limit must be a pair"),
-    (dict(num_heads=4, head_dim=3, hidden_size=6, dt_min=0.0), ValueError, "need 0 < dt_min <= dt_max"),
-    (dict(num_heads=4, head_dim=3, hidden_size=6, num_levels=0), ValueError, "num_levels must be an integer >= 1"),
-    (dict(num_heads=4, head_dim=3, hidden_size=6, conv_kernel=2.5), ValueError, "conv_kernel must be an integer"),
-    (dict(num_heads=4, head_dim=3, hidden_size=6, backend=None), TypeError, "backend must be a string"),
-    (dict(num_heads=4, head_dim=3, hidden_size=6, hierarchical=1), TypeError, "hierarchical must be a bool"),
+BAD_MAMBA = [  # on top of a valid (num_heads=4, head_dim=3, hidden_size=6)
+    (dict(head_dim=4), ValueError, r"num_heads \* head_dim = 4 \* 4 = 16 must equal expand \* hidden_size = 12"),
+    (dict(n_groups=3), ValueError, "n_groups=3 must divide num_heads=4"),
+    (dict(num_heads=0), ValueError, "num_heads must be an integer >= 1, got 0"),
+    (dict(expand=1.3), ValueError, "expand \\* hidden_size must be a positive integer"),
+    (dict(expand="2"), ValueError, "expand \\* hidden_size must be a positive integer"),
+    (dict(hidden_act="gelu"), ValueError, "hidden_act must be 'silu'"),
+    (dict(dt_limit=(1.0, 0.5)), ValueError, "dt_limit must be a pair"),
+    (dict(dt_limit=("0", 1)), ValueError, "dt_limit must be a pair"),
+    (dict(dt_min=0.0), ValueError, "need 0 < dt_min <= dt_max"),
+    (dict(num_levels=0), ValueError, "num_levels must be an integer >= 1"),
+    (dict(conv_kernel=2.5), ValueError, "conv_kernel must be an integer"),
+    (dict(backend=None), TypeError, "backend must be a string"),
+    (dict(hierarchical=1), TypeError, "hierarchical must be a bool"),
 ]
 BAD_GDN = [
     (dict(num_heads=3, num_v_heads=4), ValueError, r"num_heads=3 \(query/key heads\) must divide num_v_heads=4"),
@@ -292,7 +292,7 @@ BAD_GDN = [
 @pytest.mark.parametrize("kwargs, error, message", BAD_MAMBA)
 def test_bad_mamba2_configurations(kwargs, error, message):
     with pytest.raises(error, match=message):
-        LogLinearMamba2(**kwargs)
+        LogLinearMamba2(**{**dict(num_heads=4, head_dim=3, hidden_size=6), **kwargs})
 
 
 @pytest.mark.parametrize("kwargs, error, message", BAD_GDN)
