@@ -445,8 +445,6 @@ class _DeltaChunks:
     def __init__(self, q, k, v, beta, level_scales, log_decay, C, a):
         import torch
 
-        from hodlr.mask import decay_matrix
-
         self.C, self.c, self.a = C, C.bit_length() - 1, a
         T = v.shape[-2]
         self.r = a % C
