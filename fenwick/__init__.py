@@ -17,10 +17,12 @@ from .index import (
     offdiag_blocks,
     read_levels,
 )
+from .delta import GatedDeltaState
 from .scan import FenwickState, live_levels
 
 __all__ = [
     "FenwickState",
+    "GatedDeltaState",
     "NO_LEVEL",
     "Block",
     "blocks_at_level",

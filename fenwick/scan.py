@@ -123,7 +123,141 @@ def _bmm(a, b):
 # ---------------------------------------------------------------------------------------
 # the streaming state
 # ---------------------------------------------------------------------------------------
-class FenwickState:
+class _StreamingState:
+    """What every streaming Fenwick state shares: the batch shape, the key and value widths,
+    the library, dtype and device, the position and its live levels, and the validation of
+    operands (every public method validates all its inputs before it changes anything)."""
+
+    def _init_common(self, batch_shape, Dk, Dv, dtype, device):
+        """Validate and set what every state has; returns an empty array of the state's
+        library, dtype and device."""
+        try:
+            batch_shape = tuple(int(n) for n in batch_shape)
+        except TypeError:
+            raise TypeError(f"batch_shape must be a tuple of ints, got {batch_shape!r}") from None
+        if any(n < 0 for n in batch_shape):
+            raise ValueError(f"batch_shape must hold sizes >= 0, got {batch_shape}")
+        for name, width in (("Dk", Dk), ("Dv", Dv)):
+            if isinstance(width, (bool, np.bool_)) or not isinstance(width, (int, np.integer)) or width < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {width!r}")
+        if _torch_dtype(dtype):
+            torch = sys.modules["torch"]
+            if not dtype.is_floating_point:
+                raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+            like = torch.empty(0, dtype=dtype, device=device)
+        else:
+            if device is not None and str(device) != "cpu":
+                raise ValueError(f"device must be None for a numpy state (dtype {dtype}), got {device!r}")
+            try:
+                np_dtype = np.dtype(dtype)
+            except TypeError:
+                raise TypeError(f"dtype must be a numpy or torch floating dtype, got {dtype!r}") from None
+            if np_dtype.kind != "f":
+                raise TypeError(f"dtype must be a floating dtype, got {np_dtype}")
+            like = np.empty(0, dtype=np_dtype)
+        self._like = like
+        self._batch = batch_shape
+        self._B = int(np.prod(batch_shape, dtype=np.int64))
+        self._Dk, self._Dv = int(Dk), int(Dv)
+        self._pos = 0
+        self._levels: list[int] = []
+        return like
+
+    # -- read-only views ---------------------------------------------------------------
+    @property
+    def batch_shape(self) -> tuple:
+        return self._batch
+
+    @property
+    def Dk(self) -> int:
+        return self._Dk
+
+    @property
+    def Dv(self) -> int:
+        return self._Dv
+
+    @property
+    def dtype(self):
+        return self._like.dtype
+
+    @property
+    def device(self):
+        """The torch device, or ``"cpu"`` for a numpy state."""
+        return self._like.device if is_torch(self._like) else "cpu"
+
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    @property
+    def num_states(self) -> int:
+        return len(self._levels)
+
+    @property
+    def levels(self) -> tuple:
+        """Levels of the live states, highest first (the set bits of ``position``)."""
+        return tuple(self._levels)
+
+    # -- validation --------------------------------------------------------------------
+    def _operand(self, name, x, tail, layout):
+        """``x`` checked to be in the state's library, dtype, device and of shape
+        ``batch_shape + tail`` (a last entry ``None`` takes any width); returned reshaped to
+        ``(B, *tail)``."""
+        if is_torch(self._like):
+            if not is_torch(x):
+                raise TypeError(f"{name} must be a torch.Tensor of shape {layout} (the state is torch), got {describe(x)}")
+            if x.device != self._like.device:
+                raise ValueError(f"{name} is on device {x.device} but the state is on {self._like.device}")
+        else:
+            if is_torch(x):
+                raise TypeError(f"{name} must be a numpy array of shape {layout} (the state is numpy), got {describe(x)}")
+            if isinstance(x, (list, tuple, float, int, np.number)):  # numpy scalars too: g[t] of a float32 g
+                x = np.asarray(x, dtype=self._like.dtype)
+            if not isinstance(x, np.ndarray):
+                raise TypeError(f"{name} must be a numpy array of shape {layout}, got {describe(x)}")
+        if x.dtype != self._like.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but the state has dtype {self._like.dtype}; they must match")
+        if tail and tail[-1] is None and x.ndim == len(self._batch) + len(tail):
+            tail = tuple(tail[:-1]) + (int(x.shape[-1]),)
+        want = self._batch + tuple(tail)
+        if tuple(x.shape) != want:
+            shown = "(" + ", ".join("L" if n is None else str(n) for n in want) + ("," if len(want) == 1 else "") + ")"
+            raise ValueError(f"{name} must have shape {layout} = {shown}, got shape {tuple(x.shape)}")
+        return x.reshape((self._B,) + tuple(tail))
+
+    def _check_levels(self, L, last):
+        need = num_levels(last + 1)
+        if L < need:
+            raise ValueError(
+                f"level_scales has L={L} levels but position {last} needs at least num_levels({last + 1})={need}"
+            )
+
+    @staticmethod
+    def _check_finite(name, x, where):
+        if x is not None and not bool(namespace(x).isfinite(x).all()):
+            what = "where they are read " if name == "level_scales" else ""
+            raise ValueError(f"{name} must be finite {what}({where}); got NaN or inf")
+
+    def _recording(self, *arrays) -> bool:
+        """Is autograd recording through any of ``arrays`` (``None`` entries allowed)?"""
+        if not is_torch(self._like):
+            return False
+        torch = sys.modules["torch"]
+        if not torch.is_grad_enabled():
+            return False
+        return any(a is not None and a.requires_grad for a in arrays)
+
+    def _length(self, v) -> int:
+        shape = getattr(v, "shape", None)
+        if shape is None or len(shape) != len(self._batch) + 2:
+            raise ValueError(
+                f"v must have shape (*batch, T, Dv) with batch {self._batch}, got "
+                f"{'no shape' if shape is None else 'shape ' + str(tuple(shape))}"
+            )
+        return int(shape[-2])
+
+
+class FenwickState(_StreamingState):
     """Streaming log-linear attention state for a batch of sequences.
 
     Parameters
@@ -176,37 +310,8 @@ class FenwickState:
         return self
 
     def _init(self, batch_shape, Dk, Dv, dtype, device, keyless):
-        try:
-            batch_shape = tuple(int(n) for n in batch_shape)
-        except TypeError:
-            raise TypeError(f"batch_shape must be a tuple of ints, got {batch_shape!r}") from None
-        if any(n < 0 for n in batch_shape):
-            raise ValueError(f"batch_shape must hold sizes >= 0, got {batch_shape}")
-        for name, width in (("Dk", Dk), ("Dv", Dv)):
-            if isinstance(width, (bool, np.bool_)) or not isinstance(width, (int, np.integer)) or width < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {width!r}")
-        if _torch_dtype(dtype):
-            torch = sys.modules["torch"]
-            if not dtype.is_floating_point:
-                raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-            like = torch.empty(0, dtype=dtype, device=device)
-        else:
-            if device is not None and str(device) != "cpu":
-                raise ValueError(f"device must be None for a numpy state (dtype {dtype}), got {device!r}")
-            try:
-                np_dtype = np.dtype(dtype)
-            except TypeError:
-                raise TypeError(f"dtype must be a numpy or torch floating dtype, got {dtype!r}") from None
-            if np_dtype.kind != "f":
-                raise TypeError(f"dtype must be a floating dtype, got {np_dtype}")
-            like = np.empty(0, dtype=np_dtype)
-        self._like = like
-        self._batch = batch_shape
-        self._B = int(np.prod(batch_shape, dtype=np.int64))
-        self._Dk, self._Dv = int(Dk), int(Dv)
+        like = self._init_common(batch_shape, Dk, Dv, dtype, device)
         self._keyless = keyless
-        self._pos = 0
-        self._levels: list[int] = []
         self._buf = zeros((self._B, self._Dk, 0, self._Dv), like)
         self._c = zeros((self._B, 0), like)
 
@@ -246,41 +351,6 @@ class FenwickState:
         self._levels = levels
         return self
 
-    # -- read-only views ---------------------------------------------------------------
-    @property
-    def batch_shape(self) -> tuple:
-        return self._batch
-
-    @property
-    def Dk(self) -> int:
-        return self._Dk
-
-    @property
-    def Dv(self) -> int:
-        return self._Dv
-
-    @property
-    def dtype(self):
-        return self._like.dtype
-
-    @property
-    def device(self):
-        """The torch device, or ``"cpu"`` for a numpy state."""
-        return self._like.device if is_torch(self._like) else "cpu"
-
-    @property
-    def position(self) -> int:
-        return self._pos
-
-    @property
-    def num_states(self) -> int:
-        return len(self._levels)
-
-    @property
-    def levels(self) -> tuple:
-        """Levels of the live states, highest first (the set bits of ``position``)."""
-        return tuple(self._levels)
-
     @property
     def capacity(self) -> int:
         """Number of state slots allocated (the most live states held so far)."""
@@ -309,40 +379,11 @@ class FenwickState:
             f"position={self._pos}, levels={list(self._levels)}, nbytes={self.nbytes})"
         )
 
-    # -- validation --------------------------------------------------------------------
-    def _operand(self, name, x, tail, layout):
-        """``x`` checked to be in the state's library, dtype, device and of shape
-        ``batch_shape + tail`` (a last entry ``None`` takes any width); returned reshaped to
-        ``(B, *tail)``."""
-        if is_torch(self._like):
-            if not is_torch(x):
-                raise TypeError(f"{name} must be a torch.Tensor of shape {layout} (the state is torch), got {describe(x)}")
-            if x.device != self._like.device:
-                raise ValueError(f"{name} is on device {x.device} but the state is on {self._like.device}")
-        else:
-            if is_torch(x):
-                raise TypeError(f"{name} must be a numpy array of shape {layout} (the state is numpy), got {describe(x)}")
-            if isinstance(x, (list, tuple, float, int, np.number)):  # numpy scalars too: g[t] of a float32 g
-                x = np.asarray(x, dtype=self._like.dtype)
-            if not isinstance(x, np.ndarray):
-                raise TypeError(f"{name} must be a numpy array of shape {layout}, got {describe(x)}")
-        if x.dtype != self._like.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but the state has dtype {self._like.dtype}; they must match")
-        if tail and tail[-1] is None and x.ndim == len(self._batch) + len(tail):
-            tail = tuple(tail[:-1]) + (int(x.shape[-1]),)
-        want = self._batch + tuple(tail)
-        if tuple(x.shape) != want:
-            shown = "(" + ", ".join("L" if n is None else str(n) for n in want) + ("," if len(want) == 1 else "") + ")"
-            raise ValueError(f"{name} must have shape {layout} = {shown}, got shape {tuple(x.shape)}")
-        return x.reshape((self._B,) + tuple(tail))
+    def _inplace(self, *arrays) -> bool:
+        """May the buffers be updated in place?  Not while autograd records through them."""
+        return not self._recording(*arrays, self._buf, self._c)
 
-    def _check_levels(self, L, last):
-        need = num_levels(last + 1)
-        if L < need:
-            raise ValueError(
-                f"level_scales has L={L} levels but position {last} needs at least num_levels({last + 1})={need}"
-            )
-
+    # -- validation ----------------------------------------------------------------------
     def _inputs(self, q, k, v, level_scales, log_decay, T=None):
         """Validate one position (``T is None``) or ``T`` positions; return them as
         ``(B, [T,] width)`` arrays."""
@@ -360,21 +401,6 @@ class FenwickState:
         if log_decay is not None:
             g = self._operand("log_decay", log_decay, lead, "(*batch" + ("" if T is None else ", T") + ")")
         return q, k, v, lam, g, L
-
-    @staticmethod
-    def _check_finite(name, x, where):
-        if x is not None and not bool(namespace(x).isfinite(x).all()):
-            what = "where they are read " if name == "level_scales" else ""
-            raise ValueError(f"{name} must be finite {what}({where}); got NaN or inf")
-
-    def _inplace(self, *arrays) -> bool:
-        """May the buffers be updated in place?  Not while autograd records through them."""
-        if not is_torch(self._like):
-            return True
-        torch = sys.modules["torch"]
-        if not torch.is_grad_enabled():
-            return True
-        return not any(a is not None and a.requires_grad for a in arrays + (self._buf, self._c))
 
     # -- the recurrence ------------------------------------------------------------------
     def _reserve(self, n: int):
@@ -529,15 +555,6 @@ class FenwickState:
         self._levels = [int(x) for x in lev[T] if x > 0]
         res = diag * v + xp.stack(reads, 1)
         return res.reshape(self._batch + (T, self._Dv))
-
-    def _length(self, v) -> int:
-        shape = getattr(v, "shape", None)
-        if shape is None or len(shape) != len(self._batch) + 2:
-            raise ValueError(
-                f"v must have shape (*batch, T, Dv) with batch {self._batch}, got "
-                f"{'no shape' if shape is None else 'shape ' + str(tuple(shape))}"
-            )
-        return int(shape[-2])
 
     def extend(self, k, v, log_decay=None):
         """Consume ``T`` tokens without computing their outputs (fast-forward).

@@ -5,15 +5,18 @@
 >>> M = hodlr.LogLinearMask(np.ones((T, hodlr.num_levels(T))))
 >>> M.to_dense().shape
 (8, 8)
+
+``import hodlr`` imports numpy and nothing heavier: scipy, sympy, hypothesis, matplotlib,
+torch and triton are imported by the functions that need them, and the names below marked
+lazy (``HODLRMatrix``, the pictures, ``rank_profile``, ``kernels``, ``nn``, ``symbolic``,
+``testing``) are imported on first use.
 """
 
-from __future__ import annotations
-
-import importlib
-
-from hodlr.fenwick import level, num_levels
-from hodlr.api import attention, backends, matmul
+from hodlr import backends, errors, fenwick
+from hodlr.api import attention, gated_delta_attention, gated_delta_matrix, matmul
+from hodlr.backends import info as backend_info
 from hodlr.errors import BackendUnavailableError, DenseTooLargeError, RankExceededError
+from hodlr.fenwick import level, num_levels
 from hodlr.mask import LogLinearMask
 from hodlr.options import options
 
@@ -24,14 +27,18 @@ _LAZY = {
     "LogLinearState": "hodlr.state",
     "log_linear_attn": "hodlr.ops",
     "log_linear_attn_step": "hodlr.ops",
+    "log_linear_gated_delta_rule": "hodlr.ops",
     "spy": "hodlr.plotting",
     "heatmap": "hodlr.plotting",
     "plot_buckets": "hodlr.plotting",
     "rank_profile": "hodlr.display",
     "distributed": None,
+    "kernels": None,
+    "nn": None,
     "symbolic": None,
     "testing": None,
 }
+"""Names imported on first use: ``{name: module holding it}``, ``None`` for a submodule."""
 
 __all__ = [
     "BackendUnavailableError",
@@ -39,7 +46,12 @@ __all__ = [
     "LogLinearMask",
     "RankExceededError",
     "attention",
+    "backend_info",
     "backends",
+    "errors",
+    "fenwick",
+    "gated_delta_attention",
+    "gated_delta_matrix",
     "level",
     "matmul",
     "num_levels",
@@ -50,8 +62,16 @@ __all__ = [
 
 def __getattr__(name):
     if name in _LAZY:
+        import importlib
+
         module_name = _LAZY[name]
         if module_name is None:
             return importlib.import_module(f"hodlr.{name}")
         return getattr(importlib.import_module(module_name), name)
     raise AttributeError(f"module 'hodlr' has no attribute {name!r}")
+
+
+def __dir__():
+    """The public names (``__all__``): the modules hodlr is built from (``hodlr.api``,
+    ``hodlr.mask``, ...) stay importable by name but are not its interface."""
+    return sorted(__all__) + sorted(n for n in globals() if n.startswith("__") and n.endswith("__"))

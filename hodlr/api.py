@@ -1,12 +1,13 @@
-"""The public operations: ``matmul(M, X)`` and ``attention(q, k, v, M)`` on any backend."""
+"""The public operations: ``matmul(M, X)``, ``attention(q, k, v, M)`` and
+``gated_delta_attention(q, k, v, beta, M)`` on any backend."""
 
 from __future__ import annotations
 
-from hodlr.fenwick.arrays import zeros
+from hodlr.fenwick.arrays import cast, zeros
 from hodlr import _checks, _deferred, backends as registry
 from hodlr.mask import LogLinearMask
 
-__all__ = ["attention", "backends", "matmul"]
+__all__ = ["attention", "gated_delta_attention", "gated_delta_matrix", "matmul"]
 
 
 def _check_mask(M):
@@ -39,10 +40,11 @@ def _empty(batch) -> bool:
     return any(n == 0 for n in batch)
 
 
-def _resolve(backend, M, T):
+def _resolve(backend, M, T, op: str):
+    """The backend module that runs ``op`` for the mask ``M``."""
     if backend == "auto":
-        backend = registry.auto_backend(M.library, M.device, T)
-    return registry.get(backend, M.library, M.device)
+        backend = registry.auto_backend(M.library, M.device, T, op=op)
+    return registry.get(backend, M.library, M.device, op=op)
 
 
 def _mask_args(M, batch):
@@ -64,8 +66,8 @@ def matmul(M, X, *, backend: str = "auto"):
         numpy array or torch tensor, in the mask's library and on its device, with the
         mask's dtype (a float32 mask also serves float16 / bfloat16 operands).
     backend : str, default ``"auto"``
-        One of ``hodlr.backends()``; ``"auto"`` picks by the rule in
-        :mod:`hodlr.backends`.
+        One of ``hodlr.backends.NAMES`` (:func:`hodlr.backend_info` says where each can
+        run); ``"auto"`` picks by the rule in :mod:`hodlr.backends`.
 
     Returns
     -------
@@ -89,7 +91,7 @@ def matmul(M, X, *, backend: str = "auto"):
     _check_operand_dtypes(M, {"X": X})
     _check_length(M, {"X": X})
     batch = _checks.broadcast_batch({"M": M.batch_shape, "X": tuple(X.shape[:-2])})
-    module = _resolve(backend, M, M.T)
+    module = _resolve(backend, M, M.T, "matmul")
     if _empty(batch) or X.shape[-1] == 0:
         return zeros(batch + tuple(X.shape[-2:]), X)
     lam, g = _mask_args(M, batch)
@@ -144,12 +146,129 @@ def attention(q, k, v, M, *, scale=None, backend: str = "auto"):
     batch = _checks.broadcast_batch(
         {"M": M.batch_shape, "q": tuple(q.shape[:-2]), "k": tuple(k.shape[:-2]), "v": tuple(v.shape[:-2])}
     )
-    module = _resolve(backend, M, M.T)
+    module = _resolve(backend, M, M.T, "attention")
     if _empty(batch) or q.shape[-1] == 0 or v.shape[-1] == 0:
         return zeros(batch + tuple(v.shape[-2:]), v)
     lam, g = _mask_args(M, batch)
     q, k, v = (_checks.broadcast_to(a, batch + tuple(a.shape[-2:])) for a in (q, k, v))
     return module.attention(q, k, v, lam, g, scale)
+
+
+def _gated_delta_operands(M, scale, q, k, beta, v=None):
+    """Validate the operands of :func:`gated_delta_attention` (``v`` may be left out); return
+    ``(q, k, beta, v, batch, scale)`` with the broadcast batch shape and the resolved scale
+    (``None`` when ``Dk = 0``)."""
+    _deferred.report()
+    _check_mask(M)
+    q = _checks.as_array("q", q, 2, "(..., T, Dk)")
+    k = _checks.as_array("k", k, 2, "(..., T, Dk)")
+    beta = _checks.as_array("beta", beta, 1, "(..., T)")
+    matrices = {"q": q, "k": k}
+    if v is not None:
+        matrices["v"] = v = _checks.as_array("v", v, 2, "(..., T, Dv)")
+    _checks.check_same_home({"M.level_scales": M.level_scales, **matrices, "beta": beta})
+    _check_operand_dtypes(M, {**matrices, "beta": beta})
+    _check_length(M, matrices)
+    if beta.shape[-1] != M.T:
+        raise ValueError(
+            f"beta must have shape (..., T) with T={M.T} (the mask's length), got shape {tuple(beta.shape)}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q and k must share their last dim Dk: q has shape {tuple(q.shape)}, k has shape {tuple(k.shape)}"
+        )
+    Dk = int(q.shape[-1])
+    scale = _checks.check_scale(scale) if scale is not None else (Dk**-0.5 if Dk else None)
+    shapes = {"M": M.batch_shape, **{name: tuple(x.shape[:-2]) for name, x in matrices.items()},
+              "beta": tuple(beta.shape[:-1])}
+    return q, k, beta, v, _checks.broadcast_batch(shapes), scale
+
+
+def gated_delta_attention(q, k, v, beta, M, *, scale=None, backend: str = "auto"):
+    """Log-linear Gated DeltaNet ``O = (P ⊙ Mλ) V``.
+
+    Per sequence, with ``A_t = exp(g_t) (I - beta_t k_t k_tᵀ)`` (``g`` the mask's log-decay, 0
+    without one): ``P[t, s] = scale · beta_s · q_tᵀ A_t A_{t-1} ⋯ A_{s+1} k_s`` for ``s <= t``,
+    the matrix of Gated DeltaNet (``S_t = A_t S_{t-1} + beta_t k_t v_tᵀ``, ``o_t = scale · S_tᵀ q_t``),
+    and ``Mλ[t, s] = λ[t, level(t, s)]`` the level scales of the mask (the decay is inside ``P``).
+    With every level scale 1 this is Gated DeltaNet.  The delta rule is meant for keys of unit
+    norm and ``0 <= beta <= 2`` (each ``I - beta k kᵀ`` is then a contraction); other inputs are
+    computed as given.
+
+    Parameters
+    ----------
+    q, k : array, shape ``(..., T, Dk)``
+    v : array, shape ``(..., T, Dv)``
+    beta : array, shape ``(..., T)``
+        The delta rule's write strengths.
+    M : LogLinearMask
+        The level scales ``λ`` and the log-decay ``g``, length ``T``.  Leading dims of every
+        argument broadcast; one library, device and dtype (a float32 mask also serves
+        float16 / bfloat16 operands).  From the ``(B, T, H, D)`` layout of
+        flash-linear-attention use ``q.transpose(1, 2)`` (or :func:`hodlr.log_linear_gated_delta_rule`).
+    scale : float, optional
+        Multiplies ``P``; default ``Dk ** -0.5`` (as flash-linear-attention's Gated DeltaNet;
+        note that :func:`attention` defaults to 1).
+    backend : str, default ``"auto"``
+        ``"dense"``, ``"fenwick"`` or ``"chunked"`` (the backends that offer it); ``"auto"`` picks
+        by the rule in :mod:`hodlr.backends`: ``chunked`` for torch tensors (``dense`` up to
+        ``T = 256`` on the CPU), ``dense`` for numpy arrays (the first backend in order that
+        offers it; pass ``backend="chunked"`` or ``"fenwick"`` for long numpy sequences).
+
+    Returns
+    -------
+    O : array, shape ``(*batch, T, Dv)``, the library, dtype and device of ``v``.  An empty
+        batch, ``Dv = 0`` or ``Dk = 0`` (``P = 0``) is not an error; no backend runs.
+
+    Examples
+    --------
+    >>> import numpy as np, hodlr
+    >>> T = 4
+    >>> M = hodlr.LogLinearMask(np.ones((T, hodlr.num_levels(T))))
+    >>> k = np.ones((T, 1))
+    >>> hodlr.gated_delta_attention(k, k, np.arange(T, dtype=float)[:, None], np.ones(T), M).ravel()
+    array([0., 1., 2., 3.])
+    """
+    q, k, beta, v, batch, scale = _gated_delta_operands(M, scale, q, k, beta, v)
+    module = _resolve(backend, M, M.T, "gated_delta_attention")
+    if _empty(batch) or q.shape[-1] == 0 or v.shape[-1] == 0:
+        return zeros(batch + tuple(v.shape[-2:]), v)
+    lam, g = _mask_args(M, batch)
+    q, k, v = (_checks.broadcast_to(a, batch + tuple(a.shape[-2:])) for a in (q, k, v))
+    beta = _checks.broadcast_to(beta, batch + (M.T,))
+    return module.gated_delta_attention(q, k, v, beta, lam, g, scale)
+
+
+def gated_delta_matrix(q, k, beta, M, *, scale=None):
+    """The dense ``T x T`` matrix ``P ⊙ Mλ`` of :func:`gated_delta_attention` (so that
+    ``gated_delta_attention(q, k, v, beta, M) == gated_delta_matrix(q, k, beta, M) @ v``), for
+    inspecting small ``T``: its off-diagonal HODLR blocks have rank at most ``Dk``
+    (``hodlr.rank_profile(hodlr.HODLRMatrix.from_dense(A, rank=Dk))``).
+
+    Parameters are those of :func:`gated_delta_attention` (``v`` is not needed).  Returns an
+    array of shape ``(*batch, T, T)`` in the mask's dtype; refuses, before allocating, sizes
+    over ``hodlr.options.dense_max_bytes``.
+
+    Examples
+    --------
+    >>> import numpy as np, hodlr
+    >>> T = 3
+    >>> M = hodlr.LogLinearMask(np.ones((T, hodlr.num_levels(T))))
+    >>> k = np.ones((T, 1))
+    >>> hodlr.gated_delta_matrix(k, k, np.full(T, 0.5), M)   # each write halves the older ones
+    array([[0.5  , 0.   , 0.   ],
+           [0.25 , 0.5  , 0.   ],
+           [0.125, 0.25 , 0.5  ]])
+    """
+    from hodlr.backends import dense
+
+    q, k, beta, _, batch, scale = _gated_delta_operands(M, scale, q, k, beta)
+    lam, g = _mask_args(M, batch)
+    if scale is None or _empty(batch):
+        return zeros(batch + (M.T, M.T), lam)
+    q, k = (cast(_checks.broadcast_to(a, batch + tuple(a.shape[-2:])), M.dtype) for a in (q, k))
+    beta = cast(_checks.broadcast_to(beta, batch + (M.T,)), M.dtype)
+    return dense.gated_delta_matrix(q, k, beta, lam, g, scale)
 
 
 backends = registry

@@ -94,7 +94,7 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _graph_replay(torch, fn):
+def graph_replay(torch, fn):
     """``fn`` captured into a CUDA graph (after three warm-up calls on a side stream); returns the
     graph's ``replay``."""
     stream = torch.cuda.Stream()
@@ -155,7 +155,7 @@ def _attention_row(torch, bench, args, D, H, T, dtype, fla):
 
     _timed(row, "fwd", lambda: bench(call))
     _timed(row, "fwd_unvalidated", lambda: bench(lambda: call(False)))
-    _timed(row, "fwd_graph", lambda: bench(_graph_replay(torch, call)))
+    _timed(row, "fwd_graph", lambda: bench(graph_replay(torch, call)))
     if args.backward:
         leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, lam)]
 
@@ -165,7 +165,7 @@ def _attention_row(torch, bench, args, D, H, T, dtype, fla):
             return torch.autograd.grad(out, leaves, doh)
 
         _timed(row, "fwdbwd", lambda: bench(fwdbwd))
-        _timed(row, "fwdbwd_graph", lambda: bench(_graph_replay(torch, fwdbwd)))
+        _timed(row, "fwdbwd_graph", lambda: bench(graph_replay(torch, fwdbwd)))
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -180,8 +180,8 @@ def _attention_row(torch, bench, args, D, H, T, dtype, fla):
         _timed(row, "sdpa_fwd", lambda: bench(lambda: sdpa(*sl, is_causal=True)))
         if args.backward:
             _timed(row, "sdpa_fwdbwd", lambda: bench(lambda: torch.autograd.grad(sdpa(*sl, is_causal=True), sl, doh)))
-        if fla is not None and D % 64 == 0 and T < (1 << 17):
-            fl = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, lam)]
+        if fla is not None and D % 64 == 0 and T < (1 << 17):  # fla takes level scales in the inputs' dtype
+            fl = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, lam.to(dtype))]
             _timed(row, "fla_fwd", lambda: bench(lambda: fla(*fl, scale=scale)[0]))
             if args.backward:
                 _timed(row, "fla_fwdbwd", lambda: bench(lambda: torch.autograd.grad(fla(*fl, scale=scale)[0], fl, do)))
@@ -205,7 +205,7 @@ def _matmul_row(torch, bench, args, D, H, T, dtype, copy_bw):
     nbytes = B * H * (2 * T * D * x.element_size() + n_read * 4 + T * 4)
     row["mm_bytes"] = nbytes
     _timed(row, "mm", lambda: bench(call))
-    _timed(row, "mm_graph", lambda: bench(_graph_replay(torch, call)))
+    _timed(row, "mm_graph", lambda: bench(graph_replay(torch, call)))
     for key in ("mm", "mm_graph"):
         if key in row:
             row[key + "_fraction_of_copy"] = nbytes / (row[key] * 1e-3) / copy_bw

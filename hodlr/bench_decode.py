@@ -287,20 +287,6 @@ def _copy_bandwidth(torch, device, time_it, nbytes=1 << 30):
     return 2 * src.numel() * 4 / seconds
 
 
-def _graph(torch, fn):
-    """A CUDA graph of ``fn`` (warmed up on a side stream), replayed by the returned callable."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def _fla_step(torch, args, p, dtype, device, time_it):
     """fla's log-linear decoding: one token from a state at position ``p`` (seconds per step)."""
     from fla.ops.log_linear_attn import chunk_log_linear_attn
@@ -353,7 +339,9 @@ def _bench_gpu_step(args):
             state.positions.copy_(start)
             return hodlr.log_linear_attn_step(q, k, v, g, lam, state, backend="triton", validate=False)
 
-        replay = _graph(torch, step) if device.type == "cuda" else step
+        from hodlr.bench import graph_replay
+
+        replay = graph_replay(torch, step) if device.type == "cuda" else step
         seconds = time_it(replay, args.gpu_replays if device.type == "cuda" else 2)
         nbytes = _step_bytes(p, B, H, D)
         row = {"position": p, "live_slots": bin(p).count("1"), "slots": slots, "us": seconds * 1e6,

@@ -15,7 +15,8 @@ Subcommands
     The level structure: a character grid for ``T <= 64``, the block table beyond;
     ``--png FILE`` saves the structure picture (needs matplotlib).
 ``backends``
-    Which backends exist and where they can run.
+    Which backends exist, which operations each offers and where each can run here (torch
+    rows only where torch is installed, CUDA only where a CUDA device exists), and why not.
 ``bench``, ``bench-cpu``, ``bench-decode``, ``bench-cp``
     Hand the remaining arguments to ``hodlr.bench.main``, ``hodlr.bench_cpu.main``,
     ``hodlr.bench_decode.main`` and ``hodlr.distributed_bench.main`` (context parallelism,
@@ -28,8 +29,10 @@ full length, but longer sequences are checked on the causal prefix of the first
 of the output depend only on the first rows of the inputs, and the prefix problem is
 compared with the same rows of the full reference.  On CUDA it always runs at full length.
 Without a CUDA GPU, ``demo`` and ``verify`` turn the interpreter on themselves (unless
-``TRITON_INTERPRET`` is already set, to anything, or triton was already imported), so that
-the Triton kernels are checked too; their times are then labelled as not kernel speed.
+``TRITON_INTERPRET`` is already set, to anything, or ``hodlr.kernels`` was already imported),
+so that the Triton kernels are checked too; their times are then labelled as not kernel
+speed.  Both exit with status 1 when a backend disagrees or fails, and when none of the
+requested backends could run here (nothing was checked).
 """
 
 from __future__ import annotations
@@ -48,9 +51,10 @@ import numpy as np
 
 from hodlr import fenwick
 from hodlr import backends as registry
+from hodlr._accuracy import DECAYS, TOLERANCES, relative_error
+from hodlr._formulas import check_dense_budget
 from hodlr.errors import BackendUnavailableError, DenseTooLargeError
-from hodlr.mask import LogLinearMask, check_dense_budget
-from hodlr.testing import DECAYS, TOLERANCES, relative_error
+from hodlr.mask import LogLinearMask
 
 __all__ = ["main", "row_reference"]
 
@@ -164,8 +168,10 @@ def dense_reference(problem: Problem, op: str) -> np.ndarray:
 
 
 def dense_fits(problem: Problem) -> bool:
+    """Does the dense float64 reference fit ``hodlr.options.dense_max_bytes``?  Attention's
+    holds three dense arrays at once: the mask, the scores and their product."""
     try:
-        check_dense_budget(problem.lam.shape[:-2], problem.T, 8, "reference")
+        check_dense_budget(problem.lam.shape[:-2], problem.T, 8, "reference", arrays=3)
     except DenseTooLargeError:
         return False
     return True
@@ -292,7 +298,8 @@ def run_one(name, library, device, problem, op, rows, reference, dtype, repeat, 
 def check(problem, names, ops=("matmul", "attention"), dtype="float64", rows=None, repeat=1,
           interpreter_length=INTERPRETER_LENGTH, memory=False, arrays=tuple(ARRAYS), out=print):
     """Run every backend in ``names`` on every (library, device) where it can run; print a
-    table; return ``True`` iff all results agree within tolerance."""
+    table; return ``True`` iff at least one result was compared with the reference and all
+    of them agree within tolerance."""
     references = {}
     for op in ops:
         start = time.perf_counter()
@@ -305,9 +312,12 @@ def check(problem, names, ops=("matmul", "attention"), dtype="float64", rows=Non
         out(f"reference {op}: {kind} ({time.perf_counter() - start:.2f} s)")
     results = []
     for name in names:
-        module = registry._load(name)
-        if module is None:
-            results.append(Result(name, "-", "-", note="not implemented in this version"))
+        module = registry.load(name)
+        offered = [op for op in ops if registry.offers(module, op)]
+        for op in ops:
+            if op not in offered:
+                results.append(Result(name, "-", op, note="not offered by this backend"))
+        if not offered:
             continue
         ran = False
         reasons = []
@@ -317,7 +327,7 @@ def check(problem, names, ops=("matmul", "attention"), dtype="float64", rows=Non
                 reasons.append(f"{library}/{device}: {reason}")
                 continue
             ran = True
-            for op in ops:
+            for op in offered:
                 try:
                     res = run_one(name, library, device, problem, op, rows, references[op], dtype, repeat,
                                   interpreter_length, memory)
@@ -334,11 +344,14 @@ def check(problem, names, ops=("matmul", "attention"), dtype="float64", rows=Non
             results.append(Result(name, "-", "-", note="unavailable here: " + "; ".join(reasons)))
     out(format_results(results))
     bad = [r for r in results if not r.ok]
+    compared = [r for r in results if r.error is not None]
     if bad:
         out(f"FAIL: {len(bad)} result(s) disagree with the reference or failed")
+    elif not compared:
+        out("FAIL: none of the requested backends ran here, so nothing was checked")
     else:
-        out("OK: every backend that ran agrees with the reference")
-    return not bad
+        out(f"OK: every backend that ran agrees with the reference ({len(compared)} result(s) compared)")
+    return bool(compared) and not bad
 
 
 def format_results(results) -> str:
@@ -532,33 +545,34 @@ def _cmd_show(args) -> int:
     return 0
 
 
-def _cmd_backends() -> int:
-    info = registry.info()
-    heads = ["backend", "numpy", "torch cpu", "torch cuda", "description"]
-    cells = []
-    notes = []
+def backends_table(info: dict) -> str:
+    """The text ``hodlr backends`` prints for :func:`hodlr.backend_info`'s ``info``: one row
+    per backend and operation it offers, ``yes`` or ``no (n)`` per place with the reasons as
+    numbered notes, then what each backend computes with."""
+    places = list(registry.WHERE)
+    heads = ["backend", "op"] + [p.replace("_", " ") for p in places]
+    cells, reasons = [], {}
     for name, entry in info.items():
-        row = [name]
-        reasons = {}
-        for key in ("numpy", "torch_cpu", "torch_cuda"):
-            value = entry[key]
-            if value is True:
-                row.append("yes")
-            else:
-                row.append("no*")
-                reasons.setdefault(value, []).append(key.replace("_", " "))
-        for reason, where in reasons.items():
-            notes.append(f"  {name} ({', '.join(where)}): {reason}")
-        row.append(entry["description"])
-        cells.append(row)
+        for op, where in entry["ops"].items():
+            row = [name, op]
+            for p in places:
+                value = where[p]
+                row.append("yes" if value is True else f"no ({reasons.setdefault(value, len(reasons) + 1)})")
+            cells.append(row)
     widths = [max(len(heads[i]), *(len(c[i]) for c in cells)) for i in range(len(heads))]
-    print("  ".join(h.ljust(w) for h, w in zip(heads, widths)).rstrip())
-    print("  ".join("-" * w for w in widths))
-    for c in cells:
-        print("  ".join(x.ljust(w) for x, w in zip(c, widths)).rstrip())
-    if notes:
-        print("\n* why not:")
-        print("\n".join(notes))
+    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(x.ljust(w) for x, w in zip(c, widths)).rstrip() for c in cells]
+    if reasons:
+        lines += ["", "why not:"] + [f"  ({n}) {reason}" for reason, n in reasons.items()]
+    unoffered = [op for op in registry.OPS if not any(op in entry["ops"] for entry in info.values())]
+    if unoffered:
+        lines += ["", "no backend offers: " + ", ".join(unoffered)]
+    lines += ["", "backends:"] + [f"  {name}: {entry['description']}" for name, entry in info.items()]
+    return "\n".join(lines)
+
+
+def _cmd_backends() -> int:
+    print(backends_table(registry.info()))
     return 0
 
 
@@ -577,8 +591,9 @@ def _cmd_bench(command: str, rest: list) -> int:
 
 
 def _interpret_triton_without_gpu() -> None:
-    """Set ``TRITON_INTERPRET=1`` when there is no CUDA GPU, before triton is imported."""
-    if "TRITON_INTERPRET" in os.environ or "triton" in sys.modules:
+    """Set ``TRITON_INTERPRET=1`` when there is no CUDA GPU, before ``hodlr.kernels`` is
+    imported (its kernels are defined for the interpreter or the GPU then, once)."""
+    if "TRITON_INTERPRET" in os.environ or "hodlr.kernels" in sys.modules:
         return
     try:
         import torch

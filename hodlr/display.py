@@ -26,11 +26,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hodlr import fenwick
+from hodlr.fenwick.arrays import namespace, to_numpy
 
 __all__ = [
     "RankProfile",
     "Structure",
     "factor_rank",
+    "is_mask",
+    "is_tree",
     "level_table",
     "mask_repr",
     "mask_repr_html",
@@ -52,6 +55,21 @@ class LevelRow:
     rows: int
     cols: int
     max_rank: int | None = None
+
+    @property
+    def last_rows(self) -> int:
+        """Rows of the level's last block: only it can be clipped by ``T`` (every other
+        block is ``size x size``)."""
+        return self.rows - (self.blocks - 1) * self.size
+
+    def block_size(self, times: str = " x ") -> str:
+        """The blocks' size as printed: ``"4 x 4"``, ``"1 x 4"`` for one clipped block,
+        ``"4 x 4, last 1 x 4"`` when the last of several is clipped."""
+        full = f"{self.size:,}{times}{self.size:,}"
+        last = f"{self.last_rows:,}{times}{self.size:,}"
+        if self.last_rows == self.size:
+            return full
+        return last if self.blocks == 1 else f"{full}, last {last}"
 
 
 def level_table(T: int, first_level: int = 1) -> list[LevelRow]:
@@ -171,13 +189,23 @@ def _tree_structure(tree) -> Structure:
     )
 
 
+def is_mask(obj) -> bool:
+    """Does ``obj`` present a mask's generators (a :class:`hodlr.LogLinearMask`, or anything
+    with its ``T``, ``level_scales``, ``log_decay`` and ``block_factors``)?"""
+    return all(hasattr(obj, name) for name in ("T", "level_scales", "log_decay", "block_factors"))
+
+
+def is_tree(obj) -> bool:
+    """Does ``obj`` present a tree's nodes (a :class:`hodlr.HODLRMatrix`, or anything with
+    its ``T``, ``blocks`` and ``leaves``)?"""
+    return all(hasattr(obj, name) for name in ("T", "blocks", "leaves"))
+
+
 def structure(obj) -> Structure:
     """The :class:`Structure` of a :class:`hodlr.LogLinearMask` or :class:`hodlr.HODLRMatrix`."""
-    from hodlr.mask import LogLinearMask
-
-    if isinstance(obj, LogLinearMask):
+    if is_mask(obj):
         return _mask_structure(obj)
-    if hasattr(obj, "T") and hasattr(obj, "blocks") and hasattr(obj, "leaves"):
+    if is_tree(obj):
         return _tree_structure(obj)
     raise TypeError(f"obj must be a hodlr.LogLinearMask or hodlr.HODLRMatrix, got {type(obj).__name__}")
 
@@ -188,7 +216,7 @@ def _table_lines(table) -> list[str]:
     ranked = table[0].max_rank is not None
     heads = ("level", "blocks", "block size") + (("max rank",) if ranked else ())
     cells = [
-        (str(r.level), f"{r.blocks:,}", f"{r.size:,} x {r.size:,}") + ((str(r.max_rank),) if ranked else ())
+        (str(r.level), f"{r.blocks:,}", r.block_size()) + ((str(r.max_rank),) if ranked else ())
         for r in table
     ]
     widths = [max(len(heads[k]), *(len(c[k]) for c in cells)) for k in range(len(heads))]
@@ -234,7 +262,7 @@ def _html(s: Structure) -> str:
     parts = " + ".join(f"{esc(name)} {n:,}" for name, n in s.stored_parts)
     ranked = bool(s.table) and s.table[0].max_rank is not None
     rows = "".join(
-        f"<tr><td>{r.level}</td><td>{r.blocks:,}</td><td>{r.size:,}&times;{r.size:,}</td>"
+        f"<tr><td>{r.level}</td><td>{r.blocks:,}</td><td>{r.block_size('&times;')}</td>"
         + (f"<td>{r.max_rank}</td>" if ranked else "") + "</tr>"
         for r in s.table
     )
@@ -340,8 +368,6 @@ class RankProfile:
 
 
 def _mask_ranks(mask, levels) -> dict:
-    from hodlr.fenwick.arrays import namespace, to_numpy
-
     out = {}
     for lev in levels:
         u, v = mask.block_factors(lev)
@@ -384,8 +410,6 @@ def factor_rank(u, v, rtol=None) -> np.ndarray:
 
 
 def _tree_ranks(tree, levels, rtol) -> tuple[dict, dict]:
-    from hodlr.fenwick.arrays import to_numpy
-
     by_level = _tree_levels(tree)
     ranks, indices = {}, {}
     for lev in levels:
@@ -420,8 +444,6 @@ def rank_profile(obj, levels=None, rtol=None) -> RankProfile:
     >>> prof.ranks[1], prof.max_rank
     (array([1, 1, 1]), 1)
     """
-    from hodlr.mask import LogLinearMask
-
     s = structure(obj)
     all_levels = [r.level for r in s.table]
     if levels is None:
@@ -438,7 +460,7 @@ def rank_profile(obj, levels=None, rtol=None) -> RankProfile:
         bad = [lev for lev in levels if lev not in all_levels]
         if bad:
             raise ValueError(f"levels must be among {all_levels} for this {s.kind} (T={s.T}), got {bad}")
-    if isinstance(obj, LogLinearMask):
+    if is_mask(obj):
         ranks = _mask_ranks(obj, levels)
         indices = {lev: np.arange(ranks[lev].shape[-1]) for lev in levels}
     else:

@@ -8,42 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from hodlr import fenwick
-from hodlr.fenwick.arrays import as_like, is_torch, namespace, to_numpy, zeros
-from hodlr import _checks, _deferred
-from hodlr.errors import DenseTooLargeError
-from hodlr.options import options
+from hodlr import _checks, _deferred, _formulas, display, fenwick, sparse, tree
+from hodlr._formulas import decay_matrix
+from hodlr.fenwick.arrays import as_like, is_torch, namespace, to_numpy
 
 __all__ = ["LogLinearMask", "decay_matrix"]
-
-
-def decay_matrix(log_decay, T: int):
-    """``(..., T, T)`` matrix with ``exp(sum(log_decay[s+1 .. t]))`` for ``s <= t``, 0 above.
-
-    Each entry is summed from its own terms (a masked cumulative sum), not as a difference
-    of two prefix sums, so it is accurate to rounding in the exponent even when ``G``
-    itself is huge.  ``log_decay`` of ``None`` gives the lower-triangular ones matrix
-    (a float64 numpy ``(T, T)`` array).
-
-    Parameters
-    ----------
-    log_decay : array, shape ``(..., T)``, or None
-        numpy or torch; the result has its library, dtype and device.
-    T : int
-    """
-    like = log_decay
-    idx = np.arange(T)
-    strictly_lower = idx[:, None] > idx[None, :]
-    if log_decay is None:
-        return np.tril(np.ones((T, T)))
-    if log_decay.shape[-1] != T:
-        raise ValueError(f"log_decay must have shape (..., T) with T={T}, got shape {tuple(log_decay.shape)}")
-    xp = namespace(log_decay)
-    lower = as_like(strictly_lower, like)
-    causal = as_like(idx[:, None] >= idx[None, :], like)
-    terms = xp.where(lower, log_decay[..., :, None], zeros((), like))
-    exponent = xp.cumsum(terms, -2)
-    return xp.where(causal, xp.exp(exponent), zeros((), like))
 
 
 class LogLinearMask:
@@ -60,7 +29,14 @@ class LogLinearMask:
         Per-step log-decay ``g`` (``g = a * dt`` gives log-linear Mamba-2).  Default: no
         decay (log-linear linear attention).  ``log_decay[..., 0]`` never enters the mask.
     validate : bool, default True
-        Check that every entry that is read is finite (one pass over the inputs).
+        Check that every level scale that is read, and the log-decay, are finite.  numpy
+        arrays and CPU tensors are checked here, before the constructor returns (a
+        ``ValueError`` naming the first bad entry).  CUDA tensors are checked by one device
+        kernel queued here, with no host synchronisation and nothing of size ``T`` built on
+        the host; its verdict is reported as the same ``ValueError`` by the first hodlr call
+        that finds it in (at the latest :meth:`check`, which waits for it).  Meanwhile a
+        non-finite read scale cannot give a finite wrong result: it turns the rows that read
+        it non-finite.  Masks built while a CUDA graph is captured are not checked.
 
     numpy arrays or torch tensors (any device) are accepted, float32 or float64 (torch
     also float16 / bfloat16); both arguments must share library, device and dtype.  Leading
@@ -202,33 +178,12 @@ class LogLinearMask:
 
     def block_row_factors(self, lev: int):
         """``u`` of :meth:`block_factors`, shape ``(*batch, n, 2**(lev-1))``."""
-        lev = self._check_lev(lev)
-        lam_rows = self._nodes(self._level_scales[..., lev], lev)[..., 1, :]
-        g = self._log_decay
-        if g is None:
-            return _broadcast_batch(lam_rows, self._batch_shape, 2)
-        xp = namespace(g)
-        u = lam_rows * xp.exp(xp.cumsum(self._nodes(g, lev)[..., 1, :], -1))
+        u = _formulas.block_row_factors(self._level_scales, self._log_decay, self._check_lev(lev))
         return _broadcast_batch(u, self._batch_shape, 2)
 
     def block_col_factors(self, lev: int):
         """``v`` of :meth:`block_factors`, shape ``(*batch, n, 2**(lev-1))``."""
-        lev = self._check_lev(lev)
-        lam = self._level_scales
-        size = 1 << lev
-        n = -(-self.T // size)
-        # v is 1 on real columns and 0 on padding ones (left halves of a last node past T)
-        cols_in = as_like((np.arange(n * size) < self.T).reshape(n, 2, size // 2)[:, 0, :], lam, dtype=lam.dtype)
-        g = self._log_decay
-        if g is None:
-            return _broadcast_batch(cols_in, self._batch_shape, 2)
-        xp = namespace(g)
-        left = self._nodes(g, lev)[..., 0, :]
-        col_exp = xp.concatenate(
-            [xp.flip(xp.cumsum(xp.flip(left[..., 1:], (-1,)), -1), (-1,)), zeros(left.shape[:-1] + (1,), left)],
-            -1,
-        )
-        v = xp.exp(col_exp) * cols_in if n * size > self.T else xp.exp(col_exp)
+        v = _formulas.block_col_factors(self._level_scales, self._log_decay, self._check_lev(lev))
         return _broadcast_batch(v, self._batch_shape, 2)
 
     def _check_lev(self, lev) -> int:
@@ -239,68 +194,37 @@ class LogLinearMask:
             raise ValueError(f"lev must be in 1..{fenwick.num_levels(self.T) - 1} for T={self.T}, got {lev}")
         return lev
 
-    def _nodes(self, x, lev: int):
-        """``x (..., T)`` zero-padded to whole level-``lev`` nodes and viewed as
-        ``(..., n, 2, 2**(lev-1))``: ``[..., j, 0, :]`` the columns of node ``j``'s block,
-        ``[..., j, 1, :]`` its rows."""
-        size = 1 << lev
-        n = -(-self.T // size)
-        pad = n * size - self.T
-        if pad:
-            x = namespace(x).concatenate([x, zeros(x.shape[:-1] + (pad,), x)], -1)
-        return x.reshape(x.shape[:-1] + (n, 2, size // 2))
-
     def to_dense(self):
         """The mask as a dense ``(*batch, T, T)`` array (same library, dtype and device).
 
         Raises :class:`hodlr.errors.DenseTooLargeError` before allocating if the
         intermediates exceed ``hodlr.options.dense_max_bytes``.
         """
-        T = self.T
-        lam = self._level_scales
-        check_dense_budget(self._batch_shape, T, _itemsize(lam), "LogLinearMask.to_dense")
-        xp = namespace(lam)
-        idx = np.arange(T)
-        lev = np.maximum(fenwick.level(idx[:, None], idx[None, :]), 0)
-        gathered = lam[..., as_like(idx[:, None], lam), as_like(lev, lam)]
-        decay = decay_matrix(self._log_decay, T)
-        if self._log_decay is None:
-            decay = as_like(decay, lam, dtype=lam.dtype)
-        dense = xp.where(as_like(idx[:, None] >= idx[None, :], lam), gathered * decay, zeros((), lam))
+        dense = _formulas.dense_mask(self._level_scales, self._log_decay, "LogLinearMask.to_dense")
         return _broadcast_batch(dense, self._batch_shape, 2)
 
     def to_sparse(self):
         """The mask as ``diag(level_scales[:, 0]) + U V^T`` with scipy sparse ``U, V``.
 
         See :func:`hodlr.sparse.mask_to_sparse`."""
-        from hodlr.sparse import mask_to_sparse
-
-        return mask_to_sparse(self)
+        return sparse.mask_to_sparse(self)
 
     def to_hodlr(self):
         """The mask as an explicit :class:`hodlr.HODLRMatrix` tree (rank-1 off-diagonal
         blocks, size-1 leaves).  See :func:`hodlr.tree.HODLRMatrix.from_mask`."""
-        from hodlr.tree import HODLRMatrix
-
-        return HODLRMatrix.from_mask(self)
+        return tree.HODLRMatrix.from_mask(self)
 
     def __repr__(self) -> str:
-        from hodlr.display import mask_repr
-
-        return mask_repr(self)
+        return display.mask_repr(self)
 
     def _repr_html_(self) -> str:
-        from hodlr.display import mask_repr_html
-
-        return mask_repr_html(self)
+        return display.mask_repr_html(self)
 
     def rank_profile(self, levels=None):
         """Rank of every off-diagonal block (1, or 0 where a factor is all zero).
 
         See :func:`hodlr.display.rank_profile`."""
-        from hodlr.display import rank_profile
-
-        return rank_profile(self, levels)
+        return display.rank_profile(self, levels)
 
 
 def _broadcast_batch(x, batch_shape, inner_ndim: int):
@@ -310,22 +234,6 @@ def _broadcast_batch(x, batch_shape, inner_ndim: int):
     if tuple(x.shape) == target:
         return x
     return _checks.broadcast_to(x, target)
-
-
-def _itemsize(x) -> int:
-    return x.element_size() if is_torch(x) else x.dtype.itemsize
-
-
-def check_dense_budget(batch_shape, T: int, itemsize: int, what: str, copies: int = 3) -> None:
-    """Refuse, before allocating, ``copies`` dense ``(*batch, T, T)`` intermediates beyond
-    ``options.dense_max_bytes``."""
-    need = copies * int(np.prod(batch_shape, dtype=np.int64)) * T * T * itemsize
-    if need > options.dense_max_bytes:
-        raise DenseTooLargeError(
-            f"{what}: a dense mask of shape {tuple(batch_shape) + (T, T)} needs about {need / 2**30:.2f} GiB, "
-            f"over hodlr.options.dense_max_bytes = {options.dense_max_bytes / 2**30:.2f} GiB; "
-            "use backend='recursive', 'sparse', 'fenwick' or 'chunked' instead, or raise the budget"
-        )
 
 
 def _device_check(level_scales, log_decay):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from hodlr import _checks, backends as registry
@@ -20,7 +21,7 @@ from hodlr import fenwick
 from hodlr.errors import BackendUnavailableError
 from hodlr.state import LogLinearState, segments
 
-__all__ = ["log_linear_attn", "log_linear_attn_step"]
+__all__ = ["log_linear_attn", "log_linear_attn_step", "log_linear_gated_delta_rule"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -141,14 +142,14 @@ def _check_values(N, T, L, cu_seqlens, initial_positions, num_slots=None):
 # ---------------------------------------------------------------------------------------
 def _resolve(backend, device, T, needs_state):
     if backend != "auto":
-        return registry.get(backend, "torch", device)
+        return registry.get(backend, "torch", device, op="attention")
     if needs_state:
         cuda = device.type == "cuda"
         for name in (["triton", "chunked"] if cuda else ["chunked"]):
-            module = registry._load(name)
-            if module is not None and module.unavailable_reason("torch", device) is None:
+            module = registry.load(name)
+            if module.unavailable_reason("torch", device) is None:
                 return module
-    return registry.get(registry.auto_backend("torch", device, T), "torch", device)
+    return registry.get(registry.auto_backend("torch", device, T, op="attention"), "torch", device, op="attention")
 
 
 def _grouped(q, k, v, level_scales, g):
@@ -192,7 +193,7 @@ def _forward(q, k, v, g, level_scales, scale, init_states, init_positions, cu_se
         raise BackendUnavailableError(
             f"backend {module.__name__.rsplit('.', 1)[-1]!r} has no recurrent state "
             f"(initial_state / output_final_state); use one of the backends with state: "
-            f"{', '.join(n for n in registry.NAMES if registry.has_state(registry._load(n)))}")
+            f"{', '.join(n for n in registry.NAMES if registry.has_state(registry.load(n)))}")
     else:
         out = _plain(module, q, k, v, level_scales, g, scale, cu_seqlens)
     if not output_final_state:
@@ -221,16 +222,21 @@ def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Ten
                   None if initial_states is None else initial_states.shape[2])
     o, states, positions = _forward(q, k, v, g, level_scales, scale, initial_states, initial_positions,
                                     cu_seqlens, output_final_state, final_slots, backend)
-    if output_final_state and states.shape[2] and int(positions.max()).bit_length() > final_slots:
-        raise ValueError(f"the final state needs {int(positions.max()).bit_length()} slots but has "
-                         f"{final_slots} (under torch.compile it keeps the initial state's slots: make the state "
-                         f"with more, LogLinearState.zeros(..., max_position=...) or state.with_slots(S))")
+    if output_final_state:
+        _check_final_slots(states, positions, final_slots)
     return o.contiguous(), states.contiguous(), positions.contiguous()
 
 
-@_op.register_fake
-def _op_fake(q, k, v, g, level_scales, scale, initial_states, initial_positions, cu_seqlens, output_final_state,
-             final_slots, backend):
+def _check_final_slots(states, positions, final_slots):
+    """Refuse a final state whose positions need more than ``final_slots`` slots."""
+    if states.shape[2] and int(positions.max()).bit_length() > final_slots:
+        raise ValueError(f"the final state needs {int(positions.max()).bit_length()} slots but has "
+                         f"{final_slots} (under torch.compile it keeps the initial state's slots: make the state "
+                         f"with more, LogLinearState.zeros(..., max_position=...) or state.with_slots(S))")
+
+
+def _fake_outputs(q, v, level_scales, cu_seqlens, output_final_state, final_slots):
+    """``(o, states, positions)`` as the operators return them, on the ``(N, H, T, D)`` layout."""
     N, Hqk, T, Dk = q.shape
     H, Dv = v.shape[1], v.shape[3]
     o = v.new_empty((N, H, T, Dv))
@@ -239,6 +245,12 @@ def _op_fake(q, k, v, g, level_scales, scale, initial_states, initial_positions,
     Nseq = N if cu_seqlens is None else cu_seqlens.shape[0] - 1
     return (o, level_scales.new_empty((Nseq, H, final_slots, Dk, Dv)),
             q.new_empty((Nseq,), dtype=torch.int64))
+
+
+@_op.register_fake
+def _op_fake(q, k, v, g, level_scales, scale, initial_states, initial_positions, cu_seqlens, output_final_state,
+             final_slots, backend):
+    return _fake_outputs(q, v, level_scales, cu_seqlens, output_final_state, final_slots)
 
 
 def _autograd_on():
@@ -265,11 +277,21 @@ def _op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: to
                                         torch.Tensor]:
     """Gradients ``(dq, dk, dv, dg, dlevel_scales, dinitial_states)`` of :func:`_op` (empty for
     an absent ``g`` / initial state): the backend's forward recomputed under autograd."""
-    inputs = [q, k, v, g, level_scales, initial_states]
+    def forward(q, k, v, g, lam, init):
+        return _forward(q, k, v, g, lam, scale, init, initial_positions, cu_seqlens, output_final_state, final_slots,
+                        backend)[:2]
+
+    return _recompute_grads(forward, [q, k, v, g, level_scales, initial_states], do, dstates, output_final_state)
+
+
+def _recompute_grads(forward, inputs, do, dstates, output_final_state):
+    """The gradients of ``(o, states) = forward(*inputs)`` with respect to ``inputs``, by
+    recomputing ``forward`` under autograd: each in the layout of its input (a view's gradient
+    is one too, as the fake implementations say), zeros where unused, an empty tensor for an
+    absent (None) input."""
     with _autograd_on():
         leaves = [None if x is None else x.detach().requires_grad_(True) for x in inputs]
-        o, states, _ = _forward(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], scale, leaves[5],
-                                initial_positions, cu_seqlens, output_final_state, final_slots, backend)
+        o, states = forward(*leaves)
         outs, grads = [o], [do]
         if output_final_state:
             outs.append(states)
@@ -279,18 +301,21 @@ def _op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: to
     result = []
     for x in leaves:
         if x is None:
-            result.append(q.new_empty((0,)))
+            result.append(do.new_empty((0,)))
             continue
         d = next(got)
-        result.append(torch.zeros_like(x) if d is None else d.contiguous())
+        result.append(torch.zeros_like(x) if d is None else torch.empty_like(x).copy_(d))
     return tuple(result)
+
+
+def _fake_grads(like, inputs):
+    return tuple(like.new_empty((0,)) if x is None else torch.empty_like(x) for x in inputs)
 
 
 @_op_backward.register_fake
 def _op_backward_fake(do, dstates, q, k, v, g, level_scales, scale, initial_states, initial_positions, cu_seqlens,
                       output_final_state, final_slots, backend):
-    return tuple(q.new_empty((0,)) if x is None else torch.empty_like(x)
-                 for x in (q, k, v, g, level_scales, initial_states))
+    return _fake_grads(do, (q, k, v, g, level_scales, initial_states))
 
 
 def _setup_context(ctx, inputs, output):
@@ -299,15 +324,23 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (scale, final, slots, backend)
 
 
+def _dstates(dstates, q, v, lam, cu, final, slots):
+    """The final state's incoming gradient as a tensor: zeros when autograd gives none, empty
+    without a final state."""
+    if not final:
+        return lam.new_zeros((0,))
+    if dstates is None:
+        return lam.new_zeros((cu.shape[0] - 1 if cu is not None else q.shape[0], v.shape[1], slots, q.shape[3],
+                              v.shape[3]))
+    return dstates
+
+
 def _backward(ctx, do, dstates, dpositions):
     q, k, v, g, lam, init, pos, cu = ctx.saved_tensors
     scale, final, slots, backend = ctx.args
-    if dstates is None or not final:
-        dstates = lam.new_zeros((0,)) if not final else lam.new_zeros((cu.shape[0] - 1 if cu is not None else
-                                                                       q.shape[0], v.shape[1], slots,
-                                                                       q.shape[3], v.shape[3]))
     dq, dk, dv, dg, dlam, dinit = torch.ops.hodlr.log_linear_attn_backward(
-        do, dstates, q, k, v, g, lam, scale, init, pos, cu, final, slots, backend)
+        do, _dstates(dstates, q, v, lam, cu, final, slots), q, k, v, g, lam, scale, init, pos, cu, final, slots,
+        backend)
     return (dq, dk, dv, None if g is None else dg, dlam, None, None if init is None else dinit,
             None, None, None, None, None)
 
@@ -477,3 +510,245 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
         state.states.copy_(new.states[:, :, :state.num_slots])
         state.positions.copy_(new.positions)
     return o
+
+
+# ---------------------------------------------------------------------------------------
+# log-linear Gated DeltaNet
+# ---------------------------------------------------------------------------------------
+def _continues(module) -> bool:
+    """Whether the backend's ``gated_delta_attention`` continues from a state (keywords
+    ``state``, ``position``, ``final_state``; see :mod:`hodlr.backends`)."""
+    import inspect
+
+    return "state" in inspect.signature(module.gated_delta_attention).parameters
+
+
+def _resolve_gated_delta(backend, device):
+    """The backend module for :func:`log_linear_gated_delta_rule`: ``chunked`` for ``"auto"``."""
+    return registry.get("chunked" if backend == "auto" else backend, "torch", device, op="gated_delta_attention")
+
+
+def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, init_positions, cu_seqlens,
+                         output_final_state, final_slots, backend):
+    """``(o, states, positions)`` of :func:`log_linear_gated_delta_rule` on the ``(N, H, T, D)``
+    layout (``level_scales`` and ``g`` in the work dtype; ``states`` and ``positions`` ``None``
+    without ``output_final_state``).  Sequences that start at one position (the rows of a batch
+    without ``cu_seqlens``) run as one batched backend call; packed sequences one call each."""
+    N, Hqk, T, Dk = q.shape
+    H, Dv = v.shape[1], v.shape[3]
+    grp = H // Hqk
+    module = _resolve_gated_delta(backend, q.device)
+    stateful = init_states is not None or output_final_state
+    if stateful and not _continues(module):
+        have = [n for n in registry.NAMES if registry.offers(registry.load(n), "gated_delta_attention")
+                and _continues(registry.load(n))]
+        raise BackendUnavailableError(f"backend {module.__name__.rsplit('.', 1)[-1]!r} has no recurrent state "
+                                      f"(initial_state / output_final_state); use one of {', '.join(have)}")
+    seq_batch, offset, length, start = segments(N, T, cu_seqlens, init_positions)
+    if cu_seqlens is None:
+        groups = [(np.nonzero(start == a)[0], slice(0, T), int(a)) for a in np.unique(start)]
+    else:
+        groups = [(np.array([n]), slice(int(offset[n]), int(offset[n] + length[n])), int(start[n]))
+                  for n in range(start.size)]
+    work = level_scales.dtype
+    outs, finals = [], []
+    for seqs, sl, a in groups:
+        rows = torch.as_tensor(seq_batch[seqs], device=q.device)
+        pick = lambda x: None if x is None else x.index_select(0, rows)[:, :, sl]  # noqa: E731
+        q5, k5, v5, lam5, g5 = _grouped(pick(q), pick(k), pick(v), pick(level_scales), pick(g))
+        beta5 = pick(beta).unflatten(1, (Hqk, grp))
+        init5 = None
+        if init_states is not None:
+            init5 = init_states.index_select(0, torch.as_tensor(seqs, device=q.device)).to(work)
+            init5 = init5.unflatten(1, (Hqk, grp))
+        Tn = sl.stop - sl.start
+        if Tn == 0:
+            o5 = v5.new_zeros(v5.shape)
+            fin5 = init5 if init5 is not None else v5.new_zeros(v5.shape[:3] + (0, Dk, Dv), dtype=work)
+        elif stateful:
+            o5, fin5 = module.gated_delta_attention(q5, k5, v5, beta5, lam5, g5, scale, state=init5, position=a,
+                                                    final_state=True)
+        else:
+            o5, fin5 = module.gated_delta_attention(q5, k5, v5, beta5, lam5, g5, scale), None
+        outs.append((seqs, o5.flatten(1, 2)))
+        if output_final_state:
+            fin = fin5.flatten(1, 2)
+            fin = torch.nn.functional.pad(fin, (0, 0, 0, 0, 0, final_slots - fin.shape[2]))
+            finals.append((seqs, fin))
+    if cu_seqlens is not None:
+        o = torch.cat([x for _, x in outs], 2)
+    else:
+        o = _in_order(outs, N)
+    if not output_final_state:
+        return o, None, None
+    states = _in_order(finals, start.size)
+    return o, states, torch.as_tensor(start + length, dtype=torch.int64, device=q.device)
+
+
+def _in_order(parts, n):
+    """Concatenate ``[(indices, x)]`` along dim 0 and put row ``indices[i]`` at ``i``."""
+    x = torch.cat([p for _, p in parts])
+    order = np.concatenate([i for i, _ in parts])
+    if np.array_equal(order, np.arange(n)):
+        return x
+    return x.index_select(0, torch.as_tensor(np.argsort(order), device=x.device))
+
+
+@torch.library.custom_op("hodlr::log_linear_gated_delta_rule", mutates_args=())
+def _gd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor], beta: torch.Tensor,
+           level_scales: torch.Tensor, scale: float, initial_states: Optional[torch.Tensor],
+           initial_positions: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], output_final_state: bool,
+           final_slots: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`log_linear_gated_delta_rule` on the ``(N, H, T, D)`` layout with flat arguments, what
+    ``torch.compile`` sees: ``(o, states, positions)``, the last two empty without
+    ``output_final_state``."""
+    _check_values(q.shape[0], q.shape[2], level_scales.shape[-1], cu_seqlens, initial_positions,
+                  None if initial_states is None else initial_states.shape[2])
+    o, states, positions = _gated_delta_forward(q, k, v, beta, g, level_scales, scale, initial_states,
+                                                initial_positions, cu_seqlens, output_final_state, final_slots,
+                                                backend)
+    if not output_final_state:
+        return o.contiguous(), level_scales.new_empty((0,)), q.new_empty((0,), dtype=torch.int64)
+    _check_final_slots(states, positions, final_slots)
+    return o.contiguous(), states.contiguous(), positions.contiguous()
+
+
+@_gd_op.register_fake
+def _gd_op_fake(q, k, v, g, beta, level_scales, scale, initial_states, initial_positions, cu_seqlens,
+                output_final_state, final_slots, backend):
+    return _fake_outputs(q, v, level_scales, cu_seqlens, output_final_state, final_slots)
+
+
+@torch.library.custom_op("hodlr::log_linear_gated_delta_rule_backward", mutates_args=())
+def _gd_op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    g: Optional[torch.Tensor], beta: torch.Tensor, level_scales: torch.Tensor, scale: float,
+                    initial_states: Optional[torch.Tensor], initial_positions: Optional[torch.Tensor],
+                    cu_seqlens: Optional[torch.Tensor], output_final_state: bool, final_slots: int,
+                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                           torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv, dg, dbeta, dlevel_scales, dinitial_states)`` of :func:`_gd_op`
+    (empty for an absent ``g`` / initial state): the backend's forward recomputed under autograd."""
+    def forward(q, k, v, g, beta, lam, init):
+        return _gated_delta_forward(q, k, v, beta, g, lam, scale, init, initial_positions, cu_seqlens,
+                                    output_final_state, final_slots, backend)[:2]
+
+    return _recompute_grads(forward, [q, k, v, g, beta, level_scales, initial_states], do, dstates,
+                            output_final_state)
+
+
+@_gd_op_backward.register_fake
+def _gd_op_backward_fake(do, dstates, q, k, v, g, beta, level_scales, scale, initial_states, initial_positions,
+                         cu_seqlens, output_final_state, final_slots, backend):
+    return _fake_grads(do, (q, k, v, g, beta, level_scales, initial_states))
+
+
+def _gd_setup_context(ctx, inputs, output):
+    q, k, v, g, beta, lam, scale, init, pos, cu, final, slots, backend = inputs
+    ctx.save_for_backward(q, k, v, g, beta, lam, init, pos, cu)
+    ctx.args = (scale, final, slots, backend)
+
+
+def _gd_backward(ctx, do, dstates, dpositions):
+    q, k, v, g, beta, lam, init, pos, cu = ctx.saved_tensors
+    scale, final, slots, backend = ctx.args
+    dq, dk, dv, dg, dbeta, dlam, dinit = torch.ops.hodlr.log_linear_gated_delta_rule_backward(
+        do, _dstates(dstates, q, v, lam, cu, final, slots), q, k, v, g, beta, lam, scale, init, pos, cu, final,
+        slots, backend)
+    return (dq, dk, dv, None if g is None else dg, dbeta, dlam, None, None if init is None else dinit,
+            None, None, None, None, None)
+
+
+_gd_op.register_autograd(_gd_backward, setup_context=_gd_setup_context)
+
+
+def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, initial_state=None,
+                                output_final_state=False, cu_seqlens=None, backend: str = "auto"):
+    """Log-linear Gated DeltaNet on flash-linear-attention's layout: the arguments of fla's
+    ``chunk_gated_delta_rule`` (same order, ``(B, T, H, D)``) plus ``level_scales``, with state
+    hand-off and packed sequences.
+
+    Per sequence and head, with ``A_t = exp(g_t) (I - beta_t k_t k_tᵀ)`` and positions absolute:
+    ``o_t = scale * sum_{s <= t} level_scales[t, level(t, s)] * beta_s * (q_tᵀ A_t ⋯ A_{s+1} k_s) v_s``
+    (:func:`hodlr.gated_delta_attention`); with every level scale 1 it is Gated DeltaNet.
+
+    Parameters
+    ----------
+    q, k : torch.Tensor, shape ``(B, T, Hqk, Dk)``
+    v : torch.Tensor, shape ``(B, T, H, Dv)``
+        ``Hqk`` divides ``H``; head ``h`` of ``v`` reads head ``h // (H // Hqk)`` of ``q`` and ``k``.
+        The delta rule expects keys of unit norm (normalise them first, as fla's
+        ``use_qk_l2norm_in_kernel`` does).
+    g : torch.Tensor, shape ``(B, T, H)``, or None
+        Per-token log-decay, ``A_t`` carries ``exp(g_t)`` (``None``: no decay).
+    beta : torch.Tensor, shape ``(B, T, H)``
+        Write strengths (in ``[0, 1]``, or ``[0, 2]`` for negative eigenvalues).
+    level_scales : torch.Tensor, shape ``(B, T, H, L)``
+        Row ``t`` reads level 0 and level ``l >= 1`` iff bit ``l - 1`` of its absolute position is
+        set; ``L >= num_levels(largest end position)``; other entries are never read (NaN allowed).
+        ``g``, ``beta`` and ``level_scales`` are used in float32 (float64 for float64 inputs).
+    scale : float, optional
+        Multiplies every ``q_tᵀ ⋯ k_s``; default ``Dk ** -0.5`` (as fla).
+    initial_state : hodlr.LogLinearState, optional
+        One row per sequence (``B``, or ``len(cu_seqlens) - 1``): the Fenwick bucket states after
+        every transition up to the sequence's position (docs/mathematics.md), float32 (float64 for
+        float64 inputs).  Sequence ``n`` starts at absolute position ``initial_state.positions[n]``.
+        Gradients flow into ``initial_state.states``.
+    output_final_state : bool
+        Also return the state after the last token of every sequence.
+    cu_seqlens : torch.Tensor, shape ``(N + 1,)``, int32 or int64, optional
+        Packed sequences: ``B == 1``, sequence ``n`` is ``[cu_seqlens[n], cu_seqlens[n + 1])`` along
+        ``T``, its own Fenwick tree.  Empty sequences pass their state through.
+    backend : str, default ``"auto"``
+        ``"chunked"`` (what ``auto`` picks), ``"fenwick"`` (the recurrence) or ``"dense"`` (the
+        reference; no state).
+
+    Returns
+    -------
+    o : torch.Tensor, shape ``(B, T, H, Dv)``, the dtype of ``v``
+    final_state : hodlr.LogLinearState or None
+        With ``max(S, bit_length(largest end position))`` slots (``S`` those of the initial state).
+
+    Examples
+    --------
+    >>> import torch, hodlr
+    >>> B, T, H, D = 2, 10, 3, 4
+    >>> q, v = (torch.randn(B, T, H, D, dtype=torch.float64) for _ in range(2))
+    >>> k = torch.nn.functional.normalize(torch.randn(B, T, H, D, dtype=torch.float64), dim=-1)
+    >>> g, beta = -torch.rand(B, T, H, dtype=torch.float64), torch.rand(B, T, H, dtype=torch.float64)
+    >>> lam = torch.rand(B, T, H, hodlr.num_levels(T), dtype=torch.float64)
+    >>> o, _ = hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam)
+    >>> o1, state = hodlr.log_linear_gated_delta_rule(q[:, :7], k[:, :7], v[:, :7], g[:, :7], beta[:, :7],
+    ...                                               lam[:, :7], output_final_state=True)
+    >>> o2, _ = hodlr.log_linear_gated_delta_rule(q[:, 7:], k[:, 7:], v[:, 7:], g[:, 7:], beta[:, 7:],
+    ...                                           lam[:, 7:], initial_state=state)
+    >>> bool(torch.allclose(torch.cat([o1, o2], 1), o)), state.positions.tolist()
+    (True, [7, 7])
+    """
+    scale, _ = _check_static(q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens, scale)
+    _tensor("beta", beta, 3, "(B, T, H)")
+    if tuple(beta.shape) != tuple(v.shape[:3]):
+        raise ValueError(f"beta must have shape (B, T, H) = {tuple(v.shape[:3])}, got {tuple(beta.shape)}")
+    _checks.check_same_home({"q": q, "beta": beta})
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, one of {('auto',) + registry.NAMES}, got {type(backend).__name__}")
+    work = work_dtype(v.dtype)
+    B, T, L = q.shape[0], q.shape[1], level_scales.shape[-1]
+    init = None if initial_state is None else initial_state.states
+    pos = None if initial_state is None else initial_state.positions
+    S_in = 0 if initial_state is None else initial_state.num_slots
+    beta_, lam = _bhtd(beta).to(work), _bhtd(level_scales).to(work)
+    g_ = None if g is None else _bhtd(g).to(work)
+    if torch.compiler.is_compiling():
+        # no host read while tracing: the slot count comes from shapes (as log_linear_attn)
+        final_slots = 0 if not output_final_state else S_in if initial_state is not None else int(T).bit_length()
+        o, states, positions = _gd_op(_bhtd(q), _bhtd(k), _bhtd(v), g_, beta_, lam, scale, init, pos, cu_seqlens,
+                                      output_final_state, final_slots, backend)
+    else:
+        end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
+        o, states, positions = _gated_delta_forward(_bhtd(q), _bhtd(k), _bhtd(v), beta_, g_, lam, scale, init, pos,
+                                                    cu_seqlens, output_final_state, max(S_in, end.bit_length()),
+                                                    backend)
+    o = o.transpose(1, 2)
+    if not output_final_state:
+        return o, None
+    return o, LogLinearState(states, positions, validate=False)

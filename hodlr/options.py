@@ -15,8 +15,10 @@ class Options:
     Attributes
     ----------
     dense_max_bytes : int
-        Largest total size of the dense ``T x T`` intermediates that ``to_dense`` and the
-        ``dense`` backend may allocate; larger requests raise
+        Most bytes that ``to_dense`` and the ``dense`` backend may hold at once: the dense
+        ``(*batch, T, T)`` arrays of the operation (the mask; for attention also the scores
+        and their product) plus the temporaries of assembling the mask, which is built a
+        slab of rows at a time.  A call that would need more raises
         :class:`hodlr.errors.DenseTooLargeError` before allocating.  Default 2 GiB, or the
         environment variable ``HODLR_DENSE_MAX_BYTES``.
     """

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from hodlr import fenwick
+from hodlr import display, fenwick
+from hodlr.fenwick.arrays import to_numpy
 
 __all__ = ["default_min_block", "heatmap", "plot_buckets", "plot_context_parallel", "save_structure_png", "spy"]
 
@@ -65,16 +66,14 @@ def default_min_block(T: int, leaf_size: int = 1) -> int:
 
 def _describe(obj):
     """``(T, leaf_size, kind, ranks_fn)`` for an int, a mask or a tree."""
-    from hodlr.mask import LogLinearMask
-
     if isinstance(obj, (int, np.integer)) and not isinstance(obj, (bool, np.bool_)):
         T = int(obj)
         if T < 1:
             raise ValueError(f"T must be >= 1, got {T}")
         return T, 1, "structure", None
-    if isinstance(obj, LogLinearMask):
+    if display.is_mask(obj):
         return obj.T, 1, "LogLinearMask", obj
-    if hasattr(obj, "T") and hasattr(obj, "leaf_size") and hasattr(obj, "blocks"):
+    if display.is_tree(obj) and hasattr(obj, "leaf_size"):
         return int(obj.T), int(obj.leaf_size), type(obj).__name__, obj
     raise TypeError(
         f"M must be an int T, a hodlr.LogLinearMask or a hodlr.HODLRMatrix, got {type(obj).__name__}"
@@ -104,11 +103,8 @@ def _reduce_ranks(ranks: np.ndarray) -> np.ndarray:
 def _spy_geometry(T, min_block, source, ranks):
     """``({level: (row_start, row_stop, col_start, col_stop, rank or None)}, [(a, b) leaves])``
     for the blocks of at least ``min_block`` columns."""
-    from hodlr.display import rank_profile
-    from hodlr.mask import LogLinearMask
-
     first = min_block.bit_length()  # levels whose blocks have 2**(l-1) >= min_block columns
-    if source is None or isinstance(source, LogLinearMask):
+    if source is None or display.is_mask(source):
         levels = [lev for lev in range(first, fenwick.num_levels(T)) if fenwick.num_blocks(T, lev)]
         indices = {lev: np.arange(fenwick.num_blocks(T, lev)) for lev in levels}
         tree_leaves = None
@@ -122,7 +118,7 @@ def _spy_geometry(T, min_block, source, ranks):
         if source is None:
             rank_of = {lev: np.ones(fenwick.num_blocks(T, lev), dtype=np.int64) for lev in levels}
         else:
-            prof = rank_profile(source, levels=levels)
+            prof = display.rank_profile(source, levels=levels)
             rank_of = {lev: _reduce_ranks(r) for lev, r in prof.ranks.items()}
             indices = prof.indices
     if indices is None:
@@ -246,8 +242,6 @@ def heatmap(M, ax=None, *, index=None, grid=True, min_block=None, cmap="magma", 
     _need_matplotlib()
     from matplotlib.colors import LogNorm
     from matplotlib.patches import Rectangle
-
-    from hodlr.fenwick.arrays import to_numpy
 
     if not hasattr(M, "to_dense") or not hasattr(M, "T"):
         raise TypeError(f"M must be a hodlr.LogLinearMask or hodlr.HODLRMatrix, got {type(M).__name__}")

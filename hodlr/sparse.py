@@ -21,10 +21,8 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import scipy.sparse
 
-from hodlr import fenwick
-from hodlr.fenwick.arrays import is_torch, to_numpy
+from hodlr import _formulas, fenwick
 
 __all__ = ["SparseMask", "mask_to_sparse", "sparse_structure"]
 
@@ -179,25 +177,6 @@ def sparse_structure(T: int) -> SparseStructure:
     return SparseStructure(int(T))
 
 
-def numpy_dtype(dtype) -> np.dtype:
-    """The numpy dtype sparse code computes in for ``dtype`` (halves -> float32)."""
-    if isinstance(dtype, np.dtype) or dtype in (np.float32, np.float64):
-        return np.dtype(dtype)
-    import torch
-
-    return np.dtype(np.float64) if dtype == torch.float64 else np.dtype(np.float32)
-
-
-def as_numpy(x, dtype):
-    """``x`` (numpy or torch, any device) as a numpy array of ``dtype``; ``None`` stays
-    ``None``."""
-    if x is None:
-        return None
-    if is_torch(x) and x.dtype.itemsize < 4:
-        x = x.float()
-    return np.asarray(to_numpy(x), dtype=dtype)
-
-
 def sparse_data(level_scales, log_decay):
     """Values of the sparse form, batched.
 
@@ -213,19 +192,20 @@ def sparse_data(level_scales, log_decay):
         numpy arrays: ``U``'s data in CSR order and ``V``'s in CSC order, as
         :func:`sparse_structure` lays them out.
     """
-    from hodlr.mask import LogLinearMask
-
-    dtype = numpy_dtype(level_scales.dtype)
-    mask = LogLinearMask(as_numpy(level_scales, dtype), as_numpy(log_decay, dtype), validate=False)
-    structure = sparse_structure(mask.T)
-    batch = mask.batch_shape
+    dtype = _formulas.numpy_dtype(level_scales.dtype)
+    lam = _formulas.as_numpy(level_scales, dtype)
+    g = _formulas.as_numpy(log_decay, dtype)
+    T = lam.shape[-2]
+    structure = sparse_structure(T)
+    batch = _formulas.batch_shape(lam, g)
     U_data = np.empty(batch + (structure.U_cols.size,), dtype=dtype)
     V_data = np.empty(batch + (structure.V_rows.size,), dtype=dtype)
     for lev, (positions, (start, stop)) in enumerate(zip(structure.U_positions, structure.V_ranges), start=1):
-        u, v = mask.block_factors(lev)
-        U_data[..., positions] = u.reshape(batch + (-1,))[..., : positions.size]
-        V_data[..., start:stop] = v.reshape(batch + (-1,))[..., : stop - start]
-    diagonal = np.broadcast_to(mask.diagonal(), batch + (mask.T,))
+        u = _formulas.block_row_factors(lam, g, lev)
+        v = _formulas.block_col_factors(lam, g, lev)
+        U_data[..., positions] = u.reshape(u.shape[:-2] + (-1,))[..., : positions.size]
+        V_data[..., start:stop] = v.reshape(v.shape[:-2] + (-1,))[..., : stop - start]
+    diagonal = np.broadcast_to(lam[..., 0], batch + (T,))
     return diagonal, U_data, V_data
 
 
@@ -236,6 +216,8 @@ def block_diagonal(kind: str, indptr, indices, data, shape):
     in that layout and ``data (B, nnz)`` holds each matrix's values.  Returns a
     ``scipy.sparse`` array of shape ``(B shape[0], B shape[1])``.
     """
+    import scipy.sparse
+
     B, nnz = data.shape
     if B == 1:
         big_indices, big_indptr = indices, indptr
@@ -255,6 +237,8 @@ def mask_to_sparse(M):
     ----------
     M : hodlr.LogLinearMask
         numpy or torch; torch masks are converted to numpy (float16 / bfloat16 to float32).
+        Anything with the mask's ``T``, ``batch_shape``, ``level_scales`` and ``log_decay``
+        serves.
 
     Returns
     -------
@@ -271,6 +255,8 @@ def mask_to_sparse(M):
     >>> S.shape, S[0].K, S[1].U.nnz
     ((2,), 4, 5)
     """
+    import scipy.sparse
+
     structure = sparse_structure(M.T)
     diagonal, U_data, V_data = sparse_data(M.level_scales, M.log_decay)
     batch = M.batch_shape

@@ -31,9 +31,9 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from hodlr import fenwick
-from hodlr.fenwick.arrays import is_torch, to_numpy
+from hodlr import _formulas, display, fenwick
 from hodlr.errors import RankExceededError
+from hodlr.fenwick.arrays import is_torch, to_numpy
 
 __all__ = ["HODLRBlock", "HODLRMatrix", "numerical_rank"]
 
@@ -148,7 +148,8 @@ class HODLRMatrix:
         ----------
         M : hodlr.LogLinearMask
             With ``batch_shape == ()``.  torch masks are converted to numpy (float64 stays
-            float64, other dtypes become float32).
+            float64, other dtypes become float32).  Anything with the mask's
+            ``batch_shape``, ``dtype``, ``level_scales`` and ``log_decay`` serves.
         leaf_size : int, default 1
             Nodes of at most this size become dense leaves (assembled from their own
             factors); 1 gives the pure tree with size-1 leaves ``level_scales[t, 0]``.
@@ -159,19 +160,21 @@ class HODLRMatrix:
             If ``M`` has batch dimensions (select one matrix first, e.g.
             ``LogLinearMask(M.level_scales[0], M.log_decay[0])``), or ``leaf_size < 1``.
         """
-        from hodlr.mask import LogLinearMask
-        from hodlr.sparse import as_numpy, numpy_dtype
-
         if M.batch_shape != ():
             raise ValueError(
                 f"HODLRMatrix.from_mask needs a mask without batch dimensions, got batch_shape {M.batch_shape}; "
                 "build one matrix per element, e.g. LogLinearMask(M.level_scales[0], M.log_decay[0])"
             )
         leaf_size = _check_positive_int("leaf_size", leaf_size)
-        dtype = numpy_dtype(M.dtype)
-        mask = LogLinearMask(as_numpy(M.level_scales, dtype), as_numpy(M.log_decay, dtype), validate=False)
-        factors = {lev: mask.block_factors(lev) for lev in range(1, mask.num_levels)}
-        diagonal = np.asarray(mask.diagonal())
+        dtype = _formulas.numpy_dtype(M.dtype)
+        lam = _formulas.as_numpy(M.level_scales, dtype)
+        g = _formulas.as_numpy(M.log_decay, dtype)
+        T = lam.shape[-2]
+        factors = {
+            lev: (_formulas.block_row_factors(lam, g, lev), _formulas.block_col_factors(lam, g, lev))
+            for lev in range(1, fenwick.num_levels(T))
+        }
+        diagonal = lam[:, 0]
 
         def build(a: int, n: int) -> HODLRMatrix:
             if n == 1:
@@ -184,7 +187,7 @@ class HODLRMatrix:
                        U=u[j, : n - n1, None].copy(), V=v[j, :, None].copy(), start=a)
             return cls(leaf=node.to_dense(), start=a) if n <= leaf_size else node
 
-        return build(0, mask.T)
+        return build(0, T)
 
     @classmethod
     def from_dense(cls, A, leaf_size: int = 1, rank: int | None = None, tol: float | None = None) -> "HODLRMatrix":
@@ -394,19 +397,13 @@ class HODLRMatrix:
         """Numerical rank of every off-diagonal block, from its factors (no block is formed).
 
         See :func:`hodlr.display.rank_profile`."""
-        from hodlr.display import rank_profile
-
-        return rank_profile(self, levels, rtol)
+        return display.rank_profile(self, levels, rtol)
 
     def __repr__(self) -> str:
-        from hodlr.display import tree_repr
-
-        return tree_repr(self)
+        return display.tree_repr(self)
 
     def _repr_html_(self) -> str:
-        from hodlr.display import tree_repr_html
-
-        return tree_repr_html(self)
+        return display.tree_repr_html(self)
 
 
 def _check_positive_int(name: str, value) -> int:

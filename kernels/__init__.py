@@ -4,20 +4,21 @@ backward (imported as ``hodlr.kernels``).
 Imports ``hodlr.fenwick`` only (never the rest of ``hodlr``).  The public functions
 :func:`attention` and :func:`matmul` are differentiable (``torch.autograd``); the launchers
 without autograd are :func:`attention_forward` / :func:`matmul_forward` and
-:func:`attention_backward` / :func:`matmul_backward`.  They take torch tensors
-``(*batch, T, D)`` with any strides and run on CUDA, and on the CPU under
-``TRITON_INTERPRET=1`` (which must be set before this package is first imported:
+:func:`attention_backward` / :func:`matmul_backward` (and, for calls with a recurrent state,
+packed sequences, a final state or grouped heads, :func:`attention_state_forward` /
+:func:`attention_state_backward`).  They take torch tensors with any strides and run on CUDA,
+and on the CPU under ``TRITON_INTERPRET=1`` (which must be set before this package is first imported:
 ``@triton.jit`` reads it when a kernel is defined; :func:`interpreting` says which way the
 kernels were built).  See ``docs/kernels.md`` for the algorithm, the chunk-state layout and the
 FLOP / byte floor.
 """
 
 from ._layout import DEFAULT_CHUNK, interpreting
-from .attention import attention_forward
-from .attention_backward import attention_backward
+from .attention import attention_forward, attention_state_forward
+from .attention_backward import attention_backward, attention_state_backward
 from .autograd import attention, matmul
 from .matmul import matmul_forward
 from .matmul_backward import matmul_backward
 
-__all__ = ["DEFAULT_CHUNK", "attention", "attention_backward", "attention_forward", "interpreting", "matmul",
-           "matmul_backward", "matmul_forward"]
+__all__ = ["DEFAULT_CHUNK", "attention", "attention_backward", "attention_forward", "attention_state_backward",
+           "attention_state_forward", "interpreting", "matmul", "matmul_backward", "matmul_forward"]

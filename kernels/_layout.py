@@ -13,6 +13,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from hodlr import fenwick
@@ -61,9 +62,23 @@ def tma_descriptor(tensor: torch.Tensor, B0: int, B1: int, batch_strides, block_
     return TensorDescriptor(tensor, [B0, B1, T, D], [*strides, 1], [1, 1, block_rows, block_cols])
 
 
+@triton.jit
+def _probe():
+    pass
+
+
+_INTERPRETED = isinstance(_probe, InterpretedFunction)
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return bool(triton.knobs.runtime.interpret)
+    """True when this package's kernels are Triton interpreter functions (they run on the
+    CPU), False when they are compiled for the GPU.
+
+    ``@triton.jit`` reads ``TRITON_INTERPRET`` when a kernel is defined, that is when
+    ``hodlr.kernels`` is imported, so the answer is fixed then: setting or clearing the
+    variable afterwards changes nothing.
+    """
+    return _INTERPRETED
 
 
 def check_chunk(chunk, op: str) -> int:
@@ -102,18 +117,24 @@ def compute_types(dtype: torch.dtype, device=None):
 def state_dtypes(dtype: torch.dtype, compact: bool = False):
     """``(states, logdec)`` dtypes of the chunk-state hierarchy for inputs of ``dtype``.
 
-    float64 inputs: both float64.  Otherwise ``logdec`` is float32 and so are the states,
-    except that with ``compact`` bfloat16 inputs keep bfloat16 states (half the state traffic;
-    the attention and matmul forwards; the level sums are still formed in float32 and rounded
-    on store).
-    float16 inputs always keep float32 states: an undecayed sum over ``T / 2`` positions can
-    pass float16's largest value, 65504.
+    float64 inputs: both float64.  Otherwise ``logdec`` is float32 and so are the states, except
+    that with ``compact`` bfloat16 inputs keep bfloat16 states (half the state traffic; the
+    matmul's forward).  The attention keeps float32 states and rounds each once when it reads it,
+    so their error does not grow with the levels they were summed through (``docs/kernels.md`` §2).
+    float16 inputs always keep float32 states: an undecayed sum over ``T / 2`` positions can pass
+    float16's largest value, 65504.
     """
     if dtype == torch.float64:
         return torch.float64, torch.float64
     if compact and dtype == torch.bfloat16:
         return torch.bfloat16, torch.float32
     return torch.float32, torch.float32
+
+
+def scratch(shape, dtype, device) -> torch.Tensor:
+    """An uninitialised buffer that the kernels fill (the tests fill these with NaN, so a read of
+    anything not written first shows)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -13,8 +13,7 @@ torch = pytest.importorskip("torch")
 
 
 def runnable(library):
-    return [n for n in registry.NAMES
-            if registry._load(n) is not None and registry._load(n).unavailable_reason(library, "cpu") is None]
+    return [n for n in registry.NAMES if registry.load(n).unavailable_reason(library, "cpu") is None]
 
 
 def problem(T=21, batch=(), seed=0):
@@ -41,23 +40,25 @@ def test_result_keeps_library_dtype_and_shape(library, dtype):
             assert tuple(out.shape) == shape, name
 
 
-def test_registry_is_one_object():
-    import hodlr.backends as module
-
-    assert module is hodlr.backends is registry
-    assert set(hodlr.backends()) == set(registry.NAMES)
-    for entry in hodlr.backends().values():
-        assert set(entry) == {"description", "numpy", "torch_cpu", "torch_cuda"}
-        assert all(entry[k] is True or isinstance(entry[k], str) for k in ("numpy", "torch_cpu", "torch_cuda"))
-    assert hodlr.backends()["dense"]["numpy"] is True
+def test_backend_info_is_the_registry_function():
+    assert hodlr.backend_info is registry.info
+    info = hodlr.backend_info()
+    assert list(info) == list(registry.NAMES)
+    for name, entry in info.items():
+        assert set(entry) == {"description", "ops"} and isinstance(entry["description"], str)
+        assert set(entry["ops"]) == {op for op in registry.OPS if registry.offers(registry.load(name), op)}
+        for where in entry["ops"].values():
+            assert set(where) == set(registry.WHERE)
+            assert all(v is True or isinstance(v, str) for v in where.values())
+    assert info["dense"]["ops"]["matmul"]["numpy"] is True
+    assert not callable(hodlr.backends)  # a plain package
 
 
 def test_auto_rule():
-    assert registry.auto_backend("numpy", "cpu", 256) == "dense"
-    assert registry.auto_backend("numpy", "cpu", 257) == ("recursive" if "recursive" in runnable("numpy") else "dense")
-    torch_big = registry.auto_backend("torch", torch.device("cpu"), 257)
-    expected = next((n for n in ("chunked", "recursive") if n in runnable("torch")), "dense")
-    assert torch_big == expected
+    for op in ("matmul", "attention"):
+        assert registry.auto_backend("numpy", "cpu", 256, op=op) == "dense"
+        assert registry.auto_backend("numpy", "cpu", 257, op=op) == "recursive"
+        assert registry.auto_backend("torch", torch.device("cpu"), 257, op=op) == "chunked"
 
 
 def test_lists_and_scalar_kinds_are_accepted():

@@ -1,9 +1,8 @@
 """Every backend agrees with the dense reference, for matmul and attention.
 
 The backends are found in the registry: each name of ``hodlr.backends.NAMES`` (except
-``triton``, proven under the interpreter in its own test files) is tested as soon as its
-module exists and says it can run on numpy / torch CPU arrays; the others are skipped with
-the reason.
+``triton``, proven under the interpreter in its own test files) must have its module and run
+on numpy and torch CPU arrays; a missing module or a refusal is a failure, never a skip.
 """
 
 from __future__ import annotations
@@ -32,12 +31,10 @@ BACKENDS = [name for name in registry.NAMES if name not in ("dense", "triton")]
 
 
 def _available(name: str, library: str = "numpy"):
-    module = registry._load(name)
-    if module is None:
-        pytest.skip(f"backend {name!r} is not implemented yet")
-    reason = module.unavailable_reason(library, "cpu")
-    if reason is not None:
-        pytest.skip(f"backend {name!r} cannot run on {library} CPU arrays: {reason}")
+    """``name``, which must run on ``library`` CPU arrays: a missing backend module or a
+    refusal is a failure, never a skip."""
+    reason = registry.load(name).unavailable_reason(library, "cpu")
+    assert reason is None, f"backend {name!r} cannot run on {library} CPU arrays: {reason}"
     return name
 
 
@@ -46,12 +43,12 @@ def _torch():
 
 
 def test_every_cpu_backend_is_present():
-    """The skips in ``_available`` must not hide a backend: every registered backend but
-    ``triton`` (tested in its own files) has its module and runs on numpy and torch CPU arrays."""
+    """Every registered backend but ``triton`` (tested in its own files) has its module, offers
+    matmul and attention, and runs on numpy and torch CPU arrays."""
     _torch()
     for name in BACKENDS:
-        module = registry._load(name)
-        assert module is not None, f"backend {name!r} is registered but its module is missing"
+        module = registry.load(name)
+        assert registry.offers(module, "matmul") and registry.offers(module, "attention"), name
         for library in ("numpy", "torch"):
             assert module.unavailable_reason(library, "cpu") is None, f"{name} cannot run on {library} CPU arrays"
 
@@ -256,8 +253,7 @@ def test_non_contiguous_operands(name, T, rng):
 @pytest.mark.parametrize("T", [1, 65, 4097])
 def test_cuda_tensors_stay_on_cuda(name, T):
     torch = _torch()
-    module = registry._load(name)
-    if module is None or module.unavailable_reason("torch", torch.device("cuda")) is not None:
+    if registry.load(name).unavailable_reason("torch", torch.device("cuda")) is not None:
         pytest.skip(f"backend {name!r} does not run on CUDA tensors")
     gen = torch.Generator().manual_seed(T)
     for dtype, tol in ((torch.float64, TOL64), (torch.float32, TOL32)):

@@ -58,6 +58,21 @@ def attn(q=None, k=None, v=None, M=None, **kw):
                            mask() if M is None else M, **kw)
 
 
+def gdn(q=None, k=None, v=None, beta=None, M=None, **kw):
+    return hodlr.gated_delta_attention(ops() if q is None else q, ops() if k is None else k,
+                                       ops() if v is None else v, np.ones(T) if beta is None else beta,
+                                       mask() if M is None else M, **kw)
+
+
+def gdn_rule(state=False, beta_shape=(1, T, 2), backend="auto"):
+    """``log_linear_gated_delta_rule`` on ones; ``state``: continue from the state at position T."""
+    t = lambda *shape: torch.ones(shape, dtype=torch.float64)  # noqa: E731
+    args = [t(1, T, 2, 2), t(1, T, 2, 2), t(1, T, 2, 2), t(1, T, 2), t(*beta_shape), t(1, T, 2, L + 1)]
+    init = hodlr.log_linear_gated_delta_rule(*args[:4], t(1, T, 2), args[5], output_final_state=True)[1] if state \
+        else None
+    return hodlr.log_linear_gated_delta_rule(*args, initial_state=init, backend=backend)
+
+
 def over_budget(monkeypatch):
     monkeypatch.setattr(hodlr.options, "dense_max_bytes", 100)
 
@@ -148,6 +163,8 @@ CASES = [
      hodlr.BackendUnavailableError, r"backend 'triton'"),
     ("dense-over-budget", lambda mp: (over_budget(mp), hodlr.matmul(mask(), ops(), backend="dense")),
      hodlr.DenseTooLargeError, r"dense_max_bytes.*use backend='recursive'"),
+    ("backend-lacks-op", lambda mp: (mp.delattr(registry.load("recursive"), "attention"), attn(backend="recursive")),
+     hodlr.BackendUnavailableError, r"backend 'recursive' does not offer attention; backends that do: dense"),
     # -- attention --------------------------------------------------------------------
     ("attention-q-rank-1", lambda mp: attn(q=np.ones(T)), ValueError, r"q must have shape \(\.\.\., T, Dk\)"),
     ("attention-v-wrong-length", lambda mp: attn(v=ops(T=4)), ValueError,
@@ -205,11 +222,28 @@ CASES = [
     ("cp-no-process-group", lambda mp: hodlr.distributed.log_linear_attn(*(torch.ones(1, 2, 1, 1),) * 3, None,
                                                                           torch.ones(1, 2, 1, 2)),
      ValueError, r"group: torch.distributed is not initialised"),
+    # -- gated delta attention -----------------------------------------------------------
+    ("gdn-beta-wrong-length", lambda mp: gdn(beta=np.ones(T + 1)), ValueError,
+     r"beta must have shape \(\.\.\., T\) with T=5"),
+    ("gdn-beta-dtype-mismatch", lambda mp: gdn(beta=np.ones(T, np.float32)), TypeError,
+     r"beta has dtype float32 but q has float64"),
+    ("gdn-beta-batch-not-broadcastable", lambda mp: gdn(q=ops(2), beta=np.ones((3, T))), ValueError,
+     r"batch dimensions do not broadcast: M \(\), q \(2,\), k \(\), v \(\), beta \(3,\)"),
+    ("gdn-backend-without-op", lambda mp: gdn(backend="recursive"), hodlr.BackendUnavailableError,
+     r"backend 'recursive' does not offer gated_delta_attention; backends that do: dense, fenwick, chunked"),
+    ("gdn-dense-over-budget", lambda mp: (over_budget(mp), gdn(backend="dense")), hodlr.DenseTooLargeError,
+     r"backend 'dense' gated_delta_attention: a dense mask of shape \(5, 5\).*use backend='fenwick' or 'chunked'"),
+    ("gdn-rule-beta-shape", lambda mp: gdn_rule(beta_shape=(1, T, 1)), ValueError,
+     r"beta must have shape \(B, T, H\) = \(1, 5, 2\), got \(1, 5, 1\)"),
+    ("gdn-rule-state-on-dense", lambda mp: gdn_rule(state=True, backend="dense"), hodlr.BackendUnavailableError,
+     r"backend 'dense' has no recurrent state"),
     # -- conversions, registry, fenwick ------------------------------------------------
     ("to-dense-over-budget", lambda mp: (over_budget(mp), mask(2).to_dense()), hodlr.DenseTooLargeError,
      r"LogLinearMask.to_dense: a dense mask of shape \(2, 5, 5\)"),
     ("block-factors-level", lambda mp: mask().block_factors(0), ValueError, r"lev must be in 1\.\.3 for T=5, got 0"),
-    ("registry-unknown", lambda mp: registry.get("nope", "numpy", "cpu"), ValueError, r"unknown backend 'nope'"),
+    ("registry-unknown", lambda mp: registry.get("nope", "numpy", "cpu", op="matmul"), ValueError, r"unknown backend 'nope'"),
+    ("registry-unknown-op", lambda mp: registry.get("dense", "numpy", "cpu", op="softmax"), ValueError,
+     r"op must be one of matmul, attention.*got 'softmax'"),
     ("num-levels-zero", lambda mp: fenwick.num_levels(0), ValueError, r"T must be >= 1, got T=0"),
     ("num-levels-float", lambda mp: fenwick.num_levels(2.5), TypeError, r"T must be an integer, got float"),
     ("num-levels-bool", lambda mp: fenwick.num_levels(True), TypeError, r"T must be an integer, got bool"),
@@ -228,7 +262,8 @@ def test_bad_input(monkeypatch, call, error, message):
 
 def test_backend_unavailable_torch_cpu_without_interpreter():
     """triton on CPU tensors without TRITON_INTERPRET (fresh process: the interpreter
-    switch is read when triton and the kernels are imported)."""
+    switch is read when hodlr.kernels defines its kernels; ``tests/test_registry.py`` covers
+    the variable set or cleared after that)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (
         "import torch, hodlr\n"
@@ -254,8 +289,7 @@ def _runnable(library):
     device = "cpu"
     out = []
     for name in registry.NAMES:
-        module = registry._load(name)
-        if module is not None and module.unavailable_reason(library, device) is None:
+        if registry.load(name).unavailable_reason(library, device) is None:
             out.append(name)
     return out
 

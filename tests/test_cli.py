@@ -1,5 +1,6 @@
 """The ``hodlr`` command line: demo, verify, show, backends and the bench hand-offs."""
 
+import json
 import os
 import pathlib
 import re
@@ -24,12 +25,12 @@ def test_demo_runs_every_available_backend(capsys):
     """The newcomer command: no arguments, exit status 0, a row for every backend."""
     code, out, _ = run(capsys, "demo")
     assert code == 0, out
-    assert "T=1000" in out and "level  blocks  block size" in out
+    assert "T=1000" in out and re.search(r"level\s+blocks\s+block size", out)
     assert "reference matmul: dense float64" in out
     for name in registry.NAMES:
         assert f"\n{name} " in out, f"no row for {name}"
-    for name, entry in hodlr.backends().items():
-        if entry["numpy"] is True:
+    for name, entry in hodlr.backend_info().items():
+        if entry["ops"]["matmul"]["numpy"] is True:
             assert f"{name} " in out and "ok" in out
     assert "OK: every backend that ran agrees" in out
 
@@ -44,7 +45,7 @@ def test_verify_small_with_row_reference(capsys):
 
 
 def test_verify_exit_code_reflects_disagreement(capsys, monkeypatch):
-    dense = registry._load("dense")
+    dense = registry.load("dense")
     monkeypatch.setattr(dense, "matmul", lambda lam, g, x: x * 1.0)
     code, out, _ = run(capsys, "verify", "--length", "33", "--backends", "dense", "--ops", "matmul")
     assert code == 1
@@ -57,7 +58,7 @@ def test_verify_reports_unexpected_failures(capsys, monkeypatch, error):
     # verify builds valid inputs: a backend raising anything on them, a plain ValueError /
     # TypeError included, is a failure, not a refusal (only BackendUnavailableError,
     # DenseTooLargeError and float64 on the GPU are refusals)
-    dense = registry._load("dense")
+    dense = registry.load("dense")
 
     def broken(lam, g, x):
         raise error
@@ -87,8 +88,7 @@ def test_interpreter_prefix_is_a_causal_prefix():
 
 @pytest.mark.parametrize("reference", ["dense", "rows"])
 def test_triton_interpreter_prefix(capsys, reference):
-    module = registry._load("triton")
-    if module is None or module.unavailable_reason("torch", "cpu") is not None:
+    if registry.load("triton").unavailable_reason("torch", "cpu") is not None:
         pytest.skip("triton cannot run on CPU tensors here (needs TRITON_INTERPRET=1)")
     code, out, _ = run(capsys, "verify", "--length", "70", "--backends", "triton", "--arrays", "torch",
                        "--interpreter-length", "33", "--reference", reference, "--rows", "4", "--dk", "2", "--dv", "3")
@@ -109,7 +109,20 @@ def test_show_grid(capsys, T):
 def test_show_large_prints_blocks_only(capsys):
     code, out, _ = run(capsys, "show", "1000000")
     assert code == 0
-    assert "levels of the" not in out and "524,288 x 524,288" in out
+    assert "levels of the" not in out and "475,712 x 524,288" in out  # the top block: rows clipped to T
+
+
+def test_show_prints_true_sizes_of_clipped_blocks(capsys):
+    """The last block of a level is clipped by T: T = 5 has one level-3 block of 1 x 4 (rows 4,
+    columns 0..3), T = 7 two level-2 blocks, the second 1 x 2."""
+    table = {}
+    for T in (5, 7):
+        code, out, _ = run(capsys, "show", str(T))
+        assert code == 0
+        table[T] = {int(line.split()[0]): line.split(None, 2)[2] for line in out.splitlines()
+                    if re.match(r"\s+\d+\s+\d+\s+\d", line)}
+    assert table[5] == {1: "1 x 1", 2: "2 x 2", 3: "1 x 4"}
+    assert table[7] == {1: "1 x 1", 2: "2 x 2, last 1 x 2", 3: "3 x 4"}
 
 
 def test_show_png(capsys, tmp_path):
@@ -128,9 +141,10 @@ def test_show_png_without_matplotlib(capsys, monkeypatch, tmp_path):
 def test_backends_table(capsys):
     code, out, _ = run(capsys, "backends")
     assert code == 0
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in out.split("\n\n")[0].splitlines()[2:]}
     for name in registry.NAMES:
-        assert name in out
-    assert "dense      yes    yes" in out
+        assert (name, "matmul") in rows and (name, "attention") in rows, name
+    assert rows["dense", "matmul"][:2] == ["yes", "yes"]
 
 
 def test_bench_missing_module(capsys, monkeypatch):
@@ -219,14 +233,24 @@ def test_readme_links_exist():
 
 
 def test_verify_still_reports_refusals_as_refusals(capsys, monkeypatch):
-    dense = registry._load("dense")
+    dense = registry.load("dense")
 
     def unavailable(lam, g, x):
         raise hodlr.BackendUnavailableError("not here")
 
     monkeypatch.setattr(dense, "matmul", unavailable)
+    code, out, _ = run(capsys, "verify", "--length", "9", "--backends", "dense,recursive", "--ops", "matmul")
+    assert code == 0 and "refused: BackendUnavailableError: not here" in out and "FAILED" not in out
+
+
+def test_verify_fails_when_no_requested_backend_ran(capsys, monkeypatch):
+    """Nothing compared is not a pass: every requested backend refused or cannot run here."""
+    monkeypatch.setattr(registry.load("dense"), "matmul", lambda lam, g, x: (_ for _ in ()).throw(
+        hodlr.BackendUnavailableError("not here")))
     code, out, _ = run(capsys, "verify", "--length", "9", "--backends", "dense", "--ops", "matmul")
-    assert code == 0 and "refused: BackendUnavailableError: not here" in out
+    assert code == 1 and "FAIL: none of the requested backends ran here" in out and "OK" not in out
+    code, out, _ = run(capsys, "verify", "--length", "9", "--backends", "triton", "--arrays", "numpy")
+    assert code == 1 and "unavailable here" in out and "FAIL: none of the requested backends ran here" in out
 
 
 def test_demo_checks_triton_in_the_interpreter_without_a_gpu():
@@ -241,3 +265,14 @@ def test_demo_checks_triton_in_the_interpreter_without_a_gpu():
     assert out.returncode == 0, out.stdout + out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("triton")]
     assert len(rows) == 2 and all(" ok (Triton interpreter on the CPU" in row for row in rows), rows
+
+
+def test_bench_cpu_prints_no_exponent_for_one_length(capsys, tmp_path):
+    path = tmp_path / "bench.json"
+    code, out, _ = run(capsys, "bench-cpu", "--lengths", "16", "--repeats", "1", "--backends", "recursive",
+                       "--json", str(path))
+    assert code == 0
+    assert "nan" not in out.lower() and "growth exponent" not in out and "recursive: " in out
+    assert json.loads(path.read_text())["summary"]["recursive"]["exponent_all"] is None
+    code, out, _ = run(capsys, "bench-cpu", "--lengths", "16", "32", "--repeats", "1", "--backends", "recursive")
+    assert code == 0 and "growth exponent" in out and "nan" not in out.lower()

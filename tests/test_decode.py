@@ -15,7 +15,7 @@ from hodlr.testing import poison_unread, relative_error
 
 from test_state import prefix_state
 
-INTERP = hodlr.backends._load("triton").unavailable_reason("torch", torch.device("cpu")) is None
+INTERP = hodlr.backends.load("triton").unavailable_reason("torch", torch.device("cpu")) is None
 DEVICE = "cpu" if INTERP else "cuda"
 KERNEL_DT = torch.float64 if INTERP else torch.float32  # float64 runs only under the interpreter
 TOL = 1e-12 if INTERP else 1e-5

@@ -48,7 +48,8 @@ def test_every_read_entry_flags(bad, rng):
 @interpreter
 def test_strided_and_broadcast_inputs():
     T, L = 50, 7
-    lam = poison_unread(torch.rand(T, 3, L)).transpose(0, 1)  # (3, T, L), strided rows
+    lam = torch.rand(T, 3, L).transpose(0, 1)  # (3, T, L), strided rows
+    lam.copy_(poison_unread(lam.clone()))
     g = (-torch.rand(T, 1)).expand(T, 3).t()                   # stride-0 batch
     assert _flag(lam, g) == 0
     lam = lam.clone()

@@ -45,7 +45,8 @@ def test_mask_repr_contents():
     assert "11,000 + log-decay 1,000" in text
     assert "1,000,000 dense" in text
     for r in level_table(1000):
-        assert f"{r.size:,} x {r.size:,}" in text
+        assert r.block_size() in text
+    assert "256 x 256, last 232 x 256" in text and "488 x 512" in text  # clipped last blocks
     html = M._repr_html_()
     assert "<table" in html and "1,000,000" in html and "(2, 3)" in html
 

@@ -1,7 +1,7 @@
 """Gradients through every torch backend equal the dense float64 gradients.
 
-For each backend that is implemented and runs on torch CPU tensors (found in the registry,
-so a backend is picked up the moment its file lands), hypothesis draws masks and operands
+Every backend of the registry but ``triton`` must run on torch CPU tensors (a missing module
+or a refusal fails the test, it is never skipped); for each, hypothesis draws masks and operands
 and we compare the gradients with respect to ``q, k, v, level_scales, log_decay`` (and
 ``X`` for ``matmul``) with the dense backend's, per gradient, to ``TOLERANCES["grad_float64"]``.
 ``torch.autograd.gradcheck`` checks the dense backend itself (and every other backend) by
@@ -32,13 +32,12 @@ MAY_REFUSE_GRAD = {"sparse"}
 an error that names gradients."""
 
 
-def _backend_or_skip(name: str):
-    module = registry._load(name)
-    if module is None:
-        pytest.skip(f"backend {name!r} is not implemented yet")
+def _backend(name: str):
+    """The module of ``name``, which must run on torch CPU tensors: a missing backend module
+    or a refusal is a failure, never a skip."""
+    module = registry.load(name)
     reason = module.unavailable_reason("torch", CPU)
-    if reason is not None:
-        pytest.skip(f"backend {name!r} does not run on torch CPU tensors: {reason}")
+    assert reason is None, f"backend {name!r} does not run on torch CPU tensors: {reason}"
     return module
 
 
@@ -72,7 +71,7 @@ def _grads(op, name, M, operands_, scale, cotangent_seed):
 
 
 def _compare(op, name, M, operands_, scale, seed):
-    module = _backend_or_skip(name)
+    module = _backend(name)
     want = _grads(op, "dense", M, operands_, scale, seed)
     try:
         got = _grads(op, name, M, operands_, scale, seed)
@@ -130,7 +129,7 @@ def _small_case(T, decay, rng, batch=(2,)):
 @pytest.mark.parametrize("name", TORCH_BACKENDS)
 @pytest.mark.parametrize("T,decay", [(1, 0.5), (5, None), (9, 0.7), (17, 2.0)])
 def test_gradcheck(name, T, decay, rng):
-    _backend_or_skip(name)
+    _backend(name)
     lam, g, q, k, v = _small_case(T, decay, rng)
     inputs = [x.requires_grad_(True) for x in (q, k, v, lam) + (() if g is None else (g,))]
 
@@ -154,7 +153,7 @@ def test_gradcheck(name, T, decay, rng):
 def test_unread_level_scales_get_exactly_zero_gradient(name, T, rng):
     """Unread scales hold finite values (so a leak would show as a number, not NaN) and
     must still get a gradient of exactly 0; every read scale gets a nonzero one here."""
-    _backend_or_skip(name)
+    _backend(name)
     lam, g, q, k, v = _small_case(T, 0.5, rng)
     lam.requires_grad_(True)
     g.requires_grad_(True)
@@ -178,7 +177,7 @@ def test_unread_level_scales_get_exactly_zero_gradient(name, T, rng):
 def test_no_silent_loss_of_gradient(name, rng):
     """With inputs that require grad, a backend returns a result on the graph or refuses
     with an error that mentions gradients."""
-    _backend_or_skip(name)
+    _backend(name)
     lam, g, q, k, v = _small_case(33, 0.5, rng)
     v.requires_grad_(True)
     try:
@@ -208,3 +207,30 @@ def test_scale_that_requires_grad_is_refused_not_cut_off():
         assert torch.equal(hodlr.attention(q, q, q, M, scale=scale, backend="dense"), want)
         assert relative_error(scan_attention(q, q, q, M.level_scales, None, scale), want) <= TOL
     assert torch.equal(hodlr.attention(q, q, q, M, scale=scale.detach(), backend="dense"), want)
+
+
+@pytest.mark.parametrize("op", ["matmul", "attention"])
+@pytest.mark.parametrize("batch", [(), (2,)], ids=str)
+def test_length_one_decay_gets_a_zero_gradient_on_every_backend(op, batch):
+    """At ``T = 1`` no decay enters the result (``log_decay[..., 0]`` never does), yet a
+    ``log_decay`` that is an input gets a gradient on every backend that differentiates: zero,
+    never ``None`` (``torch.autograd.grad`` without ``allow_unused`` fails on an unused input).
+    The triton backend is included when it runs here (under the interpreter)."""
+    gen = torch.Generator().manual_seed(1)
+    names = [n for n in registry.NAMES if n not in MAY_REFUSE_GRAD
+             and registry.load(n).unavailable_reason("torch", CPU) is None]
+    assert set(TORCH_BACKENDS) - MAY_REFUSE_GRAD <= set(names)
+    values = (torch.rand(batch + (1, 2), generator=gen, dtype=torch.float64),
+              -torch.rand(batch + (1,), generator=gen, dtype=torch.float64),
+              torch.randn(batch + (1, 3), generator=gen, dtype=torch.float64))
+    grads = {}
+    for name in names:
+        lam, g, x = (a.clone().requires_grad_(True) for a in values)
+        M = hodlr.LogLinearMask(lam, g)
+        out = hodlr.matmul(M, x, backend=name) if op == "matmul" else hodlr.attention(x, x, x, M, backend=name)
+        grads[name] = torch.autograd.grad(out.sum(), (lam, g, x))
+    for name, (d_lam, d_g, d_x) in grads.items():
+        assert torch.equal(d_g, torch.zeros_like(d_g)), name
+        assert torch.equal(d_lam[..., 1:], torch.zeros_like(d_lam[..., 1:])), name  # column 1 is never read
+        for got, want in zip((d_lam, d_x), grads["dense"][::2]):
+            assert relative_error(got, want) <= TOL, name

@@ -32,8 +32,7 @@ def runnable(T):
     out = []
     for library in ("numpy", "torch"):
         for name in registry.NAMES:
-            module = registry._load(name)
-            if module is None or module.unavailable_reason(library, "cpu") is not None:
+            if registry.load(name).unavailable_reason(library, "cpu") is not None:
                 continue
             if name == "triton" and T > INTERPRETER_MAX_T:
                 continue

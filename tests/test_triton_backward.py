@@ -222,8 +222,8 @@ def test_gradcheck(rng):
 def test_registered_backend_gradients(data):
     """Once ``backend="triton"`` is registered and runs here, its gradients (through the
     public API) are the dense ones."""
-    module = registry._load("triton")
-    assert module is not None and module.unavailable_reason("torch", torch.device("cpu")) is None, \
+    module = registry.load("triton")
+    assert module.unavailable_reason("torch", torch.device("cpu")) is None, \
         "under the interpreter backend='triton' must run on torch CPU tensors"
     M = data.draw(masks(T=st_lengths(max_value=80), library="torch", dtype=torch.float64))
     q, k, v = data.draw(attention_inputs(M, Dk=st.integers(1, 4), Dv=st.integers(1, 4)))

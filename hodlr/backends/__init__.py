@@ -1,4 +1,4 @@
-"""The backend registry: one module per backend, all with the same signature.
+"""The backend registry: one module per backend, all with the same signatures.
 
 A backend module defines
 
@@ -7,11 +7,22 @@ A backend module defines
 ``unavailable_reason(library, device) -> str | None``
     ``None`` if it can run on arrays of that library (``"numpy"`` / ``"torch"``) and
     device, else why not.
+
+and any of the operations of :data:`OPS` (a module that lacks one does not offer it):
+
 ``matmul(level_scales, log_decay, x)``
     ``level_scales (*batch, T, L)``, ``log_decay (*batch, T)`` or ``None``,
     ``x (*batch, T, D)`` -> ``(*batch, T, D)``.
 ``attention(q, k, v, level_scales, log_decay, scale)``
     ``q, k (*batch, T, Dk)``, ``v (*batch, T, Dv)``, ``scale`` a float -> ``(*batch, T, Dv)``.
+``gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale)``
+    Log-linear Gated DeltaNet (:func:`hodlr.gated_delta_attention`): the layout of
+    ``attention`` plus ``beta (*batch, T)`` -> ``(*batch, T, Dv)``.  Offered by ``dense``,
+    ``fenwick`` and ``chunked``.  ``fenwick`` and ``chunked`` also take the keywords ``state``
+    (``(*batch, S, Dk, Dv)``, the bucket states of the first token's absolute position, slot
+    ``l - 1`` = level ``l``), ``position`` (that position) and ``final_state`` (also return the
+    bucket states after the last token): :func:`hodlr.log_linear_gated_delta_rule` runs state
+    hand-off and packed sequences through them, one call per start position.
 
 ``attention_state(q, k, v, level_scales, log_decay, scale, initial_state, initial_positions, cu_seqlens, output_final_state)`` (optional)
     Attention that continues from a recurrent state and/or runs packed sequences, on the
@@ -31,52 +42,84 @@ a final state or ``cu_seqlens``.  A backend without it serves the calls with nei
 (packed sequences by one ``attention`` call per sequence) and refuses the others with
 :class:`hodlr.BackendUnavailableError`.
 
-The public functions :func:`hodlr.matmul` and :func:`hodlr.attention` validate the inputs
-and broadcast every batch shape to one common ``batch`` (as views, no copies) before a
+The public functions :func:`hodlr.matmul`, :func:`hodlr.attention` and
+:func:`hodlr.gated_delta_attention` validate the inputs and broadcast every batch shape to one common ``batch`` (as views, no copies) before a
 backend sees them, so backends never validate.
 
-``backend="auto"`` picks the first rule that matches and whose backend can run:
+``backend="auto"`` picks the first rule that matches and whose backend offers the operation
+and can run:
 
 1. torch tensors on a CUDA device: ``triton``, then ``chunked``;
 2. ``T <= 256``: ``dense`` (fastest for small masks);
 3. torch tensors: ``chunked``, then ``recursive``;
-4. numpy arrays: ``recursive``.
+4. numpy arrays: ``recursive``;
+
+then any backend that offers the operation, in the order of :data:`NAMES`.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 from hodlr.errors import BackendUnavailableError
 
-__all__ = ["NAMES", "auto_backend", "get", "has_state", "info"]
+__all__ = ["AUTO_DENSE_MAX_T", "NAMES", "OPS", "WHERE", "auto_backend", "get", "has_state", "info", "load", "offers"]
 
 NAMES = ("dense", "sparse", "recursive", "fenwick", "chunked", "triton")
-"""Every backend name, in the order :func:`hodlr.backends` lists them."""
+"""Every backend name, in the order :func:`info` lists them."""
+
+OPS = ("matmul", "attention", "gated_delta_attention")
+"""Every operation a backend module may define."""
+
+WHERE = {"numpy": ("numpy", "cpu"), "torch_cpu": ("torch", "cpu"), "torch_cuda": ("torch", "cuda")}
+"""The places :func:`info` reports on: key -> ``(library, device)``."""
 
 AUTO_DENSE_MAX_T = 256
 
 
-def _load(name: str):
-    try:
-        return importlib.import_module(f"hodlr.backends.{name}")
-    except ModuleNotFoundError as err:
-        if err.name == f"hodlr.backends.{name}":
-            return None
-        raise
-
-
-def get(name: str, library: str, device) -> object:
-    """The backend module ``name``, checked to run on ``library`` / ``device``."""
+def _check_name(name) -> str:
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, one of {('auto',) + NAMES}, got {type(name).__name__}")
     if name not in NAMES:
         raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(('auto',) + NAMES)}")
-    module = _load(name)
-    if module is None:
-        raise BackendUnavailableError(f"backend {name!r} is not implemented in this version of hodlr")
+    return name
+
+
+def _check_op(op) -> str:
+    if op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
+    return op
+
+
+def load(name: str):
+    """The module of backend ``name`` (every name of :data:`NAMES` has one: a missing
+    module is an installation error and raises ``ModuleNotFoundError``)."""
+    return importlib.import_module(f"hodlr.backends.{_check_name(name)}")
+
+
+def offers(module, op: str) -> bool:
+    """Does the backend ``module`` define the operation ``op``?"""
+    return callable(getattr(module, _check_op(op), None))
+
+
+def get(name: str, library: str, device, *, op: str):
+    """The module of backend ``name``, checked to define ``op`` and to run on ``library``
+    (``"numpy"`` / ``"torch"``) arrays on ``device``.
+
+    Raises
+    ------
+    BackendUnavailableError
+        If the backend does not define ``op``, or cannot run there (the message says why).
+    ValueError, TypeError
+        For an unknown backend name or operation.
+    """
+    _check_op(op)
+    module = load(name)
+    if not offers(module, op):
+        have = [n for n in NAMES if offers(load(n), op)]
+        raise BackendUnavailableError(
+            f"backend {name!r} does not offer {op}; backends that do: {', '.join(have) or 'none'}"
+        )
     reason = module.unavailable_reason(library, device)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run on {library} arrays on {device}: {reason}")
@@ -88,8 +131,10 @@ def has_state(module) -> bool:
     return callable(getattr(module, "attention_state", None))
 
 
-def auto_backend(library: str, device, T: int) -> str:
-    """The name ``backend="auto"`` resolves to (rules in the module docstring)."""
+
+def auto_backend(library: str, device, T: int, *, op: str) -> str:
+    """The name ``backend="auto"`` resolves to for ``op`` (rules in the module docstring)."""
+    _check_op(op)
     cuda = library == "torch" and getattr(device, "type", str(device)) == "cuda"
     if cuda:
         candidates = ["triton", "chunked"]
@@ -99,44 +144,52 @@ def auto_backend(library: str, device, T: int) -> str:
         candidates = ["chunked", "recursive"]
     else:
         candidates = ["recursive"]
-    for name in candidates + ["dense"]:
-        module = _load(name)
-        if module is not None and module.unavailable_reason(library, device) is None:
+    for name in candidates + [n for n in NAMES if n not in candidates]:
+        module = load(name)
+        if offers(module, op) and module.unavailable_reason(library, device) is None:
             return name
-    raise BackendUnavailableError(f"no backend can run on {library} arrays on {device}")
+    raise BackendUnavailableError(f"no backend can run {op} on {library} arrays on {device}")
+
+
+def _environment() -> dict:
+    """``{key of WHERE: None | why nothing runs there on this machine}``."""
+    try:
+        import torch
+    except ImportError:
+        missing = "torch is not installed (pip install torch)"
+        return {"numpy": None, "torch_cpu": missing, "torch_cuda": missing}
+
+    cuda = None if torch.cuda.is_available() else "no CUDA device here (torch.cuda.is_available() is False)"
+    return {"numpy": None, "torch_cpu": None, "torch_cuda": cuda}
 
 
 def info() -> dict:
-    """``{name: {"description", "numpy", "torch_cpu", "torch_cuda"}}``: each entry of the
-    last three is ``True`` or the reason the backend cannot run there."""
+    """Every backend, what it computes with, the operations it offers and where each can
+    run here.
+
+    Returns
+    -------
+    dict
+        ``{name: {"description": str, "ops": {op: {"numpy": v, "torch_cpu": v,
+        "torch_cuda": v}}}}`` for every name of :data:`NAMES`; ``"ops"`` holds the
+        operations of :data:`OPS` that the backend offers, and ``v`` is ``True`` or the
+        reason it cannot run there: torch is not installed, there is no CUDA device, or the
+        backend's own reason.
+
+    Examples
+    --------
+    >>> from hodlr import backends
+    >>> backends.info()["dense"]["ops"]["matmul"]["numpy"]
+    True
+    """
+    here = _environment()
     out = {}
     for name in NAMES:
-        module = _load(name)
-        if module is None:
-            out[name] = {"description": "not implemented", "numpy": "not implemented",
-                         "torch_cpu": "not implemented", "torch_cuda": "not implemented"}
-            continue
-        entry = {"description": module.DESCRIPTION}
-        for key, library, device in (("numpy", "numpy", "cpu"), ("torch_cpu", "torch", "cpu"),
-                                     ("torch_cuda", "torch", "cuda")):
-            reason = module.unavailable_reason(library, device)
-            entry[key] = True if reason is None else reason
-        out[name] = entry
+        module = load(name)
+        where = {}
+        for key, (library, device) in WHERE.items():
+            reason = here[key] if here[key] is not None else module.unavailable_reason(library, device)
+            where[key] = True if reason is None else reason
+        ops = {op: dict(where) for op in OPS if offers(module, op)}
+        out[name] = {"description": module.DESCRIPTION, "ops": ops}
     return out
-
-
-class _Registry(types.ModuleType):
-    """This module is also the function ``hodlr.backends()``: ``hodlr.backends`` is one
-    object whether reached as the package attribute or as ``import hodlr.backends``, so
-    ``hodlr.backends()`` and ``hodlr.backends.NAMES`` both work."""
-
-    def __call__(self) -> dict:
-        """Every backend, what it computes with, and whether it can run here.
-
-        Returns ``{name: {"description": str, "numpy": True | reason, "torch_cpu": ...,
-        "torch_cuda": ...}}`` (see :func:`info`).
-        """
-        return info()
-
-
-sys.modules[__name__].__class__ = _Registry

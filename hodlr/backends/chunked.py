@@ -18,6 +18,12 @@ Precision: every exponent is a sum of its own terms -- a segment sum inside one 
 difference of two prefix sums is ever exponentiated, so long sequences with strong decay
 lose nothing.
 
+Log-linear Gated DeltaNet (:func:`gated_delta_attention`) follows the same plan with the
+delta rule's transitions: the UT form inside each chunk, block states *and* block transitions
+in the hierarchy, and each chunk's queries moved to its start once and across every block
+they pass (docs/mathematics.md, "Log-linear Gated DeltaNet"); it continues from bucket states
+at any absolute position and returns the final ones.
+
 Runs on torch tensors (any device, autograd included); numpy inputs are converted to
 torch CPU tensors and the result back to numpy.  float16 / bfloat16 operands are computed
 in the mask's dtype and cast back.  Any ``T``: the sequence is zero-padded to whole chunks.
@@ -444,3 +450,259 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
                                      kE, vE)
     positions = torch.as_tensor(e, dtype=torch.int64, device=dev)
     return o, (final.flatten(1, 2), positions)
+
+
+# ---------------------------------------------------------------------------------------
+# log-linear Gated DeltaNet
+# ---------------------------------------------------------------------------------------
+def _solve_unit_lower(N, B, left=True):
+    """``N^{-1} B`` (``left``) or ``B N^{-1}`` for unit lower-triangular ``N``."""
+    import torch
+
+    return torch.linalg.solve_triangular(N, B, upper=False, left=left, unitriangular=True)
+
+
+class _DeltaChunks:
+    """One call of the chunked log-linear Gated DeltaNet, cut into aligned chunks.
+
+    The call's first token is absolute position ``a``; its chunk starts at ``a0 = a - a % C``
+    and the ``a % C`` rows before ``a`` are padding (zero key, query, value and beta, zero
+    log-decay: the identity transition), as are the rows after the last token.  Chunk ``i``
+    of the call is absolute chunk ``I0 + i``.  Per chunk (``Γ[t, s] = exp(g_{s+1} + ... + g_t)``
+    from its own terms, ``γ_t = exp(g_start + ... + g_t)``, ``N = I + strictly_lower(diag(β)
+    (K Kᵀ ⊙ Γ))``):
+
+    * ``P = (Q Kᵀ ⊙ Γ) N⁻¹ diag(β)``, the in-chunk pairs (times scale and the in-chunk λ-mask);
+    * ``W = N⁻¹ diag(βγ) K``: the chunk's transitions in WY form, ``A_t ⋯ A_start = γ_t I -
+      Σ_{s<=t} Γ[t, s] k_s w_sᵀ``; from it the queries transported to the chunk's start,
+      ``Q̃ = diag(γ) Q - (Q Kᵀ ⊙ Γ) W`` (row ``t`` is ``(A_t ⋯ A_start)ᵀ q_t``), and the chunk's
+      transition ``T = γ_end I - (K ⊙ Γ[end])ᵀ W``;
+    * ``E = (K ⊙ Γ[end])ᵀ N⁻¹ diag(β)``: column ``s`` is ``(A_end ⋯ A_{s+1}) β_s k_s``, so the
+      chunk's state contribution is ``U = E V`` and the state of any set of its tokens is
+      ``E (1_set ⊙ V)``.
+    """
+
+    def __init__(self, q, k, v, beta, level_scales, log_decay, C, a):
+        import torch
+
+        self.C, self.c, self.a = C, C.bit_length() - 1, a
+        T = v.shape[-2]
+        self.r = a % C
+        self.I0 = a // C
+        self.n = -(-(self.r + T) // C)
+        self.I_last = self.I0 + self.n - 1
+        self.p = a + T
+        self.J = self.p >> self.c  # the chunk of the next token
+        self.bits = max(self.I_last, self.J).bit_length()
+        pad = (self.r, self.n * C - self.r - T)
+        width = max(level_scales.shape[-1], self.c + 1 + self.bits)
+        lam = torch.nn.functional.pad(level_scales, (0, width - level_scales.shape[-1]) + pad)
+        rows = lambda x: _chunk(torch.nn.functional.pad(x, (0, 0) + pad), self.n, C)  # noqa: E731
+        qc, kc, vc = rows(q), rows(k), rows(v)
+        self.qc, self.vc = qc, vc
+        self.lam = lam.reshape(lam.shape[:-2] + (self.n, C, width))
+        self.lam_intra = _Chunks(lam, None, C).intra()  # levels 0..c of the padded, aligned rows
+        bc = torch.nn.functional.pad(beta, pad).reshape(beta.shape[:-1] + (self.n, C))
+        if log_decay is None:
+            Gam = torch.ones((C, C), dtype=v.dtype, device=v.device).tril()
+            gamma = torch.ones((self.n, C), dtype=v.dtype, device=v.device)
+        else:
+            gc = torch.nn.functional.pad(log_decay, pad).reshape(log_decay.shape[:-1] + (self.n, C))
+            Gam = decay_matrix(gc, C)
+            gamma = torch.exp(torch.cumsum(gc, -1))
+        strict = torch.ones((C, C), dtype=torch.bool, device=v.device).tril(-1)
+        kk = kc @ kc.transpose(-1, -2)
+        zero = torch.zeros((), dtype=v.dtype, device=v.device)
+        N = torch.eye(C, dtype=v.dtype, device=v.device) + torch.where(strict, bc[..., :, None] * kk * Gam, zero)
+        qk = (qc @ kc.transpose(-1, -2)) * Gam  # Γ is 0 above the diagonal
+        self.P = _solve_unit_lower(N, qk, left=False) * bc[..., None, :]
+        W = _solve_unit_lower(N, (bc * gamma)[..., None] * kc)
+        self.q_start = gamma[..., None] * qc - qk @ W
+        k_end = kc * Gam[..., -1, :, None]  # (A_end ... A_{s+1}) acts on k_s through Γ[end, s]
+        Dk = kc.shape[-1]
+        eye = torch.eye(Dk, dtype=v.dtype, device=v.device)
+        self.trans = gamma[..., -1, None, None] * eye - k_end.transpose(-1, -2) @ W
+        self.E = _solve_unit_lower(N, k_end.transpose(-1, -2), left=False) * bc[..., None, :]
+        self.U = self.E @ vc
+
+    def hierarchy(self, U, carried):
+        """Aligned block states and transitions of every level ``h`` (blocks of ``2^h``
+        chunks) from the chunk contributions ``U (..., n, Dk, Dv)``, over the absolute block
+        indices the call touches.  Returns ``(states, trans, offsets)``: ``states[h]
+        (..., m_h, Dk, Dv)`` and ``trans[h] (..., m_h, Dk, Dk)`` hold block ``offsets[h] + j`` at
+        ``j``.  ``carried`` maps a level ``h`` to the carried Fenwick bucket of mask level
+        ``c + 1 + h`` (the block ``(I0 >> h) - 1``, already moved to ``a - 1``: its transition is
+        the identity)."""
+        import torch
+
+        H, Tr, off = U, self.trans, self.I0
+        head = tuple(H.shape[:-3])
+        Dk, Dv = H.shape[-2:]
+
+        def grow(H, Tr, front, back):
+            """``front`` / ``back`` empty blocks (zero state, identity transition) around the level."""
+            zH = torch.zeros(head + (1, Dk, Dv), dtype=H.dtype, device=H.device)
+            eT = torch.eye(Dk, dtype=H.dtype, device=H.device).expand(head + (1, Dk, Dk))
+            parts_H = [zH] * front + [H] + [zH] * back
+            parts_T = [eT] * front + [Tr] + [eT] * back
+            return torch.cat(parts_H, -3), torch.cat(parts_T, -3)
+
+        states, trans, offsets = [], [], []
+        for h in range(self.bits):
+            if h in carried:
+                idx = (self.I0 >> h) - 1
+                if idx < off:
+                    H, Tr = grow(H, Tr, off - idx, 0)
+                    off = idx
+                j = idx - off
+                with_carried = (H[..., j, :, :] + carried[h])[..., None, :, :]
+                H = torch.cat([H[..., :j, :, :], with_carried, H[..., j + 1 :, :, :]], -3)
+            states.append(H)
+            trans.append(Tr)
+            offsets.append(off)
+            if h == self.bits - 1:
+                break
+            front, back = off % 2, (off + H.shape[-3]) % 2
+            if front or back:
+                H, Tr = grow(H, Tr, front, back)
+                off -= front
+            He, Ho = H[..., 0::2, :, :], H[..., 1::2, :, :]
+            Te, To = Tr[..., 0::2, :, :], Tr[..., 1::2, :, :]
+            H, Tr, off = To @ He + Ho, To @ Te, off // 2
+        return states, trans, offsets
+
+
+def _carried_small(state, a, c):
+    """The carried Fenwick buckets of position ``a`` inside its chunk (levels ``1..c``):
+    ``[(level, start, S)]``."""
+    return [(lev, (a >> lev) << lev, state[..., lev - 1, :, :]) for lev in range(1, c + 1) if (a >> (lev - 1)) & 1]
+
+
+def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale, *, chunk: int = DEFAULT_CHUNK,
+                          state=None, position: int = 0, final_state: bool = False):
+    """Log-linear Gated DeltaNet by the chunked algorithm (``chunk`` is ``C``).
+
+    Inside a chunk the pairs come from the UT form (see :class:`_DeltaChunks`); across chunks
+    each chunk's contribution ``U_i`` and transition ``T_i`` enter the aligned block hierarchy
+
+    ``H_{h+1}[m] = T_h[2m+1] H_h[2m] + H_h[2m+1]``,  ``T_{h+1}[m] = T_h[2m+1] T_h[2m]``,
+
+    and chunk ``i`` reads it with its queries moved to its start once (``Q̃``), walking the set
+    bits ``h`` of ``i`` from low to high: it adds ``scale λ[t, c+1+h] q̂_tᵀ H_h[(i >> h) - 1]``,
+    then moves ``q̂_t <- T_h[(i >> h) - 1]ᵀ q̂_t`` across that block before the next bit (the
+    lower blocks are exactly the gap between a higher block and the chunk).
+
+    ``state (*batch, S, Dk, Dv)`` holds the Fenwick bucket states of absolute position
+    ``position``, where the first token sits (slot ``l - 1`` = level ``l``; ``None``: zeros);
+    chunks are aligned to absolute positions, the carried buckets of levels ``> c`` are blocks
+    of the hierarchy and those of levels ``<= c`` are read by the first chunk's queries and
+    enter its contribution.  With ``final_state`` returns ``(o, states)``, the bucket states of
+    ``position + T`` in ``max(S, (position + T).bit_length())`` slots.
+    """
+    import torch
+
+    C = _check_chunk(chunk)
+    arrays, was_numpy = _to_torch(q, k, v, beta, level_scales, log_decay, state)
+    q, k, v, beta, level_scales, log_decay, state = arrays
+    out_dtype = v.dtype
+    work = level_scales.dtype
+    q, k, v, beta = (x.to(work) for x in (q, k, v, beta))
+    head = tuple(v.shape[:-2])
+    T, Dk, Dv = v.shape[-2], q.shape[-1], v.shape[-1]
+    a = int(position)
+    p = a + T
+    if state is None:
+        state = torch.zeros(head + (a.bit_length(), Dk, Dv), dtype=work, device=v.device)
+    state = state.to(work)
+    slots = max(state.shape[-3], p.bit_length())
+    if T == 0:
+        o = v.to(out_dtype)
+        new = torch.nn.functional.pad(state, (0, 0, 0, 0, 0, slots - state.shape[-3]))
+    else:
+        ch = _DeltaChunks(q, k, v, beta, level_scales, log_decay, C, a)
+        o, new = _delta_forward(ch, state, scale, slots, final_state)
+        o = o.reshape(head + (ch.n * C, Dv))[..., ch.r : ch.r + T, :].to(out_dtype)
+    if was_numpy:
+        o = o.numpy()
+        new = new.numpy() if final_state else None
+    return (o, new) if final_state else o
+
+
+def _delta_forward(ch, state, scale, slots, final_state):
+    import torch
+
+    C, c, a = ch.C, ch.c, ch.a
+    o = (ch.P * ch.lam_intra) @ ch.vc
+    small = _carried_small(state, a, c)
+    U = ch.U
+    if small:
+        # the first chunk's queries read the carried in-chunk buckets; each bucket is one level
+        # for every query (its keys share the bits from the bucket's level up)
+        rows = np.arange(C) + (a - ch.r)
+        lev = np.stack([np.maximum(fenwick.level(rows, start), 0) for _, start, _ in small], -1)  # (C, m)
+        dev = ch.lam.device
+        lam0 = ch.lam[..., 0, :, :]  # (..., C, width)
+        w = torch.gather(lam0, -1, torch.as_tensor(lev, device=dev).expand(lam0.shape[:-1] + (len(small),)))
+        S_small = torch.stack([S for _, _, S in small], -3)  # (..., m, Dk, Dv)
+        reads = torch.einsum("...cd,...mdv->...cmv", ch.q_start[..., 0, :, :], S_small)
+        o0 = o[..., 0, :, :] + (w[..., None] * reads).sum(-2)
+        o = torch.cat([o0[..., None, :, :], o[..., 1:, :, :]], -3)
+        U0 = U[..., 0, :, :] + ch.trans[..., 0, :, :] @ S_small.sum(-3)  # moved to the first chunk's end
+        U = torch.cat([U0[..., None, :, :], U[..., 1:, :, :]], -3)
+    carried = {h: state[..., c + h, :, :] for h in range(ch.bits) if (ch.I0 >> h) & 1}
+    states, trans, offsets = ch.hierarchy(U, carried)
+    chunks = ch.I0 + np.arange(ch.n)
+    dev = ch.lam.device
+    zero = torch.zeros((), dtype=o.dtype, device=dev)
+    qh = ch.q_start
+    for h in range(ch.bits):
+        on_np = ((chunks >> h) & 1).astype(bool)
+        if not on_np.any():
+            continue
+        on = torch.as_tensor(on_np, device=dev)
+        idx = torch.as_tensor(np.where(on_np, (chunks >> h) - 1 - offsets[h], 0), device=dev)
+        lam = torch.where(on[:, None], ch.lam[..., c + 1 + h], zero)
+        o = o + lam[..., None] * (qh @ states[h][..., idx, :, :])
+        if h + 1 < ch.bits:
+            qh = torch.where(on[:, None, None], qh @ trans[h][..., idx, :, :], qh)
+    o = o * scale
+    if not final_state:
+        return o, None
+    return o, _final_states(ch, state, small, states, trans, offsets, slots)
+
+
+def _final_states(ch, state, small, states, trans, offsets, slots):
+    """The bucket states of ``p = a + T`` (see :func:`gated_delta_attention`)."""
+    import torch
+
+    C, c, p, J = ch.C, ch.c, ch.p, ch.J
+    head = tuple(ch.U.shape[:-3])
+    Dk, Dv = ch.U.shape[-2:]
+    out = [None] * slots
+    partial = p % C != 0
+    if partial:  # buckets of levels <= c lie in the last, partial chunk
+        E, vl = ch.E[..., -1, :, :], ch.vc[..., -1, :, :]
+        rows = np.arange(C) + J * C
+        for lev in range(1, c + 1):
+            if not (p >> (lev - 1)) & 1:
+                continue
+            start = (p >> lev) << lev
+            inside = (rows >= start) & (rows < start + (1 << (lev - 1)))
+            S = E @ (torch.as_tensor(inside, dtype=vl.dtype, device=vl.device)[:, None] * vl)
+            if ch.n == 1:
+                for _, s0, S0 in small:
+                    if start <= s0 < start + (1 << (lev - 1)):
+                        S = S + ch.trans[..., 0, :, :] @ S0
+            out[lev - 1] = S
+        acc = ch.trans[..., -1, :, :]
+    else:
+        acc = None
+    for h in range(J.bit_length()):
+        if not (J >> h) & 1:
+            continue
+        j = (J >> h) - 1 - offsets[h]
+        S, Tb = states[h][..., j, :, :], trans[h][..., j, :, :]
+        out[c + h] = S if acc is None else acc @ S
+        acc = Tb if acc is None else acc @ Tb
+    zero = torch.zeros(head + (Dk, Dv), dtype=ch.U.dtype, device=ch.U.device)
+    return torch.stack([zero if s is None else s for s in out], -3)

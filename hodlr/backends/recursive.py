@@ -31,6 +31,7 @@ float16 / bfloat16 operands are computed in the mask's dtype (float32) and cast 
 from __future__ import annotations
 
 from hodlr import fenwick
+from hodlr._formulas import tie_decay
 from hodlr.fenwick.arrays import cast, namespace, zeros
 from hodlr.mask import LogLinearMask
 
@@ -87,7 +88,7 @@ def matmul(level_scales, log_decay, x):
             gpairs = gsum.reshape(batch + (N // (2 * half), 2))
             W = xp.exp(gpairs[..., 1])[..., None] * pairs[..., 0, :] + pairs[..., 1, :]
             gsum = gpairs[..., 0] + gpairs[..., 1]
-    return cast(y[..., :T, :], out_dtype)
+    return cast(tie_decay(y[..., :T, :], log_decay), out_dtype)
 
 
 def attention(q, k, v, level_scales, log_decay, scale):
@@ -112,4 +113,4 @@ def attention(q, k, v, level_scales, log_decay, scale):
         else:
             rows = xp.matmul(q_rows, xp.matmul(xp.swapaxes(k_cols, -1, -2), v_cols))
         _nodes(y, n, half)[..., 1, :, :] += uf[..., :, None] * rows
-    return cast(y[..., :T, :], out_dtype)
+    return cast(tie_decay(y[..., :T, :], log_decay), out_dtype)

@@ -19,8 +19,9 @@ import importlib.util
 
 import numpy as np
 
-from hodlr.fenwick.arrays import as_like, is_torch
+from hodlr._formulas import as_numpy, numpy_dtype
 from hodlr.errors import BackendUnavailableError
+from hodlr.fenwick.arrays import as_like, is_torch
 
 STATE_WIDTH = 256
 """Attention forms the block states ``Dk x w`` columns of ``v`` at a time, with
@@ -51,7 +52,7 @@ def _check_no_grad(*arrays):
 
 def _factors(level_scales, log_decay):
     """``(dtype, batch, T, lam0 (B, T), U (B T, B K) CSR, V (B T, B K) CSC)``."""
-    from hodlr.sparse import block_diagonal, numpy_dtype, sparse_data, sparse_structure
+    from hodlr.sparse import block_diagonal, sparse_data, sparse_structure
 
     dtype = numpy_dtype(level_scales.dtype)
     batch = tuple(level_scales.shape[:-2])
@@ -71,8 +72,6 @@ def _back(out, like):
 
 
 def matmul(level_scales, log_decay, x):
-    from hodlr.sparse import as_numpy
-
     _check_no_grad(level_scales, log_decay, x)
     dtype, batch, T, lam0, U, V = _factors(level_scales, log_decay)
     D = x.shape[-1]
@@ -82,8 +81,6 @@ def matmul(level_scales, log_decay, x):
 
 
 def attention(q, k, v, level_scales, log_decay, scale):
-    from hodlr.sparse import as_numpy
-
     _check_no_grad(level_scales, log_decay, q, k, v)
     dtype, batch, T, lam0, U, V = _factors(level_scales, log_decay)
     Dk, Dv = q.shape[-1], v.shape[-1]

@@ -1,38 +1,45 @@
-"""Triton backend: the chunked GPU kernels of :mod:`kernels` (forward).
+"""Triton backend: the chunked GPU kernels of :mod:`hodlr.kernels` (forward and backward).
 
-Available for torch tensors on a CUDA device, and for CPU tensors when Triton's
-interpreter is on (``TRITON_INTERPRET=1`` in the environment *before* ``triton`` is first
-imported; that is how the CPU test-suite proves the kernels equal to the other backends).
-float64 runs only under the interpreter; on the GPU, float32 uses IEEE dots and
-float16 / bfloat16 accumulate in float32.  Chunk size: ``kernels.DEFAULT_CHUNK``.
-When a gradient is wanted (grad mode on and an input that requires it) the call goes
-through :mod:`kernels.autograd` (Triton backward kernels); otherwise straight to the
-forward launchers.
+Available for torch tensors on a CUDA device, and for CPU tensors when the kernels are
+Triton interpreter functions (:func:`hodlr.kernels.interpreting`): ``TRITON_INTERPRET=1``
+must be in the environment when ``hodlr.kernels`` is first imported, since ``@triton.jit``
+reads it when a kernel is defined.  That is how the CPU test-suite proves the kernels equal
+to the other backends.  float64 runs only under the interpreter; on the GPU, float32 uses
+IEEE dots and float16 / bfloat16 accumulate in float32.  Chunk size:
+``hodlr.kernels.DEFAULT_CHUNK``.  When a gradient is wanted (grad mode on and an input that
+requires it) the call goes through the differentiable :func:`hodlr.kernels.matmul` /
+:func:`hodlr.kernels.attention`; otherwise straight to the forward launchers.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 DESCRIPTION = "chunked Triton kernels (dense C x C blocks + Fenwick scan over chunk states), forward and backward; CUDA, or CPU under TRITON_INTERPRET=1"
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def unavailable_reason(library, device):
     if library != "torch":
         return "needs torch tensors"
     if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
+        return "triton is not installed (pip install triton)"
     kind = getattr(device, "type", str(device))
-    if kind == "cuda":
-        return None
-    if kind == "cpu" and _interpret():
-        return None
-    return "needs a CUDA device (or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)"
+    if kind not in ("cuda", "cpu"):
+        return f"needs CUDA tensors (or CPU tensors under Triton's interpreter), got device {device}"
+    import triton
+
+    from hodlr import kernels
+
+    if kernels.interpreting() and not triton.knobs.runtime.interpret:
+        return ("TRITON_INTERPRET was unset after hodlr.kernels was imported: its kernels were defined for "
+                "Triton's interpreter, which runs them only while TRITON_INTERPRET=1; set it again")
+    if not kernels.interpreting() and triton.knobs.runtime.interpret:
+        return ("TRITON_INTERPRET=1 was set after hodlr.kernels was imported, so its kernels were compiled for "
+                "the GPU; set TRITON_INTERPRET=1 before importing hodlr.kernels (before the first use of the "
+                "triton backend) to run them on the CPU")
+    if kind == "cpu" and not kernels.interpreting():
+        return "needs a CUDA device (or CPU tensors with TRITON_INTERPRET=1 set before hodlr.kernels is imported)"
+    return None
 
 
 def _wants_grad(*tensors) -> bool:

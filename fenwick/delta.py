@@ -1,0 +1,313 @@
+"""Log-linear Gated DeltaNet as a recurrence with one state per Fenwick bucket.
+
+Gated DeltaNet moves its state ``S`` (``Dk x Dv``) by the transition
+``A_t = exp(g_t) (I - beta_t k_t k_t^T)`` and writes ``beta_t k_t v_t^T``:
+``S_t = A_t S_{t-1} + beta_t k_t v_t^T``.  Unrolled, token ``s`` reaches query ``t >= s``
+through ``P[t, s] = scale * beta_s * q_t^T A_t A_{t-1} ... A_{s+1} k_s``.  The log-linear
+version weighs each pair by the level scale of its Fenwick bucket,
+``o_t = sum_{s <= t} lambda[t, level(t, s)] P[t, s] v_s``, so it keeps one state per bucket:
+
+``S_l = sum_{s in bucket_l(p)} (A_{p-1} ... A_{s+1}) beta_s k_s v_s^T``
+
+for the position ``p`` of the next token (every transition up to the last consumed token
+``p - 1`` applied).  Consuming token ``t = p``:
+
+1. every live bucket state is moved by ``A_t`` (``A_t S = exp(g_t) (S - beta_t k_t (k_t^T S))``,
+   ``O(Dk Dv)`` per state);
+2. the output reads level 0 (the token itself, ``beta_t k_t v_t^T``) and the moved buckets:
+   ``o_t = scale * (lambda[t, 0] beta_t (q_t . k_t) v_t + sum_l lambda[t, l] (A_t S_l)^T q_t)``;
+3. the token and the buckets of the trailing one-bits of ``t`` merge into one bucket of level
+   ``j + 1``, exactly as in :mod:`.scan` (a binary increment).
+
+The transitions are symmetric, so ``(A_t S)^T q = S^T (A_t q)``.  With ``lambda = 1`` at every
+level the buckets sum to the Gated DeltaNet state and the outputs are Gated DeltaNet's.
+
+Work ``O(T log T Dk Dv)``, state memory ``O(log T Dk Dv)``; numpy or torch (any device);
+autograd works (every update is out of place).
+
+Examples
+--------
+>>> import numpy as np
+>>> from hodlr.fenwick.delta import GatedDeltaState, gated_delta
+>>> rng = np.random.default_rng(0)
+>>> T, Dk, Dv = 6, 3, 2
+>>> q, k, v = rng.standard_normal((T, Dk)), rng.standard_normal((T, Dk)), rng.standard_normal((T, Dv))
+>>> k /= np.linalg.norm(k, axis=-1, keepdims=True)
+>>> beta, g = rng.uniform(0.1, 1.0, T), -rng.uniform(0.0, 1.0, T)
+>>> lam = rng.uniform(0.5, 1.0, (T, 4))
+>>> full = gated_delta(q, k, v, beta, lam, g)
+>>> state = GatedDeltaState((), Dk, Dv)
+>>> first = state.prefill(q[:4], k[:4], v[:4], beta[:4], lam[:4], g[:4])
+>>> rest = [state.step(q[t], k[t], v[t], beta[t], lam[t], g[t]) for t in (4, 5)]
+>>> bool(np.allclose(np.concatenate([first, np.stack(rest)]), full))
+True
+>>> state.position, sorted(state.states())
+(6, [2, 3])
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .arrays import as_like, check_scale, describe, is_torch, namespace, zeros
+from .scan import _broadcast, _check_full, _device, _StreamingState, _unbind, live_levels
+
+__all__ = ["GatedDeltaState", "gated_delta"]
+
+
+class GatedDeltaState(_StreamingState):
+    """Streaming log-linear Gated DeltaNet state (one ``Dk x Dv`` state per live Fenwick
+    bucket) for a batch of sequences.
+
+    Parameters
+    ----------
+    batch_shape : tuple of int
+        Leading dims of every operand (``()`` for one sequence).
+    Dk, Dv : int
+        Key and value widths.
+    dtype : numpy or torch dtype, default ``numpy.float64``
+        A torch dtype makes a torch state (operands must then be tensors).
+    device : torch device, optional
+        Where a torch state lives (default CPU); must be ``None`` for numpy.
+    position : int, default 0
+        Tokens already consumed: the next token is this absolute position.
+    states : array, shape ``(*batch_shape, S, Dk, Dv)``, optional
+        The bucket states of ``position`` (slot ``l - 1`` holds level ``l``;
+        ``S >= position.bit_length()``); only the slots of non-empty buckets (the set bits
+        of ``position``) are read.  Default: zeros (``position`` must then be 0).
+
+    Attributes
+    ----------
+    position : int
+        Number of tokens consumed; the next :meth:`step` is the query at this position.
+    levels : tuple of int
+        Levels of the live states, highest first (the set bits of ``position``).
+
+    Notes
+    -----
+    Every method validates all its inputs before it changes anything.
+    """
+
+    def __init__(self, batch_shape=(), Dk: int = 1, Dv: int = 1, dtype=np.float64, device=None, *,
+                 position: int = 0, states=None):
+        like = self._init_common(batch_shape, Dk, Dv, dtype, device)
+        if isinstance(position, (bool, np.bool_)) or not isinstance(position, (int, np.integer)) or position < 0:
+            raise ValueError(f"position must be an integer >= 0, got {position!r}")
+        position = int(position)
+        live = [int(x) for x in live_levels(position)[0] if x > 0]
+        if states is None:
+            if position:
+                raise ValueError(f"states are needed to continue from position {position} (got None)")
+            self._stack = zeros((self._B, 0, self._Dk, self._Dv), like)
+        else:
+            slots = position.bit_length()
+            if getattr(states, "ndim", 0) < 3:
+                raise ValueError(f"states must have shape (*batch, S, Dk, Dv), got {describe(states)}")
+            S = int(states.shape[-3])
+            if S < slots:
+                raise ValueError(
+                    f"states must have shape (*batch, S, Dk, Dv) with S >= {slots} slots for position {position}, "
+                    f"got shape {tuple(states.shape)}"
+                )
+            stack = self._operand("states", states, (S, self._Dk, self._Dv), "(*batch, S, Dk, Dv)")
+            self._stack = stack[:, [lev - 1 for lev in live]]
+        self._pos = position
+        self._levels = live
+
+    # -- read-only views ---------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the live states, ``num_states * B * Dk * Dv * itemsize``."""
+        a = self._stack
+        return int(a.numel()) * a.element_size() if is_torch(a) else int(a.nbytes)
+
+    def states(self) -> dict:
+        """Each live state as an array: ``{level: S}``, ``S`` of shape ``(*batch, Dk, Dv)``:
+        ``sum_{s in bucket(position, level)} (A_{p-1} ... A_{s+1}) beta_s k_s v_s^T``,
+        ``p = position``."""
+        shape = self._batch + (self._Dk, self._Dv)
+        return {lev: self._stack[:, i].reshape(shape) for i, lev in enumerate(self._levels)}
+
+    def stacked(self, slots: int | None = None):
+        """The states as one array ``(*batch, slots, Dk, Dv)``, slot ``l - 1`` holding level ``l``
+        and zeros where the bucket is empty; ``slots`` defaults to ``position.bit_length()``."""
+        need = self._pos.bit_length()
+        slots = need if slots is None else int(slots)
+        if slots < need:
+            raise ValueError(f"slots must be >= {need} for position {self._pos}, got {slots}")
+        xp = namespace(self._like)
+        out = zeros((self._B, slots, self._Dk, self._Dv), self._like)
+        if self._levels:
+            index = as_like(np.array([lev - 1 for lev in self._levels]), self._like)
+            if is_torch(out):
+                out = out.index_copy(1, index, self._stack)
+            else:
+                out[:, index] = self._stack
+        return xp.reshape(out, self._batch + (slots, self._Dk, self._Dv))
+
+    def __repr__(self) -> str:
+        return (
+            f"GatedDeltaState(batch_shape={self._batch}, Dk={self._Dk}, Dv={self._Dv}, dtype={self.dtype}, "
+            f"position={self._pos}, levels={list(self._levels)}, nbytes={self.nbytes})"
+        )
+
+    # -- validation --------------------------------------------------------------------
+    def _inputs(self, q, k, v, beta, level_scales, log_decay, T=None):
+        lead = () if T is None else (T,)
+        lay = "(*batch, " + ("" if T is None else "T, ")
+        q = self._operand("q", q, lead + (self._Dk,), lay + "Dk)")
+        k = self._operand("k", k, lead + (self._Dk,), lay + "Dk)")
+        v = self._operand("v", v, lead + (self._Dv,), lay + "Dv)")
+        scalar = "(*batch" + ("" if T is None else ", T") + ")"
+        beta = self._operand("beta", beta, lead, scalar)
+        lam = self._operand("level_scales", level_scales, lead + (None,), lay + "L)")
+        g = None if log_decay is None else self._operand("log_decay", log_decay, lead, scalar)
+        return q, k, v, beta, lam, g, int(lam.shape[-1])
+
+    # -- the recurrence ----------------------------------------------------------------
+    def _advance(self, q, k, v, beta, w, alpha, j):
+        """Consume one token: ``q, k (B, Dk)``, ``v (B, Dv)``, ``beta (B,)``, ``w (B, n)`` the
+        scaled level scales of the ``n`` live states, ``alpha (B,)`` or ``None``; the last ``j``
+        live states merge.  Returns the levels >= 1 part of the output ``(B, Dv)`` or ``None``."""
+        xp = namespace(v)
+        X = self._stack
+        n = X.shape[1]
+        out = None
+        if n:
+            kX = xp.einsum("bd,bndv->bnv", k, X)
+            X = X - (beta[:, None] * k)[:, None, :, None] * kX[:, :, None, :]
+            if alpha is not None:
+                X = X * alpha[:, None, None, None]
+            out = xp.einsum("bn,bnv->bv", w, xp.einsum("bd,bndv->bnv", q, X))
+        new = (beta[:, None] * k)[:, :, None] * v[:, None, :]
+        if j:
+            new = new + X[:, n - j :].sum(1)
+        self._stack = xp.concatenate([X[:, : n - j], new[:, None]], 1)
+        return out
+
+    def _merges(self) -> int:
+        """How many live states merge with the next token: the trailing one-bits of position."""
+        n = len(self._levels)
+        j = 0
+        while j < n and self._levels[n - 1 - j] == j + 1:
+            j += 1
+        return j
+
+    def step(self, q, k, v, beta, level_scales, log_decay=None, scale=1.0):
+        """Consume the token at :attr:`position` and return its output.
+
+        Parameters
+        ----------
+        q, k : array, shape ``(*batch, Dk)``
+        v : array, shape ``(*batch, Dv)``
+        beta : array, shape ``batch_shape``
+        level_scales : array, shape ``(*batch, L)``, ``L >= num_levels(position + 1)``
+            Only level 0 and the live levels are read.
+        log_decay : array, shape ``batch_shape``, optional
+            This position's ``g``: ``A_t = exp(g) (I - beta k k^T)``.
+        scale : float
+            Multiplies every ``P[t, s]``.
+
+        Returns
+        -------
+        o : array, shape ``(*batch, Dv)``
+        """
+        scale = check_scale(scale)
+        q, k, v, beta, lam, g, L = self._inputs(q, k, v, beta, level_scales, log_decay)
+        t = self._pos
+        self._check_levels(L, t)
+        lam_read = lam[:, [0] + self._levels]
+        self._check_finite("level_scales", lam_read, f"position {t}")
+        self._check_finite("log_decay", g, f"position {t}")
+        xp = namespace(v)
+        j = self._merges()
+        alpha = None if g is None else xp.exp(g)
+        diag = (lam_read[:, 0] * beta * (q * k).sum(-1) * scale)[:, None] * v
+        out = self._advance(q, k, v, beta, lam_read[:, 1:] * scale, alpha, j)
+        self._levels = self._levels[: len(self._levels) - j] + [j + 1]
+        self._pos += 1
+        res = diag if out is None else diag + out
+        return res.reshape(self._batch + (self._Dv,))
+
+    def prefill(self, q, k, v, beta, level_scales, log_decay=None, scale=1.0):
+        """Consume ``T`` tokens and return their outputs (the same as ``T`` calls of
+        :meth:`step`; the level-0 terms and the scales each position reads are gathered for
+        all positions at once).
+
+        Parameters
+        ----------
+        q, k : array, shape ``(*batch, T, Dk)``
+        v : array, shape ``(*batch, T, Dv)``
+        beta : array, shape ``(*batch, T)``
+        level_scales : array, shape ``(*batch, T, L)``, ``L >= num_levels(position + T)``
+            Row ``i`` belongs to position ``position + i``.
+        log_decay : array, shape ``(*batch, T)``, optional
+        scale : float
+
+        Returns
+        -------
+        o : array, shape ``(*batch, T, Dv)``
+        """
+        scale = check_scale(scale)
+        T = self._length(v)
+        q, k, v, beta, lam, g, L = self._inputs(q, k, v, beta, level_scales, log_decay, T)
+        if T == 0:
+            return v.reshape(self._batch + (0, self._Dv))
+        start = self._pos
+        self._check_levels(L, start + T - 1)
+        lev = live_levels(np.arange(start, start + T))
+        read_cols = np.concatenate([np.zeros((T, 1), np.int64), lev], 1)
+        rows = np.arange(T)[:, None]
+        lam_read = lam[:, as_like(rows, lam), as_like(read_cols, lam)]
+        where = f"positions {start}..{start + T - 1}"
+        self._check_finite("level_scales", lam_read, where)
+        self._check_finite("log_decay", g, where)
+        # -- validated: from here on the state changes --
+        xp = namespace(v)
+        counts = (lev > 0).sum(1).tolist()
+        weights = _unbind(lam_read[:, :, 1:] * scale, 1)
+        alphas = [None] * T if g is None else _unbind(xp.exp(g), 1)
+        qs, ks, vs, betas = (_unbind(a, 1) for a in (q, k, v, beta))
+        reads = []
+        zero = None
+        for i in range(T):
+            j = self._merges()
+            out = self._advance(qs[i], ks[i], vs[i], betas[i], weights[i][:, : counts[i]], alphas[i], j)
+            if out is None:
+                zero = zeros((self._B, self._Dv), v) if zero is None else zero
+                out = zero
+            reads.append(out)
+            self._levels = self._levels[: len(self._levels) - j] + [j + 1]
+            self._pos += 1
+        diag = (lam_read[:, :, 0] * beta * (q * k).sum(-1) * scale)[:, :, None] * v
+        return (diag + xp.stack(reads, 1)).reshape(self._batch + (T, self._Dv))
+
+
+def gated_delta(q, k, v, beta, level_scales, log_decay=None, scale=1.0):
+    """Log-linear Gated DeltaNet ``O = (P * M_lambda) V`` by the bucket recurrence.
+
+    Parameters
+    ----------
+    q, k : array, shape ``(..., T, Dk)``
+    v : array, shape ``(..., T, Dv)``
+    beta : array, shape ``(..., T)``
+    level_scales : array, shape ``(..., T, L)``, ``L >= num_levels(T)``
+    log_decay : array, shape ``(..., T)``, optional
+    scale : float
+
+    All in one library (numpy or torch), dtype and device; batch dims broadcast.
+
+    Returns
+    -------
+    O : array, shape ``(*batch, T, Dv)``
+    """
+    for name, x, nd, lay in (("q", q, 2, "(..., T, Dk)"), ("k", k, 2, "(..., T, Dk)"), ("v", v, 2, "(..., T, Dv)"),
+                             ("beta", beta, 1, "(..., T)"), ("level_scales", level_scales, 2, "(..., T, L)")):
+        _check_full(name, x, nd, lay)
+    if log_decay is not None:
+        _check_full("log_decay", log_decay, 1, "(..., T)")
+    named = {"q": q, "k": k, "v": v, "beta": beta, "level_scales": level_scales, "log_decay": log_decay}
+    batch, b = _broadcast(named, {"q": 2, "k": 2, "v": 2, "beta": 1, "level_scales": 2, "log_decay": 1})
+    state = GatedDeltaState(batch, int(q.shape[-1]), int(v.shape[-1]), dtype=v.dtype, device=_device(v))
+    return state.prefill(b["q"], b["k"], b["v"], b["beta"], b["level_scales"], b["log_decay"], scale)
+

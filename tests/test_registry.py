@@ -1,0 +1,180 @@
+"""The backend registry says the truth: which operations a backend offers, where it can run
+on this machine (torch only where torch is installed, CUDA only where a device exists), and
+whether the Triton kernels run in the interpreter (decided once, when ``hodlr.kernels`` is
+imported)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import hodlr
+from hodlr import backends as registry, cli
+from hodlr.errors import BackendUnavailableError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(hodlr.__file__)))
+HAS_TRITON = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("triton") is not None
+
+
+def _python(code: str, **env_changes) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in env_changes}
+    env.update({k: v for k, v in env_changes.items() if v is not None})
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+# -- operations --------------------------------------------------------------------------------
+def test_get_needs_a_known_op_the_backend_offers(monkeypatch):
+    assert registry.get("dense", "numpy", "cpu", op="attention") is registry.load("dense")
+    with pytest.raises(TypeError):
+        registry.get("dense", "numpy", "cpu")  # the operation is not optional
+    with pytest.raises(ValueError, match="op must be one of matmul, attention"):
+        registry.get("dense", "numpy", "cpu", op="softmax")
+    recursive = registry.load("recursive")
+    monkeypatch.delattr(recursive, "attention")
+    assert not registry.offers(recursive, "attention") and registry.offers(recursive, "matmul")
+    with pytest.raises(BackendUnavailableError, match="backend 'recursive' does not offer attention; backends that do: "
+                                                      "dense, sparse, fenwick, chunked, triton"):
+        registry.get("recursive", "numpy", "cpu", op="attention")
+    T = 300
+    M = hodlr.LogLinearMask(np.ones((T, hodlr.num_levels(T))))
+    q = np.ones((T, 1))
+    with pytest.raises(BackendUnavailableError, match="does not offer attention"):
+        hodlr.attention(q, q, q, M, backend="recursive")
+    # auto skips a backend that lacks the operation (T > 256 on numpy: recursive, then the rest in order)
+    assert registry.auto_backend("numpy", "cpu", T, op="matmul") == "recursive"
+    assert registry.auto_backend("numpy", "cpu", T, op="attention") == "dense"
+    np.testing.assert_allclose(hodlr.attention(q, q, q, M), np.arange(1, T + 1)[:, None])
+    info = registry.info()
+    assert set(info["recursive"]["ops"]) == {"matmul"} and "attention" in info["dense"]["ops"]
+
+
+def test_missing_backend_module_is_an_error(monkeypatch):
+    """No "not implemented" answer: a registered name without its module fails loudly."""
+    monkeypatch.setattr(registry, "NAMES", registry.NAMES + ("absent",))
+    with pytest.raises(ModuleNotFoundError, match="hodlr.backends.absent"):
+        registry.info()
+    with pytest.raises(ModuleNotFoundError):
+        registry.get("absent", "numpy", "cpu", op="matmul")
+
+
+# -- where backends run ------------------------------------------------------------------------
+@pytest.mark.parametrize("cuda", [False, True])
+def test_info_claims_cuda_only_where_a_device_exists(monkeypatch, cuda):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    info = hodlr.backend_info()
+    for name, entry in info.items():
+        for op, where in entry["ops"].items():
+            if cuda:
+                want = registry.load(name).unavailable_reason("torch", "cuda")
+                assert where["torch_cuda"] == (True if want is None else want), (name, op)
+            else:
+                assert where["torch_cuda"] == "no CUDA device here (torch.cuda.is_available() is False)", (name, op)
+    assert (info["dense"]["ops"]["matmul"]["torch_cuda"] is True) == cuda
+
+
+BLOCK_TORCH = """
+        import importlib.abc, sys
+
+        class HideTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "triton"):
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+                return None
+
+        sys.meta_path.insert(0, HideTorch())
+"""
+
+
+def test_without_torch_no_torch_backend_is_claimed():
+    """With torch hidden, ``hodlr backends`` says no for every torch place (torch is not
+    installed), yes for numpy where the backend runs on numpy; ``verify`` of a torch-only
+    backend runs nothing and exits 1."""
+    out = _python(BLOCK_TORCH + """
+        import hodlr
+        from hodlr import cli
+        info = hodlr.backend_info()
+        for name, entry in info.items():
+            for where in entry["ops"].values():
+                assert where["torch_cpu"] == where["torch_cuda"] == "torch is not installed (pip install torch)", name
+        assert info["dense"]["ops"]["matmul"]["numpy"] is True and info["chunked"]["ops"]["matmul"]["numpy"] != True
+        assert cli.main(["backends"]) == 0
+        print("verify exit", cli.main(["verify", "--length", "9", "--backends", "chunked", "--ops", "matmul"]))
+        assert "torch" not in sys.modules
+    """, TRITON_INTERPRET=None)
+    assert out.returncode == 0, out.stdout + out.stderr
+    table = out.stdout.split("\n\n")[0].splitlines()[2:]
+    assert table and all(row.split()[-4:] == ["no", "(1)", "no", "(1)"] for row in table), table
+    assert "(1) torch is not installed (pip install torch)" in out.stdout
+    assert "FAIL: none of the requested backends ran here" in out.stdout and "verify exit 1" in out.stdout
+
+
+# -- one truth for "the interpreter is on" ------------------------------------------------------
+@pytest.mark.skipif(not HAS_TRITON, reason="needs torch and triton")
+def test_interpreter_set_after_the_kernels_were_defined_is_refused_with_the_reason():
+    """``TRITON_INTERPRET=1`` set after ``hodlr.kernels`` was imported does not make the
+    (GPU-compiled) kernels run on the CPU: the triton backend refuses CPU tensors with a
+    BackendUnavailableError that says why, not an interpreter error."""
+    out = _python("""
+        import os, torch, hodlr
+        from hodlr import kernels
+        assert not kernels.interpreting()
+        os.environ["TRITON_INTERPRET"] = "1"
+        assert not kernels.interpreting()
+        T = 5
+        M = hodlr.LogLinearMask(torch.ones(T, hodlr.num_levels(T), dtype=torch.float64))
+        try:
+            hodlr.matmul(M, torch.ones(T, 2, dtype=torch.float64), backend="triton")
+        except hodlr.BackendUnavailableError as err:
+            print("refused:", err)
+        info = hodlr.backend_info()["triton"]["ops"]["attention"]["torch_cpu"]
+        print("info:", info)
+    """, TRITON_INTERPRET=None)
+    assert out.returncode == 0, out.stdout + out.stderr
+    refused = out.stdout.split("refused: ")[1].splitlines()[0]
+    assert "backend 'triton' cannot run on torch arrays on cpu" in refused
+    assert "TRITON_INTERPRET=1 was set after hodlr.kernels was imported" in refused
+    assert "compiled for the GPU" in refused and "before importing hodlr.kernels" in refused
+    assert "TRITON_INTERPRET=1 was set after" in out.stdout.split("info: ")[1]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs torch and triton")
+def test_interpreter_is_decided_when_the_kernels_are_defined():
+    """With ``TRITON_INTERPRET=1`` at import, the kernels are interpreter functions for good:
+    clearing the variable later changes nothing about them, and the triton backend then refuses
+    (Triton's interpreter needs the variable while they run) until it is set again."""
+    out = _python("""
+        import os, torch, hodlr
+        from hodlr import kernels
+        assert kernels.interpreting()
+        T = 5
+        M = hodlr.LogLinearMask(torch.ones(T, hodlr.num_levels(T), dtype=torch.float64))
+        x = torch.arange(T, dtype=torch.float64)[:, None]
+        assert torch.equal(hodlr.matmul(M, x, backend="triton"), hodlr.matmul(M, x, backend="dense"))
+        del os.environ["TRITON_INTERPRET"]
+        assert kernels.interpreting()
+        try:
+            hodlr.matmul(M, x, backend="triton")
+        except hodlr.BackendUnavailableError as err:
+            print("refused:", err)
+        os.environ["TRITON_INTERPRET"] = "1"
+        assert torch.equal(hodlr.attention(x, x, x, M, backend="triton"), hodlr.attention(x, x, x, M, backend="dense"))
+        print("ok")
+    """, TRITON_INTERPRET="1")
+    assert out.returncode == 0 and out.stdout.splitlines()[-1] == "ok", out.stdout + out.stderr
+    assert "TRITON_INTERPRET was unset after hodlr.kernels was imported" in out.stdout
+
+
+def test_cli_turns_the_interpreter_on_only_before_the_kernels_exist(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setitem(sys.modules, "hodlr.kernels", sys.modules.get("hodlr.kernels", object()))
+    cli._interpret_triton_without_gpu()
+    assert "TRITON_INTERPRET" not in os.environ
