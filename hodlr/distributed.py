@@ -383,8 +383,11 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
     group : torch.distributed.ProcessGroup, optional
         The ranks that share the sequence, in shard order of their group ranks (default: the
         world).
-    backend : str
-        The backend of every local call (one with state: ``chunked``, ``fenwick``, ``triton``).
+    backend : str, default ``"auto"``
+        The backend of every local call (one with state: ``chunked``, ``fenwick``, ``triton``);
+        ``auto`` is :func:`hodlr.log_linear_attn`'s choice for a call with state: ``triton`` on a
+        GPU (the Triton kernels start from a state at any position), ``chunked`` on the CPU.  The
+        correction for the carried state (:func:`state_term`) is plain torch on every backend.
 
     Returns
     -------

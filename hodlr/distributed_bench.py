@@ -1,12 +1,14 @@
 """Benchmark of context-parallel log-linear attention (``hodlr.distributed``) on N GPUs against one.
 
-Launch on one host with ``torchrun`` (NCCL on GPUs; gloo with ``--device cpu``)::
+Launch on one host with ``torchrun`` (NCCL on GPUs, rank ``r`` on ``cuda:LOCAL_RANK``; gloo with
+``--device cpu``)::
 
-    torchrun --nproc_per_node 2 -m hodlr.distributed_bench --out cp-2.json
+    torchrun --nproc_per_node 2 -m hodlr bench-cp --out bench-cp-2gpu
 
-(``hodlr bench-cp`` is the same module).  Every rank must see the same arguments.  Measured, with
-``B`` sequences of ``H`` heads, ``Dk = Dv = D`` (default 1, 16, 64), bfloat16 ``q, k, v`` and a
-float32 log-decay and level scales:
+(``-m hodlr.distributed_bench`` is the same).  Every rank must see the same arguments.  Measured,
+with ``B`` sequences of ``H`` heads, ``Dk = Dv = D`` (``--batch``, ``--heads``, ``--head-dim``;
+default 1, 16, 64), bfloat16 ``q, k, v`` and a float32 log-decay and level scales, every local call
+on ``--backend`` (default ``auto``: ``triton`` on CUDA, ``chunked`` on the CPU):
 
 1. **Equality** at the lengths of ``--check`` (default ``2**17`` and ``2**20`` total; each must fit
    one device): every rank builds the whole inputs from one seed, runs the single-device
@@ -14,7 +16,8 @@ float32 log-decay and level scales:
    compares its shard of the output, of the final state and of the gradients of ``q, k, v, g`` and
    the level scales (relative error, the largest over the ranks), in float32 and bfloat16
    (tolerances 1e-5 and 1e-2 of ``hodlr.testing.TOLERANCES``; the gradients are sums over many
-   more terms and get 10x).
+   more terms and get 10x).  A length whose single-device reference runs out of memory on a device
+   is reported as not checked, on every rank together.
 2. **Time** of the forward (no gradient) and of forward + backward at the total lengths of
    ``--strong`` (default ``2**20``, ``2**21``: the same sequence split over the N devices) and at
    N times the per-device lengths of ``--weak`` (default none; issue it as ``--weak 20`` for
@@ -27,14 +30,19 @@ float32 log-decay and level scales:
    (the device synchronised around each: waiting for the slowest rank included), and the time of
    the same collectives alone on a tensor of that size.
 
-Rank 0 prints a table and writes the JSON (``--out``).  ``--device cpu`` (gloo) runs the same code at
-small sizes (a smoke test, e.g. ``--check 6 --strong 8 --reps 1 --warmup 0 --dtype float32``).
+Rank 0 prints the equality lines and a table, and writes ``bench-cp.json`` and ``bench-cp.png`` (the
+times against the total length, the communication apart, and the equality errors; needs matplotlib)
+into the directory ``--out``.  The exit status is 1 when an equality check fails.  ``--device cpu``
+(gloo) runs the same code at small sizes (a smoke test, e.g. ``--check 6 --strong 8 --reps 1
+--warmup 0 --dtype float32``).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -45,9 +53,9 @@ __all__ = ["main", "run"]
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hodlr bench-cp", description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--d", type=int, default=64, help="Dk = Dv")
+    p.add_argument("--batch", type=int, default=1, help="sequences B (default 1)")
+    p.add_argument("--heads", type=int, default=16, help="heads H (default 16)")
+    p.add_argument("--head-dim", type=int, default=64, help="Dk = Dv (default 64)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="of q, k, v for the timings")
     p.add_argument("--backend", default="auto", help="backend of every local call (default: auto)")
     p.add_argument("--check", type=int, nargs="*", default=[17, 20], metavar="E",
@@ -58,11 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weak", type=int, nargs="*", default=[], metavar="E",
                    help="weak scaling: 2**E tokens per device (default none)")
     p.add_argument("--no-single", action="store_true", help="skip the one-device baselines")
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--reps", type=int, default=10, help="timed runs, the median kept (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cuda: rank r on cuda:LOCAL_RANK, NCCL (default); cpu: gloo")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON file written by rank 0")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="directory for bench-cp.json and bench-cp.png (rank 0 writes them)")
+    p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     return p
 
 
@@ -73,7 +84,7 @@ def _inputs(T, args, dtype, device, seed, requires_grad=False):
     from hodlr import fenwick
 
     gen = torch.Generator(device=device).manual_seed(seed)
-    B, H, D = args.batch, args.heads, args.d
+    B, H, D = args.batch, args.heads, args.head_dim
     L = fenwick.num_levels(max(T, 1))
     q, k, v = (torch.randn((B, T, H, D), generator=gen, device=device).to(dtype) for _ in range(3))
     k = k * D ** -0.5
@@ -129,7 +140,7 @@ def _slowest(value, device, group):
 def _rel(a, b):
     import torch
 
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     denom = torch.linalg.vector_norm(b)
     return float(torch.linalg.vector_norm(a - b) / denom) if denom > 0 else float(torch.linalg.vector_norm(a - b))
 
@@ -142,23 +153,33 @@ def _equality(T, dtype_name, args, device, group, rank, world):
     from hodlr.distributed import log_linear_attn as cp_attn, shard_offsets
 
     dtype = getattr(torch, dtype_name)
-    full = _inputs(T, args, dtype, device, args.seed, requires_grad=True)
-    o, fin = hodlr.log_linear_attn(*full, output_final_state=True, backend=args.backend)
-    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    w = torch.randn(o.shape, generator=gen, device=device).to(o.dtype)
-    wf = torch.randn(fin.states.shape, generator=gen, device=device)
-    ref = torch.autograd.grad((o.float() * w.float()).sum() + (fin.states * wf).sum(), full)
-    o, fin = o.detach(), fin.states.detach()
     off = shard_offsets(T, world)
     sl = slice(off[rank], off[rank + 1])
-    shard = [x.detach()[:, sl].clone().requires_grad_() for x in full]
-    del full
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    try:  # the single-device reference, on every rank's device; only this rank's shards are kept
+        full = _inputs(T, args, dtype, device, args.seed, requires_grad=True)
+        o, fin = hodlr.log_linear_attn(*full, output_final_state=True, backend=args.backend)
+        w = torch.randn(o.shape, generator=gen, device=device).to(o.dtype)
+        wf = torch.randn(fin.states.shape, generator=gen, device=device)
+        loss = (o.float() * w.float()).sum() + (fin.states * wf).sum()  # the sum of every rank's loss below
+        ref = [x[:, sl].clone() for x in torch.autograd.grad(loss, full)]
+        o, w, fin = o.detach()[:, sl].clone(), w[:, sl].clone(), fin.states.detach()
+        shard = [x.detach()[:, sl].clone().requires_grad_() for x in full]
+        del full, loss
+        short = 0.0
+    except torch.cuda.OutOfMemoryError as err:
+        short, reason = 1.0, str(err).splitlines()[0]
+    if _slowest(short, device, group):  # every rank skips together (none waits in a collective)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"tokens": T, "dtype": dtype_name, "errors": {}, "pass": None,
+                "error": "out of memory on one device: not checked" + (f" ({reason})" if short else "")}
     o2, fin2 = cp_attn(*shard, output_final_state=True, group=group, backend=args.backend)
-    loss = (o2.float() * w[:, sl].float()).sum() + (rank == world - 1) * (fin2.states * wf).sum()
+    loss = (o2.float() * w.float()).sum() + (rank == world - 1) * (fin2.states * wf).sum()
     got = torch.autograd.grad(loss, shard)
-    errors = {"o": _rel(o2, o[:, sl]), "final_state": _rel(fin2.states, fin)}
+    errors = {"o": _rel(o2, o), "final_state": _rel(fin2.states, fin)}
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dlevel_scales"), got, ref):
-        errors[name] = _rel(a, b[:, sl])
+        errors[name] = _rel(a, b)
     errors = {name: _slowest(e, device, group) for name, e in errors.items()}
     from hodlr.testing import TOLERANCES
 
@@ -212,7 +233,8 @@ def _scaling(T_cp, T_single, mode, args, device, group, rank, world):
     row["fwdbwd_ms"] = _slowest(_timed(both, args.reps, args.warmup, device, group), device, group)
     with record_communication(timed=True) as rec:
         both()
-    formula = payload_bytes(args.batch, args.heads, T_cp.bit_length() if T_cp else 0, args.d, args.d)
+    formula = payload_bytes(args.batch, args.heads, T_cp.bit_length() if T_cp else 0, args.head_dim,
+                             args.head_dim)
     row["bytes"] = {"payload_forward": rec.total("payload", "states", "forward"),
                     "payload_backward": rec.total("payload", "states", "backward"),
                     "payload_formula": formula,
@@ -269,9 +291,16 @@ def run(args, group=None) -> dict:
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
+    from hodlr import ops
+    from hodlr.bench import _commit
+
+    resolved = ops._resolve(args.backend, device, 1 << max(args.strong + args.check + [0]), True)
     result = {"devices": world, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-              platform.processor() or platform.machine(), "backend": args.backend, "torch": torch.__version__,
-              "config": {"batch": args.batch, "heads": args.heads, "d": args.d, "dtype": args.dtype,
+              platform.processor() or platform.machine(), "backend": args.backend,
+              "backend_resolved": resolved.__name__.rsplit(".", 1)[-1], "torch": torch.__version__,
+              "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "commit": _commit(args.commit),
+              "config": {"batch": args.batch, "heads": args.heads, "head_dim": args.head_dim, "dtype": args.dtype,
                          "reps": args.reps, "warmup": args.warmup},
               "check": [], "timings": []}
     for e in args.check:
@@ -300,6 +329,61 @@ def table(result) -> str:
     return "\n".join(lines)
 
 
+def plot(result, path) -> None:
+    """``path`` (PNG): per scaling mode, the forward and forward + backward times of one device and
+    of N against the total length, with the states collectives' time inside the N-device call (the
+    communication, apart); and the equality errors against one device."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in ("strong", "weak") if any(r["mode"] == m for r in result["timings"])]
+    fig, axes = plt.subplots(1, len(modes) + 1, figsize=(5.2 * (len(modes) + 1), 4.4), squeeze=False)
+    N = result["devices"]
+    for ax, mode in zip(axes[0], modes):
+        rows = [r for r in result["timings"] if r["mode"] == mode]
+        x = [r["tokens"] for r in rows]
+        for key, label, style in (("fwd_ms", "fwd", "-"), ("fwdbwd_ms", "fwd+bwd", "--")):
+            single = [r.get("single", {}).get(key, math.nan) for r in rows]
+            if not all(math.isnan(y) for y in single):
+                ax.plot(x, single, marker="o", color="C0", ls=style, label=f"1 device {label}")
+            ax.plot(x, [r[key] for r in rows], marker="s", color="C1", ls=style, label=f"{N} devices {label}")
+        comm = [r["comm_in_call_ms"]["states_forward"] + r["comm_in_call_ms"]["states_backward"] for r in rows]
+        ax.plot(x, comm, marker="^", color="C3", ls=":", label=f"{N} devices: all_gather + reduce_scatter")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("total tokens" + (" (1 device: tokens / N)" if mode == "weak" else ""))
+        ax.set_ylabel("ms (median; N devices: slowest rank)")
+        ax.set_title(f"{mode} scaling")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    for dtype, color in (("float32", "C0"), ("bfloat16", "C1")):
+        checks = [c for c in result["check"] if c["dtype"] == dtype and c["errors"]]
+        if checks:
+            x = [c["tokens"] for c in checks]
+            ax.plot(x, [c["errors"]["o"] for c in checks], marker="o", color=color, label=f"{dtype} o")
+            ax.plot(x, [max(c["errors"].values()) for c in checks], marker="s", color=color, ls="--",
+                    label=f"{dtype} worst of o, state, gradients")
+            ax.axhline(checks[0]["tolerance"], color=color, ls=":", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("total tokens")
+    ax.set_ylabel("relative error against 1 device")
+    ax.set_title("equality (dotted: tolerance of o)")
+    ax.grid(True, which="both", alpha=0.3)
+    if result["check"]:
+        ax.legend(fontsize=7)
+    c = result["config"]
+    fig.suptitle(f"hodlr context parallelism: {N} x {result['device']}, backend {result['backend_resolved']}, "
+                 f"B={c['batch']} H={c['heads']} D={c['head_dim']} {c['dtype']}  {result['date']}  "
+                 f"commit {result['commit'][:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     """Entry point (under ``torchrun``): initialise the process group, run, report on rank 0."""
     import torch
@@ -311,21 +395,33 @@ def main(argv=None) -> int:
     started = not dist.is_initialized()
     if started:
         if "RANK" not in os.environ:
-            raise SystemExit("hodlr bench-cp: launch it with torchrun --nproc_per_node N -m hodlr.distributed_bench")
-        if args.device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+            raise SystemExit("hodlr bench-cp: launch it with torchrun --nproc_per_node N -m hodlr bench-cp ...")
+        if args.device == "cuda":  # rank r of this host on cuda:LOCAL_RANK, NCCL
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     try:
         result = run(args)
         if dist.get_rank() == 0:
             for c in result["check"]:
-                print(f"equality T={c['tokens']} {c['dtype']}: {'pass' if c['pass'] else 'FAIL'} "
+                verdict = {True: "pass", False: "FAIL", None: c.get("error")}[c["pass"]]
+                print(f"equality T={c['tokens']} {c['dtype']}: {verdict} "
                       + " ".join(f"{k}={v:.1e}" for k, v in c["errors"].items()))
             print(table(result))
             if args.out:
-                with open(args.out, "w") as fh:
+                os.makedirs(args.out, exist_ok=True)
+                path = os.path.join(args.out, "bench-cp.json")
+                with open(path, "w") as fh:
                     json.dump(result, fh, indent=1)
-        return 0 if all(c["pass"] for c in result["check"]) else 1
+                print(f"wrote {path}")
+                try:
+                    plot(result, os.path.join(args.out, "bench-cp.png"))
+                    print(f"wrote {os.path.join(args.out, 'bench-cp.png')}")
+                except ImportError:
+                    print("no picture: matplotlib is not installed")
+        return 1 if any(c["pass"] is False for c in result["check"]) else 0
     finally:
         if started:
             dist.destroy_process_group()

@@ -8,18 +8,17 @@ In one process (hypothesis, float64):
   term (the correction that replaces a second local pass);
 * ``shard_offsets``, ``payload_bytes`` and the picture of what crosses ranks.
 
-Spawned gloo groups (``torch.multiprocessing``, one spawn of 4 processes holding groups of 1, 2, 3
-and 4 ranks, one spawn of 8 holding groups of 5 and 8): cases drawn by hypothesis in the parent
-(uneven and even shards, empty shards, batches and packed sequences crossing shard boundaries,
-initial states, final states, decay none / mild / strong, grouped heads, ``chunked`` and
-``fenwick``, float64 and float32) give outputs, final states and gradients (of ``q, k, v, g``, the
-level scales and the initial state) equal to one single-process call on the whole sequence; the
-bytes each rank hands to the states ``all_gather`` (forward) and ``reduce_scatter`` (backward)
-equal :func:`hodlr.distributed.payload_bytes`; arguments that disagree across ranks, or that one
-rank refuses, raise on every rank (no rank waits in a collective); a ``torch.compile``d function
-around the call (a graph break) gives the eager values and gradients.
-
-The Triton backend joins these legs once ``hodlr.kernels.attention`` takes initial states.
+Spawned gloo groups (``torch.multiprocessing``, one spawn of 8 processes holding groups of 1, 2,
+3, 4, 5 and 8 ranks): cases drawn by hypothesis in the parent (uneven and even shards, empty
+shards, batches and packed sequences crossing shard boundaries, initial states, final states, decay
+none / mild / strong, grouped heads, ``chunked`` and ``fenwick``, float64 and float32; two tiny
+float32 cases on ``triton`` under the interpreter) give outputs, final states and gradients (of
+``q, k, v, g``, the level scales and the initial state) equal to one single-process call on the
+whole sequence; the bytes each rank hands to the states ``all_gather`` (forward) and
+``reduce_scatter`` (backward) equal :func:`hodlr.distributed.payload_bytes`; arguments that disagree
+across ranks, or that one rank refuses, raise on every rank (no rank waits in a collective); a
+``torch.compile``d function around the call (a graph break) gives the eager values and gradients;
+the benchmark (``hodlr bench-cp``) runs its code path at toy sizes on 4 ranks.
 """
 
 from __future__ import annotations
@@ -384,10 +383,11 @@ def _worker(rank, nprocs, folder):
         grp = groups[plan["checks"]]
         grank = plan["checks"].index(rank)
         extra = {"bad": _bad_inputs(grp, grank), "compiled": _compiled(grp, grank)}
-    if plan.get("bench"):  # the benchmark's code path, on the whole world at toy sizes
+    if plan.get("bench") and rank in plan["bench"][0]:  # the benchmark's code path on a group, toy sizes
         from hodlr import distributed_bench
 
-        extra["bench"] = distributed_bench.run(distributed_bench._parser().parse_args(plan["bench"]))
+        ranks, argv = plan["bench"]
+        extra["bench"] = distributed_bench.run(distributed_bench._parser().parse_args(argv), groups[ranks])
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as fh:
         json.dump({"results": results, **extra}, fh)
     dist.barrier()
@@ -447,41 +447,50 @@ def draw(strategy, n):
     return out
 
 
-def test_two_three_four_ranks_equal_one_process(tmp_path_factory):
-    """Groups of 2, 3 and 4 gloo ranks (and one of 1) in one spawn of 4 processes; the two groups
-    of 2 are disjoint and run side by side."""
-    groups = [(3,), (0, 1), (2, 3), (1, 2, 3), (0, 1, 2, 3)]
-    assigned = [((3,), c) for c in draw(cases(1), 1)]
+TRITON = [  # tiny cases for the Triton interpreter (float32): a packed layout with initial states and a
+    # final state, and a batch with a decay crossing an unaligned boundary
+    dict(lengths=[7, 13], cu=[0, 3, 17, 20], nseq=3, heads=(1, 2), Dk=2, Dv=3, decay="mild", starts=[5, 0, 64],
+         final=True, scale=None, backend="triton", dtype="float32", seed=11),
+    dict(lengths=[11, 6], cu=None, nseq=2, heads=(2, 1), Dk=3, Dv=2, decay="strong", starts=None, final=False,
+         scale=0.5, backend="triton", dtype="float32", seed=12),
+]
+
+
+def test_one_to_five_and_eight_ranks_equal_one_process(tmp_path_factory, tmp_path):
+    """One spawn of 8 gloo processes holding groups of 1, 2, 3, 4, 5 and 8 ranks (the small groups
+    disjoint, side by side): drawn cases on ``chunked`` and ``fenwick``, two on ``triton`` (the
+    interpreter), an even split of 64 tokens over 8 ranks from a state at position 37 with a final
+    state; the refusals and the compiled function on 2 ranks; the benchmark's code path on 4."""
+    groups = [(0,), (1, 2), (3, 4), (5, 6, 7), (0, 1, 2, 3), (3, 4, 5, 6, 7), tuple(range(8))]
+    assigned = [((0,), c) for c in draw(cases(1), 1)]
     assigned += [(groups[1 + i % 2], c) for i, c in enumerate(draw(cases(2), 6))]
-    assigned += [((1, 2, 3), c) for c in draw(cases(3), 4)]
+    assigned += [((1, 2), c) for c in TRITON]
+    assigned += [((5, 6, 7), c) for c in draw(cases(3), 4)]
     assigned += [((0, 1, 2, 3), c) for c in draw(cases(4), 4)]
+    assigned += [(groups[5], c) for c in draw(cases(5), 2)] + [(groups[6], c) for c in draw(cases(8), 2)]
+    assigned.append((groups[6], dict(assigned[-1][1], lengths=[8] * 8, cu=None, nseq=1, starts=[37], final=True)))
     bench = ["--device", "cpu", "--check", "6", "--check-dtypes", "float32", "--strong", "6", "--weak", "4",
-             "--reps", "1", "--warmup", "0", "--heads", "2", "--d", "3", "--dtype", "float32", "--backend", "chunked"]
-    out = _spawn(tmp_path_factory.mktemp("cp4"), 4, groups, assigned, (0, 1), bench)
-    _check_bad_and_compiled(out, (0, 1))
-    _check_bench(out[0]["bench"])
+             "--reps", "1", "--warmup", "0", "--heads", "2", "--head-dim", "3", "--dtype", "float32",
+             "--backend", "chunked"]
+    out = _spawn(tmp_path_factory.mktemp("cp8"), 8, groups, assigned, (1, 2), (groups[4], bench))
+    _check_bad_and_compiled(out, (1, 2))
+    _check_bench(out[0]["bench"], tmp_path)
 
 
-def _check_bench(result):
-    """The benchmark's smoke run: equality passes, its bytes are the formula's, the table renders."""
+def _check_bench(result, folder):
+    """The benchmark's smoke run: equality passes, its bytes are the formula's, the table and the
+    picture render."""
     from hodlr import distributed_bench
 
     assert [c["pass"] for c in result["check"]] == [True], result["check"]
     assert [(r["mode"], r["tokens"], r["single_tokens"]) for r in result["timings"]] == [("strong", 64, 64),
                                                                                           ("weak", 64, 16)]
+    assert result["backend_resolved"] == "chunked" and result["devices"] == 4
     for r in result["timings"]:
         b = r["bytes"]
         assert b["payload_forward"] == b["payload_backward"] == b["payload_formula"] == payload_bytes(1, 2, 7, 3, 3)
         assert b["sent_per_rank_forward"] == 3 * b["payload_formula"]
         assert r["fwd_ms"] > 0 and r["single"]["fwd_ms"] > 0 and r["ratio_fwdbwd"] > 0
     assert distributed_bench.table(result).count("\n") == 3
-
-
-def test_eight_ranks_equal_one_process(tmp_path_factory):
-    """Groups of 5 and 8 gloo ranks on the CPU (on GPUs, the benchmark runs 4 and 8 devices), and
-    an even split of 64 tokens over 8 ranks from a state at position 37 with a final state."""
-    groups = [(3, 4, 5, 6, 7), tuple(range(8))]
-    assigned = [(groups[0], c) for c in draw(cases(5), 2)] + [(groups[1], c) for c in draw(cases(8), 2)]
-    even = dict(assigned[-1][1], lengths=[8] * 8, cu=None, nseq=1, starts=[37], final=True)
-    assigned.append((groups[1], even))
-    _spawn(tmp_path_factory.mktemp("cp8"), 8, groups, assigned)
+    distributed_bench.plot(result, folder / "bench-cp.png")
+    assert (folder / "bench-cp.png").stat().st_size > 10_000
