@@ -101,8 +101,9 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, reps, warmup, device, group):
-    """Median milliseconds of ``fn()`` on this rank (the ranks start together)."""
+def _timed(fn, reps, warmup, device, group, together=True):
+    """Median milliseconds of ``fn()`` on this rank; ``together``: the ranks of ``group`` (default
+    the world) start every run together (a barrier, the device synchronised after it)."""
     import torch
     import torch.distributed as dist
 
@@ -111,8 +112,9 @@ def _timed(fn, reps, warmup, device, group):
     times = []
     for _ in range(max(reps, 1)):
         _sync(device)
-        if group is not None:
+        if together:
             dist.barrier(group=group)
+            _sync(device)
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -263,8 +265,8 @@ def _scaling(T_cp, T_single, mode, args, device, group, rank, world):
                 o.float().sum().backward()
 
             try:
-                single = {"fwd_ms": _timed(forward1, args.reps, args.warmup, device, None),
-                          "fwdbwd_ms": _timed(both1, args.reps, args.warmup, device, None)}
+                single = {"fwd_ms": _timed(forward1, args.reps, args.warmup, device, None, together=False),
+                          "fwdbwd_ms": _timed(both1, args.reps, args.warmup, device, None, together=False)}
             except torch.cuda.OutOfMemoryError as err:
                 single = {"error": f"out of memory: {str(err).splitlines()[0]}"}
             del full
