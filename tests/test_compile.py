@@ -156,3 +156,41 @@ def test_opcheck_gated_delta_rule(with_state, packed):
         states = (torch.randn(Nseq, 2, 3, 3, 3, dtype=DT) * live[:, None, :, None, None]).requires_grad_()
     torch.library.opcheck(torch.ops.hodlr.log_linear_gated_delta_rule.default,
                           (q, k, v, g, beta, lam, 0.5, states, positions, cu, True, 5, "chunked"))
+
+
+@pytest.mark.gpu
+def test_compiled_no_slower_than_eager_on_gpu():
+    """B = 4, T = 16,384, H = 16, D = 64, bfloat16, default backend: a compiled function calling
+    the op against the same function eager (medians of ``triton.testing.do_bench``), forward and
+    forward + backward; the times are printed and written to ``HODLR_COMPILE_REPORT`` if set."""
+    import json
+    import os
+
+    from triton.testing import do_bench
+
+    B, T, H, D = 4, 16384, 16, 64
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    g = (-0.1 * torch.rand(B, T, H, device="cuda", generator=gen)).requires_grad_()
+    lam = (0.5 + torch.rand(B, T, H, hodlr.num_levels(T), device="cuda", generator=gen)).requires_grad_()
+    do = torch.randn(B, T, H, D, device="cuda", generator=gen).to(torch.bfloat16)
+
+    def layer(q, k, v, g, lam):
+        return hodlr.log_linear_attn(q, k, v, g, lam, scale=None)[0]
+
+    compiled = torch.compile(layer, fullgraph=True)
+    xs = (q, k, v, g, lam)
+    assert relative_error(compiled(*xs), layer(*xs)) <= 1e-2
+    times = {}
+    for name, fn in (("eager", layer), ("compiled", compiled)):
+        with torch.no_grad():
+            times[f"{name} forward ms"] = do_bench(lambda: fn(*xs))
+        times[f"{name} forward+backward ms"] = do_bench(
+            lambda: torch.autograd.grad(fn(*xs), xs, do), grad_to_none=list(xs))
+    print(times)
+    if os.environ.get("HODLR_COMPILE_REPORT"):
+        with open(os.environ["HODLR_COMPILE_REPORT"], "w") as fh:
+            json.dump(dict(times, B=B, T=T, H=H, D=D, dtype="bfloat16", device=torch.cuda.get_device_name()), fh)
+    assert times["compiled forward ms"] <= 1.1 * times["eager forward ms"]
+    assert times["compiled forward+backward ms"] <= 1.1 * times["eager forward+backward ms"]
