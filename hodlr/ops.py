@@ -276,7 +276,18 @@ def _op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: to
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                         torch.Tensor]:
     """Gradients ``(dq, dk, dv, dg, dlevel_scales, dinitial_states)`` of :func:`_op` (empty for
-    an absent ``g`` / initial state): the backend's forward recomputed under autograd."""
+    an absent ``g`` / initial state): straight from the backend's backward where it has one
+    (``attention_state_vjp``: triton), else the backend's forward recomputed under autograd."""
+    module = _resolve(backend, q.device, q.shape[2],
+                      initial_states is not None or output_final_state or cu_seqlens is not None)
+    vjp = getattr(module, "attention_state_vjp", None)
+    if vjp is not None and q.shape[2] > 0:
+        dq, dk, dv, dlam, dg, dinit = vjp(q, k, v, level_scales, g, scale, initial_states, initial_positions,
+                                          cu_seqlens, do, dstates if output_final_state else None)
+        grads = (dq, dk, dv, dg, dlam, dinit)
+        return tuple(do.new_empty((0,)) if x is None else (torch.zeros_like(x) if d is None else torch.empty_like(x).copy_(d))
+                     for x, d in zip((q, k, v, g, level_scales, initial_states), grads))
+
     def forward(q, k, v, g, lam, init):
         return _forward(q, k, v, g, lam, scale, init, initial_positions, cu_seqlens, output_final_state, final_slots,
                         backend)[:2]

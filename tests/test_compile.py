@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import hodlr
+import hodlr.ops  # noqa: F401  (registers torch.ops.hodlr.*)
 from hodlr.testing import relative_error
 
 from test_ops import draw_inputs
@@ -78,6 +79,45 @@ def test_opcheck_triton_without_state():
     args = list(op_args("triton", False, False))
     args[9] = False  # no final state: the plain forward and backward kernels
     torch.library.opcheck(torch.ops.hodlr.log_linear_attn.default, tuple(args))
+
+
+@interpreter
+@pytest.mark.parametrize("with_state, packed, final", [(False, False, False), (False, False, True),
+                                                       (True, False, True), (True, True, True)])
+def test_compiled_triton_backward_equals_chunked(with_state, packed, final, monkeypatch):
+    """The compiled op's backward on the triton backend comes straight from the backward kernels
+    (no recomputed forward): its gradients, grouped heads and a final state padded to the
+    compiled slot count included, equal the eager chunked backend's."""
+    q, k, v, g, lam = draw_inputs(4, 1 if packed else 2, 37, 1, 2, 4, 3, "mild", extra_levels=3)
+    lam = torch.nan_to_num(lam)
+    cu = torch.tensor([0, 1, 20, 20, 37]) if packed else None
+    n = 4 if packed else 2
+    state = None
+    if with_state:
+        _, state = hodlr.log_linear_attn(q[:1, :9].expand(n, -1, -1, -1), k[:1, :9].expand(n, -1, -1, -1),
+                                         v[:1, :9].expand(n, -1, -1, -1), g[:1, :9].expand(n, -1, -1),
+                                         lam[:1, :9].expand(n, -1, -1, -1), output_final_state=True)
+        state = state.with_slots(7)
+
+    def fn(q, k, v, g, lam, init, backend):
+        o, last = hodlr.log_linear_attn(q, k, v, g, lam, initial_state=init, output_final_state=final,
+                                        cu_seqlens=cu, backend=backend)
+        return o.square().sum() + (last.states.sum() if final else 0)
+
+    args = [q, k, v, g, lam] + ([state.states] if with_state else [])
+    xs_e, xs_c = leaves(args), leaves(args)
+    def init(xs):
+        return hodlr.LogLinearState(xs[5], state.positions) if with_state else None
+
+    want = torch.autograd.grad(fn(*xs_e[:5], init(xs_e), "chunked"), xs_e)
+    triton_backend, calls = hodlr.backends.load("triton"), []
+    vjp = triton_backend.attention_state_vjp
+    monkeypatch.setattr(triton_backend, "attention_state_vjp", lambda *a: calls.append(1) or vjp(*a))
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(*xs_c[:5], init(xs_c), "triton"), xs_c)
+    assert calls == [1]
+    for a, b in zip(got, want):
+        assert relative_error(a, b) <= 1e-12
 
 
 @pytest.mark.gpu
