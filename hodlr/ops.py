@@ -1,12 +1,14 @@
-"""The fla-compatible op: ``log_linear_attn`` on ``(B, T, H, D)`` tensors, with recurrent state
-hand-off, packed sequences and ``torch.compile`` support; ``log_linear_attn_step`` for decoding.
+"""The fla-compatible ops: ``log_linear_attn`` and ``log_linear_gated_delta_rule`` on
+``(B, T, H, D)`` tensors, with recurrent state hand-off, packed sequences and ``torch.compile``
+support; ``log_linear_attn_step`` and ``log_linear_gated_delta_step`` for decoding.
 
 A layout and state wrapper over the backends of :mod:`hodlr.backends` (the mathematics is
-``hodlr.attention``'s, see docs/models.md): inputs are validated here, viewed as
-``(B, H, T, D)`` (no copies), and handed to the backend's ``attention_state`` (or
-``attention`` for calls without state).  Under ``torch.compile`` the call goes through the
-custom operator ``torch.ops.hodlr.log_linear_attn`` (fake implementation and autograd
-registered), so that a compiled model keeps the op in its graph.
+``hodlr.attention``'s and ``hodlr.gated_delta_attention``'s, see docs/models.md): inputs are
+validated here, viewed as ``(B, H, T, D)`` (no copies), and handed to the backend's
+``attention_state`` (or ``attention`` for calls without state), or ``gated_delta_attention``.
+Under ``torch.compile`` a call goes through the custom operator ``torch.ops.hodlr.log_linear_attn``
+or ``torch.ops.hodlr.log_linear_gated_delta_rule`` (fake implementation and autograd registered),
+so that a compiled model keeps the op in its graph.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from hodlr import fenwick
 from hodlr.errors import BackendUnavailableError
 from hodlr.state import LogLinearState, segments
 
-__all__ = ["log_linear_attn", "log_linear_attn_step", "log_linear_gated_delta_rule"]
+__all__ = ["log_linear_attn", "log_linear_attn_step", "log_linear_gated_delta_rule", "log_linear_gated_delta_step"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -266,11 +268,20 @@ def _op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: to
                                         torch.Tensor]:
     """Gradients ``(dq, dk, dv, dg, dlevel_scales, dinitial_states)`` of :func:`_op` (empty for
     an absent ``g`` / initial state): the backend's forward recomputed under autograd."""
-    inputs = [q, k, v, g, level_scales, initial_states]
+    def forward(q, k, v, g, level_scales, initial_states):
+        return _forward(q, k, v, g, level_scales, scale, initial_states, initial_positions, cu_seqlens,
+                        output_final_state, final_slots, backend)
+
+    return _recomputed_vjp(forward, [q, k, v, g, level_scales, initial_states], do, dstates, output_final_state)
+
+
+def _recomputed_vjp(forward, inputs, do, dstates, output_final_state):
+    """The gradients of ``forward(*inputs) -> (o, states, positions)`` for the cotangents ``do``
+    (and ``dstates`` with ``output_final_state``), one per input: ``forward`` recomputed under
+    autograd; zeros for an input the result does not depend on, an empty tensor for a ``None``."""
     with _autograd_on():
         leaves = [None if x is None else x.detach().requires_grad_(True) for x in inputs]
-        o, states, _ = _forward(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], scale, leaves[5],
-                                initial_positions, cu_seqlens, output_final_state, final_slots, backend)
+        o, states, _ = forward(*leaves)
         outs, grads = [o], [do]
         if output_final_state:
             outs.append(states)
@@ -280,7 +291,7 @@ def _op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: to
     result = []
     for x in leaves:
         if x is None:
-            result.append(q.new_empty((0,)))
+            result.append(do.new_empty((0,)))
             continue
         d = next(got)
         result.append(torch.zeros_like(x) if d is None else d.contiguous())
@@ -303,14 +314,22 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, do, dstates, dpositions):
     q, k, v, g, lam, init, pos, cu = ctx.saved_tensors
     scale, final, slots, backend = ctx.args
-    if dstates is None or not final:
-        dstates = lam.new_zeros((0,)) if not final else lam.new_zeros((cu.shape[0] - 1 if cu is not None else
-                                                                       q.shape[0], v.shape[1], slots,
-                                                                       q.shape[3], v.shape[3]))
+    dstates = _state_cotangent(dstates, final, slots, q, v, lam, cu)
     dq, dk, dv, dg, dlam, dinit = torch.ops.hodlr.log_linear_attn_backward(
         do, dstates, q, k, v, g, lam, scale, init, pos, cu, final, slots, backend)
     return (dq, dk, dv, None if g is None else dg, dlam, None, None if init is None else dinit,
             None, None, None, None, None)
+
+
+def _state_cotangent(dstates, final, slots, q, v, lam, cu):
+    """The final state's cotangent as the backward operators take it: empty without a final
+    state, zeros where autograd passes none."""
+    if not final:
+        return lam.new_zeros((0,))
+    if dstates is None:
+        Nseq = q.shape[0] if cu is None else cu.shape[0] - 1
+        return lam.new_zeros((Nseq, v.shape[1], slots, q.shape[3], v.shape[3]))
+    return dstates
 
 
 _op.register_autograd(_backward, setup_context=_setup_context)
@@ -420,6 +439,23 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
     return o, LogLinearState(states, positions, validate=False)
 
 
+def _check_step(name, q, k, v, g, level_scales, state, scale, validate):
+    """The checks of a decoding step (``T = 1``, a state); with ``validate`` also the host-side ones
+    on the positions.  Returns the scale."""
+    scale, _ = _check_static(q, k, v, g, level_scales, state, False, None, scale)
+    if state is None:
+        raise TypeError("state must be a hodlr.LogLinearState (LogLinearState.zeros(...) for a new cache)")
+    if q.shape[1] != 1:
+        raise ValueError(f"{name} takes one token per sequence (T = 1), got q of shape {tuple(q.shape)}")
+    if validate:
+        end = _check_values(q.shape[0], 1, level_scales.shape[-1], None, state.positions, state.num_slots)
+        if end.bit_length() > state.num_slots:
+            raise ValueError(f"the step takes position {end - 1} to {end}, which needs {end.bit_length()} slots but "
+                             f"the state has {state.num_slots}; make it with more (state.with_slots(S), or "
+                             f"LogLinearState.zeros(..., max_position=...))")
+    return scale
+
+
 def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend: str = "auto",
                          validate: bool = True):
     """One decoding step for a batch of sequences, each at its own position: consumes one token
@@ -450,20 +486,9 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
     -------
     o : torch.Tensor, shape ``(B, 1, H, Dv)``
     """
-    scale, _ = _check_static(q, k, v, g, level_scales, state, False, None, scale)
-    if state is None:
-        raise TypeError("state must be a hodlr.LogLinearState (LogLinearState.zeros(...) for a new cache)")
-    if q.shape[1] != 1:
-        raise ValueError(f"log_linear_attn_step takes one token per sequence (T = 1), got q of shape {tuple(q.shape)}")
+    scale = _check_step("log_linear_attn_step", q, k, v, g, level_scales, state, scale, validate)
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    L = level_scales.shape[-1]
-    if validate:
-        end = _check_values(q.shape[0], 1, L, None, state.positions, state.num_slots)
-        if end.bit_length() > state.num_slots:
-            raise ValueError(f"the step takes position {end - 1} to {end}, which needs {end.bit_length()} slots but "
-                             f"the state has {state.num_slots}; make it with more (state.with_slots(S), or "
-                             f"LogLinearState.zeros(..., max_position=...))")
     if backend == "auto":
         backend = "triton" if q.device.type == "cuda" else "torch"
     if backend == "triton":
@@ -553,6 +578,86 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
     return o, states, torch.as_tensor(start + length, dtype=torch.int64, device=q.device)
 
 
+@torch.library.custom_op("hodlr::log_linear_gated_delta_rule", mutates_args=())
+def _gdn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: Optional[torch.Tensor],
+            level_scales: torch.Tensor, scale: float, initial_states: Optional[torch.Tensor],
+            initial_positions: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], output_final_state: bool,
+            final_slots: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``log_linear_gated_delta_rule`` on the ``(N, H, T, D)`` layout with flat arguments (what
+    ``torch.compile`` sees): ``(o, states, positions)``, the last two empty without
+    ``output_final_state``; ``states`` has ``final_slots`` slots."""
+    N, T, L = q.shape[0], q.shape[2], level_scales.shape[-1]
+    end = _check_values(N, T, L, cu_seqlens, initial_positions,
+                        None if initial_states is None else initial_states.shape[2])
+    if output_final_state and end.bit_length() > final_slots:
+        raise ValueError(f"the final state needs {end.bit_length()} slots but has {final_slots} (under "
+                         f"torch.compile it keeps the initial state's slots: make the state with more, "
+                         f"LogLinearState.zeros(..., max_position=...) or state.with_slots(S))")
+    o, states, positions = _gated_delta_forward(q, k, v, beta, g, level_scales, scale, initial_states,
+                                                initial_positions, cu_seqlens, output_final_state, final_slots,
+                                                backend)
+    if not output_final_state:
+        empty = level_scales.new_empty((0,))
+        return o.contiguous(), empty, empty.new_empty((0,), dtype=torch.int64)
+    return o.contiguous(), states.contiguous(), positions.contiguous()
+
+
+@_gdn_op.register_fake
+def _gdn_op_fake(q, k, v, beta, g, level_scales, scale, initial_states, initial_positions, cu_seqlens,
+                 output_final_state, final_slots, backend):
+    N, Hqk, T, Dk = q.shape
+    H, Dv = v.shape[1], v.shape[3]
+    o = v.new_empty((N, H, T, Dv))
+    if not output_final_state:
+        return o, level_scales.new_empty((0,)), q.new_empty((0,), dtype=torch.int64)
+    Nseq = N if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return (o, level_scales.new_empty((Nseq, H, final_slots, Dk, Dv)),
+            q.new_empty((Nseq,), dtype=torch.int64))
+
+
+@torch.library.custom_op("hodlr::log_linear_gated_delta_rule_backward", mutates_args=())
+def _gdn_op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     beta: torch.Tensor, g: Optional[torch.Tensor], level_scales: torch.Tensor, scale: float,
+                     initial_states: Optional[torch.Tensor], initial_positions: Optional[torch.Tensor],
+                     cu_seqlens: Optional[torch.Tensor], output_final_state: bool, final_slots: int,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                            torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv, dbeta, dg, dlevel_scales, dinitial_states)`` of :func:`_gdn_op`
+    (empty for an absent ``g`` / initial state): the backend's forward recomputed under autograd."""
+    def forward(q, k, v, beta, g, level_scales, initial_states):
+        return _gated_delta_forward(q, k, v, beta, g, level_scales, scale, initial_states, initial_positions,
+                                    cu_seqlens, output_final_state, final_slots, backend)
+
+    return _recomputed_vjp(forward, [q, k, v, beta, g, level_scales, initial_states], do, dstates,
+                           output_final_state)
+
+
+@_gdn_op_backward.register_fake
+def _gdn_op_backward_fake(do, dstates, q, k, v, beta, g, level_scales, scale, initial_states, initial_positions,
+                          cu_seqlens, output_final_state, final_slots, backend):
+    return tuple(q.new_empty((0,)) if x is None else torch.empty_like(x)
+                 for x in (q, k, v, beta, g, level_scales, initial_states))
+
+
+def _gdn_setup_context(ctx, inputs, output):
+    q, k, v, beta, g, lam, scale, init, pos, cu, final, slots, backend = inputs
+    ctx.save_for_backward(q, k, v, beta, g, lam, init, pos, cu)
+    ctx.args = (scale, final, slots, backend)
+
+
+def _gdn_backward(ctx, do, dstates, dpositions):
+    q, k, v, beta, g, lam, init, pos, cu = ctx.saved_tensors
+    scale, final, slots, backend = ctx.args
+    dstates = _state_cotangent(dstates, final, slots, q, v, lam, cu)
+    dq, dk, dv, dbeta, dg, dlam, dinit = torch.ops.hodlr.log_linear_gated_delta_rule_backward(
+        do, dstates, q, k, v, beta, g, lam, scale, init, pos, cu, final, slots, backend)
+    return (dq, dk, dv, dbeta, None if g is None else dg, dlam, None, None if init is None else dinit,
+            None, None, None, None, None)
+
+
+_gdn_op.register_autograd(_gdn_backward, setup_context=_gdn_setup_context)
+
+
 def _in_order(parts, n):
     """Concatenate ``[(indices, x)]`` along dim 0 and put row ``indices[i]`` at ``i``."""
     x = torch.cat([p for _, p in parts])
@@ -608,6 +713,9 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
     o : torch.Tensor, shape ``(B, T, H, Dv)``, the dtype of ``v``
     final_state : hodlr.LogLinearState or None
         With ``max(S, bit_length(largest end position))`` slots (``S`` those of the initial state).
+        Under ``torch.compile`` (the custom operator ``torch.ops.hodlr.log_linear_gated_delta_rule``)
+        the slot count cannot depend on values: it is the initial state's (``bit_length(T)``
+        without one), and a call whose end positions need more raises.
 
     Examples
     --------
@@ -636,12 +744,106 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
     B, T, L = q.shape[0], q.shape[1], level_scales.shape[-1]
     pos = None if initial_state is None else initial_state.positions
     S_in = 0 if initial_state is None else initial_state.num_slots
-    end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
-    o, states, positions = _gated_delta_forward(
-        _bhtd(q), _bhtd(k), _bhtd(v), _bhtd(beta).to(work), None if g is None else _bhtd(g).to(work),
-        _bhtd(level_scales).to(work), scale, None if initial_state is None else initial_state.states, pos,
-        cu_seqlens, output_final_state, max(S_in, end.bit_length()), backend)
+    init = None if initial_state is None else initial_state.states
+    args = (_bhtd(q), _bhtd(k), _bhtd(v), _bhtd(beta).to(work), None if g is None else _bhtd(g).to(work),
+            _bhtd(level_scales).to(work), scale, init, pos, cu_seqlens, output_final_state)
+    if torch.compiler.is_compiling():
+        # no host read while tracing: the slot count comes from shapes (int(T) specialises T)
+        final_slots = 0 if not output_final_state else S_in if initial_state is not None else int(T).bit_length()
+        o, states, positions = _gdn_op(*args, final_slots, backend)
+    else:
+        end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
+        o, states, positions = _gated_delta_forward(*args, max(S_in, end.bit_length()), backend)
     o = o.transpose(1, 2)
     if not output_final_state:
         return o, None
     return o, LogLinearState(states, positions, validate=False)
+
+
+def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=None, validate: bool = True):
+    """One decoding step of log-linear Gated DeltaNet for a batch of sequences, each at its own
+    position: consumes one token per sequence and updates ``state`` in place (its ``states`` and
+    ``positions`` tensors), with torch operations only and no host read when ``validate`` is False
+    (so the step can be captured in a CUDA graph).
+
+    For the token at position ``p`` (docs/mathematics.md §13, the recurrent form): every live
+    bucket state is moved by ``A = exp(g) (I - beta k kᵀ)``; the output is
+    ``scale * (λ[0] beta (q · k) v + Σ_l λ[l] (A S_l)ᵀ q)`` over the live levels ``l`` (the set bits
+    of ``p``); the slots of the trailing one-bits of ``p`` merge with the token's write ``beta k vᵀ``
+    into slot ``bit_length(p XOR (p + 1))`` and are cleared.
+
+    Parameters
+    ----------
+    q, k : torch.Tensor, shape ``(B, 1, Hqk, Dk)``
+    v : torch.Tensor, shape ``(B, 1, H, Dv)``
+    g : torch.Tensor, shape ``(B, 1, H)``, or None
+    beta : torch.Tensor, shape ``(B, 1, H)``
+    level_scales : torch.Tensor, shape ``(B, 1, H, L)``
+        The layout of :func:`log_linear_gated_delta_rule` with ``T = 1``; level 0 and the levels of
+        the live slots are read.
+    state : hodlr.LogLinearState
+        ``B`` sequences, float32 (float64 for float64 inputs); each must stay below ``2**S`` (``S``
+        its slots) after the step.
+    scale : float, optional
+        Default ``Dk ** -0.5`` (as :func:`log_linear_gated_delta_rule`).
+    validate : bool, default True
+        Read the positions on the host and refuse a step that would overflow the state's slots or
+        read past ``level_scales``.  Pass False inside CUDA-graph capture; a row whose step would
+        overflow is then left unchanged and its output is NaN.
+
+    Returns
+    -------
+    o : torch.Tensor, shape ``(B, 1, H, Dv)``, the dtype of ``v``.  No gradients: the step is for
+    inference (it runs under ``torch.no_grad``).
+
+    Examples
+    --------
+    >>> import torch, hodlr
+    >>> B, T, H, D = 2, 5, 2, 4
+    >>> q, v = (torch.randn(B, T, H, D, dtype=torch.float64) for _ in range(2))
+    >>> k = torch.nn.functional.normalize(torch.randn(B, T, H, D, dtype=torch.float64), dim=-1)
+    >>> g, beta = -torch.rand(B, T, H, dtype=torch.float64), torch.rand(B, T, H, dtype=torch.float64)
+    >>> lam = torch.rand(B, T, H, hodlr.num_levels(T), dtype=torch.float64)
+    >>> o, _ = hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam)
+    >>> cache = hodlr.LogLinearState.zeros(B, H, D, D, max_position=T, dtype=torch.float64)
+    >>> steps = [hodlr.log_linear_gated_delta_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1],
+    ...                                            beta[:, t:t + 1], lam[:, t:t + 1], cache) for t in range(T)]
+    >>> bool(torch.allclose(torch.cat(steps, 1), o)), cache.positions.tolist()
+    (True, [5, 5])
+    """
+    scale = _check_step("log_linear_gated_delta_step", q, k, v, g, level_scales, state, scale, validate)
+    _tensor("beta", beta, 3, "(B, 1, H)")
+    if tuple(beta.shape) != tuple(v.shape[:3]):
+        raise ValueError(f"beta must have shape (B, 1, H) = {tuple(v.shape[:3])}, got {tuple(beta.shape)}")
+    _checks.check_same_home({"q": q, "beta": beta})
+    X, p = state.states, state.positions
+    work = X.dtype
+    S, L = X.shape[2], level_scales.shape[-1]
+    grp = v.shape[2] // q.shape[2]
+    with torch.no_grad():
+        qh, kh = (x[:, 0].to(work).repeat_interleave(grp, 1) for x in (q, k))  # (B, H, Dk)
+        vh, bh = v[:, 0].to(work), beta[:, 0].to(work)  # (B, H, Dv), (B, H)
+        lam = level_scales[:, 0].to(work)  # (B, H, L)
+        slot = torch.arange(S, device=p.device)
+        live = ((p[:, None] >> slot) & 1) == 1  # (B, S): slot l - 1 holds level l
+        carry = p ^ (p + 1)  # bits 0 .. D - 1: the slots that merge, then the slot they merge into
+        merge = live & (((carry[:, None] >> slot) & 1) == 1)
+        target = ((carry + 1)[:, None] >> (slot + 1)) == 1  # slot D - 1 (carry + 1 = 2**D)
+        fits = (p >= 0) & (((p + 1) >> S) == 0) & ((p >> (L - 1)) == 0)
+        moved = X - (bh[..., None] * kh)[:, :, None, :, None] * torch.einsum("nhd,nhsdv->nhsv", kh, X)[..., None, :]
+        if g is not None:
+            moved = moved * torch.exp(g[:, 0].to(work))[:, :, None, None, None]
+        scales = torch.nn.functional.pad(lam[..., 1:], (0, max(0, S + 1 - L)))[..., :S]  # level l at slot l - 1
+        w = torch.where(live[:, None, :], scales, torch.zeros((), dtype=work, device=X.device))
+        read = torch.einsum("nhs,nhd,nhsdv->nhv", w, qh, moved)
+        diag = lam[..., 0] * bh * (qh * kh).sum(-1)
+        o = scale * (diag[..., None] * vh + read)
+        zero = torch.zeros((), dtype=work, device=X.device)
+        merged = torch.where(merge[:, None, :, None, None], moved, zero).sum(2)
+        merged = merged + bh[..., None, None] * kh[..., :, None] * vh[..., None, :]
+        new = torch.where(merge[:, None, :, None, None], zero, moved)
+        new = torch.where(target[:, None, :, None, None], merged[:, :, None], new)
+        X.copy_(torch.where(fits[:, None, None, None, None], new, X))
+        p.add_(fits.to(p.dtype))
+        o = torch.where(fits[:, None, None], o, torch.full((), float("nan"), dtype=work, device=X.device))
+    return o[:, None].to(v.dtype)

@@ -7,12 +7,14 @@ eager values and gradients.  A ``gpu`` test compiles with inductor on CUDA."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import hodlr
 from hodlr.testing import relative_error
 
+from test_gated_delta import _step_case
 from test_ops import TRITON_STATE, draw_inputs, require_state
 
 DT = torch.float64
@@ -94,3 +96,68 @@ def test_compile_inductor_on_gpu():
     assert relative_error(got, want) <= 1e-5
     for a, b in zip(torch.autograd.grad(got, xs_c), torch.autograd.grad(want, xs_e)):
         assert relative_error(a, b) <= 1e-4
+
+
+# -- log-linear Gated DeltaNet: torch.ops.hodlr.log_linear_gated_delta_rule ----------------------------
+def gdn_inputs(seed, B, T, Hqk, grp, Dk, Dv, extra_levels=1):
+    """fla-layout float64 inputs with unit keys and write strengths in [0, 1]."""
+    q, k, v, g, lam = draw_inputs(seed, B, T, Hqk, grp, Dk, Dv, "mild", extra_levels=extra_levels)
+    beta = torch.rand(B, T, Hqk * grp, generator=torch.Generator().manual_seed(seed), dtype=DT)
+    return q, torch.nn.functional.normalize(k, dim=-1), v, g, beta, lam
+
+
+def gdn_model(q, k, v, g, beta, lam, state, backend):
+    o, last = hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam, initial_state=state, output_final_state=True,
+                                                backend=backend)
+    return (o.square().sum() + last.states.sum()) * 0.5, last.positions
+
+
+def test_gated_delta_compile_fullgraph_aot_eager_matches_eager():
+    """The Gated DeltaNet op in one compiled graph (state in and out, grouped heads): the eager
+    values and gradients, the initial state's included."""
+    q, k, v, g, beta, lam = gdn_inputs(3, 2, 13, 1, 2, 4, 3)
+    lam = torch.nan_to_num(lam)
+    _, state = hodlr.log_linear_gated_delta_rule(*gdn_inputs(4, 2, 9, 1, 2, 4, 3), output_final_state=True)
+    state = state.with_slots(5)
+    eager_in, compiled_in = leaves([q, k, v, g, beta, lam, state.states]), leaves([q, k, v, g, beta, lam,
+                                                                                   state.states])
+    compiled = torch.compile(gdn_model, fullgraph=True, backend="aot_eager")
+
+    def run(fn, xs):
+        loss, pos = fn(*xs[:6], hodlr.LogLinearState(xs[6], state.positions), "chunked")
+        return loss, pos, torch.autograd.grad(loss, xs)
+
+    want, got = run(gdn_model, eager_in), run(compiled, compiled_in)
+    assert relative_error(got[0], want[0]) <= 1e-12 and got[1].tolist() == [22, 22]
+    for a, b in zip(got[2], want[2]):
+        assert relative_error(a, b) <= 1e-12
+
+
+def test_opcheck_gated_delta():
+    """Packed sequences (one empty) continuing from states: fake tensors, schema and autograd."""
+    q, k, v, g, beta, lam = gdn_inputs(5, 1, 13, 1, 2, 3, 2, extra_levels=3)
+    args = [x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v, beta, g, torch.nan_to_num(lam))]
+    cu, positions = torch.tensor([0, 4, 4, 13]), torch.tensor([5, 0, 2])
+    live = torch.tensor([[(p >> i) & 1 for i in range(3)] for p in positions.tolist()], dtype=DT)
+    states = (torch.randn(3, 2, 3, 3, 2, dtype=DT) * live[:, None, :, None, None]).requires_grad_()
+    torch.library.opcheck(torch.ops.hodlr.log_linear_gated_delta_rule.default,
+                          (*args, 0.5, states, positions, cu, True, 5, "chunked"))
+
+
+def test_gated_delta_step_compiles_without_host_reads():
+    """``log_linear_gated_delta_step(..., validate=False)`` reads nothing on the host (what a CUDA
+    graph needs): it compiles with ``fullgraph=True``, where a host read would break the graph, and
+    updates the cache as the eager step does."""
+    cache, token, want_o, want_s = _step_case(np.random.default_rng(7), [0, 3, 8, 15], S=5)
+    eager = cache.clone()
+
+    def step(q, k, v, g, beta, lam, states, positions):
+        return hodlr.log_linear_gated_delta_step(q, k, v, g, beta, lam, hodlr.LogLinearState(states, positions,
+                                                                                              validate=False),
+                                                 validate=False)
+
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*token, cache.states, cache.positions)
+    want = step(*token, eager.states, eager.positions)
+    assert relative_error(got, want) <= 1e-12 and relative_error(got, want_o) <= 1e-12
+    assert relative_error(cache.states, eager.states) <= 1e-12 and relative_error(cache.states, want_s) <= 1e-12
+    assert cache.positions.tolist() == eager.positions.tolist() == [1, 4, 9, 16]
