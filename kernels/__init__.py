@@ -16,8 +16,9 @@ from ._layout import DEFAULT_CHUNK, interpreting
 from .attention import attention_forward
 from .attention_backward import attention_backward
 from .autograd import attention, matmul
+from .gated_delta import gated_delta_forward
 from .matmul import matmul_forward
 from .matmul_backward import matmul_backward
 
-__all__ = ["DEFAULT_CHUNK", "attention", "attention_backward", "attention_forward", "interpreting", "matmul",
-           "matmul_backward", "matmul_forward"]
+__all__ = ["DEFAULT_CHUNK", "attention", "attention_backward", "attention_forward", "gated_delta_forward",
+           "interpreting", "matmul", "matmul_backward", "matmul_forward"]

@@ -64,6 +64,14 @@ def attention(q, k, v, level_scales, log_decay, scale):
     return kernels.attention_forward(q, k, v, level_scales, log_decay, scale)
 
 
+def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale):
+    from hodlr import kernels
+
+    if _wants_grad(q, k, v, beta, level_scales, log_decay):
+        raise NotImplementedError("the Triton Gated DeltaNet backward is not written yet")
+    return kernels.gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale)
+
+
 def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, initial_positions, cu_seqlens,
                     output_final_state):
     """The state-aware attention of the backend contract: ``hodlr.kernels.attention`` with its
