@@ -15,10 +15,11 @@ FLOP / byte floor.
 from ._layout import DEFAULT_CHUNK, interpreting
 from .attention import attention_forward
 from .attention_backward import attention_backward
-from .autograd import attention, matmul
+from .autograd import attention, gated_delta, matmul
 from .gated_delta import gated_delta_forward
+from .gated_delta_backward import gated_delta_backward
 from .matmul import matmul_forward
 from .matmul_backward import matmul_backward
 
-__all__ = ["DEFAULT_CHUNK", "attention", "attention_backward", "attention_forward", "gated_delta_forward",
-           "interpreting", "matmul", "matmul_backward", "matmul_forward"]
+__all__ = ["DEFAULT_CHUNK", "attention", "attention_backward", "attention_forward", "gated_delta",
+           "gated_delta_backward", "gated_delta_forward", "interpreting", "matmul", "matmul_backward", "matmul_forward"]

@@ -131,6 +131,12 @@ def state_dtypes(dtype: torch.dtype, compact: bool = False):
     return torch.float32, torch.float32
 
 
+def scratch(shape, dtype, device) -> torch.Tensor:
+    """An uninitialised buffer that the kernels fill (the tests fill these with NaN, so a read of
+    anything not written first shows)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for positive ints (host side; ``triton.cdiv`` costs microseconds a call)."""
     return -(-a // b)

@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from ._device import chunk_decays, chunk_rows, intra_decay, intra_scales
-from ._layout import (MIN_BLOCK, NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types,
-                      hierarchy_sizes, interpreting, output_buffer)
+from . import _layout
+from ._layout import NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, hierarchy_sizes, output_buffer
 from .attention import attention_layout
 
 MAX_DK = 128
@@ -266,10 +266,10 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
     sizes = hierarchy_sizes(n)
     N = sum(sizes)
     dev = v.device
-    X = torch.empty((B, n, C, C), dtype=work, device=dev)
-    W = torch.empty((B, n, C, DK), dtype=work, device=dev)
-    states = torch.empty((B, N, DK * DV), dtype=work, device=dev)
-    trans = torch.empty((B, N, DK * DK), dtype=work, device=dev)
+    X = _layout.scratch((B, n, C, C), work, dev)
+    W = _layout.scratch((B, n, C, DK), work, dev)
+    states = _layout.scratch((B, N, DK * DV), work, dev)
+    trans = _layout.scratch((B, N, DK * DK), work, dev)
     BDK, BDV, n_dv = tiles(layout)
     has_g = layout.tensors["g"] is not None
     _chunk_kernel[(n, B)](

@@ -6,10 +6,15 @@ unit keys, write strengths up to 2, operands with broadcasting batch shapes and 
 not multiples of the chunk; outputs are filled with NaN before the launch, so an element the
 kernels never write fails.  float64 must match to 1e-12 and float32 to 1e-5 (randomly drawn
 problems on ``hodlr.testing.scaled_error`` against ``|P ⊙ Mλ| |V|``), and the chunked backend
-with the same chunk.  The ``gpu`` tests run bfloat16 on CUDA against the float64 reference.
+with the same chunk.  The gradients of :func:`hodlr.kernels.gated_delta` (all six inputs) must
+match the dense float64 gradients under autograd to 1e-10 (float64) and 1e-4 (float32), with
+every scratch buffer of the kernels filled with NaN and never-read scales getting exactly 0.
+The ``gpu`` tests run bfloat16 on CUDA against the float64 reference.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -17,9 +22,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import hodlr
-from hodlr import kernels
+from hodlr import fenwick, kernels
 from hodlr.backends import chunked
-from hodlr.testing import TOLERANCES, assert_close, batch_shapes, poison_unread, scaled_error, st_lengths
+from hodlr.testing import (TOLERANCES, assert_close, batch_shapes, poison_unread, relative_error, scaled_error,
+                           st_lengths)
 
 from test_gated_delta import gdn_inputs
 
@@ -113,6 +119,80 @@ def test_wide_keys_are_refused():
     q = torch.zeros(1, 16, kernels.gated_delta.MAX_DK + 1, device=DEVICE)
     with pytest.raises(ValueError, match=r"Dk <= 128, got Dk=129 \(use the 'chunked' backend"):
         kernels.gated_delta_forward(q, q, q[..., :2], q[..., 0], torch.ones(1, 16, 5, device=DEVICE))
+
+
+# -- the backward ----------------------------------------------------------------------------------
+GRAD_TOL = {torch.float64: TOLERANCES["grad_float64"], torch.float32: 1e-4}
+NAMES = ("q", "k", "v", "beta", "level_scales", "log_decay")
+
+
+@contextlib.contextmanager
+def _nan_scratch():
+    """Every scratch buffer of the kernels (``kernels._layout.scratch``) filled with NaN: a read
+    of anything not written first poisons the result."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels._layout, "scratch", lambda shape, dtype, device: torch.full(
+            shape, float("nan"), dtype=dtype, device=device))
+        yield
+
+
+def _grads(inputs, w, scale, dtype, chunk=None):
+    """``{name: gradient}`` of ``Σ w ⊙ O``: the dense float64 reference under autograd
+    (``chunk=None``) or :func:`kernels.gated_delta` in ``dtype`` with chunk ``chunk``."""
+    if chunk is None:
+        leaves = [None if x is None else x.detach().double().cpu().requires_grad_(True) for x in inputs]
+        q, k, v, beta, lam, g = leaves
+        out = hodlr.gated_delta_matrix(q, k, beta, hodlr.LogLinearMask(lam, g, validate=False), scale=scale) @ v
+    else:
+        leaves = [None if x is None else x.detach().to(DEVICE, dtype).requires_grad_(True) for x in inputs]
+        with _nan_scratch():
+            out = kernels.gated_delta(*leaves, scale, chunk=chunk)
+            assert out.requires_grad, "result is cut off from the autograd graph"
+            grads = torch.autograd.grad((out * w.to(out)).sum(), [x for x in leaves if x is not None])
+        return dict(zip([n for n, x in zip(NAMES, leaves) if x is not None], grads))
+    grads = torch.autograd.grad((out * w.double()).sum(), [x for x in leaves if x is not None])
+    return dict(zip([n for n, x in zip(NAMES, leaves) if x is not None], grads))
+
+
+def _check_grads(inputs, w, scale, dtype, chunk=CHUNK):
+    got, want = _grads(inputs, w, scale, dtype, chunk), _grads(inputs, w, scale, dtype)
+    assert got.keys() == want.keys()
+    T = inputs[2].shape[-2]
+    for name, expected in want.items():
+        err = relative_error(got[name].cpu(), expected)
+        assert err <= GRAD_TOL[dtype], f"d{name}: relative error {err:.3e} > {GRAD_TOL[dtype]:.0e} (T={T}, {dtype})"
+    dlam = got["level_scales"]
+    read = torch.as_tensor(fenwick.read_levels(T, dlam.shape[-1]), device=dlam.device)
+    assert torch.equal(dlam[..., ~read], torch.zeros_like(dlam[..., ~read])), "never-read scales got a gradient"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@settings(max_examples=4, deadline=None)
+@given(args=gdn_inputs(T=st_lengths(1, 40), batch=batch_shapes(2, 2), library="torch", Dk=st.integers(1, 5),
+                       Dv=st.integers(1, 4)),
+       scale=st.sampled_from([1.0, 0.37]), seed=st.integers(0, 2**32 - 1))
+def test_gradients_equal_dense(dtype, args, scale, seed):
+    """Every decay kind, broadcast batch shapes (the gradients of a broadcast operand are summed)."""
+    M, q, k, v, beta = args
+    batch = tuple(torch.broadcast_shapes(M.batch_shape, q.shape[:-2], k.shape[:-2], v.shape[:-2], beta.shape[:-1]))
+    w = torch.as_tensor(np.random.default_rng(seed).standard_normal(batch + (M.T, v.shape[-1])))
+    _check_grads((q, k, v, beta, M.level_scales, M.log_decay), w, scale, dtype)
+
+
+@pytest.mark.parametrize("T, C, decay, Dk, Dv", [
+    (1, 16, True, 3, 2), (2, 16, False, 3, 2), (3, 16, True, 1, 3), (17, 16, False, 3, 2), (33, 16, True, 5, 2),
+    (65, 16, True, 3, 2), (65, 16, False, 2, 3), (100, 32, True, 3, 2), (20, 16, True, 2, 67)])
+def test_gradients_awkward_lengths(T, C, decay, Dk, Dv):
+    """float64, β up to 2, strong and weak decay steps, head widths that are not powers of two
+    (``Dv = 67``: two value tiles), never-read scales poisoned with NaN."""
+    rng = np.random.default_rng(T + Dv)
+    t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
+    q, k, v = t(2, T, Dk), torch.nn.functional.normalize(t(2, T, Dk), dim=-1), t(2, T, Dv)
+    beta = torch.as_tensor(rng.uniform(0, 2, (2, T)))
+    lam = poison_unread(torch.as_tensor(rng.uniform(-0.5, 1.5, (2, T, hodlr.num_levels(T) + 1))))
+    g = torch.as_tensor(np.where(rng.random((2, T)) < 0.5, -rng.uniform(0, 1e-3, (2, T)),
+                                 -rng.uniform(0, 5, (2, T)))) if decay else None
+    _check_grads((q, k, v, beta, lam, g), t(2, T, Dv), 0.6, torch.float64, chunk=C)
 
 
 @pytest.mark.gpu
