@@ -26,6 +26,7 @@ from hodlr import fenwick, kernels
 from hodlr.backends import chunked
 from hodlr.testing import (TOLERANCES, assert_close, batch_shapes, poison_unread, relative_error, scaled_error,
                            st_lengths)
+from hodlr.kernels.gated_delta import MAX_DK
 
 from test_gated_delta import gdn_inputs
 
@@ -116,7 +117,7 @@ def test_public_api_and_no_decay(rng):
 
 
 def test_wide_keys_are_refused():
-    q = torch.zeros(1, 16, kernels.gated_delta.MAX_DK + 1, device=DEVICE)
+    q = torch.zeros(1, 16, MAX_DK + 1, device=DEVICE)
     with pytest.raises(ValueError, match=r"Dk <= 128, got Dk=129 \(use the 'chunked' backend"):
         kernels.gated_delta_forward(q, q, q[..., :2], q[..., 0], torch.ones(1, 16, 5, device=DEVICE))
 
