@@ -705,8 +705,8 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
         Packed sequences: ``B == 1``, sequence ``n`` is ``[cu_seqlens[n], cu_seqlens[n + 1])`` along
         ``T``, its own Fenwick tree.  Empty sequences pass their state through.
     backend : str, default ``"auto"``
-        ``"chunked"`` (what ``auto`` picks), ``"fenwick"`` (the recurrence) or ``"dense"`` (the
-        reference; no state).
+        ``"chunked"`` (what ``auto`` picks), ``"fenwick"`` (the recurrence), ``"dense"`` (the
+        reference; no state) or ``"triton"`` (the Triton kernels, forward and backward; no state).
 
     Returns
     -------

@@ -196,6 +196,42 @@ def test_gradients_awkward_lengths(T, C, decay, Dk, Dv):
     _check_grads((q, k, v, beta, lam, g), t(2, T, Dv), 0.6, torch.float64, chunk=C)
 
 
+@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+def test_public_api_gradients(rng):
+    """``hodlr.gated_delta_attention(..., backend="triton")`` and ``log_linear_gated_delta_rule``
+    with the triton backend (default chunk, grouped heads) differentiate: their gradients equal
+    the dense and the chunked backend's."""
+    T = 37
+    t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
+    lam = poison_unread(torch.as_tensor(rng.uniform(0.2, 1.5, (2, T, hodlr.num_levels(T)))))
+    inputs = (t(2, T, 3), torch.nn.functional.normalize(t(2, T, 3), dim=-1), t(2, T, 2),
+              torch.as_tensor(rng.uniform(0, 1, (2, T))), lam, -torch.as_tensor(rng.uniform(0, 1, (2, T))))
+    w = t(2, T, 2)
+
+    def api(backend):
+        leaves = [x.clone().requires_grad_(True) for x in inputs]
+        q, k, v, beta, lam, g = leaves
+        out = hodlr.gated_delta_attention(q, k, v, beta, hodlr.LogLinearMask(lam, g), scale=0.5, backend=backend)
+        return torch.autograd.grad((out * w).sum(), leaves)
+
+    for name, got, want in zip(NAMES, api("triton"), api("dense")):
+        assert_close(got, want, GRAD_TOL[torch.float64], f"gated_delta_attention d{name}")
+    # fla's layout (B, T, H, D): two value heads read one key head
+    B, T, H = 1, 21, 2
+    q, k = t(B, T, 1, 3), torch.nn.functional.normalize(t(B, T, 1, 3), dim=-1)
+    ops = (q, k, t(B, T, H, 2), -torch.as_tensor(rng.uniform(0, 1, (B, T, H))),
+           torch.as_tensor(rng.uniform(0, 1, (B, T, H))), torch.as_tensor(rng.uniform(0.2, 1.5, (B, T, H, 6))))
+    w = t(B, T, H, 2)
+
+    def rule(backend):
+        leaves = [x.clone().requires_grad_(True) for x in ops]
+        o, _ = hodlr.log_linear_gated_delta_rule(*leaves, backend=backend)
+        return torch.autograd.grad((o * w).sum(), leaves)
+
+    for name, got, want in zip(("q", "k", "v", "g", "beta", "level_scales"), rule("triton"), rule("chunked")):
+        assert_close(got, want, GRAD_TOL[torch.float64], f"log_linear_gated_delta_rule d{name}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128])
 def test_bfloat16_on_gpu(D):

@@ -8,7 +8,7 @@ to the other backends.  float64 runs only under the interpreter; on the GPU, flo
 IEEE dots and float16 / bfloat16 accumulate in float32.  Chunk size:
 ``hodlr.kernels.DEFAULT_CHUNK``.  When a gradient is wanted (grad mode on and an input that
 requires it) the call goes through the differentiable :func:`hodlr.kernels.matmul` /
-:func:`hodlr.kernels.attention`; otherwise straight to the forward launchers.
+:func:`hodlr.kernels.attention` / :func:`hodlr.kernels.gated_delta`; otherwise straight to the forward launchers.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale):
     from hodlr import kernels
 
     if _wants_grad(q, k, v, beta, level_scales, log_decay):
-        raise NotImplementedError("the Triton Gated DeltaNet backward is not written yet")
+        return kernels.gated_delta(q, k, v, beta, level_scales, log_decay, scale)
     return kernels.gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale)
 
 
