@@ -1,10 +1,11 @@
-"""Triton kernels for the log-linear (HODLR) mask: chunked attention and matmul, forward and
-backward (imported as ``hodlr.kernels``).
+"""Triton kernels for the log-linear (HODLR) mask: chunked attention, matmul and log-linear
+Gated DeltaNet, forward and backward (imported as ``hodlr.kernels``).
 
 Imports ``hodlr.fenwick`` only (never the rest of ``hodlr``).  The public functions
-:func:`attention` and :func:`matmul` are differentiable (``torch.autograd``); the launchers
-without autograd are :func:`attention_forward` / :func:`matmul_forward` and
-:func:`attention_backward` / :func:`matmul_backward`.  They take torch tensors
+:func:`attention`, :func:`matmul` and :func:`gated_delta` are differentiable
+(``torch.autograd``); the launchers without autograd are :func:`attention_forward` /
+:func:`matmul_forward` / :func:`gated_delta_forward` and :func:`attention_backward` /
+:func:`matmul_backward` / :func:`gated_delta_backward`.  They take torch tensors
 ``(*batch, T, D)`` with any strides and run on CUDA, and on the CPU under
 ``TRITON_INTERPRET=1`` (which must be set before this package is first imported:
 ``@triton.jit`` reads it when a kernel is defined; :func:`interpreting` says which way the

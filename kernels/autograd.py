@@ -1,9 +1,8 @@
 """Differentiable Triton log-linear attention, matmul and Gated DeltaNet (``torch.autograd.Function``).
 
-The forward passes are the launchers :func:`attention_forward` and
-:func:`matmul_forward`; the backward passes are
-:func:`attention_backward` and
-:func:`matmul_backward` (Triton kernels, no dense fallback).
+The forward passes are the launchers :func:`attention_forward`, :func:`matmul_forward` and
+:func:`gated_delta_forward`; the backward passes are :func:`attention_backward`,
+:func:`matmul_backward` and :func:`gated_delta_backward` (Triton kernels, no dense fallback).
 Inputs are broadcast to one batch shape (views) before the Function sees them, so that
 autograd sums the gradients of broadcast operands (grouped heads) back to their shapes.
 """
