@@ -8,7 +8,7 @@
 
 ``import hodlr`` imports numpy and nothing heavier: scipy, sympy, hypothesis, matplotlib,
 torch and triton are imported by the functions that need them, and the names below marked
-lazy (``HODLRMatrix``, the pictures, ``rank_profile``, ``kernels``, ``symbolic``,
+lazy (``HODLRMatrix``, the pictures, ``rank_profile``, ``kernels``, ``nn``, ``symbolic``,
 ``testing``) are imported on first use.
 """
 
@@ -34,6 +34,7 @@ _LAZY = {
     "plot_buckets": "hodlr.plotting",
     "rank_profile": "hodlr.display",
     "kernels": None,
+    "nn": None,
     "symbolic": None,
     "testing": None,
 }

@@ -224,16 +224,21 @@ def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Ten
                   None if initial_states is None else initial_states.shape[2])
     o, states, positions = _forward(q, k, v, g, level_scales, scale, initial_states, initial_positions,
                                     cu_seqlens, output_final_state, final_slots, backend)
-    if output_final_state and states.shape[2] and int(positions.max()).bit_length() > final_slots:
-        raise ValueError(f"the final state needs {int(positions.max()).bit_length()} slots but has "
-                         f"{final_slots} (under torch.compile it keeps the initial state's slots: make the state "
-                         f"with more, LogLinearState.zeros(..., max_position=...) or state.with_slots(S))")
+    if output_final_state:
+        _check_final_slots(states, positions, final_slots)
     return o.contiguous(), states.contiguous(), positions.contiguous()
 
 
-@_op.register_fake
-def _op_fake(q, k, v, g, level_scales, scale, initial_states, initial_positions, cu_seqlens, output_final_state,
-             final_slots, backend):
+def _check_final_slots(states, positions, final_slots):
+    """Refuse a final state whose positions need more than ``final_slots`` slots."""
+    if states.shape[2] and int(positions.max()).bit_length() > final_slots:
+        raise ValueError(f"the final state needs {int(positions.max()).bit_length()} slots but has "
+                         f"{final_slots} (under torch.compile it keeps the initial state's slots: make the state "
+                         f"with more, LogLinearState.zeros(..., max_position=...) or state.with_slots(S))")
+
+
+def _fake_outputs(q, v, level_scales, cu_seqlens, output_final_state, final_slots):
+    """``(o, states, positions)`` as the operators return them, on the ``(N, H, T, D)`` layout."""
     N, Hqk, T, Dk = q.shape
     H, Dv = v.shape[1], v.shape[3]
     o = v.new_empty((N, H, T, Dv))
@@ -242,6 +247,12 @@ def _op_fake(q, k, v, g, level_scales, scale, initial_states, initial_positions,
     Nseq = N if cu_seqlens is None else cu_seqlens.shape[0] - 1
     return (o, level_scales.new_empty((Nseq, H, final_slots, Dk, Dv)),
             q.new_empty((Nseq,), dtype=torch.int64))
+
+
+@_op.register_fake
+def _op_fake(q, k, v, g, level_scales, scale, initial_states, initial_positions, cu_seqlens, output_final_state,
+             final_slots, backend):
+    return _fake_outputs(q, v, level_scales, cu_seqlens, output_final_state, final_slots)
 
 
 def _autograd_on():
@@ -268,20 +279,21 @@ def _op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: to
                                         torch.Tensor]:
     """Gradients ``(dq, dk, dv, dg, dlevel_scales, dinitial_states)`` of :func:`_op` (empty for
     an absent ``g`` / initial state): the backend's forward recomputed under autograd."""
-    def forward(q, k, v, g, level_scales, initial_states):
-        return _forward(q, k, v, g, level_scales, scale, initial_states, initial_positions, cu_seqlens,
-                        output_final_state, final_slots, backend)
+    def forward(q, k, v, g, lam, init):
+        return _forward(q, k, v, g, lam, scale, init, initial_positions, cu_seqlens, output_final_state, final_slots,
+                        backend)[:2]
 
-    return _recomputed_vjp(forward, [q, k, v, g, level_scales, initial_states], do, dstates, output_final_state)
+    return _recompute_grads(forward, [q, k, v, g, level_scales, initial_states], do, dstates, output_final_state)
 
 
-def _recomputed_vjp(forward, inputs, do, dstates, output_final_state):
-    """The gradients of ``forward(*inputs) -> (o, states, positions)`` for the cotangents ``do``
-    (and ``dstates`` with ``output_final_state``), one per input: ``forward`` recomputed under
-    autograd; zeros for an input the result does not depend on, an empty tensor for a ``None``."""
+def _recompute_grads(forward, inputs, do, dstates, output_final_state):
+    """The gradients of ``(o, states) = forward(*inputs)`` with respect to ``inputs``, by
+    recomputing ``forward`` under autograd: each in the layout of its input (a view's gradient
+    is one too, as the fake implementations say), zeros where unused, an empty tensor for an
+    absent (None) input."""
     with _autograd_on():
         leaves = [None if x is None else x.detach().requires_grad_(True) for x in inputs]
-        o, states, _ = forward(*leaves)
+        o, states = forward(*leaves)
         outs, grads = [o], [do]
         if output_final_state:
             outs.append(states)
@@ -294,15 +306,18 @@ def _recomputed_vjp(forward, inputs, do, dstates, output_final_state):
             result.append(do.new_empty((0,)))
             continue
         d = next(got)
-        result.append(torch.zeros_like(x) if d is None else d.contiguous())
+        result.append(torch.zeros_like(x) if d is None else torch.empty_like(x).copy_(d))
     return tuple(result)
+
+
+def _fake_grads(like, inputs):
+    return tuple(like.new_empty((0,)) if x is None else torch.empty_like(x) for x in inputs)
 
 
 @_op_backward.register_fake
 def _op_backward_fake(do, dstates, q, k, v, g, level_scales, scale, initial_states, initial_positions, cu_seqlens,
                       output_final_state, final_slots, backend):
-    return tuple(q.new_empty((0,)) if x is None else torch.empty_like(x)
-                 for x in (q, k, v, g, level_scales, initial_states))
+    return _fake_grads(do, (q, k, v, g, level_scales, initial_states))
 
 
 def _setup_context(ctx, inputs, output):
@@ -311,25 +326,25 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (scale, final, slots, backend)
 
 
-def _backward(ctx, do, dstates, dpositions):
-    q, k, v, g, lam, init, pos, cu = ctx.saved_tensors
-    scale, final, slots, backend = ctx.args
-    dstates = _state_cotangent(dstates, final, slots, q, v, lam, cu)
-    dq, dk, dv, dg, dlam, dinit = torch.ops.hodlr.log_linear_attn_backward(
-        do, dstates, q, k, v, g, lam, scale, init, pos, cu, final, slots, backend)
-    return (dq, dk, dv, None if g is None else dg, dlam, None, None if init is None else dinit,
-            None, None, None, None, None)
-
-
-def _state_cotangent(dstates, final, slots, q, v, lam, cu):
-    """The final state's cotangent as the backward operators take it: empty without a final
-    state, zeros where autograd passes none."""
+def _dstates(dstates, q, v, lam, cu, final, slots):
+    """The final state's incoming gradient as a tensor: zeros when autograd gives none, empty
+    without a final state."""
     if not final:
         return lam.new_zeros((0,))
     if dstates is None:
-        Nseq = q.shape[0] if cu is None else cu.shape[0] - 1
-        return lam.new_zeros((Nseq, v.shape[1], slots, q.shape[3], v.shape[3]))
+        return lam.new_zeros((cu.shape[0] - 1 if cu is not None else q.shape[0], v.shape[1], slots, q.shape[3],
+                              v.shape[3]))
     return dstates
+
+
+def _backward(ctx, do, dstates, dpositions):
+    q, k, v, g, lam, init, pos, cu = ctx.saved_tensors
+    scale, final, slots, backend = ctx.args
+    dq, dk, dv, dg, dlam, dinit = torch.ops.hodlr.log_linear_attn_backward(
+        do, _dstates(dstates, q, v, lam, cu, final, slots), q, k, v, g, lam, scale, init, pos, cu, final, slots,
+        backend)
+    return (dq, dk, dv, None if g is None else dg, dlam, None, None if init is None else dinit,
+            None, None, None, None, None)
 
 
 _op.register_autograd(_backward, setup_context=_setup_context)
@@ -578,86 +593,6 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
     return o, states, torch.as_tensor(start + length, dtype=torch.int64, device=q.device)
 
 
-@torch.library.custom_op("hodlr::log_linear_gated_delta_rule", mutates_args=())
-def _gdn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: Optional[torch.Tensor],
-            level_scales: torch.Tensor, scale: float, initial_states: Optional[torch.Tensor],
-            initial_positions: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], output_final_state: bool,
-            final_slots: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``log_linear_gated_delta_rule`` on the ``(N, H, T, D)`` layout with flat arguments (what
-    ``torch.compile`` sees): ``(o, states, positions)``, the last two empty without
-    ``output_final_state``; ``states`` has ``final_slots`` slots."""
-    N, T, L = q.shape[0], q.shape[2], level_scales.shape[-1]
-    end = _check_values(N, T, L, cu_seqlens, initial_positions,
-                        None if initial_states is None else initial_states.shape[2])
-    if output_final_state and end.bit_length() > final_slots:
-        raise ValueError(f"the final state needs {end.bit_length()} slots but has {final_slots} (under "
-                         f"torch.compile it keeps the initial state's slots: make the state with more, "
-                         f"LogLinearState.zeros(..., max_position=...) or state.with_slots(S))")
-    o, states, positions = _gated_delta_forward(q, k, v, beta, g, level_scales, scale, initial_states,
-                                                initial_positions, cu_seqlens, output_final_state, final_slots,
-                                                backend)
-    if not output_final_state:
-        empty = level_scales.new_empty((0,))
-        return o.contiguous(), empty, empty.new_empty((0,), dtype=torch.int64)
-    return o.contiguous(), states.contiguous(), positions.contiguous()
-
-
-@_gdn_op.register_fake
-def _gdn_op_fake(q, k, v, beta, g, level_scales, scale, initial_states, initial_positions, cu_seqlens,
-                 output_final_state, final_slots, backend):
-    N, Hqk, T, Dk = q.shape
-    H, Dv = v.shape[1], v.shape[3]
-    o = v.new_empty((N, H, T, Dv))
-    if not output_final_state:
-        return o, level_scales.new_empty((0,)), q.new_empty((0,), dtype=torch.int64)
-    Nseq = N if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return (o, level_scales.new_empty((Nseq, H, final_slots, Dk, Dv)),
-            q.new_empty((Nseq,), dtype=torch.int64))
-
-
-@torch.library.custom_op("hodlr::log_linear_gated_delta_rule_backward", mutates_args=())
-def _gdn_op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     beta: torch.Tensor, g: Optional[torch.Tensor], level_scales: torch.Tensor, scale: float,
-                     initial_states: Optional[torch.Tensor], initial_positions: Optional[torch.Tensor],
-                     cu_seqlens: Optional[torch.Tensor], output_final_state: bool, final_slots: int,
-                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                            torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dq, dk, dv, dbeta, dg, dlevel_scales, dinitial_states)`` of :func:`_gdn_op`
-    (empty for an absent ``g`` / initial state): the backend's forward recomputed under autograd."""
-    def forward(q, k, v, beta, g, level_scales, initial_states):
-        return _gated_delta_forward(q, k, v, beta, g, level_scales, scale, initial_states, initial_positions,
-                                    cu_seqlens, output_final_state, final_slots, backend)
-
-    return _recomputed_vjp(forward, [q, k, v, beta, g, level_scales, initial_states], do, dstates,
-                           output_final_state)
-
-
-@_gdn_op_backward.register_fake
-def _gdn_op_backward_fake(do, dstates, q, k, v, beta, g, level_scales, scale, initial_states, initial_positions,
-                          cu_seqlens, output_final_state, final_slots, backend):
-    return tuple(q.new_empty((0,)) if x is None else torch.empty_like(x)
-                 for x in (q, k, v, beta, g, level_scales, initial_states))
-
-
-def _gdn_setup_context(ctx, inputs, output):
-    q, k, v, beta, g, lam, scale, init, pos, cu, final, slots, backend = inputs
-    ctx.save_for_backward(q, k, v, beta, g, lam, init, pos, cu)
-    ctx.args = (scale, final, slots, backend)
-
-
-def _gdn_backward(ctx, do, dstates, dpositions):
-    q, k, v, beta, g, lam, init, pos, cu = ctx.saved_tensors
-    scale, final, slots, backend = ctx.args
-    dstates = _state_cotangent(dstates, final, slots, q, v, lam, cu)
-    dq, dk, dv, dbeta, dg, dlam, dinit = torch.ops.hodlr.log_linear_gated_delta_rule_backward(
-        do, dstates, q, k, v, beta, g, lam, scale, init, pos, cu, final, slots, backend)
-    return (dq, dk, dv, dbeta, None if g is None else dg, dlam, None, None if init is None else dinit,
-            None, None, None, None, None)
-
-
-_gdn_op.register_autograd(_gdn_backward, setup_context=_gdn_setup_context)
-
-
 def _in_order(parts, n):
     """Concatenate ``[(indices, x)]`` along dim 0 and put row ``indices[i]`` at ``i``."""
     x = torch.cat([p for _, p in parts])
@@ -665,6 +600,73 @@ def _in_order(parts, n):
     if np.array_equal(order, np.arange(n)):
         return x
     return x.index_select(0, torch.as_tensor(np.argsort(order), device=x.device))
+
+
+@torch.library.custom_op("hodlr::log_linear_gated_delta_rule", mutates_args=())
+def _gd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor], beta: torch.Tensor,
+           level_scales: torch.Tensor, scale: float, initial_states: Optional[torch.Tensor],
+           initial_positions: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], output_final_state: bool,
+           final_slots: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`log_linear_gated_delta_rule` on the ``(N, H, T, D)`` layout with flat arguments, what
+    ``torch.compile`` sees: ``(o, states, positions)``, the last two empty without
+    ``output_final_state``."""
+    _check_values(q.shape[0], q.shape[2], level_scales.shape[-1], cu_seqlens, initial_positions,
+                  None if initial_states is None else initial_states.shape[2])
+    o, states, positions = _gated_delta_forward(q, k, v, beta, g, level_scales, scale, initial_states,
+                                                initial_positions, cu_seqlens, output_final_state, final_slots,
+                                                backend)
+    if not output_final_state:
+        return o.contiguous(), level_scales.new_empty((0,)), q.new_empty((0,), dtype=torch.int64)
+    _check_final_slots(states, positions, final_slots)
+    return o.contiguous(), states.contiguous(), positions.contiguous()
+
+
+@_gd_op.register_fake
+def _gd_op_fake(q, k, v, g, beta, level_scales, scale, initial_states, initial_positions, cu_seqlens,
+                output_final_state, final_slots, backend):
+    return _fake_outputs(q, v, level_scales, cu_seqlens, output_final_state, final_slots)
+
+
+@torch.library.custom_op("hodlr::log_linear_gated_delta_rule_backward", mutates_args=())
+def _gd_op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    g: Optional[torch.Tensor], beta: torch.Tensor, level_scales: torch.Tensor, scale: float,
+                    initial_states: Optional[torch.Tensor], initial_positions: Optional[torch.Tensor],
+                    cu_seqlens: Optional[torch.Tensor], output_final_state: bool, final_slots: int,
+                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                           torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv, dg, dbeta, dlevel_scales, dinitial_states)`` of :func:`_gd_op`
+    (empty for an absent ``g`` / initial state): the backend's forward recomputed under autograd."""
+    def forward(q, k, v, g, beta, lam, init):
+        return _gated_delta_forward(q, k, v, beta, g, lam, scale, init, initial_positions, cu_seqlens,
+                                    output_final_state, final_slots, backend)[:2]
+
+    return _recompute_grads(forward, [q, k, v, g, beta, level_scales, initial_states], do, dstates,
+                            output_final_state)
+
+
+@_gd_op_backward.register_fake
+def _gd_op_backward_fake(do, dstates, q, k, v, g, beta, level_scales, scale, initial_states, initial_positions,
+                         cu_seqlens, output_final_state, final_slots, backend):
+    return _fake_grads(do, (q, k, v, g, beta, level_scales, initial_states))
+
+
+def _gd_setup_context(ctx, inputs, output):
+    q, k, v, g, beta, lam, scale, init, pos, cu, final, slots, backend = inputs
+    ctx.save_for_backward(q, k, v, g, beta, lam, init, pos, cu)
+    ctx.args = (scale, final, slots, backend)
+
+
+def _gd_backward(ctx, do, dstates, dpositions):
+    q, k, v, g, beta, lam, init, pos, cu = ctx.saved_tensors
+    scale, final, slots, backend = ctx.args
+    dq, dk, dv, dg, dbeta, dlam, dinit = torch.ops.hodlr.log_linear_gated_delta_rule_backward(
+        do, _dstates(dstates, q, v, lam, cu, final, slots), q, k, v, g, beta, lam, scale, init, pos, cu, final,
+        slots, backend)
+    return (dq, dk, dv, None if g is None else dg, dbeta, dlam, None, None if init is None else dinit,
+            None, None, None, None, None)
+
+
+_gd_op.register_autograd(_gd_backward, setup_context=_gd_setup_context)
 
 
 def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, initial_state=None,
@@ -742,18 +744,21 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
         raise TypeError(f"backend must be a string, one of {('auto',) + registry.NAMES}, got {type(backend).__name__}")
     work = work_dtype(v.dtype)
     B, T, L = q.shape[0], q.shape[1], level_scales.shape[-1]
+    init = None if initial_state is None else initial_state.states
     pos = None if initial_state is None else initial_state.positions
     S_in = 0 if initial_state is None else initial_state.num_slots
-    init = None if initial_state is None else initial_state.states
-    args = (_bhtd(q), _bhtd(k), _bhtd(v), _bhtd(beta).to(work), None if g is None else _bhtd(g).to(work),
-            _bhtd(level_scales).to(work), scale, init, pos, cu_seqlens, output_final_state)
+    beta_, lam = _bhtd(beta).to(work), _bhtd(level_scales).to(work)
+    g_ = None if g is None else _bhtd(g).to(work)
     if torch.compiler.is_compiling():
-        # no host read while tracing: the slot count comes from shapes (int(T) specialises T)
+        # no host read while tracing: the slot count comes from shapes (as log_linear_attn)
         final_slots = 0 if not output_final_state else S_in if initial_state is not None else int(T).bit_length()
-        o, states, positions = _gdn_op(*args, final_slots, backend)
+        o, states, positions = _gd_op(_bhtd(q), _bhtd(k), _bhtd(v), g_, beta_, lam, scale, init, pos, cu_seqlens,
+                                      output_final_state, final_slots, backend)
     else:
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
-        o, states, positions = _gated_delta_forward(*args, max(S_in, end.bit_length()), backend)
+        o, states, positions = _gated_delta_forward(_bhtd(q), _bhtd(k), _bhtd(v), beta_, g_, lam, scale, init, pos,
+                                                    cu_seqlens, output_final_state, max(S_in, end.bit_length()),
+                                                    backend)
     o = o.transpose(1, 2)
     if not output_final_state:
         return o, None

@@ -18,23 +18,38 @@ def chunk_rows(B1, T, C: tl.constexpr):
 
 
 @triton.jit
-def next_decay(g_row, t, sgt, T, C: tl.constexpr, ACC: tl.constexpr):
+def next_decay(g_row, t, sgt, T, C: tl.constexpr, ACC: tl.constexpr, lo=None):
     """``g[t + 1]`` for the rows ``t`` of one or more whole chunks, 0 past each chunk's end or
-    ``T``: the terms of the segment sums ``Σ_{k=s+1..e} g_k`` that the decays are made of."""
-    return tl.load(g_row + (t + 1) * sgt, mask=(t % C < C - 1) & (t + 1 < T), other=0.0).to(ACC)
+    ``T``: the terms of the segment sums ``Σ_{k=s+1..e} g_k`` that the decays are made of.
+    With ``lo`` (a sequence's first position, rows ``t`` absolute positions), also 0 where
+    ``t + 1 < lo``: positions before the sequence have no decay in the call."""
+    if lo is None:
+        m = (t % C < C - 1) & (t + 1 < T)
+    else:
+        m = (t % C < C - 1) & (t + 1 < T) & (t + 1 >= lo)
+    return tl.load(g_row + (t + 1) * sgt, mask=m, other=0.0).to(ACC)
 
 
 @triton.jit
-def chunk_decays(g_row, t, tmask, sgt, T, C: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr):
+def chunk_decays(g_row, t, tmask, sgt, T, C: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, lo=None):
     """``(G, g_next)`` of one chunk: the chunk-local inclusive cumulative log-decay and the
-    terms ``g[t + 1]`` of :func:`next_decay` (both zero without decay, ``HAS_G`` false)."""
+    terms ``g[t + 1]`` of :func:`next_decay` (both zero without decay, ``HAS_G`` false).  Rows
+    outside ``tmask`` (and, with ``lo``, before ``lo``) add nothing: a sequence that starts
+    inside the chunk accumulates from its first position."""
     if HAS_G:
         G = tl.cumsum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
-        g_next = next_decay(g_row, t, sgt, T, C, ACC)
+        g_next = next_decay(g_row, t, sgt, T, C, ACC, lo)
     else:
         G = tl.zeros((C,), dtype=ACC)
         g_next = G
     return G, g_next
+
+
+@triton.jit
+def bit_length(x):
+    """``x.bit_length()`` of non-negative integers below ``2**24`` (int32), read off the float32
+    exponent: ``hodlr.fenwick.index.level`` of two positions of one chunk is that of their XOR."""
+    return tl.where(x == 0, 0, (x.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 126)
 
 
 @triton.jit
@@ -51,7 +66,7 @@ def intra_scales(l_chunk, slt, sll, L, tmask, C: tl.constexpr):
     r = tl.arange(0, C)
     xor = r[:, None] ^ r[None, :]
     causal = (r[:, None] >= r[None, :]) & tmask[:, None]
-    lvl = tl.where(xor == 0, 0, (xor.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 126)
+    lvl = bit_length(xor)
     LV: tl.constexpr = 8 if C <= 128 else 16
     col = tl.arange(0, LV)
     rows = tl.load(l_chunk + (r[:, None] * slt + col[None, :] * sll), mask=tmask[:, None] & (col[None, :] < L))
@@ -138,3 +153,43 @@ def store_tile(y, value, b0, b1, row0, col0, sb0, sb1, st, sd, T, D, R: tl.const
     else:
         ptrs, mask = _tile_pointers(y, b0, b1, row0, col0, sb0, sb1, st, sd, T, D, R, BD)
         tl.store(ptrs, value, mask=mask)
+
+
+# -- sequences: the state-aware kernels (``kernels._sequences``) ------------------------------
+@triton.jit
+def sequence_row(tab_ptr, n):
+    """``(b0, row0, length, a, hbase, span)`` of sequence ``n`` in the sequence table of
+    :mod:`kernels._sequences`: its batch row, the row of its first token, its length, the
+    absolute position of its first token, its first hierarchy entry and its chunk span."""
+    row = tab_ptr + n.to(tl.int64) * 8
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
+
+
+@triton.jit
+def sequence_chunk(tab_ptr, chunk_seq_ptr, C: tl.constexpr, LOG_C: tl.constexpr):
+    """The chunk of this program (axis 0: the global chunk slot) in a call over sequences:
+    ``(dead, n, b0, shift, a, e, I, I0, I1, hbase, span, t, tmask)``.
+
+    Sequence ``n`` covers positions ``[a, e)``, absolute chunks ``I0 .. I1``; the slot is its
+    chunk ``I`` (``dead`` when the sequence has fewer chunks than slots).  ``t`` are the absolute
+    positions of the aligned chunk (so in-chunk levels are those of absolute positions), ``tmask``
+    those of the sequence, and row ``t + shift`` along ``T`` holds position ``t``."""
+    slot = tl.program_id(0)
+    n = tl.load(chunk_seq_ptr + slot).to(tl.int64)
+    row = tab_ptr + n * 8  # the columns of sequence_row (read here: fewer calls for the interpreter)
+    b0, row0, length, a, hbase, span = (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
+                                        tl.load(row + 4), tl.load(row + 5))
+    first = tl.load(row + 6)
+    e = a + length
+    I0 = a >> LOG_C
+    I1 = (e - 1) >> LOG_C
+    I = I0 + (slot - first)
+    t = I * C + tl.arange(0, C)
+    return (length == 0) | (I > I1), n, b0, row0 - a, a, e, I, I0, I1, hbase, span, t, (t >= a) & (t < e)
+
+
+@triton.jit
+def state_tile(ptr, index, dk, dv, DK, DV, ACC: tl.constexpr):
+    """The ``(dk, dv)`` tile of ``Dk x Dv`` matrix ``index`` of a row-major stack, in ``ACC``."""
+    return tl.load(ptr + index * (DK * DV) + dk[:, None] * DV + dv[None, :],
+                   mask=(dk[:, None] < DK) & (dv[None, :] < DV), other=0.0).to(ACC)

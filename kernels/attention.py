@@ -19,60 +19,150 @@ import torch
 import triton
 import triton.language as tl
 
-from . import states as _states
-from ._device import chunk_decays, chunk_rows, dot, intra_mask, next_decay
+from . import _sequences, states as _states
+from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_mask, next_decay,
+                      sequence_chunk, sequence_row, state_tile)
 from ._layout import (NUM_WARPS, block, broadcast_shape, cdiv, check_chunk, check_levels, chunk_count,
-                      collapse_batch, compute_types, interpreting, output_buffer, state_dtypes)
+                      collapse_batch, compute_types, interpreting, output_buffer, scratch, state_dtypes)
 
 
-@triton.jit(do_not_specialize=["T", "B1", "n_total", "N_DV_TILES", "sgb0", "sgb1"])
-def _state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr,
-                  T, B1, n_total, DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES,
+@triton.jit(do_not_specialize=["T", "B1", "n_total", "N_DV_TILES", "sgb0", "sgb1", "GRP", "S_IN"])
+def _state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr, s_ptr, tab_ptr, cs_ptr,
+                  T, B1, n_total, DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES, GRP, S_IN,
                   skb0, skb1, skt, skd, svb0, svb1, svt, svd, sgb0, sgb1, sgt,
-                  C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
-                  ACC: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, NATIVE: tl.constexpr):
-    j, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+                  C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
+                  ACC: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, NATIVE: tl.constexpr,
+                  VARLEN: tl.constexpr):
+    """Program ``(chunk, batch entry, Dk-tile x Dv-tile)``: level 0 of the hierarchy.  With
+    ``VARLEN`` axis 0 is the global chunk slot and axis 1 the head of the sequence table's call;
+    the first chunk of a sequence also holds its carried buckets of levels ``1..c`` (they lie in
+    the chunk, before its first position), decayed to the chunk's end."""
+    if VARLEN:
+        dead, n, b0, shift, lo, hi, I, I0, I1, hbase, span, t, tmask = sequence_chunk(tab_ptr, cs_ptr, C, LOG_C)
+        if dead:
+            return
+        b1 = tl.program_id(1).to(tl.int64)
+        bk1 = b1 // GRP
+        tr = t + shift
+    else:
+        j, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+        bk1 = b1
+        tr = t
     tile = tl.program_id(2)
     dk = (tile // N_DV_TILES) * BDK + tl.arange(0, BDK)
     dv = (tile % N_DV_TILES) * BDV + tl.arange(0, BDV)
     if HAS_G:
-        g_row = g_ptr + b0 * sgb0 + b1 * sgb1
-        g_end = tl.sum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
-        w = tl.exp(tl.cumsum(next_decay(g_row, t, sgt, T, C, ACC), 0, reverse=True))
+        if VARLEN:
+            g_row = g_ptr + b0 * sgb0 + b1 * sgb1 + shift * sgt
+            g_end = tl.sum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
+            w = tl.exp(tl.cumsum(next_decay(g_row, t, sgt, hi, C, ACC, lo), 0, reverse=True))
+        else:
+            g_row = g_ptr + b0 * sgb0 + b1 * sgb1
+            g_end = tl.sum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
+            w = tl.exp(tl.cumsum(next_decay(g_row, t, sgt, T, C, ACC), 0, reverse=True))
     else:
         g_end = tl.zeros((), dtype=ACC)
         w = tl.full((C,), 1.0, dtype=ACC)
-    kb = tl.load(k_ptr + b0 * skb0 + b1 * skb1 + t[:, None] * skt + dk[None, :] * skd,
+    kb = tl.load(k_ptr + b0 * skb0 + bk1 * skb1 + tr[:, None] * skt + dk[None, :] * skd,
                  mask=tmask[:, None] & (dk[None, :] < DK), other=0.0)
-    vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + t[:, None] * svt + dv[None, :] * svd,
+    vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + tr[:, None] * svt + dv[None, :] * svd,
                  mask=tmask[:, None] & (dv[None, :] < DV), other=0.0)
     kw = kb.to(ACC) * w[:, None]
     if LOWP and NATIVE:  # bfloat16 on a GPU: decayed keys rounded to bfloat16 for a native dot
         kw = kw.to(kb.dtype)
     S = dot(tl.trans(kw), vb, ACC, PREC, NATIVE)
-    row = bh * n_total + j
+    if VARLEN:
+        row = b1 * n_total + hbase + (I - I0) + 1
+        if I == I0:
+            S += tl.exp(g_end) * _carried_low(s_ptr, (n * tl.num_programs(1) + b1) * S_IN, S_IN, lo, dk, dv, DK, DV,
+                                              LOG_C, ACC, BDK, BDV)
+    else:
+        row = bh * n_total + j
     tl.store(h_ptr + row * DK * DV + dk[:, None] * DV + dv[None, :], S,
              mask=(dk[:, None] < DK) & (dv[None, :] < DV))
     if tile == 0:
         tl.store(a_ptr + row, g_end)
 
 
+@triton.jit
+def _carried_low(s_ptr, first, S_IN, a, dk, dv, DK: tl.constexpr, DV: tl.constexpr, LOG_C: tl.constexpr,
+                 ACC: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, upto=None):
+    """The sum of the carried buckets of levels ``1 .. c`` (the live ones: bit ``l - 1`` of ``a``
+    set, ``l <= S_IN``; with ``upto``, only levels ``<= upto``), as a ``(dk, dv)`` tile; ``first``
+    is the state's slot 0 of the sequence and head."""
+    acc = tl.zeros((BDK, BDV), dtype=ACC)
+    for l in tl.static_range(1, LOG_C + 1):
+        live = (l <= S_IN) & (((a >> (l - 1)) & 1) == 1)
+        if upto is not None:
+            live = live & (l <= upto)
+        if live:
+            acc += state_tile(s_ptr, first + l - 1, dk, dv, DK, DV, ACC)
+    return acc
+
+
+@triton.jit
+def _read_state(q_base, sqd, tmask, s_ptr, index, dv, dvmask, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+                BDK: tl.constexpr, BDV: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+                NATIVE: tl.constexpr):
+    """``Q S`` (``(C, BDV)``) of the chunk's queries with ``Dk x Dv`` state ``index`` of ``s_ptr``."""
+    part = tl.zeros((C, BDV), dtype=ACC)
+    for d0 in tl.static_range(0, DK, BDK):
+        dk = d0 + tl.arange(0, BDK)
+        qb = tl.load(q_base + dk[None, :] * sqd, mask=tmask[:, None] & (dk[None, :] < DK), other=0.0)
+        sb = tl.load(s_ptr + index * DK * DV + dk[:, None] * DV + dv[None, :],
+                     mask=(dk[:, None] < DK) & dvmask[None, :], other=0.0)
+        if LOWP and NATIVE:  # bfloat16 on a GPU: the float32 state rounded once, for a native dot
+            sb = sb.to(qb.dtype)
+        part += dot(qb, sb, ACC, PREC, NATIVE)
+    return part
+
+
+@triton.jit
+def level_scale(l_base, col, sll, L, tmask, VARLEN: tl.constexpr):
+    """``λ[t, col]`` of the chunk's rows (0 outside ``tmask``).  A call over sequences cannot check
+    on the host that ``L`` covers the absolute positions (they stay on the device): there a
+    column ``>= L`` reads as NaN in the rows that need it, and the output shows it."""
+    if VARLEN:
+        lam = tl.load(l_base + col * sll, mask=tmask & (col < L), other=0.0)
+        return tl.where(tmask & (col >= L), float("nan"), lam)
+    else:
+        return tl.load(l_base + col * sll, mask=tmask, other=0.0)
+
+
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sgb0",
-                            "sgb1"])
-def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
-                   T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, scale,
+                            "sgb1", "GRP", "S_IN"])
+def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr, s_ptr, tab_ptr, cs_ptr,
+                   T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, scale, GRP, S_IN,
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
                    slb0, slb1, slt, sll, sgb0, sgb1, sgt, sob0, sob1, sot, sod,
                    C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                    HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
-                   LOWP: tl.constexpr, NATIVE: tl.constexpr):
-    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+                   LOWP: tl.constexpr, NATIVE: tl.constexpr, VARLEN: tl.constexpr):
+    """Program ``(chunk, batch entry, Dv-tile)``: the outputs of the chunk's rows.  With ``VARLEN``
+    (a call over sequences, :mod:`kernels._sequences`) axis 0 is the global chunk slot, axis 1 the
+    head, positions are absolute, and the first chunk of a sequence also reads its carried
+    buckets of levels ``1..c`` (those of levels ``> c`` are entries of the hierarchy)."""
+    if VARLEN:
+        dead, n, b0, shift, a, e, i, I0, I1, base, span, t, tmask = sequence_chunk(tab_ptr, cs_ptr, C, LOG_C)
+        if dead:
+            return
+        b1 = tl.program_id(1).to(tl.int64)
+        bq1 = b1 // GRP
+        base += b1 * n_total
+        tr = t + shift
+    else:
+        i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+        bq1 = b1
+        tr = t
     dv = tl.program_id(2) * BDV + tl.arange(0, BDV)
     dvmask = dv < DV
-    q_base = q_ptr + b0 * sqb0 + b1 * sqb1 + t[:, None] * sqt
-    k_base = k_ptr + b0 * skb0 + b1 * skb1 + t[:, None] * skt
-    l_base = l_ptr + b0 * slb0 + b1 * slb1 + t * slt
-    G, g_next = chunk_decays(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC)
+    q_base = q_ptr + b0 * sqb0 + bq1 * sqb1 + tr[:, None] * sqt
+    k_base = k_ptr + b0 * skb0 + bq1 * skb1 + tr[:, None] * skt
+    l_base = l_ptr + b0 * slb0 + b1 * slb1 + tr * slt
+    if VARLEN:
+        G, g_next = chunk_decays(g_ptr + b0 * sgb0 + b1 * sgb1 + shift * sgt, t, tmask, sgt, e, C, HAS_G, ACC, a)
+    else:
+        G, g_next = chunk_decays(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC)
 
     # levels 0..c: dense and masked inside the chunk
     scores = tl.zeros((C, C), dtype=ACC)
@@ -82,9 +172,12 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
         qb = tl.load(q_base + dk[None, :] * sqd, mask=m2, other=0.0)
         kb = tl.load(k_base + dk[None, :] * skd, mask=m2, other=0.0)
         scores += dot(qb, tl.trans(kb), ACC, PREC, NATIVE)
-    l_chunk = l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt
+    if VARLEN:
+        l_chunk = l_ptr + b0 * slb0 + b1 * slb1 + (i * C + shift) * slt
+    else:
+        l_chunk = l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt
     P = intra_mask(l_chunk, slt, sll, L, G, g_next, tmask, C, HAS_G, EXACT) * scores
-    vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + t[:, None] * svt + dv[None, :] * svd,
+    vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + tr[:, None] * svt + dv[None, :] * svd,
                  mask=tmask[:, None] & dvmask[None, :], other=0.0)
     if LOWP and NATIVE:  # bfloat16 on a GPU: masked scores rounded to bfloat16 for a native dot with v
         P = P.to(vb.dtype)
@@ -92,29 +185,112 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr,
 
     # levels > c: one aligned block state per set bit of the chunk index
     gap = tl.zeros((), dtype=ACC)
-    off = 0
-    nh = n_chunks
+    if VARLEN:
+        off = base
+    else:
+        off = 0
+        nh = n_chunks
     h = 0
     while h < n_bits:  # a while loop: the interpreter cannot range() over a computed bound
         if ((i >> h) & 1) == 1:
-            blk = bh * n_total + off + (i >> h) - 1
-            lam = tl.load(l_base + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
-            part = tl.zeros((C, BDV), dtype=ACC)
-            for d0 in tl.static_range(0, DK, BDK):
-                dk = d0 + tl.arange(0, BDK)
-                qb = tl.load(q_base + dk[None, :] * sqd, mask=tmask[:, None] & (dk[None, :] < DK), other=0.0)
-                sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :],
-                             mask=(dk[:, None] < DK) & dvmask[None, :], other=0.0)
-                if LOWP and NATIVE:  # bfloat16 on a GPU: the float32 state rounded once, for a native dot
-                    sb = sb.to(qb.dtype)
-                part += dot(qb, sb, ACC, PREC, NATIVE)
+            if VARLEN:
+                blk = off + (i >> h) - (I0 >> h)
+            else:
+                blk = bh * n_total + off + (i >> h) - 1
+            lam = level_scale(l_base, LOG_C + 1 + h, sll, L, tmask, VARLEN).to(ACC)
+            part = _read_state(q_base, sqd, tmask, h_ptr, blk, dv, dvmask, DK, DV, C, BDK, BDV, ACC, PREC, LOWP,
+                               NATIVE)
             acc += (lam * tl.exp(gap + G))[:, None] * part
             gap += tl.load(a_ptr + blk)
-        off += nh
-        nh = nh // 2
+        if VARLEN:
+            off += (span >> h) + 3
+        else:
+            off += nh
+            nh = nh // 2
         h += 1
-    tl.store(o_ptr + b0 * sob0 + b1 * sob1 + t[:, None] * sot + dv[None, :] * sod, acc * scale,
+    if VARLEN:
+        if i == I0:  # the carried buckets of levels 1..c: bucket l at level max(l, bit_length(t ^ a)) from t
+            far = bit_length((t ^ a) & (C - 1))
+            first = (n * tl.num_programs(1) + b1) * S_IN
+            for l in tl.static_range(1, LOG_C + 1):
+                if (l <= S_IN) & (((a >> (l - 1)) & 1) == 1):
+                    part = _read_state(q_base, sqd, tmask, s_ptr, first + l - 1, dv, dvmask, DK, DV, C, BDK, BDV,
+                                       ACC, PREC, LOWP, NATIVE)
+                    lam = level_scale(l_base, tl.maximum(far, l), sll, L, tmask, VARLEN).to(ACC)
+                    acc += (lam * tl.exp(G))[:, None] * part
+    tl.store(o_ptr + b0 * sob0 + b1 * sob1 + tr[:, None] * sot + dv[None, :] * sod, acc * scale,
              mask=tmask[:, None] & dvmask[None, :])
+
+
+@triton.jit(do_not_specialize=["n_total", "n_bits", "S_IN", "S_OUT", "N_DV_TILES", "skn", "skh", "skt", "svn", "svh",
+                               "svt", "sgn", "sgh", "sgt", "GRP"])
+def _final_state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr, s_ptr, f_ptr, tab_ptr, n_total, n_bits, S_IN, S_OUT,
+                        DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES, GRP, skn, skh, skt, skd, svn, svh, svt, svd,
+                        sgn, sgh, sgt, C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                        HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
+    """Program ``(sequence, head, Dk-tile x Dv-tile)``: the final state at the end ``e`` of the
+    sequence (``f (N, H, S_OUT, Dk, Dv)``).  Levels ``> c`` are read like a reader chunk at ``e``
+    reads the hierarchy (bit ``h`` of ``E = e >> c`` set: block ``(E >> h) - 1``, decayed to
+    ``e - 1``); levels ``1..c`` are the tokens of ``e``'s chunk at their level from ``e``, and, when
+    the call stays inside the chunk of its start ``a``, the carried buckets of levels ``1..c``
+    (bucket ``l`` moves to level ``max(l, bit_length(a ^ e))``)."""
+    n = tl.program_id(0).to(tl.int64)
+    hd = tl.program_id(1).to(tl.int64)
+    tile = tl.program_id(2)
+    dk = (tile // N_DV_TILES) * BDK + tl.arange(0, BDK)
+    dv = (tile % N_DV_TILES) * BDV + tl.arange(0, BDV)
+    fmask = (dk[:, None] < DK) & (dv[None, :] < DV)
+    b0, row0, length, a, base, span = sequence_row(tab_ptr, n)
+    base += hd * n_total
+    e = a + length
+    I0 = a >> LOG_C
+    E = e >> LOG_C
+    shift = row0 - a
+    partial = (length > 0) & ((e & (C - 1)) != 0)  # e's chunk holds tokens of the call
+    A_part = tl.zeros((), dtype=ACC)
+    if partial:
+        A_part = tl.load(a_ptr + base + E - I0 + 1).to(ACC)
+    out = f_ptr + (n * tl.num_programs(1) + hd) * S_OUT * DK * DV + dk[:, None] * DV + dv[None, :]
+    # levels 1..c
+    t = E * C + tl.arange(0, C)
+    tmask = (t >= a) & (t < e)
+    kb = tl.load(k_ptr + b0 * skn + (hd // GRP) * skh + (t[:, None] + shift) * skt + dk[None, :] * skd,
+                 mask=tmask[:, None] & (dk[None, :] < DK), other=0.0)
+    vb = tl.load(v_ptr + b0 * svn + hd * svh + (t[:, None] + shift) * svt + dv[None, :] * svd,
+                 mask=tmask[:, None] & (dv[None, :] < DV), other=0.0)
+    if HAS_G:
+        w = tl.exp(tl.cumsum(next_decay(g_ptr + b0 * sgn + hd * sgh + shift * sgt, t, sgt, e, C, ACC, a), 0,
+                             reverse=True))
+    else:
+        w = tl.full((C,), 1.0, dtype=ACC)
+    lev = bit_length((t ^ e) & (C - 1))
+    same = E == I0  # the carried buckets of levels 1..c stay below level c + 1 from e
+    far = bit_length((a ^ e) & (C - 1))
+    first = (n * tl.num_programs(1) + hd) * S_IN
+    below = _carried_low(s_ptr, first, S_IN, a, dk, dv, DK, DV, LOG_C, ACC, BDK, BDV, far)
+    for l in tl.static_range(1, LOG_C + 1):
+        if l <= S_OUT:
+            kw = kb.to(ACC) * tl.where(lev == l, w, 0.0)[:, None]
+            acc = dot(tl.trans(kw), vb, ACC, PREC, NATIVE)
+            if same:
+                if (l > far) & (l <= S_IN) & (((a >> (l - 1)) & 1) == 1):
+                    acc += tl.exp(A_part) * state_tile(s_ptr, first + l - 1, dk, dv, DK, DV, ACC)
+                if l == far:
+                    acc += tl.exp(A_part) * below
+            tl.store(out + (l - 1) * DK * DV, acc, mask=fmask)
+    # levels > c: the reads of a chunk at e
+    gap = A_part
+    off = base
+    h = 0
+    while LOG_C + h < S_OUT:
+        acc = tl.zeros((BDK, BDV), dtype=ACC)
+        if (h < n_bits) & (((E >> h) & 1) == 1):
+            blk = off + (E >> h) - (I0 >> h)
+            acc = tl.exp(gap) * state_tile(h_ptr, blk, dk, dv, DK, DV, ACC)
+            gap += tl.load(a_ptr + blk)
+        tl.store(out + (LOG_C + h) * DK * DV, acc, mask=fmask)
+        off += (span >> h) + 3
+        h += 1
 
 
 class Layout(NamedTuple):
@@ -184,10 +360,11 @@ def chunk_states(layout: Layout, C: int, state_dtype, logdec_dtype):
     BDK, BDV = block(DK, 64), block(DV, 64)
     n_dv = cdiv(DV, BDV)
     _state_kernel[(n, layout.B, cdiv(DK, BDK) * n_dv)](
-        k, v, layout.decay_args()[0], states, logdec, layout.T, layout.B1, states.shape[1], DK, DV, n_dv,
-        *layout.args("k")[1:], *layout.args("v")[1:], *layout.decay_args()[1:],
-        C=C, BDK=BDK, BDV=BDV, HAS_G=g is not None, ACC=acc, PREC=prec, LOWP=v.dtype == torch.bfloat16,
-        NATIVE=not interpreting(), num_warps=NUM_WARPS["attention_state"])
+        k, v, layout.decay_args()[0], states, logdec, states, logdec, logdec, layout.T, layout.B1, states.shape[1],
+        DK, DV, n_dv, 1, 0, *layout.args("k")[1:], *layout.args("v")[1:], *layout.decay_args()[1:],
+        C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=g is not None, ACC=acc, PREC=prec,
+        LOWP=v.dtype == torch.bfloat16, NATIVE=not interpreting(), VARLEN=False,
+        num_warps=NUM_WARPS["attention_state"])
     _states.build_hierarchy(states, logdec, n)
     return states, logdec
 
@@ -236,10 +413,200 @@ def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0,
     n_dv = cdiv(DV, BDV)
     _output_kernel[(n, layout.B, n_dv)](
         layout.tensors["q"], layout.tensors["k"], v, layout.tensors["l"], layout.decay_args()[0], states, logdec,
-        o_flat, T, layout.B1, n, states.shape[1], (n - 1).bit_length(), L, DK, DV, float(scale),
-        *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("l")[1:],
-        *layout.decay_args()[1:], o_flat.stride(0), o_flat.stride(1), o_flat.stride(2), o_flat.stride(3),
-        C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=layout.tensors["g"] is not None, ACC=acc,
-        PREC=prec, EXACT=exact, LOWP=v.dtype == torch.bfloat16, NATIVE=not interpreting(),
+        o_flat, states, logdec, logdec, T, layout.B1, n, states.shape[1], (n - 1).bit_length(), L, DK, DV,
+        float(scale), 1, 0, *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:],
+        *layout.args("l")[1:], *layout.decay_args()[1:], o_flat.stride(0), o_flat.stride(1), o_flat.stride(2),
+        o_flat.stride(3), C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=layout.tensors["g"] is not None,
+        ACC=acc, PREC=prec, EXACT=exact, LOWP=v.dtype == torch.bfloat16, NATIVE=not interpreting(), VARLEN=False,
         num_warps=NUM_WARPS["attention_output"])
     return (out, (states, logdec)) if return_states else out
+
+
+# ---------------------------------------------------------------------------------------
+# calls over sequences: recurrent state, packed sequences, final state, grouped heads
+# ---------------------------------------------------------------------------------------
+class SequenceLayout(NamedTuple):
+    """The tensors of a call over sequences (``docs/kernels.md``, "State and packed sequences"):
+    ``q, k (N, Hqk, T, Dk)``, ``v (N, H, T, Dv)`` and the other ``(N, H, T, ·)`` operands, read in
+    place with their own strides; head ``h`` reads head ``h // (H // Hqk)`` of ``q`` and ``k``."""
+
+    N: int
+    Hqk: int
+    H: int
+    T: int
+    DK: int
+    DV: int
+    L: int
+    tensors: dict
+
+    def args(self, name: str) -> tuple:
+        """``(pointer, s_n, s_h, s_t, s_d)`` of the 4-d tensor ``name``."""
+        x = self.tensors[name]
+        return (x, *x.stride())
+
+    def decay_args(self) -> tuple:
+        """``(pointer, s_n, s_h, s_t)`` of the log-decay; without one, the level scales' pointer
+        (never read) and zero strides."""
+        g = self.tensors["g"]
+        return (self.tensors["l"], 0, 0, 0) if g is None else (g, *g.stride())
+
+
+def sequence_layout(q, k, v, level_scales, log_decay, **others) -> SequenceLayout:
+    """Check the shapes of a call over sequences; ``others`` are further ``(N, H, T, ·)`` tensors
+    (cotangents) named as they are indexed."""
+    for name, x, ndim in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("level_scales", level_scales, 4)):
+        if x.dim() != ndim:
+            raise ValueError(f"{name} must have 4 dims (N, heads, T, width) in a call with a state, packed "
+                             f"sequences or grouped heads, got shape {tuple(x.shape)}")
+    N, Hqk, T, DK = q.shape
+    H, DV, L = v.shape[1], v.shape[3], level_scales.shape[3]
+    if tuple(k.shape) != (N, Hqk, T, DK) or tuple(v.shape[:3]) != (N, H, T) or Hqk < 1 or H % Hqk:
+        raise ValueError(f"shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         f"(want q, k (N, Hqk, T, Dk) and v (N, H, T, Dv) with Hqk dividing H)")
+    if tuple(level_scales.shape[:3]) != (N, H, T) or L < 1:
+        raise ValueError(f"level_scales must have shape (N, H, T, L) = ({N}, {H}, {T}, L >= 1), "
+                         f"got {tuple(level_scales.shape)}")
+    if log_decay is not None and tuple(log_decay.shape) != (N, H, T):
+        raise ValueError(f"log_decay must have shape (N, H, T) = ({N}, {H}, {T}), got {tuple(log_decay.shape)}")
+    for name, x in others.items():
+        if tuple(x.shape[:3]) != (N, H, T):
+            raise ValueError(f"{name} must have shape (N, H, T, ·) = ({N}, {H}, {T}, ·), got {tuple(x.shape)}")
+    return SequenceLayout(N, Hqk, H, T, DK, DV, L, {"q": q, "k": k, "v": v, "l": level_scales, "g": log_decay,
+                                                     **others})
+
+
+def check_initial_state(initial_state, initial_positions, count: int, layout: SequenceLayout, state_dtype):
+    """The initial state ``(N, H, S, Dk, Dv)`` (contiguous) and positions ``(N,)`` of a call over
+    ``count`` sequences, checked (shapes, dtypes, device; the positions are not read)."""
+    if (initial_state is None) != (initial_positions is None):
+        raise TypeError("initial_state and initial_positions come together (the state's buckets and the absolute "
+                        "position of each sequence's next token): pass both or neither")
+    if initial_state is None:
+        return None, None
+    want = (count, layout.H, layout.DK, layout.DV)
+    got = tuple(initial_state.shape[:2]) + tuple(initial_state.shape[3:])
+    if initial_state.dim() != 5 or got != want:
+        raise ValueError(f"initial_state must have shape (N, H, S, Dk, Dv) with (N, H, Dk, Dv) = {want} (one row "
+                         f"per sequence), got {tuple(initial_state.shape)}")
+    if initial_state.dtype != state_dtype:
+        raise TypeError(f"initial_state must be {state_dtype} for {layout.tensors['v'].dtype} inputs, "
+                        f"got {initial_state.dtype}")
+    if initial_positions.dtype != torch.int64 or tuple(initial_positions.shape) != (count,):
+        raise ValueError(f"initial_positions must be an int64 tensor of shape ({count},), "
+                         f"got {initial_positions.dtype} {tuple(initial_positions.shape)}")
+    device = layout.tensors["v"].device
+    if initial_state.device != device or initial_positions.device != device:
+        raise ValueError(f"initial_state and initial_positions must be on {device}, got {initial_state.device} and "
+                         f"{initial_positions.device}")
+    return initial_state.contiguous(), initial_positions
+
+
+def sequence_states(layout: SequenceLayout, seqs, C: int, initial, state_dtype, logdec_dtype):
+    """The hierarchy of a call over sequences (:mod:`kernels._sequences`): ``(states (H,
+    n_entries, Dk*Dv), logdec (H, n_entries))``, the carried buckets of ``initial`` included.
+    Shared by the forward and the backward."""
+    DK, DV, H = layout.DK, layout.DV, layout.H
+    v = layout.tensors["v"]
+    acc, prec, _ = compute_types(v.dtype)
+    states = scratch((H, seqs.n_entries, DK * DV), state_dtype, v.device)
+    logdec = scratch((H, seqs.n_entries), logdec_dtype, v.device)
+    BDK, BDV = block(DK, 64), block(DV, 64)
+    n_dv = cdiv(DV, BDV)
+    S_in = 0 if initial is None else initial.shape[2]
+    if seqs.n_slots and H:
+        _state_kernel[(seqs.n_slots, H, cdiv(DK, BDK) * n_dv)](
+            layout.tensors["k"], v, layout.decay_args()[0], states, logdec, states if initial is None else initial,
+            seqs.table, seqs.chunk_seq, layout.T, 1, seqs.n_entries, DK, DV, n_dv, H // layout.Hqk, S_in,
+            *layout.args("k")[1:], *layout.args("v")[1:], *layout.decay_args()[1:],
+            C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=layout.tensors["g"] is not None, ACC=acc,
+            PREC=prec, LOWP=v.dtype == torch.bfloat16, NATIVE=not interpreting(), VARLEN=True,
+            num_warps=NUM_WARPS["attention_state"])
+    _states.build_sequence_hierarchy(states, logdec, initial, seqs, C)
+    return states, logdec
+
+
+def final_states(layout: SequenceLayout, seqs, C: int, states, logdec, initial):
+    """The state after the last token of every sequence, ``(N, H, final_slots, Dk, Dv)`` (the
+    hierarchy's dtype)."""
+    DK, DV, H = layout.DK, layout.DV, layout.H
+    v = layout.tensors["v"]
+    acc, prec, _ = compute_types(v.dtype)
+    final = scratch((seqs.count, H, seqs.final_slots, DK, DV), states.dtype, v.device)
+    BDK, BDV = block(DK, 64), block(DV, 64)
+    n_dv = cdiv(DV, BDV)
+    if seqs.count and H and seqs.final_slots:
+        _final_state_kernel[(seqs.count, H, cdiv(DK, BDK) * n_dv)](
+            layout.tensors["k"], v, layout.decay_args()[0], states, logdec, states if initial is None else initial,
+            final, seqs.table, seqs.n_entries, seqs.levels, 0 if initial is None else initial.shape[2],
+            seqs.final_slots, DK, DV, n_dv, H // layout.Hqk, *layout.args("k")[1:], *layout.args("v")[1:],
+            *layout.decay_args()[1:], C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV,
+            HAS_G=layout.tensors["g"] is not None, ACC=acc, PREC=prec, NATIVE=not interpreting(),
+            num_warps=NUM_WARPS["attention_state"])
+    return final
+
+
+def attention_state_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None,
+                            initial_state=None, initial_positions=None, cu_seqlens=None,
+                            output_final_state: bool = False, out=None):
+    """Log-linear attention over sequences: continuing from a recurrent state, on packed sequences,
+    with the final state, with grouped heads (``docs/kernels.md``, "State and packed sequences").
+
+    Parameters
+    ----------
+    q, k : torch.Tensor, shape ``(N, Hqk, T, Dk)``
+    v : torch.Tensor, shape ``(N, H, T, Dv)``
+        ``Hqk`` divides ``H``: head ``h`` reads head ``h // (H // Hqk)`` of ``q`` and ``k`` (in place).
+    level_scales : torch.Tensor, shape ``(N, H, T, L)``
+        Row ``i`` of a sequence belongs to its absolute position ``a + i``; ``L`` must cover
+        ``num_levels`` of every end position (not checked here: the positions stay on the device;
+        rows that would read past ``L`` give NaN).
+    log_decay : torch.Tensor, shape ``(N, H, T)``, optional
+    scale : float
+    chunk : int, optional
+        Chunk size (power of two in ``[16, 256]``).
+    initial_state : torch.Tensor, shape ``(Nseq, H, S, Dk, Dv)``, optional
+        float32 (float64 for float64 inputs): slot ``l - 1`` the level-``l`` bucket of the
+        sequence's position (``hodlr.LogLinearState``'s layout; empty buckets are not read).
+    initial_positions : torch.Tensor, shape ``(Nseq,)``, int64, optional
+        With ``initial_state``: the absolute position ``a`` of each sequence's first token
+        (``0 <= a < 2**S``; not read on the host).
+    cu_seqlens : torch.Tensor, shape ``(Nseq + 1,)``, optional
+        Packed sequences along ``T`` (``N == 1``); read once on the host (the lengths).
+    output_final_state : bool
+    out : torch.Tensor, optional
+        Contiguous ``(N, H, T, Dv)`` output buffer with ``v``'s dtype.
+
+    Returns
+    -------
+    ``o (N, H, T, Dv)``, or ``(o, (states (Nseq, H, S', Dk, Dv), positions (Nseq,)))`` with
+    ``output_final_state``, ``S' = max(S, bit_length(2**S - 1 + longest length))`` (every end fits).
+    """
+    C = check_chunk(chunk, "attention")
+    layout = sequence_layout(q, k, v, level_scales, log_decay)
+    if cu_seqlens is not None and layout.N != 1:
+        raise ValueError(f"with cu_seqlens the tensors hold one row of packed sequences (N == 1), got N={layout.N}")
+    v = layout.tensors["v"]
+    state_dtype, logdec_dtype = state_dtypes(v.dtype)
+    count = layout.N if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    initial, positions = check_initial_state(initial_state, initial_positions, count, layout, state_dtype)
+    seqs = _sequences.plan(layout.N, layout.T, C, cu_seqlens, positions, 0 if initial is None else initial.shape[2],
+                           v.device)
+    out = output_buffer(out, (layout.N, layout.H, layout.T, layout.DV), v)
+    states, logdec = sequence_states(layout, seqs, C, initial, state_dtype, logdec_dtype)
+    acc, prec, exact = compute_types(v.dtype)
+    BDK, BDV = block(layout.DK, 64), block(layout.DV, 64)
+    if seqs.n_slots and layout.H:
+        _output_kernel[(seqs.n_slots, layout.H, cdiv(layout.DV, BDV))](
+            q, k, v, level_scales, layout.decay_args()[0], states, logdec, out, states if initial is None else initial,
+            seqs.table, seqs.chunk_seq, layout.T, 1, 0, seqs.n_entries, seqs.levels, layout.L, layout.DK, layout.DV,
+            float(scale), layout.H // layout.Hqk, 0 if initial is None else initial.shape[2],
+            *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("l")[1:],
+            *layout.decay_args()[1:], *out.stride(), C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV,
+            HAS_G=log_decay is not None, ACC=acc, PREC=prec, EXACT=exact, LOWP=v.dtype == torch.bfloat16,
+            NATIVE=not interpreting(), VARLEN=True, num_warps=NUM_WARPS["attention_output"])
+    if not output_final_state:
+        return out
+    final = final_states(layout, seqs, C, states, logdec, initial)
+    start = positions if positions is not None else torch.zeros(count, dtype=torch.int64, device=v.device)
+    ends = start + torch.as_tensor(seqs.lengths, dtype=torch.int64).to(v.device)
+    return out, (final, ends)

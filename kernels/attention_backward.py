@@ -32,14 +32,17 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from ._device import chunk_decays, chunk_rows, dot, intra_decay, intra_scales, next_decay
-from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, interpreting,
+from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_decay, intra_scales,
+                      next_decay, sequence_chunk, sequence_row, state_tile)
+from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, interpreting, scratch,
                       next_power_of_2, state_dtypes)
-from .attention import attention_layout, chunk_states
+from . import _sequences
+from .attention import attention_layout, check_initial_state, chunk_states, sequence_layout, sequence_states
 
 MAX_TILE = 128
 """Widest feature tile of one backward program; wider heads are split into tiles whose partial
@@ -87,64 +90,199 @@ def _rounded(x, like, LOWP: tl.constexpr, NATIVE: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["n_chunks", "n_total", "n_r", "n_bits"])
-def _span_kernel(h_ptr, a_ptr, r_ptr, span_ptr, n_chunks, n_total, n_r, n_bits, DK: tl.constexpr,
+def _span_kernel(h_ptr, a_ptr, r_ptr, span_ptr, tab_ptr, cs_ptr, n_chunks, n_total, n_r, n_bits, DK: tl.constexpr,
                  DV: tl.constexpr, N_DV_TILES, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
-                 ACC: tl.constexpr):
+                 ACC: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, VARLEN: tl.constexpr):
     """Program ``(chunk i, batch entry, feature tile)``: the weight of the pairs that span chunk
     ``i`` inside one level block, ``Σ_h exp(A_i + ζ_h) <R_h, U_h>`` over the clear bits ``h`` of
     ``i``: ``U_h`` gathers the states ``i`` reads at the set bits below ``h`` (the keys of the
-    block before ``i``), ``R_h`` the queries of the block that reads it (this tile's partial sum)."""
-    i = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    block before ``i``), ``R_h`` the queries of the block that reads it (this tile's partial sum).
+    With ``VARLEN``: axis 0 the global chunk slot, axis 1 the head (layout of the sequences)."""
+    if VARLEN:
+        dead, n, b0, shift, a, e, i, I0, I1, base, span_c, t, tmask = sequence_chunk(tab_ptr, cs_ptr, C, LOG_C)
+        if dead:
+            return
+        gi = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        base += bh * n_total
+    else:
+        i = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        gi = i
     tile_f = tl.program_id(2)
     dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
     dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
     fmask = (dk[:, None] < DK) & (dv[None, :] < DV)
     tile = dk[:, None] * DV + dv[None, :]
-    A_i = tl.load(a_ptr + bh * n_total + i).to(ACC) if HAS_G else tl.zeros((), dtype=ACC)
+    if VARLEN:
+        A_i = tl.load(a_ptr + base + i - I0 + 1).to(ACC) if HAS_G else tl.zeros((), dtype=ACC)
+    else:
+        A_i = tl.load(a_ptr + bh * n_total + i).to(ACC) if HAS_G else tl.zeros((), dtype=ACC)
     U = tl.zeros((BDK, BDV), dtype=ACC)
     span = tl.zeros((), dtype=ACC)
     gap = tl.zeros((), dtype=ACC)
     zeta = tl.zeros((), dtype=ACC)
-    off = 0
-    roff = 0
+    if VARLEN:
+        off = base
+    else:
+        off = 0
+        roff = 0
     h = 0
     while h < n_bits:
         if ((i >> h) & 1) == 1:
-            blk = bh * n_total + off + (i >> h) - 1
+            if VARLEN:
+                blk = off + (i >> h) - (I0 >> h)
+            else:
+                blk = bh * n_total + off + (i >> h) - 1
             U += tl.exp(gap) * tl.load(h_ptr + blk * DK * DV + tile, mask=fmask, other=0.0).to(ACC)
             if HAS_G:
                 gap += tl.load(a_ptr + blk)
         else:
             reader = (i >> h) + 1
-            if (reader << h) < n_chunks:
-                R = tl.load(r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV + tile, mask=fmask, other=0.0)
-                span += tl.exp(A_i + zeta) * tl.sum(tl.sum(R * U, 1), 0)
-                if HAS_G:
-                    if ((reader + 1) << h) <= n_chunks:
-                        zeta += tl.load(a_ptr + bh * n_total + off + reader)
-        off += n_chunks >> h
-        roff += ((n_chunks + (1 << h) - 1) >> h) >> 1
+            if VARLEN:
+                if reader <= ((e >> LOG_C) >> h):
+                    R = tl.load(r_ptr + (off + reader - (I0 >> h)) * DK * DV + tile, mask=fmask, other=0.0)
+                    span += tl.exp(A_i + zeta) * tl.sum(tl.sum(R * U, 1), 0)
+                    if HAS_G:
+                        if reader <= (I1 >> h):
+                            zeta += tl.load(a_ptr + off + reader - (I0 >> h) + 1)
+            else:
+                if (reader << h) < n_chunks:
+                    R = tl.load(r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV + tile, mask=fmask, other=0.0)
+                    span += tl.exp(A_i + zeta) * tl.sum(tl.sum(R * U, 1), 0)
+                    if HAS_G:
+                        if ((reader + 1) << h) <= n_chunks:
+                            zeta += tl.load(a_ptr + bh * n_total + off + reader)
+        if VARLEN:
+            off += (span_c >> h) + 3
+        else:
+            off += n_chunks >> h
+            roff += ((n_chunks + (1 << h) - 1) >> h) >> 1
         h += 1
-    tl.store(span_ptr + (tile_f.to(tl.int64) * tl.num_programs(1) + bh) * n_chunks + i, span)
+    tl.store(span_ptr + (tile_f.to(tl.int64) * tl.num_programs(1) + bh) * n_chunks + gi, span)
+
+
+@triton.jit(do_not_specialize=["n_total", "n_bits", "S_IN", "S_OUT"])
+def _sequence_kernel(h_ptr, a_ptr, r_ptr, s_ptr, df_ptr, di_ptr, rc_ptr, le_ptr, tab_ptr, n_total, n_bits, S_IN,
+                     S_OUT, DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES, NB: tl.constexpr, C: tl.constexpr,
+                     LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, ACC: tl.constexpr,
+                     FINAL: tl.constexpr):
+    """Program ``(sequence, head, feature tile)`` of a call over sequences, after the block sums:
+
+    1. with ``FINAL``, the final state's cotangent ``dF (N, H, S_OUT, Dk, Dv)`` enters as one more
+       reader at the end ``e``: its levels ``> c`` are added to the block sums of the blocks that
+       hold ``E = e >> c`` (as a chunk at ``E`` reads the hierarchy), and its row sums per level go
+       to ``dg`` (``le``, ``rc``: the reads of the final state, and, when the call stays in the chunk
+       of its start, the carried buckets of levels ``1..c`` it holds);
+    2. ``d(initial state)`` (``di (N, H, S_IN, Dk, Dv)``): levels ``1..c`` get what the final state
+       reads of them (the chunk kernel adds the rest), levels ``> c`` the adjoint of their entry of
+       the hierarchy: its readers' block sum plus, through the blocks above it, the block sums of
+       the readers of those, a Horner walk from the top level down."""
+    n = tl.program_id(0).to(tl.int64)
+    hd = tl.program_id(1).to(tl.int64)
+    tile_f = tl.program_id(2)
+    dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
+    dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
+    fmask = (dk[:, None] < DK) & (dv[None, :] < DV)
+    tile = dk[:, None] * DV + dv[None, :]
+    b0, row0, length, a, base, span = sequence_row(tab_ptr, n)
+    base += hd * n_total
+    e = a + length
+    I0 = a >> LOG_C
+    I1 = (e - 1) >> LOG_C
+    E = e >> LOG_C
+    nonempty = length > 0
+    first = (n * tl.num_programs(1) + hd) * S_IN
+    levels = tl.arange(0, NB)
+    A_part = tl.zeros((), dtype=ACC)
+    if nonempty & ((e & (C - 1)) != 0):  # decay of the tokens of e's chunk
+        A_part = tl.load(a_ptr + base + E - I0 + 1).to(ACC)
+    if FINAL:
+        out = (n * tl.num_programs(1) + hd) * S_OUT
+        reads = tl.zeros((NB,), dtype=ACC)
+        const = tl.zeros((), dtype=ACC)
+        gap = A_part
+        off = base
+        h = 0
+        while h < n_bits:
+            if (((E >> h) & 1) == 1) & (LOG_C + h < S_OUT):
+                blk = off + (E >> h) - (I0 >> h)
+                dF = state_tile(df_ptr, out + LOG_C + h, dk, dv, DK, DV, ACC)
+                wgt = tl.exp(gap)
+                dst = r_ptr + (off + (E >> h) - (I0 >> h)) * DK * DV + tile
+                tl.store(dst, tl.load(dst, mask=fmask, other=0.0) + wgt * dF, mask=fmask)
+                read = wgt * tl.sum(tl.sum(dF * state_tile(h_ptr, blk, dk, dv, DK, DV, ACC), 1), 0)
+                reads = tl.where(levels == h, read, reads)
+                const += read
+                gap += tl.load(a_ptr + blk)
+            off += (span >> h) + 3
+            h += 1
+        far = bit_length((a ^ e) & (C - 1))
+        for l in tl.static_range(1, LOG_C + 1):
+            if l <= S_IN:
+                d_init = tl.zeros((BDK, BDV), dtype=ACC)
+                if (E == I0) & (((a >> (l - 1)) & 1) == 1):  # the carried bucket l is in the final state
+                    dF = state_tile(df_ptr, out + tl.maximum(far, l) - 1, dk, dv, DK, DV, ACC)
+                    d_init = tl.exp(A_part) * dF
+                    const += tl.sum(tl.sum(d_init * state_tile(s_ptr, first + l - 1, dk, dv, DK, DV, ACC), 1), 0)
+                tl.store(di_ptr + (first + l - 1) * DK * DV + tile, d_init, mask=fmask)
+        tl.store(le_ptr + ((n * tl.num_programs(1) + hd) * tl.num_programs(2) + tile_f) * NB + levels, reads)
+        tl.store(rc_ptr + (n * tl.num_programs(1) + hd) * tl.num_programs(2) + tile_f, const)
+    else:
+        for l in tl.static_range(1, LOG_C + 1):
+            if l <= S_IN:
+                tl.store(di_ptr + (first + l - 1) * DK * DV + tile, tl.zeros((BDK, BDV), dtype=ACC), mask=fmask)
+    tl.debug_barrier()  # the block sums this program completed are read below
+    top = base
+    h = 0
+    while h < n_bits:
+        top += (span >> h) + 3
+        h += 1
+    walk = tl.zeros((BDK, BDV), dtype=ACC)  # Σ over the readers of the blocks above, decayed to level h's block
+    h = n_bits - 1
+    while h >= 0:
+        top -= (span >> h) + 3
+        if ((I0 >> h) & 1) == 1:
+            if LOG_C + h < S_IN:
+                A_h = tl.zeros((), dtype=ACC)
+                if nonempty:
+                    A_h = tl.load(a_ptr + top + 1).to(ACC)
+                d_init = state_tile(r_ptr, top, dk, dv, DK, DV, ACC) + tl.exp(A_h) * walk
+                tl.store(di_ptr + (first + LOG_C + h) * DK * DV + tile, d_init, mask=fmask)
+        else:
+            A_r = tl.zeros((), dtype=ACC)
+            if nonempty & (((I0 >> h) + 1) <= (I1 >> h)):
+                A_r = tl.load(a_ptr + top + 2).to(ACC)
+            walk = state_tile(r_ptr, top + 1, dk, dv, DK, DV, ACC) + tl.exp(A_r) * walk
+            if LOG_C + h < S_IN:
+                tl.store(di_ptr + (first + LOG_C + h) * DK * DV + tile, tl.zeros((BDK, BDV), dtype=ACC), mask=fmask)
+        h -= 1
+    h = LOG_C + n_bits
+    while h < S_IN:
+        tl.store(di_ptr + (first + h) * DK * DV + tile, tl.zeros((BDK, BDV), dtype=ACC), mask=fmask)
+        h += 1
 
 
 @triton.jit
 def _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot, sod, slt, sgt, dk, dv,
                DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
-               NATIVE: tl.constexpr):
+               NATIVE: tl.constexpr, lo=None):
     """``Σ_t scale λ_t exp(G_t - G_a) dO_t q_tᵀ`` (``(BDV, BDK)``, the transposed block sum) over
     the ``count`` chunks from chunk ``first``, ``a`` the last position before them; ``l_col``
-    points at the level-scale column the rows read."""
+    points at the level-scale column the rows read.  With ``lo`` (a sequence: rows ``t`` are
+    absolute positions, the row pointers shifted to them) only the positions ``[lo, T)`` count."""
     r = tl.arange(0, C)
     acc = tl.zeros((BDV, BDK), dtype=ACC)
     gap = tl.zeros((), dtype=ACC)
     j = 0
     while j < count:
         t = (first + j) * C + r
-        tmask = t < T
-        G, g_next = chunk_decays(g_row, t, tmask, sgt, T, C, HAS_G, ACC)
+        if lo is None:
+            tmask = t < T
+        else:
+            tmask = (t >= lo) & (t < T)
+        G, g_next = chunk_decays(g_row, t, tmask, sgt, T, C, HAS_G, ACC, lo)
         lam = tl.load(l_col + t * slt, mask=tmask, other=0.0).to(ACC)
         qb = tl.load(q_row + t[:, None] * sqt + dk[None, :] * sqd, mask=tmask[:, None] & (dk[None, :] < DK),
                      other=0.0)
@@ -159,97 +297,193 @@ def _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_r", "n_bits", "L", "slb0", "slb1", "slt",
-                               "sgb0", "sgb1"])
-def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr,
+                               "sgb0", "sgb1", "GRP"])
+def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_ptr,
                         T, B1, n_chunks, n_total, n_r, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES,
-                        scale, sqb0, sqb1, sqt, sqd, sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt,
+                        scale, sqb0, sqb1, sqt, sqd, sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt, GRP,
                         C: tl.constexpr, LOG_C: tl.constexpr, P_LOG: tl.constexpr, BDK: tl.constexpr,
                         BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                        LOWP: tl.constexpr, NATIVE: tl.constexpr):
+                        LOWP: tl.constexpr, NATIVE: tl.constexpr, VARLEN: tl.constexpr):
     """Program ``(group * n_bits + level, batch entry, feature tile)`` over aligned groups of
     ``2^P_LOG`` chunks, the level varying fastest (the programs of one group read the same rows,
     from L2): a level below ``P_LOG`` sums the reader blocks inside the group and stores them;
     a higher level adds the group's share of the reader block that holds it (if any) atomically,
-    decayed to the block's start by the groups before it."""
+    decayed to the block's start by the groups before it.
+
+    With ``VARLEN`` axis 0 runs over the global group slots (``group * n_bits + level``), axis 1
+    over the heads; the groups are aligned to absolute chunk indices, only the chunks of the
+    sequence count, and the block sums (zeroed before) take the layout of the hierarchy (entry
+    ``b - (I0 >> h)`` for reader block ``b``: the first is the reader of the carried bucket)."""
     p = tl.program_id(0)
     h = p % n_bits
-    first = (p // n_bits) << P_LOG
-    bh = tl.program_id(1).to(tl.int64)
-    b0 = bh // B1
-    b1 = bh % B1
-    tile_f = tl.program_id(2)
-    dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
-    dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
-    off, roff, n_readers = _levels_offsets(n_chunks, h)
-    q_row = q_ptr + b0 * sqb0 + b1 * sqb1
-    o_row = do_ptr + b0 * sob0 + b1 * sob1
-    g_row = g_ptr + b0 * sgb0 + b1 * sgb1
-    l_col = l_ptr + b0 * slb0 + b1 * slb1 + (LOG_C + 1 + h) * sll
-    fmask = (dk[None, :] < DK) & (dv[:, None] < DV)
-    r_tile = dk[None, :] * DV + dv[:, None]
-    if h < P_LOG:
-        nb = 0
-        while nb < (1 << (P_LOG - h - 1)):
-            b = (first >> h) + 2 * nb + 1
-            count = tl.minimum(1 << h, n_chunks - (b << h))
-            if count > 0:
-                acc = _block_sum(q_row, o_row, l_col, g_row, b << h, count, T, scale, sqt, sqd, sot, sod, slt, sgt,
-                                 dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE)
-                tl.store(r_ptr + (bh * n_r + roff + (b >> 1)) * DK * DV + r_tile, acc, mask=fmask)
-            nb += 1
+    if VARLEN:
+        tile_f = tl.program_id(2)
+        dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
+        dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
+        fmask = (dk[None, :] < DK) & (dv[:, None] < DV)
+        r_tile = dk[None, :] * DV + dv[:, None]
+        gslot = p // n_bits
+        n = tl.load(gs_ptr + gslot).to(tl.int64)
+        b0, row0, length, a, base, span = sequence_row(tab_ptr, n)
+        e = a + length
+        I0 = a >> LOG_C
+        I1 = (e - 1) >> LOG_C
+        first = ((I0 >> P_LOG) + gslot - tl.load(tab_ptr + n * 8 + 7)) << P_LOG
+        if (length == 0) | (first > I1):
+            return
+        hd = tl.program_id(1).to(tl.int64)
+        base += hd * n_total
+        off = base
+        lv = 0
+        while lv < h:
+            off += (span >> lv) + 3
+            lv += 1
+        shift = row0 - a
+        q_row = q_ptr + b0 * sqb0 + (hd // GRP) * sqb1 + shift * sqt
+        o_row = do_ptr + b0 * sob0 + hd * sob1 + shift * sot
+        g_row = g_ptr + b0 * sgb0 + hd * sgb1 + shift * sgt
+        l_col = l_ptr + b0 * slb0 + hd * slb1 + shift * slt + (LOG_C + 1 + h) * sll
+        if h < P_LOG:
+            nb = 0
+            while nb < (1 << (P_LOG - h - 1)):
+                b = (first >> h) + 2 * nb + 1
+                lo_c = tl.maximum(b << h, I0)
+                count = tl.minimum(((b + 1) << h) - 1, I1) - lo_c + 1
+                if count > 0:
+                    acc = _block_sum(q_row, o_row, l_col, g_row, lo_c, count, e, scale, sqt, sqd, sot, sod, slt, sgt,
+                                     dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE, a)
+                    tl.store(r_ptr + (off + b - (I0 >> h)) * DK * DV + r_tile, acc, mask=fmask)
+                nb += 1
+        else:
+            b = first >> h
+            lo_c = tl.maximum(first, I0)
+            count = tl.minimum(first + (1 << P_LOG) - 1, I1) - lo_c + 1
+            if (b & 1) == 1:
+                acc = _block_sum(q_row, o_row, l_col, g_row, lo_c, count, e, scale, sqt, sqd, sot, sod, slt, sgt,
+                                 dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE, a)
+                dst = r_ptr + (off + b - (I0 >> h)) * DK * DV + r_tile
+                if h == P_LOG:  # the group is the whole block
+                    tl.store(dst, acc, mask=fmask)
+                else:
+                    before = tl.zeros((), dtype=ACC)
+                    if HAS_G:  # the groups of the block before this one (from the sequence's first), level P_LOG
+                        p_off = base
+                        lv = 0
+                        while lv < P_LOG:
+                            p_off += (span >> lv) + 3
+                            lv += 1
+                        k = tl.maximum(b << (h - P_LOG), I0 >> P_LOG)
+                        while k < (first >> P_LOG):
+                            before += tl.load(a_ptr + p_off + k - (I0 >> P_LOG) + 1)
+                            k += 1
+                    tl.atomic_add(dst, acc * tl.exp(before), mask=fmask)
     else:
-        b = first >> h
-        count = tl.minimum(1 << P_LOG, n_chunks - first)
-        if ((b & 1) == 1) & (count > 0):
-            acc = _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot, sod, slt, sgt,
-                             dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE)
-            dst = r_ptr + (bh * n_r + roff + (b >> 1)) * DK * DV + r_tile
-            if h == P_LOG:  # the group is the whole block
-                tl.store(dst, acc, mask=fmask)
-            else:
-                before = tl.zeros((), dtype=ACC)
-                if HAS_G:
-                    p_off, p_roff, p_readers = _levels_offsets(n_chunks, P_LOG)
-                    entry = bh * n_total + p_off + ((b << h) >> P_LOG)
-                    k = 0
-                    while k < ((first - (b << h)) >> P_LOG):
-                        before += tl.load(a_ptr + entry + k)
-                        k += 1
-                tl.atomic_add(dst, acc * tl.exp(before), mask=fmask)
+        first = (p // n_bits) << P_LOG
+        bh = tl.program_id(1).to(tl.int64)
+        b0 = bh // B1
+        b1 = bh % B1
+        tile_f = tl.program_id(2)
+        dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
+        dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
+        off, roff, n_readers = _levels_offsets(n_chunks, h)
+        q_row = q_ptr + b0 * sqb0 + b1 * sqb1
+        o_row = do_ptr + b0 * sob0 + b1 * sob1
+        g_row = g_ptr + b0 * sgb0 + b1 * sgb1
+        l_col = l_ptr + b0 * slb0 + b1 * slb1 + (LOG_C + 1 + h) * sll
+        fmask = (dk[None, :] < DK) & (dv[:, None] < DV)
+        r_tile = dk[None, :] * DV + dv[:, None]
+        if h < P_LOG:
+            nb = 0
+            while nb < (1 << (P_LOG - h - 1)):
+                b = (first >> h) + 2 * nb + 1
+                count = tl.minimum(1 << h, n_chunks - (b << h))
+                if count > 0:
+                    acc = _block_sum(q_row, o_row, l_col, g_row, b << h, count, T, scale, sqt, sqd, sot, sod, slt,
+                                     sgt, dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE)
+                    tl.store(r_ptr + (bh * n_r + roff + (b >> 1)) * DK * DV + r_tile, acc, mask=fmask)
+                nb += 1
+        else:
+            b = first >> h
+            count = tl.minimum(1 << P_LOG, n_chunks - first)
+            if ((b & 1) == 1) & (count > 0):
+                acc = _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot, sod, slt, sgt,
+                                 dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE)
+                dst = r_ptr + (bh * n_r + roff + (b >> 1)) * DK * DV + r_tile
+                if h == P_LOG:  # the group is the whole block
+                    tl.store(dst, acc, mask=fmask)
+                else:
+                    before = tl.zeros((), dtype=ACC)
+                    if HAS_G:
+                        p_off, p_roff, p_readers = _levels_offsets(n_chunks, P_LOG)
+                        entry = bh * n_total + p_off + ((b << h) >> P_LOG)
+                        k = 0
+                        while k < ((first - (b << h)) >> P_LOG):
+                            before += tl.load(a_ptr + entry + k)
+                            k += 1
+                    tl.atomic_add(dst, acc * tl.exp(before), mask=fmask)
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_r", "n_bits", "L", "slb0", "slb1", "slt",
-                               "sgb0", "sgb1"])
+                               "sgb0", "sgb1", "GRP", "S_IN", "S_OUT", "NBH"])
 def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr, dq_ptr, dk_ptr, dv_ptr, dl_ptr,
-                  dgl_ptr, lvl_ptr, T, B1, n_chunks, n_total, n_r, n_bits, L, DK: tl.constexpr,
-                  DV: tl.constexpr, N_DV_TILES, scale, sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
+                  dgl_ptr, lvl_ptr, s_ptr, di_ptr, df_ptr, rc_ptr, tab_ptr, cs_ptr,
+                  T, B1, n_chunks, n_total, n_r, n_bits, L, DK: tl.constexpr,
+                  DV: tl.constexpr, N_DV_TILES, scale, GRP, S_IN, S_OUT, NBH,
+                  sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
                   sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt,
                   C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
                   NB: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
-                  LOWP: tl.constexpr, NATIVE: tl.constexpr, ATOMIC: tl.constexpr):
+                  LOWP: tl.constexpr, NATIVE: tl.constexpr, ATOMIC: tl.constexpr, VARLEN: tl.constexpr,
+                  FINAL: tl.constexpr):
     """Program ``(chunk i, batch entry, feature tile)``: every gradient of the chunk's rows.
 
     Writes ``dq``, ``dk``, ``dv``, ``dλ`` and, for ``dg`` (see :func:`attention_backward`), the
     chunk-local part of each row and the chunk's row sums per level (``lvl``, level-major).  With
     ``ATOMIC`` (heads split into feature tiles) ``dq, dk, dv`` are added atomically and the
-    other outputs are this tile's partial sums, in a slice of their own per tile."""
-    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+    other outputs are this tile's partial sums, in a slice of their own per tile.
+
+    With ``VARLEN`` (a call over sequences) axis 0 is the global chunk slot and axis 1 the head;
+    ``dq, dk`` are per head of ``v`` (the caller sums each group).  The first chunk of a sequence
+    also reads its carried buckets of levels ``1..c`` and adds their gradients (the direct reads
+    and, through the chunk's state, the later readers) to ``d(initial state)``; with ``FINAL``
+    the chunk of the end ``e`` (when it holds tokens) adds the gradients of the final state's
+    levels ``1..c``."""
+    if VARLEN:
+        dead, n, b0, shift, a, e, i, I0, I1, base, span, t, tmask = sequence_chunk(tab_ptr, cs_ptr, C, LOG_C)
+        if dead:
+            return
+        slot = tl.program_id(0)
+        b1 = tl.program_id(1).to(tl.int64)
+        bq1 = b1 // GRP
+        base += b1 * n_total
+        obh = b0 * tl.num_programs(1) + b1
+        tr = t + shift
+    else:
+        i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+        bq1 = b1
+        tr = t
     tile_f = tl.program_id(2)
     dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
     dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
     kmask = tmask[:, None] & (dk[None, :] < DK)
     vmask = tmask[:, None] & (dv[None, :] < DV)
     fmask = (dk[:, None] < DK) & (dv[None, :] < DV)
-    qb = tl.load(q_ptr + b0 * sqb0 + b1 * sqb1 + t[:, None] * sqt + dk[None, :] * sqd, mask=kmask, other=0.0)
-    kb = tl.load(k_ptr + b0 * skb0 + b1 * skb1 + t[:, None] * skt + dk[None, :] * skd, mask=kmask, other=0.0)
+    qb = tl.load(q_ptr + b0 * sqb0 + bq1 * sqb1 + tr[:, None] * sqt + dk[None, :] * sqd, mask=kmask, other=0.0)
+    kb = tl.load(k_ptr + b0 * skb0 + bq1 * skb1 + tr[:, None] * skt + dk[None, :] * skd, mask=kmask, other=0.0)
     S = dot(qb, tl.trans(kb), ACC, PREC, NATIVE)
-    vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + t[:, None] * svt + dv[None, :] * svd, mask=vmask, other=0.0)
-    ob = tl.load(do_ptr + b0 * sob0 + b1 * sob1 + t[:, None] * sot + dv[None, :] * sod, mask=vmask, other=0.0)
+    vb = tl.load(v_ptr + b0 * svb0 + b1 * svb1 + tr[:, None] * svt + dv[None, :] * svd, mask=vmask, other=0.0)
+    ob = tl.load(do_ptr + b0 * sob0 + b1 * sob1 + tr[:, None] * sot + dv[None, :] * sod, mask=vmask, other=0.0)
     dP = dot(ob, tl.trans(vb), ACC, PREC, NATIVE)
-    g_row = g_ptr + b0 * sgb0 + b1 * sgb1
-    l_base = l_ptr + b0 * slb0 + b1 * slb1
-    G, g_next = chunk_decays(g_row, t, tmask, sgt, T, C, HAS_G, ACC)
-    lam, lvl = intra_scales(l_base + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
+    if VARLEN:
+        g_row = g_ptr + b0 * sgb0 + b1 * sgb1 + shift * sgt
+        l_base = l_ptr + b0 * slb0 + b1 * slb1 + shift * slt
+        G, g_next = chunk_decays(g_row, t, tmask, sgt, e, C, HAS_G, ACC, a)
+        lam, lvl = intra_scales(l_base + (i * C) * slt, slt, sll, L, tmask, C)
+    else:
+        g_row = g_ptr + b0 * sgb0 + b1 * sgb1
+        l_base = l_ptr + b0 * slb0 + b1 * slb1
+        G, g_next = chunk_decays(g_row, t, tmask, sgt, T, C, HAS_G, ACC)
+        lam, lvl = intra_scales(l_base + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
     Dec = _decays(G, g_next, tmask, C, HAS_G, EXACT) * scale
     Wd = dP * S * Dec
     col_l = tl.arange(0, BL)
@@ -277,18 +511,28 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
     D = tl.zeros((BDK, BDV), dtype=ACC)
     gap = tl.zeros((), dtype=ACC)
     zeta = tl.zeros((), dtype=ACC)
-    off = 0
-    roff = 0
+    if VARLEN:
+        off = base
+    else:
+        off = 0
+        roff = 0
     h = 0
     while h < n_bits:
         if ((i >> h) & 1) == 1:
-            blk = bh * n_total + off + (i >> h) - 1
+            if VARLEN:
+                blk = off + (i >> h) - (I0 >> h)
+            else:
+                blk = bh * n_total + off + (i >> h) - 1
             sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :], mask=fmask, other=0.0)
             X = dot(ob, tl.trans(_rounded(sb, ob, LOWP, NATIVE)), ACC, PREC, NATIVE)
-            e = scale * tl.exp(gap + G)
-            lam_h = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
-            dq += (lam_h * e)[:, None] * X
-            dl_h = e * tl.sum(qb.to(ACC) * X, 1)
+            e_t = scale * tl.exp(gap + G)
+            if VARLEN:  # (L is checked on the host only for calls without sequences)
+                lam_h = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll, mask=tmask & (LOG_C + 1 + h < L),
+                                other=0.0).to(ACC)
+            else:
+                lam_h = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
+            dq += (lam_h * e_t)[:, None] * X
+            dl_h = e_t * tl.sum(qb.to(ACC) * X, 1)
             dl = tl.where(col_l[None, :] == LOG_C + 1 + h, dl_h[:, None], dl)
             row_h = lam_h * dl_h
             row += row_h
@@ -296,19 +540,68 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
             gap += tl.load(a_ptr + blk)
         else:
             reader = (i >> h) + 1
-            if (reader << h) < n_chunks:
-                D += tl.exp(zeta) * tl.load(r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV + dk[:, None] * DV
-                                            + dv[None, :], mask=fmask, other=0.0)
-                if HAS_G:
-                    if ((reader + 1) << h) <= n_chunks:
-                        zeta += tl.load(a_ptr + bh * n_total + off + reader)
-        off += n_chunks >> h
-        roff += ((n_chunks + (1 << h) - 1) >> h) >> 1
+            if VARLEN:
+                if reader <= ((e >> LOG_C) >> h):  # the block after i's has readers: chunks, or the end e
+                    D += tl.exp(zeta) * tl.load(r_ptr + (off + reader - (I0 >> h)) * DK * DV + dk[:, None] * DV
+                                                + dv[None, :], mask=fmask, other=0.0)
+                    if HAS_G:
+                        if reader <= (I1 >> h):
+                            zeta += tl.load(a_ptr + off + reader - (I0 >> h) + 1)
+            else:
+                if (reader << h) < n_chunks:
+                    D += tl.exp(zeta) * tl.load(r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV + dk[:, None] * DV
+                                                + dv[None, :], mask=fmask, other=0.0)
+                    if HAS_G:
+                        if ((reader + 1) << h) <= n_chunks:
+                            zeta += tl.load(a_ptr + bh * n_total + off + reader)
+        if VARLEN:
+            off += (span >> h) + 3
+        else:
+            off += n_chunks >> h
+            roff += ((n_chunks + (1 << h) - 1) >> h) >> 1
         h += 1
     if HAS_G:
         w = tl.exp(tl.cumsum(g_next, 0, reverse=True))
     else:
         w = tl.full((C,), 1.0, dtype=ACC)
+    if VARLEN:
+        local = tl.zeros((C,), dtype=ACC)  # terms of dg from the carried and the final state
+        if i == I0:  # the carried buckets of levels 1..c: read by the chunk's rows, and through its state
+            far = bit_length((t ^ a) & (C - 1))
+            first = (n * tl.num_programs(1) + b1) * S_IN
+            e_t = scale * tl.exp(G)
+            A_i = tl.load(a_ptr + base + i - I0 + 1).to(ACC)
+            for l in tl.static_range(1, LOG_C + 1):
+                if (l <= S_IN) & (((a >> (l - 1)) & 1) == 1):
+                    sb = state_tile(s_ptr, first + l - 1, dk, dv, DK, DV, ACC)
+                    X = dot(ob, tl.trans(_rounded(sb, ob, LOWP, NATIVE)), ACC, PREC, NATIVE)
+                    lev = tl.maximum(far, l)
+                    lam_l = tl.load(l_base + t * slt + lev * sll, mask=tmask, other=0.0).to(ACC)
+                    dq += (lam_l * e_t)[:, None] * X
+                    dl_l = e_t * tl.sum(qb.to(ACC) * X, 1)
+                    dl = tl.where(col_l[None, :] == lev[:, None], dl + dl_l[:, None], dl)
+                    row += lam_l * dl_l
+                    qw = qb.to(ACC) * (lam_l * e_t)[:, None]
+                    d_init = dot(tl.trans(qw), ob, ACC, PREC, NATIVE) + tl.exp(A_i) * D
+                    dst = di_ptr + (first + l - 1) * DK * DV + dk[:, None] * DV + dv[None, :]
+                    tl.store(dst, tl.load(dst, mask=fmask, other=0.0) + d_init, mask=fmask)
+                    local += tl.exp(A_i) * tl.sum(tl.sum(D * sb, 1), 0)  # pairs of a later row and a carried key
+        if FINAL:
+            if (i == I1) & ((e & (C - 1)) != 0):  # the final state's levels 1..c hold this chunk's keys
+                lev_e = bit_length((t ^ e) & (C - 1))
+                col_e = tl.zeros((C,), dtype=ACC)
+                out = (n * tl.num_programs(1) + b1) * S_OUT
+                for l in tl.static_range(1, LOG_C + 1):
+                    if l <= S_OUT:
+                        dF = state_tile(df_ptr, out + l - 1, dk, dv, DK, DV, ACC)
+                        w_l = tl.where((lev_e == l) & tmask, w, 0.0)
+                        Y = dot(vb, tl.trans(_rounded(dF, vb, LOWP, NATIVE)), ACC, PREC, NATIVE)
+                        dk_acc += w_l[:, None] * Y
+                        dv_acc += w_l[:, None] * dot(kb, _rounded(dF, kb, LOWP, NATIVE), ACC, PREC, NATIVE)
+                        col_e += w_l * tl.sum(kb.to(ACC) * Y, 1)
+                # pairs of the final state and a key before u: in the chunk, and (rc) before it
+                local += (tl.cumsum(col_e, 0) - col_e
+                          + tl.load(rc_ptr + (n * tl.num_programs(1) + b1) * tl.num_programs(2) + tile_f))
     D = _rounded(D, kb, LOWP, NATIVE)
     dk_inter = w[:, None] * dot(vb, tl.trans(D), ACC, PREC, NATIVE)
     dv_acc += w[:, None] * dot(kb, D, ACC, PREC, NATIVE)
@@ -317,11 +610,23 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
     # the chunk-local part of dg: pairs with a row at or after t and a column before t that
     # have at least one end in this chunk
     dgl = tl.cumsum(tl.where(tmask, row - col, 0.0), 0, reverse=True) + tl.cumsum(col_later, 0) - col_later
-    dq_dst = dq_ptr + (bh * T + t[:, None]) * DK + dk[None, :]
-    dk_dst = dk_ptr + (bh * T + t[:, None]) * DK + dk[None, :]
-    dv_dst = dv_ptr + (bh * T + t[:, None]) * DV + dv[None, :]
-    part = tile_f.to(tl.int64) * tl.num_programs(1) if ATOMIC else 0
-    dl_dst = dl_ptr + ((part + bh) * T + t[:, None]) * L + col_l[None, :]
+    if VARLEN:
+        dgl += local
+        dq_dst = dq_ptr + (obh * T + tr[:, None]) * DK + dk[None, :]
+        dk_dst = dk_ptr + (obh * T + tr[:, None]) * DK + dk[None, :]
+        dv_dst = dv_ptr + (obh * T + tr[:, None]) * DV + dv[None, :]
+        dl_dst = dl_ptr + ((tile_f.to(tl.int64) * NBH + obh) * T + tr[:, None]) * L + col_l[None, :]
+        part = tile_f.to(tl.int64) * tl.num_programs(1)
+        gbh = b1
+        gi = slot
+    else:
+        dq_dst = dq_ptr + (bh * T + t[:, None]) * DK + dk[None, :]
+        dk_dst = dk_ptr + (bh * T + t[:, None]) * DK + dk[None, :]
+        dv_dst = dv_ptr + (bh * T + t[:, None]) * DV + dv[None, :]
+        part = tile_f.to(tl.int64) * tl.num_programs(1) if ATOMIC else 0
+        dl_dst = dl_ptr + ((part + bh) * T + t[:, None]) * L + col_l[None, :]
+        gbh = bh
+        gi = i
     if ATOMIC:
         tl.atomic_add(dq_dst, dq, mask=kmask)
         tl.atomic_add(dk_dst, dk_acc, mask=kmask)
@@ -331,8 +636,8 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
         tl.store(dk_dst, dk_acc, mask=kmask)
         tl.store(dv_dst, dv_acc, mask=vmask)
     tl.store(dl_dst, dl, mask=tmask[:, None] & (col_l[None, :] < L))
-    tl.store(dgl_ptr + ((part + bh) * n_chunks + i) * C + r, dgl)
-    tl.store(lvl_ptr + ((part + bh) * NB + levels) * n_chunks + i, lvl_rows)
+    tl.store(dgl_ptr + ((part + gbh) * n_chunks + gi) * C + r, dgl)
+    tl.store(lvl_ptr + ((part + gbh) * NB + levels) * n_chunks + gi, lvl_rows)
 
 
 @functools.lru_cache(maxsize=64)
@@ -356,12 +661,6 @@ def _spanning_in_gap(level_rows):
     end, bit = _gap_indices(levels, n, level_rows.device)
     inside = torch.gather(before, -1, end.expand(B, levels, n)) - before
     return torch.where(bit, inside, 0.0).sum(1)
-
-
-def scratch(shape, dtype, device) -> torch.Tensor:
-    """An uninitialised work buffer (the tests fill these with NaN, so a read of anything not
-    written first shows)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def default_chunk(width: int) -> int:
@@ -422,9 +721,9 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     if n_bits:
         _query_block_kernel[(cdiv(n, TILE_CHUNKS) * n_bits, B, tiles)](
             layout.tensors["q"], layout.tensors["do"], layout.tensors["l"], layout.decay_args()[0], logdec, rsum,
-            T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale),
-            *layout.args("q")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *layout.decay_args()[1:],
-            C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, **meta)
+            logdec, logdec, T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale),
+            *layout.args("q")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *layout.decay_args()[1:], 1,
+            C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, VARLEN=False, **meta)
     # outputs: straight in the inputs' dtypes, or float32 (float64) buffers for the atomic partial sums
     def buffer(shape, dtype):
         if atomic:
@@ -440,14 +739,16 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     dgl = scratch((parts * B, n * C), acc_torch, dev)
     lvl_rows = scratch((parts * B, NB, n), acc_torch, dev)
     _chunk_kernel[(n, B, tiles)](
-        *ptrs, states, logdec, rsum, dq, dk, dv, dl, dgl, lvl_rows, T, layout.B1, n, states.shape[1], n_r,
-        n_bits, L, DK, DV, n_dv, float(scale), *strides, C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV,
-        BL=next_power_of_2(L), NB=NB, EXACT=exact, ATOMIC=atomic, **meta)
+        *ptrs, states, logdec, rsum, dq, dk, dv, dl, dgl, lvl_rows, logdec, logdec, logdec, logdec, logdec, logdec,
+        T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale), 1, 0, 0, 0, *strides, C=C,
+        LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=next_power_of_2(L), NB=NB, EXACT=exact, ATOMIC=atomic,
+        VARLEN=False, FINAL=False, **meta)
     dg = None
     if has_g:
         span = scratch((parts * B, n), acc_torch, dev)
-        _span_kernel[(n, B, tiles)](states, logdec, rsum, span, n, states.shape[1], n_r, n_bits, DK, DV, n_dv,
-                                    BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, num_warps=meta["num_warps"])
+        _span_kernel[(n, B, tiles)](states, logdec, rsum, span, logdec, logdec, n, states.shape[1], n_r, n_bits, DK,
+                                    DV, n_dv, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, C=C, LOG_C=C.bit_length() - 1,
+                                    VARLEN=False, num_warps=meta["num_warps"])
         if atomic:
             dgl, span, lvl_rows = (x.view((parts, -1) + x.shape[1:]).sum(0) for x in (dgl, span, lvl_rows))
         dg = (dgl.view(B, n, C) + (span + _spanning_in_gap(lvl_rows))[..., None]).view(B, n * C)[:, :T]
@@ -457,3 +758,138 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         dl = dl.view((parts, -1) + dl.shape[1:]).sum(0)
     return (dq.reshape(batch + (T, DK)).to(q.dtype), dk.reshape(batch + (T, DK)).to(k.dtype),
             dv.reshape(batch + (T, DV)).to(v.dtype), dl.reshape(batch + (T, L)).to(level_scales.dtype), dg)
+
+
+def _sequence_dg(seqs, C: int, dgl, span, level_rows, final_reads, N: int, T: int, acc_dtype):
+    """``dg (N, H, T)`` of a call over sequences from the per-chunk-slot parts (``dgl (H, slots *
+    C)``, ``span (H, slots)``, ``level_rows (H, NB, slots)``, ``final_reads (count, H, NB)`` or
+    None): the chunk-local sums, the pairs spanning each chunk (the span kernel's, and those with
+    the later chunks of its own level block and the final state as readers, from prefix sums over
+    the slots in float64), gathered to the tokens; exactly 0 at absolute position 0."""
+    dev = dgl.device
+    H, levels = level_rows.shape[:2]
+    c = C.bit_length() - 1
+    slot = torch.arange(seqs.n_slots, device=dev)
+    seq = seqs.chunk_seq.long()
+    tab = seqs.table[seq]
+    a, length, first = tab[:, 3], tab[:, 2], tab[:, 6]
+    I0, e = a >> c, a + length
+    I, I1, E = I0 + slot - first, (e - 1) >> c, e >> c
+    live = (length > 0) & (I <= I1)
+    h = torch.arange(levels, device=dev)[:, None]
+    bit = (((I >> h) & 1) == 1) & live
+    before = torch.cumsum(torch.where(live, level_rows, 0).double(), -1)
+    end = first + torch.minimum(((I >> h) << h) + (1 << h) - 1, I1) - I0
+    inside = torch.gather(before, -1, end.expand(H, levels, -1)) - before
+    across = torch.where(bit, inside, 0).sum(1)
+    if final_reads is not None:
+        later = bit & ((E >> h) == (I >> h)) & (E > I)
+        across = across + torch.where(later, final_reads[seq].permute(1, 2, 0).double(), 0).sum(1)
+    per_slot = dgl.view(H, seqs.n_slots, C) + (span + across.to(acc_dtype))[..., None]
+    # the tokens: sequence n's token j is position a_n + j, in row row0_n + j of batch row b0_n
+    owner = np.repeat(np.arange(seqs.count), seqs.lengths)
+    j = np.arange(owner.size) - np.repeat(np.cumsum(seqs.lengths) - seqs.lengths, seqs.lengths)
+    owner_t = torch.as_tensor(owner, device=dev)
+    p = seqs.table[owner_t, 3] + torch.as_tensor(j, device=dev)
+    src = (seqs.table[owner_t, 6] + (p >> c) - (seqs.table[owner_t, 3] >> c)) * C + (p & (C - 1))
+    dst = seqs.table[owner_t, 0] * T + seqs.table[owner_t, 1] + torch.as_tensor(j, device=dev)
+    dg = per_slot.new_empty((H, N * T))
+    dg[:, dst] = torch.where(p == 0, 0, per_slot.reshape(H, -1)[:, src])
+    return dg.view(H, N, T).transpose(0, 1)
+
+
+def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal=None, *, chunk=None,
+                             initial_state=None, initial_positions=None, cu_seqlens=None):
+    """Gradients of :func:`kernels.attention.attention_state_forward` (same arguments) for the
+    cotangents ``do (N, H, T, Dv)`` and ``dfinal`` (that of the final state, ``(Nseq, H, S', Dk,
+    Dv)`` with the forward's ``S'``; None when the final state was not asked for or got none).
+
+    Returns
+    -------
+    (dq, dk, dv, dlevel_scales, dlog_decay, dinitial_state)
+        ``dq, dk`` of the shape of ``q`` (each head summed over the heads of ``v`` that read it),
+        the others of their inputs' shapes, in the inputs' dtypes (``dlog_decay`` None without a
+        log-decay, ``dinitial_state`` None without a state).  Never-read level scales get exactly 0.
+    """
+    layout = sequence_layout(q, k, v, level_scales, log_decay, do=do)
+    N, Hqk, H, T, DK, DV, L = layout.N, layout.Hqk, layout.H, layout.T, layout.DK, layout.DV, layout.L
+    C = check_chunk(chunk if chunk is not None else default_chunk(max(DK, DV)), "attention")
+    c = C.bit_length() - 1
+    dev = v.device
+    acc, prec, exact = compute_types(v.dtype)
+    acc_torch = torch.float64 if v.dtype == torch.float64 else torch.float32
+    state_dtype, logdec_dtype = state_dtypes(v.dtype)
+    count = N if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    initial, positions = check_initial_state(initial_state, initial_positions, count, layout, state_dtype)
+    S_in = 0 if initial is None else initial.shape[2]
+    p_log = TILE_CHUNKS.bit_length() - 1
+    seqs = _sequences.plan(N, T, C, cu_seqlens, positions, S_in, dev, group_log=p_log)
+    final = dfinal is not None
+    if final and tuple(dfinal.shape) != (count, H, seqs.final_slots, DK, DV):
+        raise ValueError(f"dfinal must have the final state's shape {(count, H, seqs.final_slots, DK, DV)}, "
+                         f"got {tuple(dfinal.shape)}")
+    dfinal = None if not final else dfinal.to(state_dtype).contiguous()
+    states, logdec = sequence_states(layout, seqs, C, initial, state_dtype, logdec_dtype)
+    NH = seqs.levels
+    BDK, BDV = block(DK, MAX_TILE), block(DV, MAX_TILE)
+    n_dv = cdiv(DV, BDV)
+    tiles = cdiv(DK, BDK) * n_dv
+    atomic = tiles > 1
+    has_g = log_decay is not None
+    warps = NUM_WARPS["attention_backward" if max(BDK, BDV) <= 64 else "attention_backward_wide"]
+    meta = dict(HAS_G=has_g, ACC=acc, PREC=prec, LOWP=v.dtype == torch.bfloat16, NATIVE=not interpreting(),
+                num_warps=warps)
+    grp = H // Hqk
+    dummy = logdec
+    # block sums, in the layout of the hierarchy (zeroed: larger blocks are summed atomically)
+    rsum = torch.zeros((H, seqs.n_entries, DK * DV), dtype=acc_torch, device=dev)
+    if seqs.n_groups and H:
+        _query_block_kernel[(seqs.n_groups * NH, H, tiles)](
+            q, do, level_scales, layout.decay_args()[0], logdec, rsum, seqs.table, seqs.group_seq, T, 1, 0,
+            seqs.n_entries, 0, NH, L, DK, DV, n_dv, float(scale), *layout.args("q")[1:], *layout.args("do")[1:],
+            *layout.args("l")[1:], *layout.decay_args()[1:], grp, C=C, LOG_C=c, P_LOG=p_log, BDK=BDK, BDV=BDV,
+            VARLEN=True, **meta)
+    NB = next_power_of_2(NH)
+    dinit = None if initial is None else scratch(initial.shape, initial.dtype, dev)
+    rc = scratch((count, H, tiles), acc_torch, dev)
+    reads = scratch((count, H, tiles, NB), acc_torch, dev)
+    if (final or initial is not None) and count and H:
+        _sequence_kernel[(count, H, tiles)](
+            states, logdec, rsum, dummy if initial is None else initial, dummy if dfinal is None else dfinal,
+            dummy if dinit is None else dinit, rc, reads, seqs.table, seqs.n_entries, NH, S_in, seqs.final_slots,
+            DK, DV, n_dv, NB=NB, C=C, LOG_C=c, BDK=BDK, BDV=BDV, ACC=acc, FINAL=final, num_warps=warps)
+    # every gradient of the chunks' rows; dq and dk per head of v (summed over each group below)
+    parts = tiles if atomic else 1
+    make = (lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=dev)) if atomic else \
+        (lambda shape, dtype: scratch(shape, dtype, dev))
+    dq, dk = make((N * H, T, DK), acc_torch), make((N * H, T, DK), acc_torch)
+    dv = make((N * H, T, DV), acc_torch if atomic else v.dtype)
+    dl = scratch((parts * N * H, T, L), acc_torch if atomic else level_scales.dtype, dev)
+    dgl = scratch((parts * H, seqs.n_slots * C), acc_torch, dev)
+    lvl_rows = scratch((parts * H, NB, seqs.n_slots), acc_torch, dev)
+    if seqs.n_slots and H:
+        _chunk_kernel[(seqs.n_slots, H, tiles)](
+            q, k, v, do, level_scales, layout.decay_args()[0], states, logdec, rsum, dq, dk, dv, dl, dgl, lvl_rows,
+            dummy if initial is None else initial, dummy if dinit is None else dinit,
+            dummy if dfinal is None else dfinal, rc, seqs.table, seqs.chunk_seq, T, 1, seqs.n_slots, seqs.n_entries,
+            0, NH, L, DK, DV, n_dv, float(scale), grp, S_in, seqs.final_slots, N * H, *layout.args("q")[1:],
+            *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("do")[1:], *layout.args("l")[1:],
+            *layout.decay_args()[1:], C=C, LOG_C=c, BDK=BDK, BDV=BDV, BL=next_power_of_2(L), NB=NB, EXACT=exact,
+            ATOMIC=atomic, VARLEN=True, FINAL=final, **meta)
+    dg = None
+    if has_g:
+        span = scratch((parts * H, seqs.n_slots), acc_torch, dev)
+        if seqs.n_slots and H:
+            _span_kernel[(seqs.n_slots, H, tiles)](states, logdec, rsum, span, seqs.table, seqs.chunk_seq, seqs.n_slots,
+                                                   seqs.n_entries, 0, NH, DK, DV, n_dv, BDK=BDK, BDV=BDV, HAS_G=has_g,
+                                                   ACC=acc, C=C, LOG_C=c, VARLEN=True, num_warps=warps)
+        if atomic:
+            dgl, span, lvl_rows = (x.view((parts, -1) + x.shape[1:]).sum(0) for x in (dgl, span, lvl_rows))
+        dg = _sequence_dg(seqs, C, dgl, span, lvl_rows, reads.sum(2) if final else None, N, T, acc_torch)
+        dg = dg.to(log_decay.dtype)
+    if atomic:
+        dl = dl.view((parts, -1) + dl.shape[1:]).sum(0)
+    dq = dq.view(N, Hqk, grp, T, DK).sum(2).to(q.dtype)
+    dk = dk.view(N, Hqk, grp, T, DK).sum(2).to(k.dtype)
+    return (dq, dk, dv.view(N, H, T, DV).to(v.dtype), dl.view(N, H, T, L).to(level_scales.dtype), dg,
+            None if dinit is None else dinit.to(initial_state.dtype))

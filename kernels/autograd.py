@@ -1,8 +1,10 @@
 """Differentiable Triton log-linear attention, matmul and Gated DeltaNet (``torch.autograd.Function``).
 
-The forward passes are the launchers :func:`attention_forward`, :func:`matmul_forward` and
-:func:`gated_delta_forward`; the backward passes are :func:`attention_backward`,
-:func:`matmul_backward` and :func:`gated_delta_backward` (Triton kernels, no dense fallback).
+The forward passes are the launchers :func:`attention_forward` (:func:`attention_state_forward`
+for calls with a state, packed sequences or grouped heads), :func:`matmul_forward` and
+:func:`gated_delta_forward`; the backward passes are :func:`attention_backward`
+(:func:`attention_state_backward`), :func:`matmul_backward` and :func:`gated_delta_backward`
+(Triton kernels, no dense fallback).
 Inputs are broadcast to one batch shape (views) before the Function sees them, so that
 autograd sums the gradients of broadcast operands (grouped heads) back to their shapes.
 """
@@ -12,9 +14,9 @@ from __future__ import annotations
 import torch
 
 from ._layout import broadcast_shape
-from .attention import attention_forward
+from .attention import attention_forward, attention_state_forward
 from .matmul import matmul_forward
-from .attention_backward import attention_backward
+from .attention_backward import attention_backward, attention_state_backward
 from .gated_delta import gated_delta_forward
 from .gated_delta_backward import gated_delta_backward
 from .matmul_backward import matmul_backward
@@ -37,6 +39,30 @@ class _Attention(torch.autograd.Function):
         return dq, dk, dv, dlam, dg, None, None
 
 
+class _AttentionState(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, level_scales, log_decay, initial_state, scale, chunk, initial_positions, cu_seqlens,
+                output_final_state):
+        ctx.save_for_backward(q, k, v, level_scales, log_decay, initial_state, initial_positions, cu_seqlens)
+        ctx.scale, ctx.chunk = scale, chunk
+        out = attention_state_forward(q, k, v, level_scales, log_decay, scale, chunk=chunk,
+                                      initial_state=initial_state, initial_positions=initial_positions,
+                                      cu_seqlens=cu_seqlens, output_final_state=output_final_state)
+        if not output_final_state:
+            return out
+        o, (final, positions) = out
+        ctx.mark_non_differentiable(positions)
+        return o, final, positions
+
+    @staticmethod
+    def backward(ctx, do, dfinal=None, dpositions=None):
+        q, k, v, level_scales, log_decay, initial_state, initial_positions, cu_seqlens = ctx.saved_tensors
+        grads = attention_state_backward(q, k, v, level_scales, log_decay, ctx.scale, do, dfinal, chunk=ctx.chunk,
+                                         initial_state=initial_state, initial_positions=initial_positions,
+                                         cu_seqlens=cu_seqlens)
+        return (*grads, None, None, None, None, None)
+
+
 class _Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, level_scales, log_decay, x, chunk):
@@ -56,12 +82,29 @@ def _broadcast(tensors, batch):
             for x, tail in tensors]
 
 
-def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None):
-    """Differentiable :func:`attention_forward` (same arguments and result).
+def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None, initial_state=None,
+              initial_positions=None, cu_seqlens=None, output_final_state: bool = False):
+    """Differentiable log-linear attention: :func:`attention_forward` (same arguments and result),
+    or, with a recurrent state, packed sequences, a final state or grouped heads,
+    :func:`kernels.attention.attention_state_forward`.
 
-    Gradients flow to ``q, k, v, level_scales`` and ``log_decay``; never-read level scales
-    get exactly 0.
+    Without the keywords, ``q, k, v, level_scales, log_decay`` are ``(*batch, T, ·)`` and broadcast.
+    With them (or with ``q, k (N, Hqk, T, Dk)`` serving ``v (N, H, T, Dv)``, ``1 < Hqk < H``): the
+    layout of ``docs/models.md`` -- ``q, k (N, Hqk, T, Dk)``, ``v (N, H, T, Dv)``, ``level_scales
+    (N, H, T, L)``, ``log_decay (N, H, T)``, ``initial_state (Nseq, H, S, Dk, Dv)`` float32 (float64
+    for float64 inputs) with ``initial_positions (Nseq,)`` int64, ``cu_seqlens (Nseq + 1,)`` (then
+    ``N == 1``); returns ``o (N, H, T, Dv)``, or ``(o, (states, positions))`` with
+    ``output_final_state``.
+
+    Gradients flow to ``q, k, v, level_scales``, ``log_decay`` and ``initial_state``; never-read
+    level scales get exactly 0.
     """
+    grouped = (q.dim() == 4 and v.dim() == 4 and q.shape[1] not in (1, v.shape[1]))
+    if initial_state is not None or initial_positions is not None or cu_seqlens is not None or output_final_state \
+            or grouped:
+        out = _AttentionState.apply(q, k, v, level_scales, log_decay, initial_state, float(scale), chunk,
+                                    initial_positions, cu_seqlens, bool(output_final_state))
+        return (out[0], tuple(out[1:])) if output_final_state else out
     batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2], level_scales.shape[:-2],
                             () if log_decay is None else log_decay.shape[:-1])
     q, k, v, level_scales, log_decay = _broadcast(

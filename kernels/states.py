@@ -36,47 +36,95 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import sequence_row
 from ._layout import NUM_WARPS, cdiv, hierarchy_sizes, next_power_of_2
 
 
-@triton.jit(do_not_specialize=["n_base", "off_base", "n_total", "sub_size", "n_build"])
-def _hierarchy_kernel(h_ptr, a_ptr, n_base, off_base, n_total, F, sub_size, n_build,
-                      BN: tl.constexpr, BF: tl.constexpr):
+@triton.jit
+def _combine(h_ptr, a_ptr, even, odd, dst, im, om, f, F, fmask):
+    """``H[dst] = exp(A[odd]) H[even] + H[odd]``, ``A[dst] = A[even] + A[odd]`` for the entries
+    selected by ``im`` (the odd child only where ``om``: a missing right child is empty)."""
+    a_even = tl.load(a_ptr + even, mask=im, other=0.0)
+    a_odd = tl.load(a_ptr + odd, mask=om, other=0.0)
+    h_even = tl.load(h_ptr + even[:, None] * F + f[None, :], mask=im[:, None] & fmask[None, :],
+                     other=0.0).to(a_odd.dtype)
+    h_odd = tl.load(h_ptr + odd[:, None] * F + f[None, :], mask=om[:, None] & fmask[None, :], other=0.0).to(a_odd.dtype)
+    tl.store(h_ptr + dst[:, None] * F + f[None, :], tl.exp(a_odd)[:, None] * h_even + h_odd,
+             mask=im[:, None] & fmask[None, :])
+    tl.store(a_ptr + dst, a_even + a_odd, mask=im)
+
+
+@triton.jit(do_not_specialize=["n_base", "off_base", "n_total", "sub_size", "n_build", "S_IN"])
+def _hierarchy_kernel(h_ptr, a_ptr, s_ptr, tab_ptr, n_base, off_base, n_total, F, sub_size, n_build, S_IN,
+                      BN: tl.constexpr, BF: tl.constexpr, LOG_C: tl.constexpr, VARLEN: tl.constexpr):
     """Program ``(b, f-tile, subtree)``: from the ``sub_size`` entries of level ``base``
     (``n_base`` entries at offset ``off_base``) that its subtree covers, build ``n_build``
-    levels above, level by level with a barrier in between (a program reads only what it wrote)."""
-    bh = tl.program_id(0).to(tl.int64)
-    f = tl.program_id(1) * BF + tl.arange(0, BF)
-    fmask = f < F
-    base = bh * n_total
-    off = off_base
-    nh = n_base
-    width = sub_size
-    lv = 0
-    while lv < n_build:  # while loops: the interpreter cannot index a range with a computed bound
-        nn = nh // 2
-        width = width // 2
-        first = tl.program_id(2) * width
-        nb = 0
-        while nb < width:
-            local = nb + tl.arange(0, BN)
-            idx = first + local
-            im = (local < width) & (idx < nn)
-            even = base + off + 2 * idx
-            odd = even + 1
-            dst = base + off + nh + idx
-            a_even = tl.load(a_ptr + even, mask=im, other=0.0)
-            a_odd = tl.load(a_ptr + odd, mask=im, other=0.0)
-            m2 = im[:, None] & fmask[None, :]
-            h_even = tl.load(h_ptr + even[:, None] * F + f[None, :], mask=m2, other=0.0).to(a_odd.dtype)
-            h_odd = tl.load(h_ptr + odd[:, None] * F + f[None, :], mask=m2, other=0.0).to(a_odd.dtype)
-            tl.store(h_ptr + dst[:, None] * F + f[None, :], tl.exp(a_odd)[:, None] * h_even + h_odd, mask=m2)
-            tl.store(a_ptr + dst, a_even + a_odd, mask=im)
-            nb += BN
-        tl.debug_barrier()
-        off += nh
-        nh = nn
-        lv += 1
+    levels above, level by level with a barrier in between (a program reads only what it wrote).
+
+    With ``VARLEN`` program ``(sequence, head, f-tile)`` builds the ``n_build`` levels of the
+    sequence's region of :mod:`kernels._sequences`: entry 0 of level ``h`` is the carried bucket of
+    level ``c + 1 + h`` (slot ``c + h`` of the state ``s (N, H, S_IN, F)`` where bit ``h`` of
+    ``I0`` is set; log-decay 0: it is already decayed to the position before the call), the
+    others the blocks of the call (level 0 written by the chunk-state kernel)."""
+    if VARLEN:
+        f = tl.program_id(2) * BF + tl.arange(0, BF)
+        fmask = f < F
+        n = tl.program_id(0).to(tl.int64)
+        hd = tl.program_id(1).to(tl.int64)
+        b0, row0, length, a, hbase, span = sequence_row(tab_ptr, n)
+        base = hd * n_total + hbase
+        I0 = a >> LOG_C
+        I1 = (a + length - 1) >> LOG_C
+        first = (n * tl.num_programs(1) + hd) * S_IN
+        off = base
+        lv = 0
+        while lv < n_build:
+            bit = (I0 >> lv) & 1
+            live = (bit == 1) & (LOG_C + lv < S_IN)
+            carried = tl.load(s_ptr + (first + LOG_C + lv) * F + f, mask=fmask & live, other=0.0)
+            tl.store(h_ptr + off * F + f, carried, mask=fmask)
+            tl.store(a_ptr + off, 0.0)  # by every program: each reads only what it wrote
+            tl.debug_barrier()
+            size = (span >> lv) + 3
+            if (length > 0) & (lv + 1 < n_build):
+                count = (I1 >> lv) - (I0 >> lv) + 2
+                up = (I1 >> (lv + 1)) - (I0 >> (lv + 1)) + 2
+                nb = 1
+                while nb < up:
+                    j = nb + tl.arange(0, BN)
+                    im = j < up
+                    even = 2 * j - 1 - bit
+                    _combine(h_ptr, a_ptr, off + even, off + even + 1, off + size + j, im, im & (even + 1 < count),
+                             f, F, fmask)
+                    nb += BN
+                tl.debug_barrier()
+            off += size
+            lv += 1
+    else:
+        f = tl.program_id(1) * BF + tl.arange(0, BF)
+        fmask = f < F
+        bh = tl.program_id(0).to(tl.int64)
+        base = bh * n_total
+        off = off_base
+        nh = n_base
+        width = sub_size
+        lv = 0
+        while lv < n_build:  # while loops: the interpreter cannot index a range with a computed bound
+            nn = nh // 2
+            width = width // 2
+            first = tl.program_id(2) * width
+            nb = 0
+            while nb < width:
+                local = nb + tl.arange(0, BN)
+                idx = first + local
+                im = (local < width) & (idx < nn)
+                even = base + off + 2 * idx
+                _combine(h_ptr, a_ptr, even, even + 1, base + off + nh + idx, im, im, f, F, fmask)
+                nb += BN
+            tl.debug_barrier()
+            off += nh
+            nh = nn
+            lv += 1
 
 
 SUBTREE_LEVELS = 6
@@ -113,6 +161,22 @@ def build_hierarchy(states: torch.Tensor, logdec: torch.Tensor, n_chunks: int, f
         steps = min(SUBTREE_LEVELS, top - level)
         sub_size = 1 << steps
         grid = (B, cdiv(F, BF), cdiv(sizes[level], sub_size))
-        _hierarchy_kernel[grid](states, logdec, sizes[level], sum(sizes[:level]), N, F, sub_size, steps,
-                                BN=BN, BF=BF, num_warps=NUM_WARPS["hierarchy"])
+        _hierarchy_kernel[grid](states, logdec, states, logdec, sizes[level], sum(sizes[:level]), N, F, sub_size, steps,
+                                0, BN=BN, BF=BF, LOG_C=0, VARLEN=False, num_warps=NUM_WARPS["hierarchy"])
         level += steps
+
+
+def build_sequence_hierarchy(states: torch.Tensor, logdec: torch.Tensor, initial, seqs, C: int) -> None:
+    """Fill the hierarchy of a call over sequences (``states (H, n_entries, F)``, ``logdec (H,
+    n_entries)``, level 0 written), in place: the carried buckets of ``initial (N, H, S, F)`` (or
+    None) as entry 0 of each level, the blocks of the call above level 0; one program per
+    sequence, head and feature tile (grid axis 0: the sequences)."""
+    H, _, F = states.shape
+    if seqs.count == 0 or H == 0:
+        return
+    BF = min(256, next_power_of_2(F))
+    BN = max(1, min(64, 4096 // BF))
+    S_in = 0 if initial is None else initial.shape[2]
+    _hierarchy_kernel[(seqs.count, H, cdiv(F, BF))](
+        states, logdec, states if initial is None else initial, seqs.table, 0, 0, seqs.n_entries, F, 0, seqs.levels,
+        S_in, BN=BN, BF=BF, LOG_C=C.bit_length() - 1, VARLEN=True, num_warps=NUM_WARPS["hierarchy"])

@@ -212,3 +212,60 @@ def test_attention_gradients_gpu_long(T):
     case = dict(T=T, dk=64, dv=64, B=1, H=1, grouped=False, seed=T, decay="mild")
     q, k, v, lam, g = _inputs(case, torch.bfloat16)
     _check_gradients(torch.bfloat16, case, q, k, v, lam, g * 0.1, 0.125)
+
+
+# -- the fla-shaped op against fla's chunk_log_linear_attn --------------------------------------------------------
+FLA_LENGTHS = [63, 64, 65, 2048, 100_000]
+
+
+def _op_inputs(T, dtype, packed):
+    """fla-layout inputs ``(q, k, v, g, lam, cu_seqlens)``: B = 2 (or one packed row of random
+    lengths summing to T, one of them 1), 2 query/key heads shared by 4 value heads, D = 64."""
+    gen = torch.Generator(device="cuda").manual_seed(T + packed)
+    B, Hqk, H, D = (1, 2, 4, 64) if packed else (2, 2, 4, 64)
+    cu = None
+    if packed:
+        cut = torch.randperm(T - 1, generator=torch.Generator().manual_seed(T))[:min(6, T - 2)] + 1
+        cu = torch.cat([torch.tensor([0, 1]), torch.sort(cut[cut > 1]).values, torch.tensor([T])]).cuda()
+    L = hodlr.num_levels(T)
+    q, k = (torch.randn(B, T, Hqk, D, device="cuda", generator=gen).to(dtype) for _ in range(2))
+    v = torch.randn(B, T, H, D, device="cuda", generator=gen).to(dtype)
+    g = -0.1 * torch.rand(B, T, H, device="cuda", generator=gen)
+    lam = (0.5 + torch.rand(B, T, H, L, device="cuda", generator=gen)).to(dtype)
+    return q, k, v, g, lam, cu
+
+
+def _op_outputs(fn, xs, cu, do):
+    leaves = [x.detach().clone().requires_grad_(True) for x in xs]
+    o = fn(*leaves, cu_seqlens=cu, scale=D_SCALE)[0]
+    return [o.detach()] + list(torch.autograd.grad(o, leaves, do.to(o.dtype)))
+
+
+D_SCALE = 64 ** -0.5
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "cu_seqlens"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T", FLA_LENGTHS)
+def test_op_against_fla(T, dtype, packed):
+    """``hodlr.log_linear_attn`` (default backend) and fla's ``chunk_log_linear_attn`` on identical
+    inputs, output and every gradient, each against the float64 chunked backend: ours agree
+    with fla to the tolerance plus fla's own error, and are within the tolerance of float64."""
+    fla = pytest.importorskip("fla.ops.log_linear_attn")
+    if packed and T < 4:
+        pytest.skip("too short to pack")
+    q, k, v, g, lam, cu = _op_inputs(T, dtype, packed)
+    do = torch.randn(v.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(7))
+    ours = _op_outputs(hodlr.log_linear_attn, (q, k, v, g, lam), cu, do)
+    theirs = _op_outputs(fla.chunk_log_linear_attn, (q, k, v, g, lam), cu, do)
+    ref = _op_outputs(lambda *a, **kw: hodlr.log_linear_attn(*a, **kw, backend="chunked"),
+                      [x.double() for x in (q, k, v, g, lam)], cu, do.double())
+    tol = TOL[dtype]
+    row = {"T": T, "dtype": str(dtype).replace("torch.", ""), "cu_seqlens": packed}
+    for name, a, b, r in zip(("o", "dq", "dk", "dv", "dg", "dlevel_scales"), ours, theirs, ref):
+        e_ours, e_fla, e_between = relative_error(a, r), relative_error(b, r), relative_error(a, b)
+        row[name] = {"ours_vs_ref": e_ours, "fla_vs_ref": e_fla, "ours_vs_fla": e_between}
+        assert e_ours <= tol, f"{name}: ours {e_ours:.2e} from float64 > {tol:.0e}"
+        assert e_between <= tol + e_fla, f"{name}: ours {e_between:.2e} from fla (fla {e_fla:.2e} from float64)"
+    REPORT.setdefault("op_vs_fla", []).append(row)
+    _save()

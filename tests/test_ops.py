@@ -13,13 +13,11 @@ Properties (hypothesis, float64, never-read level scales poisoned with NaN by ab
 * ``cu_seqlens``: outputs, gradients and final states equal the loop of per-sequence calls.
 
 The ``triton`` legs run the Triton kernels' state keywords (``hodlr.kernels.attention(...,
-initial_state=, initial_positions=, cu_seqlens=, output_final_state=)``); until those exist the
-legs are expected to fail with a TypeError (``xfail``, strict): they turn on by themselves.
+initial_state=, initial_positions=, cu_seqlens=, output_final_state=)``) under the interpreter, with
+fewer examples (``TRITON_EXAMPLES``).
 """
 
 from __future__ import annotations
-
-import inspect
 
 import numpy as np
 import pytest
@@ -36,25 +34,26 @@ DT = torch.float64
 FEW = settings(max_examples=12, deadline=None)
 
 
-def triton_has_state() -> bool:
-    from hodlr import kernels
-
-    return "initial_state" in inspect.signature(kernels.attention).parameters
-
-
-TRITON_STATE = pytest.mark.xfail(
-    condition=not triton_has_state(), raises=TypeError, strict=True,
-    reason="hodlr.kernels.attention does not take initial_state / cu_seqlens yet (the Triton state kernels)")
-STATE_BACKENDS = ["chunked", "fenwick", pytest.param("triton", marks=TRITON_STATE)]
+STATE_BACKENDS = ["chunked", "fenwick", "triton"]
 
 
 def require_state(backend):
-    """The triton legs run on CPU tensors under the interpreter (tests/test_gpu.py covers the GPU);
-    they fail at once (no hypothesis search) while the kernels lack the state keywords."""
+    """The triton legs run on CPU tensors under the interpreter (tests/test_gpu.py covers the GPU)."""
     if backend == "triton" and hodlr.backends.load("triton").unavailable_reason("torch", torch.device("cpu")):
         pytest.skip("the triton legs run on CPU tensors under TRITON_INTERPRET=1")
-    if backend == "triton" and not triton_has_state():
-        raise TypeError("hodlr.kernels.attention takes no initial_state yet")
+
+
+def per_backend(examples, triton_examples, strategies, body):
+    """``{"triton": test, "other": test}``: ``body(backend, ...)`` under ``given(**strategies)`` with
+    ``examples`` examples, ``triton_examples`` for the triton legs (the interpreter runs every
+    program of the kernels in Python; ``tests/test_triton_state.py`` proves their paths one by one)."""
+    return {"triton": settings(max_examples=triton_examples, deadline=None)(given(**strategies)(body)),
+            "other": settings(max_examples=examples, deadline=None)(given(**strategies)(body))}
+
+
+def run_leg(tests, backend):
+    require_state(backend)
+    tests["triton" if backend == "triton" else "other"](backend)
 
 
 # -- inputs and references ----------------------------------------------------------------
@@ -120,9 +119,6 @@ shapes = st.tuples(st.integers(1, 2), st.sampled_from([(1, 1), (1, 2), (2, 1), (
                    st.integers(1, 4))
 
 
-@FEW
-@given(shape=shapes, T=st.sampled_from([1, 2, 3, 5, 17, 63, 64, 65, 70]), data=st.data(),
-       decay=st.sampled_from(["none", "mild", "strong"]), seed=st.integers(0, 2**31))
 def _split_equals_full_and_dense(backend, shape, T, data, decay, seed):
     B, (Hqk, grp), Dk, Dv = shape
     a = data.draw(st.one_of(st.sampled_from([0, 1, T // 2, T - 1, T]), st.integers(0, T)), label="split")
@@ -143,25 +139,14 @@ def _split_equals_full_and_dense(backend, shape, T, data, decay, seed):
         assert relative_error(last.states[b], want) <= TOL
 
 
+SPLIT = per_backend(12, 3, dict(shape=shapes, T=st.sampled_from([1, 2, 3, 5, 17, 63, 64, 65, 70]), data=st.data(),
+                                decay=st.sampled_from(["none", "mild", "strong"]), seed=st.integers(0, 2**31)),
+                    _split_equals_full_and_dense)
+
+
 @pytest.mark.parametrize("backend", STATE_BACKENDS)
 def test_split_equals_full_and_dense(backend):
-    require_state(backend)
-    _split_equals_full_and_dense(backend)
-
-
-@pytest.mark.parametrize("backend", ["chunked", "fenwick"])
-@FEW
-@given(shape=shapes, T=st.integers(1, 9), decay=st.sampled_from(["none", "mild"]), seed=st.integers(0, 2**31))
-def test_token_steps_equal_full(backend, shape, T, decay, seed):
-    B, (Hqk, grp), Dk, Dv = shape
-    args = draw_inputs(seed, B, T, Hqk, grp, Dk, Dv, decay)
-    full, _ = call(args, 0, T, backend=backend)
-    state = hodlr.LogLinearState.zeros(B, Hqk * grp, Dk, Dv, max_position=T, dtype=DT)
-    outs = []
-    for t in range(T):
-        o, state = call(args, t, t + 1, initial_state=state, output_final_state=True, backend=backend)
-        outs.append(o)
-    assert relative_error(torch.cat(outs, 1), full) <= TOL
+    run_leg(SPLIT, backend)
 
 
 # -- the chunked algorithm at absolute positions, many chunks -----------------------------
@@ -212,9 +197,6 @@ def test_chunked_offsets_equal_scan(chunk, lengths, starts, packed, decay, seed)
 
 
 # -- gradients ------------------------------------------------------------------------------
-@settings(max_examples=6, deadline=None)
-@given(T=st.sampled_from([3, 9, 20]), data=st.data(), decay=st.sampled_from(["none", "mild"]),
-       seed=st.integers(0, 2**31))
 def _gradients_through_initial_state(backend, T, data, decay, seed):
     """d(loss)/d(every input) of ``prefix -> state -> continuation (+ its final state)`` against
     the same loss computed densely over the whole sequence (the state's gradient enters by the
@@ -240,10 +222,14 @@ def _gradients_through_initial_state(backend, T, data, decay, seed):
         assert relative_error(torch.nan_to_num(x), y) <= 1e-10, name
 
 
+GRADIENTS = per_backend(6, 2, dict(T=st.sampled_from([3, 9, 20]), data=st.data(),
+                                   decay=st.sampled_from(["none", "mild"]), seed=st.integers(0, 2**31)),
+                        _gradients_through_initial_state)
+
+
 @pytest.mark.parametrize("backend", STATE_BACKENDS)
 def test_gradients_through_initial_state(backend):
-    require_state(backend)
-    _gradients_through_initial_state(backend)
+    run_leg(GRADIENTS, backend)
 
 
 def test_initial_state_gradcheck():
@@ -262,9 +248,6 @@ def test_initial_state_gradcheck():
 
 
 # -- packed sequences ------------------------------------------------------------------------
-@settings(max_examples=8, deadline=None)
-@given(lengths=st.lists(st.sampled_from([0, 1, 2, 3, 5, 17, 63, 65]), min_size=1, max_size=3),
-       with_state=st.booleans(), seed=st.integers(0, 2**31))
 def _packed_equals_loop(backend, lengths, with_state, seed):
     if backend == "dense":
         with_state = False  # no state on the dense backend: packed calls run one call per sequence
@@ -309,11 +292,14 @@ def _packed_equals_loop(backend, lengths, with_state, seed):
         assert relative_error(x, y) <= 1e-10 if y is not None else x is None or not x.any()
 
 
-@pytest.mark.parametrize("backend", ["chunked", "fenwick", "dense",
-                                     pytest.param("triton", marks=TRITON_STATE)])
+PACKED = per_backend(8, 3, dict(lengths=st.lists(st.sampled_from([0, 1, 2, 3, 5, 17, 63, 65]), min_size=1, max_size=3),
+                                with_state=st.booleans(), seed=st.integers(0, 2**31)),
+                     _packed_equals_loop)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "fenwick", "dense", "triton"])
 def test_packed_equals_loop(backend):
-    require_state(backend)
-    _packed_equals_loop(backend)
+    run_leg(PACKED, backend)
 
 
 def test_many_packed_sequences():

@@ -254,8 +254,11 @@ def test_distribution_has_one_top_level_module(tmp_path):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"hodlr"}, top
     for inside in ("hodlr/fenwick/index.py", "hodlr/fenwick/scan.py", "hodlr/kernels/attention.py",
-                   "hodlr/kernels/_layout.py", "hodlr/backends/triton.py", "hodlr/_formulas.py"):
+                   "hodlr/kernels/_layout.py", "hodlr/backends/triton.py", "hodlr/_formulas.py", "hodlr/nn/mamba2.py"):
         assert inside in names, inside
+    missing = [m for m, path in package_modules().items()
+               if "/".join(m.split(".")) + ("/__init__.py" if path.name == "__init__.py" else ".py") not in names]
+    assert not missing, f"modules left out of the wheel (pyproject's packages): {missing}"
     (top_level,) = [n for n in names if n.endswith(".dist-info/top_level.txt")] or [None]
     if top_level is not None:
         assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["hodlr"]

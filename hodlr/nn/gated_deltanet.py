@@ -1,0 +1,170 @@
+"""``LogLinearGatedDeltaNet``: the Gated DeltaNet block on log-linear Gated DeltaNet
+(docs/layers.md)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hodlr.nn.modules import LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution, check_int, l2norm
+from hodlr.ops import log_linear_gated_delta_rule
+
+__all__ = ["LogLinearGatedDeltaNet"]
+
+
+class LogLinearGatedDeltaNet(LogLinearLayer):
+    """Log-linear Gated DeltaNet: the Gated DeltaNet block whose delta-rule mixing is weighed per
+    Fenwick level by scales ``λ`` computed from the input.
+
+    Per token ``t`` and value head ``h`` (query/key head ``h // (num_v_heads // num_heads)``):
+    ``q, k, v`` are projected, short-convolved (SiLU), ``q`` and ``k`` L2-normalised;
+
+    ``β_t = sigmoid(b_proj_t)`` (times 2 with ``allow_neg_eigval``),
+    ``g_t = -exp(A_log) · softplus(a_proj_t + dt_bias)``,
+    ``λ[t, ℓ] = softplus(L[h, ℓ] · l_proj[t, h, ℓ])``,
+
+    ``o_t = head_dim^-½ Σ_{s <= t} λ[t, level(t, s)] β_s (q_tᵀ A_t ⋯ A_{s+1} k_s) v_s``,
+    ``A_t = exp(g_t) (I − β_t k_t k_tᵀ)`` (:func:`hodlr.log_linear_gated_delta_rule`), then a
+    per-head RMS norm gated by ``g_proj`` and ``o_proj``.  With ``hierarchical=False`` there is
+    no ``λ`` (``λ ≡ 1``): Gated DeltaNet itself, the linear parent.
+
+    Parameters
+    ----------
+    hidden_size : int, default 2048
+    expand_v : float, default 2
+        ``head_v_dim = head_dim * expand_v`` (must be an integer).
+    head_dim : int, default 256
+        Width of the query/key heads.
+    num_heads : int, default 6
+        Query/key heads.
+    num_v_heads : int, optional
+        Value heads (default ``num_heads``); a multiple of ``num_heads`` (grouped value heads).
+    use_gate : bool, default True
+        Output gate ``g_proj``; False: a plain per-head RMS norm.
+    use_short_conv : bool, default True
+        Short convolutions on ``q, k, v`` (False: SiLU of the projections).
+    allow_neg_eigval : bool, default False
+        ``β`` in ``[0, 2]`` (transitions with negative eigenvalues).
+    conv_size : int, default 4
+    conv_bias : bool, default False
+    layer_idx : int, optional
+        Kept for the caller's bookkeeping.
+    norm_eps : float, default 1e-5
+    num_levels : int, default 15
+        Columns of ``λ`` (``L`` and ``l_proj``): positions up to ``2**(num_levels - 1)``.
+    hierarchical : bool, default True
+        False: ``λ ≡ 1``, no ``L`` and no ``l_proj`` (Gated DeltaNet).
+    backend : str, default ``"auto"``
+        The backend of :func:`hodlr.log_linear_gated_delta_rule` (``chunked``).
+
+    Notes
+    -----
+    Parameter names and shapes are flash-linear-attention's ``GatedDeltaNet`` plus ``l_proj`` and
+    ``L`` (the paper's log-linear Gated DeltaNet) (docs/layers.md).
+    """
+
+    def __init__(self, hidden_size: int = 2048, expand_v: float = 2, head_dim: int = 256, num_heads: int = 6,
+                 num_v_heads: int | None = None, use_gate: bool = True, use_short_conv: bool = True,
+                 allow_neg_eigval: bool = False, conv_size: int = 4, conv_bias: bool = False,
+                 layer_idx: int | None = None, norm_eps: float = 1e-5, *, num_levels: int = 15,
+                 hierarchical: bool = True, backend: str = "auto"):
+        super().__init__()
+        num_v_heads = num_heads if num_v_heads is None else num_v_heads
+        for name, value in (("hidden_size", hidden_size), ("head_dim", head_dim), ("num_heads", num_heads),
+                            ("num_v_heads", num_v_heads), ("conv_size", conv_size)):
+            check_int(name, value)
+        if num_v_heads % num_heads:
+            raise ValueError(f"num_heads={num_heads} (query/key heads) must divide num_v_heads={num_v_heads}")
+        ok = isinstance(expand_v, (int, float)) and not isinstance(expand_v, bool)
+        head_v_dim = head_dim * expand_v if ok else 0.5
+        if head_v_dim != int(head_v_dim) or head_v_dim < 1:
+            raise ValueError(f"head_dim * expand_v must be a positive integer (the value head width), got "
+                             f"head_dim={head_dim}, expand_v={expand_v!r}")
+        self.hidden_size, self.expand_v, self.head_dim = hidden_size, expand_v, head_dim
+        self.num_heads, self.num_v_heads = num_heads, num_v_heads
+        self.head_k_dim, self.head_v_dim = head_dim, int(head_v_dim)
+        self.key_dim, self.value_dim = num_heads * head_dim, num_v_heads * self.head_v_dim
+        self.use_gate, self.use_short_conv, self.allow_neg_eigval = use_gate, use_short_conv, allow_neg_eigval
+        self.conv_size, self.conv_bias = conv_size, conv_bias
+        self.layer_idx = layer_idx
+        self._setup_levels(num_v_heads, num_levels, hierarchical, backend)
+
+        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.a_proj = nn.Linear(hidden_size, num_v_heads, bias=False)
+        self.b_proj = nn.Linear(hidden_size, num_v_heads, bias=False)
+        if hierarchical:
+            self.l_proj = nn.Linear(hidden_size, num_v_heads * num_levels, bias=False)
+        self.A_log = nn.Parameter(torch.log(torch.empty(num_v_heads).uniform_(0, 16)))
+        dt_min, dt_max, dt_floor = 0.001, 0.1, 1e-4
+        dt = torch.exp(torch.rand(num_v_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        self.A_log._no_weight_decay = self.dt_bias._no_weight_decay = True
+        if use_short_conv:
+            self.q_conv1d = ShortConvolution(self.key_dim, conv_size, bias=conv_bias)
+            self.k_conv1d = ShortConvolution(self.key_dim, conv_size, bias=conv_bias)
+            self.v_conv1d = ShortConvolution(self.value_dim, conv_size, bias=conv_bias)
+        if use_gate:
+            self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.o_norm = RMSNormGated(self.head_v_dim, eps=norm_eps, norm_before_gate=True)
+        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, cache: LayerCache | None = None, use_cache: bool = False):
+        """Mix ``hidden_states (B, T, hidden_size)`` along the sequence.
+
+        Parameters
+        ----------
+        hidden_states : torch.Tensor, shape ``(B, T, hidden_size)``
+        cache : hodlr.nn.LayerCache, optional
+            Continue the ``B`` sequences from this cache (returned by an earlier call with
+            ``use_cache=True``).  Not modified.
+        use_cache : bool, default False
+            Also return the cache after these tokens.
+
+        Returns
+        -------
+        output : torch.Tensor, shape ``(B, T, hidden_size)``
+        cache : hodlr.nn.LayerCache or None
+            The recurrent state (``states (B, num_v_heads, S, head_k_dim, head_v_dim)``) and the
+            three convolutions' last inputs (none without short convolutions).
+        """
+        self._check_call(hidden_states, cache)
+        x = hidden_states
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        convs = ()
+        if self.use_short_conv:
+            old = (None,) * 3 if cache is None else cache.conv
+            (q, cq), (k, ck), (v, cv) = (conv(y, c, use_cache) for conv, y, c in
+                                         zip((self.q_conv1d, self.k_conv1d, self.v_conv1d), (q, k, v), old))
+            convs = (cq, ck, cv)
+        else:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        q, k = (l2norm(y.unflatten(-1, (self.num_heads, self.head_k_dim))) for y in (q, k))
+        v = v.unflatten(-1, (self.num_v_heads, self.head_v_dim))
+        a, b = self.a_proj(x), self.b_proj(x)
+        work = torch.float64 if a.dtype == torch.float64 else torch.float32
+        beta = torch.sigmoid(b.to(work)) * (2 if self.allow_neg_eigval else 1)
+        g = -torch.exp(self.A_log.to(work)) * F.softplus(a.to(work) + self.dt_bias.to(work))
+        lam = self._level_scales(self.l_proj(x) if self.hierarchical else None, x, self.num_v_heads)
+        with torch.autocast(x.device.type, enabled=False):
+            o, state = log_linear_gated_delta_rule(
+                q, k.to(q.dtype), v.to(q.dtype), g, beta, lam,
+                initial_state=None if cache is None else cache.state, output_final_state=use_cache,
+                backend=self.backend)
+        gate = self.g_proj(x).unflatten(-1, (self.num_v_heads, self.head_v_dim)) if self.use_gate else None
+        out = self.o_proj(self.o_norm(o, gate).flatten(-2))
+        return out, (LayerCache(state, convs) if use_cache else None)
+
+    def _cache_layout(self):
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d) if self.use_short_conv else ()
+        return (self.num_v_heads, self.head_k_dim, self.head_v_dim), convs
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, head_dim={self.head_dim}, num_heads={self.num_heads}, "
+                f"num_v_heads={self.num_v_heads}, head_v_dim={self.head_v_dim}, num_levels={self.num_levels}, "
+                f"hierarchical={self.hierarchical}, backend={self.backend!r}")

@@ -1,0 +1,295 @@
+"""The pieces the log-linear layers are built from: a short causal convolution that carries its
+inputs from one call to the next, a gated RMS norm, the per-layer cache, and the level scales
+``λ`` computed from the input.
+
+Parameter names and shapes follow flash-linear-attention's modules (``ShortConvolution``,
+``RMSNormGated`` / ``FusedRMSNormGated``), so that weights port by name (docs/layers.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hodlr.state import LogLinearState
+
+__all__ = ["LayerCache", "RMSNormGated", "ShortConvolution", "level_scales"]
+
+
+def check_int(name: str, value, low: int = 1) -> int:
+    """``value`` as an int ``>= low``, or a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def check_hidden_states(layer, x) -> None:
+    """``x`` must be a floating tensor ``(B, T, hidden_size)``."""
+    name = type(layer).__name__
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: hidden_states must be a torch.Tensor of shape (B, T, {layer.hidden_size}), "
+                        f"got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != layer.hidden_size:
+        raise ValueError(f"{name}: hidden_states must have shape (B, T, hidden_size={layer.hidden_size}), "
+                         f"got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name}: hidden_states must have a floating dtype, got {x.dtype}")
+
+
+def level_scales(L: torch.Tensor, dl: torch.Tensor) -> torch.Tensor:
+    """The per-head, per-level scales of the log-linear layers, ``λ = softplus(L · dl)``.
+
+    ``L (H, num_levels)`` is a learned parameter (initialised to 1), ``dl (B, T, H, num_levels)``
+    the projection of the input; ``λ`` is positive.  Computed in float32 (float64 for float64
+    inputs): ``(B, T, H, num_levels)``.
+    """
+    work = torch.float64 if dl.dtype == torch.float64 else torch.float32
+    return F.softplus(L.to(work) * dl.to(work))
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``x / sqrt(|x|² + eps)`` along the last dim, computed in float32 (the normalisation
+    flash-linear-attention's Gated DeltaNet applies to its queries and keys)."""
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(work)
+    return (y * torch.rsqrt(y.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class ShortConvolution(nn.Conv1d):
+    """Depthwise causal convolution along the sequence, then SiLU, that carries its last
+    ``kernel_size`` inputs from one call to the next.
+
+    Parameters
+    ----------
+    hidden_size : int
+        Channels ``D``.
+    kernel_size : int
+        Width ``W`` of the filter: output ``t`` sees inputs ``t - W + 1 .. t``.
+    bias : bool, default False
+    activation : ``"silu"`` or None, default ``"silu"``
+
+    The parameters are ``weight (D, 1, W)`` and ``bias (D,)``, those of ``nn.Conv1d`` with
+    ``groups = D`` (and of flash-linear-attention's ``ShortConvolution``).
+    """
+
+    def __init__(self, hidden_size: int, kernel_size: int, bias: bool = False, activation: str | None = "silu"):
+        check_int("hidden_size", hidden_size)
+        check_int("kernel_size", kernel_size)
+        if activation not in ("silu", "swish", None):
+            raise ValueError(f"activation must be 'silu' (or 'swish', the same) or None, got {activation!r}")
+        super().__init__(hidden_size, hidden_size, kernel_size, groups=hidden_size, bias=bias)
+        self.hidden_size = hidden_size
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None, output_final_state: bool = False):
+        """Convolve ``x (B, T, D)`` after the inputs held in ``cache``.
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape ``(B, T, D)``
+        cache : torch.Tensor, shape ``(B, D, W)``, optional
+            The last ``W`` inputs of the previous call, oldest first (zeros before the start);
+            None: the sequence starts here.  Not modified.
+        output_final_state : bool
+            Also return the cache after ``x``.
+
+        Returns
+        -------
+        y : torch.Tensor, shape ``(B, T, D)``
+        cache : torch.Tensor, shape ``(B, D, W)``, or None
+        """
+        B, T, D = x.shape
+        W = self.kernel_size[0]
+        xt = x.transpose(1, 2)
+        if cache is None:
+            cache = xt.new_zeros((B, D, W))
+        elif tuple(cache.shape) != (B, D, W):
+            raise ValueError(f"the convolution cache must have shape (B, D, W) = {(B, D, W)}, "
+                             f"got {tuple(cache.shape)}")
+        full = torch.cat([cache.to(xt.dtype), xt], -1)
+        y = F.conv1d(full[..., 1:], self.weight, self.bias, groups=D)
+        if self.activation is not None:
+            y = F.silu(y)
+        return y.transpose(1, 2), (full[..., -W:] if output_final_state else None)
+
+
+class RMSNormGated(nn.Module):
+    """RMS norm with an optional SiLU gate, computed in float32 and returned in the input's dtype.
+
+    ``norm_before_gate=False``: ``rmsnorm(x · silu(z)) · weight``; ``True``:
+    ``rmsnorm(x) · weight · silu(z)``; without ``z`` a plain RMS norm.  With ``group_size`` the
+    mean square is taken over groups of that many channels.
+
+    Parameters
+    ----------
+    hidden_size : int
+    eps : float, default 1e-5
+    group_size : int, optional
+        Must divide ``hidden_size``; None: one group.
+    norm_before_gate : bool, default False
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: int | None = None,
+                 norm_before_gate: bool = False):
+        super().__init__()
+        check_int("hidden_size", hidden_size)
+        group_size = hidden_size if group_size is None else check_int("group_size", group_size)
+        if hidden_size % group_size:
+            raise ValueError(f"group_size={group_size} must divide hidden_size={hidden_size}")
+        self.hidden_size, self.eps, self.group_size = hidden_size, eps, group_size
+        self.norm_before_gate = norm_before_gate
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        y = x.to(work)
+        gate = None if z is None else F.silu(z.to(work))
+        if gate is not None and not self.norm_before_gate:
+            y = y * gate
+        groups = y.unflatten(-1, (-1, self.group_size))
+        y = (groups * torch.rsqrt(groups.square().mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        y = y * self.weight.to(work)
+        if gate is not None and self.norm_before_gate:
+            y = y * gate
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.hidden_size}, eps={self.eps}, group_size={self.group_size}, "
+                f"norm_before_gate={self.norm_before_gate}")
+
+
+class LayerCache:
+    """What one log-linear layer carries from one call to the next, one row per sequence.
+
+    Parameters
+    ----------
+    state : hodlr.LogLinearState
+        The recurrent state (the Fenwick bucket states and the positions).
+    conv : tuple of torch.Tensor, each ``(N, D, W)``
+        The short convolutions' last inputs (:class:`ShortConvolution`): one tensor for
+        ``LogLinearMamba2``, three (q, k, v) for ``LogLinearGatedDeltaNet``, none without short
+        convolutions.
+
+    Supports ``.to(...)``, ``.detach()``, ``.clone()`` and batch selection / reordering
+    (``cache[idx]``, :meth:`index_select`: beam search).
+    """
+
+    __slots__ = ("state", "conv")
+
+    def __init__(self, state: LogLinearState, conv=()):
+        if not isinstance(state, LogLinearState):
+            raise TypeError(f"state must be a hodlr.LogLinearState, got {type(state).__name__}")
+        conv = tuple(conv)
+        for i, c in enumerate(conv):
+            if not isinstance(c, torch.Tensor) or c.dim() != 3 or c.shape[0] != state.batch_size:
+                got = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
+                raise ValueError(f"conv[{i}] must be a tensor of shape (N, D, W) with N = {state.batch_size} "
+                                 f"(the state's sequences), got {got}")
+        self.state = state
+        self.conv = conv
+
+    @property
+    def batch_size(self) -> int:
+        return self.state.batch_size
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    def __repr__(self) -> str:
+        return f"LayerCache({self.state!r}, conv={[tuple(c.shape) for c in self.conv]})"
+
+    def _map(self, on_state, on_conv) -> "LayerCache":
+        return LayerCache(on_state(self.state), tuple(on_conv(c) for c in self.conv))
+
+    def to(self, *args, **kwargs) -> "LayerCache":
+        """``.to(*args, **kwargs)`` of the state (see ``LogLinearState.to``) and the convolution
+        inputs."""
+        return self._map(lambda s: s.to(*args, **kwargs), lambda c: c.to(*args, **kwargs))
+
+    def detach(self) -> "LayerCache":
+        return self._map(lambda s: s.detach(), lambda c: c.detach())
+
+    def clone(self) -> "LayerCache":
+        return self._map(lambda s: s.clone(), lambda c: c.clone())
+
+    def index_select(self, indices) -> "LayerCache":
+        """The sequences ``indices`` (integers, repeats allowed), in that order: what beam search
+        does to a cache."""
+        state = self.state.index_select(indices)
+        idx = torch.as_tensor(indices, device=state.device)
+        return LayerCache(state, tuple(c.index_select(0, idx.to(c.device)) for c in self.conv))
+
+    def __getitem__(self, index) -> "LayerCache":
+        """Batch selection as ``LogLinearState[index]`` (an int keeps the batch dim)."""
+        state = self.state[index]
+        if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
+            n = int(index) % self.batch_size
+            index = slice(n, n + 1)
+        return LayerCache(state, tuple(c[index] for c in self.conv))
+
+
+class LogLinearLayer(nn.Module):
+    """What the log-linear layers share: the level-scale configuration (``num_levels``,
+    ``hierarchical``), the backend, and the checks of the input and the cache."""
+
+    def _setup_levels(self, num_heads: int, num_levels: int, hierarchical: bool, backend: str) -> None:
+        self.num_levels = check_int("num_levels", num_levels)
+        if not isinstance(hierarchical, bool):
+            raise TypeError(f"hierarchical must be a bool, got {type(hierarchical).__name__}")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string ('auto' or a name of hodlr.backends), "
+                            f"got {type(backend).__name__}")
+        self.hierarchical = hierarchical
+        self.backend = backend
+        if hierarchical:
+            self.L = nn.Parameter(torch.ones(num_heads, num_levels))
+            self.L._no_weight_decay = True
+
+    def _level_scales(self, dl: torch.Tensor | None, x: torch.Tensor, H: int) -> torch.Tensor:
+        """``λ (B, T, H, num_levels)`` from the projection ``dl (B, T, H * num_levels)`` of
+        ``x (B, T, hidden_size)``; all ones (a broadcast view) without the hierarchy."""
+        if not self.hierarchical:
+            return torch.ones((), device=x.device).expand(x.shape[0], x.shape[1], H, self.num_levels)
+        return level_scales(self.L, dl.unflatten(-1, (H, self.num_levels)))
+
+    def new_cache(self, batch_size: int, *, max_position: int | None = None) -> LayerCache:
+        """An empty cache (every sequence at position 0) for ``batch_size`` sequences, on the
+        parameters' device: the recurrent state with ``bit_length(max_position)`` slots (default
+        ``max_position = 2**(num_levels - 1)``, the most the layer reads) and zero convolution
+        inputs.  A cache with enough slots never grows, which ``torch.compile`` needs (the slot
+        count of a compiled call is the initial state's)."""
+        check_int("batch_size", batch_size, 0)
+        max_position = 1 << (self.num_levels - 1) if max_position is None else check_int("max_position",
+                                                                                        max_position, 0)
+        (H, Dk, Dv), convs = self._cache_layout()
+        p = self.A_log
+        state = LogLinearState.zeros(batch_size, H, Dk, Dv, max_position=max_position,
+                                     dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
+                                     device=p.device)
+        return LayerCache(state, tuple(p.new_zeros((batch_size, conv.hidden_size, conv.kernel_size[0]))
+                                       for conv in convs))
+
+    def _check_call(self, x, cache) -> None:
+        check_hidden_states(self, x)
+        name = type(self).__name__
+        if cache is None:
+            reach = 1 << (self.num_levels - 1)
+            if x.shape[1] > reach:
+                raise ValueError(f"{name} has num_levels={self.num_levels}: sequences up to {reach} tokens "
+                                 f"(2**(num_levels - 1)), got {x.shape[1]}; make the layer with more levels")
+            return
+        if not isinstance(cache, LayerCache):
+            raise TypeError(f"{name}: cache must be a hodlr.nn.LayerCache (returned with use_cache=True, or "
+                            f"new_cache()), got {type(cache).__name__}")
+        if cache.batch_size != x.shape[0]:
+            raise ValueError(f"{name}: the cache holds {cache.batch_size} sequences but hidden_states has a "
+                             f"batch of {x.shape[0]}")
+        (H, Dk, Dv), convs = self._cache_layout()
+        s = cache.state
+        want = [(H, Dk, Dv)] + [(c.hidden_size, c.kernel_size[0]) for c in convs]
+        got = [(s.num_heads, s.Dk, s.Dv)] + [tuple(c.shape[1:]) for c in cache.conv]
+        if got != want:
+            raise ValueError(f"{name}: the cache does not fit this layer: state (heads, Dk, Dv) and convolution "
+                             f"(channels, width) {want} wanted, got {got}")

@@ -1,0 +1,395 @@
+"""hodlr.nn: the log-linear Mamba-2 and Gated DeltaNet layers against float64 references written
+here from the formulas (no code of the layers reused), their caches (token-by-token generation,
+any split, beam reordering), gradients to every parameter, torch.compile, bf16 autocast, and
+the refusal of bad configurations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hodlr
+from hodlr.nn import LayerCache, LogLinearGatedDeltaNet, LogLinearMamba2
+from hodlr.testing import relative_error
+
+
+DT = torch.float64
+
+MAMBA = dict(num_heads=4, head_dim=3, hidden_size=6, state_size=5, n_groups=2, conv_kernel=3, num_levels=6)
+GDN = dict(hidden_size=6, head_dim=3, num_heads=2, num_v_heads=4, expand_v=4 / 3, conv_size=3, num_levels=6)
+
+
+def make(cls, hierarchical=True, seed=0, **extra):
+    """A float64 layer with every parameter random (none at its special initial value)."""
+    torch.manual_seed(seed)
+    layer = cls(**{**(MAMBA if cls is LogLinearMamba2 else GDN), **extra}, hierarchical=hierarchical).to(DT)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name in ("A_log", "dt_bias"):
+                p.add_(0.3 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (0.5 if p.dim() > 1 else 1.0))
+    return layer
+
+
+def inputs(B, T, width, seed=1):
+    return torch.randn(B, T, width, generator=torch.Generator().manual_seed(seed), dtype=DT)
+
+
+def levels(T):
+    """``level(t, s)`` for ``s <= t`` as a ``(T, T)`` long tensor (0 above the diagonal)."""
+    t, s = torch.meshgrid(torch.arange(T), torch.arange(T), indexing="ij")
+    return torch.as_tensor(hodlr.level(t.numpy(), s.numpy()) * (s <= t).numpy())
+
+
+def causal_conv(x, conv):
+    """Depthwise causal convolution then SiLU, by zero padding on the left."""
+    W = conv.weight.shape[-1]
+    return F.silu(F.conv1d(F.pad(x.transpose(1, 2), (W - 1, 0)), conv.weight, conv.bias,
+                           groups=x.shape[-1])).transpose(1, 2)
+
+
+def gated_rmsnorm(x, z, weight, group, eps, before_gate):
+    if not before_gate:
+        x = x * F.silu(z)
+    xg = x.unflatten(-1, (-1, group))
+    y = (xg / torch.sqrt(xg.square().mean(-1, keepdim=True) + eps)).flatten(-2) * weight
+    return y * F.silu(z) if before_gate and z is not None else y
+
+
+def lambdas(layer, dl, B, T, H):
+    if not layer.hierarchical:
+        return torch.ones(B, T, H, layer.num_levels, dtype=DT)
+    return F.softplus(layer.L * dl.reshape(B, T, H, layer.num_levels))
+
+
+def mamba2_reference(layer, x):
+    """Mamba-2 with level scales, pair by pair: ``y_t = Σ_s λ[t, level(t, s)] exp(G_t - G_s)
+    (C_t · B_s) dt_s x_s + D x_t``."""
+    B_, T, _ = x.shape
+    H, P, G, N, I = layer.num_heads, layer.head_dim, layer.n_groups, layer.ssm_state_size, layer.intermediate_size
+    proj = F.linear(x, layer.in_proj.weight, layer.in_proj.bias)
+    z, xBC, dt, dl = proj[..., :I], proj[..., I:I + layer.conv_dim], proj[..., I + layer.conv_dim:][..., :H], \
+        proj[..., I + layer.conv_dim + H:]
+    xBC = causal_conv(xBC, layer.conv1d)
+    xs = xBC[..., :I].reshape(B_, T, H, P)
+    Bm = xBC[..., I:I + G * N].reshape(B_, T, G, N).repeat_interleave(H // G, 2)
+    Cm = xBC[..., I + G * N:].reshape(B_, T, G, N).repeat_interleave(H // G, 2)
+    dt = F.softplus(dt + layer.dt_bias).clamp(*layer.dt_limit)
+    G_ = torch.cumsum(-torch.exp(layer.A_log) * dt, 1)  # (B, T, H)
+    lam = lambdas(layer, dl, B_, T, H)
+    lev = levels(T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = torch.stack([lam[:, t][:, :, lev[t]] for t in range(T)], 2)  # (B, H, T, T): λ[t, level(t, s)]
+    decay = torch.exp(G_.transpose(1, 2)[..., :, None] - G_.transpose(1, 2)[..., None, :])
+    scores = torch.einsum("bthn,bshn->bhts", Cm, Bm) * decay * mask * causal
+    y = torch.einsum("bhts,bshp->bthp", scores, xs * dt[..., None])
+    D = layer.D.reshape(H, P) if layer.D_has_hdim else layer.D[:, None]
+    y = (y + xs * D).reshape(B_, T, I)
+    if layer.rmsnorm:
+        y = gated_rmsnorm(y, z, layer.norm.weight, I // G, layer.norm.eps, layer.norm_before_gate)
+    else:
+        y = y * F.silu(z)
+    return F.linear(y, layer.out_proj.weight, layer.out_proj.bias)
+
+
+def gdn_reference(layer, x):
+    """Gated DeltaNet with level scales, pair by pair: ``P[t, s] = scale β_s q_tᵀ A_t ⋯ A_{s+1} k_s``
+    with the transitions multiplied out one by one."""
+    B_, T, _ = x.shape
+    Hk, Hv, Dk, Dv = layer.num_heads, layer.num_v_heads, layer.head_k_dim, layer.head_v_dim
+    q, k, v = (F.linear(x, p.weight) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
+    if layer.use_short_conv:
+        q, k, v = causal_conv(q, layer.q_conv1d), causal_conv(k, layer.k_conv1d), causal_conv(v, layer.v_conv1d)
+    else:
+        q, k, v = F.silu(q), F.silu(k), F.silu(v)
+    unit = lambda y: y / torch.sqrt(y.square().sum(-1, keepdim=True) + 1e-6)  # noqa: E731
+    q = unit(q.reshape(B_, T, Hk, Dk)).repeat_interleave(Hv // Hk, 2)
+    k = unit(k.reshape(B_, T, Hk, Dk)).repeat_interleave(Hv // Hk, 2)
+    v = v.reshape(B_, T, Hv, Dv)
+    beta = torch.sigmoid(F.linear(x, layer.b_proj.weight)) * (2 if layer.allow_neg_eigval else 1)
+    g = -torch.exp(layer.A_log) * F.softplus(F.linear(x, layer.a_proj.weight) + layer.dt_bias)
+    lam = lambdas(layer, F.linear(x, layer.l_proj.weight) if layer.hierarchical else None, B_, T, Hv)
+    lev = levels(T)
+    eye = torch.eye(Dk, dtype=DT)
+    o = torch.zeros(B_, T, Hv, Dv, dtype=DT)
+    for t in range(T):
+        for s in range(t + 1):
+            w = beta[:, s, :, None] * k[:, s]  # (B, H, Dk)
+            for u in range(s + 1, t + 1):
+                A = torch.exp(g[:, u])[..., None, None] * (eye - beta[:, u, :, None, None]
+                                                          * k[:, u, :, :, None] * k[:, u, :, None, :])
+                w = torch.einsum("bhij,bhj->bhi", A, w)
+            pair = Dk ** -0.5 * (q[:, t] * w).sum(-1) * lam[:, t, :, lev[t, s]]
+            o[:, t] += pair[..., None] * v[:, s]
+    gate = F.linear(x, layer.g_proj.weight).reshape(B_, T, Hv, Dv) if layer.use_gate else None
+    o = gated_rmsnorm(o, gate, layer.o_norm.weight, Dv, layer.o_norm.eps, True)
+    return F.linear(o.flatten(-2), layer.o_proj.weight)
+
+
+# -- values against the references ------------------------------------------------------------------
+@pytest.mark.parametrize("hierarchical", [True, False])
+@pytest.mark.parametrize("extra", [{}, dict(D_has_hdim=True, norm_before_gate=True, use_conv_bias=True),
+                                   dict(rmsnorm=False, n_groups=1, dt_limit=(0.05, 0.9))])
+def test_mamba2_equals_reference(hierarchical, extra):
+    layer = make(LogLinearMamba2, hierarchical, **extra)
+    for T in (1, 2, 3, 17):
+        x = inputs(2, T, layer.hidden_size, seed=T)
+        y, cache = layer(x)
+        assert cache is None and y.shape == x.shape
+        assert relative_error(y, mamba2_reference(layer, x)) <= 1e-12
+
+
+@pytest.mark.parametrize("hierarchical", [True, False])
+@pytest.mark.parametrize("extra", [{}, dict(use_gate=False, use_short_conv=False, allow_neg_eigval=True,
+                                            num_v_heads=2, expand_v=1, conv_bias=True)])
+def test_gated_deltanet_equals_reference(hierarchical, extra):
+    layer = make(LogLinearGatedDeltaNet, hierarchical, **extra)
+    for T in (1, 2, 3, 9):
+        x = inputs(2, T, layer.hidden_size, seed=T)
+        y, _ = layer(x)
+        assert relative_error(y, gdn_reference(layer, x)) <= 1e-12
+
+
+@pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])
+def test_unread_level_parameters_never_matter(cls):
+    """Columns of L beyond num_levels(T) are never read: NaN there leaves the output as it is."""
+    layer = make(cls)
+    x = inputs(2, 5, layer.hidden_size)
+    want = layer(x)[0]
+    with torch.no_grad():
+        layer.L[:, hodlr.num_levels(5):] = float("nan")
+    assert relative_error(layer(x)[0], want) == 0
+
+
+# -- the cache ------------------------------------------------------------------------------------------
+def run_in_pieces(layer, x, cuts, cache=None):
+    outs = []
+    for a, b in zip([0] + cuts, cuts + [x.shape[1]]):
+        y, cache = layer(x[:, a:b], cache=cache, use_cache=True)
+        outs.append(y)
+    return torch.cat(outs, 1), cache
+
+
+@settings(max_examples=6)
+@given(T=st.integers(1, 20), data=st.data())
+@pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])
+@pytest.mark.parametrize("hierarchical", [True, False])
+def test_cached_pieces_equal_one_pass(cls, hierarchical, T, data):
+    """Any cut of the sequence into pieces (single tokens included), each continuing from the
+    previous piece's cache, gives the one-pass outputs and the one-pass final cache."""
+    layer = make(cls, hierarchical)
+    cuts = sorted(data.draw(st.sets(st.integers(1, T - 1), max_size=T - 1))) if T > 1 else []
+    x = inputs(3, T, layer.hidden_size, seed=T)
+    want, full = layer(x, use_cache=True)
+    got, cache = run_in_pieces(layer, x, cuts)
+    assert relative_error(got, want) <= 1e-12
+    assert torch.equal(cache.state.positions, torch.full((3,), T))
+    assert relative_error(cache.state.states, full.state.states) <= 1e-12
+    for a, b in zip(cache.conv, full.conv):
+        assert relative_error(a, b) <= 1e-12
+
+
+@pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])
+def test_token_by_token_generation_equals_full_pass(cls):
+    layer = make(cls)
+    x = inputs(2, 12, layer.hidden_size)
+    got, cache = run_in_pieces(layer, x, list(range(1, 12)), layer.new_cache(2, max_position=12))
+    assert relative_error(got, layer(x)[0]) <= 1e-12
+    assert cache.state.num_slots == 4  # a preallocated cache keeps its slots
+
+
+@pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])
+def test_cache_reorders_for_beam_search(cls):
+    """Reordering the cache along the batch (repeats allowed) and continuing equals running the
+    reordered sequences from the start."""
+    layer = make(cls)
+    x = inputs(3, 11, layer.hidden_size)
+    _, cache = layer(x[:, :6], use_cache=True)
+    beams = torch.tensor([2, 0, 0, 1])
+    tail = inputs(4, 5, layer.hidden_size, seed=7)
+    got, _ = layer(tail, cache=cache.index_select(beams))
+    want, _ = layer(torch.cat([x[beams, :6], tail], 1))
+    assert relative_error(got, want[:, 6:]) <= 1e-12
+    assert relative_error(layer(tail[1:2], cache=cache[0])[0], want[1:2, 6:]) <= 1e-12
+    assert relative_error(layer(tail[:1], cache=cache[-1])[0], want[:1, 6:]) <= 1e-12
+
+
+def test_cache_moves_copies_and_is_not_modified():
+    layer = make(LogLinearGatedDeltaNet)
+    x = inputs(2, 7, layer.hidden_size)
+    _, cache = layer(x, use_cache=True)
+    before = cache.clone()
+    layer(x[:, :3], cache=cache, use_cache=True)
+    assert torch.equal(cache.state.states, before.state.states) and torch.equal(cache.conv[0], before.conv[0])
+    moved = cache.to(torch.float32)
+    assert moved.state.dtype == torch.float32 and all(c.dtype == torch.float32 for c in moved.conv)
+    assert moved.state.positions.dtype == torch.int64
+    assert not cache.detach().state.states.requires_grad
+    assert len(cache) == 2 and "LayerCache" in repr(cache)
+
+
+def test_layer_cache_refuses_bad_parts():
+    state = hodlr.LogLinearState.zeros(2, 1, 3, 3, slots=2)
+    with pytest.raises(TypeError, match="state must be a hodlr.LogLinearState"):
+        LayerCache(state.states)
+    with pytest.raises(ValueError, match=r"conv\[0\] must be a tensor of shape \(N, D, W\) with N = 2"):
+        LayerCache(state, (torch.zeros(3, 4, 2),))
+
+
+# -- bad calls and configurations ---------------------------------------------------------------------------
+def test_bad_calls_are_refused():
+    mamba, gdn = make(LogLinearMamba2), make(LogLinearGatedDeltaNet)
+    x = inputs(2, 4, 6)
+    with pytest.raises(ValueError, match=r"hidden_states must have shape \(B, T, hidden_size=6\), got shape \(2, 4\)"):
+        mamba(x[..., 0])
+    with pytest.raises(TypeError, match="hidden_states must be a torch.Tensor"):
+        mamba(x.numpy())
+    with pytest.raises(TypeError, match="cache must be a hodlr.nn.LayerCache"):
+        mamba(x, cache=hodlr.LogLinearState.zeros(2, 4, 5, 3, slots=3))
+    _, cache = gdn(x, use_cache=True)
+    with pytest.raises(ValueError, match="the cache does not fit this layer"):
+        mamba(x, cache=cache)
+    with pytest.raises(ValueError, match="the cache holds 2 sequences but hidden_states has a batch of 1"):
+        gdn(x[:1], cache=cache)
+    with pytest.raises(ValueError, match=r"num_levels=6: sequences up to 32 tokens .* got 33"):
+        mamba(inputs(1, 33, 6))
+    _, cache = mamba(inputs(1, 30, 6), use_cache=True)
+    with pytest.raises(ValueError, match="level_scales has L=6 levels but absolute position 32"):
+        mamba(inputs(1, 3, 6), cache=cache)
+
+
+BAD_MAMBA = [  # on top of a valid (num_heads=4, head_dim=3, hidden_size=6)
+    (dict(head_dim=4), ValueError, r"num_heads \* head_dim = 4 \* 4 = 16 must equal expand \* hidden_size = 12"),
+    (dict(n_groups=3), ValueError, "n_groups=3 must divide num_heads=4"),
+    (dict(num_heads=0), ValueError, "num_heads must be an integer >= 1, got 0"),
+    (dict(expand=1.3), ValueError, "expand \\* hidden_size must be a positive integer"),
+    (dict(expand="2"), ValueError, "expand \\* hidden_size must be a positive integer"),
+    (dict(hidden_act="gelu"), ValueError, "hidden_act must be 'silu'"),
+    (dict(dt_limit=(1.0, 0.5)), ValueError, "dt_limit must be a pair"),
+    (dict(dt_limit=("0", 1)), ValueError, "dt_limit must be a pair"),
+    (dict(dt_min=0.0), ValueError, "need 0 < dt_min <= dt_max"),
+    (dict(num_levels=0), ValueError, "num_levels must be an integer >= 1"),
+    (dict(conv_kernel=2.5), ValueError, "conv_kernel must be an integer"),
+    (dict(backend=None), TypeError, "backend must be a string"),
+    (dict(hierarchical=1), TypeError, "hierarchical must be a bool"),
+]
+BAD_GDN = [
+    (dict(num_heads=3, num_v_heads=4), ValueError, r"num_heads=3 \(query/key heads\) must divide num_v_heads=4"),
+    (dict(head_dim=3, expand_v=0.5), ValueError, "head_dim \\* expand_v must be a positive integer"),
+    (dict(expand_v="2"), ValueError, "head_dim \\* expand_v must be a positive integer"),
+    (dict(hidden_size=-2), ValueError, "hidden_size must be an integer >= 1, got -2"),
+    (dict(conv_size=0), ValueError, "conv_size must be an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, message", BAD_MAMBA)
+def test_bad_mamba2_configurations(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        LogLinearMamba2(**{**dict(num_heads=4, head_dim=3, hidden_size=6), **kwargs})
+
+
+@pytest.mark.parametrize("kwargs, error, message", BAD_GDN)
+def test_bad_gated_deltanet_configurations(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        LogLinearGatedDeltaNet(**{**dict(hidden_size=6, head_dim=4, num_heads=2), **kwargs})
+
+
+# -- parameters, gradients, precision, compilation -----------------------------------------------------------
+FLA_MAMBA2 = {"in_proj.weight", "in_proj.bias", "conv1d.weight", "dt_bias", "A_log", "D", "norm.weight",
+              "out_proj.weight", "out_proj.bias"}
+FLA_GDN = {"q_proj.weight", "k_proj.weight", "v_proj.weight", "a_proj.weight", "b_proj.weight", "A_log", "dt_bias",
+           "q_conv1d.weight", "k_conv1d.weight", "v_conv1d.weight", "g_proj.weight", "o_norm.weight",
+           "o_proj.weight"}
+
+
+def test_parameter_names_and_shapes_follow_fla():
+    """The names of flash-linear-attention's Mamba2 / GatedDeltaNet, plus L and the level
+    projection with the hierarchy (docs/layers.md)."""
+    m = LogLinearMamba2(num_heads=4, head_dim=3, hidden_size=6, state_size=5, n_groups=2)
+    assert set(dict(m.named_parameters())) == FLA_MAMBA2 | {"L"}
+    assert m.in_proj.weight.shape == (12 + (12 + 2 * 2 * 5) + 4 + 4 * 15, 6) and m.L.shape == (4, 15)
+    assert m.conv1d.weight.shape == (12 + 20, 1, 4) and m.D.shape == (4,) and m.norm.weight.shape == (12,)
+    linear = LogLinearMamba2(num_heads=4, head_dim=3, hidden_size=6, state_size=5, hierarchical=False)
+    assert set(dict(linear.named_parameters())) == FLA_MAMBA2 and linear.in_proj.out_features == 12 + 22 + 4
+    g = LogLinearGatedDeltaNet(hidden_size=6, head_dim=4, num_heads=2, num_v_heads=4)
+    assert set(dict(g.named_parameters())) == FLA_GDN | {"L", "l_proj.weight"}
+    assert g.l_proj.weight.shape == (4 * 15, 6) and g.v_proj.weight.shape == (4 * 8, 6)
+    assert set(dict(LogLinearGatedDeltaNet(hidden_size=6, head_dim=4, num_heads=2,
+                                           hierarchical=False).named_parameters())) == FLA_GDN
+
+
+@pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])
+@pytest.mark.parametrize("hierarchical", [True, False])
+def test_gradients_reach_every_parameter(cls, hierarchical):
+    layer = make(cls, hierarchical)
+    x = inputs(2, 9, layer.hidden_size).requires_grad_()
+    y, _ = layer(x)
+    y.square().sum().backward()
+    for name, p in [("input", x), *layer.named_parameters()]:
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])
+def test_bf16_autocast(cls):
+    """Under bf16 autocast the projections run in bfloat16, the mixing on bfloat16 inputs with
+    float32 state; the output stays near the float32 one and gradients flow."""
+    layer = make(cls).float()
+    x = inputs(2, 21, layer.hidden_size).float()
+    want, _ = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, cache = layer(x, use_cache=True)
+    assert got.dtype == torch.bfloat16 and cache.state.dtype == torch.float32
+    assert relative_error(got, want) <= 5e-2
+    got.float().square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])
+def test_compile_fullgraph_aot_eager(cls):
+    """The layer compiles as one graph (prefill from a preallocated cache, with the cache out) and
+    gives the eager values and gradients."""
+    layer = make(cls)
+    x = inputs(2, 10, layer.hidden_size)
+
+    def loss(fn):
+        y, cache = fn(x, cache=layer.new_cache(2, max_position=16), use_cache=True)
+        total = y.square().sum() + cache.state.states.sum()
+        return total, torch.autograd.grad(total, list(layer.parameters()))
+
+    want, got = loss(layer), loss(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+    assert relative_error(got[0], want[0]) <= 1e-12
+    for a, b in zip(got[1], want[1]):
+        assert relative_error(a, b) <= 1e-10
+
+
+# -- on a GPU ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])
+def test_gpu_generation_equals_full_pass(cls):
+    layer = make(cls).float().cuda()
+    x = inputs(3, 70, layer.hidden_size).float().cuda()
+    want, _ = layer(x)
+    got, cache = run_in_pieces(layer, x, list(range(40, 70)))
+    assert relative_error(got, want) <= 1e-4
+    beams = torch.tensor([2, 2, 0], device="cuda")
+    tail = inputs(3, 4, layer.hidden_size, seed=5).float().cuda()
+    assert relative_error(layer(tail, cache=cache.index_select(beams))[0],
+                          layer(torch.cat([x[beams], tail], 1))[0][:, 70:]) <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])
+def test_gpu_compile_inductor(cls):
+    layer = make(cls).float().cuda()
+    x = inputs(2, 100, layer.hidden_size).float().cuda()
+    want = layer(x)[0]
+    got = torch.compile(layer, fullgraph=True)(x)[0]
+    assert relative_error(got, want) <= 1e-5
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert relative_error(layer(x)[0], want) <= 5e-2
