@@ -1,5 +1,7 @@
-"""``torch.compile`` and ``torch.library.opcheck`` for the custom operator behind
-``hodlr.log_linear_attn`` (``torch.ops.hodlr.log_linear_attn``).
+"""``torch.compile`` and ``torch.library.opcheck`` for the custom operators behind
+``hodlr.log_linear_attn`` (``torch.ops.hodlr.log_linear_attn``) and
+``hodlr.log_linear_gated_delta_rule`` (``torch.ops.hodlr.log_linear_gated_delta_rule``), and the
+Gated DeltaNet decoding step compiled without host reads.
 
 On the CPU the compiled function uses the ``aot_eager`` backend (no C compiler needed), with
 ``fullgraph=True``: the op, its state hand-off and its backward stay in one graph, and give the
@@ -7,6 +9,7 @@ eager values and gradients.  A ``gpu`` test compiles with inductor on CUDA."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +17,7 @@ import hodlr
 import hodlr.ops  # noqa: F401  (registers torch.ops.hodlr.*)
 from hodlr.testing import relative_error
 
+from test_gated_delta import _step_case
 from test_ops import draw_inputs
 
 DT = torch.float64
@@ -234,3 +238,22 @@ def test_compiled_no_slower_than_eager_on_gpu():
             json.dump(dict(times, B=B, T=T, H=H, D=D, dtype="bfloat16", device=torch.cuda.get_device_name()), fh)
     assert times["compiled forward ms"] <= 1.1 * times["eager forward ms"]
     assert times["compiled forward+backward ms"] <= 1.1 * times["eager forward+backward ms"]
+
+
+def test_gated_delta_step_compiles_without_host_reads():
+    """``log_linear_gated_delta_step(..., validate=False)`` reads nothing on the host (what a CUDA
+    graph needs): it compiles with ``fullgraph=True``, where a host read would break the graph, and
+    updates the cache as the eager step does."""
+    cache, token, want_o, want_s = _step_case(np.random.default_rng(7), [0, 3, 8, 15], S=5)
+    eager = cache.clone()
+
+    def step(q, k, v, g, beta, lam, states, positions):
+        return hodlr.log_linear_gated_delta_step(q, k, v, g, beta, lam, hodlr.LogLinearState(states, positions,
+                                                                                              validate=False),
+                                                 validate=False)
+
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*token, cache.states, cache.positions)
+    want = step(*token, eager.states, eager.positions)
+    assert relative_error(got, want) <= 1e-12 and relative_error(got, want_o) <= 1e-12
+    assert relative_error(cache.states, eager.states) <= 1e-12 and relative_error(cache.states, want_s) <= 1e-12
+    assert cache.positions.tolist() == eager.positions.tolist() == [1, 4, 9, 16]

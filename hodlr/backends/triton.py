@@ -8,7 +8,7 @@ to the other backends.  float64 runs only under the interpreter; on the GPU, flo
 IEEE dots and float16 / bfloat16 accumulate in float32.  Chunk size:
 ``hodlr.kernels.DEFAULT_CHUNK``.  When a gradient is wanted (grad mode on and an input that
 requires it) the call goes through the differentiable :func:`hodlr.kernels.matmul` /
-:func:`hodlr.kernels.attention`; otherwise straight to the forward launchers.
+:func:`hodlr.kernels.attention` / :func:`hodlr.kernels.gated_delta`; otherwise straight to the forward launchers.
 """
 
 from __future__ import annotations
@@ -62,6 +62,14 @@ def attention(q, k, v, level_scales, log_decay, scale):
     if _wants_grad(q, k, v, level_scales, log_decay):
         return kernels.attention(q, k, v, level_scales, log_decay, scale)
     return kernels.attention_forward(q, k, v, level_scales, log_decay, scale)
+
+
+def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale):
+    from hodlr import kernels
+
+    if _wants_grad(q, k, v, beta, level_scales, log_decay):
+        return kernels.gated_delta(q, k, v, beta, level_scales, log_decay, scale)
+    return kernels.gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale)
 
 
 def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, initial_positions, cu_seqlens,
