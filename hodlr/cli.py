@@ -17,9 +17,9 @@ Subcommands
 ``backends``
     Which backends exist, which operations each offers and where each can run here (torch
     rows only where torch is installed, CUDA only where a CUDA device exists), and why not.
-``bench``, ``bench-cpu``, ``bench-decode``
-    Hand the remaining arguments to ``hodlr.bench.main``, ``hodlr.bench_cpu.main`` and
-    ``hodlr.bench_decode.main``.
+``bench``, ``bench-cpu``, ``bench-decode``, ``bench-gated-delta``
+    Hand the remaining arguments to ``hodlr.bench.main``, ``hodlr.bench_cpu.main``,
+    ``hodlr.bench_decode.main`` and ``hodlr.bench_gated_delta.main``.
 
 The Triton backend under ``TRITON_INTERPRET=1`` (CPU) runs Python per program instance:
 about 1 s for the demo's T = 1000, batch 2, so ``demo`` and the default ``verify`` run it at
@@ -65,7 +65,8 @@ INTERPRETER_LENGTH = 8192
 
 LEVEL_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
-BENCHES = {"bench": "hodlr.bench", "bench-cpu": "hodlr.bench_cpu", "bench-decode": "hodlr.bench_decode"}
+BENCHES = {"bench": "hodlr.bench", "bench-cpu": "hodlr.bench_cpu", "bench-decode": "hodlr.bench_decode",
+           "bench-gated-delta": "hodlr.bench_gated_delta"}
 
 
 # -- problems and references -------------------------------------------------------------

@@ -542,9 +542,15 @@ def _continues(module) -> bool:
     return "state" in inspect.signature(module.gated_delta_attention).parameters
 
 
-def _resolve_gated_delta(backend, device):
-    """The backend module for :func:`log_linear_gated_delta_rule`: ``chunked`` for ``"auto"``."""
-    return registry.get("chunked" if backend == "auto" else backend, "torch", device, op="gated_delta_attention")
+def _resolve_gated_delta(backend, device, stateful):
+    """The backend module for :func:`log_linear_gated_delta_rule`; ``"auto"`` is ``triton`` for
+    calls without state on a GPU, else ``chunked``."""
+    if backend == "auto":
+        triton = registry.load("triton")
+        cuda = getattr(device, "type", str(device)) == "cuda"
+        backend = "triton" if cuda and not stateful and triton.unavailable_reason("torch", device) is None \
+            else "chunked"
+    return registry.get(backend, "torch", device, op="gated_delta_attention")
 
 
 def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, init_positions, cu_seqlens,
@@ -556,8 +562,8 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
     N, Hqk, T, Dk = q.shape
     H, Dv = v.shape[1], v.shape[3]
     grp = H // Hqk
-    module = _resolve_gated_delta(backend, q.device)
     stateful = init_states is not None or output_final_state
+    module = _resolve_gated_delta(backend, q.device, stateful)
     if stateful and not _continues(module):
         have = [n for n in registry.NAMES if registry.offers(registry.load(n), "gated_delta_attention")
                 and _continues(registry.load(n))]
@@ -718,8 +724,9 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
         Packed sequences: ``B == 1``, sequence ``n`` is ``[cu_seqlens[n], cu_seqlens[n + 1])`` along
         ``T``, its own Fenwick tree.  Empty sequences pass their state through.
     backend : str, default ``"auto"``
-        ``"chunked"`` (what ``auto`` picks), ``"fenwick"`` (the recurrence), ``"dense"`` (the
-        reference; no state) or ``"triton"`` (the Triton kernels, forward and backward; no state).
+        ``"triton"`` (the Triton kernels, forward and backward; no state: what ``auto`` picks on a
+        GPU for calls without state), ``"chunked"`` (what ``auto`` picks otherwise), ``"fenwick"``
+        (the recurrence) or ``"dense"`` (the reference; no state).
 
     Returns
     -------
