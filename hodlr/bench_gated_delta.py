@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
-import math
 import sys
 import time
 import traceback
 
-from hodlr.bench import _commit, _fla_version, _rel
+from hodlr.bench import _commit, _fla_version, _fmt, _rel, _timed, plot_times, write
 
 DEFAULT_LENGTHS = (2048, 8192, 16384, 32768, 65536)
 DEFAULT_WIDTHS = (64, 128)
@@ -73,13 +71,6 @@ def _inputs(torch, B, T, H, D, dtype, device, seed=0, levels=True):
     lam = (0.5 + torch.rand(B, T, H, L, device=device, generator=gen)) if levels else \
         torch.ones(B, T, H, L, device=device)
     return q, k, v, g, beta, lam, do
-
-
-def _timed(row, key, fn):
-    try:
-        row[key] = fn()
-    except Exception:  # noqa: BLE001 - a failed measurement is recorded, the run goes on
-        row[key + "_error"] = traceback.format_exc(limit=3)[-400:]
 
 
 def _row(torch, bench, D, H, T, B, dtype, device, fla):
@@ -190,10 +181,6 @@ def run(args) -> dict:
     return result
 
 
-def _fmt(v, spec=".3f"):
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
-
 def _format_row(r) -> str:
     return (f"D={r['D']:>3} H={r['H']:>2} T={r['T']:>7} B={r['B']:>3} | fwd {_fmt(r.get('fwd'))} "
             f"fwd+bwd {_fmt(r.get('fwdbwd'))} ratio {_fmt(r.get('fwdbwd_over_fwd'), '.2f')} | fla GDN fwd "
@@ -212,18 +199,7 @@ def plot(result, path) -> None:
     series = (("fwd", "hodlr log-linear GDN fwd", "C0", "-"), ("fwdbwd", "hodlr log-linear GDN fwd+bwd", "C0", "--"),
               ("fla_fwd", "fla GDN (linear) fwd", "C2", "-"), ("fla_fwdbwd", "fla GDN (linear) fwd+bwd", "C2", "--"))
     for ax, D in zip(axes[0], widths):
-        rows = [r for r in result["rows"] if r["D"] == D]
-        for key, label, color, style in series:
-            ys = [r.get(key, math.nan) for r in rows]
-            if any(not math.isnan(y) for y in ys):
-                ax.plot([r["T"] for r in rows], ys, marker="o", color=color, ls=style, label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("T")
-        ax.set_ylabel("ms (median)")
-        ax.set_title(f"D = {D}, H = {rows[0]['H']}, B·T = {result['tokens']:,}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        plot_times(ax, result, D, series)
     fig.suptitle(f"{result['device']}  {result['date']}  commit {result['commit'][:10]}  {result['dtype']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -233,12 +209,7 @@ def plot(result, path) -> None:
 def main(argv=None) -> int:
     """Entry point of ``hodlr bench-gated-delta``; returns the exit status."""
     args = _parser().parse_args(argv)
-    result = run(args)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
-    if args.png:
-        plot(result, args.png)
+    write(run(args), args.json, args.png, plot)
     return 0
 
 
