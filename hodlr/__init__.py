@@ -28,6 +28,7 @@ _LAZY = {
     "log_linear_attn": "hodlr.ops",
     "log_linear_attn_step": "hodlr.ops",
     "log_linear_gated_delta_rule": "hodlr.ops",
+    "log_linear_gated_delta_step": "hodlr.ops",
     "spy": "hodlr.plotting",
     "heatmap": "hodlr.plotting",
     "plot_buckets": "hodlr.plotting",

@@ -316,6 +316,32 @@ def table(result) -> str:
     return "\n".join(lines)
 
 
+def plot_times(ax, result, D, series) -> None:
+    """Medians against ``T`` (log-log) of the rows of head width ``D``: one line per
+    ``(key, label, color, linestyle)`` of ``series`` that has a value."""
+    rows = [r for r in result["rows"] if r["D"] == D]
+    for key, label, color, style in series:
+        ys = [r.get(key, math.nan) for r in rows]
+        if any(not math.isnan(y) for y in ys):
+            ax.plot([r["T"] for r in rows], ys, marker="o", color=color, ls=style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("T")
+    ax.set_ylabel("ms (median)")
+    ax.set_title(f"D = {D}, H = {rows[0]['H']}, B·T = {result['tokens']:,}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def write(result, json_path, png_path, plot_fn) -> None:
+    """The result as JSON at ``json_path`` and ``plot_fn(result, png_path)`` (each when given)."""
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(result, fh, indent=1)
+    if png_path:
+        plot_fn(result, png_path)
+
+
 def plot(result, path) -> None:
     import matplotlib
 
@@ -328,19 +354,7 @@ def plot(result, path) -> None:
               ("sdpa_fwd", "SDPA (causal) fwd", "C1", "-"), ("sdpa_fwdbwd", "SDPA fwd+bwd", "C1", "--"),
               ("fla_fwd", "fla log-linear fwd", "C2", "-"), ("fla_fwdbwd", "fla log-linear fwd+bwd", "C2", "--"))
     for ax, D in zip(axes[0], widths):
-        rows = [r for r in result["rows"] if r["D"] == D]
-        Ts = [r["T"] for r in rows]
-        for key, label, color, style in series:
-            ys = [r.get(key, math.nan) for r in rows]
-            if any(not math.isnan(y) for y in ys):
-                ax.plot(Ts, ys, marker="o", color=color, ls=style, label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("T")
-        ax.set_ylabel("ms (median)")
-        ax.set_title(f"D = {D}, H = {rows[0]['H']}, B·T = {result['tokens']:,}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        plot_times(ax, result, D, series)
     ax = axes[0][-1]
     for D in widths:
         rows = [r for r in result["rows"] if r["D"] == D]
@@ -363,11 +377,7 @@ def main(argv=None) -> int:
     result = run(args)
     print(table(result))
     print(f"copy bandwidth {result['copy_bandwidth'] / 1e12:.2f} TB/s; device {result['device']}; commit {result['commit']}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
-    if args.png:
-        plot(result, args.png)
+    write(result, args.json, args.png, plot)
     return 0
 
 

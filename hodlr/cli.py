@@ -17,10 +17,10 @@ Subcommands
 ``backends``
     Which backends exist, which operations each offers and where each can run here (torch
     rows only where torch is installed, CUDA only where a CUDA device exists), and why not.
-``bench``, ``bench-cpu``, ``bench-decode``, ``bench-cp``
+``bench``, ``bench-cpu``, ``bench-decode``, ``bench-gated-delta``, ``bench-cp``
     Hand the remaining arguments to ``hodlr.bench.main``, ``hodlr.bench_cpu.main``,
-    ``hodlr.bench_decode.main`` and ``hodlr.distributed_bench.main`` (context parallelism,
-    under ``torchrun``).
+    ``hodlr.bench_decode.main``, ``hodlr.bench_gated_delta.main`` and
+    ``hodlr.distributed_bench.main`` (context parallelism, under ``torchrun``).
 
 The Triton backend under ``TRITON_INTERPRET=1`` (CPU) runs Python per program instance:
 about 1 s for the demo's T = 1000, batch 2, so ``demo`` and the default ``verify`` run it at
@@ -67,7 +67,7 @@ INTERPRETER_LENGTH = 8192
 LEVEL_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 BENCHES = {"bench": "hodlr.bench", "bench-cpu": "hodlr.bench_cpu", "bench-decode": "hodlr.bench_decode",
-           "bench-cp": "hodlr.distributed_bench"}
+           "bench-gated-delta": "hodlr.bench_gated_delta", "bench-cp": "hodlr.distributed_bench"}
 
 
 # -- problems and references -------------------------------------------------------------

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import math
 import os
 import platform
@@ -413,16 +412,15 @@ def main(argv=None) -> int:
                       + " ".join(f"{k}={v:.1e}" for k, v in c["errors"].items()))
             print(table(result))
             if args.out:
+                from hodlr.bench import write
+
                 os.makedirs(args.out, exist_ok=True)
-                path = os.path.join(args.out, "bench-cp.json")
-                with open(path, "w") as fh:
-                    json.dump(result, fh, indent=1)
-                print(f"wrote {path}")
+                paths = [os.path.join(args.out, name) for name in ("bench-cp.json", "bench-cp.png")]
                 try:
-                    plot(result, os.path.join(args.out, "bench-cp.png"))
-                    print(f"wrote {os.path.join(args.out, 'bench-cp.png')}")
+                    write(result, *paths, plot)
                 except ImportError:
-                    print("no picture: matplotlib is not installed")
+                    paths[1] = "no picture: matplotlib is not installed"
+                print("wrote " + ", ".join(paths))
         return 1 if any(c["pass"] is False for c in result["check"]) else 0
     finally:
         if started:

@@ -1,12 +1,14 @@
-"""The fla-compatible op: ``log_linear_attn`` on ``(B, T, H, D)`` tensors, with recurrent state
-hand-off, packed sequences and ``torch.compile`` support; ``log_linear_attn_step`` for decoding.
+"""The fla-compatible ops: ``log_linear_attn`` and ``log_linear_gated_delta_rule`` on
+``(B, T, H, D)`` tensors, with recurrent state hand-off, packed sequences and ``torch.compile``
+support; ``log_linear_attn_step`` and ``log_linear_gated_delta_step`` for decoding.
 
 A layout and state wrapper over the backends of :mod:`hodlr.backends` (the mathematics is
-``hodlr.attention``'s, see docs/models.md): inputs are validated here, viewed as
-``(B, H, T, D)`` (no copies), and handed to the backend's ``attention_state`` (or
-``attention`` for calls without state).  Under ``torch.compile`` the call goes through the
-custom operator ``torch.ops.hodlr.log_linear_attn`` (fake implementation and autograd
-registered), so that a compiled model keeps the op in its graph.
+``hodlr.attention``'s and ``hodlr.gated_delta_attention``'s, see docs/models.md): inputs are
+validated here, viewed as ``(B, H, T, D)`` (no copies), and handed to the backend's
+``attention_state`` (or ``attention`` for calls without state), or ``gated_delta_attention``.
+Under ``torch.compile`` a call goes through the custom operator ``torch.ops.hodlr.log_linear_attn``
+or ``torch.ops.hodlr.log_linear_gated_delta_rule`` (fake implementation and autograd registered),
+so that a compiled model keeps the op in its graph.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from hodlr import fenwick
 from hodlr.errors import BackendUnavailableError
 from hodlr.state import LogLinearState, segments
 
-__all__ = ["log_linear_attn", "log_linear_attn_step", "log_linear_gated_delta_rule"]
+__all__ = ["log_linear_attn", "log_linear_attn_step", "log_linear_gated_delta_rule", "log_linear_gated_delta_step"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -276,7 +278,18 @@ def _op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: to
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                         torch.Tensor]:
     """Gradients ``(dq, dk, dv, dg, dlevel_scales, dinitial_states)`` of :func:`_op` (empty for
-    an absent ``g`` / initial state): the backend's forward recomputed under autograd."""
+    an absent ``g`` / initial state): straight from the backend's backward where it has one
+    (``attention_state_vjp``: triton), else the backend's forward recomputed under autograd."""
+    module = _resolve(backend, q.device, q.shape[2],
+                      initial_states is not None or output_final_state or cu_seqlens is not None)
+    vjp = getattr(module, "attention_state_vjp", None)
+    if vjp is not None and q.shape[2] > 0:
+        dq, dk, dv, dlam, dg, dinit = vjp(q, k, v, level_scales, g, scale, initial_states, initial_positions,
+                                          cu_seqlens, do, dstates if output_final_state else None)
+        grads = (dq, dk, dv, dg, dlam, dinit)
+        return tuple(do.new_empty((0,)) if x is None else (torch.zeros_like(x) if d is None else torch.empty_like(x).copy_(d))
+                     for x, d in zip((q, k, v, g, level_scales, initial_states), grads))
+
     def forward(q, k, v, g, lam, init):
         return _forward(q, k, v, g, lam, scale, init, initial_positions, cu_seqlens, output_final_state, final_slots,
                         backend)[:2]
@@ -452,6 +465,23 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
     return o, LogLinearState(states, positions, validate=False)
 
 
+def _check_step(name, q, k, v, g, level_scales, state, scale, validate):
+    """The checks of a decoding step (``T = 1``, a state); with ``validate`` also the host-side ones
+    on the positions.  Returns the scale."""
+    scale, _ = _check_static(q, k, v, g, level_scales, state, False, None, scale)
+    if state is None:
+        raise TypeError("state must be a hodlr.LogLinearState (LogLinearState.zeros(...) for a new cache)")
+    if q.shape[1] != 1:
+        raise ValueError(f"{name} takes one token per sequence (T = 1), got q of shape {tuple(q.shape)}")
+    if validate:
+        end = _check_values(q.shape[0], 1, level_scales.shape[-1], None, state.positions, state.num_slots)
+        if end.bit_length() > state.num_slots:
+            raise ValueError(f"the step takes position {end - 1} to {end}, which needs {end.bit_length()} slots but "
+                             f"the state has {state.num_slots}; make it with more (state.with_slots(S), or "
+                             f"LogLinearState.zeros(..., max_position=...))")
+    return scale
+
+
 def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend: str = "auto",
                          validate: bool = True):
     """One decoding step for a batch of sequences, each at its own position: consumes one token
@@ -482,20 +512,9 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
     -------
     o : torch.Tensor, shape ``(B, 1, H, Dv)``
     """
-    scale, _ = _check_static(q, k, v, g, level_scales, state, False, None, scale)
-    if state is None:
-        raise TypeError("state must be a hodlr.LogLinearState (LogLinearState.zeros(...) for a new cache)")
-    if q.shape[1] != 1:
-        raise ValueError(f"log_linear_attn_step takes one token per sequence (T = 1), got q of shape {tuple(q.shape)}")
+    scale = _check_step("log_linear_attn_step", q, k, v, g, level_scales, state, scale, validate)
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    L = level_scales.shape[-1]
-    if validate:
-        end = _check_values(q.shape[0], 1, L, None, state.positions, state.num_slots)
-        if end.bit_length() > state.num_slots:
-            raise ValueError(f"the step takes position {end - 1} to {end}, which needs {end.bit_length()} slots but "
-                             f"the state has {state.num_slots}; make it with more (state.with_slots(S), or "
-                             f"LogLinearState.zeros(..., max_position=...))")
     if backend == "auto":
         backend = "triton" if q.device.type == "cuda" else "torch"
     if backend == "triton":
@@ -523,9 +542,15 @@ def _continues(module) -> bool:
     return "state" in inspect.signature(module.gated_delta_attention).parameters
 
 
-def _resolve_gated_delta(backend, device):
-    """The backend module for :func:`log_linear_gated_delta_rule`: ``chunked`` for ``"auto"``."""
-    return registry.get("chunked" if backend == "auto" else backend, "torch", device, op="gated_delta_attention")
+def _resolve_gated_delta(backend, device, stateful):
+    """The backend module for :func:`log_linear_gated_delta_rule`; ``"auto"`` is ``triton`` for
+    calls without state on a GPU, else ``chunked``."""
+    if backend == "auto":
+        triton = registry.load("triton")
+        cuda = getattr(device, "type", str(device)) == "cuda"
+        backend = "triton" if cuda and not stateful and triton.unavailable_reason("torch", device) is None \
+            else "chunked"
+    return registry.get(backend, "torch", device, op="gated_delta_attention")
 
 
 def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, init_positions, cu_seqlens,
@@ -537,8 +562,8 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
     N, Hqk, T, Dk = q.shape
     H, Dv = v.shape[1], v.shape[3]
     grp = H // Hqk
-    module = _resolve_gated_delta(backend, q.device)
     stateful = init_states is not None or output_final_state
+    module = _resolve_gated_delta(backend, q.device, stateful)
     if stateful and not _continues(module):
         have = [n for n in registry.NAMES if registry.offers(registry.load(n), "gated_delta_attention")
                 and _continues(registry.load(n))]
@@ -699,14 +724,18 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
         Packed sequences: ``B == 1``, sequence ``n`` is ``[cu_seqlens[n], cu_seqlens[n + 1])`` along
         ``T``, its own Fenwick tree.  Empty sequences pass their state through.
     backend : str, default ``"auto"``
-        ``"chunked"`` (what ``auto`` picks), ``"fenwick"`` (the recurrence) or ``"dense"`` (the
-        reference; no state).
+        ``"triton"`` (the Triton kernels, forward and backward; no state: what ``auto`` picks on a
+        GPU for calls without state), ``"chunked"`` (what ``auto`` picks otherwise), ``"fenwick"``
+        (the recurrence) or ``"dense"`` (the reference; no state).
 
     Returns
     -------
     o : torch.Tensor, shape ``(B, T, H, Dv)``, the dtype of ``v``
     final_state : hodlr.LogLinearState or None
         With ``max(S, bit_length(largest end position))`` slots (``S`` those of the initial state).
+        Under ``torch.compile`` (the custom operator ``torch.ops.hodlr.log_linear_gated_delta_rule``)
+        the slot count cannot depend on values: it is the initial state's (``bit_length(T)``
+        without one), and a call whose end positions need more raises.
 
     Examples
     --------
@@ -752,3 +781,92 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
     if not output_final_state:
         return o, None
     return o, LogLinearState(states, positions, validate=False)
+
+
+def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=None, validate: bool = True):
+    """One decoding step of log-linear Gated DeltaNet for a batch of sequences, each at its own
+    position: consumes one token per sequence and updates ``state`` in place (its ``states`` and
+    ``positions`` tensors), with torch operations only and no host read when ``validate`` is False
+    (so the step can be captured in a CUDA graph).
+
+    For the token at position ``p`` (docs/mathematics.md §13, the recurrent form): every live
+    bucket state is moved by ``A = exp(g) (I - beta k kᵀ)``; the output is
+    ``scale * (λ[0] beta (q · k) v + Σ_l λ[l] (A S_l)ᵀ q)`` over the live levels ``l`` (the set bits
+    of ``p``); the slots of the trailing one-bits of ``p`` merge with the token's write ``beta k vᵀ``
+    into slot ``bit_length(p XOR (p + 1))`` and are cleared.
+
+    Parameters
+    ----------
+    q, k : torch.Tensor, shape ``(B, 1, Hqk, Dk)``
+    v : torch.Tensor, shape ``(B, 1, H, Dv)``
+    g : torch.Tensor, shape ``(B, 1, H)``, or None
+    beta : torch.Tensor, shape ``(B, 1, H)``
+    level_scales : torch.Tensor, shape ``(B, 1, H, L)``
+        The layout of :func:`log_linear_gated_delta_rule` with ``T = 1``; level 0 and the levels of
+        the live slots are read.
+    state : hodlr.LogLinearState
+        ``B`` sequences, float32 (float64 for float64 inputs); each must stay below ``2**S`` (``S``
+        its slots) after the step.
+    scale : float, optional
+        Default ``Dk ** -0.5`` (as :func:`log_linear_gated_delta_rule`).
+    validate : bool, default True
+        Read the positions on the host and refuse a step that would overflow the state's slots or
+        read past ``level_scales``.  Pass False inside CUDA-graph capture; a row whose step would
+        overflow is then left unchanged and its output is NaN.
+
+    Returns
+    -------
+    o : torch.Tensor, shape ``(B, 1, H, Dv)``, the dtype of ``v``.  No gradients: the step is for
+    inference (it runs under ``torch.no_grad``).
+
+    Examples
+    --------
+    >>> import torch, hodlr
+    >>> B, T, H, D = 2, 5, 2, 4
+    >>> q, v = (torch.randn(B, T, H, D, dtype=torch.float64) for _ in range(2))
+    >>> k = torch.nn.functional.normalize(torch.randn(B, T, H, D, dtype=torch.float64), dim=-1)
+    >>> g, beta = -torch.rand(B, T, H, dtype=torch.float64), torch.rand(B, T, H, dtype=torch.float64)
+    >>> lam = torch.rand(B, T, H, hodlr.num_levels(T), dtype=torch.float64)
+    >>> o, _ = hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam)
+    >>> cache = hodlr.LogLinearState.zeros(B, H, D, D, max_position=T, dtype=torch.float64)
+    >>> steps = [hodlr.log_linear_gated_delta_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1],
+    ...                                            beta[:, t:t + 1], lam[:, t:t + 1], cache) for t in range(T)]
+    >>> bool(torch.allclose(torch.cat(steps, 1), o)), cache.positions.tolist()
+    (True, [5, 5])
+    """
+    scale = _check_step("log_linear_gated_delta_step", q, k, v, g, level_scales, state, scale, validate)
+    _tensor("beta", beta, 3, "(B, 1, H)")
+    if tuple(beta.shape) != tuple(v.shape[:3]):
+        raise ValueError(f"beta must have shape (B, 1, H) = {tuple(v.shape[:3])}, got {tuple(beta.shape)}")
+    _checks.check_same_home({"q": q, "beta": beta})
+    X, p = state.states, state.positions
+    work = X.dtype
+    S, L = X.shape[2], level_scales.shape[-1]
+    grp = v.shape[2] // q.shape[2]
+    with torch.no_grad():
+        qh, kh = (x[:, 0].to(work).repeat_interleave(grp, 1) for x in (q, k))  # (B, H, Dk)
+        vh, bh = v[:, 0].to(work), beta[:, 0].to(work)  # (B, H, Dv), (B, H)
+        lam = level_scales[:, 0].to(work)  # (B, H, L)
+        slot = torch.arange(S, device=p.device)
+        live = ((p[:, None] >> slot) & 1) == 1  # (B, S): slot l - 1 holds level l
+        carry = p ^ (p + 1)  # bits 0 .. D - 1: the slots that merge, then the slot they merge into
+        merge = live & (((carry[:, None] >> slot) & 1) == 1)
+        target = ((carry + 1)[:, None] >> (slot + 1)) == 1  # slot D - 1 (carry + 1 = 2**D)
+        fits = (p >= 0) & (((p + 1) >> S) == 0) & ((p >> (L - 1)) == 0)
+        moved = X - (bh[..., None] * kh)[:, :, None, :, None] * torch.einsum("nhd,nhsdv->nhsv", kh, X)[..., None, :]
+        if g is not None:
+            moved = moved * torch.exp(g[:, 0].to(work))[:, :, None, None, None]
+        scales = torch.nn.functional.pad(lam[..., 1:], (0, max(0, S + 1 - L)))[..., :S]  # level l at slot l - 1
+        w = torch.where(live[:, None, :], scales, torch.zeros((), dtype=work, device=X.device))
+        read = torch.einsum("nhs,nhd,nhsdv->nhv", w, qh, moved)
+        diag = lam[..., 0] * bh * (qh * kh).sum(-1)
+        o = scale * (diag[..., None] * vh + read)
+        zero = torch.zeros((), dtype=work, device=X.device)
+        merged = torch.where(merge[:, None, :, None, None], moved, zero).sum(2)
+        merged = merged + bh[..., None, None] * kh[..., :, None] * vh[..., None, :]
+        new = torch.where(merge[:, None, :, None, None], zero, moved)
+        new = torch.where(target[:, None, :, None, None], merged[:, :, None], new)
+        X.copy_(torch.where(fits[:, None, None, None, None], new, X))
+        p.add_(fits.to(p.dtype))
+        o = torch.where(fits[:, None, None], o, torch.full((), float("nan"), dtype=work, device=X.device))
+    return o[:, None].to(v.dtype)

@@ -801,8 +801,10 @@ def _sequence_dg(seqs, C: int, dgl, span, level_rows, final_reads, N: int, T: in
 def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal=None, *, chunk=None,
                              initial_state=None, initial_positions=None, cu_seqlens=None):
     """Gradients of :func:`kernels.attention.attention_state_forward` (same arguments) for the
-    cotangents ``do (N, H, T, Dv)`` and ``dfinal`` (that of the final state, ``(Nseq, H, S', Dk,
-    Dv)`` with the forward's ``S'``; None when the final state was not asked for or got none).
+    cotangents ``do (N, H, T, Dv)`` and ``dfinal`` (that of the final state, ``(Nseq, H, S, Dk,
+    Dv)``; None when the final state was not asked for or got none).  ``S`` may differ from the
+    forward's slot count ``S'``: slots past ``S'`` hold constant zeros (a caller's padding) and
+    are ignored, slots missing from ``dfinal`` get a zero cotangent.
 
     Returns
     -------
@@ -825,10 +827,14 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
     p_log = TILE_CHUNKS.bit_length() - 1
     seqs = _sequences.plan(N, T, C, cu_seqlens, positions, S_in, dev, group_log=p_log)
     final = dfinal is not None
-    if final and tuple(dfinal.shape) != (count, H, seqs.final_slots, DK, DV):
-        raise ValueError(f"dfinal must have the final state's shape {(count, H, seqs.final_slots, DK, DV)}, "
-                         f"got {tuple(dfinal.shape)}")
-    dfinal = None if not final else dfinal.to(state_dtype).contiguous()
+    if final and (dfinal.dim() != 5 or tuple(dfinal.shape[:2]) + tuple(dfinal.shape[3:]) != (count, H, DK, DV)):
+        raise ValueError(f"dfinal must have the final state's shape {(count, H, seqs.final_slots, DK, DV)} "
+                         f"(any number of slots), got {tuple(dfinal.shape)}")
+    if final:  # slots past the forward's final state are constant zeros: their cotangent is dropped
+        S_given = dfinal.shape[2]
+        dfinal = dfinal[:, :, :seqs.final_slots] if S_given >= seqs.final_slots else \
+            torch.nn.functional.pad(dfinal, (0, 0, 0, 0, 0, seqs.final_slots - S_given))
+        dfinal = dfinal.to(state_dtype).contiguous()
     states, logdec = sequence_states(layout, seqs, C, initial, state_dtype, logdec_dtype)
     NH = seqs.levels
     BDK, BDV = block(DK, MAX_TILE), block(DV, MAX_TILE)

@@ -276,3 +276,21 @@ def test_bench_cpu_prints_no_exponent_for_one_length(capsys, tmp_path):
     assert json.loads(path.read_text())["summary"]["recursive"]["exponent_all"] is None
     code, out, _ = run(capsys, "bench-cpu", "--lengths", "16", "32", "--repeats", "1", "--backends", "recursive")
     assert code == 0 and "growth exponent" in out and "nan" not in out.lower()
+
+
+def test_bench_gated_delta_code_path_on_cpu(tmp_path):
+    """``hodlr bench-gated-delta --device cpu`` (tiny sizes): the timing rows, the accuracy row and
+    the picture are written (the GPU run records the real figures)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    from hodlr import bench_gated_delta
+
+    out, png = tmp_path / "gd.json", tmp_path / "gd.png"
+    assert bench_gated_delta.main(["--device", "cpu", "-T", "9", "--widths", "8", "--model-width", "16",
+                                   "--tokens", "18", "--accuracy", "5", "--json", str(out), "--png", str(png)]) == 0
+    res = json.loads(out.read_text())
+    (row,) = res["rows"]
+    assert (row["D"], row["H"], row["T"], row["B"]) == (8, 2, 9, 2) and row["fwd"] > 0 and row["fwdbwd_over_fwd"] > 0
+    (acc,) = res["accuracy"]
+    assert all(acc[key] < 2e-2 for key in ("o", "dq", "dk", "dv", "dg", "dbeta", "dlevel_scales", "o_unit_levels"))
+    assert png.read_bytes().startswith(b"\x89PNG")

@@ -1,5 +1,7 @@
-"""``torch.compile`` and ``torch.library.opcheck`` for the custom operator behind
-``hodlr.log_linear_attn`` (``torch.ops.hodlr.log_linear_attn``).
+"""``torch.compile`` and ``torch.library.opcheck`` for the custom operators behind
+``hodlr.log_linear_attn`` (``torch.ops.hodlr.log_linear_attn``) and
+``hodlr.log_linear_gated_delta_rule`` (``torch.ops.hodlr.log_linear_gated_delta_rule``), and the
+Gated DeltaNet decoding step compiled without host reads.
 
 On the CPU the compiled function uses the ``aot_eager`` backend (no C compiler needed), with
 ``fullgraph=True``: the op, its state hand-off and its backward stay in one graph, and give the
@@ -7,12 +9,15 @@ eager values and gradients.  A ``gpu`` test compiles with inductor on CUDA."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import hodlr
+import hodlr.ops  # noqa: F401  (registers torch.ops.hodlr.*)
 from hodlr.testing import relative_error
 
+from test_gated_delta import _step_case
 from test_ops import draw_inputs
 
 DT = torch.float64
@@ -78,6 +83,45 @@ def test_opcheck_triton_without_state():
     args = list(op_args("triton", False, False))
     args[9] = False  # no final state: the plain forward and backward kernels
     torch.library.opcheck(torch.ops.hodlr.log_linear_attn.default, tuple(args))
+
+
+@interpreter
+@pytest.mark.parametrize("with_state, packed, final", [(False, False, False), (False, False, True),
+                                                       (True, False, True), (True, True, True)])
+def test_compiled_triton_backward_equals_chunked(with_state, packed, final, monkeypatch):
+    """The compiled op's backward on the triton backend comes straight from the backward kernels
+    (no recomputed forward): its gradients, grouped heads and a final state padded to the
+    compiled slot count included, equal the eager chunked backend's."""
+    q, k, v, g, lam = draw_inputs(4, 1 if packed else 2, 37, 1, 2, 4, 3, "mild", extra_levels=3)
+    lam = torch.nan_to_num(lam)
+    cu = torch.tensor([0, 1, 20, 20, 37]) if packed else None
+    n = 4 if packed else 2
+    state = None
+    if with_state:
+        _, state = hodlr.log_linear_attn(q[:1, :9].expand(n, -1, -1, -1), k[:1, :9].expand(n, -1, -1, -1),
+                                         v[:1, :9].expand(n, -1, -1, -1), g[:1, :9].expand(n, -1, -1),
+                                         lam[:1, :9].expand(n, -1, -1, -1), output_final_state=True)
+        state = state.with_slots(7)
+
+    def fn(q, k, v, g, lam, init, backend):
+        o, last = hodlr.log_linear_attn(q, k, v, g, lam, initial_state=init, output_final_state=final,
+                                        cu_seqlens=cu, backend=backend)
+        return o.square().sum() + (last.states.sum() if final else 0)
+
+    args = [q, k, v, g, lam] + ([state.states] if with_state else [])
+    xs_e, xs_c = leaves(args), leaves(args)
+    def init(xs):
+        return hodlr.LogLinearState(xs[5], state.positions) if with_state else None
+
+    want = torch.autograd.grad(fn(*xs_e[:5], init(xs_e), "chunked"), xs_e)
+    triton_backend, calls = hodlr.backends.load("triton"), []
+    vjp = triton_backend.attention_state_vjp
+    monkeypatch.setattr(triton_backend, "attention_state_vjp", lambda *a: calls.append(1) or vjp(*a))
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(*xs_c[:5], init(xs_c), "triton"), xs_c)
+    assert calls == [1]
+    for a, b in zip(got, want):
+        assert relative_error(a, b) <= 1e-12
 
 
 @pytest.mark.gpu
@@ -194,3 +238,22 @@ def test_compiled_no_slower_than_eager_on_gpu():
             json.dump(dict(times, B=B, T=T, H=H, D=D, dtype="bfloat16", device=torch.cuda.get_device_name()), fh)
     assert times["compiled forward ms"] <= 1.1 * times["eager forward ms"]
     assert times["compiled forward+backward ms"] <= 1.1 * times["eager forward+backward ms"]
+
+
+def test_gated_delta_step_compiles_without_host_reads():
+    """``log_linear_gated_delta_step(..., validate=False)`` reads nothing on the host (what a CUDA
+    graph needs): it compiles with ``fullgraph=True``, where a host read would break the graph, and
+    updates the cache as the eager step does."""
+    cache, token, want_o, want_s = _step_case(np.random.default_rng(7), [0, 3, 8, 15], S=5)
+    eager = cache.clone()
+
+    def step(q, k, v, g, beta, lam, states, positions):
+        return hodlr.log_linear_gated_delta_step(q, k, v, g, beta, lam, hodlr.LogLinearState(states, positions,
+                                                                                              validate=False),
+                                                 validate=False)
+
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*token, cache.states, cache.positions)
+    want = step(*token, eager.states, eager.positions)
+    assert relative_error(got, want) <= 1e-12 and relative_error(got, want_o) <= 1e-12
+    assert relative_error(cache.states, eager.states) <= 1e-12 and relative_error(cache.states, want_s) <= 1e-12
+    assert cache.positions.tolist() == eager.positions.tolist() == [1, 4, 9, 16]

@@ -5,7 +5,8 @@ docs/mathematics.md and docs/bad-input.md, not from the implementation) whether 
 calls the API:
 
 * valid inputs must give the float64 reference computed here from the definition, row by
-  row (relative error <= 1e-12 for float64, 1e-5 for float32);
+  row (relative error <= 1e-12 for float64, 1e-5 for float32); for log-linear Gated DeltaNet
+  the definition is the product of explicit ``Dk x Dk`` transitions of docs/mathematics.md §13;
 * invalid inputs must raise ``ValueError`` or ``TypeError`` (the documented errors and
   their subclasses) -- never ``IndexError``, a bare ``RuntimeError``, or a result.
 
@@ -178,12 +179,13 @@ def oracle_mask(lam, lam_dtype, g, g_dtype):
     return lam, g, batch
 
 
-def oracle_backend(backend, library, T):
+def oracle_backend(backend, library, op="attention"):
     if not isinstance(backend, str) or backend not in BACKENDS[:-1]:
         raise Invalid("unknown backend")
     if backend == "auto":
         return
-    if registry.load(backend).unavailable_reason(library, "cpu") is not None:
+    module = registry.load(backend)
+    if not registry.offers(module, op) or module.unavailable_reason(library, "cpu") is not None:
         raise Invalid("unavailable backend")
 
 
@@ -215,6 +217,27 @@ def reference(lam, g, batch, op, operands, scale=1.0):
                 if q.shape[-1]:
                     out[b + (t,)] = (w * (scale * (k[: t + 1] @ q[t]))) @ v[: t + 1]
     return out
+
+
+def gdn_reference(lam, g, beta, q, k, v, scale):
+    """Log-linear Gated DeltaNet from its definition (docs/mathematics.md §13), float64: for
+    every batch entry (the arguments broadcast to one batch shape) and row ``t``,
+    ``o_t = Σ_{s<=t} λ[t, level(t, s)] scale β_s (q_tᵀ A_t ⋯ A_{s+1} k_s) v_s`` with the explicit
+    transitions ``A_t = exp(g_t) (I − β_t k_t k_tᵀ)`` (``g`` None: no gate)."""
+    batch, (T, Dk), Dv = q.shape[:-2], q.shape[-2:], v.shape[-1]
+    nb = math.prod(batch)
+    lam, q, k, v = (a.reshape((nb,) + a.shape[-2:]) for a in (lam, q, k, v))
+    beta = beta.reshape(nb, T)
+    gate = np.ones_like(beta) if g is None else np.exp(g.reshape(nb, T))
+    A = gate[..., None, None] * (np.eye(Dk) - beta[..., None, None] * k[..., :, None] * k[..., None, :])
+    out = np.zeros(q.shape[:1] + (T, Dv))
+    for t in range(T):
+        prod = np.broadcast_to(np.eye(Dk), A.shape[:1] + (Dk, Dk))
+        for s in range(t, -1, -1):
+            coef = scale * beta[:, s] * np.einsum("bi,bij,bj->b", q[:, t], prod, k[:, s])
+            out[:, t] += (lam[:, t, fenwick.level(t, s)] * coef)[:, None] * v[:, s]
+            prod = prod @ A[:, s]
+    return out.reshape(batch + (T, Dv))
 
 
 def compare(got, want, dtype, library, want_dtype):
@@ -260,15 +283,16 @@ def draw_library_and_rng(data):
     return library, np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
 
 
-def draw_backend(data, rng, faults, library):
+def draw_backend(data, rng, faults, library, op="attention"):
     """A backend name; picked by the seeded generator (hypothesis would favour the first)."""
     if "unknown backend" in faults:
         return data.draw(st.sampled_from(["bogus", "Dense", "", 3, None]), label="backend")
     if "unavailable backend" in faults:
-        unavailable = [n for n in registry.NAMES if registry.load(n).unavailable_reason(library, "cpu") is not None]
+        unavailable = [n for n in registry.NAMES if not registry.offers(registry.load(n), op)
+                       or registry.load(n).unavailable_reason(library, "cpu") is not None]
         if unavailable:
             return unavailable[rng.integers(len(unavailable))]
-    names = ("auto",) + registry.NAMES
+    names = ("auto",) + tuple(n for n in registry.NAMES if registry.offers(registry.load(n), op))
     return names[rng.integers(len(names))]
 
 
@@ -313,7 +337,7 @@ def test_fuzz_matmul(data):
         if x_library != library or x_dtype != dtype or x.shape[-2] != M.T:
             raise Invalid("X library / dtype / T")
         broadcast(batch, x.shape[:-2])
-        oracle_backend(backend, library, M.T)
+        oracle_backend(backend, library)
         verdict = None
     except Invalid as err:
         verdict = err
@@ -353,7 +377,7 @@ def test_fuzz_attention(data):
                                   or not math.isfinite(scale)):
             raise Invalid("scale")
         broadcast(batch, q.shape[:-2], k.shape[:-2], v.shape[:-2])
-        oracle_backend(backend, library, M.T)
+        oracle_backend(backend, library)
         verdict = None
     except Invalid as err:
         verdict = err
@@ -366,6 +390,77 @@ def test_fuzz_attention(data):
         if dtype == "float32":
             s = float(np.float32(s))
         compare(O, reference(lam64, g64, batch, "attention", ops64, s), dtype, library, dtype)
+
+
+GDN_FAULTS = ATTENTION_FAULTS + ("beta rank", "beta length", "beta dtype", "beta batch")
+
+
+def unit_rows(a):
+    """Rows of unit norm (the delta rule's keys); rows of width 0 stay empty."""
+    if np.ndim(a) == 0 or a.shape[-1] == 0:
+        return a
+    return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+
+def draw_beta(data, rng, batch, T, faults):
+    """Write strengths ``(*b, T)`` in ``[0, 1]`` (sometimes ``[0, 2]``), ``b`` broadcasting with
+    ``batch`` unless faulted."""
+    b = tuple(1 if data.draw(st.booleans()) else n for n in batch)
+    b = b[data.draw(st.integers(0, len(b))):]
+    if "beta batch" in faults:
+        b = conflicting(batch)
+    if "beta length" in faults:
+        T = T + data.draw(st.sampled_from([-1, 1]))
+    shape = () if "beta rank" in faults else b + (max(T, 0),)
+    return rng.uniform(0.0, data.draw(st.sampled_from([1.0, 2.0]), label="beta range"), shape)
+
+
+@examples
+@given(st.data())
+def test_fuzz_gated_delta_attention(data):
+    library, rng = draw_library_and_rng(data)
+    M, lam64, g64, batch, dtype = valid_mask(data, rng, library)
+    faults = draw_faults(data, GDN_FAULTS)
+    Dk, Dv = data.draw(st.integers(0, 3), label="Dk"), data.draw(st.integers(0, 3), label="Dv")
+    q = draw_operand(data, rng, batch, M.T, Dk, faults, "q")
+    k = unit_rows(draw_operand(data, rng, batch, M.T, Dk + 1 if "Dk mismatch" in faults else Dk, faults, "k"))
+    v = draw_operand(data, rng, batch, M.T, Dv, faults | ({"v batch"} if "operand batch" in faults else set()), "v")
+    beta = draw_beta(data, rng, batch, M.T, faults)
+    other = [d for d in FLOAT if d != dtype] + [bad_dtype(data, library)]
+    dtypes = [dtype] + [data.draw(st.sampled_from(other)) if f"{name} dtype" in faults else dtype
+                        for name in ("k", "v", "beta")]
+    good_scales = st.one_of(st.none(), st.floats(-4, 4), st.sampled_from([0, 2, np.float32(0.5), np.float64(3.0)]))
+    bad_scales = st.sampled_from([math.nan, math.inf, -math.inf, "1", True, 1j, [1.0], np.ones(2)])
+    scale = data.draw(bad_scales if "bad scale" in faults else good_scales, label="scale")
+    backend = draw_backend(data, rng, faults, library, "gated_delta_attention")
+    try:
+        for a, dt, ndim in zip((q, k, v, beta), dtypes, (2, 2, 2, 1)):
+            check_array(a, dt, ndim)
+            if dt != dtype or a.shape[-ndim] != M.T:
+                raise Invalid("operand dtype / T")
+        if q.shape[-1] != k.shape[-1]:
+            raise Invalid("Dk")
+        if scale is not None and (isinstance(scale, (bool, str, complex, list, np.ndarray))
+                                  or not math.isfinite(scale)):
+            raise Invalid("scale")
+        broadcast(batch, q.shape[:-2], k.shape[:-2], v.shape[:-2], beta.shape[:-1])
+        oracle_backend(backend, library, "gated_delta_attention")
+        verdict = None
+    except Invalid as err:
+        verdict = err
+    args = [to_library(a, library, dt) if np.ndim(a) else float(a) for a, dt in zip((q, k, v, beta), dtypes)]
+    O = expect(lambda: hodlr.gated_delta_attention(*args, M, scale=scale, backend=backend), verdict)
+    if O is not None:
+        event(f"ran backend {backend}")
+        q64, k64, v64, beta64 = (a.astype(dt).astype(np.float64) for a, dt in zip((q, k, v, beta), dtypes))
+        s = (Dk ** -0.5 if Dk else 1.0) if scale is None else float(scale)
+        if dtype == "float32":
+            s = float(np.float32(s))
+        full = np.broadcast_shapes(batch, q.shape[:-2], k.shape[:-2], v.shape[:-2], beta.shape[:-1])
+        bt = lambda a, tail: np.broadcast_to(a, full + a.shape[a.ndim - tail:])  # noqa: E731
+        want = gdn_reference(bt(lam64, 2), None if g64 is None else bt(g64, 1), bt(beta64, 1), bt(q64, 2),
+                             bt(k64, 2), bt(v64, 2), s)
+        compare(O, want, dtype, library, dtype)
 
 
 @examples
@@ -382,30 +477,48 @@ def test_fuzz_index_algebra(T):
             fenwick.num_levels(T)
 
 
-# -- log_linear_attn: packed sequences and state hand-off -----------------------------------
+# -- log_linear_attn and log_linear_gated_delta_rule: packed sequences and state hand-off ------
 OP_FAULTS = ("cu start", "cu decreasing", "cu end", "cu float", "cu batch", "state batch", "state heads",
              "state width", "state dtype", "state device", "narrow scales", "heads not dividing", "bad scale",
              "backend without state")
+GDN_OP_FAULTS = ("beta shape",) + OP_FAULTS
 
 
-def bucket_states(k, v, g, end, slots):
+def transitions(k, beta, g):
+    """``A_t = exp(g_t) (I − β_t k_t k_tᵀ)`` of every position and head: ``(T, H, Dk, Dk)``
+    (``k (T, H, Dk)``, ``beta (T, H)``, ``g (T, H)`` or None)."""
+    gate = np.ones_like(beta) if g is None else np.exp(g)
+    return gate[..., None, None] * (np.eye(k.shape[-1]) - beta[..., None, None] * k[..., :, None] * k[..., None, :])
+
+
+def bucket_states(k, v, g, end, slots, beta=None):
     """``(H, slots, Dk, Dv)`` float64: the Fenwick buckets of position ``end`` from their definition
-    (``k (end, H, Dk)``, ``v (end, H, Dv)``, ``g (end, H)`` or None, positions from 0)."""
+    (``k (end, H, Dk)``, ``v (end, H, Dv)``, ``g (end, H)`` or None, positions from 0):
+    ``Σ_{s in bucket} exp(G[end-1] - G[s]) k_s v_sᵀ``, or with ``beta (end, H)`` (Gated DeltaNet)
+    ``Σ_{s in bucket} A_{end-1} ⋯ A_{s+1} β_s k_s v_sᵀ``."""
     H, Dk, Dv = v.shape[1], k.shape[2], v.shape[2]
+    A = None if beta is None else transitions(k, beta, g)
     out = np.zeros((H, slots, Dk, Dv))
     for lev in range(1, slots + 1):
         start, stop = fenwick.bucket(end, lev)
         for s in range(start, stop):
-            w = np.ones(H) if g is None else np.exp(g[s + 1:end].sum(0))
-            out[:, lev - 1] += w[:, None, None] * k[s][:, :, None] * v[s][:, None, :]
+            if A is None:
+                w = np.ones(H) if g is None else np.exp(g[s + 1:end].sum(0))
+                out[:, lev - 1] += w[:, None, None] * k[s][:, :, None] * v[s][:, None, :]
+                continue
+            moved = beta[s][:, None] * k[s]  # (H, Dk), moved to end - 1
+            for u in range(s + 1, end):
+                moved = np.einsum("hij,hj->hi", A[u], moved)
+            out[:, lev - 1] += moved[:, :, None] * v[s][:, None, :]
     return out
 
 
-@examples
-@given(st.data())
-def test_fuzz_log_linear_attn(data):
+def fuzz_op(data, gated):
+    """One example of ``log_linear_attn`` (or, ``gated``, ``log_linear_gated_delta_rule``): packed
+    sequences, states at drawn positions, grouped heads, and faults; outputs and final states
+    against the definition."""
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
-    faults = draw_faults(data, OP_FAULTS)
+    faults = draw_faults(data, GDN_OP_FAULTS if gated else OP_FAULTS)
     packed = data.draw(st.booleans(), label="packed") or bool({"cu start", "cu decreasing", "cu end", "cu float",
                                                                "cu batch"} & faults)
     with_state = data.draw(st.booleans(), label="state") or any(f.startswith("state") for f in faults)
@@ -438,16 +551,19 @@ def test_fuzz_log_linear_attn(data):
         lam = rng.uniform(0.3, 1.5, (e, H, L))
         if e:
             lam = np.where(fenwick.read_levels(e, L)[:, None, :], lam, np.nan)
-        full.append((q, k, v, g, lam))
+        beta = rng.uniform(0, 1, (e, H)) if gated else None
+        full.append((q, unit_rows(k) if gated else k, v, g, lam, beta))
     parts = [[None if x is None else x[a:] for x in seq] for a, seq in zip(starts, full)]
     stack = (lambda xs: np.concatenate(xs)[None]) if packed else np.stack
-    arrays = [None if parts[0][j] is None else torch.tensor(stack([p[j] for p in parts])) for j in range(5)]
-    q, k, v, g, lam = arrays
+    arrays = [None if parts[0][j] is None else torch.tensor(stack([p[j] for p in parts])) for j in range(6)]
+    q, k, v, g, lam, beta = arrays
     S = max(1, max(starts).bit_length())
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)])) if packed else None
     B = 1 if packed else n
     if "heads not dividing" in faults:
         q, k = (x[:, :, :1].repeat(1, 1, H + 1, 1) for x in (q, k))
+    if "beta shape" in faults:
+        beta = beta[..., :1] if H > 1 else beta.repeat(1, 1, 2)
     if cu is not None:
         if "cu start" in faults:
             cu = cu + 1
@@ -460,10 +576,11 @@ def test_fuzz_log_linear_attn(data):
         if "cu float" in faults:
             cu = cu.double()
         if "cu batch" in faults:
-            q, k, v, g, lam = (None if x is None else torch.cat([x, x]) for x in (q, k, v, g, lam))
+            q, k, v, g, lam, beta = (None if x is None else torch.cat([x, x]) for x in (q, k, v, g, lam, beta))
     state = None
     if with_state:
-        states = np.stack([bucket_states(np.repeat(f[1], grp, 1), f[2], f[3], a, S) for a, f in zip(starts, full)])
+        states = np.stack([bucket_states(np.repeat(f[1], grp, 1), f[2], f[3], a, S, f[5])
+                           for a, f in zip(starts, full)])
         N_, H_, Dk_ = n + ("state batch" in faults), H + ("state heads" in faults), Dk + ("state width" in faults)
         states = np.resize(states, (N_, H_, S, Dk_, Dv)) if (N_, H_, Dk_) != (n, H, Dk) else states
         dtype = torch.float32 if "state dtype" in faults else torch.float64
@@ -486,30 +603,51 @@ def test_fuzz_log_linear_attn(data):
             raise Invalid("state")
         if end and L < fenwick.num_levels(end):
             raise Invalid("narrow scales")
+        if gated and tuple(beta.shape) != tuple(v.shape[:3]):
+            raise Invalid("beta shape")
         if backend == "dense" and (with_state or final):
             raise Invalid("backend without state")
         verdict = None
     except Invalid as err:
         verdict = err
-    out = expect(lambda: hodlr.log_linear_attn(q, k, v, g, lam, initial_state=state, output_final_state=final,
-                                               cu_seqlens=cu, scale=scale, backend=backend), verdict)
+    options = dict(initial_state=state, output_final_state=final, cu_seqlens=cu, scale=scale, backend=backend)
+    if gated:
+        out = expect(lambda: hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam, **options), verdict)
+    else:
+        out = expect(lambda: hodlr.log_linear_attn(q, k, v, g, lam, **options), verdict)
     if out is None:
         return
     o, last = out
     s = Dk ** -0.5 if scale is None else scale
     lo = 0
     for i, (a, x) in enumerate(zip(starts, lengths)):
-        fq, fk, fv, fg, flam = full[i]
+        fq, fk, fv, fg, flam, fbeta = full[i]
         e = a + x
         got = o[0, lo:lo + x] if packed else o[i]
         lo += x
         if x:
             ops64 = [np.repeat(fq, grp, 1).transpose(1, 0, 2), np.repeat(fk, grp, 1).transpose(1, 0, 2),
                      fv.transpose(1, 0, 2)]
-            want = reference(flam.transpose(1, 0, 2), None if fg is None else fg.T, (H,), "attention", ops64, s)
+            lam_h, g_h = flam.transpose(1, 0, 2), None if fg is None else fg.T
+            if gated:
+                want = gdn_reference(lam_h, g_h, fbeta.T, *ops64, s)
+            else:
+                want = reference(lam_h, g_h, (H,), "attention", ops64, s)
             compare(got.transpose(0, 1), want[:, a:], "float64", "torch", "float64")
         if final:
             assert int(last.positions[i]) == e
-            ref = bucket_states(np.repeat(fk, grp, 1), fv, fg, e, last.num_slots)
+            ref = bucket_states(np.repeat(fk, grp, 1), fv, fg, e, last.num_slots, fbeta)
             err = np.abs(last.states[i].numpy() - ref).max(initial=0.0)
             assert err <= 1e-10 * max(1.0, np.abs(ref).max(initial=0.0))
+
+
+@examples
+@given(st.data())
+def test_fuzz_log_linear_attn(data):
+    fuzz_op(data, gated=False)
+
+
+@examples
+@given(st.data())
+def test_fuzz_log_linear_gated_delta_rule(data):
+    fuzz_op(data, gated=True)

@@ -22,7 +22,7 @@ from hypothesis import given, settings, strategies as st
 import hodlr
 from hodlr.backends import chunked, dense, fenwick as fenwick_backend
 from hodlr.errors import BackendUnavailableError
-from hodlr.fenwick import level
+from hodlr.fenwick import level, read_levels
 from hodlr.fenwick.delta import GatedDeltaState, gated_delta
 from hodlr.testing import TOLERANCES, assert_close, attention_inputs, batch_shapes, masks, poison_unread, st_lengths
 
@@ -453,3 +453,60 @@ def test_bad_input_and_refusals(rng):
         hodlr.log_linear_gated_delta_rule(tq, tk, tv, tg, tb[..., :1], tl)
     o_dense, _ = hodlr.log_linear_gated_delta_rule(tq, tk, tv, tg, tb, tl, backend="dense")
     assert_close(o_dense, o, TOL, "dense serves stateless calls")
+
+
+# -- the decoding step ---------------------------------------------------------------------------------------
+STEP_POSITIONS = [0, 1, 2, 3, 7, 8, 15, 16, 21]
+
+
+def _step_case(rng, positions, S, scale=None, H=4, Hqk=2, Dk=3, Dv=2):
+    """A cache of ``len(positions)`` sequences with ``S`` slots, sequence ``n`` at ``positions[n]``
+    (its prefix run through the op), the token each consumes next (never-read scales of its row
+    NaN), and what one call over the prefix and the token gives: its outputs at the token and its
+    final states (with enough slots for every end position)."""
+    N, T = len(positions), max(positions) + 1
+    q, k, v, g, beta, lam = _op_inputs(rng, N, T, H, Dk, Dv, Hqk, L_extra=1, poison=False)
+    prefix, want_o, want_s = [], [], []
+    for n, p in enumerate(positions):
+        part = [x[n:n + 1, :p + 1] for x in (q, k, v, g, beta, lam)]
+        o, fin = hodlr.log_linear_gated_delta_rule(*part, scale=scale, output_final_state=True, backend="fenwick")
+        want_o.append(o[:, p])
+        want_s.append(fin.with_slots(max(S, T.bit_length())).states)
+        if p:
+            prefix.append(hodlr.log_linear_gated_delta_rule(*[x[:, :p] for x in part], output_final_state=True,
+                                                            backend="fenwick")[1].with_slots(S).states)
+        else:
+            prefix.append(torch.zeros_like(want_s[-1][:, :, :S]))
+    cache = hodlr.LogLinearState(torch.cat(prefix), torch.tensor(positions))
+    rows = torch.arange(N), torch.tensor(positions)
+    token = [x[rows][:, None] for x in (q, k, v, g, beta, lam)]
+    L = lam.shape[-1]
+    read = torch.as_tensor(np.stack([read_levels(p + 1, L)[p] for p in positions]))  # (N, L): what each row reads
+    token[5] = token[5].masked_fill(~read[:, None, None, :], float("nan"))
+    return cache, token, torch.cat(want_o)[:, None], torch.cat(want_s)
+
+
+def test_step_equals_one_call_at_every_kind_of_position(rng):
+    """``log_linear_gated_delta_step`` for sequences at positions 0, 1, 2^k - 1, 2^k and others
+    equals one call over each sequence's prefix and token: outputs, states, positions."""
+    cache, token, want_o, want_s = _step_case(rng, STEP_POSITIONS, S=6)
+    o = hodlr.log_linear_gated_delta_step(*token, cache)
+    assert o.shape == (len(STEP_POSITIONS), 1, 4, 2) and o.dtype == torch.float64
+    assert_close(o, want_o, TOL, "outputs")
+    assert_close(cache.states, want_s, TOL, "states")
+    assert cache.positions.tolist() == [p + 1 for p in STEP_POSITIONS]
+
+
+def test_step_refuses_or_skips_an_overflowing_row(rng):
+    """A row at ``2**S - 1`` would need one more slot: ``validate`` refuses before anything changes;
+    without it the row is left as it was with a NaN output and the other rows step."""
+    cache, token, want_o, want_s = _step_case(rng, [5, 7], S=3, scale=0.7)
+    before = cache.clone()
+    with pytest.raises(ValueError, match="takes position 7 to 8, which needs 4 slots but the state has 3"):
+        hodlr.log_linear_gated_delta_step(*token, cache)
+    assert torch.equal(cache.states, before.states) and torch.equal(cache.positions, before.positions)
+    o = hodlr.log_linear_gated_delta_step(*token, cache, scale=0.7, validate=False)
+    assert bool(torch.isnan(o[1]).all()) and torch.equal(cache.states[1], before.states[1])
+    assert cache.positions.tolist() == [6, 7]
+    assert_close(o[0], want_o[0], TOL, "the row that fits")
+    assert_close(cache.states[0], want_s[0, :, :3], TOL, "its state")

@@ -257,15 +257,23 @@ def test_op_against_fla(T, dtype, packed):
     q, k, v, g, lam, cu = _op_inputs(T, dtype, packed)
     do = torch.randn(v.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(7))
     ours = _op_outputs(hodlr.log_linear_attn, (q, k, v, g, lam), cu, do)
-    theirs = _op_outputs(fla.chunk_log_linear_attn, (q, k, v, g, lam), cu, do)
+    row = {"T": T, "dtype": str(dtype).replace("torch.", ""), "cu_seqlens": packed}
+    try:
+        theirs = _op_outputs(fla.chunk_log_linear_attn, (q, k, v, g, lam), cu, do)
+    except Exception as err:  # fla's own refusals (e.g. float32 at 100K: more shared memory than the H200 has)
+        if "out of resource" not in str(err):
+            raise
+        theirs, row["fla_error"] = [None] * len(ours), f"{type(err).__name__}: {err}"
     ref = _op_outputs(lambda *a, **kw: hodlr.log_linear_attn(*a, **kw, backend="chunked"),
                       [x.double() for x in (q, k, v, g, lam)], cu, do.double())
     tol = TOL[dtype]
-    row = {"T": T, "dtype": str(dtype).replace("torch.", ""), "cu_seqlens": packed}
     for name, a, b, r in zip(("o", "dq", "dk", "dv", "dg", "dlevel_scales"), ours, theirs, ref):
-        e_ours, e_fla, e_between = relative_error(a, r), relative_error(b, r), relative_error(a, b)
-        row[name] = {"ours_vs_ref": e_ours, "fla_vs_ref": e_fla, "ours_vs_fla": e_between}
+        e_ours = relative_error(a, r)
+        row[name] = {"ours_vs_ref": e_ours}
         assert e_ours <= tol, f"{name}: ours {e_ours:.2e} from float64 > {tol:.0e}"
-        assert e_between <= tol + e_fla, f"{name}: ours {e_between:.2e} from fla (fla {e_fla:.2e} from float64)"
+        if b is not None:
+            e_fla, e_between = relative_error(b, r), relative_error(a, b)
+            row[name].update(fla_vs_ref=e_fla, ours_vs_fla=e_between)
+            assert e_between <= tol + e_fla, f"{name}: ours {e_between:.2e} from fla (fla {e_fla:.2e} from float64)"
     REPORT.setdefault("op_vs_fla", []).append(row)
     _save()

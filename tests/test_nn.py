@@ -372,7 +372,7 @@ def test_compile_fullgraph_aot_eager(cls):
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])
 def test_gpu_generation_equals_full_pass(cls):
-    layer = make(cls).float().cuda()
+    layer = make(cls, num_levels=8).float().cuda()  # positions up to 128
     x = inputs(3, 70, layer.hidden_size).float().cuda()
     want, _ = layer(x)
     got, cache = run_in_pieces(layer, x, list(range(40, 70)))
@@ -386,7 +386,7 @@ def test_gpu_generation_equals_full_pass(cls):
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])
 def test_gpu_compile_inductor(cls):
-    layer = make(cls).float().cuda()
+    layer = make(cls, num_levels=8).float().cuda()  # positions up to 128
     x = inputs(2, 100, layer.hidden_size).float().cuda()
     want = layer(x)[0]
     got = torch.compile(layer, fullgraph=True)(x)[0]

@@ -378,7 +378,7 @@ def test_bad_arguments():
 
 def test_registered_backend():
     ops = hodlr.backend_info()["triton"]["ops"]
-    assert set(ops) == {"matmul", "attention"}
+    assert set(ops) == {"matmul", "attention", "gated_delta_attention"}
     for where in ops.values():
         assert (where["torch_cuda"] is True) == torch.cuda.is_available()
         assert (where["torch_cpu"] is True) == INTERP

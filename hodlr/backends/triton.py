@@ -8,7 +8,7 @@ to the other backends.  float64 runs only under the interpreter; on the GPU, flo
 IEEE dots and float16 / bfloat16 accumulate in float32.  Chunk size:
 ``hodlr.kernels.DEFAULT_CHUNK``.  When a gradient is wanted (grad mode on and an input that
 requires it) the call goes through the differentiable :func:`hodlr.kernels.matmul` /
-:func:`hodlr.kernels.attention`; otherwise straight to the forward launchers.
+:func:`hodlr.kernels.attention` / :func:`hodlr.kernels.gated_delta`; otherwise straight to the forward launchers.
 """
 
 from __future__ import annotations
@@ -64,6 +64,14 @@ def attention(q, k, v, level_scales, log_decay, scale):
     return kernels.attention_forward(q, k, v, level_scales, log_decay, scale)
 
 
+def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale):
+    from hodlr import kernels
+
+    if _wants_grad(q, k, v, beta, level_scales, log_decay):
+        return kernels.gated_delta(q, k, v, beta, level_scales, log_decay, scale)
+    return kernels.gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale)
+
+
 def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, initial_positions, cu_seqlens,
                     output_final_state):
     """The state-aware attention of the backend contract: ``hodlr.kernels.attention`` with its
@@ -73,3 +81,27 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
     return kernels.attention(q, k, v, level_scales, log_decay, scale, initial_state=initial_state,
                              initial_positions=initial_positions, cu_seqlens=cu_seqlens,
                              output_final_state=output_final_state)
+
+
+def attention_state_vjp(q, k, v, level_scales, log_decay, scale, initial_state, initial_positions, cu_seqlens, do,
+                        dfinal):
+    """Gradients ``(dq, dk, dv, dlevel_scales, dlog_decay, dinitial_state)`` of
+    :func:`attention_state` (same layout: ``q, k (N, Hqk, T, Dk)``, ``v (N, H, T, Dv)``) for the
+    cotangents ``do (N, H, T, Dv)`` and ``dfinal`` (``(Nseq, H, S, Dk, Dv)`` with any slot count
+    ``S``, or None), straight from the backward kernels: the forward is not recomputed.
+    ``dlog_decay`` / ``dinitial_state`` are None for an absent ``log_decay`` / state."""
+    from hodlr import kernels
+
+    if initial_state is None and cu_seqlens is None and dfinal is None:
+        # the common path's kernels, on grouped-head views (dq, dk summed over each group)
+        N, Hqk, T, Dk = q.shape
+        grp = v.shape[1] // Hqk
+        q5, k5 = (x[:, :, None].expand(N, Hqk, grp, T, Dk) for x in (q, k))
+        v5, lam5, do5 = (x.unflatten(1, (Hqk, grp)) for x in (v, level_scales, do))
+        g5 = None if log_decay is None else log_decay.unflatten(1, (Hqk, grp))
+        dq, dk, dv, dlam, dg = kernels.attention_backward(q5, k5, v5, lam5, g5, scale, do5)
+        return (dq.sum(2), dk.sum(2), dv.flatten(1, 2), dlam.flatten(1, 2), None if dg is None else dg.flatten(1, 2),
+                None)
+    return kernels.attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal,
+                                            initial_state=initial_state, initial_positions=initial_positions,
+                                            cu_seqlens=cu_seqlens)

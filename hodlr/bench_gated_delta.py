@@ -1,0 +1,217 @@
+"""``hodlr bench-gated-delta``: log-linear Gated DeltaNet on the GPU beside fla's Gated DeltaNet.
+
+For each head width ``D`` (``H = model_width // D`` heads) and length ``T`` (``B = tokens // T``)
+it times, with medians of ``triton.testing.do_bench`` on bf16 ``(B, T, H, D)`` inputs:
+
+- ``fwd``: :func:`hodlr.log_linear_gated_delta_rule` with its defaults (the ``triton`` backend
+  on a GPU), no gradient;
+- ``fwdbwd``: the same call and ``torch.autograd.grad`` of every input (q, k, v, g, β, λ);
+- ``fla_fwd`` / ``fla_fwdbwd``: fla's ``chunk_gated_delta_rule`` (plain Gated DeltaNet, the
+  linear-time floor) on the same q, k, v, g, β, when ``fla`` is importable (a refusal or a
+  failure is recorded, the run goes on);
+- the ratios ``fwd / fla_fwd`` and ``fwdbwd / fwd``.
+
+``--accuracy T`` also compares the bf16 output and gradients with the float64 chunked backend
+and fla's output with the same reference at λ ≡ 1 (where both compute plain Gated DeltaNet).
+
+Writes a JSON file and a picture (``--json``, ``--png``).  ``--device cpu`` runs the code path
+at tiny sizes under Triton's interpreter (a smoke test: no timing meaning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+import time
+import traceback
+
+from hodlr.bench import _commit, _fla_version, _fmt, _rel, _timed, plot_times, write
+
+DEFAULT_LENGTHS = (2048, 8192, 16384, 32768, 65536)
+DEFAULT_WIDTHS = (64, 128)
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="hodlr bench-gated-delta", description=__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", "-T", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="sequence lengths")
+    p.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS), help="head widths Dk = Dv")
+    p.add_argument("--model-width", type=int, default=1024, help="H * D (H = model_width // D heads)")
+    p.add_argument("--tokens", type=int, default=65536, help="B*T (B = max(1, tokens // T))")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
+    p.add_argument("--accuracy", type=int, nargs="*", default=(), help="lengths of the accuracy check")
+    p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run under TRITON_INTERPRET=1")
+    p.add_argument("--json", default="bench-gated-delta.json", help="output JSON path")
+    p.add_argument("--png", default="bench-gated-delta.png", help="output plot path ('' for none)")
+    p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
+    return p
+
+
+def _fla():
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        return chunk_gated_delta_rule
+    except ImportError:
+        return None
+
+
+def _inputs(torch, B, T, H, D, dtype, device, seed=0, levels=True):
+    """``(q, k, v, g, beta, level_scales, dO)`` on fla's layout: unit-norm keys, β in (0, 1),
+    log-decays in (-0.1, 0), level scales in (0.5, 1.5) (or 1 without ``levels``)."""
+    import hodlr
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, v, do = (torch.randn(B, T, H, D, device=device, generator=gen).to(dtype) for _ in range(3))
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, D, device=device, generator=gen), dim=-1).to(dtype)
+    g = -0.1 * torch.rand(B, T, H, device=device, generator=gen)
+    beta = torch.rand(B, T, H, device=device, generator=gen).to(dtype)
+    L = hodlr.num_levels(T)
+    lam = (0.5 + torch.rand(B, T, H, L, device=device, generator=gen)) if levels else \
+        torch.ones(B, T, H, L, device=device)
+    return q, k, v, g, beta, lam, do
+
+
+def _row(torch, bench, D, H, T, B, dtype, device, fla):
+    import hodlr
+
+    q, k, v, g, beta, lam, do = _inputs(torch, B, T, H, D, dtype, device)
+    row = {"D": D, "H": H, "T": T, "B": B}
+    xs = [x.detach().requires_grad_() for x in (q, k, v, g, beta, lam)]
+    scale = D ** -0.5
+
+    def ours(*a):
+        return hodlr.log_linear_gated_delta_rule(*a, scale=scale)[0]
+
+    def fwd():
+        with torch.no_grad():
+            ours(q, k, v, g, beta, lam)
+
+    def fwdbwd():
+        torch.autograd.grad(ours(*xs), xs, do)
+
+    _timed(row, "fwd", lambda: bench(fwd))
+    _timed(row, "fwdbwd", lambda: bench(fwdbwd))
+    if fla is not None:
+        fxs = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
+
+        def fla_fwd():
+            with torch.no_grad():
+                fla(q, k, v, g, beta, scale=scale)
+
+        def fla_fwdbwd():
+            torch.autograd.grad(fla(*fxs, scale=scale)[0], fxs, do)
+
+        _timed(row, "fla_fwd", lambda: bench(fla_fwd))
+        _timed(row, "fla_fwdbwd", lambda: bench(fla_fwdbwd))
+    if row.get("fwd") and row.get("fla_fwd"):
+        row["fwd_over_fla_fwd"] = row["fwd"] / row["fla_fwd"]
+    if row.get("fwd") and row.get("fwdbwd"):
+        row["fwdbwd_over_fwd"] = row["fwdbwd"] / row["fwd"]
+    return row
+
+
+def _accuracy(torch, T, device, fla):
+    """bf16 errors against the float64 chunked backend: ours with random λ (output and every
+    gradient); ours and fla's at λ ≡ 1 (output)."""
+    import hodlr
+
+    row = {"T": T}
+    B, H, D = 1, 4, 64
+    for levels in (True, False):
+        q, k, v, g, beta, lam, do = _inputs(torch, B, T, H, D, torch.bfloat16, device, seed=T, levels=levels)
+        xs = [x.detach().requires_grad_() for x in (q, k, v, g, beta, lam)]
+        refs = [x.detach().double().requires_grad_() for x in (q, k, v, g, beta, lam)]
+        o = hodlr.log_linear_gated_delta_rule(*xs, scale=D ** -0.5)[0]
+        ref = hodlr.log_linear_gated_delta_rule(*refs, scale=D ** -0.5, backend="chunked")[0]
+        key = "" if levels else "_unit_levels"
+        row["o" + key] = _rel(o, ref)
+        if levels:
+            for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlevel_scales"),
+                                  torch.autograd.grad(o, xs, do), torch.autograd.grad(ref, refs, do.double())):
+                row[name] = _rel(a, b)
+        elif fla is not None:
+            try:
+                row["fla_o_unit_levels"] = _rel(fla(q, k, v, g, beta, scale=D ** -0.5)[0], ref)
+            except Exception:  # noqa: BLE001
+                row["fla_error"] = traceback.format_exc(limit=2)[-300:]
+    return row
+
+
+def run(args) -> dict:
+    import torch
+    import triton
+    import triton.testing
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("hodlr bench-gated-delta needs a CUDA GPU (or --device cpu with TRITON_INTERPRET=1)")
+    cuda = device.type == "cuda"
+
+    def bench(fn):
+        if cuda:
+            return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
+
+    fla = _fla() if cuda else None
+    result = {
+        "device": torch.cuda.get_device_properties(0).name if cuda else "cpu (interpreter smoke run)",
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": _commit(args.commit), "torch": torch.__version__, "triton": triton.__version__,
+        "fla": _fla_version(), "dtype": "bfloat16", "tokens": args.tokens, "rows": [], "accuracy": [],
+    }
+    for D in args.widths:
+        H = max(1, args.model_width // D)
+        for T in args.lengths:
+            row = _row(torch, bench, D, H, T, max(1, args.tokens // T), torch.bfloat16, device, fla)
+            result["rows"].append(row)
+            print(_format_row(row), flush=True)
+            if cuda:
+                torch.cuda.empty_cache()
+    for T in args.accuracy:
+        try:
+            row = _accuracy(torch, T, device, fla)
+        except Exception:  # noqa: BLE001
+            row = {"T": T, "error": traceback.format_exc(limit=3)[-400:]}
+        result["accuracy"].append(row)
+        print({k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    return result
+
+
+def _format_row(r) -> str:
+    return (f"D={r['D']:>3} H={r['H']:>2} T={r['T']:>7} B={r['B']:>3} | fwd {_fmt(r.get('fwd'))} "
+            f"fwd+bwd {_fmt(r.get('fwdbwd'))} ratio {_fmt(r.get('fwdbwd_over_fwd'), '.2f')} | fla GDN fwd "
+            f"{_fmt(r.get('fla_fwd'))} fwd+bwd {_fmt(r.get('fla_fwdbwd'))}"
+            f"{' (failed)' if 'fla_fwdbwd_error' in r else ''} | fwd / fla fwd {_fmt(r.get('fwd_over_fla_fwd'), '.2f')}")
+
+
+def plot(result, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widths = sorted({r["D"] for r in result["rows"]})
+    fig, axes = plt.subplots(1, len(widths), figsize=(5.5 * len(widths), 4.5), squeeze=False)
+    series = (("fwd", "hodlr log-linear GDN fwd", "C0", "-"), ("fwdbwd", "hodlr log-linear GDN fwd+bwd", "C0", "--"),
+              ("fla_fwd", "fla GDN (linear) fwd", "C2", "-"), ("fla_fwdbwd", "fla GDN (linear) fwd+bwd", "C2", "--"))
+    for ax, D in zip(axes[0], widths):
+        plot_times(ax, result, D, series)
+    fig.suptitle(f"{result['device']}  {result['date']}  commit {result['commit'][:10]}  {result['dtype']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    """Entry point of ``hodlr bench-gated-delta``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    write(run(args), args.json, args.png, plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

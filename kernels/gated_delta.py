@@ -1,0 +1,335 @@
+"""Chunked log-linear Gated DeltaNet forward: ``O = (P ⊙ Mλ) V`` (docs/mathematics.md §13).
+
+``P[t, s] = scale β_s q_tᵀ A_t ⋯ A_{s+1} k_s`` with ``A_t = exp(g_t) (I - β_t k_t k_tᵀ)`` and
+``Mλ[t, s] = λ[t, level(t, s)]``.  With chunk size ``C = 2^c`` (chunks aligned at 0), per chunk
+(``Γ[t, s] = exp(Σ_{k=s+1..t} g_k)``, ``γ_t = exp(Σ_{k=start..t} g_k)``, ``d_s = Γ[end, s]``,
+``N = I + strictly_lower(diag(β) (K Kᵀ ⊙ Γ))``, ``X = N⁻¹``):
+
+* ``P = (Q Kᵀ ⊙ Γ) X diag(β)``: the pairs inside the chunk (times the in-chunk λ-mask, levels
+  ``0..c``);
+* ``W = X diag(βγ) K``: the chunk's transitions in WY form, so that the queries moved to the
+  chunk's start are ``Q̃ = diag(γ) Q - (Q Kᵀ ⊙ Γ) W`` and the chunk's transition is
+  ``Tr = γ_end I - (diag(d) K)ᵀ W`` (``Dk x Dk``);
+* ``U = (diag(d) K)ᵀ X diag(β) V``: the chunk's writes moved to its end (``Dk x Dv``).
+
+Across chunks the aligned block hierarchy (the layout of :mod:`kernels.states`, level ``h`` holding
+``n >> h`` blocks of ``2^h`` chunks) carries states *and* transitions:
+``H_{h+1}[m] = T_h[2m+1] H_h[2m] + H_h[2m+1]``, ``T_{h+1}[m] = T_h[2m+1] T_h[2m]``.  Chunk ``i``
+reads it walking its set bits ``h`` from low to high with one moved query per row, starting from
+``q̂ = Q̃``: ``o_t += scale λ[t, c+1+h] q̂_tᵀ H_h[(i >> h) - 1]``, then ``q̂_t <- T_h[(i >> h) - 1]ᵀ q̂_t``
+(the blocks of the lower set bits are the gap between a higher block and the chunk).
+
+Launches (see ``docs/kernels.md``):
+
+1. ``_chunk_kernel``, grid ``(chunk, batch)``: ``X`` (stored), ``W`` (stored), ``Tr`` and ``U``
+   (level 0 of the hierarchy);
+2. ``_hierarchy_kernel``, one launch per level, grid ``(block, batch, column tile)``: ``H`` and
+   ``T`` of the level above;
+3. ``_output_kernel``, grid ``(chunk, batch, Dv-tile)``: the in-chunk part and the walk.
+
+Every decay is the exponential of a sum of its own terms inside one chunk (no difference of
+prefix sums).  ``X`` comes from forward substitution on the ``16 x 16`` diagonal blocks of ``N``
+(all blocks at once) and the finite Neumann series of the strictly block-lower rest
+(:func:`unit_lower_inverse`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._device import chunk_decays, chunk_rows, intra_decay, intra_scales
+from . import _layout
+from ._layout import NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, hierarchy_sizes, output_buffer
+from .attention import attention_layout
+
+MAX_DK = 128
+"""Widest key head the Gated DeltaNet kernels take (the moved queries and the ``Dk x Dk``
+transitions are held whole in a program)."""
+
+
+# ---------------------------------------------------------------------------------------
+# device helpers shared with the backward
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def gates(g_row, t, tmask, sgt, T, C: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, EXACT: tl.constexpr):
+    """``(Γ, γ, d, γ_end)`` of one chunk: ``Γ[t, s] = exp(Σ_{k=s+1..t} g_k)`` for ``s <= t`` (0
+    above the diagonal and on rows past ``T``), ``γ_t = exp(Σ_{k=start..t} g_k)``,
+    ``d_s = exp(Σ_{k=s+1..end} g_k)`` and ``γ_end``; without decay the causal ones and ones."""
+    r = tl.arange(0, C)
+    if HAS_G:
+        G, g_next = chunk_decays(g_row, t, tmask, sgt, T, C, HAS_G, ACC)
+        Gam = intra_decay(G, g_next, tmask, C, EXACT)
+        gamma = tl.exp(G)
+        d = tl.exp(tl.cumsum(g_next, 0, reverse=True))
+        gamma_end = tl.exp(tl.sum(tl.where(r == C - 1, G, 0.0), 0))
+    else:
+        Gam = tl.where((r[:, None] >= r[None, :]) & tmask[:, None], 1.0, 0.0).to(ACC)
+        gamma = tl.full((C,), 1.0, dtype=ACC)
+        d = gamma
+        gamma_end = tl.full((), 1.0, dtype=ACC)
+    return Gam, gamma, d, gamma_end
+
+
+@triton.jit
+def unit_lower_inverse(Lm, C: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """``(I + Lm)⁻¹`` for a strictly lower-triangular ``(C, C)`` ``Lm`` (``C`` a multiple of 16).
+
+    ``I + Lm = D (I + M)`` with ``D`` its ``16 x 16`` unit lower diagonal blocks and
+    ``M = D⁻¹ F`` (``F`` the strictly block-lower rest): ``D⁻¹`` by forward substitution, row ``i``
+    of every block at once (15 steps on the ``(C, C)`` tile), then ``(I + M)⁻¹ = Σ_j (-M)^j``, a
+    finite sum (``M`` is nilpotent of index ``C / 16``) by Horner's rule, and the product."""
+    r = tl.arange(0, C)
+    same = (r[:, None] // 16) == (r[None, :] // 16)
+    Dm = tl.where(same, Lm, 0.0)
+    X = tl.where(r[:, None] == r[None, :], 1.0, 0.0).to(ACC)
+    in_block = r % 16
+    for i in tl.static_range(1, 16):
+        rows = (in_block == i)[:, None] & same  # row i of every block, inside the block
+        row = tl.sum(tl.where(rows, Dm, 0.0), 0)  # column j: Dm[16 * block(j) + i, j]
+        X = tl.where(rows, X - tl.sum(row[:, None] * X, 0)[None, :], X)
+    if C > 16:
+        M = tl.dot(X, Lm - Dm, input_precision=PREC, out_dtype=ACC)
+        eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0).to(ACC)
+        Y = eye - M
+        for _ in tl.static_range(C // 16 - 2):
+            Y = eye - tl.dot(M, Y, input_precision=PREC, out_dtype=ACC)
+        X = tl.dot(Y, X, input_precision=PREC, out_dtype=ACC)
+    return X
+
+
+@triton.jit
+def load_rows(ptr, b0, b1, t, tmask, sb0, sb1, st, sd, cols, D, ACC: tl.constexpr):
+    """The ``(len(t), len(cols))`` tile of rows ``t`` and columns ``cols`` of batch entry
+    ``(b0, b1)`` in ``ACC``, zero outside ``tmask`` and past ``D``."""
+    return tl.load(ptr + b0 * sb0 + b1 * sb1 + t[:, None] * st + cols[None, :] * sd,
+                   mask=tmask[:, None] & (cols[None, :] < D), other=0.0).to(ACC)
+
+
+@triton.jit
+def matrix_tile(ptr, index, rows, cols, R, S, ACC: tl.constexpr):
+    """The ``(rows, cols)`` tile of the ``R x S`` row-major matrix ``index`` of a stack, in ``ACC``."""
+    return tl.load(ptr + index * (R * S) + rows[:, None] * S + cols[None, :],
+                   mask=(rows[:, None] < R) & (cols[None, :] < S), other=0.0).to(ACC)
+
+
+@triton.jit
+def store_matrix_tile(ptr, index, value, rows, cols, R, S):
+    """Store ``value`` where :func:`matrix_tile` reads it."""
+    tl.store(ptr + index * (R * S) + rows[:, None] * S + cols[None, :], value,
+             mask=(rows[:, None] < R) & (cols[None, :] < S))
+
+
+# ---------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "sbb0", "sbb1", "sgb0", "sgb1"])
+def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr,
+                  T, B1, n_chunks, n_total, DK: tl.constexpr, DV: tl.constexpr,
+                  skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt, sgb0, sgb1, sgt,
+                  C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr,
+                  PREC: tl.constexpr, EXACT: tl.constexpr):
+    """Program ``(chunk i, batch entry)``: ``X = N⁻¹`` and ``W`` of the chunk (stored, ``(C, C)``
+    and ``(C, Dk)``), its transition ``Tr`` and its state ``U`` (level 0 of the hierarchy)."""
+    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+    r = tl.arange(0, C)
+    dk = tl.arange(0, BDK)
+    K = load_rows(k_ptr, b0, b1, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
+    beta = tl.load(b_ptr + b0 * sbb0 + b1 * sbb1 + t * sbt, mask=tmask, other=0.0).to(ACC)
+    Gam, gamma, d, gamma_end = gates(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC, EXACT)
+    Lm = tl.where(r[:, None] > r[None, :], beta[:, None] * tl.dot(K, tl.trans(K), input_precision=PREC, out_dtype=ACC) * Gam, 0.0)
+    X = unit_lower_inverse(Lm, C, ACC, PREC)
+    row = bh * n_chunks + i
+    store_matrix_tile(x_ptr, row, X, r, r, C, C)
+    W = tl.dot(X, (beta * gamma)[:, None] * K, input_precision=PREC, out_dtype=ACC)
+    store_matrix_tile(w_ptr, row, W, r, dk, C, DK)
+    Kd = d[:, None] * K
+    blk = bh * n_total + i
+    eye = tl.where(dk[:, None] == dk[None, :], 1.0, 0.0).to(ACC)
+    store_matrix_tile(tr_ptr, blk, gamma_end * eye - tl.dot(tl.trans(Kd), W, input_precision=PREC, out_dtype=ACC), dk, dk, DK, DK)
+    E = tl.dot(tl.trans(Kd), X * beta[None, :], input_precision=PREC, out_dtype=ACC)  # column s: β_s k_s moved to the chunk's end
+    for d0 in tl.static_range(0, DV, BDV):
+        dv = d0 + tl.arange(0, BDV)
+        V = load_rows(v_ptr, b0, b1, t, tmask, svb0, svb1, svt, svd, dv, DV, ACC)
+        store_matrix_tile(h_ptr, blk, tl.dot(E, V, input_precision=PREC, out_dtype=ACC), dk, dv, DK, DV)
+
+
+@triton.jit(do_not_specialize=["n_total", "off_child", "off_parent"])
+def _hierarchy_kernel(h_ptr, tr_ptr, n_total, off_child, off_parent, DK: tl.constexpr, DV: tl.constexpr,
+                      N_DV_TILES: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, ACC: tl.constexpr,
+                      PREC: tl.constexpr):
+    """Program ``(block m, batch entry, column tile j)`` of the level above ``h``: tile ``j`` of
+    ``H_{h+1}[m] = T_h[2m+1] H_h[2m] + H_h[2m+1]`` (``j < N_DV_TILES``), or
+    ``T_{h+1}[m] = T_h[2m+1] T_h[2m]`` (``j = N_DV_TILES``)."""
+    m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    j = tl.program_id(2)
+    even = bh * n_total + off_child + 2 * m
+    dst = bh * n_total + off_parent + m
+    dk = tl.arange(0, BDK)
+    T_odd = matrix_tile(tr_ptr, even + 1, dk, dk, DK, DK, ACC)
+    if j < N_DV_TILES:
+        dv = j * BDV + tl.arange(0, BDV)
+        H = tl.dot(T_odd, matrix_tile(h_ptr, even, dk, dv, DK, DV, ACC), input_precision=PREC, out_dtype=ACC)
+        store_matrix_tile(h_ptr, dst, H + matrix_tile(h_ptr, even + 1, dk, dv, DK, DV, ACC), dk, dv, DK, DV)
+    else:
+        Tr = tl.dot(T_odd, matrix_tile(tr_ptr, even, dk, dk, DK, DK, ACC), input_precision=PREC, out_dtype=ACC)
+        store_matrix_tile(tr_ptr, dst, Tr, dk, dk, DK, DK)
+
+
+@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sbb0",
+                               "sbb1", "sgb0", "sgb1"])
+def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, o_ptr,
+                   T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, scale,
+                   sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt,
+                   slb0, slb1, slt, sll, sgb0, sgb1, sgt, sob0, sob1, sot, sod,
+                   C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
+                   ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr):
+    """Program ``(chunk i, batch entry, Dv-tile)``: ``(P ⊙ Λ) V`` inside the chunk, then the walk
+    over the set bits of ``i`` with the moved queries ``q̂``."""
+    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+    r = tl.arange(0, C)
+    dk = tl.arange(0, BDK)
+    dv = tl.program_id(2) * BDV + tl.arange(0, BDV)
+    Q = load_rows(q_ptr, b0, b1, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, ACC)
+    K = load_rows(k_ptr, b0, b1, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
+    beta = tl.load(b_ptr + b0 * sbb0 + b1 * sbb1 + t * sbt, mask=tmask, other=0.0).to(ACC)
+    Gam, gamma, d, gamma_end = gates(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC, EXACT)
+    Sq = tl.dot(Q, tl.trans(K), input_precision=PREC, out_dtype=ACC) * Gam
+    row = bh * n_chunks + i
+    P = tl.dot(Sq, matrix_tile(x_ptr, row, r, r, C, C, ACC), input_precision=PREC, out_dtype=ACC) * beta[None, :]
+    l_base = l_ptr + b0 * slb0 + b1 * slb1
+    Lam = intra_scales(l_base + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)[0].to(ACC)
+    V = load_rows(v_ptr, b0, b1, t, tmask, svb0, svb1, svt, svd, dv, DV, ACC)
+    acc = tl.dot(P * Lam, V, input_precision=PREC, out_dtype=ACC)
+    qh = gamma[:, None] * Q - tl.dot(Sq, matrix_tile(w_ptr, row, r, dk, C, DK, ACC), input_precision=PREC, out_dtype=ACC)
+    off = 0
+    h = 0
+    while h < n_bits:  # a while loop: the interpreter cannot range() over a computed bound
+        if ((i >> h) & 1) == 1:
+            blk = bh * n_total + off + (i >> h) - 1
+            lam = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
+            acc += lam[:, None] * tl.dot(qh, matrix_tile(h_ptr, blk, dk, dv, DK, DV, ACC), input_precision=PREC, out_dtype=ACC)
+            if (i >> (h + 1)) != 0:  # a higher block is read after this one: move the queries across it
+                qh = tl.dot(qh, matrix_tile(tr_ptr, blk, dk, dk, DK, DK, ACC), input_precision=PREC, out_dtype=ACC)
+        off += n_chunks >> h
+        h += 1
+    tl.store(o_ptr + b0 * sob0 + b1 * sob1 + t[:, None] * sot + dv[None, :] * sod, acc * scale,
+             mask=tmask[:, None] & (dv[None, :] < DV))
+
+
+# ---------------------------------------------------------------------------------------
+# host side
+# ---------------------------------------------------------------------------------------
+class Chunks(NamedTuple):
+    """What the chunk kernel and the hierarchy leave for the output kernel and the backward:
+    ``X (B, n, C, C)``, ``W (B, n, C, Dk)``, and the hierarchy ``states (B, N, Dk*Dv)`` and
+    ``trans (B, N, Dk*Dk)`` (level ``h`` at offset ``Σ_{h'<h} n >> h'``), all in the accumulator
+    dtype; ``C`` and the chunk count ``n``."""
+
+    X: torch.Tensor
+    W: torch.Tensor
+    states: torch.Tensor
+    trans: torch.Tensor
+    C: int
+    n: int
+
+
+def gated_delta_layout(q, k, v, beta, level_scales, log_decay, **others):
+    """:func:`kernels.attention.attention_layout` with ``beta (*batch, T)`` as the tensor
+    ``"beta"`` (a ``(*batch, T, 1)`` view); ``Dk <= MAX_DK``."""
+    if beta.shape[-1:] != v.shape[-2:-1]:
+        raise ValueError(f"beta must have shape (*batch, T) with T={v.shape[-2]}, got {tuple(beta.shape)}")
+    if q.shape[-1] > MAX_DK:
+        raise ValueError(f"the Gated DeltaNet kernels take Dk <= {MAX_DK}, got Dk={q.shape[-1]} "
+                         f"(use the 'chunked' backend for wider keys)")
+    return attention_layout(q, k, v, level_scales, log_decay, beta=beta[..., None], **others)
+
+
+def tiles(layout):
+    """``(BDK, BDV, Dv tiles)`` of a call: the whole key width, value tiles of at most 64."""
+    BDK, BDV = block(layout.DK, MAX_DK), block(layout.DV, 64)
+    return BDK, BDV, cdiv(layout.DV, BDV)
+
+
+def chunk_hierarchy(layout, C: int) -> Chunks:
+    """Launches 1 and 2 (see the module docstring) for the call ``layout`` with chunk size ``C``;
+    shared by the forward and the backward (which recomputes them)."""
+    v = layout.tensors["v"]
+    acc, prec, exact = compute_types(v.dtype)
+    work = torch.float64 if v.dtype == torch.float64 else torch.float32
+    DK, DV, B = layout.DK, layout.DV, layout.B
+    n = chunk_count(layout.T, C)
+    sizes = hierarchy_sizes(n)
+    N = sum(sizes)
+    dev = v.device
+    X = _layout.scratch((B, n, C, C), work, dev)
+    W = _layout.scratch((B, n, C, DK), work, dev)
+    states = _layout.scratch((B, N, DK * DV), work, dev)
+    trans = _layout.scratch((B, N, DK * DK), work, dev)
+    BDK, BDV, n_dv = tiles(layout)
+    has_g = layout.tensors["g"] is not None
+    _chunk_kernel[(n, B)](
+        layout.tensors["k"], v, layout.tensors["beta"], layout.decay_args()[0], X, W, states, trans,
+        layout.T, layout.B1, n, N, DK, DV, *layout.args("k")[1:], *layout.args("v")[1:],
+        *layout.args("beta")[1:4], *layout.decay_args()[1:],
+        C=C, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact, num_warps=NUM_WARPS["gated_delta"])
+    top = len(sizes) - 1
+    off = 0
+    for h in range(top):
+        # the top level's transitions are never read: no query is moved across a top-level block
+        columns = n_dv + (1 if h + 1 < top else 0)
+        _hierarchy_kernel[(sizes[h + 1], B, columns)](
+            states, trans, N, off, off + sizes[h], DK, DV, n_dv, BDK=BDK, BDV=BDV, ACC=acc, PREC=prec,
+            num_warps=NUM_WARPS["gated_delta"])
+        off += sizes[h]
+    return Chunks(X, W, states, trans, C, n)
+
+
+def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None,
+                        out=None):
+    """Log-linear Gated DeltaNet forward on the GPU (or the Triton interpreter).
+
+    Parameters
+    ----------
+    q, k : torch.Tensor, shape ``(*batch, T, Dk)``, ``Dk <= MAX_DK``
+    v : torch.Tensor, shape ``(*batch, T, Dv)``
+    beta : torch.Tensor, shape ``(*batch, T)``
+    level_scales : torch.Tensor, shape ``(*batch, T, L)``, ``L >= fenwick.num_levels(T)``
+    log_decay : torch.Tensor, shape ``(*batch, T)``, optional
+        Leading dims broadcast (read through stride-0 views, never copied); any strides.
+        float16 / bfloat16 / float32 on CUDA (float64 too under ``TRITON_INTERPRET=1``); every
+        intermediate (``X``, ``W``, the hierarchy, the moved queries) in float32 (float64 for
+        float64).
+    scale : float
+        Multiplies ``P``.
+    chunk : int, optional
+        Chunk size ``C``, a power of two in ``[16, 256]`` (default ``DEFAULT_CHUNK["gated_delta"]``).
+    out : torch.Tensor, optional
+        Contiguous ``(*batch, T, Dv)`` output buffer with ``v``'s dtype.
+
+    Returns
+    -------
+    torch.Tensor ``(*batch, T, Dv)``.
+    """
+    C = check_chunk(chunk, "gated_delta")
+    layout = gated_delta_layout(q, k, v, beta, level_scales, log_decay)
+    T, DK, DV = layout.T, layout.DK, layout.DV
+    v = layout.tensors["v"]
+    acc, prec, exact = compute_types(v.dtype)
+    out = output_buffer(out, layout.batch + (T, DV), v)
+    o_flat = out.reshape((layout.B0, layout.B1, T, DV))
+    ch = chunk_hierarchy(layout, C)
+    BDK, BDV, n_dv = tiles(layout)
+    _output_kernel[(ch.n, layout.B, n_dv)](
+        layout.tensors["q"], layout.tensors["k"], v, layout.tensors["beta"], layout.tensors["l"],
+        layout.decay_args()[0], ch.X, ch.W, ch.states, ch.trans, o_flat,
+        T, layout.B1, ch.n, ch.states.shape[1], (ch.n - 1).bit_length(), layout.L, DK, DV, float(scale),
+        *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("beta")[1:4],
+        *layout.args("l")[1:], *layout.decay_args()[1:], *o_flat.stride(),
+        C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=layout.tensors["g"] is not None, ACC=acc, PREC=prec,
+        EXACT=exact, num_warps=NUM_WARPS["gated_delta"])
+    return out

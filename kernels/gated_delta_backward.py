@@ -1,0 +1,310 @@
+"""Triton backward of chunked log-linear Gated DeltaNet (the forward: :mod:`kernels.gated_delta`).
+
+Reverse mode through the forward's three stages, for a cotangent ``dO``:
+
+1. :func:`kernels.gated_delta.chunk_hierarchy` recomputes ``X``, ``W`` and the hierarchy ``H``, ``T``.
+2. ``_reader_kernel`` (one program per chunk ``i``) differentiates the walk.  With the set bits
+   ``h_1 < ... < h_m`` of ``i``, ``q_0 = Q̃`` and ``q_k = q_{k-1} T_{h_k}``, the reads are
+   ``scale λ_{h_k} ⊙ q_{k-1} H_{h_k}``; walking the bits from high to low it writes
+   ``dλ[t, c+1+h] = scale q_{k-1,t} · (dO H_hᵀ)_t``, adds ``scale (λ_h ⊙ q_{k-1})ᵀ dO`` to ``dH_h`` and
+   ``q_{k-1}ᵀ dq_k`` to ``dT_h`` of the block it reads (atomically: every chunk of a reader block
+   adds to the same block), and carries ``dq_{k-1} = dq_k T_{h_k}ᵀ + scale λ_{h_k} ⊙ dO H_{h_k}ᵀ``
+   down to ``dQ̃ = dq_0``.  ``q_{k-1}`` is recomputed from ``Q̃`` at each set bit (``m(m-1)/2``
+   moves of ``(C, Dk)`` rows per chunk; nothing of size ``T log T`` is stored).
+3. ``_reverse_hierarchy_kernel`` (one launch per level, top down) is the adjoint of
+   ``H_{h+1}[m] = T_h[2m+1] H_h[2m] + H_h[2m+1]``, ``T_{h+1}[m] = T_h[2m+1] T_h[2m]``: it moves
+   ``dH``, ``dT`` of every block to its two halves, down to the chunks (level 0: ``dU``, ``dTr``).
+4. ``_chunk_kernel`` (one program per chunk) differentiates everything inside the chunk: the
+   in-chunk output ``scale (P ⊙ Λ) V`` (``dλ`` of levels ``0..c``), ``Q̃``, ``Tr`` and ``U`` through
+   ``X = N⁻¹`` (``dN = -Xᵀ dX Xᵀ``) back to ``q, k, v, β`` and the chunk-local cumulative
+   log-decay ``G``, whose reverse cumulative sum inside the chunk is ``dg`` (every decay of the
+   forward is a sum of ``g`` inside one chunk, so no sum runs along the sequence).
+
+The derivation, term by term, is in ``docs/kernels.md`` (the Gated DeltaNet section).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _layout
+from ._device import chunk_rows, intra_scales
+from ._layout import NUM_WARPS, check_chunk, compute_types, hierarchy_sizes, next_power_of_2
+from .gated_delta import chunk_hierarchy, gated_delta_layout, gates, load_rows, matrix_tile, store_matrix_tile, tiles
+
+
+@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sgb0",
+                               "sgb1"])
+def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, dh_ptr, dt_ptr, dqt_ptr, dl_ptr,
+                   T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, scale,
+                   sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, sob0, sob1, sot, sod, slb0, slb1, slt, sll,
+                   sgb0, sgb1, sgt, C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                   BL: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                   EXACT: tl.constexpr):
+    """Program ``(chunk i, batch entry)``: stage 2 of the module docstring."""
+    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+    r = tl.arange(0, C)
+    dk = tl.arange(0, BDK)
+    Q = load_rows(q_ptr, b0, b1, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, ACC)
+    K = load_rows(k_ptr, b0, b1, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
+    Gam, gamma, d, gamma_end = gates(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC, EXACT)
+    Sq = tl.dot(Q, tl.trans(K), input_precision=PREC, out_dtype=ACC) * Gam
+    row = bh * n_chunks + i
+    Qt = gamma[:, None] * Q - tl.dot(Sq, matrix_tile(w_ptr, row, r, dk, C, DK, ACC), input_precision=PREC,
+                                     out_dtype=ACC)
+    l_base = l_ptr + b0 * slb0 + b1 * slb1
+    col_l = tl.arange(0, BL)
+    dl = tl.zeros((C, BL), dtype=ACC)
+    dq = tl.zeros((C, BDK), dtype=ACC)
+    higher = 0  # a higher set bit was read: dq carries its gradient
+    off_top = 0
+    lv = 0
+    while lv < n_bits - 1:
+        off_top += n_chunks >> lv
+        lv += 1
+    h = n_bits - 1
+    off = off_top
+    while h >= 0:
+        if ((i >> h) & 1) == 1:
+            qh = Qt  # the queries at the read: moved across the blocks of the set bits below h
+            h2 = 0
+            off2 = 0
+            while h2 < h:
+                if ((i >> h2) & 1) == 1:
+                    qh = tl.dot(qh, matrix_tile(tr_ptr, bh * n_total + off2 + (i >> h2) - 1, dk, dk, DK, DK, ACC),
+                                input_precision=PREC, out_dtype=ACC)
+                off2 += n_chunks >> h2
+                h2 += 1
+            blk = bh * n_total + off + (i >> h) - 1
+            lam = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
+            lq = tl.trans(scale * lam[:, None] * qh)
+            G_h = tl.zeros((C, BDK), dtype=ACC)  # dO H_hᵀ
+            for d0 in tl.static_range(0, DV, BDV):
+                dv = d0 + tl.arange(0, BDV)
+                dO = load_rows(do_ptr, b0, b1, t, tmask, sob0, sob1, sot, sod, dv, DV, ACC)
+                G_h += tl.dot(dO, tl.trans(matrix_tile(h_ptr, blk, dk, dv, DK, DV, ACC)), input_precision=PREC,
+                              out_dtype=ACC)
+                tl.atomic_add(dh_ptr + blk * (DK * DV) + dk[:, None] * DV + dv[None, :],
+                              tl.dot(lq, dO, input_precision=PREC, out_dtype=ACC),
+                              mask=(dk[:, None] < DK) & (dv[None, :] < DV))
+            dl = tl.where(col_l[None, :] == LOG_C + 1 + h, (scale * tl.sum(qh * G_h, 1))[:, None], dl)
+            if higher == 1:
+                tl.atomic_add(dt_ptr + blk * (DK * DK) + dk[:, None] * DK + dk[None, :],
+                              tl.dot(tl.trans(qh), dq, input_precision=PREC, out_dtype=ACC),
+                              mask=(dk[:, None] < DK) & (dk[None, :] < DK))
+                dq = tl.dot(dq, tl.trans(matrix_tile(tr_ptr, blk, dk, dk, DK, DK, ACC)), input_precision=PREC,
+                            out_dtype=ACC)
+            dq += scale * lam[:, None] * G_h
+            higher = 1
+        h -= 1
+        if h >= 0:
+            off -= n_chunks >> h
+    store_matrix_tile(dqt_ptr, row, dq, r, dk, C, DK)
+    tl.store(dl_ptr + (bh * T + t[:, None]) * L + col_l[None, :], dl,
+             mask=tmask[:, None] & (col_l[None, :] > LOG_C) & (col_l[None, :] < L))
+
+
+@triton.jit(do_not_specialize=["n_total", "off_child", "off_parent"])
+def _reverse_hierarchy_kernel(h_ptr, tr_ptr, dh_ptr, dt_ptr, n_total, off_child, off_parent, DK: tl.constexpr,
+                              DV: tl.constexpr, N_DV_TILES: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                              ACC: tl.constexpr, PREC: tl.constexpr):
+    """Program ``(block m of level h + 1, batch entry, column tile j)``: the adjoint of the block's
+    two equations (stage 3).  Tile ``j < N_DV_TILES``: ``dH_h[2m] += T_h[2m+1]ᵀ dH_{h+1}[m]`` and
+    ``dH_h[2m+1] += dH_{h+1}[m]`` on those columns; ``j = N_DV_TILES``:
+    ``dT_h[2m+1] += dH_{h+1}[m] H_h[2m]ᵀ + dT_{h+1}[m] T_h[2m]ᵀ``, ``dT_h[2m] += T_h[2m+1]ᵀ dT_{h+1}[m]``."""
+    m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    j = tl.program_id(2)
+    even = bh * n_total + off_child + 2 * m
+    odd = even + 1
+    parent = bh * n_total + off_parent + m
+    dk = tl.arange(0, BDK)
+    T_odd = matrix_tile(tr_ptr, odd, dk, dk, DK, DK, ACC)
+    if j < N_DV_TILES:
+        dv = j * BDV + tl.arange(0, BDV)
+        dHp = matrix_tile(dh_ptr, parent, dk, dv, DK, DV, ACC)
+        dHe = matrix_tile(dh_ptr, even, dk, dv, DK, DV, ACC)
+        dHo = matrix_tile(dh_ptr, odd, dk, dv, DK, DV, ACC)
+        store_matrix_tile(dh_ptr, even, dHe + tl.dot(tl.trans(T_odd), dHp, input_precision=PREC, out_dtype=ACC),
+                          dk, dv, DK, DV)
+        store_matrix_tile(dh_ptr, odd, dHo + dHp, dk, dv, DK, DV)
+    else:
+        dTp = matrix_tile(dt_ptr, parent, dk, dk, DK, DK, ACC)
+        acc = tl.dot(dTp, tl.trans(matrix_tile(tr_ptr, even, dk, dk, DK, DK, ACC)), input_precision=PREC,
+                     out_dtype=ACC)
+        for d0 in tl.static_range(0, DV, BDV):
+            dv = d0 + tl.arange(0, BDV)
+            acc += tl.dot(matrix_tile(dh_ptr, parent, dk, dv, DK, DV, ACC),
+                          tl.trans(matrix_tile(h_ptr, even, dk, dv, DK, DV, ACC)), input_precision=PREC, out_dtype=ACC)
+        store_matrix_tile(dt_ptr, odd, matrix_tile(dt_ptr, odd, dk, dk, DK, DK, ACC) + acc, dk, dk, DK, DK)
+        store_matrix_tile(dt_ptr, even, matrix_tile(dt_ptr, even, dk, dk, DK, DK, ACC)
+                          + tl.dot(tl.trans(T_odd), dTp, input_precision=PREC, out_dtype=ACC), dk, dk, DK, DK)
+
+
+@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "L", "slb0", "slb1", "slt", "sbb0", "sbb1",
+                               "sgb0", "sgb1"])
+def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr, dh_ptr, dt_ptr, dqt_ptr,
+                  dq_ptr, dk_ptr, dv_ptr, db_ptr, dl_ptr, dg_ptr,
+                  T, B1, n_chunks, n_total, L, DK: tl.constexpr, DV: tl.constexpr, scale,
+                  sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt,
+                  sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt,
+                  C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
+                  HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr):
+    """Program ``(chunk i, batch entry)``: stage 4 of the module docstring (every gradient of the
+    chunk's rows given ``dO``, ``dQ̃`` and the chunk's ``dU``, ``dTr``)."""
+    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+    r = tl.arange(0, C)
+    dk = tl.arange(0, BDK)
+    Q = load_rows(q_ptr, b0, b1, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, ACC)
+    K = load_rows(k_ptr, b0, b1, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
+    beta = tl.load(b_ptr + b0 * sbb0 + b1 * sbb1 + t * sbt, mask=tmask, other=0.0).to(ACC)
+    Gam, gamma, d, gamma_end = gates(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC, EXACT)
+    row = bh * n_chunks + i
+    blk = bh * n_total + i
+    X = matrix_tile(x_ptr, row, r, r, C, C, ACC)
+    W = matrix_tile(w_ptr, row, r, dk, C, DK, ACC)
+    QK = tl.dot(Q, tl.trans(K), input_precision=PREC, out_dtype=ACC)
+    Sq = QK * Gam
+    Y = X * beta[None, :]
+    P = tl.dot(Sq, Y, input_precision=PREC, out_dtype=ACC)
+    Kd = d[:, None] * K
+    E = tl.dot(tl.trans(Kd), Y, input_precision=PREC, out_dtype=ACC)
+    Lam, lvl = intra_scales(l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
+    PL = P * Lam.to(ACC)
+    # the value side, tile by tile: dV, and the sums over Dv of dP and dE
+    dPL = tl.zeros((C, C), dtype=ACC)
+    dE = tl.zeros((BDK, C), dtype=ACC)
+    for d0 in tl.static_range(0, DV, BDV):
+        dv = d0 + tl.arange(0, BDV)
+        V = load_rows(v_ptr, b0, b1, t, tmask, svb0, svb1, svt, svd, dv, DV, ACC)
+        dO = load_rows(do_ptr, b0, b1, t, tmask, sob0, sob1, sot, sod, dv, DV, ACC)
+        dU = matrix_tile(dh_ptr, blk, dk, dv, DK, DV, ACC)
+        dPL += tl.dot(dO, tl.trans(V), input_precision=PREC, out_dtype=ACC)
+        dE += tl.dot(dU, tl.trans(V), input_precision=PREC, out_dtype=ACC)
+        dV = scale * tl.dot(tl.trans(PL), dO, input_precision=PREC, out_dtype=ACC) + tl.dot(
+            tl.trans(E), dU, input_precision=PREC, out_dtype=ACC)
+        tl.store(dv_ptr + (bh * T + t[:, None]) * DV + dv[None, :], dV, mask=tmask[:, None] & (dv[None, :] < DV))
+    dPL = scale * dPL
+    dP = dPL * Lam.to(ACC)
+    dLam = dPL * P
+    col_l = tl.arange(0, BL)
+    dl = tl.zeros((C, BL), dtype=ACC)
+    for lv in tl.static_range(LOG_C + 1):
+        dl = tl.where(col_l[None, :] == lv, tl.sum(tl.where(lvl == lv, dLam, 0.0), 1)[:, None], dl)
+    tl.store(dl_ptr + (bh * T + t[:, None]) * L + col_l[None, :], dl,
+             mask=tmask[:, None] & (col_l[None, :] <= LOG_C) & (col_l[None, :] < L))
+    # Tr = γ_end I - Kdᵀ W,  Q̃ = diag(γ) Q - Sq W,  U = E V,  E = Kdᵀ Y,  P = Sq Y
+    dTr = matrix_tile(dt_ptr, blk, dk, dk, DK, DK, ACC)
+    dQt = matrix_tile(dqt_ptr, row, r, dk, C, DK, ACC)
+    dKd = tl.dot(Y, tl.trans(dE), input_precision=PREC, out_dtype=ACC) - tl.dot(
+        W, tl.trans(dTr), input_precision=PREC, out_dtype=ACC)
+    dW = -tl.dot(Kd, dTr, input_precision=PREC, out_dtype=ACC) - tl.dot(tl.trans(Sq), dQt, input_precision=PREC,
+                                                                         out_dtype=ACC)
+    dgamma = tl.sum(Q * dQt, 1)
+    dQ = gamma[:, None] * dQt
+    dSq = tl.dot(dP, tl.trans(Y), input_precision=PREC, out_dtype=ACC) - tl.dot(
+        dQt, tl.trans(W), input_precision=PREC, out_dtype=ACC)
+    dY = tl.dot(Kd, dE, input_precision=PREC, out_dtype=ACC) + tl.dot(tl.trans(Sq), dP, input_precision=PREC,
+                                                                      out_dtype=ACC)
+    # Y = X diag(β),  W = X Z with Z = diag(βγ) K
+    Z = (beta * gamma)[:, None] * K
+    dX = dY * beta[None, :] + tl.dot(dW, tl.trans(Z), input_precision=PREC, out_dtype=ACC)
+    dZ = tl.dot(tl.trans(X), dW, input_precision=PREC, out_dtype=ACC)
+    KdZ = tl.sum(K * dZ, 1)
+    dbeta = tl.sum(X * dY, 0) + gamma * KdZ
+    dgamma += beta * KdZ
+    dK = (beta * gamma)[:, None] * dZ
+    # X = N⁻¹, N = I + strictly_lower(diag(β) (K Kᵀ ⊙ Γ))
+    Xt = tl.trans(X)
+    dN = -tl.dot(tl.dot(Xt, dX, input_precision=PREC, out_dtype=ACC), Xt, input_precision=PREC, out_dtype=ACC)
+    dLm = tl.where(r[:, None] > r[None, :], dN, 0.0)
+    KK = tl.dot(K, tl.trans(K), input_precision=PREC, out_dtype=ACC)
+    dbeta += tl.sum(dLm * KK * Gam, 1)
+    dKK = dLm * beta[:, None] * Gam
+    dSqG = dSq * Gam
+    dK += tl.dot(dKK + tl.trans(dKK), K, input_precision=PREC, out_dtype=ACC) + tl.dot(
+        tl.trans(dSqG), Q, input_precision=PREC, out_dtype=ACC) + d[:, None] * dKd
+    dQ += tl.dot(dSqG, K, input_precision=PREC, out_dtype=ACC)
+    kmask = tmask[:, None] & (dk[None, :] < DK)
+    tl.store(dq_ptr + (bh * T + t[:, None]) * DK + dk[None, :], dQ, mask=kmask)
+    tl.store(dk_ptr + (bh * T + t[:, None]) * DK + dk[None, :], dK, mask=kmask)
+    tl.store(db_ptr + bh * T + t, dbeta, mask=tmask)
+    if HAS_G:
+        # the decays are exponentials of the chunk-local cumulative log-decay G: dG, then dg
+        WG = (dLm * beta[:, None] * KK + dSq * QK) * Gam  # dΓ ⊙ Γ
+        dd = tl.sum(K * dKd, 1) * d
+        dG = tl.sum(WG, 1) - tl.sum(WG, 0) + dgamma * gamma - dd
+        trace = tl.sum(tl.sum(tl.where(dk[:, None] == dk[None, :], dTr, 0.0), 1), 0)  # dγ_end
+        dG += tl.where(r == C - 1, tl.sum(dd, 0) + trace * gamma_end, 0.0)
+        dg = tl.cumsum(dG, 0, reverse=True)
+        tl.store(dg_ptr + bh * T + t, tl.where(t == 0, 0.0, dg), mask=tmask)  # g of position 0 moves nothing
+
+
+def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, chunk=None):
+    """Gradients of ``O = gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale)`` for ``dO``.
+
+    Parameters
+    ----------
+    q, k : torch.Tensor, shape ``(*batch, T, Dk)``
+    v, do : torch.Tensor, shape ``(*batch, T, Dv)``
+    beta : torch.Tensor, shape ``(*batch, T)``
+    level_scales : torch.Tensor, shape ``(*batch, T, L)``
+    log_decay : torch.Tensor, shape ``(*batch, T)``, or None
+        Leading dims broadcast (views read in place); any strides.
+    scale : float
+    chunk : int, optional
+        The forward's chunk size (default ``DEFAULT_CHUNK["gated_delta"]``).
+
+    Returns
+    -------
+    (dq, dk, dv, dbeta, dlevel_scales, dlog_decay)
+        Of shape ``(*batch, T, ·)`` (the broadcast batch) in the inputs' dtypes (``dlog_decay`` is
+        None when ``log_decay`` is None).  Never-read level scales get exactly 0.
+    """
+    C = check_chunk(chunk, "gated_delta")
+    layout = gated_delta_layout(q, k, v, beta, level_scales, log_decay, do=do)
+    T, DK, DV, L, B = layout.T, layout.DK, layout.DV, layout.L, layout.B
+    v = layout.tensors["v"]
+    acc, prec, exact = compute_types(v.dtype)
+    work = torch.float64 if v.dtype == torch.float64 else torch.float32
+    dev = v.device
+    has_g = layout.tensors["g"] is not None
+    ch = chunk_hierarchy(layout, C)
+    n, N = ch.n, ch.states.shape[1]
+    n_bits = (n - 1).bit_length()
+    BDK, BDV, n_dv = tiles(layout)
+    BL = next_power_of_2(L)
+    meta = dict(C=C, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, PREC=prec, num_warps=NUM_WARPS["gated_delta"])
+    dH = torch.zeros_like(ch.states)  # added to atomically, then moved down the hierarchy
+    dT = torch.zeros_like(ch.trans)
+    dQt = _layout.scratch((B, n, C, DK), work, dev)
+    dl = _layout.scratch((B, T, L), work, dev)
+    g_args = layout.decay_args()
+    _reader_kernel[(n, B)](
+        layout.tensors["q"], layout.tensors["k"], layout.tensors["do"], layout.tensors["l"], g_args[0], ch.W,
+        ch.states, ch.trans, dH, dT, dQt, dl, T, layout.B1, n, N, n_bits, L, DK, DV, float(scale),
+        *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
+        LOG_C=C.bit_length() - 1, BL=BL, EXACT=exact, **meta)
+    sizes = hierarchy_sizes(n)
+    offsets = [sum(sizes[:h]) for h in range(len(sizes))]
+    for h in range(len(sizes) - 2, -1, -1):
+        _reverse_hierarchy_kernel[(sizes[h + 1], B, n_dv + 1)](
+            ch.states, ch.trans, dH, dT, N, offsets[h], offsets[h + 1], DK, DV, n_dv, BDK=BDK, BDV=BDV, ACC=acc,
+            PREC=prec, num_warps=NUM_WARPS["gated_delta"])
+    dq, dk = _layout.scratch((B, T, DK), work, dev), _layout.scratch((B, T, DK), work, dev)
+    dv = _layout.scratch((B, T, DV), work, dev)
+    db = _layout.scratch((B, T), work, dev)
+    dg = _layout.scratch((B, T), work, dev) if has_g else db
+    _chunk_kernel[(n, B)](
+        layout.tensors["q"], layout.tensors["k"], v, layout.tensors["beta"], layout.tensors["do"],
+        layout.tensors["l"], g_args[0], ch.X, ch.W, dH, dT, dQt, dq, dk, dv, db, dl, dg,
+        T, layout.B1, n, N, L, DK, DV, float(scale),
+        *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("beta")[1:4],
+        *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
+        LOG_C=C.bit_length() - 1, BL=BL, EXACT=exact, **meta)
+    batch = layout.batch
+    shaped = lambda x, like, tail: x.reshape(batch + (T,) + tail).to(like.dtype)  # noqa: E731
+    return (shaped(dq, q, (DK,)), shaped(dk, k, (DK,)), shaped(dv, v, (DV,)), shaped(db, beta, ()),
+            shaped(dl, level_scales, (L,)), shaped(dg, log_decay, ()) if has_g else None)

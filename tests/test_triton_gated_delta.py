@@ -1,0 +1,298 @@
+"""The Triton kernels of log-linear Gated DeltaNet equal the dense float64 reference.
+
+On the CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by
+``conftest.py``): hypothesis draws masks (never-read scales poisoned with NaN, every decay kind),
+unit keys, write strengths up to 2, operands with broadcasting batch shapes and lengths that are
+not multiples of the chunk; outputs are filled with NaN before the launch, so an element the
+kernels never write fails.  float64 must match to 1e-12 and float32 to 1e-5 (randomly drawn
+problems on ``hodlr.testing.scaled_error`` against ``|P ⊙ Mλ| |V|``), and the chunked backend
+with the same chunk.  The gradients of :func:`hodlr.kernels.gated_delta` (all six inputs) must
+match the dense float64 gradients under autograd to 1e-10 (float64) and 1e-4 (float32), with
+every scratch buffer of the kernels filled with NaN and never-read scales getting exactly 0.
+The ``gpu`` tests run bfloat16 on CUDA against the float64 reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import hodlr
+from hodlr import fenwick, kernels
+from hodlr.backends import chunked
+from hodlr.testing import (TOLERANCES, assert_close, batch_shapes, poison_unread, relative_error, scaled_error,
+                           st_lengths)
+from hodlr.kernels.gated_delta import MAX_DK
+
+from test_gated_delta import gdn_inputs
+
+INTERP = kernels.interpreting()
+DEVICE = "cpu" if INTERP else "cuda"
+pytestmark = pytest.mark.skipif(not INTERP and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
+DTYPES = [torch.float64, torch.float32] if INTERP else [torch.float32]
+TOL = {torch.float64: TOLERANCES["interpreter_float64"], torch.float32: TOLERANCES["interpreter_float32"]}
+CHUNK = 16
+"""Small chunk: short sequences then span several chunks and several chunk levels."""
+
+
+def _nan_like(shape, dtype):
+    return torch.full(tuple(shape), float("nan"), dtype=dtype, device=DEVICE)
+
+
+def _expand(batch, *tensors):
+    """Each ``(*b, T, ...)`` tensor (``None`` passes) viewed with the batch shape ``batch``."""
+    out = []
+    for x, tail in tensors:
+        out.append(None if x is None else x.expand(batch + tuple(x.shape[x.dim() - tail:])))
+    return out
+
+
+def _dense(q, k, v, beta, lam, g, scale):
+    """``(P ⊙ Mλ) V`` and ``|P ⊙ Mλ| |V|`` in float64 on the CPU (the operands broadcast)."""
+    to64 = [None if x is None else x.detach().double().cpu() for x in (q, k, v, beta, lam, g)]
+    q, k, v, beta, lam, g = to64
+    M = hodlr.LogLinearMask(lam, g, validate=False)
+    A = hodlr.gated_delta_matrix(q, k, beta, M, scale=scale)
+    return A @ v, A.abs() @ v.abs()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@settings(max_examples=8)
+@given(args=gdn_inputs(T=st_lengths(1, 50), batch=batch_shapes(2, 2), library="torch", Dk=st.integers(1, 5),
+                       Dv=st.integers(1, 5)),
+       scale=st.sampled_from([1.0, 0.37]))
+def test_forward_equals_dense(dtype, args, scale):
+    M, q, k, v, beta = args
+    batch = tuple(torch.broadcast_shapes(M.batch_shape, q.shape[:-2], k.shape[:-2], v.shape[:-2], beta.shape[:-1]))
+    cast = lambda x: None if x is None else x.to(DEVICE, dtype)  # noqa: E731
+    q, k, v, beta, lam, g = (cast(x) for x in (q, k, v, beta, M.level_scales, M.log_decay))
+    q, k, v, beta, lam, g = _expand(batch, (q, 2), (k, 2), (v, 2), (beta, 1), (lam, 2), (g, 1))
+    out = _nan_like(batch + (M.T, v.shape[-1]), dtype)
+    got = kernels.gated_delta_forward(q, k, v, beta, lam, g, scale, chunk=CHUNK, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    want, size = _dense(q, k, v, beta, lam, g, scale)
+    err = scaled_error(got, want, size)
+    assert err <= TOL[dtype], f"scaled error {err:.3e} > {TOL[dtype]:.0e} (T={M.T})"
+
+
+@pytest.mark.parametrize("T, C", [(1, 16), (2, 16), (17, 16), (65, 16), (97, 32), (130, 64)])
+def test_awkward_lengths_equal_chunked(T, C):
+    """float64, strong decay (steps down to -50), β up to 2, grouped heads (two value heads read
+    one key head): the chunked backend with the same chunk and the dense reference."""
+    rng = np.random.default_rng(T)
+    t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
+    q, k, v = t(1, 1, T, 4), torch.nn.functional.normalize(t(1, 1, T, 4), dim=-1), t(1, 2, T, 3)
+    beta = torch.as_tensor(rng.uniform(0, 2, (1, 2, T)))
+    lam = poison_unread(torch.as_tensor(rng.uniform(-0.5, 1.5, (1, 2, T, hodlr.num_levels(T) + 1))))
+    g = torch.as_tensor(np.where(rng.random((1, 2, T)) < 0.5, -rng.uniform(0, 1e-3, (1, 2, T)),
+                                 -rng.uniform(0, 50, (1, 2, T))))
+    q, k = _expand((1, 2), (q, 2), (k, 2))
+    dev = [x.to(DEVICE) for x in (q, k, v, beta, lam, g)]
+    got = kernels.gated_delta_forward(*dev, 0.5, chunk=C, out=_nan_like((1, 2, T, 3), torch.float64))
+    assert_close(got.cpu(), chunked.gated_delta_attention(q, k, v, beta, lam, g, 0.5, chunk=C),
+                 TOL[torch.float64], "vs chunked")
+    assert_close(got.cpu(), _dense(q, k, v, beta, lam, g, 0.5)[0], TOL[torch.float64], "vs dense")
+
+
+@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+def test_public_api_and_no_decay(rng):
+    """``hodlr.gated_delta_attention(..., backend="triton")`` (default chunk, no decay, a mask
+    shared by the heads, float32 operands) equals the fenwick recurrence."""
+    T = 70
+    M = hodlr.LogLinearMask(poison_unread(torch.as_tensor(rng.uniform(0.2, 1.5, (T, hodlr.num_levels(T))))))
+    q, v = torch.as_tensor(rng.standard_normal((2, T, 3))), torch.as_tensor(rng.standard_normal((2, T, 2)))
+    k = torch.nn.functional.normalize(torch.as_tensor(rng.standard_normal((2, T, 3))), dim=-1)
+    beta = torch.as_tensor(rng.uniform(0, 1, (2, T)))
+    want = hodlr.gated_delta_attention(q, k, v, beta, M, backend="fenwick")
+    assert_close(hodlr.gated_delta_attention(q, k, v, beta, M, backend="triton"), want, TOL[torch.float64], "float64")
+    M32 = hodlr.LogLinearMask(M.level_scales.float())
+    got = hodlr.gated_delta_attention(q.float(), k.float(), v.float(), beta.float(), M32, backend="triton")
+    assert got.dtype == torch.float32
+    assert_close(got, want, TOL[torch.float32], "float32")
+
+
+def test_wide_keys_are_refused():
+    q = torch.zeros(1, 16, MAX_DK + 1, device=DEVICE)
+    with pytest.raises(ValueError, match=r"Dk <= 128, got Dk=129 \(use the 'chunked' backend"):
+        kernels.gated_delta_forward(q, q, q[..., :2], q[..., 0], torch.ones(1, 16, 5, device=DEVICE))
+
+
+# -- the backward ----------------------------------------------------------------------------------
+GRAD_TOL = {torch.float64: TOLERANCES["grad_float64"], torch.float32: 1e-4}
+NAMES = ("q", "k", "v", "beta", "level_scales", "log_decay")
+
+
+@contextlib.contextmanager
+def _nan_scratch():
+    """Every scratch buffer of the kernels (``kernels._layout.scratch``) filled with NaN: a read
+    of anything not written first poisons the result."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels._layout, "scratch", lambda shape, dtype, device: torch.full(
+            shape, float("nan"), dtype=dtype, device=device))
+        yield
+
+
+def _grads(inputs, w, scale, dtype, chunk=None):
+    """``{name: gradient}`` of ``Σ w ⊙ O``: the dense float64 reference under autograd
+    (``chunk=None``) or :func:`kernels.gated_delta` in ``dtype`` with chunk ``chunk``."""
+    if chunk is None:
+        leaves = [None if x is None else x.detach().double().cpu().requires_grad_(True) for x in inputs]
+        q, k, v, beta, lam, g = leaves
+        out = hodlr.gated_delta_matrix(q, k, beta, hodlr.LogLinearMask(lam, g, validate=False), scale=scale) @ v
+    else:
+        leaves = [None if x is None else x.detach().to(DEVICE, dtype).requires_grad_(True) for x in inputs]
+        with _nan_scratch():
+            out = kernels.gated_delta(*leaves, scale, chunk=chunk)
+            assert out.requires_grad, "result is cut off from the autograd graph"
+            grads = torch.autograd.grad((out * w.to(out)).sum(), [x for x in leaves if x is not None])
+        return dict(zip([n for n, x in zip(NAMES, leaves) if x is not None], grads))
+    grads = torch.autograd.grad((out * w.double()).sum(), [x for x in leaves if x is not None])
+    return dict(zip([n for n, x in zip(NAMES, leaves) if x is not None], grads))
+
+
+def _check_grads(inputs, w, scale, dtype, chunk=CHUNK):
+    got, want = _grads(inputs, w, scale, dtype, chunk), _grads(inputs, w, scale, dtype)
+    assert got.keys() == want.keys()
+    T = inputs[2].shape[-2]
+    for name, expected in want.items():
+        err = relative_error(got[name].cpu(), expected)
+        assert err <= GRAD_TOL[dtype], f"d{name}: relative error {err:.3e} > {GRAD_TOL[dtype]:.0e} (T={T}, {dtype})"
+    dlam = got["level_scales"]
+    read = torch.as_tensor(fenwick.read_levels(T, dlam.shape[-1]), device=dlam.device)
+    assert torch.equal(dlam[..., ~read], torch.zeros_like(dlam[..., ~read])), "never-read scales got a gradient"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@settings(max_examples=4, deadline=None)
+@given(args=gdn_inputs(T=st_lengths(1, 40), batch=batch_shapes(2, 2), library="torch", Dk=st.integers(1, 5),
+                       Dv=st.integers(1, 4)),
+       scale=st.sampled_from([1.0, 0.37]), seed=st.integers(0, 2**32 - 1))
+def test_gradients_equal_dense(dtype, args, scale, seed):
+    """Every decay kind, broadcast batch shapes (the gradients of a broadcast operand are summed)."""
+    M, q, k, v, beta = args
+    batch = tuple(torch.broadcast_shapes(M.batch_shape, q.shape[:-2], k.shape[:-2], v.shape[:-2], beta.shape[:-1]))
+    w = torch.as_tensor(np.random.default_rng(seed).standard_normal(batch + (M.T, v.shape[-1])))
+    _check_grads((q, k, v, beta, M.level_scales, M.log_decay), w, scale, dtype)
+
+
+@pytest.mark.parametrize("T, C, decay, Dk, Dv", [
+    (1, 16, True, 3, 2), (2, 16, False, 3, 2), (3, 16, True, 1, 3), (17, 16, False, 3, 2), (33, 16, True, 5, 2),
+    (65, 16, True, 3, 2), (65, 16, False, 2, 3), (100, 32, True, 3, 2), (20, 16, True, 2, 67)])
+def test_gradients_awkward_lengths(T, C, decay, Dk, Dv):
+    """float64, β up to 2, strong and weak decay steps, head widths that are not powers of two
+    (``Dv = 67``: two value tiles), never-read scales poisoned with NaN."""
+    rng = np.random.default_rng(T + Dv)
+    t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
+    q, k, v = t(2, T, Dk), torch.nn.functional.normalize(t(2, T, Dk), dim=-1), t(2, T, Dv)
+    beta = torch.as_tensor(rng.uniform(0, 2, (2, T)))
+    lam = poison_unread(torch.as_tensor(rng.uniform(-0.5, 1.5, (2, T, hodlr.num_levels(T) + 1))))
+    g = torch.as_tensor(np.where(rng.random((2, T)) < 0.5, -rng.uniform(0, 1e-3, (2, T)),
+                                 -rng.uniform(0, 5, (2, T)))) if decay else None
+    _check_grads((q, k, v, beta, lam, g), t(2, T, Dv), 0.6, torch.float64, chunk=C)
+
+
+@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+def test_public_api_gradients(rng):
+    """``hodlr.gated_delta_attention(..., backend="triton")`` and ``log_linear_gated_delta_rule``
+    with the triton backend (default chunk, grouped heads) differentiate: their gradients equal
+    the dense and the chunked backend's."""
+    T = 37
+    t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
+    lam = poison_unread(torch.as_tensor(rng.uniform(0.2, 1.5, (2, T, hodlr.num_levels(T)))))
+    inputs = (t(2, T, 3), torch.nn.functional.normalize(t(2, T, 3), dim=-1), t(2, T, 2),
+              torch.as_tensor(rng.uniform(0, 1, (2, T))), lam, -torch.as_tensor(rng.uniform(0, 1, (2, T))))
+    w = t(2, T, 2)
+
+    def api(backend):
+        leaves = [x.clone().requires_grad_(True) for x in inputs]
+        q, k, v, beta, lam, g = leaves
+        out = hodlr.gated_delta_attention(q, k, v, beta, hodlr.LogLinearMask(lam, g), scale=0.5, backend=backend)
+        return torch.autograd.grad((out * w).sum(), leaves)
+
+    for name, got, want in zip(NAMES, api("triton"), api("dense")):
+        assert_close(got, want, GRAD_TOL[torch.float64], f"gated_delta_attention d{name}")
+    # fla's layout (B, T, H, D): two value heads read one key head
+    B, T, H = 1, 21, 2
+    q, k = t(B, T, 1, 3), torch.nn.functional.normalize(t(B, T, 1, 3), dim=-1)
+    ops = (q, k, t(B, T, H, 2), -torch.as_tensor(rng.uniform(0, 1, (B, T, H))),
+           torch.as_tensor(rng.uniform(0, 1, (B, T, H))), torch.as_tensor(rng.uniform(0.2, 1.5, (B, T, H, 6))))
+    w = t(B, T, H, 2)
+
+    def rule(backend):
+        leaves = [x.clone().requires_grad_(True) for x in ops]
+        o, _ = hodlr.log_linear_gated_delta_rule(*leaves, backend=backend)
+        return torch.autograd.grad((o * w).sum(), leaves)
+
+    for name, got, want in zip(("q", "k", "v", "g", "beta", "level_scales"), rule("triton"), rule("chunked")):
+        assert_close(got, want, GRAD_TOL[torch.float64], f"log_linear_gated_delta_rule d{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_bfloat16_on_gpu(D):
+    """bfloat16 at the benchmark's head widths against the float64 reference (1e-2)."""
+    gen = torch.Generator().manual_seed(D)
+    B, H, T = 1, 2, 1000
+    q, v = (torch.randn(B, H, T, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    k = torch.nn.functional.normalize(torch.randn(B, H, T, D, generator=gen, dtype=torch.float64), dim=-1)
+    beta = torch.rand(B, H, T, generator=gen, dtype=torch.float64)
+    lam = 0.5 + torch.rand(B, H, T, hodlr.num_levels(T), generator=gen, dtype=torch.float64)
+    g = -0.1 * torch.rand(B, H, T, generator=gen, dtype=torch.float64)
+    want = chunked.gated_delta_attention(q, k, v, beta, lam, g, D**-0.5)
+    bf = [x.cuda().bfloat16() for x in (q, k, v, beta)]
+    got = kernels.gated_delta_forward(*bf, lam.cuda().float(), g.cuda().float(), D**-0.5)
+    assert_close(got.cpu(), want, TOLERANCES["gpu_bfloat16"], "bfloat16")
+
+
+def _gpu_problem(T, D, dtype, unit_levels=False, seed=0):
+    """fla-layout ``(q, k, v, g, beta, lam)`` on the GPU in ``dtype`` (g, lam float32)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    B, H = 1, 2
+    q, v = (torch.randn(B, T, H, D, device="cuda", generator=gen).to(dtype) for _ in range(2))
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, D, device="cuda", generator=gen), dim=-1).to(dtype)
+    beta = torch.rand(B, T, H, device="cuda", generator=gen).to(dtype)
+    g = -0.1 * torch.rand(B, T, H, device="cuda", generator=gen)
+    L = hodlr.num_levels(T)
+    lam = torch.ones(B, T, H, L, device="cuda") if unit_levels else \
+        0.5 + torch.rand(B, T, H, L, device="cuda", generator=gen)
+    return q, k, v, g, beta, lam
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("T", [1, 63, 1000, 4097])
+def test_gradients_on_gpu(T, D, dtype):
+    """Output and the six gradients of ``log_linear_gated_delta_rule`` (default backend: the
+    Triton kernels) against the float64 chunked backend: 1e-5 in float32, 1e-2 in bfloat16."""
+    xs = [x.requires_grad_() for x in _gpu_problem(T, D, dtype, seed=T + D)]
+    refs = [x.detach().double().requires_grad_() for x in xs]
+    do = torch.randn(xs[2].shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    o = hodlr.log_linear_gated_delta_rule(*xs, scale=D ** -0.5)[0]
+    ref = hodlr.log_linear_gated_delta_rule(*refs, scale=D ** -0.5, backend="chunked")[0]
+    tol = TOLERANCES["gpu_float32" if dtype == torch.float32 else "gpu_bfloat16"]
+    assert relative_error(o, ref) <= tol
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "level_scales"), torch.autograd.grad(o, xs, do.to(dtype)),
+                          torch.autograd.grad(ref, refs, do.double())):
+        assert relative_error(a, b) <= tol, f"d{name}: {relative_error(a, b):.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [63, 2048, 16384])
+def test_unit_levels_equal_fla_gated_delta_on_gpu(T):
+    """λ ≡ 1 at every level is plain Gated DeltaNet: ours and fla's ``chunk_gated_delta_rule`` on
+    the same bfloat16 inputs, each against the float64 chunked backend; ours no further."""
+    fla = pytest.importorskip("fla.ops.gated_delta_rule")
+    q, k, v, g, beta, lam = _gpu_problem(T, 64, torch.bfloat16, unit_levels=True, seed=T)
+    ref = hodlr.log_linear_gated_delta_rule(*(x.double() for x in (q, k, v, g, beta, lam)), scale=0.125,
+                                            backend="chunked")[0]
+    ours = hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam, scale=0.125)[0]
+    theirs = fla.chunk_gated_delta_rule(q, k, v, g, beta, scale=0.125)[0]
+    e_ours, e_fla = relative_error(ours, ref), relative_error(theirs, ref)
+    print(f"T={T}: ours {e_ours:.2e}, fla {e_fla:.2e} from float64")
+    assert e_ours <= TOLERANCES["gpu_bfloat16"] and e_ours <= 1.5 * e_fla
