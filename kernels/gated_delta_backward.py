@@ -255,7 +255,8 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         Leading dims broadcast (views read in place); any strides.
     scale : float
     chunk : int, optional
-        The forward's chunk size (default ``DEFAULT_CHUNK["gated_delta"]``).
+        Chunk size of the recomputation (any power of two in ``[16, 256]``: the gradients do not
+        depend on it; default ``DEFAULT_CHUNK["gated_delta_backward"]``).
 
     Returns
     -------
@@ -263,7 +264,7 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         Of shape ``(*batch, T, ·)`` (the broadcast batch) in the inputs' dtypes (``dlog_decay`` is
         None when ``log_decay`` is None).  Never-read level scales get exactly 0.
     """
-    C = check_chunk(chunk, "gated_delta")
+    C = check_chunk(chunk, "gated_delta_backward")
     layout = gated_delta_layout(q, k, v, beta, level_scales, log_decay, do=do)
     T, DK, DV, L, B = layout.T, layout.DK, layout.DV, layout.L, layout.B
     v = layout.tensors["v"]
