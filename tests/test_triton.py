@@ -168,7 +168,7 @@ def test_awkward_lengths_and_chunked(T, dtype):
     assert_close(y, _ref_matmul(M, v), TOL[dtype], "matmul")
 
 
-@pytest.mark.parametrize("T", [1, 2, 3, 15, 63, 65, 1000])
+@pytest.mark.parametrize("T", [1, 2, 3, 15, 63, 65, 257])
 @pytest.mark.parametrize("D", [16, 24, 100])
 def test_matmul_tma_and_pointer_paths_agree(T, D, monkeypatch):
     """``x`` / ``y`` tiles through tensor descriptors (TMA) or through pointers: the same
@@ -309,7 +309,7 @@ def test_hierarchy_equals_block_sums(n):
 
 @pytest.mark.parametrize("rows, chunk, tma", [(16, 16, True), (32, 16, False), (64, 16, True), (128, 16, True),
                                              (128, 16, False), (128, 32, True), (64, 64, False)])
-@pytest.mark.parametrize("T", [1, 40, 300, 1000])
+@pytest.mark.parametrize("T", [1, 40, 300, 520])
 def test_matmul_state_kernel_levels(rows, chunk, tma, T, monkeypatch):
     """The matmul's state kernel (programs of ``kernels.matmul.STATE_ROWS`` rows, ``P`` chunks)
     writes levels ``0 .. log2 P`` of the hierarchy straight from ``x``, ``build_hierarchy``
