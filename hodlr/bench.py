@@ -333,6 +333,16 @@ def plot_times(ax, result, D, series) -> None:
     ax.legend(fontsize=7)
 
 
+def save_figure(fig, result, path) -> None:
+    """Title ``fig`` with the run's device, date, commit and dtype, save it at ``path``, close it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(f"{result['device']}  {result['date']}  commit {result['commit'][:10]}  {result['dtype']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write(result, json_path, png_path, plot_fn) -> None:
     """The result as JSON at ``json_path`` and ``plot_fn(result, png_path)`` (each when given)."""
     if json_path:
@@ -365,10 +375,7 @@ def plot(result, path) -> None:
     ax.set_title("hodlr fwd+bwd / fwd")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.suptitle(f"{result['device']}  {result['date']}  commit {result['commit'][:10]}  {result['dtype']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, result, path)
 
 
 def main(argv=None) -> int:

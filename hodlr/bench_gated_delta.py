@@ -26,7 +26,7 @@ import sys
 import time
 import traceback
 
-from hodlr.bench import _commit, _fla_version, _fmt, _rel, _timed, plot_times, write
+from hodlr.bench import _commit, _fla_version, _fmt, _rel, _timed, plot_times, save_figure, write
 
 DEFAULT_LENGTHS = (2048, 8192, 16384, 32768, 65536)
 DEFAULT_WIDTHS = (64, 128)
@@ -200,10 +200,7 @@ def plot(result, path) -> None:
               ("fla_fwd", "fla GDN (linear) fwd", "C2", "-"), ("fla_fwdbwd", "fla GDN (linear) fwd+bwd", "C2", "--"))
     for ax, D in zip(axes[0], widths):
         plot_times(ax, result, D, series)
-    fig.suptitle(f"{result['device']}  {result['date']}  commit {result['commit'][:10]}  {result['dtype']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, result, path)
 
 
 def main(argv=None) -> int:
