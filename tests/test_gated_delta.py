@@ -510,3 +510,15 @@ def test_step_refuses_or_skips_an_overflowing_row(rng):
     assert cache.positions.tolist() == [6, 7]
     assert_close(o[0], want_o[0], TOL, "the row that fits")
     assert_close(cache.states[0], want_s[0, :, :3], TOL, "its state")
+
+
+def test_auto_backend_of_the_rule():
+    """``auto`` is ``chunked`` on the CPU (and for calls with state anywhere); ``triton`` only for
+    stateless calls on a CUDA device."""
+    from hodlr import ops
+
+    for stateful in (False, True):
+        assert ops._resolve_gated_delta("auto", torch.device("cpu"), stateful).__name__.endswith(".chunked")
+    if torch.cuda.is_available():
+        assert ops._resolve_gated_delta("auto", torch.device("cuda"), False).__name__.endswith(".triton")
+        assert ops._resolve_gated_delta("auto", torch.device("cuda"), True).__name__.endswith(".chunked")
