@@ -39,18 +39,26 @@ DEFAULT_LENGTHS = (2048, 8192, 16384, 32768, 65536, 131072)
 DEFAULT_WIDTHS = (64, 128, 256)
 
 
-def _parser():
-    p = argparse.ArgumentParser(prog="hodlr bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--lengths", "-T", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="sequence lengths")
-    p.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS), help="head widths Dk = Dv")
+def sweep_parser(prog, description, lengths, widths, outputs):
+    """The arguments every GPU benchmark shares: the ``(T, D)`` sweep at a fixed ``B·T`` and
+    model width, ``do_bench`` settings, the JSON and picture paths (``outputs.json`` /
+    ``outputs.png``) and the commit to record."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--lengths", "-T", type=int, nargs="+", default=list(lengths), help="sequence lengths")
+    p.add_argument("--widths", type=int, nargs="+", default=list(widths), help="head widths Dk = Dv")
     p.add_argument("--model-width", type=int, default=1024, help="H * D (H = model_width // D heads)")
     p.add_argument("--tokens", type=int, default=65536, help="B*T (B = max(1, tokens // T))")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
-    p.add_argument("--json", default="bench.json", help="output JSON path")
-    p.add_argument("--png", default="bench.png", help="output plot path ('' for none)")
+    p.add_argument("--json", default=f"{outputs}.json", help="output JSON path")
+    p.add_argument("--png", default=f"{outputs}.png", help="output plot path ('' for none)")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
+    return p
+
+
+def _parser():
+    p = sweep_parser("hodlr bench", __doc__.split("\n\n")[0], DEFAULT_LENGTHS, DEFAULT_WIDTHS, "bench")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-backward", dest="backward", action="store_false", help="skip forward + backward")
     p.add_argument("--no-matmul", dest="matmul", action="store_false", help="skip the matmul timings")

@@ -20,31 +20,23 @@ at tiny sizes under Triton's interpreter (a smoke test: no timing meaning).
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import sys
 import time
 import traceback
 
-from hodlr.bench import _commit, _fla_version, _fmt, _rel, _timed, plot_times, save_figure, write
+from hodlr.bench import (_commit, _fla_version, _fmt, _rel, _timed, plot_times, save_figure, sweep_parser,
+                         write)
 
 DEFAULT_LENGTHS = (2048, 8192, 16384, 32768, 65536)
 DEFAULT_WIDTHS = (64, 128)
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="hodlr bench-gated-delta", description=__doc__.split("\n\n")[0])
-    p.add_argument("--lengths", "-T", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="sequence lengths")
-    p.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS), help="head widths Dk = Dv")
-    p.add_argument("--model-width", type=int, default=1024, help="H * D (H = model_width // D heads)")
-    p.add_argument("--tokens", type=int, default=65536, help="B*T (B = max(1, tokens // T))")
-    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
-    p.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
+    p = sweep_parser("hodlr bench-gated-delta", __doc__.split("\n\n")[0], DEFAULT_LENGTHS, DEFAULT_WIDTHS,
+                     "bench-gated-delta")
     p.add_argument("--accuracy", type=int, nargs="*", default=(), help="lengths of the accuracy check")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run under TRITON_INTERPRET=1")
-    p.add_argument("--json", default="bench-gated-delta.json", help="output JSON path")
-    p.add_argument("--png", default="bench-gated-delta.png", help="output plot path ('' for none)")
-    p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     return p
 
 

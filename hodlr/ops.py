@@ -142,15 +142,19 @@ def _check_values(N, T, L, cu_seqlens, initial_positions, num_slots=None):
 # ---------------------------------------------------------------------------------------
 # the computation on the (N, H, T, D) layout
 # ---------------------------------------------------------------------------------------
+def _triton_or_chunked(device):
+    """What ``"auto"`` runs where only the chunked algorithms will do: ``triton`` on a GPU where it
+    is available, else ``chunked`` (a backend module)."""
+    if device.type == "cuda" and registry.load("triton").unavailable_reason("torch", device) is None:
+        return registry.load("triton")
+    return registry.load("chunked")
+
+
 def _resolve(backend, device, T, needs_state):
     if backend != "auto":
         return registry.get(backend, "torch", device, op="attention")
     if needs_state:
-        cuda = device.type == "cuda"
-        for name in (["triton", "chunked"] if cuda else ["chunked"]):
-            module = registry.load(name)
-            if module.unavailable_reason("torch", device) is None:
-                return module
+        return _triton_or_chunked(device)
     return registry.get(registry.auto_backend("torch", device, T, op="attention"), "torch", device, op="attention")
 
 
@@ -546,10 +550,7 @@ def _resolve_gated_delta(backend, device, stateful):
     """The backend module for :func:`log_linear_gated_delta_rule`; ``"auto"`` is ``triton`` for
     calls without state on a GPU, else ``chunked``."""
     if backend == "auto":
-        triton = registry.load("triton")
-        cuda = getattr(device, "type", str(device)) == "cuda"
-        backend = "triton" if cuda and not stateful and triton.unavailable_reason("torch", device) is None \
-            else "chunked"
+        backend = "chunked" if stateful else _triton_or_chunked(device).__name__.rsplit(".", 1)[-1]
     return registry.get(backend, "torch", device, op="gated_delta_attention")
 
 

@@ -216,6 +216,7 @@ def test_attention_gradients_gpu_long(T):
 
 # -- the fla-shaped op against fla's chunk_log_linear_attn --------------------------------------------------------
 FLA_LENGTHS = [63, 64, 65, 2048, 100_000]
+D_SCALE = 64 ** -0.5
 
 
 def _op_inputs(T, dtype, packed):
@@ -239,9 +240,6 @@ def _op_outputs(fn, xs, cu, do):
     leaves = [x.detach().clone().requires_grad_(True) for x in xs]
     o = fn(*leaves, cu_seqlens=cu, scale=D_SCALE)[0]
     return [o.detach()] + list(torch.autograd.grad(o, leaves, do.to(o.dtype)))
-
-
-D_SCALE = 64 ** -0.5
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["batch", "cu_seqlens"])
