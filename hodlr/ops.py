@@ -291,8 +291,7 @@ def _op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: to
         dq, dk, dv, dlam, dg, dinit = vjp(q, k, v, level_scales, g, scale, initial_states, initial_positions,
                                           cu_seqlens, do, dstates if output_final_state else None)
         grads = (dq, dk, dv, dg, dlam, dinit)
-        return tuple(do.new_empty((0,)) if x is None else (torch.zeros_like(x) if d is None else torch.empty_like(x).copy_(d))
-                     for x, d in zip((q, k, v, g, level_scales, initial_states), grads))
+        return tuple(_gradient(do, x, d) for x, d in zip((q, k, v, g, level_scales, initial_states), grads))
 
     def forward(q, k, v, g, lam, init):
         return _forward(q, k, v, g, lam, scale, init, initial_positions, cu_seqlens, output_final_state, final_slots,
@@ -301,11 +300,20 @@ def _op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: to
     return _recompute_grads(forward, [q, k, v, g, level_scales, initial_states], do, dstates, output_final_state)
 
 
+def _gradient(like, x, d):
+    """The gradient ``d`` of the input ``x`` as the backward operators return it: contiguous in
+    ``x``'s shape and dtype (whatever ``x``'s strides: a transposed view's gradient is not copied
+    back into the view's layout), zeros for None, an empty tensor for an absent (None) input."""
+    if x is None:
+        return like.new_empty((0,))
+    if d is None:
+        return x.new_zeros(x.shape)
+    return d.to(x.dtype).contiguous()
+
+
 def _recompute_grads(forward, inputs, do, dstates, output_final_state):
     """The gradients of ``(o, states) = forward(*inputs)`` with respect to ``inputs``, by
-    recomputing ``forward`` under autograd: each in the layout of its input (a view's gradient
-    is one too, as the fake implementations say), zeros where unused, an empty tensor for an
-    absent (None) input."""
+    recomputing ``forward`` under autograd (see :func:`_gradient` for their form)."""
     with _autograd_on():
         leaves = [None if x is None else x.detach().requires_grad_(True) for x in inputs]
         o, states = forward(*leaves)
@@ -315,18 +323,11 @@ def _recompute_grads(forward, inputs, do, dstates, output_final_state):
             grads.append(dstates)
         wrt = [x for x in leaves if x is not None]
         got = iter(torch.autograd.grad(outs, wrt, grads, allow_unused=True))
-    result = []
-    for x in leaves:
-        if x is None:
-            result.append(do.new_empty((0,)))
-            continue
-        d = next(got)
-        result.append(torch.zeros_like(x) if d is None else torch.empty_like(x).copy_(d))
-    return tuple(result)
+    return tuple(_gradient(do, x, None if x is None else next(got)) for x in leaves)
 
 
 def _fake_grads(like, inputs):
-    return tuple(like.new_empty((0,)) if x is None else torch.empty_like(x) for x in inputs)
+    return tuple(like.new_empty((0,)) if x is None else x.new_empty(x.shape) for x in inputs)
 
 
 @_op_backward.register_fake

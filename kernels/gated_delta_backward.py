@@ -109,11 +109,13 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, dh_
 @triton.jit(do_not_specialize=["n_total", "off_child", "off_parent"])
 def _reverse_hierarchy_kernel(h_ptr, tr_ptr, dh_ptr, dt_ptr, n_total, off_child, off_parent, DK: tl.constexpr,
                               DV: tl.constexpr, N_DV_TILES: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-                              ACC: tl.constexpr, PREC: tl.constexpr):
-    """Program ``(block m of level h + 1, batch entry, column tile j)``: the adjoint of the block's
-    two equations (stage 3).  Tile ``j < N_DV_TILES``: ``dH_h[2m] += T_h[2m+1]ᵀ dH_{h+1}[m]`` and
-    ``dH_h[2m+1] += dH_{h+1}[m]`` on those columns; ``j = N_DV_TILES``:
-    ``dT_h[2m+1] += dH_{h+1}[m] H_h[2m]ᵀ + dT_{h+1}[m] T_h[2m]ᵀ``, ``dT_h[2m] += T_h[2m+1]ᵀ dT_{h+1}[m]``."""
+                              BT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """Program ``(block m of level h + 1, batch entry, tile j)``: the adjoint of the block's two
+    equations (stage 3).  Tile ``j < N_DV_TILES``: ``dH_h[2m] += T_h[2m+1]ᵀ dH_{h+1}[m]`` and
+    ``dH_h[2m+1] += dH_{h+1}[m]`` on those columns; tile ``j = N_DV_TILES + a * (BDK / BT) + b``:
+    the ``BT x BT`` block ``(a, b)`` of ``dT_h[2m+1] += dH_{h+1}[m] H_h[2m]ᵀ + dT_{h+1}[m] T_h[2m]ᵀ``
+    and of ``dT_h[2m] += T_h[2m+1]ᵀ dT_{h+1}[m]`` (square blocks keep the operands of a 128-wide
+    key inside the shared memory)."""
     m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     j = tl.program_id(2)
@@ -121,8 +123,8 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, dh_ptr, dt_ptr, n_total, off_child,
     odd = even + 1
     parent = bh * n_total + off_parent + m
     dk = tl.arange(0, BDK)
-    T_odd = matrix_tile(tr_ptr, odd, dk, dk, DK, DK, ACC)
     if j < N_DV_TILES:
+        T_odd = matrix_tile(tr_ptr, odd, dk, dk, DK, DK, ACC)
         dv = j * BDV + tl.arange(0, BDV)
         dHp = matrix_tile(dh_ptr, parent, dk, dv, DK, DV, ACC)
         dHe = matrix_tile(dh_ptr, even, dk, dv, DK, DV, ACC)
@@ -131,16 +133,19 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, dh_ptr, dt_ptr, n_total, off_child,
                           dk, dv, DK, DV)
         store_matrix_tile(dh_ptr, odd, dHo + dHp, dk, dv, DK, DV)
     else:
-        dTp = matrix_tile(dt_ptr, parent, dk, dk, DK, DK, ACC)
-        acc = tl.dot(dTp, tl.trans(matrix_tile(tr_ptr, even, dk, dk, DK, DK, ACC)), input_precision=PREC,
-                     out_dtype=ACC)
+        block_id = j - N_DV_TILES
+        rows = (block_id // (BDK // BT)) * BT + tl.arange(0, BT)
+        cols = (block_id % (BDK // BT)) * BT + tl.arange(0, BT)
+        acc = tl.dot(matrix_tile(dt_ptr, parent, rows, dk, DK, DK, ACC),
+                     tl.trans(matrix_tile(tr_ptr, even, cols, dk, DK, DK, ACC)), input_precision=PREC, out_dtype=ACC)
         for d0 in tl.static_range(0, DV, BDV):
             dv = d0 + tl.arange(0, BDV)
-            acc += tl.dot(matrix_tile(dh_ptr, parent, dk, dv, DK, DV, ACC),
-                          tl.trans(matrix_tile(h_ptr, even, dk, dv, DK, DV, ACC)), input_precision=PREC, out_dtype=ACC)
-        store_matrix_tile(dt_ptr, odd, matrix_tile(dt_ptr, odd, dk, dk, DK, DK, ACC) + acc, dk, dk, DK, DK)
-        store_matrix_tile(dt_ptr, even, matrix_tile(dt_ptr, even, dk, dk, DK, DK, ACC)
-                          + tl.dot(tl.trans(T_odd), dTp, input_precision=PREC, out_dtype=ACC), dk, dk, DK, DK)
+            acc += tl.dot(matrix_tile(dh_ptr, parent, rows, dv, DK, DV, ACC),
+                          tl.trans(matrix_tile(h_ptr, even, cols, dv, DK, DV, ACC)), input_precision=PREC, out_dtype=ACC)
+        store_matrix_tile(dt_ptr, odd, matrix_tile(dt_ptr, odd, rows, cols, DK, DK, ACC) + acc, rows, cols, DK, DK)
+        dTe = tl.dot(tl.trans(matrix_tile(tr_ptr, odd, dk, rows, DK, DK, ACC)),
+                     matrix_tile(dt_ptr, parent, dk, cols, DK, DK, ACC), input_precision=PREC, out_dtype=ACC)
+        store_matrix_tile(dt_ptr, even, matrix_tile(dt_ptr, even, rows, cols, DK, DK, ACC) + dTe, rows, cols, DK, DK)
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "L", "slb0", "slb1", "slt", "sbb0", "sbb1",
@@ -276,6 +281,7 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     n, N = ch.n, ch.states.shape[1]
     n_bits = (n - 1).bit_length()
     BDK, BDV, n_dv = tiles(layout)
+    BT = min(BDK, 64)  # square blocks of dT
     BL = next_power_of_2(L)
     meta = dict(C=C, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, PREC=prec, num_warps=NUM_WARPS["gated_delta"])
     dH = torch.zeros_like(ch.states)  # added to atomically, then moved down the hierarchy
@@ -291,9 +297,9 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     sizes = hierarchy_sizes(n)
     offsets = [sum(sizes[:h]) for h in range(len(sizes))]
     for h in range(len(sizes) - 2, -1, -1):
-        _reverse_hierarchy_kernel[(sizes[h + 1], B, n_dv + 1)](
-            ch.states, ch.trans, dH, dT, N, offsets[h], offsets[h + 1], DK, DV, n_dv, BDK=BDK, BDV=BDV, ACC=acc,
-            PREC=prec, num_warps=NUM_WARPS["gated_delta"])
+        _reverse_hierarchy_kernel[(sizes[h + 1], B, n_dv + (BDK // BT) ** 2)](
+            ch.states, ch.trans, dH, dT, N, offsets[h], offsets[h + 1], DK, DV, n_dv, BDK=BDK, BDV=BDV, BT=BT,
+            ACC=acc, PREC=prec, num_warps=NUM_WARPS["gated_delta"])
     dq, dk = _layout.scratch((B, T, DK), work, dev), _layout.scratch((B, T, DK), work, dev)
     dv = _layout.scratch((B, T, DV), work, dev)
     db = _layout.scratch((B, T), work, dev)

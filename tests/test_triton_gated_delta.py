@@ -182,10 +182,11 @@ def test_gradients_equal_dense(dtype, args, scale, seed):
 
 @pytest.mark.parametrize("T, C, decay, Dk, Dv", [
     (1, 16, True, 3, 2), (2, 16, False, 3, 2), (3, 16, True, 1, 3), (17, 16, False, 3, 2), (33, 16, True, 5, 2),
-    (65, 16, True, 3, 2), (65, 16, False, 2, 3), (100, 32, True, 3, 2), (20, 16, True, 2, 67)])
+    (65, 16, True, 3, 2), (65, 16, False, 2, 3), (100, 32, True, 3, 2), (20, 16, True, 2, 67), (40, 16, True, 67, 3)])
 def test_gradients_awkward_lengths(T, C, decay, Dk, Dv):
     """float64, β up to 2, strong and weak decay steps, head widths that are not powers of two
-    (``Dv = 67``: two value tiles), never-read scales poisoned with NaN."""
+    (``Dv = 67``: two value tiles; ``Dk = 67``: 2 x 2 blocks of the transition gradients), never-read
+    scales poisoned with NaN."""
     rng = np.random.default_rng(T + Dv)
     t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
     q, k, v = t(2, T, Dk), torch.nn.functional.normalize(t(2, T, Dk), dim=-1), t(2, T, Dv)
