@@ -158,29 +158,21 @@ def _resolve(backend, device, T, needs_state):
     return registry.get(registry.auto_backend("torch", device, T, op="attention"), "torch", device, op="attention")
 
 
-def _grouped(q, k, v, level_scales, g):
-    """5-d views ``(N, Hqk, G, T, D)``: q and k broadcast over the ``G`` heads of each group."""
-    Hqk, grp = q.shape[1], v.shape[1] // q.shape[1]
-    q5, k5 = (x[:, :, None].expand(x.shape[0], Hqk, grp, *x.shape[2:]) for x in (q, k))
-    v5, lam5 = (x.unflatten(1, (Hqk, grp)) for x in (v, level_scales))
-    g5 = None if g is None else g.unflatten(1, (Hqk, grp))
-    return q5, k5, v5, lam5, g5
-
-
 def _plain(module, q, k, v, level_scales, g, scale, cu_seqlens):
     """A backend's ``attention`` on grouped-head views; packed sequences one call each."""
     N, H, T, Dv = v.shape
     if T == 0:
         return v.new_zeros((N, H, 0, Dv))
     if cu_seqlens is None:
-        return module.attention(*_grouped(q, k, v, level_scales, g), scale).flatten(1, 2)
+        return module.attention(*registry.grouped_heads(q, k, v, level_scales, g), scale).flatten(1, 2)
     cu = cu_seqlens.tolist()
     outs = []
     for i in range(len(cu) - 1):
         sl = slice(cu[i], cu[i + 1])
         if cu[i + 1] > cu[i]:
             parts = [None if x is None else x[..., sl, :] for x in (q, k, v, level_scales)]
-            outs.append(module.attention(*_grouped(*parts, None if g is None else g[..., sl]), scale).flatten(1, 2))
+            views = registry.grouped_heads(*parts, None if g is None else g[..., sl])
+            outs.append(module.attention(*views, scale).flatten(1, 2))
     return torch.cat(outs, 2) if outs else v.new_zeros((N, H, 0, Dv))
 
 
@@ -582,7 +574,7 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
     for seqs, sl, a in groups:
         rows = torch.as_tensor(seq_batch[seqs], device=q.device)
         pick = lambda x: None if x is None else x.index_select(0, rows)[:, :, sl]  # noqa: E731
-        q5, k5, v5, lam5, g5 = _grouped(pick(q), pick(k), pick(v), pick(level_scales), pick(g))
+        q5, k5, v5, lam5, g5 = registry.grouped_heads(pick(q), pick(k), pick(v), pick(level_scales), pick(g))
         beta5 = pick(beta).unflatten(1, (Hqk, grp))
         init5 = None
         if init_states is not None:

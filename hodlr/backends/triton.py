@@ -94,13 +94,13 @@ def attention_state_vjp(q, k, v, level_scales, log_decay, scale, initial_state, 
 
     if initial_state is None and cu_seqlens is None and dfinal is None:
         # the common path's kernels, on grouped-head views (dq, dk summed over each group)
-        N, Hqk, T, Dk = q.shape
-        grp = v.shape[1] // Hqk
-        q5, k5 = (x[:, :, None].expand(N, Hqk, grp, T, Dk) for x in (q, k))
-        v5, lam5, do5 = (x.unflatten(1, (Hqk, grp)) for x in (v, level_scales, do))
-        g5 = None if log_decay is None else log_decay.unflatten(1, (Hqk, grp))
-        dq, dk, dv, dlam, dg = kernels.attention_backward(q5, k5, v5, lam5, g5, scale, do5)
-        return (dq.sum(2), dk.sum(2), dv.flatten(1, 2), dlam.flatten(1, 2), None if dg is None else dg.flatten(1, 2),
+        from hodlr.backends import grouped_heads
+
+        Hqk, grp = q.shape[1], v.shape[1] // q.shape[1]
+        dq, dk, dv, dlam, dg = kernels.attention_backward(*grouped_heads(q, k, v, level_scales, log_decay), scale,
+                                                          do.unflatten(1, (Hqk, grp)))
+        fold = (lambda x: x.squeeze(2)) if grp == 1 else (lambda x: x.sum(2))  # noqa: E731
+        return (fold(dq), fold(dk), dv.flatten(1, 2), dlam.flatten(1, 2), None if dg is None else dg.flatten(1, 2),
                 None)
     return kernels.attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal,
                                             initial_state=initial_state, initial_positions=initial_positions,
