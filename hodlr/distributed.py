@@ -6,16 +6,17 @@ and gets its shard of the output; levels are those of global positions.  What cr
 ``Dk x Dv`` matrix per Fenwick level, head and sequence (the bucket states of a shard's end) and one
 log-decay per head and sequence, never ``q, k, v``.  The algorithm (docs/distributed.md):
 
-1. every rank runs its shard alone, from an all-zero state at its global start position (its
-   sequences' first tokens start from their initial states), and keeps the bucket states at its end;
+1. every rank computes, for the sequences that continue past its shard, the bucket states at its
+   end over its own tokens (:func:`segment_state`: one matrix product per bucket, no output) and
+   the sum of their log-decays;
 2. one ``all_gather`` gives every rank those states (differentiable: its backward reduce-scatters
    the state gradients back to the ranks that sent the states);
 3. rank ``r`` folds the states of the earlier ranks with :func:`hodlr.state.combine` into the state
-   at its start, and adds what its tokens read of that state (:func:`state_term`) to its outputs: by
-   linearity, the call from that state equals the call from zeros plus this term.
+   at its start, and runs its shard once, from that state (the backend's kernels continue from a
+   state at any position).
 
-Also here: :func:`shard_offsets` (an even split), :func:`payload_bytes` (the bytes formula) and
-:func:`record_communication` (what the collectives of this module moved).
+Also here: :func:`segment_state`, :func:`shard_offsets` (an even split), :func:`payload_bytes` (the
+bytes formula) and :func:`record_communication` (what the collectives of this module moved).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import torch
 from hodlr import fenwick
 from hodlr.state import LogLinearState, combine
 
-__all__ = ["CommRecord", "combine", "log_linear_attn", "payload_bytes", "record_communication", "shard_offsets",
-           "state_term"]
+__all__ = ["CommRecord", "combine", "log_linear_attn", "payload_bytes", "record_communication", "segment_state",
+           "shard_offsets"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -292,55 +293,125 @@ def _segments_decay(g, plan, rank, local, cu_local):
     return g.new_zeros((len(local), g.shape[2])).index_add(0, seg, g[0])
 
 
-def state_term(q, level_scales, g, state, scale=1.0):
-    """What the tokens of a call read of the state it starts from.
+def _live_buckets(states, rows, positions):
+    """``states[rows]`` with the buckets that ``positions`` leave empty set to 0 (no value there,
+    and no gradient reaches them)."""
+    live = (np.asarray(positions)[:, None] >> np.arange(states.shape[2])[None, :]) & 1 == 1
+    picked = states[torch.as_tensor(rows, device=states.device)]
+    return torch.where(torch.as_tensor(live, device=states.device)[:, None, :, None, None], picked, 0.0)
 
-    By linearity in the past, :func:`hodlr.log_linear_attn` from ``state`` equals the same call
-    from an all-zero state at the same positions plus this term: the token at absolute position
-    ``t`` of sequence ``n`` (which starts at ``a = state.positions[n]``) reads the bucket of level
-    ``l`` of ``a`` at level ``max(l, level(t, a))``, decayed by ``exp(g[a] + ... + g[t])``
-    (:func:`hodlr.backends.chunked.read_state`).  Differentiable in every tensor argument.
+
+def _sums_after(g, segment):
+    """``out[b, t] = sum of g[b, u]`` over the tokens ``u > t`` of ``t``'s segment (``segment
+    (B, T)``: contiguous runs of equal ids): a segmented suffix scan by doubling, additions only
+    (no difference of prefix sums, whose rounding the gradients would inherit)."""
+    x, T, d = g, g.shape[1], 1
+    while d < T:
+        same = (segment[:, d:] == segment[:, :-d])[..., None]
+        x = torch.cat([x[:, :-d] + torch.where(same, x[:, d:], 0.0), x[:, -d:]], 1)
+        d *= 2
+    same = (segment[:, 1:] == segment[:, :-1])[..., None]
+    return torch.cat([torch.where(same, x[:, 1:], 0.0), torch.zeros_like(x[:, :1])], 1)
+
+
+def _segment_states(k, v, g, rows, begin, a, length, S, work):
+    """``(len(rows), H, S, Dk, Dv)``: for each ``i``, the bucket states at ``a[i] + length[i]`` of
+    the tokens ``begin[i] .. begin[i] + length[i] - 1`` of batch row ``rows[i]`` of ``k, v, g``
+    (absolute positions from ``a[i]``) from an all-zero state at ``a[i]``.
+
+    Token ``s`` lies in the bucket of level ``bit_length(e XOR s)`` of the end ``e``, decayed by
+    the log-decays after it up to ``e - 1``; the tokens of one bucket are contiguous, so each
+    bucket is one matrix product over a slice (buckets of one level with equal lengths are
+    batched).  Differentiable in ``k, v, g``."""
+    n, H, Hqk = len(rows), v.shape[2], k.shape[2]
+    Dk, Dv, dev = k.shape[3], v.shape[3], k.device
+    X = torch.zeros((n, H, S, Dk, Dv), dtype=work, device=dev)
+    if n == 0 or S == 0:
+        return X
+    kw = k.to(work).repeat_interleave(H // Hqk, 2)  # (B, T, H, Dk)
+    if g is not None:
+        length = np.asarray(length, dtype=np.int64)
+        tokens = np.repeat(np.asarray(begin) - np.cumsum(length) + length, length) + np.arange(length.sum())
+        segment = np.full(g.shape[:2], -1, dtype=np.int64)  # tokens outside the segments: never used
+        segment[np.repeat(rows, length), tokens] = np.repeat(np.arange(n), length)
+        after = _sums_after(g.to(torch.float64), torch.as_tensor(segment, device=dev))
+        kw = kw * torch.exp(after).to(work)[..., None]
+    vw = v.to(work)
+    e = np.asarray(a, dtype=np.int64) + np.asarray(length, dtype=np.int64)
+    for j in range(S):  # slot j: level j + 1, buckets [base, base + 2^j) cut at a
+        base = (e >> (j + 1)) << (j + 1)
+        lo = np.maximum(base, a)
+        hi = base + (1 << j)
+        live = np.nonzero(((e >> j) & 1 == 1) & (hi > lo))[0]
+        starts = np.asarray(begin)[live] + lo[live] - np.asarray(a)[live]
+        sizes = hi[live] - lo[live]
+        for size in np.unique(sizes):
+            pick = live[sizes == size]
+            t0 = starts[sizes == size]
+            if len(pick) == 1:
+                b, t = int(np.asarray(rows)[pick[0]]), int(t0[0])
+                kk, vv = kw[b, t:t + size][None], vw[b, t:t + size][None]
+            else:
+                at = torch.as_tensor(t0[:, None] + np.arange(size)[None, :], device=dev)
+                rb = torch.as_tensor(np.asarray(rows)[pick], device=dev)[:, None]
+                kk, vv = kw[rb, at], vw[rb, at]
+            X[torch.as_tensor(pick, device=dev), :, j] = torch.einsum("nthd,nthe->nhde", kk, vv)
+    return X
+
+
+def segment_state(k, v, g, positions, *, cu_seqlens=None, num_slots=None):
+    """The state after the tokens of a call that starts from an all-zero state.
+
+    Equals ``hodlr.log_linear_attn(q, k, v, g, level_scales, initial_state=<zeros at positions>,
+    output_final_state=True)[1]`` (which needs no ``q`` or ``level_scales``: the state holds keys
+    and values only), without computing an output: one matrix product per Fenwick bucket of each
+    sequence's end.  What :func:`log_linear_attn` sends across ranks.  Differentiable in ``k, v, g``.
 
     Parameters
     ----------
-    q : torch.Tensor, shape ``(B, T, Hqk, Dk)``
-    level_scales : torch.Tensor, shape ``(B, T, H, L)``
+    k : torch.Tensor, shape ``(B, T, Hqk, Dk)``
+    v : torch.Tensor, shape ``(B, T, H, Dv)``
     g : torch.Tensor, shape ``(B, T, H)``, or None
-    state : hodlr.LogLinearState
-        ``B`` sequences, the heads of ``level_scales``.
-    scale : float
+    positions : torch.Tensor or sequence of int, shape ``(N,)``
+        Each sequence's absolute start position (``N = B``, or the sequences of ``cu_seqlens``).
+    cu_seqlens : torch.Tensor, shape ``(N + 1,)``, optional
+        Packed sequences (``B = 1``), as in :func:`hodlr.log_linear_attn`.
+    num_slots : int, optional
+        Slots of the state (default: ``bit_length`` of the largest end position).
 
     Returns
     -------
-    torch.Tensor, shape ``(B, T, H, Dv)``, in the state's dtype, or None when no sequence carries
-    a live bucket.
+    hodlr.LogLinearState
+        ``(N, H, S, Dk, Dv)`` in float32 (float64 for float64 inputs), at the end positions.
 
     Examples
     --------
     >>> import torch, hodlr
-    >>> from hodlr.distributed import state_term
-    >>> q, k, v = (torch.randn(1, 4, 1, 2, dtype=torch.float64) for _ in range(3))
-    >>> lam = torch.rand(1, 4, 1, 4, dtype=torch.float64)
-    >>> state = hodlr.LogLinearState(torch.randn(1, 1, 3, 2, 2, dtype=torch.float64), torch.tensor([4]))
-    >>> state.states[:, :, :2] = 0  # position 4 = 0b100: only the bucket of level 3 is live
-    >>> zero = hodlr.LogLinearState(torch.zeros_like(state.states), state.positions)
-    >>> o, _ = hodlr.log_linear_attn(q, k, v, None, lam, initial_state=state)
-    >>> o0, _ = hodlr.log_linear_attn(q, k, v, None, lam, initial_state=zero)
-    >>> bool(torch.allclose(o, o0 + state_term(q, lam, None, state)))
-    True
+    >>> from hodlr.distributed import segment_state
+    >>> q, k, v = (torch.randn(1, 5, 1, 2, dtype=torch.float64) for _ in range(3))
+    >>> lam = torch.rand(1, 5, 1, 4, dtype=torch.float64)
+    >>> zero = hodlr.LogLinearState(torch.zeros(1, 1, 3, 2, 2, dtype=torch.float64), torch.tensor([3]))
+    >>> _, want = hodlr.log_linear_attn(q, k, v, None, lam, initial_state=zero, output_final_state=True)
+    >>> got = segment_state(k, v, None, [3])
+    >>> bool(torch.allclose(got.states, want.states)), got.positions.tolist()
+    (True, [8])
     """
-    from hodlr.backends import chunked
+    from hodlr import ops
 
-    B, T, Hqk = q.shape[:3]
-    H = level_scales.shape[2]
-    work = state.dtype
-    start = np.asarray(state.positions.tolist(), dtype=np.int64)
-    G = None if g is None else torch.cumsum(g.to(work), 1).transpose(1, 2).unflatten(1, (Hqk, H // Hqk))
-    read = chunked.read_state(q.to(work).transpose(1, 2)[:, :, None],
-                              level_scales.to(work).transpose(1, 2).unflatten(1, (Hqk, H // Hqk)), G,
-                              state.states.unflatten(1, (Hqk, H // Hqk)), start,
-                              start[:, None] + np.arange(T)[None, :], np.ones((B, T), dtype=bool))
-    return None if read is None else scale * read.flatten(1, 2).transpose(1, 2)
+    B, T = k.shape[:2]
+    a = np.asarray(positions.tolist() if isinstance(positions, torch.Tensor) else positions, dtype=np.int64)
+    if cu_seqlens is None:
+        rows, begin, length = np.arange(B), np.zeros(B, dtype=np.int64), np.full(B, T, dtype=np.int64)
+    else:
+        cu = np.asarray(cu_seqlens.tolist(), dtype=np.int64)
+        rows, begin, length = np.zeros(len(cu) - 1, dtype=np.int64), cu[:-1], np.diff(cu)
+    if a.shape != rows.shape or (a < 0).any():
+        raise ValueError(f"positions must hold {len(rows)} start positions >= 0 (one per sequence), got "
+                         f"{a.tolist()}")
+    end = a + length
+    S = int(end.max(initial=0)).bit_length() if num_slots is None else int(num_slots)
+    X = _segment_states(k, v, g, rows, begin, a, length, S, ops.work_dtype(v.dtype))
+    return LogLinearState(X, torch.as_tensor(end, device=k.device), validate=False)
 
 
 _COMPILED_OUT = []
@@ -387,7 +458,7 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
         The backend of every local call (one with state: ``chunked``, ``fenwick``, ``triton``);
         ``auto`` is :func:`hodlr.log_linear_attn`'s choice for a call with state: ``triton`` on a
         GPU (the Triton kernels start from a state at any position), ``chunked`` on the CPU.  The
-        correction for the carried state (:func:`state_term`) is plain torch on every backend.
+        states sent across ranks (:func:`segment_state`) are plain torch on every backend.
 
     Returns
     -------
@@ -456,47 +527,46 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     plan = _plan(offsets, Nseq, None if cu_seqlens is None else cu_seqlens.tolist(), start, output_final_state)
     init_full = None if initial_state is None else initial_state.with_slots(S).states
 
-    # 1. this shard alone: from zeros at its start positions, or from the initial state where a sequence begins
+    # 1. the bucket states at this shard's end of the sequences it sends (its own tokens, plus the
+    #    initial state of a sequence that begins here), and their log-decays: no output computed
     local = np.nonzero(plan.length[rank] > 0)[0]
     cu_local = None
     if cu_seqlens is not None:
         cu_local = torch.as_tensor(np.concatenate([[0], np.cumsum(plan.length[rank, local])]), device=dev)
     carried = local[plan.first[local] < rank]  # sequences that began on an earlier rank
-    begins = plan.first[local] == rank
     send = plan.rows[rank]
-    final_local = bool(len(send))
-    o = v.new_zeros((B, 0, H, Dv))
-    X = A = None
-    if len(local):
-        state = None
-        if init is not None or plan.a[rank, local].any():
-            states = torch.zeros((len(local), H, S, Dk, Dv), dtype=work, device=dev)
-            if init_full is not None and begins.any():
-                mask = torch.as_tensor(begins, device=dev)[:, None, None, None, None]
-                states = torch.where(mask, init_full[torch.as_tensor(local, device=dev)], states)
-            state = LogLinearState(states, torch.as_tensor(plan.a[rank, local], device=dev), validate=False)
-        o, fin = ops.log_linear_attn(q, k, v, g, level_scales, state, final_local, cu_local, scale, backend=backend)
-        if final_local:
-            X = fin.with_slots(S).states
-            if g is not None:
-                A = _segments_decay(g.to(work), plan, rank, local, cu_local)
+    begin = plan.lo[rank, send] - offsets[rank] if cu_seqlens is not None else np.zeros(len(send), dtype=np.int64)
+    X = _segment_states(k, v, g, np.zeros(len(send), dtype=np.int64) if cu_seqlens is not None else send, begin,
+                        plan.a[rank, send], plan.length[rank, send], S, work)
+    A = None
+    if g is not None and len(send):
+        A = _segments_decay(g.to(work), plan, rank, local, cu_local)[torch.as_tensor(np.searchsorted(local, send),
+                                                                                        device=dev)]
+    if init_full is not None and len(send):
+        fresh = plan.first[send] == rank
+        if fresh.any():  # continue the initial state through this shard's tokens
+            start_state = LogLinearState(_live_buckets(init_full, send, plan.a[rank, send]),
+                                         torch.as_tensor(plan.a[rank, send], device=dev), validate=False)
+            end_state = LogLinearState(X, torch.as_tensor(plan.a[rank, send] + plan.length[rank, send], device=dev),
+                                       validate=False)
+            X = torch.where(torch.as_tensor(fresh, device=dev)[:, None, None, None, None],
+                            combine(start_state, end_state, A, validate=False).states, X)
 
     # 2. the states every rank needs: one all_gather
     K = max(len(r) for r in plan.rows)
-    if K == 0:
-        return o, None
     width = H * S * Dk * Dv
-    payload = torch.zeros((K, width + (H if g is not None else 0)), dtype=work, device=dev)
-    if len(send):
-        at = torch.as_tensor(np.searchsorted(local, send), device=dev)
-        mine = X[at].flatten(1) if g is None else torch.cat([X[at].flatten(1), A[at]], 1)
-        payload = torch.cat([mine, payload[len(send):]])
-    if wants_grad:
-        if not payload.requires_grad:
-            payload.requires_grad_(True)
-        payload = _Depend.apply(payload, *[x for x in (q, k, v, g, level_scales, init)
-                                            if x is not None and x.requires_grad])
-    gathered = _all_gather(payload.flatten(), group, world, "states")
+    gathered = None
+    if K:
+        payload = torch.zeros((K, width + (H if g is not None else 0)), dtype=work, device=dev)
+        if len(send):
+            mine = X.flatten(1) if g is None else torch.cat([X.flatten(1), A], 1)
+            payload = torch.cat([mine, payload[len(send):]])
+        if wants_grad:
+            if not payload.requires_grad:
+                payload.requires_grad_(True)
+            payload = _Depend.apply(payload, *[x for x in (q, k, v, g, level_scales, init)
+                                                if x is not None and x.requires_grad])
+        gathered = _all_gather(payload.flatten(), group, world, "states")
 
     def piece(j, rows):
         """States and log-decays that rank ``j`` sent for the sequences ``rows`` (all in its list)."""
@@ -510,9 +580,7 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     need = np.arange(Nseq) if output_final_state else carried
     Z = torch.zeros((len(need), H, S, Dk, Dv), dtype=work, device=dev)
     if init_full is not None:  # what a sequence without tokens passes through: its initial state's live buckets
-        live = (plan.start[need, None] >> np.arange(S)[None, :]) & 1 == 1
-        Z = torch.where(torch.as_tensor(live, device=dev)[:, None, :, None, None],
-                        init_full[torch.as_tensor(need, device=dev)], Z)
+        Z = _live_buckets(init_full, need, plan.start[need])
     Zpos = plan.start[need].copy()
     carried_state = None
     for j in range(world if output_final_state else rank):
@@ -534,18 +602,24 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     if carried_state is None and len(carried):
         carried_state = Z[torch.as_tensor(np.searchsorted(need, carried), device=dev)]
 
-    # what the carried sequences' tokens read of their states at this rank's start
-    read = None
-    if len(carried):
-        W = T if cu_seqlens is None else int(plan.length[rank, carried[0]])  # packed: the first local sequence
-        cut = [None if x is None else x[:, :W] for x in (q, level_scales, g)]
-        read = state_term(*cut, LogLinearState(carried_state, torch.as_tensor(plan.a[rank, carried], device=dev),
-                                               validate=False), scale)
-        if read is not None:
-            fixed = (o[:, :W].to(work) + read).to(v.dtype)
-            o = fixed if W == T else torch.cat([fixed, o[:, W:]], 1)
-    if read is None and wants_grad:
-        o = _Depend.apply(o, gathered)
+    # 4. this shard's output: one local call from the state at its start (the folded state of a
+    #    carried sequence, the initial state of one that begins here, zeros otherwise)
+    o = v.new_zeros((B, 0, H, Dv))
+    if len(local):
+        state = None
+        if init is not None or plan.a[rank, local].any():
+            states = torch.zeros((len(local), H, S, Dk, Dv), dtype=work, device=dev)
+            begins = plan.first[local] == rank
+            if init_full is not None and begins.any():
+                mask = torch.as_tensor(begins, device=dev)[:, None, None, None, None]
+                states = torch.where(mask, init_full[torch.as_tensor(local, device=dev)], states)
+            if len(carried):
+                states = states.index_copy(0, torch.as_tensor(np.searchsorted(local, carried), device=dev),
+                                           carried_state)
+            state = LogLinearState(states, torch.as_tensor(plan.a[rank, local], device=dev), validate=False)
+        o, _ = ops.log_linear_attn(q, k, v, g, level_scales, state, False, cu_local, scale, backend=backend)
+    if gathered is not None and wants_grad and not len(carried):
+        o = _Depend.apply(o, gathered)  # every rank's backward reaches the collective
     if not output_final_state:
         return o, None
     return o, LogLinearState(Z, torch.as_tensor(plan.end, device=dev), validate=False)

@@ -4,8 +4,8 @@ In one process (hypothesis, float64):
 
 * ``state.combine(state at a, state of [a, b) alone, sum g[a:b])`` equals the final state of one
   call over ``[0, b)`` (``a = 0``, ``a = b``, unaligned splits, sequences at different positions);
-* ``state_term``: a call from a state equals the call from zeros at the same positions plus the
-  term (the correction that replaces a second local pass);
+* ``segment_state`` (what a rank sends) equals the final state of a call from zeros at the same
+  start positions;
 * ``shard_offsets``, ``payload_bytes`` and the picture of what crosses ranks.
 
 Spawned gloo groups (``torch.multiprocessing``, one spawn of 8 processes holding groups of 1, 2,
@@ -34,7 +34,7 @@ from hypothesis import Phase, given, settings, strategies as st
 
 import hodlr
 from hodlr import fenwick
-from hodlr.distributed import payload_bytes, shard_offsets, state_term
+from hodlr.distributed import payload_bytes, segment_state, shard_offsets
 from hodlr.state import LogLinearState, combine
 from hodlr.testing import TOLERANCES, relative_error
 
@@ -128,37 +128,37 @@ def test_combine_checks():
         combine(s.states, s)
 
 
-# -- the correction term ----------------------------------------------------------------------
+# -- the states a rank sends -------------------------------------------------------------------
 @settings(max_examples=15, deadline=None)
 @given(B=st.integers(1, 3), T=st.sampled_from([1, 2, 3, 17, 63, 65, 70]), decay=st.sampled_from(["none", "mild",
                                                                                                    "strong"]),
        starts=st.lists(st.one_of(st.sampled_from([0, 1, 2, 64, 96, 127]), st.integers(0, 200)), min_size=3,
                        max_size=3),
-       seed=st.integers(0, 2**31))
-def test_state_term_is_the_difference(B, T, decay, starts, seed):
-    """A call from a state equals the call from zeros at the same positions plus ``state_term``
-    (values and gradients): the one-pass form of the context-parallel algorithm."""
+       packed=st.booleans(), seed=st.integers(0, 2**31))
+def test_segment_state_is_the_final_state_from_zeros(B, T, decay, starts, packed, seed):
+    """``segment_state`` equals the final state of a call from an all-zero state at the same start
+    positions (values and the gradients of k, v, g), for batches and packed sequences."""
     a = np.array(starts[:B])
     Hqk, grp, Dk, Dv = 2, 2, 2, 3
     pos = a[:, None] + np.arange(T)[None, :]
     L = fenwick.num_levels(int(pos.max()) + 1) + 1
     q, k, v, g, lam = make_inputs(seed, B, T, Hqk, grp, Dk, Dv, decay, pos, L)
-    S = max(1, int(a.max()).bit_length())
-    state = random_state(seed + 1, B, Hqk * grp, Dk, Dv, a, S)
-    states = state.states.requires_grad_()
-    q.requires_grad_()
-    full, _ = hodlr.log_linear_attn(q, k, v, g, lam, initial_state=state, scale=0.7)
-    zero, _ = hodlr.log_linear_attn(q, k, v, g, lam, initial_state=LogLinearState(torch.zeros_like(states),
-                                                                                  state.positions), scale=0.7)
-    term = state_term(q, lam, g, state, 0.7)
-    if not a.any():
-        assert term is None and relative_error(zero, full) <= TOL
-        return
-    assert relative_error(zero + term, full) <= TOL
-    w = torch.randn_like(full)
-    want = torch.autograd.grad((full * w).sum(), (q, states))
-    got = torch.autograd.grad(((zero + term) * w).sum(), (q, states))
-    for x, y in zip(got, want):
+    cu = None
+    if packed:  # the B rows as B sequences of one packed row, their lengths T, T - 1, ...
+        keep = [T - min(n, T - 1) for n in range(B)]
+        cu = torch.tensor(np.concatenate([[0], np.cumsum(keep)]))
+        q, k, v, lam = (torch.cat([x[n:n + 1, :keep[n]] for n in range(B)], 1) for x in (q, k, v, lam))
+        g = None if g is None else torch.cat([g[n:n + 1, :keep[n]] for n in range(B)], 1)
+    leaves = [x.requires_grad_() for x in (k, v, g) if x is not None]
+    S = int((a + T).max()).bit_length()
+    zero = LogLinearState(torch.zeros(B, Hqk * grp, S, Dk, Dv, dtype=DT), torch.tensor(a))
+    _, want = hodlr.log_linear_attn(q, k, v, g, lam, initial_state=zero, output_final_state=True, cu_seqlens=cu)
+    got = segment_state(k, v, g, a, cu_seqlens=cu, num_slots=S)
+    assert got.positions.tolist() == want.positions.tolist()
+    assert relative_error(got.states, want.states) <= TOL
+    w = torch.randn_like(want.states)
+    for x, y in zip(torch.autograd.grad((got.states * w).sum(), leaves),
+                    torch.autograd.grad((want.states * w).sum(), leaves)):
         assert relative_error(x, y) <= 1e-10
 
 
