@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from hodlr import fenwick
+from hodlr.fenwick.arrays import describe
 from hodlr.state import LogLinearState, combine
 
 __all__ = ["CommRecord", "combine", "log_linear_attn", "payload_bytes", "record_communication", "segment_state",
@@ -398,7 +399,19 @@ def segment_state(k, v, g, positions, *, cu_seqlens=None, num_slots=None):
     """
     from hodlr import ops
 
-    B, T = k.shape[:2]
+    for name, x in (("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise TypeError(f"{name} must be a 4-d torch.Tensor (B, T, heads, D), got {describe(x)}")
+    B, T, Hqk = k.shape[:3]
+    if v.shape[:2] != (B, T) or v.shape[2] % max(Hqk, 1):
+        raise ValueError(f"v must be (B, T, H, Dv) with the B, T of k and H a multiple of k's {Hqk} heads; got k "
+                         f"{tuple(k.shape)}, v {tuple(v.shape)}")
+    if g is not None and (not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(v.shape[:3])):
+        raise ValueError(f"g must be None or a tensor of shape (B, T, H) = {tuple(v.shape[:3])}, got {describe(g)}")
+    if cu_seqlens is not None and (B != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T
+                                   or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any())):
+        raise ValueError(f"cu_seqlens must rise from 0 to T={T} over one packed row (B = 1), got "
+                         f"{cu_seqlens.tolist()} with B={B}")
     a = np.asarray(positions.tolist() if isinstance(positions, torch.Tensor) else positions, dtype=np.int64)
     if cu_seqlens is None:
         rows, begin, length = np.arange(B), np.zeros(B, dtype=np.int64), np.full(B, T, dtype=np.int64)

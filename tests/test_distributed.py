@@ -162,6 +162,20 @@ def test_segment_state_is_the_final_state_from_zeros(B, T, decay, starts, packed
         assert relative_error(x, y) <= 1e-10
 
 
+def test_segment_state_refuses_bad_input():
+    k, v = torch.zeros(1, 4, 1, 2), torch.zeros(1, 4, 2, 3)
+    with pytest.raises(TypeError, match="k must be a 4-d torch.Tensor"):
+        segment_state(k[0], v, None, [0])
+    with pytest.raises(ValueError, match="v must be .B, T, H, Dv. with the B, T of k"):
+        segment_state(k, v[:, :3], None, [0])
+    with pytest.raises(ValueError, match=r"g must be None or a tensor of shape \(B, T, H\) = \(1, 4, 2\)"):
+        segment_state(k, v, torch.zeros(1, 4), [0])
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to T=4"):
+        segment_state(k, v, None, [0, 0], cu_seqlens=torch.tensor([0, 3, 2]))
+    with pytest.raises(ValueError, match="positions must hold 2 start positions >= 0"):
+        segment_state(k, v, None, [0], cu_seqlens=torch.tensor([0, 1, 4]))
+
+
 # -- small pieces -----------------------------------------------------------------------------
 def test_shard_offsets_and_payload():
     assert shard_offsets(10, 4) == [0, 3, 6, 8, 10]
@@ -260,7 +274,9 @@ def reference(case):
         wf = torch.randn(fin.states.shape, generator=gen, dtype=fin.dtype)
         loss = loss + (fin.states * wf).sum()
     wrt = [x for x in leaves + [None if init is None else init.states] if x is not None]
-    grads = torch.autograd.grad(loss, wrt)
+    # (a state every sequence starts at position 0 from has no live bucket: nothing reads it)
+    grads = [torch.zeros_like(x) if d is None else d
+             for x, d in zip(wrt, torch.autograd.grad(loss, wrt, allow_unused=True))]
     return dict(args=args, state=None if state is None else (state.states, state.positions), cu=cu, w=w, wf=wf,
                 o=o.detach(), final=None if fin is None else (fin.states.detach(), fin.positions),
                 grads=[torch.nan_to_num(x) for x in grads])
