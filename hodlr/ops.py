@@ -293,14 +293,16 @@ def _op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: to
 
 
 def _gradient(like, x, d):
-    """The gradient ``d`` of the input ``x`` as the backward operators return it: contiguous in
-    ``x``'s shape and dtype (whatever ``x``'s strides: a transposed view's gradient is not copied
-    back into the view's layout), zeros for None, an empty tensor for an absent (None) input."""
+    """The gradient ``d`` of the input ``x`` as the backward operators return it: in ``x``'s
+    dtype and memory layout (a transposed view's gradient is the same transposed view of a
+    tensor laid out as ``x``'s base, so the graph's transpose back gives a contiguous gradient;
+    with contiguous gradients instead, ``aot_eager`` graphs that reshape them after a pointwise op
+    fail on the strides), zeros for None, an empty tensor for an absent (None) input."""
     if x is None:
         return like.new_empty((0,))
     if d is None:
-        return x.new_zeros(x.shape)
-    return d.to(x.dtype).contiguous()
+        return torch.zeros_like(x)
+    return torch.empty_like(x).copy_(d)
 
 
 def _recompute_grads(forward, inputs, do, dstates, output_final_state):
@@ -319,7 +321,7 @@ def _recompute_grads(forward, inputs, do, dstates, output_final_state):
 
 
 def _fake_grads(like, inputs):
-    return tuple(like.new_empty((0,)) if x is None else x.new_empty(x.shape) for x in inputs)
+    return tuple(like.new_empty((0,)) if x is None else torch.empty_like(x) for x in inputs)
 
 
 @_op_backward.register_fake
