@@ -431,6 +431,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
                   DV: tl.constexpr, N_DV_TILES, scale, GRP, S_IN, S_OUT, NBH,
                   sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
                   sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt,
+                  sdqb0, sdqb1, sdqt, sdvb0, sdvb1, sdvt, sdlb0, sdlb1, sdlt,
                   C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
                   NB: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
                   LOWP: tl.constexpr, NATIVE: tl.constexpr, ATOMIC: tl.constexpr, VARLEN: tl.constexpr,
@@ -440,7 +441,10 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
     Writes ``dq``, ``dk``, ``dv``, ``dλ`` and, for ``dg`` (see :func:`attention_backward`), the
     chunk-local part of each row and the chunk's row sums per level (``lvl``, level-major).  With
     ``ATOMIC`` (heads split into feature tiles) ``dq, dk, dv`` are added atomically and the
-    other outputs are this tile's partial sums, in a slice of their own per tile.
+    other outputs are this tile's partial sums, in a slice of their own per tile.  Without
+    ``VARLEN``, ``dq`` and ``dk`` (which share their strides), ``dv`` and ``dλ`` are written at
+    the batch and row strides ``sdq*``, ``sdv*``, ``sdl*`` (unit feature stride; ``dλ``'s tile
+    slices lie ``T · L`` apart per batch entry).
 
     With ``VARLEN`` (a call over sequences) axis 0 is the global chunk slot and axis 1 the head;
     ``dq, dk`` are per head of ``v`` (the caller sums each group).  The first chunk of a sequence
@@ -620,11 +624,11 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
         gbh = b1
         gi = slot
     else:
-        dq_dst = dq_ptr + (bh * T + t[:, None]) * DK + dk[None, :]
-        dk_dst = dk_ptr + (bh * T + t[:, None]) * DK + dk[None, :]
-        dv_dst = dv_ptr + (bh * T + t[:, None]) * DV + dv[None, :]
+        dq_dst = dq_ptr + b0 * sdqb0 + b1 * sdqb1 + t[:, None] * sdqt + dk[None, :]
+        dk_dst = dk_ptr + b0 * sdqb0 + b1 * sdqb1 + t[:, None] * sdqt + dk[None, :]
+        dv_dst = dv_ptr + b0 * sdvb0 + b1 * sdvb1 + t[:, None] * sdvt + dv[None, :]
         part = tile_f.to(tl.int64) * tl.num_programs(1) if ATOMIC else 0
-        dl_dst = dl_ptr + ((part + bh) * T + t[:, None]) * L + col_l[None, :]
+        dl_dst = dl_ptr + part * T * L + b0 * sdlb0 + b1 * sdlb1 + t[:, None] * sdlt + col_l[None, :]
         gbh = bh
         gi = i
     if ATOMIC:
@@ -668,7 +672,7 @@ def default_chunk(width: int) -> int:
     return 64
 
 
-def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=None):
+def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=None, out=None):
     """Gradients of ``O = attention(q, k, v, level_scales, log_decay, scale)`` for ``dO``.
 
     Parameters
@@ -681,6 +685,12 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     scale : float
     chunk : int, optional
         Power of two in ``[16, 256]``; default :func:`default_chunk` of the head width.
+    out : tuple of torch.Tensor, optional
+        ``(dq, dk, dv, dlevel_scales)`` buffers of the broadcast batch shape and the inputs'
+        dtypes, with a unit feature stride and ``dq``, ``dk`` of equal strides (any other
+        layout): written in place, and returned, when the head fits one feature tile
+        (``Dk, Dv <= 64``); otherwise the gradients come in new tensors.  A caller that wants
+        the gradients laid out like strided inputs saves a copy.
 
     Returns
     -------
@@ -688,7 +698,8 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         Of shape ``(*batch, T, ·)`` (the broadcast batch) in the inputs' dtypes (``dlog_decay`` is
         None when ``log_decay`` is None).  Never-read level scales get exactly 0.
     """
-    layout = attention_layout(q, k, v, level_scales, log_decay, do=do)
+    buffers = {} if out is None else dict(zip(("dq", "dk", "dv", "dl"), out))
+    layout = attention_layout(q, k, v, level_scales, log_decay, do=do, **buffers)
     T, DK, DV, L, B = layout.T, layout.DK, layout.DV, layout.L, layout.B
     C = check_chunk(chunk if chunk is not None else default_chunk(max(DK, DV)), "attention")
     v = layout.tensors["v"]
@@ -730,19 +741,28 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
             return torch.zeros(shape, dtype=acc_torch, device=dev)
         return torch.empty(shape, dtype=dtype, device=dev)
 
-    dq, dk = buffer((B, T, DK), q.dtype), buffer((B, T, DK), k.dtype)
-    dv = buffer((B, T, DV), v.dtype)
     batch = layout.batch
     parts = tiles if atomic else 1
     NB = next_power_of_2(max(n_bits, 1))
-    dl = torch.empty((parts * B, T, L), dtype=acc_torch if atomic else level_scales.dtype, device=dev)
+    in_place = bool(buffers) and not atomic and layout.args("dq")[1:] == layout.args("dk")[1:] and all(
+        buffers[name].shape[:-2] == batch and buffers[name].stride(-1) == 1 and buffers[name].dtype == like.dtype
+        for name, like in zip(("dq", "dk", "dv", "dl"), (q, k, v, level_scales)))
+    if in_place:
+        dq, dk, dv, dl = (layout.tensors[name] for name in ("dq", "dk", "dv", "dl"))
+        out_strides = (*layout.args("dq")[1:4], *layout.args("dv")[1:4], *layout.args("dl")[1:4])
+    else:
+        dq, dk = buffer((B, T, DK), q.dtype), buffer((B, T, DK), k.dtype)
+        dv = buffer((B, T, DV), v.dtype)
+        dl = torch.empty((parts * B, T, L), dtype=acc_torch if atomic else level_scales.dtype, device=dev)
+        B1 = layout.B1
+        out_strides = (B1 * T * DK, T * DK, DK, B1 * T * DV, T * DV, DV, B1 * T * L, T * L, L)
     dgl = scratch((parts * B, n * C), acc_torch, dev)
     lvl_rows = scratch((parts * B, NB, n), acc_torch, dev)
     _chunk_kernel[(n, B, tiles)](
         *ptrs, states, logdec, rsum, dq, dk, dv, dl, dgl, lvl_rows, logdec, logdec, logdec, logdec, logdec, logdec,
-        T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale), 1, 0, 0, 0, *strides, C=C,
-        LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=next_power_of_2(L), NB=NB, EXACT=exact, ATOMIC=atomic,
-        VARLEN=False, FINAL=False, **meta)
+        T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale), 1, 0, 0, 0, *strides,
+        *out_strides, C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=next_power_of_2(L), NB=NB, EXACT=exact,
+        ATOMIC=atomic, VARLEN=False, FINAL=False, **meta)
     dg = None
     if has_g:
         span = scratch((parts * B, n), acc_torch, dev)
@@ -754,6 +774,8 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         dg = (dgl.view(B, n, C) + (span + _spanning_in_gap(lvl_rows))[..., None]).view(B, n * C)[:, :T]
         dg[:, 0] = 0
         dg = dg.reshape(batch + (T,)).to(log_decay.dtype)
+    if in_place:
+        return tuple(buffers[name] for name in ("dq", "dk", "dv", "dl")) + (dg,)
     if atomic:
         dl = dl.view((parts, -1) + dl.shape[1:]).sum(0)
     return (dq.reshape(batch + (T, DK)).to(q.dtype), dk.reshape(batch + (T, DK)).to(k.dtype),
@@ -880,8 +902,8 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
             dummy if dfinal is None else dfinal, rc, seqs.table, seqs.chunk_seq, T, 1, seqs.n_slots, seqs.n_entries,
             0, NH, L, DK, DV, n_dv, float(scale), grp, S_in, seqs.final_slots, N * H, *layout.args("q")[1:],
             *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("do")[1:], *layout.args("l")[1:],
-            *layout.decay_args()[1:], C=C, LOG_C=c, BDK=BDK, BDV=BDV, BL=next_power_of_2(L), NB=NB, EXACT=exact,
-            ATOMIC=atomic, VARLEN=True, FINAL=final, **meta)
+            *layout.decay_args()[1:], *(0,) * 9, C=C, LOG_C=c, BDK=BDK, BDV=BDV, BL=next_power_of_2(L), NB=NB,
+            EXACT=exact, ATOMIC=atomic, VARLEN=True, FINAL=final, **meta)
     dg = None
     if has_g:
         span = scratch((parts * H, seqs.n_slots), acc_torch, dev)

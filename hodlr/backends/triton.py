@@ -90,6 +90,8 @@ def attention_state_vjp(q, k, v, level_scales, log_decay, scale, initial_state, 
     cotangents ``do (N, H, T, Dv)`` and ``dfinal`` (``(Nseq, H, S, Dk, Dv)`` with any slot count
     ``S``, or None), straight from the backward kernels: the forward is not recomputed.
     ``dlog_decay`` / ``dinitial_state`` are None for an absent ``log_decay`` / state."""
+    import torch
+
     from hodlr import kernels
 
     if initial_state is None and cu_seqlens is None and dfinal is None:
@@ -97,8 +99,11 @@ def attention_state_vjp(q, k, v, level_scales, log_decay, scale, initial_state, 
         from hodlr.backends import grouped_heads
 
         Hqk, grp = q.shape[1], v.shape[1] // q.shape[1]
+        out = None
+        if grp == 1:  # gradients written straight into buffers laid out like the inputs (no copies)
+            out = tuple(torch.empty_like(x).unsqueeze(2) for x in (q, q, v, level_scales))
         dq, dk, dv, dlam, dg = kernels.attention_backward(*grouped_heads(q, k, v, level_scales, log_decay), scale,
-                                                          do.unflatten(1, (Hqk, grp)))
+                                                          do.unflatten(1, (Hqk, grp)), out=out)
         fold = (lambda x: x.squeeze(2)) if grp == 1 else (lambda x: x.sum(2))  # noqa: E731
         return (fold(dq), fold(dk), dv.flatten(1, 2), dlam.flatten(1, 2), None if dg is None else dg.flatten(1, 2),
                 None)
