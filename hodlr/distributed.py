@@ -324,6 +324,7 @@ def _segment_states(k, v, g, rows, begin, a, length, S, work):
     the log-decays after it up to ``e - 1``; the tokens of one bucket are contiguous, so each
     bucket is one matrix product over a slice (buckets of one level with equal lengths are
     batched).  Differentiable in ``k, v, g``."""
+    rows, begin, a, length = (np.asarray(x, dtype=np.int64) for x in (rows, begin, a, length))
     n, H, Hqk = len(rows), v.shape[2], k.shape[2]
     Dk, Dv, dev = k.shape[3], v.shape[3], k.device
     X = torch.zeros((n, H, S, Dk, Dv), dtype=work, device=dev)
@@ -331,30 +332,29 @@ def _segment_states(k, v, g, rows, begin, a, length, S, work):
         return X
     kw = k.to(work).repeat_interleave(H // Hqk, 2)  # (B, T, H, Dk)
     if g is not None:
-        length = np.asarray(length, dtype=np.int64)
-        tokens = np.repeat(np.asarray(begin) - np.cumsum(length) + length, length) + np.arange(length.sum())
+        tokens = np.repeat(begin - np.cumsum(length) + length, length) + np.arange(length.sum())
         segment = np.full(g.shape[:2], -1, dtype=np.int64)  # tokens outside the segments: never used
         segment[np.repeat(rows, length), tokens] = np.repeat(np.arange(n), length)
         after = _sums_after(g.to(torch.float64), torch.as_tensor(segment, device=dev))
         kw = kw * torch.exp(after).to(work)[..., None]
     vw = v.to(work)
-    e = np.asarray(a, dtype=np.int64) + np.asarray(length, dtype=np.int64)
+    e = a + length
     for j in range(S):  # slot j: level j + 1, buckets [base, base + 2^j) cut at a
         base = (e >> (j + 1)) << (j + 1)
         lo = np.maximum(base, a)
         hi = base + (1 << j)
         live = np.nonzero(((e >> j) & 1 == 1) & (hi > lo))[0]
-        starts = np.asarray(begin)[live] + lo[live] - np.asarray(a)[live]
+        starts = begin[live] + lo[live] - a[live]
         sizes = hi[live] - lo[live]
         for size in np.unique(sizes):
             pick = live[sizes == size]
             t0 = starts[sizes == size]
             if len(pick) == 1:
-                b, t = int(np.asarray(rows)[pick[0]]), int(t0[0])
+                b, t = int(rows[pick[0]]), int(t0[0])
                 kk, vv = kw[b, t:t + size][None], vw[b, t:t + size][None]
             else:
                 at = torch.as_tensor(t0[:, None] + np.arange(size)[None, :], device=dev)
-                rb = torch.as_tensor(np.asarray(rows)[pick], device=dev)[:, None]
+                rb = torch.as_tensor(rows[pick], device=dev)[:, None]
                 kk, vv = kw[rb, at], vw[rb, at]
             X[torch.as_tensor(pick, device=dev), :, j] = torch.einsum("nthd,nthe->nhde", kk, vv)
     return X
