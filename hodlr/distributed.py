@@ -302,61 +302,76 @@ def _live_buckets(states, rows, positions):
     return torch.where(torch.as_tensor(live, device=states.device)[:, None, :, None, None], picked, 0.0)
 
 
-def _sums_after(g, segment):
-    """``out[b, t] = sum of g[b, u]`` over the tokens ``u > t`` of ``t``'s segment (``segment
-    (B, T)``: contiguous runs of equal ids): a segmented suffix scan by doubling, additions only
-    (no difference of prefix sums, whose rounding the gradients would inherit)."""
-    x, T, d = g, g.shape[1], 1
-    while d < T:
-        same = (segment[:, d:] == segment[:, :-d])[..., None]
-        x = torch.cat([x[:, :-d] + torch.where(same, x[:, d:], 0.0), x[:, -d:]], 1)
-        d *= 2
-    same = (segment[:, 1:] == segment[:, :-1])[..., None]
-    return torch.cat([torch.where(same, x[:, 1:], 0.0), torch.zeros_like(x[:, :1])], 1)
+def _log_weights(g, rows, begin, length):
+    """``(B, T, H)``: for each token of the segments (``length[i]`` tokens from ``begin[i]`` of
+    batch row ``rows[i]``), the log-decay summed over the tokens after it up to its segment's end;
+    0 elsewhere.  A difference of float64 prefix sums (rounding ``2**-52`` times the sum's
+    magnitude), in ``g``'s dtype."""
+    B, T = g.shape[:2]
+    total = torch.cumsum(g.to(torch.float64), 1)
+    if len(rows) == B and (begin == 0).all() and (length == T).all() and (np.sort(rows) == np.arange(B)).all():
+        return (total[:, -1:] - total).to(g.dtype)  # every row one segment
+    last = np.full((B, T), -1, dtype=np.int64)
+    tokens = np.repeat(begin - np.cumsum(length) + length, length) + np.arange(length.sum())
+    last[np.repeat(rows, length), tokens] = np.repeat(begin + length - 1, length)
+    last = torch.as_tensor(last, device=g.device)
+    ends = total.gather(1, last.clamp(min=0)[..., None].expand(-1, -1, g.shape[2]))
+    return torch.where((last >= 0)[..., None], ends - total, 0.0).to(g.dtype)
 
 
-def _segment_states(k, v, g, rows, begin, a, length, S, work):
-    """``(len(rows), H, S, Dk, Dv)``: for each ``i``, the bucket states at ``a[i] + length[i]`` of
-    the tokens ``begin[i] .. begin[i] + length[i] - 1`` of batch row ``rows[i]`` of ``k, v, g``
-    (absolute positions from ``a[i]``) from an all-zero state at ``a[i]``.
-
-    Token ``s`` lies in the bucket of level ``bit_length(e XOR s)`` of the end ``e``, decayed by
-    the log-decays after it up to ``e - 1``; the tokens of one bucket are contiguous, so each
-    bucket is one matrix product over a slice (buckets of one level with equal lengths are
-    batched).  Differentiable in ``k, v, g``."""
-    rows, begin, a, length = (np.asarray(x, dtype=np.int64) for x in (rows, begin, a, length))
-    n, H, Hqk = len(rows), v.shape[2], k.shape[2]
-    Dk, Dv, dev = k.shape[3], v.shape[3], k.device
-    X = torch.zeros((n, H, S, Dk, Dv), dtype=work, device=dev)
-    if n == 0 or S == 0:
-        return X
-    kw = k.to(work).repeat_interleave(H // Hqk, 2)  # (B, T, H, Dk)
-    if g is not None:
-        tokens = np.repeat(begin - np.cumsum(length) + length, length) + np.arange(length.sum())
-        segment = np.full(g.shape[:2], -1, dtype=np.int64)  # tokens outside the segments: never used
-        segment[np.repeat(rows, length), tokens] = np.repeat(np.arange(n), length)
-        after = _sums_after(g.to(torch.float64), torch.as_tensor(segment, device=dev))
-        kw = kw * torch.exp(after).to(work)[..., None]
-    vw = v.to(work)
+def _buckets(rows, begin, a, length, S):
+    """``(n, 5)`` int64 rows ``(b, t0, n, i, j)``: the ``n`` tokens from ``t0`` of batch row ``b``
+    that sequence ``i`` (``length[i]`` tokens from ``begin[i]`` of row ``rows[i]``, absolute
+    positions from ``a[i]``) holds in slot ``j`` of its state at ``a[i] + length[i]``: token ``s``
+    lies in the bucket of level ``bit_length(e XOR s)`` of the end ``e``, and a level's tokens are
+    contiguous (slot ``j``: the level-``j + 1`` bucket ``[base, base + 2**j)``, cut at ``a``)."""
     e = a + length
-    for j in range(S):  # slot j: level j + 1, buckets [base, base + 2^j) cut at a
+    out = []
+    for j in range(S):
         base = (e >> (j + 1)) << (j + 1)
         lo = np.maximum(base, a)
         hi = base + (1 << j)
         live = np.nonzero(((e >> j) & 1 == 1) & (hi > lo))[0]
-        starts = begin[live] + lo[live] - a[live]
-        sizes = hi[live] - lo[live]
-        for size in np.unique(sizes):
-            pick = live[sizes == size]
-            t0 = starts[sizes == size]
-            if len(pick) == 1:
-                b, t = int(rows[pick[0]]), int(t0[0])
-                kk, vv = kw[b, t:t + size][None], vw[b, t:t + size][None]
-            else:
-                at = torch.as_tensor(t0[:, None] + np.arange(size)[None, :], device=dev)
-                rb = torch.as_tensor(rows[pick], device=dev)[:, None]
-                kk, vv = kw[rb, at], vw[rb, at]
-            X[torch.as_tensor(pick, device=dev), :, j] = torch.einsum("nthd,nthe->nhde", kk, vv)
+        out.append(np.stack([rows[live], begin[live] + lo[live] - a[live], hi[live] - lo[live], live,
+                             np.full(len(live), j)], 1))
+    return np.concatenate(out).astype(np.int64) if out else np.zeros((0, 5), dtype=np.int64)
+
+
+def _segment_states(k, v, g, rows, begin, a, length, S, work, kernel=False):
+    """``(len(rows), H, S, Dk, Dv)``: for each ``i``, the bucket states at ``a[i] + length[i]`` of
+    the tokens ``begin[i] .. begin[i] + length[i] - 1`` of batch row ``rows[i]`` of ``k, v, g``
+    (absolute positions from ``a[i]``) from an all-zero state at ``a[i]``.
+
+    Each bucket is a sum of decayed key-value products over a contiguous stretch (:func:`_buckets`;
+    weights from :func:`_log_weights`): with ``kernel``, ``hodlr.kernels.bucket_states`` (long
+    buckets cut into pieces summed in parallel); otherwise one ``einsum`` per bucket length and
+    slot.  Differentiable in ``k, v, g``."""
+    rows, begin, a, length = (np.asarray(x, dtype=np.int64) for x in (rows, begin, a, length))
+    n, H, Hqk = len(rows), v.shape[2], k.shape[2]
+    Dk, Dv, dev = k.shape[3], v.shape[3], k.device
+    if n == 0 or S == 0:
+        return torch.zeros((n, H, S, Dk, Dv), dtype=work, device=dev)
+    buckets = _buckets(rows, begin, a, length, S)
+    logw = None if g is None else _log_weights(g.to(work), rows, begin, length)
+    if kernel:
+        from hodlr import kernels
+
+        if logw is None:
+            logw = v.new_zeros(v.shape[:3], dtype=work)
+        return kernels.bucket_states(k, v, logw, buckets, n, S)
+    X = torch.zeros((n, H, S, Dk, Dv), dtype=work, device=dev)
+    kw = k.to(work).repeat_interleave(H // Hqk, 2)  # (B, T, H, Dk)
+    if logw is not None:
+        kw = kw * torch.exp(logw)[..., None]
+    vw = v.to(work)
+    for j in range(S):
+        mine = buckets[buckets[:, 4] == j]
+        for size in np.unique(mine[:, 2]):
+            pick = mine[mine[:, 2] == size]
+            at = torch.as_tensor(pick[:, 1:2] + np.arange(size)[None, :], device=dev)
+            rb = torch.as_tensor(pick[:, 0], device=dev)[:, None]
+            X[torch.as_tensor(pick[:, 3], device=dev), :, j] = torch.einsum("nthd,nthe->nhde", kw[rb, at],
+                                                                            vw[rb, at])
     return X
 
 
@@ -423,7 +438,7 @@ def segment_state(k, v, g, positions, *, cu_seqlens=None, num_slots=None):
                          f"{a.tolist()}")
     end = a + length
     S = int(end.max(initial=0)).bit_length() if num_slots is None else int(num_slots)
-    X = _segment_states(k, v, g, rows, begin, a, length, S, ops.work_dtype(v.dtype))
+    X = _segment_states(k, v, g, rows, begin, a, length, S, ops.work_dtype(v.dtype), k.is_cuda)
     return LogLinearState(X, torch.as_tensor(end, device=k.device), validate=False)
 
 
@@ -549,8 +564,9 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     carried = local[plan.first[local] < rank]  # sequences that began on an earlier rank
     send = plan.rows[rank]
     begin = plan.lo[rank, send] - offsets[rank] if cu_seqlens is not None else np.zeros(len(send), dtype=np.int64)
+    kernel = ops._resolve(backend, dev, T, True).__name__.endswith(".triton")
     X = _segment_states(k, v, g, np.zeros(len(send), dtype=np.int64) if cu_seqlens is not None else send, begin,
-                        plan.a[rank, send], plan.length[rank, send], S, work)
+                        plan.a[rank, send], plan.length[rank, send], S, work, kernel)
     A = None
     if g is not None and len(send):
         A = _segments_decay(g.to(work), plan, rank, local, cu_local)[torch.as_tensor(np.searchsorted(local, send),

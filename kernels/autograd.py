@@ -17,11 +17,12 @@ from ._layout import broadcast_shape
 from .attention import attention_forward, attention_state_forward
 from .matmul import matmul_forward
 from .attention_backward import attention_backward, attention_state_backward
+from .bucket_states import bucket_pieces, bucket_states_backward, bucket_states_forward
 from .gated_delta import gated_delta_forward
 from .gated_delta_backward import gated_delta_backward
 from .matmul_backward import matmul_backward
 
-__all__ = ["attention", "gated_delta", "matmul"]
+__all__ = ["attention", "bucket_states", "gated_delta", "matmul"]
 
 
 class _Attention(torch.autograd.Function):
@@ -144,3 +145,30 @@ def gated_delta(q, k, v, beta, level_scales, log_decay=None, scale: float = 1.0,
     q, k, v, beta, level_scales, log_decay = _broadcast(
         [(q, 2), (k, 2), (v, 2), (beta, 1), (level_scales, 2), (log_decay, 1)], batch)
     return _GatedDelta.apply(q, k, v, beta, level_scales, log_decay, float(scale), chunk)
+
+
+class _BucketStates(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, k, v, log_weight, pieces, count, slots):
+        ctx.save_for_backward(k, v, log_weight)
+        ctx.pieces = pieces
+        return bucket_states_forward(k, v, log_weight, pieces, count, slots)
+
+    @staticmethod
+    def backward(ctx, dx):
+        k, v, log_weight = ctx.saved_tensors
+        dk, dv, da = bucket_states_backward(k, v, log_weight, ctx.pieces, dx)
+        B, T, Hqk, Dk = k.shape
+        if dk.shape[2] != Hqk:  # one row per value head: sum each group
+            dk = dk.view(B, T, Hqk, -1, Dk).sum(3)
+        return dk.to(k.dtype), dv, da.to(log_weight.dtype), None, None, None
+
+
+def bucket_states(k, v, log_weight, buckets, count: int, slots: int):
+    """The Fenwick bucket states of stretches of tokens (``kernels.bucket_states``), differentiable
+    in ``k (B, T, Hqk, Dk)``, ``v (B, T, H, Dv)`` and ``log_weight (B, T, H)``.
+
+    ``buckets``: rows ``(b, t0, n, i, j)`` (numpy or nested ints): the ``n`` tokens from ``t0`` of
+    batch row ``b`` form slot ``j`` of sequence ``i``.  Returns ``(count, H, slots, Dk, Dv)`` float32
+    (float64 for float64 inputs): ``Σ exp(log_weight_t) k_t v_tᵀ`` over each bucket's tokens."""
+    return _BucketStates.apply(k, v, log_weight, bucket_pieces(buckets, v.device), count, slots)

@@ -24,6 +24,7 @@ the benchmark (``hodlr bench-cp``) runs its code path at toy sizes on 4 ranks.
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import os
 
@@ -160,6 +161,44 @@ def test_segment_state_is_the_final_state_from_zeros(B, T, decay, starts, packed
     for x, y in zip(torch.autograd.grad((got.states * w).sum(), leaves),
                     torch.autograd.grad((want.states * w).sum(), leaves)):
         assert relative_error(x, y) <= 1e-10
+
+
+@pytest.mark.parametrize("case", [
+    # B, T, Hqk, H, Dk, Dv, sequences (row, first token, start position, length), slots, dtype, decay
+    (2, 70, 1, 2, 16, 16, [(0, 0, 5, 70), (1, 0, 64, 70)], 8, torch.float64, True),
+    (1, 90, 2, 4, 80, 24, [(0, 0, 0, 30), (0, 30, 7, 1), (0, 31, 100, 59)], 8, torch.float64, True),
+    (2, 33, 1, 1, 16, 16, [(1, 0, 0, 33)], 6, torch.float64, False),
+    (1, 300, 1, 2, 16, 16, [(0, 0, 3, 300)], 9, torch.float32, True),
+])
+def test_bucket_states_kernel_equals_einsum(case, monkeypatch):
+    """The Triton bucket-state kernels (interpreter; pieces of 64 tokens, so that long buckets are
+    cut; scratch gradient buffers NaN-filled) equal the einsum path: values and the gradients of
+    k, v, g, with grouped heads, several sequences of a packed row, two Dk tiles and no decay."""
+    from hodlr import kernels
+    from hodlr.distributed import _segment_states
+
+    bucket_module = importlib.import_module("hodlr.kernels.bucket_states")
+    monkeypatch.setattr(bucket_module, "PIECE", 64)
+    monkeypatch.setattr(bucket_module, "scratch", lambda shape, dtype, device: torch.full(
+        shape, float("nan"), dtype=dtype, device=device))
+    assert kernels.interpreting()
+    B, T, Hqk, H, Dk, Dv, seqs, S, dtype, decay = case
+    rows, begin, a, length = (np.array(c) for c in zip(*seqs))
+    torch.manual_seed(len(seqs) + T)
+    k = torch.randn(B, T, Hqk, Dk, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, T, H, Dv, dtype=dtype, requires_grad=True)
+    g = (-0.1 * torch.rand(B, T, H, dtype=dtype)).requires_grad_() if decay else None
+    leaves = [x for x in (k, v, g) if x is not None]
+    results = []
+    for kernel in (False, True):
+        X = _segment_states(k, v, g, rows, begin, a, length, S, dtype, kernel)
+        w = torch.linspace(-1, 1, X.numel(), dtype=dtype).view(X.shape)
+        results.append((X, torch.autograd.grad((X * w).sum(), leaves)))
+    (want, want_grads), (got, got_grads) = results
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert relative_error(got, want) <= tol
+    for x, y in zip(got_grads, want_grads):
+        assert relative_error(x, y) <= tol
 
 
 def test_segment_state_refuses_bad_input():
