@@ -110,7 +110,7 @@ def _forward_kernel(k_ptr, v_ptr, a_ptr, x_ptr, tab_ptr, H, S, GRP, DK, DV, N_DV
         w = _weights(a_ptr, b, t, tmask, hd, sab, sat, sah, ACC)
         acc += dot(tl.trans(kb.to(ACC) * w[:, None]), vb, ACC, PREC, NATIVE)
     out = x_ptr + ((i * H + hd) * S + j) * (DK * DV) + dk[:, None] * DV + dv[None, :]
-    tl.atomic_add(out, acc, mask=(dk[:, None] < DK) & (dv[None, :] < DV))
+    tl.atomic_add(out, acc, mask=(dk[:, None] < DK) & (dv[None, :] < DV), sem="relaxed")
 
 
 @triton.jit
@@ -145,7 +145,7 @@ def _backward_kernel(k_ptr, v_ptr, a_ptr, dx_ptr, dk_ptr, dv_ptr, da_ptr, tab_pt
             if N_DK_TILES == 1:
                 tl.store(da_ptr + token, part, mask=tmask)
             else:
-                tl.atomic_add(da_ptr + token, part, mask=tmask)
+                tl.atomic_add(da_ptr + token, part, mask=tmask, sem="relaxed")
         else:  # dv = w * (K dX)
             dv = (tile - N_DK_TILES) * BDV + tl.arange(0, BDV)
             acc = tl.zeros((R, BDV), dtype=ACC)
