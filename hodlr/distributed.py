@@ -308,7 +308,9 @@ def _log_weights(g, rows, begin, length):
     0 elsewhere.  A difference of float64 prefix sums (rounding ``2**-52`` times the sum's
     magnitude), in ``g``'s dtype."""
     B, T = g.shape[:2]
-    total = torch.cumsum(g.to(torch.float64), 1)
+    # the scan runs along the innermost dim (a scan along T of a (B, T, H) tensor gets only H
+    # threads per batch row on CUDA: 190 ms at T = 2**19, H = 16, against 0.1 ms)
+    total = torch.cumsum(g.to(torch.float64).transpose(1, 2).contiguous(), -1).transpose(1, 2)
     if len(rows) == B and (begin == 0).all() and (length == T).all() and (np.sort(rows) == np.arange(B)).all():
         return (total[:, -1:] - total).to(g.dtype)  # every row one segment
     last = np.full((B, T), -1, dtype=np.int64)
