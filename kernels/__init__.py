@@ -25,5 +25,5 @@ from .matmul import matmul_forward
 from .matmul_backward import matmul_backward
 
 __all__ = ["DEFAULT_CHUNK", "attention", "attention_backward", "attention_forward", "attention_state_backward",
-           "attention_state_forward", "bucket_states", "gated_delta", "gated_delta_backward", "gated_delta_forward", "interpreting",
-           "matmul", "matmul_backward", "matmul_forward"]
+           "attention_state_forward", "bucket_states", "gated_delta", "gated_delta_backward", "gated_delta_forward",
+           "interpreting", "matmul", "matmul_backward", "matmul_forward"]

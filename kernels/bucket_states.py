@@ -38,6 +38,7 @@ ROWS = 64
 """Tokens per tile inside a program."""
 
 NUM_WARPS = 4
+"""Warps per program of both kernels (not tuned: the kernels read each token once)."""
 
 
 class Pieces(NamedTuple):
@@ -85,6 +86,7 @@ def _weights(a_ptr, b, t, tmask, hd, sab, sat, sah, ACC: tl.constexpr):
 
 @triton.jit
 def _dx_tile(dx, dk, dv, DK, DV, ACC: tl.constexpr):
+    """The ``(dk, dv)`` tile of the ``Dk x Dv`` state gradient at ``dx``, in ``ACC``."""
     return tl.load(dx + dk[:, None] * DV + dv[None, :], mask=(dk[:, None] < DK) & (dv[None, :] < DV),
                    other=0.0).to(ACC)
 
@@ -207,7 +209,7 @@ def bucket_states_backward(k, v, log_weight, pieces, dx):
     n_dk, n_dv = cdiv(DK, BDK), cdiv(DV, BDV)
     if len(pieces.table) and H:
         _backward_kernel[(len(pieces.table), H, n_dk + n_dv)](
-            k, v, log_weight, dx, dk, dv, da, pieces.table, T, H, dx.shape[2], H // Hqk, DK, DV, n_dk, n_dv, *k.stride(),
-            *v.stride(), *log_weight.stride(), R=ROWS, BDK=BDK, BDV=BDV, ACC=acc, PREC=prec,
+            k, v, log_weight, dx, dk, dv, da, pieces.table, T, H, dx.shape[2], H // Hqk, DK, DV, n_dk, n_dv,
+            *k.stride(), *v.stride(), *log_weight.stride(), R=ROWS, BDK=BDK, BDV=BDV, ACC=acc, PREC=prec,
             NATIVE=not interpreting(), num_warps=NUM_WARPS)
     return dk, dv, da
