@@ -7,7 +7,8 @@ and gets its shard of the output; levels are those of global positions.  What cr
 log-decay per head and sequence, never ``q, k, v``.  The algorithm (docs/distributed.md):
 
 1. every rank computes, for the sequences that continue past its shard, the bucket states at its
-   end over its own tokens (:func:`segment_state`: one matrix product per bucket, no output) and
+   end over its own tokens (:func:`segment_state`: a weighted sum of key-value products per
+   bucket, no output) and
    the sum of their log-decays;
 2. one ``all_gather`` gives every rank those states (differentiable: its backward reduce-scatters
    the state gradients back to the ranks that sent the states);
@@ -382,8 +383,9 @@ def segment_state(k, v, g, positions, *, cu_seqlens=None, num_slots=None):
 
     Equals ``hodlr.log_linear_attn(q, k, v, g, level_scales, initial_state=<zeros at positions>,
     output_final_state=True)[1]`` (which needs no ``q`` or ``level_scales``: the state holds keys
-    and values only), without computing an output: one matrix product per Fenwick bucket of each
-    sequence's end.  What :func:`log_linear_attn` sends across ranks.  Differentiable in ``k, v, g``.
+    and values only), without computing an output: a weighted sum of key-value products per Fenwick
+    bucket of each sequence's end (``hodlr.kernels.bucket_states`` on CUDA, ``torch.einsum`` on
+    the CPU).  What :func:`log_linear_attn` sends across ranks.  Differentiable in ``k, v, g``.
 
     Parameters
     ----------
@@ -488,7 +490,8 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
         The backend of every local call (one with state: ``chunked``, ``fenwick``, ``triton``);
         ``auto`` is :func:`hodlr.log_linear_attn`'s choice for a call with state: ``triton`` on a
         GPU (the Triton kernels start from a state at any position), ``chunked`` on the CPU.  The
-        states sent across ranks (:func:`segment_state`) are plain torch on every backend.
+        states sent across ranks (:func:`segment_state`) come from ``hodlr.kernels.bucket_states``
+        where the local calls run on ``triton``, from ``torch.einsum`` otherwise.
 
     Returns
     -------
