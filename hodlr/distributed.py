@@ -121,20 +121,46 @@ def _collective(what, direction, tensor, world, run):
         rec.add(what, direction, tensor.numel() * tensor.element_size(), world, seconds if rec.timed else None)
 
 
-class _AllGather(torch.autograd.Function):
-    """``(world, *x.shape)``: ``x`` of every rank of ``group``; the backward reduce-scatters the
-    gradient (each rank gets the sum, over the ranks, of the gradients of its own part)."""
+class _Pending:
+    """An ``all_gather`` under way: its result buffer, and the handle to wait on (None once done)."""
+
+    def __init__(self, out, work, source=None):
+        self.out, self.work, self.source = out, work, source  # (the source stays alive until the wait)
+
+    def wait(self):
+        if self.work is not None:
+            self.work.wait()  # on NCCL: the current stream waits for the collective; the host does not
+            self.work = self.source = None
+        return self.out
+
+
+def _start_all_gather(x, group, world: int, what: str) -> _Pending:
+    """Issue the ``all_gather`` of ``x`` (not differentiable; :class:`_Gathered` makes it so) and
+    return without waiting, so that work queued after it overlaps the exchange.  When timing, it
+    runs to completion here instead (the time of the exchange alone)."""
+    import torch.distributed as dist
+
+    x = x.detach().contiguous()
+    out = x.new_empty((world * x.numel(),))
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the name before torch 2.13
+    if any(rec.timed for rec in _RECORDS):
+        _collective(what, "forward", x, world, lambda: gather(out, x.view(-1), group=group))
+        return _Pending(out, None)
+    _collective(what, "forward", x, world, lambda: None)
+    return _Pending(out, gather(out, x.view(-1), group=group, async_op=True), x)
+
+
+class _Gathered(torch.autograd.Function):
+    """``(world, *x.shape)``: the result of the ``all_gather`` of ``x`` started by
+    :func:`_start_all_gather`; the backward reduce-scatters the gradient (each rank gets the sum,
+    over the ranks, of the gradients of its own part).  Applied after the work that overlaps the
+    exchange, so that the backward reaches the ``reduce_scatter`` before that work's backward and
+    the other ranks do not wait for it."""
 
     @staticmethod
-    def forward(ctx, x, group, world, what):
-        import torch.distributed as dist
-
+    def forward(ctx, x, pending, group, world, what):
         ctx.group, ctx.world, ctx.what = group, world, what
-        x = x.contiguous()
-        out = x.new_empty((world * x.numel(),))
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the name before torch 2.13
-        _collective(what, "forward", x, world, lambda: gather(out, x.view(-1), group=group))
-        return out.view((world,) + tuple(x.shape))
+        return pending.wait().view((world,) + tuple(x.shape))
 
     @staticmethod
     def backward(ctx, grad):
@@ -145,12 +171,12 @@ class _AllGather(torch.autograd.Function):
         scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
         _collective(ctx.what, "backward", out, ctx.world,
                     lambda: scatter(out.view(-1), grad.view(-1), op=dist.ReduceOp.SUM, group=ctx.group))
-        return out, None, None, None
+        return out, None, None, None, None
 
 
 def _all_gather(x, group, world: int, what: str):
     """``(world, *x.shape)``, the ``x`` of every rank; differentiable when ``x`` requires grad."""
-    return _AllGather.apply(x, group, world, what)
+    return _Gathered.apply(x, _start_all_gather(x, group, world, what), group, world, what)
 
 
 class _Depend(torch.autograd.Function):
@@ -306,14 +332,19 @@ def _live_buckets(states, rows, positions):
 def _log_weights(g, rows, begin, length):
     """``(B, T, H)``: for each token of the segments (``length[i]`` tokens from ``begin[i]`` of
     batch row ``rows[i]``), the log-decay summed over the tokens after it up to its segment's end;
-    0 elsewhere.  A difference of float64 prefix sums (rounding ``2**-52`` times the sum's
-    magnitude), in ``g``'s dtype."""
+    0 elsewhere, in ``g``'s dtype.
+
+    Where every row is one segment, a scan from each row's end (suffix sums: a token's value is
+    summed from the small terms near the end, so its rounding stays relative to its own size);
+    otherwise a difference of float64 prefix sums (rounding ``2**-52`` times the sum's magnitude).
+    Both scans run along the innermost dim (a scan along T of a ``(B, T, H)`` tensor gets only H
+    threads per batch row on CUDA: 190 ms at T = 2**19, H = 16, against 0.1 ms)."""
     B, T = g.shape[:2]
-    # the scan runs along the innermost dim (a scan along T of a (B, T, H) tensor gets only H
-    # threads per batch row on CUDA: 190 ms at T = 2**19, H = 16, against 0.1 ms)
-    total = torch.cumsum(g.to(torch.float64).transpose(1, 2).contiguous(), -1).transpose(1, 2)
     if len(rows) == B and (begin == 0).all() and (length == T).all() and (np.sort(rows) == np.arange(B)).all():
-        return (total[:, -1:] - total).to(g.dtype)  # every row one segment
+        gt = g.transpose(1, 2).contiguous().flip(-1)  # (B, H, T), last token first
+        after = torch.cumsum(gt, -1) - gt  # the sum over the tokens after each one
+        return after.flip(-1).transpose(1, 2)
+    total = torch.cumsum(g.to(torch.float64).transpose(1, 2).contiguous(), -1).transpose(1, 2)
     last = np.full((B, T), -1, dtype=np.int64)
     tokens = np.repeat(begin - np.cumsum(length) + length, length) + np.arange(length.sum())
     last[np.repeat(rows, length), tokens] = np.repeat(begin + length - 1, length)
@@ -376,6 +407,36 @@ def _segment_states(k, v, g, rows, begin, a, length, S, work, kernel=False):
             X[torch.as_tensor(pick[:, 3], device=dev), :, j] = torch.einsum("nthd,nthe->nhde", kw[rb, at],
                                                                             vw[rb, at])
     return X
+
+
+def _aligned(a: int, T: int) -> bool:
+    """Whether a shard of ``T`` tokens at absolute position ``a`` is aligned: ``a`` a multiple of
+    a power of two ``>= T``, so that its levels are those of the call from position 0 and each of
+    its tokens reads the state at ``a`` whole (``hodlr.kernels.carried_reads``)."""
+    return a % (1 << max(T - 1, 0).bit_length()) == 0
+
+
+def _carried_reads(o, q, g, level_scales, states, a: int, scale, kernel=False):
+    """``o`` (the output of the call from position 0 of a shard at the aligned position ``a``) plus
+    the reads of the state ``states (B, H, S, Dk, Dv)`` at ``a``: each token ``t`` adds
+    ``scale · exp(G_t) · Σ_j λ[t, j + 1] · X_jᵀ q_t`` over the set bits ``j`` of ``a``, with ``G_t``
+    the log-decay summed over the shard's tokens up to ``t``.  With ``kernel``,
+    ``hodlr.kernels.carried_reads``; otherwise one ``einsum`` per live slot.  Differentiable."""
+    B, T, Hqk, Dk = q.shape
+    H, Dv = o.shape[2], o.shape[3]
+    G = None if g is None else torch.cumsum(g.to(states.dtype).transpose(1, 2).contiguous(), -1).transpose(1, 2)
+    if kernel:
+        from hodlr import kernels
+
+        return kernels.carried_reads(o, q, level_scales, G, states, [a] * B, scale)
+    e = torch.full((B, T, H), float(scale), dtype=states.dtype, device=q.device) if G is None else scale * torch.exp(G)
+    acc = torch.zeros((B, T, H, Dv), dtype=states.dtype, device=q.device)
+    for j in range(states.shape[2]):
+        if (a >> j) & 1:
+            X = states[:, :, j].reshape(B, Hqk, H // Hqk, Dk, Dv)
+            reads = torch.einsum("btkd,bkgde->btkge", q.to(states.dtype), X).flatten(2, 3)
+            acc = acc + reads * (e * level_scales[..., j + 1].to(states.dtype))[..., None]
+    return (o.to(states.dtype) + acc).to(o.dtype)
 
 
 def segment_state(k, v, g, positions, *, cu_seqlens=None, num_slots=None):
@@ -586,10 +647,11 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
             X = torch.where(torch.as_tensor(fresh, device=dev)[:, None, None, None, None],
                             combine(start_state, end_state, A, validate=False).states, X)
 
-    # 2. the states every rank needs: one all_gather
+    # 2. the states every rank needs: one all_gather, started here and waited for after the local
+    #    work that does not need them
     K = max(len(r) for r in plan.rows)
     width = H * S * Dk * Dv
-    gathered = None
+    gathered = pending = None
     if K:
         payload = torch.zeros((K, width + (H if g is not None else 0)), dtype=work, device=dev)
         if len(send):
@@ -600,7 +662,18 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
                 payload.requires_grad_(True)
             payload = _Depend.apply(payload, *[x for x in (q, k, v, g, level_scales, init)
                                                 if x is not None and x.requires_grad])
-        gathered = _all_gather(payload.flatten(), group, world, "states")
+        payload = payload.flatten()
+        pending = _start_all_gather(payload, group, world, "states")
+
+    # 3. an aligned shard (its start a multiple of a power of two covering it) runs from position 0
+    #    while the states travel, and adds the reads of the state at its start afterwards
+    #    (hodlr.kernels.carried_reads); any other shard runs once from that state (step 5)
+    aligned = cu_seqlens is None and initial_state is None and _aligned(offsets[rank], T)
+    o = v.new_zeros((B, 0, H, Dv))
+    if aligned and len(local):
+        o, _ = ops.log_linear_attn(q, k, v, g, level_scales, None, False, None, scale, backend=backend)
+    if pending is not None:
+        gathered = _Gathered.apply(payload, pending, group, world, "states")
 
     def piece(j, rows):
         """States and log-decays that rank ``j`` sent for the sequences ``rows`` (all in its list)."""
@@ -609,7 +682,7 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
         st = block[:, :width].view(len(rows), H, S, Dk, Dv)
         return st, (None if g is None else block[:, width:])
 
-    # 3. fold the earlier ranks' states into each carried sequence's state at this rank's start
+    # 4. fold the earlier ranks' states into each carried sequence's state at this rank's start
     #    (and, for the final state, every rank's into every sequence's end)
     need = np.arange(Nseq) if output_final_state else carried
     Z = torch.zeros((len(need), H, S, Dk, Dv), dtype=work, device=dev)
@@ -636,10 +709,12 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     if carried_state is None and len(carried):
         carried_state = Z[torch.as_tensor(np.searchsorted(need, carried), device=dev)]
 
-    # 4. this shard's output: one local call from the state at its start (the folded state of a
-    #    carried sequence, the initial state of one that begins here, zeros otherwise)
-    o = v.new_zeros((B, 0, H, Dv))
-    if len(local):
+    # 5. this shard's output: the aligned shard's carried reads, or one local call from the state
+    #    at its start (the folded state of a carried sequence, the initial state of one that
+    #    begins here, zeros otherwise)
+    if aligned and len(carried):
+        o = _carried_reads(o, q, g, level_scales, carried_state, int(offsets[rank]), scale, kernel)
+    elif not aligned and len(local):
         state = None
         if init is not None or plan.a[rank, local].any():
             states = torch.zeros((len(local), H, S, Dk, Dv), dtype=work, device=dev)

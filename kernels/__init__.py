@@ -8,7 +8,8 @@ Imports ``hodlr.fenwick`` only (never the rest of ``hodlr``).  The public functi
 :func:`matmul_backward` / :func:`gated_delta_backward` (and, for attention calls with a recurrent
 state, packed sequences, a final state or grouped heads, :func:`attention_state_forward` /
 :func:`attention_state_backward`).  :func:`bucket_states` sums key-value products over Fenwick
-buckets (what a rank sends in context parallelism).  They take torch tensors with any strides and run on CUDA,
+buckets (what a rank sends in context parallelism); :func:`carried_reads` adds the reads of such a
+state by a shard at an aligned position (what a rank does with what it receives).  They take torch tensors with any strides and run on CUDA,
 and on the CPU under ``TRITON_INTERPRET=1`` (which must be set before this package is first imported:
 ``@triton.jit`` reads it when a kernel is defined; :func:`interpreting` says which way the
 kernels were built).  See ``docs/kernels.md`` for the algorithm, the chunk-state layout and the
@@ -18,12 +19,12 @@ FLOP / byte floor.
 from ._layout import DEFAULT_CHUNK, interpreting
 from .attention import attention_forward, attention_state_forward
 from .attention_backward import attention_backward, attention_state_backward
-from .autograd import attention, bucket_states, gated_delta, matmul
+from .autograd import attention, bucket_states, carried_reads, gated_delta, matmul
 from .gated_delta import gated_delta_forward
 from .gated_delta_backward import gated_delta_backward
 from .matmul import matmul_forward
 from .matmul_backward import matmul_backward
 
 __all__ = ["DEFAULT_CHUNK", "attention", "attention_backward", "attention_forward", "attention_state_backward",
-           "attention_state_forward", "bucket_states", "gated_delta", "gated_delta_backward", "gated_delta_forward",
-           "interpreting", "matmul", "matmul_backward", "matmul_forward"]
+           "attention_state_forward", "bucket_states", "carried_reads", "gated_delta", "gated_delta_backward",
+           "gated_delta_forward", "interpreting", "matmul", "matmul_backward", "matmul_forward"]

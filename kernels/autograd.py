@@ -18,11 +18,12 @@ from .attention import attention_forward, attention_state_forward
 from .matmul import matmul_forward
 from .attention_backward import attention_backward, attention_state_backward
 from .bucket_states import bucket_pieces, bucket_states_backward, bucket_states_forward
+from .carried_reads import carried_reads_backward, carried_reads_forward
 from .gated_delta import gated_delta_forward
 from .gated_delta_backward import gated_delta_backward
 from .matmul_backward import matmul_backward
 
-__all__ = ["attention", "bucket_states", "gated_delta", "matmul"]
+__all__ = ["attention", "bucket_states", "carried_reads", "gated_delta", "matmul"]
 
 
 class _Attention(torch.autograd.Function):
@@ -172,3 +173,43 @@ def bucket_states(k, v, log_weight, buckets, count: int, slots: int):
     batch row ``b`` form slot ``j`` of sequence ``i``.  Returns ``(count, H, slots, Dk, Dv)`` float32
     (float64 for float64 inputs): ``Σ exp(log_weight_t) k_t v_tᵀ`` over each bucket's tokens."""
     return _BucketStates.apply(k, v, log_weight, bucket_pieces(buckets, v.device), count, slots)
+
+
+class _CarriedReads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, o, q, level_scales, log_decay, states, live, scale):
+        ctx.save_for_backward(q, level_scales, log_decay, states, live)
+        ctx.scale = scale
+        return carried_reads_forward(o, q, level_scales, log_decay, states, live, scale)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, level_scales, log_decay, states, live = ctx.saved_tensors
+        dq, dl, dg, dx = carried_reads_backward(q, level_scales, log_decay, states, live, ctx.scale, dout)
+        B, T, Hqk, Dk = q.shape
+        if dq.shape[2] != Hqk:  # one row per value head: sum each group
+            dq = dq.view(B, T, Hqk, -1, Dk).sum(3)
+        return (dout, dq.to(q.dtype), dl, None if dg is None else dg.to(log_decay.dtype), dx.to(states.dtype), None,
+                None)
+
+
+def carried_reads(o, q, level_scales, log_decay, states, positions, scale: float):
+    """``o`` plus the reads of a carried state by a shard at an aligned position
+    (``kernels.carried_reads``), differentiable in ``o, q, level_scales, log_decay, states``.
+
+    ``o (B, T, H, Dv)``: the shard's output from position 0; ``q (B, T, Hqk, Dk)``;
+    ``level_scales (B, T, H, L)``; ``log_decay (B, T, H)``: the log-decay summed from the state's
+    position through each token (or None); ``states (B, H, S, Dk, Dv)``: the state;
+    ``positions``: ``B`` ints, each row's position (a multiple of a power of two ``>= T``; its set
+    bits are the live slots).  Returns ``(B, T, H, Dv)``."""
+    B, T = q.shape[:2]
+    positions = [int(a) for a in positions]
+    if len(positions) != B or any(a < 0 or a % (1 << max(T - 1, 0).bit_length()) for a in positions):
+        raise ValueError(f"positions must hold {B} positions, each a multiple of a power of two >= T={T}, got "
+                         f"{positions}")
+    top = max(positions, default=0).bit_length()
+    if top > states.shape[2] or top + 1 > level_scales.shape[-1]:
+        raise ValueError(f"position {max(positions)} reads slots up to {top - 1} and levels up to {top}: states has "
+                         f"{states.shape[2]} slots and level_scales {level_scales.shape[-1]} levels")
+    live = torch.as_tensor(positions, dtype=torch.int64).to(q.device)
+    return _CarriedReads.apply(o, q, level_scales, log_decay, states.contiguous(), live, float(scale))

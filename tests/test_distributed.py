@@ -201,6 +201,70 @@ def test_bucket_states_kernel_equals_einsum(case, monkeypatch):
         assert relative_error(x, y) <= tol
 
 
+@pytest.mark.parametrize("case", [
+    # B, T, Hqk, H, Dk, Dv, position, dtype, decay
+    (1, 1, 1, 1, 16, 16, 4, torch.float64, True),
+    (2, 3, 1, 2, 16, 16, 12, torch.float64, True),
+    (1, 63, 2, 4, 16, 32, 64 * 3, torch.float64, True),
+    (1, 65, 1, 1, 80, 16, 128 * 5, torch.float64, False),
+    (1, 64, 1, 2, 16, 16, 64 * 5, torch.float32, True),
+])
+def test_aligned_shard_is_the_call_from_position_0_plus_the_carried_reads(case, monkeypatch):
+    """A shard at an aligned position ``a`` (a multiple of a power of two covering it): the call
+    from position 0 plus the carried reads (``_carried_reads``, einsum and the Triton kernels under
+    the interpreter, scratch buffers NaN-filled, level scales of dead slots NaN) equals the call from
+    the state at ``a``: outputs and the gradients of q, k, v, g, level_scales and the state."""
+    from hodlr.distributed import _aligned, _carried_reads
+
+    carried_module = importlib.import_module("hodlr.kernels.carried_reads")
+    monkeypatch.setattr(carried_module, "scratch", lambda shape, dtype, device: torch.full(
+        shape, float("nan"), dtype=dtype, device=device))
+    B, T, Hqk, H, Dk, Dv, a, dtype, decay = case
+    assert _aligned(a, T) and (T == 1 or not _aligned(a + 1, T))
+    S = (a + T).bit_length()
+    L = fenwick.num_levels(a + T)
+    torch.manual_seed(T + a)
+    q, k = (torch.randn(B, T, Hqk, Dk, dtype=dtype) for _ in range(2))
+    v = torch.randn(B, T, H, Dv, dtype=dtype)
+    lam = torch.rand(B, T, H, L, dtype=dtype) + 0.5
+    g = -0.2 * torch.rand(B, T, H, dtype=dtype) if decay else None
+    X = torch.randn(B, H, S, Dk, Dv, dtype=dtype)
+    X[:, :, [j for j in range(S) if not (a >> j) & 1]] = 0.0  # dead buckets: empty
+    w = torch.randn(B, T, H, Dv, dtype=dtype)
+    results = []
+    for how in ("state", "einsum", "kernel"):
+        leaves = [None if x is None else x.clone().requires_grad_() for x in (q, k, v, g, lam, X)]
+        qq, kk, vv, gg, ll, XX = leaves
+        if how == "state":
+            o, _ = hodlr.log_linear_attn(qq, kk, vv, gg, ll, LogLinearState(XX, torch.full((B,), a)),
+                                         backend="chunked")
+        else:
+            read = ll.clone()
+            with torch.no_grad():  # the level scales of dead slots: never read
+                read[..., [j + 1 for j in range(S - 1) if not (a >> j) & 1]] = float("nan")
+            o, _ = hodlr.log_linear_attn(qq, kk, vv, gg, ll, backend="chunked")
+            o = _carried_reads(o, qq, gg, read, XX, a, 1.0, how == "kernel")
+        wrt = [x for x in leaves if x is not None]
+        results.append((o, torch.autograd.grad((o * w).sum(), wrt, allow_unused=True)))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    (want, want_grads) = results[0]
+    for got, got_grads in results[1:]:
+        assert relative_error(got, want) <= tol
+        for x, y in zip(got_grads, want_grads):
+            assert relative_error(torch.nan_to_num(x), torch.nan_to_num(y)) <= (tol if dtype == torch.float64 else 1e-4)
+
+
+def test_carried_reads_refuses_bad_positions():
+    from hodlr import kernels
+
+    q, o = torch.zeros(1, 4, 1, 2), torch.zeros(1, 4, 1, 2)
+    lam, X = torch.zeros(1, 4, 1, 5), torch.zeros(1, 1, 4, 2, 2)
+    with pytest.raises(ValueError, match="each a multiple of a power of two >= T=4"):
+        kernels.carried_reads(o, q, lam, None, X, [6], 1.0)
+    with pytest.raises(ValueError, match="states has 4 slots and level_scales 5 levels"):
+        kernels.carried_reads(o, q, lam, None, X, [16], 1.0)
+
+
 def test_segment_state_refuses_bad_input():
     k, v = torch.zeros(1, 4, 1, 2), torch.zeros(1, 4, 2, 3)
     with pytest.raises(TypeError, match="k must be a 4-d torch.Tensor"):
@@ -508,6 +572,18 @@ TRITON = [  # tiny cases for the Triton interpreter (float32): a packed layout w
          final=True, scale=None, backend="triton", dtype="float32", seed=11),
     dict(lengths=[11, 6], cu=None, nseq=2, heads=(2, 1), Dk=3, Dv=2, decay="strong", starts=None, final=False,
          scale=0.5, backend="triton", dtype="float32", seed=12),
+    # aligned shards: the call from position 0 and the carried-reads kernels
+    dict(lengths=[8, 8], cu=None, nseq=2, heads=(2, 1), Dk=3, Dv=2, decay="strong", starts=None, final=True,
+         scale=0.5, backend="triton", dtype="float32", seed=13),
+]
+
+ALIGNED = [  # even shards of a power of two on 2 and 4 ranks (every start aligned), chunked, float64
+    dict(lengths=[16, 16], cu=None, nseq=2, heads=(1, 2), Dk=2, Dv=3, decay="mild", starts=None, final=False,
+         scale=None, backend="chunked", dtype="float64", seed=21),
+    dict(lengths=[8] * 4, cu=None, nseq=1, heads=(2, 1), Dk=3, Dv=2, decay="none", starts=None, final=True,
+         scale=1.0, backend="chunked", dtype="float64", seed=22),
+    dict(lengths=[4, 4, 8, 0], cu=None, nseq=2, heads=(1, 1), Dk=2, Dv=2, decay="strong", starts=None, final=False,
+         scale=0.5, backend="chunked", dtype="float64", seed=23),
 ]
 
 
@@ -522,6 +598,7 @@ def test_one_to_five_and_eight_ranks_equal_one_process(tmp_path_factory, tmp_pat
     assigned += [((1, 2), c) for c in TRITON]
     assigned += [((5, 6, 7), c) for c in draw(cases(3), 4)]
     assigned += [((0, 1, 2, 3), c) for c in draw(cases(4), 4)]
+    assigned += [(groups[1], ALIGNED[0])] + [((0, 1, 2, 3), c) for c in ALIGNED[1:]]
     assigned += [(groups[5], c) for c in draw(cases(5), 2)] + [(groups[6], c) for c in draw(cases(8), 2)]
     assigned.append((groups[6], dict(assigned[-1][1], lengths=[8] * 8, cu=None, nseq=1, starts=[37], final=True)))
     bench = ["--device", "cpu", "--check", "6", "--check-dtypes", "float32", "--strong", "6", "--weak", "4",

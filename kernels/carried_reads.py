@@ -1,0 +1,249 @@
+"""The reads of a carried state by a shard that starts at an aligned position, forward and backward.
+
+A call over ``T`` tokens that starts at absolute position ``a``, with ``a`` a multiple of
+``2**K >= T``, splits exactly in two: within the shard the levels of absolute positions are those
+of the local ones (``a + t`` and ``a + s`` differ in the bits of ``t XOR s`` only), so the call
+from position 0 gives every term between two of its tokens; every other term comes from the
+buckets of the state at ``a``, one per set bit ``j`` of ``a`` (slot ``j``, level ``j + 1``),
+which every token of the shard reads whole.  This module adds that second part:
+
+``out[b, t, h] = o[b, t, h] + scale · exp(G[b, t, h]) · Σ_{j in live[b]} λ[b, t, h, j + 1] · X[b, h, j]ᵀ q[b, t, h // grp]``
+
+with ``G`` the log-decay summed over the shard's tokens up to ``t`` inclusive (from the state's
+position), ``X (B, H, S, Dk, Dv)`` the carried state and ``live[b]`` the bit mask of its live
+slots (``a`` itself).  Level-scale columns of dead slots are never read.
+
+The backward, given ``dout``, with ``f_j = scale · exp(G) · λ_j`` and ``r_j = (X_jᵀ q) · dout``:
+``dq = Σ_j f_j X_j dout`` (per value head: the caller sums a group), ``dλ_j = scale · exp(G) · r_j``,
+``dG = Σ_j λ_j dλ_j`` and ``dX_j = Σ_t f_j q_t dout_tᵀ`` (one sum over the tokens, split into
+stretches added atomically).  ``q (B, T, Hqk, Dk)`` and the ``(B, T, H, ·)`` operands in the op's
+token-major layout, any strides.  Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._device import dot
+from ._layout import block, cdiv, compute_types, interpreting, scratch
+
+__all__ = ["carried_reads_backward", "carried_reads_forward"]
+
+ROWS = 64
+"""Tokens per program of the forward and of the token-wise backward."""
+
+STRETCH = 4096
+"""Tokens one program of the state-gradient kernel sums before its atomic add."""
+
+NUM_WARPS = 4
+"""Warps per program (the kernels read each token once)."""
+
+
+@triton.jit
+def _factor(l_ptr, g_ptr, b, t, tmask, hd, j, scale, slb, slt, slh, sll, sgb, sgt, sgh, ACC: tl.constexpr,
+            HAS_G: tl.constexpr):
+    """``(scale · exp(G), λ_j)`` ``(R,)`` in ``ACC`` for the rows ``t`` (zero outside ``tmask``)."""
+    e = tl.full(t.shape, scale, ACC)
+    if HAS_G:
+        e = e * tl.exp(tl.load(g_ptr + b * sgb + t * sgt + hd * sgh, mask=tmask, other=0.0).to(ACC))
+    lam = tl.load(l_ptr + b * slb + t * slt + hd * slh + (j + 1) * sll, mask=tmask, other=0.0).to(ACC)
+    return tl.where(tmask, e, 0.0), lam
+
+
+@triton.jit
+def _tile(ptr, b, t, tmask, hd, cols, D, sb, st, sh, sd):
+    """The ``(R, BD)`` tile ``x[b, t, hd, cols]`` (zero outside)."""
+    return tl.load(ptr + b * sb + t[:, None] * st + hd * sh + cols[None, :] * sd,
+                   mask=tmask[:, None] & (cols[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _state_tile(x_ptr, b, hd, j, H, S, dk, dv, DK, DV, like):
+    """The ``(BDK, BDV)`` tile of slot ``j`` of ``X[b, hd]`` (contiguous ``(B, H, S, Dk, Dv)``),
+    in the dtype of ``like`` (the queries: 16-bit operands go to the tensor cores)."""
+    base = x_ptr + ((b * H + hd) * S + j) * (DK * DV)
+    x = tl.load(base + dk[:, None] * DV + dv[None, :], mask=(dk[:, None] < DK) & (dv[None, :] < DV), other=0.0)
+    return x.to(like.dtype)
+
+
+@triton.jit
+def _forward_kernel(o_ptr, q_ptr, l_ptr, g_ptr, x_ptr, live_ptr, out_ptr, T, H, S, GRP, DK, DV, N_DV_TILES, scale,
+                    sob, sot, soh, sod, sqb, sqt, sqh, sqd, slb, slt, slh, sll, sgb, sgt, sgh,
+                    R: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                    NATIVE: tl.constexpr, HAS_G: tl.constexpr):
+    """Program ``(row tile, b * H + head, Dv tile)``: ``out = o + the carried reads``
+    (``out (B, T, H, Dv)`` contiguous)."""
+    t = tl.program_id(0) * R + tl.arange(0, R)
+    tmask = t < T
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    hd = bh % H
+    dv = tl.program_id(2) * BDV + tl.arange(0, BDV)
+    live = tl.load(live_ptr + b)
+    acc = tl.zeros((R, BDV), dtype=ACC)
+    for j in range(0, S):
+        if ((live >> j) & 1) == 1:
+            e, lam = _factor(l_ptr, g_ptr, b, t, tmask, hd, j, scale, slb, slt, slh, sll, sgb, sgt, sgh, ACC, HAS_G)
+            part = tl.zeros((R, BDV), dtype=ACC)
+            for c in range(0, DK, BDK):
+                dk = c + tl.arange(0, BDK)
+                qb = _tile(q_ptr, b, t, tmask, hd // GRP, dk, DK, sqb, sqt, sqh, sqd)
+                part += dot(qb, _state_tile(x_ptr, b, hd, j, H, S, dk, dv, DK, DV, qb), ACC, PREC, NATIVE)
+            acc += (e * lam)[:, None] * part
+    ob = _tile(o_ptr, b, t, tmask, hd, dv, DV, sob, sot, soh, sod).to(ACC)
+    token = (b * T + t) * H + hd
+    tl.store(out_ptr + token[:, None] * DV + dv[None, :], (ob + acc).to(out_ptr.dtype.element_ty),
+             mask=tmask[:, None] & (dv[None, :] < DV))
+
+
+@triton.jit
+def _token_backward_kernel(q_ptr, l_ptr, g_ptr, x_ptr, live_ptr, do_ptr, dq_ptr, dl_ptr, dg_ptr, T, H, S, L, GRP,
+                           DK, DV, scale, sqb, sqt, sqh, sqd, slb, slt, slh, sll, sgb, sgt, sgh,
+                           sdb, sdt, sdh, sdd, R: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                           ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr, HAS_G: tl.constexpr):
+    """Program ``(row tile, b * H + head)``: ``dq`` (per value head, ``(B, T, H, Dk)`` contiguous),
+    the live columns of ``dλ`` (``(B, T, H, L)`` contiguous, zero-filled) and ``dG`` (``(B, T,
+    H)`` float32 contiguous)."""
+    t = tl.program_id(0) * R + tl.arange(0, R)
+    tmask = t < T
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    hd = bh % H
+    live = tl.load(live_ptr + b)
+    token = (b * T + t) * H + hd
+    dG = tl.zeros((R,), dtype=ACC)
+    for c in range(0, DK, BDK):  # dq, one Dk tile at a time
+        dk = c + tl.arange(0, BDK)
+        dq = tl.zeros((R, BDK), dtype=ACC)
+        for j in range(0, S):
+            if ((live >> j) & 1) == 1:
+                e, lam = _factor(l_ptr, g_ptr, b, t, tmask, hd, j, scale, slb, slt, slh, sll, sgb, sgt, sgh, ACC, HAS_G)
+                part = tl.zeros((R, BDK), dtype=ACC)
+                for cv in range(0, DV, BDV):
+                    dv = cv + tl.arange(0, BDV)
+                    db = _tile(do_ptr, b, t, tmask, hd, dv, DV, sdb, sdt, sdh, sdd)
+                    part += dot(db, tl.trans(_state_tile(x_ptr, b, hd, j, H, S, dk, dv, DK, DV, db)), ACC, PREC,
+                                NATIVE)
+                dq += (e * lam)[:, None] * part
+        tl.store(dq_ptr + token[:, None] * DK + dk[None, :], dq.to(dq_ptr.dtype.element_ty),
+                 mask=tmask[:, None] & (dk[None, :] < DK))
+    for j in range(0, S):  # dλ_j = scale exp(G) (X_jᵀ q) · dout, and dG
+        if ((live >> j) & 1) == 1:
+            e, lam = _factor(l_ptr, g_ptr, b, t, tmask, hd, j, scale, slb, slt, slh, sll, sgb, sgt, sgh, ACC, HAS_G)
+            r = tl.zeros((R,), dtype=ACC)
+            for cv in range(0, DV, BDV):
+                dv = cv + tl.arange(0, BDV)
+                p = tl.zeros((R, BDV), dtype=ACC)
+                for c in range(0, DK, BDK):
+                    dk = c + tl.arange(0, BDK)
+                    qb = _tile(q_ptr, b, t, tmask, hd // GRP, dk, DK, sqb, sqt, sqh, sqd)
+                    p += dot(qb, _state_tile(x_ptr, b, hd, j, H, S, dk, dv, DK, DV, qb), ACC, PREC, NATIVE)
+                db = _tile(do_ptr, b, t, tmask, hd, dv, DV, sdb, sdt, sdh, sdd).to(ACC)
+                r += tl.sum(p * db, 1)
+            dlam = e * r
+            tl.store(dl_ptr + token * L + j + 1, dlam.to(dl_ptr.dtype.element_ty), mask=tmask)
+            dG += lam * dlam
+    tl.store(dg_ptr + token, dG.to(dg_ptr.dtype.element_ty), mask=tmask)
+
+
+@triton.jit
+def _state_backward_kernel(q_ptr, l_ptr, g_ptr, live_ptr, do_ptr, dx_ptr, T, H, S, GRP, DK, DV, N_DV_TILES, scale,
+                           sqb, sqt, sqh, sqd, slb, slt, slh, sll, sgb, sgt, sgh, sdb, sdt, sdh, sdd,
+                           R: tl.constexpr, STRETCH: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                           ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr, HAS_G: tl.constexpr):
+    """Program ``(stretch, b * H + head, Dk tile x Dv tile)``: adds the stretch's part of ``dX_j``
+    for every live slot (``dX (B, H, S, Dk, Dv)`` float32 contiguous, zero-filled)."""
+    t0 = tl.program_id(0) * STRETCH
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    hd = bh % H
+    tile = tl.program_id(2)
+    dk = (tile // N_DV_TILES) * BDK + tl.arange(0, BDK)
+    dv = (tile % N_DV_TILES) * BDV + tl.arange(0, BDV)
+    live = tl.load(live_ptr + b)
+    for j in range(0, S):
+        if ((live >> j) & 1) == 1:
+            acc = tl.zeros((BDK, BDV), dtype=ACC)
+            for start in range(0, tl.minimum(STRETCH, T - t0), R):
+                t = t0 + start + tl.arange(0, R)
+                tmask = t < T
+                e, lam = _factor(l_ptr, g_ptr, b, t, tmask, hd, j, scale, slb, slt, slh, sll, sgb, sgt, sgh, ACC, HAS_G)
+                qb = _tile(q_ptr, b, t, tmask, hd // GRP, dk, DK, sqb, sqt, sqh, sqd).to(ACC) * (e * lam)[:, None]
+                db = _tile(do_ptr, b, t, tmask, hd, dv, DV, sdb, sdt, sdh, sdd)
+                acc += dot(tl.trans(qb), db, ACC, PREC, NATIVE)
+            out = dx_ptr + ((b * H + hd) * S + j) * (DK * DV) + dk[:, None] * DV + dv[None, :]
+            tl.atomic_add(out, acc.to(dx_ptr.dtype.element_ty), mask=(dk[:, None] < DK) & (dv[None, :] < DV), sem="relaxed")
+
+
+def _check(o, q, level_scales, log_decay, states, live):
+    for name, x, ndim in (("o", o, 4), ("q", q, 4), ("level_scales", level_scales, 4), ("states", states, 5),
+                          ("live", live, 1)):
+        if not isinstance(x, torch.Tensor) or x.dim() != ndim:
+            raise ValueError(f"{name} must be a {ndim}-d tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    B, T, Hqk, DK = q.shape
+    H, DV = o.shape[2], o.shape[3]
+    S, L = states.shape[2], level_scales.shape[3]
+    if (tuple(o.shape[:2]) != (B, T) or Hqk < 1 or H % Hqk or tuple(level_scales.shape[:3]) != (B, T, H)
+            or tuple(states.shape) != (B, H, S, DK, DV) or tuple(live.shape) != (B,)
+            or (log_decay is not None and tuple(log_decay.shape) != (B, T, H))):
+        raise ValueError(f"shapes disagree: o {tuple(o.shape)}, q {tuple(q.shape)}, level_scales "
+                         f"{tuple(level_scales.shape)}, log_decay {None if log_decay is None else tuple(log_decay.shape)}"
+                         f", states {tuple(states.shape)}, live {tuple(live.shape)} (want o (B, T, H, Dv), q (B, T, "
+                         f"Hqk, Dk), level_scales (B, T, H, L), log_decay (B, T, H), states (B, H, S, Dk, "
+                         f"Dv), live (B,))")
+    return B, T, Hqk, H, DK, DV, S, L
+
+
+def _decay_args(log_decay, level_scales):
+    """``(pointer, strides...)`` of the summed log-decay, or the level scales' pointer (never read)."""
+    return (level_scales, 0, 0, 0) if log_decay is None else (log_decay, *log_decay.stride())
+
+
+def carried_reads_forward(o, q, level_scales, log_decay, states, live, scale: float) -> torch.Tensor:
+    """``o`` plus the reads of the carried ``states`` (module docstring): ``(B, T, H, Dv)`` in
+    ``o``'s dtype.  ``log_decay (B, T, H)``: the summed log-decay ``G`` (or None: no decay);
+    ``states (B, H, S, Dk, Dv)`` contiguous, in the state dtype; ``live (B,)`` int64 bit masks (of
+    slots below ``S`` whose level ``j + 1`` is below ``L``: not checked here, the masks stay on the
+    device)."""
+    B, T, Hqk, H, DK, DV, S, L = _check(o, q, level_scales, log_decay, states, live)
+    acc, prec, _ = compute_types(q.dtype)
+    out = scratch((B, T, H, DV), o.dtype, o.device)
+    BDK, BDV = block(DK, 64), block(DV, 64)
+    n_dv = cdiv(DV, BDV)
+    if B * T * H:
+        _forward_kernel[(cdiv(T, ROWS), B * H, n_dv)](
+            o, q, level_scales, _decay_args(log_decay, level_scales)[0], states, live, out, T, H, S, H // Hqk, DK, DV,
+            n_dv, float(scale), *o.stride(), *q.stride(), *level_scales.stride(),
+            *_decay_args(log_decay, level_scales)[1:], R=ROWS, BDK=BDK, BDV=BDV, ACC=acc, PREC=prec,
+            NATIVE=not interpreting(), HAS_G=log_decay is not None, num_warps=NUM_WARPS)
+    return out
+
+
+def carried_reads_backward(q, level_scales, log_decay, states, live, scale: float, dout):
+    """``(dq (B, T, H, Dk), dlevel_scales (B, T, H, L), dlog_decay (B, T, H), dstates (B, H, S, Dk,
+    Dv))`` of :func:`carried_reads_forward` for the gradient ``dout`` of its result (the gradient of
+    ``o`` is ``dout`` itself).  ``dq`` holds one row per value head (sum each group of ``H // Hqk``
+    heads for the query's gradient); ``dlevel_scales`` is zero outside the live columns; ``dlog_decay``
+    None without a decay; ``dq``, ``dlog_decay`` and ``dstates`` in float32 (float64 for float64 inputs)."""
+    B, T, Hqk, H, DK, DV, S, L = _check(dout, q, level_scales, log_decay, states, live)
+    acc, prec, _ = compute_types(q.dtype)
+    dev = q.device
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = scratch((B, T, H, DK), work, dev)
+    dl = torch.zeros((B, T, H, L), dtype=level_scales.dtype, device=dev)
+    dg = scratch((B, T, H), work, dev)
+    dx = torch.zeros((B, H, S, DK, DV), dtype=work, device=dev)
+    BDK, BDV = block(DK, 64), block(DV, 64)
+    n_dv = cdiv(DV, BDV)
+    decay = _decay_args(log_decay, level_scales)
+    common = dict(ACC=acc, PREC=prec, NATIVE=not interpreting(), HAS_G=log_decay is not None, num_warps=NUM_WARPS)
+    if B * T * H:
+        _token_backward_kernel[(cdiv(T, ROWS), B * H)](
+            q, level_scales, decay[0], states, live, dout, dq, dl, dg, T, H, S, L, H // Hqk, DK, DV, float(scale),
+            *q.stride(), *level_scales.stride(), *decay[1:], *dout.stride(), R=ROWS, BDK=BDK, BDV=BDV, **common)
+        _state_backward_kernel[(cdiv(T, STRETCH), B * H, cdiv(DK, BDK) * n_dv)](
+            q, level_scales, decay[0], live, dout, dx, T, H, S, H // Hqk, DK, DV, n_dv, float(scale), *q.stride(),
+            *level_scales.stride(), *decay[1:], *dout.stride(), R=ROWS, STRETCH=STRETCH, BDK=BDK, BDV=BDV, **common)
+    return dq, dl, (None if log_decay is None else dg), dx
