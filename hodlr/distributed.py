@@ -154,12 +154,15 @@ class _Gathered(torch.autograd.Function):
     """``(world, *x.shape)``: the result of the ``all_gather`` of ``x`` started by
     :func:`_start_all_gather`; the backward reduce-scatters the gradient (each rank gets the sum,
     over the ranks, of the gradients of its own part).  Applied after the work that overlaps the
-    exchange, so that the backward reaches the ``reduce_scatter`` before that work's backward and
-    the other ranks do not wait for it."""
+    exchange, so that the backward reaches the ``reduce_scatter`` before that work's backward.
+
+    With ``returned`` (a :class:`_Pending`), the backward only starts the ``reduce_scatter`` and
+    leaves the wait to :class:`_AwaitGradient` (applied to ``x`` before the gather): the work between
+    the two overlaps the exchange; without it, the backward waits."""
 
     @staticmethod
-    def forward(ctx, x, pending, group, world, what):
-        ctx.group, ctx.world, ctx.what = group, world, what
+    def forward(ctx, x, pending, group, world, what, returned=None):
+        ctx.group, ctx.world, ctx.what, ctx.returned = group, world, what, returned
         return pending.wait().view((world,) + tuple(x.shape))
 
     @staticmethod
@@ -169,9 +172,30 @@ class _Gathered(torch.autograd.Function):
         grad = grad.contiguous()
         out = grad.new_empty(grad.shape[1:])
         scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-        _collective(ctx.what, "backward", out, ctx.world,
-                    lambda: scatter(out.view(-1), grad.view(-1), op=dist.ReduceOp.SUM, group=ctx.group))
-        return out, None, None, None, None
+        if ctx.returned is None or any(rec.timed for rec in _RECORDS):
+            _collective(ctx.what, "backward", out, ctx.world,
+                        lambda: scatter(out.view(-1), grad.view(-1), op=dist.ReduceOp.SUM, group=ctx.group))
+        else:
+            _collective(ctx.what, "backward", out, ctx.world, lambda: None)
+            ctx.returned.out, ctx.returned.source = out, grad
+            ctx.returned.work = scatter(out.view(-1), grad.view(-1), op=dist.ReduceOp.SUM, group=ctx.group,
+                                        async_op=True)
+        return out, None, None, None, None, None
+
+
+class _AwaitGradient(torch.autograd.Function):
+    """``x`` itself (a copy); its backward first waits for the ``reduce_scatter`` that
+    :class:`_Gathered`'s backward started into ``returned`` (the gradient arriving for ``x``)."""
+
+    @staticmethod
+    def forward(ctx, x, returned):
+        ctx.returned = returned
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.returned.wait()
+        return grad, None
 
 
 def _all_gather(x, group, world: int, what: str):
@@ -194,6 +218,16 @@ class _Depend(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, *_):
         return (grad,) + (None,) * ctx.shapes
+
+
+def _on(x, device) -> torch.Tensor:
+    """``x`` (host values: numpy, lists) as a tensor on ``device``.  On CUDA through pinned memory
+    without blocking: a copy from pageable memory waits for the work already queued on the
+    stream, so the host would stall behind the local call instead of queueing what follows."""
+    t = torch.as_tensor(np.asarray(x))
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,7 +350,7 @@ def _segments_decay(g, plan, rank, local, cu_local):
     """``(len(local), H)``: the log-decay summed over each local sequence's tokens on this rank."""
     if cu_local is None:
         return g.sum(1)
-    lengths = torch.as_tensor(plan.length[rank, local], device=g.device)
+    lengths = _on(plan.length[rank, local], g.device)
     seg = torch.repeat_interleave(torch.arange(len(local), device=g.device), lengths)
     return g.new_zeros((len(local), g.shape[2])).index_add(0, seg, g[0])
 
@@ -325,8 +359,22 @@ def _live_buckets(states, rows, positions):
     """``states[rows]`` with the buckets that ``positions`` leave empty set to 0 (no value there,
     and no gradient reaches them)."""
     live = (np.asarray(positions)[:, None] >> np.arange(states.shape[2])[None, :]) & 1 == 1
-    picked = states[torch.as_tensor(rows, device=states.device)]
-    return torch.where(torch.as_tensor(live, device=states.device)[:, None, :, None, None], picked, 0.0)
+    picked = states[_on(rows, states.device)]
+    return torch.where(_on(live, states.device)[:, None, :, None, None], picked, 0.0)
+
+
+def _cumsum(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Inclusive prefix sums along the last dim, in blocks of ``block``: a scan along one long
+    row runs on one thread block on CUDA (0.8 ms for 16 rows of 2**19), so the rows are cut into
+    blocks scanned side by side, then each block adds the sum of the blocks before it.
+    Differentiable."""
+    T = x.shape[-1]
+    if T <= block:
+        return torch.cumsum(x, -1)
+    pad = -T % block
+    inner = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], -1, block).cumsum(-1)
+    before = _cumsum(inner[..., -1], block) - inner[..., -1]  # the sum of the earlier blocks
+    return (inner + before[..., None]).flatten(-2)[..., :T]
 
 
 def _log_weights(g, rows, begin, length):
@@ -338,17 +386,17 @@ def _log_weights(g, rows, begin, length):
     summed from the small terms near the end, so its rounding stays relative to its own size);
     otherwise a difference of float64 prefix sums (rounding ``2**-52`` times the sum's magnitude).
     Both scans run along the innermost dim (a scan along T of a ``(B, T, H)`` tensor gets only H
-    threads per batch row on CUDA: 190 ms at T = 2**19, H = 16, against 0.1 ms)."""
+    threads per batch row on CUDA: 190 ms at T = 2**19, H = 16), in blocks (:func:`_cumsum`)."""
     B, T = g.shape[:2]
     if len(rows) == B and (begin == 0).all() and (length == T).all() and (np.sort(rows) == np.arange(B)).all():
         gt = g.transpose(1, 2).contiguous().flip(-1)  # (B, H, T), last token first
-        after = torch.cumsum(gt, -1) - gt  # the sum over the tokens after each one
+        after = _cumsum(gt) - gt  # the sum over the tokens after each one
         return after.flip(-1).transpose(1, 2)
-    total = torch.cumsum(g.to(torch.float64).transpose(1, 2).contiguous(), -1).transpose(1, 2)
+    total = _cumsum(g.to(torch.float64).transpose(1, 2).contiguous()).transpose(1, 2)
     last = np.full((B, T), -1, dtype=np.int64)
     tokens = np.repeat(begin - np.cumsum(length) + length, length) + np.arange(length.sum())
     last[np.repeat(rows, length), tokens] = np.repeat(begin + length - 1, length)
-    last = torch.as_tensor(last, device=g.device)
+    last = _on(last, g.device)
     ends = total.gather(1, last.clamp(min=0)[..., None].expand(-1, -1, g.shape[2]))
     return torch.where((last >= 0)[..., None], ends - total, 0.0).to(g.dtype)
 
@@ -402,9 +450,9 @@ def _segment_states(k, v, g, rows, begin, a, length, S, work, kernel=False):
         mine = buckets[buckets[:, 4] == j]
         for size in np.unique(mine[:, 2]):
             pick = mine[mine[:, 2] == size]
-            at = torch.as_tensor(pick[:, 1:2] + np.arange(size)[None, :], device=dev)
-            rb = torch.as_tensor(pick[:, 0], device=dev)[:, None]
-            X[torch.as_tensor(pick[:, 3], device=dev), :, j] = torch.einsum("nthd,nthe->nhde", kw[rb, at],
+            at = _on(pick[:, 1:2] + np.arange(size)[None, :], dev)
+            rb = _on(pick[:, 0], dev)[:, None]
+            X[_on(pick[:, 3], dev), :, j] = torch.einsum("nthd,nthe->nhde", kw[rb, at],
                                                                             vw[rb, at])
     return X
 
@@ -424,7 +472,7 @@ def _carried_reads(o, q, g, level_scales, states, a: int, scale, kernel=False):
     ``hodlr.kernels.carried_reads``; otherwise one ``einsum`` per live slot.  Differentiable."""
     B, T, Hqk, Dk = q.shape
     H, Dv = o.shape[2], o.shape[3]
-    G = None if g is None else torch.cumsum(g.to(states.dtype).transpose(1, 2).contiguous(), -1).transpose(1, 2)
+    G = None if g is None else _cumsum(g.to(states.dtype).transpose(1, 2).contiguous()).transpose(1, 2)
     if kernel:
         from hodlr import kernels
 
@@ -504,7 +552,7 @@ def segment_state(k, v, g, positions, *, cu_seqlens=None, num_slots=None):
     end = a + length
     S = int(end.max(initial=0)).bit_length() if num_slots is None else int(num_slots)
     X = _segment_states(k, v, g, rows, begin, a, length, S, ops.work_dtype(v.dtype), k.is_cuda)
-    return LogLinearState(X, torch.as_tensor(end, device=k.device), validate=False)
+    return LogLinearState(X, _on(end, k.device), validate=False)
 
 
 _COMPILED_OUT = []
@@ -626,7 +674,7 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     local = np.nonzero(plan.length[rank] > 0)[0]
     cu_local = None
     if cu_seqlens is not None:
-        cu_local = torch.as_tensor(np.concatenate([[0], np.cumsum(plan.length[rank, local])]), device=dev)
+        cu_local = _on(np.concatenate([[0], np.cumsum(plan.length[rank, local])]), dev)
     carried = local[plan.first[local] < rank]  # sequences that began on an earlier rank
     send = plan.rows[rank]
     begin = plan.lo[rank, send] - offsets[rank] if cu_seqlens is not None else np.zeros(len(send), dtype=np.int64)
@@ -635,16 +683,15 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
                         plan.a[rank, send], plan.length[rank, send], S, work, kernel)
     A = None
     if g is not None and len(send):
-        A = _segments_decay(g.to(work), plan, rank, local, cu_local)[torch.as_tensor(np.searchsorted(local, send),
-                                                                                        device=dev)]
+        A = _segments_decay(g.to(work), plan, rank, local, cu_local)[_on(np.searchsorted(local, send), dev)]
     if init_full is not None and len(send):
         fresh = plan.first[send] == rank
         if fresh.any():  # continue the initial state through this shard's tokens
             start_state = LogLinearState(_live_buckets(init_full, send, plan.a[rank, send]),
-                                         torch.as_tensor(plan.a[rank, send], device=dev), validate=False)
-            end_state = LogLinearState(X, torch.as_tensor(plan.a[rank, send] + plan.length[rank, send], device=dev),
+                                         _on(plan.a[rank, send], dev), validate=False)
+            end_state = LogLinearState(X, _on(plan.a[rank, send] + plan.length[rank, send], dev),
                                        validate=False)
-            X = torch.where(torch.as_tensor(fresh, device=dev)[:, None, None, None, None],
+            X = torch.where(_on(fresh, dev)[:, None, None, None, None],
                             combine(start_state, end_state, A, validate=False).states, X)
 
     # 2. the states every rank needs: one all_gather, started here and waited for after the local
@@ -662,6 +709,10 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
                 payload.requires_grad_(True)
             payload = _Depend.apply(payload, *[x for x in (q, k, v, g, level_scales, init)
                                                 if x is not None and x.requires_grad])
+        returned = None
+        if wants_grad:
+            returned = _Pending(None, None)
+            payload = _AwaitGradient.apply(payload, returned)
         payload = payload.flatten()
         pending = _start_all_gather(payload, group, world, "states")
 
@@ -673,11 +724,11 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     if aligned and len(local):
         o, _ = ops.log_linear_attn(q, k, v, g, level_scales, None, False, None, scale, backend=backend)
     if pending is not None:
-        gathered = _Gathered.apply(payload, pending, group, world, "states")
+        gathered = _Gathered.apply(payload, pending, group, world, "states", returned)
 
     def piece(j, rows):
         """States and log-decays that rank ``j`` sent for the sequences ``rows`` (all in its list)."""
-        at = torch.as_tensor(np.searchsorted(plan.rows[j], rows), device=dev)
+        at = _on(np.searchsorted(plan.rows[j], rows), dev)
         block = gathered[j].view(K, -1)[at]
         st = block[:, :width].view(len(rows), H, S, Dk, Dv)
         return st, (None if g is None else block[:, width:])
@@ -692,22 +743,22 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     carried_state = None
     for j in range(world if output_final_state else rank):
         if j == rank and len(carried):
-            carried_state = Z[torch.as_tensor(np.searchsorted(need, carried), device=dev)]
+            carried_state = Z[_on(np.searchsorted(need, carried), dev)]
         rows = np.intersect1d(need, plan.rows[j])
         if not len(rows):
             continue
         at = np.searchsorted(need, rows)
         st, dec = piece(j, rows)
         fresh = plan.first[rows] == j
-        prev = LogLinearState(Z[torch.as_tensor(at, device=dev)], torch.as_tensor(Zpos[at], device=dev),
+        prev = LogLinearState(Z[_on(at, dev)], _on(Zpos[at], dev),
                               validate=False)
-        new = combine(prev, LogLinearState(st, torch.as_tensor(plan.a[j, rows] + plan.length[j, rows], device=dev),
+        new = combine(prev, LogLinearState(st, _on(plan.a[j, rows] + plan.length[j, rows], dev),
                                            validate=False), dec, validate=False).states
-        new = torch.where(torch.as_tensor(fresh, device=dev)[:, None, None, None, None], st, new)
-        Z = Z.index_copy(0, torch.as_tensor(at, device=dev), new)
+        new = torch.where(_on(fresh, dev)[:, None, None, None, None], st, new)
+        Z = Z.index_copy(0, _on(at, dev), new)
         Zpos[at] = plan.a[j, rows] + plan.length[j, rows]
     if carried_state is None and len(carried):
-        carried_state = Z[torch.as_tensor(np.searchsorted(need, carried), device=dev)]
+        carried_state = Z[_on(np.searchsorted(need, carried), dev)]
 
     # 5. this shard's output: the aligned shard's carried reads, or one local call from the state
     #    at its start (the folded state of a carried sequence, the initial state of one that
@@ -720,15 +771,15 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
             states = torch.zeros((len(local), H, S, Dk, Dv), dtype=work, device=dev)
             begins = plan.first[local] == rank
             if init_full is not None and begins.any():
-                mask = torch.as_tensor(begins, device=dev)[:, None, None, None, None]
-                states = torch.where(mask, init_full[torch.as_tensor(local, device=dev)], states)
+                mask = _on(begins, dev)[:, None, None, None, None]
+                states = torch.where(mask, init_full[_on(local, dev)], states)
             if len(carried):
-                states = states.index_copy(0, torch.as_tensor(np.searchsorted(local, carried), device=dev),
+                states = states.index_copy(0, _on(np.searchsorted(local, carried), dev),
                                            carried_state)
-            state = LogLinearState(states, torch.as_tensor(plan.a[rank, local], device=dev), validate=False)
+            state = LogLinearState(states, _on(plan.a[rank, local], dev), validate=False)
         o, _ = ops.log_linear_attn(q, k, v, g, level_scales, state, False, cu_local, scale, backend=backend)
     if gathered is not None and wants_grad and not len(carried):
         o = _Depend.apply(o, gathered)  # every rank's backward reaches the collective
     if not output_final_state:
         return o, None
-    return o, LogLinearState(Z, torch.as_tensor(plan.end, device=dev), validate=False)
+    return o, LogLinearState(Z, _on(plan.end, dev), validate=False)

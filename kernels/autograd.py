@@ -211,5 +211,6 @@ def carried_reads(o, q, level_scales, log_decay, states, positions, scale: float
     if top > states.shape[2] or top + 1 > level_scales.shape[-1]:
         raise ValueError(f"position {max(positions)} reads slots up to {top - 1} and levels up to {top}: states has "
                          f"{states.shape[2]} slots and level_scales {level_scales.shape[-1]} levels")
-    live = torch.as_tensor(positions, dtype=torch.int64).to(q.device)
+    live = torch.as_tensor(positions, dtype=torch.int64)
+    live = live.pin_memory().to(q.device, non_blocking=True) if q.is_cuda else live.to(q.device)  # (no stall)
     return _CarriedReads.apply(o, q, level_scales, log_decay, states.contiguous(), live, float(scale))

@@ -31,14 +31,18 @@ from ._layout import block, cdiv, compute_types, interpreting, scratch
 
 __all__ = ["carried_reads_backward", "carried_reads_forward"]
 
-ROWS = 64
-"""Tokens per program of the forward and of the token-wise backward."""
+ROWS = 128
+"""Tokens per program of the forward and of the token-wise backward (each program reads the
+state's tiles once: fewer, longer programs read them less often)."""
+
+STATE_ROWS = 64
+"""Tokens per step of the state-gradient kernel."""
 
 STRETCH = 4096
 """Tokens one program of the state-gradient kernel sums before its atomic add."""
 
-NUM_WARPS = 4
-"""Warps per program (the kernels read each token once)."""
+NUM_WARPS = 8
+"""Warps per program of the forward and the token-wise backward (the state-gradient kernel: 4)."""
 
 
 @triton.jit
@@ -196,6 +200,12 @@ def _check(o, q, level_scales, log_decay, states, live):
     return B, T, Hqk, H, DK, DV, S, L
 
 
+def _for_dots(states, q):
+    """The state as the dots read it: rounded once to bfloat16 for bfloat16 queries (the tensor
+    cores' operand, half the bytes of every read), as it is otherwise."""
+    return states.to(torch.bfloat16).contiguous() if q.dtype == torch.bfloat16 else states
+
+
 def _decay_args(log_decay, level_scales):
     """``(pointer, strides...)`` of the summed log-decay, or the level scales' pointer (never read)."""
     return (level_scales, 0, 0, 0) if log_decay is None else (log_decay, *log_decay.stride())
@@ -209,6 +219,7 @@ def carried_reads_forward(o, q, level_scales, log_decay, states, live, scale: fl
     device)."""
     B, T, Hqk, H, DK, DV, S, L = _check(o, q, level_scales, log_decay, states, live)
     acc, prec, _ = compute_types(q.dtype)
+    states = _for_dots(states, q)
     out = scratch((B, T, H, DV), o.dtype, o.device)
     BDK, BDV = block(DK, 64), block(DV, 64)
     n_dv = cdiv(DV, BDV)
@@ -225,25 +236,28 @@ def carried_reads_backward(q, level_scales, log_decay, states, live, scale: floa
     """``(dq (B, T, H, Dk), dlevel_scales (B, T, H, L), dlog_decay (B, T, H), dstates (B, H, S, Dk,
     Dv))`` of :func:`carried_reads_forward` for the gradient ``dout`` of its result (the gradient of
     ``o`` is ``dout`` itself).  ``dq`` holds one row per value head (sum each group of ``H // Hqk``
-    heads for the query's gradient); ``dlevel_scales`` is zero outside the live columns; ``dlog_decay``
+    heads for the query's gradient; in ``q``'s dtype without groups); ``dlevel_scales`` is zero outside the live columns; ``dlog_decay``
     None without a decay; ``dq``, ``dlog_decay`` and ``dstates`` in float32 (float64 for float64 inputs)."""
     B, T, Hqk, H, DK, DV, S, L = _check(dout, q, level_scales, log_decay, states, live)
     acc, prec, _ = compute_types(q.dtype)
+    states = _for_dots(states, q)
     dev = q.device
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dq = scratch((B, T, H, DK), work, dev)
+    dq = scratch((B, T, H, DK), q.dtype if H == Hqk else work, dev)
     dl = torch.zeros((B, T, H, L), dtype=level_scales.dtype, device=dev)
     dg = scratch((B, T, H), work, dev)
     dx = torch.zeros((B, H, S, DK, DV), dtype=work, device=dev)
     BDK, BDV = block(DK, 64), block(DV, 64)
     n_dv = cdiv(DV, BDV)
     decay = _decay_args(log_decay, level_scales)
-    common = dict(ACC=acc, PREC=prec, NATIVE=not interpreting(), HAS_G=log_decay is not None, num_warps=NUM_WARPS)
+    common = dict(ACC=acc, PREC=prec, NATIVE=not interpreting(), HAS_G=log_decay is not None)
     if B * T * H:
         _token_backward_kernel[(cdiv(T, ROWS), B * H)](
             q, level_scales, decay[0], states, live, dout, dq, dl, dg, T, H, S, L, H // Hqk, DK, DV, float(scale),
-            *q.stride(), *level_scales.stride(), *decay[1:], *dout.stride(), R=ROWS, BDK=BDK, BDV=BDV, **common)
+            *q.stride(), *level_scales.stride(), *decay[1:], *dout.stride(), R=ROWS, BDK=BDK, BDV=BDV,
+            num_warps=NUM_WARPS, **common)
         _state_backward_kernel[(cdiv(T, STRETCH), B * H, cdiv(DK, BDK) * n_dv)](
             q, level_scales, decay[0], live, dout, dx, T, H, S, H // Hqk, DK, DV, n_dv, float(scale), *q.stride(),
-            *level_scales.stride(), *decay[1:], *dout.stride(), R=ROWS, STRETCH=STRETCH, BDK=BDK, BDV=BDV, **common)
+            *level_scales.stride(), *decay[1:], *dout.stride(), R=STATE_ROWS, STRETCH=STRETCH, BDK=BDK, BDV=BDV,
+            num_warps=4, **common)
     return dq, dl, (None if log_decay is None else dg), dx
