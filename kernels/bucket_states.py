@@ -117,29 +117,37 @@ def _forward_kernel(k_ptr, v_ptr, a_ptr, x_ptr, tab_ptr, H, S, GRP, DK, DV, N_DV
 
 @triton.jit
 def _backward_kernel(k_ptr, v_ptr, a_ptr, dx_ptr, dk_ptr, dv_ptr, da_ptr, tab_ptr, T, H, S, GRP, DK, DV,
-                     N_DK_TILES, N_DV_TILES, skb, skt, skh, skd, svb, svt, svh, svd, sab, sat, sah,
-                     R: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                     skb, skt, skh, skd, svb, svt, svh, svd, sab, sat, sah, N_DK_TILES: tl.constexpr,
+                     N_DV_TILES: tl.constexpr, R: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                      NATIVE: tl.constexpr):
     """Program ``(piece, head, tile)``: a tile ``< N_DK_TILES`` writes a Dk-tile of the piece's
-    ``dk`` and adds its part of ``da``; a later tile writes a Dv-tile of ``dv``.  ``dk (B, T, H,
-    Dk)``, ``dv (B, T, H, Dv)`` and ``da (B, T, H)`` are contiguous (``da`` zero-filled)."""
+    ``dk`` and adds its part of ``da``; a later tile writes a Dv-tile of ``dv``.  With one tile
+    along the other width the program reads its tile of ``dX`` once, before its tokens.
+    ``dk (B, T, H, Dk)``, ``dv (B, T, H, Dv)`` and ``da (B, T, H)`` are contiguous (``da``
+    zero-filled)."""
     p = tl.program_id(0).to(tl.int64)
     hd = tl.program_id(1).to(tl.int64)
     tile = tl.program_id(2)
     b, t0, n, i, j = _piece(tab_ptr, p)
     dx = dx_ptr + ((i * H + hd) * S + j) * (DK * DV)
-    for start in range(0, n, R):
-        t = t0 + start + tl.arange(0, R)
-        tmask = t < t0 + n
-        w = _weights(a_ptr, b, t, tmask, hd, sab, sat, sah, ACC)
-        token = (b * T + t) * H + hd  # (R,) row of the (B, T, H) grid
-        if tile < N_DK_TILES:  # dk = w * (V dXᵀ), da = k · dk
-            dk = tile * BDK + tl.arange(0, BDK)
-            acc = tl.zeros((R, BDK), dtype=ACC)
-            for c in range(N_DV_TILES):
-                dv = c * BDV + tl.arange(0, BDV)
-                vb = _rows(v_ptr, b, t, tmask, hd, dv, DV, svb, svt, svh, svd)
-                acc += dot(vb, tl.trans(_dx_tile(dx, dk, dv, DK, DV, ACC)), ACC, PREC, NATIVE)
+    if tile < N_DK_TILES:  # dk = w * (V dXᵀ), da = k · dk
+        dk = tile * BDK + tl.arange(0, BDK)
+        if N_DV_TILES == 1:  # one tile of dXᵀ: read once
+            dxt = tl.trans(_dx_tile(dx, dk, tl.arange(0, BDV), DK, DV, ACC))
+        for start in range(0, n, R):
+            t = t0 + start + tl.arange(0, R)
+            tmask = t < t0 + n
+            w = _weights(a_ptr, b, t, tmask, hd, sab, sat, sah, ACC)
+            token = (b * T + t) * H + hd  # (R,) row of the (B, T, H) grid
+            if N_DV_TILES == 1:
+                vb = _rows(v_ptr, b, t, tmask, hd, tl.arange(0, BDV), DV, svb, svt, svh, svd)
+                acc = dot(vb, dxt, ACC, PREC, NATIVE)
+            else:
+                acc = tl.zeros((R, BDK), dtype=ACC)
+                for c in range(N_DV_TILES):
+                    dv = c * BDV + tl.arange(0, BDV)
+                    vb = _rows(v_ptr, b, t, tmask, hd, dv, DV, svb, svt, svh, svd)
+                    acc += dot(vb, tl.trans(_dx_tile(dx, dk, dv, DK, DV, ACC)), ACC, PREC, NATIVE)
             grad = acc * w[:, None]
             kb = _rows(k_ptr, b, t, tmask, hd // GRP, dk, DK, skb, skt, skh, skd).to(ACC)
             tl.store(dk_ptr + token[:, None] * DK + dk[None, :], grad, mask=tmask[:, None] & (dk[None, :] < DK))
@@ -148,13 +156,24 @@ def _backward_kernel(k_ptr, v_ptr, a_ptr, dx_ptr, dk_ptr, dv_ptr, da_ptr, tab_pt
                 tl.store(da_ptr + token, part, mask=tmask)
             else:
                 tl.atomic_add(da_ptr + token, part, mask=tmask, sem="relaxed")
-        else:  # dv = w * (K dX)
-            dv = (tile - N_DK_TILES) * BDV + tl.arange(0, BDV)
-            acc = tl.zeros((R, BDV), dtype=ACC)
-            for c in range(N_DK_TILES):
-                dk = c * BDK + tl.arange(0, BDK)
-                kb = _rows(k_ptr, b, t, tmask, hd // GRP, dk, DK, skb, skt, skh, skd)
-                acc += dot(kb, _dx_tile(dx, dk, dv, DK, DV, ACC), ACC, PREC, NATIVE)
+    else:  # dv = w * (K dX)
+        dv = (tile - N_DK_TILES) * BDV + tl.arange(0, BDV)
+        if N_DK_TILES == 1:  # one tile of dX: read once
+            dxs = _dx_tile(dx, tl.arange(0, BDK), dv, DK, DV, ACC)
+        for start in range(0, n, R):
+            t = t0 + start + tl.arange(0, R)
+            tmask = t < t0 + n
+            w = _weights(a_ptr, b, t, tmask, hd, sab, sat, sah, ACC)
+            token = (b * T + t) * H + hd
+            if N_DK_TILES == 1:
+                kb = _rows(k_ptr, b, t, tmask, hd // GRP, tl.arange(0, BDK), DK, skb, skt, skh, skd)
+                acc = dot(kb, dxs, ACC, PREC, NATIVE)
+            else:
+                acc = tl.zeros((R, BDV), dtype=ACC)
+                for c in range(N_DK_TILES):
+                    dk = c * BDK + tl.arange(0, BDK)
+                    kb = _rows(k_ptr, b, t, tmask, hd // GRP, dk, DK, skb, skt, skh, skd)
+                    acc += dot(kb, _dx_tile(dx, dk, dv, DK, DV, ACC), ACC, PREC, NATIVE)
             tl.store(dv_ptr + token[:, None] * DV + dv[None, :], acc * w[:, None],
                      mask=tmask[:, None] & (dv[None, :] < DV))
 
@@ -209,7 +228,7 @@ def bucket_states_backward(k, v, log_weight, pieces, dx):
     n_dk, n_dv = cdiv(DK, BDK), cdiv(DV, BDV)
     if len(pieces.table) and H:
         _backward_kernel[(len(pieces.table), H, n_dk + n_dv)](
-            k, v, log_weight, dx, dk, dv, da, pieces.table, T, H, dx.shape[2], H // Hqk, DK, DV, n_dk, n_dv,
-            *k.stride(), *v.stride(), *log_weight.stride(), R=ROWS, BDK=BDK, BDV=BDV, ACC=acc, PREC=prec,
+            k, v, log_weight, dx, dk, dv, da, pieces.table, T, H, dx.shape[2], H // Hqk, DK, DV, *k.stride(),
+            *v.stride(), *log_weight.stride(), N_DK_TILES=n_dk, N_DV_TILES=n_dv, R=ROWS, BDK=BDK, BDV=BDV, ACC=acc, PREC=prec,
             NATIVE=not interpreting(), num_warps=NUM_WARPS)
     return dk, dv, da
