@@ -407,16 +407,16 @@ def _buckets(rows, begin, a, length, S):
     positions from ``a[i]``) holds in slot ``j`` of its state at ``a[i] + length[i]``: token ``s``
     lies in the bucket of level ``bit_length(e XOR s)`` of the end ``e``, and a level's tokens are
     contiguous (slot ``j``: the level-``j + 1`` bucket ``[base, base + 2**j)``, cut at ``a``)."""
-    e = a + length
-    out = []
-    for j in range(S):
-        base = (e >> (j + 1)) << (j + 1)
-        lo = np.maximum(base, a)
-        hi = base + (1 << j)
-        live = np.nonzero(((e >> j) & 1 == 1) & (hi > lo))[0]
-        out.append(np.stack([rows[live], begin[live] + lo[live] - a[live], hi[live] - lo[live], live,
-                             np.full(len(live), j)], 1))
-    return np.concatenate(out).astype(np.int64) if out else np.zeros((0, 5), dtype=np.int64)
+    e = (a + length)[:, None]
+    j = np.arange(S)[None, :]
+    base = (e >> (j + 1)) << (j + 1)
+    lo = np.maximum(base, a[:, None])
+    hi = base + (1 << j)
+    i, j = np.nonzero((((e >> j) & 1) == 1) & (hi > lo))  # (the bucket of slot j of sequence i)
+    order = np.lexsort((i, j))  # slot by slot
+    i, j = i[order], j[order]
+    lo, hi = lo[i, j], hi[i, j]
+    return np.stack([rows[i], begin[i] + lo - a[i], hi - lo, i, j], 1).astype(np.int64).reshape(-1, 5)
 
 
 def _segment_states(k, v, g, rows, begin, a, length, S, work, kernel=False):
