@@ -118,7 +118,8 @@ def _forward_kernel(k_ptr, v_ptr, a_ptr, x_ptr, tab_ptr, H, S, GRP, DK, DV, N_DV
 @triton.jit
 def _backward_kernel(k_ptr, v_ptr, a_ptr, dx_ptr, dk_ptr, dv_ptr, da_ptr, tab_ptr, T, H, S, GRP, DK, DV,
                      skb, skt, skh, skd, svb, svt, svh, svd, sab, sat, sah, N_DK_TILES: tl.constexpr,
-                     N_DV_TILES: tl.constexpr, R: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                     N_DV_TILES: tl.constexpr, R: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                     ACC: tl.constexpr, PREC: tl.constexpr,
                      NATIVE: tl.constexpr):
     """Program ``(piece, head, tile)``: a tile ``< N_DK_TILES`` writes a Dk-tile of the piece's
     ``dk`` and adds its part of ``da``; a later tile writes a Dv-tile of ``dv``.  With one tile
@@ -229,6 +230,7 @@ def bucket_states_backward(k, v, log_weight, pieces, dx):
     if len(pieces.table) and H:
         _backward_kernel[(len(pieces.table), H, n_dk + n_dv)](
             k, v, log_weight, dx, dk, dv, da, pieces.table, T, H, dx.shape[2], H // Hqk, DK, DV, *k.stride(),
-            *v.stride(), *log_weight.stride(), N_DK_TILES=n_dk, N_DV_TILES=n_dv, R=ROWS, BDK=BDK, BDV=BDV, ACC=acc, PREC=prec,
+            *v.stride(), *log_weight.stride(), N_DK_TILES=n_dk, N_DV_TILES=n_dv, R=ROWS, BDK=BDK, BDV=BDV, ACC=acc,
+            PREC=prec,
             NATIVE=not interpreting(), num_warps=NUM_WARPS)
     return dk, dv, da

@@ -7,7 +7,8 @@ from position 0 gives every term between two of its tokens; every other term com
 buckets of the state at ``a``, one per set bit ``j`` of ``a`` (slot ``j``, level ``j + 1``),
 which every token of the shard reads whole.  This module adds that second part:
 
-``out[b, t, h] = o[b, t, h] + scale · exp(G[b, t, h]) · Σ_{j in live[b]} λ[b, t, h, j + 1] · X[b, h, j]ᵀ q[b, t, h // grp]``
+``out[b, t, h] = o[b, t, h]``
+``    + scale · exp(G[b, t, h]) · Σ_{j in live[b]} λ[b, t, h, j + 1] · X[b, h, j]ᵀ q[b, t, h // grp]``
 
 with ``G`` the log-decay summed over the shard's tokens up to ``t`` inclusive (from the state's
 position), ``X (B, H, S, Dk, Dv)`` the carried state and ``live[b]`` the bit mask of its live
@@ -180,7 +181,8 @@ def _state_backward_kernel(q_ptr, l_ptr, g_ptr, live_ptr, do_ptr, dx_ptr, T, H, 
                 db = _tile(do_ptr, b, t, tmask, hd, dv, DV, sdb, sdt, sdh, sdd)
                 acc += dot(tl.trans(qb), db, ACC, PREC, NATIVE)
             out = dx_ptr + ((b * H + hd) * S + j) * (DK * DV) + dk[:, None] * DV + dv[None, :]
-            tl.atomic_add(out, acc.to(dx_ptr.dtype.element_ty), mask=(dk[:, None] < DK) & (dv[None, :] < DV), sem="relaxed")
+            tl.atomic_add(out, acc.to(dx_ptr.dtype.element_ty), mask=(dk[:, None] < DK) & (dv[None, :] < DV),
+                          sem="relaxed")
 
 
 def _check(o, q, level_scales, log_decay, states, live):
@@ -195,7 +197,8 @@ def _check(o, q, level_scales, log_decay, states, live):
             or tuple(states.shape) != (B, H, S, DK, DV) or tuple(live.shape) != (B,)
             or (log_decay is not None and tuple(log_decay.shape) != (B, T, H))):
         raise ValueError(f"shapes disagree: o {tuple(o.shape)}, q {tuple(q.shape)}, level_scales "
-                         f"{tuple(level_scales.shape)}, log_decay {None if log_decay is None else tuple(log_decay.shape)}"
+                         f"{tuple(level_scales.shape)}, log_decay "
+                         f"{None if log_decay is None else tuple(log_decay.shape)}"
                          f", states {tuple(states.shape)}, live {tuple(live.shape)} (want o (B, T, H, Dv), q (B, T, "
                          f"Hqk, Dk), level_scales (B, T, H, L), log_decay (B, T, H), states (B, H, S, Dk, "
                          f"Dv), live (B,))")
@@ -238,8 +241,8 @@ def carried_reads_backward(q, level_scales, log_decay, states, live, scale: floa
     """``(dq (B, T, H, Dk), dlevel_scales (B, T, H, L), dlog_decay (B, T, H), dstates (B, H, S, Dk,
     Dv))`` of :func:`carried_reads_forward` for the gradient ``dout`` of its result (the gradient of
     ``o`` is ``dout`` itself).  ``dq`` holds one row per value head (sum each group of ``H // Hqk``
-    heads for the query's gradient; in ``q``'s dtype without groups); ``dlevel_scales`` is zero outside the live columns; ``dlog_decay``
-    None without a decay; ``dq``, ``dlog_decay`` and ``dstates`` in float32 (float64 for float64 inputs)."""
+    heads for the query's gradient; in ``q``'s dtype without groups); ``dlevel_scales`` is zero
+    outside the live columns; ``dlog_decay`` None without a decay; ``dq``, ``dlog_decay`` and ``dstates`` in float32 (float64 for float64 inputs)."""
     B, T, Hqk, H, DK, DV, S, L = _check(dout, q, level_scales, log_decay, states, live)
     acc, prec, _ = compute_types(q.dtype)
     states = _for_dots(states, q)
