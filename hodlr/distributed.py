@@ -220,6 +220,19 @@ class _Depend(torch.autograd.Function):
         return (grad,) + (None,) * ctx.shapes
 
 
+_STREAMS: dict = {}
+
+
+def _side_stream(device):
+    """A second CUDA stream of ``device`` (one per device, kept), after the work queued so far on
+    the current one; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    side = _STREAMS.setdefault(device, torch.cuda.Stream(device))
+    side.wait_stream(torch.cuda.current_stream(device))
+    return side
+
+
 def _on(x, device) -> torch.Tensor:
     """``x`` (host values: numpy, lists) as a tensor on ``device``.  On CUDA through pinned memory
     without blocking: a copy from pageable memory waits for the work already queued on the
@@ -679,50 +692,56 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     send = plan.rows[rank]
     begin = plan.lo[rank, send] - offsets[rank] if cu_seqlens is not None else np.zeros(len(send), dtype=np.int64)
     kernel = ops._resolve(backend, dev, T, True).__name__.endswith(".triton")
-    X = _segment_states(k, v, g, np.zeros(len(send), dtype=np.int64) if cu_seqlens is not None else send, begin,
-                        plan.a[rank, send], plan.length[rank, send], S, work, kernel)
-    A = None
-    if g is not None and len(send):
-        A = _segments_decay(g.to(work), plan, rank, local, cu_local)[_on(np.searchsorted(local, send), dev)]
-    if init_full is not None and len(send):
-        fresh = plan.first[send] == rank
-        if fresh.any():  # continue the initial state through this shard's tokens
-            start_state = LogLinearState(_live_buckets(init_full, send, plan.a[rank, send]),
-                                         _on(plan.a[rank, send], dev), validate=False)
-            end_state = LogLinearState(X, _on(plan.a[rank, send] + plan.length[rank, send], dev),
-                                       validate=False)
-            X = torch.where(_on(fresh, dev)[:, None, None, None, None],
-                            combine(start_state, end_state, A, validate=False).states, X)
+    aligned = cu_seqlens is None and initial_state is None and _aligned(offsets[rank], T)
+    side = _side_stream(dev) if aligned and len(local) and len(send) else None
+    with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
+        # (on a GPU an aligned shard computes the states it sends on a second stream, beside its
+        # local call: neither kernel fills the device alone)
+        X = _segment_states(k, v, g, np.zeros(len(send), dtype=np.int64) if cu_seqlens is not None else send, begin,
+                            plan.a[rank, send], plan.length[rank, send], S, work, kernel)
+        A = None
+        if g is not None and len(send):
+            A = _segments_decay(g.to(work), plan, rank, local, cu_local)[_on(np.searchsorted(local, send), dev)]
+        if init_full is not None and len(send):
+            fresh = plan.first[send] == rank
+            if fresh.any():  # continue the initial state through this shard's tokens
+                start_state = LogLinearState(_live_buckets(init_full, send, plan.a[rank, send]),
+                                             _on(plan.a[rank, send], dev), validate=False)
+                end_state = LogLinearState(X, _on(plan.a[rank, send] + plan.length[rank, send], dev),
+                                           validate=False)
+                X = torch.where(_on(fresh, dev)[:, None, None, None, None],
+                                combine(start_state, end_state, A, validate=False).states, X)
 
-    # 2. the states every rank needs: one all_gather, started here and waited for after the local
-    #    work that does not need them
-    K = max(len(r) for r in plan.rows)
-    width = H * S * Dk * Dv
-    gathered = pending = None
-    if K:
-        payload = torch.zeros((K, width + (H if g is not None else 0)), dtype=work, device=dev)
-        if len(send):
-            mine = X.flatten(1) if g is None else torch.cat([X.flatten(1), A], 1)
-            payload = torch.cat([mine, payload[len(send):]])
-        if wants_grad:
-            if not payload.requires_grad:
-                payload.requires_grad_(True)
-            payload = _Depend.apply(payload, *[x for x in (q, k, v, g, level_scales, init)
-                                                if x is not None and x.requires_grad])
-        returned = None
-        if wants_grad:
-            returned = _Pending(None, None)
-            payload = _AwaitGradient.apply(payload, returned)
-        payload = payload.flatten()
-        pending = _start_all_gather(payload, group, world, "states")
+        # 2. the states every rank needs: one all_gather, started here and waited for after the local
+        #    work that does not need them
+        K = max(len(r) for r in plan.rows)
+        width = H * S * Dk * Dv
+        gathered = pending = None
+        if K:
+            payload = torch.zeros((K, width + (H if g is not None else 0)), dtype=work, device=dev)
+            if len(send):
+                mine = X.flatten(1) if g is None else torch.cat([X.flatten(1), A], 1)
+                payload = torch.cat([mine, payload[len(send):]])
+            if wants_grad:
+                if not payload.requires_grad:
+                    payload.requires_grad_(True)
+                payload = _Depend.apply(payload, *[x for x in (q, k, v, g, level_scales, init)
+                                                    if x is not None and x.requires_grad])
+            returned = None
+            if wants_grad:
+                returned = _Pending(None, None)
+                payload = _AwaitGradient.apply(payload, returned)
+            payload = payload.flatten()
+            pending = _start_all_gather(payload, group, world, "states")
 
     # 3. an aligned shard (its start a multiple of a power of two covering it) runs from position 0
     #    while the states travel, and adds the reads of the state at its start afterwards
     #    (hodlr.kernels.carried_reads); any other shard runs once from that state (step 5)
-    aligned = cu_seqlens is None and initial_state is None and _aligned(offsets[rank], T)
     o = v.new_zeros((B, 0, H, Dv))
     if aligned and len(local):
         o, _ = ops.log_linear_attn(q, k, v, g, level_scales, None, False, None, scale, backend=backend)
+    if side is not None:
+        torch.cuda.current_stream(dev).wait_stream(side)
     if pending is not None:
         gathered = _Gathered.apply(payload, pending, group, world, "states", returned)
 
