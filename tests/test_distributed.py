@@ -626,3 +626,53 @@ def _check_bench(result, folder):
     assert distributed_bench.table(result).count("\n") == 3
     distributed_bench.plot(result, folder / "bench-cp.png")
     assert (folder / "bench-cp.png").stat().st_size > 10_000
+
+
+# -- one GPU, two processes ------------------------------------------------------------------
+def _gpu_worker(rank, world, folder, T, dtype_name):
+    """One rank of two gloo processes sharing ``cuda:0``: its shard of the context-parallel call
+    against the single-process call, the relative errors written to ``folder``."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    dev = torch.device("cuda", 0)
+    dtype = getattr(torch, dtype_name)
+    B, H, D = 1, 4, 64
+    gen = torch.Generator(device=dev).manual_seed(T)
+    q, k, v = (torch.randn(B, T, H, D, device=dev, generator=gen).to(dtype) for _ in range(3))
+    g = -0.1 * torch.rand(B, T, H, device=dev, generator=gen)
+    lam = torch.rand(B, T, H, fenwick.num_levels(T), device=dev, generator=gen) + 0.5
+    w = torch.randn(B, T, H, D, device=dev, generator=gen)
+    full = [x.clone().requires_grad_() for x in (q, k, v, g, lam)]
+    o, fin = hodlr.log_linear_attn(*full, output_final_state=True)
+    wf = torch.randn(fin.states.shape, device=dev, generator=gen)
+    want = torch.autograd.grad((o.float() * w).sum() + (fin.states * wf).sum(), full)
+    lo, hi = shard_offsets(T, world)[rank:rank + 2]
+    shard = [x[:, lo:hi].detach().clone().requires_grad_() for x in (q, k, v, g, lam)]
+    o2, fin2 = hodlr.distributed.log_linear_attn(*shard, output_final_state=True)
+    loss = (o2.float() * w[:, lo:hi]).sum() + (rank == world - 1) * (fin2.states * wf).sum()
+    got = torch.autograd.grad(loss, shard)
+    errors = {"o": relative_error(o2, o[:, lo:hi]), "final": relative_error(fin2.states, fin.states)}
+    errors.update({"d" + n: relative_error(a, b[:, lo:hi]) for n, a, b in zip("q k v g lam".split(), got, want)})
+    with open(os.path.join(folder, f"gpu{rank}.json"), "w") as fh:
+        json.dump(errors, fh)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, dtype", [(4096, "bfloat16"), (4096, "float32"), (3000, "bfloat16")])
+def test_two_processes_on_one_gpu_equal_one_call(T, dtype, tmp_path):
+    """The GPU kernels of the context-parallel path (the shard states, the overlapped exchange, the
+    carried reads of an aligned shard at 4,096 tokens, the call from a state of an unaligned one at
+    3,000) on two gloo processes sharing one GPU equal one call: outputs, final state, gradients."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gpu_worker, args=(2, str(tmp_path), T, dtype), nprocs=2, join=True)
+    tol = TOLERANCES["gpu_float32" if dtype == "float32" else "gpu_bfloat16"]
+    for rank in range(2):
+        errors = json.loads((tmp_path / f"gpu{rank}.json").read_text())
+        for name, err in errors.items():
+            bound = tol if name in ("o", "final") else 10 * tol
+            assert err <= bound, f"rank {rank}: {name} error {err:.2e} > {bound:.0e} (T={T}, {dtype})"
