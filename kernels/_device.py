@@ -193,3 +193,11 @@ def state_tile(ptr, index, dk, dv, DK, DV, ACC: tl.constexpr):
     """The ``(dk, dv)`` tile of ``Dk x Dv`` matrix ``index`` of a row-major stack, in ``ACC``."""
     return tl.load(ptr + index * (DK * DV) + dk[:, None] * DV + dv[None, :],
                    mask=(dk[:, None] < DK) & (dv[None, :] < DV), other=0.0).to(ACC)
+
+
+@triton.jit
+def token_tile(ptr, b, t, tmask, hd, cols, D, sb, st, sh, sd):
+    """The ``(R, BD)`` tile ``x[b, t, hd, cols]`` of a token-major ``(B, T, heads, D)`` tensor with
+    strides ``sb, st, sh, sd`` (zero outside ``tmask`` and ``D``)."""
+    return tl.load(ptr + b * sb + t[:, None] * st + hd * sh + cols[None, :] * sd,
+                   mask=tmask[:, None] & (cols[None, :] < D), other=0.0)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import dot
+from ._device import dot, token_tile
 from ._layout import block, cdiv, compute_types, interpreting, scratch, state_dtypes
 
 __all__ = ["PIECE", "Pieces", "bucket_pieces", "bucket_states_backward", "bucket_states_forward"]
@@ -71,13 +71,6 @@ def _piece(tab_ptr, p):
 
 
 @triton.jit
-def _rows(ptr, b, t, tmask, hd, cols, D, sb, st, sh, sd):
-    """The ``(R, BD)`` tile ``x[b, t, hd, cols]`` (zero outside ``tmask`` and ``D``)."""
-    return tl.load(ptr + b * sb + t[:, None] * st + hd * sh + cols[None, :] * sd,
-                   mask=tmask[:, None] & (cols[None, :] < D), other=0.0)
-
-
-@triton.jit
 def _weights(a_ptr, b, t, tmask, hd, sab, sat, sah, ACC: tl.constexpr):
     """``exp(a[b, t, hd])`` ``(R,)`` in ``ACC``, zero outside ``tmask``."""
     w = tl.exp(tl.load(a_ptr + b * sab + t * sat + hd * sah, mask=tmask, other=0.0).to(ACC))
@@ -107,8 +100,8 @@ def _forward_kernel(k_ptr, v_ptr, a_ptr, x_ptr, tab_ptr, H, S, GRP, DK, DV, N_DV
     for start in range(0, n, R):
         t = t0 + start + tl.arange(0, R)
         tmask = t < t0 + n
-        kb = _rows(k_ptr, b, t, tmask, hd // GRP, dk, DK, skb, skt, skh, skd)
-        vb = _rows(v_ptr, b, t, tmask, hd, dv, DV, svb, svt, svh, svd)
+        kb = token_tile(k_ptr, b, t, tmask, hd // GRP, dk, DK, skb, skt, skh, skd)
+        vb = token_tile(v_ptr, b, t, tmask, hd, dv, DV, svb, svt, svh, svd)
         w = _weights(a_ptr, b, t, tmask, hd, sab, sat, sah, ACC)
         acc += dot(tl.trans(kb.to(ACC) * w[:, None]), vb, ACC, PREC, NATIVE)
     out = x_ptr + ((i * H + hd) * S + j) * (DK * DV) + dk[:, None] * DV + dv[None, :]
@@ -141,16 +134,16 @@ def _backward_kernel(k_ptr, v_ptr, a_ptr, dx_ptr, dk_ptr, dv_ptr, da_ptr, tab_pt
             w = _weights(a_ptr, b, t, tmask, hd, sab, sat, sah, ACC)
             token = (b * T + t) * H + hd  # (R,) row of the (B, T, H) grid
             if N_DV_TILES == 1:
-                vb = _rows(v_ptr, b, t, tmask, hd, tl.arange(0, BDV), DV, svb, svt, svh, svd)
+                vb = token_tile(v_ptr, b, t, tmask, hd, tl.arange(0, BDV), DV, svb, svt, svh, svd)
                 acc = dot(vb, dxt, ACC, PREC, NATIVE)
             else:
                 acc = tl.zeros((R, BDK), dtype=ACC)
                 for c in range(N_DV_TILES):
                     dv = c * BDV + tl.arange(0, BDV)
-                    vb = _rows(v_ptr, b, t, tmask, hd, dv, DV, svb, svt, svh, svd)
+                    vb = token_tile(v_ptr, b, t, tmask, hd, dv, DV, svb, svt, svh, svd)
                     acc += dot(vb, tl.trans(_dx_tile(dx, dk, dv, DK, DV, ACC)), ACC, PREC, NATIVE)
             grad = acc * w[:, None]
-            kb = _rows(k_ptr, b, t, tmask, hd // GRP, dk, DK, skb, skt, skh, skd).to(ACC)
+            kb = token_tile(k_ptr, b, t, tmask, hd // GRP, dk, DK, skb, skt, skh, skd).to(ACC)
             tl.store(dk_ptr + token[:, None] * DK + dk[None, :], grad, mask=tmask[:, None] & (dk[None, :] < DK))
             part = tl.sum(kb * grad, 1)
             if N_DK_TILES == 1:
@@ -167,13 +160,13 @@ def _backward_kernel(k_ptr, v_ptr, a_ptr, dx_ptr, dk_ptr, dv_ptr, da_ptr, tab_pt
             w = _weights(a_ptr, b, t, tmask, hd, sab, sat, sah, ACC)
             token = (b * T + t) * H + hd
             if N_DK_TILES == 1:
-                kb = _rows(k_ptr, b, t, tmask, hd // GRP, tl.arange(0, BDK), DK, skb, skt, skh, skd)
+                kb = token_tile(k_ptr, b, t, tmask, hd // GRP, tl.arange(0, BDK), DK, skb, skt, skh, skd)
                 acc = dot(kb, dxs, ACC, PREC, NATIVE)
             else:
                 acc = tl.zeros((R, BDV), dtype=ACC)
                 for c in range(N_DK_TILES):
                     dk = c * BDK + tl.arange(0, BDK)
-                    kb = _rows(k_ptr, b, t, tmask, hd // GRP, dk, DK, skb, skt, skh, skd)
+                    kb = token_tile(k_ptr, b, t, tmask, hd // GRP, dk, DK, skb, skt, skh, skd)
                     acc += dot(kb, _dx_tile(dx, dk, dv, DK, DV, ACC), ACC, PREC, NATIVE)
             tl.store(dv_ptr + token[:, None] * DV + dv[None, :], acc * w[:, None],
                      mask=tmask[:, None] & (dv[None, :] < DV))

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import dot
+from ._device import dot, token_tile
 from ._layout import block, cdiv, compute_types, interpreting, scratch
 
 __all__ = ["carried_reads_backward", "carried_reads_forward"]
@@ -60,13 +60,6 @@ def _factor(l_ptr, g_ptr, b, t, tmask, hd, j, scale, slb, slt, slh, sll, sgb, sg
 
 
 @triton.jit
-def _tile(ptr, b, t, tmask, hd, cols, D, sb, st, sh, sd):
-    """The ``(R, BD)`` tile ``x[b, t, hd, cols]`` (zero outside)."""
-    return tl.load(ptr + b * sb + t[:, None] * st + hd * sh + cols[None, :] * sd,
-                   mask=tmask[:, None] & (cols[None, :] < D), other=0.0)
-
-
-@triton.jit
 def _state_tile(x_ptr, b, hd, j, H, S, dk, dv, DK, DV, like):
     """The ``(BDK, BDV)`` tile of slot ``j`` of ``X[b, hd]`` (contiguous ``(B, H, S, Dk, Dv)``),
     in the dtype of ``like`` (the queries: 16-bit operands go to the tensor cores)."""
@@ -76,30 +69,43 @@ def _state_tile(x_ptr, b, hd, j, H, S, dk, dv, DK, DV, like):
 
 
 @triton.jit
+def _rows_of_program(live_ptr, T, H, R: tl.constexpr):
+    """``(t, tmask, b, head, live)`` of program ``(row tile, b * H + head, ·)``."""
+    t = tl.program_id(0) * R + tl.arange(0, R)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    return t, t < T, b, bh % H, tl.load(live_ptr + b)
+
+
+@triton.jit
+def _reads(q_ptr, x_ptr, b, t, tmask, hd, j, GRP, H, S, DK, DV, dv, sqb, sqt, sqh, sqd, R: tl.constexpr,
+           BDK: tl.constexpr, BDV: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
+    """The ``(R, BDV)`` tile ``X_jᵀ q_t`` (columns ``dv``) of the rows ``t``, in ``ACC``."""
+    part = tl.zeros((R, BDV), dtype=ACC)
+    for c in range(0, DK, BDK):
+        dk = c + tl.arange(0, BDK)
+        qb = token_tile(q_ptr, b, t, tmask, hd // GRP, dk, DK, sqb, sqt, sqh, sqd)
+        part += dot(qb, _state_tile(x_ptr, b, hd, j, H, S, dk, dv, DK, DV, qb), ACC, PREC, NATIVE)
+    return part
+
+
+@triton.jit
 def _forward_kernel(o_ptr, q_ptr, l_ptr, g_ptr, x_ptr, live_ptr, out_ptr, T, H, S, GRP, DK, DV, N_DV_TILES, scale,
                     sob, sot, soh, sod, sqb, sqt, sqh, sqd, slb, slt, slh, sll, sgb, sgt, sgh,
                     R: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                     NATIVE: tl.constexpr, HAS_G: tl.constexpr):
     """Program ``(row tile, b * H + head, Dv tile)``: ``out = o + the carried reads``
     (``out (B, T, H, Dv)`` contiguous)."""
-    t = tl.program_id(0) * R + tl.arange(0, R)
-    tmask = t < T
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    hd = bh % H
+    t, tmask, b, hd, live = _rows_of_program(live_ptr, T, H, R)
     dv = tl.program_id(2) * BDV + tl.arange(0, BDV)
-    live = tl.load(live_ptr + b)
     acc = tl.zeros((R, BDV), dtype=ACC)
     for j in range(0, S):
         if ((live >> j) & 1) == 1:
             e, lam = _factor(l_ptr, g_ptr, b, t, tmask, hd, j, scale, slb, slt, slh, sll, sgb, sgt, sgh, ACC, HAS_G)
-            part = tl.zeros((R, BDV), dtype=ACC)
-            for c in range(0, DK, BDK):
-                dk = c + tl.arange(0, BDK)
-                qb = _tile(q_ptr, b, t, tmask, hd // GRP, dk, DK, sqb, sqt, sqh, sqd)
-                part += dot(qb, _state_tile(x_ptr, b, hd, j, H, S, dk, dv, DK, DV, qb), ACC, PREC, NATIVE)
+            part = _reads(q_ptr, x_ptr, b, t, tmask, hd, j, GRP, H, S, DK, DV, dv, sqb, sqt, sqh, sqd, R, BDK, BDV,
+                          ACC, PREC, NATIVE)
             acc += (e * lam)[:, None] * part
-    ob = _tile(o_ptr, b, t, tmask, hd, dv, DV, sob, sot, soh, sod).to(ACC)
+    ob = token_tile(o_ptr, b, t, tmask, hd, dv, DV, sob, sot, soh, sod).to(ACC)
     token = (b * T + t) * H + hd
     tl.store(out_ptr + token[:, None] * DV + dv[None, :], (ob + acc).to(out_ptr.dtype.element_ty),
              mask=tmask[:, None] & (dv[None, :] < DV))
@@ -113,12 +119,7 @@ def _token_backward_kernel(q_ptr, l_ptr, g_ptr, x_ptr, live_ptr, do_ptr, dq_ptr,
     """Program ``(row tile, b * H + head)``: ``dq`` (per value head, ``(B, T, H, Dk)`` contiguous),
     the live columns of ``dλ`` (``(B, T, H, L)`` contiguous, zero-filled) and ``dG`` (``(B, T,
     H)`` float32 contiguous)."""
-    t = tl.program_id(0) * R + tl.arange(0, R)
-    tmask = t < T
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    hd = bh % H
-    live = tl.load(live_ptr + b)
+    t, tmask, b, hd, live = _rows_of_program(live_ptr, T, H, R)
     token = (b * T + t) * H + hd
     dG = tl.zeros((R,), dtype=ACC)
     for c in range(0, DK, BDK):  # dq, one Dk tile at a time
@@ -130,7 +131,7 @@ def _token_backward_kernel(q_ptr, l_ptr, g_ptr, x_ptr, live_ptr, do_ptr, dq_ptr,
                 part = tl.zeros((R, BDK), dtype=ACC)
                 for cv in range(0, DV, BDV):
                     dv = cv + tl.arange(0, BDV)
-                    db = _tile(do_ptr, b, t, tmask, hd, dv, DV, sdb, sdt, sdh, sdd)
+                    db = token_tile(do_ptr, b, t, tmask, hd, dv, DV, sdb, sdt, sdh, sdd)
                     part += dot(db, tl.trans(_state_tile(x_ptr, b, hd, j, H, S, dk, dv, DK, DV, db)), ACC, PREC,
                                 NATIVE)
                 dq += (e * lam)[:, None] * part
@@ -142,12 +143,9 @@ def _token_backward_kernel(q_ptr, l_ptr, g_ptr, x_ptr, live_ptr, do_ptr, dq_ptr,
             r = tl.zeros((R,), dtype=ACC)
             for cv in range(0, DV, BDV):
                 dv = cv + tl.arange(0, BDV)
-                p = tl.zeros((R, BDV), dtype=ACC)
-                for c in range(0, DK, BDK):
-                    dk = c + tl.arange(0, BDK)
-                    qb = _tile(q_ptr, b, t, tmask, hd // GRP, dk, DK, sqb, sqt, sqh, sqd)
-                    p += dot(qb, _state_tile(x_ptr, b, hd, j, H, S, dk, dv, DK, DV, qb), ACC, PREC, NATIVE)
-                db = _tile(do_ptr, b, t, tmask, hd, dv, DV, sdb, sdt, sdh, sdd).to(ACC)
+                p = _reads(q_ptr, x_ptr, b, t, tmask, hd, j, GRP, H, S, DK, DV, dv, sqb, sqt, sqh, sqd, R, BDK, BDV,
+                           ACC, PREC, NATIVE)
+                db = token_tile(do_ptr, b, t, tmask, hd, dv, DV, sdb, sdt, sdh, sdd).to(ACC)
                 r += tl.sum(p * db, 1)
             dlam = e * r
             tl.store(dl_ptr + token * L + j + 1, dlam.to(dl_ptr.dtype.element_ty), mask=tmask)
@@ -177,8 +175,8 @@ def _state_backward_kernel(q_ptr, l_ptr, g_ptr, live_ptr, do_ptr, dx_ptr, T, H, 
                 t = t0 + start + tl.arange(0, R)
                 tmask = t < T
                 e, lam = _factor(l_ptr, g_ptr, b, t, tmask, hd, j, scale, slb, slt, slh, sll, sgb, sgt, sgh, ACC, HAS_G)
-                qb = _tile(q_ptr, b, t, tmask, hd // GRP, dk, DK, sqb, sqt, sqh, sqd).to(ACC) * (e * lam)[:, None]
-                db = _tile(do_ptr, b, t, tmask, hd, dv, DV, sdb, sdt, sdh, sdd)
+                qb = token_tile(q_ptr, b, t, tmask, hd // GRP, dk, DK, sqb, sqt, sqh, sqd).to(ACC) * (e * lam)[:, None]
+                db = token_tile(do_ptr, b, t, tmask, hd, dv, DV, sdb, sdt, sdh, sdd)
                 acc += dot(tl.trans(qb), db, ACC, PREC, NATIVE)
             out = dx_ptr + ((b * H + hd) * S + j) * (DK * DV) + dk[:, None] * DV + dv[None, :]
             tl.atomic_add(out, acc.to(dx_ptr.dtype.element_ty), mask=(dk[:, None] < DK) & (dv[None, :] < DV),
@@ -241,8 +239,9 @@ def carried_reads_backward(q, level_scales, log_decay, states, live, scale: floa
     """``(dq (B, T, H, Dk), dlevel_scales (B, T, H, L), dlog_decay (B, T, H), dstates (B, H, S, Dk,
     Dv))`` of :func:`carried_reads_forward` for the gradient ``dout`` of its result (the gradient of
     ``o`` is ``dout`` itself).  ``dq`` holds one row per value head (sum each group of ``H // Hqk``
-    heads for the query's gradient; in ``q``'s dtype without groups); ``dlevel_scales`` is zero
-    outside the live columns; ``dlog_decay`` None without a decay; ``dq``, ``dlog_decay`` and ``dstates`` in float32 (float64 for float64 inputs)."""
+    heads for the query's gradient; in ``q``'s dtype without groups, else in float32);
+    ``dlevel_scales`` is zero outside the live columns; ``dlog_decay`` is None without a decay;
+    ``dlog_decay`` and ``dstates`` in float32 (float64 for float64 inputs)."""
     B, T, Hqk, H, DK, DV, S, L = _check(dout, q, level_scales, log_decay, states, live)
     acc, prec, _ = compute_types(q.dtype)
     states = _for_dots(states, q)
