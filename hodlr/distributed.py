@@ -167,20 +167,46 @@ class _Gathered(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        import torch.distributed as dist
+        return _scatter_back(ctx, grad), None, None, None, None, None
 
-        grad = grad.contiguous()
-        out = grad.new_empty(grad.shape[1:])
-        scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-        if ctx.returned is None or any(rec.timed for rec in _RECORDS):
-            _collective(ctx.what, "backward", out, ctx.world,
-                        lambda: scatter(out.view(-1), grad.view(-1), op=dist.ReduceOp.SUM, group=ctx.group))
-        else:
-            _collective(ctx.what, "backward", out, ctx.world, lambda: None)
-            ctx.returned.out, ctx.returned.source = out, grad
-            ctx.returned.work = scatter(out.view(-1), grad.view(-1), op=dist.ReduceOp.SUM, group=ctx.group,
-                                        async_op=True)
-        return out, None, None, None, None, None
+
+def _scatter_back(ctx, grad):
+    """The ``reduce_scatter`` of the gathered states' gradient ``grad (world, ...)``: this rank's
+    part, summed over the ranks; started without waiting when ``ctx.returned`` takes the wait."""
+    import torch.distributed as dist
+
+    grad = grad.contiguous()
+    out = grad.new_empty(grad.shape[1:])
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    if ctx.returned is None or any(rec.timed for rec in _RECORDS):
+        _collective(ctx.what, "backward", out, ctx.world,
+                    lambda: scatter(out.view(-1), grad.view(-1), op=dist.ReduceOp.SUM, group=ctx.group))
+    else:
+        _collective(ctx.what, "backward", out, ctx.world, lambda: None)
+        ctx.returned.out, ctx.returned.source = out, grad
+        ctx.returned.work = scatter(out.view(-1), grad.view(-1), op=dist.ReduceOp.SUM, group=ctx.group,
+                                    async_op=True)
+    return out
+
+
+class _Unread(torch.autograd.Function):
+    """``x`` (a copy) with the states ``all_gather`` of ``payload`` in its graph, for a rank that
+    does not read the gathered states: its backward runs this rank's part of the ``reduce_scatter``
+    (a zero gradient for what it gathered), as :class:`_Gathered`'s would, and its forward does not
+    wait for the exchange.  Applied to the log-decay, a small input of the local call, where
+    :class:`_Depend` on the output would copy all of it."""
+
+    @staticmethod
+    def forward(ctx, x, payload, group, world, what, returned):
+        ctx.group, ctx.world, ctx.what, ctx.returned = group, world, what, returned
+        ctx.like = (payload.numel(), payload.dtype)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        numel, dtype = ctx.like
+        zeros = grad.new_zeros((ctx.world, numel), dtype=dtype)
+        return grad, _scatter_back(ctx, zeros), None, None, None, None
 
 
 class _AwaitGradient(torch.autograd.Function):
@@ -734,16 +760,45 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
             payload = payload.flatten()
             pending = _start_all_gather(payload, group, world, "states")
 
-    # 3. an aligned shard (its start a multiple of a power of two covering it) runs from position 0
-    #    while the states travel, and adds the reads of the state at its start afterwards
-    #    (hodlr.kernels.carried_reads); any other shard runs once from that state (step 5)
+    # 3. the local call, where it needs no gathered state, runs while the states travel: an aligned
+    #    shard (its start a multiple of a power of two covering it) from position 0 (it adds the
+    #    reads of the state at its start in step 5: hodlr.kernels.carried_reads), a shard that
+    #    continues no earlier rank's sequence from its initial state or zeros.  A rank that reads no
+    #    gathered state and has tokens ties the exchange to its log-decay (its backward must run the
+    #    collective) and waits for it only after its local call.
+    reads = bool(len(carried)) or output_final_state
+    unread = pending is not None and wants_grad and not reads and g is not None and len(local) > 0
+    g_local = _Unread.apply(g, payload, group, world, "states", returned) if unread else g
+
+    def local_call(carried_state):
+        """This shard's output from the state at its start (the folded state of a carried
+        sequence, the initial state of one that begins here, zeros otherwise)."""
+        state = None
+        if init is not None or plan.a[rank, local].any():
+            states = torch.zeros((len(local), H, S, Dk, Dv), dtype=work, device=dev)
+            begins = plan.first[local] == rank
+            if init_full is not None and begins.any():
+                mask = _on(begins, dev)[:, None, None, None, None]
+                states = torch.where(mask, init_full[_on(local, dev)], states)
+            if len(carried):
+                states = states.index_copy(0, _on(np.searchsorted(local, carried), dev), carried_state)
+            state = LogLinearState(states, _on(plan.a[rank, local], dev), validate=False)
+        return ops.log_linear_attn(q, k, v, g_local, level_scales, state, False, cu_local, scale,
+                                   backend=backend)[0]
+
+    early = aligned or not reads
     o = v.new_zeros((B, 0, H, Dv))
     if aligned and len(local):
-        o, _ = ops.log_linear_attn(q, k, v, g, level_scales, None, False, None, scale, backend=backend)
+        o, _ = ops.log_linear_attn(q, k, v, g_local, level_scales, None, False, None, scale, backend=backend)
+    elif early and len(local):
+        o = local_call(None)
     if side is not None:
         torch.cuda.current_stream(dev).wait_stream(side)
     if pending is not None:
-        gathered = _Gathered.apply(payload, pending, group, world, "states", returned)
+        if reads or (wants_grad and not unread):
+            gathered = _Gathered.apply(payload, pending, group, world, "states", returned)
+        else:
+            pending.wait()
 
     def piece(j, rows):
         """States and log-decays that rank ``j`` sent for the sequences ``rows`` (all in its list)."""
@@ -779,24 +834,12 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     if carried_state is None and len(carried):
         carried_state = Z[_on(np.searchsorted(need, carried), dev)]
 
-    # 5. this shard's output: the aligned shard's carried reads, or one local call from the state
-    #    at its start (the folded state of a carried sequence, the initial state of one that
-    #    begins here, zeros otherwise)
+    # 5. this shard's output: the aligned shard's carried reads, or the local call from the folded
+    #    state
     if aligned and len(carried):
         o = _carried_reads(o, q, g, level_scales, carried_state, int(offsets[rank]), scale, kernel)
-    elif not aligned and len(local):
-        state = None
-        if init is not None or plan.a[rank, local].any():
-            states = torch.zeros((len(local), H, S, Dk, Dv), dtype=work, device=dev)
-            begins = plan.first[local] == rank
-            if init_full is not None and begins.any():
-                mask = _on(begins, dev)[:, None, None, None, None]
-                states = torch.where(mask, init_full[_on(local, dev)], states)
-            if len(carried):
-                states = states.index_copy(0, _on(np.searchsorted(local, carried), dev),
-                                           carried_state)
-            state = LogLinearState(states, _on(plan.a[rank, local], dev), validate=False)
-        o, _ = ops.log_linear_attn(q, k, v, g, level_scales, state, False, cu_local, scale, backend=backend)
+    elif not early and len(local):
+        o = local_call(carried_state)
     if gathered is not None and wants_grad and not len(carried):
         o = _Depend.apply(o, gathered)  # every rank's backward reaches the collective
     if not output_final_state:
