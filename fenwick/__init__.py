@@ -7,6 +7,7 @@ where documented, and torch is imported only when one is passed in).
 from .index import (
     NO_LEVEL,
     Block,
+    aligned,
     blocks_at_level,
     bucket,
     buckets,
@@ -25,6 +26,7 @@ __all__ = [
     "GatedDeltaState",
     "NO_LEVEL",
     "Block",
+    "aligned",
     "blocks_at_level",
     "bucket",
     "buckets",

@@ -19,6 +19,7 @@ import numpy as np
 
 __all__ = [
     "Block",
+    "aligned",
     "blocks_at_level",
     "bucket",
     "buckets",
@@ -63,6 +64,24 @@ def num_levels(T: int) -> int:
     (1, 2, 11, 12)
     """
     return (_check_length(T) - 1).bit_length() + 1
+
+
+def aligned(position: int, T: int) -> bool:
+    """Whether ``T`` consecutive positions from ``position`` form an aligned stretch:
+    ``position`` is a multiple of a power of two ``>= T``.  Then ``position + t`` and
+    ``position + s`` (``t, s < T``) differ in the bits of ``t ^ s`` only, so every pair inside
+    the stretch has the level of ``(t, s)``, and each bucket of a position of the stretch lies
+    either inside it or wholly before ``position`` (a bucket of ``position`` itself).
+
+    Examples
+    --------
+    >>> aligned(8, 8), aligned(8, 9), aligned(12, 4), aligned(12, 5), aligned(5, 1), aligned(3, 0)
+    (True, False, True, False, True, True)
+    """
+    position, T = _check_int("position", position), _check_int("T", T)
+    if position < 0 or T < 0:
+        raise ValueError(f"position and T must be >= 0, got position={position}, T={T}")
+    return position % (1 << max(T - 1, 0).bit_length()) == 0
 
 
 def level(t, s):

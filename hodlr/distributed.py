@@ -496,13 +496,6 @@ def _segment_states(k, v, g, rows, begin, a, length, S, work, kernel=False):
     return X
 
 
-def _aligned(a: int, T: int) -> bool:
-    """Whether a shard of ``T`` tokens at absolute position ``a`` is aligned: ``a`` a multiple of
-    a power of two ``>= T``, so that its levels are those of the call from position 0 and each of
-    its tokens reads the state at ``a`` whole (``hodlr.kernels.carried_reads``)."""
-    return a % (1 << max(T - 1, 0).bit_length()) == 0
-
-
 def _carried_reads(o, q, g, level_scales, states, a: int, scale, kernel=False):
     """``o`` (the output of the call from position 0 of a shard at the aligned position ``a``) plus
     the reads of the state ``states (B, H, S, Dk, Dv)`` at ``a``: each token ``t`` adds
@@ -718,7 +711,7 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     send = plan.rows[rank]
     begin = plan.lo[rank, send] - offsets[rank] if cu_seqlens is not None else np.zeros(len(send), dtype=np.int64)
     kernel = ops._resolve(backend, dev, T, True).__name__.endswith(".triton")
-    aligned = cu_seqlens is None and initial_state is None and _aligned(offsets[rank], T)
+    aligned = cu_seqlens is None and initial_state is None and fenwick.aligned(int(offsets[rank]), T)
     side = _side_stream(dev) if aligned and len(local) and len(send) else None
     with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
         # (on a GPU an aligned shard computes the states it sends on a second stream, beside its

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from hodlr import fenwick
+
 from ._layout import broadcast_shape
 from .attention import attention_forward, attention_state_forward
 from .matmul import matmul_forward
@@ -211,7 +213,7 @@ def carried_reads(o, q, level_scales, log_decay, states, positions, scale: float
     bits are the live slots).  Returns ``(B, T, H, Dv)``."""
     B, T = q.shape[:2]
     positions = [int(a) for a in positions]
-    if len(positions) != B or any(a < 0 or a % (1 << max(T - 1, 0).bit_length()) for a in positions):
+    if len(positions) != B or any(a < 0 or not fenwick.aligned(a, T) for a in positions):
         raise ValueError(f"positions must hold {B} positions, each a multiple of a power of two >= T={T}, got "
                          f"{positions}")
     top = max(positions, default=0).bit_length()

@@ -214,13 +214,13 @@ def test_aligned_shard_is_the_call_from_position_0_plus_the_carried_reads(case, 
     from position 0 plus the carried reads (``_carried_reads``, einsum and the Triton kernels under
     the interpreter, scratch buffers NaN-filled, level scales of dead slots NaN) equals the call from
     the state at ``a``: outputs and the gradients of q, k, v, g, level_scales and the state."""
-    from hodlr.distributed import _aligned, _carried_reads
+    from hodlr.distributed import _carried_reads
 
     carried_module = importlib.import_module("hodlr.kernels.carried_reads")
     monkeypatch.setattr(carried_module, "scratch", lambda shape, dtype, device: torch.full(
         shape, float("nan"), dtype=dtype, device=device))
     B, T, Hqk, H, Dk, Dv, a, dtype, decay = case
-    assert _aligned(a, T) and (T == 1 or not _aligned(a + 1, T))
+    assert fenwick.aligned(a, T) and (T == 1 or not fenwick.aligned(a + 1, T))
     S = (a + T).bit_length()
     L = fenwick.num_levels(a + T)
     torch.manual_seed(T + a)
