@@ -133,15 +133,13 @@ def _backward_kernel(k_ptr, v_ptr, a_ptr, dx_ptr, dk_ptr, dv_ptr, da_ptr, tab_pt
             tmask = t < t0 + n
             w = _weights(a_ptr, b, t, tmask, hd, sab, sat, sah, ACC)
             token = (b * T + t) * H + hd  # (R,) row of the (B, T, H) grid
-            if N_DV_TILES == 1:
-                vb = token_tile(v_ptr, b, t, tmask, hd, tl.arange(0, BDV), DV, svb, svt, svh, svd)
-                acc = dot(vb, dxt, ACC, PREC, NATIVE)
-            else:
-                acc = tl.zeros((R, BDK), dtype=ACC)
-                for c in range(N_DV_TILES):
-                    dv = c * BDV + tl.arange(0, BDV)
-                    vb = token_tile(v_ptr, b, t, tmask, hd, dv, DV, svb, svt, svh, svd)
-                    acc += dot(vb, tl.trans(_dx_tile(dx, dk, dv, DK, DV, ACC)), ACC, PREC, NATIVE)
+            acc = tl.zeros((R, BDK), dtype=ACC)
+            for c in range(N_DV_TILES):
+                dv = c * BDV + tl.arange(0, BDV)
+                vb = token_tile(v_ptr, b, t, tmask, hd, dv, DV, svb, svt, svh, svd)
+                if N_DV_TILES != 1:
+                    dxt = tl.trans(_dx_tile(dx, dk, dv, DK, DV, ACC))
+                acc += dot(vb, dxt, ACC, PREC, NATIVE)
             grad = acc * w[:, None]
             kb = token_tile(k_ptr, b, t, tmask, hd // GRP, dk, DK, skb, skt, skh, skd).to(ACC)
             tl.store(dk_ptr + token[:, None] * DK + dk[None, :], grad, mask=tmask[:, None] & (dk[None, :] < DK))
@@ -159,15 +157,13 @@ def _backward_kernel(k_ptr, v_ptr, a_ptr, dx_ptr, dk_ptr, dv_ptr, da_ptr, tab_pt
             tmask = t < t0 + n
             w = _weights(a_ptr, b, t, tmask, hd, sab, sat, sah, ACC)
             token = (b * T + t) * H + hd
-            if N_DK_TILES == 1:
-                kb = token_tile(k_ptr, b, t, tmask, hd // GRP, tl.arange(0, BDK), DK, skb, skt, skh, skd)
-                acc = dot(kb, dxs, ACC, PREC, NATIVE)
-            else:
-                acc = tl.zeros((R, BDV), dtype=ACC)
-                for c in range(N_DK_TILES):
-                    dk = c * BDK + tl.arange(0, BDK)
-                    kb = token_tile(k_ptr, b, t, tmask, hd // GRP, dk, DK, skb, skt, skh, skd)
-                    acc += dot(kb, _dx_tile(dx, dk, dv, DK, DV, ACC), ACC, PREC, NATIVE)
+            acc = tl.zeros((R, BDV), dtype=ACC)
+            for c in range(N_DK_TILES):
+                dk = c * BDK + tl.arange(0, BDK)
+                kb = token_tile(k_ptr, b, t, tmask, hd // GRP, dk, DK, skb, skt, skh, skd)
+                if N_DK_TILES != 1:
+                    dxs = _dx_tile(dx, dk, dv, DK, DV, ACC)
+                acc += dot(kb, dxs, ACC, PREC, NATIVE)
             tl.store(dv_ptr + token[:, None] * DV + dv[None, :], acc * w[:, None],
                      mask=tmask[:, None] & (dv[None, :] < DV))
 
