@@ -36,16 +36,16 @@ ROWS = 128
 """Tokens per program of the forward and of the token-wise backward (each program reads the
 state's tiles once: fewer, longer programs read them less often)."""
 
-STATE_ROWS = 64
-"""Tokens per step of the state-gradient kernel."""
+BACKWARD_ROWS = 64
+"""Tokens per step of the backward."""
 
 STRETCH = 4096
-"""Tokens one program of the state-gradient kernel sums before its atomic add."""
+"""Tokens one program of the backward runs through (it adds its part of the state gradient once)."""
 
 NUM_WARPS = 4
-"""Warps per program (measured on the H200 at T = 2**19, 16 heads of 64: 128 rows and 4 warps
-1.34 ms forward, 4.24 ms backward; 128 rows and 8 warps 2.17 / 5.54; 64 rows and 4 warps 1.51 /
-5.10)."""
+"""Warps per program (measured on the H200 at T = 2**19, 16 heads of 64: forward 1.34 ms with 128
+rows and 4 warps, 2.17 ms with 8 warps, 1.51 ms with 64 rows; backward 2.79 ms with 64 rows and 4
+warps, 3.09-3.71 ms with 8 warps, 2.80 ms with 128 rows)."""
 
 
 @triton.jit
@@ -60,12 +60,16 @@ def _factor(l_ptr, g_ptr, b, t, tmask, hd, j, scale, slb, slt, slh, sll, sgb, sg
 
 
 @triton.jit
-def _state_tile(x_ptr, b, hd, j, H, S, dk, dv, DK, DV, like):
+def _state_tile(x_ptr, b, hd, j, H, S, dk, dv, DK, DV, like_ptr, TRANSPOSED: tl.constexpr = False):
     """The ``(BDK, BDV)`` tile of slot ``j`` of ``X[b, hd]`` (contiguous ``(B, H, S, Dk, Dv)``),
-    in the dtype of ``like`` (the queries: 16-bit operands go to the tensor cores)."""
+    in the element type of ``like_ptr`` (the queries': 16-bit operands go to the tensor cores);
+    with ``TRANSPOSED``, the ``(BDV, BDK)`` tile of ``X_jᵀ``, loaded as such."""
     base = x_ptr + ((b * H + hd) * S + j) * (DK * DV)
-    x = tl.load(base + dk[:, None] * DV + dv[None, :], mask=(dk[:, None] < DK) & (dv[None, :] < DV), other=0.0)
-    return x.to(like.dtype)
+    if TRANSPOSED:
+        x = tl.load(base + dv[:, None] + dk[None, :] * DV, mask=(dv[:, None] < DV) & (dk[None, :] < DK), other=0.0)
+    else:
+        x = tl.load(base + dk[:, None] * DV + dv[None, :], mask=(dk[:, None] < DK) & (dv[None, :] < DV), other=0.0)
+    return x.to(like_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -85,7 +89,7 @@ def _reads(q_ptr, x_ptr, b, t, tmask, hd, j, GRP, H, S, DK, DV, dv, sqb, sqt, sq
     for c in range(0, DK, BDK):
         dk = c + tl.arange(0, BDK)
         qb = token_tile(q_ptr, b, t, tmask, hd // GRP, dk, DK, sqb, sqt, sqh, sqd)
-        part += dot(qb, _state_tile(x_ptr, b, hd, j, H, S, dk, dv, DK, DV, qb), ACC, PREC, NATIVE)
+        part += dot(qb, _state_tile(x_ptr, b, hd, j, H, S, dk, dv, DK, DV, q_ptr), ACC, PREC, NATIVE)
     return part
 
 
@@ -112,75 +116,99 @@ def _forward_kernel(o_ptr, q_ptr, l_ptr, g_ptr, x_ptr, live_ptr, out_ptr, T, H, 
 
 
 @triton.jit
-def _token_backward_kernel(q_ptr, l_ptr, g_ptr, x_ptr, live_ptr, do_ptr, dq_ptr, dl_ptr, dg_ptr, T, H, S, L, GRP,
-                           DK, DV, scale, sqb, sqt, sqh, sqd, slb, slt, slh, sll, sgb, sgt, sgh,
-                           sdb, sdt, sdh, sdd, R: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-                           ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr, HAS_G: tl.constexpr):
-    """Program ``(row tile, b * H + head)``: ``dq`` (per value head, ``(B, T, H, Dk)`` contiguous),
-    the live columns of ``dλ`` (``(B, T, H, L)`` contiguous, zero-filled) and ``dG`` (``(B, T,
-    H)`` float32 contiguous)."""
-    t, tmask, b, hd, live = _rows_of_program(live_ptr, T, H, R)
-    token = (b * T + t) * H + hd
-    dG = tl.zeros((R,), dtype=ACC)
-    for c in range(0, DK, BDK):  # dq, one Dk tile at a time
-        dk = c + tl.arange(0, BDK)
-        dq = tl.zeros((R, BDK), dtype=ACC)
-        for j in range(0, S):
-            if ((live >> j) & 1) == 1:
-                e, lam = _factor(l_ptr, g_ptr, b, t, tmask, hd, j, scale, slb, slt, slh, sll, sgb, sgt, sgh, ACC, HAS_G)
-                part = tl.zeros((R, BDK), dtype=ACC)
-                for cv in range(0, DV, BDV):
-                    dv = cv + tl.arange(0, BDV)
-                    db = token_tile(do_ptr, b, t, tmask, hd, dv, DV, sdb, sdt, sdh, sdd)
-                    part += dot(db, tl.trans(_state_tile(x_ptr, b, hd, j, H, S, dk, dv, DK, DV, db)), ACC, PREC,
-                                NATIVE)
-                dq += (e * lam)[:, None] * part
-        tl.store(dq_ptr + token[:, None] * DK + dk[None, :], dq.to(dq_ptr.dtype.element_ty),
-                 mask=tmask[:, None] & (dk[None, :] < DK))
-    for j in range(0, S):  # dλ_j = scale exp(G) (X_jᵀ q) · dout, and dG
-        if ((live >> j) & 1) == 1:
-            e, lam = _factor(l_ptr, g_ptr, b, t, tmask, hd, j, scale, slb, slt, slh, sll, sgb, sgt, sgh, ACC, HAS_G)
-            r = tl.zeros((R,), dtype=ACC)
-            for cv in range(0, DV, BDV):
-                dv = cv + tl.arange(0, BDV)
-                p = _reads(q_ptr, x_ptr, b, t, tmask, hd, j, GRP, H, S, DK, DV, dv, sqb, sqt, sqh, sqd, R, BDK, BDV,
-                           ACC, PREC, NATIVE)
-                db = token_tile(do_ptr, b, t, tmask, hd, dv, DV, sdb, sdt, sdh, sdd).to(ACC)
-                r += tl.sum(p * db, 1)
-            dlam = e * r
-            tl.store(dl_ptr + token * L + j + 1, dlam.to(dl_ptr.dtype.element_ty), mask=tmask)
-            dG += lam * dlam
-    tl.store(dg_ptr + token, dG.to(dg_ptr.dtype.element_ty), mask=tmask)
+def _put(ptrs, value, mask, first):
+    """Store ``value``, or add it to what is stored there (``first`` false)."""
+    if not first:
+        value += tl.load(ptrs, mask=mask, other=0.0).to(value.dtype)
+    tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _state_backward_kernel(q_ptr, l_ptr, g_ptr, live_ptr, do_ptr, dx_ptr, T, H, S, GRP, DK, DV, N_DV_TILES, scale,
-                           sqb, sqt, sqh, sqd, slb, slt, slh, sll, sgb, sgt, sgh, sdb, sdt, sdh, sdd,
-                           R: tl.constexpr, STRETCH: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-                           ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr, HAS_G: tl.constexpr):
-    """Program ``(stretch, b * H + head, Dk tile x Dv tile)``: adds the stretch's part of ``dX_j``
-    for every live slot (``dX (B, H, S, Dk, Dv)`` float32 contiguous, zero-filled)."""
+def _put_level(dl_ptr, dg_ptr, token, L, j, tmask, e, lam, r, first):
+    """``dλ[token, j + 1] = e · r`` and ``dG[token] (+)= λ_j dλ_j``."""
+    dlam = e * r
+    tl.store(dl_ptr + token * L + j + 1, dlam.to(dl_ptr.dtype.element_ty), mask=tmask)
+    _put(dg_ptr + token, lam * dlam, tmask, first)
+
+
+@triton.jit
+def _backward_kernel(q_ptr, l_ptr, g_ptr, x_ptr, live_ptr, do_ptr, dq_ptr, dl_ptr, dg_ptr, dx_ptr, T, H, S, L, GRP,
+                     DK, DV, scale, sqb, sqt, sqh, sqd, slb, slt, slh, sll, sgb, sgt, sgh, sdb, sdt, sdh, sdd,
+                     N_DK_TILES: tl.constexpr, N_DV_TILES: tl.constexpr, R: tl.constexpr, STRETCH: tl.constexpr,
+                     BDK: tl.constexpr, BDV: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                     NATIVE: tl.constexpr, HAS_G: tl.constexpr):
+    """Program ``(stretch, b * H + head, Dk tile a x Dv tile c)``, one pass over the stretch's tokens
+    per live slot ``j``: adds the stretch's part of ``dX_j[a, c]`` (atomically: ``dX (B, H, S, Dk,
+    Dv)`` float32 contiguous, zero-filled); the programs with ``c = 0`` also write the ``a`` columns
+    of ``dq`` (per value head, ``(B, T, H, Dk)`` contiguous), the program of tile 0 the live columns
+    of ``dλ`` (``(B, T, H, L)`` contiguous, zero-filled) and ``dG`` (``(B, T, H)`` contiguous).  The
+    first live slot stores ``dq`` and ``dG``, later ones add to them (the same program).  With one
+    tile along each width the queries and ``dout`` are read once per token and slot."""
     t0 = tl.program_id(0) * STRETCH
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     hd = bh % H
     tile = tl.program_id(2)
-    dk = (tile // N_DV_TILES) * BDK + tl.arange(0, BDK)
-    dv = (tile % N_DV_TILES) * BDV + tl.arange(0, BDV)
+    a = tile // N_DV_TILES
+    c = tile % N_DV_TILES
+    dk = a * BDK + tl.arange(0, BDK)
+    dv = c * BDV + tl.arange(0, BDV)
+    ONE: tl.constexpr = N_DK_TILES == 1 and N_DV_TILES == 1
     live = tl.load(live_ptr + b)
     for j in range(0, S):
         if ((live >> j) & 1) == 1:
+            first = ((live >> j) << j) == live  # no live slot below j
+            tl.debug_barrier()  # (what the slots below stored is read back)
+            if ONE:  # the slot's X_jᵀ, read once
+                xt = _state_tile(x_ptr, b, hd, j, H, S, dk, dv, DK, DV, q_ptr, True)
             acc = tl.zeros((BDK, BDV), dtype=ACC)
             for start in range(0, tl.minimum(STRETCH, T - t0), R):
                 t = t0 + start + tl.arange(0, R)
                 tmask = t < T
-                e, lam = _factor(l_ptr, g_ptr, b, t, tmask, hd, j, scale, slb, slt, slh, sll, sgb, sgt, sgh, ACC, HAS_G)
-                qb = token_tile(q_ptr, b, t, tmask, hd // GRP, dk, DK, sqb, sqt, sqh, sqd).to(ACC) * (e * lam)[:, None]
+                token = (b * T + t) * H + hd
+                e, lam = _factor(l_ptr, g_ptr, b, t, tmask, hd, j, scale, slb, slt, slh, sll, sgb, sgt, sgh, ACC,
+                                 HAS_G)
+                f = e * lam
+                qb = token_tile(q_ptr, b, t, tmask, hd // GRP, dk, DK, sqb, sqt, sqh, sqd)
                 db = token_tile(do_ptr, b, t, tmask, hd, dv, DV, sdb, sdt, sdh, sdd)
-                acc += dot(tl.trans(qb), db, ACC, PREC, NATIVE)
+                acc += dot(tl.trans(qb.to(ACC) * f[:, None]), db, ACC, PREC, NATIVE)
+                dq_ptrs = dq_ptr + token[:, None] * DK + dk[None, :]
+                dq_mask = tmask[:, None] & (dk[None, :] < DK)
+                if ONE:  # dout X_jᵀ gives dq and, against q, r = (X_jᵀ q) · dout
+                    part = dot(db, xt, ACC, PREC, NATIVE)
+                    _put(dq_ptrs, f[:, None] * part, dq_mask, first)
+                    _put_level(dl_ptr, dg_ptr, token, L, j, tmask, e, lam, tl.sum(qb.to(ACC) * part, 1), first)
+                else:
+                    if c == 0:  # dq[:, a] = f · Σ_c dout_c X_j[a, c]ᵀ
+                        part = tl.zeros((R, BDK), dtype=ACC)
+                        for cv in range(0, DV, BDV):
+                            dvc = cv + tl.arange(0, BDV)
+                            dbc = token_tile(do_ptr, b, t, tmask, hd, dvc, DV, sdb, sdt, sdh, sdd)
+                            part += dot(dbc, _state_tile(x_ptr, b, hd, j, H, S, dk, dvc, DK, DV, q_ptr, True), ACC,
+                                        PREC, NATIVE)
+                        _put(dq_ptrs, f[:, None] * part, dq_mask, first)
+                    if tile == 0:  # r = (X_jᵀ q) · dout over all the tiles
+                        r = tl.zeros((R,), dtype=ACC)
+                        for cv in range(0, DV, BDV):
+                            dvc = cv + tl.arange(0, BDV)
+                            p = _reads(q_ptr, x_ptr, b, t, tmask, hd, j, GRP, H, S, DK, DV, dvc, sqb, sqt, sqh, sqd,
+                                       R, BDK, BDV, ACC, PREC, NATIVE)
+                            r += tl.sum(p * token_tile(do_ptr, b, t, tmask, hd, dvc, DV, sdb, sdt, sdh,
+                                                       sdd).to(ACC), 1)
+                        _put_level(dl_ptr, dg_ptr, token, L, j, tmask, e, lam, r, first)
             out = dx_ptr + ((b * H + hd) * S + j) * (DK * DV) + dk[:, None] * DV + dv[None, :]
             tl.atomic_add(out, acc.to(dx_ptr.dtype.element_ty), mask=(dk[:, None] < DK) & (dv[None, :] < DV),
                           sem="relaxed")
+    if live == 0:  # no carried bucket: zero gradients
+        for start in range(0, tl.minimum(STRETCH, T - t0), R):
+            t = t0 + start + tl.arange(0, R)
+            tmask = t < T
+            token = (b * T + t) * H + hd
+            if c == 0:
+                tl.store(dq_ptr + token[:, None] * DK + dk[None, :], tl.zeros((R, BDK), dtype=dq_ptr.dtype.element_ty),
+                         mask=tmask[:, None] & (dk[None, :] < DK))
+            if tile == 0:
+                tl.store(dg_ptr + token, tl.zeros((R,), dtype=dg_ptr.dtype.element_ty), mask=tmask)
 
 
 def _check(o, q, level_scales, log_decay, states, live):
@@ -256,12 +284,9 @@ def carried_reads_backward(q, level_scales, log_decay, states, live, scale: floa
     decay = _decay_args(log_decay, level_scales)
     common = dict(ACC=acc, PREC=prec, NATIVE=not interpreting(), HAS_G=log_decay is not None)
     if B * T * H:
-        _token_backward_kernel[(cdiv(T, ROWS), B * H)](
-            q, level_scales, decay[0], states, live, dout, dq, dl, dg, T, H, S, L, H // Hqk, DK, DV, float(scale),
-            *q.stride(), *level_scales.stride(), *decay[1:], *dout.stride(), R=ROWS, BDK=BDK, BDV=BDV,
-            num_warps=NUM_WARPS, **common)
-        _state_backward_kernel[(cdiv(T, STRETCH), B * H, cdiv(DK, BDK) * n_dv)](
-            q, level_scales, decay[0], live, dout, dx, T, H, S, H // Hqk, DK, DV, n_dv, float(scale), *q.stride(),
-            *level_scales.stride(), *decay[1:], *dout.stride(), R=STATE_ROWS, STRETCH=STRETCH, BDK=BDK, BDV=BDV,
-            num_warps=NUM_WARPS, **common)
+        n_dk = cdiv(DK, BDK)
+        _backward_kernel[(cdiv(T, STRETCH), B * H, n_dk * n_dv)](
+            q, level_scales, decay[0], states, live, dout, dq, dl, dg, dx, T, H, S, L, H // Hqk, DK, DV, float(scale),
+            *q.stride(), *level_scales.stride(), *decay[1:], *dout.stride(), N_DK_TILES=n_dk, N_DV_TILES=n_dv,
+            R=BACKWARD_ROWS, STRETCH=STRETCH, BDK=BDK, BDV=BDV, num_warps=NUM_WARPS, **common)
     return dq, dl, (None if log_decay is None else dg), dx
