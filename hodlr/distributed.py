@@ -780,18 +780,8 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
                                    backend=backend)[0]
 
     early = aligned or not reads
-    # an aligned shard that reads a state, on the Triton kernels, with a query head per value head:
-    # one pass from the state (hodlr.kernels.attention_from_aligned_state); its chunk hierarchy, which
-    # needs no state, is queued now, and the fold below while it runs
-    one_pass = aligned and bool(len(carried)) and kernel and Hqk == H and B * T > 0
     o = v.new_zeros((B, 0, H, Dv))
-    if one_pass:
-        from hodlr import kernels
-
-        heads = (lambda x: None if x is None else x.transpose(1, 2))  # noqa: E731  (B, T, H, ·) -> (B, H, T, ·)
-        lam, g_work = level_scales.to(work), None if g is None else g.to(work)
-        hierarchy = kernels.attention_hierarchy(heads(q), heads(k), heads(v), heads(lam), heads(g_work))
-    elif aligned and len(local):
+    if aligned and len(local):
         o, _ = ops.log_linear_attn(q, k, v, g_local, level_scales, None, False, None, scale, backend=backend)
     elif early and len(local):
         o = local_call(None)
@@ -839,12 +829,7 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
 
     # 5. this shard's output: the aligned shard's carried reads, or the local call from the folded
     #    state
-    if one_pass:
-        G = None if g is None else _cumsum(g_work.transpose(1, 2).contiguous())
-        o = heads(kernels.attention_from_aligned_state(heads(q), heads(k), heads(v), heads(lam), heads(g_work), G,
-                                                       carried_state, [int(offsets[rank])] * B, scale,
-                                                       hierarchy=hierarchy))
-    elif aligned and len(carried):
+    if aligned and len(carried):
         o = _carried_reads(o, q, g, level_scales, carried_state, int(offsets[rank]), scale, kernel)
     elif not early and len(local):
         o = local_call(carried_state)
