@@ -53,20 +53,26 @@ def _plain_backward(q, k, v, level_scales, log_decay, scale, chunk, do):
 
 
 class _AttentionFromAlignedState(torch.autograd.Function):
-    """The plain call with the reads of a state at aligned starts in its output kernel; gradients
-    of the plain part only (the reads' come from a :class:`_CarriedReads` applied after it)."""
-
     @staticmethod
-    def forward(ctx, q, k, v, level_scales, log_decay, states, starts, scale, chunk, hierarchy):
-        ctx.save_for_backward(q, k, v, level_scales, log_decay)
+    def forward(ctx, q, k, v, level_scales, log_decay, carried_log_decay, states, starts, scale, chunk, hierarchy):
+        ctx.save_for_backward(q, k, v, level_scales, log_decay, carried_log_decay, states, starts)
         ctx.scale, ctx.chunk = scale, chunk
         return attention_forward(q, k, v, level_scales, log_decay, scale, chunk=chunk,
                                  carried=(states, starts[:, None]), hierarchy=hierarchy)
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, level_scales, log_decay = ctx.saved_tensors
-        return (*_plain_backward(q, k, v, level_scales, log_decay, ctx.scale, ctx.chunk, do),) + (None,) * 5
+        q, k, v, level_scales, log_decay, G, states, starts = ctx.saved_tensors
+        dq, dk, dv, dlam, dg = _plain_backward(q, k, v, level_scales, log_decay, ctx.scale, ctx.chunk, do)
+        tokens = (lambda x: None if x is None else x.transpose(1, 2))  # noqa: E731  (B, H, T, ·) -> (B, T, H, ·)
+        into = (tokens(dq), tokens(dlam))
+        if not all(x.is_contiguous() for x in into):  # (the kernels add only into token-major buffers)
+            into = None
+        cq, cl, cG, dx = carried_reads_backward(tokens(q), tokens(level_scales), tokens(G), states, starts, ctx.scale,
+                                                tokens(do), into=into)
+        if into is None:
+            dq, dlam = dq + tokens(cq), dlam + tokens(cl)
+        return dq, dk, dv, dlam, dg, tokens(cG), dx.to(states.dtype), None, None, None, None
 
 
 def attention_from_aligned_state(q, k, v, level_scales, log_decay, carried_log_decay, states, positions,
@@ -87,14 +93,8 @@ def attention_from_aligned_state(q, k, v, level_scales, log_decay, carried_log_d
         raise ValueError(f"q, k and v must be (B, H, T, ·) with the same B, H, T, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     live = _positions(positions, B, T, states, level_scales, q.device)
-    states = states.contiguous()
-    o = _AttentionFromAlignedState.apply(q, k, v, level_scales, log_decay, states.detach(), live, float(scale), chunk,
-                                         hierarchy)
-    # the reads' gradients, in a node of their own applied last: its backward runs first, so the
-    # state's gradient is out before the plain backward
-    tokens = (lambda x: None if x is None else x.transpose(1, 2))  # noqa: E731  (B, H, T, ·) -> (B, T, H, ·)
-    return tokens(_CarriedReads.apply(tokens(o), tokens(q), tokens(level_scales), tokens(carried_log_decay), states,
-                                      live, float(scale), True))
+    return _AttentionFromAlignedState.apply(q, k, v, level_scales, log_decay, carried_log_decay,
+                                            states.contiguous(), live, float(scale), chunk, hierarchy)
 
 
 def _positions(positions, B: int, T: int, states, level_scales, device):
@@ -249,11 +249,9 @@ def bucket_states(k, v, log_weight, buckets, count: int, slots: int):
 
 class _CarriedReads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, o, q, level_scales, log_decay, states, live, scale, included=False):
+    def forward(ctx, o, q, level_scales, log_decay, states, live, scale):
         ctx.save_for_backward(q, level_scales, log_decay, states, live)
         ctx.scale = scale
-        if included:  # o holds the reads already (attention_from_aligned_state): only the backward is this node's
-            return o.view_as(o)
         return carried_reads_forward(o, q, level_scales, log_decay, states, live, scale)
 
     @staticmethod
@@ -264,7 +262,7 @@ class _CarriedReads(torch.autograd.Function):
         if dq.shape[2] != Hqk:  # one row per value head: sum each group
             dq = dq.view(B, T, Hqk, -1, Dk).sum(3)
         return (dout, dq.to(q.dtype), dl, None if dg is None else dg.to(log_decay.dtype), dx.to(states.dtype), None,
-                None, None)
+                None)
 
 
 def carried_reads(o, q, level_scales, log_decay, states, positions, scale: float):
