@@ -9,9 +9,7 @@ the launchers without autograd are :func:`attention_forward` / :func:`matmul_for
 final state or grouped heads, :func:`attention_state_forward` / :func:`attention_state_backward`).
 :func:`bucket_states` sums key-value products over Fenwick buckets (what a rank sends in context
 parallelism); :func:`carried_reads` adds the reads of such a state by a shard at an aligned position
-(what a rank does with what it receives), and :func:`attention_from_aligned_state` is the call from
-such a state in one pass (the reads inside the output kernel; :func:`attention_hierarchy` queues the
-part of the call that does not need the state). They take torch tensors with any strides and run on CUDA,
+(what a rank does with what it receives). They take torch tensors with any strides and run on CUDA,
 and on the CPU under ``TRITON_INTERPRET=1`` (which must be set before this package is first
 imported: ``@triton.jit`` reads it when a kernel is defined; :func:`interpreting` says which way the
 kernels were built). See ``docs/kernels.md`` for the algorithm, the chunk-state layout and the FLOP
@@ -19,15 +17,14 @@ kernels were built). See ``docs/kernels.md`` for the algorithm, the chunk-state 
 """
 
 from ._layout import DEFAULT_CHUNK, interpreting
-from .attention import attention_forward, attention_hierarchy, attention_state_forward
+from .attention import attention_forward, attention_state_forward
 from .attention_backward import attention_backward, attention_state_backward
-from .autograd import attention, attention_from_aligned_state, bucket_states, carried_reads, gated_delta, matmul
+from .autograd import attention, bucket_states, carried_reads, gated_delta, matmul
 from .gated_delta import gated_delta_forward
 from .gated_delta_backward import gated_delta_backward
 from .matmul import matmul_forward
 from .matmul_backward import matmul_backward
 
-__all__ = ["DEFAULT_CHUNK", "attention", "attention_backward", "attention_forward", "attention_from_aligned_state",
-           "attention_hierarchy", "attention_state_backward",
+__all__ = ["DEFAULT_CHUNK", "attention", "attention_backward", "attention_forward", "attention_state_backward",
            "attention_state_forward", "bucket_states", "carried_reads", "gated_delta", "gated_delta_backward",
            "gated_delta_forward", "interpreting", "matmul", "matmul_backward", "matmul_forward"]

@@ -137,15 +137,11 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr, s_ptr
                    slb0, slb1, slt, sll, sgb0, sgb1, sgt, sob0, sob1, sot, sod,
                    C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                    HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
-                   LOWP: tl.constexpr, NATIVE: tl.constexpr, VARLEN: tl.constexpr, CARRIED: tl.constexpr = False):
+                   LOWP: tl.constexpr, NATIVE: tl.constexpr, VARLEN: tl.constexpr):
     """Program ``(chunk, batch entry, Dv-tile)``: the outputs of the chunk's rows.  With ``VARLEN``
     (a call over sequences, :mod:`kernels._sequences`) axis 0 is the global chunk slot, axis 1 the
     head, positions are absolute, and the first chunk of a sequence also reads its carried
-    buckets of levels ``1..c`` (those of levels ``> c`` are entries of the hierarchy).  With
-    ``CARRIED`` (not ``VARLEN``) every row also reads the state at an aligned start whole:
-    ``s_ptr`` holds ``(B, S_IN, Dk, Dv)`` bucket states, ``tab_ptr`` each batch entry's start
-    position, whose set bit ``j`` is the live bucket of level ``j + 1``, decayed by ``exp(G_t)``
-    from the start (the walk's gap plus the chunk's own decay)."""
+    buckets of levels ``1..c`` (those of levels ``> c`` are entries of the hierarchy)."""
     if VARLEN:
         dead, n, b0, shift, a, e, i, I0, I1, base, span, t, tmask = sequence_chunk(tab_ptr, cs_ptr, C, LOG_C)
         if dead:
@@ -212,14 +208,6 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr, s_ptr
             off += nh
             nh = nh // 2
         h += 1
-    if CARRIED:
-        live = tl.load(tab_ptr + bh)
-        decay = tl.exp(gap + G)
-        for j in range(0, S_IN):
-            if ((live >> j) & 1) == 1:
-                part = _read_state(q_base, sqd, tmask, s_ptr, bh * S_IN + j, dv, dvmask, DK, DV, C, BDK, BDV, ACC, PREC,
-                                   LOWP, NATIVE)
-                acc += (level_scale(l_base, j + 1, sll, L, tmask, VARLEN).to(ACC) * decay)[:, None] * part
     if VARLEN:
         if i == I0:  # the carried buckets of levels 1..c: bucket l at level max(l, bit_length(t ^ a)) from t
             far = bit_length((t ^ a) & (C - 1))
@@ -381,17 +369,8 @@ def chunk_states(layout: Layout, C: int, state_dtype, logdec_dtype):
     return states, logdec
 
 
-def attention_hierarchy(q, k, v, level_scales, log_decay=None, *, chunk=None):
-    """The chunk-state hierarchy ``(states, logdec)`` that :func:`attention_forward` builds before
-    its output kernel (same arguments), to be passed back as its ``hierarchy``: the work of a call
-    that does not need the queries, queued early."""
-    C = check_chunk(chunk, "attention")
-    layout = attention_layout(q, k, v, level_scales, log_decay)
-    return chunk_states(layout, C, *state_dtypes(layout.tensors["v"].dtype))
-
-
 def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None, out=None,
-                      return_states: bool = False, carried=None, hierarchy=None):
+                      return_states: bool = False):
     """Log-linear attention forward on the GPU (or the Triton interpreter).
 
     Parameters
@@ -416,15 +395,6 @@ def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0,
     return_states : bool
         Also return ``(states, logdec)``, the chunk-state hierarchy of :mod:`kernels.states`
         (dtypes: :func:`kernels._layout.state_dtypes`).
-    carried : (torch.Tensor, torch.Tensor), optional
-        ``(states, positions)``: the state at the call's start, ``states (*batch, S, Dk, Dv)``
-        float32 (float64 for float64 inputs) and ``positions (*batch,)`` int64 on the device, each
-        a multiple of a power of two ``>= T`` with ``bit_length <= S`` and ``< L`` (not checked
-        here: :func:`kernels.attention` checks them on the host).  Every row then adds
-        ``scale · exp(G_t) · Σ_j λ[t, j + 1] X_jᵀ q_t`` over the set bits ``j`` of its position
-        (``G_t`` the log-decay summed from the start through ``t``): the call from that state.
-    hierarchy : (torch.Tensor, torch.Tensor), optional
-        The result of :func:`attention_hierarchy` for these arguments (not recomputed).
 
     Returns
     -------
@@ -437,24 +407,18 @@ def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0,
     acc, prec, exact = compute_types(v.dtype)
     out = output_buffer(out, layout.batch + (T, DV), v)
     o_flat = out.reshape((layout.B0, layout.B1, T, DV))
-    states, logdec = chunk_states(layout, C, *state_dtypes(v.dtype)) if hierarchy is None else hierarchy
+    states, logdec = chunk_states(layout, C, *state_dtypes(v.dtype))
     n = chunk_count(T, C)
     BDK, BDV = block(DK, 64), block(DV, 64)
     n_dv = cdiv(DV, BDV)
-    carried_states, starts, S = states, logdec, 0  # (placeholders: never read without a carried state)
-    if carried is not None:
-        carried_states, starts = carried
-        S = carried_states.shape[-3]
-        carried_states = carried_states.expand(layout.batch + (S, DK, DV)).reshape(layout.B, S, DK, DV).contiguous()
-        starts = starts.expand(layout.batch).reshape(layout.B).contiguous()
     _output_kernel[(n, layout.B, n_dv)](
         layout.tensors["q"], layout.tensors["k"], v, layout.tensors["l"], layout.decay_args()[0], states, logdec,
-        o_flat, carried_states, starts, logdec, T, layout.B1, n, states.shape[1], (n - 1).bit_length(), L, DK, DV,
-        float(scale), 1, S, *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:],
+        o_flat, states, logdec, logdec, T, layout.B1, n, states.shape[1], (n - 1).bit_length(), L, DK, DV,
+        float(scale), 1, 0, *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:],
         *layout.args("l")[1:], *layout.decay_args()[1:], o_flat.stride(0), o_flat.stride(1), o_flat.stride(2),
         o_flat.stride(3), C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=layout.tensors["g"] is not None,
         ACC=acc, PREC=prec, EXACT=exact, LOWP=v.dtype == torch.bfloat16, NATIVE=not interpreting(), VARLEN=False,
-        CARRIED=carried is not None, num_warps=NUM_WARPS["attention_output"])
+        num_warps=NUM_WARPS["attention_output"])
     return (out, (states, logdec)) if return_states else out
 
 

@@ -25,7 +25,7 @@ from .gated_delta import gated_delta_forward
 from .gated_delta_backward import gated_delta_backward
 from .matmul_backward import matmul_backward
 
-__all__ = ["attention", "attention_from_aligned_state", "bucket_states", "carried_reads", "gated_delta", "matmul"]
+__all__ = ["attention", "bucket_states", "carried_reads", "gated_delta", "matmul"]
 
 
 class _Attention(torch.autograd.Function):
@@ -38,78 +38,15 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, level_scales, log_decay = ctx.saved_tensors
-        return (*_plain_backward(q, k, v, level_scales, log_decay, ctx.scale, ctx.chunk, do), None, None)
-
-
-def _plain_backward(q, k, v, level_scales, log_decay, scale, chunk, do):
-    """``(dq, dk, dv, dlevel_scales, dlog_decay)`` of :func:`attention_forward`."""
-    out = None
-    if not any(0 in x.stride() for x in (q, k, v, level_scales)):
-        # gradients laid out like the inputs (a view's gradient then has its base's layout: a
-        # (B, H, T, D) view of a (B, T, H, D) tensor gets a (B, T, H, D) gradient, and adding it to
-        # .grad or to another gradient runs on contiguous memory, 2.5x faster on an H200)
-        out = tuple(torch.empty_like(x) for x in (q, k, v, level_scales))
-    return attention_backward(q, k, v, level_scales, log_decay, scale, do, chunk=chunk, out=out)
-
-
-class _AttentionFromAlignedState(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, level_scales, log_decay, carried_log_decay, states, starts, scale, chunk, hierarchy):
-        ctx.save_for_backward(q, k, v, level_scales, log_decay, carried_log_decay, states, starts)
-        ctx.scale, ctx.chunk = scale, chunk
-        return attention_forward(q, k, v, level_scales, log_decay, scale, chunk=chunk,
-                                 carried=(states, starts[:, None]), hierarchy=hierarchy)
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, level_scales, log_decay, G, states, starts = ctx.saved_tensors
-        dq, dk, dv, dlam, dg = _plain_backward(q, k, v, level_scales, log_decay, ctx.scale, ctx.chunk, do)
-        tokens = (lambda x: None if x is None else x.transpose(1, 2))  # noqa: E731  (B, H, T, ·) -> (B, T, H, ·)
-        into = (tokens(dq), tokens(dlam))
-        if not all(x.is_contiguous() for x in into):  # (the kernels add only into token-major buffers)
-            into = None
-        cq, cl, cG, dx = carried_reads_backward(tokens(q), tokens(level_scales), tokens(G), states, starts, ctx.scale,
-                                                tokens(do), into=into)
-        if into is None:
-            dq, dlam = dq + tokens(cq), dlam + tokens(cl)
-        return dq, dk, dv, dlam, dg, tokens(cG), dx.to(states.dtype), None, None, None, None
-
-
-def attention_from_aligned_state(q, k, v, level_scales, log_decay, carried_log_decay, states, positions,
-                                 scale: float = 1.0, *, chunk=None, hierarchy=None):
-    """Differentiable log-linear attention of a call that starts from a state at aligned positions
-    (a multiple of a power of two ``>= T``): the plain kernels with the state's reads in their
-    output kernel (:func:`attention_forward`'s ``carried``), and a backward that adds the reads'
-    gradients (:func:`kernels.carried_reads.carried_reads_backward`) into the plain backward's.
-
-    ``q, k (B, H, T, Dk)``, ``v (B, H, T, Dv)``, ``level_scales (B, H, T, L)``, ``log_decay (B, H,
-    T)`` or None; ``carried_log_decay (B, H, T)``: the log-decay summed from the start through each
-    token (None without a decay); ``states (B, H, S, Dk, Dv)`` float32 (float64 for float64
-    inputs); ``positions``: ``B`` ints.  ``hierarchy``: :func:`attention_hierarchy` of the same
-    call, computed earlier (optional).  Returns ``o (B, H, T, Dv)``; gradients flow to every tensor
-    argument."""
-    B, H, T = v.shape[:3]
-    if q.dim() != 4 or q.shape[:3] != (B, H, T) or k.shape[:3] != (B, H, T):
-        raise ValueError(f"q, k and v must be (B, H, T, ·) with the same B, H, T, got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    live = _positions(positions, B, T, states, level_scales, q.device)
-    return _AttentionFromAlignedState.apply(q, k, v, level_scales, log_decay, carried_log_decay,
-                                            states.contiguous(), live, float(scale), chunk, hierarchy)
-
-
-def _positions(positions, B: int, T: int, states, level_scales, device):
-    """``positions`` checked (``B`` aligned positions whose live slots ``states`` and ``level_scales``
-    hold) as an int64 device tensor, copied without stalling the host."""
-    positions = [int(a) for a in positions]
-    if len(positions) != B or any(a < 0 or not fenwick.aligned(a, T) for a in positions):
-        raise ValueError(f"positions must hold {B} positions, each a multiple of a power of two >= T={T}, got "
-                         f"{positions}")
-    top = max(positions, default=0).bit_length()
-    if top > states.shape[2] or top + 1 > level_scales.shape[-1]:
-        raise ValueError(f"position {max(positions)} reads slots up to {top - 1} and levels up to {top}: states has "
-                         f"{states.shape[2]} slots and level_scales {level_scales.shape[-1]} levels")
-    live = torch.as_tensor(positions, dtype=torch.int64)
-    return live.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else live.to(device)
+        out = None
+        if not any(0 in x.stride() for x in (q, k, v, level_scales)):
+            # gradients laid out like the inputs (a view's gradient then has its base's layout: a
+            # (B, H, T, D) view of a (B, T, H, D) tensor gets a (B, T, H, D) gradient, and adding it to
+            # .grad or to another gradient runs on contiguous memory, 2.5x faster on an H200)
+            out = tuple(torch.empty_like(x) for x in (q, k, v, level_scales))
+        dq, dk, dv, dlam, dg = attention_backward(q, k, v, level_scales, log_decay, ctx.scale,
+                                                  do, chunk=ctx.chunk, out=out)
+        return dq, dk, dv, dlam, dg, None, None
 
 
 class _AttentionState(torch.autograd.Function):
@@ -275,5 +212,14 @@ def carried_reads(o, q, level_scales, log_decay, states, positions, scale: float
     ``positions``: ``B`` ints, each row's position (a multiple of a power of two ``>= T``; its set
     bits are the live slots).  Returns ``(B, T, H, Dv)``."""
     B, T = q.shape[:2]
-    live = _positions(positions, B, T, states, level_scales, q.device)
+    positions = [int(a) for a in positions]
+    if len(positions) != B or any(a < 0 or not fenwick.aligned(a, T) for a in positions):
+        raise ValueError(f"positions must hold {B} positions, each a multiple of a power of two >= T={T}, got "
+                         f"{positions}")
+    top = max(positions, default=0).bit_length()
+    if top > states.shape[2] or top + 1 > level_scales.shape[-1]:
+        raise ValueError(f"position {max(positions)} reads slots up to {top - 1} and levels up to {top}: states has "
+                         f"{states.shape[2]} slots and level_scales {level_scales.shape[-1]} levels")
+    live = torch.as_tensor(positions, dtype=torch.int64)
+    live = live.pin_memory().to(q.device, non_blocking=True) if q.is_cuda else live.to(q.device)  # (no stall)
     return _CarriedReads.apply(o, q, level_scales, log_decay, states.contiguous(), live, float(scale))

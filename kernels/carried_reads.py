@@ -116,19 +116,19 @@ def _forward_kernel(o_ptr, q_ptr, l_ptr, g_ptr, x_ptr, live_ptr, out_ptr, T, H, 
 
 
 @triton.jit
-def _put(ptrs, value, mask, add):
-    """Store ``value``, or add it to what is stored there (``add``)."""
-    if add:
+def _put(ptrs, value, mask, first):
+    """Store ``value``, or add it to what is stored there (``first`` false)."""
+    if not first:
         value += tl.load(ptrs, mask=mask, other=0.0).to(value.dtype)
     tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _put_level(dl_ptr, dg_ptr, token, L, j, tmask, e, lam, r, first, ACCUMULATE: tl.constexpr):
-    """``dλ[token, j + 1] (+)= e · r`` and ``dG[token] (+)= λ_j e r``."""
+def _put_level(dl_ptr, dg_ptr, token, L, j, tmask, e, lam, r, first):
+    """``dλ[token, j + 1] = e · r`` and ``dG[token] (+)= λ_j dλ_j``."""
     dlam = e * r
-    _put(dl_ptr + token * L + j + 1, dlam, tmask, ACCUMULATE)
-    _put(dg_ptr + token, lam * dlam, tmask, not first)
+    tl.store(dl_ptr + token * L + j + 1, dlam.to(dl_ptr.dtype.element_ty), mask=tmask)
+    _put(dg_ptr + token, lam * dlam, tmask, first)
 
 
 @triton.jit
@@ -136,14 +136,13 @@ def _backward_kernel(q_ptr, l_ptr, g_ptr, x_ptr, live_ptr, do_ptr, dq_ptr, dl_pt
                      DK, DV, scale, sqb, sqt, sqh, sqd, slb, slt, slh, sll, sgb, sgt, sgh, sdb, sdt, sdh, sdd,
                      N_DK_TILES: tl.constexpr, N_DV_TILES: tl.constexpr, R: tl.constexpr, STRETCH: tl.constexpr,
                      BDK: tl.constexpr, BDV: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                     NATIVE: tl.constexpr, HAS_G: tl.constexpr, ACCUMULATE: tl.constexpr):
+                     NATIVE: tl.constexpr, HAS_G: tl.constexpr):
     """Program ``(stretch, b * H + head, Dk tile a x Dv tile c)``, one pass over the stretch's tokens
     per live slot ``j``: adds the stretch's part of ``dX_j[a, c]`` (atomically: ``dX (B, H, S, Dk,
     Dv)`` float32 contiguous, zero-filled); the programs with ``c = 0`` also write the ``a`` columns
     of ``dq`` (per value head, ``(B, T, H, Dk)`` contiguous), the program of tile 0 the live columns
     of ``dλ`` (``(B, T, H, L)`` contiguous, zero-filled) and ``dG`` (``(B, T, H)`` contiguous).  The
-    first live slot stores ``dq`` and ``dG``, later ones add to them (the same program); with
-    ``ACCUMULATE`` every slot adds to ``dq`` and ``dλ`` (which then hold other gradients).  With one
+    first live slot stores ``dq`` and ``dG``, later ones add to them (the same program).  With one
     tile along each width the queries and ``dout`` are read once per token and slot."""
     t0 = tl.program_id(0) * STRETCH
     bh = tl.program_id(1).to(tl.int64)
@@ -177,9 +176,8 @@ def _backward_kernel(q_ptr, l_ptr, g_ptr, x_ptr, live_ptr, do_ptr, dq_ptr, dl_pt
                 dq_mask = tmask[:, None] & (dk[None, :] < DK)
                 if ONE:  # dout X_jᵀ gives dq and, against q, r = (X_jᵀ q) · dout
                     part = dot(db, xt, ACC, PREC, NATIVE)
-                    _put(dq_ptrs, f[:, None] * part, dq_mask, (not first) or ACCUMULATE)
-                    _put_level(dl_ptr, dg_ptr, token, L, j, tmask, e, lam, tl.sum(qb.to(ACC) * part, 1), first,
-                               ACCUMULATE)
+                    _put(dq_ptrs, f[:, None] * part, dq_mask, first)
+                    _put_level(dl_ptr, dg_ptr, token, L, j, tmask, e, lam, tl.sum(qb.to(ACC) * part, 1), first)
                 else:
                     if c == 0:  # dq[:, a] = f · Σ_c dout_c X_j[a, c]ᵀ
                         part = tl.zeros((R, BDK), dtype=ACC)
@@ -188,7 +186,7 @@ def _backward_kernel(q_ptr, l_ptr, g_ptr, x_ptr, live_ptr, do_ptr, dq_ptr, dl_pt
                             dbc = token_tile(do_ptr, b, t, tmask, hd, dvc, DV, sdb, sdt, sdh, sdd)
                             part += dot(dbc, _state_tile(x_ptr, b, hd, j, H, S, dk, dvc, DK, DV, q_ptr, True), ACC,
                                         PREC, NATIVE)
-                        _put(dq_ptrs, f[:, None] * part, dq_mask, (not first) or ACCUMULATE)
+                        _put(dq_ptrs, f[:, None] * part, dq_mask, first)
                     if tile == 0:  # r = (X_jᵀ q) · dout over all the tiles
                         r = tl.zeros((R,), dtype=ACC)
                         for cv in range(0, DV, BDV):
@@ -197,7 +195,7 @@ def _backward_kernel(q_ptr, l_ptr, g_ptr, x_ptr, live_ptr, do_ptr, dq_ptr, dl_pt
                                        R, BDK, BDV, ACC, PREC, NATIVE)
                             r += tl.sum(p * token_tile(do_ptr, b, t, tmask, hd, dvc, DV, sdb, sdt, sdh,
                                                        sdd).to(ACC), 1)
-                        _put_level(dl_ptr, dg_ptr, token, L, j, tmask, e, lam, r, first, ACCUMULATE)
+                        _put_level(dl_ptr, dg_ptr, token, L, j, tmask, e, lam, r, first)
             out = dx_ptr + ((b * H + hd) * S + j) * (DK * DV) + dk[:, None] * DV + dv[None, :]
             tl.atomic_add(out, acc.to(dx_ptr.dtype.element_ty), mask=(dk[:, None] < DK) & (dv[None, :] < DV),
                           sem="relaxed")
@@ -206,7 +204,7 @@ def _backward_kernel(q_ptr, l_ptr, g_ptr, x_ptr, live_ptr, do_ptr, dq_ptr, dl_pt
             t = t0 + start + tl.arange(0, R)
             tmask = t < T
             token = (b * T + t) * H + hd
-            if (c == 0) and not ACCUMULATE:
+            if c == 0:
                 tl.store(dq_ptr + token[:, None] * DK + dk[None, :], tl.zeros((R, BDK), dtype=dq_ptr.dtype.element_ty),
                          mask=tmask[:, None] & (dk[None, :] < DK))
             if tile == 0:
@@ -265,37 +263,26 @@ def carried_reads_forward(o, q, level_scales, log_decay, states, live, scale: fl
     return out
 
 
-def carried_reads_backward(q, level_scales, log_decay, states, live, scale: float, dout, *, into=None):
+def carried_reads_backward(q, level_scales, log_decay, states, live, scale: float, dout):
     """``(dq (B, T, H, Dk), dlevel_scales (B, T, H, L), dlog_decay (B, T, H), dstates (B, H, S, Dk,
     Dv))`` of :func:`carried_reads_forward` for the gradient ``dout`` of its result (the gradient of
     ``o`` is ``dout`` itself).  ``dq`` holds one row per value head (sum each group of ``H // Hqk``
     heads for the query's gradient; in ``q``'s dtype without groups, else in float32);
     ``dlevel_scales`` is zero outside the live columns; ``dlog_decay`` is None without a decay;
-    ``dlog_decay`` and ``dstates`` in float32 (float64 for float64 inputs).
-
-    ``into``: ``(dq, dlevel_scales)`` buffers of those shapes holding other gradients (contiguous,
-    one query head per value head), to which these are added in place and which are returned."""
+    ``dlog_decay`` and ``dstates`` in float32 (float64 for float64 inputs)."""
     B, T, Hqk, H, DK, DV, S, L = _check(dout, q, level_scales, log_decay, states, live)
     acc, prec, _ = compute_types(q.dtype)
     states = _for_dots(states, q)
     dev = q.device
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if into is not None:
-        dq, dl = into
-        if (H != Hqk or tuple(dq.shape) != (B, T, H, DK) or tuple(dl.shape) != (B, T, H, L)
-                or not (dq.is_contiguous() and dl.is_contiguous())):
-            raise ValueError(f"into must be contiguous (B, T, H, Dk) and (B, T, H, L) buffers with one query head per "
-                             f"value head, got {tuple(dq.shape)} and {tuple(dl.shape)} for H={H}, Hqk={Hqk}")
-    else:
-        dq = scratch((B, T, H, DK), q.dtype if H == Hqk else work, dev)
-        dl = torch.zeros((B, T, H, L), dtype=level_scales.dtype, device=dev)
+    dq = scratch((B, T, H, DK), q.dtype if H == Hqk else work, dev)
+    dl = torch.zeros((B, T, H, L), dtype=level_scales.dtype, device=dev)
     dg = scratch((B, T, H), work, dev)
     dx = torch.zeros((B, H, S, DK, DV), dtype=work, device=dev)
     BDK, BDV = block(DK, 64), block(DV, 64)
     n_dv = cdiv(DV, BDV)
     decay = _decay_args(log_decay, level_scales)
-    common = dict(ACC=acc, PREC=prec, NATIVE=not interpreting(), HAS_G=log_decay is not None,
-                  ACCUMULATE=into is not None)
+    common = dict(ACC=acc, PREC=prec, NATIVE=not interpreting(), HAS_G=log_decay is not None)
     if B * T * H:
         n_dk = cdiv(DK, BDK)
         _backward_kernel[(cdiv(T, STRETCH), B * H, n_dk * n_dv)](
