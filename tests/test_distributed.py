@@ -205,6 +205,7 @@ def test_bucket_states_kernel_equals_einsum(case, monkeypatch):
     # B, T, Hqk, H, Dk, Dv, position, dtype, decay
     (1, 1, 1, 1, 16, 16, 4, torch.float64, True),
     (2, 5, 1, 1, 16, 16, 0, torch.float64, True),
+    (1, 40, 2, 2, 16, 24, 64 * 3, torch.float64, True),
     (2, 3, 1, 2, 16, 16, 12, torch.float64, True),
     (1, 63, 2, 4, 16, 32, 64 * 3, torch.float64, True),
     (1, 65, 1, 1, 80, 72, 128 * 5, torch.float64, False),
