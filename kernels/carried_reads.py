@@ -33,8 +33,8 @@ from ._layout import block, cdiv, compute_types, interpreting, scratch
 __all__ = ["carried_reads_backward", "carried_reads_forward"]
 
 ROWS = 128
-"""Tokens per program of the forward and of the token-wise backward (each program reads the
-state's tiles once: fewer, longer programs read them less often)."""
+"""Tokens per program of the forward (each program reads the state's tiles once: fewer, longer
+programs read them less often)."""
 
 BACKWARD_ROWS = 64
 """Tokens per step of the backward."""
@@ -169,15 +169,15 @@ def _backward_kernel(q_ptr, l_ptr, g_ptr, x_ptr, live_ptr, do_ptr, dq_ptr, dl_pt
                 e, lam = _factor(l_ptr, g_ptr, b, t, tmask, hd, j, scale, slb, slt, slh, sll, sgb, sgt, sgh, ACC,
                                  HAS_G)
                 f = e * lam
-                qb = token_tile(q_ptr, b, t, tmask, hd // GRP, dk, DK, sqb, sqt, sqh, sqd)
+                qb = token_tile(q_ptr, b, t, tmask, hd // GRP, dk, DK, sqb, sqt, sqh, sqd).to(ACC)
                 db = token_tile(do_ptr, b, t, tmask, hd, dv, DV, sdb, sdt, sdh, sdd)
-                acc += dot(tl.trans(qb.to(ACC) * f[:, None]), db, ACC, PREC, NATIVE)
+                acc += dot(tl.trans(qb * f[:, None]), db, ACC, PREC, NATIVE)
                 dq_ptrs = dq_ptr + token[:, None] * DK + dk[None, :]
                 dq_mask = tmask[:, None] & (dk[None, :] < DK)
                 if ONE:  # dout X_jᵀ gives dq and, against q, r = (X_jᵀ q) · dout
                     part = dot(db, xt, ACC, PREC, NATIVE)
                     _put(dq_ptrs, f[:, None] * part, dq_mask, first)
-                    _put_level(dl_ptr, dg_ptr, token, L, j, tmask, e, lam, tl.sum(qb.to(ACC) * part, 1), first)
+                    _put_level(dl_ptr, dg_ptr, token, L, j, tmask, e, lam, tl.sum(qb * part, 1), first)
                 else:
                     if c == 0:  # dq[:, a] = f · Σ_c dout_c X_j[a, c]ᵀ
                         part = tl.zeros((R, BDK), dtype=ACC)
