@@ -491,8 +491,7 @@ def _segment_states(k, v, g, rows, begin, a, length, S, work, kernel=False):
             pick = mine[mine[:, 2] == size]
             at = _on(pick[:, 1:2] + np.arange(size)[None, :], dev)
             rb = _on(pick[:, 0], dev)[:, None]
-            X[_on(pick[:, 3], dev), :, j] = torch.einsum("nthd,nthe->nhde", kw[rb, at],
-                                                                            vw[rb, at])
+            X[_on(pick[:, 3], dev), :, j] = torch.einsum("nthd,nthe->nhde", kw[rb, at], vw[rb, at])
     return X
 
 
@@ -741,13 +740,12 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
             if len(send):
                 mine = X.flatten(1) if g is None else torch.cat([X.flatten(1), A], 1)
                 payload = torch.cat([mine, payload[len(send):]])
+            returned = None
             if wants_grad:
                 if not payload.requires_grad:
                     payload.requires_grad_(True)
                 payload = _Depend.apply(payload, *[x for x in (q, k, v, g, level_scales, init)
                                                     if x is not None and x.requires_grad])
-            returned = None
-            if wants_grad:
                 returned = _Pending(None, None)
                 payload = _AwaitGradient.apply(payload, returned)
             payload = payload.flatten()
@@ -816,12 +814,13 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
             continue
         at = np.searchsorted(need, rows)
         st, dec = piece(j, rows)
-        fresh = plan.first[rows] == j
-        prev = LogLinearState(Z[_on(at, dev)], _on(Zpos[at], dev),
-                              validate=False)
-        new = combine(prev, LogLinearState(st, _on(plan.a[j, rows] + plan.length[j, rows], dev),
-                                           validate=False), dec, validate=False).states
-        new = torch.where(_on(fresh, dev)[:, None, None, None, None], st, new)
+        fresh = plan.first[rows] == j  # (a sequence that begins on rank j: its state is rank j's alone)
+        new = st
+        if not fresh.all():
+            prev = LogLinearState(Z[_on(at, dev)], _on(Zpos[at], dev), validate=False)
+            new = combine(prev, LogLinearState(st, _on(plan.a[j, rows] + plan.length[j, rows], dev),
+                                               validate=False), dec, validate=False).states
+            new = torch.where(_on(fresh, dev)[:, None, None, None, None], st, new)
         Z = Z.index_copy(0, _on(at, dev), new)
         Zpos[at] = plan.a[j, rows] + plan.length[j, rows]
     if carried_state is None and len(carried):
