@@ -157,6 +157,15 @@ def gated_delta(q, k, v, beta, level_scales, log_decay=None, scale: float = 1.0,
     return _GatedDelta.apply(q, k, v, beta, level_scales, log_decay, float(scale), chunk)
 
 
+def _per_query_head(grad, x):
+    """The gradient of ``x (B, T, Hqk, D)`` from ``grad (B, T, H, D)``, which holds one row per value
+    head (each group of ``H // Hqk`` rows summed), in ``x``'s dtype."""
+    B, T, Hqk, D = x.shape
+    if grad.shape[2] != Hqk:
+        grad = grad.view(B, T, Hqk, -1, D).sum(3)
+    return grad.to(x.dtype)
+
+
 class _BucketStates(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k, v, log_weight, pieces, count, slots):
@@ -168,10 +177,7 @@ class _BucketStates(torch.autograd.Function):
     def backward(ctx, dx):
         k, v, log_weight = ctx.saved_tensors
         dk, dv, da = bucket_states_backward(k, v, log_weight, ctx.pieces, dx)
-        B, T, Hqk, Dk = k.shape
-        if dk.shape[2] != Hqk:  # one row per value head: sum each group
-            dk = dk.view(B, T, Hqk, -1, Dk).sum(3)
-        return dk.to(k.dtype), dv, da.to(log_weight.dtype), None, None, None
+        return _per_query_head(dk, k), dv, da.to(log_weight.dtype), None, None, None
 
 
 def bucket_states(k, v, log_weight, buckets, count: int, slots: int):
@@ -195,10 +201,7 @@ class _CarriedReads(torch.autograd.Function):
     def backward(ctx, dout):
         q, level_scales, log_decay, states, live = ctx.saved_tensors
         dq, dl, dg, dx = carried_reads_backward(q, level_scales, log_decay, states, live, ctx.scale, dout)
-        B, T, Hqk, Dk = q.shape
-        if dq.shape[2] != Hqk:  # one row per value head: sum each group
-            dq = dq.view(B, T, Hqk, -1, Dk).sum(3)
-        return (dout, dq.to(q.dtype), dl, None if dg is None else dg.to(log_decay.dtype), dx.to(states.dtype), None,
+        return (dout, _per_query_head(dq, q), dl, None if dg is None else dg.to(log_decay.dtype), dx.to(states.dtype), None,
                 None)
 
 
