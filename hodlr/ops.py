@@ -13,6 +13,7 @@ so that a compiled model keeps the op in its graph.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numpy as np
@@ -576,13 +577,12 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
     work = level_scales.dtype
     outs, finals = [], []
     for seqs, sl, a in groups:
-        rows = torch.as_tensor(seq_batch[seqs], device=q.device)
-        pick = lambda x: None if x is None else x.index_select(0, rows)[:, :, sl]  # noqa: E731
+        pick = functools.partial(_pick, rows=seq_batch[seqs], sl=sl)
         q5, k5, v5, lam5, g5 = registry.grouped_heads(pick(q), pick(k), pick(v), pick(level_scales), pick(g))
         beta5 = pick(beta).unflatten(1, (Hqk, grp))
         init5 = None
         if init_states is not None:
-            init5 = init_states.index_select(0, torch.as_tensor(seqs, device=q.device)).to(work)
+            init5 = _pick(init_states, seqs).to(work)
             init5 = init5.unflatten(1, (Hqk, grp))
         Tn = sl.stop - sl.start
         if Tn == 0:
@@ -599,7 +599,7 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
             fin = torch.nn.functional.pad(fin, (0, 0, 0, 0, 0, final_slots - fin.shape[2]))
             finals.append((seqs, fin))
     if cu_seqlens is not None:
-        o = torch.cat([x for _, x in outs], 2)
+        o = outs[0][1] if len(outs) == 1 else torch.cat([x for _, x in outs], 2)
     else:
         o = _in_order(outs, N)
     if not output_final_state:
@@ -608,9 +608,22 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
     return o, states, torch.as_tensor(start + length, dtype=torch.int64, device=q.device)
 
 
+def _pick(x, rows, sl=slice(None)):
+    """Rows ``rows`` (an index array) of ``x`` along dim 0, positions ``sl`` along dim 2: a view
+    when the rows are consecutive (every row of an unpacked batch, one packed sequence), a copy
+    otherwise."""
+    if x is None:
+        return None
+    if rows.size and np.array_equal(rows, np.arange(rows[0], rows[0] + rows.size)):
+        x = x.narrow(0, int(rows[0]), rows.size)
+    else:
+        x = x.index_select(0, torch.as_tensor(rows, device=x.device))
+    return x[:, :, sl]
+
+
 def _in_order(parts, n):
     """Concatenate ``[(indices, x)]`` along dim 0 and put row ``indices[i]`` at ``i``."""
-    x = torch.cat([p for _, p in parts])
+    x = parts[0][1] if len(parts) == 1 else torch.cat([p for _, p in parts])
     order = np.concatenate([i for i, _ in parts])
     if np.array_equal(order, np.arange(n)):
         return x

@@ -18,9 +18,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from hodlr import fenwick
 
-DEFAULT_CHUNK = {"attention": 64, "matmul": 16, "gated_delta": 64, "gated_delta_backward": 32}
-"""Chunk size ``C`` per operation when the caller passes ``chunk=None`` (H200-tuned: ``docs/kernels.md`` §3;
-the Gated DeltaNet backward recomputes its chunks and needs no more than 32 to fit the H200's shared memory)."""
+DEFAULT_CHUNK = {"attention": 64, "matmul": 16, "gated_delta": 32}
+"""Chunk size ``C`` per operation when the caller passes ``chunk=None`` (H200-tuned: ``docs/kernels.md`` §3)."""
 
 NUM_WARPS = {"attention_state": 4, "attention_output": 4, "attention_backward": 4,
              "attention_backward_wide": 8, "matmul_state": 4,

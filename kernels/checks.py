@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import collapse_batch, next_power_of_2
+from ._layout import broadcast_shape, collapse_batch, next_power_of_2
 
 
 @triton.jit(do_not_specialize=["T", "B1", "L", "slb0", "slb1", "slt", "sgb0", "sgb1", "sgt"])
@@ -42,7 +42,7 @@ def nonfinite_flag(level_scales: torch.Tensor, log_decay: torch.Tensor = None) -
         Leading dims broadcast.
     """
     T, L = level_scales.shape[-2:]
-    batch = torch.broadcast_shapes(level_scales.shape[:-2], () if log_decay is None else log_decay.shape[:-1])
+    batch = tuple(broadcast_shape(level_scales.shape[:-2], () if log_decay is None else log_decay.shape[:-1]))
     lam = level_scales.expand(batch + (T, L))
     g = None if log_decay is None else log_decay.expand(batch + (T,))
     B0, B1, strides, (lam, g) = collapse_batch(batch, [lam, g])

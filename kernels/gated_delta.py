@@ -249,9 +249,17 @@ def gated_delta_layout(q, k, v, beta, level_scales, log_decay, **others):
     return attention_layout(q, k, v, level_scales, log_decay, beta=beta[..., None], **others)
 
 
-def tiles(layout):
-    """``(BDK, BDV, Dv tiles)`` of a call: the whole key width, value tiles of at most 64."""
-    BDK, BDV = block(layout.DK, MAX_DK), block(layout.DV, 64)
+OUTPUT_VALUE_TILE = 128
+"""Widest value tile of the forward's output kernel: every program moves its chunk's queries
+across the blocks it reads, so a head of up to 128 value columns is one program, whose queries
+are moved once (H200, D = 128, T = 8K, bf16: 6.4 ms against 7.8 ms with tiles of 64;
+``docs/kernels.md`` §7.4)."""
+
+
+def tiles(layout, widest: int = 64):
+    """``(BDK, BDV, Dv tiles)`` of a call: the whole key width, value tiles of at most ``widest``
+    columns (64 for the chunk, hierarchy and backward kernels)."""
+    BDK, BDV = block(layout.DK, MAX_DK), block(layout.DV, widest)
     return BDK, BDV, cdiv(layout.DV, BDV)
 
 
@@ -323,7 +331,7 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
     out = output_buffer(out, layout.batch + (T, DV), v)
     o_flat = out.reshape((layout.B0, layout.B1, T, DV))
     ch = chunk_hierarchy(layout, C)
-    BDK, BDV, n_dv = tiles(layout)
+    BDK, BDV, n_dv = tiles(layout, OUTPUT_VALUE_TILE)
     _output_kernel[(ch.n, layout.B, n_dv)](
         layout.tensors["q"], layout.tensors["k"], v, layout.tensors["beta"], layout.tensors["l"],
         layout.decay_args()[0], ch.X, ch.W, ch.states, ch.trans, o_flat,

@@ -261,7 +261,7 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     scale : float
     chunk : int, optional
         Chunk size of the recomputation (any power of two in ``[16, 256]``: the gradients do not
-        depend on it; default ``DEFAULT_CHUNK["gated_delta_backward"]``).
+        depend on it; default ``DEFAULT_CHUNK["gated_delta"]``).
 
     Returns
     -------
@@ -269,7 +269,7 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         Of shape ``(*batch, T, ·)`` (the broadcast batch) in the inputs' dtypes (``dlog_decay`` is
         None when ``log_decay`` is None).  Never-read level scales get exactly 0.
     """
-    C = check_chunk(chunk, "gated_delta_backward")
+    C = check_chunk(chunk, "gated_delta")
     layout = gated_delta_layout(q, k, v, beta, level_scales, log_decay, do=do)
     T, DK, DV, L, B = layout.T, layout.DK, layout.DV, layout.L, layout.B
     v = layout.tensors["v"]
