@@ -23,7 +23,7 @@ DEFAULT_CHUNK = {"attention": 64, "matmul": 16, "gated_delta": 32}
 
 NUM_WARPS = {"attention_state": 4, "attention_output": 4, "attention_backward": 4,
              "attention_backward_wide": 8, "matmul_state": 4,
-             "matmul_output": 1, "hierarchy": 4, "gated_delta": 4}
+             "matmul_output": 1, "hierarchy": 4, "gated_delta": 4, "gated_delta_hierarchy": 8}
 """Warps per program of each kernel (H200-tuned: ``docs/kernels.md`` §3)."""
 
 MAX_REGISTERS = {"matmul_output": 64}

@@ -292,7 +292,7 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
         columns = n_dv + (1 if h + 1 < top else 0)
         _hierarchy_kernel[(sizes[h + 1], B, columns)](
             states, trans, N, off, off + sizes[h], DK, DV, n_dv, BDK=BDK, BDV=BDV, ACC=acc, PREC=prec,
-            num_warps=NUM_WARPS["gated_delta"])
+            num_warps=NUM_WARPS["gated_delta_hierarchy"])
         off += sizes[h]
     return Chunks(X, W, states, trans, C, n)
 
