@@ -137,10 +137,12 @@ def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr,
     i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
     r = tl.arange(0, C)
     dk = tl.arange(0, BDK)
-    K = load_rows(k_ptr, b0, b1, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
+    Kin = load_rows(k_ptr, b0, b1, t, tmask, skb0, skb1, skt, skd, dk, DK, k_ptr.dtype.element_ty)
+    K = Kin.to(ACC)
     beta = tl.load(b_ptr + b0 * sbb0 + b1 * sbb1 + t * sbt, mask=tmask, other=0.0).to(ACC)
     Gam, gamma, d, gamma_end = gates(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC, EXACT)
-    Lm = tl.where(r[:, None] > r[None, :], beta[:, None] * tl.dot(K, tl.trans(K), input_precision=PREC, out_dtype=ACC) * Gam, 0.0)
+    KK = tl.dot(Kin, tl.trans(Kin), input_precision=PREC, out_dtype=ACC)  # exact products of the inputs
+    Lm = tl.where(r[:, None] > r[None, :], beta[:, None] * KK * Gam, 0.0)
     X = unit_lower_inverse(Lm, C, ACC, PREC)
     row = bh * n_chunks + i
     store_matrix_tile(x_ptr, row, X, r, r, C, C)
@@ -161,9 +163,10 @@ def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr,
 def _hierarchy_kernel(h_ptr, tr_ptr, n_total, off_child, off_parent, DK: tl.constexpr, DV: tl.constexpr,
                       N_DV_TILES: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, ACC: tl.constexpr,
                       PREC: tl.constexpr):
-    """Program ``(block m, batch entry, column tile j)`` of the level above ``h``: tile ``j`` of
-    ``H_{h+1}[m] = T_h[2m+1] H_h[2m] + H_h[2m+1]`` (``j < N_DV_TILES``), or
-    ``T_{h+1}[m] = T_h[2m+1] T_h[2m]`` (``j = N_DV_TILES``)."""
+    """Program ``(block m, batch entry, column tile j)`` of the level above ``h``: the ``BDV``
+    columns of tile ``j`` of ``H_{h+1}[m] = T_h[2m+1] H_h[2m] + H_h[2m+1]`` (``j < N_DV_TILES``),
+    or of tile ``j - N_DV_TILES`` of ``T_{h+1}[m] = T_h[2m+1] T_h[2m]`` (every program one
+    ``Dk x Dk x BDV`` product)."""
     m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     j = tl.program_id(2)
@@ -176,8 +179,9 @@ def _hierarchy_kernel(h_ptr, tr_ptr, n_total, off_child, off_parent, DK: tl.cons
         H = tl.dot(T_odd, matrix_tile(h_ptr, even, dk, dv, DK, DV, ACC), input_precision=PREC, out_dtype=ACC)
         store_matrix_tile(h_ptr, dst, H + matrix_tile(h_ptr, even + 1, dk, dv, DK, DV, ACC), dk, dv, DK, DV)
     else:
-        Tr = tl.dot(T_odd, matrix_tile(tr_ptr, even, dk, dk, DK, DK, ACC), input_precision=PREC, out_dtype=ACC)
-        store_matrix_tile(tr_ptr, dst, Tr, dk, dk, DK, DK)
+        cols = (j - N_DV_TILES) * BDV + tl.arange(0, BDV)
+        Tr = tl.dot(T_odd, matrix_tile(tr_ptr, even, dk, cols, DK, DK, ACC), input_precision=PREC, out_dtype=ACC)
+        store_matrix_tile(tr_ptr, dst, Tr, dk, cols, DK, DK)
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sbb0",
@@ -194,11 +198,12 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr
     r = tl.arange(0, C)
     dk = tl.arange(0, BDK)
     dv = tl.program_id(2) * BDV + tl.arange(0, BDV)
-    Q = load_rows(q_ptr, b0, b1, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, ACC)
-    K = load_rows(k_ptr, b0, b1, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
+    Qin = load_rows(q_ptr, b0, b1, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, q_ptr.dtype.element_ty)
+    Kin = load_rows(k_ptr, b0, b1, t, tmask, skb0, skb1, skt, skd, dk, DK, k_ptr.dtype.element_ty)
+    Q = Qin.to(ACC)
     beta = tl.load(b_ptr + b0 * sbb0 + b1 * sbb1 + t * sbt, mask=tmask, other=0.0).to(ACC)
     Gam, gamma, d, gamma_end = gates(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC, EXACT)
-    Sq = tl.dot(Q, tl.trans(K), input_precision=PREC, out_dtype=ACC) * Gam
+    Sq = tl.dot(Qin, tl.trans(Kin), input_precision=PREC, out_dtype=ACC) * Gam  # exact products of the inputs
     row = bh * n_chunks + i
     P = tl.dot(Sq, matrix_tile(x_ptr, row, r, r, C, C, ACC), input_precision=PREC, out_dtype=ACC) * beta[None, :]
     l_base = l_ptr + b0 * slb0 + b1 * slb1
@@ -289,7 +294,7 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
     off = 0
     for h in range(top):
         # the top level's transitions are never read: no query is moved across a top-level block
-        columns = n_dv + (1 if h + 1 < top else 0)
+        columns = n_dv + (cdiv(DK, BDV) if h + 1 < top else 0)
         _hierarchy_kernel[(sizes[h + 1], B, columns)](
             states, trans, N, off, off + sizes[h], DK, DV, n_dv, BDK=BDK, BDV=BDV, ACC=acc, PREC=prec,
             num_warps=NUM_WARPS["gated_delta_hierarchy"])
