@@ -163,10 +163,9 @@ def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr,
 def _hierarchy_kernel(h_ptr, tr_ptr, n_total, off_child, off_parent, DK: tl.constexpr, DV: tl.constexpr,
                       N_DV_TILES: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, ACC: tl.constexpr,
                       PREC: tl.constexpr):
-    """Program ``(block m, batch entry, column tile j)`` of the level above ``h``: the ``BDV``
-    columns of tile ``j`` of ``H_{h+1}[m] = T_h[2m+1] H_h[2m] + H_h[2m+1]`` (``j < N_DV_TILES``),
-    or of tile ``j - N_DV_TILES`` of ``T_{h+1}[m] = T_h[2m+1] T_h[2m]`` (every program one
-    ``Dk x Dk x BDV`` product)."""
+    """Program ``(block m, batch entry, column tile j)`` of the level above ``h``: tile ``j`` of
+    ``H_{h+1}[m] = T_h[2m+1] H_h[2m] + H_h[2m+1]`` (``j < N_DV_TILES``), or
+    ``T_{h+1}[m] = T_h[2m+1] T_h[2m]`` (``j = N_DV_TILES``)."""
     m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     j = tl.program_id(2)
@@ -179,9 +178,8 @@ def _hierarchy_kernel(h_ptr, tr_ptr, n_total, off_child, off_parent, DK: tl.cons
         H = tl.dot(T_odd, matrix_tile(h_ptr, even, dk, dv, DK, DV, ACC), input_precision=PREC, out_dtype=ACC)
         store_matrix_tile(h_ptr, dst, H + matrix_tile(h_ptr, even + 1, dk, dv, DK, DV, ACC), dk, dv, DK, DV)
     else:
-        cols = (j - N_DV_TILES) * BDV + tl.arange(0, BDV)
-        Tr = tl.dot(T_odd, matrix_tile(tr_ptr, even, dk, cols, DK, DK, ACC), input_precision=PREC, out_dtype=ACC)
-        store_matrix_tile(tr_ptr, dst, Tr, dk, cols, DK, DK)
+        Tr = tl.dot(T_odd, matrix_tile(tr_ptr, even, dk, dk, DK, DK, ACC), input_precision=PREC, out_dtype=ACC)
+        store_matrix_tile(tr_ptr, dst, Tr, dk, dk, DK, DK)
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sbb0",
@@ -294,7 +292,7 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
     off = 0
     for h in range(top):
         # the top level's transitions are never read: no query is moved across a top-level block
-        columns = n_dv + (cdiv(DK, BDV) if h + 1 < top else 0)
+        columns = n_dv + (1 if h + 1 < top else 0)
         _hierarchy_kernel[(sizes[h + 1], B, columns)](
             states, trans, N, off, off + sizes[h], DK, DV, n_dv, BDK=BDK, BDV=BDV, ACC=acc, PREC=prec,
             num_warps=NUM_WARPS["gated_delta_hierarchy"])
