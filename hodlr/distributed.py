@@ -337,6 +337,17 @@ def _exchange_metadata(q, v, g, initial_state, cu_seqlens, output_final_state, w
     return [0] + np.cumsum(lengths).tolist(), any(row[_META.index("gradients wanted")] for row in rows)
 
 
+def _speculate(q, level_scales, initial_state, cu_seqlens, rank, world) -> bool:
+    """Whether rank ``rank`` computes its local output before the metadata exchange: a rank after
+    the first, one batch of sequences from position 0 (no ``cu_seqlens``, no initial state), a
+    non-empty shard aligned at ``rank * T_r`` (where an even split puts it), level scales for
+    the whole even split.  Such a shard reads the states of the earlier ranks (so its local call
+    takes ``g`` as it is) and adds them after its call (step 5)."""
+    T = q.shape[1]
+    return (rank > 0 and cu_seqlens is None and initial_state is None and T > 0
+            and fenwick.aligned(rank * T, T) and level_scales.shape[-1] >= fenwick.num_levels(world * T))
+
+
 def _show(name, value):
     if name == "dtype of q":
         return str(_DTYPES[value]) if 0 <= value < len(_DTYPES) else "another dtype"
@@ -684,8 +695,22 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     if world == 1:
         return ops.log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens, scale,
                                    backend=backend)
-    offsets, wants_grad = _exchange_metadata(q, v, g, initial_state, cu_seqlens, output_final_state, wants_grad,
-                                             scale, backend, group, rank, world, refused)
+    # 0. a later rank of an even split whose shard is aligned computes its local output from position 0,
+    #    which needs nothing from the other ranks: queued before the metadata exchange, which then runs
+    #    on a side stream (its host read waits for the exchange alone, not for the local call).  Where
+    #    the exchanged offsets leave the shard unaligned, or first, it is dropped.
+    early_o = side = None
+    if refused is None and _speculate(q, level_scales, initial_state, cu_seqlens, rank, world):
+        side = _side_stream(q.device)  # (it follows the work queued before the call, not the local call)
+        try:
+            early_o = ops.log_linear_attn(q, k, v, g, level_scales, None, False, None, scale, backend=backend)[0]
+        except (TypeError, ValueError, RuntimeError):
+            early_o = None  # the regular path meets the same error after the exchange, on every rank
+    with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
+        offsets, wants_grad = _exchange_metadata(q, v, g, initial_state, cu_seqlens, output_final_state, wants_grad,
+                                                 scale, backend, group, rank, world, refused)
+    if not (offsets[rank] > 0 and fenwick.aligned(int(offsets[rank]), q.shape[1])):
+        early_o = None  # (it is the aligned shard's local call of step 3 where earlier ranks hold tokens)
     B, T, Hqk, Dk = q.shape
     H, Dv = v.shape[2], v.shape[3]
     grp = H // Hqk
@@ -711,7 +736,10 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     begin = plan.lo[rank, send] - offsets[rank] if cu_seqlens is not None else np.zeros(len(send), dtype=np.int64)
     kernel = ops._resolve(backend, dev, T, True).__name__.endswith(".triton")
     aligned = cu_seqlens is None and initial_state is None and fenwick.aligned(int(offsets[rank]), T)
-    side = _side_stream(dev) if aligned and len(local) and len(send) else None
+    if early_o is None:
+        side = _side_stream(dev) if aligned and len(local) and len(send) else None
+    elif not len(send):
+        side = None
     with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
         # (on a GPU an aligned shard computes the states it sends on a second stream, beside its
         # local call: neither kernel fills the device alone)
@@ -779,7 +807,9 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
 
     early = aligned or not reads
     o = v.new_zeros((B, 0, H, Dv))
-    if aligned and len(local):
+    if early_o is not None:
+        o = early_o
+    elif aligned and len(local):
         o, _ = ops.log_linear_attn(q, k, v, g_local, level_scales, None, False, None, scale, backend=backend)
     elif early and len(local):
         o = local_call(None)

@@ -624,6 +624,12 @@ ALIGNED = [  # even shards of a power of two on 2 and 4 ranks (every start align
          scale=1.0, backend="chunked", dtype="float64", seed=22),
     dict(lengths=[4, 4, 8, 0], cu=None, nseq=2, heads=(1, 1), Dk=2, Dv=2, decay="strong", starts=None, final=False,
          scale=0.5, backend="chunked", dtype="float64", seed=23),
+    # rank 1's early local call (its shard would be aligned in an even split) dropped after the
+    # exchange: the shard starts at 4 (unaligned), or first (no earlier tokens)
+    dict(lengths=[4, 8], cu=None, nseq=1, heads=(1, 1), Dk=2, Dv=2, decay="mild", starts=None, final=False,
+         scale=None, backend="chunked", dtype="float64", seed=24),
+    dict(lengths=[0, 8], cu=None, nseq=2, heads=(1, 2), Dk=2, Dv=1, decay="strong", starts=None, final=False,
+         scale=1.0, backend="chunked", dtype="float64", seed=25),
 ]
 
 
@@ -638,7 +644,8 @@ def test_one_to_five_and_eight_ranks_equal_one_process(tmp_path_factory, tmp_pat
     assigned += [((1, 2), c) for c in TRITON]
     assigned += [((5, 6, 7), c) for c in draw(cases(3), 4)]
     assigned += [((0, 1, 2, 3), c) for c in draw(cases(4), 4)]
-    assigned += [(groups[1], ALIGNED[0])] + [((0, 1, 2, 3), c) for c in ALIGNED[1:]]
+    assigned += [(groups[1], ALIGNED[0])] + [((0, 1, 2, 3), c) for c in ALIGNED[1:3]]
+    assigned += [(groups[2], c) for c in ALIGNED[3:]]
     assigned += [(groups[5], c) for c in draw(cases(5), 2)] + [(groups[6], c) for c in draw(cases(8), 2)]
     assigned.append((groups[6], dict(assigned[-1][1], lengths=[8] * 8, cu=None, nseq=1, starts=[37], final=True)))
     bench = ["--device", "cpu", "--check", "6", "--check-dtypes", "float32", "--strong", "6", "--weak", "4",
