@@ -337,15 +337,32 @@ def _exchange_metadata(q, v, g, initial_state, cu_seqlens, output_final_state, w
     return [0] + np.cumsum(lengths).tolist(), any(row[_META.index("gradients wanted")] for row in rows)
 
 
-def _speculate(q, level_scales, initial_state, cu_seqlens, rank, world) -> bool:
-    """Whether rank ``rank`` computes its local output before the metadata exchange: a rank after
-    the first, one batch of sequences from position 0 (no ``cu_seqlens``, no initial state), a
-    non-empty shard aligned at ``rank * T_r`` (where an even split puts it), level scales for
-    the whole even split.  Such a shard reads the states of the earlier ranks (so its local call
-    takes ``g`` as it is) and adds them after its call (step 5)."""
+def _early_call(q, g, level_scales, initial_state, cu_seqlens, output_final_state, wants_grad, rank,
+                world) -> bool:
+    """Whether this rank computes its local output before the metadata exchange: one batch of
+    sequences from position 0 (no ``cu_seqlens``, no initial state), a non-empty shard, level scales
+    for the whole of an even split, and a shard that an even split makes aligned and whose call takes
+    ``g`` as it is (step 3): a later rank (its shard reads the earlier ranks' states, added in step
+    5), or the first rank of a call without gradients (or without decay, or with the final state),
+    whose local call is its whole output."""
     T = q.shape[1]
-    return (rank > 0 and cu_seqlens is None and initial_state is None and T > 0
-            and fenwick.aligned(rank * T, T) and level_scales.shape[-1] >= fenwick.num_levels(world * T))
+    if cu_seqlens is not None or initial_state is not None or T == 0:
+        return False
+    if level_scales.shape[-1] < fenwick.num_levels(world * T) or not fenwick.aligned(rank * T, T):
+        return False
+    return rank > 0 or not wants_grad or g is None or output_final_state
+
+
+def _early_call_holds(offsets, rank, T, g, output_final_state, wants_grad) -> bool:
+    """Whether the early local call is the one step 3 makes with the exchanged ``offsets`` and
+    ``wants_grad`` (any rank's): the shard aligned at its offset, and either earlier ranks hold
+    tokens (the shard reads their states) or the shard is first and no rank's backward needs the
+    exchange tied to its ``g``."""
+    if not fenwick.aligned(int(offsets[rank]), T):
+        return False
+    if offsets[rank] > 0:
+        return True
+    return not wants_grad or g is None or output_final_state
 
 
 def _show(name, value):
@@ -695,12 +712,13 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     if world == 1:
         return ops.log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens, scale,
                                    backend=backend)
-    # 0. a later rank of an even split whose shard is aligned computes its local output from position 0,
-    #    which needs nothing from the other ranks: queued before the metadata exchange, which then runs
-    #    on a side stream (its host read waits for the exchange alone, not for the local call).  Where
-    #    the exchanged offsets leave the shard unaligned, or first, it is dropped.
+    # 0. an aligned shard's local output from position 0 needs nothing from the other ranks: where the
+    #    rank can tell before the metadata exchange that its shard will be aligned (_early_call), it is
+    #    queued first, and the exchange runs on a side stream (its host read waits for the exchange
+    #    alone, not for the local call).  Dropped where the exchange shows otherwise (_early_call_holds).
     early_o = side = None
-    if refused is None and _speculate(q, level_scales, initial_state, cu_seqlens, rank, world):
+    if refused is None and _early_call(q, g, level_scales, initial_state, cu_seqlens, output_final_state, wants_grad,
+                                       rank, world):
         side = _side_stream(q.device)  # (it follows the work queued before the call, not the local call)
         try:
             early_o = ops.log_linear_attn(q, k, v, g, level_scales, None, False, None, scale, backend=backend)[0]
@@ -709,8 +727,8 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
         offsets, wants_grad = _exchange_metadata(q, v, g, initial_state, cu_seqlens, output_final_state, wants_grad,
                                                  scale, backend, group, rank, world, refused)
-    if not (offsets[rank] > 0 and fenwick.aligned(int(offsets[rank]), q.shape[1])):
-        early_o = None  # (it is the aligned shard's local call of step 3 where earlier ranks hold tokens)
+    if not _early_call_holds(offsets, rank, q.shape[1], g, output_final_state, wants_grad):
+        early_o = None
     B, T, Hqk, Dk = q.shape
     H, Dv = v.shape[2], v.shape[3]
     grp = H // Hqk

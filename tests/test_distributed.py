@@ -455,7 +455,8 @@ def _run_case(case, ref, group, grank, size):
 
     off = np.concatenate([[0], np.cumsum(case["lengths"])]).tolist()
     sl = slice(off[grank], off[grank + 1])
-    shard = [None if x is None else x[:, sl].clone().requires_grad_() for x in ref["args"]]
+    grads = grank not in case.get("no_grad_ranks", ())  # (ranks whose inputs want no gradient)
+    shard = [None if x is None else x[:, sl].clone().requires_grad_(grads) for x in ref["args"]]
     init = None
     if ref["state"] is not None:
         init = LogLinearState(ref["state"][0].clone().requires_grad_(), ref["state"][1])
@@ -476,6 +477,8 @@ def _run_case(case, ref, group, grank, size):
     leaves = [x for x in shard if x is not None]
     names = [n for n, x in zip("q k v g level_scales".split(), shard) if x is not None]
     for name, x, want in zip(names, leaves, ref["grads"]):
+        if not grads:
+            break
         got = torch.zeros_like(x) if x.grad is None else x.grad
         errors["d" + name] = _errors(got, want[:, sl])
     if init is not None:
@@ -573,6 +576,8 @@ def _spawn(tmp, nprocs, groups, assigned, checks=(), bench=None):
                 assert err <= bound, f"rank {r} of {ranks}: {name} error {err:.2e} > {bound:.0e} in {case}"
             want = expected_payload(case)
             assert res["forward"] == want, f"rank {r} of {ranks}: sent {res['forward']} bytes, formula {want}: {case}"
+            if len(case.get("no_grad_ranks", ())) == len(case["lengths"]):
+                want = 0  # no rank wants gradients: no backward
             assert res["backward"] == want, f"rank {r} of {ranks}: backward {res['backward']} != {want}: {case}"
     assert seen == set(range(len(cases_)))
     return out
@@ -630,6 +635,12 @@ ALIGNED = [  # even shards of a power of two on 2 and 4 ranks (every start align
          scale=None, backend="chunked", dtype="float64", seed=24),
     dict(lengths=[0, 8], cu=None, nseq=2, heads=(1, 2), Dk=2, Dv=1, decay="strong", starts=None, final=False,
          scale=1.0, backend="chunked", dtype="float64", seed=25),
+    # rank 0's early local call: kept in a call without gradients; dropped where rank 1 wants them
+    # (rank 0's log-decay then ties the exchange into its backward)
+    dict(lengths=[8, 8], cu=None, nseq=1, heads=(1, 1), Dk=2, Dv=2, decay="mild", starts=None, final=False,
+         scale=None, backend="chunked", dtype="float64", seed=26, no_grad_ranks=(0, 1)),
+    dict(lengths=[8, 8], cu=None, nseq=2, heads=(2, 1), Dk=1, Dv=2, decay="strong", starts=None, final=False,
+         scale=0.5, backend="chunked", dtype="float64", seed=27, no_grad_ranks=(0,)),
 ]
 
 
