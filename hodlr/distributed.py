@@ -290,7 +290,7 @@ def shard_offsets(T: int, world_size: int) -> list:
 
 _META = ("tokens", "B (batch of q)", "heads of q and k", "heads of v", "Dk", "Dv", "g given", "initial_state given",
          "initial_state slots", "cu_seqlens length", "output_final_state", "dtype of q", "gradients wanted",
-         "cu_seqlens", "initial_state.positions", "scale", "backend")
+         "cu_seqlens", "initial_state.positions", "scale", "backend", "levels of level_scales")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -298,9 +298,10 @@ def _crc(values) -> int:
     return zlib.crc32(np.asarray(values, dtype=np.int64).tobytes())
 
 
-def _exchange_metadata(q, v, g, initial_state, cu_seqlens, output_final_state, wants_grad, scale, backend,
-                       group, rank, world, refused):
-    """Every rank's shard length (the offsets) and whether any rank wants gradients, after checking
+def _exchange_metadata(q, v, level_scales, g, initial_state, cu_seqlens, output_final_state, wants_grad, scale,
+                       backend, group, rank, world, refused):
+    """Every rank's shard length (the offsets), whether any rank wants gradients and every rank's
+    number of level scales ``L``, after checking
     that the ranks agree on everything that must be replicated; every rank raises otherwise (the
     same ValueError, or ``refused``, this rank's own error, on the rank that refused its arguments)."""
     import torch.distributed as dist
@@ -311,7 +312,8 @@ def _exchange_metadata(q, v, g, initial_state, cu_seqlens, output_final_state, w
         mine = [q.shape[1], q.shape[0], q.shape[2], v.shape[2], q.shape[3], v.shape[3], g is not None,
                 initial_state is not None, 0 if initial_state is None else initial_state.num_slots,
                 len(cu), output_final_state, _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1, wants_grad,
-                _crc(cu), _crc(pos), _crc(np.float64(scale).view(np.int64)), zlib.crc32(backend.encode()), 0]
+                _crc(cu), _crc(pos), _crc(np.float64(scale).view(np.int64)), zlib.crc32(backend.encode()),
+                level_scales.shape[-1], 0]
         device = q.device
     else:
         mine = [-1] * len(_META) + [1]
@@ -326,15 +328,16 @@ def _exchange_metadata(q, v, g, initial_state, cu_seqlens, output_final_state, w
         raise ValueError(f"rank {bad[0]} of the group refused its arguments (its own error says why); "
                          f"rank {rank} stops too")
     for i, name in enumerate(_META):
-        if i == 0 or name == "gradients wanted":
+        if name in ("tokens", "gradients wanted", "levels of level_scales"):
             continue
         values = [row[i] for row in rows]
         if len(set(values)) > 1:
             j = next(j for j in range(world) if values[j] != values[0])
             raise ValueError(f"every rank of the group must pass the same {name}: rank 0 has "
                              f"{_show(name, rows[0][i])}, rank {j} has {_show(name, rows[j][i])}")
-    lengths = [row[0] for row in rows]
-    return [0] + np.cumsum(lengths).tolist(), any(row[_META.index("gradients wanted")] for row in rows)
+    offsets = [0] + np.cumsum([row[0] for row in rows]).tolist()
+    return (offsets, any(row[_META.index("gradients wanted")] for row in rows),
+            [row[_META.index("levels of level_scales")] for row in rows])
 
 
 def _early_call(q, g, level_scales, initial_state, cu_seqlens, output_final_state, wants_grad, rank,
@@ -722,11 +725,12 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
         side = _side_stream(q.device)  # (it follows the work queued before the call, not the local call)
         try:
             early_o = ops.log_linear_attn(q, k, v, g, level_scales, None, False, None, scale, backend=backend)[0]
-        except (TypeError, ValueError, RuntimeError):
-            early_o = None  # the regular path meets the same error after the exchange, on every rank
+        except Exception:  # noqa: BLE001 -- no rank may stop before the exchange: the others would wait in it
+            early_o = None  # (the regular path makes the same call after the exchange and raises there)
     with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
-        offsets, wants_grad = _exchange_metadata(q, v, g, initial_state, cu_seqlens, output_final_state, wants_grad,
-                                                 scale, backend, group, rank, world, refused)
+        offsets, wants_grad, levels = _exchange_metadata(q, v, level_scales, g, initial_state, cu_seqlens,
+                                                         output_final_state, wants_grad, scale, backend, group, rank,
+                                                         world, refused)
     if not _early_call_holds(offsets, rank, q.shape[1], g, output_final_state, wants_grad):
         early_o = None
     B, T, Hqk, Dk = q.shape
@@ -736,8 +740,13 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     dev = q.device
     S_in = 0 if initial_state is None else initial_state.num_slots
     pos = None if initial_state is None else initial_state.positions
-    end = ops._check_values(B, offsets[-1], level_scales.shape[-1], cu_seqlens, pos,
-                            None if initial_state is None else S_in)
+    # (checked with every rank's L, so that every rank raises where one rank's level scales are short:
+    # none may go on into the states' all_gather)
+    end = ops._check_values(B, offsets[-1], max(levels), cu_seqlens, pos, None if initial_state is None else S_in)
+    short = [j for j in range(world) if end >= 1 and levels[j] < fenwick.num_levels(end)]
+    if short:
+        raise ValueError(f"level_scales must have L >= num_levels({end})={fenwick.num_levels(end)} on every rank (the "
+                         f"largest global end position is {end - 1}): rank {short[0]} has L={levels[short[0]]}")
     S = max(S_in, end.bit_length())
     start = np.zeros(Nseq, dtype=np.int64) if pos is None else np.asarray(pos.tolist(), dtype=np.int64)
     plan = _plan(offsets, Nseq, None if cu_seqlens is None else cu_seqlens.tolist(), start, output_final_state)
@@ -756,8 +765,9 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     aligned = cu_seqlens is None and initial_state is None and fenwick.aligned(int(offsets[rank]), T)
     if early_o is None:
         side = _side_stream(dev) if aligned and len(local) and len(send) else None
-    elif not len(send):
-        side = None
+    # (with the early call kept, the exchange stays on the side stream even where this rank sends
+    # nothing: queued there, the wait for the gradients' reduce-scatter does not hold back the early
+    # call's backward on the current stream)
     with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
         # (on a GPU an aligned shard computes the states it sends on a second stream, beside its
         # local call: neither kernel fills the device alone)
@@ -824,7 +834,7 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
                                    backend=backend)[0]
 
     early = aligned or not reads
-    o = v.new_zeros((B, 0, H, Dv))
+    o = v.new_zeros((B, T, H, Dv))  # (no sequence here: an empty shard, or B = 0)
     if early_o is not None:
         o = early_o
     elif aligned and len(local):

@@ -41,9 +41,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import chunk_decays, chunk_rows, intra_decay, intra_scales
+from ._device import chunk_decays, chunk_rows, dot, intra_decay, intra_scales
 from . import _layout
-from ._layout import NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, hierarchy_sizes, output_buffer
+from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, hierarchy_sizes, interpreting,
+                      output_buffer)
 from .attention import attention_layout
 
 MAX_DK = 128
@@ -131,7 +132,7 @@ def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr,
                   T, B1, n_chunks, n_total, DK: tl.constexpr, DV: tl.constexpr,
                   skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt, sgb0, sgb1, sgt,
                   C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr,
-                  PREC: tl.constexpr, EXACT: tl.constexpr):
+                  PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr):
     """Program ``(chunk i, batch entry)``: ``X = N⁻¹`` and ``W`` of the chunk (stored, ``(C, C)``
     and ``(C, Dk)``), its transition ``Tr`` and its state ``U`` (level 0 of the hierarchy)."""
     i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
@@ -141,7 +142,7 @@ def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr,
     K = Kin.to(ACC)
     beta = tl.load(b_ptr + b0 * sbb0 + b1 * sbb1 + t * sbt, mask=tmask, other=0.0).to(ACC)
     Gam, gamma, d, gamma_end = gates(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC, EXACT)
-    KK = tl.dot(Kin, tl.trans(Kin), input_precision=PREC, out_dtype=ACC)  # exact products of the inputs
+    KK = dot(Kin, tl.trans(Kin), ACC, PREC, NATIVE)  # 16-bit inputs: exact products on the tensor cores
     Lm = tl.where(r[:, None] > r[None, :], beta[:, None] * KK * Gam, 0.0)
     X = unit_lower_inverse(Lm, C, ACC, PREC)
     row = bh * n_chunks + i
@@ -189,7 +190,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt,
                    slb0, slb1, slt, sll, sgb0, sgb1, sgt, sob0, sob1, sot, sod,
                    C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
-                   ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr):
+                   ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr):
     """Program ``(chunk i, batch entry, Dv-tile)``: ``(P ⊙ Λ) V`` inside the chunk, then the walk
     over the set bits of ``i`` with the moved queries ``q̂``."""
     i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
@@ -201,7 +202,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr
     Q = Qin.to(ACC)
     beta = tl.load(b_ptr + b0 * sbb0 + b1 * sbb1 + t * sbt, mask=tmask, other=0.0).to(ACC)
     Gam, gamma, d, gamma_end = gates(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC, EXACT)
-    Sq = tl.dot(Qin, tl.trans(Kin), input_precision=PREC, out_dtype=ACC) * Gam  # exact products of the inputs
+    Sq = dot(Qin, tl.trans(Kin), ACC, PREC, NATIVE) * Gam  # 16-bit inputs: exact products on the tensor cores
     row = bh * n_chunks + i
     P = tl.dot(Sq, matrix_tile(x_ptr, row, r, r, C, C, ACC), input_precision=PREC, out_dtype=ACC) * beta[None, :]
     l_base = l_ptr + b0 * slb0 + b1 * slb1
@@ -287,7 +288,8 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
         layout.tensors["k"], v, layout.tensors["beta"], layout.decay_args()[0], X, W, states, trans,
         layout.T, layout.B1, n, N, DK, DV, *layout.args("k")[1:], *layout.args("v")[1:],
         *layout.args("beta")[1:4], *layout.decay_args()[1:],
-        C=C, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact, num_warps=NUM_WARPS["gated_delta"])
+        C=C, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact, NATIVE=not interpreting(),
+        num_warps=NUM_WARPS["gated_delta"])
     top = len(sizes) - 1
     off = 0
     for h in range(top):
@@ -342,5 +344,5 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("beta")[1:4],
         *layout.args("l")[1:], *layout.decay_args()[1:], *o_flat.stride(),
         C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=layout.tensors["g"] is not None, ACC=acc, PREC=prec,
-        EXACT=exact, num_warps=NUM_WARPS["gated_delta"])
+        EXACT=exact, NATIVE=not interpreting(), num_warps=NUM_WARPS["gated_delta"])
     return out

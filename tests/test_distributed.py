@@ -320,6 +320,46 @@ def test_segment_state_refuses_bad_input():
 
 
 # -- small pieces -----------------------------------------------------------------------------
+@pytest.mark.parametrize("rank, world, T, grad, decay, final, early", [
+    (1, 2, 8, True, True, False, True),     # a later rank: its shard reads the earlier ranks' states
+    (3, 4, 8, True, True, False, True),
+    (1, 2, 6, True, True, False, False),    # 6 tokens at 6: not aligned
+    (0, 2, 8, True, True, False, False),    # the first rank with gradients and a decay: g ties the exchange
+    (0, 2, 8, False, True, False, True),    # ... without gradients
+    (0, 2, 8, True, False, False, True),    # ... without decay
+    (0, 2, 8, True, True, True, True),      # ... with the final state
+    (1, 2, 0, True, True, False, False),    # an empty shard
+])
+def test_early_local_call_decision(rank, world, T, grad, decay, final, early):
+    """Which rank queues its local call before the metadata exchange (hodlr.distributed._early_call)."""
+    from hodlr.distributed import _early_call
+
+    q = torch.zeros(1, T, 1, 2)
+    g = torch.zeros(1, T, 1) if decay else None
+    lam = torch.zeros(1, T, 1, fenwick.num_levels(max(world * T, 1)))
+    assert _early_call(q, g, lam, None, None, final, grad, rank, world) is early
+    assert not _early_call(q, g, lam[..., :1], None, None, final, grad, rank, world)  # level scales too few
+    assert not _early_call(q, g, lam, None, torch.tensor([0, T]), final, grad, rank, world)  # cu_seqlens
+
+
+@pytest.mark.parametrize("offsets, rank, T, grad, decay, final, holds", [
+    ([0, 8, 16], 1, 8, True, True, False, True),    # as an even split
+    ([0, 24, 32], 1, 8, True, True, False, True),   # aligned at 24 too
+    ([0, 4, 12], 1, 8, True, True, False, False),   # starts at 4: not aligned
+    ([0, 0, 8], 1, 8, True, True, False, False),    # first with tokens, gradients wanted somewhere, a decay
+    ([0, 0, 8], 1, 8, False, True, False, True),    # ... no gradients anywhere
+    ([0, 8, 16], 0, 8, True, True, False, False),   # the first rank where another rank wants gradients
+    ([0, 8, 16], 0, 8, True, True, True, True),     # ... with the final state (its call reads the exchange)
+])
+def test_early_local_call_kept_or_dropped(offsets, rank, T, grad, decay, final, holds):
+    """After the exchange the early call is kept only where it is the call the regular path makes
+    (hodlr.distributed._early_call_holds)."""
+    from hodlr.distributed import _early_call_holds
+
+    g = torch.zeros(1, T, 1) if decay else None
+    assert _early_call_holds(offsets, rank, T, g, final, grad) is holds
+
+
 def test_shard_offsets_and_payload():
     assert shard_offsets(10, 4) == [0, 3, 6, 8, 10]
     assert shard_offsets(3, 5) == [0, 1, 2, 3, 3, 3]
@@ -494,7 +534,7 @@ def _bad_inputs(group, grank):
     out = []
     x = torch.randn(1, 4, 2, 3, dtype=DT)
     lam = torch.rand(1, 4, 2, 5, dtype=DT)
-    for kind in ("heads", "refused", "cu_seqlens", "narrow"):
+    for kind in ("heads", "refused", "cu_seqlens", "narrow", "one narrow"):
         q, v, level_scales, cu = x, x, lam, None
         if kind == "heads" and grank == 1:
             v, level_scales = torch.cat([x, x], 2), torch.cat([lam, lam], 2)
@@ -502,7 +542,7 @@ def _bad_inputs(group, grank):
             q = x[0]
         if kind == "cu_seqlens":
             cu = torch.tensor([0, 3, 5])
-        if kind == "narrow":
+        if kind == "narrow" or (kind == "one narrow" and grank == 1):
             level_scales = lam[..., :2]
         try:
             hodlr.distributed.log_linear_attn(q, x, v, None, level_scales, cu_seqlens=cu, group=group)
@@ -593,6 +633,8 @@ def _check_bad_and_compiled(out, checks):
     for b in bad:
         assert "cu_seqlens must end at T=8" in b["cu_seqlens"], b
         assert "level_scales has L=2 levels but absolute position 7" in b["narrow"], b
+        assert b["one narrow"] == ("ValueError: level_scales must have L >= num_levels(8)=4 on every rank (the "
+                                   "largest global end position is 7): rank 1 has L=2"), b
     for r in checks:
         assert max(out[r]["compiled"]) <= TOL, out[r]["compiled"]
 
@@ -622,7 +664,8 @@ TRITON = [  # tiny cases for the Triton interpreter (float32): a packed layout w
          scale=0.5, backend="triton", dtype="float32", seed=13),
 ]
 
-ALIGNED = [  # even shards of a power of two on 2 and 4 ranks (every start aligned), chunked, float64
+ALIGNED = [  # aligned shards on 2, 3 and 4 ranks (the call from position 0, and the early local call
+    # before the metadata exchange: kept, or dropped), chunked, float64
     dict(lengths=[16, 16], cu=None, nseq=2, heads=(1, 2), Dk=2, Dv=3, decay="mild", starts=None, final=False,
          scale=None, backend="chunked", dtype="float64", seed=21),
     dict(lengths=[8] * 4, cu=None, nseq=1, heads=(2, 1), Dk=3, Dv=2, decay="none", starts=None, final=True,
@@ -630,10 +673,11 @@ ALIGNED = [  # even shards of a power of two on 2 and 4 ranks (every start align
     dict(lengths=[4, 4, 8, 0], cu=None, nseq=2, heads=(1, 1), Dk=2, Dv=2, decay="strong", starts=None, final=False,
          scale=0.5, backend="chunked", dtype="float64", seed=23),
     # rank 1's early local call (its shard would be aligned in an even split) dropped after the
-    # exchange: the shard starts at 4 (unaligned), or first (no earlier tokens)
+    # exchange: the shard starts at 4 (unaligned); or it is the first with tokens, sends its states to
+    # rank 2 and wants gradients (its g must tie the exchange into its backward)
     dict(lengths=[4, 8], cu=None, nseq=1, heads=(1, 1), Dk=2, Dv=2, decay="mild", starts=None, final=False,
          scale=None, backend="chunked", dtype="float64", seed=24),
-    dict(lengths=[0, 8], cu=None, nseq=2, heads=(1, 2), Dk=2, Dv=1, decay="strong", starts=None, final=False,
+    dict(lengths=[0, 8, 8], cu=None, nseq=2, heads=(1, 2), Dk=2, Dv=1, decay="strong", starts=None, final=False,
          scale=1.0, backend="chunked", dtype="float64", seed=25),
     # rank 0's early local call: kept in a call without gradients; dropped where rank 1 wants them
     # (rank 0's log-decay then ties the exchange into its backward)
@@ -656,7 +700,7 @@ def test_one_to_five_and_eight_ranks_equal_one_process(tmp_path_factory, tmp_pat
     assigned += [((5, 6, 7), c) for c in draw(cases(3), 4)]
     assigned += [((0, 1, 2, 3), c) for c in draw(cases(4), 4)]
     assigned += [(groups[1], ALIGNED[0])] + [((0, 1, 2, 3), c) for c in ALIGNED[1:3]]
-    assigned += [(groups[2], c) for c in ALIGNED[3:]]
+    assigned += [(groups[2], ALIGNED[3]), (groups[3], ALIGNED[4])] + [(groups[2], c) for c in ALIGNED[5:]]
     assigned += [(groups[5], c) for c in draw(cases(5), 2)] + [(groups[6], c) for c in draw(cases(8), 2)]
     assigned.append((groups[6], dict(assigned[-1][1], lengths=[8] * 8, cu=None, nseq=1, starts=[37], final=True)))
     bench = ["--device", "cpu", "--check", "6", "--check-dtypes", "float32", "--strong", "6", "--weak", "4",
