@@ -11,8 +11,9 @@ it times, with medians of ``triton.testing.do_bench`` on bf16 ``(B, T, H, D)`` i
   failure is recorded, the run goes on);
 - the ratios ``fwd / fla_fwd`` and ``fwdbwd / fwd``.
 
-``--accuracy T`` also compares the bf16 output and gradients with the float64 chunked backend
-and fla's output with the same reference at λ ≡ 1 (where both compute plain Gated DeltaNet).
+``--accuracy T`` also compares, at each head width, the bf16 output and gradients with the
+float64 chunked backend, and fla's output with the same reference at λ ≡ 1 with and without
+decay (where both compute plain Gated DeltaNet).
 
 Writes a JSON file and a picture (``--json``, ``--png``).  ``--device cpu`` runs the code path
 at tiny sizes under Triton's interpreter (a smoke test: no timing meaning).
@@ -104,28 +105,32 @@ def _row(torch, bench, D, H, T, B, dtype, device, fla):
     return row
 
 
-def _accuracy(torch, T, device, fla):
-    """bf16 errors against the float64 chunked backend: ours with random λ (output and every
-    gradient); ours and fla's at λ ≡ 1 (output)."""
+def _accuracy(torch, T, D, device, fla):
+    """bf16 errors against the float64 chunked backend at head width ``D``: ours with random λ
+    (output and every gradient); ours and fla's at λ ≡ 1 (output), with the decay and without
+    (``g ≡ 0``)."""
     import hodlr
 
-    row = {"T": T}
-    B, H, D = 1, 4, 64
-    for levels in (True, False):
-        q, k, v, g, beta, lam, do = _inputs(torch, B, T, H, D, torch.bfloat16, device, seed=T, levels=levels)
+    row = {"T": T, "D": D}
+    B, H = 1, max(1, 256 // max(D, 64))
+    for case in ("levels", "unit_levels", "unit_levels_no_decay"):
+        q, k, v, g, beta, lam, do = _inputs(torch, B, T, H, D, torch.bfloat16, device, seed=T,
+                                            levels=case == "levels")
+        if case == "unit_levels_no_decay":
+            g = torch.zeros_like(g)
         xs = [x.detach().requires_grad_() for x in (q, k, v, g, beta, lam)]
         refs = [x.detach().double().requires_grad_() for x in (q, k, v, g, beta, lam)]
         o = hodlr.log_linear_gated_delta_rule(*xs, scale=D ** -0.5)[0]
         ref = hodlr.log_linear_gated_delta_rule(*refs, scale=D ** -0.5, backend="chunked")[0]
-        key = "" if levels else "_unit_levels"
+        key = "" if case == "levels" else "_" + case
         row["o" + key] = _rel(o, ref)
-        if levels:
+        if case == "levels":
             for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlevel_scales"),
                                   torch.autograd.grad(o, xs, do), torch.autograd.grad(ref, refs, do.double())):
                 row[name] = _rel(a, b)
         elif fla is not None:
             try:
-                row["fla_o_unit_levels"] = _rel(fla(q, k, v, g, beta, scale=D ** -0.5)[0], ref)
+                row["fla_o" + key] = _rel(fla(q, k, v, g, beta, scale=D ** -0.5)[0], ref)
             except Exception:  # noqa: BLE001
                 row["fla_error"] = traceback.format_exc(limit=2)[-300:]
     return row
@@ -163,11 +168,11 @@ def run(args) -> dict:
             print(_format_row(row), flush=True)
             if cuda:
                 torch.cuda.empty_cache()
-    for T in args.accuracy:
+    for T, D in ((T, D) for D in args.widths for T in args.accuracy):
         try:
-            row = _accuracy(torch, T, device, fla)
+            row = _accuracy(torch, T, D, device, fla)
         except Exception:  # noqa: BLE001
-            row = {"T": T, "error": traceback.format_exc(limit=3)[-400:]}
+            row = {"T": T, "D": D, "error": traceback.format_exc(limit=3)[-400:]}
         result["accuracy"].append(row)
         print({k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return result

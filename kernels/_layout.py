@@ -18,12 +18,16 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from hodlr import fenwick
 
-DEFAULT_CHUNK = {"attention": 64, "matmul": 16, "gated_delta": 32}
-"""Chunk size ``C`` per operation when the caller passes ``chunk=None`` (H200-tuned: ``docs/kernels.md`` §3)."""
+DEFAULT_CHUNK = {"attention": 64, "matmul": 16, "gated_delta": 32, "gated_delta_wide_forward": 64}
+"""Chunk size ``C`` per operation when the caller passes ``chunk=None`` (H200-tuned: ``docs/kernels.md`` §3).
+``"gated_delta"``: the Gated DeltaNet forward for keys of up to 64 and the backward's
+recomputation at every width; ``"gated_delta_wide_forward"``: its forward for wider keys."""
 
 NUM_WARPS = {"attention_state": 4, "attention_output": 4, "attention_backward": 4,
              "attention_backward_wide": 8, "matmul_state": 4,
-             "matmul_output": 1, "hierarchy": 4, "gated_delta": 4, "gated_delta_hierarchy": 8}
+             "matmul_output": 1, "hierarchy": 4, "gated_delta": 4, "gated_delta_hierarchy": 8,
+             "gated_delta_reader": 4, "gated_delta_reader_wide": 8, "gated_delta_reverse_hierarchy": 4,
+             "gated_delta_backward": 4, "gated_delta_backward_wide": 8}
 """Warps per program of each kernel (H200-tuned: ``docs/kernels.md`` §3)."""
 
 MAX_REGISTERS = {"matmul_output": 64}

@@ -163,7 +163,7 @@ def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr,
 @triton.jit(do_not_specialize=["n_total", "off_child", "off_parent"])
 def _hierarchy_kernel(h_ptr, tr_ptr, n_total, off_child, off_parent, DK: tl.constexpr, DV: tl.constexpr,
                       N_DV_TILES: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, ACC: tl.constexpr,
-                      PREC: tl.constexpr):
+                      PREC: tl.constexpr, NATIVE: tl.constexpr):
     """Program ``(block m, batch entry, column tile j)`` of the level above ``h``: tile ``j`` of
     ``H_{h+1}[m] = T_h[2m+1] H_h[2m] + H_h[2m+1]`` (``j < N_DV_TILES``), or
     ``T_{h+1}[m] = T_h[2m+1] T_h[2m]`` (``j = N_DV_TILES``)."""
@@ -173,13 +173,14 @@ def _hierarchy_kernel(h_ptr, tr_ptr, n_total, off_child, off_parent, DK: tl.cons
     even = bh * n_total + off_child + 2 * m
     dst = bh * n_total + off_parent + m
     dk = tl.arange(0, BDK)
-    T_odd = matrix_tile(tr_ptr, even + 1, dk, dk, DK, DK, ACC)
+    HELD = h_ptr.dtype.element_ty  # bfloat16 tiles go to the tensor cores as they are (exact products)
+    T_odd = matrix_tile(tr_ptr, even + 1, dk, dk, DK, DK, HELD)
     if j < N_DV_TILES:
         dv = j * BDV + tl.arange(0, BDV)
-        H = tl.dot(T_odd, matrix_tile(h_ptr, even, dk, dv, DK, DV, ACC), input_precision=PREC, out_dtype=ACC)
+        H = dot(T_odd, matrix_tile(h_ptr, even, dk, dv, DK, DV, HELD), ACC, PREC, NATIVE)
         store_matrix_tile(h_ptr, dst, H + matrix_tile(h_ptr, even + 1, dk, dv, DK, DV, ACC), dk, dv, DK, DV)
     else:
-        Tr = tl.dot(T_odd, matrix_tile(tr_ptr, even, dk, dk, DK, DK, ACC), input_precision=PREC, out_dtype=ACC)
+        Tr = dot(T_odd, matrix_tile(tr_ptr, even, dk, dk, DK, DK, HELD), ACC, PREC, NATIVE)
         store_matrix_tile(tr_ptr, dst, Tr, dk, dk, DK, DK)
 
 
@@ -231,8 +232,9 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr
 class Chunks(NamedTuple):
     """What the chunk kernel and the hierarchy leave for the output kernel and the backward:
     ``X (B, n, C, C)``, ``W (B, n, C, Dk)``, and the hierarchy ``states (B, N, Dk*Dv)`` and
-    ``trans (B, N, Dk*Dk)`` (level ``h`` at offset ``Σ_{h'<h} n >> h'``), all in the accumulator
-    dtype; ``C`` and the chunk count ``n``."""
+    ``trans (B, N, Dk*Dk)`` (level ``h`` at offset ``Σ_{h'<h} n >> h'``), in the accumulator
+    dtype (the hierarchy in bfloat16 for bfloat16 inputs, see :data:`BF16_HIERARCHY`); ``C`` and the
+    chunk count ``n``."""
 
     X: torch.Tensor
     W: torch.Tensor
@@ -260,6 +262,12 @@ are moved once (H200, D = 128, T = 8K, bf16, whole forward: 6.67 ms against 7.81
 ``docs/kernels.md`` §7.4)."""
 
 
+BF16_HIERARCHY = True
+"""bfloat16 calls hold the hierarchy (states and transitions) in bfloat16: its products take
+bfloat16 operands on the tensor cores (exact products, float32 sums), each result rounded once
+when stored; False: float32 (``docs/kernels.md`` §7.4 has both measured)."""
+
+
 def tiles(layout, widest: int = 64):
     """``(BDK, BDV, Dv tiles)`` of a call: the whole key width, value tiles of at most ``widest``
     columns (64 for the chunk, hierarchy and backward kernels)."""
@@ -280,8 +288,9 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
     dev = v.device
     X = _layout.scratch((B, n, C, C), work, dev)
     W = _layout.scratch((B, n, C, DK), work, dev)
-    states = _layout.scratch((B, N, DK * DV), work, dev)
-    trans = _layout.scratch((B, N, DK * DK), work, dev)
+    held = torch.bfloat16 if v.dtype == torch.bfloat16 and BF16_HIERARCHY else work
+    states = _layout.scratch((B, N, DK * DV), held, dev)
+    trans = _layout.scratch((B, N, DK * DK), held, dev)
     BDK, BDV, n_dv = tiles(layout)
     has_g = layout.tensors["g"] is not None
     _chunk_kernel[(n, B)](
@@ -297,7 +306,7 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
         columns = n_dv + (1 if h + 1 < top else 0)
         _hierarchy_kernel[(sizes[h + 1], B, columns)](
             states, trans, N, off, off + sizes[h], DK, DV, n_dv, BDK=BDK, BDV=BDV, ACC=acc, PREC=prec,
-            num_warps=NUM_WARPS["gated_delta_hierarchy"])
+            NATIVE=not interpreting(), num_warps=NUM_WARPS["gated_delta_hierarchy"])
         off += sizes[h]
     return Chunks(X, W, states, trans, C, n)
 
@@ -320,7 +329,8 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
     scale : float
         Multiplies ``P``.
     chunk : int, optional
-        Chunk size ``C``, a power of two in ``[16, 256]`` (default ``DEFAULT_CHUNK["gated_delta"]``).
+        Chunk size ``C``, a power of two in ``[16, 256]`` (default ``DEFAULT_CHUNK["gated_delta"]``,
+        ``DEFAULT_CHUNK["gated_delta_wide_forward"]`` for ``Dk > 64``).
     out : torch.Tensor, optional
         Contiguous ``(*batch, T, Dv)`` output buffer with ``v``'s dtype.
 
@@ -328,8 +338,8 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
     -------
     torch.Tensor ``(*batch, T, Dv)``.
     """
-    C = check_chunk(chunk, "gated_delta")
     layout = gated_delta_layout(q, k, v, beta, level_scales, log_decay)
+    C = check_chunk(chunk, "gated_delta" if layout.DK <= 64 else "gated_delta_wide_forward")
     T, DK, DV = layout.T, layout.DK, layout.DV
     v = layout.tensors["v"]
     acc, prec, exact = compute_types(v.dtype)

@@ -31,79 +31,143 @@ import triton.language as tl
 
 from . import _layout
 from ._device import chunk_rows, intra_scales
-from ._layout import NUM_WARPS, check_chunk, compute_types, hierarchy_sizes, next_power_of_2
+from ._layout import NUM_WARPS, block, cdiv, check_chunk, compute_types, hierarchy_sizes, next_power_of_2
 from .gated_delta import chunk_hierarchy, gated_delta_layout, gates, load_rows, matrix_tile, store_matrix_tile, tiles
+
+
+READER_GROUP = 8
+"""Chunks per program of the reader kernel: the chunks of a group that read one block add their
+``dH``, ``dT`` shares to it once (H200: ``docs/kernels.md`` §7.4)."""
+
+READER_VALUE_TILE = 128
+"""Widest value tile of the reader kernel: one tile keeps a group's ``dH`` share in registers;
+wider value heads add each chunk's share atomically, tile by tile."""
+
+
+@triton.jit
+def _add_block(ptr, index, value, rows, cols, R, S, OWNED):
+    """Add ``value`` to the ``R x S`` matrix ``index`` of a stack: a plain read-modify-write
+    where this program is the block's only writer (``OWNED``), an atomic add otherwise."""
+    at = ptr + index * (R * S) + rows[:, None] * S + cols[None, :]
+    inside = (rows[:, None] < R) & (cols[None, :] < S)
+    if OWNED:
+        tl.store(at, tl.load(at, mask=inside, other=0.0) + value, mask=inside)
+    else:
+        tl.atomic_add(at, value, mask=inside)
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sgb0",
                                "sgb1"])
-def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, dh_ptr, dt_ptr, dqt_ptr, dl_ptr,
+def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, dh_ptr, dt_ptr, qt_ptr, dqt_ptr, dl_ptr,
                    T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, scale,
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, sob0, sob1, sot, sod, slb0, slb1, slt, sll,
                    sgb0, sgb1, sgt, C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-                   BL: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                   EXACT: tl.constexpr):
-    """Program ``(chunk i, batch entry)``: stage 2 of the module docstring."""
-    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+                   BL: tl.constexpr, GROUP: tl.constexpr, LOG_GROUP: tl.constexpr, HAS_G: tl.constexpr,
+                   ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr):
+    """Program ``(group of GROUP chunks, batch entry)``: stage 2 of the module docstring, level by
+    level from the top down, the group's chunks in order inside a level.  The chunks of a group
+    that read one block add their shares to ``dH``, ``dT`` in registers and the block gets them
+    once: stored where the group holds all of the block's readers (levels below ``LOG_GROUP``),
+    added atomically otherwise (a value side wider than one tile adds each chunk's ``dH`` share
+    atomically, tile by tile).  ``Q̃`` and the carried ``dq`` of each chunk live in ``qt`` and
+    ``dqt`` between levels."""
+    grp = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b0, b1 = bh // B1, bh % B1
     r = tl.arange(0, C)
     dk = tl.arange(0, BDK)
-    Q = load_rows(q_ptr, b0, b1, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, ACC)
-    K = load_rows(k_ptr, b0, b1, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
-    Gam, gamma, d, gamma_end = gates(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC, EXACT)
-    Sq = tl.dot(Q, tl.trans(K), input_precision=PREC, out_dtype=ACC) * Gam
-    row = bh * n_chunks + i
-    Qt = gamma[:, None] * Q - tl.dot(Sq, matrix_tile(w_ptr, row, r, dk, C, DK, ACC), input_precision=PREC,
-                                     out_dtype=ACC)
+    one_tile: tl.constexpr = DV <= BDV
     l_base = l_ptr + b0 * slb0 + b1 * slb1
     col_l = tl.arange(0, BL)
-    dl = tl.zeros((C, BL), dtype=ACC)
-    dq = tl.zeros((C, BDK), dtype=ACC)
-    higher = 0  # a higher set bit was read: dq carries its gradient
-    off_top = 0
+    for c in range(GROUP):  # Q̃ of each chunk, its dq = 0, and the level scales no chunk reads
+        i = grp * GROUP + c
+        if i < n_chunks:
+            t = i * C + r
+            tmask = t < T
+            Q = load_rows(q_ptr, b0, b1, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, ACC)
+            K = load_rows(k_ptr, b0, b1, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
+            Gam, gamma, d, gamma_end = gates(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC, EXACT)
+            Sq = tl.dot(Q, tl.trans(K), input_precision=PREC, out_dtype=ACC) * Gam
+            row = bh * n_chunks + i
+            Qt = gamma[:, None] * Q - tl.dot(Sq, matrix_tile(w_ptr, row, r, dk, C, DK, ACC), input_precision=PREC,
+                                             out_dtype=ACC)
+            store_matrix_tile(qt_ptr, row, Qt, r, dk, C, DK)
+            store_matrix_tile(dqt_ptr, row, tl.zeros((C, BDK), dtype=ACC), r, dk, C, DK)
+            hi = LOG_C + 1 + n_bits + col_l
+            tl.store(dl_ptr + (bh * T + t[:, None]) * L + hi[None, :], tl.zeros((C, BL), dtype=ACC),
+                     mask=tmask[:, None] & (hi[None, :] < L))
+    tl.debug_barrier()
+    off = 0
     lv = 0
     while lv < n_bits - 1:
-        off_top += n_chunks >> lv
+        off += n_chunks >> lv
         lv += 1
     h = n_bits - 1
-    off = off_top
     while h >= 0:
-        if ((i >> h) & 1) == 1:
-            qh = Qt  # the queries at the read: moved across the blocks of the set bits below h
-            h2 = 0
-            off2 = 0
-            while h2 < h:
-                if ((i >> h2) & 1) == 1:
-                    qh = tl.dot(qh, matrix_tile(tr_ptr, bh * n_total + off2 + (i >> h2) - 1, dk, dk, DK, DK, ACC),
-                                input_precision=PREC, out_dtype=ACC)
-                off2 += n_chunks >> h2
-                h2 += 1
-            blk = bh * n_total + off + (i >> h) - 1
-            lam = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
-            lq = tl.trans(scale * lam[:, None] * qh)
-            G_h = tl.zeros((C, BDK), dtype=ACC)  # dO H_hᵀ
-            for d0 in tl.static_range(0, DV, BDV):
-                dv = d0 + tl.arange(0, BDV)
-                dO = load_rows(do_ptr, b0, b1, t, tmask, sob0, sob1, sot, sod, dv, DV, ACC)
-                G_h += tl.dot(dO, tl.trans(matrix_tile(h_ptr, blk, dk, dv, DK, DV, ACC)), input_precision=PREC,
-                              out_dtype=ACC)
-                tl.atomic_add(dh_ptr + blk * (DK * DV) + dk[:, None] * DV + dv[None, :],
-                              tl.dot(lq, dO, input_precision=PREC, out_dtype=ACC),
-                              mask=(dk[:, None] < DK) & (dv[None, :] < DV))
-            dl = tl.where(col_l[None, :] == LOG_C + 1 + h, (scale * tl.sum(qh * G_h, 1))[:, None], dl)
-            if higher == 1:
-                tl.atomic_add(dt_ptr + blk * (DK * DK) + dk[:, None] * DK + dk[None, :],
-                              tl.dot(tl.trans(qh), dq, input_precision=PREC, out_dtype=ACC),
-                              mask=(dk[:, None] < DK) & (dk[None, :] < DK))
-                dq = tl.dot(dq, tl.trans(matrix_tile(tr_ptr, blk, dk, dk, DK, DK, ACC)), input_precision=PREC,
-                            out_dtype=ACC)
-            dq += scale * lam[:, None] * G_h
-            higher = 1
+        owned = h < LOG_GROUP  # every reader of a block of this level is a chunk of this group
+        acc_h = tl.zeros((BDK, BDV), dtype=ACC)
+        acc_t = tl.zeros((BDK, BDK), dtype=ACC)
+        held = bh * 0 - 1  # the block whose shares acc_h, acc_t hold
+        moved = 0  # some chunk added to acc_t
+        for c in range(GROUP):
+            i = grp * GROUP + c
+            if i < n_chunks:
+                t = i * C + r
+                tmask = t < T
+                row = bh * n_chunks + i
+                col = LOG_C + 1 + h
+                if ((i >> h) & 1) == 1:
+                    blk = bh * n_total + off + (i >> h) - 1
+                    if held >= 0 and blk != held:
+                        if one_tile:
+                            _add_block(dh_ptr, held, acc_h, dk, tl.arange(0, BDV), DK, DV, owned)
+                        if moved == 1:
+                            _add_block(dt_ptr, held, acc_t, dk, dk, DK, DK, owned)
+                        acc_h = tl.zeros((BDK, BDV), dtype=ACC)
+                        acc_t = tl.zeros((BDK, BDK), dtype=ACC)
+                        moved = 0
+                    held = blk
+                    qh = matrix_tile(qt_ptr, row, r, dk, C, DK, ACC)  # moved across the blocks of the set bits below h
+                    h2 = 0
+                    off2 = 0
+                    while h2 < h:
+                        if ((i >> h2) & 1) == 1:
+                            qh = tl.dot(qh, matrix_tile(tr_ptr, bh * n_total + off2 + (i >> h2) - 1, dk, dk, DK, DK,
+                                                        ACC), input_precision=PREC, out_dtype=ACC)
+                        off2 += n_chunks >> h2
+                        h2 += 1
+                    lam = tl.load(l_base + t * slt + col * sll, mask=tmask, other=0.0).to(ACC)
+                    lq = tl.trans(scale * lam[:, None] * qh)
+                    G_h = tl.zeros((C, BDK), dtype=ACC)  # dO H_hᵀ
+                    for d0 in tl.static_range(0, DV, BDV):
+                        dv = d0 + tl.arange(0, BDV)
+                        dO = load_rows(do_ptr, b0, b1, t, tmask, sob0, sob1, sot, sod, dv, DV, ACC)
+                        G_h += tl.dot(dO, tl.trans(matrix_tile(h_ptr, blk, dk, dv, DK, DV, ACC)), input_precision=PREC,
+                                      out_dtype=ACC)
+                        if one_tile:
+                            acc_h += tl.dot(lq, dO, input_precision=PREC, out_dtype=ACC)
+                        else:
+                            _add_block(dh_ptr, blk, tl.dot(lq, dO, input_precision=PREC, out_dtype=ACC), dk, dv, DK,
+                                       DV, False)
+                    tl.store(dl_ptr + (bh * T + t) * L + col, scale * tl.sum(qh * G_h, 1), mask=tmask)
+                    dq = matrix_tile(dqt_ptr, row, r, dk, C, DK, ACC)
+                    if (i >> (h + 1)) != 0:  # a higher block was read: dq carries its gradient
+                        acc_t += tl.dot(tl.trans(qh), dq, input_precision=PREC, out_dtype=ACC)
+                        moved = 1
+                        dq = tl.dot(dq, tl.trans(matrix_tile(tr_ptr, blk, dk, dk, DK, DK, ACC)), input_precision=PREC,
+                                    out_dtype=ACC)
+                    store_matrix_tile(dqt_ptr, row, dq + scale * lam[:, None] * G_h, r, dk, C, DK)
+                else:
+                    tl.store(dl_ptr + (bh * T + t) * L + col, tl.zeros((C,), dtype=ACC), mask=tmask)
+        if held >= 0:
+            if one_tile:
+                _add_block(dh_ptr, held, acc_h, dk, tl.arange(0, BDV), DK, DV, owned)
+            if moved == 1:
+                _add_block(dt_ptr, held, acc_t, dk, dk, DK, DK, owned)
+        tl.debug_barrier()  # the next level reads the dq this one stored
         h -= 1
         if h >= 0:
             off -= n_chunks >> h
-    store_matrix_tile(dqt_ptr, row, dq, r, dk, C, DK)
-    tl.store(dl_ptr + (bh * T + t[:, None]) * L + col_l[None, :], dl,
-             mask=tmask[:, None] & (col_l[None, :] > LOG_C) & (col_l[None, :] < L))
 
 
 @triton.jit(do_not_specialize=["n_total", "off_child", "off_parent"])
@@ -283,23 +347,26 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     BDK, BDV, n_dv = tiles(layout)
     BT = min(BDK, 64)  # square blocks of dT
     BL = next_power_of_2(L)
-    meta = dict(C=C, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, PREC=prec, num_warps=NUM_WARPS["gated_delta"])
-    dH = torch.zeros_like(ch.states)  # added to atomically, then moved down the hierarchy
-    dT = torch.zeros_like(ch.trans)
+    dH = torch.zeros(ch.states.shape, dtype=work, device=dev)  # added to, then moved down the hierarchy
+    dT = torch.zeros(ch.trans.shape, dtype=work, device=dev)
+    Qt = _layout.scratch((B, n, C, DK), work, dev)
     dQt = _layout.scratch((B, n, C, DK), work, dev)
     dl = _layout.scratch((B, T, L), work, dev)
     g_args = layout.decay_args()
-    _reader_kernel[(n, B)](
+    group = min(READER_GROUP, next_power_of_2(n))
+    _reader_kernel[(cdiv(n, group), B)](
         layout.tensors["q"], layout.tensors["k"], layout.tensors["do"], layout.tensors["l"], g_args[0], ch.W,
-        ch.states, ch.trans, dH, dT, dQt, dl, T, layout.B1, n, N, n_bits, L, DK, DV, float(scale),
+        ch.states, ch.trans, dH, dT, Qt, dQt, dl, T, layout.B1, n, N, n_bits, L, DK, DV, float(scale),
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
-        LOG_C=C.bit_length() - 1, BL=BL, EXACT=exact, **meta)
+        C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=block(DV, READER_VALUE_TILE), BL=BL, GROUP=group,
+        LOG_GROUP=group.bit_length() - 1, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
+        num_warps=NUM_WARPS["gated_delta_reader" if DK <= 64 else "gated_delta_reader_wide"])
     sizes = hierarchy_sizes(n)
     offsets = [sum(sizes[:h]) for h in range(len(sizes))]
     for h in range(len(sizes) - 2, -1, -1):
         _reverse_hierarchy_kernel[(sizes[h + 1], B, n_dv + (BDK // BT) ** 2)](
             ch.states, ch.trans, dH, dT, N, offsets[h], offsets[h + 1], DK, DV, n_dv, BDK=BDK, BDV=BDV, BT=BT,
-            ACC=acc, PREC=prec, num_warps=NUM_WARPS["gated_delta"])
+            ACC=acc, PREC=prec, num_warps=NUM_WARPS["gated_delta_reverse_hierarchy"])
     dq, dk = _layout.scratch((B, T, DK), work, dev), _layout.scratch((B, T, DK), work, dev)
     dv = _layout.scratch((B, T, DV), work, dev)
     db = _layout.scratch((B, T), work, dev)
@@ -310,7 +377,8 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         T, layout.B1, n, N, L, DK, DV, float(scale),
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("beta")[1:4],
         *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
-        LOG_C=C.bit_length() - 1, BL=BL, EXACT=exact, **meta)
+        C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=BL, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
+        num_warps=NUM_WARPS["gated_delta_backward" if DK <= 64 else "gated_delta_backward_wide"])
     batch = layout.batch
     shaped = lambda x, like, tail: x.reshape(batch + (T,) + tail).to(like.dtype)  # noqa: E731
     return (shaped(dq, q, (DK,)), shaped(dk, k, (DK,)), shaped(dv, v, (DV,)), shaped(db, beta, ()),

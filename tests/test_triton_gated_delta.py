@@ -15,6 +15,7 @@ The ``gpu`` tests run bfloat16 on CUDA against the float64 reference.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import numpy as np
 import pytest
@@ -97,6 +98,29 @@ def test_awkward_lengths_equal_chunked(T, C):
     assert_close(got.cpu(), chunked.gated_delta_attention(q, k, v, beta, lam, g, 0.5, chunk=C),
                  TOL[torch.float64], "vs chunked")
     assert_close(got.cpu(), _dense(q, k, v, beta, lam, g, 0.5)[0], TOL[torch.float64], "vs dense")
+
+
+def test_wide_keys_default_chunk():
+    """Keys wider than 64 take their own default chunk (``DEFAULT_CHUNK["gated_delta_wide_forward"]``)
+    and the backward recomputes with ``DEFAULT_CHUNK["gated_delta"]``: the output and the
+    gradients equal the dense reference."""
+    assert kernels.DEFAULT_CHUNK["gated_delta_wide_forward"] != kernels.DEFAULT_CHUNK["gated_delta"]
+    T, Dk = 70, 80
+    rng = np.random.default_rng(Dk)
+    t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
+    q, k, v = t(1, T, Dk), torch.nn.functional.normalize(t(1, T, Dk), dim=-1), t(1, T, 2)
+    beta = torch.as_tensor(rng.uniform(0, 1, (1, T)))
+    lam = poison_unread(torch.as_tensor(rng.uniform(0.2, 1.5, (1, T, hodlr.num_levels(T)))))
+    g = -torch.as_tensor(rng.uniform(0, 0.3, (1, T)))
+    w = t(1, T, 2)
+    leaves = [x.to(DEVICE).requires_grad_(True) for x in (q, k, v, beta, lam, g)]
+    with _nan_scratch():
+        got = kernels.gated_delta(*leaves, 0.3)
+        grads = torch.autograd.grad((got * w.to(got)).sum(), leaves)
+    assert_close(got.detach().cpu(), _dense(q, k, v, beta, lam, g, 0.3)[0], TOL[torch.float64], "vs dense")
+    want = _grads((q, k, v, beta, lam, g), w, 0.3, torch.float64)
+    for name, grad in zip(NAMES, grads):
+        assert_close(grad.cpu(), want[name], GRAD_TOL[torch.float64], f"d{name}")
 
 
 @pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
@@ -195,6 +219,26 @@ def test_gradients_awkward_lengths(T, C, decay, Dk, Dv):
     g = torch.as_tensor(np.where(rng.random((2, T)) < 0.5, -rng.uniform(0, 1e-3, (2, T)),
                                  -rng.uniform(0, 5, (2, T)))) if decay else None
     _check_grads((q, k, v, beta, lam, g), t(2, T, Dv), 0.6, torch.float64, chunk=C)
+
+
+@pytest.mark.parametrize("group, value_tile, T, Dv", [(1, 128, 65, 3), (2, 128, 100, 3), (4, 128, 150, 3),
+                                                    (2, 16, 100, 40)])
+def test_gradients_reader_groups(group, value_tile, T, Dv):
+    """The reader kernel's chunk groups: one chunk a program, groups that end past the last chunk
+    (7 and 10 chunks of 16), levels added atomically by several groups, and value heads wider than
+    its tile (each chunk's ``dH`` share added tile by tile)."""
+    gdb = sys.modules["hodlr.kernels.gated_delta_backward"]
+
+    rng = np.random.default_rng(group + T)
+    t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
+    q, k, v = t(2, T, 3), torch.nn.functional.normalize(t(2, T, 3), dim=-1), t(2, T, Dv)
+    beta = torch.as_tensor(rng.uniform(0, 2, (2, T)))
+    lam = poison_unread(torch.as_tensor(rng.uniform(-0.5, 1.5, (2, T, hodlr.num_levels(T) + 2))))
+    g = -torch.as_tensor(rng.uniform(0, 0.5, (2, T)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gdb, "READER_GROUP", group)
+        mp.setattr(gdb, "READER_VALUE_TILE", value_tile)
+        _check_grads((q, k, v, beta, lam, g), t(2, T, Dv), 0.6, torch.float64, chunk=16)
 
 
 @pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
