@@ -3,12 +3,13 @@
 Reverse mode through the forward's three stages, for a cotangent ``dO``:
 
 1. :func:`kernels.gated_delta.chunk_hierarchy` recomputes ``X``, ``W`` and the hierarchy ``H``, ``T``.
-2. ``_reader_kernel`` (one program per chunk ``i``) differentiates the walk.  With the set bits
-   ``h_1 < ... < h_m`` of ``i``, ``q_0 = Q̃`` and ``q_k = q_{k-1} T_{h_k}``, the reads are
-   ``scale λ_{h_k} ⊙ q_{k-1} H_{h_k}``; walking the bits from high to low it writes
-   ``dλ[t, c+1+h] = scale q_{k-1,t} · (dO H_hᵀ)_t``, adds ``scale (λ_h ⊙ q_{k-1})ᵀ dO`` to ``dH_h`` and
-   ``q_{k-1}ᵀ dq_k`` to ``dT_h`` of the block it reads (atomically: every chunk of a reader block
-   adds to the same block), and carries ``dq_{k-1} = dq_k T_{h_k}ᵀ + scale λ_{h_k} ⊙ dO H_{h_k}ᵀ``
+2. ``_reader_kernel`` (one program per group of ``READER_GROUP`` chunks) differentiates the walk.
+   With the set bits ``h_1 < ... < h_m`` of chunk ``i``, ``q_0 = Q̃`` and ``q_k = q_{k-1} T_{h_k}``,
+   the reads are ``scale λ_{h_k} ⊙ q_{k-1} H_{h_k}``; level by level from the top down it writes
+   ``dλ[t, c+1+h] = scale q_{k-1,t} · (dO H_hᵀ)_t``, forms the shares ``scale (λ_h ⊙ q_{k-1})ᵀ dO``
+   of ``dH_h`` and ``q_{k-1}ᵀ dq_k`` of ``dT_h`` of the block it reads (summed over the group's
+   chunks that read it, then added once: stored where the group holds every reader of the block,
+   atomically otherwise), and carries ``dq_{k-1} = dq_k T_{h_k}ᵀ + scale λ_{h_k} ⊙ dO H_{h_k}ᵀ``
    down to ``dQ̃ = dq_0``.  ``q_{k-1}`` is recomputed from ``Q̃`` at each set bit (``m(m-1)/2``
    moves of ``(C, Dk)`` rows per chunk; nothing of size ``T log T`` is stored).
 3. ``_reverse_hierarchy_kernel`` (one launch per level, top down) is the adjoint of
@@ -37,7 +38,7 @@ from .gated_delta import chunk_hierarchy, gated_delta_layout, gates, load_rows, 
 
 READER_GROUP = 8
 """Chunks per program of the reader kernel: the chunks of a group that read one block add their
-``dH``, ``dT`` shares to it once (H200: ``docs/kernels.md`` §7.4)."""
+``dH``, ``dT`` shares to it once (H200: ``docs/kernels.md`` §3)."""
 
 READER_VALUE_TILE = 128
 """Widest value tile of the reader kernel: one tile keeps a group's ``dH`` share in registers;
