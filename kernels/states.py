@@ -81,7 +81,8 @@ def _hierarchy_kernel(h_ptr, a_ptr, s_ptr, tab_ptr, n_base, off_base, n_total, F
         while lv < n_build:
             bit = (I0 >> lv) & 1
             live = (bit == 1) & (LOG_C + lv < S_IN)
-            carried = tl.load(s_ptr + (first + LOG_C + lv) * F + f, mask=fmask & live, other=0.0)
+            # tl.where, not fmask & live: Triton 3.9's interpreter refuses a mask made of a block and a scalar
+            carried = tl.load(s_ptr + (first + LOG_C + lv) * F + f, mask=tl.where(live, fmask, False), other=0.0)
             tl.store(h_ptr + off * F + f, carried, mask=fmask)
             tl.store(a_ptr + off, 0.0)  # by every program: each reads only what it wrote
             tl.debug_barrier()
