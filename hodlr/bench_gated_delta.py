@@ -15,6 +15,8 @@ it times, with medians of ``triton.testing.do_bench`` on bf16 ``(B, T, H, D)`` i
 float64 chunked backend, and fla's output with the same reference at λ ≡ 1 with and without
 decay (where both compute plain Gated DeltaNet).
 
+``--profile`` adds each row's forward + backward split by kernel (``torch.profiler``, ms a call).
+
 Writes a JSON file and a picture (``--json``, ``--png``).  ``--device cpu`` runs the code path
 at tiny sizes under Triton's interpreter (a smoke test: no timing meaning).
 """
@@ -38,6 +40,8 @@ def _parser():
                      "bench-gated-delta")
     p.add_argument("--accuracy", type=int, nargs="*", default=(), help="lengths of the accuracy check")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run under TRITON_INTERPRET=1")
+    p.add_argument("--profile", action="store_true",
+                   help="also record each row's forward + backward per kernel (torch.profiler, ms a call)")
     return p
 
 
@@ -66,7 +70,29 @@ def _inputs(torch, B, T, H, D, dtype, device, seed=0, levels=True):
     return q, k, v, g, beta, lam, do
 
 
-def _row(torch, bench, D, H, T, B, dtype, device, fla):
+def kernel_times(torch, fn, calls: int = 5, top: int = 12) -> dict:
+    """``{kernel name: ms a call}`` of the ``top`` kernels (device time on a GPU, host time of the
+    operators on the CPU) over ``calls`` calls of ``fn`` after one warm-up call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if us > 0:
+            times[event.key[:60]] = times.get(event.key[:60], 0.0) + us / 1e3 / calls
+    return dict(sorted(times.items(), key=lambda kv: -kv[1])[:top])
+
+
+def _row(torch, bench, D, H, T, B, dtype, device, fla, profile=False):
     import hodlr
 
     q, k, v, g, beta, lam, do = _inputs(torch, B, T, H, D, dtype, device)
@@ -86,6 +112,8 @@ def _row(torch, bench, D, H, T, B, dtype, device, fla):
 
     _timed(row, "fwd", lambda: bench(fwd))
     _timed(row, "fwdbwd", lambda: bench(fwdbwd))
+    if profile:
+        row["kernels_fwdbwd"] = kernel_times(torch, fwdbwd)
     if fla is not None:
         fxs = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
 
@@ -163,7 +191,7 @@ def run(args) -> dict:
     for D in args.widths:
         H = max(1, args.model_width // D)
         for T in args.lengths:
-            row = _row(torch, bench, D, H, T, max(1, args.tokens // T), torch.bfloat16, device, fla)
+            row = _row(torch, bench, D, H, T, max(1, args.tokens // T), torch.bfloat16, device, fla, args.profile)
             result["rows"].append(row)
             print(_format_row(row), flush=True)
             if cuda:
