@@ -17,7 +17,8 @@ times, with ``triton.testing.do_bench`` (median, milliseconds), calls exactly as
   it must move, as called and as a CUDA-graph replay.
 
 ``--accuracy`` adds the bfloat16 errors of ours and of fla against a float64 reference (the
-``chunked`` backend in float64 on the GPU), outputs and every gradient, with and without decay.
+``chunked`` backend in float64 on the GPU), outputs and every gradient, with and without decay;
+``--profile`` each row's forward + backward split by kernel (:func:`kernel_times`).
 Inputs are fla's ``(B, T, H, D)`` layout; hodlr reads ``(B, H, T, D)`` views of them (no copies).
 It prints a table and writes JSON and a PNG plot (matplotlib, Agg).
 """
@@ -53,6 +54,8 @@ def sweep_parser(prog, description, lengths, widths, outputs):
     p.add_argument("--json", default=f"{outputs}.json", help="output JSON path")
     p.add_argument("--png", default=f"{outputs}.png", help="output plot path ('' for none)")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
+    p.add_argument("--profile", action="store_true",
+                   help="also record each row's forward + backward per kernel (torch.profiler, ms a call)")
     return p
 
 
@@ -145,6 +148,28 @@ def _timed(row, key, fn):
         row[key + "_error"] = traceback.format_exc(limit=3)[-400:]
 
 
+def kernel_times(torch, fn, calls: int = 5, top: int = 12) -> dict:
+    """``{kernel name: ms a call}`` of the ``top`` kernels (device time on a GPU, host time of the
+    operators on the CPU) over ``calls`` calls of ``fn`` after one warm-up call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if us > 0:
+            times[event.key[:60]] = times.get(event.key[:60], 0.0) + us / 1e3 / calls
+    return dict(sorted(times.items(), key=lambda kv: -kv[1])[:top])
+
+
 def _attention_row(torch, bench, args, D, H, T, dtype, fla):
     import hodlr
 
@@ -174,6 +199,8 @@ def _attention_row(torch, bench, args, D, H, T, dtype, fla):
 
         _timed(row, "fwdbwd", lambda: bench(fwdbwd))
         _timed(row, "fwdbwd_graph", lambda: bench(graph_replay(torch, fwdbwd)))
+        if args.profile:
+            row["kernels_fwdbwd"] = kernel_times(torch, fwdbwd)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()

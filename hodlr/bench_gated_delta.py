@@ -28,8 +28,8 @@ import sys
 import time
 import traceback
 
-from hodlr.bench import (_commit, _fla_version, _fmt, _rel, _timed, plot_times, save_figure, sweep_parser,
-                         write)
+from hodlr.bench import (_commit, _fla_version, _fmt, _rel, _timed, kernel_times, plot_times, save_figure,
+                         sweep_parser, write)
 
 DEFAULT_LENGTHS = (2048, 8192, 16384, 32768, 65536)
 DEFAULT_WIDTHS = (64, 128)
@@ -40,8 +40,6 @@ def _parser():
                      "bench-gated-delta")
     p.add_argument("--accuracy", type=int, nargs="*", default=(), help="lengths of the accuracy check")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run under TRITON_INTERPRET=1")
-    p.add_argument("--profile", action="store_true",
-                   help="also record each row's forward + backward per kernel (torch.profiler, ms a call)")
     return p
 
 
@@ -68,28 +66,6 @@ def _inputs(torch, B, T, H, D, dtype, device, seed=0, levels=True):
     lam = (0.5 + torch.rand(B, T, H, L, device=device, generator=gen)) if levels else \
         torch.ones(B, T, H, L, device=device)
     return q, k, v, g, beta, lam, do
-
-
-def kernel_times(torch, fn, calls: int = 5, top: int = 12) -> dict:
-    """``{kernel name: ms a call}`` of the ``top`` kernels (device time on a GPU, host time of the
-    operators on the CPU) over ``calls`` calls of ``fn`` after one warm-up call."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = torch.cuda.is_available()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        for _ in range(calls):
-            fn()
-        if cuda:
-            torch.cuda.synchronize()
-    times = {}
-    for event in prof.key_averages():
-        us = event.self_device_time_total if cuda else event.self_cpu_time_total
-        if us > 0:
-            times[event.key[:60]] = times.get(event.key[:60], 0.0) + us / 1e3 / calls
-    return dict(sorted(times.items(), key=lambda kv: -kv[1])[:top])
 
 
 def _row(torch, bench, D, H, T, B, dtype, device, fla, profile=False):
