@@ -136,7 +136,7 @@ def _accuracy(torch, T, D, device, fla):
             try:
                 row["fla_o" + key] = _rel(fla(q, k, v, g, beta, scale=D ** -0.5)[0], ref)
             except Exception:  # noqa: BLE001
-                row["fla_error"] = traceback.format_exc(limit=2)[-300:]
+                row["fla_error" + key] = traceback.format_exc(limit=2)[-300:]
     return row
 
 

@@ -265,12 +265,13 @@ are moved once (H200, D = 128, T = 8K, bf16, whole forward: 6.67 ms against 7.81
 BF16_HIERARCHY = True
 """bfloat16 calls hold the hierarchy (states and transitions) in bfloat16: its products take
 bfloat16 operands on the tensor cores (exact products, float32 sums), each result rounded once
-when stored; False: float32 (``docs/kernels.md`` §7.4 has both measured)."""
+when stored; False: float32 (``docs/kernels.md`` §3 has both measured)."""
 
 
 def tiles(layout, widest: int = 64):
     """``(BDK, BDV, Dv tiles)`` of a call: the whole key width, value tiles of at most ``widest``
-    columns (64 for the chunk, hierarchy and backward kernels)."""
+    columns (64 for the chunk and hierarchy kernels and the backward's chunk and reverse-hierarchy
+    kernels; the output and reader kernels take up to 128)."""
     BDK, BDV = block(layout.DK, MAX_DK), block(layout.DV, widest)
     return BDK, BDV, cdiv(layout.DV, BDV)
 
@@ -325,7 +326,7 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
         Leading dims broadcast (read through stride-0 views, never copied); any strides.
         float16 / bfloat16 / float32 on CUDA (float64 too under ``TRITON_INTERPRET=1``); every
         intermediate (``X``, ``W``, the hierarchy, the moved queries) in float32 (float64 for
-        float64).
+        float64), except the hierarchy of bfloat16 calls, held in bfloat16 (:data:`BF16_HIERARCHY`).
     scale : float
         Multiplies ``P``.
     chunk : int, optional

@@ -37,8 +37,9 @@ from .gated_delta import chunk_hierarchy, gated_delta_layout, gates, load_rows, 
 
 
 READER_GROUP = 8
-"""Chunks per program of the reader kernel: the chunks of a group that read one block add their
-``dH``, ``dT`` shares to it once (H200: ``docs/kernels.md`` §3)."""
+"""Chunks per program of the reader kernel, a power of two (groups aligned to it hold every
+reader of a block of the levels below ``log2(READER_GROUP)``): the chunks of a group that read
+one block add their ``dH``, ``dT`` shares to it once (H200: ``docs/kernels.md`` §3)."""
 
 READER_VALUE_TILE = 128
 """Widest value tile of the reader kernel: one tile keeps a group's ``dH`` share in registers;
@@ -354,7 +355,10 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     dQt = _layout.scratch((B, n, C, DK), work, dev)
     dl = _layout.scratch((B, T, L), work, dev)
     g_args = layout.decay_args()
-    group = min(READER_GROUP, next_power_of_2(n))
+    group = READER_GROUP  # not tied to n: one compiled reader for every length
+    if group < 1 or group & (group - 1):
+        raise ValueError(f"READER_GROUP must be a power of two (a group holds every reader of the blocks "
+                         f"below its own level), got {group}")
     _reader_kernel[(cdiv(n, group), B)](
         layout.tensors["q"], layout.tensors["k"], layout.tensors["do"], layout.tensors["l"], g_args[0], ch.W,
         ch.states, ch.trans, dH, dT, Qt, dQt, dl, T, layout.B1, n, N, n_bits, L, DK, DV, float(scale),

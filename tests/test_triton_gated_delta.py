@@ -114,9 +114,19 @@ def test_wide_keys_default_chunk():
     g = -torch.as_tensor(rng.uniform(0, 0.3, (1, T)))
     w = t(1, T, 2)
     leaves = [x.to(DEVICE).requires_grad_(True) for x in (q, k, v, beta, lam, g)]
-    with _nan_scratch():
+    gd, gdb = sys.modules["hodlr.kernels.gated_delta"], sys.modules["hodlr.kernels.gated_delta_backward"]
+    build, chunks = gd.chunk_hierarchy, []
+
+    def spy(layout, C):
+        chunks.append(C)
+        return build(layout, C)
+
+    with _nan_scratch(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gd, "chunk_hierarchy", spy)
+        mp.setattr(gdb, "chunk_hierarchy", spy)
         got = kernels.gated_delta(*leaves, 0.3)
         grads = torch.autograd.grad((got * w.to(got)).sum(), leaves)
+    assert chunks == [kernels.DEFAULT_CHUNK["gated_delta_wide_forward"], kernels.DEFAULT_CHUNK["gated_delta"]]
     assert_close(got.detach().cpu(), _dense(q, k, v, beta, lam, g, 0.3)[0], TOL[torch.float64], "vs dense")
     want = _grads((q, k, v, beta, lam, g), w, 0.3, torch.float64)
     for name, grad in zip(NAMES, grads):
@@ -221,12 +231,38 @@ def test_gradients_awkward_lengths(T, C, decay, Dk, Dv):
     _check_grads((q, k, v, beta, lam, g), t(2, T, Dv), 0.6, torch.float64, chunk=C)
 
 
+def test_bfloat16_hierarchy():
+    """bfloat16 inputs over several chunks and levels (the hierarchy held in bfloat16, see
+    ``gated_delta.BF16_HIERARCHY``): output and gradients near the float64 reference (the
+    interpreter's bfloat16 rounding is not the GPU's: a loose bound)."""
+    assert sys.modules["hodlr.kernels.gated_delta"].BF16_HIERARCHY
+    T, D = 150, 8
+    rng = np.random.default_rng(T)
+    t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
+    q, k, v = t(2, T, D), torch.nn.functional.normalize(t(2, T, D), dim=-1), t(2, T, D)
+    beta = torch.as_tensor(rng.uniform(0, 1, (2, T)))
+    lam = poison_unread(torch.as_tensor(rng.uniform(0.5, 1.5, (2, T, hodlr.num_levels(T)))))
+    g = -torch.as_tensor(rng.uniform(0, 0.1, (2, T)))
+    w = t(2, T, D)
+    got, want = _grads((q, k, v, beta, lam, g), w, 0.4, torch.bfloat16, chunk=16), \
+        _grads((q, k, v, beta, lam, g), w, 0.4, torch.float64)
+    for name in want:
+        err = relative_error(got[name].double().cpu(), want[name])
+        assert err <= 2e-2, f"d{name}: relative error {err:.2e}"
+    with _nan_scratch():
+        o = kernels.gated_delta_forward(*(x.to(DEVICE, torch.bfloat16) for x in (q, k, v, beta, lam, g)), 0.4, chunk=16)
+    ref = _dense(q, k, v, beta, lam, g, 0.4)[0]
+    assert relative_error(o.double().cpu(), ref) <= 2e-2
+
+
 @pytest.mark.parametrize("group, value_tile, T, Dv", [(1, 128, 65, 3), (2, 128, 100, 3), (4, 128, 150, 3),
-                                                    (2, 16, 100, 40)])
+                                                    (8, 128, 300, 3), (2, 16, 100, 40)])
 def test_gradients_reader_groups(group, value_tile, T, Dv):
     """The reader kernel's chunk groups: one chunk a program, groups that end past the last chunk
-    (7 and 10 chunks of 16), levels added atomically by several groups, and value heads wider than
-    its tile (each chunk's ``dH`` share added tile by tile)."""
+    (7, 10 and 19 chunks of 16; the default group of 8 over three programs), levels added
+    atomically by several groups, and value heads wider than its tile (each chunk's ``dH`` share
+    added tile by tile).  The interpreter runs the programs one after another: races between
+    programs show only on the GPU (``test_gradients_on_gpu``)."""
     gdb = sys.modules["hodlr.kernels.gated_delta_backward"]
 
     rng = np.random.default_rng(group + T)
