@@ -123,8 +123,8 @@ def level_scale(l_base, col, sll, L, tmask, VARLEN: tl.constexpr):
     on the host that ``L`` covers the absolute positions (they stay on the device): there a
     column ``>= L`` reads as NaN in the rows that need it, and the output shows it."""
     if VARLEN:
-        lam = tl.load(l_base + col * sll, mask=tl.where(col < L, tmask, False), other=0.0)  # not tmask & (col < L):
-        # Triton 3.9's interpreter refuses a mask made of a block and a scalar condition
+        # tl.where, not tmask & (col < L): Triton 3.9's interpreter refuses a block & scalar mask
+        lam = tl.load(l_base + col * sll, mask=tl.where(col < L, tmask, False), other=0.0)
         return tl.where(tmask & (col >= L), float("nan"), lam)
     else:
         return tl.load(l_base + col * sll, mask=tmask, other=0.0)

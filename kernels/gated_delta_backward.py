@@ -50,12 +50,24 @@ wider value heads add each chunk's share atomically, tile by tile."""
 def _add_block(ptr, index, value, rows, cols, R, S, OWNED):
     """Add ``value`` to the ``R x S`` matrix ``index`` of a stack: a plain read-modify-write
     where this program is the block's only writer (``OWNED``), an atomic add otherwise."""
-    at = ptr + index * (R * S) + rows[:, None] * S + cols[None, :]
-    inside = (rows[:, None] < R) & (cols[None, :] < S)
     if OWNED:
-        tl.store(at, tl.load(at, mask=inside, other=0.0) + value, mask=inside)
+        store_matrix_tile(ptr, index, matrix_tile(ptr, index, rows, cols, R, S, ptr.dtype.element_ty) + value, rows,
+                          cols, R, S)
     else:
-        tl.atomic_add(at, value, mask=inside)
+        tl.atomic_add(ptr + index * (R * S) + rows[:, None] * S + cols[None, :], value,
+                      mask=(rows[:, None] < R) & (cols[None, :] < S))
+
+
+@triton.jit
+def _add_shares(dh_ptr, dt_ptr, blk, acc_h, acc_t, moved, owned, dk, DK, DV, BDV: tl.constexpr,
+                ONE_TILE: tl.constexpr):
+    """Add a group's summed shares to block ``blk``: ``dH`` (held whole only for one value tile:
+    wider heads add theirs chunk by chunk) and, where a chunk carried a gradient across the block
+    (``moved``), ``dT``."""
+    if ONE_TILE:
+        _add_block(dh_ptr, blk, acc_h, dk, tl.arange(0, BDV), DK, DV, owned)
+    if moved == 1:
+        _add_block(dt_ptr, blk, acc_t, dk, dk, DK, DK, owned)
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sgb0",
@@ -107,6 +119,7 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, dh_
     h = n_bits - 1
     while h >= 0:
         owned = h < LOG_GROUP  # every reader of a block of this level is a chunk of this group
+        col = LOG_C + 1 + h  # the level-scale column of this level
         acc_h = tl.zeros((BDK, BDV), dtype=ACC)
         acc_t = tl.zeros((BDK, BDK), dtype=ACC)
         held = bh * 0 - 1  # the block whose shares acc_h, acc_t hold
@@ -117,14 +130,10 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, dh_
                 t = i * C + r
                 tmask = t < T
                 row = bh * n_chunks + i
-                col = LOG_C + 1 + h
                 if ((i >> h) & 1) == 1:
                     blk = bh * n_total + off + (i >> h) - 1
                     if held >= 0 and blk != held:
-                        if one_tile:
-                            _add_block(dh_ptr, held, acc_h, dk, tl.arange(0, BDV), DK, DV, owned)
-                        if moved == 1:
-                            _add_block(dt_ptr, held, acc_t, dk, dk, DK, DK, owned)
+                        _add_shares(dh_ptr, dt_ptr, held, acc_h, acc_t, moved, owned, dk, DK, DV, BDV, one_tile)
                         acc_h = tl.zeros((BDK, BDV), dtype=ACC)
                         acc_t = tl.zeros((BDK, BDK), dtype=ACC)
                         moved = 0
@@ -162,10 +171,7 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, dh_
                 else:
                     tl.store(dl_ptr + (bh * T + t) * L + col, tl.zeros((C,), dtype=ACC), mask=tmask)
         if held >= 0:
-            if one_tile:
-                _add_block(dh_ptr, held, acc_h, dk, tl.arange(0, BDV), DK, DV, owned)
-            if moved == 1:
-                _add_block(dt_ptr, held, acc_t, dk, dk, DK, DK, owned)
+            _add_shares(dh_ptr, dt_ptr, held, acc_h, acc_t, moved, owned, dk, DK, DV, BDV, one_tile)
         tl.debug_barrier()  # the next level reads the dq this one stored
         h -= 1
         if h >= 0:
