@@ -93,12 +93,12 @@ def unit_lower_inverse(Lm, C: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexp
         row = tl.sum(tl.where(rows, Dm, 0.0), 0)  # column j: Dm[16 * block(j) + i, j]
         X = tl.where(rows, X - tl.sum(row[:, None] * X, 0)[None, :], X)
     if C > 16:
-        M = tl.dot(X, Lm - Dm, input_precision=PREC, out_dtype=ACC)
+        M = dot(X, Lm - Dm, ACC, PREC, False)
         eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0).to(ACC)
         Y = eye - M
         for _ in tl.static_range(C // 16 - 2):
-            Y = eye - tl.dot(M, Y, input_precision=PREC, out_dtype=ACC)
-        X = tl.dot(Y, X, input_precision=PREC, out_dtype=ACC)
+            Y = eye - dot(M, Y, ACC, PREC, False)
+        X = dot(Y, X, ACC, PREC, False)
     return X
 
 
@@ -147,17 +147,17 @@ def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr,
     X = unit_lower_inverse(Lm, C, ACC, PREC)
     row = bh * n_chunks + i
     store_matrix_tile(x_ptr, row, X, r, r, C, C)
-    W = tl.dot(X, (beta * gamma)[:, None] * K, input_precision=PREC, out_dtype=ACC)
+    W = dot(X, (beta * gamma)[:, None] * K, ACC, PREC, False)
     store_matrix_tile(w_ptr, row, W, r, dk, C, DK)
     Kd = d[:, None] * K
     blk = bh * n_total + i
     eye = tl.where(dk[:, None] == dk[None, :], 1.0, 0.0).to(ACC)
-    store_matrix_tile(tr_ptr, blk, gamma_end * eye - tl.dot(tl.trans(Kd), W, input_precision=PREC, out_dtype=ACC), dk, dk, DK, DK)
-    E = tl.dot(tl.trans(Kd), X * beta[None, :], input_precision=PREC, out_dtype=ACC)  # column s: β_s k_s moved to the chunk's end
+    store_matrix_tile(tr_ptr, blk, gamma_end * eye - dot(tl.trans(Kd), W, ACC, PREC, False), dk, dk, DK, DK)
+    E = dot(tl.trans(Kd), X * beta[None, :], ACC, PREC, False)  # column s: β_s k_s moved to the chunk's end
     for d0 in tl.static_range(0, DV, BDV):
         dv = d0 + tl.arange(0, BDV)
         V = load_rows(v_ptr, b0, b1, t, tmask, svb0, svb1, svt, svd, dv, DV, ACC)
-        store_matrix_tile(h_ptr, blk, tl.dot(E, V, input_precision=PREC, out_dtype=ACC), dk, dv, DK, DV)
+        store_matrix_tile(h_ptr, blk, dot(E, V, ACC, PREC, False), dk, dv, DK, DV)
 
 
 @triton.jit(do_not_specialize=["n_total", "off_child", "off_parent"])
@@ -205,21 +205,21 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr
     Gam, gamma, d, gamma_end = gates(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC, EXACT)
     Sq = dot(Qin, tl.trans(Kin), ACC, PREC, NATIVE) * Gam  # 16-bit inputs: exact products on the tensor cores
     row = bh * n_chunks + i
-    P = tl.dot(Sq, matrix_tile(x_ptr, row, r, r, C, C, ACC), input_precision=PREC, out_dtype=ACC) * beta[None, :]
+    P = dot(Sq, matrix_tile(x_ptr, row, r, r, C, C, ACC), ACC, PREC, False) * beta[None, :]
     l_base = l_ptr + b0 * slb0 + b1 * slb1
     Lam = intra_scales(l_base + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)[0].to(ACC)
     V = load_rows(v_ptr, b0, b1, t, tmask, svb0, svb1, svt, svd, dv, DV, ACC)
-    acc = tl.dot(P * Lam, V, input_precision=PREC, out_dtype=ACC)
-    qh = gamma[:, None] * Q - tl.dot(Sq, matrix_tile(w_ptr, row, r, dk, C, DK, ACC), input_precision=PREC, out_dtype=ACC)
+    acc = dot(P * Lam, V, ACC, PREC, False)
+    qh = gamma[:, None] * Q - dot(Sq, matrix_tile(w_ptr, row, r, dk, C, DK, ACC), ACC, PREC, False)
     off = 0
     h = 0
     while h < n_bits:  # a while loop: the interpreter cannot range() over a computed bound
         if ((i >> h) & 1) == 1:
             blk = bh * n_total + off + (i >> h) - 1
             lam = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
-            acc += lam[:, None] * tl.dot(qh, matrix_tile(h_ptr, blk, dk, dv, DK, DV, ACC), input_precision=PREC, out_dtype=ACC)
+            acc += lam[:, None] * dot(qh, matrix_tile(h_ptr, blk, dk, dv, DK, DV, ACC), ACC, PREC, False)
             if (i >> (h + 1)) != 0:  # a higher block is read after this one: move the queries across it
-                qh = tl.dot(qh, matrix_tile(tr_ptr, blk, dk, dk, DK, DK, ACC), input_precision=PREC, out_dtype=ACC)
+                qh = dot(qh, matrix_tile(tr_ptr, blk, dk, dk, DK, DK, ACC), ACC, PREC, False)
         off += n_chunks >> h
         h += 1
     tl.store(o_ptr + b0 * sob0 + b1 * sob1 + t[:, None] * sot + dv[None, :] * sod, acc * scale,
