@@ -26,6 +26,7 @@ recomputation at every width; ``"gated_delta_wide_forward"``: its forward for wi
 NUM_WARPS = {"attention_state": 4, "attention_output": 4, "attention_backward": 4,
              "attention_backward_wide": 8, "matmul_state": 4,
              "matmul_output": 1, "hierarchy": 4, "gated_delta": 4, "gated_delta_hierarchy": 8,
+             "gated_delta_output": 2, "gated_delta_output_wide": 4,
              "gated_delta_reader": 4, "gated_delta_reader_wide": 8, "gated_delta_reverse_hierarchy": 4,
              "gated_delta_backward": 4, "gated_delta_backward_wide": 8}
 """Warps per program of each kernel (H200-tuned: ``docs/kernels.md`` §3)."""
