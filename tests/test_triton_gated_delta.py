@@ -20,6 +20,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, settings, strategies as st
 
 import hodlr
@@ -27,6 +29,7 @@ from hodlr import fenwick, kernels
 from hodlr.backends import chunked
 from hodlr.testing import (TOLERANCES, assert_close, batch_shapes, poison_unread, relative_error, scaled_error,
                            st_lengths)
+from hodlr.kernels._device import round_tf32
 from hodlr.kernels.gated_delta import MAX_DK
 
 from test_gated_delta import gdn_inputs
@@ -313,6 +316,47 @@ def test_public_api_gradients(rng):
         assert_close(got, want, GRAD_TOL[torch.float64], f"log_linear_gated_delta_rule d{name}")
 
 
+@triton.jit
+def _round_tf32_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(y_ptr + i, round_tf32(tl.load(x_ptr + i)))
+
+
+def _nearest_tf32(x):
+    """float32 ``x`` rounded to 10 explicit mantissa bits, ties away from zero (float64 arithmetic;
+    subnormals keep the smallest exponent's spacing)."""
+    x = x.astype(np.float64)
+    out = x.copy()
+    finite = np.isfinite(x) & (x != 0)
+    a = np.abs(x[finite])
+    step = np.exp2(np.maximum(np.floor(np.log2(a)), -126) - 10)
+    with np.errstate(over="ignore"):
+        out[finite] = (np.sign(x[finite]) * np.floor(a / step + 0.5) * step).astype(np.float32)
+    return out.astype(np.float32)
+
+
+def test_round_tf32_is_round_to_nearest():
+    """``round_tf32`` (the tf32 operands of the Gated DeltaNet forward) is round to nearest, ties
+    away from zero, bit for bit: random magnitudes over the whole range, the halfway points, a
+    carry into the exponent, subnormals, the largest float32 (to inf), ±0, ±inf and NaN."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(4096) * np.exp2(rng.integers(-140, 127, 4096))).astype(np.float32)
+    one = np.float32(1.0)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, -(1.0 + 2.0 ** -11),
+                        np.nextafter(np.float32(2.0), one), 1.0 + 2.0 ** -11 - 2.0 ** -23, np.finfo(np.float32).max,
+                        np.finfo(np.float32).tiny / 3, -np.finfo(np.float32).smallest_subnormal * 4097],
+                       dtype=np.float32)
+    x = np.concatenate([x, special, np.zeros(8192 - x.size - special.size, np.float32)])
+    y = torch.empty(x.size, dtype=torch.float32, device=DEVICE)
+    _round_tf32_kernel[(1,)](torch.from_numpy(x).to(DEVICE), y, N=x.size)
+    got, want = y.cpu().numpy(), _nearest_tf32(x)
+    assert np.array_equal(got.view(np.uint32)[~np.isnan(x)], want.view(np.uint32)[~np.isnan(x)])
+    assert np.isnan(got[np.isnan(x)]).all()
+    at = 4096  # the special values: halfway points tie away from zero, 2 - 2^-23 carries into the exponent
+    assert got[at + 5] == np.float32(1.0 + 2.0 ** -10) and got[at + 6] == np.float32(1.0 + 2.0 ** -9)
+    assert got[at + 8] == np.float32(2.0) and got[at + 9] == np.float32(1.0) and got[at + 10] == np.inf
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128])
 def test_bfloat16_on_gpu(D):
@@ -377,3 +421,21 @@ def test_unit_levels_equal_fla_gated_delta_on_gpu(T):
     e_ours, e_fla = relative_error(ours, ref), relative_error(theirs, ref)
     print(f"T={T}: ours {e_ours:.2e}, fla {e_fla:.2e} from float64")
     assert e_ours <= TOLERANCES["gpu_bfloat16"] and e_ours <= 1.5 * e_fla
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_no_decay_no_further_than_fla_on_gpu(D):
+    """Without decay and with λ ≡ 1 (plain DeltaNet: the transitions are multiplied over the whole
+    sequence, where a biased rounding of the tf32 operands drifts), bfloat16 at the default chunk
+    of each width is no further from float64 than fla's ``chunk_gated_delta_rule``."""
+    fla = pytest.importorskip("fla.ops.gated_delta_rule")
+    q, k, v, g, beta, lam = _gpu_problem(4096, D, torch.bfloat16, unit_levels=True, seed=D)
+    g = torch.zeros_like(g)
+    ref = hodlr.log_linear_gated_delta_rule(*(x.double() for x in (q, k, v, g, beta, lam)), scale=D ** -0.5,
+                                            backend="chunked")[0]
+    ours = hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam, scale=D ** -0.5)[0]
+    theirs = fla.chunk_gated_delta_rule(q, k, v, g, beta, scale=D ** -0.5)[0]
+    e_ours, e_fla = relative_error(ours, ref), relative_error(theirs, ref)
+    print(f"D={D}: ours {e_ours:.2e}, fla {e_fla:.2e} from float64")
+    assert e_ours <= e_fla
