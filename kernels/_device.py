@@ -115,23 +115,33 @@ def round_tf32(x):
     The tensor cores read a float32 operand of a tf32 dot by dropping its 13 low mantissa bits,
     a rounding toward zero: its error has a sign, and sums of products of such operands (the
     transitions of a long sequence multiplied together) drift.  Rounded to the nearest first,
-    each operand's error is at most half a tf32 unit and without bias."""
+    each operand's error is at most half a tf32 unit, of either sign (ties, away from zero, are
+    rare)."""
     bits = x.to(tl.uint32, bitcast=True)
-    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    special = (bits & 0x7F800000) == 0x7F800000  # inf and NaN (any payload) pass unchanged
+    return tl.where(special, bits, (bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
     """``a @ b`` accumulated in ``ACC``.  Two operands of one 16-bit dtype go to the tensor
     cores as they are when ``NATIVE`` (the interpreter's 16-bit dot is wrong: there, and for
-    any other pair, both are cast to ``ACC`` and multiplied with ``input_precision=PREC``;
-    tf32 operands rounded to the nearest by :func:`round_tf32`)."""
+    any other pair, both are cast to ``ACC`` and multiplied with ``input_precision=PREC``,
+    float32 operands of a tf32 dot rounded to the nearest by :func:`round_tf32`)."""
     if NATIVE and a.dtype == b.dtype and (a.dtype == tl.bfloat16 or a.dtype == tl.float16):
         return tl.dot(a, b, out_dtype=ACC)
-    elif PREC == "tf32":
-        return tl.dot(round_tf32(a.to(ACC)), round_tf32(b.to(ACC)), input_precision=PREC, out_dtype=ACC)
     else:
-        return tl.dot(a.to(ACC), b.to(ACC), input_precision=PREC, out_dtype=ACC)
+        return tl.dot(_tf32_operand(a, ACC, PREC), _tf32_operand(b, ACC, PREC), input_precision=PREC, out_dtype=ACC)
+
+
+@triton.jit
+def _tf32_operand(x, ACC: tl.constexpr, PREC: tl.constexpr):
+    """``x`` in ``ACC``, rounded by :func:`round_tf32` when it is a float32 operand of a tf32 dot
+    (16-bit values are tf32 values already)."""
+    if PREC == "tf32" and x.dtype == tl.float32:
+        return round_tf32(x)
+    else:
+        return x.to(ACC)
 
 
 @triton.jit

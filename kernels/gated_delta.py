@@ -355,5 +355,6 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("beta")[1:4],
         *layout.args("l")[1:], *layout.decay_args()[1:], *o_flat.stride(),
         C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=layout.tensors["g"] is not None, ACC=acc, PREC=prec,
-        EXACT=exact, NATIVE=not interpreting(), num_warps=NUM_WARPS["gated_delta_output" if DK <= 64 else "gated_delta_output_wide"])
+        EXACT=exact, NATIVE=not interpreting(),
+        num_warps=NUM_WARPS["gated_delta_output" if DK <= 64 else "gated_delta_output_wide"])
     return out

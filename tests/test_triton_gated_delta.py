@@ -325,7 +325,8 @@ def _round_tf32_kernel(x_ptr, y_ptr, N: tl.constexpr):
 def _nearest_tf32(x):
     """float32 ``x`` rounded to 10 explicit mantissa bits, ties away from zero (float64 arithmetic;
     subnormals keep the smallest exponent's spacing)."""
-    x = x.astype(np.float64)
+    with np.errstate(invalid="ignore"):  # signalling NaNs
+        x = x.astype(np.float64)
     out = x.copy()
     finite = np.isfinite(x) & (x != 0)
     a = np.abs(x[finite])
@@ -338,7 +339,8 @@ def _nearest_tf32(x):
 def test_round_tf32_is_round_to_nearest():
     """``round_tf32`` (the tf32 operands of the Gated DeltaNet forward) is round to nearest, ties
     away from zero, bit for bit: random magnitudes over the whole range, the halfway points, a
-    carry into the exponent, subnormals, the largest float32 (to inf), ±0, ±inf and NaN."""
+    carry into the exponent, subnormals, the largest float32 (to inf), ±0, ±inf, and NaNs of every
+    payload (they stay NaN: a payload carried into the sign or the exponent would make 0 or inf)."""
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(4096) * np.exp2(rng.integers(-140, 127, 4096))).astype(np.float32)
     one = np.float32(1.0)
@@ -346,12 +348,13 @@ def test_round_tf32_is_round_to_nearest():
                         np.nextafter(np.float32(2.0), one), 1.0 + 2.0 ** -11 - 2.0 ** -23, np.finfo(np.float32).max,
                         np.finfo(np.float32).tiny / 3, -np.finfo(np.float32).smallest_subnormal * 4097],
                        dtype=np.float32)
-    x = np.concatenate([x, special, np.zeros(8192 - x.size - special.size, np.float32)])
+    nans = np.array([0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0xFF800FFF, 0x7FC00000], np.uint32).view(np.float32)
+    x = np.concatenate([x, special, nans, np.zeros(8192 - x.size - special.size - nans.size, np.float32)])
     y = torch.empty(x.size, dtype=torch.float32, device=DEVICE)
     _round_tf32_kernel[(1,)](torch.from_numpy(x).to(DEVICE), y, N=x.size)
     got, want = y.cpu().numpy(), _nearest_tf32(x)
     assert np.array_equal(got.view(np.uint32)[~np.isnan(x)], want.view(np.uint32)[~np.isnan(x)])
-    assert np.isnan(got[np.isnan(x)]).all()
+    assert np.isnan(got[np.isnan(x)]).all() and np.isnan(x).sum() == 6
     at = 4096  # the special values: halfway points tie away from zero, 2 - 2^-23 carries into the exponent
     assert got[at + 5] == np.float32(1.0 + 2.0 ** -10) and got[at + 6] == np.float32(1.0 + 2.0 ** -9)
     assert got[at + 8] == np.float32(2.0) and got[at + 9] == np.float32(1.0) and got[at + 10] == np.inf
@@ -426,9 +429,10 @@ def test_unit_levels_equal_fla_gated_delta_on_gpu(T):
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128])
 def test_no_decay_no_further_than_fla_on_gpu(D):
-    """Without decay and with λ ≡ 1 (plain DeltaNet: the transitions are multiplied over the whole
-    sequence, where a biased rounding of the tf32 operands drifts), bfloat16 at the default chunk
-    of each width is no further from float64 than fla's ``chunk_gated_delta_rule``."""
+    """Without decay (log-decays of exactly 0, through the decay path) and with λ ≡ 1 (plain
+    DeltaNet: the transitions are multiplied over the whole sequence, where a biased rounding of
+    the tf32 operands drifts), bfloat16 at the default chunk of each width is no further from
+    float64 than fla's ``chunk_gated_delta_rule``."""
     fla = pytest.importorskip("fla.ops.gated_delta_rule")
     q, k, v, g, beta, lam = _gpu_problem(4096, D, torch.bfloat16, unit_levels=True, seed=D)
     g = torch.zeros_like(g)
