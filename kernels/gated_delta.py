@@ -19,6 +19,11 @@ reads it walking its set bits ``h`` from low to high with one moved query per ro
 ``q̂ = Q̃``: ``o_t += scale λ[t, c+1+h] q̂_tᵀ H_h[(i >> h) - 1]``, then ``q̂_t <- T_h[(i >> h) - 1]ᵀ q̂_t``
 (the blocks of the lower set bits are the gap between a higher block and the chunk).
 
+Every transition is held as ``T = γ I + R``: ``γ`` (float32, the product of the block's chunk
+decays ``γ_end``) and the rest ``R`` (``R = -(diag(d) K)ᵀ W`` for a chunk), which is all that is
+rounded when the hierarchy is held in bfloat16: the identity part, near 1 on the diagonal of the
+transitions of short blocks, keeps its full precision (docs/kernels.md §7.1).
+
 Launches (see ``docs/kernels.md``):
 
 1. ``_chunk_kernel``, grid ``(chunk, batch)``: ``X`` (stored), ``W`` (stored), ``Tr`` and ``U``
@@ -124,17 +129,36 @@ def store_matrix_tile(ptr, index, value, rows, cols, R, S):
              mask=(rows[:, None] < R) & (cols[None, :] < S))
 
 
+@triton.jit
+def block_decay(gm_ptr, index, HAS_G: tl.constexpr, ACC: tl.constexpr):
+    """``γ`` of hierarchy block ``index``, the product of its chunks' ``γ_end`` (1 without decay)."""
+    if HAS_G:
+        return tl.load(gm_ptr + index).to(ACC)
+    else:
+        return tl.full((), 1.0, dtype=ACC)
+
+
+@triton.jit
+def transition_tile(tr_ptr, gm_ptr, index, rows, cols, DK, HAS_G: tl.constexpr, ACC: tl.constexpr):
+    """The ``(rows, cols)`` tile of block ``index``'s transition ``T = γ I + R`` in ``ACC`` (the
+    hierarchy holds ``R`` in ``tr_ptr`` and ``γ`` in ``gm_ptr``)."""
+    diagonal = (rows[:, None] == cols[None, :]) & (rows[:, None] < DK)
+    return matrix_tile(tr_ptr, index, rows, cols, DK, DK, ACC) + tl.where(
+        diagonal, block_decay(gm_ptr, index, HAS_G, ACC), 0.0)
+
+
 # ---------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "sbb0", "sbb1", "sgb0", "sgb1"])
-def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr,
+def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr,
                   T, B1, n_chunks, n_total, DK: tl.constexpr, DV: tl.constexpr,
                   skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt, sgb0, sgb1, sgt,
                   C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr,
                   PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr):
     """Program ``(chunk i, batch entry)``: ``X = N⁻¹`` and ``W`` of the chunk (stored, ``(C, C)``
-    and ``(C, Dk)``), its transition ``Tr`` and its state ``U`` (level 0 of the hierarchy)."""
+    and ``(C, Dk)``), its transition ``Tr = γ_end I + R`` (``R`` and ``γ_end``) and its state ``U``
+    (level 0 of the hierarchy)."""
     i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
     r = tl.arange(0, C)
     dk = tl.arange(0, BDK)
@@ -151,8 +175,9 @@ def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr,
     store_matrix_tile(w_ptr, row, W, r, dk, C, DK)
     Kd = d[:, None] * K
     blk = bh * n_total + i
-    eye = tl.where(dk[:, None] == dk[None, :], 1.0, 0.0).to(ACC)
-    store_matrix_tile(tr_ptr, blk, gamma_end * eye - dot(tl.trans(Kd), W, ACC, PREC, False), dk, dk, DK, DK)
+    store_matrix_tile(tr_ptr, blk, -dot(tl.trans(Kd), W, ACC, PREC, False), dk, dk, DK, DK)
+    if HAS_G:
+        tl.store(gm_ptr + blk, gamma_end)
     E = dot(tl.trans(Kd), X * beta[None, :], ACC, PREC, False)  # column s: β_s k_s moved to the chunk's end
     for d0 in tl.static_range(0, DV, BDV):
         dv = d0 + tl.arange(0, BDV)
@@ -161,12 +186,14 @@ def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr,
 
 
 @triton.jit(do_not_specialize=["n_total", "off_child", "off_parent"])
-def _hierarchy_kernel(h_ptr, tr_ptr, n_total, off_child, off_parent, DK: tl.constexpr, DV: tl.constexpr,
-                      N_DV_TILES: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, ACC: tl.constexpr,
-                      PREC: tl.constexpr, NATIVE: tl.constexpr):
-    """Program ``(block m, batch entry, column tile j)`` of the level above ``h``: tile ``j`` of
-    ``H_{h+1}[m] = T_h[2m+1] H_h[2m] + H_h[2m+1]`` (``j < N_DV_TILES``), or
-    ``T_{h+1}[m] = T_h[2m+1] T_h[2m]`` (``j = N_DV_TILES``)."""
+def _hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, n_total, off_child, off_parent, DK: tl.constexpr, DV: tl.constexpr,
+                      N_DV_TILES: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
+                      ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
+    """Program ``(block m, batch entry, column tile j)`` of the level above ``h``, with the
+    transitions ``T = γ I + R``: tile ``j`` of
+    ``H_{h+1}[m] = T_h[2m+1] H_h[2m] + H_h[2m+1] = R_o H_e + γ_o H_e + H_o`` (``j < N_DV_TILES``),
+    or ``T_{h+1}[m] = T_h[2m+1] T_h[2m]``: ``R = R_o R_e + γ_o R_e + γ_e R_o``, ``γ = γ_o γ_e``
+    (``j = N_DV_TILES``)."""
     m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     j = tl.program_id(2)
@@ -174,19 +201,25 @@ def _hierarchy_kernel(h_ptr, tr_ptr, n_total, off_child, off_parent, DK: tl.cons
     dst = bh * n_total + off_parent + m
     dk = tl.arange(0, BDK)
     HELD = h_ptr.dtype.element_ty  # bfloat16 tiles go to the tensor cores as they are (exact products)
-    T_odd = matrix_tile(tr_ptr, even + 1, dk, dk, DK, DK, HELD)
+    R_odd = matrix_tile(tr_ptr, even + 1, dk, dk, DK, DK, HELD)
+    gamma_odd = block_decay(gm_ptr, even + 1, HAS_G, ACC)
     if j < N_DV_TILES:
         dv = j * BDV + tl.arange(0, BDV)
-        H = dot(T_odd, matrix_tile(h_ptr, even, dk, dv, DK, DV, HELD), ACC, PREC, NATIVE)
+        H_even = matrix_tile(h_ptr, even, dk, dv, DK, DV, HELD)
+        H = dot(R_odd, H_even, ACC, PREC, NATIVE) + gamma_odd * H_even.to(ACC)
         store_matrix_tile(h_ptr, dst, H + matrix_tile(h_ptr, even + 1, dk, dv, DK, DV, ACC), dk, dv, DK, DV)
     else:
-        Tr = dot(T_odd, matrix_tile(tr_ptr, even, dk, dk, DK, DK, HELD), ACC, PREC, NATIVE)
-        store_matrix_tile(tr_ptr, dst, Tr, dk, dk, DK, DK)
+        R_even = matrix_tile(tr_ptr, even, dk, dk, DK, DK, HELD)
+        gamma_even = block_decay(gm_ptr, even, HAS_G, ACC)
+        R = dot(R_odd, R_even, ACC, PREC, NATIVE) + gamma_odd * R_even.to(ACC) + gamma_even * R_odd.to(ACC)
+        store_matrix_tile(tr_ptr, dst, R, dk, dk, DK, DK)
+        if HAS_G:
+            tl.store(gm_ptr + dst, gamma_odd * gamma_even)
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sbb0",
                                "sbb1", "sgb0", "sgb1"])
-def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, o_ptr,
+def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, o_ptr,
                    T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, scale,
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt,
                    slb0, slb1, slt, sll, sgb0, sgb1, sgt, sob0, sob1, sot, sod,
@@ -219,7 +252,8 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr
             lam = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
             acc += lam[:, None] * dot(qh, matrix_tile(h_ptr, blk, dk, dv, DK, DV, ACC), ACC, PREC, False)
             if (i >> (h + 1)) != 0:  # a higher block is read after this one: move the queries across it
-                qh = dot(qh, matrix_tile(tr_ptr, blk, dk, dk, DK, DK, ACC), ACC, PREC, False)
+                qh = dot(qh, matrix_tile(tr_ptr, blk, dk, dk, DK, DK, ACC), ACC, PREC, False) + \
+                    block_decay(gm_ptr, blk, HAS_G, ACC) * qh
         off += n_chunks >> h
         h += 1
     tl.store(o_ptr + b0 * sob0 + b1 * sob1 + t[:, None] * sot + dv[None, :] * sod, acc * scale,
@@ -231,17 +265,23 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr
 # ---------------------------------------------------------------------------------------
 class Chunks(NamedTuple):
     """What the chunk kernel and the hierarchy leave for the output kernel and the backward:
-    ``X (B, n, C, C)``, ``W (B, n, C, Dk)``, and the hierarchy ``states (B, N, Dk*Dv)`` and
-    ``trans (B, N, Dk*Dk)`` (level ``h`` at offset ``Σ_{h'<h} n >> h'``), in the accumulator
-    dtype (the hierarchy in bfloat16 for bfloat16 inputs, see :data:`BF16_HIERARCHY`); ``C`` and the
-    chunk count ``n``."""
+    ``X (B, n, C, C)``, ``W (B, n, C, Dk)``, and the hierarchy ``states (B, N, Dk*Dv)``, and its
+    transitions ``T = γ I + R`` as ``trans (B, N, Dk*Dk)`` holding ``R`` and ``decays (B, N)``
+    holding ``γ`` (None without decay: ``γ = 1``), level ``h`` at offset ``Σ_{h'<h} n >> h'``;
+    in the accumulator dtype (states and ``R`` in bfloat16 for bfloat16 inputs, see
+    :data:`BF16_HIERARCHY`); ``C`` and the chunk count ``n``."""
 
     X: torch.Tensor
     W: torch.Tensor
     states: torch.Tensor
     trans: torch.Tensor
+    decays: torch.Tensor | None
     C: int
     n: int
+
+    def decay_pointer(self):
+        """``decays``, or (without decay, never read) ``trans`` for the kernels' pointer."""
+        return self.trans if self.decays is None else self.decays
 
 
 def gated_delta_layout(q, k, v, beta, level_scales, log_decay, **others):
@@ -292,10 +332,13 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
     held = torch.bfloat16 if v.dtype == torch.bfloat16 and BF16_HIERARCHY else work
     states = _layout.scratch((B, N, DK * DV), held, dev)
     trans = _layout.scratch((B, N, DK * DK), held, dev)
-    BDK, BDV, n_dv = tiles(layout)
     has_g = layout.tensors["g"] is not None
+    decays = _layout.scratch((B, N), work, dev) if has_g else None
+    ch = Chunks(X, W, states, trans, decays, C, n)
+    BDK, BDV, n_dv = tiles(layout)
     _chunk_kernel[(n, B)](
         layout.tensors["k"], v, layout.tensors["beta"], layout.decay_args()[0], X, W, states, trans,
+        ch.decay_pointer(),
         layout.T, layout.B1, n, N, DK, DV, *layout.args("k")[1:], *layout.args("v")[1:],
         *layout.args("beta")[1:4], *layout.decay_args()[1:],
         C=C, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact, NATIVE=not interpreting(),
@@ -306,10 +349,11 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
         # the top level's transitions are never read: no query is moved across a top-level block
         columns = n_dv + (1 if h + 1 < top else 0)
         _hierarchy_kernel[(sizes[h + 1], B, columns)](
-            states, trans, N, off, off + sizes[h], DK, DV, n_dv, BDK=BDK, BDV=BDV, ACC=acc, PREC=prec,
-            NATIVE=not interpreting(), num_warps=NUM_WARPS["gated_delta_hierarchy"])
+            states, trans, ch.decay_pointer(), N, off, off + sizes[h], DK, DV, n_dv, BDK=BDK, BDV=BDV,
+            HAS_G=has_g, ACC=acc, PREC=prec, NATIVE=not interpreting(),
+            num_warps=NUM_WARPS["gated_delta_hierarchy"])
         off += sizes[h]
-    return Chunks(X, W, states, trans, C, n)
+    return ch
 
 
 def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None,
@@ -350,7 +394,7 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
     BDK, BDV, n_dv = tiles(layout, OUTPUT_VALUE_TILE)
     _output_kernel[(ch.n, layout.B, n_dv)](
         layout.tensors["q"], layout.tensors["k"], v, layout.tensors["beta"], layout.tensors["l"],
-        layout.decay_args()[0], ch.X, ch.W, ch.states, ch.trans, o_flat,
+        layout.decay_args()[0], ch.X, ch.W, ch.states, ch.trans, ch.decay_pointer(), o_flat,
         T, layout.B1, ch.n, ch.states.shape[1], (ch.n - 1).bit_length(), layout.L, DK, DV, float(scale),
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("beta")[1:4],
         *layout.args("l")[1:], *layout.decay_args()[1:], *o_flat.stride(),

@@ -33,7 +33,8 @@ import triton.language as tl
 from . import _layout
 from ._device import chunk_rows, intra_scales
 from ._layout import NUM_WARPS, block, cdiv, check_chunk, compute_types, hierarchy_sizes, next_power_of_2
-from .gated_delta import chunk_hierarchy, gated_delta_layout, gates, load_rows, matrix_tile, store_matrix_tile, tiles
+from .gated_delta import (chunk_hierarchy, gated_delta_layout, gates, load_rows, matrix_tile, store_matrix_tile, tiles,
+                          transition_tile)
 
 
 READER_GROUP = 8
@@ -72,7 +73,8 @@ def _add_shares(dh_ptr, dt_ptr, blk, acc_h, acc_t, moved, owned, dk, DK, DV, BDV
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sgb0",
                                "sgb1"])
-def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, dh_ptr, dt_ptr, qt_ptr, dqt_ptr, dl_ptr,
+def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, qt_ptr, dqt_ptr,
+                   dl_ptr,
                    T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, scale,
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, sob0, sob1, sot, sod, slb0, slb1, slt, sll,
                    sgb0, sgb1, sgt, C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
@@ -143,8 +145,8 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, dh_
                     off2 = 0
                     while h2 < h:
                         if ((i >> h2) & 1) == 1:
-                            qh = tl.dot(qh, matrix_tile(tr_ptr, bh * n_total + off2 + (i >> h2) - 1, dk, dk, DK, DK,
-                                                        ACC), input_precision=PREC, out_dtype=ACC)
+                            qh = tl.dot(qh, transition_tile(tr_ptr, gm_ptr, bh * n_total + off2 + (i >> h2) - 1, dk,
+                                                            dk, DK, HAS_G, ACC), input_precision=PREC, out_dtype=ACC)
                         off2 += n_chunks >> h2
                         h2 += 1
                     lam = tl.load(l_base + t * slt + col * sll, mask=tmask, other=0.0).to(ACC)
@@ -165,8 +167,8 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, dh_
                     if (i >> (h + 1)) != 0:  # a higher block was read: dq carries its gradient
                         acc_t += tl.dot(tl.trans(qh), dq, input_precision=PREC, out_dtype=ACC)
                         moved = 1
-                        dq = tl.dot(dq, tl.trans(matrix_tile(tr_ptr, blk, dk, dk, DK, DK, ACC)), input_precision=PREC,
-                                    out_dtype=ACC)
+                        dq = tl.dot(dq, tl.trans(transition_tile(tr_ptr, gm_ptr, blk, dk, dk, DK, HAS_G, ACC)),
+                                    input_precision=PREC, out_dtype=ACC)
                     store_matrix_tile(dqt_ptr, row, dq + scale * lam[:, None] * G_h, r, dk, C, DK)
                 else:
                     tl.store(dl_ptr + (bh * T + t) * L + col, tl.zeros((C,), dtype=ACC), mask=tmask)
@@ -179,9 +181,9 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, dh_
 
 
 @triton.jit(do_not_specialize=["n_total", "off_child", "off_parent"])
-def _reverse_hierarchy_kernel(h_ptr, tr_ptr, dh_ptr, dt_ptr, n_total, off_child, off_parent, DK: tl.constexpr,
+def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, off_child, off_parent, DK: tl.constexpr,
                               DV: tl.constexpr, N_DV_TILES: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-                              BT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                              BT: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Program ``(block m of level h + 1, batch entry, tile j)``: the adjoint of the block's two
     equations (stage 3).  Tile ``j < N_DV_TILES``: ``dH_h[2m] += T_h[2m+1]ᵀ dH_{h+1}[m]`` and
     ``dH_h[2m+1] += dH_{h+1}[m]`` on those columns; tile ``j = N_DV_TILES + a * (BDK / BT) + b``:
@@ -196,7 +198,7 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, dh_ptr, dt_ptr, n_total, off_child,
     parent = bh * n_total + off_parent + m
     dk = tl.arange(0, BDK)
     if j < N_DV_TILES:
-        T_odd = matrix_tile(tr_ptr, odd, dk, dk, DK, DK, ACC)
+        T_odd = transition_tile(tr_ptr, gm_ptr, odd, dk, dk, DK, HAS_G, ACC)
         dv = j * BDV + tl.arange(0, BDV)
         dHp = matrix_tile(dh_ptr, parent, dk, dv, DK, DV, ACC)
         dHe = matrix_tile(dh_ptr, even, dk, dv, DK, DV, ACC)
@@ -209,13 +211,14 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, dh_ptr, dt_ptr, n_total, off_child,
         rows = (block_id // (BDK // BT)) * BT + tl.arange(0, BT)
         cols = (block_id % (BDK // BT)) * BT + tl.arange(0, BT)
         acc = tl.dot(matrix_tile(dt_ptr, parent, rows, dk, DK, DK, ACC),
-                     tl.trans(matrix_tile(tr_ptr, even, cols, dk, DK, DK, ACC)), input_precision=PREC, out_dtype=ACC)
+                     tl.trans(transition_tile(tr_ptr, gm_ptr, even, cols, dk, DK, HAS_G, ACC)), input_precision=PREC,
+                     out_dtype=ACC)
         for d0 in tl.static_range(0, DV, BDV):
             dv = d0 + tl.arange(0, BDV)
             acc += tl.dot(matrix_tile(dh_ptr, parent, rows, dv, DK, DV, ACC),
                           tl.trans(matrix_tile(h_ptr, even, cols, dv, DK, DV, ACC)), input_precision=PREC, out_dtype=ACC)
         store_matrix_tile(dt_ptr, odd, matrix_tile(dt_ptr, odd, rows, cols, DK, DK, ACC) + acc, rows, cols, DK, DK)
-        dTe = tl.dot(tl.trans(matrix_tile(tr_ptr, odd, dk, rows, DK, DK, ACC)),
+        dTe = tl.dot(tl.trans(transition_tile(tr_ptr, gm_ptr, odd, dk, rows, DK, HAS_G, ACC)),
                      matrix_tile(dt_ptr, parent, dk, cols, DK, DK, ACC), input_precision=PREC, out_dtype=ACC)
         store_matrix_tile(dt_ptr, even, matrix_tile(dt_ptr, even, rows, cols, DK, DK, ACC) + dTe, rows, cols, DK, DK)
 
@@ -367,7 +370,8 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
                          f"below its own level), got {group}")
     _reader_kernel[(cdiv(n, group), B)](
         layout.tensors["q"], layout.tensors["k"], layout.tensors["do"], layout.tensors["l"], g_args[0], ch.W,
-        ch.states, ch.trans, dH, dT, Qt, dQt, dl, T, layout.B1, n, N, n_bits, L, DK, DV, float(scale),
+        ch.states, ch.trans, ch.decay_pointer(), dH, dT, Qt, dQt, dl, T, layout.B1, n, N, n_bits, L, DK, DV,
+        float(scale),
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
         C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=block(DV, READER_VALUE_TILE), BL=BL, GROUP=group,
         LOG_GROUP=group.bit_length() - 1, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
@@ -376,8 +380,8 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     offsets = [sum(sizes[:h]) for h in range(len(sizes))]
     for h in range(len(sizes) - 2, -1, -1):
         _reverse_hierarchy_kernel[(sizes[h + 1], B, n_dv + (BDK // BT) ** 2)](
-            ch.states, ch.trans, dH, dT, N, offsets[h], offsets[h + 1], DK, DV, n_dv, BDK=BDK, BDV=BDV, BT=BT,
-            ACC=acc, PREC=prec, num_warps=NUM_WARPS["gated_delta_reverse_hierarchy"])
+            ch.states, ch.trans, ch.decay_pointer(), dH, dT, N, offsets[h], offsets[h + 1], DK, DV, n_dv, BDK=BDK,
+            BDV=BDV, BT=BT, HAS_G=has_g, ACC=acc, PREC=prec, num_warps=NUM_WARPS["gated_delta_reverse_hierarchy"])
     dq, dk = _layout.scratch((B, T, DK), work, dev), _layout.scratch((B, T, DK), work, dev)
     dv = _layout.scratch((B, T, DV), work, dev)
     db = _layout.scratch((B, T), work, dev)
