@@ -18,10 +18,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from hodlr import fenwick
 
-DEFAULT_CHUNK = {"attention": 64, "matmul": 16, "gated_delta": 32, "gated_delta_wide_forward": 64}
+DEFAULT_CHUNK = {"attention": 64, "matmul": 16, "gated_delta": 32}
 """Chunk size ``C`` per operation when the caller passes ``chunk=None`` (H200-tuned: ``docs/kernels.md`` §3).
-``"gated_delta"``: the Gated DeltaNet forward for keys of up to 64 and the backward's
-recomputation at every width; ``"gated_delta_wide_forward"``: its forward for wider keys."""
+``"gated_delta"``: the Gated DeltaNet forward and the backward's recomputation."""
 
 NUM_WARPS = {"attention_state": 4, "attention_output": 4, "attention_backward": 4,
              "attention_backward_wide": 8, "matmul_state": 4,

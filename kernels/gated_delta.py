@@ -374,8 +374,7 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
     scale : float
         Multiplies ``P``.
     chunk : int, optional
-        Chunk size ``C``, a power of two in ``[16, 256]`` (default ``DEFAULT_CHUNK["gated_delta"]``,
-        ``DEFAULT_CHUNK["gated_delta_wide_forward"]`` for ``Dk > 64``).
+        Chunk size ``C``, a power of two in ``[16, 256]`` (default ``DEFAULT_CHUNK["gated_delta"]``).
     out : torch.Tensor, optional
         Contiguous ``(*batch, T, Dv)`` output buffer with ``v``'s dtype.
 
@@ -384,7 +383,7 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
     torch.Tensor ``(*batch, T, Dv)``.
     """
     layout = gated_delta_layout(q, k, v, beta, level_scales, log_decay)
-    C = check_chunk(chunk, "gated_delta" if layout.DK <= 64 else "gated_delta_wide_forward")
+    C = check_chunk(chunk, "gated_delta")
     T, DK, DV = layout.T, layout.DK, layout.DV
     v = layout.tensors["v"]
     acc, prec, exact = compute_types(v.dtype)
