@@ -19,8 +19,8 @@ reads it walking its set bits ``h`` from low to high with one moved query per ro
 ``q̂ = Q̃``: ``o_t += scale λ[t, c+1+h] q̂_tᵀ H_h[(i >> h) - 1]``, then ``q̂_t <- T_h[(i >> h) - 1]ᵀ q̂_t``
 (the blocks of the lower set bits are the gap between a higher block and the chunk).
 
-Every transition is held as ``T = γ I + R``: ``γ`` (float32, the product of the block's chunk
-decays ``γ_end``) and the rest ``R`` (``R = -(diag(d) K)ᵀ W`` for a chunk), which is all that is
+Every transition is held as ``T = γ I + R``: ``γ`` (float32, float64 for float64 inputs: the
+product of the block's chunk decays ``γ_end``) and the rest ``R`` (``R = -(diag(d) K)ᵀ W`` for a chunk), which is all that is
 rounded when the hierarchy is held in bfloat16: the identity part, near 1 on the diagonal of the
 transitions of short blocks, keeps its full precision (docs/kernels.md §7.1).
 
@@ -303,9 +303,10 @@ are moved once (H200, D = 128, T = 8K, bf16, whole forward: 6.67 ms against 7.81
 
 
 BF16_HIERARCHY = True
-"""bfloat16 calls hold the hierarchy (states and transitions) in bfloat16: its products take
-bfloat16 operands on the tensor cores (exact products, float32 sums), each result rounded once
-when stored; False: float32 (``docs/kernels.md`` §3 has both measured)."""
+"""bfloat16 calls hold the hierarchy (the states and the transitions' rests ``R``; the ``γ`` stay
+float32) in bfloat16: its products take bfloat16 operands on the tensor cores (exact products,
+float32 sums), each result rounded once when stored; False: float32 (``docs/kernels.md`` §3 has
+both measured)."""
 
 
 def tiles(layout, widest: int = 64):

@@ -2,7 +2,8 @@
 
 Reverse mode through the forward's three stages, for a cotangent ``dO``:
 
-1. :func:`kernels.gated_delta.chunk_hierarchy` recomputes ``X``, ``W`` and the hierarchy ``H``, ``T``.
+1. :func:`kernels.gated_delta.chunk_hierarchy` recomputes ``X``, ``W`` and the hierarchy ``H``, ``T``
+   (``T = γ I + R`` held as ``γ`` and ``R``; the backward reads whole transitions, ``transition_tile``).
 2. ``_reader_kernel`` (one program per group of ``READER_GROUP`` chunks) differentiates the walk.
    With the set bits ``h_1 < ... < h_m`` of chunk ``i``, ``q_0 = Q̃`` and ``q_k = q_{k-1} T_{h_k}``,
    the reads are ``scale λ_{h_k} ⊙ q_{k-1} H_{h_k}``; level by level from the top down it writes
