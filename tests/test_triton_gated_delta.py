@@ -241,11 +241,11 @@ def test_bfloat16_hierarchy():
     T, D = 150, 8
     rng = np.random.default_rng(T)
     t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
-    q, k, v = t(2, T, D), torch.nn.functional.normalize(t(2, T, D), dim=-1), t(2, T, D)
-    beta = torch.as_tensor(rng.uniform(0, 1, (2, T)))
-    lam = poison_unread(torch.as_tensor(rng.uniform(0.5, 1.5, (2, T, hodlr.num_levels(T)))))
-    g = -torch.as_tensor(rng.uniform(0, 0.1, (2, T)))
-    w = t(2, T, D)
+    q, k, v = t(1, T, D), torch.nn.functional.normalize(t(1, T, D), dim=-1), t(1, T, D)
+    beta = torch.as_tensor(rng.uniform(0, 1, (1, T)))
+    lam = poison_unread(torch.as_tensor(rng.uniform(0.5, 1.5, (1, T, hodlr.num_levels(T)))))
+    g = -torch.as_tensor(rng.uniform(0, 0.1, (1, T)))
+    w = t(1, T, D)
     got, want = _grads((q, k, v, beta, lam, g), w, 0.4, torch.bfloat16, chunk=16), \
         _grads((q, k, v, beta, lam, g), w, 0.4, torch.float64)
     for name in want:
@@ -258,10 +258,10 @@ def test_bfloat16_hierarchy():
 
 
 @pytest.mark.parametrize("group, value_tile, T, Dv", [(1, 128, 65, 3), (2, 128, 100, 3), (4, 128, 150, 3),
-                                                    (8, 128, 300, 3), (2, 16, 100, 40)])
+                                                    (8, 128, 260, 3), (2, 16, 100, 40)])
 def test_gradients_reader_groups(group, value_tile, T, Dv):
     """The reader kernel's chunk groups: one chunk a program, groups that end past the last chunk
-    (7, 10 and 19 chunks of 16; the default group of 8 over three programs), levels added
+    (7, 10 and 17 chunks of 16; the default group of 8 over three programs, the last of one chunk), levels added
     atomically by several groups, and value heads wider than its tile (each chunk's ``dH`` share
     added tile by tile).  The interpreter runs the programs one after another: races between
     programs show only on the GPU (``test_gradients_on_gpu``)."""
