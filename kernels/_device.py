@@ -130,15 +130,17 @@ def dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
     float32 operands of a tf32 dot rounded to the nearest by :func:`round_tf32`)."""
     if NATIVE and a.dtype == b.dtype and (a.dtype == tl.bfloat16 or a.dtype == tl.float16):
         return tl.dot(a, b, out_dtype=ACC)
+    elif PREC == "tf32":
+        return tl.dot(_tf32_operand(a, ACC), _tf32_operand(b, ACC), input_precision=PREC, out_dtype=ACC)
     else:
-        return tl.dot(_tf32_operand(a, ACC, PREC), _tf32_operand(b, ACC, PREC), input_precision=PREC, out_dtype=ACC)
+        return tl.dot(a.to(ACC), b.to(ACC), input_precision=PREC, out_dtype=ACC)
 
 
 @triton.jit
-def _tf32_operand(x, ACC: tl.constexpr, PREC: tl.constexpr):
-    """``x`` in ``ACC``, rounded by :func:`round_tf32` when it is a float32 operand of a tf32 dot
-    (16-bit values are tf32 values already)."""
-    if PREC == "tf32" and x.dtype == tl.float32:
+def _tf32_operand(x, ACC: tl.constexpr):
+    """``x`` in ``ACC``, rounded by :func:`round_tf32` when it is a float32 operand (16-bit values
+    are tf32 values already)."""
+    if x.dtype == tl.float32:
         return round_tf32(x)
     else:
         return x.to(ACC)
