@@ -531,8 +531,8 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
             X = dot(ob, tl.trans(_rounded(sb, ob, LOWP, NATIVE)), ACC, PREC, NATIVE)
             e_t = scale * tl.exp(gap + G)
             if VARLEN:  # (L is checked on the host only for calls without sequences)
-                lam_h = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll, mask=tl.where(LOG_C + 1 + h < L, tmask, False),
-                                other=0.0).to(ACC)
+                lam_h = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll,
+                                mask=tl.where(LOG_C + 1 + h < L, tmask, False), other=0.0).to(ACC)
             else:
                 lam_h = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
             dq += (lam_h * e_t)[:, None] * X

@@ -20,9 +20,10 @@ reads it walking its set bits ``h`` from low to high with one moved query per ro
 (the blocks of the lower set bits are the gap between a higher block and the chunk).
 
 Every transition is held as ``T = γ I + R``: ``γ`` (float32, float64 for float64 inputs: the
-product of the block's chunk decays ``γ_end``) and the rest ``R`` (``R = -(diag(d) K)ᵀ W`` for a chunk), which is all that is
-rounded when the hierarchy is held in bfloat16: the identity part, near 1 on the diagonal of the
-transitions of short blocks, keeps its full precision (docs/kernels.md §7.1).
+product of the block's chunk decays ``γ_end``) and the rest ``R`` (``R = -(diag(d) K)ᵀ W`` for a
+chunk), which is all that is rounded when the hierarchy is held in bfloat16: the identity part,
+near 1 on the diagonal of the transitions of short blocks, keeps its full precision
+(docs/kernels.md §7.1).
 
 Launches (see ``docs/kernels.md``):
 

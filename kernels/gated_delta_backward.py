@@ -74,9 +74,8 @@ def _add_shares(dh_ptr, dt_ptr, blk, acc_h, acc_t, moved, owned, dk, DK, DV, BDV
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sgb0",
                                "sgb1"])
-def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, qt_ptr, dqt_ptr,
-                   dl_ptr,
-                   T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, scale,
+def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, qt_ptr,
+                   dqt_ptr, dl_ptr, T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, scale,
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, sob0, sob1, sot, sod, slb0, slb1, slt, sll,
                    sgb0, sgb1, sgt, C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                    BL: tl.constexpr, GROUP: tl.constexpr, LOG_GROUP: tl.constexpr, HAS_G: tl.constexpr,

@@ -261,9 +261,9 @@ def test_bfloat16_hierarchy():
                                                     (8, 128, 260, 3), (2, 16, 100, 40)])
 def test_gradients_reader_groups(group, value_tile, T, Dv):
     """The reader kernel's chunk groups: one chunk a program, groups that end past the last chunk
-    (7, 10 and 17 chunks of 16; the default group of 8 over three programs, the last of one chunk), levels added
-    atomically by several groups, and value heads wider than its tile (each chunk's ``dH`` share
-    added tile by tile).  The interpreter runs the programs one after another: races between
+    (7, 10 and 17 chunks of 16; the default group of 8 over three programs, the last of one
+    chunk), levels added atomically by several groups, and value heads wider than its tile (each
+    chunk's ``dH`` share added tile by tile).  The interpreter runs the programs one after another: races between
     programs show only on the GPU (``test_gradients_on_gpu``)."""
     gdb = sys.modules["hodlr.kernels.gated_delta_backward"]
 
@@ -409,19 +409,25 @@ def test_gradients_on_gpu(T, D, dtype):
         assert relative_error(a, b) <= tol, f"d{name}: {relative_error(a, b):.2e}"
 
 
+def _errors_beside_fla(q, k, v, g, beta, lam, scale):
+    """``(ours, fla's)`` relative errors of the bfloat16 output (λ ≡ 1: plain Gated DeltaNet, fla's
+    ``chunk_gated_delta_rule``) against the float64 chunked backend on the same inputs."""
+    fla = pytest.importorskip("fla.ops.gated_delta_rule")
+    ref = hodlr.log_linear_gated_delta_rule(*(x.double() for x in (q, k, v, g, beta, lam)), scale=scale,
+                                            backend="chunked")[0]
+    ours = hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam, scale=scale)[0]
+    theirs = fla.chunk_gated_delta_rule(q, k, v, g, beta, scale=scale)[0]
+    e_ours, e_fla = relative_error(ours, ref), relative_error(theirs, ref)
+    print(f"T={q.shape[1]}, D={q.shape[-1]}: ours {e_ours:.2e}, fla {e_fla:.2e} from float64")
+    return e_ours, e_fla
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [63, 2048, 16384])
 def test_unit_levels_equal_fla_gated_delta_on_gpu(T):
     """λ ≡ 1 at every level is plain Gated DeltaNet: ours and fla's ``chunk_gated_delta_rule`` on
     the same bfloat16 inputs, each against the float64 chunked backend; ours no further."""
-    fla = pytest.importorskip("fla.ops.gated_delta_rule")
-    q, k, v, g, beta, lam = _gpu_problem(T, 64, torch.bfloat16, unit_levels=True, seed=T)
-    ref = hodlr.log_linear_gated_delta_rule(*(x.double() for x in (q, k, v, g, beta, lam)), scale=0.125,
-                                            backend="chunked")[0]
-    ours = hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam, scale=0.125)[0]
-    theirs = fla.chunk_gated_delta_rule(q, k, v, g, beta, scale=0.125)[0]
-    e_ours, e_fla = relative_error(ours, ref), relative_error(theirs, ref)
-    print(f"T={T}: ours {e_ours:.2e}, fla {e_fla:.2e} from float64")
+    e_ours, e_fla = _errors_beside_fla(*_gpu_problem(T, 64, torch.bfloat16, unit_levels=True, seed=T), 0.125)
     assert e_ours <= TOLERANCES["gpu_bfloat16"] and e_ours <= 1.5 * e_fla
 
 
@@ -432,13 +438,6 @@ def test_no_decay_no_further_than_fla_on_gpu(D):
     DeltaNet: the transitions are multiplied over the whole sequence, where a biased rounding of
     the tf32 operands drifts), bfloat16 at the default chunk of each width is no further from
     float64 than fla's ``chunk_gated_delta_rule``."""
-    fla = pytest.importorskip("fla.ops.gated_delta_rule")
     q, k, v, g, beta, lam = _gpu_problem(4096, D, torch.bfloat16, unit_levels=True, seed=D)
-    g = torch.zeros_like(g)
-    ref = hodlr.log_linear_gated_delta_rule(*(x.double() for x in (q, k, v, g, beta, lam)), scale=D ** -0.5,
-                                            backend="chunked")[0]
-    ours = hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam, scale=D ** -0.5)[0]
-    theirs = fla.chunk_gated_delta_rule(q, k, v, g, beta, scale=D ** -0.5)[0]
-    e_ours, e_fla = relative_error(ours, ref), relative_error(theirs, ref)
-    print(f"D={D}: ours {e_ours:.2e}, fla {e_fla:.2e} from float64")
+    e_ours, e_fla = _errors_beside_fla(q, k, v, torch.zeros_like(g), beta, lam, D ** -0.5)
     assert e_ours <= e_fla
