@@ -15,14 +15,14 @@ import torch
 
 from hodlr import fenwick
 
-from ._layout import broadcast_shape
+from ._layout import broadcast_shape, check_chunk
 from .attention import attention_forward, attention_state_forward
 from .matmul import matmul_forward
 from .attention_backward import attention_backward, attention_state_backward
 from .bucket_states import bucket_pieces, bucket_states_backward, bucket_states_forward
 from .carried_reads import carried_reads_backward, carried_reads_forward
 from .gated_delta import gated_delta_forward
-from .gated_delta_backward import gated_delta_backward
+from .gated_delta_backward import MAX_BACKWARD_CHUNK, gated_delta_backward
 from .matmul_backward import matmul_backward
 
 __all__ = ["attention", "bucket_states", "carried_reads", "gated_delta", "matmul"]
@@ -140,7 +140,8 @@ class _GatedDelta(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, beta, level_scales, log_decay = ctx.saved_tensors
-        grads = gated_delta_backward(q, k, v, beta, level_scales, log_decay, ctx.scale, do, chunk=ctx.chunk)
+        chunk = min(check_chunk(ctx.chunk, "gated_delta"), MAX_BACKWARD_CHUNK)  # any chunk: the same gradients
+        grads = gated_delta_backward(q, k, v, beta, level_scales, log_decay, ctx.scale, do, chunk=chunk)
         return (*grads, None, None)
 
 
@@ -148,7 +149,8 @@ def gated_delta(q, k, v, beta, level_scales, log_decay=None, scale: float = 1.0,
     """Differentiable :func:`gated_delta_forward` (same arguments and result).
 
     Gradients flow to ``q, k, v, beta, level_scales`` and ``log_decay`` (the Triton backward,
-    :func:`gated_delta_backward`); never-read level scales get exactly 0.
+    :func:`gated_delta_backward`, at ``min(chunk, MAX_BACKWARD_CHUNK)``: the gradients do not depend
+    on the chunk); never-read level scales get exactly 0.
     """
     batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2], beta.shape[:-1], level_scales.shape[:-2],
                             () if log_decay is None else log_decay.shape[:-1])

@@ -47,6 +47,13 @@ READER_VALUE_TILE = 128
 """Widest value tile of the reader kernel: one tile keeps a group's ``dH`` share in registers;
 wider value heads add each chunk's share atomically, tile by tile."""
 
+MAX_BACKWARD_CHUNK = 32
+"""Largest chunk of the backward: its chunk kernel holds every ``(C, C)`` and ``(C, Dk)`` tile of
+a chunk's gradients at once, and at ``C = 64`` asks more shared memory than a GPU has (H200,
+bfloat16: 248 KiB at ``Dk = Dv = 64``, 464 KiB at 128, against 227 KiB).  The gradients do not
+depend on the chunk, so :func:`kernels.gated_delta` differentiates a forward of any chunk with a
+backward of at most this one."""
+
 
 @triton.jit
 def _add_block(ptr, index, value, rows, cols, R, S, OWNED):
@@ -335,8 +342,9 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         Leading dims broadcast (views read in place); any strides.
     scale : float
     chunk : int, optional
-        Chunk size of the recomputation (any power of two in ``[16, 256]``: the gradients do not
-        depend on it; default ``DEFAULT_CHUNK["gated_delta"]``).
+        Chunk size of the recomputation and the backward kernels, a power of two in
+        ``[16, MAX_BACKWARD_CHUNK]`` (the gradients do not depend on it; default
+        ``DEFAULT_CHUNK["gated_delta"]``).
 
     Returns
     -------
@@ -345,6 +353,10 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         None when ``log_decay`` is None).  Never-read level scales get exactly 0.
     """
     C = check_chunk(chunk, "gated_delta")
+    if C > MAX_BACKWARD_CHUNK:
+        raise ValueError(f"chunk of the Gated DeltaNet backward must be at most {MAX_BACKWARD_CHUNK} (at 64 its "
+                         f"chunk kernel asks more shared memory than a GPU has; the gradients do not depend on "
+                         f"the chunk), got {C}")
     layout = gated_delta_layout(q, k, v, beta, level_scales, log_decay, do=do)
     T, DK, DV, L, B = layout.T, layout.DK, layout.DV, layout.L, layout.B
     v = layout.tensors["v"]

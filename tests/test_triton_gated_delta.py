@@ -135,6 +135,34 @@ def test_wide_keys_default_chunk():
         assert_close(grad.cpu(), want[name], GRAD_TOL[torch.float64], f"d{name}")
 
 
+def test_wide_chunk_forward_differentiates_at_the_backward_chunk():
+    """A forward at chunk 64 differentiates through a backward at ``MAX_BACKWARD_CHUNK`` (its chunk
+    kernel at 64 does not fit a GPU's shared memory; the gradients do not depend on the chunk), and
+    the backward called at 64 says so."""
+    gd, gdb = sys.modules["hodlr.kernels.gated_delta"], sys.modules["hodlr.kernels.gated_delta_backward"]
+    T = 70
+    rng = np.random.default_rng(T)
+    t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
+    q, k, v = t(1, T, 3), torch.nn.functional.normalize(t(1, T, 3), dim=-1), t(1, T, 2)
+    beta = torch.as_tensor(rng.uniform(0, 1, (1, T)))
+    lam = poison_unread(torch.as_tensor(rng.uniform(0.2, 1.5, (1, T, hodlr.num_levels(T)))))
+    g = -torch.as_tensor(rng.uniform(0, 0.3, (1, T)))
+    build, chunks = gd.chunk_hierarchy, []
+
+    def spy(layout, C):
+        chunks.append(C)
+        return build(layout, C)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gd, "chunk_hierarchy", spy)
+        mp.setattr(gdb, "chunk_hierarchy", spy)
+        _check_grads((q, k, v, beta, lam, g), t(1, T, 2), 0.3, torch.float64, chunk=64)
+    assert chunks == [64, gdb.MAX_BACKWARD_CHUNK]
+    dev = [x.to(DEVICE) for x in (q, k, v, beta, lam, g)]
+    with pytest.raises(ValueError, match=r"chunk of the Gated DeltaNet backward must be at most 32 .*got 64"):
+        kernels.gated_delta_backward(*dev, 0.3, torch.ones_like(dev[2]), chunk=64)
+
+
 @pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
 def test_public_api_and_no_decay(rng):
     """``hodlr.gated_delta_attention(..., backend="triton")`` (default chunk, no decay, a mask
