@@ -17,9 +17,10 @@ Subcommands
 ``backends``
     Which backends exist, which operations each offers and where each can run here (torch
     rows only where torch is installed, CUDA only where a CUDA device exists), and why not.
-``bench``, ``bench-cpu``, ``bench-decode``, ``bench-gated-delta``, ``bench-cp``
+``bench``, ``bench-cpu``, ``bench-decode``, ``bench-gated-delta``, ``bench-hattention``, ``bench-cp``
     Hand the remaining arguments to ``hodlr.bench.main``, ``hodlr.bench_cpu.main``,
-    ``hodlr.bench_decode.main``, ``hodlr.bench_gated_delta.main`` and
+    ``hodlr.bench_decode.main``, ``hodlr.bench_gated_delta.main``,
+    ``hodlr.bench_hattention.main`` (beside the log-linear attention authors' kernel) and
     ``hodlr.distributed_bench.main`` (context parallelism, under ``torchrun``).
 
 The Triton backend under ``TRITON_INTERPRET=1`` (CPU) runs Python per program instance:
@@ -67,7 +68,8 @@ INTERPRETER_LENGTH = 8192
 LEVEL_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 BENCHES = {"bench": "hodlr.bench", "bench-cpu": "hodlr.bench_cpu", "bench-decode": "hodlr.bench_decode",
-           "bench-gated-delta": "hodlr.bench_gated_delta", "bench-cp": "hodlr.distributed_bench"}
+           "bench-gated-delta": "hodlr.bench_gated_delta", "bench-hattention": "hodlr.bench_hattention",
+           "bench-cp": "hodlr.distributed_bench"}
 
 
 # -- problems and references -------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""``hodlr bench-hattention`` on the CPU without hattention: the code path runs, hodlr is timed and
+checked, hattention's import error is recorded (the GPU run with hattention records the real figures)."""
+
+import json
+import sys
+
+import pytest
+
+from hodlr import cli
+
+
+@pytest.fixture
+def bench_hattention(monkeypatch):
+    """The module, with hattention made unimportable even where it is installed."""
+    pytest.importorskip("torch")
+    from hodlr import bench_hattention
+
+    monkeypatch.setitem(sys.modules, "hattention", None)
+    return bench_hattention
+
+
+def test_code_path_on_cpu_without_hattention(bench_hattention, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "hatt.json", tmp_path / "hatt.png"
+    assert bench_hattention.main(["--device", "cpu", "-T", "32", "--widths", "16", "--model-width", "32",
+                                  "--tokens", "64", "--accuracy", "32", "--profile", "--commit", "abc123",
+                                  "--json", str(out), "--png", str(png)]) == 0
+    res = json.loads(out.read_text())
+    assert res["commit"] == "abc123" and res["dtype"] == "float32" and res["hatt_levels"] == 6
+    assert "hattention" in res["hatt_import_error"] and "hatt_fixes" not in res
+    (row,) = res["rows"]
+    assert (row["D"], row["H"], row["T"], row["B"]) == (16, 2, 32, 2)
+    assert row["hodlr_fwd"] > 0 and row["hodlr_fwdbwd"] > 0 and row["hodlr_kernels_fwdbwd"]
+    assert not [key for key in row if key.startswith("hatt") or key.endswith("_error")], row
+    (acc,) = res["accuracy"]
+    assert (acc["T"], acc["B"], acc["H"], acc["D"], acc["dtype"]) == (32, 1, 2, 64, "float32")
+    assert all(acc["hodlr_" + key] < 1e-5 for key in ("o", "dq", "dk", "dv", "dg", "dbeta", "dlam")), acc
+    assert not [key for key in acc if key.startswith("hatt") or key.endswith("error")], acc
+    assert png.read_bytes().startswith(b"\x89PNG")
+    assert "hattention unavailable" in capsys.readouterr().out
+
+
+def test_no_backward_and_no_accuracy(bench_hattention, tmp_path):
+    out = tmp_path / "hatt.json"
+    assert bench_hattention.main(["--device", "cpu", "-T", "16", "--widths", "8", "--model-width", "8",
+                                  "--tokens", "16", "--accuracy", "--no-bwd", "--json", str(out), "--png", ""]) == 0
+    res = json.loads(out.read_text())
+    (row,) = res["rows"]
+    assert res["accuracy"] == [] and row["hodlr_fwd"] > 0 and "hodlr_fwdbwd" not in row
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-T", "0"], "--lengths must be positive, got 0"),
+    (["--widths", "16", "-4"], "--widths must be positive, got -4"),
+    (["--accuracy", "0"], "--accuracy must be positive, got 0"),
+    (["--dtype", "float16"], "--dtype: invalid choice"),
+])
+def test_bad_arguments_are_named(capsys, argv, message):
+    from hodlr import bench_hattention
+
+    with pytest.raises(SystemExit) as err:
+        bench_hattention.main(["--device", "cpu"] + argv)
+    assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_help_through_the_cli(capsys):
+    with pytest.raises(SystemExit) as err:
+        cli.main(["bench-hattention", "--help"])
+    out = capsys.readouterr().out
+    assert err.value.code == 0
+    assert "hodlr bench-hattention" in out and "--hatt-levels" in out and "--no-bwd" in out and "--png" in out
