@@ -141,6 +141,23 @@ def _inputs(torch, B, T, H, D, dtype, decay=0.1, seed=0):
     return q, k, v, g, lam, do
 
 
+def timer(cuda: bool, warmup: int, rep: int):
+    """``fn -> ms``: the median of ``triton.testing.do_bench(fn, warmup, rep)`` on a GPU; on the CPU
+    one wall-clock call (smoke runs under the interpreter: the figure means nothing)."""
+    import time
+
+    def bench(fn):
+        if cuda:
+            import triton.testing
+
+            return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
+
+    return bench
+
+
 def _timed(row, key, fn):
     try:
         row[key] = fn()
@@ -387,20 +404,29 @@ def write(result, json_path, png_path, plot_fn) -> None:
         plot_fn(result, png_path)
 
 
-def plot(result, path) -> None:
+def width_panels(result, series, extra: int = 0):
+    """``(figure, axes)``: one panel per head width of ``result["rows"]`` with ``series`` drawn by
+    :func:`plot_times`, then ``extra`` empty panels (the last axes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     widths = sorted({r["D"] for r in result["rows"]})
-    fig, axes = plt.subplots(1, len(widths) + 1, figsize=(5 * (len(widths) + 1), 4.5), squeeze=False)
+    n = len(widths) + extra
+    fig, axes = plt.subplots(1, n, figsize=((5 if extra else 5.5) * n, 4.5), squeeze=False)
+    for ax, D in zip(axes[0], widths):
+        plot_times(ax, result, D, series)
+    return fig, axes[0]
+
+
+def plot(result, path) -> None:
     series = (("fwd", "hodlr fwd", "C0", "-"), ("fwdbwd", "hodlr fwd+bwd", "C0", "--"),
               ("sdpa_fwd", "SDPA (causal) fwd", "C1", "-"), ("sdpa_fwdbwd", "SDPA fwd+bwd", "C1", "--"),
               ("fla_fwd", "fla log-linear fwd", "C2", "-"), ("fla_fwdbwd", "fla log-linear fwd+bwd", "C2", "--"))
-    for ax, D in zip(axes[0], widths):
-        plot_times(ax, result, D, series)
-    ax = axes[0][-1]
+    fig, axes = width_panels(result, series, extra=1)
+    widths = sorted({r["D"] for r in result["rows"]})
+    ax = axes[-1]
     for D in widths:
         rows = [r for r in result["rows"] if r["D"] == D]
         ax.plot([r["T"] for r in rows], [r.get("fwdbwd_over_fwd", math.nan) for r in rows], marker="o", label=f"D = {D}")

@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import sys
-import time
 import traceback
 
-from hodlr.bench import (_commit, _fla_version, _fmt, _rel, _timed, kernel_times, plot_times, save_figure,
-                         sweep_parser, write)
+from hodlr.bench import (_commit, _fla_version, _fmt, _rel, _timed, kernel_times, save_figure, timer,
+                         sweep_parser, width_panels, write)
 
 DEFAULT_LENGTHS = (2048, 8192, 16384, 32768, 65536)
 DEFAULT_WIDTHS = (64, 128)
@@ -143,20 +142,13 @@ def _accuracy(torch, T, D, device, fla):
 def run(args) -> dict:
     import torch
     import triton
-    import triton.testing
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("hodlr bench-gated-delta needs a CUDA GPU (or --device cpu with TRITON_INTERPRET=1)")
     cuda = device.type == "cuda"
 
-    def bench(fn):
-        if cuda:
-            return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
-        start = time.perf_counter()
-        fn()
-        return 1e3 * (time.perf_counter() - start)
-
+    bench = timer(cuda, args.warmup, args.rep)
     fla = _fla() if cuda else None
     result = {
         "device": torch.cuda.get_device_properties(0).name if cuda else "cpu (interpreter smoke run)",
@@ -190,17 +182,9 @@ def _format_row(r) -> str:
 
 
 def plot(result, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    widths = sorted({r["D"] for r in result["rows"]})
-    fig, axes = plt.subplots(1, len(widths), figsize=(5.5 * len(widths), 4.5), squeeze=False)
     series = (("fwd", "hodlr log-linear GDN fwd", "C0", "-"), ("fwdbwd", "hodlr log-linear GDN fwd+bwd", "C0", "--"),
               ("fla_fwd", "fla GDN (linear) fwd", "C2", "-"), ("fla_fwdbwd", "fla GDN (linear) fwd+bwd", "C2", "--"))
-    for ax, D in zip(axes[0], widths):
-        plot_times(ax, result, D, series)
+    fig, _ = width_panels(result, series)
     save_figure(fig, result, path)
 
 

@@ -12,11 +12,12 @@ does.  For each head width ``D`` (``H = model_width // D`` heads) and length ``T
   every input (q, k, v, g, β, λ);
 - ``hatt_fwd`` / ``hatt_fwdbwd``: hattention on the same inputs (``l = λ·scale``), likewise;
 - the ratios ``hatt_fwd_over_hodlr_fwd`` and ``hatt_fwdbwd_over_hodlr_fwdbwd``, the peak GPU memory
-  of each call (``*_peak_GiB``) and the size of hattention's ``T x T`` level table
-  (``hatt_llut_GiB``).
+  while timing each call (``*_peak_GiB``: the inputs and ``do_bench``'s cache-flush buffer
+  included) and the size of hattention's ``T x T`` level table (``hatt_llut_GiB``).
 
-``--no-bwd`` skips the forward + backward timings; ``--profile`` adds each row's forward + backward
-split by kernel (``*_kernels_fwdbwd``, ms a call; the forward's with ``--no-bwd``).
+``--no-bwd`` skips the forward + backward timings and the gradients of the accuracy check;
+``--profile`` adds each row's forward + backward split by kernel (``*_kernels_fwdbwd``, ms a call;
+the forward's with ``--no-bwd``).
 
 ``--accuracy T ...`` (default 4096; no check when given no length) compares, at ``B = 1, H = 4,
 D = 64`` in bf16, the outputs and gradients of both with hodlr's float64 ``chunked`` backend on the
@@ -73,9 +74,10 @@ GPU (``T`` 2048 ... 65536, ``D`` 64 and 128, accuracy at 4096), whole or by head
     PYTHONPATH=/opt/fla04:/opt/hattention python3 -m hodlr bench-hattention --widths 128 --accuracy \\
         --json hatt-128.json --png hatt-128.png
 
-``--device cpu`` runs the code path under Triton's interpreter (``TRITON_INTERPRET=1``, set when
-unset) at ``T = 128, D = 64`` (accuracy at ``T = 128, H = 2``) in float32, as the interpreter's
-bf16 arithmetic is broken: a smoke test, the times mean nothing.  There hattention is called
+``--device cpu`` runs the code path with Triton's interpreter (``TRITON_INTERPRET=1``, set for the
+run when unset; hattention and fla run interpreted, hodlr's default backend on the CPU is the
+PyTorch ``chunked`` one) at ``T = 128, D = 64`` (accuracy at ``T = 128, H = 2``) in float32, as
+the interpreter's bf16 arithmetic is broken: a smoke test, the times mean nothing.  There hattention is called
 through ``hattention.kernel.hattention_kernel`` as its API does (the API refuses float32), and
 fla-core 0.4.0 needs a Triton that still has ``tl.make_block_ptr`` (3.6 or older)::
 
@@ -91,11 +93,11 @@ import functools
 import inspect
 import os
 import sys
-import time
 import traceback
 import warnings
 
-from hodlr.bench import _commit, _fmt, _rel, _timed, kernel_times, plot_times, save_figure, sweep_parser, write
+from hodlr.bench import (_commit, _fmt, _rel, _timed, kernel_times, save_figure, sweep_parser, timer,
+                         width_panels, write)
 from hodlr.bench_gated_delta import _inputs
 
 __all__ = ["main", "run", "patch_hattention"]
@@ -151,7 +153,7 @@ def _levels_matrix_fast(torch, length, device, block=4096):
 
 
 def _patch_levels(torch):
-    """Point hattention's ``make_levels_matrix`` (in every module that imported it) at
+    """Point hattention's ``make_levels_matrix`` (in the modules of its Gated DeltaNet path) at
     :func:`_levels_matrix_fast` for the base-2 weak table, cached for the last ``(T, device)``;
     other tables keep the original.  The replacement has ``cache_clear()``."""
     import hattention.base as hbase
@@ -439,12 +441,12 @@ def _row(torch, bench, hatt, D, H, T, B, device, args):
     return row
 
 
-def _accuracy(torch, hatt, T, B, H, D, device, dtype):
+def _accuracy(torch, hatt, T, B, H, D, device, dtype, gradients=True):
     """Relative Frobenius errors against hodlr's float64 ``chunked`` backend at ``(B, T, H, D)`` in
     ``dtype``, q and k l2-normalised inside the autograd graph (as hattention's
-    ``use_qk_l2norm_in_kernel`` does): the output and the gradients of q, k, v, g, β, λ of hodlr's
-    default backend and of hattention (level scales ``l = λ·scale`` in ``dtype`` and in float32;
-    λ's gradient through ``l``)."""
+    ``use_qk_l2norm_in_kernel`` does): the output and (``gradients``) the gradients of q, k, v, g,
+    β, λ of hodlr's default backend and of hattention (level scales ``l = λ·scale`` in ``dtype`` and
+    in float32; λ's gradient through ``l``)."""
     import hodlr
 
     normalize = torch.nn.functional.normalize
@@ -456,7 +458,7 @@ def _accuracy(torch, hatt, T, B, H, D, device, dtype):
     refs = [x.detach().double().requires_grad_() for x in (q, k, v, g, beta, lam)]
     ref = hodlr.log_linear_gated_delta_rule(normalize(refs[0], dim=-1), normalize(refs[1], dim=-1), *refs[2:],
                                             scale=scale, backend="chunked")[0]
-    ref_grads = torch.autograd.grad(ref, refs, do.double())
+    ref_grads = torch.autograd.grad(ref, refs, do.double()) if gradients else ()
     row["ref_norm"] = float(ref.detach().norm())
 
     try:
@@ -464,7 +466,7 @@ def _accuracy(torch, hatt, T, B, H, D, device, dtype):
         o = hodlr.log_linear_gated_delta_rule(normalize(xs[0].float(), dim=-1).to(dtype),
                                               normalize(xs[1].float(), dim=-1).to(dtype), *xs[2:], scale=scale)[0]
         row["hodlr_o"] = _rel(o, ref)
-        for name, a, b in zip(names, torch.autograd.grad(o, xs, do), ref_grads):
+        for name, a, b in zip(names, torch.autograd.grad(o, xs, do) if gradients else (), ref_grads):
             row["hodlr_" + name] = _rel(a, b)
     except Exception:  # noqa: BLE001 - a failure is recorded, the run goes on
         row["hodlr_error"] = traceback.format_exc(limit=4)[-600:]
@@ -479,7 +481,7 @@ def _accuracy(torch, hatt, T, B, H, D, device, dtype):
             xs = [x.detach().requires_grad_() for x in (q, k, v, g, beta, lam)]
             o = call(xs[0], xs[1], xs[2], xs[3], (xs[5] * scale).to(l_dtype), xs[4])
             row[key + "_o"] = _rel(o, ref)
-            for name, a, b in zip(names, torch.autograd.grad(o, xs, do), ref_grads):
+            for name, a, b in zip(names, torch.autograd.grad(o, xs, do) if gradients else (), ref_grads):
                 row[key + "_" + name] = _rel(a, b)
         except Exception:  # noqa: BLE001
             row[key + "_error"] = traceback.format_exc(limit=4)[-600:]
@@ -517,7 +519,6 @@ def run(args) -> dict:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
     import triton
-    import triton.testing
 
     import hodlr
 
@@ -528,13 +529,7 @@ def run(args) -> dict:
     args.hatt_l_dtype = getattr(torch, args.hatt_l_dtype) if args.hatt_l_dtype else args.dtype
     args.hatt_levels = hodlr.num_levels(max(args.lengths)) if args.hatt_levels == "fixed" else None
 
-    def bench(fn):
-        if cuda:
-            return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
-        start = time.perf_counter()
-        fn()
-        return 1e3 * (time.perf_counter() - start)
-
+    bench = timer(cuda, args.warmup, args.rep)
     fla_version, fla_path = _fla_import()
     result = {
         "device": torch.cuda.get_device_properties(0).name if cuda else "cpu (Triton interpreter smoke run)",
@@ -564,7 +559,7 @@ def run(args) -> dict:
     accuracy_dtype = torch.bfloat16 if cuda else torch.float32
     for T in args.accuracy:
         try:
-            row = _accuracy(torch, hatt, T, B, H, D, device, accuracy_dtype)
+            row = _accuracy(torch, hatt, T, B, H, D, device, accuracy_dtype, gradients=not args.no_bwd)
         except Exception:  # noqa: BLE001
             row = {"T": T, "dtype": str(accuracy_dtype).replace("torch.", ""),
                    "error": traceback.format_exc(limit=4)[-600:]}
@@ -586,17 +581,9 @@ def run(args) -> dict:
 def plot(result, path) -> None:
     """One panel per head width: ms against T (log-log), hodlr's and hattention's forward and
     forward + backward."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    widths = sorted({r["D"] for r in result["rows"]})
-    fig, axes = plt.subplots(1, len(widths), figsize=(5.5 * len(widths), 4.5), squeeze=False)
     series = (("hodlr_fwd", "hodlr fwd", "C0", "-"), ("hodlr_fwdbwd", "hodlr fwd+bwd", "C0", "--"),
               ("hatt_fwd", "hattention fwd", "C3", "-"), ("hatt_fwdbwd", "hattention fwd+bwd", "C3", "--"))
-    for ax, D in zip(axes[0], widths):
-        plot_times(ax, result, D, series)
+    fig, _ = width_panels(result, series)
     save_figure(fig, result, path)
 
 
@@ -626,7 +613,8 @@ def _parser():
     p.add_argument("--hatt-levels", default="fixed", choices=("fixed", "exact"),
                    help="hattention's level-scale columns: fixed = num_levels(max T) at every T (its kernels "
                         "then compile and autotune once per D; default), exact = num_levels(T)")
-    p.add_argument("--no-bwd", action="store_true", help="skip the forward + backward timings")
+    p.add_argument("--no-bwd", action="store_true",
+                   help="skip the forward + backward timings and the accuracy check's gradients")
     return p
 
 
@@ -645,7 +633,14 @@ def main(argv=None) -> int:
         message = _positive(option, values)
         if message:
             parser.error(message)
-    result = run(args)
+    interpret = os.environ.get("TRITON_INTERPRET")
+    try:
+        result = run(args)
+    finally:  # run() sets TRITON_INTERPRET for a CPU run: the caller's environment is left as it was
+        if interpret is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = interpret
     write(result, args.json, args.png, plot)
     print("wrote", ", ".join(p for p in (args.json, args.png) if p) or "nothing (--json '' --png '')")
     return 0

@@ -49,8 +49,8 @@ wider value heads add each chunk's share atomically, tile by tile."""
 
 MAX_BACKWARD_CHUNK = 32
 """Largest chunk of the backward: its chunk kernel holds every ``(C, C)`` and ``(C, Dk)`` tile of
-a chunk's gradients at once, and at ``C = 64`` asks more shared memory than a GPU has (H200,
-bfloat16: 248 KiB at ``Dk = Dv = 64``, 464 KiB at 128, against 227 KiB).  The gradients do not
+a chunk's gradients at once, and at ``C = 64`` asks more shared memory than the H200's 227 KiB
+(bfloat16: 248 KiB at ``Dk = Dv = 64``, 464 KiB at 128).  The gradients do not
 depend on the chunk, so :func:`kernels.gated_delta` differentiates a forward of any chunk with a
 backward of at most this one."""
 
@@ -355,8 +355,8 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     C = check_chunk(chunk, "gated_delta")
     if C > MAX_BACKWARD_CHUNK:
         raise ValueError(f"chunk of the Gated DeltaNet backward must be at most {MAX_BACKWARD_CHUNK} (at 64 its "
-                         f"chunk kernel asks more shared memory than a GPU has; the gradients do not depend on "
-                         f"the chunk), got {C}")
+                         f"chunk kernel asks more shared memory than the H200's 227 KiB; the gradients do not "
+                         f"depend on the chunk), got {C}")
     layout = gated_delta_layout(q, k, v, beta, level_scales, log_decay, do=do)
     T, DK, DV, L, B = layout.T, layout.DK, layout.DV, layout.L, layout.B
     v = layout.tensors["v"]

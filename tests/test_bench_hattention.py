@@ -49,6 +49,63 @@ def test_no_backward_and_no_accuracy(bench_hattention, tmp_path):
     assert res["accuracy"] == [] and row["hodlr_fwd"] > 0 and "hodlr_fwdbwd" not in row
 
 
+def test_no_backward_checks_outputs_only(bench_hattention, tmp_path, monkeypatch):
+    """``--no-bwd`` drops the gradients from the accuracy check too; a CPU run leaves the caller's
+    ``TRITON_INTERPRET`` as it found it."""
+    import os
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "hatt.json"
+    assert bench_hattention.main(["--device", "cpu", "-T", "16", "--widths", "8", "--model-width", "8",
+                                  "--tokens", "16", "--accuracy", "32", "--no-bwd", "--json", str(out),
+                                  "--png", ""]) == 0
+    assert "TRITON_INTERPRET" not in os.environ
+    (acc,) = json.loads(out.read_text())["accuracy"]
+    assert acc["hodlr_o"] < 1e-5 and not [key for key in acc if key.startswith("hodlr_d")], acc
+
+
+def test_level_table_is_fenwick_level(bench_hattention):
+    """The vectorised table given to hattention: ``bit_length(t ^ s)`` below the diagonal, 0 on and
+    above it, the same with rows built in several blocks."""
+    import numpy as np
+    import torch
+
+    from hodlr import fenwick
+
+    T = 77
+    want = np.maximum(fenwick.level_matrix(T), 0)
+    for block in (4096, 10):
+        got = bench_hattention._levels_matrix_fast(torch, T, torch.device("cpu"), block=block)
+        assert got.dtype == torch.int32 and np.array_equal(got.numpy(), np.tril(want, -1))
+
+
+def test_padded_level_scales(bench_hattention):
+    import torch
+
+    lev = torch.rand(2, 5, 3, 4).transpose(1, 2)
+    assert bench_hattention._pad_levels(torch, lev, None).is_contiguous()
+    padded = bench_hattention._pad_levels(torch, lev, 6)
+    assert padded.shape == (2, 3, 5, 6) and torch.equal(padded[..., :4], lev) and bool((padded[..., 4:] == 1).all())
+    assert torch.equal(bench_hattention._pad_levels(torch, lev, 3), lev)
+
+
+def test_dv_local_adapter_maps_the_old_keywords(bench_hattention):
+    """The older fla's ``offsets`` / ``indices`` go to ``cu_seqlens`` / ``chunk_indices``, the new
+    ``g_gamma`` and ``A`` are None; the head-first layout is refused by name."""
+    calls = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((grid, args, kwargs))
+
+    launch = bench_hattention._DvLocalAdapter(Kernel())[(3, 4)]
+    launch(1, 2, offsets="cu", indices="idx", BT=64)
+    assert calls == [((3, 4), (1, 2), {"g_gamma": None, "A": None, "cu_seqlens": "cu", "chunk_indices": "idx",
+                                       "BT": 64})]
+    with pytest.raises(NotImplementedError, match="HEAD_FIRST"):
+        launch(HEAD_FIRST=True)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["-T", "0"], "--lengths must be positive, got 0"),
     (["--widths", "16", "-4"], "--widths must be positive, got -4"),
