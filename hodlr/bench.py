@@ -55,7 +55,7 @@ def sweep_parser(prog, description, lengths, widths, outputs):
     p.add_argument("--png", default=f"{outputs}.png", help="output plot path ('' for none)")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     p.add_argument("--profile", action="store_true",
-                   help="also record each row's forward + backward per kernel (torch.profiler, ms a call)")
+                   help="also record each row's time per kernel (torch.profiler, ms a call)")
     return p
 
 

@@ -15,7 +15,8 @@ it times, with medians of ``triton.testing.do_bench`` on bf16 ``(B, T, H, D)`` i
 float64 chunked backend, and fla's output with the same reference at λ ≡ 1 with and without
 decay (where both compute plain Gated DeltaNet).
 
-``--profile`` adds each row's forward + backward split by kernel (``torch.profiler``, ms a call).
+``--profile`` adds each row's forward and forward + backward split by kernel (``kernels_fwd``,
+``kernels_fwdbwd``: ``torch.profiler``, ms a call).
 
 Writes a JSON file and a picture (``--json``, ``--png``).  ``--device cpu`` runs the code path
 at tiny sizes under Triton's interpreter (a smoke test: no timing meaning).
@@ -88,6 +89,7 @@ def _row(torch, bench, D, H, T, B, dtype, device, fla, profile=False):
     _timed(row, "fwd", lambda: bench(fwd))
     _timed(row, "fwdbwd", lambda: bench(fwdbwd))
     if profile:
+        row["kernels_fwd"] = kernel_times(torch, fwd)
         row["kernels_fwdbwd"] = kernel_times(torch, fwdbwd)
     if fla is not None:
         fxs = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
