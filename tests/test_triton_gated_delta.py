@@ -103,19 +103,21 @@ def test_awkward_lengths_equal_chunked(T, C):
     assert_close(got.cpu(), _dense(q, k, v, beta, lam, g, 0.5)[0], TOL[torch.float64], "vs dense")
 
 
-def test_wide_keys_default_chunk():
-    """Keys wider than 64 (128-wide key tiles) run forward and backward at the default chunk
-    ``DEFAULT_CHUNK["gated_delta"]`` (checked by a spy): the output and the gradients equal the
-    dense reference."""
-    T, Dk = 70, 80
-    rng = np.random.default_rng(Dk)
+def _one_sequence(T, Dk, seed):
+    """``(q, k, v, beta, lam, g, w)`` of one float64 sequence (``Dv = 2``, unit keys, never-read scales
+    NaN, ``w`` the output's cotangent weights) on the CPU."""
+    rng = np.random.default_rng(seed)
     t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
     q, k, v = t(1, T, Dk), torch.nn.functional.normalize(t(1, T, Dk), dim=-1), t(1, T, 2)
     beta = torch.as_tensor(rng.uniform(0, 1, (1, T)))
     lam = poison_unread(torch.as_tensor(rng.uniform(0.2, 1.5, (1, T, hodlr.num_levels(T)))))
     g = -torch.as_tensor(rng.uniform(0, 0.3, (1, T)))
-    w = t(1, T, 2)
-    leaves = [x.to(DEVICE).requires_grad_(True) for x in (q, k, v, beta, lam, g)]
+    return q, k, v, beta, lam, g, t(1, T, 2)
+
+
+@contextlib.contextmanager
+def _chunks_used():
+    """The list of chunk sizes the forward and the backward build their hierarchies with, in order."""
     gd, gdb = sys.modules["hodlr.kernels.gated_delta"], sys.modules["hodlr.kernels.gated_delta_backward"]
     build, chunks = gd.chunk_hierarchy, []
 
@@ -123,9 +125,19 @@ def test_wide_keys_default_chunk():
         chunks.append(C)
         return build(layout, C)
 
-    with _nan_scratch(), pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gd, "chunk_hierarchy", spy)
         mp.setattr(gdb, "chunk_hierarchy", spy)
+        yield chunks
+
+
+def test_wide_keys_default_chunk():
+    """Keys wider than 64 (128-wide key tiles) run forward and backward at the default chunk
+    ``DEFAULT_CHUNK["gated_delta"]`` (checked by a spy): the output and the gradients equal the
+    dense reference."""
+    q, k, v, beta, lam, g, w = _one_sequence(70, 80, seed=80)
+    leaves = [x.to(DEVICE).requires_grad_(True) for x in (q, k, v, beta, lam, g)]
+    with _nan_scratch(), _chunks_used() as chunks:
         got = kernels.gated_delta(*leaves, 0.3)
         grads = torch.autograd.grad((got * w.to(got)).sum(), leaves)
     assert chunks == [kernels.DEFAULT_CHUNK["gated_delta"]] * 2
@@ -139,25 +151,10 @@ def test_wide_chunk_forward_differentiates_at_the_backward_chunk():
     """A forward at chunk 64 differentiates through a backward at ``MAX_BACKWARD_CHUNK`` (its chunk
     kernel at 64 does not fit a GPU's shared memory; the gradients do not depend on the chunk), and
     the backward called at 64 says so."""
-    gd, gdb = sys.modules["hodlr.kernels.gated_delta"], sys.modules["hodlr.kernels.gated_delta_backward"]
-    T = 70
-    rng = np.random.default_rng(T)
-    t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
-    q, k, v = t(1, T, 3), torch.nn.functional.normalize(t(1, T, 3), dim=-1), t(1, T, 2)
-    beta = torch.as_tensor(rng.uniform(0, 1, (1, T)))
-    lam = poison_unread(torch.as_tensor(rng.uniform(0.2, 1.5, (1, T, hodlr.num_levels(T)))))
-    g = -torch.as_tensor(rng.uniform(0, 0.3, (1, T)))
-    build, chunks = gd.chunk_hierarchy, []
-
-    def spy(layout, C):
-        chunks.append(C)
-        return build(layout, C)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gd, "chunk_hierarchy", spy)
-        mp.setattr(gdb, "chunk_hierarchy", spy)
-        _check_grads((q, k, v, beta, lam, g), t(1, T, 2), 0.3, torch.float64, chunk=64)
-    assert chunks == [64, gdb.MAX_BACKWARD_CHUNK]
+    q, k, v, beta, lam, g, w = _one_sequence(70, 3, seed=70)
+    with _chunks_used() as chunks:
+        _check_grads((q, k, v, beta, lam, g), w, 0.3, torch.float64, chunk=64)
+    assert chunks == [64, sys.modules["hodlr.kernels.gated_delta_backward"].MAX_BACKWARD_CHUNK]
     dev = [x.to(DEVICE) for x in (q, k, v, beta, lam, g)]
     with pytest.raises(ValueError, match=r"chunk of the Gated DeltaNet backward must be at most 32 .*got 64"):
         kernels.gated_delta_backward(*dev, 0.3, torch.ones_like(dev[2]), chunk=64)
