@@ -158,6 +158,21 @@ def timer(cuda: bool, warmup: int, rep: int):
     return bench
 
 
+def forward_calls(torch, call, inputs, do):
+    """``(fwd, fwdbwd)``: ``call(*inputs)`` (the output) under ``torch.no_grad()``, and ``call`` on
+    leaves made of ``inputs`` followed by ``torch.autograd.grad`` of all of them for ``do``."""
+    leaves = [x.detach().requires_grad_() for x in inputs]
+
+    def fwd():
+        with torch.no_grad():
+            call(*inputs)
+
+    def fwdbwd():
+        torch.autograd.grad(call(*leaves), leaves, do)
+
+    return fwd, fwdbwd
+
+
 def _timed(row, key, fn):
     try:
         row[key] = fn()
@@ -404,9 +419,9 @@ def write(result, json_path, png_path, plot_fn) -> None:
         plot_fn(result, png_path)
 
 
-def width_panels(result, series, extra: int = 0):
-    """``(figure, axes)``: one panel per head width of ``result["rows"]`` with ``series`` drawn by
-    :func:`plot_times`, then ``extra`` empty panels (the last axes)."""
+def width_panels(result, series, extra: int = 0, panel_width: float = 5.5):
+    """``(figure, axes, widths)``: one panel per head width of ``result["rows"]`` (``widths``, sorted)
+    with ``series`` drawn by :func:`plot_times`, then ``extra`` empty panels (the last axes)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -414,18 +429,17 @@ def width_panels(result, series, extra: int = 0):
 
     widths = sorted({r["D"] for r in result["rows"]})
     n = len(widths) + extra
-    fig, axes = plt.subplots(1, n, figsize=((5 if extra else 5.5) * n, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(panel_width * n, 4.5), squeeze=False)
     for ax, D in zip(axes[0], widths):
         plot_times(ax, result, D, series)
-    return fig, axes[0]
+    return fig, axes[0], widths
 
 
 def plot(result, path) -> None:
     series = (("fwd", "hodlr fwd", "C0", "-"), ("fwdbwd", "hodlr fwd+bwd", "C0", "--"),
               ("sdpa_fwd", "SDPA (causal) fwd", "C1", "-"), ("sdpa_fwdbwd", "SDPA fwd+bwd", "C1", "--"),
               ("fla_fwd", "fla log-linear fwd", "C2", "-"), ("fla_fwdbwd", "fla log-linear fwd+bwd", "C2", "--"))
-    fig, axes = width_panels(result, series, extra=1)
-    widths = sorted({r["D"] for r in result["rows"]})
+    fig, axes, widths = width_panels(result, series, extra=1, panel_width=5)
     ax = axes[-1]
     for D in widths:
         rows = [r for r in result["rows"] if r["D"] == D]

@@ -28,8 +28,8 @@ import datetime as _dt
 import sys
 import traceback
 
-from hodlr.bench import (_commit, _fla_version, _fmt, _rel, _timed, kernel_times, save_figure, timer,
-                         sweep_parser, width_panels, write)
+from hodlr.bench import (_commit, _fla_version, _fmt, _rel, _timed, forward_calls, kernel_times, save_figure,
+                         sweep_parser, timer, width_panels, write)
 
 DEFAULT_LENGTHS = (2048, 8192, 16384, 32768, 65536)
 DEFAULT_WIDTHS = (64, 128)
@@ -73,34 +73,16 @@ def _row(torch, bench, D, H, T, B, dtype, device, fla, profile=False):
 
     q, k, v, g, beta, lam, do = _inputs(torch, B, T, H, D, dtype, device)
     row = {"D": D, "H": H, "T": T, "B": B}
-    xs = [x.detach().requires_grad_() for x in (q, k, v, g, beta, lam)]
     scale = D ** -0.5
-
-    def ours(*a):
-        return hodlr.log_linear_gated_delta_rule(*a, scale=scale)[0]
-
-    def fwd():
-        with torch.no_grad():
-            ours(q, k, v, g, beta, lam)
-
-    def fwdbwd():
-        torch.autograd.grad(ours(*xs), xs, do)
-
+    fwd, fwdbwd = forward_calls(torch, lambda *a: hodlr.log_linear_gated_delta_rule(*a, scale=scale)[0],
+                                (q, k, v, g, beta, lam), do)
     _timed(row, "fwd", lambda: bench(fwd))
     _timed(row, "fwdbwd", lambda: bench(fwdbwd))
     if profile:
         row["kernels_fwd"] = kernel_times(torch, fwd)
         row["kernels_fwdbwd"] = kernel_times(torch, fwdbwd)
     if fla is not None:
-        fxs = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
-
-        def fla_fwd():
-            with torch.no_grad():
-                fla(q, k, v, g, beta, scale=scale)
-
-        def fla_fwdbwd():
-            torch.autograd.grad(fla(*fxs, scale=scale)[0], fxs, do)
-
+        fla_fwd, fla_fwdbwd = forward_calls(torch, lambda *a: fla(*a, scale=scale)[0], (q, k, v, g, beta), do)
         _timed(row, "fla_fwd", lambda: bench(fla_fwd))
         _timed(row, "fla_fwdbwd", lambda: bench(fla_fwdbwd))
     if row.get("fwd") and row.get("fla_fwd"):
@@ -186,7 +168,7 @@ def _format_row(r) -> str:
 def plot(result, path) -> None:
     series = (("fwd", "hodlr log-linear GDN fwd", "C0", "-"), ("fwdbwd", "hodlr log-linear GDN fwd+bwd", "C0", "--"),
               ("fla_fwd", "fla GDN (linear) fwd", "C2", "-"), ("fla_fwdbwd", "fla GDN (linear) fwd+bwd", "C2", "--"))
-    fig, _ = width_panels(result, series)
+    fig = width_panels(result, series)[0]
     save_figure(fig, result, path)
 
 

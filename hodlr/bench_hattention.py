@@ -96,8 +96,8 @@ import sys
 import traceback
 import warnings
 
-from hodlr.bench import (_commit, _fmt, _rel, _timed, kernel_times, save_figure, sweep_parser, timer,
-                         width_panels, write)
+from hodlr.bench import (_commit, _fmt, _rel, _timed, forward_calls, kernel_times, save_figure, sweep_parser,
+                         timer, width_panels, write)
 from hodlr.bench_gated_delta import _inputs
 
 __all__ = ["main", "run", "patch_hattention"]
@@ -406,33 +406,18 @@ def _row(torch, bench, hatt, D, H, T, B, device, args):
     row = {"D": D, "H": H, "T": T, "B": B}
     q, k, v, g, beta, lam, do = _inputs(torch, B, T, H, D, args.dtype, device)
     scale = D ** -0.5
-    xs = [x.detach().requires_grad_() for x in (q, k, v, g, beta, lam)]
-
-    def hodlr_fwd():
-        with torch.no_grad():
-            hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam, scale=scale)
-
-    def hodlr_fwdbwd():
-        torch.autograd.grad(hodlr.log_linear_gated_delta_rule(*xs, scale=scale)[0], xs, do)
-
-    _time_pair(torch, row, "hodlr", bench, hodlr_fwd, hodlr_fwdbwd, args)
+    calls = forward_calls(torch, lambda *a: hodlr.log_linear_gated_delta_rule(*a, scale=scale)[0],
+                          (q, k, v, g, beta, lam), do)
+    _time_pair(torch, row, "hodlr", bench, *calls, args)
 
     if hatt is not None:
         import hattention.base
 
         lev = _pad_levels(torch, (lam * scale).to(args.hatt_l_dtype), args.hatt_levels)
         row["hatt_L"] = lev.shape[-1]
-        hxs = [x.detach().requires_grad_() for x in (q, k, v, g, lev, beta)]
-        call = _hatt_call(hatt, scale, direct=args.dtype == torch.float32)
-
-        def hatt_fwd():
-            with torch.no_grad():
-                call(q, k, v, g, lev, beta)
-
-        def hatt_fwdbwd():
-            torch.autograd.grad(call(*hxs), hxs, do)
-
-        _time_pair(torch, row, "hatt", bench, hatt_fwd, hatt_fwdbwd, args)
+        calls = forward_calls(torch, _hatt_call(hatt, scale, direct=args.dtype == torch.float32),
+                              (q, k, v, g, lev, beta), do)
+        _time_pair(torch, row, "hatt", bench, *calls, args)
         row["hatt_llut_GiB"] = 4 * T * T / 2 ** 30  # its T x T int32 level table
         hattention.base.make_levels_matrix.cache_clear()
     for a, b in (("hatt_fwd", "hodlr_fwd"), ("hatt_fwdbwd", "hodlr_fwdbwd")):
@@ -583,7 +568,7 @@ def plot(result, path) -> None:
     forward + backward."""
     series = (("hodlr_fwd", "hodlr fwd", "C0", "-"), ("hodlr_fwdbwd", "hodlr fwd+bwd", "C0", "--"),
               ("hatt_fwd", "hattention fwd", "C3", "-"), ("hatt_fwdbwd", "hattention fwd+bwd", "C3", "--"))
-    fig, _ = width_panels(result, series)
+    fig = width_panels(result, series)[0]
     save_figure(fig, result, path)
 
 
