@@ -138,17 +138,20 @@ ACCURACY_SHAPE = {"cuda": (1, 4, 64), "cpu": (1, 2, 64)}
 
 def _levels_matrix_fast(torch, length, device, block=4096):
     """hattention's level table for base 2, weak cascade: ``(length, length)`` int32 with
-    ``[t, s] = bit_length(t ^ s)`` for ``s < t`` and 0 elsewhere, built ``block`` rows at a time."""
+    ``[t, s] = fenwick.level(t, s)`` (the bit length of ``t ^ s``) for ``s < t`` and 0 elsewhere,
+    built ``block`` rows at a time on ``device`` by looking ``t ^ s`` up in the levels of every
+    ``x < 2^bits`` (``fenwick.level(x, 0)``, computed once on the host)."""
+    import numpy as np
+
+    from hodlr import fenwick
+
     t = torch.arange(length, device=device, dtype=torch.int32)
+    bits = max(1, int(length - 1).bit_length())
+    by_xor = torch.as_tensor(fenwick.level(np.arange(1 << bits), 0), dtype=torch.int32, device=device)
     out = torch.empty((length, length), dtype=torch.int32, device=device)
-    nbits = max(1, int(length - 1).bit_length())
     for r0 in range(0, length, block):
         rows = t[r0:r0 + block, None]
-        x = rows ^ t[None, :]
-        lvl = torch.zeros_like(x)
-        for b in range(nbits):
-            lvl += (x >= (1 << b)).to(torch.int32)
-        out[r0:r0 + block] = torch.where(t[None, :] < rows, lvl, torch.zeros_like(lvl))
+        out[r0:r0 + block] = torch.where(t[None, :] < rows, by_xor[rows ^ t[None, :]], 0)
     return out
 
 
