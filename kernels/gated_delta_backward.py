@@ -240,27 +240,25 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
                   C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
                   HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr):
     """Program ``(chunk i, batch entry)``: stage 4 of the module docstring (every gradient of the
-    chunk's rows given ``dO``, ``dQ̃`` and the chunk's ``dU``, ``dTr``)."""
+    chunk's rows given ``dO``, ``dQ̃`` and the chunk's ``dU``, ``dTr``).  The value side first, then
+    the key side in the order that lets each tile die early (a tile read again later is loaded
+    again rather than kept: the kernel is bound by its live registers, docs/kernels.md §7.4)."""
     i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
     r = tl.arange(0, C)
     dk = tl.arange(0, BDK)
-    Q = load_rows(q_ptr, b0, b1, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, ACC)
-    K = load_rows(k_ptr, b0, b1, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
-    beta = tl.load(b_ptr + b0 * sbb0 + b1 * sbb1 + t * sbt, mask=tmask, other=0.0).to(ACC)
-    Gam, gamma, d, gamma_end = gates(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC, EXACT)
     row = bh * n_chunks + i
     blk = bh * n_total + i
-    X = matrix_tile(x_ptr, row, r, r, C, C, ACC)
-    W = matrix_tile(w_ptr, row, r, dk, C, DK, ACC)
-    QK = tl.dot(Q, tl.trans(K), input_precision=PREC, out_dtype=ACC)
-    Sq = QK * Gam
-    Y = X * beta[None, :]
+    beta = tl.load(b_ptr + b0 * sbb0 + b1 * sbb1 + t * sbt, mask=tmask, other=0.0).to(ACC)
+    Gam, gamma, d, gamma_end = gates(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC, EXACT)
+    Q = load_rows(q_ptr, b0, b1, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, ACC)
+    K = load_rows(k_ptr, b0, b1, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
+    Sq = tl.dot(Q, tl.trans(K), input_precision=PREC, out_dtype=ACC) * Gam
+    Y = matrix_tile(x_ptr, row, r, r, C, C, ACC) * beta[None, :]
+    # the value side (P = Sq Y, U = E V with E = (diag(d) K)ᵀ Y): dV, dP, dE and dλ of levels 0..c
     P = tl.dot(Sq, Y, input_precision=PREC, out_dtype=ACC)
-    Kd = d[:, None] * K
-    E = tl.dot(tl.trans(Kd), Y, input_precision=PREC, out_dtype=ACC)
+    E = tl.dot(tl.trans(d[:, None] * K), Y, input_precision=PREC, out_dtype=ACC)
     Lam, lvl = intra_scales(l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
     PL = P * Lam.to(ACC)
-    # the value side, tile by tile: dV, and the sums over Dv of dP and dE
     dPL = tl.zeros((C, C), dtype=ACC)
     dE = tl.zeros((BDK, C), dtype=ACC)
     for d0 in tl.static_range(0, DV, BDV):
@@ -274,7 +272,6 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
             tl.trans(E), dU, input_precision=PREC, out_dtype=ACC)
         tl.store(dv_ptr + (bh * T + t[:, None]) * DV + dv[None, :], dV, mask=tmask[:, None] & (dv[None, :] < DV))
     dPL = scale * dPL
-    dP = dPL * Lam.to(ACC)
     dLam = dPL * P
     col_l = tl.arange(0, BL)
     dl = tl.zeros((C, BL), dtype=ACC)
@@ -282,27 +279,36 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
         dl = tl.where(col_l[None, :] == lv, tl.sum(tl.where(lvl == lv, dLam, 0.0), 1)[:, None], dl)
     tl.store(dl_ptr + (bh * T + t[:, None]) * L + col_l[None, :], dl,
              mask=tmask[:, None] & (col_l[None, :] <= LOG_C) & (col_l[None, :] < L))
-    # Tr = γ_end I - Kdᵀ W,  Q̃ = diag(γ) Q - Sq W,  U = E V,  E = Kdᵀ Y,  P = Sq Y
+    dP = dPL * Lam.to(ACC)
+    # the key side: Tr = γ_end I - Kdᵀ W (dTr), U (dE), Q̃ = diag(γ) Q - Sq W (dQ̃), P (dP), with Kd = diag(d) K
     dTr = matrix_tile(dt_ptr, blk, dk, dk, DK, DK, ACC)
-    dQt = matrix_tile(dqt_ptr, row, r, dk, C, DK, ACC)
+    trace = tl.sum(tl.sum(tl.where(dk[:, None] == dk[None, :], dTr, 0.0), 1), 0)  # dγ_end
+    W = matrix_tile(w_ptr, row, r, dk, C, DK, ACC)
+    Kd = d[:, None] * K
     dKd = tl.dot(Y, tl.trans(dE), input_precision=PREC, out_dtype=ACC) - tl.dot(
         W, tl.trans(dTr), input_precision=PREC, out_dtype=ACC)
-    dW = -tl.dot(Kd, dTr, input_precision=PREC, out_dtype=ACC) - tl.dot(tl.trans(Sq), dQt, input_precision=PREC,
-                                                                         out_dtype=ACC)
+    dW = -tl.dot(Kd, dTr, input_precision=PREC, out_dtype=ACC)
+    dY = tl.dot(Kd, dE, input_precision=PREC, out_dtype=ACC)
+    dQt = matrix_tile(dqt_ptr, row, r, dk, C, DK, ACC)
+    dW -= tl.dot(tl.trans(Sq), dQt, input_precision=PREC, out_dtype=ACC)
     dgamma = tl.sum(Q * dQt, 1)
     dQ = gamma[:, None] * dQt
     dSq = tl.dot(dP, tl.trans(Y), input_precision=PREC, out_dtype=ACC) - tl.dot(
         dQt, tl.trans(W), input_precision=PREC, out_dtype=ACC)
-    dY = tl.dot(Kd, dE, input_precision=PREC, out_dtype=ACC) + tl.dot(tl.trans(Sq), dP, input_precision=PREC,
-                                                                      out_dtype=ACC)
+    dY += tl.dot(tl.trans(Sq), dP, input_precision=PREC, out_dtype=ACC)
+    WG = dSq * Sq  # (dSq ⊙ Q Kᵀ) ⊙ Γ: the share of dΓ ⊙ Γ through Sq
+    dSqG = dSq * Gam
+    dQ += tl.dot(dSqG, K, input_precision=PREC, out_dtype=ACC)
+    dK = tl.dot(tl.trans(dSqG), Q, input_precision=PREC, out_dtype=ACC)
     # Y = X diag(β),  W = X Z with Z = diag(βγ) K
-    Z = (beta * gamma)[:, None] * K
-    dX = dY * beta[None, :] + tl.dot(dW, tl.trans(Z), input_precision=PREC, out_dtype=ACC)
+    X = matrix_tile(x_ptr, row, r, r, C, C, ACC)
+    dX = dY * beta[None, :] + tl.dot(dW, tl.trans((beta * gamma)[:, None] * K), input_precision=PREC,
+                                     out_dtype=ACC)
     dZ = tl.dot(tl.trans(X), dW, input_precision=PREC, out_dtype=ACC)
     KdZ = tl.sum(K * dZ, 1)
     dbeta = tl.sum(X * dY, 0) + gamma * KdZ
     dgamma += beta * KdZ
-    dK = (beta * gamma)[:, None] * dZ
+    dK += (beta * gamma)[:, None] * dZ
     # X = N⁻¹, N = I + strictly_lower(diag(β) (K Kᵀ ⊙ Γ))
     Xt = tl.trans(X)
     dN = -tl.dot(tl.dot(Xt, dX, input_precision=PREC, out_dtype=ACC), Xt, input_precision=PREC, out_dtype=ACC)
@@ -310,20 +316,16 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
     KK = tl.dot(K, tl.trans(K), input_precision=PREC, out_dtype=ACC)
     dbeta += tl.sum(dLm * KK * Gam, 1)
     dKK = dLm * beta[:, None] * Gam
-    dSqG = dSq * Gam
-    dK += tl.dot(dKK + tl.trans(dKK), K, input_precision=PREC, out_dtype=ACC) + tl.dot(
-        tl.trans(dSqG), Q, input_precision=PREC, out_dtype=ACC) + d[:, None] * dKd
-    dQ += tl.dot(dSqG, K, input_precision=PREC, out_dtype=ACC)
+    dK += tl.dot(dKK + tl.trans(dKK), K, input_precision=PREC, out_dtype=ACC) + d[:, None] * dKd
     kmask = tmask[:, None] & (dk[None, :] < DK)
     tl.store(dq_ptr + (bh * T + t[:, None]) * DK + dk[None, :], dQ, mask=kmask)
     tl.store(dk_ptr + (bh * T + t[:, None]) * DK + dk[None, :], dK, mask=kmask)
     tl.store(db_ptr + bh * T + t, dbeta, mask=tmask)
     if HAS_G:
         # the decays are exponentials of the chunk-local cumulative log-decay G: dG, then dg
-        WG = (dLm * beta[:, None] * KK + dSq * QK) * Gam  # dΓ ⊙ Γ
+        WG += dKK * KK  # (dLm β ⊙ K Kᵀ) ⊙ Γ: the share through N
         dd = tl.sum(K * dKd, 1) * d
         dG = tl.sum(WG, 1) - tl.sum(WG, 0) + dgamma * gamma - dd
-        trace = tl.sum(tl.sum(tl.where(dk[:, None] == dk[None, :], dTr, 0.0), 1), 0)  # dγ_end
         dG += tl.where(r == C - 1, tl.sum(dd, 0) + trace * gamma_end, 0.0)
         dg = tl.cumsum(dG, 0, reverse=True)
         tl.store(dg_ptr + bh * T + t, tl.where(t == 0, 0.0, dg), mask=tmask)  # g of position 0 moves nothing
