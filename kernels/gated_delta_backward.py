@@ -32,8 +32,9 @@ import triton
 import triton.language as tl
 
 from . import _layout
-from ._device import chunk_rows, intra_scales
-from ._layout import NUM_WARPS, block, cdiv, check_chunk, compute_types, hierarchy_sizes, next_power_of_2
+from ._device import chunk_rows, dot, intra_scales
+from ._layout import (NUM_WARPS, block, cdiv, check_chunk, compute_types, hierarchy_sizes, interpreting,
+                      next_power_of_2)
 from .gated_delta import (chunk_hierarchy, gated_delta_layout, gates, load_rows, matrix_tile, store_matrix_tile, tiles,
                           transition_tile)
 
@@ -86,7 +87,7 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, sob0, sob1, sot, sod, slb0, slb1, slt, sll,
                    sgb0, sgb1, sgt, C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                    BL: tl.constexpr, GROUP: tl.constexpr, LOG_GROUP: tl.constexpr, HAS_G: tl.constexpr,
-                   ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr):
+                   ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr):
     """Program ``(group of GROUP chunks, batch entry)``: stage 2 of the module docstring, level by
     level from the top down, the group's chunks in order inside a level.  The chunks of a group
     that read one block add their shares to ``dH``, ``dT`` in registers and the block gets them
@@ -161,14 +162,13 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
                     G_h = tl.zeros((C, BDK), dtype=ACC)  # dO H_hᵀ
                     for d0 in tl.static_range(0, DV, BDV):
                         dv = d0 + tl.arange(0, BDV)
-                        dO = load_rows(do_ptr, b0, b1, t, tmask, sob0, sob1, sot, sod, dv, DV, ACC)
-                        G_h += tl.dot(dO, tl.trans(matrix_tile(h_ptr, blk, dk, dv, DK, DV, ACC)), input_precision=PREC,
-                                      out_dtype=ACC)
+                        dO = load_rows(do_ptr, b0, b1, t, tmask, sob0, sob1, sot, sod, dv, DV, do_ptr.dtype.element_ty)
+                        G_h += dot(dO, tl.trans(matrix_tile(h_ptr, blk, dk, dv, DK, DV, h_ptr.dtype.element_ty)), ACC,
+                                   PREC, NATIVE)
                         if one_tile:
-                            acc_h += tl.dot(lq, dO, input_precision=PREC, out_dtype=ACC)
+                            acc_h += dot(lq, dO, ACC, PREC, NATIVE)
                         else:
-                            _add_block(dh_ptr, blk, tl.dot(lq, dO, input_precision=PREC, out_dtype=ACC), dk, dv, DK,
-                                       DV, False)
+                            _add_block(dh_ptr, blk, dot(lq, dO, ACC, PREC, NATIVE), dk, dv, DK, DV, False)
                     tl.store(dl_ptr + (bh * T + t) * L + col, scale * tl.sum(qh * G_h, 1), mask=tmask)
                     dq = matrix_tile(dqt_ptr, row, r, dk, C, DK, ACC)
                     if (i >> (h + 1)) != 0:  # a higher block was read: dq carries its gradient
@@ -388,7 +388,7 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         float(scale),
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
         C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=block(DV, READER_VALUE_TILE), BL=BL, GROUP=group,
-        LOG_GROUP=group.bit_length() - 1, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
+        LOG_GROUP=group.bit_length() - 1, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact, NATIVE=not interpreting(),
         num_warps=NUM_WARPS["gated_delta_reader" if DK <= 64 else "gated_delta_reader_wide"])
     sizes = hierarchy_sizes(n)
     offsets = [sum(sizes[:h]) for h in range(len(sizes))]
