@@ -434,6 +434,25 @@ def test_gradients_on_gpu(T, D, dtype):
         assert relative_error(a, b) <= tol, f"d{name}: {relative_error(a, b):.2e}"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk", [16, 32])
+@pytest.mark.parametrize("D", [64, 128])
+def test_every_chunk_on_gpu(D, chunk):
+    """The backward at each chunk it accepts compiles and runs at both widths (bfloat16, the
+    forward at the same chunk), and its gradients match the float64 chunked backend."""
+    xs = [x.requires_grad_() for x in _gpu_problem(100, D, torch.bfloat16, seed=chunk + D)]
+    refs = [x.detach().double().requires_grad_() for x in xs]
+    do = torch.randn(xs[2].shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    q, k, v, g, beta, lam = (x.transpose(1, 2) for x in xs)
+    o = kernels.gated_delta(q, k, v, beta, lam, g, D ** -0.5, chunk=chunk).transpose(1, 2)
+    ref = hodlr.log_linear_gated_delta_rule(*refs, scale=D ** -0.5, backend="chunked")[0]
+    tol = TOLERANCES["gpu_bfloat16"]
+    assert relative_error(o, ref) <= tol
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "level_scales"), torch.autograd.grad(o, xs, do.to(o.dtype)),
+                          torch.autograd.grad(ref, refs, do.double())):
+        assert relative_error(a, b) <= tol, f"d{name}: {relative_error(a, b):.2e}"
+
+
 def _errors_beside_fla(q, k, v, g, beta, lam, scale):
     """``(ours, fla's)`` relative errors of the bfloat16 output (λ ≡ 1: plain Gated DeltaNet, fla's
     ``chunk_gated_delta_rule``) against the float64 chunked backend on the same inputs."""
