@@ -396,7 +396,6 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         _reverse_hierarchy_kernel[(sizes[h + 1], B, n_dv + (BDK // BT) ** 2)](
             ch.states, ch.trans, ch.decay_pointer(), dH, dT, N, offsets[h], offsets[h + 1], DK, DV, n_dv, BDK=BDK,
             BDV=BDV, BT=BT, HAS_G=has_g, ACC=acc, PREC=prec, num_warps=NUM_WARPS["gated_delta_reverse_hierarchy"])
-    # a chunk of 16 halves the chunk kernel's row tiles: 4 warps (Triton 3.6 fails to compile it on 8 at Dk = 128)
     dq, dk = _layout.scratch((B, T, DK), work, dev), _layout.scratch((B, T, DK), work, dev)
     dv = _layout.scratch((B, T, DV), work, dev)
     db = _layout.scratch((B, T), work, dev)
@@ -408,6 +407,7 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("beta")[1:4],
         *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
         C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=BL, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
+        # a chunk of 16 halves the row tiles: 4 warps (Triton 3.6 fails to compile it on 8 at Dk = 128)
         num_warps=NUM_WARPS["gated_delta_backward_wide" if DK > 64 and C >= 32 else "gated_delta_backward"])
     batch = layout.batch
     shaped = lambda x, like, tail: x.reshape(batch + (T,) + tail).to(like.dtype)  # noqa: E731

@@ -426,10 +426,15 @@ def test_gradients_on_gpu(T, D, dtype):
     refs = [x.detach().double().requires_grad_() for x in xs]
     do = torch.randn(xs[2].shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
     o = hodlr.log_linear_gated_delta_rule(*xs, scale=D ** -0.5)[0]
+    _assert_near_chunked(o, xs, refs, do, D, TOLERANCES["gpu_float32" if dtype == torch.float32 else "gpu_bfloat16"])
+
+
+def _assert_near_chunked(o, xs, refs, do, D, tol):
+    """``o`` (fla layout) and its gradients for the cotangent ``do`` with respect to ``xs`` are within
+    ``tol`` of the float64 chunked backend's on ``refs`` (``xs`` in float64)."""
     ref = hodlr.log_linear_gated_delta_rule(*refs, scale=D ** -0.5, backend="chunked")[0]
-    tol = TOLERANCES["gpu_float32" if dtype == torch.float32 else "gpu_bfloat16"]
     assert relative_error(o, ref) <= tol
-    for name, a, b in zip(("q", "k", "v", "g", "beta", "level_scales"), torch.autograd.grad(o, xs, do.to(dtype)),
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "level_scales"), torch.autograd.grad(o, xs, do.to(o.dtype)),
                           torch.autograd.grad(ref, refs, do.double())):
         assert relative_error(a, b) <= tol, f"d{name}: {relative_error(a, b):.2e}"
 
@@ -445,12 +450,7 @@ def test_every_chunk_on_gpu(D, chunk):
     do = torch.randn(xs[2].shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
     q, k, v, g, beta, lam = (x.transpose(1, 2) for x in xs)
     o = kernels.gated_delta(q, k, v, beta, lam, g, D ** -0.5, chunk=chunk).transpose(1, 2)
-    ref = hodlr.log_linear_gated_delta_rule(*refs, scale=D ** -0.5, backend="chunked")[0]
-    tol = TOLERANCES["gpu_bfloat16"]
-    assert relative_error(o, ref) <= tol
-    for name, a, b in zip(("q", "k", "v", "g", "beta", "level_scales"), torch.autograd.grad(o, xs, do.to(o.dtype)),
-                          torch.autograd.grad(ref, refs, do.double())):
-        assert relative_error(a, b) <= tol, f"d{name}: {relative_error(a, b):.2e}"
+    _assert_near_chunked(o, xs, refs, do, D, TOLERANCES["gpu_bfloat16"])
 
 
 def _errors_beside_fla(q, k, v, g, beta, lam, scale):
