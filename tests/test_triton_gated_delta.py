@@ -30,7 +30,7 @@ from hodlr.backends import chunked
 from hodlr.testing import (TOLERANCES, assert_close, batch_shapes, poison_unread, relative_error, scaled_error,
                            st_lengths)
 from hodlr.kernels._device import round_tf32
-from hodlr.kernels.gated_delta import MAX_DK
+from hodlr.kernels.gated_delta import MAX_DK, unit_lower_inverse
 
 from test_gated_delta import gdn_inputs
 
@@ -358,6 +358,31 @@ def _nearest_tf32(x):
     with np.errstate(over="ignore"):
         out[finite] = (np.sign(x[finite]) * np.floor(a / step + 0.5) * step).astype(np.float32)
     return out.astype(np.float32)
+
+
+@triton.jit
+def _unit_lower_inverse_kernel(l_ptr, x_ptr, C: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    r = tl.arange(0, C)
+    Lm = tl.load(l_ptr + r[:, None] * C + r[None, :])
+    tl.store(x_ptr + r[:, None] * C + r[None, :], unit_lower_inverse(Lm, C, ACC, PREC))
+
+
+@pytest.mark.skipif(not INTERP, reason="float64 runs under the interpreter")
+@pytest.mark.parametrize("C", [16, 32, 64])
+@pytest.mark.parametrize("shared", [0.0, 3.0])
+def test_unit_lower_inverse(C, shared):
+    """The chunk kernel's ``(I + Lm)⁻¹`` (``Lm = strictly_lower(diag(β) K Kᵀ ⊙ Γ)``, unit keys, with
+    and without a direction ``shared`` by every key, which makes the entries of ``Lm``'s powers
+    grow like binomial coefficients) equals LAPACK's inverse in float64."""
+    rng = np.random.default_rng(C)
+    K = rng.standard_normal((C, 8)) + shared * rng.standard_normal(8)
+    K /= np.linalg.norm(K, axis=1, keepdims=True)
+    G = np.cumsum(-rng.uniform(0, 0.1, C))
+    Lm = np.tril(rng.uniform(0, 1, C)[:, None] * (K @ K.T) * np.exp(G[:, None] - G[None, :]), -1)
+    X = torch.full((C, C), float("nan"), dtype=torch.float64)
+    _unit_lower_inverse_kernel[(1,)](torch.from_numpy(Lm), X, C=C, ACC=tl.float64, PREC="ieee")
+    want = np.linalg.inv(np.eye(C) + Lm)
+    assert np.abs(X.numpy() - want).max() <= 1e-12 * np.abs(want).max()
 
 
 def test_round_tf32_is_round_to_nearest():
