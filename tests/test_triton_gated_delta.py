@@ -448,15 +448,15 @@ def test_gradients_on_gpu(T, D, dtype):
     """Output and the six gradients of ``log_linear_gated_delta_rule`` (default backend: the
     Triton kernels) against the float64 chunked backend: 1e-5 in float32, 1e-2 in bfloat16."""
     xs = [x.requires_grad_() for x in _gpu_problem(T, D, dtype, seed=T + D)]
-    refs = [x.detach().double().requires_grad_() for x in xs]
-    do = torch.randn(xs[2].shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
     o = hodlr.log_linear_gated_delta_rule(*xs, scale=D ** -0.5)[0]
-    _assert_near_chunked(o, xs, refs, do, D, TOLERANCES["gpu_float32" if dtype == torch.float32 else "gpu_bfloat16"])
+    _assert_near_chunked(o, xs, D, TOLERANCES["gpu_float32" if dtype == torch.float32 else "gpu_bfloat16"], seed=1)
 
 
-def _assert_near_chunked(o, xs, refs, do, D, tol):
-    """``o`` (fla layout) and its gradients for the cotangent ``do`` with respect to ``xs`` are within
-    ``tol`` of the float64 chunked backend's on ``refs`` (``xs`` in float64)."""
+def _assert_near_chunked(o, xs, D, tol, seed):
+    """``o`` (fla layout, computed from the leaves ``xs``) and its gradients for a cotangent drawn
+    from ``seed`` are within ``tol`` of the float64 chunked backend's on float64 copies of ``xs``."""
+    do = torch.randn(xs[2].shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed))
+    refs = [x.detach().double().requires_grad_() for x in xs]
     ref = hodlr.log_linear_gated_delta_rule(*refs, scale=D ** -0.5, backend="chunked")[0]
     assert relative_error(o, ref) <= tol
     for name, a, b in zip(("q", "k", "v", "g", "beta", "level_scales"), torch.autograd.grad(o, xs, do.to(o.dtype)),
@@ -471,11 +471,9 @@ def test_every_chunk_on_gpu(D, chunk):
     """The backward at each chunk it accepts compiles and runs at both widths (bfloat16, the
     forward at the same chunk), and its gradients match the float64 chunked backend."""
     xs = [x.requires_grad_() for x in _gpu_problem(100, D, torch.bfloat16, seed=chunk + D)]
-    refs = [x.detach().double().requires_grad_() for x in xs]
-    do = torch.randn(xs[2].shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
     q, k, v, g, beta, lam = (x.transpose(1, 2) for x in xs)
     o = kernels.gated_delta(q, k, v, beta, lam, g, D ** -0.5, chunk=chunk).transpose(1, 2)
-    _assert_near_chunked(o, xs, refs, do, D, TOLERANCES["gpu_bfloat16"])
+    _assert_near_chunked(o, xs, D, TOLERANCES["gpu_bfloat16"], seed=2)
 
 
 def _errors_beside_fla(q, k, v, g, beta, lam, scale):
