@@ -30,7 +30,7 @@ NUM_WARPS = {"attention_state": 4, "attention_output": 4, "attention_backward": 
              "gated_delta_backward": 4, "gated_delta_backward_wide": 8}
 """Warps per program of each kernel (H200-tuned: ``docs/kernels.md`` §3)."""
 
-MAX_REGISTERS = {"matmul_output": 64}
+MAX_REGISTERS = {"matmul_output": 64, "gated_delta_reader": 168}
 """Register caps (``maxnreg``), bfloat16 tiles of at most 64 columns only (H200-tuned: ``docs/kernels.md`` §3)."""
 
 USE_TMA = True

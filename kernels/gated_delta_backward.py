@@ -33,7 +33,7 @@ import triton.language as tl
 
 from . import _layout
 from ._device import chunk_rows, dot, intra_scales
-from ._layout import (NUM_WARPS, block, cdiv, check_chunk, compute_types, hierarchy_sizes, interpreting,
+from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_chunk, compute_types, hierarchy_sizes, interpreting,
                       next_power_of_2)
 from .gated_delta import (chunk_hierarchy, gated_delta_layout, gates, load_rows, matrix_tile, store_matrix_tile, tiles,
                           transition_tile)
@@ -389,7 +389,9 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
         C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=block(DV, READER_VALUE_TILE), BL=BL, GROUP=group,
         LOG_GROUP=group.bit_length() - 1, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact, NATIVE=not interpreting(),
-        num_warps=NUM_WARPS["gated_delta_reader" if DK <= 64 else "gated_delta_reader_wide"])
+        num_warps=NUM_WARPS["gated_delta_reader" if DK <= 64 else "gated_delta_reader_wide"],
+        **({"maxnreg": MAX_REGISTERS["gated_delta_reader"]} if DK <= 64 and v.dtype in (torch.float16, torch.bfloat16)
+           else {}))
     sizes = hierarchy_sizes(n)
     offsets = [sum(sizes[:h]) for h in range(len(sizes))]
     for h in range(len(sizes) - 2, -1, -1):
