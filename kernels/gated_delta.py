@@ -34,9 +34,8 @@ Launches (see ``docs/kernels.md``):
 3. ``_output_kernel``, grid ``(chunk, batch, Dv-tile)``: the in-chunk part and the walk.
 
 Every decay is the exponential of a sum of its own terms inside one chunk (no difference of
-prefix sums).  ``X`` comes from forward substitution on the ``16 x 16`` diagonal blocks of ``N``
-(all blocks at once) and the finite Neumann series of the strictly block-lower rest
-(:func:`unit_lower_inverse`).
+prefix sums).  ``X`` comes from doubling the inverted diagonal blocks of ``N``, ``1 x 1`` to
+``C x C``, two dots a step (:func:`unit_lower_inverse`).
 """
 
 from __future__ import annotations
@@ -83,28 +82,21 @@ def gates(g_row, t, tmask, sgt, T, C: tl.constexpr, HAS_G: tl.constexpr, ACC: tl
 
 @triton.jit
 def unit_lower_inverse(Lm, C: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """``(I + Lm)⁻¹`` for a strictly lower-triangular ``(C, C)`` ``Lm`` (``C`` a multiple of 16).
+    """``(I + Lm)⁻¹`` for a strictly lower-triangular ``(C, C)`` ``Lm`` (``C`` a power of two).
 
-    ``I + Lm = D (I + M)`` with ``D`` its ``16 x 16`` unit lower diagonal blocks and
-    ``M = D⁻¹ F`` (``F`` the strictly block-lower rest): ``D⁻¹`` by forward substitution, row ``i``
-    of every block at once (15 steps on the ``(C, C)`` tile), then ``(I + M)⁻¹ = Σ_j (-M)^j``, a
-    finite sum (``M`` is nilpotent of index ``C / 16``) by Horner's rule, and the product."""
+    By doubling the diagonal blocks: with ``X_b`` the inverse of ``I`` plus the ``b x b`` diagonal
+    blocks of ``Lm`` and ``F_b`` the lower-left ``b x b`` blocks of its ``2b x 2b`` diagonal blocks,
+    ``X_2b = X_b - X_b F_b X_b`` (``X_b F_b`` squares to 0), from ``X_1 = I`` to ``X_C``: two
+    ``(C, C)`` dots a step, ``log2(C)`` steps, no step a reduction across the tile.  Each product
+    holds entries of the inverse itself, so no power of ``Lm`` (whose entries grow like binomial
+    coefficients for correlated keys) is ever formed."""
     r = tl.arange(0, C)
-    same = (r[:, None] // 16) == (r[None, :] // 16)
-    Dm = tl.where(same, Lm, 0.0)
     X = tl.where(r[:, None] == r[None, :], 1.0, 0.0).to(ACC)
-    in_block = r % 16
-    for i in tl.static_range(1, 16):
-        rows = (in_block == i)[:, None] & same  # row i of every block, inside the block
-        row = tl.sum(tl.where(rows, Dm, 0.0), 0)  # column j: Dm[16 * block(j) + i, j]
-        X = tl.where(rows, X - tl.sum(row[:, None] * X, 0)[None, :], X)
-    if C > 16:
-        M = dot(X, Lm - Dm, ACC, PREC, False)
-        eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0).to(ACC)
-        Y = eye - M
-        for _ in tl.static_range(C // 16 - 2):
-            Y = eye - dot(M, Y, ACC, PREC, False)
-        X = dot(Y, X, ACC, PREC, False)
+    for s in tl.static_range(8):
+        if (2 << s) <= C:
+            F = tl.where(((r[:, None] >> (s + 1)) == (r[None, :] >> (s + 1))) & ((r[:, None] >> s) != (r[None, :] >> s)),
+                         Lm, 0.0)
+            X = X - dot(dot(X, F, ACC, PREC, False), X, ACC, PREC, False)
     return X
 
 
