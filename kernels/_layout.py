@@ -23,7 +23,7 @@ DEFAULT_CHUNK = {"attention": 64, "matmul": 16, "gated_delta": 32}
 ``"gated_delta"``: the Gated DeltaNet forward and the backward's recomputation."""
 
 NUM_WARPS = {"attention_state": 4, "attention_output": 4, "attention_backward": 4,
-             "attention_backward_wide": 8, "matmul_state": 4,
+             "attention_span": 8, "matmul_state": 4,
              "matmul_output": 1, "hierarchy": 4, "gated_delta": 4, "gated_delta_hierarchy": 8,
              "gated_delta_output": 2, "gated_delta_output_wide": 4,
              "gated_delta_reader": 4, "gated_delta_reader_wide": 8, "gated_delta_reverse_hierarchy": 4,

@@ -715,7 +715,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     tiles = cdiv(DK, BDK) * n_dv
     atomic = tiles > 1
     has_g = layout.tensors["g"] is not None
-    warps = NUM_WARPS["attention_backward" if max(BDK, BDV) <= 64 else "attention_backward_wide"]
+    warps = NUM_WARPS["attention_backward"]
     meta = dict(HAS_G=has_g, ACC=acc, PREC=prec, LOWP=lowp, NATIVE=native, num_warps=warps)
     strides = (*layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("do")[1:],
                *layout.args("l")[1:], *layout.decay_args()[1:])
@@ -768,7 +768,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         span = scratch((parts * B, n), acc_torch, dev)
         _span_kernel[(n, B, tiles)](states, logdec, rsum, span, logdec, logdec, n, states.shape[1], n_r, n_bits, DK,
                                     DV, n_dv, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, C=C, LOG_C=C.bit_length() - 1,
-                                    VARLEN=False, num_warps=meta["num_warps"])
+                                    VARLEN=False, num_warps=NUM_WARPS["attention_span"])
         if atomic:
             dgl, span, lvl_rows = (x.view((parts, -1) + x.shape[1:]).sum(0) for x in (dgl, span, lvl_rows))
         dg = (dgl.view(B, n, C) + (span + _spanning_in_gap(lvl_rows))[..., None]).view(B, n * C)[:, :T]
@@ -864,7 +864,7 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
     tiles = cdiv(DK, BDK) * n_dv
     atomic = tiles > 1
     has_g = log_decay is not None
-    warps = NUM_WARPS["attention_backward" if max(BDK, BDV) <= 64 else "attention_backward_wide"]
+    warps = NUM_WARPS["attention_backward"]
     meta = dict(HAS_G=has_g, ACC=acc, PREC=prec, LOWP=v.dtype == torch.bfloat16, NATIVE=not interpreting(),
                 num_warps=warps)
     grp = H // Hqk
@@ -910,7 +910,7 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
         if seqs.n_slots and H:
             _span_kernel[(seqs.n_slots, H, tiles)](states, logdec, rsum, span, seqs.table, seqs.chunk_seq, seqs.n_slots,
                                                    seqs.n_entries, 0, NH, DK, DV, n_dv, BDK=BDK, BDV=BDV, HAS_G=has_g,
-                                                   ACC=acc, C=C, LOG_C=c, VARLEN=True, num_warps=warps)
+                                                   ACC=acc, C=C, LOG_C=c, VARLEN=True, num_warps=NUM_WARPS["attention_span"])
         if atomic:
             dgl, span, lvl_rows = (x.view((parts, -1) + x.shape[1:]).sum(0) for x in (dgl, span, lvl_rows))
         dg = _sequence_dg(seqs, C, dgl, span, lvl_rows, reads.sum(2) if final else None, N, T, acc_torch)
