@@ -51,7 +51,8 @@ def sweep_parser(prog, description, lengths, widths, outputs):
     p.add_argument("--tokens", type=int, default=65536, help="B*T (B = max(1, tokens // T))")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
-    p.add_argument("--json", default=f"{outputs}.json", help="output JSON path")
+    p.add_argument("--json", default=f"{outputs}.json",
+                   help='output JSON path (written after every row; "complete" is true once the run ends)')
     p.add_argument("--png", default=f"{outputs}.png", help="output plot path ('' for none)")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     p.add_argument("--profile", action="store_true",
@@ -329,7 +330,7 @@ def run(args) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": _commit(args.commit), "torch": torch.__version__, "triton": triton.__version__,
         "fla": _fla_version(), "dtype": args.dtype, "tokens": args.tokens, "copy_bandwidth": copy_bw,
-        "chunk": dict(kernels.DEFAULT_CHUNK), "rows": [], "matmul": [], "accuracy": [],
+        "chunk": dict(kernels.DEFAULT_CHUNK), "rows": [], "matmul": [], "accuracy": [], "complete": False,
     }
     for D in args.widths:
         H = max(1, args.model_width // D)
@@ -337,6 +338,7 @@ def run(args) -> dict:
             row = _attention_row(torch, bench, args, D, H, T, dtype, fla)
             result["rows"].append(row)
             print(_format_row(row), flush=True)
+            write(result, args.json, None, plot)
             torch.cuda.empty_cache()
     if args.matmul:
         D = args.widths[0]
@@ -344,6 +346,7 @@ def run(args) -> dict:
             row = _matmul_row(torch, bench, args, D, max(1, args.model_width // D), T, dtype, copy_bw)
             result["matmul"].append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            write(result, args.json, None, plot)
             torch.cuda.empty_cache()
     for T in args.accuracy or ():
         for decay in (0.0, 0.1):
@@ -353,7 +356,9 @@ def run(args) -> dict:
                 row = {"T": T, "decay": decay, "error": traceback.format_exc(limit=3)[-400:]}
             result["accuracy"].append(row)
             print({k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            write(result, args.json, None, plot)
             torch.cuda.empty_cache()
+    result["complete"] = True
     return result
 
 
@@ -411,7 +416,10 @@ def save_figure(fig, result, path) -> None:
 
 
 def write(result, json_path, png_path, plot_fn) -> None:
-    """The result as JSON at ``json_path`` and ``plot_fn(result, png_path)`` (each when given)."""
+    """The result as JSON at ``json_path`` and ``plot_fn(result, png_path)`` (each when given).
+
+    The benchmarks write their JSON after every row (``"complete": false`` until the last), so a
+    run that is stopped part-way keeps the rows it measured."""
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(result, fh, indent=1)

@@ -139,6 +139,7 @@ def run(args) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": _commit(args.commit), "torch": torch.__version__, "triton": triton.__version__,
         "fla": _fla_version(), "dtype": "bfloat16", "tokens": args.tokens, "rows": [], "accuracy": [],
+        "complete": False,
     }
     for D in args.widths:
         H = max(1, args.model_width // D)
@@ -146,6 +147,7 @@ def run(args) -> dict:
             row = _row(torch, bench, D, H, T, max(1, args.tokens // T), torch.bfloat16, device, fla, args.profile)
             result["rows"].append(row)
             print(_format_row(row), flush=True)
+            write(result, args.json, None, plot)
             if cuda:
                 torch.cuda.empty_cache()
     for T, D in ((T, D) for D in args.widths for T in args.accuracy):
@@ -155,6 +157,8 @@ def run(args) -> dict:
             row = {"T": T, "D": D, "error": traceback.format_exc(limit=3)[-400:]}
         result["accuracy"].append(row)
         print({k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        write(result, args.json, None, plot)
+    result["complete"] = True
     return result
 
 

@@ -526,7 +526,7 @@ def run(args) -> dict:
         "fla": fla_version, "fla_path": fla_path, "hattention_commit": HATT_COMMIT,
         "dtype": str(args.dtype).replace("torch.", ""), "hatt_l_dtype": str(args.hatt_l_dtype).replace("torch.", ""),
         "hatt_levels": args.hatt_levels or "num_levels(T)", "tokens": args.tokens, "model_width": args.model_width,
-        "rows": [], "accuracy": [],
+        "rows": [], "accuracy": [], "complete": False,
         "notes": ("hatt = hattention chunk_h_gated_delta_rule(q, k, v, g, l=λ·scale, beta, scale, "
                   "use_qk_l2norm_in_kernel=True) with the run-time adaptations of hodlr.bench_hattention "
                   "(l2norm API, level table, dv_local keywords); hodlr = hodlr.log_linear_gated_delta_rule, default "
@@ -563,6 +563,7 @@ def run(args) -> dict:
             result["rows"].append(row)
             print(_format_row(row), flush=True)
             write(result, args.json, None, plot)
+    result["complete"] = True
     return result
 
 

@@ -298,3 +298,27 @@ def test_bench_gated_delta_code_path_on_cpu(tmp_path):
     assert all(acc[key] < 2e-2 for key in ("o", "dq", "dk", "dv", "dg", "dbeta", "dlevel_scales", "o_unit_levels",
                                                    "o_unit_levels_no_decay"))
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_keeps_the_rows_of_a_stopped_run(tmp_path, monkeypatch):
+    """A benchmark stopped part-way (here in its accuracy section) leaves a JSON with the rows it
+    measured, marked ``"complete": false``; a finished run is marked ``true``."""
+    pytest.importorskip("torch")
+    from hodlr import bench_gated_delta
+
+    class Stopped(BaseException):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stopped
+
+    out = tmp_path / "gd.json"
+    argv = ["--device", "cpu", "-T", "9", "--widths", "8", "--model-width", "8", "--tokens", "9", "--json", str(out),
+            "--png", ""]
+    monkeypatch.setattr(bench_gated_delta, "_accuracy", stop)
+    with pytest.raises(Stopped):
+        bench_gated_delta.main(argv + ["--accuracy", "5"])
+    res = json.loads(out.read_text())
+    assert res["complete"] is False and len(res["rows"]) == 1 and res["rows"][0]["fwd"] > 0
+    assert bench_gated_delta.main(argv) == 0
+    assert json.loads(out.read_text())["complete"] is True
