@@ -87,9 +87,9 @@ def unit_lower_inverse(Lm, C: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexp
     By doubling the diagonal blocks: with ``X_b`` the inverse of ``I`` plus the ``b x b`` diagonal
     blocks of ``Lm`` and ``F_b`` the lower-left ``b x b`` blocks of its ``2b x 2b`` diagonal blocks,
     ``X_2b = X_b - X_b F_b X_b`` (``X_b F_b`` squares to 0), from ``X_1 = I`` to ``X_C``: two
-    ``(C, C)`` dots a step, ``log2(C)`` steps, no step a reduction across the tile.  Each product
-    holds entries of the inverse itself, so no power of ``Lm`` (whose entries grow like binomial
-    coefficients for correlated keys) is ever formed."""
+    ``(C, C)`` dots a step, ``log2(C)`` steps, no step a reduction across the tile.  Each step's
+    result is itself the inverse of a block-diagonal part of ``I + Lm``, so no power of ``Lm``
+    (whose entries grow like binomial coefficients for correlated keys) is ever formed."""
     r = tl.arange(0, C)
     X = tl.where(r[:, None] == r[None, :], 1.0, 0.0).to(ACC)
     for s in tl.static_range(8):
