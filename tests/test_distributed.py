@@ -32,7 +32,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from hypothesis import Phase, given, settings, strategies as st
+from hypothesis import Phase, example, given, settings, strategies as st
 
 import hodlr
 from hodlr import fenwick
@@ -137,9 +137,13 @@ def test_combine_checks():
        starts=st.lists(st.one_of(st.sampled_from([0, 1, 2, 64, 96, 127]), st.integers(0, 200)), min_size=3,
                        max_size=3),
        packed=st.booleans(), seed=st.integers(0, 2**31))
+@example(B=1, T=65, decay="strong", starts=[0, 0, 0], packed=False, seed=11021261)  # dg of norm 3e-8, 1e-16 apart
 def test_segment_state_is_the_final_state_from_zeros(B, T, decay, starts, packed, seed):
     """``segment_state`` equals the final state of a call from an all-zero state at the same start
-    positions (values and the gradients of k, v, g), for batches and packed sequences."""
+    positions (values and the gradients of k, v, g), for batches and packed sequences.  The
+    gradients are compared as one vector: under a strong decay the gradient of g nearly cancels
+    (a norm of 1e-8 from terms of size 1, whose rounding leaves 1e-16 apart), so it is judged at
+    the scale the whole computation rounds at, not at its own."""
     a = np.array(starts[:B])
     Hqk, grp, Dk, Dv = 2, 2, 2, 3
     pos = a[:, None] + np.arange(T)[None, :]
@@ -159,9 +163,9 @@ def test_segment_state_is_the_final_state_from_zeros(B, T, decay, starts, packed
     assert got.positions.tolist() == want.positions.tolist()
     assert relative_error(got.states, want.states) <= TOL
     w = torch.randn_like(want.states)
-    for x, y in zip(torch.autograd.grad((got.states * w).sum(), leaves),
-                    torch.autograd.grad((want.states * w).sum(), leaves)):
-        assert relative_error(x, y) <= 1e-10
+    flat = lambda grads: torch.cat([x.flatten() for x in grads])  # noqa: E731
+    assert relative_error(flat(torch.autograd.grad((got.states * w).sum(), leaves)),
+                          flat(torch.autograd.grad((want.states * w).sum(), leaves))) <= 1e-10
 
 
 @pytest.mark.parametrize("case", [
