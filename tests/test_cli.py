@@ -300,6 +300,35 @@ def test_bench_gated_delta_code_path_on_cpu(tmp_path):
     assert png.read_bytes().startswith(b"\x89PNG")
 
 
+def test_bench_times_fla_only_up_to_its_width(monkeypatch):
+    """``hodlr bench`` times fla's log-linear kernel up to ``--fla-max-width`` (default 128) and
+    records why it skipped a wider row (a row's code path on the CPU, inputs made there)."""
+    torch = pytest.importorskip("torch")
+    import hodlr
+    from hodlr import bench
+
+    def inputs(torch, B, T, H, D, dtype, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        q, k, v, do = (torch.randn(B, T, H, D, generator=gen) for _ in range(4))
+        lam = 0.5 + torch.rand(B, T, H, hodlr.num_levels(T), generator=gen)
+        return q, k, v, -0.1 * torch.rand(B, T, H, generator=gen), lam, do
+
+    calls = []
+
+    def fla(q, k, v, g, lam, scale):
+        calls.append(q.shape[-1])
+        return (q,)
+
+    monkeypatch.setattr(bench, "_inputs", inputs)
+    once = lambda fn: (fn(), 1.0)[1]  # noqa: E731
+    args = bench._parser().parse_args(["--no-backward", "--tokens", "8"])
+    wide = bench._attention_row(torch, once, args, 256, 1, 8, torch.float32, fla)
+    assert "fla_fwd" not in wide and wide["fla_skipped"] == "D = 256 is wider than --fla-max-width 128"
+    narrow = bench._attention_row(torch, once, args, 128, 1, 8, torch.float32, fla)
+    assert narrow["fla_fwd"] == 1.0 and "fla_skipped" not in narrow and calls == [128]
+    assert wide["fwd"] == narrow["sdpa_fwd"] == 1.0
+
+
 def test_bench_keeps_the_rows_of_a_stopped_run(tmp_path, monkeypatch):
     """A benchmark stopped part-way (here in its accuracy section) leaves a JSON with the rows it
     measured, marked ``"complete": false``; a finished run is marked ``true``."""
