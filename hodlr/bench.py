@@ -252,13 +252,15 @@ def _attention_row(torch, bench, args, D, H, T, dtype, fla):
         _timed(row, "sdpa_fwd", lambda: bench(lambda: sdpa(*sl, is_causal=True)))
         if args.backward:
             _timed(row, "sdpa_fwdbwd", lambda: bench(lambda: torch.autograd.grad(sdpa(*sl, is_causal=True), sl, doh)))
-        if fla is not None and D % 64 == 0 and T < (1 << 17) and D > args.fla_max_width:
-            row["fla_skipped"] = f"D = {D} is wider than --fla-max-width {args.fla_max_width}"
-        elif fla is not None and D % 64 == 0 and T < (1 << 17):  # fla takes level scales in the inputs' dtype
-            fl = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, lam.to(dtype))]
-            _timed(row, "fla_fwd", lambda: bench(lambda: fla(*fl, scale=scale)[0]))
-            if args.backward:
-                _timed(row, "fla_fwdbwd", lambda: bench(lambda: torch.autograd.grad(fla(*fl, scale=scale)[0], fl, do)))
+        if fla is not None and D % 64 == 0 and T < (1 << 17):
+            if D > args.fla_max_width:
+                row["fla_skipped"] = f"D = {D} is wider than --fla-max-width {args.fla_max_width}"
+            else:  # fla takes level scales in the inputs' dtype
+                fl = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, lam.to(dtype))]
+                _timed(row, "fla_fwd", lambda: bench(lambda: fla(*fl, scale=scale)[0]))
+                if args.backward:
+                    _timed(row, "fla_fwdbwd",
+                           lambda: bench(lambda: torch.autograd.grad(fla(*fl, scale=scale)[0], fl, do)))
     return row
 
 
