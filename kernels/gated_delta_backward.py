@@ -19,8 +19,8 @@ Reverse mode through the forward's three stages, for a cotangent ``dO``:
 4. ``_chunk_kernel`` (one program per chunk) differentiates everything inside the chunk: the
    in-chunk output ``scale (P ⊙ Λ) V`` (``dλ`` of levels ``0..c``), ``Q̃``, ``Tr`` and ``U`` through
    ``X = N⁻¹`` (``dN = -Xᵀ dX Xᵀ``) back to ``q, k, v, β`` and the chunk-local cumulative
-   log-decay ``G``, whose reverse cumulative sum inside the chunk is ``dg`` (every decay of the
-   forward is a sum of ``g`` inside one chunk, so no sum runs along the sequence).
+   log-decay, to ``dg`` (every decay of the forward is a sum of ``g`` inside one chunk, so no sum
+   runs along the sequence; each term of ``dg_u`` is added once, never as a difference of sums).
 
 The derivation, term by term, is in ``docs/kernels.md`` (the Gated DeltaNet section).
 """
@@ -322,12 +322,14 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
     tl.store(dk_ptr + (bh * T + t[:, None]) * DK + dk[None, :], dK, mask=kmask)
     tl.store(db_ptr + bh * T + t, dbeta, mask=tmask)
     if HAS_G:
-        # the decays are exponentials of the chunk-local cumulative log-decay G: dG, then dg
+        # dg_u sums every term whose decay holds g_u, each term once (no difference of sums, which
+        # cancel when a strong decay leaves dg far below its terms): the pairs t >= u > s of Γ,
+        # the γ_t with t >= u, the d_s with s < u and γ_end
         WG += dKK * KK  # (dLm β ⊙ K Kᵀ) ⊙ Γ: the share through N
+        before = r[None, :] < r[:, None]
         dd = tl.sum(K * dKd, 1) * d
-        dG = tl.sum(WG, 1) - tl.sum(WG, 0) + dgamma * gamma - dd
-        dG += tl.where(r == C - 1, tl.sum(dd, 0) + trace * gamma_end, 0.0)
-        dg = tl.cumsum(dG, 0, reverse=True)
+        dg = tl.sum(tl.where(before, tl.cumsum(WG, 0, reverse=True), 0.0), 1) + tl.sum(
+            tl.where(before, dd[None, :], 0.0), 1) + tl.cumsum(dgamma * gamma, 0, reverse=True) + trace * gamma_end
         tl.store(dg_ptr + bh * T + t, tl.where(t == 0, 0.0, dg), mask=tmask)  # g of position 0 moves nothing
 
 

@@ -258,6 +258,20 @@ def test_gradients_awkward_lengths(T, C, decay, Dk, Dv):
     _check_grads((q, k, v, beta, lam, g), t(2, T, Dv), 0.6, torch.float64, chunk=C)
 
 
+@pytest.mark.parametrize("T", [2, 3, 17, 40])
+def test_strong_decay_gradients(T):
+    """Decay steps of -31 beside steps near 0 (float64): the decay gradient of a row is then
+    ~1e-14 of the in-chunk terms it is made of, and must still match the dense reference to
+    1e-10 (each term is summed once; differences of in-chunk sums left it at ~1e-4 relative)."""
+    rng = np.random.default_rng(T)
+    t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
+    q, k, v = t(1, T, 2), torch.nn.functional.normalize(t(1, T, 2), dim=-1), t(1, T, 2)
+    beta = torch.as_tensor(rng.uniform(0, 1, (1, T)))
+    lam = poison_unread(torch.as_tensor(rng.uniform(-1, 1, (1, T, hodlr.num_levels(T)))))
+    g = torch.as_tensor(np.where(np.arange(T) % 2 == 1, -31.0, -rng.uniform(0, 1e-3, T)))[None]
+    _check_grads((q, k, v, beta, lam, g), t(1, T, 2), 1.0, torch.float64, chunk=16)
+
+
 def test_bfloat16_hierarchy():
     """bfloat16 inputs over several chunks and levels (the hierarchy held in bfloat16, see
     ``gated_delta.BF16_HIERARCHY``): output and gradients near the float64 reference (the
