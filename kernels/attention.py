@@ -26,6 +26,11 @@ from ._layout import (NUM_WARPS, block, broadcast_shape, cdiv, check_chunk, chec
                       collapse_batch, compute_types, interpreting, output_buffer, scratch, state_dtypes)
 
 
+OUTPUT_TILE = 64
+"""Widest key and value tile of the output kernel: a wider head runs one program per value tile
+of its chunk (each forms the chunk's scores again) and reads its key columns tile by tile."""
+
+
 @triton.jit(do_not_specialize=["T", "B1", "n_total", "N_DV_TILES", "sgb0", "sgb1", "GRP", "S_IN"])
 def _state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr, s_ptr, tab_ptr, cs_ptr,
                   T, B1, n_total, DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES, GRP, S_IN,
@@ -410,7 +415,7 @@ def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0,
     o_flat = out.reshape((layout.B0, layout.B1, T, DV))
     states, logdec = chunk_states(layout, C, *state_dtypes(v.dtype))
     n = chunk_count(T, C)
-    BDK, BDV = block(DK, 64), block(DV, 64)
+    BDK, BDV = block(DK, OUTPUT_TILE), block(DV, OUTPUT_TILE)
     n_dv = cdiv(DV, BDV)
     _output_kernel[(n, layout.B, n_dv)](
         layout.tensors["q"], layout.tensors["k"], v, layout.tensors["l"], layout.decay_args()[0], states, logdec,
@@ -595,7 +600,7 @@ def attention_state_forward(q, k, v, level_scales, log_decay=None, scale: float 
     out = output_buffer(out, (layout.N, layout.H, layout.T, layout.DV), v)
     states, logdec = sequence_states(layout, seqs, C, initial, state_dtype, logdec_dtype)
     acc, prec, exact = compute_types(v.dtype)
-    BDK, BDV = block(layout.DK, 64), block(layout.DV, 64)
+    BDK, BDV = block(layout.DK, OUTPUT_TILE), block(layout.DV, OUTPUT_TILE)
     if seqs.n_slots and layout.H:
         _output_kernel[(seqs.n_slots, layout.H, cdiv(layout.DV, BDV))](
             q, k, v, level_scales, layout.decay_args()[0], states, logdec, out, states if initial is None else initial,

@@ -13,6 +13,8 @@ tests run on the GPU in float32.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 import numpy as np  # noqa: E402
@@ -274,6 +276,24 @@ def test_wide_heads_and_states():
     S0 = (k[:CHUNK] * w[:, None]).T @ v[:CHUNK]
     assert_close(states[0, 0].reshape(Dk, Dv), S0, TOL[dtype], "chunk state 0")
     assert_close(logdec[0, 0], g[:CHUNK].sum(), TOL[dtype], "chunk log-decay 0")
+
+
+@pytest.mark.parametrize("tile", [16, 128])
+def test_output_tiles(tile, monkeypatch):
+    """The output kernel's key and value tiles (``attention.OUTPUT_TILE``): five key tiles and
+    five value-tile programs a chunk, or one of each (``Dk = 80``, ``Dv = 70``)."""
+    monkeypatch.setattr(sys.modules["hodlr.kernels.attention"], "OUTPUT_TILE", tile)
+    dtype = DTYPES[0]
+    gen = torch.Generator().manual_seed(tile)
+    T, Dk, Dv = 50, 80, 70
+    q, k = (torch.randn(2, T, Dk, generator=gen, dtype=torch.float64).to(DEVICE, dtype) for _ in range(2))
+    v = torch.randn(2, T, Dv, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    lam = hodlr.testing.poison_unread(torch.rand(2, T, hodlr.num_levels(T), generator=gen, dtype=torch.float64) + 0.5)
+    g = -torch.rand(2, T, generator=gen, dtype=torch.float64)
+    lam, g = lam.to(DEVICE, dtype), g.to(DEVICE, dtype)
+    got = kernels.attention_forward(q, k, v, lam, g, 0.7, chunk=CHUNK)
+    want = _ref_attention(q, k, v, hodlr.LogLinearMask(lam, g, validate=False), 0.7)
+    assert_close(got, want, TOL[dtype], f"output tiles of {tile}")
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 64, 65, 128, 129, 300, 1025])

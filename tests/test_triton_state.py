@@ -232,6 +232,14 @@ def test_feature_tiles(nan_buffers, monkeypatch):
     check_against_chunked(inputs, pos, cu)
 
 
+def test_output_tiles(nan_buffers, monkeypatch):
+    """The forward's output kernel on tiles narrower than the head (three value-tile programs a
+    chunk, two key tiles) over packed sequences with states."""
+    monkeypatch.setattr(forward, "OUTPUT_TILE", 16)
+    inputs, pos, cu = one_case(4, [20, 9], [37, 3], Dk=20, Dv=40)
+    check_against_chunked(inputs, pos, cu)
+
+
 def test_block_sums_of_groups(nan_buffers, monkeypatch):
     """Groups of one chunk: every level above the first sums its blocks group by group with atomic
     adds, decayed by the groups before (from the sequence's first: chunks 6..9 of levels 1..3)."""
