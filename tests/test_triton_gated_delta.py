@@ -296,6 +296,19 @@ def test_bfloat16_hierarchy():
     assert relative_error(o.double().cpu(), ref) <= 2e-2
 
 
+def _two_sequences(rng, T, Dv, extra_levels=1, decay=0.5):
+    """``(q, k, v, beta, lam, g, draw)`` of two float64 sequences: ``Dk = 3``, unit keys, β in
+    ``[0, 2)``, level scales in ``[-0.5, 1.5)`` with ``extra_levels`` columns past ``num_levels(T)``
+    and never-read ones NaN, log-decays in ``(-decay, 0]`` (None for ``decay=None``); ``draw(*shape)``
+    draws more standard normals from ``rng``."""
+    t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
+    q, k, v = t(2, T, 3), torch.nn.functional.normalize(t(2, T, 3), dim=-1), t(2, T, Dv)
+    beta = torch.as_tensor(rng.uniform(0, 2, (2, T)))
+    lam = poison_unread(torch.as_tensor(rng.uniform(-0.5, 1.5, (2, T, hodlr.num_levels(T) + extra_levels))))
+    g = None if decay is None else -torch.as_tensor(rng.uniform(0, decay, (2, T)))
+    return q, k, v, beta, lam, g, t
+
+
 @pytest.mark.parametrize("group, value_tile, T, Dv", [(1, 128, 65, 3), (2, 128, 100, 3), (4, 128, 150, 3),
                                                     (8, 128, 260, 3), (2, 16, 100, 40)])
 def test_gradients_reader_groups(group, value_tile, T, Dv):
@@ -305,13 +318,7 @@ def test_gradients_reader_groups(group, value_tile, T, Dv):
     chunk's ``dH`` share added tile by tile).  The interpreter runs the programs one after another: races between
     programs show only on the GPU (``test_gradients_on_gpu``)."""
     gdb = sys.modules["hodlr.kernels.gated_delta_backward"]
-
-    rng = np.random.default_rng(group + T)
-    t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
-    q, k, v = t(2, T, 3), torch.nn.functional.normalize(t(2, T, 3), dim=-1), t(2, T, Dv)
-    beta = torch.as_tensor(rng.uniform(0, 2, (2, T)))
-    lam = poison_unread(torch.as_tensor(rng.uniform(-0.5, 1.5, (2, T, hodlr.num_levels(T) + 2))))
-    g = -torch.as_tensor(rng.uniform(0, 0.5, (2, T)))
+    q, k, v, beta, lam, g, t = _two_sequences(np.random.default_rng(group + T), T, Dv, extra_levels=2)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gdb, "READER_GROUP", group)
         mp.setattr(gdb, "READER_VALUE_TILE", value_tile)
