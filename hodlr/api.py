@@ -214,6 +214,9 @@ def gated_delta_attention(q, k, v, beta, M, *, scale=None, backend: str = "auto"
         by the rule in :mod:`hodlr.backends`: ``chunked`` for torch tensors (``dense`` up to
         ``T = 256`` on the CPU), ``dense`` for numpy arrays (the first backend in order that
         offers it; pass ``backend="chunked"`` or ``"fenwick"`` for long numpy sequences).
+        A log-decay above 0 (a gate that grows) is outside the chunk-wise backends' accuracy
+        (``chunked``, ``triton``: docs/mathematics.md §13, growth gates); ``fenwick`` and
+        ``dense`` stay exact to rounding.
 
     Returns
     -------

@@ -737,7 +737,9 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
     backend : str, default ``"auto"``
         ``"triton"`` (the Triton kernels, forward and backward; no state: what ``auto`` picks on a
         GPU for calls without state), ``"chunked"`` (what ``auto`` picks otherwise), ``"fenwick"``
-        (the recurrence) or ``"dense"`` (the reference; no state).
+        (the recurrence) or ``"dense"`` (the reference; no state).  ``g > 0`` (a gate that
+        grows) is outside the chunk-wise backends' accuracy (docs/mathematics.md §13, growth
+        gates): use ``"fenwick"`` there.
 
     Returns
     -------

@@ -126,6 +126,24 @@ def test_awkward_lengths_strong_decay_default_chunk(T, rng):
         assert_close(hodlr.gated_delta_attention(q, k, v, beta, M, backend=name), want, TOL, name)
 
 
+@pytest.mark.parametrize("g", [0.5, -0.5])
+def test_growing_gates_recurrence(g, rng):
+    """A gate above 1 (``g = 0.5`` at every step, 64 steps, ``β ~ U(0, 1)``): the recurrence
+    (``fenwick``) stays accurate in float32, which the chunk-wise form does not (docs/mathematics.md
+    §13, growth gates); under the decay of the same size both are."""
+    T = 64
+    lam = rng.uniform(0.5, 1.5, (T, hodlr.num_levels(T)))
+    q, v, k = rng.standard_normal((T, 2)), rng.standard_normal((T, 2)), _unit(rng.standard_normal((T, 2)))
+    beta, gates = rng.uniform(0, 1, T), np.full(T, g)
+    want = literal(q, k, v, beta, lam, gates, 1.0)
+    f32 = lambda x: x.astype(np.float32)  # noqa: E731
+    M = hodlr.LogLinearMask(f32(lam), f32(gates))
+    names = ("fenwick", "dense") if g > 0 else ("fenwick", "dense", "chunked")
+    for name in names:
+        got = hodlr.gated_delta_attention(f32(q), f32(k), f32(v), f32(beta), M, scale=1.0, backend=name)
+        assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want), name
+
+
 @settings(max_examples=12)
 @given(args=gdn_inputs(T=st_lengths(1, 70), batch=batch_shapes(1, 2), library="torch"), C=st.sampled_from([2, 16]),
        seed=st.integers(0, 2**31))
