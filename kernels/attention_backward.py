@@ -16,7 +16,8 @@ The structure mirrors the forward (:mod:`kernels.attention`), chunk size ``C = 2
    ``b`` of ``2^h`` chunks that reads a level-``h`` state (odd ``b``; ``a_b`` the last position
    before it), over aligned groups of :data:`TILE_CHUNKS` chunks (one atomic add per group of a
    larger block; no other atomics).
-3. ``_chunk_kernel`` (one program per chunk) computes every gradient of the chunk's rows: the
+3. ``_chunk_kernel`` (one program per chunk; for feature tiles wider than 64 two launches, a query
+   side and a key side: :data:`SIDE_LAUNCHES`) computes every gradient of the chunk's rows: the
    dense in-chunk part, then one walk over the bits of the chunk index -- a set bit reads the
    level-``h`` state (``dq``, ``dλ``), a clear bit adds the block sum of the readers of the block
    that holds the chunk (``dk_s = w_s D v_s``, ``dv_s = w_s Dᵀ k_s``).
@@ -47,6 +48,12 @@ from .attention import attention_layout, check_initial_state, chunk_states, sequ
 MAX_TILE = 128
 """Widest feature tile of one backward program; wider heads are split into tiles whose partial
 sums are combined with atomics."""
+
+SIDE_LAUNCHES = {"attention_backward": 1, "attention_backward_wide": 2}
+"""Launches of the chunk kernel for feature tiles of up to 64 columns and wider ones: one, whose
+programs form every gradient of their chunk, or two, a query side and a key side (each forms
+the in-chunk products it needs again, and holds half the accumulators).  Calls over sequences
+take one."""
 
 TILE_CHUNKS = 16
 """Chunks summed by one program of ``_query_block_kernel`` (a power of two): blocks of at most
@@ -435,7 +442,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
                   C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
                   NB: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
                   LOWP: tl.constexpr, NATIVE: tl.constexpr, ATOMIC: tl.constexpr, VARLEN: tl.constexpr,
-                  FINAL: tl.constexpr):
+                  FINAL: tl.constexpr, SIDE: tl.constexpr = 0):
     """Program ``(chunk i, batch entry, feature tile)``: every gradient of the chunk's rows.
 
     Writes ``dq``, ``dk``, ``dv``, ``dλ`` and, for ``dg`` (see :func:`attention_backward`), the
@@ -451,7 +458,14 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
     also reads its carried buckets of levels ``1..c`` and adds their gradients (the direct reads
     and, through the chunk's state, the later readers) to ``d(initial state)``; with ``FINAL``
     the chunk of the end ``e`` (when it holds tokens) adds the gradients of the final state's
-    levels ``1..c``."""
+    levels ``1..c``.
+
+    ``SIDE`` 1 or 2 (calls without sequences) makes the program one of two launches: the query
+    side (``dq``, ``dλ``, the level row sums and the in-chunk and set-bit part of ``dg``) or the
+    key side (``dk``, ``dv`` and the part of ``dg`` from the later readers), each forming the
+    in-chunk products it needs; ``dg``'s parts go to a slice per side.  0: one program does both."""
+    QUERIES: tl.constexpr = SIDE != 2
+    KEYS: tl.constexpr = SIDE != 1
     if VARLEN:
         dead, n, b0, shift, a, e, i, I0, I1, base, span, t, tmask = sequence_chunk(tab_ptr, cs_ptr, C, LOG_C)
         if dead:
@@ -492,21 +506,26 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
     Wd = dP * S * Dec
     col_l = tl.arange(0, BL)
     dl = tl.zeros((C, BL), dtype=ACC)
-    for lv in tl.static_range(LOG_C + 1):
-        dl = tl.where(col_l[None, :] == lv, tl.sum(tl.where(lvl == lv, Wd, 0.0), 1)[:, None], dl)
     M = lam.to(ACC) * Dec
     r = tl.arange(0, C)
-    W = tl.where(r[:, None] > r[None, :], M * dP * S, 0.0)
-    row = tl.sum(W, 1)  # pairs inside the chunk: their decay gradient stays inside it
-    col = tl.sum(W, 0)
     dS = M * dP
-    Pm = M * S
     if LOWP and NATIVE:
         dS = dS.to(kb.dtype)
-        Pm = Pm.to(ob.dtype)
-    dq = dot(dS, kb, ACC, PREC, NATIVE)
-    dk_acc = dot(tl.trans(dS), qb, ACC, PREC, NATIVE)
-    dv_acc = dot(tl.trans(Pm), ob, ACC, PREC, NATIVE)
+    row = tl.zeros((C,), dtype=ACC)
+    col = row
+    if QUERIES:
+        for lv in tl.static_range(LOG_C + 1):
+            dl = tl.where(col_l[None, :] == lv, tl.sum(tl.where(lvl == lv, Wd, 0.0), 1)[:, None], dl)
+        W = tl.where(r[:, None] > r[None, :], M * dP * S, 0.0)
+        row = tl.sum(W, 1)  # pairs inside the chunk: their decay gradient stays inside it
+        col = tl.sum(W, 0)
+        dq = dot(dS, kb, ACC, PREC, NATIVE)
+    if KEYS:
+        Pm = M * S
+        if LOWP and NATIVE:
+            Pm = Pm.to(ob.dtype)
+        dk_acc = dot(tl.trans(dS), qb, ACC, PREC, NATIVE)
+        dv_acc = dot(tl.trans(Pm), ob, ACC, PREC, NATIVE)
     # levels > c, one walk over the bits h of the chunk index, low to high.  Set bit: the chunk
     # reads the level-h state (i >> h) - 1 (dq, dλ).  Clear bit: the chunk lies in the level-h
     # block (i >> h), read by the block after it through the block sum R (dk, dv via D).
@@ -522,42 +541,44 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
         roff = 0
     h = 0
     while h < n_bits:
-        if ((i >> h) & 1) == 1:
-            if VARLEN:
-                blk = off + (i >> h) - (I0 >> h)
-            else:
-                blk = bh * n_total + off + (i >> h) - 1
-            sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :], mask=fmask, other=0.0)
-            X = dot(ob, tl.trans(_rounded(sb, ob, LOWP, NATIVE)), ACC, PREC, NATIVE)
-            e_t = scale * tl.exp(gap + G)
-            if VARLEN:  # (L is checked on the host only for calls without sequences)
-                lam_h = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll,
-                                mask=tl.where(LOG_C + 1 + h < L, tmask, False), other=0.0).to(ACC)
-            else:
-                lam_h = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
-            dq += (lam_h * e_t)[:, None] * X
-            dl_h = e_t * tl.sum(qb.to(ACC) * X, 1)
-            dl = tl.where(col_l[None, :] == LOG_C + 1 + h, dl_h[:, None], dl)
-            row_h = lam_h * dl_h
-            row += row_h
-            lvl_rows = tl.where(levels == h, tl.sum(row_h, 0), lvl_rows)
-            gap += tl.load(a_ptr + blk)
-        else:
-            reader = (i >> h) + 1
-            if VARLEN:
-                if reader <= ((e >> LOG_C) >> h):  # the block after i's has readers: chunks, or the end e
-                    D += tl.exp(zeta) * tl.load(r_ptr + (off + reader - (I0 >> h)) * DK * DV + dk[:, None] * DV
-                                                + dv[None, :], mask=fmask, other=0.0)
-                    if HAS_G:
-                        if reader <= (I1 >> h):
-                            zeta += tl.load(a_ptr + off + reader - (I0 >> h) + 1)
-            else:
-                if (reader << h) < n_chunks:
-                    D += tl.exp(zeta) * tl.load(r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV + dk[:, None] * DV
-                                                + dv[None, :], mask=fmask, other=0.0)
-                    if HAS_G:
-                        if ((reader + 1) << h) <= n_chunks:
-                            zeta += tl.load(a_ptr + bh * n_total + off + reader)
+        if QUERIES:
+            if ((i >> h) & 1) == 1:
+                if VARLEN:
+                    blk = off + (i >> h) - (I0 >> h)
+                else:
+                    blk = bh * n_total + off + (i >> h) - 1
+                sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :], mask=fmask, other=0.0)
+                X = dot(ob, tl.trans(_rounded(sb, ob, LOWP, NATIVE)), ACC, PREC, NATIVE)
+                e_t = scale * tl.exp(gap + G)
+                if VARLEN:  # (L is checked on the host only for calls without sequences)
+                    lam_h = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll,
+                                    mask=tl.where(LOG_C + 1 + h < L, tmask, False), other=0.0).to(ACC)
+                else:
+                    lam_h = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
+                dq += (lam_h * e_t)[:, None] * X
+                dl_h = e_t * tl.sum(qb.to(ACC) * X, 1)
+                dl = tl.where(col_l[None, :] == LOG_C + 1 + h, dl_h[:, None], dl)
+                row_h = lam_h * dl_h
+                row += row_h
+                lvl_rows = tl.where(levels == h, tl.sum(row_h, 0), lvl_rows)
+                gap += tl.load(a_ptr + blk)
+        if KEYS:
+            if ((i >> h) & 1) == 0:
+                reader = (i >> h) + 1
+                if VARLEN:
+                    if reader <= ((e >> LOG_C) >> h):  # the block after i's has readers: chunks, or the end e
+                        D += tl.exp(zeta) * tl.load(r_ptr + (off + reader - (I0 >> h)) * DK * DV + dk[:, None] * DV
+                                                    + dv[None, :], mask=fmask, other=0.0)
+                        if HAS_G:
+                            if reader <= (I1 >> h):
+                                zeta += tl.load(a_ptr + off + reader - (I0 >> h) + 1)
+                else:
+                    if (reader << h) < n_chunks:
+                        D += tl.exp(zeta) * tl.load(r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV
+                                                    + dk[:, None] * DV + dv[None, :], mask=fmask, other=0.0)
+                        if HAS_G:
+                            if ((reader + 1) << h) <= n_chunks:
+                                zeta += tl.load(a_ptr + bh * n_total + off + reader)
         if VARLEN:
             off += (span >> h) + 3
         else:
@@ -606,11 +627,13 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
                 # pairs of the final state and a key before u: in the chunk, and (rc) before it
                 local += (tl.cumsum(col_e, 0) - col_e
                           + tl.load(rc_ptr + (n * tl.num_programs(1) + b1) * tl.num_programs(2) + tile_f))
-    D = _rounded(D, kb, LOWP, NATIVE)
-    dk_inter = w[:, None] * dot(vb, tl.trans(D), ACC, PREC, NATIVE)
-    dv_acc += w[:, None] * dot(kb, D, ACC, PREC, NATIVE)
-    dk_acc += dk_inter
-    col_later = tl.sum(kb.to(ACC) * dk_inter, 1)  # pairs with a later chunk
+    col_later = tl.zeros((C,), dtype=ACC)
+    if KEYS:
+        D = _rounded(D, kb, LOWP, NATIVE)
+        dk_inter = w[:, None] * dot(vb, tl.trans(D), ACC, PREC, NATIVE)
+        dv_acc += w[:, None] * dot(kb, D, ACC, PREC, NATIVE)
+        dk_acc += dk_inter
+        col_later = tl.sum(kb.to(ACC) * dk_inter, 1)  # pairs with a later chunk
     # the chunk-local part of dg: pairs with a row at or after t and a column before t that
     # have at least one end in this chunk
     dgl = tl.cumsum(tl.where(tmask, row - col, 0.0), 0, reverse=True) + tl.cumsum(col_later, 0) - col_later
@@ -631,17 +654,23 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
         dl_dst = dl_ptr + part * T * L + b0 * sdlb0 + b1 * sdlb1 + t[:, None] * sdlt + col_l[None, :]
         gbh = bh
         gi = i
-    if ATOMIC:
-        tl.atomic_add(dq_dst, dq, mask=kmask)
-        tl.atomic_add(dk_dst, dk_acc, mask=kmask)
-        tl.atomic_add(dv_dst, dv_acc, mask=vmask)
-    else:
-        tl.store(dq_dst, dq, mask=kmask)
-        tl.store(dk_dst, dk_acc, mask=kmask)
-        tl.store(dv_dst, dv_acc, mask=vmask)
-    tl.store(dl_dst, dl, mask=tmask[:, None] & (col_l[None, :] < L))
+    if QUERIES:
+        if ATOMIC:
+            tl.atomic_add(dq_dst, dq, mask=kmask)
+        else:
+            tl.store(dq_dst, dq, mask=kmask)
+        tl.store(dl_dst, dl, mask=tmask[:, None] & (col_l[None, :] < L))
+        tl.store(lvl_ptr + ((part + gbh) * NB + levels) * n_chunks + gi, lvl_rows)
+    if KEYS:
+        if ATOMIC:
+            tl.atomic_add(dk_dst, dk_acc, mask=kmask)
+            tl.atomic_add(dv_dst, dv_acc, mask=vmask)
+        else:
+            tl.store(dk_dst, dk_acc, mask=kmask)
+            tl.store(dv_dst, dv_acc, mask=vmask)
+    if SIDE != 0:  # dg's parts: a slice per side after those of the feature tiles
+        part += (SIDE - 1) * tl.num_programs(2) * tl.num_programs(1)
     tl.store(dgl_ptr + ((part + gbh) * n_chunks + gi) * C + r, dgl)
-    tl.store(lvl_ptr + ((part + gbh) * NB + levels) * n_chunks + gi, lvl_rows)
 
 
 @functools.lru_cache(maxsize=64)
@@ -756,13 +785,15 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         dl = torch.empty((parts * B, T, L), dtype=acc_torch if atomic else level_scales.dtype, device=dev)
         B1 = layout.B1
         out_strides = (B1 * T * DK, T * DK, DK, B1 * T * DV, T * DV, DV, B1 * T * L, T * L, L)
-    dgl = scratch((parts * B, n * C), acc_torch, dev)
+    sides = SIDE_LAUNCHES["attention_backward" if max(BDK, BDV) <= 64 else "attention_backward_wide"]
+    dgl = scratch((parts * sides * B, n * C), acc_torch, dev)
     lvl_rows = scratch((parts * B, NB, n), acc_torch, dev)
-    _chunk_kernel[(n, B, tiles)](
-        *ptrs, states, logdec, rsum, dq, dk, dv, dl, dgl, lvl_rows, logdec, logdec, logdec, logdec, logdec, logdec,
-        T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale), 1, 0, 0, 0, *strides,
-        *out_strides, C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=next_power_of_2(L), NB=NB, EXACT=exact,
-        ATOMIC=atomic, VARLEN=False, FINAL=False, **meta)
+    for side in ((0,) if sides == 1 else (1, 2)):
+        _chunk_kernel[(n, B, tiles)](
+            *ptrs, states, logdec, rsum, dq, dk, dv, dl, dgl, lvl_rows, logdec, logdec, logdec, logdec, logdec,
+            logdec, T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale), 1, 0, 0, 0,
+            *strides, *out_strides, C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=next_power_of_2(L), NB=NB,
+            EXACT=exact, ATOMIC=atomic, VARLEN=False, FINAL=False, SIDE=side, **meta)
     dg = None
     if has_g:
         span = scratch((parts * B, n), acc_torch, dev)
@@ -770,7 +801,9 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
                                     DV, n_dv, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, C=C, LOG_C=C.bit_length() - 1,
                                     VARLEN=False, num_warps=NUM_WARPS["attention_span"])
         if atomic:
-            dgl, span, lvl_rows = (x.view((parts, -1) + x.shape[1:]).sum(0) for x in (dgl, span, lvl_rows))
+            span, lvl_rows = (x.view((parts, -1) + x.shape[1:]).sum(0) for x in (span, lvl_rows))
+        if atomic or sides > 1:
+            dgl = dgl.view((parts * sides, -1) + dgl.shape[1:]).sum(0)
         dg = (dgl.view(B, n, C) + (span + _spanning_in_gap(lvl_rows))[..., None]).view(B, n * C)[:, :T]
         dg[:, 0] = 0
         dg = dg.reshape(batch + (T,)).to(log_decay.dtype)

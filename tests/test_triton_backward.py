@@ -186,6 +186,24 @@ def test_feature_tiles(T, decay, rng, monkeypatch):
 
 
 @interpreter
+@pytest.mark.parametrize("T, decay", [(1, 0.5), (17, None), (70, 0.5), (70, 30.0)])
+@pytest.mark.parametrize("max_tile", [128, 16])
+def test_query_and_key_sides(T, decay, max_tile, rng, monkeypatch):
+    """The chunk kernel as two launches, the query side and the key side (``SIDE_LAUNCHES``), with
+    whole heads and with (Dk-tile, Dv-tile) programs; outputs and the kernels' scratch NaN-filled."""
+    module = importlib.import_module("hodlr.kernels.attention_backward")
+    monkeypatch.setitem(module.SIDE_LAUNCHES, "attention_backward", 2)
+    monkeypatch.setattr(module, "MAX_TILE", max_tile)
+    monkeypatch.setattr(module, "scratch", lambda *a: torch.full(*a[:1], float("nan"), dtype=a[1], device=a[2]))
+    q, k, v, lam, g, w = _case(T, rng, Dk=40, Dv=33, decay=decay)
+    want = _dense_grads("attention", q, k, v, lam, g, 0.5, w)
+    got = module.attention_backward(q, k, v, lam, g, 0.5, w, chunk=CHUNK)
+    got = dict(zip(["q", "k", "v", "level_scales", "log_decay"], (got[0].sum(0, keepdim=True),) + got[1:]))
+    _check(got, want, TOLERANCES["grad_float64"], "two sides", T)
+    _check_unread_zero(got["level_scales"], T)
+
+
+@interpreter
 @pytest.mark.parametrize("Dk, Dv", [(5, 3), (20, 17)])
 def test_gradients_into_strided_buffers(Dk, Dv, rng, monkeypatch):
     """``out=``: buffers laid out like (B, T, H, ·) inputs seen as (B, H, T, ·), NaN-filled, get
