@@ -259,41 +259,28 @@ def test_non_contiguous_inputs(dtype):
     assert_close(y, _ref_matmul(M, v), TOL[dtype], "non-contiguous matmul")
 
 
-def test_wide_heads_and_states():
-    """Head widths above one tile (Dk, Dv > 64) and the chunk-state hierarchy's level 0."""
+@pytest.mark.parametrize("tile", [64, 16, 128])
+def test_wide_heads_and_states(tile, monkeypatch):
+    """Head widths above one tile (Dk, Dv > 64) and the chunk-state hierarchy's level 0, with the
+    output kernel's key and value tiles (``attention.OUTPUT_TILE``) at their default, at 16 (five
+    key tiles and five value-tile programs a chunk) and at 128 (one of each)."""
+    monkeypatch.setattr(sys.modules["hodlr.kernels.attention"], "OUTPUT_TILE", tile)
     dtype = DTYPES[0]
     gen = torch.Generator().manual_seed(3)
     T, Dk, Dv = 50, 80, 70
     L = hodlr.num_levels(T)
     q, k = (torch.randn(T, Dk, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE) for _ in range(2))
     v = torch.randn(T, Dv, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
-    lam = (torch.rand(T, L, generator=gen, dtype=torch.float64) + 0.5).to(dtype).to(DEVICE)
+    lam = hodlr.testing.poison_unread(torch.rand(T, L, generator=gen, dtype=torch.float64) + 0.5).to(dtype).to(DEVICE)
     g = (-torch.rand(T, generator=gen, dtype=torch.float64)).to(dtype).to(DEVICE)
     got, (states, logdec) = kernels.attention_forward(q, k, v, lam, g, 1.0, chunk=CHUNK, return_states=True)
-    assert_close(got, _ref_attention(q, k, v, hodlr.LogLinearMask(lam, g), 1.0), TOL[dtype], "wide heads")
+    want = _ref_attention(q, k, v, hodlr.LogLinearMask(lam, g, validate=False), 1.0)
+    assert_close(got, want, TOL[dtype], f"wide heads, output tiles of {tile}")
     # level 0, chunk 0: K_0^T diag(exp(sum_{k>s} g_k)) V_0
     w = torch.exp(torch.flip(torch.cumsum(torch.flip(torch.cat([g[1:CHUNK], g.new_zeros(1)]), (0,)), 0), (0,)))
     S0 = (k[:CHUNK] * w[:, None]).T @ v[:CHUNK]
     assert_close(states[0, 0].reshape(Dk, Dv), S0, TOL[dtype], "chunk state 0")
     assert_close(logdec[0, 0], g[:CHUNK].sum(), TOL[dtype], "chunk log-decay 0")
-
-
-@pytest.mark.parametrize("tile", [16, 128])
-def test_output_tiles(tile, monkeypatch):
-    """The output kernel's key and value tiles (``attention.OUTPUT_TILE``): five key tiles and
-    five value-tile programs a chunk, or one of each (``Dk = 80``, ``Dv = 70``)."""
-    monkeypatch.setattr(sys.modules["hodlr.kernels.attention"], "OUTPUT_TILE", tile)
-    dtype = DTYPES[0]
-    gen = torch.Generator().manual_seed(tile)
-    T, Dk, Dv = 50, 80, 70
-    q, k = (torch.randn(2, T, Dk, generator=gen, dtype=torch.float64).to(DEVICE, dtype) for _ in range(2))
-    v = torch.randn(2, T, Dv, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
-    lam = hodlr.testing.poison_unread(torch.rand(2, T, hodlr.num_levels(T), generator=gen, dtype=torch.float64) + 0.5)
-    g = -torch.rand(2, T, generator=gen, dtype=torch.float64)
-    lam, g = lam.to(DEVICE, dtype), g.to(DEVICE, dtype)
-    got = kernels.attention_forward(q, k, v, lam, g, 0.7, chunk=CHUNK)
-    want = _ref_attention(q, k, v, hodlr.LogLinearMask(lam, g, validate=False), 0.7)
-    assert_close(got, want, TOL[dtype], f"output tiles of {tile}")
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 64, 65, 128, 129, 300, 1025])
