@@ -511,14 +511,14 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
     dS = M * dP
     if LOWP and NATIVE:
         dS = dS.to(kb.dtype)
-    row = tl.zeros((C,), dtype=ACC)
-    col = row
+    before = r[None, :] < r[:, None]  # [u, s]: s before u
+    row = tl.zeros((C,), dtype=ACC)  # each row's pairs with keys before the chunk
+    pairs = row  # dg_u of the pairs t >= u > s inside the chunk
     if QUERIES:
         for lv in tl.static_range(LOG_C + 1):
             dl = tl.where(col_l[None, :] == lv, tl.sum(tl.where(lvl == lv, Wd, 0.0), 1)[:, None], dl)
-        W = tl.where(r[:, None] > r[None, :], M * dP * S, 0.0)
-        row = tl.sum(W, 1)  # pairs inside the chunk: their decay gradient stays inside it
-        col = tl.sum(W, 0)
+        if HAS_G:  # each pair once, summed down its column from row u (its lower entries only)
+            pairs = tl.sum(tl.where(before, tl.cumsum(M * dP * S, 0, reverse=True), 0.0), 1)
         dq = dot(dS, kb, ACC, PREC, NATIVE)
     if KEYS:
         Pm = M * S
@@ -624,9 +624,9 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
                         dk_acc += w_l[:, None] * Y
                         dv_acc += w_l[:, None] * dot(kb, _rounded(dF, kb, LOWP, NATIVE), ACC, PREC, NATIVE)
                         col_e += w_l * tl.sum(kb.to(ACC) * Y, 1)
-                # pairs of the final state and a key before u: in the chunk, and (rc) before it
-                local += (tl.cumsum(col_e, 0) - col_e
-                          + tl.load(rc_ptr + (n * tl.num_programs(1) + b1) * tl.num_programs(2) + tile_f))
+                # pairs of the final state and a key before u: in the chunk (col_e), and (rc) before it
+                local += tl.sum(tl.where(before, col_e[None, :], 0.0), 1) + tl.load(
+                    rc_ptr + (n * tl.num_programs(1) + b1) * tl.num_programs(2) + tile_f)
     col_later = tl.zeros((C,), dtype=ACC)
     if KEYS:
         D = _rounded(D, kb, LOWP, NATIVE)
@@ -634,9 +634,12 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
         dv_acc += w[:, None] * dot(kb, D, ACC, PREC, NATIVE)
         dk_acc += dk_inter
         col_later = tl.sum(kb.to(ACC) * dk_inter, 1)  # pairs with a later chunk
-    # the chunk-local part of dg: pairs with a row at or after t and a column before t that
-    # have at least one end in this chunk
-    dgl = tl.cumsum(tl.where(tmask, row - col, 0.0), 0, reverse=True) + tl.cumsum(col_later, 0) - col_later
+    # the chunk-local part of dg_u: the pairs t >= u > s with at least one end in this chunk, each
+    # added once (a difference of row and column sums cancels when a strong decay leaves dg_u far
+    # below its terms)
+    dgl = pairs + tl.cumsum(tl.where(tmask, row, 0.0), 0, reverse=True)
+    if KEYS:
+        dgl += tl.sum(tl.where(before, col_later[None, :], 0.0), 1)
     if VARLEN:
         dgl += local
         dq_dst = dq_ptr + (obh * T + tr[:, None]) * DK + dk[None, :]

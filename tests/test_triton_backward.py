@@ -204,6 +204,26 @@ def test_query_and_key_sides(T, decay, max_tile, rng, monkeypatch):
 
 
 @interpreter
+@pytest.mark.parametrize("T", [2, 3, 17, 40])
+@pytest.mark.parametrize("sides", [1, 2])
+def test_strong_decay_gradients(T, sides, rng, monkeypatch):
+    """Decay steps of -31 beside steps near 0 (float64): the decay gradient of a position after a
+    strong step is ~1e-14 of the in-chunk pair weights around it, and must still match the dense
+    reference to 1e-10 element by element (each pair is summed once; the reverse cumulative sum
+    of row minus column sums left such an element ~1e-3 off)."""
+    module = importlib.import_module("hodlr.kernels.attention_backward")
+    monkeypatch.setitem(module.SIDE_LAUNCHES, "attention_backward", sides)
+    q, k, v, lam, _, w = _case(T, rng, batch=(1,), Dk=2, Dv=2)
+    g = torch.as_tensor(np.where(np.arange(T) % 2 == 1, -31.0, -rng.uniform(0, 1e-3, T)))[None]
+    for op in ("attention", "matmul"):
+        got = _triton_grads(op, q, k, v, lam, g, 1.0, w)
+        want = _dense_grads(op, q, k, v, lam, g, 1.0, w)
+        _check(got, want, TOLERANCES["grad_float64"], op, T)
+        err = ((got["log_decay"] - want["log_decay"]).abs() / want["log_decay"].abs().clamp_min(1e-300))[..., 1:]
+        assert err.max() <= 1e-10, f"{op}: dlog_decay element error {err.max():.2e} (T={T})"
+
+
+@interpreter
 @pytest.mark.parametrize("Dk, Dv", [(5, 3), (20, 17)])
 def test_gradients_into_strided_buffers(Dk, Dv, rng, monkeypatch):
     """``out=``: buffers laid out like (B, T, H, ·) inputs seen as (B, H, T, ·), NaN-filled, get
