@@ -193,10 +193,12 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, of
                               BT: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Program ``(block m of level h + 1, batch entry, tile j)``: the adjoint of the block's two
     equations (stage 3).  Tile ``j < N_DV_TILES``: ``dH_h[2m] += T_h[2m+1]ᵀ dH_{h+1}[m]`` and
-    ``dH_h[2m+1] += dH_{h+1}[m]`` on those columns; tile ``j = N_DV_TILES + a * (BDK / BT) + b``:
-    the ``BT x BT`` block ``(a, b)`` of ``dT_h[2m+1] += dH_{h+1}[m] H_h[2m]ᵀ + dT_{h+1}[m] T_h[2m]ᵀ``
+    ``dH_h[2m+1] = dH_{h+1}[m]`` on those columns; tile ``j = N_DV_TILES + a * (BDK / BT) + b``:
+    the ``BT x BT`` block ``(a, b)`` of ``dT_h[2m+1] = dH_{h+1}[m] H_h[2m]ᵀ + dT_{h+1}[m] T_h[2m]ᵀ``
     and of ``dT_h[2m] += T_h[2m+1]ᵀ dT_{h+1}[m]`` (square blocks keep the operands of a 128-wide
-    key inside the shared memory)."""
+    key inside the shared memory).  The readers add only to even blocks (a chunk reads block
+    ``(i >> h) - 1`` with ``i >> h`` odd), so an odd block's gradients are its parent's terms
+    alone: stored, not added to."""
     m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     j = tl.program_id(2)
@@ -209,10 +211,9 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, of
         dv = j * BDV + tl.arange(0, BDV)
         dHp = matrix_tile(dh_ptr, parent, dk, dv, DK, DV, ACC)
         dHe = matrix_tile(dh_ptr, even, dk, dv, DK, DV, ACC)
-        dHo = matrix_tile(dh_ptr, odd, dk, dv, DK, DV, ACC)
         store_matrix_tile(dh_ptr, even, dHe + tl.dot(tl.trans(T_odd), dHp, input_precision=PREC, out_dtype=ACC),
                           dk, dv, DK, DV)
-        store_matrix_tile(dh_ptr, odd, dHo + dHp, dk, dv, DK, DV)
+        store_matrix_tile(dh_ptr, odd, dHp, dk, dv, DK, DV)
     else:
         block_id = j - N_DV_TILES
         rows = (block_id // (BDK // BT)) * BT + tl.arange(0, BT)
@@ -224,7 +225,7 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, of
             dv = d0 + tl.arange(0, BDV)
             acc += tl.dot(matrix_tile(dh_ptr, parent, rows, dv, DK, DV, ACC),
                           tl.trans(matrix_tile(h_ptr, even, cols, dv, DK, DV, ACC)), input_precision=PREC, out_dtype=ACC)
-        store_matrix_tile(dt_ptr, odd, matrix_tile(dt_ptr, odd, rows, cols, DK, DK, ACC) + acc, rows, cols, DK, DK)
+        store_matrix_tile(dt_ptr, odd, acc, rows, cols, DK, DK)
         dTe = tl.dot(tl.trans(transition_tile(tr_ptr, gm_ptr, odd, dk, rows, DK, HAS_G, ACC)),
                      matrix_tile(dt_ptr, parent, dk, cols, DK, DK, ACC), input_precision=PREC, out_dtype=ACC)
         store_matrix_tile(dt_ptr, even, matrix_tile(dt_ptr, even, rows, cols, DK, DK, ACC) + dTe, rows, cols, DK, DK)
@@ -374,8 +375,12 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     BDK, BDV, n_dv = tiles(layout)
     BT = min(BDK, 64)  # square blocks of dT
     BL = next_power_of_2(L)
-    dH = torch.zeros(ch.states.shape, dtype=work, device=dev)  # added to, then moved down the hierarchy
+    # added to by the readers (even blocks), moved down the hierarchy (odd blocks: stored there);
+    # one fill each (a strided fill per level costs more than the whole pyramid's)
+    dH = torch.zeros(ch.states.shape, dtype=work, device=dev)
     dT = torch.zeros(ch.trans.shape, dtype=work, device=dev)
+    sizes = hierarchy_sizes(n)
+    offsets = [sum(sizes[:h]) for h in range(len(sizes))]
     Qt = _layout.scratch((B, n, C, DK), work, dev)
     dQt = _layout.scratch((B, n, C, DK), work, dev)
     dl = _layout.scratch((B, T, L), work, dev)
@@ -394,8 +399,6 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         num_warps=NUM_WARPS["gated_delta_reader" if DK <= 64 else "gated_delta_reader_wide"],
         **({"maxnreg": MAX_REGISTERS["gated_delta_reader"]} if DK <= 64 and v.dtype in (torch.float16, torch.bfloat16)
            else {}))
-    sizes = hierarchy_sizes(n)
-    offsets = [sum(sizes[:h]) for h in range(len(sizes))]
     for h in range(len(sizes) - 2, -1, -1):
         _reverse_hierarchy_kernel[(sizes[h + 1], B, n_dv + (BDK // BT) ** 2)](
             ch.states, ch.trans, ch.decay_pointer(), dH, dT, N, offsets[h], offsets[h + 1], DK, DV, n_dv, BDK=BDK,
