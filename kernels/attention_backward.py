@@ -676,27 +676,60 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
     tl.store(dgl_ptr + ((part + gbh) * n_chunks + gi) * C + r, dgl)
 
 
-@functools.lru_cache(maxsize=64)
-def _gap_indices(levels: int, n: int, device):
-    """For level ``h`` and chunk ``i``: the last chunk of ``i``'s level-``h`` block (clipped to
-    ``n - 1``), and whether bit ``h`` of ``i`` is set, as ``(levels, n)`` device tensors."""
-    h = torch.arange(levels)[:, None]
-    i = torch.arange(n)[None, :]
-    end = torch.clamp(((i >> h) << h) + (1 << h) - 1, max=n - 1)
-    return end.to(device), (((i >> h) & 1) == 1).to(device)
+@triton.jit
+def _segment_sum(start_a, sum_a, start_b, sum_b):
+    """Combine of a segmented inclusive scan: a sum restarts where a segment starts."""
+    return start_a | start_b, tl.where(start_b != 0, sum_b, sum_a + sum_b)
 
 
-def _spanning_in_gap(level_rows):
-    """Per chunk ``i``: the summed weights of the pairs that span it with chunk ``i`` in the gap
-    between the state a later chunk ``c`` reads at level ``h`` and ``c`` itself -- the later
-    chunks of ``i``'s own level-``h`` block when bit ``h`` of ``i`` is set.  ``level_rows (B, NB,
-    n)`` holds each chunk's row sums per level; differences of prefix sums over chunks give the
-    block parts (their rounding is that of a sum over one level's row sums, a few per block)."""
+@triton.jit(do_not_specialize=["n"])
+def _gap_kernel(rows_ptr, out_ptr, idx_ptr, own_ptr, n, TILE: tl.constexpr, VARLEN: tl.constexpr):
+    """Program ``(row b, level h)`` of ``rows (B, levels, n)``, each chunk's row sums per level:
+    ``out[b, h, p] = Σ rows[b, h, j]`` over the later chunks ``j`` of ``p``'s own level-``h``
+    block where bit ``h`` of ``p``'s chunk index is set (the pairs that span ``p`` with ``p`` in
+    the gap between the state ``j`` reads at level ``h`` and ``j``), else 0.  With ``VARLEN`` the
+    slots ``p`` hold chunk ``idx[p]`` of sequence ``own[p]`` (-1: no live chunk), and blocks stop
+    at their sequence's last live chunk.  Each sum is a segmented scan down the block from its
+    end, tile by tile with a carry: every term is added once, never as a difference of prefix
+    sums (which cancel when a strong decay leaves the result far below the earlier terms)."""
+    h = tl.program_id(1)
+    base = (tl.program_id(0).to(tl.int64) * tl.num_programs(1) + h) * n
+    k = tl.arange(0, TILE)
+    carry = tl.zeros((), dtype=out_ptr.dtype.element_ty)
+    n_tiles = tl.cdiv(n, TILE)
+    for step in range(0, n_tiles):
+        p = (n_tiles - 1 - step) * TILE + (TILE - 1) - k  # the tile's positions, last first
+        valid = p < n
+        if VARLEN:
+            chunk = tl.load(idx_ptr + p, mask=valid, other=0)
+            owner = tl.load(own_ptr + p, mask=valid, other=-1)
+            later = tl.load(idx_ptr + p + 1, mask=p + 1 < n, other=0)
+            joined = (tl.load(own_ptr + p + 1, mask=p + 1 < n, other=-1) == owner) & (owner >= 0) & (
+                (later >> h) == (chunk >> h))
+            bit = (((chunk >> h) & 1) == 1) & (owner >= 0)
+        else:
+            joined = (p + 1 < n) & (((p + 1) >> h) == (p >> h))
+            bit = ((p >> h) & 1) == 1
+        x = tl.load(rows_ptr + base + p + 1, mask=joined & valid, other=0.0)
+        started, total = tl.associative_scan(((~joined).to(tl.int32), x), 0, _segment_sum)
+        total += tl.where(started == 0, carry, 0.0)  # a block that continues into the next tile
+        carry = tl.sum(tl.where(k == TILE - 1, total, 0.0), 0)
+        tl.store(out_ptr + base + p, tl.where(bit & valid, total, 0.0), mask=valid)
+
+
+def _spanning_in_gap(level_rows, chunk_index=None, owner=None):
+    """Per chunk (slot): the summed weights of the pairs that span it with it in the gap between
+    the state a later chunk reads at level ``h`` and that chunk -- the later chunks of its own
+    level-``h`` block when bit ``h`` of its index is set.  ``level_rows (B, levels, n)`` holds
+    each chunk's row sums per level; ``chunk_index``, ``owner (n,)`` give each slot's chunk and
+    sequence in calls over sequences (:func:`_gap_kernel`).  Returns ``(B, n)``."""
     B, levels, n = level_rows.shape
-    before = torch.cumsum(level_rows, -1)
-    end, bit = _gap_indices(levels, n, level_rows.device)
-    inside = torch.gather(before, -1, end.expand(B, levels, n)) - before
-    return torch.where(bit, inside, 0.0).sum(1)
+    level_rows = level_rows.contiguous()
+    out = torch.empty_like(level_rows)
+    varlen = chunk_index is not None
+    _gap_kernel[(B, levels, 1)](level_rows, out, chunk_index if varlen else level_rows,
+                             owner if varlen else level_rows, n, TILE=128, VARLEN=varlen, num_warps=4)
+    return out.sum(1)
 
 
 def default_chunk(width: int) -> int:
@@ -822,8 +855,8 @@ def _sequence_dg(seqs, C: int, dgl, span, level_rows, final_reads, N: int, T: in
     """``dg (N, H, T)`` of a call over sequences from the per-chunk-slot parts (``dgl (H, slots *
     C)``, ``span (H, slots)``, ``level_rows (H, NB, slots)``, ``final_reads (count, H, NB)`` or
     None): the chunk-local sums, the pairs spanning each chunk (the span kernel's, and those with
-    the later chunks of its own level block and the final state as readers, from prefix sums over
-    the slots in float64), gathered to the tokens; exactly 0 at absolute position 0."""
+    the later chunks of its own level block (:func:`_spanning_in_gap`) and the final state as
+    readers), gathered to the tokens; exactly 0 at absolute position 0."""
     dev = dgl.device
     H, levels = level_rows.shape[:2]
     c = C.bit_length() - 1
@@ -834,16 +867,12 @@ def _sequence_dg(seqs, C: int, dgl, span, level_rows, final_reads, N: int, T: in
     I0, e = a >> c, a + length
     I, I1, E = I0 + slot - first, (e - 1) >> c, e >> c
     live = (length > 0) & (I <= I1)
-    h = torch.arange(levels, device=dev)[:, None]
-    bit = (((I >> h) & 1) == 1) & live
-    before = torch.cumsum(torch.where(live, level_rows, 0).double(), -1)
-    end = first + torch.minimum(((I >> h) << h) + (1 << h) - 1, I1) - I0
-    inside = torch.gather(before, -1, end.expand(H, levels, -1)) - before
-    across = torch.where(bit, inside, 0).sum(1)
+    across = _spanning_in_gap(level_rows, I, torch.where(live, seq, -1))
     if final_reads is not None:
-        later = bit & ((E >> h) == (I >> h)) & (E > I)
-        across = across + torch.where(later, final_reads[seq].permute(1, 2, 0).double(), 0).sum(1)
-    per_slot = dgl.view(H, seqs.n_slots, C) + (span + across.to(acc_dtype))[..., None]
+        h = torch.arange(levels, device=dev)[:, None]
+        later = (((I >> h) & 1) == 1) & live & ((E >> h) == (I >> h)) & (E > I)
+        across = across + torch.where(later, final_reads[seq].permute(1, 2, 0).to(acc_dtype), 0).sum(1)
+    per_slot = dgl.view(H, seqs.n_slots, C) + (span + across)[..., None]
     # the tokens: sequence n's token j is position a_n + j, in row row0_n + j of batch row b0_n
     owner = np.repeat(np.arange(seqs.count), seqs.lengths)
     j = np.arange(owner.size) - np.repeat(np.cumsum(seqs.lengths) - seqs.lengths, seqs.lengths)

@@ -204,17 +204,19 @@ def test_query_and_key_sides(T, decay, max_tile, rng, monkeypatch):
 
 
 @interpreter
-@pytest.mark.parametrize("T", [2, 3, 17, 40])
+@pytest.mark.parametrize("T, period", [(2, 2), (3, 2), (17, 2), (40, 2), (260, 2), (100, 37), (300, 50)])
 @pytest.mark.parametrize("sides", [1, 2])
-def test_strong_decay_gradients(T, sides, rng, monkeypatch):
-    """Decay steps of -31 beside steps near 0 (float64): the decay gradient of a position after a
-    strong step is ~1e-14 of the in-chunk pair weights around it, and must still match the dense
-    reference to 1e-10 element by element (each pair is summed once; the reverse cumulative sum
-    of row minus column sums left such an element ~1e-3 off)."""
+def test_strong_decay_gradients(T, period, sides, rng, monkeypatch):
+    """Decay steps of -31 every ``period`` positions, steps near 0 elsewhere (float64): the decay
+    gradient at a strong step is ~1e-12 of the pair weights around it, and must still match the
+    dense reference to 1e-10 element by element (each pair is summed once, inside a chunk and
+    across chunks; differences of row and column sums or of prefix sums over the chunks left such
+    elements ~1e-3 off)."""
     module = importlib.import_module("hodlr.kernels.attention_backward")
     monkeypatch.setitem(module.SIDE_LAUNCHES, "attention_backward", sides)
     q, k, v, lam, _, w = _case(T, rng, batch=(1,), Dk=2, Dv=2)
-    g = torch.as_tensor(np.where(np.arange(T) % 2 == 1, -31.0, -rng.uniform(0, 1e-3, T)))[None]
+    u = np.arange(T)
+    g = torch.as_tensor(np.where((u % period == period - 1), -31.0, -rng.uniform(0, 1e-3, T)))[None]
     for op in ("attention", "matmul"):
         got = _triton_grads(op, q, k, v, lam, g, 1.0, w)
         want = _dense_grads(op, q, k, v, lam, g, 1.0, w)

@@ -192,6 +192,38 @@ def test_packed_sequences(nan_buffers, lengths, starts, with_state, final, group
         compare_grads(got, want, [m for m, x in zip(names, inputs) if x is not None], f"packed {lengths} from {starts}")
 
 
+@pytest.mark.parametrize("lengths", [[2, 40], [100, 37, 130]])
+def test_strong_decay_gradients(nan_buffers, lengths):
+    """Packed sequences from position 0, final states returned, decay steps of -31 every 37th
+    position and ~0 elsewhere (float64): where such a step leaves the decay gradient ~1e-12 of
+    the pairs around it, it still matches the dense definition element by element to 1e-10
+    (each term is summed once; prefix-sum differences left such elements ~1e-3 off)."""
+    rng = np.random.default_rng(len(lengths))
+    T, Dk, Dv, scale = sum(lengths), 2, 3, 0.7
+    L = fenwick.num_levels(max(lengths))
+    j = np.concatenate([np.arange(n) for n in lengths])
+    q, k, v = (torch.as_tensor(rng.standard_normal((1, 1, T, d))) for d in (Dk, Dk, Dv))
+    lam = torch.as_tensor(rng.uniform(0.3, 1.5, (1, 1, T, L)))
+    g = torch.as_tensor(np.where((j % 37 == 0) & (j > 0), -31.0, -rng.uniform(0, 1e-3, T)))[None, None]
+    cu = torch.as_tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
+    xs = leaves([q, k, v, lam, g])
+    o, (final, _) = kernels.attention(*xs, scale, chunk=CHUNK, cu_seqlens=cu, output_final_state=True)
+    w_o, w_s = torch.as_tensor(rng.standard_normal(o.shape)), torch.as_tensor(rng.standard_normal(final.shape))
+    got = torch.autograd.grad((o * w_o).sum() + (final * w_s).sum(), xs)
+    ref = leaves([q, k, v, lam, g])
+    loss = 0
+    for n, (lo, hi) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        qn, kn, vn, ln, gn = (x[0, :, lo:hi].transpose(0, 1)[None] for x in ref)  # (1, length, H, ·)
+        loss = loss + (dense(qn, kn, vn, gn, ln, scale=scale) * w_o[:, :, lo:hi].transpose(1, 2)).sum()
+        loss = loss + (dense_final_state(kn[0], vn[0], gn[0], hi - lo, final.shape[2]) * w_s[n]).sum()
+    want = torch.autograd.grad(loss, ref)
+    compare_grads(got, want, ["q", "k", "v", "level_scales", "log_decay"], f"packed {lengths}")
+    dg, dg_ref = got[4].flatten(), want[4].flatten()
+    assert torch.equal(dg[dg_ref == 0], dg_ref[dg_ref == 0])
+    err = ((dg - dg_ref).abs() / dg_ref.abs())[dg_ref != 0]
+    assert err.max() <= TOL, f"dlog_decay element error {err.max():.2e}"
+
+
 # -- the other paths of the kernels ----------------------------------------------------------
 def one_case(seed, T, starts, Hqk=1, grp=1, Dk=3, Dv=4, dtype=torch.float64):
     """Packed sequences of lengths ``T`` (a list) from ``starts`` with states: kernel inputs."""
@@ -333,7 +365,7 @@ def test_many_sequences_grids(monkeypatch):
                                       initial_positions=pos, cu_seqlens=cu)
     launched = {name for name, _ in grids}
     assert {"_state_kernel", "_hierarchy_kernel", "_output_kernel", "_final_state_kernel", "_query_block_kernel",
-            "_sequence_kernel", "_chunk_kernel", "_span_kernel"} <= launched
+            "_sequence_kernel", "_chunk_kernel", "_span_kernel", "_gap_kernel"} <= launched
     for name, grid in grids:
         assert len(grid) == 3 and grid[1] <= 65_535 and grid[2] <= 65_535 and grid[0] < 2**31, (name, grid)
     assert max(grid[0] for name, grid in grids if name == "_sequence_kernel") == n
