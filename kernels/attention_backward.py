@@ -21,8 +21,11 @@ The structure mirrors the forward (:mod:`kernels.attention`), chunk size ``C = 2
    dense in-chunk part, then one walk over the bits of the chunk index -- a set bit reads the
    level-``h`` state (``dq``, ``dλ``), a clear bit adds the block sum of the readers of the block
    that holds the chunk (``dk_s = w_s D v_s``, ``dv_s = w_s Dᵀ k_s``).
-4. ``dg`` is assembled from chunk-local sums plus, per chunk, the pairs that span it: no sum runs
-   along the whole sequence, so its rounding does not grow with ``T`` (``docs/backward.md``).
+4. ``dg`` is assembled from chunk-local sums plus, per chunk, the pairs that span it
+   (``_span_kernel``, ``_gap_kernel``): each pair's weight is added once, never as a difference
+   of sums (which cancel where a strong decay leaves ``dg[u]`` far below the pairs around it),
+   and no sum runs along the whole sequence, so its rounding does not grow with ``T``
+   (``docs/backward.md``).
 
 Every exponent is a sum of its own terms (chunk-local cumulative sums, sums of block
 log-decays), never a difference of prefix sums.  Heads wider than :data:`MAX_TILE` are split
