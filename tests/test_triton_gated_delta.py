@@ -258,18 +258,24 @@ def test_gradients_awkward_lengths(T, C, decay, Dk, Dv):
     _check_grads((q, k, v, beta, lam, g), t(2, T, Dv), 0.6, torch.float64, chunk=C)
 
 
-@pytest.mark.parametrize("T", [2, 3, 17, 40])
-def test_strong_decay_gradients(T):
-    """Decay steps of -31 beside steps near 0 (float64): the decay gradient of a row is then
-    ~1e-14 of the in-chunk terms it is made of, and must still match the dense reference to
-    1e-10 (each term is summed once; differences of in-chunk sums left it at ~1e-4 relative)."""
+@pytest.mark.parametrize("T, period", [(2, 2), (3, 2), (17, 2), (40, 2), (100, 37), (200, 50)])
+def test_strong_decay_gradients(T, period):
+    """Decay steps of -31 every ``period`` positions, steps near 0 elsewhere (float64): the decay
+    gradient at a strong step is then ~1e-14 of the terms around it, and must still match the
+    dense reference to 1e-10, norm-wise and element by element (each term is summed once;
+    differences of in-chunk sums left it at ~1e-4 relative)."""
     rng = np.random.default_rng(T)
     t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
     q, k, v = t(1, T, 2), torch.nn.functional.normalize(t(1, T, 2), dim=-1), t(1, T, 2)
     beta = torch.as_tensor(rng.uniform(0, 1, (1, T)))
     lam = poison_unread(torch.as_tensor(rng.uniform(-1, 1, (1, T, hodlr.num_levels(T)))))
-    g = torch.as_tensor(np.where(np.arange(T) % 2 == 1, -31.0, -rng.uniform(0, 1e-3, T)))[None]
-    _check_grads((q, k, v, beta, lam, g), t(1, T, 2), 1.0, torch.float64, chunk=16)
+    g = torch.as_tensor(np.where(np.arange(T) % period == period - 1, -31.0, -rng.uniform(0, 1e-3, T)))[None]
+    inputs, w = (q, k, v, beta, lam, g), t(1, T, 2)
+    _check_grads(inputs, w, 1.0, torch.float64, chunk=16)
+    got = _grads(inputs, w, 1.0, torch.float64, chunk=16)["log_decay"].cpu().flatten()[1:]
+    want = _grads(inputs, w, 1.0, torch.float64)["log_decay"].flatten()[1:]
+    err = ((got - want).abs() / want.abs()).max()
+    assert err <= 1e-10, f"dlog_decay element error {err:.2e}"
 
 
 def test_bfloat16_hierarchy():
