@@ -34,7 +34,6 @@ into ``(Dk-tile, Dv-tile)`` programs whose partial results are added.
 
 from __future__ import annotations
 
-import functools
 
 import numpy as np
 import torch
