@@ -34,14 +34,13 @@ into ``(Dk-tile, Dv-tile)`` programs whose partial results are added.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_decay, intra_scales,
-                      next_decay, sequence_chunk, sequence_row, state_tile)
+                      sequence_chunk, sequence_row, state_tile)
 from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, interpreting, scratch,
                       next_power_of_2, state_dtypes)
 from . import _sequences
