@@ -379,8 +379,6 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     # one fill each (a strided fill per level costs more than the whole pyramid's)
     dH = torch.zeros(ch.states.shape, dtype=work, device=dev)
     dT = torch.zeros(ch.trans.shape, dtype=work, device=dev)
-    sizes = hierarchy_sizes(n)
-    offsets = [sum(sizes[:h]) for h in range(len(sizes))]
     Qt = _layout.scratch((B, n, C, DK), work, dev)
     dQt = _layout.scratch((B, n, C, DK), work, dev)
     dl = _layout.scratch((B, T, L), work, dev)
@@ -399,6 +397,8 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         num_warps=NUM_WARPS["gated_delta_reader" if DK <= 64 else "gated_delta_reader_wide"],
         **({"maxnreg": MAX_REGISTERS["gated_delta_reader"]} if DK <= 64 and v.dtype in (torch.float16, torch.bfloat16)
            else {}))
+    sizes = hierarchy_sizes(n)
+    offsets = [sum(sizes[:h]) for h in range(len(sizes))]
     for h in range(len(sizes) - 2, -1, -1):
         _reverse_hierarchy_kernel[(sizes[h + 1], B, n_dv + (BDK // BT) ** 2)](
             ch.states, ch.trans, ch.decay_pointer(), dH, dT, N, offsets[h], offsets[h + 1], DK, DV, n_dv, BDK=BDK,
