@@ -104,6 +104,16 @@ def dense_final_state(k, v, g, end, slots):
     return out
 
 
+def assert_elementwise(got, want, tol, what):
+    """Every element of ``got`` within ``tol`` relative of ``want``'s, and exactly ``want`` where
+    that is 0 (decay gradients under strong steps, where a norm-wise error hides a small element)."""
+    got, want = got.detach().cpu().flatten(), want.detach().cpu().flatten()
+    zero = want == 0
+    assert torch.equal(got[zero], want[zero]), f"{what}: not exactly 0 where the reference is"
+    err = ((got - want).abs() / want.abs())[~zero]
+    assert err.numel() == 0 or err.max() <= tol, f"{what}: element error {err.max():.2e}"
+
+
 def cut(x, lo, hi):
     return None if x is None else x[:, lo:hi]
 
