@@ -29,8 +29,8 @@ Launches (see ``docs/kernels.md``):
 
 1. ``_chunk_kernel``, grid ``(chunk, batch)``: ``X`` (stored), ``W`` (stored), ``Tr`` and ``U``
    (level 0 of the hierarchy);
-2. ``_hierarchy_kernel``, one launch per level, grid ``(block, batch, column tile)``: ``H`` and
-   ``T`` of the level above;
+2. ``_hierarchy_kernel``, one launch per :data:`HIERARCHY_LEVELS` levels, grid ``(subtree, batch)``:
+   ``H`` and ``T`` of the levels above, each program a subtree read back from what it stored;
 3. ``_output_kernel``, grid ``(chunk, batch, Dv-tile)``: the in-chunk part and the walk.
 
 Every decay is the exponential of a sum of its own terms inside one chunk (no difference of
@@ -48,8 +48,8 @@ import triton.language as tl
 
 from ._device import chunk_decays, chunk_rows, dot, intra_decay, intra_scales
 from . import _layout
-from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, hierarchy_sizes, interpreting,
-                      output_buffer)
+from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, hierarchy_sizes,
+                      interpreting, output_buffer)
 from .attention import attention_layout
 
 MAX_DK = 128
@@ -178,36 +178,59 @@ def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_pt
         store_matrix_tile(h_ptr, blk, dot(E, V, ACC, PREC, False), dk, dv, DK, DV)
 
 
-@triton.jit(do_not_specialize=["n_total", "off_child", "off_parent"])
-def _hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, n_total, off_child, off_parent, DK: tl.constexpr, DV: tl.constexpr,
-                      N_DV_TILES: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
-                      ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
-    """Program ``(block m, batch entry, column tile j)`` of the level above ``h``, with the
-    transitions ``T = γ I + R``: tile ``j`` of
-    ``H_{h+1}[m] = T_h[2m+1] H_h[2m] + H_h[2m+1] = R_o H_e + γ_o H_e + H_o`` (``j < N_DV_TILES``),
-    or ``T_{h+1}[m] = T_h[2m+1] T_h[2m]``: ``R = R_o R_e + γ_o R_e + γ_e R_o``, ``γ = γ_o γ_e``
-    (``j = N_DV_TILES``)."""
-    m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    j = tl.program_id(2)
-    even = bh * n_total + off_child + 2 * m
-    dst = bh * n_total + off_parent + m
+@triton.jit
+def _parent_block(h_ptr, tr_ptr, gm_ptr, even, dst, with_transition, DK: tl.constexpr, DV: tl.constexpr,
+                  BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                  NATIVE: tl.constexpr):
+    """Block ``dst`` of the level above from its children ``even``, ``even + 1``, with the
+    transitions ``T = γ I + R``: ``H = T_o H_e + H_o = R_o H_e + γ_o H_e + H_o`` (value tiles of
+    ``BDV``) and, where ``with_transition``, ``T = T_o T_e``: ``R = R_o R_e + γ_o R_e + γ_e R_o``,
+    ``γ = γ_o γ_e``."""
     dk = tl.arange(0, BDK)
     HELD = h_ptr.dtype.element_ty  # bfloat16 tiles go to the tensor cores as they are (exact products)
     R_odd = matrix_tile(tr_ptr, even + 1, dk, dk, DK, DK, HELD)
     gamma_odd = block_decay(gm_ptr, even + 1, HAS_G, ACC)
-    if j < N_DV_TILES:
-        dv = j * BDV + tl.arange(0, BDV)
+    for d0 in tl.static_range(0, DV, BDV):
+        dv = d0 + tl.arange(0, BDV)
         H_even = matrix_tile(h_ptr, even, dk, dv, DK, DV, HELD)
         H = dot(R_odd, H_even, ACC, PREC, NATIVE) + gamma_odd * H_even.to(ACC)
         store_matrix_tile(h_ptr, dst, H + matrix_tile(h_ptr, even + 1, dk, dv, DK, DV, ACC), dk, dv, DK, DV)
-    else:
+    if with_transition:
         R_even = matrix_tile(tr_ptr, even, dk, dk, DK, DK, HELD)
         gamma_even = block_decay(gm_ptr, even, HAS_G, ACC)
         R = dot(R_odd, R_even, ACC, PREC, NATIVE) + gamma_odd * R_even.to(ACC) + gamma_even * R_odd.to(ACC)
         store_matrix_tile(tr_ptr, dst, R, dk, dk, DK, DK)
         if HAS_G:
             tl.store(gm_ptr + dst, gamma_odd * gamma_even)
+
+
+@triton.jit(do_not_specialize=["n_total", "off_child", "n_child", "n_build", "n_transitions"])
+def _hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, n_total, off_child, n_child, n_build, n_transitions,
+                      DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                      LEVELS: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                      NATIVE: tl.constexpr):
+    """Program ``(subtree m, batch entry)``: from the ``2^LEVELS`` blocks ``m 2^LEVELS, ...`` of a
+    level (``n_child`` blocks at offset ``off_child``), the ``n_build <= LEVELS`` levels above it
+    in its subtree, level by level with a barrier in between: a level is read back only by the
+    program that wrote it (from L2), so only the first one comes from DRAM.  The transitions of
+    the first ``n_transitions`` built levels are formed (those of the top level are never read)."""
+    m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    off = off_child
+    size = n_child
+    for lv in tl.static_range(LEVELS):
+        if lv < n_build:
+            per_program: tl.constexpr = 1 << (LEVELS - lv - 1)  # parents of this subtree on this level
+            parents = size // 2
+            for p in range(per_program):
+                parent = m * per_program + p
+                if parent < parents:
+                    _parent_block(h_ptr, tr_ptr, gm_ptr, bh * n_total + off + 2 * parent,
+                                  bh * n_total + off + size + parent, lv < n_transitions, DK, DV, BDK, BDV, HAS_G,
+                                  ACC, PREC, NATIVE)
+            tl.debug_barrier()  # the next level reads what this one stored
+            off += size
+            size = parents
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sbb0",
@@ -306,6 +329,18 @@ float32 sums), each result rounded once when stored; False: float32 (``docs/kern
 both measured)."""
 
 
+HIERARCHY_LEVELS = 2
+"""Levels of the hierarchy one launch builds for key heads of up to 64 columns: each program owns a
+subtree of ``2**HIERARCHY_LEVELS`` blocks of its base level and reads the levels it builds back
+from L2 (H200, bf16, D = 64: hierarchy 0.46 -> 0.36 ms at 2K against one level a launch in
+separate programs for the states and the transitions; 2 levels beat 3 and 4, ``docs/kernels.md`` §3)."""
+
+HIERARCHY_LEVELS_WIDE = 1
+""":data:`HIERARCHY_LEVELS` for wider key heads: one level a launch, each program a whole block
+(its states and its transition; H200, bf16, D = 128, 8K: hierarchy 1.00 ms, 1.21 with 2 levels a
+launch, 1.25 with states and transitions in separate programs)."""
+
+
 def tiles(layout, widest: int = 64):
     """``(BDK, BDV, Dv tiles)`` of a call: the whole key width, value tiles of at most ``widest``
     columns (64 for the chunk and hierarchy kernels and the backward's chunk and reverse-hierarchy
@@ -340,17 +375,19 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
         layout.T, layout.B1, n, N, DK, DV, *layout.args("k")[1:], *layout.args("v")[1:],
         *layout.args("beta")[1:4], *layout.decay_args()[1:],
         C=C, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact, NATIVE=not interpreting(),
-        num_warps=NUM_WARPS["gated_delta"])
+        num_warps=NUM_WARPS["gated_delta"],
+        **({"maxnreg": MAX_REGISTERS["gated_delta"]} if DK <= 64 and v.dtype in (torch.float16, torch.bfloat16)
+           else {}))
+    levels = HIERARCHY_LEVELS if DK <= 64 else HIERARCHY_LEVELS_WIDE
     top = len(sizes) - 1
-    off = 0
-    for h in range(top):
-        # the top level's transitions are never read: no query is moved across a top-level block
-        columns = n_dv + (1 if h + 1 < top else 0)
-        _hierarchy_kernel[(sizes[h + 1], B, columns)](
-            states, trans, ch.decay_pointer(), N, off, off + sizes[h], DK, DV, n_dv, BDK=BDK, BDV=BDV,
-            HAS_G=has_g, ACC=acc, PREC=prec, NATIVE=not interpreting(),
+    h = 0
+    while h < top:  # the top level's transitions are never read: no query is moved across a top-level block
+        build = min(levels, top - h)
+        _hierarchy_kernel[(cdiv(sizes[h], 1 << levels), B)](
+            states, trans, ch.decay_pointer(), N, sum(sizes[:h]), sizes[h], build, top - 1 - h, DK, DV, BDK=BDK,
+            BDV=BDV, LEVELS=levels, HAS_G=has_g, ACC=acc, PREC=prec, NATIVE=not interpreting(),
             num_warps=NUM_WARPS["gated_delta_hierarchy"])
-        off += sizes[h]
+        h += build
     return ch
 
 

@@ -58,11 +58,10 @@ backward of at most this one."""
 
 @triton.jit
 def _add_block(ptr, index, value, rows, cols, R, S, OWNED):
-    """Add ``value`` to the ``R x S`` matrix ``index`` of a stack: a plain read-modify-write
-    where this program is the block's only writer (``OWNED``), an atomic add otherwise."""
+    """Add ``value`` to the ``R x S`` matrix ``index`` of a stack: stored where this program holds
+    the block's whole sum (``OWNED``: the block was not zeroed), an atomic add otherwise."""
     if OWNED:
-        store_matrix_tile(ptr, index, matrix_tile(ptr, index, rows, cols, R, S, ptr.dtype.element_ty) + value, rows,
-                          cols, R, S)
+        store_matrix_tile(ptr, index, value, rows, cols, R, S)
     else:
         tl.atomic_add(ptr + index * (R * S) + rows[:, None] * S + cols[None, :], value,
                       mask=(rows[:, None] < R) & (cols[None, :] < S))
@@ -73,10 +72,10 @@ def _add_shares(dh_ptr, dt_ptr, blk, acc_h, acc_t, moved, owned, dk, DK, DV, BDV
                 ONE_TILE: tl.constexpr):
     """Add a group's summed shares to block ``blk``: ``dH`` (held whole only for one value tile:
     wider heads add theirs chunk by chunk) and, where a chunk carried a gradient across the block
-    (``moved``), ``dT``."""
+    (``moved``), ``dT``; an ``owned`` block gets both stored, ``dT = 0`` where none moved."""
     if ONE_TILE:
         _add_block(dh_ptr, blk, acc_h, dk, tl.arange(0, BDV), DK, DV, owned)
-    if moved == 1:
+    if moved == 1 or owned:
         _add_block(dt_ptr, blk, acc_t, dk, dk, DK, DK, owned)
 
 
@@ -334,6 +333,28 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
         tl.store(dg_ptr + bh * T + t, tl.where(t == 0, 0.0, dg), mask=tmask)  # g of position 0 moves nothing
 
 
+def _gradient_pyramid(ch, sizes, group: int, stored_dh: bool):
+    """``dH``, ``dT`` (float32, float64 for float64 inputs; the hierarchy's shapes), zeroed where a
+    block's first writer adds to it or nothing writes it.  The reader stores the even blocks of the
+    levels below ``log2(group)`` (the group holds all their readers; ``dH`` only where it is one
+    value tile, ``stored_dh``) and adds atomically above; the reverse hierarchy stores every odd
+    block that has a parent and adds to the even ones.  So the levels from ``log2(group)`` up are
+    zeroed whole (one fill), and below them only each level's last block, the one block that may
+    have neither a reader nor a parent (the last even block when ``n`` is a multiple of its size,
+    the top level's odd block)."""
+    work = torch.float64 if ch.X.dtype == torch.float64 else torch.float32
+    dH = _layout.scratch(ch.states.shape, work, ch.X.device)
+    dT = _layout.scratch(ch.trans.shape, work, ch.X.device)
+    owned = min(group.bit_length() - 1, len(sizes) - 1)  # levels below: stored by the group
+    first = sum(sizes[:owned])
+    for pyramid, whole in ((dH, not stored_dh), (dT, False)):
+        pyramid[:, 0 if whole else first:].zero_()
+        if not whole:
+            for h in range(owned):
+                pyramid[:, sum(sizes[:h + 1]) - 1].zero_()
+    return dH, dT
+
+
 def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, chunk=None):
     """Gradients of ``O = gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale)`` for ``dO``.
 
@@ -375,18 +396,15 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     BDK, BDV, n_dv = tiles(layout)
     BT = min(BDK, 64)  # square blocks of dT
     BL = next_power_of_2(L)
-    # added to by the readers (even blocks), moved down the hierarchy (odd blocks: stored there);
-    # one fill each (a strided fill per level costs more than the whole pyramid's)
-    dH = torch.zeros(ch.states.shape, dtype=work, device=dev)
-    dT = torch.zeros(ch.trans.shape, dtype=work, device=dev)
-    Qt = _layout.scratch((B, n, C, DK), work, dev)
-    dQt = _layout.scratch((B, n, C, DK), work, dev)
-    dl = _layout.scratch((B, T, L), work, dev)
-    g_args = layout.decay_args()
     group = READER_GROUP  # not tied to n: one compiled reader for every length
     if group < 1 or group & (group - 1):
         raise ValueError(f"READER_GROUP must be a power of two (a group holds every reader of the blocks "
                          f"below its own level), got {group}")
+    dH, dT = _gradient_pyramid(ch, hierarchy_sizes(n), group, DV <= block(DV, READER_VALUE_TILE))
+    Qt = _layout.scratch((B, n, C, DK), work, dev)
+    dQt = _layout.scratch((B, n, C, DK), work, dev)
+    dl = _layout.scratch((B, T, L), work, dev)
+    g_args = layout.decay_args()
     _reader_kernel[(cdiv(n, group), B)](
         layout.tensors["q"], layout.tensors["k"], layout.tensors["do"], layout.tensors["l"], g_args[0], ch.W,
         ch.states, ch.trans, ch.decay_pointer(), dH, dT, Qt, dQt, dl, T, layout.B1, n, N, n_bits, L, DK, DV,

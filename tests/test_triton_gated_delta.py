@@ -301,6 +301,29 @@ def test_bfloat16_hierarchy():
     assert relative_error(o.double().cpu(), ref) <= 2e-2
 
 
+@pytest.mark.parametrize("levels", [1, 3, 5])
+def test_hierarchy_levels_per_launch(levels):
+    """The hierarchy built ``levels`` levels a launch (each program a subtree of ``2**levels``
+    blocks, read back from what it stored; 19 and 10 chunks of 16: levels of odd sizes, subtrees
+    cut short at the end, a last launch of fewer levels, one launch for all) equals the default's
+    (two levels a launch) bit for bit, and the forward equals the chunked backend."""
+    gd = sys.modules["hodlr.kernels.gated_delta"]
+    q, k, v, beta, lam, g, _ = _two_sequences(np.random.default_rng(levels), 300, 3)
+    for T in (300, 145):  # 145: views of the first 145 positions (10 chunks)
+        args = [x[..., :T, :] if x.dim() == 3 else x[..., :T] for x in (q, k, v, beta, lam, g)]
+        layout = gd.gated_delta_layout(*args)
+        want = gd.chunk_hierarchy(layout, 16)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(gd, "HIERARCHY_LEVELS", levels)  # Dk = 3: the narrow heads' setting
+            got = gd.chunk_hierarchy(layout, 16)
+            o = kernels.gated_delta_forward(*args, 0.7, chunk=16, out=_nan_like((2, T, 3), torch.float64))
+        below_top = got.states.shape[1] - 1  # the top level (one block) gets no transition: nothing reads it
+        assert torch.equal(got.states, want.states)
+        assert torch.equal(got.trans[:, :below_top], want.trans[:, :below_top])
+        assert torch.equal(got.decays[:, :below_top], want.decays[:, :below_top])
+        assert_close(o, chunked.gated_delta_attention(*args, 0.7, chunk=16), TOL[torch.float64], f"T={T}")
+
+
 def _two_sequences(rng, T, Dv, extra_levels=1, decay=0.5):
     """``(q, k, v, beta, lam, g, draw)`` of two float64 sequences: ``Dk = 3``, unit keys, β in
     ``[0, 2)``, level scales in ``[-0.5, 1.5)`` with ``extra_levels`` columns past ``num_levels(T)``
