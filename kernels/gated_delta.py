@@ -379,6 +379,9 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
         **({"maxnreg": MAX_REGISTERS["gated_delta"]} if DK <= 64 and v.dtype in (torch.float16, torch.bfloat16)
            else {}))
     levels = HIERARCHY_LEVELS if DK <= 64 else HIERARCHY_LEVELS_WIDE
+    if not isinstance(levels, int) or levels < 1:
+        raise ValueError(f"HIERARCHY_LEVELS{'' if DK <= 64 else '_WIDE'} must be an int >= 1 (levels one launch "
+                         f"of the hierarchy builds), got {levels!r}")
     top = len(sizes) - 1
     h = 0
     while h < top:  # the top level's transitions are never read: no query is moved across a top-level block

@@ -324,6 +324,16 @@ def test_hierarchy_levels_per_launch(levels):
         assert_close(o, chunked.gated_delta_attention(*args, 0.7, chunk=16), TOL[torch.float64], f"T={T}")
 
 
+@pytest.mark.parametrize("levels", [0, -1, 2.0])
+def test_hierarchy_levels_must_be_positive_ints(levels):
+    gd = sys.modules["hodlr.kernels.gated_delta"]
+    q, k, v, beta, lam, g, _ = _two_sequences(np.random.default_rng(0), 40, 3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gd, "HIERARCHY_LEVELS", levels)
+        with pytest.raises(ValueError, match=f"HIERARCHY_LEVELS must be an int >= 1 .*got {levels!r}"):
+            kernels.gated_delta_forward(q, k, v, beta, lam, g, 0.5, chunk=16)
+
+
 def _two_sequences(rng, T, Dv, extra_levels=1, decay=0.5):
     """``(q, k, v, beta, lam, g, draw)`` of two float64 sequences: ``Dk = 3``, unit keys, β in
     ``[0, 2)``, level scales in ``[-0.5, 1.5)`` with ``extra_levels`` columns past ``num_levels(T)``
