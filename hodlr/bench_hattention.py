@@ -30,6 +30,12 @@ every ``T`` (it reads only those it needs; the authors' model also uses a fixed 
 kernels compile and autotune once per ``D``; ``exact`` gives it ``num_levels(T)``.
 ``--hatt-l-dtype`` is the dtype of its level scales in the timing rows (default: that of q).
 
+``--autotune-cache DIR`` keeps Triton's autotuning results on disk: hattention's and fla 0.4.0's
+kernels autotune on their first call (its backward's for more than 10 minutes on an H200, more
+than one device command), so a first run stopped part-way keeps the kernels it tuned and a second
+run with the same ``DIR`` (or only its ``*.autotune.json`` files, in their folders:
+``cd DIR && tar -czf tuned.tgz $(find . -name '*.autotune.json')``) reuses them.
+
 Writes a JSON file (after every row) and a picture (``--json``, ``--png``).  When hattention
 cannot be imported, the error is recorded (``hatt_import_error``) and hodlr alone is timed.
 
@@ -604,6 +610,12 @@ def _parser():
                         "then compile and autotune once per D; default), exact = num_levels(T)")
     p.add_argument("--no-bwd", action="store_true",
                    help="skip the forward + backward timings and the accuracy check's gradients")
+    p.add_argument("--autotune-cache", default=None, metavar="DIR",
+                   help="keep Triton's autotuning results (hattention's and fla's kernels tune on their first call: "
+                        "the backward's for more than 10 minutes on an H200) and compiled kernels in DIR "
+                        "(TRITON_CACHE_AUTOTUNING=1, TRITON_CACHE_DIR=DIR): a run stopped part-way keeps every "
+                        "kernel it tuned, and a later run with the same DIR (or its *.autotune.json files in "
+                        "their folders) skips them")
     return p
 
 
@@ -622,14 +634,20 @@ def main(argv=None) -> int:
         message = _positive(option, values)
         if message:
             parser.error(message)
-    interpret = os.environ.get("TRITON_INTERPRET")
+    names = ("TRITON_INTERPRET", "TRITON_CACHE_AUTOTUNING", "TRITON_CACHE_DIR")
+    saved = {name: os.environ.get(name) for name in names}
+    if args.autotune_cache:  # read when the autotuners are built, at hattention's import in run()
+        os.makedirs(args.autotune_cache, exist_ok=True)
+        os.environ["TRITON_CACHE_AUTOTUNING"] = "1"
+        os.environ["TRITON_CACHE_DIR"] = os.path.abspath(args.autotune_cache)
     try:
         result = run(args)
-    finally:  # run() sets TRITON_INTERPRET for a CPU run: the caller's environment is left as it was
-        if interpret is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = interpret
+    finally:  # the caller's environment is left as it was (run() sets TRITON_INTERPRET for a CPU run)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     write(result, args.json, args.png, plot)
     print("wrote", ", ".join(p for p in (args.json, args.png) if p) or "nothing (--json '' --png '')")
     return 0

@@ -106,6 +106,26 @@ def test_dv_local_adapter_maps_the_old_keywords(bench_hattention):
         launch(HEAD_FIRST=True)
 
 
+def test_autotune_cache_is_set_for_the_run_only(bench_hattention, tmp_path, monkeypatch):
+    """``--autotune-cache DIR``: Triton's autotuning cache is on and in ``DIR`` while the run
+    imports and calls hattention, and the caller's environment is restored afterwards."""
+    import os
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/somewhere/else")
+    monkeypatch.delenv("TRITON_CACHE_AUTOTUNING", raising=False)
+    seen = {}
+
+    def run(args):
+        seen.update({name: os.environ.get(name) for name in ("TRITON_CACHE_AUTOTUNING", "TRITON_CACHE_DIR")})
+        return {"rows": [], "accuracy": []}
+
+    monkeypatch.setattr(bench_hattention, "run", run)
+    cache = tmp_path / "tune"
+    assert bench_hattention.main(["--device", "cpu", "--autotune-cache", str(cache), "--json", "", "--png", ""]) == 0
+    assert seen == {"TRITON_CACHE_AUTOTUNING": "1", "TRITON_CACHE_DIR": str(cache)} and cache.is_dir()
+    assert os.environ["TRITON_CACHE_DIR"] == "/somewhere/else" and "TRITON_CACHE_AUTOTUNING" not in os.environ
+
+
 @pytest.mark.parametrize("argv, message", [
     (["-T", "0"], "--lengths must be positive, got 0"),
     (["--widths", "16", "-4"], "--widths must be positive, got -4"),
@@ -126,3 +146,4 @@ def test_help_through_the_cli(capsys):
     out = capsys.readouterr().out
     assert err.value.code == 0
     assert "hodlr bench-hattention" in out and "--hatt-levels" in out and "--no-bwd" in out and "--png" in out
+    assert "--autotune-cache" in out
