@@ -368,7 +368,7 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
     has_g = layout.tensors["g"] is not None
     decays = _layout.scratch((B, N), work, dev) if has_g else None
     ch = Chunks(X, W, states, trans, decays, C, n)
-    BDK, BDV, n_dv = tiles(layout)
+    BDK, BDV, _ = tiles(layout)
     _chunk_kernel[(n, B)](
         layout.tensors["k"], v, layout.tensors["beta"], layout.decay_args()[0], X, W, states, trans,
         ch.decay_pointer(),

@@ -400,7 +400,8 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     if group < 1 or group & (group - 1):
         raise ValueError(f"READER_GROUP must be a power of two (a group holds every reader of the blocks "
                          f"below its own level), got {group}")
-    dH, dT = _gradient_pyramid(ch, hierarchy_sizes(n), group, DV <= block(DV, READER_VALUE_TILE))
+    sizes = hierarchy_sizes(n)
+    dH, dT = _gradient_pyramid(ch, sizes, group, DV <= block(DV, READER_VALUE_TILE))
     Qt = _layout.scratch((B, n, C, DK), work, dev)
     dQt = _layout.scratch((B, n, C, DK), work, dev)
     dl = _layout.scratch((B, T, L), work, dev)
@@ -415,7 +416,6 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         num_warps=NUM_WARPS["gated_delta_reader" if DK <= 64 else "gated_delta_reader_wide"],
         **({"maxnreg": MAX_REGISTERS["gated_delta_reader"]} if DK <= 64 and v.dtype in (torch.float16, torch.bfloat16)
            else {}))
-    sizes = hierarchy_sizes(n)
     offsets = [sum(sizes[:h]) for h in range(len(sizes))]
     for h in range(len(sizes) - 2, -1, -1):
         _reverse_hierarchy_kernel[(sizes[h + 1], B, n_dv + (BDK // BT) ** 2)](
