@@ -76,13 +76,19 @@ def _parser():
     return p
 
 
-def _commit(given):
+def _commit(given=None):
+    """The commit a benchmark records: ``given`` (``--commit``), else ``git rev-parse HEAD`` with
+    ``+dirty`` appended when tracked files differ from it (an edited tree, or a tree copied beside
+    a history that is not its own), else ``$HODLR_COMMIT`` or ``"unknown"``."""
     if given:
         return given
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("HODLR_COMMIT", "unknown")
+    return head + ("+dirty" if changed else "")
 
 
 def _fla():

@@ -20,10 +20,11 @@ import json
 import math
 import os
 import platform
-import subprocess
 import time
 
 import numpy as np
+
+from hodlr.bench import _commit
 
 __all__ = ["fit_exponent", "main"]
 
@@ -76,14 +77,6 @@ def fit_exponent(lengths, seconds) -> float:
 def _cpus() -> int:
     """CPUs this process may run on (respects ``taskset``)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def _commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _case(T: int, D: int, rng):

@@ -351,3 +351,22 @@ def test_bench_keeps_the_rows_of_a_stopped_run(tmp_path, monkeypatch):
     assert res["complete"] is False and len(res["rows"]) == 1 and res["rows"][0]["fwd"] > 0
     assert bench_gated_delta.main(argv) == 0
     assert json.loads(out.read_text())["complete"] is True
+
+
+def test_benchmarks_record_the_commit_and_a_changed_tree(tmp_path, monkeypatch):
+    """The commit a benchmark records: ``--commit`` as given, else HEAD, marked ``+dirty`` when a
+    tracked file differs from it (a result must not name a commit whose code it did not run)."""
+    from hodlr.bench import _commit
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(git + ["add", "a.py"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "a"], check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert _commit() == head and _commit("abc123") == "abc123"
+    (tmp_path / "b.py").write_text("untracked files do not count\n")
+    assert _commit() == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert _commit() == head + "+dirty"
