@@ -77,17 +77,22 @@ def _parser():
 
 
 def _commit(given=None):
-    """The commit a benchmark records: ``given`` (``--commit``), else ``git rev-parse HEAD`` with
+    """The commit a benchmark records: ``given`` (``--commit``), else ``$HODLR_COMMIT``, else the
+    HEAD of the checkout hodlr runs from (``git rev-parse HEAD`` in this package's folder) with
     ``+dirty`` appended when tracked files differ from it (an edited tree, or a tree copied beside
-    a history that is not its own), else ``$HODLR_COMMIT`` or ``"unknown"``."""
+    a history that is not its own), else ``"unknown"``."""
     if given:
         return given
+    if os.environ.get("HODLR_COMMIT"):
+        return os.environ["HODLR_COMMIT"]
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=here).stdout.strip()
         changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                 text=True, check=True).stdout.strip()
+                                 text=True, check=True, cwd=here).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("HODLR_COMMIT", "unknown")
+        return "unknown"
     return head + ("+dirty" if changed else "")
 
 

@@ -130,7 +130,8 @@ def _format_row(row, names) -> str:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     names = ["dense"] + list(args.backends)
-    print(f"hodlr bench-cpu: matmul, float64, D={args.dim}, {_cpus()} CPUs, commit {_commit()}, "
+    commit = _commit()
+    print(f"hodlr bench-cpu: matmul, float64, D={args.dim}, {_cpus()} CPUs, commit {commit}, "
           f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print("median ms per call (after one warm-up call); max err = relative error vs dense (or recursive)")
     print(" | ".join([f"{'T':>9}", "rep"] + [f"{n:>12}" for n in names] + [f"{'max err':>9}"]))
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
         print(f"{name:>16}: " + ("; ".join(parts) or "one length: no growth exponent"))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"command": "hodlr bench-cpu", "argv": argv, "dim": args.dim, "commit": _commit(),
+            json.dump({"command": "hodlr bench-cpu", "argv": argv, "dim": args.dim, "commit": commit,
                        "cpus": _cpus(), "machine": platform.platform(), "rows": rows,
                        "summary": summary}, f, indent=1)
     return 0

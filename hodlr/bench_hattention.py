@@ -34,7 +34,8 @@ kernels compile and autotune once per ``D``; ``exact`` gives it ``num_levels(T)`
 kernels autotune on their first call (its backward's for more than 10 minutes on an H200, more
 than one device command), so a first run stopped part-way keeps the kernels it tuned and a second
 run with the same ``DIR`` (or only its ``*.autotune.json`` files, in their folders:
-``cd DIR && tar -czf tuned.tgz $(find . -name '*.autotune.json')``) reuses them.
+``cd DIR && find . -name '*.autotune.json' | tar -czf tuned.tgz -T -``) reuses them.  The
+autotuners read the setting when they are built: hattention and fla must not be imported before.
 
 Writes a JSON file (after every row) and a picture (``--json``, ``--png``).  When hattention
 cannot be imported, the error is recorded (``hatt_import_error``) and hodlr alone is timed.

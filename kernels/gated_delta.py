@@ -356,6 +356,10 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
     acc, prec, exact = compute_types(v.dtype)
     work = torch.float64 if v.dtype == torch.float64 else torch.float32
     DK, DV, B = layout.DK, layout.DV, layout.B
+    levels = HIERARCHY_LEVELS if DK <= 64 else HIERARCHY_LEVELS_WIDE
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+        raise ValueError(f"HIERARCHY_LEVELS{'' if DK <= 64 else '_WIDE'} must be an int >= 1 (levels one launch "
+                         f"of the hierarchy builds), got {levels!r}")
     n = chunk_count(layout.T, C)
     sizes = hierarchy_sizes(n)
     N = sum(sizes)
@@ -378,10 +382,6 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
         num_warps=NUM_WARPS["gated_delta"],
         **({"maxnreg": MAX_REGISTERS["gated_delta"]} if DK <= 64 and v.dtype in (torch.float16, torch.bfloat16)
            else {}))
-    levels = HIERARCHY_LEVELS if DK <= 64 else HIERARCHY_LEVELS_WIDE
-    if not isinstance(levels, int) or levels < 1:
-        raise ValueError(f"HIERARCHY_LEVELS{'' if DK <= 64 else '_WIDE'} must be an int >= 1 (levels one launch "
-                         f"of the hierarchy builds), got {levels!r}")
     top = len(sizes) - 1
     h = 0
     while h < top:  # the top level's transitions are never read: no query is moved across a top-level block

@@ -354,19 +354,24 @@ def test_bench_keeps_the_rows_of_a_stopped_run(tmp_path, monkeypatch):
 
 
 def test_benchmarks_record_the_commit_and_a_changed_tree(tmp_path, monkeypatch):
-    """The commit a benchmark records: ``--commit`` as given, else HEAD, marked ``+dirty`` when a
-    tracked file differs from it (a result must not name a commit whose code it did not run)."""
-    from hodlr.bench import _commit
+    """The commit a benchmark records: ``--commit`` as given, else ``$HODLR_COMMIT``, else the HEAD
+    of the checkout hodlr runs from, marked ``+dirty`` when a tracked file differs from it (a
+    result must not name a commit whose code it did not run), whatever the current folder."""
+    from hodlr import bench
 
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     (tmp_path / "a.py").write_text("x = 1\n")
-    monkeypatch.chdir(tmp_path)
     subprocess.run(git + ["add", "a.py"], check=True)
     subprocess.run(git + ["commit", "-q", "-m", "a"], check=True)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    assert _commit() == head and _commit("abc123") == "abc123"
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    monkeypatch.setattr(bench, "__file__", str(tmp_path / "bench.py"))  # hodlr "runs from" that checkout
+    monkeypatch.delenv("HODLR_COMMIT", raising=False)
+    monkeypatch.chdir(pathlib.Path(tmp_path).parent)                  # not the current folder's repository
+    assert bench._commit() == head and bench._commit("abc123") == "abc123"
     (tmp_path / "b.py").write_text("untracked files do not count\n")
-    assert _commit() == head
+    assert bench._commit() == head
     (tmp_path / "a.py").write_text("x = 2\n")
-    assert _commit() == head + "+dirty"
+    assert bench._commit() == head + "+dirty"
+    monkeypatch.setenv("HODLR_COMMIT", "f00d")
+    assert bench._commit() == "f00d" and bench._commit("abc123") == "abc123"

@@ -30,6 +30,7 @@ from hodlr.backends import chunked
 from hodlr.testing import (TOLERANCES, assert_close, batch_shapes, poison_unread, relative_error, scaled_error,
                            st_lengths)
 from hodlr.kernels._device import round_tf32
+from hodlr.kernels._layout import hierarchy_sizes
 from hodlr.kernels.gated_delta import MAX_DK, unit_lower_inverse
 
 from test_gated_delta import gdn_inputs
@@ -317,14 +318,14 @@ def test_hierarchy_levels_per_launch(levels):
             mp.setattr(gd, "HIERARCHY_LEVELS", levels)  # Dk = 3: the narrow heads' setting
             got = gd.chunk_hierarchy(layout, 16)
             o = kernels.gated_delta_forward(*args, 0.7, chunk=16, out=_nan_like((2, T, 3), torch.float64))
-        below_top = got.states.shape[1] - 1  # the top level (one block) gets no transition: nothing reads it
+        below_top = got.states.shape[1] - hierarchy_sizes(got.n)[-1]  # the top level gets no transitions
         assert torch.equal(got.states, want.states)
         assert torch.equal(got.trans[:, :below_top], want.trans[:, :below_top])
         assert torch.equal(got.decays[:, :below_top], want.decays[:, :below_top])
         assert_close(o, chunked.gated_delta_attention(*args, 0.7, chunk=16), TOL[torch.float64], f"T={T}")
 
 
-@pytest.mark.parametrize("levels", [0, -1, 2.0])
+@pytest.mark.parametrize("levels", [0, -1, 2.0, True])
 def test_hierarchy_levels_must_be_positive_ints(levels):
     gd = sys.modules["hodlr.kernels.gated_delta"]
     q, k, v, beta, lam, g, _ = _two_sequences(np.random.default_rng(0), 40, 3)
