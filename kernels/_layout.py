@@ -32,8 +32,8 @@ NUM_WARPS = {"attention_state": 4, "attention_output": 4, "attention_backward": 
 
 MAX_REGISTERS = {"matmul_output": 64, "gated_delta": 96, "gated_delta_reader": 168}
 """Register caps (``maxnreg``), applied to 16-bit tiles of at most 64 columns only (the matmul output
-kernel: bfloat16; the Gated DeltaNet chunk kernel, forward, and reader: bfloat16 and float16;
-H200-tuned: ``docs/kernels.md`` §3)."""
+kernel: bfloat16; the Gated DeltaNet reader: bfloat16 and float16; the Gated DeltaNet chunk kernel,
+forward: bfloat16 and float16 with 64-wide key tiles; H200-tuned: ``docs/kernels.md`` §3)."""
 
 USE_TMA = True
 """Matmul ``x`` / ``y`` tiles through TMA where :func:`tma_descriptor` allows; False: pointers (docs/kernels.md §3)."""

@@ -380,7 +380,9 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
         *layout.args("beta")[1:4], *layout.decay_args()[1:],
         C=C, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact, NATIVE=not interpreting(),
         num_warps=NUM_WARPS["gated_delta"],
-        **({"maxnreg": MAX_REGISTERS["gated_delta"]} if DK <= 64 and v.dtype in (torch.float16, torch.bfloat16)
+        # capped where measured: 64-wide key tiles (narrower ones use more registers, 143 at Dk = 32,
+        # and would spill under the cap; ptxas of Triton 3.6)
+        **({"maxnreg": MAX_REGISTERS["gated_delta"]} if BDK == 64 and v.dtype in (torch.float16, torch.bfloat16)
            else {}))
     top = len(sizes) - 1
     h = 0
