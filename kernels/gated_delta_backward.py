@@ -27,6 +27,8 @@ The derivation, term by term, is in ``docs/kernels.md`` (the Gated DeltaNet sect
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -333,7 +335,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
         tl.store(dg_ptr + bh * T + t, tl.where(t == 0, 0.0, dg), mask=tmask)  # g of position 0 moves nothing
 
 
-def _gradient_pyramid(ch, sizes, group: int, stored_dh: bool):
+def _gradient_pyramid(ch, offsets, group: int, stored_dh: bool):
     """``dH``, ``dT`` (float32, float64 for float64 inputs; the hierarchy's shapes), zeroed where a
     block's first writer adds to it or nothing writes it.  The reader stores the even blocks of the
     levels below ``log2(group)`` (the group holds all their readers; ``dH`` only where it is one
@@ -341,17 +343,16 @@ def _gradient_pyramid(ch, sizes, group: int, stored_dh: bool):
     block that has a parent and adds to the even ones.  So the levels from ``log2(group)`` up are
     zeroed whole (one fill), and below them only each level's last block, the one block that may
     have neither a reader nor a parent (the last even block when ``n`` is a multiple of its size,
-    the top level's odd block)."""
+    the top level's odd block).  ``offsets[h]`` is level ``h``'s first block (``offsets[-1] = N``)."""
     work = torch.float64 if ch.X.dtype == torch.float64 else torch.float32
     dH = _layout.scratch(ch.states.shape, work, ch.X.device)
     dT = _layout.scratch(ch.trans.shape, work, ch.X.device)
-    owned = min(group.bit_length() - 1, len(sizes) - 1)  # levels below: stored by the group
-    first = sum(sizes[:owned])
+    owned = min(group.bit_length() - 1, len(offsets) - 2)  # levels below: stored by the group
     for pyramid, whole in ((dH, not stored_dh), (dT, False)):
-        pyramid[:, 0 if whole else first:].zero_()
+        pyramid[:, 0 if whole else offsets[owned]:].zero_()
         if not whole:
             for h in range(owned):
-                pyramid[:, sum(sizes[:h + 1]) - 1].zero_()
+                pyramid[:, offsets[h + 1] - 1].zero_()
     return dH, dT
 
 
@@ -401,7 +402,9 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         raise ValueError(f"READER_GROUP must be a power of two (a group holds every reader of the blocks "
                          f"below its own level), got {group}")
     sizes = hierarchy_sizes(n)
-    dH, dT = _gradient_pyramid(ch, sizes, group, DV <= block(DV, READER_VALUE_TILE))
+    offsets = list(itertools.accumulate(sizes, initial=0))  # level h starts at offsets[h]
+    reader_tile = block(DV, READER_VALUE_TILE)
+    dH, dT = _gradient_pyramid(ch, offsets, group, DV <= reader_tile)
     Qt = _layout.scratch((B, n, C, DK), work, dev)
     dQt = _layout.scratch((B, n, C, DK), work, dev)
     dl = _layout.scratch((B, T, L), work, dev)
@@ -411,12 +414,11 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         ch.states, ch.trans, ch.decay_pointer(), dH, dT, Qt, dQt, dl, T, layout.B1, n, N, n_bits, L, DK, DV,
         float(scale),
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
-        C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=block(DV, READER_VALUE_TILE), BL=BL, GROUP=group,
+        C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=reader_tile, BL=BL, GROUP=group,
         LOG_GROUP=group.bit_length() - 1, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact, NATIVE=not interpreting(),
         num_warps=NUM_WARPS["gated_delta_reader" if DK <= 64 else "gated_delta_reader_wide"],
         **({"maxnreg": MAX_REGISTERS["gated_delta_reader"]} if DK <= 64 and v.dtype in (torch.float16, torch.bfloat16)
            else {}))
-    offsets = [sum(sizes[:h]) for h in range(len(sizes))]
     for h in range(len(sizes) - 2, -1, -1):
         _reverse_hierarchy_kernel[(sizes[h + 1], B, n_dv + (BDK // BT) ** 2)](
             ch.states, ch.trans, ch.decay_pointer(), dH, dT, N, offsets[h], offsets[h + 1], DK, DV, n_dv, BDK=BDK,
