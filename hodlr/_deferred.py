@@ -1,7 +1,8 @@
 """Checks that run on the GPU without stopping the host, reported once their verdict is in.
 
 A check is a one-element int32 device tensor (1: failed).  :func:`submit` queues an asynchronous
-copy of it to pinned host memory and records an event; :func:`report` raises the check's
+copy of it to pinned host memory and records an event (a CPU tensor, from kernels run by Triton's
+interpreter, is its own verdict, complete at once); :func:`report` raises the check's
 ``ValueError`` when the event has completed (without waiting, or waiting for one given check).
 Every public operation of hodlr calls :func:`report` first, so a failed check surfaces at the
 latest at the next hodlr call once the GPU has got that far; ``LogLinearMask.check()`` waits for
@@ -16,7 +17,8 @@ _pending: collections.deque = collections.deque()
 
 
 class Check:
-    """One queued device check: the event after its copy, the pinned verdict, the message."""
+    """One queued device check: the event after its copy (None for a CPU verdict), the pinned
+    verdict, the message."""
 
     __slots__ = ("event", "verdict", "message", "done")
 
@@ -30,12 +32,23 @@ class Check:
             raise ValueError(self.message)
 
 
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False without CUDA)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def submit(flag, message: str):
     """Queue the device verdict ``flag`` (one int32, non-zero: failed); returns its :class:`Check`,
     or None while a CUDA graph is being captured (no host copy can be queued then)."""
     import torch
 
-    if torch.cuda.is_current_stream_capturing():
+    if flag.device.type == "cpu":
+        check = Check(None, flag, message)
+        _pending.append(check)
+        return check
+    if capturing():
         return None
     verdict = torch.empty(1, dtype=torch.int32, pin_memory=True)
     verdict.copy_(flag, non_blocking=True)
@@ -51,15 +64,11 @@ def report(wait_for: Check = None) -> None:
 
     Checks still running on the GPU stay queued, unless ``wait_for`` is given: that one is waited
     for (and everything queued before it)."""
-    if not _pending:
+    if not _pending or capturing():  # no event may be queried while a graph is captured
         return
-    import torch
-
-    if torch.cuda.is_current_stream_capturing():  # no event may be queried while a graph is captured
-        return
-    if wait_for is not None and not wait_for.done:
+    if wait_for is not None and not wait_for.done and wait_for.event is not None:
         wait_for.event.synchronize()
-    while _pending and (_pending[0].done or _pending[0].event.query()):
+    while _pending and (_pending[0].done or _pending[0].event is None or _pending[0].event.query()):
         check = _pending.popleft()
         if not check.done:
             check.finish()

@@ -47,6 +47,18 @@ def _resolve(backend, M, T, op: str):
     return registry.get(backend, M.library, M.device, op=op)
 
 
+def _run(module, op: str, M, *args):
+    """``module.op(*args)``; a CUDA mask not yet validated is checked by the backend's own kernels
+    where it can (``CHECKS_MASK``), else by the mask's check kernel queued first."""
+    if not getattr(module, "CHECKS_MASK", False):
+        M._queue_check()
+        return getattr(module, op)(*args)
+    flag = M._check_flag()
+    result = getattr(module, op)(*args, check=flag)
+    M._checked(flag)
+    return result
+
+
 def _mask_args(M, batch):
     lam = _checks.broadcast_to(M.level_scales, batch + tuple(M.level_scales.shape[-2:]))
     g = M.log_decay
@@ -96,7 +108,7 @@ def matmul(M, X, *, backend: str = "auto"):
         return zeros(batch + tuple(X.shape[-2:]), X)
     lam, g = _mask_args(M, batch)
     X = _checks.broadcast_to(X, batch + tuple(X.shape[-2:]))
-    return module.matmul(lam, g, X)
+    return _run(module, "matmul", M, lam, g, X)
 
 
 def attention(q, k, v, M, *, scale=None, backend: str = "auto"):
@@ -151,7 +163,7 @@ def attention(q, k, v, M, *, scale=None, backend: str = "auto"):
         return zeros(batch + tuple(v.shape[-2:]), v)
     lam, g = _mask_args(M, batch)
     q, k, v = (_checks.broadcast_to(a, batch + tuple(a.shape[-2:])) for a in (q, k, v))
-    return module.attention(q, k, v, lam, g, scale)
+    return _run(module, "attention", M, q, k, v, lam, g, scale)
 
 
 def _gated_delta_operands(M, scale, q, k, beta, v=None):
@@ -239,7 +251,7 @@ def gated_delta_attention(q, k, v, beta, M, *, scale=None, backend: str = "auto"
     lam, g = _mask_args(M, batch)
     q, k, v = (_checks.broadcast_to(a, batch + tuple(a.shape[-2:])) for a in (q, k, v))
     beta = _checks.broadcast_to(beta, batch + (M.T,))
-    return module.gated_delta_attention(q, k, v, beta, lam, g, scale)
+    return _run(module, "gated_delta_attention", M, q, k, v, beta, lam, g, scale)
 
 
 def gated_delta_matrix(q, k, beta, M, *, scale=None):
@@ -266,6 +278,7 @@ def gated_delta_matrix(q, k, beta, M, *, scale=None):
     from hodlr.backends import dense
 
     q, k, beta, _, batch, scale = _gated_delta_operands(M, scale, q, k, beta)
+    M._queue_check()
     lam, g = _mask_args(M, batch)
     if scale is None or _empty(batch):
         return zeros(batch + (M.T, M.T), lam)

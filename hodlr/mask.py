@@ -31,13 +31,18 @@ class LogLinearMask:
     validate : bool, default True
         Check that every level scale that is read, and the log-decay, are finite.  numpy
         arrays and CPU tensors are checked here, before the constructor returns (a
-        ``ValueError`` naming the first bad entry).  CUDA tensors are checked by one device
-        kernel queued here, with no host synchronisation and nothing of size ``T`` built on
-        the host; its verdict is reported as the same ``ValueError`` by the first hodlr call
-        that finds it in (at the latest :meth:`check`, which waits for it).  Meanwhile a
-        non-finite read scale cannot give a finite wrong result: it turns the rows that read
-        it non-finite.  Masks built while a CUDA graph is captured are not checked.
-
+        ``ValueError`` naming the first bad entry).  CUDA tensors are checked on the device by
+        the first hodlr computation with the mask, with no host synchronisation and nothing of
+        size ``T`` built on the host: :func:`hodlr.attention`, :func:`hodlr.matmul` and
+        :func:`hodlr.gated_delta_attention` on the ``triton`` backend check inside their
+        forward's output kernel, which reads every scale it checks; any other computation
+        (another backend, :meth:`to_dense`, :meth:`block_factors`, :meth:`to_sparse`,
+        :meth:`to_hodlr`, :meth:`check`) queues one check kernel first.  The verdict is
+        reported as the same ``ValueError`` by the first hodlr call that finds it in (at the
+        latest :meth:`check`, which waits for it).  Meanwhile a non-finite read scale cannot
+        give a finite wrong result: it turns the rows that read it non-finite.  Nothing is
+        checked while a CUDA graph is captured or ``torch.compile`` traces (the mask is then
+        checked by its first computation outside them).
     numpy arrays or torch tensors (any device) are accepted, float32 or float64 (torch
     also float16 / bfloat16); both arguments must share library, device and dtype.  Leading
     batch dimensions broadcast.
@@ -83,10 +88,11 @@ class LogLinearMask:
         self._batch_shape = _checks.broadcast_batch(shapes)
         self._level_scales = level_scales
         self._log_decay = log_decay
-        self._check = None
+        self._check = None  # the queued device check (a _deferred.Check) of a CUDA mask
+        self._unchecked = False  # a CUDA mask whose device check is still to be queued
         _deferred.report()
         if validate and is_torch(level_scales) and level_scales.device.type == "cuda":
-            self._check = _device_check(level_scales, log_decay)
+            self._unchecked = level_scales.numel() > 0
         elif validate and not _checks.is_meta(level_scales):
             read = as_like(fenwick.read_levels(T, L), level_scales)
             xp = namespace(level_scales)
@@ -146,14 +152,37 @@ class LogLinearMask:
         return self._level_scales.device if is_torch(self._level_scales) else "cpu"
 
     def check(self) -> None:
-        """Wait for the device-side validation of a CUDA mask and raise its ``ValueError`` if a
-        scale that is read, or a log-decay, is NaN or infinite.  (Masks on the CPU are checked
-        when they are built; this then does nothing.)"""
+        """Wait for the device-side validation of a CUDA mask (queuing it if no computation has)
+        and raise its ``ValueError`` if a scale that is read, or a log-decay, is NaN or infinite.
+        (Masks on the CPU are checked when they are built; this then does nothing.)"""
+        self._queue_check()
         if self._check is not None:
             _deferred.report(self._check)
             _deferred.report()
             if not self._check.done:
                 self._check.finish()
+
+    def _queue_check(self) -> None:
+        """Queue the check kernel of a CUDA mask not yet checked (:func:`_device_check`)."""
+        if self._unchecked and not _tracing():
+            self._unchecked = False
+            self._check = _device_check(self._level_scales, self._log_decay)
+
+    def _check_flag(self):
+        """For a computation whose kernels validate the mask as they read it: a zeroed int32 flag
+        on the mask's device while the mask is not yet checked (else None), to be handed to
+        :meth:`_checked` once those kernels are queued."""
+        if not self._unchecked or _tracing():
+            return None
+        import torch
+
+        return torch.zeros(1, dtype=torch.int32, device=self._level_scales.device)
+
+    def _checked(self, flag) -> None:
+        """Record that the kernels setting ``flag`` (from :meth:`_check_flag`) are queued."""
+        if flag is not None:
+            self._unchecked = False
+            self._check = _deferred.submit(flag, _check_message(self._level_scales, self._log_decay))
 
     # -- values -------------------------------------------------------------------------
     def diagonal(self):
@@ -178,11 +207,13 @@ class LogLinearMask:
 
     def block_row_factors(self, lev: int):
         """``u`` of :meth:`block_factors`, shape ``(*batch, n, 2**(lev-1))``."""
+        self._queue_check()
         u = _formulas.block_row_factors(self._level_scales, self._log_decay, self._check_lev(lev))
         return _broadcast_batch(u, self._batch_shape, 2)
 
     def block_col_factors(self, lev: int):
         """``v`` of :meth:`block_factors`, shape ``(*batch, n, 2**(lev-1))``."""
+        self._queue_check()
         v = _formulas.block_col_factors(self._level_scales, self._log_decay, self._check_lev(lev))
         return _broadcast_batch(v, self._batch_shape, 2)
 
@@ -200,6 +231,7 @@ class LogLinearMask:
         Raises :class:`hodlr.errors.DenseTooLargeError` before allocating if the
         intermediates exceed ``hodlr.options.dense_max_bytes``.
         """
+        self._queue_check()
         dense = _formulas.dense_mask(self._level_scales, self._log_decay, "LogLinearMask.to_dense")
         return _broadcast_batch(dense, self._batch_shape, 2)
 
@@ -207,11 +239,13 @@ class LogLinearMask:
         """The mask as ``diag(level_scales[:, 0]) + U V^T`` with scipy sparse ``U, V``.
 
         See :func:`hodlr.sparse.mask_to_sparse`."""
+        self._queue_check()
         return sparse.mask_to_sparse(self)
 
     def to_hodlr(self):
         """The mask as an explicit :class:`hodlr.HODLRMatrix` tree (rank-1 off-diagonal
         blocks, size-1 leaves).  See :func:`hodlr.tree.HODLRMatrix.from_mask`."""
+        self._queue_check()
         return tree.HODLRMatrix.from_mask(self)
 
     def __repr__(self) -> str:
@@ -236,19 +270,24 @@ def _broadcast_batch(x, batch_shape, inner_ndim: int):
     return _checks.broadcast_to(x, target)
 
 
+def _tracing() -> bool:
+    """Whether a CUDA graph is being captured or ``torch.compile`` traces (no check is queued then)."""
+    import torch
+
+    return _deferred.capturing() or torch.compiler.is_compiling()
+
+
+def _check_message(level_scales, log_decay) -> str:
+    return (f"level_scales must be finite where they are read and log_decay finite; the CUDA mask with "
+            f"level_scales of shape {tuple(level_scales.shape)}"
+            + ("" if log_decay is None else f" and log_decay of shape {tuple(log_decay.shape)}")
+            + " holds NaN or inf there (found on the device by the first computation with the mask)")
+
+
 def _device_check(level_scales, log_decay):
     """Queue the finiteness check of a CUDA mask's read scales and its log-decay on the device
     (:func:`hodlr.kernels.checks.nonfinite_flag`, no host synchronisation); reported by
-    :mod:`hodlr._deferred`.  Nothing is queued while a CUDA graph is captured or for an empty mask."""
-    if level_scales.numel() == 0:
-        return None
+    :mod:`hodlr._deferred`."""
     from hodlr.kernels.checks import nonfinite_flag
 
-    flag = nonfinite_flag(level_scales, log_decay)
-    return _deferred.submit(
-        flag,
-        f"level_scales must be finite where they are read and log_decay finite; the CUDA mask with "
-        f"level_scales of shape {tuple(level_scales.shape)}"
-        + ("" if log_decay is None else f" and log_decay of shape {tuple(log_decay.shape)}")
-        + " holds NaN or inf there (found by the check queued on the device when the mask was built)",
-    )
+    return _deferred.submit(nonfinite_flag(level_scales, log_decay), _check_message(level_scales, log_decay))

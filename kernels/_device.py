@@ -53,6 +53,41 @@ def bit_length(x):
 
 
 @triton.jit
+def reads_level(t, lev):
+    """Whether row ``t`` reads level ``lev``: level 0, or bit ``lev - 1`` of ``t`` set
+    (``hodlr.fenwick.read_levels`` on the host).  Broadcasts."""
+    return (lev == 0) | (((t >> tl.maximum(lev - 1, 0)) & 1) == 1)
+
+
+@triton.jit
+def nonfinite(x):
+    """1 (int32) where ``x`` is NaN or infinite, else 0."""
+    return tl.where(tl.abs(x) < float("inf"), 0, 1)
+
+
+@triton.jit
+def rows_nonfinite(l_base, slt, sll, L, g_base, sgt, t, tmask, BL: tl.constexpr, HAS_G: tl.constexpr):
+    """Per row ``t`` (where ``tmask``), int32: 1 if a level scale the row reads (:func:`reads_level`,
+    columns ``< min(L, BL)``) or its log-decay is NaN or infinite.  ``l_base`` and ``g_base`` point
+    at position 0 of one batch entry; ``BL`` covers ``num_levels(T)``.  The validation of a mask:
+    the check kernel of ``kernels.checks`` and the output kernels that validate as they run."""
+    lev = tl.arange(0, BL)
+    read = tmask[:, None] & (lev[None, :] < L) & reads_level(t[:, None], lev[None, :])
+    bad = tl.max(nonfinite(tl.load(l_base + t[:, None] * slt + lev[None, :] * sll, mask=read, other=0.0)), 1)
+    if HAS_G:
+        bad = tl.maximum(bad, nonfinite(tl.load(g_base + t * sgt, mask=tmask, other=0.0)))
+    return bad
+
+
+@triton.jit
+def report_nonfinite(flag_ptr, bad):
+    """Set ``flag_ptr[0]`` to 1 if any entry of ``bad`` is non-zero (the validation of a mask
+    inside an output kernel: the flag starts at 0, see ``kernels.checks``)."""
+    if tl.max(bad, 0) > 0:
+        tl.atomic_max(flag_ptr, 1)
+
+
+@triton.jit
 def intra_scales(l_chunk, slt, sll, L, tmask, C: tl.constexpr):
     """``(Λ, lvl)`` of one chunk: ``Λ[t, s] = λ[t, level(t, s)]`` for ``s <= t`` (0 above the
     diagonal and on rows past ``T``) and the ``(C, C)`` in-chunk levels.

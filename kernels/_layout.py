@@ -98,6 +98,24 @@ def check_chunk(chunk, op: str) -> int:
     return chunk
 
 
+def check_flag(flag, device) -> None:
+    """Refuse a validation flag (the ``check`` argument of the output launchers) that is not None
+    or a one-element int32 tensor on ``device``."""
+    if flag is None:
+        return
+    if not isinstance(flag, torch.Tensor) or flag.dtype != torch.int32 or flag.numel() != 1 \
+            or flag.device != device:
+        what = (f"a {type(flag).__name__}" if not isinstance(flag, torch.Tensor)
+                else f"a {flag.dtype} tensor of shape {tuple(flag.shape)} on {flag.device}")
+        raise TypeError(f"check must be None or a one-element torch.int32 tensor on {device}, got {what}")
+
+
+def check_block(T: int, flag) -> int:
+    """The ``BL`` of an output kernel that validates the mask (``flag`` not None): a power of two
+    covering ``fenwick.num_levels(T)``, the columns any row reads; 1 when it does not validate."""
+    return 1 if flag is None else next_power_of_2(fenwick.num_levels(T))
+
+
 def compute_types(dtype: torch.dtype, device=None):
     """``(accumulator dtype, input_precision for fp32 dots, exact intra decays)`` for inputs
     of ``dtype``.

@@ -20,10 +20,10 @@ import triton
 import triton.language as tl
 
 from . import _sequences, states as _states
-from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_mask, next_decay,
-                      sequence_chunk, sequence_row, state_tile)
-from ._layout import (NUM_WARPS, block, broadcast_shape, cdiv, check_chunk, check_levels, chunk_count,
-                      collapse_batch, compute_types, interpreting, output_buffer, scratch, state_dtypes)
+from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_mask, next_decay, report_nonfinite,
+                      rows_nonfinite, sequence_chunk, sequence_row, state_tile)
+from ._layout import (NUM_WARPS, block, broadcast_shape, cdiv, check_block, check_chunk, check_flag, check_levels,
+                      chunk_count, collapse_batch, compute_types, interpreting, output_buffer, scratch, state_dtypes)
 
 
 OUTPUT_TILE = 64
@@ -137,17 +137,19 @@ def level_scale(l_base, col, sll, L, tmask, VARLEN: tl.constexpr):
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sgb0",
                             "sgb1", "GRP", "S_IN"])
-def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr, s_ptr, tab_ptr, cs_ptr,
+def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr, s_ptr, tab_ptr, cs_ptr, flag_ptr,
                    T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, scale, GRP, S_IN,
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
                    slb0, slb1, slt, sll, sgb0, sgb1, sgt, sob0, sob1, sot, sod,
                    C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                    HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
-                   LOWP: tl.constexpr, NATIVE: tl.constexpr, VARLEN: tl.constexpr):
+                   LOWP: tl.constexpr, NATIVE: tl.constexpr, VARLEN: tl.constexpr, BL: tl.constexpr):
     """Program ``(chunk, batch entry, Dv-tile)``: the outputs of the chunk's rows.  With ``VARLEN``
     (a call over sequences, :mod:`kernels._sequences`) axis 0 is the global chunk slot, axis 1 the
     head, positions are absolute, and the first chunk of a sequence also reads its carried
-    buckets of levels ``1..c`` (those of levels ``> c`` are entries of the hierarchy)."""
+    buckets of levels ``1..c`` (those of levels ``> c`` are entries of the hierarchy).  With a
+    ``flag_ptr`` (not None; calls without ``VARLEN``) the program also validates the level scales
+    and log-decays its rows read (:func:`rows_nonfinite`, levels below ``BL``)."""
     if VARLEN:
         dead, n, b0, shift, a, e, i, I0, I1, base, span, t, tmask = sequence_chunk(tab_ptr, cs_ptr, C, LOG_C)
         if dead:
@@ -169,6 +171,10 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr, s_ptr
         G, g_next = chunk_decays(g_ptr + b0 * sgb0 + b1 * sgb1 + shift * sgt, t, tmask, sgt, e, C, HAS_G, ACC, a)
     else:
         G, g_next = chunk_decays(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC)
+
+    if flag_ptr is not None:  # the mask's validation, before the products need the registers
+        report_nonfinite(flag_ptr, rows_nonfinite(l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L,
+                                                  g_ptr + b0 * sgb0 + b1 * sgb1, sgt, t, tmask, BL, HAS_G))
 
     # levels 0..c: dense and masked inside the chunk
     scores = tl.zeros((C, C), dtype=ACC)
@@ -376,7 +382,7 @@ def chunk_states(layout: Layout, C: int, state_dtype, logdec_dtype):
 
 
 def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None, out=None,
-                      return_states: bool = False):
+                      return_states: bool = False, check=None):
     """Log-linear attention forward on the GPU (or the Triton interpreter).
 
     Parameters
@@ -401,12 +407,17 @@ def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0,
     return_states : bool
         Also return ``(states, logdec)``, the chunk-state hierarchy of :mod:`kernels.states`
         (dtypes: :func:`kernels._layout.state_dtypes`).
+    check : torch.Tensor, optional
+        A one-element int32 tensor holding 0 on the inputs' device: the output kernel sets it to 1
+        if a level scale that is read or a log-decay is NaN or infinite (the validation of
+        :func:`kernels.checks.nonfinite_flag`, without a launch of its own).
 
     Returns
     -------
     torch.Tensor ``(*batch, T, Dv)`` (and the states when asked).
     """
     C = check_chunk(chunk, "attention")
+    check_flag(check, q.device)
     layout = attention_layout(q, k, v, level_scales, log_decay)
     T, DK, DV, L = layout.T, layout.DK, layout.DV, layout.L
     v = layout.tensors["v"]
@@ -419,12 +430,12 @@ def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0,
     n_dv = cdiv(DV, BDV)
     _output_kernel[(n, layout.B, n_dv)](
         layout.tensors["q"], layout.tensors["k"], v, layout.tensors["l"], layout.decay_args()[0], states, logdec,
-        o_flat, states, logdec, logdec, T, layout.B1, n, states.shape[1], (n - 1).bit_length(), L, DK, DV,
+        o_flat, states, logdec, logdec, check, T, layout.B1, n, states.shape[1], (n - 1).bit_length(), L, DK, DV,
         float(scale), 1, 0, *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:],
         *layout.args("l")[1:], *layout.decay_args()[1:], o_flat.stride(0), o_flat.stride(1), o_flat.stride(2),
         o_flat.stride(3), C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=layout.tensors["g"] is not None,
         ACC=acc, PREC=prec, EXACT=exact, LOWP=v.dtype == torch.bfloat16, NATIVE=not interpreting(), VARLEN=False,
-        num_warps=NUM_WARPS["attention_output"])
+        BL=check_block(T, check), num_warps=NUM_WARPS["attention_output"])
     return (out, (states, logdec)) if return_states else out
 
 
@@ -604,12 +615,12 @@ def attention_state_forward(q, k, v, level_scales, log_decay=None, scale: float 
     if seqs.n_slots and layout.H:
         _output_kernel[(seqs.n_slots, layout.H, cdiv(layout.DV, BDV))](
             q, k, v, level_scales, layout.decay_args()[0], states, logdec, out, states if initial is None else initial,
-            seqs.table, seqs.chunk_seq, layout.T, 1, 0, seqs.n_entries, seqs.levels, layout.L, layout.DK, layout.DV,
-            float(scale), layout.H // layout.Hqk, 0 if initial is None else initial.shape[2],
+            seqs.table, seqs.chunk_seq, None, layout.T, 1, 0, seqs.n_entries, seqs.levels, layout.L, layout.DK,
+            layout.DV, float(scale), layout.H // layout.Hqk, 0 if initial is None else initial.shape[2],
             *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("l")[1:],
             *layout.decay_args()[1:], *out.stride(), C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV,
             HAS_G=log_decay is not None, ACC=acc, PREC=prec, EXACT=exact, LOWP=v.dtype == torch.bfloat16,
-            NATIVE=not interpreting(), VARLEN=True, num_warps=NUM_WARPS["attention_output"])
+            NATIVE=not interpreting(), VARLEN=True, BL=1, num_warps=NUM_WARPS["attention_output"])
     if not output_final_state:
         return out
     final = final_states(layout, seqs, C, states, logdec, initial)

@@ -30,10 +30,10 @@ __all__ = ["attention", "bucket_states", "carried_reads", "gated_delta", "matmul
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, level_scales, log_decay, scale, chunk):
+    def forward(ctx, q, k, v, level_scales, log_decay, scale, chunk, check):
         ctx.save_for_backward(q, k, v, level_scales, log_decay)
         ctx.scale, ctx.chunk = scale, chunk
-        return attention_forward(q, k, v, level_scales, log_decay, scale, chunk=chunk)
+        return attention_forward(q, k, v, level_scales, log_decay, scale, chunk=chunk, check=check)
 
     @staticmethod
     def backward(ctx, do):
@@ -46,7 +46,7 @@ class _Attention(torch.autograd.Function):
             out = tuple(torch.empty_like(x) for x in (q, k, v, level_scales))
         dq, dk, dv, dlam, dg = attention_backward(q, k, v, level_scales, log_decay, ctx.scale,
                                                   do, chunk=ctx.chunk, out=out)
-        return dq, dk, dv, dlam, dg, None, None
+        return dq, dk, dv, dlam, dg, None, None, None
 
 
 class _AttentionState(torch.autograd.Function):
@@ -75,16 +75,16 @@ class _AttentionState(torch.autograd.Function):
 
 class _Matmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, level_scales, log_decay, x, chunk):
+    def forward(ctx, level_scales, log_decay, x, chunk, check):
         ctx.save_for_backward(level_scales, log_decay, x)
         ctx.chunk = chunk
-        return matmul_forward(level_scales, log_decay, x, chunk=chunk)
+        return matmul_forward(level_scales, log_decay, x, chunk=chunk, check=check)
 
     @staticmethod
     def backward(ctx, dy):
         level_scales, log_decay, x = ctx.saved_tensors
         dx, dlam, dg = matmul_backward(level_scales, log_decay, x, dy, chunk=ctx.chunk)
-        return dlam, dg, dx, None
+        return dlam, dg, dx, None, None
 
 
 def _broadcast(tensors, batch):
@@ -93,7 +93,7 @@ def _broadcast(tensors, batch):
 
 
 def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None, initial_state=None,
-              initial_positions=None, cu_seqlens=None, output_final_state: bool = False):
+              initial_positions=None, cu_seqlens=None, output_final_state: bool = False, check=None):
     """Differentiable log-linear attention: :func:`attention_forward` (same arguments and result),
     or, with a recurrent state, packed sequences, a final state or grouped heads,
     :func:`kernels.attention.attention_state_forward`.
@@ -107,12 +107,16 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
     ``output_final_state``.
 
     Gradients flow to ``q, k, v, level_scales``, ``log_decay`` and ``initial_state``; never-read
-    level scales get exactly 0.
+    level scales get exactly 0.  ``check`` (calls without the keywords): the validation flag of
+    :func:`attention_forward`.
     """
     grouped = (q.dim() == k.dim() == v.dim() == 4 and q.shape[1] == k.shape[1] and 1 < q.shape[1] < v.shape[1]
                and v.shape[1] % q.shape[1] == 0)
     if initial_state is not None or initial_positions is not None or cu_seqlens is not None or output_final_state \
             or grouped:
+        if check is not None:
+            raise ValueError("check is taken by calls without a state, packed sequences or grouped heads; "
+                             "validate their inputs with kernels.checks.nonfinite_flag")
         out = _AttentionState.apply(q, k, v, level_scales, log_decay, initial_state, float(scale), chunk,
                                     initial_positions, cu_seqlens, bool(output_final_state))
         return (out[0], tuple(out[1:])) if output_final_state else out
@@ -120,32 +124,32 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
                             () if log_decay is None else log_decay.shape[:-1])
     q, k, v, level_scales, log_decay = _broadcast(
         [(q, 2), (k, 2), (v, 2), (level_scales, 2), (log_decay, 1)], batch)
-    return _Attention.apply(q, k, v, level_scales, log_decay, float(scale), chunk)
+    return _Attention.apply(q, k, v, level_scales, log_decay, float(scale), chunk, check)
 
 
-def matmul(level_scales, log_decay, x, *, chunk=None):
+def matmul(level_scales, log_decay, x, *, chunk=None, check=None):
     """Differentiable :func:`matmul_forward` (same arguments and result)."""
     batch = broadcast_shape(x.shape[:-2], level_scales.shape[:-2], () if log_decay is None else log_decay.shape[:-1])
     level_scales, log_decay, x = _broadcast([(level_scales, 2), (log_decay, 1), (x, 2)], batch)
-    return _Matmul.apply(level_scales, log_decay, x, chunk)
+    return _Matmul.apply(level_scales, log_decay, x, chunk, check)
 
 
 class _GatedDelta(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, beta, level_scales, log_decay, scale, chunk):
+    def forward(ctx, q, k, v, beta, level_scales, log_decay, scale, chunk, check):
         ctx.save_for_backward(q, k, v, beta, level_scales, log_decay)
         ctx.scale, ctx.chunk = scale, chunk
-        return gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale, chunk=chunk)
+        return gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale, chunk=chunk, check=check)
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, beta, level_scales, log_decay = ctx.saved_tensors
         chunk = min(check_chunk(ctx.chunk, "gated_delta"), MAX_BACKWARD_CHUNK)  # any chunk: the same gradients
         grads = gated_delta_backward(q, k, v, beta, level_scales, log_decay, ctx.scale, do, chunk=chunk)
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
-def gated_delta(q, k, v, beta, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None):
+def gated_delta(q, k, v, beta, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None, check=None):
     """Differentiable :func:`gated_delta_forward` (same arguments and result).
 
     Gradients flow to ``q, k, v, beta, level_scales`` and ``log_decay`` (the Triton backward,
@@ -156,7 +160,7 @@ def gated_delta(q, k, v, beta, level_scales, log_decay=None, scale: float = 1.0,
                             () if log_decay is None else log_decay.shape[:-1])
     q, k, v, beta, level_scales, log_decay = _broadcast(
         [(q, 2), (k, 2), (v, 2), (beta, 1), (level_scales, 2), (log_decay, 1)], batch)
-    return _GatedDelta.apply(q, k, v, beta, level_scales, log_decay, float(scale), chunk)
+    return _GatedDelta.apply(q, k, v, beta, level_scales, log_decay, float(scale), chunk, check)
 
 
 def _per_query_head(grad, x):

@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import report_nonfinite, rows_nonfinite
 from ._layout import broadcast_shape, collapse_batch, next_power_of_2
 
 
@@ -19,16 +20,8 @@ def _nonfinite_kernel(l_ptr, g_ptr, flag_ptr, T, B1, L, slb0, slb1, slt, sll, sg
     bh = tl.program_id(1).to(tl.int64)
     b0 = bh // B1
     b1 = bh % B1
-    lev = tl.arange(0, BL)
-    read = (lev[None, :] == 0) | (((t[:, None] >> tl.maximum(lev[None, :] - 1, 0)) & 1) == 1)
-    mask = (t[:, None] < T) & (lev[None, :] < L) & read
-    lam = tl.load(l_ptr + b0 * slb0 + b1 * slb1 + t[:, None] * slt + lev[None, :] * sll, mask=mask, other=0.0)
-    bad = tl.max(tl.where(mask & ((lam != lam) | (tl.abs(lam.to(tl.float32)) == float("inf"))), 1, 0))
-    if HAS_G:
-        g = tl.load(g_ptr + b0 * sgb0 + b1 * sgb1 + t * sgt, mask=t < T, other=0.0).to(tl.float32)
-        bad = tl.maximum(bad, tl.max(tl.where((t < T) & ((g != g) | (tl.abs(g) == float("inf"))), 1, 0)))
-    if bad > 0:
-        tl.atomic_max(flag_ptr, 1)
+    report_nonfinite(flag_ptr, rows_nonfinite(l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L, g_ptr + b0 * sgb0 + b1 * sgb1,
+                                              sgt, t, t < T, BL, HAS_G))
 
 
 def nonfinite_flag(level_scales: torch.Tensor, log_decay: torch.Tensor = None) -> torch.Tensor:

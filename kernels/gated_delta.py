@@ -46,9 +46,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import chunk_decays, chunk_rows, dot, intra_decay, intra_scales
+from ._device import (chunk_decays, chunk_rows, dot, intra_decay, intra_scales, report_nonfinite,
+                      rows_nonfinite)
 from . import _layout
-from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, hierarchy_sizes,
+from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_block, check_chunk, check_flag, chunk_count,
+                      compute_types, hierarchy_sizes,
                       interpreting, output_buffer)
 from .attention import attention_layout
 
@@ -235,15 +237,20 @@ def _hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, n_total, off_child, n_child, n_buil
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sbb0",
                                "sbb1", "sgb0", "sgb1"])
-def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, o_ptr,
+def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, o_ptr, flag_ptr,
                    T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, scale,
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt,
                    slb0, slb1, slt, sll, sgb0, sgb1, sgt, sob0, sob1, sot, sod,
                    C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
-                   ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr):
+                   ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr,
+                   BL: tl.constexpr):
     """Program ``(chunk i, batch entry, Dv-tile)``: ``(P ⊙ Λ) V`` inside the chunk, then the walk
-    over the set bits of ``i`` with the moved queries ``q̂``."""
+    over the set bits of ``i`` with the moved queries ``q̂``.  With a ``flag_ptr`` (not None) the
+    program also validates the level scales and log-decays its rows read (:func:`rows_nonfinite`)."""
     i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+    if flag_ptr is not None:  # the mask's validation, before the products need the registers
+        report_nonfinite(flag_ptr, rows_nonfinite(l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L,
+                                                  g_ptr + b0 * sgb0 + b1 * sgb1, sgt, t, tmask, BL, HAS_G))
     r = tl.arange(0, C)
     dk = tl.arange(0, BDK)
     dv = tl.program_id(2) * BDV + tl.arange(0, BDV)
@@ -397,7 +404,7 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
 
 
 def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None,
-                        out=None):
+                        out=None, check=None):
     """Log-linear Gated DeltaNet forward on the GPU (or the Triton interpreter).
 
     Parameters
@@ -417,6 +424,10 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
         Chunk size ``C``, a power of two in ``[16, 256]`` (default ``DEFAULT_CHUNK["gated_delta"]``).
     out : torch.Tensor, optional
         Contiguous ``(*batch, T, Dv)`` output buffer with ``v``'s dtype.
+    check : torch.Tensor, optional
+        A one-element int32 tensor holding 0 on the inputs' device: the output kernel sets it to 1
+        if a level scale that is read or a log-decay is NaN or infinite (as
+        :func:`kernels.attention.attention_forward`'s ``check``).
 
     Returns
     -------
@@ -424,6 +435,7 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
     """
     layout = gated_delta_layout(q, k, v, beta, level_scales, log_decay)
     C = check_chunk(chunk, "gated_delta")
+    check_flag(check, q.device)
     T, DK, DV = layout.T, layout.DK, layout.DV
     v = layout.tensors["v"]
     acc, prec, exact = compute_types(v.dtype)
@@ -433,11 +445,11 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
     BDK, BDV, n_dv = tiles(layout, OUTPUT_VALUE_TILE)
     _output_kernel[(ch.n, layout.B, n_dv)](
         layout.tensors["q"], layout.tensors["k"], v, layout.tensors["beta"], layout.tensors["l"],
-        layout.decay_args()[0], ch.X, ch.W, ch.states, ch.trans, ch.decay_pointer(), o_flat,
+        layout.decay_args()[0], ch.X, ch.W, ch.states, ch.trans, ch.decay_pointer(), o_flat, check,
         T, layout.B1, ch.n, ch.states.shape[1], (ch.n - 1).bit_length(), layout.L, DK, DV, float(scale),
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("beta")[1:4],
         *layout.args("l")[1:], *layout.decay_args()[1:], *o_flat.stride(),
         C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=layout.tensors["g"] is not None, ACC=acc, PREC=prec,
-        EXACT=exact, NATIVE=not interpreting(),
+        EXACT=exact, NATIVE=not interpreting(), BL=check_block(T, check),
         num_warps=NUM_WARPS["gated_delta_output" if DK <= 64 else "gated_delta_output_wide"])
     return out

@@ -16,10 +16,11 @@ import triton
 import triton.language as tl
 
 from . import states as _states
-from ._device import chunk_decays, chunk_rows, dot, intra_mask, load_tile, next_decay, store_tile
-from ._layout import (MAX_REGISTERS, NUM_WARPS, block, broadcast_shape, cdiv, check_chunk, check_levels,
-                             chunk_count, collapse_batch, compute_types, hierarchy_sizes, next_power_of_2, output_buffer,
-                             interpreting, state_dtypes, tma_descriptor)
+from ._device import (chunk_decays, chunk_rows, dot, intra_mask, load_tile, next_decay, report_nonfinite,
+                      rows_nonfinite, store_tile)
+from ._layout import (MAX_REGISTERS, NUM_WARPS, block, broadcast_shape, cdiv, check_block, check_chunk, check_flag,
+                      check_levels, chunk_count, collapse_batch, compute_types, hierarchy_sizes, next_power_of_2,
+                      output_buffer, interpreting, state_dtypes, tma_descriptor)
 
 
 @triton.jit(do_not_specialize=["T", "B", "B1", "n_chunks", "n_total", "top", "sgb0", "sgb1"])
@@ -93,16 +94,21 @@ def _state_kernel(x, g_ptr, h_ptr, a_ptr, T, B, B1, n_chunks, n_total, top, D,
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sgb0",
                             "sgb1"])
-def _output_kernel(x, l_ptr, g_ptr, h_ptr, a_ptr, y,
+def _output_kernel(x, l_ptr, g_ptr, h_ptr, a_ptr, y, flag_ptr,
                    T, B1, n_chunks, n_total, n_bits, D, L,
                    sxb0, sxb1, sxt, sxd, slb0, slb1, slt, sll, sgb0, sgb1, sgt, syb0, syb1, syt, syd,
                    C: tl.constexpr, LOG_C: tl.constexpr, BD: tl.constexpr, HB: tl.constexpr,
                    HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
-                   LOWP: tl.constexpr, NATIVE: tl.constexpr, TMA: tl.constexpr):
+                   LOWP: tl.constexpr, NATIVE: tl.constexpr, TMA: tl.constexpr, BL: tl.constexpr):
     """Program ``(chunk i, batch entry, D-tile)``: ``y`` of the chunk's rows, levels ``0..c``
     densely (``intra_mask``) plus the levels above from the block states.  ``x`` and ``y``:
-    tensor descriptors with ``TMA``, else pointers (``load_tile`` / ``store_tile``)."""
+    tensor descriptors with ``TMA``, else pointers (``load_tile`` / ``store_tile``).  With a
+    ``flag_ptr`` (not None) the program also validates the level scales and log-decays its rows
+    read (:func:`rows_nonfinite`)."""
     i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+    if flag_ptr is not None:  # the mask's validation
+        report_nonfinite(flag_ptr, rows_nonfinite(l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L,
+                                                  g_ptr + b0 * sgb0 + b1 * sgb1, sgt, t, tmask, BL, HAS_G))
     d = tl.program_id(2) * BD + tl.arange(0, BD)
     dmask = d < D
     l_chunk = l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt
@@ -140,7 +146,7 @@ STATE_ROWS = 128
 ``x``; :func:`kernels.states.build_hierarchy` adds the rest."""
 
 
-def matmul_forward(level_scales, log_decay, x, *, chunk=None, out=None, return_states: bool = False):
+def matmul_forward(level_scales, log_decay, x, *, chunk=None, out=None, return_states: bool = False, check=None):
     """``Y = M @ X`` on the GPU (or the Triton interpreter).
 
     Parameters
@@ -157,8 +163,13 @@ def matmul_forward(level_scales, log_decay, x, *, chunk=None, out=None, return_s
     return_states : bool
         Also return the chunk-state hierarchy ``(states, logdec)`` of :mod:`kernels.states`
         (dtypes: :func:`kernels._layout.state_dtypes` with ``compact=True``).
+    check : torch.Tensor, optional
+        A one-element int32 tensor holding 0 on ``x``'s device: the output kernel sets it to 1 if a
+        level scale that is read or a log-decay is NaN or infinite (as
+        :func:`kernels.attention.attention_forward`'s ``check``).
     """
     C = check_chunk(chunk, "matmul")
+    check_flag(check, x.device)
     batch = broadcast_shape(x.shape[:-2], level_scales.shape[:-2], () if log_decay is None else log_decay.shape[:-1])
     T, D, L = x.shape[-2], x.shape[-1], level_scales.shape[-1]
     if level_scales.shape[-2] != T or (log_decay is not None and log_decay.shape[-1] != T):
@@ -196,12 +207,12 @@ def matmul_forward(level_scales, log_decay, x, *, chunk=None, out=None, return_s
     _states.build_hierarchy(states, logdec, n, first_level=levels - 1)
     use_tma = x_rows is not None and y_rows is not None
     _output_kernel[(n, B, cdiv(D, BD))](
-        x_rows if use_tma else x, lam, g_arg, states, logdec, y_rows if use_tma else out, T, B1, n, n_total,
+        x_rows if use_tma else x, lam, g_arg, states, logdec, y_rows if use_tma else out, check, T, B1, n, n_total,
         (n - 1).bit_length(), D, L, sx[0], sx[1], x.stride(-2), x.stride(-1), sl[0], sl[1], lam.stride(-2),
         lam.stride(-1), *gst, sy[0], sy[1], out.stride(-2), out.stride(-1),
         C=C, LOG_C=C.bit_length() - 1, BD=BD, HB=max(16, next_power_of_2((n - 1).bit_length())),
         HAS_G=g is not None, ACC=acc, PREC=prec, EXACT=exact, LOWP=lowp, NATIVE=native, TMA=use_tma,
-        num_warps=NUM_WARPS["matmul_output"],
+        BL=check_block(T, check), num_warps=NUM_WARPS["matmul_output"],
         **({"maxnreg": MAX_REGISTERS["matmul_output"]} if BD <= 64 and lowp else {}))
     result = out.reshape(batch + (T, D))
     return (result, (states, logdec)) if return_states else result

@@ -1,6 +1,7 @@
 """The device-side validation of CUDA masks: the finiteness check of the scales a mask reads and of
-its log-decay runs as one kernel (here under the Triton interpreter), and its verdict reaches the
-host without a synchronisation (GPU tests)."""
+its log-decay, run by its own kernel or inside the output kernels of the triton backend's forward
+passes (here under the Triton interpreter); the first computation with a mask checks it, and the
+verdict reaches the host without a synchronisation (GPU tests)."""
 
 from __future__ import annotations
 
@@ -57,19 +58,160 @@ def test_strided_and_broadcast_inputs():
     assert _flag(lam, g) == 1
 
 
+def _fused_flag(op, lam, g, chunk):
+    """The verdict of the forward ``op``'s output kernel, validating as it computes."""
+    B, T = lam.shape[0], lam.shape[-2]
+    gen = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(B, T, 4, dtype=lam.dtype, generator=gen) for _ in range(3))
+    flag = torch.zeros(1, dtype=torch.int32)
+    if op == "attention":
+        kernels.attention_forward(q, k, v, lam, g, 0.5, chunk=chunk, check=flag)
+    elif op == "matmul":
+        kernels.matmul_forward(lam, g, v, chunk=chunk, check=flag)
+    else:
+        kernels.gated_delta_forward(q, torch.nn.functional.normalize(k, dim=-1), v,
+                                    torch.rand(B, T, dtype=lam.dtype, generator=gen), lam, g, 0.5, chunk=chunk,
+                                    check=flag)
+    return int(flag[0])
+
+
+@interpreter
+@pytest.mark.parametrize("op", ["attention", "matmul", "gated_delta"])
+@pytest.mark.parametrize("T", [1, 3, 65])
+def test_output_kernels_validate_as_the_check_kernel(op, T, rng):
+    """The forward kernels that validate as they run flag exactly what the check kernel flags: never
+    an unread entry (poisoned with NaN), every read entry and every log-decay."""
+    L = fenwick.num_levels(T) + 1
+    lam = poison_unread(torch.rand(2, T, L, dtype=torch.float64))
+    g = -torch.rand(2, T, dtype=torch.float64)
+    assert _fused_flag(op, lam, g, 16) == _fused_flag(op, lam, None, 16) == 0
+    read = np.argwhere(fenwick.read_levels(T, L))
+    bad = [float("nan"), float("inf"), float("-inf")]
+    for j, (t, l) in enumerate(read[rng.choice(len(read), min(3, len(read)), replace=False)]):
+        poisoned = lam.clone()
+        poisoned[1, t, l] = bad[j]
+        assert _fused_flag(op, poisoned, g, 16) == _flag(poisoned, g) == 1, (t, l)
+    poisoned = g.clone()
+    poisoned[0, int(rng.integers(T))] = float("nan")
+    assert _fused_flag(op, lam, poisoned, 16) == 1
+
+
+@interpreter
+@pytest.mark.parametrize("backend", ["triton", "chunked"])
+def test_the_first_computation_checks_the_mask(backend):
+    """A CUDA mask is checked by its first computation: inside the triton backend's forward kernels
+    (gradients wanted or not), by the check kernel queued first on another backend; the verdict is
+    reported by ``check()`` and by the next hodlr call.  (CPU tensors under the interpreter stand in
+    for CUDA ones: the mask is marked unchecked by hand, as a CUDA mask is built.)"""
+    T = 37
+    lam = poison_unread(torch.rand(2, T, fenwick.num_levels(T), dtype=torch.float64))
+    g = -torch.rand(2, T, dtype=torch.float64)
+    q = torch.randn(2, T, 4, dtype=torch.float64)
+    beta = torch.rand(2, T, dtype=torch.float64)
+    calls = {
+        "attention": lambda M: hodlr.attention(q, q, q, M, backend=backend),
+        "attention, gradients": lambda M: hodlr.attention(q.requires_grad_(), q, q, M, backend=backend),
+        "matmul": lambda M: hodlr.matmul(M, q, backend=backend),
+        "gated_delta_attention": lambda M: hodlr.gated_delta_attention(q, q, q, beta, M, backend=backend),
+    }
+    for name, call in calls.items():
+        bad = lam.clone()
+        bad[1, 5, 0] = float("nan")
+        for scales, fails in ((lam, False), (bad, True)):
+            M = hodlr.LogLinearMask(scales, g, validate=False)
+            M._unchecked = True
+            call(M)
+            assert not M._unchecked, name
+            if fails:
+                with pytest.raises(ValueError, match="found on the device by the first computation"):
+                    M.check()
+            else:
+                M.check()
+        M = hodlr.LogLinearMask(bad, g, validate=False)
+        M._unchecked = True
+        call(M)
+        with pytest.raises(ValueError, match="holds NaN or inf"):
+            hodlr.matmul(hodlr.LogLinearMask(lam, g), q)    # the next call reports it
+        hodlr.matmul(hodlr.LogLinearMask(lam, g), q)        # once
+
+
+@interpreter
+def test_mask_methods_check_an_unchecked_mask():
+    T = 9
+    lam = poison_unread(torch.rand(T, fenwick.num_levels(T), dtype=torch.float64))
+    lam[4, 0] = float("inf")
+    for method in ("to_dense", "to_sparse", "to_hodlr", "check"):
+        M = hodlr.LogLinearMask(lam, validate=False)
+        M._unchecked = True
+        with pytest.raises(ValueError, match="holds NaN or inf"):
+            getattr(M, method)()
+            M.check()
+
+
+def test_check_flag_refused():
+    x = torch.ones(2, 8, 4)
+    lam = torch.ones(2, 8, fenwick.num_levels(8))
+    for flag, what in ((torch.zeros(2, dtype=torch.int32), "shape"), (torch.zeros(1), "float32"), ([0], "list")):
+        with pytest.raises(TypeError, match=f"check must be None or a one-element torch.int32 tensor.*{what}"):
+            kernels.matmul_forward(lam, None, x, check=flag)
+
+
 @pytest.mark.gpu
 def test_gpu_mask_validation_is_deferred_and_reported():
     T = 4097
     lam = poison_unread(torch.rand(2, T, fenwick.num_levels(T), device="cuda"))
-    ok = hodlr.LogLinearMask(lam, -torch.rand(2, T, device="cuda"))
-    ok.check()                                    # waits, nothing raised
+    g = -torch.rand(2, T, device="cuda")
+    ok = hodlr.LogLinearMask(lam, g)
+    ok.check()                                    # queues the check kernel, waits, nothing raised
     bad = lam.clone()
     bad[1, 5, 0] = float("nan")
-    M = hodlr.LogLinearMask(bad)                  # returns at once
+    M = hodlr.LogLinearMask(bad)                  # returns at once, nothing queued
     with pytest.raises(ValueError, match="level_scales must be finite where they are read"):
         M.check()
-    bad = hodlr.LogLinearMask(lam.clone().index_fill_(1, torch.tensor([6], device="cuda"), float("inf")))
-    torch.cuda.synchronize()
+    x = torch.rand(2, T, 8, device="cuda")
+    beta = torch.rand(2, T, device="cuda")
+    calls = {
+        "attention": lambda M: hodlr.attention(x, x, x, M, backend="triton"),
+        "attention, gradients": lambda M: hodlr.attention(x.clone().requires_grad_(), x, x, M, backend="triton"),
+        "matmul": lambda M: hodlr.matmul(M, x, backend="triton"),
+        "gated_delta_attention": lambda M: hodlr.gated_delta_attention(x, x, x, beta, M, backend="triton"),
+        "chunked": lambda M: hodlr.attention(x, x, x, M, backend="chunked"),
+    }
+    for name, call in calls.items():
+        call(hodlr.LogLinearMask(lam.clone().index_fill_(1, torch.tensor([6], device="cuda"), float("inf")), g))
+        torch.cuda.synchronize()
+        with pytest.raises(ValueError, match="holds NaN or inf"):
+            hodlr.matmul(ok, x)                   # the next hodlr call reports it
+        hodlr.matmul(ok, x)                       # reported once
+
+
+@pytest.mark.gpu
+def test_gpu_attention_validates_without_a_kernel_of_its_own():
+    """On the triton backend the forward's output kernel checks the mask: no check kernel runs."""
+    T = 2048
+    lam = torch.rand(4, T, fenwick.num_levels(T), device="cuda")
+    x = torch.rand(4, T, 64, device="cuda", dtype=torch.bfloat16)
+    hodlr.attention(x, x, x, hodlr.LogLinearMask(lam, -torch.rand(4, T, device="cuda")), backend="triton")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        M = hodlr.LogLinearMask(lam, -torch.rand(4, T, device="cuda"))
+        hodlr.attention(x, x, x, M, backend="triton")
+        M.check()
+    names = {e.name for e in prof.events()}
+    assert any("_output_kernel" in n for n in names) and not any("_nonfinite_kernel" in n for n in names), names
+
+
+@pytest.mark.gpu
+def test_gpu_masks_used_in_a_graph_capture_are_checked_later():
+    T = 1000
+    lam = torch.rand(2, T, fenwick.num_levels(T), device="cuda")
+    x = torch.rand(2, T, 16, device="cuda")
+    hodlr.attention(x, x, x, hodlr.LogLinearMask(lam), backend="triton")   # compiled before the capture
+    bad = lam.clone()
+    bad[0, 3, 0] = float("nan")
+    M = hodlr.LogLinearMask(bad)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        hodlr.attention(x, x, x, M, backend="triton")
+    graph.replay()
     with pytest.raises(ValueError, match="holds NaN or inf"):
-        hodlr.matmul(ok, torch.rand(2, T, 3, device="cuda"))   # the next hodlr call reports it
-    hodlr.matmul(ok, torch.rand(2, T, 3, device="cuda"))       # reported once
+        M.check()                                 # checked by its first use outside the capture

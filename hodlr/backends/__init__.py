@@ -42,6 +42,13 @@ a final state or ``cu_seqlens``.  A backend without it serves the calls with nei
 (packed sequences by one ``attention`` call per sequence) and refuses the others with
 :class:`hodlr.BackendUnavailableError`.
 
+``CHECKS_MASK`` : bool (optional)
+    True where the module's ``matmul``, ``attention`` and ``gated_delta_attention`` also take the
+    keyword ``check``: a zeroed one-element int32 device tensor (or ``None``) that their kernels
+    set to 1 if a level scale that is read or a log-decay is NaN or infinite, as they read them.
+    A CUDA mask is then validated by the computation itself instead of a check kernel of its
+    own (``triton``).
+
 The public functions :func:`hodlr.matmul`, :func:`hodlr.attention` and
 :func:`hodlr.gated_delta_attention` validate the inputs and broadcast every batch shape to one common ``batch`` (as views, no copies) before a
 backend sees them, so backends never validate.

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import importlib.util
 
+CHECKS_MASK = True
+"""``matmul``, ``attention`` and ``gated_delta_attention`` take ``check``: the forward's output kernel
+validates the mask's read scales and log-decays (``hodlr.kernels.attention_forward``)."""
+
 DESCRIPTION = "chunked Triton kernels (dense C x C blocks + Fenwick scan over chunk states), forward and backward; CUDA, or CPU under TRITON_INTERPRET=1"
 
 
@@ -48,28 +52,28 @@ def _wants_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def matmul(level_scales, log_decay, x):
+def matmul(level_scales, log_decay, x, *, check=None):
     from hodlr import kernels
 
     if _wants_grad(level_scales, log_decay, x):
-        return kernels.matmul(level_scales, log_decay, x)
-    return kernels.matmul_forward(level_scales, log_decay, x)
+        return kernels.matmul(level_scales, log_decay, x, check=check)
+    return kernels.matmul_forward(level_scales, log_decay, x, check=check)
 
 
-def attention(q, k, v, level_scales, log_decay, scale):
+def attention(q, k, v, level_scales, log_decay, scale, *, check=None):
     from hodlr import kernels
 
     if _wants_grad(q, k, v, level_scales, log_decay):
-        return kernels.attention(q, k, v, level_scales, log_decay, scale)
-    return kernels.attention_forward(q, k, v, level_scales, log_decay, scale)
+        return kernels.attention(q, k, v, level_scales, log_decay, scale, check=check)
+    return kernels.attention_forward(q, k, v, level_scales, log_decay, scale, check=check)
 
 
-def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale):
+def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale, *, check=None):
     from hodlr import kernels
 
     if _wants_grad(q, k, v, beta, level_scales, log_decay):
-        return kernels.gated_delta(q, k, v, beta, level_scales, log_decay, scale)
-    return kernels.gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale)
+        return kernels.gated_delta(q, k, v, beta, level_scales, log_decay, scale, check=check)
+    return kernels.gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale, check=check)
 
 
 def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, initial_positions, cu_seqlens,
