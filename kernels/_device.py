@@ -71,9 +71,13 @@ def rows_nonfinite(l_base, slt, sll, L, g_base, sgt, t, tmask, BL: tl.constexpr,
     columns ``< min(L, BL)``) or its log-decay is NaN or infinite.  ``l_base`` and ``g_base`` point
     at position 0 of one batch entry; ``BL`` covers ``num_levels(T)``.  The validation of a mask:
     the check kernel of ``kernels.checks`` and the output kernels that validate as they run."""
-    lev = tl.arange(0, BL)
-    read = tmask[:, None] & (lev[None, :] < L) & reads_level(t[:, None], lev[None, :])
-    bad = tl.max(nonfinite(tl.load(l_base + t[:, None] * slt + lev[None, :] * sll, mask=read, other=0.0)), 1)
+    LS: tl.constexpr = 16 if BL > 16 else BL  # columns a slice: a (rows, 32) tile costs registers
+    bad = tl.zeros_like(t)
+    for l0 in tl.static_range(0, BL, LS):
+        lev = l0 + tl.arange(0, LS)
+        read = tmask[:, None] & (lev[None, :] < L) & reads_level(t[:, None], lev[None, :])
+        lam = tl.load(l_base + t[:, None] * slt + lev[None, :] * sll, mask=read, other=0.0)
+        bad = tl.maximum(bad, tl.max(nonfinite(lam), 1))
     if HAS_G:
         bad = tl.maximum(bad, nonfinite(tl.load(g_base + t * sgt, mask=tmask, other=0.0)))
     return bad

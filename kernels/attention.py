@@ -173,8 +173,9 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr, s_ptr
         G, g_next = chunk_decays(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC)
 
     if flag_ptr is not None:  # the mask's validation, before the products need the registers
-        report_nonfinite(flag_ptr, rows_nonfinite(l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L,
-                                                  g_ptr + b0 * sgb0 + b1 * sgb1, sgt, t, tmask, BL, HAS_G))
+        if tl.program_id(2) == 0:  # by the first value tile of the rows
+            report_nonfinite(flag_ptr, rows_nonfinite(l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L,
+                                                      g_ptr + b0 * sgb0 + b1 * sgb1, sgt, t, tmask, BL, HAS_G))
 
     # levels 0..c: dense and masked inside the chunk
     scores = tl.zeros((C, C), dtype=ACC)

@@ -249,8 +249,9 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr
     program also validates the level scales and log-decays its rows read (:func:`rows_nonfinite`)."""
     i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
     if flag_ptr is not None:  # the mask's validation, before the products need the registers
-        report_nonfinite(flag_ptr, rows_nonfinite(l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L,
-                                                  g_ptr + b0 * sgb0 + b1 * sgb1, sgt, t, tmask, BL, HAS_G))
+        if tl.program_id(2) == 0:  # by the first value tile of the rows
+            report_nonfinite(flag_ptr, rows_nonfinite(l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L,
+                                                      g_ptr + b0 * sgb0 + b1 * sgb1, sgt, t, tmask, BL, HAS_G))
     r = tl.arange(0, C)
     dk = tl.arange(0, BDK)
     dv = tl.program_id(2) * BDV + tl.arange(0, BDV)

@@ -107,8 +107,9 @@ def _output_kernel(x, l_ptr, g_ptr, h_ptr, a_ptr, y, flag_ptr,
     read (:func:`rows_nonfinite`)."""
     i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
     if flag_ptr is not None:  # the mask's validation
-        report_nonfinite(flag_ptr, rows_nonfinite(l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L,
-                                                  g_ptr + b0 * sgb0 + b1 * sgb1, sgt, t, tmask, BL, HAS_G))
+        if tl.program_id(2) == 0:  # by the first column tile of the rows
+            report_nonfinite(flag_ptr, rows_nonfinite(l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L,
+                                                      g_ptr + b0 * sgb0 + b1 * sgb1, sgt, t, tmask, BL, HAS_G))
     d = tl.program_id(2) * BD + tl.arange(0, BD)
     dmask = d < D
     l_chunk = l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt
