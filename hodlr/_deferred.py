@@ -17,8 +17,8 @@ _pending: collections.deque = collections.deque()
 
 
 class Check:
-    """One queued device check: the event after its copy (None for a CPU verdict), the pinned
-    verdict, the message."""
+    """One queued device check: the event after its copy (None for a CPU verdict), the verdict
+    (pinned host memory, or the CPU flag itself), the message."""
 
     __slots__ = ("event", "verdict", "message", "done")
 

@@ -6,6 +6,8 @@ with ``G = cumsum(log_decay)``.  See ``docs/mathematics.md``.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from hodlr import _checks, _deferred, _formulas, display, fenwick, sparse, tree
@@ -92,7 +94,7 @@ class LogLinearMask:
         self._unchecked = False  # a CUDA mask whose device check is still to be queued
         _deferred.report()
         if validate and is_torch(level_scales) and level_scales.device.type == "cuda":
-            self._unchecked = level_scales.numel() > 0
+            self._unchecked = math.prod(self._batch_shape) > 0  # T, L >= 1; an empty batch holds nothing
         elif validate and not _checks.is_meta(level_scales):
             read = as_like(fenwick.read_levels(T, L), level_scales)
             xp = namespace(level_scales)
@@ -165,8 +167,8 @@ class LogLinearMask:
     def _queue_check(self) -> None:
         """Queue the check kernel of a CUDA mask not yet checked (:func:`_device_check`)."""
         if self._unchecked and not _tracing():
-            self._unchecked = False
             self._check = _device_check(self._level_scales, self._log_decay)
+            self._unchecked = False  # only once queued: a launch that raises leaves the mask unchecked
 
     def _check_flag(self):
         """For a computation whose kernels validate the mask as they read it: a zeroed int32 flag
@@ -181,8 +183,8 @@ class LogLinearMask:
     def _checked(self, flag) -> None:
         """Record that the kernels setting ``flag`` (from :meth:`_check_flag`) are queued."""
         if flag is not None:
-            self._unchecked = False
             self._check = _deferred.submit(flag, _check_message(self._level_scales, self._log_decay))
+            self._unchecked = False
 
     # -- values -------------------------------------------------------------------------
     def diagonal(self):
@@ -239,13 +241,11 @@ class LogLinearMask:
         """The mask as ``diag(level_scales[:, 0]) + U V^T`` with scipy sparse ``U, V``.
 
         See :func:`hodlr.sparse.mask_to_sparse`."""
-        self._queue_check()
         return sparse.mask_to_sparse(self)
 
     def to_hodlr(self):
         """The mask as an explicit :class:`hodlr.HODLRMatrix` tree (rank-1 off-diagonal
         blocks, size-1 leaves).  See :func:`hodlr.tree.HODLRMatrix.from_mask`."""
-        self._queue_check()
         return tree.HODLRMatrix.from_mask(self)
 
     def __repr__(self) -> str:

@@ -257,6 +257,7 @@ def mask_to_sparse(M):
     """
     import scipy.sparse
 
+    M._queue_check()  # a CUDA mask not yet validated
     structure = sparse_structure(M.T)
     diagonal, U_data, V_data = sparse_data(M.level_scales, M.log_decay)
     batch = M.batch_shape

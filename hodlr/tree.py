@@ -166,6 +166,7 @@ class HODLRMatrix:
                 "build one matrix per element, e.g. LogLinearMask(M.level_scales[0], M.log_decay[0])"
             )
         leaf_size = _check_positive_int("leaf_size", leaf_size)
+        M._queue_check()  # a CUDA mask not yet validated
         dtype = _formulas.numpy_dtype(M.dtype)
         lam = _formulas.as_numpy(M.level_scales, dtype)
         g = _formulas.as_numpy(M.log_decay, dtype)

@@ -73,13 +73,14 @@ def rows_nonfinite(l_base, slt, sll, L, g_base, sgt, t, tmask, BL: tl.constexpr,
     the check kernel of ``kernels.checks`` and the output kernels that validate as they run."""
     LS: tl.constexpr = 16 if BL > 16 else BL  # columns a slice: a (rows, 32) tile costs registers
     bad = tl.zeros_like(t)
+    t64 = t.to(tl.int64)  # (T - 1) * slt may pass 2**31 (scales sliced out of a wide projection)
     for l0 in tl.static_range(0, BL, LS):
         lev = l0 + tl.arange(0, LS)
         read = tmask[:, None] & (lev[None, :] < L) & reads_level(t[:, None], lev[None, :])
-        lam = tl.load(l_base + t[:, None] * slt + lev[None, :] * sll, mask=read, other=0.0)
+        lam = tl.load(l_base + t64[:, None] * slt + lev[None, :] * sll, mask=read, other=0.0)
         bad = tl.maximum(bad, tl.max(nonfinite(lam), 1))
     if HAS_G:
-        bad = tl.maximum(bad, nonfinite(tl.load(g_base + t * sgt, mask=tmask, other=0.0)))
+        bad = tl.maximum(bad, nonfinite(tl.load(g_base + t64 * sgt, mask=tmask, other=0.0)))
     return bad
 
 

@@ -166,7 +166,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr, s_ptr
     dvmask = dv < DV
     q_base = q_ptr + b0 * sqb0 + bq1 * sqb1 + tr[:, None] * sqt
     k_base = k_ptr + b0 * skb0 + bq1 * skb1 + tr[:, None] * skt
-    l_base = l_ptr + b0 * slb0 + b1 * slb1 + tr * slt
+    l_base = l_ptr + b0 * slb0 + b1 * slb1 + tr.to(tl.int64) * slt
     if VARLEN:
         G, g_next = chunk_decays(g_ptr + b0 * sgb0 + b1 * sgb1 + shift * sgt, t, tmask, sgt, e, C, HAS_G, ACC, a)
     else:

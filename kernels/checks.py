@@ -40,9 +40,11 @@ def nonfinite_flag(level_scales: torch.Tensor, log_decay: torch.Tensor = None) -
     g = None if log_decay is None else log_decay.expand(batch + (T,))
     B0, B1, strides, (lam, g) = collapse_batch(batch, [lam, g])
     flag = torch.zeros(1, dtype=torch.int32, device=level_scales.device)
+    if B0 * B1 == 0 or T == 0:  # an empty broadcast batch: nothing to check
+        return flag
     BT = 128
     gst = (0, 0, 0) if g is None else (*strides[1], g.stride(-1))
-    _nonfinite_kernel[(triton.cdiv(T, BT), max(1, B0 * B1))](
+    _nonfinite_kernel[(triton.cdiv(T, BT), B0 * B1)](
         lam, lam if g is None else g, flag, T, B1, L, *strides[0], lam.stride(-2), lam.stride(-1), *gst,
         BT=BT, BL=next_power_of_2(L), HAS_G=g is not None)
     return flag

@@ -277,7 +277,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr
     while h < n_bits:  # a while loop: the interpreter cannot range() over a computed bound
         if ((i >> h) & 1) == 1:
             blk = bh * n_total + off + (i >> h) - 1
-            lam = tl.load(l_base + t * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
+            lam = tl.load(l_base + t.to(tl.int64) * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
             acc += lam[:, None] * dot(qh, matrix_tile(h_ptr, blk, dk, dv, DK, DV, HELD), ACC, PREC, False)
             if (i >> (h + 1)) != 0:  # a higher block is read after this one: move the queries across it
                 qh = dot(qh, matrix_tile(tr_ptr, blk, dk, dk, DK, DK, HELD), ACC, PREC, False) + \

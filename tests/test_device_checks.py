@@ -58,11 +58,13 @@ def test_strided_and_broadcast_inputs():
     assert _flag(lam, g) == 1
 
 
-def _fused_flag(op, lam, g, chunk):
-    """The verdict of the forward ``op``'s output kernel, validating as it computes."""
-    B, T = lam.shape[0], lam.shape[-2]
+def _fused_flag(op, lam, g, chunk, D=4, batch=None):
+    """The verdict of the forward ``op``'s output kernel, validating as it computes (operands of
+    batch shape ``batch``, default ``lam``'s, against which ``lam`` and ``g`` broadcast)."""
+    T = lam.shape[-2]
+    batch = tuple(lam.shape[:-2]) if batch is None else batch
     gen = torch.Generator().manual_seed(T)
-    q, k, v = (torch.randn(B, T, 4, dtype=lam.dtype, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(*batch, T, D, dtype=lam.dtype, generator=gen) for _ in range(3))
     flag = torch.zeros(1, dtype=torch.int32)
     if op == "attention":
         kernels.attention_forward(q, k, v, lam, g, 0.5, chunk=chunk, check=flag)
@@ -70,7 +72,7 @@ def _fused_flag(op, lam, g, chunk):
         kernels.matmul_forward(lam, g, v, chunk=chunk, check=flag)
     else:
         kernels.gated_delta_forward(q, torch.nn.functional.normalize(k, dim=-1), v,
-                                    torch.rand(B, T, dtype=lam.dtype, generator=gen), lam, g, 0.5, chunk=chunk,
+                                    torch.rand(*batch, T, dtype=lam.dtype, generator=gen), lam, g, 0.5, chunk=chunk,
                                     check=flag)
     return int(flag[0])
 
@@ -94,6 +96,26 @@ def test_output_kernels_validate_as_the_check_kernel(op, T, rng):
     poisoned = g.clone()
     poisoned[0, int(rng.integers(T))] = float("nan")
     assert _fused_flag(op, lam, poisoned, 16) == 1
+
+
+@interpreter
+@pytest.mark.parametrize("op", ["attention", "matmul", "gated_delta"])
+def test_output_kernels_validate_broadcast_batches_and_value_tiles(op):
+    """Scales and decays broadcast against the operands' batch (stride 0), and several value tiles
+    (only the first checks): the last entry of the last batch element is found, the unread
+    entries of a wider ``L`` never are."""
+    T = 37
+    L = fenwick.num_levels(T) + 3
+    lam = poison_unread(torch.rand(1, 3, T, L, dtype=torch.float64))
+    g = -torch.rand(2, 1, T, dtype=torch.float64)
+    D = 130 if op == "matmul" else 80
+    assert _fused_flag(op, lam, g, 16, D, (2, 3)) == 0
+    poisoned = lam.clone()
+    poisoned[0, 2, T - 1, 0] = float("inf")
+    assert _fused_flag(op, poisoned, g, 16, D, (2, 3)) == 1
+    poisoned = g.clone()
+    poisoned[1, 0, 0] = float("nan")
+    assert _fused_flag(op, lam, poisoned, 16, D, (2, 3)) == 1
 
 
 @interpreter
@@ -140,12 +162,41 @@ def test_mask_methods_check_an_unchecked_mask():
     T = 9
     lam = poison_unread(torch.rand(T, fenwick.num_levels(T), dtype=torch.float64))
     lam[4, 0] = float("inf")
-    for method in ("to_dense", "to_sparse", "to_hodlr", "check"):
+    for compute in (lambda M: M.to_dense(), lambda M: M.to_sparse(), lambda M: M.to_hodlr(), lambda M: M.check(),
+                    lambda M: M.block_factors(1), hodlr.HODLRMatrix.from_mask, hodlr.sparse.mask_to_sparse):
         M = hodlr.LogLinearMask(lam, validate=False)
         M._unchecked = True
         with pytest.raises(ValueError, match="holds NaN or inf"):
-            getattr(M, method)()
+            compute(M)
             M.check()
+
+
+@interpreter
+def test_a_check_that_fails_to_queue_leaves_the_mask_unchecked(monkeypatch):
+    from hodlr import mask as mask_module
+
+    T = 9
+    lam = torch.rand(T, fenwick.num_levels(T), dtype=torch.float64)
+    lam[3, 0] = float("nan")
+    M = hodlr.LogLinearMask(lam, validate=False)
+    M._unchecked = True
+
+    def broken(*args):
+        raise RuntimeError("launch failed")
+
+    monkeypatch.setattr(mask_module, "_device_check", broken)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        M.check()
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="holds NaN or inf"):
+        M.check()
+
+
+@interpreter
+def test_empty_broadcast_batch_has_nothing_to_check():
+    T = 5
+    lam = torch.full((1, T, fenwick.num_levels(T)), float("nan"))
+    assert _flag(lam, torch.zeros(0, T)) == 0
 
 
 def test_check_flag_refused():
