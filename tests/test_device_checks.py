@@ -266,3 +266,25 @@ def test_gpu_masks_used_in_a_graph_capture_are_checked_later():
     graph.replay()
     with pytest.raises(ValueError, match="holds NaN or inf"):
         M.check()                                 # checked by its first use outside the capture
+
+
+@pytest.mark.gpu
+def test_gpu_level_scales_with_rows_past_int32_offsets():
+    """Level scales sliced from a wide tensor: ``(T - 1) * row stride`` passes ``2**31``.  The output
+    kernels read and check them at 64-bit offsets (same results as a contiguous copy)."""
+    T = 65536
+    wide = torch.rand(T, 32800, device="cuda")
+    lam = wide[:, : fenwick.num_levels(T)]
+    x = torch.rand(T, 16, device="cuda")
+    calls = (lambda l, f: kernels.matmul_forward(l, None, x, check=f),
+             lambda l, f: kernels.attention_forward(x, x, x, l, None, 1.0, check=f),
+             lambda l, f: kernels.gated_delta_forward(x, torch.nn.functional.normalize(x, dim=-1), x,
+                                                      torch.rand(T, device="cuda"), l, None, 1.0, check=f))
+    for call in calls:
+        flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+        assert torch.equal(call(lam, flag), call(lam.contiguous(), None)) and int(flag[0]) == 0
+    lam[T - 1, 0] = float("nan")
+    for call in calls:
+        flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+        call(lam, flag)
+        assert int(flag[0]) == 1
