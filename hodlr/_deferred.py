@@ -18,7 +18,8 @@ _pending: collections.deque = collections.deque()
 
 class Check:
     """One queued device check: the event after its copy (None for a CPU verdict), the verdict
-    (pinned host memory, or the CPU flag itself), the message."""
+    (pinned host memory, or the CPU flag itself), and the message of its error (a string, or a
+    callable that makes it: formatted only if the check fails)."""
 
     __slots__ = ("event", "verdict", "message", "done")
 
@@ -28,18 +29,19 @@ class Check:
     def finish(self) -> None:
         """Mark the check reported; raise its error if it failed."""
         self.done = True
-        if int(self.verdict[0]):
-            raise ValueError(self.message)
+        if self.verdict.item():
+            raise ValueError(self.message() if callable(self.message) else self.message)
 
 
 def capturing() -> bool:
-    """Whether the current CUDA stream is capturing a graph (False without CUDA)."""
+    """Whether the current CUDA stream is capturing a graph (False while CUDA is not initialised:
+    nothing can be captured before)."""
     import torch
 
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
-def submit(flag, message: str):
+def submit(flag, message):
     """Queue the device verdict ``flag`` (one int32, non-zero: failed); returns its :class:`Check`,
     or None while a CUDA graph is being captured (no host copy can be queued then)."""
     import torch

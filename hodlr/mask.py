@@ -183,7 +183,7 @@ class LogLinearMask:
     def _checked(self, flag) -> None:
         """Record that the kernels setting ``flag`` (from :meth:`_check_flag`) are queued."""
         if flag is not None:
-            self._check = _deferred.submit(flag, _check_message(self._level_scales, self._log_decay))
+            self._check = _deferred.submit(flag, _failure_message(self._level_scales.shape, _shape(self._log_decay)))
             self._unchecked = False
 
     # -- values -------------------------------------------------------------------------
@@ -277,11 +277,14 @@ def _tracing() -> bool:
     return _deferred.capturing() or torch.compiler.is_compiling()
 
 
-def _check_message(level_scales, log_decay) -> str:
-    return (f"level_scales must be finite where they are read and log_decay finite; the CUDA mask with "
-            f"level_scales of shape {tuple(level_scales.shape)}"
-            + ("" if log_decay is None else f" and log_decay of shape {tuple(log_decay.shape)}")
-            + " holds NaN or inf there (found on the device by the first computation with the mask)")
+def _failure_message(scales_shape, decay_shape):
+    """A callable making the error of a failed device check, formatted only then (it holds shapes,
+    not the tensors, which may carry an autograd graph)."""
+    return lambda: (
+        f"level_scales must be finite where they are read and log_decay finite; the CUDA mask with "
+        f"level_scales of shape {tuple(scales_shape)}"
+        + ("" if decay_shape is None else f" and log_decay of shape {tuple(decay_shape)}")
+        + " holds NaN or inf there (found on the device by the first computation with the mask)")
 
 
 def _device_check(level_scales, log_decay):
@@ -290,4 +293,9 @@ def _device_check(level_scales, log_decay):
     :mod:`hodlr._deferred`."""
     from hodlr.kernels.checks import nonfinite_flag
 
-    return _deferred.submit(nonfinite_flag(level_scales, log_decay), _check_message(level_scales, log_decay))
+    return _deferred.submit(nonfinite_flag(level_scales, log_decay),
+                            _failure_message(level_scales.shape, _shape(log_decay)))
+
+
+def _shape(x):
+    return None if x is None else x.shape
