@@ -45,6 +45,7 @@ class LogLinearMask:
         give a finite wrong result: it turns the rows that read it non-finite.  Nothing is
         checked while a CUDA graph is captured or ``torch.compile`` traces (the mask is then
         checked by its first computation outside them).
+
     numpy arrays or torch tensors (any device) are accepted, float32 or float64 (torch
     also float16 / bfloat16); both arguments must share library, device and dtype.  Leading
     batch dimensions broadcast.
