@@ -85,11 +85,16 @@ def rows_nonfinite(l_base, slt, sll, L, g_base, sgt, t, tmask, BL: tl.constexpr,
 
 
 @triton.jit
-def report_nonfinite(flag_ptr, bad):
-    """Set ``flag_ptr[0]`` to 1 if any entry of ``bad`` is non-zero (the validation of a mask
-    inside an output kernel: the flag starts at 0, see ``kernels.checks``)."""
-    if tl.max(bad, 0) > 0:
-        tl.atomic_max(flag_ptr, 1)
+def validate_rows(flag_ptr, l_base, slt, sll, L, g_base, sgt, t, tmask, BL: tl.constexpr, HAS_G: tl.constexpr):
+    """The validation of a mask inside a kernel: sets ``flag_ptr[0]`` (0 beforehand) to 1 if
+    :func:`rows_nonfinite` finds a row whose read level scales or log-decay are NaN or infinite.
+    Nothing without a flag (``None``); of the programs along grid axis 2 (value or column tiles of
+    the same rows) only the first checks.  Used by the check kernel of ``kernels.checks`` and by
+    the forward output kernels."""
+    if flag_ptr is not None:
+        if tl.program_id(2) == 0:
+            if tl.max(rows_nonfinite(l_base, slt, sll, L, g_base, sgt, t, tmask, BL, HAS_G), 0) > 0:
+                tl.atomic_max(flag_ptr, 1)
 
 
 @triton.jit

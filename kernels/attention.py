@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from . import _sequences, states as _states
-from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_mask, next_decay, report_nonfinite,
-                      rows_nonfinite, sequence_chunk, sequence_row, state_tile)
+from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_mask, next_decay, sequence_chunk,
+                      sequence_row, state_tile, validate_rows)
 from ._layout import (NUM_WARPS, block, broadcast_shape, cdiv, check_block, check_chunk, check_flag, check_levels,
                       chunk_count, collapse_batch, compute_types, interpreting, output_buffer, scratch, state_dtypes)
 
@@ -149,7 +149,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr, s_ptr
     head, positions are absolute, and the first chunk of a sequence also reads its carried
     buckets of levels ``1..c`` (those of levels ``> c`` are entries of the hierarchy).  With a
     ``flag_ptr`` (not None; calls without ``VARLEN``) the program also validates the level scales
-    and log-decays its rows read (:func:`rows_nonfinite`, levels below ``BL``)."""
+    and log-decays its rows read (:func:`validate_rows`, levels below ``BL``)."""
     if VARLEN:
         dead, n, b0, shift, a, e, i, I0, I1, base, span, t, tmask = sequence_chunk(tab_ptr, cs_ptr, C, LOG_C)
         if dead:
@@ -172,10 +172,9 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr, s_ptr
     else:
         G, g_next = chunk_decays(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC)
 
-    if flag_ptr is not None:  # the mask's validation, before the products need the registers
-        if tl.program_id(2) == 0:  # by the first value tile of the rows
-            report_nonfinite(flag_ptr, rows_nonfinite(l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L,
-                                                      g_ptr + b0 * sgb0 + b1 * sgb1, sgt, t, tmask, BL, HAS_G))
+    # the mask's validation (with a flag), before the products need the registers
+    validate_rows(flag_ptr, l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L, g_ptr + b0 * sgb0 + b1 * sgb1, sgt, t, tmask,
+                  BL, HAS_G)
 
     # levels 0..c: dense and masked inside the chunk
     scores = tl.zeros((C, C), dtype=ACC)

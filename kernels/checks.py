@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import report_nonfinite, rows_nonfinite
+from ._device import validate_rows
 from ._layout import broadcast_shape, collapse_batch, next_power_of_2
 
 
@@ -20,8 +20,8 @@ def _nonfinite_kernel(l_ptr, g_ptr, flag_ptr, T, B1, L, slb0, slb1, slt, sll, sg
     bh = tl.program_id(1).to(tl.int64)
     b0 = bh // B1
     b1 = bh % B1
-    report_nonfinite(flag_ptr, rows_nonfinite(l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L, g_ptr + b0 * sgb0 + b1 * sgb1,
-                                              sgt, t, t < T, BL, HAS_G))
+    validate_rows(flag_ptr, l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L, g_ptr + b0 * sgb0 + b1 * sgb1, sgt, t, t < T,
+                  BL, HAS_G)
 
 
 def nonfinite_flag(level_scales: torch.Tensor, log_decay: torch.Tensor = None) -> torch.Tensor:

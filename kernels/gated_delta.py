@@ -46,8 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import (chunk_decays, chunk_rows, dot, intra_decay, intra_scales, report_nonfinite,
-                      rows_nonfinite)
+from ._device import chunk_decays, chunk_rows, dot, intra_decay, intra_scales, validate_rows
 from . import _layout
 from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_block, check_chunk, check_flag, chunk_count,
                       compute_types, hierarchy_sizes,
@@ -246,12 +245,11 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr
                    BL: tl.constexpr):
     """Program ``(chunk i, batch entry, Dv-tile)``: ``(P ⊙ Λ) V`` inside the chunk, then the walk
     over the set bits of ``i`` with the moved queries ``q̂``.  With a ``flag_ptr`` (not None) the
-    program also validates the level scales and log-decays its rows read (:func:`rows_nonfinite`)."""
+    program also validates the level scales and log-decays its rows read (:func:`validate_rows`)."""
     i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
-    if flag_ptr is not None:  # the mask's validation, before the products need the registers
-        if tl.program_id(2) == 0:  # by the first value tile of the rows
-            report_nonfinite(flag_ptr, rows_nonfinite(l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L,
-                                                      g_ptr + b0 * sgb0 + b1 * sgb1, sgt, t, tmask, BL, HAS_G))
+    # the mask's validation (with a flag), before the products need the registers
+    validate_rows(flag_ptr, l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L, g_ptr + b0 * sgb0 + b1 * sgb1, sgt, t, tmask,
+                  BL, HAS_G)
     r = tl.arange(0, C)
     dk = tl.arange(0, BDK)
     dv = tl.program_id(2) * BDV + tl.arange(0, BDV)

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from . import states as _states
-from ._device import (chunk_decays, chunk_rows, dot, intra_mask, load_tile, next_decay, report_nonfinite,
-                      rows_nonfinite, store_tile)
+from ._device import (chunk_decays, chunk_rows, dot, intra_mask, load_tile, next_decay, store_tile,
+                      validate_rows)
 from ._layout import (MAX_REGISTERS, NUM_WARPS, block, broadcast_shape, cdiv, check_block, check_chunk, check_flag,
                       check_levels, chunk_count, collapse_batch, compute_types, hierarchy_sizes, next_power_of_2,
                       output_buffer, interpreting, state_dtypes, tma_descriptor)
@@ -104,12 +104,10 @@ def _output_kernel(x, l_ptr, g_ptr, h_ptr, a_ptr, y, flag_ptr,
     densely (``intra_mask``) plus the levels above from the block states.  ``x`` and ``y``:
     tensor descriptors with ``TMA``, else pointers (``load_tile`` / ``store_tile``).  With a
     ``flag_ptr`` (not None) the program also validates the level scales and log-decays its rows
-    read (:func:`rows_nonfinite`)."""
+    read (:func:`validate_rows`)."""
     i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
-    if flag_ptr is not None:  # the mask's validation
-        if tl.program_id(2) == 0:  # by the first column tile of the rows
-            report_nonfinite(flag_ptr, rows_nonfinite(l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L,
-                                                      g_ptr + b0 * sgb0 + b1 * sgb1, sgt, t, tmask, BL, HAS_G))
+    validate_rows(flag_ptr, l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L, g_ptr + b0 * sgb0 + b1 * sgb1, sgt, t, tmask,
+                  BL, HAS_G)  # the mask's validation, with a flag
     d = tl.program_id(2) * BD + tl.arange(0, BD)
     dmask = d < D
     l_chunk = l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt
