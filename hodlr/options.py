@@ -21,9 +21,16 @@ class Options:
         slab of rows at a time.  A call that would need more raises
         :class:`hodlr.errors.DenseTooLargeError` before allocating.  Default 2 GiB, or the
         environment variable ``HODLR_DENSE_MAX_BYTES``.
+    attention_save_states : bool
+        The ``triton`` backend's differentiable attention keeps the forward's chunk-state
+        hierarchy for the backward instead of recomputing it (``docs/backward.md`` §6): a faster
+        backward for about ``4 Dk Dv / C`` more bytes a token and head until the backward runs
+        (256 at ``Dk = Dv = 64`` in bfloat16, the chunk ``C = 64``).  False recomputes; the
+        gradients are the same bit for bit.  Default True.
     """
 
     dense_max_bytes: int = int(os.environ.get("HODLR_DENSE_MAX_BYTES", 2 * 2**30))
+    attention_save_states: bool = True
 
 
 options = Options()

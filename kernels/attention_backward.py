@@ -41,8 +41,8 @@ import triton.language as tl
 
 from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_decay, intra_scales,
                       sequence_chunk, sequence_row, state_tile)
-from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, interpreting, scratch,
-                      next_power_of_2, state_dtypes)
+from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, hierarchy_sizes,
+                      interpreting, next_power_of_2, read_dtype, scratch, state_dtypes)
 from . import _sequences
 from .attention import attention_layout, check_initial_state, chunk_states, sequence_layout, sequence_states
 
@@ -738,7 +738,7 @@ def default_chunk(width: int) -> int:
     return 64
 
 
-def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=None, out=None):
+def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=None, out=None, states=None):
     """Gradients of ``O = attention(q, k, v, level_scales, log_decay, scale)`` for ``dO``.
 
     Parameters
@@ -757,6 +757,9 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         layout): written in place, and returned, when the head fits one feature tile
         (``Dk, Dv <= 64``); otherwise the gradients come in new tensors.  A caller that wants
         the gradients laid out like strided inputs saves a copy.
+    states : tuple of torch.Tensor, optional
+        ``(states, logdec)`` of the forward (:func:`kernels.attention_forward` with
+        ``return_states=True``, the same inputs and chunk): read instead of recomputed.
 
     Returns
     -------
@@ -775,7 +778,11 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     lowp, native = v.dtype == torch.bfloat16, not interpreting()
     n = chunk_count(T, C)
     n_bits = (n - 1).bit_length()
-    states, logdec = chunk_states(layout, C, *state_dtypes(v.dtype))
+    if states is None:
+        states, logdec, *copy = chunk_states(layout, C, *state_dtypes(v.dtype), read_dtype(v.dtype, native))
+        states = copy[0] if copy else states
+    else:
+        states, logdec = _saved_states(states, layout, n, v.dtype, native)
     BDK, BDV = block(DK, MAX_TILE), block(DV, MAX_TILE)
     n_dv = cdiv(DV, BDV)
     tiles = cdiv(DK, BDK) * n_dv
@@ -850,6 +857,27 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         dl = dl.view((parts, -1) + dl.shape[1:]).sum(0)
     return (dq.reshape(batch + (T, DK)).to(q.dtype), dk.reshape(batch + (T, DK)).to(k.dtype),
             dv.reshape(batch + (T, DV)).to(v.dtype), dl.reshape(batch + (T, L)).to(level_scales.dtype), dg)
+
+
+def _saved_states(saved, layout, n: int, dtype, native: bool):
+    """``(states, logdec)`` handed to :func:`attention_backward` by the forward, checked against
+    the call: a tuple of two tensors on the inputs' device, ``(B, N, Dk*Dv)`` in the dtype the
+    forward stores for the readers and ``(B, N)`` in the log-decays' dtype, ``N`` the entries of
+    ``n`` chunks (another chunk size gives another ``N``)."""
+    if not (isinstance(saved, (tuple, list)) and len(saved) == 2 and all(isinstance(x, torch.Tensor) for x in saved)):
+        raise TypeError(f"states must be the (states, logdec) tensors of attention_forward(..., return_states=True), "
+                        f"got {type(saved).__name__}")
+    states, logdec = saved
+    state_dtype, logdec_dtype = state_dtypes(dtype)
+    N = sum(hierarchy_sizes(n))
+    want = ((layout.B, N, layout.DK * layout.DV), read_dtype(dtype, native) or state_dtype, (layout.B, N), logdec_dtype)
+    got = (tuple(states.shape), states.dtype, tuple(logdec.shape), logdec.dtype)
+    device = layout.tensors["v"].device
+    if got != want or states.device != device or logdec.device != device:
+        raise ValueError(f"states must be the forward's (states, logdec) for these inputs and chunk size: "
+                         f"{want[0]} {want[1]} and {want[2]} {want[3]} on {device}, got {got[0]} {got[1]} on "
+                         f"{states.device} and {got[2]} {got[3]} on {logdec.device}")
+    return states.contiguous(), logdec.contiguous()
 
 
 def _sequence_dg(seqs, C: int, dgl, span, level_rows, final_reads, N: int, T: int, acc_dtype):

@@ -30,23 +30,28 @@ __all__ = ["attention", "bucket_states", "carried_reads", "gated_delta", "matmul
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, level_scales, log_decay, scale, chunk, check):
-        ctx.save_for_backward(q, k, v, level_scales, log_decay)
+    def forward(ctx, q, k, v, level_scales, log_decay, scale, chunk, check, save_states):
         ctx.scale, ctx.chunk = scale, chunk
-        return attention_forward(q, k, v, level_scales, log_decay, scale, chunk=chunk, check=check)
+        if not save_states:
+            ctx.save_for_backward(q, k, v, level_scales, log_decay)
+            return attention_forward(q, k, v, level_scales, log_decay, scale, chunk=chunk, check=check)
+        o, (states, logdec) = attention_forward(q, k, v, level_scales, log_decay, scale, chunk=chunk, check=check,
+                                                return_states=True)
+        ctx.save_for_backward(q, k, v, level_scales, log_decay, states, logdec)
+        return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, level_scales, log_decay = ctx.saved_tensors
+        q, k, v, level_scales, log_decay, *states = ctx.saved_tensors
         out = None
         if not any(0 in x.stride() for x in (q, k, v, level_scales)):
             # gradients laid out like the inputs (a view's gradient then has its base's layout: a
             # (B, H, T, D) view of a (B, T, H, D) tensor gets a (B, T, H, D) gradient, and adding it to
             # .grad or to another gradient runs on contiguous memory, 2.5x faster on an H200)
             out = tuple(torch.empty_like(x) for x in (q, k, v, level_scales))
-        dq, dk, dv, dlam, dg = attention_backward(q, k, v, level_scales, log_decay, ctx.scale,
-                                                  do, chunk=ctx.chunk, out=out)
-        return dq, dk, dv, dlam, dg, None, None, None
+        dq, dk, dv, dlam, dg = attention_backward(q, k, v, level_scales, log_decay, ctx.scale, do, chunk=ctx.chunk,
+                                                  out=out, states=states or None)
+        return dq, dk, dv, dlam, dg, None, None, None, None
 
 
 class _AttentionState(torch.autograd.Function):
@@ -93,7 +98,8 @@ def _broadcast(tensors, batch):
 
 
 def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None, initial_state=None,
-              initial_positions=None, cu_seqlens=None, output_final_state: bool = False, check=None):
+              initial_positions=None, cu_seqlens=None, output_final_state: bool = False, check=None,
+              save_states: bool = True):
     """Differentiable log-linear attention: :func:`attention_forward` (same arguments and result),
     or, with a recurrent state, packed sequences, a final state or grouped heads,
     :func:`kernels.attention.attention_state_forward`.
@@ -109,6 +115,12 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
     Gradients flow to ``q, k, v, level_scales``, ``log_decay`` and ``initial_state``; never-read
     level scales get exactly 0.  ``check`` (calls without the keywords): the validation flag of
     :func:`attention_forward`.
+
+    ``save_states`` (calls without the keywords): the forward keeps its chunk-state hierarchy for
+    the backward, which then skips recomputing it (``docs/backward.md`` §6: for bfloat16 inputs the
+    bfloat16 copy the kernels read: about ``4 Dk Dv / C`` bytes a token and head, 256 at ``Dk = Dv = 64``);
+    False: the backward recomputes it, the same gradients bit for bit.  Calls with the keywords
+    always recompute.
     """
     grouped = (q.dim() == k.dim() == v.dim() == 4 and q.shape[1] == k.shape[1] and 1 < q.shape[1] < v.shape[1]
                and v.shape[1] % q.shape[1] == 0)
@@ -124,7 +136,9 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
                             () if log_decay is None else log_decay.shape[:-1])
     q, k, v, level_scales, log_decay = _broadcast(
         [(q, 2), (k, 2), (v, 2), (level_scales, 2), (log_decay, 1)], batch)
-    return _Attention.apply(q, k, v, level_scales, log_decay, float(scale), chunk, check)
+    if not isinstance(save_states, bool):
+        raise TypeError(f"save_states must be a bool, got {type(save_states).__name__}")
+    return _Attention.apply(q, k, v, level_scales, log_decay, float(scale), chunk, check, save_states)
 
 
 def matmul(level_scales, log_decay, x, *, chunk=None, check=None):

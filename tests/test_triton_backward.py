@@ -247,6 +247,43 @@ def test_gradients_into_strided_buffers(Dk, Dv, rng, monkeypatch):
 
 
 @interpreter
+@pytest.mark.parametrize("T, decay", [(1, 0.5), (33, None), (70, 0.5), (70, 30.0)])
+def test_saved_states_equal_recomputed(T, decay, rng):
+    """The forward's chunk states kept for the backward (``save_states=True``, the default) give
+    the gradients of a backward that recomputes them, bit for bit; and so does
+    ``attention_backward`` handed them directly."""
+    q, k, v, lam, g, w = _case(T, rng, decay=decay)
+    grads = []
+    for save in (True, False):
+        leaves = _leaves([q, k, v, lam, g])
+        out = kernels.attention(*leaves, 0.5, chunk=CHUNK, save_states=save)
+        used = [x for x in leaves if x is not None]
+        grads.append(torch.autograd.grad((out * w).sum(), used))
+    module = importlib.import_module("hodlr.kernels.attention_backward")
+    _, saved = kernels.attention_forward(q, k, v, lam, g, 0.5, chunk=CHUNK, return_states=True)
+    direct = [x for x in module.attention_backward(q, k, v, lam, g, 0.5, w, chunk=CHUNK, states=saved)
+              if x is not None]
+    direct[0] = direct[0].sum(0, keepdim=True)  # q is broadcast over the batch
+    for a, b, c in zip(*grads, direct):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@interpreter
+def test_saved_states_refused_when_they_do_not_fit(rng):
+    q, k, v, lam, g, w = _case(40, rng)
+    module = importlib.import_module("hodlr.kernels.attention_backward")
+    _, (states, logdec) = kernels.attention_forward(q, k, v, lam, g, 0.5, chunk=CHUNK, return_states=True)
+    with pytest.raises(ValueError, match="states must be the forward's"):
+        module.attention_backward(q, k, v, lam, g, 0.5, w, chunk=2 * CHUNK, states=(states, logdec))
+    with pytest.raises(ValueError, match="states must be the forward's"):
+        module.attention_backward(q, k, v, lam, g, 0.5, w, chunk=CHUNK, states=(states.float(), logdec))
+    with pytest.raises(TypeError, match="states must be the"):
+        module.attention_backward(q, k, v, lam, g, 0.5, w, chunk=CHUNK, states=states)
+    with pytest.raises(TypeError, match="save_states must be a bool, got str"):
+        kernels.attention(q, k, v, lam, g, 0.5, save_states="yes")
+
+
+@interpreter
 @pytest.mark.parametrize("T", [5, 40, 100])
 def test_float32(T, rng):
     q, k, v, lam, g, w = _case(T, rng, dtype=torch.float32)
@@ -325,6 +362,25 @@ def test_gpu_bf16_gradients_match_float64(T):
     got = _triton_grads("matmul", q, k, v, lam, g, 1.0, do, chunk=None)
     want = _dense_grads("matmul", q, k, v, lam, g, 1.0, do)
     _check(got, want, TOLERANCES["gpu_bfloat16"], "bf16 matmul", T)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,D", [(1, 64), (4097, 64), (1500, 128), (700, 256)])
+def test_gpu_saved_states_equal_recomputed(T, D):
+    """bf16 on the GPU: the forward keeps the bfloat16 copy of its states that the kernels read
+    (half the float32 hierarchy's bytes), and the gradients equal those of a backward that
+    recomputes the states, bit for bit."""
+    q, k, v, lam, g, do = _gpu_case(2, 2, T, D, seed=T + D)
+    grads = []
+    for save in (True, False):
+        leaves = _leaves([q, k, v, lam, g])
+        out = kernels.attention(*leaves, D ** -0.5, save_states=save)
+        if save:
+            saved = out.grad_fn.saved_tensors
+            assert saved[5].dtype == torch.bfloat16 and saved[6].dtype == torch.float32
+        grads.append(torch.autograd.grad(out, leaves, do))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu

@@ -62,9 +62,11 @@ def matmul(level_scales, log_decay, x, *, check=None):
 
 def attention(q, k, v, level_scales, log_decay, scale, *, check=None):
     from hodlr import kernels
+    from hodlr.options import options
 
     if _wants_grad(q, k, v, level_scales, log_decay):
-        return kernels.attention(q, k, v, level_scales, log_decay, scale, check=check)
+        return kernels.attention(q, k, v, level_scales, log_decay, scale, check=check,
+                                 save_states=bool(options.attention_save_states))
     return kernels.attention_forward(q, k, v, level_scales, log_decay, scale, check=check)
 
 
