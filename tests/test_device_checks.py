@@ -275,11 +275,11 @@ def test_gpu_level_scales_with_rows_past_int32_offsets():
     T = 65536
     wide = torch.rand(T, 32800, device="cuda")
     lam = wide[:, : fenwick.num_levels(T)]
-    x = torch.rand(T, 16, device="cuda")
+    x, beta = torch.rand(T, 16, device="cuda"), torch.rand(T, device="cuda")
     calls = (lambda l, f: kernels.matmul_forward(l, None, x, check=f),
              lambda l, f: kernels.attention_forward(x, x, x, l, None, 1.0, check=f),
-             lambda l, f: kernels.gated_delta_forward(x, torch.nn.functional.normalize(x, dim=-1), x,
-                                                      torch.rand(T, device="cuda"), l, None, 1.0, check=f))
+             lambda l, f: kernels.gated_delta_forward(x, torch.nn.functional.normalize(x, dim=-1), x, beta, l, None,
+                                                      1.0, check=f))
     for call in calls:
         flag = torch.zeros(1, dtype=torch.int32, device="cuda")
         assert torch.equal(call(lam, flag), call(lam.contiguous(), None)) and int(flag[0]) == 0
