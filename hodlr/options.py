@@ -24,9 +24,9 @@ class Options:
     attention_save_states : bool
         The ``triton`` backend's differentiable attention keeps the forward's chunk-state
         hierarchy for the backward instead of recomputing it (``docs/backward.md`` §6): a faster
-        backward for about ``4 Dk Dv / C`` more bytes a token and head until the backward runs
-        (256 at ``Dk = Dv = 64`` in bfloat16, the chunk ``C = 64``).  False recomputes; the
-        gradients are the same bit for bit.  Default True.
+        backward for about ``8 Dk Dv / C`` more bytes a token and head held from the forward to
+        the backward (float32 states: 512 at ``Dk = Dv = 64``, 2,048 at 128, the chunk
+        ``C = 64``).  False recomputes; the gradients are the same bit for bit.  Default True.
     """
 
     dense_max_bytes: int = int(os.environ.get("HODLR_DENSE_MAX_BYTES", 2 * 2**30))

@@ -138,15 +138,6 @@ def compute_types(dtype: torch.dtype, device=None):
     raise TypeError(f"inputs must be float16, bfloat16, float32 or float64, got {dtype}")
 
 
-def read_dtype(dtype: torch.dtype, native: bool):
-    """The dtype of the copy of the attention's chunk states that its kernels read (None: they read
-    the states themselves).  bfloat16 inputs on a GPU (``native``) multiply each float32 state as a
-    bfloat16 tile, so the state and hierarchy kernels also store the states rounded to bfloat16, once,
-    and the readers load half the bytes, bit for bit the values they would round to; the hierarchy
-    itself is still summed in float32 (:func:`state_dtypes`)."""
-    return torch.bfloat16 if native and dtype == torch.bfloat16 else None
-
-
 def state_dtypes(dtype: torch.dtype, compact: bool = False):
     """``(states, logdec)`` dtypes of the chunk-state hierarchy for inputs of ``dtype``.
 

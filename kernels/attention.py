@@ -23,8 +23,7 @@ from . import _sequences, states as _states
 from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_mask, next_decay, sequence_chunk,
                       sequence_row, state_tile, validate_rows)
 from ._layout import (NUM_WARPS, block, broadcast_shape, cdiv, check_block, check_chunk, check_flag, check_levels,
-                      chunk_count, collapse_batch, compute_types, interpreting, output_buffer, read_dtype, scratch,
-                      state_dtypes)
+                      chunk_count, collapse_batch, compute_types, interpreting, output_buffer, scratch, state_dtypes)
 
 
 OUTPUT_TILE = 64
@@ -33,7 +32,7 @@ of its chunk (each forms the chunk's scores again) and reads its key columns til
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_total", "N_DV_TILES", "sgb0", "sgb1", "GRP", "S_IN"])
-def _state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr, s_ptr, tab_ptr, cs_ptr, copy_ptr,
+def _state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr, s_ptr, tab_ptr, cs_ptr,
                   T, B1, n_total, DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES, GRP, S_IN,
                   skb0, skb1, skt, skd, svb0, svb1, svt, svd, sgb0, sgb1, sgt,
                   C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
@@ -42,9 +41,7 @@ def _state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr, s_ptr, tab_ptr, cs_ptr, cop
     """Program ``(chunk, batch entry, Dk-tile x Dv-tile)``: level 0 of the hierarchy.  With
     ``VARLEN`` axis 0 is the global chunk slot and axis 1 the head of the sequence table's call;
     the first chunk of a sequence also holds its carried buckets of levels ``1..c`` (they lie in
-    the chunk, before its first position), decayed to the chunk's end.  With a ``copy_ptr`` (not
-    None) the state is also stored there, rounded to that buffer's dtype (the readers' copy of
-    :func:`chunk_states`)."""
+    the chunk, before its first position), decayed to the chunk's end."""
     if VARLEN:
         dead, n, b0, shift, lo, hi, I, I0, I1, hbase, span, t, tmask = sequence_chunk(tab_ptr, cs_ptr, C, LOG_C)
         if dead:
@@ -88,9 +85,6 @@ def _state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr, s_ptr, tab_ptr, cs_ptr, cop
         row = bh * n_total + j
     tl.store(h_ptr + row * DK * DV + dk[:, None] * DV + dv[None, :], S,
              mask=(dk[:, None] < DK) & (dv[None, :] < DV))
-    if copy_ptr is not None:
-        tl.store(copy_ptr + row * DK * DV + dk[:, None] * DV + dv[None, :], S.to(copy_ptr.dtype.element_ty),
-                 mask=(dk[:, None] < DK) & (dv[None, :] < DV))
     if tile == 0:
         tl.store(a_ptr + row, g_end)
 
@@ -366,28 +360,25 @@ def attention_layout(q, k, v, level_scales, log_decay, **others) -> Layout:
     return Layout(batch, B0, B1, T, DK, DV, L, dict(zip(named, folded)), dict(zip(named, strides)))
 
 
-def chunk_states(layout: Layout, C: int, state_dtype, logdec_dtype, copy_dtype=None):
+def chunk_states(layout: Layout, C: int, state_dtype, logdec_dtype):
     """The chunk-state hierarchy of :mod:`kernels.states` for the keys and values of ``layout``
-    with chunk size ``C``: ``(states (B, N, Dk*Dv), logdec (B, N))``, and with a ``copy_dtype``
-    (not None) a third tensor: the states rounded to it, written by the same kernels (the copy that
-    bfloat16 readers read, :func:`kernels._layout.read_dtype`).  Shared by the forward and the
-    backward (which recomputes it unless the forward kept it)."""
+    with chunk size ``C``: ``(states (B, N, Dk*Dv), logdec (B, N))``.  Shared by the forward and
+    the backward (which recomputes it unless the forward kept it)."""
     k, v, g = (layout.tensors[name] for name in ("k", "v", "g"))
     DK, DV = layout.DK, layout.DV
     acc, prec, _ = compute_types(v.dtype)
     n = chunk_count(layout.T, C)
     states, logdec = _states.allocate(layout.B, n, DK * DV, v.device, state_dtype, logdec_dtype)
-    copy = None if copy_dtype is None else torch.empty(states.shape, dtype=copy_dtype, device=v.device)
     BDK, BDV = block(DK, 64), block(DV, 64)
     n_dv = cdiv(DV, BDV)
     _state_kernel[(n, layout.B, cdiv(DK, BDK) * n_dv)](
-        k, v, layout.decay_args()[0], states, logdec, states, logdec, logdec, copy, layout.T, layout.B1,
-        states.shape[1], DK, DV, n_dv, 1, 0, *layout.args("k")[1:], *layout.args("v")[1:], *layout.decay_args()[1:],
+        k, v, layout.decay_args()[0], states, logdec, states, logdec, logdec, layout.T, layout.B1, states.shape[1],
+        DK, DV, n_dv, 1, 0, *layout.args("k")[1:], *layout.args("v")[1:], *layout.decay_args()[1:],
         C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=g is not None, ACC=acc, PREC=prec,
         LOWP=v.dtype == torch.bfloat16, NATIVE=not interpreting(), VARLEN=False,
         num_warps=NUM_WARPS["attention_state"])
-    _states.build_hierarchy(states, logdec, n, copy=copy)
-    return (states, logdec) if copy is None else (states, logdec, copy)
+    _states.build_hierarchy(states, logdec, n)
+    return states, logdec
 
 
 def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None, out=None,
@@ -414,10 +405,9 @@ def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0,
         Contiguous ``(*batch, T, Dv)`` output buffer with ``v``'s dtype (tests pass one
         filled with NaN, so an element the kernel never writes fails).
     return_states : bool
-        Also return ``(states, logdec)``, the chunk-state hierarchy of :mod:`kernels.states` as
-        the kernels read it: the states rounded to :func:`kernels._layout.read_dtype` where that is
-        not None (bfloat16 inputs on a GPU), else in :func:`kernels._layout.state_dtypes`.
-        :func:`kernels.attention_backward` takes them (``states=``) instead of recomputing them.
+        Also return ``(states, logdec)``, the chunk-state hierarchy of :mod:`kernels.states`
+        (dtypes: :func:`kernels._layout.state_dtypes`), which :func:`kernels.attention_backward`
+        takes (``states=``) instead of recomputing it.
     check : torch.Tensor, optional
         A one-element int32 tensor holding 0 on the inputs' device: the output kernel sets it to 1
         if a level scale that is read or a log-decay is NaN or infinite (the validation of
@@ -435,10 +425,7 @@ def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0,
     acc, prec, exact = compute_types(v.dtype)
     out = output_buffer(out, layout.batch + (T, DV), v)
     o_flat = out.reshape((layout.B0, layout.B1, T, DV))
-    # with return_states the readers' copy too (kept for the backward; the output kernel reads it, the same values)
-    copy_dtype = read_dtype(v.dtype, not interpreting()) if return_states else None
-    states, logdec, *copy = chunk_states(layout, C, *state_dtypes(v.dtype), copy_dtype)
-    states = copy[0] if copy else states
+    states, logdec = chunk_states(layout, C, *state_dtypes(v.dtype))
     n = chunk_count(T, C)
     BDK, BDV = block(DK, OUTPUT_TILE), block(DV, OUTPUT_TILE)
     n_dv = cdiv(DV, BDV)
@@ -547,7 +534,7 @@ def sequence_states(layout: SequenceLayout, seqs, C: int, initial, state_dtype, 
     if seqs.n_slots and H:
         _state_kernel[(seqs.n_slots, H, cdiv(DK, BDK) * n_dv)](
             layout.tensors["k"], v, layout.decay_args()[0], states, logdec, states if initial is None else initial,
-            seqs.table, seqs.chunk_seq, None, layout.T, 1, seqs.n_entries, DK, DV, n_dv, H // layout.Hqk, S_in,
+            seqs.table, seqs.chunk_seq, layout.T, 1, seqs.n_entries, DK, DV, n_dv, H // layout.Hqk, S_in,
             *layout.args("k")[1:], *layout.args("v")[1:], *layout.decay_args()[1:],
             C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=layout.tensors["g"] is not None, ACC=acc,
             PREC=prec, LOWP=v.dtype == torch.bfloat16, NATIVE=not interpreting(), VARLEN=True,

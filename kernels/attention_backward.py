@@ -42,7 +42,7 @@ import triton.language as tl
 from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_decay, intra_scales,
                       sequence_chunk, sequence_row, state_tile)
 from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, hierarchy_sizes,
-                      interpreting, next_power_of_2, read_dtype, scratch, state_dtypes)
+                      interpreting, next_power_of_2, scratch, state_dtypes)
 from . import _sequences
 from .attention import attention_layout, check_initial_state, chunk_states, sequence_layout, sequence_states
 
@@ -779,10 +779,9 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     n = chunk_count(T, C)
     n_bits = (n - 1).bit_length()
     if states is None:
-        states, logdec, *copy = chunk_states(layout, C, *state_dtypes(v.dtype), read_dtype(v.dtype, native))
-        states = copy[0] if copy else states
+        states, logdec = chunk_states(layout, C, *state_dtypes(v.dtype))
     else:
-        states, logdec = _saved_states(states, layout, n, v.dtype, native)
+        states, logdec = _saved_states(states, layout, n, v.dtype)
     BDK, BDV = block(DK, MAX_TILE), block(DV, MAX_TILE)
     n_dv = cdiv(DV, BDV)
     tiles = cdiv(DK, BDK) * n_dv
@@ -859,18 +858,18 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
             dv.reshape(batch + (T, DV)).to(v.dtype), dl.reshape(batch + (T, L)).to(level_scales.dtype), dg)
 
 
-def _saved_states(saved, layout, n: int, dtype, native: bool):
+def _saved_states(saved, layout, n: int, dtype):
     """``(states, logdec)`` handed to :func:`attention_backward` by the forward, checked against
-    the call: a tuple of two tensors on the inputs' device, ``(B, N, Dk*Dv)`` in the dtype the
-    forward stores for the readers and ``(B, N)`` in the log-decays' dtype, ``N`` the entries of
-    ``n`` chunks (another chunk size gives another ``N``)."""
+    the call: a tuple of two tensors on the inputs' device, ``(B, N, Dk*Dv)`` and ``(B, N)`` in
+    the dtypes of :func:`state_dtypes`, ``N`` the entries of ``n`` chunks (another chunk size
+    gives another ``N``)."""
     if not (isinstance(saved, (tuple, list)) and len(saved) == 2 and all(isinstance(x, torch.Tensor) for x in saved)):
         raise TypeError(f"states must be the (states, logdec) tensors of attention_forward(..., return_states=True), "
                         f"got {type(saved).__name__}")
     states, logdec = saved
     state_dtype, logdec_dtype = state_dtypes(dtype)
     N = sum(hierarchy_sizes(n))
-    want = ((layout.B, N, layout.DK * layout.DV), read_dtype(dtype, native) or state_dtype, (layout.B, N), logdec_dtype)
+    want = ((layout.B, N, layout.DK * layout.DV), state_dtype, (layout.B, N), logdec_dtype)
     got = (tuple(states.shape), states.dtype, tuple(logdec.shape), logdec.dtype)
     device = layout.tensors["v"].device
     if got != want or states.device != device or logdec.device != device:

@@ -117,8 +117,8 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
     :func:`attention_forward`.
 
     ``save_states`` (calls without the keywords): the forward keeps its chunk-state hierarchy for
-    the backward, which then skips recomputing it (``docs/backward.md`` §6: for bfloat16 inputs the
-    bfloat16 copy the kernels read: about ``4 Dk Dv / C`` bytes a token and head, 256 at ``Dk = Dv = 64``);
+    the backward, which then skips recomputing it (``docs/backward.md`` §6: the float32 states,
+    about ``8 Dk Dv / C`` bytes a token and head, 512 at ``Dk = Dv = 64``, beside the saved inputs);
     False: the backward recomputes it, the same gradients bit for bit.  Calls with the keywords
     always recompute.
     """

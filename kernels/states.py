@@ -41,30 +41,25 @@ from ._layout import NUM_WARPS, cdiv, hierarchy_sizes, next_power_of_2
 
 
 @triton.jit
-def _combine(h_ptr, a_ptr, copy_ptr, even, odd, dst, im, om, f, F, fmask):
+def _combine(h_ptr, a_ptr, even, odd, dst, im, om, f, F, fmask):
     """``H[dst] = exp(A[odd]) H[even] + H[odd]``, ``A[dst] = A[even] + A[odd]`` for the entries
-    selected by ``im`` (the odd child only where ``om``: a missing right child is empty); with a
-    ``copy_ptr`` (not None) ``H[dst]`` also goes there, rounded to that buffer's dtype."""
+    selected by ``im`` (the odd child only where ``om``: a missing right child is empty)."""
     a_even = tl.load(a_ptr + even, mask=im, other=0.0)
     a_odd = tl.load(a_ptr + odd, mask=om, other=0.0)
     h_even = tl.load(h_ptr + even[:, None] * F + f[None, :], mask=im[:, None] & fmask[None, :],
                      other=0.0).to(a_odd.dtype)
     h_odd = tl.load(h_ptr + odd[:, None] * F + f[None, :], mask=om[:, None] & fmask[None, :], other=0.0).to(a_odd.dtype)
-    h_dst = tl.exp(a_odd)[:, None] * h_even + h_odd
-    tl.store(h_ptr + dst[:, None] * F + f[None, :], h_dst, mask=im[:, None] & fmask[None, :])
-    if copy_ptr is not None:
-        tl.store(copy_ptr + dst[:, None] * F + f[None, :], h_dst.to(copy_ptr.dtype.element_ty),
-                 mask=im[:, None] & fmask[None, :])
+    tl.store(h_ptr + dst[:, None] * F + f[None, :], tl.exp(a_odd)[:, None] * h_even + h_odd,
+             mask=im[:, None] & fmask[None, :])
     tl.store(a_ptr + dst, a_even + a_odd, mask=im)
 
 
 @triton.jit(do_not_specialize=["n_base", "off_base", "n_total", "sub_size", "n_build", "S_IN"])
-def _hierarchy_kernel(h_ptr, a_ptr, s_ptr, tab_ptr, copy_ptr, n_base, off_base, n_total, F, sub_size, n_build, S_IN,
+def _hierarchy_kernel(h_ptr, a_ptr, s_ptr, tab_ptr, n_base, off_base, n_total, F, sub_size, n_build, S_IN,
                       BN: tl.constexpr, BF: tl.constexpr, LOG_C: tl.constexpr, VARLEN: tl.constexpr):
     """Program ``(b, f-tile, subtree)``: from the ``sub_size`` entries of level ``base``
     (``n_base`` entries at offset ``off_base``) that its subtree covers, build ``n_build``
-    levels above, level by level with a barrier in between (a program reads only what it wrote),
-    and with a ``copy_ptr`` (not None) stores each new entry there too, rounded to its dtype.
+    levels above, level by level with a barrier in between (a program reads only what it wrote).
 
     With ``VARLEN`` program ``(sequence, head, f-tile)`` builds the ``n_build`` levels of the
     sequence's region of :mod:`kernels._sequences`: entry 0 of level ``h`` is the carried bucket of
@@ -100,7 +95,7 @@ def _hierarchy_kernel(h_ptr, a_ptr, s_ptr, tab_ptr, copy_ptr, n_base, off_base, 
                     j = nb + tl.arange(0, BN)
                     im = j < up
                     even = 2 * j - 1 - bit
-                    _combine(h_ptr, a_ptr, None, off + even, off + even + 1, off + size + j, im, im & (even + 1 < count),
+                    _combine(h_ptr, a_ptr, off + even, off + even + 1, off + size + j, im, im & (even + 1 < count),
                              f, F, fmask)
                     nb += BN
                 tl.debug_barrier()
@@ -125,7 +120,7 @@ def _hierarchy_kernel(h_ptr, a_ptr, s_ptr, tab_ptr, copy_ptr, n_base, off_base, 
                 idx = first + local
                 im = (local < width) & (idx < nn)
                 even = base + off + 2 * idx
-                _combine(h_ptr, a_ptr, copy_ptr, even, even + 1, base + off + nh + idx, im, im, f, F, fmask)
+                _combine(h_ptr, a_ptr, even, even + 1, base + off + nh + idx, im, im, f, F, fmask)
                 nb += BN
             tl.debug_barrier()
             off += nh
@@ -148,11 +143,9 @@ def allocate(B: int, n_chunks: int, F: int, device, dtype: torch.dtype, logdec_d
             torch.empty((B, N), dtype=logdec_dtype or dtype, device=device))
 
 
-def build_hierarchy(states: torch.Tensor, logdec: torch.Tensor, n_chunks: int, first_level: int = 0,
-                    copy: torch.Tensor = None) -> None:
+def build_hierarchy(states: torch.Tensor, logdec: torch.Tensor, n_chunks: int, first_level: int = 0) -> None:
     """Fill levels ``first_level + 1 .. top`` of ``states`` / ``logdec`` (levels
-    ``0 .. first_level`` already written), in place; with ``copy`` (``states``' shape, a narrower
-    dtype) store those levels there too, each entry rounded once from its ``states`` value.
+    ``0 .. first_level`` already written), in place.
 
     ``ceil(top / SUBTREE_LEVELS)`` launches; in each, program ``(b, f-tile, subtree)`` builds
     up to :data:`SUBTREE_LEVELS` levels of its own subtree (see ``_hierarchy_kernel``).
@@ -169,8 +162,8 @@ def build_hierarchy(states: torch.Tensor, logdec: torch.Tensor, n_chunks: int, f
         steps = min(SUBTREE_LEVELS, top - level)
         sub_size = 1 << steps
         grid = (B, cdiv(F, BF), cdiv(sizes[level], sub_size))
-        _hierarchy_kernel[grid](states, logdec, states, logdec, copy, sizes[level], sum(sizes[:level]), N, F,
-                                sub_size, steps, 0, BN=BN, BF=BF, LOG_C=0, VARLEN=False, num_warps=NUM_WARPS["hierarchy"])
+        _hierarchy_kernel[grid](states, logdec, states, logdec, sizes[level], sum(sizes[:level]), N, F, sub_size, steps,
+                                0, BN=BN, BF=BF, LOG_C=0, VARLEN=False, num_warps=NUM_WARPS["hierarchy"])
         level += steps
 
 
@@ -186,5 +179,5 @@ def build_sequence_hierarchy(states: torch.Tensor, logdec: torch.Tensor, initial
     BN = max(1, min(64, 4096 // BF))
     S_in = 0 if initial is None else initial.shape[2]
     _hierarchy_kernel[(seqs.count, H, cdiv(F, BF))](
-        states, logdec, states if initial is None else initial, seqs.table, None, 0, 0, seqs.n_entries, F, 0, seqs.levels,
+        states, logdec, states if initial is None else initial, seqs.table, 0, 0, seqs.n_entries, F, 0, seqs.levels,
         S_in, BN=BN, BF=BF, LOG_C=C.bit_length() - 1, VARLEN=True, num_warps=NUM_WARPS["hierarchy"])

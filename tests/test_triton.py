@@ -13,7 +13,6 @@ tests run on the GPU in float32.
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 import torch
@@ -313,26 +312,6 @@ def test_hierarchy_equals_block_sums(n):
             assert_close(logdec[:, offset + m], a0[:, m << h:(m + 1) << h].sum(-1), TOL[dtype], f"A level {h} block {m}")
         offset += size
     assert offset == states.shape[1]
-
-
-@pytest.mark.parametrize("T, decay", [(1, True), (40, True), (300, False)])
-def test_state_copy_rounds_each_entry_once(T, decay):
-    """``chunk_states(..., copy_dtype)``: the state kernel and the hierarchy kernel also store every
-    entry rounded to the copy's dtype (what the bfloat16 kernels read), each exactly the rounding of
-    its float32 (float64) value; the states themselves are those of a call without a copy."""
-    attention_module = importlib.import_module("hodlr.kernels.attention")
-    dtype = DTYPES[0]
-    narrow = torch.float32 if dtype == torch.float64 else torch.bfloat16
-    gen = torch.Generator().manual_seed(T)
-    q, k, v = (torch.randn(2, T, 5, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE) for _ in range(3))
-    lam = torch.rand(2, T, hodlr.num_levels(T), generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
-    g = (-torch.rand(2, T, generator=gen, dtype=torch.float64)).to(dtype).to(DEVICE) if decay else None
-    layout = attention_module.attention_layout(q, k, v, lam, g)
-    state_dtypes = kernels._layout.state_dtypes(dtype)
-    states, logdec = attention_module.chunk_states(layout, CHUNK, *state_dtypes)
-    again, logdec_again, copy = attention_module.chunk_states(layout, CHUNK, *state_dtypes, narrow)
-    assert torch.equal(again, states) and torch.equal(logdec_again, logdec)
-    assert copy.dtype == narrow and torch.equal(copy, states.to(narrow))
 
 
 @pytest.mark.parametrize("rows, chunk, tma", [(16, 16, True), (32, 16, False), (64, 16, True), (128, 16, True),

@@ -367,9 +367,8 @@ def test_gpu_bf16_gradients_match_float64(T):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,D", [(1, 64), (4097, 64), (1500, 128), (700, 256)])
 def test_gpu_saved_states_equal_recomputed(T, D):
-    """bf16 on the GPU: the forward keeps the bfloat16 copy of its states that the kernels read
-    (half the float32 hierarchy's bytes), and the gradients equal those of a backward that
-    recomputes the states, bit for bit."""
+    """bf16 on the GPU: the forward keeps its float32 states for the backward, and the gradients
+    equal those of a backward that recomputes them, bit for bit."""
     q, k, v, lam, g, do = _gpu_case(2, 2, T, D, seed=T + D)
     grads = []
     for save in (True, False):
@@ -377,7 +376,7 @@ def test_gpu_saved_states_equal_recomputed(T, D):
         out = kernels.attention(*leaves, D ** -0.5, save_states=save)
         if save:
             saved = out.grad_fn.saved_tensors
-            assert saved[5].dtype == torch.bfloat16 and saved[6].dtype == torch.float32
+            assert saved[5].dtype == torch.float32 and saved[6].dtype == torch.float32
         grads.append(torch.autograd.grad(out, leaves, do))
     for a, b in zip(*grads):
         assert torch.equal(a, b)
