@@ -10,7 +10,8 @@ cotangent ``dO``, with ``dP = dO Vᵀ``, ``S = Q Kᵀ`` and ``W = scale·M ⊙ d
 
 The structure mirrors the forward (:mod:`kernels.attention`), chunk size ``C = 2^c``:
 
-1. :func:`kernels.attention.chunk_states` recomputes the forward's key-side hierarchy ``H``.
+1. The forward's key-side hierarchy ``H``: handed over by the forward (``states=``), or recomputed
+   by :func:`kernels.attention.chunk_states`.
 2. ``_query_block_kernel`` builds the query-side block sums, the adjoint of ``H``:
    ``R_h[b] = Σ_{t in block b} scale λ[t, c+1+h] exp(G[t] - G[a_b]) q_t dO_tᵀ`` for every block
    ``b`` of ``2^h`` chunks that reads a level-``h`` state (odd ``b``; ``a_b`` the last position
