@@ -8,6 +8,7 @@ against ``v: (B, H, T, Dv)``) are read in place, never materialised.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
@@ -266,6 +267,12 @@ def hierarchy_sizes(n_chunks: int):
     ``H = max(0, bit_length(n - 1) - 1)``, the highest level any chunk reads."""
     top = max(0, (n_chunks - 1).bit_length() - 1)
     return [n_chunks >> h for h in range(top + 1)]
+
+
+def level_offsets(n_chunks: int):
+    """Where each level of the hierarchy starts in its layout, and last the number of entries
+    ``N``: ``[0, n, n + (n >> 1), ..., N]`` for the levels of :func:`hierarchy_sizes`."""
+    return list(itertools.accumulate(hierarchy_sizes(n_chunks), initial=0))
 
 
 def check_levels(T: int, L: int) -> None:

@@ -42,8 +42,8 @@ import triton.language as tl
 
 from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_decay, intra_scales,
                       sequence_chunk, sequence_row, state_tile)
-from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, hierarchy_sizes,
-                      interpreting, next_power_of_2, scratch, state_dtypes)
+from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, interpreting,
+                      level_offsets, next_power_of_2, scratch, state_dtypes)
 from . import _sequences
 from .attention import attention_layout, check_initial_state, chunk_states, sequence_layout, sequence_states
 
@@ -869,7 +869,7 @@ def _saved_states(saved, layout, n: int, dtype):
                         f"got {type(saved).__name__}")
     states, logdec = saved
     state_dtype, logdec_dtype = state_dtypes(dtype)
-    N = sum(hierarchy_sizes(n))
+    N = level_offsets(n)[-1]
     want = ((layout.B, N, layout.DK * layout.DV), state_dtype, (layout.B, N), logdec_dtype)
     got = (tuple(states.shape), states.dtype, tuple(logdec.shape), logdec.dtype)
     device = layout.tensors["v"].device

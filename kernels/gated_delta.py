@@ -50,7 +50,7 @@ from ._device import chunk_decays, chunk_rows, dot, intra_decay, intra_scales, v
 from . import _layout
 from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_block, check_chunk, check_flag, chunk_count,
                       compute_types, hierarchy_sizes,
-                      interpreting, output_buffer)
+                      interpreting, level_offsets, output_buffer)
 from .attention import attention_layout
 
 MAX_DK = 128
@@ -367,8 +367,8 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
         raise ValueError(f"HIERARCHY_LEVELS{'' if DK <= 64 else '_WIDE'} must be an int >= 1 (levels one launch "
                          f"of the hierarchy builds), got {levels!r}")
     n = chunk_count(layout.T, C)
-    sizes = hierarchy_sizes(n)
-    N = sum(sizes)
+    sizes, offsets = hierarchy_sizes(n), level_offsets(n)
+    N = offsets[-1]
     dev = v.device
     X = _layout.scratch((B, n, C, C), work, dev)
     W = _layout.scratch((B, n, C, DK), work, dev)
@@ -395,7 +395,7 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
     while h < top:  # the top level's transitions are never read: no query is moved across a top-level block
         build = min(levels, top - h)
         _hierarchy_kernel[(cdiv(sizes[h], 1 << levels), B)](
-            states, trans, ch.decay_pointer(), N, sum(sizes[:h]), sizes[h], build, top - 1 - h, DK, DV, BDK=BDK,
+            states, trans, ch.decay_pointer(), N, offsets[h], sizes[h], build, top - 1 - h, DK, DV, BDK=BDK,
             BDV=BDV, LEVELS=levels, HAS_G=has_g, ACC=acc, PREC=prec, NATIVE=not interpreting(),
             num_warps=NUM_WARPS["gated_delta_hierarchy"])
         h += build

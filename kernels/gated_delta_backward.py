@@ -27,8 +27,6 @@ The derivation, term by term, is in ``docs/kernels.md`` (the Gated DeltaNet sect
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import triton
 import triton.language as tl
@@ -36,7 +34,7 @@ import triton.language as tl
 from . import _layout
 from ._device import chunk_rows, dot, intra_scales
 from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_chunk, compute_types, hierarchy_sizes, interpreting,
-                      next_power_of_2)
+                      level_offsets, next_power_of_2)
 from .gated_delta import (chunk_hierarchy, gated_delta_layout, gates, load_rows, matrix_tile, store_matrix_tile, tiles,
                           transition_tile)
 
@@ -401,8 +399,7 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     if group < 1 or group & (group - 1):
         raise ValueError(f"READER_GROUP must be a power of two (a group holds every reader of the blocks "
                          f"below its own level), got {group}")
-    sizes = hierarchy_sizes(n)
-    offsets = list(itertools.accumulate(sizes, initial=0))  # level h starts at offsets[h]
+    sizes, offsets = hierarchy_sizes(n), level_offsets(n)  # level h starts at offsets[h]
     reader_tile = block(DV, READER_VALUE_TILE)
     dH, dT = _gradient_pyramid(ch, offsets, group, DV <= reader_tile)
     Qt = _layout.scratch((B, n, C, DK), work, dev)

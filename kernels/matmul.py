@@ -19,8 +19,8 @@ from . import states as _states
 from ._device import (chunk_decays, chunk_rows, dot, intra_mask, load_tile, next_decay, store_tile,
                       validate_rows)
 from ._layout import (MAX_REGISTERS, NUM_WARPS, block, broadcast_shape, cdiv, check_block, check_chunk, check_flag,
-                      check_levels, chunk_count, collapse_batch, compute_types, hierarchy_sizes, next_power_of_2,
-                      output_buffer, interpreting, state_dtypes, tma_descriptor)
+                      check_levels, chunk_count, collapse_batch, compute_types, hierarchy_sizes, level_offsets,
+                      next_power_of_2, output_buffer, interpreting, state_dtypes, tma_descriptor)
 
 
 @triton.jit(do_not_specialize=["T", "B", "B1", "n_chunks", "n_total", "top", "sgb0", "sgb1"])
@@ -186,7 +186,7 @@ def matmul_forward(level_scales, log_decay, x, *, chunk=None, out=None, return_s
     sx, sl, sg, sy = strides
     n = chunk_count(T, C)
     sizes = hierarchy_sizes(n)
-    n_total, top = sum(sizes), len(sizes) - 1
+    n_total, top = level_offsets(n)[-1], len(sizes) - 1
     states, logdec = _states.allocate(B, n, D, x.device, *state_dtypes(x.dtype, compact=True))
     BD = block(D, 128)
     g_arg = lam if g is None else g

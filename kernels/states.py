@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._device import sequence_row
-from ._layout import NUM_WARPS, cdiv, hierarchy_sizes, next_power_of_2
+from ._layout import NUM_WARPS, cdiv, hierarchy_sizes, level_offsets, next_power_of_2
 
 
 @triton.jit
@@ -138,7 +138,7 @@ def allocate(B: int, n_chunks: int, F: int, device, dtype: torch.dtype, logdec_d
     """Empty ``(states (B, N, F), logdec (B, N))`` buffers for ``n_chunks`` chunks (``logdec``
     in ``logdec_dtype``, default ``dtype``; the level sums are always formed in ``logdec``'s dtype
     and rounded to ``dtype`` on store)."""
-    N = sum(hierarchy_sizes(n_chunks))
+    N = level_offsets(n_chunks)[-1]
     return (torch.empty((B, N, F), dtype=dtype, device=device),
             torch.empty((B, N), dtype=logdec_dtype or dtype, device=device))
 
@@ -150,7 +150,7 @@ def build_hierarchy(states: torch.Tensor, logdec: torch.Tensor, n_chunks: int, f
     ``ceil(top / SUBTREE_LEVELS)`` launches; in each, program ``(b, f-tile, subtree)`` builds
     up to :data:`SUBTREE_LEVELS` levels of its own subtree (see ``_hierarchy_kernel``).
     """
-    sizes = hierarchy_sizes(n_chunks)
+    sizes, offsets = hierarchy_sizes(n_chunks), level_offsets(n_chunks)
     top = len(sizes) - 1
     if top == 0:
         return
@@ -162,7 +162,7 @@ def build_hierarchy(states: torch.Tensor, logdec: torch.Tensor, n_chunks: int, f
         steps = min(SUBTREE_LEVELS, top - level)
         sub_size = 1 << steps
         grid = (B, cdiv(F, BF), cdiv(sizes[level], sub_size))
-        _hierarchy_kernel[grid](states, logdec, states, logdec, sizes[level], sum(sizes[:level]), N, F, sub_size, steps,
+        _hierarchy_kernel[grid](states, logdec, states, logdec, sizes[level], offsets[level], N, F, sub_size, steps,
                                 0, BN=BN, BF=BF, LOG_C=0, VARLEN=False, num_warps=NUM_WARPS["hierarchy"])
         level += steps
 
