@@ -22,6 +22,7 @@ import torch
 from hodlr import _checks, backends as registry
 from hodlr import fenwick
 from hodlr.errors import BackendUnavailableError
+from hodlr.options import options
 from hodlr.state import LogLinearState, segments
 
 __all__ = ["log_linear_attn", "log_linear_attn_step", "log_linear_gated_delta_rule", "log_linear_gated_delta_step"]
@@ -214,16 +215,36 @@ def _forward(q, k, v, g, level_scales, scale, init_states, init_positions, cu_se
 def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor], level_scales: torch.Tensor,
         scale: float, initial_states: Optional[torch.Tensor], initial_positions: Optional[torch.Tensor],
         cu_seqlens: Optional[torch.Tensor], output_final_state: bool, final_slots: int,
-        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``log_linear_attn`` on the ``(N, H, T, D)`` layout with flat arguments:
-    ``(o, states, positions)``, the last two empty without ``output_final_state``."""
+    ``(o, states, positions, kept, kept_logdec)``: ``states, positions`` empty without
+    ``output_final_state``; ``kept, kept_logdec`` the chunk states that the backward reads instead
+    of recomputing them (:func:`_keeper`), else empty."""
     _check_values(q.shape[0], q.shape[2], level_scales.shape[-1], cu_seqlens, initial_positions,
                   None if initial_states is None else initial_states.shape[2])
+    keeper = _keeper(q, v, initial_states, cu_seqlens, output_final_state, backend)
+    if keeper is not None:
+        o, kept, kept_logdec = keeper.attention_keeping_states(q, k, v, level_scales, g, scale)
+        empty = q.new_zeros((0,), dtype=level_scales.dtype)
+        return o.contiguous(), empty, empty.new_zeros((0,), dtype=torch.int64), kept, kept_logdec
     o, states, positions = _forward(q, k, v, g, level_scales, scale, initial_states, initial_positions,
                                     cu_seqlens, output_final_state, final_slots, backend)
     if output_final_state:
         _check_final_slots(states, positions, final_slots)
-    return o.contiguous(), states.contiguous(), positions.contiguous()
+    nothing = q.new_zeros((0,), dtype=level_scales.dtype)
+    return o.contiguous(), states.contiguous(), positions.contiguous(), nothing, nothing.clone()
+
+
+def _keeper(q, v, initial_states, cu_seqlens, output_final_state, backend):
+    """The backend module whose forward keeps its chunk states for the operator's backward
+    (``attention_keeping_states``: the ``triton`` backend, ``hodlr.options.attention_save_states``)
+    on the common path (no state, no packed sequences, ``T > 0``), or None."""
+    if initial_states is not None or cu_seqlens is not None or output_final_state or q.shape[2] == 0:
+        return None
+    module = _resolve(backend, q.device, q.shape[2], False)
+    if not options.attention_save_states or not hasattr(module, "attention_keeping_states"):
+        return None
+    return module
 
 
 def _check_final_slots(states, positions, final_slots):
@@ -249,7 +270,13 @@ def _fake_outputs(q, v, level_scales, cu_seqlens, output_final_state, final_slot
 @_op.register_fake
 def _op_fake(q, k, v, g, level_scales, scale, initial_states, initial_positions, cu_seqlens, output_final_state,
              final_slots, backend):
-    return _fake_outputs(q, v, level_scales, cu_seqlens, output_final_state, final_slots)
+    outs = _fake_outputs(q, v, level_scales, cu_seqlens, output_final_state, final_slots)
+    keeper = _keeper(q, v, initial_states, cu_seqlens, output_final_state, backend)
+    if keeper is None:
+        nothing = level_scales.new_empty((0,))
+        return (*outs, nothing, level_scales.new_empty((0,)))
+    (shape, dtype), (log_shape, log_dtype) = keeper.kept_state_shapes(q, v)
+    return (*outs, q.new_empty(shape, dtype=dtype), q.new_empty(log_shape, dtype=log_dtype))
 
 
 def _autograd_on():
@@ -272,17 +299,19 @@ def _op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: to
                  g: Optional[torch.Tensor], level_scales: torch.Tensor, scale: float,
                  initial_states: Optional[torch.Tensor], initial_positions: Optional[torch.Tensor],
                  cu_seqlens: Optional[torch.Tensor], output_final_state: bool, final_slots: int,
-                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                        torch.Tensor]:
+                 backend: str, kept: torch.Tensor, kept_logdec: torch.Tensor) -> tuple[
+                     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv, dg, dlevel_scales, dinitial_states)`` of :func:`_op` (empty for
     an absent ``g`` / initial state): straight from the backend's backward where it has one
-    (``attention_state_vjp``: triton), else the backend's forward recomputed under autograd."""
+    (``attention_state_vjp``: triton, reading the forward's ``kept`` states where it kept them),
+    else the backend's forward recomputed under autograd."""
     module = _resolve(backend, q.device, q.shape[2],
                       initial_states is not None or output_final_state or cu_seqlens is not None)
     vjp = getattr(module, "attention_state_vjp", None)
     if vjp is not None and q.shape[2] > 0:
+        saved = (kept, kept_logdec) if kept.numel() else None
         dq, dk, dv, dlam, dg, dinit = vjp(q, k, v, level_scales, g, scale, initial_states, initial_positions,
-                                          cu_seqlens, do, dstates if output_final_state else None)
+                                          cu_seqlens, do, dstates if output_final_state else None, saved=saved)
         grads = (dq, dk, dv, dg, dlam, dinit)
         return tuple(_gradient(do, x, d) for x, d in zip((q, k, v, g, level_scales, initial_states), grads))
 
@@ -329,13 +358,14 @@ def _fake_grads(like, inputs):
 
 @_op_backward.register_fake
 def _op_backward_fake(do, dstates, q, k, v, g, level_scales, scale, initial_states, initial_positions, cu_seqlens,
-                      output_final_state, final_slots, backend):
+                      output_final_state, final_slots, backend, kept, kept_logdec):
     return _fake_grads(do, (q, k, v, g, level_scales, initial_states))
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, lam, scale, init, pos, cu, final, slots, backend = inputs
-    ctx.save_for_backward(q, k, v, g, lam, init, pos, cu)
+    ctx.mark_non_differentiable(output[2], output[3], output[4])
+    ctx.save_for_backward(q, k, v, g, lam, init, pos, cu, output[3], output[4])
     ctx.args = (scale, final, slots, backend)
 
 
@@ -350,12 +380,12 @@ def _dstates(dstates, q, v, lam, cu, final, slots):
     return dstates
 
 
-def _backward(ctx, do, dstates, dpositions):
-    q, k, v, g, lam, init, pos, cu = ctx.saved_tensors
+def _backward(ctx, do, dstates, dpositions, dkept, dkept_logdec):
+    q, k, v, g, lam, init, pos, cu, kept, kept_logdec = ctx.saved_tensors
     scale, final, slots, backend = ctx.args
     dq, dk, dv, dg, dlam, dinit = torch.ops.hodlr.log_linear_attn_backward(
         do, _dstates(dstates, q, v, lam, cu, final, slots), q, k, v, g, lam, scale, init, pos, cu, final, slots,
-        backend)
+        backend, kept, kept_logdec)
     return (dq, dk, dv, None if g is None else dg, dlam, None, None if init is None else dinit,
             None, None, None, None, None)
 
@@ -449,8 +479,8 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
     if torch.compiler.is_compiling():
         # no host read while tracing: the slot count comes from shapes (int(T) specialises T)
         final_slots = 0 if not output_final_state else S_in if initial_state is not None else int(T).bit_length()
-        o, states, positions = _op(_bhtd(q), _bhtd(k), _bhtd(v), g_, lam, scale, init, pos, cu_seqlens,
-                                   output_final_state, final_slots, backend)
+        o, states, positions, _, _ = _op(_bhtd(q), _bhtd(k), _bhtd(v), g_, lam, scale, init, pos, cu_seqlens,
+                                         output_final_state, final_slots, backend)
     else:
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
         final_slots = max(S_in, end.bit_length())

@@ -26,7 +26,9 @@ class Options:
         hierarchy for the backward instead of recomputing it (``docs/backward.md`` §6): a faster
         backward for about ``8 Dk Dv / C`` more bytes a token and head held from the forward to
         the backward (float32 states: 512 at ``Dk = Dv = 64``, 2,048 at 128, the chunk
-        ``C = 64``).  False recomputes; the gradients are the same bit for bit.  Default True.
+        ``C = 64``).  Read by ``hodlr.attention`` and ``hodlr.log_linear_attn`` (eager and under
+        ``torch.compile``) on their common path (no state, no packed sequences).  False recomputes
+        the same states.  Default True.
     """
 
     dense_max_bytes: int = int(os.environ.get("HODLR_DENSE_MAX_BYTES", 2 * 2**30))

@@ -760,7 +760,8 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         the gradients laid out like strided inputs saves a copy.
     states : tuple of torch.Tensor, optional
         ``(states, logdec)`` of the forward (:func:`kernels.attention_forward` with
-        ``return_states=True``, the same inputs and chunk): read instead of recomputed.
+        ``return_states=True``, the same inputs and chunk size: pass the forward's ``chunk`` when
+        its default differs from :func:`default_chunk`): read instead of recomputed.
 
     Returns
     -------
@@ -865,8 +866,11 @@ def _saved_states(saved, layout, n: int, dtype):
     the dtypes of :func:`state_dtypes`, ``N`` the entries of ``n`` chunks (another chunk size
     gives another ``N``)."""
     if not (isinstance(saved, (tuple, list)) and len(saved) == 2 and all(isinstance(x, torch.Tensor) for x in saved)):
+        what = type(saved).__name__
+        if isinstance(saved, (tuple, list)):
+            what += f" of {len(saved)}: " + ", ".join(type(x).__name__ for x in saved)
         raise TypeError(f"states must be the (states, logdec) tensors of attention_forward(..., return_states=True), "
-                        f"got {type(saved).__name__}")
+                        f"got {what}")
     states, logdec = saved
     state_dtype, logdec_dtype = state_dtypes(dtype)
     N = level_offsets(n)[-1]

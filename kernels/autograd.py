@@ -31,7 +31,8 @@ __all__ = ["attention", "bucket_states", "carried_reads", "gated_delta", "matmul
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, level_scales, log_decay, scale, chunk, check, save_states):
-        ctx.scale, ctx.chunk = scale, chunk
+        # the chunk resolved once: kept states fit only a backward at the forward's chunk
+        ctx.scale, ctx.chunk = scale, check_chunk(chunk, "attention")
         if not save_states:
             ctx.save_for_backward(q, k, v, level_scales, log_decay)
             return attention_forward(q, k, v, level_scales, log_decay, scale, chunk=chunk, check=check)
@@ -116,12 +117,14 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
     level scales get exactly 0.  ``check`` (calls without the keywords): the validation flag of
     :func:`attention_forward`.
 
-    ``save_states`` (calls without the keywords): the forward keeps its chunk-state hierarchy for
-    the backward, which then skips recomputing it (``docs/backward.md`` §6: the float32 states,
-    about ``8 Dk Dv / C`` bytes a token and head, 512 at ``Dk = Dv = 64``, beside the saved inputs);
-    False: the backward recomputes it, the same gradients bit for bit.  Calls with the keywords
-    always recompute.
+    ``save_states`` (calls without the keywords and without grouped heads): the forward keeps its
+    chunk-state hierarchy for the backward, which then skips recomputing it (``docs/backward.md``
+    §6: the float32 states, about ``8 Dk Dv / C`` bytes a token and head, 512 at ``Dk = Dv = 64``,
+    beside the saved inputs); False: the backward recomputes the same states.  Calls with the
+    keywords or grouped heads always recompute.
     """
+    if not isinstance(save_states, bool):
+        raise TypeError(f"save_states must be a bool, got {type(save_states).__name__}")
     grouped = (q.dim() == k.dim() == v.dim() == 4 and q.shape[1] == k.shape[1] and 1 < q.shape[1] < v.shape[1]
                and v.shape[1] % q.shape[1] == 0)
     if initial_state is not None or initial_positions is not None or cu_seqlens is not None or output_final_state \
@@ -136,8 +139,6 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
                             () if log_decay is None else log_decay.shape[:-1])
     q, k, v, level_scales, log_decay = _broadcast(
         [(q, 2), (k, 2), (v, 2), (level_scales, 2), (log_decay, 1)], batch)
-    if not isinstance(save_states, bool):
-        raise TypeError(f"save_states must be a bool, got {type(save_states).__name__}")
     return _Attention.apply(q, k, v, level_scales, log_decay, float(scale), chunk, check, save_states)
 
 

@@ -9,6 +9,8 @@ eager values and gradients.  A ``gpu`` test compiles with inductor on CUDA."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -86,6 +88,40 @@ def test_opcheck_triton_without_state():
 
 
 @interpreter
+@pytest.mark.parametrize("keep", [True, False])
+def test_op_keeps_states_for_its_backward(keep, monkeypatch):
+    """The operator's plain path keeps the forward's chunk states for its backward (extra outputs
+    of the operator, eager and under ``torch.compile``) unless ``options.attention_save_states`` is
+    False; the gradients are those of the recompute."""
+    from hodlr import kernels
+
+    handed = []
+    backward = kernels.attention_backward
+
+    def spy(*args, states=None, **kw):
+        handed.append(states is not None)
+        return backward(*args, states=states, **kw)
+
+    monkeypatch.setattr(kernels, "attention_backward", spy)  # the operator's backward (compiled)
+    monkeypatch.setattr(sys.modules["hodlr.kernels.autograd"], "attention_backward", spy)  # eager
+    monkeypatch.setattr(hodlr.options, "attention_save_states", keep)
+    q, k, v, g, lam = draw_inputs(2, 1, 40, 2, 2, 3, 4, "mild")
+    xs = [x.detach().requires_grad_() for x in (q, k, v, g, lam)]  # unread scales NaN
+    do = torch.randn(1, 40, 4, 4, dtype=DT)  # (B, T, H, Dv): two query heads serve four value heads
+
+    def fn(*a):
+        return hodlr.log_linear_attn(*a, backend="triton")[0]
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = [torch.autograd.grad(f(*xs), xs, do) for f in (fn, compiled)]
+    assert handed == [keep, keep]
+    monkeypatch.setattr(hodlr.options, "attention_save_states", not keep)
+    want = torch.autograd.grad(fn(*xs), xs, do)
+    for a, b, c in zip(*got, want):
+        assert torch.allclose(a, c, rtol=1e-12, atol=1e-12) and torch.allclose(b, c, rtol=1e-12, atol=1e-12)
+
+
+@interpreter
 @pytest.mark.parametrize("with_state, packed, final", [(False, False, False), (False, False, True),
                                                        (True, False, True), (True, True, True)])
 def test_compiled_triton_backward_equals_chunked(with_state, packed, final, monkeypatch):
@@ -116,7 +152,7 @@ def test_compiled_triton_backward_equals_chunked(with_state, packed, final, monk
     want = torch.autograd.grad(fn(*xs_e[:5], init(xs_e), "chunked"), xs_e)
     triton_backend, calls = hodlr.backends.load("triton"), []
     vjp = triton_backend.attention_state_vjp
-    monkeypatch.setattr(triton_backend, "attention_state_vjp", lambda *a: calls.append(1) or vjp(*a))
+    monkeypatch.setattr(triton_backend, "attention_state_vjp", lambda *a, **kw: calls.append(1) or vjp(*a, **kw))
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     got = torch.autograd.grad(compiled(*xs_c[:5], init(xs_c), "triton"), xs_c)
     assert calls == [1]

@@ -269,6 +269,28 @@ def test_saved_states_equal_recomputed(T, decay, rng):
 
 
 @interpreter
+@pytest.mark.parametrize("keep", [True, False])
+def test_option_decides_what_the_public_call_keeps(keep, rng, monkeypatch):
+    """``hodlr.options.attention_save_states`` through ``hodlr.attention(..., backend="triton")``:
+    the graph holds the inputs and, when True, the states and log-decays; the gradients are the
+    same either way."""
+    monkeypatch.setattr(hodlr.options, "attention_save_states", keep)
+    q, k, v, lam, g, w = _case(40, rng)
+    leaves = _leaves([q, k, v, lam, g])
+    out = hodlr.attention(*leaves[:3], hodlr.LogLinearMask(leaves[3], leaves[4]), scale=0.5, backend="triton")
+    assert len(out.grad_fn.saved_tensors) == (7 if keep else 5)
+    got = torch.autograd.grad((out * w).sum(), leaves)
+    monkeypatch.setattr(hodlr.options, "attention_save_states", not keep)
+    again = _leaves([q, k, v, lam, g])
+    out = hodlr.attention(*again[:3], hodlr.LogLinearMask(again[3], again[4]), scale=0.5, backend="triton")
+    for a, b in zip(got, torch.autograd.grad((out * w).sum(), again)):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(hodlr.options, "attention_save_states", "yes")
+    with pytest.raises(TypeError, match="save_states must be a bool, got str"):
+        hodlr.attention(*again[:3], hodlr.LogLinearMask(again[3], again[4]), scale=0.5, backend="triton")
+
+
+@interpreter
 def test_saved_states_refused_when_they_do_not_fit(rng):
     q, k, v, lam, g, w = _case(40, rng)
     module = importlib.import_module("hodlr.kernels.attention_backward")

@@ -66,8 +66,33 @@ def attention(q, k, v, level_scales, log_decay, scale, *, check=None):
 
     if _wants_grad(q, k, v, level_scales, log_decay):
         return kernels.attention(q, k, v, level_scales, log_decay, scale, check=check,
-                                 save_states=bool(options.attention_save_states))
+                                 save_states=options.attention_save_states)
     return kernels.attention_forward(q, k, v, level_scales, log_decay, scale, check=check)
+
+
+def attention_keeping_states(q, k, v, level_scales, log_decay, scale):
+    """The forward of :func:`attention_state_vjp`'s common path (no state, no packed sequences) on
+    its layout (``q, k (N, Hqk, T, Dk)``, ``v (N, H, T, Dv)``), also returning the chunk states that
+    the vjp takes (``saved=``) instead of recomputing them: ``(o (N, H, T, Dv), states, logdec)``,
+    the states shaped as :func:`kept_state_shapes` says."""
+    from hodlr import kernels
+    from hodlr.backends import grouped_heads
+
+    o, (states, logdec) = kernels.attention_forward(*grouped_heads(q, k, v, level_scales, log_decay), scale,
+                                                    return_states=True)
+    return o.flatten(1, 2), states, logdec
+
+
+def kept_state_shapes(q, v):
+    """``((shape, dtype) of the states, (shape, dtype) of the log-decays)`` that
+    :func:`attention_keeping_states` returns for ``q (N, Hqk, T, Dk)``, ``v (N, H, T, Dv)`` (shapes
+    only: what a fake tensor needs)."""
+    from hodlr.kernels import _layout
+
+    N, H, T, Dv = v.shape
+    entries = _layout.level_offsets(_layout.chunk_count(T, _layout.DEFAULT_CHUNK["attention"]))[-1]
+    state_dtype, logdec_dtype = _layout.state_dtypes(v.dtype)
+    return ((N * H, entries, q.shape[-1] * Dv), state_dtype), ((N * H, entries), logdec_dtype)
 
 
 def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale, *, check=None):
@@ -90,12 +115,13 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
 
 
 def attention_state_vjp(q, k, v, level_scales, log_decay, scale, initial_state, initial_positions, cu_seqlens, do,
-                        dfinal):
+                        dfinal, saved=None):
     """Gradients ``(dq, dk, dv, dlevel_scales, dlog_decay, dinitial_state)`` of
     :func:`attention_state` (same layout: ``q, k (N, Hqk, T, Dk)``, ``v (N, H, T, Dv)``) for the
     cotangents ``do (N, H, T, Dv)`` and ``dfinal`` (``(Nseq, H, S, Dk, Dv)`` with any slot count
     ``S``, or None), straight from the backward kernels: the forward is not recomputed.
-    ``dlog_decay`` / ``dinitial_state`` are None for an absent ``log_decay`` / state."""
+    ``dlog_decay`` / ``dinitial_state`` are None for an absent ``log_decay`` / state.  ``saved``: the
+    ``(states, logdec)`` of :func:`attention_keeping_states` for the common path (else recomputed)."""
     import torch
 
     from hodlr import kernels
@@ -109,7 +135,8 @@ def attention_state_vjp(q, k, v, level_scales, log_decay, scale, initial_state, 
         if grp == 1:  # gradients written straight into buffers laid out like the inputs (no copies)
             out = tuple(torch.empty_like(x).unsqueeze(2) for x in (q, q, v, level_scales))
         dq, dk, dv, dlam, dg = kernels.attention_backward(*grouped_heads(q, k, v, level_scales, log_decay), scale,
-                                                          do.unflatten(1, (Hqk, grp)), out=out)
+                                                          do.unflatten(1, (Hqk, grp)), out=out, states=saved,
+                                                          chunk=None if saved is None else kernels.DEFAULT_CHUNK["attention"])
         fold = (lambda x: x.squeeze(2)) if grp == 1 else (lambda x: x.sum(2))  # noqa: E731
         return (fold(dq), fold(dk), dv.flatten(1, 2), dlam.flatten(1, 2), None if dg is None else dg.flatten(1, 2),
                 None)
