@@ -9,7 +9,8 @@ times, with ``triton.testing.do_bench`` (median, milliseconds), calls exactly as
   mask, and the replay of a CUDA graph of the default call (the GPU's own time);
 * forward + backward: that call and ``torch.autograd.grad`` of every input (q, k, v, level scales,
   log-decay) for a fixed random ``dO``, eager and as a CUDA-graph replay, and its ratio to the
-  forward;
+  forward; the peak memory of one forward + backward and the bytes the forward holds for the
+  backward beyond its output (``fwd_kept_bytes``: the chunk states, ``docs/backward.md`` §6);
 * causal ``scaled_dot_product_attention`` (FlashAttention on Hopper) and flash-linear-attention's
   ``chunk_log_linear_attn`` (when importable; it refuses ``Dk % 64 != 0`` and ``T >= 2^17``),
   forward and forward + backward, on the same inputs;
@@ -255,6 +256,16 @@ def _attention_row(torch, bench, args, D, H, T, dtype, fla):
         fwdbwd()
         torch.cuda.synchronize()
         row["fwdbwd_peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
+
+        def kept():  # what the forward holds for the backward beyond its output (the graph's saved tensors)
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            lq, lk, lv, lg, ll = heads(*leaves)
+            out = hodlr.attention(lq, lk, lv, hodlr.LogLinearMask(ll, lg), scale=scale)
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
+
+        _timed(row, "fwd_kept_bytes", kept)
         if "fwd" in row and "fwdbwd" in row:
             row["fwdbwd_over_fwd"] = row["fwdbwd"] / row["fwd"]
     if args.peers:
