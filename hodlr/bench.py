@@ -241,10 +241,12 @@ def _attention_row(torch, bench, args, D, H, T, dtype, fla):
     if args.backward:
         leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, lam)]
 
-        def fwdbwd():
+        def forward():  # the default call on the leaves
             lq, lk, lv, lg, ll = heads(*leaves)
-            out = hodlr.attention(lq, lk, lv, hodlr.LogLinearMask(ll, lg), scale=scale)
-            return torch.autograd.grad(out, leaves, doh)
+            return hodlr.attention(lq, lk, lv, hodlr.LogLinearMask(ll, lg), scale=scale)
+
+        def fwdbwd():
+            return torch.autograd.grad(forward(), leaves, doh)
 
         _timed(row, "fwdbwd", lambda: bench(fwdbwd))
         _timed(row, "fwdbwd_graph", lambda: bench(graph_replay(torch, fwdbwd)))
@@ -260,8 +262,7 @@ def _attention_row(torch, bench, args, D, H, T, dtype, fla):
         def kept():  # what the forward holds for the backward beyond its output (the graph's saved tensors)
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
-            lq, lk, lv, lg, ll = heads(*leaves)
-            out = hodlr.attention(lq, lk, lv, hodlr.LogLinearMask(ll, lg), scale=scale)
+            out = forward()
             torch.cuda.synchronize()
             return torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
 

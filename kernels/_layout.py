@@ -20,7 +20,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from hodlr import fenwick
 
 DEFAULT_CHUNK = {"attention": 64, "matmul": 16, "gated_delta": 32}
-"""Chunk size ``C`` per operation when the caller passes ``chunk=None`` (H200-tuned: ``docs/kernels.md`` §3).
+"""Chunk size ``C`` per operation when the caller passes ``chunk=None`` (H200-tuned: ``docs/kernels.md`` §3);
+``"attention"``: its forward and backward (states the forward keeps fit the backward's chunk).
 ``"gated_delta"``: the Gated DeltaNet forward and the backward's recomputation."""
 
 NUM_WARPS = {"attention_state": 4, "attention_output": 4, "attention_backward": 4,

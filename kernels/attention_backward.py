@@ -43,9 +43,10 @@ import triton.language as tl
 from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_decay, intra_scales,
                       sequence_chunk, sequence_row, state_tile)
 from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, interpreting,
-                      level_offsets, next_power_of_2, scratch, state_dtypes)
+                      next_power_of_2, scratch, state_dtypes)
 from . import _sequences
-from .attention import attention_layout, check_initial_state, chunk_states, sequence_layout, sequence_states
+from .attention import (attention_layout, check_initial_state, chunk_states, sequence_layout, sequence_states,
+                        state_shapes)
 
 MAX_TILE = 128
 """Widest feature tile of one backward program; wider heads are split into tiles whose partial
@@ -734,11 +735,6 @@ def _spanning_in_gap(level_rows, chunk_index=None, owner=None):
     return out.sum(1)
 
 
-def default_chunk(width: int) -> int:
-    """The backward's chunk size for heads of ``width`` (the wider of ``Dk``, ``Dv``)."""
-    return 64
-
-
 def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=None, out=None, states=None):
     """Gradients of ``O = attention(q, k, v, level_scales, log_decay, scale)`` for ``dO``.
 
@@ -751,7 +747,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         Leading dims broadcast (views are read in place, never copied); any strides.
     scale : float
     chunk : int, optional
-        Power of two in ``[16, 256]``; default :func:`default_chunk` of the head width.
+        Power of two in ``[16, 256]``; default the forward's, ``DEFAULT_CHUNK["attention"]``.
     out : tuple of torch.Tensor, optional
         ``(dq, dk, dv, dlevel_scales)`` buffers of the broadcast batch shape and the inputs'
         dtypes, with a unit feature stride and ``dq``, ``dk`` of equal strides (any other
@@ -760,8 +756,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         the gradients laid out like strided inputs saves a copy.
     states : tuple of torch.Tensor, optional
         ``(states, logdec)`` of the forward (:func:`kernels.attention_forward` with
-        ``return_states=True``, the same inputs and chunk size: pass the forward's ``chunk`` when
-        its default differs from :func:`default_chunk`): read instead of recomputed.
+        ``return_states=True``, the same inputs and chunk): read instead of recomputed.
 
     Returns
     -------
@@ -772,7 +767,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     buffers = {} if out is None else dict(zip(("dq", "dk", "dv", "dl"), out))
     layout = attention_layout(q, k, v, level_scales, log_decay, do=do, **buffers)
     T, DK, DV, L, B = layout.T, layout.DK, layout.DV, layout.L, layout.B
-    C = check_chunk(chunk if chunk is not None else default_chunk(max(DK, DV)), "attention")
+    C = check_chunk(chunk, "attention")
     v = layout.tensors["v"]
     dev = v.device
     acc, prec, exact = compute_types(v.dtype)
@@ -783,7 +778,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     if states is None:
         states, logdec = chunk_states(layout, C, *state_dtypes(v.dtype))
     else:
-        states, logdec = _saved_states(states, layout, n, v.dtype)
+        states, logdec = _saved_states(states, layout, C, v.dtype)
     BDK, BDV = block(DK, MAX_TILE), block(DV, MAX_TILE)
     n_dv = cdiv(DV, BDV)
     tiles = cdiv(DK, BDK) * n_dv
@@ -860,11 +855,11 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
             dv.reshape(batch + (T, DV)).to(v.dtype), dl.reshape(batch + (T, L)).to(level_scales.dtype), dg)
 
 
-def _saved_states(saved, layout, n: int, dtype):
+def _saved_states(saved, layout, C: int, dtype):
     """``(states, logdec)`` handed to :func:`attention_backward` by the forward, checked against
-    the call: a tuple of two tensors on the inputs' device, ``(B, N, Dk*Dv)`` and ``(B, N)`` in
-    the dtypes of :func:`state_dtypes`, ``N`` the entries of ``n`` chunks (another chunk size
-    gives another ``N``)."""
+    the call: a tuple of two tensors on the inputs' device with the shapes and dtypes of
+    :func:`kernels.attention.state_shapes` at chunk ``C`` (another chunk size gives another
+    number of entries)."""
     if not (isinstance(saved, (tuple, list)) and len(saved) == 2 and all(isinstance(x, torch.Tensor) for x in saved)):
         what = type(saved).__name__
         if isinstance(saved, (tuple, list)):
@@ -872,9 +867,8 @@ def _saved_states(saved, layout, n: int, dtype):
         raise TypeError(f"states must be the (states, logdec) tensors of attention_forward(..., return_states=True), "
                         f"got {what}")
     states, logdec = saved
-    state_dtype, logdec_dtype = state_dtypes(dtype)
-    N = level_offsets(n)[-1]
-    want = ((layout.B, N, layout.DK * layout.DV), state_dtype, (layout.B, N), logdec_dtype)
+    (shape, state_dtype), (log_shape, logdec_dtype) = state_shapes(layout.B, layout.T, layout.DK, layout.DV, dtype, C)
+    want = (shape, state_dtype, log_shape, logdec_dtype)
     got = (tuple(states.shape), states.dtype, tuple(logdec.shape), logdec.dtype)
     device = layout.tensors["v"].device
     if got != want or states.device != device or logdec.device != device:
@@ -935,7 +929,7 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
     """
     layout = sequence_layout(q, k, v, level_scales, log_decay, do=do)
     N, Hqk, H, T, DK, DV, L = layout.N, layout.Hqk, layout.H, layout.T, layout.DK, layout.DV, layout.L
-    C = check_chunk(chunk if chunk is not None else default_chunk(max(DK, DV)), "attention")
+    C = check_chunk(chunk, "attention")
     c = C.bit_length() - 1
     dev = v.device
     acc, prec, exact = compute_types(v.dtype)

@@ -31,8 +31,7 @@ __all__ = ["attention", "bucket_states", "carried_reads", "gated_delta", "matmul
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, level_scales, log_decay, scale, chunk, check, save_states):
-        # the chunk resolved once: kept states fit only a backward at the forward's chunk
-        ctx.scale, ctx.chunk = scale, check_chunk(chunk, "attention")
+        ctx.scale, ctx.chunk = scale, chunk
         if not save_states:
             ctx.save_for_backward(q, k, v, level_scales, log_decay)
             return attention_forward(q, k, v, level_scales, log_decay, scale, chunk=chunk, check=check)

@@ -49,8 +49,7 @@ import triton.language as tl
 from ._device import chunk_decays, chunk_rows, dot, intra_decay, intra_scales, validate_rows
 from . import _layout
 from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_block, check_chunk, check_flag, chunk_count,
-                      compute_types, hierarchy_sizes,
-                      interpreting, level_offsets, output_buffer)
+                      compute_types, hierarchy_sizes, interpreting, level_offsets, output_buffer)
 from .attention import attention_layout
 
 MAX_DK = 128

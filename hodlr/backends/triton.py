@@ -87,12 +87,10 @@ def kept_state_shapes(q, v):
     """``((shape, dtype) of the states, (shape, dtype) of the log-decays)`` that
     :func:`attention_keeping_states` returns for ``q (N, Hqk, T, Dk)``, ``v (N, H, T, Dv)`` (shapes
     only: what a fake tensor needs)."""
-    from hodlr.kernels import _layout
+    from hodlr.kernels.attention import state_shapes
 
     N, H, T, Dv = v.shape
-    entries = _layout.level_offsets(_layout.chunk_count(T, _layout.DEFAULT_CHUNK["attention"]))[-1]
-    state_dtype, logdec_dtype = _layout.state_dtypes(v.dtype)
-    return ((N * H, entries, q.shape[-1] * Dv), state_dtype), ((N * H, entries), logdec_dtype)
+    return state_shapes(N * H, T, q.shape[-1], Dv, v.dtype)
 
 
 def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale, *, check=None):
@@ -135,8 +133,7 @@ def attention_state_vjp(q, k, v, level_scales, log_decay, scale, initial_state, 
         if grp == 1:  # gradients written straight into buffers laid out like the inputs (no copies)
             out = tuple(torch.empty_like(x).unsqueeze(2) for x in (q, q, v, level_scales))
         dq, dk, dv, dlam, dg = kernels.attention_backward(*grouped_heads(q, k, v, level_scales, log_decay), scale,
-                                                          do.unflatten(1, (Hqk, grp)), out=out, states=saved,
-                                                          chunk=None if saved is None else kernels.DEFAULT_CHUNK["attention"])
+                                                          do.unflatten(1, (Hqk, grp)), out=out, states=saved)
         fold = (lambda x: x.squeeze(2)) if grp == 1 else (lambda x: x.sum(2))  # noqa: E731
         return (fold(dq), fold(dk), dv.flatten(1, 2), dlam.flatten(1, 2), None if dg is None else dg.flatten(1, 2),
                 None)
