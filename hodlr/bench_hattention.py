@@ -141,6 +141,10 @@ ACCURACY_SHAPE = {"cuda": (1, 4, 64), "cpu": (1, 2, 64)}
 # 4. CPU interpreter only: fla's input_guard opens torch.cpu.device (missing); fla binds exp = tl.exp
 #    at import (the interpreter patches tl's builtins only while a kernel runs); the interpreter's
 #    __index__ fails on 1-element scalars (range(NT)); the autotuners are cut to one config.
+# 5. autotuning kept on disk (--autotune-cache): hattention's own ``autotune`` decorator tunes host
+#    functions (a Triton Autotuner over a plain Python function), for which Triton's disk cache
+#    looks for a JITFunction to hash ("AttributeError: 'function' object has no attribute 'fn'"):
+#    those autotuners tune in memory, every Triton kernel's results are kept on disk.
 
 
 def _levels_matrix_fast(torch, length, device, block=4096):
@@ -270,6 +274,23 @@ def _autotuners():
     return list(seen.values())
 
 
+def _host_autotuners_in_memory():
+    """Turn Triton's disk cache off for the autotuners over host functions (item 5 above); returns
+    how many."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+    from triton.runtime.jit import KernelInterface
+
+    count = 0
+    for autotuner in _autotuners():
+        fn = autotuner.fn
+        while isinstance(fn, (Autotuner, Heuristics)):
+            fn = fn.fn
+        if not isinstance(fn, KernelInterface) and getattr(autotuner, "cache_results", False):
+            autotuner.cache_results = False
+            count += 1
+    return count
+
+
 def _rebind_builtin_aliases():
     """Triton's interpreter patches the builtins of ``triton.language`` only while a kernel runs;
     fla binds some at import (``exp = tl.exp`` in ``fla.ops.utils.op``), which then raise "Did you
@@ -339,6 +360,7 @@ def patch_hattention(torch, cpu=False):
     _patch_levels(torch)
     fixes["levels_matrix"] = "vectorised int32 T x T"
     fixes["dv_local_adapter"] = _patch_dv_local()
+    fixes["host_autotuners_in_memory"] = _host_autotuners_in_memory()
     if cpu:
         _patch_cpu()
         fixes["cpu_interpreter"] = True

@@ -147,3 +147,38 @@ def test_help_through_the_cli(capsys):
     assert err.value.code == 0
     assert "hodlr bench-hattention" in out and "--hatt-levels" in out and "--no-bwd" in out and "--png" in out
     assert "--autotune-cache" in out
+
+
+def test_host_autotuners_tune_in_memory(bench_hattention, monkeypatch):
+    """Autotuners over host functions (hattention's own decorator) are kept off Triton's disk cache,
+    which needs a JITFunction to hash; those over Triton kernels keep it."""
+    import types
+
+    triton = pytest.importorskip("triton")
+    from triton.runtime.autotuner import Autotuner
+
+    class Host:  # hattention's RunnableFunction: a plain function behind .fn
+        def __init__(self, fn):
+            self.fn = fn
+
+    def host(x, block):
+        return x
+
+    @triton.jit
+    def kernel(x, BLOCK: triton.language.constexpr):
+        pass
+
+    configs = [triton.Config({"block": 1})]
+    over_host = Autotuner(Host(host), ["x", "block"], configs, ["x"], None, None)
+    over_kernel = Autotuner(kernel, ["x", "BLOCK"], configs, ["x"], None, None)
+    for tuner in (over_host, over_kernel):
+        tuner.cache_results = True
+
+    def decorated(*args):  # the decorator's closure holds the autotuner
+        return over_host.run(*args)
+
+    module = types.ModuleType("hattention_test_module")
+    module.decorated, module.kernel = decorated, over_kernel
+    monkeypatch.setitem(sys.modules, "hattention_test_module", module)
+    assert bench_hattention._host_autotuners_in_memory() == 1
+    assert over_host.cache_results is False and over_kernel.cache_results is True
