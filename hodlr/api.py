@@ -222,10 +222,11 @@ def gated_delta_attention(q, k, v, beta, M, *, scale=None, backend: str = "auto"
         Multiplies ``P``; default ``Dk ** -0.5`` (as flash-linear-attention's Gated DeltaNet;
         note that :func:`attention` defaults to 1).
     backend : str, default ``"auto"``
-        ``"dense"``, ``"fenwick"`` or ``"chunked"`` (the backends that offer it); ``"auto"`` picks
-        by the rule in :mod:`hodlr.backends`: ``chunked`` for torch tensors (``dense`` up to
-        ``T = 256`` on the CPU), ``dense`` for numpy arrays (the first backend in order that
-        offers it; pass ``backend="chunked"`` or ``"fenwick"`` for long numpy sequences).
+        ``"dense"``, ``"fenwick"``, ``"chunked"`` or ``"triton"`` (the backends that offer it);
+        ``"auto"`` picks by the rule in :mod:`hodlr.backends`: ``triton`` for CUDA tensors,
+        ``chunked`` for other torch tensors (``dense`` up to ``T = 256`` on the CPU), ``dense``
+        for numpy arrays (the first backend in order that offers it; pass ``backend="chunked"``
+        or ``"fenwick"`` for long numpy sequences).
         A log-decay above 0 (a gate that grows) is outside the chunk-wise backends' accuracy
         (``chunked``, ``triton``: docs/mathematics.md §13, growth gates); ``fenwick`` and
         ``dense`` stay exact to rounding.
