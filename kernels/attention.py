@@ -23,8 +23,7 @@ from . import _sequences, states as _states
 from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_mask, next_decay, sequence_chunk,
                       sequence_row, state_tile, validate_rows)
 from ._layout import (NUM_WARPS, block, broadcast_shape, cdiv, check_block, check_chunk, check_flag, check_levels,
-                      chunk_count, collapse_batch, compute_types, interpreting, level_offsets, output_buffer, scratch,
-                      state_dtypes)
+                      chunk_count, collapse_batch, compute_types, interpreting, output_buffer, scratch, state_dtypes)
 
 
 OUTPUT_TILE = 64
@@ -386,9 +385,9 @@ def state_shapes(B: int, T: int, DK: int, DV: int, dtype, chunk=None):
     """``((shape, dtype) of the states, (shape, dtype) of their log-decays)`` that
     :func:`chunk_states` makes for ``B`` batch entries of length ``T``, ``Dk x Dv`` heads and
     inputs of ``dtype`` at ``chunk`` (default ``DEFAULT_CHUNK["attention"]``)."""
-    N = level_offsets(chunk_count(T, check_chunk(chunk, "attention")))[-1]
+    state_shape, logdec_shape = _states.shapes(B, chunk_count(T, check_chunk(chunk, "attention")), DK * DV)
     state_dtype, logdec_dtype = state_dtypes(dtype)
-    return ((B, N, DK * DV), state_dtype), ((B, N), logdec_dtype)
+    return (state_shape, state_dtype), (logdec_shape, logdec_dtype)
 
 
 def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None, out=None,

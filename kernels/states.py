@@ -134,13 +134,20 @@ SUBTREE_LEVELS = 6
 programs than one that walks a whole batch entry, and ``ceil(top / 6)`` launches build it all."""
 
 
+def shapes(B: int, n_chunks: int, F: int):
+    """``((B, N, F), (B, N))``: the shapes of the states and log-decays of the hierarchy of
+    ``n_chunks`` chunks (``N`` entries over all levels), as :func:`allocate` makes them."""
+    N = level_offsets(n_chunks)[-1]
+    return (B, N, F), (B, N)
+
+
 def allocate(B: int, n_chunks: int, F: int, device, dtype: torch.dtype, logdec_dtype: torch.dtype = None):
     """Empty ``(states (B, N, F), logdec (B, N))`` buffers for ``n_chunks`` chunks (``logdec``
     in ``logdec_dtype``, default ``dtype``; the level sums are always formed in ``logdec``'s dtype
     and rounded to ``dtype`` on store)."""
-    N = level_offsets(n_chunks)[-1]
-    return (torch.empty((B, N, F), dtype=dtype, device=device),
-            torch.empty((B, N), dtype=logdec_dtype or dtype, device=device))
+    state_shape, logdec_shape = shapes(B, n_chunks, F)
+    return (torch.empty(state_shape, dtype=dtype, device=device),
+            torch.empty(logdec_shape, dtype=logdec_dtype or dtype, device=device))
 
 
 def build_hierarchy(states: torch.Tensor, logdec: torch.Tensor, n_chunks: int, first_level: int = 0) -> None:
