@@ -36,6 +36,11 @@ than one device command), so a first run stopped part-way keeps the kernels it t
 run with the same ``DIR`` (or only its ``*.autotune.json`` files, in their folders:
 ``cd DIR && find . -name '*.autotune.json' | tar -czf tuned.tgz -T -``) reuses them.  The
 autotuners read the setting when they are built: hattention and fla must not be imported before.
+The backward's host-level autotuner tries four ``(BK, BV)`` block pairs, each with a set of
+kernels of its own to tune; ``--hatt-blocks 64x64`` keeps one pair (recorded as ``hatt_blocks``),
+a quarter of that tuning.  Tuning in several processes at once does not shorten it: ten
+processes sharing one H200 (eight of them hattention's, one a head width and block pair) took 280 s
+for the forward's tuning, which one process does in about a minute.
 
 Writes a JSON file (after every row) and a picture (``--json``, ``--png``).  When hattention
 cannot be imported, the error is recorded (``hatt_import_error``) and hodlr alone is timed.
@@ -145,6 +150,10 @@ ACCURACY_SHAPE = {"cuda": (1, 4, 64), "cpu": (1, 2, 64)}
 #    functions (a Triton Autotuner over a plain Python function), for which Triton's disk cache
 #    looks for a JITFunction to hash ("AttributeError: 'function' object has no attribute 'fn'"):
 #    those autotuners tune in memory, every Triton kernel's results are kept on disk.
+# 6. fewer host configurations (--hatt-blocks): the backward's host-level autotuner tries every
+#    (block_size_K, block_size_V) in {32, 64}^2 and each pair tunes its own set of Triton kernels
+#    (their keys hold the block sizes), four sets; --hatt-blocks 64x64 keeps one pair, a quarter of
+#    the tuning, and records it (hatt_blocks) beside the figures.
 
 
 def _levels_matrix_fast(torch, length, device, block=4096):
@@ -274,21 +283,61 @@ def _autotuners():
     return list(seen.values())
 
 
-def _host_autotuners_in_memory():
-    """Turn Triton's disk cache off for the autotuners over host functions (item 5 above); returns
-    how many."""
+def _host_autotuners():
+    """The autotuners among :func:`_autotuners` whose function is a host function (hattention's
+    ``autotune`` decorator), not a Triton kernel."""
     from triton.runtime.autotuner import Autotuner, Heuristics
     from triton.runtime.jit import KernelInterface
 
-    count = 0
+    found = []
     for autotuner in _autotuners():
         fn = autotuner.fn
         while isinstance(fn, (Autotuner, Heuristics)):
             fn = fn.fn
-        if not isinstance(fn, KernelInterface) and getattr(autotuner, "cache_results", False):
+        if not isinstance(fn, KernelInterface):
+            found.append(autotuner)
+    return found
+
+
+def _host_autotuners_in_memory():
+    """Turn Triton's disk cache off for the autotuners over host functions (item 5 above); returns
+    how many."""
+    count = 0
+    for autotuner in _host_autotuners():
+        if getattr(autotuner, "cache_results", False):
             autotuner.cache_results = False
             count += 1
     return count
+
+
+class BlocksNotOffered(ValueError):
+    """``--hatt-blocks`` names no pair that one of hattention's host-level autotuners offers."""
+
+
+def _block_configs(blocks):
+    """Cut hattention's host-level autotuners over ``(block_size_K, block_size_V)`` to the pairs in
+    ``blocks`` (item 6 above); returns ``{autotuner's function: [kept pairs]}``.  Raises
+    :class:`BlocksNotOffered` (a ``ValueError`` naming ``--hatt-blocks``) when an autotuner offers
+    none of them."""
+    kept = {}
+    for autotuner in _host_autotuners():
+        offered = [_block_pair(c) for c in autotuner.configs]
+        if any(None in p for p in offered):
+            continue
+        configs = [c for c in autotuner.configs if _block_pair(c) in blocks]
+        fn = autotuner.fn.fn
+        name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+        if not configs:
+            raise BlocksNotOffered(f"--hatt-blocks: {name} offers (BK, BV) in {sorted(set(offered))}, got "
+                             f"{sorted(blocks)}; want at least one of its pairs")
+        autotuner.configs = configs
+        kept[name] = sorted(_block_pair(c) for c in configs)
+    return kept
+
+
+def _block_pair(config):
+    """``(block_size_K, block_size_V)`` of a Triton config (None where it sets no such keyword)."""
+    return config.kwargs.get("block_size_K"), config.kwargs.get("block_size_V")
 
 
 def _rebind_builtin_aliases():
@@ -347,10 +396,11 @@ def _patch_cpu():
         autotuner.configs = autotuner.configs[:1]
 
 
-def patch_hattention(torch, cpu=False):
+def patch_hattention(torch, cpu=False, blocks=None):
     """Import hattention and apply the run-time adaptations listed in the comment above (``cpu``:
-    also those for Triton's interpreter); returns ``(chunk_h_gated_delta_rule, {adaptation: applied})``.  Raises
-    ``ImportError`` when hattention or fla cannot be imported."""
+    also those for Triton's interpreter; ``blocks``: a set of ``(BK, BV)`` for item 6); returns
+    ``(chunk_h_gated_delta_rule, {adaptation: applied})``.  Raises ``ImportError`` when hattention
+    or fla cannot be imported."""
     import hattention.chunkwise_hgdn  # noqa: F401
     import hattention.kernel  # noqa: F401
     from hattention.gated_delta_rule_apis import chunk_h_gated_delta_rule
@@ -361,6 +411,9 @@ def patch_hattention(torch, cpu=False):
     fixes["levels_matrix"] = "vectorised int32 T x T"
     fixes["dv_local_adapter"] = _patch_dv_local()
     fixes["host_autotuners_in_memory"] = _host_autotuners_in_memory()
+    if blocks:
+        fixes["host_blocks"] = {name: [f"{bk}x{bv}" for bk, bv in pairs]
+                                for name, pairs in _block_configs(blocks).items()}
     if cpu:
         _patch_cpu()
         fixes["cpu_interpreter"] = True
@@ -554,7 +607,8 @@ def run(args) -> dict:
         "commit": _commit(args.commit), "torch": torch.__version__, "triton": triton.__version__,
         "fla": fla_version, "fla_path": fla_path, "hattention_commit": HATT_COMMIT,
         "dtype": str(args.dtype).replace("torch.", ""), "hatt_l_dtype": str(args.hatt_l_dtype).replace("torch.", ""),
-        "hatt_levels": args.hatt_levels or "num_levels(T)", "tokens": args.tokens, "model_width": args.model_width,
+        "hatt_levels": args.hatt_levels or "num_levels(T)",
+        "hatt_blocks": [f"{bk}x{bv}" for bk, bv in args.hatt_blocks] if args.hatt_blocks else "all", "tokens": args.tokens, "model_width": args.model_width,
         "rows": [], "accuracy": [], "complete": False,
         "notes": ("hatt = hattention chunk_h_gated_delta_rule(q, k, v, g, l=λ·scale, beta, scale, "
                   "use_qk_l2norm_in_kernel=True) with the run-time adaptations of hodlr.bench_hattention "
@@ -565,7 +619,9 @@ def run(args) -> dict:
     }
     hatt = None
     try:
-        hatt, result["hatt_fixes"] = patch_hattention(torch, cpu=not cuda)
+        hatt, result["hatt_fixes"] = patch_hattention(torch, cpu=not cuda, blocks=set(args.hatt_blocks or ()))
+    except BlocksNotOffered:  # the caller's mistake, reported by main()
+        raise
     except Exception:  # noqa: BLE001 - without hattention, hodlr alone is timed
         result["hatt_import_error"] = traceback.format_exc(limit=4)[-1200:]
         print("hattention unavailable:\n" + result["hatt_import_error"], flush=True)
@@ -611,6 +667,16 @@ def _positive(name, values):
     return f"{name} must be positive, got {bad[0]}" if bad else None
 
 
+def _block_size_pair(text):
+    """``"64x32"`` -> ``(64, 32)`` (an ``argparse`` type)."""
+    import argparse
+
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"want BKxBV with two positive integers, e.g. 64x64; got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def _parser():
     p = sweep_parser("hodlr bench-hattention", __doc__.split("\n\n")[0], DEFAULT_LENGTHS, DEFAULT_WIDTHS,
                      "bench-hattention")
@@ -631,6 +697,10 @@ def _parser():
     p.add_argument("--hatt-levels", default="fixed", choices=("fixed", "exact"),
                    help="hattention's level-scale columns: fixed = num_levels(max T) at every T (its kernels "
                         "then compile and autotune once per D; default), exact = num_levels(T)")
+    p.add_argument("--hatt-blocks", type=_block_size_pair, nargs="+", default=None, metavar="BKxBV",
+                   help="keep only these (block_size_K, block_size_V) pairs, e.g. 64x64, in hattention's "
+                        "host-level autotuner (its backward tries each of {32, 64}^2 and tunes a set of kernels "
+                        "for each: one pair is a quarter of the tuning); default: all of them")
     p.add_argument("--no-bwd", action="store_true",
                    help="skip the forward + backward timings and the accuracy check's gradients")
     p.add_argument("--autotune-cache", default=None, metavar="DIR",
@@ -665,6 +735,8 @@ def main(argv=None) -> int:
         os.environ["TRITON_CACHE_DIR"] = os.path.abspath(args.autotune_cache)
     try:
         result = run(args)
+    except BlocksNotOffered as err:
+        parser.error(str(err))
     finally:  # the caller's environment is left as it was (run() sets TRITON_INTERPRET for a CPU run)
         for name, value in saved.items():
             if value is None:

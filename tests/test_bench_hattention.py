@@ -131,6 +131,8 @@ def test_autotune_cache_is_set_for_the_run_only(bench_hattention, tmp_path, monk
     (["--widths", "16", "-4"], "--widths must be positive, got -4"),
     (["--accuracy", "0"], "--accuracy must be positive, got 0"),
     (["--dtype", "float16"], "--dtype: invalid choice"),
+    (["--hatt-blocks", "64"], "--hatt-blocks: want BKxBV with two positive integers, e.g. 64x64; got '64'"),
+    (["--hatt-blocks", "64x0"], "got '64x0'"),
 ])
 def test_bad_arguments_are_named(capsys, argv, message):
     from hodlr import bench_hattention
@@ -146,7 +148,7 @@ def test_help_through_the_cli(capsys):
     out = capsys.readouterr().out
     assert err.value.code == 0
     assert "hodlr bench-hattention" in out and "--hatt-levels" in out and "--no-bwd" in out and "--png" in out
-    assert "--autotune-cache" in out
+    assert "--autotune-cache" in out and "--hatt-blocks" in out
 
 
 def test_host_autotuners_tune_in_memory(bench_hattention, monkeypatch):
@@ -182,3 +184,69 @@ def test_host_autotuners_tune_in_memory(bench_hattention, monkeypatch):
     monkeypatch.setitem(sys.modules, "hattention_test_module", module)
     assert bench_hattention._host_autotuners_in_memory() == 1
     assert over_host.cache_results is False and over_kernel.cache_results is True
+
+
+def _host_autotuner_module(monkeypatch, configs):
+    """A module like hattention's: a host function behind an ``Autotuner`` (reached through the
+    decorator's closure) with ``configs``, and an autotuned Triton kernel; returns both autotuners."""
+    import types
+
+    triton = pytest.importorskip("triton")
+    from triton.runtime.autotuner import Autotuner
+
+    class Host:  # hattention's RunnableFunction: a plain function behind .fn
+        def __init__(self, fn):
+            self.fn = fn
+
+    def chunkwise_bwd(x, block_size_K, block_size_V):
+        return x
+
+    @triton.jit
+    def kernel(x, BLOCK: triton.language.constexpr):
+        pass
+
+    over_host = Autotuner(Host(chunkwise_bwd), ["x", "block_size_K", "block_size_V"], configs, ["x"], None, None)
+    over_kernel = Autotuner(kernel, ["x", "BLOCK"], [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})],
+                            ["x"], None, None)
+
+    def decorated(*args):  # the decorator's closure holds the autotuner
+        return over_host.run(*args)
+
+    module = types.ModuleType("hattention_blocks_module")
+    module.decorated, module.kernel = decorated, over_kernel
+    monkeypatch.setitem(sys.modules, "hattention_blocks_module", module)
+    return over_host, over_kernel
+
+
+def test_hatt_blocks_keep_the_named_pairs(bench_hattention, monkeypatch):
+    """``--hatt-blocks``: the host-level autotuners over (block_size_K, block_size_V) keep the named
+    pairs only; autotuners over Triton kernels are left alone."""
+    triton = pytest.importorskip("triton")
+    pairs = [(bk, bv) for bk in (32, 64) for bv in (32, 64)]
+    configs = [triton.Config({"block_size_K": bk, "block_size_V": bv}) for bk, bv in pairs]
+    over_host, over_kernel = _host_autotuner_module(monkeypatch, configs)
+    kept = bench_hattention._block_configs({(64, 64), (32, 64), (128, 128)})
+    assert list(kept.values()) == [[(32, 64), (64, 64)]] and "chunkwise_bwd" in next(iter(kept))
+    assert [bench_hattention._block_pair(c) for c in over_host.configs] == [(32, 64), (64, 64)]
+    assert len(over_kernel.configs) == 2
+
+
+def test_hatt_blocks_none_offered_is_named(bench_hattention, monkeypatch):
+    triton = pytest.importorskip("triton")
+    over_host, _ = _host_autotuner_module(monkeypatch, [triton.Config({"block_size_K": 32, "block_size_V": 32})])
+    with pytest.raises(ValueError, match=r"--hatt-blocks: .*chunkwise_bwd offers \(BK, BV\) in \[\(32, 32\)\], "
+                                         r"got \[\(64, 64\)\]"):
+        bench_hattention._block_configs({(64, 64)})
+    assert len(over_host.configs) == 1
+
+
+def test_hatt_blocks_not_offered_is_a_usage_error(bench_hattention, monkeypatch, capsys):
+    """A pair hattention does not offer ends the run as a usage error (exit 2) that names it."""
+    def run(args):
+        assert args.hatt_blocks == [(16, 16)]
+        raise bench_hattention.BlocksNotOffered("--hatt-blocks: f offers (BK, BV) in [(32, 32)], got [(16, 16)]")
+
+    monkeypatch.setattr(bench_hattention, "run", run)
+    with pytest.raises(SystemExit) as err:
+        bench_hattention.main(["--device", "cpu", "--hatt-blocks", "16x16", "--json", "", "--png", ""])
+    assert err.value.code == 2 and "got [(16, 16)]" in capsys.readouterr().err
