@@ -38,7 +38,9 @@ run with the same ``DIR`` (or only its ``*.autotune.json`` files, in their folde
 autotuners read the setting when they are built: hattention and fla must not be imported before.
 The backward's host-level autotuner tries four ``(BK, BV)`` block pairs, each with a set of
 kernels of its own to tune; ``--hatt-blocks 64x64`` keeps one pair (recorded as ``hatt_blocks``),
-a quarter of that tuning.  Tuning in several processes at once does not shorten it: ten
+a quarter of that tuning.  The kernels' tuning keys hold the head count ``H`` (not ``T``): the
+accuracy check (``H = 4``) tunes a set of its own, which ``--accuracy`` with no length saves.
+Tuning in several processes at once does not shorten it: ten
 processes sharing one H200 (eight of them hattention's, one a head width and block pair) took 280 s
 for the forward's tuning, which one process does in about a minute.
 
