@@ -138,8 +138,8 @@ class _StreamingState:
         if any(n < 0 for n in batch_shape):
             raise ValueError(f"batch_shape must hold sizes >= 0, got {batch_shape}")
         for name, width in (("Dk", Dk), ("Dv", Dv)):
-            if isinstance(width, (bool, np.bool_)) or not isinstance(width, (int, np.integer)) or width < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {width!r}")
+            if isinstance(width, (bool, np.bool_)) or not isinstance(width, (int, np.integer)) or width < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {width!r}")
         if _torch_dtype(dtype):
             torch = sys.modules["torch"]
             if not dtype.is_floating_point:

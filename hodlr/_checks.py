@@ -51,7 +51,7 @@ def as_array(name: str, x, min_ndim: int, layout: str):
 
 def check_float_dtype(name: str, x) -> None:
     if is_torch(x):
-        if not x.dtype.is_floating_point:
+        if not x.dtype.is_floating_point or x.dtype.itemsize < 2:  # float8 formats: no arithmetic on them
             raise TypeError(
                 f"{name} must have a real floating dtype (float16, bfloat16, float32, float64), "
                 f"got {x.dtype}"

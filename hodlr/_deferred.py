@@ -4,9 +4,11 @@ A check is a one-element int32 device tensor (1: failed).  :func:`submit` queues
 copy of it to pinned host memory and records an event (a CPU tensor, from kernels run by Triton's
 interpreter, is its own verdict, complete at once); :func:`report` raises the check's
 ``ValueError`` when the event has completed (without waiting, or waiting for one given check).
-Every public operation of hodlr calls :func:`report` first, so a failed check surfaces at the
-latest at the next hodlr call once the GPU has got that far; ``LogLinearMask.check()`` waits for
-its own.
+``LogLinearMask(...)``, ``matmul``, ``attention``, ``gated_delta_attention``,
+``gated_delta_matrix`` and the mask's methods that compute with it call :func:`report` first, so a
+failed check surfaces at the latest at the next of those calls once the GPU has got that far;
+``LogLinearMask.check()`` waits for its own.  A failed check raises again whenever it is finished
+again: the mask whose check failed raises it at every later use.
 """
 
 from __future__ import annotations
@@ -21,15 +23,17 @@ class Check:
     (pinned host memory, or the CPU flag itself), and the message of its error (a string, or a
     callable that makes it: formatted only if the check fails)."""
 
-    __slots__ = ("event", "verdict", "message", "done")
+    __slots__ = ("event", "verdict", "message", "done", "failed")
 
     def __init__(self, event, verdict, message):
-        self.event, self.verdict, self.message, self.done = event, verdict, message, False
+        self.event, self.verdict, self.message, self.done, self.failed = event, verdict, message, False, False
 
     def finish(self) -> None:
-        """Mark the check reported; raise its error if it failed."""
-        self.done = True
-        if self.verdict.item():
+        """Mark the check reported; raise its error if it failed (at every call: a failed check
+        stays failed)."""
+        if not self.done:
+            self.failed, self.done = bool(self.verdict.item()), True
+        if self.failed:
             raise ValueError(self.message() if callable(self.message) else self.message)
 
 

@@ -245,6 +245,7 @@ def gated_delta_attention(q, k, v, beta, M, *, scale=None, backend: str = "auto"
     >>> hodlr.gated_delta_attention(k, k, np.arange(T, dtype=float)[:, None], np.ones(T), M).ravel()
     array([0., 1., 2., 3.])
     """
+    v = _checks.as_array("v", v, 2, "(..., T, Dv)")
     q, k, beta, v, batch, scale = _gated_delta_operands(M, scale, q, k, beta, v)
     module = _resolve(backend, M, M.T, "gated_delta_attention")
     if _empty(batch) or q.shape[-1] == 0 or v.shape[-1] == 0:

@@ -162,11 +162,19 @@ class LogLinearMask:
         if self._check is not None:
             _deferred.report(self._check)
             _deferred.report()
-            if not self._check.done:
-                self._check.finish()
+            self._check.finish()  # again if the queue reported it: a failed check raises every time
+
+    def _raise_if_failed(self) -> None:
+        """Raise the ``ValueError`` of this mask's device check if it has failed (reported
+        before or not): a mask found bad is refused at every later use."""
+        if self._check is not None and self._check.done:
+            self._check.finish()
 
     def _queue_check(self) -> None:
-        """Queue the check kernel of a CUDA mask not yet checked (:func:`_device_check`)."""
+        """Queue the check kernel of a CUDA mask not yet checked (:func:`_device_check`); first
+        report the checks whose verdict is in, and refuse a mask whose check failed."""
+        _deferred.report()
+        self._raise_if_failed()
         if self._unchecked and not _tracing():
             self._check = _device_check(self._level_scales, self._log_decay)
             self._unchecked = False  # only once queued: a launch that raises leaves the mask unchecked
@@ -175,6 +183,7 @@ class LogLinearMask:
         """For a computation whose kernels validate the mask as they read it: a zeroed int32 flag
         on the mask's device while the mask is not yet checked (else None), to be handed to
         :meth:`_checked` once those kernels are queued."""
+        self._raise_if_failed()
         if not self._unchecked or _tracing():
             return None
         import torch

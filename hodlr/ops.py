@@ -36,8 +36,8 @@ def _tensor(name, x, ndim, layout):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {_checks.describe(x)}")
     if x.dim() != ndim:
         raise ValueError(f"{name} must have shape {layout}, got shape {tuple(x.shape)}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    if not x.dtype.is_floating_point or x.dtype.itemsize < 2:  # float8 formats: no arithmetic on them
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
 
 
 def work_dtype(dtype) -> torch.dtype:
@@ -186,7 +186,11 @@ def _forward(q, k, v, g, level_scales, scale, init_states, init_positions, cu_se
     T = q.shape[2]
     needs_state = init_states is not None or output_final_state
     module = _resolve(backend, q.device, T, needs_state or cu_seqlens is not None)
-    if registry.has_state(module) and (needs_state or cu_seqlens is not None):
+    if q.shape[0] == 0 and needs_state and registry.has_state(module):  # an empty batch: nothing to run
+        H, Dk, Dv = v.shape[1], q.shape[3], v.shape[3]
+        out = v.new_zeros(v.shape), (level_scales.new_zeros((0, H, final_slots, Dk, Dv)),
+                                     torch.zeros(0, dtype=torch.int64, device=q.device))
+    elif registry.has_state(module) and (needs_state or cu_seqlens is not None):
         out = module.attention_state(q, k, v, level_scales, g, scale, init_states, init_positions, cu_seqlens,
                                      output_final_state)
     elif needs_state:
@@ -500,9 +504,15 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
 def _check_step(name, q, k, v, g, level_scales, state, scale, validate):
     """The checks of a decoding step (``T = 1``, a state); with ``validate`` also the host-side ones
     on the positions.  Returns the scale."""
+    if not isinstance(state, LogLinearState):
+        raise TypeError(f"state must be a hodlr.LogLinearState (LogLinearState.zeros(...) for a new cache), got "
+                        f"{_checks.describe(state)}")
+    for part in ("states", "positions"):
+        x = getattr(state, part)
+        if 0 in x.stride() and x.numel() > 1:
+            raise ValueError(f"state.{part} is updated in place, so it must not be an expanded (stride 0) view; got "
+                             f"strides {x.stride()} for shape {tuple(x.shape)} (pass a copy: .clone())")
     scale, _ = _check_static(q, k, v, g, level_scales, state, False, None, scale)
-    if state is None:
-        raise TypeError("state must be a hodlr.LogLinearState (LogLinearState.zeros(...) for a new cache)")
     if q.shape[1] != 1:
         raise ValueError(f"{name} takes one token per sequence (T = 1), got q of shape {tuple(q.shape)}")
     if validate:
@@ -538,7 +548,7 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
     validate : bool, default True
         Read the positions on the host and refuse a step that would overflow the state's slots or
         read past ``level_scales``.  Pass False inside CUDA-graph capture (no host read); the
-        kernel then leaves such rows untouched and writes NaN outputs for them.
+        step then leaves such rows untouched and writes NaN outputs for them (either backend).
 
     Returns
     -------
@@ -550,17 +560,34 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
     if backend == "auto":
         backend = "triton" if q.device.type == "cuda" else "torch"
     if backend == "triton":
+        registry.get("triton", "torch", q.device, op="attention")  # BackendUnavailableError saying why not
         from hodlr.kernels.decode import decode_step
 
         o = decode_step(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0],
                                 level_scales[:, 0], state.states, state.positions, scale)
         return o[:, None]
-    o, new = log_linear_attn(q, k, v, g, level_scales, initial_state=state, output_final_state=True, scale=scale,
-                             backend="chunked")
-    with torch.no_grad():
-        state.states.copy_(new.states[:, :, :state.num_slots])
-        state.positions.copy_(new.positions)
+    fits = _step_fits(state.positions, state.num_slots, level_scales.shape[-1])
+    rows = fits.nonzero()[:, 0]
+    o = torch.full(v.shape, float("nan"), dtype=v.dtype, device=v.device)
+    if rows.numel():
+        every = rows.numel() == fits.numel()
+        pick = (lambda x: x) if every else (lambda x: None if x is None else x.index_select(0, rows))
+        live = state if every else LogLinearState(pick(state.states), pick(state.positions), validate=False)
+        o_rows, new = log_linear_attn(pick(q), pick(k), pick(v), pick(g), pick(level_scales), initial_state=live,
+                                      output_final_state=True, scale=scale, backend="chunked")
+        with torch.no_grad():
+            o.index_copy_(0, rows, o_rows.to(o.dtype))
+            state.states.index_copy_(0, rows, new.states[:, :, :state.num_slots].to(state.states.dtype))
+            state.positions.index_copy_(0, rows, new.positions)
     return o
+
+
+def _step_fits(positions, num_slots, L):
+    """``(B,)`` bool: the rows whose step fits, those at a position ``p >= 0`` whose next
+    position ``p + 1`` needs at most ``num_slots`` slots and whose reads need at most ``L`` level
+    scales (``p < 2^(L-1)``).  A step leaves the other rows unchanged and gives them NaN outputs."""
+    p = positions
+    return (p >= 0) & (((p + 1) >> num_slots) == 0) & ((p >> (L - 1)) == 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -598,6 +625,12 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
                 and _continues(registry.load(n))]
         raise BackendUnavailableError(f"backend {module.__name__.rsplit('.', 1)[-1]!r} has no recurrent state "
                                       f"(initial_state / output_final_state); use one of {', '.join(have)}")
+    if N == 0:  # an empty batch: nothing to run
+        o = v.new_zeros(v.shape)
+        if not output_final_state:
+            return o, None, None
+        return o, level_scales.new_zeros((0, H, final_slots, Dk, Dv)), torch.zeros(0, dtype=torch.int64,
+                                                                                 device=q.device)
     seq_batch, offset, length, start = segments(N, T, cu_seqlens, init_positions)
     if cu_seqlens is None:
         groups = [(np.nonzero(start == a)[0], slice(0, T), int(a)) for a in np.unique(start)]
@@ -895,7 +928,7 @@ def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=
         carry = p ^ (p + 1)  # bits 0 .. D - 1: the slots that merge, then the slot they merge into
         merge = live & (((carry[:, None] >> slot) & 1) == 1)
         target = ((carry + 1)[:, None] >> (slot + 1)) == 1  # slot D - 1 (carry + 1 = 2**D)
-        fits = (p >= 0) & (((p + 1) >> S) == 0) & ((p >> (L - 1)) == 0)
+        fits = _step_fits(p, S, L)
         moved = X - (bh[..., None] * kh)[:, :, None, :, None] * torch.einsum("nhd,nhsdv->nhsv", kh, X)[..., None, :]
         if g is not None:
             moved = moved * torch.exp(g[:, 0].to(work))[:, :, None, None, None]

@@ -73,6 +73,12 @@ def gdn_rule(state=False, beta_shape=(1, T, 2), backend="auto"):
     return hodlr.log_linear_gated_delta_rule(*args, initial_state=init, backend=backend)
 
 
+def step(state, positions=None):
+    """``log_linear_attn_step`` of one token on ones, ``(B, H, D) = (2, 2, 2)``."""
+    t = lambda *shape: torch.ones(shape, dtype=torch.float64)  # noqa: E731
+    return hodlr.log_linear_attn_step(t(2, 1, 2, 2), t(2, 1, 2, 2), t(2, 1, 2, 2), None, t(2, 1, 2, 5), state)
+
+
 def over_budget(monkeypatch):
     monkeypatch.setattr(hodlr.options, "dense_max_bytes", 100)
 
@@ -125,6 +131,8 @@ CASES = [
      r"level_scales must have dtype float32 or float64, got float16"),
     ("scales-torch-int", lambda mp: hodlr.LogLinearMask(torch.ones(T, L, dtype=torch.int32)), TypeError,
      r"level_scales must have a real floating dtype .*got torch.int32"),
+    ("scales-torch-float8", lambda mp: hodlr.LogLinearMask(torch.ones(T, L).to(torch.float8_e4m3fn)), TypeError,
+     r"level_scales must have a real floating dtype \(float16, bfloat16, float32, float64\), got torch.float8_e4m3fn"),
     ("scales-torch-complex", lambda mp: hodlr.LogLinearMask(torch.ones(T, L, dtype=torch.complex64)), TypeError,
      r"level_scales must have a real floating dtype .*got torch.complex64"),
     ("decay-dtype-mismatch", lambda mp: hodlr.LogLinearMask(lam(), np.zeros(T, np.float32)), TypeError,
@@ -180,6 +188,8 @@ CASES = [
     ("scale-array", lambda mp: attn(scale=np.ones(2)), TypeError, r"scale must be a real number or None, got ndarray"),
     ("scale-nan", lambda mp: attn(scale=float("nan")), ValueError, r"scale must be finite, got nan"),
     ("scale-inf", lambda mp: attn(scale=np.inf), ValueError, r"scale must be finite, got inf"),
+    ("scale-huge-int", lambda mp: attn(scale=10 ** 400), ValueError,
+     r"scale must be finite, got an integer of 1329 bits \(beyond float64\)"),
     # -- log_linear_attn: packed sequences, state hand-off -----------------------------
     ("op-cu-seqlens-not-from-zero", lambda mp: lla(B=1, cu_seqlens=torch.tensor([1, 5])), ValueError,
      r"cu_seqlens must start at 0, got cu_seqlens\[0\]=1"),
@@ -215,6 +225,11 @@ CASES = [
                                            torch.ones(2, 1, 2, 2, dtype=torch.float64), None,
                                            torch.ones(2, 1, 2, 5, dtype=torch.float64), state(position=15)),
      ValueError, r"the step takes position 15 to 16, which needs 5 slots but the state has 4"),
+    ("op-step-state-not-a-state", lambda mp: step(state=torch.zeros(2)), TypeError,
+     r"state must be a hodlr.LogLinearState \(LogLinearState.zeros\(...\) for a new cache\), got torch.Tensor"),
+    ("op-step-state-expanded",
+     lambda mp: step(state=hodlr.LogLinearState(state(N=1).states.expand(2, 2, 4, 2, 2), torch.zeros(2, dtype=torch.int64))),
+     ValueError, r"state.states is updated in place, so it must not be an expanded \(stride 0\) view"),
     ("combine-behind", lambda mp: combine(state(position=5), state(position=3)), ValueError,
      r"second must be at or after first: sequence 0 has first.positions = 5 > second.positions = 3"),
     ("combine-decay-shape", lambda mp: combine(state(), state(), torch.zeros(2, dtype=torch.float64)), ValueError,
@@ -225,6 +240,8 @@ CASES = [
     # -- gated delta attention -----------------------------------------------------------
     ("gdn-beta-wrong-length", lambda mp: gdn(beta=np.ones(T + 1)), ValueError,
      r"beta must have shape \(\.\.\., T\) with T=5"),
+    ("gdn-v-none", lambda mp: hodlr.gated_delta_attention(ops(), ops(), None, np.ones(T), mask()), TypeError,
+     r"v must be an array of shape \(\.\.\., T, Dv\), got None"),
     ("gdn-beta-dtype-mismatch", lambda mp: gdn(beta=np.ones(T, np.float32)), TypeError,
      r"beta has dtype float32 but q has float64"),
     ("gdn-beta-batch-not-broadcastable", lambda mp: gdn(q=ops(2), beta=np.ones((3, T))), ValueError,
@@ -272,10 +289,17 @@ def test_backend_unavailable_torch_cpu_without_interpreter():
         "    hodlr.matmul(M, torch.ones(5, 2, dtype=torch.float64), backend='triton')\n"
         "except hodlr.BackendUnavailableError as err:\n"
         "    print('RAISED', err)\n"
+        "state = hodlr.LogLinearState.zeros(1, 1, 2, 2, slots=4)\n"
+        "try:\n"
+        "    hodlr.log_linear_attn_step(*(torch.ones(1, 1, 1, 2),) * 3, None, torch.ones(1, 1, 1, 2), state,\n"
+        "                               backend='triton')\n"
+        "except hodlr.BackendUnavailableError as err:\n"
+        "    print('STEP RAISED', err)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert re.search(r"RAISED backend 'triton'", out.stdout), out.stdout
+    assert re.search(r"STEP RAISED backend 'triton'", out.stdout), out.stdout
 
 
 def test_doc_table_lists_every_case():
@@ -357,6 +381,28 @@ def test_empty_batch_and_zero_width_are_not_errors(library):
         empty_mask = hodlr.LogLinearMask(_as(library, np.ones((0, 9, 5))))
         y = hodlr.matmul(empty_mask, _as(library, np.ones((9, 2))), backend=name)
         assert tuple(y.shape) == (0, 9, 2), name
+
+
+@pytest.mark.parametrize("op", ["log_linear_attn", "log_linear_gated_delta_rule"])
+@pytest.mark.parametrize("B, Dk, Dv", [(0, 2, 3), (2, 0, 3), (2, 2, 0), (2, 0, 0)])
+def test_fla_ops_empty_batch_and_zero_widths(op, B, Dk, Dv):
+    """The fla-shaped ops on an empty batch or zero head widths: zero outputs and final states of
+    the right shapes on every backend that keeps a state, not errors."""
+    T_, H = 5, 2
+    t = lambda *shape: torch.rand(shape, dtype=torch.float64)  # noqa: E731
+    q, k, v, g, lam_ = t(B, T_, H, Dk), t(B, T_, H, Dk), t(B, T_, H, Dv), -t(B, T_, H), t(B, T_, H, L)
+    extra = (t(B, T_, H),) if op == "log_linear_gated_delta_rule" else ()
+    args = (q, k, v, g) + extra + (lam_,)
+    gated = op == "log_linear_gated_delta_rule"
+    for name in _runnable("torch"):
+        module = registry.load(name)
+        keeps_state = hodlr.ops._continues(module) if gated and registry.offers(module, "gated_delta_attention") \
+            else registry.has_state(module) and not gated
+        if not keeps_state:
+            continue
+        o, final = getattr(hodlr, op)(*args, output_final_state=True, backend=name)
+        assert tuple(o.shape) == (B, T_, H, Dv) and not o.abs().sum(), name
+        assert tuple(final.states.shape) == (B, H, 3 if B else 0, Dk, Dv) and tuple(final.positions.shape) == (B,), name
 
 
 @pytest.mark.parametrize("library", ["numpy", "torch"])

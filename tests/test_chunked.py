@@ -127,3 +127,47 @@ def test_bad_chunk():
         chunked.matmul(lam, None, x, chunk=3)
     with pytest.raises(TypeError, match="chunk"):
         chunked.matmul(lam, None, x, chunk=2.0)
+
+
+def test_large_log_decay_at_position_zero_is_not_read():
+    """The log-decay of absolute position 0 multiplies no pair: a large one there (which would
+    overflow the chunk-local cumulative sums) changes nothing, in plain calls, packed sequences and
+    Gated DeltaNet."""
+    rng = np.random.default_rng(7)
+    T = 70
+    g = np.full(T, -0.1)
+    g[0] = 800.0
+    M = hodlr.LogLinearMask(rng.uniform(0.5, 1.5, (T, hodlr.num_levels(T))), g)
+    x, q = rng.standard_normal((T, 3)), rng.standard_normal((T, 3))
+    k = q / np.linalg.norm(q, axis=-1, keepdims=True)
+    beta = rng.uniform(0, 1, T)
+    tol = TOLERANCES["cpu_float64"]
+    assert_close(hodlr.matmul(M, x, backend="chunked"), hodlr.matmul(M, x, backend="dense"), tol, "matmul")
+    assert_close(hodlr.attention(q, k, x, M, backend="chunked"), hodlr.attention(q, k, x, M, backend="dense"), tol,
+                 "attention")
+    assert_close(hodlr.gated_delta_attention(q, k, x, beta, M, backend="chunked"),
+                 hodlr.gated_delta_attention(q, k, x, beta, M, backend="dense"), tol, "gated delta")
+    H, D, cu = 2, 4, torch.tensor([0, 30, 2 * T])
+    t = torch.as_tensor(rng.standard_normal((1, 2 * T, H, D)))
+    gp = torch.full((1, 2 * T, H), -0.1, dtype=torch.float64)
+    gp[:, [0, 30]] = 800.0  # the first position of each packed sequence
+    lam = torch.as_tensor(rng.uniform(0.5, 1.5, (1, 2 * T, H, hodlr.num_levels(2 * T))))
+    want = hodlr.log_linear_attn(t, t, t, gp, lam, cu_seqlens=cu, backend="fenwick")[0]
+    assert_close(hodlr.log_linear_attn(t, t, t, gp, lam, cu_seqlens=cu, backend="chunked")[0], want, tol, "packed")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gated_delta_on_a_16_bit_mask(dtype):
+    """A 16-bit mask on the chunked Gated DeltaNet (whose triangular solves have no 16-bit CPU
+    kernel) runs in float32 and agrees with the dense backend to the inputs' precision."""
+    gen = torch.Generator().manual_seed(3)
+    T = 300
+    M = hodlr.LogLinearMask(torch.rand(T, hodlr.num_levels(T), generator=gen).to(dtype),
+                            (-0.1 * torch.rand(T, generator=gen)).to(dtype))
+    q = torch.randn(T, 4, generator=gen).to(dtype)
+    k = torch.nn.functional.normalize(torch.randn(T, 4, generator=gen), dim=-1).to(dtype)
+    beta = torch.rand(T, generator=gen).to(dtype)
+    got = hodlr.gated_delta_attention(q, k, q, beta, M, backend="chunked")
+    want = hodlr.gated_delta_attention(q, k, q, beta, M, backend="dense")
+    assert got.dtype == dtype
+    assert float((got.float() - want.float()).norm() / want.float().norm()) < 2e-2

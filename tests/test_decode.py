@@ -78,19 +78,21 @@ def test_step_triton_equals_torch_and_full_sequence():
     assert torch.equal(a.positions, b.positions) and relative_error(a.states, b.states) <= TOL
 
 
-def test_step_overflow_refused_or_nan():
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_step_overflow_refused_or_nan(backend):
     """A step past the state's slots: refused with validation (state untouched); without it the
-    kernel leaves that row alone and writes NaN, other rows step normally."""
+    step leaves that row alone and writes NaN, other rows step normally (either backend)."""
     state, _ = prefix_state([3, 1], H=1, Dk=2, Dv=2)
     state = dev(state.with_slots(2))  # position 3 -> 4 needs 3 slots
     q, k, v, g, lam = (dev(x) for x in step_inputs(state, 5))
     before = state.clone()
     with pytest.raises(ValueError, match="needs 3 slots but the state has 2"):
-        hodlr.log_linear_attn_step(q, k, v, g, lam, state, backend="triton")
+        hodlr.log_linear_attn_step(q, k, v, g, lam, state, backend=backend)
     assert torch.equal(state.states, before.states) and torch.equal(state.positions, before.positions)
-    o = hodlr.log_linear_attn_step(q, k, v, g, lam, state, backend="triton", validate=False)
+    o = hodlr.log_linear_attn_step(q, k, v, g, lam, state, backend=backend, validate=False)
     assert torch.isnan(o[0]).all() and torch.isfinite(o[1]).all()
     assert state.positions.tolist() == [3, 2] and torch.equal(state.states[0], before.states[0])
+    assert not torch.equal(state.states[1], before.states[1])
     with pytest.raises(ValueError, match="one token per sequence"):
         hodlr.log_linear_attn_step(*(torch.cat([x, x], 1) for x in (q, k, v, g, lam)), state)
 

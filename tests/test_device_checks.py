@@ -288,3 +288,21 @@ def test_gpu_level_scales_with_rows_past_int32_offsets():
         flag = torch.zeros(1, dtype=torch.int32, device="cuda")
         call(lam, flag)
         assert int(flag[0]) == 1
+
+
+@interpreter
+def test_a_mask_found_bad_is_refused_at_every_later_use():
+    """Once its device check has failed, the mask raises at every ``check()`` and every later
+    computation (not only at the first report), and the other hodlr calls report it once."""
+    T = 9
+    lam = poison_unread(torch.rand(T, fenwick.num_levels(T), dtype=torch.float64))
+    lam[4, 0] = float("nan")
+    x = torch.ones(T, 1, dtype=torch.float64)
+    M = hodlr.LogLinearMask(lam, validate=False)
+    M._unchecked = True
+    for use in (M.check, M.check, lambda: hodlr.matmul(M, x, backend="chunked"), M.to_dense,
+                lambda: hodlr.attention(x, x, x, M, backend="triton"), M.check):
+        with pytest.raises(ValueError, match="holds NaN or inf"):
+            use()
+    good = hodlr.LogLinearMask(torch.ones(T, fenwick.num_levels(T), dtype=torch.float64))
+    hodlr.matmul(good, x)  # reported already: other masks compute

@@ -171,6 +171,17 @@ def _chunk(x, n, C):
     return x.reshape(x.shape[:-2] + (n, C, x.shape[-1]))
 
 
+def _from_position_zero(log_decay):
+    """``log_decay`` of a call that starts at absolute position 0 with its first entry set to 0:
+    that entry multiplies no pair (``M[t, s]`` holds ``g[s+1..t]``), and a large one would
+    overflow the chunk-local cumulative sums (``inf - inf``)."""
+    import torch
+
+    if log_decay is None or log_decay.shape[-1] == 0:
+        return log_decay
+    return torch.cat([torch.zeros_like(log_decay[..., :1]), log_decay[..., 1:]], -1)
+
+
 def matmul(level_scales, log_decay, x, *, chunk: int = DEFAULT_CHUNK):
     """``M @ x`` by the chunked algorithm (see the module docstring); ``chunk`` is ``C``."""
     C = _check_chunk(chunk)
@@ -178,7 +189,7 @@ def matmul(level_scales, log_decay, x, *, chunk: int = DEFAULT_CHUNK):
     out_dtype = x.dtype
     x = x.to(level_scales.dtype)
     T, D = x.shape[-2:]
-    ch = _Chunks(level_scales, log_decay, C)
+    ch = _Chunks(level_scales, _from_position_zero(log_decay), C)
     xc = _chunk(x, ch.n, C)  # (..., n, C, D)
     y = ch.intra() @ xc
     if ch.bits:
@@ -198,7 +209,7 @@ def attention(q, k, v, level_scales, log_decay, scale, *, chunk: int = DEFAULT_C
     out_dtype = v.dtype
     q, k, v = (a.to(level_scales.dtype) for a in (q, k, v))
     T, Dv = v.shape[-2:]
-    ch = _Chunks(level_scales, log_decay, C)
+    ch = _Chunks(level_scales, _from_position_zero(log_decay), C)
     qc, kc, vc = (_chunk(a, ch.n, C) for a in (q, k, v))
     o = (ch.intra() * (qc @ kc.transpose(-1, -2))) @ vc
     if ch.bits:
@@ -348,6 +359,8 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
     read = valid[:, :, None] & ((lev == 0) | (((P[:, :, None] >> np.maximum(lev - 1, 0)) & 1) == 1))
     lam = torch.where(torch.as_tensor(read[:, None, None], device=dev), lam, torch.zeros((), dtype=work, device=dev))
     g = None if log_decay is None else _rows(log_decay, src, 0).unflatten(1, (Hqk, grp))
+    if g is not None and (P == 0).any():  # the log-decay of absolute position 0 multiplies no pair
+        g = torch.where(torch.as_tensor(P == 0, device=dev)[:, None, None], torch.zeros((), dtype=g.dtype, device=dev), g)
 
     # levels 0..c: dense inside each aligned chunk; levels > c: the hierarchy of chunk states
     ch = _Chunks(lam, g, C)
@@ -606,11 +619,17 @@ def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale, *, chun
     q, k, v, beta, level_scales, log_decay, state = arrays
     out_dtype = v.dtype
     work = level_scales.dtype
+    if work in (torch.float16, torch.bfloat16):  # a 16-bit mask: the triangular solves run in float32
+        work = torch.float32
+        level_scales = level_scales.to(work)
+        log_decay = None if log_decay is None else log_decay.to(work)
     q, k, v, beta = (x.to(work) for x in (q, k, v, beta))
     head = tuple(v.shape[:-2])
     T, Dk, Dv = v.shape[-2], q.shape[-1], v.shape[-1]
     a = int(position)
     p = a + T
+    if a == 0:
+        log_decay = _from_position_zero(log_decay)
     if state is None:
         state = torch.zeros(head + (a.bit_length(), Dk, Dv), dtype=work, device=v.device)
     state = state.to(work)
