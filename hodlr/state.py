@@ -237,6 +237,9 @@ class LogLinearState:
         idx = torch.as_tensor(indices, device=self.states.device)
         if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
             raise TypeError(f"indices must be a 1-d integer tensor or sequence, got {describe(idx)}")
+        if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < self.batch_size):
+            bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
+            raise ValueError(f"indices must lie in [0, {self.batch_size}) (the state's sequences), got {bad}")
         return LogLinearState(self.states.index_select(0, idx), self.positions.index_select(0, idx), validate=False)
 
     def __getitem__(self, index) -> "LogLinearState":
@@ -255,6 +258,10 @@ class LogLinearState:
         trailing ones dropped (they must be empty: every position ``< 2**slots``)."""
         import torch
 
+        if isinstance(slots, (bool, np.bool_)) or not isinstance(slots, (int, np.integer)):
+            raise TypeError(f"slots must be an integer >= 0, got {slots!r}")
+        if slots < 0:
+            raise ValueError(f"slots must be an integer >= 0, got {slots}")
         S = self.num_slots
         if slots >= S:
             pad = self.states.new_zeros(self.states.shape[:2] + (slots - S,) + self.states.shape[3:])

@@ -196,6 +196,22 @@ def test_cached_pieces_equal_one_pass(cls, hierarchical, T, data):
 
 
 @pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])
+def test_no_tokens_is_not_an_error(cls):
+    """A call on T = 0 tokens returns an empty output and, continuing a cache, the same cache."""
+    layer = make(cls)
+    x = inputs(2, 5, layer.hidden_size)
+    _, cache = layer(x, use_cache=True)
+    empty = x[:, :0]
+    y, none = layer(empty)
+    assert tuple(y.shape) == (2, 0, layer.hidden_size) and none is None
+    y, after = layer(empty, cache=cache, use_cache=True)
+    assert tuple(y.shape) == (2, 0, layer.hidden_size)
+    assert torch.equal(after.state.positions, cache.state.positions)
+    assert relative_error(after.state.states, cache.state.states) == 0
+    assert all(torch.equal(a, b) for a, b in zip(after.conv, cache.conv))
+
+
+@pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])
 def test_token_by_token_generation_equals_full_pass(cls):
     layer = make(cls)
     x = inputs(2, 12, layer.hidden_size)
@@ -243,6 +259,18 @@ def test_layer_cache_refuses_bad_parts():
 
 
 # -- bad calls and configurations ---------------------------------------------------------------------------
+def test_bad_cache_and_state_arguments_are_named():
+    state = hodlr.LogLinearState.zeros(2, 1, 2, 2, slots=3)
+    cache = make(LogLinearMamba2)(inputs(2, 3, 6), use_cache=True)[1]
+    for indices in ([5], [-1]):
+        with pytest.raises(ValueError, match=r"indices must lie in \[0, 2\) \(the state's sequences\), got"):
+            cache.index_select(indices)
+    with pytest.raises(TypeError, match="slots must be an integer >= 0, got 1.5"):
+        state.with_slots(1.5)
+    with pytest.raises(ValueError, match="slots must be an integer >= 0, got -1"):
+        state.with_slots(-1)
+
+
 def test_bad_calls_are_refused():
     mamba, gdn = make(LogLinearMamba2), make(LogLinearGatedDeltaNet)
     x = inputs(2, 4, 6)
@@ -277,9 +305,12 @@ BAD_MAMBA = [  # on top of a valid (num_heads=4, head_dim=3, hidden_size=6)
     (dict(num_levels=0), ValueError, "num_levels must be an integer >= 1"),
     (dict(conv_kernel=2.5), ValueError, "conv_kernel must be an integer"),
     (dict(backend=None), TypeError, "backend must be a string"),
+    (dict(backend="nope"), ValueError, "backend must be 'auto' or one of dense, .*, got 'nope'"),
+    (dict(expand=float("inf")), ValueError, "expand \\* hidden_size must be a positive integer"),
     (dict(hierarchical=1), TypeError, "hierarchical must be a bool"),
 ]
 BAD_GDN = [
+    (dict(expand_v=float("nan")), ValueError, "head_dim \\* expand_v must be a positive integer"),
     (dict(num_heads=3, num_v_heads=4), ValueError, r"num_heads=3 \(query/key heads\) must divide num_v_heads=4"),
     (dict(head_dim=3, expand_v=0.5), ValueError, "head_dim \\* expand_v must be a positive integer"),
     (dict(expand_v="2"), ValueError, "head_dim \\* expand_v must be a positive integer"),

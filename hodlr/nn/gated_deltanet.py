@@ -78,7 +78,7 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
             check_int(name, value)
         if num_v_heads % num_heads:
             raise ValueError(f"num_heads={num_heads} (query/key heads) must divide num_v_heads={num_v_heads}")
-        ok = isinstance(expand_v, (int, float)) and not isinstance(expand_v, bool)
+        ok = isinstance(expand_v, (int, float)) and not isinstance(expand_v, bool) and math.isfinite(expand_v)
         head_v_dim = head_dim * expand_v if ok else 0.5
         if head_v_dim != int(head_v_dim) or head_v_dim < 1:
             raise ValueError(f"head_dim * expand_v must be a positive integer (the value head width), got "

@@ -88,7 +88,8 @@ class LogLinearMamba2(LogLinearLayer):
         for name, value in (("num_heads", num_heads), ("head_dim", head_dim), ("hidden_size", hidden_size),
                             ("state_size", state_size), ("n_groups", n_groups), ("conv_kernel", conv_kernel)):
             check_int(name, value)
-        inner = expand * hidden_size if isinstance(expand, (int, float)) and not isinstance(expand, bool) else 0.5
+        ok = isinstance(expand, (int, float)) and not isinstance(expand, bool) and math.isfinite(expand)
+        inner = expand * hidden_size if ok else 0.5
         if inner != int(inner) or inner < 1:
             raise ValueError(f"expand * hidden_size must be a positive integer, got expand={expand!r} "
                              f"with hidden_size={hidden_size}")

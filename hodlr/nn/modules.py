@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hodlr import backends as registry
 from hodlr.state import LogLinearState
 
 __all__ = ["LayerCache", "RMSNormGated", "ShortConvolution", "level_scales"]
@@ -109,6 +110,8 @@ class ShortConvolution(nn.Conv1d):
             raise ValueError(f"the convolution cache must have shape (B, D, W) = {(B, D, W)}, "
                              f"got {tuple(cache.shape)}")
         full = torch.cat([cache.to(xt.dtype), xt], -1)
+        if T == 0:  # no tokens: nothing to convolve, the cache passes through
+            return x.new_zeros((B, 0, D)), (full[..., -W:] if output_final_state else None)
         y = F.conv1d(full[..., 1:], self.weight, self.bias, groups=D)
         if self.activation is not None:
             y = F.silu(y)
@@ -241,6 +244,8 @@ class LogLinearLayer(nn.Module):
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string ('auto' or a name of hodlr.backends), "
                             f"got {type(backend).__name__}")
+        if backend != "auto" and backend not in registry.NAMES:
+            raise ValueError(f"backend must be 'auto' or one of {', '.join(registry.NAMES)}, got {backend!r}")
         self.hierarchical = hierarchical
         self.backend = backend
         if hierarchical:
