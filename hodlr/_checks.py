@@ -117,6 +117,13 @@ def check_finite(name: str, x, where: str = "") -> None:
         raise ValueError(f"{name} must be finite{where}; it holds NaN or inf")
 
 
+def needs_values(what: str, level_scales) -> None:
+    """Refuse ``what`` on a mask whose ``level_scales`` are on the meta device (shapes only): it
+    reads the values."""
+    if is_meta(level_scales):
+        raise ValueError(f"{what} reads the mask's values; a mask on the meta device holds none (only shapes)")
+
+
 def is_meta(x) -> bool:
     """True for torch tensors on the ``meta`` device (shapes only: no values to check)."""
     return is_torch(x) and x.device.type == "meta"

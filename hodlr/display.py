@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hodlr import fenwick
+from hodlr import _checks, fenwick
 from hodlr.fenwick.arrays import namespace, to_numpy
 
 __all__ = [
@@ -368,6 +368,7 @@ class RankProfile:
 
 
 def _mask_ranks(mask, levels) -> dict:
+    _checks.needs_values("rank_profile", mask.level_scales)
     out = {}
     for lev in levels:
         u, v = mask.block_factors(lev)
@@ -399,6 +400,9 @@ def factor_rank(u, v, rtol=None) -> np.ndarray:
     n = v.shape[-2]
     if rtol is None:
         rtol = max(m, n, r) * np.finfo(np.float64).eps
+    elif isinstance(rtol, (bool, np.bool_)) or not isinstance(rtol, (int, float, np.integer, np.floating)) \
+            or not 0 <= rtol < np.inf:
+        raise ValueError(f"rtol must be a finite number >= 0 or None, got {rtol!r}")
     ru = np.linalg.qr(u, mode="r") if m else np.zeros(u.shape[:-2] + (0, r))
     rv = np.linalg.qr(v, mode="r") if n else np.zeros(v.shape[:-2] + (0, r))
     core = ru @ np.swapaxes(rv, -1, -2)

@@ -72,6 +72,8 @@ def _describe(obj):
             raise ValueError(f"T must be >= 1, got {T}")
         return T, 1, "structure", None
     if display.is_mask(obj):
+        if 0 in obj.batch_shape:
+            raise ValueError(f"M has an empty batch (batch_shape {obj.batch_shape}): nothing to draw")
         return obj.T, 1, "LogLinearMask", obj
     if display.is_tree(obj) and hasattr(obj, "leaf_size"):
         return int(obj.T), int(obj.leaf_size), type(obj).__name__, obj
@@ -80,9 +82,29 @@ def _describe(obj):
     )
 
 
+def _integer(name: str, value) -> int:
+    """``value`` as an int, or a TypeError naming ``name`` (a float such as 2.5 is not silently cut)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _min_block(min_block, T: int, leaf: int) -> int:
+    """The smallest block drawn: a power of two >= 1 (default :func:`default_min_block`), at least
+    the tree's leaf size."""
+    if min_block is None:
+        return default_min_block(T, leaf)
+    min_block = _integer("min_block", min_block)
+    if min_block < 1 or min_block & (min_block - 1):
+        raise ValueError(f"min_block must be a power of two >= 1, got {min_block}")
+    return max(min_block, leaf)
+
+
 def _level_colors(n_levels: int, cmap):
     import matplotlib
 
+    if isinstance(cmap, str) and cmap not in matplotlib.colormaps:
+        raise ValueError(f"cmap must be a matplotlib colormap or the name of one, got {cmap!r}")
     cm = matplotlib.colormaps[cmap] if isinstance(cmap, str) else cmap
     if n_levels <= 1:
         return [cm(0.5)]
@@ -171,12 +193,7 @@ def spy(M, ax=None, *, min_block=None, ranks=True, cmap="viridis", legend=None, 
     from matplotlib.patches import Patch, Polygon, Rectangle
 
     T, leaf, kind, source = _describe(M)
-    if min_block is None:
-        min_block = default_min_block(T, leaf)
-    min_block = int(min_block)
-    if min_block < 1 or min_block & (min_block - 1):
-        raise ValueError(f"min_block must be a power of two >= 1, got {min_block}")
-    min_block = max(min_block, leaf)
+    min_block = _min_block(min_block, T, leaf)
     geometry, leaves = _spy_geometry(T, min_block, source, ranks)
     levels = list(geometry)
 
@@ -246,12 +263,21 @@ def heatmap(M, ax=None, *, index=None, grid=True, min_block=None, cmap="magma", 
     if not hasattr(M, "to_dense") or not hasattr(M, "T"):
         raise TypeError(f"M must be a hodlr.LogLinearMask or hodlr.HODLRMatrix, got {type(M).__name__}")
     T = int(M.T)
+    leaf = int(getattr(M, "leaf_size", 1))
+    if grid:
+        min_block = _min_block(min_block, T, leaf)
     dense = to_numpy(M.to_dense())
     if dense.ndim > 2:
         batch = dense.shape[:-2]
-        index = tuple(0 for _ in batch) if index is None else tuple(index)
-        if len(index) != len(batch):
-            raise ValueError(f"index must have {len(batch)} entries for batch shape {batch}, got {index}")
+        if 0 in batch:
+            raise ValueError(f"M has an empty batch (shape {batch}): nothing to draw")
+        if index is None:
+            index = tuple(0 for _ in batch)
+        elif not isinstance(index, (tuple, list)):
+            raise TypeError(f"index must be a tuple of {len(batch)} integers for batch shape {batch}, got {index!r}")
+        index = tuple(_integer("index", i) for i in index)
+        if len(index) != len(batch) or not all(-n <= i < n for i, n in zip(index, batch)):
+            raise ValueError(f"index must have {len(batch)} entries within batch shape {batch}, got {index}")
         dense = dense[index]
     elif index not in (None, ()):
         raise ValueError(f"index must be None for an unbatched matrix, got {index}")
@@ -266,10 +292,7 @@ def heatmap(M, ax=None, *, index=None, grid=True, min_block=None, cmap="magma", 
     image = ax.imshow(shown, cmap=cmap, norm=LogNorm(vmin=vmin, vmax=vmax), extent=(0, T, T, 0),
                       interpolation="nearest")
     if grid:
-        leaf = int(getattr(M, "leaf_size", 1))
-        if min_block is None:
-            min_block = default_min_block(T, leaf)
-        geometry, _ = _spy_geometry(T, max(int(min_block), leaf), M, ranks=False)
+        geometry, _ = _spy_geometry(T, min_block, M, ranks=False)
         for lev, (rs, re, cs, ce, _) in geometry.items():
             for j in range(rs.size):
                 ax.add_patch(Rectangle((cs[j], rs[j]), ce[j] - cs[j], re[j] - rs[j], fill=False,
@@ -308,7 +331,7 @@ def plot_buckets(t: int, T: int | None = None, ax=None, *, cmap="viridis"):
     if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
         raise TypeError(f"t must be an integer, got {type(t).__name__}")
     t = int(t)
-    T = t + 1 if T is None else int(T)
+    T = t + 1 if T is None else _integer("T", T)
     if not 0 <= t < T:
         raise ValueError(f"t must satisfy 0 <= t < T, got t={t}, T={T}")
     colors = _level_colors(max(fenwick.num_levels(T) - 1, 1), cmap)
@@ -369,7 +392,7 @@ def plot_context_parallel(offsets, axes=None, *, cmap="viridis"):
     import matplotlib.colors
     from matplotlib.patches import Rectangle
 
-    o = [int(x) for x in offsets]
+    o = [_integer("offsets", x) for x in offsets]
     if len(o) < 2 or o[0] != 0 or any(b < a for a, b in zip(o, o[1:])):
         raise ValueError(f"offsets must be non-decreasing from 0 with at least two entries, got {list(offsets)}")
     T, world = o[-1], len(o) - 1

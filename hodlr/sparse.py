@@ -22,7 +22,7 @@ import functools
 
 import numpy as np
 
-from hodlr import _formulas, fenwick
+from hodlr import _checks, _formulas, fenwick
 
 __all__ = ["SparseMask", "mask_to_sparse", "sparse_structure"]
 
@@ -257,7 +257,10 @@ def mask_to_sparse(M):
     """
     import scipy.sparse
 
+    _checks.needs_values("mask_to_sparse", M.level_scales)
     M._queue_check()  # a CUDA mask not yet validated
+    if 0 in M.batch_shape:  # an empty batch: no element to convert
+        return np.empty(M.batch_shape, dtype=object)
     structure = sparse_structure(M.T)
     diagonal, U_data, V_data = sparse_data(M.level_scales, M.log_decay)
     batch = M.batch_shape

@@ -31,7 +31,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from hodlr import _formulas, display, fenwick
+from hodlr import _checks, _formulas, display, fenwick
 from hodlr.errors import RankExceededError
 from hodlr.fenwick.arrays import is_torch, to_numpy
 
@@ -166,6 +166,7 @@ class HODLRMatrix:
                 "build one matrix per element, e.g. LogLinearMask(M.level_scales[0], M.log_decay[0])"
             )
         leaf_size = _check_positive_int("leaf_size", leaf_size)
+        _checks.needs_values("HODLRMatrix.from_mask", M.level_scales)
         M._queue_check()  # a CUDA mask not yet validated
         dtype = _formulas.numpy_dtype(M.dtype)
         lam = _formulas.as_numpy(M.level_scales, dtype)

@@ -436,3 +436,19 @@ def test_level_arguments_name_themselves(call, error, message):
     # not in the CASES table above (that one mirrors docs/bad-input.md row by row)
     with pytest.raises(error, match=message):
         call()
+
+
+def test_meta_masks_compute_shapes_or_refuse():
+    """A mask on the meta device: the backends that compute without reading values return meta
+    results of the right shape; those that read values, and the conversions, refuse by name."""
+    M = hodlr.LogLinearMask(meta((9, fenwick.num_levels(9))))
+    X = meta((9, 2))
+    for name in ("dense", "recursive", "chunked"):
+        assert hodlr.matmul(M, X, backend=name).shape == (9, 2), name
+        assert hodlr.attention(X, X, X, M, backend=name).device.type == "meta", name
+    for name in ("sparse", "fenwick"):
+        with pytest.raises(hodlr.BackendUnavailableError, match=f"backend '{name}' cannot run on torch arrays on meta"):
+            hodlr.matmul(M, X, backend=name)
+    for convert in (M.to_sparse, M.to_hodlr, M.rank_profile):
+        with pytest.raises(ValueError, match="reads the mask's values; a mask on the meta device holds none"):
+            convert()

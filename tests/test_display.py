@@ -172,3 +172,9 @@ def test_rank_profile_levels_must_be_integers():
     with pytest.raises(TypeError, match=r"levels must be an iterable of integers, got 3 \(int\)"):
         rank_profile(M, levels=3)
     assert list(rank_profile(M, levels=(np.int64(2),)).ranks) == [2]
+
+
+@pytest.mark.parametrize("rtol", [float("nan"), -1.0, float("inf"), "a", True])
+def test_factor_rank_refuses_a_bad_rtol(rtol):
+    with pytest.raises(ValueError, match="rtol must be a finite number >= 0 or None"):
+        hodlr.display.factor_rank(np.ones((3, 1)), np.ones((3, 1)), rtol=rtol)

@@ -174,3 +174,27 @@ def test_default_min_block_is_a_power_of_two_and_spy_draws_odd_leaf_trees():
     ax = spy(H, ax=_axes())
     assert _gids(ax.patches)["offdiag-L3"] == 1
     ax.figure.canvas.draw()
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda ax: spy(5, ax=ax, min_block=1.5), TypeError, "min_block must be an integer, got 1.5"),
+    (lambda ax: heatmap(_mask(5, (3,)), ax=ax, min_block=3), ValueError, "min_block must be a power of two >= 1, got 3"),
+    (lambda ax: heatmap(_mask(5, (3,)), ax=ax, min_block=0), ValueError, "min_block must be a power of two >= 1, got 0"),
+    (lambda ax: heatmap(_mask(5, (3,)), ax=ax, index=(5,)), ValueError,
+     r"index must have 1 entries within batch shape \(3,\), got \(5,\)"),
+    (lambda ax: heatmap(_mask(5, (3,)), ax=ax, index=(0.5,)), TypeError, "index must be an integer, got 0.5"),
+    (lambda ax: heatmap(_mask(5, (3,)), ax=ax, index=0), TypeError, "index must be a tuple of 1 integers"),
+    (lambda ax: heatmap(_mask(5, (0,)), ax=ax), ValueError, r"M has an empty batch \(shape \(0,\)\)"),
+    (lambda ax: spy(_mask(5, (0,)), ax=ax), ValueError, r"M has an empty batch \(batch_shape \(0,\)\)"),
+    (lambda ax: plot_buckets(1, 2.5, ax=ax), TypeError, "T must be an integer, got 2.5"),
+    (lambda ax: hodlr.plotting.plot_context_parallel([0, 2.7, 5]), TypeError, "offsets must be an integer, got 2.7"),
+    (lambda ax: spy(5, ax=ax, cmap="nope"), ValueError, "cmap must be a matplotlib colormap or the name of one"),
+])
+def test_bad_drawing_arguments_are_named(call, error, message):
+    """Nothing is silently cut (a min_block of 1.5 is not drawn as 1) and every refusal names its argument."""
+    with pytest.raises(error, match=message):
+        call(_axes())
+
+
+def test_empty_batch_converts_to_an_empty_array():
+    assert hodlr.LogLinearMask(np.ones((0, 5, 4))).to_sparse().shape == (0,)

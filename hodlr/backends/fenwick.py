@@ -19,6 +19,8 @@ DESCRIPTION = "Fenwick scan: O(log T) recurrent states, loop over time; numpy or
 
 
 def unavailable_reason(library, device):
+    if str(device) == "meta":
+        return "the scan reads the positions' values, which meta tensors do not hold"
     return None
 
 

@@ -34,6 +34,8 @@ DESCRIPTION = "scipy sparse diag(lam0) + U V^T (numpy inside: torch is converted
 def unavailable_reason(library, device):
     if importlib.util.find_spec("scipy") is None:
         return "scipy is not installed (pip install scipy)"
+    if str(device) == "meta":
+        return "scipy needs the values, which meta tensors do not hold"
     return None
 
 
