@@ -408,7 +408,10 @@ def _save_png(T: int, path: str) -> None:
     save = getattr(plotting, "save_structure_png", None)
     if save is None:
         raise SystemExit("hodlr show --png: hodlr.plotting has no save_structure_png in this version")
-    save(T, path)
+    try:
+        save(T, path)
+    except OSError as err:
+        raise SystemExit(f"hodlr show --png: cannot write {path}: {err.strerror or err}") from None
 
 
 # -- argument parsing ----------------------------------------------------------------------

@@ -132,6 +132,12 @@ def test_show_png(capsys, tmp_path):
     assert code == 0 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_show_png_unwritable_path(tmp_path):
+    pytest.importorskip("matplotlib")
+    with pytest.raises(SystemExit, match=r"hodlr show --png: cannot write .*missing/m.png: No such file or directory"):
+        cli.main(["show", "8", "--png", str(tmp_path / "missing" / "m.png")])
+
+
 def test_show_png_without_matplotlib(capsys, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(SystemExit, match="needs matplotlib"):

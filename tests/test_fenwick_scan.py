@@ -518,8 +518,9 @@ def test_bad_prefill_and_extend_leave_state_unchanged():
 
 
 def test_constructor_errors():
-    with pytest.raises(ValueError, match="Dk"):
-        FenwickState((2,), 0, 3)
+    with pytest.raises(ValueError, match="Dk must be an integer >= 0, got -1"):
+        FenwickState((2,), -1, 3)
+    assert FenwickState((2,), 0, 3).Dk == 0  # zero-width heads hold empty states
     with pytest.raises(ValueError, match="Dv"):
         FenwickState((2,), 2, 1.5)
     with pytest.raises(TypeError, match="dtype"):
