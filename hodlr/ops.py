@@ -930,8 +930,9 @@ def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=
         target = ((carry + 1)[:, None] >> (slot + 1)) == 1  # slot D - 1 (carry + 1 = 2**D)
         fits = _step_fits(p, S, L)
         moved = X - (bh[..., None] * kh)[:, :, None, :, None] * torch.einsum("nhd,nhsdv->nhsv", kh, X)[..., None, :]
-        if g is not None:
-            moved = moved * torch.exp(g[:, 0].to(work))[:, :, None, None, None]
+        if g is not None:  # the log-decay of absolute position 0 multiplies no pair (empty state)
+            decay = torch.exp(torch.where((p == 0)[:, None], 0.0, g[:, 0].to(work)))
+            moved = moved * decay[:, :, None, None, None]
         scales = torch.nn.functional.pad(lam[..., 1:], (0, max(0, S + 1 - L)))[..., :S]  # level l at slot l - 1
         w = torch.where(live[:, None, :], scales, torch.zeros((), dtype=work, device=X.device))
         read = torch.einsum("nhs,nhd,nhsdv->nhv", w, qh, moved)

@@ -59,8 +59,8 @@ def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, l_ptr, s_ptr, pos_ptr, o_ptr,
         k = tl.load(k_ptr + n * skn + hq * skh + dk * skd, mask=kmask, other=0.0).to(ACC)
         v = tl.load(v_ptr + n * svn + h * svh + dv * svd, mask=vmask, other=0.0).to(ACC)
         lam_row = l_ptr + n * sln + h * slh
-        if HAS_G:
-            e = tl.exp(tl.load(g_ptr + n * sgn + h * sgh).to(ACC))
+        if HAS_G:  # the log-decay of absolute position 0 multiplies no pair (no state to decay)
+            e = tl.where(p > 0, tl.exp(tl.load(g_ptr + n * sgn + h * sgh).to(ACC)), 1.0)
         else:
             e = 1.0
         carry = p ^ (p + 1)  # bits 0 .. D-1 set: the slots that merge, and slot D itself

@@ -124,3 +124,24 @@ def test_bench_decode_gpu_step_smoke():
     rows = res["gpu_step"]
     assert rows["3"]["state_bytes"] == 5 * 2 * 16 * 16 * 4 and rows["4"]["live_slots"] == 1
     assert "decode step" in bench_decode._report(res)
+
+
+@pytest.mark.parametrize("step", ["triton", "torch", "gated_delta"])
+def test_first_step_ignores_the_log_decay_of_position_zero(step):
+    """The log-decay of absolute position 0 multiplies no pair (the state is empty): a first step
+    with g = inf gives what g = 0 gives, as the ops do."""
+    gen = torch.Generator().manual_seed(5)
+    B, H, D = 2, 2, 3
+    q, v = (torch.randn(B, 1, H, D, generator=gen) for _ in range(2))
+    k = torch.nn.functional.normalize(torch.randn(B, 1, H, D, generator=gen), dim=-1)
+    beta, lam = torch.rand(B, 1, H, generator=gen), torch.rand(B, 1, H, 5, generator=gen)
+    results = []
+    for g in (torch.zeros(B, 1, H), torch.full((B, 1, H), float("inf"))):
+        state = hodlr.LogLinearState.zeros(B, H, D, D, slots=3)
+        if step == "gated_delta":
+            o = hodlr.log_linear_gated_delta_step(q, k, v, g, beta, lam, state)
+        else:
+            o = hodlr.log_linear_attn_step(q, k, v, g, lam, state, backend=step)
+        results.append((o, state.states))
+    (o0, s0), (o1, s1) = results
+    assert torch.isfinite(o1).all() and torch.equal(o0, o1) and torch.equal(s0, s1)
