@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from hodlr import fenwick
+from hodlr import backends as registry, fenwick
+from hodlr.errors import BackendUnavailableError
 from hodlr.fenwick.arrays import describe
 from hodlr.state import LogLinearState, combine
 
@@ -590,19 +591,25 @@ def segment_state(k, v, g, positions, *, cu_seqlens=None, num_slots=None):
     from hodlr import ops
 
     for name, x in (("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise TypeError(f"{name} must be a 4-d torch.Tensor (B, T, heads, D), got {describe(x)}")
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a 4-d floating torch.Tensor (B, T, heads, D), got {describe(x)}")
     B, T, Hqk = k.shape[:3]
-    if v.shape[:2] != (B, T) or v.shape[2] % max(Hqk, 1):
+    if Hqk < 1 or v.shape[:2] != (B, T) or v.shape[2] % Hqk:
         raise ValueError(f"v must be (B, T, H, Dv) with the B, T of k and H a multiple of k's {Hqk} heads; got k "
                          f"{tuple(k.shape)}, v {tuple(v.shape)}")
     if g is not None and (not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(v.shape[:3])):
         raise ValueError(f"g must be None or a tensor of shape (B, T, H) = {tuple(v.shape[:3])}, got {describe(g)}")
-    if cu_seqlens is not None and (B != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T
-                                   or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any())):
+    if cu_seqlens is not None and (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1
+                                   or cu_seqlens.dtype not in (torch.int32, torch.int64)):
+        raise TypeError(f"cu_seqlens must be a 1-d int32 or int64 torch.Tensor, got {describe(cu_seqlens)}")
+    if cu_seqlens is not None and (B != 1 or len(cu_seqlens) < 2 or int(cu_seqlens[0]) != 0
+                                   or int(cu_seqlens[-1]) != T or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any())):
         raise ValueError(f"cu_seqlens must rise from 0 to T={T} over one packed row (B = 1), got "
                          f"{cu_seqlens.tolist()} with B={B}")
-    a = np.asarray(positions.tolist() if isinstance(positions, torch.Tensor) else positions, dtype=np.int64)
+    a = np.asarray(positions.tolist() if isinstance(positions, torch.Tensor) else positions)
+    if a.dtype.kind not in "iu" and not (a.size == 0 and a.dtype.kind == "f"):
+        raise TypeError(f"positions must hold integers (one start position per sequence), got {describe(positions)}")
+    a = a.astype(np.int64)
     if cu_seqlens is None:
         rows, begin, length = np.arange(B), np.zeros(B, dtype=np.int64), np.full(B, T, dtype=np.int64)
     else:
@@ -612,7 +619,14 @@ def segment_state(k, v, g, positions, *, cu_seqlens=None, num_slots=None):
         raise ValueError(f"positions must hold {len(rows)} start positions >= 0 (one per sequence), got "
                          f"{a.tolist()}")
     end = a + length
-    S = int(end.max(initial=0)).bit_length() if num_slots is None else int(num_slots)
+    need = int(end.max(initial=0)).bit_length()
+    if num_slots is None:
+        S = need
+    elif isinstance(num_slots, (bool, np.bool_)) or not isinstance(num_slots, (int, np.integer)) or num_slots < need:
+        raise ValueError(f"num_slots must be an integer >= {need} (the slots of the largest end position "
+                         f"{int(end.max(initial=0))}), got {num_slots!r}")
+    else:
+        S = int(num_slots)
     X = _segment_states(k, v, g, rows, begin, a, length, S, ops.work_dtype(v.dtype), k.is_cuda)
     return LogLinearState(X, _on(end, k.device), validate=False)
 
@@ -699,13 +713,17 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("group: torch.distributed is not initialised; hodlr.distributed.log_linear_attn runs on "
                          "the ranks of a process group (torch.distributed.init_process_group, e.g. under torchrun)")
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     refused = None
     try:  # a rank that refuses its arguments tells the others (no rank waits for it in a collective)
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string, got {type(backend).__name__}")
         scale, Nseq = ops._check_static(q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens,
                                         scale)
+        if world > 1 and not registry.has_state(ops._resolve(backend, q.device, q.shape[1], True)):
+            raise BackendUnavailableError(
+                f"backend {backend!r} has no recurrent state, which context parallelism needs; use one of "
+                f"{', '.join(n for n in registry.NAMES if registry.has_state(registry.load(n)))}")
     except (TypeError, ValueError) as err:
         if world == 1:
             raise

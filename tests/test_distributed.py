@@ -312,7 +312,7 @@ def test_carried_reads_refuses_bad_positions():
 
 def test_segment_state_refuses_bad_input():
     k, v = torch.zeros(1, 4, 1, 2), torch.zeros(1, 4, 2, 3)
-    with pytest.raises(TypeError, match="k must be a 4-d torch.Tensor"):
+    with pytest.raises(TypeError, match="k must be a 4-d floating torch.Tensor"):
         segment_state(k[0], v, None, [0])
     with pytest.raises(ValueError, match="v must be .B, T, H, Dv. with the B, T of k"):
         segment_state(k, v[:, :3], None, [0])
@@ -322,6 +322,19 @@ def test_segment_state_refuses_bad_input():
         segment_state(k, v, None, [0, 0], cu_seqlens=torch.tensor([0, 3, 2]))
     with pytest.raises(ValueError, match="positions must hold 2 start positions >= 0"):
         segment_state(k, v, None, [0], cu_seqlens=torch.tensor([0, 1, 4]))
+    with pytest.raises(TypeError, match="cu_seqlens must be a 1-d int32 or int64 torch.Tensor, got list"):
+        segment_state(k, v, None, [0, 0], cu_seqlens=[0, 2, 4])
+    with pytest.raises(TypeError, match="cu_seqlens must be a 1-d int32 or int64 torch.Tensor"):
+        segment_state(k, v, None, [0, 0], cu_seqlens=torch.tensor([0.0, 2.0, 4.0]))
+    for positions in (None, [1.7]):
+        with pytest.raises(TypeError, match="positions must hold integers"):
+            segment_state(k, v, None, positions)
+    with pytest.raises(ValueError, match=r"num_slots must be an integer >= 4 \(the slots of the largest end position 11\)"):
+        segment_state(k, v, None, [7], num_slots=1)
+    with pytest.raises(TypeError, match="k must be a 4-d floating torch.Tensor"):
+        segment_state(k.long(), v, None, [0])
+    with pytest.raises(ValueError, match="H a multiple of k's 0 heads"):
+        segment_state(k[:, :, :0], v, None, [0])
 
 
 # -- small pieces -----------------------------------------------------------------------------
@@ -548,8 +561,12 @@ def _bad_inputs(group, grank):
     out = []
     x = torch.randn(1, 4, 2, 3, dtype=DT)
     lam = torch.rand(1, 4, 2, 5, dtype=DT)
-    for kind in ("heads", "refused", "cu_seqlens", "narrow", "one narrow"):
-        q, v, level_scales, cu = x, x, lam, None
+    for kind in ("heads", "refused", "cu_seqlens", "narrow", "one narrow", "stateless backend", "backend type"):
+        q, v, level_scales, cu, backend = x, x, lam, None, "auto"
+        if kind == "stateless backend":
+            backend = "dense"
+        if kind == "backend type" and grank == 1:
+            backend = None
         if kind == "heads" and grank == 1:
             v, level_scales = torch.cat([x, x], 2), torch.cat([lam, lam], 2)
         if kind == "refused" and grank == 1:
@@ -559,7 +576,7 @@ def _bad_inputs(group, grank):
         if kind == "narrow" or (kind == "one narrow" and grank == 1):
             level_scales = lam[..., :2]
         try:
-            hodlr.distributed.log_linear_attn(q, x, v, None, level_scales, cu_seqlens=cu, group=group)
+            hodlr.distributed.log_linear_attn(q, x, v, None, level_scales, cu_seqlens=cu, group=group, backend=backend)
             out.append((kind, "no error"))
         except (TypeError, ValueError) as err:
             out.append((kind, f"{type(err).__name__}: {err}"))
@@ -644,7 +661,11 @@ def _check_bad_and_compiled(out, checks):
                                                   "v: rank 0 has 2, rank 1 has 4"), bad
     assert bad[1]["refused"].startswith("ValueError: q must have shape (B, T, Hqk, Dk)"), bad
     assert bad[0]["refused"].startswith("ValueError: rank 1 of the group refused its arguments"), bad
+    assert bad[1]["backend type"] == "TypeError: backend must be a string, got NoneType", bad
+    assert bad[0]["backend type"].startswith("ValueError: rank 1 of the group refused its arguments"), bad
     for b in bad:
+        assert b["stateless backend"].startswith("BackendUnavailableError: backend 'dense' has no recurrent state, "
+                                                 "which context parallelism needs"), b
         assert "cu_seqlens must end at T=8" in b["cu_seqlens"], b
         assert "level_scales has L=2 levels but absolute position 7" in b["narrow"], b
         assert b["one narrow"] == ("ValueError: level_scales must have L >= num_levels(8)=4 on every rank (the "
