@@ -41,17 +41,37 @@ DEFAULT_LENGTHS = (2048, 8192, 16384, 32768, 65536, 131072)
 DEFAULT_WIDTHS = (64, 128, 256)
 
 
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer >= 1."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def nonnegative_int(text: str) -> int:
+    """An ``argparse`` type: an integer >= 0 (seeds, exponents, positions)."""
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def _int_at_least(text: str, low: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+    return value
+
+
 def sweep_parser(prog, description, lengths, widths, outputs):
     """The arguments every GPU benchmark shares: the ``(T, D)`` sweep at a fixed ``B·T`` and
     model width, ``do_bench`` settings, the JSON and picture paths (``outputs.json`` /
     ``outputs.png``) and the commit to record."""
     p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--lengths", "-T", type=int, nargs="+", default=list(lengths), help="sequence lengths")
-    p.add_argument("--widths", type=int, nargs="+", default=list(widths), help="head widths Dk = Dv")
-    p.add_argument("--model-width", type=int, default=1024, help="H * D (H = model_width // D heads)")
-    p.add_argument("--tokens", type=int, default=65536, help="B*T (B = max(1, tokens // T))")
-    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
-    p.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
+    p.add_argument("--lengths", "-T", type=positive_int, nargs="+", default=list(lengths), help="sequence lengths")
+    p.add_argument("--widths", type=positive_int, nargs="+", default=list(widths), help="head widths Dk = Dv")
+    p.add_argument("--model-width", type=positive_int, default=1024, help="H * D (H = model_width // D heads)")
+    p.add_argument("--tokens", type=positive_int, default=65536, help="B*T (B = max(1, tokens // T))")
+    p.add_argument("--warmup", type=positive_int, default=25, help="do_bench warm-up, ms")
+    p.add_argument("--rep", type=positive_int, default=100, help="do_bench repetitions, ms")
     p.add_argument("--json", default=f"{outputs}.json",
                    help='output JSON path (written after every row; "complete" is true once the run ends)')
     p.add_argument("--png", default=f"{outputs}.png", help="output plot path ('' for none)")
@@ -64,15 +84,15 @@ def sweep_parser(prog, description, lengths, widths, outputs):
 def _parser():
     p = sweep_parser("hodlr bench", __doc__.split("\n\n")[0], DEFAULT_LENGTHS, DEFAULT_WIDTHS, "bench")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--no-backward", dest="backward", action="store_false", help="skip forward + backward")
     p.add_argument("--no-matmul", dest="matmul", action="store_false", help="skip the matmul timings")
     p.add_argument("--no-peers", dest="peers", action="store_false", help="skip SDPA and fla")
-    p.add_argument("--fla-max-width", type=int, default=128,
+    p.add_argument("--fla-max-width", type=positive_int, default=128,
                    help="widest head at which fla's chunk_log_linear_attn is timed (it holds twelve [BK, V] "
                         "float32 state tiles a program: at D = 256 its first call did not finish in 280 s on an "
                         "H200); wider rows record fla_skipped")
-    p.add_argument("--accuracy", type=int, nargs="*", default=None,
+    p.add_argument("--accuracy", type=positive_int, nargs="*", default=None,
                    help="also measure bf16 errors against float64 at these lengths (H = 2, D = 64)")
     return p
 

@@ -49,6 +49,7 @@ import time
 
 import numpy as np
 
+from hodlr.bench import nonnegative_int, positive_int
 from hodlr.fenwick import num_levels
 from hodlr.fenwick.scan import FenwickState, matmul
 
@@ -57,37 +58,37 @@ __all__ = ["main", "run"]
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hodlr bench-decode", description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--dk", type=int, default=64)
-    p.add_argument("--dv", type=int, default=64)
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--dk", type=positive_int, default=64)
+    p.add_argument("--dv", type=positive_int, default=64)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads (default 1: the steps are small, and OpenMP threads on "
                         "shared cores make the timings erratic)")
-    p.add_argument("--positions", type=int, nargs=2, default=(8, 16), metavar=("A", "B"),
+    p.add_argument("--positions", type=nonnegative_int, nargs=2, default=(8, 16), metavar=("A", "B"),
                    help="time steps around positions 2**A and 2**B (default 8 16)")
-    p.add_argument("--window", type=int, default=256, help="steps timed per repeat (<= 2**A)")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--memory-exponent", type=int, default=20, help="measure state memory at 2**E")
+    p.add_argument("--window", type=positive_int, default=256, help="steps timed per repeat (<= 2**A)")
+    p.add_argument("--repeats", type=positive_int, default=7)
+    p.add_argument("--memory-exponent", type=nonnegative_int, default=20, help="measure state memory at 2**E")
     p.add_argument("--walk", action="store_true",
                    help="also prefill all 2**E tokens at width 1 and report the peak slot count")
-    p.add_argument("--matmul-exponents", type=int, nargs=2, default=(10, 18), metavar=("LO", "HI"))
-    p.add_argument("--matmul-d", type=int, default=64, help="columns of X for the matmul growth")
+    p.add_argument("--matmul-exponents", type=nonnegative_int, nargs=2, default=(10, 18), metavar=("LO", "HI"))
+    p.add_argument("--matmul-d", type=positive_int, default=64, help="columns of X for the matmul growth")
     p.add_argument("--matmul-libraries", nargs="+", choices=("numpy", "torch"), default=("numpy", "torch"))
-    p.add_argument("--matmul-repeats", type=int, default=2)
+    p.add_argument("--matmul-repeats", type=positive_int, default=2)
     p.add_argument("--skip", nargs="*", choices=("step", "memory", "matmul"), default=(),
                    help="measurements to leave out")
     p.add_argument("--gpu-step", action="store_true", help="also time the Triton decode step on the GPU")
     p.add_argument("--gpu-device", default="cuda", help="device of --gpu-step (cpu: interpreter smoke test)")
-    p.add_argument("--gpu-batch", type=int, default=64)
-    p.add_argument("--gpu-heads", type=int, default=16)
-    p.add_argument("--gpu-d", type=int, default=64, help="Dk = Dv of --gpu-step")
-    p.add_argument("--gpu-positions", type=int, nargs="+", default=(2**16 - 1, 2**16))
-    p.add_argument("--gpu-replays", type=int, default=200)
+    p.add_argument("--gpu-batch", type=positive_int, default=64)
+    p.add_argument("--gpu-heads", type=positive_int, default=16)
+    p.add_argument("--gpu-d", type=positive_int, default=64, help="Dk = Dv of --gpu-step")
+    p.add_argument("--gpu-positions", type=nonnegative_int, nargs="+", default=(2**16 - 1, 2**16))
+    p.add_argument("--gpu-replays", type=positive_int, default=200)
     p.add_argument("--gpu-dtype", choices=("float32", "bfloat16"), default="bfloat16",
                    help="dtype of q, k, v (the state is float32)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     return p
 
 

@@ -28,8 +28,8 @@ import datetime as _dt
 import sys
 import traceback
 
-from hodlr.bench import (_commit, _fla_version, _fmt, _rel, _timed, forward_calls, kernel_times, save_figure,
-                         sweep_parser, timer, width_panels, write)
+from hodlr.bench import (_commit, _fla_version, _fmt, _rel, _timed, forward_calls, kernel_times, positive_int,
+                         save_figure, sweep_parser, timer, width_panels, write)
 
 DEFAULT_LENGTHS = (2048, 8192, 16384, 32768, 65536)
 DEFAULT_WIDTHS = (64, 128)
@@ -38,8 +38,9 @@ DEFAULT_WIDTHS = (64, 128)
 def _parser():
     p = sweep_parser("hodlr bench-gated-delta", __doc__.split("\n\n")[0], DEFAULT_LENGTHS, DEFAULT_WIDTHS,
                      "bench-gated-delta")
-    p.add_argument("--accuracy", type=int, nargs="*", default=(), help="lengths of the accuracy check")
-    p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run under TRITON_INTERPRET=1")
+    p.add_argument("--accuracy", type=positive_int, nargs="*", default=(), help="lengths of the accuracy check")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cuda, or cpu for a smoke run under TRITON_INTERPRET=1")
     return p
 
 

@@ -110,8 +110,8 @@ import sys
 import traceback
 import warnings
 
-from hodlr.bench import (_commit, _fmt, _rel, _timed, forward_calls, kernel_times, save_figure, sweep_parser,
-                         timer, width_panels, write)
+from hodlr.bench import (_commit, _fmt, _rel, _timed, forward_calls, kernel_times, positive_int, save_figure,
+                         sweep_parser, timer, width_panels, write)
 from hodlr.bench_gated_delta import _inputs
 
 __all__ = ["main", "run", "patch_hattention"]
@@ -663,12 +663,6 @@ def plot(result, path) -> None:
     save_figure(fig, result, path)
 
 
-def _positive(name, values):
-    """The error message for the first value of option ``name`` that is not positive, or None."""
-    bad = [v for v in values if v <= 0]
-    return f"{name} must be positive, got {bad[0]}" if bad else None
-
-
 def _block_size_pair(text):
     """``"64x32"`` -> ``(64, 32)`` (an ``argparse`` type)."""
     import argparse
@@ -688,7 +682,7 @@ def _parser():
                         "model width 64, 128 tokens, accuracy at T = 128 (GPU defaults: T = "
                         f"{' '.join(map(str, DEFAULT_LENGTHS))}, D = {' '.join(map(str, DEFAULT_WIDTHS))}, "
                         "model width 1024, 65536 tokens)")
-    p.add_argument("--accuracy", type=int, nargs="*", default=None,
+    p.add_argument("--accuracy", type=positive_int, nargs="*", default=None,
                    help="lengths of the accuracy check at B = 1, H = 4, D = 64 (cpu: H = 2); default "
                         f"{' '.join(map(str, DEFAULT_ACCURACY))} (cpu: 128); none when given no length")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
@@ -724,11 +718,6 @@ def main(argv=None) -> int:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, list(value) if isinstance(value, list) else value)
-    for option, values in (("--lengths", args.lengths), ("--widths", args.widths), ("--accuracy", args.accuracy),
-                           ("--model-width", [args.model_width]), ("--tokens", [args.tokens])):
-        message = _positive(option, values)
-        if message:
-            parser.error(message)
     names = ("TRITON_INTERPRET", "TRITON_CACHE_AUTOTUNING", "TRITON_CACHE_DIR")
     saved = {name: os.environ.get(name) for name in names}
     if args.autotune_cache:  # read when the autotuners are built, at hattention's import in run()

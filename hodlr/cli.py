@@ -54,6 +54,7 @@ from hodlr import fenwick
 from hodlr import backends as registry
 from hodlr._accuracy import DECAYS, TOLERANCES, relative_error
 from hodlr._formulas import check_dense_budget
+from hodlr.bench import nonnegative_int, positive_int
 from hodlr.errors import BackendUnavailableError, DenseTooLargeError
 from hodlr.mask import LogLinearMask
 
@@ -415,16 +416,6 @@ def _save_png(T: int, path: str) -> None:
 
 
 # -- argument parsing ----------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _batch(text: str) -> tuple:
     """``"2"`` -> ``(2,)``, ``"2,3"`` -> ``(2, 3)``, ``""`` -> ``()``."""
     if text.strip() in ("", "()"):
@@ -477,25 +468,25 @@ def _ops(text: str) -> tuple:
 
 
 def _add_check_args(p, length, batch, decay):
-    p.add_argument("--length", "-T", type=_positive_int, default=length, help=f"sequence length T (default {length})")
+    p.add_argument("--length", "-T", type=positive_int, default=length, help=f"sequence length T (default {length})")
     p.add_argument("--batch", type=_batch, default=batch, help="batch shape, e.g. 2 or 2,3 (default %(default)s)")
     p.add_argument("--backends", type=_backend_list, default=list(registry.NAMES),
                    help="comma-separated backends (default: all)")
     p.add_argument("--ops", type=_ops, default=("matmul", "attention"), help="matmul, attention or both")
     p.add_argument("--arrays", type=_arrays, default=tuple(ARRAYS),
                    help="array types to run on: numpy, torch (CPU), cuda (default: all present)")
-    p.add_argument("--d", type=_positive_int, default=16, help="matmul width D (default 16)")
-    p.add_argument("--dk", type=_positive_int, default=16, help="attention Dk (default 16)")
-    p.add_argument("--dv", type=_positive_int, default=16, help="attention Dv (default 16)")
+    p.add_argument("--d", type=positive_int, default=16, help="matmul width D (default 16)")
+    p.add_argument("--dk", type=positive_int, default=16, help="attention Dk (default 16)")
+    p.add_argument("--dv", type=positive_int, default=16, help="attention Dv (default 16)")
     p.add_argument("--decay", type=_decay, default=decay,
                    help=f"one of {', '.join(DECAYS)} or a constant per-step log-decay (default {decay})")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeat", type=_positive_int, default=1, help="time the best of this many runs (demo: 2, verify: 1)")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--repeat", type=positive_int, default=1, help="time the best of this many runs (demo: 2, verify: 1)")
     p.add_argument("--reference", choices=("auto", "dense", "rows"), default="auto",
                    help="dense float64, sampled rows from the definition, or auto (dense when it fits the budget)")
-    p.add_argument("--rows", type=int, default=64, help="random rows sampled for the row reference (default 64)")
-    p.add_argument("--interpreter-length", type=_positive_int, default=INTERPRETER_LENGTH,
+    p.add_argument("--rows", type=positive_int, default=64, help="random rows sampled for the row reference (default 64)")
+    p.add_argument("--interpreter-length", type=positive_int, default=INTERPRETER_LENGTH,
                    help=f"prefix length for triton under TRITON_INTERPRET=1 (default {INTERPRETER_LENGTH})")
     p.add_argument("--memory", action="store_true",
                    help="trace the peak of Python/numpy allocations per call and print the peak RSS")
@@ -512,7 +503,7 @@ def _parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="the demo's check at a chosen size")
     _add_check_args(verify, 4097, (1,), "mild")
     show = sub.add_parser("show", help="the level structure of a length-T mask")
-    show.add_argument("T", type=_positive_int)
+    show.add_argument("T", type=positive_int)
     show.add_argument("--png", metavar="FILE", help="also save the structure picture (needs matplotlib)")
     sub.add_parser("backends", help="which backends exist and where they can run")
     for name, module in BENCHES.items():

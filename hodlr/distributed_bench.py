@@ -47,29 +47,31 @@ import platform
 import statistics
 import time
 
+from hodlr.bench import nonnegative_int, positive_int
+
 __all__ = ["main", "run"]
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hodlr bench-cp", description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=1, help="sequences B (default 1)")
-    p.add_argument("--heads", type=int, default=16, help="heads H (default 16)")
-    p.add_argument("--head-dim", type=int, default=64, help="Dk = Dv (default 64)")
+    p.add_argument("--batch", type=positive_int, default=1, help="sequences B (default 1)")
+    p.add_argument("--heads", type=positive_int, default=16, help="heads H (default 16)")
+    p.add_argument("--head-dim", type=positive_int, default=64, help="Dk = Dv (default 64)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="of q, k, v for the timings")
     p.add_argument("--backend", default="auto", help="backend of every local call (default: auto)")
-    p.add_argument("--check", type=int, nargs="*", default=[17, 20], metavar="E",
+    p.add_argument("--check", type=nonnegative_int, nargs="*", default=[17, 20], metavar="E",
                    help="equality at total lengths 2**E (default 17 20)")
     p.add_argument("--check-dtypes", nargs="*", choices=("bfloat16", "float32"), default=["float32", "bfloat16"])
-    p.add_argument("--strong", type=int, nargs="*", default=[20, 21], metavar="E",
+    p.add_argument("--strong", type=nonnegative_int, nargs="*", default=[20, 21], metavar="E",
                    help="strong scaling: total lengths 2**E (default 20 21)")
-    p.add_argument("--weak", type=int, nargs="*", default=[], metavar="E",
+    p.add_argument("--weak", type=nonnegative_int, nargs="*", default=[], metavar="E",
                    help="weak scaling: 2**E tokens per device (default none)")
     p.add_argument("--no-single", action="store_true", help="skip the one-device baselines")
-    p.add_argument("--reps", type=int, default=10, help="timed runs, the median kept (default 10)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+    p.add_argument("--reps", type=positive_int, default=10, help="timed runs, the median kept (default 10)")
+    p.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed runs first (default 3)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cuda: rank r on cuda:LOCAL_RANK, NCCL (default); cpu: gloo")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--out", default=None, metavar="DIR",
                    help="directory for bench-cp.json and bench-cp.png (rank 0 writes them)")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")

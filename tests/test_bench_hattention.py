@@ -127,9 +127,9 @@ def test_autotune_cache_is_set_for_the_run_only(bench_hattention, tmp_path, monk
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["-T", "0"], "--lengths must be positive, got 0"),
-    (["--widths", "16", "-4"], "--widths must be positive, got -4"),
-    (["--accuracy", "0"], "--accuracy must be positive, got 0"),
+    (["-T", "0"], "argument --lengths/-T: expected a positive integer, got 0"),
+    (["--widths", "16", "-4"], "argument --widths: expected a positive integer, got -4"),
+    (["--accuracy", "0"], "argument --accuracy: expected a positive integer, got 0"),
     (["--dtype", "float16"], "--dtype: invalid choice"),
     (["--hatt-blocks", "64"], "--hatt-blocks: want BKxBV with two positive integers, e.g. 64x64; got '64'"),
     (["--hatt-blocks", "64x0"], "got '64x0'"),

@@ -381,3 +381,22 @@ def test_benchmarks_record_the_commit_and_a_changed_tree(tmp_path, monkeypatch):
     assert bench._commit() == head + "+dirty"
     monkeypatch.setenv("HODLR_COMMIT", "f00d")
     assert bench._commit() == "f00d" and bench._commit("abc123") == "abc123"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench-cpu", "-T", "0"], "argument --lengths/-T: expected a positive integer, got 0"),
+    (["bench-cpu", "--repeats", "-1"], "argument --repeats: expected a positive integer, got -1"),
+    (["bench-cpu", "--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
+    (["verify", "-T", "5", "--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
+    (["bench-decode", "--positions", "-1", "3"], "argument --positions: expected an integer >= 0, got -1"),
+    (["bench-decode", "--window", "0"], "argument --window: expected a positive integer, got 0"),
+    (["bench-gated-delta", "--device", "cpu", "-T", "0"], "argument --lengths/-T: expected a positive integer, got 0"),
+    (["bench-gated-delta", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["bench", "--widths", "0"], "argument --widths: expected a positive integer, got 0"),
+    (["bench-cp", "--heads", "0"], "argument --heads: expected a positive integer, got 0"),
+])
+def test_bench_arguments_are_checked_before_running(capsys, argv, message):
+    """Counts, sizes, seeds and exponents are refused as usage errors (exit 2), never a traceback."""
+    with pytest.raises(SystemExit) as err:
+        cli.main(argv)
+    assert err.value.code == 2 and message in capsys.readouterr().err
