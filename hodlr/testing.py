@@ -149,8 +149,13 @@ def masks(
     batch = tuple(_count("batch_shape entries", n) for n in draw(_strategy(batch_shape, "batch_shape")))
     kind = draw(_strategy(decay, "decay"))
     extra = _count("extra_levels", draw(_strategy(extra_levels, "extra_levels")))
-    if not isinstance(T, int) or T < 1:
+    poison, dtype, library, device = (draw(_strategy(x, name)) for x, name in (
+        (poison, "poison"), (dtype, "dtype"), (library, "library"), (device, "device")))
+    if not isinstance(poison, (bool, np.bool_)):
+        raise InvalidArgument(f"poison must be a bool, got {poison!r}")
+    if isinstance(T, (bool, np.bool_)) or not isinstance(T, (int, np.integer)) or T < 1:
         raise InvalidArgument(f"T must be an int >= 1, got {T!r}")
+    T = int(T)
     if kind not in DECAYS:
         raise InvalidArgument(f"decay must be one of {DECAYS}, got {kind!r}")
     if library not in ("numpy", "torch"):

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from hodlr import fenwick
 import hodlr
@@ -117,6 +117,16 @@ def test_strategies_report_misuse_as_invalid_argument():
 
         with pytest.raises(InvalidArgument):
             draw()
+
+
+@settings(max_examples=5)
+@given(M=masks(T=np.int64(9), poison=st.just(False), library=st.just("torch"), dtype=st.just(np.float32),
+               device=st.just("cpu")))
+def test_mask_strategy_takes_a_strategy_for_every_parameter(M):
+    """Each parameter of ``masks`` is a value or a strategy (a strategy of False does not poison)."""
+    torch = pytest.importorskip("torch")
+    assert isinstance(M.level_scales, torch.Tensor) and M.level_scales.dtype == torch.float32 and M.T == 9
+    assert not torch.isnan(M.level_scales).any()
 
 
 def test_level_refuses_positions_beyond_exact_float_range():
