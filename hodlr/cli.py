@@ -530,7 +530,8 @@ def _cmd_check(args) -> int:
 
 def _cmd_show(args) -> int:
     T = args.T
-    M = LogLinearMask(np.ones((T, fenwick.num_levels(T))))
+    # unit level scales as a broadcast view: the structure of any T without memory of size T
+    M = LogLinearMask(np.broadcast_to(np.ones(()), (T, fenwick.num_levels(T))), validate=False)
     if T <= GRID_MAX_T:
         print(level_grid(T))
         print()

@@ -132,6 +132,11 @@ def test_show_png(capsys, tmp_path):
     assert code == 0 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_show_describes_a_huge_length_without_its_memory(capsys):
+    code, out, _ = run(capsys, "show", str(10**11))
+    assert code == 0 and "34,359,738,368 x 34,359,738,368" in out
+
+
 def test_show_png_unwritable_path(tmp_path):
     pytest.importorskip("matplotlib")
     with pytest.raises(SystemExit, match=r"hodlr show --png: cannot write .*missing/m.png: No such file or directory"):
