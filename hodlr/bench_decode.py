@@ -361,7 +361,11 @@ def _bench_gpu_step(args):
 
 def run(argv=None) -> dict:
     """Run the benchmark and return the results as a dict."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for name, (lo, hi) in (("--positions", args.positions), ("--matmul-exponents", args.matmul_exponents)):
+        if lo > hi:
+            parser.error(f"{name} must be in increasing order, got {lo} {hi}")
     results = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
                "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine()}}
     if "step" not in args.skip or "memory" not in args.skip:

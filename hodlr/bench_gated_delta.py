@@ -33,14 +33,19 @@ from hodlr.bench import (_commit, _fla_version, _fmt, _rel, _timed, forward_call
 
 DEFAULT_LENGTHS = (2048, 8192, 16384, 32768, 65536)
 DEFAULT_WIDTHS = (64, 128)
+CPU_DEFAULTS = {"lengths": [64], "widths": [16], "model_width": 32, "tokens": 128}
+"""The sweep of a ``--device cpu`` smoke run where none is given (the GPU sweep takes minutes
+under the interpreter)."""
 
 
 def _parser():
     p = sweep_parser("hodlr bench-gated-delta", __doc__.split("\n\n")[0], DEFAULT_LENGTHS, DEFAULT_WIDTHS,
                      "bench-gated-delta")
+    p.set_defaults(lengths=None, widths=None, model_width=None, tokens=None)
     p.add_argument("--accuracy", type=positive_int, nargs="*", default=(), help="lengths of the accuracy check")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                   help="cuda, or cpu for a smoke run under TRITON_INTERPRET=1")
+                   help="cuda, or cpu for a smoke run under TRITON_INTERPRET=1 (default sweep: T = 64, D = 16, "
+                        "model width 32, 128 tokens)")
     return p
 
 
@@ -180,6 +185,10 @@ def plot(result, path) -> None:
 def main(argv=None) -> int:
     """Entry point of ``hodlr bench-gated-delta``; returns the exit status."""
     args = _parser().parse_args(argv)
+    gpu = {"lengths": list(DEFAULT_LENGTHS), "widths": list(DEFAULT_WIDTHS), "model_width": 1024, "tokens": 65536}
+    for name, value in (CPU_DEFAULTS if args.device == "cpu" else gpu).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     write(run(args), args.json, args.png, plot)
     return 0
 

@@ -103,6 +103,10 @@ def payload_bytes(rows: int, heads: int, slots: int, Dk: int, Dv: int, *, decay:
     >>> payload_bytes(1, 16, 21, 64, 64)  # one sequence of up to 2**21 tokens, 16 heads of 64
     5505088
     """
+    sizes = {"rows": rows, "heads": heads, "slots": slots, "Dk": Dk, "Dv": Dv, "itemsize": itemsize}
+    for name, value in sizes.items():
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     return int(rows) * int(heads) * (int(slots) * int(Dk) * int(Dv) + int(bool(decay))) * int(itemsize)
 
 

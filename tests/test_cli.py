@@ -340,6 +340,17 @@ def test_bench_times_fla_only_up_to_its_width(monkeypatch):
     assert wide["fwd"] == narrow["sdpa_fwd"] == 1.0
 
 
+def test_bench_gated_delta_cpu_defaults_are_a_smoke_run(tmp_path):
+    """``--device cpu`` without a sweep runs a tiny one (the GPU sweep would take minutes)."""
+    pytest.importorskip("torch")
+    from hodlr import bench_gated_delta
+
+    out = tmp_path / "g.json"
+    assert bench_gated_delta.main(["--device", "cpu", "--json", str(out), "--png", ""]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["D"], row["T"], row["B"]) == (16, 64, 2)
+
+
 def test_bench_keeps_the_rows_of_a_stopped_run(tmp_path, monkeypatch):
     """A benchmark stopped part-way (here in its accuracy section) leaves a JSON with the rows it
     measured, marked ``"complete": false``; a finished run is marked ``true``."""
@@ -399,6 +410,7 @@ def test_benchmarks_record_the_commit_and_a_changed_tree(tmp_path, monkeypatch):
     (["bench-gated-delta", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     (["bench", "--widths", "0"], "argument --widths: expected a positive integer, got 0"),
     (["bench-cp", "--heads", "0"], "argument --heads: expected a positive integer, got 0"),
+    (["bench-decode", "--matmul-exponents", "5", "2"], "--matmul-exponents must be in increasing order, got 5 2"),
 ])
 def test_bench_arguments_are_checked_before_running(capsys, argv, message):
     """Counts, sizes, seeds and exponents are refused as usage errors (exit 2), never a traceback."""

@@ -388,6 +388,8 @@ def test_shard_offsets_and_payload():
         shard_offsets(4.0, 2)
     assert payload_bytes(2, 3, 4, 5, 6, decay=False, itemsize=8) == 2 * 3 * 4 * 5 * 6 * 8
     assert payload_bytes(1, 16, 21, 64, 64) == 16 * (21 * 64 * 64 + 1) * 4
+    with pytest.raises(ValueError, match="rows must be an integer >= 0, got -1"):
+        payload_bytes(-1, 2, 3, 4, 4)
 
 
 @settings(max_examples=10, deadline=None)
