@@ -87,7 +87,8 @@ def check_scale(scale):
     try:
         scale = float(scale)
     except OverflowError:
-        raise ValueError(f"scale must be finite, got an integer of {int(scale).bit_length()} bits (beyond float64)") from None
+        raise ValueError(f"scale must be finite, got an integer of {int(scale).bit_length()} bits "
+                         "(beyond float64)") from None
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return scale

@@ -61,6 +61,22 @@ def _int_at_least(text: str, low: int, what: str) -> int:
     return value
 
 
+MODEL_WIDTH, TOKENS = 1024, 65536
+"""The GPU sweep's model width ``H * D`` and tokens ``B * T`` (:func:`sweep_parser`'s defaults)."""
+
+
+def fill_device_defaults(args, lengths, widths, cpu: dict, **gpu) -> None:
+    """For a parser whose sweep defaults depend on ``--device`` (``p.set_defaults(lengths=None,
+    widths=None, model_width=None, tokens=None)``): set each argument still None from ``cpu`` for
+    ``--device cpu``, else from the GPU sweep (``lengths``, ``widths``, :data:`MODEL_WIDTH`,
+    :data:`TOKENS` and ``gpu``)."""
+    if args.device != "cpu":
+        cpu = {"lengths": lengths, "widths": widths, "model_width": MODEL_WIDTH, "tokens": TOKENS, **gpu}
+    for name, value in cpu.items():
+        if getattr(args, name) is None:
+            setattr(args, name, list(value) if isinstance(value, (list, tuple)) else value)
+
+
 def sweep_parser(prog, description, lengths, widths, outputs):
     """The arguments every GPU benchmark shares: the ``(T, D)`` sweep at a fixed ``B·T`` and
     model width, ``do_bench`` settings, the JSON and picture paths (``outputs.json`` /
@@ -68,8 +84,8 @@ def sweep_parser(prog, description, lengths, widths, outputs):
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--lengths", "-T", type=positive_int, nargs="+", default=list(lengths), help="sequence lengths")
     p.add_argument("--widths", type=positive_int, nargs="+", default=list(widths), help="head widths Dk = Dv")
-    p.add_argument("--model-width", type=positive_int, default=1024, help="H * D (H = model_width // D heads)")
-    p.add_argument("--tokens", type=positive_int, default=65536, help="B*T (B = max(1, tokens // T))")
+    p.add_argument("--model-width", type=positive_int, default=MODEL_WIDTH, help="H * D (H = model_width // D heads)")
+    p.add_argument("--tokens", type=positive_int, default=TOKENS, help="B*T (B = max(1, tokens // T))")
     p.add_argument("--warmup", type=positive_int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=positive_int, default=100, help="do_bench repetitions, ms")
     p.add_argument("--json", default=f"{outputs}.json",

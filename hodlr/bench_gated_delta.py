@@ -28,8 +28,8 @@ import datetime as _dt
 import sys
 import traceback
 
-from hodlr.bench import (_commit, _fla_version, _fmt, _rel, _timed, forward_calls, kernel_times, positive_int,
-                         save_figure, sweep_parser, timer, width_panels, write)
+from hodlr.bench import (_commit, _fla_version, _fmt, _rel, _timed, fill_device_defaults, forward_calls,
+                         kernel_times, positive_int, save_figure, sweep_parser, timer, width_panels, write)
 
 DEFAULT_LENGTHS = (2048, 8192, 16384, 32768, 65536)
 DEFAULT_WIDTHS = (64, 128)
@@ -185,10 +185,7 @@ def plot(result, path) -> None:
 def main(argv=None) -> int:
     """Entry point of ``hodlr bench-gated-delta``; returns the exit status."""
     args = _parser().parse_args(argv)
-    gpu = {"lengths": list(DEFAULT_LENGTHS), "widths": list(DEFAULT_WIDTHS), "model_width": 1024, "tokens": 65536}
-    for name, value in (CPU_DEFAULTS if args.device == "cpu" else gpu).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    fill_device_defaults(args, DEFAULT_LENGTHS, DEFAULT_WIDTHS, CPU_DEFAULTS)
     write(run(args), args.json, args.png, plot)
     return 0
 

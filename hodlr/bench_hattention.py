@@ -110,8 +110,8 @@ import sys
 import traceback
 import warnings
 
-from hodlr.bench import (_commit, _fmt, _rel, _timed, forward_calls, kernel_times, positive_int, save_figure,
-                         sweep_parser, timer, width_panels, write)
+from hodlr.bench import (_commit, _fmt, _rel, _timed, fill_device_defaults, forward_calls, kernel_times,
+                         positive_int, save_figure, sweep_parser, timer, width_panels, write)
 from hodlr.bench_gated_delta import _inputs
 
 __all__ = ["main", "run", "patch_hattention"]
@@ -331,7 +331,7 @@ def _block_configs(blocks):
         name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
         if not configs:
             raise BlocksNotOffered(f"--hatt-blocks: {name} offers (BK, BV) in {sorted(set(offered))}, got "
-                             f"{sorted(blocks)}; want at least one of its pairs")
+                                   f"{sorted(blocks)}; want at least one of its pairs")
         autotuner.configs = configs
         kept[name] = sorted(_block_pair(c) for c in configs)
     return kept
@@ -610,7 +610,8 @@ def run(args) -> dict:
         "fla": fla_version, "fla_path": fla_path, "hattention_commit": HATT_COMMIT,
         "dtype": str(args.dtype).replace("torch.", ""), "hatt_l_dtype": str(args.hatt_l_dtype).replace("torch.", ""),
         "hatt_levels": args.hatt_levels or "num_levels(T)",
-        "hatt_blocks": [f"{bk}x{bv}" for bk, bv in args.hatt_blocks] if args.hatt_blocks else "all", "tokens": args.tokens, "model_width": args.model_width,
+        "hatt_blocks": [f"{bk}x{bv}" for bk, bv in args.hatt_blocks] if args.hatt_blocks else "all",
+        "tokens": args.tokens, "model_width": args.model_width,
         "rows": [], "accuracy": [], "complete": False,
         "notes": ("hatt = hattention chunk_h_gated_delta_rule(q, k, v, g, l=λ·scale, beta, scale, "
                   "use_qk_l2norm_in_kernel=True) with the run-time adaptations of hodlr.bench_hattention "
@@ -712,12 +713,7 @@ def main(argv=None) -> int:
     """Entry point of ``hodlr bench-hattention``; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    defaults = CPU_DEFAULTS if args.device == "cpu" else {
-        "lengths": list(DEFAULT_LENGTHS), "widths": list(DEFAULT_WIDTHS), "model_width": 1024, "tokens": 65536,
-        "accuracy": list(DEFAULT_ACCURACY)}
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, list(value) if isinstance(value, list) else value)
+    fill_device_defaults(args, DEFAULT_LENGTHS, DEFAULT_WIDTHS, CPU_DEFAULTS, accuracy=DEFAULT_ACCURACY)
     names = ("TRITON_INTERPRET", "TRITON_CACHE_AUTOTUNING", "TRITON_CACHE_DIR")
     saved = {name: os.environ.get(name) for name in names}
     if args.autotune_cache:  # read when the autotuners are built, at hattention's import in run()

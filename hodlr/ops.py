@@ -186,11 +186,7 @@ def _forward(q, k, v, g, level_scales, scale, init_states, init_positions, cu_se
     T = q.shape[2]
     needs_state = init_states is not None or output_final_state
     module = _resolve(backend, q.device, T, needs_state or cu_seqlens is not None)
-    if q.shape[0] == 0 and needs_state and registry.has_state(module):  # an empty batch: nothing to run
-        H, Dk, Dv = v.shape[1], q.shape[3], v.shape[3]
-        out = v.new_zeros(v.shape), (level_scales.new_zeros((0, H, final_slots, Dk, Dv)),
-                                     torch.zeros(0, dtype=torch.int64, device=q.device))
-    elif registry.has_state(module) and (needs_state or cu_seqlens is not None):
+    if registry.has_state(module) and (needs_state or cu_seqlens is not None):
         out = module.attention_state(q, k, v, level_scales, g, scale, init_states, init_positions, cu_seqlens,
                                      output_final_state)
     elif needs_state:

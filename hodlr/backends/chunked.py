@@ -359,8 +359,10 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
     read = valid[:, :, None] & ((lev == 0) | (((P[:, :, None] >> np.maximum(lev - 1, 0)) & 1) == 1))
     lam = torch.where(torch.as_tensor(read[:, None, None], device=dev), lam, torch.zeros((), dtype=work, device=dev))
     g = None if log_decay is None else _rows(log_decay, src, 0).unflatten(1, (Hqk, grp))
-    if g is not None and (P == 0).any():  # the log-decay of absolute position 0 multiplies no pair
-        g = torch.where(torch.as_tensor(P == 0, device=dev)[:, None, None], torch.zeros((), dtype=g.dtype, device=dev), g)
+    first = P == 0  # the log-decay of absolute position 0 multiplies no pair
+    if g is not None and first.any():
+        zero = torch.zeros((), dtype=g.dtype, device=dev)
+        g = torch.where(torch.as_tensor(first, device=dev)[:, None, None], zero, g)
 
     # levels 0..c: dense inside each aligned chunk; levels > c: the hierarchy of chunk states
     ch = _Chunks(lam, g, C)

@@ -74,7 +74,10 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
                 final = final.index_copy(1, torch.as_tensor([lev - 1 for lev in levels], device=v.device),
                                          torch.stack([live[lev].flatten(0, 1) for lev in levels], 1))
             finals.append(final)
-    o = (torch.stack(outs) if cu_seqlens is None else torch.cat(outs, 1)[None]).to(v.dtype)
+    if not outs:  # an empty batch
+        o = v.new_zeros((0, H, T, Dv))
+    else:
+        o = (torch.stack(outs) if cu_seqlens is None else torch.cat(outs, 1)[None]).to(v.dtype)
     if not output_final_state:
         return o
     positions = torch.as_tensor(start + length, dtype=torch.int64, device=v.device)
