@@ -29,10 +29,20 @@ class Options:
         ``C = 64``).  Read by ``hodlr.attention`` and ``hodlr.log_linear_attn`` (eager and under
         ``torch.compile``) on their common path (no state, no packed sequences).  False recomputes
         the same states.  Default True.
+    gated_delta_save_states : bool
+        The ``triton`` backend's differentiable log-linear Gated DeltaNet keeps the forward's
+        chunk products and hierarchy (``X``, ``W``, the states and transitions) for the backward
+        instead of recomputing them (``docs/kernels.md`` §7): about ``4 (C + Dk) + 4 Dk (Dk + Dv) / C``
+        more bytes a token and head for bfloat16 inputs (1,408 at ``Dk = Dv = 64``, 4,736 at 128,
+        the chunk ``C = 32``) held from the forward to the backward.  Read by
+        ``hodlr.gated_delta_attention`` and ``hodlr.log_linear_gated_delta_rule`` (eager; under
+        ``torch.compile`` the operator's backward recomputes the forward).  False recomputes the
+        same values.  Default True.
     """
 
     dense_max_bytes: int = int(os.environ.get("HODLR_DENSE_MAX_BYTES", 2 * 2**30))
     attention_save_states: bool = True
+    gated_delta_save_states: bool = True
 
 
 options = Options()

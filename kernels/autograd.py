@@ -21,7 +21,7 @@ from .matmul import matmul_forward
 from .attention_backward import attention_backward, attention_state_backward
 from .bucket_states import bucket_pieces, bucket_states_backward, bucket_states_forward
 from .carried_reads import carried_reads_backward, carried_reads_forward
-from .gated_delta import gated_delta_forward
+from .gated_delta import Chunks, gated_delta_forward
 from .gated_delta_backward import MAX_BACKWARD_CHUNK, gated_delta_backward
 from .matmul_backward import matmul_backward
 
@@ -150,31 +150,49 @@ def matmul(level_scales, log_decay, x, *, chunk=None, check=None):
 
 class _GatedDelta(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, beta, level_scales, log_decay, scale, chunk, check):
-        ctx.save_for_backward(q, k, v, beta, level_scales, log_decay)
-        ctx.scale, ctx.chunk = scale, chunk
-        return gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale, chunk=chunk, check=check)
+    def forward(ctx, q, k, v, beta, level_scales, log_decay, scale, chunk, check, save_states):
+        ctx.scale = scale
+        ctx.chunk = min(check_chunk(chunk, "gated_delta"), MAX_BACKWARD_CHUNK)  # any chunk: the same gradients
+        if not save_states or ctx.chunk != check_chunk(chunk, "gated_delta"):
+            ctx.save_for_backward(q, k, v, beta, level_scales, log_decay)
+            return gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale, chunk=chunk, check=check)
+        o, ch = gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale, chunk=chunk, check=check,
+                                    return_chunks=True)
+        ctx.save_for_backward(q, k, v, beta, level_scales, log_decay, ch.X, ch.W, ch.states, ch.trans, ch.decays)
+        ctx.n = ch.n
+        return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, beta, level_scales, log_decay = ctx.saved_tensors
-        chunk = min(check_chunk(ctx.chunk, "gated_delta"), MAX_BACKWARD_CHUNK)  # any chunk: the same gradients
-        grads = gated_delta_backward(q, k, v, beta, level_scales, log_decay, ctx.scale, do, chunk=chunk)
-        return (*grads, None, None, None)
+        q, k, v, beta, level_scales, log_decay, *kept = ctx.saved_tensors
+        chunks = Chunks(*kept, ctx.chunk, ctx.n) if kept else None
+        grads = gated_delta_backward(q, k, v, beta, level_scales, log_decay, ctx.scale, do, chunk=ctx.chunk,
+                                     chunks=chunks)
+        return (*grads, None, None, None, None)
 
 
-def gated_delta(q, k, v, beta, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None, check=None):
+def gated_delta(q, k, v, beta, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None, check=None,
+                save_states: bool = True):
     """Differentiable :func:`gated_delta_forward` (same arguments and result).
 
     Gradients flow to ``q, k, v, beta, level_scales`` and ``log_decay`` (the Triton backward,
     :func:`gated_delta_backward`, at ``min(chunk, MAX_BACKWARD_CHUNK)``: the gradients do not depend
     on the chunk); never-read level scales get exactly 0.
+
+    ``save_states``: the forward keeps its ``X``, ``W`` and hierarchy (:class:`kernels.gated_delta.Chunks`)
+    for the backward, which then skips recomputing them (when the forward's chunk is the
+    backward's, ``chunk <= MAX_BACKWARD_CHUNK``; ``docs/kernels.md`` §7: about
+    ``4 (C + Dk) + 4 Dk (Dk + Dv) / C`` bytes a token and head for bfloat16 inputs, 1,408 at
+    ``Dk = Dv = 64``, 4,736 at 128, ``C = 32``); False: the backward recomputes the same values
+    (the same gradients, bit for bit).
     """
+    if not isinstance(save_states, bool):
+        raise TypeError(f"save_states must be a bool, got {type(save_states).__name__}")
     batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2], beta.shape[:-1], level_scales.shape[:-2],
                             () if log_decay is None else log_decay.shape[:-1])
     q, k, v, beta, level_scales, log_decay = _broadcast(
         [(q, 2), (k, 2), (v, 2), (beta, 1), (level_scales, 2), (log_decay, 1)], batch)
-    return _GatedDelta.apply(q, k, v, beta, level_scales, log_decay, float(scale), chunk, check)
+    return _GatedDelta.apply(q, k, v, beta, level_scales, log_decay, float(scale), chunk, check, save_states)
 
 
 def _per_query_head(grad, x):

@@ -402,7 +402,7 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
 
 
 def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None,
-                        out=None, check=None):
+                        out=None, check=None, return_chunks: bool = False):
     """Log-linear Gated DeltaNet forward on the GPU (or the Triton interpreter).
 
     Parameters
@@ -426,11 +426,17 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
         A one-element int32 tensor holding 0 on the inputs' device: the output kernel sets it to 1
         if a level scale that is read or a log-decay is NaN or infinite (as
         :func:`kernels.attention.attention_forward`'s ``check``).
+    return_chunks : bool
+        Also return the :class:`Chunks` (``X``, ``W`` and the hierarchy) that
+        :func:`kernels.gated_delta_backward.gated_delta_backward` takes (``chunks=``) instead of
+        recomputing them.
 
     Returns
     -------
-    torch.Tensor ``(*batch, T, Dv)``.
+    torch.Tensor ``(*batch, T, Dv)``, or ``(output, Chunks)`` with ``return_chunks``.
     """
+    if not isinstance(return_chunks, bool):
+        raise TypeError(f"return_chunks must be a bool, got {type(return_chunks).__name__}")
     layout = gated_delta_layout(q, k, v, beta, level_scales, log_decay)
     C = check_chunk(chunk, "gated_delta")
     check_flag(check, q.device)
@@ -450,4 +456,4 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
         C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=layout.tensors["g"] is not None, ACC=acc, PREC=prec,
         EXACT=exact, NATIVE=not interpreting(), BL=check_block(T, check),
         num_warps=NUM_WARPS["gated_delta_output" if DK <= 64 else "gated_delta_output_wide"])
-    return out
+    return (out, ch) if return_chunks else out

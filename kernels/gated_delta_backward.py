@@ -3,7 +3,8 @@
 Reverse mode through the forward's three stages, for a cotangent ``dO``:
 
 1. :func:`kernels.gated_delta.chunk_hierarchy` recomputes ``X``, ``W`` and the hierarchy ``H``, ``T``
-   (``T = γ I + R`` held as ``γ`` and ``R``; the backward reads whole transitions, ``transition_tile``).
+   (``T = γ I + R`` held as ``γ`` and ``R``; the backward reads whole transitions, ``transition_tile``),
+   unless the forward's are handed over (``chunks=``, what :func:`kernels.gated_delta` keeps).
 2. ``_reader_kernel`` (one program per group of ``READER_GROUP`` chunks) differentiates the walk.
    With the set bits ``h_1 < ... < h_m`` of chunk ``i``, ``q_0 = Q̃`` and ``q_k = q_{k-1} T_{h_k}``,
    the reads are ``scale λ_{h_k} ⊙ q_{k-1} H_{h_k}``; level by level from the top down it writes
@@ -33,10 +34,10 @@ import triton.language as tl
 
 from . import _layout
 from ._device import chunk_rows, dot, intra_scales
-from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_chunk, compute_types, hierarchy_sizes, interpreting,
-                      level_offsets, next_power_of_2)
-from .gated_delta import (chunk_hierarchy, gated_delta_layout, gates, load_rows, matrix_tile, store_matrix_tile, tiles,
-                          transition_tile)
+from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, hierarchy_sizes,
+                      interpreting, level_offsets, next_power_of_2)
+from .gated_delta import (Chunks, chunk_hierarchy, gated_delta_layout, gates, load_rows, matrix_tile, store_matrix_tile,
+                          tiles, transition_tile)
 
 
 READER_GROUP = 8
@@ -354,7 +355,32 @@ def _gradient_pyramid(ch, offsets, group: int, stored_dh: bool):
     return dH, dT
 
 
-def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, chunk=None):
+def _check_chunks(chunks, layout, C):
+    """Refuse ``chunks`` that are not what the forward of this call at chunk ``C`` leaves."""
+    if not isinstance(chunks, Chunks):
+        raise TypeError(f"chunks must be the Chunks that gated_delta_forward(..., return_chunks=True) returns, "
+                        f"got {type(chunks).__name__}")
+    v = layout.tensors["v"]
+    work = torch.float64 if v.dtype == torch.float64 else torch.float32
+    n = chunk_count(layout.T, C)
+    N = level_offsets(n)[-1]
+    B, DK, DV = layout.B, layout.DK, layout.DV
+    want = {"X": ((B, n, C, C), work), "W": ((B, n, C, DK), work),
+            "states": ((B, N, DK * DV), chunks.states.dtype), "trans": ((B, N, DK * DK), chunks.states.dtype)}
+    if layout.tensors["g"] is not None:
+        want["decays"] = ((B, N), work)
+    for name, (shape, dtype) in want.items():
+        x = getattr(chunks, name)
+        if x is None or tuple(x.shape) != shape or x.dtype != dtype or x.device != v.device:
+            got = None if x is None else (tuple(x.shape), x.dtype, x.device)
+            raise ValueError(f"chunks must be the forward's of this call at chunk {C}: {name} should be {shape} "
+                             f"{dtype} on {v.device}, got {got}")
+    if chunks.C != C or chunks.n != n or chunks.states.dtype not in (work, torch.bfloat16):
+        raise ValueError(f"chunks must be the forward's of this call at chunk {C} ({n} chunks), got chunk "
+                         f"{chunks.C} ({chunks.n} chunks), states {chunks.states.dtype}")
+
+
+def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, chunk=None, chunks=None):
     """Gradients of ``O = gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale)`` for ``dO``.
 
     Parameters
@@ -370,6 +396,10 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         Chunk size of the recomputation and the backward kernels, a power of two in
         ``[16, MAX_BACKWARD_CHUNK]`` (the gradients do not depend on it; default
         ``DEFAULT_CHUNK["gated_delta"]``).
+    chunks : kernels.gated_delta.Chunks, optional
+        The forward's ``X``, ``W`` and hierarchy at the same ``chunk``
+        (``gated_delta_forward(..., return_chunks=True)``), read instead of recomputed: the same
+        gradients, bit for bit.  None recomputes them.
 
     Returns
     -------
@@ -389,7 +419,11 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     work = torch.float64 if v.dtype == torch.float64 else torch.float32
     dev = v.device
     has_g = layout.tensors["g"] is not None
-    ch = chunk_hierarchy(layout, C)
+    if chunks is None:
+        ch = chunk_hierarchy(layout, C)
+    else:
+        _check_chunks(chunks, layout, C)
+        ch = chunks
     n, N = ch.n, ch.states.shape[1]
     n_bits = (n - 1).bit_length()
     BDK, BDV, n_dv = tiles(layout)

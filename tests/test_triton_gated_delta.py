@@ -400,6 +400,90 @@ def test_public_api_gradients(rng):
         assert_close(got, want, GRAD_TOL[torch.float64], f"log_linear_gated_delta_rule d{name}")
 
 
+def _differentiate(inputs, w, **kwargs):
+    """``(gradients, chunk sizes the hierarchy was built with, tensors the graph saved)`` of
+    ``Σ w ⊙ kernels.gated_delta(*inputs, 0.3, **kwargs)`` on the kernels' device (float64 under
+    the interpreter, float32 on a GPU), with every scratch buffer NaN-filled."""
+    leaves = [None if x is None else x.to(DEVICE, DTYPES[0]).requires_grad_(True) for x in inputs]
+    with _nan_scratch(), _chunks_used() as built:
+        out = kernels.gated_delta(*leaves, 0.3, **kwargs)
+        saved = len(out.grad_fn.saved_tensors)
+        grads = torch.autograd.grad((out * w.to(out)).sum(), [x for x in leaves if x is not None])
+    return grads, built, saved
+
+
+@pytest.mark.parametrize("T, decay", [(1, True), (33, False), (70, True)])
+def test_saved_chunks_equal_recomputed(T, decay):
+    """The forward's ``X``, ``W`` and hierarchy kept for the backward (``save_states=True``, the
+    default) give the gradients of a backward that recomputes them, bit for bit, and the backward
+    then builds no hierarchy of its own; so does ``gated_delta_backward`` handed them directly."""
+    q, k, v, beta, lam, g, w = _one_sequence(T, 3, seed=T)
+    inputs = (q, k, v, beta, lam, g if decay else None)
+    kept, built_kept, saved_kept = _differentiate(inputs, w, chunk=CHUNK)
+    again, built_again, saved_again = _differentiate(inputs, w, chunk=CHUNK, save_states=False)
+    assert built_kept == [CHUNK] and built_again == [CHUNK, CHUNK]
+    assert (saved_kept, saved_again) == (11, 6)
+    dev = [None if x is None else x.to(DEVICE, DTYPES[0]) for x in inputs]
+    _, chunks = kernels.gated_delta_forward(*dev, 0.3, chunk=CHUNK, return_chunks=True)
+    backward = sys.modules["hodlr.kernels.gated_delta_backward"].gated_delta_backward
+    direct = [x for x in backward(*dev, 0.3, w.to(DEVICE, DTYPES[0]), chunk=CHUNK, chunks=chunks) if x is not None]
+    for a, b, c in zip(kept, again, direct):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_saved_chunks_only_at_the_backward_chunk():
+    """A forward at a chunk wider than ``MAX_BACKWARD_CHUNK`` keeps nothing beyond its inputs (its
+    hierarchy is not the backward's) and its backward recomputes at the backward's chunk."""
+    q, k, v, beta, lam, g, w = _one_sequence(70, 3, seed=7)
+    grads, built, saved = _differentiate((q, k, v, beta, lam, g), w, chunk=64)
+    assert built == [64, 32] and saved == 6
+    want, _, _ = _differentiate((q, k, v, beta, lam, g), w, chunk=32)
+    for a, b in zip(grads, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_option_decides_what_the_gated_delta_call_keeps(keep, monkeypatch):
+    """``hodlr.options.gated_delta_save_states`` through ``hodlr.gated_delta_attention(...,
+    backend="triton")``: the graph holds the inputs and, when True, the forward's chunk products
+    and hierarchy; the gradients are the same either way."""
+    q, k, v, beta, lam, g, w = _one_sequence(40, 3, seed=40)
+    grads = []
+    for option in (keep, not keep):
+        monkeypatch.setattr(hodlr.options, "gated_delta_save_states", option)
+        leaves = [x.to(DEVICE, DTYPES[0]).requires_grad_(True) for x in (q, k, v, beta, lam, g)]
+        out = hodlr.gated_delta_attention(*leaves[:4], hodlr.LogLinearMask(leaves[4], leaves[5]), scale=0.3,
+                                          backend="triton")
+        assert len(out.grad_fn.saved_tensors) == (11 if option else 6)
+        grads.append(torch.autograd.grad((out * w.to(out)).sum(), leaves))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(hodlr.options, "gated_delta_save_states", "yes")
+    leaves = [x.to(DEVICE, DTYPES[0]).requires_grad_(True) for x in (q, k, v, beta, lam, g)]
+    with pytest.raises(TypeError, match="save_states must be a bool, got str"):
+        hodlr.gated_delta_attention(*leaves[:4], hodlr.LogLinearMask(leaves[4], leaves[5]), backend="triton")
+
+
+def test_saved_chunks_refused_when_they_do_not_fit():
+    q, k, v, beta, lam, g, w = _one_sequence(40, 3, seed=4)
+    dev = [x.to(DEVICE, DTYPES[0]) for x in (q, k, v, beta, lam, g)]
+    backward = sys.modules["hodlr.kernels.gated_delta_backward"].gated_delta_backward
+    _, chunks = kernels.gated_delta_forward(*dev, 0.3, chunk=CHUNK, return_chunks=True)
+    do = w.to(DEVICE, DTYPES[0])
+    with pytest.raises(ValueError, match=r"chunks must be the forward's of this call at chunk 32: X should be"):
+        backward(*dev, 0.3, do, chunk=32, chunks=chunks)
+    with pytest.raises(ValueError, match=r"decays should be .*got None"):
+        backward(*dev, 0.3, do, chunk=CHUNK, chunks=chunks._replace(decays=None))
+    with pytest.raises(ValueError, match=r"states should be .*got"):
+        backward(*dev, 0.3, do, chunk=CHUNK, chunks=chunks._replace(states=chunks.states[:, :-1]))
+    with pytest.raises(TypeError, match="chunks must be the Chunks .* got tuple"):
+        backward(*dev, 0.3, do, chunk=CHUNK, chunks=tuple(chunks))
+    with pytest.raises(TypeError, match="return_chunks must be a bool, got str"):
+        kernels.gated_delta_forward(*dev, 0.3, return_chunks="yes")
+    with pytest.raises(TypeError, match="save_states must be a bool, got int"):
+        kernels.gated_delta(*dev, 0.3, save_states=1)
+
+
 @triton.jit
 def _round_tf32_kernel(x_ptr, y_ptr, N: tl.constexpr):
     i = tl.arange(0, N)

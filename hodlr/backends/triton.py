@@ -95,9 +95,11 @@ def kept_state_shapes(q, v):
 
 def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale, *, check=None):
     from hodlr import kernels
+    from hodlr.options import options
 
     if _wants_grad(q, k, v, beta, level_scales, log_decay):
-        return kernels.gated_delta(q, k, v, beta, level_scales, log_decay, scale, check=check)
+        return kernels.gated_delta(q, k, v, beta, level_scales, log_decay, scale, check=check,
+                                   save_states=options.gated_delta_save_states)
     return kernels.gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale, check=check)
 
 
