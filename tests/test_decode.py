@@ -132,12 +132,13 @@ def test_first_step_ignores_the_log_decay_of_position_zero(step):
     with g = inf gives what g = 0 gives, as the ops do."""
     gen = torch.Generator().manual_seed(5)
     B, H, D = 2, 2, 3
-    q, v = (torch.randn(B, 1, H, D, generator=gen) for _ in range(2))
-    k = torch.nn.functional.normalize(torch.randn(B, 1, H, D, generator=gen), dim=-1)
-    beta, lam = torch.rand(B, 1, H, generator=gen), torch.rand(B, 1, H, 5, generator=gen)
+    q, v = (dev(torch.randn(B, 1, H, D, generator=gen)) for _ in range(2))
+    k = dev(torch.nn.functional.normalize(torch.randn(B, 1, H, D, generator=gen), dim=-1))
+    beta, lam = dev(torch.rand(B, 1, H, generator=gen)), dev(torch.rand(B, 1, H, 5, generator=gen))
     results = []
     for g in (torch.zeros(B, 1, H), torch.full((B, 1, H), float("inf"))):
-        state = hodlr.LogLinearState.zeros(B, H, D, D, slots=3)
+        g = dev(g)
+        state = hodlr.LogLinearState.zeros(B, H, D, D, slots=3, dtype=KERNEL_DT, device=DEVICE)
         if step == "gated_delta":
             o = hodlr.log_linear_gated_delta_step(q, k, v, g, beta, lam, state)
         else:
