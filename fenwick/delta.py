@@ -161,7 +161,7 @@ class GatedDeltaState(_StreamingState):
         scalar = "(*batch" + ("" if T is None else ", T") + ")"
         beta = self._operand("beta", beta, lead, scalar)
         lam = self._operand("level_scales", level_scales, lead + (None,), lay + "L)")
-        g = None if log_decay is None else self._operand("log_decay", log_decay, lead, scalar)
+        g = self._log_decay(log_decay, lead, scalar)
         return q, k, v, beta, lam, g, int(lam.shape[-1])
 
     # -- the recurrence ----------------------------------------------------------------

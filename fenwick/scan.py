@@ -225,6 +225,18 @@ class _StreamingState:
             raise ValueError(f"{name} must have shape {layout} = {shown}, got shape {tuple(x.shape)}")
         return x.reshape((self._B,) + tuple(tail))
 
+    def _log_decay(self, log_decay, lead, layout):
+        """``log_decay`` checked as an operand of shape ``batch_shape + lead`` (None passes), with the
+        entry of absolute position 0 set to 0: the state is empty there, so that log-decay
+        multiplies nothing (whatever its value, NaN or inf included) and gets a zero gradient."""
+        if log_decay is None:
+            return None
+        g = self._operand("log_decay", log_decay, lead, layout)
+        if self._pos:
+            return g
+        first = as_like(np.arange(lead[0]) == 0 if lead else np.array(True), g)
+        return namespace(g).where(first, zeros((), g), g)
+
     def _check_levels(self, L, last):
         need = num_levels(last + 1)
         if L < need:
@@ -397,9 +409,7 @@ class FenwickState(_StreamingState):
         v = self._operand("v", v, lead + (self._Dv,), lay + "Dv)")
         lam = self._operand("level_scales", level_scales, lead + (None,), lay + "L)")
         L = int(lam.shape[-1])
-        g = None
-        if log_decay is not None:
-            g = self._operand("log_decay", log_decay, lead, "(*batch" + ("" if T is None else ", T") + ")")
+        g = self._log_decay(log_decay, lead, "(*batch" + ("" if T is None else ", T") + ")")
         return q, k, v, lam, g, L
 
     # -- the recurrence ------------------------------------------------------------------
@@ -577,10 +587,8 @@ class FenwickState(_StreamingState):
         else:
             k = self._operand("k", k, (T, self._Dk), "(*batch, T, Dk)")
         v = self._operand("v", v, (T, self._Dv), "(*batch, T, Dv)")
-        g = None
-        if log_decay is not None:
-            g = self._operand("log_decay", log_decay, (T,), "(*batch, T)")
-            self._check_finite("log_decay", g, "extend")
+        g = self._log_decay(log_decay, (T,), "(*batch, T)")
+        self._check_finite("log_decay", g, "extend")
         if T == 0:
             return
         # -- validated --

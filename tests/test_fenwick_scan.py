@@ -616,3 +616,46 @@ def test_device_mismatch_is_a_value_error():
     q = torch.ones(2, dtype=torch.float64, device="meta")
     with pytest.raises(ValueError, match="device"):
         state.step(q, q, q, torch.ones(1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["attention", "gated_delta"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 800.0])
+def test_log_decay_of_position_zero_is_not_read(kind, bad):
+    """The log-decay of absolute position 0 multiplies nothing (the state is empty there): any value,
+    NaN and inf included, gives what 0 gives through step, prefill and extend, with a zero gradient,
+    as the other backends; a non-finite log-decay at a later position is still refused."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    T, Dk, Dv = 6, 2, 3
+    t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
+    q, k, v = t(T, Dk), torch.nn.functional.normalize(t(T, Dk), dim=-1), t(T, Dv)
+    beta, lam = torch.as_tensor(rng.uniform(0, 1, T)), torch.as_tensor(rng.uniform(0.5, 1.5, (T, 4)))
+    g = -torch.as_tensor(rng.uniform(0, 0.5, T))
+    g[0] = 0.0
+    state_type = FenwickState if kind == "attention" else fenwick.GatedDeltaState
+    extra = () if kind == "attention" else (beta,)
+
+    def run(g0, how):
+        gl = torch.cat([torch.full((1,), g0, dtype=torch.float64), g[1:]]).requires_grad_(True)
+        state = state_type((), Dk, Dv, dtype=torch.float64)
+        xs = (q, k, v) + extra
+        if how == "prefill":
+            o = state.prefill(*xs, lam, gl)
+        elif how == "step":
+            o = torch.stack([state.step(*(x[i] for x in xs), lam[i], gl[i]) for i in range(T)])
+        else:  # the first three tokens fast-forwarded, the rest stepped
+            state.extend(k[:3], v[:3], gl[:3]) if kind == "attention" else state.prefill(
+                *(x[:3] for x in xs), lam[:3], gl[:3])
+            o = state.prefill(*(x[3:] for x in xs), lam[3:], gl[3:])
+        (dg,) = torch.autograd.grad(o.sum(), gl)
+        return o.detach(), dg
+
+    for how in ("prefill", "step", "extend"):
+        (o0, dg0), (o1, dg1) = run(0.0, how), run(bad, how)
+        assert torch.equal(o0, o1), how
+        assert dg1[0] == 0 and torch.equal(dg0[1:], dg1[1:]), how
+    state = state_type((), Dk, Dv, dtype=torch.float64)
+    state.prefill(*(x[:1] for x in (q, k, v) + extra), lam[:1], g[:1])
+    with pytest.raises(ValueError, match="log_decay must be finite"):
+        state.prefill(*(x[1:] for x in (q, k, v) + extra), lam[1:], torch.full((T - 1,), float("nan")).double())
