@@ -491,10 +491,23 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
             return o, (state if output_final_state else None)
         o, states, positions = _forward(_bhtd(q), _bhtd(k), _bhtd(v), g_, lam, scale, init, pos, cu_seqlens,
                                         output_final_state, final_slots, backend)
+        o = _joined(o, q, k, v, g, level_scales)
     o = o.transpose(1, 2)
     if not output_final_state:
         return o, None
     return o, LogLinearState(states, positions, validate=False)
+
+
+def _joined(o, *inputs):
+    """An empty output ``o`` (no token, or an empty batch) joined to the autograd graph of the empty
+    inputs that require a gradient (each adds its sum over nothing, exactly 0), so that a backward
+    through the call gives them empty gradients instead of failing for want of a graph."""
+    if o.numel() or not torch.is_grad_enabled():
+        return o
+    for x in inputs:
+        if x is not None and x.requires_grad and x.numel() == 0:
+            o = o + x.sum()
+    return o
 
 
 def _check_step(name, q, k, v, g, level_scales, state, scale, validate):
@@ -849,6 +862,7 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
         o, states, positions = _gated_delta_forward(_bhtd(q), _bhtd(k), _bhtd(v), beta_, g_, lam, scale, init, pos,
                                                     cu_seqlens, output_final_state, max(S_in, end.bit_length()),
                                                     backend)
+        o = _joined(o, q, k, v, g, beta, level_scales)
     o = o.transpose(1, 2)
     if not output_final_state:
         return o, None

@@ -345,3 +345,19 @@ def test_fla_argument_order_and_defaults():
                                    output_final_state=True, scale=0.5)
     assert o3.dtype == torch.bfloat16 and s3.dtype == torch.float32
     assert relative_error(o3, o1) <= 5e-2
+
+
+@pytest.mark.parametrize("B, T", [(2, 0), (0, 5)])
+@pytest.mark.parametrize("op", ["log_linear_attn", "log_linear_gated_delta_rule"])
+def test_calls_without_tokens_differentiate(op, B, T):
+    """A call with no token (T = 0, or an empty batch) is part of the autograd graph: a backward
+    through it gives every input an empty gradient of its shape, on every backend that runs it."""
+    H, D = 2, 3
+    t = lambda *shape: torch.rand(shape, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    q, k, v, g, lam = t(B, T, H, D), t(B, T, H, D), t(B, T, H, D), t(B, T, H), t(B, T, H, 4)
+    args = (q, k, v, g, lam) if op == "log_linear_attn" else (q, k, v, g, t(B, T, H), lam)
+    names = ["chunked", "fenwick"] + (["dense"] if op == "log_linear_attn" else [])
+    for backend in names:
+        o, _ = getattr(hodlr, op)(*args, backend=backend)
+        grads = torch.autograd.grad(o.sum(), args)
+        assert [x.shape for x in grads] == [x.shape for x in args], backend
