@@ -61,6 +61,25 @@ def _int_at_least(text: str, low: int, what: str) -> int:
     return value
 
 
+def writable_path(text: str) -> str:
+    """An ``argparse`` type: the path of a file a command writes after its run, refused before the run
+    where it cannot be written (its folder missing or not writable, or the path a folder); ``''`` (no
+    file) as given."""
+    if not text:
+        return text
+    folder = os.path.dirname(os.path.abspath(text))
+    target = text if os.path.exists(text) else folder
+    if not os.path.isdir(folder):
+        why = f"the folder {folder} does not exist"
+    elif os.path.isdir(text):
+        why = "it is a folder"
+    elif not os.access(target, os.W_OK):
+        why = f"{target} is not writable"
+    else:
+        return text
+    raise argparse.ArgumentTypeError(f"expected a file path that can be written, got {text!r}: {why}")
+
+
 MODEL_WIDTH, TOKENS = 1024, 65536
 """The GPU sweep's model width ``H * D`` and tokens ``B * T`` (:func:`sweep_parser`'s defaults)."""
 
@@ -88,9 +107,9 @@ def sweep_parser(prog, description, lengths, widths, outputs):
     p.add_argument("--tokens", type=positive_int, default=TOKENS, help="B*T (B = max(1, tokens // T))")
     p.add_argument("--warmup", type=positive_int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=positive_int, default=100, help="do_bench repetitions, ms")
-    p.add_argument("--json", default=f"{outputs}.json",
+    p.add_argument("--json", type=writable_path, default=f"{outputs}.json",
                    help='output JSON path (written after every row; "complete" is true once the run ends)')
-    p.add_argument("--png", default=f"{outputs}.png", help="output plot path ('' for none)")
+    p.add_argument("--png", type=writable_path, default=f"{outputs}.png", help="output plot path ('' for none)")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     p.add_argument("--profile", action="store_true",
                    help="also record each row's time per kernel (torch.profiler, ms a call)")

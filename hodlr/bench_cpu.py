@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from hodlr.bench import _commit, nonnegative_int, positive_int
+from hodlr.bench import _commit, nonnegative_int, positive_int, writable_path
 
 __all__ = ["fit_exponent", "main"]
 
@@ -40,7 +40,7 @@ def _parser():
     p.add_argument("--dense-max-t", type=positive_int, default=4096, help="largest T timed with the dense backend")
     p.add_argument("--repeats", type=positive_int, default=None,
                    help="timed repeats per case (default: 15 for T <= 2^14, then fewer, at least 3)")
-    p.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    p.add_argument("--json", type=writable_path, default=None, help="also write the results as JSON to this path")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     return p
 

@@ -49,7 +49,7 @@ import time
 
 import numpy as np
 
-from hodlr.bench import nonnegative_int, positive_int
+from hodlr.bench import nonnegative_int, positive_int, writable_path
 from hodlr.fenwick import num_levels
 from hodlr.fenwick.scan import FenwickState, matmul
 
@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-replays", type=positive_int, default=200)
     p.add_argument("--gpu-dtype", choices=("float32", "bfloat16"), default="bfloat16",
                    help="dtype of q, k, v (the state is float32)")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--json", type=writable_path, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     return p
 
@@ -366,6 +366,16 @@ def run(argv=None) -> dict:
     for name, (lo, hi) in (("--positions", args.positions), ("--matmul-exponents", args.matmul_exponents)):
         if lo > hi:
             parser.error(f"{name} must be in increasing order, got {lo} {hi}")
+    if args.gpu_step:
+        import torch
+
+        try:
+            device_type = torch.device(args.gpu_device).type
+        except RuntimeError:
+            device_type = None
+        if device_type not in ("cuda", "cpu"):
+            parser.error(f"--gpu-device must be a torch device string of a CUDA device or the CPU, such as cuda, "
+                         f"cuda:1 or cpu; got {args.gpu_device!r}")
     results = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
                "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine()}}
     if "step" not in args.skip or "memory" not in args.skip:

@@ -15,7 +15,7 @@ import pytest
 
 from hodlr import fenwick
 import hodlr
-from hodlr import backends as registry
+from hodlr import backends as registry, cli, ops as fla_ops
 from hodlr.state import combine
 from hodlr.testing import TOLERANCES, assert_close
 
@@ -237,6 +237,9 @@ CASES = [
     ("cp-no-process-group", lambda mp: hodlr.distributed.log_linear_attn(*(torch.ones(1, 2, 1, 1),) * 3, None,
                                                                           torch.ones(1, 2, 1, 2)),
      ValueError, r"group: torch.distributed is not initialised"),
+    ("cp-group-not-a-group", lambda mp: hodlr.distributed.log_linear_attn(*(torch.ones(1, 2, 1, 1),) * 3, None,
+                                                                            torch.ones(1, 2, 1, 2), group="world"),
+     TypeError, r"group must be a torch.distributed.ProcessGroup or None, got str"),
     # -- gated delta attention -----------------------------------------------------------
     ("gdn-beta-wrong-length", lambda mp: gdn(beta=np.ones(T + 1)), ValueError,
      r"beta must have shape \(\.\.\., T\) with T=5"),
@@ -396,7 +399,7 @@ def test_fla_ops_empty_batch_and_zero_widths(op, B, Dk, Dv):
     gated = op == "log_linear_gated_delta_rule"
     for name in _runnable("torch"):
         module = registry.load(name)
-        keeps_state = hodlr.ops._continues(module) if gated and registry.offers(module, "gated_delta_attention") \
+        keeps_state = fla_ops._continues(module) if gated and registry.offers(module, "gated_delta_attention") \
             else registry.has_state(module) and not gated
         if not keeps_state:
             continue
@@ -436,6 +439,37 @@ def test_level_arguments_name_themselves(call, error, message):
     # not in the CASES table above (that one mirrors docs/bad-input.md row by row)
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench-cpu", "--json", "{tmp}/missing/b.json"],
+     r"argument --json: expected a file path that can be written, got '.*/missing/b.json': the folder .*/missing "
+     r"does not exist"),
+    (["bench-cpu", "--json", "{tmp}"],
+     r"argument --json: expected a file path that can be written, got '.*': it is a folder"),
+    (["bench-decode", "--json", "{tmp}/missing/d.json"],
+     r"argument --json: expected a file path that can be written, got '.*/missing/d.json': the folder .*/missing "
+     r"does not exist"),
+    (["bench-decode", "--gpu-step", "--gpu-device", "nope"],
+     r"--gpu-device must be a torch device string of a CUDA device or the CPU, such as cuda, cuda:1 or cpu; "
+     r"got 'nope'"),
+    (["bench-decode", "--gpu-step", "--gpu-device", "meta"], r"--gpu-device must be .* got 'meta'"),
+    (["bench", "--json", "{tmp}/missing/b.json"],
+     r"argument --json: expected a file path that can be written, got '.*/missing/b.json'"),
+    (["bench-gated-delta", "--png", "{tmp}/missing/g.png"],
+     r"argument --png: expected a file path that can be written, got '.*/missing/g.png'"),
+], ids=["bench-cpu-json-no-folder", "bench-cpu-json-a-folder", "bench-decode-json-no-folder",
+        "bench-decode-gpu-device-unknown", "bench-decode-gpu-device-meta", "bench-json-no-folder",
+        "bench-gated-delta-png-no-folder"])
+def test_bench_commands_refuse_before_running(capsys, tmp_path, argv, message):
+    """A ``--json`` path the benchmark could not write at its end, or a ``--gpu-device`` that is not a CUDA
+    device or the CPU, is a usage error (exit status 2) before anything is timed: nothing printed."""
+    # not in the CASES table above (that one mirrors docs/bad-input.md, the library's refusals)
+    with pytest.raises(SystemExit) as info:
+        cli.main([a.format(tmp=tmp_path) for a in argv])
+    out = capsys.readouterr()
+    assert info.value.code == 2 and out.out == "", out.out
+    assert re.search(message, out.err), out.err
 
 
 def test_meta_masks_compute_shapes_or_refuse():
