@@ -22,7 +22,7 @@ import torch
 from hodlr import _checks, backends as registry
 from hodlr import fenwick
 from hodlr.errors import BackendUnavailableError
-from hodlr.options import options
+from hodlr.options import flag
 from hodlr.state import LogLinearState, segments
 
 __all__ = ["log_linear_attn", "log_linear_attn_step", "log_linear_gated_delta_rule", "log_linear_gated_delta_step"]
@@ -242,7 +242,7 @@ def _keeper(q, v, initial_states, cu_seqlens, output_final_state, backend):
     if initial_states is not None or cu_seqlens is not None or output_final_state or q.shape[2] == 0:
         return None
     module = _resolve(backend, q.device, q.shape[2], False)
-    if not options.attention_save_states or not hasattr(module, "attention_keeping_states"):
+    if not flag("attention_save_states") or not hasattr(module, "attention_keeping_states"):
         return None
     return module
 
@@ -735,7 +735,16 @@ def _gd_op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k:
                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                            torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv, dg, dbeta, dlevel_scales, dinitial_states)`` of :func:`_gd_op`
-    (empty for an absent ``g`` / initial state): the backend's forward recomputed under autograd."""
+    (empty for an absent ``g`` / initial state): straight from the backend's backward kernels where
+    it has them (``gated_delta_vjp``: triton, calls without state, packed sequences or final
+    state), else the backend's forward recomputed under autograd."""
+    stateful = initial_states is not None or output_final_state
+    vjp = getattr(_resolve_gated_delta(backend, q.device, stateful), "gated_delta_vjp", None)
+    if vjp is not None and not stateful and cu_seqlens is None and q.shape[0] and q.shape[2]:
+        dq, dk, dv, dbeta, dlam, dg = vjp(q, k, v, beta, level_scales, g, scale, do)
+        grads = (dq, dk, dv, dg, dbeta, dlam, None)
+        return tuple(_gradient(do, x, d) for x, d in zip((q, k, v, g, beta, level_scales, initial_states), grads))
+
     def forward(q, k, v, g, beta, lam, init):
         return _gated_delta_forward(q, k, v, beta, g, lam, scale, init, initial_positions, cu_seqlens,
                                     output_final_state, final_slots, backend)[:2]

@@ -32,12 +32,17 @@ class Options:
     gated_delta_save_states : bool
         The ``triton`` backend's differentiable log-linear Gated DeltaNet keeps the forward's
         chunk products and hierarchy (``X``, ``W``, the states and transitions) for the backward
-        instead of recomputing them (``docs/kernels.md`` §7): about ``4 (C + Dk) + 4 Dk (Dk + Dv) / C``
-        more bytes a token and head for bfloat16 inputs (1,408 at ``Dk = Dv = 64``, 4,736 at 128,
-        the chunk ``C = 32``) held from the forward to the backward.  Read by
-        ``hodlr.gated_delta_attention`` and ``hodlr.log_linear_gated_delta_rule`` (eager; under
-        ``torch.compile`` the operator's backward recomputes the forward).  False recomputes the
-        same values.  Default True.
+        instead of recomputing them (``docs/kernels.md`` §7.2; forward + backward 5 – 9% faster on
+        an H200): ``4 (C + Dk) + 4 Dk (Dk + Dv) / C`` more bytes a token and head for bfloat16
+        inputs (1,408 at ``Dk = Dv = 64``, 4,736 at 128, the chunk ``C = 32``; for float16 and float32
+        inputs ``8 Dk (Dk + Dv) / C`` for the hierarchy) held from the forward to the backward, per
+        layer: 2.3 GiB for a layer of 65,536 tokens and 8 heads of width 128.  Read by
+        ``hodlr.gated_delta_attention`` and ``hodlr.log_linear_gated_delta_rule`` run eagerly
+        (under ``torch.compile`` the operator holds nothing between its forward and its backward,
+        which recomputes the chunk products and the hierarchy).  False recomputes the same values.
+        Default True.
+        Either option set to anything but a bool is refused (``TypeError``) by the calls that read
+        it.
     """
 
     dense_max_bytes: int = int(os.environ.get("HODLR_DENSE_MAX_BYTES", 2 * 2**30))
@@ -46,3 +51,12 @@ class Options:
 
 
 options = Options()
+
+
+def flag(name: str) -> bool:
+    """The boolean option ``name`` of :data:`options`, refused with a ``TypeError`` naming it if it
+    has been set to anything but a bool."""
+    value = getattr(options, name)
+    if not isinstance(value, bool):
+        raise TypeError(f"hodlr.options.{name} must be a bool, got {type(value).__name__}")
+    return value

@@ -12,6 +12,7 @@ autograd sums the gradients of broadcast operands (grouped heads) back to their 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from hodlr import fenwick
 
@@ -41,6 +42,7 @@ class _Attention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do):
         q, k, v, level_scales, log_decay, *states = ctx.saved_tensors
         out = None
@@ -70,6 +72,7 @@ class _AttentionState(torch.autograd.Function):
         return o, final, positions
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do, dfinal=None, dpositions=None):
         q, k, v, level_scales, log_decay, initial_state, initial_positions, cu_seqlens = ctx.saved_tensors
         grads = attention_state_backward(q, k, v, level_scales, log_decay, ctx.scale, do, dfinal, chunk=ctx.chunk,
@@ -86,6 +89,7 @@ class _Matmul(torch.autograd.Function):
         return matmul_forward(level_scales, log_decay, x, chunk=chunk, check=check)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         level_scales, log_decay, x = ctx.saved_tensors
         dx, dlam, dg = matmul_backward(level_scales, log_decay, x, dy, chunk=ctx.chunk)
@@ -163,6 +167,7 @@ class _GatedDelta(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do):
         q, k, v, beta, level_scales, log_decay, *kept = ctx.saved_tensors
         chunks = Chunks(*kept, ctx.chunk, ctx.n) if kept else None
@@ -179,12 +184,13 @@ def gated_delta(q, k, v, beta, level_scales, log_decay=None, scale: float = 1.0,
     :func:`gated_delta_backward`, at ``min(chunk, MAX_BACKWARD_CHUNK)``: the gradients do not depend
     on the chunk); never-read level scales get exactly 0.
 
-    ``save_states``: the forward keeps its ``X``, ``W`` and hierarchy (:class:`kernels.gated_delta.Chunks`)
-    for the backward, which then skips recomputing them (when the forward's chunk is the
-    backward's, ``chunk <= MAX_BACKWARD_CHUNK``; ``docs/kernels.md`` §7: about
-    ``4 (C + Dk) + 4 Dk (Dk + Dv) / C`` bytes a token and head for bfloat16 inputs, 1,408 at
-    ``Dk = Dv = 64``, 4,736 at 128, ``C = 32``); False: the backward recomputes the same values
-    (the same gradients, bit for bit).
+    ``save_states``: the forward keeps its ``X``, ``W`` and hierarchy (the ``Chunks`` of the module
+    ``hodlr.kernels.gated_delta``) for the backward, which then skips recomputing them (when the
+    forward's chunk is the backward's, ``chunk <= MAX_BACKWARD_CHUNK``; ``docs/kernels.md`` §7.2):
+    ``4 (C + Dk) + 4 Dk (Dk + Dv) / C`` bytes a token and head for bfloat16 inputs (1,408 at
+    ``Dk = Dv = 64``, 4,736 at 128, ``C = 32``), ``4 (C + Dk) + 8 Dk (Dk + Dv) / C`` for float16 and
+    float32 (a float32 hierarchy), held until the backward runs; False: the backward recomputes
+    the same values (the same gradients, bit for bit).  The backward is not itself differentiable.
     """
     if not isinstance(save_states, bool):
         raise TypeError(f"save_states must be a bool, got {type(save_states).__name__}")
@@ -212,6 +218,7 @@ class _BucketStates(torch.autograd.Function):
         return bucket_states_forward(k, v, log_weight, pieces, count, slots)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dx):
         k, v, log_weight = ctx.saved_tensors
         dk, dv, da = bucket_states_backward(k, v, log_weight, ctx.pieces, dx)
@@ -236,6 +243,7 @@ class _CarriedReads(torch.autograd.Function):
         return carried_reads_forward(o, q, level_scales, log_decay, states, live, scale)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         q, level_scales, log_decay, states, live = ctx.saved_tensors
         dq, dl, dg, dx = carried_reads_backward(q, level_scales, log_decay, states, live, ctx.scale, dout)

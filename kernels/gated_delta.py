@@ -354,6 +354,14 @@ def tiles(layout, widest: int = 64):
     return BDK, BDV, cdiv(layout.DV, BDV)
 
 
+def hierarchy_dtype(dtype):
+    """The dtype of the hierarchy's states and transitions for inputs of ``dtype``: bfloat16 for
+    bfloat16 inputs (:data:`BF16_HIERARCHY`), else the accumulator's (float32, float64 for float64)."""
+    if dtype == torch.bfloat16 and BF16_HIERARCHY:
+        return torch.bfloat16
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def chunk_hierarchy(layout, C: int) -> Chunks:
     """Launches 1 and 2 (see the module docstring) for the call ``layout`` with chunk size ``C``;
     shared by the forward and the backward (which recomputes them)."""
@@ -371,7 +379,7 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
     dev = v.device
     X = _layout.scratch((B, n, C, C), work, dev)
     W = _layout.scratch((B, n, C, DK), work, dev)
-    held = torch.bfloat16 if v.dtype == torch.bfloat16 and BF16_HIERARCHY else work
+    held = hierarchy_dtype(v.dtype)
     states = _layout.scratch((B, N, DK * DV), held, dev)
     trans = _layout.scratch((B, N, DK * DK), held, dev)
     has_g = layout.tensors["g"] is not None
@@ -429,7 +437,7 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
     return_chunks : bool
         Also return the :class:`Chunks` (``X``, ``W`` and the hierarchy) that
         :func:`kernels.gated_delta_backward.gated_delta_backward` takes (``chunks=``) instead of
-        recomputing them.
+        recomputing them, at the same chunk (so only for ``chunk <= MAX_BACKWARD_CHUNK``).
 
     Returns
     -------

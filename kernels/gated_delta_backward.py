@@ -36,8 +36,8 @@ from . import _layout
 from ._device import chunk_rows, dot, intra_scales
 from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, hierarchy_sizes,
                       interpreting, level_offsets, next_power_of_2)
-from .gated_delta import (Chunks, chunk_hierarchy, gated_delta_layout, gates, load_rows, matrix_tile, store_matrix_tile,
-                          tiles, transition_tile)
+from .gated_delta import (Chunks, chunk_hierarchy, gated_delta_layout, gates, hierarchy_dtype, load_rows, matrix_tile,
+                          store_matrix_tile, tiles, transition_tile)
 
 
 READER_GROUP = 8
@@ -356,28 +356,31 @@ def _gradient_pyramid(ch, offsets, group: int, stored_dh: bool):
 
 
 def _check_chunks(chunks, layout, C):
-    """Refuse ``chunks`` that are not what the forward of this call at chunk ``C`` leaves."""
+    """Refuse ``chunks`` whose shapes, dtypes, layout, device or chunk are not those the forward of
+    this call at chunk ``C`` leaves."""
     if not isinstance(chunks, Chunks):
         raise TypeError(f"chunks must be the Chunks that gated_delta_forward(..., return_chunks=True) returns, "
                         f"got {type(chunks).__name__}")
     v = layout.tensors["v"]
     work = torch.float64 if v.dtype == torch.float64 else torch.float32
+    held = hierarchy_dtype(v.dtype)
     n = chunk_count(layout.T, C)
     N = level_offsets(n)[-1]
     B, DK, DV = layout.B, layout.DK, layout.DV
-    want = {"X": ((B, n, C, C), work), "W": ((B, n, C, DK), work),
-            "states": ((B, N, DK * DV), chunks.states.dtype), "trans": ((B, N, DK * DK), chunks.states.dtype)}
+    want = {"X": ((B, n, C, C), work), "W": ((B, n, C, DK), work), "states": ((B, N, DK * DV), held),
+            "trans": ((B, N, DK * DK), held)}
     if layout.tensors["g"] is not None:
         want["decays"] = ((B, N), work)
     for name, (shape, dtype) in want.items():
         x = getattr(chunks, name)
-        if x is None or tuple(x.shape) != shape or x.dtype != dtype or x.device != v.device:
-            got = None if x is None else (tuple(x.shape), x.dtype, x.device)
+        if x is None or tuple(x.shape) != shape or x.dtype != dtype or x.device != v.device or not x.is_contiguous():
+            got = None if x is None else (tuple(x.shape), x.dtype, x.device, "contiguous" if x.is_contiguous()
+                                          else "not contiguous")
             raise ValueError(f"chunks must be the forward's of this call at chunk {C}: {name} should be {shape} "
-                             f"{dtype} on {v.device}, got {got}")
-    if chunks.C != C or chunks.n != n or chunks.states.dtype not in (work, torch.bfloat16):
+                             f"{dtype} on {v.device}, contiguous, got {got}")
+    if chunks.C != C or chunks.n != n:
         raise ValueError(f"chunks must be the forward's of this call at chunk {C} ({n} chunks), got chunk "
-                         f"{chunks.C} ({chunks.n} chunks), states {chunks.states.dtype}")
+                         f"{chunks.C} ({chunks.n} chunks)")
 
 
 def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, chunk=None, chunks=None):

@@ -400,11 +400,13 @@ def test_public_api_gradients(rng):
         assert_close(got, want, GRAD_TOL[torch.float64], f"log_linear_gated_delta_rule d{name}")
 
 
-def _differentiate(inputs, w, **kwargs):
+def _differentiate(inputs, w, dtype=None, **kwargs):
     """``(gradients, chunk sizes the hierarchy was built with, tensors the graph saved)`` of
-    ``Σ w ⊙ kernels.gated_delta(*inputs, 0.3, **kwargs)`` on the kernels' device (float64 under
-    the interpreter, float32 on a GPU), with every scratch buffer NaN-filled."""
-    leaves = [None if x is None else x.to(DEVICE, DTYPES[0]).requires_grad_(True) for x in inputs]
+    ``Σ w ⊙ kernels.gated_delta(*inputs, 0.3, **kwargs)`` on the kernels' device in ``dtype``
+    (default: float64 under the interpreter, float32 on a GPU), with every scratch buffer
+    NaN-filled."""
+    dtype = dtype or DTYPES[0]
+    leaves = [None if x is None else x.to(DEVICE, dtype).requires_grad_(True) for x in inputs]
     with _nan_scratch(), _chunks_used() as built:
         out = kernels.gated_delta(*leaves, 0.3, **kwargs)
         saved = len(out.grad_fn.saved_tensors)
@@ -412,23 +414,48 @@ def _differentiate(inputs, w, **kwargs):
     return grads, built, saved
 
 
-@pytest.mark.parametrize("T, decay", [(1, True), (33, False), (70, True)])
-def test_saved_chunks_equal_recomputed(T, decay):
+@pytest.mark.parametrize("T, decay, dtype, grouped", [
+    (1, True, None, False), (33, False, None, False), (70, True, None, True), (70, True, torch.bfloat16, False),
+    (40, False, torch.float16, True)])
+def test_saved_chunks_equal_recomputed(T, decay, dtype, grouped):
     """The forward's ``X``, ``W`` and hierarchy kept for the backward (``save_states=True``, the
-    default) give the gradients of a backward that recomputes them, bit for bit, and the backward
-    then builds no hierarchy of its own; so does ``gated_delta_backward`` handed them directly."""
+    default) give the gradients of a backward that recomputes them, bit for bit (16-bit inputs,
+    whose hierarchy is held in bfloat16 or float32, and keys shared by two heads too), and the
+    backward then builds no hierarchy of its own; so does ``gated_delta_backward`` handed them
+    directly."""
     q, k, v, beta, lam, g, w = _one_sequence(T, 3, seed=T)
+    if grouped:  # q, k (1, T, Dk) serve two heads of v, β, λ, g
+        v, beta, lam, g, w = (torch.cat([x, 0.5 * x]) for x in (v, beta, lam, g, w))
     inputs = (q, k, v, beta, lam, g if decay else None)
-    kept, built_kept, saved_kept = _differentiate(inputs, w, chunk=CHUNK)
-    again, built_again, saved_again = _differentiate(inputs, w, chunk=CHUNK, save_states=False)
+    kept, built_kept, saved_kept = _differentiate(inputs, w, dtype, chunk=CHUNK)
+    again, built_again, saved_again = _differentiate(inputs, w, dtype, chunk=CHUNK, save_states=False)
     assert built_kept == [CHUNK] and built_again == [CHUNK, CHUNK]
     assert (saved_kept, saved_again) == (11, 6)
-    dev = [None if x is None else x.to(DEVICE, DTYPES[0]) for x in inputs]
+    dev = [None if x is None else x.to(DEVICE, dtype or DTYPES[0]) for x in inputs]
+    dev[:2] = [x.expand(v.shape[:1] + x.shape[1:]) for x in dev[:2]]
     _, chunks = kernels.gated_delta_forward(*dev, 0.3, chunk=CHUNK, return_chunks=True)
     backward = sys.modules["hodlr.kernels.gated_delta_backward"].gated_delta_backward
-    direct = [x for x in backward(*dev, 0.3, w.to(DEVICE, DTYPES[0]), chunk=CHUNK, chunks=chunks) if x is not None]
+    direct = [x for x in backward(*dev, 0.3, w.to(DEVICE, dev[2].dtype), chunk=CHUNK, chunks=chunks)
+              if x is not None]
+    direct[:2] = [x.sum(0, keepdim=True) for x in direct[:2]]  # q, k broadcast over the heads
     for a, b, c in zip(kept, again, direct):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_saved_chunks_twice_and_not_twice_differentiable():
+    """A graph that keeps the forward's intermediates runs its backward twice (``retain_graph``)
+    with the same gradients, and refuses a second derivative (the backward is Triton kernels)."""
+    q, k, v, beta, lam, g, w = _one_sequence(40, 3, seed=41)
+    leaves = [x.to(DEVICE, DTYPES[0]).requires_grad_(True) for x in (q, k, v, beta, lam, g)]
+    out = kernels.gated_delta(*leaves, 0.3, chunk=CHUNK)
+    loss = (out * w.to(out)).sum()
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    second = torch.autograd.grad(loss, leaves, retain_graph=True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    (dq, *_) = torch.autograd.grad(loss, leaves, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(dq.sum(), leaves[0])
 
 
 def test_saved_chunks_only_at_the_backward_chunk():
@@ -460,7 +487,7 @@ def test_option_decides_what_the_gated_delta_call_keeps(keep, monkeypatch):
         assert torch.equal(a, b)
     monkeypatch.setattr(hodlr.options, "gated_delta_save_states", "yes")
     leaves = [x.to(DEVICE, DTYPES[0]).requires_grad_(True) for x in (q, k, v, beta, lam, g)]
-    with pytest.raises(TypeError, match="save_states must be a bool, got str"):
+    with pytest.raises(TypeError, match="hodlr.options.gated_delta_save_states must be a bool, got str"):
         hodlr.gated_delta_attention(*leaves[:4], hodlr.LogLinearMask(leaves[4], leaves[5]), backend="triton")
 
 
@@ -476,6 +503,11 @@ def test_saved_chunks_refused_when_they_do_not_fit():
         backward(*dev, 0.3, do, chunk=CHUNK, chunks=chunks._replace(decays=None))
     with pytest.raises(ValueError, match=r"states should be .*got"):
         backward(*dev, 0.3, do, chunk=CHUNK, chunks=chunks._replace(states=chunks.states[:, :-1]))
+    with pytest.raises(ValueError, match=r"X should be .*contiguous, got .*not contiguous"):
+        backward(*dev, 0.3, do, chunk=CHUNK, chunks=chunks._replace(X=chunks.X.transpose(-1, -2).contiguous()
+                                                                    .transpose(-1, -2)))
+    with pytest.raises(ValueError, match=r"trans should be .*, got .*float16"):
+        backward(*dev, 0.3, do, chunk=CHUNK, chunks=chunks._replace(trans=chunks.trans.half()))
     with pytest.raises(TypeError, match="chunks must be the Chunks .* got tuple"):
         backward(*dev, 0.3, do, chunk=CHUNK, chunks=tuple(chunks))
     with pytest.raises(TypeError, match="return_chunks must be a bool, got str"):

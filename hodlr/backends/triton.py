@@ -62,11 +62,11 @@ def matmul(level_scales, log_decay, x, *, check=None):
 
 def attention(q, k, v, level_scales, log_decay, scale, *, check=None):
     from hodlr import kernels
-    from hodlr.options import options
+    from hodlr.options import flag
 
     if _wants_grad(q, k, v, level_scales, log_decay):
         return kernels.attention(q, k, v, level_scales, log_decay, scale, check=check,
-                                 save_states=options.attention_save_states)
+                                 save_states=flag("attention_save_states"))
     return kernels.attention_forward(q, k, v, level_scales, log_decay, scale, check=check)
 
 
@@ -95,12 +95,29 @@ def kept_state_shapes(q, v):
 
 def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale, *, check=None):
     from hodlr import kernels
-    from hodlr.options import options
+    from hodlr.options import flag
 
     if _wants_grad(q, k, v, beta, level_scales, log_decay):
         return kernels.gated_delta(q, k, v, beta, level_scales, log_decay, scale, check=check,
-                                   save_states=options.gated_delta_save_states)
+                                   save_states=flag("gated_delta_save_states"))
     return kernels.gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale, check=check)
+
+
+def gated_delta_vjp(q, k, v, beta, level_scales, log_decay, scale, do):
+    """Gradients ``(dq, dk, dv, dbeta, dlevel_scales, dlog_decay)`` of :func:`gated_delta_attention` on
+    the layout of ``hodlr.log_linear_gated_delta_rule``'s operator (``q, k (N, Hqk, T, Dk)``,
+    ``v (N, H, T, Dv)``, ``beta, log_decay (N, H, T)``, ``level_scales (N, H, T, L)``; no state) for
+    ``do (N, H, T, Dv)``, straight from the backward kernels: the forward's output is not recomputed
+    (its chunk products and hierarchy are).  ``dlog_decay`` is None without ``log_decay``."""
+    from hodlr import kernels
+    from hodlr.backends import grouped_heads
+
+    Hqk, grp = q.shape[1], v.shape[1] // q.shape[1]
+    q5, k5, v5, lam5, g5 = grouped_heads(q, k, v, level_scales, log_decay)
+    dq, dk, dv, dbeta, dlam, dg = kernels.gated_delta_backward(q5, k5, v5, beta.unflatten(1, (Hqk, grp)), lam5, g5,
+                                                               scale, do.unflatten(1, (Hqk, grp)))
+    return (dq.sum(2), dk.sum(2), dv.flatten(1, 2), dbeta.flatten(1, 2), dlam.flatten(1, 2),
+            None if dg is None else dg.flatten(1, 2))
 
 
 def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, initial_positions, cu_seqlens,
