@@ -3,7 +3,9 @@
 Code written against :func:`namespace` calls ``xp.exp``, ``xp.cumsum(x, -1)``,
 ``xp.where``, ``xp.einsum``, ``xp.flip(x, (-1,))`` and friends, which numpy and torch
 spell alike when given positional arguments.  Creation functions differ (torch needs a
-device), so they live here.  torch is never imported unless a tensor is passed in.
+device), so they live here.  torch is never imported unless a tensor is passed in.  The checks of
+integer and real-number arguments, :func:`check_int` and :func:`check_scale`, live here too: every
+layer (``fenwick``, ``kernels``, ``hodlr``) may import them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 
 import numpy as np
 
-__all__ = ["is_torch", "namespace", "zeros", "as_like", "cast", "to_numpy", "describe", "check_scale"]
+__all__ = ["is_torch", "namespace", "zeros", "as_like", "cast", "to_numpy", "describe", "check_int", "check_scale"]
 
 
 def is_torch(x) -> bool:
@@ -65,6 +67,31 @@ def describe(x) -> str:
     if isinstance(x, np.ndarray):
         return f"numpy.ndarray(shape={x.shape}, dtype={x.dtype})"
     return type(x).__name__
+
+
+def check_int(name: str, value, low: int | None = None) -> int:
+    """``value`` as an ``int``: a Python or numpy integer (not a bool), ``>= low`` when ``low``
+    is given.  A ``TypeError`` for anything else, a ``ValueError`` below ``low``; both name ``name``.
+
+    Examples
+    --------
+    >>> check_int("T", np.int64(5), 1)
+    5
+    >>> check_int("T", 2.5)
+    Traceback (most recent call last):
+        ...
+    TypeError: T must be an integer, got float
+    >>> check_int("T", 0, 1)
+    Traceback (most recent call last):
+        ...
+    ValueError: T must be an integer >= 1, got 0
+    """
+    wanted = "an integer" if low is None else f"an integer >= {low}"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be {wanted}, got {type(value).__name__}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be {wanted}, got {value}")
+    return int(value)
 
 
 def check_scale(scale):

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .arrays import as_like, check_scale, describe, is_torch, namespace, zeros
+from .arrays import as_like, check_int, check_scale, describe, is_torch, namespace, zeros
 from .scan import _broadcast, _check_full, _device, _StreamingState, _unbind, live_levels
 
 __all__ = ["GatedDeltaState", "gated_delta"]
@@ -91,9 +91,7 @@ class GatedDeltaState(_StreamingState):
     def __init__(self, batch_shape=(), Dk: int = 1, Dv: int = 1, dtype=np.float64, device=None, *,
                  position: int = 0, states=None):
         like = self._init_common(batch_shape, Dk, Dv, dtype, device)
-        if isinstance(position, (bool, np.bool_)) or not isinstance(position, (int, np.integer)) or position < 0:
-            raise ValueError(f"position must be an integer >= 0, got {position!r}")
-        position = int(position)
+        position = check_int("position", position, 0)
         live = [int(x) for x in live_levels(position)[0] if x > 0]
         if states is None:
             if position:

@@ -17,6 +17,8 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from .arrays import check_int
+
 __all__ = [
     "Block",
     "aligned",
@@ -35,20 +37,6 @@ NO_LEVEL = -1
 """Level reported for pairs above the diagonal (``s > t``), which the mask sets to zero."""
 
 
-def _check_length(T) -> int:
-    if isinstance(T, (bool, np.bool_)) or not isinstance(T, (int, np.integer)):
-        raise TypeError(f"T must be an integer, got {type(T).__name__}")
-    if T < 1:
-        raise ValueError(f"T must be >= 1, got T={T}")
-    return int(T)
-
-
-def _check_int(name: str, value) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    return int(value)
-
-
 def _bit_length(x: np.ndarray) -> np.ndarray:
     """Elementwise ``int.bit_length`` of a non-negative integer array below 2**53."""
     _, exponent = np.frexp(x.astype(np.float64))
@@ -63,7 +51,7 @@ def num_levels(T: int) -> int:
     >>> num_levels(1), num_levels(2), num_levels(1024), num_levels(1025)
     (1, 2, 11, 12)
     """
-    return (_check_length(T) - 1).bit_length() + 1
+    return (check_int("T", T, 1) - 1).bit_length() + 1
 
 
 def aligned(position: int, T: int) -> bool:
@@ -78,9 +66,7 @@ def aligned(position: int, T: int) -> bool:
     >>> aligned(8, 8), aligned(8, 9), aligned(12, 4), aligned(12, 5), aligned(5, 1), aligned(3, 0)
     (True, False, True, False, True, True)
     """
-    position, T = _check_int("position", position), _check_int("T", T)
-    if position < 0 or T < 0:
-        raise ValueError(f"position and T must be >= 0, got position={position}, T={T}")
+    position, T = check_int("position", position, 0), check_int("T", T, 0)
     return position % (1 << max(T - 1, 0).bit_length()) == 0
 
 
@@ -123,7 +109,7 @@ def level(t, s):
 def level_matrix(T: int) -> np.ndarray:
     """The ``(T, T)`` matrix of levels, ``-1`` above the diagonal.  For inspection only:
     no computation path builds it."""
-    idx = np.arange(_check_length(T))
+    idx = np.arange(check_int("T", T, 1))
     return level(idx[:, None], idx[None, :])
 
 
@@ -133,9 +119,7 @@ def bucket(t: int, lev: int) -> tuple[int, int]:
     Level 0 is ``(t, t + 1)``.  The range is empty (``start == stop``) when bit
     ``lev - 1`` of ``t`` is 0.
     """
-    t, lev = _check_int("t", t), _check_int("lev", lev)
-    if t < 0 or lev < 0:
-        raise ValueError(f"t and lev must be >= 0, got t={t}, lev={lev}")
+    t, lev = check_int("t", t, 0), check_int("lev", lev, 0)
     if lev == 0:
         return t, t + 1
     b = lev - 1
@@ -173,11 +157,8 @@ def read_levels(T: int, L: int | None = None) -> np.ndarray:
     Level 0 is always read; level ``l >= 1`` only if bit ``l - 1`` of ``t`` is set.
     ``L`` defaults to ``num_levels(T)``; more columns are allowed (never read).
     """
-    T = _check_length(T)
-    if L is None:
-        L = num_levels(T)
-    elif _check_int("L", L) < 0:
-        raise ValueError(f"L must be >= 0, got L={L}")
+    T = check_int("T", T, 1)
+    L = num_levels(T) if L is None else check_int("L", L, 0)
     t = np.arange(T)[:, None]
     lev = np.arange(L)[None, :]
     bit = np.right_shift(t, np.maximum(lev - 1, 0)) & 1
@@ -206,9 +187,7 @@ class Block(NamedTuple):
 
 def num_blocks(T: int, lev: int) -> int:
     """Number of non-empty off-diagonal blocks at level ``lev >= 1`` for length ``T``."""
-    T = _check_length(T)
-    if _check_int("lev", lev) < 1:
-        raise ValueError(f"lev must be >= 1, got {lev}")
+    T, lev = check_int("T", T, 1), check_int("lev", lev, 1)
     half = 1 << (lev - 1)
     return max(0, -(-(T - half) // (2 * half)))
 
@@ -239,7 +218,7 @@ def offdiag_blocks(T: int) -> Iterator[Block]:
     >>> [tuple(b) for b in offdiag_blocks(3)]
     [(1, 0, 1, 2, 0, 1), (2, 0, 2, 3, 0, 2)]
     """
-    T = _check_length(T)
+    T = check_int("T", T, 1)
     for lev in range(1, num_levels(T)):
         rs, re, cs, ce = blocks_at_level(T, lev)
         for j in range(rs.size):

@@ -57,7 +57,7 @@ import sys
 
 import numpy as np
 
-from .arrays import as_like, check_scale, describe, is_torch, namespace, zeros
+from .arrays import as_like, check_int, check_scale, describe, is_torch, namespace, zeros
 from .index import buckets, level, num_levels
 
 __all__ = ["FenwickState", "attention", "live_levels", "matmul"]
@@ -137,9 +137,7 @@ class _StreamingState:
             raise TypeError(f"batch_shape must be a tuple of ints, got {batch_shape!r}") from None
         if any(n < 0 for n in batch_shape):
             raise ValueError(f"batch_shape must hold sizes >= 0, got {batch_shape}")
-        for name, width in (("Dk", Dk), ("Dv", Dv)):
-            if isinstance(width, (bool, np.bool_)) or not isinstance(width, (int, np.integer)) or width < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {width!r}")
+        Dk, Dv = check_int("Dk", Dk, 0), check_int("Dv", Dv, 0)
         if _torch_dtype(dtype):
             torch = sys.modules["torch"]
             if not dtype.is_floating_point:
@@ -158,7 +156,7 @@ class _StreamingState:
         self._like = like
         self._batch = batch_shape
         self._B = int(np.prod(batch_shape, dtype=np.int64))
-        self._Dk, self._Dv = int(Dk), int(Dv)
+        self._Dk, self._Dv = Dk, Dv
         self._pos = 0
         self._levels: list[int] = []
         return like
@@ -345,11 +343,10 @@ class FenwickState(_StreamingState):
             As for the constructor.
         """
         self = cls(batch_shape, Dk, Dv, dtype, device)
-        if isinstance(position, (bool, np.bool_)) or not isinstance(position, (int, np.integer)) or position < 0:
-            raise ValueError(f"position must be an integer >= 0, got {position!r}")
+        position = check_int("position", position, 0)
         if not isinstance(states, dict):
             raise TypeError(f"states must be a dict {{level: array}}, got {type(states).__name__}")
-        levels = [int(x) for x in live_levels(int(position))[0] if x > 0]
+        levels = [int(x) for x in live_levels(position)[0] if x > 0]
         if sorted(states) != sorted(levels):
             raise ValueError(f"states must hold exactly the live levels {sorted(levels)} of position {position}, "
                              f"got levels {sorted(states)}")
@@ -359,7 +356,7 @@ class FenwickState(_StreamingState):
             xp = namespace(self._like)
             self._buf = xp.stack(slots, 2)
             self._c = xp.ones_like(self._buf[:, 0, :, 0])
-        self._pos = int(position)
+        self._pos = position
         self._levels = levels
         return self
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hodlr import _checks, fenwick
-from hodlr.fenwick.arrays import namespace, to_numpy
+from hodlr.fenwick.arrays import check_int, namespace, to_numpy
 
 __all__ = [
     "RankProfile",
@@ -457,10 +457,7 @@ def rank_profile(obj, levels=None, rtol=None) -> RankProfile:
             given = list(levels)
         except TypeError:
             raise TypeError(f"levels must be an iterable of integers, got {levels!r} ({type(levels).__name__})") from None
-        for lev in given:
-            if isinstance(lev, (bool, np.bool_)) or not isinstance(lev, (int, np.integer)):
-                raise TypeError(f"levels must be an iterable of integers, got {lev!r} ({type(lev).__name__})")
-        levels = [int(lev) for lev in given]
+        levels = [check_int(f"levels[{i}]", lev) for i, lev in enumerate(given)]
         bad = [lev for lev in levels if lev not in all_levels]
         if bad:
             raise ValueError(f"levels must be among {all_levels} for this {s.kind} (T={s.T}), got {bad}")

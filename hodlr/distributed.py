@@ -31,7 +31,7 @@ import torch
 
 from hodlr import backends as registry, fenwick
 from hodlr.errors import BackendUnavailableError
-from hodlr.fenwick.arrays import describe
+from hodlr.fenwick.arrays import check_int, describe
 from hodlr.state import LogLinearState, combine
 
 __all__ = ["CommRecord", "combine", "log_linear_attn", "payload_bytes", "record_communication", "segment_state",
@@ -104,10 +104,8 @@ def payload_bytes(rows: int, heads: int, slots: int, Dk: int, Dv: int, *, decay:
     5505088
     """
     sizes = {"rows": rows, "heads": heads, "slots": slots, "Dk": Dk, "Dv": Dv, "itemsize": itemsize}
-    for name, value in sizes.items():
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return int(rows) * int(heads) * (int(slots) * int(Dk) * int(Dv) + int(bool(decay))) * int(itemsize)
+    rows, heads, slots, Dk, Dv, itemsize = (check_int(name, value, 0) for name, value in sizes.items())
+    return rows * heads * (slots * Dk * Dv + int(bool(decay))) * itemsize
 
 
 def _collective(what, direction, tensor, world, run):
@@ -284,13 +282,9 @@ def shard_offsets(T: int, world_size: int) -> list:
     >>> shard_offsets(10, 4)
     [0, 3, 6, 8, 10]
     """
-    for name, x in (("T", T), ("world_size", world_size)):
-        if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
-            raise TypeError(f"{name} must be an int, got {type(x).__name__}")
-    if T < 0 or world_size < 1:
-        raise ValueError(f"need T >= 0 and world_size >= 1, got T={T}, world_size={world_size}")
-    base, extra = divmod(int(T), int(world_size))
-    return [r * base + min(r, extra) for r in range(int(world_size) + 1)]
+    T, world_size = check_int("T", T, 0), check_int("world_size", world_size, 1)
+    base, extra = divmod(T, world_size)
+    return [r * base + min(r, extra) for r in range(world_size + 1)]
 
 
 _META = ("tokens", "B (batch of q)", "heads of q and k", "heads of v", "Dk", "Dv", "g given", "initial_state given",
@@ -624,13 +618,10 @@ def segment_state(k, v, g, positions, *, cu_seqlens=None, num_slots=None):
                          f"{a.tolist()}")
     end = a + length
     need = int(end.max(initial=0)).bit_length()
-    if num_slots is None:
-        S = need
-    elif isinstance(num_slots, (bool, np.bool_)) or not isinstance(num_slots, (int, np.integer)) or num_slots < need:
+    S = need if num_slots is None else check_int("num_slots", num_slots)
+    if S < need:
         raise ValueError(f"num_slots must be an integer >= {need} (the slots of the largest end position "
                          f"{int(end.max(initial=0))}), got {num_slots!r}")
-    else:
-        S = int(num_slots)
     X = _segment_states(k, v, g, rows, begin, a, length, S, ops.work_dtype(v.dtype), k.is_cuda)
     return LogLinearState(X, _on(end, k.device), validate=False)
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from hodlr import _checks, _deferred, _formulas, display, fenwick, sparse, tree
 from hodlr._formulas import decay_matrix
-from hodlr.fenwick.arrays import as_like, is_torch, namespace, to_numpy
+from hodlr.fenwick.arrays import as_like, check_int, is_torch, namespace, to_numpy
 
 __all__ = ["LogLinearMask", "decay_matrix"]
 
@@ -230,9 +230,7 @@ class LogLinearMask:
         return _broadcast_batch(v, self._batch_shape, 2)
 
     def _check_lev(self, lev) -> int:
-        if isinstance(lev, (bool, np.bool_)) or not isinstance(lev, (int, np.integer)):
-            raise TypeError(f"lev must be an integer, got {type(lev).__name__}")
-        lev = int(lev)
+        lev = check_int("lev", lev)
         if not 1 <= lev < fenwick.num_levels(self.T):
             raise ValueError(f"lev must be in 1..{fenwick.num_levels(self.T) - 1} for T={self.T}, got {lev}")
         return lev

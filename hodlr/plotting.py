@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from hodlr import display, fenwick
-from hodlr.fenwick.arrays import to_numpy
+from hodlr.fenwick.arrays import check_int, to_numpy
 
 __all__ = ["default_min_block", "heatmap", "plot_buckets", "plot_context_parallel", "save_structure_png", "spy"]
 
@@ -67,10 +67,7 @@ def default_min_block(T: int, leaf_size: int = 1) -> int:
 def _describe(obj):
     """``(T, leaf_size, kind, ranks_fn)`` for an int, a mask or a tree."""
     if isinstance(obj, (int, np.integer)) and not isinstance(obj, (bool, np.bool_)):
-        T = int(obj)
-        if T < 1:
-            raise ValueError(f"T must be >= 1, got {T}")
-        return T, 1, "structure", None
+        return check_int("T", obj, 1), 1, "structure", None
     if display.is_mask(obj):
         if 0 in obj.batch_shape:
             raise ValueError(f"M has an empty batch (batch_shape {obj.batch_shape}): nothing to draw")
@@ -82,19 +79,12 @@ def _describe(obj):
     )
 
 
-def _integer(name: str, value) -> int:
-    """``value`` as an int, or a TypeError naming ``name`` (a float such as 2.5 is not silently cut)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    return int(value)
-
-
 def _min_block(min_block, T: int, leaf: int) -> int:
     """The smallest block drawn: a power of two >= 1 (default :func:`default_min_block`), at least
     the tree's leaf size."""
     if min_block is None:
         return default_min_block(T, leaf)
-    min_block = _integer("min_block", min_block)
+    min_block = check_int("min_block", min_block)
     if min_block < 1 or min_block & (min_block - 1):
         raise ValueError(f"min_block must be a power of two >= 1, got {min_block}")
     return max(min_block, leaf)
@@ -275,7 +265,7 @@ def heatmap(M, ax=None, *, index=None, grid=True, min_block=None, cmap="magma", 
             index = tuple(0 for _ in batch)
         elif not isinstance(index, (tuple, list)):
             raise TypeError(f"index must be a tuple of {len(batch)} integers for batch shape {batch}, got {index!r}")
-        index = tuple(_integer("index", i) for i in index)
+        index = tuple(check_int(f"index[{i}]", x) for i, x in enumerate(index))
         if len(index) != len(batch) or not all(-n <= i < n for i, n in zip(index, batch)):
             raise ValueError(f"index must have {len(batch)} entries within batch shape {batch}, got {index}")
         dense = dense[index]
@@ -328,10 +318,8 @@ def plot_buckets(t: int, T: int | None = None, ax=None, *, cmap="viridis"):
     import matplotlib.colors
     from matplotlib.patches import Rectangle
 
-    if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
-        raise TypeError(f"t must be an integer, got {type(t).__name__}")
-    t = int(t)
-    T = t + 1 if T is None else _integer("T", T)
+    t = check_int("t", t)
+    T = t + 1 if T is None else check_int("T", T)
     if not 0 <= t < T:
         raise ValueError(f"t must satisfy 0 <= t < T, got t={t}, T={T}")
     colors = _level_colors(max(fenwick.num_levels(T) - 1, 1), cmap)
@@ -392,7 +380,7 @@ def plot_context_parallel(offsets, axes=None, *, cmap="viridis"):
     import matplotlib.colors
     from matplotlib.patches import Rectangle
 
-    o = [_integer("offsets", x) for x in offsets]
+    o = [check_int(f"offsets[{i}]", x) for i, x in enumerate(offsets)]
     if len(o) < 2 or o[0] != 0 or any(b < a for a, b in zip(o, o[1:])):
         raise ValueError(f"offsets must be non-decreasing from 0 with at least two entries, got {list(offsets)}")
     T, world = o[-1], len(o) - 1

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hodlr.fenwick.arrays import describe
+from hodlr.fenwick.arrays import check_int, describe
 
 __all__ = ["LogLinearState", "combine"]
 
@@ -111,19 +111,16 @@ class LogLinearState:
         """
         import torch
 
-        for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("Dk", Dk), ("Dv", Dv)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        sizes = {"batch_size": batch_size, "num_heads": num_heads, "Dk": Dk, "Dv": Dv}
+        batch_size, num_heads, Dk, Dv = (check_int(name, value, 0) for name, value in sizes.items())
         if (max_position is None) == (slots is None):
             raise TypeError("pass exactly one of max_position and slots")
         if slots is None:
-            if isinstance(max_position, bool) or not isinstance(max_position, (int, np.integer)) or max_position < 0:
-                raise ValueError(f"max_position must be an integer >= 0, got {max_position!r}")
-            slots = int(max_position).bit_length()
-        elif isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 0:
-            raise ValueError(f"slots must be an integer >= 0, got {slots!r}")
+            slots = check_int("max_position", max_position, 0).bit_length()
+        else:
+            slots = check_int("slots", slots, 0)
         dtype = torch.float32 if dtype is None else dtype
-        states = torch.zeros((batch_size, num_heads, int(slots), Dk, Dv), dtype=dtype, device=device)
+        states = torch.zeros((batch_size, num_heads, slots, Dk, Dv), dtype=dtype, device=device)
         return cls(states, torch.zeros(batch_size, dtype=torch.int64, device=states.device), validate=False)
 
     @classmethod
@@ -258,10 +255,7 @@ class LogLinearState:
         trailing ones dropped (they must be empty: every position ``< 2**slots``)."""
         import torch
 
-        if isinstance(slots, (bool, np.bool_)) or not isinstance(slots, (int, np.integer)):
-            raise TypeError(f"slots must be an integer >= 0, got {slots!r}")
-        if slots < 0:
-            raise ValueError(f"slots must be an integer >= 0, got {slots}")
+        slots = check_int("slots", slots, 0)
         S = self.num_slots
         if slots >= S:
             pad = self.states.new_zeros(self.states.shape[:2] + (slots - S,) + self.states.shape[3:])

@@ -26,7 +26,7 @@ from hypothesis.errors import InvalidArgument
 
 from hodlr import fenwick
 from hodlr._accuracy import DECAYS, TOLERANCES, assert_close, relative_error, scaled_error
-from hodlr.fenwick.arrays import is_torch, namespace
+from hodlr.fenwick.arrays import check_int, is_torch, namespace
 
 __all__ = [
     "AWKWARD_LENGTHS",
@@ -51,18 +51,19 @@ def _strategy(value, name):
     return st.just(value)
 
 
-def _count(name: str, value) -> int:
-    """A drawn size: an int ``>= 0``, else ``InvalidArgument``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise InvalidArgument(f"{name} must be an int >= 0, got {value!r}")
-    return int(value)
+def _count(name: str, value, low: int = 0) -> int:
+    """A size: an int ``>= low``, else ``InvalidArgument`` (with :func:`check_int`'s message)."""
+    try:
+        return check_int(name, value, low)
+    except (TypeError, ValueError) as err:
+        raise InvalidArgument(str(err)) from None
 
 
 def st_lengths(min_value: int = 1, max_value: int = 300) -> st.SearchStrategy:
     """Sequence lengths in ``[min_value, max_value]``, often powers of two and their
     neighbours (where off-by-one errors live)."""
-    if not isinstance(min_value, int) or not isinstance(max_value, int) or min_value < 1 or max_value < min_value:
-        raise InvalidArgument(f"need 1 <= min_value <= max_value, got min_value={min_value!r}, max_value={max_value!r}")
+    min_value = _count("min_value", min_value, 1)
+    max_value = _count("max_value", max_value, min_value)
     awkward = [n for n in AWKWARD_LENGTHS if min_value <= n <= max_value]
     uniform = st.integers(min_value, max_value)
     return st.one_of(st.sampled_from(awkward), uniform) if awkward else uniform
@@ -146,16 +147,14 @@ def masks(
     from hodlr.mask import LogLinearMask
 
     T = draw(_strategy(st_lengths() if T is None else T, "T"))
-    batch = tuple(_count("batch_shape entries", n) for n in draw(_strategy(batch_shape, "batch_shape")))
+    batch = tuple(_count(f"batch_shape[{i}]", n) for i, n in enumerate(draw(_strategy(batch_shape, "batch_shape"))))
     kind = draw(_strategy(decay, "decay"))
     extra = _count("extra_levels", draw(_strategy(extra_levels, "extra_levels")))
     poison, dtype, library, device = (draw(_strategy(x, name)) for x, name in (
         (poison, "poison"), (dtype, "dtype"), (library, "library"), (device, "device")))
     if not isinstance(poison, (bool, np.bool_)):
         raise InvalidArgument(f"poison must be a bool, got {poison!r}")
-    if isinstance(T, (bool, np.bool_)) or not isinstance(T, (int, np.integer)) or T < 1:
-        raise InvalidArgument(f"T must be an int >= 1, got {T!r}")
-    T = int(T)
+    T = _count("T", T, 1)
     if kind not in DECAYS:
         raise InvalidArgument(f"decay must be one of {DECAYS}, got {kind!r}")
     if library not in ("numpy", "torch"):

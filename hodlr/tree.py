@@ -33,7 +33,7 @@ import numpy as np
 
 from hodlr import _checks, _formulas, display, fenwick
 from hodlr.errors import RankExceededError
-from hodlr.fenwick.arrays import is_torch, to_numpy
+from hodlr.fenwick.arrays import check_int, is_torch, to_numpy
 
 __all__ = ["HODLRBlock", "HODLRMatrix", "numerical_rank"]
 
@@ -159,13 +159,15 @@ class HODLRMatrix:
         ValueError
             If ``M`` has batch dimensions (select one matrix first, e.g.
             ``LogLinearMask(M.level_scales[0], M.log_decay[0])``), or ``leaf_size < 1``.
+        TypeError
+            If ``leaf_size`` is not an integer.
         """
         if M.batch_shape != ():
             raise ValueError(
                 f"HODLRMatrix.from_mask needs a mask without batch dimensions, got batch_shape {M.batch_shape}; "
                 "build one matrix per element, e.g. LogLinearMask(M.level_scales[0], M.log_decay[0])"
             )
-        leaf_size = _check_positive_int("leaf_size", leaf_size)
+        leaf_size = check_int("leaf_size", leaf_size, 1)
         _checks.needs_values("HODLRMatrix.from_mask", M.level_scales)
         M._queue_check()  # a CUDA mask not yet validated
         dtype = _formulas.numpy_dtype(M.dtype)
@@ -244,11 +246,9 @@ class HODLRMatrix:
             )
         if not np.isfinite(A).all():
             raise ValueError("A must be finite; it holds NaN or inf")
-        leaf_size = _check_positive_int("leaf_size", leaf_size)
+        leaf_size = check_int("leaf_size", leaf_size, 1)
         if rank is not None:
-            if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 0:
-                raise ValueError(f"rank must be an integer >= 0 or None, got {rank!r}")
-            rank = int(rank)
+            rank = check_int("rank", rank, 0)
         if tol is None:
             tol = _default_tol(A.dtype)
         if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not 0 < tol < 1:
@@ -406,9 +406,3 @@ class HODLRMatrix:
 
     def _repr_html_(self) -> str:
         return display.tree_repr_html(self)
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)

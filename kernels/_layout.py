@@ -18,6 +18,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from hodlr import fenwick
+from hodlr.fenwick.arrays import check_int
 
 DEFAULT_CHUNK = {"attention": 64, "matmul": 16, "gated_delta": 32}
 """Chunk size ``C`` per operation when the caller passes ``chunk=None`` (H200-tuned: ``docs/kernels.md`` §3);
@@ -93,8 +94,7 @@ def check_chunk(chunk, op: str) -> int:
     """Validate the chunk size: a power of two in ``[16, 256]`` (``None``: the default of ``op``)."""
     if chunk is None:
         return DEFAULT_CHUNK[op]
-    if isinstance(chunk, bool) or not isinstance(chunk, int):
-        raise TypeError(f"chunk must be an int (a power of two in [16, 256]), got {type(chunk).__name__}")
+    chunk = check_int("chunk", chunk)
     if chunk < MIN_BLOCK or chunk > 256 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two in [16, 256], got {chunk}")
     return chunk

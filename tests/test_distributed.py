@@ -382,9 +382,9 @@ def test_shard_offsets_and_payload():
     assert shard_offsets(10, 4) == [0, 3, 6, 8, 10]
     assert shard_offsets(3, 5) == [0, 1, 2, 3, 3, 3]
     assert shard_offsets(0, 2) == [0, 0, 0]
-    with pytest.raises(ValueError, match="world_size >= 1"):
+    with pytest.raises(ValueError, match="world_size must be an integer >= 1, got 0"):
         shard_offsets(4, 0)
-    with pytest.raises(TypeError, match="T must be an int"):
+    with pytest.raises(TypeError, match="T must be an integer >= 0, got float"):
         shard_offsets(4.0, 2)
     assert payload_bytes(2, 3, 4, 5, 6, decay=False, itemsize=8) == 2 * 3 * 4 * 5 * 6 * 8
     assert payload_bytes(1, 16, 21, 64, 64) == 16 * (21 * 64 * 64 + 1) * 4

@@ -521,7 +521,7 @@ def test_constructor_errors():
     with pytest.raises(ValueError, match="Dk must be an integer >= 0, got -1"):
         FenwickState((2,), -1, 3)
     assert FenwickState((2,), 0, 3).Dk == 0  # zero-width heads hold empty states
-    with pytest.raises(ValueError, match="Dv"):
+    with pytest.raises(TypeError, match="Dv must be an integer >= 0, got float"):
         FenwickState((2,), 2, 1.5)
     with pytest.raises(TypeError, match="dtype"):
         FenwickState((2,), 2, 2, dtype=np.int64)

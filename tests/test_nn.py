@@ -265,7 +265,7 @@ def test_bad_cache_and_state_arguments_are_named():
     for indices in ([5], [-1]):
         with pytest.raises(ValueError, match=r"indices must lie in \[0, 2\) \(the state's sequences\), got"):
             cache.index_select(indices)
-    with pytest.raises(TypeError, match="slots must be an integer >= 0, got 1.5"):
+    with pytest.raises(TypeError, match="slots must be an integer >= 0, got float"):
         state.with_slots(1.5)
     with pytest.raises(ValueError, match="slots must be an integer >= 0, got -1"):
         state.with_slots(-1)
@@ -303,7 +303,7 @@ BAD_MAMBA = [  # on top of a valid (num_heads=4, head_dim=3, hidden_size=6)
     (dict(dt_limit=("0", 1)), ValueError, "dt_limit must be a pair"),
     (dict(dt_min=0.0), ValueError, "need 0 < dt_min <= dt_max"),
     (dict(num_levels=0), ValueError, "num_levels must be an integer >= 1"),
-    (dict(conv_kernel=2.5), ValueError, "conv_kernel must be an integer"),
+    (dict(conv_kernel=2.5), TypeError, "conv_kernel must be an integer >= 1, got float"),
     (dict(backend=None), TypeError, "backend must be a string"),
     (dict(backend="nope"), ValueError, "backend must be 'auto' or one of dense, .*, got 'nope'"),
     (dict(expand=float("inf")), ValueError, "expand \\* hidden_size must be a positive integer"),

@@ -159,8 +159,8 @@ def test_from_dense_bad_inputs():
         HODLRMatrix.from_dense(B)
     with pytest.raises(TypeError, match="float32 or float64"):
         HODLRMatrix.from_dense(np.tril(np.ones((4, 4), dtype=int)))
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="leaf_size"):
+    for bad, error in ((0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="leaf_size must be an integer >= 1"):
             HODLRMatrix.from_dense(A, leaf_size=bad)
     with pytest.raises(ValueError, match="rank"):
         HODLRMatrix.from_dense(A, rank=-1)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from hodlr import fenwick
-from hodlr.fenwick.arrays import is_torch
+from hodlr.fenwick.arrays import check_int, is_torch
 from hodlr.mask import decay_matrix
 
 DESCRIPTION = "chunked form (dense C x C blocks + Fenwick scan over chunk states), the Triton kernels' algorithm; torch (numpy converted), autograd"
@@ -52,9 +52,7 @@ def unavailable_reason(library, device):
 
 
 def _check_chunk(chunk) -> int:
-    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)):
-        raise TypeError(f"chunk must be a power-of-two int, got {type(chunk).__name__}")
-    chunk = int(chunk)
+    chunk = check_int("chunk", chunk)
     if chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two >= 1, got {chunk}")
     return chunk

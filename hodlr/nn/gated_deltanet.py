@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hodlr.nn.modules import LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution, check_int, l2norm
+from hodlr.fenwick.arrays import check_int
+from hodlr.nn.modules import LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution, l2norm
 from hodlr.ops import log_linear_gated_delta_rule
 
 __all__ = ["LogLinearGatedDeltaNet"]
@@ -73,9 +74,10 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
                  hierarchical: bool = True, backend: str = "auto"):
         super().__init__()
         num_v_heads = num_heads if num_v_heads is None else num_v_heads
-        for name, value in (("hidden_size", hidden_size), ("head_dim", head_dim), ("num_heads", num_heads),
-                            ("num_v_heads", num_v_heads), ("conv_size", conv_size)):
-            check_int(name, value)
+        sizes = {"hidden_size": hidden_size, "head_dim": head_dim, "num_heads": num_heads, "num_v_heads": num_v_heads,
+                 "conv_size": conv_size}
+        hidden_size, head_dim, num_heads, num_v_heads, conv_size = (
+            check_int(name, value, 1) for name, value in sizes.items())
         if num_v_heads % num_heads:
             raise ValueError(f"num_heads={num_heads} (query/key heads) must divide num_v_heads={num_v_heads}")
         ok = isinstance(expand_v, (int, float)) and not isinstance(expand_v, bool) and math.isfinite(expand_v)
@@ -98,7 +100,7 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
         self.a_proj = nn.Linear(hidden_size, num_v_heads, bias=False)
         self.b_proj = nn.Linear(hidden_size, num_v_heads, bias=False)
         if hierarchical:
-            self.l_proj = nn.Linear(hidden_size, num_v_heads * num_levels, bias=False)
+            self.l_proj = nn.Linear(hidden_size, num_v_heads * self.num_levels, bias=False)
         self.A_log = nn.Parameter(torch.log(torch.empty(num_v_heads).uniform_(0, 16)))
         dt_min, dt_max, dt_floor = 0.001, 0.1, 1e-4
         dt = torch.exp(torch.rand(num_v_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hodlr.fenwick.arrays import check_int
 from hodlr.ops import log_linear_attn
-from hodlr.nn.modules import LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution, check_int
+from hodlr.nn.modules import LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution
 
 __all__ = ["LogLinearMamba2"]
 
@@ -85,9 +86,10 @@ class LogLinearMamba2(LogLinearLayer):
                  layer_idx: int | None = None, *, num_levels: int = 15, hierarchical: bool = True,
                  backend: str = "auto"):
         super().__init__()
-        for name, value in (("num_heads", num_heads), ("head_dim", head_dim), ("hidden_size", hidden_size),
-                            ("state_size", state_size), ("n_groups", n_groups), ("conv_kernel", conv_kernel)):
-            check_int(name, value)
+        sizes = {"num_heads": num_heads, "head_dim": head_dim, "hidden_size": hidden_size, "state_size": state_size,
+                 "n_groups": n_groups, "conv_kernel": conv_kernel}
+        num_heads, head_dim, hidden_size, state_size, n_groups, conv_kernel = (
+            check_int(name, value, 1) for name, value in sizes.items())
         ok = isinstance(expand, (int, float)) and not isinstance(expand, bool) and math.isfinite(expand)
         inner = expand * hidden_size if ok else 0.5
         if inner != int(inner) or inner < 1:
@@ -122,7 +124,7 @@ class LogLinearMamba2(LogLinearLayer):
         self.conv1d = ShortConvolution(self.conv_dim, conv_kernel, bias=use_conv_bias)
         if conv_init is not None:
             nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
-        levels = num_heads * num_levels if hierarchical else 0
+        levels = num_heads * self.num_levels if hierarchical else 0
         self.in_proj = nn.Linear(hidden_size, self.intermediate_size + self.conv_dim + num_heads + levels,
                                  bias=use_bias)
         dt = torch.exp(torch.rand(num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))

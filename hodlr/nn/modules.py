@@ -14,16 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hodlr import backends as registry
+from hodlr.fenwick.arrays import check_int
 from hodlr.state import LogLinearState
 
 __all__ = ["LayerCache", "RMSNormGated", "ShortConvolution", "level_scales"]
-
-
-def check_int(name: str, value, low: int = 1) -> int:
-    """``value`` as an int ``>= low``, or a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
 
 
 def check_hidden_states(layer, x) -> None:
@@ -76,8 +70,7 @@ class ShortConvolution(nn.Conv1d):
     """
 
     def __init__(self, hidden_size: int, kernel_size: int, bias: bool = False, activation: str | None = "silu"):
-        check_int("hidden_size", hidden_size)
-        check_int("kernel_size", kernel_size)
+        hidden_size, kernel_size = check_int("hidden_size", hidden_size, 1), check_int("kernel_size", kernel_size, 1)
         if activation not in ("silu", "swish", None):
             raise ValueError(f"activation must be 'silu' (or 'swish', the same) or None, got {activation!r}")
         super().__init__(hidden_size, hidden_size, kernel_size, groups=hidden_size, bias=bias)
@@ -137,8 +130,8 @@ class RMSNormGated(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: int | None = None,
                  norm_before_gate: bool = False):
         super().__init__()
-        check_int("hidden_size", hidden_size)
-        group_size = hidden_size if group_size is None else check_int("group_size", group_size)
+        hidden_size = check_int("hidden_size", hidden_size, 1)
+        group_size = hidden_size if group_size is None else check_int("group_size", group_size, 1)
         if hidden_size % group_size:
             raise ValueError(f"group_size={group_size} must divide hidden_size={hidden_size}")
         self.hidden_size, self.eps, self.group_size = hidden_size, eps, group_size
@@ -238,7 +231,7 @@ class LogLinearLayer(nn.Module):
     ``hierarchical``), the backend, and the checks of the input and the cache."""
 
     def _setup_levels(self, num_heads: int, num_levels: int, hierarchical: bool, backend: str) -> None:
-        self.num_levels = check_int("num_levels", num_levels)
+        self.num_levels = check_int("num_levels", num_levels, 1)
         if not isinstance(hierarchical, bool):
             raise TypeError(f"hierarchical must be a bool, got {type(hierarchical).__name__}")
         if not isinstance(backend, str):
@@ -249,7 +242,7 @@ class LogLinearLayer(nn.Module):
         self.hierarchical = hierarchical
         self.backend = backend
         if hierarchical:
-            self.L = nn.Parameter(torch.ones(num_heads, num_levels))
+            self.L = nn.Parameter(torch.ones(num_heads, self.num_levels))
             self.L._no_weight_decay = True
 
     def _level_scales(self, dl: torch.Tensor | None, x: torch.Tensor, H: int) -> torch.Tensor:
@@ -265,7 +258,7 @@ class LogLinearLayer(nn.Module):
         ``max_position = 2**(num_levels - 1)``, the most the layer reads) and zero convolution
         inputs.  A cache with enough slots never grows, which ``torch.compile`` needs (the slot
         count of a compiled call is the initial state's)."""
-        check_int("batch_size", batch_size, 0)
+        batch_size = check_int("batch_size", batch_size, 0)
         max_position = 1 << (self.num_levels - 1) if max_position is None else check_int("max_position",
                                                                                         max_position, 0)
         (H, Dk, Dv), convs = self._cache_layout()
