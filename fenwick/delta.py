@@ -130,7 +130,7 @@ class GatedDeltaState(_StreamingState):
         """The states as one array ``(*batch, slots, Dk, Dv)``, slot ``l - 1`` holding level ``l``
         and zeros where the bucket is empty; ``slots`` defaults to ``position.bit_length()``."""
         need = self._pos.bit_length()
-        slots = need if slots is None else int(slots)
+        slots = need if slots is None else check_int("slots", slots)
         if slots < need:
             raise ValueError(f"slots must be >= {need} for position {self._pos}, got {slots}")
         xp = namespace(self._like)

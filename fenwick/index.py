@@ -140,9 +140,7 @@ def buckets(t: int) -> list[tuple[int, int, int]]:
     >>> buckets(6)
     [(0, 6, 7), (2, 4, 6), (3, 0, 4)]
     """
-    t = int(t)
-    if t < 0:
-        raise ValueError(f"t must be >= 0, got t={t}")
+    t = check_int("t", t, 0)
     out = [(0, t, t + 1)]
     for lev in range(1, t.bit_length() + 1):
         start, stop = bucket(t, lev)

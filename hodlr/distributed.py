@@ -706,7 +706,7 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     from hodlr import ops
 
     # refused on this rank alone, before any collective: without a process group no other rank can be told
-    if group is not None and not isinstance(group, dist.ProcessGroup):
+    if group is not None and dist.is_available() and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("group: torch.distributed is not initialised; hodlr.distributed.log_linear_attn runs on "

@@ -371,6 +371,9 @@ def _check_chunks(chunks, layout, C):
             "trans": ((B, N, DK * DK), held)}
     if layout.tensors["g"] is not None:
         want["decays"] = ((B, N), work)
+    elif chunks.decays is not None:
+        raise ValueError("chunks must be the forward's of this call: it has no log_decay, but chunks holds the "
+                         "block decays of a forward with one")
     for name, (shape, dtype) in want.items():
         x = getattr(chunks, name)
         if x is None or tuple(x.shape) != shape or x.dtype != dtype or x.device != v.device or not x.is_contiguous():

@@ -433,8 +433,11 @@ def test_unread_non_finite_scales_are_not_errors(library):
     (lambda: fenwick.bucket(3, 1.5), TypeError, r"lev must be an integer >= 0, got float"),
     (lambda: fenwick.read_levels(8, -1), ValueError, r"L must be an integer >= 0, got -1"),
     (lambda: fenwick.read_levels(8, 2.0), TypeError, r"L must be an integer >= 0, got float"),
+    (lambda: fenwick.buckets(6.9), TypeError, r"t must be an integer >= 0, got float"),
+    (lambda: fenwick.buckets(-1), ValueError, r"t must be an integer >= 0, got -1"),
+    (lambda: fenwick.GatedDeltaState((), 2, 2).stacked(3.9), TypeError, r"slots must be an integer, got float"),
 ], ids=["block-factors-float", "block-factors-str", "num-blocks-float", "bucket-str", "bucket-float",
-        "read-levels-negative", "read-levels-float"])
+        "read-levels-negative", "read-levels-float", "buckets-float", "buckets-negative", "stacked-slots-float"])
 def test_level_arguments_name_themselves(call, error, message):
     # not in the CASES table above (that one mirrors docs/bad-input.md row by row)
     with pytest.raises(error, match=message):

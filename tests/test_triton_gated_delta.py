@@ -501,6 +501,8 @@ def test_saved_chunks_refused_when_they_do_not_fit():
         backward(*dev, 0.3, do, chunk=32, chunks=chunks)
     with pytest.raises(ValueError, match=r"decays should be .*got None"):
         backward(*dev, 0.3, do, chunk=CHUNK, chunks=chunks._replace(decays=None))
+    with pytest.raises(ValueError, match=r"it has no log_decay, but chunks holds the block decays"):
+        backward(*dev[:5], None, 0.3, do, chunk=CHUNK, chunks=chunks)
     with pytest.raises(ValueError, match=r"states should be .*got"):
         backward(*dev, 0.3, do, chunk=CHUNK, chunks=chunks._replace(states=chunks.states[:, :-1]))
     with pytest.raises(ValueError, match=r"X should be .*contiguous, got .*not contiguous"):
