@@ -908,6 +908,7 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
         o = local_call(carried_state)
     if gathered is not None and wants_grad and not len(carried):
         o = _Depend.apply(o, gathered)  # every rank's backward reaches the collective
+    o = ops._joined(o, q, k, v, g, level_scales)  # an empty shard's output in the graph of its empty inputs
     if not output_final_state:
         return o, None
     return o, LogLinearState(Z, _on(plan.end, dev), validate=False)
