@@ -156,8 +156,9 @@ class _GatedDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, level_scales, log_decay, scale, chunk, check, save_states):
         ctx.scale = scale
-        ctx.chunk = min(check_chunk(chunk, "gated_delta"), MAX_BACKWARD_CHUNK)  # any chunk: the same gradients
-        if not save_states or ctx.chunk != check_chunk(chunk, "gated_delta"):
+        chunk = check_chunk(chunk, "gated_delta")
+        ctx.chunk = min(chunk, MAX_BACKWARD_CHUNK)  # any chunk: the same gradients
+        if not save_states or ctx.chunk != chunk:
             ctx.save_for_backward(q, k, v, beta, level_scales, log_decay)
             return gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale, chunk=chunk, check=check)
         o, ch = gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale, chunk=chunk, check=check,

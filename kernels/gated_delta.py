@@ -354,12 +354,22 @@ def tiles(layout, widest: int = 64):
     return BDK, BDV, cdiv(layout.DV, BDV)
 
 
-def hierarchy_dtype(dtype):
-    """The dtype of the hierarchy's states and transitions for inputs of ``dtype``: bfloat16 for
-    bfloat16 inputs (:data:`BF16_HIERARCHY`), else the accumulator's (float32, float64 for float64)."""
-    if dtype == torch.bfloat16 and BF16_HIERARCHY:
-        return torch.bfloat16
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def chunk_shapes(layout, C: int) -> dict:
+    """``{name: (shape, dtype)}`` of the :class:`Chunks` tensors of the call ``layout`` at chunk ``C``
+    (``decays`` only with a log-decay): what :func:`chunk_hierarchy` allocates, and what the
+    backward accepts in their place.  ``X``, ``W`` and the decays in the accumulator dtype (float32,
+    float64 for float64), the hierarchy in bfloat16 for bfloat16 inputs (:data:`BF16_HIERARCHY`)."""
+    v = layout.tensors["v"]
+    work = torch.float64 if v.dtype == torch.float64 else torch.float32
+    held = torch.bfloat16 if v.dtype == torch.bfloat16 and BF16_HIERARCHY else work
+    n = chunk_count(layout.T, C)
+    N = level_offsets(n)[-1]
+    B, DK, DV = layout.B, layout.DK, layout.DV
+    shapes = {"X": ((B, n, C, C), work), "W": ((B, n, C, DK), work), "states": ((B, N, DK * DV), held),
+              "trans": ((B, N, DK * DK), held)}
+    if layout.tensors["g"] is not None:
+        shapes["decays"] = ((B, N), work)
+    return shapes
 
 
 def chunk_hierarchy(layout, C: int) -> Chunks:
@@ -367,7 +377,6 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
     shared by the forward and the backward (which recomputes them)."""
     v = layout.tensors["v"]
     acc, prec, exact = compute_types(v.dtype)
-    work = torch.float64 if v.dtype == torch.float64 else torch.float32
     DK, DV, B = layout.DK, layout.DV, layout.B
     levels = HIERARCHY_LEVELS if DK <= 64 else HIERARCHY_LEVELS_WIDE
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
@@ -376,15 +385,10 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
     n = chunk_count(layout.T, C)
     sizes, offsets = hierarchy_sizes(n), level_offsets(n)
     N = offsets[-1]
-    dev = v.device
-    X = _layout.scratch((B, n, C, C), work, dev)
-    W = _layout.scratch((B, n, C, DK), work, dev)
-    held = hierarchy_dtype(v.dtype)
-    states = _layout.scratch((B, N, DK * DV), held, dev)
-    trans = _layout.scratch((B, N, DK * DK), held, dev)
-    has_g = layout.tensors["g"] is not None
-    decays = _layout.scratch((B, N), work, dev) if has_g else None
-    ch = Chunks(X, W, states, trans, decays, C, n)
+    made = {name: _layout.scratch(shape, dtype, v.device) for name, (shape, dtype) in chunk_shapes(layout, C).items()}
+    ch = Chunks(made["X"], made["W"], made["states"], made["trans"], made.get("decays"), C, n)
+    X, W, states, trans = ch.X, ch.W, ch.states, ch.trans
+    has_g = ch.decays is not None
     BDK, BDV, _ = tiles(layout)
     _chunk_kernel[(n, B)](
         layout.tensors["k"], v, layout.tensors["beta"], layout.decay_args()[0], X, W, states, trans,

@@ -34,9 +34,9 @@ import triton.language as tl
 
 from . import _layout
 from ._device import chunk_rows, dot, intra_scales
-from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, hierarchy_sizes,
-                      interpreting, level_offsets, next_power_of_2)
-from .gated_delta import (Chunks, chunk_hierarchy, gated_delta_layout, gates, hierarchy_dtype, load_rows, matrix_tile,
+from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_chunk, compute_types, hierarchy_sizes, interpreting,
+                      level_offsets, next_power_of_2)
+from .gated_delta import (Chunks, chunk_hierarchy, chunk_shapes, gated_delta_layout, gates, load_rows, matrix_tile,
                           store_matrix_tile, tiles, transition_tile)
 
 
@@ -362,16 +362,9 @@ def _check_chunks(chunks, layout, C):
         raise TypeError(f"chunks must be the Chunks that gated_delta_forward(..., return_chunks=True) returns, "
                         f"got {type(chunks).__name__}")
     v = layout.tensors["v"]
-    work = torch.float64 if v.dtype == torch.float64 else torch.float32
-    held = hierarchy_dtype(v.dtype)
-    n = chunk_count(layout.T, C)
-    N = level_offsets(n)[-1]
-    B, DK, DV = layout.B, layout.DK, layout.DV
-    want = {"X": ((B, n, C, C), work), "W": ((B, n, C, DK), work), "states": ((B, N, DK * DV), held),
-            "trans": ((B, N, DK * DK), held)}
-    if layout.tensors["g"] is not None:
-        want["decays"] = ((B, N), work)
-    elif chunks.decays is not None:
+    want = chunk_shapes(layout, C)
+    n = want["X"][0][1]  # X is (B, n, C, C)
+    if "decays" not in want and chunks.decays is not None:
         raise ValueError("chunks must be the forward's of this call: it has no log_decay, but chunks holds the "
                          "block decays of a forward with one")
     for name, (shape, dtype) in want.items():
