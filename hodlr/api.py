@@ -49,9 +49,10 @@ def _resolve(backend, M, T, op: str):
 
 def _run(module, op: str, M, *args):
     """``module.op(*args)``; a CUDA mask not yet validated is checked by the backend's own kernels
-    where it can (``CHECKS_MASK``), else by the mask's check kernel queued first."""
+    where it can (``CHECKS_MASK``), else by the mask's check kernel queued first.  The caller has
+    reported the deferred checks (:func:`hodlr._deferred.report`, once per public call)."""
     if not getattr(module, "CHECKS_MASK", False):
-        M._queue_check()
+        M._queue_check(report=False)
         return getattr(module, op)(*args)
     flag = M._check_flag()
     result = getattr(module, op)(*args, check=flag)
@@ -280,7 +281,7 @@ def gated_delta_matrix(q, k, beta, M, *, scale=None):
     from hodlr.backends import dense
 
     q, k, beta, _, batch, scale = _gated_delta_operands(M, scale, q, k, beta)
-    M._queue_check()
+    M._queue_check(report=False)
     lam, g = _mask_args(M, batch)
     if scale is None or _empty(batch):
         return zeros(batch + (M.T, M.T), lam)

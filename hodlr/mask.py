@@ -170,10 +170,12 @@ class LogLinearMask:
         if self._check is not None and self._check.done:
             self._check.finish()
 
-    def _queue_check(self) -> None:
+    def _queue_check(self, *, report: bool = True) -> None:
         """Queue the check kernel of a CUDA mask not yet checked (:func:`_device_check`); first
-        report the checks whose verdict is in, and refuse a mask whose check failed."""
-        _deferred.report()
+        report the checks whose verdict is in (unless ``report`` is False: the public operations of
+        :mod:`hodlr.api` have reported them already), and refuse a mask whose check failed."""
+        if report:
+            _deferred.report()
         self._raise_if_failed()
         if self._unchecked and not _tracing():
             self._check = _device_check(self._level_scales, self._log_decay)

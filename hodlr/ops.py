@@ -577,9 +577,11 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
         return o[:, None]
     fits = _step_fits(state.positions, state.num_slots, level_scales.shape[-1])
     rows = fits.nonzero()[:, 0]
-    o = torch.full(v.shape, float("nan"), dtype=v.dtype, device=v.device)
+    every = rows.numel() == fits.numel()
+    # every row is written below when every step fits; else the rows that do not fit read NaN
+    o = (torch.empty(v.shape, dtype=v.dtype, device=v.device) if every
+         else torch.full(v.shape, float("nan"), dtype=v.dtype, device=v.device))
     if rows.numel():
-        every = rows.numel() == fits.numel()
         pick = (lambda x: x) if every else (lambda x: None if x is None else x.index_select(0, rows))
         live = state if every else LogLinearState(pick(state.states), pick(state.positions), validate=False)
         o_rows, new = log_linear_attn(pick(q), pick(k), pick(v), pick(g), pick(level_scales), initial_state=live,

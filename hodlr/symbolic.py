@@ -23,13 +23,13 @@ True
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 from itertools import combinations
 
 import sympy
 
 from hodlr import fenwick
+from hodlr.fenwick.arrays import check_int
 
 __all__ = [
     "BlockProof",
@@ -47,11 +47,11 @@ MAX_T = 64
 
 
 def _check_T(T) -> int:
-    if isinstance(T, bool) or not isinstance(T, numbers.Integral):
-        raise TypeError(f"T must be an integer, got {type(T).__name__}")
+    """``T`` as an ``int`` in ``1..MAX_T``: a Python, numpy or sympy integer (not a bool)."""
+    T = check_int("T", int(T) if isinstance(T, sympy.Integer) else T)
     if not 1 <= T <= MAX_T:
         raise ValueError(f"T must be in 1..{MAX_T} for symbolic work (T x T symbolic entries), got T={T}")
-    return int(T)
+    return T
 
 
 def scale_symbol(t: int, lev: int) -> sympy.Symbol:

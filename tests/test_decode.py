@@ -97,6 +97,27 @@ def test_step_overflow_refused_or_nan(backend):
         hodlr.log_linear_attn_step(*(torch.cat([x, x], 1) for x in (q, k, v, g, lam)), state)
 
 
+def test_step_torch_fills_nan_only_for_rows_that_do_not_fit(monkeypatch):
+    """The torch step allocates its output filled with NaN only when a row's step does not fit
+    (``validate=False``): when every row steps, every output row is written, none left NaN."""
+    nan_fills, torch_full = [], torch.full
+
+    def full(size, fill_value, **kwargs):
+        if fill_value != fill_value:  # NaN
+            nan_fills.append(tuple(size))
+        return torch_full(size, fill_value, **kwargs)
+
+    monkeypatch.setattr(torch, "full", full)
+    state, _ = prefix_state([3, 1], H=1, Dk=2, Dv=2)
+    inputs = step_inputs(state, 5)
+    want, _ = hodlr.log_linear_attn(*inputs, initial_state=state, backend="fenwick")
+    o = hodlr.log_linear_attn_step(*inputs, state.clone(), backend="torch")
+    assert nan_fills == [] and relative_error(o, want) <= 1e-12
+    state = state.with_slots(2)  # position 3 -> 4 needs 3 slots
+    o = hodlr.log_linear_attn_step(*inputs, state, backend="torch", validate=False)
+    assert nan_fills == [tuple(o.shape)] and torch.isnan(o[0]).all() and torch.isfinite(o[1]).all()
+
+
 def test_op_with_one_token_matches_step():
     """``log_linear_attn`` with T == 1 and a state (the op's functional form) leaves the given state
     alone and returns the stepped one."""

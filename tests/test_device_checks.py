@@ -171,6 +171,53 @@ def test_mask_methods_check_an_unchecked_mask():
             M.check()
 
 
+@pytest.mark.parametrize("unchecked", [False, pytest.param(True, marks=interpreter)])
+def test_each_public_call_reports_once(monkeypatch, unchecked):
+    """``matmul``, ``attention``, ``gated_delta_attention`` and ``gated_delta_matrix`` report the
+    deferred checks exactly once per call, on every backend that runs here (the recursive one
+    builds no mask of its own), with the mask's check kernel or the triton forward's flag queued
+    (``unchecked``) and on the early return of an empty result (``D = 0``)."""
+    from hodlr import _deferred
+    from hodlr import backends as registry
+
+    reports, report = [], _deferred.report
+
+    def counted(*args):
+        reports.append(args)
+        return report(*args)
+
+    monkeypatch.setattr(_deferred, "report", counted)
+    T = 37
+    lam = torch.rand(2, T, fenwick.num_levels(T), dtype=torch.float64)
+    g = -torch.rand(2, T, dtype=torch.float64)
+    beta = torch.rand(2, T, dtype=torch.float64)
+    ops = {
+        "matmul": lambda M, x, backend: hodlr.matmul(M, x, backend=backend),
+        "attention": lambda M, x, backend: hodlr.attention(x, x, x, M, backend=backend),
+        "gated_delta_attention": lambda M, x, backend: hodlr.gated_delta_attention(x, x, x, beta, M, backend=backend),
+    }
+    ran = set()
+    for op, call in ops.items():
+        for name in registry.NAMES:
+            module = registry.load(name)
+            if not registry.offers(module, op) or module.unavailable_reason("torch", "cpu") is not None:
+                continue
+            for D in (4, 0):
+                M = hodlr.LogLinearMask(lam, g, validate=not unchecked)
+                M._unchecked = unchecked
+                reports.clear()
+                call(M, torch.randn(2, T, D, dtype=torch.float64), name)
+                assert len(reports) == 1, (op, name, D, reports)
+                ran.add(name)
+    assert {"dense", "recursive", "fenwick", "chunked"} <= ran, ran
+    M = hodlr.LogLinearMask(lam, g, validate=not unchecked)
+    M._unchecked = unchecked
+    reports.clear()
+    hodlr.gated_delta_matrix(torch.randn(2, T, 4, dtype=torch.float64), torch.randn(2, T, 4, dtype=torch.float64),
+                             beta, M)
+    assert len(reports) == 1, reports
+
+
 @interpreter
 def test_a_check_that_fails_to_queue_leaves_the_mask_unchecked(monkeypatch):
     from hodlr import mask as mask_module

@@ -92,3 +92,26 @@ def test_exposed_lazily_and_validates():
         symbolic.prove_block_factorisation(65)
     with pytest.raises(TypeError, match="T must be an integer"):
         symbolic.symbolic_mask(2.0)
+
+
+@pytest.mark.parametrize("T, error, message", [
+    (2.0, TypeError, "^T must be an integer, got float$"),
+    (True, TypeError, "^T must be an integer, got bool$"),
+    (np.bool_(True), TypeError, "^T must be an integer, got bool"),
+    (sympy.Float(2), TypeError, "^T must be an integer, got Float$"),
+    ("2", TypeError, "^T must be an integer, got str$"),
+    (-1, ValueError, r"^T must be in 1\.\.64 for symbolic work \(T x T symbolic entries\), got T=-1$"),
+])
+def test_T_is_checked_as_every_integer_argument(T, error, message):
+    """``T`` goes through ``check_int``: a wrong type is a TypeError naming ``T``, a value out of
+    range a ValueError."""
+    for call in (symbolic.symbolic_mask, symbolic.prove_block_factorisation):
+        with pytest.raises(error, match=message):
+            call(T)
+
+
+def test_T_may_be_a_numpy_or_sympy_integer():
+    want = symbolic.symbolic_mask(3)
+    for T in (np.int64(3), sympy.Integer(3)):
+        assert symbolic.symbolic_mask(T) == want
+        assert bool(symbolic.prove_block_factorisation(T))

@@ -31,9 +31,8 @@ float16 / bfloat16 operands are computed in the mask's dtype (float32) and cast 
 from __future__ import annotations
 
 from hodlr import fenwick
-from hodlr._formulas import tie_decay
+from hodlr._formulas import block_col_factors, block_row_factors, tie_decay
 from hodlr.fenwick.arrays import cast, namespace, zeros
-from hodlr.mask import LogLinearMask
 
 DESCRIPTION = "HODLR matvec, level by level over all tree nodes; numpy or torch, autograd, O(T log T)"
 
@@ -60,10 +59,12 @@ def _nodes(x, n: int, half: int):
 
 def _levels(level_scales, log_decay, rows_only=False):
     """Yield ``(u, v)`` of every level, shapes ``(*batch, n, half)`` (``v`` is ``None`` with
-    ``rows_only``)."""
-    mask = LogLinearMask(level_scales, log_decay, validate=False)
-    for lev in range(1, mask.num_levels):
-        yield (mask.block_row_factors(lev), None) if rows_only else mask.block_factors(lev)
+    ``rows_only``; without decay ``v`` has no batch dimensions).  The factors of
+    :meth:`hodlr.LogLinearMask.block_factors`, from their formulas: no mask is built, so the
+    computation reports no deferred check of its own (its public call has)."""
+    for lev in range(1, fenwick.num_levels(level_scales.shape[-2])):
+        u = block_row_factors(level_scales, log_decay, lev)
+        yield (u, None) if rows_only else (u, block_col_factors(level_scales, log_decay, lev))
 
 
 def matmul(level_scales, log_decay, x):
