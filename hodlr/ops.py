@@ -704,29 +704,61 @@ def _in_order(parts, n):
     return x.index_select(0, torch.as_tensor(np.argsort(order), device=x.device))
 
 
+KEPT_CHUNKS = ("X", "W", "states", "trans", "decays")
+"""The forward's intermediates the Gated DeltaNet operator keeps for its backward (the triton
+backend's ``gated_delta_keeping_chunks``), as extra outputs, empty where it keeps none."""
+
+
 @torch.library.custom_op("hodlr::log_linear_gated_delta_rule", mutates_args=())
 def _gd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor], beta: torch.Tensor,
            level_scales: torch.Tensor, scale: float, initial_states: Optional[torch.Tensor],
            initial_positions: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], output_final_state: bool,
-           final_slots: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           final_slots: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`log_linear_gated_delta_rule` on the ``(N, H, T, D)`` layout with flat arguments, what
-    ``torch.compile`` sees: ``(o, states, positions)``, the last two empty without
-    ``output_final_state``."""
+    ``torch.compile`` sees: ``(o, states, positions, *kept)``, ``states, positions`` empty without
+    ``output_final_state``; ``kept`` the forward's :data:`KEPT_CHUNKS` that the backward reads instead
+    of recomputing them (:func:`_gd_keeper`), else empty."""
     _check_values(q.shape[0], q.shape[2], level_scales.shape[-1], cu_seqlens, initial_positions,
                   None if initial_states is None else initial_states.shape[2])
+    nothing = level_scales.new_empty((0,))
+    keeper = _gd_keeper(q, initial_states, cu_seqlens, output_final_state, backend)
+    if keeper is not None:
+        o, *kept = keeper.gated_delta_keeping_chunks(q, k, v, beta, level_scales, g, scale)
+        kept = [nothing.clone() if x is None else x for x in kept]
+        return (o.contiguous(), nothing, q.new_empty((0,), dtype=torch.int64), *kept)
     o, states, positions = _gated_delta_forward(q, k, v, beta, g, level_scales, scale, initial_states,
                                                 initial_positions, cu_seqlens, output_final_state, final_slots,
                                                 backend)
+    none_kept = tuple(nothing.clone() for _ in KEPT_CHUNKS)
     if not output_final_state:
-        return o.contiguous(), level_scales.new_empty((0,)), q.new_empty((0,), dtype=torch.int64)
+        return (o.contiguous(), nothing, q.new_empty((0,), dtype=torch.int64), *none_kept)
     _check_final_slots(states, positions, final_slots)
-    return o.contiguous(), states.contiguous(), positions.contiguous()
+    return (o.contiguous(), states.contiguous(), positions.contiguous(), *none_kept)
+
+
+def _gd_keeper(q, initial_states, cu_seqlens, output_final_state, backend):
+    """The backend module whose Gated DeltaNet forward keeps its chunks for the operator's backward
+    (``gated_delta_keeping_chunks``: the ``triton`` backend, ``hodlr.options.gated_delta_save_states``)
+    on the path of its ``gated_delta_vjp`` (no state, no packed sequences, tokens), or None."""
+    if initial_states is not None or cu_seqlens is not None or output_final_state or not q.shape[0] or not q.shape[2]:
+        return None
+    module = _resolve_gated_delta(backend, q.device, False)
+    if not flag("gated_delta_save_states") or not hasattr(module, "gated_delta_keeping_chunks"):
+        return None
+    return module if module.keeps_chunks() else None
 
 
 @_gd_op.register_fake
 def _gd_op_fake(q, k, v, g, beta, level_scales, scale, initial_states, initial_positions, cu_seqlens,
                 output_final_state, final_slots, backend):
-    return _fake_outputs(q, v, level_scales, cu_seqlens, output_final_state, final_slots)
+    outs = _fake_outputs(q, v, level_scales, cu_seqlens, output_final_state, final_slots)
+    keeper = _gd_keeper(q, initial_states, cu_seqlens, output_final_state, backend)
+    if keeper is None:
+        return (*outs, *(level_scales.new_empty((0,)) for _ in KEPT_CHUNKS))
+    shapes = keeper.kept_chunk_shapes(q, v, g is not None)
+    return (*outs, *(q.new_empty(shapes[name][0], dtype=shapes[name][1]) if name in shapes
+                     else level_scales.new_empty((0,)) for name in KEPT_CHUNKS))
 
 
 @torch.library.custom_op("hodlr::log_linear_gated_delta_rule_backward", mutates_args=())
@@ -734,16 +766,21 @@ def _gd_op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k:
                     g: Optional[torch.Tensor], beta: torch.Tensor, level_scales: torch.Tensor, scale: float,
                     initial_states: Optional[torch.Tensor], initial_positions: Optional[torch.Tensor],
                     cu_seqlens: Optional[torch.Tensor], output_final_state: bool, final_slots: int,
-                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                           torch.Tensor, torch.Tensor]:
+                    backend: str, kept: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                     torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                     torch.Tensor]:
     """Gradients ``(dq, dk, dv, dg, dbeta, dlevel_scales, dinitial_states)`` of :func:`_gd_op`
     (empty for an absent ``g`` / initial state): straight from the backend's backward kernels where
     it has them (``gated_delta_vjp``: triton, calls without state, packed sequences or final
-    state), else the backend's forward recomputed under autograd."""
+    state; reading the forward's ``kept`` chunks where it kept them), else the backend's forward
+    recomputed under autograd."""
     stateful = initial_states is not None or output_final_state
     vjp = getattr(_resolve_gated_delta(backend, q.device, stateful), "gated_delta_vjp", None)
     if vjp is not None and not stateful and cu_seqlens is None and q.shape[0] and q.shape[2]:
-        dq, dk, dv, dbeta, dlam, dg = vjp(q, k, v, beta, level_scales, g, scale, do)
+        saved = None
+        if kept[0].numel():
+            saved = tuple(x if x.numel() or name != "decays" else None for name, x in zip(KEPT_CHUNKS, kept))
+        dq, dk, dv, dbeta, dlam, dg = vjp(q, k, v, beta, level_scales, g, scale, do, saved=saved)
         grads = (dq, dk, dv, dg, dbeta, dlam, None)
         return tuple(_gradient(do, x, d) for x, d in zip((q, k, v, g, beta, level_scales, initial_states), grads))
 
@@ -757,22 +794,23 @@ def _gd_op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k:
 
 @_gd_op_backward.register_fake
 def _gd_op_backward_fake(do, dstates, q, k, v, g, beta, level_scales, scale, initial_states, initial_positions,
-                         cu_seqlens, output_final_state, final_slots, backend):
+                         cu_seqlens, output_final_state, final_slots, backend, kept):
     return _fake_grads(do, (q, k, v, g, beta, level_scales, initial_states))
 
 
 def _gd_setup_context(ctx, inputs, output):
     q, k, v, g, beta, lam, scale, init, pos, cu, final, slots, backend = inputs
-    ctx.save_for_backward(q, k, v, g, beta, lam, init, pos, cu)
+    ctx.mark_non_differentiable(*output[2:])
+    ctx.save_for_backward(q, k, v, g, beta, lam, init, pos, cu, *output[3:])
     ctx.args = (scale, final, slots, backend)
 
 
-def _gd_backward(ctx, do, dstates, dpositions):
-    q, k, v, g, beta, lam, init, pos, cu = ctx.saved_tensors
+def _gd_backward(ctx, do, dstates, dpositions, *dkept):
+    q, k, v, g, beta, lam, init, pos, cu, *kept = ctx.saved_tensors
     scale, final, slots, backend = ctx.args
     dq, dk, dv, dg, dbeta, dlam, dinit = torch.ops.hodlr.log_linear_gated_delta_rule_backward(
         do, _dstates(dstates, q, v, lam, cu, final, slots), q, k, v, g, beta, lam, scale, init, pos, cu, final,
-        slots, backend)
+        slots, backend, kept)
     return (dq, dk, dv, None if g is None else dg, dbeta, dlam, None, None if init is None else dinit,
             None, None, None, None, None)
 
@@ -866,8 +904,8 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
     if torch.compiler.is_compiling():
         # no host read while tracing: the slot count comes from shapes (as log_linear_attn)
         final_slots = 0 if not output_final_state else S_in if initial_state is not None else int(T).bit_length()
-        o, states, positions = _gd_op(_bhtd(q), _bhtd(k), _bhtd(v), g_, beta_, lam, scale, init, pos, cu_seqlens,
-                                      output_final_state, final_slots, backend)
+        o, states, positions, *_ = _gd_op(_bhtd(q), _bhtd(k), _bhtd(v), g_, beta_, lam, scale, init, pos,
+                                          cu_seqlens, output_final_state, final_slots, backend)
     else:
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
         o, states, positions = _gated_delta_forward(_bhtd(q), _bhtd(k), _bhtd(v), beta_, g_, lam, scale, init, pos,

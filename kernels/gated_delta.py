@@ -354,20 +354,19 @@ def tiles(layout, widest: int = 64):
     return BDK, BDV, cdiv(layout.DV, BDV)
 
 
-def chunk_shapes(layout, C: int) -> dict:
-    """``{name: (shape, dtype)}`` of the :class:`Chunks` tensors of the call ``layout`` at chunk ``C``
-    (``decays`` only with a log-decay): what :func:`chunk_hierarchy` allocates, and what the
-    backward accepts in their place.  ``X``, ``W`` and the decays in the accumulator dtype (float32,
-    float64 for float64), the hierarchy in bfloat16 for bfloat16 inputs (:data:`BF16_HIERARCHY`)."""
-    v = layout.tensors["v"]
-    work = torch.float64 if v.dtype == torch.float64 else torch.float32
-    held = torch.bfloat16 if v.dtype == torch.bfloat16 and BF16_HIERARCHY else work
-    n = chunk_count(layout.T, C)
+def chunk_shapes(B: int, T: int, DK: int, DV: int, dtype, has_decay: bool, C: int) -> dict:
+    """``{name: (shape, dtype)}`` of the :class:`Chunks` tensors of a call over ``B`` batch entries of
+    length ``T``, ``Dk x Dv`` heads and inputs of ``dtype`` at chunk ``C`` (``decays`` only with a
+    log-decay): what :func:`chunk_hierarchy` allocates, and what the backward accepts in their place.
+    ``X``, ``W`` and the decays in the accumulator dtype (float32, float64 for float64), the hierarchy
+    in bfloat16 for bfloat16 inputs (:data:`BF16_HIERARCHY`)."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    held = torch.bfloat16 if dtype == torch.bfloat16 and BF16_HIERARCHY else work
+    n = chunk_count(T, C)
     N = level_offsets(n)[-1]
-    B, DK, DV = layout.B, layout.DK, layout.DV
     shapes = {"X": ((B, n, C, C), work), "W": ((B, n, C, DK), work), "states": ((B, N, DK * DV), held),
               "trans": ((B, N, DK * DK), held)}
-    if layout.tensors["g"] is not None:
+    if has_decay:
         shapes["decays"] = ((B, N), work)
     return shapes
 
@@ -385,7 +384,8 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
     n = chunk_count(layout.T, C)
     sizes, offsets = hierarchy_sizes(n), level_offsets(n)
     N = offsets[-1]
-    made = {name: _layout.scratch(shape, dtype, v.device) for name, (shape, dtype) in chunk_shapes(layout, C).items()}
+    shapes = chunk_shapes(B, layout.T, DK, DV, v.dtype, layout.tensors["g"] is not None, C)
+    made = {name: _layout.scratch(shape, dtype, v.device) for name, (shape, dtype) in shapes.items()}
     ch = Chunks(made["X"], made["W"], made["states"], made["trans"], made.get("decays"), C, n)
     X, W, states, trans = ch.X, ch.W, ch.states, ch.trans
     has_g = ch.decays is not None

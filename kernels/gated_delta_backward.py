@@ -362,7 +362,7 @@ def _check_chunks(chunks, layout, C):
         raise TypeError(f"chunks must be the Chunks that gated_delta_forward(..., return_chunks=True) returns, "
                         f"got {type(chunks).__name__}")
     v = layout.tensors["v"]
-    want = chunk_shapes(layout, C)
+    want = chunk_shapes(layout.B, layout.T, layout.DK, layout.DV, v.dtype, layout.tensors["g"] is not None, C)
     n = want["X"][0][1]  # X is (B, n, C, C)
     if "decays" not in want and chunks.decays is not None:
         raise ValueError("chunks must be the forward's of this call: it has no log_decay, but chunks holds the "

@@ -325,6 +325,44 @@ def test_compiled_gated_delta_triton_backward_equals_chunked(decay, monkeypatch)
 
 
 @interpreter
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("decay", [True, False])
+def test_gated_delta_op_keeps_chunks_for_its_backward(keep, decay, monkeypatch):
+    """The Gated DeltaNet operator's plain path keeps the forward's ``X``, ``W`` and hierarchy for its
+    backward (extra outputs of the operator, eager and under ``torch.compile``) unless
+    ``options.gated_delta_save_states`` is False; the gradients are those of the recompute."""
+    from hodlr import kernels
+
+    handed = []
+    backward = kernels.gated_delta_backward
+
+    def spy(*args, chunks=None, **kw):
+        handed.append(chunks is not None)
+        return backward(*args, chunks=chunks, **kw)
+
+    monkeypatch.setattr(kernels, "gated_delta_backward", spy)  # the operator's backward (compiled)
+    monkeypatch.setattr(sys.modules["hodlr.kernels.autograd"], "gated_delta_backward", spy)  # eager
+    monkeypatch.setattr(hodlr.options, "gated_delta_save_states", keep)
+    q, k, v, g, beta, lam = gated_delta_inputs(2, 37, 4, 3)
+    q, k = q[:, :, :2], k[:, :, :2]  # two query / key heads serve four value heads
+    if not decay:
+        g = None
+    xs = [x.detach().requires_grad_() for x in (q, k, v, beta, lam) + (() if g is None else (g,))]
+    do = torch.randn(v.shape, dtype=v.dtype)
+
+    def fn(q, k, v, beta, lam, g=None):
+        return hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam, backend="triton")[0]
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = [torch.autograd.grad(f(*xs), xs, do) for f in (fn, compiled)]
+    assert handed == [keep, keep]
+    monkeypatch.setattr(hodlr.options, "gated_delta_save_states", not keep)
+    want = torch.autograd.grad(fn(*xs), xs, do)
+    for a, b, c in zip(*got, want):
+        assert torch.equal(a, c) and torch.equal(b, c)
+
+
+@interpreter
 def test_opcheck_gated_delta_rule_triton_without_state():
     """The interpreted Triton kernels through the Gated DeltaNet operator's plain path (its backward
     from ``gated_delta_vjp``)."""

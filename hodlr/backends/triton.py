@@ -103,19 +103,62 @@ def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale, *, chec
     return kernels.gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale, check=check)
 
 
-def gated_delta_vjp(q, k, v, beta, level_scales, log_decay, scale, do):
-    """Gradients ``(dq, dk, dv, dbeta, dlevel_scales, dlog_decay)`` of :func:`gated_delta_attention` on
-    the layout of ``hodlr.log_linear_gated_delta_rule``'s operator (``q, k (N, Hqk, T, Dk)``,
-    ``v (N, H, T, Dv)``, ``beta, log_decay (N, H, T)``, ``level_scales (N, H, T, L)``; no state) for
-    ``do (N, H, T, Dv)``, straight from the backward kernels: the forward's output is not recomputed
-    (its chunk products and hierarchy are).  ``dlog_decay`` is None without ``log_decay``."""
+def gated_delta_keeping_chunks(q, k, v, beta, level_scales, log_decay, scale):
+    """The forward of :func:`gated_delta_vjp` on its layout (``q, k (N, Hqk, T, Dk)``,
+    ``v (N, H, T, Dv)``, ``beta, log_decay (N, H, T)``, ``level_scales (N, H, T, L)``), also returning
+    the forward's ``X``, ``W`` and hierarchy, which the vjp takes (``saved=``) instead of recomputing
+    them: ``(o (N, H, T, Dv), X, W, states, trans, decays)``, shaped as :func:`kept_chunk_shapes`
+    says (``decays`` None without ``log_decay``); the backward reads them where :func:`keeps_chunks`."""
     from hodlr import kernels
     from hodlr.backends import grouped_heads
 
     Hqk, grp = q.shape[1], v.shape[1] // q.shape[1]
     q5, k5, v5, lam5, g5 = grouped_heads(q, k, v, level_scales, log_decay)
+    o, ch = kernels.gated_delta_forward(q5, k5, v5, beta.unflatten(1, (Hqk, grp)), lam5, g5, scale,
+                                        return_chunks=True)
+    return o.flatten(1, 2), ch.X, ch.W, ch.states, ch.trans, ch.decays
+
+
+def keeps_chunks() -> bool:
+    """Whether :func:`gated_delta_keeping_chunks` serves the backward: the forward's default chunk is
+    one the backward runs at (``hodlr.kernels.gated_delta_backward.MAX_BACKWARD_CHUNK``)."""
+    from hodlr.kernels import DEFAULT_CHUNK
+    from hodlr.kernels.gated_delta_backward import MAX_BACKWARD_CHUNK
+
+    return DEFAULT_CHUNK["gated_delta"] <= MAX_BACKWARD_CHUNK
+
+
+def kept_chunk_shapes(q, v, has_decay: bool) -> dict:
+    """``{name: (shape, dtype)}`` of the tensors :func:`gated_delta_keeping_chunks` keeps for
+    ``q (N, Hqk, T, Dk)``, ``v (N, H, T, Dv)`` (``decays`` only with a log-decay; shapes only: what a
+    fake tensor needs)."""
+    from hodlr.kernels import DEFAULT_CHUNK
+    from hodlr.kernels.gated_delta import chunk_shapes
+
+    N, H, T, Dv = v.shape
+    return chunk_shapes(N * H, T, q.shape[-1], Dv, v.dtype, has_decay, DEFAULT_CHUNK["gated_delta"])
+
+
+def gated_delta_vjp(q, k, v, beta, level_scales, log_decay, scale, do, saved=None):
+    """Gradients ``(dq, dk, dv, dbeta, dlevel_scales, dlog_decay)`` of :func:`gated_delta_attention` on
+    the layout of ``hodlr.log_linear_gated_delta_rule``'s operator (``q, k (N, Hqk, T, Dk)``,
+    ``v (N, H, T, Dv)``, ``beta, log_decay (N, H, T)``, ``level_scales (N, H, T, L)``; no state) for
+    ``do (N, H, T, Dv)``, straight from the backward kernels: the forward's output is not recomputed,
+    and its chunk products and hierarchy only when ``saved`` (the ``X, W, states, trans, decays`` of
+    :func:`gated_delta_keeping_chunks`) is None.  ``dlog_decay`` is None without ``log_decay``."""
+    from hodlr import kernels
+    from hodlr.backends import grouped_heads
+    from hodlr.kernels import DEFAULT_CHUNK
+    from hodlr.kernels.gated_delta import Chunks
+
+    Hqk, grp = q.shape[1], v.shape[1] // q.shape[1]
+    q5, k5, v5, lam5, g5 = grouped_heads(q, k, v, level_scales, log_decay)
+    chunks = None
+    if saved is not None:
+        X = saved[0]
+        chunks = Chunks(*saved, DEFAULT_CHUNK["gated_delta"], X.shape[1])
     dq, dk, dv, dbeta, dlam, dg = kernels.gated_delta_backward(q5, k5, v5, beta.unflatten(1, (Hqk, grp)), lam5, g5,
-                                                               scale, do.unflatten(1, (Hqk, grp)))
+                                                               scale, do.unflatten(1, (Hqk, grp)), chunks=chunks)
     return (dq.sum(2), dk.sum(2), dv.flatten(1, 2), dbeta.flatten(1, 2), dlam.flatten(1, 2),
             None if dg is None else dg.flatten(1, 2))
 
