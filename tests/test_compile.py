@@ -88,23 +88,31 @@ def test_opcheck_triton_without_state():
     torch.library.opcheck(torch.ops.hodlr.log_linear_attn.default, tuple(args))
 
 
+def _spy_on_kept(monkeypatch, backward_name, keyword):
+    """Wrap the backward kernel launcher ``hodlr.kernels.<backward_name>`` where the operator's
+    backward (compiled) and the autograd Function (eager) call it; returns the list to which each
+    call appends whether it was handed the forward's intermediates (``keyword`` not None)."""
+    from hodlr import kernels
+
+    handed = []
+    backward = getattr(kernels, backward_name)
+
+    def spy(*args, **kw):
+        handed.append(kw.get(keyword) is not None)
+        return backward(*args, **kw)
+
+    monkeypatch.setattr(kernels, backward_name, spy)
+    monkeypatch.setattr(sys.modules["hodlr.kernels.autograd"], backward_name, spy)
+    return handed
+
+
 @interpreter
 @pytest.mark.parametrize("keep", [True, False])
 def test_op_keeps_states_for_its_backward(keep, monkeypatch):
     """The operator's plain path keeps the forward's chunk states for its backward (extra outputs
     of the operator, eager and under ``torch.compile``) unless ``options.attention_save_states`` is
     False; the gradients are those of the recompute."""
-    from hodlr import kernels
-
-    handed = []
-    backward = kernels.attention_backward
-
-    def spy(*args, states=None, **kw):
-        handed.append(states is not None)
-        return backward(*args, states=states, **kw)
-
-    monkeypatch.setattr(kernels, "attention_backward", spy)  # the operator's backward (compiled)
-    monkeypatch.setattr(sys.modules["hodlr.kernels.autograd"], "attention_backward", spy)  # eager
+    handed = _spy_on_kept(monkeypatch, "attention_backward", "states")
     monkeypatch.setattr(hodlr.options, "attention_save_states", keep)
     q, k, v, g, lam = draw_inputs(2, 1, 40, 2, 2, 3, 4, "mild")
     xs = [x.detach().requires_grad_() for x in (q, k, v, g, lam)]  # unread scales NaN
@@ -331,17 +339,7 @@ def test_gated_delta_op_keeps_chunks_for_its_backward(keep, decay, monkeypatch):
     """The Gated DeltaNet operator's plain path keeps the forward's ``X``, ``W`` and hierarchy for its
     backward (extra outputs of the operator, eager and under ``torch.compile``) unless
     ``options.gated_delta_save_states`` is False; the gradients are those of the recompute."""
-    from hodlr import kernels
-
-    handed = []
-    backward = kernels.gated_delta_backward
-
-    def spy(*args, chunks=None, **kw):
-        handed.append(chunks is not None)
-        return backward(*args, chunks=chunks, **kw)
-
-    monkeypatch.setattr(kernels, "gated_delta_backward", spy)  # the operator's backward (compiled)
-    monkeypatch.setattr(sys.modules["hodlr.kernels.autograd"], "gated_delta_backward", spy)  # eager
+    handed = _spy_on_kept(monkeypatch, "gated_delta_backward", "chunks")
     monkeypatch.setattr(hodlr.options, "gated_delta_save_states", keep)
     q, k, v, g, beta, lam = gated_delta_inputs(2, 37, 4, 3)
     q, k = q[:, :, :2], k[:, :, :2]  # two query / key heads serve four value heads
