@@ -215,14 +215,15 @@ def _forward(q, k, v, g, level_scales, scale, init_states, init_positions, cu_se
 def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor], level_scales: torch.Tensor,
         scale: float, initial_states: Optional[torch.Tensor], initial_positions: Optional[torch.Tensor],
         cu_seqlens: Optional[torch.Tensor], output_final_state: bool, final_slots: int,
-        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        backend: str, keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``log_linear_attn`` on the ``(N, H, T, D)`` layout with flat arguments:
     ``(o, states, positions, kept, kept_logdec)``: ``states, positions`` empty without
     ``output_final_state``; ``kept, kept_logdec`` the chunk states that the backward reads instead
-    of recomputing them (:func:`_keeper`), else empty."""
+    of recomputing them (:func:`_keeper`; ``keep``: ``hodlr.options.attention_save_states``, an
+    argument so that a compiled graph is traced, guarded and cached with it), else empty."""
     _check_values(q.shape[0], q.shape[2], level_scales.shape[-1], cu_seqlens, initial_positions,
                   None if initial_states is None else initial_states.shape[2])
-    keeper = _keeper(q, v, initial_states, cu_seqlens, output_final_state, backend)
+    keeper = _keeper(q, v, initial_states, cu_seqlens, output_final_state, backend, keep)
     if keeper is not None:
         o, kept, kept_logdec = keeper.attention_keeping_states(q, k, v, level_scales, g, scale)
         empty = q.new_zeros((0,), dtype=level_scales.dtype)
@@ -235,14 +236,14 @@ def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Ten
     return o.contiguous(), states.contiguous(), positions.contiguous(), nothing, nothing.clone()
 
 
-def _keeper(q, v, initial_states, cu_seqlens, output_final_state, backend):
+def _keeper(q, v, initial_states, cu_seqlens, output_final_state, backend, keep):
     """The backend module whose forward keeps its chunk states for the operator's backward
-    (``attention_keeping_states``: the ``triton`` backend, ``hodlr.options.attention_save_states``)
-    on the common path (no state, no packed sequences, ``T > 0``), or None."""
+    (``attention_keeping_states``: the ``triton`` backend) when ``keep``, on the common path (no
+    state, no packed sequences, ``T > 0``), or None."""
     if initial_states is not None or cu_seqlens is not None or output_final_state or q.shape[2] == 0:
         return None
     module = _resolve(backend, q.device, q.shape[2], False)
-    if not flag("attention_save_states") or not hasattr(module, "attention_keeping_states"):
+    if not keep or not hasattr(module, "attention_keeping_states"):
         return None
     return module
 
@@ -269,9 +270,9 @@ def _fake_outputs(q, v, level_scales, cu_seqlens, output_final_state, final_slot
 
 @_op.register_fake
 def _op_fake(q, k, v, g, level_scales, scale, initial_states, initial_positions, cu_seqlens, output_final_state,
-             final_slots, backend):
+             final_slots, backend, keep):
     outs = _fake_outputs(q, v, level_scales, cu_seqlens, output_final_state, final_slots)
-    keeper = _keeper(q, v, initial_states, cu_seqlens, output_final_state, backend)
+    keeper = _keeper(q, v, initial_states, cu_seqlens, output_final_state, backend, keep)
     if keeper is None:
         nothing = level_scales.new_empty((0,))
         return (*outs, nothing, level_scales.new_empty((0,)))
@@ -339,16 +340,17 @@ def _gradient(like, x, d):
 
 def _recompute_grads(forward, inputs, do, dstates, output_final_state):
     """The gradients of ``(o, states) = forward(*inputs)`` with respect to ``inputs``, by
-    recomputing ``forward`` under autograd (see :func:`_gradient` for their form)."""
+    recomputing ``forward`` under autograd (see :func:`_gradient` for their form).  An output that
+    depends on no input (``o`` of a call without tokens, which a carried state may still pass
+    through to ``states``) contributes nothing."""
     with _autograd_on():
         leaves = [None if x is None else x.detach().requires_grad_(True) for x in inputs]
         o, states = forward(*leaves)
-        outs, grads = [o], [do]
-        if output_final_state:
-            outs.append(states)
-            grads.append(dstates)
+        pairs = [(o, do)] + ([(states, dstates)] if output_final_state else [])
+        pairs = [(out, d) for out, d in pairs if out.requires_grad]
         wrt = [x for x in leaves if x is not None]
-        got = iter(torch.autograd.grad(outs, wrt, grads, allow_unused=True))
+        got = iter(torch.autograd.grad([out for out, _ in pairs], wrt, [d for _, d in pairs], allow_unused=True)
+                   if pairs else [None] * len(wrt))
     return tuple(_gradient(do, x, None if x is None else next(got)) for x in leaves)
 
 
@@ -363,7 +365,7 @@ def _op_backward_fake(do, dstates, q, k, v, g, level_scales, scale, initial_stat
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, lam, scale, init, pos, cu, final, slots, backend = inputs
+    q, k, v, g, lam, scale, init, pos, cu, final, slots, backend, keep = inputs
     ctx.mark_non_differentiable(output[2], output[3], output[4])
     ctx.save_for_backward(q, k, v, g, lam, init, pos, cu, output[3], output[4])
     ctx.args = (scale, final, slots, backend)
@@ -387,7 +389,7 @@ def _backward(ctx, do, dstates, dpositions, dkept, dkept_logdec):
         do, _dstates(dstates, q, v, lam, cu, final, slots), q, k, v, g, lam, scale, init, pos, cu, final, slots,
         backend, kept, kept_logdec)
     return (dq, dk, dv, None if g is None else dg, dlam, None, None if init is None else dinit,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 _op.register_autograd(_backward, setup_context=_setup_context)
@@ -480,7 +482,7 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
         # no host read while tracing: the slot count comes from shapes (int(T) specialises T)
         final_slots = 0 if not output_final_state else S_in if initial_state is not None else int(T).bit_length()
         o, states, positions, _, _ = _op(_bhtd(q), _bhtd(k), _bhtd(v), g_, lam, scale, init, pos, cu_seqlens,
-                                         output_final_state, final_slots, backend)
+                                         output_final_state, final_slots, backend, flag("attention_save_states"))
     else:
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
         final_slots = max(S_in, end.bit_length())
@@ -713,47 +715,50 @@ backend's ``gated_delta_keeping_chunks``), as extra outputs, empty where it keep
 def _gd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor], beta: torch.Tensor,
            level_scales: torch.Tensor, scale: float, initial_states: Optional[torch.Tensor],
            initial_positions: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], output_final_state: bool,
-           final_slots: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+           final_slots: int, backend: str, keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                torch.Tensor, torch.Tensor]:
     """:func:`log_linear_gated_delta_rule` on the ``(N, H, T, D)`` layout with flat arguments, what
     ``torch.compile`` sees: ``(o, states, positions, *kept)``, ``states, positions`` empty without
     ``output_final_state``; ``kept`` the forward's :data:`KEPT_CHUNKS` that the backward reads instead
-    of recomputing them (:func:`_gd_keeper`), else empty."""
+    of recomputing them (:func:`_gd_keeper`; ``keep``: ``hodlr.options.gated_delta_save_states``, an
+    argument so that a compiled graph is traced, guarded and cached with it), else empty."""
     _check_values(q.shape[0], q.shape[2], level_scales.shape[-1], cu_seqlens, initial_positions,
                   None if initial_states is None else initial_states.shape[2])
     nothing = level_scales.new_empty((0,))
-    keeper = _gd_keeper(q, initial_states, cu_seqlens, output_final_state, backend)
+    no_positions = q.new_empty((0,), dtype=torch.int64)
+    keeper = _gd_keeper(q, initial_states, cu_seqlens, output_final_state, backend, keep)
     if keeper is not None:
         o, *kept = keeper.gated_delta_keeping_chunks(q, k, v, beta, level_scales, g, scale)
         kept = [nothing.clone() if x is None else x for x in kept]
-        return (o.contiguous(), nothing, q.new_empty((0,), dtype=torch.int64), *kept)
+        return (o.contiguous(), nothing, no_positions, *kept)
     o, states, positions = _gated_delta_forward(q, k, v, beta, g, level_scales, scale, initial_states,
                                                 initial_positions, cu_seqlens, output_final_state, final_slots,
                                                 backend)
     none_kept = tuple(nothing.clone() for _ in KEPT_CHUNKS)
     if not output_final_state:
-        return (o.contiguous(), nothing, q.new_empty((0,), dtype=torch.int64), *none_kept)
+        return (o.contiguous(), nothing, no_positions, *none_kept)
     _check_final_slots(states, positions, final_slots)
     return (o.contiguous(), states.contiguous(), positions.contiguous(), *none_kept)
 
 
-def _gd_keeper(q, initial_states, cu_seqlens, output_final_state, backend):
+def _gd_keeper(q, initial_states, cu_seqlens, output_final_state, backend, keep):
     """The backend module whose Gated DeltaNet forward keeps its chunks for the operator's backward
-    (``gated_delta_keeping_chunks``: the ``triton`` backend, ``hodlr.options.gated_delta_save_states``)
-    on the path of its ``gated_delta_vjp`` (no state, no packed sequences, tokens), or None."""
+    (``gated_delta_keeping_chunks``: the ``triton`` backend) when ``keep``, on the path of its
+    ``gated_delta_vjp`` (no state, no packed sequences, tokens), or None."""
     if initial_states is not None or cu_seqlens is not None or output_final_state or not q.shape[0] or not q.shape[2]:
         return None
     module = _resolve_gated_delta(backend, q.device, False)
-    if not flag("gated_delta_save_states") or not hasattr(module, "gated_delta_keeping_chunks"):
+    if not keep or not hasattr(module, "gated_delta_keeping_chunks"):
         return None
     return module if module.keeps_chunks() else None
 
 
 @_gd_op.register_fake
 def _gd_op_fake(q, k, v, g, beta, level_scales, scale, initial_states, initial_positions, cu_seqlens,
-                output_final_state, final_slots, backend):
+                output_final_state, final_slots, backend, keep):
     outs = _fake_outputs(q, v, level_scales, cu_seqlens, output_final_state, final_slots)
-    keeper = _gd_keeper(q, initial_states, cu_seqlens, output_final_state, backend)
+    keeper = _gd_keeper(q, initial_states, cu_seqlens, output_final_state, backend, keep)
     if keeper is None:
         return (*outs, *(level_scales.new_empty((0,)) for _ in KEPT_CHUNKS))
     shapes = keeper.kept_chunk_shapes(q, v, g is not None)
@@ -776,13 +781,12 @@ def _gd_op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k:
     recomputed under autograd."""
     stateful = initial_states is not None or output_final_state
     vjp = getattr(_resolve_gated_delta(backend, q.device, stateful), "gated_delta_vjp", None)
+    inputs = (q, k, v, g, beta, level_scales, initial_states)
     if vjp is not None and not stateful and cu_seqlens is None and q.shape[0] and q.shape[2]:
-        saved = None
-        if kept[0].numel():
-            saved = tuple(x if x.numel() or name != "decays" else None for name, x in zip(KEPT_CHUNKS, kept))
+        saved = (*kept[:4], None if g is None else kept[4]) if kept[0].numel() else None
         dq, dk, dv, dbeta, dlam, dg = vjp(q, k, v, beta, level_scales, g, scale, do, saved=saved)
         grads = (dq, dk, dv, dg, dbeta, dlam, None)
-        return tuple(_gradient(do, x, d) for x, d in zip((q, k, v, g, beta, level_scales, initial_states), grads))
+        return tuple(_gradient(do, x, d) for x, d in zip(inputs, grads))
 
     def forward(q, k, v, g, beta, lam, init):
         return _gated_delta_forward(q, k, v, beta, g, lam, scale, init, initial_positions, cu_seqlens,
@@ -799,20 +803,20 @@ def _gd_op_backward_fake(do, dstates, q, k, v, g, beta, level_scales, scale, ini
 
 
 def _gd_setup_context(ctx, inputs, output):
-    q, k, v, g, beta, lam, scale, init, pos, cu, final, slots, backend = inputs
+    q, k, v, g, beta, lam, scale, init, pos, cu, final, slots, backend, keep = inputs
     ctx.mark_non_differentiable(*output[2:])
     ctx.save_for_backward(q, k, v, g, beta, lam, init, pos, cu, *output[3:])
     ctx.args = (scale, final, slots, backend)
 
 
-def _gd_backward(ctx, do, dstates, dpositions, *dkept):
+def _gd_backward(ctx, do, dstates, dpositions, *_):
     q, k, v, g, beta, lam, init, pos, cu, *kept = ctx.saved_tensors
     scale, final, slots, backend = ctx.args
     dq, dk, dv, dg, dbeta, dlam, dinit = torch.ops.hodlr.log_linear_gated_delta_rule_backward(
         do, _dstates(dstates, q, v, lam, cu, final, slots), q, k, v, g, beta, lam, scale, init, pos, cu, final,
         slots, backend, kept)
     return (dq, dk, dv, None if g is None else dg, dbeta, dlam, None, None if init is None else dinit,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 _gd_op.register_autograd(_gd_backward, setup_context=_gd_setup_context)
@@ -905,7 +909,8 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
         # no host read while tracing: the slot count comes from shapes (as log_linear_attn)
         final_slots = 0 if not output_final_state else S_in if initial_state is not None else int(T).bit_length()
         o, states, positions, *_ = _gd_op(_bhtd(q), _bhtd(k), _bhtd(v), g_, beta_, lam, scale, init, pos,
-                                          cu_seqlens, output_final_state, final_slots, backend)
+                                          cu_seqlens, output_final_state, final_slots, backend,
+                                          flag("gated_delta_save_states"))
     else:
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
         o, states, positions = _gated_delta_forward(_bhtd(q), _bhtd(k), _bhtd(v), beta_, g_, lam, scale, init, pos,

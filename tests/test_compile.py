@@ -67,7 +67,7 @@ def op_args(backend, with_state, packed):
         positions = torch.tensor([5, 0, 2][:Nseq])
         live = torch.tensor([[(p >> i) & 1 for i in range(3)] for p in positions.tolist()], dtype=DT)
         states = (torch.randn(Nseq, 2, 3, 3, 2, dtype=DT) * live[:, None, :, None, None]).requires_grad_()
-    return (*args[:4], args[4], 0.5, states, positions, cu, True, 5, backend)
+    return (*args[:4], args[4], 0.5, states, positions, cu, True, 5, backend, True)
 
 
 @pytest.mark.parametrize("with_state, packed", [(True, True), (False, True), (True, False)])
@@ -81,10 +81,13 @@ def test_opcheck_triton_state():
 
 
 @interpreter
-def test_opcheck_triton_without_state():
-    """The interpreted Triton kernels through the op's plain path (no state, no packing)."""
+@pytest.mark.parametrize("keep", [True, False])
+def test_opcheck_triton_without_state(keep):
+    """The interpreted Triton kernels through the op's plain path (no state, no packing), keeping
+    the forward's chunk states for the backward or not."""
     args = list(op_args("triton", False, False))
     args[9] = False  # no final state: the plain forward and backward kernels
+    args[12] = keep
     torch.library.opcheck(torch.ops.hodlr.log_linear_attn.default, tuple(args))
 
 
@@ -244,7 +247,7 @@ def test_opcheck_gated_delta_rule(with_state, packed):
         live = torch.tensor([[(p >> i) & 1 for i in range(3)] for p in positions.tolist()], dtype=DT)
         states = (torch.randn(Nseq, 2, 3, 3, 3, dtype=DT) * live[:, None, :, None, None]).requires_grad_()
     torch.library.opcheck(torch.ops.hodlr.log_linear_gated_delta_rule.default,
-                          (q, k, v, g, beta, lam, 0.5, states, positions, cu, True, 5, "chunked"))
+                          (q, k, v, g, beta, lam, 0.5, states, positions, cu, True, 5, "chunked", True))
 
 
 @pytest.mark.gpu
@@ -361,9 +364,61 @@ def test_gated_delta_op_keeps_chunks_for_its_backward(keep, decay, monkeypatch):
 
 
 @interpreter
-def test_opcheck_gated_delta_rule_triton_without_state():
+@pytest.mark.parametrize("op", ["attention", "gated_delta"])
+def test_compiled_graph_follows_the_save_states_option(op, monkeypatch):
+    """The option deciding whether an operator keeps its forward's intermediates is an argument of
+    the operator read while tracing: flipping it retraces (a guard), so a graph never holds the
+    other setting's outputs; the gradients are the same either way."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    option = f"{op}_save_states"
+    q, k, v, g, beta, lam = gated_delta_inputs(1, 40, 2, 3)
+    if op == "attention":
+        xs, call = (q, k, v, g, lam), lambda *a: hodlr.log_linear_attn(*a, backend="triton")[0]
+    else:
+        xs, call = (q, k, v, g, beta, lam), lambda *a: hodlr.log_linear_gated_delta_rule(*a, backend="triton")[0]
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(call, fullgraph=True, backend=counter)
+    grads = []
+    for keep in (True, False, True):
+        monkeypatch.setattr(hodlr.options, option, keep)
+        leaves = [x.detach().requires_grad_() for x in xs]
+        grads.append(torch.autograd.grad(compiled(*leaves).square().sum(), leaves))
+    assert counter.frame_count == 2
+    for a, b in zip(grads[0], grads[1]):
+        assert torch.equal(a, b)
+
+
+@interpreter
+@pytest.mark.parametrize("op", ["attention", "gated_delta"])
+@pytest.mark.parametrize("B, T", [(0, 37), (2, 0)])
+def test_compiled_call_without_tokens(op, B, T):
+    """A compiled call with an empty batch or no tokens has zero gradients (the recomputed forward's
+    output depends on no input)."""
+    q, k, v, g, beta, lam = gated_delta_inputs(max(B, 1), max(T, 1), 2, 3)
+    xs = [x[:B, :T].detach().requires_grad_() for x in ((q, k, v, g, lam) if op == "attention" else
+                                                         (q, k, v, g, beta, lam))]
+
+    def fn(*a):
+        if op == "attention":
+            return hodlr.log_linear_attn(*a, backend="triton")[0]
+        return hodlr.log_linear_gated_delta_rule(*a, backend="triton")[0]
+
+    got = torch.autograd.grad(torch.compile(fn, fullgraph=True, backend="aot_eager")(*xs).sum(), xs,
+                              allow_unused=True)
+    for x, d in zip(xs, got):
+        assert d is not None and d.shape == x.shape and not d.any()
+
+
+@interpreter
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("T, decay", [(9, True), (70, True), (70, False)])
+def test_opcheck_gated_delta_rule_triton_without_state(T, decay, keep):
     """The interpreted Triton kernels through the Gated DeltaNet operator's plain path (its backward
-    from ``gated_delta_vjp``)."""
-    q, k, v, g, beta, lam = (x.transpose(1, 2).detach().requires_grad_() for x in gated_delta_inputs(1, 9, 2, 3))
+    from ``gated_delta_vjp``), keeping the forward's chunks or not; at T = 70 (three chunks) the
+    kept hierarchy has a top level that nothing reads, and the operator must still give the same
+    outputs every call."""
+    q, k, v, g, beta, lam = (x.transpose(1, 2).detach().requires_grad_() for x in gated_delta_inputs(1, T, 2, 3))
     torch.library.opcheck(torch.ops.hodlr.log_linear_gated_delta_rule.default,
-                          (q, k, v, g, beta, lam, 0.5, None, None, None, False, 0, "triton"))
+                          (q, k, v, g if decay else None, beta, lam, 0.5, None, None, None, False, 0, "triton",
+                           keep))

@@ -108,14 +108,22 @@ def gated_delta_keeping_chunks(q, k, v, beta, level_scales, log_decay, scale):
     ``v (N, H, T, Dv)``, ``beta, log_decay (N, H, T)``, ``level_scales (N, H, T, L)``), also returning
     the forward's ``X``, ``W`` and hierarchy, which the vjp takes (``saved=``) instead of recomputing
     them: ``(o (N, H, T, Dv), X, W, states, trans, decays)``, shaped as :func:`kept_chunk_shapes`
-    says (``decays`` None without ``log_decay``); the backward reads them where :func:`keeps_chunks`."""
+    says (``decays`` None without ``log_decay``); the operator keeps them when :func:`keeps_chunks` is
+    true.  The top level's transitions and decays, which nothing reads, are zeroed (they are outputs of
+    the operator: the same every call)."""
     from hodlr import kernels
     from hodlr.backends import grouped_heads
+    from hodlr.kernels._layout import level_offsets
 
     Hqk, grp = q.shape[1], v.shape[1] // q.shape[1]
     q5, k5, v5, lam5, g5 = grouped_heads(q, k, v, level_scales, log_decay)
     o, ch = kernels.gated_delta_forward(q5, k5, v5, beta.unflatten(1, (Hqk, grp)), lam5, g5, scale,
                                         return_chunks=True)
+    offsets = level_offsets(ch.n)
+    if len(offsets) > 2:  # a top level built by the hierarchy kernel (one chunk: the chunk kernel's level 0)
+        ch.trans[:, offsets[-2]:].zero_()
+        if ch.decays is not None:
+            ch.decays[:, offsets[-2]:].zero_()
     return o.flatten(1, 2), ch.X, ch.W, ch.states, ch.trans, ch.decays
 
 
@@ -150,15 +158,18 @@ def gated_delta_vjp(q, k, v, beta, level_scales, log_decay, scale, do, saved=Non
     from hodlr.backends import grouped_heads
     from hodlr.kernels import DEFAULT_CHUNK
     from hodlr.kernels.gated_delta import Chunks
+    from hodlr.kernels.gated_delta_backward import MAX_BACKWARD_CHUNK
 
     Hqk, grp = q.shape[1], v.shape[1] // q.shape[1]
     q5, k5, v5, lam5, g5 = grouped_heads(q, k, v, level_scales, log_decay)
-    chunks = None
-    if saved is not None:
-        X = saved[0]
-        chunks = Chunks(*saved, DEFAULT_CHUNK["gated_delta"], X.shape[1])
+    if saved is None:  # any chunk gives the same gradients: the forward's where the backward runs at it
+        chunks, chunk = None, min(DEFAULT_CHUNK["gated_delta"], MAX_BACKWARD_CHUNK)
+    else:  # X is (batch, n, C, C)
+        chunk = saved[0].shape[2]
+        chunks = Chunks(*saved, chunk, saved[0].shape[1])
     dq, dk, dv, dbeta, dlam, dg = kernels.gated_delta_backward(q5, k5, v5, beta.unflatten(1, (Hqk, grp)), lam5, g5,
-                                                               scale, do.unflatten(1, (Hqk, grp)), chunks=chunks)
+                                                               scale, do.unflatten(1, (Hqk, grp)), chunk=chunk,
+                                                               chunks=chunks)
     return (dq.sum(2), dk.sum(2), dv.flatten(1, 2), dbeta.flatten(1, 2), dlam.flatten(1, 2),
             None if dg is None else dg.flatten(1, 2))
 
