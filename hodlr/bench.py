@@ -232,7 +232,8 @@ def timer(cuda: bool, warmup: int, rep: int):
 
 def forward_calls(torch, call, inputs, do):
     """``(fwd, fwdbwd)``: ``call(*inputs)`` (the output) under ``torch.no_grad()``, and ``call`` on
-    leaves made of ``inputs`` followed by ``torch.autograd.grad`` of all of them for ``do``."""
+    leaves made of ``inputs`` followed by ``torch.autograd.grad`` of all of them for ``do`` (which
+    ``fwdbwd`` returns)."""
     leaves = [x.detach().requires_grad_() for x in inputs]
 
     def fwd():
@@ -240,7 +241,7 @@ def forward_calls(torch, call, inputs, do):
             call(*inputs)
 
     def fwdbwd():
-        torch.autograd.grad(call(*leaves), leaves, do)
+        return torch.autograd.grad(call(*leaves), leaves, do)
 
     return fwd, fwdbwd
 

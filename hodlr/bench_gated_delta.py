@@ -18,6 +18,12 @@ decay (where both compute plain Gated DeltaNet).
 ``--profile`` adds each row's forward and forward + backward split by kernel (``kernels_fwd``,
 ``kernels_fwdbwd``: ``torch.profiler``, ms a call).
 
+``--compile`` adds the same call compiled (``torch.compile(..., fullgraph=True)``: inductor on a
+GPU, ``aot_eager`` in a ``--device cpu`` smoke run), ``fwd_compiled`` and ``fwdbwd_compiled``,
+timed alternately with the eager call (``fwd`` and ``fwdbwd`` are then the medians of two
+measurements each), its ratio ``fwdbwd_compiled_over_fwdbwd`` and ``compiled_grads_equal``
+(whether the compiled gradients equal the eager ones bit for bit).
+
 Writes a JSON file and a picture (``--json``, ``--png``).  ``--device cpu`` runs the code path
 at tiny sizes under Triton's interpreter (a smoke test: no timing meaning).
 """
@@ -43,6 +49,8 @@ def _parser():
                      "bench-gated-delta")
     p.set_defaults(lengths=None, widths=None, model_width=None, tokens=None)
     p.add_argument("--accuracy", type=positive_int, nargs="*", default=(), help="lengths of the accuracy check")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the call under torch.compile(fullgraph=True), alternated with the eager call")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                    help="cuda, or cpu for a smoke run under TRITON_INTERPRET=1 (default sweep: T = 64, D = 16, "
                         "model width 32, 128 tokens)")
@@ -74,16 +82,41 @@ def _inputs(torch, B, T, H, D, dtype, device, seed=0, levels=True):
     return q, k, v, g, beta, lam, do
 
 
-def _row(torch, bench, D, H, T, B, dtype, device, fla, profile=False):
+def _row(torch, bench, D, H, T, B, dtype, device, fla, profile=False, compiled=False):
+    import statistics
+
     import hodlr
 
     q, k, v, g, beta, lam, do = _inputs(torch, B, T, H, D, dtype, device)
     row = {"D": D, "H": H, "T": T, "B": B}
     scale = D ** -0.5
-    fwd, fwdbwd = forward_calls(torch, lambda *a: hodlr.log_linear_gated_delta_rule(*a, scale=scale)[0],
-                                (q, k, v, g, beta, lam), do)
-    _timed(row, "fwd", lambda: bench(fwd))
-    _timed(row, "fwdbwd", lambda: bench(fwdbwd))
+
+    def call(*a):
+        return hodlr.log_linear_gated_delta_rule(*a, scale=scale)[0]
+
+    inputs = (q, k, v, g, beta, lam)
+    fwd, fwdbwd = forward_calls(torch, call, inputs, do)
+    if not compiled:
+        _timed(row, "fwd", lambda: bench(fwd))
+        _timed(row, "fwdbwd", lambda: bench(fwdbwd))
+    else:
+        torch._dynamo.reset()  # a fresh graph per row (one function object across rows would hit the recompile limit)
+        fast = torch.compile(call, fullgraph=True, backend="inductor" if device.type == "cuda" else "aot_eager")
+        fwd_c, fwdbwd_c = forward_calls(torch, fast, inputs, do)
+        _timed(row, "compiled_grads_equal", lambda: all(torch.equal(a, b) for a, b in zip(fwdbwd(), fwdbwd_c())))
+        times = {}
+        for _ in range(2):  # eager and compiled alternated: the same conditions for both
+            for key, fn in (("fwd", fwd), ("fwdbwd", fwdbwd), ("fwd_compiled", fwd_c), ("fwdbwd_compiled", fwdbwd_c)):
+                _timed(times, key, lambda: bench(fn))
+                if key in times:
+                    row.setdefault(key + "_runs", []).append(times.pop(key))
+                else:
+                    row[key + "_error"] = times.pop(key + "_error")
+        for key in ("fwd", "fwdbwd", "fwd_compiled", "fwdbwd_compiled"):
+            if row.get(key + "_runs"):
+                row[key] = statistics.median(row[key + "_runs"])
+        if row.get("fwdbwd") and row.get("fwdbwd_compiled"):
+            row["fwdbwd_compiled_over_fwdbwd"] = row["fwdbwd_compiled"] / row["fwdbwd"]
     if profile:
         row["kernels_fwd"] = kernel_times(torch, fwd)
         row["kernels_fwdbwd"] = kernel_times(torch, fwdbwd)
@@ -150,7 +183,8 @@ def run(args) -> dict:
     for D in args.widths:
         H = max(1, args.model_width // D)
         for T in args.lengths:
-            row = _row(torch, bench, D, H, T, max(1, args.tokens // T), torch.bfloat16, device, fla, args.profile)
+            row = _row(torch, bench, D, H, T, max(1, args.tokens // T), torch.bfloat16, device, fla, args.profile,
+                       args.compile)
             result["rows"].append(row)
             print(_format_row(row), flush=True)
             write(result, args.json, None, plot)
@@ -172,11 +206,13 @@ def _format_row(r) -> str:
     return (f"D={r['D']:>3} H={r['H']:>2} T={r['T']:>7} B={r['B']:>3} | fwd {_fmt(r.get('fwd'))} "
             f"fwd+bwd {_fmt(r.get('fwdbwd'))} ratio {_fmt(r.get('fwdbwd_over_fwd'), '.2f')} | fla GDN fwd "
             f"{_fmt(r.get('fla_fwd'))} fwd+bwd {_fmt(r.get('fla_fwdbwd'))}"
-            f"{' (failed)' if 'fla_fwdbwd_error' in r else ''} | fwd / fla fwd {_fmt(r.get('fwd_over_fla_fwd'), '.2f')}")
+            f"{' (failed)' if 'fla_fwdbwd_error' in r else ''} | fwd / fla fwd {_fmt(r.get('fwd_over_fla_fwd'), '.2f')}"
+            + (f" | compiled fwd+bwd {_fmt(r.get('fwdbwd_compiled'))}" if "fwdbwd_compiled_runs" in r else ""))
 
 
 def plot(result, path) -> None:
     series = (("fwd", "hodlr log-linear GDN fwd", "C0", "-"), ("fwdbwd", "hodlr log-linear GDN fwd+bwd", "C0", "--"),
+              ("fwdbwd_compiled", "hodlr log-linear GDN fwd+bwd, torch.compile", "C1", ":"),
               ("fla_fwd", "fla GDN (linear) fwd", "C2", "-"), ("fla_fwdbwd", "fla GDN (linear) fwd+bwd", "C2", "--"))
     fig = width_panels(result, series)[0]
     save_figure(fig, result, path)
