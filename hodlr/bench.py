@@ -231,9 +231,9 @@ def timer(cuda: bool, warmup: int, rep: int):
 
 
 def forward_calls(torch, call, inputs, do):
-    """``(fwd, fwdbwd)``: ``call(*inputs)`` (the output) under ``torch.no_grad()``, and ``call`` on
-    leaves made of ``inputs`` followed by ``torch.autograd.grad`` of all of them for ``do`` (which
-    ``fwdbwd`` returns)."""
+    """``(fwd, fwdbwd)``: ``fwd`` runs ``call(*inputs)`` under ``torch.no_grad()`` (returns
+    nothing); ``fwdbwd`` runs ``call`` on leaves made of ``inputs`` and returns
+    ``torch.autograd.grad`` of all of them for ``do``."""
     leaves = [x.detach().requires_grad_() for x in inputs]
 
     def fwd():

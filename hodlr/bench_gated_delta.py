@@ -100,7 +100,7 @@ def _row(torch, bench, D, H, T, B, dtype, device, fla, profile=False, compiled=F
         _timed(row, "fwd", lambda: bench(fwd))
         _timed(row, "fwdbwd", lambda: bench(fwdbwd))
     else:
-        torch._dynamo.reset()  # a fresh graph per row (one function object across rows would hit the recompile limit)
+        torch._dynamo.reset()  # a fresh cache per row (dynamo caches by code object: every row's call would count)
         fast = torch.compile(call, fullgraph=True, backend="inductor" if device.type == "cuda" else "aot_eager")
         fwd_c, fwdbwd_c = forward_calls(torch, fast, inputs, do)
         _timed(row, "compiled_grads_equal", lambda: all(torch.equal(a, b) for a, b in zip(fwdbwd(), fwdbwd_c())))

@@ -239,8 +239,8 @@ def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Ten
 def _keeper(q, v, initial_states, cu_seqlens, output_final_state, backend, keep):
     """The backend module whose forward keeps its chunk states for the operator's backward
     (``attention_keeping_states``: the ``triton`` backend) when ``keep``, on the common path (no
-    state, no packed sequences, ``T > 0``), or None."""
-    if initial_states is not None or cu_seqlens is not None or output_final_state or q.shape[2] == 0:
+    state, no packed sequences, tokens), or None."""
+    if not _plain_path(q, initial_states, cu_seqlens, output_final_state):
         return None
     module = _resolve(backend, q.device, q.shape[2], False)
     if not keep or not hasattr(module, "attention_keeping_states"):
@@ -340,14 +340,15 @@ def _gradient(like, x, d):
 
 def _recompute_grads(forward, inputs, do, dstates, output_final_state):
     """The gradients of ``(o, states) = forward(*inputs)`` with respect to ``inputs``, by
-    recomputing ``forward`` under autograd (see :func:`_gradient` for their form).  An output that
-    depends on no input (``o`` of a call without tokens, which a carried state may still pass
-    through to ``states``) contributes nothing."""
+    recomputing ``forward`` under autograd (see :func:`_gradient` for their form).  In a call
+    without tokens (``inputs[0]``, the queries, empty) an output that depends on no input (``o``;
+    ``states`` without an initial state, which a carried one passes through) contributes nothing."""
     with _autograd_on():
         leaves = [None if x is None else x.detach().requires_grad_(True) for x in inputs]
         o, states = forward(*leaves)
         pairs = [(o, do)] + ([(states, dstates)] if output_final_state else [])
-        pairs = [(out, d) for out, d in pairs if out.requires_grad]
+        if inputs[0].numel() == 0:
+            pairs = [(out, d) for out, d in pairs if out.requires_grad]
         wrt = [x for x in leaves if x is not None]
         got = iter(torch.autograd.grad([out for out, _ in pairs], wrt, [d for _, d in pairs], allow_unused=True)
                    if pairs else [None] * len(wrt))
@@ -365,7 +366,7 @@ def _op_backward_fake(do, dstates, q, k, v, g, level_scales, scale, initial_stat
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, lam, scale, init, pos, cu, final, slots, backend, keep = inputs
+    q, k, v, g, lam, scale, init, pos, cu, final, slots, backend, _ = inputs
     ctx.mark_non_differentiable(output[2], output[3], output[4])
     ctx.save_for_backward(q, k, v, g, lam, init, pos, cu, output[3], output[4])
     ctx.args = (scale, final, slots, backend)
@@ -742,11 +743,18 @@ def _gd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.
     return (o.contiguous(), states.contiguous(), positions.contiguous(), *none_kept)
 
 
+def _plain_path(q, initial_states, cu_seqlens, output_final_state) -> bool:
+    """Whether an operator's call takes its backend's plain path: no state, no packed sequences,
+    tokens (where the backward kernels read what the forward kept)."""
+    return (initial_states is None and cu_seqlens is None and not output_final_state and q.shape[0] > 0
+            and q.shape[2] > 0)
+
+
 def _gd_keeper(q, initial_states, cu_seqlens, output_final_state, backend, keep):
     """The backend module whose Gated DeltaNet forward keeps its chunks for the operator's backward
-    (``gated_delta_keeping_chunks``: the ``triton`` backend) when ``keep``, on the path of its
-    ``gated_delta_vjp`` (no state, no packed sequences, tokens), or None."""
-    if initial_states is not None or cu_seqlens is not None or output_final_state or not q.shape[0] or not q.shape[2]:
+    (``gated_delta_keeping_chunks``: the ``triton`` backend) when ``keep``, on the plain path of its
+    ``gated_delta_vjp``, or None."""
+    if not _plain_path(q, initial_states, cu_seqlens, output_final_state):
         return None
     module = _resolve_gated_delta(backend, q.device, False)
     if not keep or not hasattr(module, "gated_delta_keeping_chunks"):
@@ -782,8 +790,11 @@ def _gd_op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k:
     stateful = initial_states is not None or output_final_state
     vjp = getattr(_resolve_gated_delta(backend, q.device, stateful), "gated_delta_vjp", None)
     inputs = (q, k, v, g, beta, level_scales, initial_states)
-    if vjp is not None and not stateful and cu_seqlens is None and q.shape[0] and q.shape[2]:
-        saved = (*kept[:4], None if g is None else kept[4]) if kept[0].numel() else None
+    if vjp is not None and _plain_path(q, initial_states, cu_seqlens, output_final_state):
+        saved = None
+        if kept[0].numel():
+            saved = dict(zip(KEPT_CHUNKS, kept))
+            saved = tuple(None if name == "decays" and g is None else saved[name] for name in KEPT_CHUNKS)
         dq, dk, dv, dbeta, dlam, dg = vjp(q, k, v, beta, level_scales, g, scale, do, saved=saved)
         grads = (dq, dk, dv, dg, dbeta, dlam, None)
         return tuple(_gradient(do, x, d) for x, d in zip(inputs, grads))
@@ -792,8 +803,7 @@ def _gd_op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k:
         return _gated_delta_forward(q, k, v, beta, g, lam, scale, init, initial_positions, cu_seqlens,
                                     output_final_state, final_slots, backend)[:2]
 
-    return _recompute_grads(forward, [q, k, v, g, beta, level_scales, initial_states], do, dstates,
-                            output_final_state)
+    return _recompute_grads(forward, list(inputs), do, dstates, output_final_state)
 
 
 @_gd_op_backward.register_fake
@@ -803,7 +813,7 @@ def _gd_op_backward_fake(do, dstates, q, k, v, g, beta, level_scales, scale, ini
 
 
 def _gd_setup_context(ctx, inputs, output):
-    q, k, v, g, beta, lam, scale, init, pos, cu, final, slots, backend, keep = inputs
+    q, k, v, g, beta, lam, scale, init, pos, cu, final, slots, backend, _ = inputs
     ctx.mark_non_differentiable(*output[2:])
     ctx.save_for_backward(q, k, v, g, beta, lam, init, pos, cu, *output[3:])
     ctx.args = (scale, final, slots, backend)

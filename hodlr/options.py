@@ -26,10 +26,10 @@ class Options:
         hierarchy for the backward instead of recomputing it (``docs/backward.md`` §6): a faster
         backward for about ``8 Dk Dv / C`` more bytes a token and head held from the forward to
         the backward (float32 states: 512 at ``Dk = Dv = 64``, 2,048 at 128, the chunk
-        ``C = 64``).  Read by ``hodlr.attention`` and ``hodlr.log_linear_attn`` (eager and under
-        ``torch.compile``, read while tracing, so a compiled function retraces when it changes) on
-        their common path (no state, no packed sequences).  False recomputes the same states.
-        Default True.
+        ``C = 64``).  Read by ``hodlr.attention`` (when it runs) and ``hodlr.log_linear_attn`` on its
+        common path (no state, no packed sequences), eager and under ``torch.compile``, where it is
+        read while tracing (an argument of the operator: a compiled function retraces when it
+        changes).  False recomputes the same states.  Default True.
     gated_delta_save_states : bool
         The ``triton`` backend's differentiable log-linear Gated DeltaNet keeps the forward's
         chunk products and hierarchy (``X``, ``W``, the states and transitions) for the backward
@@ -38,10 +38,10 @@ class Options:
         inputs (1,408 at ``Dk = Dv = 64``, 4,736 at 128, the chunk ``C = 32``; for float16 and float32
         inputs ``8 Dk (Dk + Dv) / C`` for the hierarchy) held from the forward to the backward, per
         layer: 2.3 GiB for a layer of 65,536 tokens and 8 heads of width 128.  Read by
-        ``hodlr.gated_delta_attention`` and ``hodlr.log_linear_gated_delta_rule``, eager and under
-        ``torch.compile`` (on the operator's path without state or packed sequences; read while
-        tracing, so a compiled function retraces when it changes).  False recomputes the same
-        values.  Default True.
+        ``hodlr.gated_delta_attention`` (when it runs) and ``hodlr.log_linear_gated_delta_rule``,
+        eager and under ``torch.compile`` on its path without state or packed sequences, where it
+        is read while tracing (an argument of the operator: a compiled function retraces when it
+        changes).  False recomputes the same values.  Default True.
         Either option set to anything but a bool is refused (``TypeError``) by the calls that read
         it.
     """

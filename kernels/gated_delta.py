@@ -359,11 +359,14 @@ def chunk_shapes(B: int, T: int, DK: int, DV: int, dtype, has_decay: bool, C: in
     length ``T``, ``Dk x Dv`` heads and inputs of ``dtype`` at chunk ``C`` (``decays`` only with a
     log-decay): what :func:`chunk_hierarchy` allocates, and what the backward accepts in their place.
     ``X``, ``W`` and the decays in the accumulator dtype (float32, float64 for float64), the hierarchy
-    in bfloat16 for bfloat16 inputs (:data:`BF16_HIERARCHY`)."""
+    in bfloat16 for bfloat16 inputs (:data:`BF16_HIERARCHY`).  The hierarchy holds ``2n`` entries a
+    batch entry, a bound of the ``N = level_offsets(n)[-1] <= 2n - 1`` it uses (the kernels take the
+    rows as the batch stride): shapes linear in ``n``, so that a traced call with a symbolic ``T``
+    does not pin the chunk count."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
     held = torch.bfloat16 if dtype == torch.bfloat16 and BF16_HIERARCHY else work
     n = chunk_count(T, C)
-    N = level_offsets(n)[-1]
+    N = 2 * n
     shapes = {"X": ((B, n, C, C), work), "W": ((B, n, C, DK), work), "states": ((B, N, DK * DV), held),
               "trans": ((B, N, DK * DK), held)}
     if has_decay:
@@ -383,9 +386,9 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
                          f"of the hierarchy builds), got {levels!r}")
     n = chunk_count(layout.T, C)
     sizes, offsets = hierarchy_sizes(n), level_offsets(n)
-    N = offsets[-1]
     shapes = chunk_shapes(B, layout.T, DK, DV, v.dtype, layout.tensors["g"] is not None, C)
     made = {name: _layout.scratch(shape, dtype, v.device) for name, (shape, dtype) in shapes.items()}
+    N = made["states"].shape[1]  # the rows a batch entry (the kernels' batch stride)
     ch = Chunks(made["X"], made["W"], made["states"], made["trans"], made.get("decays"), C, n)
     X, W, states, trans = ch.X, ch.W, ch.states, ch.trans
     has_g = ch.decays is not None

@@ -19,7 +19,7 @@ from . import states as _states
 from ._device import (chunk_decays, chunk_rows, dot, intra_mask, load_tile, next_decay, store_tile,
                       validate_rows)
 from ._layout import (MAX_REGISTERS, NUM_WARPS, block, broadcast_shape, cdiv, check_block, check_chunk, check_flag,
-                      check_levels, chunk_count, collapse_batch, compute_types, hierarchy_sizes, level_offsets,
+                      check_levels, chunk_count, collapse_batch, compute_types, hierarchy_sizes,
                       next_power_of_2, output_buffer, interpreting, state_dtypes, tma_descriptor)
 
 
@@ -186,8 +186,9 @@ def matmul_forward(level_scales, log_decay, x, *, chunk=None, out=None, return_s
     sx, sl, sg, sy = strides
     n = chunk_count(T, C)
     sizes = hierarchy_sizes(n)
-    n_total, top = level_offsets(n)[-1], len(sizes) - 1
+    top = len(sizes) - 1
     states, logdec = _states.allocate(B, n, D, x.device, *state_dtypes(x.dtype, compact=True))
+    n_total = states.shape[1]  # the rows a batch entry (the kernels' batch stride)
     BD = block(D, 128)
     g_arg = lam if g is None else g
     gst = (0, 0, 0) if g is None else (sg[0], sg[1], g.stride(-1))

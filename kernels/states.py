@@ -136,8 +136,11 @@ programs than one that walks a whole batch entry, and ``ceil(top / 6)`` launches
 
 def shapes(B: int, n_chunks: int, F: int):
     """``((B, N, F), (B, N))``: the shapes of the states and log-decays of the hierarchy of
-    ``n_chunks`` chunks (``N`` entries over all levels), as :func:`allocate` makes them."""
-    N = level_offsets(n_chunks)[-1]
+    ``n_chunks`` chunks, as :func:`allocate` makes them: ``N = 2 n_chunks`` entries a batch entry,
+    a bound of the ``level_offsets(n_chunks)[-1] <= 2 n_chunks - 1`` over all levels (the kernels
+    take ``N`` as the batch stride), so that the shapes are linear in the chunk count (a traced
+    call with a symbolic length does not pin it)."""
+    N = 2 * n_chunks
     return (B, N, F), (B, N)
 
 

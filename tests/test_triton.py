@@ -311,7 +311,7 @@ def test_hierarchy_equals_block_sums(n):
             assert_close(states[:, offset + m], want, TOL[dtype], f"level {h} block {m}")
             assert_close(logdec[:, offset + m], a0[:, m << h:(m + 1) << h].sum(-1), TOL[dtype], f"A level {h} block {m}")
         offset += size
-    assert offset == states.shape[1]
+    assert offset <= 2 * n - 1 and states.shape[1] == 2 * n  # the entries past the levels: the shapes' bound
 
 
 @pytest.mark.parametrize("rows, chunk, tma", [(16, 16, True), (32, 16, False), (64, 16, True), (128, 16, True),
@@ -353,7 +353,8 @@ def test_matmul_state_kernel_levels(rows, chunk, tma, T, monkeypatch):
             assert_close(states[:, offset + m], want, TOL[dtype], f"level {h} block {m}")
             assert_close(logdec[:, offset + m], g[:, rows[0]:rows[-1] + 1].sum(-1), TOL[dtype], f"A level {h} block {m}")
         offset += size
-    assert offset == states.shape[1]
+    n = -(-T // chunk)
+    assert offset <= 2 * n - 1 and states.shape[1] == 2 * n  # the entries past the levels: the shapes' bound
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)

@@ -74,12 +74,18 @@ def attention_keeping_states(q, k, v, level_scales, log_decay, scale):
     """The forward of :func:`attention_state_vjp`'s common path (no state, no packed sequences) on
     its layout (``q, k (N, Hqk, T, Dk)``, ``v (N, H, T, Dv)``), also returning the chunk states that
     the vjp takes (``saved=``) instead of recomputing them: ``(o (N, H, T, Dv), states, logdec)``,
-    the states shaped as :func:`kept_state_shapes` says."""
+    the states shaped as :func:`kept_state_shapes` says (the entries past the hierarchy, which
+    nothing writes nor reads, zeroed: they are outputs of the operator, the same every call)."""
     from hodlr import kernels
     from hodlr.backends import grouped_heads
+    from hodlr.kernels import DEFAULT_CHUNK
+    from hodlr.kernels._layout import chunk_count, level_offsets
 
     o, (states, logdec) = kernels.attention_forward(*grouped_heads(q, k, v, level_scales, log_decay), scale,
                                                     return_states=True)
+    used = level_offsets(chunk_count(q.shape[2], DEFAULT_CHUNK["attention"]))[-1]
+    states[:, used:].zero_()
+    logdec[:, used:].zero_()
     return o.flatten(1, 2), states, logdec
 
 
@@ -109,8 +115,8 @@ def gated_delta_keeping_chunks(q, k, v, beta, level_scales, log_decay, scale):
     the forward's ``X``, ``W`` and hierarchy, which the vjp takes (``saved=``) instead of recomputing
     them: ``(o (N, H, T, Dv), X, W, states, trans, decays)``, shaped as :func:`kept_chunk_shapes`
     says (``decays`` None without ``log_decay``); the operator keeps them when :func:`keeps_chunks` is
-    true.  The top level's transitions and decays, which nothing reads, are zeroed (they are outputs of
-    the operator: the same every call)."""
+    true.  What nothing writes nor reads (the entries past the hierarchy, the top level's transitions
+    and decays) is zeroed: they are outputs of the operator, the same every call."""
     from hodlr import kernels
     from hodlr.backends import grouped_heads
     from hodlr.kernels._layout import level_offsets
@@ -120,10 +126,12 @@ def gated_delta_keeping_chunks(q, k, v, beta, level_scales, log_decay, scale):
     o, ch = kernels.gated_delta_forward(q5, k5, v5, beta.unflatten(1, (Hqk, grp)), lam5, g5, scale,
                                         return_chunks=True)
     offsets = level_offsets(ch.n)
-    if len(offsets) > 2:  # a top level built by the hierarchy kernel (one chunk: the chunk kernel's level 0)
-        ch.trans[:, offsets[-2]:].zero_()
-        if ch.decays is not None:
-            ch.decays[:, offsets[-2]:].zero_()
+    used = offsets[-1]  # the entries past it (chunk_shapes' bound) are never written
+    unwritten = offsets[-2] if len(offsets) > 2 else used  # a top level the hierarchy kernel built (no transitions)
+    ch.states[:, used:].zero_()
+    ch.trans[:, unwritten:].zero_()
+    if ch.decays is not None:
+        ch.decays[:, unwritten:].zero_()
     return o.flatten(1, 2), ch.X, ch.W, ch.states, ch.trans, ch.decays
 
 
