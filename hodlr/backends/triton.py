@@ -178,7 +178,9 @@ def gated_delta_vjp(q, k, v, beta, level_scales, log_decay, scale, do, saved=Non
     dq, dk, dv, dbeta, dlam, dg = kernels.gated_delta_backward(q5, k5, v5, beta.unflatten(1, (Hqk, grp)), lam5, g5,
                                                                scale, do.unflatten(1, (Hqk, grp)), chunk=chunk,
                                                                chunks=chunks)
-    return (dq.sum(2), dk.sum(2), dv.flatten(1, 2), dbeta.flatten(1, 2), dlam.flatten(1, 2),
+    # one value head a query head: a view, no copy
+    fold = (lambda x: x.squeeze(2)) if grp == 1 else (lambda x: x.sum(2))  # noqa: E731
+    return (fold(dq), fold(dk), dv.flatten(1, 2), dbeta.flatten(1, 2), dlam.flatten(1, 2),
             None if dg is None else dg.flatten(1, 2))
 
 
