@@ -104,14 +104,11 @@ def _row(torch, bench, D, H, T, B, dtype, device, fla, profile=False, compiled=F
         fast = torch.compile(call, fullgraph=True, backend="inductor" if device.type == "cuda" else "aot_eager")
         fwd_c, fwdbwd_c = forward_calls(torch, fast, inputs, do)
         _timed(row, "compiled_grads_equal", lambda: all(torch.equal(a, b) for a, b in zip(fwdbwd(), fwdbwd_c())))
-        times = {}
         for _ in range(2):  # eager and compiled alternated: the same conditions for both
             for key, fn in (("fwd", fwd), ("fwdbwd", fwdbwd), ("fwd_compiled", fwd_c), ("fwdbwd_compiled", fwdbwd_c)):
-                _timed(times, key, lambda: bench(fn))
-                if key in times:
-                    row.setdefault(key + "_runs", []).append(times.pop(key))
-                else:
-                    row[key + "_error"] = times.pop(key + "_error")
+                _timed(row, key, lambda: bench(fn))  # row[key], or row[key + "_error"] when it fails
+                if key in row:
+                    row.setdefault(key + "_runs", []).append(row.pop(key))
         for key in ("fwd", "fwdbwd", "fwd_compiled", "fwdbwd_compiled"):
             if row.get(key + "_runs"):
                 row[key] = statistics.median(row[key + "_runs"])

@@ -791,10 +791,8 @@ def _gd_op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k:
     vjp = getattr(_resolve_gated_delta(backend, q.device, stateful), "gated_delta_vjp", None)
     inputs = (q, k, v, g, beta, level_scales, initial_states)
     if vjp is not None and _plain_path(q, initial_states, cu_seqlens, output_final_state):
-        saved = None
-        if kept[0].numel():
-            saved = dict(zip(KEPT_CHUNKS, kept))
-            saved = tuple(None if name == "decays" and g is None else saved[name] for name in KEPT_CHUNKS)
+        X, W, states, trans, decays = kept  # (KEPT_CHUNKS)
+        saved = (X, W, states, trans, None if g is None else decays) if X.numel() else None
         dq, dk, dv, dbeta, dlam, dg = vjp(q, k, v, beta, level_scales, g, scale, do, saved=saved)
         grads = (dq, dk, dv, dg, dbeta, dlam, None)
         return tuple(_gradient(do, x, d) for x, d in zip(inputs, grads))

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from ._device import chunk_decays, chunk_rows, dot, intra_decay, intra_scales, validate_rows
-from . import _layout
+from . import _layout, states as _states
 from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_block, check_chunk, check_flag, chunk_count,
                       compute_types, hierarchy_sizes, interpreting, level_offsets, output_buffer)
 from .attention import attention_layout
@@ -359,18 +359,17 @@ def chunk_shapes(B: int, T: int, DK: int, DV: int, dtype, has_decay: bool, C: in
     length ``T``, ``Dk x Dv`` heads and inputs of ``dtype`` at chunk ``C`` (``decays`` only with a
     log-decay): what :func:`chunk_hierarchy` allocates, and what the backward accepts in their place.
     ``X``, ``W`` and the decays in the accumulator dtype (float32, float64 for float64), the hierarchy
-    in bfloat16 for bfloat16 inputs (:data:`BF16_HIERARCHY`).  The hierarchy holds ``2n`` entries a
-    batch entry, a bound of the ``N = level_offsets(n)[-1] <= 2n - 1`` it uses (the kernels take the
-    rows as the batch stride): shapes linear in ``n``, so that a traced call with a symbolic ``T``
-    does not pin the chunk count."""
+    in bfloat16 for bfloat16 inputs (:data:`BF16_HIERARCHY`).  The hierarchy's entries are those of
+    :func:`kernels.states.shapes` (a bound linear in ``n``; the kernels take the rows as the batch
+    stride)."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
     held = torch.bfloat16 if dtype == torch.bfloat16 and BF16_HIERARCHY else work
     n = chunk_count(T, C)
-    N = 2 * n
-    shapes = {"X": ((B, n, C, C), work), "W": ((B, n, C, DK), work), "states": ((B, N, DK * DV), held),
-              "trans": ((B, N, DK * DK), held)}
+    (state_shape, decay_shape), (trans_shape, _) = _states.shapes(B, n, DK * DV), _states.shapes(B, n, DK * DK)
+    shapes = {"X": ((B, n, C, C), work), "W": ((B, n, C, DK), work), "states": (state_shape, held),
+              "trans": (trans_shape, held)}
     if has_decay:
-        shapes["decays"] = ((B, N), work)
+        shapes["decays"] = (decay_shape, work)
     return shapes
 
 
