@@ -686,15 +686,20 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
 
 
 def _pick(x, rows, sl=slice(None)):
-    """Rows ``rows`` (an index array) of ``x`` along dim 0, positions ``sl`` along dim 2: a view
-    when the rows are consecutive (every row of an unpacked batch, one packed sequence), a copy
-    otherwise."""
+    """Rows ``rows`` (an index array) of ``x`` along dim 0, positions ``sl`` along dim 2: ``x``
+    itself when they cover it (a slice, even a whole one, would cost the backward a zero fill and
+    a copy of the gradient), a view when the rows are consecutive (every row of an unpacked batch,
+    one packed sequence), a copy otherwise."""
     if x is None:
         return None
     if rows.size and np.array_equal(rows, np.arange(rows[0], rows[0] + rows.size)):
-        x = x.narrow(0, int(rows[0]), rows.size)
+        if rows.size != x.shape[0]:
+            x = x.narrow(0, int(rows[0]), rows.size)
     else:
         x = x.index_select(0, torch.as_tensor(rows, device=x.device))
+    start, stop, step = sl.indices(x.shape[2])
+    if (start, stop, step) == (0, x.shape[2], 1):
+        return x
     return x[:, :, sl]
 
 

@@ -103,7 +103,7 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
     one_tile: tl.constexpr = DV <= BDV
     l_base = l_ptr + b0 * slb0 + b1 * slb1
     col_l = tl.arange(0, BL)
-    for c in range(GROUP):  # Q̃ of each chunk, its dq = 0, and the level scales no chunk reads
+    for c in range(GROUP):  # Q̃ of each chunk, dQ̃ = 0 of chunk 0, and the level scales no chunk reads
         i = grp * GROUP + c
         if i < n_chunks:
             t = i * C + r
@@ -116,7 +116,8 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
             Qt = gamma[:, None] * Q - tl.dot(Sq, matrix_tile(w_ptr, row, r, dk, C, DK, ACC), input_precision=PREC,
                                              out_dtype=ACC)
             store_matrix_tile(qt_ptr, row, Qt, r, dk, C, DK)
-            store_matrix_tile(dqt_ptr, row, tl.zeros((C, BDK), dtype=ACC), r, dk, C, DK)
+            if i == 0:  # reads no block: dQ̃ = 0 (every other chunk stores its dq at its lowest set bit)
+                store_matrix_tile(dqt_ptr, row, tl.zeros((C, BDK), dtype=ACC), r, dk, C, DK)
             hi = LOG_C + 1 + n_bits + col_l
             tl.store(dl_ptr + (bh * T + t[:, None]) * L + hi[None, :], tl.zeros((C, BL), dtype=ACC),
                      mask=tmask[:, None] & (hi[None, :] < L))
@@ -170,13 +171,14 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
                         else:
                             _add_block(dh_ptr, blk, dot(lq, dO, ACC, PREC, NATIVE), dk, dv, DK, DV, False)
                     tl.store(dl_ptr + (bh * T + t) * L + col, scale * tl.sum(qh * G_h, 1), mask=tmask)
-                    dq = matrix_tile(dqt_ptr, row, r, dk, C, DK, ACC)
-                    if (i >> (h + 1)) != 0:  # a higher block was read: dq carries its gradient
-                        acc_t += tl.dot(tl.trans(qh), dq, input_precision=PREC, out_dtype=ACC)
+                    dq = scale * lam[:, None] * G_h
+                    if (i >> (h + 1)) != 0:  # a higher block was read: the stored dq carries its gradient
+                        dq_k = matrix_tile(dqt_ptr, row, r, dk, C, DK, ACC)
+                        acc_t += tl.dot(tl.trans(qh), dq_k, input_precision=PREC, out_dtype=ACC)
                         moved = 1
-                        dq = tl.dot(dq, tl.trans(transition_tile(tr_ptr, gm_ptr, blk, dk, dk, DK, HAS_G, ACC)),
-                                    input_precision=PREC, out_dtype=ACC)
-                    store_matrix_tile(dqt_ptr, row, dq + scale * lam[:, None] * G_h, r, dk, C, DK)
+                        dq += tl.dot(dq_k, tl.trans(transition_tile(tr_ptr, gm_ptr, blk, dk, dk, DK, HAS_G, ACC)),
+                                     input_precision=PREC, out_dtype=ACC)
+                    store_matrix_tile(dqt_ptr, row, dq, r, dk, C, DK)
                 else:
                     tl.store(dl_ptr + (bh * T + t) * L + col, tl.zeros((C,), dtype=ACC), mask=tmask)
         if held >= 0:
@@ -189,9 +191,11 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
 
 @triton.jit(do_not_specialize=["n_total", "off_child", "off_parent"])
 def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, off_child, off_parent, DK: tl.constexpr,
-                              DV: tl.constexpr, N_DV_TILES: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-                              BT: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """Program ``(block m of level h + 1, batch entry, tile j)``: the adjoint of the block's two
+                              DV: tl.constexpr, N_DV_TILES: tl.constexpr, N_TILES: tl.constexpr, BDK: tl.constexpr,
+                              BDV: tl.constexpr, BT: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr,
+                              PREC: tl.constexpr):
+    """Program ``(tile j of block m of level h + 1, batch entry)``, the ``N_TILES`` tiles of a block
+    consecutive (they read the same parent gradients, which so stay in L2): the adjoint of the block's two
     equations (stage 3).  Tile ``j < N_DV_TILES``: ``dH_h[2m] += T_h[2m+1]ᵀ dH_{h+1}[m]`` and
     ``dH_h[2m+1] = dH_{h+1}[m]`` on those columns; tile ``j = N_DV_TILES + a * (BDK / BT) + b``:
     the ``BT x BT`` block ``(a, b)`` of ``dT_h[2m+1] = dH_{h+1}[m] H_h[2m]ᵀ + dT_{h+1}[m] T_h[2m]ᵀ``
@@ -199,9 +203,9 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, of
     key inside the shared memory).  The readers add only to even blocks (a chunk reads block
     ``(i >> h) - 1`` with ``i >> h`` odd), so an odd block's gradients are its parent's terms
     alone: stored, not added to."""
-    m = tl.program_id(0)
+    m = tl.program_id(0) // N_TILES
+    j = tl.program_id(0) % N_TILES
     bh = tl.program_id(1).to(tl.int64)
-    j = tl.program_id(2)
     even = bh * n_total + off_child + 2 * m
     odd = even + 1
     parent = bh * n_total + off_parent + m
@@ -449,13 +453,17 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         num_warps=NUM_WARPS["gated_delta_reader" if DK <= 64 else "gated_delta_reader_wide"],
         **({"maxnreg": MAX_REGISTERS["gated_delta_reader"]} if DK <= 64 and v.dtype in (torch.float16, torch.bfloat16)
            else {}))
+    n_tiles = n_dv + (BDK // BT) ** 2  # the value tiles of dH and the square blocks of dT
     for h in range(len(sizes) - 2, -1, -1):
-        _reverse_hierarchy_kernel[(sizes[h + 1], B, n_dv + (BDK // BT) ** 2)](
-            ch.states, ch.trans, ch.decay_pointer(), dH, dT, N, offsets[h], offsets[h + 1], DK, DV, n_dv, BDK=BDK,
-            BDV=BDV, BT=BT, HAS_G=has_g, ACC=acc, PREC=prec, num_warps=NUM_WARPS["gated_delta_reverse_hierarchy"])
-    dq, dk = _layout.scratch((B, T, DK), work, dev), _layout.scratch((B, T, DK), work, dev)
-    dv = _layout.scratch((B, T, DV), work, dev)
-    db = _layout.scratch((B, T), work, dev)
+        _reverse_hierarchy_kernel[(sizes[h + 1] * n_tiles, B)](
+            ch.states, ch.trans, ch.decay_pointer(), dH, dT, N, offsets[h], offsets[h + 1], DK, DV, n_dv, n_tiles,
+            BDK=BDK, BDV=BDV, BT=BT, HAS_G=has_g, ACC=acc, PREC=prec,
+            num_warps=NUM_WARPS["gated_delta_reverse_hierarchy"])
+    # written once each, in the inputs' dtypes (the kernel's store rounds as a later conversion would)
+    dq = _layout.scratch((B, T, DK), q.dtype, dev)
+    dk = _layout.scratch((B, T, DK), k.dtype, dev)
+    dv = _layout.scratch((B, T, DV), v.dtype, dev)
+    db = _layout.scratch((B, T), beta.dtype, dev)
     dg = _layout.scratch((B, T), work, dev) if has_g else db
     _chunk_kernel[(n, B)](
         layout.tensors["q"], layout.tensors["k"], v, layout.tensors["beta"], layout.tensors["do"],
