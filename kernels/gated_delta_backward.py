@@ -81,11 +81,11 @@ def _add_shares(dh_ptr, dt_ptr, blk, acc_h, acc_t, moved, owned, dk, DK, DV, BDV
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sgb0",
-                               "sgb1"])
+                               "sgb1", "sdlb0", "sdlb1", "sdlt"])
 def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, qt_ptr,
                    dqt_ptr, dl_ptr, T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, scale,
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, sob0, sob1, sot, sod, slb0, slb1, slt, sll,
-                   sgb0, sgb1, sgt, C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                   sgb0, sgb1, sgt, sdlb0, sdlb1, sdlt, sdll, C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                    BL: tl.constexpr, GROUP: tl.constexpr, LOG_GROUP: tl.constexpr, HAS_G: tl.constexpr,
                    ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr):
     """Program ``(group of GROUP chunks, batch entry)``: stage 2 of the module docstring, level by
@@ -102,6 +102,7 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
     dk = tl.arange(0, BDK)
     one_tile: tl.constexpr = DV <= BDV
     l_base = l_ptr + b0 * slb0 + b1 * slb1
+    dl_base = dl_ptr + b0 * sdlb0 + b1 * sdlb1
     col_l = tl.arange(0, BL)
     for c in range(GROUP):  # Q̃ of each chunk, dQ̃ = 0 of chunk 0, and the level scales no chunk reads
         i = grp * GROUP + c
@@ -119,7 +120,7 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
             if i == 0:  # reads no block: dQ̃ = 0 (every other chunk stores its dq at its lowest set bit)
                 store_matrix_tile(dqt_ptr, row, tl.zeros((C, BDK), dtype=ACC), r, dk, C, DK)
             hi = LOG_C + 1 + n_bits + col_l
-            tl.store(dl_ptr + (bh * T + t[:, None]) * L + hi[None, :], tl.zeros((C, BL), dtype=ACC),
+            tl.store(dl_base + t[:, None] * sdlt + hi[None, :] * sdll, tl.zeros((C, BL), dtype=ACC),
                      mask=tmask[:, None] & (hi[None, :] < L))
     tl.debug_barrier()
     off = 0
@@ -170,7 +171,7 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
                             acc_h += dot(lq, dO, ACC, PREC, NATIVE)
                         else:
                             _add_block(dh_ptr, blk, dot(lq, dO, ACC, PREC, NATIVE), dk, dv, DK, DV, False)
-                    tl.store(dl_ptr + (bh * T + t) * L + col, scale * tl.sum(qh * G_h, 1), mask=tmask)
+                    tl.store(dl_base + t * sdlt + col * sdll, scale * tl.sum(qh * G_h, 1), mask=tmask)
                     dq = scale * lam[:, None] * G_h
                     if (i >> (h + 1)) != 0:  # a higher block was read: the stored dq carries its gradient
                         dq_k = matrix_tile(dqt_ptr, row, r, dk, C, DK, ACC)
@@ -180,7 +181,7 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
                                      input_precision=PREC, out_dtype=ACC)
                     store_matrix_tile(dqt_ptr, row, dq, r, dk, C, DK)
                 else:
-                    tl.store(dl_ptr + (bh * T + t) * L + col, tl.zeros((C,), dtype=ACC), mask=tmask)
+                    tl.store(dl_base + t * sdlt + col * sdll, tl.zeros((C,), dtype=ACC), mask=tmask)
         if held >= 0:
             _add_shares(dh_ptr, dt_ptr, held, acc_h, acc_t, moved, owned, dk, DK, DV, BDV, one_tile)
         tl.debug_barrier()  # the next level reads the dq this one stored
@@ -236,12 +237,14 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, of
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "L", "slb0", "slb1", "slt", "sbb0", "sbb1",
-                               "sgb0", "sgb1"])
+                               "sgb0", "sgb1", "sdbb0", "sdbb1", "sdlb0", "sdlb1", "sdlt", "sdgb0", "sdgb1"])
 def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr, dh_ptr, dt_ptr, dqt_ptr,
                   dq_ptr, dk_ptr, dv_ptr, db_ptr, dl_ptr, dg_ptr,
                   T, B1, n_chunks, n_total, L, DK: tl.constexpr, DV: tl.constexpr, scale,
                   sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt,
                   sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt,
+                  sdqb0, sdqb1, sdqt, sdqd, sdkb0, sdkb1, sdkt, sdkd, sdvb0, sdvb1, sdvt, sdvd, sdbb0, sdbb1, sdbt,
+                  sdlb0, sdlb1, sdlt, sdll, sdgb0, sdgb1, sdgt,
                   C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
                   HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr):
     """Program ``(chunk i, batch entry)``: stage 4 of the module docstring (every gradient of the
@@ -275,14 +278,15 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
         dE += tl.dot(dU, tl.trans(V), input_precision=PREC, out_dtype=ACC)
         dV = scale * tl.dot(tl.trans(PL), dO, input_precision=PREC, out_dtype=ACC) + tl.dot(
             tl.trans(E), dU, input_precision=PREC, out_dtype=ACC)
-        tl.store(dv_ptr + (bh * T + t[:, None]) * DV + dv[None, :], dV, mask=tmask[:, None] & (dv[None, :] < DV))
+        tl.store(dv_ptr + b0 * sdvb0 + b1 * sdvb1 + t[:, None] * sdvt + dv[None, :] * sdvd, dV,
+                 mask=tmask[:, None] & (dv[None, :] < DV))
     dPL = scale * dPL
     dLam = dPL * P
     col_l = tl.arange(0, BL)
     dl = tl.zeros((C, BL), dtype=ACC)
     for lv in tl.static_range(LOG_C + 1):
         dl = tl.where(col_l[None, :] == lv, tl.sum(tl.where(lvl == lv, dLam, 0.0), 1)[:, None], dl)
-    tl.store(dl_ptr + (bh * T + t[:, None]) * L + col_l[None, :], dl,
+    tl.store(dl_ptr + b0 * sdlb0 + b1 * sdlb1 + t[:, None] * sdlt + col_l[None, :] * sdll, dl,
              mask=tmask[:, None] & (col_l[None, :] <= LOG_C) & (col_l[None, :] < L))
     dP = dPL * Lam.to(ACC)
     # the key side: Tr = γ_end I - Kdᵀ W (dTr), U (dE), Q̃ = diag(γ) Q - Sq W (dQ̃), P (dP), with Kd = diag(d) K
@@ -323,9 +327,9 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
     dKK = dLm * beta[:, None] * Gam
     dK += tl.dot(dKK + tl.trans(dKK), K, input_precision=PREC, out_dtype=ACC) + d[:, None] * dKd
     kmask = tmask[:, None] & (dk[None, :] < DK)
-    tl.store(dq_ptr + (bh * T + t[:, None]) * DK + dk[None, :], dQ, mask=kmask)
-    tl.store(dk_ptr + (bh * T + t[:, None]) * DK + dk[None, :], dK, mask=kmask)
-    tl.store(db_ptr + bh * T + t, dbeta, mask=tmask)
+    tl.store(dq_ptr + b0 * sdqb0 + b1 * sdqb1 + t[:, None] * sdqt + dk[None, :] * sdqd, dQ, mask=kmask)
+    tl.store(dk_ptr + b0 * sdkb0 + b1 * sdkb1 + t[:, None] * sdkt + dk[None, :] * sdkd, dK, mask=kmask)
+    tl.store(db_ptr + b0 * sdbb0 + b1 * sdbb1 + t * sdbt, dbeta, mask=tmask)
     if HAS_G:
         # dg_u sums every term whose decay holds g_u, each term once (no difference of sums, which
         # cancel when a strong decay leaves dg far below its terms): the pairs t >= u > s of Γ,
@@ -335,7 +339,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
         dd = tl.sum(K * dKd, 1) * d
         dg = tl.sum(tl.where(before, tl.cumsum(WG, 0, reverse=True), 0.0), 1) + tl.sum(
             tl.where(before, dd[None, :], 0.0), 1) + tl.cumsum(dgamma * gamma, 0, reverse=True) + trace * gamma_end
-        tl.store(dg_ptr + bh * T + t, tl.where(t == 0, 0.0, dg), mask=tmask)  # g of position 0 moves nothing
+        tl.store(dg_ptr + b0 * sdgb0 + b1 * sdgb1 + t * sdgt, tl.where(t == 0, 0.0, dg), mask=tmask)  # g of position 0 moves nothing
 
 
 def _gradient_pyramid(ch, offsets, group: int, stored_dh: bool):
@@ -383,7 +387,7 @@ def _check_chunks(chunks, layout, C):
                          f"{chunks.C} ({chunks.n} chunks)")
 
 
-def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, chunk=None, chunks=None):
+def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, chunk=None, chunks=None, out=None):
     """Gradients of ``O = gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale)`` for ``dO``.
 
     Parameters
@@ -403,23 +407,33 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         The forward's ``X``, ``W`` and hierarchy at the same ``chunk``
         (``gated_delta_forward(..., return_chunks=True)``), read instead of recomputed: the same
         gradients, bit for bit.  None recomputes them.
+    out : tuple of (torch.Tensor or None), optional
+        ``(dq, dk, dv, dbeta, dlevel_scales, dlog_decay)`` buffers of the broadcast batch shape
+        (``(*batch, T, ·)``, any strides), written in place and returned: ``dq``, ``dk``, ``dv``,
+        ``dbeta`` in the inputs' dtypes, ``dlevel_scales`` and ``dlog_decay`` in the dtype the
+        kernels sum them in (float32, float64 for float64 inputs).  A None entry, or a buffer of
+        another dtype, gets a new tensor instead.  A caller that wants the gradients laid out like
+        strided inputs (fla's ``(B, T, H, D)`` read as ``(B, H, T, D)``) saves a copy of each.
 
     Returns
     -------
     (dq, dk, dv, dbeta, dlevel_scales, dlog_decay)
         Of shape ``(*batch, T, ·)`` (the broadcast batch) in the inputs' dtypes (``dlog_decay`` is
-        None when ``log_decay`` is None).  Never-read level scales get exactly 0.
+        None when ``log_decay`` is None; with ``out``, its buffers where they were used).
+        Never-read level scales get exactly 0.
     """
     C = check_chunk(chunk, "gated_delta")
     if C > MAX_BACKWARD_CHUNK:
         raise ValueError(f"chunk of the Gated DeltaNet backward must be at most {MAX_BACKWARD_CHUNK} (at 64 its "
                          f"chunk kernel asks more shared memory than the H200's 227 KiB; the gradients do not "
                          f"depend on the chunk), got {C}")
-    layout = gated_delta_layout(q, k, v, beta, level_scales, log_decay, do=do)
+    work = torch.float64 if v.dtype == torch.float64 else torch.float32
+    buffers = _out_buffers(out, (q.dtype, k.dtype, v.dtype, beta.dtype, work, work), log_decay is not None)
+    layout = gated_delta_layout(q, k, v, beta, level_scales, log_decay, do=do, **buffers)
     T, DK, DV, L, B = layout.T, layout.DK, layout.DV, layout.L, layout.B
+    targets = _targets(layout, buffers, (q.dtype, k.dtype, v.dtype, beta.dtype, work, work))
     v = layout.tensors["v"]
     acc, prec, exact = compute_types(v.dtype)
-    work = torch.float64 if v.dtype == torch.float64 else torch.float32
     dev = v.device
     has_g = layout.tensors["g"] is not None
     if chunks is None:
@@ -441,14 +455,14 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     dH, dT = _gradient_pyramid(ch, offsets, group, DV <= reader_tile)
     Qt = _layout.scratch((B, n, C, DK), work, dev)
     dQt = _layout.scratch((B, n, C, DK), work, dev)
-    dl = _layout.scratch((B, T, L), work, dev)
+    dl = targets["dl"]
     g_args = layout.decay_args()
     _reader_kernel[(cdiv(n, group), B)](
         layout.tensors["q"], layout.tensors["k"], layout.tensors["do"], layout.tensors["l"], g_args[0], ch.W,
-        ch.states, ch.trans, ch.decay_pointer(), dH, dT, Qt, dQt, dl, T, layout.B1, n, N, n_bits, L, DK, DV,
+        ch.states, ch.trans, ch.decay_pointer(), dH, dT, Qt, dQt, dl[0], T, layout.B1, n, N, n_bits, L, DK, DV,
         float(scale),
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
-        C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=reader_tile, BL=BL, GROUP=group,
+        *dl[1:], C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=reader_tile, BL=BL, GROUP=group,
         LOG_GROUP=group.bit_length() - 1, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact, NATIVE=not interpreting(),
         num_warps=NUM_WARPS["gated_delta_reader" if DK <= 64 else "gated_delta_reader_wide"],
         **({"maxnreg": MAX_REGISTERS["gated_delta_reader"]} if DK <= 64 and v.dtype in (torch.float16, torch.bfloat16)
@@ -460,21 +474,77 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
             BDK=BDK, BDV=BDV, BT=BT, HAS_G=has_g, ACC=acc, PREC=prec,
             num_warps=NUM_WARPS["gated_delta_reverse_hierarchy"])
     # written once each, in the inputs' dtypes (the kernel's store rounds as a later conversion would)
-    dq = _layout.scratch((B, T, DK), q.dtype, dev)
-    dk = _layout.scratch((B, T, DK), k.dtype, dev)
-    dv = _layout.scratch((B, T, DV), v.dtype, dev)
-    db = _layout.scratch((B, T), beta.dtype, dev)
-    dg = _layout.scratch((B, T), work, dev) if has_g else db
+    dq, dk, dv, db = (targets[name] for name in ("dq", "dk", "dv", "db"))
+    dg = targets["dg"] if has_g else db
     _chunk_kernel[(n, B)](
         layout.tensors["q"], layout.tensors["k"], v, layout.tensors["beta"], layout.tensors["do"],
-        layout.tensors["l"], g_args[0], ch.X, ch.W, dH, dT, dQt, dq, dk, dv, db, dl, dg,
+        layout.tensors["l"], g_args[0], ch.X, ch.W, dH, dT, dQt, dq[0], dk[0], dv[0], db[0], dl[0], dg[0],
         T, layout.B1, n, N, L, DK, DV, float(scale),
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("beta")[1:4],
         *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
-        C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=BL, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
+        *dq[1:], *dk[1:], *dv[1:], *db[1:4], *dl[1:], *dg[1:4], C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=BL, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
         # a chunk of 16 halves the row tiles: 4 warps (Triton 3.6 fails to compile it on 8 at Dk = 128)
         num_warps=NUM_WARPS["gated_delta_backward_wide" if DK > 64 and C >= 32 else "gated_delta_backward"])
     batch = layout.batch
-    shaped = lambda x, like, tail: x.reshape(batch + (T,) + tail).to(like.dtype)  # noqa: E731
-    return (shaped(dq, q, (DK,)), shaped(dk, k, (DK,)), shaped(dv, v, (DV,)), shaped(db, beta, ()),
-            shaped(dl, level_scales, (L,)), shaped(dg, log_decay, ()) if has_g else None)
+
+    def shaped(name, like, tail):
+        if name in buffers:
+            return buffers[name] if tail else buffers[name][..., 0]
+        return targets[name][0].reshape(batch + (T,) + tail).to(like.dtype)
+
+    return (shaped("dq", q, (DK,)), shaped("dk", k, (DK,)), shaped("dv", v, (DV,)), shaped("db", beta, ()),
+            shaped("dl", level_scales, (L,)), shaped("dg", log_decay, ()) if has_g else None)
+
+
+_OUT_NAMES = ("dq", "dk", "dv", "db", "dl", "dg")
+"""The gradients of :func:`gated_delta_backward`'s ``out`` (``db``, ``dg``: ``(*batch, T, 1)`` views
+in the layout)."""
+
+
+def _out_buffers(out, dtypes, has_g: bool) -> dict:
+    """The buffers of ``out`` that the kernels write in place, by name (:data:`_OUT_NAMES`): the
+    tensors of the dtype the kernels store that gradient in, ``dbeta`` and ``dlog_decay`` viewed as
+    ``(*batch, T, 1)``; the rest (None, another dtype, ``dlog_decay`` without a log-decay) are left
+    to new tensors."""
+    if out is None:
+        return {}
+    if not isinstance(out, (tuple, list)) or len(out) != len(_OUT_NAMES):
+        raise TypeError(f"out must be a tuple of {len(_OUT_NAMES)} tensors or None (dq, dk, dv, dbeta, "
+                        f"dlevel_scales, dlog_decay), got {type(out).__name__}"
+                        + (f" of {len(out)}" if isinstance(out, (tuple, list)) else ""))
+    buffers = {}
+    for name, x, dtype in zip(_OUT_NAMES, out, dtypes):
+        if x is None or (name == "dg" and not has_g):
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"out's {name} must be a tensor or None, got {type(x).__name__}")
+        if x.dtype == dtype:
+            buffers[name] = x[..., None] if name in ("db", "dg") else x
+    return buffers
+
+
+def _targets(layout, buffers: dict, dtypes) -> dict:
+    """``(pointer, s_b0, s_b1, s_row, s_col)`` of where each gradient is stored, by name: the
+    layout's view of its ``out`` buffer, which must have the call's broadcast batch shape and
+    fold without a copy, else a new contiguous ``(B, T, width)`` buffer."""
+    B, B1, T = layout.B, layout.B1, layout.T
+    widths = {"dq": layout.DK, "dk": layout.DK, "dv": layout.DV, "db": 1, "dl": layout.L, "dg": 1}
+    targets = {}
+    for name, dtype in zip(_OUT_NAMES, dtypes):
+        width = widths[name]
+        if name == "dg" and layout.tensors["g"] is None:
+            continue
+        if name in buffers:
+            x = buffers[name]
+            if tuple(x.shape) != layout.batch + (T, width):
+                what = {"db": "dbeta", "dl": "dlevel_scales", "dg": "dlog_decay"}.get(name, name)
+                shape = tuple(x.shape[:-1]) if name in ("db", "dg") else tuple(x.shape)
+                want = layout.batch + (T,) + ((width,) if name not in ("db", "dg") else ())
+                raise ValueError(f"out's {what} must have shape {want} (the broadcast batch), got {shape}")
+            if layout.tensors[name].data_ptr() == x.data_ptr():  # folded as a view, not copied
+                targets[name] = layout.args(name)
+                continue
+            del buffers[name]
+        x = _layout.scratch((B, T, width), dtype, layout.tensors["v"].device)
+        targets[name] = (x, B1 * T * width, T * width, width, 1)
+    return targets

@@ -444,6 +444,73 @@ def test_saved_chunks_equal_recomputed(T, decay, dtype, grouped):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
+def _fla_layout(rng, N, T, H, Dk, Dv, dtype):
+    """``q, k, v (N, H, T, D)``, ``beta, g (N, H, T)``, ``lam (N, H, T, L)`` as transposed views of
+    tensors laid out as fla's ``(N, T, H, ...)`` (never-read scales NaN), and a cotangent ``do``."""
+    t = lambda *shape: torch.as_tensor(rng.standard_normal(shape), dtype=dtype, device=DEVICE)  # noqa: E731
+    q, k, v = t(N, T, H, Dk), torch.nn.functional.normalize(t(N, T, H, Dk), dim=-1), t(N, T, H, Dv)
+    beta = torch.as_tensor(rng.uniform(0, 1.5, (N, T, H)), dtype=dtype, device=DEVICE)
+    g = -torch.as_tensor(rng.uniform(0, 0.5, (N, T, H)), dtype=dtype, device=DEVICE)
+    lam = poison_unread(torch.as_tensor(rng.uniform(0.2, 1.5, (N, H, T, hodlr.num_levels(T)))))
+    lam = lam.transpose(1, 2).contiguous().to(DEVICE, dtype)  # (N, T, H, L)
+    q, k, v, beta, lam, g = (x.transpose(1, 2) for x in (q, k, v, beta, lam, g))
+    return q, k, v, beta, lam, g, t(N, H, T, Dv)
+
+
+@pytest.mark.parametrize("T, decay", [(1, True), (37, True), (37, False)])
+def test_backward_out_buffers_in_the_inputs_layout(T, decay):
+    """``gated_delta_backward(..., out=...)`` writes every gradient into NaN-filled buffers laid out
+    as fla's ``(N, T, H, D)`` inputs read as ``(N, H, T, D)`` and returns those buffers, equal bit for
+    bit to the gradients it returns without them; a buffer of another dtype (or ``dlog_decay`` of a
+    call without decay) is passed over, a buffer of the wrong shape refused."""
+    q, k, v, beta, lam, g, do = _fla_layout(np.random.default_rng(T), 2, T, 3, 4, 5, DTYPES[0])
+    g = g if decay else None
+    backward = sys.modules["hodlr.kernels.gated_delta_backward"].gated_delta_backward
+    want = backward(q, k, v, beta, lam, g, 0.4, do, chunk=CHUNK)
+    work = torch.float64 if DTYPES[0] == torch.float64 else torch.float32
+    out = [torch.empty_like(x).fill_(float("nan")) for x in (q, k, v, beta, lam, beta.to(work))]
+    got = backward(q, k, v, beta, lam, g, 0.4, do, chunk=CHUNK, out=out)
+    assert (got[5] is None) == (not decay)
+    for x, buf, ref, like in zip(got, out, want, (q, k, v, beta, lam, beta)):
+        if ref is None:
+            continue
+        assert x.data_ptr() == buf.data_ptr() and x.stride() == like.stride()
+        assert torch.equal(x, ref)
+    other = torch.float32 if DTYPES[0] == torch.float64 else torch.float64
+    skipped = backward(q, k, v, beta, lam, g, 0.4, do, chunk=CHUNK, out=(None, q.to(other), None, None, None, None))
+    assert all(torch.equal(a, b) for a, b in zip(skipped[:5], want[:5]))
+    assert skipped[1].data_ptr() != q.data_ptr()
+    with pytest.raises(ValueError, match="out's dv must have shape"):
+        backward(q, k, v, beta, lam, g, 0.4, do, chunk=CHUNK, out=(None, None, v[:1], None, None, None))
+    with pytest.raises(ValueError, match="out's dbeta must have shape"):
+        backward(q, k, v, beta, lam, g, 0.4, do, chunk=CHUNK, out=(None, None, None, beta[:1], None, None))
+    with pytest.raises(TypeError, match="out must be a tuple of 6"):
+        backward(q, k, v, beta, lam, g, 0.4, do, chunk=CHUNK, out=(None,) * 5)
+    with pytest.raises(TypeError, match="out's dk must be a tensor or None, got list"):
+        backward(q, k, v, beta, lam, g, 0.4, do, chunk=CHUNK, out=(None, [1], None, None, None, None))
+
+
+@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+def test_operator_backward_gradients_laid_out_as_the_inputs():
+    """The operator's backward on the triton backend (``gated_delta_vjp``) hands back gradients laid
+    out as its ``(N, H, T, D)`` views of fla-layout inputs (so the operator copies none of them),
+    equal to the chunked backend's, also with two value heads a key head."""
+    from hodlr.backends import triton as triton_backend
+
+    for H, Hqk in ((3, 3), (4, 2)):
+        q, k, v, beta, lam, g, do = _fla_layout(np.random.default_rng(H), 2, 21, H, 3, 2, torch.float64)
+        q, k = q[:, :Hqk], k[:, :Hqk]
+        got = triton_backend.gated_delta_vjp(q, k, v, beta, lam, g, 0.5, do)
+        leaves = [x.detach().requires_grad_() for x in (q, k, v, beta, lam, g)]
+        qk = [x.repeat_interleave(H // Hqk, 1) for x in leaves[:2]]
+        o = chunked.gated_delta_attention(*qk, *leaves[2:], 0.5)
+        want = torch.autograd.grad(o, leaves, do)
+        for name, x, ref, like in zip(NAMES, got, want, (q, k, v, beta, lam, g)):
+            if Hqk == H:  # (grouped, the batch dims do not fold into two: the kernels write new tensors)
+                assert x.stride() == like.stride(), name
+            assert relative_error(x, ref) <= 1e-10, name
+
+
 def test_saved_chunks_twice_and_not_twice_differentiable():
     """A graph that keeps the forward's intermediates runs its backward twice (``retain_graph``)
     with the same gradients, and refuses a second derivative (the backward is Triton kernels)."""

@@ -162,6 +162,8 @@ def gated_delta_vjp(q, k, v, beta, level_scales, log_decay, scale, do, saved=Non
     ``do (N, H, T, Dv)``, straight from the backward kernels: the forward's output is not recomputed,
     and its chunk products and hierarchy only when ``saved`` (the ``X, W, states, trans, decays`` of
     :func:`gated_delta_keeping_chunks`) is None.  ``dlog_decay`` is None without ``log_decay``."""
+    import torch
+
     from hodlr import kernels
     from hodlr.backends import grouped_heads
     from hodlr.kernels import DEFAULT_CHUNK
@@ -175,9 +177,14 @@ def gated_delta_vjp(q, k, v, beta, level_scales, log_decay, scale, do, saved=Non
     else:  # X is (batch, n, C, C)
         chunk = saved[0].shape[2]
         chunks = Chunks(*saved, chunk, saved[0].shape[1])
+    # gradients written straight into buffers laid out like the inputs (no copies); dq, dk of a
+    # group of value heads are summed after
+    like = (None, None) if grp > 1 else (q, k)
+    out = tuple(None if x is None else torch.empty_like(x).unflatten(1, (Hqk, grp))
+                for x in (*like, v, beta, level_scales, log_decay))
     dq, dk, dv, dbeta, dlam, dg = kernels.gated_delta_backward(q5, k5, v5, beta.unflatten(1, (Hqk, grp)), lam5, g5,
                                                                scale, do.unflatten(1, (Hqk, grp)), chunk=chunk,
-                                                               chunks=chunks)
+                                                               chunks=chunks, out=out)
     # one value head a query head: a view, no copy
     fold = (lambda x: x.squeeze(2)) if grp == 1 else (lambda x: x.sum(2))  # noqa: E731
     return (fold(dq), fold(dk), dv.flatten(1, 2), dbeta.flatten(1, 2), dlam.flatten(1, 2),
