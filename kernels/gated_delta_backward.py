@@ -85,9 +85,9 @@ def _add_shares(dh_ptr, dt_ptr, blk, acc_h, acc_t, moved, owned, dk, DK, DV, BDV
 def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, qt_ptr,
                    dqt_ptr, dl_ptr, T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, scale,
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, sob0, sob1, sot, sod, slb0, slb1, slt, sll,
-                   sgb0, sgb1, sgt, sdlb0, sdlb1, sdlt, sdll, C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-                   BL: tl.constexpr, GROUP: tl.constexpr, LOG_GROUP: tl.constexpr, HAS_G: tl.constexpr,
-                   ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr):
+                   sgb0, sgb1, sgt, sdlb0, sdlb1, sdlt, sdll, C: tl.constexpr, LOG_C: tl.constexpr,
+                   BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr, GROUP: tl.constexpr,
+                   LOG_GROUP: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr):
     """Program ``(group of GROUP chunks, batch entry)``: stage 2 of the module docstring, level by
     level from the top down, the group's chunks in order inside a level.  The chunks of a group
     that read one block add their shares to ``dH``, ``dT`` in registers and the block gets them
@@ -339,7 +339,8 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
         dd = tl.sum(K * dKd, 1) * d
         dg = tl.sum(tl.where(before, tl.cumsum(WG, 0, reverse=True), 0.0), 1) + tl.sum(
             tl.where(before, dd[None, :], 0.0), 1) + tl.cumsum(dgamma * gamma, 0, reverse=True) + trace * gamma_end
-        tl.store(dg_ptr + b0 * sdgb0 + b1 * sdgb1 + t * sdgt, tl.where(t == 0, 0.0, dg), mask=tmask)  # g of position 0 moves nothing
+        # g of position 0 moves nothing
+        tl.store(dg_ptr + b0 * sdgb0 + b1 * sdgb1 + t * sdgt, tl.where(t == 0, 0.0, dg), mask=tmask)
 
 
 def _gradient_pyramid(ch, offsets, group: int, stored_dh: bool):
@@ -482,7 +483,8 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         T, layout.B1, n, N, L, DK, DV, float(scale),
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("beta")[1:4],
         *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
-        *dq[1:], *dk[1:], *dv[1:], *db[1:4], *dl[1:], *dg[1:4], C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=BL, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
+        *dq[1:], *dk[1:], *dv[1:], *db[1:4], *dl[1:], *dg[1:4],
+        C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=BL, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
         # a chunk of 16 halves the row tiles: 4 warps (Triton 3.6 fails to compile it on 8 at Dk = 128)
         num_warps=NUM_WARPS["gated_delta_backward_wide" if DK > 64 and C >= 32 else "gated_delta_backward"])
     batch = layout.batch
