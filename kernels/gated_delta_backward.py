@@ -87,7 +87,8 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, sob0, sob1, sot, sod, slb0, slb1, slt, sll,
                    sgb0, sgb1, sgt, sdlb0, sdlb1, sdlt, sdll, C: tl.constexpr, LOG_C: tl.constexpr,
                    BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr, GROUP: tl.constexpr,
-                   LOG_GROUP: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr):
+                   LOG_GROUP: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                   EXACT: tl.constexpr, NATIVE: tl.constexpr):
     """Program ``(group of GROUP chunks, batch entry)``: stage 2 of the module docstring, level by
     level from the top down, the group's chunks in order inside a level.  The chunks of a group
     that read one block add their shares to ``dH``, ``dT`` in registers and the block gets them
