@@ -54,7 +54,7 @@ from hodlr import fenwick
 from hodlr import backends as registry
 from hodlr._accuracy import DECAYS, TOLERANCES, relative_error
 from hodlr._formulas import check_dense_budget
-from hodlr.bench import nonnegative_int, positive_int
+from hodlr.bench import nonnegative_int, positive_int, writable_path
 from hodlr.errors import BackendUnavailableError, DenseTooLargeError
 from hodlr.mask import LogLinearMask
 
@@ -504,7 +504,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_check_args(verify, 4097, (1,), "mild")
     show = sub.add_parser("show", help="the level structure of a length-T mask")
     show.add_argument("T", type=positive_int)
-    show.add_argument("--png", metavar="FILE", help="also save the structure picture (needs matplotlib)")
+    show.add_argument("--png", metavar="FILE", type=writable_path,
+                      help="also save the structure picture (needs matplotlib)")
     sub.add_parser("backends", help="which backends exist and where they can run")
     for name, module in BENCHES.items():
         sub.add_parser(name, help=f"benchmarks: {module}.main (arguments passed on)", add_help=False)

@@ -137,10 +137,24 @@ def test_show_describes_a_huge_length_without_its_memory(capsys):
     assert code == 0 and "34,359,738,368 x 34,359,738,368" in out
 
 
-def test_show_png_unwritable_path(tmp_path):
-    pytest.importorskip("matplotlib")
-    with pytest.raises(SystemExit, match=r"hodlr show --png: cannot write .*missing/m.png: No such file or directory"):
+def test_show_png_unwritable_path(capsys, tmp_path):
+    """A path that cannot be written is a usage error before anything is drawn; one that fails
+    while the picture is saved is reported by name."""
+    with pytest.raises(SystemExit) as info:
         cli.main(["show", "8", "--png", str(tmp_path / "missing" / "m.png")])
+    out = capsys.readouterr()
+    assert info.value.code == 2 and out.out == ""
+    assert re.search(r"argument --png: expected a file path that can be written, got '.*/missing/m.png': the "
+                     r"folder .*/missing does not exist", out.err), out.err
+    plotting = pytest.importorskip("hodlr.plotting")
+
+    def fail(T, path):
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plotting, "save_structure_png", fail)
+        with pytest.raises(SystemExit, match=r"hodlr show --png: cannot write .*m.png: No space left on device"):
+            cli.main(["show", "8", "--png", str(tmp_path / "m.png")])
 
 
 def test_show_png_without_matplotlib(capsys, monkeypatch, tmp_path):
