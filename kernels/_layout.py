@@ -225,8 +225,11 @@ def collapse_batch(batch: tuple, tensors: list):
         ``strides[i] = (s0, s1)`` for tensor ``i`` (``(0, 0)`` for ``None``); batch index
         ``b`` in ``0 .. B0*B1-1`` maps to ``b0 = b // B1``, ``b1 = b % B1``.  Adjacent dims
         merge when every tensor's strides allow it; size-1 dims vanish.  If more than two
-        dims remain, the tensors that cannot be viewed with one batch stride are copied
-        (``reshape``) -- the only case that materialises anything.
+        dims remain, they are split into two runs of adjacent dims at the point where the
+        tensors that cannot be viewed so hold the fewest elements, and those alone are copied
+        (made contiguous) -- the only case that materialises anything.  Grouped heads in
+        fla's ``(N, T, H, D)`` layout are that case: ``(N, Hqk, G)`` with the keys broadcast
+        over ``G`` fold as ``(N, Hqk·G)``, the keys copied, every other tensor read in place.
     """
     nb = len(batch)
     dims = []
@@ -243,19 +246,50 @@ def collapse_batch(batch: tuple, tensors: list):
                 continue
         merged.append([size, strides])
     if len(merged) > 2:
-        total = math.prod(batch)
-        out = []
-        for x in tensors:
-            if x is None:
-                out.append(None)
-                continue
-            out.append(x.reshape((total,) + tuple(x.shape[nb:])))
-        strides = [(0, 0) if x is None else (0, x.stride(0)) for x in out]
-        return 1, total, strides, out
+        return _fold_in_two(batch, merged, tensors)
     while len(merged) < 2:
         merged.insert(0, [1, [0] * len(tensors)])
     (B0, s0), (B1, s1) = merged
     return B0, B1, [(a, b) for a, b in zip(s0, s1)], tensors
+
+
+def _run_stride(run, i):
+    """The stride of tensor ``i`` over the run of batch dims ``run`` (``[size, strides]`` each)
+    merged into one, or None where its strides do not allow it."""
+    for (_, outer), (size, inner) in zip(run, run[1:]):
+        if outer[i] != inner[i] * size:
+            return None
+    return run[-1][1][i]
+
+
+def _fold_in_two(batch, merged, tensors):
+    """:func:`collapse_batch` for more than two batch runs that do not merge: the split into two
+    runs that copies the fewest elements, the tensors that do not fold so made contiguous."""
+    nb = len(batch)
+    best = None
+    for split in range(1, len(merged)):
+        outer, inner = merged[:split], merged[split:]
+        folds = [x is None or (_run_stride(outer, i) is not None and _run_stride(inner, i) is not None)
+                 for i, x in enumerate(tensors)]
+        copied = sum(x.numel() for x, ok in zip(tensors, folds) if not ok)
+        if best is None or copied < best[0]:
+            best = (copied, split, folds)
+    _, split, folds = best
+    B0 = math.prod(size for size, _ in merged[:split])
+    B1 = math.prod(size for size, _ in merged[split:])
+    out, strides = [], []
+    for i, (x, ok) in enumerate(zip(tensors, folds)):
+        if x is None:
+            out.append(None)
+            strides.append((0, 0))
+        elif ok:
+            out.append(x)
+            strides.append((_run_stride(merged[:split], i), _run_stride(merged[split:], i)))
+        else:
+            y = x.contiguous().view((B0, B1) + tuple(x.shape[nb:]))
+            out.append(y.view(x.shape))
+            strides.append((y.stride(0), y.stride(1)))
+    return B0, B1, strides, out
 
 
 def chunk_count(T: int, chunk: int) -> int:

@@ -34,6 +34,7 @@ from hodlr.testing import (  # noqa: E402
     masks,
     operands,
     poison_unread,
+    relative_error,
     scaled_error,
     st_lengths,
 )
@@ -235,6 +236,52 @@ def test_grouped_heads_broadcast_without_copy(dtype):
     qe = q.expand(B, H, T, 5)
     B0, B1, strides, _ = collapse_batch((B, H), [qe, v])
     assert (B0, B1) == (B, H) and strides[0][1] == 0, "the broadcast q must be read through stride 0"
+
+
+def test_grouped_heads_in_fla_layout_fold_without_copying_the_values():
+    """Grouped heads in fla's ``(N, T, H, D)`` layout read as ``(N, Hqk, G, T, D)`` views (the keys
+    broadcast over ``G``) leave three batch runs; they fold as ``(N, Hqk·G)``: only the broadcast
+    keys are copied, the values and every tensor laid out like them are read in place."""
+    from hodlr.kernels._layout import collapse_batch
+
+    N, T, Hqk, G, D = 2, 5, 3, 2, 4
+    q = torch.randn(N, T, Hqk, D).transpose(1, 2)[:, :, None].expand(N, Hqk, G, T, D)
+    v = torch.randn(N, T, Hqk * G, D).transpose(1, 2).unflatten(1, (Hqk, G))
+    B0, B1, strides, (q2, v2, none) = collapse_batch((N, Hqk, G), [q, v, None])
+    assert (B0, B1) == (N, Hqk * G) and v2 is v and none is None and strides[2] == (0, 0)
+    assert strides[1] == (v.stride(0), v.stride(2)) and torch.equal(q2, q) and q2.is_contiguous()
+    for b in range(B0 * B1):  # the kernels' addressing: b0 * s0 + b1 * s1
+        b0, b1 = divmod(b, B1)
+        for x, (s0, s1) in ((q2, strides[0]), (v2, strides[1])):
+            row = torch.as_strided(x, (T, D), (x.stride(-2), x.stride(-1)), x.storage_offset() + b0 * s0 + b1 * s1)
+            assert torch.equal(row, x[b0, b1 // G, b1 % G])
+
+
+@pytest.mark.parametrize("op", ["attention", "gated_delta"])
+def test_grouped_heads_in_fla_layout_equal_chunked(op):
+    """The fla-shaped ops with two value heads a query/key head, inputs in fla's layout, batch 2:
+    the Triton kernels' outputs and gradients equal the chunked backend's (float64 under the
+    interpreter, float32 on a GPU)."""
+    dtype, tol = (torch.float64, TOLERANCES["grad_float64"]) if INTERP else (torch.float32, 1e-4)
+    rng = np.random.default_rng(5)
+    N, T, Hqk, H, D = 2, 37, 2, 4, 3
+    t = lambda *shape: torch.as_tensor(rng.standard_normal(shape), dtype=dtype, device=DEVICE)  # noqa: E731
+    q, v = t(N, T, Hqk, D), t(N, T, H, D)
+    k = torch.nn.functional.normalize(t(N, T, Hqk, D), dim=-1)
+    g = -torch.as_tensor(rng.uniform(0, 0.5, (N, T, H)), dtype=dtype, device=DEVICE)
+    beta = torch.as_tensor(rng.uniform(0, 1.5, (N, T, H)), dtype=dtype, device=DEVICE)
+    lam = torch.as_tensor(rng.uniform(0.2, 1.5, (N, T, H, hodlr.num_levels(T))), dtype=dtype, device=DEVICE)
+    do = t(N, T, H, D)
+    args = [q, k, v, g, beta, lam] if op == "gated_delta" else [q, k, v, g, lam]
+    fn = hodlr.log_linear_gated_delta_rule if op == "gated_delta" else hodlr.log_linear_attn
+    results = []
+    for backend in ("triton", "chunked"):
+        xs = [x.detach().clone().requires_grad_() for x in args]
+        o = fn(*xs, backend=backend)[0]
+        results.append((o, *torch.autograd.grad(o, xs, do)))
+    names = ["o", "dq", "dk", "dv", "dg"] + (["dbeta"] if op == "gated_delta" else []) + ["dlevel_scales"]
+    for name, got, want in zip(names, *results):
+        assert relative_error(got, want) <= tol, name
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
