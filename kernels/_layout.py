@@ -225,71 +225,77 @@ def collapse_batch(batch: tuple, tensors: list):
         ``strides[i] = (s0, s1)`` for tensor ``i`` (``(0, 0)`` for ``None``); batch index
         ``b`` in ``0 .. B0*B1-1`` maps to ``b0 = b // B1``, ``b1 = b % B1``.  Adjacent dims
         merge when every tensor's strides allow it; size-1 dims vanish.  If more than two
-        dims remain, they are split into two runs of adjacent dims at the point where the
-        tensors that cannot be viewed so hold the fewest elements, and those alone are copied
-        (made contiguous) -- the only case that materialises anything.  Grouped heads in
-        fla's ``(N, T, H, D)`` layout are that case: ``(N, Hqk, G)`` with the keys broadcast
+        runs of dims remain, they are split into two where the tensors that cannot be viewed
+        so hold the fewest elements, and those alone are copied, in the memory order of the
+        largest tensor that folds -- the only case that materialises anything.  Grouped heads
+        in fla's ``(N, T, H, D)`` layout are that case: ``(N, Hqk, G)`` with the keys broadcast
         over ``G`` fold as ``(N, Hqk·G)``, the keys copied, every other tensor read in place.
     """
-    nb = len(batch)
-    dims = []
-    for d in range(nb):
-        if batch[d] == 1:
+    runs = []  # runs of adjacent batch dims that every tensor's strides merge
+    for d, size in enumerate(batch):
+        if size == 1:
             continue
-        dims.append([batch[d], [0 if x is None else x.stride(d) for x in tensors]])
-    merged = []
-    for size, strides in dims:
-        if merged:
-            psize, pstrides = merged[-1]
-            if all(ps == s * size for ps, s in zip(pstrides, strides)):
-                merged[-1] = [psize * size, strides]
-                continue
-        merged.append([size, strides])
-    if len(merged) > 2:
-        return _fold_in_two(batch, merged, tensors)
-    while len(merged) < 2:
-        merged.insert(0, [1, [0] * len(tensors)])
-    (B0, s0), (B1, s1) = merged
-    return B0, B1, [(a, b) for a, b in zip(s0, s1)], tensors
+        if runs and all(_run_stride(tensors, i, batch, runs[-1] + [d]) is not None for i in range(len(tensors))):
+            runs[-1].append(d)
+        else:
+            runs.append([d])
+    if len(runs) > 2:
+        return _fold_in_two(batch, runs, tensors)
+    while len(runs) < 2:
+        runs.insert(0, [])
+    outer, inner = runs
+    sizes = [math.prod(batch[d] for d in run) for run in runs]
+    strides = [(_run_stride(tensors, i, batch, outer), _run_stride(tensors, i, batch, inner))
+               for i in range(len(tensors))]
+    return sizes[0], sizes[1], strides, tensors
 
 
-def _run_stride(run, i):
-    """The stride of tensor ``i`` over the run of batch dims ``run`` (``[size, strides]`` each)
-    merged into one, or None where its strides do not allow it."""
-    for (_, outer), (size, inner) in zip(run, run[1:]):
-        if outer[i] != inner[i] * size:
+def _run_stride(tensors, i, batch, run):
+    """The stride of tensor ``i`` (0 for None) over the adjacent batch dims ``run`` merged into
+    one (0 for no dims), or None where its strides do not allow it."""
+    x = tensors[i]
+    if x is None or not run:
+        return 0
+    for outer, inner in zip(run, run[1:]):
+        if x.stride(outer) != x.stride(inner) * batch[inner]:
             return None
-    return run[-1][1][i]
+    return x.stride(run[-1])
 
 
-def _fold_in_two(batch, merged, tensors):
-    """:func:`collapse_batch` for more than two batch runs that do not merge: the split into two
-    runs that copies the fewest elements, the tensors that do not fold so made contiguous."""
-    nb = len(batch)
+def _fold_in_two(batch, runs, tensors):
+    """:func:`collapse_batch` for more than two runs of batch dims: the split into two that copies
+    the fewest elements, the tensors that do not fold so copied (:func:`_dense_copy`)."""
     best = None
-    for split in range(1, len(merged)):
-        outer, inner = merged[:split], merged[split:]
-        folds = [x is None or (_run_stride(outer, i) is not None and _run_stride(inner, i) is not None)
-                 for i, x in enumerate(tensors)]
+    for split in range(1, len(runs)):
+        outer, inner = sum(runs[:split], []), sum(runs[split:], [])
+        folds = [_run_stride(tensors, i, batch, outer) is not None and _run_stride(tensors, i, batch, inner) is not None
+                 for i in range(len(tensors))]
         copied = sum(x.numel() for x, ok in zip(tensors, folds) if not ok)
         if best is None or copied < best[0]:
-            best = (copied, split, folds)
-    _, split, folds = best
-    B0 = math.prod(size for size, _ in merged[:split])
-    B1 = math.prod(size for size, _ in merged[split:])
-    out, strides = [], []
-    for i, (x, ok) in enumerate(zip(tensors, folds)):
-        if x is None:
-            out.append(None)
-            strides.append((0, 0))
-        elif ok:
-            out.append(x)
-            strides.append((_run_stride(merged[:split], i), _run_stride(merged[split:], i)))
-        else:
-            y = x.contiguous().view((B0, B1) + tuple(x.shape[nb:]))
-            out.append(y.view(x.shape))
-            strides.append((y.stride(0), y.stride(1)))
-    return B0, B1, strides, out
+            best = (copied, outer, inner, folds)
+    _, outer, inner, folds = best
+    dense = [x for x, ok in zip(tensors, folds) if ok and x is not None and 0 not in x.stride()[:len(batch)]]
+    template = max(dense, key=torch.Tensor.numel, default=None)
+    out = [x if ok else _dense_copy(x, template, batch, outer, inner) for x, ok in zip(tensors, folds)]
+    strides = [(_run_stride(out, i, batch, outer), _run_stride(out, i, batch, inner)) for i in range(len(out))]
+    return math.prod(batch[d] for d in outer), math.prod(batch[d] for d in inner), strides, out
+
+
+def _dense_copy(x, template, batch, outer, inner):
+    """``x`` copied into new memory whose dims are ordered as ``template``'s (a tensor of the same
+    batch that folds; equal strides keep their order), so that the copy folds as the template does
+    and is written in the order it is read; batch-major (``contiguous``) where that order would
+    not fold or there is no template."""
+    if template is not None:
+        order = sorted(range(x.dim()), key=lambda d: (-template.stride(d), d))
+        strides, step = [0] * x.dim(), 1
+        for d in reversed(order):
+            strides[d] = step
+            step *= x.shape[d]
+        y = torch.empty_strided(tuple(x.shape), strides, dtype=x.dtype, device=x.device)
+        if all(_run_stride([y], 0, batch, run) is not None for run in (outer, inner)):
+            return y.copy_(x)
+    return x.contiguous()
 
 
 def chunk_count(T: int, chunk: int) -> int:

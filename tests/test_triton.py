@@ -13,6 +13,7 @@ tests run on the GPU in float32.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -241,7 +242,8 @@ def test_grouped_heads_broadcast_without_copy(dtype):
 def test_grouped_heads_in_fla_layout_fold_without_copying_the_values():
     """Grouped heads in fla's ``(N, T, H, D)`` layout read as ``(N, Hqk, G, T, D)`` views (the keys
     broadcast over ``G``) leave three batch runs; they fold as ``(N, Hqk·G)``: only the broadcast
-    keys are copied, the values and every tensor laid out like them are read in place."""
+    keys are copied (in the values' memory order), the values and every tensor laid out like them
+    are read in place."""
     from hodlr.kernels._layout import collapse_batch
 
     N, T, Hqk, G, D = 2, 5, 3, 2, 4
@@ -249,12 +251,40 @@ def test_grouped_heads_in_fla_layout_fold_without_copying_the_values():
     v = torch.randn(N, T, Hqk * G, D).transpose(1, 2).unflatten(1, (Hqk, G))
     B0, B1, strides, (q2, v2, none) = collapse_batch((N, Hqk, G), [q, v, None])
     assert (B0, B1) == (N, Hqk * G) and v2 is v and none is None and strides[2] == (0, 0)
-    assert strides[1] == (v.stride(0), v.stride(2)) and torch.equal(q2, q) and q2.is_contiguous()
+    assert strides[1] == (v.stride(0), v.stride(2)) and torch.equal(q2, q) and 0 not in q2.stride()
+    assert q2.transpose(2, 3).transpose(1, 2).is_contiguous()  # copied in the values' (N, T, Hqk, G, D) order
     for b in range(B0 * B1):  # the kernels' addressing: b0 * s0 + b1 * s1
         b0, b1 = divmod(b, B1)
         for x, (s0, s1) in ((q2, strides[0]), (v2, strides[1])):
             row = torch.as_strided(x, (T, D), (x.stride(-2), x.stride(-1)), x.storage_offset() + b0 * s0 + b1 * s1)
             assert torch.equal(row, x[b0, b1 // G, b1 % G])
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_collapse_batch_addresses_every_entry(data):
+    """Tensors of one batch in any memory order, some batch dims broadcast (stride 0), some of
+    size 1: the two folded indices and strides address every batch entry's ``(T, D)`` rows, and a
+    tensor is copied only where it does not fold."""
+    from hodlr.kernels._layout import collapse_batch
+
+    batch = tuple(data.draw(st.lists(st.integers(1, 3), min_size=1, max_size=4), label="batch"))
+    tensors = []
+    for j in range(data.draw(st.integers(1, 4), label="count")):
+        full = batch + (3, 2)
+        order = data.draw(st.permutations(range(len(full))), label=f"order {j}")
+        base = torch.randn([full[d] for d in order]).permute([order.index(d) for d in range(len(full))])
+        keep = data.draw(st.lists(st.booleans(), min_size=len(batch), max_size=len(batch)), label=f"kept {j}")
+        index = tuple(slice(None) if k else slice(0, 1) for k in keep)
+        tensors.append(base[index].expand(full))
+    B0, B1, strides, out = collapse_batch(batch, list(tensors))
+    assert B0 * B1 == math.prod(batch)
+    for x, y, (s0, s1) in zip(tensors, out, strides):
+        assert y is x or y.data_ptr() != x.data_ptr()
+        for b in range(B0 * B1):
+            b0, b1 = divmod(b, B1)
+            rows = torch.as_strided(y, (3, 2), (y.stride(-2), y.stride(-1)), y.storage_offset() + b0 * s0 + b1 * s1)
+            assert torch.equal(rows, x.reshape((-1, 3, 2))[b])
 
 
 @pytest.mark.parametrize("op", ["attention", "gated_delta"])
