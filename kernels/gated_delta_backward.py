@@ -430,10 +430,12 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
                          f"chunk kernel asks more shared memory than the H200's 227 KiB; the gradients do not "
                          f"depend on the chunk), got {C}")
     work = torch.float64 if v.dtype == torch.float64 else torch.float32
-    buffers = _out_buffers(out, (q.dtype, k.dtype, v.dtype, beta.dtype, work, work), log_decay is not None)
-    layout = gated_delta_layout(q, k, v, beta, level_scales, log_decay, do=do, **buffers)
+    stored = (q.dtype, k.dtype, v.dtype, beta.dtype, work, work)  # the dtypes the kernels store (_OUT_NAMES)
+    buffers = _out_buffers(out, stored, log_decay is not None)
+    layout = gated_delta_layout(q, k, v, beta, level_scales, log_decay, do=do,
+                                **{name: x[..., None] if name in _SCALAR_OUTS else x for name, x in buffers.items()})
     T, DK, DV, L, B = layout.T, layout.DK, layout.DV, layout.L, layout.B
-    targets = _targets(layout, buffers, (q.dtype, k.dtype, v.dtype, beta.dtype, work, work))
+    targets = _targets(layout, buffers, stored)
     v = layout.tensors["v"]
     acc, prec, exact = compute_types(v.dtype)
     dev = v.device
@@ -457,7 +459,7 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     dH, dT = _gradient_pyramid(ch, offsets, group, DV <= reader_tile)
     Qt = _layout.scratch((B, n, C, DK), work, dev)
     dQt = _layout.scratch((B, n, C, DK), work, dev)
-    dl = targets["dl"]
+    dl = targets["dl"][0]
     g_args = layout.decay_args()
     _reader_kernel[(cdiv(n, group), B)](
         layout.tensors["q"], layout.tensors["k"], layout.tensors["do"], layout.tensors["l"], g_args[0], ch.W,
@@ -476,8 +478,8 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
             BDK=BDK, BDV=BDV, BT=BT, HAS_G=has_g, ACC=acc, PREC=prec,
             num_warps=NUM_WARPS["gated_delta_reverse_hierarchy"])
     # written once each, in the inputs' dtypes (the kernel's store rounds as a later conversion would)
-    dq, dk, dv, db = (targets[name] for name in ("dq", "dk", "dv", "db"))
-    dg = targets["dg"] if has_g else db
+    dq, dk, dv, db = (targets[name][0] for name in ("dq", "dk", "dv", "db"))
+    dg = targets["dg"][0] if has_g else db
     _chunk_kernel[(n, B)](
         layout.tensors["q"], layout.tensors["k"], v, layout.tensors["beta"], layout.tensors["do"],
         layout.tensors["l"], g_args[0], ch.X, ch.W, dH, dT, dQt, dq[0], dk[0], dv[0], db[0], dl[0], dg[0],
@@ -491,63 +493,62 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     batch = layout.batch
 
     def shaped(name, like, tail):
-        if name in buffers:
-            return buffers[name] if tail else buffers[name][..., 0]
-        return targets[name][0].reshape(batch + (T,) + tail).to(like.dtype)
+        args, given = targets[name]
+        return given if given is not None else args[0].reshape(batch + (T,) + tail).to(like.dtype)
 
     return (shaped("dq", q, (DK,)), shaped("dk", k, (DK,)), shaped("dv", v, (DV,)), shaped("db", beta, ()),
             shaped("dl", level_scales, (L,)), shaped("dg", log_decay, ()) if has_g else None)
 
 
-_OUT_NAMES = ("dq", "dk", "dv", "db", "dl", "dg")
-"""The gradients of :func:`gated_delta_backward`'s ``out`` (``db``, ``dg``: ``(*batch, T, 1)`` views
-in the layout)."""
+_OUT_NAMES = {"dq": "dq", "dk": "dk", "dv": "dv", "db": "dbeta", "dl": "dlevel_scales", "dg": "dlog_decay"}
+"""The gradients of :func:`gated_delta_backward`'s ``out``, in its order: the names of the layout
+and the kernels, and the names the messages give."""
+
+_SCALAR_OUTS = ("db", "dg")
+"""The gradients of shape ``(*batch, T)``, ``(*batch, T, 1)`` views in the layout."""
 
 
 def _out_buffers(out, dtypes, has_g: bool) -> dict:
-    """The buffers of ``out`` that the kernels write in place, by name (:data:`_OUT_NAMES`): the
-    tensors of the dtype the kernels store that gradient in, ``dbeta`` and ``dlog_decay`` viewed as
-    ``(*batch, T, 1)``; the rest (None, another dtype, ``dlog_decay`` without a log-decay) are left
-    to new tensors."""
+    """The buffers of ``out`` that the kernels may write in place, by name (:data:`_OUT_NAMES`): the
+    tensors of the dtype the kernels store that gradient in; the rest (None, another dtype,
+    ``dlog_decay`` without a log-decay) are left to new tensors."""
     if out is None:
         return {}
     if not isinstance(out, (tuple, list)) or len(out) != len(_OUT_NAMES):
-        raise TypeError(f"out must be a tuple of {len(_OUT_NAMES)} tensors or None (dq, dk, dv, dbeta, "
-                        f"dlevel_scales, dlog_decay), got {type(out).__name__}"
+        raise TypeError(f"out must be a tuple of {len(_OUT_NAMES)} tensors or None "
+                        f"({', '.join(_OUT_NAMES.values())}), got {type(out).__name__}"
                         + (f" of {len(out)}" if isinstance(out, (tuple, list)) else ""))
     buffers = {}
-    for name, x, dtype in zip(_OUT_NAMES, out, dtypes):
+    for (name, what), x, dtype in zip(_OUT_NAMES.items(), out, dtypes):
         if x is None or (name == "dg" and not has_g):
             continue
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"out's {name} must be a tensor or None, got {type(x).__name__}")
+            raise TypeError(f"out's {what} must be a tensor or None, got {type(x).__name__}")
         if x.dtype == dtype:
-            buffers[name] = x[..., None] if name in ("db", "dg") else x
+            buffers[name] = x
     return buffers
 
 
 def _targets(layout, buffers: dict, dtypes) -> dict:
-    """``(pointer, s_b0, s_b1, s_row, s_col)`` of where each gradient is stored, by name: the
-    layout's view of its ``out`` buffer, which must have the call's broadcast batch shape and
-    fold without a copy, else a new contiguous ``(B, T, width)`` buffer."""
+    """``{name: (where, given)}`` for each gradient: ``where`` the ``(pointer, s_b0, s_b1, s_row,
+    s_col)`` it is stored at, ``given`` its ``out`` buffer when that is written in place (it must
+    have the call's broadcast batch shape; it is used where the layout folded it without a copy),
+    else None and ``where`` a new contiguous ``(B, T, width)`` buffer."""
     B, B1, T = layout.B, layout.B1, layout.T
     widths = {"dq": layout.DK, "dk": layout.DK, "dv": layout.DV, "db": 1, "dl": layout.L, "dg": 1}
     targets = {}
-    for name, dtype in zip(_OUT_NAMES, dtypes):
-        width = widths[name]
+    for (name, what), dtype in zip(_OUT_NAMES.items(), dtypes):
         if name == "dg" and layout.tensors["g"] is None:
             continue
-        if name in buffers:
-            x = buffers[name]
-            if tuple(x.shape) != layout.batch + (T, width):
-                what = {"db": "dbeta", "dl": "dlevel_scales", "dg": "dlog_decay"}.get(name, name)
-                shape = tuple(x.shape[:-1]) if name in ("db", "dg") else tuple(x.shape)
-                want = layout.batch + (T,) + ((width,) if name not in ("db", "dg") else ())
-                raise ValueError(f"out's {what} must have shape {want} (the broadcast batch), got {shape}")
+        width = widths[name]
+        x = buffers.get(name)
+        if x is not None:
+            want = layout.batch + (T,) + (() if name in _SCALAR_OUTS else (width,))
+            if tuple(x.shape) != want:
+                raise ValueError(f"out's {what} must have shape {want} (the broadcast batch), got {tuple(x.shape)}")
             if layout.tensors[name].data_ptr() == x.data_ptr():  # folded as a view, not copied
-                targets[name] = layout.args(name)
+                targets[name] = (layout.args(name), x)
                 continue
-            del buffers[name]
-        x = _layout.scratch((B, T, width), dtype, layout.tensors["v"].device)
-        targets[name] = (x, B1 * T * width, T * width, width, 1)
+        scratch = _layout.scratch((B, T, width), dtype, layout.tensors["v"].device)
+        targets[name] = ((scratch, B1 * T * width, T * width, width, 1), None)
     return targets
