@@ -227,11 +227,62 @@ def collapse_batch(batch: tuple, tensors: list):
         merge when every tensor's strides allow it; size-1 dims vanish.  If more than two
         runs of dims remain, they are split into two where the tensors that cannot be viewed
         so hold the fewest elements, and those alone are copied, in the memory order of the
-        largest tensor that folds -- the only case that materialises anything.  Grouped heads
-        in fla's ``(N, T, H, D)`` layout are that case: ``(N, Hqk, G)`` with the keys broadcast
-        over ``G`` fold as ``(N, Hqk·G)``, the keys copied, every other tensor read in place.
+        largest tensor that folds -- the only case that materialises anything
+        (:func:`collapse_grouped` reads grouped heads without that copy).
     """
-    runs = []  # runs of adjacent batch dims that every tensor's strides merge
+    runs = _runs(batch, tensors)
+    if len(runs) > 2:
+        return _fold_in_two(batch, runs, tensors)
+    return _fold(batch, runs, tensors)
+
+
+def collapse_grouped(batch: tuple, tensors: list, grouped):
+    """:func:`collapse_batch` where the tensors at the indices ``grouped`` may read the inner index
+    divided by a common ``group``: ``b1 // group`` (the kernels' ``GRP``).
+
+    Grouped heads in fla's ``(N, T, H, D)`` layout, read as ``(N, Hqk, G, T, D)`` views with the
+    keys broadcast over ``G``, leave three runs of batch dims, ``(N)``, ``(Hqk)``, ``(G)``: the
+    values fold as ``(N, Hqk·G)`` and the keys as ``(N, Hqk)`` with ``group = G``, nothing copied.
+
+    Returns
+    -------
+    (B0, B1, strides, tensors, group)
+        As :func:`collapse_batch`; ``group`` is 1 where the tensors fold without it (then it is
+        exactly :func:`collapse_batch`'s answer).  A grouped tensor's ``s1`` is its stride per
+        ``group`` inner entries.  Used only where the common fold would copy: when the other
+        tensors fold into two runs and every grouped tensor is broadcast over the same trailing
+        dims of the inner run (and folds over the rest of it), else :func:`collapse_batch`.
+    """
+    runs = _runs(batch, tensors)
+    if len(runs) <= 2:
+        return (*_fold(batch, runs, tensors), 1)
+    others = [None if i in grouped else x for i, x in enumerate(tensors)]
+    runs = _runs(batch, others)
+    if len(runs) == 2:
+        outer, inner = runs
+        strides, groups = list(_fold(batch, runs, others)[2]), set()
+        for i in grouped:
+            x = tensors[i]
+            if x is None:
+                continue
+            tail = len(inner)
+            while tail and x.stride(inner[tail - 1]) == 0:
+                tail -= 1
+            s0, s1 = _run_stride(tensors, i, batch, outer), _run_stride(tensors, i, batch, inner[:tail])
+            if s0 is None or s1 is None:
+                break
+            strides[i] = (s0, s1)
+            groups.add(math.prod(batch[d] for d in inner[tail:]))
+        else:
+            if len(groups) == 1 and (group := groups.pop()) > 1:
+                return (math.prod(batch[d] for d in outer), math.prod(batch[d] for d in inner), strides, tensors,
+                        group)
+    return (*collapse_batch(batch, tensors), 1)
+
+
+def _runs(batch, tensors):
+    """The runs of adjacent batch dims (size-1 dims left out) that every tensor's strides merge."""
+    runs = []
     for d, size in enumerate(batch):
         if size == 1:
             continue
@@ -239,14 +290,14 @@ def collapse_batch(batch: tuple, tensors: list):
             runs[-1].append(d)
         else:
             runs.append([d])
-    if len(runs) > 2:
-        return _fold_in_two(batch, runs, tensors)
-    while len(runs) < 2:
-        runs.insert(0, [])
-    outer, inner = runs
+    return runs
+
+
+def _fold(batch, runs, tensors):
+    """:func:`collapse_batch` for at most two ``runs``: views, nothing copied."""
+    runs = [[]] * (2 - len(runs)) + runs
     sizes = [math.prod(batch[d] for d in run) for run in runs]
-    strides = [(_run_stride(tensors, i, batch, outer), _run_stride(tensors, i, batch, inner))
-               for i in range(len(tensors))]
+    strides = [tuple(_run_stride(tensors, i, batch, run) for run in runs) for i in range(len(tensors))]
     return sizes[0], sizes[1], strides, tensors
 
 

@@ -23,7 +23,7 @@ from . import _sequences, states as _states
 from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_mask, next_decay, sequence_chunk,
                       sequence_row, state_tile, validate_rows)
 from ._layout import (NUM_WARPS, block, broadcast_shape, cdiv, check_block, check_chunk, check_flag, check_levels,
-                      chunk_count, collapse_batch, compute_types, interpreting, output_buffer, scratch, state_dtypes)
+                      chunk_count, collapse_grouped, compute_types, interpreting, output_buffer, scratch, state_dtypes)
 
 
 OUTPUT_TILE = 64
@@ -47,12 +47,11 @@ def _state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr, s_ptr, tab_ptr, cs_ptr,
         if dead:
             return
         b1 = tl.program_id(1).to(tl.int64)
-        bk1 = b1 // GRP
         tr = t + shift
     else:
         j, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
-        bk1 = b1
         tr = t
+    bk1 = b1 // GRP  # the key head of a grouped head
     tile = tl.program_id(2)
     dk = (tile // N_DV_TILES) * BDK + tl.arange(0, BDK)
     dv = (tile % N_DV_TILES) * BDV + tl.arange(0, BDV)
@@ -155,13 +154,12 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr, s_ptr
         if dead:
             return
         b1 = tl.program_id(1).to(tl.int64)
-        bq1 = b1 // GRP
         base += b1 * n_total
         tr = t + shift
     else:
         i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
-        bq1 = b1
         tr = t
+    bq1 = b1 // GRP  # the query and key head of a grouped head
     dv = tl.program_id(2) * BDV + tl.arange(0, BDV)
     dvmask = dv < DV
     q_base = q_ptr + b0 * sqb0 + bq1 * sqb1 + tr[:, None] * sqt
@@ -308,7 +306,9 @@ def _final_state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr, s_ptr, f_ptr, tab_ptr
 class Layout(NamedTuple):
     """One call's tensors as the kernels index them: every operand broadcast to the common batch
     shape (views) and folded into two batch indices ``(b0, b1)`` with per-tensor strides
-    (:func:`kernels._layout.collapse_batch`)."""
+    (:func:`kernels._layout.collapse_grouped`); ``q`` and ``k`` are read at ``(b0, b1 // group)``
+    (the kernels' ``GRP``: grouped heads in fla's layout, ``docs/kernels.md`` §6), every other
+    tensor at ``(b0, b1)``."""
 
     batch: tuple
     B0: int
@@ -319,6 +319,7 @@ class Layout(NamedTuple):
     L: int
     tensors: dict
     strides: dict
+    group: int
 
     @property
     def B(self) -> int:
@@ -356,8 +357,8 @@ def attention_layout(q, k, v, level_scales, log_decay, **others) -> Layout:
     named = {"q": q, "k": k, "v": v, "l": level_scales, **others}
     named = {name: x.expand(batch + tuple(x.shape[-2:])) for name, x in named.items()}
     named["g"] = None if log_decay is None else log_decay.expand(batch + (T,))
-    B0, B1, strides, folded = collapse_batch(batch, list(named.values()))
-    return Layout(batch, B0, B1, T, DK, DV, L, dict(zip(named, folded)), dict(zip(named, strides)))
+    B0, B1, strides, folded, group = collapse_grouped(batch, list(named.values()), (0, 1))
+    return Layout(batch, B0, B1, T, DK, DV, L, dict(zip(named, folded)), dict(zip(named, strides)), group)
 
 
 def chunk_states(layout: Layout, C: int, state_dtype, logdec_dtype):
@@ -373,7 +374,7 @@ def chunk_states(layout: Layout, C: int, state_dtype, logdec_dtype):
     n_dv = cdiv(DV, BDV)
     _state_kernel[(n, layout.B, cdiv(DK, BDK) * n_dv)](
         k, v, layout.decay_args()[0], states, logdec, states, logdec, logdec, layout.T, layout.B1, states.shape[1],
-        DK, DV, n_dv, 1, 0, *layout.args("k")[1:], *layout.args("v")[1:], *layout.decay_args()[1:],
+        DK, DV, n_dv, layout.group, 0, *layout.args("k")[1:], *layout.args("v")[1:], *layout.decay_args()[1:],
         C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=g is not None, ACC=acc, PREC=prec,
         LOWP=v.dtype == torch.bfloat16, NATIVE=not interpreting(), VARLEN=False,
         num_warps=NUM_WARPS["attention_state"])
@@ -441,7 +442,7 @@ def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0,
     _output_kernel[(n, layout.B, n_dv)](
         layout.tensors["q"], layout.tensors["k"], v, layout.tensors["l"], layout.decay_args()[0], states, logdec,
         o_flat, states, logdec, logdec, check, T, layout.B1, n, states.shape[1], (n - 1).bit_length(), L, DK, DV,
-        float(scale), 1, 0, *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:],
+        float(scale), layout.group, 0, *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:],
         *layout.args("l")[1:], *layout.decay_args()[1:], o_flat.stride(0), o_flat.stride(1), o_flat.stride(2),
         o_flat.stride(3), C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=layout.tensors["g"] is not None,
         ACC=acc, PREC=prec, EXACT=exact, LOWP=v.dtype == torch.bfloat16, NATIVE=not interpreting(), VARLEN=False,

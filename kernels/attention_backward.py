@@ -396,7 +396,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_p
         dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
         dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
         off, roff, n_readers = _levels_offsets(n_chunks, h)
-        q_row = q_ptr + b0 * sqb0 + b1 * sqb1
+        q_row = q_ptr + b0 * sqb0 + (b1 // GRP) * sqb1
         o_row = do_ptr + b0 * sob0 + b1 * sob1
         g_row = g_ptr + b0 * sgb0 + b1 * sgb1
         l_col = l_ptr + b0 * slb0 + b1 * slb1 + (LOG_C + 1 + h) * sll
@@ -475,14 +475,13 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
             return
         slot = tl.program_id(0)
         b1 = tl.program_id(1).to(tl.int64)
-        bq1 = b1 // GRP
         base += b1 * n_total
         obh = b0 * tl.num_programs(1) + b1
         tr = t + shift
     else:
         i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
-        bq1 = b1
         tr = t
+    bq1 = b1 // GRP  # the query and key head of a grouped head
     tile_f = tl.program_id(2)
     dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
     dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
@@ -802,8 +801,8 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         _query_block_kernel[(cdiv(n, TILE_CHUNKS) * n_bits, B, tiles)](
             layout.tensors["q"], layout.tensors["do"], layout.tensors["l"], layout.decay_args()[0], logdec, rsum,
             logdec, logdec, T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale),
-            *layout.args("q")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *layout.decay_args()[1:], 1,
-            C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, VARLEN=False, **meta)
+            *layout.args("q")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *layout.decay_args()[1:],
+            layout.group, C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, VARLEN=False, **meta)
     # outputs: straight in the inputs' dtypes, or float32 (float64) buffers for the atomic partial sums
     def buffer(shape, dtype):
         if atomic:
@@ -832,7 +831,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     for side in ((0,) if sides == 1 else (1, 2)):
         _chunk_kernel[(n, B, tiles)](
             *ptrs, states, logdec, rsum, dq, dk, dv, dl, dgl, lvl_rows, logdec, logdec, logdec, logdec, logdec,
-            logdec, T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale), 1, 0, 0, 0,
+            logdec, T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale), layout.group, 0, 0, 0,
             *strides, *out_strides, C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=next_power_of_2(L), NB=NB,
             EXACT=exact, ATOMIC=atomic, VARLEN=False, FINAL=False, SIDE=side, **meta)
     dg = None

@@ -143,9 +143,9 @@ def transition_tile(tr_ptr, gm_ptr, index, rows, cols, DK, HAS_G: tl.constexpr, 
 # ---------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "sbb0", "sbb1", "sgb0", "sgb1"])
+@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "GRP", "sbb0", "sbb1", "sgb0", "sgb1"])
 def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr,
-                  T, B1, n_chunks, n_total, DK: tl.constexpr, DV: tl.constexpr,
+                  T, B1, n_chunks, n_total, GRP, DK: tl.constexpr, DV: tl.constexpr,
                   skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt, sgb0, sgb1, sgt,
                   C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr,
                   PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr):
@@ -155,7 +155,7 @@ def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_pt
     i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
     r = tl.arange(0, C)
     dk = tl.arange(0, BDK)
-    Kin = load_rows(k_ptr, b0, b1, t, tmask, skb0, skb1, skt, skd, dk, DK, k_ptr.dtype.element_ty)
+    Kin = load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, dk, DK, k_ptr.dtype.element_ty)
     K = Kin.to(ACC)
     beta = tl.load(b_ptr + b0 * sbb0 + b1 * sbb1 + t * sbt, mask=tmask, other=0.0).to(ACC)
     Gam, gamma, d, gamma_end = gates(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC, EXACT)
@@ -233,10 +233,10 @@ def _hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, n_total, off_child, n_child, n_buil
             size = parents
 
 
-@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sbb0",
-                               "sbb1", "sgb0", "sgb1"])
+@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "GRP", "slb0", "slb1", "slt",
+                               "sbb0", "sbb1", "sgb0", "sgb1"])
 def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, o_ptr, flag_ptr,
-                   T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, scale,
+                   T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, scale, GRP,
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt,
                    slb0, slb1, slt, sll, sgb0, sgb1, sgt, sob0, sob1, sot, sod,
                    C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
@@ -252,8 +252,8 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr
     r = tl.arange(0, C)
     dk = tl.arange(0, BDK)
     dv = tl.program_id(2) * BDV + tl.arange(0, BDV)
-    Qin = load_rows(q_ptr, b0, b1, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, q_ptr.dtype.element_ty)
-    Kin = load_rows(k_ptr, b0, b1, t, tmask, skb0, skb1, skt, skd, dk, DK, k_ptr.dtype.element_ty)
+    Qin = load_rows(q_ptr, b0, b1 // GRP, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, q_ptr.dtype.element_ty)
+    Kin = load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, dk, DK, k_ptr.dtype.element_ty)
     Q = Qin.to(ACC)
     beta = tl.load(b_ptr + b0 * sbb0 + b1 * sbb1 + t * sbt, mask=tmask, other=0.0).to(ACC)
     Gam, gamma, d, gamma_end = gates(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC, EXACT)
@@ -395,7 +395,7 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
     _chunk_kernel[(n, B)](
         layout.tensors["k"], v, layout.tensors["beta"], layout.decay_args()[0], X, W, states, trans,
         ch.decay_pointer(),
-        layout.T, layout.B1, n, N, DK, DV, *layout.args("k")[1:], *layout.args("v")[1:],
+        layout.T, layout.B1, n, N, layout.group, DK, DV, *layout.args("k")[1:], *layout.args("v")[1:],
         *layout.args("beta")[1:4], *layout.decay_args()[1:],
         C=C, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact, NATIVE=not interpreting(),
         num_warps=NUM_WARPS["gated_delta"],
@@ -464,7 +464,7 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
     _output_kernel[(ch.n, layout.B, n_dv)](
         layout.tensors["q"], layout.tensors["k"], v, layout.tensors["beta"], layout.tensors["l"],
         layout.decay_args()[0], ch.X, ch.W, ch.states, ch.trans, ch.decay_pointer(), o_flat, check,
-        T, layout.B1, ch.n, ch.states.shape[1], (ch.n - 1).bit_length(), layout.L, DK, DV, float(scale),
+        T, layout.B1, ch.n, ch.states.shape[1], (ch.n - 1).bit_length(), layout.L, DK, DV, float(scale), layout.group,
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("beta")[1:4],
         *layout.args("l")[1:], *layout.decay_args()[1:], *o_flat.stride(),
         C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=layout.tensors["g"] is not None, ACC=acc, PREC=prec,

@@ -81,9 +81,9 @@ def _add_shares(dh_ptr, dt_ptr, blk, acc_h, acc_t, moved, owned, dk, DK, DV, BDV
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sgb0",
-                               "sgb1", "sdlb0", "sdlb1", "sdlt"])
+                               "sgb1", "sdlb0", "sdlb1", "sdlt", "GRP"])
 def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, qt_ptr,
-                   dqt_ptr, dl_ptr, T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, scale,
+                   dqt_ptr, dl_ptr, T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, scale, GRP,
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, sob0, sob1, sot, sod, slb0, slb1, slt, sll,
                    sgb0, sgb1, sgt, sdlb0, sdlb1, sdlt, sdll, C: tl.constexpr, LOG_C: tl.constexpr,
                    BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr, GROUP: tl.constexpr,
@@ -110,8 +110,8 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
         if i < n_chunks:
             t = i * C + r
             tmask = t < T
-            Q = load_rows(q_ptr, b0, b1, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, ACC)
-            K = load_rows(k_ptr, b0, b1, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
+            Q = load_rows(q_ptr, b0, b1 // GRP, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, ACC)
+            K = load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
             Gam, gamma, d, gamma_end = gates(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC, EXACT)
             Sq = tl.dot(Q, tl.trans(K), input_precision=PREC, out_dtype=ACC) * Gam
             row = bh * n_chunks + i
@@ -238,10 +238,10 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, of
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "L", "slb0", "slb1", "slt", "sbb0", "sbb1",
-                               "sgb0", "sgb1", "sdbb0", "sdbb1", "sdlb0", "sdlb1", "sdlt", "sdgb0", "sdgb1"])
+                               "sgb0", "sgb1", "sdbb0", "sdbb1", "sdlb0", "sdlb1", "sdlt", "sdgb0", "sdgb1", "GRP"])
 def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr, dh_ptr, dt_ptr, dqt_ptr,
                   dq_ptr, dk_ptr, dv_ptr, db_ptr, dl_ptr, dg_ptr,
-                  T, B1, n_chunks, n_total, L, DK: tl.constexpr, DV: tl.constexpr, scale,
+                  T, B1, n_chunks, n_total, L, DK: tl.constexpr, DV: tl.constexpr, scale, GRP,
                   sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt,
                   sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt,
                   sdqb0, sdqb1, sdqt, sdqd, sdkb0, sdkb1, sdkt, sdkd, sdvb0, sdvb1, sdvt, sdvd, sdbb0, sdbb1, sdbt,
@@ -259,8 +259,8 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
     blk = bh * n_total + i
     beta = tl.load(b_ptr + b0 * sbb0 + b1 * sbb1 + t * sbt, mask=tmask, other=0.0).to(ACC)
     Gam, gamma, d, gamma_end = gates(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC, EXACT)
-    Q = load_rows(q_ptr, b0, b1, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, ACC)
-    K = load_rows(k_ptr, b0, b1, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
+    Q = load_rows(q_ptr, b0, b1 // GRP, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, ACC)
+    K = load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
     Sq = tl.dot(Q, tl.trans(K), input_precision=PREC, out_dtype=ACC) * Gam
     Y = matrix_tile(x_ptr, row, r, r, C, C, ACC) * beta[None, :]
     # the value side (P = Sq Y, U = E V with E = (diag(d) K)ᵀ Y): dV, dP, dE and dλ of levels 0..c
@@ -464,7 +464,7 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     _reader_kernel[(cdiv(n, group), B)](
         layout.tensors["q"], layout.tensors["k"], layout.tensors["do"], layout.tensors["l"], g_args[0], ch.W,
         ch.states, ch.trans, ch.decay_pointer(), dH, dT, Qt, dQt, dl[0], T, layout.B1, n, N, n_bits, L, DK, DV,
-        float(scale),
+        float(scale), layout.group,
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
         *dl[1:], C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=reader_tile, BL=BL, GROUP=group,
         LOG_GROUP=group.bit_length() - 1, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact, NATIVE=not interpreting(),
@@ -483,7 +483,7 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     _chunk_kernel[(n, B)](
         layout.tensors["q"], layout.tensors["k"], v, layout.tensors["beta"], layout.tensors["do"],
         layout.tensors["l"], g_args[0], ch.X, ch.W, dH, dT, dQt, dq[0], dk[0], dv[0], db[0], dl[0], dg[0],
-        T, layout.B1, n, N, L, DK, DV, float(scale),
+        T, layout.B1, n, N, L, DK, DV, float(scale), layout.group,
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("beta")[1:4],
         *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
         *dq[1:], *dk[1:], *dv[1:], *db[1:4], *dl[1:], *dg[1:4],

@@ -241,10 +241,11 @@ def test_grouped_heads_broadcast_without_copy(dtype):
 
 def test_grouped_heads_in_fla_layout_fold_without_copying_the_values():
     """Grouped heads in fla's ``(N, T, H, D)`` layout read as ``(N, Hqk, G, T, D)`` views (the keys
-    broadcast over ``G``) leave three batch runs; they fold as ``(N, Hqk·G)``: only the broadcast
-    keys are copied (in the values' memory order), the values and every tensor laid out like them
-    are read in place."""
-    from hodlr.kernels._layout import collapse_batch
+    broadcast over ``G``) leave three batch runs.  ``collapse_batch`` folds them as ``(N, Hqk·G)``,
+    copying only the broadcast keys (in the values' memory order); ``collapse_grouped`` folds the
+    keys as ``(N, Hqk)`` read at ``b1 // G``, nothing copied, and the attention layout does that."""
+    from hodlr.kernels._layout import collapse_batch, collapse_grouped
+    from hodlr.kernels.attention import attention_layout
 
     N, T, Hqk, G, D = 2, 5, 3, 2, 4
     q = torch.randn(N, T, Hqk, D).transpose(1, 2)[:, :, None].expand(N, Hqk, G, T, D)
@@ -253,20 +254,30 @@ def test_grouped_heads_in_fla_layout_fold_without_copying_the_values():
     assert (B0, B1) == (N, Hqk * G) and v2 is v and none is None and strides[2] == (0, 0)
     assert strides[1] == (v.stride(0), v.stride(2)) and torch.equal(q2, q) and 0 not in q2.stride()
     assert q2.transpose(2, 3).transpose(1, 2).is_contiguous()  # copied in the values' (N, T, Hqk, G, D) order
-    for b in range(B0 * B1):  # the kernels' addressing: b0 * s0 + b1 * s1
+    B0g, B1g, strides_g, (q3, v3, none3), group = collapse_grouped((N, Hqk, G), [q, v, None], (0,))
+    assert (B0g, B1g, group) == (N, Hqk * G, G) and q3 is q and v3 is v and none3 is None
+    assert strides_g == [(q.stride(0), q.stride(1)), strides[1], (0, 0)]
+    for b in range(B0 * B1):  # the kernels' addressing: b0 * s0 + b1 * s1 (b1 // G for the grouped keys)
         b0, b1 = divmod(b, B1)
-        for x, (s0, s1) in ((q2, strides[0]), (v2, strides[1])):
-            row = torch.as_strided(x, (T, D), (x.stride(-2), x.stride(-1)), x.storage_offset() + b0 * s0 + b1 * s1)
+        for x, (s0, s1), j in ((q2, strides[0], b1), (v2, strides[1], b1), (q3, strides_g[0], b1 // G)):
+            row = torch.as_strided(x, (T, D), (x.stride(-2), x.stride(-1)), x.storage_offset() + b0 * s0 + j * s1)
             assert torch.equal(row, x[b0, b1 // G, b1 % G])
+    lam = torch.rand(N, T, Hqk * G, hodlr.num_levels(T)).transpose(1, 2).unflatten(1, (Hqk, G))
+    layout = attention_layout(q, q, v, lam, None)
+    for name, x in (("q", q), ("v", v), ("l", lam)):  # the inputs themselves (as views)
+        assert layout.tensors[name].data_ptr() == x.data_ptr() and layout.tensors[name].stride() == x.stride()
+    assert layout.group == G and layout.strides["q"] == strides_g[0]
+    assert attention_layout(q.contiguous(), q.contiguous(), v, lam, None).group == 1
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_collapse_batch_addresses_every_entry(data):
     """Tensors of one batch in any memory order, some batch dims broadcast (stride 0), some of
     size 1: the two folded indices and strides address every batch entry's ``(T, D)`` rows, and a
-    tensor is copied only where it does not fold."""
-    from hodlr.kernels._layout import collapse_batch
+    tensor is copied only where it does not fold; with some tensors grouped (``collapse_grouped``),
+    those read at ``b1 // group``, and a grouped fold copies nothing."""
+    from hodlr.kernels._layout import collapse_batch, collapse_grouped
 
     batch = tuple(data.draw(st.lists(st.integers(1, 3), min_size=1, max_size=4), label="batch"))
     tensors = []
@@ -277,14 +288,58 @@ def test_collapse_batch_addresses_every_entry(data):
         keep = data.draw(st.lists(st.booleans(), min_size=len(batch), max_size=len(batch)), label=f"kept {j}")
         index = tuple(slice(None) if k else slice(0, 1) for k in keep)
         tensors.append(base[index].expand(full))
-    B0, B1, strides, out = collapse_batch(batch, list(tensors))
-    assert B0 * B1 == math.prod(batch)
-    for x, y, (s0, s1) in zip(tensors, out, strides):
-        assert y is x or y.data_ptr() != x.data_ptr()
+    grouped = data.draw(st.sets(st.integers(0, len(tensors) - 1)), label="grouped")
+    for fold in ("batch", "grouped"):
+        if fold == "batch":
+            B0, B1, strides, out = collapse_batch(batch, list(tensors))
+            group = 1
+        else:
+            B0, B1, strides, out, group = collapse_grouped(batch, list(tensors), grouped)
+            if group > 1:
+                assert all(y is x for x, y in zip(tensors, out))
+        assert B0 * B1 == math.prod(batch) and B1 % group == 0
+        for i, (x, y, (s0, s1)) in enumerate(zip(tensors, out, strides)):
+            assert y is x or y.data_ptr() != x.data_ptr()
+            for b in range(B0 * B1):
+                b0, b1 = divmod(b, B1)
+                j = b1 // group if i in grouped else b1
+                rows = torch.as_strided(y, (3, 2), (y.stride(-2), y.stride(-1)), y.storage_offset() + b0 * s0 + j * s1)
+                assert torch.equal(rows, x.reshape((-1, 3, 2))[b])
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_collapse_grouped_reads_grouped_heads_in_place(data):
+    """Grouped heads with any memory orders: values ``(N, T, H, D)`` and keys ``(N, T, Hqk, D)`` each
+    stored in a drawn order of their dims, read as ``(N, Hqk, G, T, D)`` views (keys broadcast over
+    ``G``): ``collapse_grouped`` addresses every entry, the keys at ``b1 // group``; a grouped fold
+    copies nothing, and fla's order (``N, T, heads, D`` for both) folds grouped where it leaves three
+    runs of batch dims."""
+    from hodlr.kernels._layout import collapse_grouped
+
+    N, Hqk, G, T, D = (data.draw(st.integers(lo, 3), label=name) for lo, name in
+                       ((1, "N"), (1, "Hqk"), (2, "G"), (1, "T"), (1, "D")))
+    fla = data.draw(st.booleans(), label="fla order")
+
+    def stored(heads):
+        order = [0, 1, 2, 3] if fla else data.draw(st.permutations(range(4)), label="order")
+        shape = (N, T, heads, D)
+        return torch.randn([shape[d] for d in order]).permute([order.index(d) for d in range(4)]).transpose(1, 2)
+
+    v = stored(Hqk * G).unflatten(1, (Hqk, G))
+    q, k = (stored(Hqk)[:, :, None].expand(N, Hqk, G, T, D) for _ in range(2))
+    tensors = [q, k, v]
+    B0, B1, strides, out, group = collapse_grouped((N, Hqk, G), list(tensors), (0, 1))
+    if fla and min(N, Hqk, T) > 1:  # three runs (N), (Hqk), (G): copies without the grouped fold
+        assert group == G
+    if group > 1:
+        assert all(y is x for x, y in zip(tensors, out))
+    for i, (x, y, (s0, s1)) in enumerate(zip(tensors, out, strides)):
         for b in range(B0 * B1):
             b0, b1 = divmod(b, B1)
-            rows = torch.as_strided(y, (3, 2), (y.stride(-2), y.stride(-1)), y.storage_offset() + b0 * s0 + b1 * s1)
-            assert torch.equal(rows, x.reshape((-1, 3, 2))[b])
+            j = b1 // group if i < 2 else b1
+            rows = torch.as_strided(y, (T, D), (y.stride(-2), y.stride(-1)), y.storage_offset() + b0 * s0 + j * s1)
+            assert torch.equal(rows, x.reshape((-1, T, D))[b])
 
 
 @pytest.mark.parametrize("op", ["attention", "gated_delta"])
