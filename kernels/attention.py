@@ -338,6 +338,11 @@ class Layout(NamedTuple):
             return (self.tensors["l"], 0, 0, 0)
         return (g, *self.strides["g"], g.stride(-1))
 
+    def reads_in_place(self, name: str, x: torch.Tensor) -> bool:
+        """Whether the kernels read and write the tensor ``name`` in ``x``'s own memory (the fold
+        made a view of it, not a copy: :func:`kernels._layout.collapse_batch`)."""
+        return self.tensors[name].data_ptr() == x.data_ptr()
+
 
 def attention_layout(q, k, v, level_scales, log_decay, **others) -> Layout:
     """Check the shapes of one attention call and fold its batch dims (views, no copies).

@@ -814,7 +814,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     NB = next_power_of_2(max(n_bits, 1))
     in_place = bool(buffers) and not atomic and layout.args("dq")[1:] == layout.args("dk")[1:] and all(
         buffers[name].shape[:-2] == batch and buffers[name].stride(-1) == 1 and buffers[name].dtype == like.dtype
-        and layout.tensors[name].data_ptr() == buffers[name].data_ptr()  # folded as a view, not copied
+        and layout.reads_in_place(name, buffers[name])
         for name, like in zip(("dq", "dk", "dv", "dl"), (q, k, v, level_scales)))
     if in_place:
         dq, dk, dv, dl = (layout.tensors[name] for name in ("dq", "dk", "dv", "dl"))

@@ -546,7 +546,7 @@ def _targets(layout, buffers: dict, dtypes) -> dict:
             want = layout.batch + (T,) + (() if name in _SCALAR_OUTS else (width,))
             if tuple(x.shape) != want:
                 raise ValueError(f"out's {what} must have shape {want} (the broadcast batch), got {tuple(x.shape)}")
-            if layout.tensors[name].data_ptr() == x.data_ptr():  # folded as a view, not copied
+            if layout.reads_in_place(name, x):
                 targets[name] = (layout.args(name), x)
                 continue
         scratch = _layout.scratch((B, T, width), dtype, layout.tensors["v"].device)
