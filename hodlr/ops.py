@@ -219,8 +219,9 @@ def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Ten
     """``log_linear_attn`` on the ``(N, H, T, D)`` layout with flat arguments:
     ``(o, states, positions, kept, kept_logdec)``: ``states, positions`` empty without
     ``output_final_state``; ``kept, kept_logdec`` the chunk states that the backward reads instead
-    of recomputing them (:func:`_keeper`; ``keep``: ``hodlr.options.attention_save_states``, an
-    argument so that a compiled graph is traced, guarded and cached with it), else empty."""
+    of recomputing them (:func:`_keeper`; ``keep``: ``hodlr.options.attention_save_states`` where a
+    gradient is wanted, False otherwise, an argument so that a compiled graph is traced, guarded and
+    cached with it), else empty."""
     _check_values(q.shape[0], q.shape[2], level_scales.shape[-1], cu_seqlens, initial_positions,
                   None if initial_states is None else initial_states.shape[2])
     keeper = _keeper(q, v, initial_states, cu_seqlens, output_final_state, backend, keep)
@@ -482,8 +483,10 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
     if torch.compiler.is_compiling():
         # no host read while tracing: the slot count comes from shapes (int(T) specialises T)
         final_slots = 0 if not output_final_state else S_in if initial_state is not None else int(T).bit_length()
+        # a graph that differentiates nothing keeps nothing (grad mode and requires_grad are guarded)
+        keep = flag("attention_save_states") and _wants_grad(q, k, v, g, level_scales, init)
         o, states, positions, _, _ = _op(_bhtd(q), _bhtd(k), _bhtd(v), g_, lam, scale, init, pos, cu_seqlens,
-                                         output_final_state, final_slots, backend, flag("attention_save_states"))
+                                         output_final_state, final_slots, backend, keep)
     else:
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
         final_slots = max(S_in, end.bit_length())
@@ -727,8 +730,9 @@ def _gd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.
     """:func:`log_linear_gated_delta_rule` on the ``(N, H, T, D)`` layout with flat arguments, what
     ``torch.compile`` sees: ``(o, states, positions, *kept)``, ``states, positions`` empty without
     ``output_final_state``; ``kept`` the forward's :data:`KEPT_CHUNKS` that the backward reads instead
-    of recomputing them (:func:`_gd_keeper`; ``keep``: ``hodlr.options.gated_delta_save_states``, an
-    argument so that a compiled graph is traced, guarded and cached with it), else empty."""
+    of recomputing them (:func:`_gd_keeper`; ``keep``: ``hodlr.options.gated_delta_save_states`` where
+    a gradient is wanted, False otherwise, an argument so that a compiled graph is traced, guarded and
+    cached with it), else empty."""
     _check_values(q.shape[0], q.shape[2], level_scales.shape[-1], cu_seqlens, initial_positions,
                   None if initial_states is None else initial_states.shape[2])
     nothing = level_scales.new_empty((0,))
@@ -921,9 +925,9 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
     if torch.compiler.is_compiling():
         # no host read while tracing: the slot count comes from shapes (as log_linear_attn)
         final_slots = 0 if not output_final_state else S_in if initial_state is not None else int(T).bit_length()
+        keep = flag("gated_delta_save_states") and _wants_grad(q, k, v, g, beta, level_scales, init)
         o, states, positions, *_ = _gd_op(_bhtd(q), _bhtd(k), _bhtd(v), g_, beta_, lam, scale, init, pos,
-                                          cu_seqlens, output_final_state, final_slots, backend,
-                                          flag("gated_delta_save_states"))
+                                          cu_seqlens, output_final_state, final_slots, backend, keep)
     else:
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
         o, states, positions = _gated_delta_forward(_bhtd(q), _bhtd(k), _bhtd(v), beta_, g_, lam, scale, init, pos,

@@ -392,6 +392,40 @@ def test_compiled_graph_follows_the_save_states_option(op, monkeypatch):
 
 @interpreter
 @pytest.mark.parametrize("op", ["attention", "gated_delta"])
+def test_compiled_graph_without_gradients_keeps_nothing(op, monkeypatch):
+    """A compiled call that differentiates nothing (under ``no_grad``, or on inputs that do not
+    require a gradient) runs the operator's plain forward: it keeps no intermediates for a backward
+    (no extra stores, less host work), and its output is the eager one; with a gradient wanted the
+    same compiled function keeps them (grad mode and ``requires_grad`` are guarded: a retrace)."""
+    from hodlr.backends import triton as triton_backend
+
+    name = "attention_keeping_states" if op == "attention" else "gated_delta_keeping_chunks"
+    kept = []
+    keeping = getattr(triton_backend, name)
+
+    def spy(*args):
+        kept.append(True)
+        return keeping(*args)
+
+    monkeypatch.setattr(triton_backend, name, spy)
+    monkeypatch.setattr(hodlr.options, f"{op}_save_states", True)
+    q, k, v, g, beta, lam = gated_delta_inputs(1, 40, 2, 3)
+    if op == "attention":
+        xs, call = (q, k, v, g, lam), lambda *a: hodlr.log_linear_attn(*a, backend="triton")[0]
+    else:
+        xs, call = (q, k, v, g, beta, lam), lambda *a: hodlr.log_linear_gated_delta_rule(*a, backend="triton")[0]
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    leaves = [x.detach().requires_grad_() for x in xs]
+    want = call(*xs)
+    with torch.no_grad():
+        assert torch.equal(compiled(*leaves), want)
+    assert torch.equal(compiled(*xs), want) and kept == []
+    compiled(*leaves).sum().backward()
+    assert kept == [True]
+
+
+@interpreter
+@pytest.mark.parametrize("op", ["attention", "gated_delta"])
 def test_compiled_kept_intermediates_do_not_pin_the_length(op):
     """The kept intermediates' shapes are linear in the chunk count: a compiled call whose length
     varies (dynamic after the second) traces at most twice for lengths of many chunk counts, and
