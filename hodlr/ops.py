@@ -125,17 +125,25 @@ def _check_values(N, T, L, cu_seqlens, initial_positions, num_slots=None):
                                  f"cu_seqlens[{i}]={cu[i]}")
         if cu[-1] != T:
             raise ValueError(f"cu_seqlens must end at T={T} (the tokens of q), got cu_seqlens[-1]={cu[-1]}")
+    if cu_seqlens is None and initial_positions is None:  # N rows from position 0 (no host work)
+        return _check_end(T if N else 0, L, None, 0)
     _, _, length, start = segments(N, T, cu_seqlens, initial_positions)
     if start.size and start.min() < 0:
         raise ValueError(f"initial_state.positions must be >= 0, got {int(start.min())}")
     if num_slots is not None and start.size and int(start.max()).bit_length() > num_slots:
         raise ValueError(f"initial_state has {num_slots} slots but position {int(start.max())} needs "
                          f"{int(start.max()).bit_length()}")
-    end = int((start + length).max(initial=0))
+    return _check_end(int((start + length).max(initial=0)), L, initial_positions,
+                      int(start.max()) if start.size else 0)
+
+
+def _check_end(end, L, initial_positions, continued):
+    """``end`` (the largest end position), after refusing level scales with too few columns for it
+    (``continued``: the largest position a state continues from, for the message)."""
     if end >= 1:
         need = fenwick.num_levels(end)
         if L < need:
-            where = "" if initial_positions is None else f" (the state continues from position {int(start.max())})"
+            where = "" if initial_positions is None else f" (the state continues from position {continued})"
             raise ValueError(f"level_scales has L={L} levels but absolute position {end - 1}{where} needs at least "
                              f"num_levels({end})={need}")
     return end

