@@ -339,13 +339,14 @@ class Layout(NamedTuple):
         return (g, *self.strides["g"], g.stride(-1))
 
     def reads_in_place(self, name: str, x: torch.Tensor) -> bool:
-        """Whether the kernels read and write the tensor ``name`` in ``x``'s own memory (the fold
-        made a view of it, not a copy: :func:`kernels._layout.collapse_batch`)."""
+        """Whether the tensor ``name`` lies in ``x``'s own memory: the fold made a view of ``x``, not a
+        copy (:func:`kernels._layout.collapse_grouped`), so what the kernels write there lands in ``x``."""
         return self.tensors[name].data_ptr() == x.data_ptr()
 
 
 def attention_layout(q, k, v, level_scales, log_decay, **others) -> Layout:
-    """Check the shapes of one attention call and fold its batch dims (views, no copies).
+    """Check the shapes of one attention call and fold its batch dims (views; a copy only of tensors
+    that :func:`kernels._layout.collapse_grouped` cannot fold).
 
     ``others`` are further ``(*batch, T, width)`` tensors of the call (cotangents, output
     buffers) that share the batch; they are broadcast and folded with the rest."""

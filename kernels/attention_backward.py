@@ -747,12 +747,12 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     scale : float
     chunk : int, optional
         Power of two in ``[16, 256]``; default the forward's, ``DEFAULT_CHUNK["attention"]``.
-    out : tuple of torch.Tensor, optional
-        ``(dq, dk, dv, dlevel_scales)`` buffers of the broadcast batch shape and the inputs'
-        dtypes, with a unit feature stride and ``dq``, ``dk`` of equal strides (any other
-        layout): written in place, and returned, when the head fits one feature tile
-        (``Dk, Dv <= 64``); otherwise the gradients come in new tensors.  A caller that wants
-        the gradients laid out like strided inputs saves a copy.
+    out : tuple of torch.Tensor or None, optional
+        ``(dq, dk, dv, dlevel_scales)`` buffers (each may be None) of the broadcast batch shape and
+        the inputs' dtypes with a unit feature stride (any other layout): written in place, and
+        returned, when the head fits one feature tile (``Dk, Dv <= 64``) and the batch folds them as
+        views; ``dq`` and ``dk`` only together and with equal strides.  The other gradients come in
+        new tensors.  A caller that wants the gradients laid out like strided inputs saves a copy.
     states : tuple of torch.Tensor, optional
         ``(states, logdec)`` of the forward (:func:`kernels.attention_forward` with
         ``return_states=True``, the same inputs and chunk): read instead of recomputed.
@@ -763,7 +763,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         Of shape ``(*batch, T, ·)`` (the broadcast batch) in the inputs' dtypes (``dlog_decay`` is
         None when ``log_decay`` is None).  Never-read level scales get exactly 0.
     """
-    buffers = {} if out is None else dict(zip(("dq", "dk", "dv", "dl"), out))
+    buffers = {} if out is None else {name: x for name, x in zip(("dq", "dk", "dv", "dl"), out) if x is not None}
     layout = attention_layout(q, k, v, level_scales, log_decay, do=do, **buffers)
     T, DK, DV, L, B = layout.T, layout.DK, layout.DV, layout.L, layout.B
     C = check_chunk(chunk, "attention")
@@ -812,19 +812,27 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     batch = layout.batch
     parts = tiles if atomic else 1
     NB = next_power_of_2(max(n_bits, 1))
-    in_place = bool(buffers) and not atomic and layout.args("dq")[1:] == layout.args("dk")[1:] and all(
-        buffers[name].shape[:-2] == batch and buffers[name].stride(-1) == 1 and buffers[name].dtype == like.dtype
-        and layout.reads_in_place(name, buffers[name])
-        for name, like in zip(("dq", "dk", "dv", "dl"), (q, k, v, level_scales)))
-    if in_place:
-        dq, dk, dv, dl = (layout.tensors[name] for name in ("dq", "dk", "dv", "dl"))
-        out_strides = (*layout.args("dq")[1:4], *layout.args("dv")[1:4], *layout.args("dl")[1:4])
+    in_place = set() if atomic else {
+        name for name, like in zip(("dq", "dk", "dv", "dl"), (q, k, v, level_scales))
+        if name in buffers and buffers[name].shape[:-2] == batch and buffers[name].stride(-1) == 1
+        and buffers[name].dtype == like.dtype and layout.reads_in_place(name, buffers[name])}
+    if not ({"dq", "dk"} <= in_place and layout.args("dq")[1:] == layout.args("dk")[1:]):
+        in_place -= {"dq", "dk"}  # the chunk kernel stores dq and dk through one set of strides
+    B1 = layout.B1
+    if "dq" in in_place:
+        dq, dk, dq_strides = layout.tensors["dq"], layout.tensors["dk"], layout.args("dq")[1:4]
     else:
-        dq, dk = buffer((B, T, DK), q.dtype), buffer((B, T, DK), k.dtype)
-        dv = buffer((B, T, DV), v.dtype)
+        dq, dk, dq_strides = buffer((B, T, DK), q.dtype), buffer((B, T, DK), k.dtype), (B1 * T * DK, T * DK, DK)
+    if "dv" in in_place:
+        dv, dv_strides = layout.tensors["dv"], layout.args("dv")[1:4]
+    else:
+        dv, dv_strides = buffer((B, T, DV), v.dtype), (B1 * T * DV, T * DV, DV)
+    if "dl" in in_place:
+        dl, dl_strides = layout.tensors["dl"], layout.args("dl")[1:4]
+    else:
         dl = torch.empty((parts * B, T, L), dtype=acc_torch if atomic else level_scales.dtype, device=dev)
-        B1 = layout.B1
-        out_strides = (B1 * T * DK, T * DK, DK, B1 * T * DV, T * DV, DV, B1 * T * L, T * L, L)
+        dl_strides = (B1 * T * L, T * L, L)
+    out_strides = (*dq_strides, *dv_strides, *dl_strides)
     sides = SIDE_LAUNCHES["attention_backward" if max(BDK, BDV) <= 64 else "attention_backward_wide"]
     dgl = scratch((parts * sides * B, n * C), acc_torch, dev)
     lvl_rows = scratch((parts * B, NB, n), acc_torch, dev)
@@ -847,12 +855,11 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         dg = (dgl.view(B, n, C) + (span + _spanning_in_gap(lvl_rows))[..., None]).view(B, n * C)[:, :T]
         dg[:, 0] = 0
         dg = dg.reshape(batch + (T,)).to(log_decay.dtype)
-    if in_place:
-        return tuple(buffers[name] for name in ("dq", "dk", "dv", "dl")) + (dg,)
     if atomic:
         dl = dl.view((parts, -1) + dl.shape[1:]).sum(0)
-    return (dq.reshape(batch + (T, DK)).to(q.dtype), dk.reshape(batch + (T, DK)).to(k.dtype),
-            dv.reshape(batch + (T, DV)).to(v.dtype), dl.reshape(batch + (T, L)).to(level_scales.dtype), dg)
+    made = {"dq": (dq, q), "dk": (dk, k), "dv": (dv, v), "dl": (dl, level_scales)}
+    return tuple(buffers[name] if name in in_place else x.reshape(batch + x.shape[-2:]).to(like.dtype)
+                 for name, (x, like) in made.items()) + (dg,)
 
 
 def _saved_states(saved, layout, C: int, dtype):

@@ -45,12 +45,11 @@ class _Attention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, do):
         q, k, v, level_scales, log_decay, *states = ctx.saved_tensors
-        out = None
-        if not any(0 in x.stride() for x in (q, k, v, level_scales)):
-            # gradients laid out like the inputs (a view's gradient then has its base's layout: a
-            # (B, H, T, D) view of a (B, T, H, D) tensor gets a (B, T, H, D) gradient, and adding it to
-            # .grad or to another gradient runs on contiguous memory, 2.5x faster on an H200)
-            out = tuple(torch.empty_like(x) for x in (q, k, v, level_scales))
+        # gradients laid out like the inputs (a view's gradient then has its base's layout: a
+        # (B, H, T, D) view of a (B, T, H, D) tensor gets a (B, T, H, D) gradient, and adding it to
+        # .grad or to another gradient runs on contiguous memory, 2.5x faster on an H200); a broadcast
+        # input's gradient (grouped heads' q, k) comes per batch entry, for autograd to sum
+        out = tuple(None if 0 in x.stride() else torch.empty_like(x) for x in (q, k, v, level_scales))
         dq, dk, dv, dlam, dg = attention_backward(q, k, v, level_scales, log_decay, ctx.scale, do, chunk=ctx.chunk,
                                                   out=out, states=states or None)
         return dq, dk, dv, dlam, dg, None, None, None, None

@@ -231,7 +231,8 @@ def test_strong_decay_gradients(T, period, sides, rng, monkeypatch):
 def test_gradients_into_strided_buffers(Dk, Dv, rng, monkeypatch):
     """``out=``: buffers laid out like (B, T, H, ·) inputs seen as (B, H, T, ·), NaN-filled, get
     the gradients in place (returned as they are) and equal the freshly allocated ones; with
-    feature tiles (atomic sums) the gradients come in new tensors instead."""
+    feature tiles (atomic sums) the gradients come in new tensors instead.  Entries may be None
+    (those gradients come in new tensors); ``dq`` without ``dk`` is not written in place."""
     module = importlib.import_module("hodlr.kernels.attention_backward")
     if Dk > 16:
         monkeypatch.setattr(module, "MAX_TILE", 16)
@@ -244,6 +245,40 @@ def test_gradients_into_strided_buffers(Dk, Dv, rng, monkeypatch):
     assert all((a is b) == (Dk <= 16) for a, b in zip(got[:4], out))
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+    for given in ((False, False, True, True), (True, False, False, True)):
+        part = tuple(torch.full_like(x, float("nan")) if use else None for x, use in zip(out, given))
+        got = module.attention_backward(q, k, v, lam, g, 0.5, w, chunk=CHUNK, out=part)
+        in_place = (False, False, given[2], given[3])
+        assert all((a is b) == (kept and Dk <= 16) for a, b, kept in zip(got[:4], part, in_place))
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+@interpreter
+@pytest.mark.parametrize("Hqk", [3, 1])
+def test_operator_backward_gradients_laid_out_as_the_inputs(Hqk, rng):
+    """The operator's backward on the triton backend (``attention_state_vjp``, no state) hands back
+    the gradients of ``v`` and the level scales laid out as its ``(N, H, T, ·)`` views of fla-layout
+    inputs (so the operator copies neither), with one or three value heads a query/key head, and
+    ``dq``, ``dk`` too where every value head has its own (the log-decay's is assembled by torch from
+    per-chunk parts); all equal the chunked backend's."""
+    from hodlr.backends import chunked, triton as triton_backend
+
+    N, T, H, D = 2, 21, 3, 3
+    t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
+    q, k, v, do = t(N, T, Hqk, D), t(N, T, Hqk, D), t(N, T, H, D), t(N, T, H, D)
+    g = -torch.as_tensor(rng.uniform(0, 0.5, (N, T, H)))
+    lam = torch.as_tensor(rng.uniform(0.2, 1.5, (N, T, H, fenwick.num_levels(T))))
+    q, k, v, do, g, lam = (x.transpose(1, 2) for x in (q, k, v, do, g, lam))
+    got = triton_backend.attention_state_vjp(q, k, v, lam, g, 0.5, None, None, None, do, None)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, lam, g)]
+    qk = [x.repeat_interleave(H // Hqk, 1) for x in leaves[:2]]
+    o = chunked.attention(*qk, *leaves[2:], 0.5)
+    want = torch.autograd.grad(o, leaves, do)
+    for name, x, ref, like in zip(("q", "k", "v", "level_scales", "log_decay"), got, want, (q, k, v, lam, g)):
+        if name in ("v", "level_scales") or (Hqk == H and name in ("q", "k")):
+            assert x.stride() == like.stride(), name
+        assert relative_error(x, ref) <= 1e-10, name
 
 
 @interpreter

@@ -226,9 +226,11 @@ def attention_state_vjp(q, k, v, level_scales, log_decay, scale, initial_state, 
         from hodlr.backends import grouped_heads
 
         Hqk, grp = q.shape[1], v.shape[1] // q.shape[1]
-        out = None
-        if grp == 1:  # gradients written straight into buffers laid out like the inputs (no copies)
-            out = tuple(torch.empty_like(x).unsqueeze(2) for x in (q, q, v, level_scales))
+        # gradients written straight into buffers laid out like the inputs (no copies); dq, dk of a
+        # group of value heads are summed after
+        like = (q, q) if grp == 1 else (None, None)
+        out = tuple(None if x is None else torch.empty_like(x).unflatten(1, (Hqk, grp))
+                    for x in (*like, v, level_scales))
         dq, dk, dv, dlam, dg = kernels.attention_backward(*grouped_heads(q, k, v, level_scales, log_decay), scale,
                                                           do.unflatten(1, (Hqk, grp)), out=out, states=saved)
         fold = (lambda x: x.squeeze(2)) if grp == 1 else (lambda x: x.sum(2))  # noqa: E731
