@@ -171,8 +171,12 @@ class _GatedDelta(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, beta, level_scales, log_decay, *kept = ctx.saved_tensors
         chunks = Chunks(*kept, ctx.chunk, ctx.n) if kept else None
+        # gradients laid out like the inputs, as the attention's (its backward says why); a broadcast
+        # input's gradient comes per batch entry, for autograd to sum
+        out = tuple(None if x is None or 0 in x.stride() else torch.empty_like(x)
+                    for x in (q, k, v, beta, level_scales, log_decay))
         grads = gated_delta_backward(q, k, v, beta, level_scales, log_decay, ctx.scale, do, chunk=ctx.chunk,
-                                     chunks=chunks)
+                                     chunks=chunks, out=out)
         return (*grads, None, None, None, None)
 
 

@@ -490,6 +490,20 @@ def test_backward_out_buffers_in_the_inputs_layout(T, decay):
         backward(q, k, v, beta, lam, g, 0.4, do, chunk=CHUNK, out=(None, [1], None, None, None, None))
 
 
+def test_autograd_gradients_laid_out_as_the_inputs():
+    """``kernels.gated_delta`` on ``(N, H, T, D)`` views of fla-layout tensors: the gradients autograd
+    returns for the views are laid out as the views (so the tensors' own gradients are contiguous),
+    equal to those of contiguous copies of the inputs."""
+    q, k, v, beta, lam, g, do = _fla_layout(np.random.default_rng(3), 2, 37, 3, 4, 5, DTYPES[0])
+    views = [x.detach().requires_grad_() for x in (q, k, v, beta, lam, g)]
+    got = torch.autograd.grad(kernels.gated_delta(*views, 0.4, chunk=CHUNK), views, do)
+    dense = [x.detach().contiguous().requires_grad_() for x in (q, k, v, beta, lam, g)]
+    want = torch.autograd.grad(kernels.gated_delta(*dense, 0.4, chunk=CHUNK), dense, do)
+    for name, a, b, like in zip(NAMES, got, want, views):
+        assert a.stride() == like.stride(), name
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
 def test_operator_backward_gradients_laid_out_as_the_inputs():
     """The operator's backward on the triton backend (``gated_delta_vjp``) hands back gradients laid
