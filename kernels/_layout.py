@@ -257,10 +257,10 @@ def collapse_grouped(batch: tuple, tensors: list, grouped):
     if len(runs) <= 2:
         return (*_fold(batch, runs, tensors), 1)
     others = [None if i in grouped else x for i, x in enumerate(tensors)]
-    runs = _runs(batch, others)
-    if len(runs) == 2:
-        outer, inner = runs
-        strides, groups = list(_fold(batch, runs, others)[2]), set()
+    other_runs = _runs(batch, others)
+    if len(other_runs) == 2:
+        outer, inner = other_runs
+        strides, groups = list(_fold(batch, other_runs, others)[2]), set()
         for i in grouped:
             x = tensors[i]
             if x is None:
@@ -277,7 +277,7 @@ def collapse_grouped(batch: tuple, tensors: list, grouped):
             if len(groups) == 1 and (group := groups.pop()) > 1:
                 return (math.prod(batch[d] for d in outer), math.prod(batch[d] for d in inner), strides, tensors,
                         group)
-    return (*collapse_batch(batch, tensors), 1)
+    return (*_fold_in_two(batch, runs, tensors), 1)
 
 
 def _runs(batch, tensors):
