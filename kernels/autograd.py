@@ -29,6 +29,15 @@ from .matmul_backward import matmul_backward
 __all__ = ["attention", "bucket_states", "carried_reads", "gated_delta", "matmul"]
 
 
+def _buffers_like(*inputs):
+    """The backward kernels' ``out=``: for each input a buffer laid out like it (a view's gradient then
+    has its base's layout: a ``(B, H, T, D)`` view of a ``(B, T, H, D)`` tensor gets a ``(B, T, H, D)``
+    gradient, and adding it to ``.grad`` or to another gradient runs on contiguous memory, 2.5x faster
+    on an H200); None for an absent or broadcast input (grouped heads' ``q``, ``k``), whose gradient
+    comes per batch entry for autograd to sum."""
+    return tuple(None if x is None or 0 in x.stride() else torch.empty_like(x) for x in inputs)
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, level_scales, log_decay, scale, chunk, check, save_states):
@@ -45,13 +54,8 @@ class _Attention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, do):
         q, k, v, level_scales, log_decay, *states = ctx.saved_tensors
-        # gradients laid out like the inputs (a view's gradient then has its base's layout: a
-        # (B, H, T, D) view of a (B, T, H, D) tensor gets a (B, T, H, D) gradient, and adding it to
-        # .grad or to another gradient runs on contiguous memory, 2.5x faster on an H200); a broadcast
-        # input's gradient (grouped heads' q, k) comes per batch entry, for autograd to sum
-        out = tuple(None if 0 in x.stride() else torch.empty_like(x) for x in (q, k, v, level_scales))
         dq, dk, dv, dlam, dg = attention_backward(q, k, v, level_scales, log_decay, ctx.scale, do, chunk=ctx.chunk,
-                                                  out=out, states=states or None)
+                                                  out=_buffers_like(q, k, v, level_scales), states=states or None)
         return dq, dk, dv, dlam, dg, None, None, None, None
 
 
@@ -171,12 +175,8 @@ class _GatedDelta(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, beta, level_scales, log_decay, *kept = ctx.saved_tensors
         chunks = Chunks(*kept, ctx.chunk, ctx.n) if kept else None
-        # gradients laid out like the inputs, as the attention's (its backward says why); a broadcast
-        # input's gradient comes per batch entry, for autograd to sum
-        out = tuple(None if x is None or 0 in x.stride() else torch.empty_like(x)
-                    for x in (q, k, v, beta, level_scales, log_decay))
         grads = gated_delta_backward(q, k, v, beta, level_scales, log_decay, ctx.scale, do, chunk=ctx.chunk,
-                                     chunks=chunks, out=out)
+                                     chunks=chunks, out=_buffers_like(q, k, v, beta, level_scales, log_decay))
         return (*grads, None, None, None, None)
 
 

@@ -162,6 +162,23 @@ def kept_chunk_shapes(q, v, has_decay: bool) -> dict:
     return chunk_shapes(N * H, T, q.shape[-1], Dv, v.dtype, has_decay, DEFAULT_CHUNK["gated_delta"])
 
 
+def _grouped_buffers(Hqk: int, grp: int, queries, keys, *others):
+    """The backward kernels' ``out=`` on :func:`hodlr.backends.grouped_heads` views: for each input a
+    buffer laid out like it, seen as ``(N, Hqk, grp, T, ·)``, so the gradients need no copy; None for
+    an absent input, and for the queries' and keys' where ``grp > 1`` (their gradients come per value
+    head, for :func:`_sum_groups`)."""
+    import torch
+
+    like = (queries, keys) if grp == 1 else (None, None)
+    return tuple(None if x is None else torch.empty_like(x).unflatten(1, (Hqk, grp)) for x in (*like, *others))
+
+
+def _sum_groups(x):
+    """The gradient ``(N, Hqk, grp, T, D)`` of a query/key head summed over the value heads of its group
+    (one value head a group: a view, no copy)."""
+    return x.squeeze(2) if x.shape[2] == 1 else x.sum(2)
+
+
 def gated_delta_vjp(q, k, v, beta, level_scales, log_decay, scale, do, saved=None):
     """Gradients ``(dq, dk, dv, dbeta, dlevel_scales, dlog_decay)`` of :func:`gated_delta_attention` on
     the layout of ``hodlr.log_linear_gated_delta_rule``'s operator (``q, k (N, Hqk, T, Dk)``,
@@ -169,8 +186,6 @@ def gated_delta_vjp(q, k, v, beta, level_scales, log_decay, scale, do, saved=Non
     ``do (N, H, T, Dv)``, straight from the backward kernels: the forward's output is not recomputed,
     and its chunk products and hierarchy only when ``saved`` (the ``X, W, states, trans, decays`` of
     :func:`gated_delta_keeping_chunks`) is None.  ``dlog_decay`` is None without ``log_decay``."""
-    import torch
-
     from hodlr import kernels
     from hodlr.backends import grouped_heads
     from hodlr.kernels import DEFAULT_CHUNK
@@ -184,17 +199,11 @@ def gated_delta_vjp(q, k, v, beta, level_scales, log_decay, scale, do, saved=Non
     else:  # X is (batch, n, C, C)
         chunk = saved[0].shape[2]
         chunks = Chunks(*saved, chunk, saved[0].shape[1])
-    # gradients written straight into buffers laid out like the inputs (no copies); dq, dk of a
-    # group of value heads are summed after
-    like = (None, None) if grp > 1 else (q, k)
-    out = tuple(None if x is None else torch.empty_like(x).unflatten(1, (Hqk, grp))
-                for x in (*like, v, beta, level_scales, log_decay))
+    out = _grouped_buffers(Hqk, grp, q, k, v, beta, level_scales, log_decay)
     dq, dk, dv, dbeta, dlam, dg = kernels.gated_delta_backward(q5, k5, v5, beta.unflatten(1, (Hqk, grp)), lam5, g5,
                                                                scale, do.unflatten(1, (Hqk, grp)), chunk=chunk,
                                                                chunks=chunks, out=out)
-    # one value head a query head: a view, no copy
-    fold = (lambda x: x.squeeze(2)) if grp == 1 else (lambda x: x.sum(2))  # noqa: E731
-    return (fold(dq), fold(dk), dv.flatten(1, 2), dbeta.flatten(1, 2), dlam.flatten(1, 2),
+    return (_sum_groups(dq), _sum_groups(dk), dv.flatten(1, 2), dbeta.flatten(1, 2), dlam.flatten(1, 2),
             None if dg is None else dg.flatten(1, 2))
 
 
@@ -217,8 +226,6 @@ def attention_state_vjp(q, k, v, level_scales, log_decay, scale, initial_state, 
     ``S``, or None), straight from the backward kernels: the forward is not recomputed.
     ``dlog_decay`` / ``dinitial_state`` are None for an absent ``log_decay`` / state.  ``saved``: the
     ``(states, logdec)`` of :func:`attention_keeping_states` for the common path (else recomputed)."""
-    import torch
-
     from hodlr import kernels
 
     if initial_state is None and cu_seqlens is None and dfinal is None:
@@ -226,16 +233,11 @@ def attention_state_vjp(q, k, v, level_scales, log_decay, scale, initial_state, 
         from hodlr.backends import grouped_heads
 
         Hqk, grp = q.shape[1], v.shape[1] // q.shape[1]
-        # gradients written straight into buffers laid out like the inputs (no copies); dq, dk of a
-        # group of value heads are summed after
-        like = (q, q) if grp == 1 else (None, None)
-        out = tuple(None if x is None else torch.empty_like(x).unflatten(1, (Hqk, grp))
-                    for x in (*like, v, level_scales))
+        out = _grouped_buffers(Hqk, grp, q, q, v, level_scales)  # dq, dk through one set of strides
         dq, dk, dv, dlam, dg = kernels.attention_backward(*grouped_heads(q, k, v, level_scales, log_decay), scale,
                                                           do.unflatten(1, (Hqk, grp)), out=out, states=saved)
-        fold = (lambda x: x.squeeze(2)) if grp == 1 else (lambda x: x.sum(2))  # noqa: E731
-        return (fold(dq), fold(dk), dv.flatten(1, 2), dlam.flatten(1, 2), None if dg is None else dg.flatten(1, 2),
-                None)
+        return (_sum_groups(dq), _sum_groups(dk), dv.flatten(1, 2), dlam.flatten(1, 2),
+                None if dg is None else dg.flatten(1, 2), None)
     return kernels.attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal,
                                             initial_state=initial_state, initial_positions=initial_positions,
                                             cu_seqlens=cu_seqlens)
