@@ -12,8 +12,11 @@ Reverse mode through the forward's three stages, for a cotangent ``dO``:
    of ``dH_h`` and ``q_{k-1}ᵀ dq_k`` of ``dT_h`` of the block it reads (summed over the group's
    chunks that read it, then added once: stored where the group holds every reader of the block,
    atomically otherwise), and carries ``dq_{k-1} = dq_k T_{h_k}ᵀ + scale λ_{h_k} ⊙ dO H_{h_k}ᵀ``
-   down to ``dQ̃ = dq_0``.  ``q_{k-1}`` is recomputed from ``Q̃`` at each set bit (``m(m-1)/2``
-   moves of ``(C, Dk)`` rows per chunk; nothing of size ``T log T`` is stored).
+   down to ``dQ̃ = dq_0``.  ``q_{k-1}`` is recomputed at each set bit, nothing of size ``T log T``
+   is stored: from the group's level up (the bits its chunks share) as ``P M``, ``P`` the chunk's
+   ``Q̃`` moved across its set bits below that level (once) and ``M`` the group's product of the
+   transitions it crosses above (once a level), for keys up to ``READER_SHARED_MOVES_MAX_DK``;
+   otherwise ``Q̃`` moved across every set bit below the level (``m(m-1)/2`` moves a chunk).
 3. ``_reverse_hierarchy_kernel`` (one launch per level, top down) is the adjoint of
    ``H_{h+1}[m] = T_h[2m+1] H_h[2m] + H_h[2m+1]``, ``T_{h+1}[m] = T_h[2m+1] T_h[2m]``: it moves
    ``dH``, ``dT`` of every block to its two halves, down to the chunks (level 0: ``dU``, ``dTr``).
