@@ -51,9 +51,8 @@ one block add their ``dH``, ``dT`` shares to it once (H200: ``docs/kernels.md`` 
 READER_SHARED_MOVES_MAX_DK = 64
 """Widest key whose reader reads the levels from ``log2(READER_GROUP)`` up as ``P M`` (a chunk's
 rows moved across its low set bits once, times the group's product of the transitions above):
-fewer moves at ``Dk = 64`` (reader 8.03 → 7.10 ms at T = 65,536), more time at 128, where the
-``Dk × Dk`` float32 products and loads of ``M`` cost more than the moves they save (9.97 → 10.91
-ms at 8,192; ``docs/kernels.md`` §7.4)."""
+fewer moves at ``Dk = 64`` (reader 8.03 → 7.10 ms at T = 65,536), more time at 128, where ``M``
+is a ``128 × 128`` float32 tile (9.97 → 10.91 ms at 8,192; ``docs/kernels.md`` §7.4)."""
 
 READER_VALUE_TILE = 128
 """Widest value tile of the reader kernel: one tile keeps a group's ``dH`` share in registers;
