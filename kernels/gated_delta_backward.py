@@ -89,6 +89,23 @@ def _add_shares(dh_ptr, dt_ptr, blk, acc_h, acc_t, moved, owned, dk, DK, DV, BDV
         _add_block(dt_ptr, blk, acc_t, dk, dk, DK, DK, owned)
 
 
+@triton.jit
+def _moved_below(x, i, top, tr_ptr, gm_ptr, base, n_chunks, dk, DK, HAS_G: tl.constexpr, ACC: tl.constexpr,
+                 PREC: tl.constexpr):
+    """The rows ``x`` of chunk ``i`` moved across the blocks it reads below level ``top``: times the
+    transition of block ``(i >> h) - 1`` of level ``h`` for each set bit ``h < top``, low to high
+    (``base``: the batch entry's first block)."""
+    h = 0
+    off = 0
+    while h < top:
+        if ((i >> h) & 1) == 1:
+            x = tl.dot(x, transition_tile(tr_ptr, gm_ptr, base + off + (i >> h) - 1, dk, dk, DK, HAS_G, ACC),
+                       input_precision=PREC, out_dtype=ACC)
+        off += n_chunks >> h
+        h += 1
+    return x
+
+
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sgb0",
                                "sgb1", "sdlb0", "sdlb1", "sdlt", "GRP"])
 def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, qt_ptr,
@@ -133,15 +150,8 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
                                              out_dtype=ACC)
             store_matrix_tile(qt_ptr, row, Qt, r, dk, C, DK)
             if (n_bits > LOG_GROUP) & SHARED_MOVES:  # P: Q̃ moved across the set bits below LOG_GROUP
-                h2 = 0
-                off2 = 0
-                while h2 < LOG_GROUP:
-                    if ((i >> h2) & 1) == 1:
-                        Qt = tl.dot(Qt, transition_tile(tr_ptr, gm_ptr, bh * n_total + off2 + (i >> h2) - 1, dk, dk,
-                                                        DK, HAS_G, ACC), input_precision=PREC, out_dtype=ACC)
-                    off2 += n_chunks >> h2
-                    h2 += 1
-                store_matrix_tile(pt_ptr, row, Qt, r, dk, C, DK)
+                store_matrix_tile(pt_ptr, row, _moved_below(Qt, i, LOG_GROUP, tr_ptr, gm_ptr, bh * n_total, n_chunks,
+                                                            dk, DK, HAS_G, ACC, PREC), r, dk, C, DK)
             if i == 0:  # reads no block: dQ̃ = 0 (every other chunk stores its dq at its lowest set bit)
                 store_matrix_tile(dqt_ptr, row, tl.zeros((C, BDK), dtype=ACC), r, dk, C, DK)
             hi = LOG_C + 1 + n_bits + col_l
@@ -156,7 +166,7 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
         lv += 1
         if lv == LOG_GROUP:
             off_high = off
-    group_row = bh * ((n_chunks + GROUP - 1) // GROUP) + grp
+    group_row = bh * tl.num_programs(0) + grp  # this program's M
     h = n_bits - 1
     while h >= 0:
         owned = h < LOG_GROUP  # every reader of a block of this level is a chunk of this group
@@ -206,16 +216,8 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
                             qh = tl.dot(qh, matrix_tile(mt_ptr, group_row, dk, dk, DK, DK, ACC), input_precision=PREC,
                                         out_dtype=ACC)
                     else:  # Q̃ moved across the blocks of the set bits below h
-                        qh = matrix_tile(qt_ptr, row, r, dk, C, DK, ACC)
-                        h2 = 0
-                        off2 = 0
-                        while h2 < h:
-                            if ((i >> h2) & 1) == 1:
-                                qh = tl.dot(qh, transition_tile(tr_ptr, gm_ptr, bh * n_total + off2 + (i >> h2) - 1,
-                                                                dk, dk, DK, HAS_G, ACC), input_precision=PREC,
-                                            out_dtype=ACC)
-                            off2 += n_chunks >> h2
-                            h2 += 1
+                        qh = _moved_below(matrix_tile(qt_ptr, row, r, dk, C, DK, ACC), i, h, tr_ptr, gm_ptr,
+                                          bh * n_total, n_chunks, dk, DK, HAS_G, ACC, PREC)
                     lam = tl.load(l_base + t * slt + col * sll, mask=tmask, other=0.0).to(ACC)
                     lq = tl.trans(scale * lam[:, None] * qh)
                     G_h = tl.zeros((C, BDK), dtype=ACC)  # dO H_hᵀ
