@@ -13,10 +13,9 @@ Reverse mode through the forward's three stages, for a cotangent ``dO``:
    chunks that read it, then added once: stored where the group holds every reader of the block,
    atomically otherwise), and carries ``dq_{k-1} = dq_k T_{h_k}ᵀ + scale λ_{h_k} ⊙ dO H_{h_k}ᵀ``
    down to ``dQ̃ = dq_0``.  ``q_{k-1}`` is recomputed at each set bit, nothing of size ``T log T``
-   is stored: from the group's level up (the bits its chunks share) as ``P M``, ``P`` the chunk's
-   ``Q̃`` moved across its set bits below that level (once) and ``M`` the group's product of the
-   transitions it crosses above (once a level), for keys up to ``READER_SHARED_MOVES_MAX_DK``;
-   otherwise ``Q̃`` moved across every set bit below the level (``m(m-1)/2`` moves a chunk).
+   is stored: below the group's level ``Q̃`` moved across every set bit below the level, from the
+   group's level up ``P`` (the chunk's ``Q̃`` moved across its set bits below the group's level,
+   once) moved across the set bits from the group's level to the level.
 3. ``_reverse_hierarchy_kernel`` (one launch per level, top down) is the adjoint of
    ``H_{h+1}[m] = T_h[2m+1] H_h[2m] + H_h[2m+1]``, ``T_{h+1}[m] = T_h[2m+1] T_h[2m]``: it moves
    ``dH``, ``dT`` of every block to its two halves, down to the chunks (level 0: ``dU``, ``dTr``).
@@ -47,12 +46,6 @@ READER_GROUP = 8
 """Chunks per program of the reader kernel, a power of two (groups aligned to it hold every
 reader of a block of the levels below ``log2(READER_GROUP)``): the chunks of a group that read
 one block add their ``dH``, ``dT`` shares to it once (H200: ``docs/kernels.md`` §3)."""
-
-READER_SHARED_MOVES_MAX_DK = 64
-"""Widest key whose reader reads the levels from ``log2(READER_GROUP)`` up as ``P M`` (a chunk's
-rows moved across its low set bits once, times the group's product of the transitions above):
-fewer moves at ``Dk = 64`` (reader 8.03 → 7.10 ms at T = 65,536), more time at 128, where ``M``
-is a ``128 × 128`` float32 tile (9.97 → 10.91 ms at 8,192; ``docs/kernels.md`` §7.4)."""
 
 READER_VALUE_TILE = 128
 """Widest value tile of the reader kernel: one tile keeps a group's ``dH`` share in registers;
@@ -90,13 +83,16 @@ def _add_shares(dh_ptr, dt_ptr, blk, acc_h, acc_t, moved, owned, dk, DK, DV, BDV
 
 
 @triton.jit
-def _moved_below(x, i, top, tr_ptr, gm_ptr, base, n_chunks, dk, DK, HAS_G: tl.constexpr, ACC: tl.constexpr,
-                 PREC: tl.constexpr):
-    """The rows ``x`` of chunk ``i`` moved across the blocks it reads below level ``top``: times the
-    transition of block ``(i >> h) - 1`` of level ``h`` for each set bit ``h < top``, low to high
-    (``base``: the batch entry's first block)."""
+def _moved_between(x, i, BOTTOM: tl.constexpr, top, tr_ptr, gm_ptr, base, n_chunks, dk, DK, HAS_G: tl.constexpr,
+                   ACC: tl.constexpr, PREC: tl.constexpr):
+    """The rows ``x`` of chunk ``i`` moved across the blocks it reads from level ``BOTTOM`` below
+    level ``top``: times the transition of block ``(i >> h) - 1`` of level ``h`` for each set bit
+    ``BOTTOM <= h < top``, low to high (``base``: the batch entry's first block)."""
     h = 0
     off = 0
+    while h < BOTTOM:
+        off += n_chunks >> h
+        h += 1
     while h < top:
         if ((i >> h) & 1) == 1:
             x = tl.dot(x, transition_tile(tr_ptr, gm_ptr, base + off + (i >> h) - 1, dk, dk, DK, HAS_G, ACC),
@@ -109,24 +105,22 @@ def _moved_below(x, i, top, tr_ptr, gm_ptr, base, n_chunks, dk, DK, HAS_G: tl.co
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt", "sgb0",
                                "sgb1", "sdlb0", "sdlb1", "sdlt", "GRP"])
 def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, qt_ptr,
-                   pt_ptr, mt_ptr, dqt_ptr, dl_ptr, T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr,
+                   pt_ptr, dqt_ptr, dl_ptr, T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr,
                    DV: tl.constexpr, scale, GRP,
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, sob0, sob1, sot, sod, slb0, slb1, slt, sll,
                    sgb0, sgb1, sgt, sdlb0, sdlb1, sdlt, sdll, C: tl.constexpr, LOG_C: tl.constexpr,
                    BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr, GROUP: tl.constexpr,
-                   LOG_GROUP: tl.constexpr, SHARED_MOVES: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr,
-                   PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr):
+                   LOG_GROUP: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                   EXACT: tl.constexpr, NATIVE: tl.constexpr):
     """Program ``(group of GROUP chunks, batch entry)``: stage 2 of the module docstring, level by
     level from the top down, the group's chunks in order inside a level.  The chunks of a group
     that read one block add their shares to ``dH``, ``dT`` in registers and the block gets them
     once: stored where the group holds all of the block's readers (levels below ``LOG_GROUP``),
     added atomically otherwise (a value side wider than one tile adds each chunk's ``dH`` share
     atomically, tile by tile).  ``Q̃`` and the carried ``dq`` of each chunk live in ``qt`` and
-    ``dqt`` between levels.  The group's chunks share their bits from ``LOG_GROUP`` up, so with
-    ``SHARED_MOVES`` a level from there reads its rows as ``P M``: ``P`` (in ``pt``) the chunk's
-    ``Q̃`` moved across its set bits below ``LOG_GROUP``, once, and ``M`` (in ``mt``, one a group)
-    the product of the transitions the group crosses between ``LOG_GROUP`` and the level, formed
-    once a level.  Without it each level moves ``Q̃`` across every set bit below it."""
+    ``dqt`` between levels.  A level below ``LOG_GROUP`` moves ``Q̃`` across every set bit below it;
+    a level from ``LOG_GROUP`` up moves ``P`` (in ``pt``: the chunk's ``Q̃`` moved across its set
+    bits below ``LOG_GROUP``, once) across the set bits from ``LOG_GROUP`` below the level."""
     grp = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b0, b1 = bh // B1, bh % B1
@@ -149,9 +143,9 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
             Qt = gamma[:, None] * Q - tl.dot(Sq, matrix_tile(w_ptr, row, r, dk, C, DK, ACC), input_precision=PREC,
                                              out_dtype=ACC)
             store_matrix_tile(qt_ptr, row, Qt, r, dk, C, DK)
-            if (n_bits > LOG_GROUP) & SHARED_MOVES:  # P: Q̃ moved across the set bits below LOG_GROUP
-                store_matrix_tile(pt_ptr, row, _moved_below(Qt, i, LOG_GROUP, tr_ptr, gm_ptr, bh * n_total, n_chunks,
-                                                            dk, DK, HAS_G, ACC, PREC), r, dk, C, DK)
+            if n_bits > LOG_GROUP:  # P: Q̃ moved across the set bits below LOG_GROUP
+                store_matrix_tile(pt_ptr, row, _moved_between(Qt, i, 0, LOG_GROUP, tr_ptr, gm_ptr, bh * n_total,
+                                                              n_chunks, dk, DK, HAS_G, ACC, PREC), r, dk, C, DK)
             if i == 0:  # reads no block: dQ̃ = 0 (every other chunk stores its dq at its lowest set bit)
                 store_matrix_tile(dqt_ptr, row, tl.zeros((C, BDK), dtype=ACC), r, dk, C, DK)
             hi = LOG_C + 1 + n_bits + col_l
@@ -159,39 +153,14 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
                      mask=tmask[:, None] & (hi[None, :] < L))
     tl.debug_barrier()
     off = 0
-    off_high = 0  # the first block of level LOG_GROUP
     lv = 0
     while lv < n_bits - 1:
         off += n_chunks >> lv
         lv += 1
-        if lv == LOG_GROUP:
-            off_high = off
-    group_row = bh * tl.num_programs(0) + grp  # this program's M
     h = n_bits - 1
     while h >= 0:
         owned = h < LOG_GROUP  # every reader of a block of this level is a chunk of this group
         col = LOG_C + 1 + h  # the level-scale column of this level
-        high = (h >= LOG_GROUP) & SHARED_MOVES  # rows read as P M
-        crossed = 0  # M holds the transitions the group crosses in [LOG_GROUP, h)
-        if high:
-            if ((grp >> (h - LOG_GROUP)) & 1) == 1:
-                m = tl.zeros((BDK, BDK), dtype=ACC)
-                h2 = LOG_GROUP
-                off2 = off_high
-                while h2 < h:
-                    if ((grp >> (h2 - LOG_GROUP)) & 1) == 1:
-                        tr = transition_tile(tr_ptr, gm_ptr, bh * n_total + off2 + (grp >> (h2 - LOG_GROUP)) - 1, dk,
-                                             dk, DK, HAS_G, ACC)
-                        if crossed == 1:
-                            m = tl.dot(m, tr, input_precision=PREC, out_dtype=ACC)
-                        else:
-                            m = tr
-                        crossed = 1
-                    off2 += n_chunks >> h2
-                    h2 += 1
-                if crossed == 1:
-                    store_matrix_tile(mt_ptr, group_row, m, dk, dk, DK, DK)
-                tl.debug_barrier()  # every chunk of the group reads M
         acc_h = tl.zeros((BDK, BDV), dtype=ACC)
         acc_t = tl.zeros((BDK, BDK), dtype=ACC)
         held = bh * 0 - 1  # the block whose shares acc_h, acc_t hold
@@ -210,14 +179,12 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
                         acc_t = tl.zeros((BDK, BDK), dtype=ACC)
                         moved = 0
                     held = blk
-                    if high:  # P M
-                        qh = matrix_tile(pt_ptr, row, r, dk, C, DK, ACC)
-                        if crossed == 1:
-                            qh = tl.dot(qh, matrix_tile(mt_ptr, group_row, dk, dk, DK, DK, ACC), input_precision=PREC,
-                                        out_dtype=ACC)
-                    else:  # Q̃ moved across the blocks of the set bits below h
-                        qh = _moved_below(matrix_tile(qt_ptr, row, r, dk, C, DK, ACC), i, h, tr_ptr, gm_ptr,
-                                          bh * n_total, n_chunks, dk, DK, HAS_G, ACC, PREC)
+                    if owned:  # Q̃ moved across the blocks of the set bits below h
+                        qh = _moved_between(matrix_tile(qt_ptr, row, r, dk, C, DK, ACC), i, 0, h, tr_ptr, gm_ptr,
+                                            bh * n_total, n_chunks, dk, DK, HAS_G, ACC, PREC)
+                    else:  # P moved across the blocks of the set bits from LOG_GROUP below h
+                        qh = _moved_between(matrix_tile(pt_ptr, row, r, dk, C, DK, ACC), i, LOG_GROUP, h, tr_ptr,
+                                            gm_ptr, bh * n_total, n_chunks, dk, DK, HAS_G, ACC, PREC)
                     lam = tl.load(l_base + t * slt + col * sll, mask=tmask, other=0.0).to(ACC)
                     lq = tl.trans(scale * lam[:, None] * qh)
                     G_h = tl.zeros((C, BDK), dtype=ACC)  # dO H_hᵀ
@@ -516,20 +483,18 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     reader_tile = block(DV, READER_VALUE_TILE)
     dH, dT = _gradient_pyramid(ch, offsets, group, DV <= reader_tile)
     Qt = _layout.scratch((B, n, C, DK), work, dev)
-    shared = DK <= READER_SHARED_MOVES_MAX_DK
-    high = shared and n_bits > group.bit_length() - 1  # levels read as P M
+    high = n_bits > group.bit_length() - 1  # levels read from P
     Pt = _layout.scratch((B, n, C, DK) if high else (1,), work, dev)
-    Mt = _layout.scratch((B, cdiv(n, group), DK, DK) if high else (1,), work, dev)
     dQt = _layout.scratch((B, n, C, DK), work, dev)
     dl = targets["dl"][0]
     g_args = layout.decay_args()
     _reader_kernel[(cdiv(n, group), B)](
         layout.tensors["q"], layout.tensors["k"], layout.tensors["do"], layout.tensors["l"], g_args[0], ch.W,
-        ch.states, ch.trans, ch.decay_pointer(), dH, dT, Qt, Pt, Mt, dQt, dl[0], T, layout.B1, n, N, n_bits, L,
+        ch.states, ch.trans, ch.decay_pointer(), dH, dT, Qt, Pt, dQt, dl[0], T, layout.B1, n, N, n_bits, L,
         DK, DV, float(scale), layout.group,
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
         *dl[1:], C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=reader_tile, BL=BL, GROUP=group,
-        LOG_GROUP=group.bit_length() - 1, SHARED_MOVES=shared, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
+        LOG_GROUP=group.bit_length() - 1, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
         NATIVE=not interpreting(),
         num_warps=NUM_WARPS["gated_delta_reader" if DK <= 64 else "gated_delta_reader_wide"],
         **({"maxnreg": MAX_REGISTERS["gated_delta_reader"]} if DK <= 64 and v.dtype in (torch.float16, torch.bfloat16)

@@ -350,25 +350,23 @@ def _two_sequences(rng, T, Dv, extra_levels=1, decay=0.5):
     return q, k, v, beta, lam, g, t
 
 
-@pytest.mark.parametrize("group, value_tile, T, Dv, shared", [
-    (1, 128, 65, 3, True), (1, 128, 130, 3, True), (2, 128, 100, 3, True), (2, 128, 260, 3, True),
-    (2, 128, 260, 3, False), (4, 128, 150, 3, True), (8, 128, 260, 3, True), (8, 128, 260, 3, False),
-    (2, 16, 100, 40, True)])
-def test_gradients_reader_groups(group, value_tile, T, Dv, shared):
+@pytest.mark.parametrize("group, value_tile, T, Dv", [
+    (1, 128, 65, 3), (1, 128, 130, 3), (2, 128, 100, 3), (2, 128, 260, 3), (4, 128, 150, 3), (8, 128, 260, 3),
+    (2, 16, 100, 40)])
+def test_gradients_reader_groups(group, value_tile, T, Dv):
     """The reader kernel's chunk groups: one chunk a program, groups that end past the last chunk
     (7, 10 and 17 chunks of 16; the default group of 8 over three programs, the last of one
-    chunk), levels added atomically by several groups, levels above the group's whose rows cross
-    the blocks of two set bits above it (chunk 7 of 9 in groups of one, chunk 14 of 17 in groups
-    of two: the product ``M`` of two transitions; and, as for keys wider than
-    ``READER_SHARED_MOVES_MAX_DK``, moved level by level instead), and value heads wider than its
-    tile (each chunk's ``dH`` share added tile by tile).  The interpreter runs the programs one
-    after another: races between programs show only on the GPU (``test_gradients_on_gpu``)."""
+    chunk), levels added atomically by several groups, levels above the group's whose rows ``P``
+    cross the blocks of two set bits above it (chunk 7 of 9 in groups of one, chunks 14 and 15 of
+    17 in groups of two, the latter with a set bit below the group's level too), and value heads
+    wider than its tile (each chunk's ``dH`` share added tile by tile).  The interpreter runs the
+    programs one after another: races between programs show only on the GPU
+    (``test_gradients_on_gpu``)."""
     gdb = sys.modules["hodlr.kernels.gated_delta_backward"]
     q, k, v, beta, lam, g, t = _two_sequences(np.random.default_rng(group + T), T, Dv, extra_levels=2)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gdb, "READER_GROUP", group)
         mp.setattr(gdb, "READER_VALUE_TILE", value_tile)
-        mp.setattr(gdb, "READER_SHARED_MOVES_MAX_DK", 128 if shared else 0)
         _check_grads((q, k, v, beta, lam, g), t(2, T, Dv), 0.6, torch.float64, chunk=16)
 
 
