@@ -316,6 +316,8 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
              mask=tmask[:, None] & (col_l[None, :] <= LOG_C) & (col_l[None, :] < L))
     dP = dPL * Lam.to(ACC)
     # the key side: Tr = γ_end I - Kdᵀ W (dTr), U (dE), Q̃ = diag(γ) Q - Sq W (dQ̃), P (dP), with Kd = diag(d) K
+    Q = load_rows(q_ptr, b0, b1 // GRP, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, ACC)  # again: not kept live
+    K = load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
     dTr = matrix_tile(dt_ptr, blk, dk, dk, DK, DK, ACC)
     trace = tl.sum(tl.sum(tl.where(dk[:, None] == dk[None, :], dTr, 0.0), 1), 0)  # dγ_end
     W = matrix_tile(w_ptr, row, r, dk, C, DK, ACC)
@@ -334,7 +336,10 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
     WG = dSq * Sq  # (dSq ⊙ Q Kᵀ) ⊙ Γ: the share of dΓ ⊙ Γ through Sq
     dSqG = dSq * Gam
     dQ += tl.dot(dSqG, K, input_precision=PREC, out_dtype=ACC)
-    dK = tl.dot(tl.trans(dSqG), Q, input_precision=PREC, out_dtype=ACC)
+    kmask = tmask[:, None] & (dk[None, :] < DK)
+    tl.store(dq_ptr + b0 * sdqb0 + b1 * sdqb1 + t[:, None] * sdqt + dk[None, :] * sdqd, dQ, mask=kmask)
+    dd = tl.sum(K * dKd, 1) * d  # (for dg)
+    dK = tl.dot(tl.trans(dSqG), Q, input_precision=PREC, out_dtype=ACC) + d[:, None] * dKd
     # Y = X diag(β),  W = X Z with Z = diag(βγ) K
     X = matrix_tile(x_ptr, row, r, r, C, C, ACC)
     dX = dY * beta[None, :] + tl.dot(dW, tl.trans((beta * gamma)[:, None] * K), input_precision=PREC,
@@ -351,9 +356,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
     KK = tl.dot(K, tl.trans(K), input_precision=PREC, out_dtype=ACC)
     dbeta += tl.sum(dLm * KK * Gam, 1)
     dKK = dLm * beta[:, None] * Gam
-    dK += tl.dot(dKK + tl.trans(dKK), K, input_precision=PREC, out_dtype=ACC) + d[:, None] * dKd
-    kmask = tmask[:, None] & (dk[None, :] < DK)
-    tl.store(dq_ptr + b0 * sdqb0 + b1 * sdqb1 + t[:, None] * sdqt + dk[None, :] * sdqd, dQ, mask=kmask)
+    dK += tl.dot(dKK + tl.trans(dKK), K, input_precision=PREC, out_dtype=ACC)
     tl.store(dk_ptr + b0 * sdkb0 + b1 * sdkb1 + t[:, None] * sdkt + dk[None, :] * sdkd, dK, mask=kmask)
     tl.store(db_ptr + b0 * sdbb0 + b1 * sdbb1 + t * sdbt, dbeta, mask=tmask)
     if HAS_G:
@@ -362,7 +365,6 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
         # the γ_t with t >= u, the d_s with s < u and γ_end
         WG += dKK * KK  # (dLm β ⊙ K Kᵀ) ⊙ Γ: the share through N
         before = r[None, :] < r[:, None]
-        dd = tl.sum(K * dKd, 1) * d
         dg = tl.sum(tl.where(before, tl.cumsum(WG, 0, reverse=True), 0.0), 1) + tl.sum(
             tl.where(before, dd[None, :], 0.0), 1) + tl.cumsum(dgamma * gamma, 0, reverse=True) + trace * gamma_end
         # g of position 0 moves nothing
