@@ -227,8 +227,7 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, of
     ``dH_h[2m+1] = dH_{h+1}[m]`` on those columns; tile ``j = N_DV_TILES + a * (BDK / BT) + b``:
     the ``BT x BT`` block ``(a, b)`` of ``dT_h[2m+1] = dH_{h+1}[m] H_h[2m]ᵀ + dT_{h+1}[m] T_h[2m]ᵀ``
     and of ``dT_h[2m] += T_h[2m+1]ᵀ dT_{h+1}[m]`` (square blocks keep the operands of a 128-wide
-    key inside the shared memory).  Every product runs over ``BT`` rows or columns of the key at a
-    time, so no tile is wider than ``BT x max(BDK, BDV)``.  The readers add only to even blocks (a chunk reads block
+    key inside the shared memory).  The readers add only to even blocks (a chunk reads block
     ``(i >> h) - 1`` with ``i >> h`` odd), so an odd block's gradients are its parent's terms
     alone: stored, not added to."""
     m = tl.program_id(0) // N_TILES
@@ -239,33 +238,27 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, of
     parent = bh * n_total + off_parent + m
     dk = tl.arange(0, BDK)
     if j < N_DV_TILES:
+        T_odd = transition_tile(tr_ptr, gm_ptr, odd, dk, dk, DK, HAS_G, ACC)
         dv = j * BDV + tl.arange(0, BDV)
+        dHp = matrix_tile(dh_ptr, parent, dk, dv, DK, DV, ACC)
         dHe = matrix_tile(dh_ptr, even, dk, dv, DK, DV, ACC)
-        for k0 in tl.static_range(0, BDK, BT):  # T_oddᵀ dH_{h+1}[m] over BT rows at a time
-            kr = k0 + tl.arange(0, BT)
-            dHp = matrix_tile(dh_ptr, parent, kr, dv, DK, DV, ACC)
-            dHe += tl.dot(tl.trans(transition_tile(tr_ptr, gm_ptr, odd, kr, dk, DK, HAS_G, ACC)), dHp,
-                          input_precision=PREC, out_dtype=ACC)
-            store_matrix_tile(dh_ptr, odd, dHp, kr, dv, DK, DV)
-        store_matrix_tile(dh_ptr, even, dHe, dk, dv, DK, DV)
+        store_matrix_tile(dh_ptr, even, dHe + tl.dot(tl.trans(T_odd), dHp, input_precision=PREC, out_dtype=ACC),
+                          dk, dv, DK, DV)
+        store_matrix_tile(dh_ptr, odd, dHp, dk, dv, DK, DV)
     else:
         block_id = j - N_DV_TILES
         rows = (block_id // (BDK // BT)) * BT + tl.arange(0, BT)
         cols = (block_id % (BDK // BT)) * BT + tl.arange(0, BT)
-        acc = tl.zeros((BT, BT), dtype=ACC)
-        dTe = tl.zeros((BT, BT), dtype=ACC)
-        for k0 in tl.static_range(0, BDK, BT):  # the key-wide products over BT columns at a time
-            kr = k0 + tl.arange(0, BT)
-            acc += tl.dot(matrix_tile(dt_ptr, parent, rows, kr, DK, DK, ACC),
-                          tl.trans(transition_tile(tr_ptr, gm_ptr, even, cols, kr, DK, HAS_G, ACC)),
-                          input_precision=PREC, out_dtype=ACC)
-            dTe += tl.dot(tl.trans(transition_tile(tr_ptr, gm_ptr, odd, kr, rows, DK, HAS_G, ACC)),
-                          matrix_tile(dt_ptr, parent, kr, cols, DK, DK, ACC), input_precision=PREC, out_dtype=ACC)
+        acc = tl.dot(matrix_tile(dt_ptr, parent, rows, dk, DK, DK, ACC),
+                     tl.trans(transition_tile(tr_ptr, gm_ptr, even, cols, dk, DK, HAS_G, ACC)), input_precision=PREC,
+                     out_dtype=ACC)
         for d0 in tl.static_range(0, DV, BDV):
             dv = d0 + tl.arange(0, BDV)
             acc += tl.dot(matrix_tile(dh_ptr, parent, rows, dv, DK, DV, ACC),
                           tl.trans(matrix_tile(h_ptr, even, cols, dv, DK, DV, ACC)), input_precision=PREC, out_dtype=ACC)
         store_matrix_tile(dt_ptr, odd, acc, rows, cols, DK, DK)
+        dTe = tl.dot(tl.trans(transition_tile(tr_ptr, gm_ptr, odd, dk, rows, DK, HAS_G, ACC)),
+                     matrix_tile(dt_ptr, parent, dk, cols, DK, DK, ACC), input_precision=PREC, out_dtype=ACC)
         store_matrix_tile(dt_ptr, even, matrix_tile(dt_ptr, even, rows, cols, DK, DK, ACC) + dTe, rows, cols, DK, DK)
 
 
