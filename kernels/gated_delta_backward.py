@@ -83,16 +83,24 @@ def _add_shares(dh_ptr, dt_ptr, blk, acc_h, acc_t, moved, owned, dk, DK, DV, BDV
 
 
 @triton.jit
+def _level_start(n_chunks, h):
+    """Where level ``h`` starts in a batch entry's hierarchy (``level_offsets(n)[h]`` on the host)."""
+    off = 0
+    lv = 0
+    while lv < h:
+        off += n_chunks >> lv
+        lv += 1
+    return off
+
+
+@triton.jit
 def _moved_between(x, i, BOTTOM: tl.constexpr, top, tr_ptr, gm_ptr, base, n_chunks, dk, DK, HAS_G: tl.constexpr,
                    ACC: tl.constexpr, PREC: tl.constexpr):
     """The rows ``x`` of chunk ``i`` moved across the blocks it reads from level ``BOTTOM`` below
     level ``top``: times the transition of block ``(i >> h) - 1`` of level ``h`` for each set bit
     ``BOTTOM <= h < top``, low to high (``base``: the batch entry's first block)."""
-    h = 0
-    off = 0
-    while h < BOTTOM:
-        off += n_chunks >> h
-        h += 1
+    h = BOTTOM
+    off = _level_start(n_chunks, BOTTOM)
     while h < top:
         if ((i >> h) & 1) == 1:
             x = tl.dot(x, transition_tile(tr_ptr, gm_ptr, base + off + (i >> h) - 1, dk, dk, DK, HAS_G, ACC),
@@ -152,11 +160,7 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
             tl.store(dl_base + t[:, None] * sdlt + hi[None, :] * sdll, tl.zeros((C, BL), dtype=ACC),
                      mask=tmask[:, None] & (hi[None, :] < L))
     tl.debug_barrier()
-    off = 0
-    lv = 0
-    while lv < n_bits - 1:
-        off += n_chunks >> lv
-        lv += 1
+    off = _level_start(n_chunks, n_bits - 1)
     h = n_bits - 1
     while h >= 0:
         owned = h < LOG_GROUP  # every reader of a block of this level is a chunk of this group
@@ -478,6 +482,7 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     BT = min(BDK, 64)  # square blocks of dT
     BL = next_power_of_2(L)
     group = READER_GROUP  # not tied to n: one compiled reader for every length
+    log_group = group.bit_length() - 1
     if group < 1 or group & (group - 1):
         raise ValueError(f"READER_GROUP must be a power of two (a group holds every reader of the blocks "
                          f"below its own level), got {group}")
@@ -485,7 +490,7 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     reader_tile = block(DV, READER_VALUE_TILE)
     dH, dT = _gradient_pyramid(ch, offsets, group, DV <= reader_tile)
     Qt = _layout.scratch((B, n, C, DK), work, dev)
-    high = n_bits > group.bit_length() - 1  # levels read from P
+    high = n_bits > log_group  # levels read from P
     Pt = _layout.scratch((B, n, C, DK) if high else (1,), work, dev)
     dQt = _layout.scratch((B, n, C, DK), work, dev)
     dl = targets["dl"][0]
@@ -496,7 +501,7 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         DK, DV, float(scale), layout.group,
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
         *dl[1:], C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=reader_tile, BL=BL, GROUP=group,
-        LOG_GROUP=group.bit_length() - 1, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
+        LOG_GROUP=log_group, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
         NATIVE=not interpreting(),
         num_warps=NUM_WARPS["gated_delta_reader" if DK <= 64 else "gated_delta_reader_wide"],
         **({"maxnreg": MAX_REGISTERS["gated_delta_reader"]} if DK <= 64 and v.dtype in (torch.float16, torch.bfloat16)
