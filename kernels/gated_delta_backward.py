@@ -51,6 +51,12 @@ READER_VALUE_TILE = 128
 """Widest value tile of the reader kernel: one tile keeps a group's ``dH`` share in registers;
 wider value heads add each chunk's share atomically, tile by tile."""
 
+SIDE_LAUNCHES = {"gated_delta_backward": 1, "gated_delta_backward_wide": 2}
+"""Launches of the backward chunk kernel for keys up to 64 wide and wider: 1, or 2 (everything up
+to the adjoint of the solve, then that adjoint, handing over float32 tiles).  Two launches cut
+the wide kernel's spills (ptxas: 696 + 72 bytes against 1,700) and its time by a tenth on the
+H200; at ``Dk = 64`` one launch spills 372 bytes and is the faster (docs/kernels.md §3)."""
+
 MAX_BACKWARD_CHUNK = 32
 """Largest chunk of the backward: its chunk kernel holds every ``(C, C)`` and ``(C, Dk)`` tile of
 a chunk's gradients at once, and at ``C = 64`` asks more shared memory than the H200's 227 KiB
@@ -269,18 +275,25 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, of
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "L", "slb0", "slb1", "slt", "sbb0", "sbb1",
                                "sgb0", "sgb1", "sdbb0", "sdbb1", "sdlb0", "sdlb1", "sdlt", "sdgb0", "sdgb1", "GRP"])
 def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr, dh_ptr, dt_ptr, dqt_ptr,
-                  dq_ptr, dk_ptr, dv_ptr, db_ptr, dl_ptr, dg_ptr,
+                  dq_ptr, dk_ptr, dv_ptr, db_ptr, dl_ptr, dg_ptr, hc_ptr, hk_ptr, hv_ptr,
                   T, B1, n_chunks, n_total, L, DK: tl.constexpr, DV: tl.constexpr, scale, GRP,
                   sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt,
                   sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt,
                   sdqb0, sdqb1, sdqt, sdqd, sdkb0, sdkb1, sdkt, sdkd, sdvb0, sdvb1, sdvt, sdvd, sdbb0, sdbb1, sdbt,
                   sdlb0, sdlb1, sdlt, sdll, sdgb0, sdgb1, sdgt,
                   C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
-                  HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr):
+                  HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
+                  SIDE: tl.constexpr = 0):
     """Program ``(chunk i, batch entry)``: stage 4 of the module docstring (every gradient of the
     chunk's rows given ``dO``, ``dQ̃`` and the chunk's ``dU``, ``dTr``).  The value side first, then
     the key side in the order that lets each tile die early (a tile read again later is loaded
-    again rather than kept: the kernel is bound by its live registers, docs/kernels.md §7.4)."""
+    again rather than kept: the kernel is bound by its live registers, docs/kernels.md §7.4).
+    ``SIDE`` 1 or 2 makes the program one of two launches: everything up to the adjoint of the
+    solve ``X = N⁻¹`` (storing ``dY``, ``WG`` in ``hc``, ``dW`` and ``dk``'s terms so far in ``hk``,
+    ``dγ``, ``dd`` and ``dγ_end`` in ``hv``, float32), and that adjoint (loading them); 0: one
+    program does both."""
+    FRONT: tl.constexpr = SIDE != 2
+    TAIL: tl.constexpr = SIDE != 1
     i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
     r = tl.arange(0, C)
     dk = tl.arange(0, BDK)
@@ -288,91 +301,114 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
     blk = bh * n_total + i
     beta = tl.load(b_ptr + b0 * sbb0 + b1 * sbb1 + t * sbt, mask=tmask, other=0.0).to(ACC)
     Gam, gamma, d, gamma_end = gates(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC, EXACT)
-    Q = load_rows(q_ptr, b0, b1 // GRP, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, ACC)
-    K = load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
-    Sq = tl.dot(Q, tl.trans(K), input_precision=PREC, out_dtype=ACC) * Gam
-    Y = matrix_tile(x_ptr, row, r, r, C, C, ACC) * beta[None, :]
-    # the value side (P = Sq Y, U = E V with E = (diag(d) K)ᵀ Y): dV, dP, dE and dλ of levels 0..c
-    P = tl.dot(Sq, Y, input_precision=PREC, out_dtype=ACC)
-    E = tl.dot(tl.trans(d[:, None] * K), Y, input_precision=PREC, out_dtype=ACC)
-    Lam, lvl = intra_scales(l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
-    PL = P * Lam.to(ACC)
-    dPL = tl.zeros((C, C), dtype=ACC)
-    dE = tl.zeros((BDK, C), dtype=ACC)
-    for d0 in tl.static_range(0, DV, BDV):
-        dv = d0 + tl.arange(0, BDV)
-        V = load_rows(v_ptr, b0, b1, t, tmask, svb0, svb1, svt, svd, dv, DV, ACC)
-        dO = load_rows(do_ptr, b0, b1, t, tmask, sob0, sob1, sot, sod, dv, DV, ACC)
-        dU = matrix_tile(dh_ptr, blk, dk, dv, DK, DV, ACC)
-        dPL += tl.dot(dO, tl.trans(V), input_precision=PREC, out_dtype=ACC)
-        dE += tl.dot(dU, tl.trans(V), input_precision=PREC, out_dtype=ACC)
-        dV = scale * tl.dot(tl.trans(PL), dO, input_precision=PREC, out_dtype=ACC) + tl.dot(
-            tl.trans(E), dU, input_precision=PREC, out_dtype=ACC)
-        tl.store(dv_ptr + b0 * sdvb0 + b1 * sdvb1 + t[:, None] * sdvt + dv[None, :] * sdvd, dV,
-                 mask=tmask[:, None] & (dv[None, :] < DV))
-    dPL = scale * dPL
-    dLam = dPL * P
-    col_l = tl.arange(0, BL)
-    dl = tl.zeros((C, BL), dtype=ACC)
-    for lv in tl.static_range(LOG_C + 1):
-        dl = tl.where(col_l[None, :] == lv, tl.sum(tl.where(lvl == lv, dLam, 0.0), 1)[:, None], dl)
-    tl.store(dl_ptr + b0 * sdlb0 + b1 * sdlb1 + t[:, None] * sdlt + col_l[None, :] * sdll, dl,
-             mask=tmask[:, None] & (col_l[None, :] <= LOG_C) & (col_l[None, :] < L))
-    dP = dPL * Lam.to(ACC)
-    # the key side: Tr = γ_end I - Kdᵀ W (dTr), U (dE), Q̃ = diag(γ) Q - Sq W (dQ̃), P (dP), with Kd = diag(d) K
-    Q = load_rows(q_ptr, b0, b1 // GRP, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, ACC)  # again: not kept live
-    K = load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
-    dTr = matrix_tile(dt_ptr, blk, dk, dk, DK, DK, ACC)
-    trace = tl.sum(tl.sum(tl.where(dk[:, None] == dk[None, :], dTr, 0.0), 1), 0)  # dγ_end
-    W = matrix_tile(w_ptr, row, r, dk, C, DK, ACC)
-    Kd = d[:, None] * K
-    dKd = tl.dot(Y, tl.trans(dE), input_precision=PREC, out_dtype=ACC) - tl.dot(
-        W, tl.trans(dTr), input_precision=PREC, out_dtype=ACC)
-    dW = -tl.dot(Kd, dTr, input_precision=PREC, out_dtype=ACC)
-    dY = tl.dot(Kd, dE, input_precision=PREC, out_dtype=ACC)
-    dQt = matrix_tile(dqt_ptr, row, r, dk, C, DK, ACC)
-    dW -= tl.dot(tl.trans(Sq), dQt, input_precision=PREC, out_dtype=ACC)
-    dgamma = tl.sum(Q * dQt, 1)
-    dQ = gamma[:, None] * dQt
-    dSq = tl.dot(dP, tl.trans(Y), input_precision=PREC, out_dtype=ACC) - tl.dot(
-        dQt, tl.trans(W), input_precision=PREC, out_dtype=ACC)
-    dY += tl.dot(tl.trans(Sq), dP, input_precision=PREC, out_dtype=ACC)
-    WG = dSq * Sq  # (dSq ⊙ Q Kᵀ) ⊙ Γ: the share of dΓ ⊙ Γ through Sq
-    dSqG = dSq * Gam
-    dQ += tl.dot(dSqG, K, input_precision=PREC, out_dtype=ACC)
-    kmask = tmask[:, None] & (dk[None, :] < DK)
-    tl.store(dq_ptr + b0 * sdqb0 + b1 * sdqb1 + t[:, None] * sdqt + dk[None, :] * sdqd, dQ, mask=kmask)
-    dd = tl.sum(K * dKd, 1) * d  # (for dg)
-    dK = tl.dot(tl.trans(dSqG), Q, input_precision=PREC, out_dtype=ACC) + d[:, None] * dKd
-    # Y = X diag(β),  W = X Z with Z = diag(βγ) K
-    X = matrix_tile(x_ptr, row, r, r, C, C, ACC)
-    dX = dY * beta[None, :] + tl.dot(dW, tl.trans((beta * gamma)[:, None] * K), input_precision=PREC,
-                                     out_dtype=ACC)
-    dZ = tl.dot(tl.trans(X), dW, input_precision=PREC, out_dtype=ACC)
-    KdZ = tl.sum(K * dZ, 1)
-    dbeta = tl.sum(X * dY, 0) + gamma * KdZ
-    dgamma += beta * KdZ
-    dK += (beta * gamma)[:, None] * dZ
-    # X = N⁻¹, N = I + strictly_lower(diag(β) (K Kᵀ ⊙ Γ))
-    Xt = tl.trans(X)
-    dN = -tl.dot(tl.dot(Xt, dX, input_precision=PREC, out_dtype=ACC), Xt, input_precision=PREC, out_dtype=ACC)
-    dLm = tl.where(r[:, None] > r[None, :], dN, 0.0)
-    KK = tl.dot(K, tl.trans(K), input_precision=PREC, out_dtype=ACC)
-    dbeta += tl.sum(dLm * KK * Gam, 1)
-    dKK = dLm * beta[:, None] * Gam
-    dK += tl.dot(dKK + tl.trans(dKK), K, input_precision=PREC, out_dtype=ACC)
-    tl.store(dk_ptr + b0 * sdkb0 + b1 * sdkb1 + t[:, None] * sdkt + dk[None, :] * sdkd, dK, mask=kmask)
-    tl.store(db_ptr + b0 * sdbb0 + b1 * sdbb1 + t * sdbt, dbeta, mask=tmask)
-    if HAS_G:
-        # dg_u sums every term whose decay holds g_u, each term once (no difference of sums, which
-        # cancel when a strong decay leaves dg far below its terms): the pairs t >= u > s of Γ,
-        # the γ_t with t >= u, the d_s with s < u and γ_end
-        WG += dKK * KK  # (dLm β ⊙ K Kᵀ) ⊙ Γ: the share through N
-        before = r[None, :] < r[:, None]
-        dg = tl.sum(tl.where(before, tl.cumsum(WG, 0, reverse=True), 0.0), 1) + tl.sum(
-            tl.where(before, dd[None, :], 0.0), 1) + tl.cumsum(dgamma * gamma, 0, reverse=True) + trace * gamma_end
-        # g of position 0 moves nothing
-        tl.store(dg_ptr + b0 * sdgb0 + b1 * sdgb1 + t * sdgt, tl.where(t == 0, 0.0, dg), mask=tmask)
+    if FRONT:
+        Q = load_rows(q_ptr, b0, b1 // GRP, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, ACC)
+        K = load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
+        Sq = tl.dot(Q, tl.trans(K), input_precision=PREC, out_dtype=ACC) * Gam
+        Y = matrix_tile(x_ptr, row, r, r, C, C, ACC) * beta[None, :]
+        # the value side (P = Sq Y, U = E V with E = (diag(d) K)ᵀ Y): dV, dP, dE and dλ of levels 0..c
+        P = tl.dot(Sq, Y, input_precision=PREC, out_dtype=ACC)
+        E = tl.dot(tl.trans(d[:, None] * K), Y, input_precision=PREC, out_dtype=ACC)
+        Lam, lvl = intra_scales(l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
+        PL = P * Lam.to(ACC)
+        dPL = tl.zeros((C, C), dtype=ACC)
+        dE = tl.zeros((BDK, C), dtype=ACC)
+        for d0 in tl.static_range(0, DV, BDV):
+            dv = d0 + tl.arange(0, BDV)
+            V = load_rows(v_ptr, b0, b1, t, tmask, svb0, svb1, svt, svd, dv, DV, ACC)
+            dO = load_rows(do_ptr, b0, b1, t, tmask, sob0, sob1, sot, sod, dv, DV, ACC)
+            dU = matrix_tile(dh_ptr, blk, dk, dv, DK, DV, ACC)
+            dPL += tl.dot(dO, tl.trans(V), input_precision=PREC, out_dtype=ACC)
+            dE += tl.dot(dU, tl.trans(V), input_precision=PREC, out_dtype=ACC)
+            dV = scale * tl.dot(tl.trans(PL), dO, input_precision=PREC, out_dtype=ACC) + tl.dot(
+                tl.trans(E), dU, input_precision=PREC, out_dtype=ACC)
+            tl.store(dv_ptr + b0 * sdvb0 + b1 * sdvb1 + t[:, None] * sdvt + dv[None, :] * sdvd, dV,
+                     mask=tmask[:, None] & (dv[None, :] < DV))
+        dPL = scale * dPL
+        dLam = dPL * P
+        col_l = tl.arange(0, BL)
+        dl = tl.zeros((C, BL), dtype=ACC)
+        for lv in tl.static_range(LOG_C + 1):
+            dl = tl.where(col_l[None, :] == lv, tl.sum(tl.where(lvl == lv, dLam, 0.0), 1)[:, None], dl)
+        tl.store(dl_ptr + b0 * sdlb0 + b1 * sdlb1 + t[:, None] * sdlt + col_l[None, :] * sdll, dl,
+                 mask=tmask[:, None] & (col_l[None, :] <= LOG_C) & (col_l[None, :] < L))
+        dP = dPL * Lam.to(ACC)
+        # the key side: Tr = γ_end I - Kdᵀ W (dTr), U (dE), Q̃ = diag(γ) Q - Sq W (dQ̃), P (dP); Kd = diag(d) K
+        Q = load_rows(q_ptr, b0, b1 // GRP, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, ACC)  # again: not kept live
+        K = load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
+        dTr = matrix_tile(dt_ptr, blk, dk, dk, DK, DK, ACC)
+        trace = tl.sum(tl.sum(tl.where(dk[:, None] == dk[None, :], dTr, 0.0), 1), 0)  # dγ_end
+        W = matrix_tile(w_ptr, row, r, dk, C, DK, ACC)
+        Kd = d[:, None] * K
+        dKd = tl.dot(Y, tl.trans(dE), input_precision=PREC, out_dtype=ACC) - tl.dot(
+            W, tl.trans(dTr), input_precision=PREC, out_dtype=ACC)
+        dW = -tl.dot(Kd, dTr, input_precision=PREC, out_dtype=ACC)
+        dY = tl.dot(Kd, dE, input_precision=PREC, out_dtype=ACC)
+        dQt = matrix_tile(dqt_ptr, row, r, dk, C, DK, ACC)
+        dW -= tl.dot(tl.trans(Sq), dQt, input_precision=PREC, out_dtype=ACC)
+        dgamma = tl.sum(Q * dQt, 1)
+        dQ = gamma[:, None] * dQt
+        dSq = tl.dot(dP, tl.trans(Y), input_precision=PREC, out_dtype=ACC) - tl.dot(
+            dQt, tl.trans(W), input_precision=PREC, out_dtype=ACC)
+        dY += tl.dot(tl.trans(Sq), dP, input_precision=PREC, out_dtype=ACC)
+        WG = dSq * Sq  # (dSq ⊙ Q Kᵀ) ⊙ Γ: the share of dΓ ⊙ Γ through Sq
+        dSqG = dSq * Gam
+        dQ += tl.dot(dSqG, K, input_precision=PREC, out_dtype=ACC)
+        kmask = tmask[:, None] & (dk[None, :] < DK)
+        tl.store(dq_ptr + b0 * sdqb0 + b1 * sdqb1 + t[:, None] * sdqt + dk[None, :] * sdqd, dQ, mask=kmask)
+        dd = tl.sum(K * dKd, 1) * d  # (for dg)
+        dK = tl.dot(tl.trans(dSqG), Q, input_precision=PREC, out_dtype=ACC) + d[:, None] * dKd
+        if SIDE == 1:  # hand over to the adjoint of the solve
+            hrow = row * 2
+            store_matrix_tile(hc_ptr, hrow, dY, r, r, C, C)
+            store_matrix_tile(hc_ptr, hrow + 1, WG, r, r, C, C)
+            store_matrix_tile(hk_ptr, hrow, dW, r, dk, C, DK)
+            store_matrix_tile(hk_ptr, hrow + 1, dK, r, dk, C, DK)
+            tl.store(hv_ptr + row * 3 * C + r, dgamma)
+            tl.store(hv_ptr + row * 3 * C + C + r, dd)
+            tl.store(hv_ptr + row * 3 * C + 2 * C, trace)
+    if SIDE == 2:
+        hrow = row * 2
+        K = load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
+        kmask = tmask[:, None] & (dk[None, :] < DK)
+        dY = matrix_tile(hc_ptr, hrow, r, r, C, C, ACC)
+        WG = matrix_tile(hc_ptr, hrow + 1, r, r, C, C, ACC)
+        dW = matrix_tile(hk_ptr, hrow, r, dk, C, DK, ACC)
+        dK = matrix_tile(hk_ptr, hrow + 1, r, dk, C, DK, ACC)
+        dgamma = tl.load(hv_ptr + row * 3 * C + r)
+        dd = tl.load(hv_ptr + row * 3 * C + C + r)
+        trace = tl.load(hv_ptr + row * 3 * C + 2 * C)
+    if TAIL:
+        # Y = X diag(β),  W = X Z with Z = diag(βγ) K
+        X = matrix_tile(x_ptr, row, r, r, C, C, ACC)
+        dX = dY * beta[None, :] + tl.dot(dW, tl.trans((beta * gamma)[:, None] * K), input_precision=PREC,
+                                         out_dtype=ACC)
+        dZ = tl.dot(tl.trans(X), dW, input_precision=PREC, out_dtype=ACC)
+        KdZ = tl.sum(K * dZ, 1)
+        dbeta = tl.sum(X * dY, 0) + gamma * KdZ
+        dgamma += beta * KdZ
+        dK += (beta * gamma)[:, None] * dZ
+        # X = N⁻¹, N = I + strictly_lower(diag(β) (K Kᵀ ⊙ Γ))
+        Xt = tl.trans(X)
+        dN = -tl.dot(tl.dot(Xt, dX, input_precision=PREC, out_dtype=ACC), Xt, input_precision=PREC, out_dtype=ACC)
+        dLm = tl.where(r[:, None] > r[None, :], dN, 0.0)
+        KK = tl.dot(K, tl.trans(K), input_precision=PREC, out_dtype=ACC)
+        dbeta += tl.sum(dLm * KK * Gam, 1)
+        dKK = dLm * beta[:, None] * Gam
+        dK += tl.dot(dKK + tl.trans(dKK), K, input_precision=PREC, out_dtype=ACC)
+        tl.store(dk_ptr + b0 * sdkb0 + b1 * sdkb1 + t[:, None] * sdkt + dk[None, :] * sdkd, dK, mask=kmask)
+        tl.store(db_ptr + b0 * sdbb0 + b1 * sdbb1 + t * sdbt, dbeta, mask=tmask)
+        if HAS_G:
+            # dg_u sums every term whose decay holds g_u, each term once (no difference of sums, which
+            # cancel when a strong decay leaves dg far below its terms): the pairs t >= u > s of Γ,
+            # the γ_t with t >= u, the d_s with s < u and γ_end
+            WG += dKK * KK  # (dLm β ⊙ K Kᵀ) ⊙ Γ: the share through N
+            before = r[None, :] < r[:, None]
+            dg = tl.sum(tl.where(before, tl.cumsum(WG, 0, reverse=True), 0.0), 1) + tl.sum(
+                tl.where(before, dd[None, :], 0.0), 1) + tl.cumsum(dgamma * gamma, 0, reverse=True) + (
+                trace * gamma_end)
+            # g of position 0 moves nothing
+            tl.store(dg_ptr + b0 * sdgb0 + b1 * sdgb1 + t * sdgt, tl.where(t == 0, 0.0, dg), mask=tmask)
 
 
 def _gradient_pyramid(ch, offsets, group: int, stored_dh: bool):
@@ -515,16 +551,22 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     # written once each, in the inputs' dtypes (the kernel's store rounds as a later conversion would)
     dq, dk, dv, db = (targets[name][0] for name in ("dq", "dk", "dv", "db"))
     dg = targets["dg"][0] if has_g else db
-    _chunk_kernel[(n, B)](
-        layout.tensors["q"], layout.tensors["k"], v, layout.tensors["beta"], layout.tensors["do"],
-        layout.tensors["l"], g_args[0], ch.X, ch.W, dH, dT, dQt, dq[0], dk[0], dv[0], db[0], dl[0], dg[0],
-        T, layout.B1, n, N, L, DK, DV, float(scale), layout.group,
-        *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("beta")[1:4],
-        *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
-        *dq[1:], *dk[1:], *dv[1:], *db[1:4], *dl[1:], *dg[1:4],
-        C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=BL, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
-        # a chunk of 16 halves the row tiles: 4 warps (Triton 3.6 fails to compile it on 8 at Dk = 128)
-        num_warps=NUM_WARPS["gated_delta_backward_wide" if DK > 64 and C >= 32 else "gated_delta_backward"])
+    # a chunk of 16 halves the row tiles: 4 warps (Triton 3.6 fails to compile it on 8 at Dk = 128)
+    setting = "gated_delta_backward_wide" if DK > 64 and C >= 32 else "gated_delta_backward"
+    two = SIDE_LAUNCHES["gated_delta_backward_wide" if DK > 64 else "gated_delta_backward"] == 2
+    hc = _layout.scratch((B, n, 2, C, C) if two else (1,), work, dev)  # dY, WG
+    hk = _layout.scratch((B, n, 2, C, DK) if two else (1,), work, dev)  # dW, dk's terms so far
+    hv = _layout.scratch((B, n, 3, C) if two else (1,), work, dev)  # dγ, dd, dγ_end
+    for side in (1, 2) if two else (0,):
+        _chunk_kernel[(n, B)](
+            layout.tensors["q"], layout.tensors["k"], v, layout.tensors["beta"], layout.tensors["do"],
+            layout.tensors["l"], g_args[0], ch.X, ch.W, dH, dT, dQt, dq[0], dk[0], dv[0], db[0], dl[0], dg[0], hc,
+            hk, hv, T, layout.B1, n, N, L, DK, DV, float(scale), layout.group,
+            *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("beta")[1:4],
+            *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
+            *dq[1:], *dk[1:], *dv[1:], *db[1:4], *dl[1:], *dg[1:4],
+            C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=BL, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
+            SIDE=side, num_warps=NUM_WARPS[setting])
     batch = layout.batch
 
     def shaped(name, like, tail):

@@ -15,6 +15,7 @@ The ``gpu`` tests run bfloat16 on CUDA against the float64 reference.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
 
 import numpy as np
@@ -337,13 +338,13 @@ def test_hierarchy_levels_must_be_positive_ints(levels):
             kernels.gated_delta_forward(q, k, v, beta, lam, g, 0.5, chunk=16)
 
 
-def _two_sequences(rng, T, Dv, extra_levels=1, decay=0.5):
-    """``(q, k, v, beta, lam, g, draw)`` of two float64 sequences: ``Dk = 3``, unit keys, β in
+def _two_sequences(rng, T, Dv, extra_levels=1, decay=0.5, Dk=3):
+    """``(q, k, v, beta, lam, g, draw)`` of two float64 sequences: ``Dk`` wide unit keys, β in
     ``[0, 2)``, level scales in ``[-0.5, 1.5)`` with ``extra_levels`` columns past ``num_levels(T)``
     and never-read ones NaN, log-decays in ``(-decay, 0]`` (None for ``decay=None``); ``draw(*shape)``
     draws more standard normals from ``rng``."""
     t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
-    q, k, v = t(2, T, 3), torch.nn.functional.normalize(t(2, T, 3), dim=-1), t(2, T, Dv)
+    q, k, v = t(2, T, Dk), torch.nn.functional.normalize(t(2, T, Dk), dim=-1), t(2, T, Dv)
     beta = torch.as_tensor(rng.uniform(0, 2, (2, T)))
     lam = poison_unread(torch.as_tensor(rng.uniform(-0.5, 1.5, (2, T, hodlr.num_levels(T) + extra_levels))))
     g = None if decay is None else -torch.as_tensor(rng.uniform(0, decay, (2, T)))
@@ -362,11 +363,25 @@ def test_gradients_reader_groups(group, value_tile, T, Dv):
     wider than its tile (each chunk's ``dH`` share added tile by tile).  The interpreter runs the
     programs one after another: races between programs show only on the GPU
     (``test_gradients_on_gpu``)."""
-    gdb = sys.modules["hodlr.kernels.gated_delta_backward"]
+    gdb = importlib.import_module("hodlr.kernels.gated_delta_backward")
     q, k, v, beta, lam, g, t = _two_sequences(np.random.default_rng(group + T), T, Dv, extra_levels=2)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gdb, "READER_GROUP", group)
         mp.setattr(gdb, "READER_VALUE_TILE", value_tile)
+        _check_grads((q, k, v, beta, lam, g), t(2, T, Dv), 0.6, torch.float64, chunk=16)
+
+
+@pytest.mark.parametrize("launches", [1, 2])
+@pytest.mark.parametrize("T, Dk, Dv, decay", [(65, 3, 3, 0.5), (100, 3, 40, None), (40, 67, 3, 0.5)])
+def test_gradients_chunk_kernel_launches(T, Dk, Dv, decay, launches):
+    """The backward chunk kernel as one launch or two (``SIDE_LAUNCHES``: everything up to the
+    adjoint of the solve, then that adjoint from the float32 tiles handed over, NaN-filled
+    scratch), forced at both widths (keys up to 64 wide and ``Dk = 67``), with and without decay:
+    the gradients of the reference."""
+    gdb = importlib.import_module("hodlr.kernels.gated_delta_backward")
+    q, k, v, beta, lam, g, t = _two_sequences(np.random.default_rng(T), T, Dv, Dk=Dk, decay=decay)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gdb, "SIDE_LAUNCHES", {name: launches for name in gdb.SIDE_LAUNCHES})
         _check_grads((q, k, v, beta, lam, g), t(2, T, Dv), 0.6, torch.float64, chunk=16)
 
 
