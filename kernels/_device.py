@@ -18,6 +18,18 @@ def chunk_rows(B1, T, C: tl.constexpr):
 
 
 @triton.jit
+def level_start(n_chunks, h):
+    """Where level ``h`` starts in a batch entry's hierarchy (``kernels._layout.level_offsets(n)[h]``
+    on the host): the blocks of the levels below, ``n >> 0`` + ... + ``n >> (h - 1)``."""
+    off = 0
+    lv = 0
+    while lv < h:
+        off += n_chunks >> lv
+        lv += 1
+    return off
+
+
+@triton.jit
 def next_decay(g_row, t, sgt, T, C: tl.constexpr, ACC: tl.constexpr, lo=None):
     """``g[t + 1]`` for the rows ``t`` of one or more whole chunks, 0 past each chunk's end or
     ``T``: the terms of the segment sums ``Σ_{k=s+1..e} g_k`` that the decays are made of.

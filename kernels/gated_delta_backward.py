@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import _layout
-from ._device import chunk_rows, dot, intra_scales
+from ._device import chunk_rows, dot, intra_scales, level_start
 from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_chunk, compute_types, hierarchy_sizes, interpreting,
                       level_offsets, next_power_of_2)
 from .gated_delta import (Chunks, chunk_hierarchy, chunk_shapes, gated_delta_layout, gates, load_rows, matrix_tile,
@@ -89,24 +89,13 @@ def _add_shares(dh_ptr, dt_ptr, blk, acc_h, acc_t, moved, owned, dk, DK, DV, BDV
 
 
 @triton.jit
-def _level_start(n_chunks, h):
-    """Where level ``h`` starts in a batch entry's hierarchy (``level_offsets(n)[h]`` on the host)."""
-    off = 0
-    lv = 0
-    while lv < h:
-        off += n_chunks >> lv
-        lv += 1
-    return off
-
-
-@triton.jit
 def _moved_between(x, i, BOTTOM: tl.constexpr, top, tr_ptr, gm_ptr, base, n_chunks, dk, DK, HAS_G: tl.constexpr,
                    ACC: tl.constexpr, PREC: tl.constexpr):
     """The rows ``x`` of chunk ``i`` moved across the blocks it reads from level ``BOTTOM`` below
     level ``top``: times the transition of block ``(i >> h) - 1`` of level ``h`` for each set bit
     ``BOTTOM <= h < top``, low to high (``base``: the batch entry's first block)."""
     h = BOTTOM
-    off = _level_start(n_chunks, BOTTOM)
+    off = level_start(n_chunks, BOTTOM)
     while h < top:
         if ((i >> h) & 1) == 1:
             x = tl.dot(x, transition_tile(tr_ptr, gm_ptr, base + off + (i >> h) - 1, dk, dk, DK, HAS_G, ACC),
@@ -166,7 +155,7 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
             tl.store(dl_base + t[:, None] * sdlt + hi[None, :] * sdll, tl.zeros((C, BL), dtype=ACC),
                      mask=tmask[:, None] & (hi[None, :] < L))
     tl.debug_barrier()
-    off = _level_start(n_chunks, n_bits - 1)
+    off = level_start(n_chunks, n_bits - 1)
     h = n_bits - 1
     while h >= 0:
         owned = h < LOG_GROUP  # every reader of a block of this level is a chunk of this group
