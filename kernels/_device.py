@@ -194,6 +194,27 @@ def dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
 
 
 @triton.jit
+def split_dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
+    """``a @ b`` for a float32 ``a`` and a bfloat16 ``b``: ``a``'s bfloat16 part ``hi`` and its
+    bfloat16 rest ``lo = a - hi``, each times ``b`` as it is (exact products, float32 sums), so
+    ``a`` enters with 16 significant bits (a tf32 operand keeps 11) and ``b`` takes half the
+    registers and shared memory of a float32 operand: two bfloat16 dots on the tensor cores when
+    ``NATIVE``, float32 dots of the same bfloat16 values under the interpreter.  Other dtypes:
+    :func:`dot`."""
+    if a.dtype == tl.float32 and b.dtype == tl.bfloat16:
+        hi = a.to(tl.bfloat16)
+        lo = (a - hi.to(tl.float32)).to(tl.bfloat16)
+        if NATIVE:
+            return tl.dot(lo, b, acc=tl.dot(hi, b, out_dtype=ACC), out_dtype=ACC)
+        else:
+            wide = b.to(tl.float32)
+            return tl.dot(hi.to(tl.float32), wide, input_precision="ieee", out_dtype=ACC) + tl.dot(
+                lo.to(tl.float32), wide, input_precision="ieee", out_dtype=ACC)
+    else:
+        return dot(a, b, ACC, PREC, NATIVE)
+
+
+@triton.jit
 def _tf32_operand(x, ACC: tl.constexpr):
     """``x`` in ``ACC``, rounded by :func:`round_tf32` when it is a float32 operand (16-bit values
     are tf32 values already)."""
