@@ -195,23 +195,36 @@ def dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
 
 @triton.jit
 def split_dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
-    """``a @ b`` for a float32 ``a`` and a bfloat16 ``b``: ``a``'s bfloat16 part ``hi`` and its
-    bfloat16 rest ``lo = a - hi``, each times ``b`` as it is (exact products, float32 sums), so
-    ``a`` enters with 16 significant bits (a tf32 operand keeps 11) and ``b`` takes half the
-    registers and shared memory of a float32 operand: two bfloat16 dots on the tensor cores when
-    ``NATIVE``, float32 dots of the same bfloat16 values under the interpreter.  Other dtypes:
-    :func:`dot`."""
+    """``a @ b`` for one float32 and one bfloat16 operand: the float32 one's bfloat16 part ``hi``
+    and its bfloat16 rest ``lo = x - hi``, each times the other operand as it is (exact products,
+    float32 sums), so the float32 operand enters with 16 significant bits (a tf32 operand keeps
+    11) and the bfloat16 one takes half the registers and shared memory of a float32 operand: two
+    bfloat16 dots on the tensor cores when ``NATIVE``, float32 dots of the same bfloat16 values
+    under the interpreter.  Other dtypes: :func:`dot`."""
     if a.dtype == tl.float32 and b.dtype == tl.bfloat16:
         hi = a.to(tl.bfloat16)
-        lo = (a - hi.to(tl.float32)).to(tl.bfloat16)
-        if NATIVE:
-            return tl.dot(lo, b, acc=tl.dot(hi, b, out_dtype=ACC), out_dtype=ACC)
-        else:
-            wide = b.to(tl.float32)
-            return tl.dot(hi.to(tl.float32), wide, input_precision="ieee", out_dtype=ACC) + tl.dot(
-                lo.to(tl.float32), wide, input_precision="ieee", out_dtype=ACC)
+        return _bf16_dot(_lo_part(a, hi), b, _bf16_dot(hi, b, None, ACC, NATIVE), ACC, NATIVE)
+    elif a.dtype == tl.bfloat16 and b.dtype == tl.float32:
+        hi = b.to(tl.bfloat16)
+        return _bf16_dot(a, _lo_part(b, hi), _bf16_dot(a, hi, None, ACC, NATIVE), ACC, NATIVE)
     else:
         return dot(a, b, ACC, PREC, NATIVE)
+
+
+@triton.jit
+def _lo_part(x, hi):
+    """The bfloat16 rest ``x - hi`` of a float32 ``x`` past its bfloat16 part ``hi``."""
+    return (x - hi.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def _bf16_dot(a, b, acc, ACC: tl.constexpr, NATIVE: tl.constexpr):
+    """``a @ b (+ acc)`` of two bfloat16 tiles: on the tensor cores when ``NATIVE``, else as
+    float32 dots of the same values (the interpreter's 16-bit dot is wrong)."""
+    if NATIVE:
+        return tl.dot(a, b, acc=acc, out_dtype=ACC)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee", out_dtype=ACC)
 
 
 @triton.jit

@@ -3,7 +3,8 @@
 Reverse mode through the forward's three stages, for a cotangent ``dO``:
 
 1. :func:`kernels.gated_delta.chunk_hierarchy` recomputes ``X``, ``W`` and the hierarchy ``H``, ``T``
-   (``T = γ I + R`` held as ``γ`` and ``R``; the backward reads whole transitions, ``transition_tile``),
+   (``T = γ I + R`` held as ``γ`` and ``R``; the reader reads whole transitions, ``transition_tile``,
+   the reverse hierarchy multiplies by ``R`` and adds the ``γ`` part),
    unless the forward's are handed over (``chunks=``, what :func:`kernels.gated_delta` keeps).
 2. ``_reader_kernel`` (one program per group of ``READER_GROUP`` chunks) differentiates the walk.
    With the set bits ``h_1 < ... < h_m`` of chunk ``i``, ``q_0 = Q̃`` and ``q_k = q_{k-1} T_{h_k}``,
@@ -35,11 +36,11 @@ import triton
 import triton.language as tl
 
 from . import _layout
-from ._device import chunk_rows, dot, intra_scales, level_start
+from ._device import chunk_rows, dot, intra_scales, level_start, split_dot
 from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_chunk, compute_types, hierarchy_sizes, interpreting,
                       level_offsets, next_power_of_2)
-from .gated_delta import (Chunks, chunk_hierarchy, chunk_shapes, gated_delta_layout, gates, load_rows, matrix_tile,
-                          store_matrix_tile, tiles, transition_tile)
+from .gated_delta import (Chunks, block_decay, chunk_hierarchy, chunk_shapes, gated_delta_layout, gates, load_rows,
+                          matrix_tile, store_matrix_tile, tiles, transition_tile)
 
 
 READER_GROUP = 8
@@ -56,6 +57,12 @@ SIDE_LAUNCHES = {"gated_delta_backward": 1, "gated_delta_backward_wide": 2}
 to the adjoint of the solve, then that adjoint, handing over float32 tiles).  Two launches cut
 the wide kernel's spills (ptxas: 696 + 72 bytes against 1,700) and its time by a tenth on the
 H200; at ``Dk = 64`` one launch spills 372 bytes and is the faster (docs/kernels.md §3)."""
+
+SPLIT_REVERSE_HIERARCHY_ABOVE = 64
+"""Keys wider than this: the reverse hierarchy multiplies the bfloat16 hierarchy's tiles as they are
+held, beside the float32 gradients through ``split_dot`` (two bfloat16 dots); up to it, by the
+widened tiles in tf32 (H200: reverse hierarchy 5.21 -> 4.50 ms at D = 128, 8K, but 1.42 -> 1.65
+at D = 64, 2K; docs/kernels.md §7.4)."""
 
 MAX_BACKWARD_CHUNK = 32
 """Largest chunk of the backward: its chunk kernel holds every ``(C, C)`` and ``(C, Dk)`` tile of
@@ -219,7 +226,7 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
 def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, off_child, off_parent, DK: tl.constexpr,
                               DV: tl.constexpr, N_DV_TILES: tl.constexpr, N_TILES: tl.constexpr, BDK: tl.constexpr,
                               BDV: tl.constexpr, BT: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr,
-                              PREC: tl.constexpr):
+                              PREC: tl.constexpr, SPLIT: tl.constexpr, NATIVE: tl.constexpr):
     """Program ``(tile j of block m of level h + 1, batch entry)``, the ``N_TILES`` tiles of a block
     consecutive (they read the same parent gradients, which so stay in L2): the adjoint of the block's two
     equations (stage 3).  Tile ``j < N_DV_TILES``: ``dH_h[2m] += T_h[2m+1]ᵀ dH_{h+1}[m]`` and
@@ -236,29 +243,46 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, of
     odd = even + 1
     parent = bh * n_total + off_parent + m
     dk = tl.arange(0, BDK)
+    if SPLIT:  # the hierarchy's tiles as they are held
+        HELD: tl.constexpr = tr_ptr.dtype.element_ty
+    else:
+        HELD: tl.constexpr = ACC
     if j < N_DV_TILES:
-        T_odd = transition_tile(tr_ptr, gm_ptr, odd, dk, dk, DK, HAS_G, ACC)
         dv = j * BDV + tl.arange(0, BDV)
         dHp = matrix_tile(dh_ptr, parent, dk, dv, DK, DV, ACC)
         dHe = matrix_tile(dh_ptr, even, dk, dv, DK, DV, ACC)
-        store_matrix_tile(dh_ptr, even, dHe + tl.dot(tl.trans(T_odd), dHp, input_precision=PREC, out_dtype=ACC),
-                          dk, dv, DK, DV)
+        dHe += _held_dot(tl.trans(matrix_tile(tr_ptr, odd, dk, dk, DK, DK, HELD)), dHp, ACC, PREC, NATIVE) + \
+            block_decay(gm_ptr, odd, HAS_G, ACC) * dHp
+        store_matrix_tile(dh_ptr, even, dHe, dk, dv, DK, DV)
         store_matrix_tile(dh_ptr, odd, dHp, dk, dv, DK, DV)
     else:
         block_id = j - N_DV_TILES
         rows = (block_id // (BDK // BT)) * BT + tl.arange(0, BT)
         cols = (block_id % (BDK // BT)) * BT + tl.arange(0, BT)
-        acc = tl.dot(matrix_tile(dt_ptr, parent, rows, dk, DK, DK, ACC),
-                     tl.trans(transition_tile(tr_ptr, gm_ptr, even, cols, dk, DK, HAS_G, ACC)), input_precision=PREC,
-                     out_dtype=ACC)
+        dTp = matrix_tile(dt_ptr, parent, rows, cols, DK, DK, ACC)  # meets the γ I parts of the transitions
+        acc = _held_dot(matrix_tile(dt_ptr, parent, rows, dk, DK, DK, ACC),
+                        tl.trans(matrix_tile(tr_ptr, even, cols, dk, DK, DK, HELD)), ACC, PREC, NATIVE) + \
+            block_decay(gm_ptr, even, HAS_G, ACC) * dTp
         for d0 in tl.static_range(0, DV, BDV):
             dv = d0 + tl.arange(0, BDV)
-            acc += tl.dot(matrix_tile(dh_ptr, parent, rows, dv, DK, DV, ACC),
-                          tl.trans(matrix_tile(h_ptr, even, cols, dv, DK, DV, ACC)), input_precision=PREC, out_dtype=ACC)
+            acc += _held_dot(matrix_tile(dh_ptr, parent, rows, dv, DK, DV, ACC),
+                             tl.trans(matrix_tile(h_ptr, even, cols, dv, DK, DV, HELD)), ACC, PREC, NATIVE)
         store_matrix_tile(dt_ptr, odd, acc, rows, cols, DK, DK)
-        dTe = tl.dot(tl.trans(transition_tile(tr_ptr, gm_ptr, odd, dk, rows, DK, HAS_G, ACC)),
-                     matrix_tile(dt_ptr, parent, dk, cols, DK, DK, ACC), input_precision=PREC, out_dtype=ACC)
+        dTe = _held_dot(tl.trans(matrix_tile(tr_ptr, odd, dk, rows, DK, DK, HELD)),
+                        matrix_tile(dt_ptr, parent, dk, cols, DK, DK, ACC), ACC, PREC, NATIVE) + \
+            block_decay(gm_ptr, odd, HAS_G, ACC) * dTp
         store_matrix_tile(dt_ptr, even, matrix_tile(dt_ptr, even, rows, cols, DK, DK, ACC) + dTe, rows, cols, DK, DK)
+
+
+@triton.jit
+def _held_dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
+    """``a @ b`` with one operand a tile of the hierarchy: :func:`split_dot` for a bfloat16 tile
+    beside a float32 one, a dot of the float32 operands otherwise (the backward's dots on float32
+    operands keep the tensor cores' truncation, docs/kernels.md §7.4)."""
+    if a.dtype == tl.bfloat16 or b.dtype == tl.bfloat16:
+        return split_dot(a, b, ACC, PREC, NATIVE)
+    else:
+        return tl.dot(a.to(ACC), b.to(ACC), input_precision=PREC, out_dtype=ACC)
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "L", "slb0", "slb1", "slt", "sbb0", "sbb1",
@@ -535,8 +559,8 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     for h in range(len(sizes) - 2, -1, -1):
         _reverse_hierarchy_kernel[(sizes[h + 1] * n_tiles, B)](
             ch.states, ch.trans, ch.decay_pointer(), dH, dT, N, offsets[h], offsets[h + 1], DK, DV, n_dv, n_tiles,
-            BDK=BDK, BDV=BDV, BT=BT, HAS_G=has_g, ACC=acc, PREC=prec,
-            num_warps=NUM_WARPS["gated_delta_reverse_hierarchy"])
+            BDK=BDK, BDV=BDV, BT=BT, HAS_G=has_g, ACC=acc, PREC=prec, SPLIT=DK > SPLIT_REVERSE_HIERARCHY_ABOVE,
+            NATIVE=not interpreting(), num_warps=NUM_WARPS["gated_delta_reverse_hierarchy"])
     # written once each, in the inputs' dtypes (the kernel's store rounds as a later conversion would)
     dq, dk, dv, db = (targets[name][0] for name in ("dq", "dk", "dv", "db"))
     dg = targets["dg"][0] if has_g else db
