@@ -279,11 +279,15 @@ def test_strong_decay_gradients(T, period):
     assert_elementwise(got[..., 1:], _grads(inputs, w, 1.0, torch.float64)["log_decay"][..., 1:], 1e-10, "dlog_decay")
 
 
-def test_bfloat16_hierarchy():
+@pytest.mark.parametrize("split_above", [64, 0])
+def test_bfloat16_hierarchy(split_above, monkeypatch):
     """bfloat16 inputs over several chunks and levels (the hierarchy held in bfloat16, see
-    ``gated_delta.BF16_HIERARCHY``): output and gradients near the float64 reference (the
-    interpreter's bfloat16 rounding is not the GPU's: a loose bound)."""
+    ``gated_delta.BF16_HIERARCHY``), the reverse hierarchy with tf32 dots of the widened tiles
+    and through ``split_dot`` (``SPLIT_REVERSE_HIERARCHY_ABOVE`` 0): output and gradients near
+    the float64 reference (the interpreter's bfloat16 rounding is not the GPU's: a loose bound)."""
     assert sys.modules["hodlr.kernels.gated_delta"].BF16_HIERARCHY
+    monkeypatch.setattr(importlib.import_module("hodlr.kernels.gated_delta_backward"),
+                        "SPLIT_REVERSE_HIERARCHY_ABOVE", split_above)
     T, D = 150, 8
     rng = np.random.default_rng(T)
     t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
