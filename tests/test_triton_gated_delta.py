@@ -631,30 +631,36 @@ def _round_tf32_kernel(x_ptr, y_ptr, N: tl.constexpr):
 
 
 @triton.jit
-def _split_dot_kernel(a_ptr, b_ptr, split_ptr, tf32_ptr, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
-                      NATIVE: tl.constexpr):
+def _split_dot_kernel(a_ptr, b_ptr, split_ptr, mirrored_ptr, tf32_ptr, M: tl.constexpr, K: tl.constexpr,
+                      N: tl.constexpr, NATIVE: tl.constexpr):
     m, k, n = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
     a = tl.load(a_ptr + m[:, None] * K + k[None, :])
     b = tl.load(b_ptr + k[:, None] * N + n[None, :])
     tl.store(split_ptr + m[:, None] * N + n[None, :], split_dot(a, b, tl.float32, "tf32", NATIVE))
+    # the float32 operand on the right: (a b)ᵀ = bᵀ aᵀ
+    tl.store(mirrored_ptr + m[:, None] * N + n[None, :],
+             tl.trans(split_dot(tl.trans(b), tl.trans(a), tl.float32, "tf32", NATIVE)))
     tl.store(tf32_ptr + m[:, None] * N + n[None, :], dot(a, b, tl.float32, "tf32", NATIVE))
 
 
 def test_split_dot_carries_sixteen_bits():
     """``split_dot`` (a float32 operand against a bfloat16 one as two bfloat16 dots of its high
-    part and its rest: the Gated DeltaNet walk) is closer to the float64 product than the tf32 dot
-    of the same operands, within ``2^-15`` of the size of its terms; on the GPU through the tensor
-    cores' bfloat16 dots, under the interpreter through float32 dots of the same values."""
+    part and its rest: the Gated DeltaNet walk and reverse hierarchy), with the float32 operand on
+    either side, is closer to the float64 product than the tf32 dot of the same operands, within
+    ``2^-15`` of the size of its terms; on the GPU through the tensor cores' bfloat16 dots, under
+    the interpreter through float32 dots of the same values."""
     rng = np.random.default_rng(1)
     a = torch.from_numpy((rng.standard_normal((32, 64)) * np.exp2(rng.integers(-8, 8, (32, 1)))).astype(np.float32))
     b = torch.from_numpy(rng.standard_normal((64, 64))).to(torch.bfloat16)
-    got, tf32 = (torch.full((32, 64), float("nan"), device=DEVICE) for _ in range(2))
-    _split_dot_kernel[(1,)](a.to(DEVICE), b.to(DEVICE), got, tf32, M=32, K=64, N=64, NATIVE=not INTERP)
+    got, mirrored, tf32 = (torch.full((32, 64), float("nan"), device=DEVICE) for _ in range(3))
+    _split_dot_kernel[(1,)](a.to(DEVICE), b.to(DEVICE), got, mirrored, tf32, M=32, K=64, N=64, NATIVE=not INTERP)
     want = a.double() @ b.double()
     size = a.double().abs() @ b.double().abs()
-    err, err_tf32 = (((x.cpu().double() - want).abs() / size).max().item() for x in (got, tf32))
-    assert err <= 2.0 ** -15, f"split_dot: {err:.2e} of the terms' size"
-    assert err < err_tf32 / 8, f"split_dot {err:.2e} against tf32 {err_tf32:.2e}"
+    err, err_mirrored, err_tf32 = (((x.cpu().double() - want).abs() / size).max().item()
+                                   for x in (got, mirrored, tf32))
+    for name, e in (("split_dot", err), ("split_dot, float32 operand on the right", err_mirrored)):
+        assert e <= 2.0 ** -15, f"{name}: {e:.2e} of the terms' size"
+        assert e < err_tf32 / 8, f"{name}: {e:.2e} against tf32 {err_tf32:.2e}"
 
 
 def _nearest_tf32(x):
