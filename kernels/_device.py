@@ -195,12 +195,12 @@ def dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
 
 @triton.jit
 def split_dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
-    """``a @ b`` for one float32 and one bfloat16 operand: the float32 one's bfloat16 part ``hi``
-    and its bfloat16 rest ``lo = x - hi``, each times the other operand as it is (exact products,
-    float32 sums), so the float32 operand enters with 16 significant bits (a tf32 operand keeps
-    11) and the bfloat16 one takes half the registers and shared memory of a float32 operand: two
-    bfloat16 dots on the tensor cores when ``NATIVE``, float32 dots of the same bfloat16 values
-    under the interpreter.  Other dtypes: :func:`dot`."""
+    """``a @ b`` for one float32 and one bfloat16 operand: the float32 operand ``x`` enters as its
+    bfloat16 part ``hi`` and its bfloat16 rest ``lo = x - hi``, each multiplied by the other
+    operand as it is (exact products, float32 sums), so ``x`` keeps 16 significant bits (a tf32
+    operand keeps 11) and the bfloat16 operand takes half the registers and shared memory of a
+    float32 one: two bfloat16 dots on the tensor cores when ``NATIVE``, float32 dots of the same
+    bfloat16 values under the interpreter.  Other dtypes: :func:`dot`."""
     if a.dtype == tl.float32 and b.dtype == tl.bfloat16:
         hi = a.to(tl.bfloat16)
         return _bf16_dot(_lo_part(a, hi), b, _bf16_dot(hi, b, None, ACC, NATIVE), ACC, NATIVE)
