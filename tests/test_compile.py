@@ -38,22 +38,28 @@ def leaves(args):
     return [x.clone().requires_grad_() for x in args]
 
 
+def assert_compiled_equals_eager(fn, args, positions, *extra):
+    """``fn(*args[:-1], LogLinearState(args[-1], positions), *extra) -> (loss, positions)`` compiled
+    whole (``fullgraph``, ``aot_eager``) and eager: the same loss (1e-12), positions and gradients
+    of every argument."""
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+
+    def run(f, xs):
+        loss, pos = f(*xs[:-1], hodlr.LogLinearState(xs[-1], positions), *extra)
+        return loss, pos, torch.autograd.grad(loss, xs)
+
+    want, got = run(fn, leaves(args)), run(compiled, leaves(args))
+    assert relative_error(got[0], want[0]) <= 1e-12 and torch.equal(got[1], want[1])
+    for a, b in zip(got[2], want[2]):
+        assert relative_error(a, b) <= 1e-12
+
+
 def test_compile_fullgraph_aot_eager_matches_eager():
     q, k, v, g, lam = draw_inputs(0, 2, 21, 1, 2, 4, 3, "mild")
     lam = torch.nan_to_num(lam)
     _, state = hodlr.log_linear_attn(q, k, v, g, lam, output_final_state=True)
     state = state.with_slots(6)
-    eager_in, compiled_in = leaves([q, k, v, g, lam, state.states]), leaves([q, k, v, g, lam, state.states])
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-
-    def run(fn, xs):
-        loss, pos = fn(*xs[:5], hodlr.LogLinearState(xs[5], state.positions), "chunked")
-        return loss, pos, torch.autograd.grad(loss, xs)
-
-    want, got = run(model, eager_in), run(compiled, compiled_in)
-    assert relative_error(got[0], want[0]) <= 1e-12 and torch.equal(got[1], want[1])
-    for a, b in zip(got[2], want[2]):
-        assert relative_error(a, b) <= 1e-12
+    assert_compiled_equals_eager(model, [q, k, v, g, lam, state.states], state.positions, "chunked")
 
 
 def op_args(backend, with_state, packed):
@@ -222,18 +228,7 @@ def test_compile_gated_delta_rule_fullgraph_aot_eager_matches_eager():
     _, state = hodlr.log_linear_gated_delta_rule(q[:, :5], k[:, :5], v[:, :5], g[:, :5], beta[:, :5], lam[:, :5],
                                                  output_final_state=True)
     state = state.with_slots(5)
-    args = [q, k, v, g, beta, lam, state.states]
-    eager_in, compiled_in = leaves(args), leaves(args)
-    compiled = torch.compile(gated_delta_model, fullgraph=True, backend="aot_eager")
-
-    def run(fn, xs):
-        loss, pos = fn(*xs[:6], hodlr.LogLinearState(xs[6], state.positions))
-        return loss, pos, torch.autograd.grad(loss, xs)
-
-    want, got = run(gated_delta_model, eager_in), run(compiled, compiled_in)
-    assert relative_error(got[0], want[0]) <= 1e-12 and torch.equal(got[1], want[1])
-    for a, b in zip(got[2], want[2]):
-        assert relative_error(a, b) <= 1e-12
+    assert_compiled_equals_eager(gated_delta_model, [q, k, v, g, beta, lam, state.states], state.positions)
 
 
 @pytest.mark.parametrize("with_state, packed", [(True, True), (False, False)])
