@@ -217,19 +217,26 @@ class LogLinearMask:
         are ``<= 1`` when the decay is ``<= 0`` and long sequences never overflow.
         :meth:`block_row_factors` and :meth:`block_col_factors` compute one of the two.
         """
-        return self.block_row_factors(lev), self.block_col_factors(lev)
+        lev = self._check_lev(lev)
+        self._queue_check()
+        return self._factors(_formulas.block_row_factors, lev), self._factors(_formulas.block_col_factors, lev)
 
     def block_row_factors(self, lev: int):
         """``u`` of :meth:`block_factors`, shape ``(*batch, n, 2**(lev-1))``."""
+        lev = self._check_lev(lev)
         self._queue_check()
-        u = _formulas.block_row_factors(self._level_scales, self._log_decay, self._check_lev(lev))
-        return _broadcast_batch(u, self._batch_shape, 2)
+        return self._factors(_formulas.block_row_factors, lev)
 
     def block_col_factors(self, lev: int):
         """``v`` of :meth:`block_factors`, shape ``(*batch, n, 2**(lev-1))``."""
+        lev = self._check_lev(lev)
         self._queue_check()
-        v = _formulas.block_col_factors(self._level_scales, self._log_decay, self._check_lev(lev))
-        return _broadcast_batch(v, self._batch_shape, 2)
+        return self._factors(_formulas.block_col_factors, lev)
+
+    def _factors(self, formula, lev: int):
+        """One factor of :meth:`block_factors` (``formula`` of :mod:`hodlr._formulas`) for a
+        checked ``lev``, broadcast to the mask's batch shape."""
+        return _broadcast_batch(formula(self._level_scales, self._log_decay, lev), self._batch_shape, 2)
 
     def _check_lev(self, lev) -> int:
         lev = check_int("lev", lev)
