@@ -375,13 +375,13 @@ def test_gradients_reader_groups(group, value_tile, T, Dv):
         _check_grads((q, k, v, beta, lam, g), t(2, T, Dv), 0.6, torch.float64, chunk=16)
 
 
-@pytest.mark.parametrize("launches", [1, 2])
-@pytest.mark.parametrize("T, Dk, Dv, decay", [(65, 3, 3, 0.5), (100, 3, 40, None), (40, 67, 3, 0.5)])
+@pytest.mark.parametrize("T, Dk, Dv, decay, launches", [(65, 3, 3, 0.5, 2), (100, 3, 40, None, 2),
+                                                         (40, 67, 3, 0.5, 1)])
 def test_gradients_chunk_kernel_launches(T, Dk, Dv, decay, launches):
-    """The backward chunk kernel as one launch or two (``SIDE_LAUNCHES``: everything up to the
-    adjoint of the solve, then that adjoint from the float32 tiles handed over, NaN-filled
-    scratch), forced at both widths (keys up to 64 wide and ``Dk = 67``), with and without decay:
-    the gradients of the reference."""
+    """The backward chunk kernel with the launch count that its width does not take by default
+    (``SIDE_LAUNCHES``): two at ``Dk = 3`` (everything up to the adjoint of the solve, then that
+    adjoint from the float32 tiles handed over, NaN-filled scratch), with and without decay, and
+    one at ``Dk = 67``: the gradients of the reference."""
     gdb = importlib.import_module("hodlr.kernels.gated_delta_backward")
     q, k, v, beta, lam, g, t = _two_sequences(np.random.default_rng(T), T, Dv, Dk=Dk, decay=decay)
     with pytest.MonkeyPatch.context() as mp:
