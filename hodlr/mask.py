@@ -217,21 +217,19 @@ class LogLinearMask:
         are ``<= 1`` when the decay is ``<= 0`` and long sequences never overflow.
         :meth:`block_row_factors` and :meth:`block_col_factors` compute one of the two.
         """
-        lev = self._check_lev(lev)
         self._queue_check()
+        lev = self._check_lev(lev)
         return self._factors(_formulas.block_row_factors, lev), self._factors(_formulas.block_col_factors, lev)
 
     def block_row_factors(self, lev: int):
         """``u`` of :meth:`block_factors`, shape ``(*batch, n, 2**(lev-1))``."""
-        lev = self._check_lev(lev)
         self._queue_check()
-        return self._factors(_formulas.block_row_factors, lev)
+        return self._factors(_formulas.block_row_factors, self._check_lev(lev))
 
     def block_col_factors(self, lev: int):
         """``v`` of :meth:`block_factors`, shape ``(*batch, n, 2**(lev-1))``."""
-        lev = self._check_lev(lev)
         self._queue_check()
-        return self._factors(_formulas.block_col_factors, lev)
+        return self._factors(_formulas.block_col_factors, self._check_lev(lev))
 
     def _factors(self, formula, lev: int):
         """One factor of :meth:`block_factors` (``formula`` of :mod:`hodlr._formulas`) for a
