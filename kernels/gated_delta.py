@@ -56,6 +56,12 @@ MAX_DK = 128
 """Widest key head the Gated DeltaNet kernels take (the moved queries and the ``Dk x Dk``
 transitions are held whole in a program)."""
 
+STATE_KEY_ROWS = 64
+"""Key rows of a chunk's transition ``R`` and state ``U`` the forward chunk kernel forms at a time,
+reloading those key columns: a ``128 x 128`` float32 tile whole asks 128 registers a thread of a
+4-warp program (ptxas at ``Dk = 128``: 247 registers in one block, 166 in two; H200, chunk kernel
+0.84 -> 0.74 ms at D = 128, 8K; docs/kernels.md §3)."""
+
 
 # ---------------------------------------------------------------------------------------
 # device helpers shared with the backward
@@ -148,10 +154,10 @@ def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_pt
                   T, B1, n_chunks, n_total, GRP, DK: tl.constexpr, DV: tl.constexpr,
                   skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt, sgb0, sgb1, sgt,
                   C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr,
-                  PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr):
+                  PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr, KB: tl.constexpr):
     """Program ``(chunk i, batch entry)``: ``X = N⁻¹`` and ``W`` of the chunk (stored, ``(C, C)``
     and ``(C, Dk)``), its transition ``Tr = γ_end I + R`` (``R`` and ``γ_end``) and its state ``U``
-    (level 0 of the hierarchy)."""
+    (level 0 of the hierarchy), ``R`` and ``U`` ``KB`` key rows at a time (``STATE_KEY_ROWS``)."""
     i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
     r = tl.arange(0, C)
     dk = tl.arange(0, BDK)
@@ -166,16 +172,19 @@ def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_pt
     store_matrix_tile(x_ptr, row, X, r, r, C, C)
     W = dot(X, (beta * gamma)[:, None] * K, ACC, PREC, False)
     store_matrix_tile(w_ptr, row, W, r, dk, C, DK)
-    Kd = d[:, None] * K
     blk = bh * n_total + i
-    store_matrix_tile(tr_ptr, blk, -dot(tl.trans(Kd), W, ACC, PREC, False), dk, dk, DK, DK)
     if HAS_G:
         tl.store(gm_ptr + blk, gamma_end)
-    E = dot(tl.trans(Kd), X * beta[None, :], ACC, PREC, False)  # column s: β_s k_s moved to the chunk's end
-    for d0 in tl.static_range(0, DV, BDV):
-        dv = d0 + tl.arange(0, BDV)
-        V = load_rows(v_ptr, b0, b1, t, tmask, svb0, svb1, svt, svd, dv, DV, v_ptr.dtype.element_ty)
-        store_matrix_tile(h_ptr, blk, dot(E, V, ACC, PREC, False), dk, dv, DK, DV)
+    Y = X * beta[None, :]
+    for k0 in tl.static_range(0, BDK, KB):  # R and U a block of KB key rows at a time
+        kr = k0 + tl.arange(0, KB)
+        Kd = d[:, None] * load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, kr, DK, ACC)
+        store_matrix_tile(tr_ptr, blk, -dot(tl.trans(Kd), W, ACC, PREC, False), kr, dk, DK, DK)
+        E = dot(tl.trans(Kd), Y, ACC, PREC, False)  # column s: β_s k_s moved to the chunk's end
+        for d0 in tl.static_range(0, DV, BDV):
+            dv = d0 + tl.arange(0, BDV)
+            V = load_rows(v_ptr, b0, b1, t, tmask, svb0, svb1, svt, svd, dv, DV, v_ptr.dtype.element_ty)
+            store_matrix_tile(h_ptr, blk, split_dot(E, V, ACC, PREC, NATIVE), kr, dv, DK, DV)
 
 
 @triton.jit
@@ -266,7 +275,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr
     # a fixed point of round_tf32, so they skip it (H200, D = 64, 2K: output kernel 0.97 ms against
     # 1.29 with float32 reads, docs/kernels.md §7.4)
     V = load_rows(v_ptr, b0, b1, t, tmask, svb0, svb1, svt, svd, dv, DV, v_ptr.dtype.element_ty)
-    acc = dot(P * Lam, V, ACC, PREC, False)
+    acc = split_dot(P * Lam, V, ACC, PREC, NATIVE)
     HELD = h_ptr.dtype.element_ty
     qh = gamma[:, None] * Q - dot(Sq, matrix_tile(w_ptr, row, r, dk, C, DK, ACC), ACC, PREC, False)
     off = 0
@@ -398,7 +407,7 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
         layout.T, layout.B1, n, N, layout.group, DK, DV, *layout.args("k")[1:], *layout.args("v")[1:],
         *layout.args("beta")[1:4], *layout.decay_args()[1:],
         C=C, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact, NATIVE=not interpreting(),
-        num_warps=NUM_WARPS["gated_delta"],
+        KB=min(BDK, STATE_KEY_ROWS), num_warps=NUM_WARPS["gated_delta"],
         # capped where measured: 64-wide key tiles (narrower ones use more registers, 143 at Dk = 32,
         # and would spill under the cap; ptxas of Triton 3.6)
         **({"maxnreg": MAX_REGISTERS["gated_delta"]} if BDK == 64 and v.dtype in (torch.float16, torch.bfloat16)

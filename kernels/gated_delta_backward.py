@@ -58,11 +58,18 @@ to the adjoint of the solve, then that adjoint, handing over float32 tiles).  Tw
 the wide kernel's spills (ptxas: 696 + 72 bytes against 1,700) and its time by a tenth on the
 H200; at ``Dk = 64`` one launch spills 372 bytes and is the faster (docs/kernels.md §3)."""
 
+SPLIT_READER_SHARE_UP_TO = 64
+"""Keys up to this wide: the reader adds each chunk's ``dH`` share ``(λ q̃)ᵀ dO`` through ``split_dot``
+(the float32 moved queries as two bfloat16 parts against the bfloat16 ``dO``); wider keys as a
+tf32 dot (H200: reader 3.67 -> 3.43 ms at D = 64, 2K, 7.10 -> 6.72 at 64K, but 9.23 -> 10.52 at
+D = 128, 8K; docs/kernels.md §7.4)."""
+
 SPLIT_REVERSE_HIERARCHY_ABOVE = 64
 """Keys wider than this: the reverse hierarchy multiplies the bfloat16 hierarchy's tiles as they are
-held, beside the float32 gradients through ``split_dot`` (two bfloat16 dots); up to it, by the
-widened tiles in tf32 (H200: reverse hierarchy 5.21 -> 4.50 ms at D = 128, 8K, but 1.42 -> 1.65
-at D = 64, 2K; docs/kernels.md §7.4)."""
+held, beside the float32 gradients through ``split_dot`` (two bfloat16 dots), and adds each
+transition's ``γ I`` part apart; up to it, by the widened tiles in tf32, the transitions whole
+(H200: reverse hierarchy 5.21 -> 4.50 ms at D = 128, 8K, but 1.42 -> 1.65 at D = 64, 2K;
+docs/kernels.md §7.4)."""
 
 MAX_BACKWARD_CHUNK = 32
 """Largest chunk of the backward: its chunk kernel holds every ``(C, C)`` and ``(C, Dk)`` tile of
@@ -121,7 +128,7 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
                    sgb0, sgb1, sgt, sdlb0, sdlb1, sdlt, sdll, C: tl.constexpr, LOG_C: tl.constexpr,
                    BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr, GROUP: tl.constexpr,
                    LOG_GROUP: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                   EXACT: tl.constexpr, NATIVE: tl.constexpr):
+                   EXACT: tl.constexpr, SPLIT: tl.constexpr, NATIVE: tl.constexpr):
     """Program ``(group of GROUP chunks, batch entry)``: stage 2 of the module docstring, level by
     level from the top down, the group's chunks in order inside a level.  The chunks of a group
     that read one block add their shares to ``dH``, ``dT`` in registers and the block gets them
@@ -199,10 +206,14 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
                         dO = load_rows(do_ptr, b0, b1, t, tmask, sob0, sob1, sot, sod, dv, DV, do_ptr.dtype.element_ty)
                         G_h += dot(dO, tl.trans(matrix_tile(h_ptr, blk, dk, dv, DK, DV, h_ptr.dtype.element_ty)), ACC,
                                    PREC, NATIVE)
-                        if one_tile:
-                            acc_h += dot(lq, dO, ACC, PREC, NATIVE)
+                        if SPLIT:
+                            share = split_dot(lq, dO, ACC, PREC, NATIVE)
                         else:
-                            _add_block(dh_ptr, blk, dot(lq, dO, ACC, PREC, NATIVE), dk, dv, DK, DV, False)
+                            share = dot(lq, dO, ACC, PREC, NATIVE)
+                        if one_tile:
+                            acc_h += share
+                        else:
+                            _add_block(dh_ptr, blk, share, dk, dv, DK, DV, False)
                     tl.store(dl_base + t * sdlt + col * sdll, scale * tl.sum(qh * G_h, 1), mask=tmask)
                     dq = scale * lam[:, None] * G_h
                     if (i >> (h + 1)) != 0:  # a higher block was read: the stored dq carries its gradient
@@ -251,27 +262,45 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, of
         dv = j * BDV + tl.arange(0, BDV)
         dHp = matrix_tile(dh_ptr, parent, dk, dv, DK, DV, ACC)
         dHe = matrix_tile(dh_ptr, even, dk, dv, DK, DV, ACC)
-        dHe += _held_dot(tl.trans(matrix_tile(tr_ptr, odd, dk, dk, DK, DK, HELD)), dHp, ACC, PREC, NATIVE) + \
-            block_decay(gm_ptr, odd, HAS_G, ACC) * dHp
+        dHe += _held_dot(tl.trans(_transition_operand(tr_ptr, gm_ptr, odd, dk, dk, DK, HAS_G, ACC, SPLIT)), dHp, ACC,
+                         PREC, NATIVE)
+        if SPLIT:  # the γ I part the operand leaves out
+            dHe += block_decay(gm_ptr, odd, HAS_G, ACC) * dHp
         store_matrix_tile(dh_ptr, even, dHe, dk, dv, DK, DV)
         store_matrix_tile(dh_ptr, odd, dHp, dk, dv, DK, DV)
     else:
         block_id = j - N_DV_TILES
         rows = (block_id // (BDK // BT)) * BT + tl.arange(0, BT)
         cols = (block_id % (BDK // BT)) * BT + tl.arange(0, BT)
-        dTp = matrix_tile(dt_ptr, parent, rows, cols, DK, DK, ACC)  # meets the γ I parts of the transitions
+        if SPLIT:  # meets the γ I parts the operands leave out
+            dTp = matrix_tile(dt_ptr, parent, rows, cols, DK, DK, ACC)
         acc = _held_dot(matrix_tile(dt_ptr, parent, rows, dk, DK, DK, ACC),
-                        tl.trans(matrix_tile(tr_ptr, even, cols, dk, DK, DK, HELD)), ACC, PREC, NATIVE) + \
-            block_decay(gm_ptr, even, HAS_G, ACC) * dTp
+                        tl.trans(_transition_operand(tr_ptr, gm_ptr, even, cols, dk, DK, HAS_G, ACC, SPLIT)), ACC,
+                        PREC, NATIVE)
+        if SPLIT:
+            acc += block_decay(gm_ptr, even, HAS_G, ACC) * dTp
         for d0 in tl.static_range(0, DV, BDV):
             dv = d0 + tl.arange(0, BDV)
             acc += _held_dot(matrix_tile(dh_ptr, parent, rows, dv, DK, DV, ACC),
                              tl.trans(matrix_tile(h_ptr, even, cols, dv, DK, DV, HELD)), ACC, PREC, NATIVE)
         store_matrix_tile(dt_ptr, odd, acc, rows, cols, DK, DK)
-        dTe = _held_dot(tl.trans(matrix_tile(tr_ptr, odd, dk, rows, DK, DK, HELD)),
-                        matrix_tile(dt_ptr, parent, dk, cols, DK, DK, ACC), ACC, PREC, NATIVE) + \
-            block_decay(gm_ptr, odd, HAS_G, ACC) * dTp
+        dTe = _held_dot(tl.trans(_transition_operand(tr_ptr, gm_ptr, odd, dk, rows, DK, HAS_G, ACC, SPLIT)),
+                        matrix_tile(dt_ptr, parent, dk, cols, DK, DK, ACC), ACC, PREC, NATIVE)
+        if SPLIT:
+            dTe += block_decay(gm_ptr, odd, HAS_G, ACC) * dTp
         store_matrix_tile(dt_ptr, even, matrix_tile(dt_ptr, even, rows, cols, DK, DK, ACC) + dTe, rows, cols, DK, DK)
+
+
+@triton.jit
+def _transition_operand(tr_ptr, gm_ptr, index, rows, cols, DK, HAS_G: tl.constexpr, ACC: tl.constexpr,
+                        SPLIT: tl.constexpr):
+    """The ``(rows, cols)`` tile of block ``index``'s transition as the reverse hierarchy multiplies
+    it: ``R`` as the hierarchy holds it when ``SPLIT`` (the caller adds the ``γ I`` part), the whole
+    ``T = γ I + R`` in ``ACC`` otherwise."""
+    if SPLIT:
+        return matrix_tile(tr_ptr, index, rows, cols, DK, DK, tr_ptr.dtype.element_ty)
+    else:
+        return transition_tile(tr_ptr, gm_ptr, index, rows, cols, DK, HAS_G, ACC)
 
 
 @triton.jit
@@ -550,7 +579,7 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         DK, DV, float(scale), layout.group,
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
         *dl[1:], C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=reader_tile, BL=BL, GROUP=group,
-        LOG_GROUP=log_group, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
+        LOG_GROUP=log_group, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact, SPLIT=DK <= SPLIT_READER_SHARE_UP_TO,
         NATIVE=not interpreting(),
         num_warps=NUM_WARPS["gated_delta_reader" if DK <= 64 else "gated_delta_reader_wide"],
         **({"maxnreg": MAX_REGISTERS["gated_delta_reader"]} if DK <= 64 and v.dtype in (torch.float16, torch.bfloat16)

@@ -279,15 +279,18 @@ def test_strong_decay_gradients(T, period):
     assert_elementwise(got[..., 1:], _grads(inputs, w, 1.0, torch.float64)["log_decay"][..., 1:], 1e-10, "dlog_decay")
 
 
-@pytest.mark.parametrize("split_above", [64, 0])
-def test_bfloat16_hierarchy(split_above, monkeypatch):
+@pytest.mark.parametrize("split_above, share_up_to", [(64, 64), (0, 0)])
+def test_bfloat16_hierarchy(split_above, share_up_to, monkeypatch):
     """bfloat16 inputs over several chunks and levels (the hierarchy held in bfloat16, see
-    ``gated_delta.BF16_HIERARCHY``), the reverse hierarchy with tf32 dots of the widened tiles
-    and through ``split_dot`` (``SPLIT_REVERSE_HIERARCHY_ABOVE`` 0): output and gradients near
-    the float64 reference (the interpreter's bfloat16 rounding is not the GPU's: a loose bound)."""
+    ``gated_delta.BF16_HIERARCHY``), each of the backward's two ways of multiplying: the
+    defaults at narrow keys (the reverse hierarchy with tf32 dots of the widened tiles, the
+    reader's ``dH`` share through ``split_dot``) and the other way round (``0``, ``0``): output
+    and gradients near the float64 reference (the interpreter's bfloat16 rounding is not the
+    GPU's: a loose bound)."""
     assert sys.modules["hodlr.kernels.gated_delta"].BF16_HIERARCHY
-    monkeypatch.setattr(importlib.import_module("hodlr.kernels.gated_delta_backward"),
-                        "SPLIT_REVERSE_HIERARCHY_ABOVE", split_above)
+    backward = importlib.import_module("hodlr.kernels.gated_delta_backward")
+    monkeypatch.setattr(backward, "SPLIT_REVERSE_HIERARCHY_ABOVE", split_above)
+    monkeypatch.setattr(backward, "SPLIT_READER_SHARE_UP_TO", share_up_to)
     T, D = 150, 8
     rng = np.random.default_rng(T)
     t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
