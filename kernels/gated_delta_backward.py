@@ -71,6 +71,12 @@ transition's ``γ I`` part apart; up to it, by the widened tiles in tf32, the tr
 (H200: reverse hierarchy 5.21 -> 4.50 ms at D = 128, 8K, but 1.42 -> 1.65 at D = 64, 2K;
 docs/kernels.md §7.4)."""
 
+SPLIT_VALUE_SIDE_ABOVE = 64
+"""Keys wider than this: the backward chunk kernel multiplies the 16-bit ``V`` and ``dO`` as they
+are (``dO Vᵀ`` a bfloat16 dot, ``dU Vᵀ`` and ``(P ⊙ Λ)ᵀ dO`` through ``split_dot``); up to it, widened
+to float32 for tf32 dots (H200: chunk kernels 6.67 -> 6.32 ms at D = 128, 8K, but 4.01 -> 4.12 at
+D = 64, 2K; the gradients' bf16 errors lower at both; docs/kernels.md §7.4)."""
+
 MAX_BACKWARD_CHUNK = 32
 """Largest chunk of the backward: its chunk kernel holds every ``(C, C)`` and ``(C, Dk)`` tile of
 a chunk's gradients at once, and at ``C = 64`` asks more shared memory than the H200's 227 KiB
@@ -305,9 +311,10 @@ def _transition_operand(tr_ptr, gm_ptr, index, rows, cols, DK, HAS_G: tl.constex
 
 @triton.jit
 def _held_dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
-    """``a @ b`` with one operand a tile of the hierarchy: :func:`split_dot` for a bfloat16 tile
-    beside a float32 one, a dot of the float32 operands otherwise (the backward's dots on float32
-    operands keep the tensor cores' truncation, docs/kernels.md §7.4)."""
+    """``a @ b`` with operands as they are held (a tile of the bfloat16 hierarchy, the 16-bit
+    inputs): :func:`split_dot` for a bfloat16 tile beside a float32 one or two bfloat16 tiles, a dot
+    of the operands widened to ``ACC`` otherwise (the backward's dots on float32 operands keep the
+    tensor cores' truncation, docs/kernels.md §7.4)."""
     if a.dtype == tl.bfloat16 or b.dtype == tl.bfloat16:
         return split_dot(a, b, ACC, PREC, NATIVE)
     else:
@@ -325,7 +332,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
                   sdlb0, sdlb1, sdlt, sdll, sdgb0, sdgb1, sdgt,
                   C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
                   HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
-                  SIDE: tl.constexpr = 0):
+                  SPLIT: tl.constexpr, NATIVE: tl.constexpr, SIDE: tl.constexpr = 0):
     """Program ``(chunk i, batch entry)``: stage 4 of the module docstring (every gradient of the
     chunk's rows given ``dO``, ``dQ̃`` and the chunk's ``dU``, ``dTr``).  The value side first, then
     the key side in the order that lets each tile die early (a tile read again later is loaded
@@ -353,16 +360,22 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
         E = tl.dot(tl.trans(d[:, None] * K), Y, input_precision=PREC, out_dtype=ACC)
         Lam, lvl = intra_scales(l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
         PL = P * Lam.to(ACC)
+        if SPLIT:  # the values and dO as they are: 16-bit dots, split_dot
+            V_TYPE: tl.constexpr = v_ptr.dtype.element_ty
+            DO_TYPE: tl.constexpr = do_ptr.dtype.element_ty
+        else:  # widened to float32
+            V_TYPE: tl.constexpr = ACC
+            DO_TYPE: tl.constexpr = ACC
         dPL = tl.zeros((C, C), dtype=ACC)
         dE = tl.zeros((BDK, C), dtype=ACC)
         for d0 in tl.static_range(0, DV, BDV):
             dv = d0 + tl.arange(0, BDV)
-            V = load_rows(v_ptr, b0, b1, t, tmask, svb0, svb1, svt, svd, dv, DV, ACC)
-            dO = load_rows(do_ptr, b0, b1, t, tmask, sob0, sob1, sot, sod, dv, DV, ACC)
+            V = load_rows(v_ptr, b0, b1, t, tmask, svb0, svb1, svt, svd, dv, DV, V_TYPE)
+            dO = load_rows(do_ptr, b0, b1, t, tmask, sob0, sob1, sot, sod, dv, DV, DO_TYPE)
             dU = matrix_tile(dh_ptr, blk, dk, dv, DK, DV, ACC)
-            dPL += tl.dot(dO, tl.trans(V), input_precision=PREC, out_dtype=ACC)
-            dE += tl.dot(dU, tl.trans(V), input_precision=PREC, out_dtype=ACC)
-            dV = scale * tl.dot(tl.trans(PL), dO, input_precision=PREC, out_dtype=ACC) + tl.dot(
+            dPL += _held_dot(dO, tl.trans(V), ACC, PREC, NATIVE)
+            dE += _held_dot(dU, tl.trans(V), ACC, PREC, NATIVE)
+            dV = scale * _held_dot(tl.trans(PL), dO, ACC, PREC, NATIVE) + tl.dot(
                 tl.trans(E), dU, input_precision=PREC, out_dtype=ACC)
             tl.store(dv_ptr + b0 * sdvb0 + b1 * sdvb1 + t[:, None] * sdvt + dv[None, :] * sdvd, dV,
                      mask=tmask[:, None] & (dv[None, :] < DV))
@@ -608,7 +621,7 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
             *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
             *dq[1:], *dk[1:], *dv[1:], *db[1:4], *dl[1:], *dg[1:4],
             C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=BL, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
-            SIDE=side, num_warps=NUM_WARPS[setting])
+            SPLIT=DK > SPLIT_VALUE_SIDE_ABOVE, NATIVE=not interpreting(), SIDE=side, num_warps=NUM_WARPS[setting])
     batch = layout.batch
 
     def shaped(name, like, tail):

@@ -284,12 +284,13 @@ def test_bfloat16_hierarchy(split_above, share_up_to, monkeypatch):
     """bfloat16 inputs over several chunks and levels (the hierarchy held in bfloat16, see
     ``gated_delta.BF16_HIERARCHY``), each of the backward's two ways of multiplying: the
     defaults at narrow keys (the reverse hierarchy with tf32 dots of the widened tiles, the
-    reader's ``dH`` share through ``split_dot``) and the other way round (``0``, ``0``): output
-    and gradients near the float64 reference (the interpreter's bfloat16 rounding is not the
-    GPU's: a loose bound)."""
+    reader's ``dH`` share through ``split_dot``, the chunk kernel's value side widened) and the
+    other way round (``0``, ``0``): output and gradients near the float64 reference (the
+    interpreter's bfloat16 rounding is not the GPU's: a loose bound)."""
     assert sys.modules["hodlr.kernels.gated_delta"].BF16_HIERARCHY
     backward = importlib.import_module("hodlr.kernels.gated_delta_backward")
     monkeypatch.setattr(backward, "SPLIT_REVERSE_HIERARCHY_ABOVE", split_above)
+    monkeypatch.setattr(backward, "SPLIT_VALUE_SIDE_ABOVE", split_above)
     monkeypatch.setattr(backward, "SPLIT_READER_SHARE_UP_TO", share_up_to)
     T, D = 150, 8
     rng = np.random.default_rng(T)
