@@ -60,7 +60,7 @@ STATE_KEY_ROWS = 64
 """Key rows of a chunk's transition ``R`` and state ``U`` the forward chunk kernel forms at a time,
 reloading those key columns: a ``128 x 128`` float32 tile whole asks 128 registers a thread of a
 4-warp program (ptxas at ``Dk = 128``: 247 registers in one block, 166 in two; H200, chunk kernel
-0.84 -> 0.74 ms at D = 128, 8K; docs/kernels.md §3)."""
+0.84 -> 0.75 ms at D = 128, 8K; docs/kernels.md §3).  The value tiles are loaded once a block."""
 
 
 # ---------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Reverse mode through the forward's three stages, for a cotangent ``dO``:
 
 1. :func:`kernels.gated_delta.chunk_hierarchy` recomputes ``X``, ``W`` and the hierarchy ``H``, ``T``
    (``T = γ I + R`` held as ``γ`` and ``R``; the reader reads whole transitions, ``transition_tile``,
-   the reverse hierarchy multiplies by ``R`` and adds the ``γ`` part),
+   and so does the reverse hierarchy up to ``SPLIT_REVERSE_HIERARCHY_ABOVE``, beyond it multiplying
+   by ``R`` and adding the ``γ`` part),
    unless the forward's are handed over (``chunks=``, what :func:`kernels.gated_delta` keeps).
 2. ``_reader_kernel`` (one program per group of ``READER_GROUP`` chunks) differentiates the walk.
    With the set bits ``h_1 < ... < h_m`` of chunk ``i``, ``q_0 = Q̃`` and ``q_k = q_{k-1} T_{h_k}``,
@@ -59,7 +60,7 @@ the wide kernel's spills (ptxas: 696 + 72 bytes against 1,700) and its time by a
 H200; at ``Dk = 64`` one launch spills 372 bytes and is the faster (docs/kernels.md §3)."""
 
 SPLIT_READER_SHARE_UP_TO = 64
-"""Keys up to this wide: the reader adds each chunk's ``dH`` share ``(λ q̃)ᵀ dO`` through ``split_dot``
+"""Keys up to this wide, bfloat16 inputs: the reader adds each chunk's ``dH`` share ``(λ q̃)ᵀ dO`` through ``split_dot``
 (the float32 moved queries as two bfloat16 parts against the bfloat16 ``dO``); wider keys as a
 tf32 dot (H200: reader 3.67 -> 3.43 ms at D = 64, 2K, 7.10 -> 6.72 at 64K, but 9.23 -> 10.52 at
 D = 128, 8K; docs/kernels.md §7.4)."""
@@ -72,9 +73,9 @@ transition's ``γ I`` part apart; up to it, by the widened tiles in tf32, the tr
 docs/kernels.md §7.4)."""
 
 SPLIT_VALUE_SIDE_ABOVE = 64
-"""Keys wider than this: the backward chunk kernel multiplies the 16-bit ``V`` and ``dO`` as they
-are (``dO Vᵀ`` a bfloat16 dot, ``dU Vᵀ`` and ``(P ⊙ Λ)ᵀ dO`` through ``split_dot``); up to it, widened
-to float32 for tf32 dots (H200: chunk kernels 6.67 -> 6.32 ms at D = 128, 8K, but 4.01 -> 4.12 at
+"""Keys wider than this, bfloat16 inputs: the backward chunk kernel multiplies ``V`` and ``dO`` as
+they are (``dO Vᵀ`` a bfloat16 dot, ``dU Vᵀ`` and ``(P ⊙ Λ)ᵀ dO`` through ``split_dot``); up to it,
+and for other dtypes, widened to float32 (tf32 dots for float16) (H200: chunk kernels 6.67 -> 6.32 ms at D = 128, 8K, but 4.01 -> 4.12 at
 D = 64, 2K; the gradients' bf16 errors lower at both; docs/kernels.md §7.4)."""
 
 MAX_BACKWARD_CHUNK = 32
@@ -268,7 +269,7 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, of
         dv = j * BDV + tl.arange(0, BDV)
         dHp = matrix_tile(dh_ptr, parent, dk, dv, DK, DV, ACC)
         dHe = matrix_tile(dh_ptr, even, dk, dv, DK, DV, ACC)
-        dHe += _held_dot(tl.trans(_transition_operand(tr_ptr, gm_ptr, odd, dk, dk, DK, HAS_G, ACC, SPLIT)), dHp, ACC,
+        dHe += _held_dot(tl.trans(_transition_operand(tr_ptr, gm_ptr, odd, dk, dk, DK, HAS_G, ACC, SPLIT, HELD)), dHp, ACC,
                          PREC, NATIVE)
         if SPLIT:  # the γ I part the operand leaves out
             dHe += block_decay(gm_ptr, odd, HAS_G, ACC) * dHp
@@ -281,7 +282,7 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, of
         if SPLIT:  # meets the γ I parts the operands leave out
             dTp = matrix_tile(dt_ptr, parent, rows, cols, DK, DK, ACC)
         acc = _held_dot(matrix_tile(dt_ptr, parent, rows, dk, DK, DK, ACC),
-                        tl.trans(_transition_operand(tr_ptr, gm_ptr, even, cols, dk, DK, HAS_G, ACC, SPLIT)), ACC,
+                        tl.trans(_transition_operand(tr_ptr, gm_ptr, even, cols, dk, DK, HAS_G, ACC, SPLIT, HELD)), ACC,
                         PREC, NATIVE)
         if SPLIT:
             acc += block_decay(gm_ptr, even, HAS_G, ACC) * dTp
@@ -290,7 +291,7 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, of
             acc += _held_dot(matrix_tile(dh_ptr, parent, rows, dv, DK, DV, ACC),
                              tl.trans(matrix_tile(h_ptr, even, cols, dv, DK, DV, HELD)), ACC, PREC, NATIVE)
         store_matrix_tile(dt_ptr, odd, acc, rows, cols, DK, DK)
-        dTe = _held_dot(tl.trans(_transition_operand(tr_ptr, gm_ptr, odd, dk, rows, DK, HAS_G, ACC, SPLIT)),
+        dTe = _held_dot(tl.trans(_transition_operand(tr_ptr, gm_ptr, odd, dk, rows, DK, HAS_G, ACC, SPLIT, HELD)),
                         matrix_tile(dt_ptr, parent, dk, cols, DK, DK, ACC), ACC, PREC, NATIVE)
         if SPLIT:
             dTe += block_decay(gm_ptr, odd, HAS_G, ACC) * dTp
@@ -299,12 +300,12 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, of
 
 @triton.jit
 def _transition_operand(tr_ptr, gm_ptr, index, rows, cols, DK, HAS_G: tl.constexpr, ACC: tl.constexpr,
-                        SPLIT: tl.constexpr):
+                        SPLIT: tl.constexpr, HELD: tl.constexpr):
     """The ``(rows, cols)`` tile of block ``index``'s transition as the reverse hierarchy multiplies
-    it: ``R`` as the hierarchy holds it when ``SPLIT`` (the caller adds the ``γ I`` part), the whole
-    ``T = γ I + R`` in ``ACC`` otherwise."""
+    it: ``R`` as the hierarchy holds it (``HELD``) when ``SPLIT`` (the caller adds the ``γ I``
+    part), the whole ``T = γ I + R`` in ``ACC`` otherwise."""
     if SPLIT:
-        return matrix_tile(tr_ptr, index, rows, cols, DK, DK, tr_ptr.dtype.element_ty)
+        return matrix_tile(tr_ptr, index, rows, cols, DK, DK, HELD)
     else:
         return transition_tile(tr_ptr, gm_ptr, index, rows, cols, DK, HAS_G, ACC)
 
@@ -360,7 +361,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
         E = tl.dot(tl.trans(d[:, None] * K), Y, input_precision=PREC, out_dtype=ACC)
         Lam, lvl = intra_scales(l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
         PL = P * Lam.to(ACC)
-        if SPLIT:  # the values and dO as they are: 16-bit dots, split_dot
+        if SPLIT:  # the bfloat16 values and dO as they are: bfloat16 dots, split_dot
             V_TYPE: tl.constexpr = v_ptr.dtype.element_ty
             DO_TYPE: tl.constexpr = do_ptr.dtype.element_ty
         else:  # widened to float32
@@ -592,7 +593,8 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         DK, DV, float(scale), layout.group,
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
         *dl[1:], C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=reader_tile, BL=BL, GROUP=group,
-        LOG_GROUP=log_group, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact, SPLIT=DK <= SPLIT_READER_SHARE_UP_TO,
+        LOG_GROUP=log_group, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
+        SPLIT=DK <= SPLIT_READER_SHARE_UP_TO and v.dtype == torch.bfloat16,
         NATIVE=not interpreting(),
         num_warps=NUM_WARPS["gated_delta_reader" if DK <= 64 else "gated_delta_reader_wide"],
         **({"maxnreg": MAX_REGISTERS["gated_delta_reader"]} if DK <= 64 and v.dtype in (torch.float16, torch.bfloat16)
@@ -621,7 +623,8 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
             *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
             *dq[1:], *dk[1:], *dv[1:], *db[1:4], *dl[1:], *dg[1:4],
             C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=BL, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
-            SPLIT=DK > SPLIT_VALUE_SIDE_ABOVE, NATIVE=not interpreting(), SIDE=side, num_warps=NUM_WARPS[setting])
+            SPLIT=DK > SPLIT_VALUE_SIDE_ABOVE and v.dtype == torch.bfloat16, NATIVE=not interpreting(), SIDE=side,
+            num_warps=NUM_WARPS[setting])
     batch = layout.batch
 
     def shaped(name, like, tail):

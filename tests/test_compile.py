@@ -334,8 +334,7 @@ def test_compiled_gated_delta_triton_backward_equals_chunked(decay, monkeypatch)
 
 
 @interpreter
-@pytest.mark.parametrize("keep", [True, False])
-@pytest.mark.parametrize("decay", [True, False])
+@pytest.mark.parametrize("keep, decay", [(True, True), (False, False)])
 def test_gated_delta_op_keeps_chunks_for_its_backward(keep, decay, monkeypatch):
     """The Gated DeltaNet operator's plain path keeps the forward's ``X``, ``W`` and hierarchy for its
     backward (extra outputs of the operator, eager and under ``torch.compile``) unless
@@ -437,7 +436,7 @@ def test_compiled_kept_intermediates_do_not_pin_the_length(op):
 
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(call, fullgraph=True, backend=counter)
-    for T in (33, 70, 100, 135, 200):
+    for T in (33, 70, 135):
         xs = [x.detach().requires_grad_() for x in gated_delta_inputs(1, T, 1, 2)]
         got = torch.autograd.grad(compiled(*xs).square().sum(), xs, allow_unused=True)
         want = torch.autograd.grad(call(*xs).square().sum(), xs, allow_unused=True)
@@ -468,8 +467,7 @@ def test_compiled_call_without_tokens(op, B, T):
 
 
 @interpreter
-@pytest.mark.parametrize("keep", [True, False])
-@pytest.mark.parametrize("T, decay", [(9, True), (70, True), (70, False)])
+@pytest.mark.parametrize("T, decay, keep", [(9, True, True), (9, True, False), (70, True, True), (70, False, False)])
 def test_opcheck_gated_delta_rule_triton_without_state(T, decay, keep):
     """The interpreted Triton kernels through the Gated DeltaNet operator's plain path (its backward
     from ``gated_delta_vjp``), keeping the forward's chunks or not; at T = 70 (three chunks) the

@@ -93,7 +93,7 @@ def _inputs(M, q, k, v):
 
 
 @interpreter
-@settings(max_examples=20)
+@settings(max_examples=12)
 @given(data=st.data())
 def test_attention_gradients_match_dense(data):
     M = data.draw(masks(T=st_lengths(max_value=80), batch_shape=batch_shapes(2, 2), library="torch", dtype=torch.float64))
@@ -108,7 +108,7 @@ def test_attention_gradients_match_dense(data):
 
 
 @interpreter
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(data=st.data())
 def test_matmul_gradients_match_dense(data):
     M = data.draw(masks(T=st_lengths(max_value=80), batch_shape=batch_shapes(2, 2), library="torch", dtype=torch.float64))
@@ -135,8 +135,8 @@ def _case(T, rng, dtype=torch.float64, batch=(2,), Dk=3, Dv=4, decay=0.5, poison
 
 
 @interpreter
-@pytest.mark.parametrize("T, decay", [(T, decay) for T in (1, 2, 3, 15, 16, 17, 33, 63, 65)
-                                      for decay in (None, 0.5, 30.0)] + [(129, None), (129, 30.0), (257, 0.5)])
+@pytest.mark.parametrize("T, decay", [(T, decay) for T in (1, 17, 63, 65) for decay in (None, 0.5, 30.0)]
+                         + [(2, None), (3, 0.5), (15, 30.0), (16, None), (33, 0.5), (129, 30.0), (257, 0.5)])
 def test_awkward_lengths(T, decay, rng):
     q, k, v, lam, g, w = _case(T, rng, decay=decay)
     for op in ("attention", "matmul"):
@@ -172,8 +172,7 @@ def test_chunk_sizes(chunk, rng):
 
 
 @interpreter
-@pytest.mark.parametrize("T", [17, 70])
-@pytest.mark.parametrize("decay", [None, 0.5])
+@pytest.mark.parametrize("T, decay", [(17, None), (70, 0.5)])
 def test_feature_tiles(T, decay, rng, monkeypatch):
     """Heads wider than ``MAX_TILE`` split into (Dk-tile, Dv-tile) programs whose partial dq, dk,
     dv, dλ and decay sums are added atomically (the layout of 256-wide heads on a GPU)."""
@@ -188,8 +187,8 @@ def test_feature_tiles(T, decay, rng, monkeypatch):
 
 
 @interpreter
-@pytest.mark.parametrize("T, decay", [(1, 0.5), (17, None), (70, 0.5), (70, 30.0)])
-@pytest.mark.parametrize("max_tile", [128, 16])
+@pytest.mark.parametrize("T, decay, max_tile", [(1, 0.5, 128), (17, None, 128), (70, 0.5, 128), (70, 30.0, 128),
+                                                (1, 0.5, 16), (17, None, 16), (70, 30.0, 16)])
 def test_query_and_key_sides(T, decay, max_tile, rng, monkeypatch):
     """The chunk kernel as two launches, the query side and the key side (``SIDE_LAUNCHES``), with
     whole heads and with (Dk-tile, Dv-tile) programs; outputs and the kernels' scratch NaN-filled."""
@@ -206,7 +205,7 @@ def test_query_and_key_sides(T, decay, max_tile, rng, monkeypatch):
 
 
 @interpreter
-@pytest.mark.parametrize("T, period", [(2, 2), (3, 2), (17, 2), (40, 2), (260, 2), (100, 37), (300, 50)])
+@pytest.mark.parametrize("T, period", [(2, 2), (3, 2), (17, 2), (40, 2), (100, 37), (300, 50)])
 @pytest.mark.parametrize("sides", [1, 2])
 def test_strong_decay_gradients(T, period, sides, rng, monkeypatch):
     """Decay steps of -31 every ``period`` positions, steps near 0 elsewhere (float64): the decay
@@ -282,7 +281,7 @@ def test_operator_backward_gradients_laid_out_as_the_inputs(Hqk, rng):
 
 
 @interpreter
-@pytest.mark.parametrize("T, decay", [(1, 0.5), (33, None), (70, 0.5), (70, 30.0)])
+@pytest.mark.parametrize("T, decay", [(1, 0.5), (33, None), (70, 30.0)])
 def test_saved_states_equal_recomputed(T, decay, rng):
     """The forward's chunk states kept for the backward (``save_states=True``, the default) give
     the gradients of a backward that recomputes them, bit for bit; and so does
