@@ -60,10 +60,11 @@ the wide kernel's spills (ptxas: 696 + 72 bytes against 1,700) and its time by a
 H200; at ``Dk = 64`` one launch spills 372 bytes and is the faster (docs/kernels.md §3)."""
 
 SPLIT_READER_SHARE_UP_TO = 64
-"""Keys up to this wide, bfloat16 inputs: the reader adds each chunk's ``dH`` share ``(λ q̃)ᵀ dO`` through ``split_dot``
-(the float32 moved queries as two bfloat16 parts against the bfloat16 ``dO``); wider keys as a
-tf32 dot (H200: reader 3.67 -> 3.43 ms at D = 64, 2K, 7.10 -> 6.72 at 64K, but 9.23 -> 10.52 at
-D = 128, 8K; docs/kernels.md §7.4)."""
+"""Keys up to this wide, bfloat16 inputs: the reader adds each chunk's ``dH`` share ``(λ q̃)ᵀ dO``
+through ``split_dot`` (the float32 moved queries as two bfloat16 parts against the bfloat16
+``dO``); wider keys, and other dtypes, as one dot of the widened operands (H200: reader 3.67 ->
+3.43 ms at D = 64, 2K, 7.10 -> 6.72 at 64K, but 9.23 -> 10.52 at D = 128, 8K; docs/kernels.md
+§7.4)."""
 
 SPLIT_REVERSE_HIERARCHY_ABOVE = 64
 """Keys wider than this: the reverse hierarchy multiplies the bfloat16 hierarchy's tiles as they are
@@ -75,8 +76,9 @@ docs/kernels.md §7.4)."""
 SPLIT_VALUE_SIDE_ABOVE = 64
 """Keys wider than this, bfloat16 inputs: the backward chunk kernel multiplies ``V`` and ``dO`` as
 they are (``dO Vᵀ`` a bfloat16 dot, ``dU Vᵀ`` and ``(P ⊙ Λ)ᵀ dO`` through ``split_dot``); up to it,
-and for other dtypes, widened to float32 (tf32 dots for float16) (H200: chunk kernels 6.67 -> 6.32 ms at D = 128, 8K, but 4.01 -> 4.12 at
-D = 64, 2K; the gradients' bf16 errors lower at both; docs/kernels.md §7.4)."""
+and for other dtypes, widened to float32 (tf32 dots for float16) (H200: chunk kernels 6.67 ->
+6.32 ms at D = 128, 8K, but 4.01 -> 4.12 at D = 64, 2K; the gradients' bf16 errors lower at both;
+docs/kernels.md §7.4)."""
 
 MAX_BACKWARD_CHUNK = 32
 """Largest chunk of the backward: its chunk kernel holds every ``(C, C)`` and ``(C, Dk)`` tile of
@@ -269,8 +271,8 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, of
         dv = j * BDV + tl.arange(0, BDV)
         dHp = matrix_tile(dh_ptr, parent, dk, dv, DK, DV, ACC)
         dHe = matrix_tile(dh_ptr, even, dk, dv, DK, DV, ACC)
-        dHe += _held_dot(tl.trans(_transition_operand(tr_ptr, gm_ptr, odd, dk, dk, DK, HAS_G, ACC, SPLIT, HELD)), dHp, ACC,
-                         PREC, NATIVE)
+        T_odd = _transition_operand(tr_ptr, gm_ptr, odd, dk, dk, DK, HAS_G, ACC, SPLIT, HELD)
+        dHe += _held_dot(tl.trans(T_odd), dHp, ACC, PREC, NATIVE)
         if SPLIT:  # the γ I part the operand leaves out
             dHe += block_decay(gm_ptr, odd, HAS_G, ACC) * dHp
         store_matrix_tile(dh_ptr, even, dHe, dk, dv, DK, DV)

@@ -279,21 +279,24 @@ def test_strong_decay_gradients(T, period):
     assert_elementwise(got[..., 1:], _grads(inputs, w, 1.0, torch.float64)["log_decay"][..., 1:], 1e-10, "dlog_decay")
 
 
-@pytest.mark.parametrize("split_above, share_up_to, key_rows, decay, D", [(64, 64, 64, True, 8), (0, 0, 16, False, 20)])
+@pytest.mark.parametrize("split_above, share_up_to, key_rows, decay, D",
+                         [(64, 64, 64, True, 8), (0, 0, 16, False, 20)])
 def test_bfloat16_hierarchy(split_above, share_up_to, key_rows, decay, D, monkeypatch):
     """bfloat16 inputs over several chunks and levels (the hierarchy held in bfloat16, see
     ``gated_delta.BF16_HIERARCHY``), each of the backward's two ways of multiplying: the
     defaults at narrow keys (the reverse hierarchy with tf32 dots of the widened tiles, the
     reader's ``dH`` share through ``split_dot``, the chunk kernel's value side widened), with
     decay, and the other way round (``0``, ``0``) without decay, the forward chunk kernel forming
-    ``R`` and ``U`` in two blocks of 16 key rows (``Dk = 20``, the second cut short): output and gradients near the float64 reference (the
-    interpreter's bfloat16 rounding is not the GPU's: a loose bound)."""
-    assert sys.modules["hodlr.kernels.gated_delta"].BF16_HIERARCHY
+    ``R`` and ``U`` in two blocks of 16 key rows (``Dk = 20``, the second cut short): output and
+    gradients near the float64 reference (the interpreter's bfloat16 rounding is not the GPU's: a
+    loose bound)."""
+    forward = sys.modules["hodlr.kernels.gated_delta"]
+    assert forward.BF16_HIERARCHY
     backward = importlib.import_module("hodlr.kernels.gated_delta_backward")
     monkeypatch.setattr(backward, "SPLIT_REVERSE_HIERARCHY_ABOVE", split_above)
     monkeypatch.setattr(backward, "SPLIT_VALUE_SIDE_ABOVE", split_above)
     monkeypatch.setattr(backward, "SPLIT_READER_SHARE_UP_TO", share_up_to)
-    monkeypatch.setattr(sys.modules["hodlr.kernels.gated_delta"], "STATE_KEY_ROWS", key_rows)
+    monkeypatch.setattr(forward, "STATE_KEY_ROWS", key_rows)
     T = 150
     rng = np.random.default_rng(T)
     t = lambda *shape: torch.as_tensor(rng.standard_normal(shape))  # noqa: E731
@@ -447,7 +450,8 @@ def _differentiate(inputs, w, dtype=None, **kwargs):
 
 
 @pytest.mark.parametrize("T, decay, dtype, grouped", [
-    (1, True, None, False), (70, True, None, True), (70, True, torch.bfloat16, False), (40, False, torch.float16, True)])
+    (1, True, None, False), (70, True, None, True), (70, True, torch.bfloat16, False),
+    (40, False, torch.float16, True)])
 def test_saved_chunks_equal_recomputed(T, decay, dtype, grouped):
     """The forward's ``X``, ``W`` and hierarchy kept for the backward (``save_states=True``, the
     default) give the gradients of a backward that recomputes them, bit for bit (16-bit inputs,
