@@ -58,6 +58,10 @@ programs form every gradient of their chunk, or two, a query side and a key side
 the in-chunk products it needs again, and holds half the accumulators).  Calls over sequences
 take one."""
 
+BLOCK_SUM_STAGES = 2
+"""Software-pipelining stages of the block sums' loop over chunks (``_block_sum``): the next
+chunks' queries and output gradients load into shared memory while this chunk's product runs."""
+
 TILE_CHUNKS = 16
 """Chunks summed by one program of ``_query_block_kernel`` (a power of two): blocks of at most
 this many chunks are summed whole and stored, larger ones tile by tile with one atomic add each."""
@@ -277,7 +281,7 @@ def _sequence_kernel(h_ptr, a_ptr, r_ptr, s_ptr, df_ptr, di_ptr, rc_ptr, le_ptr,
 def _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot, sod, slt, sgt, dk, dv,
                DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
-               NATIVE: tl.constexpr, lo=None):
+               NATIVE: tl.constexpr, STAGES: tl.constexpr, lo=None):
     """``Σ_t scale λ_t exp(G_t - G_a) dO_t q_tᵀ`` (``(BDV, BDK)``, the transposed block sum) over
     the ``count`` chunks from chunk ``first``, ``a`` the last position before them; ``l_col``
     points at the level-scale column the rows read.  With ``lo`` (a sequence: rows ``t`` are
@@ -285,8 +289,7 @@ def _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot
     r = tl.arange(0, C)
     acc = tl.zeros((BDV, BDK), dtype=ACC)
     gap = tl.zeros((), dtype=ACC)
-    j = 0
-    while j < count:
+    for j in tl.range(0, count, num_stages=STAGES):  # the next chunks' rows load while this one's product runs
         t = (first + j) * C + r
         if lo is None:
             tmask = t < T
@@ -302,7 +305,6 @@ def _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot
         acc += dot(tl.trans(ob), qw, ACC, PREC, NATIVE)
         if HAS_G:
             gap += tl.sum(tl.load(g_row + t * sgt, mask=tmask, other=0.0).to(ACC), 0)
-        j += 1
     return acc
 
 
@@ -313,7 +315,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_p
                         scale, sqb0, sqb1, sqt, sqd, sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt, GRP,
                         C: tl.constexpr, LOG_C: tl.constexpr, P_LOG: tl.constexpr, BDK: tl.constexpr,
                         BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                        LOWP: tl.constexpr, NATIVE: tl.constexpr, VARLEN: tl.constexpr):
+                        LOWP: tl.constexpr, NATIVE: tl.constexpr, VARLEN: tl.constexpr, STAGES: tl.constexpr):
     """Program ``(group * n_bits + level, batch entry, feature tile)`` over aligned groups of
     ``2^P_LOG`` chunks, the level varying fastest (the programs of one group read the same rows,
     from L2): a level below ``P_LOG`` sums the reader blocks inside the group and stores them;
@@ -361,7 +363,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_p
                 count = tl.minimum(((b + 1) << h) - 1, I1) - lo_c + 1
                 if count > 0:
                     acc = _block_sum(q_row, o_row, l_col, g_row, lo_c, count, e, scale, sqt, sqd, sot, sod, slt, sgt,
-                                     dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE, a)
+                                     dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE, STAGES, a)
                     tl.store(r_ptr + (off + b - (I0 >> h)) * DK * DV + r_tile, acc, mask=fmask)
                 nb += 1
         else:
@@ -370,7 +372,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_p
             count = tl.minimum(first + (1 << P_LOG) - 1, I1) - lo_c + 1
             if (b & 1) == 1:
                 acc = _block_sum(q_row, o_row, l_col, g_row, lo_c, count, e, scale, sqt, sqd, sot, sod, slt, sgt,
-                                 dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE, a)
+                                 dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE, STAGES, a)
                 dst = r_ptr + (off + b - (I0 >> h)) * DK * DV + r_tile
                 if h == P_LOG:  # the group is the whole block
                     tl.store(dst, acc, mask=fmask)
@@ -409,7 +411,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_p
                 count = tl.minimum(1 << h, n_chunks - (b << h))
                 if count > 0:
                     acc = _block_sum(q_row, o_row, l_col, g_row, b << h, count, T, scale, sqt, sqd, sot, sod, slt,
-                                     sgt, dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE)
+                                     sgt, dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE, STAGES)
                     tl.store(r_ptr + (bh * n_r + roff + (b >> 1)) * DK * DV + r_tile, acc, mask=fmask)
                 nb += 1
         else:
@@ -417,7 +419,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_p
             count = tl.minimum(1 << P_LOG, n_chunks - first)
             if ((b & 1) == 1) & (count > 0):
                 acc = _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot, sod, slt, sgt,
-                                 dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE)
+                                 dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE, STAGES)
                 dst = r_ptr + (bh * n_r + roff + (b >> 1)) * DK * DV + r_tile
                 if h == P_LOG:  # the group is the whole block
                     tl.store(dst, acc, mask=fmask)
@@ -802,7 +804,8 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
             layout.tensors["q"], layout.tensors["do"], layout.tensors["l"], layout.decay_args()[0], logdec, rsum,
             logdec, logdec, T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale),
             *layout.args("q")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *layout.decay_args()[1:],
-            layout.group, C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, VARLEN=False, **meta)
+            layout.group, C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, VARLEN=False,
+            STAGES=BLOCK_SUM_STAGES, **meta)
     # outputs: straight in the inputs' dtypes, or float32 (float64) buffers for the atomic partial sums
     def buffer(shape, dtype):
         if atomic:
@@ -975,7 +978,7 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
             q, do, level_scales, layout.decay_args()[0], logdec, rsum, seqs.table, seqs.group_seq, T, 1, 0,
             seqs.n_entries, 0, NH, L, DK, DV, n_dv, float(scale), *layout.args("q")[1:], *layout.args("do")[1:],
             *layout.args("l")[1:], *layout.decay_args()[1:], grp, C=C, LOG_C=c, P_LOG=p_log, BDK=BDK, BDV=BDV,
-            VARLEN=True, **meta)
+            VARLEN=True, STAGES=BLOCK_SUM_STAGES, **meta)
     NB = next_power_of_2(NH)
     dinit = None if initial is None else scratch(initial.shape, initial.dtype, dev)
     rc = scratch((count, H, tiles), acc_torch, dev)
