@@ -131,6 +131,35 @@ def intra_scales(l_chunk, slt, sll, L, tmask, C: tl.constexpr):
 
 
 @triton.jit
+def level_sums(W, C: tl.constexpr, LOG_C: tl.constexpr, BL: tl.constexpr):
+    """``(C, BL)`` in-chunk level sums of a ``(C, C)`` tile ``W`` that is zero above the diagonal:
+    ``[t, l] = Σ_{s: level(t, s) = l} W[t, s]`` for ``l <= c = log2 C`` (0 in the other columns
+    and where row ``t`` does not read level ``l``).
+
+    A tree of block sums instead of one masked row sum a level: the keys of level ``l >= 1`` of
+    row ``t`` are the aligned block of ``2^(l-1)`` keys just before ``t``'s own (when bit ``l - 1``
+    of ``t`` is set), so the tile's columns are summed in aligned pairs, pairs of pairs, ..., and
+    each row takes one entry of each tile of block sums: about ``2 C²`` element operations for
+    all levels against ``(c + 1) C²``."""
+    r = tl.arange(0, C)
+    lev = tl.arange(0, BL)
+    E, O = tl.split(tl.reshape(W, (C, C // 2, 2)))  # the even and the odd key of each aligned pair
+    own = tl.arange(0, C // 2)[None, :] == (r >> 1)[:, None]  # the pair that holds the diagonal
+    even = tl.sum(tl.where(own, E, 0.0), 1)
+    odd = tl.sum(tl.where(own, O, 0.0), 1)
+    t_odd = (r & 1) == 1
+    out = tl.where(lev[None, :] == 0, tl.where(t_odd, odd, even)[:, None], 0.0)  # level 0: the diagonal
+    out = tl.where(lev[None, :] == 1, tl.where(t_odd, even, 0.0)[:, None], out)
+    P = E + O  # the sums of the aligned blocks of 2 keys
+    for k in tl.static_range(1, LOG_C):  # level k + 1: the block of 2^k keys before row t's
+        before = tl.sum(tl.where(tl.arange(0, C >> k)[None, :] == ((r >> k) - 1)[:, None], P, 0.0), 1)
+        out = tl.where(lev[None, :] == k + 1, tl.where(((r >> k) & 1) == 1, before, 0.0)[:, None], out)
+        if k + 1 < LOG_C:
+            P = tl.sum(tl.reshape(P, (C, C >> (k + 1), 2)), 2)
+    return out
+
+
+@triton.jit
 def intra_decay(G, g_next, tmask, C: tl.constexpr, EXACT: tl.constexpr):
     """``(C, C)`` in-chunk decays ``exp(Σ_{k=s+1..t} g_k)`` for ``s <= t`` (0 above the
     diagonal and on rows past ``T``).

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_decay, intra_scales,
+from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_decay, intra_scales, level_sums,
                       sequence_chunk, sequence_row, state_tile)
 from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, interpreting,
                       next_power_of_2, scratch, state_dtypes)
@@ -500,12 +500,12 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
         g_row = g_ptr + b0 * sgb0 + b1 * sgb1 + shift * sgt
         l_base = l_ptr + b0 * slb0 + b1 * slb1 + shift * slt
         G, g_next = chunk_decays(g_row, t, tmask, sgt, e, C, HAS_G, ACC, a)
-        lam, lvl = intra_scales(l_base + (i * C) * slt, slt, sll, L, tmask, C)
+        lam = intra_scales(l_base + (i * C) * slt, slt, sll, L, tmask, C)[0]
     else:
         g_row = g_ptr + b0 * sgb0 + b1 * sgb1
         l_base = l_ptr + b0 * slb0 + b1 * slb1
         G, g_next = chunk_decays(g_row, t, tmask, sgt, T, C, HAS_G, ACC)
-        lam, lvl = intra_scales(l_base + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
+        lam = intra_scales(l_base + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)[0]
     Dec = _decays(G, g_next, tmask, C, HAS_G, EXACT) * scale
     Wd = dP * S * Dec
     col_l = tl.arange(0, BL)
@@ -519,8 +519,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
     row = tl.zeros((C,), dtype=ACC)  # each row's pairs with keys before the chunk
     pairs = row  # dg_u of the pairs t >= u > s inside the chunk
     if QUERIES:
-        for lv in tl.static_range(LOG_C + 1):
-            dl = tl.where(col_l[None, :] == lv, tl.sum(tl.where(lvl == lv, Wd, 0.0), 1)[:, None], dl)
+        dl = level_sums(Wd, C, LOG_C, BL)
         if HAS_G:  # each pair once, summed down its column from row u (its lower entries only)
             pairs = tl.sum(tl.where(before, tl.cumsum(M * dP * S, 0, reverse=True), 0.0), 1)
         dq = dot(dS, kb, ACC, PREC, NATIVE)

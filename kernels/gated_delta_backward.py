@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from . import _layout
-from ._device import chunk_rows, dot, intra_scales, level_start, split_dot
+from ._device import chunk_rows, dot, intra_scales, level_start, level_sums, split_dot
 from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_chunk, compute_types, hierarchy_sizes, interpreting,
                       level_offsets, next_power_of_2)
 from .gated_delta import (Chunks, block_decay, chunk_hierarchy, chunk_shapes, gated_delta_layout, gates, load_rows,
@@ -361,7 +361,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
         # the value side (P = Sq Y, U = E V with E = (diag(d) K)ᵀ Y): dV, dP, dE and dλ of levels 0..c
         P = tl.dot(Sq, Y, input_precision=PREC, out_dtype=ACC)
         E = tl.dot(tl.trans(d[:, None] * K), Y, input_precision=PREC, out_dtype=ACC)
-        Lam, lvl = intra_scales(l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
+        Lam = intra_scales(l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)[0]
         PL = P * Lam.to(ACC)
         if SPLIT:  # the bfloat16 values and dO as they are: bfloat16 dots, split_dot
             V_TYPE: tl.constexpr = v_ptr.dtype.element_ty
@@ -385,9 +385,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
         dPL = scale * dPL
         dLam = dPL * P
         col_l = tl.arange(0, BL)
-        dl = tl.zeros((C, BL), dtype=ACC)
-        for lv in tl.static_range(LOG_C + 1):
-            dl = tl.where(col_l[None, :] == lv, tl.sum(tl.where(lvl == lv, dLam, 0.0), 1)[:, None], dl)
+        dl = level_sums(dLam, C, LOG_C, BL)
         tl.store(dl_ptr + b0 * sdlb0 + b1 * sdlb1 + t[:, None] * sdlt + col_l[None, :] * sdll, dl,
                  mask=tmask[:, None] & (col_l[None, :] <= LOG_C) & (col_l[None, :] < L))
         dP = dPL * Lam.to(ACC)
