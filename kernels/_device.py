@@ -139,8 +139,9 @@ def level_sums(W, C: tl.constexpr, LOG_C: tl.constexpr, BL: tl.constexpr):
     A tree of block sums instead of one masked row sum a level: the keys of level ``l >= 1`` of
     row ``t`` are the aligned block of ``2^(l-1)`` keys just before ``t``'s own (when bit ``l - 1``
     of ``t`` is set), so the tile's columns are summed in aligned pairs, pairs of pairs, ..., and
-    each row takes one entry of each tile of block sums: about ``2 C²`` element operations for
-    all levels against ``(c + 1) C²``."""
+    each row picks one entry from each tile of block sums, every tile half the size of the one
+    before: fewer than ``2 C²`` compares and selects and ``3 C²`` additions for all levels,
+    against ``(c + 1) C²`` of each."""
     r = tl.arange(0, C)
     lev = tl.arange(0, BL)
     E, O = tl.split(tl.reshape(W, (C, C // 2, 2)))  # the even and the odd key of each aligned pair
