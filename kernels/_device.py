@@ -111,8 +111,8 @@ def validate_rows(flag_ptr, l_base, slt, sll, L, g_base, sgt, t, tmask, BL: tl.c
 
 @triton.jit
 def intra_scales(l_chunk, slt, sll, L, tmask, C: tl.constexpr):
-    """``(Λ, lvl)`` of one chunk: ``Λ[t, s] = λ[t, level(t, s)]`` for ``s <= t`` (0 above the
-    diagonal and on rows past ``T``) and the ``(C, C)`` in-chunk levels.
+    """``Λ`` of one chunk: ``Λ[t, s] = λ[t, level(t, s)]`` for ``s <= t`` (0 above the diagonal
+    and on rows past ``T``).
 
     ``l_chunk`` points at ``level_scales[t0, 0]`` of the chunk's first row, ``slt`` / ``sll``
     are the row and level strides.  For ``s <= t`` in one aligned chunk the level is the bit
@@ -121,13 +121,12 @@ def intra_scales(l_chunk, slt, sll, L, tmask, C: tl.constexpr):
     chunk's rows, levels ``0..7`` (16 columns for ``C = 256``; columns ``>= L`` not loaded): an
     entry that is not read by definition may be loaded, but is never selected."""
     r = tl.arange(0, C)
-    xor = r[:, None] ^ r[None, :]
     causal = (r[:, None] >= r[None, :]) & tmask[:, None]
-    lvl = bit_length(xor)
+    lvl = bit_length(r[:, None] ^ r[None, :])
     LV: tl.constexpr = 8 if C <= 128 else 16
     col = tl.arange(0, LV)
     rows = tl.load(l_chunk + (r[:, None] * slt + col[None, :] * sll), mask=tmask[:, None] & (col[None, :] < L))
-    return tl.where(causal, tl.gather(rows, lvl, 1), 0.0), lvl
+    return tl.where(causal, tl.gather(rows, lvl, 1), 0.0)
 
 
 @triton.jit
@@ -189,7 +188,7 @@ def intra_decay(G, g_next, tmask, C: tl.constexpr, EXACT: tl.constexpr):
 def intra_mask(l_chunk, slt, sll, L, G, g_next, tmask, C: tl.constexpr, HAS_G: tl.constexpr, EXACT: tl.constexpr):
     """The ``(C, C)`` block of the mask inside one chunk (levels ``0..c``): the scales of
     :func:`intra_scales` times the decays of :func:`intra_decay` (``G``'s dtype)."""
-    M = intra_scales(l_chunk, slt, sll, L, tmask, C)[0].to(G.dtype)
+    M = intra_scales(l_chunk, slt, sll, L, tmask, C).to(G.dtype)
     if HAS_G:
         M = M * intra_decay(G, g_next, tmask, C, EXACT)
     return M

@@ -500,12 +500,12 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
         g_row = g_ptr + b0 * sgb0 + b1 * sgb1 + shift * sgt
         l_base = l_ptr + b0 * slb0 + b1 * slb1 + shift * slt
         G, g_next = chunk_decays(g_row, t, tmask, sgt, e, C, HAS_G, ACC, a)
-        lam = intra_scales(l_base + (i * C) * slt, slt, sll, L, tmask, C)[0]
+        lam = intra_scales(l_base + (i * C) * slt, slt, sll, L, tmask, C)
     else:
         g_row = g_ptr + b0 * sgb0 + b1 * sgb1
         l_base = l_ptr + b0 * slb0 + b1 * slb1
         G, g_next = chunk_decays(g_row, t, tmask, sgt, T, C, HAS_G, ACC)
-        lam = intra_scales(l_base + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)[0]
+        lam = intra_scales(l_base + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
     Dec = _decays(G, g_next, tmask, C, HAS_G, EXACT) * scale
     Wd = dP * S * Dec
     col_l = tl.arange(0, BL)

@@ -270,7 +270,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr
     row = bh * n_chunks + i
     P = dot(Sq, matrix_tile(x_ptr, row, r, r, C, C, ACC), ACC, PREC, False) * beta[None, :]
     l_base = l_ptr + b0 * slb0 + b1 * slb1
-    Lam = intra_scales(l_base + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)[0].to(ACC)
+    Lam = intra_scales(l_base + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C).to(ACC)
     # 16-bit values and hierarchy tiles enter the dots in their own dtype: a widened 16-bit value is
     # a fixed point of round_tf32, so they skip it (H200, D = 64, 2K: output kernel 0.97 ms against
     # 1.29 with float32 reads, docs/kernels.md §7.4)

@@ -361,7 +361,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
         # the value side (P = Sq Y, U = E V with E = (diag(d) K)ᵀ Y): dV, dP, dE and dλ of levels 0..c
         P = tl.dot(Sq, Y, input_precision=PREC, out_dtype=ACC)
         E = tl.dot(tl.trans(d[:, None] * K), Y, input_precision=PREC, out_dtype=ACC)
-        Lam = intra_scales(l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)[0]
+        Lam = intra_scales(l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
         PL = P * Lam.to(ACC)
         if SPLIT:  # the bfloat16 values and dO as they are: bfloat16 dots, split_dot
             V_TYPE: tl.constexpr = v_ptr.dtype.element_ty
