@@ -7,14 +7,21 @@ import triton.language as tl
 
 
 @triton.jit
-def chunk_rows(B1, T, C: tl.constexpr):
+def chunk_rows(B1, T, C: tl.constexpr, FULL_CHUNKS: tl.constexpr):
     """``(i, bh, b0, b1, t, tmask)`` of this program: chunk ``i`` (program axis 0), collapsed
     batch entry ``bh`` (axis 1) and its two batch indices ``b0 = bh // B1``, ``b1 = bh % B1``
-    (see ``kernels._layout.collapse_batch``), the chunk's positions ``t`` and ``t < T``."""
+    (see ``kernels._layout.collapse_batch``), the chunk's positions ``t`` and ``t < T``.
+
+    With ``FULL_CHUNKS`` (the launcher's ``T % C == 0``) ``tmask`` is a constant ``True``, so that
+    every mask built from it folds away at compile time."""
     i = tl.program_id(0)
     bh = tl.program_id(1)
     t = i * C + tl.arange(0, C)
-    return i, bh.to(tl.int64), (bh // B1).to(tl.int64), (bh % B1).to(tl.int64), t, t < T
+    if FULL_CHUNKS:
+        tmask = tl.full((C,), 1, tl.int1)
+    else:
+        tmask = t < T
+    return i, bh.to(tl.int64), (bh // B1).to(tl.int64), (bh % B1).to(tl.int64), t, tmask
 
 
 @triton.jit

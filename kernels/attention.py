@@ -35,7 +35,8 @@ of its chunk (each forms the chunk's scores again) and reads its key columns til
 def _state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr, s_ptr, tab_ptr, cs_ptr,
                   T, B1, n_total, DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES, GRP, S_IN,
                   skb0, skb1, skt, skd, svb0, svb1, svt, svd, sgb0, sgb1, sgt,
-                  C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
+                  C: tl.constexpr, LOG_C: tl.constexpr, FULL_CHUNKS: tl.constexpr,
+                  BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
                   ACC: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, NATIVE: tl.constexpr,
                   VARLEN: tl.constexpr):
     """Program ``(chunk, batch entry, Dk-tile x Dv-tile)``: level 0 of the hierarchy.  With
@@ -49,7 +50,7 @@ def _state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr, s_ptr, tab_ptr, cs_ptr,
         b1 = tl.program_id(1).to(tl.int64)
         tr = t + shift
     else:
-        j, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+        j, bh, b0, b1, t, tmask = chunk_rows(B1, T, C, FULL_CHUNKS)
         tr = t
     bk1 = b1 // GRP  # the key head of a grouped head
     tile = tl.program_id(2)
@@ -140,7 +141,8 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr, s_ptr
                    T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, scale, GRP, S_IN,
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
                    slb0, slb1, slt, sll, sgb0, sgb1, sgt, sob0, sob1, sot, sod,
-                   C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                   C: tl.constexpr, LOG_C: tl.constexpr, FULL_CHUNKS: tl.constexpr,
+                   BDK: tl.constexpr, BDV: tl.constexpr,
                    HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
                    LOWP: tl.constexpr, NATIVE: tl.constexpr, VARLEN: tl.constexpr, BL: tl.constexpr):
     """Program ``(chunk, batch entry, Dv-tile)``: the outputs of the chunk's rows.  With ``VARLEN``
@@ -157,7 +159,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr, s_ptr
         base += b1 * n_total
         tr = t + shift
     else:
-        i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+        i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C, FULL_CHUNKS)
         tr = t
     bq1 = b1 // GRP  # the query and key head of a grouped head
     dv = tl.program_id(2) * BDV + tl.arange(0, BDV)
@@ -381,8 +383,8 @@ def chunk_states(layout: Layout, C: int, state_dtype, logdec_dtype):
     _state_kernel[(n, layout.B, cdiv(DK, BDK) * n_dv)](
         k, v, layout.decay_args()[0], states, logdec, states, logdec, logdec, layout.T, layout.B1, states.shape[1],
         DK, DV, n_dv, layout.group, 0, *layout.args("k")[1:], *layout.args("v")[1:], *layout.decay_args()[1:],
-        C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=g is not None, ACC=acc, PREC=prec,
-        LOWP=v.dtype == torch.bfloat16, NATIVE=not interpreting(), VARLEN=False,
+        C=C, LOG_C=C.bit_length() - 1, FULL_CHUNKS=layout.T % C == 0, BDK=BDK, BDV=BDV, HAS_G=g is not None,
+        ACC=acc, PREC=prec, LOWP=v.dtype == torch.bfloat16, NATIVE=not interpreting(), VARLEN=False,
         num_warps=NUM_WARPS["attention_state"])
     _states.build_hierarchy(states, logdec, n)
     return states, logdec
@@ -450,7 +452,8 @@ def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0,
         o_flat, states, logdec, logdec, check, T, layout.B1, n, states.shape[1], (n - 1).bit_length(), L, DK, DV,
         float(scale), layout.group, 0, *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:],
         *layout.args("l")[1:], *layout.decay_args()[1:], o_flat.stride(0), o_flat.stride(1), o_flat.stride(2),
-        o_flat.stride(3), C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=layout.tensors["g"] is not None,
+        o_flat.stride(3), C=C, LOG_C=C.bit_length() - 1, FULL_CHUNKS=T % C == 0, BDK=BDK, BDV=BDV,
+        HAS_G=layout.tensors["g"] is not None,
         ACC=acc, PREC=prec, EXACT=exact, LOWP=v.dtype == torch.bfloat16, NATIVE=not interpreting(), VARLEN=False,
         BL=check_block(T, check), num_warps=NUM_WARPS["attention_output"])
     return (out, (states, logdec)) if return_states else out
@@ -552,8 +555,9 @@ def sequence_states(layout: SequenceLayout, seqs, C: int, initial, state_dtype, 
             layout.tensors["k"], v, layout.decay_args()[0], states, logdec, states if initial is None else initial,
             seqs.table, seqs.chunk_seq, layout.T, 1, seqs.n_entries, DK, DV, n_dv, H // layout.Hqk, S_in,
             *layout.args("k")[1:], *layout.args("v")[1:], *layout.decay_args()[1:],
-            C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=layout.tensors["g"] is not None, ACC=acc,
-            PREC=prec, LOWP=v.dtype == torch.bfloat16, NATIVE=not interpreting(), VARLEN=True,
+            C=C, LOG_C=C.bit_length() - 1, FULL_CHUNKS=False, BDK=BDK, BDV=BDV,
+            HAS_G=layout.tensors["g"] is not None, ACC=acc, PREC=prec, LOWP=v.dtype == torch.bfloat16,
+            NATIVE=not interpreting(), VARLEN=True,
             num_warps=NUM_WARPS["attention_state"])
     _states.build_sequence_hierarchy(states, logdec, initial, seqs, C)
     return states, logdec
@@ -635,7 +639,8 @@ def attention_state_forward(q, k, v, level_scales, log_decay=None, scale: float 
             seqs.table, seqs.chunk_seq, None, layout.T, 1, 0, seqs.n_entries, seqs.levels, layout.L, layout.DK,
             layout.DV, float(scale), layout.H // layout.Hqk, 0 if initial is None else initial.shape[2],
             *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("l")[1:],
-            *layout.decay_args()[1:], *out.stride(), C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV,
+            *layout.decay_args()[1:], *out.stride(), C=C, LOG_C=C.bit_length() - 1, FULL_CHUNKS=False, BDK=BDK,
+            BDV=BDV,
             HAS_G=log_decay is not None, ACC=acc, PREC=prec, EXACT=exact, LOWP=v.dtype == torch.bfloat16,
             NATIVE=not interpreting(), VARLEN=True, BL=1, num_warps=NUM_WARPS["attention_output"])
     if not output_final_state:

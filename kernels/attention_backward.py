@@ -444,7 +444,8 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
                   sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
                   sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt,
                   sdqb0, sdqb1, sdqt, sdvb0, sdvb1, sdvt, sdlb0, sdlb1, sdlt,
-                  C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
+                  C: tl.constexpr, LOG_C: tl.constexpr, FULL_CHUNKS: tl.constexpr,
+                  BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
                   NB: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
                   LOWP: tl.constexpr, NATIVE: tl.constexpr, ATOMIC: tl.constexpr, VARLEN: tl.constexpr,
                   FINAL: tl.constexpr, SIDE: tl.constexpr = 0):
@@ -481,7 +482,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
         obh = b0 * tl.num_programs(1) + b1
         tr = t + shift
     else:
-        i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+        i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C, FULL_CHUNKS)
         tr = t
     bq1 = b1 // GRP  # the query and key head of a grouped head
     tile_f = tl.program_id(2)
@@ -842,8 +843,8 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         _chunk_kernel[(n, B, tiles)](
             *ptrs, states, logdec, rsum, dq, dk, dv, dl, dgl, lvl_rows, logdec, logdec, logdec, logdec, logdec,
             logdec, T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale), layout.group, 0, 0, 0,
-            *strides, *out_strides, C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=next_power_of_2(L), NB=NB,
-            EXACT=exact, ATOMIC=atomic, VARLEN=False, FINAL=False, SIDE=side, **meta)
+            *strides, *out_strides, C=C, LOG_C=C.bit_length() - 1, FULL_CHUNKS=T % C == 0, BDK=BDK, BDV=BDV,
+            BL=next_power_of_2(L), NB=NB, EXACT=exact, ATOMIC=atomic, VARLEN=False, FINAL=False, SIDE=side, **meta)
     dg = None
     if has_g:
         span = scratch((parts * B, n), acc_torch, dev)
@@ -1003,7 +1004,8 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
             dummy if dfinal is None else dfinal, rc, seqs.table, seqs.chunk_seq, T, 1, seqs.n_slots, seqs.n_entries,
             0, NH, L, DK, DV, n_dv, float(scale), grp, S_in, seqs.final_slots, N * H, *layout.args("q")[1:],
             *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("do")[1:], *layout.args("l")[1:],
-            *layout.decay_args()[1:], *(0,) * 9, C=C, LOG_C=c, BDK=BDK, BDV=BDV, BL=next_power_of_2(L), NB=NB,
+            *layout.decay_args()[1:], *(0,) * 9, C=C, LOG_C=c, FULL_CHUNKS=False, BDK=BDK, BDV=BDV,
+            BL=next_power_of_2(L), NB=NB,
             EXACT=exact, ATOMIC=atomic, VARLEN=True, FINAL=final, **meta)
     dg = None
     if has_g:

@@ -153,12 +153,13 @@ def transition_tile(tr_ptr, gm_ptr, index, rows, cols, DK, HAS_G: tl.constexpr, 
 def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr,
                   T, B1, n_chunks, n_total, GRP, DK: tl.constexpr, DV: tl.constexpr,
                   skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt, sgb0, sgb1, sgt,
-                  C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr,
+                  C: tl.constexpr, FULL_CHUNKS: tl.constexpr,
+                  BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr,
                   PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr, KB: tl.constexpr):
     """Program ``(chunk i, batch entry)``: ``X = N⁻¹`` and ``W`` of the chunk (stored, ``(C, C)``
     and ``(C, Dk)``), its transition ``Tr = γ_end I + R`` (``R`` and ``γ_end``) and its state ``U``
     (level 0 of the hierarchy), ``R`` and ``U`` ``KB`` key rows at a time (``STATE_KEY_ROWS``)."""
-    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C, FULL_CHUNKS)
     r = tl.arange(0, C)
     dk = tl.arange(0, BDK)
     Kin = load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, dk, DK, k_ptr.dtype.element_ty)
@@ -248,13 +249,14 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr
                    T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, scale, GRP,
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt,
                    slb0, slb1, slt, sll, sgb0, sgb1, sgt, sob0, sob1, sot, sod,
-                   C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
+                   C: tl.constexpr, LOG_C: tl.constexpr, FULL_CHUNKS: tl.constexpr,
+                   BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
                    ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr,
                    BL: tl.constexpr):
     """Program ``(chunk i, batch entry, Dv-tile)``: ``(P ⊙ Λ) V`` inside the chunk, then the walk
     over the set bits of ``i`` with the moved queries ``q̂``.  With a ``flag_ptr`` (not None) the
     program also validates the level scales and log-decays its rows read (:func:`validate_rows`)."""
-    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C, FULL_CHUNKS)
     # the mask's validation (with a flag), before the products need the registers
     validate_rows(flag_ptr, l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L, g_ptr + b0 * sgb0 + b1 * sgb1, sgt, t, tmask,
                   BL, HAS_G)
@@ -406,7 +408,8 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
         ch.decay_pointer(),
         layout.T, layout.B1, n, N, layout.group, DK, DV, *layout.args("k")[1:], *layout.args("v")[1:],
         *layout.args("beta")[1:4], *layout.decay_args()[1:],
-        C=C, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact, NATIVE=not interpreting(),
+        C=C, FULL_CHUNKS=layout.T % C == 0, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
+        NATIVE=not interpreting(),
         KB=min(BDK, STATE_KEY_ROWS), num_warps=NUM_WARPS["gated_delta"],
         # capped where measured: 64-wide key tiles (narrower ones use more registers, 143 at Dk = 32,
         # and would spill under the cap; ptxas of Triton 3.6)
@@ -476,7 +479,8 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
         T, layout.B1, ch.n, ch.states.shape[1], (ch.n - 1).bit_length(), layout.L, DK, DV, float(scale), layout.group,
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("beta")[1:4],
         *layout.args("l")[1:], *layout.decay_args()[1:], *o_flat.stride(),
-        C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, HAS_G=layout.tensors["g"] is not None, ACC=acc, PREC=prec,
-        EXACT=exact, NATIVE=not interpreting(), BL=check_block(T, check),
+        C=C, LOG_C=C.bit_length() - 1, FULL_CHUNKS=T % C == 0, BDK=BDK, BDV=BDV,
+        HAS_G=layout.tensors["g"] is not None, ACC=acc, PREC=prec, EXACT=exact, NATIVE=not interpreting(),
+        BL=check_block(T, check),
         num_warps=NUM_WARPS["gated_delta_output" if DK <= 64 else "gated_delta_output_wide"])
     return (out, ch) if return_chunks else out

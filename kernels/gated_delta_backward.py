@@ -333,7 +333,8 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
                   sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt,
                   sdqb0, sdqb1, sdqt, sdqd, sdkb0, sdkb1, sdkt, sdkd, sdvb0, sdvb1, sdvt, sdvd, sdbb0, sdbb1, sdbt,
                   sdlb0, sdlb1, sdlt, sdll, sdgb0, sdgb1, sdgt,
-                  C: tl.constexpr, LOG_C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
+                  C: tl.constexpr, LOG_C: tl.constexpr, FULL_CHUNKS: tl.constexpr,
+                  BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
                   HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
                   SPLIT: tl.constexpr, NATIVE: tl.constexpr, SIDE: tl.constexpr = 0):
     """Program ``(chunk i, batch entry)``: stage 4 of the module docstring (every gradient of the
@@ -346,7 +347,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
     program does both."""
     FRONT: tl.constexpr = SIDE != 2
     TAIL: tl.constexpr = SIDE != 1
-    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C, FULL_CHUNKS)
     r = tl.arange(0, C)
     dk = tl.arange(0, BDK)
     row = bh * n_chunks + i
@@ -622,7 +623,8 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
             *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("beta")[1:4],
             *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
             *dq[1:], *dk[1:], *dv[1:], *db[1:4], *dl[1:], *dg[1:4],
-            C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=BDV, BL=BL, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
+            C=C, LOG_C=C.bit_length() - 1, FULL_CHUNKS=T % C == 0, BDK=BDK, BDV=BDV, BL=BL, HAS_G=has_g, ACC=acc,
+            PREC=prec, EXACT=exact,
             SPLIT=DK > SPLIT_VALUE_SIDE_ABOVE and v.dtype == torch.bfloat16, NATIVE=not interpreting(), SIDE=side,
             num_warps=NUM_WARPS[setting])
     batch = layout.batch

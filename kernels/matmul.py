@@ -97,7 +97,7 @@ def _state_kernel(x, g_ptr, h_ptr, a_ptr, T, B, B1, n_chunks, n_total, top, D,
 def _output_kernel(x, l_ptr, g_ptr, h_ptr, a_ptr, y, flag_ptr,
                    T, B1, n_chunks, n_total, n_bits, D, L,
                    sxb0, sxb1, sxt, sxd, slb0, slb1, slt, sll, sgb0, sgb1, sgt, syb0, syb1, syt, syd,
-                   C: tl.constexpr, LOG_C: tl.constexpr, BD: tl.constexpr, HB: tl.constexpr,
+                   C: tl.constexpr, LOG_C: tl.constexpr, FULL_CHUNKS: tl.constexpr, BD: tl.constexpr, HB: tl.constexpr,
                    HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
                    LOWP: tl.constexpr, NATIVE: tl.constexpr, TMA: tl.constexpr, BL: tl.constexpr):
     """Program ``(chunk i, batch entry, D-tile)``: ``y`` of the chunk's rows, levels ``0..c``
@@ -105,7 +105,7 @@ def _output_kernel(x, l_ptr, g_ptr, h_ptr, a_ptr, y, flag_ptr,
     tensor descriptors with ``TMA``, else pointers (``load_tile`` / ``store_tile``).  With a
     ``flag_ptr`` (not None) the program also validates the level scales and log-decays its rows
     read (:func:`validate_rows`)."""
-    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C)
+    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C, FULL_CHUNKS)
     validate_rows(flag_ptr, l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L, g_ptr + b0 * sgb0 + b1 * sgb1, sgt, t, tmask,
                   BL, HAS_G)  # the mask's validation, with a flag
     d = tl.program_id(2) * BD + tl.arange(0, BD)
@@ -210,7 +210,8 @@ def matmul_forward(level_scales, log_decay, x, *, chunk=None, out=None, return_s
         x_rows if use_tma else x, lam, g_arg, states, logdec, y_rows if use_tma else out, check, T, B1, n, n_total,
         (n - 1).bit_length(), D, L, sx[0], sx[1], x.stride(-2), x.stride(-1), sl[0], sl[1], lam.stride(-2),
         lam.stride(-1), *gst, sy[0], sy[1], out.stride(-2), out.stride(-1),
-        C=C, LOG_C=C.bit_length() - 1, BD=BD, HB=max(16, next_power_of_2((n - 1).bit_length())),
+        C=C, LOG_C=C.bit_length() - 1, FULL_CHUNKS=T % C == 0, BD=BD,
+        HB=max(16, next_power_of_2((n - 1).bit_length())),
         HAS_G=g is not None, ACC=acc, PREC=prec, EXACT=exact, LOWP=lowp, NATIVE=native, TMA=use_tma,
         BL=check_block(T, check), num_warps=NUM_WARPS["matmul_output"],
         **({"maxnreg": MAX_REGISTERS["matmul_output"]} if BD <= 64 and lowp else {}))

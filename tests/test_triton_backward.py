@@ -136,7 +136,8 @@ def _case(T, rng, dtype=torch.float64, batch=(2,), Dk=3, Dv=4, decay=0.5, poison
 
 @interpreter
 @pytest.mark.parametrize("T, decay", [(T, decay) for T in (1, 17, 63, 65) for decay in (None, 0.5, 30.0)]
-                         + [(2, None), (3, 0.5), (15, 30.0), (16, None), (33, 0.5), (129, 30.0), (257, 0.5)])
+                         + [(2, None), (3, 0.5), (15, 30.0), (16, None), (33, 0.5), (129, 30.0), (257, 0.5),
+                            (64, 0.5), (128, None)])  # whole chunks too: the kernels' FULL_CHUNKS variant
 def test_awkward_lengths(T, decay, rng):
     q, k, v, lam, g, w = _case(T, rng, decay=decay)
     for op in ("attention", "matmul"):

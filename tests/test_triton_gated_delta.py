@@ -87,7 +87,7 @@ def test_forward_equals_dense(dtype, args, scale):
     assert err <= TOL[dtype], f"scaled error {err:.3e} > {TOL[dtype]:.0e} (T={M.T})"
 
 
-@pytest.mark.parametrize("T, C", [(1, 16), (2, 16), (17, 16), (65, 16), (97, 32), (130, 64)])
+@pytest.mark.parametrize("T, C", [(1, 16), (2, 16), (17, 16), (65, 16), (97, 32), (130, 64), (64, 32)])
 def test_awkward_lengths_equal_chunked(T, C):
     """float64, strong decay (steps down to -50), β up to 2, grouped heads (two value heads read
     one key head): the chunked backend with the same chunk and the dense reference."""
@@ -246,7 +246,8 @@ def test_gradients_equal_dense(dtype, args, scale, seed):
 
 @pytest.mark.parametrize("T, C, decay, Dk, Dv", [
     (1, 16, True, 3, 2), (2, 16, False, 3, 2), (3, 16, True, 1, 3), (17, 16, False, 3, 2), (33, 16, True, 5, 2),
-    (65, 16, True, 3, 2), (65, 16, False, 2, 3), (100, 32, True, 3, 2), (20, 16, True, 2, 67), (40, 16, True, 67, 3)])
+    (65, 16, True, 3, 2), (65, 16, False, 2, 3), (100, 32, True, 3, 2), (20, 16, True, 2, 67), (40, 16, True, 67, 3),
+    (64, 16, True, 3, 2), (96, 32, False, 2, 3)])  # whole chunks too: the kernels' FULL_CHUNKS variant
 def test_gradients_awkward_lengths(T, C, decay, Dk, Dv):
     """float64, β up to 2, strong and weak decay steps, head widths that are not powers of two
     (``Dv = 67``: two value tiles; ``Dk = 67``: 2 x 2 blocks of the transition gradients), never-read
