@@ -15,7 +15,7 @@ lazy (``HODLRMatrix``, the pictures, ``rank_profile``, ``kernels``, ``nn``, ``sy
 from hodlr import backends, errors, fenwick
 from hodlr.api import attention, gated_delta_attention, gated_delta_matrix, matmul
 from hodlr.backends import info as backend_info
-from hodlr.errors import BackendUnavailableError, DenseTooLargeError, RankExceededError
+from hodlr.errors import BackendUnavailableError, DenseTooLargeError, LevelsExceededError, RankExceededError
 from hodlr.fenwick import level, num_levels
 from hodlr.mask import LogLinearMask
 from hodlr.options import options
@@ -44,6 +44,7 @@ _LAZY = {
 __all__ = [
     "BackendUnavailableError",
     "DenseTooLargeError",
+    "LevelsExceededError",
     "LogLinearMask",
     "RankExceededError",
     "attention",

@@ -4,7 +4,9 @@ Every bad input raises a ``ValueError`` or ``TypeError`` that names the argument
 got and what it wanted.  The subclasses below let callers catch one family.
 """
 
-__all__ = ["BackendUnavailableError", "DenseTooLargeError", "RankExceededError"]
+from __future__ import annotations
+
+__all__ = ["BackendUnavailableError", "DenseTooLargeError", "LevelsExceededError", "RankExceededError"]
 
 
 class BackendUnavailableError(ValueError):
@@ -13,6 +15,16 @@ class BackendUnavailableError(ValueError):
 
 class DenseTooLargeError(ValueError):
     """A dense ``T x T`` array would exceed ``hodlr.options.dense_max_bytes``."""
+
+
+class LevelsExceededError(ValueError):
+    """Level scales with fewer columns than a call's positions read: a sequence that reaches
+    absolute position ``end - 1`` needs ``need = num_levels(end)`` columns and ``levels`` were
+    given; ``continued`` is the largest position a state continued from (None without a state)."""
+
+    def __init__(self, message: str, *, end: int, need: int, levels: int, continued: int | None = None):
+        super().__init__(message)
+        self.end, self.need, self.levels, self.continued = end, need, levels, continued
 
 
 class RankExceededError(ValueError):

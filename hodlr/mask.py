@@ -12,6 +12,7 @@ import numpy as np
 
 from hodlr import _checks, _deferred, _formulas, display, fenwick, sparse, tree
 from hodlr._formulas import decay_matrix
+from hodlr.errors import LevelsExceededError
 from hodlr.fenwick.arrays import as_like, check_int, is_torch, namespace, to_numpy
 
 __all__ = ["LogLinearMask", "decay_matrix"]
@@ -69,10 +70,10 @@ class LogLinearMask:
             raise ValueError(f"level_scales must have T >= 1 rows (shape (..., T, L)), got shape {tuple(level_scales.shape)}")
         need = fenwick.num_levels(T)
         if L < need:
-            raise ValueError(
+            raise LevelsExceededError(
                 f"level_scales has L={L} columns but T={T} needs at least num_levels(T)={need} "
-                f"(shape (..., {T}, {need}) or wider), got shape {tuple(level_scales.shape)}"
-            )
+                f"(shape (..., {T}, {need}) or wider), got shape {tuple(level_scales.shape)}",
+                end=T, need=need, levels=L)
         shapes = {"level_scales": level_scales.shape[:-2]}
         if log_decay is not None:
             log_decay = _checks.as_array("log_decay", log_decay, 1, "(..., T)")

@@ -21,7 +21,7 @@ import torch
 
 from hodlr import _checks, backends as registry
 from hodlr import fenwick
-from hodlr.errors import BackendUnavailableError
+from hodlr.errors import BackendUnavailableError, LevelsExceededError
 from hodlr.options import flag
 from hodlr.state import LogLinearState, segments
 
@@ -144,8 +144,9 @@ def _check_end(end, L, initial_positions, continued):
         need = fenwick.num_levels(end)
         if L < need:
             where = "" if initial_positions is None else f" (the state continues from position {continued})"
-            raise ValueError(f"level_scales has L={L} levels but absolute position {end - 1}{where} needs at least "
-                             f"num_levels({end})={need}")
+            raise LevelsExceededError(f"level_scales has L={L} levels but absolute position {end - 1}{where} needs at "
+                                      f"least num_levels({end})={need}", end=end, need=need, levels=L,
+                                      continued=None if initial_positions is None else continued)
     return end
 
 

@@ -106,7 +106,7 @@ CASES = [
      r"level_scales must be a numpy.ndarray or torch.Tensor"),
     ("scales-none", lambda mp: hodlr.LogLinearMask(None), TypeError, r"level_scales must be an array.*got None"),
     ("length-zero", lambda mp: hodlr.LogLinearMask(np.ones((0, 1))), ValueError, r"T >= 1"),
-    ("too-few-levels", lambda mp: hodlr.LogLinearMask(np.ones((5, 3))), ValueError,
+    ("too-few-levels", lambda mp: hodlr.LogLinearMask(np.ones((5, 3))), hodlr.LevelsExceededError,
      r"L=3 columns but T=5 needs at least num_levels\(T\)=4"),
     ("decay-wrong-length", lambda mp: hodlr.LogLinearMask(lam(), np.zeros(4)), ValueError,
      r"log_decay must have shape \(\.\.\., T\) with T=5"),
@@ -213,7 +213,7 @@ CASES = [
      r"initial_state is on device meta but q is on cpu"),
     ("op-state-not-a-state", lambda mp: lla(state=torch.zeros(2, 2, 4, 2, 2)), TypeError,
      r"initial_state must be a hodlr.LogLinearState, got Tensor"),
-    ("op-scales-too-narrow-for-state", lambda mp: lla(state=state(position=12), L=5), ValueError,
+    ("op-scales-too-narrow-for-state", lambda mp: lla(state=state(position=12), L=5), hodlr.LevelsExceededError,
      r"level_scales has L=5 levels but absolute position 16 \(the state continues from position 12\) needs at "
      r"least num_levels\(17\)=6"),
     ("op-heads-not-dividing", lambda mp: lla(Hqk=2, H=3), ValueError,

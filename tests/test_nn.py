@@ -285,11 +285,16 @@ def test_bad_calls_are_refused():
         mamba(x, cache=cache)
     with pytest.raises(ValueError, match="the cache holds 2 sequences but hidden_states has a batch of 1"):
         gdn(x[:1], cache=cache)
-    with pytest.raises(ValueError, match=r"num_levels=6: sequences up to 32 tokens .* got 33"):
+    with pytest.raises(hodlr.LevelsExceededError, match=r"num_levels=6: sequences up to 32 tokens .* got 33; make "
+                       r"the layer with num_levels >= 7"):
         mamba(inputs(1, 33, 6))
-    _, cache = mamba(inputs(1, 30, 6), use_cache=True)
-    with pytest.raises(ValueError, match="level_scales has L=6 levels but absolute position 32"):
-        mamba(inputs(1, 3, 6), cache=cache)
+    for layer in (mamba, gdn):  # a cache continued past 2**(num_levels - 1): the layer's terms, not the op's
+        _, cache = layer(inputs(1, 30, 6), use_cache=True)
+        with pytest.raises(hodlr.LevelsExceededError, match=rf"{type(layer).__name__} has num_levels=6: positions "
+                           r"up to 31 .* continues a cache from position 30 and reaches position 32; make the layer "
+                           r"with num_levels >= 7") as caught:
+            layer(inputs(1, 3, 6), cache=cache)
+        assert (caught.value.end, caught.value.need, caught.value.levels, caught.value.continued) == (33, 7, 6, 30)
 
 
 BAD_MAMBA = [  # on top of a valid (num_heads=4, head_dim=3, hidden_size=6)

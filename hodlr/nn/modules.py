@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hodlr import backends as registry
+from hodlr import backends as registry, fenwick
+from hodlr.errors import LevelsExceededError
 from hodlr.fenwick.arrays import check_int
 from hodlr.state import LogLinearState
 
@@ -269,14 +270,28 @@ class LogLinearLayer(nn.Module):
         return LayerCache(state, tuple(p.new_zeros((batch_size, conv.hidden_size, conv.kernel_size[0]))
                                        for conv in convs))
 
+    def _levels_error(self, error: LevelsExceededError) -> LevelsExceededError:
+        """The op's :class:`~hodlr.errors.LevelsExceededError` in the layer's terms: its
+        ``num_levels`` and the cache's position, not the op's ``level_scales`` columns."""
+        reach = 1 << (self.num_levels - 1)
+        start = "" if error.continued is None else f"continues a cache from position {error.continued} and "
+        return LevelsExceededError(
+            f"{type(self).__name__} has num_levels={self.num_levels}: positions up to {reach - 1} "
+            f"(2**(num_levels - 1) tokens a sequence), but this call {start}reaches position {error.end - 1}; "
+            f"make the layer with num_levels >= {error.need}, or start a new cache", end=error.end,
+            need=error.need, levels=error.levels, continued=error.continued)
+
     def _check_call(self, x, cache) -> None:
         check_hidden_states(self, x)
         name = type(self).__name__
         if cache is None:
             reach = 1 << (self.num_levels - 1)
             if x.shape[1] > reach:
-                raise ValueError(f"{name} has num_levels={self.num_levels}: sequences up to {reach} tokens "
-                                 f"(2**(num_levels - 1)), got {x.shape[1]}; make the layer with more levels")
+                need = fenwick.num_levels(x.shape[1])
+                raise LevelsExceededError(f"{name} has num_levels={self.num_levels}: sequences up to {reach} tokens "
+                                          f"(2**(num_levels - 1)), got {x.shape[1]}; make the layer with "
+                                          f"num_levels >= {need}", end=x.shape[1], need=need,
+                                          levels=self.num_levels)
             return
         if not isinstance(cache, LayerCache):
             raise TypeError(f"{name}: cache must be a hodlr.nn.LayerCache (returned with use_cache=True, or "
