@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_decay, intra_scales, level_sums,
+from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_decay, intra_scales, level_start, level_sums,
                       sequence_chunk, sequence_row, state_tile)
 from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, interpreting,
                       next_power_of_2, scratch, state_dtypes)
@@ -68,18 +68,22 @@ this many chunks are summed whole and stored, larger ones tile by tile with one 
 
 
 @triton.jit
+def _reader_blocks(n_chunks, h):
+    """The reader blocks (the odd blocks of ``2^h`` chunks) at level ``h``, ``ceil(n / 2^h) // 2``:
+    the block sums hold one entry each, level after level (``r_counts`` on the host)."""
+    return ((n_chunks + (1 << h) - 1) >> h) >> 1
+
+
+@triton.jit
 def _levels_offsets(n_chunks, h):
     """``(start of level h in the hierarchy, start of level h in the block sums, reader blocks at
-    level h)``: the hierarchy holds ``n >> h'`` entries per level, the block sums one per odd
-    block of ``2^h'`` chunks, ``ceil(n / 2^h') // 2`` per level."""
-    off = 0
+    level h)``."""
     roff = 0
     lv = 0
     while lv < h:
-        off += n_chunks >> lv
-        roff += ((n_chunks + (1 << lv) - 1) >> lv) >> 1
+        roff += _reader_blocks(n_chunks, lv)
         lv += 1
-    return off, roff, ((n_chunks + (1 << h) - 1) >> h) >> 1
+    return level_start(n_chunks, h), roff, _reader_blocks(n_chunks, h)
 
 
 @triton.jit
@@ -171,7 +175,7 @@ def _span_kernel(h_ptr, a_ptr, r_ptr, span_ptr, tab_ptr, cs_ptr, n_chunks, n_tot
             off += (span_c >> h) + 3
         else:
             off += n_chunks >> h
-            roff += ((n_chunks + (1 << h) - 1) >> h) >> 1
+            roff += _reader_blocks(n_chunks, h)
         h += 1
     tl.store(span_ptr + (tile_f.to(tl.int64) * tl.num_programs(1) + bh) * n_chunks + gi, span)
 
@@ -587,7 +591,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
             off += (span >> h) + 3
         else:
             off += n_chunks >> h
-            roff += ((n_chunks + (1 << h) - 1) >> h) >> 1
+            roff += _reader_blocks(n_chunks, h)
         h += 1
     if HAS_G:
         w = tl.exp(tl.cumsum(g_next, 0, reverse=True))
