@@ -272,7 +272,8 @@ class LogLinearLayer(nn.Module):
 
     def _levels_error(self, error: LevelsExceededError) -> LevelsExceededError:
         """The op's :class:`~hodlr.errors.LevelsExceededError` in the layer's terms: its
-        ``num_levels`` and the cache's position, not the op's ``level_scales`` columns."""
+        ``num_levels`` and the cache's position, not the op's ``level_scales`` columns (eager
+        calls: under ``torch.compile`` the op's error reaches the caller as it is)."""
         reach = 1 << (self.num_levels - 1)
         start = "" if error.continued is None else f"continues a cache from position {error.continued} and "
         return LevelsExceededError(
