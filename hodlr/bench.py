@@ -9,8 +9,9 @@ times, with ``triton.testing.do_bench`` (median, milliseconds), calls exactly as
   mask, and the replay of a CUDA graph of the default call (the GPU's own time);
 * forward + backward: that call and ``torch.autograd.grad`` of every input (q, k, v, level scales,
   log-decay) for a fixed random ``dO``, eager and as a CUDA-graph replay, and its ratio to the
-  forward; the peak memory of one forward + backward and the bytes the forward holds for the
-  backward beyond its output (``fwd_kept_bytes``: the chunk states, ``docs/backward.md`` §6);
+  forward (``fwdbwd_over_fwd`` eager, ``fwdbwd_over_fwd_graph`` of the replays); the peak memory
+  of one forward + backward and the bytes the forward holds for the backward beyond its output
+  (``fwd_kept_bytes``: the chunk states, ``docs/backward.md`` §6);
 * causal ``scaled_dot_product_attention`` (FlashAttention on Hopper) and flash-linear-attention's
   ``chunk_log_linear_attn`` (when importable; it refuses ``Dk % 64 != 0`` and ``T >= 2^17``),
   forward and forward + backward, on the same inputs;
@@ -325,6 +326,8 @@ def _attention_row(torch, bench, args, D, H, T, dtype, fla):
         _timed(row, "fwd_kept_bytes", kept)
         if "fwd" in row and "fwdbwd" in row:
             row["fwdbwd_over_fwd"] = row["fwdbwd"] / row["fwd"]
+        if "fwd_graph" in row and "fwdbwd_graph" in row:
+            row["fwdbwd_over_fwd_graph"] = row["fwdbwd_graph"] / row["fwd_graph"]
     if args.peers:
         sdpa = torch.nn.functional.scaled_dot_product_attention
         sl = [x.detach().clone().requires_grad_(True) for x in (qh, kh, vh)]
@@ -456,7 +459,8 @@ def _fmt(v, spec=".3f"):
 def _format_row(r) -> str:
     return (f"D={r['D']:>3} H={r['H']:>2} T={r['T']:>7} B={r['B']:>3} | fwd {_fmt(r.get('fwd'))} "
             f"unvalidated {_fmt(r.get('fwd_unvalidated'))} graph {_fmt(r.get('fwd_graph'))} | fwd+bwd "
-            f"{_fmt(r.get('fwdbwd'))} graph {_fmt(r.get('fwdbwd_graph'))} ratio {_fmt(r.get('fwdbwd_over_fwd'), '.2f')} | "
+            f"{_fmt(r.get('fwdbwd'))} graph {_fmt(r.get('fwdbwd_graph'))} ratio {_fmt(r.get('fwdbwd_over_fwd'), '.2f')} "
+            f"(graph {_fmt(r.get('fwdbwd_over_fwd_graph'), '.2f')}) | "
             f"sdpa {_fmt(r.get('sdpa_fwd'))} / {_fmt(r.get('sdpa_fwdbwd'))} | fla {_fmt(r.get('fla_fwd'))} / "
             f"{_fmt(r.get('fla_fwdbwd'))}")
 
@@ -464,13 +468,14 @@ def _format_row(r) -> str:
 def table(result) -> str:
     """The attention results as a Markdown table (ms)."""
     head = ("| D | H | T | B | fwd | fwd, unvalidated mask | fwd, graph | fwd+bwd | fwd+bwd, graph | fwd+bwd / fwd | "
-            "SDPA fwd | SDPA fwd+bwd | fla fwd | fla fwd+bwd |")
-    lines = [head, "|" + " --- |" * 14]
+            "fwd+bwd / fwd, graph | SDPA fwd | SDPA fwd+bwd | fla fwd | fla fwd+bwd |")
+    lines = [head, "|" + " --- |" * 15]
     for r in result["rows"]:
         lines.append(
             f"| {r['D']} | {r['H']} | {r['T']:,} | {r['B']} | {_fmt(r.get('fwd'))} | {_fmt(r.get('fwd_unvalidated'))} | "
             f"{_fmt(r.get('fwd_graph'))} | {_fmt(r.get('fwdbwd'))} | {_fmt(r.get('fwdbwd_graph'))} | "
-            f"{_fmt(r.get('fwdbwd_over_fwd'), '.2f')} | {_fmt(r.get('sdpa_fwd'))} | {_fmt(r.get('sdpa_fwdbwd'))} | "
+            f"{_fmt(r.get('fwdbwd_over_fwd'), '.2f')} | {_fmt(r.get('fwdbwd_over_fwd_graph'), '.2f')} | "
+            f"{_fmt(r.get('sdpa_fwd'))} | {_fmt(r.get('sdpa_fwdbwd'))} | "
             f"{_fmt(r.get('fla_fwd'))} | {_fmt(r.get('fla_fwdbwd'))} |")
     return "\n".join(lines)
 
@@ -536,9 +541,11 @@ def plot(result, path) -> None:
               ("fla_fwd", "fla log-linear fwd", "C2", "-"), ("fla_fwdbwd", "fla log-linear fwd+bwd", "C2", "--"))
     fig, axes, widths = width_panels(result, series, extra=1, panel_width=5)
     ax = axes[-1]
-    for D in widths:
+    for i, D in enumerate(widths):
         rows = [r for r in result["rows"] if r["D"] == D]
-        ax.plot([r["T"] for r in rows], [r.get("fwdbwd_over_fwd", math.nan) for r in rows], marker="o", label=f"D = {D}")
+        for key, ls, what in (("fwdbwd_over_fwd", "-", "eager"), ("fwdbwd_over_fwd_graph", "--", "graph")):
+            ax.plot([r["T"] for r in rows], [r.get(key, math.nan) for r in rows], marker="o", ls=ls, color=f"C{i}",
+                    label=f"D = {D}, {what}")
     ax.axhline(3.0, color="k", ls=":", label="3x")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("T")

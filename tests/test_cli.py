@@ -327,6 +327,21 @@ def test_bench_gated_delta_code_path_on_cpu(tmp_path):
     assert png.read_bytes().startswith(b"\x89PNG")
 
 
+def test_bench_table_gives_both_ratios():
+    """``hodlr bench``'s table and printed row give forward + backward over forward eager and by
+    graph replay (the GPU's own time), and "-" where a row has no figure."""
+    from hodlr import bench
+
+    row = {"D": 64, "H": 16, "T": 2048, "B": 32, "fwd": 0.8, "fwd_graph": 0.7, "fwdbwd": 2.4, "fwdbwd_graph": 2.1,
+           "fwdbwd_over_fwd": 3.0, "fwdbwd_over_fwd_graph": 3.0}
+    lines = bench.table({"rows": [row, {"D": 128, "H": 8, "T": 2048, "B": 32}]}).splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert len(head) == len(cells) == 15 and head[10] == "fwd+bwd / fwd, graph" and cells[10] == "3.00"
+    assert [c.strip() for c in lines[3].strip("|").split("|")][9:11] == ["-", "-"]
+    assert "ratio 3.00 (graph 3.00)" in bench._format_row(row)
+
+
 def test_bench_times_fla_only_up_to_its_width(monkeypatch):
     """``hodlr bench`` times fla's log-linear kernel up to ``--fla-max-width`` (default 128) and
     records why it skipped a wider row (a row's code path on the CPU, inputs made there)."""
