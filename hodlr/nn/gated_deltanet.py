@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hodlr.errors import LevelsExceededError
 from hodlr.fenwick.arrays import check_int
 from hodlr.nn.modules import LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution, l2norm
 from hodlr.ops import log_linear_gated_delta_rule
@@ -155,13 +154,10 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
         g = -torch.exp(self.A_log.to(work)) * F.softplus(a.to(work) + self.dt_bias.to(work))
         lam = self._level_scales(self.l_proj(x) if self.hierarchical else None, x, self.num_v_heads)
         with torch.autocast(x.device.type, enabled=False):
-            try:
-                o, state = log_linear_gated_delta_rule(
-                    q, k.to(q.dtype), v.to(q.dtype), g, beta, lam,
-                    initial_state=None if cache is None else cache.state, output_final_state=use_cache,
-                    backend=self.backend)
-            except LevelsExceededError as error:
-                raise self._levels_error(error) from None
+            o, state = self._call_op(
+                log_linear_gated_delta_rule, q, k.to(q.dtype), v.to(q.dtype), g, beta, lam,
+                initial_state=None if cache is None else cache.state, output_final_state=use_cache,
+                backend=self.backend)
         gate = self.g_proj(x).unflatten(-1, (self.num_v_heads, self.head_v_dim)) if self.use_gate else None
         out = self.o_proj(self.o_norm(o, gate).flatten(-2))
         return out, (LayerCache(state, convs) if use_cache else None)

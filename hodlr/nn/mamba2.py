@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hodlr.errors import LevelsExceededError
 from hodlr.fenwick.arrays import check_int
 from hodlr.ops import log_linear_attn
 from hodlr.nn.modules import LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution
@@ -174,13 +173,10 @@ class LogLinearMamba2(LogLinearLayer):
         g = -torch.exp(self.A_log.to(dt.dtype)) * dt
         lam = self._level_scales(dl[0] if dl else None, hidden_states, H)
         with torch.autocast(hidden_states.device.type, enabled=False):
-            try:
-                y, state = log_linear_attn(
-                    C.unflatten(-1, (G, N)), B.unflatten(-1, (G, N)), (x * dt[..., None]).to(x.dtype), g, lam,
-                    initial_state=None if cache is None else cache.state, output_final_state=use_cache,
-                    backend=self.backend)
-            except LevelsExceededError as error:
-                raise self._levels_error(error) from None
+            y, state = self._call_op(
+                log_linear_attn, C.unflatten(-1, (G, N)), B.unflatten(-1, (G, N)), (x * dt[..., None]).to(x.dtype),
+                g, lam, initial_state=None if cache is None else cache.state, output_final_state=use_cache,
+                backend=self.backend)
         D = self.D.view(H, P) if self.D_has_hdim else self.D[:, None]
         y = (y + (x * D).to(y.dtype)).flatten(-2)
         y = self.norm(y, z) if self.rmsnorm else y * F.silu(z)

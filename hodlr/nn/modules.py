@@ -270,17 +270,21 @@ class LogLinearLayer(nn.Module):
         return LayerCache(state, tuple(p.new_zeros((batch_size, conv.hidden_size, conv.kernel_size[0]))
                                        for conv in convs))
 
-    def _levels_error(self, error: LevelsExceededError) -> LevelsExceededError:
-        """The op's :class:`~hodlr.errors.LevelsExceededError` in the layer's terms: its
-        ``num_levels`` and the cache's position, not the op's ``level_scales`` columns (eager
-        calls: under ``torch.compile`` the op's error reaches the caller as it is)."""
-        reach = 1 << (self.num_levels - 1)
-        start = "" if error.continued is None else f"continues a cache from position {error.continued} and "
-        return LevelsExceededError(
-            f"{type(self).__name__} has num_levels={self.num_levels}: positions up to {reach - 1} "
-            f"(2**(num_levels - 1) tokens a sequence), but this call {start}reaches position {error.end - 1}; "
-            f"make the layer with num_levels >= {error.need}, or start a new cache", end=error.end,
-            need=error.need, levels=error.levels, continued=error.continued)
+    def _call_op(self, op, *args, **kwargs):
+        """``op(*args, **kwargs)`` (the layer's log-linear op), its
+        :class:`~hodlr.errors.LevelsExceededError` said in the layer's terms: its ``num_levels`` and
+        the cache's position, not the op's ``level_scales`` columns (eager calls: under
+        ``torch.compile`` the op's error reaches the caller as it is)."""
+        try:
+            return op(*args, **kwargs)
+        except LevelsExceededError as error:
+            reach = 1 << (self.num_levels - 1)
+            start = "" if error.continued is None else f"continues a cache from position {error.continued} and "
+            raise LevelsExceededError(
+                f"{type(self).__name__} has num_levels={self.num_levels}: positions up to {reach - 1} "
+                f"(2**(num_levels - 1) tokens a sequence), but this call {start}reaches position {error.end - 1}; "
+                f"make the layer with num_levels >= {error.need}, or start a new cache", end=error.end,
+                need=error.need, levels=error.levels, continued=error.continued) from None
 
     def _check_call(self, x, cache) -> None:
         check_hidden_states(self, x)
