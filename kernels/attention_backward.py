@@ -49,8 +49,8 @@ from .attention import (attention_layout, check_initial_state, chunk_states, seq
                         state_shapes)
 
 MAX_TILE = 128
-"""Widest feature tile of one backward program; wider heads are split into tiles whose partial
-sums are combined with atomics."""
+"""Widest feature tile of one backward program; wider heads are split into tiles whose shares of
+``dq``, ``dk``, ``dv`` are added in a fixed order over launches (no atomics; ``_add_share``)."""
 
 SIDE_LAUNCHES = {"attention_backward": 1, "attention_backward_wide": 2}
 """Launches of the chunk kernel for feature tiles of up to 64 columns and wider ones: one, whose
@@ -439,26 +439,60 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_p
                     tl.atomic_add(dst, acc * tl.exp(before), mask=fmask)
 
 
+@triton.jit
+def _shares(tile, diagonal, SIGN: tl.constexpr, N: tl.constexpr, OTHER: tl.constexpr):
+    """``(n_before, n_after)``: how many shares of a gradient's feature tile ``tile`` the launches
+    before and after launch ``diagonal`` add.  In launch ``j`` the tile meets the other side's
+    tile ``(tile + SIGN·j) mod N``, a share where that is below ``OTHER`` (the other side's tile
+    count; ``N`` is the larger of the two counts)."""
+    n_before = 0
+    n_after = 0
+    for j in tl.static_range(N):
+        has = ((tile + SIGN * j + N) % N) < OTHER
+        n_before += tl.where(has & (j < diagonal), 1, 0)
+        n_after += tl.where(has & (j > diagonal), 1, 0)
+    return n_before, n_after
+
+
+@triton.jit
+def _add_share(dst, running, x, mask, n_before, n_after):
+    """Add one feature tile's share ``x`` of a gradient: the running sum waits in ``running``
+    (float32 / float64) between launches and the last share stores the total at ``dst`` (in its
+    dtype).  Each launch adds at most one share of every element: no atomics, a fixed order."""
+    total = x
+    if n_before > 0:
+        total += tl.load(running, mask=mask, other=0.0)
+    if n_after > 0:
+        tl.store(running, total, mask=mask)
+    else:
+        tl.store(dst, total, mask=mask)
+
+
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_r", "n_bits", "L", "slb0", "slb1", "slt",
-                               "sgb0", "sgb1", "GRP", "S_IN", "S_OUT", "NBH"])
+                               "sgb0", "sgb1", "GRP", "S_IN", "S_OUT", "NBH", "diagonal"])
 def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr, dq_ptr, dk_ptr, dv_ptr, dl_ptr,
-                  dgl_ptr, lvl_ptr, s_ptr, di_ptr, df_ptr, rc_ptr, tab_ptr, cs_ptr,
+                  dgl_ptr, lvl_ptr, s_ptr, di_ptr, df_ptr, rc_ptr, tab_ptr, cs_ptr, rq_ptr, rk_ptr, rv_ptr,
                   T, B1, n_chunks, n_total, n_r, n_bits, L, DK: tl.constexpr,
-                  DV: tl.constexpr, N_DV_TILES, scale, GRP, S_IN, S_OUT, NBH,
+                  DV: tl.constexpr, diagonal, scale, GRP, S_IN, S_OUT, NBH,
                   sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
                   sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt,
                   sdqb0, sdqb1, sdqt, sdvb0, sdvb1, sdvt, sdlb0, sdlb1, sdlt,
                   C: tl.constexpr, LOG_C: tl.constexpr, FULL_CHUNKS: tl.constexpr,
                   BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
                   NB: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
-                  LOWP: tl.constexpr, NATIVE: tl.constexpr, ATOMIC: tl.constexpr, VARLEN: tl.constexpr,
+                  LOWP: tl.constexpr, NATIVE: tl.constexpr, VARLEN: tl.constexpr,
                   FINAL: tl.constexpr, SIDE: tl.constexpr = 0):
     """Program ``(chunk i, batch entry, feature tile)``: every gradient of the chunk's rows.
 
     Writes ``dq``, ``dk``, ``dv``, ``dλ`` and, for ``dg`` (see :func:`attention_backward`), the
-    chunk-local part of each row and the chunk's row sums per level (``lvl``, level-major).  With
-    ``ATOMIC`` (heads split into feature tiles) ``dq, dk, dv`` are added atomically and the
-    other outputs are this tile's partial sums, in a slice of their own per tile.  Without
+    chunk-local part of each row and the chunk's row sums per level (``lvl``, level-major).
+    Heads split into feature tiles (``N_DK × N_DV`` of them) run as ``N = max(N_DK, N_DV)``
+    launches, ``diagonal = 0 .. N − 1``: program ``a`` of axis 2 takes the key tile ``a`` and the
+    value tile ``(a + diagonal) mod N`` (none where either is out of range), so that every tile of
+    ``dq``, ``dk`` (summed over the value tiles) and ``dv`` (over the key tiles) gets at most one
+    share a launch, added in launch order through the running sums ``rq``, ``rk``, ``rv``
+    (``_add_share``); the other outputs are this tile's partial sums, in a slice of their own per
+    tile.  Without
     ``VARLEN``, ``dq`` and ``dk`` (which share their strides), ``dv`` and ``dλ`` are written at
     the batch and row strides ``sdq*``, ``sdv*``, ``sdl*`` (unit feature stride; ``dλ``'s tile
     slices lie ``T · L`` apart per batch entry).
@@ -489,9 +523,20 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
         i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C, FULL_CHUNKS)
         tr = t
     bq1 = b1 // GRP  # the query and key head of a grouped head
-    tile_f = tl.program_id(2)
-    dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
-    dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
+    N_DK: tl.constexpr = (DK + BDK - 1) // BDK
+    N_DV: tl.constexpr = (DV + BDV - 1) // BDV
+    N: tl.constexpr = N_DK if N_DK > N_DV else N_DV
+    TILED: tl.constexpr = N_DK * N_DV > 1
+    tile_k = tl.program_id(2)
+    if TILED:
+        tile_v = (tile_k + diagonal) % N
+        if (tile_k >= N_DK) | (tile_v >= N_DV):
+            return
+    else:
+        tile_v = 0
+    tile_f = tile_k * N_DV + tile_v
+    dk = tile_k * BDK + tl.arange(0, BDK)
+    dv = tile_v * BDV + tl.arange(0, BDV)
     kmask = tmask[:, None] & (dk[None, :] < DK)
     vmask = tmask[:, None] & (dv[None, :] < DV)
     fmask = (dk[:, None] < DK) & (dv[None, :] < DV)
@@ -634,7 +679,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
                         col_e += w_l * tl.sum(kb.to(ACC) * Y, 1)
                 # pairs of the final state and a key before u: in the chunk (col_e), and (rc) before it
                 local += tl.sum(tl.where(before, col_e[None, :], 0.0), 1) + tl.load(
-                    rc_ptr + (n * tl.num_programs(1) + b1) * tl.num_programs(2) + tile_f)
+                    rc_ptr + (n * tl.num_programs(1) + b1) * (N_DK * N_DV) + tile_f)
     col_later = tl.zeros((C,), dtype=ACC)
     if KEYS:
         D = _rounded(D, kb, LOWP, NATIVE)
@@ -657,30 +702,35 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
         part = tile_f.to(tl.int64) * tl.num_programs(1)
         gbh = b1
         gi = slot
+        rows = obh * T + tr  # of the running sums
     else:
         dq_dst = dq_ptr + b0 * sdqb0 + b1 * sdqb1 + t[:, None] * sdqt + dk[None, :]
         dk_dst = dk_ptr + b0 * sdqb0 + b1 * sdqb1 + t[:, None] * sdqt + dk[None, :]
         dv_dst = dv_ptr + b0 * sdvb0 + b1 * sdvb1 + t[:, None] * sdvt + dv[None, :]
-        part = tile_f.to(tl.int64) * tl.num_programs(1) if ATOMIC else 0
+        part = tile_f.to(tl.int64) * tl.num_programs(1) if TILED else 0
         dl_dst = dl_ptr + part * T * L + b0 * sdlb0 + b1 * sdlb1 + t[:, None] * sdlt + col_l[None, :]
         gbh = bh
         gi = i
+        rows = bh * T + t
     if QUERIES:
-        if ATOMIC:
-            tl.atomic_add(dq_dst, dq, mask=kmask)
+        if TILED:
+            n_before, n_after = _shares(tile_k, diagonal, 1, N, N_DV)
+            _add_share(dq_dst, rq_ptr + rows[:, None] * DK + dk[None, :], dq, kmask, n_before, n_after)
         else:
             tl.store(dq_dst, dq, mask=kmask)
         tl.store(dl_dst, dl, mask=tmask[:, None] & (col_l[None, :] < L))
         tl.store(lvl_ptr + ((part + gbh) * NB + levels) * n_chunks + gi, lvl_rows)
     if KEYS:
-        if ATOMIC:
-            tl.atomic_add(dk_dst, dk_acc, mask=kmask)
-            tl.atomic_add(dv_dst, dv_acc, mask=vmask)
+        if TILED:
+            n_before, n_after = _shares(tile_k, diagonal, 1, N, N_DV)
+            _add_share(dk_dst, rk_ptr + rows[:, None] * DK + dk[None, :], dk_acc, kmask, n_before, n_after)
+            n_before, n_after = _shares(tile_v, diagonal, -1, N, N_DK)
+            _add_share(dv_dst, rv_ptr + rows[:, None] * DV + dv[None, :], dv_acc, vmask, n_before, n_after)
         else:
             tl.store(dk_dst, dk_acc, mask=kmask)
             tl.store(dv_dst, dv_acc, mask=vmask)
     if SIDE != 0:  # dg's parts: a slice per side after those of the feature tiles
-        part += (SIDE - 1) * tl.num_programs(2) * tl.num_programs(1)
+        part += (SIDE - 1) * (N_DK * N_DV) * tl.num_programs(1)
     tl.store(dgl_ptr + ((part + gbh) * n_chunks + gi) * C + r, dgl)
 
 
@@ -756,9 +806,10 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     out : tuple of torch.Tensor or None, optional
         ``(dq, dk, dv, dlevel_scales)`` buffers (each may be None) of the broadcast batch shape and
         the inputs' dtypes with a unit feature stride (any other layout): written in place, and
-        returned, when the head fits one feature tile (``Dk, Dv <= 64``) and the batch folds them as
-        views; ``dq`` and ``dk`` only together and with equal strides.  The other gradients come in
-        new tensors.  A caller that wants the gradients laid out like strided inputs saves a copy.
+        returned, when the batch folds them as views; ``dq`` and ``dk`` only together and with equal
+        strides, ``dlevel_scales`` only when the head fits one feature tile (``Dk, Dv <=
+        MAX_TILE``).  The other gradients come in new tensors.  A caller that wants the gradients
+        laid out like strided inputs saves a copy.
     states : tuple of torch.Tensor, optional
         ``(states, logdec)`` of the forward (:func:`kernels.attention_forward` with
         ``return_states=True``, the same inputs and chunk): read instead of recomputed.
@@ -787,7 +838,8 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     BDK, BDV = block(DK, MAX_TILE), block(DV, MAX_TILE)
     n_dv = cdiv(DV, BDV)
     tiles = cdiv(DK, BDK) * n_dv
-    atomic = tiles > 1
+    tiled = tiles > 1
+    diagonals = max(cdiv(DK, BDK), n_dv)
     has_g = layout.tensors["g"] is not None
     warps = NUM_WARPS["attention_backward"]
     meta = dict(HAS_G=has_g, ACC=acc, PREC=prec, LOWP=lowp, NATIVE=native, num_warps=warps)
@@ -800,9 +852,9 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     n_r = max(1, sum(r_counts))
     p_log = TILE_CHUNKS.bit_length() - 1
     rsum = scratch((B, n_r, DK * DV), acc_torch, dev)
-    tiled = sum(r_counts[p_log + 1:])  # levels of blocks larger than a tile: summed atomically
-    if tiled:
-        rsum[:, n_r - tiled:].zero_()
+    summed = sum(r_counts[p_log + 1:])  # levels of blocks larger than a tile: summed atomically
+    if summed:
+        rsum[:, n_r - summed:].zero_()
     if n_bits:
         _query_block_kernel[(cdiv(n, TILE_CHUNKS) * n_bits, B, tiles)](
             layout.tensors["q"], layout.tensors["do"], layout.tensors["l"], layout.decay_args()[0], logdec, rsum,
@@ -810,19 +862,19 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
             *layout.args("q")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *layout.decay_args()[1:],
             layout.group, C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, VARLEN=False,
             STAGES=BLOCK_SUM_STAGES, **meta)
-    # outputs: straight in the inputs' dtypes, or float32 (float64) buffers for the atomic partial sums
+    # dq, dk, dv straight in the inputs' dtypes (feature tiles keep their running sums in
+    # float32 / float64 between launches); dλ a slice per feature tile, summed below
     def buffer(shape, dtype):
-        if atomic:
-            return torch.zeros(shape, dtype=acc_torch, device=dev)
         return torch.empty(shape, dtype=dtype, device=dev)
 
     batch = layout.batch
-    parts = tiles if atomic else 1
+    parts = tiles
     NB = next_power_of_2(max(n_bits, 1))
-    in_place = set() if atomic else {
+    in_place = {
         name for name, like in zip(("dq", "dk", "dv", "dl"), (q, k, v, level_scales))
         if name in buffers and buffers[name].shape[:-2] == batch and buffers[name].stride(-1) == 1
-        and buffers[name].dtype == like.dtype and layout.reads_in_place(name, buffers[name])}
+        and buffers[name].dtype == like.dtype and layout.reads_in_place(name, buffers[name])
+        and not (tiled and name == "dl")}
     if not ({"dq", "dk"} <= in_place and layout.args("dq")[1:] == layout.args("dk")[1:]):
         in_place -= {"dq", "dk"}  # the chunk kernel stores dq and dk through one set of strides
     B1 = layout.B1
@@ -837,32 +889,35 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     if "dl" in in_place:
         dl, dl_strides = layout.tensors["dl"], layout.args("dl")[1:4]
     else:
-        dl = torch.empty((parts * B, T, L), dtype=acc_torch if atomic else level_scales.dtype, device=dev)
+        dl = torch.empty((parts * B, T, L), dtype=acc_torch if tiled else level_scales.dtype, device=dev)
         dl_strides = (B1 * T * L, T * L, L)
     out_strides = (*dq_strides, *dv_strides, *dl_strides)
+    running = [scratch((B, T, D), acc_torch, dev) if tiled else logdec for D in (DK, DK, DV)]
     sides = SIDE_LAUNCHES["attention_backward" if max(BDK, BDV) <= 64 else "attention_backward_wide"]
     dgl = scratch((parts * sides * B, n * C), acc_torch, dev)
     lvl_rows = scratch((parts * B, NB, n), acc_torch, dev)
     for side in ((0,) if sides == 1 else (1, 2)):
-        _chunk_kernel[(n, B, tiles)](
-            *ptrs, states, logdec, rsum, dq, dk, dv, dl, dgl, lvl_rows, logdec, logdec, logdec, logdec, logdec,
-            logdec, T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale), layout.group, 0, 0, 0,
-            *strides, *out_strides, C=C, LOG_C=C.bit_length() - 1, FULL_CHUNKS=T % C == 0, BDK=BDK, BDV=BDV,
-            BL=next_power_of_2(L), NB=NB, EXACT=exact, ATOMIC=atomic, VARLEN=False, FINAL=False, SIDE=side, **meta)
+        for diagonal in range(diagonals):
+            _chunk_kernel[(n, B, diagonals)](
+                *ptrs, states, logdec, rsum, dq, dk, dv, dl, dgl, lvl_rows, logdec, logdec, logdec, logdec, logdec,
+                logdec, *running, T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, diagonal, float(scale),
+                layout.group, 0, 0, 0, *strides, *out_strides, C=C, LOG_C=C.bit_length() - 1,
+                FULL_CHUNKS=T % C == 0, BDK=BDK, BDV=BDV, BL=next_power_of_2(L), NB=NB, EXACT=exact, VARLEN=False,
+                FINAL=False, SIDE=side, **meta)
     dg = None
     if has_g:
         span = scratch((parts * B, n), acc_torch, dev)
         _span_kernel[(n, B, tiles)](states, logdec, rsum, span, logdec, logdec, n, states.shape[1], n_r, n_bits, DK,
                                     DV, n_dv, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, C=C, LOG_C=C.bit_length() - 1,
                                     VARLEN=False, num_warps=NUM_WARPS["attention_span"])
-        if atomic:
+        if tiled:
             span, lvl_rows = (x.view((parts, -1) + x.shape[1:]).sum(0) for x in (span, lvl_rows))
-        if atomic or sides > 1:
+        if tiled or sides > 1:
             dgl = dgl.view((parts * sides, -1) + dgl.shape[1:]).sum(0)
         dg = (dgl.view(B, n, C) + (span + _spanning_in_gap(lvl_rows))[..., None]).view(B, n * C)[:, :T]
         dg[:, 0] = 0
         dg = dg.reshape(batch + (T,)).to(log_decay.dtype)
-    if atomic:
+    if tiled:
         dl = dl.view((parts, -1) + dl.shape[1:]).sum(0)
     made = {"dq": (dq, q), "dk": (dk, k), "dv": (dv, v), "dl": (dl, level_scales)}
     return tuple(buffers[name] if name in in_place else x.reshape(batch + x.shape[-2:]).to(like.dtype)
@@ -968,7 +1023,8 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
     BDK, BDV = block(DK, MAX_TILE), block(DV, MAX_TILE)
     n_dv = cdiv(DV, BDV)
     tiles = cdiv(DK, BDK) * n_dv
-    atomic = tiles > 1
+    tiled = tiles > 1
+    diagonals = max(cdiv(DK, BDK), n_dv)
     has_g = log_decay is not None
     warps = NUM_WARPS["attention_backward"]
     meta = dict(HAS_G=has_g, ACC=acc, PREC=prec, LOWP=v.dtype == torch.bfloat16, NATIVE=not interpreting(),
@@ -993,24 +1049,23 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
             dummy if dinit is None else dinit, rc, reads, seqs.table, seqs.n_entries, NH, S_in, seqs.final_slots,
             DK, DV, n_dv, NB=NB, C=C, LOG_C=c, BDK=BDK, BDV=BDV, ACC=acc, FINAL=final, num_warps=warps)
     # every gradient of the chunks' rows; dq and dk per head of v (summed over each group below)
-    parts = tiles if atomic else 1
-    make = (lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=dev)) if atomic else \
-        (lambda shape, dtype: scratch(shape, dtype, dev))
-    dq, dk = make((N * H, T, DK), acc_torch), make((N * H, T, DK), acc_torch)
-    dv = make((N * H, T, DV), acc_torch if atomic else v.dtype)
-    dl = scratch((parts * N * H, T, L), acc_torch if atomic else level_scales.dtype, dev)
+    # (dq and dk are their own running sums over feature tiles; dv has one apart when tiled)
+    parts = tiles
+    dq, dk = scratch((N * H, T, DK), acc_torch, dev), scratch((N * H, T, DK), acc_torch, dev)
+    dv = scratch((N * H, T, DV), v.dtype, dev)
+    dv_running = scratch((N * H, T, DV), acc_torch, dev) if tiled else dummy
+    dl = scratch((parts * N * H, T, L), acc_torch if tiled else level_scales.dtype, dev)
     dgl = scratch((parts * H, seqs.n_slots * C), acc_torch, dev)
     lvl_rows = scratch((parts * H, NB, seqs.n_slots), acc_torch, dev)
-    if seqs.n_slots and H:
-        _chunk_kernel[(seqs.n_slots, H, tiles)](
+    for diagonal in range(diagonals if seqs.n_slots and H else 0):
+        _chunk_kernel[(seqs.n_slots, H, diagonals)](
             q, k, v, do, level_scales, layout.decay_args()[0], states, logdec, rsum, dq, dk, dv, dl, dgl, lvl_rows,
             dummy if initial is None else initial, dummy if dinit is None else dinit,
-            dummy if dfinal is None else dfinal, rc, seqs.table, seqs.chunk_seq, T, 1, seqs.n_slots, seqs.n_entries,
-            0, NH, L, DK, DV, n_dv, float(scale), grp, S_in, seqs.final_slots, N * H, *layout.args("q")[1:],
-            *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("do")[1:], *layout.args("l")[1:],
-            *layout.decay_args()[1:], *(0,) * 9, C=C, LOG_C=c, FULL_CHUNKS=False, BDK=BDK, BDV=BDV,
-            BL=next_power_of_2(L), NB=NB,
-            EXACT=exact, ATOMIC=atomic, VARLEN=True, FINAL=final, **meta)
+            dummy if dfinal is None else dfinal, rc, seqs.table, seqs.chunk_seq, dq, dk, dv_running, T, 1,
+            seqs.n_slots, seqs.n_entries, 0, NH, L, DK, DV, diagonal, float(scale), grp, S_in, seqs.final_slots,
+            N * H, *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("do")[1:],
+            *layout.args("l")[1:], *layout.decay_args()[1:], *(0,) * 9, C=C, LOG_C=c, FULL_CHUNKS=False, BDK=BDK,
+            BDV=BDV, BL=next_power_of_2(L), NB=NB, EXACT=exact, VARLEN=True, FINAL=final, **meta)
     dg = None
     if has_g:
         span = scratch((parts * H, seqs.n_slots), acc_torch, dev)
@@ -1018,13 +1073,13 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
             _span_kernel[(seqs.n_slots, H, tiles)](states, logdec, rsum, span, seqs.table, seqs.chunk_seq, seqs.n_slots,
                                                    seqs.n_entries, 0, NH, DK, DV, n_dv, BDK=BDK, BDV=BDV, HAS_G=has_g,
                                                    ACC=acc, C=C, LOG_C=c, VARLEN=True, num_warps=NUM_WARPS["attention_span"])
-        if atomic:
+        if tiled:
             dgl, span, lvl_rows = (x.view((parts, -1) + x.shape[1:]).sum(0) for x in (dgl, span, lvl_rows))
         dg = _sequence_dg(seqs, C, dgl, span, lvl_rows, reads.sum(2) if final else None, N, T, acc_torch)
         dg = dg.to(log_decay.dtype)
-    if atomic:
+    if tiled:
         dl = dl.view((parts, -1) + dl.shape[1:]).sum(0)
     dq = dq.view(N, Hqk, grp, T, DK).sum(2).to(q.dtype)
     dk = dk.view(N, Hqk, grp, T, DK).sum(2).to(k.dtype)
-    return (dq, dk, dv.view(N, H, T, DV).to(v.dtype), dl.view(N, H, T, L).to(level_scales.dtype), dg,
+    return (dq, dk, dv.view(N, H, T, DV), dl.view(N, H, T, L).to(level_scales.dtype), dg,
             None if dinit is None else dinit.to(initial_state.dtype))

@@ -173,13 +173,17 @@ def test_chunk_sizes(chunk, rng):
 
 
 @interpreter
-@pytest.mark.parametrize("T, decay", [(17, None), (70, 0.5)])
-def test_feature_tiles(T, decay, rng, monkeypatch):
-    """Heads wider than ``MAX_TILE`` split into (Dk-tile, Dv-tile) programs whose partial dq, dk,
-    dv, dλ and decay sums are added atomically (the layout of 256-wide heads on a GPU)."""
+@pytest.mark.parametrize("T, decay, Dk, Dv", [(17, None, 40, 33), (70, 0.5, 40, 33), (70, 0.5, 40, 17),
+                                              (17, None, 10, 33), (65, 0.5, 33, 1)])
+def test_feature_tiles(T, decay, Dk, Dv, rng, monkeypatch):
+    """Heads wider than ``MAX_TILE`` split into (Dk-tile, Dv-tile) programs, one diagonal of tiles
+    a launch, whose shares of dq, dk, dv are added launch by launch and whose partial dλ and
+    decay sums are added after (the layout of 256-wide heads on a GPU); square and oblong tilings,
+    the kernels' scratch (running sums included) NaN-filled."""
     module = importlib.import_module("hodlr.kernels.attention_backward")
     monkeypatch.setattr(module, "MAX_TILE", 16)
-    q, k, v, lam, g, w = _case(T, rng, Dk=40, Dv=33, decay=decay)
+    monkeypatch.setattr(module, "scratch", lambda *a: torch.full(*a[:1], float("nan"), dtype=a[1], device=a[2]))
+    q, k, v, lam, g, w = _case(T, rng, Dk=Dk, Dv=Dv, decay=decay)
     want = _dense_grads("attention", q, k, v, lam, g, 0.5, w)
     got = module.attention_backward(q, k, v, lam, g, 0.5, w, chunk=CHUNK)
     got = dict(zip(["q", "k", "v", "level_scales", "log_decay"], (got[0].sum(0, keepdim=True),) + got[1:]))
@@ -231,8 +235,8 @@ def test_strong_decay_gradients(T, period, sides, rng, monkeypatch):
 def test_gradients_into_strided_buffers(Dk, Dv, rng, monkeypatch):
     """``out=``: buffers laid out like (B, T, H, ·) inputs seen as (B, H, T, ·), NaN-filled, get
     the gradients in place (returned as they are) and equal the freshly allocated ones; with
-    feature tiles (atomic sums) the gradients come in new tensors instead.  Entries may be None
-    (those gradients come in new tensors); ``dq`` without ``dk`` is not written in place."""
+    feature tiles ``dλ`` (summed over the tiles after) comes in a new tensor instead.  Entries may
+    be None (those gradients come in new tensors); ``dq`` without ``dk`` is not written in place."""
     module = importlib.import_module("hodlr.kernels.attention_backward")
     if Dk > 16:
         monkeypatch.setattr(module, "MAX_TILE", 16)
@@ -242,14 +246,14 @@ def test_gradients_into_strided_buffers(Dk, Dv, rng, monkeypatch):
     out = tuple(torch.full((B, T, H, x.shape[-1]), float("nan"), dtype=x.dtype).transpose(1, 2)
                 for x in (q, q, v, lam))
     got = module.attention_backward(q, k, v, lam, g, 0.5, w, chunk=CHUNK, out=out)
-    assert all((a is b) == (Dk <= 16) for a, b in zip(got[:4], out))
+    assert all((a is b) == (name != "dl" or Dk <= 16) for a, b, name in zip(got[:4], out, ("dq", "dk", "dv", "dl")))
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     for given in ((False, False, True, True), (True, False, False, True)):
         part = tuple(torch.full_like(x, float("nan")) if use else None for x, use in zip(out, given))
         got = module.attention_backward(q, k, v, lam, g, 0.5, w, chunk=CHUNK, out=part)
-        in_place = (False, False, given[2], given[3])
-        assert all((a is b) == (kept and Dk <= 16) for a, b, kept in zip(got[:4], part, in_place))
+        in_place = (False, False, given[2], given[3] and Dk <= 16)
+        assert all((a is b) == kept for a, b, kept in zip(got[:4], part, in_place))
         for a, b in zip(got, want):
             assert torch.equal(a, b)
 
@@ -440,10 +444,11 @@ def test_gpu_saved_states_equal_recomputed(T, D):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,D", [(4097, 16), (4097, 64), (1500, 100), (1500, 128), (700, 256)])
+@pytest.mark.parametrize("T,D", [(4097, 16), (4097, 64), (1500, 100), (1500, 128), (700, 256), (300, 384)])
 def test_gpu_widths_bf16(T, D):
-    """Every head width the kernels tile differently (one feature tile up to 128, atomically
-    combined tiles beyond; 100 is not a power of two)."""
+    """Every head width the kernels tile differently (one feature tile up to 128, tiles beyond
+    whose shares are added launch by launch: two a gradient at 256, three at 384; 100 is not a
+    power of two)."""
     from hodlr.kernels import attention_backward
 
     q, k, v, lam, g, do = _gpu_case(1, 3, T, D, seed=T + D)

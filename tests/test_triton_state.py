@@ -254,10 +254,12 @@ def check_against_chunked(inputs, pos, cu, tol=TOL):
         assert relative_error(x, y) <= tol, name
 
 
-def test_feature_tiles(nan_buffers, monkeypatch):
-    """Heads wider than a backward tile: ``(Dk-tile, Dv-tile)`` programs with partial sums."""
+@pytest.mark.parametrize("Dk, Dv", [(20, 17), (20, 40)])
+def test_feature_tiles(Dk, Dv, nan_buffers, monkeypatch):
+    """Heads wider than a backward tile: ``(Dk-tile, Dv-tile)`` programs, one diagonal of tiles a
+    launch, their shares added launch by launch (2 × 2 and 2 × 3 tiles)."""
     monkeypatch.setattr(backward, "MAX_TILE", 16)
-    inputs, pos, cu = one_case(1, [20], [37], Dk=20, Dv=17)
+    inputs, pos, cu = one_case(1, [20], [37], Dk=Dk, Dv=Dv)
     check_against_chunked(inputs, pos, cu)
 
 
