@@ -392,7 +392,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_p
                         while k < (first >> P_LOG):
                             before += tl.load(a_ptr + p_off + k - (I0 >> P_LOG) + 1)
                             k += 1
-                    tl.atomic_add(dst, acc * tl.exp(before), mask=fmask)
+                    tl.atomic_add(dst, acc * tl.exp(before), mask=fmask, sem="relaxed")
     else:
         first = (p // n_bits) << P_LOG
         bh = tl.program_id(1).to(tl.int64)
@@ -436,7 +436,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_p
                         while k < ((first - (b << h)) >> P_LOG):
                             before += tl.load(a_ptr + entry + k)
                             k += 1
-                    tl.atomic_add(dst, acc * tl.exp(before), mask=fmask)
+                    tl.atomic_add(dst, acc * tl.exp(before), mask=fmask, sem="relaxed")
 
 
 @triton.jit

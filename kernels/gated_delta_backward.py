@@ -96,7 +96,7 @@ def _add_block(ptr, index, value, rows, cols, R, S, OWNED):
         store_matrix_tile(ptr, index, value, rows, cols, R, S)
     else:
         tl.atomic_add(ptr + index * (R * S) + rows[:, None] * S + cols[None, :], value,
-                      mask=(rows[:, None] < R) & (cols[None, :] < S))
+                      mask=(rows[:, None] < R) & (cols[None, :] < S), sem="relaxed")
 
 
 @triton.jit
