@@ -712,20 +712,20 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
         gbh = bh
         gi = i
         rows = bh * T + t
+    if TILED:  # the shares of this key tile (dq, dk) before and after this launch
+        k_before, k_after = _shares(tile_k, diagonal, 1, N, N_DV)
     if QUERIES:
         if TILED:
-            n_before, n_after = _shares(tile_k, diagonal, 1, N, N_DV)
-            _add_share(dq_dst, rq_ptr + rows[:, None] * DK + dk[None, :], dq, kmask, n_before, n_after)
+            _add_share(dq_dst, rq_ptr + rows[:, None] * DK + dk[None, :], dq, kmask, k_before, k_after)
         else:
             tl.store(dq_dst, dq, mask=kmask)
         tl.store(dl_dst, dl, mask=tmask[:, None] & (col_l[None, :] < L))
         tl.store(lvl_ptr + ((part + gbh) * NB + levels) * n_chunks + gi, lvl_rows)
     if KEYS:
         if TILED:
-            n_before, n_after = _shares(tile_k, diagonal, 1, N, N_DV)
-            _add_share(dk_dst, rk_ptr + rows[:, None] * DK + dk[None, :], dk_acc, kmask, n_before, n_after)
-            n_before, n_after = _shares(tile_v, diagonal, -1, N, N_DK)
-            _add_share(dv_dst, rv_ptr + rows[:, None] * DV + dv[None, :], dv_acc, vmask, n_before, n_after)
+            _add_share(dk_dst, rk_ptr + rows[:, None] * DK + dk[None, :], dk_acc, kmask, k_before, k_after)
+            v_before, v_after = _shares(tile_v, diagonal, -1, N, N_DK)
+            _add_share(dv_dst, rv_ptr + rows[:, None] * DV + dv[None, :], dv_acc, vmask, v_before, v_after)
         else:
             tl.store(dk_dst, dk_acc, mask=kmask)
             tl.store(dv_dst, dv_acc, mask=vmask)
@@ -790,6 +790,15 @@ def _spanning_in_gap(level_rows, chunk_index=None, owner=None):
     return out.sum(1)
 
 
+def _feature_tiles(DK: int, DV: int):
+    """``(BDK, BDV, value tiles, tiles, launches)`` of a head: feature tiles of at most
+    :data:`MAX_TILE` columns, and the launches a side of the chunk kernel, one diagonal of
+    (key tile, value tile) programs each (the larger of the two tile counts; ``_chunk_kernel``)."""
+    BDK, BDV = block(DK, MAX_TILE), block(DV, MAX_TILE)
+    n_dk, n_dv = cdiv(DK, BDK), cdiv(DV, BDV)
+    return BDK, BDV, n_dv, n_dk * n_dv, max(n_dk, n_dv)
+
+
 def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=None, out=None, states=None):
     """Gradients of ``O = attention(q, k, v, level_scales, log_decay, scale)`` for ``dO``.
 
@@ -835,11 +844,8 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         states, logdec = chunk_states(layout, C, *state_dtypes(v.dtype))
     else:
         states, logdec = _saved_states(states, layout, C, v.dtype)
-    BDK, BDV = block(DK, MAX_TILE), block(DV, MAX_TILE)
-    n_dv = cdiv(DV, BDV)
-    tiles = cdiv(DK, BDK) * n_dv
+    BDK, BDV, n_dv, tiles, diagonals = _feature_tiles(DK, DV)
     tiled = tiles > 1
-    diagonals = max(cdiv(DK, BDK), n_dv)
     has_g = layout.tensors["g"] is not None
     warps = NUM_WARPS["attention_backward"]
     meta = dict(HAS_G=has_g, ACC=acc, PREC=prec, LOWP=lowp, NATIVE=native, num_warps=warps)
@@ -864,11 +870,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
             STAGES=BLOCK_SUM_STAGES, **meta)
     # dq, dk, dv straight in the inputs' dtypes (feature tiles keep their running sums in
     # float32 / float64 between launches); dλ a slice per feature tile, summed below
-    def buffer(shape, dtype):
-        return torch.empty(shape, dtype=dtype, device=dev)
-
     batch = layout.batch
-    parts = tiles
     NB = next_power_of_2(max(n_bits, 1))
     in_place = {
         name for name, like in zip(("dq", "dk", "dv", "dl"), (q, k, v, level_scales))
@@ -881,21 +883,22 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     if "dq" in in_place:
         dq, dk, dq_strides = layout.tensors["dq"], layout.tensors["dk"], layout.args("dq")[1:4]
     else:
-        dq, dk, dq_strides = buffer((B, T, DK), q.dtype), buffer((B, T, DK), k.dtype), (B1 * T * DK, T * DK, DK)
+        dq, dk = (torch.empty((B, T, DK), dtype=x.dtype, device=dev) for x in (q, k))
+        dq_strides = (B1 * T * DK, T * DK, DK)
     if "dv" in in_place:
         dv, dv_strides = layout.tensors["dv"], layout.args("dv")[1:4]
     else:
-        dv, dv_strides = buffer((B, T, DV), v.dtype), (B1 * T * DV, T * DV, DV)
+        dv, dv_strides = torch.empty((B, T, DV), dtype=v.dtype, device=dev), (B1 * T * DV, T * DV, DV)
     if "dl" in in_place:
         dl, dl_strides = layout.tensors["dl"], layout.args("dl")[1:4]
     else:
-        dl = torch.empty((parts * B, T, L), dtype=acc_torch if tiled else level_scales.dtype, device=dev)
+        dl = torch.empty((tiles * B, T, L), dtype=acc_torch if tiled else level_scales.dtype, device=dev)
         dl_strides = (B1 * T * L, T * L, L)
     out_strides = (*dq_strides, *dv_strides, *dl_strides)
     running = [scratch((B, T, D), acc_torch, dev) if tiled else logdec for D in (DK, DK, DV)]
     sides = SIDE_LAUNCHES["attention_backward" if max(BDK, BDV) <= 64 else "attention_backward_wide"]
-    dgl = scratch((parts * sides * B, n * C), acc_torch, dev)
-    lvl_rows = scratch((parts * B, NB, n), acc_torch, dev)
+    dgl = scratch((tiles * sides * B, n * C), acc_torch, dev)
+    lvl_rows = scratch((tiles * B, NB, n), acc_torch, dev)
     for side in ((0,) if sides == 1 else (1, 2)):
         for diagonal in range(diagonals):
             _chunk_kernel[(n, B, diagonals)](
@@ -906,19 +909,19 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
                 FINAL=False, SIDE=side, **meta)
     dg = None
     if has_g:
-        span = scratch((parts * B, n), acc_torch, dev)
+        span = scratch((tiles * B, n), acc_torch, dev)
         _span_kernel[(n, B, tiles)](states, logdec, rsum, span, logdec, logdec, n, states.shape[1], n_r, n_bits, DK,
                                     DV, n_dv, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, C=C, LOG_C=C.bit_length() - 1,
                                     VARLEN=False, num_warps=NUM_WARPS["attention_span"])
         if tiled:
-            span, lvl_rows = (x.view((parts, -1) + x.shape[1:]).sum(0) for x in (span, lvl_rows))
+            span, lvl_rows = (x.view((tiles, -1) + x.shape[1:]).sum(0) for x in (span, lvl_rows))
         if tiled or sides > 1:
-            dgl = dgl.view((parts * sides, -1) + dgl.shape[1:]).sum(0)
+            dgl = dgl.view((tiles * sides, -1) + dgl.shape[1:]).sum(0)
         dg = (dgl.view(B, n, C) + (span + _spanning_in_gap(lvl_rows))[..., None]).view(B, n * C)[:, :T]
         dg[:, 0] = 0
         dg = dg.reshape(batch + (T,)).to(log_decay.dtype)
     if tiled:
-        dl = dl.view((parts, -1) + dl.shape[1:]).sum(0)
+        dl = dl.view((tiles, -1) + dl.shape[1:]).sum(0)
     made = {"dq": (dq, q), "dk": (dk, k), "dv": (dv, v), "dl": (dl, level_scales)}
     return tuple(buffers[name] if name in in_place else x.reshape(batch + x.shape[-2:]).to(like.dtype)
                  for name, (x, like) in made.items()) + (dg,)
@@ -1020,11 +1023,8 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
         dfinal = dfinal.to(state_dtype).contiguous()
     states, logdec = sequence_states(layout, seqs, C, initial, state_dtype, logdec_dtype)
     NH = seqs.levels
-    BDK, BDV = block(DK, MAX_TILE), block(DV, MAX_TILE)
-    n_dv = cdiv(DV, BDV)
-    tiles = cdiv(DK, BDK) * n_dv
+    BDK, BDV, n_dv, tiles, diagonals = _feature_tiles(DK, DV)
     tiled = tiles > 1
-    diagonals = max(cdiv(DK, BDK), n_dv)
     has_g = log_decay is not None
     warps = NUM_WARPS["attention_backward"]
     meta = dict(HAS_G=has_g, ACC=acc, PREC=prec, LOWP=v.dtype == torch.bfloat16, NATIVE=not interpreting(),
@@ -1050,13 +1050,12 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
             DK, DV, n_dv, NB=NB, C=C, LOG_C=c, BDK=BDK, BDV=BDV, ACC=acc, FINAL=final, num_warps=warps)
     # every gradient of the chunks' rows; dq and dk per head of v (summed over each group below)
     # (dq and dk are their own running sums over feature tiles; dv has one apart when tiled)
-    parts = tiles
     dq, dk = scratch((N * H, T, DK), acc_torch, dev), scratch((N * H, T, DK), acc_torch, dev)
     dv = scratch((N * H, T, DV), v.dtype, dev)
     dv_running = scratch((N * H, T, DV), acc_torch, dev) if tiled else dummy
-    dl = scratch((parts * N * H, T, L), acc_torch if tiled else level_scales.dtype, dev)
-    dgl = scratch((parts * H, seqs.n_slots * C), acc_torch, dev)
-    lvl_rows = scratch((parts * H, NB, seqs.n_slots), acc_torch, dev)
+    dl = scratch((tiles * N * H, T, L), acc_torch if tiled else level_scales.dtype, dev)
+    dgl = scratch((tiles * H, seqs.n_slots * C), acc_torch, dev)
+    lvl_rows = scratch((tiles * H, NB, seqs.n_slots), acc_torch, dev)
     for diagonal in range(diagonals if seqs.n_slots and H else 0):
         _chunk_kernel[(seqs.n_slots, H, diagonals)](
             q, k, v, do, level_scales, layout.decay_args()[0], states, logdec, rsum, dq, dk, dv, dl, dgl, lvl_rows,
@@ -1068,17 +1067,17 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
             BDV=BDV, BL=next_power_of_2(L), NB=NB, EXACT=exact, VARLEN=True, FINAL=final, **meta)
     dg = None
     if has_g:
-        span = scratch((parts * H, seqs.n_slots), acc_torch, dev)
+        span = scratch((tiles * H, seqs.n_slots), acc_torch, dev)
         if seqs.n_slots and H:
             _span_kernel[(seqs.n_slots, H, tiles)](states, logdec, rsum, span, seqs.table, seqs.chunk_seq, seqs.n_slots,
                                                    seqs.n_entries, 0, NH, DK, DV, n_dv, BDK=BDK, BDV=BDV, HAS_G=has_g,
                                                    ACC=acc, C=C, LOG_C=c, VARLEN=True, num_warps=NUM_WARPS["attention_span"])
         if tiled:
-            dgl, span, lvl_rows = (x.view((parts, -1) + x.shape[1:]).sum(0) for x in (dgl, span, lvl_rows))
+            dgl, span, lvl_rows = (x.view((tiles, -1) + x.shape[1:]).sum(0) for x in (dgl, span, lvl_rows))
         dg = _sequence_dg(seqs, C, dgl, span, lvl_rows, reads.sum(2) if final else None, N, T, acc_torch)
         dg = dg.to(log_decay.dtype)
     if tiled:
-        dl = dl.view((parts, -1) + dl.shape[1:]).sum(0)
+        dl = dl.view((tiles, -1) + dl.shape[1:]).sum(0)
     dq = dq.view(N, Hqk, grp, T, DK).sum(2).to(q.dtype)
     dk = dk.view(N, Hqk, grp, T, DK).sum(2).to(k.dtype)
     return (dq, dk, dv.view(N, H, T, DV), dl.view(N, H, T, L).to(level_scales.dtype), dg,
