@@ -17,12 +17,16 @@ The structure mirrors the forward (:mod:`kernels.attention`), chunk size ``C = 2
    ``b`` of ``2^h`` chunks that reads a level-``h`` state (odd ``b``; ``a_b`` the last position
    before it), over aligned groups of :data:`TILE_CHUNKS` chunks (one atomic add per group of a
    larger block; no other atomics).
-3. ``_chunk_kernel`` (one program per chunk; for feature tiles wider than 64 two launches, a query
+3. ``_span_kernel`` walks the clear bits of each chunk index: there the chunk lies in a block
+   read by the block after it, and the decayed sum of those readers' block sums, ``D``, is the
+   adjoint of the chunk's keys through every later chunk; with a decay it also forms the weight
+   of the pairs that span the chunk (for ``dg``).
+4. ``_chunk_kernel`` (one program per chunk; for feature tiles wider than 64 two launches, a query
    side and a key side: :data:`SIDE_LAUNCHES`) computes every gradient of the chunk's rows: the
-   dense in-chunk part, then one walk over the bits of the chunk index -- a set bit reads the
-   level-``h`` state (``dq``, ``dλ``), a clear bit adds the block sum of the readers of the block
-   that holds the chunk (``dk_s = w_s D v_s``, ``dv_s = w_s Dᵀ k_s``).
-4. ``dg`` is assembled from chunk-local sums plus, per chunk, the pairs that span it
+   dense in-chunk part, one walk over the set bits of the chunk index, each reading the
+   level-``h`` state (``dq``, ``dλ``), and the later readers through ``D``
+   (``dk_s = w_s D v_s``, ``dv_s = w_s Dᵀ k_s``).
+5. ``dg`` is assembled from chunk-local sums plus, per chunk, the pairs that span it
    (``_span_kernel``, ``_gap_kernel``): each pair's weight is added once, never as a difference
    of sums (which cancel where a strong decay leaves ``dg[u]`` far below the pairs around it),
    and no sum runs along the whole sequence, so its rounding does not grow with ``T``
@@ -108,14 +112,22 @@ def _rounded(x, like, LOWP: tl.constexpr, NATIVE: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["n_chunks", "n_total", "n_r", "n_bits"])
-def _span_kernel(h_ptr, a_ptr, r_ptr, span_ptr, tab_ptr, cs_ptr, n_chunks, n_total, n_r, n_bits, DK: tl.constexpr,
-                 DV: tl.constexpr, N_DV_TILES, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
-                 ACC: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, VARLEN: tl.constexpr):
-    """Program ``(chunk i, batch entry, feature tile)``: the weight of the pairs that span chunk
-    ``i`` inside one level block, ``Σ_h exp(A_i + ζ_h) <R_h, U_h>`` over the clear bits ``h`` of
-    ``i``: ``U_h`` gathers the states ``i`` reads at the set bits below ``h`` (the keys of the
-    block before ``i``), ``R_h`` the queries of the block that reads it (this tile's partial sum).
-    With ``VARLEN``: axis 0 the global chunk slot, axis 1 the head (layout of the sequences)."""
+def _span_kernel(h_ptr, a_ptr, r_ptr, span_ptr, later_ptr, tab_ptr, cs_ptr, n_chunks, n_total, n_r, n_bits,
+                 DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES, BDK: tl.constexpr, BDV: tl.constexpr,
+                 HAS_G: tl.constexpr, ACC: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, VARLEN: tl.constexpr):
+    """Program ``(chunk i, batch entry, feature tile)``: one walk over the clear bits ``h`` of
+    ``i``, where ``i`` lies in the level-``h`` block that the block after it reads, with ``R_h``
+    the readers' block sum (this tile's part) and ``ζ_h`` the log-decay from the chunk's end to
+    the end of that block (the right siblings at the lower clear bits).  Writes
+
+    * ``later[i] = Σ_h exp(ζ_h) R_h``: the adjoint of the chunk's own keys through every later
+      reader (``_chunk_kernel`` forms ``dk``, ``dv`` from it), in ``later``'s dtype;
+    * with ``HAS_G``, ``span[i] = Σ_h exp(A_i + ζ_h) <R_h, U_h>``: the weight of the pairs that
+      span chunk ``i`` inside one level block (``U_h`` gathers the states ``i`` reads at the set
+      bits below ``h``: the keys of the block before ``i``).
+
+    ``later`` has the layout ``(batch entry or head, chunk or chunk slot, Dk · Dv)``.  With
+    ``VARLEN``: axis 0 the global chunk slot, axis 1 the head (layout of the sequences)."""
     if VARLEN:
         dead, n, b0, shift, a, e, i, I0, I1, base, span_c, t, tmask = sequence_chunk(tab_ptr, cs_ptr, C, LOG_C)
         if dead:
@@ -132,11 +144,13 @@ def _span_kernel(h_ptr, a_ptr, r_ptr, span_ptr, tab_ptr, cs_ptr, n_chunks, n_tot
     dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
     fmask = (dk[:, None] < DK) & (dv[None, :] < DV)
     tile = dk[:, None] * DV + dv[None, :]
-    if VARLEN:
-        A_i = tl.load(a_ptr + base + i - I0 + 1).to(ACC) if HAS_G else tl.zeros((), dtype=ACC)
-    else:
-        A_i = tl.load(a_ptr + bh * n_total + i).to(ACC) if HAS_G else tl.zeros((), dtype=ACC)
+    if HAS_G:
+        if VARLEN:
+            A_i = tl.load(a_ptr + base + i - I0 + 1).to(ACC)
+        else:
+            A_i = tl.load(a_ptr + bh * n_total + i).to(ACC)
     U = tl.zeros((BDK, BDV), dtype=ACC)
+    later = tl.zeros((BDK, BDV), dtype=ACC)
     span = tl.zeros((), dtype=ACC)
     gap = tl.zeros((), dtype=ACC)
     zeta = tl.zeros((), dtype=ACC)
@@ -148,27 +162,29 @@ def _span_kernel(h_ptr, a_ptr, r_ptr, span_ptr, tab_ptr, cs_ptr, n_chunks, n_tot
     h = 0
     while h < n_bits:
         if ((i >> h) & 1) == 1:
-            if VARLEN:
-                blk = off + (i >> h) - (I0 >> h)
-            else:
-                blk = bh * n_total + off + (i >> h) - 1
-            U += tl.exp(gap) * tl.load(h_ptr + blk * DK * DV + tile, mask=fmask, other=0.0).to(ACC)
             if HAS_G:
+                if VARLEN:
+                    blk = off + (i >> h) - (I0 >> h)
+                else:
+                    blk = bh * n_total + off + (i >> h) - 1
+                U += tl.exp(gap) * tl.load(h_ptr + blk * DK * DV + tile, mask=fmask, other=0.0).to(ACC)
                 gap += tl.load(a_ptr + blk)
         else:
             reader = (i >> h) + 1
             if VARLEN:
-                if reader <= ((e >> LOG_C) >> h):
+                if reader <= ((e >> LOG_C) >> h):  # the block after i's has readers: chunks, or the end e
                     R = tl.load(r_ptr + (off + reader - (I0 >> h)) * DK * DV + tile, mask=fmask, other=0.0)
-                    span += tl.exp(A_i + zeta) * tl.sum(tl.sum(R * U, 1), 0)
+                    later += tl.exp(zeta) * R
                     if HAS_G:
+                        span += tl.exp(A_i + zeta) * tl.sum(tl.sum(R * U, 1), 0)
                         if reader <= (I1 >> h):
                             zeta += tl.load(a_ptr + off + reader - (I0 >> h) + 1)
             else:
                 if (reader << h) < n_chunks:
                     R = tl.load(r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV + tile, mask=fmask, other=0.0)
-                    span += tl.exp(A_i + zeta) * tl.sum(tl.sum(R * U, 1), 0)
+                    later += tl.exp(zeta) * R
                     if HAS_G:
+                        span += tl.exp(A_i + zeta) * tl.sum(tl.sum(R * U, 1), 0)
                         if ((reader + 1) << h) <= n_chunks:
                             zeta += tl.load(a_ptr + bh * n_total + off + reader)
         if VARLEN:
@@ -177,7 +193,9 @@ def _span_kernel(h_ptr, a_ptr, r_ptr, span_ptr, tab_ptr, cs_ptr, n_chunks, n_tot
             off += n_chunks >> h
             roff += _reader_blocks(n_chunks, h)
         h += 1
-    tl.store(span_ptr + (tile_f.to(tl.int64) * tl.num_programs(1) + bh) * n_chunks + gi, span)
+    tl.store(later_ptr + (bh * n_chunks + gi) * DK * DV + tile, later.to(later_ptr.dtype.element_ty), mask=fmask)
+    if HAS_G:
+        tl.store(span_ptr + (tile_f.to(tl.int64) * tl.num_programs(1) + bh) * n_chunks + gi, span)
 
 
 @triton.jit(do_not_specialize=["n_total", "n_bits", "S_IN", "S_OUT"])
@@ -468,11 +486,11 @@ def _add_share(dst, running, x, mask, n_before, n_after):
         tl.store(dst, total, mask=mask)
 
 
-@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_r", "n_bits", "L", "slb0", "slb1", "slt",
+@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "slb0", "slb1", "slt",
                                "sgb0", "sgb1", "GRP", "S_IN", "S_OUT", "NBH", "diagonal"])
-def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr, dq_ptr, dk_ptr, dv_ptr, dl_ptr,
+def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, later_ptr, dq_ptr, dk_ptr, dv_ptr, dl_ptr,
                   dgl_ptr, lvl_ptr, s_ptr, di_ptr, df_ptr, rc_ptr, tab_ptr, cs_ptr, rq_ptr, rk_ptr, rv_ptr,
-                  T, B1, n_chunks, n_total, n_r, n_bits, L, DK: tl.constexpr,
+                  T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr,
                   DV: tl.constexpr, diagonal, scale, GRP, S_IN, S_OUT, NBH,
                   sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
                   sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt,
@@ -486,6 +504,9 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
 
     Writes ``dq``, ``dk``, ``dv``, ``dλ`` and, for ``dg`` (see :func:`attention_backward`), the
     chunk-local part of each row and the chunk's row sums per level (``lvl``, level-major).
+    The later readers of the chunk's keys come in one ``Dk × Dv`` sum a chunk, ``later``
+    (gathered by ``_span_kernel``; its dtype is that of the dots, float32 / float64 with
+    ``VARLEN``).
     Heads split into feature tiles (``N_DK × N_DV`` of them) run as ``N = max(N_DK, N_DV)``
     launches, ``diagonal = 0 .. N − 1``: program ``a`` of axis 2 takes the key tile ``a`` and the
     value tile ``(a + diagonal) mod N`` (none where either is out of range), so that every tile of
@@ -579,22 +600,18 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
             Pm = Pm.to(ob.dtype)
         dk_acc = dot(tl.trans(dS), qb, ACC, PREC, NATIVE)
         dv_acc = dot(tl.trans(Pm), ob, ACC, PREC, NATIVE)
-    # levels > c, one walk over the bits h of the chunk index, low to high.  Set bit: the chunk
-    # reads the level-h state (i >> h) - 1 (dq, dλ).  Clear bit: the chunk lies in the level-h
-    # block (i >> h), read by the block after it through the block sum R (dk, dv via D).
+    # levels > c, one walk over the set bits h of the chunk index, low to high: the chunk reads the
+    # level-h state (i >> h) - 1 (dq, dλ)
     levels = tl.arange(0, NB)
     lvl_rows = tl.zeros((NB,), dtype=ACC)
-    D = tl.zeros((BDK, BDV), dtype=ACC)
     gap = tl.zeros((), dtype=ACC)
-    zeta = tl.zeros((), dtype=ACC)
-    if VARLEN:
-        off = base
-    else:
-        off = 0
-        roff = 0
-    h = 0
-    while h < n_bits:
-        if QUERIES:
+    if QUERIES:
+        if VARLEN:
+            off = base
+        else:
+            off = 0
+        h = 0
+        while h < n_bits:
             if ((i >> h) & 1) == 1:
                 if VARLEN:
                     blk = off + (i >> h) - (I0 >> h)
@@ -615,29 +632,20 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, r_ptr
                 row += row_h
                 lvl_rows = tl.where(levels == h, tl.sum(row_h, 0), lvl_rows)
                 gap += tl.load(a_ptr + blk)
-        if KEYS:
-            if ((i >> h) & 1) == 0:
-                reader = (i >> h) + 1
-                if VARLEN:
-                    if reader <= ((e >> LOG_C) >> h):  # the block after i's has readers: chunks, or the end e
-                        D += tl.exp(zeta) * tl.load(r_ptr + (off + reader - (I0 >> h)) * DK * DV + dk[:, None] * DV
-                                                    + dv[None, :], mask=fmask, other=0.0)
-                        if HAS_G:
-                            if reader <= (I1 >> h):
-                                zeta += tl.load(a_ptr + off + reader - (I0 >> h) + 1)
-                else:
-                    if (reader << h) < n_chunks:
-                        D += tl.exp(zeta) * tl.load(r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV
-                                                    + dk[:, None] * DV + dv[None, :], mask=fmask, other=0.0)
-                        if HAS_G:
-                            if ((reader + 1) << h) <= n_chunks:
-                                zeta += tl.load(a_ptr + bh * n_total + off + reader)
-        if VARLEN:
-            off += (span >> h) + 3
-        else:
-            off += n_chunks >> h
-            roff += _reader_blocks(n_chunks, h)
-        h += 1
+            if VARLEN:
+                off += (span >> h) + 3
+            else:
+                off += n_chunks >> h
+            h += 1
+    # the clear bits: the chunk's keys through every later reader, D = Σ_h exp(ζ_h) R_h, gathered
+    # by _span_kernel (dk, dv)
+    if KEYS:
+        if VARLEN:  # float32 / float64: also read by the initial state's gradient below
+            D = tl.load(later_ptr + (b1 * n_chunks + slot) * DK * DV + dk[:, None] * DV + dv[None, :], mask=fmask,
+                        other=0.0).to(ACC)
+        else:  # already in the dtype of the dots below
+            D = tl.load(later_ptr + (bh * n_chunks + i) * DK * DV + dk[:, None] * DV + dv[None, :], mask=fmask,
+                        other=0.0)
     if HAS_G:
         w = tl.exp(tl.cumsum(g_next, 0, reverse=True))
     else:
@@ -899,20 +907,22 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     sides = SIDE_LAUNCHES["attention_backward" if max(BDK, BDV) <= 64 else "attention_backward_wide"]
     dgl = scratch((tiles * sides * B, n * C), acc_torch, dev)
     lvl_rows = scratch((tiles * B, NB, n), acc_torch, dev)
+    # the later readers of each chunk's keys (and, with a decay, the pairs spanning each chunk)
+    later = scratch((B, n, DK * DV), v.dtype if lowp and native else acc_torch, dev)
+    span = scratch((tiles * B, n), acc_torch, dev) if has_g else logdec
+    _span_kernel[(n, B, tiles)](states, logdec, rsum, span, later, logdec, logdec, n, states.shape[1], n_r, n_bits,
+                                DK, DV, n_dv, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, C=C, LOG_C=C.bit_length() - 1,
+                                VARLEN=False, num_warps=NUM_WARPS["attention_span"])
     for side in ((0,) if sides == 1 else (1, 2)):
         for diagonal in range(diagonals):
             _chunk_kernel[(n, B, diagonals)](
-                *ptrs, states, logdec, rsum, dq, dk, dv, dl, dgl, lvl_rows, logdec, logdec, logdec, logdec, logdec,
-                logdec, *running, T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, diagonal, float(scale),
+                *ptrs, states, logdec, later, dq, dk, dv, dl, dgl, lvl_rows, logdec, logdec, logdec, logdec, logdec,
+                logdec, *running, T, layout.B1, n, states.shape[1], n_bits, L, DK, DV, diagonal, float(scale),
                 layout.group, 0, 0, 0, *strides, *out_strides, C=C, LOG_C=C.bit_length() - 1,
                 FULL_CHUNKS=T % C == 0, BDK=BDK, BDV=BDV, BL=next_power_of_2(L), NB=NB, EXACT=exact, VARLEN=False,
                 FINAL=False, SIDE=side, **meta)
     dg = None
     if has_g:
-        span = scratch((tiles * B, n), acc_torch, dev)
-        _span_kernel[(n, B, tiles)](states, logdec, rsum, span, logdec, logdec, n, states.shape[1], n_r, n_bits, DK,
-                                    DV, n_dv, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, C=C, LOG_C=C.bit_length() - 1,
-                                    VARLEN=False, num_warps=NUM_WARPS["attention_span"])
         if tiled:
             span, lvl_rows = (x.view((tiles, -1) + x.shape[1:]).sum(0) for x in (span, lvl_rows))
         if tiled or sides > 1:
@@ -1056,22 +1066,24 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
     dl = scratch((tiles * N * H, T, L), acc_torch if tiled else level_scales.dtype, dev)
     dgl = scratch((tiles * H, seqs.n_slots * C), acc_torch, dev)
     lvl_rows = scratch((tiles * H, NB, seqs.n_slots), acc_torch, dev)
+    later = scratch((H, seqs.n_slots, DK * DV), acc_torch, dev)
+    span = scratch((tiles * H, seqs.n_slots), acc_torch, dev) if has_g else dummy
+    if seqs.n_slots and H:
+        _span_kernel[(seqs.n_slots, H, tiles)](states, logdec, rsum, span, later, seqs.table, seqs.chunk_seq,
+                                               seqs.n_slots, seqs.n_entries, 0, NH, DK, DV, n_dv, BDK=BDK, BDV=BDV,
+                                               HAS_G=has_g, ACC=acc, C=C, LOG_C=c, VARLEN=True,
+                                               num_warps=NUM_WARPS["attention_span"])
     for diagonal in range(diagonals if seqs.n_slots and H else 0):
         _chunk_kernel[(seqs.n_slots, H, diagonals)](
-            q, k, v, do, level_scales, layout.decay_args()[0], states, logdec, rsum, dq, dk, dv, dl, dgl, lvl_rows,
+            q, k, v, do, level_scales, layout.decay_args()[0], states, logdec, later, dq, dk, dv, dl, dgl, lvl_rows,
             dummy if initial is None else initial, dummy if dinit is None else dinit,
             dummy if dfinal is None else dfinal, rc, seqs.table, seqs.chunk_seq, dq, dk, dv_running, T, 1,
-            seqs.n_slots, seqs.n_entries, 0, NH, L, DK, DV, diagonal, float(scale), grp, S_in, seqs.final_slots,
+            seqs.n_slots, seqs.n_entries, NH, L, DK, DV, diagonal, float(scale), grp, S_in, seqs.final_slots,
             N * H, *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("do")[1:],
             *layout.args("l")[1:], *layout.decay_args()[1:], *(0,) * 9, C=C, LOG_C=c, FULL_CHUNKS=False, BDK=BDK,
             BDV=BDV, BL=next_power_of_2(L), NB=NB, EXACT=exact, VARLEN=True, FINAL=final, **meta)
     dg = None
     if has_g:
-        span = scratch((tiles * H, seqs.n_slots), acc_torch, dev)
-        if seqs.n_slots and H:
-            _span_kernel[(seqs.n_slots, H, tiles)](states, logdec, rsum, span, seqs.table, seqs.chunk_seq, seqs.n_slots,
-                                                   seqs.n_entries, 0, NH, DK, DV, n_dv, BDK=BDK, BDV=BDV, HAS_G=has_g,
-                                                   ACC=acc, C=C, LOG_C=c, VARLEN=True, num_warps=NUM_WARPS["attention_span"])
         if tiled:
             dgl, span, lvl_rows = (x.view((tiles, -1) + x.shape[1:]).sum(0) for x in (dgl, span, lvl_rows))
         dg = _sequence_dg(seqs, C, dgl, span, lvl_rows, reads.sum(2) if final else None, N, T, acc_torch)
