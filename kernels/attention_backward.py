@@ -876,6 +876,13 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
             *layout.args("q")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *layout.decay_args()[1:],
             layout.group, C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, VARLEN=False,
             STAGES=BLOCK_SUM_STAGES, **meta)
+    # the later readers of each chunk's keys (and, with a decay, the pairs spanning each chunk)
+    later = scratch((B, n, DK * DV), v.dtype if lowp and native else acc_torch, dev)
+    span = scratch((tiles * B, n), acc_torch, dev) if has_g else logdec
+    _span_kernel[(n, B, tiles)](states, logdec, rsum, span, later, logdec, logdec, n, states.shape[1], n_r, n_bits,
+                                DK, DV, n_dv, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, C=C, LOG_C=C.bit_length() - 1,
+                                VARLEN=False, num_warps=NUM_WARPS["attention_span"])
+    del rsum  # read by nothing after the span kernel: the gradients below may take its memory
     # dq, dk, dv straight in the inputs' dtypes (feature tiles keep their running sums in
     # float32 / float64 between launches); dλ a slice per feature tile, summed below
     batch = layout.batch
@@ -907,12 +914,6 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     sides = SIDE_LAUNCHES["attention_backward" if max(BDK, BDV) <= 64 else "attention_backward_wide"]
     dgl = scratch((tiles * sides * B, n * C), acc_torch, dev)
     lvl_rows = scratch((tiles * B, NB, n), acc_torch, dev)
-    # the later readers of each chunk's keys (and, with a decay, the pairs spanning each chunk)
-    later = scratch((B, n, DK * DV), v.dtype if lowp and native else acc_torch, dev)
-    span = scratch((tiles * B, n), acc_torch, dev) if has_g else logdec
-    _span_kernel[(n, B, tiles)](states, logdec, rsum, span, later, logdec, logdec, n, states.shape[1], n_r, n_bits,
-                                DK, DV, n_dv, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, C=C, LOG_C=C.bit_length() - 1,
-                                VARLEN=False, num_warps=NUM_WARPS["attention_span"])
     for side in ((0,) if sides == 1 else (1, 2)):
         for diagonal in range(diagonals):
             _chunk_kernel[(n, B, diagonals)](
@@ -1058,6 +1059,14 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
             states, logdec, rsum, dummy if initial is None else initial, dummy if dfinal is None else dfinal,
             dummy if dinit is None else dinit, rc, reads, seqs.table, seqs.n_entries, NH, S_in, seqs.final_slots,
             DK, DV, n_dv, NB=NB, C=C, LOG_C=c, BDK=BDK, BDV=BDV, ACC=acc, FINAL=final, num_warps=warps)
+    later = scratch((H, seqs.n_slots, DK * DV), acc_torch, dev)
+    span = scratch((tiles * H, seqs.n_slots), acc_torch, dev) if has_g else dummy
+    if seqs.n_slots and H:
+        _span_kernel[(seqs.n_slots, H, tiles)](states, logdec, rsum, span, later, seqs.table, seqs.chunk_seq,
+                                               seqs.n_slots, seqs.n_entries, 0, NH, DK, DV, n_dv, BDK=BDK, BDV=BDV,
+                                               HAS_G=has_g, ACC=acc, C=C, LOG_C=c, VARLEN=True,
+                                               num_warps=NUM_WARPS["attention_span"])
+    del rsum  # read by nothing after the span kernel
     # every gradient of the chunks' rows; dq and dk per head of v (summed over each group below)
     # (dq and dk are their own running sums over feature tiles; dv has one apart when tiled)
     dq, dk = scratch((N * H, T, DK), acc_torch, dev), scratch((N * H, T, DK), acc_torch, dev)
@@ -1066,13 +1075,6 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
     dl = scratch((tiles * N * H, T, L), acc_torch if tiled else level_scales.dtype, dev)
     dgl = scratch((tiles * H, seqs.n_slots * C), acc_torch, dev)
     lvl_rows = scratch((tiles * H, NB, seqs.n_slots), acc_torch, dev)
-    later = scratch((H, seqs.n_slots, DK * DV), acc_torch, dev)
-    span = scratch((tiles * H, seqs.n_slots), acc_torch, dev) if has_g else dummy
-    if seqs.n_slots and H:
-        _span_kernel[(seqs.n_slots, H, tiles)](states, logdec, rsum, span, later, seqs.table, seqs.chunk_seq,
-                                               seqs.n_slots, seqs.n_entries, 0, NH, DK, DV, n_dv, BDK=BDK, BDV=BDV,
-                                               HAS_G=has_g, ACC=acc, C=C, LOG_C=c, VARLEN=True,
-                                               num_warps=NUM_WARPS["attention_span"])
     for diagonal in range(diagonals if seqs.n_slots and H else 0):
         _chunk_kernel[(seqs.n_slots, H, diagonals)](
             q, k, v, do, level_scales, layout.decay_args()[0], states, logdec, later, dq, dk, dv, dl, dgl, lvl_rows,
