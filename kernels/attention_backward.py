@@ -115,10 +115,11 @@ def _rounded(x, like, LOWP: tl.constexpr, NATIVE: tl.constexpr):
 def _span_kernel(h_ptr, a_ptr, r_ptr, span_ptr, later_ptr, tab_ptr, cs_ptr, n_chunks, n_total, n_r, n_bits,
                  DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES, BDK: tl.constexpr, BDV: tl.constexpr,
                  HAS_G: tl.constexpr, ACC: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, VARLEN: tl.constexpr):
-    """Program ``(chunk i, batch entry, feature tile)``: one walk over the clear bits ``h`` of
-    ``i``, where ``i`` lies in the level-``h`` block that the block after it reads, with ``R_h``
+    """Program ``(chunk i, batch entry, feature tile)``: one walk over the bits ``h`` of ``i``.
+    At a clear bit ``i`` lies in the level-``h`` block that the block after it reads: ``R_h`` is
     the readers' block sum (this tile's part) and ``ζ_h`` the log-decay from the chunk's end to
-    the end of that block (the right siblings at the lower clear bits).  Writes
+    the end of that block (the right siblings at the lower clear bits).  At a set bit (with
+    ``HAS_G`` only) the walk gathers the state that ``i`` reads.  Writes
 
     * ``later[i] = Σ_h exp(ζ_h) R_h``: the adjoint of the chunk's own keys through every later
       reader (``_chunk_kernel`` forms ``dk``, ``dv`` from it), in ``later``'s dtype;
