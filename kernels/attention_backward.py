@@ -536,14 +536,17 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, later
         dead, n, b0, shift, a, e, i, I0, I1, base, span, t, tmask = sequence_chunk(tab_ptr, cs_ptr, C, LOG_C)
         if dead:
             return
-        slot = tl.program_id(0)
+        gi = tl.program_id(0)  # the chunk slot
         b1 = tl.program_id(1).to(tl.int64)
         base += b1 * n_total
         obh = b0 * tl.num_programs(1) + b1
         tr = t + shift
+        gbh = b1
     else:
         i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C, FULL_CHUNKS)
         tr = t
+        gbh = bh
+        gi = i
     bq1 = b1 // GRP  # the query and key head of a grouped head
     N_DK: tl.constexpr = (DK + BDK - 1) // BDK
     N_DV: tl.constexpr = (DV + BDV - 1) // BDV
@@ -605,8 +608,8 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, later
     # level-h state (i >> h) - 1 (dq, dλ)
     levels = tl.arange(0, NB)
     lvl_rows = tl.zeros((NB,), dtype=ACC)
-    gap = tl.zeros((), dtype=ACC)
     if QUERIES:
+        gap = tl.zeros((), dtype=ACC)
         if VARLEN:
             off = base
         else:
@@ -639,14 +642,11 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, later
                 off += n_chunks >> h
             h += 1
     # the clear bits: the chunk's keys through every later reader, D = Σ_h exp(ζ_h) R_h, gathered
-    # by _span_kernel (dk, dv)
+    # by _span_kernel (dk, dv; in the dots' dtype, or in ACC with VARLEN, where the initial state's
+    # gradient below reads it too)
     if KEYS:
-        if VARLEN:  # float32 / float64: also read by the initial state's gradient below
-            D = tl.load(later_ptr + (b1 * n_chunks + slot) * DK * DV + dk[:, None] * DV + dv[None, :], mask=fmask,
-                        other=0.0).to(ACC)
-        else:  # already in the dtype of the dots below
-            D = tl.load(later_ptr + (bh * n_chunks + i) * DK * DV + dk[:, None] * DV + dv[None, :], mask=fmask,
-                        other=0.0)
+        D = tl.load(later_ptr + (gbh * n_chunks + gi) * DK * DV + dk[:, None] * DV + dv[None, :], mask=fmask,
+                    other=0.0)
     if HAS_G:
         w = tl.exp(tl.cumsum(g_next, 0, reverse=True))
     else:
@@ -709,8 +709,6 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, later
         dv_dst = dv_ptr + (obh * T + tr[:, None]) * DV + dv[None, :]
         dl_dst = dl_ptr + ((tile_f.to(tl.int64) * NBH + obh) * T + tr[:, None]) * L + col_l[None, :]
         part = tile_f.to(tl.int64) * tl.num_programs(1)
-        gbh = b1
-        gi = slot
         rows = obh * T + tr  # of the running sums
     else:
         dq_dst = dq_ptr + b0 * sdqb0 + b1 * sdqb1 + t[:, None] * sdqt + dk[None, :]
@@ -718,8 +716,6 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, later
         dv_dst = dv_ptr + b0 * sdvb0 + b1 * sdvb1 + t[:, None] * sdvt + dv[None, :]
         part = tile_f.to(tl.int64) * tl.num_programs(1) if TILED else 0
         dl_dst = dl_ptr + part * T * L + b0 * sdlb0 + b1 * sdlb1 + t[:, None] * sdlt + col_l[None, :]
-        gbh = bh
-        gi = i
         rows = bh * T + t
     if TILED:  # the shares of this key tile (dq, dk) before and after this launch
         k_before, k_after = _shares(tile_k, diagonal, 1, N, N_DV)
