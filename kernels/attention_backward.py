@@ -66,6 +66,11 @@ BLOCK_SUM_STAGES = 2
 """Software-pipelining stages of the block sums' loop over chunks (``_block_sum``): the next
 chunks' queries and output gradients load into shared memory while this chunk's product runs."""
 
+SPAN_KEY_ROWS = 64
+"""Key rows of one ``_span_kernel`` program's feature tile (wider key tiles are split): the
+program holds two float32 accumulators of that tile, the states gathered and the later readers'
+block sums."""
+
 TILE_CHUNKS = 16
 """Chunks summed by one program of ``_query_block_kernel`` (a power of two): blocks of at most
 this many chunks are summed whole and stored, larger ones tile by tile with one atomic add each."""
@@ -875,10 +880,12 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
             STAGES=BLOCK_SUM_STAGES, **meta)
     # the later readers of each chunk's keys (and, with a decay, the pairs spanning each chunk)
     later = scratch((B, n, DK * DV), v.dtype if lowp and native else acc_torch, dev)
-    span = scratch((tiles * B, n), acc_torch, dev) if has_g else logdec
-    _span_kernel[(n, B, tiles)](states, logdec, rsum, span, later, logdec, logdec, n, states.shape[1], n_r, n_bits,
-                                DK, DV, n_dv, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, C=C, LOG_C=C.bit_length() - 1,
-                                VARLEN=False, num_warps=NUM_WARPS["attention_span"])
+    span_rows = min(BDK, SPAN_KEY_ROWS)
+    span_tiles = cdiv(DK, span_rows) * n_dv
+    span = scratch((span_tiles * B, n), acc_torch, dev) if has_g else logdec
+    _span_kernel[(n, B, span_tiles)](states, logdec, rsum, span, later, logdec, logdec, n, states.shape[1], n_r,
+                                     n_bits, DK, DV, n_dv, BDK=span_rows, BDV=BDV, HAS_G=has_g, ACC=acc, C=C,
+                                     LOG_C=C.bit_length() - 1, VARLEN=False, num_warps=NUM_WARPS["attention_span"])
     del rsum  # read by nothing after the span kernel: the gradients below may take its memory
     # dq, dk, dv straight in the inputs' dtypes (feature tiles keep their running sums in
     # float32 / float64 between launches); dλ a slice per feature tile, summed below
@@ -921,8 +928,10 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
                 FINAL=False, SIDE=side, **meta)
     dg = None
     if has_g:
+        if span_tiles > 1:
+            span = span.view(span_tiles, -1, n).sum(0)
         if tiled:
-            span, lvl_rows = (x.view((tiles, -1) + x.shape[1:]).sum(0) for x in (span, lvl_rows))
+            lvl_rows = lvl_rows.view((tiles, -1) + lvl_rows.shape[1:]).sum(0)
         if tiled or sides > 1:
             dgl = dgl.view((tiles * sides, -1) + dgl.shape[1:]).sum(0)
         dg = (dgl.view(B, n, C) + (span + _spanning_in_gap(lvl_rows))[..., None]).view(B, n * C)[:, :T]
@@ -1057,12 +1066,14 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
             dummy if dinit is None else dinit, rc, reads, seqs.table, seqs.n_entries, NH, S_in, seqs.final_slots,
             DK, DV, n_dv, NB=NB, C=C, LOG_C=c, BDK=BDK, BDV=BDV, ACC=acc, FINAL=final, num_warps=warps)
     later = scratch((H, seqs.n_slots, DK * DV), acc_torch, dev)
-    span = scratch((tiles * H, seqs.n_slots), acc_torch, dev) if has_g else dummy
+    span_rows = min(BDK, SPAN_KEY_ROWS)
+    span_tiles = cdiv(DK, span_rows) * n_dv
+    span = scratch((span_tiles * H, seqs.n_slots), acc_torch, dev) if has_g else dummy
     if seqs.n_slots and H:
-        _span_kernel[(seqs.n_slots, H, tiles)](states, logdec, rsum, span, later, seqs.table, seqs.chunk_seq,
-                                               seqs.n_slots, seqs.n_entries, 0, NH, DK, DV, n_dv, BDK=BDK, BDV=BDV,
-                                               HAS_G=has_g, ACC=acc, C=C, LOG_C=c, VARLEN=True,
-                                               num_warps=NUM_WARPS["attention_span"])
+        _span_kernel[(seqs.n_slots, H, span_tiles)](states, logdec, rsum, span, later, seqs.table, seqs.chunk_seq,
+                                                    seqs.n_slots, seqs.n_entries, 0, NH, DK, DV, n_dv,
+                                                    BDK=span_rows, BDV=BDV, HAS_G=has_g, ACC=acc, C=C, LOG_C=c,
+                                                    VARLEN=True, num_warps=NUM_WARPS["attention_span"])
     del rsum  # read by nothing after the span kernel
     # every gradient of the chunks' rows; dq and dk per head of v (summed over each group below)
     # (dq and dk are their own running sums over feature tiles; dv has one apart when tiled)
@@ -1083,8 +1094,10 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
             BDV=BDV, BL=next_power_of_2(L), NB=NB, EXACT=exact, VARLEN=True, FINAL=final, **meta)
     dg = None
     if has_g:
+        if span_tiles > 1:
+            span = span.view(span_tiles, -1, seqs.n_slots).sum(0)
         if tiled:
-            dgl, span, lvl_rows = (x.view((tiles, -1) + x.shape[1:]).sum(0) for x in (dgl, span, lvl_rows))
+            dgl, lvl_rows = (x.view((tiles, -1) + x.shape[1:]).sum(0) for x in (dgl, lvl_rows))
         dg = _sequence_dg(seqs, C, dgl, span, lvl_rows, reads.sum(2) if final else None, N, T, acc_torch)
         dg = dg.to(log_decay.dtype)
     if tiled:

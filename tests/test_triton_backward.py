@@ -192,6 +192,24 @@ def test_feature_tiles(T, decay, Dk, Dv, rng, monkeypatch):
 
 
 @interpreter
+@pytest.mark.parametrize("T, decay, max_tile", [(70, 0.5, 128), (17, None, 128), (70, 0.5, 16)])
+def test_span_key_rows(T, decay, max_tile, rng, monkeypatch):
+    """The span kernel on feature tiles of fewer key rows than the chunk kernel's
+    (``SPAN_KEY_ROWS``): partial span weights summed after, the later readers' block sums stored
+    tile by tile; the kernels' scratch NaN-filled."""
+    module = importlib.import_module("hodlr.kernels.attention_backward")
+    monkeypatch.setattr(module, "SPAN_KEY_ROWS", 8)
+    monkeypatch.setattr(module, "MAX_TILE", max_tile)
+    monkeypatch.setattr(module, "scratch", lambda *a: torch.full(*a[:1], float("nan"), dtype=a[1], device=a[2]))
+    q, k, v, lam, g, w = _case(T, rng, Dk=40, Dv=33, decay=decay)
+    want = _dense_grads("attention", q, k, v, lam, g, 0.5, w)
+    got = module.attention_backward(q, k, v, lam, g, 0.5, w, chunk=CHUNK)
+    got = dict(zip(["q", "k", "v", "level_scales", "log_decay"], (got[0].sum(0, keepdim=True),) + got[1:]))
+    _check(got, want, TOLERANCES["grad_float64"], "span tiles", T)
+    _check_unread_zero(got["level_scales"], T)
+
+
+@interpreter
 @pytest.mark.parametrize("T, decay, max_tile", [(1, 0.5, 128), (17, None, 128), (70, 0.5, 128), (70, 30.0, 128),
                                                 (1, 0.5, 16), (17, None, 16), (70, 30.0, 16)])
 def test_query_and_key_sides(T, decay, max_tile, rng, monkeypatch):

@@ -263,6 +263,14 @@ def test_feature_tiles(Dk, Dv, nan_buffers, monkeypatch):
     check_against_chunked(inputs, pos, cu)
 
 
+def test_span_key_rows(nan_buffers, monkeypatch):
+    """The span kernel on feature tiles of fewer key rows than the backward's (``SPAN_KEY_ROWS``):
+    its partial span weights summed, each tile's gathered block sums stored in place."""
+    monkeypatch.setattr(backward, "SPAN_KEY_ROWS", 8)
+    inputs, pos, cu = one_case(1, [20], [37], Dk=20, Dv=12)
+    check_against_chunked(inputs, pos, cu)
+
+
 def test_output_tiles(nan_buffers, monkeypatch):
     """The forward's output kernel on tiles narrower than the head (three value-tile programs a
     chunk, two key tiles) over packed sequences with states."""
