@@ -146,6 +146,18 @@ def test_awkward_lengths(T, decay, rng):
         _check_unread_zero(got["level_scales"], T)
 
 
+def _backward_against_dense(module, monkeypatch, T, rng, what, **case):
+    """``module.attention_backward`` (its settings patched by the caller, its scratch NaN-filled)
+    against the dense float64 gradients; every level that no row reads gets exactly 0."""
+    monkeypatch.setattr(module, "scratch", lambda *a: torch.full(*a[:1], float("nan"), dtype=a[1], device=a[2]))
+    q, k, v, lam, g, w = _case(T, rng, **case)
+    want = _dense_grads("attention", q, k, v, lam, g, 0.5, w)
+    got = module.attention_backward(q, k, v, lam, g, 0.5, w, chunk=CHUNK)
+    got = dict(zip(["q", "k", "v", "level_scales", "log_decay"], (got[0].sum(0, keepdim=True),) + got[1:]))
+    _check(got, want, TOLERANCES["grad_float64"], what, T)
+    _check_unread_zero(got["level_scales"], T)
+
+
 @interpreter
 @pytest.mark.parametrize("T", [1, 17, 65, 200])
 @pytest.mark.parametrize("tile_chunks", [1, 2, 16])
@@ -154,13 +166,7 @@ def test_block_sum_tiles(T, tile_chunks, rng, monkeypatch):
     ones tile by tile with atomic adds (small tiles make short sequences take that path)."""
     module = importlib.import_module("hodlr.kernels.attention_backward")
     monkeypatch.setattr(module, "TILE_CHUNKS", tile_chunks)
-    monkeypatch.setattr(module, "scratch", lambda *a: torch.full(*a[:1], float("nan"), dtype=a[1], device=a[2]))
-    q, k, v, lam, g, w = _case(T, rng, Dk=5, Dv=3)
-    want = _dense_grads("attention", q, k, v, lam, g, 0.5, w)
-    got = module.attention_backward(q, k, v, lam, g, 0.5, w, chunk=CHUNK)
-    got = dict(zip(["q", "k", "v", "level_scales", "log_decay"], (got[0].sum(0, keepdim=True),) + got[1:]))
-    _check(got, want, TOLERANCES["grad_float64"], f"tiles of {tile_chunks} chunks", T)
-    _check_unread_zero(got["level_scales"], T)
+    _backward_against_dense(module, monkeypatch, T, rng, f"tiles of {tile_chunks} chunks", Dk=5, Dv=3)
 
 
 @interpreter
@@ -182,13 +188,7 @@ def test_feature_tiles(T, decay, Dk, Dv, rng, monkeypatch):
     the kernels' scratch (running sums included) NaN-filled."""
     module = importlib.import_module("hodlr.kernels.attention_backward")
     monkeypatch.setattr(module, "MAX_TILE", 16)
-    monkeypatch.setattr(module, "scratch", lambda *a: torch.full(*a[:1], float("nan"), dtype=a[1], device=a[2]))
-    q, k, v, lam, g, w = _case(T, rng, Dk=Dk, Dv=Dv, decay=decay)
-    want = _dense_grads("attention", q, k, v, lam, g, 0.5, w)
-    got = module.attention_backward(q, k, v, lam, g, 0.5, w, chunk=CHUNK)
-    got = dict(zip(["q", "k", "v", "level_scales", "log_decay"], (got[0].sum(0, keepdim=True),) + got[1:]))
-    _check(got, {key: val for key, val in want.items()}, TOLERANCES["grad_float64"], "feature tiles", T)
-    _check_unread_zero(got["level_scales"], T)
+    _backward_against_dense(module, monkeypatch, T, rng, "feature tiles", Dk=Dk, Dv=Dv, decay=decay)
 
 
 @interpreter
@@ -200,13 +200,7 @@ def test_span_key_rows(T, decay, max_tile, rng, monkeypatch):
     module = importlib.import_module("hodlr.kernels.attention_backward")
     monkeypatch.setattr(module, "SPAN_KEY_ROWS", 8)
     monkeypatch.setattr(module, "MAX_TILE", max_tile)
-    monkeypatch.setattr(module, "scratch", lambda *a: torch.full(*a[:1], float("nan"), dtype=a[1], device=a[2]))
-    q, k, v, lam, g, w = _case(T, rng, Dk=40, Dv=33, decay=decay)
-    want = _dense_grads("attention", q, k, v, lam, g, 0.5, w)
-    got = module.attention_backward(q, k, v, lam, g, 0.5, w, chunk=CHUNK)
-    got = dict(zip(["q", "k", "v", "level_scales", "log_decay"], (got[0].sum(0, keepdim=True),) + got[1:]))
-    _check(got, want, TOLERANCES["grad_float64"], "span tiles", T)
-    _check_unread_zero(got["level_scales"], T)
+    _backward_against_dense(module, monkeypatch, T, rng, "span tiles", Dk=40, Dv=33, decay=decay)
 
 
 @interpreter
@@ -218,13 +212,7 @@ def test_query_and_key_sides(T, decay, max_tile, rng, monkeypatch):
     module = importlib.import_module("hodlr.kernels.attention_backward")
     monkeypatch.setitem(module.SIDE_LAUNCHES, "attention_backward", 2)
     monkeypatch.setattr(module, "MAX_TILE", max_tile)
-    monkeypatch.setattr(module, "scratch", lambda *a: torch.full(*a[:1], float("nan"), dtype=a[1], device=a[2]))
-    q, k, v, lam, g, w = _case(T, rng, Dk=40, Dv=33, decay=decay)
-    want = _dense_grads("attention", q, k, v, lam, g, 0.5, w)
-    got = module.attention_backward(q, k, v, lam, g, 0.5, w, chunk=CHUNK)
-    got = dict(zip(["q", "k", "v", "level_scales", "log_decay"], (got[0].sum(0, keepdim=True),) + got[1:]))
-    _check(got, want, TOLERANCES["grad_float64"], "two sides", T)
-    _check_unread_zero(got["level_scales"], T)
+    _backward_against_dense(module, monkeypatch, T, rng, "two sides", Dk=40, Dv=33, decay=decay)
 
 
 @interpreter
