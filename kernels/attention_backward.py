@@ -17,7 +17,8 @@ The structure mirrors the forward (:mod:`kernels.attention`), chunk size ``C = 2
    ``b`` of ``2^h`` chunks that reads a level-``h`` state (odd ``b``; ``a_b`` the last position
    before it), over aligned groups of :data:`TILE_CHUNKS` chunks (one atomic add per group of a
    larger block; no other atomics).
-3. ``_span_kernel`` walks the clear bits of each chunk index: there the chunk lies in a block
+3. ``_span_kernel`` (one program per chunk and feature tile of at most :data:`SPAN_KEY_ROWS` key
+   rows) walks the clear bits of each chunk index: there the chunk lies in a block
    read by the block after it, and the decayed sum of those readers' block sums, ``D``, is the
    adjoint of the chunk's keys through every later chunk; with a decay it also forms the weight
    of the pairs that span the chunk (for ``dg``).
@@ -120,7 +121,8 @@ def _rounded(x, like, LOWP: tl.constexpr, NATIVE: tl.constexpr):
 def _span_kernel(h_ptr, a_ptr, r_ptr, span_ptr, later_ptr, tab_ptr, cs_ptr, n_chunks, n_total, n_r, n_bits,
                  DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES, BDK: tl.constexpr, BDV: tl.constexpr,
                  HAS_G: tl.constexpr, ACC: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, VARLEN: tl.constexpr):
-    """Program ``(chunk i, batch entry, feature tile)``: one walk over the bits ``h`` of ``i``.
+    """Program ``(chunk i, batch entry, feature tile)``: one walk over the bits ``h`` of ``i``
+    (feature tiles of at most :data:`SPAN_KEY_ROWS` key rows by ``BDV`` value columns).
     At a clear bit ``i`` lies in the level-``h`` block that the block after it reads: ``R_h`` is
     the readers' block sum (this tile's part) and ``ζ_h`` the log-decay from the chunk's end to
     the end of that block (the right siblings at the lower clear bits).  At a set bit (with
