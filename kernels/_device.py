@@ -37,6 +37,31 @@ def level_start(n_chunks, h):
 
 
 @triton.jit
+def next_level(off, h, n_chunks, span, VARLEN: tl.constexpr):
+    """Where level ``h + 1`` of a hierarchy starts, given where level ``h`` starts (``off``): after
+    its ``n_chunks >> h`` blocks, or with ``VARLEN`` its ``(span >> h) + 3`` slots in a sequence's
+    region (:mod:`kernels._sequences`)."""
+    if VARLEN:
+        off += (span >> h) + 3
+    else:
+        off += n_chunks >> h
+    return off
+
+
+@triton.jit
+def read_entry(off, i, h, I0, VARLEN: tl.constexpr):
+    """The hierarchy entry that chunk ``i`` reads at its set bit ``h``, block ``(i >> h) - 1`` of
+    level ``h`` (which starts at entry ``off``); with ``VARLEN`` the level's slot ``0`` holds the
+    block before the sequence's first chunk ``I0`` (the carried bucket), so block ``b`` is slot
+    ``b + 1 - (I0 >> h)``."""
+    if VARLEN:
+        entry = off + (i >> h) - (I0 >> h)
+    else:
+        entry = off + (i >> h) - 1
+    return entry
+
+
+@triton.jit
 def next_decay(g_row, t, sgt, T, C: tl.constexpr, ACC: tl.constexpr, lo=None):
     """``g[t + 1]`` for the rows ``t`` of one or more whole chunks, 0 past each chunk's end or
     ``T``: the terms of the segment sums ``Σ_{k=s+1..e} g_k`` that the decays are made of.

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_decay, intra_scales, level_start, level_sums,
-                      sequence_chunk, sequence_row, state_tile)
+                      next_level, read_entry, sequence_chunk, sequence_row, state_tile)
 from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, interpreting,
                       next_power_of_2, scratch, state_dtypes)
 from . import _sequences
@@ -162,31 +162,26 @@ def _span_kernel(h_ptr, a_ptr, r_ptr, span_ptr, later_ptr, tab_ptr, cs_ptr, n_ch
     span = tl.zeros((), dtype=ACC)
     gap = tl.zeros((), dtype=ACC)
     zeta = tl.zeros((), dtype=ACC)
-    if VARLEN:
-        off = base
-    else:
-        off = 0
-        roff = 0
+    hbase = base if VARLEN else bh * n_total  # where the hierarchy of this batch entry or sequence starts
+    off = 0  # where its level h starts
+    roff = 0  # and in the block sums (calls without sequences)
     h = 0
     while h < n_bits:
         if ((i >> h) & 1) == 1:
             if HAS_G:
-                if VARLEN:
-                    blk = off + (i >> h) - (I0 >> h)
-                else:
-                    blk = bh * n_total + off + (i >> h) - 1
+                blk = read_entry(hbase + off, i, h, I0 if VARLEN else 0, VARLEN)
                 U += tl.exp(gap) * tl.load(h_ptr + blk * DK * DV + tile, mask=fmask, other=0.0).to(ACC)
                 gap += tl.load(a_ptr + blk)
         else:
             reader = (i >> h) + 1
             if VARLEN:
                 if reader <= ((e >> LOG_C) >> h):  # the block after i's has readers: chunks, or the end e
-                    R = tl.load(r_ptr + (off + reader - (I0 >> h)) * DK * DV + tile, mask=fmask, other=0.0)
+                    R = tl.load(r_ptr + (hbase + off + reader - (I0 >> h)) * DK * DV + tile, mask=fmask, other=0.0)
                     later += tl.exp(zeta) * R
                     if HAS_G:
                         span += tl.exp(A_i + zeta) * tl.sum(tl.sum(R * U, 1), 0)
                         if reader <= (I1 >> h):
-                            zeta += tl.load(a_ptr + off + reader - (I0 >> h) + 1)
+                            zeta += tl.load(a_ptr + hbase + off + reader - (I0 >> h) + 1)
             else:
                 if (reader << h) < n_chunks:
                     R = tl.load(r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV + tile, mask=fmask, other=0.0)
@@ -194,11 +189,9 @@ def _span_kernel(h_ptr, a_ptr, r_ptr, span_ptr, later_ptr, tab_ptr, cs_ptr, n_ch
                     if HAS_G:
                         span += tl.exp(A_i + zeta) * tl.sum(tl.sum(R * U, 1), 0)
                         if ((reader + 1) << h) <= n_chunks:
-                            zeta += tl.load(a_ptr + bh * n_total + off + reader)
-        if VARLEN:
-            off += (span_c >> h) + 3
-        else:
-            off += n_chunks >> h
+                            zeta += tl.load(a_ptr + hbase + off + reader)
+        off = next_level(off, h, n_chunks, span_c if VARLEN else 0, VARLEN)
+        if not VARLEN:
             roff += _reader_blocks(n_chunks, h)
         h += 1
     tl.store(later_ptr + (bh * n_chunks + gi) * DK * DV + tile, later.to(later_ptr.dtype.element_ty), mask=fmask)
@@ -250,16 +243,16 @@ def _sequence_kernel(h_ptr, a_ptr, r_ptr, s_ptr, df_ptr, di_ptr, rc_ptr, le_ptr,
         h = 0
         while h < n_bits:
             if (((E >> h) & 1) == 1) & (LOG_C + h < S_OUT):
-                blk = off + (E >> h) - (I0 >> h)
+                blk = read_entry(off, E, h, I0, True)  # read by the final state (the block sums share this layout)
                 dF = state_tile(df_ptr, out + LOG_C + h, dk, dv, DK, DV, ACC)
                 wgt = tl.exp(gap)
-                dst = r_ptr + (off + (E >> h) - (I0 >> h)) * DK * DV + tile
+                dst = r_ptr + blk * DK * DV + tile
                 tl.store(dst, tl.load(dst, mask=fmask, other=0.0) + wgt * dF, mask=fmask)
                 read = wgt * tl.sum(tl.sum(dF * state_tile(h_ptr, blk, dk, dv, DK, DV, ACC), 1), 0)
                 reads = tl.where(levels == h, read, reads)
                 const += read
                 gap += tl.load(a_ptr + blk)
-            off += (span >> h) + 3
+            off = next_level(off, h, 0, span, True)
             h += 1
         far = bit_length((a ^ e) & (C - 1))
         for l in tl.static_range(1, LOG_C + 1):
@@ -617,17 +610,12 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, later
     lvl_rows = tl.zeros((NB,), dtype=ACC)
     if QUERIES:
         gap = tl.zeros((), dtype=ACC)
-        if VARLEN:
-            off = base
-        else:
-            off = 0
+        hbase = base if VARLEN else bh * n_total  # where the hierarchy of this batch entry or sequence starts
+        off = 0  # where its level h starts
         h = 0
         while h < n_bits:
             if ((i >> h) & 1) == 1:
-                if VARLEN:
-                    blk = off + (i >> h) - (I0 >> h)
-                else:
-                    blk = bh * n_total + off + (i >> h) - 1
+                blk = read_entry(hbase + off, i, h, I0 if VARLEN else 0, VARLEN)
                 sb = tl.load(h_ptr + blk * DK * DV + dk[:, None] * DV + dv[None, :], mask=fmask, other=0.0)
                 X = dot(ob, tl.trans(_rounded(sb, ob, LOWP, NATIVE)), ACC, PREC, NATIVE)
                 e_t = scale * tl.exp(gap + G)
@@ -643,10 +631,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, later
                 row += row_h
                 lvl_rows = tl.where(levels == h, tl.sum(row_h, 0), lvl_rows)
                 gap += tl.load(a_ptr + blk)
-            if VARLEN:
-                off += (span >> h) + 3
-            else:
-                off += n_chunks >> h
+            off = next_level(off, h, n_chunks, span if VARLEN else 0, VARLEN)
             h += 1
     # the clear bits: the chunk's keys through every later reader, D = Σ_h exp(ζ_h) R_h, gathered
     # by _span_kernel (dk, dv; in the dots' dtype, or in ACC with VARLEN, where the initial state's
@@ -811,6 +796,13 @@ def _feature_tiles(DK: int, DV: int):
     return BDK, BDV, n_dv, n_dk * n_dv, max(n_dk, n_dv)
 
 
+def _span_tiles(DK: int, BDK: int, n_dv: int):
+    """``(key rows, tiles)`` of the ``_span_kernel`` programs of a chunk: the chunk kernel's key
+    tiles split into tiles of at most :data:`SPAN_KEY_ROWS` rows, times its value tiles."""
+    rows = min(BDK, SPAN_KEY_ROWS)
+    return rows, cdiv(DK, rows) * n_dv
+
+
 def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=None, out=None, states=None):
     """Gradients of ``O = attention(q, k, v, level_scales, log_decay, scale)`` for ``dO``.
 
@@ -882,8 +874,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
             STAGES=BLOCK_SUM_STAGES, **meta)
     # the later readers of each chunk's keys (and, with a decay, the pairs spanning each chunk)
     later = scratch((B, n, DK * DV), v.dtype if lowp and native else acc_torch, dev)
-    span_rows = min(BDK, SPAN_KEY_ROWS)
-    span_tiles = cdiv(DK, span_rows) * n_dv
+    span_rows, span_tiles = _span_tiles(DK, BDK, n_dv)
     span = scratch((span_tiles * B, n), acc_torch, dev) if has_g else logdec
     _span_kernel[(n, B, span_tiles)](states, logdec, rsum, span, later, logdec, logdec, n, states.shape[1], n_r,
                                      n_bits, DK, DV, n_dv, BDK=span_rows, BDV=BDV, HAS_G=has_g, ACC=acc, C=C,
@@ -1068,8 +1059,7 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
             dummy if dinit is None else dinit, rc, reads, seqs.table, seqs.n_entries, NH, S_in, seqs.final_slots,
             DK, DV, n_dv, NB=NB, C=C, LOG_C=c, BDK=BDK, BDV=BDV, ACC=acc, FINAL=final, num_warps=warps)
     later = scratch((H, seqs.n_slots, DK * DV), acc_torch, dev)
-    span_rows = min(BDK, SPAN_KEY_ROWS)
-    span_tiles = cdiv(DK, span_rows) * n_dv
+    span_rows, span_tiles = _span_tiles(DK, BDK, n_dv)
     span = scratch((span_tiles * H, seqs.n_slots), acc_torch, dev) if has_g else dummy
     if seqs.n_slots and H:
         _span_kernel[(seqs.n_slots, H, span_tiles)](states, logdec, rsum, span, later, seqs.table, seqs.chunk_seq,
