@@ -25,27 +25,32 @@ def chunk_rows(B1, T, C: tl.constexpr, FULL_CHUNKS: tl.constexpr):
 
 
 @triton.jit
+def level_size(h, n_chunks, span, VARLEN: tl.constexpr):
+    """The entries of level ``h`` of a hierarchy: its ``n_chunks >> h`` blocks, or with ``VARLEN``
+    its ``(span >> h) + 3`` slots in a sequence's region (:mod:`kernels._sequences`), as int32 (the
+    table holds int64: a walk's offset from 0 must keep its loop-carried type)."""
+    if VARLEN:
+        return ((span >> h) + 3).to(tl.int32)
+    else:
+        return n_chunks >> h
+
+
+@triton.jit
 def level_start(n_chunks, h):
     """Where level ``h`` starts in a batch entry's hierarchy (``kernels._layout.level_offsets(n)[h]``
     on the host): the blocks of the levels below, ``n >> 0`` + ... + ``n >> (h - 1)``."""
     off = 0
     lv = 0
     while lv < h:
-        off += n_chunks >> lv
+        off += level_size(lv, n_chunks, 0, False)
         lv += 1
     return off
 
 
 @triton.jit
 def next_level(off, h, n_chunks, span, VARLEN: tl.constexpr):
-    """Where level ``h + 1`` of a hierarchy starts, given where level ``h`` starts (``off``): after
-    its ``n_chunks >> h`` blocks, or with ``VARLEN`` its ``(span >> h) + 3`` slots in a sequence's
-    region (:mod:`kernels._sequences`)."""
-    if VARLEN:
-        off += (span >> h) + 3
-    else:
-        off += n_chunks >> h
-    return off
+    """Where level ``h + 1`` of a hierarchy starts, given where level ``h`` starts (``off``)."""
+    return off + level_size(h, n_chunks, span, VARLEN)
 
 
 @triton.jit

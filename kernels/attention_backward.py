@@ -45,8 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_decay, intra_scales, level_start, level_sums,
-                      next_level, read_entry, sequence_chunk, sequence_row, state_tile)
+from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_decay, intra_scales, level_size, level_start,
+                      level_sums, next_level, read_entry, sequence_chunk, sequence_row, state_tile)
 from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, interpreting,
                       next_power_of_2, scratch, state_dtypes)
 from . import _sequences
@@ -273,12 +273,12 @@ def _sequence_kernel(h_ptr, a_ptr, r_ptr, s_ptr, df_ptr, di_ptr, rc_ptr, le_ptr,
     top = base
     h = 0
     while h < n_bits:
-        top += (span >> h) + 3
+        top = next_level(top, h, 0, span, True)
         h += 1
     walk = tl.zeros((BDK, BDV), dtype=ACC)  # Σ over the readers of the blocks above, decayed to level h's block
     h = n_bits - 1
     while h >= 0:
-        top -= (span >> h) + 3
+        top -= level_size(h, 0, span, True)
         if ((I0 >> h) & 1) == 1:
             if LOG_C + h < S_IN:
                 A_h = tl.zeros((), dtype=ACC)

@@ -46,7 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import chunk_decays, chunk_rows, dot, intra_decay, intra_scales, split_dot, validate_rows
+from ._device import (chunk_decays, chunk_rows, dot, intra_decay, intra_scales, next_level, read_entry, split_dot,
+                      validate_rows)
 from . import _layout, states as _states
 from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_block, check_chunk, check_flag, chunk_count,
                       compute_types, hierarchy_sizes, interpreting, level_offsets, output_buffer)
@@ -284,13 +285,13 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr
     h = 0
     while h < n_bits:  # a while loop: the interpreter cannot range() over a computed bound
         if ((i >> h) & 1) == 1:
-            blk = bh * n_total + off + (i >> h) - 1
+            blk = read_entry(bh * n_total + off, i, h, 0, False)
             lam = tl.load(l_base + t.to(tl.int64) * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
             acc += lam[:, None] * split_dot(qh, matrix_tile(h_ptr, blk, dk, dv, DK, DV, HELD), ACC, PREC, NATIVE)
             if (i >> (h + 1)) != 0:  # a higher block is read after this one: move the queries across it
                 qh = split_dot(qh, matrix_tile(tr_ptr, blk, dk, dk, DK, DK, HELD), ACC, PREC, NATIVE) + \
                     block_decay(gm_ptr, blk, HAS_G, ACC) * qh
-        off += n_chunks >> h
+        off = next_level(off, h, n_chunks, 0, False)
         h += 1
     tl.store(o_ptr + b0 * sob0 + b1 * sob1 + t[:, None] * sot + dv[None, :] * sod, acc * scale,
              mask=tmask[:, None] & (dv[None, :] < DV))

@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 
 from . import _layout
-from ._device import chunk_rows, dot, intra_scales, level_start, level_sums, split_dot
+from ._device import (chunk_rows, dot, intra_scales, level_size, level_start, level_sums, next_level, read_entry,
+                      split_dot)
 from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_chunk, compute_types, hierarchy_sizes, interpreting,
                       level_offsets, next_power_of_2)
 from .gated_delta import (Chunks, block_decay, chunk_hierarchy, chunk_shapes, gated_delta_layout, gates, load_rows,
@@ -121,9 +122,9 @@ def _moved_between(x, i, BOTTOM: tl.constexpr, top, tr_ptr, gm_ptr, base, n_chun
     off = level_start(n_chunks, BOTTOM)
     while h < top:
         if ((i >> h) & 1) == 1:
-            x = tl.dot(x, transition_tile(tr_ptr, gm_ptr, base + off + (i >> h) - 1, dk, dk, DK, HAS_G, ACC),
-                       input_precision=PREC, out_dtype=ACC)
-        off += n_chunks >> h
+            x = tl.dot(x, transition_tile(tr_ptr, gm_ptr, read_entry(base + off, i, h, 0, False), dk, dk, DK, HAS_G,
+                                          ACC), input_precision=PREC, out_dtype=ACC)
+        off = next_level(off, h, n_chunks, 0, False)
         h += 1
     return x
 
@@ -194,7 +195,7 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
                 tmask = t < T
                 row = bh * n_chunks + i
                 if ((i >> h) & 1) == 1:
-                    blk = bh * n_total + off + (i >> h) - 1
+                    blk = read_entry(bh * n_total + off, i, h, 0, False)
                     if held >= 0 and blk != held:
                         _add_shares(dh_ptr, dt_ptr, held, acc_h, acc_t, moved, owned, dk, DK, DV, BDV, one_tile)
                         acc_h = tl.zeros((BDK, BDV), dtype=ACC)
@@ -239,7 +240,7 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
         tl.debug_barrier()  # the next level reads the dq this one stored
         h -= 1
         if h >= 0:
-            off -= n_chunks >> h
+            off -= level_size(h, n_chunks, 0, False)
 
 
 @triton.jit(do_not_specialize=["n_total", "off_child", "off_parent"])

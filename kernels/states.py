@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import sequence_row
+from ._device import level_size, sequence_row
 from ._layout import NUM_WARPS, cdiv, hierarchy_sizes, level_offsets, next_power_of_2
 
 
@@ -86,7 +86,7 @@ def _hierarchy_kernel(h_ptr, a_ptr, s_ptr, tab_ptr, n_base, off_base, n_total, F
             tl.store(h_ptr + off * F + f, carried, mask=fmask)
             tl.store(a_ptr + off, 0.0)  # by every program: each reads only what it wrote
             tl.debug_barrier()
-            size = (span >> lv) + 3
+            size = level_size(lv, 0, span, True)
             if (length > 0) & (lv + 1 < n_build):
                 count = (I1 >> lv) - (I0 >> lv) + 2
                 up = (I1 >> (lv + 1)) - (I0 >> (lv + 1)) + 2
