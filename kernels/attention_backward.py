@@ -63,9 +63,10 @@ programs form every gradient of their chunk, or two, a query side and a key side
 the in-chunk products it needs again, and holds half the accumulators).  Calls over sequences
 take one."""
 
-BLOCK_SUM_STAGES = 2
-"""Software-pipelining stages of the block sums' loop over chunks (``_block_sum``): the next
-chunks' queries and output gradients load into shared memory while this chunk's product runs."""
+BLOCK_SUM_STAGES = {"attention_backward": 2, "attention_backward_wide": 3}
+"""Software-pipelining stages of the block sums' loop over chunks (``_block_sum``), for feature
+tiles of up to 64 columns and wider ones: the next chunks' queries and output gradients load
+into shared memory while this chunk's product runs."""
 
 SPAN_KEY_ROWS = 64
 """Key rows of one ``_span_kernel`` program's feature tile (wider key tiles are split): the
@@ -796,6 +797,11 @@ def _feature_tiles(DK: int, DV: int):
     return BDK, BDV, n_dv, n_dk * n_dv, max(n_dk, n_dv)
 
 
+def _width_key(BDK: int, BDV: int) -> str:
+    """The key of :data:`SIDE_LAUNCHES` and :data:`BLOCK_SUM_STAGES` for feature tiles ``BDK × BDV``."""
+    return "attention_backward" if max(BDK, BDV) <= 64 else "attention_backward_wide"
+
+
 def _span_tiles(DK: int, BDK: int, n_dv: int):
     """``(key rows, tiles)`` of the ``_span_kernel`` programs of a chunk: the chunk kernel's key
     tiles split into tiles of at most :data:`SPAN_KEY_ROWS` rows, times its value tiles."""
@@ -871,7 +877,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
             logdec, logdec, T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale),
             *layout.args("q")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *layout.decay_args()[1:],
             layout.group, C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, VARLEN=False,
-            STAGES=BLOCK_SUM_STAGES, **meta)
+            STAGES=BLOCK_SUM_STAGES[_width_key(BDK, BDV)], **meta)
     # the later readers of each chunk's keys (and, with a decay, the pairs spanning each chunk)
     later = scratch((B, n, DK * DV), v.dtype if lowp and native else acc_torch, dev)
     span_rows, span_tiles = _span_tiles(DK, BDK, n_dv)
@@ -908,7 +914,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         dl_strides = (B1 * T * L, T * L, L)
     out_strides = (*dq_strides, *dv_strides, *dl_strides)
     running = [scratch((B, T, D), acc_torch, dev) if tiled else logdec for D in (DK, DK, DV)]
-    sides = SIDE_LAUNCHES["attention_backward" if max(BDK, BDV) <= 64 else "attention_backward_wide"]
+    sides = SIDE_LAUNCHES[_width_key(BDK, BDV)]
     dgl = scratch((tiles * sides * B, n * C), acc_torch, dev)
     lvl_rows = scratch((tiles * B, NB, n), acc_torch, dev)
     for side in ((0,) if sides == 1 else (1, 2)):
@@ -1048,7 +1054,7 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
             q, do, level_scales, layout.decay_args()[0], logdec, rsum, seqs.table, seqs.group_seq, T, 1, 0,
             seqs.n_entries, 0, NH, L, DK, DV, n_dv, float(scale), *layout.args("q")[1:], *layout.args("do")[1:],
             *layout.args("l")[1:], *layout.decay_args()[1:], grp, C=C, LOG_C=c, P_LOG=p_log, BDK=BDK, BDV=BDV,
-            VARLEN=True, STAGES=BLOCK_SUM_STAGES, **meta)
+            VARLEN=True, STAGES=BLOCK_SUM_STAGES[_width_key(BDK, BDV)], **meta)
     NB = next_power_of_2(NH)
     dinit = None if initial is None else scratch(initial.shape, initial.dtype, dev)
     rc = scratch((count, H, tiles), acc_torch, dev)
