@@ -71,8 +71,8 @@ def _calls():
     """Small calls reaching every kernel and its compiled variants: attention with one feature tile
     and with several, with a state, packed sequences and a final state; matmul; Gated DeltaNet with
     one key tile and wider keys; the decoder's step; the bucket states and carried reads of context
-    parallelism.  Forward and backward, bfloat16 (the GPU's inputs) with and without a decay, and
-    float32 (IEEE dots, exact in-chunk decays) with one."""
+    parallelism.  Forward and backward, bfloat16 with and without a decay, float16, and float32
+    (IEEE dots, exact in-chunk decays)."""
     from hodlr import fenwick
     from hodlr.kernels.decode import decode_step
 
@@ -90,8 +90,10 @@ def _calls():
 
     T, H, D = 70, 2, 16
     L = fenwick.num_levels(T)
-    cases = [(torch.bfloat16, True, 16), (torch.bfloat16, False, 16), (torch.float32, True, 16),
-             (torch.bfloat16, True, 160)]  # (dtype, decay, head width: 160 takes two feature tiles)
+    # (dtype, decay, head width): 64 and 128 the models' widths (128: the backward's two launches, the
+    # Gated DeltaNet's wide variants), 160 two feature tiles (and 80-wide Gated DeltaNet keys)
+    cases = [(torch.bfloat16, True, 64), (torch.bfloat16, False, 16), (torch.float32, True, 16),
+             (torch.float16, True, 64), (torch.bfloat16, True, 128), (torch.bfloat16, True, 160)]
     for dtype, decay, width in cases:
         q, k, v = (rnd(1, H, T, width, dtype=dtype) for _ in range(3))
         lam = rnd(1, H, T, L, lo=0.5, hi=1.5)
@@ -101,7 +103,7 @@ def _calls():
         if width == 16:
             xs = leaves(lam, g, v)
             grads(kernels.matmul(*xs), xs)
-        Dk = 80 if width > 16 else 16  # keys wider than 64: the Gated DeltaNet's wide variants
+        Dk = width if width <= 128 else 80
         q, v = rnd(1, H, T, Dk, dtype=dtype), rnd(1, H, T, 16, dtype=dtype)
         k = torch.nn.functional.normalize(rnd(1, H, T, Dk), dim=-1).to(dtype)
         beta = rnd(1, H, T, lo=0.0, hi=1.0, dtype=dtype)
