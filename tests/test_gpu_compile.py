@@ -8,8 +8,7 @@ compile-time constants, launch options), and compiles each one in a fresh proces
 interpreter) for sm_90, the Hopper GPUs the kernels are tuned for, through ``triton.compile``:
 Triton's front end, its GPU passes, LLVM and ``ptxas``, all of which run on a CPU.  The launches
 take the GPU's compile-time values where the interpreter's differ (``NATIVE``: 16-bit dots on
-the tensor cores).  The matmul's tiles go through pointers here (``USE_TMA`` off: tensor
-descriptors are not recorded), so its TMA variant is compiled on the GPU only.
+the tensor cores).
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import textwrap
 
 import pytest
 import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from hodlr import kernels
 
@@ -55,6 +55,8 @@ def _launch(fn, args, kwargs):
             constants[name] = GPU_CONSTANTS.get(name, value)
         elif isinstance(value, torch.Tensor):
             signature[name] = "*" + _TYPES[value.dtype]
+        elif isinstance(value, TensorDescriptor):
+            signature[name] = f"tensordesc<{_TYPES[value.base.dtype]}{list(value.block_shape)}>"
         elif isinstance(value, bool):
             signature[name] = "i1"
         elif isinstance(value, int):
@@ -131,7 +133,6 @@ def _calls():
 
 
 def _recorded_launches(monkeypatch):
-    from hodlr.kernels import _layout
     from triton.runtime import interpreter
 
     launches = {}
@@ -145,7 +146,6 @@ def _recorded_launches(monkeypatch):
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     monkeypatch.setattr(interpreter.InterpretedFunction, "run", recording_run)
-    monkeypatch.setattr(_layout, "USE_TMA", False)
     _calls()
     return list(launches.values())
 
