@@ -6,7 +6,8 @@ loop, a dtype the tensor cores refuse, an operation with no lowering.  This modu
 of every kernel family under the interpreter, records each distinct launch (kernel, argument types,
 compile-time constants, launch options), and compiles each one in a fresh process (no
 interpreter) for sm_90, the Hopper GPUs the kernels are tuned for, through ``triton.compile``:
-Triton's front end, its GPU passes, LLVM and ``ptxas``, all of which run on a CPU.  The launches
+Triton's front end, its GPU passes, LLVM and ``ptxas``, all of which run on a CPU; each compiled
+program must fit the shared memory of one sm_90 program.  The launches
 take the GPU's compile-time values where the interpreter's differ (``NATIVE``: 16-bit dots on
 the tensor cores).
 """
@@ -30,6 +31,9 @@ pytestmark = pytest.mark.skipif(not kernels.interpreting(), reason="records laun
 
 TARGET = ("cuda", 90, 32)
 """``triton.backends.compiler.GPUTarget`` arguments: sm_90 (H100, H200), 32-thread warps."""
+
+MAX_SHARED = 232_448
+"""Shared memory one program may take on sm_90 (227 KiB; a kernel asking more fails at its launch)."""
 
 GPU_CONSTANTS = {"NATIVE": True}
 """Compile-time constants whose value on the GPU differs from the interpreter's."""
@@ -153,23 +157,27 @@ def _recorded_launches(monkeypatch):
 _COMPILE = textwrap.dedent("""
     import concurrent.futures, importlib, os, pickle, sys
 
-    def compile_one(launch, target):
+    def compile_one(launch, target, max_shared):
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
 
         module, name, signature, constants, options = launch
         fn = getattr(importlib.import_module(module), name)
+        where = f"{module}.{name} {sorted(constants.items())} {options}"
         try:
-            triton.compile(ASTSource(fn, signature, constants), target=GPUTarget(*target), options=options)
+            kernel = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget(*target), options=options)
         except Exception as e:  # noqa: BLE001 - every failure is reported, then the run fails
             lines = [line for line in str(e).splitlines() if line.strip()] or [repr(e)]
-            return f"{module}.{name} {sorted(constants.items())} {options}: {lines[-1]}"
+            return f"{where}: {lines[-1]}"
+        if kernel.metadata.shared > max_shared:
+            return f"{where}: {kernel.metadata.shared} bytes of shared memory, more than {max_shared}"
 
     if __name__ == "__main__":
-        launches, target = pickle.load(sys.stdin.buffer)
+        launches, target, max_shared = pickle.load(sys.stdin.buffer)
         with concurrent.futures.ProcessPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
-            failures = [f for f in pool.map(compile_one, launches, [target] * len(launches)) if f]
+            n = len(launches)
+            failures = [f for f in pool.map(compile_one, launches, [target] * n, [max_shared] * n) if f]
         print("\\n".join(failures))
         sys.exit(1 if failures else 0)
 """)
@@ -184,7 +192,7 @@ def test_every_kernel_compiles_for_sm90(monkeypatch, tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compiled afresh: a cached kernel would hide nothing
     script = tmp_path / "compile_launches.py"
     script.write_text(_COMPILE)
-    done = subprocess.run([sys.executable, "-W", "ignore", str(script)], input=pickle.dumps((launches, TARGET)),
-                          capture_output=True, env=env, timeout=1200)
-    assert done.returncode == 0, (f"{len(launches)} launches, these do not compile for sm_90:\n"
+    done = subprocess.run([sys.executable, "-W", "ignore", str(script)], capture_output=True, env=env, timeout=1200,
+                          input=pickle.dumps((launches, TARGET, MAX_SHARED)))
+    assert done.returncode == 0, (f"{len(launches)} launches, these do not compile for sm_90 or do not fit it:\n"
                                   + done.stdout.decode() + done.stderr.decode()[-3000:])
