@@ -6,10 +6,9 @@ loop, a dtype the tensor cores refuse, an operation with no lowering.  This modu
 of every kernel family under the interpreter, records each distinct launch (kernel, argument types,
 compile-time constants, launch options), and compiles each one in a fresh process (no
 interpreter) for sm_90, the Hopper GPUs the kernels are tuned for, through ``triton.compile``:
-Triton's front end, its GPU passes, LLVM and ``ptxas``, all of which run on a CPU; each compiled
-program must fit the shared memory of one sm_90 program.  The launches
-take the GPU's compile-time values where the interpreter's differ (``NATIVE``: 16-bit dots on
-the tensor cores).
+Triton's front end, its GPU passes, LLVM and ``ptxas``, all of which run on a CPU.  Each compiled
+program must also fit the shared memory of one sm_90 program.  The launches take the GPU's
+compile-time values where the interpreter's differ (``NATIVE``: 16-bit dots on the tensor cores).
 """
 
 from __future__ import annotations
