@@ -17,11 +17,13 @@ The structure mirrors the forward (:mod:`kernels.attention`), chunk size ``C = 2
    ``b`` of ``2^h`` chunks that reads a level-``h`` state (odd ``b``; ``a_b`` the last position
    before it), over aligned groups of :data:`TILE_CHUNKS` chunks (one atomic add per group of a
    larger block; no other atomics).
-3. ``_span_kernel`` (one program per chunk and feature tile of at most :data:`SPAN_KEY_ROWS` key
-   rows) walks the clear bits of each chunk index: there the chunk lies in a block
-   read by the block after it, and the decayed sum of those readers' block sums, ``D``, is the
-   adjoint of the chunk's keys through every later chunk; with a decay it also forms the weight
-   of the pairs that span the chunk (for ``dg``).
+3. ``_span_kernel`` (one program per pair of chunks and feature tile of at most
+   :data:`SPAN_KEY_ROWS` key rows) walks the clear bits of each chunk index from the top level
+   down: there the chunk lies in a block read by the block after it, and the decayed sum of
+   those readers' block sums, ``D``, is the adjoint of the chunk's keys through every later
+   chunk; with a decay it also forms, at each chunk's lowest set bit, the Frobenius product of
+   the state read there with the readers above it, from which ``_span_weight_kernel`` forms the
+   weight of the pairs that span each chunk (for ``dg``).
 4. ``_chunk_kernel`` (one program per chunk; for feature tiles wider than 64 two launches, a query
    side and a key side: :data:`SIDE_LAUNCHES`) computes every gradient of the chunk's rows: the
    dense in-chunk part, one walk over the set bits of the chunk index, each reading the
@@ -73,6 +75,9 @@ SPAN_KEY_ROWS = 64
 program holds two float32 accumulators of that tile, the states gathered and the later readers'
 block sums."""
 
+SPAN_WEIGHT_CHUNKS = 128
+"""Chunks of one ``_span_weight_kernel`` program (a power of two)."""
+
 TILE_CHUNKS = 16
 """Chunks summed by one program of ``_query_block_kernel`` (a power of two): blocks of at most
 this many chunks are summed whole and stored, larger ones tile by tile with one atomic add each."""
@@ -122,21 +127,34 @@ def _rounded(x, like, LOWP: tl.constexpr, NATIVE: tl.constexpr):
 def _span_kernel(h_ptr, a_ptr, r_ptr, span_ptr, later_ptr, tab_ptr, cs_ptr, n_chunks, n_total, n_r, n_bits,
                  DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES, BDK: tl.constexpr, BDV: tl.constexpr,
                  HAS_G: tl.constexpr, ACC: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, VARLEN: tl.constexpr):
-    """Program ``(chunk i, batch entry, feature tile)``: one walk over the bits ``h`` of ``i``
-    (feature tiles of at most :data:`SPAN_KEY_ROWS` key rows by ``BDV`` value columns).
-    At a clear bit ``i`` lies in the level-``h`` block that the block after it reads: ``R_h`` is
-    the readers' block sum (this tile's part) and ``ζ_h`` the log-decay from the chunk's end to
-    the end of that block (the right siblings at the lower clear bits).  At a set bit (with
-    ``HAS_G`` only) the walk gathers the state that ``i`` reads.  Writes
+    """Program ``(pair of chunks, batch entry, feature tile)`` (with ``VARLEN``, one chunk slot):
+    one walk over the bits ``h`` of the chunk index ``i`` (feature tiles of at most
+    :data:`SPAN_KEY_ROWS` key rows by ``BDV`` value columns).  At a clear bit ``i`` lies in the
+    level-``h`` block that the block after it reads: ``R_h`` is the readers' block sum (this
+    tile's part).  Writes
 
-    * ``later[i] = Σ_h exp(ζ_h) R_h``: the adjoint of the chunk's own keys through every later
-      reader (``_chunk_kernel`` forms ``dk``, ``dv`` from it), in ``later``'s dtype;
-    * with ``HAS_G``, ``span[i] = Σ_h exp(A_i + ζ_h) <R_h, U_h>``: the weight of the pairs that
-      span chunk ``i`` inside one level block (``U_h`` gathers the states ``i`` reads at the set
-      bits below ``h``: the keys of the block before ``i``).
+    * ``later[i] = Σ_h exp(ζ_h) R_h`` over the clear bits, ``ζ_h`` the log-decay from the chunk's
+      end to the end of the block read at ``h`` (the right siblings at the lower clear bits): the
+      adjoint of the chunk's own keys through every later reader (``_chunk_kernel`` forms ``dk``,
+      ``dv`` from it), in ``later``'s dtype;
+    * with ``HAS_G``, the Frobenius products behind the weight of the pairs that span a chunk
+      inside one level block (``dg``).
 
-    ``later`` has the layout ``(batch entry or head, chunk or chunk slot, Dk · Dv)``.  With
-    ``VARLEN``: axis 0 the global chunk slot, axis 1 the head (layout of the sequences)."""
+    Without ``VARLEN`` the walk runs from the top level down, keeping
+    ``E_h = Σ_{clear h' > h} exp(ζ_h' − ζ_h) R_h'`` (the later readers above level ``h``,
+    decayed to the end of ``i``'s level-``h`` block: the same for every chunk of that block):
+    ``E ← exp(A(reader)) E + R_h`` at a clear bit, and ``E_0 = later[i]``.  The chunks ``2p`` and
+    ``2p + 1`` share every level above 0, so one program walks them down to level 1 and then
+    forks.  At the lowest set bit ``h`` of a chunk ``i`` (the first chunk of its level-``h``
+    block ``b``, an odd block that reads ``H_h[b − 1]``) it writes ``span[i] = ψ_h[b] =
+    <H_h[b − 1], E_h>``: one state loaded a chunk; :func:`_span_weight_kernel` forms each chunk's
+    weight from these.
+
+    With ``VARLEN`` the walk runs upwards and gathers, at the set bits, the states ``U_h`` that
+    ``i`` reads below ``h`` (the keys of the block before ``i``): ``span[i] = Σ_h exp(A_i + ζ_h)
+    <R_h, U_h>``, the weight itself.  ``later`` has the layout ``(batch entry or head, chunk or
+    chunk slot, Dk · Dv)``; with ``VARLEN`` axis 0 is the global chunk slot and axis 1 the head
+    (layout of the sequences)."""
     if VARLEN:
         dead, n, b0, shift, a, e, i, I0, I1, base, span_c, t, tmask = sequence_chunk(tab_ptr, cs_ptr, C, LOG_C)
         if dead:
@@ -145,7 +163,7 @@ def _span_kernel(h_ptr, a_ptr, r_ptr, span_ptr, later_ptr, tab_ptr, cs_ptr, n_ch
         bh = tl.program_id(1).to(tl.int64)
         base += bh * n_total
     else:
-        i = tl.program_id(0)
+        i = 2 * tl.program_id(0)  # the pair's even chunk
         bh = tl.program_id(1).to(tl.int64)
         gi = i
     tile_f = tl.program_id(2)
@@ -153,51 +171,105 @@ def _span_kernel(h_ptr, a_ptr, r_ptr, span_ptr, later_ptr, tab_ptr, cs_ptr, n_ch
     dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
     fmask = (dk[:, None] < DK) & (dv[None, :] < DV)
     tile = dk[:, None] * DV + dv[None, :]
-    if HAS_G:
-        if VARLEN:
-            A_i = tl.load(a_ptr + base + i - I0 + 1).to(ACC)
-        else:
-            A_i = tl.load(a_ptr + bh * n_total + i).to(ACC)
-    U = tl.zeros((BDK, BDV), dtype=ACC)
     later = tl.zeros((BDK, BDV), dtype=ACC)
     span = tl.zeros((), dtype=ACC)
-    gap = tl.zeros((), dtype=ACC)
-    zeta = tl.zeros((), dtype=ACC)
-    hbase = base if VARLEN else bh * n_total  # where the hierarchy of this batch entry or sequence starts
-    off = 0  # where its level h starts
-    roff = 0  # and in the block sums (calls without sequences)
-    h = 0
-    while h < n_bits:
-        if ((i >> h) & 1) == 1:
-            if HAS_G:
-                blk = read_entry(hbase + off, i, h, I0 if VARLEN else 0, VARLEN)
-                U += tl.exp(gap) * tl.load(h_ptr + blk * DK * DV + tile, mask=fmask, other=0.0).to(ACC)
-                gap += tl.load(a_ptr + blk)
-        else:
-            reader = (i >> h) + 1
-            if VARLEN:
+    if VARLEN:
+        if HAS_G:
+            A_i = tl.load(a_ptr + base + i - I0 + 1).to(ACC)
+        U = tl.zeros((BDK, BDV), dtype=ACC)
+        gap = tl.zeros((), dtype=ACC)
+        zeta = tl.zeros((), dtype=ACC)
+        off = 0  # where level h of the sequence's hierarchy starts
+        h = 0
+        while h < n_bits:
+            if ((i >> h) & 1) == 1:
+                if HAS_G:
+                    blk = read_entry(base + off, i, h, I0, VARLEN)
+                    U += tl.exp(gap) * tl.load(h_ptr + blk * DK * DV + tile, mask=fmask, other=0.0).to(ACC)
+                    gap += tl.load(a_ptr + blk)
+            else:
+                reader = (i >> h) + 1
                 if reader <= ((e >> LOG_C) >> h):  # the block after i's has readers: chunks, or the end e
-                    R = tl.load(r_ptr + (hbase + off + reader - (I0 >> h)) * DK * DV + tile, mask=fmask, other=0.0)
+                    R = tl.load(r_ptr + (base + off + reader - (I0 >> h)) * DK * DV + tile, mask=fmask, other=0.0)
                     later += tl.exp(zeta) * R
                     if HAS_G:
                         span += tl.exp(A_i + zeta) * tl.sum(tl.sum(R * U, 1), 0)
                         if reader <= (I1 >> h):
-                            zeta += tl.load(a_ptr + hbase + off + reader - (I0 >> h) + 1)
-            else:
-                if (reader << h) < n_chunks:
+                            zeta += tl.load(a_ptr + base + off + reader - (I0 >> h) + 1)
+            off = next_level(off, h, n_chunks, span_c, VARLEN)
+            h += 1
+    else:
+        hbase = bh * n_total  # where the hierarchy of this batch entry starts
+        h = n_bits - 1
+        off = level_start(n_chunks, h)  # where its level h starts
+        roff = n_r - _reader_blocks(n_chunks, h)  # and in the block sums
+        while h >= 1:  # the levels the pair shares
+            b = i >> h
+            if (b & 1) == 0:
+                reader = b + 1
+                if (reader << h) < n_chunks:  # the block after i's has readers
                     R = tl.load(r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV + tile, mask=fmask, other=0.0)
-                    later += tl.exp(zeta) * R
                     if HAS_G:
-                        span += tl.exp(A_i + zeta) * tl.sum(tl.sum(R * U, 1), 0)
-                        if ((reader + 1) << h) <= n_chunks:
-                            zeta += tl.load(a_ptr + hbase + off + reader)
-        off = next_level(off, h, n_chunks, span_c if VARLEN else 0, VARLEN)
-        if not VARLEN:
-            roff += _reader_blocks(n_chunks, h)
-        h += 1
+                        if ((reader + 1) << h) <= n_chunks:  # (else nothing lies after it: E is 0)
+                            later = tl.exp(tl.load(a_ptr + hbase + off + reader).to(ACC)) * later
+                    later += R
+            elif HAS_G:
+                if (i & ((1 << h) - 1)) == 0:  # the lowest set bit of the even chunk
+                    H = tl.load(h_ptr + (hbase + off + b - 1) * DK * DV + tile, mask=fmask, other=0.0).to(ACC)
+                    span = tl.sum(tl.sum(H * later, 1), 0)
+            h -= 1
+            off -= level_size(h, n_chunks, 0, False)
+            roff -= _reader_blocks(n_chunks, h)
+        if i + 1 < n_chunks:  # level 0 (at entry 0 of both): the odd chunk reads the even one's state
+            dst = (tile_f.to(tl.int64) * tl.num_programs(1) + bh) * n_chunks + i + 1
+            if HAS_G:
+                H = tl.load(h_ptr + (hbase + i) * DK * DV + tile, mask=fmask, other=0.0).to(ACC)
+                tl.store(span_ptr + dst, tl.sum(tl.sum(H * later, 1), 0))
+            tl.store(later_ptr + (bh * n_chunks + i + 1) * DK * DV + tile, later.to(later_ptr.dtype.element_ty),
+                     mask=fmask)
+            R = tl.load(r_ptr + (bh * n_r + (i >> 1)) * DK * DV + tile, mask=fmask, other=0.0)
+            if HAS_G:
+                later = tl.exp(tl.load(a_ptr + hbase + i + 1).to(ACC)) * later
+            later += R
     tl.store(later_ptr + (bh * n_chunks + gi) * DK * DV + tile, later.to(later_ptr.dtype.element_ty), mask=fmask)
     if HAS_G:
         tl.store(span_ptr + (tile_f.to(tl.int64) * tl.num_programs(1) + bh) * n_chunks + gi, span)
+
+
+@triton.jit(do_not_specialize=["n_chunks", "n_total", "n_bits", "n_tiles"])
+def _span_weight_kernel(psi_ptr, a_ptr, out_ptr, n_chunks, n_total, n_bits, n_tiles, TILE: tl.constexpr,
+                        ACC: tl.constexpr):
+    """Programs ``(group of TILE chunks, batch entry)``: the weight of the pairs that span chunk
+    ``i`` inside one level block (calls without sequences),
+    ``Σ_h exp(A_i + ζ_h + γ_h) ψ_h[i >> h]`` over the set bits ``h`` of ``i``, from the Frobenius
+    products ``ψ`` of :func:`_span_kernel` (summed over its ``n_tiles`` feature tiles; block ``b``'s
+    at its first chunk ``b << h``): ``A_i`` the chunk's log-decay, ``ζ_h`` that of the right
+    siblings at the clear bits below ``h`` (from the chunk's end to its level-``h`` block's end),
+    ``γ_h`` that of the blocks read at the set bits below ``h`` (from the end of the state read at
+    ``h`` to the chunk's start)."""
+    i = tl.program_id(0) * TILE + tl.arange(0, TILE)
+    bh = tl.program_id(1).to(tl.int64)
+    live = i < n_chunks
+    hbase = bh * n_total
+    A_i = tl.load(a_ptr + hbase + i, mask=live, other=0.0).to(ACC)
+    gap = tl.zeros((TILE,), dtype=ACC)
+    zeta = tl.zeros((TILE,), dtype=ACC)
+    span = tl.zeros((TILE,), dtype=ACC)
+    off = 0
+    h = 0
+    while h < n_bits:
+        b = i >> h
+        read = live & ((b & 1) == 1)
+        psi = tl.zeros((TILE,), dtype=ACC)
+        for f in range(n_tiles):
+            psi += tl.load(psi_ptr + (f * tl.num_programs(1) + bh) * n_chunks + (b << h), mask=read, other=0.0)
+        span += tl.where(read, tl.exp(A_i + zeta + gap) * psi, 0.0)
+        gap += tl.load(a_ptr + hbase + off + b - 1, mask=read, other=0.0).to(ACC)
+        complete = live & ((b & 1) == 0) & (((b + 2) << h) <= n_chunks)  # a whole reader block after i's
+        zeta += tl.load(a_ptr + hbase + off + b + 1, mask=complete, other=0.0).to(ACC)
+        off = next_level(off, h, n_chunks, 0, False)
+        h += 1
+    tl.store(out_ptr + bh * n_chunks + i, span, mask=live)
 
 
 @triton.jit(do_not_specialize=["n_total", "n_bits", "S_IN", "S_OUT"])
@@ -878,13 +950,15 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
             *layout.args("q")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *layout.decay_args()[1:],
             layout.group, C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, VARLEN=False,
             STAGES=BLOCK_SUM_STAGES[_width_key(BDK, BDV)], **meta)
-    # the later readers of each chunk's keys (and, with a decay, the pairs spanning each chunk)
+    # the later readers of each chunk's keys (and, with a decay, the Frobenius products behind the
+    # weight of the pairs spanning each chunk: span[i] = ψ at i's lowest set bit, summed over the tiles below)
     later = scratch((B, n, DK * DV), v.dtype if lowp and native else acc_torch, dev)
     span_rows, span_tiles = _span_tiles(DK, BDK, n_dv)
     span = scratch((span_tiles * B, n), acc_torch, dev) if has_g else logdec
-    _span_kernel[(n, B, span_tiles)](states, logdec, rsum, span, later, logdec, logdec, n, states.shape[1], n_r,
-                                     n_bits, DK, DV, n_dv, BDK=span_rows, BDV=BDV, HAS_G=has_g, ACC=acc, C=C,
-                                     LOG_C=C.bit_length() - 1, VARLEN=False, num_warps=NUM_WARPS["attention_span"])
+    _span_kernel[(cdiv(n, 2), B, span_tiles)](states, logdec, rsum, span, later, logdec, logdec, n, states.shape[1],
+                                              n_r, n_bits, DK, DV, n_dv, BDK=span_rows, BDV=BDV, HAS_G=has_g, ACC=acc,
+                                              C=C, LOG_C=C.bit_length() - 1, VARLEN=False,
+                                              num_warps=NUM_WARPS["attention_span"])
     del rsum  # read by nothing after the span kernel: the gradients below may take its memory
     # dq, dk, dv straight in the inputs' dtypes (feature tiles keep their running sums in
     # float32 / float64 between launches); dλ a slice per feature tile, summed below
@@ -927,8 +1001,10 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
                 FINAL=False, SIDE=side, **meta)
     dg = None
     if has_g:
-        if span_tiles > 1:
-            span = span.view(span_tiles, -1, n).sum(0)
+        psi, span = span, torch.empty((B, n), dtype=acc_torch, device=dev)
+        _span_weight_kernel[(cdiv(n, SPAN_WEIGHT_CHUNKS), B)](psi, logdec, span, n, states.shape[1], n_bits,
+                                                             span_tiles, TILE=SPAN_WEIGHT_CHUNKS, ACC=acc,
+                                                             num_warps=1)
         if tiled:
             lvl_rows = lvl_rows.view((tiles, -1) + lvl_rows.shape[1:]).sum(0)
         if tiled or sides > 1:

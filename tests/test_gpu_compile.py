@@ -182,8 +182,8 @@ _COMPILE = textwrap.dedent("""
 def test_every_kernel_compiles_for_sm90(monkeypatch, tmp_path):
     launches = _recorded_launches(monkeypatch)
     names = {name for _, name, *_ in launches}
-    assert {"_chunk_kernel", "_span_kernel", "_sequence_kernel", "_query_block_kernel", "_output_kernel",
-            "_reader_kernel", "_reverse_hierarchy_kernel", "_step_kernel"} <= names, sorted(names)
+    assert {"_chunk_kernel", "_span_kernel", "_span_weight_kernel", "_sequence_kernel", "_query_block_kernel",
+            "_output_kernel", "_reader_kernel", "_reverse_hierarchy_kernel", "_step_kernel"} <= names, sorted(names)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # empty: a cached kernel would not be compiled again
     script = tmp_path / "compile_launches.py"
