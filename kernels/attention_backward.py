@@ -17,12 +17,12 @@ The structure mirrors the forward (:mod:`kernels.attention`), chunk size ``C = 2
    ``b`` of ``2^h`` chunks that reads a level-``h`` state (odd ``b``; ``a_b`` the last position
    before it), over aligned groups of :data:`TILE_CHUNKS` chunks (one atomic add per group of a
    larger block; no other atomics).
-3. ``_span_kernel`` (one program per pair of chunks and feature tile of at most
-   :data:`SPAN_KEY_ROWS` key rows) walks the clear bits of each chunk index from the top level
+3. ``_span_kernel`` (one program per pair of chunks, or per chunk slot over sequences, and
+   feature tile of at most :data:`SPAN_KEY_ROWS` key rows) walks the clear bits of each chunk index from the top level
    down: there the chunk lies in a block read by the block after it, and the decayed sum of
    those readers' block sums, ``D``, is the adjoint of the chunk's keys through every later
-   chunk; with a decay it also forms, at each chunk's lowest set bit, the Frobenius product of
-   the state read there with the readers above it, from which ``_span_weight_kernel`` forms the
+   chunk; with a decay it also forms, once per read block, the Frobenius product of the state
+   the block reads with the readers above it, from which ``_span_weight_kernel`` forms the
    weight of the pairs that span each chunk (for ``dg``).
 4. ``_chunk_kernel`` (one program per chunk; for feature tiles wider than 64 two launches, a query
    side and a key side: :data:`SIDE_LAUNCHES`) computes every gradient of the chunk's rows: the
@@ -123,153 +123,176 @@ def _rounded(x, like, LOWP: tl.constexpr, NATIVE: tl.constexpr):
         return x
 
 
-@triton.jit(do_not_specialize=["n_chunks", "n_total", "n_r", "n_bits"])
-def _span_kernel(h_ptr, a_ptr, r_ptr, span_ptr, later_ptr, tab_ptr, cs_ptr, n_chunks, n_total, n_r, n_bits,
+@triton.jit(do_not_specialize=["n_chunks", "n_total", "n_r", "n_bits", "n_psi"])
+def _span_kernel(h_ptr, a_ptr, r_ptr, psi_ptr, later_ptr, tab_ptr, cs_ptr, n_chunks, n_total, n_r, n_bits, n_psi,
                  DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES, BDK: tl.constexpr, BDV: tl.constexpr,
                  HAS_G: tl.constexpr, ACC: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, VARLEN: tl.constexpr):
-    """Program ``(pair of chunks, batch entry, feature tile)`` (with ``VARLEN``, one chunk slot):
-    one walk over the bits ``h`` of the chunk index ``i`` (feature tiles of at most
-    :data:`SPAN_KEY_ROWS` key rows by ``BDV`` value columns).  At a clear bit ``i`` lies in the
-    level-``h`` block that the block after it reads: ``R_h`` is the readers' block sum (this
-    tile's part).  Writes
+    """Program ``(pair of chunks, batch entry, feature tile)``, with ``VARLEN`` ``(chunk slot,
+    head, feature tile)``: one walk over the bits ``h`` of the chunk index ``i`` from the top level
+    down (feature tiles of at most :data:`SPAN_KEY_ROWS` key rows by ``BDV`` value columns).
 
-    * ``later[i] = Σ_h exp(ζ_h) R_h`` over the clear bits, ``ζ_h`` the log-decay from the chunk's
-      end to the end of the block read at ``h`` (the right siblings at the lower clear bits): the
-      adjoint of the chunk's own keys through every later reader (``_chunk_kernel`` forms ``dk``,
-      ``dv`` from it), in ``later``'s dtype;
-    * with ``HAS_G``, the Frobenius products behind the weight of the pairs that span a chunk
-      inside one level block (``dg``).
+    At a clear bit ``i`` lies in the level-``h`` block that the block after it reads; ``R_h`` is
+    the readers' block sum (this tile's part) and ``A`` the log-decay of the reader block.  The
+    walk keeps ``E_h``, the later readers above level ``h`` decayed to the end of ``i``'s
+    level-``h`` block (the same for every chunk of that block): ``E_h = exp(A) E_{h+1} + R_h`` at a
+    clear bit, ``E_h = E_{h+1}`` at a set one, and writes ``later[i] = E_0``, the adjoint of the
+    chunk's own keys through every later reader (``_chunk_kernel`` forms ``dk``, ``dv`` from it),
+    in ``later``'s dtype.  Without ``VARLEN`` the chunks ``2p`` and ``2p + 1`` share every level
+    above 0: one program walks both.
 
-    Without ``VARLEN`` the walk runs from the top level down, keeping
-    ``E_h = Σ_{clear h' > h} exp(ζ_h' − ζ_h) R_h'`` (the later readers above level ``h``,
-    decayed to the end of ``i``'s level-``h`` block: the same for every chunk of that block):
-    ``E ← exp(A(reader)) E + R_h`` at a clear bit, and ``E_0 = later[i]``.  The chunks ``2p`` and
-    ``2p + 1`` share every level above 0, so one program walks them down to level 1 and then
-    forks.  At the lowest set bit ``h`` of a chunk ``i`` (the first chunk of its level-``h``
-    block ``b``, an odd block that reads ``H_h[b − 1]``) it writes ``span[i] = ψ_h[b] =
-    <H_h[b − 1], E_h>``: one state loaded a chunk; :func:`_span_weight_kernel` forms each chunk's
-    weight from these.
-
-    With ``VARLEN`` the walk runs upwards and gathers, at the set bits, the states ``U_h`` that
-    ``i`` reads below ``h`` (the keys of the block before ``i``): ``span[i] = Σ_h exp(A_i + ζ_h)
-    <R_h, U_h>``, the weight itself.  ``later`` has the layout ``(batch entry or head, chunk or
-    chunk slot, Dk · Dv)``; with ``VARLEN`` axis 0 is the global chunk slot and axis 1 the head
-    (layout of the sequences)."""
+    With ``HAS_G``, at a set bit ``h`` where ``i`` is the block's first chunk of the call or
+    sequence (its lowest set bit, or the sequence's first chunk ``I0``) it writes the Frobenius
+    product ``ψ_h[b] = <H_h[b − 1], E_h>`` of the state that block ``b = i >> h`` reads with the
+    readers above it, beside the block sum ``R_h[b]`` (``psi`` has the layout of the block sums,
+    one slice of ``n_psi`` entries per feature tile): :func:`_span_weight_kernel` forms from these
+    the weight of the pairs that span each chunk.  ``later`` has the layout ``(batch entry or
+    head, chunk or chunk slot, Dk · Dv)``."""
     if VARLEN:
         dead, n, b0, shift, a, e, i, I0, I1, base, span_c, t, tmask = sequence_chunk(tab_ptr, cs_ptr, C, LOG_C)
         if dead:
             return
         gi = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
-        base += bh * n_total
+        base += bh * n_total  # where the sequence's region of the hierarchy and the block sums starts
+        E_end = e >> LOG_C  # the chunk of the end: the final state reads there
+        lowest = 0
     else:
         i = 2 * tl.program_id(0)  # the pair's even chunk
         bh = tl.program_id(1).to(tl.int64)
         gi = i
+        base = bh * n_total  # where the hierarchy of this batch entry starts
+        lowest = 1  # the levels the pair shares
     tile_f = tl.program_id(2)
     dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
     dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
     fmask = (dk[:, None] < DK) & (dv[None, :] < DV)
     tile = dk[:, None] * DV + dv[None, :]
+    psi_ptr += tile_f.to(tl.int64) * n_psi
     later = tl.zeros((BDK, BDV), dtype=ACC)
-    span = tl.zeros((), dtype=ACC)
+    h = n_bits - 1
     if VARLEN:
-        if HAS_G:
-            A_i = tl.load(a_ptr + base + i - I0 + 1).to(ACC)
-        U = tl.zeros((BDK, BDV), dtype=ACC)
-        gap = tl.zeros((), dtype=ACC)
-        zeta = tl.zeros((), dtype=ACC)
-        off = 0  # where level h of the sequence's hierarchy starts
-        h = 0
-        while h < n_bits:
-            if ((i >> h) & 1) == 1:
-                if HAS_G:
-                    blk = read_entry(base + off, i, h, I0, VARLEN)
-                    U += tl.exp(gap) * tl.load(h_ptr + blk * DK * DV + tile, mask=fmask, other=0.0).to(ACC)
-                    gap += tl.load(a_ptr + blk)
-            else:
-                reader = (i >> h) + 1
-                if reader <= ((e >> LOG_C) >> h):  # the block after i's has readers: chunks, or the end e
-                    R = tl.load(r_ptr + (base + off + reader - (I0 >> h)) * DK * DV + tile, mask=fmask, other=0.0)
-                    later += tl.exp(zeta) * R
-                    if HAS_G:
-                        span += tl.exp(A_i + zeta) * tl.sum(tl.sum(R * U, 1), 0)
-                        if reader <= (I1 >> h):
-                            zeta += tl.load(a_ptr + base + off + reader - (I0 >> h) + 1)
-            off = next_level(off, h, n_chunks, span_c, VARLEN)
-            h += 1
+        off = 0  # where level h starts
+        lv = 0
+        while lv < h:
+            off = next_level(off, lv, n_chunks, span_c, VARLEN)
+            lv += 1
+        roff = 0
     else:
-        hbase = bh * n_total  # where the hierarchy of this batch entry starts
-        h = n_bits - 1
-        off = level_start(n_chunks, h)  # where its level h starts
-        roff = n_r - _reader_blocks(n_chunks, h)  # and in the block sums
-        while h >= 1:  # the levels the pair shares
-            b = i >> h
-            if (b & 1) == 0:
-                reader = b + 1
-                if (reader << h) < n_chunks:  # the block after i's has readers
-                    R = tl.load(r_ptr + (bh * n_r + roff + (reader >> 1)) * DK * DV + tile, mask=fmask, other=0.0)
-                    if HAS_G:
-                        if ((reader + 1) << h) <= n_chunks:  # (else nothing lies after it: E is 0)
-                            later = tl.exp(tl.load(a_ptr + hbase + off + reader).to(ACC)) * later
-                    later += R
-            elif HAS_G:
-                if (i & ((1 << h) - 1)) == 0:  # the lowest set bit of the even chunk
-                    H = tl.load(h_ptr + (hbase + off + b - 1) * DK * DV + tile, mask=fmask, other=0.0).to(ACC)
-                    span = tl.sum(tl.sum(H * later, 1), 0)
-            h -= 1
-            off -= level_size(h, n_chunks, 0, False)
-            roff -= _reader_blocks(n_chunks, h)
-        if i + 1 < n_chunks:  # level 0 (at entry 0 of both): the odd chunk reads the even one's state
-            dst = (tile_f.to(tl.int64) * tl.num_programs(1) + bh) * n_chunks + i + 1
+        off = level_start(n_chunks, h)
+        roff = n_r - _reader_blocks(n_chunks, h)  # where level h starts in the block sums
+    while h >= lowest:
+        b = i >> h
+        if (b & 1) == 0:
+            reader = b + 1
+            if VARLEN:
+                has_readers = reader <= (E_end >> h)  # chunks, or the end e
+                whole = reader <= (I1 >> h)
+                r_at = base + off + reader - (I0 >> h)
+                a_at = r_at + 1
+            else:
+                has_readers = (reader << h) < n_chunks
+                whole = ((reader + 1) << h) <= n_chunks
+                r_at = bh * n_r + roff + (reader >> 1)
+                a_at = base + off + reader
+            if has_readers:
+                R = tl.load(r_ptr + r_at * DK * DV + tile, mask=fmask, other=0.0)
+                if HAS_G:
+                    if whole:  # (else nothing lies after the reader block: E is 0)
+                        later = tl.exp(tl.load(a_ptr + a_at).to(ACC)) * later
+                later += R
+        elif HAS_G:
+            if VARLEN:
+                first = tl.maximum(b << h, I0) == i
+                psi_at = read_entry(base + off, i, h, I0, VARLEN)  # the entry of both H_h[b - 1] and R_h[b]
+                h_at = psi_at
+            else:
+                first = (i & ((1 << h) - 1)) == 0
+                psi_at = bh * n_r + roff + (b >> 1)
+                h_at = base + off + b - 1
+            if first:
+                H = tl.load(h_ptr + h_at * DK * DV + tile, mask=fmask, other=0.0).to(ACC)
+                tl.store(psi_ptr + psi_at, tl.sum(tl.sum(H * later, 1), 0))
+        h -= 1
+        if h >= 0:
+            off -= level_size(h, n_chunks, span_c if VARLEN else 0, VARLEN)
+            if not VARLEN:
+                roff -= _reader_blocks(n_chunks, h)
+    if not VARLEN:
+        if i + 1 < n_chunks:  # level 0 (entry 0 of both): the odd chunk reads the even one's state
             if HAS_G:
-                H = tl.load(h_ptr + (hbase + i) * DK * DV + tile, mask=fmask, other=0.0).to(ACC)
-                tl.store(span_ptr + dst, tl.sum(tl.sum(H * later, 1), 0))
+                H = tl.load(h_ptr + (base + i) * DK * DV + tile, mask=fmask, other=0.0).to(ACC)
+                tl.store(psi_ptr + bh * n_r + (i >> 1), tl.sum(tl.sum(H * later, 1), 0))
             tl.store(later_ptr + (bh * n_chunks + i + 1) * DK * DV + tile, later.to(later_ptr.dtype.element_ty),
                      mask=fmask)
             R = tl.load(r_ptr + (bh * n_r + (i >> 1)) * DK * DV + tile, mask=fmask, other=0.0)
             if HAS_G:
-                later = tl.exp(tl.load(a_ptr + hbase + i + 1).to(ACC)) * later
+                later = tl.exp(tl.load(a_ptr + base + i + 1).to(ACC)) * later
             later += R
     tl.store(later_ptr + (bh * n_chunks + gi) * DK * DV + tile, later.to(later_ptr.dtype.element_ty), mask=fmask)
-    if HAS_G:
-        tl.store(span_ptr + (tile_f.to(tl.int64) * tl.num_programs(1) + bh) * n_chunks + gi, span)
 
 
-@triton.jit(do_not_specialize=["n_chunks", "n_total", "n_bits", "n_tiles"])
-def _span_weight_kernel(psi_ptr, a_ptr, out_ptr, n_chunks, n_total, n_bits, n_tiles, TILE: tl.constexpr,
-                        ACC: tl.constexpr):
-    """Programs ``(group of TILE chunks, batch entry)``: the weight of the pairs that span chunk
-    ``i`` inside one level block (calls without sequences),
+@triton.jit(do_not_specialize=["n_chunks", "n_total", "n_r", "n_bits", "n_psi", "n_tiles"])
+def _span_weight_kernel(psi_ptr, a_ptr, out_ptr, tab_ptr, cs_ptr, n_chunks, n_total, n_r, n_bits, n_psi, n_tiles,
+                        TILE: tl.constexpr, LOG_C: tl.constexpr, ACC: tl.constexpr, VARLEN: tl.constexpr):
+    """Programs ``(group of TILE chunks or chunk slots, batch entry or head)``: the weight of the
+    pairs that span chunk ``i`` inside one level block,
     ``Σ_h exp(A_i + ζ_h + γ_h) ψ_h[i >> h]`` over the set bits ``h`` of ``i``, from the Frobenius
-    products ``ψ`` of :func:`_span_kernel` (summed over its ``n_tiles`` feature tiles; block ``b``'s
-    at its first chunk ``b << h``): ``A_i`` the chunk's log-decay, ``ζ_h`` that of the right
-    siblings at the clear bits below ``h`` (from the chunk's end to its level-``h`` block's end),
-    ``γ_h`` that of the blocks read at the set bits below ``h`` (from the end of the state read at
-    ``h`` to the chunk's start)."""
-    i = tl.program_id(0) * TILE + tl.arange(0, TILE)
+    products ``ψ`` of :func:`_span_kernel` (summed over its ``n_tiles`` feature tiles): ``A_i``
+    the chunk's log-decay, ``ζ_h`` that of the right siblings at the clear bits below ``h`` (from
+    the chunk's end to its level-``h`` block's end), ``γ_h`` that of the blocks read at the set
+    bits below ``h`` (from the end of the state read at ``h`` to the chunk's start).  Writes
+    ``(batch entry or head, chunk or chunk slot)``."""
+    lane = tl.program_id(0) * TILE + tl.arange(0, TILE)
     bh = tl.program_id(1).to(tl.int64)
-    live = i < n_chunks
-    hbase = bh * n_total
-    A_i = tl.load(a_ptr + hbase + i, mask=live, other=0.0).to(ACC)
+    if VARLEN:  # the columns of sequence_row, per lane
+        row = tab_ptr + tl.load(cs_ptr + lane, mask=lane < n_chunks, other=0).to(tl.int64) * 8
+        length = tl.load(row + 2, mask=lane < n_chunks, other=0)
+        a = tl.load(row + 3, mask=lane < n_chunks, other=0)
+        base = tl.load(row + 4, mask=lane < n_chunks, other=0) + bh * n_total
+        span_c = tl.load(row + 5, mask=lane < n_chunks, other=0)
+        e = a + length
+        I0 = a >> LOG_C
+        I1 = (e - 1) >> LOG_C
+        E_end = e >> LOG_C
+        i = I0 + lane - tl.load(row + 6, mask=lane < n_chunks, other=0)
+        live = (lane < n_chunks) & (length > 0) & (i <= I1)
+        A_i = tl.load(a_ptr + base + i - I0 + 1, mask=live, other=0.0).to(ACC)
+        off = tl.zeros((TILE,), dtype=tl.int32)
+    else:
+        i = lane
+        live = i < n_chunks
+        base = bh * n_total
+        A_i = tl.load(a_ptr + base + i, mask=live, other=0.0).to(ACC)
+        off = 0
     gap = tl.zeros((TILE,), dtype=ACC)
     zeta = tl.zeros((TILE,), dtype=ACC)
     span = tl.zeros((TILE,), dtype=ACC)
-    off = 0
+    roff = 0
     h = 0
     while h < n_bits:
         b = i >> h
         read = live & ((b & 1) == 1)
+        if VARLEN:
+            h_at = read_entry(base + off, i, h, I0, VARLEN)
+            psi_at = h_at
+            whole = live & ((b & 1) == 0) & (b + 1 <= (E_end >> h)) & (b + 1 <= (I1 >> h))
+            a_at = base + off + b + 1 - (I0 >> h) + 1
+        else:
+            h_at = base + off + b - 1
+            psi_at = bh * n_r + roff + (b >> 1)
+            whole = live & ((b & 1) == 0) & (((b + 2) << h) <= n_chunks)  # a whole reader block after i's
+            a_at = base + off + b + 1
         psi = tl.zeros((TILE,), dtype=ACC)
         for f in range(n_tiles):
-            psi += tl.load(psi_ptr + (f * tl.num_programs(1) + bh) * n_chunks + (b << h), mask=read, other=0.0)
+            psi += tl.load(psi_ptr + f * n_psi + psi_at, mask=read, other=0.0)
         span += tl.where(read, tl.exp(A_i + zeta + gap) * psi, 0.0)
-        gap += tl.load(a_ptr + hbase + off + b - 1, mask=read, other=0.0).to(ACC)
-        complete = live & ((b & 1) == 0) & (((b + 2) << h) <= n_chunks)  # a whole reader block after i's
-        zeta += tl.load(a_ptr + hbase + off + b + 1, mask=complete, other=0.0).to(ACC)
-        off = next_level(off, h, n_chunks, 0, False)
+        gap += tl.load(a_ptr + h_at, mask=read, other=0.0).to(ACC)
+        zeta += tl.load(a_ptr + a_at, mask=whole, other=0.0).to(ACC)
+        off = next_level(off, h, n_chunks, span_c if VARLEN else 0, VARLEN)
+        if not VARLEN:
+            roff += _reader_blocks(n_chunks, h)
         h += 1
-    tl.store(out_ptr + bh * n_chunks + i, span, mask=live)
+    tl.store(out_ptr + bh * n_chunks + lane, span, mask=lane < n_chunks)
 
 
 @triton.jit(do_not_specialize=["n_total", "n_bits", "S_IN", "S_OUT"])
@@ -951,13 +974,13 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
             layout.group, C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, VARLEN=False,
             STAGES=BLOCK_SUM_STAGES[_width_key(BDK, BDV)], **meta)
     # the later readers of each chunk's keys (and, with a decay, the Frobenius products behind the
-    # weight of the pairs spanning each chunk: span[i] = ψ at i's lowest set bit, summed over the tiles below)
+    # weight of the pairs spanning each chunk, beside the block sums, a slice per feature tile)
     later = scratch((B, n, DK * DV), v.dtype if lowp and native else acc_torch, dev)
     span_rows, span_tiles = _span_tiles(DK, BDK, n_dv)
-    span = scratch((span_tiles * B, n), acc_torch, dev) if has_g else logdec
-    _span_kernel[(cdiv(n, 2), B, span_tiles)](states, logdec, rsum, span, later, logdec, logdec, n, states.shape[1],
-                                              n_r, n_bits, DK, DV, n_dv, BDK=span_rows, BDV=BDV, HAS_G=has_g, ACC=acc,
-                                              C=C, LOG_C=C.bit_length() - 1, VARLEN=False,
+    psi = scratch((span_tiles, B, n_r), acc_torch, dev) if has_g else logdec
+    _span_kernel[(cdiv(n, 2), B, span_tiles)](states, logdec, rsum, psi, later, logdec, logdec, n, states.shape[1],
+                                              n_r, n_bits, B * n_r, DK, DV, n_dv, BDK=span_rows, BDV=BDV,
+                                              HAS_G=has_g, ACC=acc, C=C, LOG_C=C.bit_length() - 1, VARLEN=False,
                                               num_warps=NUM_WARPS["attention_span"])
     del rsum  # read by nothing after the span kernel: the gradients below may take its memory
     # dq, dk, dv straight in the inputs' dtypes (feature tiles keep their running sums in
@@ -1001,10 +1024,11 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
                 FINAL=False, SIDE=side, **meta)
     dg = None
     if has_g:
-        psi, span = span, torch.empty((B, n), dtype=acc_torch, device=dev)
-        _span_weight_kernel[(cdiv(n, SPAN_WEIGHT_CHUNKS), B)](psi, logdec, span, n, states.shape[1], n_bits,
-                                                             span_tiles, TILE=SPAN_WEIGHT_CHUNKS, ACC=acc,
-                                                             num_warps=1)
+        span = torch.empty((B, n), dtype=acc_torch, device=dev)
+        _span_weight_kernel[(cdiv(n, SPAN_WEIGHT_CHUNKS), B, 1)](psi, logdec, span, logdec, logdec, n, states.shape[1],
+                                                             n_r, n_bits, B * n_r, span_tiles,
+                                                             TILE=SPAN_WEIGHT_CHUNKS, LOG_C=C.bit_length() - 1,
+                                                             ACC=acc, VARLEN=False, num_warps=1)
         if tiled:
             lvl_rows = lvl_rows.view((tiles, -1) + lvl_rows.shape[1:]).sum(0)
         if tiled or sides > 1:
@@ -1142,12 +1166,12 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
             DK, DV, n_dv, NB=NB, C=C, LOG_C=c, BDK=BDK, BDV=BDV, ACC=acc, FINAL=final, num_warps=warps)
     later = scratch((H, seqs.n_slots, DK * DV), acc_torch, dev)
     span_rows, span_tiles = _span_tiles(DK, BDK, n_dv)
-    span = scratch((span_tiles * H, seqs.n_slots), acc_torch, dev) if has_g else dummy
+    psi = scratch((span_tiles, H, seqs.n_entries), acc_torch, dev) if has_g else dummy
     if seqs.n_slots and H:
-        _span_kernel[(seqs.n_slots, H, span_tiles)](states, logdec, rsum, span, later, seqs.table, seqs.chunk_seq,
-                                                    seqs.n_slots, seqs.n_entries, 0, NH, DK, DV, n_dv,
-                                                    BDK=span_rows, BDV=BDV, HAS_G=has_g, ACC=acc, C=C, LOG_C=c,
-                                                    VARLEN=True, num_warps=NUM_WARPS["attention_span"])
+        _span_kernel[(seqs.n_slots, H, span_tiles)](states, logdec, rsum, psi, later, seqs.table, seqs.chunk_seq,
+                                                    seqs.n_slots, seqs.n_entries, 0, NH, H * seqs.n_entries, DK, DV,
+                                                    n_dv, BDK=span_rows, BDV=BDV, HAS_G=has_g, ACC=acc, C=C,
+                                                    LOG_C=c, VARLEN=True, num_warps=NUM_WARPS["attention_span"])
     del rsum  # read by nothing after the span kernel
     # every gradient of the chunks' rows; dq and dk per head of v (summed over each group below)
     # (dq and dk are their own running sums over feature tiles; dv has one apart when tiled)
@@ -1168,8 +1192,11 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
             BDV=BDV, BL=next_power_of_2(L), NB=NB, EXACT=exact, VARLEN=True, FINAL=final, **meta)
     dg = None
     if has_g:
-        if span_tiles > 1:
-            span = span.view(span_tiles, -1, seqs.n_slots).sum(0)
+        span = torch.empty((H, seqs.n_slots), dtype=acc_torch, device=dev)
+        if seqs.n_slots and H:
+            _span_weight_kernel[(cdiv(seqs.n_slots, SPAN_WEIGHT_CHUNKS), H, 1)](
+                psi, logdec, span, seqs.table, seqs.chunk_seq, seqs.n_slots, seqs.n_entries, 0, NH,
+                H * seqs.n_entries, span_tiles, TILE=SPAN_WEIGHT_CHUNKS, LOG_C=c, ACC=acc, VARLEN=True, num_warps=1)
         if tiled:
             dgl, lvl_rows = (x.view((tiles, -1) + x.shape[1:]).sum(0) for x in (dgl, lvl_rows))
         dg = _sequence_dg(seqs, C, dgl, span, lvl_rows, reads.sum(2) if final else None, N, T, acc_torch)
