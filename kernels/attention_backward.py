@@ -30,7 +30,7 @@ The structure mirrors the forward (:mod:`kernels.attention`), chunk size ``C = 2
    level-``h`` state (``dq``, ``dλ``), and the later readers through ``D``
    (``dk_s = w_s D v_s``, ``dv_s = w_s Dᵀ k_s``).
 5. ``dg`` is assembled from chunk-local sums plus, per chunk, the pairs that span it
-   (``_span_kernel``, ``_gap_kernel``): each pair's weight is added once, never as a difference
+   (``_span_kernel``, ``_span_weight_kernel``, ``_gap_kernel``): each pair's weight is added once, never as a difference
    of sums (which cancel where a strong decay leaves ``dg[u]`` far below the pairs around it),
    and no sum runs along the whole sequence, so its rounding does not grow with ``T``
    (``docs/backward.md``).
@@ -72,8 +72,8 @@ into shared memory while this chunk's product runs."""
 
 SPAN_KEY_ROWS = 64
 """Key rows of one ``_span_kernel`` program's feature tile (wider key tiles are split): the
-program holds two float32 accumulators of that tile, the states gathered and the later readers'
-block sums."""
+program holds one float32 accumulator of that tile (the later readers' block sums) and, at one
+level, a state tile."""
 
 SPAN_WEIGHT_CHUNKS = 128
 """Chunks of one ``_span_weight_kernel`` program (a power of two)."""
@@ -133,7 +133,7 @@ def _span_kernel(h_ptr, a_ptr, r_ptr, psi_ptr, later_ptr, tab_ptr, cs_ptr, n_chu
 
     At a clear bit ``i`` lies in the level-``h`` block that the block after it reads; ``R_h`` is
     the readers' block sum (this tile's part) and ``A`` the log-decay of the reader block.  The
-    walk keeps ``E_h``, the later readers above level ``h`` decayed to the end of ``i``'s
+    walk keeps ``E_h``, the later readers at level ``h`` and above, decayed to the end of ``i``'s
     level-``h`` block (the same for every chunk of that block): ``E_h = exp(A) E_{h+1} + R_h`` at a
     clear bit, ``E_h = E_{h+1}`` at a set one, and writes ``later[i] = E_0``, the adjoint of the
     chunk's own keys through every later reader (``_chunk_kernel`` forms ``dk``, ``dv`` from it),
@@ -156,6 +156,11 @@ def _span_kernel(h_ptr, a_ptr, r_ptr, psi_ptr, later_ptr, tab_ptr, cs_ptr, n_chu
         base += bh * n_total  # where the sequence's region of the hierarchy and the block sums starts
         E_end = e >> LOG_C  # the chunk of the end: the final state reads there
         lowest = 0
+        off = 0  # where level h starts
+        lv = 0
+        while lv < n_bits - 1:
+            off = next_level(off, lv, n_chunks, span_c, VARLEN)
+            lv += 1
     else:
         i = 2 * tl.program_id(0)  # the pair's even chunk
         bh = tl.program_id(1).to(tl.int64)
@@ -170,16 +175,8 @@ def _span_kernel(h_ptr, a_ptr, r_ptr, psi_ptr, later_ptr, tab_ptr, cs_ptr, n_chu
     psi_ptr += tile_f.to(tl.int64) * n_psi
     later = tl.zeros((BDK, BDV), dtype=ACC)
     h = n_bits - 1
-    if VARLEN:
-        off = 0  # where level h starts
-        lv = 0
-        while lv < h:
-            off = next_level(off, lv, n_chunks, span_c, VARLEN)
-            lv += 1
-        roff = 0
-    else:
-        off = level_start(n_chunks, h)
-        roff = n_r - _reader_blocks(n_chunks, h)  # where level h starts in the block sums
+    if not VARLEN:
+        off, roff, _ = _levels_offsets(n_chunks, h)  # where level h starts, in the hierarchy and the block sums
     while h >= lowest:
         b = i >> h
         if (b & 1) == 0:
@@ -253,7 +250,6 @@ def _span_weight_kernel(psi_ptr, a_ptr, out_ptr, tab_ptr, cs_ptr, n_chunks, n_to
         e = a + length
         I0 = a >> LOG_C
         I1 = (e - 1) >> LOG_C
-        E_end = e >> LOG_C
         i = I0 + lane - tl.load(row + 6, mask=lane < n_chunks, other=0)
         live = (lane < n_chunks) & (length > 0) & (i <= I1)
         A_i = tl.load(a_ptr + base + i - I0 + 1, mask=live, other=0.0).to(ACC)
@@ -264,10 +260,10 @@ def _span_weight_kernel(psi_ptr, a_ptr, out_ptr, tab_ptr, cs_ptr, n_chunks, n_to
         base = bh * n_total
         A_i = tl.load(a_ptr + base + i, mask=live, other=0.0).to(ACC)
         off = 0
+        roff = 0
     gap = tl.zeros((TILE,), dtype=ACC)
     zeta = tl.zeros((TILE,), dtype=ACC)
     span = tl.zeros((TILE,), dtype=ACC)
-    roff = 0
     h = 0
     while h < n_bits:
         b = i >> h
@@ -275,7 +271,7 @@ def _span_weight_kernel(psi_ptr, a_ptr, out_ptr, tab_ptr, cs_ptr, n_chunks, n_to
         if VARLEN:
             h_at = read_entry(base + off, i, h, I0, VARLEN)
             psi_at = h_at
-            whole = live & ((b & 1) == 0) & (b + 1 <= (E_end >> h)) & (b + 1 <= (I1 >> h))
+            whole = live & ((b & 1) == 0) & (b + 1 <= (I1 >> h))  # a reader block of chunks after i's
             a_at = base + off + b + 1 - (I0 >> h) + 1
         else:
             h_at = base + off + b - 1
@@ -283,8 +279,10 @@ def _span_weight_kernel(psi_ptr, a_ptr, out_ptr, tab_ptr, cs_ptr, n_chunks, n_to
             whole = live & ((b & 1) == 0) & (((b + 2) << h) <= n_chunks)  # a whole reader block after i's
             a_at = base + off + b + 1
         psi = tl.zeros((TILE,), dtype=ACC)
+        tile_ptr = psi_ptr  # the feature tiles' slices, n_psi entries apart
         for f in range(n_tiles):
-            psi += tl.load(psi_ptr + f * n_psi + psi_at, mask=read, other=0.0)
+            psi += tl.load(tile_ptr + psi_at, mask=read, other=0.0)
+            tile_ptr += n_psi
         span += tl.where(read, tl.exp(A_i + zeta + gap) * psi, 0.0)
         gap += tl.load(a_ptr + h_at, mask=read, other=0.0).to(ACC)
         zeta += tl.load(a_ptr + a_at, mask=whole, other=0.0).to(ACC)

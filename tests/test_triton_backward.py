@@ -195,8 +195,8 @@ def test_feature_tiles(T, decay, Dk, Dv, rng, monkeypatch):
 @pytest.mark.parametrize("T, decay, max_tile", [(70, 0.5, 128), (17, None, 128), (70, 0.5, 16)])
 def test_span_key_rows(T, decay, max_tile, rng, monkeypatch):
     """The span kernel on feature tiles of fewer key rows than the chunk kernel's
-    (``SPAN_KEY_ROWS``): partial span weights summed after, the later readers' block sums stored
-    tile by tile; the kernels' scratch NaN-filled."""
+    (``SPAN_KEY_ROWS``): partial Frobenius products summed by ``_span_weight_kernel``, the later
+    readers' block sums stored tile by tile; the kernels' scratch NaN-filled."""
     module = importlib.import_module("hodlr.kernels.attention_backward")
     monkeypatch.setattr(module, "SPAN_KEY_ROWS", 8)
     monkeypatch.setattr(module, "MAX_TILE", max_tile)

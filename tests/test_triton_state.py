@@ -265,7 +265,8 @@ def test_feature_tiles(Dk, Dv, nan_buffers, monkeypatch):
 
 def test_span_key_rows(nan_buffers, monkeypatch):
     """The span kernel on feature tiles of fewer key rows than the backward's (``SPAN_KEY_ROWS``):
-    its partial span weights summed, each tile's gathered block sums stored in place."""
+    its partial Frobenius products summed by ``_span_weight_kernel``, each tile's gathered block sums stored in
+    place."""
     monkeypatch.setattr(backward, "SPAN_KEY_ROWS", 8)
     inputs, pos, cu = one_case(1, [20], [37], Dk=20, Dv=12)
     check_against_chunked(inputs, pos, cu)
@@ -372,7 +373,7 @@ def test_many_sequences_grids(monkeypatch):
                                       initial_positions=pos, cu_seqlens=cu)
     launched = {name for name, _ in grids}
     assert {"_state_kernel", "_hierarchy_kernel", "_output_kernel", "_final_state_kernel", "_query_block_kernel",
-            "_sequence_kernel", "_chunk_kernel", "_span_kernel", "_gap_kernel"} <= launched
+            "_sequence_kernel", "_chunk_kernel", "_span_kernel", "_span_weight_kernel", "_gap_kernel"} <= launched
     for name, grid in grids:
         assert len(grid) == 3 and grid[1] <= 65_535 and grid[2] <= 65_535 and grid[0] < 2**31, (name, grid)
     assert max(grid[0] for name, grid in grids if name == "_sequence_kernel") == n
