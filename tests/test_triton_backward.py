@@ -170,6 +170,16 @@ def test_block_sum_tiles(T, tile_chunks, rng, monkeypatch):
 
 
 @interpreter
+@pytest.mark.parametrize("T, decay", [(1000, 0.5), (1041, 30.0)])
+def test_deep_hierarchy(T, decay, rng, monkeypatch):
+    """Six and seven chunk levels (63 and 66 chunks of 16): the later readers and the spanning
+    pairs' products formed from the top level down for pairs of chunks (the last without its odd
+    chunk at 63), their weights summed per chunk; the kernels' scratch NaN-filled."""
+    module = importlib.import_module("hodlr.kernels.attention_backward")
+    _backward_against_dense(module, monkeypatch, T, rng, f"{T} tokens", Dk=3, Dv=2, decay=decay)
+
+
+@interpreter
 @pytest.mark.parametrize("chunk", [16, 32, 64])
 def test_chunk_sizes(chunk, rng):
     T = 150
