@@ -36,13 +36,14 @@ def level_size(h, n_chunks, span, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def level_start(n_chunks, h):
+def level_start(n_chunks, h, span=0, VARLEN: tl.constexpr = False):
     """Where level ``h`` starts in a batch entry's hierarchy (``kernels._layout.level_offsets(n)[h]``
-    on the host): the blocks of the levels below, ``n >> 0`` + ... + ``n >> (h - 1)``."""
+    on the host): the blocks of the levels below, ``n >> 0`` + ... + ``n >> (h - 1)``; with
+    ``VARLEN`` in a sequence's region of chunk span ``span`` (:func:`level_size`)."""
     off = 0
     lv = 0
     while lv < h:
-        off += level_size(lv, n_chunks, 0, False)
+        off += level_size(lv, n_chunks, span, VARLEN)
         lv += 1
     return off
 
@@ -54,16 +55,22 @@ def next_level(off, h, n_chunks, span, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def read_entry(off, i, h, I0, VARLEN: tl.constexpr):
-    """The hierarchy entry that chunk ``i`` reads at its set bit ``h``, block ``(i >> h) - 1`` of
-    level ``h`` (which starts at entry ``off``); with ``VARLEN`` the level's slot ``0`` holds the
-    block before the sequence's first chunk ``I0`` (the carried bucket), so block ``b`` is slot
-    ``b + 1 - (I0 >> h)``."""
+def block_entry(off, b, h, I0, VARLEN: tl.constexpr):
+    """The hierarchy entry of block ``b`` of level ``h`` (which starts at entry ``off``); with
+    ``VARLEN`` the level's slot ``0`` holds the block before the sequence's first chunk ``I0`` (the
+    carried bucket), so block ``b`` is slot ``b + 1 - (I0 >> h)``."""
     if VARLEN:
-        entry = off + (i >> h) - (I0 >> h)
+        entry = off + b + 1 - (I0 >> h)
     else:
-        entry = off + (i >> h) - 1
+        entry = off + b
     return entry
+
+
+@triton.jit
+def read_entry(off, i, h, I0, VARLEN: tl.constexpr):
+    """The hierarchy entry that chunk ``i`` reads at its set bit ``h``: block ``(i >> h) - 1`` of
+    level ``h`` (:func:`block_entry`)."""
+    return block_entry(off, (i >> h) - 1, h, I0, VARLEN)
 
 
 @triton.jit

@@ -47,8 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_decay, intra_scales, level_size, level_start,
-                      level_sums, next_level, read_entry, sequence_chunk, sequence_row, state_tile)
+from ._device import (bit_length, block_entry, chunk_decays, chunk_rows, dot, intra_decay, intra_scales, level_size,
+                      level_start, level_sums, next_level, read_entry, sequence_chunk, sequence_row, state_tile)
 from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, interpreting,
                       next_power_of_2, scratch, state_dtypes)
 from . import _sequences
@@ -91,15 +91,45 @@ def _reader_blocks(n_chunks, h):
 
 
 @triton.jit
-def _levels_offsets(n_chunks, h):
-    """``(start of level h in the hierarchy, start of level h in the block sums, reader blocks at
-    level h)``."""
+def _reader_start(n_chunks, h):
+    """Where level ``h`` starts in the block sums of a call without sequences."""
     roff = 0
     lv = 0
     while lv < h:
         roff += _reader_blocks(n_chunks, lv)
         lv += 1
-    return level_start(n_chunks, h), roff, _reader_blocks(n_chunks, h)
+    return roff
+
+
+@triton.jit
+def _levels_offsets(n_chunks, h):
+    """``(start of level h in the hierarchy, start of level h in the block sums, reader blocks at
+    level h)``."""
+    return level_start(n_chunks, h), _reader_start(n_chunks, h), _reader_blocks(n_chunks, h)
+
+
+@triton.jit
+def _block_sum_entry(b, h, off, roff, I0, VARLEN: tl.constexpr):
+    """The entry of the block sum (and of ``ψ``) of reader block ``b`` of level ``h``: with
+    ``VARLEN`` the block sums take the hierarchy's layout, that of the block ``b - 1`` it reads
+    (level ``h`` at entry ``off``, :func:`kernels._device.block_entry`); without, their own compact
+    one (level ``h`` at entry ``roff``, one entry an odd block)."""
+    if VARLEN:
+        entry = block_entry(off, b - 1, h, I0, VARLEN)
+    else:
+        entry = roff + (b >> 1)
+    return entry
+
+
+@triton.jit
+def _reader_block(b, h, n_chunks, I1, E_end, VARLEN: tl.constexpr):
+    """``(has_readers, whole)`` of reader block ``b`` of level ``h``: whether it holds readers
+    (chunks, or with ``VARLEN`` the end's chunk ``E_end``) and whether it is whole, ending at or
+    before the last chunk (so that it has a log-decay)."""
+    if VARLEN:
+        return b <= (E_end >> h), b <= (I1 >> h)
+    else:
+        return (b << h) < n_chunks, ((b + 1) << h) <= n_chunks
 
 
 @triton.jit
@@ -156,17 +186,17 @@ def _span_kernel(h_ptr, a_ptr, r_ptr, psi_ptr, later_ptr, tab_ptr, cs_ptr, n_chu
         base += bh * n_total  # where the sequence's region of the hierarchy and the block sums starts
         E_end = e >> LOG_C  # the chunk of the end: the final state reads there
         lowest = 0
-        off = 0  # where level h starts
-        lv = 0
-        while lv < n_bits - 1:
-            off = next_level(off, lv, n_chunks, span_c, VARLEN)
-            lv += 1
+        off = level_start(n_chunks, n_bits - 1, span_c, VARLEN)  # where level h starts
+        roff = 0  # (the block sums share the hierarchy's layout)
     else:
         i = 2 * tl.program_id(0)  # the pair's even chunk
         bh = tl.program_id(1).to(tl.int64)
         gi = i
         base = bh * n_total  # where the hierarchy of this batch entry starts
         lowest = 1  # the levels the pair shares
+        off = level_start(n_chunks, n_bits - 1)  # where level h starts
+        roff = bh * n_r + _reader_start(n_chunks, n_bits - 1)  # and in the block sums
+        I0, I1, E_end = 0, 0, 0  # (no sequence)
     tile_f = tl.program_id(2)
     dk = (tile_f // N_DV_TILES) * BDK + tl.arange(0, BDK)
     dv = (tile_f % N_DV_TILES) * BDV + tl.arange(0, BDV)
@@ -175,39 +205,27 @@ def _span_kernel(h_ptr, a_ptr, r_ptr, psi_ptr, later_ptr, tab_ptr, cs_ptr, n_chu
     psi_ptr += tile_f.to(tl.int64) * n_psi
     later = tl.zeros((BDK, BDV), dtype=ACC)
     h = n_bits - 1
-    if not VARLEN:
-        off, roff, _ = _levels_offsets(n_chunks, h)  # where level h starts, in the hierarchy and the block sums
     while h >= lowest:
         b = i >> h
         if (b & 1) == 0:
-            reader = b + 1
-            if VARLEN:
-                has_readers = reader <= (E_end >> h)  # chunks, or the end e
-                whole = reader <= (I1 >> h)
-                r_at = base + off + reader - (I0 >> h)
-                a_at = r_at + 1
-            else:
-                has_readers = (reader << h) < n_chunks
-                whole = ((reader + 1) << h) <= n_chunks
-                r_at = bh * n_r + roff + (reader >> 1)
-                a_at = base + off + reader
+            has_readers, whole = _reader_block(b + 1, h, n_chunks, I1, E_end, VARLEN)
             if has_readers:
-                R = tl.load(r_ptr + r_at * DK * DV + tile, mask=fmask, other=0.0)
+                R = tl.load(r_ptr + _block_sum_entry(b + 1, h, base + off, roff, I0, VARLEN) * DK * DV + tile,
+                            mask=fmask, other=0.0)
                 if HAS_G:
                     if whole:  # (else nothing lies after the reader block: E is 0)
+                        a_at = block_entry(base + off, b + 1, h, I0, VARLEN)
                         later = tl.exp(tl.load(a_ptr + a_at).to(ACC)) * later
                 later += R
         elif HAS_G:
             if VARLEN:
                 first = tl.maximum(b << h, I0) == i
-                psi_at = read_entry(base + off, i, h, I0, VARLEN)  # the entry of both H_h[b - 1] and R_h[b]
-                h_at = psi_at
             else:
                 first = (i & ((1 << h) - 1)) == 0
-                psi_at = bh * n_r + roff + (b >> 1)
-                h_at = base + off + b - 1
             if first:
-                H = tl.load(h_ptr + h_at * DK * DV + tile, mask=fmask, other=0.0).to(ACC)
+                H = tl.load(h_ptr + read_entry(base + off, i, h, I0, VARLEN) * DK * DV + tile,
+                            mask=fmask, other=0.0).to(ACC)
+                psi_at = _block_sum_entry(b, h, base + off, roff, I0, VARLEN)
                 tl.store(psi_ptr + psi_at, tl.sum(tl.sum(H * later, 1), 0))
         h -= 1
         if h >= 0:
@@ -215,15 +233,17 @@ def _span_kernel(h_ptr, a_ptr, r_ptr, psi_ptr, later_ptr, tab_ptr, cs_ptr, n_chu
             if not VARLEN:
                 roff -= _reader_blocks(n_chunks, h)
     if not VARLEN:
-        if i + 1 < n_chunks:  # level 0 (entry 0 of both): the odd chunk reads the even one's state
+        if i + 1 < n_chunks:  # level 0 (at entry 0 of both): the odd chunk reads the even one's state
+            r_at = _block_sum_entry(i + 1, 0, base, bh * n_r, I0, VARLEN)
             if HAS_G:
-                H = tl.load(h_ptr + (base + i) * DK * DV + tile, mask=fmask, other=0.0).to(ACC)
-                tl.store(psi_ptr + bh * n_r + (i >> 1), tl.sum(tl.sum(H * later, 1), 0))
+                H = tl.load(h_ptr + read_entry(base, i + 1, 0, I0, VARLEN) * DK * DV + tile, mask=fmask,
+                            other=0.0).to(ACC)
+                tl.store(psi_ptr + r_at, tl.sum(tl.sum(H * later, 1), 0))
             tl.store(later_ptr + (bh * n_chunks + i + 1) * DK * DV + tile, later.to(later_ptr.dtype.element_ty),
                      mask=fmask)
-            R = tl.load(r_ptr + (bh * n_r + (i >> 1)) * DK * DV + tile, mask=fmask, other=0.0)
+            R = tl.load(r_ptr + r_at * DK * DV + tile, mask=fmask, other=0.0)
             if HAS_G:
-                later = tl.exp(tl.load(a_ptr + base + i + 1).to(ACC)) * later
+                later = tl.exp(tl.load(a_ptr + block_entry(base, i + 1, 0, I0, VARLEN)).to(ACC)) * later
             later += R
     tl.store(later_ptr + (bh * n_chunks + gi) * DK * DV + tile, later.to(later_ptr.dtype.element_ty), mask=fmask)
 
@@ -241,26 +261,27 @@ def _span_weight_kernel(psi_ptr, a_ptr, out_ptr, tab_ptr, cs_ptr, n_chunks, n_to
     ``(batch entry or head, chunk or chunk slot)``."""
     lane = tl.program_id(0) * TILE + tl.arange(0, TILE)
     bh = tl.program_id(1).to(tl.int64)
-    if VARLEN:  # the columns of sequence_row, per lane
-        row = tab_ptr + tl.load(cs_ptr + lane, mask=lane < n_chunks, other=0).to(tl.int64) * 8
-        length = tl.load(row + 2, mask=lane < n_chunks, other=0)
-        a = tl.load(row + 3, mask=lane < n_chunks, other=0)
-        base = tl.load(row + 4, mask=lane < n_chunks, other=0) + bh * n_total
-        span_c = tl.load(row + 5, mask=lane < n_chunks, other=0)
+    if VARLEN:  # each lane's sequence (lanes past the slots read sequence 0's row)
+        n = tl.load(cs_ptr + lane, mask=lane < n_chunks, other=0)
+        _, _, length, a, base, span_c = sequence_row(tab_ptr, n)
+        base += bh * n_total
         e = a + length
         I0 = a >> LOG_C
         I1 = (e - 1) >> LOG_C
-        i = I0 + lane - tl.load(row + 6, mask=lane < n_chunks, other=0)
+        E_end = e >> LOG_C
+        i = I0 + lane - tl.load(tab_ptr + n.to(tl.int64) * 8 + 6)  # the sequence's first slot
         live = (lane < n_chunks) & (length > 0) & (i <= I1)
         A_i = tl.load(a_ptr + base + i - I0 + 1, mask=live, other=0.0).to(ACC)
         off = tl.zeros((TILE,), dtype=tl.int32)
+        roff = 0  # (the block sums share the hierarchy's layout)
     else:
         i = lane
         live = i < n_chunks
         base = bh * n_total
         A_i = tl.load(a_ptr + base + i, mask=live, other=0.0).to(ACC)
         off = 0
-        roff = 0
+        roff = bh * n_r
+        I0, I1, E_end = 0, 0, 0  # (no sequence)
     gap = tl.zeros((TILE,), dtype=ACC)
     zeta = tl.zeros((TILE,), dtype=ACC)
     span = tl.zeros((TILE,), dtype=ACC)
@@ -268,24 +289,16 @@ def _span_weight_kernel(psi_ptr, a_ptr, out_ptr, tab_ptr, cs_ptr, n_chunks, n_to
     while h < n_bits:
         b = i >> h
         read = live & ((b & 1) == 1)
-        if VARLEN:
-            h_at = read_entry(base + off, i, h, I0, VARLEN)
-            psi_at = h_at
-            whole = live & ((b & 1) == 0) & (b + 1 <= (I1 >> h))  # a reader block of chunks after i's
-            a_at = base + off + b + 1 - (I0 >> h) + 1
-        else:
-            h_at = base + off + b - 1
-            psi_at = bh * n_r + roff + (b >> 1)
-            whole = live & ((b & 1) == 0) & (((b + 2) << h) <= n_chunks)  # a whole reader block after i's
-            a_at = base + off + b + 1
+        holds, whole = _reader_block(b + 1, h, n_chunks, I1, E_end, VARLEN)
+        after = live & ((b & 1) == 0) & holds & whole  # a whole reader block after i's
         psi = tl.zeros((TILE,), dtype=ACC)
-        tile_ptr = psi_ptr  # the feature tiles' slices, n_psi entries apart
+        tile_ptr = psi_ptr + _block_sum_entry(b, h, base + off, roff, I0, VARLEN)  # n_psi entries a feature tile
         for f in range(n_tiles):
-            psi += tl.load(tile_ptr + psi_at, mask=read, other=0.0)
+            psi += tl.load(tile_ptr, mask=read, other=0.0)
             tile_ptr += n_psi
         span += tl.where(read, tl.exp(A_i + zeta + gap) * psi, 0.0)
-        gap += tl.load(a_ptr + h_at, mask=read, other=0.0).to(ACC)
-        zeta += tl.load(a_ptr + a_at, mask=whole, other=0.0).to(ACC)
+        gap += tl.load(a_ptr + read_entry(base + off, i, h, I0, VARLEN), mask=read, other=0.0).to(ACC)
+        zeta += tl.load(a_ptr + block_entry(base + off, b + 1, h, I0, VARLEN), mask=after, other=0.0).to(ACC)
         off = next_level(off, h, n_chunks, span_c if VARLEN else 0, VARLEN)
         if not VARLEN:
             roff += _reader_blocks(n_chunks, h)
@@ -364,11 +377,7 @@ def _sequence_kernel(h_ptr, a_ptr, r_ptr, s_ptr, df_ptr, di_ptr, rc_ptr, le_ptr,
             if l <= S_IN:
                 tl.store(di_ptr + (first + l - 1) * DK * DV + tile, tl.zeros((BDK, BDV), dtype=ACC), mask=fmask)
     tl.debug_barrier()  # the block sums this program completed are read below
-    top = base
-    h = 0
-    while h < n_bits:
-        top = next_level(top, h, 0, span, True)
-        h += 1
+    top = base + level_start(0, n_bits, span, True)
     walk = tl.zeros((BDK, BDV), dtype=ACC)  # Σ over the readers of the blocks above, decayed to level h's block
     h = n_bits - 1
     while h >= 0:
