@@ -357,6 +357,14 @@ def sequence_row(tab_ptr, n):
 
 
 @triton.jit
+def sequence_chunks(a, length, LOG_C: tl.constexpr):
+    """``(e, I0, I1)`` of a sequence of ``length`` tokens from absolute position ``a``: its end and
+    its first and last absolute chunks."""
+    e = a + length
+    return e, a >> LOG_C, (e - 1) >> LOG_C
+
+
+@triton.jit
 def sequence_chunk(tab_ptr, chunk_seq_ptr, C: tl.constexpr, LOG_C: tl.constexpr):
     """The chunk of this program (axis 0: the global chunk slot) in a call over sequences:
     ``(dead, n, b0, shift, a, e, I, I0, I1, hbase, span, t, tmask)``.
@@ -371,9 +379,7 @@ def sequence_chunk(tab_ptr, chunk_seq_ptr, C: tl.constexpr, LOG_C: tl.constexpr)
     b0, row0, length, a, hbase, span = (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
                                         tl.load(row + 4), tl.load(row + 5))
     first = tl.load(row + 6)
-    e = a + length
-    I0 = a >> LOG_C
-    I1 = (e - 1) >> LOG_C
+    e, I0, I1 = sequence_chunks(a, length, LOG_C)
     I = I0 + (slot - first)
     t = I * C + tl.arange(0, C)
     return (length == 0) | (I > I1), n, b0, row0 - a, a, e, I, I0, I1, hbase, span, t, (t >= a) & (t < e)

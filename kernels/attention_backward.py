@@ -48,7 +48,8 @@ import triton
 import triton.language as tl
 
 from ._device import (bit_length, block_entry, chunk_decays, chunk_rows, dot, intra_decay, intra_scales, level_size,
-                      level_start, level_sums, next_level, read_entry, sequence_chunk, sequence_row, state_tile)
+                      level_start, level_sums, next_level, read_entry, sequence_chunk, sequence_chunks, sequence_row,
+                      state_tile)
 from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, interpreting,
                       next_power_of_2, scratch, state_dtypes)
 from . import _sequences
@@ -265,9 +266,7 @@ def _span_weight_kernel(psi_ptr, a_ptr, out_ptr, tab_ptr, cs_ptr, n_chunks, n_to
         n = tl.load(cs_ptr + lane, mask=lane < n_chunks, other=0)
         _, _, length, a, base, span_c = sequence_row(tab_ptr, n)
         base += bh * n_total
-        e = a + length
-        I0 = a >> LOG_C
-        I1 = (e - 1) >> LOG_C
+        e, I0, I1 = sequence_chunks(a, length, LOG_C)
         E_end = e >> LOG_C
         i = I0 + lane - tl.load(tab_ptr + n.to(tl.int64) * 8 + 6)  # the sequence's first slot
         live = (lane < n_chunks) & (length > 0) & (i <= I1)
@@ -331,9 +330,7 @@ def _sequence_kernel(h_ptr, a_ptr, r_ptr, s_ptr, df_ptr, di_ptr, rc_ptr, le_ptr,
     tile = dk[:, None] * DV + dv[None, :]
     b0, row0, length, a, base, span = sequence_row(tab_ptr, n)
     base += hd * n_total
-    e = a + length
-    I0 = a >> LOG_C
-    I1 = (e - 1) >> LOG_C
+    e, I0, I1 = sequence_chunks(a, length, LOG_C)
     E = e >> LOG_C
     nonempty = length > 0
     first = (n * tl.num_programs(1) + hd) * S_IN
@@ -463,9 +460,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_p
         gslot = p // n_bits
         n = tl.load(gs_ptr + gslot).to(tl.int64)
         b0, row0, length, a, base, span = sequence_row(tab_ptr, n)
-        e = a + length
-        I0 = a >> LOG_C
-        I1 = (e - 1) >> LOG_C
+        e, I0, I1 = sequence_chunks(a, length, LOG_C)
         first = ((I0 >> P_LOG) + gslot - tl.load(tab_ptr + n * 8 + 7)) << P_LOG
         if (length == 0) | (first > I1):
             return
