@@ -1026,7 +1026,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
                 FINAL=False, SIDE=side, **meta)
     dg = None
     if has_g:
-        span = torch.empty((B, n), dtype=acc_torch, device=dev)
+        span = scratch((B, n), acc_torch, dev)
         _span_weight_kernel[(cdiv(n, SPAN_WEIGHT_CHUNKS), B, 1)](psi, logdec, span, logdec, logdec, n, states.shape[1],
                                                              n_r, n_bits, B * n_r, span_tiles,
                                                              TILE=SPAN_WEIGHT_CHUNKS, LOG_C=C.bit_length() - 1,
@@ -1194,7 +1194,7 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
             BDV=BDV, BL=next_power_of_2(L), NB=NB, EXACT=exact, VARLEN=True, FINAL=final, **meta)
     dg = None
     if has_g:
-        span = torch.empty((H, seqs.n_slots), dtype=acc_torch, device=dev)
+        span = scratch((H, seqs.n_slots), acc_torch, dev)
         if seqs.n_slots and H:
             _span_weight_kernel[(cdiv(seqs.n_slots, SPAN_WEIGHT_CHUNKS), H, 1)](
                 psi, logdec, span, seqs.table, seqs.chunk_seq, seqs.n_slots, seqs.n_entries, 0, NH,
