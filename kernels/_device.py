@@ -253,22 +253,22 @@ def round_tf32(x):
 
 
 @triton.jit
-def dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
-    """``a @ b`` accumulated in ``ACC``.  Two operands of one 16-bit dtype go to the tensor
+def dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr, acc=None):
+    """``a @ b (+ acc)`` accumulated in ``ACC``.  Two operands of one 16-bit dtype go to the tensor
     cores as they are when ``NATIVE`` (the interpreter's 16-bit dot is wrong: there, and for
     any other pair, both are cast to ``ACC`` and multiplied with ``input_precision=PREC``,
     float32 operands of a tf32 dot rounded to the nearest by :func:`round_tf32`)."""
     if NATIVE and a.dtype == b.dtype and (a.dtype == tl.bfloat16 or a.dtype == tl.float16):
-        return tl.dot(a, b, out_dtype=ACC)
+        return tl.dot(a, b, acc=acc, out_dtype=ACC)
     elif PREC == "tf32":
-        return tl.dot(_tf32_operand(a, ACC), _tf32_operand(b, ACC), input_precision=PREC, out_dtype=ACC)
+        return tl.dot(_tf32_operand(a, ACC), _tf32_operand(b, ACC), acc=acc, input_precision=PREC, out_dtype=ACC)
     else:
-        return tl.dot(a.to(ACC), b.to(ACC), input_precision=PREC, out_dtype=ACC)
+        return tl.dot(a.to(ACC), b.to(ACC), acc=acc, input_precision=PREC, out_dtype=ACC)
 
 
 @triton.jit
-def split_dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
-    """``a @ b`` for one float32 and one bfloat16 operand: the float32 operand ``x`` enters as its
+def split_dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr, acc=None):
+    """``a @ b (+ acc)`` for one float32 and one bfloat16 operand: the float32 operand ``x`` enters as its
     bfloat16 part ``hi`` and its bfloat16 rest ``lo = x - hi``, each multiplied by the other
     operand as it is (exact products, float32 sums), so ``x`` keeps 16 significant bits (a tf32
     operand keeps 11) and the bfloat16 operand takes half the registers and shared memory of a
@@ -276,12 +276,12 @@ def split_dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr)
     bfloat16 values under the interpreter.  Other dtypes: :func:`dot`."""
     if a.dtype == tl.float32 and b.dtype == tl.bfloat16:
         hi = a.to(tl.bfloat16)
-        return _bf16_dot(_lo_part(a, hi), b, _bf16_dot(hi, b, None, ACC, NATIVE), ACC, NATIVE)
+        return _bf16_dot(_lo_part(a, hi), b, _bf16_dot(hi, b, acc, ACC, NATIVE), ACC, NATIVE)
     elif a.dtype == tl.bfloat16 and b.dtype == tl.float32:
         hi = b.to(tl.bfloat16)
-        return _bf16_dot(a, _lo_part(b, hi), _bf16_dot(a, hi, None, ACC, NATIVE), ACC, NATIVE)
+        return _bf16_dot(a, _lo_part(b, hi), _bf16_dot(a, hi, acc, ACC, NATIVE), ACC, NATIVE)
     else:
-        return dot(a, b, ACC, PREC, NATIVE)
+        return dot(a, b, ACC, PREC, NATIVE, acc)
 
 
 @triton.jit

@@ -287,10 +287,10 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr
         if ((i >> h) & 1) == 1:
             blk = read_entry(bh * n_total + off, i, h, 0, False)
             lam = tl.load(l_base + t.to(tl.int64) * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
-            acc += lam[:, None] * split_dot(qh, matrix_tile(h_ptr, blk, dk, dv, DK, DV, HELD), ACC, PREC, NATIVE)
+            acc = split_dot(lam[:, None] * qh, matrix_tile(h_ptr, blk, dk, dv, DK, DV, HELD), ACC, PREC, NATIVE, acc)
             if (i >> (h + 1)) != 0:  # a higher block is read after this one: move the queries across it
-                qh = split_dot(qh, matrix_tile(tr_ptr, blk, dk, dk, DK, DK, HELD), ACC, PREC, NATIVE) + \
-                    block_decay(gm_ptr, blk, HAS_G, ACC) * qh
+                qh = split_dot(qh, matrix_tile(tr_ptr, blk, dk, dk, DK, DK, HELD), ACC, PREC, NATIVE,
+                               block_decay(gm_ptr, blk, HAS_G, ACC) * qh)
         off = next_level(off, h, n_chunks, 0, False)
         h += 1
     tl.store(o_ptr + b0 * sob0 + b1 * sob1 + t[:, None] * sot + dv[None, :] * sod, acc * scale,

@@ -214,24 +214,27 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
                     for d0 in tl.static_range(0, DV, BDV):
                         dv = d0 + tl.arange(0, BDV)
                         dO = load_rows(do_ptr, b0, b1, t, tmask, sob0, sob1, sot, sod, dv, DV, do_ptr.dtype.element_ty)
-                        G_h += dot(dO, tl.trans(matrix_tile(h_ptr, blk, dk, dv, DK, DV, h_ptr.dtype.element_ty)), ACC,
-                                   PREC, NATIVE)
-                        if SPLIT:
-                            share = split_dot(lq, dO, ACC, PREC, NATIVE)
-                        else:
-                            share = dot(lq, dO, ACC, PREC, NATIVE)
+                        G_h = dot(dO, tl.trans(matrix_tile(h_ptr, blk, dk, dv, DK, DV, h_ptr.dtype.element_ty)), ACC,
+                                  PREC, NATIVE, G_h)
                         if one_tile:
-                            acc_h += share
+                            if SPLIT:
+                                acc_h = split_dot(lq, dO, ACC, PREC, NATIVE, acc_h)
+                            else:
+                                acc_h = dot(lq, dO, ACC, PREC, NATIVE, acc_h)
                         else:
+                            if SPLIT:
+                                share = split_dot(lq, dO, ACC, PREC, NATIVE)
+                            else:
+                                share = dot(lq, dO, ACC, PREC, NATIVE)
                             _add_block(dh_ptr, blk, share, dk, dv, DK, DV, False)
                     tl.store(dl_base + t * sdlt + col * sdll, scale * tl.sum(qh * G_h, 1), mask=tmask)
                     dq = scale * lam[:, None] * G_h
                     if (i >> (h + 1)) != 0:  # a higher block was read: the stored dq carries its gradient
                         dq_k = matrix_tile(dqt_ptr, row, r, dk, C, DK, ACC)
-                        acc_t += tl.dot(tl.trans(qh), dq_k, input_precision=PREC, out_dtype=ACC)
+                        acc_t = tl.dot(tl.trans(qh), dq_k, acc_t, input_precision=PREC, out_dtype=ACC)
                         moved = 1
-                        dq += tl.dot(dq_k, tl.trans(transition_tile(tr_ptr, gm_ptr, blk, dk, dk, DK, HAS_G, ACC)),
-                                     input_precision=PREC, out_dtype=ACC)
+                        dq = tl.dot(dq_k, tl.trans(transition_tile(tr_ptr, gm_ptr, blk, dk, dk, DK, HAS_G, ACC)), dq,
+                                    input_precision=PREC, out_dtype=ACC)
                     store_matrix_tile(dqt_ptr, row, dq, r, dk, C, DK)
                 else:
                     tl.store(dl_base + t * sdlt + col * sdll, tl.zeros((C,), dtype=ACC), mask=tmask)
