@@ -348,12 +348,28 @@ def store_tile(y, value, b0, b1, row0, col0, sb0, sb1, st, sd, T, D, R: tl.const
 
 # -- sequences: the state-aware kernels (``kernels._sequences``) ------------------------------
 @triton.jit
+def _table_row(tab_ptr, n):
+    """Where sequence ``n``'s row of the sequence table of :mod:`kernels._sequences` starts (eight
+    int64 columns a sequence)."""
+    return tab_ptr + n.to(tl.int64) * 8
+
+
+@triton.jit
 def sequence_row(tab_ptr, n):
     """``(b0, row0, length, a, hbase, span)`` of sequence ``n`` in the sequence table of
     :mod:`kernels._sequences`: its batch row, the row of its first token, its length, the
     absolute position of its first token, its first hierarchy entry and its chunk span."""
-    row = tab_ptr + n.to(tl.int64) * 8
+    row = _table_row(tab_ptr, n)
     return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
+
+
+@triton.jit
+def sequence_slots(tab_ptr, n):
+    """``(slot_base, group_base)`` of sequence ``n`` in the sequence table: its first chunk slot
+    and its first group slot (the last two columns; a kernel that reads one of them loads only
+    that one)."""
+    row = _table_row(tab_ptr, n)
+    return tl.load(row + 6), tl.load(row + 7)
 
 
 @triton.jit
@@ -375,10 +391,8 @@ def sequence_chunk(tab_ptr, chunk_seq_ptr, C: tl.constexpr, LOG_C: tl.constexpr)
     those of the sequence, and row ``t + shift`` along ``T`` holds position ``t``."""
     slot = tl.program_id(0)
     n = tl.load(chunk_seq_ptr + slot).to(tl.int64)
-    row = tab_ptr + n * 8  # the columns of sequence_row (read here: fewer calls for the interpreter)
-    b0, row0, length, a, hbase, span = (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
-                                        tl.load(row + 4), tl.load(row + 5))
-    first = tl.load(row + 6)
+    b0, row0, length, a, hbase, span = sequence_row(tab_ptr, n)
+    first, _ = sequence_slots(tab_ptr, n)
     e, I0, I1 = sequence_chunks(a, length, LOG_C)
     I = I0 + (slot - first)
     t = I * C + tl.arange(0, C)

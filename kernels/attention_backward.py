@@ -49,7 +49,7 @@ import triton.language as tl
 
 from ._device import (bit_length, block_entry, chunk_decays, chunk_rows, dot, intra_decay, intra_scales, level_size,
                       level_start, level_sums, next_level, read_entry, sequence_chunk, sequence_chunks, sequence_row,
-                      state_tile)
+                      sequence_slots, state_tile)
 from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, interpreting,
                       next_power_of_2, scratch, state_dtypes)
 from . import _sequences
@@ -268,7 +268,8 @@ def _span_weight_kernel(psi_ptr, a_ptr, out_ptr, tab_ptr, cs_ptr, n_chunks, n_to
         base += bh * n_total
         e, I0, I1 = sequence_chunks(a, length, LOG_C)
         E_end = e >> LOG_C
-        i = I0 + lane - tl.load(tab_ptr + n.to(tl.int64) * 8 + 6)  # the sequence's first slot
+        first, _ = sequence_slots(tab_ptr, n)
+        i = I0 + lane - first
         live = (lane < n_chunks) & (length > 0) & (i <= I1)
         A_i = tl.load(a_ptr + base + i - I0 + 1, mask=live, other=0.0).to(ACC)
         off = tl.zeros((TILE,), dtype=tl.int32)
@@ -461,7 +462,8 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_p
         n = tl.load(gs_ptr + gslot).to(tl.int64)
         b0, row0, length, a, base, span = sequence_row(tab_ptr, n)
         e, I0, I1 = sequence_chunks(a, length, LOG_C)
-        first = ((I0 >> P_LOG) + gslot - tl.load(tab_ptr + n * 8 + 7)) << P_LOG
+        _, first_group = sequence_slots(tab_ptr, n)
+        first = ((I0 >> P_LOG) + gslot - first_group) << P_LOG
         if (length == 0) | (first > I1):
             return
         hd = tl.program_id(1).to(tl.int64)
