@@ -674,6 +674,35 @@ def test_split_dot_carries_sixteen_bits():
         assert e < err_tf32 / 8, f"{name}: {e:.2e} against tf32 {err_tf32:.2e}"
 
 
+@triton.jit
+def _accumulated_dot_kernel(a_ptr, b_ptr, c_ptr, split_ptr, tf32_ptr, M: tl.constexpr, K: tl.constexpr,
+                            N: tl.constexpr, NATIVE: tl.constexpr):
+    m, k, n = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
+    a = tl.load(a_ptr + m[:, None] * K + k[None, :])
+    b = tl.load(b_ptr + k[:, None] * N + n[None, :])
+    c = tl.load(c_ptr + m[:, None] * N + n[None, :])
+    tl.store(split_ptr + m[:, None] * N + n[None, :], split_dot(a, b, tl.float32, "tf32", NATIVE, c))
+    tl.store(tf32_ptr + m[:, None] * N + n[None, :], dot(a, b.to(tl.float32), tl.float32, "tf32", NATIVE, c))
+
+
+def test_dots_add_their_accumulator():
+    """``dot`` and ``split_dot`` with ``acc`` give ``a @ b + acc``, the sum formed in the dot's
+    accumulator (what the Gated DeltaNet reader and walk use): ``split_dot`` within ``2^-15`` of the
+    size of the terms, the tf32 ``dot`` within ``2^-10``, against float64."""
+    rng = np.random.default_rng(2)
+    a = torch.from_numpy(rng.standard_normal((32, 64)).astype(np.float32))
+    b = torch.from_numpy(rng.standard_normal((64, 32))).to(torch.bfloat16)
+    c = torch.from_numpy((rng.standard_normal((32, 32)) * 8).astype(np.float32))
+    got, tf32 = (torch.full((32, 32), float("nan"), device=DEVICE) for _ in range(2))
+    _accumulated_dot_kernel[(1,)](a.to(DEVICE), b.to(DEVICE), c.to(DEVICE), got, tf32, M=32, K=64, N=32,
+                                  NATIVE=not INTERP)
+    want = a.double() @ b.double() + c.double()
+    size = a.double().abs() @ b.double().abs() + c.double().abs()
+    for name, x, tol in (("split_dot", got, 2.0 ** -15), ("dot", tf32, 2.0 ** -10)):
+        err = ((x.cpu().double() - want).abs() / size).max().item()
+        assert err <= tol, f"{name} with acc: {err:.2e} of the terms' size"
+
+
 def _nearest_tf32(x):
     """float32 ``x`` rounded to 10 explicit mantissa bits, ties away from zero (float64 arithmetic;
     subnormals keep the smallest exponent's spacing)."""
