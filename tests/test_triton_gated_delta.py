@@ -642,16 +642,33 @@ def _round_tf32_kernel(x_ptr, y_ptr, N: tl.constexpr):
 
 
 @triton.jit
-def _split_dot_kernel(a_ptr, b_ptr, split_ptr, mirrored_ptr, tf32_ptr, M: tl.constexpr, K: tl.constexpr,
-                      N: tl.constexpr, NATIVE: tl.constexpr):
+def _split_dot_kernel(a_ptr, b_ptr, c_ptr, split_ptr, mirrored_ptr, tf32_ptr, acc_split_ptr, acc_tf32_ptr,
+                      M: tl.constexpr, K: tl.constexpr, N: tl.constexpr, NATIVE: tl.constexpr):
     m, k, n = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
     a = tl.load(a_ptr + m[:, None] * K + k[None, :])
     b = tl.load(b_ptr + k[:, None] * N + n[None, :])
-    tl.store(split_ptr + m[:, None] * N + n[None, :], split_dot(a, b, tl.float32, "tf32", NATIVE))
+    out = m[:, None] * N + n[None, :]
+    tl.store(split_ptr + out, split_dot(a, b, tl.float32, "tf32", NATIVE))
     # the float32 operand on the right: (a b)ᵀ = bᵀ aᵀ
-    tl.store(mirrored_ptr + m[:, None] * N + n[None, :],
-             tl.trans(split_dot(tl.trans(b), tl.trans(a), tl.float32, "tf32", NATIVE)))
-    tl.store(tf32_ptr + m[:, None] * N + n[None, :], dot(a, b, tl.float32, "tf32", NATIVE))
+    tl.store(mirrored_ptr + out, tl.trans(split_dot(tl.trans(b), tl.trans(a), tl.float32, "tf32", NATIVE)))
+    tl.store(tf32_ptr + out, dot(a, b, tl.float32, "tf32", NATIVE))
+    # with an accumulator: a b + c
+    c = tl.load(c_ptr + out)
+    tl.store(acc_split_ptr + out, split_dot(a, b, tl.float32, "tf32", NATIVE, c))
+    tl.store(acc_tf32_ptr + out, dot(a, b.to(tl.float32), tl.float32, "tf32", NATIVE, c))
+
+
+def _split_dots(seed):
+    """``(a, b, c)`` (float32 ``32 × 64`` rows of mixed scales, bfloat16 ``64 × 64``, float32
+    ``32 × 64``) and the kernel's ``split_dot``, mirrored ``split_dot``, tf32 ``dot`` of ``a b`` and
+    ``split_dot``, tf32 ``dot`` of ``a b + c``, each on the CPU."""
+    rng = np.random.default_rng(seed)
+    a = torch.from_numpy((rng.standard_normal((32, 64)) * np.exp2(rng.integers(-8, 8, (32, 1)))).astype(np.float32))
+    b = torch.from_numpy(rng.standard_normal((64, 64))).to(torch.bfloat16)
+    c = torch.from_numpy((rng.standard_normal((32, 64)) * 8).astype(np.float32))
+    outs = [torch.full((32, 64), float("nan"), device=DEVICE) for _ in range(5)]
+    _split_dot_kernel[(1,)](a.to(DEVICE), b.to(DEVICE), c.to(DEVICE), *outs, M=32, K=64, N=64, NATIVE=not INTERP)
+    return (a, b, c), [x.cpu().double() for x in outs]
 
 
 def test_split_dot_carries_sixteen_bits():
@@ -660,46 +677,24 @@ def test_split_dot_carries_sixteen_bits():
     either side, is closer to the float64 product than the tf32 dot of the same operands, within
     ``2^-15`` of the size of its terms; on the GPU through the tensor cores' bfloat16 dots, under
     the interpreter through float32 dots of the same values."""
-    rng = np.random.default_rng(1)
-    a = torch.from_numpy((rng.standard_normal((32, 64)) * np.exp2(rng.integers(-8, 8, (32, 1)))).astype(np.float32))
-    b = torch.from_numpy(rng.standard_normal((64, 64))).to(torch.bfloat16)
-    got, mirrored, tf32 = (torch.full((32, 64), float("nan"), device=DEVICE) for _ in range(3))
-    _split_dot_kernel[(1,)](a.to(DEVICE), b.to(DEVICE), got, mirrored, tf32, M=32, K=64, N=64, NATIVE=not INTERP)
+    (a, b, _), (got, mirrored, tf32, _, _) = _split_dots(1)
     want = a.double() @ b.double()
     size = a.double().abs() @ b.double().abs()
-    err, err_mirrored, err_tf32 = (((x.cpu().double() - want).abs() / size).max().item()
-                                   for x in (got, mirrored, tf32))
+    err, err_mirrored, err_tf32 = (((x - want).abs() / size).max().item() for x in (got, mirrored, tf32))
     for name, e in (("split_dot", err), ("split_dot, float32 operand on the right", err_mirrored)):
         assert e <= 2.0 ** -15, f"{name}: {e:.2e} of the terms' size"
         assert e < err_tf32 / 8, f"{name}: {e:.2e} against tf32 {err_tf32:.2e}"
-
-
-@triton.jit
-def _accumulated_dot_kernel(a_ptr, b_ptr, c_ptr, split_ptr, tf32_ptr, M: tl.constexpr, K: tl.constexpr,
-                            N: tl.constexpr, NATIVE: tl.constexpr):
-    m, k, n = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
-    a = tl.load(a_ptr + m[:, None] * K + k[None, :])
-    b = tl.load(b_ptr + k[:, None] * N + n[None, :])
-    c = tl.load(c_ptr + m[:, None] * N + n[None, :])
-    tl.store(split_ptr + m[:, None] * N + n[None, :], split_dot(a, b, tl.float32, "tf32", NATIVE, c))
-    tl.store(tf32_ptr + m[:, None] * N + n[None, :], dot(a, b.to(tl.float32), tl.float32, "tf32", NATIVE, c))
 
 
 def test_dots_add_their_accumulator():
     """``dot`` and ``split_dot`` with ``acc`` give ``a @ b + acc``, the sum formed in the dot's
     accumulator (what the Gated DeltaNet reader and walk use): ``split_dot`` within ``2^-15`` of the
     size of the terms, the tf32 ``dot`` within ``2^-10``, against float64."""
-    rng = np.random.default_rng(2)
-    a = torch.from_numpy(rng.standard_normal((32, 64)).astype(np.float32))
-    b = torch.from_numpy(rng.standard_normal((64, 32))).to(torch.bfloat16)
-    c = torch.from_numpy((rng.standard_normal((32, 32)) * 8).astype(np.float32))
-    got, tf32 = (torch.full((32, 32), float("nan"), device=DEVICE) for _ in range(2))
-    _accumulated_dot_kernel[(1,)](a.to(DEVICE), b.to(DEVICE), c.to(DEVICE), got, tf32, M=32, K=64, N=32,
-                                  NATIVE=not INTERP)
+    (a, b, c), (_, _, _, got, tf32) = _split_dots(2)
     want = a.double() @ b.double() + c.double()
     size = a.double().abs() @ b.double().abs() + c.double().abs()
     for name, x, tol in (("split_dot", got, 2.0 ** -15), ("dot", tf32, 2.0 ** -10)):
-        err = ((x.cpu().double() - want).abs() / size).max().item()
+        err = ((x - want).abs() / size).max().item()
         assert err <= tol, f"{name} with acc: {err:.2e} of the terms' size"
 
 
