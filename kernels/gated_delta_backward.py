@@ -113,6 +113,16 @@ def _add_shares(dh_ptr, dt_ptr, blk, acc_h, acc_t, moved, owned, dk, DK, DV, BDV
 
 
 @triton.jit
+def _dh_share(lq, dO, SPLIT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr, acc=None):
+    """A chunk's share ``(scale λ ⊙ q̃)ᵀ dO`` of ``dH`` (``+ acc``): through :func:`split_dot` with
+    ``SPLIT`` (``SPLIT_READER_SHARE_UP_TO``), a :func:`dot` otherwise."""
+    if SPLIT:
+        return split_dot(lq, dO, ACC, PREC, NATIVE, acc)
+    else:
+        return dot(lq, dO, ACC, PREC, NATIVE, acc)
+
+
+@triton.jit
 def _moved_between(x, i, BOTTOM: tl.constexpr, top, tr_ptr, gm_ptr, base, n_chunks, dk, DK, HAS_G: tl.constexpr,
                    ACC: tl.constexpr, PREC: tl.constexpr):
     """The rows ``x`` of chunk ``i`` moved across the blocks it reads from level ``BOTTOM`` below
@@ -217,16 +227,9 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
                         G_h = dot(dO, tl.trans(matrix_tile(h_ptr, blk, dk, dv, DK, DV, h_ptr.dtype.element_ty)), ACC,
                                   PREC, NATIVE, G_h)
                         if one_tile:
-                            if SPLIT:
-                                acc_h = split_dot(lq, dO, ACC, PREC, NATIVE, acc_h)
-                            else:
-                                acc_h = dot(lq, dO, ACC, PREC, NATIVE, acc_h)
+                            acc_h = _dh_share(lq, dO, SPLIT, ACC, PREC, NATIVE, acc_h)
                         else:
-                            if SPLIT:
-                                share = split_dot(lq, dO, ACC, PREC, NATIVE)
-                            else:
-                                share = dot(lq, dO, ACC, PREC, NATIVE)
-                            _add_block(dh_ptr, blk, share, dk, dv, DK, DV, False)
+                            _add_block(dh_ptr, blk, _dh_share(lq, dO, SPLIT, ACC, PREC, NATIVE), dk, dv, DK, DV, False)
                     tl.store(dl_base + t * sdlt + col * sdll, scale * tl.sum(qh * G_h, 1), mask=tmask)
                     dq = scale * lam[:, None] * G_h
                     if (i >> (h + 1)) != 0:  # a higher block was read: the stored dq carries its gradient
