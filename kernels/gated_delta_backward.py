@@ -21,6 +21,8 @@ Reverse mode through the forward's three stages, for a cotangent ``dO``:
 3. ``_reverse_hierarchy_kernel`` (one launch per level, top down) is the adjoint of
    ``H_{h+1}[m] = T_h[2m+1] H_h[2m] + H_h[2m+1]``, ``T_{h+1}[m] = T_h[2m+1] T_h[2m]``: it moves
    ``dH``, ``dT`` of every block to its two halves, down to the chunks (level 0: ``dU``, ``dTr``).
+   An odd block's ``dH`` is its parent's (odd blocks have no readers), so it is not stored: its
+   readers read the lowest even (or top-level) ancestor's, ``_dh_entry``.
 4. ``_chunk_kernel`` (one program per chunk) differentiates everything inside the chunk: the
    in-chunk output ``scale (P ⊙ Λ) V`` (``dλ`` of levels ``0..c``), ``Q̃``, ``Tr`` and ``U`` through
    ``X = N⁻¹`` (``dN = -Xᵀ dX Xᵀ``) back to ``q, k, v, β`` and the chunk-local cumulative
@@ -249,8 +251,23 @@ def _reader_kernel(q_ptr, k_ptr, do_ptr, l_ptr, g_ptr, w_ptr, h_ptr, tr_ptr, gm_
             off -= level_size(h, n_chunks, 0, False)
 
 
-@triton.jit(do_not_specialize=["n_total", "off_child", "off_parent"])
-def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, off_child, off_parent, DK: tl.constexpr,
+@triton.jit
+def _dh_entry(entry, b, h, top, n_chunks):
+    """The entry that holds ``dH`` of block ``b`` of level ``h`` (whose own entry is ``entry``): an
+    odd block below the top level has no reader, so its ``dH`` is its parent's, which the reverse
+    hierarchy does not copy down; the entry is that of its lowest even ancestor (or of a top-level
+    block)."""
+    lv = h + 0 * b  # (a tensor: the loop carries it)
+    while ((b & 1) == 1) & (lv < top):
+        entry += level_size(lv, n_chunks, 0, False) - b + (b >> 1)  # past level lv's end, to the parent
+        b = b >> 1
+        lv += 1
+    return entry
+
+
+@triton.jit(do_not_specialize=["n_total", "off_child", "off_parent", "n_chunks", "h_parent", "top"])
+def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, off_child, off_parent, n_chunks, h_parent,
+                              top, DK: tl.constexpr,
                               DV: tl.constexpr, N_DV_TILES: tl.constexpr, N_TILES: tl.constexpr, BDK: tl.constexpr,
                               BDV: tl.constexpr, BT: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr,
                               PREC: tl.constexpr, SPLIT: tl.constexpr, NATIVE: tl.constexpr):
@@ -269,6 +286,7 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, of
     even = bh * n_total + off_child + 2 * m
     odd = even + 1
     parent = bh * n_total + off_parent + m
+    parent_h = _dh_entry(parent, m, h_parent, top, n_chunks)  # where the parent's dH is
     dk = tl.arange(0, BDK)
     if SPLIT:  # the hierarchy's tiles as they are held
         HELD: tl.constexpr = tr_ptr.dtype.element_ty
@@ -276,14 +294,13 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, of
         HELD: tl.constexpr = ACC
     if j < N_DV_TILES:
         dv = j * BDV + tl.arange(0, BDV)
-        dHp = matrix_tile(dh_ptr, parent, dk, dv, DK, DV, ACC)
+        dHp = matrix_tile(dh_ptr, parent_h, dk, dv, DK, DV, ACC)
         dHe = matrix_tile(dh_ptr, even, dk, dv, DK, DV, ACC)
         T_odd = _transition_operand(tr_ptr, gm_ptr, odd, dk, dk, DK, HAS_G, ACC, SPLIT, HELD)
         dHe += _held_dot(tl.trans(T_odd), dHp, ACC, PREC, NATIVE)
         if SPLIT:  # the γ I part the operand leaves out
             dHe += block_decay(gm_ptr, odd, HAS_G, ACC) * dHp
-        store_matrix_tile(dh_ptr, even, dHe, dk, dv, DK, DV)
-        store_matrix_tile(dh_ptr, odd, dHp, dk, dv, DK, DV)
+        store_matrix_tile(dh_ptr, even, dHe, dk, dv, DK, DV)  # the odd child's dH is the parent's (_dh_entry)
     else:
         block_id = j - N_DV_TILES
         rows = (block_id // (BDK // BT)) * BT + tl.arange(0, BT)
@@ -297,7 +314,7 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, of
             acc += block_decay(gm_ptr, even, HAS_G, ACC) * dTp
         for d0 in tl.static_range(0, DV, BDV):
             dv = d0 + tl.arange(0, BDV)
-            acc += _held_dot(matrix_tile(dh_ptr, parent, rows, dv, DK, DV, ACC),
+            acc += _held_dot(matrix_tile(dh_ptr, parent_h, rows, dv, DK, DV, ACC),
                              tl.trans(matrix_tile(h_ptr, even, cols, dv, DK, DV, HELD)), ACC, PREC, NATIVE)
         store_matrix_tile(dt_ptr, odd, acc, rows, cols, DK, DK)
         dTe = _held_dot(tl.trans(_transition_operand(tr_ptr, gm_ptr, odd, dk, rows, DK, HAS_G, ACC, SPLIT, HELD)),
@@ -331,11 +348,11 @@ def _held_dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr)
         return tl.dot(a.to(ACC), b.to(ACC), input_precision=PREC, out_dtype=ACC)
 
 
-@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "L", "slb0", "slb1", "slt", "sbb0", "sbb1",
+@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "top", "L", "slb0", "slb1", "slt", "sbb0", "sbb1",
                                "sgb0", "sgb1", "sdbb0", "sdbb1", "sdlb0", "sdlb1", "sdlt", "sdgb0", "sdgb1", "GRP"])
 def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr, dh_ptr, dt_ptr, dqt_ptr,
                   dq_ptr, dk_ptr, dv_ptr, db_ptr, dl_ptr, dg_ptr, hc_ptr, hk_ptr, hv_ptr,
-                  T, B1, n_chunks, n_total, L, DK: tl.constexpr, DV: tl.constexpr, scale, GRP,
+                  T, B1, n_chunks, n_total, top, L, DK: tl.constexpr, DV: tl.constexpr, scale, GRP,
                   sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt,
                   sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt,
                   sdqb0, sdqb1, sdqt, sdqd, sdkb0, sdkb1, sdkt, sdkd, sdvb0, sdvb1, sdvt, sdvd, sdbb0, sdbb1, sdbt,
@@ -361,14 +378,15 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
     blk = bh * n_total + i
     beta = tl.load(b_ptr + b0 * sbb0 + b1 * sbb1 + t * sbt, mask=tmask, other=0.0).to(ACC)
     Gam, gamma, d, gamma_end = gates(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC, EXACT)
+    QK_TYPE: tl.constexpr = k_ptr.dtype.element_ty  # q and k held as loaded, widened where used
     if FRONT:
-        Q = load_rows(q_ptr, b0, b1 // GRP, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, ACC)
-        K = load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
-        Sq = tl.dot(Q, tl.trans(K), input_precision=PREC, out_dtype=ACC) * Gam
+        Q = load_rows(q_ptr, b0, b1 // GRP, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, QK_TYPE)
+        K = load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, dk, DK, QK_TYPE)
+        Sq = dot(Q, tl.trans(K), ACC, PREC, NATIVE) * Gam
         Y = matrix_tile(x_ptr, row, r, r, C, C, ACC) * beta[None, :]
         # the value side (P = Sq Y, U = E V with E = (diag(d) K)ᵀ Y): dV, dP, dE and dλ of levels 0..c
         P = tl.dot(Sq, Y, input_precision=PREC, out_dtype=ACC)
-        E = tl.dot(tl.trans(d[:, None] * K), Y, input_precision=PREC, out_dtype=ACC)
+        E = tl.dot(tl.trans(d[:, None] * K.to(ACC)), Y, input_precision=PREC, out_dtype=ACC)
         Lam = intra_scales(l_ptr + b0 * slb0 + b1 * slb1 + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
         PL = P * Lam.to(ACC)
         if SPLIT:  # the bfloat16 values and dO as they are: bfloat16 dots, split_dot
@@ -379,11 +397,12 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
             DO_TYPE: tl.constexpr = ACC
         dPL = tl.zeros((C, C), dtype=ACC)
         dE = tl.zeros((BDK, C), dtype=ACC)
+        ublk = _dh_entry(blk, i, 0, top, n_chunks)  # where the chunk's dU is
         for d0 in tl.static_range(0, DV, BDV):
             dv = d0 + tl.arange(0, BDV)
             V = load_rows(v_ptr, b0, b1, t, tmask, svb0, svb1, svt, svd, dv, DV, V_TYPE)
             dO = load_rows(do_ptr, b0, b1, t, tmask, sob0, sob1, sot, sod, dv, DV, DO_TYPE)
-            dU = matrix_tile(dh_ptr, blk, dk, dv, DK, DV, ACC)
+            dU = matrix_tile(dh_ptr, ublk, dk, dv, DK, DV, ACC)
             dPL += _held_dot(dO, tl.trans(V), ACC, PREC, NATIVE)
             dE += _held_dot(dU, tl.trans(V), ACC, PREC, NATIVE)
             dV = scale * _held_dot(tl.trans(PL), dO, ACC, PREC, NATIVE) + tl.dot(
@@ -398,30 +417,30 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
                  mask=tmask[:, None] & (col_l[None, :] <= LOG_C) & (col_l[None, :] < L))
         dP = dPL * Lam.to(ACC)
         # the key side: Tr = γ_end I - Kdᵀ W (dTr), U (dE), Q̃ = diag(γ) Q - Sq W (dQ̃), P (dP); Kd = diag(d) K
-        Q = load_rows(q_ptr, b0, b1 // GRP, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, ACC)  # again: not kept live
-        K = load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
+        Q = load_rows(q_ptr, b0, b1 // GRP, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, QK_TYPE)  # again: not kept live
+        K = load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, dk, DK, QK_TYPE)
         dTr = matrix_tile(dt_ptr, blk, dk, dk, DK, DK, ACC)
-        trace = tl.sum(tl.sum(tl.where(dk[:, None] == dk[None, :], dTr, 0.0), 1), 0)  # dγ_end
+        trace = tl.sum(tl.load(dt_ptr + blk * (DK * DK) + dk * (DK + 1), mask=dk < DK, other=0.0), 0)  # dγ_end
         W = matrix_tile(w_ptr, row, r, dk, C, DK, ACC)
-        Kd = d[:, None] * K
-        dKd = tl.dot(Y, tl.trans(dE), input_precision=PREC, out_dtype=ACC) - tl.dot(
-            W, tl.trans(dTr), input_precision=PREC, out_dtype=ACC)
+        Kd = d[:, None] * K.to(ACC)
+        dKd = tl.trans(tl.dot(dE, tl.trans(Y), input_precision=PREC, out_dtype=ACC) - tl.dot(
+            dTr, tl.trans(W), input_precision=PREC, out_dtype=ACC))
         dW = -tl.dot(Kd, dTr, input_precision=PREC, out_dtype=ACC)
         dY = tl.dot(Kd, dE, input_precision=PREC, out_dtype=ACC)
         dQt = matrix_tile(dqt_ptr, row, r, dk, C, DK, ACC)
         dW -= tl.dot(tl.trans(Sq), dQt, input_precision=PREC, out_dtype=ACC)
-        dgamma = tl.sum(Q * dQt, 1)
+        dgamma = tl.sum(Q.to(ACC) * dQt, 1)
         dQ = gamma[:, None] * dQt
         dSq = tl.dot(dP, tl.trans(Y), input_precision=PREC, out_dtype=ACC) - tl.dot(
             dQt, tl.trans(W), input_precision=PREC, out_dtype=ACC)
         dY += tl.dot(tl.trans(Sq), dP, input_precision=PREC, out_dtype=ACC)
         WG = dSq * Sq  # (dSq ⊙ Q Kᵀ) ⊙ Γ: the share of dΓ ⊙ Γ through Sq
         dSqG = dSq * Gam
-        dQ += tl.dot(dSqG, K, input_precision=PREC, out_dtype=ACC)
+        dQ += tl.dot(dSqG, K.to(ACC), input_precision=PREC, out_dtype=ACC)
         kmask = tmask[:, None] & (dk[None, :] < DK)
         tl.store(dq_ptr + b0 * sdqb0 + b1 * sdqb1 + t[:, None] * sdqt + dk[None, :] * sdqd, dQ, mask=kmask)
-        dd = tl.sum(K * dKd, 1) * d  # (for dg)
-        dK = tl.dot(tl.trans(dSqG), Q, input_precision=PREC, out_dtype=ACC) + d[:, None] * dKd
+        dd = tl.sum(K.to(ACC) * dKd, 1) * d  # (for dg)
+        dK = tl.dot(tl.trans(dSqG), Q.to(ACC), input_precision=PREC, out_dtype=ACC) + d[:, None] * dKd
         if SIDE == 1:  # hand over to the adjoint of the solve
             hrow = row * 2
             store_matrix_tile(hc_ptr, hrow, dY, r, r, C, C)
@@ -433,7 +452,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
             tl.store(hv_ptr + row * 3 * C + 2 * C, trace)
     if SIDE == 2:
         hrow = row * 2
-        K = load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, dk, DK, ACC)
+        K = load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, dk, DK, QK_TYPE)
         kmask = tmask[:, None] & (dk[None, :] < DK)
         dY = matrix_tile(hc_ptr, hrow, r, r, C, C, ACC)
         WG = matrix_tile(hc_ptr, hrow + 1, r, r, C, C, ACC)
@@ -445,10 +464,10 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
     if TAIL:
         # Y = X diag(β),  W = X Z with Z = diag(βγ) K
         X = matrix_tile(x_ptr, row, r, r, C, C, ACC)
-        dX = dY * beta[None, :] + tl.dot(dW, tl.trans((beta * gamma)[:, None] * K), input_precision=PREC,
+        dX = dY * beta[None, :] + tl.dot(dW, tl.trans((beta * gamma)[:, None] * K.to(ACC)), input_precision=PREC,
                                          out_dtype=ACC)
         dZ = tl.dot(tl.trans(X), dW, input_precision=PREC, out_dtype=ACC)
-        KdZ = tl.sum(K * dZ, 1)
+        KdZ = tl.sum(K.to(ACC) * dZ, 1)
         dbeta = tl.sum(X * dY, 0) + gamma * KdZ
         dgamma += beta * KdZ
         dK += (beta * gamma)[:, None] * dZ
@@ -456,10 +475,10 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, l_ptr, g_ptr, x_ptr, w_ptr
         Xt = tl.trans(X)
         dN = -tl.dot(tl.dot(Xt, dX, input_precision=PREC, out_dtype=ACC), Xt, input_precision=PREC, out_dtype=ACC)
         dLm = tl.where(r[:, None] > r[None, :], dN, 0.0)
-        KK = tl.dot(K, tl.trans(K), input_precision=PREC, out_dtype=ACC)
+        KK = dot(K, tl.trans(K), ACC, PREC, NATIVE)
         dbeta += tl.sum(dLm * KK * Gam, 1)
         dKK = dLm * beta[:, None] * Gam
-        dK += tl.dot(dKK + tl.trans(dKK), K, input_precision=PREC, out_dtype=ACC)
+        dK += tl.dot(dKK + tl.trans(dKK), K.to(ACC), input_precision=PREC, out_dtype=ACC)
         tl.store(dk_ptr + b0 * sdkb0 + b1 * sdkb1 + t[:, None] * sdkt + dk[None, :] * sdkd, dK, mask=kmask)
         tl.store(db_ptr + b0 * sdbb0 + b1 * sdbb1 + t * sdbt, dbeta, mask=tmask)
         if HAS_G:
@@ -479,11 +498,13 @@ def _gradient_pyramid(ch, offsets, group: int, stored_dh: bool):
     """``dH``, ``dT`` (float32, float64 for float64 inputs; the hierarchy's shapes), zeroed where a
     block's first writer adds to it or nothing writes it.  The reader stores the even blocks of the
     levels below ``log2(group)`` (the group holds all their readers; ``dH`` only where it is one
-    value tile, ``stored_dh``) and adds atomically above; the reverse hierarchy stores every odd
-    block that has a parent and adds to the even ones.  So the levels from ``log2(group)`` up are
-    zeroed whole (one fill), and below them only each level's last block, the one block that may
-    have neither a reader nor a parent (the last even block when ``n`` is a multiple of its size,
-    the top level's odd block).  ``offsets[h]`` is level ``h``'s first block (``offsets[-1] = N``)."""
+    value tile, ``stored_dh``) and adds atomically above; the reverse hierarchy stores ``dT`` of
+    every odd block that has a parent and adds ``dH`` and ``dT`` to the even ones (an odd block's
+    ``dH`` is never stored: it is its parent's, found through ``_dh_entry``).  So the levels from
+    ``log2(group)`` up are zeroed whole (one fill), and below them only each level's last block,
+    the one block that may have neither a reader nor a parent (the last even block when ``n`` is a
+    multiple of its size, the top level's odd block).  ``offsets[h]`` is level ``h``'s first block
+    (``offsets[-1] = N``)."""
     work = torch.float64 if ch.X.dtype == torch.float64 else torch.float32
     dH = _layout.scratch(ch.states.shape, work, ch.X.device)
     dT = _layout.scratch(ch.trans.shape, work, ch.X.device)
@@ -610,7 +631,8 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     n_tiles = n_dv + (BDK // BT) ** 2  # the value tiles of dH and the square blocks of dT
     for h in range(len(sizes) - 2, -1, -1):
         _reverse_hierarchy_kernel[(sizes[h + 1] * n_tiles, B)](
-            ch.states, ch.trans, ch.decay_pointer(), dH, dT, N, offsets[h], offsets[h + 1], DK, DV, n_dv, n_tiles,
+            ch.states, ch.trans, ch.decay_pointer(), dH, dT, N, offsets[h], offsets[h + 1], n, h + 1, len(sizes) - 1,
+            DK, DV, n_dv, n_tiles,
             BDK=BDK, BDV=BDV, BT=BT, HAS_G=has_g, ACC=acc, PREC=prec, SPLIT=DK > SPLIT_REVERSE_HIERARCHY_ABOVE,
             NATIVE=not interpreting(), num_warps=NUM_WARPS["gated_delta_reverse_hierarchy"])
     # written once each, in the inputs' dtypes (the kernel's store rounds as a later conversion would)
@@ -626,7 +648,7 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         _chunk_kernel[(n, B)](
             layout.tensors["q"], layout.tensors["k"], v, layout.tensors["beta"], layout.tensors["do"],
             layout.tensors["l"], g_args[0], ch.X, ch.W, dH, dT, dQt, dq[0], dk[0], dv[0], db[0], dl[0], dg[0], hc,
-            hk, hv, T, layout.B1, n, N, L, DK, DV, float(scale), layout.group,
+            hk, hv, T, layout.B1, n, N, len(sizes) - 1, L, DK, DV, float(scale), layout.group,
             *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("beta")[1:4],
             *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
             *dq[1:], *dk[1:], *dv[1:], *db[1:4], *dl[1:], *dg[1:4],
