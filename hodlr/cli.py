@@ -4,13 +4,14 @@ Subcommands
 -----------
 ``demo``
     Build a default mask (T = 1000, batch 2, mild decay), print its block structure, run
-    every backend that can run here on random inputs (matmul and attention) and print the
-    relative error against the dense float64 reference and the time of each.  Exit status
-    1 if any backend disagrees beyond the tolerance or fails unexpectedly.
+    every backend that can run here on random inputs (matmul, attention and log-linear Gated
+    DeltaNet) and print the relative error against the float64 reference and the time of
+    each.  Exit status 1 if any backend disagrees beyond the tolerance or fails unexpectedly.
 ``verify``
     The same check at a chosen length, batch, widths, decay and set of backends.  Where
-    the dense reference would exceed ``hodlr.options.dense_max_bytes`` the reference is an
-    per-row float64 computation from the definition on sampled rows (``--rows``).
+    the dense reference would exceed ``hodlr.options.dense_max_bytes`` the reference is a
+    per-row float64 computation from the definition on sampled rows (``--rows``).  A
+    reference is computed only for the operations that a requested backend offers.
 ``show T``
     The level structure: a character grid for ``T <= 64``, the block table beyond;
     ``--png FILE`` saves the structure picture (needs matplotlib).
@@ -74,9 +75,14 @@ BENCHES = {"bench": "hodlr.bench", "bench-cpu": "hodlr.bench_cpu", "bench-decode
 
 
 # -- problems and references -------------------------------------------------------------
+OPS = registry.OPS
+"""The operations a check runs: ``matmul``, ``attention`` and ``gated_delta_attention``."""
+
+
 @dataclass
 class Problem:
-    """float64 numpy inputs of one check; every backend gets them converted."""
+    """float64 numpy inputs of one check; every backend gets them converted.  Gated DeltaNet
+    reads ``q``, the keys scaled to unit length (:meth:`unit_keys`), ``v`` and ``beta``."""
 
     lam: np.ndarray
     g: np.ndarray | None
@@ -85,6 +91,7 @@ class Problem:
     k: np.ndarray
     v: np.ndarray
     scale: float
+    beta: np.ndarray
 
     @property
     def T(self) -> int:
@@ -95,13 +102,20 @@ class Problem:
         rows of the full outputs)."""
         return Problem(
             self.lam[..., :n, :], None if self.g is None else self.g[..., :n],
-            *(a[..., :n, :] for a in (self.x, self.q, self.k, self.v)), self.scale,
+            *(a[..., :n, :] for a in (self.x, self.q, self.k, self.v)), self.scale, self.beta[..., :n],
         )
+
+    def unit_keys(self) -> np.ndarray:
+        """``k`` with every row scaled to unit length (Gated DeltaNet's keys: with ``β ≤ 1`` each
+        transition ``exp(g)(I − β k kᵀ)`` then has norm at most 1)."""
+        norm = np.linalg.norm(self.k, axis=-1, keepdims=True)
+        return self.k / np.where(norm > 0, norm, 1.0)
 
 
 def make_problem(T, batch=(2,), d=16, dk=16, dv=16, decay="mild", seed=0) -> Problem:
-    """Random float64 inputs: scales in ``[0.5, 1.5]``, operands standard normal, the decay
-    a kind of :data:`hodlr.testing.DECAYS` or a constant per-step log-decay."""
+    """Random float64 inputs: scales in ``[0.5, 1.5]``, operands standard normal, ``β`` in
+    ``[0, 1)``, the decay a kind of :data:`hodlr.testing.DECAYS` or a constant per-step
+    log-decay."""
     rng = np.random.default_rng(seed)
     batch = tuple(batch)
     lam = rng.uniform(0.5, 1.5, batch + (T, fenwick.num_levels(T)))
@@ -117,7 +131,8 @@ def make_problem(T, batch=(2,), d=16, dk=16, dv=16, decay="mild", seed=0) -> Pro
     else:
         g = np.full(batch + (T,), float(decay))
     normal = lambda width: rng.standard_normal(batch + (T, width))  # noqa: E731
-    return Problem(lam, g, normal(d), normal(dk), normal(dk), normal(dv), 1.0 / math.sqrt(dk))
+    x, q, k, v = normal(d), normal(dk), normal(dk), normal(dv)
+    return Problem(lam, g, x, q, k, v, 1.0 / math.sqrt(dk), rng.uniform(0.0, 1.0, batch + (T,)))
 
 
 def _row_weights(lam, g, t: int) -> np.ndarray:
@@ -130,11 +145,45 @@ def _row_weights(lam, g, t: int) -> np.ndarray:
     return weights
 
 
-def row_reference(problem: Problem, op: str, rows) -> np.ndarray:
-    """Rows ``rows`` of the ``op`` ("matmul" / "attention") output in float64, one row at a
-    time from the definition (each decay segment summed from its own terms):
-    ``(*batch, len(rows), D)``, ``O(T)`` memory per row."""
+def gated_delta_rows(problem: Problem, rows) -> np.ndarray:
+    """Rows ``rows`` (ascending) of log-linear Gated DeltaNet's output in float64 from the
+    definition, ``(*batch, len(rows), Dv)``:
+    ``o_t = Σ_{s ≤ t} λ[t, level(t, s)] P[t, s] v_s`` with
+    ``P[t, s] = scale β_s q_tᵀ A_t ⋯ A_{s+1} k_s`` and ``A_u = exp(g_u) (I − β_u k_u k_uᵀ)``
+    (unit keys).  One sweep over the keys from the last row down keeps, for every row
+    ``t ≥ s``, ``w_t = A_{s+1} ⋯ A_t q_t`` (the ``A`` are symmetric): ``P[t, s] = scale β_s
+    w_t · k_s``, then ``w_t ← A_s w_t``.  ``O(len(rows) · Dk)`` memory, no backend involved."""
     p = problem
+    rows = np.asarray(rows, dtype=np.int64)
+    batch = p.lam.shape[:-2]
+    keys = p.unit_keys()
+    out = np.zeros(batch + (len(rows), p.v.shape[-1]))
+    if len(rows) == 0:
+        return out
+    for b in np.ndindex(*batch):
+        lam, q, k, v, beta = p.lam[b], p.q[b], keys[b], p.v[b], p.beta[b]
+        alpha = None if p.g is None else np.exp(p.g[b])
+        w = q[rows].copy()
+        o = np.zeros((len(rows), v.shape[-1]))
+        for s in range(int(rows[-1]), -1, -1):
+            j = int(np.searchsorted(rows, s))  # rows[j:] are the rows t >= s
+            proj = w[j:] @ k[s]
+            weight = lam[rows[j:], fenwick.level(rows[j:], s)] * (p.scale * beta[s]) * proj
+            o[j:] += weight[:, None] * v[s]
+            w[j:] -= (beta[s] * proj)[:, None] * k[s]
+            if alpha is not None:
+                w[j:] *= alpha[s]
+        out[b] = o
+    return out
+
+
+def row_reference(problem: Problem, op: str, rows) -> np.ndarray:
+    """Rows ``rows`` of the ``op`` (:data:`OPS`) output in float64, one row at a time from the
+    definition (each decay segment summed from its own terms; Gated DeltaNet's rows by
+    :func:`gated_delta_rows`): ``(*batch, len(rows), D)``, ``O(T)`` memory per row."""
+    p = problem
+    if op == "gated_delta_attention":
+        return gated_delta_rows(p, rows)
     batch = p.lam.shape[:-2]
     width = p.x.shape[-1] if op == "matmul" else p.v.shape[-1]
     out = np.empty(batch + (len(rows), width))
@@ -162,8 +211,11 @@ def sample_rows(T: int, n: int, seed: int = 0) -> np.ndarray:
 
 def dense_reference(problem: Problem, op: str) -> np.ndarray:
     """The float64 result from ``LogLinearMask.to_dense()`` and numpy (not through any
-    backend, so that a broken ``dense`` backend is caught too)."""
+    backend, so that a broken ``dense`` backend is caught too); Gated DeltaNet's from its
+    definition, every row (:func:`gated_delta_rows`)."""
     p = problem
+    if op == "gated_delta_attention":
+        return gated_delta_rows(p, np.arange(p.T))
     dense = LogLinearMask(p.lam, p.g, validate=False).to_dense()
     if op == "matmul":
         return dense @ p.x
@@ -252,7 +304,7 @@ class Result:
 def run_one(name, library, device, problem, op, rows, reference, dtype, repeat, interpreter_length, memory):
     """Run backend ``name`` once per repeat on ``problem`` for ``op``; compare rows ``rows``
     (``None``: all rows) with ``reference``."""
-    from hodlr.api import attention, matmul
+    from hodlr.api import attention, gated_delta_attention, matmul
 
     where = library if library == "numpy" else f"torch/{device}"
     interpreted = name == "triton" and device != "cuda"
@@ -265,11 +317,13 @@ def run_one(name, library, device, problem, op, rows, reference, dtype, repeat, 
         else:
             inside = rows < interpreter_length
             reference, rows = reference[..., inside, :], rows[inside]
-    args = [_convert(a, library, device, dtype) for a in (problem.lam, problem.g, problem.x, problem.q, problem.k, problem.v)]
-    lam, g, x, q, k, v = args
+    inputs = {"matmul": (problem.x,), "attention": (problem.q, problem.k, problem.v),
+              "gated_delta_attention": (problem.q, problem.unit_keys(), problem.v, problem.beta)}[op]
+    lam, g, *args = (_convert(a, library, device, dtype) for a in (problem.lam, problem.g) + inputs)
     M = LogLinearMask(lam, g, validate=False)
-    call = (lambda: matmul(M, x, backend=name)) if op == "matmul" else (
-        lambda: attention(q, k, v, M, scale=problem.scale, backend=name))
+    call = {"matmul": lambda: matmul(M, *args, backend=name),
+            "attention": lambda: attention(*args, M, scale=problem.scale, backend=name),
+            "gated_delta_attention": lambda: gated_delta_attention(*args, M, scale=problem.scale, backend=name)}[op]
     best = math.inf
     peak = None
     try:
@@ -298,17 +352,20 @@ def run_one(name, library, device, problem, op, rows, reference, dtype, repeat, 
     return Result(name, where, op, err, tol, best, peak, note, ok=bool(err <= tol))
 
 
-def check(problem, names, ops=("matmul", "attention"), dtype="float64", rows=None, repeat=1,
+def check(problem, names, ops=OPS, dtype="float64", rows=None, repeat=1,
           interpreter_length=INTERPRETER_LENGTH, memory=False, arrays=tuple(ARRAYS), out=print):
     """Run every backend in ``names`` on every (library, device) where it can run; print a
     table; return ``True`` iff at least one result was compared with the reference and all
-    of them agree within tolerance."""
+    of them agree within tolerance.  A reference is computed only for the operations that
+    some backend of ``names`` offers."""
     references = {}
     for op in ops:
+        if not any(registry.offers(registry.load(name), op) for name in names):
+            continue
         start = time.perf_counter()
         if rows is None:
             references[op] = _to_numpy(dense_reference(problem, op))
-            kind = "dense float64"
+            kind = "dense float64" if op != "gated_delta_attention" else "float64 from the definition, every row"
         else:
             references[op] = row_reference(problem, op, rows)
             kind = f"float64 from the definition, row by row, on {len(rows)} sampled rows"
@@ -462,8 +519,8 @@ def _arrays(text: str) -> tuple:
 
 def _ops(text: str) -> tuple:
     ops = tuple(o.strip() for o in text.split(",") if o.strip())
-    if not ops or any(o not in ("matmul", "attention") for o in ops):
-        raise argparse.ArgumentTypeError(f"ops must be matmul, attention or matmul,attention, got {text!r}")
+    if not ops or any(o not in OPS for o in ops):
+        raise argparse.ArgumentTypeError(f"ops must be a comma-separated subset of {', '.join(OPS)}, got {text!r}")
     return ops
 
 
@@ -472,12 +529,13 @@ def _add_check_args(p, length, batch, decay):
     p.add_argument("--batch", type=_batch, default=batch, help="batch shape, e.g. 2 or 2,3 (default %(default)s)")
     p.add_argument("--backends", type=_backend_list, default=list(registry.NAMES),
                    help="comma-separated backends (default: all)")
-    p.add_argument("--ops", type=_ops, default=("matmul", "attention"), help="matmul, attention or both")
+    p.add_argument("--ops", type=_ops, default=OPS,
+                   help=f"comma-separated operations among {', '.join(OPS)} (default: all)")
     p.add_argument("--arrays", type=_arrays, default=tuple(ARRAYS),
                    help="array types to run on: numpy, torch (CPU), cuda (default: all present)")
     p.add_argument("--d", type=positive_int, default=16, help="matmul width D (default 16)")
-    p.add_argument("--dk", type=positive_int, default=16, help="attention Dk (default 16)")
-    p.add_argument("--dv", type=positive_int, default=16, help="attention Dv (default 16)")
+    p.add_argument("--dk", type=positive_int, default=16, help="attention and Gated DeltaNet Dk (default 16)")
+    p.add_argument("--dv", type=positive_int, default=16, help="attention and Gated DeltaNet Dv (default 16)")
     p.add_argument("--decay", type=_decay, default=decay,
                    help=f"one of {', '.join(DECAYS)} or a constant per-step log-decay (default {decay})")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")

@@ -27,6 +27,8 @@ def test_demo_runs_every_available_backend(capsys):
     assert code == 0, out
     assert "T=1000" in out and re.search(r"level\s+blocks\s+block size", out)
     assert "reference matmul: dense float64" in out
+    assert "reference gated_delta_attention: float64 from the definition, every row" in out
+    assert re.search(r"\nchunked +numpy +gated_delta_attention .* ok", out)
     for name in registry.NAMES:
         assert f"\n{name} " in out, f"no row for {name}"
     for name, entry in hodlr.backend_info().items():
@@ -71,7 +73,7 @@ def test_verify_reports_unexpected_failures(capsys, monkeypatch, error):
 def test_row_reference_matches_dense():
     problem = cli.make_problem(40, (2,), 3, 2, 4, "strong", seed=1)
     rows = cli.sample_rows(40, 5)
-    for op in ("matmul", "attention"):
+    for op in cli.OPS:
         want = cli.dense_reference(problem, op)[..., rows, :]
         got = cli.row_reference(problem, op, rows)
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-300)
@@ -81,9 +83,57 @@ def test_interpreter_prefix_is_a_causal_prefix():
     """Rows < n of the output depend only on the first n positions (used for Triton under
     the interpreter)."""
     problem = cli.make_problem(100, (1,), 3, 2, 2, "mild", seed=2)
-    full = cli.dense_reference(problem, "attention")
-    prefix = cli.dense_reference(problem.prefix(37), "attention")
-    np.testing.assert_allclose(prefix, full[..., :37, :], rtol=1e-13)
+    for op in ("attention", "gated_delta_attention"):
+        full = cli.dense_reference(problem, op)
+        prefix = cli.dense_reference(problem.prefix(37), op)
+        np.testing.assert_allclose(prefix, full[..., :37, :], rtol=1e-13, err_msg=op)
+
+
+@pytest.mark.parametrize("decay", ["none", "mild", "strong", -0.3])
+def test_gated_delta_reference_is_the_definition(decay):
+    """The check's Gated DeltaNet reference (one sweep over the keys) equals the definition
+    written out: ``P[t, s] = scale β_s q_tᵀ A_t ⋯ A_{s+1} k_s`` with the transitions multiplied
+    as matrices, ``O = (P ⊙ Mλ) V`` with ``Mλ[t, s] = λ[t, level(t, s)]``; and the backends
+    agree with it."""
+    T, Dk = 13, 3
+    p = cli.make_problem(T, (2,), 2, Dk, 4, decay, seed=3)
+    k = p.unit_keys()
+    np.testing.assert_allclose(np.linalg.norm(k, axis=-1), 1.0, rtol=1e-15)
+    want = np.zeros(p.v.shape)
+    for b in range(2):
+        g = np.zeros(T) if p.g is None else p.g[b]
+        A = [np.exp(g[u]) * (np.eye(Dk) - p.beta[b, u] * np.outer(k[b, u], k[b, u])) for u in range(T)]
+        for t in range(T):
+            chain = np.eye(Dk)  # A_t ⋯ A_{s+1}
+            for s in range(t, -1, -1):
+                P = p.scale * p.beta[b, s] * p.q[b, t] @ chain @ k[b, s]
+                want[b, t] += p.lam[b, t, fenwick.level(t, s)] * P * p.v[b, s]
+                chain = chain @ A[s]
+    got = cli.dense_reference(p, "gated_delta_attention")
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    rows = np.array([0, 5, 12])
+    np.testing.assert_allclose(cli.row_reference(p, "gated_delta_attention", rows), want[:, rows], rtol=1e-12,
+                               atol=1e-14)
+    M = hodlr.LogLinearMask(p.lam, p.g)
+    for name in ("dense", "fenwick", "chunked"):
+        out = hodlr.gated_delta_attention(p.q, k, p.v, p.beta, M, scale=p.scale, backend=name)
+        np.testing.assert_allclose(np.asarray(out), want, rtol=1e-12, atol=1e-14, err_msg=name)
+
+
+def test_verify_reports_a_wrong_gated_delta_backend(capsys, monkeypatch):
+    dense = registry.load("dense")
+    right = dense.gated_delta_attention
+    monkeypatch.setattr(dense, "gated_delta_attention", lambda *a: 1.001 * right(*a))
+    code, out, _ = run(capsys, "verify", "--length", "33", "--backends", "dense", "--ops", "gated_delta_attention")
+    assert code == 1 and "DISAGREES" in out and "gated_delta_attention" in out
+
+
+def test_references_only_for_offered_operations(capsys):
+    """A backend that does not offer Gated DeltaNet costs no reference for it."""
+    code, out, _ = run(capsys, "verify", "--length", "20", "--backends", "sparse", "--arrays", "numpy")
+    assert code == 0, out
+    assert "reference matmul" in out and "reference gated_delta_attention" not in out
+    assert "not offered by this backend" in out
 
 
 @pytest.mark.parametrize("reference", ["dense", "rows"])
@@ -93,7 +143,7 @@ def test_triton_interpreter_prefix(capsys, reference):
     code, out, _ = run(capsys, "verify", "--length", "70", "--backends", "triton", "--arrays", "torch",
                        "--interpreter-length", "33", "--reference", reference, "--rows", "4", "--dk", "2", "--dv", "3")
     assert code == 0, out
-    assert out.count("Triton interpreter on the CPU, first 33 rows") == 2
+    assert out.count("Triton interpreter on the CPU, first 33 rows") == 3  # matmul, attention, gated delta
 
 
 @pytest.mark.parametrize("T", [1, 2, 9, 64])
@@ -195,6 +245,7 @@ def test_bench_hands_arguments_on(capsys, monkeypatch):
     (["verify", "--batch", "a,b"], "batch shape"),
     (["show", "-3"], "positive integer"),
     (["verify", "--arrays", "tpu"], "arrays must be"),
+    (["verify", "--ops", "softmax"], "ops must be a comma-separated subset of matmul, attention, gated_delta_attention"),
 ])
 def test_bad_arguments_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as info:
@@ -289,7 +340,7 @@ def test_demo_checks_triton_in_the_interpreter_without_a_gpu():
                          text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("triton")]
-    assert len(rows) == 2 and all(" ok (Triton interpreter on the CPU" in row for row in rows), rows
+    assert len(rows) == 3 and all(" ok (Triton interpreter on the CPU" in row for row in rows), rows
 
 
 def test_bench_cpu_prints_no_exponent_for_one_length(capsys, tmp_path):
