@@ -146,7 +146,7 @@ def _row_weights(lam, g, t: int) -> np.ndarray:
 
 
 def gated_delta_rows(problem: Problem, rows) -> np.ndarray:
-    """Rows ``rows`` (ascending) of log-linear Gated DeltaNet's output in float64 from the
+    """Rows ``rows`` (in any order) of log-linear Gated DeltaNet's output in float64 from the
     definition, ``(*batch, len(rows), Dv)``:
     ``o_t = Σ_{s ≤ t} λ[t, level(t, s)] P[t, s] v_s`` with
     ``P[t, s] = scale β_s q_tᵀ A_t ⋯ A_{s+1} k_s`` and ``A_u = exp(g_u) (I − β_u k_u k_uᵀ)``
@@ -154,7 +154,8 @@ def gated_delta_rows(problem: Problem, rows) -> np.ndarray:
     ``t ≥ s``, ``w_t = A_{s+1} ⋯ A_t q_t`` (the ``A`` are symmetric): ``P[t, s] = scale β_s
     w_t · k_s``, then ``w_t ← A_s w_t``.  ``O(len(rows) · Dk)`` memory, no backend involved."""
     p = problem
-    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(np.asarray(rows, dtype=np.int64), kind="stable")
+    rows = np.asarray(rows, dtype=np.int64)[order]  # ascending: the rows t >= s are a suffix
     batch = p.lam.shape[:-2]
     keys = p.unit_keys()
     out = np.zeros(batch + (len(rows), p.v.shape[-1]))
@@ -173,7 +174,7 @@ def gated_delta_rows(problem: Problem, rows) -> np.ndarray:
             w[j:] -= (beta[s] * proj)[:, None] * k[s]
             if alpha is not None:
                 w[j:] *= alpha[s]
-        out[b] = o
+        out[b + (order,)] = o
     return out
 
 
