@@ -245,7 +245,8 @@ def test_bench_hands_arguments_on(capsys, monkeypatch):
     (["verify", "--batch", "a,b"], "batch shape"),
     (["show", "-3"], "positive integer"),
     (["verify", "--arrays", "tpu"], "arrays must be"),
-    (["verify", "--ops", "softmax"], "ops must be a comma-separated subset of matmul, attention, gated_delta_attention"),
+    (["verify", "--ops", "softmax"], "ops must be a comma-separated subset of matmul, attention, "
+                                     "gated_delta_attention"),
 ])
 def test_bad_arguments_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as info:
