@@ -272,14 +272,14 @@ def _reverse_hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, dh_ptr, dt_ptr, n_total, of
                               BDV: tl.constexpr, BT: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr,
                               PREC: tl.constexpr, SPLIT: tl.constexpr, NATIVE: tl.constexpr):
     """Program ``(tile j of block m of level h + 1, batch entry)``, the ``N_TILES`` tiles of a block
-    consecutive (they read the same parent gradients, which so stay in L2): the adjoint of the block's two
-    equations (stage 3).  Tile ``j < N_DV_TILES``: ``dH_h[2m] += T_h[2m+1]ᵀ dH_{h+1}[m]`` on those
+    consecutive (they read the same parent gradients, which so stay in L2): the adjoint of the block's
+    two equations (stage 3).  Tile ``j < N_DV_TILES``: ``dH_h[2m] += T_h[2m+1]ᵀ dH_{h+1}[m]`` on those
     columns (``dH_h[2m+1] = dH_{h+1}[m]`` is not stored: :func:`_dh_entry`); tile
     ``j = N_DV_TILES + a * (BDK / BT) + b``: the ``BT x BT`` block ``(a, b)`` of
-    ``dT_h[2m+1] = dH_{h+1}[m] H_h[2m]ᵀ + dT_{h+1}[m] T_h[2m]ᵀ`` and of ``dT_h[2m] += T_h[2m+1]ᵀ dT_{h+1}[m]`` (square blocks keep the operands of a 128-wide
-    key inside the shared memory).  The readers add only to even blocks (a chunk reads block
-    ``(i >> h) - 1`` with ``i >> h`` odd), so an odd block's ``dT`` is its parent's terms alone:
-    stored, not added to."""
+    ``dT_h[2m+1] = dH_{h+1}[m] H_h[2m]ᵀ + dT_{h+1}[m] T_h[2m]ᵀ`` and of
+    ``dT_h[2m] += T_h[2m+1]ᵀ dT_{h+1}[m]`` (square blocks keep the operands of a 128-wide key inside
+    the shared memory).  The readers add only to even blocks (a chunk reads block ``(i >> h) - 1``
+    with ``i >> h`` odd), so an odd block's ``dT`` is its parent's terms alone: stored, not added to."""
     m = tl.program_id(0) // N_TILES
     j = tl.program_id(0) % N_TILES
     bh = tl.program_id(1).to(tl.int64)
