@@ -154,8 +154,9 @@ def gated_delta_rows(problem: Problem, rows) -> np.ndarray:
     ``t ≥ s``, ``w_t = A_{s+1} ⋯ A_t q_t`` (the ``A`` are symmetric): ``P[t, s] = scale β_s
     w_t · k_s``, then ``w_t ← A_s w_t``.  ``O(len(rows) · Dk)`` memory, no backend involved."""
     p = problem
-    order = np.argsort(np.asarray(rows, dtype=np.int64), kind="stable")
-    rows = np.asarray(rows, dtype=np.int64)[order]  # ascending: the rows t >= s are a suffix
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    rows = rows[order]  # ascending: the rows t >= s are a suffix
     batch = p.lam.shape[:-2]
     keys = p.unit_keys()
     out = np.zeros(batch + (len(rows), p.v.shape[-1]))
@@ -359,9 +360,10 @@ def check(problem, names, ops=OPS, dtype="float64", rows=None, repeat=1,
     table; return ``True`` iff at least one result was compared with the reference and all
     of them agree within tolerance.  A reference is computed only for the operations that
     some backend of ``names`` offers."""
+    offered = {name: [op for op in ops if registry.offers(registry.load(name), op)] for name in names}
     references = {}
     for op in ops:
-        if not any(registry.offers(registry.load(name), op) for name in names):
+        if not any(op in offered[name] for name in names):
             continue
         start = time.perf_counter()
         if rows is None:
@@ -374,11 +376,10 @@ def check(problem, names, ops=OPS, dtype="float64", rows=None, repeat=1,
     results = []
     for name in names:
         module = registry.load(name)
-        offered = [op for op in ops if registry.offers(module, op)]
         for op in ops:
-            if op not in offered:
+            if op not in offered[name]:
                 results.append(Result(name, "-", op, note="not offered by this backend"))
-        if not offered:
+        if not offered[name]:
             continue
         ran = False
         reasons = []
@@ -388,7 +389,7 @@ def check(problem, names, ops=OPS, dtype="float64", rows=None, repeat=1,
                 reasons.append(f"{library}/{device}: {reason}")
                 continue
             ran = True
-            for op in offered:
+            for op in offered[name]:
                 try:
                     res = run_one(name, library, device, problem, op, rows, references[op], dtype, repeat,
                                   interpreter_length, memory)
