@@ -40,10 +40,10 @@ def _empty(batch) -> bool:
     return any(n == 0 for n in batch)
 
 
-def _resolve(backend, M, T, op: str):
-    """The backend module that runs ``op`` for the mask ``M``."""
+def _resolve(backend, M, T, op: str, key_width: int = 0):
+    """The backend module that runs ``op`` for the mask ``M`` on keys ``key_width`` wide."""
     if backend == "auto":
-        backend = registry.auto_backend(M.library, M.device, T, op=op)
+        backend = registry.auto_backend(M.library, M.device, T, op=op, key_width=key_width)
     return registry.get(backend, M.library, M.device, op=op)
 
 
@@ -248,7 +248,7 @@ def gated_delta_attention(q, k, v, beta, M, *, scale=None, backend: str = "auto"
     """
     v = _checks.as_array("v", v, 2, "(..., T, Dv)")
     q, k, beta, v, batch, scale = _gated_delta_operands(M, scale, q, k, beta, v)
-    module = _resolve(backend, M, M.T, "gated_delta_attention")
+    module = _resolve(backend, M, M.T, "gated_delta_attention", q.shape[-1])
     if _empty(batch) or q.shape[-1] == 0 or v.shape[-1] == 0:
         return zeros(batch + tuple(v.shape[-2:]), v)
     lam, g = _mask_args(M, batch)

@@ -45,9 +45,10 @@ def work_dtype(dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_static(q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens, scale):
+def _check_static(q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens, scale,
+                  state_name="initial_state"):
     """Every check that needs shapes, dtypes and devices only (no host read); returns
-    ``(scale, Nseq)``."""
+    ``(scale, Nseq)``.  ``state_name``: the argument that holds ``initial_state`` (in messages)."""
     _tensor("q", q, 4, "(B, T, Hqk, Dk)")
     _tensor("k", k, 4, "(B, T, Hqk, Dk)")
     _tensor("v", v, 4, "(B, T, H, Dv)")
@@ -60,7 +61,10 @@ def _check_static(q, k, v, g, level_scales, initial_state, output_final_state, c
         raise ValueError(f"k must have the shape of q, (B, T, Hqk, Dk) = {tuple(q.shape)}, got {tuple(k.shape)}")
     if tuple(v.shape[:2]) != (B, T):
         raise ValueError(f"v must have shape (B, T, H, Dv) with (B, T) = {(B, T)} (from q), got {tuple(v.shape)}")
-    if Hqk < 1 or H % Hqk:
+    if Hqk < 1 or H < 1:
+        raise ValueError(f"q, k and v must have at least one head, got {Hqk} heads of q and k and {H} of v "
+                         f"(q: {tuple(q.shape)}, v: {tuple(v.shape)})")
+    if H % Hqk:
         raise ValueError(f"the {Hqk} heads of q and k must divide the {H} heads of v "
                          f"(q: {tuple(q.shape)}, v: {tuple(v.shape)})")
     if tuple(level_scales.shape[:3]) != (B, T, H):
@@ -96,19 +100,19 @@ def _check_static(q, k, v, g, level_scales, initial_state, output_final_state, c
         Nseq = cu_seqlens.shape[0] - 1
     if initial_state is not None:
         if not isinstance(initial_state, LogLinearState):
-            raise TypeError(f"initial_state must be a hodlr.LogLinearState, got {type(initial_state).__name__}")
+            raise TypeError(f"{state_name} must be a hodlr.LogLinearState, got {type(initial_state).__name__}")
         s = initial_state.states
         want = (Nseq, H, Dk, Dv)
         got = (s.shape[0], s.shape[1], s.shape[3], s.shape[4])
         if got != want:
-            raise ValueError(f"initial_state must have (N, H, Dk, Dv) = {want} "
+            raise ValueError(f"{state_name} must have (N, H, Dk, Dv) = {want} "
                              f"({'sequences of cu_seqlens' if cu_seqlens is not None else 'batch of q'}, heads of v, "
                              f"widths of k and v), got states of shape {tuple(s.shape)}")
         if s.dtype != work_dtype(v.dtype):
-            raise TypeError(f"initial_state has dtype {s.dtype} but {v.dtype} inputs need a "
+            raise TypeError(f"{state_name} has dtype {s.dtype} but {v.dtype} inputs need a "
                             f"{work_dtype(v.dtype)} state")
         if s.device != q.device:
-            raise ValueError(f"initial_state is on device {s.device} but q is on {q.device}")
+            raise ValueError(f"{state_name} is on device {s.device} but q is on {q.device}")
     return scale, Nseq
 
 
@@ -536,7 +540,7 @@ def _check_step(name, q, k, v, g, level_scales, state, scale, validate):
         if 0 in x.stride() and x.numel() > 1:
             raise ValueError(f"state.{part} is updated in place, so it must not be an expanded (stride 0) view; got "
                              f"strides {x.stride()} for shape {tuple(x.shape)} (pass a copy: .clone())")
-    scale, _ = _check_static(q, k, v, g, level_scales, state, False, None, scale)
+    scale, _ = _check_static(q, k, v, g, level_scales, state, False, None, scale, "state")
     if q.shape[1] != 1:
         raise ValueError(f"{name} takes one token per sequence (T = 1), got q of shape {tuple(q.shape)}")
     if validate:
@@ -621,17 +625,18 @@ def _step_fits(positions, num_slots, L):
 # ---------------------------------------------------------------------------------------
 def _continues(module) -> bool:
     """Whether the backend's ``gated_delta_attention`` continues from a state (keywords
-    ``state``, ``position``, ``final_state``; see :mod:`hodlr.backends`)."""
-    import inspect
-
-    return "state" in inspect.signature(module.gated_delta_attention).parameters
+    ``state``, ``position``, ``final_state``: ``GATED_DELTA_STATE``, see :mod:`hodlr.backends`)."""
+    return getattr(module, "GATED_DELTA_STATE", False)
 
 
-def _resolve_gated_delta(backend, device, stateful):
-    """The backend module for :func:`log_linear_gated_delta_rule`; ``"auto"`` is ``triton`` for
-    calls without state on a GPU, else ``chunked``."""
+def _resolve_gated_delta(backend, device, stateful, key_width):
+    """The backend module for :func:`log_linear_gated_delta_rule` on keys ``key_width`` wide;
+    ``"auto"`` is ``triton`` for calls without state on a GPU where its kernels take the keys, else
+    ``chunked``."""
     if backend == "auto":
-        backend = "chunked" if stateful else _triton_or_chunked(device).__name__.rsplit(".", 1)[-1]
+        module = _triton_or_chunked(device)
+        backend = "chunked" if stateful or not registry.takes_keys(
+            module, "gated_delta_attention", key_width) else module.__name__.rsplit(".", 1)[-1]
     return registry.get(backend, "torch", device, op="gated_delta_attention")
 
 
@@ -645,7 +650,7 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
     H, Dv = v.shape[1], v.shape[3]
     grp = H // Hqk
     stateful = init_states is not None or output_final_state
-    module = _resolve_gated_delta(backend, q.device, stateful)
+    module = _resolve_gated_delta(backend, q.device, stateful, Dk)
     if stateful and not _continues(module):
         have = [n for n in registry.NAMES if registry.offers(registry.load(n), "gated_delta_attention")
                 and _continues(registry.load(n))]
@@ -774,7 +779,7 @@ def _gd_keeper(q, initial_states, cu_seqlens, output_final_state, backend, keep)
     ``gated_delta_vjp``, or None."""
     if not _plain_path(q, initial_states, cu_seqlens, output_final_state):
         return None
-    module = _resolve_gated_delta(backend, q.device, False)
+    module = _resolve_gated_delta(backend, q.device, False, q.shape[-1])
     if not keep or not hasattr(module, "gated_delta_keeping_chunks"):
         return None
     return module if module.keeps_chunks() else None
@@ -806,7 +811,7 @@ def _gd_op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k:
     state; reading the forward's ``kept`` chunks where it kept them), else the backend's forward
     recomputed under autograd."""
     stateful = initial_states is not None or output_final_state
-    vjp = getattr(_resolve_gated_delta(backend, q.device, stateful), "gated_delta_vjp", None)
+    vjp = getattr(_resolve_gated_delta(backend, q.device, stateful, q.shape[-1]), "gated_delta_vjp", None)
     inputs = (q, k, v, g, beta, level_scales, initial_states)
     if vjp is not None and _plain_path(q, initial_states, cu_seqlens, output_final_state):
         X, W, states, trans, decays = kept  # (KEPT_CHUNKS)

@@ -42,22 +42,35 @@ class Options:
         eager and under ``torch.compile`` on its path without state or packed sequences, where it
         is read while tracing (an argument of the operator: a compiled function retraces when it
         changes).  False recomputes the same values.  Default True.
-        Either option set to anything but a bool is refused (``TypeError``) by the calls that read
-        it.
+
+    A value of the wrong type is refused when it is set (``TypeError``: ``dense_max_bytes`` an
+    integer ``>= 0``, the others bools; ``ValueError`` for a negative budget), and so is a name
+    that is not an option (``AttributeError``).
     """
 
     dense_max_bytes: int = int(os.environ.get("HODLR_DENSE_MAX_BYTES", 2 * 2**30))
     attention_save_states: bool = True
     gated_delta_save_states: bool = True
 
+    def __setattr__(self, name, value):
+        if name not in self.__dataclass_fields__:
+            raise AttributeError(f"hodlr.options has no option {name!r}; the options are "
+                                 f"{', '.join(self.__dataclass_fields__)}")
+        if name == "dense_max_bytes":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"hodlr.options.dense_max_bytes must be an integer >= 0 (bytes), "
+                                f"got {type(value).__name__}")
+            if value < 0:
+                raise ValueError(f"hodlr.options.dense_max_bytes must be an integer >= 0 (bytes), got {value}")
+        elif not isinstance(value, bool):
+            raise TypeError(f"hodlr.options.{name} must be a bool, got {type(value).__name__}")
+        object.__setattr__(self, name, value)
+
 
 options = Options()
 
 
 def flag(name: str) -> bool:
-    """The boolean option ``name`` of :data:`options`, refused with a ``TypeError`` naming it if it
-    has been set to anything but a bool."""
-    value = getattr(options, name)
-    if not isinstance(value, bool):
-        raise TypeError(f"hodlr.options.{name} must be a bool, got {type(value).__name__}")
-    return value
+    """The boolean option ``name`` of :data:`options` (a bool: :class:`Options` refuses anything
+    else when it is set)."""
+    return getattr(options, name)

@@ -15,6 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from hodlr import fenwick
+from hodlr.fenwick.arrays import check_scale
 
 from ._layout import broadcast_shape, check_chunk
 from .attention import attention_forward, attention_state_forward
@@ -99,6 +100,13 @@ class _Matmul(torch.autograd.Function):
         return dlam, dg, dx, None, None
 
 
+def _tensors(**named) -> None:
+    """The kernels take torch tensors (``None`` where optional): a ``TypeError`` naming any other."""
+    for name, x in named.items():
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
 def _broadcast(tensors, batch):
     return [None if x is None else x.expand(batch + tuple(x.shape[len(x.shape) - tail:]))
             for x, tail in tensors]
@@ -131,6 +139,8 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
     """
     if not isinstance(save_states, bool):
         raise TypeError(f"save_states must be a bool, got {type(save_states).__name__}")
+    _tensors(q=q, k=k, v=v, level_scales=level_scales, log_decay=log_decay)
+    scale = check_scale(scale)
     grouped = (q.dim() == k.dim() == v.dim() == 4 and q.shape[1] == k.shape[1] and 1 < q.shape[1] < v.shape[1]
                and v.shape[1] % q.shape[1] == 0)
     if initial_state is not None or initial_positions is not None or cu_seqlens is not None or output_final_state \
@@ -138,18 +148,19 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
         if check is not None:
             raise ValueError("check is taken by calls without a state, packed sequences or grouped heads; "
                              "validate their inputs with kernels.checks.nonfinite_flag")
-        out = _AttentionState.apply(q, k, v, level_scales, log_decay, initial_state, float(scale), chunk,
+        out = _AttentionState.apply(q, k, v, level_scales, log_decay, initial_state, scale, chunk,
                                     initial_positions, cu_seqlens, bool(output_final_state))
         return (out[0], tuple(out[1:])) if output_final_state else out
     batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2], level_scales.shape[:-2],
                             () if log_decay is None else log_decay.shape[:-1])
     q, k, v, level_scales, log_decay = _broadcast(
         [(q, 2), (k, 2), (v, 2), (level_scales, 2), (log_decay, 1)], batch)
-    return _Attention.apply(q, k, v, level_scales, log_decay, float(scale), chunk, check, save_states)
+    return _Attention.apply(q, k, v, level_scales, log_decay, scale, chunk, check, save_states)
 
 
 def matmul(level_scales, log_decay, x, *, chunk=None, check=None):
     """Differentiable :func:`matmul_forward` (same arguments and result)."""
+    _tensors(level_scales=level_scales, log_decay=log_decay, x=x)
     batch = broadcast_shape(x.shape[:-2], level_scales.shape[:-2], () if log_decay is None else log_decay.shape[:-1])
     level_scales, log_decay, x = _broadcast([(level_scales, 2), (log_decay, 1), (x, 2)], batch)
     return _Matmul.apply(level_scales, log_decay, x, chunk, check)
@@ -198,11 +209,13 @@ def gated_delta(q, k, v, beta, level_scales, log_decay=None, scale: float = 1.0,
     """
     if not isinstance(save_states, bool):
         raise TypeError(f"save_states must be a bool, got {type(save_states).__name__}")
+    _tensors(q=q, k=k, v=v, beta=beta, level_scales=level_scales, log_decay=log_decay)
+    scale = check_scale(scale)
     batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2], beta.shape[:-1], level_scales.shape[:-2],
                             () if log_decay is None else log_decay.shape[:-1])
     q, k, v, beta, level_scales, log_decay = _broadcast(
         [(q, 2), (k, 2), (v, 2), (beta, 1), (level_scales, 2), (log_decay, 1)], batch)
-    return _GatedDelta.apply(q, k, v, beta, level_scales, log_decay, float(scale), chunk, check, save_states)
+    return _GatedDelta.apply(q, k, v, beta, level_scales, log_decay, scale, chunk, check, save_states)
 
 
 def _per_query_head(grad, x):

@@ -79,6 +79,13 @@ def step(state, positions=None):
     return hodlr.log_linear_attn_step(t(2, 1, 2, 2), t(2, 1, 2, 2), t(2, 1, 2, 2), None, t(2, 1, 2, 5), state)
 
 
+def kernels():
+    """``hodlr.kernels`` (imported on first use: it needs triton)."""
+    import hodlr.kernels
+
+    return hodlr.kernels
+
+
 def over_budget(monkeypatch):
     monkeypatch.setattr(hodlr.options, "dense_max_bytes", 100)
 
@@ -169,6 +176,22 @@ CASES = [
      r"backend must be a string"),
     ("backend-unavailable-numpy", lambda mp: hodlr.matmul(mask(), ops(), backend="triton"),
      hodlr.BackendUnavailableError, r"backend 'triton'"),
+    ("options-unknown-name", lambda mp: setattr(hodlr.options, "dense_max_byte", 10), AttributeError,
+     r"hodlr.options has no option 'dense_max_byte'; the options are dense_max_bytes, attention_save_states"),
+    ("options-budget-not-an-integer", lambda mp: setattr(hodlr.options, "dense_max_bytes", None), TypeError,
+     r"hodlr.options.dense_max_bytes must be an integer >= 0 \(bytes\), got NoneType"),
+    ("options-budget-negative", lambda mp: setattr(hodlr.options, "dense_max_bytes", -1), ValueError,
+     r"hodlr.options.dense_max_bytes must be an integer >= 0 \(bytes\), got -1"),
+    ("options-flag-not-a-bool", lambda mp: setattr(hodlr.options, "attention_save_states", "yes"), TypeError,
+     r"hodlr.options.attention_save_states must be a bool, got str"),
+    ("kernels-scale-string", lambda mp: kernels().attention(*(torch.ones(4, 2),) * 3, torch.ones(4, 3), None, "2"),
+     TypeError, r"scale must be a real number or None, got str"),
+    ("kernels-scale-nan", lambda mp: kernels().gated_delta(*(torch.ones(4, 2),) * 3, torch.ones(4), torch.ones(4, 3),
+                                                           None, float("nan")),
+     ValueError, r"scale must be finite, got nan"),
+    ("kernels-numpy-operand", lambda mp: kernels().attention(np.ones((4, 2)), *(torch.ones(4, 2),) * 2,
+                                                             torch.ones(4, 3)),
+     TypeError, r"q must be a torch.Tensor, got ndarray"),
     ("dense-over-budget", lambda mp: (over_budget(mp), hodlr.matmul(mask(), ops(), backend="dense")),
      hodlr.DenseTooLargeError, r"dense_max_bytes.*use backend='recursive'"),
     ("backend-lacks-op", lambda mp: (mp.delattr(registry.load("recursive"), "attention"), attn(backend="recursive")),
@@ -218,6 +241,12 @@ CASES = [
      r"least num_levels\(17\)=6"),
     ("op-heads-not-dividing", lambda mp: lla(Hqk=2, H=3), ValueError,
      r"the 2 heads of q and k must divide the 3 heads of v"),
+    ("op-no-heads", lambda mp: lla(Hqk=0, H=0), ValueError,
+     r"q, k and v must have at least one head, got 0 heads of q and k and 0 of v"),
+    ("op-step-state-dtype", lambda mp: step(state=state(dtype=torch.float32)), TypeError,
+     r"^state has dtype torch.float32 but torch.float64 inputs need a torch.float64 state"),
+    ("op-step-state-heads", lambda mp: step(state=state(H=3)), ValueError,
+     r"^state must have \(N, H, Dk, Dv\) = \(2, 2, 2, 2\)"),
     ("op-backend-without-state", lambda mp: lla(output_final_state=True, backend="dense"),
      hodlr.BackendUnavailableError, r"backend 'dense' has no recurrent state"),
     ("op-step-past-the-slots",
@@ -277,7 +306,7 @@ CASES = [
 def test_bad_input(monkeypatch, call, error, message):
     with pytest.raises(error, match=message) as info:
         call(monkeypatch)
-    assert isinstance(info.value, (ValueError, TypeError))
+    assert isinstance(info.value, (ValueError, TypeError)) or error is AttributeError  # (an option's name)
 
 
 def test_backend_unavailable_torch_cpu_without_interpreter():

@@ -532,11 +532,12 @@ def test_step_refuses_or_skips_an_overflowing_row(rng):
 
 def test_auto_backend_of_the_rule():
     """``auto`` is ``chunked`` on the CPU (and for calls with state anywhere); ``triton`` only for
-    stateless calls on a CUDA device."""
+    stateless calls on a CUDA device with keys the kernels take (``Dk <= 128``)."""
     from hodlr import ops
 
     for stateful in (False, True):
-        assert ops._resolve_gated_delta("auto", torch.device("cpu"), stateful).__name__.endswith(".chunked")
+        assert ops._resolve_gated_delta("auto", torch.device("cpu"), stateful, 64).__name__.endswith(".chunked")
     if torch.cuda.is_available():
-        assert ops._resolve_gated_delta("auto", torch.device("cuda"), False).__name__.endswith(".triton")
-        assert ops._resolve_gated_delta("auto", torch.device("cuda"), True).__name__.endswith(".chunked")
+        assert ops._resolve_gated_delta("auto", torch.device("cuda"), False, 64).__name__.endswith(".triton")
+        assert ops._resolve_gated_delta("auto", torch.device("cuda"), False, 256).__name__.endswith(".chunked")
+        assert ops._resolve_gated_delta("auto", torch.device("cuda"), True, 64).__name__.endswith(".chunked")

@@ -256,6 +256,9 @@ def test_layer_cache_refuses_bad_parts():
         LayerCache(state.states)
     with pytest.raises(ValueError, match=r"conv\[0\] must be a tensor of shape \(N, D, W\) with N = 2"):
         LayerCache(state, (torch.zeros(3, 4, 2),))
+    with pytest.raises(TypeError, match=r"conv must be a tuple of tensors \(N, D, W\), one per short convolution "
+                       r"\(empty for none\), got NoneType"):
+        LayerCache(state, None)
 
 
 # -- bad calls and configurations ---------------------------------------------------------------------------
@@ -288,6 +291,25 @@ def test_bad_calls_are_refused():
     with pytest.raises(hodlr.LevelsExceededError, match=r"num_levels=6: sequences up to 32 tokens .* got 33; make "
                        r"the layer with num_levels >= 7"):
         mamba(inputs(1, 33, 6))
+    with pytest.raises(TypeError, match="LogLinearMamba2: use_cache must be a bool, got str"):
+        mamba(x, use_cache="yes")
+    with pytest.raises(TypeError, match="LogLinearGatedDeltaNet: use_cache must be a bool, got NoneType"):
+        gdn(x, use_cache=None)
+    with pytest.raises(TypeError, match=r"LogLinearMamba2: hidden_states has dtype torch.float32 but the layer's "
+                       r"parameters are torch.float64; convert one to the other \(layer.to\(torch.float32\)\) or "
+                       r"run under torch.autocast"):
+        mamba(x.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the projections run in bfloat16
+        assert make(LogLinearMamba2).float()(x.float())[0].shape == x.shape
+    with pytest.raises(TypeError, match=r"LogLinearGatedDeltaNet: cache.state has dtype torch.float32 but "
+                       r"torch.float64 hidden_states need a torch.float64 state; convert it \(cache.to\(torch.float64"):
+        gdn(x, cache=cache.to(torch.float32))
+    with pytest.raises(ValueError, match=r"LogLinearGatedDeltaNet: cache.conv\[1\] is on meta but hidden_states is "
+                       r"on cpu; move the cache"):
+        gdn(x, cache=LayerCache(cache.state, (cache.conv[0], cache.conv[1].to("meta"), cache.conv[2])))
+    with pytest.raises(TypeError, match=r"LogLinearGatedDeltaNet: cache.conv\[0\] must have a floating dtype, got "
+                       r"torch.int64"):
+        gdn(x, cache=LayerCache(cache.state, (cache.conv[0].long(), *cache.conv[1:])))
     for layer in (mamba, gdn):  # a cache continued past 2**(num_levels - 1): the layer's terms, not the op's
         _, cache = layer(inputs(1, 30, 6), use_cache=True)
         with pytest.raises(hodlr.LevelsExceededError, match=rf"{type(layer).__name__} has num_levels=6: positions "
@@ -306,13 +328,27 @@ BAD_MAMBA = [  # on top of a valid (num_heads=4, head_dim=3, hidden_size=6)
     (dict(hidden_act="gelu"), ValueError, "hidden_act must be 'silu'"),
     (dict(dt_limit=(1.0, 0.5)), ValueError, "dt_limit must be a pair"),
     (dict(dt_limit=("0", 1)), ValueError, "dt_limit must be a pair"),
-    (dict(dt_min=0.0), ValueError, "need 0 < dt_min <= dt_max"),
     (dict(num_levels=0), ValueError, "num_levels must be an integer >= 1"),
     (dict(conv_kernel=2.5), TypeError, "conv_kernel must be an integer >= 1, got float"),
     (dict(backend=None), TypeError, "backend must be a string"),
     (dict(backend="nope"), ValueError, "backend must be 'auto' or one of dense, .*, got 'nope'"),
     (dict(expand=float("inf")), ValueError, "expand \\* hidden_size must be a positive integer"),
     (dict(hierarchical=1), TypeError, "hierarchical must be a bool"),
+    (dict(dt_min=0.0), ValueError, "dt_min must be a finite number > 0, got 0.0"),
+    (dict(dt_min=True), TypeError, "dt_min must be a finite number > 0, got bool"),
+    (dict(dt_max=float("inf")), ValueError, "dt_max must be a finite number > 0, got inf"),
+    (dict(dt_min=0.5, dt_max=0.1), ValueError, "need 0 < dt_min <= dt_max, got dt_min=0.5, dt_max=0.1"),
+    (dict(dt_init_floor=-1), ValueError, "dt_init_floor must be a finite number >= 0, got -1"),
+    (dict(dt_init_floor=float("nan")), ValueError, "dt_init_floor must be a finite number >= 0, got nan"),
+    (dict(norm_eps=-1.0), ValueError, "norm_eps must be a finite number > 0, got -1.0"),
+    (dict(norm_eps="x"), TypeError, "norm_eps must be a finite number > 0, got str"),
+    (dict(conv_init=-0.1), ValueError, "conv_init must be a finite number > 0, got -0.1"),
+    (dict(conv_init=float("nan")), ValueError, "conv_init must be a finite number > 0, got nan"),
+    (dict(rmsnorm="no"), TypeError, "rmsnorm must be a bool, got str"),
+    (dict(D_has_hdim=1), TypeError, "D_has_hdim must be a bool, got int"),
+    (dict(use_bias=None), TypeError, "use_bias must be a bool, got NoneType"),
+    (dict(use_conv_bias="yes"), TypeError, "use_conv_bias must be a bool, got str"),
+    (dict(norm_before_gate=0), TypeError, "norm_before_gate must be a bool, got int"),
 ]
 BAD_GDN = [
     (dict(expand_v=float("nan")), ValueError, "head_dim \\* expand_v must be a positive integer"),
@@ -321,6 +357,12 @@ BAD_GDN = [
     (dict(expand_v="2"), ValueError, "head_dim \\* expand_v must be a positive integer"),
     (dict(hidden_size=-2), ValueError, "hidden_size must be an integer >= 1, got -2"),
     (dict(conv_size=0), ValueError, "conv_size must be an integer >= 1"),
+    (dict(norm_eps=float("nan")), ValueError, "norm_eps must be a finite number > 0, got nan"),
+    (dict(norm_eps=0), ValueError, "norm_eps must be a finite number > 0, got 0"),
+    (dict(use_gate="no"), TypeError, "use_gate must be a bool, got str"),
+    (dict(use_short_conv=1), TypeError, "use_short_conv must be a bool, got int"),
+    (dict(allow_neg_eigval=None), TypeError, "allow_neg_eigval must be a bool, got NoneType"),
+    (dict(conv_bias="x"), TypeError, "conv_bias must be a bool, got str"),
 ]
 
 

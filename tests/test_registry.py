@@ -56,6 +56,47 @@ def test_get_needs_a_known_op_the_backend_offers(monkeypatch):
     assert set(info["recursive"]["ops"]) == {"matmul"} and "attention" in info["dense"]["ops"]
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs torch and triton")
+def test_auto_passes_over_kernels_too_narrow_for_the_keys(monkeypatch):
+    """On a GPU ``auto`` runs Gated DeltaNet with keys wider than the kernels take (``Dk > 128``,
+    the default ``LogLinearGatedDeltaNet`` layer's 256) on ``chunked``, at every entry point; the
+    attention kernels take any width."""
+    import torch
+
+    from hodlr import ops
+    from hodlr.kernels.gated_delta import MAX_DK
+
+    triton_backend = registry.load("triton")
+    monkeypatch.setattr(triton_backend, "unavailable_reason", lambda library, device: None)  # as on a GPU
+    cuda = torch.device("cuda")
+    assert triton_backend.max_key_width("gated_delta_attention") == MAX_DK == 128
+    assert triton_backend.max_key_width("attention") is None
+    for width, expected in ((64, "triton"), (128, "triton"), (129, "chunked"), (256, "chunked")):
+        assert registry.auto_backend("torch", cuda, 4096, op="gated_delta_attention", key_width=width) == expected
+        assert ops._resolve_gated_delta("auto", cuda, False, width) is registry.load(expected)
+        assert registry.auto_backend("torch", cuda, 4096, op="attention", key_width=width) == "triton"
+    assert ops._resolve_gated_delta("auto", cuda, True, 64) is registry.load("chunked")  # a state: chunked
+    assert ops._resolve_gated_delta("triton", cuda, False, 256) is triton_backend  # asked for: its own error
+    T = 8
+    M = hodlr.LogLinearMask(torch.ones(T, hodlr.num_levels(T), dtype=torch.float64))
+    q = torch.ones(T, MAX_DK + 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"take Dk <= 128, got Dk=129 \(use the 'chunked' backend"):
+        hodlr.gated_delta_attention(q, q, torch.ones(T, 2, dtype=torch.float64), torch.zeros(T, dtype=torch.float64),
+                                    M, backend="triton")
+
+
+def test_backends_declare_state_keywords():
+    """``GATED_DELTA_STATE`` says which ``gated_delta_attention`` takes ``state``, ``position``,
+    ``final_state`` (what :func:`hodlr.log_linear_gated_delta_rule` hands off through)."""
+    import inspect
+
+    for name in registry.NAMES:
+        module = registry.load(name)
+        if registry.offers(module, "gated_delta_attention"):
+            takes = "state" in inspect.signature(module.gated_delta_attention).parameters
+            assert getattr(module, "GATED_DELTA_STATE", False) == takes, name
+
+
 def test_missing_backend_module_is_an_error(monkeypatch):
     """No "not implemented" answer: a registered name without its module fails loudly."""
     monkeypatch.setattr(registry, "NAMES", registry.NAMES + ("absent",))

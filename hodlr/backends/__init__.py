@@ -18,7 +18,7 @@ and any of the operations of :data:`OPS` (a module that lacks one does not offer
 ``gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale)``
     Log-linear Gated DeltaNet (:func:`hodlr.gated_delta_attention`): the layout of
     ``attention`` plus ``beta (*batch, T)`` -> ``(*batch, T, Dv)``.  Offered by ``dense``,
-    ``fenwick`` and ``chunked``.  ``fenwick`` and ``chunked`` also take the keywords ``state``
+    ``fenwick``, ``chunked`` and ``triton``.  ``fenwick`` and ``chunked`` also take the keywords ``state``
     (``(*batch, S, Dk, Dv)``, the bucket states of the first token's absolute position, slot
     ``l - 1`` = level ``l``), ``position`` (that position) and ``final_state`` (also return the
     bucket states after the last token): :func:`hodlr.log_linear_gated_delta_rule` runs state
@@ -42,6 +42,15 @@ a final state or ``cu_seqlens``.  A backend without it serves the calls with nei
 (packed sequences by one ``attention`` call per sequence) and refuses the others with
 :class:`hodlr.BackendUnavailableError`.
 
+``max_key_width(op) -> int | None`` (optional)
+    The widest key head ``Dk`` the module's ``op`` takes (None: any); ``backend="auto"`` passes
+    over a backend whose limit a call exceeds (``triton``'s Gated DeltaNet kernels take
+    ``Dk <= 128``), and the backend itself refuses such a call with a ``ValueError``.
+
+``GATED_DELTA_STATE`` : bool (optional)
+    True where the module's ``gated_delta_attention`` takes the keywords ``state``, ``position``
+    and ``final_state`` (``fenwick``, ``chunked``).
+
 ``CHECKS_MASK`` : bool (optional)
     True where the module's ``matmul``, ``attention`` and ``gated_delta_attention`` also take the
     keyword ``check``: a zeroed one-element int32 device tensor (or ``None``) that their kernels
@@ -61,7 +70,9 @@ and can run:
 3. torch tensors: ``chunked``, then ``recursive``;
 4. numpy arrays: ``recursive``;
 
-then any backend that offers the operation, in the order of :data:`NAMES`.
+then any backend that offers the operation, in the order of :data:`NAMES`; a backend whose
+``max_key_width`` the call's keys exceed is passed over (so Gated DeltaNet with ``Dk > 128`` on a
+GPU runs ``chunked``).
 """
 
 from __future__ import annotations
@@ -70,7 +81,7 @@ import importlib
 
 from hodlr.errors import BackendUnavailableError
 
-__all__ = ["AUTO_DENSE_MAX_T", "NAMES", "OPS", "WHERE", "auto_backend", "get", "has_state", "info", "load", "offers"]
+__all__ = ["AUTO_DENSE_MAX_T", "NAMES", "OPS", "WHERE", "auto_backend", "get", "has_state", "info", "load", "offers", "takes_keys"]
 
 NAMES = ("dense", "sparse", "recursive", "fenwick", "chunked", "triton")
 """Every backend name, in the order :func:`info` lists them."""
@@ -133,14 +144,23 @@ def get(name: str, library: str, device, *, op: str):
     return module
 
 
+def takes_keys(module, op: str, key_width: int) -> bool:
+    """Whether the backend ``module``'s ``op`` takes key heads ``key_width`` wide (its optional
+    ``max_key_width``)."""
+    limit = getattr(module, "max_key_width", None)
+    widest = None if limit is None else limit(op)
+    return widest is None or key_width <= widest
+
+
 def has_state(module) -> bool:
     """Whether the backend module defines the optional ``attention_state`` (see above)."""
     return callable(getattr(module, "attention_state", None))
 
 
 
-def auto_backend(library: str, device, T: int, *, op: str) -> str:
-    """The name ``backend="auto"`` resolves to for ``op`` (rules in the module docstring)."""
+def auto_backend(library: str, device, T: int, *, op: str, key_width: int = 0) -> str:
+    """The name ``backend="auto"`` resolves to for ``op`` on keys ``key_width`` wide (rules in the
+    module docstring)."""
     _check_op(op)
     cuda = library == "torch" and getattr(device, "type", str(device)) == "cuda"
     if cuda:
@@ -153,7 +173,8 @@ def auto_backend(library: str, device, T: int, *, op: str) -> str:
         candidates = ["recursive"]
     for name in candidates + [n for n in NAMES if n not in candidates]:
         module = load(name)
-        if offers(module, op) and module.unavailable_reason(library, device) is None:
+        if offers(module, op) and module.unavailable_reason(library, device) is None and takes_keys(
+                module, op, key_width):
             return name
     raise BackendUnavailableError(f"no backend can run {op} on {library} arrays on {device}")
 

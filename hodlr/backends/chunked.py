@@ -35,7 +35,10 @@ import numpy as np
 
 from hodlr import fenwick
 from hodlr.fenwick.arrays import check_int, is_torch
-from hodlr.mask import decay_matrix
+from hodlr._formulas import decay_matrix
+
+GATED_DELTA_STATE = True
+"""``gated_delta_attention`` takes ``state``, ``position`` and ``final_state`` (:mod:`hodlr.backends`)."""
 
 DESCRIPTION = "chunked form (dense C x C blocks + Fenwick scan over chunk states), the Triton kernels' algorithm; torch (numpy converted), autograd"
 

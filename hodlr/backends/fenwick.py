@@ -15,6 +15,9 @@ from hodlr._formulas import tie_decay
 from hodlr.fenwick import delta, scan
 from hodlr.fenwick.arrays import cast, is_torch
 
+GATED_DELTA_STATE = True
+"""``gated_delta_attention`` takes ``state``, ``position`` and ``final_state`` (:mod:`hodlr.backends`)."""
+
 DESCRIPTION = "Fenwick scan: O(log T) recurrent states, loop over time; numpy or torch, autograd"
 
 

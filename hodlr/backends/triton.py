@@ -106,6 +106,16 @@ def kept_state_shapes(q, v):
     return state_shapes(N * H, T, q.shape[-1], Dv, v.dtype)
 
 
+def max_key_width(op):
+    """The widest key head the kernels of ``op`` take: ``Dk <= 128`` for Gated DeltaNet
+    (``kernels.gated_delta.MAX_DK``), any for the others."""
+    if op != "gated_delta_attention":
+        return None
+    from hodlr.kernels.gated_delta import MAX_DK
+
+    return MAX_DK
+
+
 def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale, *, check=None):
     from hodlr import kernels
     from hodlr.options import flag

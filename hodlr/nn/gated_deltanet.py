@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hodlr.fenwick.arrays import check_int
-from hodlr.nn.modules import LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution, l2norm
+from hodlr.nn.modules import (LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution, check_bool, check_positive,
+                              l2norm)
 from hodlr.ops import log_linear_gated_delta_rule
 
 __all__ = ["LogLinearGatedDeltaNet"]
@@ -78,6 +79,10 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
                  "conv_size": conv_size}
         hidden_size, head_dim, num_heads, num_v_heads, conv_size = (
             check_int(name, value, 1) for name, value in sizes.items())
+        use_gate, use_short_conv, allow_neg_eigval, conv_bias = (check_bool(name, value) for name, value in (
+            ("use_gate", use_gate), ("use_short_conv", use_short_conv), ("allow_neg_eigval", allow_neg_eigval),
+            ("conv_bias", conv_bias)))
+        norm_eps = check_positive("norm_eps", norm_eps)
         if num_v_heads % num_heads:
             raise ValueError(f"num_heads={num_heads} (query/key heads) must divide num_v_heads={num_v_heads}")
         ok = isinstance(expand_v, (int, float)) and not isinstance(expand_v, bool) and math.isfinite(expand_v)
@@ -135,7 +140,7 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
             The recurrent state (``states (B, num_v_heads, S, head_k_dim, head_v_dim)``) and the
             three convolutions' last inputs (none without short convolutions).
         """
-        self._check_call(hidden_states, cache)
+        self._check_call(hidden_states, cache, use_cache)
         x = hidden_states
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         convs = ()

@@ -10,7 +10,8 @@ from torch import nn
 
 from hodlr.fenwick.arrays import check_int
 from hodlr.ops import log_linear_attn
-from hodlr.nn.modules import LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution
+from hodlr.nn.modules import (LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution, check_bool,
+                              check_positive)
 
 __all__ = ["LogLinearMamba2"]
 
@@ -107,8 +108,16 @@ class LogLinearMamba2(LogLinearLayer):
         lo, hi = dt_limit if pair else (None, None)
         if not pair or not 0 <= lo < hi:
             raise ValueError(f"dt_limit must be a pair (low, high) with 0 <= low < high, got {dt_limit!r}")
-        if not all(isinstance(x, (int, float)) for x in (dt_min, dt_max)) or not 0 < dt_min <= dt_max:
+        dt_min, dt_max = check_positive("dt_min", dt_min), check_positive("dt_max", dt_max)
+        if not dt_min <= dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min!r}, dt_max={dt_max!r}")
+        dt_init_floor = check_positive("dt_init_floor", dt_init_floor, zero=True)
+        norm_eps = check_positive("norm_eps", norm_eps)
+        if conv_init is not None:
+            conv_init = check_positive("conv_init", conv_init)
+        use_conv_bias, rmsnorm, D_has_hdim, norm_before_gate, use_bias = (check_bool(name, value) for name, value in (
+            ("use_conv_bias", use_conv_bias), ("rmsnorm", rmsnorm), ("D_has_hdim", D_has_hdim),
+            ("norm_before_gate", norm_before_gate), ("use_bias", use_bias)))
 
         self.num_heads, self.head_dim, self.hidden_size = num_heads, head_dim, hidden_size
         self.ssm_state_size, self.n_groups = state_size, n_groups
@@ -158,7 +167,7 @@ class LogLinearMamba2(LogLinearLayer):
             The recurrent state (``states (B, num_heads, S, state_size, head_dim)``) and the
             convolution's last inputs ``(B, conv_dim, conv_kernel)``.
         """
-        self._check_call(hidden_states, cache)
+        self._check_call(hidden_states, cache, use_cache)
         Bsz, T, _ = hidden_states.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
         parts = [self.intermediate_size, self.conv_dim, H] + ([H * self.num_levels] if self.hierarchical else [])

@@ -8,6 +8,8 @@ Parameter names and shapes follow flash-linear-attention's modules (``ShortConvo
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,26 @@ def check_hidden_states(layer, x) -> None:
                          f"got shape {tuple(x.shape)}")
     if not x.dtype.is_floating_point:
         raise TypeError(f"{name}: hidden_states must have a floating dtype, got {x.dtype}")
+    param = next(layer.parameters(), None)
+    if param is not None and x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{name}: hidden_states has dtype {x.dtype} but the layer's parameters are {param.dtype}; "
+                        f"convert one to the other (layer.to({x.dtype})) or run under torch.autocast")
+
+
+def check_bool(name: str, value) -> bool:
+    """A layer's switch must be a bool (not a truthy string or number)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_positive(name: str, value, *, zero: bool = False) -> float:
+    """A layer's real setting must be a finite number > 0 (>= 0 with ``zero``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a finite number {'>=' if zero else '>'} 0, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise ValueError(f"{name} must be a finite number {'>=' if zero else '>'} 0, got {value!r}")
+    return float(value)
 
 
 def level_scales(L: torch.Tensor, dl: torch.Tensor) -> torch.Tensor:
@@ -178,6 +200,9 @@ class LayerCache:
     def __init__(self, state: LogLinearState, conv=()):
         if not isinstance(state, LogLinearState):
             raise TypeError(f"state must be a hodlr.LogLinearState, got {type(state).__name__}")
+        if not isinstance(conv, (tuple, list)):
+            raise TypeError(f"conv must be a tuple of tensors (N, D, W), one per short convolution (empty for none), "
+                            f"got {type(conv).__name__}")
         conv = tuple(conv)
         for i, c in enumerate(conv):
             if not isinstance(c, torch.Tensor) or c.dim() != 3 or c.shape[0] != state.batch_size:
@@ -286,9 +311,11 @@ class LogLinearLayer(nn.Module):
                 f"make the layer with num_levels >= {error.need}, or start a new cache", end=error.end,
                 need=error.need, levels=error.levels, continued=error.continued) from None
 
-    def _check_call(self, x, cache) -> None:
+    def _check_call(self, x, cache, use_cache) -> None:
         check_hidden_states(self, x)
         name = type(self).__name__
+        if not isinstance(use_cache, bool):
+            raise TypeError(f"{name}: use_cache must be a bool, got {type(use_cache).__name__}")
         if cache is None:
             reach = 1 << (self.num_levels - 1)
             if x.shape[1] > reach:
@@ -311,3 +338,14 @@ class LogLinearLayer(nn.Module):
         if got != want:
             raise ValueError(f"{name}: the cache does not fit this layer: state (heads, Dk, Dv) and convolution "
                              f"(channels, width) {want} wanted, got {got}")
+        for part, tensor in [("cache.state", s)] + [(f"cache.conv[{i}]", c) for i, c in enumerate(cache.conv)]:
+            if tensor.device != x.device:
+                raise ValueError(f"{name}: {part} is on {tensor.device} but hidden_states is on {x.device}; "
+                                 f"move the cache (cache.to({str(x.device)!r}))")
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if s.dtype != work:
+            raise TypeError(f"{name}: cache.state has dtype {s.dtype} but {x.dtype} hidden_states need a {work} state; "
+                            f"convert it (cache.to({work}))")
+        for i, c in enumerate(cache.conv):
+            if not c.dtype.is_floating_point:
+                raise TypeError(f"{name}: cache.conv[{i}] must have a floating dtype, got {c.dtype}")
