@@ -14,6 +14,7 @@ __all__ = ["DECAYS", "TOLERANCES", "assert_close", "relative_error", "scaled_err
 
 TOLERANCES = {
     "cpu_float64": 1e-12,
+    "cpu_float32": 1e-5,
     "interpreter_float64": 1e-12,
     "interpreter_float32": 1e-5,
     "gpu_float32": 1e-5,

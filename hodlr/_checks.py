@@ -124,6 +124,13 @@ def needs_values(what: str, level_scales) -> None:
         raise ValueError(f"{what} reads the mask's values; a mask on the meta device holds none (only shapes)")
 
 
+def wants_grad(*tensors) -> bool:
+    """Whether autograd is on and any of the torch tensors (``None`` skipped) requires grad."""
+    import torch
+
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def is_meta(x) -> bool:
     """True for torch tensors on the ``meta`` device (shapes only: no values to check)."""
     return is_torch(x) and x.device.type == "meta"

@@ -274,12 +274,13 @@ def _sync(library, device):
         torch.cuda.synchronize()
 
 
-def _tolerance(library, device, dtype, interpreted) -> float:
+def _tolerance(device, dtype, interpreted) -> float:
+    """The bound (:data:`hodlr.testing.TOLERANCES`) of a backend's result on this device and dtype."""
     if dtype == "float64":
         return TOLERANCES["interpreter_float64" if interpreted else "cpu_float64"]
     if interpreted:
         return TOLERANCES["interpreter_float32"]
-    return TOLERANCES["gpu_float32"] if device == "cuda" else 1e-5
+    return TOLERANCES["gpu_float32" if device == "cuda" else "cpu_float32"]
 
 
 def _is_refusal(err, device, dtype) -> bool:
@@ -350,7 +351,7 @@ def run_one(name, library, device, problem, op, rows, reference, dtype, repeat, 
     if rows is not None:
         got = got[..., rows, :]
     err = relative_error(got, reference)
-    tol = _tolerance(library, device, dtype, interpreted)
+    tol = _tolerance(device, dtype, interpreted)
     return Result(name, where, op, err, tol, best, peak, note, ok=bool(err <= tol))
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from hodlr import backends as registry, fenwick
+from hodlr import _checks, backends as registry, fenwick
 from hodlr.errors import BackendUnavailableError
 from hodlr.fenwick.arrays import check_int, describe
 from hodlr.state import LogLinearState, combine
@@ -727,7 +727,7 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
             raise
         refused = err
     init = None if initial_state is None or refused else initial_state.states
-    wants_grad = not refused and ops._wants_grad(q, k, v, g, level_scales, init)
+    wants_grad = not refused and _checks.wants_grad(q, k, v, g, level_scales, init)
     if world == 1:
         return ops.log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens, scale,
                                    backend=backend)

@@ -237,7 +237,7 @@ def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Ten
     cached with it), else empty."""
     _check_values(q.shape[0], q.shape[2], level_scales.shape[-1], cu_seqlens, initial_positions,
                   None if initial_states is None else initial_states.shape[2])
-    keeper = _keeper(q, v, initial_states, cu_seqlens, output_final_state, backend, keep)
+    keeper = _keeper(q, initial_states, cu_seqlens, output_final_state, backend, keep)
     if keeper is not None:
         o, kept, kept_logdec = keeper.attention_keeping_states(q, k, v, level_scales, g, scale)
         empty = q.new_zeros((0,), dtype=level_scales.dtype)
@@ -250,7 +250,7 @@ def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Ten
     return o.contiguous(), states.contiguous(), positions.contiguous(), nothing, nothing.clone()
 
 
-def _keeper(q, v, initial_states, cu_seqlens, output_final_state, backend, keep):
+def _keeper(q, initial_states, cu_seqlens, output_final_state, backend, keep):
     """The backend module whose forward keeps its chunk states for the operator's backward
     (``attention_keeping_states``: the ``triton`` backend) when ``keep``, on the common path (no
     state, no packed sequences, tokens), or None."""
@@ -286,7 +286,7 @@ def _fake_outputs(q, v, level_scales, cu_seqlens, output_final_state, final_slot
 def _op_fake(q, k, v, g, level_scales, scale, initial_states, initial_positions, cu_seqlens, output_final_state,
              final_slots, backend, keep):
     outs = _fake_outputs(q, v, level_scales, cu_seqlens, output_final_state, final_slots)
-    keeper = _keeper(q, v, initial_states, cu_seqlens, output_final_state, backend, keep)
+    keeper = _keeper(q, initial_states, cu_seqlens, output_final_state, backend, keep)
     if keeper is None:
         nothing = level_scales.new_empty((0,))
         return (*outs, nothing, level_scales.new_empty((0,)))
@@ -413,10 +413,6 @@ _op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------
 # the public functions
 # ---------------------------------------------------------------------------------------
-def _wants_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _bhtd(x):
     """``(B, T, H, ...)`` -> the view ``(B, H, T, ...)``."""
     return None if x is None else x.transpose(1, 2)
@@ -497,14 +493,14 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
         # no host read while tracing: the slot count comes from shapes (int(T) specialises T)
         final_slots = 0 if not output_final_state else S_in if initial_state is not None else int(T).bit_length()
         # a graph that differentiates nothing keeps nothing (grad mode and requires_grad are guarded)
-        keep = flag("attention_save_states") and _wants_grad(q, k, v, g, level_scales, init)
+        keep = flag("attention_save_states") and _checks.wants_grad(q, k, v, g, level_scales, init)
         o, states, positions, _, _ = _op(_bhtd(q), _bhtd(k), _bhtd(v), g_, lam, scale, init, pos, cu_seqlens,
                                          output_final_state, final_slots, backend, keep)
     else:
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
         final_slots = max(S_in, end.bit_length())
         if (T == 1 and initial_state is not None and cu_seqlens is None and q.device.type == "cuda"
-                and backend in ("auto", "triton") and not _wants_grad(q, k, v, g, level_scales, init)):
+                and backend in ("auto", "triton") and not _checks.wants_grad(q, k, v, g, level_scales, init)):
             state = LogLinearState(initial_state.with_slots(final_slots).states.clone(), pos.clone(), validate=False)
             o = log_linear_attn_step(q, k, v, g, level_scales, state, scale=scale, backend="triton", validate=False)
             return o, (state if output_final_state else None)
@@ -939,7 +935,7 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
     if torch.compiler.is_compiling():
         # no host read while tracing: the slot count comes from shapes (as log_linear_attn)
         final_slots = 0 if not output_final_state else S_in if initial_state is not None else int(T).bit_length()
-        keep = flag("gated_delta_save_states") and _wants_grad(q, k, v, g, beta, level_scales, init)
+        keep = flag("gated_delta_save_states") and _checks.wants_grad(q, k, v, g, beta, level_scales, init)
         o, states, positions, *_ = _gd_op(_bhtd(q), _bhtd(k), _bhtd(v), g_, beta_, lam, scale, init, pos,
                                           cu_seqlens, output_final_state, final_slots, backend, keep)
     else:

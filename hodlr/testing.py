@@ -45,7 +45,8 @@ __all__ = [
 
 AWKWARD_LENGTHS = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257)
 
-def _strategy(value, name):
+def _strategy(value):
+    """``value`` itself if it is a strategy, else the strategy that always draws it."""
     if isinstance(value, st.SearchStrategy):
         return value
     return st.just(value)
@@ -146,12 +147,11 @@ def masks(
     """
     from hodlr.mask import LogLinearMask
 
-    T = draw(_strategy(st_lengths() if T is None else T, "T"))
-    batch = tuple(_count(f"batch_shape[{i}]", n) for i, n in enumerate(draw(_strategy(batch_shape, "batch_shape"))))
-    kind = draw(_strategy(decay, "decay"))
-    extra = _count("extra_levels", draw(_strategy(extra_levels, "extra_levels")))
-    poison, dtype, library, device = (draw(_strategy(x, name)) for x, name in (
-        (poison, "poison"), (dtype, "dtype"), (library, "library"), (device, "device")))
+    T = draw(_strategy(st_lengths() if T is None else T))
+    batch = tuple(_count(f"batch_shape[{i}]", n) for i, n in enumerate(draw(_strategy(batch_shape))))
+    kind = draw(_strategy(decay))
+    extra = _count("extra_levels", draw(_strategy(extra_levels)))
+    poison, dtype, library, device = (draw(_strategy(x)) for x in (poison, dtype, library, device))
     if not isinstance(poison, (bool, np.bool_)):
         raise InvalidArgument(f"poison must be a bool, got {poison!r}")
     T = _count("T", T, 1)
@@ -185,7 +185,7 @@ def _operand_batch(draw, batch):
 def operands(draw, M, D=st.integers(1, 5), broadcast: bool = True):
     """Draw ``X (..., T, D)`` for the mask ``M``: its library, dtype and device, a batch shape
     that broadcasts with ``M``'s (when ``broadcast``), entries from a standard normal."""
-    D = _count("D", draw(_strategy(D, "D")))
+    D = _count("D", draw(_strategy(D)))
     batch = _operand_batch(draw, M.batch_shape) if broadcast else M.batch_shape
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     x = rng.standard_normal(tuple(batch) + (M.T, D))
@@ -204,8 +204,8 @@ def _like_mask(x: np.ndarray, M):
 def attention_inputs(draw, M, Dk=st.integers(1, 5), Dv=st.integers(1, 5), broadcast: bool = True):
     """Draw ``(q, k, v)`` for the mask ``M``; with ``broadcast``, q and k may carry size-1
     batch dims (grouped heads) and each operand its own broadcastable batch shape."""
-    Dk = _count("Dk", draw(_strategy(Dk, "Dk")))
-    Dv = _count("Dv", draw(_strategy(Dv, "Dv")))
+    Dk = _count("Dk", draw(_strategy(Dk)))
+    Dv = _count("Dv", draw(_strategy(Dv)))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     out = []
     for width in (Dk, Dk, Dv):

@@ -111,7 +111,8 @@ def bit_length(x):
 @triton.jit
 def reads_level(t, lev):
     """Whether row ``t`` reads level ``lev``: level 0, or bit ``lev - 1`` of ``t`` set
-    (``hodlr.fenwick.read_levels`` on the host).  Broadcasts."""
+    (``hodlr.fenwick.read_levels`` on the host); for ``lev >= 1`` also whether a state at position
+    ``t`` holds a bucket of level ``lev``.  Broadcasts."""
     return (lev == 0) | (((t >> tl.maximum(lev - 1, 0)) & 1) == 1)
 
 
@@ -226,6 +227,18 @@ def intra_decay(G, g_next, tmask, C: tl.constexpr, EXACT: tl.constexpr):
         else:
             D = tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0))
     return tl.where(causal, D, 0.0)
+
+
+@triton.jit
+def causal_decay(G, g_next, tmask, C: tl.constexpr, HAS_G: tl.constexpr, EXACT: tl.constexpr):
+    """The in-chunk decays of :func:`intra_decay` with a decay (``HAS_G``), else the causal
+    ones-mask (0 above the diagonal and on rows past ``T``), in ``G``'s dtype."""
+    if HAS_G:
+        D = intra_decay(G, g_next, tmask, C, EXACT)
+    else:
+        r = tl.arange(0, C)
+        D = tl.where((r[:, None] >= r[None, :]) & tmask[:, None], 1.0, 0.0).to(G.dtype)
+    return D
 
 
 @triton.jit
@@ -400,10 +413,17 @@ def sequence_chunk(tab_ptr, chunk_seq_ptr, C: tl.constexpr, LOG_C: tl.constexpr)
 
 
 @triton.jit
-def state_tile(ptr, index, dk, dv, DK, DV, ACC: tl.constexpr):
-    """The ``(dk, dv)`` tile of ``Dk x Dv`` matrix ``index`` of a row-major stack, in ``ACC``."""
-    return tl.load(ptr + index * (DK * DV) + dk[:, None] * DV + dv[None, :],
-                   mask=(dk[:, None] < DK) & (dv[None, :] < DV), other=0.0).to(ACC)
+def matrix_tile(ptr, index, rows, cols, R, S, ACC: tl.constexpr):
+    """The ``(rows, cols)`` tile of the ``R x S`` row-major matrix ``index`` of a stack, in ``ACC``."""
+    return tl.load(ptr + index * (R * S) + rows[:, None] * S + cols[None, :],
+                   mask=(rows[:, None] < R) & (cols[None, :] < S), other=0.0).to(ACC)
+
+
+@triton.jit
+def store_matrix_tile(ptr, index, value, rows, cols, R, S):
+    """Store ``value`` where :func:`matrix_tile` reads it."""
+    tl.store(ptr + index * (R * S) + rows[:, None] * S + cols[None, :], value,
+             mask=(rows[:, None] < R) & (cols[None, :] < S))
 
 
 @triton.jit

@@ -118,7 +118,7 @@ def check_block(T: int, flag) -> int:
     return 1 if flag is None else next_power_of_2(fenwick.num_levels(T))
 
 
-def compute_types(dtype: torch.dtype, device=None):
+def compute_types(dtype: torch.dtype):
     """``(accumulator dtype, input_precision for fp32 dots, exact intra decays)`` for inputs
     of ``dtype``.
 

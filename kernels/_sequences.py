@@ -6,7 +6,8 @@ Fenwick tree at absolute positions (``docs/kernels.md``, "State and packed seque
 module builds what the kernels index them by, from the host copy of the sequence lengths only:
 the start positions stay on the device (no host synchronisation on them).
 
-Sequence table (``(N, SEQ_COLUMNS)`` int64 on the device, one row per sequence)::
+Sequence table (``(N, 8)`` int64 on the device, one row per sequence; the kernels step eight
+columns a row, ``kernels._device``)::
 
     0  batch row of its tokens (the sequence index, or 0 with cu_seqlens)
     1  row of its first token along T (0, or cu_seqlens[n])
@@ -33,8 +34,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-
-SEQ_COLUMNS = 8
 
 
 class Sequences(NamedTuple):

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from . import _sequences, states as _states
-from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_mask, next_decay, next_level, read_entry,
-                      sequence_chunk, sequence_row, state_tile, validate_rows)
+from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_mask, matrix_tile, next_decay, next_level,
+                      read_entry, reads_level, sequence_chunk, sequence_row, validate_rows)
 from ._layout import (NUM_WARPS, block, broadcast_shape, cdiv, check_block, check_chunk, check_flag, check_levels,
                       chunk_count, collapse_grouped, compute_types, interpreting, output_buffer, scratch, state_dtypes)
 
@@ -97,11 +97,11 @@ def _carried_low(s_ptr, first, S_IN, a, dk, dv, DK: tl.constexpr, DV: tl.constex
     is the state's slot 0 of the sequence and head."""
     acc = tl.zeros((BDK, BDV), dtype=ACC)
     for l in tl.static_range(1, LOG_C + 1):
-        live = (l <= S_IN) & (((a >> (l - 1)) & 1) == 1)
+        live = (l <= S_IN) & reads_level(a, l)
         if upto is not None:
             live = live & (l <= upto)
         if live:
-            acc += state_tile(s_ptr, first + l - 1, dk, dv, DK, DV, ACC)
+            acc += matrix_tile(s_ptr, first + l - 1, dk, dv, DK, DV, ACC)
     return acc
 
 
@@ -222,7 +222,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, l_ptr, g_ptr, h_ptr, a_ptr, o_ptr, s_ptr
             far = bit_length((t ^ a) & (C - 1))
             first = (n * tl.num_programs(1) + b1) * S_IN
             for l in tl.static_range(1, LOG_C + 1):
-                if (l <= S_IN) & (((a >> (l - 1)) & 1) == 1):
+                if (l <= S_IN) & reads_level(a, l):
                     part = _read_state(q_base, sqd, tmask, s_ptr, first + l - 1, dv, dvmask, DK, DV, C, BDK, BDV,
                                        ACC, PREC, LOWP, NATIVE)
                     lam = level_scale(l_base, tl.maximum(far, l), sll, L, tmask, VARLEN).to(ACC)
@@ -282,8 +282,8 @@ def _final_state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr, s_ptr, f_ptr, tab_ptr
             kw = kb.to(ACC) * tl.where(lev == l, w, 0.0)[:, None]
             acc = dot(tl.trans(kw), vb, ACC, PREC, NATIVE)
             if same:
-                if (l > far) & (l <= S_IN) & (((a >> (l - 1)) & 1) == 1):
-                    acc += tl.exp(A_part) * state_tile(s_ptr, first + l - 1, dk, dv, DK, DV, ACC)
+                if (l > far) & (l <= S_IN) & reads_level(a, l):
+                    acc += tl.exp(A_part) * matrix_tile(s_ptr, first + l - 1, dk, dv, DK, DV, ACC)
                 if l == far:
                     acc += tl.exp(A_part) * below
             tl.store(out + (l - 1) * DK * DV, acc, mask=fmask)
@@ -295,7 +295,7 @@ def _final_state_kernel(k_ptr, v_ptr, g_ptr, h_ptr, a_ptr, s_ptr, f_ptr, tab_ptr
         acc = tl.zeros((BDK, BDV), dtype=ACC)
         if (h < n_bits) & (((E >> h) & 1) == 1):
             blk = read_entry(off, E, h, I0, True)
-            acc = tl.exp(gap) * state_tile(h_ptr, blk, dk, dv, DK, DV, ACC)
+            acc = tl.exp(gap) * matrix_tile(h_ptr, blk, dk, dv, DK, DV, ACC)
             gap += tl.load(a_ptr + blk)
         tl.store(out + (LOG_C + h) * DK * DV, acc, mask=fmask)
         off = next_level(off, h, 0, span, True)

@@ -47,9 +47,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import (bit_length, block_entry, chunk_decays, chunk_rows, dot, intra_decay, intra_scales, level_size,
-                      level_start, level_sums, next_level, read_entry, sequence_chunk, sequence_chunks, sequence_row,
-                      sequence_slots, state_tile)
+from ._device import (bit_length, block_entry, causal_decay, chunk_decays, chunk_rows, dot, intra_scales, level_size,
+                      level_start, level_sums, matrix_tile, next_level, read_entry, reads_level, sequence_chunk,
+                      sequence_chunks, sequence_row, sequence_slots)
 from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, interpreting,
                       next_power_of_2, scratch, state_dtypes)
 from . import _sequences
@@ -131,18 +131,6 @@ def _reader_block(b, h, n_chunks, I1, E_end, VARLEN: tl.constexpr):
         return b <= (E_end >> h), b <= (I1 >> h)
     else:
         return (b << h) < n_chunks, ((b + 1) << h) <= n_chunks
-
-
-@triton.jit
-def _decays(G, g_next, tmask, C: tl.constexpr, HAS_G: tl.constexpr, EXACT: tl.constexpr):
-    """The in-chunk decays of :func:`kernels._device.intra_decay`, or the causal ones-mask
-    without decay."""
-    if HAS_G:
-        D = intra_decay(G, g_next, tmask, C, EXACT)
-    else:
-        r = tl.arange(0, C)
-        D = tl.where((r[:, None] >= r[None, :]) & tmask[:, None], 1.0, 0.0).to(G.dtype)
-    return D
 
 
 @triton.jit
@@ -349,11 +337,11 @@ def _sequence_kernel(h_ptr, a_ptr, r_ptr, s_ptr, df_ptr, di_ptr, rc_ptr, le_ptr,
         while h < n_bits:
             if (((E >> h) & 1) == 1) & (LOG_C + h < S_OUT):
                 blk = read_entry(off, E, h, I0, True)  # read by the final state (the block sums share this layout)
-                dF = state_tile(df_ptr, out + LOG_C + h, dk, dv, DK, DV, ACC)
+                dF = matrix_tile(df_ptr, out + LOG_C + h, dk, dv, DK, DV, ACC)
                 wgt = tl.exp(gap)
                 dst = r_ptr + blk * DK * DV + tile
                 tl.store(dst, tl.load(dst, mask=fmask, other=0.0) + wgt * dF, mask=fmask)
-                read = wgt * tl.sum(tl.sum(dF * state_tile(h_ptr, blk, dk, dv, DK, DV, ACC), 1), 0)
+                read = wgt * tl.sum(tl.sum(dF * matrix_tile(h_ptr, blk, dk, dv, DK, DV, ACC), 1), 0)
                 reads = tl.where(levels == h, read, reads)
                 const += read
                 gap += tl.load(a_ptr + blk)
@@ -363,10 +351,10 @@ def _sequence_kernel(h_ptr, a_ptr, r_ptr, s_ptr, df_ptr, di_ptr, rc_ptr, le_ptr,
         for l in tl.static_range(1, LOG_C + 1):
             if l <= S_IN:
                 d_init = tl.zeros((BDK, BDV), dtype=ACC)
-                if (E == I0) & (((a >> (l - 1)) & 1) == 1):  # the carried bucket l is in the final state
-                    dF = state_tile(df_ptr, out + tl.maximum(far, l) - 1, dk, dv, DK, DV, ACC)
+                if (E == I0) & reads_level(a, l):  # the carried bucket l is in the final state
+                    dF = matrix_tile(df_ptr, out + tl.maximum(far, l) - 1, dk, dv, DK, DV, ACC)
                     d_init = tl.exp(A_part) * dF
-                    const += tl.sum(tl.sum(d_init * state_tile(s_ptr, first + l - 1, dk, dv, DK, DV, ACC), 1), 0)
+                    const += tl.sum(tl.sum(d_init * matrix_tile(s_ptr, first + l - 1, dk, dv, DK, DV, ACC), 1), 0)
                 tl.store(di_ptr + (first + l - 1) * DK * DV + tile, d_init, mask=fmask)
         tl.store(le_ptr + ((n * tl.num_programs(1) + hd) * tl.num_programs(2) + tile_f) * NB + levels, reads)
         tl.store(rc_ptr + (n * tl.num_programs(1) + hd) * tl.num_programs(2) + tile_f, const)
@@ -385,13 +373,13 @@ def _sequence_kernel(h_ptr, a_ptr, r_ptr, s_ptr, df_ptr, di_ptr, rc_ptr, le_ptr,
                 A_h = tl.zeros((), dtype=ACC)
                 if nonempty:
                     A_h = tl.load(a_ptr + top + 1).to(ACC)
-                d_init = state_tile(r_ptr, top, dk, dv, DK, DV, ACC) + tl.exp(A_h) * walk
+                d_init = matrix_tile(r_ptr, top, dk, dv, DK, DV, ACC) + tl.exp(A_h) * walk
                 tl.store(di_ptr + (first + LOG_C + h) * DK * DV + tile, d_init, mask=fmask)
         else:
             A_r = tl.zeros((), dtype=ACC)
             if nonempty & (((I0 >> h) + 1) <= (I1 >> h)):
                 A_r = tl.load(a_ptr + top + 2).to(ACC)
-            walk = state_tile(r_ptr, top + 1, dk, dv, DK, DV, ACC) + tl.exp(A_r) * walk
+            walk = matrix_tile(r_ptr, top + 1, dk, dv, DK, DV, ACC) + tl.exp(A_r) * walk
             if LOG_C + h < S_IN:
                 tl.store(di_ptr + (first + LOG_C + h) * DK * DV + tile, tl.zeros((BDK, BDV), dtype=ACC), mask=fmask)
         h -= 1
@@ -432,10 +420,10 @@ def _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot
     return acc
 
 
-@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_r", "n_bits", "L", "slb0", "slb1", "slt",
+@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_r", "n_bits", "slb0", "slb1", "slt",
                                "sgb0", "sgb1", "GRP"])
 def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_ptr,
-                        T, B1, n_chunks, n_total, n_r, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES,
+                        T, B1, n_chunks, n_total, n_r, n_bits, DK: tl.constexpr, DV: tl.constexpr, N_DV_TILES,
                         scale, sqb0, sqb1, sqt, sqd, sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt, GRP,
                         C: tl.constexpr, LOG_C: tl.constexpr, P_LOG: tl.constexpr, BDK: tl.constexpr,
                         BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
@@ -468,11 +456,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_p
             return
         hd = tl.program_id(1).to(tl.int64)
         base += hd * n_total
-        off = base
-        lv = 0
-        while lv < h:
-            off += (span >> lv) + 3
-            lv += 1
+        off = base + level_start(0, h, span, True)
         shift = row0 - a
         q_row = q_ptr + b0 * sqb0 + (hd // GRP) * sqb1 + shift * sqt
         o_row = do_ptr + b0 * sob0 + hd * sob1 + shift * sot
@@ -502,11 +486,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_p
                 else:
                     before = tl.zeros((), dtype=ACC)
                     if HAS_G:  # the groups of the block before this one (from the sequence's first), level P_LOG
-                        p_off = base
-                        lv = 0
-                        while lv < P_LOG:
-                            p_off += (span >> lv) + 3
-                            lv += 1
+                        p_off = base + level_start(0, P_LOG, span, True)
                         k = tl.maximum(b << (h - P_LOG), I0 >> P_LOG)
                         while k < (first >> P_LOG):
                             before += tl.load(a_ptr + p_off + k - (I0 >> P_LOG) + 1)
@@ -681,7 +661,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, later
         l_base = l_ptr + b0 * slb0 + b1 * slb1
         G, g_next = chunk_decays(g_row, t, tmask, sgt, T, C, HAS_G, ACC)
         lam = intra_scales(l_base + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C)
-    Dec = _decays(G, g_next, tmask, C, HAS_G, EXACT) * scale
+    Dec = causal_decay(G, g_next, tmask, C, HAS_G, EXACT) * scale
     Wd = dP * S * Dec
     col_l = tl.arange(0, BL)
     dl = tl.zeros((C, BL), dtype=ACC)
@@ -751,8 +731,8 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, later
             e_t = scale * tl.exp(G)
             A_i = tl.load(a_ptr + base + i - I0 + 1).to(ACC)
             for l in tl.static_range(1, LOG_C + 1):
-                if (l <= S_IN) & (((a >> (l - 1)) & 1) == 1):
-                    sb = state_tile(s_ptr, first + l - 1, dk, dv, DK, DV, ACC)
+                if (l <= S_IN) & reads_level(a, l):
+                    sb = matrix_tile(s_ptr, first + l - 1, dk, dv, DK, DV, ACC)
                     X = dot(ob, tl.trans(_rounded(sb, ob, LOWP, NATIVE)), ACC, PREC, NATIVE)
                     lev = tl.maximum(far, l)
                     lam_l = tl.load(l_base + t * slt + lev * sll, mask=tmask, other=0.0).to(ACC)
@@ -772,7 +752,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, later
                 out = (n * tl.num_programs(1) + b1) * S_OUT
                 for l in tl.static_range(1, LOG_C + 1):
                     if l <= S_OUT:
-                        dF = state_tile(df_ptr, out + l - 1, dk, dv, DK, DV, ACC)
+                        dF = matrix_tile(df_ptr, out + l - 1, dk, dv, DK, DV, ACC)
                         w_l = tl.where((lev_e == l) & tmask, w, 0.0)
                         Y = dot(vb, tl.trans(_rounded(dF, vb, LOWP, NATIVE)), ACC, PREC, NATIVE)
                         dk_acc += w_l[:, None] * Y
@@ -973,7 +953,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     if n_bits:
         _query_block_kernel[(cdiv(n, TILE_CHUNKS) * n_bits, B, tiles)](
             layout.tensors["q"], layout.tensors["do"], layout.tensors["l"], layout.decay_args()[0], logdec, rsum,
-            logdec, logdec, T, layout.B1, n, states.shape[1], n_r, n_bits, L, DK, DV, n_dv, float(scale),
+            logdec, logdec, T, layout.B1, n, states.shape[1], n_r, n_bits, DK, DV, n_dv, float(scale),
             *layout.args("q")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *layout.decay_args()[1:],
             layout.group, C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, VARLEN=False,
             STAGES=BLOCK_SUM_STAGES[_width_key(BDK, BDV)], **meta)
@@ -1156,7 +1136,7 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
     if seqs.n_groups and H:
         _query_block_kernel[(seqs.n_groups * NH, H, tiles)](
             q, do, level_scales, layout.decay_args()[0], logdec, rsum, seqs.table, seqs.group_seq, T, 1, 0,
-            seqs.n_entries, 0, NH, L, DK, DV, n_dv, float(scale), *layout.args("q")[1:], *layout.args("do")[1:],
+            seqs.n_entries, 0, NH, DK, DV, n_dv, float(scale), *layout.args("q")[1:], *layout.args("do")[1:],
             *layout.args("l")[1:], *layout.decay_args()[1:], grp, C=C, LOG_C=c, P_LOG=p_log, BDK=BDK, BDV=BDV,
             VARLEN=True, STAGES=BLOCK_SUM_STAGES[_width_key(BDK, BDV)], **meta)
     NB = next_power_of_2(NH)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import dot, token_tile
+from ._device import dot, matrix_tile, token_tile
 from ._layout import block, cdiv, compute_types, interpreting, scratch, state_dtypes
 
 __all__ = ["PIECE", "Pieces", "bucket_pieces", "bucket_states_backward", "bucket_states_forward"]
@@ -78,13 +78,6 @@ def _weights(a_ptr, b, t, tmask, hd, sab, sat, sah, ACC: tl.constexpr):
 
 
 @triton.jit
-def _dx_tile(dx, dk, dv, DK, DV, ACC: tl.constexpr):
-    """The ``(dk, dv)`` tile of the ``Dk x Dv`` state gradient at ``dx``, in ``ACC``."""
-    return tl.load(dx + dk[:, None] * DV + dv[None, :], mask=(dk[:, None] < DK) & (dv[None, :] < DV),
-                   other=0.0).to(ACC)
-
-
-@triton.jit
 def _forward_kernel(k_ptr, v_ptr, a_ptr, x_ptr, tab_ptr, H, S, GRP, DK, DV, N_DV_TILES,
                     skb, skt, skh, skd, svb, svt, svh, svd, sab, sat, sah,
                     R: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
@@ -127,7 +120,7 @@ def _backward_kernel(k_ptr, v_ptr, a_ptr, dx_ptr, dk_ptr, dv_ptr, da_ptr, tab_pt
     if tile < N_DK_TILES:  # dk = w * (V dXᵀ), da = k · dk
         dk = tile * BDK + tl.arange(0, BDK)
         if N_DV_TILES == 1:  # one tile of dXᵀ: read once
-            dxt = tl.trans(_dx_tile(dx, dk, tl.arange(0, BDV), DK, DV, ACC))
+            dxt = tl.trans(matrix_tile(dx, 0, dk, tl.arange(0, BDV), DK, DV, ACC))
         for start in range(0, n, R):
             t = t0 + start + tl.arange(0, R)
             tmask = t < t0 + n
@@ -138,7 +131,7 @@ def _backward_kernel(k_ptr, v_ptr, a_ptr, dx_ptr, dk_ptr, dv_ptr, da_ptr, tab_pt
                 dv = c * BDV + tl.arange(0, BDV)
                 vb = token_tile(v_ptr, b, t, tmask, hd, dv, DV, svb, svt, svh, svd)
                 if N_DV_TILES != 1:
-                    dxt = tl.trans(_dx_tile(dx, dk, dv, DK, DV, ACC))
+                    dxt = tl.trans(matrix_tile(dx, 0, dk, dv, DK, DV, ACC))
                 acc += dot(vb, dxt, ACC, PREC, NATIVE)
             grad = acc * w[:, None]
             kb = token_tile(k_ptr, b, t, tmask, hd // GRP, dk, DK, skb, skt, skh, skd).to(ACC)
@@ -151,7 +144,7 @@ def _backward_kernel(k_ptr, v_ptr, a_ptr, dx_ptr, dk_ptr, dv_ptr, da_ptr, tab_pt
     else:  # dv = w * (K dX)
         dv = (tile - N_DK_TILES) * BDV + tl.arange(0, BDV)
         if N_DK_TILES == 1:  # one tile of dX: read once
-            dxs = _dx_tile(dx, tl.arange(0, BDK), dv, DK, DV, ACC)
+            dxs = matrix_tile(dx, 0, tl.arange(0, BDK), dv, DK, DV, ACC)
         for start in range(0, n, R):
             t = t0 + start + tl.arange(0, R)
             tmask = t < t0 + n
@@ -162,7 +155,7 @@ def _backward_kernel(k_ptr, v_ptr, a_ptr, dx_ptr, dk_ptr, dv_ptr, da_ptr, tab_pt
                 dk = c * BDK + tl.arange(0, BDK)
                 kb = token_tile(k_ptr, b, t, tmask, hd // GRP, dk, DK, skb, skt, skh, skd)
                 if N_DK_TILES != 1:
-                    dxs = _dx_tile(dx, dk, dv, DK, DV, ACC)
+                    dxs = matrix_tile(dx, 0, dk, dv, DK, DV, ACC)
                 acc += dot(kb, dxs, ACC, PREC, NATIVE)
             tl.store(dv_ptr + token[:, None] * DV + dv[None, :], acc * w[:, None],
                      mask=tmask[:, None] & (dv[None, :] < DV))

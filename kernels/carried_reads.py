@@ -94,7 +94,7 @@ def _reads(q_ptr, x_ptr, b, t, tmask, hd, j, GRP, H, S, DK, DV, dv, sqb, sqt, sq
 
 
 @triton.jit
-def _forward_kernel(o_ptr, q_ptr, l_ptr, g_ptr, x_ptr, live_ptr, out_ptr, T, H, S, GRP, DK, DV, N_DV_TILES, scale,
+def _forward_kernel(o_ptr, q_ptr, l_ptr, g_ptr, x_ptr, live_ptr, out_ptr, T, H, S, GRP, DK, DV, scale,
                     sob, sot, soh, sod, sqb, sqt, sqh, sqd, slb, slt, slh, sll, sgb, sgt, sgh,
                     R: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                     NATIVE: tl.constexpr, HAS_G: tl.constexpr):
@@ -257,7 +257,7 @@ def carried_reads_forward(o, q, level_scales, log_decay, states, live, scale: fl
     if B * T * H:
         _forward_kernel[(cdiv(T, ROWS), B * H, n_dv)](
             o, q, level_scales, _decay_args(log_decay, level_scales)[0], states, live, out, T, H, S, H // Hqk, DK, DV,
-            n_dv, float(scale), *o.stride(), *q.stride(), *level_scales.stride(),
+            float(scale), *o.stride(), *q.stride(), *level_scales.stride(),
             *_decay_args(log_decay, level_scales)[1:], R=ROWS, BDK=BDK, BDV=BDV, ACC=acc, PREC=prec,
             NATIVE=not interpreting(), HAS_G=log_decay is not None, num_warps=NUM_WARPS)
     return out

@@ -46,8 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import (chunk_decays, chunk_rows, dot, intra_decay, intra_scales, next_level, read_entry, split_dot,
-                      validate_rows)
+from ._device import (causal_decay, chunk_decays, chunk_rows, dot, intra_scales, matrix_tile, next_level, read_entry,
+                      split_dot, store_matrix_tile, validate_rows)
 from . import _layout, states as _states
 from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_block, check_chunk, check_flag, chunk_count,
                       compute_types, hierarchy_sizes, interpreting, level_offsets, output_buffer)
@@ -73,14 +73,13 @@ def gates(g_row, t, tmask, sgt, T, C: tl.constexpr, HAS_G: tl.constexpr, ACC: tl
     above the diagonal and on rows past ``T``), ``γ_t = exp(Σ_{k=start..t} g_k)``,
     ``d_s = exp(Σ_{k=s+1..end} g_k)`` and ``γ_end``; without decay the causal ones and ones."""
     r = tl.arange(0, C)
+    G, g_next = chunk_decays(g_row, t, tmask, sgt, T, C, HAS_G, ACC)
+    Gam = causal_decay(G, g_next, tmask, C, HAS_G, EXACT)
     if HAS_G:
-        G, g_next = chunk_decays(g_row, t, tmask, sgt, T, C, HAS_G, ACC)
-        Gam = intra_decay(G, g_next, tmask, C, EXACT)
         gamma = tl.exp(G)
         d = tl.exp(tl.cumsum(g_next, 0, reverse=True))
         gamma_end = tl.exp(tl.sum(tl.where(r == C - 1, G, 0.0), 0))
     else:
-        Gam = tl.where((r[:, None] >= r[None, :]) & tmask[:, None], 1.0, 0.0).to(ACC)
         gamma = tl.full((C,), 1.0, dtype=ACC)
         d = gamma
         gamma_end = tl.full((), 1.0, dtype=ACC)
@@ -113,20 +112,6 @@ def load_rows(ptr, b0, b1, t, tmask, sb0, sb1, st, sd, cols, D, ACC: tl.constexp
     ``(b0, b1)`` in ``ACC``, zero outside ``tmask`` and past ``D``."""
     return tl.load(ptr + b0 * sb0 + b1 * sb1 + t[:, None] * st + cols[None, :] * sd,
                    mask=tmask[:, None] & (cols[None, :] < D), other=0.0).to(ACC)
-
-
-@triton.jit
-def matrix_tile(ptr, index, rows, cols, R, S, ACC: tl.constexpr):
-    """The ``(rows, cols)`` tile of the ``R x S`` row-major matrix ``index`` of a stack, in ``ACC``."""
-    return tl.load(ptr + index * (R * S) + rows[:, None] * S + cols[None, :],
-                   mask=(rows[:, None] < R) & (cols[None, :] < S), other=0.0).to(ACC)
-
-
-@triton.jit
-def store_matrix_tile(ptr, index, value, rows, cols, R, S):
-    """Store ``value`` where :func:`matrix_tile` reads it."""
-    tl.store(ptr + index * (R * S) + rows[:, None] * S + cols[None, :], value,
-             mask=(rows[:, None] < R) & (cols[None, :] < S))
 
 
 @triton.jit

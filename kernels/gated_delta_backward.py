@@ -39,12 +39,12 @@ import triton
 import triton.language as tl
 
 from . import _layout
-from ._device import (chunk_rows, dot, intra_scales, level_size, level_start, level_sums, next_level, read_entry,
-                      split_dot)
+from ._device import (chunk_rows, dot, intra_scales, level_size, level_start, level_sums, matrix_tile, next_level,
+                      read_entry, split_dot, store_matrix_tile)
 from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_chunk, compute_types, hierarchy_sizes, interpreting,
                       level_offsets, next_power_of_2)
 from .gated_delta import (Chunks, block_decay, chunk_hierarchy, chunk_shapes, gated_delta_layout, gates, load_rows,
-                          matrix_tile, store_matrix_tile, tiles, transition_tile)
+                          tiles, transition_tile)
 
 
 READER_GROUP = 8

@@ -227,7 +227,7 @@ def attention(q, k, v, level_scales, log_decay, scale, *, chunk: int = DEFAULT_C
 # ---------------------------------------------------------------------------------------
 # state hand-off and packed sequences
 # ---------------------------------------------------------------------------------------
-def _rows(x, src, tail: int):
+def _rows(x, src):
     """``x (N, Hx, T, *tail)`` gathered into rows: ``(R, Hx, W, *tail)`` with entry ``[r, :, j]`` =
     ``x`` at flat token ``src[r, j]`` (flat over ``(N, T)``; ``N * T`` selects zeros)."""
     import torch
@@ -247,7 +247,7 @@ def _pick(x, rows, index):
     return x.movedim(3, 1)[r, torch.as_tensor(index, device=dev)].movedim(1, 3)
 
 
-def read_state(q, level_scales, G, states, start, positions, valid):
+def _read_state(q, level_scales, G, states, start, positions, valid):
     """What tokens read of the buckets their sequences carry in (unscaled): for the token at
     absolute position ``t`` of a row that starts at ``a`` with the bucket states ``states``,
 
@@ -351,15 +351,15 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
     width = max(L, c + 1 + bits)
 
     # rows (R, Hqk, grp, W, ...): q and k broadcast over the group
-    qr = _rows(q.to(work), src, 1)[:, :, None]
-    kr = _rows(k.to(work), src, 1)[:, :, None]
-    vr = _rows(v.to(work), src, 1).unflatten(1, (Hqk, grp))
-    lam = _rows(level_scales, src, 1).unflatten(1, (Hqk, grp))
+    qr = _rows(q.to(work), src)[:, :, None]
+    kr = _rows(k.to(work), src)[:, :, None]
+    vr = _rows(v.to(work), src).unflatten(1, (Hqk, grp))
+    lam = _rows(level_scales, src).unflatten(1, (Hqk, grp))
     lam = torch.nn.functional.pad(lam, (0, width - L))
     lev = np.arange(width)
     read = valid[:, :, None] & ((lev == 0) | (((P[:, :, None] >> np.maximum(lev - 1, 0)) & 1) == 1))
     lam = torch.where(torch.as_tensor(read[:, None, None], device=dev), lam, torch.zeros((), dtype=work, device=dev))
-    g = None if log_decay is None else _rows(log_decay, src, 0).unflatten(1, (Hqk, grp))
+    g = None if log_decay is None else _rows(log_decay, src).unflatten(1, (Hqk, grp))
     first = P == 0  # the log-decay of absolute position 0 multiplies no pair
     if g is not None and first.any():
         zero = torch.zeros((), dtype=g.dtype, device=dev)
@@ -406,7 +406,7 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
     if S_in:
         init = initial_state.to(work).unflatten(1, (Hqk, grp))  # (R, Hqk, grp, S, Dk, Dv)
         G = None if g is None else torch.cumsum(g, -1)
-        carried = read_state(qr, ch.lam.flatten(3, 4), G, init, a, P, valid)
+        carried = _read_state(qr, ch.lam.flatten(3, 4), G, init, a, P, valid)
         if carried is not None:
             o = o + carried
     o = (o * scale).flatten(1, 2)  # (R, H, W, Dv)
@@ -690,10 +690,10 @@ def _delta_forward(ch, state, scale, slots, final_state):
     o = o * scale
     if not final_state:
         return o, None
-    return o, _final_states(ch, state, small, states, trans, offsets, slots)
+    return o, _final_states(ch, small, states, trans, offsets, slots)
 
 
-def _final_states(ch, state, small, states, trans, offsets, slots):
+def _final_states(ch, small, states, trans, offsets, slots):
     """The bucket states of ``p = a + T`` (see :func:`gated_delta_attention`)."""
     import torch
 

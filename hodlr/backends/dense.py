@@ -6,7 +6,7 @@ masks over ``hodlr.options.dense_max_bytes``.  float16 / bfloat16 operands are c
 the mask's dtype (float32) and cast back, as in the other backends.
 
 Log-linear Gated DeltaNet is ``(P ⊙ M) V`` with ``M`` the log-linear mask (level scales and
-decay) and ``P`` the pairwise matrix of the ungated delta rule (:func:`delta_matrix`): the
+decay) and ``P`` the pairwise matrix of the ungated delta rule (:func:`_delta_matrix`): the
 scalar gates ``exp(g)`` commute with everything, so the gated transitions' products split
 into the decay ``exp(G[t] - G[s])`` of the mask and the products of ``I - beta k kᵀ``.
 """
@@ -43,7 +43,7 @@ def attention(q, k, v, level_scales, log_decay, scale):
     return cast(xp.matmul(mask * scores, v), out_dtype)
 
 
-def delta_matrix(q, k, beta, scale):
+def _delta_matrix(q, k, beta, scale):
     """The pairwise matrix of the (ungated) delta rule, shape ``(*batch, T, T)``:
 
     ``P[t, s] = scale * beta_s * q_tᵀ (I - beta_t k_t k_tᵀ) ... (I - beta_{s+1} k_{s+1} k_{s+1}ᵀ) k_s``
@@ -71,12 +71,12 @@ def gated_delta_matrix(q, k, beta, level_scales, log_decay, scale):
     """``P ⊙ Mλ = P_δ ⊙ M`` of log-linear Gated DeltaNet, shape ``(*batch, T, T)`` (see the
     module docstring).  Refuses, before allocating, sizes over the dense budget: ``P_δ``, the
     mask and their product, and while autograd records the ``T`` saved ``(Dk, T)`` steps of
-    :func:`delta_matrix`."""
+    :func:`_delta_matrix`."""
     recording = is_torch(q) and namespace(q).is_grad_enabled() and any(a.requires_grad for a in (q, k, beta))
     arrays = 3 + (int(q.shape[-1]) if recording else 0)
     mask = dense_mask(level_scales, log_decay, "backend 'dense' gated_delta_attention", arrays,
                       instead="'fenwick' or 'chunked'")
-    return delta_matrix(q, k, beta, scale) * mask
+    return _delta_matrix(q, k, beta, scale) * mask
 
 
 def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale):

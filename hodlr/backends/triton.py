@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 
+from hodlr._checks import wants_grad
+
 CHECKS_MASK = True
 """``matmul``, ``attention`` and ``gated_delta_attention`` take ``check``: the forward's output kernel
 validates the mask's read scales and log-decays (``hodlr.kernels.attention_forward``)."""
@@ -53,16 +55,10 @@ def unavailable_reason(library, device):
     return None
 
 
-def _wants_grad(*tensors) -> bool:
-    import torch
-
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def matmul(level_scales, log_decay, x, *, check=None):
     from hodlr import kernels
 
-    if _wants_grad(level_scales, log_decay, x):
+    if wants_grad(level_scales, log_decay, x):
         return kernels.matmul(level_scales, log_decay, x, check=check)
     return kernels.matmul_forward(level_scales, log_decay, x, check=check)
 
@@ -71,7 +67,7 @@ def attention(q, k, v, level_scales, log_decay, scale, *, check=None):
     from hodlr import kernels
     from hodlr.options import flag
 
-    if _wants_grad(q, k, v, level_scales, log_decay):
+    if wants_grad(q, k, v, level_scales, log_decay):
         return kernels.attention(q, k, v, level_scales, log_decay, scale, check=check,
                                  save_states=flag("attention_save_states"))
     return kernels.attention_forward(q, k, v, level_scales, log_decay, scale, check=check)
@@ -120,7 +116,7 @@ def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale, *, chec
     from hodlr import kernels
     from hodlr.options import flag
 
-    if _wants_grad(q, k, v, beta, level_scales, log_decay):
+    if wants_grad(q, k, v, beta, level_scales, log_decay):
         return kernels.gated_delta(q, k, v, beta, level_scales, log_decay, scale, check=check,
                                    save_states=flag("gated_delta_save_states"))
     return kernels.gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale, check=check)
