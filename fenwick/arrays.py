@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-__all__ = ["is_torch", "namespace", "zeros", "as_like", "cast", "to_numpy", "describe", "check_int", "check_scale"]
+__all__ = ["is_torch", "namespace", "zeros", "as_like", "cast", "to_numpy", "describe", "check_bool", "check_int", "check_scale"]
 
 
 def is_torch(x) -> bool:
@@ -67,6 +67,20 @@ def describe(x) -> str:
     if isinstance(x, np.ndarray):
         return f"numpy.ndarray(shape={x.shape}, dtype={x.dtype})"
     return type(x).__name__
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` if it is a bool (Python or numpy), else a ``TypeError`` naming ``name``: a switch
+    is not a truthy string, number or ``None``.
+
+    >>> check_bool("validate", None)
+    Traceback (most recent call last):
+        ...
+    TypeError: validate must be a bool, got NoneType
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
 
 
 def check_int(name: str, value, low: int | None = None) -> int:

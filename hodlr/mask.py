@@ -13,7 +13,7 @@ import numpy as np
 from hodlr import _checks, _deferred, _formulas, display, fenwick, sparse, tree
 from hodlr._formulas import decay_matrix
 from hodlr.errors import LevelsExceededError
-from hodlr.fenwick.arrays import as_like, check_int, is_torch, namespace, to_numpy
+from hodlr.fenwick.arrays import as_like, check_bool, check_int, is_torch, namespace, to_numpy
 
 __all__ = ["LogLinearMask", "decay_matrix"]
 
@@ -64,6 +64,7 @@ class LogLinearMask:
     """
 
     def __init__(self, level_scales, log_decay=None, *, validate: bool = True):
+        validate = check_bool("validate", validate)
         level_scales = _checks.as_array("level_scales", level_scales, 2, "(..., T, L)")
         T, L = level_scales.shape[-2], level_scales.shape[-1]
         if T < 1:

@@ -22,6 +22,7 @@ import torch
 from hodlr import _checks, backends as registry
 from hodlr import fenwick
 from hodlr.errors import BackendUnavailableError, LevelsExceededError
+from hodlr.fenwick.arrays import check_bool
 from hodlr.options import flag
 from hodlr.state import LogLinearState, segments
 
@@ -528,6 +529,7 @@ def _joined(o, *inputs):
 def _check_step(name, q, k, v, g, level_scales, state, scale, validate):
     """The checks of a decoding step (``T = 1``, a state); with ``validate`` also the host-side ones
     on the positions.  Returns the scale."""
+    validate = check_bool("validate", validate)
     if not isinstance(state, LogLinearState):
         raise TypeError(f"state must be a hodlr.LogLinearState (LogLinearState.zeros(...) for a new cache), got "
                         f"{_checks.describe(state)}")
@@ -579,6 +581,8 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
     o : torch.Tensor, shape ``(B, 1, H, Dv)``
     """
     scale = _check_step("log_linear_attn_step", q, k, v, g, level_scales, state, scale, validate)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, 'auto', 'triton' or 'torch', got {type(backend).__name__}")
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "auto":

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hodlr.fenwick.arrays import check_int, describe
+from hodlr.fenwick.arrays import check_bool, check_int, describe
 
 __all__ = ["LogLinearState", "combine"]
 
@@ -67,6 +67,7 @@ class LogLinearState:
     def __init__(self, states, positions, *, validate: bool = True):
         import torch
 
+        validate = check_bool("validate", validate)
         if not isinstance(states, torch.Tensor):
             raise TypeError(f"states must be a torch.Tensor of shape (N, H, S, Dk, Dv), got {describe(states)}")
         if states.dim() != 5:

@@ -176,6 +176,13 @@ CASES = [
      r"backend must be a string"),
     ("backend-unavailable-numpy", lambda mp: hodlr.matmul(mask(), ops(), backend="triton"),
      hodlr.BackendUnavailableError, r"backend 'triton'"),
+    ("mask-validate-not-a-bool", lambda mp: hodlr.LogLinearMask(np.ones((T, L)), validate=None), TypeError,
+     r"validate must be a bool, got NoneType"),
+    ("state-validate-not-a-bool", lambda mp: hodlr.LogLinearState(state().states, state().positions, validate="no"),
+     TypeError, r"validate must be a bool, got str"),
+    ("op-step-backend-not-a-string", lambda mp: hodlr.log_linear_attn_step(
+        *(torch.ones(2, 1, 2, 2, dtype=torch.float64),) * 3, None, torch.ones(2, 1, 2, 5, dtype=torch.float64),
+        state(), backend=None), TypeError, r"backend must be a string, 'auto', 'triton' or 'torch', got NoneType"),
     ("options-unknown-name", lambda mp: setattr(hodlr.options, "dense_max_byte", 10), AttributeError,
      r"hodlr.options has no option 'dense_max_byte'; the options are dense_max_bytes, attention_save_states"),
     ("options-budget-not-an-integer", lambda mp: setattr(hodlr.options, "dense_max_bytes", None), TypeError,

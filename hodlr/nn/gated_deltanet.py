@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hodlr.fenwick.arrays import check_int
-from hodlr.nn.modules import (LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution, check_bool, check_positive,
-                              l2norm)
+from hodlr.fenwick.arrays import check_bool, check_int
+from hodlr.nn.modules import LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution, check_positive, l2norm
 from hodlr.ops import log_linear_gated_delta_rule
 
 __all__ = ["LogLinearGatedDeltaNet"]

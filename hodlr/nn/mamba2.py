@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hodlr.fenwick.arrays import check_int
+from hodlr.fenwick.arrays import check_bool, check_int
 from hodlr.ops import log_linear_attn
-from hodlr.nn.modules import (LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution, check_bool,
-                              check_positive)
+from hodlr.nn.modules import LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution, check_positive
 
 __all__ = ["LogLinearMamba2"]
 

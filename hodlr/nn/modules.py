@@ -17,7 +17,7 @@ from torch import nn
 
 from hodlr import backends as registry, fenwick
 from hodlr.errors import LevelsExceededError
-from hodlr.fenwick.arrays import check_int
+from hodlr.fenwick.arrays import check_bool, check_int
 from hodlr.state import LogLinearState
 
 __all__ = ["LayerCache", "RMSNormGated", "ShortConvolution", "level_scales"]
@@ -38,13 +38,6 @@ def check_hidden_states(layer, x) -> None:
     if param is not None and x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"{name}: hidden_states has dtype {x.dtype} but the layer's parameters are {param.dtype}; "
                         f"convert one to the other (layer.to({x.dtype})) or run under torch.autocast")
-
-
-def check_bool(name: str, value) -> bool:
-    """A layer's switch must be a bool (not a truthy string or number)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
 
 
 def check_positive(name: str, value, *, zero: bool = False) -> float:
@@ -258,8 +251,7 @@ class LogLinearLayer(nn.Module):
 
     def _setup_levels(self, num_heads: int, num_levels: int, hierarchical: bool, backend: str) -> None:
         self.num_levels = check_int("num_levels", num_levels, 1)
-        if not isinstance(hierarchical, bool):
-            raise TypeError(f"hierarchical must be a bool, got {type(hierarchical).__name__}")
+        hierarchical = check_bool("hierarchical", hierarchical)
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string ('auto' or a name of hodlr.backends), "
                             f"got {type(backend).__name__}")
