@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-__all__ = ["is_torch", "namespace", "zeros", "as_like", "cast", "to_numpy", "describe", "check_bool", "check_int", "check_scale"]
+__all__ = ["is_torch", "namespace", "zeros", "as_like", "cast", "to_numpy", "describe", "check_bool", "check_int", "check_scale", "reverse_cumsum"]
 
 
 def is_torch(x) -> bool:
@@ -58,6 +58,17 @@ def to_numpy(x) -> np.ndarray:
 def cast(x, dtype):
     """``x`` converted to ``dtype`` (no copy when it already has it)."""
     return x.to(dtype) if is_torch(x) else x.astype(dtype, copy=False)
+
+
+def reverse_cumsum(x, axis: int = -1):
+    """``y[..., i] = Σ_{j >= i} x[..., j]`` along ``axis`` (numpy or torch): the suffix sums, each
+    summed from its own terms.
+
+    >>> reverse_cumsum(np.array([1.0, 2.0, 3.0]))
+    array([6., 5., 3.])
+    """
+    xp = namespace(x)
+    return xp.flip(xp.cumsum(xp.flip(x, (axis,)), axis), (axis,))
 
 
 def describe(x) -> str:

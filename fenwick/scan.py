@@ -57,7 +57,7 @@ import sys
 
 import numpy as np
 
-from .arrays import as_like, check_int, check_scale, describe, is_torch, namespace, zeros
+from .arrays import as_like, check_int, check_scale, describe, is_torch, namespace, reverse_cumsum, zeros
 from .index import buckets, level, num_levels
 
 __all__ = ["FenwickState", "attention", "live_levels", "matmul"]
@@ -595,7 +595,7 @@ class FenwickState(_StreamingState):
             weight = None
             total = None
         else:
-            rev = xp.flip(xp.cumsum(xp.flip(g, (-1,)), -1), (-1,))
+            rev = reverse_cumsum(g)
             after = xp.concatenate([rev[:, 1:], zeros((self._B, 1), g)], 1)
             weight = xp.exp(after)
             total = xp.exp(rev[:, :1])

@@ -20,7 +20,7 @@ import numpy as np
 
 from hodlr import fenwick
 from hodlr.errors import DenseTooLargeError
-from hodlr.fenwick.arrays import as_like, is_torch, namespace, to_numpy, zeros
+from hodlr.fenwick.arrays import as_like, is_torch, namespace, reverse_cumsum, to_numpy, zeros
 from hodlr.options import options
 
 __all__ = [
@@ -155,7 +155,7 @@ def block_col_factors(level_scales, log_decay, lev: int):
     xp = namespace(log_decay)
     left = _nodes(log_decay, T, lev)[..., 0, :]
     col_exp = xp.concatenate(
-        [xp.flip(xp.cumsum(xp.flip(left[..., 1:], (-1,)), -1), (-1,)), zeros(left.shape[:-1] + (1,), left)],
+        [reverse_cumsum(left[..., 1:]), zeros(left.shape[:-1] + (1,), left)],
         -1,
     )
     return xp.exp(col_exp) * cols_in if n * size > T else xp.exp(col_exp)

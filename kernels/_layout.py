@@ -351,7 +351,7 @@ def _dense_copy(x, template, batch, outer, inner):
 
 def chunk_count(T: int, chunk: int) -> int:
     """Number of chunks ``ceil(T / chunk)`` (the last one zero-padded)."""
-    return -(-T // chunk)
+    return cdiv(T, chunk)
 
 
 def hierarchy_sizes(n_chunks: int):

@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from hodlr import fenwick
-from hodlr.fenwick.arrays import check_int, is_torch
+from hodlr.fenwick.arrays import check_int, is_torch, reverse_cumsum
 from hodlr._formulas import decay_matrix
 
 GATED_DELTA_STATE = True
@@ -161,7 +161,7 @@ class _Chunks:
 
         if self.G is None:
             return None
-        return torch.exp(torch.flip(torch.cumsum(torch.flip(self.g_next, (-1,)), -1), (-1,)))
+        return torch.exp(reverse_cumsum(self.g_next))
 
 
 def _chunk(x, n, C):
@@ -446,7 +446,7 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
         if g is None:
             after = torch.ones_like(ch.A)
         else:  # exp of the decay of the later chunks: a reverse cumulative sum of their own terms
-            later = torch.flip(torch.cumsum(torch.flip(ch.A[..., 1:], (-1,)), -1), (-1,))
+            later = reverse_cumsum(ch.A[..., 1:])
             after = torch.exp(torch.nn.functional.pad(later, (0, 1)))
         final = final + torch.einsum("rjl,rhgj,rhgjkv->rhglkv", torch.as_tensor(onehot, dtype=work, device=dev),
                                      after, S0)
