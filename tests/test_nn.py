@@ -462,6 +462,26 @@ def test_gpu_generation_equals_full_pass(cls):
 
 
 @pytest.mark.gpu
+def test_gpu_wide_gated_delta_heads_run_chunked():
+    """Gated DeltaNet heads wider than the Triton kernels take (the default ``head_dim=256``): on a GPU
+    ``backend="auto"`` trains them on ``chunked`` (the same outputs and gradients bit for bit), and
+    ``backend="triton"`` refuses them."""
+    x = inputs(2, 40, 32).float().cuda()
+    results = []
+    for backend in ("auto", "chunked"):
+        torch.manual_seed(0)
+        layer = LogLinearGatedDeltaNet(hidden_size=32, head_dim=256, num_heads=1, expand_v=0.125, num_levels=8,
+                                       backend=backend).cuda()
+        y = layer(x)[0]
+        results.append((y, torch.autograd.grad(y.square().sum(), list(layer.parameters()))))
+    (y_auto, g_auto), (y_chunked, g_chunked) = results
+    assert torch.equal(y_auto, y_chunked) and all(torch.equal(a, b) for a, b in zip(g_auto, g_chunked))
+    with pytest.raises(ValueError, match="take Dk <= 128, got Dk=256"):
+        LogLinearGatedDeltaNet(hidden_size=32, head_dim=256, num_heads=1, expand_v=0.125, num_levels=8,
+                               backend="triton").cuda()(x)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])
 def test_gpu_compile_inductor(cls):
     layer = make(cls, num_levels=8).float().cuda()  # positions up to 128
