@@ -14,7 +14,8 @@ from hypothesis import given, settings, strategies as st
 
 import hodlr
 from hodlr.backends import chunked
-from hodlr.testing import TOLERANCES, assert_close, attention_inputs, batch_shapes, masks, operands, poison_unread, st_lengths
+from hodlr.testing import (TOLERANCES, assert_close, attention_inputs, batch_shapes, masks, operands, poison_unread,
+                           relative_error, st_lengths)
 
 TOL = TOLERANCES["cpu_float64"]
 CHUNKS = st.sampled_from([1, 2, 4, 8, 16, 64])
@@ -159,7 +160,8 @@ def test_large_log_decay_at_position_zero_is_not_read():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gated_delta_on_a_16_bit_mask(dtype):
     """A 16-bit mask on the chunked Gated DeltaNet (whose triangular solves have no 16-bit CPU
-    kernel) runs in float32 and agrees with the dense backend to the inputs' precision."""
+    kernel) runs in float32 and agrees with the float64 definition to the inputs' precision
+    (the 16-bit dense backend no closer: measured 2e-4 / 2e-3 float16 / bfloat16)."""
     gen = torch.Generator().manual_seed(3)
     T = 300
     M = hodlr.LogLinearMask(torch.rand(T, hodlr.num_levels(T), generator=gen).to(dtype),
@@ -168,6 +170,7 @@ def test_gated_delta_on_a_16_bit_mask(dtype):
     k = torch.nn.functional.normalize(torch.randn(T, 4, generator=gen), dim=-1).to(dtype)
     beta = torch.rand(T, generator=gen).to(dtype)
     got = hodlr.gated_delta_attention(q, k, q, beta, M, backend="chunked")
-    want = hodlr.gated_delta_attention(q, k, q, beta, M, backend="dense")
+    M64 = hodlr.LogLinearMask(M.level_scales.double(), M.log_decay.double())
+    want = hodlr.gated_delta_attention(q.double(), k.double(), q.double(), beta.double(), M64, backend="dense")
     assert got.dtype == dtype
-    assert float((got.float() - want.float()).norm() / want.float().norm()) < 2e-2
+    assert relative_error(got.double(), want) <= (1e-3 if dtype == torch.float16 else TOLERANCES["gpu_bfloat16"])

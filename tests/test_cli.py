@@ -31,9 +31,12 @@ def test_demo_runs_every_available_backend(capsys):
     assert re.search(r"\nchunked +numpy +gated_delta_attention .* ok", out)
     for name in registry.NAMES:
         assert f"\n{name} " in out, f"no row for {name}"
-    for name, entry in hodlr.backend_info().items():
-        if entry["ops"]["matmul"]["numpy"] is True:
-            assert f"{name} " in out and "ok" in out
+    for name, entry in hodlr.backend_info().items():  # each operation an available backend offers: its own row ok
+        for op, where in entry["ops"].items():
+            for key, arrays in (("numpy", "numpy"), ("torch_cpu", "torch/cpu")):
+                if where.get(key) is True:
+                    assert re.search(rf"\n{name} +{re.escape(arrays)} +{op} +\S+ +\S+ +[0-9.]+ m?s +ok", out), \
+                        f"no ok row for {name} {arrays} {op}"
     assert "OK: every backend that ran agrees" in out
 
 

@@ -65,9 +65,10 @@ def test_decode_kernel_equals_scan(decay):
     assert positions.tolist() == [p + 1 for p in POSITIONS]
 
 
-def test_step_triton_equals_torch_and_full_sequence():
-    """Three steps from mixed positions, by the kernel and by the torch path, then the dense
-    reference on a sequence started from 0 (a prefix of its own)."""
+def test_step_triton_equals_torch():
+    """Three steps from mixed positions by the kernel and by the torch path (``log_linear_attn`` on
+    one token, which ``test_decode_kernel_equals_scan`` and tests/test_ops.py hold to the scan and
+    the dense reference): the same output at each step, the same states and positions after them."""
     state, _ = prefix_state([0, 3, 7, 8], H=2, Dk=2, Dv=3)
     a, b = dev(state), dev(state)
     for t in range(3):

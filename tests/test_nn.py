@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hodlr
-from hodlr.nn import LayerCache, LogLinearGatedDeltaNet, LogLinearMamba2
+from hodlr.nn import LayerCache, LogLinearGatedDeltaNet, LogLinearMamba2, RMSNormGated, ShortConvolution
 from hodlr.testing import relative_error
 
 
@@ -261,6 +261,50 @@ def test_layer_cache_refuses_bad_parts():
         LayerCache(state, None)
 
 
+# -- the building blocks ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation", ["silu", "swish", None])
+def test_short_convolution_is_a_causal_depthwise_conv_that_carries_its_inputs(activation):
+    """``ShortConvolution`` is ``F.conv1d`` with ``groups = D`` over the inputs zero-padded on the left
+    (then SiLU, ``"swish"`` the same), and a call split anywhere, the cache handed on, equals one call."""
+    torch.manual_seed(0)
+    conv = ShortConvolution(5, 4, bias=True, activation=activation).double()
+    x = inputs(2, 11, 5)
+    want = F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), conv.weight, conv.bias, groups=5).transpose(1, 2)
+    want = want if activation is None else F.silu(want)
+    y, _ = conv(x)
+    assert relative_error(y, want) <= 1e-15
+    for cut in (0, 1, 3, 11):
+        y1, cache = conv(x[:, :cut], output_final_state=True)
+        y2, end = conv(x[:, cut:], cache, output_final_state=True)
+        assert relative_error(torch.cat([y1, y2], 1), want) <= 1e-15
+        assert torch.equal(end, F.pad(x.transpose(1, 2), (4, 0))[..., -4:])
+    with pytest.raises(ValueError, match="activation must be 'silu'"):
+        ShortConvolution(5, 4, activation="gelu")
+    with pytest.raises(ValueError, match=r"the convolution cache must have shape \(B, D, W\) = \(2, 5, 4\), got \(2, 5, 3\)"):
+        conv(x, torch.zeros(2, 5, 3, dtype=x.dtype))
+
+
+def test_rms_norm_gated_groups_and_gate():
+    """``RMSNormGated``: the reference per group of ``group_size`` channels, the gate before or after
+    the norm, no gate a plain RMS norm; bad settings named."""
+    torch.manual_seed(0)
+    x, z = inputs(2, 3, 8), inputs(2, 3, 8, seed=2)
+    for group, before in ((None, False), (4, False), (2, True)):
+        norm = RMSNormGated(8, eps=1e-6, group_size=group, norm_before_gate=before).double()
+        with torch.no_grad():
+            norm.weight.copy_(torch.linspace(0.5, 1.5, 8))
+        want = gated_rmsnorm(x, z, norm.weight, group or 8, 1e-6, before)
+        assert relative_error(norm(x, z), want) <= 1e-15
+    plain = RMSNormGated(8, eps=1e-6).double()
+    assert relative_error(plain(x), x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)) <= 1e-15
+    with pytest.raises(ValueError, match="group_size=3 must divide hidden_size=8"):
+        RMSNormGated(8, group_size=3)
+    with pytest.raises(ValueError, match="eps must be a finite number > 0, got -1"):
+        RMSNormGated(8, eps=-1)
+    with pytest.raises(TypeError, match="norm_before_gate must be a bool, got str"):
+        RMSNormGated(8, norm_before_gate="yes")
+
+
 # -- bad calls and configurations ---------------------------------------------------------------------------
 def test_bad_cache_and_state_arguments_are_named():
     state = hodlr.LogLinearState.zeros(2, 1, 2, 2, slots=3)
@@ -423,7 +467,7 @@ def test_bf16_autocast(cls):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, cache = layer(x, use_cache=True)
     assert got.dtype == torch.bfloat16 and cache.state.dtype == torch.float32
-    assert relative_error(got, want) <= 5e-2
+    assert relative_error(got, want) <= 2e-2  # bfloat16 projections as well as the op: measured 5e-3 - 8e-3
     got.float().square().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
 

@@ -86,8 +86,10 @@ def test_torch_and_float32_masks():
     torch = pytest.importorskip("torch")
     T = 30
     lam = torch.rand(T, fenwick.num_levels(T), dtype=torch.float32) + 0.2
-    S = mask_to_sparse(hodlr.LogLinearMask(lam, -torch.rand(T)))
+    M = hodlr.LogLinearMask(lam, -torch.rand(T))
+    S = mask_to_sparse(M)
     assert S.dtype == np.float32 and S.U.dtype == np.float32 and isinstance(S.diagonal, np.ndarray)
+    np.testing.assert_allclose(S.toarray(), M.to_dense().numpy(), rtol=1e-5, atol=1e-6)
     S64 = hodlr.LogLinearMask(lam.double()).to_sparse()
     assert S64.dtype == np.float64
     assert_close(S64.toarray(), hodlr.LogLinearMask(lam.double()).to_dense().numpy(), TOL64)

@@ -102,10 +102,14 @@ def test_torch_mask_becomes_numpy():
     torch = pytest.importorskip("torch")
     T = 20
     lam = torch.rand(T, 6, dtype=torch.float64) + 0.2
-    H = hodlr.LogLinearMask(lam, -torch.rand(T, dtype=torch.float64)).to_hodlr()
+    M = hodlr.LogLinearMask(lam, -torch.rand(T, dtype=torch.float64))
+    H = M.to_hodlr()
     assert isinstance(H.to_dense(), np.ndarray) and H.dtype == np.float64
-    H32 = hodlr.LogLinearMask(lam.float()).to_hodlr()
+    np.testing.assert_allclose(H.to_dense(), M.to_dense().numpy(), rtol=0, atol=1e-14)  # the decay came along
+    M32 = hodlr.LogLinearMask(lam.float())
+    H32 = M32.to_hodlr()
     assert H32.dtype == np.float32
+    np.testing.assert_allclose(H32.to_dense(), M32.to_dense().numpy(), rtol=1e-6, atol=1e-6)
 
 
 # -- from_dense ---------------------------------------------------------------------------

@@ -492,8 +492,9 @@ def test_matmul_state_kernel_levels(rows, chunk, tma, T, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_attention_state_dtype(dtype):
     """The attention keeps its chunk states and their log-decays in float32 for every input dtype
-    (each state is rounded once, when it is read: the error does not grow with the levels a state
-    was summed through); the matmul keeps bfloat16 block states for bfloat16 inputs."""
+    (each state is rounded once, when it is read, which is why its error does not grow with the
+    levels a state was summed through; the GPU tests measure that error); the matmul keeps bfloat16
+    block states for bfloat16 inputs."""
     T = 40
     x = torch.randn(T, 16, device=DEVICE).to(dtype)
     lam = torch.ones(T, hodlr.num_levels(T), device=DEVICE)

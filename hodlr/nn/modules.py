@@ -150,8 +150,8 @@ class RMSNormGated(nn.Module):
         group_size = hidden_size if group_size is None else check_int("group_size", group_size, 1)
         if hidden_size % group_size:
             raise ValueError(f"group_size={group_size} must divide hidden_size={hidden_size}")
-        self.hidden_size, self.eps, self.group_size = hidden_size, eps, group_size
-        self.norm_before_gate = norm_before_gate
+        self.hidden_size, self.eps, self.group_size = hidden_size, check_positive("eps", eps), group_size
+        self.norm_before_gate = check_bool("norm_before_gate", norm_before_gate)
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
