@@ -335,6 +335,12 @@ def test_bad_calls_are_refused():
     with pytest.raises(hodlr.LevelsExceededError, match=r"num_levels=6: sequences up to 32 tokens .* got 33; make "
                        r"the layer with num_levels >= 7"):
         mamba(inputs(1, 33, 6))
+    for cls, have in ((LogLinearMamba2, "fenwick, chunked, triton"), (LogLinearGatedDeltaNet, "fenwick, chunked")):
+        dense_layer = make(cls, backend="dense")
+        with pytest.raises(hodlr.BackendUnavailableError, match=rf"{cls.__name__} has backend='dense', which keeps no "
+                           rf"recurrent state: it takes no cache .* or one of {have}"):
+            dense_layer(x, use_cache=True)
+        assert dense_layer(x)[1] is None  # without a cache the dense backend serves the layer
     with pytest.raises(TypeError, match="LogLinearMamba2: use_cache must be a bool, got str"):
         mamba(x, use_cache="yes")
     with pytest.raises(TypeError, match="LogLinearGatedDeltaNet: use_cache must be a bool, got NoneType"):

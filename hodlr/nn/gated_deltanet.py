@@ -170,6 +170,11 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d) if self.use_short_conv else ()
         return (self.num_v_heads, self.head_k_dim, self.head_v_dim), convs
 
+    @staticmethod
+    def _keeps_state(module) -> bool:
+        """Whether a backend module carries the op's recurrent state (``GATED_DELTA_STATE``)."""
+        return getattr(module, "GATED_DELTA_STATE", False)
+
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, head_dim={self.head_dim}, num_heads={self.num_heads}, "
                 f"num_v_heads={self.num_v_heads}, head_v_dim={self.head_v_dim}, num_levels={self.num_levels}, "

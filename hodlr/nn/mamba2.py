@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hodlr import backends as registry
 from hodlr.fenwick.arrays import check_bool, check_int
 from hodlr.ops import log_linear_attn
 from hodlr.nn.modules import LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution, check_positive
@@ -193,6 +194,11 @@ class LogLinearMamba2(LogLinearLayer):
 
     def _cache_layout(self):
         return (self.num_heads, self.ssm_state_size, self.head_dim), (self.conv1d,)
+
+    @staticmethod
+    def _keeps_state(module) -> bool:
+        """Whether a backend module carries the op's recurrent state (``attention_state``)."""
+        return registry.has_state(module)
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, hidden_size={self.hidden_size}, "

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hodlr import backends as registry, fenwick
-from hodlr.errors import LevelsExceededError
+from hodlr.errors import BackendUnavailableError, LevelsExceededError
 from hodlr.fenwick.arrays import check_bool, check_int
 from hodlr.state import LogLinearState
 
@@ -247,7 +247,9 @@ class LayerCache:
 
 class LogLinearLayer(nn.Module):
     """What the log-linear layers share: the level-scale configuration (``num_levels``,
-    ``hierarchical``), the backend, and the checks of the input and the cache."""
+    ``hierarchical``), the backend, and the checks of the input and the cache.  A layer defines
+    ``_cache_layout()`` (its state's ``(heads, Dk, Dv)`` and its short convolutions) and
+    ``_keeps_state(module)`` (whether a backend module carries its op's recurrent state)."""
 
     def _setup_levels(self, num_heads: int, num_levels: int, hierarchical: bool, backend: str) -> None:
         self.num_levels = check_int("num_levels", num_levels, 1)
@@ -308,6 +310,12 @@ class LogLinearLayer(nn.Module):
         name = type(self).__name__
         if not isinstance(use_cache, bool):
             raise TypeError(f"{name}: use_cache must be a bool, got {type(use_cache).__name__}")
+        if (use_cache or cache is not None) and self.backend != "auto" and not self._keeps_state(
+                registry.load(self.backend)):
+            have = [n for n in registry.NAMES if self._keeps_state(registry.load(n))]
+            raise BackendUnavailableError(f"{name} has backend={self.backend!r}, which keeps no recurrent state: it "
+                                          f"takes no cache and returns none (use_cache=True, cache=...); make the "
+                                          f"layer with backend='auto' or one of {', '.join(have)}")
         if cache is None:
             reach = 1 << (self.num_levels - 1)
             if x.shape[1] > reach:
