@@ -5,7 +5,6 @@ the refusal of bad configurations."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
