@@ -15,7 +15,8 @@ import sys
 
 import numpy as np
 
-__all__ = ["is_torch", "namespace", "zeros", "as_like", "cast", "to_numpy", "describe", "check_bool", "check_int", "check_scale", "reverse_cumsum"]
+__all__ = ["is_torch", "namespace", "zeros", "as_like", "cast", "to_numpy", "describe", "check_bool", "check_int",
+           "check_scale", "reverse_cumsum"]
 
 
 def is_torch(x) -> bool:

@@ -203,8 +203,8 @@ class GatedDeltaState(_StreamingState):
             Only level 0 and the live levels are read.
         log_decay : array, shape ``batch_shape``, optional
             This position's ``g``: ``A_t = exp(g) (I - beta k k^T)``.
-        scale : float
-            Multiplies every ``P[t, s]``.
+        scale : float, default 1.0
+            Multiplies every ``P[t, s]`` (no ``Dk ** -0.5`` here, unlike ``hodlr.gated_delta_attention``).
 
         Returns
         -------
@@ -240,7 +240,8 @@ class GatedDeltaState(_StreamingState):
         level_scales : array, shape ``(*batch, T, L)``, ``L >= num_levels(position + T)``
             Row ``i`` belongs to position ``position + i``.
         log_decay : array, shape ``(*batch, T)``, optional
-        scale : float
+        scale : float, default 1.0
+            As in :meth:`step`.
 
         Returns
         -------
@@ -291,7 +292,8 @@ def gated_delta(q, k, v, beta, level_scales, log_decay=None, scale=1.0):
     beta : array, shape ``(..., T)``
     level_scales : array, shape ``(..., T, L)``, ``L >= num_levels(T)``
     log_decay : array, shape ``(..., T)``, optional
-    scale : float
+    scale : float, default 1.0
+        Multiplies every ``P[t, s]`` (no ``Dk ** -0.5`` here, unlike ``hodlr.gated_delta_attention``).
 
     All in one library (numpy or torch), dtype and device; batch dims broadcast.
 

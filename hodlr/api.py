@@ -88,6 +88,14 @@ def matmul(M, X, *, backend: str = "auto"):
         Same library, dtype and device as ``X``.  An empty batch (a dim of size 0) or
         ``D = 0`` is not an error: the result is empty, of this shape, and no backend runs.
 
+    Raises
+    ------
+    ValueError, TypeError
+        Shapes, libraries, devices or dtypes that do not fit (the message names the argument);
+        an unknown backend.
+    BackendUnavailableError
+        A backend that does not offer matmul or cannot run on these arrays here.
+
     Examples
     --------
     >>> import numpy as np, hodlr
@@ -119,20 +127,34 @@ def attention(q, k, v, M, *, scale=None, backend: str = "auto"):
     ----------
     q, k : array, shape ``(..., T, Dk)``
     v : array, shape ``(..., T, Dv)``
-        One library, device and dtype.  Leading dims broadcast against each other and the
-        mask's batch shape (so ``q: (B, 1, T, Dk)`` serves ``v: (B, H, T, Dv)``).  From the
-        ``(B, T, H, D)`` layout of flash-linear-attention use ``q.transpose(1, 2)``.
+        One library, device and dtype (a float32 mask also serves float16 / bfloat16
+        operands).  Leading dims broadcast against each other and the mask's batch shape (so
+        ``q: (B, 1, T, Dk)`` serves ``v: (B, H, T, Dv)``).  From the ``(B, T, H, D)`` layout of
+        flash-linear-attention use ``q.transpose(1, 2)`` (or :func:`hodlr.log_linear_attn`).
     M : LogLinearMask
         Length ``T``; its batch shape broadcasts with the operands'.
-    scale : float, optional
-        Multiplies ``q kᵀ``; default 1.
+    scale : float or None, default None
+        Multiplies ``q kᵀ``; None is 1 (unlike :func:`hodlr.log_linear_attn` and the Gated
+        DeltaNet calls, where None is ``Dk ** -0.5``).
     backend : str, default ``"auto"``
+        One of ``hodlr.backends.NAMES`` that offers attention (every one but ``recursive``;
+        :func:`hodlr.backend_info` says where each can run); ``"auto"`` picks by the rule in
+        :mod:`hodlr.backends`: ``triton`` for CUDA tensors, ``dense`` up to ``T = 256`` on the
+        CPU, then ``chunked`` for torch tensors and the first backend that offers it for numpy.
 
     Returns
     -------
     O : array, shape ``(*batch, T, Dv)``, the library, dtype and device of ``v``.  An empty
         batch, ``Dv = 0`` or ``Dk = 0`` (empty dot products: all zeros) is not an error; no
         backend runs.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Shapes, libraries, devices or dtypes that do not fit (the message names the argument);
+        an unknown backend.
+    BackendUnavailableError
+        A backend that does not offer attention or cannot run on these arrays here.
 
     Examples
     --------
@@ -228,6 +250,8 @@ def gated_delta_attention(q, k, v, beta, M, *, scale=None, backend: str = "auto"
         ``chunked`` for other torch tensors (``dense`` up to ``T = 256`` on the CPU), ``dense``
         for numpy arrays (the first backend in order that offers it; pass ``backend="chunked"``
         or ``"fenwick"`` for long numpy sequences).
+        Keys wider than 128 (``Dk > 128``), which the Triton kernels do not take, run
+        ``chunked`` on a GPU under ``"auto"``.
         A log-decay above 0 (a gate that grows) is outside the chunk-wise backends' accuracy
         (``chunked``, ``triton``: docs/mathematics.md §13, growth gates); ``fenwick`` and
         ``dense`` stay exact to rounding.
@@ -236,6 +260,14 @@ def gated_delta_attention(q, k, v, beta, M, *, scale=None, backend: str = "auto"
     -------
     O : array, shape ``(*batch, T, Dv)``, the library, dtype and device of ``v``.  An empty
         batch, ``Dv = 0`` or ``Dk = 0`` (``P = 0``) is not an error; no backend runs.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Shapes, libraries, devices or dtypes that do not fit (the message names the argument);
+        an unknown backend.
+    BackendUnavailableError
+        A backend that does not offer Gated DeltaNet or cannot run on these arrays here.
 
     Examples
     --------

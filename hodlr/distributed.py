@@ -12,7 +12,7 @@ log-decay per head and sequence, never ``q, k, v``.  The algorithm (docs/distrib
    the sum of their log-decays;
 2. one ``all_gather`` gives every rank those states (differentiable: its backward reduce-scatters
    the state gradients back to the ranks that sent the states);
-3. rank ``r`` folds the states of the earlier ranks with :func:`hodlr.state.combine` into the state
+3. rank ``r`` folds the states of the earlier ranks with :func:`hodlr.distributed.combine` into the state
    at its start, and runs its shard once, from that state (the backend's kernels continue from a
    state at any position).
 

@@ -262,7 +262,7 @@ class LogLinearMask:
 
     def to_hodlr(self):
         """The mask as an explicit :class:`hodlr.HODLRMatrix` tree (rank-1 off-diagonal
-        blocks, size-1 leaves).  See :func:`hodlr.tree.HODLRMatrix.from_mask`."""
+        blocks, size-1 leaves).  See :meth:`hodlr.HODLRMatrix.from_mask`."""
         return tree.HODLRMatrix.from_mask(self)
 
     def __repr__(self) -> str:
@@ -274,7 +274,7 @@ class LogLinearMask:
     def rank_profile(self, levels=None):
         """Rank of every off-diagonal block (1, or 0 where a factor is all zero).
 
-        See :func:`hodlr.display.rank_profile`."""
+        See :func:`hodlr.rank_profile`."""
         return display.rank_profile(self, levels)
 
 

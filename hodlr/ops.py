@@ -453,7 +453,7 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
     scale : float or None, default 1.0
         Multiplies ``q . k``; ``None`` means ``Dk ** -0.5``.
     backend : str, default ``"auto"``
-        One of ``hodlr.backends()`` that runs on torch here; calls with a state need one with
+        One of ``hodlr.backends.NAMES`` that runs on torch here; calls with a state need one with
         state support (``chunked``, ``fenwick``, ``triton``); ``auto`` picks ``triton`` then ``chunked``
         on a GPU, ``chunked`` (``dense`` for short stateless calls) on the CPU.
 
@@ -464,6 +464,15 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
         With ``max(S, bit_length(largest end position))`` slots (``S`` those of the initial state).
         Under ``torch.compile`` the slot count cannot depend on values: it is the initial state's
         (``bit_length(T)`` without one), and a call whose end positions need more raises.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Shapes, dtypes, devices or ``cu_seqlens`` that do not fit (the message names the argument).
+    hodlr.LevelsExceededError
+        ``level_scales`` with fewer columns than the call's last absolute position needs.
+    hodlr.BackendUnavailableError
+        A backend that cannot run here, or that keeps no state for a call with one.
 
     Examples
     --------
@@ -564,10 +573,12 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
     level_scales : torch.Tensor, shape ``(B, 1, H, L)``
         The layout of :func:`log_linear_attn` with ``T = 1``.
     state : hodlr.LogLinearState
-        ``B`` sequences; each must stay below ``2**S`` (``S`` its slots) after the step.
-    scale : float or None
+        ``B`` sequences, float32 (float64 for float64 inputs); each must stay below ``2**S``
+        (``S`` its slots) after the step.
+    scale : float or None, default 1.0
+        Multiplies ``q kᵀ`` (as :func:`log_linear_attn`); None is ``Dk ** -0.5``.
     backend : ``"auto"``, ``"triton"`` or ``"torch"``
-        ``triton``: the decode kernel (``hodlr.kernels.decode_step``: one launch, no host
+        ``triton``: the decode kernel (``hodlr.kernels.decode.decode_step``: one launch, no host
         synchronisation, capturable in a CUDA graph; on the CPU under ``TRITON_INTERPRET=1``);
         ``torch``: :func:`log_linear_attn` on one token and a copy into ``state``.  ``auto`` picks
         ``triton`` on a GPU.
@@ -578,7 +589,21 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
 
     Returns
     -------
-    o : torch.Tensor, shape ``(B, 1, H, Dv)``
+    o : torch.Tensor, shape ``(B, 1, H, Dv)``, the dtype of ``v``.  No gradients: the step is for
+        inference.
+
+    Examples
+    --------
+    >>> import torch, hodlr
+    >>> B, T, H, D = 2, 5, 2, 4
+    >>> q, k, v = (torch.randn(B, T, H, D, dtype=torch.float64) for _ in range(3))
+    >>> g = -torch.rand(B, T, H, dtype=torch.float64)
+    >>> lam = torch.rand(B, T, H, hodlr.num_levels(T), dtype=torch.float64)
+    >>> cache = hodlr.LogLinearState.zeros(B, H, D, D, max_position=T, dtype=torch.float64)
+    >>> steps = [hodlr.log_linear_attn_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1],
+    ...                                     lam[:, t:t + 1], cache) for t in range(T)]
+    >>> bool(torch.allclose(torch.cat(steps, 1), hodlr.log_linear_attn(q, k, v, g, lam)[0])), cache.positions.tolist()
+    (True, [5, 5])
     """
     scale = _check_step("log_linear_attn_step", q, k, v, g, level_scales, state, scale, validate)
     if not isinstance(backend, str):
@@ -891,8 +916,9 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
         Packed sequences: ``B == 1``, sequence ``n`` is ``[cu_seqlens[n], cu_seqlens[n + 1])`` along
         ``T``, its own Fenwick tree.  Empty sequences pass their state through.
     backend : str, default ``"auto"``
-        ``"triton"`` (the Triton kernels, forward and backward; no state: what ``auto`` picks on a
-        GPU for calls without state), ``"chunked"`` (what ``auto`` picks otherwise), ``"fenwick"``
+        ``"triton"`` (the Triton kernels, forward and backward; no state; ``Dk <= 128``: what
+        ``auto`` picks on a GPU for calls without state whose keys it takes), ``"chunked"`` (what
+        ``auto`` picks otherwise), ``"fenwick"``
         (the recurrence) or ``"dense"`` (the reference; no state).  ``g > 0`` (a gate that
         grows) is outside the chunk-wise backends' accuracy (docs/mathematics.md §13, growth
         gates): use ``"fenwick"`` there.
@@ -905,6 +931,15 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
         Under ``torch.compile`` (the custom operator ``torch.ops.hodlr.log_linear_gated_delta_rule``)
         the slot count cannot depend on values: it is the initial state's (``bit_length(T)``
         without one), and a call whose end positions need more raises.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Shapes, dtypes, devices or ``cu_seqlens`` that do not fit (the message names the argument).
+    hodlr.LevelsExceededError
+        ``level_scales`` with fewer columns than the call's last absolute position needs.
+    hodlr.BackendUnavailableError
+        A backend that cannot run here, or that keeps no state for a call with one.
 
     Examples
     --------

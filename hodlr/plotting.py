@@ -161,7 +161,7 @@ def spy(M, ax=None, *, min_block=None, ranks=True, cmap="viridis", legend=None, 
         Draw only levels whose blocks have at least this many columns; finer structure is
         drawn as shaded leaves of this size.  Default :func:`default_min_block`.
     ranks : bool, default True
-        Write each block's rank (from :func:`hodlr.display.rank_profile`; for a batched
+        Write each block's rank (from :func:`hodlr.rank_profile`; for a batched
         mask, the largest over the batch).
     cmap : str or Colormap, default ``"viridis"``
         Colours of the levels.

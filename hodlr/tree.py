@@ -398,7 +398,7 @@ class HODLRMatrix:
     def rank_profile(self, levels=None, rtol=None):
         """Numerical rank of every off-diagonal block, from its factors (no block is formed).
 
-        See :func:`hodlr.display.rank_profile`."""
+        See :func:`hodlr.rank_profile`."""
         return display.rank_profile(self, levels, rtol)
 
     def __repr__(self) -> str:

@@ -2,7 +2,7 @@
 
 A call of :func:`kernels.attention` with a recurrent state, packed sequences (``cu_seqlens``), a
 final state or grouped heads runs every kernel over the sequences of the call, each its own
-Fenwick tree at absolute positions (``docs/kernels.md``, "State and packed sequences").  This
+Fenwick tree at absolute positions (``docs/kernels.md`` §6.  This
 module builds what the kernels index them by, from the host copy of the sequence lengths only:
 the start positions stay on the device (no host synchronisation on them).
 

@@ -460,7 +460,7 @@ def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0,
 # calls over sequences: recurrent state, packed sequences, final state, grouped heads
 # ---------------------------------------------------------------------------------------
 class SequenceLayout(NamedTuple):
-    """The tensors of a call over sequences (``docs/kernels.md``, "State and packed sequences"):
+    """The tensors of a call over sequences (``docs/kernels.md`` §6):
     ``q, k (N, Hqk, T, Dk)``, ``v (N, H, T, Dv)`` and the other ``(N, H, T, ·)`` operands, read in
     place with their own strides; head ``h`` reads head ``h // (H // Hqk)`` of ``q`` and ``k``."""
 
@@ -584,7 +584,7 @@ def attention_state_forward(q, k, v, level_scales, log_decay=None, scale: float 
                             initial_state=None, initial_positions=None, cu_seqlens=None,
                             output_final_state: bool = False, out=None):
     """Log-linear attention over sequences: continuing from a recurrent state, on packed sequences,
-    with the final state, with grouped heads (``docs/kernels.md``, "State and packed sequences").
+    with the final state, with grouped heads (``docs/kernels.md`` §6).
 
     Parameters
     ----------

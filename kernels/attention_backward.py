@@ -1086,7 +1086,7 @@ def _sequence_dg(seqs, C: int, dgl, span, level_rows, final_reads, N: int, T: in
 
 def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal=None, *, chunk=None,
                              initial_state=None, initial_positions=None, cu_seqlens=None):
-    """Gradients of :func:`kernels.attention.attention_state_forward` (same arguments) for the
+    """Gradients of :func:`hodlr.kernels.attention_state_forward` (same arguments) for the
     cotangents ``do (N, H, T, Dv)`` and ``dfinal`` (that of the final state, ``(Nseq, H, S, Dk,
     Dv)``; None when the final state was not asked for or got none).  ``S`` may differ from the
     forward's slot count ``S'``: slots past ``S'`` hold constant zeros (a caller's padding) and

@@ -115,9 +115,10 @@ def _broadcast(tensors, batch):
 def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None, initial_state=None,
               initial_positions=None, cu_seqlens=None, output_final_state: bool = False, check=None,
               save_states: bool = True):
-    """Differentiable log-linear attention: :func:`attention_forward` (same arguments and result),
+    """Differentiable log-linear attention: :func:`attention_forward` (its arguments and result, without
+    ``out`` and ``return_states``),
     or, with a recurrent state, packed sequences, a final state or grouped heads,
-    :func:`kernels.attention.attention_state_forward`.
+    :func:`hodlr.kernels.attention_state_forward`.
 
     Without the keywords, ``q, k, v, level_scales, log_decay`` are ``(*batch, T, ·)`` and broadcast.
     With them (or with ``q, k (N, Hqk, T, Dk)`` serving ``v (N, H, T, Dv)``, ``1 < Hqk < H``): the
@@ -159,7 +160,8 @@ def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chun
 
 
 def matmul(level_scales, log_decay, x, *, chunk=None, check=None):
-    """Differentiable :func:`matmul_forward` (same arguments and result)."""
+    """Differentiable :func:`matmul_forward` (its arguments and result, without ``out`` and
+    ``return_states``)."""
     _tensors(level_scales=level_scales, log_decay=log_decay, x=x)
     batch = broadcast_shape(x.shape[:-2], level_scales.shape[:-2], () if log_decay is None else log_decay.shape[:-1])
     level_scales, log_decay, x = _broadcast([(level_scales, 2), (log_decay, 1), (x, 2)], batch)
@@ -193,7 +195,8 @@ class _GatedDelta(torch.autograd.Function):
 
 def gated_delta(q, k, v, beta, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None, check=None,
                 save_states: bool = True):
-    """Differentiable :func:`gated_delta_forward` (same arguments and result).
+    """Differentiable :func:`gated_delta_forward` (its arguments and result, without ``out`` and
+    ``return_chunks``).
 
     Gradients flow to ``q, k, v, beta, level_scales`` and ``log_decay`` (the Triton backward,
     :func:`gated_delta_backward`, at ``min(chunk, MAX_BACKWARD_CHUNK)``: the gradients do not depend
@@ -243,7 +246,7 @@ class _BucketStates(torch.autograd.Function):
 
 
 def bucket_states(k, v, log_weight, buckets, count: int, slots: int):
-    """The Fenwick bucket states of stretches of tokens (``kernels.bucket_states``), differentiable
+    """The Fenwick bucket states of stretches of tokens (the module ``hodlr/kernels/bucket_states.py``), differentiable
     in ``k (B, T, Hqk, Dk)``, ``v (B, T, H, Dv)`` and ``log_weight (B, T, H)``.
 
     ``buckets``: rows ``(b, t0, n, i, j)`` (numpy or nested ints): the ``n`` tokens from ``t0`` of
@@ -270,7 +273,7 @@ class _CarriedReads(torch.autograd.Function):
 
 def carried_reads(o, q, level_scales, log_decay, states, positions, scale: float):
     """``o`` plus the reads of a carried state by a shard at an aligned position
-    (``kernels.carried_reads``), differentiable in ``o, q, level_scales, log_decay, states``.
+    (the module ``hodlr/kernels/carried_reads.py``), differentiable in ``o, q, level_scales, log_decay, states``.
 
     ``o (B, T, H, Dv)``: the shard's output from position 0; ``q (B, T, Hqk, Dk)``;
     ``level_scales (B, T, H, L)``; ``log_decay (B, T, H)``: the log-decay summed from the state's

@@ -428,8 +428,8 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
         float16 / bfloat16 / float32 on CUDA (float64 too under ``TRITON_INTERPRET=1``); every
         intermediate (``X``, ``W``, the hierarchy, the moved queries) in float32 (float64 for
         float64), except the hierarchy of bfloat16 calls, held in bfloat16 (:data:`BF16_HIERARCHY`).
-    scale : float
-        Multiplies ``P``.
+    scale : float, default 1.0
+        Multiplies ``P`` (no ``Dk ** -0.5`` here, unlike ``hodlr.gated_delta_attention``).
     chunk : int, optional
         Chunk size ``C``, a power of two in ``[16, 256]`` (default ``DEFAULT_CHUNK["gated_delta"]``).
     out : torch.Tensor, optional
@@ -437,10 +437,10 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
     check : torch.Tensor, optional
         A one-element int32 tensor holding 0 on the inputs' device: the output kernel sets it to 1
         if a level scale that is read or a log-decay is NaN or infinite (as
-        :func:`kernels.attention.attention_forward`'s ``check``).
+        :func:`hodlr.kernels.attention_forward`'s ``check``).
     return_chunks : bool
         Also return the :class:`Chunks` (``X``, ``W`` and the hierarchy) that
-        :func:`kernels.gated_delta_backward.gated_delta_backward` takes (``chunks=``) instead of
+        :func:`hodlr.kernels.gated_delta_backward` takes (``chunks=``) instead of
         recomputing them, at the same chunk (so only for ``chunk <= MAX_BACKWARD_CHUNK``).
 
     Returns

@@ -165,7 +165,7 @@ def matmul_forward(level_scales, log_decay, x, *, chunk=None, out=None, return_s
     check : torch.Tensor, optional
         A one-element int32 tensor holding 0 on ``x``'s device: the output kernel sets it to 1 if a
         level scale that is read or a log-decay is NaN or infinite (as
-        :func:`kernels.attention.attention_forward`'s ``check``).
+        :func:`hodlr.kernels.attention_forward`'s ``check``).
     """
     C = check_chunk(chunk, "matmul")
     check_flag(check, x.device)

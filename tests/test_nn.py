@@ -278,7 +278,8 @@ def test_short_convolution_is_a_causal_depthwise_conv_that_carries_its_inputs(ac
         assert torch.equal(end, F.pad(x.transpose(1, 2), (4, 0))[..., -4:])
     with pytest.raises(ValueError, match="activation must be 'silu'"):
         ShortConvolution(5, 4, activation="gelu")
-    with pytest.raises(ValueError, match=r"the convolution cache must have shape \(B, D, W\) = \(2, 5, 4\), got \(2, 5, 3\)"):
+    with pytest.raises(ValueError, match=r"the convolution cache must have shape \(B, D, W\) = \(2, 5, 4\), "
+                                         r"got \(2, 5, 3\)"):
         conv(x, torch.zeros(2, 5, 3, dtype=x.dtype))
 
 

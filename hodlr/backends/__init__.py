@@ -81,7 +81,8 @@ import importlib
 
 from hodlr.errors import BackendUnavailableError
 
-__all__ = ["AUTO_DENSE_MAX_T", "NAMES", "OPS", "WHERE", "auto_backend", "get", "has_state", "info", "load", "offers", "takes_keys"]
+__all__ = ["AUTO_DENSE_MAX_T", "NAMES", "OPS", "WHERE", "auto_backend", "get", "has_state", "info", "load", "offers",
+           "takes_keys"]
 
 NAMES = ("dense", "sparse", "recursive", "fenwick", "chunked", "triton")
 """Every backend name, in the order :func:`info` lists them."""

@@ -59,7 +59,8 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
     hierarchical : bool, default True
         False: ``λ ≡ 1``, no ``L`` and no ``l_proj`` (Gated DeltaNet).
     backend : str, default ``"auto"``
-        The backend of :func:`hodlr.log_linear_gated_delta_rule` (``chunked``).
+        The backend of :func:`hodlr.log_linear_gated_delta_rule`: ``"auto"`` runs ``triton`` on a
+        GPU for calls without a cache and ``head_dim <= 128``, else ``chunked``.
 
     Notes
     -----
@@ -128,7 +129,8 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
         hidden_states : torch.Tensor, shape ``(B, T, hidden_size)``
         cache : hodlr.nn.LayerCache, optional
             Continue the ``B`` sequences from this cache (returned by an earlier call with
-            ``use_cache=True``).  Not modified.
+            ``use_cache=True``): their tokens are positions ``p .. p + T - 1``, ``p`` the
+            cache's positions.  Not modified.
         use_cache : bool, default False
             Also return the cache after these tokens.
 
@@ -137,7 +139,8 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
         output : torch.Tensor, shape ``(B, T, hidden_size)``
         cache : hodlr.nn.LayerCache or None
             The recurrent state (``states (B, num_v_heads, S, head_k_dim, head_v_dim)``) and the
-            three convolutions' last inputs (none without short convolutions).
+            three convolutions' last inputs, ``(B, key_dim, conv_size)`` for q and k and
+            ``(B, value_dim, conv_size)`` for v (none without short convolutions).
         """
         self._check_call(hidden_states, cache, use_cache)
         x = hidden_states

@@ -69,7 +69,8 @@ class LogLinearMamba2(LogLinearLayer):
     hierarchical : bool, default True
         False: ``λ ≡ 1``, no ``L`` and no ``dl`` projection (Mamba-2).
     backend : str, default ``"auto"``
-        The backend of :func:`hodlr.log_linear_attn` (``chunked`` on the CPU, ``triton`` on a GPU).
+        The backend of :func:`hodlr.log_linear_attn`: ``"auto"`` runs ``chunked`` on the CPU and
+        ``triton`` on a GPU.
 
     Notes
     -----

@@ -69,8 +69,8 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 class ShortConvolution(nn.Conv1d):
-    """Depthwise causal convolution along the sequence, then SiLU, that carries its last
-    ``kernel_size`` inputs from one call to the next.
+    """Depthwise causal convolution along the sequence, then the activation (SiLU by default),
+    that carries its last ``kernel_size`` inputs from one call to the next.
 
     Parameters
     ----------
@@ -155,6 +155,8 @@ class RMSNormGated(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalise ``x (..., hidden_size)`` per group, gated by ``silu(z)`` (``z`` of ``x``'s shape, or
+        None: no gate); the result has ``x``'s shape and dtype."""
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
         y = x.to(work)
         gate = None if z is None else F.silu(z.to(work))
