@@ -86,6 +86,16 @@ class GatedDeltaState(_StreamingState):
     Notes
     -----
     Every method validates all its inputs before it changes anything.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> s = GatedDeltaState((), Dk=1, Dv=1)
+    >>> one = np.ones(1)   # q = k = 1, v_t = t, beta = 0.5, every level scale 1
+    >>> [float(s.step(one, one, np.array([t], float), 0.5, np.ones(3))[0]) for t in range(3)]
+    [0.0, 0.5, 1.25]
+    >>> s.position, s.levels   # three tokens: live buckets of levels 2 and 1
+    (3, (2, 1))
     """
 
     def __init__(self, batch_shape=(), Dk: int = 1, Dv: int = 1, dtype=np.float64, device=None, *,

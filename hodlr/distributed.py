@@ -657,11 +657,11 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
         Also return the state after every sequence's last token, the same on every rank.  Its
         gradient, like every other, is that of the sum of all ranks' losses: a loss that
         counts it once reads it on one rank.
-    cu_seqlens : torch.Tensor, shape ``(N + 1,)``, optional
+    cu_seqlens : torch.Tensor, shape ``(N + 1,)``, int32 or int64, optional
         Packed sequences over the *whole* (global) sequence, the same on every rank: ``B = 1``,
         ``cu_seqlens[-1]`` the total length.  A sequence that continues on the next rank carries
         its state there; one that starts on a rank starts from zero (or its initial state).
-    scale : float or None
+    scale : float or None, default 1.0
         As :func:`hodlr.log_linear_attn` (same on every rank).
     group : torch.distributed.ProcessGroup, optional
         The ranks that share the sequence, in shard order of their group ranks (default: the

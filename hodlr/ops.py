@@ -449,7 +449,7 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
     cu_seqlens : torch.Tensor, shape ``(N + 1,)``, int32 or int64, optional
         Packed sequences: ``B == 1``, sequence ``n`` is ``[cu_seqlens[n], cu_seqlens[n + 1])`` along
         ``T``, its own Fenwick tree (positions restart at 0, or at its state's position).  Empty
-        sequences are allowed.
+        sequences pass their state through.
     scale : float or None, default 1.0
         Multiplies ``q . k``; ``None`` means ``Dk ** -0.5``.
     backend : str, default ``"auto"``
@@ -914,7 +914,8 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
         Also return the state after the last token of every sequence.
     cu_seqlens : torch.Tensor, shape ``(N + 1,)``, int32 or int64, optional
         Packed sequences: ``B == 1``, sequence ``n`` is ``[cu_seqlens[n], cu_seqlens[n + 1])`` along
-        ``T``, its own Fenwick tree.  Empty sequences pass their state through.
+        ``T``, its own Fenwick tree (positions restart at 0, or at its state's position).  Empty
+        sequences pass their state through.
     backend : str, default ``"auto"``
         ``"triton"`` (the Triton kernels, forward and backward; no state; ``Dk <= 128``: what
         ``auto`` picks on a GPU for calls without state whose keys it takes), ``"chunked"`` (what

@@ -167,6 +167,8 @@ def spy(M, ax=None, *, min_block=None, ranks=True, cmap="viridis", legend=None, 
         Colours of the levels.
     legend : bool, optional
         Show a legend of the levels (default: when at most 12 levels are drawn).
+    fontsize : float, optional
+        Size of the rank labels (default 9).
 
     Returns
     -------
@@ -235,8 +237,9 @@ def heatmap(M, ax=None, *, index=None, grid=True, min_block=None, cmap="magma", 
     index : tuple of int, optional
         Which matrix of a batch to draw (default: the first).
     grid : bool, default True
-        Outline the off-diagonal blocks (those of at least ``min_block`` columns,
-        default :func:`default_min_block`).
+        Outline the off-diagonal blocks (those of at least ``min_block`` columns).
+    min_block : int, optional
+        The narrowest block outlined (default :func:`default_min_block`).
     cmap : str, default ``"magma"``
     vmin : float, optional
         Lower end of the colour scale (default: the smallest non-zero ``|value|``).
@@ -309,6 +312,8 @@ def plot_buckets(t: int, T: int | None = None, ax=None, *, cmap="viridis"):
     T : int, optional
         Sequence length (default ``t + 1``).
     ax : matplotlib Axes, optional
+    cmap : str or Colormap, default ``"viridis"``
+        Colours of the levels (as :func:`spy`'s).
 
     Returns
     -------
