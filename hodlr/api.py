@@ -91,10 +91,9 @@ def matmul(M, X, *, backend: str = "auto"):
     Raises
     ------
     ValueError, TypeError
-        Shapes, libraries, devices or dtypes that do not fit (the message names the argument);
-        an unknown backend.
+        ``X`` of another length, library, device or dtype than the mask; an unknown backend.
     BackendUnavailableError
-        A backend that does not offer matmul or cannot run on these arrays here.
+        A backend that cannot run on these arrays here.
 
     Examples
     --------
@@ -151,10 +150,9 @@ def attention(q, k, v, M, *, scale=None, backend: str = "auto"):
     Raises
     ------
     ValueError, TypeError
-        Shapes, libraries, devices or dtypes that do not fit (the message names the argument);
-        an unknown backend.
-    BackendUnavailableError
-        A backend that does not offer attention or cannot run on these arrays here.
+        Operands that do not fit the mask or each other (the message names the argument), or an
+        unknown backend; a ``BackendUnavailableError`` for a backend that does not offer attention
+        (``recursive``) or cannot run here.
 
     Examples
     --------
@@ -264,10 +262,9 @@ def gated_delta_attention(q, k, v, beta, M, *, scale=None, backend: str = "auto"
     Raises
     ------
     ValueError, TypeError
-        Shapes, libraries, devices or dtypes that do not fit (the message names the argument);
-        an unknown backend.
-    BackendUnavailableError
-        A backend that does not offer Gated DeltaNet or cannot run on these arrays here.
+        Operands (``beta`` included) that do not fit the mask or each other, keys wider than 128
+        on ``backend="triton"``, or an unknown backend; a ``BackendUnavailableError`` for a backend
+        that does not offer it (``sparse``, ``recursive``) or cannot run here.
 
     Examples
     --------

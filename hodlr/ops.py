@@ -468,11 +468,10 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
     Raises
     ------
     ValueError, TypeError
-        Shapes, dtypes, devices or ``cu_seqlens`` that do not fit (the message names the argument).
-    hodlr.LevelsExceededError
-        ``level_scales`` with fewer columns than the call's last absolute position needs.
-    hodlr.BackendUnavailableError
-        A backend that cannot run here, or that keeps no state for a call with one.
+        Shapes, dtypes, devices or ``cu_seqlens`` that do not fit (the message names the argument);
+        ``hodlr.LevelsExceededError`` for ``level_scales`` with fewer columns than the call's last
+        absolute position needs; ``hodlr.BackendUnavailableError`` for a backend that cannot run
+        here or keeps no state (``dense``, ``sparse``, ``recursive``) for a call with one.
 
     Examples
     --------
@@ -936,11 +935,9 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
     Raises
     ------
     ValueError, TypeError
-        Shapes, dtypes, devices or ``cu_seqlens`` that do not fit (the message names the argument).
-    hodlr.LevelsExceededError
-        ``level_scales`` with fewer columns than the call's last absolute position needs.
-    hodlr.BackendUnavailableError
-        A backend that cannot run here, or that keeps no state for a call with one.
+        As :func:`log_linear_attn`, and for ``beta`` of another shape than ``(B, T, H)``; its
+        ``LevelsExceededError`` and ``BackendUnavailableError`` too (the backends that keep a Gated
+        DeltaNet state: ``chunked``, ``fenwick``).
 
     Examples
     --------
