@@ -117,7 +117,7 @@ def _check_static(q, k, v, g, level_scales, initial_state, output_final_state, c
     return scale, Nseq
 
 
-def _check_values(N, T, L, cu_seqlens, initial_positions, num_slots=None):
+def _check_values(N, T, L, cu_seqlens, initial_positions, num_slots=None, state_name="initial_state"):
     """The checks that read ``cu_seqlens`` and the state's positions on the host (``N`` rows of
     ``T`` tokens); returns the largest end position."""
     if cu_seqlens is not None:
@@ -134,9 +134,9 @@ def _check_values(N, T, L, cu_seqlens, initial_positions, num_slots=None):
         return _check_end(T if N else 0, L, None, 0)
     _, _, length, start = segments(N, T, cu_seqlens, initial_positions)
     if start.size and start.min() < 0:
-        raise ValueError(f"initial_state.positions must be >= 0, got {int(start.min())}")
+        raise ValueError(f"{state_name}.positions must be >= 0, got {int(start.min())}")
     if num_slots is not None and start.size and int(start.max()).bit_length() > num_slots:
-        raise ValueError(f"initial_state has {num_slots} slots but position {int(start.max())} needs "
+        raise ValueError(f"{state_name} has {num_slots} slots but position {int(start.max())} needs "
                          f"{int(start.max()).bit_length()}")
     return _check_end(int((start + length).max(initial=0)), L, initial_positions,
                       int(start.max()) if start.size else 0)
@@ -550,7 +550,7 @@ def _check_step(name, q, k, v, g, level_scales, state, scale, validate):
     if q.shape[1] != 1:
         raise ValueError(f"{name} takes one token per sequence (T = 1), got q of shape {tuple(q.shape)}")
     if validate:
-        end = _check_values(q.shape[0], 1, level_scales.shape[-1], None, state.positions, state.num_slots)
+        end = _check_values(q.shape[0], 1, level_scales.shape[-1], None, state.positions, state.num_slots, "state")
         if end.bit_length() > state.num_slots:
             raise ValueError(f"the step takes position {end - 1} to {end}, which needs {end.bit_length()} slots but "
                              f"the state has {state.num_slots}; make it with more (state.with_slots(S), or "

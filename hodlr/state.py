@@ -218,14 +218,20 @@ class LogLinearState:
 
     # -- copies and moves --------------------------------------------------------------
     def to(self, *args, **kwargs) -> "LogLinearState":
-        """``states.to(*args, **kwargs)``; ``positions`` follow to the new device (they stay int64)."""
+        """``states.to(*args, **kwargs)``; ``positions`` follow to the new device (they stay int64).
+        Where ``states`` is a new tensor so are the positions (a step on the result, which updates
+        both in place, leaves this state as it was); where nothing changes, the state itself."""
         states = self.states.to(*args, **kwargs)
-        return LogLinearState(states, self.positions.to(states.device), validate=False)
+        if states is self.states:
+            return self
+        return LogLinearState(states, self.positions.to(states.device, copy=True), validate=False)
 
     def detach(self) -> "LogLinearState":
+        """The same tensors (shared, as ``Tensor.detach`` shares them), cut from the autograd graph."""
         return LogLinearState(self.states.detach(), self.positions, validate=False)
 
     def clone(self) -> "LogLinearState":
+        """A copy of both tensors."""
         return LogLinearState(self.states.clone(), self.positions.clone(), validate=False)
 
     def index_select(self, indices) -> "LogLinearState":
@@ -233,6 +239,8 @@ class LogLinearState:
         import torch
 
         idx = torch.as_tensor(indices, device=self.states.device)
+        if idx.dim() == 1 and idx.numel() == 0:  # no sequences (an empty list is float to torch)
+            idx = idx.to(torch.int64)
         if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
             raise TypeError(f"indices must be a 1-d integer tensor or sequence, got {describe(idx)}")
         if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < self.batch_size):
@@ -241,8 +249,16 @@ class LogLinearState:
         return LogLinearState(self.states.index_select(0, idx), self.positions.index_select(0, idx), validate=False)
 
     def __getitem__(self, index) -> "LogLinearState":
-        """Batch selection: an int (the batch dim is kept: ``N = 1``), a slice, a boolean mask
-        or integer indices."""
+        """Batch selection: an int or 0-d integer tensor (the batch dim is kept: ``N = 1``), a slice,
+        a boolean mask or integer indices (one dim: the sequences)."""
+        import torch
+
+        if isinstance(index, torch.Tensor) and index.dim() == 0 and not index.dtype.is_floating_point \
+                and index.dtype != torch.bool:
+            index = int(index)
+        if index is None or isinstance(index, (bool, tuple)):
+            raise TypeError(f"a LogLinearState is indexed along its sequences by an int, a slice, a boolean mask "
+                            f"or integer indices, got {type(index).__name__}")
         if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
             n = int(index)
             if not -self.batch_size <= n < self.batch_size:
@@ -252,19 +268,20 @@ class LogLinearState:
         return LogLinearState(self.states[index], self.positions[index], validate=False)
 
     def with_slots(self, slots: int) -> "LogLinearState":
-        """The same state with ``slots`` slots (a new contiguous tensor): empty ones appended, or
-        trailing ones dropped (they must be empty: every position ``< 2**slots``)."""
+        """The same state with ``slots`` slots, in new tensors (states and positions: a step on the
+        result leaves this state as it was): empty slots appended, or trailing ones dropped (they
+        must be empty: every position ``< 2**slots``)."""
         import torch
 
         slots = check_int("slots", slots, 0)
         S = self.num_slots
         if slots >= S:
             pad = self.states.new_zeros(self.states.shape[:2] + (slots - S,) + self.states.shape[3:])
-            return LogLinearState(torch.cat([self.states, pad], 2), self.positions, validate=False)
+            return LogLinearState(torch.cat([self.states, pad], 2), self.positions.clone(), validate=False)
         need = _bit_length(self.positions)
         if need > slots:
             raise ValueError(f"slots={slots} cannot hold position {int(self.positions.max())} (needs {need})")
-        return LogLinearState(self.states[:, :, :slots].contiguous(), self.positions, validate=False)
+        return LogLinearState(self.states[:, :, :slots].clone(), self.positions.clone(), validate=False)
 
 
 def combine(first: LogLinearState, second: LogLinearState, log_decay=None, *, validate: bool = True) -> LogLinearState:
@@ -282,8 +299,10 @@ def combine(first: LogLinearState, second: LogLinearState, log_decay=None, *, va
       (which tile ``[start, a)``), decayed, plus bucket ``d`` of ``second``;
     * for ``l < d`` lies inside ``[a, b)``: bucket ``l`` of ``second``.
 
-    ``a == b`` gives ``first`` (every ``l > d = 0``; ``second`` is empty).  Pure and differentiable
-    in both states and ``log_decay``; no host read unless ``validate``.
+    ``a == b`` gives ``first`` (every ``l > d = 0``; ``second`` is empty).  Pure (new tensors, the
+    positions included) and differentiable in both states and ``log_decay``; no host read unless
+    ``validate``.  Only the live slots of ``first`` are read (bit ``l - 1`` of ``a`` set), as the
+    operations read a state: what an empty slot holds does not matter.
 
     Parameters
     ----------
@@ -315,6 +334,7 @@ def combine(first: LogLinearState, second: LogLinearState, log_decay=None, *, va
     """
     import torch
 
+    validate = check_bool("validate", validate)
     for name, s in (("first", first), ("second", second)):
         if not isinstance(s, LogLinearState):
             raise TypeError(f"{name} must be a hodlr.LogLinearState, got {type(s).__name__}")
@@ -340,6 +360,8 @@ def combine(first: LogLinearState, second: LogLinearState, log_decay=None, *, va
     below = torch.arange(S, device=Y.device)  # l - 1
     above = (a >> below) == (b >> below)  # l > d
     at = ~above & ((a >> (below + 1)) == (b >> (below + 1)))  # l == d
+    live = ((a >> below) & 1) == 1  # the slots of first that hold a bucket
+    Y = torch.where(live[:, None, :, None, None], Y, torch.zeros((), dtype=Y.dtype, device=Y.device))
     if log_decay is not None:
         decay = torch.exp(log_decay.to(Y.dtype))[:, :, None, None, None]
         Y = decay * Y
@@ -347,7 +369,7 @@ def combine(first: LogLinearState, second: LogLinearState, log_decay=None, *, va
     lower = torch.cat([torch.zeros_like(Y[:, :, :1]), torch.cumsum(Y[:, :, :-1], 2)], 2)
     above, at = above[:, None, :, None, None], at[:, None, :, None, None]
     states = torch.where(above, Y, torch.where(at, lower + X, X))
-    return LogLinearState(states, second.positions, validate=False)
+    return LogLinearState(states, second.positions.clone(), validate=False)
 
 
 def segments(N: int, T: int, cu_seqlens=None, initial_positions=None):

@@ -81,6 +81,44 @@ def test_copies_and_batch_selection():
         state[3]
 
 
+def test_copies_do_not_share_what_a_step_updates():
+    """A step updates a state's states and positions in place: every copy that holds new states
+    (``to`` another dtype, ``with_slots``, ``combine``) holds new positions too, so stepping it
+    leaves the original as it was; selection by a 0-d tensor, by no indices, and refusals."""
+    state, rest = prefix_state([3, 8, 5], H=1)
+    step = [x[:, :1] for x in rest]
+    before = state.clone()
+    for copy in (state.to(torch.float32).to(DT), state.with_slots(6), state.with_slots(4),
+                 hodlr.distributed.combine(state, hodlr.LogLinearState(torch.zeros_like(state.states),
+                                                                       state.positions.clone()))):
+        assert copy.positions.data_ptr() != state.positions.data_ptr()
+        hodlr.log_linear_attn_step(*step, copy)
+        assert torch.equal(state.positions, before.positions) and torch.equal(state.states, before.states)
+    assert state.to(DT) is state  # nothing to change: the state itself
+    assert state[torch.tensor(1)].positions.tolist() == [8]
+    assert state.index_select([]).batch_size == 0
+    for bad in (None, True, (0, 1)):
+        with pytest.raises(TypeError, match="indexed along its sequences"):
+            state[bad]
+
+
+def test_combine_reads_only_live_slots():
+    """What an empty slot of ``first`` holds (junk left by resetting a row's position) does not
+    change ``combine``, as it does not change the operations."""
+    state, rest = prefix_state([4, 6], H=1)
+    dirty = state.clone()
+    dirty.states[0, :, :2] = 7.0  # position 4 = 0b100: slots 0, 1 (levels 1, 2) are empty
+    dirty.states[1, :, 0] = -3.0  # position 6 = 0b110: slot 0 (level 1) is empty
+    _, tail = hodlr.log_linear_attn(*rest[:4], rest[4], initial_state=hodlr.LogLinearState(
+        torch.zeros_like(state.states), state.positions.clone()), output_final_state=True, backend="fenwick")
+    g_sum = rest[3].sum(1)
+    want = hodlr.distributed.combine(state, tail, g_sum)
+    got = hodlr.distributed.combine(dirty, tail, g_sum)
+    assert torch.equal(got.states, want.states) and torch.equal(got.positions, want.positions)
+    with pytest.raises(TypeError, match="validate must be a bool, got str"):
+        hodlr.distributed.combine(state, tail, g_sum, validate="x")
+
+
 def test_fenwick_round_trip_one_position():
     """LogLinearState -> FenwickState -> LogLinearState is exact, and the FenwickState continues
     like the op does."""
