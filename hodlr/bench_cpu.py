@@ -121,7 +121,8 @@ def _format_row(row, names) -> str:
     cells = [f"{row['T']:>9,}", f"{row['repeats']:>3}"]
     for name in names:
         s = row["seconds"].get(name)
-        cells.append(f"{s * 1e3:>12.2f}" if s is not None else f"{'-':>12}")
+        width = max(12, len(name))
+        cells.append(f"{s * 1e3:>{width}.2f}" if s is not None else f"{'-':>{width}}")
     errs = [e for e in row["error"].values()]
     cells.append(f"{max(errs):>9.1e}" if errs else "")
     return " | ".join(cells)
@@ -156,7 +157,8 @@ def main(argv=None) -> int:
             parts.append(exponents)
         if "speedup_vs_dense" in entry:
             T, x = entry["speedup_vs_dense"]
-            parts.append(f"{x:.1f}x faster than dense at T = {T:,}")
+            parts.append(f"{x:.1f}x faster than dense at T = {T:,}" if x >= 1 else
+                         f"{1 / x:.1f}x slower than dense at T = {T:,}")
         print(f"{name:>16}: " + ("; ".join(parts) or "one length: no growth exponent"))
     if args.json:
         with open(args.json, "w") as f:

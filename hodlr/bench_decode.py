@@ -141,8 +141,6 @@ def _time_steps(args, torch, dtype, exponent, gen):
 
 def _bench_steps(args, torch, dtype):
     a, b = args.positions
-    if args.window > (1 << a):
-        raise SystemExit(f"--window {args.window} must be <= 2**{a}")
     gen = torch.Generator().manual_seed(args.seed)
     means = {a: [], b: []}
     for _ in range(args.repeats):
@@ -366,6 +364,8 @@ def run(argv=None) -> dict:
     for name, (lo, hi) in (("--positions", args.positions), ("--matmul-exponents", args.matmul_exponents)):
         if lo > hi:
             parser.error(f"{name} must be in increasing order, got {lo} {hi}")
+    if args.window > (1 << args.positions[0]):
+        parser.error(f"--window {args.window} must be <= 2**{args.positions[0]} (the first of --positions)")
     if args.gpu_step:
         import torch
 

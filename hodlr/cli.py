@@ -374,7 +374,7 @@ def check(problem, names, ops=OPS, dtype="float64", rows=None, repeat=1,
             references[op] = row_reference(problem, op, rows)
             kind = f"float64 from the definition, row by row, on {len(rows)} sampled rows"
         out(f"reference {op}: {kind} ({time.perf_counter() - start:.2f} s)")
-    results = []
+    results = _Rows(out, memory)
     for name in names:
         module = registry.load(name)
         for op in ops:
@@ -404,8 +404,8 @@ def check(problem, names, ops=OPS, dtype="float64", rows=None, repeat=1,
                     res = Result(name, where, op, note=f"FAILED: {type(err).__name__}: {err}", ok=False)
                 results.append(res)
         if not ran:
-            results.append(Result(name, "-", "-", note="unavailable here: " + "; ".join(reasons)))
-    out(format_results(results))
+            results.append(Result(name, "-", "-", note="unavailable here: " + "; ".join(
+                reasons or [f"none of the arrays {', '.join(arrays)} exists on this machine"])))
     bad = [r for r in results if not r.ok]
     compared = [r for r in results if r.error is not None]
     if bad:
@@ -417,27 +417,39 @@ def check(problem, names, ops=OPS, dtype="float64", rows=None, repeat=1,
     return bool(compared) and not bad
 
 
-def format_results(results) -> str:
-    heads = ["backend", "arrays", "op", "rel. error", "tolerance", "time", "peak traced", "status"]
-    cells = []
-    for r in results:
-        status = ("ok" if r.ok else "DISAGREES") if r.error is not None else ("" if r.ok else "FAILED")
-        if r.note:
-            status = f"{status} ({r.note})" if status and not r.note.startswith("FAILED") else r.note
-        cells.append([
-            r.backend, r.where, r.op,
-            "" if r.error is None else f"{r.error:.2e}",
-            "" if r.tol is None else f"{r.tol:.0e}",
-            "" if r.seconds is None else _fmt_seconds(r.seconds),
-            "" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.1f} MiB",
-            status,
-        ])
-    keep = [i for i in range(len(heads)) if i != 6 or any(c[6] for c in cells)]
-    widths = {i: max(len(heads[i]), *(len(c[i]) for c in cells)) if cells else len(heads[i]) for i in keep}
-    lines = ["  ".join(heads[i].ljust(widths[i]) for i in keep).rstrip()]
-    lines.append("  ".join("-" * widths[i] for i in keep))
-    lines += ["  ".join(c[i].ljust(widths[i]) for i in keep).rstrip() for c in cells]
-    return "\n".join(lines)
+RESULT_COLUMNS = (("backend", 9), ("arrays", 10), ("op", 21), ("rel. error", 10), ("tolerance", 9), ("time", 9),
+                  ("peak traced", 11), ("status", 0))
+"""The result table's columns and widths (fixed, so that each row prints as soon as it is known)."""
+
+
+def _result_cells(r) -> list:
+    status = ("ok" if r.ok else "DISAGREES") if r.error is not None else ("" if r.ok else "FAILED")
+    if r.note:
+        status = f"{status} ({r.note})" if status and not r.note.startswith("FAILED") else r.note
+    return [r.backend, r.where, r.op, "" if r.error is None else f"{r.error:.2e}",
+            "" if r.tol is None else f"{r.tol:.0e}", "" if r.seconds is None else _fmt_seconds(r.seconds),
+            "" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.1f} MiB", status]
+
+
+def _table_line(cells, memory: bool) -> str:
+    keep = [i for i in range(len(RESULT_COLUMNS)) if memory or RESULT_COLUMNS[i][0] != "peak traced"]
+    return "  ".join(cells[i].ljust(RESULT_COLUMNS[i][1]) for i in keep).rstrip()
+
+
+class _Rows(list):
+    """The results of :func:`check`, each printed as a table row when it is appended (the header
+    first): a long run shows its progress row by row."""
+
+    def __init__(self, out, memory: bool):
+        super().__init__()
+        self.out, self.memory = out, memory
+        out(_table_line([name for name, _ in RESULT_COLUMNS], memory))
+        out(_table_line(["-" * max(width, len(name)) for name, width in RESULT_COLUMNS], memory))
+
+    def append(self, result) -> None:
+        super().append(result)
+        self.out(_table_line(_result_cells(result), self.memory))
+
 
 
 def _fmt_seconds(s: float) -> str:
@@ -484,8 +496,8 @@ def _batch(text: str) -> tuple:
         shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a batch shape such as 2 or 2,3, got {text!r}") from None
-    if any(n < 0 for n in shape):
-        raise argparse.ArgumentTypeError(f"batch sizes must be >= 0, got {text!r}")
+    if any(n < 1 for n in shape):
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1 (an empty batch checks nothing), got {text!r}")
     return shape
 
 
@@ -508,8 +520,9 @@ def _decay(text: str):
         raise argparse.ArgumentTypeError(
             f"decay must be one of {', '.join(DECAYS)} or a number (constant per-step log-decay), got {text!r}"
         ) from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"decay must be finite, got {text!r}")
+    if not math.isfinite(value) or value > 0:
+        raise argparse.ArgumentTypeError(f"decay must be a finite log-decay <= 0 (a positive one grows without "
+                                         f"bound and overflows the reference), got {text!r}")
     return value
 
 
@@ -582,8 +595,13 @@ def _cmd_check(args) -> int:
     if args.reference == "rows" or (args.reference == "auto" and not dense_fits(problem)):
         rows = sample_rows(args.length, args.rows, args.seed)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    ok = check(problem, args.backends, args.ops, args.dtype, rows, args.repeat, args.interpreter_length, args.memory,
-               args.arrays)
+    try:
+        ok = check(problem, args.backends, args.ops, args.dtype, rows, args.repeat, args.interpreter_length,
+                   args.memory, args.arrays)
+    except DenseTooLargeError as err:  # (--reference dense past the budget)
+        print(f"hodlr {args.command}: error: --reference dense builds the whole T x T reference, and here: {err}. "
+              f"Use --reference rows (or auto, which picks rows when the dense one does not fit).", file=sys.stderr)
+        return 2
     if args.memory:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(f"peak RSS of this process: {rss / 2**10:.1f} MiB (before the checks, inputs built: {rss0 / 2**10:.1f} MiB)")
@@ -674,7 +692,11 @@ def main(argv=None) -> int:
         return 2
     if args.command in ("demo", "verify"):
         _interpret_triton_without_gpu()
-        return _cmd_check(args)
+        try:
+            return _cmd_check(args)
+        except KeyboardInterrupt:
+            print(f"\nhodlr {args.command}: interrupted (the rows above were complete)", file=sys.stderr)
+            return 130
     if args.command == "show":
         return _cmd_show(args)
     return _cmd_backends()

@@ -250,12 +250,54 @@ def test_bench_hands_arguments_on(capsys, monkeypatch):
     (["verify", "--arrays", "tpu"], "arrays must be"),
     (["verify", "--ops", "softmax"], "ops must be a comma-separated subset of matmul, attention, "
                                      "gated_delta_attention"),
+    (["demo", "--batch", "0"], "batch sizes must be >= 1 (an empty batch checks nothing)"),
+    (["verify", "--decay", "5"], "decay must be a finite log-decay <= 0"),
 ])
 def test_bad_arguments_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_run_time_refusals_are_one_line_errors(capsys, monkeypatch):
+    """A dense reference over the memory budget is exit 2 with one line naming --reference (no
+    traceback); Ctrl-C is exit 130 after the rows already printed; arrays that do not exist here
+    are named as the reason."""
+    monkeypatch.setattr(hodlr.options, "dense_max_bytes", 1000)
+    code, out, err = run(capsys, "verify", "-T", "300", "--reference", "dense", "--backends", "sparse",
+                         "--arrays", "numpy")
+    assert code == 2 and "Traceback" not in err
+    assert re.search(r"hodlr verify: error: --reference dense builds the whole T x T reference.*Use --reference "
+                     r"rows", err)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "check", interrupted)
+    code, out, err = run(capsys, "verify", "-T", "8")
+    assert code == 130 and "hodlr verify: interrupted" in err
+    monkeypatch.undo()
+    if not torch_cuda_available():
+        code, out, _ = run(capsys, "demo", "-T", "8", "--arrays", "cuda", "--backends", "chunked")
+        assert code == 1 and "unavailable here: none of the arrays cuda exists on this machine" in out
+
+
+def test_rows_print_as_they_finish(capsys):
+    """The table's header comes before any backend runs and each row as soon as it is known."""
+    lines = []
+    problem = cli.make_problem(20, (1,), 2, 2, 2, "mild", 0)
+    assert cli.check(problem, ["dense", "recursive"], ("matmul",), arrays=("numpy",), out=lines.append)
+    assert lines[0].startswith("reference matmul") and lines[1].split()[:3] == ["backend", "arrays", "op"]
+    assert [line.split()[0] for line in lines[3:5]] == ["dense", "recursive"] and lines[-1].startswith("OK:")
+
+
+def torch_cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def test_no_command_prints_help(capsys):
