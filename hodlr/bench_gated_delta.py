@@ -91,8 +91,10 @@ def _row(torch, bench, D, H, T, B, dtype, device, fla, profile=False, compiled=F
     row = {"D": D, "H": H, "T": T, "B": B}
     scale = D ** -0.5
 
+    backend = "auto" if device.type == "cuda" else "triton"  # a CPU smoke run: the kernels in the interpreter
+
     def call(*a):
-        return hodlr.log_linear_gated_delta_rule(*a, scale=scale)[0]
+        return hodlr.log_linear_gated_delta_rule(*a, scale=scale, backend=backend)[0]
 
     inputs = (q, k, v, g, beta, lam)
     fwd, fwdbwd = forward_calls(torch, call, inputs, do)

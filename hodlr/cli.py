@@ -655,6 +655,7 @@ def _cmd_backends() -> int:
 
 def _cmd_bench(command: str, rest: list) -> int:
     module_name = BENCHES[command]
+    _interpret_triton_without_gpu()  # a CPU smoke run's kernels run in the interpreter
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
