@@ -627,7 +627,9 @@ def run(args) -> dict:
         raise
     except Exception:  # noqa: BLE001 - without hattention, hodlr alone is timed
         result["hatt_import_error"] = traceback.format_exc(limit=4)[-1200:]
-        print("hattention unavailable:\n" + result["hatt_import_error"], flush=True)
+        last = result["hatt_import_error"].strip().splitlines()[-1]
+        print(f"hattention unavailable ({last}): timing hodlr alone (the JSON keeps the traceback; installing "
+              f"hattention: this command's module docstring, hodlr.bench_hattention)", flush=True)
     print(f"{result['device']} | torch {result['torch']} | triton {result['triton']} | fla {result['fla']} | "
           f"hattention adaptations {result.get('hatt_fixes')}", flush=True)
 
