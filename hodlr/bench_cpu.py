@@ -88,8 +88,8 @@ def _case(T: int, D: int, rng):
     return hodlr.LogLinearMask(lam, g), rng.standard_normal((T, D))
 
 
-def run(lengths, D: int, backends, dense_max_t: int, repeats, seed: int) -> list:
-    """Time every case; one dict per length."""
+def run(lengths, D: int, backends, dense_max_t: int, repeats, seed: int, on_row=None) -> list:
+    """Time every case; one dict per length (``on_row(rows)`` after each: a stopped run keeps them)."""
     import hodlr
     from hodlr._accuracy import relative_error
 
@@ -114,6 +114,8 @@ def run(lengths, D: int, backends, dense_max_t: int, repeats, seed: int) -> list
             row["error"][name] = relative_error(out, ref)
         rows.append(row)
         print(_format_row(row, ["dense"] + list(backends)), flush=True)
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -134,9 +136,18 @@ def main(argv=None) -> int:
     commit = _commit()
     print(f"hodlr bench-cpu: matmul, float64, D={args.dim}, {_cpus()} CPUs, commit {commit}, "
           f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print("median ms per call (after one warm-up call); max err = relative error vs dense (or recursive)")
+    print("median ms per call (after one warm-up call); max err = relative error vs dense (T <= --dense-max-t), "
+          "else vs the first backend listed")
     print(" | ".join([f"{'T':>9}", "rep"] + [f"{n:>12}" for n in names] + [f"{'max err':>9}"]))
-    rows = run(args.lengths, args.dim, args.backends, args.dense_max_t, args.repeats, args.seed)
+
+    def save(rows, summary=None):
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"command": "hodlr bench-cpu", "argv": argv, "dim": args.dim, "commit": commit,
+                           "cpus": _cpus(), "machine": platform.platform(), "rows": rows,
+                           "summary": summary, "complete": summary is not None}, f, indent=1)
+
+    rows = run(args.lengths, args.dim, args.backends, args.dense_max_t, args.repeats, args.seed, save)
     print()
     summary = {}
     for name in args.backends:
@@ -160,11 +171,7 @@ def main(argv=None) -> int:
             parts.append(f"{x:.1f}x faster than dense at T = {T:,}" if x >= 1 else
                          f"{1 / x:.1f}x slower than dense at T = {T:,}")
         print(f"{name:>16}: " + ("; ".join(parts) or "one length: no growth exponent"))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"command": "hodlr bench-cpu", "argv": argv, "dim": args.dim, "commit": commit,
-                       "cpus": _cpus(), "machine": platform.platform(), "rows": rows,
-                       "summary": summary}, f, indent=1)
+    save(rows, summary)
     return 0
 
 
