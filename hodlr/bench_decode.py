@@ -57,38 +57,43 @@ __all__ = ["main", "run"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hodlr bench-decode", description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=positive_int, default=8)
-    p.add_argument("--dk", type=positive_int, default=64)
-    p.add_argument("--dv", type=positive_int, default=64)
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p = argparse.ArgumentParser(prog="hodlr bench-decode", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="example: hodlr bench-decode --skip matmul --json decode.json")
+    p.add_argument("--batch", type=positive_int, default=8, help="sequences stepped together")
+    p.add_argument("--dk", type=positive_int, default=64, help="key width")
+    p.add_argument("--dv", type=positive_int, default=64, help="value width")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="dtype of the CPU steps")
     p.add_argument("--threads", type=positive_int, default=1,
-                   help="torch CPU threads (default 1: the steps are small, and OpenMP threads on "
+                   help="torch CPU threads (1: the steps are small, and OpenMP threads on "
                         "shared cores make the timings erratic)")
     p.add_argument("--positions", type=nonnegative_int, nargs=2, default=(8, 16), metavar=("A", "B"),
-                   help="time steps around positions 2**A and 2**B (default 8 16)")
+                   help="time steps around positions 2**A and 2**B (exponents)")
     p.add_argument("--window", type=positive_int, default=256, help="steps timed per repeat (<= 2**A)")
-    p.add_argument("--repeats", type=positive_int, default=7)
+    p.add_argument("--repeats", type=positive_int, default=7, help="timed windows per position (their median)")
     p.add_argument("--memory-exponent", type=nonnegative_int, default=20, help="measure state memory at 2**E")
     p.add_argument("--walk", action="store_true",
                    help="also prefill all 2**E tokens at width 1 and report the peak slot count")
-    p.add_argument("--matmul-exponents", type=nonnegative_int, nargs=2, default=(10, 18), metavar=("LO", "HI"))
+    p.add_argument("--matmul-exponents", type=nonnegative_int, nargs=2, default=(10, 18), metavar=("LO", "HI"),
+                   help="time the matmul at T = 2**LO .. 2**HI (exponents)")
     p.add_argument("--matmul-d", type=positive_int, default=64, help="columns of X for the matmul growth")
-    p.add_argument("--matmul-libraries", nargs="+", choices=("numpy", "torch"), default=("numpy", "torch"))
-    p.add_argument("--matmul-repeats", type=positive_int, default=2)
+    p.add_argument("--matmul-libraries", nargs="+", choices=("numpy", "torch"), default=("numpy", "torch"),
+                   help="array libraries of the matmul growth")
+    p.add_argument("--matmul-repeats", type=positive_int, default=2, help="calls per length (the best)")
     p.add_argument("--skip", nargs="*", choices=("step", "memory", "matmul"), default=(),
                    help="measurements to leave out")
     p.add_argument("--gpu-step", action="store_true", help="also time the Triton decode step on the GPU")
     p.add_argument("--gpu-device", default="cuda", help="device of --gpu-step (cpu: interpreter smoke test)")
-    p.add_argument("--gpu-batch", type=positive_int, default=64)
-    p.add_argument("--gpu-heads", type=positive_int, default=16)
+    p.add_argument("--gpu-batch", type=positive_int, default=64, help="sequences of --gpu-step")
+    p.add_argument("--gpu-heads", type=positive_int, default=16, help="heads of --gpu-step")
     p.add_argument("--gpu-d", type=positive_int, default=64, help="Dk = Dv of --gpu-step")
-    p.add_argument("--gpu-positions", type=nonnegative_int, nargs="+", default=(2**16 - 1, 2**16))
-    p.add_argument("--gpu-replays", type=positive_int, default=200)
+    p.add_argument("--gpu-positions", type=nonnegative_int, nargs="+", default=(2**16 - 1, 2**16),
+                   help="positions (not exponents) the --gpu-step sequences step from")
+    p.add_argument("--gpu-replays", type=positive_int, default=200, help="CUDA-graph replays timed")
     p.add_argument("--gpu-dtype", choices=("float32", "bfloat16"), default="bfloat16",
                    help="dtype of q, k, v (the state is float32)")
     p.add_argument("--json", type=writable_path, metavar="PATH", help="also write the results as JSON")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="random inputs' seed")
     return p
 
 
@@ -364,6 +369,8 @@ def run(argv=None) -> dict:
     for name, (lo, hi) in (("--positions", args.positions), ("--matmul-exponents", args.matmul_exponents)):
         if lo > hi:
             parser.error(f"{name} must be in increasing order, got {lo} {hi}")
+    if set(args.skip) >= {"step", "memory", "matmul"} and not args.gpu_step:
+        parser.error("--skip step memory matmul leaves nothing to measure (add --gpu-step, or skip less)")
     if args.window > (1 << args.positions[0]):
         parser.error(f"--window {args.window} must be <= 2**{args.positions[0]} (the first of --positions)")
     if args.gpu_step:
