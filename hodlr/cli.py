@@ -73,6 +73,15 @@ BENCHES = {"bench": "hodlr.bench", "bench-cpu": "hodlr.bench_cpu", "bench-decode
            "bench-gated-delta": "hodlr.bench_gated_delta", "bench-hattention": "hodlr.bench_hattention",
            "bench-cp": "hodlr.distributed_bench"}
 
+BENCH_HELP = {
+    "bench": "GPU: attention forward / forward + backward beside SDPA and fla, and the matmul, JSON + PNG",
+    "bench-cpu": "CPU: matmul time and its growth with T, every CPU backend beside dense",
+    "bench-decode": "CPU (GPU with --gpu-step): the Fenwick decoder's step time and memory by position",
+    "bench-gated-delta": "GPU: log-linear Gated DeltaNet forward / forward + backward beside fla's Gated DeltaNet",
+    "bench-hattention": "GPU: Gated DeltaNet beside the paper authors' kernel (hattention), where it runs",
+    "bench-cp": "several GPUs or CPU ranks under torchrun: context parallelism, equality and scaling",
+}
+"""One line each for ``hodlr --help`` (``--device cpu`` runs any GPU benchmark as a smoke test)."""
 
 # -- problems and references -------------------------------------------------------------
 OPS = registry.OPS
@@ -582,7 +591,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="also save the structure picture (needs matplotlib)")
     sub.add_parser("backends", help="which backends exist and where they can run")
     for name, module in BENCHES.items():
-        sub.add_parser(name, help=f"benchmarks: {module}.main (arguments passed on)", add_help=False)
+        sub.add_parser(name, help=f"{BENCH_HELP[name]} (`hodlr {name} --help`)", add_help=False)
     return parser
 
 
