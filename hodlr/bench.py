@@ -97,11 +97,24 @@ def fill_device_defaults(args, lengths, widths, cpu: dict, **gpu) -> None:
             setattr(args, name, list(value) if isinstance(value, (list, tuple)) else value)
 
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` that gives each option's default where it takes a value and has one (not for
+    switches, nor where the help text already says it)."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 or action.default in (None, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def sweep_parser(prog, description, lengths, widths, outputs):
     """The arguments every GPU benchmark shares: the ``(T, D)`` sweep at a fixed ``B·T`` and
     model width, ``do_bench`` settings, the JSON and picture paths (``outputs.json`` /
     ``outputs.png``) and the commit to record."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=HelpWithDefaults,
+                                epilog="--device cpu (where offered) runs a smoke test of the same code path in the "
+                                       "Triton interpreter: its times are not kernel speed")
     p.add_argument("--lengths", "-T", type=positive_int, nargs="+", default=list(lengths), help="sequence lengths")
     p.add_argument("--widths", type=positive_int, nargs="+", default=list(widths), help="head widths Dk = Dv")
     p.add_argument("--model-width", type=positive_int, default=MODEL_WIDTH, help="H * D (H = model_width // D heads)")
@@ -119,8 +132,9 @@ def sweep_parser(prog, description, lengths, widths, outputs):
 
 def _parser():
     p = sweep_parser("hodlr bench", __doc__.split("\n\n")[0], DEFAULT_LENGTHS, DEFAULT_WIDTHS, "bench")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="dtype of q, k, v (the mask float32)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="random inputs' seed")
     p.add_argument("--no-backward", dest="backward", action="store_false", help="skip forward + backward")
     p.add_argument("--no-matmul", dest="matmul", action="store_false", help="skip the matmul timings")
     p.add_argument("--no-peers", dest="peers", action="store_false", help="skip SDPA and fla")

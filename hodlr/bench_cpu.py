@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from hodlr.bench import _commit, nonnegative_int, positive_int, writable_path
+from hodlr.bench import HelpWithDefaults, _commit, nonnegative_int, positive_int, writable_path
 
 __all__ = ["fit_exponent", "main"]
 
@@ -32,16 +32,19 @@ BACKENDS = ("sparse", "recursive", "sparse-prebuilt")
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="hodlr bench-cpu", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="hodlr bench-cpu", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpWithDefaults)
     p.add_argument("--lengths", "-T", type=positive_int, nargs="+", default=[1 << n for n in range(10, 21)],
                    help="sequence lengths (default 2^10 .. 2^20)")
     p.add_argument("--dim", "-D", type=positive_int, default=16, help="columns of X (default 16)")
-    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                   help="backends timed beside dense (sparse-prebuilt: the scipy factors built once, outside the "
+                        "timing)")
     p.add_argument("--dense-max-t", type=positive_int, default=4096, help="largest T timed with the dense backend")
     p.add_argument("--repeats", type=positive_int, default=None,
                    help="timed repeats per case (default: 15 for T <= 2^14, then fewer, at least 3)")
     p.add_argument("--json", type=writable_path, default=None, help="also write the results as JSON to this path")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="random inputs' seed")
     return p
 
 

@@ -49,7 +49,7 @@ import time
 
 import numpy as np
 
-from hodlr.bench import nonnegative_int, positive_int, writable_path
+from hodlr.bench import HelpWithDefaults, nonnegative_int, positive_int, writable_path
 from hodlr.fenwick import num_levels
 from hodlr.fenwick.scan import FenwickState, matmul
 
@@ -58,7 +58,7 @@ __all__ = ["main", "run"]
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hodlr bench-decode", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=HelpWithDefaults,
                                 epilog="example: hodlr bench-decode --skip matmul --json decode.json")
     p.add_argument("--batch", type=positive_int, default=8, help="sequences stepped together")
     p.add_argument("--dk", type=positive_int, default=64, help="key width")
