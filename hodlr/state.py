@@ -121,6 +121,13 @@ class LogLinearState:
         else:
             slots = check_int("slots", slots, 0)
         dtype = torch.float32 if dtype is None else dtype
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64 (a state's precision; float32 serves "
+                            f"16-bit inputs), got {dtype!r}")
+        try:
+            device = torch.device("cpu" if device is None else device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device must be a torch device or its name, got {device!r} ({err})") from None
         states = torch.zeros((batch_size, num_heads, slots, Dk, Dv), dtype=dtype, device=device)
         return cls(states, torch.zeros(batch_size, dtype=torch.int64, device=states.device), validate=False)
 

@@ -102,6 +102,14 @@ def test_copies_do_not_share_what_a_step_updates():
             state[bad]
 
 
+def test_zeros_refuses_what_a_state_cannot_be():
+    for dtype in (torch.float16, "float32"):
+        with pytest.raises(TypeError, match="dtype must be torch.float32 or torch.float64"):
+            hodlr.LogLinearState.zeros(1, 1, 2, 2, slots=2, dtype=dtype)
+    with pytest.raises(ValueError, match="device must be a torch device or its name, got 'nope'"):
+        hodlr.LogLinearState.zeros(1, 1, 2, 2, slots=2, device="nope")
+
+
 def test_combine_reads_only_live_slots():
     """What an empty slot of ``first`` holds (junk left by resetting a row's position) does not
     change ``combine``, as it does not change the operations."""
