@@ -597,6 +597,11 @@ def segment_state(k, v, g, positions, *, cu_seqlens=None, num_slots=None):
                          f"{tuple(k.shape)}, v {tuple(v.shape)}")
     if g is not None and (not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(v.shape[:3])):
         raise ValueError(f"g must be None or a tensor of shape (B, T, H) = {tuple(v.shape[:3])}, got {describe(g)}")
+    if v.dtype != k.dtype:
+        raise TypeError(f"v has dtype {v.dtype} but k has {k.dtype}; they must match")
+    if g is not None and not g.dtype.is_floating_point:
+        raise TypeError(f"g must be a floating tensor (a log-decay), got {g.dtype}")
+    _checks.check_same_home({"k": k, "v": v, "g": g})
     if cu_seqlens is not None and (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1
                                    or cu_seqlens.dtype not in (torch.int32, torch.int64)):
         raise TypeError(f"cu_seqlens must be a 1-d int32 or int64 torch.Tensor, got {describe(cu_seqlens)}")

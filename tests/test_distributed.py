@@ -336,6 +336,12 @@ def test_segment_state_refuses_bad_input():
         segment_state(k.long(), v, None, [0])
     with pytest.raises(ValueError, match="H a multiple of k's 0 heads"):
         segment_state(k[:, :, :0], v, None, [0])
+    with pytest.raises(TypeError, match="v has dtype torch.float64 but k has torch.float32"):
+        segment_state(k, v.double(), None, [0])
+    with pytest.raises(TypeError, match="g must be a floating tensor .a log-decay., got torch.int64"):
+        segment_state(k, v, torch.zeros(1, 4, 2, dtype=torch.int64), [0])
+    with pytest.raises(ValueError, match="g is on device meta but k is on cpu"):
+        segment_state(k, v, torch.zeros(1, 4, 2, device="meta"), [0])
 
 
 # -- small pieces -----------------------------------------------------------------------------
