@@ -79,10 +79,18 @@ def batch_shapes(max_dims: int = 2, max_side: int = 3) -> st.SearchStrategy:
     return st.lists(st.integers(1, max_side), max_size=max_dims).map(tuple)
 
 
-def poison_unread(level_scales):
-    """A copy of ``level_scales (..., T, L)`` with every entry that no row reads set to NaN."""
+def poison_unread(level_scales, starts=None, lengths=None):
+    """A copy of ``level_scales (..., T, L)`` with every entry that no row reads set to NaN: row
+    ``t`` at position ``t``, or, for sequences packed along ``T`` (``lengths``, summing to ``T``)
+    that start at absolute positions ``starts``, row ``j`` of sequence ``n`` at ``starts[n] + j``."""
     T, L = level_scales.shape[-2:]
-    read = fenwick.read_levels(T, L)
+    if starts is None:
+        read = fenwick.read_levels(T, L)
+    else:
+        read = np.concatenate([fenwick.read_levels(a + n, L)[a:] for a, n in zip(starts, lengths) if n]
+                              or [np.zeros((0, L), dtype=bool)])
+        if read.shape[0] != T:
+            raise ValueError(f"lengths must sum to T={T} (the rows of level_scales), got {list(lengths)}")
     if is_torch(level_scales):
         read = namespace(level_scales).as_tensor(read, device=level_scales.device)
         return level_scales.masked_fill(~read, float("nan"))

@@ -270,10 +270,8 @@ def _packed_equals_loop(backend, lengths, with_state, seed):
     starts = [int(x) for x in np.random.default_rng(seed).integers(0, 40, n)] if with_state else [0] * n
     need = fenwick.num_levels(max(max(s + x for s, x in zip(starts, lengths)), 1))
     q, k, v, g, lam = draw_inputs(seed, 1, T, Hqk, grp, Dk, Dv, "mild", extra_levels=need)
-    L = lam.shape[-1]  # poisoned by each token's absolute position (sequence i starts at starts[i])
-    reads = np.concatenate([fenwick.read_levels(a + x, L)[a:] for a, x in zip(starts, lengths) if x] or
-                           [np.zeros((0, L), bool)])
-    lam = torch.where(torch.as_tensor(reads)[None, :, None, :], torch.nan_to_num(lam, nan=0.5), float("nan"))
+    # poisoned by each token's absolute position (sequence i starts at starts[i])
+    lam = poison_unread(torch.nan_to_num(lam, nan=0.5).transpose(1, 2), starts, lengths).transpose(1, 2)
     lam = lam.requires_grad_()
     q, k, v, g = (x.requires_grad_() for x in (q, k, v, g))
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)

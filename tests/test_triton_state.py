@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hodlr import fenwick, kernels
 from hodlr.backends import chunked
-from hodlr.testing import relative_error
+from hodlr.testing import poison_unread, relative_error
 
 from test_ops import assert_elementwise, dense, dense_final_state, draw_inputs
 
@@ -165,7 +165,7 @@ def test_packed_sequences(nan_buffers, lengths, starts, with_state, final, group
     L = fenwick.num_levels(max(end, 1))
     q, k = (torch.as_tensor(rng.standard_normal((1, Hqk, T, Dk))) for _ in range(2))
     v = torch.as_tensor(rng.standard_normal((1, H, T, Dv)))
-    lam = poisoned(torch.as_tensor(rng.uniform(0.3, 1.5, (1, H, T, L))), starts, lengths)
+    lam = poison_unread(torch.as_tensor(rng.uniform(0.3, 1.5, (1, H, T, L))), starts, lengths)
     g = None if decay == "none" else torch.as_tensor(-rng.uniform(0, 1, (1, H, T)))
     cu = torch.as_tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
     pos = torch.as_tensor(starts, dtype=torch.int64) if with_state else None
@@ -224,14 +224,6 @@ def test_strong_decay_gradients(nan_buffers, lengths):
     assert_elementwise(got[4], want[4], TOL, f"packed {lengths}: dlog_decay")
 
 
-def poisoned(lam, starts, lengths):
-    """``lam (1, H, total, L)`` of packed sequences with NaN where a token never reads: token ``j`` of
-    sequence ``n`` sits at absolute position ``starts[n] + j`` and reads the levels of that position."""
-    L = lam.shape[-1]
-    reads = [fenwick.read_levels(a + x, L)[a:] if x else np.zeros((0, L), bool) for a, x in zip(starts, lengths)]
-    return torch.where(torch.as_tensor(np.concatenate(reads)), lam, float("nan"))
-
-
 # -- the other paths of the kernels ----------------------------------------------------------
 def one_case(seed, T, starts, Hqk=1, grp=1, Dk=3, Dv=4, dtype=torch.float64):
     """Packed sequences of lengths ``T`` (a list) from ``starts`` with states: kernel inputs."""
@@ -241,7 +233,7 @@ def one_case(seed, T, starts, Hqk=1, grp=1, Dk=3, Dv=4, dtype=torch.float64):
     L = fenwick.num_levels(max(s + x for s, x in zip(starts, T)))
     q, k = (torch.as_tensor(rng.standard_normal((1, Hqk, total, Dk)), dtype=dtype) for _ in range(2))
     v = torch.as_tensor(rng.standard_normal((1, H, total, Dv)), dtype=dtype)
-    lam = poisoned(torch.as_tensor(rng.uniform(0.3, 1.5, (1, H, total, L)), dtype=dtype), starts, T)
+    lam = poison_unread(torch.as_tensor(rng.uniform(0.3, 1.5, (1, H, total, L)), dtype=dtype), starts, T)
     g = torch.as_tensor(-rng.uniform(0, 0.5, (1, H, total)), dtype=dtype)
     cu = torch.as_tensor(np.concatenate([[0], np.cumsum(T)]), dtype=torch.int64)
     state = live_state(rng, starts, H, Dk, Dv).to(torch.float64 if dtype == torch.float64 else torch.float32)
