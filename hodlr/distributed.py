@@ -726,7 +726,7 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
         if world > 1 and not registry.has_state(ops._resolve(backend, q.device, q.shape[1], True)):
             raise BackendUnavailableError(
                 f"backend {backend!r} has no recurrent state, which context parallelism needs; use one of "
-                f"{', '.join(n for n in registry.NAMES if registry.has_state(registry.load(n)))}")
+                f"{', '.join(registry.stateful('attention'))}")
     except (TypeError, ValueError) as err:
         if world == 1:
             raise

@@ -207,7 +207,7 @@ def _forward(q, k, v, g, level_scales, scale, init_states, init_positions, cu_se
         raise BackendUnavailableError(
             f"backend {module.__name__.rsplit('.', 1)[-1]!r} has no recurrent state "
             f"(initial_state / output_final_state); use one of the backends with state: "
-            f"{', '.join(n for n in registry.NAMES if registry.has_state(registry.load(n)))}")
+            f"{', '.join(registry.stateful('attention'))}")
     else:
         out = _plain(module, q, k, v, level_scales, g, scale, cu_seqlens)
     if not output_final_state:
@@ -510,7 +510,7 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
         final_slots = max(S_in, end.bit_length())
         if (T == 1 and initial_state is not None and cu_seqlens is None and q.device.type == "cuda"
                 and backend in ("auto", "triton") and not _checks.wants_grad(q, k, v, g, level_scales, init)):
-            state = LogLinearState(initial_state.with_slots(final_slots).states.clone(), pos.clone(), validate=False)
+            state = initial_state.with_slots(final_slots)  # new tensors: the step updates them in place
             o = log_linear_attn_step(q, k, v, g, level_scales, state, scale=scale, backend="triton", validate=False)
             return o, (state if output_final_state else None)
         o, states, positions = _forward(_bhtd(q), _bhtd(k), _bhtd(v), g_, lam, scale, init, pos, cu_seqlens,
@@ -647,12 +647,6 @@ def _step_fits(positions, num_slots, L):
 # ---------------------------------------------------------------------------------------
 # log-linear Gated DeltaNet
 # ---------------------------------------------------------------------------------------
-def _continues(module) -> bool:
-    """Whether the backend's ``gated_delta_attention`` continues from a state (keywords
-    ``state``, ``position``, ``final_state``: ``GATED_DELTA_STATE``, see :mod:`hodlr.backends`)."""
-    return getattr(module, "GATED_DELTA_STATE", False)
-
-
 def _resolve_gated_delta(backend, device, stateful, key_width):
     """The backend module for :func:`log_linear_gated_delta_rule` on keys ``key_width`` wide;
     ``"auto"`` is ``triton`` for calls without state on a GPU where its kernels take the keys, else
@@ -675,11 +669,10 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
     grp = H // Hqk
     stateful = init_states is not None or output_final_state
     module = _resolve_gated_delta(backend, q.device, stateful, Dk)
-    if stateful and not _continues(module):
-        have = [n for n in registry.NAMES if registry.offers(registry.load(n), "gated_delta_attention")
-                and _continues(registry.load(n))]
+    if stateful and not registry.keeps_state(module, "gated_delta_attention"):
         raise BackendUnavailableError(f"backend {module.__name__.rsplit('.', 1)[-1]!r} has no recurrent state "
-                                      f"(initial_state / output_final_state); use one of {', '.join(have)}")
+                                      f"(initial_state / output_final_state); use one of "
+                                      f"{', '.join(registry.stateful('gated_delta_attention'))}")
     if N == 0:  # an empty batch: nothing to run
         o = v.new_zeros(v.shape)
         if not output_final_state:

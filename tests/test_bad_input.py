@@ -15,7 +15,7 @@ import pytest
 
 from hodlr import fenwick
 import hodlr
-from hodlr import backends as registry, cli, ops as fla_ops
+from hodlr import backends as registry, cli
 from hodlr.state import combine
 from hodlr.testing import TOLERANCES, assert_close
 
@@ -435,9 +435,7 @@ def test_fla_ops_empty_batch_and_zero_widths(op, B, Dk, Dv):
     gated = op == "log_linear_gated_delta_rule"
     for name in _runnable("torch"):
         module = registry.load(name)
-        keeps_state = fla_ops._continues(module) if gated and registry.offers(module, "gated_delta_attention") \
-            else registry.has_state(module) and not gated
-        if not keeps_state:
+        if not registry.keeps_state(module, "gated_delta_attention" if gated else "attention"):
             continue
         o, final = getattr(hodlr, op)(*args, output_final_state=True, backend=name)
         assert tuple(o.shape) == (B, T_, H, Dv) and not o.abs().sum(), name

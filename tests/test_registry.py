@@ -95,6 +95,8 @@ def test_backends_declare_state_keywords():
         if registry.offers(module, "gated_delta_attention"):
             takes = "state" in inspect.signature(module.gated_delta_attention).parameters
             assert getattr(module, "GATED_DELTA_STATE", False) == takes, name
+    assert registry.stateful("gated_delta_attention") == ["fenwick", "chunked"]
+    assert registry.stateful("attention") == [n for n in registry.NAMES if registry.has_state(registry.load(n))]
 
 
 def test_missing_backend_module_is_an_error(monkeypatch):

@@ -81,8 +81,8 @@ import importlib
 
 from hodlr.errors import BackendUnavailableError
 
-__all__ = ["AUTO_DENSE_MAX_T", "NAMES", "OPS", "WHERE", "auto_backend", "get", "has_state", "info", "load", "offers",
-           "takes_keys"]
+__all__ = ["AUTO_DENSE_MAX_T", "NAMES", "OPS", "WHERE", "auto_backend", "get", "has_state", "info", "keeps_state",
+           "load", "offers", "stateful", "takes_keys"]
 
 NAMES = ("dense", "sparse", "recursive", "fenwick", "chunked", "triton")
 """Every backend name, in the order :func:`info` lists them."""
@@ -156,6 +156,20 @@ def takes_keys(module, op: str, key_width: int) -> bool:
 def has_state(module) -> bool:
     """Whether the backend module defines the optional ``attention_state`` (see above)."""
     return callable(getattr(module, "attention_state", None))
+
+
+def keeps_state(module, op: str) -> bool:
+    """Whether the backend module carries ``op``'s recurrent state: ``attention_state`` for
+    ``attention``, ``GATED_DELTA_STATE`` for ``gated_delta_attention`` (see above)."""
+    if _check_op(op) == "gated_delta_attention":
+        return offers(module, op) and getattr(module, "GATED_DELTA_STATE", False)
+    return has_state(module)
+
+
+def stateful(op: str) -> list:
+    """The names of the backends that carry ``op``'s recurrent state (:func:`keeps_state`), in the
+    order of :data:`NAMES`."""
+    return [name for name in NAMES if keeps_state(load(name), op)]
 
 
 

@@ -68,6 +68,9 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
     ``L`` (the paper's log-linear Gated DeltaNet) (docs/layers.md).
     """
 
+    OP = "gated_delta_attention"
+    """The backend operation of its mixing (which backends keep its recurrent state)."""
+
     def __init__(self, hidden_size: int = 2048, expand_v: float = 2, head_dim: int = 256, num_heads: int = 6,
                  num_v_heads: int | None = None, use_gate: bool = True, use_short_conv: bool = True,
                  allow_neg_eigval: bool = False, conv_size: int = 4, conv_bias: bool = False,
@@ -172,11 +175,6 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
     def _cache_layout(self):
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d) if self.use_short_conv else ()
         return (self.num_v_heads, self.head_k_dim, self.head_v_dim), convs
-
-    @staticmethod
-    def _keeps_state(module) -> bool:
-        """Whether a backend module carries the op's recurrent state (``GATED_DELTA_STATE``)."""
-        return getattr(module, "GATED_DELTA_STATE", False)
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, head_dim={self.head_dim}, num_heads={self.num_heads}, "

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hodlr import backends as registry
 from hodlr.fenwick.arrays import check_bool, check_int
 from hodlr.ops import log_linear_attn
 from hodlr.nn.modules import LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution, check_positive
@@ -78,6 +77,9 @@ class LogLinearMamba2(LogLinearLayer):
     ``hierarchical=False``, its ``Mamba2``): ``in_proj`` splits into ``z``, ``xBC``, ``dt`` and
     ``dl`` in that order (docs/layers.md).
     """
+
+    OP = "attention"
+    """The backend operation of its mixing (which backends keep its recurrent state)."""
 
     def __init__(self, num_heads: int, head_dim: int = 64, hidden_size: int = 2048, state_size: int = 128,
                  expand: float = 2, n_groups: int = 1, conv_kernel: int = 4, conv_init: float | None = None,
@@ -195,11 +197,6 @@ class LogLinearMamba2(LogLinearLayer):
 
     def _cache_layout(self):
         return (self.num_heads, self.ssm_state_size, self.head_dim), (self.conv1d,)
-
-    @staticmethod
-    def _keeps_state(module) -> bool:
-        """Whether a backend module carries the op's recurrent state (``attention_state``)."""
-        return registry.has_state(module)
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, hidden_size={self.hidden_size}, "

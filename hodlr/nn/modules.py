@@ -250,8 +250,8 @@ class LayerCache:
 class LogLinearLayer(nn.Module):
     """What the log-linear layers share: the level-scale configuration (``num_levels``,
     ``hierarchical``), the backend, and the checks of the input and the cache.  A layer defines
-    ``_cache_layout()`` (its state's ``(heads, Dk, Dv)`` and its short convolutions) and
-    ``_keeps_state(module)`` (whether a backend module carries its op's recurrent state)."""
+    ``OP``, the backend operation it mixes with (``hodlr.backends.OPS``), and ``_cache_layout()``
+    (its state's ``(heads, Dk, Dv)`` and its short convolutions)."""
 
     def _setup_levels(self, num_heads: int, num_levels: int, hierarchical: bool, backend: str) -> None:
         self.num_levels = check_int("num_levels", num_levels, 1)
@@ -312,12 +312,11 @@ class LogLinearLayer(nn.Module):
         name = type(self).__name__
         if not isinstance(use_cache, bool):
             raise TypeError(f"{name}: use_cache must be a bool, got {type(use_cache).__name__}")
-        if (use_cache or cache is not None) and self.backend != "auto" and not self._keeps_state(
-                registry.load(self.backend)):
-            have = [n for n in registry.NAMES if self._keeps_state(registry.load(n))]
+        if (use_cache or cache is not None) and self.backend != "auto" and not registry.keeps_state(
+                registry.load(self.backend), self.OP):
             raise BackendUnavailableError(f"{name} has backend={self.backend!r}, which keeps no recurrent state: it "
                                           f"takes no cache and returns none (use_cache=True, cache=...); make the "
-                                          f"layer with backend='auto' or one of {', '.join(have)}")
+                                          f"layer with backend='auto' or one of {', '.join(registry.stateful(self.OP))}")
         if cache is None:
             reach = 1 << (self.num_levels - 1)
             if x.shape[1] > reach:
