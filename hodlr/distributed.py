@@ -293,6 +293,10 @@ _META = ("tokens", "B (batch of q)", "heads of q and k", "heads of v", "Dk", "Dv
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+_BACKENDS = ("auto",) + registry.NAMES
+_SEQUENCES = ("cu_seqlens", "initial_state.positions")  # compared by checksum, then entry by entry
+
+
 def _crc(values) -> int:
     return zlib.crc32(np.asarray(values, dtype=np.int64).tobytes())
 
@@ -311,8 +315,8 @@ def _exchange_metadata(q, v, level_scales, g, initial_state, cu_seqlens, output_
         mine = [q.shape[1], q.shape[0], q.shape[2], v.shape[2], q.shape[3], v.shape[3], g is not None,
                 initial_state is not None, 0 if initial_state is None else initial_state.num_slots,
                 len(cu), output_final_state, _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1, wants_grad,
-                _crc(cu), _crc(pos), _crc(np.float64(scale).view(np.int64)), zlib.crc32(backend.encode()),
-                level_scales.shape[-1], 0]
+                _crc(cu), _crc(pos), int(np.float64(scale).view(np.int64)),
+                _BACKENDS.index(backend) if backend in _BACKENDS else -1, level_scales.shape[-1], 0]
         device = q.device
     else:
         mine = [-1] * len(_META) + [1]
@@ -332,6 +336,9 @@ def _exchange_metadata(q, v, level_scales, g, initial_state, cu_seqlens, output_
         values = [row[i] for row in rows]
         if len(set(values)) > 1:
             j = next(j for j in range(world) if values[j] != values[0])
+            if name in _SEQUENCES:  # (every rank takes this branch: the rows are the same on every rank)
+                seq = cu_seqlens if name == "cu_seqlens" else None if initial_state is None else initial_state.positions
+                raise ValueError(_first_difference(name, seq, j, group, world, device))
             raise ValueError(f"every rank of the group must pass the same {name}: rank 0 has "
                              f"{_show(name, rows[0][i])}, rank {j} has {_show(name, rows[j][i])}")
     offsets = [0] + np.cumsum([row[0] for row in rows]).tolist()
@@ -367,11 +374,24 @@ def _early_call_holds(offsets, rank, T, g, output_final_state, wants_grad) -> bo
     return not wants_grad or g is None or output_final_state
 
 
+def _first_difference(name, seq, j, group, world, device) -> str:
+    """The message for ranks 0 and ``j`` passing different ``name`` (a sequence of the same length on
+    every rank, as the checks before it ensured): a second ``all_gather``, of the sequences
+    themselves, finds the first entry where they differ."""
+    mine = torch.as_tensor([] if seq is None else seq.tolist(), dtype=torch.int64, device=device)
+    rows = _all_gather(mine, group, world, "metadata").tolist()
+    at = next(n for n in range(len(rows[0])) if rows[j][n] != rows[0][n])
+    return (f"every rank of the group must pass the same {name}: rank 0 has {name}[{at}]={rows[0][at]}, rank {j} "
+            f"has {name}[{at}]={rows[j][at]}")
+
+
 def _show(name, value):
     if name == "dtype of q":
         return str(_DTYPES[value]) if 0 <= value < len(_DTYPES) else "another dtype"
-    if name in ("cu_seqlens", "initial_state.positions", "scale", "backend"):
-        return f"checksum {value}"
+    if name == "scale":
+        return repr(float(np.int64(value).view(np.float64)))
+    if name == "backend":
+        return repr(_BACKENDS[value]) if 0 <= value < len(_BACKENDS) else "another backend"
     return str(value)
 
 
@@ -711,6 +731,9 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     from hodlr import ops
 
     # refused on this rank alone, before any collective: without a process group no other rank can be told
+    if dist.is_available() and group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(f"group: this process (global rank {dist.get_rank()}) is not a member of the group; "
+                         f"only the group's ranks may call hodlr.distributed.log_linear_attn with it")
     if group is not None and dist.is_available() and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     if not (dist.is_available() and dist.is_initialized()):

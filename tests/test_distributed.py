@@ -570,8 +570,18 @@ def _bad_inputs(group, grank):
     out = []
     x = torch.randn(1, 4, 2, 3, dtype=DT)
     lam = torch.rand(1, 4, 2, 5, dtype=DT)
-    for kind in ("heads", "refused", "cu_seqlens", "narrow", "one narrow", "stateless backend", "backend type"):
-        q, v, level_scales, cu, backend = x, x, lam, None, "auto"
+    for kind in ("heads", "refused", "cu_seqlens", "narrow", "one narrow", "stateless backend", "backend type",
+                 "scale", "backend name", "cu_seqlens differ", "positions differ"):
+        q, v, level_scales, cu, backend, scale, state = x, x, lam, None, "auto", None, None
+        if kind == "scale":
+            scale = 0.25 if grank == 1 else 0.5
+        if kind == "backend name" and grank == 1:
+            backend = "fenwick"
+        if kind == "cu_seqlens differ":
+            cu = torch.tensor([0, 3, 6, 8] if grank == 1 else [0, 3, 5, 8])
+        if kind == "positions differ":
+            state = LogLinearState.zeros(1, 2, 3, 3, slots=3, dtype=DT)
+            state.positions.fill_(5 if grank == 1 else 3)
         if kind == "stateless backend":
             backend = "dense"
         if kind == "backend type" and grank == 1:
@@ -585,7 +595,8 @@ def _bad_inputs(group, grank):
         if kind == "narrow" or (kind == "one narrow" and grank == 1):
             level_scales = lam[..., :2]
         try:
-            hodlr.distributed.log_linear_attn(q, x, v, None, level_scales, cu_seqlens=cu, group=group, backend=backend)
+            hodlr.distributed.log_linear_attn(q, x, v, None, level_scales, state, cu_seqlens=cu, scale=scale,
+                                              group=group, backend=backend)
             out.append((kind, "no error"))
         except (TypeError, ValueError) as err:
             out.append((kind, f"{type(err).__name__}: {err}"))
@@ -625,6 +636,14 @@ def _worker(rank, nprocs, folder):
         grp = groups[plan["checks"]]
         grank = plan["checks"].index(rank)
         extra = {"bad": _bad_inputs(grp, grank), "compiled": _compiled(grp, grank)}
+    elif plan["checks"] and rank == min(set(range(nprocs)) - set(plan["checks"])):  # a process outside the group
+        x = torch.randn(1, 4, 2, 3, dtype=DT)
+        try:
+            hodlr.distributed.log_linear_attn(x, x, x, None, torch.rand(1, 4, 2, 5, dtype=DT),
+                                              group=groups[plan["checks"]])
+            extra = {"outsider": "no error"}
+        except (TypeError, ValueError) as err:
+            extra = {"outsider": f"{type(err).__name__}: {err}"}
     if plan.get("bench") and rank in plan["bench"][0]:  # the benchmark's code path on a group, toy sizes
         from hodlr import distributed_bench
 
@@ -679,8 +698,22 @@ def _check_bad_and_compiled(out, checks):
         assert "level_scales has L=2 levels but absolute position 7" in b["narrow"], b
         assert b["one narrow"] == ("ValueError: level_scales must have L >= num_levels(8)=4 on every rank (the "
                                    "largest global end position is 7): rank 1 has L=2"), b
+        # what each rank passed, named on both ranks
+        assert b["scale"] == ("ValueError: every rank of the group must pass the same scale: rank 0 has 0.5, "
+                              "rank 1 has 0.25"), b
+        assert b["backend name"] == ("ValueError: every rank of the group must pass the same backend: rank 0 has "
+                                     "'auto', rank 1 has 'fenwick'"), b
+        assert b["cu_seqlens differ"] == ("ValueError: every rank of the group must pass the same cu_seqlens: "
+                                          "rank 0 has cu_seqlens[2]=5, rank 1 has cu_seqlens[2]=6"), b
+        assert b["positions differ"] == (
+            "ValueError: every rank of the group must pass the same initial_state.positions: rank 0 has "
+            "initial_state.positions[0]=3, rank 1 has initial_state.positions[0]=5"), b
     for r in checks:
         assert max(out[r]["compiled"]) <= TOL, out[r]["compiled"]
+    outsider = min(set(range(len(out))) - set(checks))
+    assert out[outsider]["outsider"] == (
+        f"ValueError: group: this process (global rank {outsider}) is not a member of the group; only the group's "
+        f"ranks may call hodlr.distributed.log_linear_attn with it"), out[outsider]
 
 
 def draw(strategy, n):
