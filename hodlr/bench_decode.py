@@ -92,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-replays", type=positive_int, default=200, help="CUDA-graph replays timed")
     p.add_argument("--gpu-dtype", choices=("float32", "bfloat16"), default="bfloat16",
                    help="dtype of q, k, v (the state is float32)")
-    p.add_argument("--json", type=writable_path, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--json", type=writable_path, metavar="PATH",
+                   help="also write the results as JSON (after each measurement: a stopped run keeps the finished ones)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random inputs' seed")
     return p
 
@@ -362,8 +363,10 @@ def _bench_gpu_step(args):
     return out
 
 
-def run(argv=None) -> dict:
-    """Run the benchmark and return the results as a dict."""
+def run(argv=None, echo=None) -> dict:
+    """Run the benchmark and return the results as a dict.  Each measurement, when done, is handed to
+    ``echo`` as its report lines (``main`` prints them) and written to ``--json`` (the file holds what
+    has finished, so a long run interrupted keeps its earlier measurements)."""
     parser = _parser()
     args = parser.parse_args(argv)
     for name, (lo, hi) in (("--positions", args.positions), ("--matmul-exponents", args.matmul_exponents)):
@@ -385,46 +388,56 @@ def run(argv=None) -> dict:
                          f"cuda:1 or cpu; got {args.gpu_device!r}")
     results = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
                "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine()}}
+
+    def done(key, value):
+        results[key] = value
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(results, fh, indent=2)
+        if echo is not None:
+            echo(_REPORTS[key](value))
+
     if "step" not in args.skip or "memory" not in args.skip:
         torch = _torch(args.threads)
         dtype = getattr(torch, args.dtype)
         results["machine"]["torch"] = torch.__version__
         results["machine"]["torch_threads"] = torch.get_num_threads()
         if "step" not in args.skip:
-            results["step"] = _bench_steps(args, torch, dtype)
+            done("step", _bench_steps(args, torch, dtype))
         if "memory" not in args.skip:
-            results["memory"] = _bench_memory(args, torch, dtype)
+            done("memory", _bench_memory(args, torch, dtype))
     if "matmul" not in args.skip:
-        results["matmul"] = _bench_matmul(args)
+        done("matmul", _bench_matmul(args))
     if args.gpu_step:
-        results["gpu_step"] = _bench_gpu_step(args)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=2)
+        done("gpu_step", _bench_gpu_step(args))
     return results
 
 
-def _report(res: dict) -> str:
+def _report_step(s: dict) -> str:
+    lines = ["per-token FenwickState.step (torch CPU): positions, mean live states, best / median mean step"]
+    for key, row in s.items():
+        if isinstance(row, dict):
+            lines.append(f"  {key:>5}  {row['positions']}  {row['mean_live_states']:.2f}  "
+                         f"{row['best_mean_us']:.1f} us / {row['median_mean_us']:.1f} us")
+    lines.append(f"  ratio best {s['ratio_best']:.3f}, median {s['ratio_median']:.3f}, "
+                 f"best by CPU time {s['ratio_best_cpu']:.3f} (target <= {s['target_ratio']})")
+    return "\n".join(lines)
+
+
+def _report_memory(m: dict) -> str:
+    lines = [f"state memory at position {m['position']}: {m['nbytes']} B = {m['slots']} slots "
+             f"({m['state_matrices_bytes']} B matrices + {m['decay_factor_bytes']} B decay factors); "
+             f"peak {m['peak_nbytes']} B; bound {m['bound_bytes']} B; "
+             f"live states {m['live_states']} (at 2^E-1: {m['live_states_at_2^E-1']})"]
+    if "walk" in m:
+        w = m["walk"]
+        lines.append(f"  walk: prefill of {w['position']} tokens, peak slots {w['peak_slots']} ({w['seconds']:.1f} s)")
+    return "\n".join(lines)
+
+
+def _report_matmul(libraries: dict) -> str:
     lines = []
-    if "step" in res:
-        s = res["step"]
-        lines.append("per-token FenwickState.step (torch CPU): positions, mean live states, best / median mean step")
-        for key, row in s.items():
-            if isinstance(row, dict):
-                lines.append(f"  {key:>5}  {row['positions']}  {row['mean_live_states']:.2f}  "
-                             f"{row['best_mean_us']:.1f} us / {row['median_mean_us']:.1f} us")
-        lines.append(f"  ratio best {s['ratio_best']:.3f}, median {s['ratio_median']:.3f}, "
-                     f"best by CPU time {s['ratio_best_cpu']:.3f} (target <= {s['target_ratio']})")
-    if "memory" in res:
-        m = res["memory"]
-        lines.append(f"state memory at position {m['position']}: {m['nbytes']} B = {m['slots']} slots "
-                     f"({m['state_matrices_bytes']} B matrices + {m['decay_factor_bytes']} B decay factors); "
-                     f"peak {m['peak_nbytes']} B; bound {m['bound_bytes']} B; "
-                     f"live states {m['live_states']} (at 2^E-1: {m['live_states_at_2^E-1']})")
-        if "walk" in m:
-            w = m["walk"]
-            lines.append(f"  walk: prefill of {w['position']} tokens, peak slots {w['peak_slots']} ({w['seconds']:.1f} s)")
-    for library, mm in res.get("matmul", {}).items():
+    for library, mm in libraries.items():
         lines.append(f"fenwick matmul growth ({library} {mm['dtype']}, D={mm['D']}): "
                      f"exponent {mm['exponent_fit']:.3f} (fit), {mm['exponent_endpoints']:.3f} (endpoints), "
                      f"{mm['exponent_fit_cpu']:.3f} (fit, CPU time); "
@@ -432,23 +445,33 @@ def _report(res: dict) -> str:
         for T, t in mm["seconds"].items():
             lines.append(f"  T={T:>7}  {t:9.4f} s  {mm['us_per_token'][T]:6.2f} us/token  "
                          f"(CPU {mm['cpu_seconds'][T]:.4f} s)")
-    if "gpu_step" in res:
-        gs = res["gpu_step"]
-        lines.append(f"decode step (Triton, graph replay), B={gs['batch']} H={gs['heads']} D={gs['D']} {gs['dtype']}, "
-                     f"float32 state; copy {gs['copy_bytes_per_s'] / 1e12:.2f} TB/s")
-        for key, row in gs.items():
-            if isinstance(row, dict):
-                fla = (f"fla {row['fla_us']:.1f} us" if row.get("fla_us") else
-                       row.get("fla_error", "fla not importable"))
-                lines.append(f"  position {row['position']:>7} ({row['live_slots']} live slots): {row['us']:.1f} us, "
-                             f"{row['state_bytes'] / 1e6:.1f} MB of states, {row['bytes_per_s'] / 1e12:.2f} TB/s = "
-                             f"{100 * row['fraction_of_copy']:.1f}% of copy; {fla}")
     return "\n".join(lines)
 
 
+def _report_gpu_step(gs: dict) -> str:
+    lines = [f"decode step (Triton, graph replay), B={gs['batch']} H={gs['heads']} D={gs['D']} {gs['dtype']}, "
+             f"float32 state; copy {gs['copy_bytes_per_s'] / 1e12:.2f} TB/s"]
+    for key, row in gs.items():
+        if isinstance(row, dict):
+            fla = (f"fla {row['fla_us']:.1f} us" if row.get("fla_us") else
+                   row.get("fla_error", "fla not importable"))
+            lines.append(f"  position {row['position']:>7} ({row['live_slots']} live slots): {row['us']:.1f} us, "
+                         f"{row['state_bytes'] / 1e6:.1f} MB of states, {row['bytes_per_s'] / 1e12:.2f} TB/s = "
+                         f"{100 * row['fraction_of_copy']:.1f}% of copy; {fla}")
+    return "\n".join(lines)
+
+
+_REPORTS = {"step": _report_step, "memory": _report_memory, "matmul": _report_matmul, "gpu_step": _report_gpu_step}
+
+
+def _report(res: dict) -> str:
+    """The report lines of every measurement in ``res``."""
+    return "\n".join(report(res[key]) for key, report in _REPORTS.items() if key in res)
+
+
 def main(argv=None) -> int:
-    """Command-line entry point (``hodlr bench-decode``)."""
-    print(_report(run(argv)))
+    """Command-line entry point (``hodlr bench-decode``): each measurement's lines as it finishes."""
+    run(argv, echo=lambda text: print(text, flush=True))
     return 0
 
 

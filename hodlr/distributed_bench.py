@@ -30,9 +30,10 @@ on ``--backend`` (default ``auto``: ``triton`` on CUDA, ``chunked`` on the CPU):
    (the device synchronised around each: waiting for the slowest rank included), and the time of
    the same collectives alone on a tensor of that size.
 
-Rank 0 prints the equality lines and a table, and writes ``bench-cp.json`` and ``bench-cp.png`` (the
-times against the total length, the communication apart, and the equality errors; needs matplotlib)
-into the directory ``--out``.  The exit status is 1 when an equality check fails.  ``--device cpu``
+Rank 0 prints each equality line and each row of the table as it is measured, and writes
+``bench-cp.json`` (after every row; ``"complete"`` is true once the run ends) and, at the end,
+``bench-cp.png`` (the times against the total length, the communication apart, and the equality
+errors; needs matplotlib) into the directory ``--out``.  The exit status is 1 when an equality check fails.  ``--device cpu``
 (gloo) runs the same code at small sizes (a smoke test, e.g. ``--check 6 --strong 8 --reps 1
 --warmup 0 --dtype float32``).
 """
@@ -283,9 +284,11 @@ def _scaling(T_cp, T_single, mode, args, device, group, rank, world):
     return row
 
 
-def run(args, group=None) -> dict:
+def run(args, group=None, on_row=None) -> dict:
     """The measurements of the module docstring, in the initialised process group ``group``
-    (default the world); every rank returns the same dict."""
+    (default the world); every rank returns the same dict.  ``on_row(result, kind, row)``, when
+    given, is called after each equality check (``kind`` ``"check"``) and each timing row
+    (``"timings"``), with ``result`` holding every row so far (``"complete"`` false until the end)."""
     import torch
     import torch.distributed as dist
 
@@ -305,31 +308,48 @@ def run(args, group=None) -> dict:
               "commit": _commit(args.commit),
               "config": {"batch": args.batch, "heads": args.heads, "head_dim": args.head_dim, "dtype": args.dtype,
                          "reps": args.reps, "warmup": args.warmup},
-              "check": [], "timings": []}
+              "check": [], "timings": [], "complete": False}
+
+    def add(kind, row):
+        result[kind].append(row)
+        if on_row is not None:
+            on_row(result, kind, row)
+
     for e in args.check:
         for name in args.check_dtypes:
-            result["check"].append(_equality((1 << e), name, args, device, group, rank, world))
+            add("check", _equality((1 << e), name, args, device, group, rank, world))
     for e in args.strong:
-        result["timings"].append(_scaling((1 << e), (1 << e), "strong", args, device, group, rank, world))
+        add("timings", _scaling((1 << e), (1 << e), "strong", args, device, group, rank, world))
     for e in args.weak:
-        result["timings"].append(_scaling(world * (1 << e), (1 << e), "weak", args, device, group, rank, world))
+        add("timings", _scaling(world * (1 << e), (1 << e), "weak", args, device, group, rank, world))
+    result["complete"] = True
     return result
 
 
-def table(result) -> str:
-    """Markdown table of the timings of :func:`run`'s result."""
-    lines = ["| mode | devices | tokens | fwd ms (1 device) | fwd ms (N) | ratio | fwd+bwd ms (1 device) | "
-             "fwd+bwd ms (N) | ratio | states all_gather ms | reduce_scatter ms | bytes sent per rank (fwd) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in result["timings"]:
-        s = r.get("single", {})
-        lines.append(
-            f"| {r['mode']} | {r['devices']} | {r['tokens']} | {s.get('fwd_ms', float('nan')):.2f} | "
+def check_line(c) -> str:
+    """One equality check of :func:`run`'s result as a line of text."""
+    verdict = {True: "pass", False: "FAIL", None: c.get("error")}[c["pass"]]
+    return f"equality T={c['tokens']} {c['dtype']}: {verdict} " + " ".join(f"{k}={v:.1e}" for k, v in c["errors"].items())
+
+
+TABLE_HEAD = ("| mode | devices | tokens | fwd ms (1 device) | fwd ms (N) | ratio N / 1 | fwd+bwd ms (1 device) | "
+              "fwd+bwd ms (N) | ratio N / 1 | states all_gather ms | reduce_scatter ms | bytes sent per rank (fwd) |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+def table_row(r) -> str:
+    """One timing row of :func:`run`'s result as a line of the Markdown table (:data:`TABLE_HEAD`)."""
+    s = r.get("single", {})
+    return (f"| {r['mode']} | {r['devices']} | {r['tokens']} | {s.get('fwd_ms', float('nan')):.2f} | "
             f"{r['fwd_ms']:.2f} | {r.get('ratio_fwd', float('nan')):.2f} | "
             f"{s.get('fwdbwd_ms', float('nan')):.2f} | {r['fwdbwd_ms']:.2f} | "
             f"{r.get('ratio_fwdbwd', float('nan')):.2f} | {r['comm_in_call_ms']['states_forward']:.3f} | "
             f"{r['comm_in_call_ms']['states_backward']:.3f} | {r['bytes']['sent_per_rank_forward']} |")
-    return "\n".join(lines)
+
+
+def table(result) -> str:
+    """Markdown table of the timings of :func:`run`'s result."""
+    return "\n".join([TABLE_HEAD] + [table_row(r) for r in result["timings"]])
 
 
 def plot(result, path) -> None:
@@ -405,24 +425,30 @@ def main(argv=None) -> int:
             dist.init_process_group("nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
-    try:
-        result = run(args)
-        if dist.get_rank() == 0:
-            for c in result["check"]:
-                verdict = {True: "pass", False: "FAIL", None: c.get("error")}[c["pass"]]
-                print(f"equality T={c['tokens']} {c['dtype']}: {verdict} "
-                      + " ".join(f"{k}={v:.1e}" for k, v in c["errors"].items()))
-            print(table(result))
-            if args.out:
-                from hodlr.bench import write
+    from hodlr.bench import write
 
-                os.makedirs(args.out, exist_ok=True)
-                paths = [os.path.join(args.out, name) for name in ("bench-cp.json", "bench-cp.png")]
-                try:
-                    write(result, *paths, plot)
-                except ImportError:
-                    paths[1] = "no picture: matplotlib is not installed"
-                print("wrote " + ", ".join(paths))
+    lead = dist.get_rank() == 0
+    paths = [os.path.join(args.out, name) for name in ("bench-cp.json", "bench-cp.png")] if args.out else None
+    if lead and paths:
+        os.makedirs(args.out, exist_ok=True)
+
+    def on_row(result, kind, row):  # rank 0: each row as soon as it is known, and the JSON so far
+        if not lead:
+            return
+        if kind == "timings" and len(result["timings"]) == 1:
+            print(TABLE_HEAD, flush=True)
+        print(check_line(row) if kind == "check" else table_row(row), flush=True)
+        if paths:
+            write(result, paths[0], None, None)
+
+    try:
+        result = run(args, on_row=on_row)
+        if lead and paths:
+            try:
+                write(result, *paths, plot)
+            except ImportError:
+                paths[1] = "no picture: matplotlib is not installed"
+            print("wrote " + ", ".join(paths))
         return 1 if any(c["pass"] is False for c in result["check"]) else 0
     finally:
         if started:

@@ -28,6 +28,8 @@ import importlib
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -805,6 +807,39 @@ def _check_bench(result, folder):
     assert distributed_bench.table(result).count("\n") == 3
     distributed_bench.plot(result, folder / "bench-cp.png")
     assert (folder / "bench-cp.png").stat().st_size > 10_000
+
+
+def test_bench_cp_prints_and_saves_each_row(tmp_path):
+    """``hodlr bench-cp`` (one gloo process, as ``torchrun`` would start it): the equality line and
+    each timing row printed as measured, the JSON rewritten after every row (``complete`` false until
+    the end), the picture at the end."""
+    driver = (
+        "import sys, hodlr.bench as hb, hodlr.distributed_bench as b\n"
+        "seen, write = [], hb.write\n"
+        "def recording(result, *rest):\n"
+        "    seen.append([len(result['check']), len(result['timings']), result['complete'], rest[1] is not None])\n"
+        "    write(result, *rest)\n"
+        "hb.write = recording\n"
+        "rc = b.main(sys.argv[1:])\n"
+        "print('WRITES', seen)\n"
+        "sys.exit(rc)\n")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29000 + os.getpid() % 1000), RANK="0",
+               WORLD_SIZE="1", LOCAL_RANK="0")
+    argv = ["--device", "cpu", "--check", "4", "--check-dtypes", "float32", "--strong", "4", "5", "--reps", "1",
+            "--warmup", "0", "--heads", "1", "--head-dim", "2", "--dtype", "float32", "--backend", "chunked",
+            "--out", str(tmp_path)]
+    run = subprocess.run([sys.executable, "-c", driver, *argv], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("equality T=16 float32: pass o=")
+    assert lines[1].startswith("| mode | devices | tokens |") and lines[2].startswith("| --- |")
+    assert lines[3].startswith("| strong | 1 | 16 |") and lines[4].startswith("| strong | 1 | 32 |")
+    assert lines[5].startswith("wrote ")
+    assert lines[6] == "WRITES [[1, 0, False, False], [1, 1, False, False], [1, 2, False, False], [1, 2, True, True]]"
+    assert json.loads((tmp_path / "bench-cp.json").read_text())["complete"] is True
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "bench-cp.png").stat().st_size > 10_000
 
 
 # -- one GPU, two processes ------------------------------------------------------------------

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -577,7 +578,10 @@ def test_bench_decode_smoke(tmp_path, capsys):
     argv = ["--batch", "2", "--dk", "4", "--dv", "4", "--positions", "3", "6", "--window", "8", "--repeats", "1",
             "--memory-exponent", "7", "--walk", "--matmul-exponents", "4", "6", "--matmul-repeats", "1",
             "--matmul-d", "2", "--json", str(tmp_path / "r.json")]
-    res = bench_decode.run(argv)
+    shown = []
+    res = bench_decode.run(argv, echo=shown.append)
+    assert [text.split(" ", 1)[0] for text in shown] == ["per-token", "state", "fenwick"]  # as each finished
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(res))
     assert res["step"]["ratio_best"] > 0
     mem = res["memory"]
     assert mem["position"] == 128 and mem["slots"] == 7 and mem["live_states"] == 1
@@ -587,6 +591,22 @@ def test_bench_decode_smoke(tmp_path, capsys):
     assert (tmp_path / "r.json").exists()
     assert bench_decode.main(argv[:-2] + ["--skip", "step", "memory"]) == 0
     assert "fenwick matmul growth" in capsys.readouterr().out
+
+
+def test_bench_decode_keeps_what_finished(tmp_path, monkeypatch):
+    """A run stopped in a later measurement leaves the earlier ones in its JSON file."""
+    from hodlr import bench_decode
+
+    def stopped(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_decode, "_bench_matmul", stopped)
+    path = tmp_path / "r.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench_decode.run(["--batch", "2", "--dk", "2", "--dv", "2", "--positions", "3", "4", "--window", "4",
+                          "--repeats", "1", "--memory-exponent", "5", "--json", str(path)])
+    kept = json.loads(path.read_text())
+    assert {"step", "memory"} <= set(kept) and "matmul" not in kept
 
 
 @pytest.mark.gpu
