@@ -449,7 +449,7 @@ def run(args) -> dict:
         for T in args.lengths:
             row = _matmul_row(torch, bench, args, D, max(1, args.model_width // D), T, dtype, copy_bw)
             result["matmul"].append(row)
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            print(_format_matmul_row(row), flush=True)
             write(result, args.json, None, plot)
             torch.cuda.empty_cache()
     for T in args.accuracy or ():
@@ -459,7 +459,7 @@ def run(args) -> dict:
             except Exception:  # noqa: BLE001
                 row = {"T": T, "decay": decay, "error": traceback.format_exc(limit=3)[-400:]}
             result["accuracy"].append(row)
-            print({k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            print(accuracy_line(row), flush=True)
             write(result, args.json, None, plot)
             torch.cuda.empty_cache()
     result["complete"] = True
@@ -472,17 +472,38 @@ def _fmt(v, spec=".3f"):
 
 def _format_row(r) -> str:
     return (f"D={r['D']:>3} H={r['H']:>2} T={r['T']:>7} B={r['B']:>3} | fwd {_fmt(r.get('fwd'))} "
-            f"unvalidated {_fmt(r.get('fwd_unvalidated'))} graph {_fmt(r.get('fwd_graph'))} | fwd+bwd "
-            f"{_fmt(r.get('fwdbwd'))} graph {_fmt(r.get('fwdbwd_graph'))} ratio {_fmt(r.get('fwdbwd_over_fwd'), '.2f')} "
-            f"(graph {_fmt(r.get('fwdbwd_over_fwd_graph'), '.2f')}) | "
-            f"sdpa {_fmt(r.get('sdpa_fwd'))} / {_fmt(r.get('sdpa_fwdbwd'))} | fla {_fmt(r.get('fla_fwd'))} / "
-            f"{_fmt(r.get('fla_fwdbwd'))}")
+            f"unvalidated {_fmt(r.get('fwd_unvalidated'))} graph {_fmt(r.get('fwd_graph'))} ms | fwd+bwd "
+            f"{_fmt(r.get('fwdbwd'))} graph {_fmt(r.get('fwdbwd_graph'))} ms, ratio "
+            f"{_fmt(r.get('fwdbwd_over_fwd'), '.2f')} (graph {_fmt(r.get('fwdbwd_over_fwd_graph'), '.2f')}) | "
+            f"sdpa fwd / fwd+bwd {_fmt(r.get('sdpa_fwd'))} / {_fmt(r.get('sdpa_fwdbwd'))} ms | "
+            f"fla {_fmt(r.get('fla_fwd'))} / {_fmt(r.get('fla_fwdbwd'))} ms")
+
+
+def _format_matmul_row(r) -> str:
+    def part(key):
+        share = r.get(key + "_fraction_of_copy")
+        return f"{_fmt(r.get(key))} ms" + ("" if share is None else f" ({100 * share:.0f}% of copy bandwidth)")
+
+    return (f"matmul D={r['D']:>3} H={r['H']:>2} T={r['T']:>7} B={r['B']:>3} | {r['mm_bytes'] / 1e9:.3f} GB moved | "
+            f"eager {part('mm')}, graph {part('mm_graph')}")
+
+
+def accuracy_line(row, labels=("T", "D", "decay")) -> str:
+    """One accuracy row of a benchmark as text: the case (``labels`` present in ``row``), then each
+    relative error against the float64 reference, or why the row failed."""
+    case = " ".join(f"{k}={row[k]}" for k in labels if k in row)
+    if "error" in row:
+        return f"accuracy {case}: failed: {row['error'].strip().splitlines()[-1]}"
+    errors = ", ".join(f"{k} {v:.2e}" for k, v in row.items() if k not in labels and isinstance(v, float))
+    failed = [k for k, v in row.items() if k not in labels and isinstance(v, str)]
+    return (f"accuracy {case}, relative error against float64: {errors}"
+            + (f"; failed: {', '.join(failed)}" if failed else ""))
 
 
 def table(result) -> str:
-    """The attention results as a Markdown table (ms)."""
-    head = ("| D | H | T | B | fwd | fwd, unvalidated mask | fwd, graph | fwd+bwd | fwd+bwd, graph | fwd+bwd / fwd | "
-            "fwd+bwd / fwd, graph | SDPA fwd | SDPA fwd+bwd | fla fwd | fla fwd+bwd |")
+    """The attention results as a Markdown table (times in ms)."""
+    head = ("| D | H | T | B | fwd ms | fwd, unvalidated mask ms | fwd, graph ms | fwd+bwd ms | fwd+bwd, graph ms | "
+            "fwd+bwd / fwd | fwd+bwd / fwd, graph | SDPA fwd ms | SDPA fwd+bwd ms | fla fwd ms | fla fwd+bwd ms |")
     lines = [head, "|" + " --- |" * 15]
     for r in result["rows"]:
         lines.append(

@@ -34,8 +34,8 @@ import datetime as _dt
 import sys
 import traceback
 
-from hodlr.bench import (_commit, _fla_version, _fmt, _rel, _timed, fill_device_defaults, forward_calls,
-                         kernel_times, positive_int, save_figure, sweep_parser, timer, width_panels, write)
+from hodlr.bench import (_commit, _fla_version, _fmt, _rel, _timed, accuracy_line, fill_device_defaults,
+                         forward_calls, kernel_times, positive_int, save_figure, sweep_parser, timer, width_panels, write)
 
 DEFAULT_LENGTHS = (2048, 8192, 16384, 32768, 65536)
 DEFAULT_WIDTHS = (64, 128)
@@ -195,7 +195,7 @@ def run(args) -> dict:
         except Exception:  # noqa: BLE001
             row = {"T": T, "D": D, "error": traceback.format_exc(limit=3)[-400:]}
         result["accuracy"].append(row)
-        print({k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        print(accuracy_line(row), flush=True)
         write(result, args.json, None, plot)
     result["complete"] = True
     return result
@@ -203,10 +203,10 @@ def run(args) -> dict:
 
 def _format_row(r) -> str:
     return (f"D={r['D']:>3} H={r['H']:>2} T={r['T']:>7} B={r['B']:>3} | fwd {_fmt(r.get('fwd'))} "
-            f"fwd+bwd {_fmt(r.get('fwdbwd'))} ratio {_fmt(r.get('fwdbwd_over_fwd'), '.2f')} | fla GDN fwd "
-            f"{_fmt(r.get('fla_fwd'))} fwd+bwd {_fmt(r.get('fla_fwdbwd'))}"
+            f"fwd+bwd {_fmt(r.get('fwdbwd'))} ms, ratio {_fmt(r.get('fwdbwd_over_fwd'), '.2f')} | fla GDN fwd "
+            f"{_fmt(r.get('fla_fwd'))} fwd+bwd {_fmt(r.get('fla_fwdbwd'))} ms"
             f"{' (failed)' if 'fla_fwdbwd_error' in r else ''} | fwd / fla fwd {_fmt(r.get('fwd_over_fla_fwd'), '.2f')}"
-            + (f" | compiled fwd+bwd {_fmt(r.get('fwdbwd_compiled'))}" if "fwdbwd_compiled_runs" in r else ""))
+            + (f" | compiled fwd+bwd {_fmt(r.get('fwdbwd_compiled'))} ms" if "fwdbwd_compiled_runs" in r else ""))
 
 
 def plot(result, path) -> None:

@@ -110,8 +110,8 @@ import sys
 import traceback
 import warnings
 
-from hodlr.bench import (_commit, _fmt, _rel, _timed, fill_device_defaults, forward_calls, kernel_times,
-                         positive_int, save_figure, sweep_parser, timer, width_panels, write)
+from hodlr.bench import (_commit, _fmt, _rel, _timed, accuracy_line, fill_device_defaults, forward_calls,
+                         kernel_times, positive_int, save_figure, sweep_parser, timer, width_panels, write)
 from hodlr.bench_gated_delta import _inputs
 
 __all__ = ["main", "run", "patch_hattention"]
@@ -570,7 +570,8 @@ def _format_row(r) -> str:
             f"{_fmt(r.get('hatt_fwdbwd_over_hodlr_fwdbwd'), '.2f'):>6} |")
 
 
-TABLE_HEAD = ("|   D |  H |      T |  B |  hatt fwd | hodlr fwd |  ratio | hatt f+b  | hodlr f+b |  ratio |\n"
+TABLE_HEAD = ("times in ms (medians); ratio: hattention / hodlr\n"
+              "|   D |  H |      T |  B |  hatt fwd | hodlr fwd |  ratio | hatt f+b  | hodlr f+b |  ratio |\n"
               "|----:|---:|-------:|---:|----------:|----------:|-------:|----------:|----------:|-------:|")
 
 
@@ -642,7 +643,8 @@ def run(args) -> dict:
             row = {"T": T, "dtype": str(accuracy_dtype).replace("torch.", ""),
                    "error": traceback.format_exc(limit=4)[-600:]}
         result["accuracy"].append(row)
-        print("accuracy", {k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        print(accuracy_line({k: v for k, v in row.items() if k != "ref_norm"}, ("T", "B", "H", "D", "dtype")),
+              flush=True)
         write(result, args.json, None, plot)
 
     print(TABLE_HEAD, flush=True)

@@ -439,6 +439,25 @@ def test_bench_table_gives_both_ratios():
     assert "ratio 3.00 (graph 3.00)" in bench._format_row(row)
 
 
+def test_bench_lines_give_their_units():
+    """Every time a benchmark prints says it is in ms, and an accuracy line says what it compares."""
+    from hodlr import bench, bench_gated_delta, bench_hattention
+
+    row = {"D": 64, "H": 16, "T": 2048, "B": 32, "fwd": 0.8, "fwdbwd": 2.4, "fwdbwd_over_fwd": 3.0, "fla_fwd": 1.0}
+    assert bench._format_row(row).count(" ms") == 4
+    assert bench_gated_delta._format_row(row).count(" ms") == 2
+    assert all(c.strip().endswith(" ms") for c in bench.table({"rows": [row]}).splitlines()[0].strip("|").split("|")
+               if c.strip().startswith(("fwd ", "fwd,", "fwd+bwd ", "fwd+bwd,", "SDPA", "fla")) and "/" not in c)
+    assert bench_hattention.TABLE_HEAD.startswith("times in ms")
+    mm = {"D": 64, "H": 16, "T": 2048, "B": 32, "mm_bytes": 3.1e8, "mm": 0.08, "mm_fraction_of_copy": 0.9}
+    assert bench._format_matmul_row(mm).endswith("eager 0.080 ms (90% of copy bandwidth), graph - ms")
+    line = bench.accuracy_line({"T": 4096, "decay": 0.0, "o_ours": 2.3e-3, "o_fla": 2.9e-3, "fla_error": "x\nE: y"})
+    assert line == ("accuracy T=4096 decay=0.0, relative error against float64: o_ours 2.30e-03, o_fla 2.90e-03; "
+                    "failed: fla_error")
+    assert bench.accuracy_line({"T": 8, "D": 4, "error": "Traceback\n  x\nRuntimeError: boom"}) == (
+        "accuracy T=8 D=4: failed: RuntimeError: boom")
+
+
 def test_bench_times_fla_only_up_to_its_width(monkeypatch):
     """``hodlr bench`` times fla's log-linear kernel up to ``--fla-max-width`` (default 128) and
     records why it skipped a wider row (a row's code path on the CPU, inputs made there)."""
