@@ -15,6 +15,7 @@ from .index import (
     level_matrix,
     num_blocks,
     num_levels,
+    num_slots,
     offdiag_blocks,
     read_levels,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "live_levels",
     "num_blocks",
     "num_levels",
+    "num_slots",
     "offdiag_blocks",
     "read_levels",
 ]

@@ -50,6 +50,7 @@ from __future__ import annotations
 import numpy as np
 
 from .arrays import as_like, check_int, check_scale, describe, is_torch, namespace, zeros
+from .index import num_slots
 from .scan import _broadcast, _check_full, _device, _StreamingState, _unbind, live_levels
 
 __all__ = ["GatedDeltaState", "gated_delta"]
@@ -108,7 +109,7 @@ class GatedDeltaState(_StreamingState):
                 raise ValueError(f"states are needed to continue from position {position} (got None)")
             self._stack = zeros((self._B, 0, self._Dk, self._Dv), like)
         else:
-            slots = position.bit_length()
+            slots = num_slots(position)
             if getattr(states, "ndim", 0) < 3:
                 raise ValueError(f"states must have shape (*batch, S, Dk, Dv), got {describe(states)}")
             S = int(states.shape[-3])
@@ -139,7 +140,7 @@ class GatedDeltaState(_StreamingState):
     def stacked(self, slots: int | None = None):
         """The states as one array ``(*batch, slots, Dk, Dv)``, slot ``l - 1`` holding level ``l``
         and zeros where the bucket is empty; ``slots`` defaults to ``position.bit_length()``."""
-        need = self._pos.bit_length()
+        need = num_slots(self._pos)
         slots = need if slots is None else check_int("slots", slots)
         if slots < need:
             raise ValueError(f"slots must be >= {need} for position {self._pos}, got {slots}")

@@ -29,6 +29,7 @@ __all__ = [
     "level_matrix",
     "num_blocks",
     "num_levels",
+    "num_slots",
     "offdiag_blocks",
     "read_levels",
 ]
@@ -52,6 +53,20 @@ def num_levels(T: int) -> int:
     (1, 2, 11, 12)
     """
     return (check_int("T", T, 1) - 1).bit_length() + 1
+
+
+def num_slots(position: int) -> int:
+    """Slots of a recurrent state at ``position`` (after ``position`` tokens):
+    ``position.bit_length()``, one per level ``1 .. bit_length``.  The bucket of level ``l`` is
+    non-empty exactly when bit ``l - 1`` of ``position`` is set, so the state needs no slot above
+    its highest set bit.
+
+    Examples
+    --------
+    >>> num_slots(0), num_slots(1), num_slots(7), num_slots(8)
+    (0, 1, 3, 4)
+    """
+    return check_int("position", position, 0).bit_length()
 
 
 def aligned(position: int, T: int) -> bool:

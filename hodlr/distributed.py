@@ -642,7 +642,7 @@ def segment_state(k, v, g, positions, *, cu_seqlens=None, num_slots=None):
         raise ValueError(f"positions must hold {len(rows)} start positions >= 0 (one per sequence), got "
                          f"{a.tolist()}")
     end = a + length
-    need = int(end.max(initial=0)).bit_length()
+    need = fenwick.num_slots(int(end.max(initial=0)))
     S = need if num_slots is None else check_int("num_slots", num_slots)
     if S < need:
         raise ValueError(f"num_slots must be an integer >= {need} (the slots of the largest end position "
@@ -791,7 +791,7 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     if short:
         raise ValueError(f"level_scales must have L >= num_levels({end})={fenwick.num_levels(end)} on every rank (the "
                          f"largest global end position is {end - 1}): rank {short[0]} has L={levels[short[0]]}")
-    S = max(S_in, end.bit_length())
+    S = max(S_in, fenwick.num_slots(end))
     start = np.zeros(Nseq, dtype=np.int64) if pos is None else np.asarray(pos.tolist(), dtype=np.int64)
     plan = _plan(offsets, Nseq, None if cu_seqlens is None else cu_seqlens.tolist(), start, output_final_state)
     init_full = None if initial_state is None else initial_state.with_slots(S).states

@@ -135,9 +135,9 @@ def _check_values(N, T, L, cu_seqlens, initial_positions, num_slots=None, state_
     _, _, length, start = segments(N, T, cu_seqlens, initial_positions)
     if start.size and start.min() < 0:
         raise ValueError(f"{state_name}.positions must be >= 0, got {int(start.min())}")
-    if num_slots is not None and start.size and int(start.max()).bit_length() > num_slots:
+    if num_slots is not None and start.size and fenwick.num_slots(int(start.max())) > num_slots:
         raise ValueError(f"{state_name} has {num_slots} slots but position {int(start.max())} needs "
-                         f"{int(start.max()).bit_length()}")
+                         f"{fenwick.num_slots(int(start.max()))}")
     return _check_end(int((start + length).max(initial=0)), L, initial_positions,
                       int(start.max()) if start.size else 0)
 
@@ -265,8 +265,9 @@ def _keeper(q, initial_states, cu_seqlens, output_final_state, backend, keep):
 
 def _check_final_slots(states, positions, final_slots):
     """Refuse a final state whose positions need more than ``final_slots`` slots."""
-    if states.shape[2] and int(positions.max()).bit_length() > final_slots:
-        raise ValueError(f"the final state needs {int(positions.max()).bit_length()} slots but has "
+    need = fenwick.num_slots(int(positions.max())) if states.shape[2] else 0
+    if need > final_slots:
+        raise ValueError(f"the final state needs {need} slots but has "
                          f"{final_slots} (under torch.compile it keeps the initial state's slots: make the state "
                          f"with more, LogLinearState.zeros(..., max_position=...) or state.with_slots(S))")
 
@@ -500,14 +501,14 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
     S_in = 0 if initial_state is None else initial_state.num_slots
     if torch.compiler.is_compiling():
         # no host read while tracing: the slot count comes from shapes (int(T) specialises T)
-        final_slots = 0 if not output_final_state else S_in if initial_state is not None else int(T).bit_length()
+        final_slots = 0 if not output_final_state else S_in if initial_state is not None else fenwick.num_slots(int(T))
         # a graph that differentiates nothing keeps nothing (grad mode and requires_grad are guarded)
         keep = flag("attention_save_states") and _checks.wants_grad(q, k, v, g, level_scales, init)
         o, states, positions, _, _ = _op(_bhtd(q), _bhtd(k), _bhtd(v), g_, lam, scale, init, pos, cu_seqlens,
                                          output_final_state, final_slots, backend, keep)
     else:
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
-        final_slots = max(S_in, end.bit_length())
+        final_slots = max(S_in, fenwick.num_slots(end))
         if (T == 1 and initial_state is not None and cu_seqlens is None and q.device.type == "cuda"
                 and backend in ("auto", "triton") and not _checks.wants_grad(q, k, v, g, level_scales, init)):
             state = initial_state.with_slots(final_slots)  # new tensors: the step updates them in place
@@ -551,8 +552,8 @@ def _check_step(name, q, k, v, g, level_scales, state, scale, validate):
         raise ValueError(f"{name} takes one token per sequence (T = 1), got q of shape {tuple(q.shape)}")
     if validate:
         end = _check_values(q.shape[0], 1, level_scales.shape[-1], None, state.positions, state.num_slots, "state")
-        if end.bit_length() > state.num_slots:
-            raise ValueError(f"the step takes position {end - 1} to {end}, which needs {end.bit_length()} slots but "
+        if fenwick.num_slots(end) > state.num_slots:
+            raise ValueError(f"the step takes position {end - 1} to {end}, which needs {fenwick.num_slots(end)} slots but "
                              f"the state has {state.num_slots}; make it with more (state.with_slots(S), or "
                              f"LogLinearState.zeros(..., max_position=...))")
     return scale
@@ -964,14 +965,14 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
     g_ = None if g is None else _bhtd(g).to(work)
     if torch.compiler.is_compiling():
         # no host read while tracing: the slot count comes from shapes (as log_linear_attn)
-        final_slots = 0 if not output_final_state else S_in if initial_state is not None else int(T).bit_length()
+        final_slots = 0 if not output_final_state else S_in if initial_state is not None else fenwick.num_slots(int(T))
         keep = flag("gated_delta_save_states") and _checks.wants_grad(q, k, v, g, beta, level_scales, init)
         o, states, positions, *_ = _gd_op(_bhtd(q), _bhtd(k), _bhtd(v), g_, beta_, lam, scale, init, pos,
                                           cu_seqlens, output_final_state, final_slots, backend, keep)
     else:
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
         o, states, positions = _gated_delta_forward(_bhtd(q), _bhtd(k), _bhtd(v), beta_, g_, lam, scale, init, pos,
-                                                    cu_seqlens, output_final_state, max(S_in, end.bit_length()),
+                                                    cu_seqlens, output_final_state, max(S_in, fenwick.num_slots(end)),
                                                     backend)
         o = _joined(o, q, k, v, g, beta, level_scales)
     o = o.transpose(1, 2)

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from hodlr import fenwick
 from hodlr.fenwick.arrays import check_bool, check_int, describe
 
 __all__ = ["LogLinearState", "combine"]
 
 
-def _bit_length(positions) -> int:
-    """``bit_length`` of the largest entry of an int64 tensor (one host read)."""
-    return int(positions.max()).bit_length() if positions.numel() else 0
+def _slots_needed(positions) -> int:
+    """Slots a state at the largest entry of an int64 tensor of positions needs (one host read)."""
+    return fenwick.num_slots(int(positions.max())) if positions.numel() else 0
 
 
 class LogLinearState:
@@ -87,7 +88,7 @@ class LogLinearState:
             low = int(positions.min())
             if low < 0:
                 raise ValueError(f"positions must be >= 0, got {low}")
-            need = _bit_length(positions)
+            need = _slots_needed(positions)
             if need > states.shape[2]:
                 raise ValueError(f"states has S={states.shape[2]} slots but position {int(positions.max())} "
                                  f"needs bit_length = {need}")
@@ -117,7 +118,7 @@ class LogLinearState:
         if (max_position is None) == (slots is None):
             raise TypeError("pass exactly one of max_position and slots")
         if slots is None:
-            slots = check_int("max_position", max_position, 0).bit_length()
+            slots = fenwick.num_slots(check_int("max_position", max_position, 0))
         else:
             slots = check_int("slots", slots, 0)
         dtype = torch.float32 if dtype is None else dtype
@@ -155,7 +156,7 @@ class LogLinearState:
         if len(f.batch_shape) != 2:
             raise ValueError(f"the FenwickState must have batch shape (N, H), got {f.batch_shape}")
         N, H = f.batch_shape
-        slots = int(f.position).bit_length()
+        slots = fenwick.num_slots(int(f.position))
         states = {lev: torch.as_tensor(s) for lev, s in f.states().items()}
         torch_state = isinstance(f.dtype, torch.dtype)
         dtype = f.dtype if torch_state else torch.from_numpy(np.zeros(0, dtype=f.dtype)).dtype
@@ -285,7 +286,7 @@ class LogLinearState:
         if slots >= S:
             pad = self.states.new_zeros(self.states.shape[:2] + (slots - S,) + self.states.shape[3:])
             return LogLinearState(torch.cat([self.states, pad], 2), self.positions.clone(), validate=False)
-        need = _bit_length(self.positions)
+        need = _slots_needed(self.positions)
         if need > slots:
             raise ValueError(f"slots={slots} cannot hold position {int(self.positions.max())} (needs {need})")
         return LogLinearState(self.states[:, :, :slots].clone(), self.positions.clone(), validate=False)

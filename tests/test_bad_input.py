@@ -303,6 +303,8 @@ CASES = [
     ("num-levels-zero", lambda mp: fenwick.num_levels(0), ValueError, r"T must be an integer >= 1, got 0"),
     ("num-levels-float", lambda mp: fenwick.num_levels(2.5), TypeError, r"T must be an integer >= 1, got float"),
     ("num-levels-bool", lambda mp: fenwick.num_levels(True), TypeError, r"T must be an integer >= 1, got bool"),
+    ("num-slots-negative", lambda mp: fenwick.num_slots(-1), ValueError,
+     r"position must be an integer >= 0, got -1"),
     ("level-negative", lambda mp: fenwick.level(-1, 0), ValueError, r"positions must be >= 0"),
     ("level-float-array", lambda mp: fenwick.level(np.array([1.5]), 0), TypeError,
      r"t must hold integers, got dtype float64"),

@@ -133,6 +133,15 @@ def test_live_levels_match_buckets():
     assert live_levels(0).shape == (1, 0)
 
 
+def test_num_slots_hold_every_bucket_of_the_state():
+    """A state at position ``p`` (its buckets: those of query ``p``, whose own token is not in
+    yet) needs a slot for each level up to its highest non-empty bucket, and no more."""
+    for p in range(0, 600):
+        levels = [lev for lev, a, b in fenwick.buckets(p)[1:] if b > a]
+        assert fenwick.num_slots(p) == max(levels, default=0)
+        assert fenwick.num_slots(np.int64(p)) == fenwick.num_slots(p)
+
+
 # ---------------------------------------------------------------------------------------
 # full-sequence backend == dense
 # ---------------------------------------------------------------------------------------

@@ -634,9 +634,9 @@ def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale, *, chun
     if a == 0:
         log_decay = _from_position_zero(log_decay)
     if state is None:
-        state = torch.zeros(head + (a.bit_length(), Dk, Dv), dtype=work, device=v.device)
+        state = torch.zeros(head + (fenwick.num_slots(a), Dk, Dv), dtype=work, device=v.device)
     state = state.to(work)
-    slots = max(state.shape[-3], p.bit_length())
+    slots = max(state.shape[-3], fenwick.num_slots(p))
     if T == 0:
         o = v.to(out_dtype)
         new = torch.nn.functional.pad(state, (0, 0, 0, 0, 0, slots - state.shape[-3]))

@@ -12,7 +12,7 @@ moved by every transition: ``O(T log T Dk Dv)`` work, and it continues from a st
 from __future__ import annotations
 
 from hodlr._formulas import tie_decay
-from hodlr.fenwick import delta, scan
+from hodlr.fenwick import delta, num_slots, scan
 from hodlr.fenwick.arrays import cast, is_torch
 
 GATED_DELTA_STATE = True
@@ -106,5 +106,5 @@ def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale, *, stat
     out = cast(tie_decay(st.prefill(q, k, v, beta, level_scales, log_decay, scale), log_decay), out_dtype)
     if not final_state:
         return out
-    slots = max(0 if state is None else int(state.shape[-3]), (int(position) + T).bit_length())
+    slots = max(0 if state is None else int(state.shape[-3]), num_slots(int(position) + T))
     return out, st.stacked(slots)
