@@ -10,7 +10,6 @@ layer (``fenwick``, ``kernels``, ``hodlr``) may import them.
 
 from __future__ import annotations
 
-import math
 import sys
 
 import numpy as np
@@ -122,10 +121,15 @@ def check_int(name: str, value, low: int | None = None) -> int:
 
 def check_scale(scale):
     """``None`` -> 1.0; a finite real number (Python, numpy scalar or 0-d array/tensor of a
-    real dtype) -> ``float``; anything else raises."""
+    real dtype) -> ``float``; anything else raises.  (Under ``torch.compile`` a number traced from
+    shapes, such as ``Dk ** -0.5`` with a dynamic ``Dk``, passes as a Python float does.)"""
     if scale is None:
         return 1.0
-    if getattr(scale, "ndim", None) == 0 and not isinstance(scale, np.generic):
+    if isinstance(scale, (bool, np.bool_)):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    if not isinstance(scale, (int, float, np.floating, np.integer)):
+        if getattr(scale, "ndim", None) != 0 or isinstance(scale, np.generic):
+            raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
         dtype = scale.dtype
         if is_torch(scale):  # a meta tensor has no value to read
             real = not dtype.is_complex and dtype != sys.modules["torch"].bool and scale.device.type != "meta"
@@ -135,14 +139,12 @@ def check_scale(scale):
             raise TypeError(f"scale must be a real number or None, got a 0-d array of dtype {dtype}")
         _check_scale_grad(scale)
         scale = scale.item()
-    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.floating, np.integer)):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
     try:
         scale = float(scale)
     except OverflowError:
         raise ValueError(f"scale must be finite, got an integer of {int(scale).bit_length()} bits "
                          "(beyond float64)") from None
-    if not math.isfinite(scale):
+    if not scale - scale == 0:  # NaN and +-inf (a test torch.compile can trace on a symbolic float)
         raise ValueError(f"scale must be finite, got {scale}")
     return scale
 

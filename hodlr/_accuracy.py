@@ -21,8 +21,10 @@ TOLERANCES = {
     "gpu_bfloat16": 1e-2,
     "grad_float64": 1e-10,
 }
-"""Relative-error bounds ``‖a - b‖_F / ‖b‖_F`` against a float64 reference (the table in
-``docs/architecture.md``, "How the parts are kept honest")."""
+"""Relative-error bounds ``‖a - b‖_F / ‖b‖_F`` against a float64 reference, by where the
+computation runs and its dtype (``docs/mathematics.md`` §11 gives each key with what it covers):
+CPU backends in float64 / float32, Triton under the interpreter, Triton on a GPU in float32 and
+bfloat16 (values and gradients), and float64 gradients."""
 
 DECAYS = ("none", "mild", "strong", "zero")
 """Kinds of log-decay: ``none`` (no decay array), ``mild`` (``g ~ U(-1, 0)``), ``strong``
@@ -30,8 +32,11 @@ DECAYS = ("none", "mild", "strong", "zero")
 
 
 def _float64(x) -> np.ndarray:
-    """``x`` (numpy or torch, any float dtype, 16-bit included) as a float64 numpy array."""
-    return np.asarray(to_numpy(x.float() if is_torch(x) and x.dtype.itemsize < 4 else x), dtype=np.float64)
+    """``x`` (numpy or torch, any float dtype, 16-bit included, or a nested list of numbers) as a
+    float64 numpy array."""
+    if is_torch(x):
+        x = to_numpy(x.detach().float() if x.dtype.itemsize < 4 else x.detach())
+    return np.asarray(x, dtype=np.float64)
 
 
 def relative_error(actual, expected) -> float:
@@ -63,6 +68,40 @@ def scaled_error(actual, expected, magnitude) -> float:
 
 
 def assert_close(actual, expected, tol: float, what: str = "result") -> None:
-    """Assert ``relative_error(actual, expected) <= tol`` with a readable message."""
-    err = relative_error(actual, expected)
-    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} (shapes {tuple(actual.shape)} / {tuple(expected.shape)})"
+    """Assert ``relative_error(actual, expected) <= tol``, saying what failed: shapes that
+    differ, NaN or infinite entries where the expected ones are finite (with the first index: in
+    hodlr's tests a NaN means a never-read, NaN-poisoned level scale was read, or an output entry
+    was never written into its NaN-filled buffer), or the error with the index of the largest
+    difference and the two values there.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> assert_close(np.array([1.0, 2.0]), np.array([1.0, 2.0 + 1e-15]), 1e-12)
+    >>> assert_close(np.array([[1.0, np.nan]]), np.array([[1.0, 2.0]]), 1e-12, "my kernel")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+        ...
+    AssertionError: my kernel: 1 NaN / infinite entries where the expected ones are finite, the first at index (0, 1) ...
+    """
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not tol >= 0:
+        raise TypeError(f"tol must be a number >= 0, got {tol!r}")
+    a, b = _float64(actual), _float64(expected)
+    if a.shape != b.shape:
+        raise AssertionError(f"{what}: shapes differ: {a.shape} (actual) against {b.shape} (expected)")
+    finite = np.isfinite(b)
+    if not finite.all():
+        first = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise AssertionError(f"{what}: the expected values hold {int((~finite).sum())} NaN / infinite entries, the "
+                             f"first at index {first}: compare against a finite reference")
+    wrong = ~np.isfinite(a)
+    if wrong.any():
+        first = tuple(int(i) for i in np.argwhere(wrong)[0])
+        raise AssertionError(f"{what}: {int(wrong.sum())} NaN / infinite entries where the expected ones are finite, "
+                             f"the first at index {first} (a NaN: a never-read (NaN-poisoned) level scale was read, "
+                             f"or an output entry was never written)")
+    err = relative_error(a, b)
+    if not err <= tol:
+        at = np.unravel_index(int(np.argmax(np.abs(a - b))), a.shape) if a.size else ()
+        at = tuple(int(i) for i in at)
+        raise AssertionError(f"{what}: relative error {err:.3e} > {tol:.1e}; the largest difference at index {at}: "
+                             f"actual {a[at]:.17g}, expected {b[at]:.17g}")

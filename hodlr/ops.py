@@ -1051,7 +1051,9 @@ def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=
         merge = live & (((carry[:, None] >> slot) & 1) == 1)
         target = ((carry + 1)[:, None] >> (slot + 1)) == 1  # slot D - 1 (carry + 1 = 2**D)
         fits = _step_fits(p, S, L)
-        moved = X - (bh[..., None] * kh)[:, :, None, :, None] * torch.einsum("nhd,nhsdv->nhsv", kh, X)[..., None, :]
+        zero = torch.zeros((), dtype=work, device=X.device)
+        held = torch.where(live[:, None, :, None, None], X, zero)  # empty slots are never read, NaN or not
+        moved = held - (bh[..., None] * kh)[:, :, None, :, None] * torch.einsum("nhd,nhsdv->nhsv", kh, held)[..., None, :]
         if g is not None:  # the log-decay of absolute position 0 multiplies no pair (empty state)
             decay = torch.exp(torch.where((p == 0)[:, None], 0.0, g[:, 0].to(work)))
             moved = moved * decay[:, :, None, None, None]
@@ -1060,7 +1062,6 @@ def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=
         read = torch.einsum("nhs,nhd,nhsdv->nhv", w, qh, moved)
         diag = lam[..., 0] * bh * (qh * kh).sum(-1)
         o = scale * (diag[..., None] * vh + read)
-        zero = torch.zeros((), dtype=work, device=X.device)
         merged = torch.where(merge[:, None, :, None, None], moved, zero).sum(2)
         merged = merged + bh[..., None, None] * kh[..., :, None] * vh[..., None, :]
         new = torch.where(merge[:, None, :, None, None], zero, moved)

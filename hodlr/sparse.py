@@ -203,8 +203,8 @@ def sparse_data(level_scales, log_decay):
     for lev, (positions, (start, stop)) in enumerate(zip(structure.U_positions, structure.V_ranges), start=1):
         u = _formulas.block_row_factors(lam, g, lev)
         v = _formulas.block_col_factors(lam, g, lev)
-        U_data[..., positions] = u.reshape(u.shape[:-2] + (-1,))[..., : positions.size]
-        V_data[..., start:stop] = v.reshape(v.shape[:-2] + (-1,))[..., : stop - start]
+        U_data[..., positions] = u.reshape(u.shape[:-2] + (u.shape[-2] * u.shape[-1],))[..., : positions.size]
+        V_data[..., start:stop] = v.reshape(v.shape[:-2] + (v.shape[-2] * v.shape[-1],))[..., : stop - start]
     diagonal = np.broadcast_to(lam[..., 0], batch + (T,))
     return diagonal, U_data, V_data
 

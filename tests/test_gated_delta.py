@@ -24,7 +24,8 @@ from hodlr.backends import chunked, dense, fenwick as fenwick_backend
 from hodlr.errors import BackendUnavailableError
 from hodlr.fenwick import level, read_levels
 from hodlr.fenwick.delta import GatedDeltaState, gated_delta
-from hodlr.testing import TOLERANCES, assert_close, attention_inputs, batch_shapes, masks, poison_unread, st_lengths
+from hodlr.testing import (TOLERANCES, assert_close, attention_inputs, batch_shapes, gated_delta_inputs, masks,
+                           poison_unread, st_lengths)
 
 TOL = TOLERANCES["cpu_float64"]
 GTOL = TOLERANCES["grad_float64"]
@@ -67,16 +68,11 @@ def _unit(k):
 @st.composite
 def gdn_inputs(draw, T=st_lengths(1, 130), batch=batch_shapes(2, 2), library="numpy", Dk=st.integers(1, 4),
                Dv=st.integers(1, 3)):
-    """``(M, q, k, v, beta)``: a mask of any decay kind with poisoned never-read scales, unit keys,
-    ``beta`` in ``[0, 1]`` (sometimes up to 2), each with its own broadcastable batch shape."""
+    """``(M, q, k, v, beta)``: a mask of any decay kind with poisoned never-read scales, and
+    ``hodlr.testing.gated_delta_inputs`` for it (unit keys, ``beta`` in ``[0, 1]`` or ``[0, 2]``,
+    each operand with its own broadcastable batch shape)."""
     M = draw(masks(T=T, batch_shape=batch, library=library, dtype=np.float64))
-    q, k, v = draw(attention_inputs(M, Dk=Dk, Dv=Dv))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    shape = tuple(1 if draw(st.booleans()) else n for n in M.batch_shape) + (M.T,)
-    beta = rng.uniform(0.0, draw(st.sampled_from([1.0, 2.0])), shape)
-    if library == "torch":
-        beta = torch.as_tensor(beta)
-    return M, q, _unit(k), v, beta
+    return (M,) + draw(gated_delta_inputs(M, Dk=Dk, Dv=Dv))
 
 
 def _broadcast(M, q, k, v, beta):

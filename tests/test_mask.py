@@ -108,15 +108,22 @@ def test_strategies_report_misuse_as_invalid_argument():
 
     from hodlr.testing import attention_inputs, operands
 
+    from hodlr.testing import batch_shapes, gated_delta_inputs
+
     M = hodlr.LogLinearMask(np.ones((4, 3)))
-    for strategy in (masks(T=4, extra_levels=-1), masks(T=4, batch_shape=(-1,)), operands(M, D=-1),
-                     attention_inputs(M, Dk=-2), attention_inputs(M, Dv=1.5)):
+    for strategy in (masks(T=4, extra_levels=-1), masks(T=4, batch_shape=(-1,)), masks(T=4, batch_shape=3),
+                     operands(M, D=-1), operands(np.ones((4, 3))), operands(M, broadcast="yes"),
+                     attention_inputs(M, Dk=-2), attention_inputs(M, Dv=1.5), gated_delta_inputs(M, beta_max=3.0),
+                     gated_delta_inputs(M, Dk=0)):
         @given(strategy)
         def draw(value):
             pass
 
         with pytest.raises(InvalidArgument):
             draw()
+    for bounds_as_strategies in (lambda: st_lengths(max_value=st.integers(1, 9)), lambda: batch_shapes(max_side=st.just(2))):
+        with pytest.raises(InvalidArgument, match=r"must be an integer"):  # (refused when the strategy is made)
+            bounds_as_strategies()
 
 
 @settings(max_examples=5)
@@ -132,3 +139,93 @@ def test_mask_strategy_takes_a_strategy_for_every_parameter(M):
 def test_level_refuses_positions_beyond_exact_float_range():
     with pytest.raises(ValueError, match="2\\*\\*53"):
         fenwick.level(np.array([2**53]), np.array([0]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_operands_broadcast_beyond_the_mask(data):
+    """With ``broadcast`` the operands' batch shapes broadcast with the mask's and each other's,
+    and sometimes exceed the mask's (a mask shared by the operands' batch); without it they are the
+    mask's.  Gated DeltaNet keys are of unit norm and ``beta`` within ``[0, beta_max]``."""
+    from hodlr.testing import attention_inputs, batch_shapes, gated_delta_inputs, operands
+
+    M = data.draw(masks(T=st_lengths(max_value=9), batch_shape=batch_shapes(2, 2)))
+    X = data.draw(operands(M))
+    q, k, v, beta = data.draw(gated_delta_inputs(M, beta_max=st.just(0.5)))
+    np.broadcast_shapes(M.batch_shape, X.shape[:-2])  # (raises where they do not broadcast)
+    np.broadcast_shapes(M.batch_shape, q.shape[:-2], k.shape[:-2], v.shape[:-2], beta.shape[:-1])
+    np.testing.assert_allclose(np.linalg.norm(k, axis=-1), 1.0, rtol=1e-12)
+    assert beta.min() >= 0 and beta.max() <= 0.5 and beta.shape[-1] == M.T
+    assert all(x.shape[:-2] == M.batch_shape for x in data.draw(attention_inputs(M, broadcast=st.just(False))))
+
+
+def test_operands_sometimes_have_more_batch_than_the_mask():
+    from hodlr.testing import attention_inputs
+
+    wider = []
+
+    @settings(max_examples=150, deadline=None, database=None)
+    @given(data=st.data())
+    def draw(data):
+        M = data.draw(masks(T=3, batch_shape=st.sampled_from([(), (1,), (2, 1)])))
+        q, k, v = data.draw(attention_inputs(M))
+        full = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        wider.append(np.broadcast_shapes(M.batch_shape, full) != tuple(M.batch_shape))
+
+    draw()
+    assert 0.1 < np.mean(wider) < 0.9
+
+
+def test_a_failing_property_says_what_it_drew():
+    """A failure prints each strategy's note (length, levels, decay, batch shapes, seed) and
+    assert_close's diagnosis of a NaN read from a poisoned scale."""
+    from hodlr.testing import assert_close, operands
+
+    @settings(max_examples=30, deadline=None, database=None)
+    @given(data=st.data())
+    def prop(data):
+        M = data.draw(masks(T=st.integers(2, 9), decay="none"))
+        X = data.draw(operands(M, D=1, broadcast=False))
+        wrong = hodlr.LogLinearMask(M.level_scales[..., ::-1].copy(), validate=False)  # the levels reversed
+        assert_close(hodlr.matmul(wrong, X, backend="dense"), hodlr.matmul(M, X, backend="dense"), 1e-12, "kernel")
+
+    with pytest.raises(AssertionError) as err:
+        prop()
+    text = str(err.value) + "\n".join(getattr(err.value, "__notes__", []))
+    assert "kernel: " in text and "NaN / infinite entries where the expected ones are finite" in text, text
+    assert "masks: T=" in text and "decay='none'" in text and "seed=" in text and "operands: X batch" in text, text
+
+
+def test_assert_close_says_what_failed():
+    from hodlr.testing import assert_close
+
+    assert_close([1.0, 2.0], [1.0, 2.0], 0)  # nested lists are arrays
+    with pytest.raises(AssertionError, match=r"r: shapes differ: \(2,\) \(actual\) against \(3,\) \(expected\)"):
+        assert_close(np.ones(2), np.ones(3), 1e-12, "r")
+    with pytest.raises(AssertionError, match=r"r: 2 NaN / infinite entries .* the first at index \(0, 1\)"):
+        assert_close(np.array([[1.0, np.nan], [np.inf, 1.0]]), np.ones((2, 2)), 1e-12, "r")
+    with pytest.raises(AssertionError, match=r"the expected values hold 1 NaN"):
+        assert_close(np.ones(2), np.array([1.0, np.nan]), 1e-12, "r")
+    with pytest.raises(AssertionError, match=r"relative error 5.000e-01 > 1.0e-12; the largest difference at index "
+                                             r"\(1, 0\): actual 3, expected 2"):
+        assert_close(np.array([[0.0], [3.0]]), np.array([[0.0], [2.0]]), 1e-12, "r")
+    with pytest.raises(TypeError, match=r"tol must be a number >= 0, got '1e-5'"):
+        assert_close(np.ones(2), np.ones(2), "1e-5")
+
+
+def test_poison_unread_refuses_what_it_cannot_poison():
+    from hodlr.errors import LevelsExceededError
+    from hodlr.testing import poison_unread
+
+    with pytest.raises(ValueError, match=r"level_scales must be an array of shape \(\.\.\., T, L\), got shape \(3,\)"):
+        poison_unread(np.ones(3))
+    with pytest.raises(TypeError, match=r"level_scales must be floating"):
+        poison_unread(np.ones((4, 3), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"starts and lengths go together"):
+        poison_unread(np.ones((4, 3)), starts=[0])
+    with pytest.raises(LevelsExceededError, match=r"L=2 columns but position 7 needs num_levels\(8\)=4"):
+        poison_unread(np.ones((8, 2)))
+    with pytest.raises(LevelsExceededError, match=r"position 9 needs"):
+        poison_unread(np.ones((4, 4)), starts=[6], lengths=[4])
+    with pytest.raises(ValueError, match=r"lengths must sum to T=4"):
+        poison_unread(np.ones((4, 3)), starts=[0, 0], lengths=[2, 1])

@@ -495,6 +495,42 @@ def test_compile_fullgraph_aot_eager(cls):
         assert relative_error(a, b) <= 1e-10
 
 
+@pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])
+def test_compile_dynamic_fullgraph_and_named_backends(cls):
+    """One graph (fullgraph) for every length with ``dynamic=True`` (the op's default scale traced
+    from a dynamic head width), a compiled prefill with a cache on a named CPU backend, and, past
+    ``2**(num_levels - 1)`` tokens, the op's ``LevelsExceededError`` out of a fullgraph compile."""
+    from hodlr.errors import LevelsExceededError
+
+    layer = make(cls)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="eager")
+    for T in (5, 9, 13):
+        x = inputs(2, T, layer.hidden_size)
+        assert relative_error(compiled(x)[0], layer(x)[0]) <= 1e-12, T
+    for backend in ("chunked", "fenwick"):
+        named = make(cls, backend=backend)
+        step = torch.compile(lambda x, c: named(x, cache=c, use_cache=True), fullgraph=True, backend="aot_eager")
+        x = inputs(2, 7, named.hidden_size)
+        got, want = (f(x, named.new_cache(2, max_position=16))[0] for f in (step, lambda x, c: named(x, cache=c,
+                                                                                                       use_cache=True)))
+        assert relative_error(got, want) <= 1e-12, backend
+    with pytest.raises(LevelsExceededError, match=r"needs at least num_levels\(33\)=7"):
+        torch.compile(layer, fullgraph=True, backend="eager")(inputs(1, 33, layer.hidden_size))
+
+
+def test_mamba2_parameters_follow_the_default_dtype():
+    """Every parameter (``A_log`` too) takes the default dtype, so a cache the layer makes is one it takes."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        layer = LogLinearMamba2(**MAMBA)
+        assert {p.dtype for p in layer.parameters()} == {torch.float64}
+        y, _ = layer(inputs(2, 3, layer.hidden_size), cache=layer.new_cache(2), use_cache=True)
+        assert y.dtype == torch.float64
+    finally:
+        torch.set_default_dtype(before)
+
+
 # -- on a GPU ------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])

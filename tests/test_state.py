@@ -158,3 +158,33 @@ def test_fenwick_round_trip_per_sequence():
         hodlr.LogLinearState.from_fenwick("x")
     with pytest.raises(ValueError, match="must hold exactly the live levels"):
         FenwickState.from_states(3, {1: torch.zeros(1, 1, dtype=DT)}, (), 1, 1, DT)
+
+
+def test_empty_slots_are_never_read_whatever_they_hold():
+    """A slot whose bucket is empty at the state's position may hold anything, NaN included: the
+    ops continuing from the state, and the steps, give what a state with zeros there gives (the
+    torch paths once multiplied such a slot by 0, and 0 · NaN is NaN)."""
+    torch.manual_seed(0)
+    B, T, H, D, S = 2, 9, 2, 3, 5
+    pos = torch.tensor([4, 10])
+    live = torch.tensor([[(p >> l) & 1 for l in range(S)] for p in pos.tolist()], dtype=torch.bool)
+    states = torch.randn(B, H, S, D, D, dtype=DT)
+    clean = torch.where(live[:, None, :, None, None], states, 0.0)
+    dirty = torch.where(live[:, None, :, None, None], states, float("nan"))
+    q, v = (torch.randn(B, T, H, D, dtype=DT) for _ in range(2))
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, D, dtype=DT), dim=-1)
+    g, beta, lam = -torch.rand(B, T, H, dtype=DT), torch.rand(B, T, H, dtype=DT), torch.rand(B, T, H, 6, dtype=DT)
+    state = lambda x: hodlr.LogLinearState(x.clone(), pos.clone())  # noqa: E731
+    for backend in ("chunked", "fenwick"):
+        for op, args in ((hodlr.log_linear_attn, (q, k, v, g, lam)), (hodlr.log_linear_gated_delta_rule,
+                                                                        (q, k, v, g, beta, lam))):
+            (a, fa), (b, fb) = (op(*args, initial_state=state(x), output_final_state=True, backend=backend)
+                                for x in (clean, dirty))
+            assert torch.equal(a, b) and torch.equal(fa.states, fb.states), (backend, op.__name__)
+    steps = (lambda s, t: hodlr.log_linear_attn_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1],
+                                                     lam[:, t:t + 1], s, backend="torch"),
+             lambda s, t: hodlr.log_linear_gated_delta_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1],
+                                                            g[:, t:t + 1], beta[:, t:t + 1], lam[:, t:t + 1], s))
+    for step in steps:
+        a, b = state(clean), state(dirty)
+        assert torch.equal(torch.cat([step(a, t) for t in range(T)], 1), torch.cat([step(b, t) for t in range(T)], 1))

@@ -405,6 +405,10 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
     init = None
     if S_in:
         init = initial_state.to(work).unflatten(1, (Hqk, grp))  # (R, Hqk, grp, S, Dk, Dv)
+        # empty slots (bit l - 1 of a clear) are never read, whatever they hold (NaN included): the
+        # products below that skip them multiply by 0, so they are selected away first
+        full = torch.as_tensor(((a[:, None] >> np.arange(S_in)) & 1) == 1, device=dev)
+        init = torch.where(full[:, None, None, :, None, None], init, torch.zeros((), dtype=work, device=dev))
         G = None if g is None else torch.cumsum(g, -1)
         carried = _read_state(qr, ch.lam.flatten(3, 4), G, init, a, P, valid)
         if carried is not None:

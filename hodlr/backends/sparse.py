@@ -63,8 +63,8 @@ def _factors(level_scales, log_decay):
     diagonal, U_data, V_data = sparse_data(level_scales, log_decay)
     B = int(np.prod(batch, dtype=np.int64))
     shape = (T, structure.K)
-    U = block_diagonal("csr", structure.U_indptr, structure.U_cols, U_data.reshape(B, -1), shape)
-    V = block_diagonal("csc", structure.V_indptr, structure.V_rows, V_data.reshape(B, -1), shape)
+    U = block_diagonal("csr", structure.U_indptr, structure.U_cols, U_data.reshape(B, U_data.shape[-1]), shape)
+    V = block_diagonal("csc", structure.V_indptr, structure.V_rows, V_data.reshape(B, V_data.shape[-1]), shape)
     return dtype, batch, T, diagonal.reshape(B, T), U, V
 
 
@@ -77,8 +77,9 @@ def matmul(level_scales, log_decay, x):
     _check_no_grad(level_scales, log_decay, x)
     dtype, batch, T, lam0, U, V = _factors(level_scales, log_decay)
     D = x.shape[-1]
-    flat = as_numpy(x, dtype).reshape(-1, D)
-    y = lam0.reshape(-1, 1) * flat + U @ (V.T @ flat)
+    rows = lam0.size  # (explicit sizes: an empty batch or D = 0 leaves nothing to infer a -1 from)
+    flat = as_numpy(x, dtype).reshape(rows, D)
+    y = lam0.reshape(rows, 1) * flat + U @ (V.T @ flat)
     return _back(y.reshape(batch + (T, D)), x)
 
 
@@ -86,14 +87,15 @@ def attention(q, k, v, level_scales, log_decay, scale):
     _check_no_grad(level_scales, log_decay, q, k, v)
     dtype, batch, T, lam0, U, V = _factors(level_scales, log_decay)
     Dk, Dv = q.shape[-1], v.shape[-1]
-    qn = as_numpy(q, dtype).reshape(-1, Dk) * dtype.type(scale)
-    kn = as_numpy(k, dtype).reshape(-1, Dk)
-    vn = as_numpy(v, dtype).reshape(-1, Dv)
-    out = (lam0.reshape(-1) * np.einsum("tk,tk->t", qn, kn))[:, None] * vn
-    width = max(1, STATE_WIDTH // Dk)
+    n = lam0.size  # rows of all batch entries (explicit sizes: an empty batch or a zero width infers no -1)
+    qn = as_numpy(q, dtype).reshape(n, Dk) * dtype.type(scale)
+    kn = as_numpy(k, dtype).reshape(n, Dk)
+    vn = as_numpy(v, dtype).reshape(n, Dv)
+    out = (lam0.reshape(n) * np.einsum("tk,tk->t", qn, kn))[:, None] * vn
+    width = max(1, STATE_WIDTH // max(Dk, 1))
     for c in range(0, Dv, width):
         vc = vn[:, c : c + width]
-        kv = (kn[:, :, None] * vc[:, None, :]).reshape(-1, Dk * vc.shape[1])
-        rows = (U @ (V.T @ kv)).reshape(-1, Dk, vc.shape[1])
+        kv = (kn[:, :, None] * vc[:, None, :]).reshape(n, Dk * vc.shape[1])
+        rows = (U @ (V.T @ kv)).reshape(n, Dk, vc.shape[1])
         out[:, c : c + width] += np.einsum("tk,tkv->tv", qn, rows)
     return _back(out.reshape(batch + (T, Dv)), v)

@@ -142,7 +142,7 @@ class LogLinearMamba2(LogLinearLayer):
         dt = torch.exp(torch.rand(num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp(min=dt_init_floor)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, num_heads + 1, dtype=torch.float32)))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, num_heads + 1, dtype=torch.get_default_dtype())))
         self.D = nn.Parameter(torch.ones(self.intermediate_size if D_has_hdim else num_heads))
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True

@@ -20,6 +20,10 @@ from hodlr.errors import BackendUnavailableError, LevelsExceededError
 from hodlr.fenwick.arrays import check_bool, check_int
 from hodlr.state import LogLinearState
 
+# the backends that keep each layer op's recurrent state, by name (a constant: compiled calls read it
+# without importing the backend modules)
+_STATEFUL = {op: tuple(registry.stateful(op)) for op in ("attention", "gated_delta_attention")}
+
 __all__ = ["LayerCache", "RMSNormGated", "ShortConvolution", "level_scales"]
 
 
@@ -312,14 +316,15 @@ class LogLinearLayer(nn.Module):
         name = type(self).__name__
         if not isinstance(use_cache, bool):
             raise TypeError(f"{name}: use_cache must be a bool, got {type(use_cache).__name__}")
-        if (use_cache or cache is not None) and self.backend != "auto" and not registry.keeps_state(
-                registry.load(self.backend), self.OP):
+        if (use_cache or cache is not None) and self.backend != "auto" and self.backend not in _STATEFUL[self.OP]:
             raise BackendUnavailableError(f"{name} has backend={self.backend!r}, which keeps no recurrent state: it "
                                           f"takes no cache and returns none (use_cache=True, cache=...); make the "
-                                          f"layer with backend='auto' or one of {', '.join(registry.stateful(self.OP))}")
+                                          f"layer with backend='auto' or one of {', '.join(_STATEFUL[self.OP])}")
         if cache is None:
             reach = 1 << (self.num_levels - 1)
-            if x.shape[1] > reach:
+            # (compiled, the op raises the same error when it runs: a raise in traced code cannot leave a
+            # graph compiled with fullgraph=True as itself)
+            if x.shape[1] > reach and not torch.compiler.is_compiling():
                 need = fenwick.num_levels(x.shape[1])
                 raise LevelsExceededError(f"{name} has num_levels={self.num_levels}: sequences up to {reach} tokens "
                                           f"(2**(num_levels - 1)), got {x.shape[1]}; make the layer with "
