@@ -107,14 +107,12 @@ class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def sweep_parser(prog, description, lengths, widths, outputs):
+def sweep_parser(prog, description, lengths, widths, outputs, epilog=None):
     """The arguments every GPU benchmark shares: the ``(T, D)`` sweep at a fixed ``B·T`` and
     model width, ``do_bench`` settings, the JSON and picture paths (``outputs.json`` /
     ``outputs.png``) and the commit to record."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=HelpWithDefaults,
-                                epilog="--device cpu (where offered) runs a smoke test of the same code path in the "
-                                       "Triton interpreter: its times are not kernel speed")
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpWithDefaults,
+                                epilog=epilog)
     p.add_argument("--lengths", "-T", type=positive_int, nargs="+", default=list(lengths), help="sequence lengths")
     p.add_argument("--widths", type=positive_int, nargs="+", default=list(widths), help="head widths Dk = Dv")
     p.add_argument("--model-width", type=positive_int, default=MODEL_WIDTH, help="H * D (H = model_width // D heads)")

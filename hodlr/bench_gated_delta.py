@@ -34,8 +34,9 @@ import datetime as _dt
 import sys
 import traceback
 
-from hodlr.bench import (_commit, _fla_version, _fmt, _rel, _timed, accuracy_line, fill_device_defaults,
-                         forward_calls, kernel_times, positive_int, save_figure, sweep_parser, timer, width_panels, write)
+from hodlr.bench import (MODEL_WIDTH, TOKENS, _commit, _fla_version, _fmt, _rel, _timed, accuracy_line,
+                         fill_device_defaults, forward_calls, kernel_times, positive_int, save_figure, sweep_parser,
+                         timer, width_panels, write)
 
 DEFAULT_LENGTHS = (2048, 8192, 16384, 32768, 65536)
 DEFAULT_WIDTHS = (64, 128)
@@ -46,14 +47,17 @@ under the interpreter)."""
 
 def _parser():
     p = sweep_parser("hodlr bench-gated-delta", __doc__.split("\n\n")[0], DEFAULT_LENGTHS, DEFAULT_WIDTHS,
-                     "bench-gated-delta")
+                     "bench-gated-delta", epilog="--device cpu runs a smoke test of the same code path in the Triton interpreter: its times "
+                            "are not kernel speed")
     p.set_defaults(lengths=None, widths=None, model_width=None, tokens=None)
     p.add_argument("--accuracy", type=positive_int, nargs="*", default=(), help="lengths of the accuracy check")
     p.add_argument("--compile", action="store_true",
                    help="also time the call under torch.compile(fullgraph=True), alternated with the eager call")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                    help="cuda, or cpu for a smoke run under TRITON_INTERPRET=1 (default sweep: T = 64, D = 16, "
-                        "model width 32, 128 tokens)")
+                        "model width 32, 128 tokens; GPU defaults: T = "
+                        f"{' '.join(map(str, DEFAULT_LENGTHS))}, D = {' '.join(map(str, DEFAULT_WIDTHS))}, "
+                        f"model width {MODEL_WIDTH}, {TOKENS} tokens)")
     return p
 
 

@@ -680,7 +680,8 @@ def _block_size_pair(text):
 
 def _parser():
     p = sweep_parser("hodlr bench-hattention", __doc__.split("\n\n")[0], DEFAULT_LENGTHS, DEFAULT_WIDTHS,
-                     "bench-hattention")
+                     "bench-hattention", epilog="--device cpu runs a smoke test of the same code path in the Triton interpreter: its times "
+                            "are not kernel speed")
     p.set_defaults(lengths=None, widths=None, model_width=None, tokens=None)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                    help="cuda, or cpu: a smoke run under Triton's interpreter, by default at T = 128, D = 64, "

@@ -480,7 +480,7 @@ def _save_png(T: int, path: str) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise SystemExit("hodlr show --png needs matplotlib: pip install 'hodlr[plot]'") from None
+        raise SystemExit("hodlr show --png needs matplotlib: pip install matplotlib (in a checkout: pip install -e '.[plot]')") from None
     try:
         plotting = importlib.import_module("hodlr.plotting")
     except ModuleNotFoundError as err:

@@ -38,7 +38,7 @@ def _need_matplotlib():
     except ModuleNotFoundError as err:  # pragma: no cover - exercised only without matplotlib
         raise ModuleNotFoundError(
             "hodlr's pictures need matplotlib; install it with `pip install matplotlib` "
-            "(or `pip install hodlr[plot]`)"
+            "(in a checkout of hodlr: `pip install -e '.[plot]'`)"
         ) from err
 
 

@@ -323,7 +323,7 @@ def readme_commands():
 
 def test_readme_starts_with_the_two_commands():
     install_demo, install_test = readme_commands()
-    assert install_demo == "python3 -m pip install -e . && hodlr demo"
+    assert install_demo == "python3 -m pip install -e '.[triton]' && hodlr demo"  # every backend: torch, triton too
     assert install_test.startswith("python3 -m pip install -e '.[test]' && python3 -m pytest")
 
 

@@ -50,7 +50,7 @@ def unavailable_reason(library, device):
     try:
         import torch  # noqa: F401
     except ImportError:
-        return "needs torch (numpy inputs are converted to torch CPU tensors)"
+        return "torch is not installed (pip install torch; numpy inputs are converted to torch CPU tensors)"
     return None
 
 
