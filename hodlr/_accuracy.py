@@ -10,7 +10,7 @@ import numpy as np
 
 from hodlr.fenwick.arrays import is_torch, to_numpy
 
-__all__ = ["DECAYS", "TOLERANCES", "assert_close", "relative_error", "scaled_error"]
+__all__ = ["DECAYS", "TOLERANCES", "assert_close", "decay_values", "relative_error", "scaled_error"]
 
 TOLERANCES = {
     "cpu_float64": 1e-12,
@@ -26,9 +26,40 @@ computation runs and its dtype (``docs/mathematics.md`` §11 gives each key with
 CPU backends in float64 / float32, Triton under the interpreter, Triton on a GPU in float32 and
 bfloat16 (values and gradients), and float64 gradients."""
 
-DECAYS = ("none", "mild", "strong", "zero")
-"""Kinds of log-decay: ``none`` (no decay array), ``mild`` (``g ~ U(-1, 0)``), ``strong``
-(``g ~ U(-50, 0)`` with some steps near 0), ``zero`` (an explicit array of zeros)."""
+DECAYS = ("none", "mild", "strong", "steep", "zero")
+"""Kinds of log-decay (:func:`decay_values`): ``none`` (no decay array), ``mild``
+(``g ~ U(-1, 0)``), ``strong`` (half the steps ``U(-50, 0)``, half within ``1e-3`` of 0),
+``steep`` (the same with ``U(-1e4, 0)``), ``zero`` (an explicit array of zeros)."""
+
+
+def decay_values(rng, kind: str, shape):
+    """A log-decay of kind ``kind`` (one of :data:`DECAYS`) and ``shape`` from the numpy generator
+    ``rng``; None for ``"none"``.
+
+    ``strong`` and ``steep`` put steps that underflow a decay beside steps near 0, so pairs a few
+    positions apart keep weights near 1 while the cumulative log-decay ``G`` runs far below 0.
+    ``steep`` makes ``|G|`` large enough (about ``2500 T``) that a decay taken as the difference of
+    two prefix sums, ``exp(G[t] - G[s])``, loses more than ``1e-12`` relatively in float64, where
+    summing each exponent from its own terms loses nothing: it tells the two apart.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> g = decay_values(np.random.default_rng(0), "steep", (1000,))
+    >>> bool(g.max() <= 0), bool(g.min() >= -1e4), bool(np.mean(g > -1e-3) > 0.4)
+    (True, True, True)
+    """
+    if kind == "none":
+        return None
+    if kind == "zero":
+        return np.zeros(shape)
+    if kind == "mild":
+        return -rng.uniform(0.0, 1.0, shape)
+    if kind in ("strong", "steep"):
+        g = -rng.uniform(0.0, 50.0 if kind == "strong" else 1e4, shape)
+        near_zero = rng.random(shape) < 0.5
+        return np.where(near_zero, -rng.uniform(0.0, 1e-3, shape), g)
+    raise ValueError(f"decay must be one of {DECAYS}, got {kind!r}")
 
 
 def _float64(x) -> np.ndarray:

@@ -53,7 +53,7 @@ import numpy as np
 
 from hodlr import fenwick
 from hodlr import backends as registry
-from hodlr._accuracy import DECAYS, TOLERANCES, relative_error
+from hodlr._accuracy import DECAYS, TOLERANCES, decay_values, relative_error
 from hodlr._formulas import check_dense_budget
 from hodlr.bench import nonnegative_int, positive_int, writable_path
 from hodlr.errors import BackendUnavailableError, DenseTooLargeError
@@ -131,12 +131,7 @@ def make_problem(T, batch=(2,), d=16, dk=16, dv=16, decay="mild", seed=0) -> Pro
     if isinstance(decay, str):
         if decay not in DECAYS:
             raise ValueError(f"decay must be one of {DECAYS} or a number, got {decay!r}")
-        g = {
-            "none": None,
-            "zero": np.zeros(batch + (T,)),
-            "mild": -rng.uniform(0.0, 0.1, batch + (T,)),
-            "strong": -rng.uniform(0.0, 50.0, batch + (T,)),
-        }[decay]
+        g = decay_values(rng, decay, batch + (T,))
     else:
         g = np.full(batch + (T,), float(decay))
     normal = lambda width: rng.standard_normal(batch + (T, width))  # noqa: E731

@@ -40,7 +40,7 @@ from hypothesis import note, strategies as st
 from hypothesis.errors import InvalidArgument
 
 from hodlr import fenwick
-from hodlr._accuracy import DECAYS, TOLERANCES, assert_close, relative_error, scaled_error
+from hodlr._accuracy import DECAYS, TOLERANCES, assert_close, decay_values, relative_error, scaled_error
 from hodlr.fenwick.arrays import check_int, is_torch, namespace
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "assert_close",
     "attention_inputs",
     "batch_shapes",
+    "decay_values",
     "gated_delta_inputs",
     "masks",
     "operands",
@@ -183,18 +184,6 @@ def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "") if type(dtype).__module__.startswith("torch") else np.dtype(dtype).name
 
 
-def _decay_values(rng, kind: str, shape):
-    if kind == "mild":
-        return -rng.uniform(0.0, 1.0, shape)
-    if kind == "strong":
-        g = -rng.uniform(0.0, 50.0, shape)
-        near_zero = rng.random(shape) < 0.5
-        return np.where(near_zero, -rng.uniform(0.0, 1e-3, shape), g)
-    if kind == "zero":
-        return np.zeros(shape)
-    raise InvalidArgument(f"decay must be one of {DECAYS}, got {kind!r}")
-
-
 @st.composite
 def masks(
     draw,
@@ -221,7 +210,9 @@ def masks(
     decay : str, one of :data:`DECAYS`, default any of them
         ``"none"`` (no decay array), ``"mild"`` (``g ~ U(-1, 0)``), ``"strong"`` (half the steps
         ``U(-50, 0)``, half within ``1e-3`` of 0: decays that underflow beside ones near 1),
-        ``"zero"`` (an explicit array of zeros).
+        ``"steep"`` (the same with ``U(-1e4, 0)``: a cumulative log-decay so far below 0 that a
+        decay formed as a difference of prefix sums fails a float64 comparison;
+        :func:`decay_values`), ``"zero"`` (an explicit array of zeros).
     extra_levels : int, default 0 … 2
         Columns beyond ``num_levels(T)`` (never read).
     poison : bool, default True
@@ -265,7 +256,7 @@ def masks(
     decay_batch = None
     if kind != "none":
         decay_batch = tuple(1 if draw(st.booleans()) else n for n in batch)
-        g = _decay_values(rng, kind, decay_batch + (T,))
+        g = decay_values(rng, kind, decay_batch + (T,))
     note(f"masks: T={T}, L={L}, batch_shape={batch}, decay={kind!r}"
          + ("" if decay_batch is None else f" (log_decay batch {decay_batch})")
          + f", poison={bool(poison)}, {library} {_dtype_name(dtype)}, seed={seed}")

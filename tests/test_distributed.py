@@ -40,7 +40,7 @@ import hodlr
 from hodlr import fenwick
 from hodlr.distributed import payload_bytes, segment_state, shard_offsets
 from hodlr.state import LogLinearState, combine
-from hodlr.testing import TOLERANCES, relative_error
+from hodlr.testing import TOLERANCES, decay_values, relative_error
 
 TOL = TOLERANCES["cpu_float64"]
 DT = torch.float64
@@ -58,12 +58,8 @@ def make_inputs(seed, B, T, Hqk, grp, Dk, Dv, decay, positions, L, dtype=DT):
     lev = np.arange(L)
     read = (lev == 0) | (((positions[:, :, None] >> np.maximum(lev - 1, 0)) & 1) == 1)
     lam = torch.tensor(np.where(read[:, :, None, :], lam, np.nan))
-    g = None
-    if decay == "mild":
-        g = torch.tensor(-rng.uniform(0.0, 1.0, (B, T, H)))
-    elif decay == "strong":
-        g = torch.tensor(np.where(rng.random((B, T, H)) < 0.5, -rng.uniform(0, 1e-3, (B, T, H)),
-                                  -rng.uniform(0, 30, (B, T, H))))
+    g = decay_values(rng, decay, (B, T, H))
+    g = None if g is None else torch.tensor(g)
     if dtype != DT:
         lam, g = lam.float(), None if g is None else g.float()
     return q, k, v, g, lam

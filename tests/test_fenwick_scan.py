@@ -29,6 +29,7 @@ from hodlr.testing import (
     assert_close,
     attention_inputs,
     batch_shapes,
+    decay_values,
     masks,
     operands,
     poison_unread,
@@ -317,21 +318,11 @@ def test_long_split_1000():
 # ---------------------------------------------------------------------------------------
 # the invariant, after every step
 # ---------------------------------------------------------------------------------------
-def _decay(rng, kind, shape):
-    """Log-decays as in ``hodlr.testing.DECAYS``: none, mild ``U(-1, 0)``, strong ``U(-50, 0)``
-    with half the steps near 0."""
-    if kind == "none":
-        return None
-    if kind == "mild":
-        return -rng.uniform(0.0, 1.0, shape)
-    return np.where(rng.random(shape) < 0.5, -rng.uniform(0.0, 1e-3, shape), -rng.uniform(0.0, 50.0, shape))
-
-
 def _mask(T, batch=(), decay="mild", seed=0, library="numpy", dtype=np.float64, poison=True):
     rng = np.random.default_rng(seed)
     lam = rng.uniform(0.2, 1.5, batch + (T, fenwick.num_levels(T) + 1))
     lam = poison_unread(lam) if poison else lam
-    g = _decay(rng, decay, batch + (T,))
+    g = decay_values(rng, decay, batch + (T,))
     if library == "torch":
         lam = torch.tensor(lam, dtype=dtype)
         g = None if g is None else torch.tensor(g, dtype=dtype)
@@ -362,7 +353,7 @@ def test_invariant_every_step(T, decay, seed, mode):
     q, k = rng.standard_normal((2, T, 3))
     v = rng.standard_normal((T, 2))
     lam = poison_unread(rng.uniform(0.5, 1.0, (T, L)))
-    g = None if decay == "none" else _decay(rng, decay, (T,))
+    g = None if decay == "none" else decay_values(rng, decay, (T,))
     state = FenwickState((), 3, 2)
     _check_invariant(state, k, v, g)
     t = 0
@@ -402,7 +393,7 @@ def test_extend_equals_steps(a, b, c, decay, seed, library):
     q, k = rng.standard_normal((2, 2, T, 3))
     v = rng.standard_normal((2, T, 2))
     lam = poison_unread(rng.uniform(0.5, 1.0, (2, T, fenwick.num_levels(T))))
-    g = None if decay == "none" else _decay(rng, decay, (2, T))
+    g = None if decay == "none" else decay_values(rng, decay, (2, T))
     if library == "torch":
         q, k, v, lam = (torch.tensor(x) for x in (q, k, v, lam))
         g = None if g is None else torch.tensor(g)

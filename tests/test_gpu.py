@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import hodlr
 from hodlr.backends import chunked
-from hodlr.testing import TOLERANCES, poison_unread, relative_error, scaled_error, st_lengths
+from hodlr.testing import TOLERANCES, decay_values, poison_unread, relative_error, scaled_error, st_lengths
 
 pytestmark = pytest.mark.gpu
 
@@ -86,11 +86,7 @@ def _inputs(case, dtype):
     T, B, H = case["T"], case["B"], case["H"]
     L = hodlr.num_levels(T) + 1
     lam = poison_unread(rng.uniform(0.2, 1.5, (B, H, T, L)) * rng.choice([-1.0, 1.0], (B, H, T, L), p=[0.2, 0.8]))
-    g = None
-    if case["decay"] == "mild":
-        g = -rng.uniform(0, 1, (B, 1, T))
-    elif case["decay"] == "strong":
-        g = np.where(rng.random((B, 1, T)) < 0.5, -rng.uniform(0, 1e-3, (B, 1, T)), -rng.uniform(0, 50, (B, 1, T)))
+    g = decay_values(rng, case["decay"], (B, 1, T))
     qh = 1 if case["grouped"] else H
     dev = "cuda"
     as_t = lambda a: None if a is None else torch.as_tensor(a, device=dev)

@@ -27,7 +27,7 @@ from hypothesis import given, settings, strategies as st
 import hodlr
 from hodlr import fenwick
 from hodlr.backends import chunked, fenwick as fenwick_backend
-from hodlr.testing import TOLERANCES, poison_unread, relative_error
+from hodlr.testing import TOLERANCES, decay_values, poison_unread, relative_error
 
 TOL = TOLERANCES["cpu_float64"]
 DT = torch.float64
@@ -66,13 +66,8 @@ def draw_inputs(seed, B, T, Hqk, grp, Dk, Dv, decay="mild", extra_levels=1):
     v = torch.tensor(rng.standard_normal((B, T, H, Dv)))
     lam = torch.tensor(rng.uniform(0.3, 1.5, (B, H, T, L)) * rng.choice([-1.0, 1.0], (B, H, T, L), p=[0.2, 0.8]))
     lam = poison_unread(lam).transpose(1, 2) if T else lam.transpose(1, 2)
-    g = None
-    if decay == "mild":
-        g = torch.tensor(-rng.uniform(0.0, 1.0, (B, T, H)))
-    elif decay == "strong":
-        g = torch.tensor(np.where(rng.random((B, T, H)) < 0.5, -rng.uniform(0, 1e-3, (B, T, H)),
-                                  -rng.uniform(0, 30, (B, T, H))))
-    return q, k, v, g, lam
+    g = decay_values(rng, decay, (B, T, H))
+    return q, k, v, None if g is None else torch.tensor(g), lam
 
 
 def dense(q, k, v, g, lam, scale=1.0):
