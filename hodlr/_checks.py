@@ -121,7 +121,8 @@ def needs_values(what: str, level_scales) -> None:
     """Refuse ``what`` on a mask whose ``level_scales`` are on the meta device (shapes only): it
     reads the values."""
     if is_meta(level_scales):
-        raise ValueError(f"{what} reads the mask's values; a mask on the meta device holds none (only shapes)")
+        raise ValueError(f"{what} reads the mask's values; a mask on the meta device holds none (only shapes)"
+                         + ("; hodlr.spy(M, ranks=False) draws its structure" if what == "rank_profile" else ""))
 
 
 def wants_grad(*tensors) -> bool:

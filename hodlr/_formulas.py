@@ -211,15 +211,16 @@ DENSE_INSTEAD = "'recursive', 'sparse', 'fenwick' or 'chunked'"
 def check_dense_budget(batch, T: int, itemsize: int, what: str, arrays: int = 1, L: int | None = None,
                        instead: str = DENSE_INSTEAD) -> int:
     """Refuse, before allocating, a dense path over ``options.dense_max_bytes`` (see
-    :func:`dense_bytes`), suggesting the backends ``instead``; return the rows per slab of the
-    assembly."""
+    :func:`dense_bytes`), suggesting the backends ``instead`` (None: a call that takes no backend,
+    for which the message suggests a smaller size); return the rows per slab of the assembly."""
     L = fenwick.num_levels(T) if L is None else int(L)
     rows, need = _plan(tuple(batch), int(T), L, int(itemsize), int(arrays))
     if need > options.dense_max_bytes:
         raise DenseTooLargeError(
             f"{what}: a dense mask of shape {tuple(batch) + (T, T)} needs about {need / 2**30:.2f} GiB, "
             f"over hodlr.options.dense_max_bytes = {options.dense_max_bytes / 2**30:.2f} GiB; "
-            f"use backend={instead} instead, or raise the budget"
+            + (f"use backend={instead} instead, or raise the budget" if instead else
+               "make it for a smaller T or batch, or raise the budget")
         )
     return rows
 

@@ -316,7 +316,7 @@ def gated_delta_matrix(q, k, beta, M, *, scale=None):
         return zeros(batch + (M.T, M.T), lam)
     q, k = (cast(_checks.broadcast_to(a, batch + tuple(a.shape[-2:])), M.dtype) for a in (q, k))
     beta = cast(_checks.broadcast_to(beta, batch + (M.T,)), M.dtype)
-    return dense.gated_delta_matrix(q, k, beta, lam, g, scale)
+    return dense.gated_delta_matrix(q, k, beta, lam, g, scale, what="hodlr.gated_delta_matrix", instead=None)
 
 
 backends = registry

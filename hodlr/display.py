@@ -84,8 +84,9 @@ def level_table(T: int, first_level: int = 1) -> list[LevelRow]:
     >>> [(r.level, r.blocks, r.rows, r.cols) for r in level_table(5)]
     [(1, 2, 2, 2), (2, 1, 2, 2), (3, 1, 1, 4)]
     """
+    first_level = check_int("first_level", first_level, 1)
     rows = []
-    for lev in range(max(1, int(first_level)), fenwick.num_levels(T)):
+    for lev in range(first_level, fenwick.num_levels(T)):
         n = fenwick.num_blocks(T, lev)
         half = 1 << (lev - 1)
         if n == 0:
@@ -434,8 +435,9 @@ def rank_profile(obj, levels=None, rtol=None) -> RankProfile:
         each block's factors (:func:`factor_rank`); the blocks are never formed.
     levels : iterable of int, optional
         Only these levels (default: every level that has off-diagonal blocks).
-    rtol : float, optional
-        For trees: the relative threshold of :func:`factor_rank`.
+    rtol : float >= 0, optional
+        For trees: the relative threshold of :func:`factor_rank` (a mask's ranks are exact: checked,
+        then unused).
 
     Returns
     -------
@@ -448,6 +450,9 @@ def rank_profile(obj, levels=None, rtol=None) -> RankProfile:
     >>> prof.ranks[1], prof.max_rank
     (array([1, 1, 1]), 1)
     """
+    if rtol is not None and (isinstance(rtol, (bool, np.bool_)) or not isinstance(
+            rtol, (int, float, np.integer, np.floating)) or not 0 <= rtol < np.inf):
+        raise ValueError(f"rtol must be a finite number >= 0 or None, got {rtol!r}")
     s = structure(obj)
     all_levels = [r.level for r in s.table]
     if levels is None:

@@ -240,6 +240,9 @@ class LogLinearMask:
 
     def _check_lev(self, lev) -> int:
         lev = check_int("lev", lev)
+        if self.T == 1:
+            raise ValueError(f"lev: a mask of T=1 has no off-diagonal blocks (levels 1..num_levels(T) - 1 are "
+                             f"empty), got {lev}")
         if not 1 <= lev < fenwick.num_levels(self.T):
             raise ValueError(f"lev must be in 1..{fenwick.num_levels(self.T) - 1} for T={self.T}, got {lev}")
         return lev
@@ -251,7 +254,7 @@ class LogLinearMask:
         intermediates exceed ``hodlr.options.dense_max_bytes``.
         """
         self._queue_check()
-        dense = _formulas.dense_mask(self._level_scales, self._log_decay, "LogLinearMask.to_dense")
+        dense = _formulas.dense_mask(self._level_scales, self._log_decay, "LogLinearMask.to_dense", instead=None)
         return _broadcast_batch(dense, self._batch_shape, 2)
 
     def to_sparse(self):

@@ -189,8 +189,8 @@ def spy(M, ax=None, *, min_block=None, ranks=True, cmap="viridis", legend=None, 
     geometry, leaves = _spy_geometry(T, min_block, source, ranks)
     levels = list(geometry)
 
+    colors = dict(zip(levels, _level_colors(len(levels), cmap)))  # (a bad cmap refused before a figure is made)
     ax = _new_axes(ax)
-    colors = dict(zip(levels, _level_colors(len(levels), cmap)))
     if fontsize is None:
         fontsize = 9
     for a, b in leaves:
@@ -208,7 +208,8 @@ def spy(M, ax=None, *, min_block=None, ranks=True, cmap="viridis", legend=None, 
             for j in range(rs.size):
                 ax.text((cs[j] + ce[j]) / 2, (rs[j] + re[j]) / 2, str(int(rank[j])), ha="center", va="center",
                         fontsize=fontsize, color=_text_color(color), gid=f"rank-L{lev}")
-        handles.append(Patch(facecolor=color, label=f"level {lev} ({half}x{half})"))
+        clipped = bool(np.any(re - rs < half) or np.any(ce - cs < half))
+        handles.append(Patch(facecolor=color, label=f"level {lev} ({half}x{half}{', clipped at T' if clipped else ''})"))
     ax.set_xlim(0, T)
     ax.set_ylim(T, 0)
     ax.set_aspect("equal")
@@ -228,61 +229,83 @@ def spy(M, ax=None, *, min_block=None, ranks=True, cmap="viridis", legend=None, 
 def heatmap(M, ax=None, *, index=None, grid=True, min_block=None, cmap="magma", vmin=None, colorbar=True):
     """The mask's ``|values|`` on a logarithmic colour scale, with the block grid over it.
 
+    Entries of the causal triangle below the colour scale (exact zeros included, e.g. where a level
+    scale is 0 or a decay underflows) are drawn light grey; the future (above the diagonal) is left
+    blank.  A mask whose entries all have one magnitude is drawn in the middle of a scale around it.
+
     Parameters
     ----------
     M : LogLinearMask or HODLRMatrix
-        Anything with ``T`` and ``to_dense()``; the dense matrix is formed, so keep ``T``
-        moderate (the mask's dense budget applies).
+        Anything with ``T`` and ``to_dense()``; the dense matrix of the drawn batch entry is
+        formed, so keep ``T`` moderate (the mask's dense budget applies).
     ax : matplotlib Axes, optional
     index : tuple of int, optional
-        Which matrix of a batch to draw (default: the first).
+        Which matrix of a batch to draw (default: the first); the title names it.
     grid : bool, default True
         Outline the off-diagonal blocks (those of at least ``min_block`` columns).
     min_block : int, optional
         The narrowest block outlined (default :func:`default_min_block`).
-    cmap : str, default ``"magma"``
-    vmin : float, optional
+    cmap : str or Colormap, default ``"magma"``
+    vmin : float > 0, optional
         Lower end of the colour scale (default: the smallest non-zero ``|value|``).
     colorbar : bool, default True
 
     Returns
     -------
     matplotlib.axes.Axes
+
+    Examples
+    --------
+    >>> import numpy as np, hodlr
+    >>> from matplotlib.figure import Figure
+    >>> ax = heatmap(hodlr.LogLinearMask(np.ones((2, 8, 4))), ax=Figure().add_subplot(), index=(1,))
+    >>> ax.get_title()
+    '|M| (log scale), T=8, batch entry (1,)'
     """
     _need_matplotlib()
+    import matplotlib
     from matplotlib.colors import LogNorm
     from matplotlib.patches import Rectangle
 
     if not hasattr(M, "to_dense") or not hasattr(M, "T"):
         raise TypeError(f"M must be a hodlr.LogLinearMask or hodlr.HODLRMatrix, got {type(M).__name__}")
+    if vmin is not None:
+        if isinstance(vmin, bool) or not isinstance(vmin, (int, float, np.integer, np.floating)) or not (
+                0 < float(vmin) < np.inf):
+            raise ValueError(f"vmin must be a finite number > 0 (the colour scale is logarithmic), got {vmin!r}")
+        vmin = float(vmin)
+    if isinstance(cmap, str) and cmap not in matplotlib.colormaps:
+        raise ValueError(f"cmap must be a matplotlib colormap or the name of one, got {cmap!r}")
+    palette = (matplotlib.colormaps[cmap] if isinstance(cmap, str) else cmap).with_extremes(under="0.85")
     T = int(M.T)
     leaf = int(getattr(M, "leaf_size", 1))
     if grid:
         min_block = _min_block(min_block, T, leaf)
-    dense = to_numpy(M.to_dense())
-    if dense.ndim > 2:
-        batch = dense.shape[:-2]
-        if 0 in batch:
-            raise ValueError(f"M has an empty batch (shape {batch}): nothing to draw")
-        if index is None:
-            index = tuple(0 for _ in batch)
-        elif not isinstance(index, (tuple, list)):
-            raise TypeError(f"index must be a tuple of {len(batch)} integers for batch shape {batch}, got {index!r}")
-        index = tuple(check_int(f"index[{i}]", x) for i, x in enumerate(index))
-        if len(index) != len(batch) or not all(-n <= i < n for i, n in zip(index, batch)):
-            raise ValueError(f"index must have {len(batch)} entries within batch shape {batch}, got {index}")
-        dense = dense[index]
-    elif index not in (None, ()):
-        raise ValueError(f"index must be None for an unbatched matrix, got {index}")
+    batch = tuple(M.batch_shape) if display.is_mask(M) else None
+    if batch:  # one matrix of the batch: only it is made dense
+        index = _batch_index(index, batch)
+        dense = to_numpy(_batch_entry(M, index).to_dense())
+    else:
+        dense = to_numpy(M.to_dense())
+        if dense.ndim > 2:
+            batch = dense.shape[:-2]
+            index = _batch_index(index, batch)
+            dense = dense[index]
+        elif index not in (None, ()):
+            raise ValueError(f"index must be None for an unbatched matrix, got {index}")
+        else:
+            index = None
     mag = np.abs(dense.astype(np.float64))
     nonzero = mag[mag > 0]
     if vmin is None:
-        vmin = float(nonzero.min()) if nonzero.size else 1e-300
-    vmax = float(nonzero.max()) if nonzero.size else 1.0
-    vmax = max(vmax, vmin * (1 + 1e-9))
-    shown = np.ma.masked_where(mag <= 0, mag)
+        vmin = float(nonzero.min()) if nonzero.size else 1.0
+    vmax = float(nonzero.max()) if nonzero.size else vmin
+    if vmax <= vmin:  # one magnitude (or none): a decade around it, so it shows mid-scale
+        vmin, vmax = vmin / np.sqrt(10.0), vmin * np.sqrt(10.0)
+    lower = np.tril(np.ones((T, T), dtype=bool))
+    shown = np.ma.masked_where(~lower, np.where(lower & (mag < vmin), vmin / 10.0, mag))
     ax = _new_axes(ax, (5.6, 5.0))
-    image = ax.imshow(shown, cmap=cmap, norm=LogNorm(vmin=vmin, vmax=vmax), extent=(0, T, T, 0),
+    image = ax.imshow(shown, cmap=palette, norm=LogNorm(vmin=vmin, vmax=vmax), extent=(0, T, T, 0),
                       interpolation="nearest")
     if grid:
         geometry, _ = _spy_geometry(T, min_block, M, ranks=False)
@@ -291,18 +314,48 @@ def heatmap(M, ax=None, *, index=None, grid=True, min_block=None, cmap="magma", 
                 ax.add_patch(Rectangle((cs[j], rs[j]), ce[j] - cs[j], re[j] - rs[j], fill=False,
                                        edgecolor="cyan", linewidth=0.5, gid=f"grid-L{lev}"))
     if colorbar:
-        ax.figure.colorbar(image, ax=ax, label="|M[t, s]|", shrink=0.85)
+        extend = "min" if bool(np.any(lower & (mag < vmin))) else "neither"
+        ax.figure.colorbar(image, ax=ax, label="|M[t, s]|", shrink=0.85, extend=extend)
     ax.set_xlabel("key position s")
     ax.set_ylabel("query position t")
-    ax.set_title(f"|M| (log scale), T={T}", fontsize=10)
+    ax.set_title(f"|M| (log scale), T={T}" + (f", batch entry {index}" if index else ""), fontsize=10)
     return ax
+
+
+def _batch_index(index, batch) -> tuple:
+    """``index`` (default the first entry) checked against the batch shape ``batch``."""
+    if 0 in batch:
+        raise ValueError(f"M has an empty batch (shape {batch}): nothing to draw")
+    if index is None:
+        return tuple(0 for _ in batch)
+    if not isinstance(index, (tuple, list)):
+        raise TypeError(f"index must be a tuple of {len(batch)} integers for batch shape {batch}, got {index!r}")
+    index = tuple(check_int(f"index[{i}]", x) for i, x in enumerate(index))
+    if len(index) != len(batch) or not all(-n <= i < n for i, n in zip(index, batch)):
+        raise ValueError(f"index must have {len(batch)} entries within batch shape {batch}, got {index}")
+    return tuple(i % n for i, n in zip(index, batch))
+
+
+def _batch_entry(M, index):
+    """The mask of batch entry ``index`` of ``M`` (each generator indexed where it is batched)."""
+    from hodlr.mask import LogLinearMask
+
+    def pick(a, inner):
+        if a is None:
+            return None
+        own = tuple(a.shape[: a.ndim - inner])
+        at = index[len(index) - len(own):]
+        return a[tuple(i if n > 1 else 0 for i, n in zip(at, own))]
+
+    return LogLinearMask(pick(M.level_scales, 2), pick(M.log_decay, 1), validate=False)
 
 
 def plot_buckets(t: int, T: int | None = None, ax=None, *, cmap="viridis"):
     """The Fenwick buckets seen from query position ``t``.
 
     The positions ``0 .. T-1`` form a row; ``[0, t)`` splits into one bucket per set
-    bit of ``t`` (level ``b + 1`` for bit ``b``), coloured like :func:`spy`'s levels;
+    bit of ``t`` (level ``b + 1`` for bit ``b``), coloured as :func:`spy` colours the levels
+    when it draws every level (``min_block=1``);
     ``t`` itself is level 0; positions after ``t`` are future (masked).
 
     Parameters

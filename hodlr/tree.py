@@ -113,6 +113,11 @@ class HODLRMatrix:
             leaf = np.asarray(leaf)
             if leaf.ndim != 2 or leaf.shape[0] != leaf.shape[1] or leaf.shape[0] < 1:
                 raise ValueError(f"leaf must be a non-empty square (n, n) array, got shape {leaf.shape}")
+            above = np.argwhere(np.triu(leaf, 1) != 0)
+            if above.size:
+                i, j = above[0]
+                raise ValueError(f"leaf must be lower triangular, but leaf[{i}, {j}] = {float(leaf[i, j])!r} lies "
+                                 f"above the diagonal")
             self.leaf, self.A11, self.A22, self.U, self.V = leaf, None, None, None, None
             self._n = leaf.shape[0]
             return
@@ -162,6 +167,9 @@ class HODLRMatrix:
         TypeError
             If ``leaf_size`` is not an integer.
         """
+        if not display.is_mask(M):
+            raise TypeError(f"M must be a hodlr.LogLinearMask (HODLRMatrix.from_dense takes an array), got "
+                            f"{type(M).__name__}")
         if M.batch_shape != ():
             raise ValueError(
                 f"HODLRMatrix.from_mask needs a mask without batch dimensions, got batch_shape {M.batch_shape}; "
@@ -241,7 +249,7 @@ class HODLRMatrix:
         if upper.size:
             i, j = upper[0]
             raise ValueError(
-                f"A must be lower triangular, but A[{i}, {j}] = {A[i, j]!r} lies above the diagonal "
+                f"A must be lower triangular, but A[{i}, {j}] = {float(A[i, j])!r} lies above the diagonal "
                 f"({len(upper)} such nonzeros)"
             )
         if not np.isfinite(A).all():

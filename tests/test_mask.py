@@ -51,7 +51,7 @@ def test_torch_dense_matches_numpy():
 def test_dense_refuses_over_budget(monkeypatch):
     monkeypatch.setattr(hodlr.options, "dense_max_bytes", 1000)
     M = hodlr.LogLinearMask(np.ones((64, 7)))
-    with pytest.raises(hodlr.DenseTooLargeError, match="recursive"):
+    with pytest.raises(hodlr.DenseTooLargeError, match="make it for a smaller T or batch"):
         M.to_dense()
 
 

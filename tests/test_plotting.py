@@ -189,6 +189,9 @@ def test_default_min_block_is_a_power_of_two_and_spy_draws_odd_leaf_trees():
     (lambda ax: plot_buckets(1, 2.5, ax=ax), TypeError, "T must be an integer, got float"),
     (lambda ax: hodlr.plotting.plot_context_parallel([0, 2.7, 5]), TypeError, r"offsets\[1\] must be an integer, got float"),
     (lambda ax: spy(5, ax=ax, cmap="nope"), ValueError, "cmap must be a matplotlib colormap or the name of one"),
+    (lambda ax: heatmap(_mask(5), ax=ax, cmap="nope"), ValueError, "cmap must be a matplotlib colormap"),
+    (lambda ax: heatmap(_mask(5), ax=ax, vmin=0), ValueError,
+     r"vmin must be a finite number > 0 \(the colour scale is logarithmic\), got 0"),
 ])
 def test_bad_drawing_arguments_are_named(call, error, message):
     """Nothing is silently cut (a min_block of 1.5 is not drawn as 1) and every refusal names its argument."""
@@ -198,3 +201,35 @@ def test_bad_drawing_arguments_are_named(call, error, message):
 
 def test_empty_batch_converts_to_an_empty_array():
     assert hodlr.LogLinearMask(np.ones((0, 5, 4))).to_sparse().shape == (0,)
+
+
+def test_heatmap_draws_one_batch_entry_and_edge_cases(monkeypatch):
+    """Only the drawn entry of a batch is made dense (a batch over the budget draws), the title
+    names it; one magnitude is drawn mid-scale; zeros inside the causal triangle are below the
+    scale (light grey), the future is blank; a refused argument leaves no figure behind."""
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(hodlr.options, "dense_max_bytes", 4 * 256 * 256 * 8)
+    wide = hodlr.LogLinearMask(np.ones((256, 9)), -0.01 * np.ones((64, 256)))  # batched by its decay alone
+    ax = heatmap(wide, ax=_axes(), index=(-1,), grid=False)
+    assert ax.get_title() == "|M| (log scale), T=256, batch entry (63,)"
+    norm = heatmap(hodlr.LogLinearMask(np.ones((3, 3))), ax=_axes()).images[0].norm
+    assert norm.vmin < 1 < norm.vmax and np.isclose(norm.vmin * norm.vmax, 1.0)
+    lam = np.ones((8, 4))
+    lam[:, 3] = 0.0  # the level-3 block: zeros inside the triangle
+    image = heatmap(hodlr.LogLinearMask(lam), ax=_axes()).images[0]
+    shown = image.get_array()
+    assert shown[7, 0] < image.norm.vmin and not np.ma.getmaskarray(shown)[7, 0]
+    assert np.ma.getmaskarray(shown)[0, 7]
+    before = plt.get_fignums()
+    for kw in (dict(cmap="nope"), dict(vmin=-1.0)):
+        with pytest.raises(ValueError):
+            heatmap(_mask(5), **kw)
+    with pytest.raises(ValueError):
+        spy(8, cmap="nope")
+    assert plt.get_fignums() == before
+
+
+def test_spy_legend_says_where_blocks_are_clipped():
+    labels = [t.get_text() for t in spy(100, ax=_axes()).get_legend().get_texts()]
+    assert "level 5 (16x16)" in labels and "level 7 (64x64, clipped at T)" in labels

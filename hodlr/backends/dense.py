@@ -67,15 +67,16 @@ def _delta_matrix(q, k, beta, scale):
     return xp.stack(rows, -2) * scale
 
 
-def gated_delta_matrix(q, k, beta, level_scales, log_decay, scale):
+def gated_delta_matrix(q, k, beta, level_scales, log_decay, scale, *,
+                       what: str = "backend 'dense' gated_delta_attention", instead="'fenwick' or 'chunked'"):
     """``P ⊙ Mλ = P_δ ⊙ M`` of log-linear Gated DeltaNet, shape ``(*batch, T, T)`` (see the
     module docstring).  Refuses, before allocating, sizes over the dense budget: ``P_δ``, the
     mask and their product, and while autograd records the ``T`` saved ``(Dk, T)`` steps of
-    :func:`_delta_matrix`."""
+    :func:`_delta_matrix` (``what`` names the call in the refusal, ``instead`` the backends it
+    suggests, None for none)."""
     recording = is_torch(q) and namespace(q).is_grad_enabled() and any(a.requires_grad for a in (q, k, beta))
     arrays = 3 + (int(q.shape[-1]) if recording else 0)
-    mask = dense_mask(level_scales, log_decay, "backend 'dense' gated_delta_attention", arrays,
-                      instead="'fenwick' or 'chunked'")
+    mask = dense_mask(level_scales, log_decay, what, arrays, instead=instead)
     return _delta_matrix(q, k, beta, scale) * mask
 
 
