@@ -25,7 +25,7 @@ Subcommands
     ``hodlr.distributed_bench.main`` (context parallelism, under ``torchrun``).
 
 The Triton backend under ``TRITON_INTERPRET=1`` (CPU) runs Python per program instance:
-about 1 s for the demo's T = 1000, batch 2, so ``demo`` and the default ``verify`` run it at
+1.5 – 6 s an operation for the demo's T = 1000, batch 2 (two cores), so ``demo`` and the default ``verify`` run it at
 full length, but longer sequences are checked on the causal prefix of the first
 ``--interpreter-length`` rows (default 8192): the mask is lower triangular, so those rows
 of the output depend only on the first rows of the inputs, and the prefix problem is
@@ -40,6 +40,7 @@ requested backends could run here (nothing was checked).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import math
 import os
@@ -360,11 +361,13 @@ def run_one(name, library, device, problem, op, rows, reference, dtype, repeat, 
 
 
 def check(problem, names, ops=OPS, dtype="float64", rows=None, repeat=1,
-          interpreter_length=INTERPRETER_LENGTH, memory=False, arrays=tuple(ARRAYS), out=print):
+          interpreter_length=INTERPRETER_LENGTH, memory=False, arrays=tuple(ARRAYS), out=None):
     """Run every backend in ``names`` on every (library, device) where it can run; print a
     table; return ``True`` iff at least one result was compared with the reference and all
     of them agree within tolerance.  A reference is computed only for the operations that
     some backend of ``names`` offers."""
+    if out is None:  # each line as soon as it is known, into a pipe too
+        out = functools.partial(print, flush=True)
     offered = {name: [op for op in ops if registry.offers(registry.load(name), op)] for name in names}
     references = {}
     for op in ops:
@@ -395,6 +398,12 @@ def check(problem, names, ops=OPS, dtype="float64", rows=None, repeat=1,
                 continue
             ran = True
             for op in offered[name]:
+                if not registry.takes_keys(module, op, problem.k.shape[-1]):
+                    where = library if library == "numpy" else f"torch/{device}"
+                    results.append(Result(name, where, op, note=f"refused: its kernels take keys up to "
+                                                                f"{module.max_key_width(op)} wide, these are "
+                                                                f"{problem.k.shape[-1]}"))
+                    continue
                 try:
                     res = run_one(name, library, device, problem, op, rows, references[op], dtype, repeat,
                                   interpreter_length, memory)
@@ -493,13 +502,12 @@ def _save_png(T: int, path: str) -> None:
 
 # -- argument parsing ----------------------------------------------------------------------
 def _batch(text: str) -> tuple:
-    """``"2"`` -> ``(2,)``, ``"2,3"`` -> ``(2, 3)``, ``""`` -> ``()``."""
-    if text.strip() in ("", "()"):
-        return ()
+    """``"2"`` -> ``(2,)``, ``"2,3"`` (or ``"2x3"``) -> ``(2, 3)``; every part a positive integer."""
+    parts = text.replace("x", ",").split(",")
     try:
-        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+        shape = tuple(int(p) for p in parts)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a batch shape such as 2 or 2,3, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a batch shape such as 2 or 2,3 (or 2x3), got {text!r}") from None
     if any(n < 1 for n in shape):
         raise argparse.ArgumentTypeError(f"batch sizes must be >= 1 (an empty batch checks nothing), got {text!r}")
     return shape
@@ -546,7 +554,8 @@ def _ops(text: str) -> tuple:
 
 def _add_check_args(p, length, batch, decay):
     p.add_argument("--length", "-T", type=positive_int, default=length, help=f"sequence length T (default {length})")
-    p.add_argument("--batch", type=_batch, default=batch, help="batch shape, e.g. 2 or 2,3 (default %(default)s)")
+    p.add_argument("--batch", type=_batch, default=batch,
+                   help=f"batch shape, e.g. 2 or 2,3 (default {','.join(map(str, batch))})")
     p.add_argument("--backends", type=_backend_list, default=list(registry.NAMES),
                    help="comma-separated backends (default: all)")
     p.add_argument("--ops", type=_ops, default=OPS,
@@ -567,7 +576,8 @@ def _add_check_args(p, length, batch, decay):
     p.add_argument("--interpreter-length", type=positive_int, default=INTERPRETER_LENGTH,
                    help=f"prefix length for triton under TRITON_INTERPRET=1 (default {INTERPRETER_LENGTH})")
     p.add_argument("--memory", action="store_true",
-                   help="trace the peak of Python/numpy allocations per call and print the peak RSS")
+                   help="trace the peak of Python/numpy allocations per call and print the peak RSS (tracing "
+                        "slows the timed calls)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -612,8 +622,16 @@ def _cmd_check(args) -> int:
     return 0 if ok else 1
 
 
+SHOW_MAX_T = 2**50
+"""The longest ``T`` ``hodlr show`` describes (its block table is closed-form arithmetic on numpy
+integers, exact below 2**53)."""
+
+
 def _cmd_show(args) -> int:
     T = args.T
+    if T > SHOW_MAX_T:
+        print(f"hodlr show: error: T must be <= 2**50 = {SHOW_MAX_T}, got {T}", file=sys.stderr)
+        return 2
     # unit level scales as a broadcast view: the structure of any T without memory of size T
     M = LogLinearMask(np.broadcast_to(np.ones(()), (T, fenwick.num_levels(T))), validate=False)
     if T <= GRID_MAX_T:
@@ -695,13 +713,17 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if args.command in ("demo", "verify"):
-        _interpret_triton_without_gpu()
-        try:
-            return _cmd_check(args)
-        except KeyboardInterrupt:
-            print(f"\nhodlr {args.command}: interrupted (the rows above were complete)", file=sys.stderr)
-            return 130
-    if args.command == "show":
-        return _cmd_show(args)
-    return _cmd_backends()
+    try:
+        if args.command in ("demo", "verify"):
+            _interpret_triton_without_gpu()
+            try:
+                return _cmd_check(args)
+            except KeyboardInterrupt:
+                print(f"\nhodlr {args.command}: interrupted (the rows above were complete)", file=sys.stderr)
+                return 130
+        if args.command == "show":
+            return _cmd_show(args)
+        return _cmd_backends()
+    except BrokenPipeError:  # the reader stopped (``| head``): nothing more to say, and no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as the shell reports a command ended by SIGPIPE

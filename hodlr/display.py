@@ -235,7 +235,7 @@ def _header(s: Structure) -> str:
 
 
 def _ratio(x: float) -> str:
-    return f"{x:.0f}x" if x >= 10 or float(x).is_integer() else f"{x:.2f}x"
+    return f"{x:,.0f}x" if x >= 10 or float(x).is_integer() else f"{x:.2f}x"
 
 
 def _text(s: Structure) -> str:

@@ -112,6 +112,60 @@ def check_flag(flag, device) -> None:
         raise TypeError(f"check must be None or a one-element torch.int32 tensor on {device}, got {what}")
 
 
+def check_tensor(name: str, x, dims: str, *, optional: bool = False):
+    """``x`` checked to be a floating torch tensor with at least the trailing dims ``dims`` names
+    (e.g. ``"T, D"``); None passes where ``optional``.  ``TypeError`` / ``ValueError`` naming
+    ``name``."""
+    if x is None and optional:
+        return None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (*batch, {dims}), got {type(x).__name__}")
+    if x.dim() < dims.count(",") + 1:
+        raise ValueError(f"{name} must have shape (*batch, {dims}), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+    return x
+
+
+def check_same_dtype(**named) -> None:
+    """Refuse operands (``{name: tensor}``) of different dtypes, naming the first that differs."""
+    (first, x), *rest = named.items()
+    for name, y in rest:
+        if y.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {y.dtype} but {first} has {x.dtype}; they must match")
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` checked to be a bool (a string such as ``"no"`` is truthy, so it is refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def memory_span(x: torch.Tensor) -> tuple:
+    """``(device, first byte, one past the last byte)`` of the memory ``x``'s elements occupy."""
+    lo = hi = x.data_ptr()
+    for size, stride in zip(x.shape, x.stride()):
+        reach = (size - 1) * stride * x.element_size()
+        lo, hi = (lo + reach, hi) if reach < 0 else (lo, hi + reach)
+    return x.device, lo, hi + x.element_size()
+
+
+def check_no_overlap(name: str, x: torch.Tensor, others: dict) -> None:
+    """Refuse an output buffer ``x`` whose memory meets that of one of ``others`` (``{name: tensor
+    or None}``: inputs it would overwrite while they are read, or other buffers it would share)."""
+    if x.numel() == 0:
+        return
+    dev, lo, hi = memory_span(x)
+    for other_name, y in others.items():
+        if y is None or y.numel() == 0:
+            continue
+        other_dev, other_lo, other_hi = memory_span(y)
+        if other_dev == dev and lo < other_hi and other_lo < hi:
+            raise ValueError(f"{name} overlaps {other_name} in memory: an output buffer must not share memory "
+                             f"with an input or another output")
+
+
 def check_block(T: int, flag) -> int:
     """The ``BL`` of an output kernel that validates the mask (``flag`` not None): a power of two
     covering ``fenwick.num_levels(T)``, the columns any row reads; 1 when it does not validate."""
@@ -194,14 +248,18 @@ def broadcast_shape(*shapes) -> torch.Size:
     return torch.Size(out)
 
 
-def output_buffer(out, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
-    """``out`` checked to be a contiguous tensor of ``shape`` with ``like``'s dtype, or a new
-    one on ``like``'s device when ``out`` is None."""
+def output_buffer(out, shape: torch.Size, like: torch.Tensor, inputs: dict = None) -> torch.Tensor:
+    """``out`` checked to be a contiguous tensor of ``shape`` with ``like``'s dtype on its device,
+    sharing no memory with ``inputs`` (``{name: tensor}``), or a new one when ``out`` is None."""
     if out is None:
         return torch.empty(shape, dtype=like.dtype, device=like.device)
-    if out.shape != shape or out.dtype != like.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {like.dtype} tensor of shape {tuple(shape)}, "
-                         f"got {out.dtype} {tuple(out.shape)}")
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if out.shape != shape or out.dtype != like.dtype or not out.is_contiguous() or out.device != like.device:
+        raise ValueError(f"out must be a contiguous {like.dtype} tensor of shape {tuple(shape)} on {like.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+                         + ("" if out.is_contiguous() else " (not contiguous)"))
+    check_no_overlap("out", out, inputs or {})
     return out
 
 

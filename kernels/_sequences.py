@@ -65,6 +65,10 @@ def host_lengths(N: int, T: int, cu_seqlens):
     tokens, or the packed sequences of ``cu_seqlens`` (one host read of it, checked here)."""
     if cu_seqlens is None:
         return (np.arange(N, dtype=np.int64), np.zeros(N, dtype=np.int64), np.full(N, T, dtype=np.int64))
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.is_floating_point() or cu_seqlens.is_complex() \
+            or cu_seqlens.dtype == torch.bool:
+        what = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+        raise TypeError(f"cu_seqlens must be a 1-d integer torch.Tensor (sequence starts along T), got {what}")
     cu = np.asarray(cu_seqlens.tolist(), dtype=np.int64)
     if cu.ndim != 1 or cu.size < 1 or cu[0] != 0 or cu[-1] != T or (np.diff(cu) < 0).any():
         raise ValueError(f"cu_seqlens must be a non-decreasing 1-d integer tensor from 0 to T={T} (sequence starts "

@@ -19,11 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
+from hodlr.fenwick.arrays import check_scale
+
 from . import _sequences, states as _states
 from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_mask, matrix_tile, next_decay, next_level,
                       read_entry, reads_level, sequence_chunk, sequence_row, validate_rows)
-from ._layout import (NUM_WARPS, block, broadcast_shape, cdiv, check_block, check_chunk, check_flag, check_levels,
-                      chunk_count, collapse_grouped, compute_types, interpreting, output_buffer, scratch, state_dtypes)
+from ._layout import (NUM_WARPS, block, broadcast_shape, cdiv, check_block, check_bool, check_chunk, check_flag,
+                      check_levels, check_no_overlap, check_same_dtype, check_tensor, chunk_count, collapse_grouped, compute_types,
+                      interpreting, output_buffer, scratch, state_dtypes)
 
 
 OUTPUT_TILE = 64
@@ -343,23 +346,60 @@ class Layout(NamedTuple):
         return self.tensors[name].data_ptr() == x.data_ptr()
 
 
-def attention_layout(q, k, v, level_scales, log_decay, **others) -> Layout:
+OUT_LABELS = {"dq": "dq", "dk": "dk", "dv": "dv", "dl": "dlevel_scales", "db": "dbeta", "dg": "dlog_decay"}
+"""The output buffers a layout takes (its names) and the names the messages give them."""
+
+
+def attention_layout(q, k, v, level_scales, log_decay, *, beta=None, do=None, out=None) -> Layout:
     """Check the shapes of one attention call and fold its batch dims (views; a copy only of tensors
     that :func:`kernels._layout.collapse_grouped` cannot fold).
 
-    ``others`` are further ``(*batch, T, width)`` tensors of the call (cotangents, output
-    buffers) that share the batch; they are broadcast and folded with the rest."""
+    The inputs set the batch.  ``beta`` ``(*batch, T)`` is the Gated DeltaNet's (an input, the
+    layout's ``(*batch, T, 1)`` tensor ``"beta"``); ``do`` ``(*batch, T, Dv)`` a backward's cotangent,
+    whose batch broadcasts to the inputs'; ``out`` ``{name: buffer}`` output buffers (names of
+    :data:`OUT_LABELS`) of exactly the inputs' broadcast batch -- ``dq``, ``dk`` ``(*batch, T, Dk)``,
+    ``dv`` ``(*batch, T, Dv)``, ``dl`` ``(*batch, T, L)``, ``db``, ``dg`` ``(*batch, T)`` (in the layout
+    as ``(*batch, T, 1)`` views) -- sharing no memory with an input or with each other: a kernel writes
+    every element of them, so a buffer of any other shape is refused, never written past its end."""
+    for name, x, dims in (("q", q, "T, Dk"), ("k", k, "T, Dk"), ("v", v, "T, Dv"), ("level_scales", level_scales, "T, L")):
+        check_tensor(name, x, dims)
+    check_tensor("log_decay", log_decay, "T", optional=True)
+    check_tensor("beta", beta, "T", optional=True)
+    check_same_dtype(q=q, k=k, v=v)
     batch = tuple(broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2], level_scales.shape[:-2],
                                   () if log_decay is None else log_decay.shape[:-1],
-                                  *(x.shape[:-2] for x in others.values())))
+                                  () if beta is None else beta.shape[:-1]))
     T, DK, DV, L = q.shape[-2], q.shape[-1], v.shape[-1], level_scales.shape[-1]
     if k.shape[-2:] != (T, DK) or v.shape[-2] != T or level_scales.shape[-2] != T or (
             log_decay is not None and log_decay.shape[-1] != T):
         raise ValueError(f"shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
                          f"level_scales {tuple(level_scales.shape)}, "
                          f"log_decay {None if log_decay is None else tuple(log_decay.shape)}")
+    if beta is not None and beta.shape[-1] != T:
+        raise ValueError(f"beta must have shape (*batch, T) with T={T}, got {tuple(beta.shape)}")
     check_levels(T, L)
-    named = {"q": q, "k": k, "v": v, "l": level_scales, **others}
+    named = {"q": q, "k": k, "v": v, "l": level_scales}
+    if beta is not None:
+        named["beta"] = beta[..., None]
+    if do is not None:
+        check_tensor("do", do, "T, Dv")
+        if tuple(do.shape[-2:]) != (T, DV) or tuple(broadcast_shape(do.shape[:-2], batch)) != batch:
+            raise ValueError(f"do must have shape (*batch, T, Dv) = {batch + (T, DV)} (its batch may broadcast to "
+                             f"the inputs'), got {tuple(do.shape)}")
+        named["do"] = do
+    read = {"q": q, "k": k, "v": v, "level_scales": level_scales, "log_decay": log_decay, "beta": beta, "do": do}
+    widths = {"dq": (DK,), "dk": (DK,), "dv": (DV,), "dl": (L,), "db": (), "dg": ()}
+    out = out or {}
+    for name, x in out.items():
+        label = f"out's {OUT_LABELS[name]}"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{label} must be a torch.Tensor or None, got {type(x).__name__}")
+        want = batch + (T,) + widths[name]
+        if tuple(x.shape) != want:
+            raise ValueError(f"{label} must have shape {want} (the inputs' broadcast batch), got {tuple(x.shape)}")
+        check_no_overlap(label, x, {**read, **{f"out's {OUT_LABELS[other]}": y for other, y in out.items()
+                                               if other != name}})
+        named[name] = x if widths[name] else x[..., None]
     named = {name: x if x.shape[:-2] == batch else x.expand(batch + tuple(x.shape[-2:])) for name, x in named.items()}
     named["g"] = log_decay if log_decay is None or log_decay.shape[:-1] == batch else log_decay.expand(batch + (T,))
     B0, B1, strides, folded, group = collapse_grouped(batch, list(named.values()), (0, 1))
@@ -433,12 +473,15 @@ def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0,
     torch.Tensor ``(*batch, T, Dv)`` (and the states when asked).
     """
     C = check_chunk(chunk, "attention")
-    check_flag(check, q.device)
+    scale = check_scale(scale)
+    check_bool("return_states", return_states)
     layout = attention_layout(q, k, v, level_scales, log_decay)
+    check_flag(check, q.device)
     T, DK, DV, L = layout.T, layout.DK, layout.DV, layout.L
     v = layout.tensors["v"]
     acc, prec, exact = compute_types(v.dtype)
-    out = output_buffer(out, layout.batch + (T, DV), v)
+    out = output_buffer(out, layout.batch + (T, DV), v, {"q": q, "k": k, "v": v, "level_scales": level_scales,
+                                                         "log_decay": log_decay})
     o_flat = out.reshape((layout.B0, layout.B1, T, DV))
     states, logdec = chunk_states(layout, C, *state_dtypes(v.dtype))
     n = chunk_count(T, C)
@@ -447,7 +490,7 @@ def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0,
     _output_kernel[(n, layout.B, n_dv)](
         layout.tensors["q"], layout.tensors["k"], v, layout.tensors["l"], layout.decay_args()[0], states, logdec,
         o_flat, states, logdec, logdec, check, T, layout.B1, n, states.shape[1], (n - 1).bit_length(), L, DK, DV,
-        float(scale), layout.group, 0, *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:],
+        scale, layout.group, 0, *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:],
         *layout.args("l")[1:], *layout.decay_args()[1:], o_flat.stride(0), o_flat.stride(1), o_flat.stride(2),
         o_flat.stride(3), C=C, LOG_C=C.bit_length() - 1, FULL_CHUNKS=T % C == 0, BDK=BDK, BDV=BDV,
         HAS_G=layout.tensors["g"] is not None,
@@ -488,6 +531,10 @@ class SequenceLayout(NamedTuple):
 def sequence_layout(q, k, v, level_scales, log_decay, **others) -> SequenceLayout:
     """Check the shapes of a call over sequences; ``others`` are further ``(N, H, T, ·)`` tensors
     (cotangents) named as they are indexed."""
+    for name, x, dims in (("q", q, "T, Dk"), ("k", k, "T, Dk"), ("v", v, "T, Dv"), ("level_scales", level_scales, "T, L")):
+        check_tensor(name, x, dims)
+    check_tensor("log_decay", log_decay, "T", optional=True)
+    check_same_dtype(q=q, k=k, v=v)
     for name, x, ndim in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("level_scales", level_scales, 4)):
         if x.dim() != ndim:
             raise ValueError(f"{name} must have 4 dims (N, heads, T, width) in a call with a state, packed "
@@ -502,9 +549,12 @@ def sequence_layout(q, k, v, level_scales, log_decay, **others) -> SequenceLayou
                          f"got {tuple(level_scales.shape)}")
     if log_decay is not None and tuple(log_decay.shape) != (N, H, T):
         raise ValueError(f"log_decay must have shape (N, H, T) = ({N}, {H}, {T}), got {tuple(log_decay.shape)}")
+    widths = {"do": DV}
     for name, x in others.items():
-        if tuple(x.shape[:3]) != (N, H, T):
-            raise ValueError(f"{name} must have shape (N, H, T, ·) = ({N}, {H}, {T}, ·), got {tuple(x.shape)}")
+        check_tensor(name, x, "T, width")
+        if tuple(x.shape) != (N, H, T, widths[name]):
+            raise ValueError(f"{name} must have shape (N, H, T, Dv) = ({N}, {H}, {T}, {widths[name]}), "
+                             f"got {tuple(x.shape)}")
     return SequenceLayout(N, Hqk, H, T, DK, DV, L, {"q": q, "k": k, "v": v, "l": level_scales, "g": log_decay,
                                                      **others})
 
@@ -517,6 +567,9 @@ def check_initial_state(initial_state, initial_positions, count: int, layout: Se
                         "position of each sequence's next token): pass both or neither")
     if initial_state is None:
         return None, None
+    for name, x in (("initial_state", initial_state), ("initial_positions", initial_positions)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     want = (count, layout.H, layout.DK, layout.DV)
     got = tuple(initial_state.shape[:2]) + tuple(initial_state.shape[3:])
     if initial_state.dim() != 5 or got != want:
@@ -617,6 +670,8 @@ def attention_state_forward(q, k, v, level_scales, log_decay=None, scale: float 
     ``output_final_state``, ``S' = max(S, bit_length(2**S - 1 + longest length))`` (every end fits).
     """
     C = check_chunk(chunk, "attention")
+    scale = check_scale(scale)
+    check_bool("output_final_state", output_final_state)
     layout = sequence_layout(q, k, v, level_scales, log_decay)
     if cu_seqlens is not None and layout.N != 1:
         raise ValueError(f"with cu_seqlens the tensors hold one row of packed sequences (N == 1), got N={layout.N}")
@@ -626,7 +681,9 @@ def attention_state_forward(q, k, v, level_scales, log_decay=None, scale: float 
     initial, positions = check_initial_state(initial_state, initial_positions, count, layout, state_dtype)
     seqs = _sequences.plan(layout.N, layout.T, C, cu_seqlens, positions, 0 if initial is None else initial.shape[2],
                            v.device)
-    out = output_buffer(out, (layout.N, layout.H, layout.T, layout.DV), v)
+    out = output_buffer(out, (layout.N, layout.H, layout.T, layout.DV), v,
+                        {"q": q, "k": k, "v": v, "level_scales": level_scales, "log_decay": log_decay,
+                         "initial_state": initial_state})
     states, logdec = sequence_states(layout, seqs, C, initial, state_dtype, logdec_dtype)
     acc, prec, exact = compute_types(v.dtype)
     BDK, BDV = block(layout.DK, OUTPUT_TILE), block(layout.DV, OUTPUT_TILE)
@@ -634,7 +691,7 @@ def attention_state_forward(q, k, v, level_scales, log_decay=None, scale: float 
         _output_kernel[(seqs.n_slots, layout.H, cdiv(layout.DV, BDV))](
             q, k, v, level_scales, layout.decay_args()[0], states, logdec, out, states if initial is None else initial,
             seqs.table, seqs.chunk_seq, None, layout.T, 1, 0, seqs.n_entries, seqs.levels, layout.L, layout.DK,
-            layout.DV, float(scale), layout.H // layout.Hqk, 0 if initial is None else initial.shape[2],
+            layout.DV, scale, layout.H // layout.Hqk, 0 if initial is None else initial.shape[2],
             *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("l")[1:],
             *layout.decay_args()[1:], *out.stride(), C=C, LOG_C=C.bit_length() - 1, FULL_CHUNKS=False, BDK=BDK,
             BDV=BDV,

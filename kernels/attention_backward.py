@@ -47,12 +47,14 @@ import torch
 import triton
 import triton.language as tl
 
+from hodlr.fenwick.arrays import check_scale
+
+from . import _sequences
 from ._device import (bit_length, block_entry, causal_decay, chunk_decays, chunk_rows, dot, intra_scales, level_size,
                       level_start, level_sums, matrix_tile, next_level, read_entry, reads_level, sequence_chunk,
                       sequence_chunks, sequence_row, sequence_slots)
-from ._layout import (NUM_WARPS, block, cdiv, check_chunk, chunk_count, compute_types, interpreting,
+from ._layout import (NUM_WARPS, block, cdiv, check_chunk, check_tensor, chunk_count, compute_types, interpreting,
                       next_power_of_2, scratch, state_dtypes)
-from . import _sequences
 from .attention import (attention_layout, check_initial_state, chunk_states, sequence_layout, sequence_states,
                         state_shapes)
 
@@ -902,9 +904,10 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     chunk : int, optional
         Power of two in ``[16, 256]``; default the forward's, ``DEFAULT_CHUNK["attention"]``.
     out : tuple of torch.Tensor or None, optional
-        ``(dq, dk, dv, dlevel_scales)`` buffers (each may be None) of the broadcast batch shape and
-        the inputs' dtypes with a unit feature stride (any other layout): written in place, and
-        returned, when the batch folds them as views; ``dq`` and ``dk`` only together and with equal
+        ``(dq, dk, dv, dlevel_scales)`` buffers (each may be None) of exactly the inputs' broadcast
+        batch and widths (``(*batch, T, Dk)`` …; checked, as is that they share no memory with an
+        input or each other), in the inputs' dtypes with a unit feature stride (any other layout):
+        written in place, and returned, when the batch folds them as views; ``dq`` and ``dk`` only together and with equal
         strides, ``dlevel_scales`` only when the head fits one feature tile (``Dk, Dv <=
         MAX_TILE``).  The other gradients come in new tensors.  A caller that wants the gradients
         laid out like strided inputs saves a copy.
@@ -918,8 +921,12 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         Of shape ``(*batch, T, ·)`` (the broadcast batch) in the inputs' dtypes (``dlog_decay`` is
         None when ``log_decay`` is None).  Never-read level scales get exactly 0.
     """
+    if out is not None and (not isinstance(out, (tuple, list)) or len(out) != 4):
+        raise TypeError(f"out must be a tuple of 4 tensors or None (dq, dk, dv, dlevel_scales), got "
+                        f"{type(out).__name__}" + (f" of {len(out)}" if isinstance(out, (tuple, list)) else ""))
     buffers = {} if out is None else {name: x for name, x in zip(("dq", "dk", "dv", "dl"), out) if x is not None}
-    layout = attention_layout(q, k, v, level_scales, log_decay, do=do, **buffers)
+    scale = check_scale(scale)
+    layout = attention_layout(q, k, v, level_scales, log_decay, do=do, out=buffers)
     T, DK, DV, L, B = layout.T, layout.DK, layout.DV, layout.L, layout.B
     C = check_chunk(chunk, "attention")
     v = layout.tensors["v"]
@@ -953,7 +960,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
     if n_bits:
         _query_block_kernel[(cdiv(n, TILE_CHUNKS) * n_bits, B, tiles)](
             layout.tensors["q"], layout.tensors["do"], layout.tensors["l"], layout.decay_args()[0], logdec, rsum,
-            logdec, logdec, T, layout.B1, n, states.shape[1], n_r, n_bits, DK, DV, n_dv, float(scale),
+            logdec, logdec, T, layout.B1, n, states.shape[1], n_r, n_bits, DK, DV, n_dv, scale,
             *layout.args("q")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *layout.decay_args()[1:],
             layout.group, C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, VARLEN=False,
             STAGES=BLOCK_SUM_STAGES[_width_key(BDK, BDV)], **meta)
@@ -1002,7 +1009,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
         for diagonal in range(diagonals):
             _chunk_kernel[(n, B, diagonals)](
                 *ptrs, states, logdec, later, dq, dk, dv, dl, dgl, lvl_rows, logdec, logdec, logdec, logdec, logdec,
-                logdec, *running, T, layout.B1, n, states.shape[1], n_bits, L, DK, DV, diagonal, float(scale),
+                logdec, *running, T, layout.B1, n, states.shape[1], n_bits, L, DK, DV, diagonal, scale,
                 layout.group, 0, 0, 0, *strides, *out_strides, C=C, LOG_C=C.bit_length() - 1,
                 FULL_CHUNKS=T % C == 0, BDK=BDK, BDV=BDV, BL=next_power_of_2(L), NB=NB, EXACT=exact, VARLEN=False,
                 FINAL=False, SIDE=side, **meta)
@@ -1099,8 +1106,11 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
         the others of their inputs' shapes, in the inputs' dtypes (``dlog_decay`` None without a
         log-decay, ``dinitial_state`` None without a state).  Never-read level scales get exactly 0.
     """
+    scale = check_scale(scale)
     layout = sequence_layout(q, k, v, level_scales, log_decay, do=do)
     N, Hqk, H, T, DK, DV, L = layout.N, layout.Hqk, layout.H, layout.T, layout.DK, layout.DV, layout.L
+    if dfinal is not None:
+        check_tensor("dfinal", dfinal, "S, Dk, Dv")
     C = check_chunk(chunk, "attention")
     c = C.bit_length() - 1
     dev = v.device
@@ -1136,7 +1146,7 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
     if seqs.n_groups and H:
         _query_block_kernel[(seqs.n_groups * NH, H, tiles)](
             q, do, level_scales, layout.decay_args()[0], logdec, rsum, seqs.table, seqs.group_seq, T, 1, 0,
-            seqs.n_entries, 0, NH, DK, DV, n_dv, float(scale), *layout.args("q")[1:], *layout.args("do")[1:],
+            seqs.n_entries, 0, NH, DK, DV, n_dv, scale, *layout.args("q")[1:], *layout.args("do")[1:],
             *layout.args("l")[1:], *layout.decay_args()[1:], grp, C=C, LOG_C=c, P_LOG=p_log, BDK=BDK, BDV=BDV,
             VARLEN=True, STAGES=BLOCK_SUM_STAGES[_width_key(BDK, BDV)], **meta)
     NB = next_power_of_2(NH)
@@ -1170,7 +1180,7 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
             q, k, v, do, level_scales, layout.decay_args()[0], states, logdec, later, dq, dk, dv, dl, dgl, lvl_rows,
             dummy if initial is None else initial, dummy if dinit is None else dinit,
             dummy if dfinal is None else dfinal, rc, seqs.table, seqs.chunk_seq, dq, dk, dv_running, T, 1,
-            seqs.n_slots, seqs.n_entries, NH, L, DK, DV, diagonal, float(scale), grp, S_in, seqs.final_slots,
+            seqs.n_slots, seqs.n_entries, NH, L, DK, DV, diagonal, scale, grp, S_in, seqs.final_slots,
             N * H, *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("do")[1:],
             *layout.args("l")[1:], *layout.decay_args()[1:], *(0,) * 9, C=C, LOG_C=c, FULL_CHUNKS=False, BDK=BDK,
             BDV=BDV, BL=next_power_of_2(L), NB=NB, EXACT=exact, VARLEN=True, FINAL=final, **meta)

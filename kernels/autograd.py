@@ -15,13 +15,13 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from hodlr import fenwick
-from hodlr.fenwick.arrays import check_scale
+from hodlr.fenwick.arrays import check_int, check_scale
 
 from ._layout import broadcast_shape, check_chunk
 from .attention import attention_forward, attention_state_forward
 from .matmul import matmul_forward
 from .attention_backward import attention_backward, attention_state_backward
-from .bucket_states import bucket_pieces, bucket_states_backward, bucket_states_forward
+from .bucket_states import bucket_pieces, bucket_states_backward, bucket_states_forward, check_buckets
 from .carried_reads import carried_reads_backward, carried_reads_forward
 from .gated_delta import Chunks, gated_delta_forward
 from .gated_delta_backward import MAX_BACKWARD_CHUNK, gated_delta_backward
@@ -250,9 +250,13 @@ def bucket_states(k, v, log_weight, buckets, count: int, slots: int):
     in ``k (B, T, Hqk, Dk)``, ``v (B, T, H, Dv)`` and ``log_weight (B, T, H)``.
 
     ``buckets``: rows ``(b, t0, n, i, j)`` (numpy or nested ints): the ``n`` tokens from ``t0`` of
-    batch row ``b`` form slot ``j`` of sequence ``i``.  Returns ``(count, H, slots, Dk, Dv)`` float32
-    (float64 for float64 inputs): ``Σ exp(log_weight_t) k_t v_tᵀ`` over each bucket's tokens."""
-    return _BucketStates.apply(k, v, log_weight, bucket_pieces(buckets, v.device), count, slots)
+    batch row ``b`` form slot ``j`` of sequence ``i`` (``0 <= i < count``, ``0 <= j < slots``); no token
+    in two buckets (checked).  Returns ``(count, H, slots, Dk, Dv)`` float32 (float64 for float64
+    inputs): ``Σ exp(log_weight_t) k_t v_tᵀ`` over each bucket's tokens, zero in slots no bucket fills."""
+    count, slots = check_int("count", count, 0), check_int("slots", slots, 0)
+    _tensors(k=k, v=v, log_weight=log_weight)
+    rows = check_buckets(buckets, *(v.shape[:2] if v.dim() >= 2 else (0, 0)), count, slots)
+    return _BucketStates.apply(k, v, log_weight, bucket_pieces(rows, v.device), count, slots)
 
 
 class _CarriedReads(torch.autograd.Function):
@@ -280,8 +284,13 @@ def carried_reads(o, q, level_scales, log_decay, states, positions, scale: float
     position through each token (or None); ``states (B, H, S, Dk, Dv)``: the state;
     ``positions``: ``B`` ints, each row's position (a multiple of a power of two ``>= T``; its set
     bits are the live slots).  Returns ``(B, T, H, Dv)``."""
+    _tensors(o=o, q=q, level_scales=level_scales, log_decay=log_decay, states=states)
     B, T = q.shape[:2]
-    positions = [int(a) for a in positions]
+    if isinstance(positions, torch.Tensor):
+        if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+            raise TypeError(f"positions must hold integers, got a {positions.dtype} tensor")
+        positions = positions.tolist()
+    positions = [check_int(f"positions[{n}]", a) for n, a in enumerate(positions)]
     if len(positions) != B or any(a < 0 or not fenwick.aligned(a, T) for a in positions):
         raise ValueError(f"positions must hold {B} positions, each a multiple of a power of two >= T={T}, got "
                          f"{positions}")
@@ -291,4 +300,4 @@ def carried_reads(o, q, level_scales, log_decay, states, positions, scale: float
                          f"{states.shape[2]} slots and level_scales {level_scales.shape[-1]} levels")
     live = torch.as_tensor(positions, dtype=torch.int64)
     live = live.pin_memory().to(q.device, non_blocking=True) if q.is_cuda else live.to(q.device)  # (no stall)
-    return _CarriedReads.apply(o, q, level_scales, log_decay, states.contiguous(), live, float(scale))
+    return _CarriedReads.apply(o, q, level_scales, log_decay, states.contiguous(), live, check_scale(scale))

@@ -49,6 +49,32 @@ class Pieces(NamedTuple):
     tokens: int
 
 
+def check_buckets(buckets, B: int, T: int, count: int, slots: int) -> np.ndarray:
+    """``buckets`` as an int64 ``(n, 5)`` array of rows ``(b, t0, n, i, j)``, checked: integers,
+    each bucket's tokens inside batch row ``b`` of ``T`` tokens, ``0 <= i < count``,
+    ``0 <= j < slots``, no token in two buckets (the kernels add each bucket's sum to its slot and
+    each token's gradient once).  ``ValueError`` / ``TypeError`` naming the first bad row."""
+    rows = np.asarray(buckets)
+    if rows.size and not np.issubdtype(rows.dtype, np.integer):
+        raise TypeError(f"buckets must hold integers (rows b, t0, n, i, j), got {rows.dtype}")
+    rows = rows.astype(np.int64).reshape(-1, 5) if rows.size else np.zeros((0, 5), dtype=np.int64)
+    b, t0, n, i, j = rows.T
+    bad = (b < 0) | (b >= B) | (t0 < 0) | (n < 0) | (t0 + n > T) | (i < 0) | (i >= count) | (j < 0) | (j >= slots)
+    if bad.any():
+        r = int(np.argmax(bad))
+        raise ValueError(f"buckets row {r} {rows[r].tolist()} (b, t0, n, i, j) must have 0 <= b < B={B}, "
+                         f"0 <= t0, t0 + n <= T={T}, 0 <= i < count={count}, 0 <= j < slots={slots}")
+    live = rows[n > 0]
+    order = np.lexsort((live[:, 1], live[:, 0]))
+    live = live[order]
+    clash = (live[1:, 0] == live[:-1, 0]) & (live[1:, 1] < live[:-1, 1] + live[:-1, 2])
+    if clash.any():
+        r = int(np.argmax(clash))
+        raise ValueError(f"buckets {live[r].tolist()} and {live[r + 1].tolist()} (b, t0, n, i, j) share tokens: "
+                         f"the buckets must be disjoint")
+    return rows
+
+
 def bucket_pieces(buckets, device) -> Pieces:
     """``buckets`` (rows ``(b, t0, n, i, j)``: batch row, first token, token count, sequence,
     slot; disjoint) each cut into pieces of at most :data:`PIECE` tokens, as a device table;
@@ -163,8 +189,12 @@ def _backward_kernel(k_ptr, v_ptr, a_ptr, dx_ptr, dk_ptr, dv_ptr, da_ptr, tab_pt
 
 def _check(k, v, log_weight):
     for name, x, ndim in (("k", k, 4), ("v", v, 4), ("log_weight", log_weight, 3)):
-        if not isinstance(x, torch.Tensor) or x.dim() != ndim:
-            raise ValueError(f"{name} must be a {ndim}-d tensor, got {getattr(x, 'shape', type(x).__name__)}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != ndim:
+            raise ValueError(f"{name} must be a {ndim}-d tensor, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
     B, T, Hqk, DK = k.shape
     H, DV = v.shape[2], v.shape[3]
     if tuple(v.shape[:2]) != (B, T) or Hqk < 1 or H % Hqk or tuple(log_weight.shape) != (B, T, H):

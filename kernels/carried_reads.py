@@ -257,7 +257,7 @@ def carried_reads_forward(o, q, level_scales, log_decay, states, live, scale: fl
     if B * T * H:
         _forward_kernel[(cdiv(T, ROWS), B * H, n_dv)](
             o, q, level_scales, _decay_args(log_decay, level_scales)[0], states, live, out, T, H, S, H // Hqk, DK, DV,
-            float(scale), *o.stride(), *q.stride(), *level_scales.stride(),
+            scale, *o.stride(), *q.stride(), *level_scales.stride(),
             *_decay_args(log_decay, level_scales)[1:], R=ROWS, BDK=BDK, BDV=BDV, ACC=acc, PREC=prec,
             NATIVE=not interpreting(), HAS_G=log_decay is not None, num_warps=NUM_WARPS)
     return out
@@ -286,7 +286,7 @@ def carried_reads_backward(q, level_scales, log_decay, states, live, scale: floa
     if B * T * H:
         n_dk = cdiv(DK, BDK)
         _backward_kernel[(cdiv(T, STRETCH), B * H, n_dk * n_dv)](
-            q, level_scales, decay[0], states, live, dout, dq, dl, dg, dx, T, H, S, L, H // Hqk, DK, DV, float(scale),
+            q, level_scales, decay[0], states, live, dout, dq, dl, dg, dx, T, H, S, L, H // Hqk, DK, DV, scale,
             *q.stride(), *level_scales.stride(), *decay[1:], *dout.stride(), N_DK_TILES=n_dk, N_DV_TILES=n_dv,
             R=BACKWARD_ROWS, STRETCH=STRETCH, BDK=BDK, BDV=BDV, num_warps=NUM_WARPS, **common)
     return dq, dl, (None if log_decay is None else dg), dx

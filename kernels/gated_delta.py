@@ -46,9 +46,11 @@ import torch
 import triton
 import triton.language as tl
 
+from hodlr.fenwick.arrays import check_scale
+
+from . import _layout, states as _states
 from ._device import (causal_decay, chunk_decays, chunk_rows, dot, intra_scales, matrix_tile, next_level, read_entry,
                       split_dot, store_matrix_tile, validate_rows)
-from . import _layout, states as _states
 from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_block, check_chunk, check_flag, chunk_count,
                       compute_types, hierarchy_sizes, interpreting, level_offsets, output_buffer)
 from .attention import attention_layout
@@ -306,15 +308,17 @@ class Chunks(NamedTuple):
         return self.trans if self.decays is None else self.decays
 
 
-def gated_delta_layout(q, k, v, beta, level_scales, log_decay, **others):
-    """:func:`kernels.attention.attention_layout` with ``beta (*batch, T)`` as the tensor
-    ``"beta"`` (a ``(*batch, T, 1)`` view); ``Dk <= MAX_DK``."""
-    if beta.shape[-1:] != v.shape[-2:-1]:
-        raise ValueError(f"beta must have shape (*batch, T) with T={v.shape[-2]}, got {tuple(beta.shape)}")
-    if q.shape[-1] > MAX_DK:
-        raise ValueError(f"the Gated DeltaNet kernels take Dk <= {MAX_DK}, got Dk={q.shape[-1]} "
+def gated_delta_layout(q, k, v, beta, level_scales, log_decay, *, do=None, out=None):
+    """:func:`kernels.attention.attention_layout` with ``beta (*batch, T)`` (the layout's
+    ``(*batch, T, 1)`` tensor ``"beta"``), a cotangent ``do`` and output buffers ``out`` as there;
+    ``Dk <= MAX_DK``."""
+    if beta is None:
+        raise TypeError("beta must be a torch.Tensor of shape (*batch, T), got None")
+    layout = attention_layout(q, k, v, level_scales, log_decay, beta=beta, do=do, out=out)
+    if layout.DK > MAX_DK:
+        raise ValueError(f"the Gated DeltaNet kernels take Dk <= {MAX_DK}, got Dk={layout.DK} "
                          f"(use the 'chunked' backend for wider keys)")
-    return attention_layout(q, k, v, level_scales, log_decay, beta=beta[..., None], **others)
+    return layout
 
 
 OUTPUT_VALUE_TILE = 128
@@ -449,20 +453,22 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
     """
     if not isinstance(return_chunks, bool):
         raise TypeError(f"return_chunks must be a bool, got {type(return_chunks).__name__}")
+    scale = check_scale(scale)
     layout = gated_delta_layout(q, k, v, beta, level_scales, log_decay)
     C = check_chunk(chunk, "gated_delta")
     check_flag(check, q.device)
     T, DK, DV = layout.T, layout.DK, layout.DV
     v = layout.tensors["v"]
     acc, prec, exact = compute_types(v.dtype)
-    out = output_buffer(out, layout.batch + (T, DV), v)
+    out = output_buffer(out, layout.batch + (T, DV), v, {"q": q, "k": k, "v": v, "beta": beta,
+                                                         "level_scales": level_scales, "log_decay": log_decay})
     o_flat = out.reshape((layout.B0, layout.B1, T, DV))
     ch = chunk_hierarchy(layout, C)
     BDK, BDV, n_dv = tiles(layout, OUTPUT_VALUE_TILE)
     _output_kernel[(ch.n, layout.B, n_dv)](
         layout.tensors["q"], layout.tensors["k"], v, layout.tensors["beta"], layout.tensors["l"],
         layout.decay_args()[0], ch.X, ch.W, ch.states, ch.trans, ch.decay_pointer(), o_flat, check,
-        T, layout.B1, ch.n, ch.states.shape[1], (ch.n - 1).bit_length(), layout.L, DK, DV, float(scale), layout.group,
+        T, layout.B1, ch.n, ch.states.shape[1], (ch.n - 1).bit_length(), layout.L, DK, DV, scale, layout.group,
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("beta")[1:4],
         *layout.args("l")[1:], *layout.decay_args()[1:], *o_flat.stride(),
         C=C, LOG_C=C.bit_length() - 1, FULL_CHUNKS=T % C == 0, BDK=BDK, BDV=BDV,

@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hodlr.fenwick.arrays import check_scale
+
 from . import _layout
 from ._device import (chunk_rows, dot, intra_scales, level_size, level_start, level_sums, matrix_tile, next_level,
                       read_entry, split_dot, store_matrix_tile)
@@ -577,6 +579,7 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         Never-read level scales get exactly 0.
     """
     C = check_chunk(chunk, "gated_delta")
+    scale = check_scale(scale)
     if C > MAX_BACKWARD_CHUNK:
         raise ValueError(f"chunk of the Gated DeltaNet backward must be at most {MAX_BACKWARD_CHUNK} (at 64 its "
                          f"chunk kernel asks more shared memory than the H200's 227 KiB; the gradients do not "
@@ -584,8 +587,7 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     work = torch.float64 if v.dtype == torch.float64 else torch.float32
     stored = (q.dtype, k.dtype, v.dtype, beta.dtype, work, work)  # the dtypes the kernels store (_OUT_NAMES)
     buffers = _out_buffers(out, stored, log_decay is not None)
-    layout = gated_delta_layout(q, k, v, beta, level_scales, log_decay, do=do,
-                                **{name: x[..., None] if name in _SCALAR_OUTS else x for name, x in buffers.items()})
+    layout = gated_delta_layout(q, k, v, beta, level_scales, log_decay, do=do, out=buffers)
     T, DK, DV, L, B = layout.T, layout.DK, layout.DV, layout.L, layout.B
     targets = _targets(layout, buffers, stored)
     v = layout.tensors["v"]
@@ -619,7 +621,7 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
     _reader_kernel[(cdiv(n, group), B)](
         layout.tensors["q"], layout.tensors["k"], layout.tensors["do"], layout.tensors["l"], g_args[0], ch.W,
         ch.states, ch.trans, ch.decay_pointer(), dH, dT, Qt, Pt, dQt, dl[0], T, layout.B1, n, N, n_bits, L,
-        DK, DV, float(scale), layout.group,
+        DK, DV, scale, layout.group,
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
         *dl[1:], C=C, LOG_C=C.bit_length() - 1, BDK=BDK, BDV=reader_tile, BL=BL, GROUP=group,
         LOG_GROUP=log_group, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
@@ -648,7 +650,7 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
         _chunk_kernel[(n, B)](
             layout.tensors["q"], layout.tensors["k"], v, layout.tensors["beta"], layout.tensors["do"],
             layout.tensors["l"], g_args[0], ch.X, ch.W, dH, dT, dQt, dq[0], dk[0], dv[0], db[0], dl[0], dg[0], hc,
-            hk, hv, T, layout.B1, n, N, len(sizes) - 1, L, DK, DV, float(scale), layout.group,
+            hk, hv, T, layout.B1, n, N, len(sizes) - 1, L, DK, DV, scale, layout.group,
             *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("beta")[1:4],
             *layout.args("do")[1:], *layout.args("l")[1:], *g_args[1:],
             *dq[1:], *dk[1:], *dv[1:], *db[1:4], *dl[1:], *dg[1:4],
@@ -669,10 +671,6 @@ def gated_delta_backward(q, k, v, beta, level_scales, log_decay, scale, do, *, c
 _OUT_NAMES = {"dq": "dq", "dk": "dk", "dv": "dv", "db": "dbeta", "dl": "dlevel_scales", "dg": "dlog_decay"}
 """The gradients of :func:`gated_delta_backward`'s ``out``, in its order: the names of the layout
 and the kernels, and the names the messages give."""
-
-_SCALAR_OUTS = ("db", "dg")
-"""The gradients of shape ``(*batch, T)``, ``(*batch, T, 1)`` views in the layout."""
-
 
 def _out_buffers(out, dtypes, has_g: bool) -> dict:
     """The buffers of ``out`` that the kernels may write in place, by name (:data:`_OUT_NAMES`): the
@@ -703,18 +701,14 @@ def _targets(layout, buffers: dict, dtypes) -> dict:
     B, B1, T = layout.B, layout.B1, layout.T
     widths = {"dq": layout.DK, "dk": layout.DK, "dv": layout.DV, "db": 1, "dl": layout.L, "dg": 1}
     targets = {}
-    for (name, what), dtype in zip(_OUT_NAMES.items(), dtypes):
+    for name, dtype in zip(_OUT_NAMES, dtypes):
         if name == "dg" and layout.tensors["g"] is None:
             continue
         width = widths[name]
-        x = buffers.get(name)
-        if x is not None:
-            want = layout.batch + (T,) + (() if name in _SCALAR_OUTS else (width,))
-            if tuple(x.shape) != want:
-                raise ValueError(f"out's {what} must have shape {want} (the broadcast batch), got {tuple(x.shape)}")
-            if layout.reads_in_place(name, x):
-                targets[name] = (layout.args(name), x)
-                continue
+        x = buffers.get(name)  # (its shape checked by the layout)
+        if x is not None and layout.reads_in_place(name, x):
+            targets[name] = (layout.args(name), x)
+            continue
         scratch = _layout.scratch((B, T, width), dtype, layout.tensors["v"].device)
         targets[name] = ((scratch, B1 * T * width, T * width, width, 1), None)
     return targets

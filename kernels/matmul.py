@@ -18,8 +18,8 @@ import triton.language as tl
 from . import states as _states
 from ._device import (chunk_decays, chunk_rows, dot, intra_mask, load_tile, next_decay, store_tile,
                       validate_rows)
-from ._layout import (MAX_REGISTERS, NUM_WARPS, block, broadcast_shape, cdiv, check_block, check_chunk, check_flag,
-                      check_levels, chunk_count, collapse_batch, compute_types, hierarchy_sizes,
+from ._layout import (MAX_REGISTERS, NUM_WARPS, block, broadcast_shape, cdiv, check_block, check_bool, check_chunk,
+                      check_flag, check_levels, check_tensor, chunk_count, collapse_batch, compute_types, hierarchy_sizes,
                       next_power_of_2, output_buffer, interpreting, state_dtypes, tma_descriptor)
 
 
@@ -159,15 +159,24 @@ def matmul_forward(level_scales, log_decay, x, *, chunk=None, out=None, return_s
         Chunk size, a power of two in ``[16, 256]`` (default ``DEFAULT_CHUNK["matmul"]``).
     out : torch.Tensor, optional
         Contiguous ``(*batch, T, D)`` buffer with ``x``'s dtype.
-    return_states : bool
+    return_states : bool, default False
         Also return the chunk-state hierarchy ``(states, logdec)`` of :mod:`kernels.states`
         (dtypes: :func:`kernels._layout.state_dtypes` with ``compact=True``).
     check : torch.Tensor, optional
         A one-element int32 tensor holding 0 on ``x``'s device: the output kernel sets it to 1 if a
         level scale that is read or a log-decay is NaN or infinite (as
         :func:`hodlr.kernels.attention_forward`'s ``check``).
+
+    Returns
+    -------
+    torch.Tensor ``(*batch, T, D)`` (the broadcast batch) in ``x``'s dtype: ``out`` when given; with
+    ``return_states``, ``(y, (states, logdec))``.
     """
     C = check_chunk(chunk, "matmul")
+    check_tensor("x", x, "T, D")
+    check_tensor("level_scales", level_scales, "T, L")
+    check_tensor("log_decay", log_decay, "T", optional=True)
+    check_bool("return_states", return_states)
     check_flag(check, x.device)
     batch = broadcast_shape(x.shape[:-2], level_scales.shape[:-2], () if log_decay is None else log_decay.shape[:-1])
     T, D, L = x.shape[-2], x.shape[-1], level_scales.shape[-1]
@@ -180,7 +189,7 @@ def matmul_forward(level_scales, log_decay, x, *, chunk=None, out=None, return_s
     x = x.expand(batch + x.shape[-2:])
     lam = level_scales.expand(batch + level_scales.shape[-2:])
     g = None if log_decay is None else log_decay.expand(batch + (T,))
-    out = output_buffer(out, batch + (T, D), x)
+    out = output_buffer(out, batch + (T, D), x, {"x": x, "level_scales": level_scales, "log_decay": log_decay})
     B0, B1, strides, (x, lam, g, out) = collapse_batch(batch, [x, lam, g, out])
     B = B0 * B1
     sx, sl, sg, sy = strides

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ._layout import check_tensor
 from .attention_backward import attention_backward
 
 
@@ -21,12 +22,22 @@ def matmul_backward(level_scales, log_decay, x, dy, *, chunk=None):
     level_scales : torch.Tensor, shape ``(*batch, T, L)``
     log_decay : torch.Tensor, shape ``(*batch, T)``, or None
     x, dy : torch.Tensor, shape ``(*batch, T, D)``
+        Leading dims broadcast (``dy``'s to the inputs' broadcast batch).
     chunk : int, optional
+        Power of two in ``[16, 256]``; default ``DEFAULT_CHUNK["attention"]`` (64: the backward runs
+        the attention's kernels), not the matmul forward's.
 
     Returns
     -------
-    (dx, dlevel_scales, dlog_decay) shaped like the inputs (``dlog_decay`` None without decay).
+    (dx, dlevel_scales, dlog_decay)
+        Of shape ``(*batch, T, ·)`` with the inputs' broadcast batch (a broadcast input's gradient is
+        not summed back to its own shape), in the inputs' dtypes (``dlog_decay`` None without decay).
     """
+    check_tensor("x", x, "T, D")
+    check_tensor("dy", dy, "T, D")
+    if tuple(dy.shape[-2:]) != tuple(x.shape[-2:]):
+        raise ValueError(f"dy must have shape (*batch, T, D) with (T, D) = {tuple(x.shape[-2:])} (those of x), "
+                         f"got {tuple(dy.shape)}")
     ones = torch.ones((1,) * (x.dim() - 2) + (x.shape[-2], 1), dtype=x.dtype, device=x.device)
     ones = ones.expand(tuple(x.shape[:-1]) + (1,))
     _, _, dx, dlam, dg = attention_backward(ones, ones, x, level_scales, log_decay, 1.0, dy, chunk=chunk)

@@ -295,8 +295,19 @@ CASES = [
      r"backend 'dense' has no recurrent state"),
     # -- conversions, registry, fenwick ------------------------------------------------
     ("to-dense-over-budget", lambda mp: (over_budget(mp), mask(2).to_dense()), hodlr.DenseTooLargeError,
-     r"LogLinearMask.to_dense: a dense mask of shape \(2, 5, 5\)"),
+     r"LogLinearMask.to_dense: a dense mask of shape \(2, 5, 5\).*make it for a smaller T or batch"),
+    ("gdn-matrix-over-budget", lambda mp: (over_budget(mp), hodlr.gated_delta_matrix(ops(), ops(), np.ones(T),
+                                                                                       mask())),
+     hodlr.DenseTooLargeError, r"hodlr.gated_delta_matrix: a dense mask .*make it for a smaller T or batch"),
     ("block-factors-level", lambda mp: mask().block_factors(0), ValueError, r"lev must be in 1\.\.3 for T=5, got 0"),
+    ("block-factors-t1", lambda mp: hodlr.LogLinearMask(np.ones((1, 1))).block_factors(1), ValueError,
+     r"lev: a mask of T=1 has no off-diagonal blocks"),
+    ("from-mask-array", lambda mp: hodlr.HODLRMatrix.from_mask(np.ones((8, 8))), TypeError,
+     r"M must be a hodlr.LogLinearMask \(HODLRMatrix.from_dense takes an array\), got ndarray"),
+    ("tree-leaf-upper", lambda mp: hodlr.HODLRMatrix(leaf=np.ones((3, 3))), ValueError,
+     r"leaf must be lower triangular, but leaf\[0, 1\] = 1.0 lies above the diagonal"),
+    ("rank-profile-rtol", lambda mp: hodlr.rank_profile(mask(), rtol=-1), ValueError,
+     r"rtol must be a finite number >= 0 or None, got -1"),
     ("registry-unknown", lambda mp: registry.get("nope", "numpy", "cpu", op="matmul"), ValueError, r"unknown backend 'nope'"),
     ("registry-unknown-op", lambda mp: registry.get("dense", "numpy", "cpu", op="softmax"), ValueError,
      r"op must be one of matmul, attention.*got 'softmax'"),
@@ -531,3 +542,74 @@ def test_meta_masks_compute_shapes_or_refuse():
     for convert in (M.to_sparse, M.to_hodlr, M.rank_profile):
         with pytest.raises(ValueError, match="reads the mask's values; a mask on the meta device holds none"):
             convert()
+
+
+def _launcher_inputs():
+    torch.manual_seed(0)
+    B, T_, D = 2, 20, 3
+    t = lambda *shape: torch.randn(shape, dtype=torch.float64)  # noqa: E731
+    q, k, v, do = t(B, T_, D), t(B, T_, D), t(B, T_, D), t(B, T_, D)
+    lam_, g = torch.rand(B, T_, 6, dtype=torch.float64), -torch.rand(B, T_, dtype=torch.float64)
+    beta = torch.rand(B, T_, dtype=torch.float64)
+    return q, torch.nn.functional.normalize(k, dim=-1), v, do, lam_, g, beta
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda K, q, k, v, do, lam_, g, beta: K.attention_backward(q, k, v, lam_, None, 1.0, do, out=(
+        torch.empty(2, 5, 3, dtype=q.dtype), torch.empty(2, 5, 3, dtype=q.dtype), None, None)),
+     ValueError, r"out's dq must have shape \(2, 20, 3\) \(the inputs' broadcast batch\), got \(2, 5, 3\)"),
+    (lambda K, q, k, v, do, lam_, g, beta: K.attention_backward(q, k, v, lam_, None, 1.0, do, out=(
+        None, None, torch.empty(3, 2, 20, 3, dtype=q.dtype), None)),
+     ValueError, r"out's dv must have shape \(2, 20, 3\)"),
+    (lambda K, q, k, v, do, lam_, g, beta: K.attention_backward(q, k, v, lam_, None, 1.0, do, out=(do, do, None, None)),
+     ValueError, r"out's dq overlaps do in memory"),
+    (lambda K, q, k, v, do, lam_, g, beta: K.attention_backward(q, k, v, lam_, None, 1.0, do, out=(None, None, None)),
+     TypeError, r"out must be a tuple of 4 tensors or None \(dq, dk, dv, dlevel_scales\), got tuple of 3"),
+    (lambda K, q, k, v, do, lam_, g, beta: K.attention_backward(q, k, v, lam_, None, 1.0, do[:, :5]),
+     ValueError, r"do must have shape \(\*batch, T, Dv\) = \(2, 20, 3\)"),
+    (lambda K, q, k, v, do, lam_, g, beta: K.attention_state_backward(q[None], k[None], v[None], lam_[None], None, 1.0,
+                                                                       do[None, ..., :1]),
+     ValueError, r"do must have shape \(N, H, T, Dv\) = \(1, 2, 20, 3\)"),
+    (lambda K, q, k, v, do, lam_, g, beta: K.matmul_backward(lam_, None, v, do[..., :2]),
+     ValueError, r"dy must have shape \(\*batch, T, D\) with \(T, D\) = \(20, 3\)"),
+    (lambda K, q, k, v, do, lam_, g, beta: K.gated_delta_backward(q, k, v, beta, lam_, g, 1.0, do, out=(
+        None, None, None, torch.empty(2, 19, dtype=q.dtype), None, None)),
+     ValueError, r"out's dbeta must have shape \(2, 20\)"),
+    (lambda K, q, k, v, do, lam_, g, beta: K.attention_forward(q, k, v, lam_, out=v),
+     ValueError, r"out overlaps v in memory"),
+    (lambda K, q, k, v, do, lam_, g, beta: K.attention_forward(q, k, v, lam_, scale="2"),
+     TypeError, r"scale must be a real number or None, got str"),
+    (lambda K, q, k, v, do, lam_, g, beta: K.gated_delta_forward(q, k, v, beta, lam_, g, float("inf")),
+     ValueError, r"scale must be finite, got inf"),
+    (lambda K, q, k, v, do, lam_, g, beta: K.attention_forward(q[0, 0], k, v, lam_),
+     ValueError, r"q must have shape \(\*batch, T, Dk\), got shape \(3,\)"),
+    (lambda K, q, k, v, do, lam_, g, beta: K.attention_forward(q.long(), k, v, lam_),
+     TypeError, r"q must be a floating tensor, got torch.int64"),
+    (lambda K, q, k, v, do, lam_, g, beta: K.attention_forward(q.float(), k, v, lam_),
+     TypeError, r"k has dtype torch.float64 but q has torch.float32; they must match"),
+    (lambda K, q, k, v, do, lam_, g, beta: K.attention_forward(q, k, v, lam_, return_states="yes"),
+     TypeError, r"return_states must be a bool, got str"),
+    (lambda K, q, k, v, do, lam_, g, beta: K.matmul_forward(lam_, None, v[0, 0]),
+     ValueError, r"x must have shape \(\*batch, T, D\), got shape \(3,\)"),
+    (lambda K, q, k, v, do, lam_, g, beta: K.attention_state_forward(q[None], k[None], v[None], lam_[None],
+                                                                      cu_seqlens=torch.tensor([0.0, 7.5, 20.0])),
+     TypeError, r"cu_seqlens must be a 1-d integer torch.Tensor"),
+    (lambda K, q, k, v, do, lam_, g, beta: K.bucket_states(k[:, :8, None], v[:, :8, None], g[:, :8, None],
+                                                            [(0, 0, 4, 3, 0)], 1, 2),
+     ValueError, r"buckets row 0 \[0, 0, 4, 3, 0\] \(b, t0, n, i, j\) must have .*0 <= i < count=1"),
+    (lambda K, q, k, v, do, lam_, g, beta: K.bucket_states(k[:, :8, None], v[:, :8, None], g[:, :8, None],
+                                                            [(0, 0, 4, 0, 0), (0, 2, 4, 0, 1)], 1, 2),
+     ValueError, r"share tokens: the buckets must be disjoint"),
+    (lambda K, q, k, v, do, lam_, g, beta: K.carried_reads(v[:, :8, None], q[:, :8, None], lam_[:, :8, None], None,
+                                                            torch.zeros(2, 1, 5, 3, 3, dtype=q.dtype), [16.5, 48], 1.0),
+     TypeError, r"positions\[0\] must be an integer, got float"),
+], ids=["out-shape", "out-batch", "out-overlaps-input", "out-tuple-length", "do-shape", "state-do-shape", "dy-shape",
+        "gdn-out-shape", "forward-out-overlaps", "scale-string", "scale-inf", "rank", "integer", "mixed-dtypes",
+        "flag-not-bool", "matmul-x-rank", "cu-seqlens-float", "buckets-out-of-range", "buckets-overlap",
+        "positions-float"])
+def test_kernel_launchers_refuse_what_they_cannot_write(call, error, message):
+    """The kernels write every element of their outputs and read every element they are told of:
+    a buffer, cotangent, bucket table or position of another size is refused by name before a
+    launch (it was written or read past its end), as are odd scales, flags, ranks and dtypes."""
+    with pytest.raises(error, match=message):
+        call(kernels(), *_launcher_inputs())

@@ -252,6 +252,10 @@ def test_bench_hands_arguments_on(capsys, monkeypatch):
                                      "gated_delta_attention"),
     (["demo", "--batch", "0"], "batch sizes must be >= 1 (an empty batch checks nothing)"),
     (["verify", "--decay", "5"], "decay must be a finite log-decay <= 0"),
+    (["verify", "--batch", "x"], "expected a batch shape such as 2 or 2,3 (or 2x3), got 'x'"),
+    (["verify", "--batch", ",,"], "expected a batch shape"),
+    (["verify", "--batch", ""], "expected a batch shape"),
+    (["verify", "--batch", "2,x"], "expected a batch shape"),
 ])
 def test_bad_arguments_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as info:
@@ -564,3 +568,18 @@ def test_bench_arguments_are_checked_before_running(capsys, argv, message):
     with pytest.raises(SystemExit) as err:
         cli.main(argv)
     assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_edges_a_user_meets(capsys):
+    """A backend whose kernels take narrower keys is a refusal row (not a disagreement); a ``show``
+    past 2**50 a one-line error; ``2x3`` a batch shape; a closed pipe no traceback."""
+    code, out, _ = run(capsys, "verify", "-T", "20", "--dk", "129", "--dv", "2", "--d", "1", "--batch", "1x1",
+                       "--ops", "gated_delta_attention", "--backends", "triton,fenwick", "--arrays", "torch")
+    assert code == 0, out
+    assert re.search(r"triton .* gated_delta_attention .*refused: its kernels take keys up to 128 wide, these are 129",
+                     out), out
+    code, _, err = run(capsys, "show", str(2**50 + 1))
+    assert code == 2 and err.strip() == f"hodlr show: error: T must be <= 2**50 = {2**50}, got {2**50 + 1}"
+    piped = subprocess.run(f"{sys.executable} -m hodlr show 64 | head -1", shell=True, capture_output=True, text=True,
+                           timeout=120)
+    assert "Traceback" not in piped.stderr and piped.stdout.startswith("levels of the T=64 mask")
