@@ -151,19 +151,23 @@ def memory_span(x: torch.Tensor) -> tuple:
     return x.device, lo, hi + x.element_size()
 
 
-def check_no_overlap(name: str, x: torch.Tensor, others: dict) -> None:
-    """Refuse an output buffer ``x`` whose memory meets that of one of ``others`` (``{name: tensor
-    or None}``: inputs it would overwrite while they are read, or other buffers it would share)."""
-    if x.numel() == 0:
-        return
-    dev, lo, hi = memory_span(x)
-    for other_name, y in others.items():
-        if y is None or y.numel() == 0:
-            continue
-        other_dev, other_lo, other_hi = memory_span(y)
-        if other_dev == dev and lo < other_hi and other_lo < hi:
-            raise ValueError(f"{name} overlaps {other_name} in memory: an output buffer must not share memory "
-                             f"with an input or another output")
+def check_disjoint(buffers: dict, reads: dict) -> None:
+    """Refuse output buffers (``{name: tensor}``) whose memory meets that of an input of ``reads``
+    (``{name: tensor or None}``: it would be overwritten while it is read) or of another buffer.
+    Tensors of different storages never meet, so spans are compared only within a storage (inputs
+    may share one with each other: a fused ``qkv`` read as three views)."""
+    storages = {}
+    for name, x in {**reads, **buffers}.items():
+        if x is not None and x.numel():
+            storages.setdefault((x.device, x.untyped_storage().data_ptr()), []).append((name, x))
+    for group in storages.values():
+        spans = [(name, memory_span(x)[1:]) for name, x in group] if len(group) > 1 else ()
+        for i, (a, (lo, hi)) in enumerate(spans):
+            for b, (other_lo, other_hi) in spans[i + 1:]:
+                if (a in buffers or b in buffers) and lo < other_hi and other_lo < hi:
+                    first, second = (a, b) if a in buffers else (b, a)
+                    raise ValueError(f"{first} overlaps {second} in memory: an output buffer must not share memory "
+                                     f"with an input or another output")
 
 
 def check_block(T: int, flag) -> int:
@@ -259,7 +263,7 @@ def output_buffer(out, shape: torch.Size, like: torch.Tensor, inputs: dict = Non
         raise ValueError(f"out must be a contiguous {like.dtype} tensor of shape {tuple(shape)} on {like.device}, "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}"
                          + ("" if out.is_contiguous() else " (not contiguous)"))
-    check_no_overlap("out", out, inputs or {})
+    check_disjoint({"out": out}, inputs or {})
     return out
 
 

@@ -25,7 +25,7 @@ from . import _sequences, states as _states
 from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_mask, matrix_tile, next_decay, next_level,
                       read_entry, reads_level, sequence_chunk, sequence_row, validate_rows)
 from ._layout import (NUM_WARPS, block, broadcast_shape, cdiv, check_block, check_bool, check_chunk, check_flag,
-                      check_levels, check_no_overlap, check_same_dtype, check_tensor, chunk_count, collapse_grouped, compute_types,
+                      check_disjoint, check_levels, check_same_dtype, check_tensor, chunk_count, collapse_grouped, compute_types,
                       interpreting, output_buffer, scratch, state_dtypes)
 
 
@@ -387,7 +387,6 @@ def attention_layout(q, k, v, level_scales, log_decay, *, beta=None, do=None, ou
             raise ValueError(f"do must have shape (*batch, T, Dv) = {batch + (T, DV)} (its batch may broadcast to "
                              f"the inputs'), got {tuple(do.shape)}")
         named["do"] = do
-    read = {"q": q, "k": k, "v": v, "level_scales": level_scales, "log_decay": log_decay, "beta": beta, "do": do}
     widths = {"dq": (DK,), "dk": (DK,), "dv": (DV,), "dl": (L,), "db": (), "dg": ()}
     out = out or {}
     for name, x in out.items():
@@ -397,9 +396,11 @@ def attention_layout(q, k, v, level_scales, log_decay, *, beta=None, do=None, ou
         want = batch + (T,) + widths[name]
         if tuple(x.shape) != want:
             raise ValueError(f"{label} must have shape {want} (the inputs' broadcast batch), got {tuple(x.shape)}")
-        check_no_overlap(label, x, {**read, **{f"out's {OUT_LABELS[other]}": y for other, y in out.items()
-                                               if other != name}})
         named[name] = x if widths[name] else x[..., None]
+    if out:
+        check_disjoint({f"out's {OUT_LABELS[name]}": x for name, x in out.items()},
+                       {"q": q, "k": k, "v": v, "level_scales": level_scales, "log_decay": log_decay, "beta": beta,
+                        "do": do})
     named = {name: x if x.shape[:-2] == batch else x.expand(batch + tuple(x.shape[-2:])) for name, x in named.items()}
     named["g"] = log_decay if log_decay is None or log_decay.shape[:-1] == batch else log_decay.expand(batch + (T,))
     B0, B1, strides, folded, group = collapse_grouped(batch, list(named.values()), (0, 1))
