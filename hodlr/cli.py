@@ -663,6 +663,9 @@ def backends_table(info: dict) -> str:
     lines += ["  ".join(x.ljust(w) for x, w in zip(c, widths)).rstrip() for c in cells]
     if reasons:
         lines += ["", "why not:"] + [f"  ({n}) {reason}" for reason, n in reasons.items()]
+        if any("TRITON_INTERPRET=1 set before" in reason for reason in reasons):
+            lines.append("  (hodlr demo, verify and the benchmarks' CPU runs set TRITON_INTERPRET=1 themselves "
+                         "where there is no CUDA GPU)")
     unoffered = [op for op in registry.OPS if not any(op in entry["ops"] for entry in info.values())]
     if unoffered:
         lines += ["", "no backend offers: " + ", ".join(unoffered)]

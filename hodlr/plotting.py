@@ -337,8 +337,8 @@ def _batch_index(index, batch) -> tuple:
 
 
 def _batch_entry(M, index):
-    """The mask of batch entry ``index`` of ``M`` (each generator indexed where it is batched)."""
-    from hodlr.mask import LogLinearMask
+    """The mask of batch entry ``index`` of ``M`` (each generator indexed where it is batched), of
+    ``M``'s own class (this module imports no mask)."""
 
     def pick(a, inner):
         if a is None:
@@ -347,7 +347,7 @@ def _batch_entry(M, index):
         at = index[len(index) - len(own):]
         return a[tuple(i if n > 1 else 0 for i, n in zip(at, own))]
 
-    return LogLinearMask(pick(M.level_scales, 2), pick(M.log_decay, 1), validate=False)
+    return type(M)(pick(M.level_scales, 2), pick(M.log_decay, 1), validate=False)
 
 
 def plot_buckets(t: int, T: int | None = None, ax=None, *, cmap="viridis"):

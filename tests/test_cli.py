@@ -223,6 +223,11 @@ def test_backends_table(capsys):
     for name in registry.NAMES:
         assert (name, "matmul") in rows and (name, "attention") in rows, name
     assert rows["dense", "matmul"][:2] == ["yes", "yes"]
+    cpu_only = {"triton": {"ops": {"matmul": {"numpy": "needs torch tensors", "torch_cuda": "no CUDA device here",
+                                              "torch_cpu": "needs a CUDA device (or CPU tensors with TRITON_INTERPRET=1 "
+                                                           "set before hodlr.kernels is imported)"}},
+                           "description": "kernels"}}
+    assert "demo, verify and the benchmarks' CPU runs set TRITON_INTERPRET=1 themselves" in cli.backends_table(cpu_only)
 
 
 def test_bench_missing_module(capsys, monkeypatch):
