@@ -52,12 +52,12 @@ def causal_conv(x, conv):
                            groups=x.shape[-1])).transpose(1, 2)
 
 
-def gated_rmsnorm(x, z, weight, group, eps, before_gate):
+def gated_rmsnorm(x, z, weight, group, eps, before_gate, act=F.silu):
     if not before_gate:
-        x = x * F.silu(z)
+        x = x * act(z)
     xg = x.unflatten(-1, (-1, group))
     y = (xg / torch.sqrt(xg.square().mean(-1, keepdim=True) + eps)).flatten(-2) * weight
-    return y * F.silu(z) if before_gate and z is not None else y
+    return y * act(z) if before_gate and z is not None else y
 
 
 def lambdas(layer, dl, B, T, H):
@@ -126,7 +126,8 @@ def gdn_reference(layer, x):
             pair = Dk ** -0.5 * (q[:, t] * w).sum(-1) * lam[:, t, :, lev[t, s]]
             o[:, t] += pair[..., None] * v[:, s]
     gate = F.linear(x, layer.g_proj.weight).reshape(B_, T, Hv, Dv) if layer.use_gate else None
-    o = gated_rmsnorm(o, gate, layer.o_norm.weight, Dv, layer.o_norm.eps, True)
+    act = torch.sigmoid if layer.o_norm.activation == "sigmoid" else F.silu  # fla's output_gate_activation
+    o = gated_rmsnorm(o, gate, layer.o_norm.weight, Dv, layer.o_norm.eps, True, act)
     return F.linear(o.flatten(-2), layer.o_proj.weight)
 
 
@@ -145,7 +146,8 @@ def test_mamba2_equals_reference(hierarchical, extra):
 
 @pytest.mark.parametrize("hierarchical", [True, False])
 @pytest.mark.parametrize("extra", [{}, dict(use_gate=False, use_short_conv=False, allow_neg_eigval=True,
-                                            num_v_heads=2, expand_v=1, conv_bias=True)])
+                                            num_v_heads=2, expand_v=1, conv_bias=True),
+                                   dict(output_gate_activation="sigmoid")])
 def test_gated_deltanet_equals_reference(hierarchical, extra):
     layer = make(LogLinearGatedDeltaNet, hierarchical, **extra)
     for T in (1, 2, 3, 9):
@@ -302,6 +304,10 @@ def test_rms_norm_gated_groups_and_gate():
         RMSNormGated(8, eps=-1)
     with pytest.raises(TypeError, match="norm_before_gate must be a bool, got str"):
         RMSNormGated(8, norm_before_gate="yes")
+    with pytest.raises(ValueError, match="activation must be one of 'swish', 'silu', 'sigmoid', got 'relu'"):
+        RMSNormGated(8, activation="relu")
+    with pytest.raises(ValueError, match="output_gate_activation must be one of 'swish', 'silu', 'sigmoid', got 'tanh'"):
+        LogLinearGatedDeltaNet(**GDN, output_gate_activation="tanh")
 
 
 # -- bad calls and configurations ---------------------------------------------------------------------------

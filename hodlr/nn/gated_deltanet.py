@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hodlr.fenwick.arrays import check_bool, check_int
-from hodlr.nn.modules import LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution, check_positive, l2norm
+from hodlr.nn.modules import (GATE_ACTIVATIONS, LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution,
+                              check_positive, l2norm)
 from hodlr.ops import log_linear_gated_delta_rule
 
 __all__ = ["LogLinearGatedDeltaNet"]
@@ -54,6 +55,8 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
     layer_idx : int, optional
         Kept for the caller's bookkeeping.
     norm_eps : float, default 1e-5
+    output_gate_activation : {"swish", "silu", "sigmoid"}, default "swish"
+        Of the output gate (with ``use_gate``); ``swish`` and ``silu`` are the same function.
     num_levels : int, default 15
         Columns of ``λ`` (``L`` and ``l_proj``): positions up to ``2**(num_levels - 1)``.
     hierarchical : bool, default True
@@ -74,8 +77,8 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
     def __init__(self, hidden_size: int = 2048, expand_v: float = 2, head_dim: int = 256, num_heads: int = 6,
                  num_v_heads: int | None = None, use_gate: bool = True, use_short_conv: bool = True,
                  allow_neg_eigval: bool = False, conv_size: int = 4, conv_bias: bool = False,
-                 layer_idx: int | None = None, norm_eps: float = 1e-5, *, num_levels: int = 15,
-                 hierarchical: bool = True, backend: str = "auto"):
+                 layer_idx: int | None = None, norm_eps: float = 1e-5, output_gate_activation: str = "swish", *,
+                 num_levels: int = 15, hierarchical: bool = True, backend: str = "auto"):
         super().__init__()
         num_v_heads = num_heads if num_v_heads is None else num_v_heads
         sizes = {"hidden_size": hidden_size, "head_dim": head_dim, "num_heads": num_heads, "num_v_heads": num_v_heads,
@@ -86,6 +89,9 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
             ("use_gate", use_gate), ("use_short_conv", use_short_conv), ("allow_neg_eigval", allow_neg_eigval),
             ("conv_bias", conv_bias)))
         norm_eps = check_positive("norm_eps", norm_eps)
+        if not isinstance(output_gate_activation, str) or output_gate_activation not in GATE_ACTIVATIONS:
+            raise ValueError(f"output_gate_activation must be one of {', '.join(map(repr, GATE_ACTIVATIONS))}, got "
+                             f"{output_gate_activation!r}")
         if num_v_heads % num_heads:
             raise ValueError(f"num_heads={num_heads} (query/key heads) must divide num_v_heads={num_v_heads}")
         ok = isinstance(expand_v, (int, float)) and not isinstance(expand_v, bool) and math.isfinite(expand_v)
@@ -121,7 +127,8 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
             self.v_conv1d = ShortConvolution(self.value_dim, conv_size, bias=conv_bias)
         if use_gate:
             self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
-        self.o_norm = RMSNormGated(self.head_v_dim, eps=norm_eps, norm_before_gate=True)
+        self.o_norm = RMSNormGated(self.head_v_dim, eps=norm_eps, norm_before_gate=True,
+                                   activation=output_gate_activation)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
     def forward(self, hidden_states: torch.Tensor, cache: LayerCache | None = None, use_cache: bool = False):

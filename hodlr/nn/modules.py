@@ -131,12 +131,18 @@ class ShortConvolution(nn.Conv1d):
         return y.transpose(1, 2), (full[..., -W:] if output_final_state else None)
 
 
-class RMSNormGated(nn.Module):
-    """RMS norm with an optional SiLU gate, computed in float32 and returned in the input's dtype.
+GATE_ACTIVATIONS = {"swish": F.silu, "silu": F.silu, "sigmoid": torch.sigmoid}
+"""The gate activations :class:`RMSNormGated` takes (flash-linear-attention's names: ``swish`` and
+``silu`` are one function)."""
 
-    ``norm_before_gate=False``: ``rmsnorm(x · silu(z)) · weight``; ``True``:
-    ``rmsnorm(x) · weight · silu(z)``; without ``z`` a plain RMS norm.  With ``group_size`` the
-    mean square is taken over groups of that many channels.
+
+class RMSNormGated(nn.Module):
+    """RMS norm with an optional gate, computed in float32 and returned in the input's dtype.
+
+    ``norm_before_gate=False``: ``rmsnorm(x · act(z)) · weight``; ``True``:
+    ``rmsnorm(x) · weight · act(z)``; without ``z`` a plain RMS norm.  ``act`` is ``silu`` (or
+    ``sigmoid``: ``activation``).  With ``group_size`` the mean square is taken over groups of that
+    many channels.
 
     Parameters
     ----------
@@ -145,25 +151,30 @@ class RMSNormGated(nn.Module):
     group_size : int, optional
         Must divide ``hidden_size``; None: one group.
     norm_before_gate : bool, default False
+    activation : {"swish", "silu", "sigmoid"}, default "silu"
+        Of the gate (``swish`` and ``silu`` are the same function).
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: int | None = None,
-                 norm_before_gate: bool = False):
+                 norm_before_gate: bool = False, activation: str = "silu"):
         super().__init__()
         hidden_size = check_int("hidden_size", hidden_size, 1)
         group_size = hidden_size if group_size is None else check_int("group_size", group_size, 1)
         if hidden_size % group_size:
             raise ValueError(f"group_size={group_size} must divide hidden_size={hidden_size}")
+        if not isinstance(activation, str) or activation not in GATE_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(map(repr, GATE_ACTIVATIONS))}, got {activation!r}")
         self.hidden_size, self.eps, self.group_size = hidden_size, check_positive("eps", eps), group_size
         self.norm_before_gate = check_bool("norm_before_gate", norm_before_gate)
+        self.activation = activation
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalise ``x (..., hidden_size)`` per group, gated by ``silu(z)`` (``z`` of ``x``'s shape, or
+        """Normalise ``x (..., hidden_size)`` per group, gated by ``act(z)`` (``z`` of ``x``'s shape, or
         None: no gate); the result has ``x``'s shape and dtype."""
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
         y = x.to(work)
-        gate = None if z is None else F.silu(z.to(work))
+        gate = None if z is None else GATE_ACTIVATIONS[self.activation](z.to(work))
         if gate is not None and not self.norm_before_gate:
             y = y * gate
         groups = y.unflatten(-1, (-1, self.group_size))
@@ -175,7 +186,7 @@ class RMSNormGated(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.hidden_size}, eps={self.eps}, group_size={self.group_size}, "
-                f"norm_before_gate={self.norm_before_gate}")
+                f"norm_before_gate={self.norm_before_gate}, activation={self.activation!r}")
 
 
 class LayerCache:
