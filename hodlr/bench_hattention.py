@@ -31,8 +31,8 @@ kernels compile and autotune once per ``D``; ``exact`` gives it ``num_levels(T)`
 ``--hatt-l-dtype`` is the dtype of its level scales in the timing rows (default: that of q).
 
 ``--autotune-cache DIR`` keeps Triton's autotuning results on disk: hattention's and fla 0.4.0's
-kernels autotune on their first call (its backward's for more than 10 minutes on an H200, more
-than one device command), so a first run stopped part-way keeps the kernels it tuned and a second
+kernels autotune on their first call (its backward's for more than 10 minutes on an H200), so a
+first run stopped part-way keeps the kernels it tuned and a second
 run with the same ``DIR`` (or only its ``*.autotune.json`` files, in their folders:
 ``cd DIR && find . -name '*.autotune.json' | tar -czf tuned.tgz -T -``) reuses them.  The
 autotuners read the setting when they are built: hattention and fla must not be imported before.

@@ -33,8 +33,7 @@ class Options:
     gated_delta_save_states : bool
         The ``triton`` backend's differentiable log-linear Gated DeltaNet keeps the forward's
         chunk products and hierarchy (``X``, ``W``, the states and transitions) for the backward
-        instead of recomputing them (``docs/kernels.md`` §7.2; forward + backward 5 – 9% faster on
-        an H200): ``4 (C + Dk) + 4 Dk (Dk + Dv) / C`` more bytes a token and head for bfloat16
+        instead of recomputing them (``docs/kernels.md`` §7.2, measured in §7.4): a faster backward for ``4 (C + Dk) + 4 Dk (Dk + Dv) / C`` more bytes a token and head for bfloat16
         inputs (1,408 at ``Dk = Dv = 64``, 4,736 at 128, the chunk ``C = 32``; for float16 and float32
         inputs ``8 Dk (Dk + Dv) / C`` for the hierarchy) held from the forward to the backward, per
         layer: 2.3 GiB for a layer of 65,536 tokens and 8 heads of width 128.  Read by
