@@ -72,20 +72,21 @@ the copy's ``__init__.py`` is reduced to its version line), and fla-core 0.4.0, 
 was written against, in a directory of its own (``--target``), since hodlr's other comparisons
 use the fla-core 0.6.0 installed beside hodlr::
 
-    git clone https://github.com/HanGuo97/log-linear-attention /opt/log-linear-attention
-    git -C /opt/log-linear-attention checkout 7f8644159c1406fae1ad863829a5b3a4fbf63022
-    mkdir -p /opt/hattention && cp -r /opt/log-linear-attention/hattention /opt/hattention/
-    echo '__version__ = "0.0.1"' > /opt/hattention/hattention/__init__.py
+    DIR=$HOME/hattention-bench   # any folder of your choice
+    git clone https://github.com/HanGuo97/log-linear-attention $DIR/log-linear-attention
+    git -C $DIR/log-linear-attention checkout 7f8644159c1406fae1ad863829a5b3a4fbf63022
+    mkdir -p $DIR/hattention && cp -r $DIR/log-linear-attention/hattention $DIR/hattention/
+    echo '__version__ = "0.0.1"' > $DIR/hattention/hattention/__init__.py
     python3 -m pip install einops jaxtyping click
-    python3 -m pip install --no-deps --target /opt/fla04 fla-core==0.4.0
+    python3 -m pip install --no-deps --target $DIR/fla04 fla-core==0.4.0
 
 GPU (``T`` 2048 ... 65536, ``D`` 64 and 128, accuracy at 4096), whole or by head width::
 
-    PYTHONPATH=/opt/fla04:/opt/hattention python3 -m hodlr bench-hattention \\
+    PYTHONPATH=$DIR/fla04:$DIR/hattention python3 -m hodlr bench-hattention \\
         --json hatt.json --png hatt.png
-    PYTHONPATH=/opt/fla04:/opt/hattention python3 -m hodlr bench-hattention --widths 64 \\
+    PYTHONPATH=$DIR/fla04:$DIR/hattention python3 -m hodlr bench-hattention --widths 64 \\
         --json hatt-64.json --png hatt-64.png
-    PYTHONPATH=/opt/fla04:/opt/hattention python3 -m hodlr bench-hattention --widths 128 --accuracy \\
+    PYTHONPATH=$DIR/fla04:$DIR/hattention python3 -m hodlr bench-hattention --widths 128 --accuracy \\
         --json hatt-128.json --png hatt-128.png
 
 ``--device cpu`` runs the code path with Triton's interpreter (``TRITON_INTERPRET=1``, set for the
@@ -95,7 +96,7 @@ the interpreter's bf16 arithmetic is broken: a smoke test, the times mean nothin
 through ``hattention.kernel.hattention_kernel`` as its API does (the API refuses float32), and
 fla-core 0.4.0 needs a Triton that still has ``tl.make_block_ptr`` (3.6 or older)::
 
-    PYTHONPATH=/opt/fla04:/opt/hattention python3 -m hodlr bench-hattention --device cpu \\
+    PYTHONPATH=$DIR/fla04:$DIR/hattention python3 -m hodlr bench-hattention --device cpu \\
         --json hatt-cpu.json --png hatt-cpu.png
 """
 

@@ -33,8 +33,8 @@ __all__ = ["attention", "bucket_states", "carried_reads", "gated_delta", "matmul
 def _buffers_like(*inputs):
     """The backward kernels' ``out=``: for each input a buffer laid out like it (a view's gradient then
     has its base's layout: a ``(B, H, T, D)`` view of a ``(B, T, H, D)`` tensor gets a ``(B, T, H, D)``
-    gradient, and adding it to ``.grad`` or to another gradient runs on contiguous memory, 2.5x faster
-    on an H200); None for an absent or broadcast input (grouped heads' ``q``, ``k``), whose gradient
+    gradient, and adding it to ``.grad`` or to another gradient runs on contiguous memory, not strided:
+    docs/distributed.md measures both); None for an absent or broadcast input (grouped heads' ``q``, ``k``), whose gradient
     comes per batch entry for autograd to sum."""
     return tuple(None if x is None or 0 in x.stride() else torch.empty_like(x) for x in inputs)
 

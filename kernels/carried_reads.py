@@ -43,9 +43,8 @@ STRETCH = 4096
 """Tokens one program of the backward runs through (it adds its part of the state gradient once)."""
 
 NUM_WARPS = 4
-"""Warps per program (measured on the H200 at T = 2**19, 16 heads of 64: forward 1.34 ms with 128
-rows and 4 warps, 2.17 ms with 8 warps, 1.51 ms with 64 rows; backward 2.79 ms with 64 rows and 4
-warps, 3.09-3.71 ms with 8 warps, 2.80 ms with 128 rows)."""
+"""Warps per program: the fastest forward and backward of the settings measured on the H200
+(docs/kernels.md §6.2 gives them)."""
 
 
 @triton.jit
