@@ -86,7 +86,12 @@ class GatedDeltaState(_StreamingState):
 
     Notes
     -----
-    Every method validates all its inputs before it changes anything.
+    Every method validates its inputs before it changes anything (shapes, dtypes, library and
+    device of all; the values of ``beta``, of the level scales it reads and of the log-decay, which
+    must be finite), so a call that raises leaves the state as it was; ``q``, ``k``, ``v`` values
+    are not scanned (a non-finite one makes the outputs and states that depend on it non-finite).
+    A copy that steps on its own (beam search): ``GatedDeltaState(batch_shape, Dk, Dv,
+    position=s.position, states=s.stacked())``.
 
     Examples
     --------
@@ -131,11 +136,13 @@ class GatedDeltaState(_StreamingState):
         return int(a.numel()) * a.element_size() if is_torch(a) else int(a.nbytes)
 
     def states(self) -> dict:
-        """Each live state as an array: ``{level: S}``, ``S`` of shape ``(*batch, Dk, Dv)``:
+        """Each live state as a new array (not a view of the state): ``{level: S}``, ``S`` of shape
+        ``(*batch, Dk, Dv)``:
         ``sum_{s in bucket(position, level)} (A_{p-1} ... A_{s+1}) beta_s k_s v_s^T``,
         ``p = position``."""
         shape = self._batch + (self._Dk, self._Dv)
-        return {lev: self._stack[:, i].reshape(shape) for i, lev in enumerate(self._levels)}
+        copy = (lambda a: a.clone()) if is_torch(self._stack) else (lambda a: a.copy())
+        return {lev: copy(self._stack[:, i].reshape(shape)) for i, lev in enumerate(self._levels)}
 
     def stacked(self, slots: int | None = None):
         """The states as one array ``(*batch, slots, Dk, Dv)``, slot ``l - 1`` holding level ``l``
@@ -163,11 +170,11 @@ class GatedDeltaState(_StreamingState):
     # -- validation --------------------------------------------------------------------
     def _inputs(self, q, k, v, beta, level_scales, log_decay, T=None):
         lead = () if T is None else (T,)
-        lay = "(*batch, " + ("" if T is None else "T, ")
+        lay = "(*batch, " + ("" if T is None else f"T={T} as in v, ")  # (T is v's length)
+        v = self._operand("v", v, lead + (self._Dv,), lay.replace(" as in v", "") + "Dv)")
         q = self._operand("q", q, lead + (self._Dk,), lay + "Dk)")
         k = self._operand("k", k, lead + (self._Dk,), lay + "Dk)")
-        v = self._operand("v", v, lead + (self._Dv,), lay + "Dv)")
-        scalar = "(*batch" + ("" if T is None else ", T") + ")"
+        scalar = "(*batch" + ("" if T is None else f", T={T} as in v") + ")"
         beta = self._operand("beta", beta, lead, scalar)
         lam = self._operand("level_scales", level_scales, lead + (None,), lay + "L)")
         g = self._log_decay(log_decay, lead, scalar)
@@ -228,6 +235,7 @@ class GatedDeltaState(_StreamingState):
         lam_read = lam[:, [0] + self._levels]
         self._check_finite("level_scales", lam_read, f"position {t}")
         self._check_finite("log_decay", g, f"position {t}")
+        self._check_finite("beta", beta, f"position {t}")
         xp = namespace(v)
         j = self._merges()
         alpha = None if g is None else xp.exp(g)
@@ -272,6 +280,7 @@ class GatedDeltaState(_StreamingState):
         where = f"positions {start}..{start + T - 1}"
         self._check_finite("level_scales", lam_read, where)
         self._check_finite("log_decay", g, where)
+        self._check_finite("beta", beta, where)
         # -- validated: from here on the state changes --
         xp = namespace(v)
         counts = (lev > 0).sum(1).tolist()

@@ -91,7 +91,12 @@ def live_levels(positions) -> np.ndarray:
            [3, 2, 0],
            [3, 2, 1]])
     """
-    p = np.atleast_1d(np.asarray(positions, dtype=np.int64))
+    given = np.atleast_1d(np.asarray(positions))
+    if given.size and (given.dtype == bool or not np.issubdtype(given.dtype, np.integer)):
+        raise TypeError(f"positions must be integers, got {given.dtype}")
+    p = given.astype(np.int64)
+    if p.size and p.min() < 0:
+        raise ValueError(f"positions must be >= 0, got {int(p.min())}")
     width = max(int(p.max(initial=0)).bit_length(), 1)
     flips = np.left_shift(1, np.arange(width, dtype=np.int64))
     lev = level(p[:, None], np.bitwise_xor(p[:, None], flips[None, :]))
@@ -294,8 +299,11 @@ class FenwickState(_StreamingState):
 
     Notes
     -----
-    Every method validates all its inputs before it changes anything: a call that
-    raises leaves the state exactly as it was.  Matmul streams with ``Dk = 1`` and
+    Every method validates its inputs before it changes anything (shapes, dtypes, library and
+    device of all; the values of the level scales it reads and of the log-decay, which must be
+    finite): a call that raises leaves the state exactly as it was.  ``q``, ``k``, ``v`` values are
+    not scanned.  A copy that steps on its own (beam search):
+    ``FenwickState.from_states(s.position, s.states(), ...)``.  Matmul streams with ``Dk = 1`` and
     ``q = k = 1`` (ones of shape ``(*batch, 1)``).
 
     Examples
@@ -397,16 +405,16 @@ class FenwickState(_StreamingState):
         """Validate one position (``T is None``) or ``T`` positions; return them as
         ``(B, [T,] width)`` arrays."""
         lead = () if T is None else (T,)
-        lay = "(*batch, " + ("" if T is None else "T, ")
+        lay = "(*batch, " + ("" if T is None else f"T={T} as in v, ")  # (T is v's length)
+        v = self._operand("v", v, lead + (self._Dv,), lay.replace(" as in v", "") + "Dv)")
         if self._keyless:
             q = k = None
         else:
             q = self._operand("q", q, lead + (self._Dk,), lay + "Dk)")
             k = self._operand("k", k, lead + (self._Dk,), lay + "Dk)")
-        v = self._operand("v", v, lead + (self._Dv,), lay + "Dv)")
         lam = self._operand("level_scales", level_scales, lead + (None,), lay + "L)")
         L = int(lam.shape[-1])
-        g = self._log_decay(log_decay, lead, "(*batch" + ("" if T is None else ", T") + ")")
+        g = self._log_decay(log_decay, lead, "(*batch" + ("" if T is None else f", T={T} as in v") + ")")
         return q, k, v, lam, g, L
 
     # -- the recurrence ------------------------------------------------------------------
@@ -618,7 +626,7 @@ class FenwickState(_StreamingState):
                 n0 = len(self._levels)
                 s = s + xp.matmul(old_c[:, None, None, keep:n0], self._buf[:, :, keep:n0, :])[:, :, 0, :]
             slots.append(s)
-            scales.append(xp.ones_like(v[:, 0, :1]))
+            scales.append(zeros((self._B, 1), v) + 1)  # (a decay factor a slot, whatever Dv: 0 too)
         n1 = keep + len(slots)
         cap = max(self.capacity, n1)
         pad = cap - n1

@@ -687,3 +687,14 @@ def test_log_decay_of_position_zero_is_not_read(kind, bad):
     state.prefill(*(x[:1] for x in (q, k, v) + extra), lam[:1], g[:1])
     with pytest.raises(ValueError, match="log_decay must be finite"):
         state.prefill(*(x[1:] for x in (q, k, v) + extra), lam[1:], torch.full((T - 1,), float("nan")).double())
+
+
+def test_extend_with_no_value_columns_and_live_levels_checks():
+    """``Dv = 0`` through ``extend`` then ``step`` (each slot's decay factor is one number whatever
+    the width); ``live_levels`` refuses what is not a non-negative integer."""
+    state = FenwickState((), 2, 0)
+    state.extend(np.ones((3, 2)), np.ones((3, 0)))
+    assert state.step(np.ones(2), np.ones(2), np.ones(0), np.ones(3)).shape == (0,)
+    for bad, error in ((2.7, TypeError), (True, TypeError), (-1, ValueError)):
+        with pytest.raises(error, match="positions must be"):
+            live_levels(bad)

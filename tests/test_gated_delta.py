@@ -537,3 +537,26 @@ def test_auto_backend_of_the_rule():
         assert ops._resolve_gated_delta("auto", torch.device("cuda"), False, 64).__name__.endswith(".triton")
         assert ops._resolve_gated_delta("auto", torch.device("cuda"), False, 256).__name__.endswith(".chunked")
         assert ops._resolve_gated_delta("auto", torch.device("cuda"), True, 64).__name__.endswith(".chunked")
+
+
+def test_state_refuses_a_non_finite_beta_and_hands_out_copies():
+    """A NaN ``beta`` is refused before the state changes (as a read level scale or a log-decay is);
+    ``states()`` returns new arrays; a length mismatch names ``v`` as the source of ``T``."""
+    rng = np.random.default_rng(5)
+    T, Dk, Dv = 6, 3, 2
+    q, v = rng.standard_normal((T, Dk)), rng.standard_normal((T, Dv))
+    k = _unit(rng.standard_normal((T, Dk)))
+    beta, g, lam = rng.uniform(0.1, 1.0, T), -rng.uniform(0.0, 1.0, T), rng.uniform(0.5, 1.0, (T, 4))
+    state = GatedDeltaState((), Dk, Dv)
+    state.prefill(q[:4], k[:4], v[:4], beta[:4], lam[:4], g[:4])
+    before = state.stacked().copy()
+    with pytest.raises(ValueError, match=r"beta must be finite \(position 4\); got NaN or inf"):
+        state.step(q[4], k[4], v[4], np.nan, lam[4], g[4])
+    with pytest.raises(ValueError, match=r"beta must be finite \(positions 4\.\.5\)"):
+        state.prefill(q[4:], k[4:], v[4:], np.array([0.5, np.inf]), lam[4:], g[4:])
+    with pytest.raises(ValueError, match=r"q must have shape \(\*batch, T=2 as in v, Dk\) = \(2, 3\), got shape \(1, 3\)"):
+        state.prefill(q[4:5], k[4:], v[4:], beta[4:], lam[4:], g[4:])
+    assert state.position == 4 and np.array_equal(state.stacked(), before)
+    for S in state.states().values():
+        S[...] = 0.0
+    assert np.array_equal(state.stacked(), before)
