@@ -90,8 +90,7 @@ class GatedDeltaState(_StreamingState):
     device of all; the values of ``beta``, of the level scales it reads and of the log-decay, which
     must be finite), so a call that raises leaves the state as it was; ``q``, ``k``, ``v`` values
     are not scanned (a non-finite one makes the outputs and states that depend on it non-finite).
-    A copy that steps on its own (beam search): ``GatedDeltaState(batch_shape, Dk, Dv,
-    position=s.position, states=s.stacked())``.
+    A copy that steps on its own (beam search): :meth:`copy`.
 
     Examples
     --------
@@ -143,6 +142,12 @@ class GatedDeltaState(_StreamingState):
         shape = self._batch + (self._Dk, self._Dv)
         copy = (lambda a: a.clone()) if is_torch(self._stack) else (lambda a: a.copy())
         return {lev: copy(self._stack[:, i].reshape(shape)) for i, lev in enumerate(self._levels)}
+
+    def copy(self) -> "GatedDeltaState":
+        """An independent state at the same position with the same buckets (new arrays; with torch,
+        gradients flow to this state's arrays): it steps on its own, for beam search."""
+        return GatedDeltaState(self._batch, self._Dk, self._Dv, self.dtype, _device(self._like), position=self._pos,
+                               states=self.stacked())
 
     def stacked(self, slots: int | None = None):
         """The states as one array ``(*batch, slots, Dk, Dv)``, slot ``l - 1`` holding level ``l``

@@ -302,8 +302,7 @@ class FenwickState(_StreamingState):
     Every method validates its inputs before it changes anything (shapes, dtypes, library and
     device of all; the values of the level scales it reads and of the log-decay, which must be
     finite): a call that raises leaves the state exactly as it was.  ``q``, ``k``, ``v`` values are
-    not scanned.  A copy that steps on its own (beam search):
-    ``FenwickState.from_states(s.position, s.states(), ...)``.  Matmul streams with ``Dk = 1`` and
+    not scanned.  A copy that steps on its own (beam search): :meth:`copy`.  Matmul streams with ``Dk = 1`` and
     ``q = k = 1`` (ones of shape ``(*batch, 1)``).
 
     Examples
@@ -367,6 +366,12 @@ class FenwickState(_StreamingState):
         self._pos = position
         self._levels = levels
         return self
+
+    def copy(self) -> "FenwickState":
+        """An independent state at the same position with the same buckets (new arrays; with torch,
+        gradients flow to this state's arrays): it steps on its own, for beam search."""
+        return FenwickState.from_states(self._pos, self.states(), self._batch, self._Dk, self._Dv, self.dtype,
+                                        _device(self._like))
 
     @property
     def capacity(self) -> int:

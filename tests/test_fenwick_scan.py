@@ -698,3 +698,28 @@ def test_extend_with_no_value_columns_and_live_levels_checks():
     for bad, error in ((2.7, TypeError), (True, TypeError), (-1, ValueError)):
         with pytest.raises(error, match="positions must be"):
             live_levels(bad)
+
+
+@pytest.mark.parametrize("kind", ["attention", "gated_delta"])
+def test_copy_steps_on_its_own(kind):
+    """``copy()`` (beam search): the copy continues exactly as the original would, and stepping it
+    leaves the original unchanged."""
+    from hodlr.fenwick import GatedDeltaState
+
+    rng = np.random.default_rng(3)
+    T, Dk, Dv = 9, 3, 2
+    q, k, v = (rng.standard_normal((2, T, d)) for d in (Dk, Dk, Dv))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    beta, g, lam = rng.uniform(0.1, 1.0, (2, T)), -rng.uniform(0.0, 1.0, (2, T)), rng.uniform(0.5, 1.0, (2, T, 5))
+    state = FenwickState((2,), Dk, Dv) if kind == "attention" else GatedDeltaState((2,), Dk, Dv)
+    args = lambda t: (q[:, t], k[:, t], v[:, t]) + (() if kind == "attention" else (beta[:, t],)) + (  # noqa: E731
+        lam[:, t], g[:, t])
+    for t in range(5):
+        state.step(*args(t))
+    twin = state.copy()
+    before = {lev: s.copy() for lev, s in state.states().items()}
+    got = [twin.step(*args(t)) for t in range(5, 9)]
+    assert state.position == 5 and all(np.array_equal(state.states()[lev], s) for lev, s in before.items())
+    want = [state.step(*args(t)) for t in range(5, 9)]
+    for a, b in zip(got, want):  # (the copy holds each state times its decay factor: rounding apart)
+        assert_close(a, b, TOL, f"{kind} copy")
