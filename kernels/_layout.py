@@ -135,11 +135,9 @@ def check_same_dtype(**named) -> None:
             raise TypeError(f"{name} has dtype {y.dtype} but {first} has {x.dtype}; they must match")
 
 
-def check_bool(name: str, value) -> bool:
-    """``value`` checked to be a bool (a string such as ``"no"`` is truthy, so it is refused)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
+def integer_tensor(x) -> bool:
+    """Whether ``x`` is a torch tensor of an integer dtype (not bool, floating or complex)."""
+    return isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
 
 
 def memory_span(x: torch.Tensor) -> tuple:

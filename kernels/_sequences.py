@@ -35,6 +35,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ._layout import integer_tensor
+
 
 class Sequences(NamedTuple):
     """The sequences of one call as the kernels see them (see the module docstring)."""
@@ -65,8 +67,7 @@ def host_lengths(N: int, T: int, cu_seqlens):
     tokens, or the packed sequences of ``cu_seqlens`` (one host read of it, checked here)."""
     if cu_seqlens is None:
         return (np.arange(N, dtype=np.int64), np.zeros(N, dtype=np.int64), np.full(N, T, dtype=np.int64))
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.is_floating_point() or cu_seqlens.is_complex() \
-            or cu_seqlens.dtype == torch.bool:
+    if not integer_tensor(cu_seqlens):
         what = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
         raise TypeError(f"cu_seqlens must be a 1-d integer torch.Tensor (sequence starts along T), got {what}")
     cu = np.asarray(cu_seqlens.tolist(), dtype=np.int64)

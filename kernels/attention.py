@@ -19,12 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from hodlr.fenwick.arrays import check_scale
+from hodlr.fenwick.arrays import check_bool, check_scale
 
 from . import _sequences, states as _states
 from ._device import (bit_length, chunk_decays, chunk_rows, dot, intra_mask, matrix_tile, next_decay, next_level,
                       read_entry, reads_level, sequence_chunk, sequence_row, validate_rows)
-from ._layout import (NUM_WARPS, block, broadcast_shape, cdiv, check_block, check_bool, check_chunk, check_flag,
+from ._layout import (NUM_WARPS, block, broadcast_shape, cdiv, check_block, check_chunk, check_flag,
                       check_disjoint, check_levels, check_same_dtype, check_tensor, chunk_count, collapse_grouped, compute_types,
                       interpreting, output_buffer, scratch, state_dtypes)
 
@@ -350,6 +350,14 @@ OUT_LABELS = {"dq": "dq", "dk": "dk", "dv": "dv", "dl": "dlevel_scales", "db": "
 """The output buffers a layout takes (its names) and the names the messages give them."""
 
 
+def _check_operands(q, k, v, level_scales, log_decay) -> None:
+    """The operands of a call: floating tensors of enough dims, ``q, k, v`` of one dtype."""
+    for name, x, dims in (("q", q, "T, Dk"), ("k", k, "T, Dk"), ("v", v, "T, Dv"), ("level_scales", level_scales, "T, L")):
+        check_tensor(name, x, dims)
+    check_tensor("log_decay", log_decay, "T", optional=True)
+    check_same_dtype(q=q, k=k, v=v)
+
+
 def attention_layout(q, k, v, level_scales, log_decay, *, beta=None, do=None, out=None) -> Layout:
     """Check the shapes of one attention call and fold its batch dims (views; a copy only of tensors
     that :func:`kernels._layout.collapse_grouped` cannot fold).
@@ -361,11 +369,8 @@ def attention_layout(q, k, v, level_scales, log_decay, *, beta=None, do=None, ou
     ``dv`` ``(*batch, T, Dv)``, ``dl`` ``(*batch, T, L)``, ``db``, ``dg`` ``(*batch, T)`` (in the layout
     as ``(*batch, T, 1)`` views) -- sharing no memory with an input or with each other: a kernel writes
     every element of them, so a buffer of any other shape is refused, never written past its end."""
-    for name, x, dims in (("q", q, "T, Dk"), ("k", k, "T, Dk"), ("v", v, "T, Dv"), ("level_scales", level_scales, "T, L")):
-        check_tensor(name, x, dims)
-    check_tensor("log_decay", log_decay, "T", optional=True)
+    _check_operands(q, k, v, level_scales, log_decay)
     check_tensor("beta", beta, "T", optional=True)
-    check_same_dtype(q=q, k=k, v=v)
     batch = tuple(broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2], level_scales.shape[:-2],
                                   () if log_decay is None else log_decay.shape[:-1],
                                   () if beta is None else beta.shape[:-1]))
@@ -532,10 +537,7 @@ class SequenceLayout(NamedTuple):
 def sequence_layout(q, k, v, level_scales, log_decay, **others) -> SequenceLayout:
     """Check the shapes of a call over sequences; ``others`` are further ``(N, H, T, ·)`` tensors
     (cotangents) named as they are indexed."""
-    for name, x, dims in (("q", q, "T, Dk"), ("k", k, "T, Dk"), ("v", v, "T, Dv"), ("level_scales", level_scales, "T, L")):
-        check_tensor(name, x, dims)
-    check_tensor("log_decay", log_decay, "T", optional=True)
-    check_same_dtype(q=q, k=k, v=v)
+    _check_operands(q, k, v, level_scales, log_decay)
     for name, x, ndim in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("level_scales", level_scales, 4)):
         if x.dim() != ndim:
             raise ValueError(f"{name} must have 4 dims (N, heads, T, width) in a call with a state, packed "

@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 from hodlr import fenwick
 from hodlr.fenwick.arrays import check_int, check_scale
 
-from ._layout import broadcast_shape, check_chunk
+from ._layout import broadcast_shape, check_chunk, integer_tensor
 from .attention import attention_forward, attention_state_forward
 from .matmul import matmul_forward
 from .attention_backward import attention_backward, attention_state_backward
@@ -287,7 +287,7 @@ def carried_reads(o, q, level_scales, log_decay, states, positions, scale: float
     _tensors(o=o, q=q, level_scales=level_scales, log_decay=log_decay, states=states)
     B, T = q.shape[:2]
     if isinstance(positions, torch.Tensor):
-        if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+        if not integer_tensor(positions):
             raise TypeError(f"positions must hold integers, got a {positions.dtype} tensor")
         positions = positions.tolist()
     positions = [check_int(f"positions[{n}]", a) for n, a in enumerate(positions)]

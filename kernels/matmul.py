@@ -18,7 +18,9 @@ import triton.language as tl
 from . import states as _states
 from ._device import (chunk_decays, chunk_rows, dot, intra_mask, load_tile, next_decay, store_tile,
                       validate_rows)
-from ._layout import (MAX_REGISTERS, NUM_WARPS, block, broadcast_shape, cdiv, check_block, check_bool, check_chunk,
+from hodlr.fenwick.arrays import check_bool
+
+from ._layout import (MAX_REGISTERS, NUM_WARPS, block, broadcast_shape, cdiv, check_block, check_chunk,
                       check_flag, check_levels, check_tensor, chunk_count, collapse_batch, compute_types, hierarchy_sizes,
                       next_power_of_2, output_buffer, interpreting, state_dtypes, tma_descriptor)
 
