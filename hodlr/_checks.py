@@ -3,6 +3,10 @@ it got and what was expected."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import sys
+
 import numpy as np
 
 from hodlr.fenwick.arrays import check_scale, describe, is_torch, namespace
@@ -16,9 +20,32 @@ __all__ = [
     "describe",
     "library_of",
     "operand_dtype_ok",
+    "without_autocast",
 ]
 
 NUMPY_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def without_autocast(fn):
+    """``fn`` run with ``torch.autocast`` turned off where the caller turned it on (CPU, CUDA): every
+    public operation computes in its inputs' dtypes with its own float32 accumulation, as its
+    kernels do.  Under autocast the torch backends' products would otherwise run in the autocast
+    dtype (a float32 call then carries bfloat16's error, 4e-3 instead of 1e-7) and their states in a
+    dtype the state refuses."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        torch = sys.modules.get("torch")  # (not imported: no autocast can be on)
+        if torch is None:
+            return fn(*args, **kwargs)
+        cpu, cuda = torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")
+        if not (cpu or cuda):
+            return fn(*args, **kwargs)
+        with torch.autocast("cpu", enabled=False) if cpu else contextlib.nullcontext():
+            with torch.autocast("cuda", enabled=False) if cuda else contextlib.nullcontext():
+                return fn(*args, **kwargs)
+
+    return call
 
 
 def library_of(x) -> str:

@@ -68,6 +68,7 @@ def _mask_args(M, batch):
     return lam, g
 
 
+@_checks.without_autocast
 def matmul(M, X, *, backend: str = "auto"):
     """``Y = M @ X`` for a log-linear mask ``M``.
 
@@ -119,6 +120,7 @@ def matmul(M, X, *, backend: str = "auto"):
     return _run(module, "matmul", M, lam, g, X)
 
 
+@_checks.without_autocast
 def attention(q, k, v, M, *, scale=None, backend: str = "auto"):
     """Log-linear attention ``O = (M ⊙ (scale · q kᵀ)) v`` (no softmax).
 
@@ -136,10 +138,10 @@ def attention(q, k, v, M, *, scale=None, backend: str = "auto"):
         Multiplies ``q kᵀ``; None is 1 (unlike :func:`hodlr.log_linear_attn` and the Gated
         DeltaNet calls, where None is ``Dk ** -0.5``).
     backend : str, default ``"auto"``
-        One of ``hodlr.backends.NAMES`` that offers attention (every one but ``recursive``;
+        One of ``hodlr.backends.NAMES`` (every backend offers attention;
         :func:`hodlr.backend_info` says where each can run); ``"auto"`` picks by the rule in
         :mod:`hodlr.backends`: ``triton`` for CUDA tensors, ``dense`` up to ``T = 256`` on the
-        CPU, then ``chunked`` for torch tensors and the first backend that offers it for numpy.
+        CPU, then ``chunked`` for torch tensors and ``recursive`` for numpy arrays.
 
     Returns
     -------
@@ -151,8 +153,7 @@ def attention(q, k, v, M, *, scale=None, backend: str = "auto"):
     ------
     ValueError, TypeError
         Operands that do not fit the mask or each other (the message names the argument), or an
-        unknown backend; a ``BackendUnavailableError`` for a backend that does not offer attention
-        (``recursive``) or cannot run here.
+        unknown backend; a ``BackendUnavailableError`` for a backend that cannot run here.
 
     Examples
     --------
@@ -217,6 +218,7 @@ def _gated_delta_operands(M, scale, q, k, beta, v=None):
     return q, k, beta, v, _checks.broadcast_batch(shapes), scale
 
 
+@_checks.without_autocast
 def gated_delta_attention(q, k, v, beta, M, *, scale=None, backend: str = "auto"):
     """Log-linear Gated DeltaNet ``O = (P ⊙ Mλ) V``.
 
@@ -245,9 +247,8 @@ def gated_delta_attention(q, k, v, beta, M, *, scale=None, backend: str = "auto"
     backend : str, default ``"auto"``
         ``"dense"``, ``"fenwick"``, ``"chunked"`` or ``"triton"`` (the backends that offer it);
         ``"auto"`` picks by the rule in :mod:`hodlr.backends`: ``triton`` for CUDA tensors,
-        ``chunked`` for other torch tensors (``dense`` up to ``T = 256`` on the CPU), ``dense``
-        for numpy arrays (the first backend in order that offers it; pass ``backend="chunked"``
-        or ``"fenwick"`` for long numpy sequences).
+        ``chunked`` for other torch tensors, ``fenwick`` for numpy arrays (``dense`` up to
+        ``T = 256`` on the CPU).
         Keys wider than 128 (``Dk > 128``), which the Triton kernels do not take, run
         ``chunked`` on a GPU under ``"auto"``.
         A log-decay above 0 (a gate that grows) is outside the chunk-wise backends' accuracy
@@ -286,6 +287,7 @@ def gated_delta_attention(q, k, v, beta, M, *, scale=None, backend: str = "auto"
     return _run(module, "gated_delta_attention", M, q, k, v, beta, lam, g, scale)
 
 
+@_checks.without_autocast
 def gated_delta_matrix(q, k, beta, M, *, scale=None):
     """The dense ``T x T`` matrix ``P ⊙ Mλ`` of :func:`gated_delta_attention` (so that
     ``gated_delta_attention(q, k, v, beta, M) == gated_delta_matrix(q, k, beta, M) @ v``), for
@@ -320,7 +322,8 @@ def gated_delta_matrix(q, k, beta, M, *, scale=None):
 
 
 backends = registry
-"""``hodlr.backends()``: every backend, what it computes with, and whether it can run here
-(``{name: {"description", "numpy", "torch_cpu", "torch_cuda"}}``, each of the last three
-``True`` or the reason why not).  It is the registry module itself, so
-``hodlr.backends.NAMES``, ``hodlr.backends.get`` and ``hodlr.backends.auto_backend`` work too."""
+"""``hodlr.backends``: the registry module of the backends (``hodlr.backends.NAMES``,
+``hodlr.backends.get``, ``hodlr.backends.auto_backend``, ``hodlr.backends.info``).  What each
+computes with and whether it can run here: :func:`hodlr.backend_info`
+(``{name: {"description", "ops": {op: {"numpy", "torch_cpu", "torch_cuda"}}}}``, each of the last
+three ``True`` or the reason why not)."""

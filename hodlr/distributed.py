@@ -22,6 +22,7 @@ bytes formula) and :func:`record_communication` (what the collectives of this mo
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import zlib
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ __all__ = ["CommRecord", "combine", "log_linear_attn", "payload_bytes", "record_
 # ---------------------------------------------------------------------------------------
 # communication accounting
 # ---------------------------------------------------------------------------------------
-@dataclass
+@dataclass(eq=False)
 class CommRecord:
     """The collectives :mod:`hodlr.distributed` ran on this rank while recording.
 
@@ -170,7 +171,17 @@ class _Gathered(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _first_order_only()
         return _scatter_back(ctx, grad), None, None, None, None, None
+
+
+def _first_order_only():
+    """Raise, in the backward of every autograd function here before any collective, when it runs
+    to build a graph of its own (``create_graph=True``): the collectives have no gradient.  Every
+    rank's backward reaches one of them, so every rank raises."""
+    if torch.is_grad_enabled():
+        raise NotImplementedError("hodlr.distributed.log_linear_attn has no second-order gradients (a backward "
+                                  "with create_graph=True): its collectives are not differentiable")
 
 
 def _scatter_back(ctx, grad):
@@ -207,6 +218,7 @@ class _Unread(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _first_order_only()
         numel, dtype = ctx.like
         zeros = grad.new_zeros((ctx.world, numel), dtype=dtype)
         return grad, _scatter_back(ctx, zeros), None, None, None, None
@@ -223,6 +235,7 @@ class _AwaitGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _first_order_only()
         ctx.returned.wait()
         return grad, None
 
@@ -246,7 +259,25 @@ class _Depend(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, *_):
+        _first_order_only()
         return (grad,) + (None,) * ctx.shapes
+
+
+def _reaches(x, node, inputs) -> bool:
+    """Whether the autograd graph of ``x`` reaches the node ``node`` (a ``grad_fn``), searched
+    breadth first and not past the graphs of ``inputs`` (the tensors ``x`` was computed from: what
+    came before them is the caller's model)."""
+    seen = {t.grad_fn for t in inputs if t is not None and t.grad_fn is not None}
+    todo = collections.deque([x.grad_fn])
+    while todo:
+        f = todo.popleft()
+        if f is None or f in seen:
+            continue
+        if f is node:
+            return True
+        seen.add(f)
+        todo.extend(n for n, _ in f.next_functions)
+    return False
 
 
 _STREAMS: dict = {}
@@ -289,7 +320,7 @@ def shard_offsets(T: int, world_size: int) -> list:
 
 _META = ("tokens", "B (batch of q)", "heads of q and k", "heads of v", "Dk", "Dv", "g given", "initial_state given",
          "initial_state slots", "cu_seqlens length", "output_final_state", "dtype of q", "gradients wanted",
-         "cu_seqlens", "initial_state.positions", "scale", "backend", "levels of level_scales")
+         "cu_seqlens", "initial_state.positions", "scale", "backend", "levels of level_scales", "autograd on")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -316,7 +347,8 @@ def _exchange_metadata(q, v, level_scales, g, initial_state, cu_seqlens, output_
                 initial_state is not None, 0 if initial_state is None else initial_state.num_slots,
                 len(cu), output_final_state, _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1, wants_grad,
                 _crc(cu), _crc(pos), int(np.float64(scale).view(np.int64)),
-                _BACKENDS.index(backend) if backend in _BACKENDS else -1, level_scales.shape[-1], 0]
+                _BACKENDS.index(backend) if backend in _BACKENDS else -1, level_scales.shape[-1],
+                torch.is_grad_enabled(), 0]
         device = q.device
     else:
         mine = [-1] * len(_META) + [1]
@@ -331,7 +363,7 @@ def _exchange_metadata(q, v, level_scales, g, initial_state, cu_seqlens, output_
         raise ValueError(f"rank {bad[0]} of the group refused its arguments (its own error says why); "
                          f"rank {rank} stops too")
     for i, name in enumerate(_META):
-        if name in ("tokens", "gradients wanted", "levels of level_scales"):
+        if name in ("tokens", "gradients wanted", "levels of level_scales", "autograd on"):
             continue
         values = [row[i] for row in rows]
         if len(set(values)) > 1:
@@ -341,8 +373,13 @@ def _exchange_metadata(q, v, level_scales, g, initial_state, cu_seqlens, output_
                 raise ValueError(_first_difference(name, seq, j, group, world, device))
             raise ValueError(f"every rank of the group must pass the same {name}: rank 0 has "
                              f"{_show(name, rows[0][i])}, rank {j} has {_show(name, rows[j][i])}")
+    wanting = [j for j in range(world) if rows[j][_META.index("gradients wanted")]]
+    off = [j for j in range(world) if not rows[j][_META.index("autograd on")]]
+    if wanting and off:  # (that rank's output would have no backward, and the backward is a collective)
+        raise ValueError(f"rank {wanting[0]} of the group wants gradients but rank {off[0]} calls with autograd off "
+                         f"(torch.no_grad or torch.inference_mode): call under the same grad mode on every rank")
     offsets = [0] + np.cumsum([row[0] for row in rows]).tolist()
-    return (offsets, any(row[_META.index("gradients wanted")] for row in rows),
+    return (offsets, bool(wanting),
             [row[_META.index("levels of level_scales")] for row in rows])
 
 
@@ -568,6 +605,7 @@ def _carried_reads(o, q, g, level_scales, states, a: int, scale, kernel=False):
     return (o.to(states.dtype) + acc).to(o.dtype)
 
 
+@_checks.without_autocast
 def segment_state(k, v, g, positions, *, cu_seqlens=None, num_slots=None):
     """The state after the tokens of a call that starts from an all-zero state.
 
@@ -615,7 +653,9 @@ def segment_state(k, v, g, positions, *, cu_seqlens=None, num_slots=None):
     if Hqk < 1 or v.shape[:2] != (B, T) or v.shape[2] % Hqk:
         raise ValueError(f"v must be (B, T, H, Dv) with the B, T of k and H a multiple of k's {Hqk} heads; got k "
                          f"{tuple(k.shape)}, v {tuple(v.shape)}")
-    if g is not None and (not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(v.shape[:3])):
+    if g is not None and not isinstance(g, torch.Tensor):
+        raise TypeError(f"g must be None or a torch.Tensor of shape (B, T, H) = {tuple(v.shape[:3])}, got {describe(g)}")
+    if g is not None and tuple(g.shape) != tuple(v.shape[:3]):
         raise ValueError(f"g must be None or a tensor of shape (B, T, H) = {tuple(v.shape[:3])}, got {describe(g)}")
     if v.dtype != k.dtype:
         raise TypeError(f"v has dtype {v.dtype} but k has {k.dtype}; they must match")
@@ -654,6 +694,7 @@ def segment_state(k, v, g, positions, *, cu_seqlens=None, num_slots=None):
 _COMPILED_OUT = []
 
 
+@_checks.without_autocast
 def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_state=False, cu_seqlens=None,
                     scale=1.0, *, group=None, backend: str = "auto"):
     """:func:`hodlr.log_linear_attn` with the sequence split across the ranks of a process group.
@@ -885,6 +926,8 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
         o, _ = ops.log_linear_attn(q, k, v, g_local, level_scales, None, False, None, scale, backend=backend)
     elif early and len(local):
         o = local_call(None)
+    if unread and not _reaches(o, g_local.grad_fn, (q, k, v, level_scales, init)):  # (a backend whose graph skips a log-decay it never reads)
+        unread = False  # tie the exchange to the output instead (step 5)
     if side is not None:
         torch.cuda.current_stream(dev).wait_stream(side)
     if pending is not None:

@@ -420,6 +420,7 @@ def _bhtd(x):
     return None if x is None else x.transpose(1, 2)
 
 
+@_checks.without_autocast
 def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_state=False, cu_seqlens=None,
                     scale=1.0, *, backend: str = "auto"):
     """Log-linear attention on flash-linear-attention's layout, with state hand-off and packed
@@ -559,6 +560,7 @@ def _check_step(name, q, k, v, g, level_scales, state, scale, validate):
     return scale
 
 
+@_checks.without_autocast
 def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend: str = "auto",
                          validate: bool = True):
     """One decoding step for a batch of sequences, each at its own position: consumes one token
@@ -871,6 +873,7 @@ def _gd_backward(ctx, do, dstates, dpositions, *_):
 _gd_op.register_autograd(_gd_backward, setup_context=_gd_setup_context)
 
 
+@_checks.without_autocast
 def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, initial_state=None,
                                 output_final_state=False, cu_seqlens=None, backend: str = "auto"):
     """Log-linear Gated DeltaNet on flash-linear-attention's layout: the arguments of fla's
@@ -981,6 +984,7 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
     return o, LogLinearState(states, positions, validate=False)
 
 
+@_checks.without_autocast
 def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=None, validate: bool = True):
     """One decoding step of log-linear Gated DeltaNet for a batch of sequences, each at its own
     position: consumes one token per sequence and updates ``state`` in place (its ``states`` and

@@ -59,6 +59,8 @@ def test_auto_rule():
         assert registry.auto_backend("numpy", "cpu", 256, op=op) == "dense"
         assert registry.auto_backend("numpy", "cpu", 257, op=op) == "recursive"
         assert registry.auto_backend("torch", torch.device("cpu"), 257, op=op) == "chunked"
+    # Gated DeltaNet, which recursive lacks, on numpy: fenwick (O(T log T)), never the quadratic dense
+    assert registry.auto_backend("numpy", "cpu", 257, op="gated_delta_attention") == "fenwick"
 
 
 def test_lists_and_scalar_kinds_are_accepted():

@@ -23,6 +23,7 @@ the benchmark (``hodlr bench-cp``) runs its code path at toy sizes on 4 ranks.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib
 import json
@@ -569,7 +570,7 @@ def _bad_inputs(group, grank):
     x = torch.randn(1, 4, 2, 3, dtype=DT)
     lam = torch.rand(1, 4, 2, 5, dtype=DT)
     for kind in ("heads", "refused", "cu_seqlens", "narrow", "one narrow", "stateless backend", "backend type",
-                 "scale", "backend name", "cu_seqlens differ", "positions differ"):
+                 "scale", "backend name", "cu_seqlens differ", "positions differ", "grad mode"):
         q, v, level_scales, cu, backend, scale, state = x, x, lam, None, "auto", None, None
         if kind == "scale":
             scale = 0.25 if grank == 1 else 0.5
@@ -592,12 +593,57 @@ def _bad_inputs(group, grank):
             cu = torch.tensor([0, 3, 5])
         if kind == "narrow" or (kind == "one narrow" and grank == 1):
             level_scales = lam[..., :2]
+        if kind == "grad mode":  # rank 1 wants gradients, rank 0 calls under no_grad
+            q = x.clone().requires_grad_()
         try:
-            hodlr.distributed.log_linear_attn(q, x, v, None, level_scales, state, cu_seqlens=cu, scale=scale,
-                                              group=group, backend=backend)
+            with torch.no_grad() if kind == "grad mode" and grank == 0 else contextlib.nullcontext():
+                hodlr.distributed.log_linear_attn(q, x, v, None, level_scales, state, cu_seqlens=cu, scale=scale,
+                                                  group=group, backend=backend)
             out.append((kind, "no error"))
         except (TypeError, ValueError) as err:
             out.append((kind, f"{type(err).__name__}: {err}"))
+    return out
+
+
+def _training_hazards(group, grank):
+    """What a training loop can do that must not hang or desynchronise the ranks: a backend whose
+    graph never reaches a rank's log-decay (``fenwick`` on pieces of one token: the exchange is tied
+    to the output instead), autocast, a second-order backward, nested recorders."""
+    import torch.distributed as dist
+
+    out = {}
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 3, 1, 2, dtype=DT, generator=gen) for _ in range(3))
+    g, lam = -torch.rand(1, 3, 1, dtype=DT, generator=gen), torch.rand(1, 3, 1, 3, dtype=DT, generator=gen)
+    cu = torch.tensor([0, 3])
+    sl = slice(0, 1) if grank == 0 else slice(1, 3)
+    xs = [t[:, sl].clone().requires_grad_() for t in (q, k, v, g, lam)]
+    o, _ = hodlr.distributed.log_linear_attn(*xs, cu_seqlens=cu, group=group, backend="fenwick")
+    o.pow(2).sum().backward()
+    after = torch.tensor([float(grank + 1)])
+    dist.all_reduce(after, group=group)  # the next collective: matched with the other rank's all_reduce
+    ref = [t.clone().requires_grad_() for t in (q, k, v, g, lam)]
+    want_o, _ = hodlr.log_linear_attn(*ref, cu_seqlens=cu, backend="fenwick")
+    want_o.pow(2).sum().backward()
+    out["fenwick one-token piece"] = [after.item(), relative_error(o, want_o[:, sl])] + [
+        relative_error(a.grad, b.grad[:, sl]) for a, b in zip(xs, ref)]
+    x32 = [t.float() for t in xs]
+    plain = hodlr.distributed.log_linear_attn(*x32, cu_seqlens=cu, group=group, output_final_state=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = hodlr.distributed.log_linear_attn(*x32, cu_seqlens=cu, group=group, output_final_state=True)
+    out["autocast"] = [a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+                       for a, b in ((plain[0], cast[0]), (plain[1].states, cast[1].states))]
+    o, _ = hodlr.distributed.log_linear_attn(*xs, cu_seqlens=cu, group=group)
+    try:
+        torch.autograd.grad(o.pow(2).sum(), xs[0], create_graph=True)
+        out["create_graph"] = "no error"
+    except NotImplementedError as err:
+        out["create_graph"] = f"NotImplementedError: {err}"
+    with hodlr.distributed.record_communication() as outer:
+        with hodlr.distributed.record_communication() as inner:
+            hodlr.distributed.log_linear_attn(*[t.detach() for t in xs], group=group)
+        hodlr.distributed.log_linear_attn(*[t.detach() for t in xs], group=group)
+    out["nested records"] = [len(outer.entries), len(inner.entries)]
     return out
 
 
@@ -633,7 +679,8 @@ def _worker(rank, nprocs, folder):
     if rank in plan["checks"]:
         grp = groups[plan["checks"]]
         grank = plan["checks"].index(rank)
-        extra = {"bad": _bad_inputs(grp, grank), "compiled": _compiled(grp, grank)}
+        extra = {"bad": _bad_inputs(grp, grank), "compiled": _compiled(grp, grank),
+                 "hazards": _training_hazards(grp, grank)}
     elif plan["checks"] and rank == min(set(range(nprocs)) - set(plan["checks"])):  # a process outside the group
         x = torch.randn(1, 4, 2, 3, dtype=DT)
         try:
@@ -706,8 +753,19 @@ def _check_bad_and_compiled(out, checks):
         assert b["positions differ"] == (
             "ValueError: every rank of the group must pass the same initial_state.positions: rank 0 has "
             "initial_state.positions[0]=3, rank 1 has initial_state.positions[0]=5"), b
+        assert b["grad mode"] == ("ValueError: rank 1 of the group wants gradients but rank 0 calls with autograd off "
+                                  "(torch.no_grad or torch.inference_mode): call under the same grad mode on every "
+                                  "rank"), b
     for r in checks:
         assert max(out[r]["compiled"]) <= TOL, out[r]["compiled"]
+        hazards = out[r]["hazards"]
+        after, *errors = hazards["fenwick one-token piece"]
+        assert after == 3.0 and max(errors) <= 1e-12, hazards
+        assert hazards["autocast"] == [True, True], hazards
+        assert hazards["create_graph"] == ("NotImplementedError: hodlr.distributed.log_linear_attn has no second-order "
+                                           "gradients (a backward with create_graph=True): its collectives are not "
+                                           "differentiable"), hazards
+        assert hazards["nested records"][0] == 2 * hazards["nested records"][1] > 0, hazards
     outsider = min(set(range(len(out))) - set(checks))
     assert out[outsider]["outsider"] == (
         f"ValueError: group: this process (global rank {outsider}) is not a member of the group; only the group's "

@@ -362,3 +362,32 @@ def test_calls_without_tokens_differentiate(op, B, T):
         o, _ = getattr(hodlr, op)(*args, backend=backend)
         grads = torch.autograd.grad(o.sum(), args)
         assert [x.shape for x in grads] == [x.shape for x in args], backend
+
+
+@pytest.mark.parametrize("backend", ["chunked", "fenwick"])
+def test_autocast_leaves_the_precision_to_the_inputs(backend):
+    """Under ``torch.autocast`` every public operation computes in its inputs' dtypes, as outside it
+    (bit for bit): float32 inputs are not run in bfloat16, and the final state keeps its dtype."""
+    gen = torch.Generator().manual_seed(3)
+    B, T, H, D = 1, 70, 2, 8
+    q, k, v = (torch.randn(B, T, H, D, generator=gen) for _ in range(3))
+    k = torch.nn.functional.normalize(k, dim=-1)
+    g = -0.1 * torch.rand(B, T, H, generator=gen)
+    beta = torch.rand(B, T, H, generator=gen)
+    lam = torch.rand(B, T, H, fenwick.num_levels(T), generator=gen)
+    M = hodlr.LogLinearMask(lam[0, :, 0], g[0, :, 0])
+    x = q[0, :, 0]
+
+    def calls():
+        o, state = hodlr.log_linear_attn(q, k, v, g, lam, output_final_state=True, backend=backend)
+        od, dstate = hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam, output_final_state=True,
+                                                       backend=backend)
+        return [o, state.states, od, dstate.states, hodlr.matmul(M, x, backend=backend),
+                hodlr.attention(x, x, x, M, backend=backend)]
+
+    want = calls()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = calls()
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == torch.float32
+        assert torch.equal(a, b)

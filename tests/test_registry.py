@@ -48,9 +48,9 @@ def test_get_needs_a_known_op_the_backend_offers(monkeypatch):
     q = np.ones((T, 1))
     with pytest.raises(BackendUnavailableError, match="does not offer attention"):
         hodlr.attention(q, q, q, M, backend="recursive")
-    # auto skips a backend that lacks the operation (T > 256 on numpy: recursive, then the rest in order)
+    # auto skips a backend that lacks the operation (T > 256 on numpy: recursive, then fenwick)
     assert registry.auto_backend("numpy", "cpu", T, op="matmul") == "recursive"
-    assert registry.auto_backend("numpy", "cpu", T, op="attention") == "dense"
+    assert registry.auto_backend("numpy", "cpu", T, op="attention") == "fenwick"
     np.testing.assert_allclose(hodlr.attention(q, q, q, M), np.arange(1, T + 1)[:, None])
     info = registry.info()
     assert set(info["recursive"]["ops"]) == {"matmul"} and "attention" in info["dense"]["ops"]

@@ -68,7 +68,8 @@ and can run:
 1. torch tensors on a CUDA device: ``triton``, then ``chunked``;
 2. ``T <= 256``: ``dense`` (fastest for small masks);
 3. torch tensors: ``chunked``, then ``recursive``;
-4. numpy arrays: ``recursive``;
+4. numpy arrays: ``recursive``, then ``fenwick`` (Gated DeltaNet, which ``recursive`` lacks, runs
+   on ``fenwick`` in ``O(T log T)``, not on the quadratic ``dense``);
 
 then any backend that offers the operation, in the order of :data:`NAMES`; a backend whose
 ``max_key_width`` the call's keys exceed is passed over (so Gated DeltaNet with ``Dk > 128`` on a
@@ -185,7 +186,7 @@ def auto_backend(library: str, device, T: int, *, op: str, key_width: int = 0) -
     elif library == "torch":
         candidates = ["chunked", "recursive"]
     else:
-        candidates = ["recursive"]
+        candidates = ["recursive", "fenwick"]
     for name in candidates + [n for n in NAMES if n not in candidates]:
         module = load(name)
         if offers(module, op) and module.unavailable_reason(library, device) is None and takes_keys(
