@@ -1,7 +1,8 @@
 """Index algebra of the log-linear mask: levels, Fenwick buckets and HODLR blocks.
 
 This module is the single definition of the level function used everywhere in the
-project (``hodlr`` and ``kernels`` import it; nothing redefines it).
+project's host code (``hodlr`` and ``kernels`` import it; the Triton kernels compute the same bit
+length on the device, ``kernels._device.bit_length``).
 
 Positions ``t, s`` run over ``0 .. T-1``.  For ``s < t`` the level of the pair is the
 index of the highest bit in which ``t`` and ``s`` differ, plus one; ``level(t, t) = 0``
@@ -223,8 +224,8 @@ def blocks_at_level(T: int, lev: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
 def offdiag_blocks(T: int) -> Iterator[Block]:
     """Every non-empty off-diagonal block of a length-``T`` sequence, level by level.
 
-    The count is ``sum(num_blocks(T, l) for l in 1..num_levels(T)-1)``, which is ``T - 1``
-    when ``T`` is a power of two.
+    The count is ``sum(num_blocks(T, l) for l in 1..num_levels(T)-1)``, which is ``T - 1``: one
+    block for each boundary ``m`` in ``1..T-1`` between its columns and its rows (``col_stop``).
 
     Examples
     --------

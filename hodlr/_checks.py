@@ -68,6 +68,11 @@ def as_array(name: str, x, min_ndim: int, layout: str):
                 f"{name} must be a numpy.ndarray or torch.Tensor of shape {layout}, "
                 f"got {type(x).__name__}"
             )
+    if isinstance(x, np.ma.MaskedArray):  # (its masked entries would be read as whatever they hold)
+        raise TypeError(f"{name} must be a plain numpy.ndarray or torch.Tensor of shape {layout}, got a numpy masked "
+                        f"array; fill it first (x.filled(value))")
+    if isinstance(x, np.ndarray) and type(x) is not np.ndarray:  # np.matrix and other subclasses
+        x = np.asarray(x)
     check_float_dtype(name, x)
     if x.ndim < min_ndim:
         raise ValueError(

@@ -86,8 +86,13 @@ class SparseMask:
         return self.T + int(self.U.nnz) + int(self.V.nnz)
 
     def toarray(self) -> np.ndarray:
-        """The dense ``(T, T)`` matrix ``diag(diagonal) + U V^T`` (for inspection)."""
-        return np.diag(self.diagonal) + (self.U @ self.V.T).toarray()
+        """The dense ``(T, T)`` matrix ``diag(diagonal) + U V^T`` (for inspection); refused
+        (``DenseTooLargeError``), before allocating, over ``hodlr.options.dense_max_bytes`` (the
+        product ``U V^T`` is formed sparse first: two arrays' worth)."""
+        _formulas.check_dense_budget((), self.T, self.dtype.itemsize, "SparseMask.toarray", arrays=2, instead=None)
+        out = (self.U @ self.V.T).toarray()
+        out[np.diag_indices(self.T)] += self.diagonal
+        return out
 
     def matmul(self, X) -> np.ndarray:
         """``diag(diagonal) X + U (V^T X)`` for a numpy ``X`` of shape ``(T,)``, ``(T, D)``

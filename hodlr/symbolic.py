@@ -115,6 +115,9 @@ def block_factors(T: int, blk, *, decay: bool = True, log_form: bool = False):
     blk : fenwick.Block
         One of :func:`fenwick.offdiag_blocks` ``(T)``.
     """
+    T = check_int("T", T, 1)
+    if not isinstance(blk, fenwick.Block) or blk not in fenwick.offdiag_blocks(T):
+        raise ValueError(f"blk must be one of hodlr.fenwick.offdiag_blocks({T}), got {blk!r}")
     m = blk.col_stop
     u = sympy.Matrix([scale_symbol(t, blk.level) * _decay(m, t, decay, log_form) for t in range(blk.row_start, blk.row_stop)])
     v = sympy.Matrix([_decay(s + 1, m - 1, decay, log_form) for s in range(blk.col_start, blk.col_stop)])

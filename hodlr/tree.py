@@ -163,7 +163,8 @@ class HODLRMatrix:
         ------
         ValueError
             If ``M`` has batch dimensions (select one matrix first, e.g.
-            ``LogLinearMask(M.level_scales[0], M.log_decay[0])``), or ``leaf_size < 1``.
+            ``LogLinearMask(M.level_scales[0], None if M.log_decay is None else M.log_decay[0])``), or
+            ``leaf_size < 1``.
         TypeError
             If ``leaf_size`` is not an integer.
         """
@@ -173,7 +174,8 @@ class HODLRMatrix:
         if M.batch_shape != ():
             raise ValueError(
                 f"HODLRMatrix.from_mask needs a mask without batch dimensions, got batch_shape {M.batch_shape}; "
-                "build one matrix per element, e.g. LogLinearMask(M.level_scales[0], M.log_decay[0])"
+                "build one matrix per element, e.g. LogLinearMask(M.level_scales[0], "
+                + ("None)" if M.log_decay is None else "M.log_decay[0])")
             )
         leaf_size = check_int("leaf_size", leaf_size, 1)
         _checks.needs_values("HODLRMatrix.from_mask", M.level_scales)
@@ -259,7 +261,9 @@ class HODLRMatrix:
             rank = check_int("rank", rank, 0)
         if tol is None:
             tol = _default_tol(A.dtype)
-        if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not 0 < tol < 1:
+        if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating, np.integer)):
+            raise TypeError(f"tol must be a float in (0, 1), got {type(tol).__name__} {tol!r}")
+        if not 0 < tol < 1:
             raise ValueError(f"tol must be a float in (0, 1), got {tol!r}")
 
         def build(a: int, n: int) -> HODLRMatrix:
@@ -378,15 +382,23 @@ class HODLRMatrix:
 
     # -- values -------------------------------------------------------------------------
     def to_dense(self) -> np.ndarray:
-        """The ``(T, T)`` dense matrix."""
-        if self.is_leaf:
-            return self.leaf.copy()
-        n1 = self.A11.T
+        """The ``(T, T)`` dense matrix; refused (``DenseTooLargeError``), before allocating, over
+        ``hodlr.options.dense_max_bytes``."""
+        _formulas.check_dense_budget((), self._n, np.dtype(self.dtype).itemsize, "HODLRMatrix.to_dense",
+                                     instead=None)
         out = np.zeros((self._n, self._n), dtype=self.dtype)
-        out[:n1, :n1] = self.A11.to_dense()
-        out[n1:, n1:] = self.A22.to_dense()
-        out[n1:, :n1] = self.U @ self.V.T
+        self._fill_dense(out)
         return out
+
+    def _fill_dense(self, out) -> None:
+        """Write the matrix into ``out`` (a ``(T, T)`` view)."""
+        if self.is_leaf:
+            out[...] = self.leaf
+            return
+        n1 = self.A11.T
+        self.A11._fill_dense(out[:n1, :n1])
+        self.A22._fill_dense(out[n1:, n1:])
+        out[n1:, :n1] = self.U @ self.V.T
 
     def matmul(self, X) -> np.ndarray:
         """``A @ X`` by the recursion ``y1 = A11 x1``, ``y2 = A22 x2 + U (V^T x1)``.
