@@ -60,11 +60,16 @@ def _run(module, op: str, M, *args):
     return result
 
 
-def _mask_args(M, batch):
+def _mask_args(M, batch, module=None):
+    """The mask's generators broadcast to ``batch``; for ``module`` (a backend, which computes in
+    its generators' dtype, the Triton kernels apart) 16-bit generators cast to float32, so that a
+    float16 / bfloat16 mask is computed as a float32 one serving 16-bit operands is."""
     lam = _checks.broadcast_to(M.level_scales, batch + tuple(M.level_scales.shape[-2:]))
     g = M.log_decay
     if g is not None:
         g = _checks.broadcast_to(g, batch + (M.T,))
+    if module is not None and M.dtype.itemsize == 2 and not module.__name__.endswith(".triton"):
+        lam, g = (None if a is None else a.float() for a in (lam, g))
     return lam, g
 
 
@@ -115,7 +120,7 @@ def matmul(M, X, *, backend: str = "auto"):
     module = _resolve(backend, M, M.T, "matmul")
     if _empty(batch) or X.shape[-1] == 0:
         return zeros(batch + tuple(X.shape[-2:]), X)
-    lam, g = _mask_args(M, batch)
+    lam, g = _mask_args(M, batch, module)
     X = _checks.broadcast_to(X, batch + tuple(X.shape[-2:]))
     return _run(module, "matmul", M, lam, g, X)
 
@@ -183,7 +188,7 @@ def attention(q, k, v, M, *, scale=None, backend: str = "auto"):
     module = _resolve(backend, M, M.T, "attention")
     if _empty(batch) or q.shape[-1] == 0 or v.shape[-1] == 0:
         return zeros(batch + tuple(v.shape[-2:]), v)
-    lam, g = _mask_args(M, batch)
+    lam, g = _mask_args(M, batch, module)
     q, k, v = (_checks.broadcast_to(a, batch + tuple(a.shape[-2:])) for a in (q, k, v))
     return _run(module, "attention", M, q, k, v, lam, g, scale)
 
@@ -281,7 +286,7 @@ def gated_delta_attention(q, k, v, beta, M, *, scale=None, backend: str = "auto"
     module = _resolve(backend, M, M.T, "gated_delta_attention", q.shape[-1])
     if _empty(batch) or q.shape[-1] == 0 or v.shape[-1] == 0:
         return zeros(batch + tuple(v.shape[-2:]), v)
-    lam, g = _mask_args(M, batch)
+    lam, g = _mask_args(M, batch, module)
     q, k, v = (_checks.broadcast_to(a, batch + tuple(a.shape[-2:])) for a in (q, k, v))
     beta = _checks.broadcast_to(beta, batch + (M.T,))
     return _run(module, "gated_delta_attention", M, q, k, v, beta, lam, g, scale)

@@ -48,8 +48,9 @@ class LogLinearMask:
         checked by its first computation outside them).
 
     numpy arrays or torch tensors (any device) are accepted, float32 or float64 (torch
-    also float16 / bfloat16); both arguments must share library, device and dtype.  Leading
-    batch dimensions broadcast.
+    also float16 / bfloat16: the operations compute with such a mask in float32, as with a
+    float32 mask serving 16-bit operands); both arguments must share library, device and dtype.
+    Leading batch dimensions broadcast.
 
     Examples
     --------

@@ -152,3 +152,22 @@ def test_scaled_error_measures_against_the_absolute_computation():
     assert scaled_error(got, np.array([exact]), size) <= relative_error(got, np.array([exact]))
     assert scaled_error(np.array([np.nan]), np.array([exact]), size) == np.inf
     assert scaled_error(got, np.array([exact, 0.0]), np.array([1.0, 1.0])) == np.inf
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_a_16_bit_mask_is_computed_as_a_float32_one(dtype):
+    """Every CPU backend computes in its generators' dtype; a float16 / bfloat16 mask is computed in
+    float32, as a float32 mask serving 16-bit operands is (bit for bit), so the backends agree."""
+    gen = torch.Generator().manual_seed(1)
+    T = 300
+    lam = torch.rand(T, hodlr.num_levels(T), generator=gen) + 0.5
+    g = -torch.rand(T, generator=gen)
+    half, wide = hodlr.LogLinearMask(lam.to(dtype), g.to(dtype)), hodlr.LogLinearMask(lam.to(dtype).float(),
+                                                                                      g.to(dtype).float())
+    x = torch.randn(T, 8, generator=gen).to(dtype)
+    for backend in ("dense", "sparse", "recursive", "fenwick", "chunked"):
+        for op, args in (("matmul", (x,)), ("attention", (x, x, x))):
+            f = getattr(hodlr, op)
+            got = f(half, *args, backend=backend) if op == "matmul" else f(*args, half, backend=backend)
+            want = f(wide, *args, backend=backend) if op == "matmul" else f(*args, wide, backend=backend)
+            assert got.dtype == dtype and torch.equal(got, want), (backend, op)
