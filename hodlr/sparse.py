@@ -18,13 +18,13 @@ Both are ``O(T log T)``.  Nothing of size ``T x T`` is built.
 
 from __future__ import annotations
 
-import functools
+import collections
 
 import numpy as np
 
 from hodlr import _checks, _formulas, fenwick
 
-__all__ = ["SparseMask", "mask_to_sparse", "sparse_structure"]
+__all__ = ["CACHE_BYTES", "SparseMask", "clear_cache", "mask_to_sparse", "sparse_structure"]
 
 
 class SparseMask:
@@ -175,11 +175,33 @@ def _concat(parts):
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-@functools.lru_cache(maxsize=4)
+CACHE_BYTES = 384 * 2**20
+"""What the structures :func:`sparse_structure` keeps may hold together (the most recently used
+first): 14 MiB at ``T = 2^16``, 60 MiB at ``2^18``, about 260 MiB at ``2^20``.  A structure takes
+0.1 s to build at ``2^18`` (a fifth of a matmul there)."""
+
+_CACHE: collections.OrderedDict = collections.OrderedDict()
+
+
 def sparse_structure(T: int) -> SparseStructure:
-    """The index arrays of the sparse form of a length-``T`` mask (read-only; the last
-    four lengths are cached: about 280 MB at ``T = 2^20``)."""
-    return SparseStructure(int(T))
+    """The index arrays of the sparse form of a length-``T`` mask (read-only; the most recently
+    used lengths are kept, up to :data:`CACHE_BYTES` together; :func:`clear_cache` drops them)."""
+    T = int(T)
+    if T in _CACHE:
+        _CACHE.move_to_end(T)
+        return _CACHE[T][0]
+    structure = SparseStructure(T)
+    size = sum(a.nbytes for a in vars(structure).values() if isinstance(a, np.ndarray)) + sum(
+        a.nbytes for a in structure.U_positions)
+    _CACHE[T] = (structure, size)
+    while sum(s for _, s in _CACHE.values()) > CACHE_BYTES and len(_CACHE) > 1:
+        _CACHE.popitem(last=False)
+    return structure
+
+
+def clear_cache() -> None:
+    """Drop the structures :func:`sparse_structure` keeps."""
+    _CACHE.clear()
 
 
 def sparse_data(level_scales, log_decay):

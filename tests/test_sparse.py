@@ -115,3 +115,17 @@ def test_sparse_attention_in_column_groups(monkeypatch, width, rng):
     v = rng.standard_normal((2, T, 5))
     want = hodlr.attention(q, k, v, M, scale=0.3, backend="dense")
     assert_close(hodlr.attention(q, k, v, M, scale=0.3, backend="sparse"), want, TOL64)
+
+
+def test_structure_cache_is_bounded_by_bytes(monkeypatch):
+    """The index arrays kept for reuse stay within ``CACHE_BYTES`` (the latest length always kept)."""
+    from hodlr import sparse
+
+    sparse.clear_cache()
+    first = sparse.sparse_structure(1000)
+    assert sparse.sparse_structure(1000) is first
+    monkeypatch.setattr(sparse, "CACHE_BYTES", 1)
+    last = sparse.sparse_structure(1001)
+    assert list(sparse._CACHE) == [1001] and sparse.sparse_structure(1001) is last
+    sparse.clear_cache()
+    assert not sparse._CACHE
