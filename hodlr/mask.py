@@ -264,6 +264,23 @@ class LogLinearMask:
         See :func:`hodlr.sparse.mask_to_sparse`."""
         return sparse.mask_to_sparse(self)
 
+    def aslinearoperator(self):
+        """The mask as a ``scipy.sparse.linalg.LinearOperator`` of shape ``(T, T)`` (a mask without
+        batch dimensions), applied through its sparse form (:meth:`to_sparse`): products with the
+        mask and with its transpose (``rmatvec``, ``.T``, ``.adjoint()``) in ``O(T log T)`` a
+        column, in numpy.  (``M.T`` is the length, as everywhere in hodlr; the transpose is the
+        operator's ``.T``.)
+
+        >>> import numpy as np, hodlr
+        >>> A = hodlr.LogLinearMask(np.ones((4, 3))).aslinearoperator()
+        >>> A.shape, A.T @ np.ones(4)
+        ((4, 4), array([4., 3., 2., 1.]))
+        """
+        if self.batch_shape != ():
+            raise ValueError(f"aslinearoperator needs a mask without batch dimensions, got batch_shape "
+                             f"{self.batch_shape}; build one per element")
+        return self.to_sparse().aslinearoperator()
+
     def to_hodlr(self):
         """The mask as an explicit :class:`hodlr.HODLRMatrix` tree (rank-1 off-diagonal
         blocks, size-1 leaves).  See :meth:`hodlr.HODLRMatrix.from_mask`."""

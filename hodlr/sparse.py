@@ -97,17 +97,59 @@ class SparseMask:
     def matmul(self, X) -> np.ndarray:
         """``diag(diagonal) X + U (V^T X)`` for a numpy ``X`` of shape ``(T,)``, ``(T, D)``
         or ``(..., T, D)``; returns the same shape."""
+        return self._apply(X, "X", lambda flat: self.U @ (self.V.T @ flat))
+
+    def rmatmul(self, Y) -> np.ndarray:
+        """The transpose's product ``diag(diagonal) Y + V (U^T Y)`` (``O(T log T)`` per column) for a
+        numpy ``Y`` of shape ``(T,)``, ``(T, D)`` or ``(..., T, D)``; returns the same shape.
+
+        >>> import numpy as np, hodlr
+        >>> S = hodlr.LogLinearMask(np.ones((4, 3))).to_sparse()
+        >>> S.rmatmul(np.ones(4))                # column sums of the all-ones lower triangle
+        array([4., 3., 2., 1.])
+        """
+        return self._apply(Y, "Y", lambda flat: self.V @ (self.U.T @ flat))
+
+    def _apply(self, X, name: str, low_rank):
+        """``diag(diagonal) X + low_rank(X)`` over the columns of ``X`` (any leading dims)."""
+        if not isinstance(X, (np.ndarray, list, tuple, int, float)):
+            raise TypeError(f"{name} must be a numpy array of shape (T,), (T, D) or (..., T, D) (a SparseMask "
+                            f"computes with numpy), got {_checks.describe(X)}")
         X = np.asarray(X)
         if X.ndim == 0 or X.shape[-1 if X.ndim == 1 else -2] != self.T:
-            raise ValueError(f"X must have shape (T,), (T, D) or (..., T, D) with T={self.T}, got shape {X.shape}")
+            raise ValueError(f"{name} must have shape (T,), (T, D) or (..., T, D) with T={self.T}, got shape {X.shape}")
         if X.ndim == 1:
-            return self.matmul(X[:, None])[:, 0]
+            return self._apply(X[:, None], name, low_rank)[:, 0]
         lead, D = X.shape[:-2], X.shape[-1]
         flat = np.moveaxis(X, -2, 0).reshape(self.T, -1)
-        out = self.diagonal[:, None] * flat + self.U @ (self.V.T @ flat)
+        out = self.diagonal[:, None] * flat + low_rank(flat)
         return np.moveaxis(out.reshape((self.T,) + lead + (D,)), 0, -2)
 
     __matmul__ = matmul
+    __array_ufunc__ = None  # (numpy arrays defer ``Y @ S`` to :meth:`__rmatmul__`)
+
+    def __rmatmul__(self, Y):
+        """``Y @ S`` for ``Y`` of shape ``(T,)`` or ``(..., D, T)``: ``(Sᵀ Yᵀ)ᵀ``."""
+        Y = np.asarray(Y)
+        if Y.ndim == 1:
+            return self.rmatmul(Y)
+        return np.swapaxes(self.rmatmul(np.swapaxes(Y, -1, -2)), -1, -2)
+
+    def aslinearoperator(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` of shape ``(T, T)``: ``matvec`` / ``matmat``
+        by :meth:`matmul`, ``rmatvec`` / ``rmatmat`` (and so ``.T``, ``.H``, ``.adjoint()``) by
+        :meth:`rmatmul`, each ``O(T log T)`` a column, for scipy's iterative solvers and
+        ``scipy.sparse.linalg.aslinearoperator`` users.
+
+        >>> import numpy as np, hodlr
+        >>> A = hodlr.LogLinearMask(np.ones((4, 3))).to_sparse().aslinearoperator()
+        >>> A @ np.ones(4), A.T @ np.ones(4)
+        (array([1., 2., 3., 4.]), array([4., 3., 2., 1.]))
+        """
+        from scipy.sparse.linalg import LinearOperator
+
+        return LinearOperator(self.shape, matvec=self.matmul, matmat=self.matmul, rmatvec=self.rmatmul,
+                              rmatmat=self.rmatmul, dtype=self.dtype)
 
     def __repr__(self) -> str:
         return (

@@ -129,3 +129,33 @@ def test_structure_cache_is_bounded_by_bytes(monkeypatch):
     assert list(sparse._CACHE) == [1001] and sparse.sparse_structure(1001) is last
     sparse.clear_cache()
     assert not sparse._CACHE
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 63, 65, 1000])
+def test_linear_operator_and_transpose_equal_dense(T):
+    """``M.aslinearoperator()``: products with the mask and with its transpose (vectors, matrices,
+    ``@`` from both sides) equal the dense mask's, float64, with a decay."""
+    from scipy.sparse.linalg import LinearOperator, aslinearoperator
+
+    rng = np.random.default_rng(T)
+    M = hodlr.LogLinearMask(rng.uniform(0.5, 1.5, (T, hodlr.num_levels(T))), -rng.uniform(0, 1, T))
+    A, dense = M.aslinearoperator(), M.to_dense()
+    assert isinstance(A, LinearOperator) and A.shape == (T, T) and A.dtype == np.float64
+    x, X = rng.standard_normal(T), rng.standard_normal((T, 3))
+    for got, want in ((A @ x, dense @ x), (A @ X, dense @ X), (A.T @ x, dense.T @ x), (A.H @ X, dense.T @ X),
+                      (A.rmatvec(x), dense.T @ x), (aslinearoperator(A).matmat(X), dense @ X)):
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
+    S = M.to_sparse()
+    np.testing.assert_allclose(x @ S, x @ dense, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(X.T @ S, X.T @ dense, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(S.rmatmul(np.stack([X, X])), np.stack([dense.T @ X] * 2), rtol=1e-13, atol=1e-13)
+
+
+def test_linear_operator_refusals():
+    M = hodlr.LogLinearMask(np.ones((2, 5, 4)))
+    with pytest.raises(ValueError, match=r"aslinearoperator needs a mask without batch dimensions, got batch_shape \(2,\)"):
+        M.aslinearoperator()
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"X must be a numpy array of shape \(T,\), \(T, D\) or \(\.\.\., T, D\) \(a "
+                                        r"SparseMask computes with numpy\), got"):
+        M.to_sparse()[0].matmul(torch.ones(5, 1))
