@@ -403,10 +403,17 @@ class HODLRMatrix:
     def matmul(self, X) -> np.ndarray:
         """``A @ X`` by the recursion ``y1 = A11 x1``, ``y2 = A22 x2 + U (V^T x1)``.
 
-        ``X`` of shape ``(T,)`` or ``(T, D)`` (numpy); returns the same shape."""
+        ``X`` of shape ``(T,)``, ``(T, D)`` or ``(..., T, D)`` (numpy); returns the same shape."""
+        if not isinstance(X, (np.ndarray, list, tuple, int, float)):
+            raise TypeError(f"X must be a numpy array of shape (T,), (T, D) or (..., T, D) (a HODLRMatrix computes "
+                            f"with numpy), got {_checks.describe(X)}")
         X = np.asarray(X)
-        if X.ndim not in (1, 2) or X.shape[0] != self._n:
-            raise ValueError(f"X must have shape (T,) or (T, D) with T={self._n}, got shape {X.shape}")
+        if X.ndim == 0 or X.shape[-1 if X.ndim == 1 else -2] != self._n:
+            raise ValueError(f"X must have shape (T,), (T, D) or (..., T, D) with T={self._n}, got shape {X.shape}")
+        if X.ndim > 2:  # the leading dims as columns
+            lead, D = X.shape[:-2], X.shape[-1]
+            out = self.matmul(np.moveaxis(X, -2, 0).reshape(self._n, -1))
+            return np.moveaxis(out.reshape((self._n,) + lead + (D,)), 0, -2)
         if self.is_leaf:
             return self.leaf @ X
         n1 = self.A11.T

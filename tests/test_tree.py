@@ -184,6 +184,14 @@ def test_matmul_checks_shape():
         H.matmul(np.ones(4))
 
 
+def test_matmul_takes_leading_dims_as_the_sparse_form_does():
+    M = hodlr.LogLinearMask(np.random.default_rng(0).uniform(0.5, 1.5, (37, 7)), -np.linspace(0, 1, 37))
+    X = np.random.default_rng(1).standard_normal((2, 3, 37, 4))
+    H, S = M.to_hodlr(), M.to_sparse()
+    assert_close(H.matmul(X), M.to_dense() @ X, TOL64)
+    assert_close(H @ X, S @ X, TOL64)
+
+
 def test_repr_delegates_to_display():
     from hodlr import display
 
