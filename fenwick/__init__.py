@@ -18,6 +18,7 @@ from .index import (
     num_slots,
     offdiag_blocks,
     read_levels,
+    reads,
 )
 from .delta import GatedDeltaState
 from .scan import FenwickState, live_levels
@@ -39,4 +40,5 @@ __all__ = [
     "num_slots",
     "offdiag_blocks",
     "read_levels",
+    "reads",
 ]

@@ -166,17 +166,29 @@ def buckets(t: int) -> list[tuple[int, int, int]]:
 
 
 def read_levels(T: int, L: int | None = None) -> np.ndarray:
-    """Boolean ``(T, L)`` array: entry ``[t, l]`` is True iff row ``t`` reads scale ``l``.
+    """Boolean ``(T, L)`` array: entry ``[t, l]`` is True iff row ``t`` reads scale ``l``
+    (:func:`reads` of the positions ``0 .. T - 1``).
 
     Level 0 is always read; level ``l >= 1`` only if bit ``l - 1`` of ``t`` is set.
     ``L`` defaults to ``num_levels(T)``; more columns are allowed (never read).
     """
     T = check_int("T", T, 1)
     L = num_levels(T) if L is None else check_int("L", L, 0)
-    t = np.arange(T)[:, None]
-    lev = np.arange(L)[None, :]
-    bit = np.right_shift(t, np.maximum(lev - 1, 0)) & 1
-    return (lev == 0) | ((lev >= 1) & (bit == 1))
+    return reads(np.arange(T), L)
+
+
+def reads(positions, L: int) -> np.ndarray:
+    """Boolean ``(*positions.shape, L)`` array: entry ``[..., l]`` is True iff the query at that
+    absolute position reads level ``l``: always level 0, level ``l >= 1`` iff bit ``l - 1`` of the
+    position is set (the one definition of which level scales are read).
+
+    >>> reads(np.array([0, 5]), 4)
+    array([[ True, False, False, False],
+           [ True,  True, False,  True]])
+    """
+    t = np.asarray(positions, dtype=np.int64)[..., None]
+    lev = np.arange(check_int("L", L, 0))
+    return (lev == 0) | (((t >> np.maximum(lev - 1, 0)) & 1) == 1)
 
 
 class Block(NamedTuple):

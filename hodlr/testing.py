@@ -154,8 +154,7 @@ def poison_unread(level_scales, starts=None, lengths=None):
     if starts is None:
         read = fenwick.read_levels(T, L)
     else:
-        read = np.concatenate([fenwick.read_levels(a + n, L)[a:] for a, n in zip(starts, lengths) if n]
-                              or [np.zeros((0, L), dtype=bool)])
+        read = fenwick.reads(np.concatenate([np.arange(a, a + n) for a, n in zip(starts, lengths)] or [[]]), L)
     if is_torch(level_scales):
         read = namespace(level_scales).as_tensor(read, device=level_scales.device)
         return level_scales.masked_fill(~read, float("nan"))

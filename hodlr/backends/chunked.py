@@ -356,8 +356,7 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
     vr = _rows(v.to(work), src).unflatten(1, (Hqk, grp))
     lam = _rows(level_scales, src).unflatten(1, (Hqk, grp))
     lam = torch.nn.functional.pad(lam, (0, width - L))
-    lev = np.arange(width)
-    read = valid[:, :, None] & ((lev == 0) | (((P[:, :, None] >> np.maximum(lev - 1, 0)) & 1) == 1))
+    read = valid[:, :, None] & fenwick.reads(P, width)
     lam = torch.where(torch.as_tensor(read[:, None, None], device=dev), lam, torch.zeros((), dtype=work, device=dev))
     g = None if log_decay is None else _rows(log_decay, src).unflatten(1, (Hqk, grp))
     first = P == 0  # the log-decay of absolute position 0 multiplies no pair
