@@ -511,7 +511,8 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
         final_slots = max(S_in, fenwick.num_slots(end))
         if (T == 1 and initial_state is not None and cu_seqlens is None and q.device.type == "cuda"
-                and backend in ("auto", "triton") and not _checks.wants_grad(q, k, v, g, level_scales, init)):
+                and init.dtype != torch.float64 and backend in ("auto", "triton")
+                and not _checks.wants_grad(q, k, v, g, level_scales, init)):
             state = initial_state.with_slots(final_slots)  # new tensors: the step updates them in place
             o = log_linear_attn_step(q, k, v, g, level_scales, state, scale=scale, backend="triton", validate=False)
             return o, (state if output_final_state else None)
@@ -557,6 +558,9 @@ def _check_step(name, q, k, v, g, level_scales, state, scale, validate):
             raise ValueError(f"the step takes position {end - 1} to {end}, which needs {fenwick.num_slots(end)} slots but "
                              f"the state has {state.num_slots}; make it with more (state.with_slots(S), or "
                              f"LogLinearState.zeros(..., max_position=...))")
+    elif level_scales.shape[-1] < 1 and q.shape[0]:  # (a shape: refused without a host read)
+        raise LevelsExceededError("level_scales has L=0 levels; every token reads level 0 (L >= 1)", end=1, need=1,
+                                  levels=0)
     return scale
 
 
@@ -581,9 +585,12 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
         Multiplies ``q kᵀ`` (as :func:`log_linear_attn`); None is ``Dk ** -0.5``.
     backend : ``"auto"``, ``"triton"`` or ``"torch"``
         ``triton``: the decode kernel (``hodlr.kernels.decode.decode_step``: one launch, no host
-        synchronisation, capturable in a CUDA graph; on the CPU under ``TRITON_INTERPRET=1``);
-        ``torch``: :func:`log_linear_attn` on one token and a copy into ``state``.  ``auto`` picks
-        ``triton`` on a GPU.
+        synchronisation, capturable in a CUDA graph; on the CPU under ``TRITON_INTERPRET=1``; float64
+        only there);
+        ``torch``: torch operations on the state's slots, shared with
+        :func:`log_linear_gated_delta_step` (no host read with ``validate=False``: capturable, and
+        it compiles with ``fullgraph=True``).  ``auto`` picks ``triton`` on a GPU, ``torch`` for a
+        float64 state and on the CPU.
     validate : bool, default True
         Read the positions on the host and refuse a step that would overflow the state's slots or
         read past ``level_scales``.  Pass False inside CUDA-graph capture (no host read); the
@@ -612,31 +619,76 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
         raise TypeError(f"backend must be a string, 'auto', 'triton' or 'torch', got {type(backend).__name__}")
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if q.device.type == "cuda" else "torch"
+    if backend == "auto":  # (the kernel takes float64 under the interpreter only)
+        backend = "triton" if q.device.type == "cuda" and state.states.dtype != torch.float64 else "torch"
     if backend == "triton":
         registry.get("triton", "torch", q.device, op="attention")  # BackendUnavailableError saying why not
+        from hodlr.kernels import interpreting
         from hodlr.kernels.decode import decode_step
 
+        if state.states.dtype == torch.float64 and not interpreting():
+            raise TypeError("backend='triton' steps float32 states on the GPU (float64 only under TRITON_INTERPRET=1); "
+                            "got a float64 state: use backend='torch' (or 'auto', which picks it)")
+
+        X = state.states if state.states.is_contiguous() else state.states.contiguous()
         o = decode_step(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0],
-                                level_scales[:, 0], state.states, state.positions, scale)
+                        level_scales[:, 0], X, state.positions, scale)
+        if X is not state.states:  # (the kernel steps a contiguous copy of a strided state: copied back)
+            state.states.copy_(X)
         return o[:, None]
-    fits = _step_fits(state.positions, state.num_slots, level_scales.shape[-1])
-    rows = fits.nonzero()[:, 0]
-    every = rows.numel() == fits.numel()
-    # every row is written below when every step fits; else the rows that do not fit read NaN
-    o = (torch.empty(v.shape, dtype=v.dtype, device=v.device) if every
-         else torch.full(v.shape, float("nan"), dtype=v.dtype, device=v.device))
-    if rows.numel():
-        pick = (lambda x: x) if every else (lambda x: None if x is None else x.index_select(0, rows))
-        live = state if every else LogLinearState(pick(state.states), pick(state.positions), validate=False)
-        o_rows, new = log_linear_attn(pick(q), pick(k), pick(v), pick(g), pick(level_scales), initial_state=live,
-                                      output_final_state=True, scale=scale, backend="chunked")
-        with torch.no_grad():
-            o.index_copy_(0, rows, o_rows.to(o.dtype))
-            state.states.index_copy_(0, rows, new.states[:, :, :state.num_slots].to(state.states.dtype))
-            state.positions.index_copy_(0, rows, new.positions)
-    return o
+    work = state.states.dtype
+    grp = v.shape[2] // q.shape[2]
+    with torch.no_grad():
+        qh, kh = (x[:, 0].to(work).repeat_interleave(grp, 1) for x in (q, k))  # (B, H, Dk)
+        vh, lam = v[:, 0].to(work), level_scales[:, 0].to(work)  # (B, H, Dv), (B, H, L)
+        decay = _step_decay(state.positions, g, work)
+
+        def transition(held):  # exp(g) on every live state
+            return held if decay is None else held * decay[:, :, None, None, None]
+
+        read, fits = _slot_step(state, qh, lam, transition, kh[..., :, None] * vh[..., None, :])
+        o = scale * (lam[..., 0, None] * (qh * kh).sum(-1, keepdim=True) * vh + read)
+        o = torch.where(fits[:, None, None], o, torch.full((), float("nan"), dtype=work, device=o.device))
+    return o[:, None].to(v.dtype)
+
+
+def _step_decay(positions, g, work):
+    """``(B, H)``: the step's ``exp(g)``, 1 at absolute position 0 (whose log-decay multiplies no
+    pair: the state is empty there); None without a decay."""
+    if g is None:
+        return None
+    return torch.exp(torch.where((positions == 0)[:, None], 0.0, g[:, 0].to(work)))
+
+
+def _slot_step(state, qh, lam, transition, write):
+    """One decoding step on the slots of ``state`` (slot ``l - 1`` the level-``l`` bucket), in place,
+    shared by both ops' torch steps: the live slots (the set bits of each row's position) pass
+    through ``transition`` (the token's transition applied to each live state), the query ``qh
+    (B, H, Dk)`` reads them with the level scales ``lam[..., l]`` (``lam (B, H, L)``), the slots of
+    the position's trailing one-bits merge with the token's ``write (B, H, Dk, Dv)`` into slot
+    ``bit_length(p XOR (p + 1)) - 1`` and are cleared, and the rows whose step fits
+    (:func:`_step_fits`) move on; the others are left as they were.  Returns ``(read (B, H, Dv),
+    fits (B,))``."""
+    X, p = state.states, state.positions
+    S, L, work = X.shape[2], lam.shape[-1], X.dtype
+    slot = torch.arange(S, device=p.device)
+    live = ((p[:, None] >> slot) & 1) == 1  # (B, S): slot l - 1 holds level l
+    carry = p ^ (p + 1)  # bits 0 .. D - 1: the slots that merge, then the slot they merge into
+    merge = live & (((carry[:, None] >> slot) & 1) == 1)
+    target = ((carry + 1)[:, None] >> (slot + 1)) == 1  # slot D - 1 (carry + 1 = 2**D)
+    fits = _step_fits(p, S, L)
+    zero = torch.zeros((), dtype=work, device=X.device)
+    held = torch.where(live[:, None, :, None, None], X, zero)  # empty slots are never read, NaN or not
+    moved = transition(held)
+    scales = torch.nn.functional.pad(lam[..., 1:], (0, max(0, S + 1 - L)))[..., :S]  # level l at slot l - 1
+    w = torch.where(live[:, None, :], scales, zero)
+    read = torch.einsum("nhs,nhd,nhsdv->nhv", w, qh, moved)
+    merged = torch.where(merge[:, None, :, None, None], moved, zero).sum(2) + write
+    new = torch.where(merge[:, None, :, None, None], zero, moved)
+    new = torch.where(target[:, None, :, None, None], merged[:, :, None], new)
+    X.copy_(torch.where(fits[:, None, None, None, None], new, X))
+    p.add_(fits.to(p.dtype))
+    return read, fits
 
 
 def _step_fits(positions, num_slots, L):
@@ -1041,36 +1093,20 @@ def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=
     if tuple(beta.shape) != tuple(v.shape[:3]):
         raise ValueError(f"beta must have shape (B, 1, H) = {tuple(v.shape[:3])}, got {tuple(beta.shape)}")
     _checks.check_same_home({"q": q, "beta": beta})
-    X, p = state.states, state.positions
-    work = X.dtype
-    S, L = X.shape[2], level_scales.shape[-1]
+    work = state.states.dtype
     grp = v.shape[2] // q.shape[2]
     with torch.no_grad():
         qh, kh = (x[:, 0].to(work).repeat_interleave(grp, 1) for x in (q, k))  # (B, H, Dk)
         vh, bh = v[:, 0].to(work), beta[:, 0].to(work)  # (B, H, Dv), (B, H)
         lam = level_scales[:, 0].to(work)  # (B, H, L)
-        slot = torch.arange(S, device=p.device)
-        live = ((p[:, None] >> slot) & 1) == 1  # (B, S): slot l - 1 holds level l
-        carry = p ^ (p + 1)  # bits 0 .. D - 1: the slots that merge, then the slot they merge into
-        merge = live & (((carry[:, None] >> slot) & 1) == 1)
-        target = ((carry + 1)[:, None] >> (slot + 1)) == 1  # slot D - 1 (carry + 1 = 2**D)
-        fits = _step_fits(p, S, L)
-        zero = torch.zeros((), dtype=work, device=X.device)
-        held = torch.where(live[:, None, :, None, None], X, zero)  # empty slots are never read, NaN or not
-        moved = held - (bh[..., None] * kh)[:, :, None, :, None] * torch.einsum("nhd,nhsdv->nhsv", kh, held)[..., None, :]
-        if g is not None:  # the log-decay of absolute position 0 multiplies no pair (empty state)
-            decay = torch.exp(torch.where((p == 0)[:, None], 0.0, g[:, 0].to(work)))
-            moved = moved * decay[:, :, None, None, None]
-        scales = torch.nn.functional.pad(lam[..., 1:], (0, max(0, S + 1 - L)))[..., :S]  # level l at slot l - 1
-        w = torch.where(live[:, None, :], scales, torch.zeros((), dtype=work, device=X.device))
-        read = torch.einsum("nhs,nhd,nhsdv->nhv", w, qh, moved)
-        diag = lam[..., 0] * bh * (qh * kh).sum(-1)
-        o = scale * (diag[..., None] * vh + read)
-        merged = torch.where(merge[:, None, :, None, None], moved, zero).sum(2)
-        merged = merged + bh[..., None, None] * kh[..., :, None] * vh[..., None, :]
-        new = torch.where(merge[:, None, :, None, None], zero, moved)
-        new = torch.where(target[:, None, :, None, None], merged[:, :, None], new)
-        X.copy_(torch.where(fits[:, None, None, None, None], new, X))
-        p.add_(fits.to(p.dtype))
-        o = torch.where(fits[:, None, None], o, torch.full((), float("nan"), dtype=work, device=X.device))
+        decay = _step_decay(state.positions, g, work)
+
+        def transition(held):  # A = exp(g) (I - beta k kᵀ) on every live state
+            moved = held - (bh[..., None] * kh)[:, :, None, :, None] * torch.einsum("nhd,nhsdv->nhsv", kh,
+                                                                                     held)[..., None, :]
+            return moved if decay is None else moved * decay[:, :, None, None, None]
+
+        read, fits = _slot_step(state, qh, lam, transition, bh[..., None, None] * kh[..., :, None] * vh[..., None, :])
+        o = scale * ((lam[..., 0] * bh * (qh * kh).sum(-1))[..., None] * vh + read)
+        o = torch.where(fits[:, None, None], o, torch.full((), float("nan"), dtype=work, device=o.device))
     return o[:, None].to(v.dtype)

@@ -133,11 +133,13 @@ class LogLinearState:
         return cls(states, torch.zeros(batch_size, dtype=torch.int64, device=states.device), validate=False)
 
     @classmethod
-    def from_fenwick(cls, fenwick_states) -> "LogLinearState":
+    def from_fenwick(cls, fenwick_states, *, slots: int | None = None) -> "LogLinearState":
         """From a :class:`hodlr.fenwick.FenwickState` of batch shape ``(N, H)`` (one shared
         position), or a list of them (one per group of sequences, each ``(N_i, H)``,
         concatenated along the batch).  The decay factors ``c`` of the Fenwick state are folded
-        into the state values; numpy states become CPU tensors.  Lossless: see :meth:`to_fenwick`."""
+        into the state values; numpy states become CPU tensors.  ``slots``: the result's number of
+        slots (default: the fewest its positions need; pass ``state.num_slots`` to get a
+        preallocated cache's shape back).  Lossless in values: see :meth:`to_fenwick`."""
         import torch
 
         from hodlr.fenwick import FenwickState
@@ -146,8 +148,8 @@ class LogLinearState:
             if not fenwick_states:
                 raise ValueError("fenwick_states must not be an empty list")
             parts = [cls.from_fenwick(f) for f in fenwick_states]
-            slots = max(p.num_slots for p in parts)
-            parts = [p.with_slots(slots) for p in parts]
+            fewest = max(p.num_slots for p in parts)
+            parts = [p.with_slots(fewest if slots is None else slots) for p in parts]
             return cls(torch.cat([p.states for p in parts]), torch.cat([p.positions for p in parts]), validate=False)
         if not isinstance(fenwick_states, FenwickState):
             raise TypeError(f"fenwick_states must be a hodlr.fenwick.FenwickState or a list of them, "
@@ -156,7 +158,11 @@ class LogLinearState:
         if len(f.batch_shape) != 2:
             raise ValueError(f"the FenwickState must have batch shape (N, H), got {f.batch_shape}")
         N, H = f.batch_shape
-        slots = fenwick.num_slots(int(f.position))
+        fewest = fenwick.num_slots(int(f.position))
+        if slots is not None and check_int("slots", slots, 0) < fewest:
+            raise ValueError(f"slots must be an integer >= {fewest} (the slots of position {int(f.position)}), got "
+                             f"{slots}")
+        slots = fewest if slots is None else int(slots)
         states = {lev: torch.as_tensor(s) for lev, s in f.states().items()}
         torch_state = isinstance(f.dtype, torch.dtype)
         dtype = f.dtype if torch_state else torch.from_numpy(np.zeros(0, dtype=f.dtype)).dtype
@@ -242,8 +248,13 @@ class LogLinearState:
         """A copy of both tensors."""
         return LogLinearState(self.states.clone(), self.positions.clone(), validate=False)
 
-    def index_select(self, indices) -> "LogLinearState":
-        """The sequences ``indices`` (an int tensor or sequence, repeats allowed), in that order."""
+    def index_select(self, indices, *, validate: bool = True) -> "LogLinearState":
+        """The sequences ``indices`` (an int tensor or sequence, repeats allowed), in that order, in
+        new tensors (a step on the result leaves this state as it was: copy the stepped rows back
+        with ``states.index_copy_`` / ``positions.index_copy_`` to keep them).  ``validate``: check
+        the indices' range on the host (a read of the indices); pass False for a reorder without
+        host synchronisation (beam search in a CUDA graph), where torch's ``index_select`` itself
+        refuses out-of-range indices."""
         import torch
 
         idx = torch.as_tensor(indices, device=self.states.device)
@@ -251,14 +262,17 @@ class LogLinearState:
             idx = idx.to(torch.int64)
         if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
             raise TypeError(f"indices must be a 1-d integer tensor or sequence, got {describe(idx)}")
-        if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < self.batch_size):
+        if check_bool("validate", validate) and idx.numel() and not (0 <= int(idx.min())
+                                                                    and int(idx.max()) < self.batch_size):
             bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
             raise ValueError(f"indices must lie in [0, {self.batch_size}) (the state's sequences), got {bad}")
         return LogLinearState(self.states.index_select(0, idx), self.positions.index_select(0, idx), validate=False)
 
     def __getitem__(self, index) -> "LogLinearState":
         """Batch selection: an int or 0-d integer tensor (the batch dim is kept: ``N = 1``), a slice,
-        a boolean mask or integer indices (one dim: the sequences)."""
+        a boolean mask or integer indices (one dim: the sequences).  As for tensors, an int or a
+        slice gives views (a decoding step on the result updates this state), a mask or indices
+        copies (a step on the result does not)."""
         import torch
 
         if isinstance(index, torch.Tensor) and index.dim() == 0 and not index.dtype.is_floating_point \
@@ -306,6 +320,11 @@ def combine(first: LogLinearState, second: LogLinearState, log_decay=None, *, va
     * for ``l = d`` is ``[start, a) ∪ [a, start + 2^(d-1))``: the buckets ``1 .. d - 1`` of ``a``
       (which tile ``[start, a)``), decayed, plus bucket ``d`` of ``second``;
     * for ``l < d`` lies inside ``[a, b)``: bucket ``l`` of ``second``.
+
+    For log-linear attention states (:func:`hodlr.log_linear_attn`): a log-linear Gated DeltaNet
+    state (:func:`hodlr.log_linear_gated_delta_rule`, the same class) is moved from ``a`` to ``b``
+    by the product of the transitions ``A_t``, matrices, not by a decay, so ``combine`` does not
+    apply to it (its result would be wrong; nothing here can tell the two apart).
 
     ``a == b`` gives ``first`` (every ``l > d = 0``; ``second`` is empty).  Pure (new tensors, the
     positions included) and differentiable in both states and ``log_decay``; no host read unless

@@ -41,7 +41,7 @@ def _fits(p, S, L):
 @triton.jit
 def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, l_ptr, s_ptr, pos_ptr, o_ptr,
                  H, GROUP, L, DK, DV, scale,
-                 sqn, sqh, sqd, skn, skh, skd, svn, svh, svd, sgn, sgh, sln, slh, sll,
+                 sqn, sqh, sqd, skn, skh, skd, svn, svh, svd, sgn, sgh, sln, slh, sll, spn,
                  S: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr):
     nh = tl.program_id(0).to(tl.int64)
     n = nh // H
@@ -52,7 +52,7 @@ def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, l_ptr, s_ptr, pos_ptr, o_ptr,
     kmask = dk < DK
     vmask = dv < DV
     tile = kmask[:, None] & vmask[None, :]
-    p = tl.load(pos_ptr + n)
+    p = tl.load(pos_ptr + n * spn)
     o_row = o_ptr + nh * DV + dv
     if _fits(p, S, L):
         q = tl.load(q_ptr + n * sqn + hq * sqh + dk * sqd, mask=kmask, other=0.0).to(ACC)
@@ -86,11 +86,11 @@ def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, l_ptr, s_ptr, pos_ptr, o_ptr,
 
 
 @triton.jit
-def _advance_kernel(pos_ptr, N, S, L, BLOCK: tl.constexpr):
+def _advance_kernel(pos_ptr, N, S, L, spn, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < N
-    p = tl.load(pos_ptr + i, mask=m, other=0)
-    tl.store(pos_ptr + i, p + _fits(p, S, L).to(p.dtype), mask=m)
+    p = tl.load(pos_ptr + i * spn, mask=m, other=0)
+    tl.store(pos_ptr + i * spn, p + _fits(p, S, L).to(p.dtype), mask=m)
 
 
 def decode_step(q, k, v, log_decay, level_scales, states, positions, scale: float = 1.0, *, out=None):
@@ -106,7 +106,8 @@ def decode_step(q, k, v, log_decay, level_scales, states, positions, scale: floa
         Level 0 and the levels of the live slots are read.
     states : torch.Tensor, shape ``(N, H, S, Dk, Dv)``, contiguous, float32 (float64 under the
         interpreter), updated in place.
-    positions : torch.Tensor, shape ``(N,)``, int64, incremented in place.
+    positions : torch.Tensor, shape ``(N,)``, int64 (any stride: a column of a larger table),
+        incremented in place.
     scale : float
     out : torch.Tensor, optional
         Contiguous ``(N, H, Dv)`` buffer with ``v``'s dtype (for CUDA graphs).
@@ -148,8 +149,8 @@ def decode_step(q, k, v, log_decay, level_scales, states, positions, scale: floa
     sg = (0, 0) if log_decay is None else (log_decay.stride(0), log_decay.stride(1))
     _step_kernel[(N * H, cdiv(DV, BDV))](
         q, k, v, g, level_scales, states, positions, out, H, H // Hqk, L, DK, DV, float(scale),
-        *q.stride(), *k.stride(), *v.stride(), *sg, *level_scales.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *sg, *level_scales.stride(), positions.stride(0),
         S=S, BDK=BDK, BDV=BDV, HAS_G=log_decay is not None, ACC=acc, num_warps=NUM_WARPS)
     BLOCK = 256
-    _advance_kernel[(cdiv(N, BLOCK),)](positions, N, S, L, BLOCK=BLOCK)
+    _advance_kernel[(cdiv(N, BLOCK),)](positions, N, S, L, positions.stride(0), BLOCK=BLOCK)
     return out

@@ -261,6 +261,10 @@ CASES = [
                                            torch.ones(2, 1, 2, 2, dtype=torch.float64), None,
                                            torch.ones(2, 1, 2, 5, dtype=torch.float64), state(position=15)),
      ValueError, r"the step takes position 15 to 16, which needs 5 slots but the state has 4"),
+    ("op-step-no-levels-unvalidated", lambda mp: hodlr.log_linear_gated_delta_step(
+        *(torch.ones(2, 1, 2, 2, dtype=torch.float64),) * 3, None, torch.ones(2, 1, 2, dtype=torch.float64),
+        torch.ones(2, 1, 2, 0, dtype=torch.float64), state(), validate=False),
+     hodlr.LevelsExceededError, r"level_scales has L=0 levels; every token reads level 0 \(L >= 1\)"),
     ("op-step-state-not-a-state", lambda mp: step(state=torch.zeros(2)), TypeError,
      r"state must be a hodlr.LogLinearState \(LogLinearState.zeros\(...\) for a new cache\), got torch.Tensor"),
     ("op-step-state-expanded",

@@ -477,3 +477,27 @@ def test_opcheck_gated_delta_rule_triton_without_state(T, decay, keep):
     torch.library.opcheck(torch.ops.hodlr.log_linear_gated_delta_rule.default,
                           (q, k, v, g if decay else None, beta, lam, 0.5, None, None, None, False, 0, "triton",
                            keep))
+
+
+def test_attention_step_compiles_without_host_reads():
+    """``log_linear_attn_step(..., backend="torch", validate=False)`` reads nothing on the host: it
+    compiles with ``fullgraph=True`` and updates the cache as the eager step and one call do."""
+    from test_decode import step_inputs
+    from test_state import prefix_state
+
+    cache, _ = prefix_state([0, 3, 8, 15], H=2, Dk=3, Dv=2)
+    inputs = step_inputs(cache, 9)
+    want_o, want_s = hodlr.log_linear_attn(*inputs, initial_state=cache, output_final_state=True, backend="fenwick")
+    eager = cache.clone()
+
+    def step(q, k, v, g, lam, states, positions):
+        return hodlr.log_linear_attn_step(q, k, v, g, lam, hodlr.LogLinearState(states, positions, validate=False),
+                                          backend="torch", validate=False)
+
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*inputs, cache.states, cache.positions)
+    want = step(*inputs, eager.states, eager.positions)
+    assert relative_error(got, want) <= 1e-12 and relative_error(got, want_o) <= 1e-12
+    S = cache.num_slots
+    assert relative_error(cache.states, eager.states) <= 1e-12
+    assert relative_error(cache.states, want_s.states[:, :, :S]) <= 1e-12
+    assert cache.positions.tolist() == eager.positions.tolist() == [1, 4, 9, 16]

@@ -66,9 +66,10 @@ def test_decode_kernel_equals_scan(decay):
 
 
 def test_step_triton_equals_torch():
-    """Three steps from mixed positions by the kernel and by the torch path (``log_linear_attn`` on
-    one token, which ``test_decode_kernel_equals_scan`` and tests/test_ops.py hold to the scan and
-    the dense reference): the same output at each step, the same states and positions after them."""
+    """Three steps from mixed positions by the kernel and by the torch path (torch operations on the
+    slots, which ``test_step_torch_fills_nan_only_for_rows_that_do_not_fit`` and
+    ``test_strided_cache_steps_in_place`` hold to one call): the same output at each step, the same
+    states and positions after them."""
     state, _ = prefix_state([0, 3, 7, 8], H=2, Dk=2, Dv=3)
     a, b = dev(state), dev(state)
     for t in range(3):
@@ -77,6 +78,26 @@ def test_step_triton_equals_torch():
         o2 = hodlr.log_linear_attn_step(*inputs, b, backend="torch", scale=0.5)
         assert relative_error(o1, o2) <= TOL
     assert torch.equal(a.positions, b.positions) and relative_error(a.states, b.states) <= TOL
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_strided_cache_steps_in_place(backend):
+    """A cache whose positions are a column of a larger table (a server's bookkeeping: position,
+    request id) and whose states are every other row of a larger buffer: each backend steps it in
+    place as one call does, and leaves the table's other column and the buffer's other rows alone."""
+    state, _ = prefix_state([5, 3, 6], H=2, Dk=2, Dv=3)
+    inputs = [dev(x) for x in step_inputs(state, 4)]
+    want, after = hodlr.log_linear_attn(*step_inputs(state, 4), initial_state=state, output_final_state=True,
+                                        backend="fenwick")
+    table = torch.tensor([[5, 100], [3, 101], [6, 102]], device=DEVICE)
+    buffer = torch.full((6,) + tuple(state.states.shape[1:]), 7.0, dtype=KERNEL_DT, device=DEVICE)
+    buffer[::2] = dev(state.states)
+    cache = hodlr.LogLinearState(buffer[::2], table[:, 0])
+    o = hodlr.log_linear_attn_step(*inputs, cache, backend=backend)
+    assert relative_error(o.cpu(), want) <= TOL
+    assert table.tolist() == [[6, 100], [4, 101], [7, 102]]
+    S = state.num_slots
+    assert relative_error(buffer[::2].cpu(), after.states[:, :, :S]) <= TOL and (buffer[1::2] == 7).all()
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -98,25 +119,20 @@ def test_step_overflow_refused_or_nan(backend):
         hodlr.log_linear_attn_step(*(torch.cat([x, x], 1) for x in (q, k, v, g, lam)), state)
 
 
-def test_step_torch_fills_nan_only_for_rows_that_do_not_fit(monkeypatch):
-    """The torch step allocates its output filled with NaN only when a row's step does not fit
-    (``validate=False``): when every row steps, every output row is written, none left NaN."""
-    nan_fills, torch_full = [], torch.full
-
-    def full(size, fill_value, **kwargs):
-        if fill_value != fill_value:  # NaN
-            nan_fills.append(tuple(size))
-        return torch_full(size, fill_value, **kwargs)
-
-    monkeypatch.setattr(torch, "full", full)
+def test_step_torch_fills_nan_only_for_rows_that_do_not_fit():
+    """The torch step (``validate=False``) gives NaN only for the rows whose step does not fit and
+    leaves their state as it was; the other rows step as one call does."""
     state, _ = prefix_state([3, 1], H=1, Dk=2, Dv=2)
     inputs = step_inputs(state, 5)
-    want, _ = hodlr.log_linear_attn(*inputs, initial_state=state, backend="fenwick")
+    want, after = hodlr.log_linear_attn(*inputs, initial_state=state, output_final_state=True, backend="fenwick")
     o = hodlr.log_linear_attn_step(*inputs, state.clone(), backend="torch")
-    assert nan_fills == [] and relative_error(o, want) <= 1e-12
+    assert torch.isfinite(o).all() and relative_error(o, want) <= 1e-12
     state = state.with_slots(2)  # position 3 -> 4 needs 3 slots
+    before = state.clone()
     o = hodlr.log_linear_attn_step(*inputs, state, backend="torch", validate=False)
-    assert nan_fills == [tuple(o.shape)] and torch.isnan(o[0]).all() and torch.isfinite(o[1]).all()
+    assert torch.isnan(o[0]).all() and relative_error(o[1:], want[1:]) <= 1e-12
+    assert torch.equal(state.states[0], before.states[0]) and state.positions.tolist() == [3, 2]
+    assert relative_error(state.states[1], after.states[1, :, :2]) <= 1e-12
 
 
 def test_op_with_one_token_matches_step():

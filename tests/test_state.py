@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import hodlr
+from hodlr import fenwick
 from hodlr.fenwick import FenwickState
 from hodlr.testing import relative_error
 
@@ -188,3 +189,18 @@ def test_empty_slots_are_never_read_whatever_they_hold():
     for step in steps:
         a, b = state(clean), state(dirty)
         assert torch.equal(torch.cat([step(a, t) for t in range(T)], 1), torch.cat([step(b, t) for t in range(T)], 1))
+
+
+def test_fenwick_round_trip_keeps_a_preallocated_shape_and_reorders_without_host_reads():
+    """``from_fenwick(..., slots=)`` gives a cache its slot count back (the values round-trip either
+    way); ``index_select(..., validate=False)`` reorders as the checked call does."""
+    state, _ = prefix_state([5, 5], H=2)
+    cache = state.with_slots(13)
+    back = hodlr.LogLinearState.from_fenwick(cache.to_fenwick(), slots=cache.num_slots)
+    assert back.num_slots == 13 and torch.equal(back.states, cache.states)
+    assert hodlr.LogLinearState.from_fenwick(cache.to_fenwick()).num_slots == fenwick.num_slots(5)
+    with pytest.raises(ValueError, match=r"slots must be an integer >= 3 \(the slots of position 5\), got 2"):
+        hodlr.LogLinearState.from_fenwick(cache.to_fenwick(), slots=2)
+    order = torch.tensor([1, 0, 1])
+    got, want = cache.index_select(order, validate=False), cache.index_select(order)
+    assert torch.equal(got.states, want.states) and torch.equal(got.positions, want.positions)
