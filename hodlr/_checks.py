@@ -19,6 +19,7 @@ __all__ = [
     "check_same_home",
     "describe",
     "library_of",
+    "numpy_operand",
     "operand_dtype_ok",
     "without_autocast",
 ]
@@ -31,7 +32,9 @@ def without_autocast(fn):
     public operation computes in its inputs' dtypes with its own float32 accumulation, as its
     kernels do.  Under autocast the torch backends' products would otherwise run in the autocast
     dtype (a float32 call then carries bfloat16's error, 4e-3 instead of 1e-7) and their states in a
-    dtype the state refuses."""
+    dtype the state refuses.  A ``backward()`` called inside the autocast block runs the backward of
+    torch operations in the autocast dtype (PyTorch's own rule): call it outside, as PyTorch
+    recommends."""
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
@@ -46,6 +49,19 @@ def without_autocast(fn):
                 return fn(*args, **kwargs)
 
     return call
+
+
+def numpy_operand(name: str, x, owner: str, layout: str = "(T,), (T, D) or (..., T, D)"):
+    """``x`` as a plain numpy array for ``owner`` (a class that computes with numpy): lists and
+    numbers converted, torch tensors and masked arrays refused (one would come back as numpy, the
+    other's masked entries read as whatever they hold)."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} must be a plain numpy array of shape {layout}, got a numpy masked array; fill it "
+                        f"first (x.filled(value))")
+    if not isinstance(x, (np.ndarray, list, tuple, int, float)):
+        raise TypeError(f"{name} must be a numpy array of shape {layout} (a {owner} computes with numpy), got "
+                        f"{describe(x)}")
+    return np.asarray(x)
 
 
 def library_of(x) -> str:

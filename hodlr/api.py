@@ -64,12 +64,12 @@ def _mask_args(M, batch, module=None):
     """The mask's generators broadcast to ``batch``; for ``module`` (a backend, which computes in
     its generators' dtype, the Triton kernels apart) 16-bit generators cast to float32, so that a
     float16 / bfloat16 mask is computed as a float32 one serving 16-bit operands is."""
-    lam = _checks.broadcast_to(M.level_scales, batch + tuple(M.level_scales.shape[-2:]))
-    g = M.log_decay
+    lam, g = M.level_scales, M.log_decay
+    if module is not None and M.dtype.itemsize == 2 and not module.__name__.endswith(".triton"):
+        lam, g = (None if a is None else a.float() for a in (lam, g))  # (before the broadcast: no copy of it)
+    lam = _checks.broadcast_to(lam, batch + tuple(lam.shape[-2:]))
     if g is not None:
         g = _checks.broadcast_to(g, batch + (M.T,))
-    if module is not None and M.dtype.itemsize == 2 and not module.__name__.endswith(".triton"):
-        lam, g = (None if a is None else a.float() for a in (lam, g))
     return lam, g
 
 
@@ -318,12 +318,13 @@ def gated_delta_matrix(q, k, beta, M, *, scale=None):
 
     q, k, beta, _, batch, scale = _gated_delta_operands(M, scale, q, k, beta)
     M._queue_check(report=False)
-    lam, g = _mask_args(M, batch)
+    lam, g = _mask_args(M, batch, dense)  # (a 16-bit mask computed in float32, as by the operations)
     if scale is None or _empty(batch):
-        return zeros(batch + (M.T, M.T), lam)
-    q, k = (cast(_checks.broadcast_to(a, batch + tuple(a.shape[-2:])), M.dtype) for a in (q, k))
-    beta = cast(_checks.broadcast_to(beta, batch + (M.T,)), M.dtype)
-    return dense.gated_delta_matrix(q, k, beta, lam, g, scale, what="hodlr.gated_delta_matrix", instead=None)
+        return zeros(batch + (M.T, M.T), M.level_scales)
+    q, k = (cast(_checks.broadcast_to(a, batch + tuple(a.shape[-2:])), lam.dtype) for a in (q, k))
+    beta = cast(_checks.broadcast_to(beta, batch + (M.T,)), lam.dtype)
+    P = dense.gated_delta_matrix(q, k, beta, lam, g, scale, what="hodlr.gated_delta_matrix", instead=None)
+    return cast(P, M.dtype)
 
 
 backends = registry

@@ -399,6 +399,7 @@ def _dstates(dstates, q, v, lam, cu, final, slots):
     return dstates
 
 
+@_checks.without_autocast  # (a backward called under autocast computes as the forward did)
 def _backward(ctx, do, dstates, dpositions, dkept, dkept_logdec):
     q, k, v, g, lam, init, pos, cu, kept, kept_logdec = ctx.saved_tensors
     scale, final, slots, backend = ctx.args
@@ -619,6 +620,8 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
         raise TypeError(f"backend must be a string, 'auto', 'triton' or 'torch', got {type(backend).__name__}")
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if q.shape[0] == 0:  # no sequence: nothing to step (level scales of any width)
+        return v.new_empty(v.shape)
     if backend == "auto":  # (the kernel takes float64 under the interpreter only)
         backend = "triton" if q.device.type == "cuda" and state.states.dtype != torch.float64 else "torch"
     if backend == "triton":
@@ -912,6 +915,7 @@ def _gd_setup_context(ctx, inputs, output):
     ctx.args = (scale, final, slots, backend)
 
 
+@_checks.without_autocast
 def _gd_backward(ctx, do, dstates, dpositions, *_):
     q, k, v, g, beta, lam, init, pos, cu, *kept = ctx.saved_tensors
     scale, final, slots, backend = ctx.args
@@ -1093,6 +1097,8 @@ def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=
     if tuple(beta.shape) != tuple(v.shape[:3]):
         raise ValueError(f"beta must have shape (B, 1, H) = {tuple(v.shape[:3])}, got {tuple(beta.shape)}")
     _checks.check_same_home({"q": q, "beta": beta})
+    if q.shape[0] == 0:  # no sequence: nothing to step (level scales of any width)
+        return v.new_empty(v.shape)
     work = state.states.dtype
     grp = v.shape[2] // q.shape[2]
     with torch.no_grad():

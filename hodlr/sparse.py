@@ -19,6 +19,7 @@ Both are ``O(T log T)``.  Nothing of size ``T x T`` is built.
 from __future__ import annotations
 
 import collections
+import threading
 
 import numpy as np
 
@@ -112,10 +113,7 @@ class SparseMask:
 
     def _apply(self, X, name: str, low_rank):
         """``diag(diagonal) X + low_rank(X)`` over the columns of ``X`` (any leading dims)."""
-        if not isinstance(X, (np.ndarray, list, tuple, int, float)):
-            raise TypeError(f"{name} must be a numpy array of shape (T,), (T, D) or (..., T, D) (a SparseMask "
-                            f"computes with numpy), got {_checks.describe(X)}")
-        X = np.asarray(X)
+        X = _checks.numpy_operand(name, X, "SparseMask")
         if X.ndim == 0 or X.shape[-1 if X.ndim == 1 else -2] != self.T:
             raise ValueError(f"{name} must have shape (T,), (T, D) or (..., T, D) with T={self.T}, got shape {X.shape}")
         if X.ndim == 1:
@@ -130,7 +128,7 @@ class SparseMask:
 
     def __rmatmul__(self, Y):
         """``Y @ S`` for ``Y`` of shape ``(T,)`` or ``(..., D, T)``: ``(Sᵀ Yᵀ)ᵀ``."""
-        Y = np.asarray(Y)
+        Y = _checks.numpy_operand("Y", Y, "SparseMask", "(T,) or (..., D, T)")
         if Y.ndim == 1:
             return self.rmatmul(Y)
         return np.swapaxes(self.rmatmul(np.swapaxes(Y, -1, -2)), -1, -2)
@@ -223,27 +221,32 @@ first): 14 MiB at ``T = 2^16``, 60 MiB at ``2^18``, about 260 MiB at ``2^20``.  
 0.1 s to build at ``2^18`` (a fifth of a matmul there)."""
 
 _CACHE: collections.OrderedDict = collections.OrderedDict()
+_CACHE_LOCK = threading.Lock()
 
 
 def sparse_structure(T: int) -> SparseStructure:
     """The index arrays of the sparse form of a length-``T`` mask (read-only; the most recently
-    used lengths are kept, up to :data:`CACHE_BYTES` together; :func:`clear_cache` drops them)."""
+    used lengths are kept, up to :data:`CACHE_BYTES` together, the latest always, even if larger;
+    :func:`clear_cache` drops them; safe to call from several threads)."""
     T = int(T)
-    if T in _CACHE:
-        _CACHE.move_to_end(T)
-        return _CACHE[T][0]
+    with _CACHE_LOCK:
+        if T in _CACHE:
+            _CACHE.move_to_end(T)
+            return _CACHE[T][0]
     structure = SparseStructure(T)
     size = sum(a.nbytes for a in vars(structure).values() if isinstance(a, np.ndarray)) + sum(
         a.nbytes for a in structure.U_positions)
-    _CACHE[T] = (structure, size)
-    while sum(s for _, s in _CACHE.values()) > CACHE_BYTES and len(_CACHE) > 1:
-        _CACHE.popitem(last=False)
+    with _CACHE_LOCK:
+        _CACHE[T] = (structure, size)
+        while sum(s for _, s in _CACHE.values()) > CACHE_BYTES and len(_CACHE) > 1:
+            _CACHE.popitem(last=False)
     return structure
 
 
 def clear_cache() -> None:
     """Drop the structures :func:`sparse_structure` keeps."""
-    _CACHE.clear()
+    with _CACHE_LOCK:
+        _CACHE.clear()
 
 
 def sparse_data(level_scales, log_decay):

@@ -252,9 +252,11 @@ class LogLinearState:
         """The sequences ``indices`` (an int tensor or sequence, repeats allowed), in that order, in
         new tensors (a step on the result leaves this state as it was: copy the stepped rows back
         with ``states.index_copy_`` / ``positions.index_copy_`` to keep them).  ``validate``: check
-        the indices' range on the host (a read of the indices); pass False for a reorder without
-        host synchronisation (beam search in a CUDA graph), where torch's ``index_select`` itself
-        refuses out-of-range indices."""
+        the indices' range on the host (a read of the indices); pass False, with the indices a
+        tensor on the state's device, for a reorder without host synchronisation (beam search in
+        a CUDA graph).  Unchecked, an out-of-range index fails inside torch's ``index_select``: an
+        ``IndexError`` on the CPU, a device-side assert on CUDA (which leaves the CUDA context
+        unusable)."""
         import torch
 
         idx = torch.as_tensor(indices, device=self.states.device)

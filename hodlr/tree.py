@@ -404,10 +404,7 @@ class HODLRMatrix:
         """``A @ X`` by the recursion ``y1 = A11 x1``, ``y2 = A22 x2 + U (V^T x1)``.
 
         ``X`` of shape ``(T,)``, ``(T, D)`` or ``(..., T, D)`` (numpy); returns the same shape."""
-        if not isinstance(X, (np.ndarray, list, tuple, int, float)):
-            raise TypeError(f"X must be a numpy array of shape (T,), (T, D) or (..., T, D) (a HODLRMatrix computes "
-                            f"with numpy), got {_checks.describe(X)}")
-        X = np.asarray(X)
+        X = _checks.numpy_operand("X", X, "HODLRMatrix")
         if X.ndim == 0 or X.shape[-1 if X.ndim == 1 else -2] != self._n:
             raise ValueError(f"X must have shape (T,), (T, D) or (..., T, D) with T={self._n}, got shape {X.shape}")
         if X.ndim > 2:  # the leading dims as columns

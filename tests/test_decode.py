@@ -184,3 +184,15 @@ def test_first_step_ignores_the_log_decay_of_position_zero(step):
         results.append((o, state.states))
     (o0, s0), (o1, s1) = results
     assert torch.isfinite(o1).all() and torch.equal(o0, o1) and torch.equal(s0, s1)
+
+
+@pytest.mark.parametrize("L", [0, 3])
+@pytest.mark.parametrize("validate", [True, False])
+def test_steps_of_no_sequence(L, validate):
+    """A step of an empty batch (``B = 0``) returns an empty output and changes nothing, whatever
+    the width of the level scales, with or without validation (either op)."""
+    state = hodlr.LogLinearState.zeros(0, 2, 2, 3, max_position=8, dtype=DT)
+    q, v = torch.ones(0, 1, 2, 2, dtype=DT), torch.ones(0, 1, 2, 3, dtype=DT)
+    lam, beta = torch.ones(0, 1, 2, L, dtype=DT), torch.ones(0, 1, 2, dtype=DT)
+    assert hodlr.log_linear_attn_step(q, q, v, None, lam, state, validate=validate).shape == (0, 1, 2, 3)
+    assert hodlr.log_linear_gated_delta_step(q, q, v, None, beta, lam, state, validate=validate).shape == (0, 1, 2, 3)

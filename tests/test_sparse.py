@@ -159,3 +159,19 @@ def test_linear_operator_refusals():
     with pytest.raises(TypeError, match=r"X must be a numpy array of shape \(T,\), \(T, D\) or \(\.\.\., T, D\) \(a "
                                         r"SparseMask computes with numpy\), got"):
         M.to_sparse()[0].matmul(torch.ones(5, 1))
+
+
+def test_numpy_classes_refuse_torch_and_masked_operands():
+    """``SparseMask`` and ``HODLRMatrix`` compute with numpy: a torch operand (from either side of
+    ``@``) and a masked array are refused by name, not converted."""
+    torch = pytest.importorskip("torch")
+    M = hodlr.LogLinearMask(np.ones((5, 4)))
+    S, H = M.to_sparse(), M.to_hodlr()
+    for call, message in ((lambda: torch.ones(2, 5) @ S, r"Y must be a numpy array of shape \(T,\) or \(\.\.\., D, T\) "
+                                                         r"\(a SparseMask computes with numpy\), got torch.Tensor"),
+                          (lambda: S @ torch.ones(5), r"X must be a numpy array .* \(a SparseMask computes with numpy\)"),
+                          (lambda: H @ torch.ones(5), r"X must be a numpy array .* \(a HODLRMatrix computes with numpy\)"),
+                          (lambda: S @ np.ma.masked_array(np.ones(5)), r"X must be a plain numpy array .*masked array"),
+                          (lambda: H.matmul(np.ma.masked_array(np.ones(5))), r"X must be a plain numpy array")):
+        with pytest.raises(TypeError, match=message):
+            call()
