@@ -633,11 +633,8 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
             raise TypeError("backend='triton' steps float32 states on the GPU (float64 only under TRITON_INTERPRET=1); "
                             "got a float64 state: use backend='torch' (or 'auto', which picks it)")
 
-        X = state.states if state.states.is_contiguous() else state.states.contiguous()
         o = decode_step(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0],
-                        level_scales[:, 0], X, state.positions, scale)
-        if X is not state.states:  # (the kernel steps a contiguous copy of a strided state: copied back)
-            state.states.copy_(X)
+                        level_scales[:, 0], state.states, state.positions, scale)
         return o[:, None]
     work = state.states.dtype
     grp = v.shape[2] // q.shape[2]

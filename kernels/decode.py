@@ -41,7 +41,7 @@ def _fits(p, S, L):
 @triton.jit
 def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, l_ptr, s_ptr, pos_ptr, o_ptr,
                  H, GROUP, L, DK, DV, scale,
-                 sqn, sqh, sqd, skn, skh, skd, svn, svh, svd, sgn, sgh, sln, slh, sll, spn,
+                 sqn, sqh, sqd, skn, skh, skd, svn, svh, svd, sgn, sgh, sln, slh, sll, spn, ssn, ssh, sss, ssk, ssv,
                  S: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr):
     nh = tl.program_id(0).to(tl.int64)
     n = nh // H
@@ -66,10 +66,10 @@ def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, l_ptr, s_ptr, pos_ptr, o_ptr,
         carry = p ^ (p + 1)  # bits 0 .. D-1 set: the slots that merge, and slot D itself
         read = tl.zeros((BDV,), dtype=ACC)
         merged = tl.zeros((BDK, BDV), dtype=ACC)
-        base = s_ptr + nh * S * DK * DV + dk[:, None] * DV + dv[None, :]
+        base = s_ptr + n * ssn + h * ssh + dk[:, None] * ssk + dv[None, :] * ssv
         for i in range(S):
             if ((p >> i) & 1) == 1:
-                ptrs = base + i * DK * DV
+                ptrs = base + i * sss
                 Sl = tl.load(ptrs, mask=tile, other=0.0).to(ACC)
                 read += tl.load(lam_row + (i + 1) * sll).to(ACC) * tl.sum(q[:, None] * Sl, 0)
                 if ((carry >> i) & 1) == 1:
@@ -78,7 +78,7 @@ def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, l_ptr, s_ptr, pos_ptr, o_ptr,
                 elif HAS_G:
                     tl.store(ptrs, e * Sl, mask=tile)
         D = ((carry + 1).to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127  # carry + 1 = 2**D, exact
-        tl.store(base + (D - 1) * DK * DV, e * merged + k[:, None] * v[None, :], mask=tile)
+        tl.store(base + (D - 1) * sss, e * merged + k[:, None] * v[None, :], mask=tile)
         diag = tl.load(lam_row).to(ACC) * tl.sum(q * k, 0)
         tl.store(o_row, scale * (diag * v + e * read), mask=vmask)
     else:
@@ -104,8 +104,8 @@ def decode_step(q, k, v, log_decay, level_scales, states, positions, scale: floa
     log_decay : torch.Tensor, shape ``(N, H)``, or None
     level_scales : torch.Tensor, shape ``(N, H, L)``
         Level 0 and the levels of the live slots are read.
-    states : torch.Tensor, shape ``(N, H, S, Dk, Dv)``, contiguous, float32 (float64 under the
-        interpreter), updated in place.
+    states : torch.Tensor, shape ``(N, H, S, Dk, Dv)``, float32 (float64 under the interpreter), any
+        strides (no two elements at one address), updated in place.
     positions : torch.Tensor, shape ``(N,)``, int64 (any stride: a column of a larger table),
         incremented in place.
     scale : float
@@ -127,9 +127,9 @@ def decode_step(q, k, v, log_decay, level_scales, states, positions, scale: floa
                          f"got {tuple(level_scales.shape)}")
     if log_decay is not None and tuple(log_decay.shape) != (N, H):
         raise ValueError(f"log_decay must have shape (N, H) = ({N}, {H}), got {tuple(log_decay.shape)}")
-    if tuple(states.shape) != (N, H, S, DK, DV) or not states.is_contiguous():
-        raise ValueError(f"states must be a contiguous tensor of shape (N, H, S, Dk, Dv) = ({N}, {H}, S, {DK}, {DV}), "
-                         f"got {tuple(states.shape)} (contiguous: {states.is_contiguous()})")
+    if tuple(states.shape) != (N, H, S, DK, DV):
+        raise ValueError(f"states must be a tensor of shape (N, H, S, Dk, Dv) = ({N}, {H}, S, {DK}, {DV}), "
+                         f"got {tuple(states.shape)}")
     if positions.dtype != torch.int64 or tuple(positions.shape) != (N,):
         raise ValueError(f"positions must be an int64 tensor of shape ({N},), "
                          f"got {positions.dtype} {tuple(positions.shape)}")
@@ -149,7 +149,7 @@ def decode_step(q, k, v, log_decay, level_scales, states, positions, scale: floa
     sg = (0, 0) if log_decay is None else (log_decay.stride(0), log_decay.stride(1))
     _step_kernel[(N * H, cdiv(DV, BDV))](
         q, k, v, g, level_scales, states, positions, out, H, H // Hqk, L, DK, DV, float(scale),
-        *q.stride(), *k.stride(), *v.stride(), *sg, *level_scales.stride(), positions.stride(0),
+        *q.stride(), *k.stride(), *v.stride(), *sg, *level_scales.stride(), positions.stride(0), *states.stride(),
         S=S, BDK=BDK, BDV=BDV, HAS_G=log_decay is not None, ACC=acc, num_warps=NUM_WARPS)
     BLOCK = 256
     _advance_kernel[(cdiv(N, BLOCK),)](positions, N, S, L, positions.stride(0), BLOCK=BLOCK)

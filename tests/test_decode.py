@@ -80,24 +80,34 @@ def test_step_triton_equals_torch():
     assert torch.equal(a.positions, b.positions) and relative_error(a.states, b.states) <= TOL
 
 
+@pytest.mark.parametrize("layout", ["rows", "slots", "transposed"])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_strided_cache_steps_in_place(backend):
+def test_strided_cache_steps_in_place(backend, layout):
     """A cache whose positions are a column of a larger table (a server's bookkeeping: position,
-    request id) and whose states are every other row of a larger buffer: each backend steps it in
-    place as one call does, and leaves the table's other column and the buffer's other rows alone."""
+    request id) and whose states are a view of a larger buffer (every other row; the first slots of
+    a wider one; a transposed ``Dk × Dv`` layout): each backend steps it in place as one call does,
+    and leaves the table's other column and the rest of the buffer alone."""
     state, _ = prefix_state([5, 3, 6], H=2, Dk=2, Dv=3)
     inputs = [dev(x) for x in step_inputs(state, 4)]
     want, after = hodlr.log_linear_attn(*step_inputs(state, 4), initial_state=state, output_final_state=True,
                                         backend="fenwick")
     table = torch.tensor([[5, 100], [3, 101], [6, 102]], device=DEVICE)
-    buffer = torch.full((6,) + tuple(state.states.shape[1:]), 7.0, dtype=KERNEL_DT, device=DEVICE)
-    buffer[::2] = dev(state.states)
-    cache = hodlr.LogLinearState(buffer[::2], table[:, 0])
+    N, H, S, Dk, Dv = state.states.shape
+    if layout == "rows":
+        buffer = torch.full((2 * N, H, S, Dk, Dv), 7.0, dtype=KERNEL_DT, device=DEVICE)
+        view, rest = buffer[::2], buffer[1::2]
+    elif layout == "slots":
+        buffer = torch.full((N, H, S + 3, Dk, Dv), 7.0, dtype=KERNEL_DT, device=DEVICE)
+        view, rest = buffer[:, :, :S], buffer[:, :, S:]
+    else:
+        buffer = torch.full((N, H, S, Dv, Dk), 7.0, dtype=KERNEL_DT, device=DEVICE)
+        view, rest = buffer.transpose(-1, -2), buffer[:0]
+    view.copy_(dev(state.states))
+    cache = hodlr.LogLinearState(view, table[:, 0])
     o = hodlr.log_linear_attn_step(*inputs, cache, backend=backend)
     assert relative_error(o.cpu(), want) <= TOL
     assert table.tolist() == [[6, 100], [4, 101], [7, 102]]
-    S = state.num_slots
-    assert relative_error(buffer[::2].cpu(), after.states[:, :, :S]) <= TOL and (buffer[1::2] == 7).all()
+    assert relative_error(view.cpu(), after.states[:, :, :S]) <= TOL and (rest == 7).all()
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
