@@ -13,6 +13,7 @@ so that a compiled model keeps the op in its graph.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -538,9 +539,10 @@ def _joined(o, *inputs):
     return o
 
 
-def _check_step(name, q, k, v, g, level_scales, state, scale, validate):
-    """The checks of a decoding step (``T = 1``, a state); with ``validate`` also the host-side ones
-    on the positions.  Returns the scale."""
+def _check_step(name, q, k, v, g, level_scales, state, scale, validate, state_indices=None):
+    """The checks of a decoding step (``T = 1``, a state, the rows ``state_indices`` of it or all);
+    with ``validate`` also the host-side ones on the positions and the indices.  Returns the
+    scale."""
     validate = check_bool("validate", validate)
     if not isinstance(state, LogLinearState):
         raise TypeError(f"state must be a hodlr.LogLinearState (LogLinearState.zeros(...) for a new cache), got "
@@ -550,11 +552,30 @@ def _check_step(name, q, k, v, g, level_scales, state, scale, validate):
         if 0 in x.stride() and x.numel() > 1:
             raise ValueError(f"state.{part} is updated in place, so it must not be an expanded (stride 0) view; got "
                              f"strides {x.stride()} for shape {tuple(x.shape)} (pass a copy: .clone())")
-    scale, _ = _check_static(q, k, v, g, level_scales, state, False, None, scale, "state")
+    positions, checked = state.positions, state
+    if state_indices is not None:
+        N = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() else 0
+        if (not isinstance(state_indices, torch.Tensor) or state_indices.dtype != torch.int64
+                or tuple(state_indices.shape) != (N,) or state_indices.device != state.states.device):
+            raise TypeError(f"state_indices must be an int64 tensor of shape ({N},) (one state row for each row of "
+                            f"q) on {state.states.device}, got {_checks.describe(state_indices)}")
+        if validate and N:
+            rows = state_indices.tolist()
+            bad = [r for r in rows if not 0 <= r < state.batch_size]
+            if bad or len(set(rows)) != N:
+                what = f"{bad[0]} outside [0, {state.batch_size})" if bad else "a row twice"
+                raise ValueError(f"state_indices must name distinct rows of the state's {state.batch_size}, got {what}")
+        if N and not state.batch_size:
+            raise ValueError("state_indices names rows of a state that has none")
+        # (the checks of shapes see the state's rows as many as q's; its values are not read)
+        checked = LogLinearState(state.states[:1].expand((N,) + tuple(state.states.shape[1:])),
+                                 positions[:1].expand(N), validate=False)
+        positions = positions.index_select(0, state_indices) if validate else None
+    scale, _ = _check_static(q, k, v, g, level_scales, checked, False, None, scale, "state")
     if q.shape[1] != 1:
         raise ValueError(f"{name} takes one token per sequence (T = 1), got q of shape {tuple(q.shape)}")
     if validate:
-        end = _check_values(q.shape[0], 1, level_scales.shape[-1], None, state.positions, state.num_slots, "state")
+        end = _check_values(q.shape[0], 1, level_scales.shape[-1], None, positions, state.num_slots, "state")
         if fenwick.num_slots(end) > state.num_slots:
             raise ValueError(f"the step takes position {end - 1} to {end}, which needs {fenwick.num_slots(end)} slots but "
                              f"the state has {state.num_slots}; make it with more (state.with_slots(S), or "
@@ -567,7 +588,7 @@ def _check_step(name, q, k, v, g, level_scales, state, scale, validate):
 
 @_checks.without_autocast
 def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend: str = "auto",
-                         validate: bool = True):
+                         validate: bool = True, state_indices=None):
     """One decoding step for a batch of sequences, each at its own position: consumes one token
     per sequence and updates ``state`` in place (its ``states`` and ``positions`` tensors; what a
     preallocated decoding cache and CUDA graphs need).
@@ -596,6 +617,11 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
         Read the positions on the host and refuse a step that would overflow the state's slots or
         read past ``level_scales``.  Pass False inside CUDA-graph capture (no host read); the
         step then leaves such rows untouched and writes NaN outputs for them (either backend).
+    state_indices : torch.Tensor, shape ``(B,)``, int64, optional
+        Row ``n`` of the inputs steps row ``state_indices[n]`` of ``state`` (which may hold more
+        rows: a preallocated cache whose active sequences decode now), in place; the other rows are
+        left alone.  Distinct rows, on the state's device; checked on the host with ``validate``.
+        The kernel reads them itself; the torch form gathers the rows, steps and scatters them.
 
     Returns
     -------
@@ -615,7 +641,7 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
     >>> bool(torch.allclose(torch.cat(steps, 1), hodlr.log_linear_attn(q, k, v, g, lam)[0])), cache.positions.tolist()
     (True, [5, 5])
     """
-    scale = _check_step("log_linear_attn_step", q, k, v, g, level_scales, state, scale, validate)
+    scale = _check_step("log_linear_attn_step", q, k, v, g, level_scales, state, scale, validate, state_indices)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, 'auto', 'triton' or 'torch', got {type(backend).__name__}")
     if backend not in ("auto", "triton", "torch"):
@@ -634,8 +660,28 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
                             "got a float64 state: use backend='torch' (or 'auto', which picks it)")
 
         o = decode_step(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0],
-                        level_scales[:, 0], state.states, state.positions, scale)
+                        level_scales[:, 0], state.states, state.positions, scale, state_indices=state_indices)
         return o[:, None]
+    with _rows_of(state, state_indices) as state:
+        return _attention_slot_step(q, k, v, g, level_scales, state, scale)
+
+
+@contextlib.contextmanager
+def _rows_of(state, state_indices):
+    """``state``, or its rows ``state_indices`` gathered, stepped in the block and scattered back."""
+    if state_indices is None:
+        yield state
+        return
+    rows = LogLinearState(state.states.index_select(0, state_indices), state.positions.index_select(0, state_indices),
+                          validate=False)
+    yield rows
+    with torch.no_grad():
+        state.states.index_copy_(0, state_indices, rows.states)
+        state.positions.index_copy_(0, state_indices, rows.positions)
+
+
+def _attention_slot_step(q, k, v, g, level_scales, state, scale):
+    """The torch form of :func:`log_linear_attn_step` (checked arguments)."""
     work = state.states.dtype
     grp = v.shape[2] // q.shape[2]
     with torch.no_grad():
@@ -1038,7 +1084,8 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
 
 
 @_checks.without_autocast
-def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=None, validate: bool = True):
+def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=None, validate: bool = True,
+                                state_indices=None):
     """One decoding step of log-linear Gated DeltaNet for a batch of sequences, each at its own
     position: consumes one token per sequence and updates ``state`` in place (its ``states`` and
     ``positions`` tensors), with torch operations only and no host read when ``validate`` is False
@@ -1068,6 +1115,9 @@ def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=
         Read the positions on the host and refuse a step that would overflow the state's slots or
         read past ``level_scales``.  Pass False inside CUDA-graph capture; a row whose step would
         overflow is then left unchanged and its output is NaN.
+    state_indices : torch.Tensor, shape ``(B,)``, int64, optional
+        As :func:`log_linear_attn_step`'s: row ``n`` of the inputs steps row ``state_indices[n]``
+        of ``state`` in place (gathered, stepped and scattered back).
 
     Returns
     -------
@@ -1089,13 +1139,20 @@ def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=
     >>> bool(torch.allclose(torch.cat(steps, 1), o)), cache.positions.tolist()
     (True, [5, 5])
     """
-    scale = _check_step("log_linear_gated_delta_step", q, k, v, g, level_scales, state, scale, validate)
+    scale = _check_step("log_linear_gated_delta_step", q, k, v, g, level_scales, state, scale, validate,
+                        state_indices)
     _tensor("beta", beta, 3, "(B, 1, H)")
     if tuple(beta.shape) != tuple(v.shape[:3]):
         raise ValueError(f"beta must have shape (B, 1, H) = {tuple(v.shape[:3])}, got {tuple(beta.shape)}")
     _checks.check_same_home({"q": q, "beta": beta})
     if q.shape[0] == 0:  # no sequence: nothing to step (level scales of any width)
         return v.new_empty(v.shape)
+    with _rows_of(state, state_indices) as state:
+        return _gated_delta_slot_step(q, k, v, g, beta, level_scales, state, scale)
+
+
+def _gated_delta_slot_step(q, k, v, g, beta, level_scales, state, scale):
+    """The body of :func:`log_linear_gated_delta_step` (checked arguments)."""
     work = state.states.dtype
     grp = v.shape[2] // q.shape[2]
     with torch.no_grad():

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hodlr.fenwick.arrays import describe
+
 from ._layout import MIN_BLOCK, cdiv, compute_types, next_power_of_2
 
 __all__ = ["decode_step"]
@@ -39,20 +41,25 @@ def _fits(p, S, L):
 
 
 @triton.jit
-def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, l_ptr, s_ptr, pos_ptr, o_ptr,
+def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, l_ptr, s_ptr, pos_ptr, o_ptr, idx_ptr,
                  H, GROUP, L, DK, DV, scale,
                  sqn, sqh, sqd, skn, skh, skd, svn, svh, svd, sgn, sgh, sln, slh, sll, spn, ssn, ssh, sss, ssk, ssv,
-                 S: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr):
+                 S: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr,
+                 HAS_IDX: tl.constexpr):
     nh = tl.program_id(0).to(tl.int64)
     n = nh // H
     h = nh % H
+    if HAS_IDX:  # input row n steps the state's row idx[n]
+        r = tl.load(idx_ptr + n).to(tl.int64)
+    else:
+        r = n
     hq = h // GROUP
     dk = tl.arange(0, BDK)
     dv = tl.program_id(1) * BDV + tl.arange(0, BDV)
     kmask = dk < DK
     vmask = dv < DV
     tile = kmask[:, None] & vmask[None, :]
-    p = tl.load(pos_ptr + n * spn)
+    p = tl.load(pos_ptr + r * spn)
     o_row = o_ptr + nh * DV + dv
     if _fits(p, S, L):
         q = tl.load(q_ptr + n * sqn + hq * sqh + dk * sqd, mask=kmask, other=0.0).to(ACC)
@@ -66,7 +73,7 @@ def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, l_ptr, s_ptr, pos_ptr, o_ptr,
         carry = p ^ (p + 1)  # bits 0 .. D-1 set: the slots that merge, and slot D itself
         read = tl.zeros((BDV,), dtype=ACC)
         merged = tl.zeros((BDK, BDV), dtype=ACC)
-        base = s_ptr + n * ssn + h * ssh + dk[:, None] * ssk + dv[None, :] * ssv
+        base = s_ptr + r * ssn + h * ssh + dk[:, None] * ssk + dv[None, :] * ssv
         for i in range(S):
             if ((p >> i) & 1) == 1:
                 ptrs = base + i * sss
@@ -86,14 +93,19 @@ def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, l_ptr, s_ptr, pos_ptr, o_ptr,
 
 
 @triton.jit
-def _advance_kernel(pos_ptr, N, S, L, spn, BLOCK: tl.constexpr):
+def _advance_kernel(pos_ptr, idx_ptr, N, S, L, spn, BLOCK: tl.constexpr, HAS_IDX: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < N
-    p = tl.load(pos_ptr + i * spn, mask=m, other=0)
-    tl.store(pos_ptr + i * spn, p + _fits(p, S, L).to(p.dtype), mask=m)
+    if HAS_IDX:
+        r = tl.load(idx_ptr + i, mask=m, other=0).to(tl.int64)
+    else:
+        r = i
+    p = tl.load(pos_ptr + r * spn, mask=m, other=0)
+    tl.store(pos_ptr + r * spn, p + _fits(p, S, L).to(p.dtype), mask=m)
 
 
-def decode_step(q, k, v, log_decay, level_scales, states, positions, scale: float = 1.0, *, out=None):
+def decode_step(q, k, v, log_decay, level_scales, states, positions, scale: float = 1.0, *, out=None,
+                state_indices=None):
     """One token per sequence: returns ``o (N, H, Dv)``; ``states`` and ``positions`` updated in place.
 
     Parameters
@@ -104,13 +116,17 @@ def decode_step(q, k, v, log_decay, level_scales, states, positions, scale: floa
     log_decay : torch.Tensor, shape ``(N, H)``, or None
     level_scales : torch.Tensor, shape ``(N, H, L)``
         Level 0 and the levels of the live slots are read.
-    states : torch.Tensor, shape ``(N, H, S, Dk, Dv)``, float32 (float64 under the interpreter), any
-        strides (no two elements at one address), updated in place.
-    positions : torch.Tensor, shape ``(N,)``, int64 (any stride: a column of a larger table),
+    states : torch.Tensor, shape ``(R, H, S, Dk, Dv)``, float32 (float64 under the interpreter), any
+        strides (no two elements at one address), updated in place; ``R = N`` without
+        ``state_indices``.
+    positions : torch.Tensor, shape ``(R,)``, int64 (any stride: a column of a larger table),
         incremented in place.
     scale : float
     out : torch.Tensor, optional
         Contiguous ``(N, H, Dv)`` buffer with ``v``'s dtype (for CUDA graphs).
+    state_indices : torch.Tensor, shape ``(N,)``, int64, optional
+        Input row ``n`` steps the state's row ``state_indices[n]`` (the rows of a preallocated cache
+        that decode now; distinct, in ``[0, R)``: not checked here).
 
     Rows whose position would leave the state (``p + 1 >= 2**S``) or whose ``L`` is too small
     (``L < bit_length(p) + 1``) are not changed; their output is NaN.  Nothing is read on the host.
@@ -127,12 +143,17 @@ def decode_step(q, k, v, log_decay, level_scales, states, positions, scale: floa
                          f"got {tuple(level_scales.shape)}")
     if log_decay is not None and tuple(log_decay.shape) != (N, H):
         raise ValueError(f"log_decay must have shape (N, H) = ({N}, {H}), got {tuple(log_decay.shape)}")
-    if tuple(states.shape) != (N, H, S, DK, DV):
-        raise ValueError(f"states must be a tensor of shape (N, H, S, Dk, Dv) = ({N}, {H}, S, {DK}, {DV}), "
+    R = N if state_indices is None else states.shape[0]
+    if tuple(states.shape) != (R, H, S, DK, DV):
+        raise ValueError(f"states must be a tensor of shape (N, H, S, Dk, Dv) = ({R}, {H}, S, {DK}, {DV}), "
                          f"got {tuple(states.shape)}")
-    if positions.dtype != torch.int64 or tuple(positions.shape) != (N,):
-        raise ValueError(f"positions must be an int64 tensor of shape ({N},), "
+    if positions.dtype != torch.int64 or tuple(positions.shape) != (R,):
+        raise ValueError(f"positions must be an int64 tensor of shape ({R},), "
                          f"got {positions.dtype} {tuple(positions.shape)}")
+    if state_indices is not None and (not isinstance(state_indices, torch.Tensor) or state_indices.dtype != torch.int64
+                                      or tuple(state_indices.shape) != (N,) or state_indices.device != states.device):
+        raise ValueError(f"state_indices must be an int64 tensor of shape ({N},) on {states.device}, got "
+                         f"{describe(state_indices)}")
     acc, _, _ = compute_types(states.dtype)
     if states.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"states must be float32 (float64 under the interpreter), got {states.dtype}")
@@ -148,9 +169,12 @@ def decode_step(q, k, v, log_decay, level_scales, states, positions, scale: floa
     g = level_scales if log_decay is None else log_decay
     sg = (0, 0) if log_decay is None else (log_decay.stride(0), log_decay.stride(1))
     _step_kernel[(N * H, cdiv(DV, BDV))](
-        q, k, v, g, level_scales, states, positions, out, H, H // Hqk, L, DK, DV, float(scale),
+        q, k, v, g, level_scales, states, positions, out, positions if state_indices is None else state_indices,
+        H, H // Hqk, L, DK, DV, float(scale),
         *q.stride(), *k.stride(), *v.stride(), *sg, *level_scales.stride(), positions.stride(0), *states.stride(),
-        S=S, BDK=BDK, BDV=BDV, HAS_G=log_decay is not None, ACC=acc, num_warps=NUM_WARPS)
+        S=S, BDK=BDK, BDV=BDV, HAS_G=log_decay is not None, ACC=acc, HAS_IDX=state_indices is not None,
+        num_warps=NUM_WARPS)
     BLOCK = 256
-    _advance_kernel[(cdiv(N, BLOCK),)](positions, N, S, L, positions.stride(0), BLOCK=BLOCK)
+    _advance_kernel[(cdiv(N, BLOCK),)](positions, positions if state_indices is None else state_indices, N, S, L,
+                                       positions.stride(0), BLOCK=BLOCK, HAS_IDX=state_indices is not None)
     return out

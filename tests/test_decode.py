@@ -206,3 +206,39 @@ def test_steps_of_no_sequence(L, validate):
     lam, beta = torch.ones(0, 1, 2, L, dtype=DT), torch.ones(0, 1, 2, dtype=DT)
     assert hodlr.log_linear_attn_step(q, q, v, None, lam, state, validate=validate).shape == (0, 1, 2, 3)
     assert hodlr.log_linear_gated_delta_step(q, q, v, None, beta, lam, state, validate=validate).shape == (0, 1, 2, 3)
+
+
+@pytest.mark.parametrize("op, backend", [("attention", "triton"), ("attention", "torch"), ("gated_delta", None)])
+def test_state_indices_step_rows_of_a_cache_in_place(op, backend):
+    """``state_indices``: the inputs' rows step the named rows of a larger cache in place, as stepping
+    those rows alone does, and leave the other rows as they were; repeated or out-of-range rows are
+    refused with validation, a wrong index tensor always."""
+    cache, _ = prefix_state([0, 5, 3, 8, 6], H=2, Dk=2, Dv=3)
+    cache = dev(cache)
+    idx = torch.tensor([3, 0], device=DEVICE)
+    q, k, v, g, lam = (dev(x) for x in step_inputs(cache.index_select(idx), 6))
+    beta = torch.rand(2, 1, 2, dtype=KERNEL_DT, device=DEVICE)
+
+    def step(state, **kw):
+        if op == "attention":
+            return hodlr.log_linear_attn_step(q, k, v, g, lam, state, backend=backend, **kw)
+        return hodlr.log_linear_gated_delta_step(q, k, v, g, beta, lam, state, **kw)
+
+    alone = cache.index_select(idx)
+    want = step(alone)
+    for validate in (True, False):
+        got_cache = cache.clone()
+        got = step(got_cache, state_indices=idx, validate=validate)
+        assert relative_error(got, want) <= TOL
+        assert torch.equal(got_cache.positions, torch.tensor([1, 5, 3, 9, 6], device=DEVICE))
+        assert relative_error(got_cache.states[idx], alone.states) <= TOL
+        assert torch.equal(got_cache.states[[1, 2, 4]], cache.states[[1, 2, 4]])
+    for bad, message in ((torch.tensor([3, 3]), r"state_indices must name distinct rows of the state's 5, got a row "
+                                                r"twice"),
+                         (torch.tensor([3, 5]), r"state_indices must name distinct rows of the state's 5, got 5 outside "
+                                                r"\[0, 5\)")):
+        with pytest.raises(ValueError, match=message):
+            step(cache.clone(), state_indices=bad.to(DEVICE))
+    with pytest.raises(TypeError, match=r"state_indices must be an int64 tensor of shape \(2,\) \(one state row for "
+                                        r"each row of q\)"):
+        step(cache.clone(), state_indices=[3, 0])

@@ -126,6 +126,10 @@ def _calls():
         decode_step(rnd(N, H, D, dtype=dtype), rnd(N, H, D, dtype=dtype), rnd(N, H, D, dtype=dtype),
                     -rnd(N, H, lo=0.0, hi=0.1), rnd(N, H, S + 1, lo=0.5, hi=1.5), rnd(N, H, S, D, D),
                     torch.tensor([0, 5, 1000]), 0.25)
+        # ... and on rows 4, 0, 2 of a cache of five (state_indices)
+        decode_step(rnd(N, H, D, dtype=dtype), rnd(N, H, D, dtype=dtype), rnd(N, H, D, dtype=dtype),
+                    -rnd(N, H, lo=0.0, hi=0.1), rnd(N, H, S + 1, lo=0.5, hi=1.5), rnd(5, H, S, D, D),
+                    torch.tensor([0, 5, 1000, 3, 9]), 0.25, state_indices=torch.tensor([4, 0, 2]))
         # context parallelism: a shard's bucket states, and the reads of a carried state
         xs = leaves(rnd(1, T, H, D, dtype=dtype), rnd(1, T, H, D, dtype=dtype), -rnd(1, T, H, lo=0.0, hi=0.1))
         grads(kernels.bucket_states(*xs, [(0, 0, 64, 0, 6), (0, 64, 6, 0, 2)], 1, 7), xs)
