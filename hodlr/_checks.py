@@ -55,13 +55,17 @@ def numpy_operand(name: str, x, owner: str, layout: str = "(T,), (T, D) or (...,
     """``x`` as a plain numpy array for ``owner`` (a class that computes with numpy): lists and
     numbers converted, torch tensors and masked arrays refused (one would come back as numpy, the
     other's masked entries read as whatever they hold)."""
-    if isinstance(x, np.ma.MaskedArray):
-        raise TypeError(f"{name} must be a plain numpy array of shape {layout}, got a numpy masked array; fill it "
-                        f"first (x.filled(value))")
+    _refuse_masked(name, x, f"a plain numpy array of shape {layout}")
     if not isinstance(x, (np.ndarray, list, tuple, int, float)):
         raise TypeError(f"{name} must be a numpy array of shape {layout} (a {owner} computes with numpy), got "
                         f"{describe(x)}")
     return np.asarray(x)
+
+
+def _refuse_masked(name: str, x, wanted: str) -> None:
+    """Refuse a numpy masked array (its masked entries would be read as whatever they hold)."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} must be {wanted}, got a numpy masked array; fill it first (x.filled(value))")
 
 
 def library_of(x) -> str:
@@ -84,9 +88,7 @@ def as_array(name: str, x, min_ndim: int, layout: str):
                 f"{name} must be a numpy.ndarray or torch.Tensor of shape {layout}, "
                 f"got {type(x).__name__}"
             )
-    if isinstance(x, np.ma.MaskedArray):  # (its masked entries would be read as whatever they hold)
-        raise TypeError(f"{name} must be a plain numpy.ndarray or torch.Tensor of shape {layout}, got a numpy masked "
-                        f"array; fill it first (x.filled(value))")
+    _refuse_masked(name, x, f"a plain numpy.ndarray or torch.Tensor of shape {layout}")
     if isinstance(x, np.ndarray) and type(x) is not np.ndarray:  # np.matrix and other subclasses
         x = np.asarray(x)
     check_float_dtype(name, x)

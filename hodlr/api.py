@@ -62,10 +62,10 @@ def _run(module, op: str, M, *args):
 
 def _mask_args(M, batch, module=None):
     """The mask's generators broadcast to ``batch``; for ``module`` (a backend, which computes in
-    its generators' dtype, the Triton kernels apart) 16-bit generators cast to float32, so that a
+    its generators' dtype unless it ``READS_16_BIT_MASKS``) 16-bit generators cast to float32, so that a
     float16 / bfloat16 mask is computed as a float32 one serving 16-bit operands is."""
     lam, g = M.level_scales, M.log_decay
-    if module is not None and M.dtype.itemsize == 2 and not module.__name__.endswith(".triton"):
+    if module is not None and M.dtype.itemsize == 2 and not getattr(module, "READS_16_BIT_MASKS", False):
         lam, g = (None if a is None else a.float() for a in (lam, g))  # (before the broadcast: no copy of it)
     lam = _checks.broadcast_to(lam, batch + tuple(lam.shape[-2:]))
     if g is not None:

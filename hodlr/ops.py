@@ -663,7 +663,7 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
                         level_scales[:, 0], state.states, state.positions, scale, state_indices=state_indices)
         return o[:, None]
     with _rows_of(state, state_indices) as state:
-        return _attention_slot_step(q, k, v, g, level_scales, state, scale)
+        return _torch_step(q, k, v, g, None, level_scales, state, scale)
 
 
 @contextlib.contextmanager
@@ -680,35 +680,39 @@ def _rows_of(state, state_indices):
         state.positions.index_copy_(0, state_indices, rows.positions)
 
 
-def _attention_slot_step(q, k, v, g, level_scales, state, scale):
-    """The torch form of :func:`log_linear_attn_step` (checked arguments)."""
+def _torch_step(q, k, v, g, beta, level_scales, state, scale):
+    """The torch form of both decoding steps (checked arguments), in place: log-linear Gated DeltaNet,
+    whose token moves every live state by ``A = exp(g) (I - beta k kᵀ)`` and writes ``beta k vᵀ``,
+    or, with ``beta`` None, log-linear attention, the same with no correction and a unit write
+    (``A = exp(g)``, ``k vᵀ``).  Returns ``o (B, 1, H, Dv)``, NaN for the rows whose step does not fit."""
     work = state.states.dtype
     grp = v.shape[2] // q.shape[2]
     with torch.no_grad():
         qh, kh = (x[:, 0].to(work).repeat_interleave(grp, 1) for x in (q, k))  # (B, H, Dk)
         vh, lam = v[:, 0].to(work), level_scales[:, 0].to(work)  # (B, H, Dv), (B, H, L)
-        decay = _step_decay(state.positions, g, work)
+        bh = None if beta is None else beta[:, 0].to(work)  # (B, H)
+        decay = None if g is None else torch.exp(  # the log-decay of absolute position 0 multiplies no pair
+            torch.where((state.positions == 0)[:, None], 0.0, g[:, 0].to(work)))
 
-        def transition(held):  # exp(g) on every live state
-            return held if decay is None else held * decay[:, :, None, None, None]
+        def transition(held):
+            moved = held if bh is None else held - (bh[..., None] * kh)[:, :, None, :, None] * torch.einsum(
+                "nhd,nhsdv->nhsv", kh, held)[..., None, :]
+            return moved if decay is None else moved * decay[:, :, None, None, None]
 
-        read, fits = _slot_step(state, qh, lam, transition, kh[..., :, None] * vh[..., None, :])
-        o = scale * (lam[..., 0, None] * (qh * kh).sum(-1, keepdim=True) * vh + read)
+        if bh is None:
+            write, diag = kh[..., :, None] * vh[..., None, :], lam[..., 0] * (qh * kh).sum(-1)
+        else:
+            write = bh[..., None, None] * kh[..., :, None] * vh[..., None, :]
+            diag = lam[..., 0] * bh * (qh * kh).sum(-1)
+        read, fits = _slot_step(state, qh, lam, transition, write)
+        o = scale * (diag[..., None] * vh + read)
         o = torch.where(fits[:, None, None], o, torch.full((), float("nan"), dtype=work, device=o.device))
     return o[:, None].to(v.dtype)
 
 
-def _step_decay(positions, g, work):
-    """``(B, H)``: the step's ``exp(g)``, 1 at absolute position 0 (whose log-decay multiplies no
-    pair: the state is empty there); None without a decay."""
-    if g is None:
-        return None
-    return torch.exp(torch.where((positions == 0)[:, None], 0.0, g[:, 0].to(work)))
-
-
 def _slot_step(state, qh, lam, transition, write):
     """One decoding step on the slots of ``state`` (slot ``l - 1`` the level-``l`` bucket), in place,
-    shared by both ops' torch steps: the live slots (the set bits of each row's position) pass
+    of :func:`_torch_step`: the live slots (the set bits of each row's position) pass
     through ``transition`` (the token's transition applied to each live state), the query ``qh
     (B, H, Dk)`` reads them with the level scales ``lam[..., l]`` (``lam (B, H, L)``), the slots of
     the position's trailing one-bits merge with the token's ``write (B, H, Dk, Dv)`` into slot
@@ -1148,25 +1152,4 @@ def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=
     if q.shape[0] == 0:  # no sequence: nothing to step (level scales of any width)
         return v.new_empty(v.shape)
     with _rows_of(state, state_indices) as state:
-        return _gated_delta_slot_step(q, k, v, g, beta, level_scales, state, scale)
-
-
-def _gated_delta_slot_step(q, k, v, g, beta, level_scales, state, scale):
-    """The body of :func:`log_linear_gated_delta_step` (checked arguments)."""
-    work = state.states.dtype
-    grp = v.shape[2] // q.shape[2]
-    with torch.no_grad():
-        qh, kh = (x[:, 0].to(work).repeat_interleave(grp, 1) for x in (q, k))  # (B, H, Dk)
-        vh, bh = v[:, 0].to(work), beta[:, 0].to(work)  # (B, H, Dv), (B, H)
-        lam = level_scales[:, 0].to(work)  # (B, H, L)
-        decay = _step_decay(state.positions, g, work)
-
-        def transition(held):  # A = exp(g) (I - beta k kᵀ) on every live state
-            moved = held - (bh[..., None] * kh)[:, :, None, :, None] * torch.einsum("nhd,nhsdv->nhsv", kh,
-                                                                                     held)[..., None, :]
-            return moved if decay is None else moved * decay[:, :, None, None, None]
-
-        read, fits = _slot_step(state, qh, lam, transition, bh[..., None, None] * kh[..., :, None] * vh[..., None, :])
-        o = scale * ((lam[..., 0] * bh * (qh * kh).sum(-1))[..., None] * vh + read)
-        o = torch.where(fits[:, None, None], o, torch.full((), float("nan"), dtype=work, device=o.device))
-    return o[:, None].to(v.dtype)
+        return _torch_step(q, k, v, g, beta, level_scales, state, scale)

@@ -210,6 +210,12 @@ class SparseStructure:
     def K(self) -> int:
         return int(self.levels.size)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the index arrays."""
+        return sum(a.nbytes for a in (self.levels, self.U_indptr, self.U_cols, self.V_rows, self.V_indptr,
+                                      *self.U_positions))
+
 
 def _concat(parts):
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
@@ -232,13 +238,11 @@ def sparse_structure(T: int) -> SparseStructure:
     with _CACHE_LOCK:
         if T in _CACHE:
             _CACHE.move_to_end(T)
-            return _CACHE[T][0]
+            return _CACHE[T]
     structure = SparseStructure(T)
-    size = sum(a.nbytes for a in vars(structure).values() if isinstance(a, np.ndarray)) + sum(
-        a.nbytes for a in structure.U_positions)
     with _CACHE_LOCK:
-        _CACHE[T] = (structure, size)
-        while sum(s for _, s in _CACHE.values()) > CACHE_BYTES and len(_CACHE) > 1:
+        _CACHE[T] = structure
+        while sum(s.nbytes for s in _CACHE.values()) > CACHE_BYTES and len(_CACHE) > 1:
             _CACHE.popitem(last=False)
     return structure
 

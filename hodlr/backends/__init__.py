@@ -58,6 +58,11 @@ a final state or ``cu_seqlens``.  A backend without it serves the calls with nei
     A CUDA mask is then validated by the computation itself instead of a check kernel of its
     own (``triton``).
 
+``READS_16_BIT_MASKS`` : bool (optional)
+    True where the module computes with float16 / bfloat16 level scales and log-decays as they are
+    (in float32 accumulation: ``triton``).  Every other backend computes in its generators'
+    dtype, so the public calls hand it a 16-bit mask's generators cast to float32.
+
 The public functions :func:`hodlr.matmul`, :func:`hodlr.attention` and
 :func:`hodlr.gated_delta_attention` validate the inputs and broadcast every batch shape to one common ``batch`` (as views, no copies) before a
 backend sees them, so backends never validate.

@@ -22,6 +22,9 @@ CHECKS_MASK = True
 """``matmul``, ``attention`` and ``gated_delta_attention`` take ``check``: the forward's output kernel
 validates the mask's read scales and log-decays (``hodlr.kernels.attention_forward``)."""
 
+READS_16_BIT_MASKS = True
+"""The kernels read float16 / bfloat16 level scales and log-decays as they are (float32 accumulation)."""
+
 DESCRIPTION = "chunked Triton kernels (dense C x C blocks + Fenwick scan over chunk states), forward and backward; CUDA, or CPU under TRITON_INTERPRET=1"
 
 
