@@ -53,7 +53,17 @@ from .arrays import as_like, check_int, check_scale, describe, is_torch, namespa
 from .index import num_slots
 from .scan import _broadcast, _check_full, _device, _StreamingState, _unbind, live_levels
 
-__all__ = ["GatedDeltaState", "gated_delta"]
+__all__ = ["GatedDeltaState", "gated_delta", "apply_transition"]
+
+
+def apply_transition(X, k, beta, alpha=None):
+    """Every state ``S`` of ``X (..., n, Dk, Dv)`` moved by one token's transition,
+    ``A S = alpha (S - beta k (k^T S))`` (``k (..., Dk)``; ``beta``, ``alpha (...)``; ``beta`` None:
+    no correction, log-linear attention's ``A = alpha``; ``alpha`` None: no decay).  numpy or torch."""
+    if beta is not None:
+        kX = namespace(X).einsum("...d,...ndv->...nv", k, X)
+        X = X - (beta[..., None] * k)[..., None, :, None] * kX[..., None, :]
+    return X if alpha is None else X * alpha[..., None, None, None]
 
 
 class GatedDeltaState(_StreamingState):
@@ -195,10 +205,7 @@ class GatedDeltaState(_StreamingState):
         n = X.shape[1]
         out = None
         if n:
-            kX = xp.einsum("bd,bndv->bnv", k, X)
-            X = X - (beta[:, None] * k)[:, None, :, None] * kX[:, :, None, :]
-            if alpha is not None:
-                X = X * alpha[:, None, None, None]
+            X = apply_transition(X, k, beta, alpha)
             out = xp.einsum("bn,bnv->bv", w, xp.einsum("bd,bndv->bnv", q, X))
         new = (beta[:, None] * k)[:, :, None] * v[:, None, :]
         if j:

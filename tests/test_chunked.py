@@ -174,3 +174,25 @@ def test_gated_delta_on_a_16_bit_mask(dtype):
     want = hodlr.gated_delta_attention(q.double(), k.double(), q.double(), beta.double(), M64, backend="dense")
     assert got.dtype == dtype
     assert relative_error(got.double(), want) <= (1e-3 if dtype == torch.float16 else TOLERANCES["gpu_bfloat16"])
+
+
+@pytest.mark.parametrize("n, C", [(1, 4), (2, 1), (7, 2), (16, 4), (37, 1)])
+def test_block_hierarchy_aligned_is_per_row_at_chunk_zero(n, C):
+    """One definition of the chunk hierarchy: its per-row form (the state hand-off's) with every
+    row from absolute chunk 0 reads exactly, bit for bit, what the aligned form (strided views)
+    reads, and a row from chunk I0 reads what a row from 0 reads of the same blocks."""
+    gen = torch.Generator().manual_seed(n)
+    R, H, width = 3, 2, 2 + (n - 1).bit_length() + C.bit_length()
+    S0 = torch.randn(R, H, n, 2, 3, generator=gen, dtype=torch.float64)
+    A0 = -torch.rand(R, H, n, generator=gen, dtype=torch.float64)
+    lam = torch.rand(R, H, n, C, width, generator=gen, dtype=torch.float64)
+    G = -torch.rand(R, H, n, C, generator=gen, dtype=torch.float64)
+    c, bits = C.bit_length() - 1, (n - 1).bit_length()
+
+    def reads(first):
+        states, A = chunked._hierarchy(S0, A0, bits, first)
+        return [rowf[..., None, None] * chunked._take(states[h], idx, first, 2)[..., None, :, :]
+                for h, idx, rowf in chunked._block_reads(A, lam, G, c, bits, first)]
+
+    for got, want in zip(reads(np.zeros(R, dtype=np.int64)), reads(None), strict=True):
+        assert torch.equal(got, want)

@@ -117,43 +117,6 @@ class _Chunks:
             gathered = gathered * decay_matrix(self.g, C)  # exp(sum_{k=s+1..t} g_k), 0 above the diagonal
         return torch.where(causal, gathered, torch.zeros((), dtype=gathered.dtype, device=dev))
 
-    def hierarchy(self, S0):
-        """Aligned block states of every level a chunk reads, from the chunk states
-        ``S0 (..., n, *F)``: returns ``(states, A)``, one entry per level ``h``."""
-        import torch
-
-        tail = (slice(None),) * (S0.dim() - self.A.dim())
-        states, A = [S0], [self.A]
-        for _ in range(1, self.bits):
-            S, a = states[-1], A[-1]
-            m = a.shape[-1] // 2
-            even, odd = (Ellipsis, slice(0, 2 * m, 2)), (Ellipsis, slice(1, 2 * m, 2))
-            decay = torch.exp(a[odd]).reshape(a[odd].shape + (1,) * len(tail))
-            states.append(decay * S[even + tail] + S[odd + tail])
-            A.append(a[even] + a[odd])
-        return states, A
-
-    def levels(self, A):
-        """For each chunk level ``h`` (bit ``h`` of the chunk index): ``(h, idx, rowf)`` with
-        ``idx (n,)`` the block each chunk reads at level ``h`` (0 where the bit is clear) and
-        ``rowf (..., n, C)`` the row scales ``λ[t, c+h+1] exp(gap + G_t)`` (0 where the bit is
-        clear); the gap is accumulated from the lowest set bit up."""
-        import torch
-
-        dev = self.lam.device
-        i = np.arange(self.n)
-        zero = torch.zeros((), dtype=self.lam.dtype, device=dev)
-        G = self.G if self.G is not None else torch.zeros(self.lam.shape[:-1], dtype=self.lam.dtype, device=dev)
-        gap = torch.zeros(self.A.shape, dtype=self.lam.dtype, device=dev)
-        for h in range(self.bits):
-            on_np = ((i >> h) & 1).astype(bool)
-            on = torch.as_tensor(on_np, device=dev)
-            idx = torch.as_tensor(np.where(on_np, (i >> h) - 1, 0), device=dev)
-            col = self.c + 1 + h
-            lam = torch.where(self.read[..., col] & on[:, None], self.lam[..., col], zero)
-            yield h, idx, lam * torch.exp(gap[..., None] + G)
-            gap = gap + torch.where(on, A[h][..., idx], zero)
-
     def end_weights(self):
         """``(..., n, C)``: ``exp(Σ_{k=s+1..end} g_k)``, the decay of each position to its
         chunk's end (a reverse cumulative sum of the terms, no difference of sums)."""
@@ -162,6 +125,65 @@ class _Chunks:
         if self.G is None:
             return None
         return torch.exp(reverse_cumsum(self.g_next))
+
+
+def _take(x, idx, first, tail=0):
+    """``x`` at blocks ``idx`` of dim ``-1 - tail``: one index for all rows, or per row (``first``)."""
+    if first is None:
+        return x[(Ellipsis, idx) + (slice(None),) * tail]
+    return _pick(x, np.arange(first.size), idx, -1 - tail)
+
+
+def _hierarchy(S0, A0, bits, first=None):
+    """``(states, A)`` of levels ``h < bits`` (module docstring) from chunk states ``S0 (..., n, *F)``
+    and log-decay sums ``A0 (..., n)``.  ``first`` None: chunk ``j`` is absolute chunk ``j``, level
+    ``h`` holds blocks ``0 .. n // 2^h - 1`` (strided views).  ``first`` int64 ``(R,)``: dim 0 is the
+    row, its chunk ``j`` absolute chunk ``first[r] + j``; level ``h`` holds blocks ``m >= first[r] >> h``
+    at ``m - (first[r] >> h)`` (per-row gathers; a block begun before the row holds the row's part)."""
+    import torch
+
+    tail = S0.dim() - A0.dim()
+    states, A = [S0], [A0]
+    for h in range(1, bits):
+        S, a = states[-1], A[-1]
+        if first is None:
+            m = a.shape[-1] // 2
+            even, odd = slice(0, 2 * m, 2), slice(1, 2 * m, 2)
+        else:  # an empty block (zero state and log-decay) at each end stands for a missing half
+            size = a.shape[-1]
+            S, a = torch.nn.functional.pad(S, (0, 0) * tail + (1, 1)), torch.nn.functional.pad(a, (1, 1))
+            b = (first >> (h - 1)) & 1
+            even = np.minimum(2 * np.arange((size + 2) // 2)[None, :] + 1 - b[:, None], size + 1)
+            odd = np.minimum(even + 1, size + 1)
+        a_odd = _take(a, odd, first)
+        decay = torch.exp(a_odd).reshape(a_odd.shape + (1,) * tail)
+        states.append(decay * _take(S, even, first, tail) + _take(S, odd, first, tail))
+        A.append(_take(a, even, first) + a_odd)
+    return states, A
+
+
+def _block_reads(A, lam, G, c, bits, first=None):
+    """Per level ``h < bits``: ``(h, idx, rowf)``, ``idx`` the block each chunk reads (0 where none:
+    bit ``h`` of its absolute index clear, or the block wholly before the row) and ``rowf (..., n, C)``
+    ``= λ[t, c+h+1] exp(gap + G_t)`` (0 where none); ``lam (..., n, C, width)``, ``G`` chunk-local
+    (None: no decay), ``first`` as in :func:`_hierarchy`; the gap grows from the lowest set bit up."""
+    import torch
+
+    dev, n = lam.device, A[0].shape[-1]
+    zero = torch.zeros((), dtype=lam.dtype, device=dev)
+    G = G if G is not None else torch.zeros(lam.shape[:-1], dtype=lam.dtype, device=dev)
+    I, base = (np.arange(n), 0) if first is None else (first[:, None] + np.arange(n), first[:, None])
+    gap = torch.zeros(A[0].shape, dtype=lam.dtype, device=dev)
+    for h in range(bits):
+        block = (I >> h) - 1 - (base >> h)
+        use_np = (((I >> h) & 1) == 1) & (block >= 0)
+        idx = torch.as_tensor(np.where(use_np, block, 0), device=dev)
+        use = torch.as_tensor(use_np, device=dev)
+        if first is not None:  # (R, n) -> (R, 1, ..., 1, n)
+            use = use.reshape(use.shape[:1] + (1,) * (A[0].dim() - 2) + use.shape[1:])
+        read = use[..., None]  # λ zeroed before the product (an unread NaN scale), the product after (exp overflowing)
+        yield h, idx, torch.where(read, torch.where(read, lam[..., c + 1 + h], zero) * torch.exp(gap[..., None] + G), zero)
+        gap = gap + torch.where(use, _take(A[h], idx, first), zero)
 
 
 def _chunk(x, n, C):
@@ -196,8 +218,8 @@ def matmul(level_scales, log_decay, x, *, chunk: int = DEFAULT_CHUNK):
     if ch.bits:
         w = ch.end_weights()
         S0 = (xc if w is None else xc * w[..., None]).sum(-2)  # (..., n, D)
-        states, A = ch.hierarchy(S0)
-        for h, idx, rowf in ch.levels(A):
+        states, A = _hierarchy(S0, ch.A, ch.bits)
+        for h, idx, rowf in _block_reads(A, ch.lam, ch.G, ch.c, ch.bits):
             y = y + rowf[..., None] * states[h][..., idx, :][..., None, :]
     y = y.reshape(y.shape[:-3] + (ch.n * C, D))[..., :T, :].to(out_dtype)
     return y.numpy() if was_numpy else y
@@ -217,8 +239,8 @@ def attention(q, k, v, level_scales, log_decay, scale, *, chunk: int = DEFAULT_C
         w = ch.end_weights()
         kw = kc if w is None else kc * w[..., None]
         S0 = kw.transpose(-1, -2) @ vc  # (..., n, Dk, Dv)
-        states, A = ch.hierarchy(S0)
-        for h, idx, rowf in ch.levels(A):
+        states, A = _hierarchy(S0, ch.A, ch.bits)
+        for h, idx, rowf in _block_reads(A, ch.lam, ch.G, ch.c, ch.bits):
             o = o + rowf[..., None] * (qc @ states[h][..., idx, :, :])
     o = (o * scale).reshape(o.shape[:-3] + (ch.n * C, Dv))[..., :T, :].to(out_dtype)
     return o.numpy() if was_numpy else o
@@ -238,13 +260,13 @@ def _rows(x, src):
     return flat[torch.as_tensor(src, device=x.device)].movedim(1, 2)
 
 
-def _pick(x, rows, index):
-    """``x[r, ..., index[r, i], ...]`` along dim 3 of ``x (R, a, b, n, ...)`` -> ``(R, a, b, m, ...)``."""
+def _pick(x, rows, index, dim=3):
+    """``x[r, ..., index[r, i], ...]`` along ``dim`` of ``x (R, ..., n, ...)`` -> ``(R, ..., m, ...)``."""
     import torch
 
     dev = x.device
     r = torch.as_tensor(rows, device=dev)[:, None]
-    return x.movedim(3, 1)[r, torch.as_tensor(index, device=dev)].movedim(1, 3)
+    return x.movedim(dim, 1)[r, torch.as_tensor(index, device=dev)].movedim(1, dim)
 
 
 def _read_state(q, level_scales, G, states, start, positions, valid):
@@ -372,31 +394,11 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
     kw = kc if w is None else kc * w[..., None]
     S0 = kw.transpose(-1, -2) @ vc  # (R, Hqk, grp, n, Dk, Dv)
     rows = np.arange(R)
-    states, A = [S0], [ch.A]
-    for h in range(1, bits):
-        b = (I0 >> (h - 1)) & 1
-        size = states[-1].shape[3]
-        half = np.arange((size + 2) // 2)
-        even = np.minimum(2 * half[None, :] + 1 - b[:, None], size + 1)
-        odd = np.minimum(even + 1, size + 1)
-        Sp = torch.nn.functional.pad(states[-1], (0, 0, 0, 0, 1, 1))
-        Ap = torch.nn.functional.pad(A[-1], (1, 1))
-        a_odd = _pick(Ap, rows, odd)
-        states.append(torch.exp(a_odd)[..., None, None] * _pick(Sp, rows, even) + _pick(Sp, rows, odd))
-        A.append(_pick(Ap, rows, even) + a_odd)
-    Gc = ch.G if ch.G is not None else torch.zeros_like(ch.lam[..., 0])
+    first_chunk = I0 if I0.any() else None  # every row from chunk 0: the aligned views
+    states, A = _hierarchy(S0, ch.A, bits, first_chunk)
+    for h, idx, rowf in _block_reads(A, ch.lam, ch.G, c, bits, first_chunk):
+        o = o + rowf[..., None] * (qc @ _take(states[h], idx, first_chunk, 2))
     I = I0[:, None] + np.arange(n)[None, :]
-    gap = torch.zeros_like(ch.A)
-    zero = torch.zeros((), dtype=work, device=dev)
-    for h in range(bits):
-        block = (I >> h) - 1 - (I0[:, None] >> h)
-        use = (((I >> h) & 1) == 1) & (block >= 0)
-        idx = np.where(use, block, 0)
-        use_t = torch.as_tensor(use, device=dev)[:, None, None]
-        rowf = ch.lam[..., c + 1 + h] * torch.exp(gap[..., None] + Gc)
-        rowf = torch.where(use_t[..., None], rowf, zero)
-        o = o + rowf[..., None] * (qc @ _pick(states[h], rows, idx))
-        gap = gap + torch.where(use_t, _pick(A[h], rows, idx), zero)
     o = o.flatten(3, 4)  # (R, Hqk, grp, W, Dv)
 
     # the initial buckets, read by every token at level max(l, bit_length(t XOR a))
