@@ -820,7 +820,6 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
         early_o = None
     B, T, Hqk, Dk = q.shape
     H, Dv = v.shape[2], v.shape[3]
-    grp = H // Hqk
     work = ops.work_dtype(v.dtype)
     dev = q.device
     S_in = 0 if initial_state is None else initial_state.num_slots
@@ -846,7 +845,7 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     carried = local[plan.first[local] < rank]  # sequences that began on an earlier rank
     send = plan.rows[rank]
     begin = plan.lo[rank, send] - offsets[rank] if cu_seqlens is not None else np.zeros(len(send), dtype=np.int64)
-    kernel = ops._resolve(backend, dev, T, True).__name__.endswith(".triton")
+    kernel = getattr(ops._resolve(backend, dev, T, True), "USES_KERNELS", False)
     aligned = cu_seqlens is None and initial_state is None and fenwick.aligned(int(offsets[rank]), T)
     if early_o is None:
         side = _side_stream(dev) if aligned and len(local) and len(send) else None

@@ -554,11 +554,13 @@ def _check_step(name, q, k, v, g, level_scales, state, scale, validate, state_in
                              f"strides {x.stride()} for shape {tuple(x.shape)} (pass a copy: .clone())")
     positions, checked = state.positions, state
     if state_indices is not None:
-        N = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() else 0
-        if (not isinstance(state_indices, torch.Tensor) or state_indices.dtype != torch.int64
-                or tuple(state_indices.shape) != (N,) or state_indices.device != state.states.device):
-            raise TypeError(f"state_indices must be an int64 tensor of shape ({N},) (one state row for each row of "
-                            f"q) on {state.states.device}, got {_checks.describe(state_indices)}")
+        _tensor("q", q, 4, "(B, T, Hqk, Dk)")  # its rows count the indices
+        N = q.shape[0]
+        if not isinstance(state_indices, torch.Tensor) or state_indices.dtype != torch.int64:
+            raise TypeError(f"state_indices must be an int64 tensor, got {_checks.describe(state_indices)}")
+        if tuple(state_indices.shape) != (N,) or state_indices.device != state.states.device:
+            raise ValueError(f"state_indices must have shape ({N},) (one state row for each row of q) and lie on "
+                             f"{state.states.device} (the state's device), got {_checks.describe(state_indices)}")
         if validate and N:
             rows = state_indices.tolist()
             bad = [r for r in rows if not 0 <= r < state.batch_size]
@@ -694,11 +696,7 @@ def _torch_step(q, k, v, g, beta, level_scales, state, scale):
         decay = None if g is None else torch.exp(  # the log-decay of absolute position 0 multiplies no pair
             torch.where((state.positions == 0)[:, None], 0.0, g[:, 0].to(work)))
 
-        def transition(held):
-            moved = held if bh is None else held - (bh[..., None] * kh)[:, :, None, :, None] * torch.einsum(
-                "nhd,nhsdv->nhsv", kh, held)[..., None, :]
-            return moved if decay is None else moved * decay[:, :, None, None, None]
-
+        transition = functools.partial(fenwick.delta.apply_transition, k=kh, beta=bh, alpha=decay)
         if bh is None:
             write, diag = kh[..., :, None] * vh[..., None, :], lam[..., 0] * (qh * kh).sum(-1)
         else:

@@ -150,10 +150,12 @@ def decode_step(q, k, v, log_decay, level_scales, states, positions, scale: floa
     if positions.dtype != torch.int64 or tuple(positions.shape) != (R,):
         raise ValueError(f"positions must be an int64 tensor of shape ({R},), "
                          f"got {positions.dtype} {tuple(positions.shape)}")
-    if state_indices is not None and (not isinstance(state_indices, torch.Tensor) or state_indices.dtype != torch.int64
-                                      or tuple(state_indices.shape) != (N,) or state_indices.device != states.device):
-        raise ValueError(f"state_indices must be an int64 tensor of shape ({N},) on {states.device}, got "
-                         f"{describe(state_indices)}")
+    if state_indices is not None:
+        if not isinstance(state_indices, torch.Tensor) or state_indices.dtype != torch.int64:
+            raise TypeError(f"state_indices must be an int64 tensor, got {describe(state_indices)}")
+        if tuple(state_indices.shape) != (N,) or state_indices.device != states.device:
+            raise ValueError(f"state_indices must have shape ({N},) and lie on {states.device}, got "
+                             f"{describe(state_indices)}")
     acc, _, _ = compute_types(states.dtype)
     if states.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"states must be float32 (float64 under the interpreter), got {states.dtype}")

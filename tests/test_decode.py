@@ -239,6 +239,9 @@ def test_state_indices_step_rows_of_a_cache_in_place(op, backend):
                                                 r"\[0, 5\)")):
         with pytest.raises(ValueError, match=message):
             step(cache.clone(), state_indices=bad.to(DEVICE))
-    with pytest.raises(TypeError, match=r"state_indices must be an int64 tensor of shape \(2,\) \(one state row for "
-                                        r"each row of q\)"):
+    with pytest.raises(TypeError, match=r"state_indices must be an int64 tensor, got list"):
         step(cache.clone(), state_indices=[3, 0])
+    with pytest.raises(ValueError, match=r"state_indices must have shape \(2,\) \(one state row for each row of q\)"):
+        step(cache.clone(), state_indices=torch.tensor([3, 0, 1], device=DEVICE))
+    with pytest.raises(TypeError, match=r"q must be a torch.Tensor"):  # q is checked before the indices it counts
+        hodlr.log_linear_attn_step(None, None, None, None, None, cache.clone(), state_indices=idx)

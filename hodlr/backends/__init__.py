@@ -63,6 +63,11 @@ a final state or ``cu_seqlens``.  A backend without it serves the calls with nei
     (in float32 accumulation: ``triton``).  Every other backend computes in its generators'
     dtype, so the public calls hand it a 16-bit mask's generators cast to float32.
 
+``USES_KERNELS`` : bool (optional)
+    True where the module computes with the Triton kernels of :mod:`hodlr.kernels` (``triton``).
+    Work done beside a call on its inputs (the bucket states and carried reads of
+    :mod:`hodlr.distributed`) then runs on those kernels too, and on torch operations otherwise.
+
 The public functions :func:`hodlr.matmul`, :func:`hodlr.attention` and
 :func:`hodlr.gated_delta_attention` validate the inputs and broadcast every batch shape to one common ``batch`` (as views, no copies) before a
 backend sees them, so backends never validate.

@@ -25,6 +25,9 @@ validates the mask's read scales and log-decays (``hodlr.kernels.attention_forwa
 READS_16_BIT_MASKS = True
 """The kernels read float16 / bfloat16 level scales and log-decays as they are (float32 accumulation)."""
 
+USES_KERNELS = True
+"""Its computations are :mod:`hodlr.kernels`' (work beside a call, e.g. :mod:`hodlr.distributed`'s bucket states, uses them too)."""
+
 DESCRIPTION = "chunked Triton kernels (dense C x C blocks + Fenwick scan over chunk states), forward and backward; CUDA, or CPU under TRITON_INTERPRET=1"
 
 
