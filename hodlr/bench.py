@@ -11,7 +11,9 @@ times, with ``triton.testing.do_bench`` (median, milliseconds), calls exactly as
   log-decay) for a fixed random ``dO``, eager and as a CUDA-graph replay, and its ratio to the
   forward (``fwdbwd_over_fwd`` eager, ``fwdbwd_over_fwd_graph`` of the replays); the peak memory
   of one forward + backward and the bytes the forward holds for the backward beyond its output
-  (``fwd_kept_bytes``: the chunk states, ``docs/backward.md`` §6);
+  (``fwd_kept_bytes``: the chunk states, ``docs/backward.md`` §6); the host's time to issue the
+  default call and the forward + backward (``fwd_host``, ``fwdbwd_host``: :func:`host_time`), which
+  tells where an eager figure is the host's rather than the GPU's;
 * causal ``scaled_dot_product_attention`` (FlashAttention on Hopper) and flash-linear-attention's
   ``chunk_log_linear_attn`` (when importable; it refuses ``Dk % 64 != 0`` and ``T >= 2^17``),
   forward and forward + backward, on the same inputs;
@@ -205,6 +207,32 @@ def graph_replay(torch, fn):
     return graph.replay
 
 
+def host_time(torch, fn, calls: int = 10, repeats: int = 5) -> float:
+    """The host's time to issue one call of ``fn`` (ms, median of ``repeats``): ``calls`` calls
+    issued behind about 0.2 s of queued GPU work (``torch.cuda._sleep``), so that the host never
+    waits for the device; a repeat after which the device had gone idle (the host was the slower)
+    is dropped, and all of them dropped raises.  An eager call is host-bound where this exceeds its
+    graph replay."""
+    import statistics
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        torch.cuda._sleep(400_000_000)  # cycles: about 0.2 s at the H100's / H200's clocks
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        elapsed = time.perf_counter() - start
+        if not torch.cuda.current_stream().query():  # still busy: the host issued every call first
+            times.append(1e3 * elapsed / calls)
+        torch.cuda.synchronize()
+    if not times:
+        raise RuntimeError(f"the device finished its queued work before the host issued {calls} calls")
+    return statistics.median(times)
+
+
 def _copy_bandwidth(torch, bench, device) -> float:
     """Device-to-device copy bandwidth in bytes/s (read + written), 1 GiB buffers."""
     n = 1 << 28
@@ -319,6 +347,8 @@ def _attention_row(torch, bench, args, D, H, T, dtype, fla):
 
         _timed(row, "fwdbwd", lambda: bench(fwdbwd))
         _timed(row, "fwdbwd_graph", lambda: bench(graph_replay(torch, fwdbwd)))
+        _timed(row, "fwd_host", lambda: host_time(torch, call))
+        _timed(row, "fwdbwd_host", lambda: host_time(torch, fwdbwd))
         if args.profile:
             row["kernels_fwdbwd"] = kernel_times(torch, fwdbwd)
         torch.cuda.synchronize()
@@ -474,7 +504,8 @@ def _format_row(r) -> str:
             f"{_fmt(r.get('fwdbwd'))} graph {_fmt(r.get('fwdbwd_graph'))} ms, ratio "
             f"{_fmt(r.get('fwdbwd_over_fwd'), '.2f')} (graph {_fmt(r.get('fwdbwd_over_fwd_graph'), '.2f')}) | "
             f"sdpa fwd / fwd+bwd {_fmt(r.get('sdpa_fwd'))} / {_fmt(r.get('sdpa_fwdbwd'))} ms | "
-            f"fla {_fmt(r.get('fla_fwd'))} / {_fmt(r.get('fla_fwdbwd'))} ms")
+            f"fla {_fmt(r.get('fla_fwd'))} / {_fmt(r.get('fla_fwdbwd'))} ms | "
+            f"host a call fwd / fwd+bwd {_fmt(r.get('fwd_host'))} / {_fmt(r.get('fwdbwd_host'))} ms")
 
 
 def _format_matmul_row(r) -> str:
@@ -501,15 +532,17 @@ def accuracy_line(row, labels=("T", "D", "decay")) -> str:
 def table(result) -> str:
     """The attention results as a Markdown table (times in ms)."""
     head = ("| D | H | T | B | fwd ms | fwd, unvalidated mask ms | fwd, graph ms | fwd+bwd ms | fwd+bwd, graph ms | "
-            "fwd+bwd / fwd | fwd+bwd / fwd, graph | SDPA fwd ms | SDPA fwd+bwd ms | fla fwd ms | fla fwd+bwd ms |")
-    lines = [head, "|" + " --- |" * 15]
+            "fwd+bwd / fwd | fwd+bwd / fwd, graph | SDPA fwd ms | SDPA fwd+bwd ms | fla fwd ms | fla fwd+bwd ms | "
+            "host, fwd ms | host, fwd+bwd ms |")
+    lines = [head, "|" + " --- |" * 17]
     for r in result["rows"]:
         lines.append(
             f"| {r['D']} | {r['H']} | {r['T']:,} | {r['B']} | {_fmt(r.get('fwd'))} | {_fmt(r.get('fwd_unvalidated'))} | "
             f"{_fmt(r.get('fwd_graph'))} | {_fmt(r.get('fwdbwd'))} | {_fmt(r.get('fwdbwd_graph'))} | "
             f"{_fmt(r.get('fwdbwd_over_fwd'), '.2f')} | {_fmt(r.get('fwdbwd_over_fwd_graph'), '.2f')} | "
             f"{_fmt(r.get('sdpa_fwd'))} | {_fmt(r.get('sdpa_fwdbwd'))} | "
-            f"{_fmt(r.get('fla_fwd'))} | {_fmt(r.get('fla_fwdbwd'))} |")
+            f"{_fmt(r.get('fla_fwd'))} | {_fmt(r.get('fla_fwdbwd'))} | "
+            f"{_fmt(r.get('fwd_host'))} | {_fmt(r.get('fwdbwd_host'))} |")
     return "\n".join(lines)
 
 

@@ -443,9 +443,30 @@ def test_bench_table_gives_both_ratios():
     lines = bench.table({"rows": [row, {"D": 128, "H": 8, "T": 2048, "B": 32}]}).splitlines()
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert len(head) == len(cells) == 15 and head[10] == "fwd+bwd / fwd, graph" and cells[10] == "3.00"
+    assert len(head) == len(cells) == 17 and head[10] == "fwd+bwd / fwd, graph" and cells[10] == "3.00"
+    assert head[15:] == ["host, fwd ms", "host, fwd+bwd ms"] and cells[15:] == ["-", "-"]
     assert [c.strip() for c in lines[3].strip("|").split("|")][9:11] == ["-", "-"]
     assert "ratio 3.00 (graph 3.00)" in bench._format_row(row)
+
+
+def test_bench_host_time_keeps_only_repeats_the_device_outlasted():
+    """``hodlr bench``'s host time per call counts a repeat only if the device was still busy with
+    its queued work when the host had issued every call (else the host waited), and refuses when
+    none was (a stand-in for ``torch.cuda`` on the CPU)."""
+    from types import SimpleNamespace
+
+    from hodlr import bench
+
+    busy = iter([True, False, True, True, False])
+    cuda = SimpleNamespace(_sleep=lambda cycles: None, synchronize=lambda: None,
+                           current_stream=lambda: SimpleNamespace(query=lambda: not next(busy)))
+    calls = []
+    assert bench.host_time(SimpleNamespace(cuda=cuda), lambda: calls.append(1), calls=3, repeats=5) >= 0
+    assert len(calls) == 1 + 3 * 5
+    idle = SimpleNamespace(cuda=dict(vars(cuda), current_stream=lambda: SimpleNamespace(query=lambda: True)))
+    idle.cuda = SimpleNamespace(**idle.cuda)
+    with pytest.raises(RuntimeError, match="the device finished its queued work before the host issued 3 calls"):
+        bench.host_time(idle, lambda: None, calls=3, repeats=2)
 
 
 def test_bench_lines_give_their_units():
@@ -453,7 +474,7 @@ def test_bench_lines_give_their_units():
     from hodlr import bench, bench_gated_delta, bench_hattention
 
     row = {"D": 64, "H": 16, "T": 2048, "B": 32, "fwd": 0.8, "fwdbwd": 2.4, "fwdbwd_over_fwd": 3.0, "fla_fwd": 1.0}
-    assert bench._format_row(row).count(" ms") == 4
+    assert bench._format_row(row).count(" ms") == 5
     assert bench_gated_delta._format_row(row).count(" ms") == 2
     assert all(c.strip().endswith(" ms") for c in bench.table({"rows": [row]}).splitlines()[0].strip("|").split("|")
                if c.strip().startswith(("fwd ", "fwd,", "fwd+bwd ", "fwd+bwd,", "SDPA", "fla")) and "/" not in c)
