@@ -195,14 +195,17 @@ def _check_gradients(dtype, case, q, k, v, lam, g, scale):
         assert err <= tol, f"{case}: d{name} relative error {err:.3e} > {tol:.0e}"
 
 
-@pytest.mark.parametrize("widths", WIDTHS, ids=lambda w: f"{w[0]}x{w[1]}")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype, widths", [
+    pytest.param(dtype, w, id=f"{dtype}-{w[0]}x{w[1]}",
+                 marks=[pytest.mark.slow] if dtype == torch.float32 and w[0] > 64 else [])
+    for dtype in (torch.float32, torch.bfloat16) for w in WIDTHS])
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_attention_gradients_gpu(dtype, widths, data):
     """Every gradient of the differentiable kernels against float64, one pair of head widths a
     test (each compiles its own kernels, so that a subset runs in minutes: ``-k "bfloat16 and
-    64x64"``)."""
+    64x64"``).  The float32 cases wider than 64 are ``slow`` (``--runslow``): their kernels, IEEE
+    dots on wide tiles, compile for more than one command's ten minutes on the device."""
     case = data.draw(gpu_case(widths), label="case")
     if case["decay"] == "strong":
         case = dict(case, decay="mild")  # a decay of -50 per step leaves gradients of ~1e-20: relative errors mean nothing
