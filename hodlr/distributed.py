@@ -787,6 +787,7 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
         scale, Nseq = ops._check_static(q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens,
                                         scale)
+        output_final_state = bool(output_final_state)
         if world > 1 and not registry.has_state(ops._resolve(backend, q.device, q.shape[1], True)):
             raise BackendUnavailableError(
                 f"backend {backend!r} has no recurrent state, which context parallelism needs; use one of "

@@ -79,8 +79,8 @@ def _check_static(q, k, v, g, level_scales, initial_state, output_final_state, c
             raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; they must match")
     named = {"q": q, "k": k, "v": v, "level_scales": level_scales, "g": g}
     _checks.check_same_home(named)
-    if isinstance(output_final_state, torch.Tensor) or not isinstance(output_final_state, bool):
-        raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
+    if not isinstance(output_final_state, (bool, np.bool_)):  # (callers pass bool(output_final_state) on)
+        raise TypeError(f"output_final_state must be a bool, got {_checks.describe(output_final_state)}")
     if scale is None:
         scale = Dk ** -0.5 if Dk else 1.0
     scale = _checks.check_scale(scale)
@@ -492,6 +492,7 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
     (True, [6, 6])
     """
     scale, Nseq = _check_static(q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens, scale)
+    output_final_state = bool(output_final_state)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, one of {('auto',) + registry.NAMES}, got {type(backend).__name__}")
     work = work_dtype(v.dtype)
@@ -1054,6 +1055,7 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
     (True, [7, 7])
     """
     scale, _ = _check_static(q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens, scale)
+    output_final_state = bool(output_final_state)
     _tensor("beta", beta, 3, "(B, T, H)")
     if tuple(beta.shape) != tuple(v.shape[:3]):
         raise ValueError(f"beta must have shape (B, T, H) = {tuple(v.shape[:3])}, got {tuple(beta.shape)}")

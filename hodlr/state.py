@@ -308,6 +308,37 @@ class LogLinearState:
         return LogLinearState(self.states[:, :, :slots].clone(), self.positions.clone(), validate=False)
 
 
+    @classmethod
+    def cat(cls, states) -> "LogLinearState":
+        """The sequences of ``states`` (a non-empty sequence of states of one head count, widths,
+        dtype and device) one after another, in new tensors, at the largest slot count among them
+        (each widened with :meth:`with_slots`): prompts prefilled apart, decoded as one batch.
+
+        >>> import hodlr
+        >>> a = hodlr.LogLinearState.zeros(2, 1, 4, 4, slots=3)
+        >>> hodlr.LogLinearState.cat([a, hodlr.LogLinearState.zeros(1, 1, 4, 4, slots=5)]).states.shape
+        torch.Size([3, 1, 5, 4, 4])
+        """
+        import torch
+
+        states = list(states) if isinstance(states, (list, tuple)) else states
+        if not isinstance(states, list) or not states or not all(isinstance(x, cls) for x in states):
+            raise TypeError(f"states must be a non-empty list or tuple of hodlr.LogLinearState, got "
+                            f"{type(states).__name__}"
+                            + (f" holding {', '.join(sorted({type(x).__name__ for x in states}))}"
+                               if isinstance(states, list) and states else ""))
+        first = states[0]
+        for i, x in enumerate(states[1:], 1):
+            if ((x.num_heads, x.Dk, x.Dv, x.dtype, x.device)
+                    != (first.num_heads, first.Dk, first.Dv, first.dtype, first.device)):
+                raise ValueError(f"states[{i}] has (heads, Dk, Dv, dtype, device) = "
+                                 f"{(x.num_heads, x.Dk, x.Dv, x.dtype, str(x.device))} but states[0] has "
+                                 f"{(first.num_heads, first.Dk, first.Dv, first.dtype, str(first.device))}")
+        S = max(x.num_slots for x in states)
+        wide = [x if x.num_slots == S else x.with_slots(S) for x in states]
+        return cls(torch.cat([x.states for x in wide]), torch.cat([x.positions for x in wide]), validate=False)
+
+
 def combine(first: LogLinearState, second: LogLinearState, log_decay=None, *, validate: bool = True) -> LogLinearState:
     """The state at ``b`` from the state at ``a`` and the state of the tokens ``[a, b)`` alone.
 

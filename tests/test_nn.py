@@ -5,6 +5,7 @@ the refusal of bad configurations."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -350,10 +351,15 @@ def test_bad_calls_are_refused():
         mamba(x, use_cache="yes")
     with pytest.raises(TypeError, match="LogLinearGatedDeltaNet: use_cache must be a bool, got NoneType"):
         gdn(x, use_cache=None)
-    with pytest.raises(TypeError, match=r"LogLinearMamba2: hidden_states has dtype torch.float32 but the layer's "
-                       r"parameters are torch.float64; convert one to the other \(layer.to\(torch.float32\)\) or "
+    with pytest.raises(TypeError, match=r"LogLinearMamba2: hidden_states has dtype torch.float32 but in_proj.weight "
+                       r"is torch.float64; convert one to the other \(layer.to\(torch.float32\)\) or "
                        r"run under torch.autocast"):
         mamba(x.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
+            TypeError, match=r"LogLinearGatedDeltaNet: float64 hidden_states meet q_proj.weight in torch.float32, "
+                             r"which autocast does not cast float64 to"):
+        make(LogLinearGatedDeltaNet).float()(x)
+    assert mamba(x, use_cache=np.True_)[1] is not None  # a numpy bool is a bool
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the projections run in bfloat16
         assert make(LogLinearMamba2).float()(x.float())[0].shape == x.shape
     with pytest.raises(TypeError, match=r"LogLinearGatedDeltaNet: cache.state has dtype torch.float32 but "
@@ -378,8 +384,8 @@ BAD_MAMBA = [  # on top of a valid (num_heads=4, head_dim=3, hidden_size=6)
     (dict(head_dim=4), ValueError, r"num_heads \* head_dim = 4 \* 4 = 16 must equal expand \* hidden_size = 12"),
     (dict(n_groups=3), ValueError, "n_groups=3 must divide num_heads=4"),
     (dict(num_heads=0), ValueError, "num_heads must be an integer >= 1, got 0"),
-    (dict(expand=1.3), ValueError, "expand \\* hidden_size must be a positive integer"),
-    (dict(expand="2"), ValueError, "expand \\* hidden_size must be a positive integer"),
+    (dict(expand=1.3), ValueError, "hidden_size \\* expand must be a positive integer"),
+    (dict(expand="2"), TypeError, "expand must be a number, got str"),
     (dict(hidden_act="gelu"), ValueError, "hidden_act must be 'silu'"),
     (dict(dt_limit=(1.0, 0.5)), ValueError, "dt_limit must be a pair"),
     (dict(dt_limit=("0", 1)), ValueError, "dt_limit must be a pair"),
@@ -387,7 +393,7 @@ BAD_MAMBA = [  # on top of a valid (num_heads=4, head_dim=3, hidden_size=6)
     (dict(conv_kernel=2.5), TypeError, "conv_kernel must be an integer >= 1, got float"),
     (dict(backend=None), TypeError, "backend must be a string"),
     (dict(backend="nope"), ValueError, "backend must be 'auto' or one of dense, .*, got 'nope'"),
-    (dict(expand=float("inf")), ValueError, "expand \\* hidden_size must be a positive integer"),
+    (dict(expand=float("inf")), ValueError, "hidden_size \\* expand must be a positive integer"),
     (dict(hierarchical=1), TypeError, "hierarchical must be a bool"),
     (dict(dt_min=0.0), ValueError, "dt_min must be a finite number > 0, got 0.0"),
     (dict(dt_min=True), TypeError, "dt_min must be a finite number > 0, got bool"),
@@ -409,7 +415,7 @@ BAD_GDN = [
     (dict(expand_v=float("nan")), ValueError, "head_dim \\* expand_v must be a positive integer"),
     (dict(num_heads=3, num_v_heads=4), ValueError, r"num_heads=3 \(query/key heads\) must divide num_v_heads=4"),
     (dict(head_dim=3, expand_v=0.5), ValueError, "head_dim \\* expand_v must be a positive integer"),
-    (dict(expand_v="2"), ValueError, "head_dim \\* expand_v must be a positive integer"),
+    (dict(expand_v="2"), TypeError, "expand_v must be a number, got str"),
     (dict(hidden_size=-2), ValueError, "hidden_size must be an integer >= 1, got -2"),
     (dict(conv_size=0), ValueError, "conv_size must be an integer >= 1"),
     (dict(norm_eps=float("nan")), ValueError, "norm_eps must be a finite number > 0, got nan"),
@@ -455,6 +461,90 @@ def test_parameter_names_and_shapes_follow_fla():
     assert g.l_proj.weight.shape == (4 * 15, 6) and g.v_proj.weight.shape == (4 * 8, 6)
     assert set(dict(LogLinearGatedDeltaNet(hidden_size=6, head_dim=4, num_heads=2,
                                            hierarchical=False).named_parameters())) == FLA_GDN
+
+
+@pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])
+def test_linear_parent_takes_any_length(cls):
+    """Without the hierarchy (λ ≡ 1: Mamba-2 / Gated DeltaNet itself) ``num_levels`` limits
+    nothing: a sequence and a continued cache past ``2**(num_levels - 1)`` tokens equal one call
+    of the op with all-ones scales of as many levels as it reads."""
+    layer = make(cls, hierarchical=False, num_levels=2)  # the hierarchy would stop at 2 tokens
+    x = inputs(2, 11, layer.hidden_size)
+    y, _ = layer(x)
+    wide = make(cls, hierarchical=False, num_levels=5)
+    wide.load_state_dict(layer.state_dict())
+    assert torch.allclose(y, wide(x)[0], rtol=0, atol=1e-12)
+    head, cache = layer(x[:, :4], use_cache=True)
+    for t in range(4, 11):  # and token by token from a cache
+        step, cache = layer(x[:, t:t + 1], cache=cache, use_cache=True)
+        head = torch.cat([head, step], 1)
+    assert torch.allclose(head, y, rtol=0, atol=1e-12)
+
+
+def test_mixed_precision_layers_check_their_input_projections():
+    """The dtype a layer's input must have is its input projections' (the decay and level
+    parameters may stay float32 in a bfloat16 layer, as Mamba models keep them)."""
+    layer = LogLinearMamba2(num_heads=4, head_dim=3, hidden_size=6, state_size=5).to(torch.bfloat16)
+    for name in ("A_log", "dt_bias", "D", "L"):
+        getattr(layer, name).data = getattr(layer, name).data.float()
+    y, _ = layer(torch.randn(2, 5, 6, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    with pytest.raises(TypeError, match=r"hidden_states has dtype torch.float32 but in_proj.weight is torch.bfloat16"):
+        layer(torch.randn(2, 5, 6))
+
+
+def test_layer_helpers_check_their_inputs_and_widths():
+    """The short convolution and the gated norm refuse inputs of other widths by name; a float
+    expansion factor may carry its rounding error (fla's rule: 50 * 1.1 is 55); a cache takes a
+    0-d index tensor as an int (beam search) and widens its slots."""
+    conv, norm = ShortConvolution(4, 3), RMSNormGated(4)
+    with pytest.raises(ValueError, match=r"x must be a tensor of shape \(B, T, D\) with D = 4 \(the channels\), got "
+                                         r"shape \(5, 4\)"):
+        conv(torch.randn(5, 4))
+    with pytest.raises(ValueError, match=r"z \(the gate\) must be None or a tensor of x's shape \(2, 4\), got shape "
+                                         r"\(2, 1\)"):
+        norm(torch.randn(2, 4), torch.randn(2, 1))
+    with pytest.raises(ValueError, match=r"x must be a tensor of shape \(\.\.\., 4\), got shape \(2, 3\)"):
+        norm(torch.randn(2, 3))
+    assert LogLinearGatedDeltaNet(hidden_size=8, head_dim=50, num_heads=1, expand_v=1.1).head_v_dim == 55
+    with pytest.raises(TypeError, match="expand_v must be a number, got str"):
+        LogLinearGatedDeltaNet(hidden_size=8, head_dim=4, num_heads=1, expand_v="2")
+    with pytest.raises(TypeError, match="expand must be a number, got NoneType"):
+        LogLinearMamba2(num_heads=4, head_dim=3, hidden_size=6, expand=None)
+    with pytest.raises(ValueError, match=r"head_dim \* expand_v must be a positive integer, got head_dim=4, "
+                                         r"expand_v=1.3"):
+        LogLinearGatedDeltaNet(hidden_size=8, head_dim=4, num_heads=1, expand_v=1.3)
+    layer = make(LogLinearMamba2)
+    _, cache = layer(inputs(3, 5, layer.hidden_size), use_cache=True)
+    one = cache[torch.tensor(1)]
+    assert one.batch_size == 1 and torch.equal(one.conv[0], cache.conv[0][1:2])
+    assert torch.equal(one.state.states, cache.state.states[1:2])
+    wider = cache.with_slots(cache.state.num_slots + 2)
+    assert wider.state.num_slots == cache.state.num_slots + 2 and wider.conv is cache.conv
+
+
+@pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])
+def test_prompts_of_different_lengths_decode_as_one_batch(cls):
+    """Prompts of 3, 17 and 1 tokens prefilled apart, their caches joined (``LayerCache.cat``: the
+    states widened to one slot count), then decoded together: each row equals its sequence's own
+    full pass."""
+    layer = make(cls)
+    lengths, steps = (3, 17, 1), 6
+    seqs = [inputs(1, n + steps, layer.hidden_size, seed=n) for n in lengths]
+    caches = [layer(s[:, :n], use_cache=True)[1] for s, n in zip(seqs, lengths)]
+    assert len({c.state.num_slots for c in caches}) > 1
+    cache = LayerCache.cat(caches)
+    outs = []
+    for t in range(steps):
+        y, cache = layer(torch.cat([s[:, n + t:n + t + 1] for s, n in zip(seqs, lengths)]), cache=cache, use_cache=True)
+        outs.append(y)
+    got = torch.cat(outs, 1)
+    for row, (s, n) in enumerate(zip(seqs, lengths)):
+        assert relative_error(got[row:row + 1], layer(s)[0][:, n:]) <= 1e-12
+    with pytest.raises(TypeError, match="caches must be a non-empty list or tuple of hodlr.nn.LayerCache, got list"):
+        LayerCache.cat([])
+    with pytest.raises(ValueError, match=r"states\[1\] has \(heads, Dk, Dv, dtype, device\)"):
+        hodlr.LogLinearState.cat([caches[0].state, caches[1].state.to(torch.float32)])
 
 
 @pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])

@@ -11,7 +11,7 @@ from torch import nn
 
 from hodlr.fenwick.arrays import check_bool, check_int
 from hodlr.nn.modules import (GATE_ACTIVATIONS, LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution,
-                              check_positive, l2norm)
+                              check_positive, l2norm, scaled_width)
 from hodlr.ops import log_linear_gated_delta_rule
 
 __all__ = ["LogLinearGatedDeltaNet"]
@@ -72,6 +72,7 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
     """
 
     OP = "gated_delta_attention"
+    INPUTS = ("q_proj", "k_proj", "v_proj", "a_proj", "b_proj", "l_proj", "g_proj")
     """The backend operation of its mixing (which backends keep its recurrent state)."""
 
     def __init__(self, hidden_size: int = 2048, expand_v: float = 2, head_dim: int = 256, num_heads: int = 6,
@@ -94,14 +95,10 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
                              f"{output_gate_activation!r}")
         if num_v_heads % num_heads:
             raise ValueError(f"num_heads={num_heads} (query/key heads) must divide num_v_heads={num_v_heads}")
-        ok = isinstance(expand_v, (int, float)) and not isinstance(expand_v, bool) and math.isfinite(expand_v)
-        head_v_dim = head_dim * expand_v if ok else 0.5
-        if head_v_dim != int(head_v_dim) or head_v_dim < 1:
-            raise ValueError(f"head_dim * expand_v must be a positive integer (the value head width), got "
-                             f"head_dim={head_dim}, expand_v={expand_v!r}")
+        head_v_dim = scaled_width("head_dim", head_dim, "expand_v", expand_v)  # the value head width
         self.hidden_size, self.expand_v, self.head_dim = hidden_size, expand_v, head_dim
         self.num_heads, self.num_v_heads = num_heads, num_v_heads
-        self.head_k_dim, self.head_v_dim = head_dim, int(head_v_dim)
+        self.head_k_dim, self.head_v_dim = head_dim, head_v_dim
         self.key_dim, self.value_dim = num_heads * head_dim, num_v_heads * self.head_v_dim
         self.use_gate, self.use_short_conv, self.allow_neg_eigval = use_gate, use_short_conv, allow_neg_eigval
         self.conv_size, self.conv_bias = conv_size, conv_bias
@@ -169,7 +166,7 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
         work = torch.float64 if a.dtype == torch.float64 else torch.float32
         beta = torch.sigmoid(b.to(work)) * (2 if self.allow_neg_eigval else 1)
         g = -torch.exp(self.A_log.to(work)) * F.softplus(a.to(work) + self.dt_bias.to(work))
-        lam = self._level_scales(self.l_proj(x) if self.hierarchical else None, x, self.num_v_heads)
+        lam = self._level_scales(self.l_proj(x) if self.hierarchical else None, x, self.num_v_heads, cache)
         with torch.autocast(x.device.type, enabled=False):
             o, state = self._call_op(
                 log_linear_gated_delta_rule, q, k.to(q.dtype), v.to(q.dtype), g, beta, lam,

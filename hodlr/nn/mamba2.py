@@ -10,7 +10,7 @@ from torch import nn
 
 from hodlr.fenwick.arrays import check_bool, check_int
 from hodlr.ops import log_linear_attn
-from hodlr.nn.modules import LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution, check_positive
+from hodlr.nn.modules import LayerCache, LogLinearLayer, RMSNormGated, ShortConvolution, check_positive, scaled_width
 
 __all__ = ["LogLinearMamba2"]
 
@@ -79,6 +79,7 @@ class LogLinearMamba2(LogLinearLayer):
     """
 
     OP = "attention"
+    INPUTS = ("in_proj",)
     """The backend operation of its mixing (which backends keep its recurrent state)."""
 
     def __init__(self, num_heads: int, head_dim: int = 64, hidden_size: int = 2048, state_size: int = 128,
@@ -94,14 +95,10 @@ class LogLinearMamba2(LogLinearLayer):
                  "n_groups": n_groups, "conv_kernel": conv_kernel}
         num_heads, head_dim, hidden_size, state_size, n_groups, conv_kernel = (
             check_int(name, value, 1) for name, value in sizes.items())
-        ok = isinstance(expand, (int, float)) and not isinstance(expand, bool) and math.isfinite(expand)
-        inner = expand * hidden_size if ok else 0.5
-        if inner != int(inner) or inner < 1:
-            raise ValueError(f"expand * hidden_size must be a positive integer, got expand={expand!r} "
-                             f"with hidden_size={hidden_size}")
-        if num_heads * head_dim != int(inner):
+        inner = scaled_width("hidden_size", hidden_size, "expand", expand)
+        if num_heads * head_dim != inner:
             raise ValueError(f"num_heads * head_dim = {num_heads} * {head_dim} = {num_heads * head_dim} must equal "
-                             f"expand * hidden_size = {int(inner)}")
+                             f"expand * hidden_size = {inner}")
         if num_heads % n_groups:
             raise ValueError(f"n_groups={n_groups} must divide num_heads={num_heads}")
         if hidden_act not in ("silu", "swish"):
@@ -183,7 +180,7 @@ class LogLinearMamba2(LogLinearLayer):
         if self.dt_limit != (0.0, float("inf")):
             dt = dt.clamp(*self.dt_limit)
         g = -torch.exp(self.A_log.to(dt.dtype)) * dt
-        lam = self._level_scales(dl[0] if dl else None, hidden_states, H)
+        lam = self._level_scales(dl[0] if dl else None, hidden_states, H, cache)
         with torch.autocast(hidden_states.device.type, enabled=False):
             y, state = self._call_op(
                 log_linear_attn, C.unflatten(-1, (G, N)), B.unflatten(-1, (G, N)), (x * dt[..., None]).to(x.dtype),

@@ -38,10 +38,20 @@ def check_hidden_states(layer, x) -> None:
                          f"got shape {tuple(x.shape)}")
     if not x.dtype.is_floating_point:
         raise TypeError(f"{name}: hidden_states must have a floating dtype, got {x.dtype}")
-    param = next(layer.parameters(), None)
-    if param is not None and x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
-        raise TypeError(f"{name}: hidden_states has dtype {x.dtype} but the layer's parameters are {param.dtype}; "
-                        f"convert one to the other (layer.to({x.dtype})) or run under torch.autocast")
+    # the projections that take x decide (the others, e.g. A_log or L, may be kept in float32)
+    for part in layer.INPUTS:
+        module = getattr(layer, part, None)
+        if module is None:
+            continue
+        w = module.weight.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            if x.dtype == torch.float64 and w != torch.float64:  # autocast leaves float64 as it is
+                raise TypeError(f"{name}: float64 hidden_states meet {part}.weight in {w}, which autocast does not "
+                                f"cast float64 to; pass hidden_states in {w} (or make the layer float64)")
+        elif x.dtype != w:
+            advice = "" if x.dtype == torch.float64 else " or run under torch.autocast"
+            raise TypeError(f"{name}: hidden_states has dtype {x.dtype} but {part}.weight is {w}; convert one to the "
+                            f"other (layer.to({x.dtype})){advice}")
 
 
 def check_positive(name: str, value, *, zero: bool = False) -> float:
@@ -51,6 +61,19 @@ def check_positive(name: str, value, *, zero: bool = False) -> float:
     if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
         raise ValueError(f"{name} must be a finite number {'>=' if zero else '>'} 0, got {value!r}")
     return float(value)
+
+
+def scaled_width(base_name: str, base: int, factor_name: str, factor) -> int:
+    """``base * factor`` as a positive integer width, allowing a float factor's rounding error
+    (relative 1e-5, as flash-linear-attention's layers do: ``50 * 1.1`` is 55)."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+        raise TypeError(f"{factor_name} must be a number, got {type(factor).__name__}")
+    width = base * factor if math.isfinite(factor) else math.nan
+    n = round(width) if math.isfinite(width) else 0
+    if n < 1 or not math.isclose(width, n, rel_tol=1e-5):
+        raise ValueError(f"{base_name} * {factor_name} must be a positive integer, got {base_name}={base}, "
+                         f"{factor_name}={factor!r}")
+    return n
 
 
 def level_scales(L: torch.Tensor, dl: torch.Tensor) -> torch.Tensor:
@@ -114,7 +137,11 @@ class ShortConvolution(nn.Conv1d):
         y : torch.Tensor, shape ``(B, T, D)``
         cache : torch.Tensor, shape ``(B, D, W)``, or None
         """
-        B, T, D = x.shape
+        D = self.in_channels
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != D:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be a tensor of shape (B, T, D) with D = {D} (the channels), got {got}")
+        B, T, _ = x.shape
         W = self.kernel_size[0]
         xt = x.transpose(1, 2)
         if cache is None:
@@ -172,6 +199,12 @@ class RMSNormGated(nn.Module):
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """Normalise ``x (..., hidden_size)`` per group, gated by ``act(z)`` (``z`` of ``x``'s shape, or
         None: no gate); the result has ``x``'s shape and dtype."""
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.hidden_size:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be a tensor of shape (..., {self.hidden_size}), got {got}")
+        if z is not None and (not isinstance(z, torch.Tensor) or z.shape != x.shape):
+            got = f"shape {tuple(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"z (the gate) must be None or a tensor of x's shape {tuple(x.shape)}, got {got}")
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
         y = x.to(work)
         gate = None if z is None else GATE_ACTIVATIONS[self.activation](z.to(work))
@@ -246,6 +279,28 @@ class LayerCache:
     def clone(self) -> "LayerCache":
         return self._map(lambda s: s.clone(), lambda c: c.clone())
 
+    def with_slots(self, num_slots: int) -> "LayerCache":
+        """The same cache with its state widened to ``num_slots`` Fenwick slots (see
+        ``LogLinearState.with_slots``): room for positions below ``2**num_slots``, which a compiled
+        call needs up front (its slot count is its initial state's)."""
+        return LayerCache(self.state.with_slots(num_slots), self.conv)
+
+    @classmethod
+    def cat(cls, caches) -> "LayerCache":
+        """The sequences of ``caches`` (a non-empty list of one layer's caches) one after another:
+        prompts of different lengths prefilled apart, then decoded as one batch.  The states are
+        joined by ``LogLinearState.cat`` (at the largest slot count), the convolution inputs along
+        the batch."""
+        caches = list(caches) if isinstance(caches, (list, tuple)) else caches
+        if not isinstance(caches, list) or not caches or not all(isinstance(c, cls) for c in caches):
+            raise TypeError(f"caches must be a non-empty list or tuple of hodlr.nn.LayerCache, got "
+                            f"{type(caches).__name__}")
+        if len({len(c.conv) for c in caches}) != 1:
+            raise ValueError(f"caches must come from one layer: they hold {sorted({len(c.conv) for c in caches})} "
+                             f"short-convolution inputs")
+        state = LogLinearState.cat([c.state for c in caches])
+        return cls(state, tuple(torch.cat(parts) for parts in zip(*(c.conv for c in caches))))
+
     def index_select(self, indices) -> "LayerCache":
         """The sequences ``indices`` (integers, repeats allowed), in that order: what beam search
         does to a cache."""
@@ -256,7 +311,9 @@ class LayerCache:
     def __getitem__(self, index) -> "LayerCache":
         """Batch selection as ``LogLinearState[index]`` (an int keeps the batch dim)."""
         state = self.state[index]
-        if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
+        if ((isinstance(index, (int, np.integer)) and not isinstance(index, bool))
+                or (isinstance(index, torch.Tensor) and index.dim() == 0 and not index.dtype.is_floating_point
+                    and index.dtype != torch.bool)):
             n = int(index) % self.batch_size
             index = slice(n, n + 1)
         return LayerCache(state, tuple(c[index] for c in self.conv))
@@ -265,8 +322,9 @@ class LayerCache:
 class LogLinearLayer(nn.Module):
     """What the log-linear layers share: the level-scale configuration (``num_levels``,
     ``hierarchical``), the backend, and the checks of the input and the cache.  A layer defines
-    ``OP``, the backend operation it mixes with (``hodlr.backends.OPS``), and ``_cache_layout()``
-    (its state's ``(heads, Dk, Dv)`` and its short convolutions)."""
+    ``OP``, the backend operation it mixes with (``hodlr.backends.OPS``), ``INPUTS``, the names of
+    its projections of the hidden states (whose weights' dtype the input must have), and
+    ``_cache_layout()`` (its state's ``(heads, Dk, Dv)`` and its short convolutions)."""
 
     def _setup_levels(self, num_heads: int, num_levels: int, hierarchical: bool, backend: str) -> None:
         self.num_levels = check_int("num_levels", num_levels, 1)
@@ -282,11 +340,16 @@ class LogLinearLayer(nn.Module):
             self.L = nn.Parameter(torch.ones(num_heads, self.num_levels))
             self.L._no_weight_decay = True
 
-    def _level_scales(self, dl: torch.Tensor | None, x: torch.Tensor, H: int) -> torch.Tensor:
+    def _level_scales(self, dl: torch.Tensor | None, x: torch.Tensor, H: int,
+                      cache: LayerCache | None = None) -> torch.Tensor:
         """``λ (B, T, H, num_levels)`` from the projection ``dl (B, T, H * num_levels)`` of
-        ``x (B, T, hidden_size)``; all ones (a broadcast view) without the hierarchy."""
+        ``x (B, T, hidden_size)``.  Without the hierarchy all ones (a broadcast view), as many
+        levels as the call can read, so that the linear parent takes sequences of any length: a
+        cache of ``S`` slots holds positions below ``2**S``, so its ``T`` tokens end before
+        ``2**S - 1 + T``."""
         if not self.hierarchical:
-            return torch.ones((), device=x.device).expand(x.shape[0], x.shape[1], H, self.num_levels)
+            end = x.shape[1] + (0 if cache is None else (1 << cache.state.num_slots) - 1)
+            return torch.ones((), device=x.device).expand(x.shape[0], x.shape[1], H, fenwick.num_levels(max(end, 1)))
         return level_scales(self.L, dl.unflatten(-1, (H, self.num_levels)))
 
     def new_cache(self, batch_size: int, *, max_position: int | None = None) -> LayerCache:
@@ -325,13 +388,15 @@ class LogLinearLayer(nn.Module):
     def _check_call(self, x, cache, use_cache) -> None:
         check_hidden_states(self, x)
         name = type(self).__name__
-        if not isinstance(use_cache, bool):
+        if not isinstance(use_cache, (bool, np.bool_)):
             raise TypeError(f"{name}: use_cache must be a bool, got {type(use_cache).__name__}")
         if (use_cache or cache is not None) and self.backend != "auto" and self.backend not in _STATEFUL[self.OP]:
             raise BackendUnavailableError(f"{name} has backend={self.backend!r}, which keeps no recurrent state: it "
                                           f"takes no cache and returns none (use_cache=True, cache=...); make the "
                                           f"layer with backend='auto' or one of {', '.join(_STATEFUL[self.OP])}")
         if cache is None:
+            if not self.hierarchical:  # λ ≡ 1: no length limit (_level_scales)
+                return
             reach = 1 << (self.num_levels - 1)
             # (compiled, the op raises the same error when it runs: a raise in traced code cannot leave a
             # graph compiled with fullgraph=True as itself)
