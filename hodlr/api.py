@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from hodlr.fenwick.arrays import cast, zeros
 from hodlr import _checks, _deferred, backends as registry
 from hodlr.mask import LogLinearMask
@@ -40,10 +42,12 @@ def _empty(batch) -> bool:
     return any(n == 0 for n in batch)
 
 
-def _resolve(backend, M, T, op: str, key_width: int = 0):
-    """The backend module that runs ``op`` for the mask ``M`` on keys ``key_width`` wide."""
+def _resolve(backend, M, batch, op: str, key_width: int = 0):
+    """The backend module that runs ``op`` for the mask ``M`` over the broadcast ``batch`` on keys
+    ``key_width`` wide."""
     if backend == "auto":
-        backend = registry.auto_backend(M.library, M.device, T, op=op, key_width=key_width)
+        backend = registry.auto_backend(M.library, M.device, M.T, op=op, key_width=key_width,
+                                        masks=math.prod(batch))
     return registry.get(backend, M.library, M.device, op=op)
 
 
@@ -117,7 +121,7 @@ def matmul(M, X, *, backend: str = "auto"):
     _check_operand_dtypes(M, {"X": X})
     _check_length(M, {"X": X})
     batch = _checks.broadcast_batch({"M": M.batch_shape, "X": tuple(X.shape[:-2])})
-    module = _resolve(backend, M, M.T, "matmul")
+    module = _resolve(backend, M, batch, "matmul")
     if _empty(batch) or X.shape[-1] == 0:
         return zeros(batch + tuple(X.shape[-2:]), X)
     lam, g = _mask_args(M, batch, module)
@@ -185,7 +189,7 @@ def attention(q, k, v, M, *, scale=None, backend: str = "auto"):
     batch = _checks.broadcast_batch(
         {"M": M.batch_shape, "q": tuple(q.shape[:-2]), "k": tuple(k.shape[:-2]), "v": tuple(v.shape[:-2])}
     )
-    module = _resolve(backend, M, M.T, "attention")
+    module = _resolve(backend, M, batch, "attention")
     if _empty(batch) or q.shape[-1] == 0 or v.shape[-1] == 0:
         return zeros(batch + tuple(v.shape[-2:]), v)
     lam, g = _mask_args(M, batch, module)
@@ -283,7 +287,7 @@ def gated_delta_attention(q, k, v, beta, M, *, scale=None, backend: str = "auto"
     """
     v = _checks.as_array("v", v, 2, "(..., T, Dv)")
     q, k, beta, v, batch, scale = _gated_delta_operands(M, scale, q, k, beta, v)
-    module = _resolve(backend, M, M.T, "gated_delta_attention", q.shape[-1])
+    module = _resolve(backend, M, batch, "gated_delta_attention", q.shape[-1])
     if _empty(batch) or q.shape[-1] == 0 or v.shape[-1] == 0:
         return zeros(batch + tuple(v.shape[-2:]), v)
     lam, g = _mask_args(M, batch, module)

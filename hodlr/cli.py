@@ -572,7 +572,8 @@ def _add_check_args(p, length, batch, decay):
     p.add_argument("--repeat", type=positive_int, default=1, help="time the best of this many runs (demo: 2, verify: 1)")
     p.add_argument("--reference", choices=("auto", "dense", "rows"), default="auto",
                    help="dense float64, sampled rows from the definition, or auto (dense when it fits the budget)")
-    p.add_argument("--rows", type=positive_int, default=64, help="random rows sampled for the row reference (default 64)")
+    p.add_argument("--rows", type=positive_int, default=64, help="random rows sampled for the row reference, beside the first, the last and those around "
+                        "each power of two (default 64)")
     p.add_argument("--interpreter-length", type=positive_int, default=INTERPRETER_LENGTH,
                    help=f"prefix length for triton under TRITON_INTERPRET=1 (default {INTERPRETER_LENGTH})")
     p.add_argument("--memory", action="store_true",
@@ -604,6 +605,8 @@ def _cmd_check(args) -> int:
     problem = make_problem(args.length, args.batch, args.d, args.dk, args.dv, args.decay, args.seed)
     M = LogLinearMask(problem.lam, problem.g)
     print(repr(M))
+    if args.dtype != "float64":
+        print(f"(the float64 problem and its reference; the backends compute on its {args.dtype} copy)")
     print()
     rows = None
     if args.reference == "rows" or (args.reference == "auto" and not dense_fits(problem)):

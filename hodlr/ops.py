@@ -139,8 +139,11 @@ def _check_values(N, T, L, cu_seqlens, initial_positions, num_slots=None, state_
     if num_slots is not None and start.size and fenwick.num_slots(int(start.max())) > num_slots:
         raise ValueError(f"{state_name} has {num_slots} slots but position {int(start.max())} needs "
                          f"{fenwick.num_slots(int(start.max()))}")
-    return _check_end(int((start + length).max(initial=0)), L, initial_positions,
-                      int(start.max()) if start.size else 0)
+    # only sequences with tokens read level scales (an empty one passes its state through)
+    reading = length > 0
+    _check_end(int((start + length)[reading].max(initial=0)), L, initial_positions,
+               int(start[reading].max()) if reading.any() else 0)
+    return int((start + length).max(initial=0))
 
 
 def _check_end(end, L, initial_positions, continued):
@@ -167,12 +170,15 @@ def _triton_or_chunked(device):
     return registry.load("chunked")
 
 
-def _resolve(backend, device, T, needs_state):
+def _resolve(backend, device, T, needs_state, masks=1):
+    """The backend module of :func:`log_linear_attn` for ``masks`` masks (rows times query/key
+    heads, the same count in the forward and the backward) of length ``T``."""
     if backend != "auto":
         return registry.get(backend, "torch", device, op="attention")
     if needs_state:
         return _triton_or_chunked(device)
-    return registry.get(registry.auto_backend("torch", device, T, op="attention"), "torch", device, op="attention")
+    return registry.get(registry.auto_backend("torch", device, T, op="attention", masks=masks), "torch", device,
+                        op="attention")
 
 
 def _plain(module, q, k, v, level_scales, g, scale, cu_seqlens):
@@ -200,7 +206,7 @@ def _forward(q, k, v, g, level_scales, scale, init_states, init_positions, cu_se
     empty: the caller checked the end positions); empty tensors without ``output_final_state``."""
     T = q.shape[2]
     needs_state = init_states is not None or output_final_state
-    module = _resolve(backend, q.device, T, needs_state or cu_seqlens is not None)
+    module = _resolve(backend, q.device, T, needs_state or cu_seqlens is not None, q.shape[0] * q.shape[1])
     if registry.has_state(module) and (needs_state or cu_seqlens is not None):
         out = module.attention_state(q, k, v, level_scales, g, scale, init_states, init_positions, cu_seqlens,
                                      output_final_state)
@@ -258,7 +264,7 @@ def _keeper(q, initial_states, cu_seqlens, output_final_state, backend, keep):
     state, no packed sequences, tokens), or None."""
     if not _plain_path(q, initial_states, cu_seqlens, output_final_state):
         return None
-    module = _resolve(backend, q.device, q.shape[2], False)
+    module = _resolve(backend, q.device, q.shape[2], False, q.shape[0] * q.shape[1])
     if not keep or not hasattr(module, "attention_keeping_states"):
         return None
     return module
@@ -324,7 +330,7 @@ def _op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: to
     (``attention_state_vjp``: triton, reading the forward's ``kept`` states where it kept them),
     else the backend's forward recomputed under autograd."""
     module = _resolve(backend, q.device, q.shape[2],
-                      initial_states is not None or output_final_state or cu_seqlens is not None)
+                      initial_states is not None or output_final_state or cu_seqlens is not None, q.shape[0] * q.shape[1])
     vjp = getattr(module, "attention_state_vjp", None)
     if vjp is not None and q.shape[2] > 0:
         saved = (kept, kept_logdec) if kept.numel() else None
@@ -1088,8 +1094,8 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
 
 
 @_checks.without_autocast
-def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=None, validate: bool = True,
-                                state_indices=None):
+def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=None, backend: str = "auto",
+                                validate: bool = True, state_indices=None):
     """One decoding step of log-linear Gated DeltaNet for a batch of sequences, each at its own
     position: consumes one token per sequence and updates ``state`` in place (its ``states`` and
     ``positions`` tensors), with torch operations only and no host read when ``validate`` is False
@@ -1115,6 +1121,9 @@ def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=
         its slots) after the step.
     scale : float, optional
         Default ``Dk ** -0.5`` (as :func:`log_linear_gated_delta_rule`).
+    backend : {"auto", "torch"}, default ``"auto"``
+        ``torch``: torch operations on the state's slots (the only form: there is no Gated DeltaNet
+        decode kernel; the argument mirrors :func:`log_linear_attn_step`'s).
     validate : bool, default True
         Read the positions on the host and refuse a step that would overflow the state's slots or
         read past ``level_scales``.  Pass False inside CUDA-graph capture; a row whose step would
@@ -1145,6 +1154,11 @@ def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=
     """
     scale = _check_step("log_linear_gated_delta_step", q, k, v, g, level_scales, state, scale, validate,
                         state_indices)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, 'auto' or 'torch', got {type(backend).__name__}")
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"backend must be 'auto' or 'torch' (the Gated DeltaNet step has no decode kernel), "
+                         f"got {backend!r}")
     _tensor("beta", beta, 3, "(B, 1, H)")
     if tuple(beta.shape) != tuple(v.shape[:3]):
         raise ValueError(f"beta must have shape (B, 1, H) = {tuple(v.shape[:3])}, got {tuple(beta.shape)}")

@@ -61,6 +61,35 @@ def test_auto_rule():
         assert registry.auto_backend("torch", torch.device("cpu"), 257, op=op) == "chunked"
     # Gated DeltaNet, which recursive lacks, on numpy: fenwick (O(T log T)), never the quadratic dense
     assert registry.auto_backend("numpy", "cpu", 257, op="gated_delta_attention") == "fenwick"
+    # a large batch of short masks is not a small problem: dense only up to 2**22 entries in all
+    for op in ("matmul", "attention", "gated_delta_attention"):
+        assert registry.auto_backend("numpy", "cpu", 256, op=op, masks=64) == "dense"
+        assert registry.auto_backend("numpy", "cpu", 256, op=op, masks=65) != "dense"
+        assert registry.auto_backend("torch", torch.device("cpu"), 256, op=op, masks=65) == "chunked"
+    assert registry.auto_backend("torch", torch.device("cpu"), 16, op="attention", masks=16384) == "dense"
+
+
+def test_auto_counts_the_whole_batch():
+    """The public calls hand ``auto`` their broadcast batch: 65 masks of 256 tokens are past the
+    dense rule (at 256 sequences of 16 heads the dense path needed 3 GiB, over the default budget),
+    and the result equals a few rows computed densely."""
+    T, H, D = 256, 5, 4
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(13, H, T, D, generator=gen) for _ in range(3))
+    M = hodlr.LogLinearMask(0.5 + torch.rand(13, H, T, hodlr.num_levels(T), generator=gen),
+                            -0.1 * torch.rand(13, H, T, generator=gen))
+    ran = []
+    real = hodlr.backends.chunked.attention
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hodlr.backends.chunked, "attention", lambda *a, **kw: ran.append(1) or real(*a, **kw))
+        out = hodlr.attention(q, k, v, M)
+    assert ran
+    few = hodlr.attention(q[:2], k[:2], v[:2], hodlr.LogLinearMask(M.level_scales[:2], M.log_decay[:2]),
+                          backend="dense")
+    assert torch.allclose(out[:2], few, rtol=1e-5, atol=1e-5)
+    fla = hodlr.log_linear_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                M.log_decay.transpose(1, 2), M.level_scales.transpose(1, 2))[0]
+    assert torch.allclose(fla.transpose(1, 2), out, rtol=1e-5, atol=1e-5)
 
 
 def test_lists_and_scalar_kinds_are_accepted():

@@ -245,3 +245,22 @@ def test_state_indices_step_rows_of_a_cache_in_place(op, backend):
         step(cache.clone(), state_indices=torch.tensor([3, 0, 1], device=DEVICE))
     with pytest.raises(TypeError, match=r"q must be a torch.Tensor"):  # q is checked before the indices it counts
         hodlr.log_linear_attn_step(None, None, None, None, None, cache.clone(), state_indices=idx)
+
+
+def test_gated_delta_step_takes_the_backend_argument_of_the_attention_step():
+    """``log_linear_gated_delta_step`` takes ``backend=`` as ``log_linear_attn_step`` does: ``auto``
+    and ``torch`` are its one form, anything else is refused by name."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 1, 2, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    g, beta = -torch.rand(2, 1, 2, generator=gen, dtype=torch.float64), torch.rand(2, 1, 2, dtype=torch.float64)
+    lam = torch.rand(2, 1, 2, 3, dtype=torch.float64)
+    outs = []
+    for backend in ("auto", "torch"):
+        cache = hodlr.LogLinearState.zeros(2, 2, 4, 4, max_position=4, dtype=torch.float64)
+        outs.append(hodlr.log_linear_gated_delta_step(q, k, v, g, beta, lam, cache, backend=backend))
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or 'torch' \(the Gated DeltaNet step has no decode "
+                                         r"kernel\), got 'triton'"):
+        hodlr.log_linear_gated_delta_step(q, k, v, g, beta, lam, cache, backend="triton")
+    with pytest.raises(TypeError, match="backend must be a string, 'auto' or 'torch', got int"):
+        hodlr.log_linear_gated_delta_step(q, k, v, g, beta, lam, cache, backend=1)

@@ -204,3 +204,35 @@ def test_fenwick_round_trip_keeps_a_preallocated_shape_and_reorders_without_host
     order = torch.tensor([1, 0, 1])
     got, want = cache.index_select(order, validate=False), cache.index_select(order)
     assert torch.equal(got.states, want.states) and torch.equal(got.positions, want.positions)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "fenwick", "triton"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_an_empty_sequence_reads_no_level_scales(backend, gated):
+    """An empty packed sequence passes its state through without reading a level scale: a call
+    whose scales cover only the tokens it computes runs even where that sequence's state sits at
+    a position those scales could not reach, and equals the call without it."""
+    if gated and backend == "triton":
+        pytest.skip("the Gated DeltaNet's Triton kernels carry no state")
+    H, D = 2, 4
+    gen = torch.Generator().manual_seed(3)
+    state = hodlr.LogLinearState.zeros(2, H, D, D, max_position=1000)
+    state.positions[:] = torch.tensor([1000, 0])  # row 0 finished at 1000; row 1 gets 3 tokens from 0
+    live = (state.positions[:, None] >> torch.arange(state.num_slots)) & 1  # slot l - 1 holds level l
+    state.states.copy_(torch.randn(state.states.shape, generator=gen) * live[:, None, :, None, None])
+    q, k, v = (torch.randn(1, 3, H, D, generator=gen, dtype=torch.float64) for _ in range(3))
+    g, lam = -torch.rand(1, 3, H, generator=gen, dtype=torch.float64), torch.rand(1, 3, H, 3, dtype=torch.float64)
+    state = state.to(torch.float64)
+    if gated:
+        beta = torch.rand(1, 3, H, generator=gen, dtype=torch.float64)
+        run = lambda st, cu: hodlr.log_linear_gated_delta_rule(  # noqa: E731
+            q, k, v, g, beta, lam, initial_state=st, cu_seqlens=cu, output_final_state=True, backend=backend)
+    else:
+        run = lambda st, cu: hodlr.log_linear_attn(  # noqa: E731
+            q, k, v, g, lam, initial_state=st, cu_seqlens=cu, output_final_state=True, backend=backend)
+    o, final = run(state, torch.tensor([0, 0, 3]))
+    alone, alone_final = run(state[1], None)
+    assert relative_error(o, alone) <= 1e-13
+    assert torch.equal(final.positions, torch.tensor([1000, 3]))
+    assert torch.equal(final.states[0, :, :state.num_slots], state.states[0])
+    assert relative_error(final.states[1:, :, :alone_final.num_slots], alone_final.states) <= 1e-13

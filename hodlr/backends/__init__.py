@@ -76,7 +76,9 @@ backend sees them, so backends never validate.
 and can run:
 
 1. torch tensors on a CUDA device: ``triton``, then ``chunked``;
-2. ``T <= 256``: ``dense`` (fastest for small masks);
+2. a small whole problem, ``T <= 256`` and at most ``2^22`` mask entries over the call's batch
+   (``masks · T² <= AUTO_DENSE_MAX_ENTRIES``): ``dense`` (fastest there; a large batch of short
+   masks goes to rule 3, where ``dense`` would be slower or exceed ``options.dense_max_bytes``);
 3. torch tensors: ``chunked``, then ``recursive``;
 4. numpy arrays: ``recursive``, then ``fenwick`` (Gated DeltaNet, which ``recursive`` lacks, runs
    on ``fenwick`` in ``O(T log T)``, not on the quadratic ``dense``);
@@ -92,7 +94,7 @@ import importlib
 
 from hodlr.errors import BackendUnavailableError
 
-__all__ = ["AUTO_DENSE_MAX_T", "NAMES", "OPS", "WHERE", "auto_backend", "get", "has_state", "info", "keeps_state",
+__all__ = ["AUTO_DENSE_MAX_ENTRIES", "AUTO_DENSE_MAX_T", "NAMES", "OPS", "WHERE", "auto_backend", "get", "has_state", "info", "keeps_state",
            "load", "offers", "stateful", "takes_keys"]
 
 NAMES = ("dense", "sparse", "recursive", "fenwick", "chunked", "triton")
@@ -105,6 +107,10 @@ WHERE = {"numpy": ("numpy", "cpu"), "torch_cpu": ("torch", "cpu"), "torch_cuda":
 """The places :func:`info` reports on: key -> ``(library, device)``."""
 
 AUTO_DENSE_MAX_T = 256
+"""The longest mask ``backend="auto"`` computes densely (rule 2 of the module docstring)."""
+
+AUTO_DENSE_MAX_ENTRIES = 1 << 22
+"""The most mask entries (``masks · T²`` over a call's batch) ``backend="auto"`` computes densely."""
 
 
 def _check_name(name) -> str:
@@ -184,14 +190,14 @@ def stateful(op: str) -> list:
 
 
 
-def auto_backend(library: str, device, T: int, *, op: str, key_width: int = 0) -> str:
-    """The name ``backend="auto"`` resolves to for ``op`` on keys ``key_width`` wide (rules in the
-    module docstring)."""
+def auto_backend(library: str, device, T: int, *, op: str, key_width: int = 0, masks: int = 1) -> str:
+    """The name ``backend="auto"`` resolves to for ``op`` on keys ``key_width`` wide over a batch of
+    ``masks`` masks of length ``T`` (rules in the module docstring)."""
     _check_op(op)
     cuda = library == "torch" and getattr(device, "type", str(device)) == "cuda"
     if cuda:
         candidates = ["triton", "chunked"]
-    elif T <= AUTO_DENSE_MAX_T:
+    elif T <= AUTO_DENSE_MAX_T and masks * T * T <= AUTO_DENSE_MAX_ENTRIES:
         candidates = ["dense"]
     elif library == "torch":
         candidates = ["chunked", "recursive"]
