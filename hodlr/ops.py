@@ -84,22 +84,7 @@ def _check_static(q, k, v, g, level_scales, initial_state, output_final_state, c
     if scale is None:
         scale = Dk ** -0.5 if Dk else 1.0
     scale = _checks.check_scale(scale)
-    Nseq = B
-    if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor):
-            raise TypeError(f"cu_seqlens must be an integer torch.Tensor of shape (N + 1,), "
-                            f"got {_checks.describe(cu_seqlens)}")
-        if cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-            raise ValueError(f"cu_seqlens must have shape (N + 1,) with N >= 1 sequences, "
-                             f"got shape {tuple(cu_seqlens.shape)}")
-        if cu_seqlens.device != q.device:
-            raise ValueError(f"cu_seqlens is on device {cu_seqlens.device} but q is on {q.device}")
-        if B != 1:
-            raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got B={B} "
-                             f"(q of shape {tuple(q.shape)})")
-        Nseq = cu_seqlens.shape[0] - 1
+    Nseq = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, q, "q")
     if initial_state is not None:
         if not isinstance(initial_state, LogLinearState):
             raise TypeError(f"{state_name} must be a hodlr.LogLinearState, got {type(initial_state).__name__}")
@@ -118,19 +103,44 @@ def _check_static(q, k, v, g, level_scales, initial_state, output_final_state, c
     return scale, Nseq
 
 
+def check_cu_seqlens(cu_seqlens, x, name: str) -> int:
+    """The checks of packed sequences that need no host read, against the packed input ``x``
+    (``(1, T, ...)``, named ``name`` in messages); returns their number ``N``."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an integer torch.Tensor of shape (N + 1,), "
+                        f"got {_checks.describe(cu_seqlens)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must have shape (N + 1,) with N >= 1 sequences, "
+                         f"got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != x.device:
+        raise ValueError(f"cu_seqlens is on device {cu_seqlens.device} but {name} is on {x.device}")
+    if x.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got B={x.shape[0]} "
+                         f"({name} of shape {tuple(x.shape)})")
+    return cu_seqlens.shape[0] - 1
+
+
+def check_cu_seqlens_values(cu_seqlens, T: int, name: str = "q") -> None:
+    """The checks of packed sequences that read ``cu_seqlens`` on the host: from 0, non-decreasing,
+    to the ``T`` tokens of ``name``."""
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0]={cu[0]}")
+    for i in range(1, len(cu)):
+        if cu[i] < cu[i - 1]:
+            raise ValueError(f"cu_seqlens must be non-decreasing, got cu_seqlens[{i - 1}]={cu[i - 1]} > "
+                             f"cu_seqlens[{i}]={cu[i]}")
+    if cu[-1] != T:
+        raise ValueError(f"cu_seqlens must end at T={T} (the tokens of {name}), got cu_seqlens[-1]={cu[-1]}")
+
+
 def _check_values(N, T, L, cu_seqlens, initial_positions, num_slots=None, state_name="initial_state"):
     """The checks that read ``cu_seqlens`` and the state's positions on the host (``N`` rows of
     ``T`` tokens); returns the largest end position."""
     if cu_seqlens is not None:
-        cu = cu_seqlens.tolist()
-        if cu[0] != 0:
-            raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0]={cu[0]}")
-        for i in range(1, len(cu)):
-            if cu[i] < cu[i - 1]:
-                raise ValueError(f"cu_seqlens must be non-decreasing, got cu_seqlens[{i - 1}]={cu[i - 1]} > "
-                                 f"cu_seqlens[{i}]={cu[i]}")
-        if cu[-1] != T:
-            raise ValueError(f"cu_seqlens must end at T={T} (the tokens of q), got cu_seqlens[-1]={cu[-1]}")
+        check_cu_seqlens_values(cu_seqlens, T)
     if cu_seqlens is None and initial_positions is None:  # N rows from position 0 (no host work)
         return _check_end(T if N else 0, L, None, 0)
     _, _, length, start = segments(N, T, cu_seqlens, initial_positions)

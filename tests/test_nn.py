@@ -523,6 +523,47 @@ def test_layer_helpers_check_their_inputs_and_widths():
     assert wider.state.num_slots == cache.state.num_slots + 2 and wider.conv is cache.conv
 
 
+@pytest.mark.parametrize("cls, extra", [(LogLinearMamba2, {}), (LogLinearGatedDeltaNet, {}),
+                                        (LogLinearGatedDeltaNet, {"use_short_conv": False})])
+def test_packed_sequences_equal_separate_calls(cls, extra):
+    """``cu_seqlens`` (fla's packing: one row of sequences back to back, one of them empty) gives
+    each sequence's own output, gradients and cache, with and without caches to continue from;
+    nothing crosses a boundary, the short convolutions included."""
+    layer = make(cls, **extra)
+    lengths = (5, 1, 0, 9)
+    cu = torch.tensor([0, 5, 6, 6, 15])
+    seqs = [inputs(1, n, layer.hidden_size, seed=10 + i) for i, n in enumerate(lengths)]
+    x = torch.cat(seqs, 1).requires_grad_()
+    y, cache = layer(x, cu_seqlens=cu, use_cache=True)
+    parts = [layer(s, use_cache=True) for s in seqs]
+    assert relative_error(y, torch.cat([p[0] for p in parts], 1)) <= 1e-12
+    want = LayerCache.cat([p[1] for p in parts])
+    assert torch.equal(cache.state.positions, torch.tensor(lengths))
+    for got, ref in zip(cache.conv, want.conv):
+        assert relative_error(got, ref) <= 1e-12
+    S = min(cache.state.num_slots, want.state.num_slots)
+    assert relative_error(cache.state.states[:, :, :S], want.state.states[:, :, :S]) <= 1e-12
+    # gradients: the packed call's equal the separate calls'
+    dy = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, dy)
+    xs = [s.clone().requires_grad_() for s in seqs]
+    ys = [layer(s)[0] for s in xs]
+    gs = torch.autograd.grad(ys, xs, list(dy.split(list(lengths), 1)), allow_unused=True)
+    assert relative_error(gx, torch.cat([torch.zeros_like(s) if g is None else g for s, g in zip(seqs, gs)], 1)) <= 1e-12
+    # continued: 2 more tokens a sequence from the packed cache, against each sequence's continuation
+    more = [inputs(1, 2, layer.hidden_size, seed=30 + i) for i in range(len(lengths))]
+    y2, _ = layer(torch.cat(more, 1), cache=cache, cu_seqlens=torch.tensor([0, 2, 4, 6, 8]))
+    want2 = [layer(m, cache=p[1])[0] for m, p in zip(more, parts)]
+    assert relative_error(y2, torch.cat(want2, 1)) <= 1e-12
+    with pytest.raises(ValueError, match=r"cu_seqlens must end at T=15 \(the tokens of hidden_states\), got "
+                                         r"cu_seqlens\[-1\]=14"):
+        layer(x, cu_seqlens=torch.tensor([0, 5, 14]))
+    with pytest.raises(ValueError, match=r"the cache holds 4 sequences but hidden_states has 2 packed sequences"):
+        layer(x, cache=cache, cu_seqlens=torch.tensor([0, 5, 15]))
+    with pytest.raises(ValueError, match=r"with cu_seqlens the batch size must be 1"):
+        layer(torch.cat([x, x]), cu_seqlens=cu)
+
+
 @pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])
 def test_prompts_of_different_lengths_decode_as_one_batch(cls):
     """Prompts of 3, 17 and 1 tokens prefilled apart, their caches joined (``LayerCache.cat``: the

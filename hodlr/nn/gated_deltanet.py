@@ -128,7 +128,8 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
                                    activation=output_gate_activation)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
-    def forward(self, hidden_states: torch.Tensor, cache: LayerCache | None = None, use_cache: bool = False):
+    def forward(self, hidden_states: torch.Tensor, cache: LayerCache | None = None, use_cache: bool = False,
+                cu_seqlens: torch.Tensor | None = None):
         """Mix ``hidden_states (B, T, hidden_size)`` along the sequence.
 
         Parameters
@@ -140,6 +141,11 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
             cache's positions.  Not modified.
         use_cache : bool, default False
             Also return the cache after these tokens.
+        cu_seqlens : torch.Tensor, shape ``(N + 1,)``, int32 or int64, optional
+            Packed sequences (fla's convention): ``hidden_states`` is ``(1, T, hidden_size)`` and
+            sequence ``n`` its tokens ``cu_seqlens[n] .. cu_seqlens[n + 1] - 1``; nothing crosses
+            from one to the next (the short convolutions included), and a cache holds one row per
+            sequence.  Equal to running the sequences one by one.
 
         Returns
         -------
@@ -149,13 +155,13 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
             three convolutions' last inputs, ``(B, key_dim, conv_size)`` for q and k and
             ``(B, value_dim, conv_size)`` for v (none without short convolutions).
         """
-        self._check_call(hidden_states, cache, use_cache)
+        self._check_call(hidden_states, cache, use_cache, cu_seqlens)
         x = hidden_states
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         convs = ()
         if self.use_short_conv:
             old = (None,) * 3 if cache is None else cache.conv
-            (q, cq), (k, ck), (v, cv) = (conv(y, c, use_cache) for conv, y, c in
+            (q, cq), (k, ck), (v, cv) = (conv(y, c, use_cache, cu_seqlens) for conv, y, c in
                                          zip((self.q_conv1d, self.k_conv1d, self.v_conv1d), (q, k, v), old))
             convs = (cq, ck, cv)
         else:
@@ -171,7 +177,7 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
             o, state = self._call_op(
                 log_linear_gated_delta_rule, q, k.to(q.dtype), v.to(q.dtype), g, beta, lam,
                 initial_state=None if cache is None else cache.state, output_final_state=use_cache,
-                backend=self.backend)
+                cu_seqlens=cu_seqlens, backend=self.backend)
         gate = self.g_proj(x).unflatten(-1, (self.num_v_heads, self.head_v_dim)) if self.use_gate else None
         out = self.o_proj(self.o_norm(o, gate).flatten(-2))
         return out, (LayerCache(state, convs) if use_cache else None)

@@ -147,7 +147,8 @@ class LogLinearMamba2(LogLinearLayer):
                                   group_size=self.intermediate_size // n_groups) if rmsnorm else None)
         self.out_proj = nn.Linear(self.intermediate_size, hidden_size, bias=use_bias)
 
-    def forward(self, hidden_states: torch.Tensor, cache: LayerCache | None = None, use_cache: bool = False):
+    def forward(self, hidden_states: torch.Tensor, cache: LayerCache | None = None, use_cache: bool = False,
+                cu_seqlens: torch.Tensor | None = None):
         """Mix ``hidden_states (B, T, hidden_size)`` along the sequence.
 
         Parameters
@@ -159,6 +160,11 @@ class LogLinearMamba2(LogLinearLayer):
             cache's positions.  Not modified.
         use_cache : bool, default False
             Also return the cache after these tokens.
+        cu_seqlens : torch.Tensor, shape ``(N + 1,)``, int32 or int64, optional
+            Packed sequences (fla's convention): ``hidden_states`` is ``(1, T, hidden_size)`` and
+            sequence ``n`` its tokens ``cu_seqlens[n] .. cu_seqlens[n + 1] - 1``; nothing crosses
+            from one to the next (the short convolutions included), and a cache holds one row per
+            sequence.  Equal to running the sequences one by one.
 
         Returns
         -------
@@ -167,12 +173,12 @@ class LogLinearMamba2(LogLinearLayer):
             The recurrent state (``states (B, num_heads, S, state_size, head_dim)``) and the
             convolution's last inputs ``(B, conv_dim, conv_kernel)``.
         """
-        self._check_call(hidden_states, cache, use_cache)
+        self._check_call(hidden_states, cache, use_cache, cu_seqlens)
         Bsz, T, _ = hidden_states.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
         parts = [self.intermediate_size, self.conv_dim, H] + ([H * self.num_levels] if self.hierarchical else [])
         z, xBC, dt, *dl = torch.split(self.in_proj(hidden_states), parts, dim=-1)
-        xBC, conv = self.conv1d(xBC, None if cache is None else cache.conv[0], use_cache)
+        xBC, conv = self.conv1d(xBC, None if cache is None else cache.conv[0], use_cache, cu_seqlens)
         x, B, C = torch.split(xBC, [self.intermediate_size, G * N, G * N], dim=-1)
         x = x.unflatten(-1, (H, P))
         work = torch.float64 if dt.dtype == torch.float64 else torch.float32
@@ -185,7 +191,7 @@ class LogLinearMamba2(LogLinearLayer):
             y, state = self._call_op(
                 log_linear_attn, C.unflatten(-1, (G, N)), B.unflatten(-1, (G, N)), (x * dt[..., None]).to(x.dtype),
                 g, lam, initial_state=None if cache is None else cache.state, output_final_state=use_cache,
-                backend=self.backend)
+                cu_seqlens=cu_seqlens, backend=self.backend)
         D = self.D.view(H, P) if self.D_has_hdim else self.D[:, None]
         y = (y + (x * D).to(y.dtype)).flatten(-2)
         y = self.norm(y, z) if self.rmsnorm else y * F.silu(z)

@@ -120,23 +120,30 @@ class ShortConvolution(nn.Conv1d):
         self.hidden_size = hidden_size
         self.activation = activation
 
-    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None, output_final_state: bool = False):
+    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None, output_final_state: bool = False,
+                cu_seqlens: torch.Tensor | None = None):
         """Convolve ``x (B, T, D)`` after the inputs held in ``cache``.
 
         Parameters
         ----------
         x : torch.Tensor, shape ``(B, T, D)``
-        cache : torch.Tensor, shape ``(B, D, W)``, optional
+        cache : torch.Tensor, shape ``(B, D, W)`` (``(N, D, W)`` with ``cu_seqlens``), optional
             The last ``W`` inputs of the previous call, oldest first (zeros before the start);
             None: the sequence starts here.  Not modified.
         output_final_state : bool
             Also return the cache after ``x``.
+        cu_seqlens : torch.Tensor, shape ``(N + 1,)``, optional
+            Packed sequences (``B = 1``): sequence ``n`` is tokens ``cu_seqlens[n] ..
+            cu_seqlens[n + 1] - 1``, convolved after row ``n`` of ``cache`` and nothing else
+            (checked by the layers that pass it).
 
         Returns
         -------
         y : torch.Tensor, shape ``(B, T, D)``
-        cache : torch.Tensor, shape ``(B, D, W)``, or None
+        cache : torch.Tensor, shape ``(B, D, W)`` (``(N, D, W)``), or None
         """
+        if cu_seqlens is not None:
+            return self._packed(x, cache, output_final_state, cu_seqlens)
         D = self.in_channels
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != D:
             got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
@@ -156,6 +163,40 @@ class ShortConvolution(nn.Conv1d):
         if self.activation is not None:
             y = F.silu(y)
         return y.transpose(1, 2), (full[..., -W:] if output_final_state else None)
+
+    def _packed(self, x, cache, output_final_state, cu_seqlens):
+        """:meth:`forward` over packed sequences: each token's window gathered from its own
+        sequence's inputs and, before its first token, from that sequence's cache row."""
+        D, W, T = self.in_channels, self.kernel_size[0], x.shape[1]
+        N = cu_seqlens.shape[0] - 1
+        if cache is None:
+            cache = x.new_zeros((N, D, W))
+        elif tuple(cache.shape) != (N, D, W):
+            raise ValueError(f"the convolution cache must have shape (N, D, W) = {(N, D, W)} (one row per "
+                             f"sequence of cu_seqlens), got {tuple(cache.shape)}")
+        cu = cu_seqlens.to(device=x.device, dtype=torch.long)
+        seq = torch.searchsorted(cu[1:], torch.arange(T, device=x.device), right=True)  # each token's sequence
+        # one buffer: the caches' W columns a sequence, then the tokens; the input at lag j of a token at
+        # offset r of sequence n is token t - j, or (r < j) column W + r - j of cache row n
+        buffer = torch.cat([cache.to(x.dtype).transpose(1, 2).reshape(N * W, D), x[0]], 0)  # (N W + T, D)
+
+        def window(n, r, t):
+            lag = torch.arange(W - 1, -1, -1, device=x.device)  # the kernel's taps, oldest first
+            inside = r[:, None] >= lag
+            return torch.where(inside, N * W + t[:, None] - lag, n[:, None] * W + W + r[:, None] - lag)
+
+        t = torch.arange(T, device=x.device)
+        taps = buffer[window(seq, t - cu[seq], t)]  # (T, W, D)
+        y = (taps * self.weight[:, 0].t().to(taps.dtype)).sum(1)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        if self.activation is not None:
+            y = F.silu(y)
+        final = None
+        if output_final_state:  # the W inputs ending at each sequence's last token (its cache if empty)
+            n = torch.arange(N, device=x.device)
+            final = buffer[window(n, cu[1:] - cu[:-1] - 1, cu[1:] - 1)].transpose(1, 2)  # (N, D, W)
+        return y[None], final
 
 
 GATE_ACTIVATIONS = {"swish": F.silu, "silu": F.silu, "sigmoid": torch.sigmoid}
@@ -385,9 +426,16 @@ class LogLinearLayer(nn.Module):
                 f"make the layer with num_levels >= {error.need}, or start a new cache", end=error.end,
                 need=error.need, levels=error.levels, continued=error.continued) from None
 
-    def _check_call(self, x, cache, use_cache) -> None:
+    def _check_call(self, x, cache, use_cache, cu_seqlens=None) -> None:
         check_hidden_states(self, x)
         name = type(self).__name__
+        N = x.shape[0]
+        if cu_seqlens is not None:  # the op checks them too, after the convolutions have read them
+            from hodlr import ops
+
+            N = ops.check_cu_seqlens(cu_seqlens, x, "hidden_states")
+            if not torch.compiler.is_compiling():  # (compiled, the op refuses them when it runs)
+                ops.check_cu_seqlens_values(cu_seqlens, x.shape[1], "hidden_states")
         if not isinstance(use_cache, (bool, np.bool_)):
             raise TypeError(f"{name}: use_cache must be a bool, got {type(use_cache).__name__}")
         if (use_cache or cache is not None) and self.backend != "auto" and self.backend not in _STATEFUL[self.OP]:
@@ -395,7 +443,7 @@ class LogLinearLayer(nn.Module):
                                           f"takes no cache and returns none (use_cache=True, cache=...); make the "
                                           f"layer with backend='auto' or one of {', '.join(_STATEFUL[self.OP])}")
         if cache is None:
-            if not self.hierarchical:  # λ ≡ 1: no length limit (_level_scales)
+            if not self.hierarchical or cu_seqlens is not None:  # λ ≡ 1: no limit; packed: the op checks
                 return
             reach = 1 << (self.num_levels - 1)
             # (compiled, the op raises the same error when it runs: a raise in traced code cannot leave a
@@ -410,9 +458,9 @@ class LogLinearLayer(nn.Module):
         if not isinstance(cache, LayerCache):
             raise TypeError(f"{name}: cache must be a hodlr.nn.LayerCache (returned with use_cache=True, or "
                             f"new_cache()), got {type(cache).__name__}")
-        if cache.batch_size != x.shape[0]:
-            raise ValueError(f"{name}: the cache holds {cache.batch_size} sequences but hidden_states has a "
-                             f"batch of {x.shape[0]}")
+        if cache.batch_size != N:
+            what = f"{N} packed sequences (cu_seqlens)" if cu_seqlens is not None else f"a batch of {N}"
+            raise ValueError(f"{name}: the cache holds {cache.batch_size} sequences but hidden_states has {what}")
         (H, Dk, Dv), convs = self._cache_layout()
         s = cache.state
         want = [(H, Dk, Dv)] + [(c.hidden_size, c.kernel_size[0]) for c in convs]
