@@ -49,9 +49,13 @@ def as_like(a, like, dtype=None):
 
 
 def to_numpy(x) -> np.ndarray:
-    """A numpy view or copy of ``x`` (tensors are detached and moved to the CPU)."""
+    """A numpy view or copy of ``x`` (tensors are detached and moved to the CPU; bfloat16, which
+    numpy lacks, becomes float32)."""
     if is_torch(x):
-        return x.detach().cpu().numpy()
+        x = x.detach()
+        if x.dtype.is_floating_point and x.dtype.itemsize == 2 and str(x.dtype) == "torch.bfloat16":
+            x = x.float()
+        return x.cpu().numpy()
     return np.asarray(x)
 
 

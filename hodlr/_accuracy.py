@@ -66,8 +66,13 @@ def _float64(x) -> np.ndarray:
     """``x`` (numpy or torch, any float dtype, 16-bit included, or a nested list of numbers) as a
     float64 numpy array."""
     if is_torch(x):
+        if x.is_complex():
+            raise TypeError(f"the compared arrays must be real, got a {x.dtype} tensor")
         x = to_numpy(x.detach().float() if x.dtype.itemsize < 4 else x.detach())
-    return np.asarray(x, dtype=np.float64)
+    x = np.asarray(x)
+    if np.iscomplexobj(x):
+        raise TypeError(f"the compared arrays must be real, got {x.dtype}")
+    return x.astype(np.float64)
 
 
 def relative_error(actual, expected) -> float:

@@ -3,7 +3,8 @@ reference.  Shipped so users can test their own kernels the way hodlr tests its 
 
 The arguments of :func:`masks`, :func:`operands`, :func:`attention_inputs` and
 :func:`gated_delta_inputs` each accept a value or a strategy (as in ``hypothesis.extra.numpy``);
-:func:`st_lengths` and :func:`batch_shapes` take values (their bounds).  Misuse raises
+:func:`st_lengths` and :func:`batch_shapes` take values (their bounds); :func:`scales` draws a
+``scale`` argument.  Misuse raises
 ``hypothesis.errors.InvalidArgument``.  Values are drawn constructively: hypothesis draws
 shapes, kinds and a seed, numpy's generator fills the arrays (shrinking then works on shapes and
 seeds), and each strategy records what it drew with ``hypothesis.note`` (length, levels, batch
@@ -15,15 +16,19 @@ the never-read level scales poisoned with NaN (:func:`masks` does by default; a 
 never reads them, so a NaN in its result points at a wrong bucket level), and hand a kernel that
 writes into a buffer one filled with NaN (``torch.full_like(out, float("nan"))``), so that an
 entry it never writes fails the comparison.  :func:`assert_close` says which of these failed.
+Draw what the kernel could get wrong: lengths past twice its chunk or tile (``st_lengths``'
+``max_value``: a kernel of 64-token chunks meets a partial second chunk only from ``T = 65``),
+a mask batch (``batch_shape=batch_shapes()``: with ``()`` every head shares one mask, so reading
+the wrong head's mask, or grouping heads wrongly, passes) and a scale (:func:`scales`).
 
 Examples
 --------
 >>> from hypothesis import given, strategies as st
 >>> import hodlr
->>> from hodlr.testing import assert_close, masks, operands, st_lengths, TOLERANCES
+>>> from hodlr.testing import assert_close, batch_shapes, masks, operands, st_lengths, TOLERANCES
 >>> @st.composite
 ... def matmul_cases(draw):
-...     M = draw(masks(T=st_lengths(max_value=40)))
+...     M = draw(masks(T=st_lengths(max_value=40), batch_shape=batch_shapes()))
 ...     return M, draw(operands(M, D=3))
 >>> @given(matmul_cases())
 ... def test_recursive_matches_dense(case):
@@ -46,6 +51,7 @@ from hodlr.fenwick.arrays import check_int, is_torch, namespace
 __all__ = [
     "AWKWARD_LENGTHS",
     "DECAYS",
+    "SCALES",
     "TOLERANCES",
     "assert_close",
     "attention_inputs",
@@ -57,11 +63,12 @@ __all__ = [
     "poison_unread",
     "relative_error",
     "scaled_error",
+    "scales",
     "st_lengths",
 ]
 
-AWKWARD_LENGTHS = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1000,
-                   4095, 4096, 4097)
+AWKWARD_LENGTHS = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 511,
+                   512, 513, 1000, 1023, 1024, 1025, 2047, 2048, 2049, 4095, 4096, 4097)
 """Sequence lengths where off-by-one errors live: powers of two and their neighbours (a new
 level, a full or partial last chunk of every power-of-two chunk size), and 1000.
 :func:`st_lengths` draws them about half the time."""
@@ -98,6 +105,23 @@ def st_lengths(min_value: int = 1, max_value: int = 300) -> st.SearchStrategy:
     return st.one_of(st.sampled_from(awkward), uniform) if awkward else uniform
 
 
+SCALES = (None, 1.0, 0.125, 0.5, -1.25)
+"""The scales :func:`scales` draws: ``None`` (the call's default), 1, a head width's
+``D ** -0.5``, and values a kernel that drops or squares the scale gets wrong."""
+
+
+def scales() -> st.SearchStrategy:
+    """A ``scale`` argument for the attention calls, one of :data:`SCALES` (a kernel that ignores
+    its scale, or applies it twice, fails at the first draw of one that is not 1).
+
+    Examples
+    --------
+    >>> scales().example() in SCALES
+    True
+    """
+    return st.sampled_from(SCALES)
+
+
 def batch_shapes(max_dims: int = 2, max_side: int = 3) -> st.SearchStrategy:
     """Leading batch shapes (values, not strategies): ``()`` up to ``max_dims`` dims of size
     1..``max_side``.
@@ -109,6 +133,16 @@ def batch_shapes(max_dims: int = 2, max_side: int = 3) -> st.SearchStrategy:
     """
     max_dims, max_side = _count("max_dims", max_dims), _count("max_side", max_side, 1)
     return st.lists(st.integers(1, max_side), max_size=max_dims).map(tuple)
+
+
+def _int_list(name: str, values) -> list:
+    """``values`` (a sequence, a 1-d numpy array or tensor of integers >= 0) as a list of ints."""
+    if hasattr(values, "tolist") and getattr(values, "ndim", 1) == 1:
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(f"{name} must be a sequence (list, tuple, 1-d array or tensor) of integers >= 0, got "
+                        f"{type(values).__name__}")
+    return [check_int(f"{name}[{i}]", a, 0) for i, a in enumerate(values)]
 
 
 def poison_unread(level_scales, starts=None, lengths=None):
@@ -140,7 +174,7 @@ def poison_unread(level_scales, starts=None, lengths=None):
     if starts is None:
         end = T
     else:
-        starts, lengths = [check_int("starts", a, 0) for a in starts], [check_int("lengths", n, 0) for n in lengths]
+        starts, lengths = _int_list("starts", starts), _int_list("lengths", lengths)
         if len(starts) != len(lengths) or sum(lengths) != T:
             raise ValueError(f"lengths must sum to T={T} (the rows of level_scales) with one start each, got "
                              f"starts {starts}, lengths {lengths}")
@@ -198,14 +232,17 @@ def masks(
     """Draw a :class:`hodlr.LogLinearMask`.
 
     Level scales ``|λ| ~ U(0.2, 1.5)``, negative with probability 0.2 (a kernel that takes
-    ``log λ`` must handle the sign); the log-decay, if any, has a batch shape that broadcasts to
-    ``batch_shape`` (some dims 1).
+    ``log λ`` must handle the sign).  The mask's batch shape is ``batch_shape``; its two arrays
+    broadcast to it: the log-decay, if any, may have some dims 1 and lack leading dims, or carry
+    leading dims the level scales lack (scales shared across heads, a decay per head).
 
     Parameters (each a value or a strategy)
     ----------
     T : int, default ``st_lengths()`` (1 … 300, awkward lengths half the time)
     batch_shape : tuple of int, default ``()``
-        Batch shape of ``level_scales``.
+        The mask's batch shape.  Pass :func:`batch_shapes` to prove a kernel over batches and
+        heads: with the default ``()`` every operand shares one mask, and a kernel that reads one
+        head's mask for all (or groups heads wrongly) passes.
     decay : str, one of :data:`DECAYS`, default any of them
         ``"none"`` (no decay array), ``"mild"`` (``g ~ U(-1, 0)``), ``"strong"`` (half the steps
         ``U(-50, 0)``, half within ``1e-3`` of 0: decays that underflow beside ones near 1),
@@ -248,16 +285,20 @@ def masks(
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     L = fenwick.num_levels(T) + extra
-    lam = rng.uniform(0.2, 1.5, batch + (T, L)) * rng.choice([-1.0, 1.0], batch + (T, L), p=[0.2, 0.8])
-    if poison:
-        lam = poison_unread(lam)
-    g = None
-    decay_batch = None
+    lam_batch, decay_batch = batch, None
     if kind != "none":
         decay_batch = tuple(1 if draw(st.booleans()) else n for n in batch)
-        g = decay_values(rng, kind, decay_batch + (T,))
+        cut = draw(st.integers(0, len(batch)))  # leading dims one of the two arrays lacks
+        if cut and draw(st.booleans()):  # the scales, the decay carrying them whole
+            lam_batch, decay_batch = batch[cut:], batch[:cut] + decay_batch[cut:]
+        else:
+            decay_batch = decay_batch[cut:]
+    lam = rng.uniform(0.2, 1.5, lam_batch + (T, L)) * rng.choice([-1.0, 1.0], lam_batch + (T, L), p=[0.2, 0.8])
+    if poison:
+        lam = poison_unread(lam)
+    g = None if decay_batch is None else decay_values(rng, kind, decay_batch + (T,))
     note(f"masks: T={T}, L={L}, batch_shape={batch}, decay={kind!r}"
-         + ("" if decay_batch is None else f" (log_decay batch {decay_batch})")
+         + ("" if decay_batch is None else f" (level_scales batch {lam_batch}, log_decay batch {decay_batch})")
          + f", poison={bool(poison)}, {library} {_dtype_name(dtype)}, seed={seed}")
     lam = _to_library(lam, library, dtype, device)
     g = None if g is None else _to_library(g, library, dtype, device)

@@ -229,3 +229,47 @@ def test_poison_unread_refuses_what_it_cannot_poison():
         poison_unread(np.ones((4, 4)), starts=[6], lengths=[4])
     with pytest.raises(ValueError, match=r"lengths must sum to T=4"):
         poison_unread(np.ones((4, 3)), starts=[0, 0], lengths=[2, 1])
+
+
+def test_poison_unread_takes_packed_offsets_as_tensors():
+    """Packed ``starts`` / ``lengths`` may be lists, 1-d arrays or tensors (as they come from
+    ``cu_seqlens``); anything else is refused by name."""
+    torch = pytest.importorskip("torch")
+    from hodlr.testing import poison_unread
+
+    lam = np.ones((6, 4))
+    want = poison_unread(lam, starts=[3, 0], lengths=[2, 4])
+    for starts, lengths in ((np.array([3, 0]), np.array([2, 4])), (torch.tensor([3, 0]), torch.tensor([2, 4]))):
+        assert np.array_equal(poison_unread(lam, starts=starts, lengths=lengths), want, equal_nan=True)
+    with pytest.raises(TypeError, match=r"starts must be a sequence \(list, tuple, 1-d array or tensor\) of integers "
+                                        r">= 0, got int"):
+        poison_unread(lam, starts=3, lengths=[6])
+
+
+def test_strategies_draw_scales_long_lengths_and_decays_of_other_batches():
+    """What a kernel could get wrong is drawn: a scale other than 1, lengths around 512 … 2048
+    (within ``max_value``), and log-decays that lack the scales' leading dims or carry dims the
+    scales lack (a decay per head over shared scales)."""
+    from hypothesis import find
+
+    from hodlr.testing import SCALES, batch_shapes, scales
+
+    assert set(SCALES) >= {None, 1.0} and any(s not in (None, 1.0) for s in SCALES)
+    assert find(scales(), lambda s: s is not None and s != 1.0) in SCALES
+    assert {511, 512, 513, 1023, 1024, 1025, 2047, 2048, 2049} <= set(hodlr.testing.AWKWARD_LENGTHS)
+    drawn = masks(T=st_lengths(max_value=8), batch_shape=batch_shapes(2, 3), decay="mild")
+    fewer = find(drawn, lambda M: M.log_decay.ndim < M.level_scales.ndim - 1)
+    more = find(drawn, lambda M: M.log_decay.ndim > M.level_scales.ndim - 1)
+    for M in (fewer, more):  # the mask's batch is still the broadcast of both
+        assert M.batch_shape == np.broadcast_shapes(M.level_scales.shape[:-2], M.log_decay.shape[:-1])
+
+
+def test_error_metrics_refuse_complex_arrays():
+    """A complex array is not compared by its real part alone."""
+    from hodlr.testing import assert_close, relative_error
+
+    with pytest.raises(TypeError, match="the compared arrays must be real, got complex128"):
+        assert_close(np.array([1 + 1j]), np.array([1 + 5j]), 1e-12)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="the compared arrays must be real, got a torch.complex64 tensor"):
+        relative_error(torch.tensor([1 + 1j]), torch.tensor([1 + 5j]))

@@ -119,6 +119,16 @@ def test_heatmap_has_grid_and_log_colours(T):
         heatmap(M, ax=_axes(), index=(0, 0))
 
 
+def test_heatmap_of_a_bfloat16_mask():
+    """A bfloat16 mask (which numpy cannot hold) is drawn from its float32 values."""
+    torch = pytest.importorskip("torch")
+    M = _mask(9)
+    M16 = hodlr.LogLinearMask(torch.as_tensor(M.level_scales).bfloat16(), torch.as_tensor(M.log_decay).bfloat16())
+    shown = heatmap(M16, ax=_axes()).images[0].get_array()
+    want = np.abs(M16.to_dense().float().numpy())[np.tril_indices(9)]
+    np.testing.assert_allclose(shown.compressed(), want, rtol=1e-6)
+
+
 def test_heatmap_of_a_tree_outlines_its_blocks():
     H = hodlr.HODLRMatrix.from_mask(_mask(65), leaf_size=3)
     ax = heatmap(H, ax=_axes(), min_block=1)
