@@ -11,11 +11,12 @@ seeds), and each strategy records what it drew with ``hypothesis.note`` (length,
 shapes, decay kind, dtype, seed), which a failing test prints beside its falsifying example.
 
 What a test should do besides drawing (as hodlr's own tests do): compare in float64 against a
-reference (``hodlr.attention(..., backend="dense")`` or the array libraries' own products), keep
-the never-read level scales poisoned with NaN (:func:`masks` does by default; a correct kernel
-never reads them, so a NaN in its result points at a wrong bucket level), and hand a kernel that
-writes into a buffer one filled with NaN (``torch.full_like(out, float("nan"))``), so that an
-entry it never writes fails the comparison.  :func:`assert_close` says which of these failed.
+reference (:func:`reference`: the dense result from float64 copies, and the magnitude that a
+float32 or bfloat16 result is measured against with :func:`scaled_error`), keep the never-read
+level scales poisoned with NaN (:func:`masks` does by default; a correct kernel never reads them,
+so a NaN in its result points at a wrong bucket level), and hand a kernel that writes into a
+buffer one filled with NaN (:func:`nan_like`), so that an entry it never writes fails the
+comparison.  :func:`assert_close` says which of these failed.
 Draw what the kernel could get wrong: lengths past twice its chunk or tile (``st_lengths``'
 ``max_value``: a kernel of 64-token chunks meets a partial second chunk only from ``T = 65``),
 a mask batch (``batch_shape=batch_shapes()``: with ``()`` every head shares one mask, so reading
@@ -45,7 +46,7 @@ from hypothesis import note, strategies as st
 from hypothesis.errors import InvalidArgument
 
 from hodlr import fenwick
-from hodlr._accuracy import DECAYS, TOLERANCES, assert_close, decay_values, relative_error, scaled_error
+from hodlr._accuracy import DECAYS, TOLERANCES, _float64, assert_close, decay_values, relative_error, scaled_error
 from hodlr.fenwick.arrays import check_int, is_torch, namespace
 
 __all__ = [
@@ -61,6 +62,8 @@ __all__ = [
     "masks",
     "operands",
     "poison_unread",
+    "nan_like",
+    "reference",
     "relative_error",
     "scaled_error",
     "scales",
@@ -303,6 +306,62 @@ def masks(
     lam = _to_library(lam, library, dtype, device)
     g = None if g is None else _to_library(g, library, dtype, device)
     return LogLinearMask(lam, g)
+
+
+def reference(op: str, M, *operands, scale=None):
+    """``(result, magnitude)`` in float64 on the CPU for ``hodlr.<op>(*operands, M)``: the result
+    by the ``dense`` backend from float64 copies of the mask and operands (whatever their dtype
+    and device: a 16-bit mask is not its own reference), and the magnitude to measure a
+    low-precision result against with :func:`scaled_error`: the same operation on absolute values
+    (``|M| |X|``; ``(|M| ⊙ |scale| |q| |k|ᵀ) |v|``), None for ``gated_delta_attention``, whose
+    inverse has no such bound (compare with :func:`relative_error`).
+
+    Parameters
+    ----------
+    op : ``"matmul"``, ``"attention"`` or ``"gated_delta_attention"``
+    M : hodlr.LogLinearMask
+    operands : ``X`` (matmul), ``q, k, v`` (attention), ``q, k, v, beta`` (gated_delta_attention)
+    scale : float, optional
+        As the call's (its default where None).
+
+    Examples
+    --------
+    >>> import numpy as np, hodlr
+    >>> M = hodlr.LogLinearMask(np.ones((3, 3)))
+    >>> reference("matmul", M, -np.ones((3, 1)))[1].ravel()
+    array([1., 2., 3.])
+    """
+    from hodlr import api
+    from hodlr.mask import LogLinearMask
+
+    _check_mask(M)
+    arity = {"matmul": 1, "attention": 3, "gated_delta_attention": 4}
+    if op not in arity:
+        raise InvalidArgument(f"op must be one of {', '.join(map(repr, arity))}, got {op!r}")
+    if len(operands) != arity[op]:
+        raise InvalidArgument(f"{op} takes {arity[op]} operands, got {len(operands)}")
+    to64 = lambda a: None if a is None else _float64(a)  # noqa: E731
+    lam, g = to64(M.level_scales), to64(M.log_decay)
+    ops = [to64(a) for a in operands]
+    M64 = LogLinearMask(lam, g, validate=False)
+    absM = LogLinearMask(np.abs(lam), g, validate=False)
+    if op == "matmul":
+        return api.matmul(M64, ops[0], backend="dense"), api.matmul(absM, np.abs(ops[0]), backend="dense")
+    if op == "attention":
+        s = None if scale is None else abs(float(scale))
+        return (api.attention(*ops, M64, scale=scale, backend="dense"),
+                api.attention(*(np.abs(a) for a in ops), absM, scale=s, backend="dense"))
+    q, k, v, beta = ops
+    return api.gated_delta_attention(q, k, v, beta, M64, scale=scale, backend="dense"), None
+
+
+def nan_like(x, shape=None):
+    """An array of NaN with ``x``'s library, dtype and device (and its shape, or ``shape``): the
+    output buffer to hand a kernel, so that an entry it never writes fails the comparison."""
+    shape = tuple(x.shape) if shape is None else tuple(shape)
+    if is_torch(x):
+        return namespace(x).full(shape, float("nan"), dtype=x.dtype, device=x.device)
+    return np.full(shape, np.nan, dtype=x.dtype)
 
 
 def _check_mask(M):

@@ -33,8 +33,10 @@ from hodlr.testing import (  # noqa: E402
     attention_inputs,
     batch_shapes,
     masks,
+    nan_like,
     operands,
     poison_unread,
+    reference,
     relative_error,
     scaled_error,
     st_lengths,
@@ -53,24 +55,16 @@ FEW = settings(max_examples=25)
 
 
 def _nan_like(shape, dtype):
-    return torch.full(tuple(shape), float("nan"), dtype=dtype, device=DEVICE)
+    return nan_like(torch.empty(0, dtype=dtype, device=DEVICE), shape)
 
 
 def _ref_attention(q, k, v, M, scale):
     """Dense float64 reference (on the CPU)."""
-    to64 = lambda a: None if a is None else a.detach().double().cpu()
-    M64 = hodlr.LogLinearMask(to64(M.level_scales), to64(M.log_decay), validate=False)
-    return hodlr.attention(to64(q), to64(k), to64(v), M64, scale=scale, backend="dense")
+    return reference("attention", M, q, k, v, scale=scale)[0]
 
 
 def _ref_matmul(M, x):
-    to64 = lambda a: None if a is None else a.detach().double().cpu()
-    M64 = hodlr.LogLinearMask(to64(M.level_scales), to64(M.log_decay), validate=False)
-    return hodlr.matmul(M64, to64(x), backend="dense")
-
-
-def _abs_mask(M):
-    return hodlr.LogLinearMask(M.level_scales.abs(), M.log_decay, validate=False)
+    return reference("matmul", M, x)[0]
 
 
 def _assert_scaled(got, ref, size, tol, what):
@@ -104,8 +98,7 @@ def test_attention_equals_dense(dtype, data):
     out = _nan_like(batch + (M.T, v.shape[-1]), dtype)
     got = kernels.attention_forward(q, k, v, lam, g, scale, chunk=CHUNK, out=out)
     assert got.data_ptr() == out.data_ptr()
-    _assert_scaled(got, _ref_attention(q, k, v, M, scale), _ref_attention(q.abs(), k.abs(), v.abs(), _abs_mask(M), scale),
-                   TOL[dtype], "triton attention vs dense")
+    _assert_scaled(got, *reference("attention", M, q, k, v, scale=scale), TOL[dtype], "triton attention vs dense")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -117,7 +110,7 @@ def test_matmul_equals_dense(dtype, data):
     out = _nan_like(batch + (M.T, x.shape[-1]), dtype)
     got = kernels.matmul_forward(lam, g, x, chunk=CHUNK, out=out)
     assert got.data_ptr() == out.data_ptr()
-    _assert_scaled(got, _ref_matmul(M, x), _ref_matmul(_abs_mask(M), x.abs()), TOL[dtype], "triton matmul vs dense")
+    _assert_scaled(got, *reference("matmul", M, x), TOL[dtype], "triton matmul vs dense")
 
 
 def _cpu_backends():
