@@ -493,6 +493,19 @@ def test_mixed_precision_layers_check_their_input_projections():
         layer(torch.randn(2, 5, 6))
 
 
+def test_mamba2_a_init_range_follows_fla():
+    """``A_init_range`` draws ``A = exp(A_log)`` uniformly in the range (fla Mamba2's init); the
+    default is ``A = 1 … H`` (fla LogLinearMamba2's); a bad range is refused by name."""
+    torch.manual_seed(0)
+    A = LogLinearMamba2(num_heads=64, head_dim=1, hidden_size=32, A_init_range=(1, 16)).A_log.exp()
+    assert (A >= 1).all() and (A <= 16).all() and A.std() > 1
+    assert torch.allclose(LogLinearMamba2(num_heads=4, head_dim=1, hidden_size=2).A_log.exp(),
+                          torch.arange(1.0, 5.0))
+    with pytest.raises(ValueError, match=r"A_init_range must be None or a pair \(low, high\) with 0 < low <= high, "
+                                         r"got \(0, 16\)"):
+        LogLinearMamba2(num_heads=4, head_dim=1, hidden_size=2, A_init_range=(0, 16))
+
+
 def test_layer_helpers_check_their_inputs_and_widths():
     """The short convolution and the gated norm refuse inputs of other widths by name; a float
     expansion factor may carry its rounding error (fla's rule: 50 * 1.1 is 55); a cache takes a

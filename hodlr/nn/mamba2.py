@@ -66,10 +66,13 @@ class LogLinearMamba2(LogLinearLayer):
         Columns of ``λ`` (``L`` and the ``dl`` projection): positions up to ``2**(num_levels - 1)``
         (15: 16384 tokens, as flash-linear-attention's layer).
     hierarchical : bool, default True
-        False: ``λ ≡ 1``, no ``L`` and no ``dl`` projection (Mamba-2).
+        False: ``λ ≡ 1``, no ``L`` and no ``dl`` projection (Mamba-2; no length limit).
     backend : str, default ``"auto"``
         The backend of :func:`hodlr.log_linear_attn`: ``"auto"`` runs ``chunked`` on the CPU and
         ``triton`` on a GPU.
+    A_init_range : (float, float), optional
+        ``A = exp(A_log)`` drawn uniformly in this range, as flash-linear-attention's ``Mamba2``
+        (its default ``(1, 16)``); None: ``A = 1 … num_heads``, as its ``LogLinearMamba2``.
 
     Notes
     -----
@@ -89,7 +92,7 @@ class LogLinearMamba2(LogLinearLayer):
                  dt_limit: tuple[float, float] = (0.0, float("inf")), dt_min: float = 0.001, dt_max: float = 0.1,
                  dt_init_floor: float = 1e-4, use_bias: bool = True, norm_eps: float = 1e-5,
                  layer_idx: int | None = None, *, num_levels: int = 15, hierarchical: bool = True,
-                 backend: str = "auto"):
+                 backend: str = "auto", A_init_range: tuple[float, float] | None = None):
         super().__init__()
         sizes = {"num_heads": num_heads, "head_dim": head_dim, "hidden_size": hidden_size, "state_size": state_size,
                  "n_groups": n_groups, "conv_kernel": conv_kernel}
@@ -112,6 +115,12 @@ class LogLinearMamba2(LogLinearLayer):
         if not dt_min <= dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min!r}, dt_max={dt_max!r}")
         dt_init_floor = check_positive("dt_init_floor", dt_init_floor, zero=True)
+        if A_init_range is not None:
+            ok = isinstance(A_init_range, (tuple, list)) and len(A_init_range) == 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in A_init_range)
+            if not ok or not 0 < A_init_range[0] <= A_init_range[1]:
+                raise ValueError(f"A_init_range must be None or a pair (low, high) with 0 < low <= high, "
+                                 f"got {A_init_range!r}")
         norm_eps = check_positive("norm_eps", norm_eps)
         if conv_init is not None:
             conv_init = check_positive("conv_init", conv_init)
@@ -139,7 +148,11 @@ class LogLinearMamba2(LogLinearLayer):
         dt = torch.exp(torch.rand(num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp(min=dt_init_floor)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, num_heads + 1, dtype=torch.get_default_dtype())))
+        if A_init_range is None:  # LogLinearMamba2's: A = 1 … H
+            A = torch.arange(1, num_heads + 1, dtype=torch.get_default_dtype())
+        else:  # Mamba2's: A ~ U(A_init_range)
+            A = torch.empty(num_heads).uniform_(*A_init_range)
+        self.A_log = nn.Parameter(torch.log(A))
         self.D = nn.Parameter(torch.ones(self.intermediate_size if D_has_hdim else num_heads))
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
