@@ -74,7 +74,8 @@ AWKWARD_LENGTHS = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 1
                    512, 513, 1000, 1023, 1024, 1025, 2047, 2048, 2049, 4095, 4096, 4097)
 """Sequence lengths where off-by-one errors live: powers of two and their neighbours (a new
 level, a full or partial last chunk of every power-of-two chunk size), and 1000.
-:func:`st_lengths` draws them about half the time."""
+:func:`st_lengths` draws one of them for about a third to two thirds of its draws (hypothesis's
+generation phases move the share)."""
 
 
 def _strategy(value):
@@ -93,8 +94,8 @@ def _count(name: str, value, low: int = 0) -> int:
 
 
 def st_lengths(min_value: int = 1, max_value: int = 300) -> st.SearchStrategy:
-    """Sequence lengths in ``[min_value, max_value]`` (values, not strategies): about half the
-    time one of :data:`AWKWARD_LENGTHS` in that range, else uniform.
+    """Sequence lengths in ``[min_value, max_value]`` (values, not strategies): one of
+    :data:`AWKWARD_LENGTHS` in that range or a uniform draw, each a choice of ``st.one_of``.
 
     Examples
     --------
@@ -241,7 +242,7 @@ def masks(
 
     Parameters (each a value or a strategy)
     ----------
-    T : int, default ``st_lengths()`` (1 … 300, awkward lengths half the time)
+    T : int, default ``st_lengths()`` (1 … 300, often an awkward length)
     batch_shape : tuple of int, default ``()``
         The mask's batch shape.  Pass :func:`batch_shapes` to prove a kernel over batches and
         heads: with the default ``()`` every operand shares one mask, and a kernel that reads one
