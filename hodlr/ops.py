@@ -280,13 +280,6 @@ def _keeper(q, initial_states, cu_seqlens, output_final_state, backend, keep):
     return module
 
 
-def _final_slots(S_in: int, end: int, T: int, continued: bool) -> int:
-    """The slots of an eager call's final state: those of a call from position 0 over ``T`` tokens
-    (``num_slots(T)``, as a compiled call counts them from shapes, so the two agree, packed
-    sequences included), or of a continued state, the more of its own and what ``end`` needs."""
-    return max(S_in, fenwick.num_slots(end)) if continued else fenwick.num_slots(T)
-
-
 def _check_final_slots(states, positions, final_slots):
     """Refuse a final state whose positions need more than ``final_slots`` slots."""
     need = fenwick.num_slots(int(positions.max())) if states.shape[2] else 0
@@ -488,8 +481,7 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
     -------
     o : torch.Tensor, shape ``(B, T, H, Dv)``, the dtype of ``v``
     final_state : hodlr.LogLinearState or None
-        With ``bit_length(T)`` slots from position 0 (packed sequences too), or, continuing an
-        initial state of ``S`` slots, ``max(S, bit_length(largest end position))``.
+        With ``max(S, bit_length(largest end position))`` slots (``S`` those of the initial state).
         Under ``torch.compile`` the slot count cannot depend on values: it is the initial state's
         (``bit_length(T)`` without one), and a call whose end positions need more raises.
 
@@ -536,7 +528,7 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
                                          output_final_state, final_slots, backend, keep)
     else:
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
-        final_slots = _final_slots(S_in, end, T, initial_state is not None)
+        final_slots = max(S_in, fenwick.num_slots(end))
         if (T == 1 and initial_state is not None and cu_seqlens is None and q.device.type == "cuda"
                 and init.dtype != torch.float64 and backend in ("auto", "triton")
                 and not _checks.wants_grad(q, k, v, g, level_scales, init)):
@@ -1050,8 +1042,7 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
     -------
     o : torch.Tensor, shape ``(B, T, H, Dv)``, the dtype of ``v``
     final_state : hodlr.LogLinearState or None
-        With ``bit_length(T)`` slots from position 0 (packed sequences too), or, continuing an
-        initial state of ``S`` slots, ``max(S, bit_length(largest end position))``.
+        With ``max(S, bit_length(largest end position))`` slots (``S`` those of the initial state).
         Under ``torch.compile`` (the custom operator ``torch.ops.hodlr.log_linear_gated_delta_rule``)
         the slot count cannot depend on values: it is the initial state's (``bit_length(T)``
         without one), and a call whose end positions need more raises.
@@ -1103,8 +1094,8 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
     else:
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
         o, states, positions = _gated_delta_forward(_bhtd(q), _bhtd(k), _bhtd(v), beta_, g_, lam, scale, init, pos,
-                                                    cu_seqlens, output_final_state,
-                                                    _final_slots(S_in, end, T, initial_state is not None), backend)
+                                                    cu_seqlens, output_final_state, max(S_in, fenwick.num_slots(end)),
+                                                    backend)
         o = _joined(o, q, k, v, g, beta, level_scales)
     o = o.transpose(1, 2)
     if not output_final_state:
