@@ -208,6 +208,8 @@ def _to_library(a: np.ndarray, library: str, dtype, device):
     if library == "numpy":
         if torch_dtype:
             raise InvalidArgument(f"dtype must be a numpy dtype for library='numpy', got {dtype}")
+        if not np.issubdtype(np.dtype(dtype), np.floating):
+            raise InvalidArgument(f"dtype must be a floating dtype (a mask's level scales), got {np.dtype(dtype)}")
         return a.astype(dtype)
     import torch
 
@@ -304,9 +306,13 @@ def masks(
     note(f"masks: T={T}, L={L}, batch_shape={batch}, decay={kind!r}"
          + ("" if decay_batch is None else f" (level_scales batch {lam_batch}, log_decay batch {decay_batch})")
          + f", poison={bool(poison)}, {library} {_dtype_name(dtype)}, seed={seed}")
-    lam = _to_library(lam, library, dtype, device)
-    g = None if g is None else _to_library(g, library, dtype, device)
-    return LogLinearMask(lam, g)
+    try:
+        lam = _to_library(lam, library, dtype, device)
+        g = None if g is None else _to_library(g, library, dtype, device)
+        return LogLinearMask(lam, g)
+    except (TypeError, RuntimeError, AssertionError) as err:  # a dtype the mask refuses, a device not here
+        raise InvalidArgument(f"masks cannot make a {library} mask of dtype {_dtype_name(dtype)} on {device!r}: "
+                              f"{err}") from err
 
 
 def reference(op: str, M, *operands, scale=None):

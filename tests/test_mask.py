@@ -114,7 +114,7 @@ def test_strategies_report_misuse_as_invalid_argument():
     for strategy in (masks(T=4, extra_levels=-1), masks(T=4, batch_shape=(-1,)), masks(T=4, batch_shape=3),
                      operands(M, D=-1), operands(np.ones((4, 3))), operands(M, broadcast="yes"),
                      attention_inputs(M, Dk=-2), attention_inputs(M, Dv=1.5), gated_delta_inputs(M, beta_max=3.0),
-                     gated_delta_inputs(M, Dk=0)):
+                     gated_delta_inputs(M, Dk=0), masks(T=4, dtype=np.int64), masks(T=4, dtype=np.float16)):
         @given(strategy)
         def draw(value):
             pass
