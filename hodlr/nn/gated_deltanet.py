@@ -72,8 +72,10 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
     """
 
     OP = "gated_delta_attention"
-    INPUTS = ("q_proj", "k_proj", "v_proj", "a_proj", "b_proj", "l_proj", "g_proj")
     """The backend operation of its mixing (which backends keep its recurrent state)."""
+
+    INPUTS = ("q_proj", "k_proj", "v_proj", "a_proj", "b_proj", "l_proj", "g_proj")
+    """The projections of the hidden states (their weights' dtype is the one the input must have)."""
 
     def __init__(self, hidden_size: int = 2048, expand_v: float = 2, head_dim: int = 256, num_heads: int = 6,
                  num_v_heads: int | None = None, use_gate: bool = True, use_short_conv: bool = True,

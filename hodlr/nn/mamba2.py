@@ -82,8 +82,10 @@ class LogLinearMamba2(LogLinearLayer):
     """
 
     OP = "attention"
-    INPUTS = ("in_proj",)
     """The backend operation of its mixing (which backends keep its recurrent state)."""
+
+    INPUTS = ("in_proj",)
+    """The projections of the hidden states (their weights' dtype is the one the input must have)."""
 
     def __init__(self, num_heads: int, head_dim: int = 64, hidden_size: int = 2048, state_size: int = 128,
                  expand: float = 2, n_groups: int = 1, conv_kernel: int = 4, conv_init: float | None = None,

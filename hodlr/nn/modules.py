@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hodlr import backends as registry, fenwick
+from hodlr import backends as registry, fenwick, ops
 from hodlr.errors import BackendUnavailableError, LevelsExceededError
 from hodlr.fenwick.arrays import check_bool, check_int
 from hodlr.state import LogLinearState
@@ -431,8 +431,6 @@ class LogLinearLayer(nn.Module):
         name = type(self).__name__
         N = x.shape[0]
         if cu_seqlens is not None:  # the op checks them too, after the convolutions have read them
-            from hodlr import ops
-
             N = ops.check_cu_seqlens(cu_seqlens, x, "hidden_states")
             if not torch.compiler.is_compiling():  # (compiled, the op refuses them when it runs)
                 ops.check_cu_seqlens_values(cu_seqlens, x.shape[1], "hidden_states")
