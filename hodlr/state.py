@@ -147,10 +147,7 @@ class LogLinearState:
         if isinstance(fenwick_states, (list, tuple)):
             if not fenwick_states:
                 raise ValueError("fenwick_states must not be an empty list")
-            parts = [cls.from_fenwick(f) for f in fenwick_states]
-            fewest = max(p.num_slots for p in parts)
-            parts = [p.with_slots(fewest if slots is None else slots) for p in parts]
-            return cls(torch.cat([p.states for p in parts]), torch.cat([p.positions for p in parts]), validate=False)
+            return cls.cat([cls.from_fenwick(f, slots=slots) for f in fenwick_states])
         if not isinstance(fenwick_states, FenwickState):
             raise TypeError(f"fenwick_states must be a hodlr.fenwick.FenwickState or a list of them, "
                             f"got {type(fenwick_states).__name__}")
@@ -275,20 +272,7 @@ class LogLinearState:
         a boolean mask or integer indices (one dim: the sequences).  As for tensors, an int or a
         slice gives views (a decoding step on the result updates this state), a mask or indices
         copies (a step on the result does not)."""
-        import torch
-
-        if isinstance(index, torch.Tensor) and index.dim() == 0 and not index.dtype.is_floating_point \
-                and index.dtype != torch.bool:
-            index = int(index)
-        if index is None or isinstance(index, (bool, tuple)):
-            raise TypeError(f"a LogLinearState is indexed along its sequences by an int, a slice, a boolean mask "
-                            f"or integer indices, got {type(index).__name__}")
-        if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
-            n = int(index)
-            if not -self.batch_size <= n < self.batch_size:
-                raise IndexError(f"sequence {n} out of range for a state of {self.batch_size} sequences")
-            n %= self.batch_size
-            index = slice(n, n + 1)
+        index = batch_index(index, self.batch_size)
         return LogLinearState(self.states[index], self.positions[index], validate=False)
 
     def with_slots(self, slots: int) -> "LogLinearState":
@@ -306,7 +290,6 @@ class LogLinearState:
         if need > slots:
             raise ValueError(f"slots={slots} cannot hold position {int(self.positions.max())} (needs {need})")
         return LogLinearState(self.states[:, :, :slots].clone(), self.positions.clone(), validate=False)
-
 
     @classmethod
     def cat(cls, states) -> "LogLinearState":
@@ -337,6 +320,27 @@ class LogLinearState:
         S = max(x.num_slots for x in states)
         wide = [x if x.num_slots == S else x.with_slots(S) for x in states]
         return cls(torch.cat([x.states for x in wide]), torch.cat([x.positions for x in wide]), validate=False)
+
+
+def batch_index(index, batch_size: int):
+    """``index`` of a selection along ``batch_size`` sequences (a state's, a cache's), with an int or
+    a 0-d integer tensor made the slice of that one sequence (the batch dim is kept); the other
+    indices (a slice, a boolean mask, integer indices) as given."""
+    import torch
+
+    if isinstance(index, torch.Tensor) and index.dim() == 0 and not index.dtype.is_floating_point \
+            and index.dtype != torch.bool:
+        index = int(index)
+    if index is None or isinstance(index, (bool, tuple)):
+        raise TypeError(f"a LogLinearState is indexed along its sequences by an int, a slice, a boolean mask "
+                        f"or integer indices, got {type(index).__name__}")
+    if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
+        n = int(index)
+        if not -batch_size <= n < batch_size:
+            raise IndexError(f"sequence {n} out of range for a state of {batch_size} sequences")
+        n %= batch_size
+        index = slice(n, n + 1)
+    return index
 
 
 def combine(first: LogLinearState, second: LogLinearState, log_decay=None, *, validate: bool = True) -> LogLinearState:

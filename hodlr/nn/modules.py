@@ -18,7 +18,7 @@ from torch import nn
 from hodlr import backends as registry, fenwick, ops
 from hodlr.errors import BackendUnavailableError, LevelsExceededError
 from hodlr.fenwick.arrays import check_bool, check_int
-from hodlr.state import LogLinearState
+from hodlr.state import LogLinearState, batch_index
 
 # the backends that keep each layer op's recurrent state, by name (a constant: compiled calls read it
 # without importing the backend modules)
@@ -351,13 +351,8 @@ class LayerCache:
 
     def __getitem__(self, index) -> "LayerCache":
         """Batch selection as ``LogLinearState[index]`` (an int keeps the batch dim)."""
-        state = self.state[index]
-        if ((isinstance(index, (int, np.integer)) and not isinstance(index, bool))
-                or (isinstance(index, torch.Tensor) and index.dim() == 0 and not index.dtype.is_floating_point
-                    and index.dtype != torch.bool)):
-            n = int(index) % self.batch_size
-            index = slice(n, n + 1)
-        return LayerCache(state, tuple(c[index] for c in self.conv))
+        index = batch_index(index, self.batch_size)
+        return LayerCache(self.state[index], tuple(c[index] for c in self.conv))
 
 
 class LogLinearLayer(nn.Module):
