@@ -703,57 +703,46 @@ def _torch_step(q, k, v, g, beta, level_scales, state, scale):
     """The torch form of both decoding steps (checked arguments), in place: log-linear Gated DeltaNet,
     whose token moves every live state by ``A = exp(g) (I - beta k kᵀ)`` and writes ``beta k vᵀ``,
     or, with ``beta`` None, log-linear attention, the same with no correction and a unit write
-    (``A = exp(g)``, ``k vᵀ``).  Returns ``o (B, 1, H, Dv)``, NaN for the rows whose step does not fit."""
-    work = state.states.dtype
+    (``A = exp(g)``, ``k vᵀ``).  On the slots of ``state`` (slot ``l - 1`` the level-``l`` bucket):
+    the live slots (the set bits of each row's position) are moved by ``A``, the query reads them
+    with the level scales ``λ[l]``, the slots of the position's trailing one-bits merge with the
+    token's write into slot ``bit_length(p XOR (p + 1)) - 1`` and are cleared, and the rows whose
+    step fits (:func:`_step_fits`) move on; the others are left as they were.  Returns
+    ``o (B, 1, H, Dv)``, NaN for the rows whose step does not fit."""
+    X, p = state.states, state.positions
+    S, L, work = X.shape[2], level_scales.shape[-1], X.dtype
     grp = v.shape[2] // q.shape[2]
     with torch.no_grad():
         qh, kh = (x[:, 0].to(work).repeat_interleave(grp, 1) for x in (q, k))  # (B, H, Dk)
         vh, lam = v[:, 0].to(work), level_scales[:, 0].to(work)  # (B, H, Dv), (B, H, L)
         bh = None if beta is None else beta[:, 0].to(work)  # (B, H)
         decay = None if g is None else torch.exp(  # the log-decay of absolute position 0 multiplies no pair
-            torch.where((state.positions == 0)[:, None], 0.0, g[:, 0].to(work)))
-
-        transition = functools.partial(fenwick.delta.apply_transition, k=kh, beta=bh, alpha=decay)
+            torch.where((p == 0)[:, None], 0.0, g[:, 0].to(work)))
         if bh is None:
             write, diag = kh[..., :, None] * vh[..., None, :], lam[..., 0] * (qh * kh).sum(-1)
         else:
             write = bh[..., None, None] * kh[..., :, None] * vh[..., None, :]
             diag = lam[..., 0] * bh * (qh * kh).sum(-1)
-        read, fits = _slot_step(state, qh, lam, transition, write)
+        slot = torch.arange(S, device=p.device)
+        live = ((p[:, None] >> slot) & 1) == 1  # (B, S): slot l - 1 holds level l
+        carry = p ^ (p + 1)  # bits 0 .. D - 1: the slots that merge, then the slot they merge into
+        merge = live & (((carry[:, None] >> slot) & 1) == 1)
+        target = ((carry + 1)[:, None] >> (slot + 1)) == 1  # slot D - 1 (carry + 1 = 2**D)
+        fits = _step_fits(p, S, L)
+        zero = torch.zeros((), dtype=work, device=X.device)
+        held = torch.where(live[:, None, :, None, None], X, zero)  # empty slots are never read, NaN or not
+        moved = fenwick.delta.apply_transition(held, kh, bh, decay)
+        scales = torch.nn.functional.pad(lam[..., 1:], (0, max(0, S + 1 - L)))[..., :S]  # level l at slot l - 1
+        w = torch.where(live[:, None, :], scales, zero)
+        read = torch.einsum("nhs,nhd,nhsdv->nhv", w, qh, moved)
+        merged = torch.where(merge[:, None, :, None, None], moved, zero).sum(2) + write
+        new = torch.where(merge[:, None, :, None, None], zero, moved)
+        new = torch.where(target[:, None, :, None, None], merged[:, :, None], new)
+        X.copy_(torch.where(fits[:, None, None, None, None], new, X))
+        p.add_(fits.to(p.dtype))
         o = scale * (diag[..., None] * vh + read)
         o = torch.where(fits[:, None, None], o, torch.full((), float("nan"), dtype=work, device=o.device))
     return o[:, None].to(v.dtype)
-
-
-def _slot_step(state, qh, lam, transition, write):
-    """One decoding step on the slots of ``state`` (slot ``l - 1`` the level-``l`` bucket), in place,
-    of :func:`_torch_step`: the live slots (the set bits of each row's position) pass
-    through ``transition`` (the token's transition applied to each live state), the query ``qh
-    (B, H, Dk)`` reads them with the level scales ``lam[..., l]`` (``lam (B, H, L)``), the slots of
-    the position's trailing one-bits merge with the token's ``write (B, H, Dk, Dv)`` into slot
-    ``bit_length(p XOR (p + 1)) - 1`` and are cleared, and the rows whose step fits
-    (:func:`_step_fits`) move on; the others are left as they were.  Returns ``(read (B, H, Dv),
-    fits (B,))``."""
-    X, p = state.states, state.positions
-    S, L, work = X.shape[2], lam.shape[-1], X.dtype
-    slot = torch.arange(S, device=p.device)
-    live = ((p[:, None] >> slot) & 1) == 1  # (B, S): slot l - 1 holds level l
-    carry = p ^ (p + 1)  # bits 0 .. D - 1: the slots that merge, then the slot they merge into
-    merge = live & (((carry[:, None] >> slot) & 1) == 1)
-    target = ((carry + 1)[:, None] >> (slot + 1)) == 1  # slot D - 1 (carry + 1 = 2**D)
-    fits = _step_fits(p, S, L)
-    zero = torch.zeros((), dtype=work, device=X.device)
-    held = torch.where(live[:, None, :, None, None], X, zero)  # empty slots are never read, NaN or not
-    moved = transition(held)
-    scales = torch.nn.functional.pad(lam[..., 1:], (0, max(0, S + 1 - L)))[..., :S]  # level l at slot l - 1
-    w = torch.where(live[:, None, :], scales, zero)
-    read = torch.einsum("nhs,nhd,nhsdv->nhv", w, qh, moved)
-    merged = torch.where(merge[:, None, :, None, None], moved, zero).sum(2) + write
-    new = torch.where(merge[:, None, :, None, None], zero, moved)
-    new = torch.where(target[:, None, :, None, None], merged[:, :, None], new)
-    X.copy_(torch.where(fits[:, None, None, None, None], new, X))
-    p.add_(fits.to(p.dtype))
-    return read, fits
 
 
 def _step_fits(positions, num_slots, L):
