@@ -53,9 +53,7 @@ def to_numpy(x) -> np.ndarray:
     numpy lacks, becomes float32)."""
     if is_torch(x):
         x = x.detach()
-        if x.dtype.is_floating_point and x.dtype.itemsize == 2 and str(x.dtype) == "torch.bfloat16":
-            x = x.float()
-        return x.cpu().numpy()
+        return (x.float() if x.dtype is namespace(x).bfloat16 else x).cpu().numpy()
     return np.asarray(x)
 
 
