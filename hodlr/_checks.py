@@ -20,6 +20,7 @@ __all__ = [
     "describe",
     "library_of",
     "numpy_operand",
+    "over_columns",
     "operand_dtype_ok",
     "without_autocast",
 ]
@@ -60,6 +61,19 @@ def numpy_operand(name: str, x, owner: str, layout: str = "(T,), (T, D) or (...,
         raise TypeError(f"{name} must be a numpy array of shape {layout} (a {owner} computes with numpy), got "
                         f"{describe(x)}")
     return np.asarray(x)
+
+
+def over_columns(name: str, X: np.ndarray, T: int, product):
+    """``product`` (a map of ``(T, C)`` numpy arrays to ``(T, C)``) applied to ``X`` of shape ``(T,)``,
+    ``(T, D)`` or ``(..., T, D)``, the leading dims taken as more columns; the result in ``X``'s
+    shape.  ``name`` names ``X`` in the refusal of another length."""
+    if X.ndim == 0 or X.shape[-1 if X.ndim == 1 else -2] != T:
+        raise ValueError(f"{name} must have shape (T,), (T, D) or (..., T, D) with T={T}, got shape {X.shape}")
+    if X.ndim == 1:
+        return product(X[:, None])[:, 0]
+    lead, D = X.shape[:-2], X.shape[-1]
+    out = product(np.moveaxis(X, -2, 0).reshape(T, -1))
+    return np.moveaxis(out.reshape((T,) + lead + (D,)), 0, -2)
 
 
 def _refuse_masked(name: str, x, wanted: str) -> None:

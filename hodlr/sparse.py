@@ -114,14 +114,7 @@ class SparseMask:
     def _apply(self, X, name: str, low_rank):
         """``diag(diagonal) X + low_rank(X)`` over the columns of ``X`` (any leading dims)."""
         X = _checks.numpy_operand(name, X, "SparseMask")
-        if X.ndim == 0 or X.shape[-1 if X.ndim == 1 else -2] != self.T:
-            raise ValueError(f"{name} must have shape (T,), (T, D) or (..., T, D) with T={self.T}, got shape {X.shape}")
-        if X.ndim == 1:
-            return self._apply(X[:, None], name, low_rank)[:, 0]
-        lead, D = X.shape[:-2], X.shape[-1]
-        flat = np.moveaxis(X, -2, 0).reshape(self.T, -1)
-        out = self.diagonal[:, None] * flat + low_rank(flat)
-        return np.moveaxis(out.reshape((self.T,) + lead + (D,)), 0, -2)
+        return _checks.over_columns(name, X, self.T, lambda flat: self.diagonal[:, None] * flat + low_rank(flat))
 
     __matmul__ = matmul
     __array_ufunc__ = None  # (numpy arrays defer ``Y @ S`` to :meth:`__rmatmul__`)

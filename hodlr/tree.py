@@ -405,17 +405,15 @@ class HODLRMatrix:
 
         ``X`` of shape ``(T,)``, ``(T, D)`` or ``(..., T, D)`` (numpy); returns the same shape."""
         X = _checks.numpy_operand("X", X, "HODLRMatrix")
-        if X.ndim == 0 or X.shape[-1 if X.ndim == 1 else -2] != self._n:
-            raise ValueError(f"X must have shape (T,), (T, D) or (..., T, D) with T={self._n}, got shape {X.shape}")
-        if X.ndim > 2:  # the leading dims as columns
-            lead, D = X.shape[:-2], X.shape[-1]
-            out = self.matmul(np.moveaxis(X, -2, 0).reshape(self._n, -1))
-            return np.moveaxis(out.reshape((self._n,) + lead + (D,)), 0, -2)
+        return _checks.over_columns("X", X, self._n, self._product)
+
+    def _product(self, X: np.ndarray) -> np.ndarray:
+        """:meth:`matmul` of a checked ``(T, C)`` array, node by node."""
         if self.is_leaf:
             return self.leaf @ X
         n1 = self.A11.T
         x1, x2 = X[:n1], X[n1:]
-        return np.concatenate([self.A11.matmul(x1), self.A22.matmul(x2) + self.U @ (self.V.T @ x1)])
+        return np.concatenate([self.A11._product(x1), self.A22._product(x2) + self.U @ (self.V.T @ x1)])
 
     __matmul__ = matmul
 
