@@ -149,8 +149,9 @@ def attention(q, k, v, M, *, scale=None, backend: str = "auto"):
     backend : str, default ``"auto"``
         One of ``hodlr.backends.NAMES`` (every backend offers attention;
         :func:`hodlr.backend_info` says where each can run); ``"auto"`` picks by the rule in
-        :mod:`hodlr.backends`: ``triton`` for CUDA tensors, ``dense`` up to ``T = 256`` on the
-        CPU, then ``chunked`` for torch tensors and ``recursive`` for numpy arrays.
+        :mod:`hodlr.backends`: ``triton`` for CUDA tensors, ``dense`` on the CPU up to ``T = 256``
+        and ``2^22`` mask entries over the batch, then ``chunked`` for torch tensors and
+        ``recursive`` for numpy arrays.
 
     Returns
     -------
@@ -256,8 +257,8 @@ def gated_delta_attention(q, k, v, beta, M, *, scale=None, backend: str = "auto"
     backend : str, default ``"auto"``
         ``"dense"``, ``"fenwick"``, ``"chunked"`` or ``"triton"`` (the backends that offer it);
         ``"auto"`` picks by the rule in :mod:`hodlr.backends`: ``triton`` for CUDA tensors,
-        ``chunked`` for other torch tensors, ``fenwick`` for numpy arrays (``dense`` up to
-        ``T = 256`` on the CPU).
+        ``chunked`` for other torch tensors, ``fenwick`` for numpy arrays (``dense`` on the CPU up
+        to ``T = 256`` and ``2^22`` mask entries over the batch).
         Keys wider than 128 (``Dk > 128``), which the Triton kernels do not take, run
         ``chunked`` on a GPU under ``"auto"``.
         A log-decay above 0 (a gate that grows) is outside the chunk-wise backends' accuracy
