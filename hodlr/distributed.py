@@ -785,9 +785,8 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     try:  # a rank that refuses its arguments tells the others (no rank waits for it in a collective)
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-        scale, Nseq = ops._check_static(q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens,
-                                        scale)
-        output_final_state = bool(output_final_state)
+        scale, Nseq, output_final_state = ops._check_static(q, k, v, g, level_scales, initial_state,
+                                                            output_final_state, cu_seqlens, scale)
         if world > 1 and not registry.has_state(ops._resolve(backend, q.device, q.shape[1], True)):
             raise BackendUnavailableError(
                 f"backend {backend!r} has no recurrent state, which context parallelism needs; use one of "

@@ -50,7 +50,8 @@ def work_dtype(dtype) -> torch.dtype:
 def _check_static(q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens, scale,
                   state_name="initial_state"):
     """Every check that needs shapes, dtypes and devices only (no host read); returns
-    ``(scale, Nseq)``.  ``state_name``: the argument that holds ``initial_state`` (in messages)."""
+    ``(scale, Nseq, output_final_state)``, the last a Python bool (numpy's taken too).
+    ``state_name``: the argument that holds ``initial_state`` (in messages)."""
     _tensor("q", q, 4, "(B, T, Hqk, Dk)")
     _tensor("k", k, 4, "(B, T, Hqk, Dk)")
     _tensor("v", v, 4, "(B, T, H, Dv)")
@@ -79,7 +80,7 @@ def _check_static(q, k, v, g, level_scales, initial_state, output_final_state, c
             raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; they must match")
     named = {"q": q, "k": k, "v": v, "level_scales": level_scales, "g": g}
     _checks.check_same_home(named)
-    if not isinstance(output_final_state, (bool, np.bool_)):  # (callers pass bool(output_final_state) on)
+    if not isinstance(output_final_state, (bool, np.bool_)):
         raise TypeError(f"output_final_state must be a bool, got {_checks.describe(output_final_state)}")
     if scale is None:
         scale = Dk ** -0.5 if Dk else 1.0
@@ -100,7 +101,7 @@ def _check_static(q, k, v, g, level_scales, initial_state, output_final_state, c
                             f"{work_dtype(v.dtype)} state")
         if s.device != q.device:
             raise ValueError(f"{state_name} is on device {s.device} but q is on {q.device}")
-    return scale, Nseq
+    return scale, Nseq, bool(output_final_state)
 
 
 def check_cu_seqlens(cu_seqlens, x, name: str) -> int:
@@ -507,8 +508,8 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
     >>> bool(torch.allclose(torch.cat([o1, o2], 1), o)), state.positions.tolist()
     (True, [6, 6])
     """
-    scale, Nseq = _check_static(q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens, scale)
-    output_final_state = bool(output_final_state)
+    scale, Nseq, output_final_state = _check_static(q, k, v, g, level_scales, initial_state, output_final_state,
+                                                    cu_seqlens, scale)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, one of {('auto',) + registry.NAMES}, got {type(backend).__name__}")
     work = work_dtype(v.dtype)
@@ -590,7 +591,7 @@ def _check_step(name, q, k, v, g, level_scales, state, scale, validate, state_in
         checked = LogLinearState(state.states[:1].expand((N,) + tuple(state.states.shape[1:])),
                                  positions[:1].expand(N), validate=False)
         positions = positions.index_select(0, state_indices) if validate else None
-    scale, _ = _check_static(q, k, v, g, level_scales, checked, False, None, scale, "state")
+    scale, _, _ = _check_static(q, k, v, g, level_scales, checked, False, None, scale, "state")
     if q.shape[1] != 1:
         raise ValueError(f"{name} takes one token per sequence (T = 1), got q of shape {tuple(q.shape)}")
     if validate:
@@ -1059,8 +1060,8 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
     >>> bool(torch.allclose(torch.cat([o1, o2], 1), o)), state.positions.tolist()
     (True, [7, 7])
     """
-    scale, _ = _check_static(q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens, scale)
-    output_final_state = bool(output_final_state)
+    scale, _, output_final_state = _check_static(q, k, v, g, level_scales, initial_state, output_final_state,
+                                                 cu_seqlens, scale)
     _tensor("beta", beta, 3, "(B, T, H)")
     if tuple(beta.shape) != tuple(v.shape[:3]):
         raise ValueError(f"beta must have shape (B, T, H) = {tuple(v.shape[:3])}, got {tuple(beta.shape)}")
