@@ -53,7 +53,7 @@ from .arrays import as_like, check_int, check_scale, describe, is_torch, namespa
 from .index import num_slots
 from .scan import _broadcast, _check_full, _device, _StreamingState, _unbind, live_levels
 
-__all__ = ["GatedDeltaState", "gated_delta", "apply_transition"]
+__all__ = ["GatedDeltaState", "gated_delta", "apply_transition", "buckets_from_blocks"]
 
 
 def apply_transition(X, k, beta, alpha=None):
@@ -64,6 +64,39 @@ def apply_transition(X, k, beta, alpha=None):
         kX = namespace(X).einsum("...d,...ndv->...nv", k, X)
         X = X - (beta[..., None] * k)[..., None, :, None] * kX[..., None, :]
     return X if alpha is None else X * alpha[..., None, None, None]
+
+
+def buckets_from_blocks(p: int, c: int, slots: int, block_state, block_transition, partial=None) -> list:
+    """The bucket states of position ``p`` (slot ``l - 1`` holds level ``l``) assembled from an
+    aligned block hierarchy over chunks of ``2^c`` tokens: a list of ``slots`` states, None for
+    the empty buckets.
+
+    The buckets of levels ``l > c`` are whole aligned blocks: for each set bit ``h`` of the chunk
+    index ``J = p >> c``, block ``(J >> h) - 1`` of level ``h`` (``2^h`` chunks), whose state
+    ``block_state(h, m)`` is taken at the block's end and moved to ``p`` across the later blocks
+    (those of the lower set bits, ``block_transition(h, m)``, and the partial chunk).  The buckets
+    of levels ``l <= c`` lie inside ``p``'s own chunk, which holds ``p % 2^c`` tokens: ``partial``
+    is None when it holds none, else ``(bucket, transition)`` with ``bucket(l, start)`` the state
+    at ``p`` of the bucket that starts at ``start`` and ``transition`` that chunk's.  A transition
+    is asked for only where something earlier must cross its block."""
+    out = [None] * slots
+    moved = None  # the product of the transitions of everything after the block in hand
+    if partial is not None:
+        bucket, moved = partial
+        for level in range(1, c + 1):
+            if (p >> (level - 1)) & 1:
+                out[level - 1] = bucket(level, (p >> level) << level)
+    J = p >> c
+    for h in range(J.bit_length()):
+        if not (J >> h) & 1:
+            continue
+        m = (J >> h) - 1
+        S = block_state(h, m)
+        out[c + h] = S if moved is None else moved @ S
+        if J >> (h + 1):  # an earlier block is still to come: it crosses this one
+            Tb = block_transition(h, m)
+            moved = Tb if moved is None else moved @ Tb
+    return out
 
 
 class GatedDeltaState(_StreamingState):

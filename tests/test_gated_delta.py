@@ -24,7 +24,7 @@ from hodlr.backends import chunked, dense, fenwick as fenwick_backend
 from hodlr.errors import BackendUnavailableError
 from hodlr.fenwick import level, read_levels
 from hodlr.fenwick.delta import GatedDeltaState, gated_delta
-from hodlr.testing import (TOLERANCES, assert_close, attention_inputs, batch_shapes, gated_delta_inputs, masks,
+from hodlr.testing import (TOLERANCES, assert_close, batch_shapes, gated_delta_inputs, masks,
                            poison_unread, st_lengths)
 
 TOL = TOLERANCES["cpu_float64"]
@@ -527,16 +527,20 @@ def test_step_refuses_or_skips_an_overflowing_row(rng):
 
 
 def test_auto_backend_of_the_rule():
-    """``auto`` is ``chunked`` on the CPU (and for calls with state anywhere); ``triton`` only for
-    stateless calls on a CUDA device with keys the kernels take (``Dk <= 128``)."""
+    """``auto`` is ``chunked`` on the CPU (and for calls with state anywhere, prefills without a
+    gradient aside); ``triton`` only for stateless calls and prefills on a CUDA device with keys the
+    kernels take (``Dk <= 128``)."""
     from hodlr import ops
 
-    for stateful in (False, True):
-        assert ops._resolve_gated_delta("auto", torch.device("cpu"), stateful, 64).__name__.endswith(".chunked")
+    for stateful, prefill in ((False, False), (True, False), (True, True)):
+        assert ops._resolve_gated_delta("auto", torch.device("cpu"), stateful, 64,
+                                        prefill).__name__.endswith(".chunked")
     if torch.cuda.is_available():
         assert ops._resolve_gated_delta("auto", torch.device("cuda"), False, 64).__name__.endswith(".triton")
         assert ops._resolve_gated_delta("auto", torch.device("cuda"), False, 256).__name__.endswith(".chunked")
         assert ops._resolve_gated_delta("auto", torch.device("cuda"), True, 64).__name__.endswith(".chunked")
+        assert ops._resolve_gated_delta("auto", torch.device("cuda"), True, 64, True).__name__.endswith(".triton")
+        assert ops._resolve_gated_delta("auto", torch.device("cuda"), True, 256, True).__name__.endswith(".chunked")
 
 
 def test_state_refuses_a_non_finite_beta_and_hands_out_copies():

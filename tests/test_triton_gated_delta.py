@@ -26,6 +26,7 @@ import triton.language as tl
 from hypothesis import given, settings, strategies as st
 
 import hodlr
+from hodlr.errors import BackendUnavailableError
 from hodlr import fenwick, kernels
 from hodlr.backends import chunked
 from hodlr.testing import (TOLERANCES, assert_close, batch_shapes, poison_unread, relative_error, scaled_error,
@@ -34,7 +35,7 @@ from hodlr.kernels._device import dot, round_tf32, split_dot
 from hodlr.kernels._layout import hierarchy_sizes
 from hodlr.kernels.gated_delta import MAX_DK, unit_lower_inverse
 
-from test_gated_delta import gdn_inputs
+from test_gated_delta import _op_inputs, gdn_inputs
 from test_ops import assert_elementwise
 
 INTERP = kernels.interpreting()
@@ -178,6 +179,105 @@ def test_public_api_and_no_decay(rng):
     got = hodlr.gated_delta_attention(q.float(), k.float(), v.float(), beta.float(), M32, backend="triton")
     assert got.dtype == torch.float32
     assert_close(got, want, TOL[torch.float32], "float32")
+
+
+PREFILL_LENGTHS = [1, 2, 3, 31, 32, 33, 63, 64, 65, 96, 127, 128, 129, 200]
+"""Around the default chunk (32) and its powers of two: a last chunk partial or whole, hierarchies
+whose final buckets need a level the forward does not store (64, 128) and transitions it forms
+only below its top level."""
+
+
+def _rule(args, dtype, **kw):
+    return hodlr.log_linear_gated_delta_rule(*(None if x is None else x.to(DEVICE, dtype) for x in args), **kw)
+
+
+@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("decay", [True, False])
+def test_prefill_final_state_equals_chunked(dtype, decay):
+    """``backend="triton"`` with ``output_final_state`` and no gradient (a prefill) returns the
+    outputs and the bucket states of the float64 ``chunked`` backend (grouped heads, never-read
+    scales poisoned), and decoding continues from them as from one call."""
+    rng = np.random.default_rng(11)
+    for T in PREFILL_LENGTHS:
+        q, k, v, g, beta, lam = _op_inputs(rng, 2, T + 3, 2, 5, 3, Hqk=1)
+        g = g if decay else None
+        head = [None if x is None else x[:, :T] for x in (q, k, v, g, beta, lam)]
+        with torch.no_grad():
+            o, state = _rule(head, dtype, output_final_state=True, backend="triton")
+        want_o, want = hodlr.log_linear_gated_delta_rule(*head, output_final_state=True, backend="chunked")
+        assert state.states.dtype == dtype and state.positions.tolist() == [T, T]
+        assert state.states.shape == want.states.shape, T
+        assert_close(o, want_o, TOL[dtype], f"outputs at T={T}")
+        assert_close(state.states, want.states, TOL[dtype], f"final bucket states at T={T}")
+        tail = [None if x is None else x[:, T:] for x in (q, k, v, g, beta, lam)]
+        o_rest, _ = _rule(tail, dtype, initial_state=state, backend="chunked")
+        whole, _ = hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam, backend="chunked")
+        assert_close(torch.cat([o, o_rest], 1), whole, TOL[dtype], f"prefill + continuation at T={T}")
+
+
+@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+def test_prefill_of_packed_sequences_equals_chunked():
+    """Packed sequences (some empty, some shorter than a chunk, one over several) each get their own
+    final state."""
+    rng = np.random.default_rng(12)
+    lengths = [0, 5, 70, 1, 32]
+    T = sum(lengths)
+    q, k, v, g, beta, lam = _op_inputs(rng, 1, T, 2, 4, 3, poison=False)
+    lam = torch.as_tensor(poison_unread(lam.transpose(1, 2).numpy(), [0] * len(lengths), lengths)).transpose(1, 2)
+    cu = torch.as_tensor(np.cumsum([0] + lengths))
+    with torch.no_grad():
+        o, state = hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam, output_final_state=True, cu_seqlens=cu,
+                                                     backend="triton")
+    want_o, want = hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam, output_final_state=True, cu_seqlens=cu,
+                                                     backend="chunked")
+    assert_close(o, want_o, TOL[torch.float64], "outputs")
+    assert_close(state.states, want.states, TOL[torch.float64], "final states")
+    assert state.positions.tolist() == lengths
+
+
+def test_prefill_only_without_gradient_or_initial_state():
+    """The triton backend keeps no Gated DeltaNet state: an initial state, or a final state with a
+    gradient wanted, is refused with the backends that take it (``auto`` runs those)."""
+    rng = np.random.default_rng(13)
+    args = [x.to(DEVICE) for x in _op_inputs(rng, 1, 20, 1, 3, 3, L_extra=1)]
+    with torch.no_grad():
+        _, state = hodlr.log_linear_gated_delta_rule(*args, output_final_state=True, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="only for a prefill .*use one of fenwick, chunked"):
+        hodlr.log_linear_gated_delta_rule(*args, initial_state=state, backend="triton")
+    leaf = args[2].clone().requires_grad_(True)
+    with pytest.raises(BackendUnavailableError, match="no gradient wanted"):
+        hodlr.log_linear_gated_delta_rule(args[0], args[1], leaf, *args[3:], output_final_state=True,
+                                          backend="triton")
+    o, grad_state = hodlr.log_linear_gated_delta_rule(args[0], args[1], leaf, *args[3:], output_final_state=True)
+    assert o.requires_grad and grad_state.states.requires_grad, "auto: chunked, differentiable"
+    assert_close(grad_state.states.detach(), state.states, TOL[torch.float64] if INTERP else 1e-5, "same state")
+
+
+@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+def test_compiled_prefill_differentiates_through_chunked():
+    """Compiled, the operator's forward runs without autograd, so a call with a final state and no
+    initial one is the triton prefill even where a gradient is wanted; its backward recomputes with
+    ``chunked`` (triton keeps no state), so outputs, final states and gradients equal eager
+    ``chunked``'s."""
+    rng = np.random.default_rng(14)
+    args = list(_op_inputs(rng, 2, 37, 2, 3, 2))
+
+    def run(backend, *xs):
+        o, state = hodlr.log_linear_gated_delta_rule(*xs, output_final_state=True, backend=backend)
+        return o, state.states
+
+    grads = []
+    for fn, backend in ((torch.compile(run, fullgraph=True, backend="aot_eager"), "triton"), (run, "chunked")):
+        xs = [x.clone().requires_grad_(True) for x in args]
+        o, states = fn(backend, *xs)
+        loss = (o * torch.linspace(-1, 1, o.numel()).reshape(o.shape)).sum() + states.square().sum()
+        grads.append((o.detach(), states.detach(), torch.autograd.grad(loss, xs)))
+    (o1, s1, g1), (o2, s2, g2) = grads
+    assert_close(o1, o2, TOL[torch.float64], "outputs")
+    assert_close(s1, s2, TOL[torch.float64], "final states")
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "level_scales"), g1, g2):
+        assert_close(torch.nan_to_num(a), torch.nan_to_num(b), TOL[torch.float64], f"d{name}")
 
 
 def test_wide_keys_are_refused():
@@ -802,6 +902,26 @@ def test_gradients_on_gpu(T, D, dtype):
     xs = [x.requires_grad_() for x in _gpu_problem(T, D, dtype, seed=T + D)]
     o = hodlr.log_linear_gated_delta_rule(*xs, scale=D ** -0.5)[0]
     _assert_near_chunked(o, xs, D, TOLERANCES["gpu_float32" if dtype == torch.float32 else "gpu_bfloat16"], seed=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T", [1, 63, 64, 1000, 4096, 4097])
+def test_prefill_on_gpu(T, dtype):
+    """A prefill (final state, no gradient) under ``auto`` runs the Triton forward (as ``triton`` by
+    name) and its outputs and final bucket states are within 1e-5 (float32) / 1e-2 (bfloat16) of the
+    float64 chunked backend's."""
+    xs = _gpu_problem(T, 64, dtype, seed=T)
+    with torch.no_grad():
+        o, state = hodlr.log_linear_gated_delta_rule(*xs, output_final_state=True)
+        o_named, state_named = hodlr.log_linear_gated_delta_rule(*xs, output_final_state=True, backend="triton")
+    assert torch.equal(o, o_named) and torch.equal(state.states, state_named.states), "auto is the Triton prefill"
+    ref_o, ref = hodlr.log_linear_gated_delta_rule(*(x.double() for x in xs), output_final_state=True,
+                                                   backend="chunked")
+    tol = TOLERANCES["gpu_float32" if dtype == torch.float32 else "gpu_bfloat16"]
+    assert state.states.dtype == torch.float32 and state.positions.tolist() == [T]
+    assert relative_error(o, ref_o) <= tol
+    assert relative_error(state.states, ref.states) <= tol, f"{relative_error(state.states, ref.states):.2e}"
 
 
 def _assert_near_chunked(o, xs, D, tol, seed):

@@ -51,6 +51,12 @@ a final state or ``cu_seqlens``.  A backend without it serves the calls with nei
     True where the module's ``gated_delta_attention`` takes the keywords ``state``, ``position``
     and ``final_state`` (``fenwick``, ``chunked``).
 
+``gated_delta_prefill(q, k, v, beta, level_scales, log_decay, scale) -> (o, states)`` (optional)
+    A backend without that state (``triton``) may still return the final bucket states of a call
+    from position 0 without gradient (``states (*batch, bit_length(T), Dk, Dv)``, as ``chunked``'s
+    ``final_state``): :func:`hodlr.log_linear_gated_delta_rule` runs such a prefill with it and
+    refuses the backend for other calls with state.
+
 ``CHECKS_MASK`` : bool (optional)
     True where the module's ``matmul``, ``attention`` and ``gated_delta_attention`` also take the
     keyword ``check``: a zeroed one-element int32 device tensor (or ``None``) that their kernels

@@ -702,34 +702,25 @@ def _final_states(ch, small, states, trans, offsets, slots):
     """The bucket states of ``p = a + T`` (see :func:`gated_delta_attention`)."""
     import torch
 
-    C, c, p, J = ch.C, ch.c, ch.p, ch.J
+    C, c, p = ch.C, ch.c, ch.p
     head = tuple(ch.U.shape[:-3])
     Dk, Dv = ch.U.shape[-2:]
-    out = [None] * slots
-    partial = p % C != 0
-    if partial:  # buckets of levels <= c lie in the last, partial chunk
+    partial = None
+    if p % C != 0:  # buckets of levels <= c lie in the last, partial chunk
         E, vl = ch.E[..., -1, :, :], ch.vc[..., -1, :, :]
-        rows = np.arange(C) + J * C
-        for lev in range(1, c + 1):
-            if not (p >> (lev - 1)) & 1:
-                continue
-            start = (p >> lev) << lev
-            inside = (rows >= start) & (rows < start + (1 << (lev - 1)))
+        rows = np.arange(C) + ch.J * C
+
+        def bucket(level, start):
+            inside = (rows >= start) & (rows < start + (1 << (level - 1)))
             S = E @ (torch.as_tensor(inside, dtype=vl.dtype, device=vl.device)[:, None] * vl)
             if ch.n == 1:
                 for _, s0, S0 in small:
-                    if start <= s0 < start + (1 << (lev - 1)):
+                    if start <= s0 < start + (1 << (level - 1)):
                         S = S + ch.trans[..., 0, :, :] @ S0
-            out[lev - 1] = S
-        acc = ch.trans[..., -1, :, :]
-    else:
-        acc = None
-    for h in range(J.bit_length()):
-        if not (J >> h) & 1:
-            continue
-        j = (J >> h) - 1 - offsets[h]
-        S, Tb = states[h][..., j, :, :], trans[h][..., j, :, :]
-        out[c + h] = S if acc is None else acc @ S
-        acc = Tb if acc is None else acc @ Tb
+            return S
+
+        partial = (bucket, ch.trans[..., -1, :, :])
+    out = fenwick.delta.buckets_from_blocks(p, c, slots, lambda h, m: states[h][..., m - offsets[h], :, :],
+                                            lambda h, m: trans[h][..., m - offsets[h], :, :], partial)
     zero = torch.zeros(head + (Dk, Dv), dtype=ch.U.dtype, device=ch.U.device)
     return torch.stack([zero if s is None else s for s in out], -3)

@@ -128,6 +128,71 @@ def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale, *, chec
     return kernels.gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale, check=check)
 
 
+def gated_delta_prefill(q, k, v, beta, level_scales, log_decay, scale):
+    """:func:`gated_delta_attention` from position 0 (no initial state, no gradient) that also
+    returns the Fenwick bucket states after its last token: ``(o, states)``, ``states
+    (*batch, bit_length(T), Dk, Dv)`` in the accumulator dtype (float32, float64 for float64
+    inputs), slot ``l - 1`` holding level ``l`` (the ``state`` of the ``chunked`` backend's
+    ``final_state``).  The forward's chunk hierarchy holds them: the buckets of levels above the
+    chunk are its blocks moved across the later ones (:func:`hodlr.fenwick.delta.buckets_from_blocks`),
+    those inside the last, partial chunk ``E (1_bucket ⊙ V)`` from that chunk's ``X``
+    (``E = (diag(d) K)ᵀ X diag(β)``, docs/mathematics.md §13).  For a bfloat16 call the blocks
+    come from the bfloat16 hierarchy that its outputs read (:data:`kernels.gated_delta.BF16_HIERARCHY`)."""
+    import torch
+
+    from hodlr import fenwick, kernels
+    from hodlr.kernels._layout import level_offsets
+
+    o, ch = kernels.gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale, return_chunks=True)
+    T, Dk, Dv = v.shape[-2], q.shape[-1], v.shape[-1]
+    batch = tuple(o.shape[:-2])
+    B = ch.X.shape[0]
+    work = ch.X.dtype
+    C, c = ch.C, ch.C.bit_length() - 1
+    offsets = level_offsets(ch.n)
+    top = len(offsets) - 2  # the highest stored level; its transitions are not formed (but level 0's are)
+    eye = torch.eye(Dk, dtype=work, device=o.device)
+
+    def state(h, m):
+        if h <= top:
+            return ch.states[:, offsets[h] + m].reshape(B, Dk, Dv).to(work)
+        return transition(h - 1, 2 * m + 1) @ state(h - 1, 2 * m) + state(h - 1, 2 * m + 1)
+
+    def transition(h, m):
+        if h == 0 or h < top:
+            R = ch.trans[:, offsets[h] + m].reshape(B, Dk, Dk).to(work)
+            gamma = 1.0 if ch.decays is None else ch.decays[:, offsets[h] + m, None, None]
+            return R + gamma * eye
+        return transition(h - 1, 2 * m + 1) @ transition(h - 1, 2 * m)
+
+    J = T >> c
+    partial = None
+    if T % C:  # the last chunk holds r = T - J C tokens: E = (diag(d) K)ᵀ X diag(β) over them
+        r = T - J * C
+        def last(x, tail):
+            """Rows ``J C ..`` of ``x (*b, T, *tail)`` over the call's batch: ``(B, r, *tail)`` in ``work``."""
+            x = x.narrow(x.dim() - 1 - tail, J * C, r)
+            return x.expand(batch + x.shape[x.dim() - 1 - tail:]).reshape((B,) + x.shape[x.dim() - 1 - tail:]).to(work)
+
+        K, V, b = last(k, 1), last(v, 1), last(beta, 0)
+        d = torch.ones((B, r), dtype=work, device=o.device)
+        if log_decay is not None:  # d_t = exp(g_{t+1} + ... + g_{r-1}), a sum of its own terms
+            g = last(log_decay, 0)
+            d = torch.exp(torch.nn.functional.pad(g[:, 1:].flip(1).cumsum(1).flip(1), (0, 1)))
+        E = (d[..., None] * K).transpose(1, 2) @ ch.X[:, ch.n - 1, :r, :r] * b[:, None, :]  # (B, Dk, r)
+        inside = torch.arange(r, device=o.device) + J * C
+
+        def bucket(level, start):
+            cols = ((inside >= start) & (inside < start + (1 << (level - 1)))).to(work)
+            return E @ (cols[:, None] * V)
+
+        partial = (bucket, transition(0, ch.n - 1))
+    out = fenwick.delta.buckets_from_blocks(T, c, fenwick.num_slots(T), state, transition, partial)
+    zero = torch.zeros((B, Dk, Dv), dtype=work, device=o.device)
+    final = torch.stack([zero if S is None else S for S in out], 1)
+    return o, final.reshape(batch + final.shape[1:])
+
+
 def gated_delta_keeping_chunks(q, k, v, beta, level_scales, log_decay, scale):
     """The forward of :func:`gated_delta_vjp` on its layout (``q, k (N, Hqk, T, Dk)``,
     ``v (N, H, T, Dv)``, ``beta, log_decay (N, H, T)``, ``level_scales (N, H, T, L)``), also returning
