@@ -662,28 +662,44 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
     (True, [5, 5])
     """
     scale = _check_step("log_linear_attn_step", q, k, v, g, level_scales, state, scale, validate, state_indices)
+    if q.shape[0] == 0:  # no sequence: nothing to step (level scales of any width)
+        _step_backend(backend, q, state, "attention")
+        return v.new_empty(v.shape)
+    return _step(q, k, v, g, None, level_scales, state, scale, state_indices, backend)
+
+
+def _step_backend(backend, q, state, op):
+    """``"triton"`` or ``"torch"``: what a decoding step with ``backend`` runs for ``q`` and
+    ``state``; ``auto`` is the kernel on a GPU for a float32 state (the kernel takes float64 under
+    the interpreter only)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, 'auto', 'triton' or 'torch', got {type(backend).__name__}")
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if q.shape[0] == 0:  # no sequence: nothing to step (level scales of any width)
-        return v.new_empty(v.shape)
-    if backend == "auto":  # (the kernel takes float64 under the interpreter only)
-        backend = "triton" if q.device.type == "cuda" and state.states.dtype != torch.float64 else "torch"
+    if backend == "auto":
+        return "triton" if q.device.type == "cuda" and state.states.dtype != torch.float64 else "torch"
     if backend == "triton":
-        registry.get("triton", "torch", q.device, op="attention")  # BackendUnavailableError saying why not
+        registry.get("triton", "torch", q.device, op=op)  # BackendUnavailableError saying why not
         from hodlr.kernels import interpreting
-        from hodlr.kernels.decode import decode_step
 
         if state.states.dtype == torch.float64 and not interpreting():
             raise TypeError("backend='triton' steps float32 states on the GPU (float64 only under TRITON_INTERPRET=1); "
                             "got a float64 state: use backend='torch' (or 'auto', which picks it)")
+    return backend
 
-        o = decode_step(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0],
-                        level_scales[:, 0], state.states, state.positions, scale, state_indices=state_indices)
+
+def _step(q, k, v, g, beta, level_scales, state, scale, state_indices, backend):
+    """Both decoding steps (checked arguments, ``B > 0``): the decode kernel or :func:`_torch_step`
+    (``beta`` None: log-linear attention's)."""
+    if _step_backend(backend, q, state, "attention" if beta is None else "gated_delta_attention") == "triton":
+        from hodlr.kernels.decode import decode_step
+
+        o = decode_step(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0], level_scales[:, 0], state.states,
+                        state.positions, scale, beta=None if beta is None else beta[:, 0],
+                        state_indices=state_indices)
         return o[:, None]
     with _rows_of(state, state_indices) as state:
-        return _torch_step(q, k, v, g, None, level_scales, state, scale)
+        return _torch_step(q, k, v, g, beta, level_scales, state, scale)
 
 
 @contextlib.contextmanager
@@ -1114,6 +1130,13 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
                                           cu_seqlens, output_final_state, final_slots, backend, keep)
     else:
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
+        if (T == 1 and initial_state is not None and cu_seqlens is None and q.device.type == "cuda"
+                and init.dtype != torch.float64 and backend == "auto"
+                and not _checks.wants_grad(q, k, v, g, beta, level_scales, init)):  # decoding: the decode kernel
+            state = initial_state.with_slots(max(S_in, fenwick.num_slots(end)))  # new tensors, stepped in place
+            o = log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, scale=scale, backend="triton",
+                                            validate=False)
+            return o, (state if output_final_state else None)
         o, states, positions = _gated_delta_forward(_bhtd(q), _bhtd(k), _bhtd(v), beta_, g_, lam, scale, init, pos,
                                                     cu_seqlens, output_final_state, max(S_in, fenwick.num_slots(end)),
                                                     backend)
@@ -1152,9 +1175,11 @@ def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=
         its slots) after the step.
     scale : float, optional
         Default ``Dk ** -0.5`` (as :func:`log_linear_gated_delta_rule`).
-    backend : {"auto", "torch"}, default ``"auto"``
-        ``torch``: torch operations on the state's slots (the only form: there is no Gated DeltaNet
-        decode kernel; the argument mirrors :func:`log_linear_attn_step`'s).
+    backend : ``"auto"``, ``"triton"`` or ``"torch"``
+        As :func:`log_linear_attn_step`'s: ``triton`` the decode kernel
+        (``hodlr.kernels.decode.decode_step`` with ``beta``: one launch, each state tile read and
+        written once), ``torch`` torch operations on the state's slots; ``auto`` picks ``triton`` on
+        a GPU, ``torch`` for a float64 state and on the CPU.
     validate : bool, default True
         Read the positions on the host and refuse a step that would overflow the state's slots or
         read past ``level_scales``.  Pass False inside CUDA-graph capture; a row whose step would
@@ -1185,16 +1210,11 @@ def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=
     """
     scale = _check_step("log_linear_gated_delta_step", q, k, v, g, level_scales, state, scale, validate,
                         state_indices)
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, 'auto' or 'torch', got {type(backend).__name__}")
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend must be 'auto' or 'torch' (the Gated DeltaNet step has no decode kernel), "
-                         f"got {backend!r}")
     _tensor("beta", beta, 3, "(B, 1, H)")
     if tuple(beta.shape) != tuple(v.shape[:3]):
         raise ValueError(f"beta must have shape (B, 1, H) = {tuple(v.shape[:3])}, got {tuple(beta.shape)}")
     _checks.check_same_home({"q": q, "beta": beta})
     if q.shape[0] == 0:  # no sequence: nothing to step (level scales of any width)
+        _step_backend(backend, q, state, "gated_delta_attention")
         return v.new_empty(v.shape)
-    with _rows_of(state, state_indices) as state:
-        return _torch_step(q, k, v, g, beta, level_scales, state, scale)
+    return _step(q, k, v, g, beta, level_scales, state, scale, state_indices, backend)

@@ -1,4 +1,5 @@
-"""One decoding step of log-linear attention for a batch of sequences, each at its own position.
+"""One decoding step of log-linear attention or log-linear Gated DeltaNet for a batch of sequences,
+each at its own position.
 
 The state is that of ``hodlr.LogLinearState`` (``docs/models.md``): ``states (N, H, S, Dk, Dv)``,
 slot ``l - 1`` the level-``l`` Fenwick bucket of ``positions[n]``, decayed to the last consumed token.
@@ -9,6 +10,11 @@ The token at position ``p`` reads every live slot (the set bits of ``p``) with i
 and the state moves to ``p + 1`` as a binary increment: with ``D = bit_length(p XOR (p + 1))`` (the
 trailing ones of ``p``, plus one), the slots ``l < D`` merge with the token into slot ``D``
 (``exp(g) Σ_{l<D} S_l + k vᵀ``) and become empty (0); the slots ``l > D`` are decayed by ``exp(g)``.
+
+Gated DeltaNet (a ``beta``) moves every live slot by ``A = exp(g) (I - β k kᵀ)`` instead of
+``exp(g)`` before it is read, merged or stored (``S - β k (kᵀ S)``: a program holds every key row
+of its value columns, so the product ``kᵀ S`` is its own), writes ``β k vᵀ`` and reads level 0 as
+``λ[0] β (q · k) v`` (``docs/mathematics.md`` §13, the recurrent form).
 
 Two launches, no host synchronisation (capturable in a CUDA graph): ``_step_kernel``, grid
 ``(N·H, Dv-tiles)``, reads ``positions`` and updates ``states`` in place; ``_advance_kernel``
@@ -41,11 +47,12 @@ def _fits(p, S, L):
 
 
 @triton.jit
-def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, l_ptr, s_ptr, pos_ptr, o_ptr, idx_ptr,
+def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, l_ptr, s_ptr, pos_ptr, o_ptr, idx_ptr,
                  H, GROUP, L, DK, DV, scale,
-                 sqn, sqh, sqd, skn, skh, skd, svn, svh, svd, sgn, sgh, sln, slh, sll, spn, ssn, ssh, sss, ssk, ssv,
-                 S: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr,
-                 HAS_IDX: tl.constexpr):
+                 sqn, sqh, sqd, skn, skh, skd, svn, svh, svd, sgn, sgh, sbn, sbh, sln, slh, sll, spn,
+                 ssn, ssh, sss, ssk, ssv,
+                 S: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr, DELTA: tl.constexpr,
+                 ACC: tl.constexpr, HAS_IDX: tl.constexpr):
     nh = tl.program_id(0).to(tl.int64)
     n = nh // H
     h = nh % H
@@ -70,6 +77,10 @@ def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, l_ptr, s_ptr, pos_ptr, o_ptr, idx_p
             e = tl.where(p > 0, tl.exp(tl.load(g_ptr + n * sgn + h * sgh).to(ACC)), 1.0)
         else:
             e = 1.0
+        if DELTA:
+            beta = tl.load(b_ptr + n * sbn + h * sbh).to(ACC)
+        else:
+            beta = 1.0
         carry = p ^ (p + 1)  # bits 0 .. D-1 set: the slots that merge, and slot D itself
         read = tl.zeros((BDV,), dtype=ACC)
         merged = tl.zeros((BDK, BDV), dtype=ACC)
@@ -78,15 +89,17 @@ def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, l_ptr, s_ptr, pos_ptr, o_ptr, idx_p
             if ((p >> i) & 1) == 1:
                 ptrs = base + i * sss
                 Sl = tl.load(ptrs, mask=tile, other=0.0).to(ACC)
+                if DELTA:  # A S = exp(g) (S - β k (kᵀ S)): the correction here, exp(g) with the others
+                    Sl = Sl - (beta * k)[:, None] * tl.sum(k[:, None] * Sl, 0)[None, :]
                 read += tl.load(lam_row + (i + 1) * sll).to(ACC) * tl.sum(q[:, None] * Sl, 0)
                 if ((carry >> i) & 1) == 1:
                     merged += Sl
                     tl.store(ptrs, tl.zeros((BDK, BDV), dtype=ACC), mask=tile)
-                elif HAS_G:
+                elif HAS_G or DELTA:
                     tl.store(ptrs, e * Sl, mask=tile)
         D = ((carry + 1).to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127  # carry + 1 = 2**D, exact
-        tl.store(base + (D - 1) * sss, e * merged + k[:, None] * v[None, :], mask=tile)
-        diag = tl.load(lam_row).to(ACC) * tl.sum(q * k, 0)
+        tl.store(base + (D - 1) * sss, e * merged + (beta * k)[:, None] * v[None, :], mask=tile)
+        diag = tl.load(lam_row).to(ACC) * beta * tl.sum(q * k, 0)
         tl.store(o_row, scale * (diag * v + e * read), mask=vmask)
     else:
         tl.store(o_row, tl.full((BDV,), float("nan"), ACC), mask=vmask)
@@ -104,7 +117,7 @@ def _advance_kernel(pos_ptr, idx_ptr, N, S, L, spn, BLOCK: tl.constexpr, HAS_IDX
     tl.store(pos_ptr + r * spn, p + _fits(p, S, L).to(p.dtype), mask=m)
 
 
-def decode_step(q, k, v, log_decay, level_scales, states, positions, scale: float = 1.0, *, out=None,
+def decode_step(q, k, v, log_decay, level_scales, states, positions, scale: float = 1.0, *, beta=None, out=None,
                 state_indices=None):
     """One token per sequence: returns ``o (N, H, Dv)``; ``states`` and ``positions`` updated in place.
 
@@ -122,6 +135,9 @@ def decode_step(q, k, v, log_decay, level_scales, states, positions, scale: floa
     positions : torch.Tensor, shape ``(R,)``, int64 (any stride: a column of a larger table),
         incremented in place.
     scale : float
+    beta : torch.Tensor, shape ``(N, H)``, optional
+        Gated DeltaNet's write strengths: the step of log-linear Gated DeltaNet (module docstring);
+        None: log-linear attention's.
     out : torch.Tensor, optional
         Contiguous ``(N, H, Dv)`` buffer with ``v``'s dtype (for CUDA graphs).
     state_indices : torch.Tensor, shape ``(N,)``, int64, optional
@@ -143,6 +159,8 @@ def decode_step(q, k, v, log_decay, level_scales, states, positions, scale: floa
                          f"got {tuple(level_scales.shape)}")
     if log_decay is not None and tuple(log_decay.shape) != (N, H):
         raise ValueError(f"log_decay must have shape (N, H) = ({N}, {H}), got {tuple(log_decay.shape)}")
+    if beta is not None and tuple(beta.shape) != (N, H):
+        raise ValueError(f"beta must have shape (N, H) = ({N}, {H}), got {tuple(beta.shape)}")
     R = N if state_indices is None else states.shape[0]
     if tuple(states.shape) != (R, H, S, DK, DV):
         raise ValueError(f"states must be a tensor of shape (N, H, S, Dk, Dv) = ({R}, {H}, S, {DK}, {DV}), "
@@ -170,12 +188,13 @@ def decode_step(q, k, v, log_decay, level_scales, states, positions, scale: floa
     BDV = max(MIN_BLOCK, min(64, next_power_of_2(DV), max(MIN_BLOCK, 4096 // BDK)))
     g = level_scales if log_decay is None else log_decay
     sg = (0, 0) if log_decay is None else (log_decay.stride(0), log_decay.stride(1))
+    sb = (0, 0) if beta is None else (beta.stride(0), beta.stride(1))
     _step_kernel[(N * H, cdiv(DV, BDV))](
-        q, k, v, g, level_scales, states, positions, out, positions if state_indices is None else state_indices,
-        H, H // Hqk, L, DK, DV, float(scale),
-        *q.stride(), *k.stride(), *v.stride(), *sg, *level_scales.stride(), positions.stride(0), *states.stride(),
-        S=S, BDK=BDK, BDV=BDV, HAS_G=log_decay is not None, ACC=acc, HAS_IDX=state_indices is not None,
-        num_warps=NUM_WARPS)
+        q, k, v, g, level_scales if beta is None else beta, level_scales, states, positions, out,
+        positions if state_indices is None else state_indices, H, H // Hqk, L, DK, DV, float(scale),
+        *q.stride(), *k.stride(), *v.stride(), *sg, *sb, *level_scales.stride(), positions.stride(0),
+        *states.stride(), S=S, BDK=BDK, BDV=BDV, HAS_G=log_decay is not None, DELTA=beta is not None, ACC=acc,
+        HAS_IDX=state_indices is not None, num_warps=NUM_WARPS)
     BLOCK = 256
     _advance_kernel[(cdiv(N, BLOCK),)](positions, positions if state_indices is None else state_indices, N, S, L,
                                        positions.stride(0), BLOCK=BLOCK, HAS_IDX=state_indices is not None)

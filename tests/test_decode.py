@@ -161,6 +161,23 @@ def test_op_with_one_token_matches_step():
     assert np.array_equal(after.positions.cpu().numpy(), [6, 13])
 
 
+def test_gated_delta_op_with_one_token_matches_step():
+    """``log_linear_gated_delta_rule`` with T == 1 and a state (on a GPU: the decode kernel) leaves the
+    given state alone and returns the stepped one."""
+    state = dev(gated_delta_cache([5, 12], H=2, Dk=2, Dv=2, seed=3))
+    q, k, v, g, beta, lam = (dev(x) for x in gated_delta_step_inputs(state, 7))
+    before = state.clone()
+    o, after = hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam, initial_state=state, output_final_state=True)
+    assert torch.equal(state.states.nan_to_num(), before.states.nan_to_num())
+    stepped = state.clone()
+    o2 = hodlr.log_linear_gated_delta_step(q, k, v, g, beta, lam, stepped, backend="triton")
+    live = ((stepped.positions[:, None] >> torch.arange(stepped.num_slots, device=DEVICE)) & 1).bool()
+    live = live[:, None, :, None, None]
+    assert relative_error(o, o2) <= TOL and relative_error(
+        torch.where(live, after.with_slots(stepped.num_slots).states, 0.0), torch.where(live, stepped.states, 0.0)) <= TOL
+    assert np.array_equal(after.positions.cpu().numpy(), [6, 13])
+
+
 @pytest.mark.skipif(not INTERP, reason="the smoke test runs the interpreter on the CPU")
 def test_bench_decode_gpu_step_smoke():
     """``hodlr bench-decode --gpu-step`` on the CPU (interpreter, tiny sizes): the code path runs
@@ -174,7 +191,7 @@ def test_bench_decode_gpu_step_smoke():
     assert "decode step" in bench_decode._report(res)
 
 
-@pytest.mark.parametrize("step", ["triton", "torch", "gated_delta"])
+@pytest.mark.parametrize("step", ["triton", "torch", "gated_delta_triton", "gated_delta_torch"])
 def test_first_step_ignores_the_log_decay_of_position_zero(step):
     """The log-decay of absolute position 0 multiplies no pair (the state is empty): a first step
     with g = inf gives what g = 0 gives, as the ops do."""
@@ -187,8 +204,8 @@ def test_first_step_ignores_the_log_decay_of_position_zero(step):
     for g in (torch.zeros(B, 1, H), torch.full((B, 1, H), float("inf"))):
         g = dev(g)
         state = hodlr.LogLinearState.zeros(B, H, D, D, slots=3, dtype=KERNEL_DT, device=DEVICE)
-        if step == "gated_delta":
-            o = hodlr.log_linear_gated_delta_step(q, k, v, g, beta, lam, state)
+        if step.startswith("gated_delta"):
+            o = hodlr.log_linear_gated_delta_step(q, k, v, g, beta, lam, state, backend=step.rsplit("_", 1)[1])
         else:
             o = hodlr.log_linear_attn_step(q, k, v, g, lam, state, backend=step)
         results.append((o, state.states))
@@ -208,7 +225,8 @@ def test_steps_of_no_sequence(L, validate):
     assert hodlr.log_linear_gated_delta_step(q, q, v, None, beta, lam, state, validate=validate).shape == (0, 1, 2, 3)
 
 
-@pytest.mark.parametrize("op, backend", [("attention", "triton"), ("attention", "torch"), ("gated_delta", None)])
+@pytest.mark.parametrize("op, backend", [("attention", "triton"), ("attention", "torch"), ("gated_delta", "triton"),
+                                         ("gated_delta", "torch")])
 def test_state_indices_step_rows_of_a_cache_in_place(op, backend):
     """``state_indices``: the inputs' rows step the named rows of a larger cache in place, as stepping
     those rows alone does, and leave the other rows as they were; repeated or out-of-range rows are
@@ -222,7 +240,7 @@ def test_state_indices_step_rows_of_a_cache_in_place(op, backend):
     def step(state, **kw):
         if op == "attention":
             return hodlr.log_linear_attn_step(q, k, v, g, lam, state, backend=backend, **kw)
-        return hodlr.log_linear_gated_delta_step(q, k, v, g, beta, lam, state, **kw)
+        return hodlr.log_linear_gated_delta_step(q, k, v, g, beta, lam, state, backend=backend, **kw)
 
     alone = cache.index_select(idx)
     want = step(alone)
@@ -247,9 +265,72 @@ def test_state_indices_step_rows_of_a_cache_in_place(op, backend):
         hodlr.log_linear_attn_step(None, None, None, None, None, cache.clone(), state_indices=idx)
 
 
+def gated_delta_cache(positions, H, Dk, Dv, seed, slots=None):
+    """A float64 CPU cache at ``positions`` holding random states in its live slots (every state
+    is one some prefix could leave: the step is linear in it) and NaN in the empty ones (never read)."""
+    gen = torch.Generator().manual_seed(seed)
+    size = {"max_position": max(positions) + 2} if slots is None else {"slots": slots}
+    state = hodlr.LogLinearState.zeros(len(positions), H, Dk, Dv, dtype=DT, **size)
+    state.positions[:] = torch.tensor(positions)
+    live = ((state.positions[:, None] >> torch.arange(state.num_slots)) & 1).bool()
+    X = torch.randn(state.states.shape, generator=gen, dtype=DT)
+    state.states.copy_(torch.where(live[:, None, :, None, None], X, float("nan")))
+    return state
+
+
+def gated_delta_step_inputs(state, seed, grouped=True):
+    """``(q, k, v, g, beta, lam)`` of one step from ``state`` (unit keys, the unread scales NaN)."""
+    q, k, v, g, lam = step_inputs(state, seed, grouped)
+    gen = torch.Generator().manual_seed(seed + 1)
+    beta = 2 * torch.rand(v.shape[:3], generator=gen, dtype=DT)
+    return q, torch.nn.functional.normalize(k, dim=-1), v, g, beta, lam
+
+
+@pytest.mark.parametrize("decay", [True, False])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_gated_delta_decode_kernel_equals_one_call(decay, grouped):
+    """The Gated DeltaNet decode kernel (``backend="triton"``) from mixed positions equals a one-token
+    call of the recurrence continuing from the same cache: outputs, states (NaN in the empty slots
+    never read) and positions, over three steps, and equals the torch step there."""
+    cache = gated_delta_cache(POSITIONS, H=2, Dk=3, Dv=5, seed=7)
+    a, b = dev(cache), dev(cache)
+    want_state = cache
+    for t in range(3):
+        q, k, v, g, beta, lam = gated_delta_step_inputs(want_state, 20 + t, grouped)
+        g = g if decay else None
+        want, want_state = hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam, initial_state=want_state,
+                                                             output_final_state=True, backend="fenwick", scale=0.7)
+        inputs = [dev(x) for x in (q, k, v, g, beta, lam)]
+        o1 = hodlr.log_linear_gated_delta_step(*inputs, a, backend="triton", scale=0.7)
+        o2 = hodlr.log_linear_gated_delta_step(*inputs, b, backend="torch", scale=0.7)
+        assert relative_error(o1.cpu(), want) <= TOL and relative_error(o2.cpu(), want) <= TOL
+        assert a.positions.tolist() == [p + t + 1 for p in POSITIONS]
+        live = ((a.positions.cpu()[:, None] >> torch.arange(a.num_slots)) & 1).bool()[:, None, :, None, None]
+        S = a.num_slots
+        got, want_s = (torch.where(live, x, 0.0) for x in (a.states.cpu(), want_state.states[:, :, :S].to(DT)))
+        assert relative_error(got, want_s) <= TOL
+
+
+def test_gated_delta_decode_kernel_leaves_rows_that_do_not_fit():
+    """Without validation a row whose step would leave the slots keeps its state and position and
+    gets NaN; the other rows step (the kernel as the torch step)."""
+    cache = gated_delta_cache([3, 1], H=1, Dk=2, Dv=2, seed=8, slots=2)  # 3 -> 4 needs 3 slots
+    inputs = [dev(x) for x in gated_delta_step_inputs(cache, 9)]
+    outs = []
+    for backend in ("triton", "torch"):
+        state = dev(cache)
+        before = state.clone()
+        o = hodlr.log_linear_gated_delta_step(*inputs, state, backend=backend, validate=False)
+        assert torch.isnan(o[0]).all() and torch.isfinite(o[1]).all()
+        assert state.positions.tolist() == [3, 2]
+        assert torch.equal(state.states[0].nan_to_num(), before.states[0].nan_to_num())
+        outs.append((o[1], state.states[1]))
+    assert relative_error(outs[0][0], outs[1][0]) <= TOL and relative_error(outs[0][1], outs[1][1]) <= TOL
+
+
 def test_gated_delta_step_takes_the_backend_argument_of_the_attention_step():
     """``log_linear_gated_delta_step`` takes ``backend=`` as ``log_linear_attn_step`` does: ``auto``
-    and ``torch`` are its one form, anything else is refused by name."""
+    is ``torch`` on the CPU, anything else is refused by name."""
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 1, 2, 4, generator=gen, dtype=torch.float64) for _ in range(3))
     g, beta = -torch.rand(2, 1, 2, generator=gen, dtype=torch.float64), torch.rand(2, 1, 2, dtype=torch.float64)
@@ -259,8 +340,7 @@ def test_gated_delta_step_takes_the_backend_argument_of_the_attention_step():
         cache = hodlr.LogLinearState.zeros(2, 2, 4, 4, max_position=4, dtype=torch.float64)
         outs.append(hodlr.log_linear_gated_delta_step(q, k, v, g, beta, lam, cache, backend=backend))
     assert torch.equal(outs[0], outs[1])
-    with pytest.raises(ValueError, match=r"backend must be 'auto' or 'torch' \(the Gated DeltaNet step has no decode "
-                                         r"kernel\), got 'triton'"):
-        hodlr.log_linear_gated_delta_step(q, k, v, g, beta, lam, cache, backend="triton")
-    with pytest.raises(TypeError, match="backend must be a string, 'auto' or 'torch', got int"):
+    with pytest.raises(ValueError, match=r"backend must be 'auto', 'triton' or 'torch', got 'fenwick'"):
+        hodlr.log_linear_gated_delta_step(q, k, v, g, beta, lam, cache, backend="fenwick")
+    with pytest.raises(TypeError, match="backend must be a string, 'auto', 'triton' or 'torch', got int"):
         hodlr.log_linear_gated_delta_step(q, k, v, g, beta, lam, cache, backend=1)
