@@ -33,6 +33,8 @@ Three measurements (figures and method in ``docs/fenwick.md``):
    widths (prefilled with one sequence and repeated along the batch) -- is timed beside it
    (eager: that path reads values on the host and cannot be captured).  ``--gpu-device cpu``
    runs the same code under ``TRITON_INTERPRET=1`` at small sizes (a smoke test; no timing value).
+   The log-linear Gated DeltaNet step (:func:`hodlr.log_linear_gated_delta_step`: the same kernel
+   with write strengths, the same bytes) is timed beside it, with its torch form.
 
 Run ``hodlr bench-decode`` or ``python -m hodlr.bench_decode`` (``--help`` for options);
 ``hodlr bench-decode --gpu-step --skip step memory matmul`` times only the GPU step.
@@ -339,19 +341,31 @@ def _bench_gpu_step(args):
         v = torch.randn(B, 1, H, D, generator=gen, device=device).to(dtype)
         g = -0.01 * torch.rand(B, 1, H, generator=gen, device=device)
         lam = torch.rand(B, 1, H, slots + 1, generator=gen, device=device)
+        beta = torch.rand(B, 1, H, generator=gen, device=device).to(dtype)
+        kn = torch.nn.functional.normalize(k.float(), dim=-1).to(dtype)
 
-        def step():
+        def step(backend="triton", gated=False):
             state.positions.copy_(start)
-            return hodlr.log_linear_attn_step(q, k, v, g, lam, state, backend="triton", validate=False)
+            if gated:
+                return hodlr.log_linear_gated_delta_step(q, kn, v, g, beta, lam, state, backend=backend,
+                                                         validate=False)
+            return hodlr.log_linear_attn_step(q, k, v, g, lam, state, backend=backend, validate=False)
 
         from hodlr.bench import graph_replay
 
-        replay = graph_replay(torch, step) if device.type == "cuda" else step
-        seconds = time_it(replay, args.gpu_replays if device.type == "cuda" else 2)
+        def seconds_of(fn):
+            replay = graph_replay(torch, fn) if device.type == "cuda" else fn
+            return time_it(replay, args.gpu_replays if device.type == "cuda" else 2)
+
+        seconds = seconds_of(step)
         nbytes = _step_bytes(p, B, H, D)
         row = {"position": p, "live_slots": bin(p).count("1"), "slots": slots, "us": seconds * 1e6,
                "state_bytes": nbytes, "bytes_per_s": nbytes / seconds,
                "fraction_of_copy": nbytes / seconds / out["copy_bytes_per_s"]}
+        # the Gated DeltaNet step (the same kernel with the write strengths) and its torch form
+        gated = seconds_of(lambda: step("triton", True))
+        row.update(gated_delta_us=gated * 1e6, gated_delta_fraction_of_copy=nbytes / gated / out["copy_bytes_per_s"],
+                   gated_delta_torch_us=seconds_of(lambda: step("torch", True)) * 1e6)
         if device.type == "cuda":
             try:
                 row["fla_us"] = _fla_step(torch, args, p, dtype, device, time_it) * 1e6
@@ -458,6 +472,9 @@ def _report_gpu_step(gs: dict) -> str:
             lines.append(f"  position {row['position']:>7} ({row['live_slots']} live slots): {row['us']:.1f} us, "
                          f"{row['state_bytes'] / 1e6:.1f} MB of states, {row['bytes_per_s'] / 1e12:.2f} TB/s = "
                          f"{100 * row['fraction_of_copy']:.1f}% of copy; {fla}")
+            lines.append(f"    Gated DeltaNet: {row['gated_delta_us']:.1f} us "
+                         f"({100 * row['gated_delta_fraction_of_copy']:.1f}% of copy), torch step "
+                         f"{row['gated_delta_torch_us']:.1f} us")
     return "\n".join(lines)
 
 

@@ -188,7 +188,8 @@ def test_bench_decode_gpu_step_smoke():
                             "--gpu-batch", "1", "--gpu-heads", "2", "--gpu-d", "16", "--gpu-positions", "3", "4"])
     rows = res["gpu_step"]
     assert rows["3"]["state_bytes"] == 5 * 2 * 16 * 16 * 4 and rows["4"]["live_slots"] == 1
-    assert "decode step" in bench_decode._report(res)
+    assert rows["3"]["gated_delta_us"] > 0 and rows["4"]["gated_delta_torch_us"] > 0
+    assert "decode step" in bench_decode._report(res) and "Gated DeltaNet" in bench_decode._report(res)
 
 
 @pytest.mark.parametrize("step", ["triton", "torch", "gated_delta_triton", "gated_delta_torch"])
