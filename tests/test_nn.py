@@ -697,6 +697,32 @@ def test_gpu_generation_equals_full_pass(cls):
 
 
 @pytest.mark.gpu
+def test_gpu_gated_delta_generation_runs_the_kernels(monkeypatch):
+    """Generation with a Gated DeltaNet layer on a GPU under ``torch.no_grad``: the prompt's prefill
+    is the Triton forward with its final state (``gated_delta_prefill``) and each token the decode
+    kernel (``decode_step`` with ``beta``); the outputs equal one pass (float32, 1e-4)."""
+    from hodlr.backends import triton as triton_backend
+    from hodlr.kernels import decode
+
+    calls = {"prefill": 0, "decode": 0}
+    for module, name, key in ((triton_backend, "gated_delta_prefill", "prefill"), (decode, "decode_step", "decode")):
+        original = getattr(module, name)
+
+        def counted(*args, _original=original, _key=key, **kw):
+            calls[_key] += 1
+            return _original(*args, **kw)
+
+        monkeypatch.setattr(module, name, counted)
+    layer = make(LogLinearGatedDeltaNet, num_levels=8).float().cuda()
+    x = inputs(3, 70, layer.hidden_size).float().cuda()
+    with torch.no_grad():
+        want, _ = layer(x)
+        got, _ = run_in_pieces(layer, x, list(range(60, 70)))
+    assert relative_error(got, want) <= 1e-4
+    assert calls == {"prefill": 1, "decode": 10}
+
+
+@pytest.mark.gpu
 def test_gpu_wide_gated_delta_heads_run_chunked():
     """Gated DeltaNet heads wider than the Triton kernels take (the default ``head_dim=256``): on a GPU
     ``backend="auto"`` trains them on ``chunked`` (the same outputs and gradients bit for bit), and
