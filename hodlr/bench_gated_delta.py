@@ -18,6 +18,11 @@ decay (where both compute plain Gated DeltaNet).
 ``--profile`` adds each row's forward and forward + backward split by kernel (``kernels_fwd``,
 ``kernels_fwdbwd``: ``torch.profiler``, ms a call).
 
+``--prefill`` adds ``prefill``: the call with ``output_final_state=True`` under ``torch.no_grad``
+(a generation's prompt: the Triton forward and the final bucket states read off its hierarchy),
+and ``prefill_chunked``, the same on the ``chunked`` backend (what runs where the Triton kernels
+take no state), with ``prefill_over_fwd``.
+
 ``--compile`` adds the same call compiled (``torch.compile(..., fullgraph=True)``: inductor on a
 GPU, ``aot_eager`` in a ``--device cpu`` smoke run), ``fwd_compiled`` and ``fwdbwd_compiled``,
 timed alternately with the eager call (``fwd`` and ``fwdbwd`` are then the medians of two
@@ -51,6 +56,8 @@ def _parser():
                             "are not kernel speed")
     p.set_defaults(lengths=None, widths=None, model_width=None, tokens=None)
     p.add_argument("--accuracy", type=positive_int, nargs="*", default=(), help="lengths of the accuracy check")
+    p.add_argument("--prefill", action="store_true",
+                   help="also time the call with output_final_state=True without gradient (triton and chunked)")
     p.add_argument("--compile", action="store_true",
                    help="also time the call under torch.compile(fullgraph=True), alternated with the eager call")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
@@ -86,7 +93,7 @@ def _inputs(torch, B, T, H, D, dtype, device, seed=0, levels=True):
     return q, k, v, g, beta, lam, do
 
 
-def _row(torch, bench, D, H, T, B, dtype, device, fla, profile=False, compiled=False):
+def _row(torch, bench, D, H, T, B, dtype, device, fla, profile=False, compiled=False, prefill=False):
     import statistics
 
     import hodlr
@@ -120,6 +127,15 @@ def _row(torch, bench, D, H, T, B, dtype, device, fla, profile=False, compiled=F
                 row[key] = statistics.median(row[key + "_runs"])
         if row.get("fwdbwd") and row.get("fwdbwd_compiled"):
             row["fwdbwd_compiled_over_fwdbwd"] = row["fwdbwd_compiled"] / row["fwdbwd"]
+    if prefill:
+        for key, name in (("prefill", backend), ("prefill_chunked", "chunked")):
+            def run_prefill(name=name):
+                with torch.no_grad():
+                    return hodlr.log_linear_gated_delta_rule(*inputs, scale=scale, backend=name,
+                                                             output_final_state=True)
+            _timed(row, key, lambda: bench(run_prefill))
+        if row.get("prefill") and row.get("fwd"):
+            row["prefill_over_fwd"] = row["prefill"] / row["fwd"]
     if profile:
         row["kernels_fwd"] = kernel_times(torch, fwd)
         row["kernels_fwdbwd"] = kernel_times(torch, fwdbwd)
@@ -187,7 +203,7 @@ def run(args) -> dict:
         H = max(1, args.model_width // D)
         for T in args.lengths:
             row = _row(torch, bench, D, H, T, max(1, args.tokens // T), torch.bfloat16, device, fla, args.profile,
-                       args.compile)
+                       args.compile, args.prefill)
             result["rows"].append(row)
             print(_format_row(row), flush=True)
             write(result, args.json, None, plot)
@@ -210,7 +226,9 @@ def _format_row(r) -> str:
             f"fwd+bwd {_fmt(r.get('fwdbwd'))} ms, ratio {_fmt(r.get('fwdbwd_over_fwd'), '.2f')} | fla GDN fwd "
             f"{_fmt(r.get('fla_fwd'))} fwd+bwd {_fmt(r.get('fla_fwdbwd'))} ms"
             f"{' (failed)' if 'fla_fwdbwd_error' in r else ''} | fwd / fla fwd {_fmt(r.get('fwd_over_fla_fwd'), '.2f')}"
-            + (f" | compiled fwd+bwd {_fmt(r.get('fwdbwd_compiled'))} ms" if "fwdbwd_compiled_runs" in r else ""))
+            + (f" | compiled fwd+bwd {_fmt(r.get('fwdbwd_compiled'))} ms" if "fwdbwd_compiled_runs" in r else "")
+            + (f" | prefill {_fmt(r.get('prefill'))} ms (chunked {_fmt(r.get('prefill_chunked'))})"
+               if "prefill" in r or "prefill_error" in r else ""))
 
 
 def plot(result, path) -> None:

@@ -411,18 +411,20 @@ def test_bench_cpu_prints_no_exponent_for_one_length(capsys, tmp_path):
 
 def test_bench_gated_delta_code_path_on_cpu(tmp_path):
     """``hodlr bench-gated-delta --device cpu`` (tiny sizes): the timing rows with their per-kernel
-    split and the compiled call beside the eager one, the accuracy row and the picture are written (the GPU run records the real figures)."""
+    split, the compiled call beside the eager one and the prefill, the accuracy row and the picture are written
+    (the GPU run records the real figures)."""
     pytest.importorskip("torch")
     pytest.importorskip("matplotlib")
     from hodlr import bench_gated_delta
 
     out, png = tmp_path / "gd.json", tmp_path / "gd.png"
     assert bench_gated_delta.main(["--device", "cpu", "-T", "9", "--widths", "8", "--model-width", "16",
-                                   "--tokens", "18", "--accuracy", "5", "--profile", "--compile", "--json", str(out),
-                                   "--png", str(png)]) == 0
+                                   "--tokens", "18", "--accuracy", "5", "--profile", "--compile", "--prefill", "--json",
+                                   str(out), "--png", str(png)]) == 0
     res = json.loads(out.read_text())
     (row,) = res["rows"]
     assert (row["D"], row["H"], row["T"], row["B"]) == (8, 2, 9, 2) and row["fwd"] > 0 and row["fwdbwd_over_fwd"] > 0
+    assert row["prefill"] > 0 and row["prefill_chunked"] > 0 and row["prefill_over_fwd"] > 0
     assert row["compiled_grads_equal"] is True and len(row["fwdbwd_compiled_runs"]) == 2
     assert row["fwd_compiled"] > 0 and row["fwdbwd_compiled_over_fwdbwd"] > 0
     for key in ("kernels_fwd", "kernels_fwdbwd"):
