@@ -830,6 +830,9 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
         return o, level_scales.new_zeros((0, H, final_slots, Dk, Dv)), torch.zeros(0, dtype=torch.int64,
                                                                                  device=q.device)
     seq_batch, offset, length, start = segments(N, T, cu_seqlens, init_positions)
+    if (cu_seqlens is not None and not stateful and np.count_nonzero(length) > 1
+            and getattr(module, "PACKED_AS_ONE_STREAM", False)):
+        return _as_one_stream(module, q, k, v, beta, g, level_scales, scale, offset, length), None, None
     if cu_seqlens is None:
         groups = [(np.nonzero(start == a)[0], slice(0, T), int(a)) for a in np.unique(start)]
     else:
@@ -869,6 +872,67 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
         return o, None, None
     states = _in_order(finals, start.size)
     return o, states, torch.as_tensor(start + length, dtype=torch.int64, device=q.device)
+
+
+def stream_layout(lengths):
+    """``(starts, T_s)``: where each of the sequences of ``lengths`` begins in one stream of
+    ``T_s`` positions in which each starts at a multiple of ``2^K``, ``2^K`` the least power of two
+    covering its length (the longest placed first, so the gaps stay below the next one's ``2^K``;
+    empty sequences get no room).  Inside such a block the levels between two of its tokens are
+    those of the sequence from position 0 (the higher bits, equal, cancel), and every pair with an
+    earlier token is at a level above ``K``: a token that reads only levels ``<= K`` sees its own
+    sequence, exactly as a call of its own."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = np.zeros(lengths.size, dtype=np.int64)
+    end = 0
+    for n in np.argsort(-lengths, kind="stable"):
+        if lengths[n] == 0:
+            continue
+        block = 1 << int(lengths[n] - 1).bit_length()
+        starts[n] = -(-end // block) * block
+        end = int(starts[n] + lengths[n])
+    return starts, end
+
+
+def _as_one_stream(module, q, k, v, beta, g, level_scales, scale, offset, length):
+    """Packed sequences without state (``q (1, Hqk, T, Dk)`` ... on the operator's layout) by one
+    call of ``module`` over the aligned stream of :func:`stream_layout`: the tokens gathered to
+    their stream positions (zeros between), each token's level scales above its sequence's ``K``
+    set to 0 (the levels that would reach an earlier sequence) and its sequence's first log-decay
+    to 0 (it multiplies no pair, as at position 0); the outputs gathered back.  One launch set
+    instead of one per sequence, on at most twice the tokens; differentiable (the gathers are)."""
+    T = q.shape[2]
+    starts, Ts = stream_layout(length)
+    dev = q.device
+    seq = np.repeat(np.arange(length.size), length)  # the sequence of each packed row
+    rel = np.arange(T) - np.repeat(offset, length)
+    dst = starts[seq] + rel  # the stream position of each packed row
+    src = np.full(Ts, T, dtype=np.int64)  # the packed row of each stream position (T: a zero row)
+    src[dst] = np.arange(T)
+    K = np.full(Ts, -1, dtype=np.int64)  # the highest level each stream row keeps
+    K[dst] = np.array([int(n - 1).bit_length() for n in length], dtype=np.int64)[seq]
+    first = np.zeros(Ts, dtype=bool)
+    first[dst[rel == 0]] = True
+    src_t, dst_t = torch.as_tensor(src, device=dev), torch.as_tensor(dst, device=dev)
+
+    def gather(x):
+        if x is None:
+            return None
+        zero = x.new_zeros(x.shape[:2] + (1,) + x.shape[3:])
+        return torch.cat([x, zero], 2).index_select(2, src_t)
+
+    L = fenwick.num_levels(Ts)
+    lam = gather(level_scales[..., :L])
+    lam = torch.nn.functional.pad(lam, (0, L - lam.shape[-1]))
+    keep = torch.as_tensor(np.arange(L)[None, :] <= K[:, None], device=dev)
+    lam = torch.where(keep, lam, torch.zeros((), dtype=lam.dtype, device=dev))
+    gs = gather(g)
+    if gs is not None:
+        gs = torch.where(torch.as_tensor(first, device=dev), torch.zeros((), dtype=gs.dtype, device=dev), gs)
+    Hqk, grp = q.shape[1], v.shape[1] // q.shape[1]
+    q5, k5, v5, lam5, g5 = registry.grouped_heads(gather(q), gather(k), gather(v), lam, gs)
+    o = module.gated_delta_attention(q5, k5, v5, gather(beta).unflatten(1, (Hqk, grp)), lam5, g5, scale)
+    return o.flatten(1, 2).index_select(2, dst_t)
 
 
 def _pick(x, rows, sl=slice(None)):

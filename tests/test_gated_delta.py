@@ -386,6 +386,53 @@ def test_op_packed_sequences_equal_the_loop(backend, rng):
         assert_close(a_, b_, GTOL, f"d/d{name}")
 
 
+@pytest.mark.parametrize("backend", ["chunked", "fenwick"])
+def test_op_packed_sequences_without_state_in_one_call(backend, rng, monkeypatch):
+    """Packed sequences without state equal the loop of single-sequence calls (outputs and every
+    gradient, never-read scales poisoned, gradients 0 there); on ``chunked`` (and ``triton``, whose
+    backends declare ``PACKED_AS_ONE_STREAM``) they are one backend call over the aligned stream of
+    ``hodlr.ops.stream_layout``, on ``fenwick`` one call each."""
+    from hodlr import ops
+
+    lengths = [5, 0, 17, 1, 40, 33, 2, 64]
+    T, H, Dk, Dv = sum(lengths), 2, 3, 2
+    q, k, v, g, beta, _ = _op_inputs(rng, 1, T, H, Dk, Dv, Hqk=1)
+    g[0, [0, 22, 23]] = 50.0  # first tokens of sequences: their log-decays multiply no pair
+    lam = rng.uniform(0.2, 1.5, (1, H, T, hodlr.num_levels(64) + 1))
+    lam = torch.as_tensor(poison_unread(lam, [0] * len(lengths), lengths)).transpose(1, 2)
+    cu = torch.as_tensor(np.concatenate([[0], np.cumsum(lengths)]))
+    w = torch.randn(1, T, H, Dv, dtype=torch.float64)
+    module = hodlr.backends.load(backend)
+    calls = []
+    original = module.gated_delta_attention
+    monkeypatch.setattr(module, "gated_delta_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+
+    def packed(q, k, v, g, beta, lam):
+        return hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam, cu_seqlens=cu, backend=backend)[0]
+
+    def looped(q, k, v, g, beta, lam):
+        outs = [hodlr.log_linear_gated_delta_rule(*(x[:, int(cu[n]):int(cu[n + 1])] for x in (q, k, v, g, beta, lam)),
+                                                  backend=backend)[0] for n in range(len(lengths))]
+        return torch.cat(outs, 1)
+
+    results = []
+    for fn in (packed, looped):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, beta, lam)]
+        calls.clear()
+        o = fn(*leaves)
+        results.append((o, torch.autograd.grad((o * w).sum(), leaves), len(calls)))
+    (o1, g1, n1), (o2, g2, n2) = results
+    assert n1 == (1 if backend == "chunked" else len(lengths) - 1) and n2 == len(lengths) - 1  # none for the empty one
+    assert_close(o1, o2, TOL, "outputs")
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "level_scales"), g1, g2):
+        assert_close(torch.nan_to_num(a), torch.nan_to_num(b), TOL, f"d{name}")
+    assert not torch.isnan(g1[5]).any(), "never-read scales get gradient 0"
+    for lengths, want in (([5, 0, 17, 1], ([24, 0, 0, 29], 30)), ([3, 3, 3], ([0, 4, 8], 11)), ([1], ([0], 1)),
+                          ([0, 0], ([0, 0], 0)), ([64, 65, 1], ([128, 0, 192], 193))):
+        starts, end = ops.stream_layout(lengths)
+        assert (starts.tolist(), end) == want, lengths
+
+
 def test_op_split_at_random_points_matches_one_call(rng):
     """Through the op with the default chunk, states at positions 0, 1, non-multiples of 64."""
     B, T, H = 2, 150, 2

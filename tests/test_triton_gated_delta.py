@@ -255,6 +255,39 @@ def test_prefill_only_without_gradient_or_initial_state():
 
 
 @pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+def test_packed_sequences_run_as_one_call(monkeypatch):
+    """Packed sequences without state on ``triton`` are one forward and one backward over the aligned
+    stream: outputs and gradients equal the float64 ``chunked`` backend's per-sequence calls."""
+    from hodlr.kernels import autograd as kernel_autograd
+
+    rng = np.random.default_rng(15)
+    lengths = [40, 3, 0, 70, 1, 17]
+    T = sum(lengths)
+    q, k, v, g, beta, lam = _op_inputs(rng, 1, T, 2, 3, 2, poison=False)
+    lam = torch.as_tensor(poison_unread(lam.transpose(1, 2).numpy(), [0] * len(lengths), lengths)).transpose(1, 2)
+    cu = torch.as_tensor(np.cumsum([0] + lengths))
+    w = torch.randn(1, T, 2, 2, dtype=torch.float64)
+    calls = []
+    original = kernel_autograd.gated_delta
+    monkeypatch.setattr(kernel_autograd, "gated_delta", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    monkeypatch.setattr(kernels, "gated_delta", kernel_autograd.gated_delta)
+    results = []
+    for backend in ("triton", "chunked"):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, beta, lam)]
+        if backend == "triton":
+            o = hodlr.log_linear_gated_delta_rule(*leaves, cu_seqlens=cu, backend="triton")[0]
+        else:
+            o = torch.cat([hodlr.log_linear_gated_delta_rule(*(x[:, int(cu[n]):int(cu[n + 1])] for x in leaves),
+                                                             backend="chunked")[0] for n in range(len(lengths))], 1)
+        results.append((o, torch.autograd.grad((o * w).sum(), leaves)))
+    assert len(calls) == 1
+    (o1, g1), (o2, g2) = results
+    assert_close(o1, o2, TOL[torch.float64], "outputs")
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "level_scales"), g1, g2):
+        assert_close(torch.nan_to_num(a), torch.nan_to_num(b), TOL[torch.float64], f"d{name}")
+
+
+@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
 def test_compiled_prefill_differentiates_through_chunked():
     """Compiled, the operator's forward runs without autograd, so a call with a final state and no
     initial one is the triton prefill even where a gradient is wanted; its backward recomputes with

@@ -40,6 +40,10 @@ from hodlr._formulas import decay_matrix
 GATED_DELTA_STATE = True
 """``gated_delta_attention`` takes ``state``, ``position`` and ``final_state`` (:mod:`hodlr.backends`)."""
 
+PACKED_AS_ONE_STREAM = True
+"""Its ``gated_delta_attention`` costs about linearly in ``T``: :func:`hodlr.log_linear_gated_delta_rule`
+runs packed sequences without state as one call over an aligned stream (``hodlr.ops.stream_layout``)."""
+
 DESCRIPTION = "chunked form (dense C x C blocks + Fenwick scan over chunk states), the Triton kernels' algorithm; torch (numpy converted), autograd"
 
 DEFAULT_CHUNK = 64

@@ -28,6 +28,10 @@ READS_16_BIT_MASKS = True
 USES_KERNELS = True
 """Its computations are :mod:`hodlr.kernels`' (work beside a call, e.g. :mod:`hodlr.distributed`'s bucket states, uses them too)."""
 
+PACKED_AS_ONE_STREAM = True
+"""Its ``gated_delta_attention`` costs about linearly in ``T``: :func:`hodlr.log_linear_gated_delta_rule`
+runs packed sequences without state as one call over an aligned stream (``hodlr.ops.stream_layout``)."""
+
 DESCRIPTION = "chunked Triton kernels (dense C x C blocks + Fenwick scan over chunk states), forward and backward; CUDA, or CPU under TRITON_INTERPRET=1"
 
 
