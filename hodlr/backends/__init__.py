@@ -51,6 +51,11 @@ a final state or ``cu_seqlens``.  A backend without it serves the calls with nei
     True where the module's ``gated_delta_attention`` takes the keywords ``state``, ``position``
     and ``final_state`` (``fenwick``, ``chunked``).
 
+``PACKED_AS_ONE_STREAM`` : bool (optional)
+    True where the module's ``gated_delta_attention`` costs about linearly in ``T`` (``chunked``,
+    ``triton``): :func:`hodlr.log_linear_gated_delta_rule` runs packed sequences without state as
+    one call over an aligned stream (``hodlr.ops.stream_layout``) instead of one call each.
+
 ``gated_delta_prefill(q, k, v, beta, level_scales, log_decay, scale) -> (o, states)`` (optional)
     A backend without that state (``triton``) may still return the final bucket states of a call
     from position 0 without gradient (``states (*batch, bit_length(T), Dk, Dv)``, as ``chunked``'s
