@@ -23,6 +23,10 @@ decay (where both compute plain Gated DeltaNet).
 and ``prefill_chunked``, the same on the ``chunked`` backend (what runs where the Triton kernels
 take no state), with ``prefill_over_fwd``.
 
+``--packed N`` adds ``packed_fwd`` / ``packed_fwdbwd``: the row's ``B·T`` tokens as ``N`` packed
+sequences of random lengths (``cu_seqlens``, one call: the aligned stream), and ``looped_fwd`` /
+``looped_fwdbwd``, the same sequences one call each.
+
 ``--compile`` adds the same call compiled (``torch.compile(..., fullgraph=True)``: inductor on a
 GPU, ``aot_eager`` in a ``--device cpu`` smoke run), ``fwd_compiled`` and ``fwdbwd_compiled``,
 timed alternately with the eager call (``fwd`` and ``fwdbwd`` are then the medians of two
@@ -58,6 +62,8 @@ def _parser():
     p.add_argument("--accuracy", type=positive_int, nargs="*", default=(), help="lengths of the accuracy check")
     p.add_argument("--prefill", action="store_true",
                    help="also time the call with output_final_state=True without gradient (triton and chunked)")
+    p.add_argument("--packed", type=positive_int, default=None, metavar="N",
+                   help="also time the tokens as N packed sequences, in one call and one call each")
     p.add_argument("--compile", action="store_true",
                    help="also time the call under torch.compile(fullgraph=True), alternated with the eager call")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
@@ -93,7 +99,36 @@ def _inputs(torch, B, T, H, D, dtype, device, seed=0, levels=True):
     return q, k, v, g, beta, lam, do
 
 
-def _row(torch, bench, D, H, T, B, dtype, device, fla, profile=False, compiled=False, prefill=False):
+def _packed(torch, bench, row, inputs, do, scale, backend, count):
+    """``packed_*`` and ``looped_*`` of a row (module docstring): its ``B`` rows laid end to end
+    and cut into ``count`` sequences of random lengths (at least one token each)."""
+    import numpy as np
+
+    import hodlr
+
+    flat = [x.reshape((1, -1) + tuple(x.shape[2:])) for x in (*inputs, do)]
+    total = flat[0].shape[1]
+    count = min(count, total)
+    cuts = np.sort(np.random.default_rng(0).choice(np.arange(1, total), count - 1, replace=False))
+    cu_host = [0, *cuts.tolist(), total]
+    cu = torch.tensor(cu_host, device=flat[0].device)
+    *xs, dflat = flat
+
+    def packed(*a):
+        return hodlr.log_linear_gated_delta_rule(*a, scale=scale, backend=backend, cu_seqlens=cu)[0]
+
+    def looped(*a):
+        return torch.cat([hodlr.log_linear_gated_delta_rule(*(x[:, s:e] for x in a), scale=scale, backend=backend)[0]
+                          for s, e in zip(cu_host[:-1], cu_host[1:])], 1)
+
+    row["packed_sequences"] = count
+    for name, call in (("packed", packed), ("looped", looped)):
+        fwd, fwdbwd = forward_calls(torch, call, xs, dflat)
+        _timed(row, name + "_fwd", lambda: bench(fwd))
+        _timed(row, name + "_fwdbwd", lambda: bench(fwdbwd))
+
+
+def _row(torch, bench, D, H, T, B, dtype, device, fla, profile=False, compiled=False, prefill=False, packed=None):
     import statistics
 
     import hodlr
@@ -136,6 +171,8 @@ def _row(torch, bench, D, H, T, B, dtype, device, fla, profile=False, compiled=F
             _timed(row, key, lambda: bench(run_prefill))
         if row.get("prefill") and row.get("fwd"):
             row["prefill_over_fwd"] = row["prefill"] / row["fwd"]
+    if packed:
+        _packed(torch, bench, row, inputs, do, scale, backend, packed)
     if profile:
         row["kernels_fwd"] = kernel_times(torch, fwd)
         row["kernels_fwdbwd"] = kernel_times(torch, fwdbwd)
@@ -203,7 +240,7 @@ def run(args) -> dict:
         H = max(1, args.model_width // D)
         for T in args.lengths:
             row = _row(torch, bench, D, H, T, max(1, args.tokens // T), torch.bfloat16, device, fla, args.profile,
-                       args.compile, args.prefill)
+                       args.compile, args.prefill, args.packed)
             result["rows"].append(row)
             print(_format_row(row), flush=True)
             write(result, args.json, None, plot)
@@ -228,7 +265,9 @@ def _format_row(r) -> str:
             f"{' (failed)' if 'fla_fwdbwd_error' in r else ''} | fwd / fla fwd {_fmt(r.get('fwd_over_fla_fwd'), '.2f')}"
             + (f" | compiled fwd+bwd {_fmt(r.get('fwdbwd_compiled'))} ms" if "fwdbwd_compiled_runs" in r else "")
             + (f" | prefill {_fmt(r.get('prefill'))} ms (chunked {_fmt(r.get('prefill_chunked'))})"
-               if "prefill" in r or "prefill_error" in r else ""))
+               if "prefill" in r or "prefill_error" in r else "")
+            + (f" | {r['packed_sequences']} packed: fwd+bwd {_fmt(r.get('packed_fwdbwd'))} ms, one call each "
+               f"{_fmt(r.get('looped_fwdbwd'))}" if "packed_sequences" in r else ""))
 
 
 def plot(result, path) -> None:

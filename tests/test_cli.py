@@ -419,12 +419,14 @@ def test_bench_gated_delta_code_path_on_cpu(tmp_path):
 
     out, png = tmp_path / "gd.json", tmp_path / "gd.png"
     assert bench_gated_delta.main(["--device", "cpu", "-T", "9", "--widths", "8", "--model-width", "16",
-                                   "--tokens", "18", "--accuracy", "5", "--profile", "--compile", "--prefill", "--json",
+                                   "--tokens", "18", "--accuracy", "5", "--profile", "--compile", "--prefill", "--packed", "3", "--json",
                                    str(out), "--png", str(png)]) == 0
     res = json.loads(out.read_text())
     (row,) = res["rows"]
     assert (row["D"], row["H"], row["T"], row["B"]) == (8, 2, 9, 2) and row["fwd"] > 0 and row["fwdbwd_over_fwd"] > 0
     assert row["prefill"] > 0 and row["prefill_chunked"] > 0 and row["prefill_over_fwd"] > 0
+    assert row["packed_sequences"] == 3 and all(row[k] > 0 for k in ("packed_fwd", "packed_fwdbwd", "looped_fwd",
+                                                                      "looped_fwdbwd"))
     assert row["compiled_grads_equal"] is True and len(row["fwdbwd_compiled_runs"]) == 2
     assert row["fwd_compiled"] > 0 and row["fwdbwd_compiled_over_fwdbwd"] > 0
     for key in ("kernels_fwd", "kernels_fwdbwd"):
