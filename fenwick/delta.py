@@ -66,7 +66,7 @@ def apply_transition(X, k, beta, alpha=None):
     return X if alpha is None else X * alpha[..., None, None, None]
 
 
-def buckets_from_blocks(p: int, c: int, slots: int, block_state, block_transition, partial=None) -> list:
+def buckets_from_blocks(p: int, c: int, slots: int, block_state, block_transition, partial=None, through=False):
     """The bucket states of position ``p`` (slot ``l - 1`` holds level ``l``) assembled from an
     aligned block hierarchy over chunks of ``2^c`` tokens: a list of ``slots`` states, None for
     the empty buckets.
@@ -78,7 +78,10 @@ def buckets_from_blocks(p: int, c: int, slots: int, block_state, block_transitio
     of levels ``l <= c`` lie inside ``p``'s own chunk, which holds ``p % 2^c`` tokens: ``partial``
     is None when it holds none, else ``(bucket, transition)`` with ``bucket(l, start)`` the state
     at ``p`` of the bucket that starts at ``start`` and ``transition`` that chunk's.  A transition
-    is asked for only where something earlier must cross its block."""
+    is asked for only where something earlier must cross its block; with ``through``, also the
+    earliest's, and the result is ``(buckets, transition)``, the latter the product of every
+    transition from position 0 to ``p`` (what moves a state held before position 0 to ``p``;
+    None for ``p = 0``)."""
     out = [None] * slots
     moved = None  # the product of the transitions of everything after the block in hand
     if partial is not None:
@@ -93,10 +96,10 @@ def buckets_from_blocks(p: int, c: int, slots: int, block_state, block_transitio
         m = (J >> h) - 1
         S = block_state(h, m)
         out[c + h] = S if moved is None else moved @ S
-        if J >> (h + 1):  # an earlier block is still to come: it crosses this one
+        if through or J >> (h + 1):  # something earlier is still to come: it crosses this block
             Tb = block_transition(h, m)
             moved = Tb if moved is None else moved @ Tb
-    return out
+    return (out, moved) if through else out
 
 
 class GatedDeltaState(_StreamingState):

@@ -20,8 +20,8 @@ decay (where both compute plain Gated DeltaNet).
 
 ``--prefill`` adds ``prefill``: the call with ``output_final_state=True`` under ``torch.no_grad``
 (a generation's prompt: the Triton forward and the final bucket states read off its hierarchy),
-and ``prefill_chunked``, the same on the ``chunked`` backend (what runs where the Triton kernels
-take no state), with ``prefill_over_fwd``.
+and ``prefill_chunked``, the same on the ``chunked`` backend (what runs where a gradient is
+wanted), with ``prefill_over_fwd``.
 
 ``--packed N`` adds ``packed_fwd`` / ``packed_fwdbwd``: the row's ``B·T`` tokens as ``N`` packed
 sequences of random lengths (``cu_seqlens``, one call: the aligned stream), and ``looped_fwd`` /

@@ -773,40 +773,40 @@ def _step_fits(positions, num_slots, L):
 # ---------------------------------------------------------------------------------------
 # log-linear Gated DeltaNet
 # ---------------------------------------------------------------------------------------
-def _resolve_gated_delta(backend, device, stateful, key_width, prefill=False):
+def _resolve_gated_delta(backend, device, stateful, key_width, inference=False):
     """The backend module for :func:`log_linear_gated_delta_rule` on keys ``key_width`` wide;
     ``"auto"`` is ``triton`` on a GPU where its kernels take the keys for calls without state and,
-    with ``prefill`` (a final state from position 0, no gradient: :func:`_prefills`), for those,
+    with ``inference`` (no gradient wanted: :func:`_stateful_inference`), for those with state,
     else ``chunked``."""
     if backend == "auto":
         module = _triton_or_chunked(device)
-        plain = not stateful or (prefill and hasattr(module, "gated_delta_prefill"))
+        plain = not stateful or (inference and hasattr(module, "gated_delta_with_state"))
         backend = "chunked" if not plain or not registry.takes_keys(
             module, "gated_delta_attention", key_width) else module.__name__.rsplit(".", 1)[-1]
     return registry.get(backend, "torch", device, op="gated_delta_attention")
 
 
-def _prefills(init_states, output_final_state, *inputs) -> bool:
-    """Whether a Gated DeltaNet call is a prefill that a backend keeping no state runs with its
-    ``gated_delta_prefill`` (the ``triton`` backend): a final state wanted, no initial state, no
-    gradient wanted of any input."""
-    return init_states is None and output_final_state and not _checks.wants_grad(*inputs)
+def _stateful_inference(stateful, *inputs) -> bool:
+    """Whether a Gated DeltaNet call with state wants no gradient of any input (``inputs``, None
+    entries allowed): a backend that differentiates no state runs it with its
+    ``gated_delta_with_state`` (the ``triton`` backend)."""
+    return stateful and not _checks.wants_grad(*inputs)
 
 
-def _check_gated_delta_state(module, stateful, prefill):
-    """Refuse a stateful call on a backend that keeps no state (one with ``gated_delta_prefill``
-    takes prefills)."""
+def _check_gated_delta_state(module, stateful, inference):
+    """Refuse a stateful call on a backend that keeps no state (one with ``gated_delta_with_state``
+    takes those without gradient)."""
     if not stateful or registry.keeps_state(module, "gated_delta_attention"):
         return
     name = module.__name__.rsplit(".", 1)[-1]
-    if not hasattr(module, "gated_delta_prefill"):
+    if not hasattr(module, "gated_delta_with_state"):
         raise BackendUnavailableError(f"backend {name!r} has no recurrent state (initial_state / output_final_state); "
                                       f"use one of {', '.join(registry.stateful('gated_delta_attention'))}")
-    if not prefill:
-        raise BackendUnavailableError(f"backend {name!r} returns a final state only for a prefill (no initial_state, "
-                                      f"no gradient wanted: under torch.no_grad or of inputs that require none); "
-                                      f"use one of {', '.join(registry.stateful('gated_delta_attention'))} for "
-                                      f"calls with an initial state or a gradient")
+    if not inference:
+        raise BackendUnavailableError(f"backend {name!r} takes and returns states only without gradient (under "
+                                      f"torch.no_grad, or of inputs that require none); use one of "
+                                      f"{', '.join(registry.stateful('gated_delta_attention'))} for calls with state "
+                                      f"and a gradient")
 
 
 def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, init_positions, cu_seqlens,
@@ -819,10 +819,10 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
     H, Dv = v.shape[1], v.shape[3]
     grp = H // Hqk
     stateful = init_states is not None or output_final_state
-    prefill = _prefills(init_states, output_final_state, q, k, v, beta, g, level_scales)
-    module = _resolve_gated_delta(backend, q.device, stateful, Dk, prefill)
-    _check_gated_delta_state(module, stateful, prefill)
-    prefill = prefill and not registry.keeps_state(module, "gated_delta_attention")
+    inference = _stateful_inference(stateful, q, k, v, beta, g, level_scales, init_states)
+    module = _resolve_gated_delta(backend, q.device, stateful, Dk, inference)
+    _check_gated_delta_state(module, stateful, inference)
+    inference = inference and not registry.keeps_state(module, "gated_delta_attention")
     if N == 0:  # an empty batch: nothing to run
         o = v.new_zeros(v.shape)
         if not output_final_state:
@@ -852,8 +852,8 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
         if Tn == 0:
             o5 = v5.new_zeros(v5.shape)
             fin5 = init5 if init5 is not None else v5.new_zeros(v5.shape[:3] + (0, Dk, Dv), dtype=work)
-        elif prefill:
-            o5, fin5 = module.gated_delta_prefill(q5, k5, v5, beta5, lam5, g5, scale)
+        elif inference:
+            o5, fin5 = module.gated_delta_with_state(q5, k5, v5, beta5, lam5, g5, scale, state=init5, position=a)
         elif stateful:
             o5, fin5 = module.gated_delta_attention(q5, k5, v5, beta5, lam5, g5, scale, state=init5, position=a,
                                                     final_state=True)
@@ -1055,7 +1055,7 @@ def _gd_op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k:
 
     if stateful and not registry.keeps_state(_resolve_gated_delta(backend, q.device, True, q.shape[-1]),
                                              "gated_delta_attention"):
-        backend = "chunked"  # a prefill of a backend without state (its forward ran without autograd)
+        backend = "chunked"  # a stateful call of a backend without a state's gradient (its forward ran without autograd)
 
     def forward(q, k, v, g, beta, lam, init):
         return _gated_delta_forward(q, k, v, beta, g, lam, scale, init, initial_positions, cu_seqlens,
@@ -1131,9 +1131,9 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
         ``T``, its own Fenwick tree (positions restart at 0, or at its state's position).  Empty
         sequences pass their state through.
     backend : str, default ``"auto"``
-        ``"triton"`` (the Triton kernels, forward and backward, ``Dk <= 128``; no state, but a
-        final state from position 0 without gradient, a prefill, read off its forward: what
-        ``auto`` picks on a GPU for calls without state and prefills whose keys it takes),
+        ``"triton"`` (the Triton kernels, forward and backward, ``Dk <= 128``; states only without
+        gradient: what ``auto`` picks on a GPU for calls without state, and with state and no
+        gradient, whose keys it takes),
         ``"chunked"`` (what ``auto`` picks otherwise), ``"fenwick"``
         (the recurrence) or ``"dense"`` (the reference; no state).  ``g > 0`` (a gate that
         grows) is outside the chunk-wise backends' accuracy (docs/mathematics.md §13, growth

@@ -232,18 +232,23 @@ def _hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, n_total, off_child, n_child, n_buil
 
 
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "GRP", "slb0", "slb1", "slt",
-                               "sbb0", "sbb1", "sgb0", "sgb1"])
+                               "sbb0", "sbb1", "sgb0", "sgb1", "n_far", "cross_row", "cross_level"])
 def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, o_ptr, flag_ptr,
+                   far_ptr, far_lev_ptr, n_far, cross_row, cross_level,
                    T, B1, n_chunks, n_total, n_bits, L, DK: tl.constexpr, DV: tl.constexpr, scale, GRP,
                    sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt,
                    slb0, slb1, slt, sll, sgb0, sgb1, sgt, sob0, sob1, sot, sod,
                    C: tl.constexpr, LOG_C: tl.constexpr, FULL_CHUNKS: tl.constexpr,
                    BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
                    ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr,
-                   BL: tl.constexpr):
+                   BL: tl.constexpr, CARRIED: tl.constexpr):
     """Program ``(chunk i, batch entry, Dv-tile)``: ``(P ⊙ Λ) V`` inside the chunk, then the walk
     over the set bits of ``i`` with the moved queries ``q̂``.  With a ``flag_ptr`` (not None) the
-    program also validates the level scales and log-decays its rows read (:func:`validate_rows`)."""
+    program also validates the level scales and log-decays its rows read (:func:`validate_rows`).
+    ``CARRIED``: the walk also moves ``q̂`` across its last block, to the start of the call, where
+    it reads the ``n_far`` carried states ``far_ptr`` (``(batch, n_far, Dk, Dv)``, of levels
+    ``far_lev_ptr``), each at its level, or at ``cross_level`` if higher, for the rows from
+    ``cross_row`` on (:class:`Carried`)."""
     i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C, FULL_CHUNKS)
     # the mask's validation (with a flag), before the products need the registers
     validate_rows(flag_ptr, l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L, g_ptr + b0 * sgb0 + b1 * sgb1, sgt, t, tmask,
@@ -275,11 +280,20 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr
             blk = read_entry(bh * n_total + off, i, h, 0, False)
             lam = tl.load(l_base + t.to(tl.int64) * slt + (LOG_C + 1 + h) * sll, mask=tmask, other=0.0).to(ACC)
             acc = split_dot(lam[:, None] * qh, matrix_tile(h_ptr, blk, dk, dv, DK, DV, HELD), ACC, PREC, NATIVE, acc)
-            if (i >> (h + 1)) != 0:  # a higher block is read after this one: move the queries across it
+            if CARRIED or (i >> (h + 1)) != 0:  # something earlier is read after this block: move across it
                 qh = split_dot(qh, matrix_tile(tr_ptr, blk, dk, dk, DK, DK, HELD), ACC, PREC, NATIVE,
                                block_decay(gm_ptr, blk, HAS_G, ACC) * qh)
         off = next_level(off, h, n_chunks, 0, False)
         h += 1
+    if CARRIED:  # q̂ at the call's start: the carried states before it
+        j = 0
+        while j < n_far:
+            lev = tl.load(far_lev_ptr + j)
+            lev = tl.where(t >= cross_row, tl.maximum(lev, cross_level), lev)
+            lam = tl.load(l_base + t.to(tl.int64) * slt + lev * sll, mask=tmask, other=0.0).to(ACC)
+            acc = split_dot(lam[:, None] * qh, matrix_tile(far_ptr, bh * n_far + j, dk, dv, DK, DV, ACC), ACC, PREC,
+                            NATIVE, acc)
+            j += 1
     tl.store(o_ptr + b0 * sob0 + b1 * sob1 + t[:, None] * sot + dv[None, :] * sod, acc * scale,
              mask=tmask[:, None] & (dv[None, :] < DV))
 
@@ -306,6 +320,28 @@ class Chunks(NamedTuple):
     def decay_pointer(self):
         """``decays``, or (without decay, never read) ``trans`` for the kernels' pointer."""
         return self.trans if self.decays is None else self.decays
+
+
+class Carried(NamedTuple):
+    """What a call that continues from bucket states adds to the forward (laid out by
+    ``hodlr.backends.triton.gated_delta_with_state``, which places the call so that these are all
+    it needs):
+
+    * ``level0_index (m,)`` int64 and ``level0_states (batch, m, Dk, Dv)``: added to the chunk
+      states of level 0 (chunks ``level0_index``) before the hierarchy is built (carried buckets that
+      are whole chunks of the call's front padding, and the in-chunk ones moved to their chunk's end);
+    * ``far_states (batch, n_far, Dk, Dv)`` and ``far_levels (n_far,)`` int32: the carried buckets
+      before the call's first row, read by every row with its queries moved to that row, each at
+      its level, or at ``cross_level`` if higher for the rows from ``cross_row`` on.
+
+    States in the accumulator dtype; ``batch`` the call's broadcast batch shape."""
+
+    level0_index: torch.Tensor
+    level0_states: torch.Tensor
+    far_states: torch.Tensor
+    far_levels: torch.Tensor
+    cross_row: int
+    cross_level: int
 
 
 def gated_delta_layout(q, k, v, beta, level_scales, log_decay, *, do=None, out=None):
@@ -374,9 +410,11 @@ def chunk_shapes(B: int, T: int, DK: int, DV: int, dtype, has_decay: bool, C: in
     return shapes
 
 
-def chunk_hierarchy(layout, C: int) -> Chunks:
+def chunk_hierarchy(layout, C: int, carried=None) -> Chunks:
     """Launches 1 and 2 (see the module docstring) for the call ``layout`` with chunk size ``C``;
-    shared by the forward and the backward (which recomputes them)."""
+    shared by the forward and the backward (which recomputes them).  With ``carried``
+    (:class:`Carried`) its level-0 states are added before the hierarchy is built, and the
+    transitions of every level are formed (the walk then crosses every block it reads)."""
     v = layout.tensors["v"]
     acc, prec, exact = compute_types(v.dtype)
     DK, DV, B = layout.DK, layout.DV, layout.B
@@ -405,12 +443,17 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
         # and would spill under the cap; ptxas of Triton 3.6)
         **({"maxnreg": MAX_REGISTERS["gated_delta"]} if BDK == 64 and v.dtype in (torch.float16, torch.bfloat16)
            else {}))
+    if carried is not None and carried.level0_index.numel():
+        rows = carried.level0_index.to(states.device)
+        add = carried.level0_states.reshape(B, -1, DK * DV).to(states.dtype)
+        states.index_add_(1, rows, add)
     top = len(sizes) - 1
     h = 0
     while h < top:  # the top level's transitions are never read: no query is moved across a top-level block
         build = min(levels, top - h)
         _hierarchy_kernel[(cdiv(sizes[h], 1 << levels), B)](
-            states, trans, ch.decay_pointer(), N, offsets[h], sizes[h], build, top - 1 - h, DK, DV, BDK=BDK,
+            states, trans, ch.decay_pointer(), N, offsets[h], sizes[h], build,
+            top - h if carried is not None else top - 1 - h, DK, DV, BDK=BDK,
             BDV=BDV, LEVELS=levels, HAS_G=has_g, ACC=acc, PREC=prec, NATIVE=not interpreting(),
             num_warps=NUM_WARPS["gated_delta_hierarchy"])
         h += build
@@ -418,7 +461,7 @@ def chunk_hierarchy(layout, C: int) -> Chunks:
 
 
 def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None,
-                        out=None, check=None, return_chunks: bool = False):
+                        out=None, check=None, return_chunks: bool = False, carried=None):
     """Log-linear Gated DeltaNet forward on the GPU (or the Triton interpreter).
 
     Parameters
@@ -446,6 +489,9 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
         Also return the :class:`Chunks` (``X``, ``W`` and the hierarchy) that
         :func:`hodlr.kernels.gated_delta_backward` takes (``chunks=``) instead of
         recomputing them, at the same chunk (so only for ``chunk <= MAX_BACKWARD_CHUNK``).
+    carried : Carried, optional
+        The carried bucket states of a call that continues from a state (laid out by
+        ``hodlr.backends.triton.gated_delta_with_state``; no backward).
 
     Returns
     -------
@@ -463,16 +509,22 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
     out = output_buffer(out, layout.batch + (T, DV), v, {"q": q, "k": k, "v": v, "beta": beta,
                                                          "level_scales": level_scales, "log_decay": log_decay})
     o_flat = out.reshape((layout.B0, layout.B1, T, DV))
-    ch = chunk_hierarchy(layout, C)
+    ch = chunk_hierarchy(layout, C, carried)
     BDK, BDV, n_dv = tiles(layout, OUTPUT_VALUE_TILE)
+    if carried is None:
+        far = (ch.X, ch.X, 0, 0, 0)  # never read
+    else:
+        far = (carried.far_states.reshape(layout.B, -1, DK, DV).to(ch.X.dtype).contiguous(),
+               carried.far_levels.to(device=v.device, dtype=torch.int32), carried.far_levels.numel(),
+               carried.cross_row, carried.cross_level)
     _output_kernel[(ch.n, layout.B, n_dv)](
         layout.tensors["q"], layout.tensors["k"], v, layout.tensors["beta"], layout.tensors["l"],
-        layout.decay_args()[0], ch.X, ch.W, ch.states, ch.trans, ch.decay_pointer(), o_flat, check,
+        layout.decay_args()[0], ch.X, ch.W, ch.states, ch.trans, ch.decay_pointer(), o_flat, check, *far,
         T, layout.B1, ch.n, ch.states.shape[1], (ch.n - 1).bit_length(), layout.L, DK, DV, scale, layout.group,
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("beta")[1:4],
         *layout.args("l")[1:], *layout.decay_args()[1:], *o_flat.stride(),
         C=C, LOG_C=C.bit_length() - 1, FULL_CHUNKS=T % C == 0, BDK=BDK, BDV=BDV,
         HAS_G=layout.tensors["g"] is not None, ACC=acc, PREC=prec, EXACT=exact, NATIVE=not interpreting(),
-        BL=check_block(T, check),
+        BL=check_block(T, check), CARRIED=carried is not None,
         num_warps=NUM_WARPS["gated_delta_output" if DK <= 64 else "gated_delta_output_wide"])
     return (out, ch) if return_chunks else out

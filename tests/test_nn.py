@@ -699,13 +699,13 @@ def test_gpu_generation_equals_full_pass(cls):
 @pytest.mark.gpu
 def test_gpu_gated_delta_generation_runs_the_kernels(monkeypatch):
     """Generation with a Gated DeltaNet layer on a GPU under ``torch.no_grad``: the prompt's prefill
-    is the Triton forward with its final state (``gated_delta_prefill``) and each token the decode
+    is the Triton forward with its final state (``gated_delta_with_state``) and each token the decode
     kernel (``decode_step`` with ``beta``); the outputs equal one pass (float32, 1e-4)."""
     from hodlr.backends import triton as triton_backend
     from hodlr.kernels import decode
 
     calls = {"prefill": 0, "decode": 0}
-    for module, name, key in ((triton_backend, "gated_delta_prefill", "prefill"), (decode, "decode_step", "decode")):
+    for module, name, key in ((triton_backend, "gated_delta_with_state", "prefill"), (decode, "decode_step", "decode")):
         original = getattr(module, name)
 
         def counted(*args, _original=original, _key=key, **kw):

@@ -125,9 +125,9 @@ def _chunks_used():
     gd, gdb = sys.modules["hodlr.kernels.gated_delta"], sys.modules["hodlr.kernels.gated_delta_backward"]
     build, chunks = gd.chunk_hierarchy, []
 
-    def spy(layout, C):
+    def spy(layout, C, *carried):
         chunks.append(C)
-        return build(layout, C)
+        return build(layout, C, *carried)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gd, "chunk_hierarchy", spy)
@@ -236,22 +236,100 @@ def test_prefill_of_packed_sequences_equals_chunked():
     assert state.positions.tolist() == lengths
 
 
-def test_prefill_only_without_gradient_or_initial_state():
-    """The triton backend keeps no Gated DeltaNet state: an initial state, or a final state with a
-    gradient wanted, is refused with the backends that take it (``auto`` runs those)."""
+def test_states_only_without_gradient():
+    """The triton backend differentiates no Gated DeltaNet state: a call with an initial or a final
+    state runs without gradient, and is refused with the backends that take it where a gradient is
+    wanted (``auto`` runs those)."""
     rng = np.random.default_rng(13)
     args = [x.to(DEVICE) for x in _op_inputs(rng, 1, 20, 1, 3, 3, L_extra=1)]
     with torch.no_grad():
         _, state = hodlr.log_linear_gated_delta_rule(*args, output_final_state=True, backend="triton")
-    with pytest.raises(BackendUnavailableError, match="only for a prefill .*use one of fenwick, chunked"):
         hodlr.log_linear_gated_delta_rule(*args, initial_state=state, backend="triton")
     leaf = args[2].clone().requires_grad_(True)
-    with pytest.raises(BackendUnavailableError, match="no gradient wanted"):
-        hodlr.log_linear_gated_delta_rule(args[0], args[1], leaf, *args[3:], output_final_state=True,
-                                          backend="triton")
+    for kw in ({"output_final_state": True}, {"initial_state": state}):
+        with pytest.raises(BackendUnavailableError, match="only without gradient .*use one of fenwick, chunked"):
+            hodlr.log_linear_gated_delta_rule(args[0], args[1], leaf, *args[3:], backend="triton", **kw)
     o, grad_state = hodlr.log_linear_gated_delta_rule(args[0], args[1], leaf, *args[3:], output_final_state=True)
     assert o.requires_grad and grad_state.states.requires_grad, "auto: chunked, differentiable"
     assert_close(grad_state.states.detach(), state.states, TOL[torch.float64] if INTERP else 1e-5, "same state")
+
+
+CONTINUATIONS = [(5, 3), (1, 1), (3, 40), (31, 2), (32, 33), (100, 64), (1000, 129), (1023, 2), (1024, 70),
+                 (2 ** 20 - 5, 10), (2 ** 20 - 40, 100), (12345, 300), (63, 65), (96, 32), (2 ** 16 + 3, 61)]
+"""``(position, T)`` of continued calls: from positions with one and with many set bits, inside a
+chunk and at its edge, whose calls cross a multiple of a high power of two (2^20 from 2^20 - 5:
+the stream's crossing level far above its own) or end on one."""
+
+
+def _continued_call(rng, a, T, decay, Hqk=1, B=2, poison=True):
+    """fla-layout inputs of ``T`` tokens from position ``a`` (never-read scales NaN) and a state at
+    ``a`` with random live buckets (0 in the empty slots)."""
+    L = hodlr.num_levels(a + T) + 1
+    q, k, v, g, beta, _ = _op_inputs(rng, B, T, 2, 3, 2, Hqk=Hqk, poison=False)
+    lam = rng.uniform(0.2, 1.5, (B, 2, T, L))
+    if poison:
+        lam = poison_unread(lam, [a], [T])
+    S = max(1, a.bit_length())
+    live = torch.tensor([(a >> i) & 1 for i in range(S)], dtype=torch.bool)
+    init = torch.where(live[:, None, None], torch.as_tensor(rng.standard_normal((B, 2, S, 3, 2))), 0.0)
+    state = hodlr.LogLinearState(init, torch.full((B,), a))
+    return [q, k, v, g if decay else None, beta, torch.as_tensor(lam).transpose(1, 2)], state
+
+
+@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+@pytest.mark.parametrize("decay", [True, False])
+def test_continued_calls_equal_chunked(decay):
+    """A call continuing from a state without gradient on ``triton`` (the stream of
+    ``gated_delta_with_state``) gives the float64 ``chunked`` backend's outputs and final states,
+    grouped heads, never-read scales NaN."""
+    rng = np.random.default_rng(16)
+    for a, T in CONTINUATIONS:
+        args, state = _continued_call(rng, a, T, decay, Hqk=1 + (a % 2))
+        with torch.no_grad():
+            o, final = hodlr.log_linear_gated_delta_rule(*args, initial_state=state, output_final_state=True,
+                                                         backend="triton")
+        want_o, want = hodlr.log_linear_gated_delta_rule(*args, initial_state=state, output_final_state=True,
+                                                         backend="chunked")
+        assert final.states.shape == want.states.shape and final.positions.tolist() == [a + T] * 2
+        assert_close(o, want_o, TOL[torch.float64], f"outputs from {a}, T={T}")
+        assert_close(final.states, want.states, TOL[torch.float64], f"final states from {a}, T={T}")
+
+
+@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+@settings(max_examples=12, deadline=None)
+@given(a=st.integers(0, 2 ** 21), T=st.integers(1, 120), decay=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_continued_calls_from_any_position(a, T, decay, seed):
+    """The same from drawn positions and lengths."""
+    args, state = _continued_call(np.random.default_rng(seed), a, T, decay, B=1)
+    with torch.no_grad():
+        o, final = hodlr.log_linear_gated_delta_rule(*args, initial_state=state, output_final_state=True,
+                                                     backend="triton")
+    want_o, want = hodlr.log_linear_gated_delta_rule(*args, initial_state=state, output_final_state=True,
+                                                     backend="chunked")
+    assert_close(o, want_o, TOL[torch.float64], "outputs")
+    assert_close(final.states, want.states, TOL[torch.float64], "final states")
+
+
+@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+def test_packed_sequences_with_states_equal_chunked():
+    """Packed sequences continuing from states at different positions (one empty) without gradient:
+    one stream each, the outputs and final states of ``chunked``."""
+    rng = np.random.default_rng(17)
+    lengths, starts = [5, 0, 40, 1, 33], [0, 3, 70, 2 ** 12 - 1, 64]
+    T, S = sum(lengths), 13
+    q, k, v, g, beta, _ = _op_inputs(rng, 1, T, 2, 3, 2, poison=False)
+    lam = torch.as_tensor(rng.uniform(0.2, 1.5, (1, T, 2, hodlr.num_levels(2 ** 12 + 1))))
+    init = torch.as_tensor(rng.standard_normal((len(lengths), 2, S, 3, 2)))
+    live = torch.tensor([[(a >> i) & 1 for i in range(S)] for a in starts], dtype=torch.bool)
+    state = hodlr.LogLinearState(torch.where(live[:, None, :, None, None], init, 0.0), torch.tensor(starts))
+    cu = torch.as_tensor(np.cumsum([0] + lengths))
+    with torch.no_grad():
+        o, final = hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam, initial_state=state, cu_seqlens=cu,
+                                                     output_final_state=True, backend="triton")
+    want_o, want = hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam, initial_state=state, cu_seqlens=cu,
+                                                     output_final_state=True, backend="chunked")
+    assert_close(o, want_o, TOL[torch.float64], "outputs")
+    assert_close(final.states, want.states, TOL[torch.float64], "final states")
 
 
 @pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
@@ -955,6 +1033,28 @@ def test_prefill_on_gpu(T, dtype):
     assert state.states.dtype == torch.float32 and state.positions.tolist() == [T]
     assert relative_error(o, ref_o) <= tol
     assert relative_error(state.states, ref.states) <= tol, f"{relative_error(state.states, ref.states):.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("a, T", [(1000, 1), (1000, 63), (2 ** 16 - 7, 1000), (12345, 4097)])
+def test_continued_call_on_gpu(a, T, dtype):
+    """A call continuing from a state without gradient (``auto``: the Triton stream; one token: the
+    decode kernel) against the float64 chunked backend: 1e-5 (float32), 1e-2 (bfloat16)."""
+    xs = list(_gpu_problem(T, 64, dtype, seed=a + T))
+    xs[-1] = torch.nn.functional.pad(xs[-1], (0, hodlr.num_levels(a + T) - xs[-1].shape[-1]), value=0.7)
+    S = a.bit_length()
+    gen = torch.Generator(device="cuda").manual_seed(a)
+    live = torch.tensor([(a >> i) & 1 for i in range(S)], dtype=torch.bool, device="cuda")
+    init = torch.randn(1, 2, S, 64, 64, device="cuda", generator=gen) * live[:, None, None]
+    state = hodlr.LogLinearState(init, torch.tensor([a], device="cuda"))
+    with torch.no_grad():
+        o, final = hodlr.log_linear_gated_delta_rule(*xs, initial_state=state, output_final_state=True)
+    ref_o, ref = hodlr.log_linear_gated_delta_rule(*(x.double() for x in xs), initial_state=state.to(torch.float64),
+                                                   output_final_state=True, backend="chunked")
+    tol = TOLERANCES["gpu_float32" if dtype == torch.float32 else "gpu_bfloat16"]
+    assert relative_error(o, ref_o) <= tol
+    assert relative_error(final.states, ref.states) <= tol, f"{relative_error(final.states, ref.states):.2e}"
 
 
 @pytest.mark.gpu

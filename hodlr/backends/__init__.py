@@ -56,11 +56,11 @@ a final state or ``cu_seqlens``.  A backend without it serves the calls with nei
     ``triton``): :func:`hodlr.log_linear_gated_delta_rule` runs packed sequences without state as
     one call over an aligned stream (``hodlr.ops.stream_layout``) instead of one call each.
 
-``gated_delta_prefill(q, k, v, beta, level_scales, log_decay, scale) -> (o, states)`` (optional)
-    A backend without that state (``triton``) may still return the final bucket states of a call
-    from position 0 without gradient (``states (*batch, bit_length(T), Dk, Dv)``, as ``chunked``'s
-    ``final_state``): :func:`hodlr.log_linear_gated_delta_rule` runs such a prefill with it and
-    refuses the backend for other calls with state.
+``gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=None, position=0) -> (o, states)`` (optional)
+    A backend whose state takes no gradient (``triton``) may still run calls with state without
+    one: from the bucket states ``state`` of ``position`` (None: none), returning the final ones
+    (as ``chunked``'s ``final_state``); :func:`hodlr.log_linear_gated_delta_rule` runs the calls
+    with state and no gradient with it and refuses the backend for those with a gradient.
 
 ``CHECKS_MASK`` : bool (optional)
     True where the module's ``matmul``, ``attention`` and ``gated_delta_attention`` also take the

@@ -597,6 +597,22 @@ class _DeltaChunks:
         return states, trans, offsets
 
 
+def carried_small_reads(q_moved, lam_rows, rows, small):
+    """``Σ_b λ[t, level(t, start_b)] q̂_tᵀ S_b`` over the carried in-chunk buckets ``small``
+    (:func:`_carried_small`) for the rows at absolute positions ``rows`` (numpy) with their queries
+    moved to the chunk's start ``q_moved (..., R, Dk)`` and level scales ``lam_rows (..., R, width)``:
+    ``(..., R, Dv)``.  Each bucket is one level for every row (its keys share the bits from the
+    bucket's level up)."""
+    import torch
+
+    lev = np.stack([np.maximum(fenwick.level(rows, start), 0) for _, start, _ in small], -1)  # (R, m)
+    w = torch.gather(lam_rows, -1, torch.as_tensor(lev, device=lam_rows.device).expand(
+        lam_rows.shape[:-1] + (len(small),)))
+    S_small = torch.stack([S for _, _, S in small], -3)  # (..., m, Dk, Dv)
+    reads = torch.einsum("...cd,...mdv->...cmv", q_moved, S_small)
+    return (w[..., None] * reads).sum(-2)
+
+
 def _carried_small(state, a, c):
     """The carried Fenwick buckets of position ``a`` inside its chunk (levels ``1..c``):
     ``[(level, start, S)]``."""
@@ -666,19 +682,11 @@ def _delta_forward(ch, state, scale, slots, final_state):
     o = (ch.P * ch.lam_intra) @ ch.vc
     small = _carried_small(state, a, c)
     U = ch.U
-    if small:
-        # the first chunk's queries read the carried in-chunk buckets; each bucket is one level
-        # for every query (its keys share the bits from the bucket's level up)
+    if small:  # the first chunk's queries read the carried in-chunk buckets
         rows = np.arange(C) + (a - ch.r)
-        lev = np.stack([np.maximum(fenwick.level(rows, start), 0) for _, start, _ in small], -1)  # (C, m)
-        dev = ch.lam.device
-        lam0 = ch.lam[..., 0, :, :]  # (..., C, width)
-        w = torch.gather(lam0, -1, torch.as_tensor(lev, device=dev).expand(lam0.shape[:-1] + (len(small),)))
-        S_small = torch.stack([S for _, _, S in small], -3)  # (..., m, Dk, Dv)
-        reads = torch.einsum("...cd,...mdv->...cmv", ch.q_start[..., 0, :, :], S_small)
-        o0 = o[..., 0, :, :] + (w[..., None] * reads).sum(-2)
+        o0 = o[..., 0, :, :] + carried_small_reads(ch.q_start[..., 0, :, :], ch.lam[..., 0, :, :], rows, small)
         o = torch.cat([o0[..., None, :, :], o[..., 1:, :, :]], -3)
-        U0 = U[..., 0, :, :] + ch.trans[..., 0, :, :] @ S_small.sum(-3)  # moved to the first chunk's end
+        U0 = U[..., 0, :, :] + ch.trans[..., 0, :, :] @ sum(S for _, _, S in small)  # moved to the chunk's end
         U = torch.cat([U0[..., None, :, :], U[..., 1:, :, :]], -3)
     carried = {h: state[..., c + h, :, :] for h in range(ch.bits) if (ch.I0 >> h) & 1}
     states, trans, offsets = ch.hierarchy(U, carried)

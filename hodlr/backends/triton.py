@@ -132,67 +132,160 @@ def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale, *, chec
     return kernels.gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale, check=check)
 
 
-def gated_delta_prefill(q, k, v, beta, level_scales, log_decay, scale):
-    """:func:`gated_delta_attention` from position 0 (no initial state, no gradient) that also
-    returns the Fenwick bucket states after its last token: ``(o, states)``, ``states
-    (*batch, bit_length(T), Dk, Dv)`` in the accumulator dtype (float32, float64 for float64
-    inputs), slot ``l - 1`` holding level ``l`` (the ``state`` of the ``chunked`` backend's
-    ``final_state``).  The forward's chunk hierarchy holds them: the buckets of levels above the
-    chunk are its blocks moved across the later ones (:func:`hodlr.fenwick.delta.buckets_from_blocks`),
-    those inside the last, partial chunk ``E (1_bucket ⊙ V)`` from that chunk's ``X``
-    (``E = (diag(d) K)ᵀ X diag(β)``, docs/mathematics.md §13).  For a bfloat16 call the blocks
-    come from the bfloat16 hierarchy that its outputs read (:data:`kernels.gated_delta.BF16_HIERARCHY`)."""
+def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=None, position: int = 0):
+    """:func:`gated_delta_attention` continuing from the Fenwick bucket states ``state``
+    (``(*batch, S, Dk, Dv)``, slot ``l - 1`` = level ``l``; None: none) of absolute position
+    ``position``, returning ``(o, states)``: the bucket states after the last token,
+    ``(*batch, max(S, bit_length(position + T)), Dk, Dv)`` in the accumulator dtype (float32,
+    float64 for float64 inputs), as the ``chunked`` backend's ``final_state``.  No gradient (the
+    kernels' backward takes no state).
+
+    The call runs as one forward over a *stream*: ``P = position mod 2^m`` zero tokens, then the
+    call's, ``m`` the least exponent for which the call (its end included) crosses at most one
+    multiple of ``2^m``.  Inside the stream every level is the absolute one but for the pairs
+    across that multiple, stream level ``m + 1`` and absolute ``m + 1 + t`` (``t`` the trailing
+    one-bits of ``position >> m``): the rows past it read that column there.  The carried buckets of
+    levels up to ``m`` lie in the padding: those of whole chunks enter as those chunks' states,
+    those inside the call's first chunk enter its state moved across it and are read by its rows
+    (``chunked.carried_small_reads``); those of higher levels lie before the stream and are read
+    by every row with its queries moved to the stream's start (:class:`hodlr.kernels.gated_delta.
+    Carried`).  The final buckets are read off the forward's chunk hierarchy
+    (:func:`hodlr.fenwick.delta.buckets_from_blocks`; those inside the last, partial chunk are
+    ``E (1_bucket ⊙ V)``, ``E = (diag(d) K)ᵀ X diag(β)`` from its stored ``X``), the carried ones of
+    higher levels moved across the whole stream (docs/kernels.md §7.6).  For a bfloat16 call the
+    blocks come from the bfloat16 hierarchy that its outputs read (``BF16_HIERARCHY``)."""
+    import numpy as np
     import torch
 
     from hodlr import fenwick, kernels
+    from hodlr.backends import chunked
     from hodlr.kernels._layout import level_offsets
+    from hodlr.kernels.gated_delta import Carried
 
-    o, ch = kernels.gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale, return_chunks=True)
-    T, Dk, Dv = v.shape[-2], q.shape[-1], v.shape[-1]
-    batch = tuple(o.shape[:-2])
+    a, T = int(position), v.shape[-2]
+    e = a + T
+    Dk, Dv = q.shape[-1], v.shape[-1]
+    dev = v.device
+    work = torch.float64 if v.dtype == torch.float64 else torch.float32
+    batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], beta.shape[:-1],
+                                         level_scales.shape[:-2], () if log_decay is None else log_decay.shape[:-1]))
+    c = kernels.DEFAULT_CHUNK["gated_delta"].bit_length() - 1
+    C = 1 << c
+    m = 0
+    while (e >> m) - (a >> m) > 1:
+        m += 1
+    P, u0 = a & ((1 << m) - 1), a >> m
+    a0 = a - P
+    crossed = P + T >= 1 << m  # the stream's end lies past the multiple of 2^m
+    cross_level = m + 1 + ((u0 ^ (u0 + 1)).bit_length() - 1)
+    live = [] if state is None else [lev for lev in range(1, state.shape[-3] + 1) if (a >> (lev - 1)) & 1]
+    S_of = {lev: state[..., lev - 1, :, :].to(work) for lev in live}
+
+    def front(x, tail):  # P zero tokens before the call's
+        return None if x is None else torch.nn.functional.pad(x, (0, 0) * tail + (P, 0))
+
+    qs, ks, vs, bs, gs, lam = front(q, 1), front(k, 1), front(v, 1), front(beta, 0), front(log_decay, 0), \
+        front(level_scales, 1)
+    if P + T > 1 << m and cross_level > m + 1:  # the rows past the multiple read stream level m + 1
+        lam = lam.clone()
+        lam[..., 1 << m:, m + 1] = lam[..., 1 << m:, cross_level]
+    far = [lev for lev in live if lev > m]
+    small = [(lev, (a >> lev) << lev, S_of[lev]) for lev in live if lev <= min(m, c)]
+    first = min(T, C - (P & (C - 1)))  # the call's tokens in its first chunk
+    Tr0 = None
+    carried = None
+    if live:
+        index, added = [], []
+        for lev in live:
+            if c < lev <= m:  # whole chunks of the padding: the state of the bucket's last chunk
+                index.append(((((a >> lev) << lev) - a0 + (1 << (lev - 1))) >> c) - 1)
+                added.append(S_of[lev])
+        if small:  # the first call chunk's queries moved to its start, and its transition (chunked's)
+            head = [None if x is None else x[..., :first, :].to(work) for x in (q, k, v, level_scales)]
+            tail = [None if x is None else x[..., :first].to(work) for x in (beta, log_decay)]
+            ch0 = chunked._DeltaChunks(head[0], head[1], head[2], tail[0], head[3], tail[1], C, P)
+            r = P & (C - 1)
+            q_moved, Tr0 = ch0.q_start[..., 0, r:r + first, :], ch0.trans[..., 0, :, :]
+            index.append(P >> c)
+            added.append(Tr0 @ sum(S for _, _, S in small))
+
+        def stack(xs):
+            if not xs:
+                return torch.zeros(batch + (0, Dk, Dv), dtype=work, device=dev)
+            return torch.stack([x.expand(batch + (Dk, Dv)) for x in xs], -3)
+
+        carried = Carried(torch.as_tensor(index, dtype=torch.int64, device=dev), stack(added),
+                          stack([S_of[lev] for lev in far]), torch.as_tensor(far, dtype=torch.int32, device=dev),
+                          1 << m, cross_level)
+    o, ch = kernels.gated_delta_forward(qs, ks, vs, bs, lam, gs, scale, return_chunks=True, carried=carried)
+    o = o[..., P:, :]
+    if small:  # the first chunk's rows read the carried buckets inside it
+        reads = chunked.carried_small_reads(q_moved, level_scales[..., :first, :].to(work), np.arange(first) + a,
+                                            small)
+        o = torch.cat([o[..., :first, :] + (scale * reads).to(o.dtype), o[..., first:, :]], -2)
+
+    # the final buckets: the stream's, read off its hierarchy, then placed at their absolute levels
     B = ch.X.shape[0]
-    work = ch.X.dtype
-    C, c = ch.C, ch.C.bit_length() - 1
     offsets = level_offsets(ch.n)
-    top = len(offsets) - 2  # the highest stored level; its transitions are not formed (but level 0's are)
-    eye = torch.eye(Dk, dtype=work, device=o.device)
+    top = len(offsets) - 2  # the highest stored level (its transitions formed only with carried states)
+    eye = torch.eye(Dk, dtype=work, device=dev)
 
-    def state(h, m):
+    def block_state(h, j):
         if h <= top:
-            return ch.states[:, offsets[h] + m].reshape(B, Dk, Dv).to(work)
-        return transition(h - 1, 2 * m + 1) @ state(h - 1, 2 * m) + state(h - 1, 2 * m + 1)
+            return ch.states[:, offsets[h] + j].reshape(B, Dk, Dv).to(work)
+        return block_transition(h - 1, 2 * j + 1) @ block_state(h - 1, 2 * j) + block_state(h - 1, 2 * j + 1)
 
-    def transition(h, m):
-        if h == 0 or h < top:
-            R = ch.trans[:, offsets[h] + m].reshape(B, Dk, Dk).to(work)
-            gamma = 1.0 if ch.decays is None else ch.decays[:, offsets[h] + m, None, None]
+    def block_transition(h, j):
+        if h == 0 or h < top or (h == top and carried is not None):
+            R = ch.trans[:, offsets[h] + j].reshape(B, Dk, Dk).to(work)
+            gamma = 1.0 if ch.decays is None else ch.decays[:, offsets[h] + j, None, None]
             return R + gamma * eye
-        return transition(h - 1, 2 * m + 1) @ transition(h - 1, 2 * m)
+        return block_transition(h - 1, 2 * j + 1) @ block_transition(h - 1, 2 * j)
 
-    J = T >> c
+    ps = P + T
+    J = ps >> c
     partial = None
-    if T % C:  # the last chunk holds r = T - J C tokens: E = (diag(d) K)ᵀ X diag(β) over them
-        r = T - J * C
+    if ps % C:  # the last chunk holds r = ps - J C stream tokens: E = (diag(d) K)ᵀ X diag(β) over them
+        r = ps - J * C
+
         def last(x, tail):
-            """Rows ``J C ..`` of ``x (*b, T, *tail)`` over the call's batch: ``(B, r, *tail)`` in ``work``."""
+            """Stream rows ``J C ..`` of ``x (*b, ps, *tail)`` over the call's batch: ``(B, r, *tail)``."""
             x = x.narrow(x.dim() - 1 - tail, J * C, r)
             return x.expand(batch + x.shape[x.dim() - 1 - tail:]).reshape((B,) + x.shape[x.dim() - 1 - tail:]).to(work)
 
-        K, V, b = last(k, 1), last(v, 1), last(beta, 0)
-        d = torch.ones((B, r), dtype=work, device=o.device)
-        if log_decay is not None:  # d_t = exp(g_{t+1} + ... + g_{r-1}), a sum of its own terms
-            g = last(log_decay, 0)
+        K, V, b = last(ks, 1), last(vs, 1), last(bs, 0)
+        d = torch.ones((B, r), dtype=work, device=dev)
+        if gs is not None:  # d_t = exp(g_{t+1} + ... + g_{r-1}), a sum of its own terms
+            g = last(gs, 0)
             d = torch.exp(torch.nn.functional.pad(g[:, 1:].flip(1).cumsum(1).flip(1), (0, 1)))
         E = (d[..., None] * K).transpose(1, 2) @ ch.X[:, ch.n - 1, :r, :r] * b[:, None, :]  # (B, Dk, r)
-        inside = torch.arange(r, device=o.device) + J * C
+        inside = torch.arange(r, device=dev) + J * C
+        in_first = small and (P >> c) == J  # the carried in-chunk buckets lie in this chunk too
 
         def bucket(level, start):
-            cols = ((inside >= start) & (inside < start + (1 << (level - 1)))).to(work)
-            return E @ (cols[:, None] * V)
+            S = E @ (((inside >= start) & (inside < start + (1 << (level - 1)))).to(work)[:, None] * V)
+            if in_first:
+                for _, s0, S0 in small:
+                    if start <= s0 - a0 < start + (1 << (level - 1)):
+                        S = S + (Tr0 @ S0).expand(batch + (Dk, Dv)).reshape(B, Dk, Dv)
+            return S
 
-        partial = (bucket, transition(0, ch.n - 1))
-    out = fenwick.delta.buckets_from_blocks(T, c, fenwick.num_slots(T), state, transition, partial)
-    zero = torch.zeros((B, Dk, Dv), dtype=work, device=o.device)
+        partial = (bucket, block_transition(0, ch.n - 1))
+    stream, through = fenwick.delta.buckets_from_blocks(ps, c, ps.bit_length(), block_state, block_transition,
+                                                        partial, through=True)
+    slots = max(0 if state is None else state.shape[-3], fenwick.num_slots(e))
+    out = [None] * slots
+
+    def put(level, S):
+        out[level - 1] = S if out[level - 1] is None else out[level - 1] + S
+
+    for level, S in enumerate(stream, 1):
+        if S is not None:
+            put(level if level <= m else cross_level, S)
+    for lev in far:  # moved across the whole stream; merged into the crossing's bucket below its level
+        S = through @ S_of[lev].expand(batch + (Dk, Dv)).reshape(B, Dk, Dv)
+        put(cross_level if crossed and lev < cross_level else lev, S)
+    zero = torch.zeros((B, Dk, Dv), dtype=work, device=dev)
     final = torch.stack([zero if S is None else S for S in out], 1)
     return o, final.reshape(batch + final.shape[1:])
 

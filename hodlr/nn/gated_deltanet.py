@@ -63,7 +63,7 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
         False: ``λ ≡ 1``, no ``L`` and no ``l_proj`` (Gated DeltaNet).
     backend : str, default ``"auto"``
         The backend of :func:`hodlr.log_linear_gated_delta_rule`: ``"auto"`` runs ``triton`` on a
-        GPU for calls without a cache and for prefills that return one without gradient (under
+        GPU for calls without a cache and for those with one and no gradient (under
         ``torch.no_grad``) with ``head_dim <= 128``, else ``chunked``.
 
     Notes
