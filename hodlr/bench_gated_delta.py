@@ -21,7 +21,9 @@ decay (where both compute plain Gated DeltaNet).
 ``--prefill`` adds ``prefill``: the call with ``output_final_state=True`` under ``torch.no_grad``
 (a generation's prompt: the Triton forward and the final bucket states read off its hierarchy),
 and ``prefill_chunked``, the same on the ``chunked`` backend (what runs where a gradient is
-wanted), with ``prefill_over_fwd``.
+wanted), with ``prefill_over_fwd``; and ``continued`` / ``continued_chunked``, the same call
+continuing from a state at position ``T - 1`` (every bit below ``log2 T`` set: the Triton stream
+pads up to ``T - 1`` tokens and reads the carried buckets).
 
 ``--packed N`` adds ``packed_fwd`` / ``packed_fwdbwd``: the row's ``B·T`` tokens as ``N`` packed
 sequences of random lengths (``cu_seqlens``, one call: the aligned stream), and ``looped_fwd`` /
@@ -163,12 +165,21 @@ def _row(torch, bench, D, H, T, B, dtype, device, fla, profile=False, compiled=F
         if row.get("fwdbwd") and row.get("fwdbwd_compiled"):
             row["fwdbwd_compiled_over_fwdbwd"] = row["fwdbwd_compiled"] / row["fwdbwd"]
     if prefill:
-        for key, name in (("prefill", backend), ("prefill_chunked", "chunked")):
-            def run_prefill(name=name):
+        # a continuation from T - 1 (every bit below log2(T) set): the stream's padding and carried reads
+        a = T - 1
+        wide = torch.nn.functional.pad(lam, (0, hodlr.num_levels(a + T) - lam.shape[-1]), value=1.0)
+        gen = torch.Generator(device=device).manual_seed(1)
+        live = torch.tensor([(a >> i) & 1 for i in range(max(1, a.bit_length()))], device=device, dtype=torch.float32)
+        state = hodlr.LogLinearState(torch.randn((B, H, live.numel(), D, D), device=device, generator=gen)
+                                     * live[:, None, None], torch.full((B,), a, device=device))
+        for key, name, kw in (("prefill", backend, {}), ("prefill_chunked", "chunked", {}),
+                              ("continued", backend, {"initial_state": state}),
+                              ("continued_chunked", "chunked", {"initial_state": state})):
+            def run_stateful(name=name, kw=kw):
                 with torch.no_grad():
-                    return hodlr.log_linear_gated_delta_rule(*inputs, scale=scale, backend=name,
-                                                             output_final_state=True)
-            _timed(row, key, lambda: bench(run_prefill))
+                    return hodlr.log_linear_gated_delta_rule(*inputs[:5], wide if kw else lam, scale=scale,
+                                                             backend=name, output_final_state=True, **kw)
+            _timed(row, key, lambda: bench(run_stateful))
         if row.get("prefill") and row.get("fwd"):
             row["prefill_over_fwd"] = row["prefill"] / row["fwd"]
     if packed:
@@ -264,7 +275,8 @@ def _format_row(r) -> str:
             f"{_fmt(r.get('fla_fwd'))} fwd+bwd {_fmt(r.get('fla_fwdbwd'))} ms"
             f"{' (failed)' if 'fla_fwdbwd_error' in r else ''} | fwd / fla fwd {_fmt(r.get('fwd_over_fla_fwd'), '.2f')}"
             + (f" | compiled fwd+bwd {_fmt(r.get('fwdbwd_compiled'))} ms" if "fwdbwd_compiled_runs" in r else "")
-            + (f" | prefill {_fmt(r.get('prefill'))} ms (chunked {_fmt(r.get('prefill_chunked'))})"
+            + (f" | prefill {_fmt(r.get('prefill'))} ms (chunked {_fmt(r.get('prefill_chunked'))}), continued "
+               f"{_fmt(r.get('continued'))} (chunked {_fmt(r.get('continued_chunked'))})"
                if "prefill" in r or "prefill_error" in r else "")
             + (f" | {r['packed_sequences']} packed: fwd+bwd {_fmt(r.get('packed_fwdbwd'))} ms, one call each "
                f"{_fmt(r.get('looped_fwdbwd'))}" if "packed_sequences" in r else ""))

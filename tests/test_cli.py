@@ -425,6 +425,7 @@ def test_bench_gated_delta_code_path_on_cpu(tmp_path):
     (row,) = res["rows"]
     assert (row["D"], row["H"], row["T"], row["B"]) == (8, 2, 9, 2) and row["fwd"] > 0 and row["fwdbwd_over_fwd"] > 0
     assert row["prefill"] > 0 and row["prefill_chunked"] > 0 and row["prefill_over_fwd"] > 0
+    assert row["continued"] > 0 and row["continued_chunked"] > 0
     assert row["packed_sequences"] == 3 and all(row[k] > 0 for k in ("packed_fwd", "packed_fwdbwd", "looped_fwd",
                                                                       "looped_fwdbwd"))
     assert row["compiled_grads_equal"] is True and len(row["fwdbwd_compiled_runs"]) == 2
