@@ -347,6 +347,10 @@ def test_bad_calls_are_refused():
                            rf"recurrent state: it takes no cache .* or one of {have}"):
             dense_layer(x, use_cache=True)
         assert dense_layer(x)[1] is None  # without a cache the dense backend serves the layer
+    triton_gdn = make(LogLinearGatedDeltaNet, backend="triton")
+    with pytest.raises(hodlr.BackendUnavailableError, match=r"LogLinearGatedDeltaNet has backend='triton', which "
+                       r"takes and returns a cache only without gradient: call it under torch.no_grad\(\)"):
+        triton_gdn(x, use_cache=True)
     with pytest.raises(TypeError, match="LogLinearMamba2: use_cache must be a bool, got str"):
         mamba(x, use_cache="yes")
     with pytest.raises(TypeError, match="LogLinearGatedDeltaNet: use_cache must be a bool, got NoneType"):
@@ -682,6 +686,19 @@ def test_mamba2_parameters_follow_the_default_dtype():
 
 
 # -- on a GPU ------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(hodlr.backends.load("triton").unavailable_reason("torch", torch.device("cpu")) is not None,
+                    reason="needs the Triton interpreter (TRITON_INTERPRET=1)")
+def test_gated_delta_generation_on_triton_without_gradient():
+    """A Gated DeltaNet layer made with ``backend="triton"`` generates under ``torch.no_grad`` (its
+    prefill, continuation and steps from the cache on the Triton kernels): the outputs of one pass."""
+    layer = make(LogLinearGatedDeltaNet, backend="triton", num_levels=7)
+    x = inputs(2, 40, layer.hidden_size)
+    with torch.no_grad():
+        want, _ = layer(x)
+        got, cache = run_in_pieces(layer, x, [17, 30, 31])
+    assert relative_error(got, want) <= 1e-12 and cache.state.positions.tolist() == [40, 40]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])
 def test_gpu_generation_equals_full_pass(cls):

@@ -23,6 +23,9 @@ from hodlr.state import LogLinearState, batch_index
 # the backends that keep each layer op's recurrent state, by name (a constant: compiled calls read it
 # without importing the backend modules)
 _STATEFUL = {op: tuple(registry.stateful(op)) for op in ("attention", "gated_delta_attention")}
+# and those that take and return a Gated DeltaNet state without gradient only (hodlr.backends: gated_delta_with_state)
+_STATEFUL_WITHOUT_GRADIENT = tuple(name for name in registry.NAMES
+                                   if hasattr(registry.load(name), "gated_delta_with_state"))
 
 __all__ = ["LayerCache", "RMSNormGated", "ShortConvolution", "level_scales"]
 
@@ -432,9 +435,16 @@ class LogLinearLayer(nn.Module):
         if not isinstance(use_cache, (bool, np.bool_)):
             raise TypeError(f"{name}: use_cache must be a bool, got {type(use_cache).__name__}")
         if (use_cache or cache is not None) and self.backend != "auto" and self.backend not in _STATEFUL[self.OP]:
-            raise BackendUnavailableError(f"{name} has backend={self.backend!r}, which keeps no recurrent state: it "
-                                          f"takes no cache and returns none (use_cache=True, cache=...); make the "
-                                          f"layer with backend='auto' or one of {', '.join(_STATEFUL[self.OP])}")
+            if self.OP == "gated_delta_attention" and self.backend in _STATEFUL_WITHOUT_GRADIENT:
+                if torch.is_grad_enabled():  # the op's inputs come from the layer's parameters
+                    raise BackendUnavailableError(
+                        f"{name} has backend={self.backend!r}, which takes and returns a cache only without "
+                        f"gradient: call it under torch.no_grad() (generation), or make the layer with "
+                        f"backend='auto' or one of {', '.join(_STATEFUL[self.OP])}")
+            else:
+                raise BackendUnavailableError(f"{name} has backend={self.backend!r}, which keeps no recurrent state: "
+                                              f"it takes no cache and returns none (use_cache=True, cache=...); make "
+                                              f"the layer with backend='auto' or one of {', '.join(_STATEFUL[self.OP])}")
         if cache is None:
             if not self.hierarchical or cu_seqlens is not None:  # λ ≡ 1: no limit; packed: the op checks
                 return
