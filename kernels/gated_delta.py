@@ -511,8 +511,8 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
     o_flat = out.reshape((layout.B0, layout.B1, T, DV))
     ch = chunk_hierarchy(layout, C, carried)
     BDK, BDV, n_dv = tiles(layout, OUTPUT_VALUE_TILE)
-    if carried is None:
-        far = (ch.X, ch.X, 0, 0, 0)  # never read
+    if carried is None or carried.far_levels.numel() == 0:
+        far = (ch.X, ch.X, 0, 1 << 62, 0)  # never read (no empty tensor is handed to a launch)
     else:
         far = (carried.far_states.reshape(layout.B, -1, DK, DV).to(ch.X.dtype).contiguous(),
                carried.far_levels.to(device=v.device, dtype=torch.int32), carried.far_levels.numel(),
