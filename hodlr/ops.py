@@ -176,9 +176,13 @@ def _check_end(end, L, initial_positions, continued):
 def _triton_or_chunked(device):
     """What ``"auto"`` runs where only the chunked algorithms will do: ``triton`` on a GPU where it
     is available, else ``chunked`` (a backend module)."""
-    if device.type == "cuda" and registry.load("triton").unavailable_reason("torch", device) is None:
-        return registry.load("triton")
-    return registry.load("chunked")
+    return registry.load("triton" if _kernels_on(device) else "chunked")
+
+
+def _kernels_on(device) -> bool:
+    """Whether ``device`` is a GPU on which the Triton kernels are available (what ``"auto"``
+    runs them on)."""
+    return device.type == "cuda" and registry.load("triton").unavailable_reason("torch", device) is None
 
 
 def _resolve(backend, device, T, needs_state, masks=1):
@@ -531,7 +535,8 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
         final_slots = max(S_in, fenwick.num_slots(end))
         if (T == 1 and initial_state is not None and cu_seqlens is None and q.device.type == "cuda"
-                and init.dtype != torch.float64 and backend in ("auto", "triton")
+                and init.dtype != torch.float64
+                and (backend == "triton" or backend == "auto" and _kernels_on(q.device))
                 and not _checks.wants_grad(q, k, v, g, level_scales, init)):
             state = initial_state.with_slots(final_slots)  # new tensors: the step updates them in place
             o = log_linear_attn_step(q, k, v, g, level_scales, state, scale=scale, backend="triton", validate=False)
@@ -677,7 +682,7 @@ def _step_backend(backend, q, state, op):
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "auto":
-        return "triton" if q.device.type == "cuda" and state.states.dtype != torch.float64 else "torch"
+        return "triton" if _kernels_on(q.device) and state.states.dtype != torch.float64 else "torch"
     if backend == "triton":
         registry.get("triton", "torch", q.device, op=op)  # BackendUnavailableError saying why not
         from hodlr.kernels import interpreting
@@ -814,7 +819,9 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
     """``(o, states, positions)`` of :func:`log_linear_gated_delta_rule` on the ``(N, H, T, D)``
     layout (``level_scales`` and ``g`` in the work dtype; ``states`` and ``positions`` ``None``
     without ``output_final_state``).  Sequences that start at one position (the rows of a batch
-    without ``cu_seqlens``) run as one batched backend call; packed sequences one call each."""
+    without ``cu_seqlens``) run as one batched backend call; packed sequences without state as one
+    call over an aligned stream on a backend with ``PACKED_AS_ONE_STREAM`` (:func:`_as_one_stream`),
+    else one call each."""
     N, Hqk, T, Dk = q.shape
     H, Dv = v.shape[1], v.shape[3]
     grp = H // Hqk
@@ -899,7 +906,8 @@ def _as_one_stream(module, q, k, v, beta, g, level_scales, scale, offset, length
     call of ``module`` over the aligned stream of :func:`stream_layout`: the tokens gathered to
     their stream positions (zeros between), each token's level scales above its sequence's ``K``
     set to 0 (the levels that would reach an earlier sequence) and its sequence's first log-decay
-    to 0 (it multiplies no pair, as at position 0); the outputs gathered back.  One launch set
+    to -inf (a zero transition between sequences; it multiplies no pair of its own, as at
+    position 0); the outputs gathered back.  One launch set
     instead of one per sequence, on at most twice the tokens; differentiable (the gathers are)."""
     T = q.shape[2]
     starts, Ts = stream_layout(length)
@@ -926,9 +934,11 @@ def _as_one_stream(module, q, k, v, beta, g, level_scales, scale, offset, length
     lam = torch.nn.functional.pad(lam, (0, L - lam.shape[-1]))
     keep = torch.as_tensor(np.arange(L)[None, :] <= K[:, None], device=dev)
     lam = torch.where(keep, lam, torch.zeros((), dtype=lam.dtype, device=dev))
-    gs = gather(g)
-    if gs is not None:
-        gs = torch.where(torch.as_tensor(first, device=dev), torch.zeros((), dtype=gs.dtype, device=dev), gs)
+    # each sequence's first log-decay -inf: its token's transition is 0, so no product of transitions
+    # runs across sequences (a growing gate could overflow one, and 0 · inf is NaN), and no gradient
+    # reaches that log-decay (it multiplies no pair at position 0)
+    gs = gather(g) if g is not None else level_scales.new_zeros((1, v.shape[1], Ts))
+    gs = torch.where(torch.as_tensor(first, device=dev), torch.full((), float("-inf"), dtype=gs.dtype, device=dev), gs)
     Hqk, grp = q.shape[1], v.shape[1] // q.shape[1]
     q5, k5, v5, lam5, g5 = registry.grouped_heads(gather(q), gather(k), gather(v), lam, gs)
     o = module.gated_delta_attention(q5, k5, v5, gather(beta).unflatten(1, (Hqk, grp)), lam5, g5, scale)
@@ -1055,7 +1065,7 @@ def _gd_op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k:
 
     if stateful and not registry.keeps_state(_resolve_gated_delta(backend, q.device, True, q.shape[-1]),
                                              "gated_delta_attention"):
-        backend = "chunked"  # a stateful call of a backend without a state's gradient (its forward ran without autograd)
+        backend = "chunked"  # a backend that differentiates no state ran the forward (without autograd)
 
     def forward(q, k, v, g, beta, lam, init):
         return _gated_delta_forward(q, k, v, beta, g, lam, scale, init, initial_positions, cu_seqlens,
@@ -1194,8 +1204,8 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
                                           cu_seqlens, output_final_state, final_slots, backend, keep)
     else:
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
-        if (T == 1 and initial_state is not None and cu_seqlens is None and q.device.type == "cuda"
-                and init.dtype != torch.float64 and backend == "auto"
+        if (T == 1 and initial_state is not None and cu_seqlens is None and init.dtype != torch.float64
+                and backend == "auto" and _kernels_on(q.device)
                 and not _checks.wants_grad(q, k, v, g, beta, level_scales, init)):  # decoding: the decode kernel
             state = initial_state.with_slots(max(S_in, fenwick.num_slots(end)))  # new tensors, stepped in place
             o = log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, scale=scale, backend="triton",
