@@ -327,11 +327,12 @@ class Carried(NamedTuple):
     ``hodlr.backends.triton.gated_delta_with_state``, which places the call so that these are all
     it needs):
 
-    * ``level0_index (m,)`` int64 and ``level0_states (batch, m, Dk, Dv)``: added to the chunk
-      states of level 0 (chunks ``level0_index``) before the hierarchy is built (carried buckets that
-      are whole chunks of the call's front padding, and the in-chunk ones moved to their chunk's end);
+    * ``level0_index (n0,)`` int64 and ``level0_states (batch, n0, Dk, Dv)``: added to the chunk
+      states of level 0 (chunks ``level0_index``) before the hierarchy is built (carried buckets
+      that are whole chunks of the launch's front padding, as their last chunk's state, and the
+      in-chunk ones moved to their chunk's end);
     * ``far_states (batch, n_far, Dk, Dv)`` and ``far_levels (n_far,)`` int32: the carried buckets
-      before the call's first row, read by every row with its queries moved to that row, each at
+      before the launch's first row, read by every row with its queries moved to that row, each at
       its level, or at ``cross_level`` if higher for the rows from ``cross_row`` on.
 
     States in the accumulator dtype; ``batch`` the call's broadcast batch shape."""

@@ -596,14 +596,14 @@ def test_step_refuses_or_skips_an_overflowing_row(rng):
 
 
 def test_auto_backend_of_the_rule():
-    """``auto`` is ``chunked`` on the CPU (and for calls with state anywhere, prefills without a
-    gradient aside); ``triton`` only for stateless calls and prefills on a CUDA device with keys the
+    """``auto`` is ``chunked`` on the CPU (and for calls with state and a gradient anywhere);
+    ``triton`` only on a CUDA device, for calls without state or without gradient, with keys the
     kernels take (``Dk <= 128``)."""
     from hodlr import ops
 
-    for stateful, prefill in ((False, False), (True, False), (True, True)):
+    for stateful, inference in ((False, False), (True, False), (True, True)):
         assert ops._resolve_gated_delta("auto", torch.device("cpu"), stateful, 64,
-                                        prefill).__name__.endswith(".chunked")
+                                        inference).__name__.endswith(".chunked")
     if torch.cuda.is_available():
         assert ops._resolve_gated_delta("auto", torch.device("cuda"), False, 64).__name__.endswith(".triton")
         assert ops._resolve_gated_delta("auto", torch.device("cuda"), False, 256).__name__.endswith(".chunked")

@@ -145,7 +145,7 @@ def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=
     multiple of ``2^m``.  Inside the stream every level is the absolute one but for the pairs
     across that multiple, stream level ``m + 1`` and absolute ``m + 1 + t`` (``t`` the trailing
     one-bits of ``position >> m``): the rows past it read that column there.  The carried buckets of
-    levels up to ``m`` lie in the padding: those of whole chunks enter as those chunks' states,
+    levels up to ``m`` lie in the padding: one of whole chunks enters as its last chunk's state,
     those inside the call's first chunk enter its state moved across it and are read by its rows
     (``chunked.carried_small_reads``); those of higher levels lie before the stream and are read
     by every row with its queries moved to the stream's start (:class:`hodlr.kernels.gated_delta.

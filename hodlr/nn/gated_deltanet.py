@@ -63,8 +63,9 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
         False: ``λ ≡ 1``, no ``L`` and no ``l_proj`` (Gated DeltaNet).
     backend : str, default ``"auto"``
         The backend of :func:`hodlr.log_linear_gated_delta_rule`: ``"auto"`` runs ``triton`` on a
-        GPU for calls without a cache and for those with one and no gradient (under
-        ``torch.no_grad``) with ``head_dim <= 128``, else ``chunked``.
+        GPU for calls without a cache and for those with one and no gradient wanted (under
+        ``torch.no_grad``, or parameters that require none) with ``head_dim <= 128``, else
+        ``chunked``.
 
     Notes
     -----
