@@ -22,7 +22,8 @@ and any of the operations of :data:`OPS` (a module that lacks one does not offer
     (``(*batch, S, Dk, Dv)``, the bucket states of the first token's absolute position, slot
     ``l - 1`` = level ``l``), ``position`` (that position) and ``final_state`` (also return the
     bucket states after the last token): :func:`hodlr.log_linear_gated_delta_rule` runs state
-    hand-off and packed sequences through them, one call per start position.
+    hand-off and packed sequences through them, one call per start position (packed sequences
+    without state as one call, see ``PACKED_AS_ONE_STREAM``).
 
 ``attention_state(q, k, v, level_scales, log_decay, scale, initial_state, initial_positions, cu_seqlens, output_final_state)`` (optional)
     Attention that continues from a recurrent state and/or runs packed sequences, on the
