@@ -182,7 +182,7 @@ def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=
     S_of = {lev: state[..., lev - 1, :, :].to(work) for lev in live}
 
     def front(x, tail):  # P zero tokens before the call's
-        return None if x is None else torch.nn.functional.pad(x, (0, 0) * tail + (P, 0))
+        return x if x is None or P == 0 else torch.nn.functional.pad(x, (0, 0) * tail + (P, 0))
 
     qs, ks, vs, bs, gs, lam = front(q, 1), front(k, 1), front(v, 1), front(beta, 0), front(log_decay, 0), \
         front(level_scales, 1)
