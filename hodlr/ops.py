@@ -860,7 +860,8 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
             o5 = v5.new_zeros(v5.shape)
             fin5 = init5 if init5 is not None else v5.new_zeros(v5.shape[:3] + (0, Dk, Dv), dtype=work)
         elif inference:
-            o5, fin5 = module.gated_delta_with_state(q5, k5, v5, beta5, lam5, g5, scale, state=init5, position=a)
+            o5, fin5 = module.gated_delta_with_state(q5, k5, v5, beta5, lam5, g5, scale, state=init5, position=a,
+                                                     final_state=output_final_state)
         elif stateful:
             o5, fin5 = module.gated_delta_attention(q5, k5, v5, beta5, lam5, g5, scale, state=init5, position=a,
                                                     final_state=True)

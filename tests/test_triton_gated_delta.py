@@ -292,6 +292,9 @@ def test_continued_calls_equal_chunked(decay):
                                                          backend="chunked")
         assert final.states.shape == want.states.shape and final.positions.tolist() == [a + T] * 2
         assert_close(o, want_o, TOL[torch.float64], f"outputs from {a}, T={T}")
+        with torch.no_grad():  # without the final state: the same outputs
+            alone, none = hodlr.log_linear_gated_delta_rule(*args, initial_state=state, backend="triton")
+        assert none is None and torch.equal(alone, o)
         assert_close(final.states, want.states, TOL[torch.float64], f"final states from {a}, T={T}")
 
 

@@ -132,10 +132,12 @@ def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale, *, chec
     return kernels.gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale, check=check)
 
 
-def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=None, position: int = 0):
+def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=None, position: int = 0,
+                           final_state: bool = True):
     """:func:`gated_delta_attention` continuing from the Fenwick bucket states ``state``
     (``(*batch, S, Dk, Dv)``, slot ``l - 1`` = level ``l``; None: none) of absolute position
-    ``position``, returning ``(o, states)``: the bucket states after the last token,
+    ``position``, returning ``(o, states)`` (``states`` None without ``final_state``): the bucket
+    states after the last token,
     ``(*batch, max(S, bit_length(position + T)), Dk, Dv)`` in the accumulator dtype (float32,
     float64 for float64 inputs), as the ``chunked`` backend's ``final_state``.  No gradient (the
     kernels' backward takes no state).
@@ -159,7 +161,6 @@ def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=
 
     from hodlr import fenwick, kernels
     from hodlr.backends import chunked
-    from hodlr.kernels._layout import level_offsets
     from hodlr.kernels.gated_delta import Carried
 
     a, T = int(position), v.shape[-2]
@@ -223,11 +224,35 @@ def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=
         reads = chunked.carried_small_reads(q_moved, level_scales[..., :first, :].to(work), np.arange(first) + a,
                                             small)
         o = torch.cat([o[..., :first, :] + (scale * reads).to(o.dtype), o[..., first:, :]], -2)
+    if not final_state:
+        return o, None
+    slots = max(0 if state is None else state.shape[-3], fenwick.num_slots(e))
+    far_states = [(lev, S_of[lev]) for lev in far]
+    return o, _final_buckets(ch, carried is not None, ks, vs, bs, gs, batch, P, P + T, a0, m, crossed, cross_level,
+                             small, Tr0, far_states, slots)
 
-    # the final buckets: the stream's, read off its hierarchy, then placed at their absolute levels
+
+def _final_buckets(ch, all_transitions, ks, vs, bs, gs, batch, P, ps, a0, m, crossed, cross_level, small, Tr0,
+                   far_states, slots):
+    """The final bucket states of :func:`gated_delta_with_state` (``(*batch, slots, Dk, Dv)``): the
+    stream's, read off its hierarchy ``ch`` (``ks, vs, bs, gs`` its inputs, ``ps`` its length, the
+    call's first token at row ``P``, row 0 at absolute position ``a0``; ``all_transitions``: the
+    forward formed the transitions of its top level), placed at their absolute levels (the
+    crossing's, level ``m + 1`` in the stream, at ``cross_level``), with the carried ``far_states``
+    ``[(level, S)]`` moved across the whole stream; ``small`` and ``Tr0``: the carried in-chunk
+    buckets and the first call chunk's transition."""
+    import torch
+
+    from hodlr import fenwick, kernels
+    from hodlr.kernels._layout import level_offsets
+
     B = ch.X.shape[0]
+    Dk, Dv = ch.W.shape[-1], vs.shape[-1]
+    dev, work = ch.X.device, ch.X.dtype
+    c = kernels.DEFAULT_CHUNK["gated_delta"].bit_length() - 1
+    C = 1 << c
     offsets = level_offsets(ch.n)
-    top = len(offsets) - 2  # the highest stored level (its transitions formed only with carried states)
+    top = len(offsets) - 2  # the highest stored level
     eye = torch.eye(Dk, dtype=work, device=dev)
 
     def block_state(h, j):
@@ -236,13 +261,12 @@ def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=
         return block_transition(h - 1, 2 * j + 1) @ block_state(h - 1, 2 * j) + block_state(h - 1, 2 * j + 1)
 
     def block_transition(h, j):
-        if h == 0 or h < top or (h == top and carried is not None):
+        if h == 0 or h < top or (h == top and all_transitions):
             R = ch.trans[:, offsets[h] + j].reshape(B, Dk, Dk).to(work)
             gamma = 1.0 if ch.decays is None else ch.decays[:, offsets[h] + j, None, None]
             return R + gamma * eye
         return block_transition(h - 1, 2 * j + 1) @ block_transition(h - 1, 2 * j)
 
-    ps = P + T
     J = ps >> c
     partial = None
     if ps % C:  # the last chunk holds r = ps - J C stream tokens: E = (diag(d) K)ᵀ X diag(β) over them
@@ -273,7 +297,6 @@ def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=
         partial = (bucket, block_transition(0, ch.n - 1))
     stream, through = fenwick.delta.buckets_from_blocks(ps, c, ps.bit_length(), block_state, block_transition,
                                                         partial, through=True)
-    slots = max(0 if state is None else state.shape[-3], fenwick.num_slots(e))
     out = [None] * slots
 
     def put(level, S):
@@ -282,12 +305,12 @@ def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=
     for level, S in enumerate(stream, 1):
         if S is not None:
             put(level if level <= m else cross_level, S)
-    for lev in far:  # moved across the whole stream; merged into the crossing's bucket below its level
-        S = through @ S_of[lev].expand(batch + (Dk, Dv)).reshape(B, Dk, Dv)
-        put(cross_level if crossed and lev < cross_level else lev, S)
+    for lev, S in far_states:  # moved across the whole stream; merged into the crossing's bucket below it
+        put(cross_level if crossed and lev < cross_level else lev,
+            through @ S.expand(batch + (Dk, Dv)).reshape(B, Dk, Dv))
     zero = torch.zeros((B, Dk, Dv), dtype=work, device=dev)
     final = torch.stack([zero if S is None else S for S in out], 1)
-    return o, final.reshape(batch + final.shape[1:])
+    return final.reshape(batch + final.shape[1:])
 
 
 def gated_delta_keeping_chunks(q, k, v, beta, level_scales, log_decay, scale):
