@@ -245,6 +245,22 @@ def test_opcheck_gated_delta_rule(with_state, packed):
                           (q, k, v, g, beta, lam, 0.5, states, positions, cu, True, 5, "chunked", True))
 
 
+@pytest.mark.skipif(hodlr.backends.load("triton").unavailable_reason("torch", torch.device("cpu")) is not None,
+                    reason="needs the Triton interpreter (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("packed", [False, True])
+def test_opcheck_gated_delta_rule_triton_with_state(packed):
+    """The operator on ``triton`` with states: its forward (without autograd) runs the Triton stream
+    from the states, its backward recomputes with ``chunked``."""
+    q, k, v, g, beta, lam = (x.transpose(1, 2).detach().requires_grad_() for x in gated_delta_inputs(1, 9, 2, 3))
+    cu = torch.tensor([0, 4, 4, 9]) if packed else None
+    Nseq = 3 if packed else 1
+    positions = torch.tensor([5, 0, 2][:Nseq])
+    live = torch.tensor([[(p >> i) & 1 for i in range(3)] for p in positions.tolist()], dtype=DT)
+    states = (torch.randn(Nseq, 2, 3, 3, 3, dtype=DT) * live[:, None, :, None, None]).requires_grad_()
+    torch.library.opcheck(torch.ops.hodlr.log_linear_gated_delta_rule.default,
+                          (q, k, v, g, beta, lam, 0.5, states, positions, cu, True, 5, "triton", True))
+
+
 @pytest.mark.gpu
 def test_compiled_no_slower_than_eager_on_gpu():
     """B = 16, T = 16,384, H = 16, D = 64, bfloat16, default backend: a compiled function calling
