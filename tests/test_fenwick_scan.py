@@ -723,3 +723,65 @@ def test_copy_steps_on_its_own(kind):
     want = [state.step(*args(t)) for t in range(5, 9)]
     for a, b in zip(got, want):  # (the copy holds each state times its decay factor: rounding apart)
         assert_close(a, b, TOL, f"{kind} copy")
+
+
+@settings(max_examples=40, deadline=None)
+@given(p=st.integers(0, 300), c=st.integers(0, 3), seed=st.integers(0, 2 ** 16))
+def test_buckets_from_blocks_equal_their_definition(p, c, seed):
+    """``fenwick.delta.buckets_from_blocks`` against the definition, with random per-token states
+    ``u_s`` and transitions ``A_s`` (matrices): bucket ``l`` of position ``p`` is
+    ``Σ_{s in bucket} A_{p-1} ⋯ A_{s+1} u_s``, aligned blocks of ``2^h`` chunks of ``2^c`` tokens
+    hold the same sum over their tokens up to their last, and ``through=True`` also gives
+    ``A_{p-1} ⋯ A_0``.  Only the transitions that something earlier crosses are asked for."""
+    from hodlr.fenwick.delta import buckets_from_blocks
+
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((max(p, 1), 2, 2)) / 2
+    u = rng.standard_normal((max(p, 1), 2, 3))
+    eye = np.eye(2)
+
+    def moved(lo, hi, to):
+        """``Σ_{s in [lo, hi)} A_{to-1} ⋯ A_{s+1} u_s`` (the state at ``to`` of tokens ``lo .. hi - 1``)."""
+        S = np.zeros((2, 3))
+        for s in range(lo, hi):
+            M = eye
+            for r in range(s + 1, to):
+                M = A[r] @ M
+            S = S + M @ u[s]
+        return S
+
+    def across(lo, hi):
+        """``A_{hi-1} ⋯ A_lo``."""
+        M = eye
+        for r in range(lo, hi):
+            M = A[r] @ M
+        return M
+
+    C = 1 << c
+    asked = []
+
+    def block_state(h, m):
+        lo, hi = m * (C << h), (m + 1) * (C << h)
+        return moved(lo, hi, hi)
+
+    def block_transition(h, m):
+        asked.append((h, m))
+        return across(m * (C << h), (m + 1) * (C << h))
+
+    J = p >> c
+    partial = None
+    if p % C:
+        partial = (lambda level, start: moved(start, start + (1 << (level - 1)), p), across(J * C, p))
+    out, through = buckets_from_blocks(p, c, max(p.bit_length(), 1), block_state, block_transition, partial,
+                                       through=True)
+    for level in range(1, p.bit_length() + 1):
+        lo, hi = fenwick.bucket(p, level) if p else (0, 0)
+        if hi > lo:
+            np.testing.assert_allclose(out[level - 1], moved(lo, hi, p), atol=1e-12)
+        else:
+            assert out[level - 1] is None
+    np.testing.assert_allclose(eye if through is None else through, across(0, p), atol=1e-12)
+    asked.clear()
+    buckets_from_blocks(p, c, max(p.bit_length(), 1), block_state, block_transition, partial)
+    top = J.bit_length() - 1
+    assert all(h < top for h, _ in asked), "the earliest block's transition is not asked for"
