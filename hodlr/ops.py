@@ -631,7 +631,7 @@ def log_linear_attn_step(q, k, v, g, level_scales, state, *, scale=1.0, backend:
     scale : float or None, default 1.0
         Multiplies ``q kᵀ`` (as :func:`log_linear_attn`); None is ``Dk ** -0.5``.
     backend : ``"auto"``, ``"triton"`` or ``"torch"``
-        ``triton``: the decode kernel (``hodlr.kernels.decode.decode_step``: one launch, no host
+        ``triton``: the decode kernel (``hodlr.kernels.decode.decode_step``: two launches, no host
         synchronisation, capturable in a CUDA graph; on the CPU under ``TRITON_INTERPRET=1``; float64
         only there);
         ``torch``: torch operations on the state's slots, shared with
@@ -1142,9 +1142,10 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
         ``T``, its own Fenwick tree (positions restart at 0, or at its state's position).  Empty
         sequences pass their state through.
     backend : str, default ``"auto"``
-        ``"triton"`` (the Triton kernels, forward and backward, ``Dk <= 128``; states only without
-        gradient: what ``auto`` picks on a GPU for calls without state, and with state and no
-        gradient, whose keys it takes),
+        ``"triton"`` (the Triton kernels, forward and backward, ``Dk <= 128``; calls with a state
+        only without gradient; one token from a state on the decode kernel, any ``Dk``): what
+        ``auto`` picks on a GPU for calls without state or without gradient when ``Dk <= 128``, and
+        for one token from a state at any ``Dk``,
         ``"chunked"`` (what ``auto`` picks otherwise), ``"fenwick"``
         (the recurrence) or ``"dense"`` (the reference; no state).  ``g > 0`` (a gate that
         grows) is outside the chunk-wise backends' accuracy (docs/mathematics.md §13, growth
@@ -1164,7 +1165,8 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
     ValueError, TypeError
         As :func:`log_linear_attn`, and for ``beta`` of another shape than ``(B, T, H)``; its
         ``LevelsExceededError`` and ``BackendUnavailableError`` too (the backends that keep a Gated
-        DeltaNet state: ``chunked``, ``fenwick``).
+        DeltaNet state with its gradient: ``chunked``, ``fenwick``; ``triton`` raises it for a call
+        with a state where a gradient is wanted, ``dense`` for every call with a state).
 
     Examples
     --------
@@ -1206,7 +1208,7 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
     else:
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
         if (T == 1 and initial_state is not None and cu_seqlens is None and init.dtype != torch.float64
-                and backend == "auto" and _kernels_on(q.device)
+                and (backend == "triton" and q.device.type == "cuda" or backend == "auto" and _kernels_on(q.device))
                 and not _checks.wants_grad(q, k, v, g, beta, level_scales, init)):  # decoding: the decode kernel
             state = initial_state.with_slots(max(S_in, fenwick.num_slots(end)))  # new tensors, stepped in place
             o = log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, scale=scale, backend="triton",
@@ -1227,14 +1229,14 @@ def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=
                                 validate: bool = True, state_indices=None):
     """One decoding step of log-linear Gated DeltaNet for a batch of sequences, each at its own
     position: consumes one token per sequence and updates ``state`` in place (its ``states`` and
-    ``positions`` tensors), with torch operations only and no host read when ``validate`` is False
-    (so the step can be captured in a CUDA graph).
+    ``positions`` tensors), with no host read when ``validate`` is False (so the step can be
+    captured in a CUDA graph).
 
     For the token at position ``p`` (docs/mathematics.md §13, the recurrent form): every live
     bucket state is moved by ``A = exp(g) (I - beta k kᵀ)``; the output is
     ``scale * (λ[0] beta (q · k) v + Σ_l λ[l] (A S_l)ᵀ q)`` over the live levels ``l`` (the set bits
     of ``p``); the slots of the trailing one-bits of ``p`` merge with the token's write ``beta k vᵀ``
-    into slot ``bit_length(p XOR (p + 1))`` and are cleared.
+    into the slot of level ``bit_length(p XOR (p + 1))`` and are cleared.
 
     Parameters
     ----------
@@ -1252,7 +1254,7 @@ def log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, *, scale=
         Default ``Dk ** -0.5`` (as :func:`log_linear_gated_delta_rule`).
     backend : ``"auto"``, ``"triton"`` or ``"torch"``
         As :func:`log_linear_attn_step`'s: ``triton`` the decode kernel
-        (``hodlr.kernels.decode.decode_step`` with ``beta``: one launch, each state tile read and
+        (``hodlr.kernels.decode.decode_step`` with ``beta``: two launches, each state tile read and
         written once), ``torch`` torch operations on the state's slots; ``auto`` picks ``triton`` on
         a GPU, ``torch`` for a float64 state and on the CPU.
     validate : bool, default True

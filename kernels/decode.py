@@ -8,8 +8,9 @@ The token at position ``p`` reads every live slot (the set bits of ``p``) with i
 ``o = scale * (λ[0] (q · k) v + exp(g) Σ_l λ[l] qᵀ S_l)``
 
 and the state moves to ``p + 1`` as a binary increment: with ``D = bit_length(p XOR (p + 1))`` (the
-trailing ones of ``p``, plus one), the slots ``l < D`` merge with the token into slot ``D``
-(``exp(g) Σ_{l<D} S_l + k vᵀ``) and become empty (0); the slots ``l > D`` are decayed by ``exp(g)``.
+trailing ones of ``p``, plus one), the buckets of levels ``l < D`` merge with the token into the
+bucket of level ``D`` (slot ``D - 1``: ``exp(g) Σ_{l<D} S_l + k vᵀ``) and become empty (0); those of
+levels ``l > D`` are decayed by ``exp(g)``.
 
 Gated DeltaNet (a ``beta``) moves every live slot by ``A = exp(g) (I - β k kᵀ)`` instead of
 ``exp(g)`` before it is read, merged or stored (``S - β k (kᵀ S)``: a program holds every key row

@@ -312,6 +312,21 @@ def test_gated_delta_decode_kernel_equals_one_call(decay, grouped):
         assert relative_error(got, want_s) <= TOL
 
 
+def test_gated_delta_decode_kernel_takes_wide_heads():
+    """Keys and values 256 wide (the Gated DeltaNet layer's default head, wider than the chunk
+    kernels take): the decode kernel steps them as the recurrence does."""
+    cache = gated_delta_cache([5, 12], H=1, Dk=256, Dv=256, seed=12)
+    q, k, v, g, beta, lam = gated_delta_step_inputs(cache, 13)
+    want, after = hodlr.log_linear_gated_delta_rule(q, k, v, g, beta, lam, initial_state=cache, output_final_state=True,
+                                                     backend="fenwick")
+    state = dev(cache)
+    o = hodlr.log_linear_gated_delta_step(*(dev(x) for x in (q, k, v, g, beta, lam)), state, backend="triton")
+    live = ((state.positions.cpu()[:, None] >> torch.arange(state.num_slots)) & 1).bool()[:, None, :, None, None]
+    assert relative_error(o.cpu(), want) <= TOL
+    assert relative_error(torch.where(live, state.states.cpu(), 0.0),
+                          torch.where(live, after.states[:, :, :state.num_slots], 0.0)) <= TOL
+
+
 def test_gated_delta_decode_kernel_leaves_rows_that_do_not_fit():
     """Without validation a row whose step would leave the slots keeps its state and position and
     gets NaN; the other rows step (the kernel as the torch step)."""

@@ -65,7 +65,8 @@ class LogLinearGatedDeltaNet(LogLinearLayer):
         The backend of :func:`hodlr.log_linear_gated_delta_rule`: ``"auto"`` runs ``triton`` on a
         GPU for calls without a cache and for those with one and no gradient wanted (under
         ``torch.no_grad``, or parameters that require none) with ``head_dim <= 128``, else
-        ``chunked``.
+        ``chunked``; one-token decoding from a cache runs the decode kernel at any ``head_dim``.
+        ``"triton"`` takes a cache only while grad mode is off.
 
     Notes
     -----
