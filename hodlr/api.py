@@ -42,12 +42,12 @@ def _empty(batch) -> bool:
     return any(n == 0 for n in batch)
 
 
-def _resolve(backend, M, batch, op: str, key_width: int = 0):
+def _resolve(backend, M, batch, op: str, key_width: int = 0, dtype=None):
     """The backend module that runs ``op`` for the mask ``M`` over the broadcast ``batch`` on keys
-    ``key_width`` wide."""
+    ``key_width`` wide and operands of ``dtype``."""
     if backend == "auto":
         backend = registry.auto_backend(M.library, M.device, M.T, op=op, key_width=key_width,
-                                        masks=math.prod(batch))
+                                        masks=math.prod(batch), dtype=dtype)
     return registry.get(backend, M.library, M.device, op=op)
 
 
@@ -121,7 +121,7 @@ def matmul(M, X, *, backend: str = "auto"):
     _check_operand_dtypes(M, {"X": X})
     _check_length(M, {"X": X})
     batch = _checks.broadcast_batch({"M": M.batch_shape, "X": tuple(X.shape[:-2])})
-    module = _resolve(backend, M, batch, "matmul")
+    module = _resolve(backend, M, batch, "matmul", dtype=X.dtype)
     if _empty(batch) or X.shape[-1] == 0:
         return zeros(batch + tuple(X.shape[-2:]), X)
     lam, g = _mask_args(M, batch, module)
@@ -190,7 +190,7 @@ def attention(q, k, v, M, *, scale=None, backend: str = "auto"):
     batch = _checks.broadcast_batch(
         {"M": M.batch_shape, "q": tuple(q.shape[:-2]), "k": tuple(k.shape[:-2]), "v": tuple(v.shape[:-2])}
     )
-    module = _resolve(backend, M, batch, "attention")
+    module = _resolve(backend, M, batch, "attention", dtype=v.dtype)
     if _empty(batch) or q.shape[-1] == 0 or v.shape[-1] == 0:
         return zeros(batch + tuple(v.shape[-2:]), v)
     lam, g = _mask_args(M, batch, module)
@@ -288,7 +288,7 @@ def gated_delta_attention(q, k, v, beta, M, *, scale=None, backend: str = "auto"
     """
     v = _checks.as_array("v", v, 2, "(..., T, Dv)")
     q, k, beta, v, batch, scale = _gated_delta_operands(M, scale, q, k, beta, v)
-    module = _resolve(backend, M, batch, "gated_delta_attention", q.shape[-1])
+    module = _resolve(backend, M, batch, "gated_delta_attention", q.shape[-1], v.dtype)
     if _empty(batch) or q.shape[-1] == 0 or v.shape[-1] == 0:
         return zeros(batch + tuple(v.shape[-2:]), v)
     lam, g = _mask_args(M, batch, module)

@@ -173,27 +173,29 @@ def _check_end(end, L, initial_positions, continued):
 # ---------------------------------------------------------------------------------------
 # the computation on the (N, H, T, D) layout
 # ---------------------------------------------------------------------------------------
-def _triton_or_chunked(device):
+def _triton_or_chunked(device, dtype=None):
     """What ``"auto"`` runs where only the chunked algorithms will do: ``triton`` on a GPU where it
-    is available, else ``chunked`` (a backend module)."""
-    return registry.load("triton" if _kernels_on(device) else "chunked")
+    is available and takes ``dtype``, else ``chunked`` (a backend module)."""
+    return registry.load("triton" if _kernels_on(device, dtype) else "chunked")
 
 
-def _kernels_on(device) -> bool:
+def _kernels_on(device, dtype=None) -> bool:
     """Whether ``device`` is a GPU on which the Triton kernels are available (what ``"auto"``
-    runs them on)."""
-    return device.type == "cuda" and registry.load("triton").unavailable_reason("torch", device) is None
+    runs them on), for inputs of ``dtype`` (None: not checked)."""
+    triton_backend = registry.load("triton")
+    return (device.type == "cuda" and triton_backend.unavailable_reason("torch", device) is None
+            and registry.takes_dtype(triton_backend, dtype))
 
 
-def _resolve(backend, device, T, needs_state, masks=1):
+def _resolve(backend, device, T, needs_state, masks=1, dtype=None):
     """The backend module of :func:`log_linear_attn` for ``masks`` masks (rows times query/key
-    heads, the same count in the forward and the backward) of length ``T``."""
+    heads, the same count in the forward and the backward) of length ``T``, inputs of ``dtype``."""
     if backend != "auto":
         return registry.get(backend, "torch", device, op="attention")
     if needs_state:
-        return _triton_or_chunked(device)
-    return registry.get(registry.auto_backend("torch", device, T, op="attention", masks=masks), "torch", device,
-                        op="attention")
+        return _triton_or_chunked(device, dtype)
+    return registry.get(registry.auto_backend("torch", device, T, op="attention", masks=masks, dtype=dtype), "torch",
+                        device, op="attention")
 
 
 def _plain(module, q, k, v, level_scales, g, scale, cu_seqlens):
@@ -221,7 +223,7 @@ def _forward(q, k, v, g, level_scales, scale, init_states, init_positions, cu_se
     empty: the caller checked the end positions); empty tensors without ``output_final_state``."""
     T = q.shape[2]
     needs_state = init_states is not None or output_final_state
-    module = _resolve(backend, q.device, T, needs_state or cu_seqlens is not None, q.shape[0] * q.shape[1])
+    module = _resolve(backend, q.device, T, needs_state or cu_seqlens is not None, q.shape[0] * q.shape[1], v.dtype)
     if registry.has_state(module) and (needs_state or cu_seqlens is not None):
         out = module.attention_state(q, k, v, level_scales, g, scale, init_states, init_positions, cu_seqlens,
                                      output_final_state)
@@ -279,7 +281,7 @@ def _keeper(q, initial_states, cu_seqlens, output_final_state, backend, keep):
     state, no packed sequences, tokens), or None."""
     if not _plain_path(q, initial_states, cu_seqlens, output_final_state):
         return None
-    module = _resolve(backend, q.device, q.shape[2], False, q.shape[0] * q.shape[1])
+    module = _resolve(backend, q.device, q.shape[2], False, q.shape[0] * q.shape[1], q.dtype)
     if not keep or not hasattr(module, "attention_keeping_states"):
         return None
     return module
@@ -345,7 +347,8 @@ def _op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k: to
     (``attention_state_vjp``: triton, reading the forward's ``kept`` states where it kept them),
     else the backend's forward recomputed under autograd."""
     module = _resolve(backend, q.device, q.shape[2],
-                      initial_states is not None or output_final_state or cu_seqlens is not None, q.shape[0] * q.shape[1])
+                      initial_states is not None or output_final_state or cu_seqlens is not None, q.shape[0] * q.shape[1],
+                      v.dtype)
     vjp = getattr(module, "attention_state_vjp", None)
     if vjp is not None and q.shape[2] > 0:
         saved = (kept, kept_logdec) if kept.numel() else None
@@ -536,7 +539,7 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
         final_slots = max(S_in, fenwick.num_slots(end))
         if (T == 1 and initial_state is not None and cu_seqlens is None and q.device.type == "cuda"
                 and init.dtype != torch.float64
-                and (backend == "triton" or backend == "auto" and _kernels_on(q.device))
+                and (backend == "triton" or backend == "auto" and _kernels_on(q.device, q.dtype))
                 and not _checks.wants_grad(q, k, v, g, level_scales, init)):
             state = initial_state.with_slots(final_slots)  # new tensors: the step updates them in place
             o = log_linear_attn_step(q, k, v, g, level_scales, state, scale=scale, backend="triton", validate=False)
@@ -682,7 +685,7 @@ def _step_backend(backend, q, state, op):
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "auto":
-        return "triton" if _kernels_on(q.device) and state.states.dtype != torch.float64 else "torch"
+        return "triton" if _kernels_on(q.device, q.dtype) and state.states.dtype != torch.float64 else "torch"
     if backend == "triton":
         registry.get("triton", "torch", q.device, op=op)  # BackendUnavailableError saying why not
         from hodlr.kernels import interpreting
@@ -778,13 +781,13 @@ def _step_fits(positions, num_slots, L):
 # ---------------------------------------------------------------------------------------
 # log-linear Gated DeltaNet
 # ---------------------------------------------------------------------------------------
-def _resolve_gated_delta(backend, device, stateful, key_width, inference=False):
+def _resolve_gated_delta(backend, device, stateful, key_width, inference=False, dtype=None):
     """The backend module for :func:`log_linear_gated_delta_rule` on keys ``key_width`` wide;
     ``"auto"`` is ``triton`` on a GPU where its kernels take the keys for calls without state and,
     with ``inference`` (no gradient wanted: :func:`_stateful_inference`), for those with state,
-    else ``chunked``."""
+    for inputs of ``dtype`` it takes, else ``chunked``."""
     if backend == "auto":
-        module = _triton_or_chunked(device)
+        module = _triton_or_chunked(device, dtype)
         plain = not stateful or (inference and hasattr(module, "gated_delta_with_state"))
         backend = "chunked" if not plain or not registry.takes_keys(
             module, "gated_delta_attention", key_width) else module.__name__.rsplit(".", 1)[-1]
@@ -827,7 +830,7 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
     grp = H // Hqk
     stateful = init_states is not None or output_final_state
     inference = _stateful_inference(stateful, q, k, v, beta, g, level_scales, init_states)
-    module = _resolve_gated_delta(backend, q.device, stateful, Dk, inference)
+    module = _resolve_gated_delta(backend, q.device, stateful, Dk, inference, v.dtype)
     _check_gated_delta_state(module, stateful, inference)
     inference = inference and not registry.keeps_state(module, "gated_delta_attention")
     if N == 0:  # an empty batch: nothing to run
@@ -1023,7 +1026,7 @@ def _gd_keeper(q, initial_states, cu_seqlens, output_final_state, backend, keep)
     ``gated_delta_vjp``, or None."""
     if not _plain_path(q, initial_states, cu_seqlens, output_final_state):
         return None
-    module = _resolve_gated_delta(backend, q.device, False, q.shape[-1])
+    module = _resolve_gated_delta(backend, q.device, False, q.shape[-1], dtype=q.dtype)
     if not keep or not hasattr(module, "gated_delta_keeping_chunks"):
         return None
     return module if module.keeps_chunks() else None
@@ -1055,7 +1058,8 @@ def _gd_op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k:
     state; reading the forward's ``kept`` chunks where it kept them), else the backend's forward
     recomputed under autograd."""
     stateful = initial_states is not None or output_final_state
-    vjp = getattr(_resolve_gated_delta(backend, q.device, stateful, q.shape[-1]), "gated_delta_vjp", None)
+    module = _resolve_gated_delta(backend, q.device, stateful, q.shape[-1], dtype=q.dtype)
+    vjp = getattr(module, "gated_delta_vjp", None)
     inputs = (q, k, v, g, beta, level_scales, initial_states)
     if vjp is not None and _plain_path(q, initial_states, cu_seqlens, output_final_state):
         X, W, states, trans, decays = kept  # (KEPT_CHUNKS)
@@ -1064,8 +1068,8 @@ def _gd_op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k:
         grads = (dq, dk, dv, dg, dbeta, dlam, None)
         return tuple(_gradient(do, x, d) for x, d in zip(inputs, grads))
 
-    if stateful and not registry.keeps_state(_resolve_gated_delta(backend, q.device, True, q.shape[-1]),
-                                             "gated_delta_attention"):
+    if stateful and not registry.keeps_state(_resolve_gated_delta(backend, q.device, True, q.shape[-1],
+                                                                  dtype=q.dtype), "gated_delta_attention"):
         backend = "chunked"  # a backend that differentiates no state ran the forward (without autograd)
 
     def forward(q, k, v, g, beta, lam, init):
@@ -1208,7 +1212,8 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
     else:
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
         if (T == 1 and initial_state is not None and cu_seqlens is None and init.dtype != torch.float64
-                and (backend == "triton" and q.device.type == "cuda" or backend == "auto" and _kernels_on(q.device))
+                and (backend == "triton" and q.device.type == "cuda"
+                     or backend == "auto" and _kernels_on(q.device, q.dtype))
                 and not _checks.wants_grad(q, k, v, g, beta, level_scales, init)):  # decoding: the decode kernel
             state = initial_state.with_slots(max(S_in, fenwick.num_slots(end)))  # new tensors, stepped in place
             o = log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, scale=scale, backend="triton",

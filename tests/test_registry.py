@@ -85,6 +85,32 @@ def test_auto_passes_over_kernels_too_narrow_for_the_keys(monkeypatch):
                                     M, backend="triton")
 
 
+def test_auto_passes_over_kernels_for_float64_on_a_gpu(monkeypatch):
+    """On a GPU the Triton kernels take float16 / bfloat16 / float32 (float64 only under the
+    interpreter): ``auto`` runs float64 calls on ``chunked`` at every entry point, and the
+    decoding steps on the torch form."""
+    import torch
+
+    from hodlr import kernels, ops
+
+    triton_backend = registry.load("triton")
+    monkeypatch.setattr(triton_backend, "unavailable_reason", lambda library, device: None)  # as on a GPU
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    cuda = torch.device("cuda")
+    assert registry.takes_dtype(triton_backend, torch.float32) and not registry.takes_dtype(triton_backend,
+                                                                                            torch.float64)
+    assert registry.takes_dtype(registry.load("chunked"), torch.float64) and registry.takes_dtype(triton_backend, None)
+    for op in ("matmul", "attention", "gated_delta_attention"):
+        assert registry.auto_backend("torch", cuda, 4096, op=op, dtype=torch.float32) == "triton"
+        assert registry.auto_backend("torch", cuda, 4096, op=op, dtype=torch.float64) == "chunked"
+    assert ops._resolve("auto", cuda, 4096, False, dtype=torch.float64) is registry.load("chunked")
+    assert ops._resolve("auto", cuda, 4096, True, dtype=torch.float64) is registry.load("chunked")
+    assert ops._resolve("auto", cuda, 4096, True, dtype=torch.bfloat16) is triton_backend
+    assert ops._resolve_gated_delta("auto", cuda, False, 64, dtype=torch.float64) is registry.load("chunked")
+    assert ops._resolve_gated_delta("auto", cuda, True, 64, True, torch.float16) is triton_backend
+    assert not ops._kernels_on(cuda, torch.float64) and ops._kernels_on(cuda, torch.float32)
+
+
 def test_backends_declare_state_keywords():
     """``GATED_DELTA_STATE`` says which ``gated_delta_attention`` takes ``state``, ``position``,
     ``final_state`` (what :func:`hodlr.log_linear_gated_delta_rule` hands off through)."""

@@ -48,6 +48,11 @@ a final state or ``cu_seqlens``.  A backend without it serves the calls with nei
     over a backend whose limit a call exceeds (``triton``'s Gated DeltaNet kernels take
     ``Dk <= 128``), and the backend itself refuses such a call with a ``ValueError``.
 
+``takes_dtype(dtype) -> bool`` (optional)
+    Whether the module computes with inputs of ``dtype`` (absent: every floating dtype);
+    ``backend="auto"`` passes over a backend that does not (``triton`` takes float64 only under
+    Triton's interpreter).
+
 ``GATED_DELTA_STATE`` : bool (optional)
     True where the module's ``gated_delta_attention`` takes the keywords ``state``, ``position``
     and ``final_state`` (``fenwick``, ``chunked``).
@@ -96,8 +101,8 @@ and can run:
    on ``fenwick`` in ``O(T log T)``, not on the quadratic ``dense``);
 
 then any backend that offers the operation, in the order of :data:`NAMES`; a backend whose
-``max_key_width`` the call's keys exceed is passed over (so Gated DeltaNet with ``Dk > 128`` on a
-GPU runs ``chunked``).
+``max_key_width`` the call's keys exceed, or whose ``takes_dtype`` refuses its inputs' dtype, is
+passed over (so Gated DeltaNet with ``Dk > 128``, and float64 inputs, on a GPU run ``chunked``).
 """
 
 from __future__ import annotations
@@ -107,7 +112,7 @@ import importlib
 from hodlr.errors import BackendUnavailableError
 
 __all__ = ["AUTO_DENSE_MAX_ENTRIES", "AUTO_DENSE_MAX_T", "NAMES", "OPS", "WHERE", "auto_backend", "get", "has_state", "info", "keeps_state",
-           "load", "offers", "stateful", "takes_keys"]
+           "load", "offers", "stateful", "takes_dtype", "takes_keys"]
 
 NAMES = ("dense", "sparse", "recursive", "fenwick", "chunked", "triton")
 """Every backend name, in the order :func:`info` lists them."""
@@ -182,6 +187,13 @@ def takes_keys(module, op: str, key_width: int) -> bool:
     return widest is None or key_width <= widest
 
 
+def takes_dtype(module, dtype) -> bool:
+    """Whether the backend ``module`` computes with inputs of ``dtype`` (its optional
+    ``takes_dtype``; None: any)."""
+    check = getattr(module, "takes_dtype", None)
+    return dtype is None or check is None or check(dtype)
+
+
 def has_state(module) -> bool:
     """Whether the backend module defines the optional ``attention_state`` (see above)."""
     return callable(getattr(module, "attention_state", None))
@@ -202,9 +214,10 @@ def stateful(op: str) -> list:
 
 
 
-def auto_backend(library: str, device, T: int, *, op: str, key_width: int = 0, masks: int = 1) -> str:
+def auto_backend(library: str, device, T: int, *, op: str, key_width: int = 0, masks: int = 1, dtype=None) -> str:
     """The name ``backend="auto"`` resolves to for ``op`` on keys ``key_width`` wide over a batch of
-    ``masks`` masks of length ``T`` (rules in the module docstring)."""
+    ``masks`` masks of length ``T``, inputs of ``dtype`` (None: not checked; rules in the module
+    docstring)."""
     _check_op(op)
     cuda = library == "torch" and getattr(device, "type", str(device)) == "cuda"
     if cuda:
@@ -218,7 +231,7 @@ def auto_backend(library: str, device, T: int, *, op: str, key_width: int = 0, m
     for name in candidates + [n for n in NAMES if n not in candidates]:
         module = load(name)
         if offers(module, op) and module.unavailable_reason(library, device) is None and takes_keys(
-                module, op, key_width):
+                module, op, key_width) and takes_dtype(module, dtype):
             return name
     raise BackendUnavailableError(f"no backend can run {op} on {library} arrays on {device}")
 

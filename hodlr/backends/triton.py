@@ -112,6 +112,15 @@ def kept_state_shapes(q, v):
     return state_shapes(N * H, T, q.shape[-1], Dv, v.dtype)
 
 
+def takes_dtype(dtype) -> bool:
+    """float16, bfloat16 and float32 inputs; float64 only under Triton's interpreter."""
+    import torch
+
+    from hodlr import kernels
+
+    return dtype != torch.float64 or kernels.interpreting()
+
+
 def max_key_width(op):
     """The widest key head the kernels of ``op`` take: ``Dk <= 128`` for Gated DeltaNet
     (``kernels.gated_delta.MAX_DK``), any for the others."""
