@@ -247,3 +247,24 @@ def test_cli_turns_the_interpreter_on_only_before_the_kernels_exist(monkeypatch)
     monkeypatch.setitem(sys.modules, "hodlr.kernels", sys.modules.get("hodlr.kernels", object()))
     cli._interpret_triton_without_gpu()
     assert "TRITON_INTERPRET" not in os.environ
+
+
+@pytest.mark.gpu
+def test_float64_on_gpu_runs_under_auto():
+    """float64 on a GPU: ``auto`` runs every operation (on ``chunked``) where the kernels would refuse."""
+    import torch
+
+    T, H, D = 40, 2, 4
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, T, H, D, device="cuda", dtype=torch.float64, generator=gen) for _ in range(3))
+    k = torch.nn.functional.normalize(k, dim=-1)
+    g = -torch.rand(1, T, H, device="cuda", dtype=torch.float64, generator=gen)
+    beta = torch.rand(1, T, H, device="cuda", dtype=torch.float64, generator=gen)
+    lam = torch.rand(1, T, H, hodlr.num_levels(T), device="cuda", dtype=torch.float64, generator=gen)
+    for fn in (hodlr.log_linear_attn, hodlr.log_linear_gated_delta_rule):
+        args = (q, k, v, g, lam) if fn is hodlr.log_linear_attn else (q, k, v, g, beta, lam)
+        o, state = fn(*args, output_final_state=True)
+        want, _ = fn(*args, output_final_state=True, backend="chunked")
+        assert o.dtype == torch.float64 and torch.allclose(o, want)
+    M = hodlr.LogLinearMask(lam[0, :, 0])
+    assert hodlr.attention(q[0, :, 0], k[0, :, 0], v[0, :, 0], M).dtype == torch.float64
