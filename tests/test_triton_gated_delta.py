@@ -241,7 +241,7 @@ def test_states_only_without_gradient():
     state runs without gradient, and is refused with the backends that take it where a gradient is
     wanted (``auto`` runs those)."""
     rng = np.random.default_rng(13)
-    args = [x.to(DEVICE) for x in _op_inputs(rng, 1, 20, 1, 3, 3, L_extra=1)]
+    args = [x.to(DEVICE, DTYPES[0]) for x in _op_inputs(rng, 1, 20, 1, 3, 3, L_extra=1)]
     with torch.no_grad():
         _, state = hodlr.log_linear_gated_delta_rule(*args, output_final_state=True, backend="triton")
         hodlr.log_linear_gated_delta_rule(*args, initial_state=state, backend="triton")
