@@ -39,6 +39,12 @@ __all__ = ["decode_step"]
 NUM_WARPS = 4
 """Warps per program of the step kernel."""
 
+TILE_ELEMENTS = 4096
+"""Elements of a program's state tile: all ``Dk`` rows of ``TILE_ELEMENTS // Dk`` value columns (at
+most 64).  Offline for sm_90 (Triton 3.9, bf16, 4 warps) the step at ``Dk = Dv = 64`` takes 255
+registers and a 128-byte stack a thread (256 with ``beta``) at 4096, 168 (205) and none at 2048
+(docs/kernels.md §7.6); 4096 is the width the attention step was measured at on the GPU."""
+
 
 @triton.jit
 def _fits(p, S, L):
@@ -186,7 +192,7 @@ def decode_step(q, k, v, log_decay, level_scales, states, positions, scale: floa
     if N == 0 or H == 0 or DV == 0:
         return out
     BDK = max(MIN_BLOCK, next_power_of_2(DK))
-    BDV = max(MIN_BLOCK, min(64, next_power_of_2(DV), max(MIN_BLOCK, 4096 // BDK)))
+    BDV = max(MIN_BLOCK, min(64, next_power_of_2(DV), max(MIN_BLOCK, TILE_ELEMENTS // BDK)))
     g = level_scales if log_decay is None else log_decay
     sg = (0, 0) if log_decay is None else (log_decay.stride(0), log_decay.stride(1))
     sb = (0, 0) if beta is None else (beta.stride(0), beta.stride(1))
