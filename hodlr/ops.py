@@ -181,10 +181,15 @@ def _triton_or_chunked(device, dtype=None):
 
 def _kernels_on(device, dtype=None) -> bool:
     """Whether ``device`` is a GPU on which the Triton kernels are available (what ``"auto"``
-    runs them on), for inputs of ``dtype`` (None: not checked)."""
+    runs them on), for inputs of ``dtype`` (None: not checked).  While ``torch.compile`` traces
+    (the decoding steps), no module is looked up: a GPU there has Triton (inductor needs it), and
+    the kernels take every dtype but float64."""
+    if device.type != "cuda":
+        return False
+    if torch.compiler.is_compiling():
+        return dtype != torch.float64
     triton_backend = registry.load("triton")
-    return (device.type == "cuda" and triton_backend.unavailable_reason("torch", device) is None
-            and registry.takes_dtype(triton_backend, dtype))
+    return triton_backend.unavailable_reason("torch", device) is None and registry.takes_dtype(triton_backend, dtype)
 
 
 def _resolve(backend, device, T, needs_state, masks=1, dtype=None):
