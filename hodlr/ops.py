@@ -542,12 +542,13 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
     else:
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
         final_slots = max(S_in, fenwick.num_slots(end))
-        if (T == 1 and initial_state is not None and cu_seqlens is None and q.device.type == "cuda"
-                and init.dtype != torch.float64
+        rows = _decoding_rows(T, initial_state, cu_seqlens)
+        if (rows and q.device.type == "cuda" and init.dtype != torch.float64
                 and (backend == "triton" or backend == "auto" and _kernels_on(q.device, q.dtype))
                 and not _checks.wants_grad(q, k, v, g, level_scales, init)):
             state = initial_state.with_slots(final_slots)  # new tensors: the step updates them in place
-            o = log_linear_attn_step(q, k, v, g, level_scales, state, scale=scale, backend="triton", validate=False)
+            o = rows(log_linear_attn_step, q, k, v, g, level_scales, state, scale=scale, backend="triton",
+                     validate=False)
             return o, (state if output_final_state else None)
         o, states, positions = _forward(_bhtd(q), _bhtd(k), _bhtd(v), g_, lam, scale, init, pos, cu_seqlens,
                                         output_final_state, final_slots, backend)
@@ -556,6 +557,26 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
     if not output_final_state:
         return o, None
     return o, LogLinearState(states, positions, validate=False)
+
+
+def _decoding_rows(T, initial_state, cu_seqlens):
+    """Whether an eager call with a state is one decoding step: one token a row of the batch, or
+    packed sequences of one token each (``cu_seqlens`` read on the host, as the call's checks
+    did).  Returns None, or ``run(step, *inputs, state, **kw)`` calling a decoding step on the
+    inputs with each sequence a row (packed tokens moved to the batch axis and back)."""
+    if initial_state is None:
+        return None
+    if cu_seqlens is None:
+        return None if T != 1 else (lambda step, *xs, **kw: step(*xs, **kw))
+    if T != initial_state.batch_size or not (np.diff(np.asarray(cu_seqlens.tolist())) == 1).all():
+        return None
+
+    def packed(step, *xs, **kw):
+        *inputs, state = xs
+        moved = [None if x is None else x.transpose(0, 1) for x in inputs]  # (1, N, ...) -> (N, 1, ...)
+        return step(*moved, state, **kw).transpose(0, 1)
+
+    return packed
 
 
 def _joined(o, *inputs):
@@ -1216,13 +1237,14 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
                                           cu_seqlens, output_final_state, final_slots, backend, keep)
     else:
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
-        if (T == 1 and initial_state is not None and cu_seqlens is None and init.dtype != torch.float64
+        rows = _decoding_rows(T, initial_state, cu_seqlens)
+        if (rows and init.dtype != torch.float64
                 and (backend == "triton" and q.device.type == "cuda"
                      or backend == "auto" and _kernels_on(q.device, q.dtype))
                 and not _checks.wants_grad(q, k, v, g, beta, level_scales, init)):  # decoding: the decode kernel
             state = initial_state.with_slots(max(S_in, fenwick.num_slots(end)))  # new tensors, stepped in place
-            o = log_linear_gated_delta_step(q, k, v, g, beta, level_scales, state, scale=scale, backend="triton",
-                                            validate=False)
+            o = rows(log_linear_gated_delta_step, q, k, v, g, beta, level_scales, state, scale=scale,
+                     backend="triton", validate=False)
             return o, (state if output_final_state else None)
         o, states, positions = _gated_delta_forward(_bhtd(q), _bhtd(k), _bhtd(v), beta_, g_, lam, scale, init, pos,
                                                     cu_seqlens, output_final_state, max(S_in, fenwick.num_slots(end)),

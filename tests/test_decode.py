@@ -178,6 +178,34 @@ def test_gated_delta_op_with_one_token_matches_step():
     assert np.array_equal(after.positions.cpu().numpy(), [6, 13])
 
 
+@pytest.mark.parametrize("op", ["attention", "gated_delta"])
+def test_packed_tokens_one_a_sequence_are_a_step(op):
+    """Packed sequences of one token each continuing from their states (a server's decoding batch)
+    give the step's outputs and states (on a GPU the op runs the step itself, the tokens moved to
+    the batch axis)."""
+    positions = [5, 12, 0, 31]
+    N = len(positions)
+    cache = dev(gated_delta_cache(positions, H=2, Dk=3, Dv=4, seed=21))
+    q, k, v, g, beta, lam = (dev(x) for x in gated_delta_step_inputs(cache, 22))
+    cu = torch.arange(N + 1, device=DEVICE)
+    packed = [x.transpose(0, 1) for x in (q, k, v, g, beta, lam)]  # (1, N, ...)
+    stepped = cache.clone()
+    if op == "attention":
+        o, after = hodlr.log_linear_attn(*packed[:4], packed[5], initial_state=cache, output_final_state=True,
+                                         cu_seqlens=cu)
+        want = hodlr.log_linear_attn_step(q, k, v, g, lam, stepped)
+    else:
+        o, after = hodlr.log_linear_gated_delta_rule(*packed, initial_state=cache, output_final_state=True,
+                                                     cu_seqlens=cu)
+        want = hodlr.log_linear_gated_delta_step(q, k, v, g, beta, lam, stepped)
+    assert o.shape == (1, N, 2, 4) and relative_error(o.transpose(0, 1), want) <= TOL
+    live = ((stepped.positions[:, None] >> torch.arange(stepped.num_slots, device=DEVICE)) & 1).bool()
+    live = live[:, None, :, None, None]
+    assert torch.equal(after.positions, stepped.positions)
+    assert relative_error(torch.where(live, after.with_slots(stepped.num_slots).states, 0.0),
+                          torch.where(live, stepped.states, 0.0)) <= TOL
+
+
 @pytest.mark.skipif(not INTERP, reason="the smoke test runs the interpreter on the CPU")
 def test_bench_decode_gpu_step_smoke():
     """``hodlr bench-decode --gpu-step`` on the CPU (interpreter, tiny sizes): the code path runs
