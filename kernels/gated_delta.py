@@ -450,7 +450,7 @@ def chunk_hierarchy(layout, C: int, carried=None) -> Chunks:
         states.index_add_(1, rows, add)
     top = len(sizes) - 1
     h = 0
-    while h < top:  # the top level's transitions are never read: no query is moved across a top-level block
+    while h < top:  # top-level transitions only with carried states: no other query crosses a top-level block
         build = min(levels, top - h)
         _hierarchy_kernel[(cdiv(sizes[h], 1 << levels), B)](
             states, trans, ch.decay_pointer(), N, offsets[h], sizes[h], build,

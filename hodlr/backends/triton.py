@@ -252,14 +252,15 @@ def _final_buckets(ch, all_transitions, ks, vs, bs, gs, batch, P, ps, a0, m, cro
     buckets and the first call chunk's transition."""
     import torch
 
-    from hodlr import fenwick, kernels
+    from hodlr import fenwick
+    from hodlr.fenwick.arrays import reverse_cumsum
     from hodlr.kernels._layout import level_offsets
 
     B = ch.X.shape[0]
     Dk, Dv = ch.W.shape[-1], vs.shape[-1]
     dev, work = ch.X.device, ch.X.dtype
-    c = kernels.DEFAULT_CHUNK["gated_delta"].bit_length() - 1
-    C = 1 << c
+    C = ch.C
+    c = C.bit_length() - 1
     offsets = level_offsets(ch.n)
     top = len(offsets) - 2  # the highest stored level
     eye = torch.eye(Dk, dtype=work, device=dev)
@@ -290,7 +291,7 @@ def _final_buckets(ch, all_transitions, ks, vs, bs, gs, batch, P, ps, a0, m, cro
         d = torch.ones((B, r), dtype=work, device=dev)
         if gs is not None:  # d_t = exp(g_{t+1} + ... + g_{r-1}), a sum of its own terms
             g = last(gs, 0)
-            d = torch.exp(torch.nn.functional.pad(g[:, 1:].flip(1).cumsum(1).flip(1), (0, 1)))
+            d = torch.exp(torch.nn.functional.pad(reverse_cumsum(g[:, 1:], 1), (0, 1)))
         E = (d[..., None] * K).transpose(1, 2) @ ch.X[:, ch.n - 1, :r, :r] * b[:, None, :]  # (B, Dk, r)
         inside = torch.arange(r, device=dev) + J * C
         in_first = small and (P >> c) == J  # the carried in-chunk buckets lie in this chunk too
