@@ -115,6 +115,8 @@ def _packed(torch, bench, row, inputs, do, scale, backend, count):
     cu_host = [0, *cuts.tolist(), total]
     cu = torch.tensor(cu_host, device=flat[0].device)
     *xs, dflat = flat
+    longest = int(np.diff(cu_host).max())  # a sequence may be longer than T: its levels, scales of 1
+    xs[5] = torch.nn.functional.pad(xs[5], (0, max(0, hodlr.num_levels(longest) - xs[5].shape[-1])), value=1.0)
 
     def packed(*a):
         return hodlr.log_linear_gated_delta_rule(*a, scale=scale, backend=backend, cu_seqlens=cu)[0]

@@ -215,17 +215,21 @@ def intra_decay(G, g_next, tmask, C: tl.constexpr, EXACT: tl.constexpr):
     chunk: float32 / float64 inputs); otherwise from ``G_t - G_s`` (its absolute error
     ``~|G| eps`` is far below the bfloat16 / float16 tolerance), as the product
     ``exp(G_t) exp(-G_s)`` -- one exponential per row instead of one per element -- while
-    ``|G| < 40`` over the chunk (no product of the two factors can overflow or underflow), and
-    element by element otherwise."""
+    ``|G| < 40`` over the chunk (no product of the two factors can overflow or underflow),
+    element by element while ``G`` is finite, and from the terms again in a chunk where it is not
+    (a log-decay of ``-inf``, a zero transition, makes ``G_t - G_s`` NaN past it)."""
     r = tl.arange(0, C)
     causal = (r[:, None] >= r[None, :]) & tmask[:, None]
     if EXACT:
         D = tl.exp(tl.cumsum(tl.where(r[None, :] < r[:, None], g_next[None, :], 0.0), 1, reverse=True))
     else:
-        if tl.max(tl.abs(G), 0) < 40.0:
+        G_max = tl.max(tl.abs(G), 0)
+        if G_max < 40.0:
             D = tl.exp(G)[:, None] * tl.exp(-G)[None, :]
-        else:
+        elif G_max < 1.0e38:
             D = tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0))
+        else:
+            D = tl.exp(tl.cumsum(tl.where(r[None, :] < r[:, None], g_next[None, :], 0.0), 1, reverse=True))
     return tl.where(causal, D, 0.0)
 
 

@@ -512,8 +512,9 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
     o_flat = out.reshape((layout.B0, layout.B1, T, DV))
     ch = chunk_hierarchy(layout, C, carried)
     BDK, BDV, n_dv = tiles(layout, OUTPUT_VALUE_TILE)
-    if carried is None or carried.far_levels.numel() == 0:
-        far = (ch.X, ch.X, 0, 1 << 62, 0)  # never read (no empty tensor is handed to a launch)
+    far_read = carried is not None and carried.far_levels.numel() > 0
+    if not far_read:
+        far = (ch.X, ch.X, 0, 1 << 62, 0)  # never read nor compiled (no empty tensor is handed to a launch)
     else:
         far = (carried.far_states.reshape(layout.B, -1, DK, DV).to(ch.X.dtype).contiguous(),
                carried.far_levels.to(device=v.device, dtype=torch.int32), carried.far_levels.numel(),
@@ -526,6 +527,6 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
         *layout.args("l")[1:], *layout.decay_args()[1:], *o_flat.stride(),
         C=C, LOG_C=C.bit_length() - 1, FULL_CHUNKS=T % C == 0, BDK=BDK, BDV=BDV,
         HAS_G=layout.tensors["g"] is not None, ACC=acc, PREC=prec, EXACT=exact, NATIVE=not interpreting(),
-        BL=check_block(T, check), CARRIED=carried is not None,
+        BL=check_block(T, check), CARRIED=far_read,
         num_warps=NUM_WARPS["gated_delta_output" if DK <= 64 else "gated_delta_output_wide"])
     return (out, ch) if return_chunks else out

@@ -369,6 +369,28 @@ def test_packed_sequences_run_as_one_call(monkeypatch):
 
 
 @pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+def test_packed_bfloat16_sequences_cross_their_zero_transitions():
+    """bfloat16 packed sequences over one stream: each sequence's first log-decay is -inf (a zero
+    transition), and the chunks holding one form their in-chunk decays from the terms, not as
+    ``G_t - G_s`` (NaN past an -inf): outputs and gradients within the bfloat16 tolerance of the
+    float64 ``chunked`` backend's per-sequence calls, none NaN."""
+    rng = np.random.default_rng(16)
+    lengths = [40, 1, 0, 63, 70, 20]
+    cu = torch.as_tensor(np.cumsum([0] + lengths))
+    xs = _op_inputs(rng, 1, sum(lengths), 2, 16, 16, poison=False)
+    leaves = [x.to(torch.bfloat16).requires_grad_(True) for x in xs]
+    refs = [x.detach().double().requires_grad_(True) for x in leaves]
+    o = hodlr.log_linear_gated_delta_rule(*leaves, cu_seqlens=cu, backend="triton")[0]
+    ref = torch.cat([hodlr.log_linear_gated_delta_rule(*(x[:, int(cu[n]):int(cu[n + 1])] for x in refs),
+                                                       backend="chunked")[0] for n in range(len(lengths))], 1)
+    w = torch.as_tensor(rng.standard_normal(ref.shape))
+    assert relative_error(o, ref) <= TOLERANCES["gpu_bfloat16"]
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "level_scales"),
+                          torch.autograd.grad((o.double() * w).sum(), leaves), torch.autograd.grad((ref * w).sum(), refs)):
+        assert relative_error(a, b) <= TOLERANCES["gpu_bfloat16"], f"d{name}"
+
+
+@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
 def test_compiled_prefill_differentiates_through_chunked():
     """Compiled, the operator's forward runs without autograd, so a call with a final state and no
     initial one is the triton prefill even where a gradient is wanted; its backward recomputes with
