@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from hodlr import _checks, backends as registry, fenwick
+from hodlr._transfer import to_device
 from hodlr.errors import BackendUnavailableError
 from hodlr.fenwick.arrays import check_int, describe
 from hodlr.state import LogLinearState, combine
@@ -293,16 +294,6 @@ def _side_stream(device):
     return side
 
 
-def _on(x, device) -> torch.Tensor:
-    """``x`` (host values: numpy, lists) as a tensor on ``device``.  On CUDA through pinned memory
-    without blocking: a copy from pageable memory waits for the work already queued on the
-    stream, so the host would stall behind the local call instead of queueing what follows."""
-    t = torch.as_tensor(np.asarray(x))
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 # ---------------------------------------------------------------------------------------
 # shards
 # ---------------------------------------------------------------------------------------
@@ -476,7 +467,7 @@ def _segments_decay(g, plan, rank, local, cu_local):
     """``(len(local), H)``: the log-decay summed over each local sequence's tokens on this rank."""
     if cu_local is None:
         return g.sum(1)
-    lengths = _on(plan.length[rank, local], g.device)
+    lengths = to_device(plan.length[rank, local], g.device)
     seg = torch.repeat_interleave(torch.arange(len(local), device=g.device), lengths)
     return g.new_zeros((len(local), g.shape[2])).index_add(0, seg, g[0])
 
@@ -485,8 +476,8 @@ def _live_buckets(states, rows, positions):
     """``states[rows]`` with the buckets that ``positions`` leave empty set to 0 (no value there,
     and no gradient reaches them)."""
     live = (np.asarray(positions)[:, None] >> np.arange(states.shape[2])[None, :]) & 1 == 1
-    picked = states[_on(rows, states.device)]
-    return torch.where(_on(live, states.device)[:, None, :, None, None], picked, 0.0)
+    picked = states[to_device(rows, states.device)]
+    return torch.where(to_device(live, states.device)[:, None, :, None, None], picked, 0.0)
 
 
 def _cumsum(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
@@ -522,7 +513,7 @@ def _log_weights(g, rows, begin, length):
     last = np.full((B, T), -1, dtype=np.int64)
     tokens = np.repeat(begin - np.cumsum(length) + length, length) + np.arange(length.sum())
     last[np.repeat(rows, length), tokens] = np.repeat(begin + length - 1, length)
-    last = _on(last, g.device)
+    last = to_device(last, g.device)
     ends = total.gather(1, last.clamp(min=0)[..., None].expand(-1, -1, g.shape[2]))
     return torch.where((last >= 0)[..., None], ends - total, 0.0).to(g.dtype)
 
@@ -576,9 +567,9 @@ def _segment_states(k, v, g, rows, begin, a, length, S, work, kernel=False):
         mine = buckets[buckets[:, 4] == j]
         for size in np.unique(mine[:, 2]):
             pick = mine[mine[:, 2] == size]
-            at = _on(pick[:, 1:2] + np.arange(size)[None, :], dev)
-            rb = _on(pick[:, 0], dev)[:, None]
-            X[_on(pick[:, 3], dev), :, j] = torch.einsum("nthd,nthe->nhde", kw[rb, at], vw[rb, at])
+            at = to_device(pick[:, 1:2] + np.arange(size)[None, :], dev)
+            rb = to_device(pick[:, 0], dev)[:, None]
+            X[to_device(pick[:, 3], dev), :, j] = torch.einsum("nthd,nthe->nhde", kw[rb, at], vw[rb, at])
     return X
 
 
@@ -688,7 +679,7 @@ def segment_state(k, v, g, positions, *, cu_seqlens=None, num_slots=None):
         raise ValueError(f"num_slots must be an integer >= {need} (the slots of the largest end position "
                          f"{int(end.max(initial=0))}), got {num_slots!r}")
     X = _segment_states(k, v, g, rows, begin, a, length, S, ops.work_dtype(v.dtype), k.is_cuda)
-    return LogLinearState(X, _on(end, k.device), validate=False)
+    return LogLinearState(X, to_device(end, k.device), validate=False)
 
 
 _COMPILED_OUT = []
@@ -841,7 +832,7 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     local = np.nonzero(plan.length[rank] > 0)[0]
     cu_local = None
     if cu_seqlens is not None:
-        cu_local = _on(np.concatenate([[0], np.cumsum(plan.length[rank, local])]), dev)
+        cu_local = to_device(np.concatenate([[0], np.cumsum(plan.length[rank, local])]), dev)
     carried = local[plan.first[local] < rank]  # sequences that began on an earlier rank
     send = plan.rows[rank]
     begin = plan.lo[rank, send] - offsets[rank] if cu_seqlens is not None else np.zeros(len(send), dtype=np.int64)
@@ -859,15 +850,15 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
                             plan.a[rank, send], plan.length[rank, send], S, work, kernel)
         A = None
         if g is not None and len(send):
-            A = _segments_decay(g.to(work), plan, rank, local, cu_local)[_on(np.searchsorted(local, send), dev)]
+            A = _segments_decay(g.to(work), plan, rank, local, cu_local)[to_device(np.searchsorted(local, send), dev)]
         if init_full is not None and len(send):
             fresh = plan.first[send] == rank
             if fresh.any():  # continue the initial state through this shard's tokens
                 start_state = LogLinearState(_live_buckets(init_full, send, plan.a[rank, send]),
-                                             _on(plan.a[rank, send], dev), validate=False)
-                end_state = LogLinearState(X, _on(plan.a[rank, send] + plan.length[rank, send], dev),
+                                             to_device(plan.a[rank, send], dev), validate=False)
+                end_state = LogLinearState(X, to_device(plan.a[rank, send] + plan.length[rank, send], dev),
                                            validate=False)
-                X = torch.where(_on(fresh, dev)[:, None, None, None, None],
+                X = torch.where(to_device(fresh, dev)[:, None, None, None, None],
                                 combine(start_state, end_state, A, validate=False).states, X)
 
         # 2. the states every rank needs: one all_gather, started here and waited for after the local
@@ -909,11 +900,11 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
             states = torch.zeros((len(local), H, S, Dk, Dv), dtype=work, device=dev)
             begins = plan.first[local] == rank
             if init_full is not None and begins.any():
-                mask = _on(begins, dev)[:, None, None, None, None]
-                states = torch.where(mask, init_full[_on(local, dev)], states)
+                mask = to_device(begins, dev)[:, None, None, None, None]
+                states = torch.where(mask, init_full[to_device(local, dev)], states)
             if len(carried):
-                states = states.index_copy(0, _on(np.searchsorted(local, carried), dev), carried_state)
-            state = LogLinearState(states, _on(plan.a[rank, local], dev), validate=False)
+                states = states.index_copy(0, to_device(np.searchsorted(local, carried), dev), carried_state)
+            state = LogLinearState(states, to_device(plan.a[rank, local], dev), validate=False)
         return ops.log_linear_attn(q, k, v, g_local, level_scales, state, False, cu_local, scale,
                                    backend=backend)[0]
 
@@ -937,7 +928,7 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
 
     def piece(j, rows):
         """States and log-decays that rank ``j`` sent for the sequences ``rows`` (all in its list)."""
-        at = _on(np.searchsorted(plan.rows[j], rows), dev)
+        at = to_device(np.searchsorted(plan.rows[j], rows), dev)
         block = gathered[j].view(K, -1)[at]
         st = block[:, :width].view(len(rows), H, S, Dk, Dv)
         return st, (None if g is None else block[:, width:])
@@ -952,7 +943,7 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     carried_state = None
     for j in range(world if output_final_state else rank):
         if j == rank and len(carried):
-            carried_state = Z[_on(np.searchsorted(need, carried), dev)]
+            carried_state = Z[to_device(np.searchsorted(need, carried), dev)]
         rows = np.intersect1d(need, plan.rows[j])
         if not len(rows):
             continue
@@ -961,14 +952,14 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
         fresh = plan.first[rows] == j  # (a sequence that begins on rank j: its state is rank j's alone)
         new = st
         if not fresh.all():
-            prev = LogLinearState(Z[_on(at, dev)], _on(Zpos[at], dev), validate=False)
-            new = combine(prev, LogLinearState(st, _on(plan.a[j, rows] + plan.length[j, rows], dev),
+            prev = LogLinearState(Z[to_device(at, dev)], to_device(Zpos[at], dev), validate=False)
+            new = combine(prev, LogLinearState(st, to_device(plan.a[j, rows] + plan.length[j, rows], dev),
                                                validate=False), dec, validate=False).states
-            new = torch.where(_on(fresh, dev)[:, None, None, None, None], st, new)
-        Z = Z.index_copy(0, _on(at, dev), new)
+            new = torch.where(to_device(fresh, dev)[:, None, None, None, None], st, new)
+        Z = Z.index_copy(0, to_device(at, dev), new)
         Zpos[at] = plan.a[j, rows] + plan.length[j, rows]
     if carried_state is None and len(carried):
-        carried_state = Z[_on(np.searchsorted(need, carried), dev)]
+        carried_state = Z[to_device(np.searchsorted(need, carried), dev)]
 
     # 5. this shard's output: the aligned shard's carried reads, or the local call from the folded
     #    state
@@ -981,4 +972,4 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     o = ops._joined(o, q, k, v, g, level_scales)  # an empty shard's output in the graph of its empty inputs
     if not output_final_state:
         return o, None
-    return o, LogLinearState(Z, _on(plan.end, dev), validate=False)
+    return o, LogLinearState(Z, to_device(plan.end, dev), validate=False)

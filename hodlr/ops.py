@@ -22,6 +22,7 @@ import torch
 
 from hodlr import _checks, backends as registry
 from hodlr import fenwick
+from hodlr._transfer import to_device
 from hodlr.errors import BackendUnavailableError, LevelsExceededError
 from hodlr.fenwick.arrays import check_bool
 from hodlr.options import flag
@@ -899,7 +900,8 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
         outs.append((seqs, o5.flatten(1, 2)))
         if output_final_state:
             fin = fin5.flatten(1, 2)
-            fin = torch.nn.functional.pad(fin, (0, 0, 0, 0, 0, final_slots - fin.shape[2]))
+            if fin.shape[2] != final_slots:  # (a zero pad would still copy)
+                fin = torch.nn.functional.pad(fin, (0, 0, 0, 0, 0, final_slots - fin.shape[2]))
             finals.append((seqs, fin))
     if cu_seqlens is not None:
         o = outs[0][1] if len(outs) == 1 else torch.cat([x for _, x in outs], 2)
@@ -908,7 +910,7 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
     if not output_final_state:
         return o, None, None
     states = _in_order(finals, start.size)
-    return o, states, torch.as_tensor(start + length, dtype=torch.int64, device=q.device)
+    return o, states, to_device(start + length, q.device, torch.int64)
 
 
 def stream_layout(lengths):
@@ -951,7 +953,7 @@ def _as_one_stream(module, q, k, v, beta, g, level_scales, scale, offset, length
     K[dst] = np.array([int(n - 1).bit_length() for n in length], dtype=np.int64)[seq]
     first = np.zeros(Ts, dtype=bool)
     first[dst[rel == 0]] = True
-    src_t, dst_t = torch.as_tensor(src, device=dev), torch.as_tensor(dst, device=dev)
+    src_t, dst_t = to_device(src, dev), to_device(dst, dev)
 
     def gather(x):
         if x is None:
@@ -962,13 +964,13 @@ def _as_one_stream(module, q, k, v, beta, g, level_scales, scale, offset, length
     L = fenwick.num_levels(Ts)
     lam = gather(level_scales[..., :L])
     lam = torch.nn.functional.pad(lam, (0, L - lam.shape[-1]))
-    keep = torch.as_tensor(np.arange(L)[None, :] <= K[:, None], device=dev)
+    keep = to_device(np.arange(L)[None, :] <= K[:, None], dev)
     lam = torch.where(keep, lam, torch.zeros((), dtype=lam.dtype, device=dev))
     # each sequence's first log-decay -inf: its token's transition is 0, so no product of transitions
     # runs across sequences (a growing gate could overflow one, and 0 · inf is NaN), and no gradient
     # reaches that log-decay (it multiplies no pair at position 0)
     gs = gather(g) if g is not None else level_scales.new_zeros((1, v.shape[1], Ts))
-    gs = torch.where(torch.as_tensor(first, device=dev), torch.full((), float("-inf"), dtype=gs.dtype, device=dev), gs)
+    gs = torch.where(to_device(first, dev), torch.full((), float("-inf"), dtype=gs.dtype, device=dev), gs)
     Hqk, grp = q.shape[1], v.shape[1] // q.shape[1]
     q5, k5, v5, lam5, g5 = registry.grouped_heads(gather(q), gather(k), gather(v), lam, gs)
     o = module.gated_delta_attention(q5, k5, v5, gather(beta).unflatten(1, (Hqk, grp)), lam5, g5, scale)
@@ -986,7 +988,7 @@ def _pick(x, rows, sl=slice(None)):
         if rows.size != x.shape[0]:
             x = x.narrow(0, int(rows[0]), rows.size)
     else:
-        x = x.index_select(0, torch.as_tensor(rows, device=x.device))
+        x = x.index_select(0, to_device(rows, x.device))
     start, stop, step = sl.indices(x.shape[2])
     if (start, stop, step) == (0, x.shape[2], 1):
         return x
@@ -999,7 +1001,7 @@ def _in_order(parts, n):
     order = np.concatenate([i for i, _ in parts])
     if np.array_equal(order, np.arange(n)):
         return x
-    return x.index_select(0, torch.as_tensor(np.argsort(order), device=x.device))
+    return x.index_select(0, to_device(np.argsort(order), x.device))
 
 
 KEPT_CHUNKS = ("X", "W", "states", "trans", "decays")

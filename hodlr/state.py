@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from hodlr import fenwick
+from hodlr._transfer import to_device
 from hodlr.fenwick.arrays import check_bool, check_int, describe
 
 __all__ = ["LogLinearState", "combine"]
@@ -167,7 +168,7 @@ class LogLinearState:
         out = torch.zeros((N, H, slots, f.Dk, f.Dv), dtype=dtype, device=device)
         if states:
             levels = sorted(states)
-            out = out.index_copy(2, torch.as_tensor([lev - 1 for lev in levels], device=out.device),
+            out = out.index_copy(2, to_device([lev - 1 for lev in levels], out.device, torch.int64),
                                  torch.stack([states[lev] for lev in levels], 2))
         return cls(out, torch.full((N,), int(f.position), dtype=torch.int64, device=out.device), validate=False)
 
@@ -256,7 +257,7 @@ class LogLinearState:
         unusable)."""
         import torch
 
-        idx = torch.as_tensor(indices, device=self.states.device)
+        idx = to_device(indices, self.states.device)
         if idx.dim() == 1 and idx.numel() == 0:  # no sequences (an empty list is float to torch)
             idx = idx.to(torch.int64)
         if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:

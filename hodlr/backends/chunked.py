@@ -36,6 +36,7 @@ import numpy as np
 from hodlr import fenwick
 from hodlr.fenwick.arrays import check_int, is_torch, reverse_cumsum
 from hodlr._formulas import decay_matrix
+from hodlr._transfer import to_device
 
 GATED_DELTA_STATE = True
 """``gated_delta_attention`` takes ``state``, ``position`` and ``final_state`` (:mod:`hodlr.backends`)."""
@@ -104,7 +105,7 @@ class _Chunks:
             self.g_next = torch.nn.functional.pad(g[..., 1:], (0, 1))
         # read mask of the padded scales (padding rows read nothing)
         read = fenwick.read_levels(self.n * C, width) & (np.arange(self.n * C) < T)[:, None]
-        self.read = torch.as_tensor(read.reshape(self.n, C, width), device=level_scales.device)
+        self.read = to_device(read.reshape(self.n, C, width), level_scales.device)
 
     def intra(self):
         """``(..., n, C, C)``: the mask restricted to each chunk (levels ``0..c``)."""
@@ -114,9 +115,9 @@ class _Chunks:
         r = np.arange(C)
         lev = fenwick.level(r[:, None], r[None, :])  # -1 above the diagonal
         dev = self.lam.device
-        causal = torch.as_tensor(lev >= 0, device=dev)
+        causal = to_device(lev >= 0, dev)
         lam = torch.where(self.read, self.lam, torch.zeros((), dtype=self.lam.dtype, device=dev))
-        gathered = lam[..., torch.as_tensor(r[:, None], device=dev), torch.as_tensor(np.maximum(lev, 0), device=dev)]
+        gathered = lam[..., to_device(r[:, None], dev), to_device(np.maximum(lev, 0), dev)]
         if self.G is not None:
             gathered = gathered * decay_matrix(self.g, C)  # exp(sum_{k=s+1..t} g_k), 0 above the diagonal
         return torch.where(causal, gathered, torch.zeros((), dtype=gathered.dtype, device=dev))
@@ -181,8 +182,8 @@ def _block_reads(A, lam, G, c, bits, first=None):
     for h in range(bits):
         block = (I >> h) - 1 - (base >> h)
         use_np = (((I >> h) & 1) == 1) & (block >= 0)
-        idx = torch.as_tensor(np.where(use_np, block, 0), device=dev)
-        use = torch.as_tensor(use_np, device=dev)
+        idx = to_device(np.where(use_np, block, 0), dev)
+        use = to_device(use_np, dev)
         if first is not None:  # (R, n) -> (R, 1, ..., 1, n)
             use = use.reshape(use.shape[:1] + (1,) * (A[0].dim() - 2) + use.shape[1:])
         read = use[..., None]  # λ zeroed before the product (an unread NaN scale), the product after (exp overflowing)
@@ -261,16 +262,14 @@ def _rows(x, src):
     N, Hx, T = x.shape[:3]
     flat = x.movedim(2, 1).reshape((N * T, Hx) + tuple(x.shape[3:]))
     flat = torch.cat([flat, flat.new_zeros((1,) + tuple(flat.shape[1:]))])
-    return flat[torch.as_tensor(src, device=x.device)].movedim(1, 2)
+    return flat[to_device(src, x.device)].movedim(1, 2)
 
 
 def _pick(x, rows, index, dim=3):
     """``x[r, ..., index[r, i], ...]`` along ``dim`` of ``x (R, ..., n, ...)`` -> ``(R, ..., m, ...)``."""
-    import torch
-
     dev = x.device
-    r = torch.as_tensor(rows, device=dev)[:, None]
-    return x.movedim(dim, 1)[r, torch.as_tensor(index, device=dev)].movedim(1, dim)
+    r = to_device(rows, dev)[:, None]
+    return x.movedim(dim, 1)[r, to_device(index, dev)].movedim(1, dim)
 
 
 def _read_state(q, level_scales, G, states, start, positions, valid):
@@ -311,9 +310,9 @@ def _read_state(q, level_scales, G, states, start, positions, valid):
             continue
         read = valid & live[:, None]
         col = np.where(read, np.maximum(l, D), 0)
-        pick = torch.as_tensor(col, device=dev)[:, None, None, :, None].expand(R, Hqk, grp, W, 1)
+        pick = to_device(col, dev)[:, None, None, :, None].expand(R, Hqk, grp, W, 1)
         wt = torch.gather(level_scales, -1, pick)[..., 0]
-        wt = torch.where(torch.as_tensor(read, device=dev)[:, None, None], wt, zero)
+        wt = torch.where(to_device(read, dev)[:, None, None], wt, zero)
         if decay is not None:
             wt = wt * decay
         term = wt[..., None] * (q @ states[:, :, :, l - 1])
@@ -383,12 +382,12 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
     lam = _rows(level_scales, src).unflatten(1, (Hqk, grp))
     lam = torch.nn.functional.pad(lam, (0, width - L))
     read = valid[:, :, None] & fenwick.reads(P, width)
-    lam = torch.where(torch.as_tensor(read[:, None, None], device=dev), lam, torch.zeros((), dtype=work, device=dev))
+    lam = torch.where(to_device(read[:, None, None], dev), lam, torch.zeros((), dtype=work, device=dev))
     g = None if log_decay is None else _rows(log_decay, src).unflatten(1, (Hqk, grp))
     first = P == 0  # the log-decay of absolute position 0 multiplies no pair
     if g is not None and first.any():
         zero = torch.zeros((), dtype=g.dtype, device=dev)
-        g = torch.where(torch.as_tensor(first, device=dev)[:, None, None], zero, g)
+        g = torch.where(to_device(first, dev)[:, None, None], zero, g)
 
     # levels 0..c: dense inside each aligned chunk; levels > c: the hierarchy of chunk states
     ch = _Chunks(lam, g, C)
@@ -412,7 +411,7 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
         init = initial_state.to(work).unflatten(1, (Hqk, grp))  # (R, Hqk, grp, S, Dk, Dv)
         # empty slots (bit l - 1 of a clear) are never read, whatever they hold (NaN included): the
         # products below that skip them multiply by 0, so they are selected away first
-        full = torch.as_tensor(((a[:, None] >> np.arange(S_in)) & 1) == 1, device=dev)
+        full = to_device(((a[:, None] >> np.arange(S_in)) & 1) == 1, dev)
         init = torch.where(full[:, None, None, :, None, None], init, torch.zeros((), dtype=work, device=dev))
         G = None if g is None else torch.cumsum(g, -1)
         carried = _read_state(qr, ch.lam.flatten(3, 4), G, init, a, P, valid)
@@ -428,7 +427,7 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
         t = np.arange(T)
         out_row = (np.searchsorted(offset + length, t, side="right"))[None, :]
         out_col = (r[out_row] + t[None, :] - offset[out_row])
-    o = o.movedim(2, 1)[torch.as_tensor(out_row, device=dev), torch.as_tensor(out_col, device=dev)]
+    o = o.movedim(2, 1)[to_device(out_row, dev), to_device(out_col, dev)]
     o = o.movedim(1, 2).to(out_dtype)
     if not output_final_state:
         return o
@@ -443,7 +442,7 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
             live = ((a >> (l - 1)) & 1) == 1
             move[rows[live], l - 1, np.maximum(l, De[live]) - 1] = 1.0
         total = torch.exp(ch.A.sum(-1)) if g is not None else torch.ones_like(ch.A[..., 0])
-        moved = torch.einsum("rij,rhgikv->rhgjkv", torch.as_tensor(move, dtype=work, device=dev), init)
+        moved = torch.einsum("rij,rhgikv->rhgjkv", to_device(move, dev, work), init)
         final = final + total[..., None, None, None] * moved
     E = e >> c
     whole = I < E[:, None]  # chunks wholly before e's chunk: all their tokens at one level from e
@@ -457,7 +456,7 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
         else:  # exp of the decay of the later chunks: a reverse cumulative sum of their own terms
             later = reverse_cumsum(ch.A[..., 1:])
             after = torch.exp(torch.nn.functional.pad(later, (0, 1)))
-        final = final + torch.einsum("rjl,rhgj,rhgjkv->rhglkv", torch.as_tensor(onehot, dtype=work, device=dev),
+        final = final + torch.einsum("rjl,rhgj,rhgjkv->rhglkv", to_device(onehot, dev, work),
                                      after, S0)
     part = (e % C != 0) & (length > 0)
     if part.any():  # the tokens of e's chunk, at levels 1..c from e
@@ -471,9 +470,9 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
         kE = _pick(kw, rows, JE[:, None])[:, :, :, 0]  # (R, Hqk, grp or 1, C, Dk)
         vE = _pick(vc, rows, JE[:, None])[:, :, :, 0]
         kE = kE.expand(vE.shape[:3] + kE.shape[3:])
-        final = final + torch.einsum("rcl,rhgck,rhgcv->rhglkv", torch.as_tensor(onehot, dtype=work, device=dev),
+        final = final + torch.einsum("rcl,rhgck,rhgcv->rhglkv", to_device(onehot, dev, work),
                                      kE, vE)
-    positions = torch.as_tensor(e, dtype=torch.int64, device=dev)
+    positions = to_device(e, dev, torch.int64)
     return o, (final.flatten(1, 2), positions)
 
 
@@ -606,7 +605,7 @@ def carried_small_reads(q_moved, lam_rows, rows, small):
     import torch
 
     lev = np.stack([np.maximum(fenwick.level(rows, start), 0) for _, start, _ in small], -1)  # (R, m)
-    w = torch.gather(lam_rows, -1, torch.as_tensor(lev, device=lam_rows.device).expand(
+    w = torch.gather(lam_rows, -1, to_device(lev, lam_rows.device).expand(
         lam_rows.shape[:-1] + (len(small),)))
     S_small = torch.stack([S for _, _, S in small], -3)  # (..., m, Dk, Dv)
     reads = torch.einsum("...cd,...mdv->...cmv", q_moved, S_small)
@@ -698,8 +697,8 @@ def _delta_forward(ch, state, scale, slots, final_state):
         on_np = ((chunks >> h) & 1).astype(bool)
         if not on_np.any():
             continue
-        on = torch.as_tensor(on_np, device=dev)
-        idx = torch.as_tensor(np.where(on_np, (chunks >> h) - 1 - offsets[h], 0), device=dev)
+        on = to_device(on_np, dev)
+        idx = to_device(np.where(on_np, (chunks >> h) - 1 - offsets[h], 0), dev)
         lam = torch.where(on[:, None], ch.lam[..., c + 1 + h], zero)
         o = o + lam[..., None] * (qh @ states[h][..., idx, :, :])
         if h + 1 < ch.bits:
@@ -724,7 +723,7 @@ def _final_states(ch, small, states, trans, offsets, slots):
 
         def bucket(level, start):
             inside = (rows >= start) & (rows < start + (1 << (level - 1)))
-            S = E @ (torch.as_tensor(inside, dtype=vl.dtype, device=vl.device)[:, None] * vl)
+            S = E @ (to_device(inside, vl.device, vl.dtype)[:, None] * vl)
             if ch.n == 1:
                 for _, s0, S0 in small:
                     if start <= s0 < start + (1 << (level - 1)):

@@ -12,6 +12,7 @@ moved by every transition: ``O(T log T Dk Dv)`` work, and it continues from a st
 from __future__ import annotations
 
 from hodlr._formulas import tie_decay
+from hodlr._transfer import to_device
 from hodlr.fenwick import delta, num_slots, scan
 from hodlr.fenwick.arrays import cast, is_torch
 
@@ -74,7 +75,7 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
             live = state.states()
             if live:
                 levels = sorted(live)
-                final = final.index_copy(1, torch.as_tensor([lev - 1 for lev in levels], device=v.device),
+                final = final.index_copy(1, to_device([lev - 1 for lev in levels], v.device, torch.int64),
                                          torch.stack([live[lev].flatten(0, 1) for lev in levels], 1))
             finals.append(final)
     if not outs:  # an empty batch
@@ -83,7 +84,7 @@ def attention_state(q, k, v, level_scales, log_decay, scale, initial_state, init
         o = (torch.stack(outs) if cu_seqlens is None else torch.cat(outs, 1)[None]).to(v.dtype)
     if not output_final_state:
         return o
-    positions = torch.as_tensor(start + length, dtype=torch.int64, device=v.device)
+    positions = to_device(start + length, v.device, torch.int64)
     states = torch.stack(finals) if finals else torch.zeros((0, H, S_out, Dk, Dv), dtype=work, device=v.device)
     return o, (states, positions)
 

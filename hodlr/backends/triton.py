@@ -170,6 +170,7 @@ def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=
 
     from hodlr import fenwick, kernels
     from hodlr.backends import chunked
+    from hodlr._transfer import to_device
     from hodlr.kernels.gated_delta import Carried
 
     a, T = int(position), v.shape[-2]
@@ -224,8 +225,8 @@ def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=
                 return torch.zeros(batch + (0, Dk, Dv), dtype=work, device=dev)
             return torch.stack([x.expand(batch + (Dk, Dv)) for x in xs], -3)
 
-        carried = Carried(torch.as_tensor(index, dtype=torch.int64, device=dev), stack(added),
-                          stack([S_of[lev] for lev in far]), torch.as_tensor(far, dtype=torch.int32, device=dev),
+        carried = Carried(to_device(index, dev, torch.int64), stack(added),
+                          stack([S_of[lev] for lev in far]), to_device(far, dev, torch.int32),
                           1 << m, cross_level)
     o, ch = kernels.gated_delta_forward(qs, ks, vs, bs, lam, gs, scale, return_chunks=True, carried=carried)
     o = o[..., P:, :]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hodlr import backends as registry, fenwick, ops
+from hodlr._transfer import to_device
 from hodlr.errors import BackendUnavailableError, LevelsExceededError
 from hodlr.fenwick.arrays import check_bool, check_int
 from hodlr.state import LogLinearState, batch_index
@@ -349,7 +350,7 @@ class LayerCache:
         """The sequences ``indices`` (integers, repeats allowed), in that order: what beam search
         does to a cache."""
         state = self.state.index_select(indices)
-        idx = torch.as_tensor(indices, device=state.device)
+        idx = to_device(indices, state.device)
         return LayerCache(state, tuple(c.index_select(0, idx.to(c.device)) for c in self.conv))
 
     def __getitem__(self, index) -> "LayerCache":

@@ -1,0 +1,20 @@
+"""Host values (numpy arrays, lists) onto a device without stalling the host."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def to_device(x, device, dtype=None):
+    """``x`` (numpy array, list, scalar) as a tensor on ``device`` (``dtype`` if given, else
+    numpy's).  On CUDA through pinned memory without blocking: a copy from pageable memory waits
+    for the work already queued on the stream, so a call that ends with one (the positions of
+    its final states, an index of packed rows) would hold the host until the GPU drained instead
+    of letting it queue what follows.  Not for use while a CUDA graph is captured (the pinned
+    staging buffer is returned to PyTorch's cache once the copy is done)."""
+    import torch
+
+    t = torch.as_tensor(np.asarray(x), dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
