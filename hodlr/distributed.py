@@ -778,7 +778,7 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
         scale, Nseq, output_final_state = ops._check_static(q, k, v, g, level_scales, initial_state,
                                                             output_final_state, cu_seqlens, scale)
-        if world > 1 and not registry.has_state(ops._resolve(backend, q.device, q.shape[1], True)):
+        if world > 1 and not registry.has_state(ops._resolve(backend, q.device, q.shape[1], True, dtype=v.dtype)):
             raise BackendUnavailableError(
                 f"backend {backend!r} has no recurrent state, which context parallelism needs; use one of "
                 f"{', '.join(registry.stateful('attention'))}")
@@ -836,7 +836,7 @@ def _log_linear_attn(q, k, v, g, level_scales, initial_state, output_final_state
     carried = local[plan.first[local] < rank]  # sequences that began on an earlier rank
     send = plan.rows[rank]
     begin = plan.lo[rank, send] - offsets[rank] if cu_seqlens is not None else np.zeros(len(send), dtype=np.int64)
-    kernel = getattr(ops._resolve(backend, dev, T, True), "USES_KERNELS", False)
+    kernel = getattr(ops._resolve(backend, dev, T, True, dtype=v.dtype), "USES_KERNELS", False)
     aligned = cu_seqlens is None and initial_state is None and fenwick.aligned(int(offsets[rank]), T)
     if early_o is None:
         side = _side_stream(dev) if aligned and len(local) and len(send) else None
