@@ -10,11 +10,12 @@ def to_device(x, device, dtype=None):
     numpy's).  On CUDA through pinned memory without blocking: a copy from pageable memory waits
     for the work already queued on the stream, so a call that ends with one (the positions of
     its final states, an index of packed rows) would hold the host until the GPU drained instead
-    of letting it queue what follows.  Not for use while a CUDA graph is captured (the pinned
-    staging buffer is returned to PyTorch's cache once the copy is done)."""
+    of letting it queue what follows.  While a CUDA graph is captured the copy is the plain one,
+    which the capture refuses: a captured copy from a pinned buffer would replay from memory that
+    PyTorch's cache has since handed out again."""
     import torch
 
     t = torch.as_tensor(np.asarray(x), dtype=dtype)
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda" and not torch.cuda.is_current_stream_capturing():
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
