@@ -15,6 +15,8 @@ def to_device(x, device, dtype=None):
     PyTorch's cache has since handed out again."""
     import torch
 
+    if isinstance(x, torch.Tensor):
+        return x.to(device, dtype)
     t = torch.as_tensor(np.asarray(x), dtype=dtype)
     if torch.device(device).type == "cuda" and not torch.cuda.is_current_stream_capturing():
         return t.pin_memory().to(device, non_blocking=True)
