@@ -947,30 +947,23 @@ def _as_one_stream(module, q, k, v, beta, g, level_scales, scale, offset, length
     seq = np.repeat(np.arange(length.size), length)  # the sequence of each packed row
     rel = np.arange(T) - np.repeat(offset, length)
     dst = starts[seq] + rel  # the stream position of each packed row
-    src = np.full(Ts, T, dtype=np.int64)  # the packed row of each stream position (T: a zero row)
-    src[dst] = np.arange(T)
-    K = np.full(Ts, -1, dtype=np.int64)  # the highest level each stream row keeps
-    K[dst] = np.array([int(n - 1).bit_length() for n in length], dtype=np.int64)[seq]
-    first = np.zeros(Ts, dtype=bool)
-    first[dst[rel == 0]] = True
-    src_t, dst_t = to_device(src, dev), to_device(dst, dev)
+    K = np.array([int(n - 1).bit_length() for n in length], dtype=np.int64)[seq]  # each row's highest level
+    dst_t = to_device(dst, dev)
 
-    def gather(x):
-        if x is None:
-            return None
-        zero = x.new_zeros(x.shape[:2] + (1,) + x.shape[3:])
-        return torch.cat([x, zero], 2).index_select(2, src_t)
+    def gather(x):  # the packed rows at their stream positions, zeros between (x's memory order)
+        return None if x is None else registry.scatter_rows(x, 2, dst_t, Ts)
 
     L = fenwick.num_levels(Ts)
-    lam = gather(level_scales[..., :L])
-    lam = torch.nn.functional.pad(lam, (0, L - lam.shape[-1]))
+    lam = level_scales[..., :L]
+    lam = torch.nn.functional.pad(lam, (0, L - lam.shape[-1])) if lam.shape[-1] < L else lam
     keep = to_device(np.arange(L)[None, :] <= K[:, None], dev)
-    lam = torch.where(keep, lam, torch.zeros((), dtype=lam.dtype, device=dev))
+    lam = gather(torch.where(keep, lam, torch.zeros((), dtype=lam.dtype, device=dev)))
     # each sequence's first log-decay -inf: its token's transition is 0, so no product of transitions
     # runs across sequences (a growing gate could overflow one, and 0 · inf is NaN), and no gradient
-    # reaches that log-decay (it multiplies no pair at position 0)
-    gs = gather(g) if g is not None else level_scales.new_zeros((1, v.shape[1], Ts))
-    gs = torch.where(to_device(first, dev), torch.full((), float("-inf"), dtype=gs.dtype, device=dev), gs)
+    # reaches that log-decay (it multiplies no pair at position 0); the stream's zero rows keep
+    # log-decay 0 (identity transitions)
+    g = g if g is not None else level_scales.new_zeros((1, v.shape[1], T))
+    gs = gather(torch.where(to_device(rel == 0, dev), torch.full((), float("-inf"), dtype=g.dtype, device=dev), g))
     Hqk, grp = q.shape[1], v.shape[1] // q.shape[1]
     q5, k5, v5, lam5, g5 = registry.grouped_heads(gather(q), gather(k), gather(v), lam, gs)
     o = module.gated_delta_attention(q5, k5, v5, gather(beta).unflatten(1, (Hqk, grp)), lam5, g5, scale)

@@ -268,3 +268,32 @@ def test_float64_on_gpu_runs_under_auto():
         assert o.dtype == torch.float64 and torch.allclose(o, want)
     M = hodlr.LogLinearMask(lam[0, :, 0])
     assert hodlr.attention(q[0, :, 0], k[0, :, 0], v[0, :, 0], M).dtype == torch.float64
+
+
+@pytest.mark.parametrize("layout", ["operator", "contiguous", "grouped", "broadcast"])
+def test_row_padding_and_scattering_keep_the_memory_order(layout):
+    """``pad_rows`` and ``scatter_rows`` equal ``F.pad`` and a zero tensor with rows assigned, for
+    views of any layout (the ``(B, T, H, D)`` operator layout read as ``(N, H, T, D)``, grouped-head
+    views, a broadcast dim), lay their result out in the input's memory order, and ``scatter_rows``
+    passes gradients back to the rows it placed."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 7, 3, 4, generator=gen, dtype=torch.float64)
+    x = {"operator": base.transpose(1, 2), "contiguous": base.transpose(1, 2).contiguous(),
+         "grouped": base.transpose(1, 2).unsqueeze(2).expand(2, 3, 2, 7, 4),
+         "broadcast": base[:1].transpose(1, 2).expand(2, 3, 7, 4)}[layout]
+    dim = x.dim() - 2
+    padded = registry.pad_rows(x, dim, 5)
+    assert torch.equal(padded, torch.nn.functional.pad(x, (0, 0, 5, 0)))
+    assert registry.pad_rows(x, dim, 0) is x
+    if layout == "operator":  # the rows (H, D) stay whole: T outermost after the batch
+        assert padded.stride(2) == 3 * 4 and padded.stride(1) == 4
+    index = torch.tensor([9, 0, 4, 5, 1, 12, 7])
+    leaf = x.detach().clone().requires_grad_(True)
+    placed = registry.scatter_rows(leaf, dim, index, 13)
+    want = torch.zeros(x.shape[:dim] + (13,) + x.shape[dim + 1:], dtype=x.dtype)
+    want.index_copy_(dim, index, x)
+    assert torch.equal(placed, want)
+    w = torch.randn(placed.shape, generator=gen, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((placed * w).sum(), leaf)
+    assert torch.equal(grad, w.index_select(dim, index))

@@ -112,7 +112,7 @@ import importlib
 from hodlr.errors import BackendUnavailableError
 
 __all__ = ["AUTO_DENSE_MAX_ENTRIES", "AUTO_DENSE_MAX_T", "NAMES", "OPS", "WHERE", "auto_backend", "get", "has_state", "info", "keeps_state",
-           "load", "offers", "stateful", "takes_dtype", "takes_keys"]
+           "load", "offers", "pad_rows", "scatter_rows", "stateful", "takes_dtype", "takes_keys"]
 
 NAMES = ("dense", "sparse", "recursive", "fenwick", "chunked", "triton")
 """Every backend name, in the order :func:`info` lists them."""
@@ -245,6 +245,40 @@ def grouped_heads(q, k, v, level_scales, log_decay):
     v5, lam5 = (x.unflatten(1, (Hqk, grp)) for x in (v, level_scales))
     g5 = None if log_decay is None else log_decay.unflatten(1, (Hqk, grp))
     return q5, k5, v5, lam5, g5
+
+
+def _memory_order(x) -> list:
+    """The dims of ``x`` by decreasing stride (its memory order; broadcast dims last): ``x`` permuted
+    so is contiguous or nearly, whatever layout it is a view of (the ``(B, T, H, D)`` operator layout
+    read as ``(N, H, T, D)``, grouped heads)."""
+    return sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
+
+
+def pad_rows(x, dim: int, before: int):
+    """``x`` with ``before`` zero entries ahead of its own along ``dim``, laid out in ``x``'s memory
+    order (a copy that reads and writes whole rows as they lie, where padding the view itself
+    would gather them across the memory; kernels take any strides)."""
+    import torch
+
+    if before == 0:
+        return x
+    order = _memory_order(x)
+    at = order.index(dim % x.dim())
+    y = torch.nn.functional.pad(x.permute(order), (0, 0) * (x.dim() - 1 - at) + (before, 0))
+    return y.permute([order.index(d) for d in range(x.dim())])
+
+
+def scatter_rows(x, dim: int, index, size: int):
+    """A tensor of ``size`` entries along ``dim``, zero but for entry ``index[i]``, which is ``x``'s
+    entry ``i`` (``index`` a 1-d int64 tensor on ``x``'s device), laid out in ``x``'s memory order
+    (one fill and one scatter of whole rows); differentiable in ``x``."""
+    order = _memory_order(x)
+    at = order.index(dim % x.dim())
+    y = x.permute(order)
+    shape = list(y.shape)
+    shape[at] = size
+    out = y.new_zeros(shape).index_copy(at, index, y)
+    return out.permute([order.index(d) for d in range(x.dim())])
 
 
 def _environment() -> dict:

@@ -168,7 +168,7 @@ def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=
     import numpy as np
     import torch
 
-    from hodlr import fenwick, kernels
+    from hodlr import backends as registry, fenwick, kernels
     from hodlr.backends import chunked
     from hodlr._transfer import to_device
     from hodlr.kernels.gated_delta import Carried
@@ -192,13 +192,13 @@ def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=
     live = [] if state is None else [lev for lev in range(1, state.shape[-3] + 1) if (a >> (lev - 1)) & 1]
     S_of = {lev: state[..., lev - 1, :, :].to(work) for lev in live}
 
-    def front(x, tail):  # P zero tokens before the call's
-        return x if x is None or P == 0 else torch.nn.functional.pad(x, (0, 0) * tail + (P, 0))
+    def front(x, tail):  # P zero tokens before the call's, in the input's memory order
+        return x if x is None else registry.pad_rows(x, x.dim() - 1 - tail, P)
 
     qs, ks, vs, bs, gs, lam = front(q, 1), front(k, 1), front(v, 1), front(beta, 0), front(log_decay, 0), \
         front(level_scales, 1)
     if P + T > 1 << m and cross_level > m + 1:  # the rows past the multiple read stream level m + 1
-        lam = lam.clone()
+        lam = lam.clone() if P == 0 else lam  # (padded, it is already the call's own copy)
         lam[..., 1 << m:, m + 1] = lam[..., 1 << m:, cross_level]
     far = [lev for lev in live if lev > m]
     small = [(lev, (a >> lev) << lev, S_of[lev]) for lev in live if lev <= min(m, c)]
