@@ -879,8 +879,8 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
     outs, finals = [], []
     for seqs, sl, a in groups:
         pick = functools.partial(_pick, rows=seq_batch[seqs], sl=sl)
-        q5, k5, v5, lam5, g5 = registry.grouped_heads(pick(q), pick(k), pick(v), pick(level_scales), pick(g))
-        beta5 = pick(beta).unflatten(1, (Hqk, grp))
+        q5, k5, v5, beta5, lam5, g5 = registry.grouped_delta_heads(pick(q), pick(k), pick(v), pick(beta),
+                                                                   pick(level_scales), pick(g))
         init5 = None
         if init_states is not None:
             init5 = _pick(init_states, seqs).to(work)
@@ -964,9 +964,8 @@ def _as_one_stream(module, q, k, v, beta, g, level_scales, scale, offset, length
     # log-decay 0 (identity transitions)
     g = g if g is not None else level_scales.new_zeros((1, v.shape[1], T))
     gs = gather(torch.where(to_device(rel == 0, dev), torch.full((), float("-inf"), dtype=g.dtype, device=dev), g))
-    Hqk, grp = q.shape[1], v.shape[1] // q.shape[1]
-    q5, k5, v5, lam5, g5 = registry.grouped_heads(gather(q), gather(k), gather(v), lam, gs)
-    o = module.gated_delta_attention(q5, k5, v5, gather(beta).unflatten(1, (Hqk, grp)), lam5, g5, scale)
+    o = module.gated_delta_attention(*registry.grouped_delta_heads(gather(q), gather(k), gather(v), gather(beta), lam,
+                                                                  gs), scale)
     return o.flatten(1, 2).index_select(2, dst_t)
 
 

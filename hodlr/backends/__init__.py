@@ -247,6 +247,13 @@ def grouped_heads(q, k, v, level_scales, log_decay):
     return q5, k5, v5, lam5, g5
 
 
+def grouped_delta_heads(q, k, v, beta, level_scales, log_decay):
+    """:func:`grouped_heads` with the write strengths ``beta (N, H, T)`` seen as ``(N, Hqk, G, T)``,
+    in the order of a backend's ``gated_delta_attention``: ``(q5, k5, v5, beta5, lam5, g5)``."""
+    q5, k5, v5, lam5, g5 = grouped_heads(q, k, v, level_scales, log_decay)
+    return q5, k5, v5, beta.unflatten(1, (q.shape[1], v.shape[1] // q.shape[1])), lam5, g5
+
+
 def _memory_order(x) -> list:
     """The dims of ``x`` by decreasing stride (its memory order; broadcast dims last): ``x`` permuted
     so is contiguous or nearly, whatever layout it is a view of (the ``(B, T, H, D)`` operator layout

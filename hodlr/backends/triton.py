@@ -333,12 +333,10 @@ def gated_delta_keeping_chunks(q, k, v, beta, level_scales, log_decay, scale):
     true.  What nothing writes nor reads (the entries past the hierarchy, the top level's transitions
     and decays) is zeroed: they are outputs of the operator, the same every call."""
     from hodlr import kernels
-    from hodlr.backends import grouped_heads
+    from hodlr.backends import grouped_delta_heads
     from hodlr.kernels._layout import level_offsets
 
-    Hqk, grp = q.shape[1], v.shape[1] // q.shape[1]
-    q5, k5, v5, lam5, g5 = grouped_heads(q, k, v, level_scales, log_decay)
-    o, ch = kernels.gated_delta_forward(q5, k5, v5, beta.unflatten(1, (Hqk, grp)), lam5, g5, scale,
+    o, ch = kernels.gated_delta_forward(*grouped_delta_heads(q, k, v, beta, level_scales, log_decay), scale,
                                         return_chunks=True)
     offsets = level_offsets(ch.n)
     used = offsets[-1]  # the entries past it (chunk_shapes' bound) are never written
@@ -395,22 +393,21 @@ def gated_delta_vjp(q, k, v, beta, level_scales, log_decay, scale, do, saved=Non
     and its chunk products and hierarchy only when ``saved`` (the ``X, W, states, trans, decays`` of
     :func:`gated_delta_keeping_chunks`) is None.  ``dlog_decay`` is None without ``log_decay``."""
     from hodlr import kernels
-    from hodlr.backends import grouped_heads
+    from hodlr.backends import grouped_delta_heads
     from hodlr.kernels import DEFAULT_CHUNK
     from hodlr.kernels.gated_delta import Chunks
     from hodlr.kernels.gated_delta_backward import MAX_BACKWARD_CHUNK
 
     Hqk, grp = q.shape[1], v.shape[1] // q.shape[1]
-    q5, k5, v5, lam5, g5 = grouped_heads(q, k, v, level_scales, log_decay)
     if saved is None:  # any chunk gives the same gradients: the forward's where the backward runs at it
         chunks, chunk = None, min(DEFAULT_CHUNK["gated_delta"], MAX_BACKWARD_CHUNK)
     else:  # X is (batch, n, C, C)
         chunk = saved[0].shape[2]
         chunks = Chunks(*saved, chunk, saved[0].shape[1])
     out = _grouped_buffers(Hqk, grp, q, k, v, beta, level_scales, log_decay)
-    dq, dk, dv, dbeta, dlam, dg = kernels.gated_delta_backward(q5, k5, v5, beta.unflatten(1, (Hqk, grp)), lam5, g5,
-                                                               scale, do.unflatten(1, (Hqk, grp)), chunk=chunk,
-                                                               chunks=chunks, out=out)
+    dq, dk, dv, dbeta, dlam, dg = kernels.gated_delta_backward(
+        *grouped_delta_heads(q, k, v, beta, level_scales, log_decay), scale, do.unflatten(1, (Hqk, grp)),
+        chunk=chunk, chunks=chunks, out=out)
     return (_sum_groups(dq), _sum_groups(dk), dv.flatten(1, 2), dbeta.flatten(1, 2), dlam.flatten(1, 2),
             None if dg is None else dg.flatten(1, 2))
 
