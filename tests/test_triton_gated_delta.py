@@ -277,13 +277,22 @@ def _continued_call(rng, a, T, decay, Hqk=1, B=2, poison=True):
 
 
 @pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+@pytest.mark.parametrize("split", [True, False])
 @pytest.mark.parametrize("decay", [True, False])
-def test_continued_calls_equal_chunked(decay):
+def test_continued_calls_equal_chunked(decay, split, monkeypatch):
     """A call continuing from a state without gradient on ``triton`` (the stream of
     ``gated_delta_with_state``) gives the float64 ``chunked`` backend's outputs and final states,
-    grouped heads, never-read scales NaN."""
+    grouped heads, never-read scales NaN; with a long padding as two calls (the first to the
+    multiple it crosses, ``SPLIT_LONG_PADDING``: from 100 and from 1000 here) and as one."""
+    from hodlr.backends import triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "SPLIT_LONG_PADDING", split)
+    forwards = []
+    original = kernels.gated_delta_forward
+    monkeypatch.setattr(kernels, "gated_delta_forward", lambda *a, **kw: forwards.append(1) or original(*a, **kw))
     rng = np.random.default_rng(16)
     for a, T in CONTINUATIONS:
+        forwards.clear()
         args, state = _continued_call(rng, a, T, decay, Hqk=1 + (a % 2))
         with torch.no_grad():
             o, final = hodlr.log_linear_gated_delta_rule(*args, initial_state=state, output_final_state=True,
@@ -296,6 +305,7 @@ def test_continued_calls_equal_chunked(decay):
             alone, none = hodlr.log_linear_gated_delta_rule(*args, initial_state=state, backend="triton")
         assert none is None and torch.equal(alone, o)
         assert_close(final.states, want.states, TOL[torch.float64], f"final states from {a}, T={T}")
+        assert len(forwards) == (4 if split and (a, T) in ((100, 64), (1000, 129)) else 2), (a, T)
 
 
 @pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")

@@ -141,6 +141,12 @@ def gated_delta_attention(q, k, v, beta, level_scales, log_decay, scale, *, chec
     return kernels.gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale, check=check)
 
 
+SPLIT_LONG_PADDING = True
+"""Whether :func:`gated_delta_with_state` runs a call whose stream's padding is a chunk or more and
+over half its tokens as two calls (a continuation from position ``T - 1`` pads ``T - 1`` tokens:
+two calls over ``T`` tokens instead of one over ``2T - 1``)."""
+
+
 def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=None, position: int = 0,
                            final_state: bool = True):
     """:func:`gated_delta_attention` continuing from the Fenwick bucket states ``state``
@@ -153,7 +159,8 @@ def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=
 
     The call runs as one forward over a *stream*: ``P = position mod 2^m`` zero tokens, then the
     call's, ``m`` the least exponent for which the call (its end included) crosses at most one
-    multiple of ``2^m``.  Inside the stream every level is the absolute one but for the pairs
+    multiple of ``2^m`` (where the padding is a chunk or more and over half the call's tokens, the
+    call is two: its tokens before that multiple, then the rest from it, with no padding).  Inside the stream every level is the absolute one but for the pairs
     across that multiple, stream level ``m + 1`` and absolute ``m + 1 + t`` (``t`` the trailing
     one-bits of ``position >> m``): the rows past it read that column there.  The carried buckets of
     levels up to ``m`` lie in the padding: one of whole chunks enters as its last chunk's state,
@@ -187,6 +194,20 @@ def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=
         m += 1
     P, u0 = a & ((1 << m) - 1), a >> m
     a0 = a - P
+    w = a0 + (1 << m)  # the multiple of 2^m after the position
+    if SPLIT_LONG_PADDING and P >= C and 2 * P > T and w < e:
+        # padding that outweighs the call: its tokens before the multiple first (their own, shorter
+        # stream), then the rest from the multiple, which needs none
+        def part(x, tail, lo, n):
+            return None if x is None else x.narrow(x.dim() - 1 - tail, lo, n)
+
+        head = [part(x, tail, 0, w - a) for x, tail in ((q, 1), (k, 1), (v, 1), (beta, 0), (level_scales, 1),
+                                                          (log_decay, 0))]
+        rest = [part(x, tail, w - a, e - w) for x, tail in ((q, 1), (k, 1), (v, 1), (beta, 0), (level_scales, 1),
+                                                             (log_decay, 0))]
+        o_head, mid = gated_delta_with_state(*head, scale, state=state, position=a, final_state=True)
+        o_rest, final = gated_delta_with_state(*rest, scale, state=mid, position=w, final_state=final_state)
+        return torch.cat([o_head, o_rest], -2), final
     crossed = P + T >= 1 << m  # the stream's end lies past the multiple of 2^m
     cross_level = m + 1 + ((u0 ^ (u0 + 1)).bit_length() - 1)
     live = [] if state is None else [lev for lev in range(1, state.shape[-3] + 1) if (a >> (lev - 1)) & 1]
