@@ -867,9 +867,12 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
         return o, level_scales.new_zeros((0, H, final_slots, Dk, Dv)), torch.zeros(0, dtype=torch.int64,
                                                                                  device=q.device)
     seq_batch, offset, length, start = segments(N, T, cu_seqlens, init_positions)
-    if (cu_seqlens is not None and not stateful and np.count_nonzero(length) > 1
-            and getattr(module, "PACKED_AS_ONE_STREAM", False)):
-        return _as_one_stream(module, q, k, v, beta, g, level_scales, scale, offset, length), None, None
+    if cu_seqlens is not None and np.count_nonzero(length) > 1:
+        if not stateful and getattr(module, "PACKED_AS_ONE_STREAM", False):
+            return _as_one_stream(module, q, k, v, beta, g, level_scales, scale, offset, length), None, None
+        if inference and init_states is None and hasattr(module, "gated_delta_packed_prefill"):  # prompts' prefill
+            o, finals = _as_one_stream(module, q, k, v, beta, g, level_scales, scale, offset, length, final_slots)
+            return o, finals, to_device(length, q.device, torch.int64)
     if cu_seqlens is None:
         groups = [(np.nonzero(start == a)[0], slice(0, T), int(a)) for a in np.unique(start)]
     else:
@@ -933,14 +936,17 @@ def stream_layout(lengths):
     return starts, end
 
 
-def _as_one_stream(module, q, k, v, beta, g, level_scales, scale, offset, length):
+def _as_one_stream(module, q, k, v, beta, g, level_scales, scale, offset, length, final_slots=None):
     """Packed sequences without state (``q (1, Hqk, T, Dk)`` ... on the operator's layout) by one
     call of ``module`` over the aligned stream of :func:`stream_layout`: the tokens gathered to
     their stream positions (zeros between), each token's level scales above its sequence's ``K``
     set to 0 (the levels that would reach an earlier sequence) and its sequence's first log-decay
     to -inf (a zero transition between sequences; it multiplies no pair of its own, as at
     position 0); the outputs gathered back.  One launch set
-    instead of one per sequence, on at most twice the tokens; differentiable (the gathers are)."""
+    instead of one per sequence, on at most twice the tokens; differentiable (the gathers are).
+    With ``final_slots`` (a backend with ``gated_delta_packed_prefill``, no gradient) also each
+    sequence's final bucket states, ``(N, H, final_slots, Dk, Dv)`` in the work dtype:
+    ``(o, states)``."""
     T = q.shape[2]
     starts, Ts = stream_layout(length)
     dev = q.device
@@ -964,9 +970,15 @@ def _as_one_stream(module, q, k, v, beta, g, level_scales, scale, offset, length
     # log-decay 0 (identity transitions)
     g = g if g is not None else level_scales.new_zeros((1, v.shape[1], T))
     gs = gather(torch.where(to_device(rel == 0, dev), torch.full((), float("-inf"), dtype=g.dtype, device=dev), g))
-    o = module.gated_delta_attention(*registry.grouped_delta_heads(gather(q), gather(k), gather(v), gather(beta), lam,
-                                                                  gs), scale)
-    return o.flatten(1, 2).index_select(2, dst_t)
+    views = registry.grouped_delta_heads(gather(q), gather(k), gather(v), gather(beta), lam, gs)
+    if final_slots is None:
+        return module.gated_delta_attention(*views, scale).flatten(1, 2).index_select(2, dst_t)
+    o, finals = module.gated_delta_packed_prefill(*views, scale, starts, length)
+    Dk, Dv = q.shape[-1], v.shape[-1]
+    zero = level_scales.new_zeros((1, v.shape[1], final_slots, Dk, Dv))
+    states = torch.cat([zero if S is None else torch.nn.functional.pad(
+        S.flatten(1, 2), (0, 0, 0, 0, 0, final_slots - S.shape[-3])) for S in finals])
+    return o.flatten(1, 2).index_select(2, dst_t), states
 
 
 def _pick(x, rows, sl=slice(None)):

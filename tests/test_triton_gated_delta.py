@@ -236,6 +236,33 @@ def test_prefill_of_packed_sequences_equals_chunked():
     assert state.positions.tolist() == lengths
 
 
+@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+@settings(max_examples=10, deadline=None)
+@given(lengths=st.lists(st.integers(0, 80), min_size=2, max_size=7).filter(any), decay=st.booleans(), grouped=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+def test_packed_prefill_is_one_forward(lengths, decay, grouped, seed):
+    """Packed prompts prefilled without gradient (final states, no initial one) are one forward over
+    the aligned stream, each sequence's final buckets read off its hierarchy relative to its start
+    (short sequences sharing a chunk, sequences ending inside one, at a chunk's edge, empty):
+    outputs and final states equal the float64 ``chunked`` backend's."""
+    forwards = []
+    original = kernels.gated_delta_forward
+    rng = np.random.default_rng(seed)
+    T = sum(lengths)
+    q, k, v, g, beta, lam = _op_inputs(rng, 1, T, 2, 3, 2, Hqk=1 if grouped else 2, poison=False)
+    lam = torch.as_tensor(poison_unread(lam.transpose(1, 2).numpy(), [0] * len(lengths), lengths)).transpose(1, 2)
+    args = (q, k, v, g if decay else None, beta, lam)
+    cu = torch.as_tensor(np.cumsum([0] + lengths))
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "gated_delta_forward", lambda *a, **kw: forwards.append(1) or original(*a, **kw))
+        o, state = hodlr.log_linear_gated_delta_rule(*args, output_final_state=True, cu_seqlens=cu, backend="triton")
+    want_o, want = hodlr.log_linear_gated_delta_rule(*args, output_final_state=True, cu_seqlens=cu, backend="chunked")
+    assert len(forwards) == (1 if np.count_nonzero(lengths) > 1 else np.count_nonzero(lengths))
+    assert state.positions.tolist() == lengths and state.states.shape == want.states.shape
+    assert_close(o, want_o, TOL[torch.float64], "outputs")
+    assert_close(state.states, want.states, TOL[torch.float64], "final states")
+
+
 def test_states_only_without_gradient():
     """The triton backend differentiates no Gated DeltaNet state: a call with an initial or a final
     state runs without gradient, and is refused with the backends that take it where a gradient is

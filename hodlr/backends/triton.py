@@ -263,15 +263,41 @@ def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=
                              small, Tr0, far_states, slots)
 
 
+def gated_delta_packed_prefill(q, k, v, beta, level_scales, log_decay, scale, starts, lengths):
+    """One forward over the aligned stream of packed sequences (laid out by
+    ``hodlr.ops.stream_layout``: sequence ``n`` from stream row ``starts[n]``, a multiple of ``2^K``
+    at least its length, its first log-decay -inf and its scales above level ``K`` zero) and each
+    sequence's final bucket states read off the forward's hierarchy as in
+    :func:`gated_delta_with_state`, the buckets relative to the sequence's start (its blocks are
+    the stream's, and the zero transition at its start keeps whatever lies before out of them).
+    Returns ``(o, finals)``: ``finals[n]`` of shape ``(*batch, bit_length(lengths[n]), Dk, Dv)`` in
+    the accumulator dtype, None for an empty sequence.  No gradient."""
+    import torch
+
+    from hodlr import fenwick, kernels
+
+    batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], beta.shape[:-1],
+                                         level_scales.shape[:-2], () if log_decay is None else log_decay.shape[:-1]))
+    o, ch = kernels.gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale, return_chunks=True)
+    finals = [None if n == 0 else
+              _final_buckets(ch, False, k, v, beta, log_decay, batch, 0, int(s + n), 0, 64, False, 0, [], None, [],
+                             fenwick.num_slots(int(n)), origin=int(s))
+              for s, n in zip(starts, lengths)]
+    return o, finals
+
+
 def _final_buckets(ch, all_transitions, ks, vs, bs, gs, batch, P, ps, a0, m, crossed, cross_level, small, Tr0,
-                   far_states, slots):
+                   far_states, slots, origin=0):
     """The final bucket states of :func:`gated_delta_with_state` (``(*batch, slots, Dk, Dv)``): the
     stream's, read off its hierarchy ``ch`` (``ks, vs, bs, gs`` its inputs, ``ps`` its length, the
     call's first token at row ``P``, row 0 at absolute position ``a0``; ``all_transitions``: the
     forward formed the transitions of its top level), placed at their absolute levels (the
     crossing's, level ``m + 1`` in the stream, at ``cross_level``), with the carried ``far_states``
     ``[(level, S)]`` moved across the whole stream; ``small`` and ``Tr0``: the carried in-chunk
-    buckets and the first call chunk's transition."""
+    buckets and the first call chunk's transition.  With ``origin``, those of the stream's rows
+    ``origin .. ps`` alone, relative to ``origin`` (a multiple of ``2^K >= ps - origin``: of the
+    chunk, or the rows lie inside one chunk; a packed sequence of
+    :func:`gated_delta_packed_prefill`)."""
     import torch
 
     from hodlr import fenwick
@@ -299,9 +325,10 @@ def _final_buckets(ch, all_transitions, ks, vs, bs, gs, batch, P, ps, a0, m, cro
             return R + gamma * eye
         return block_transition(h - 1, 2 * j + 1) @ block_transition(h - 1, 2 * j)
 
-    J = ps >> c
+    n = ps - origin  # the rows whose buckets these are
+    J = (ps - n % C) >> c  # the chunk of the rows after the last whole chunk of them
     partial = None
-    if ps % C:  # the last chunk holds r = ps - J C stream tokens: E = (diag(d) K)ᵀ X diag(β) over them
+    if n % C:  # that chunk's r = ps - J C stream rows: E = (diag(d) K)ᵀ X diag(β) over them
         r = ps - J * C
 
         def last(x, tail):
@@ -310,12 +337,16 @@ def _final_buckets(ch, all_transitions, ks, vs, bs, gs, batch, P, ps, a0, m, cro
             return x.expand(batch + x.shape[x.dim() - 1 - tail:]).reshape((B,) + x.shape[x.dim() - 1 - tail:]).to(work)
 
         K, V, b = last(ks, 1), last(vs, 1), last(bs, 0)
-        d = torch.ones((B, r), dtype=work, device=dev)
-        if gs is not None:  # d_t = exp(g_{t+1} + ... + g_{r-1}), a sum of its own terms
+        d = gam = torch.ones((B, r), dtype=work, device=dev)
+        if gs is not None:  # d_t = exp(g_{t+1} + ... + g_{r-1}), a sum of its own terms; γ_t = exp(g_0 + ... + g_t)
             g = last(gs, 0)
             d = torch.exp(torch.nn.functional.pad(reverse_cumsum(g[:, 1:], 1), (0, 1)))
-        E = (d[..., None] * K).transpose(1, 2) @ ch.X[:, ch.n - 1, :r, :r] * b[:, None, :]  # (B, Dk, r)
-        inside = torch.arange(r, device=dev) + J * C
+            gam = torch.exp(torch.cumsum(g, 1))
+        E = (d[..., None] * K).transpose(1, 2) @ ch.X[:, J, :r, :r] * b[:, None, :]  # (B, Dk, r)
+        # the transition over these r rows alone, γ_{r-1} I - E diag(γ) K (the chunk's stored one
+        # runs to its end, past rows of a packed sequence that follows)
+        moved_rows = gam[:, -1, None, None] * eye - E @ (gam[..., None] * K)
+        inside = torch.arange(r, device=dev) + J * C - origin
         in_first = small and (P >> c) == J  # the carried in-chunk buckets lie in this chunk too
 
         def bucket(level, start):
@@ -326,9 +357,11 @@ def _final_buckets(ch, all_transitions, ks, vs, bs, gs, batch, P, ps, a0, m, cro
                         S = S + (Tr0 @ S0).expand(batch + (Dk, Dv)).reshape(B, Dk, Dv)
             return S
 
-        partial = (bucket, block_transition(0, ch.n - 1))
-    stream, through = fenwick.delta.buckets_from_blocks(ps, c, ps.bit_length(), block_state, block_transition,
-                                                        partial, through=True)
+        partial = (bucket, moved_rows)
+    stream = fenwick.delta.buckets_from_blocks(
+        n, c, n.bit_length(), lambda h, j: block_state(h, j + (origin >> (c + h))),
+        lambda h, j: block_transition(h, j + (origin >> (c + h))), partial, through=bool(far_states))
+    stream, through = stream if far_states else (stream, None)
     out = [None] * slots
 
     def put(level, S):
