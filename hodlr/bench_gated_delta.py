@@ -27,7 +27,8 @@ pads up to ``T - 1`` tokens and reads the carried buckets).
 
 ``--packed N`` adds ``packed_fwd`` / ``packed_fwdbwd``: the row's ``B·T`` tokens as ``N`` packed
 sequences of random lengths (``cu_seqlens``, one call: the aligned stream), and ``looped_fwd`` /
-``looped_fwdbwd``, the same sequences one call each.
+``looped_fwdbwd``, the same sequences one call each; and ``packed_prefill`` / ``looped_prefill``,
+their prefill (final states, under ``torch.no_grad``) in one call and one call each.
 
 ``--compile`` adds the same call compiled (``torch.compile(..., fullgraph=True)``: inductor on a
 GPU, ``aot_eager`` in a ``--device cpu`` smoke run), ``fwd_compiled`` and ``fwdbwd_compiled``,
@@ -125,11 +126,23 @@ def _packed(torch, bench, row, inputs, do, scale, backend, count):
         return torch.cat([hodlr.log_linear_gated_delta_rule(*(x[:, s:e] for x in a), scale=scale, backend=backend)[0]
                           for s, e in zip(cu_host[:-1], cu_host[1:])], 1)
 
+    def packed_prefill():
+        with torch.no_grad():
+            return hodlr.log_linear_gated_delta_rule(*xs, scale=scale, backend=backend, cu_seqlens=cu,
+                                                     output_final_state=True)
+
+    def looped_prefill():
+        with torch.no_grad():
+            return [hodlr.log_linear_gated_delta_rule(*(x[:, s:e] for x in xs), scale=scale, backend=backend,
+                                                      output_final_state=True) for s, e in zip(cu_host[:-1], cu_host[1:])]
+
     row["packed_sequences"] = count
     for name, call in (("packed", packed), ("looped", looped)):
         fwd, fwdbwd = forward_calls(torch, call, xs, dflat)
         _timed(row, name + "_fwd", lambda: bench(fwd))
         _timed(row, name + "_fwdbwd", lambda: bench(fwdbwd))
+    _timed(row, "packed_prefill", lambda: bench(packed_prefill))
+    _timed(row, "looped_prefill", lambda: bench(looped_prefill))
 
 
 def _row(torch, bench, D, H, T, B, dtype, device, fla, profile=False, compiled=False, prefill=False, packed=None):
@@ -281,7 +294,8 @@ def _format_row(r) -> str:
                f"{_fmt(r.get('continued'))} (chunked {_fmt(r.get('continued_chunked'))})"
                if "prefill" in r or "prefill_error" in r else "")
             + (f" | {r['packed_sequences']} packed: fwd+bwd {_fmt(r.get('packed_fwdbwd'))} ms, one call each "
-               f"{_fmt(r.get('looped_fwdbwd'))}" if "packed_sequences" in r else ""))
+               f"{_fmt(r.get('looped_fwdbwd'))}, prefill {_fmt(r.get('packed_prefill'))} / "
+               f"{_fmt(r.get('looped_prefill'))}" if "packed_sequences" in r else ""))
 
 
 def plot(result, path) -> None:

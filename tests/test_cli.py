@@ -427,7 +427,8 @@ def test_bench_gated_delta_code_path_on_cpu(tmp_path):
     assert row["prefill"] > 0 and row["prefill_chunked"] > 0 and row["prefill_over_fwd"] > 0
     assert row["continued"] > 0 and row["continued_chunked"] > 0
     assert row["packed_sequences"] == 3 and all(row[k] > 0 for k in ("packed_fwd", "packed_fwdbwd", "looped_fwd",
-                                                                      "looped_fwdbwd"))
+                                                                      "looped_fwdbwd", "packed_prefill",
+                                                                      "looped_prefill"))
     assert row["compiled_grads_equal"] is True and len(row["fwdbwd_compiled_runs"]) == 2
     assert row["fwd_compiled"] > 0 and row["fwdbwd_compiled_over_fwdbwd"] > 0
     for key in ("kernels_fwd", "kernels_fwdbwd"):
