@@ -17,6 +17,8 @@ def to_device(x, device, dtype=None):
 
     if isinstance(x, torch.Tensor):
         return x.to(device, dtype)
+    if isinstance(x, (list, tuple)) and any(isinstance(e, torch.Tensor) for e in x):  # torch reads those itself
+        return torch.as_tensor(x, dtype=dtype, device=device)
     t = torch.as_tensor(np.asarray(x), dtype=dtype)
     if torch.device(device).type == "cuda" and not torch.cuda.is_current_stream_capturing():
         return t.pin_memory().to(device, non_blocking=True)

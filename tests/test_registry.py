@@ -288,6 +288,8 @@ def test_row_padding_and_scattering_keep_the_memory_order(layout):
     assert registry.pad_rows(x, dim, 0) is x
     if layout == "operator":  # the rows (H, D) stay whole: T outermost after the batch
         assert padded.stride(2) == 3 * 4 and padded.stride(1) == 4
+    if layout == "grouped":  # the group's heads stay a broadcast (stride 0), the features contiguous
+        assert padded.stride(2) == 0 and padded.stride(-1) == 1
     index = torch.tensor([9, 0, 4, 5, 1, 12, 7])
     leaf = x.detach().clone().requires_grad_(True)
     placed = registry.scatter_rows(leaf, dim, index, 13)

@@ -72,6 +72,8 @@ def test_copies_and_batch_selection():
     assert state.to(torch.float32).dtype == torch.float32 and state.to(torch.float32).positions.dtype == torch.int64
     picked = state.index_select([2, 0, 0])
     assert picked.positions.tolist() == [5, 3, 3] and torch.equal(picked.states[1], state.states[0])
+    for indices in (torch.tensor([2, 0, 0]), [torch.tensor(2), torch.tensor(0), 0]):  # a tensor, a list holding some
+        assert torch.equal(state.index_select(indices).states, picked.states)
     assert state[1].positions.tolist() == [8] and state[-1].positions.tolist() == [5]
     assert state[1:].batch_size == 2 and state[torch.tensor([True, False, True])].positions.tolist() == [3, 5]
     assert torch.equal(state.with_slots(8).states[:, :, :state.num_slots], state.states)

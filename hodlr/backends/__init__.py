@@ -264,15 +264,25 @@ def _memory_order(x) -> list:
 def pad_rows(x, dim: int, before: int):
     """``x`` with ``before`` zero entries ahead of its own along ``dim``, laid out in ``x``'s memory
     order (a copy that reads and writes whole rows as they lie, where padding the view itself
-    would gather them across the memory; kernels take any strides)."""
+    would gather them across the memory; kernels take any strides), its broadcast dims broadcast
+    still."""
     import torch
 
     if before == 0:
         return x
+    dim %= x.dim()
+    shape = list(x.shape)
+    shape[dim] += before
+    # a broadcast dim (stride 0: the heads of a query group) is padded once and broadcast again, so
+    # that it stays outermost instead of becoming a copied, innermost one
+    broadcast = [d for d in range(x.dim()) if d != dim and x.stride(d) == 0 and x.shape[d] > 1]
+    for d in broadcast:
+        x = x.narrow(d, 0, 1)
     order = _memory_order(x)
-    at = order.index(dim % x.dim())
+    at = order.index(dim)
     y = torch.nn.functional.pad(x.permute(order), (0, 0) * (x.dim() - 1 - at) + (before, 0))
-    return y.permute([order.index(d) for d in range(x.dim())])
+    y = y.permute([order.index(d) for d in range(x.dim())])
+    return y.expand(shape) if broadcast else y
 
 
 def scatter_rows(x, dim: int, index, size: int):
