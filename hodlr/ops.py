@@ -917,23 +917,24 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
 
 
 def stream_layout(lengths):
-    """``(starts, T_s)``: where each of the sequences of ``lengths`` begins in one stream of
+    """``(starts, T_s, K)``: where each of the sequences of ``lengths`` begins in one stream of
     ``T_s`` positions in which each starts at a multiple of ``2^K``, ``2^K`` the least power of two
-    covering its length (the longest placed first, so the gaps stay below the next one's ``2^K``;
-    empty sequences get no room).  Inside such a block the levels between two of its tokens are
+    covering its length (``K`` per sequence; the longest placed first, so the gaps stay below the
+    next one's ``2^K``; empty sequences get no room).  Inside such a block the levels between two of its tokens are
     those of the sequence from position 0 (the higher bits, equal, cancel), and every pair with an
     earlier token is at a level above ``K``: a token that reads only levels ``<= K`` sees its own
     sequence, exactly as a call of its own."""
     lengths = np.asarray(lengths, dtype=np.int64)
     starts = np.zeros(lengths.size, dtype=np.int64)
+    K = np.array([int(n - 1).bit_length() if n else 0 for n in lengths], dtype=np.int64)
     end = 0
     for n in np.argsort(-lengths, kind="stable"):
         if lengths[n] == 0:
             continue
-        block = 1 << int(lengths[n] - 1).bit_length()
+        block = 1 << int(K[n])
         starts[n] = -(-end // block) * block
         end = int(starts[n] + lengths[n])
-    return starts, end
+    return starts, end, K
 
 
 def _as_one_stream(module, q, k, v, beta, g, level_scales, scale, offset, length, final_slots=None):
@@ -948,12 +949,12 @@ def _as_one_stream(module, q, k, v, beta, g, level_scales, scale, offset, length
     sequence's final bucket states, ``(N, H, final_slots, Dk, Dv)`` in the work dtype:
     ``(o, states)``."""
     T = q.shape[2]
-    starts, Ts = stream_layout(length)
+    starts, Ts, K = stream_layout(length)
     dev = q.device
     seq = np.repeat(np.arange(length.size), length)  # the sequence of each packed row
     rel = np.arange(T) - np.repeat(offset, length)
     dst = starts[seq] + rel  # the stream position of each packed row
-    K = np.array([int(n - 1).bit_length() for n in length], dtype=np.int64)[seq]  # each row's highest level
+    K = K[seq]  # each packed row's highest level
     dst_t = to_device(dst, dev)
 
     def gather(x):  # the packed rows at their stream positions, zeros between (x's memory order)

@@ -432,8 +432,9 @@ def test_op_packed_sequences_without_state_in_one_call(backend, decay, rng, monk
         assert_close(a, b, TOL, "gradients (never-read scales' exactly 0)")
     for lengths, want in (([5, 0, 17, 1], ([24, 0, 0, 29], 30)), ([3, 3, 3], ([0, 4, 8], 11)), ([1], ([0], 1)),
                           ([0, 0], ([0, 0], 0)), ([64, 65, 1], ([128, 0, 192], 193))):
-        starts, end = ops.stream_layout(lengths)
+        starts, end, K = ops.stream_layout(lengths)
         assert (starts.tolist(), end) == want, lengths
+        assert all(n <= 1 << k and (n <= 1 or n > 1 << (k - 1)) for n, k in zip(lengths, K.tolist())), lengths
 
 
 def test_packed_sequences_with_growing_gates_stay_finite():
