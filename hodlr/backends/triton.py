@@ -160,9 +160,10 @@ def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=
     The call runs as one forward over a *stream*: ``P = position mod 2^m`` zero tokens, then the
     call's, ``m`` the least exponent for which the call (its end included) crosses at most one
     multiple of ``2^m`` (where the padding is a chunk or more and over half the call's tokens, the
-    call is two: its tokens before that multiple, then the rest from it, with no padding).  Inside the stream every level is the absolute one but for the pairs
-    across that multiple, stream level ``m + 1`` and absolute ``m + 1 + t`` (``t`` the trailing
-    one-bits of ``position >> m``): the rows past it read that column there.  The carried buckets of
+    call is two: its tokens before that multiple, then the rest from it, with no padding).  Inside
+    the stream every level is the absolute one but for the pairs across that multiple, stream level
+    ``m + 1`` and absolute ``m + 1 + t`` (``t`` the trailing one-bits of ``position >> m``): the rows
+    past it read that column there.  The carried buckets of
     levels up to ``m`` lie in the padding: one of whole chunks enters as its last chunk's state,
     those inside the call's first chunk enter its state moved across it and are read by its rows
     (``chunked.carried_small_reads``); those of higher levels lie before the stream and are read
@@ -185,8 +186,7 @@ def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=
     Dk, Dv = q.shape[-1], v.shape[-1]
     dev = v.device
     work = torch.float64 if v.dtype == torch.float64 else torch.float32
-    batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], beta.shape[:-1],
-                                         level_scales.shape[:-2], () if log_decay is None else log_decay.shape[:-1]))
+    batch = _call_batch(q, k, v, beta, level_scales, log_decay)
     c = kernels.DEFAULT_CHUNK["gated_delta"].bit_length() - 1
     C = 1 << c
     m = 0
@@ -198,15 +198,13 @@ def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=
     if SPLIT_LONG_PADDING and P >= C and 2 * P > T and w < e:
         # padding that outweighs the call: its tokens before the multiple first (their own, shorter
         # stream), then the rest from the multiple, which needs none
-        def part(x, tail, lo, n):
-            return None if x is None else x.narrow(x.dim() - 1 - tail, lo, n)
+        def part(lo, n):  # tokens lo .. lo + n of every input (beta and log_decay have no feature dim)
+            return [None if x is None else x.narrow(x.dim() - 1 - tail, lo, n)
+                    for x, tail in ((q, 1), (k, 1), (v, 1), (beta, 0), (level_scales, 1), (log_decay, 0))]
 
-        head = [part(x, tail, 0, w - a) for x, tail in ((q, 1), (k, 1), (v, 1), (beta, 0), (level_scales, 1),
-                                                          (log_decay, 0))]
-        rest = [part(x, tail, w - a, e - w) for x, tail in ((q, 1), (k, 1), (v, 1), (beta, 0), (level_scales, 1),
-                                                             (log_decay, 0))]
-        o_head, mid = gated_delta_with_state(*head, scale, state=state, position=a, final_state=True)
-        o_rest, final = gated_delta_with_state(*rest, scale, state=mid, position=w, final_state=final_state)
+        o_head, mid = gated_delta_with_state(*part(0, w - a), scale, state=state, position=a, final_state=True)
+        o_rest, final = gated_delta_with_state(*part(w - a, e - w), scale, state=mid, position=w,
+                                               final_state=final_state)
         return torch.cat([o_head, o_rest], -2), final
     crossed = P + T >= 1 << m  # the stream's end lies past the multiple of 2^m
     cross_level = m + 1 + ((u0 ^ (u0 + 1)).bit_length() - 1)
@@ -259,8 +257,17 @@ def gated_delta_with_state(q, k, v, beta, level_scales, log_decay, scale, state=
         return o, None
     slots = max(0 if state is None else state.shape[-3], fenwick.num_slots(e))
     far_states = [(lev, S_of[lev]) for lev in far]
-    return o, _final_buckets(ch, carried is not None, ks, vs, bs, gs, batch, P, P + T, a0, m, crossed, cross_level,
-                             small, Tr0, far_states, slots)
+    return o, _final_buckets(ch, ks, vs, bs, gs, batch, P + T, slots, all_transitions=carried is not None, P=P,
+                             a0=a0, m=m, crossed=crossed, cross_level=cross_level, small=small, Tr0=Tr0,
+                             far_states=far_states)
+
+
+def _call_batch(q, k, v, beta, level_scales, log_decay) -> tuple:
+    """The broadcast batch shape of a Gated DeltaNet call's operands (``(*batch, T, ·)``)."""
+    import torch
+
+    return tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], beta.shape[:-1],
+                                        level_scales.shape[:-2], () if log_decay is None else log_decay.shape[:-1]))
 
 
 def gated_delta_packed_prefill(q, k, v, beta, level_scales, log_decay, scale, starts, lengths):
@@ -272,29 +279,25 @@ def gated_delta_packed_prefill(q, k, v, beta, level_scales, log_decay, scale, st
     the stream's, and the zero transition at its start keeps whatever lies before out of them).
     Returns ``(o, finals)``: ``finals[n]`` of shape ``(*batch, bit_length(lengths[n]), Dk, Dv)`` in
     the accumulator dtype, None for an empty sequence.  No gradient."""
-    import torch
-
     from hodlr import fenwick, kernels
 
-    batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], beta.shape[:-1],
-                                         level_scales.shape[:-2], () if log_decay is None else log_decay.shape[:-1]))
+    batch = _call_batch(q, k, v, beta, level_scales, log_decay)
     o, ch = kernels.gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale, return_chunks=True)
     finals = [None if n == 0 else
-              _final_buckets(ch, False, k, v, beta, log_decay, batch, 0, int(s + n), 0, 64, False, 0, [], None, [],
-                             fenwick.num_slots(int(n)), origin=int(s))
+              _final_buckets(ch, k, v, beta, log_decay, batch, int(s + n), fenwick.num_slots(int(n)), origin=int(s))
               for s, n in zip(starts, lengths)]
     return o, finals
 
 
-def _final_buckets(ch, all_transitions, ks, vs, bs, gs, batch, P, ps, a0, m, crossed, cross_level, small, Tr0,
-                   far_states, slots, origin=0):
+def _final_buckets(ch, ks, vs, bs, gs, batch, ps, slots, *, all_transitions=False, P=0, a0=0, m=None, crossed=False,
+                   cross_level=None, small=(), Tr0=None, far_states=(), origin=0):
     """The final bucket states of :func:`gated_delta_with_state` (``(*batch, slots, Dk, Dv)``): the
     stream's, read off its hierarchy ``ch`` (``ks, vs, bs, gs`` its inputs, ``ps`` its length, the
     call's first token at row ``P``, row 0 at absolute position ``a0``; ``all_transitions``: the
     forward formed the transitions of its top level), placed at their absolute levels (the
-    crossing's, level ``m + 1`` in the stream, at ``cross_level``), with the carried ``far_states``
-    ``[(level, S)]`` moved across the whole stream; ``small`` and ``Tr0``: the carried in-chunk
-    buckets and the first call chunk's transition.  With ``origin``, those of the stream's rows
+    crossing's, level ``m + 1`` in the stream, at ``cross_level``; None: no crossing), with the
+    carried ``far_states`` ``[(level, S)]`` moved across the whole stream; ``small`` and ``Tr0``: the
+    carried in-chunk buckets and the first call chunk's transition.  With ``origin``, those of the stream's rows
     ``origin .. ps`` alone, relative to ``origin`` (a multiple of ``2^K >= ps - origin``: of the
     chunk, or the rows lie inside one chunk; a packed sequence of
     :func:`gated_delta_packed_prefill`)."""
@@ -369,7 +372,7 @@ def _final_buckets(ch, all_transitions, ks, vs, bs, gs, batch, P, ps, a0, m, cro
 
     for level, S in enumerate(stream, 1):
         if S is not None:
-            put(level if level <= m else cross_level, S)
+            put(level if m is None or level <= m else cross_level, S)
     for lev, S in far_states:  # moved across the whole stream; merged into the crossing's bucket below it
         put(cross_level if crossed and lev < cross_level else lev,
             through @ S.expand(batch + (Dk, Dv)).reshape(B, Dk, Dv))
