@@ -543,10 +543,8 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
     else:
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
         final_slots = max(S_in, fenwick.num_slots(end))
-        rows = _decoding_rows(T, initial_state, cu_seqlens)
-        if (rows and q.device.type == "cuda" and init.dtype != torch.float64
-                and (backend == "triton" or backend == "auto" and _kernels_on(q.device, q.dtype))
-                and not _checks.wants_grad(q, k, v, g, level_scales, init)):
+        rows = _kernel_decoding_rows(T, initial_state, cu_seqlens, backend, q, k, v, g, level_scales)
+        if rows:
             state = initial_state.with_slots(final_slots)  # new tensors: the step updates them in place
             o = rows(log_linear_attn_step, q, k, v, g, level_scales, state, scale=scale, backend="triton",
                      validate=False)
@@ -578,6 +576,18 @@ def _decoding_rows(T, initial_state, cu_seqlens):
         return step(*moved, state, **kw).transpose(0, 1)
 
     return packed
+
+
+def _kernel_decoding_rows(T, initial_state, cu_seqlens, backend, q, *inputs):
+    """:func:`_decoding_rows` where the decode kernel runs the step: on a GPU, a float32 state,
+    ``backend`` ``"triton"`` or ``"auto"`` with the kernels available, no gradient wanted of
+    ``q``, ``inputs`` (None entries allowed) or the state; else None."""
+    rows = _decoding_rows(T, initial_state, cu_seqlens)
+    if (rows and q.device.type == "cuda" and initial_state.states.dtype != torch.float64
+            and (backend == "triton" or backend == "auto" and _kernels_on(q.device, q.dtype))
+            and not _checks.wants_grad(q, *inputs, initial_state.states)):
+        return rows
+    return None
 
 
 def _joined(o, *inputs):
@@ -1101,8 +1111,7 @@ def _gd_op_backward(do: torch.Tensor, dstates: torch.Tensor, q: torch.Tensor, k:
         grads = (dq, dk, dv, dg, dbeta, dlam, None)
         return tuple(_gradient(do, x, d) for x, d in zip(inputs, grads))
 
-    if stateful and not registry.keeps_state(_resolve_gated_delta(backend, q.device, True, q.shape[-1],
-                                                                  dtype=q.dtype), "gated_delta_attention"):
+    if stateful and not registry.keeps_state(module, "gated_delta_attention"):
         backend = "chunked"  # a backend that differentiates no state ran the forward (without autograd)
 
     def forward(q, k, v, g, beta, lam, init):
@@ -1244,11 +1253,8 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
                                           cu_seqlens, output_final_state, final_slots, backend, keep)
     else:
         end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
-        rows = _decoding_rows(T, initial_state, cu_seqlens)
-        if (rows and init.dtype != torch.float64
-                and (backend == "triton" and q.device.type == "cuda"
-                     or backend == "auto" and _kernels_on(q.device, q.dtype))
-                and not _checks.wants_grad(q, k, v, g, beta, level_scales, init)):  # decoding: the decode kernel
+        rows = _kernel_decoding_rows(T, initial_state, cu_seqlens, backend, q, k, v, g, beta, level_scales)
+        if rows:  # decoding: the decode kernel
             state = initial_state.with_slots(max(S_in, fenwick.num_slots(end)))  # new tensors, stepped in place
             o = rows(log_linear_gated_delta_step, q, k, v, g, beta, level_scales, state, scale=scale,
                      backend="triton", validate=False)
