@@ -42,8 +42,8 @@ NUM_WARPS = 4
 TILE_ELEMENTS = 4096
 """Elements of a program's state tile: all ``Dk`` rows of ``TILE_ELEMENTS // Dk`` value columns (at
 most 64).  Offline for sm_90 (Triton 3.9, bf16, 4 warps) the step at ``Dk = Dv = 64`` takes 255
-registers and a 128-byte stack a thread (256 with ``beta``) at 4096, 168 (205) and none at 2048
-(docs/kernels.md §7.6); 4096 is the width the attention step was measured at on the GPU."""
+registers and a 128-byte stack a thread (256 with ``beta``) at 4096, 168 (205) and none at 2048;
+on the GPU 4096 is still the faster, both steps (docs/kernels.md §7.6)."""
 
 
 @triton.jit

@@ -254,11 +254,14 @@ def grouped_delta_heads(q, k, v, beta, level_scales, log_decay):
     return q5, k5, v5, beta.unflatten(1, (q.shape[1], v.shape[1] // q.shape[1])), lam5, g5
 
 
-def _memory_order(x) -> list:
-    """The dims of ``x`` by decreasing stride (its memory order; broadcast dims last): ``x`` permuted
-    so is contiguous or nearly, whatever layout it is a view of (the ``(B, T, H, D)`` operator layout
-    read as ``(N, H, T, D)``, grouped heads)."""
-    return sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
+def _in_memory_order(x, dim: int, rebuild):
+    """``rebuild(y, at)`` of ``y``, ``x`` permuted to its memory order (dims by decreasing stride,
+    broadcast ones last: contiguous or nearly, whatever layout ``x`` is a view of, e.g. the
+    ``(B, T, H, D)`` operator layout read as ``(N, H, T, D)``), ``at`` where ``dim`` went; the
+    result permuted back."""
+    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
+    y = rebuild(x.permute(order), order.index(dim % x.dim()))
+    return y.permute([order.index(d) for d in range(x.dim())])
 
 
 def pad_rows(x, dim: int, before: int):
@@ -278,10 +281,7 @@ def pad_rows(x, dim: int, before: int):
     broadcast = [d for d in range(x.dim()) if d != dim and x.stride(d) == 0 and x.shape[d] > 1]
     for d in broadcast:
         x = x.narrow(d, 0, 1)
-    order = _memory_order(x)
-    at = order.index(dim)
-    y = torch.nn.functional.pad(x.permute(order), (0, 0) * (x.dim() - 1 - at) + (before, 0))
-    y = y.permute([order.index(d) for d in range(x.dim())])
+    y = _in_memory_order(x, dim, lambda y, at: torch.nn.functional.pad(y, (0, 0) * (y.dim() - 1 - at) + (before, 0)))
     return y.expand(shape) if broadcast else y
 
 
@@ -289,13 +289,12 @@ def scatter_rows(x, dim: int, index, size: int):
     """A tensor of ``size`` entries along ``dim``, zero but for entry ``index[i]``, which is ``x``'s
     entry ``i`` (``index`` a 1-d int64 tensor on ``x``'s device), laid out in ``x``'s memory order
     (one fill and one scatter of whole rows); differentiable in ``x``."""
-    order = _memory_order(x)
-    at = order.index(dim % x.dim())
-    y = x.permute(order)
-    shape = list(y.shape)
-    shape[at] = size
-    out = y.new_zeros(shape).index_copy(at, index, y)
-    return out.permute([order.index(d) for d in range(x.dim())])
+    def rebuild(y, at):
+        shape = list(y.shape)
+        shape[at] = size
+        return y.new_zeros(shape).index_copy(at, index, y)
+
+    return _in_memory_order(x, dim, rebuild)
 
 
 def _environment() -> dict:
