@@ -119,30 +119,25 @@ def _packed(torch, bench, row, inputs, do, scale, backend, count):
     longest = int(np.diff(cu_host).max())  # a sequence may be longer than T: its levels, scales of 1
     xs[5] = torch.nn.functional.pad(xs[5], (0, max(0, hodlr.num_levels(longest) - xs[5].shape[-1])), value=1.0)
 
-    def packed(*a):
-        return hodlr.log_linear_gated_delta_rule(*a, scale=scale, backend=backend, cu_seqlens=cu)[0]
+    def packed(*a, **kw):  # one call: (o, state)
+        return hodlr.log_linear_gated_delta_rule(*a, scale=scale, backend=backend, cu_seqlens=cu, **kw)
 
-    def looped(*a):
-        return torch.cat([hodlr.log_linear_gated_delta_rule(*(x[:, s:e] for x in a), scale=scale, backend=backend)[0]
-                          for s, e in zip(cu_host[:-1], cu_host[1:])], 1)
-
-    def packed_prefill():
-        with torch.no_grad():
-            return hodlr.log_linear_gated_delta_rule(*xs, scale=scale, backend=backend, cu_seqlens=cu,
-                                                     output_final_state=True)
-
-    def looped_prefill():
-        with torch.no_grad():
-            return [hodlr.log_linear_gated_delta_rule(*(x[:, s:e] for x in xs), scale=scale, backend=backend,
-                                                      output_final_state=True) for s, e in zip(cu_host[:-1], cu_host[1:])]
+    def looped(*a, **kw):  # one call each: [(o, state)]
+        return [hodlr.log_linear_gated_delta_rule(*(x[:, s:e] for x in a), scale=scale, backend=backend, **kw)
+                for s, e in zip(cu_host[:-1], cu_host[1:])]
 
     row["packed_sequences"] = count
-    for name, call in (("packed", packed), ("looped", looped)):
+    outputs = {"packed": lambda *a: packed(*a)[0], "looped": lambda *a: torch.cat([o for o, _ in looped(*a)], 1)}
+    for name, call in outputs.items():
         fwd, fwdbwd = forward_calls(torch, call, xs, dflat)
         _timed(row, name + "_fwd", lambda: bench(fwd))
         _timed(row, name + "_fwdbwd", lambda: bench(fwdbwd))
-    _timed(row, "packed_prefill", lambda: bench(packed_prefill))
-    _timed(row, "looped_prefill", lambda: bench(looped_prefill))
+    for name, run in (("packed", packed), ("looped", looped)):
+        def prefill(run=run):
+            with torch.no_grad():
+                return run(*xs, output_final_state=True)
+
+        _timed(row, name + "_prefill", lambda: bench(prefill))
 
 
 def _row(torch, bench, D, H, T, B, dtype, device, fla, profile=False, compiled=False, prefill=False, packed=None):
