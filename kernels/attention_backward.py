@@ -76,7 +76,7 @@ into shared memory while this chunk's product runs."""
 KEYS_AFTER_WALK = True
 """Experiment switch: the key side's in-chunk products formed after the set-bit walk."""
 
-BLOCK_SUM_STEP = {"attention_backward": 2, "attention_backward_wide": 2}
+BLOCK_SUM_STEP = {"attention_backward": 2, "attention_backward_wide": 1}
 """Chunks of one product of the block sums' loop (``_block_sum``) above level 0, for feature tiles
 of up to 64 columns and wider ones."""
 
