@@ -73,13 +73,6 @@ BLOCK_SUM_STAGES = {"attention_backward": 2, "attention_backward_wide": 3}
 tiles of up to 64 columns and wider ones: the next chunks' queries and output gradients load
 into shared memory while this chunk's product runs."""
 
-KEYS_AFTER_WALK = True
-"""Experiment switch: the key side's in-chunk products formed after the set-bit walk."""
-
-BLOCK_SUM_STEP = {"attention_backward": 2, "attention_backward_wide": 1}
-"""Chunks of one product of the block sums' loop (``_block_sum``) above level 0, for feature tiles
-of up to 64 columns and wider ones."""
-
 SPAN_KEY_ROWS = 64
 """Key rows of one ``_span_kernel`` program's feature tile (wider key tiles are split): the
 program holds one float32 accumulator of that tile (the later readers' block sums) and, at one
@@ -402,23 +395,21 @@ def _sequence_kernel(h_ptr, a_ptr, r_ptr, s_ptr, df_ptr, di_ptr, rc_ptr, le_ptr,
 def _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot, sod, slt, sgt, dk, dv,
                DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
-               NATIVE: tl.constexpr, STAGES: tl.constexpr, STEP: tl.constexpr, lo=None):
+               NATIVE: tl.constexpr, STAGES: tl.constexpr, lo=None):
     """``Σ_t scale λ_t exp(G_t - G_a) dO_t q_tᵀ`` (``(BDV, BDK)``, the transposed block sum) over
     the ``count`` chunks from chunk ``first``, ``a`` the last position before them; ``l_col``
     points at the level-scale column the rows read.  With ``lo`` (a sequence: rows ``t`` are
-    absolute positions, the row pointers shifted to them) only the positions ``[lo, T)`` count.
-    ``STEP`` chunks a product (their rows' decays one cumulative sum)."""
-    r = tl.arange(0, STEP * C)
+    absolute positions, the row pointers shifted to them) only the positions ``[lo, T)`` count."""
+    r = tl.arange(0, C)
     acc = tl.zeros((BDV, BDK), dtype=ACC)
     gap = tl.zeros((), dtype=ACC)
-    end = tl.minimum((first + count) * C, T)
-    for j in tl.range(0, count, STEP, num_stages=STAGES):  # the next rows load while this product runs
+    for j in tl.range(0, count, num_stages=STAGES):  # the next chunks' rows load while this one's product runs
         t = (first + j) * C + r
         if lo is None:
-            tmask = t < end
+            tmask = t < T
         else:
-            tmask = (t >= lo) & (t < end)
-        G, _ = chunk_decays(g_row, t, tmask, sgt, T, STEP * C, HAS_G, ACC, lo)
+            tmask = (t >= lo) & (t < T)
+        G, g_next = chunk_decays(g_row, t, tmask, sgt, T, C, HAS_G, ACC, lo)
         lam = tl.load(l_col + t * slt, mask=tmask, other=0.0).to(ACC)
         qb = tl.load(q_row + t[:, None] * sqt + dk[None, :] * sqd, mask=tmask[:, None] & (dk[None, :] < DK),
                      other=0.0)
@@ -438,8 +429,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_p
                         scale, sqb0, sqb1, sqt, sqd, sob0, sob1, sot, sod, slb0, slb1, slt, sll, sgb0, sgb1, sgt, GRP,
                         C: tl.constexpr, LOG_C: tl.constexpr, P_LOG: tl.constexpr, BDK: tl.constexpr,
                         BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                        LOWP: tl.constexpr, NATIVE: tl.constexpr, VARLEN: tl.constexpr, STAGES: tl.constexpr,
-                        STEP: tl.constexpr):
+                        LOWP: tl.constexpr, NATIVE: tl.constexpr, VARLEN: tl.constexpr, STAGES: tl.constexpr):
     """Program ``(group * n_bits + level, batch entry, feature tile)`` over aligned groups of
     ``2^P_LOG`` chunks, the level varying fastest (the programs of one group read the same rows,
     from L2): a level below ``P_LOG`` sums the reader blocks inside the group and stores them;
@@ -481,13 +471,8 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_p
                 lo_c = tl.maximum(b << h, I0)
                 count = tl.minimum(((b + 1) << h) - 1, I1) - lo_c + 1
                 if count > 0:
-                    if h == 0:  # one chunk a block
-                        acc = _block_sum(q_row, o_row, l_col, g_row, lo_c, count, e, scale, sqt, sqd, sot, sod, slt,
-                                         sgt, dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE, STAGES, 1, a)
-                    else:
-                        acc = _block_sum(q_row, o_row, l_col, g_row, lo_c, count, e, scale, sqt, sqd, sot, sod, slt,
-                                         sgt, dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE, STAGES, STEP,
-                                         a)
+                    acc = _block_sum(q_row, o_row, l_col, g_row, lo_c, count, e, scale, sqt, sqd, sot, sod, slt, sgt,
+                                     dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE, STAGES, a)
                     tl.store(r_ptr + (off + b - (I0 >> h)) * DK * DV + r_tile, acc, mask=fmask)
                 nb += 1
         else:
@@ -496,7 +481,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_p
             count = tl.minimum(first + (1 << P_LOG) - 1, I1) - lo_c + 1
             if (b & 1) == 1:
                 acc = _block_sum(q_row, o_row, l_col, g_row, lo_c, count, e, scale, sqt, sqd, sot, sod, slt, sgt,
-                                 dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE, STAGES, STEP, a)
+                                 dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE, STAGES, a)
                 dst = r_ptr + (off + b - (I0 >> h)) * DK * DV + r_tile
                 if h == P_LOG:  # the group is the whole block
                     tl.store(dst, acc, mask=fmask)
@@ -530,12 +515,8 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_p
                 b = (first >> h) + 2 * nb + 1
                 count = tl.minimum(1 << h, n_chunks - (b << h))
                 if count > 0:
-                    if h == 0:  # one chunk a block
-                        acc = _block_sum(q_row, o_row, l_col, g_row, b << h, count, T, scale, sqt, sqd, sot, sod, slt,
-                                         sgt, dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE, STAGES, 1)
-                    else:
-                        acc = _block_sum(q_row, o_row, l_col, g_row, b << h, count, T, scale, sqt, sqd, sot, sod, slt,
-                                         sgt, dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE, STAGES, STEP)
+                    acc = _block_sum(q_row, o_row, l_col, g_row, b << h, count, T, scale, sqt, sqd, sot, sod, slt,
+                                     sgt, dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE, STAGES)
                     tl.store(r_ptr + (bh * n_r + roff + (b >> 1)) * DK * DV + r_tile, acc, mask=fmask)
                 nb += 1
         else:
@@ -543,7 +524,7 @@ def _query_block_kernel(q_ptr, do_ptr, l_ptr, g_ptr, a_ptr, r_ptr, tab_ptr, gs_p
             count = tl.minimum(1 << P_LOG, n_chunks - first)
             if ((b & 1) == 1) & (count > 0):
                 acc = _block_sum(q_row, o_row, l_col, g_row, first, count, T, scale, sqt, sqd, sot, sod, slt, sgt,
-                                 dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE, STAGES, STEP)
+                                 dk, dv, DK, DV, C, BDK, BDV, HAS_G, ACC, PREC, LOWP, NATIVE, STAGES)
                 dst = r_ptr + (bh * n_r + roff + (b >> 1)) * DK * DV + r_tile
                 if h == P_LOG:  # the group is the whole block
                     tl.store(dst, acc, mask=fmask)
@@ -601,7 +582,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, later
                   BDK: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
                   NB: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
                   LOWP: tl.constexpr, NATIVE: tl.constexpr, VARLEN: tl.constexpr,
-                  FINAL: tl.constexpr, SIDE: tl.constexpr = 0, KEYS_LAST: tl.constexpr = False):
+                  FINAL: tl.constexpr, SIDE: tl.constexpr = 0):
     """Program ``(chunk i, batch entry, feature tile)``: every gradient of the chunk's rows.
 
     Writes ``dq``, ``dk``, ``dv``, ``dλ`` and, for ``dg`` (see :func:`attention_backward`), the
@@ -703,9 +684,8 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, later
         Pm = M * S
         if LOWP and NATIVE:
             Pm = Pm.to(ob.dtype)
-        if not KEYS_LAST:
-            dk_acc = dot(tl.trans(dS), qb, ACC, PREC, NATIVE)
-            dv_acc = dot(tl.trans(Pm), ob, ACC, PREC, NATIVE)
+        dk_acc = dot(tl.trans(dS), qb, ACC, PREC, NATIVE)
+        dv_acc = dot(tl.trans(Pm), ob, ACC, PREC, NATIVE)
     # levels > c, one walk over the set bits h of the chunk index, low to high: the chunk reads the
     # level-h state (i >> h) - 1 (dq, dλ)
     levels = tl.arange(0, NB)
@@ -739,9 +719,6 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, g_ptr, h_ptr, a_ptr, later
     # by _span_kernel (dk, dv; in the dots' dtype, or in ACC with VARLEN, where the initial state's
     # gradient below reads it too)
     if KEYS:
-        if KEYS_LAST:
-            dk_acc = dot(tl.trans(dS), qb, ACC, PREC, NATIVE)
-            dv_acc = dot(tl.trans(Pm), ob, ACC, PREC, NATIVE)
         D = tl.load(later_ptr + (gbh * n_chunks + gi) * DK * DV + dk[:, None] * DV + dv[None, :], mask=fmask,
                     other=0.0)
     if HAS_G:
@@ -986,7 +963,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
             logdec, logdec, T, layout.B1, n, states.shape[1], n_r, n_bits, DK, DV, n_dv, scale,
             *layout.args("q")[1:], *layout.args("do")[1:], *layout.args("l")[1:], *layout.decay_args()[1:],
             layout.group, C=C, LOG_C=C.bit_length() - 1, P_LOG=p_log, BDK=BDK, BDV=BDV, VARLEN=False,
-            STAGES=BLOCK_SUM_STAGES[_width_key(BDK, BDV)], STEP=BLOCK_SUM_STEP[_width_key(BDK, BDV)], **meta)
+            STAGES=BLOCK_SUM_STAGES[_width_key(BDK, BDV)], **meta)
     # the later readers of each chunk's keys (and, with a decay, the Frobenius products behind the
     # weight of the pairs spanning each chunk, beside the block sums, a slice per feature tile)
     later = scratch((B, n, DK * DV), v.dtype if lowp and native else acc_torch, dev)
@@ -1035,7 +1012,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
                 logdec, *running, T, layout.B1, n, states.shape[1], n_bits, L, DK, DV, diagonal, scale,
                 layout.group, 0, 0, 0, *strides, *out_strides, C=C, LOG_C=C.bit_length() - 1,
                 FULL_CHUNKS=T % C == 0, BDK=BDK, BDV=BDV, BL=next_power_of_2(L), NB=NB, EXACT=exact, VARLEN=False,
-                FINAL=False, SIDE=side, KEYS_LAST=KEYS_AFTER_WALK, **meta)
+                FINAL=False, SIDE=side, **meta)
     dg = None
     if has_g:
         span = scratch((B, n), acc_torch, dev)
@@ -1171,7 +1148,7 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
             q, do, level_scales, layout.decay_args()[0], logdec, rsum, seqs.table, seqs.group_seq, T, 1, 0,
             seqs.n_entries, 0, NH, DK, DV, n_dv, scale, *layout.args("q")[1:], *layout.args("do")[1:],
             *layout.args("l")[1:], *layout.decay_args()[1:], grp, C=C, LOG_C=c, P_LOG=p_log, BDK=BDK, BDV=BDV,
-            VARLEN=True, STAGES=BLOCK_SUM_STAGES[_width_key(BDK, BDV)], STEP=BLOCK_SUM_STEP[_width_key(BDK, BDV)], **meta)
+            VARLEN=True, STAGES=BLOCK_SUM_STAGES[_width_key(BDK, BDV)], **meta)
     NB = next_power_of_2(NH)
     dinit = None if initial is None else scratch(initial.shape, initial.dtype, dev)
     rc = scratch((count, H, tiles), acc_torch, dev)
