@@ -984,12 +984,8 @@ def _as_one_stream(module, q, k, v, beta, g, level_scales, scale, offset, length
     views = registry.grouped_delta_heads(gather(q), gather(k), gather(v), gather(beta), lam, gs)
     if final_slots is None:
         return module.gated_delta_attention(*views, scale).flatten(1, 2).index_select(2, dst_t)
-    o, finals = module.gated_delta_packed_prefill(*views, scale, starts, length)
-    Dk, Dv = q.shape[-1], v.shape[-1]
-    zero = level_scales.new_zeros((1, v.shape[1], final_slots, Dk, Dv))
-    states = torch.cat([zero if S is None else torch.nn.functional.pad(
-        S.flatten(1, 2), (0, 0, 0, 0, 0, final_slots - S.shape[-3])) for S in finals])
-    return o.flatten(1, 2).index_select(2, dst_t), states
+    o, finals = module.gated_delta_packed_prefill(*views, scale, starts, length, final_slots)
+    return o.flatten(1, 2).index_select(2, dst_t), finals.flatten(0, 1).flatten(1, 2)
 
 
 def _pick(x, rows, sl=slice(None)):

@@ -270,86 +270,175 @@ def _call_batch(q, k, v, beta, level_scales, log_decay) -> tuple:
                                         level_scales.shape[:-2], () if log_decay is None else log_decay.shape[:-1]))
 
 
-def gated_delta_packed_prefill(q, k, v, beta, level_scales, log_decay, scale, starts, lengths):
+def gated_delta_packed_prefill(q, k, v, beta, level_scales, log_decay, scale, starts, lengths, slots):
     """One forward over the aligned stream of packed sequences (laid out by
     ``hodlr.ops.stream_layout``: sequence ``n`` from stream row ``starts[n]``, a multiple of ``2^K``
     at least its length, its first log-decay -inf and its scales above level ``K`` zero) and each
-    sequence's final bucket states read off the forward's hierarchy as in
-    :func:`gated_delta_with_state`, the buckets relative to the sequence's start (its blocks are
-    the stream's, and the zero transition at its start keeps whatever lies before out of them).
-    Returns ``(o, finals)``: ``finals[n]`` of shape ``(*batch, bit_length(lengths[n]), Dk, Dv)`` in
-    the accumulator dtype, None for an empty sequence.  No gradient."""
-    from hodlr import fenwick, kernels
+    sequence's final bucket states read off the forward's hierarchy, the buckets relative to the
+    sequence's start (its blocks are the stream's, and the zero transition at its start keeps
+    whatever lies before out of them), for all sequences at once (:func:`_packed_final_buckets`).
+    Returns ``(o, finals)``, ``finals`` of shape ``(N, *batch, slots, Dk, Dv)`` in the accumulator
+    dtype (``slots`` at least the largest ``bit_length(lengths[n])``; zeros for an empty sequence
+    and the empty buckets).  No gradient."""
+    from hodlr import kernels
 
     batch = _call_batch(q, k, v, beta, level_scales, log_decay)
     o, ch = kernels.gated_delta_forward(q, k, v, beta, level_scales, log_decay, scale, return_chunks=True)
-    finals = [None if n == 0 else
-              _final_buckets(ch, k, v, beta, log_decay, batch, int(s + n), fenwick.num_slots(int(n)), origin=int(s))
-              for s, n in zip(starts, lengths)]
-    return o, finals
+    return o, _packed_final_buckets(ch, k, v, beta, log_decay, batch, starts, lengths, slots)
+
+
+def _hierarchy_blocks(ch, all_transitions=False):
+    """``(block_state, block_transition)`` of the hierarchy ``ch`` of a Gated DeltaNet forward:
+    ``block_state(h, idx)`` the states of blocks ``idx`` (a device index tensor ``(N,)``, or one
+    block's index, ``N = 1``) of level ``h``, ``block_transition(h, idx)`` their whole transitions
+    ``γ I + R``, both ``(B, N, Dk, ·)``
+    in the work dtype; a level the forward did not store (above its top, or the top level's
+    transitions unless ``all_transitions``) is formed from the level below."""
+    import torch
+
+    from hodlr.kernels._layout import level_offsets
+
+    B, Dk, Dv = ch.X.shape[0], ch.W.shape[-1], ch.states.shape[-1] // ch.W.shape[-1]
+    work = ch.X.dtype
+    offsets = level_offsets(ch.n)
+    top = len(offsets) - 2  # the highest stored level
+    eye = torch.eye(Dk, dtype=work, device=ch.X.device)
+
+    def block_transition(h, idx):
+        if h == 0 or h < top or (h == top and all_transitions):
+            R = ch.trans[:, offsets[h] + idx].reshape(B, -1, Dk, Dk).to(work)
+            gamma = 1.0 if ch.decays is None else ch.decays[:, offsets[h] + idx].reshape(B, -1, 1, 1)
+            return R + gamma * eye
+        return block_transition(h - 1, 2 * idx + 1) @ block_transition(h - 1, 2 * idx)
+
+    def block_state(h, idx):
+        if h <= top:
+            return ch.states[:, offsets[h] + idx].reshape(B, -1, Dk, Dv).to(work)
+        return block_transition(h - 1, 2 * idx + 1) @ block_state(h - 1, 2 * idx) + block_state(h - 1, 2 * idx + 1)
+
+    return block_state, block_transition
+
+
+def _chunk_tails(ch, ks, vs, bs, gs, batch, J, r):
+    """For ``N`` rows ``J C .. J C + r - 1`` of the stream (each in one chunk ``J``; ``J``, ``r``
+    integer arrays ``(N,)``): ``(E, moved, V)``, with ``E = (diag(d) K)ᵀ X diag(β)`` over those
+    rows (``(B, N, Dk, C)``, columns past ``r`` zero; ``X`` the chunk's, whose leading ``r × r``
+    block is the inverse over those rows), ``moved = γ_{r-1} I - E diag(γ) K`` the transition over
+    those rows alone (``(B, N, Dk, Dk)``; the identity where ``r = 0``; the chunk's stored one runs
+    to its end) and the rows' values ``V`` (``(B, N, C, Dv)``, 0 past ``r``).  ``d_t`` decays from
+    row ``t`` to the last, ``γ_t`` from the first row to ``t``, each a sum of its own terms."""
+    import numpy as np
+    import torch
+
+    from hodlr._transfer import to_device
+    from hodlr.fenwick.arrays import reverse_cumsum
+
+    B, C, dev, work = ch.X.shape[0], ch.C, ch.X.device, ch.X.dtype
+    N = len(J)
+    # rows of none (r = 0) may name the chunk past the stream's last
+    J, r = to_device(np.stack([np.minimum(J, ch.n - 1), r]).astype(np.int64), dev)
+    col = torch.arange(C, device=dev)
+    valid = col < r[:, None]
+    rows = (J[:, None] * C + torch.minimum(col, (r[:, None] - 1).clamp(min=0))).flatten()
+    zero = torch.zeros((), dtype=work, device=dev)
+
+    def chunk_rows(x, tail):
+        d = x.dim() - 1 - tail
+        y = x.index_select(d, rows)
+        y = y.expand(batch + y.shape[d:]).reshape((B, N, C) + y.shape[d + 1:]).to(work)
+        return torch.where(valid.reshape((1, N, C) + (1,) * tail), y, zero)
+
+    K, V, b = chunk_rows(ks, 1), chunk_rows(vs, 1), chunk_rows(bs, 0)
+    d = gam = torch.ones((B, N, C), dtype=work, device=dev)
+    if gs is not None:
+        g = chunk_rows(gs, 0)
+        d = torch.exp(torch.nn.functional.pad(reverse_cumsum(g[..., 1:], 2), (0, 1)))
+        gam = torch.exp(torch.cumsum(g, 2))
+    X = ch.X.index_select(1, J)
+    E = ((d[..., None] * K).transpose(-1, -2) @ X) * b[..., None, :]
+    moved = gam[..., -1, None, None] * torch.eye(K.shape[-1], dtype=work, device=dev) - E @ (gam[..., None] * K)
+    return E, moved, V
+
+
+def _packed_final_buckets(ch, ks, vs, bs, gs, batch, starts, lengths, slots):
+    """The final bucket states ``(N, *batch, slots, Dk, Dv)`` of the packed sequences of
+    :func:`gated_delta_packed_prefill` (sequence ``n``: stream rows ``starts[n] ..`` of
+    ``lengths[n]``), off the stream's hierarchy ``ch`` (``ks, vs, bs, gs`` its inputs): the
+    assembly of :func:`hodlr.fenwick.delta.buckets_from_blocks` carried out for every sequence at
+    once, one batched product a level.  A sequence of ``n`` tokens has the buckets of levels
+    ``l <= c`` inside its last, partial chunk (:func:`_chunk_tails` over that chunk's rows up to the
+    sequence's end, applied to each bucket's rows of ``V``), and for each set bit ``h`` of
+    ``n >> c`` the stream's block ``(n >> (c + h)) - 1`` of level ``h`` counted from the sequence's
+    start, moved to the end across the partial chunk and the blocks of the lower set bits."""
+    import numpy as np
+    import torch
+
+    from hodlr._transfer import to_device
+
+    B, Dk, Dv = ch.X.shape[0], ch.W.shape[-1], vs.shape[-1]
+    dev, work = ch.X.device, ch.X.dtype
+    C = ch.C
+    c = C.bit_length() - 1
+    s, n = np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
+    N = n.size
+    # each sequence's last chunk and its rows up to the sequence's end (a sequence shorter than a
+    # chunk may start inside one: its rows are the chunk's from its start)
+    J = (s + n - n % C) >> c
+    E, moved, V = _chunk_tails(ch, ks, vs, bs, gs, batch, J, s + n - J * C)
+    # levels 1..c: the bucket of level l (bit l - 1 of n set) holds the sequence's rows
+    # [start, start + 2^(l-1)), start = (n >> l) << l
+    rel = J[:, None] * C + np.arange(C)[None, :] - s[:, None]  # each chunk row's position in its sequence
+    lev = np.arange(1, c + 1)[None, :, None]
+    start = (n[:, None, None] >> lev) << lev
+    inside = ((n[:, None, None] >> (lev - 1)) & 1).astype(bool) & (rel[:, None, :] >= start) & (
+        rel[:, None, :] < start + (1 << (lev - 1)))  # (N, c, C)
+    small = E[:, :, None] @ (to_device(inside, dev, work)[None, ..., None] * V[:, :, None])  # (B, N, c, Dk, Dv)
+    out = [small[:, :, level] for level in range(c)]
+    block_state, block_transition = _hierarchy_blocks(ch)
+    chunks = n >> c  # each sequence's whole chunks
+    zero = torch.zeros((), dtype=work, device=dev)
+    for h in range(int(chunks.max()).bit_length()):
+        read = ((chunks >> h) & 1).astype(bool)
+        if not read.any():
+            out.append(torch.zeros((B, N, Dk, Dv), dtype=work, device=dev))
+            continue
+        block = (chunks >> h) - 1 + (s >> (c + h))
+        block = to_device(np.where(read, block, block[read][0]), dev)  # a block that exists where none is read
+        out.append(torch.where(to_device(read, dev)[None, :, None, None], moved @ block_state(h, block), zero))
+        crosses = read & (chunks >> (h + 1) > 0)  # something earlier is still to come: it crosses this block
+        if crosses.any():
+            moved = torch.where(to_device(crosses, dev)[None, :, None, None], moved @ block_transition(h, block), moved)
+    out = out[:slots] + [torch.zeros((B, N, Dk, Dv), dtype=work, device=dev)] * (slots - len(out))
+    final = torch.stack(out, 2).transpose(0, 1)  # (N, B, slots, Dk, Dv)
+    return final.reshape((N,) + batch + final.shape[2:])
 
 
 def _final_buckets(ch, ks, vs, bs, gs, batch, ps, slots, *, all_transitions=False, P=0, a0=0, m=None, crossed=False,
-                   cross_level=None, small=(), Tr0=None, far_states=(), origin=0):
+                   cross_level=None, small=(), Tr0=None, far_states=()):
     """The final bucket states of :func:`gated_delta_with_state` (``(*batch, slots, Dk, Dv)``): the
     stream's, read off its hierarchy ``ch`` (``ks, vs, bs, gs`` its inputs, ``ps`` its length, the
     call's first token at row ``P``, row 0 at absolute position ``a0``; ``all_transitions``: the
     forward formed the transitions of its top level), placed at their absolute levels (the
     crossing's, level ``m + 1`` in the stream, at ``cross_level``; None: no crossing), with the
     carried ``far_states`` ``[(level, S)]`` moved across the whole stream; ``small`` and ``Tr0``: the
-    carried in-chunk buckets and the first call chunk's transition.  With ``origin``, those of the stream's rows
-    ``origin .. ps`` alone, relative to ``origin`` (a multiple of ``2^K >= ps - origin``: of the
-    chunk, or the rows lie inside one chunk; a packed sequence of
-    :func:`gated_delta_packed_prefill`)."""
+    carried in-chunk buckets and the first call chunk's transition."""
+    import numpy as np
     import torch
 
     from hodlr import fenwick
-    from hodlr.fenwick.arrays import reverse_cumsum
-    from hodlr.kernels._layout import level_offsets
 
     B = ch.X.shape[0]
     Dk, Dv = ch.W.shape[-1], vs.shape[-1]
     dev, work = ch.X.device, ch.X.dtype
     C = ch.C
     c = C.bit_length() - 1
-    offsets = level_offsets(ch.n)
-    top = len(offsets) - 2  # the highest stored level
-    eye = torch.eye(Dk, dtype=work, device=dev)
-
-    def block_state(h, j):
-        if h <= top:
-            return ch.states[:, offsets[h] + j].reshape(B, Dk, Dv).to(work)
-        return block_transition(h - 1, 2 * j + 1) @ block_state(h - 1, 2 * j) + block_state(h - 1, 2 * j + 1)
-
-    def block_transition(h, j):
-        if h == 0 or h < top or (h == top and all_transitions):
-            R = ch.trans[:, offsets[h] + j].reshape(B, Dk, Dk).to(work)
-            gamma = 1.0 if ch.decays is None else ch.decays[:, offsets[h] + j, None, None]
-            return R + gamma * eye
-        return block_transition(h - 1, 2 * j + 1) @ block_transition(h - 1, 2 * j)
-
-    n = ps - origin  # the rows whose buckets these are
-    J = (ps - n % C) >> c  # the chunk of the rows after the last whole chunk of them
+    block_state, block_transition = _hierarchy_blocks(ch, all_transitions)
+    J = ps >> c  # the chunk of the rows after the last whole chunk
     partial = None
-    if n % C:  # that chunk's r = ps - J C stream rows: E = (diag(d) K)ᵀ X diag(β) over them
-        r = ps - J * C
-
-        def last(x, tail):
-            """Stream rows ``J C ..`` of ``x (*b, ps, *tail)`` over the call's batch: ``(B, r, *tail)``."""
-            x = x.narrow(x.dim() - 1 - tail, J * C, r)
-            return x.expand(batch + x.shape[x.dim() - 1 - tail:]).reshape((B,) + x.shape[x.dim() - 1 - tail:]).to(work)
-
-        K, V, b = last(ks, 1), last(vs, 1), last(bs, 0)
-        d = gam = torch.ones((B, r), dtype=work, device=dev)
-        if gs is not None:  # d_t = exp(g_{t+1} + ... + g_{r-1}), a sum of its own terms; γ_t = exp(g_0 + ... + g_t)
-            g = last(gs, 0)
-            d = torch.exp(torch.nn.functional.pad(reverse_cumsum(g[:, 1:], 1), (0, 1)))
-            gam = torch.exp(torch.cumsum(g, 1))
-        E = (d[..., None] * K).transpose(1, 2) @ ch.X[:, J, :r, :r] * b[:, None, :]  # (B, Dk, r)
-        # the transition over these r rows alone, γ_{r-1} I - E diag(γ) K (the chunk's stored one
-        # runs to its end, past rows of a packed sequence that follows)
-        moved_rows = gam[:, -1, None, None] * eye - E @ (gam[..., None] * K)
-        inside = torch.arange(r, device=dev) + J * C - origin
+    if ps % C:  # that chunk's r = ps - J C rows
+        E, moved_rows, V = (x[:, 0] for x in _chunk_tails(ch, ks, vs, bs, gs, batch, np.array([J]),
+                                                           np.array([ps - J * C])))
+        inside = torch.arange(C, device=dev) + J * C
         in_first = small and (P >> c) == J  # the carried in-chunk buckets lie in this chunk too
 
         def bucket(level, start):
@@ -361,9 +450,9 @@ def _final_buckets(ch, ks, vs, bs, gs, batch, ps, slots, *, all_transitions=Fals
             return S
 
         partial = (bucket, moved_rows)
-    stream = fenwick.delta.buckets_from_blocks(
-        n, c, n.bit_length(), lambda h, j: block_state(h, j + (origin >> (c + h))),
-        lambda h, j: block_transition(h, j + (origin >> (c + h))), partial, through=bool(far_states))
+    stream = fenwick.delta.buckets_from_blocks(ps, c, ps.bit_length(), lambda h, j: block_state(h, j)[:, 0],
+                                               lambda h, j: block_transition(h, j)[:, 0], partial,
+                                               through=bool(far_states))
     stream, through = stream if far_states else (stream, None)
     out = [None] * slots
 
