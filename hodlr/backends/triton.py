@@ -396,18 +396,20 @@ def _packed_final_buckets(ch, ks, vs, bs, gs, batch, starts, lengths, slots):
     out = [small[:, :, level] for level in range(c)]
     block_state, block_transition = _hierarchy_blocks(ch)
     chunks = n >> c  # each sequence's whole chunks
+    h = np.arange(int(chunks.max()).bit_length())[:, None]  # the levels of the whole blocks
+    read = ((chunks >> h) & 1).astype(bool)  # (levels, N)
+    crosses = read & (chunks >> (h + 1) > 0)  # something earlier is still to come: it crosses the block
+    block = (chunks >> h) - 1 + (s >> (c + h))
+    block = np.where(read, block, block[np.arange(h.size), read.argmax(1)][:, None])  # one that exists where none is read
+    table = to_device(np.stack([block, read, crosses]).astype(np.int64), dev)  # one copy for every level
     zero = torch.zeros((), dtype=work, device=dev)
-    for h in range(int(chunks.max()).bit_length()):
-        read = ((chunks >> h) & 1).astype(bool)
-        if not read.any():
+    for h in range(read.shape[0]):
+        if not read[h].any():
             out.append(torch.zeros((B, N, Dk, Dv), dtype=work, device=dev))
             continue
-        block = (chunks >> h) - 1 + (s >> (c + h))
-        block = to_device(np.where(read, block, block[read][0]), dev)  # a block that exists where none is read
-        out.append(torch.where(to_device(read, dev)[None, :, None, None], moved @ block_state(h, block), zero))
-        crosses = read & (chunks >> (h + 1) > 0)  # something earlier is still to come: it crosses this block
-        if crosses.any():
-            moved = torch.where(to_device(crosses, dev)[None, :, None, None], moved @ block_transition(h, block), moved)
+        out.append(torch.where(table[1, h, None, :, None, None] > 0, moved @ block_state(h, table[0, h]), zero))
+        if crosses[h].any():
+            moved = torch.where(table[2, h, None, :, None, None] > 0, moved @ block_transition(h, table[0, h]), moved)
     out = out[:slots] + [torch.zeros((B, N, Dk, Dv), dtype=work, device=dev)] * (slots - len(out))
     final = torch.stack(out, 2).transpose(0, 1)  # (N, B, slots, Dk, Dv)
     return final.reshape((N,) + batch + final.shape[2:])
