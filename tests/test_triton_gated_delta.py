@@ -217,11 +217,12 @@ def test_prefill_final_state_equals_chunked(dtype, decay):
 
 
 @pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
-def test_prefill_of_packed_sequences_equals_chunked():
-    """Packed sequences (some empty, some shorter than a chunk, one over several) each get their own
-    final state."""
+@pytest.mark.parametrize("lengths", [[0, 5, 70, 1, 32], [300, 1, 0, 257, 64, 33]])
+def test_prefill_of_packed_sequences_equals_chunked(lengths):
+    """Packed sequences (some empty, some shorter than a chunk, some over several, the longer over
+    whole blocks of several levels, read at once for all sequences) each get their own final
+    state."""
     rng = np.random.default_rng(12)
-    lengths = [0, 5, 70, 1, 32]
     T = sum(lengths)
     q, k, v, g, beta, lam = _op_inputs(rng, 1, T, 2, 4, 3, poison=False)
     lam = torch.as_tensor(poison_unread(lam.transpose(1, 2).numpy(), [0] * len(lengths), lengths)).transpose(1, 2)
