@@ -961,11 +961,12 @@ def _as_one_stream(module, q, k, v, beta, g, level_scales, scale, offset, length
     T = q.shape[2]
     starts, Ts, K = stream_layout(length)
     dev = q.device
-    seq = np.repeat(np.arange(length.size), length)  # the sequence of each packed row
-    rel = np.arange(T) - np.repeat(offset, length)
-    dst = starts[seq] + rel  # the stream position of each packed row
-    K = K[seq]  # each packed row's highest level
-    dst_t = to_device(dst, dev)
+    # per packed row, formed on the device from one copy of the per-sequence values: its sequence,
+    # its position in it, its stream position and its sequence's highest level
+    starts_t, offset_t, K_t, length_t = to_device(np.stack([starts, offset, K, length]).astype(np.int64), dev)
+    seq = torch.repeat_interleave(torch.arange(length.size, device=dev), length_t, output_size=T)
+    rel = torch.arange(T, device=dev) - offset_t[seq]
+    dst_t = starts_t[seq] + rel
 
     def gather(x):  # the packed rows at their stream positions, zeros between (x's memory order)
         return None if x is None else registry.scatter_rows(x, 2, dst_t, Ts)
@@ -973,14 +974,14 @@ def _as_one_stream(module, q, k, v, beta, g, level_scales, scale, offset, length
     L = fenwick.num_levels(Ts)
     lam = level_scales[..., :L]
     lam = torch.nn.functional.pad(lam, (0, L - lam.shape[-1])) if lam.shape[-1] < L else lam
-    keep = to_device(np.arange(L)[None, :] <= K[:, None], dev)
+    keep = torch.arange(L, device=dev)[None, :] <= K_t[seq][:, None]
     lam = gather(torch.where(keep, lam, torch.zeros((), dtype=lam.dtype, device=dev)))
     # each sequence's first log-decay -inf: its token's transition is 0, so no product of transitions
     # runs across sequences (a growing gate could overflow one, and 0 · inf is NaN), and no gradient
     # reaches that log-decay (it multiplies no pair at position 0); the stream's zero rows keep
     # log-decay 0 (identity transitions)
     g = g if g is not None else level_scales.new_zeros((1, v.shape[1], T))
-    gs = gather(torch.where(to_device(rel == 0, dev), torch.full((), float("-inf"), dtype=g.dtype, device=dev), g))
+    gs = gather(torch.where(rel == 0, torch.full((), float("-inf"), dtype=g.dtype, device=dev), g))
     views = registry.grouped_delta_heads(gather(q), gather(k), gather(v), gather(beta), lam, gs)
     if final_slots is None:
         return module.gated_delta_attention(*views, scale).flatten(1, 2).index_select(2, dst_t)
