@@ -291,9 +291,9 @@ def _hierarchy_blocks(ch, all_transitions=False):
     """``(block_state, block_transition)`` of the hierarchy ``ch`` of a Gated DeltaNet forward:
     ``block_state(h, idx)`` the states of blocks ``idx`` (a device index tensor ``(N,)``, or one
     block's index, ``N = 1``) of level ``h``, ``block_transition(h, idx)`` their whole transitions
-    ``γ I + R``, both ``(B, N, Dk, ·)``
-    in the work dtype; a level the forward did not store (above its top, or the top level's
-    transitions unless ``all_transitions``) is formed from the level below."""
+    ``γ I + R``, both ``(B, N, Dk, ·)`` in the work dtype; a level the forward did not store (above
+    its top, or the top level's transitions unless ``all_transitions``) is formed from the level
+    below."""
     import torch
 
     from hodlr.kernels._layout import level_offsets
@@ -396,11 +396,12 @@ def _packed_final_buckets(ch, ks, vs, bs, gs, batch, starts, lengths, slots):
     out = [small[:, :, level] for level in range(c)]
     block_state, block_transition = _hierarchy_blocks(ch)
     chunks = n >> c  # each sequence's whole chunks
-    h = np.arange(int(chunks.max()).bit_length())[:, None]  # the levels of the whole blocks
-    read = ((chunks >> h) & 1).astype(bool)  # (levels, N)
-    crosses = read & (chunks >> (h + 1) > 0)  # something earlier is still to come: it crosses the block
-    block = (chunks >> h) - 1 + (s >> (c + h))
-    block = np.where(read, block, block[np.arange(h.size), read.argmax(1)][:, None])  # one that exists where none is read
+    bits = np.arange(int(chunks.max()).bit_length())[:, None]  # the levels of the whole blocks
+    read = ((chunks >> bits) & 1).astype(bool)  # (levels, N)
+    crosses = read & (chunks >> (bits + 1) > 0)  # something earlier is still to come: it crosses the block
+    block = (chunks >> bits) - 1 + (s >> (c + bits))
+    # where a sequence reads no block of a level, the index of one that does (a block that exists)
+    block = np.where(read, block, block[np.arange(bits.size), read.argmax(1)][:, None])
     table = to_device(np.stack([block, read, crosses]).astype(np.int64), dev)  # one copy for every level
     zero = torch.zeros((), dtype=work, device=dev)
     for h in range(read.shape[0]):
