@@ -321,22 +321,19 @@ def _hierarchy_blocks(ch, all_transitions=False):
 
 def _chunk_tails(ch, ks, vs, bs, gs, batch, J, r):
     """For ``N`` rows ``J C .. J C + r - 1`` of the stream (each in one chunk ``J``; ``J``, ``r``
-    integer arrays ``(N,)``): ``(E, moved, V)``, with ``E = (diag(d) K)ᵀ X diag(β)`` over those
+    int64 tensors ``(N,)`` on the hierarchy's device): ``(E, moved, V)``, with ``E = (diag(d) K)ᵀ X diag(β)`` over those
     rows (``(B, N, Dk, C)``, columns past ``r`` zero; ``X`` the chunk's, whose leading ``r × r``
     block is the inverse over those rows), ``moved = γ_{r-1} I - E diag(γ) K`` the transition over
     those rows alone (``(B, N, Dk, Dk)``; the identity where ``r = 0``; the chunk's stored one runs
     to its end) and the rows' values ``V`` (``(B, N, C, Dv)``, 0 past ``r``).  ``d_t`` decays from
     row ``t`` to the last, ``γ_t`` from the first row to ``t``, each a sum of its own terms."""
-    import numpy as np
     import torch
 
-    from hodlr._transfer import to_device
     from hodlr.fenwick.arrays import reverse_cumsum
 
     B, C, dev, work = ch.X.shape[0], ch.C, ch.X.device, ch.X.dtype
-    N = len(J)
-    # rows of none (r = 0) may name the chunk past the stream's last
-    J, r = to_device(np.stack([np.minimum(J, ch.n - 1), r]).astype(np.int64), dev)
+    N = J.numel()
+    J = J.clamp(max=ch.n - 1)  # rows of none (r = 0) may name the chunk past the stream's last
     col = torch.arange(C, device=dev)
     valid = col < r[:, None]
     rows = (J[:, None] * C + torch.minimum(col, (r[:, None] - 1).clamp(min=0))).flatten()
@@ -384,7 +381,7 @@ def _packed_final_buckets(ch, ks, vs, bs, gs, batch, starts, lengths, slots):
     # each sequence's last chunk and its rows up to the sequence's end (a sequence shorter than a
     # chunk may start inside one: its rows are the chunk's from its start)
     J = (s + n - n % C) >> c
-    E, moved, V = _chunk_tails(ch, ks, vs, bs, gs, batch, J, s + n - J * C)
+    E, moved, V = _chunk_tails(ch, ks, vs, bs, gs, batch, *to_device(np.stack([J, s + n - J * C]), dev))
     # levels 1..c: the bucket of level l (bit l - 1 of n set) holds the sequence's rows
     # [start, start + 2^(l-1)), start = (n >> l) << l
     rel = J[:, None] * C + np.arange(C)[None, :] - s[:, None]  # each chunk row's position in its sequence
@@ -425,7 +422,6 @@ def _final_buckets(ch, ks, vs, bs, gs, batch, ps, slots, *, all_transitions=Fals
     crossing's, level ``m + 1`` in the stream, at ``cross_level``; None: no crossing), with the
     carried ``far_states`` ``[(level, S)]`` moved across the whole stream; ``small`` and ``Tr0``: the
     carried in-chunk buckets and the first call chunk's transition."""
-    import numpy as np
     import torch
 
     from hodlr import fenwick
@@ -439,8 +435,9 @@ def _final_buckets(ch, ks, vs, bs, gs, batch, ps, slots, *, all_transitions=Fals
     J = ps >> c  # the chunk of the rows after the last whole chunk
     partial = None
     if ps % C:  # that chunk's r = ps - J C rows
-        E, moved_rows, V = (x[:, 0] for x in _chunk_tails(ch, ks, vs, bs, gs, batch, np.array([J]),
-                                                           np.array([ps - J * C])))
+        # (fills, not copies from the host: a copy would wait for the GPU or pin a buffer)
+        J_t, r_t = (torch.full((1,), x, dtype=torch.int64, device=dev) for x in (J, ps - J * C))
+        E, moved_rows, V = (x[:, 0] for x in _chunk_tails(ch, ks, vs, bs, gs, batch, J_t, r_t))
         inside = torch.arange(C, device=dev) + J * C
         in_first = small and (P >> c) == J  # the carried in-chunk buckets lie in this chunk too
 
