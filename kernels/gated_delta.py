@@ -31,7 +31,8 @@ Launches (see ``docs/kernels.md``):
    (level 0 of the hierarchy);
 2. ``_hierarchy_kernel``, one launch per :data:`HIERARCHY_LEVELS` levels, grid ``(subtree, batch)``:
    ``H`` and ``T`` of the levels above, each program a subtree read back from what it stored;
-3. ``_output_kernel``, grid ``(chunk, batch, Dv-tile)``: the in-chunk part and the walk.
+3. ``_output_kernel``, grid ``(chunk, batch, Dv-tile)`` (a pair of chunks a program for wide keys,
+   :data:`OUTPUT_PAIRS`): the in-chunk part and the walk.
 
 Every decay is the exponential of a sum of its own terms inside one chunk (no difference of
 prefix sums).  ``X`` comes from doubling the inverted diagonal blocks of ``N``, ``1 x 1`` to
@@ -231,6 +232,43 @@ def _hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, n_total, off_child, n_child, n_buil
             size = parents
 
 
+@triton.jit
+def _chunk_output(q_ptr, k_ptr, v_ptr, b_ptr, l_base, g_ptr, x_ptr, w_ptr, i, bh, b0, b1, n_chunks, T, L, DK, DV, GRP,
+                  sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt, slt, sll,
+                  sgb0, sgb1, sgt, dk, dv, C: tl.constexpr, FULL_CHUNKS: tl.constexpr, HAS_G: tl.constexpr,
+                  ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr):
+    """``(acc, q̃)`` of chunk ``i``: its in-chunk output ``(P ⊙ Λ) V`` (unscaled, ``(C, BDV)``) and its
+    queries moved to its start, ``Q̃ = diag(γ) Q - Sq W`` (``(C, BDK)``); rows past ``T`` zero (a
+    chunk at or past ``n_chunks`` reads the last chunk's ``X`` and ``W``, and masks every row)."""
+    r = tl.arange(0, C)
+    t = i * C + r
+    if FULL_CHUNKS:
+        tmask = tl.full((C,), 1, tl.int1)
+    else:
+        tmask = t < T
+    Qin = load_rows(q_ptr, b0, b1 // GRP, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, q_ptr.dtype.element_ty)
+    Kin = load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, dk, DK, k_ptr.dtype.element_ty)
+    beta = tl.load(b_ptr + b0 * sbb0 + b1 * sbb1 + t * sbt, mask=tmask, other=0.0).to(ACC)
+    Gam, gamma, d, gamma_end = gates(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC, EXACT)
+    Sq = dot(Qin, tl.trans(Kin), ACC, PREC, NATIVE) * Gam  # 16-bit inputs: exact products on the tensor cores
+    row = bh * n_chunks + tl.minimum(i, n_chunks - 1)
+    P = dot(Sq, matrix_tile(x_ptr, row, r, r, C, C, ACC), ACC, PREC, False) * beta[None, :]
+    Lam = intra_scales(l_base + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C).to(ACC)
+    # 16-bit values and hierarchy tiles enter the dots in their own dtype: a widened 16-bit value is
+    # a fixed point of round_tf32, so they skip it (H200, D = 64, 2K: output kernel 0.97 ms against
+    # 1.29 with float32 reads, docs/kernels.md §7.4)
+    V = load_rows(v_ptr, b0, b1, t, tmask, svb0, svb1, svt, svd, dv, DV, v_ptr.dtype.element_ty)
+    acc = split_dot(P * Lam, V, ACC, PREC, NATIVE)
+    qh = gamma[:, None] * Qin.to(ACC) - dot(Sq, matrix_tile(w_ptr, row, r, dk, C, DK, ACC), ACC, PREC, False)
+    return acc, qh
+
+
+@triton.jit
+def _stacked(top, bottom, C: tl.constexpr, D: tl.constexpr):
+    """The ``(2C, D)`` tile of ``top`` over ``bottom`` (two ``(C, D)`` tiles)."""
+    return tl.reshape(tl.permute(tl.join(top, bottom), (2, 0, 1)), (2 * C, D))
+
+
 @triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "n_bits", "L", "GRP", "slb0", "slb1", "slt",
                                "sbb0", "sbb1", "sgb0", "sgb1", "n_far", "cross_row", "cross_level"])
 def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, o_ptr, flag_ptr,
@@ -241,40 +279,56 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr
                    C: tl.constexpr, LOG_C: tl.constexpr, FULL_CHUNKS: tl.constexpr,
                    BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr,
                    ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr,
-                   BL: tl.constexpr, CARRIED: tl.constexpr):
-    """Program ``(chunk i, batch entry, Dv-tile)``: ``(P ⊙ Λ) V`` inside the chunk, then the walk
-    over the set bits of ``i`` with the moved queries ``q̂``.  With a ``flag_ptr`` (not None) the
-    program also validates the level scales and log-decays its rows read (:func:`validate_rows`).
-    ``CARRIED``: the walk also moves ``q̂`` across its last block, to the start of the call, where
-    it reads the ``n_far`` carried states ``far_ptr`` (``(batch, n_far, Dk, Dv)``, of levels
-    ``far_lev_ptr``), each at its level, or at ``cross_level`` if higher, for the rows from
-    ``cross_row`` on (:class:`Carried`)."""
-    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C, FULL_CHUNKS)
+                   BL: tl.constexpr, CARRIED: tl.constexpr, PAIR: tl.constexpr):
+    """Program ``(chunk i, batch entry, Dv-tile)``, or with ``PAIR`` ``(chunks 2i and 2i + 1, ...)``:
+    ``(P ⊙ Λ) V`` inside each chunk, then the walk over the set bits of the chunk index with the moved
+    queries ``q̂``.  A pair's odd chunk reads its even one at level 0 and moves its queries across it,
+    and from level 1 up, where the two chunk indices have the same bits, the pair walks as one tile
+    of ``2C`` rows (each block's tiles loaded once for both; ``FULL_CHUNKS``: ``T`` a multiple of the
+    program's rows).  With a ``flag_ptr`` (not None) the program also validates the level scales and
+    log-decays its rows read (:func:`validate_rows`).  ``CARRIED``: the walk also moves ``q̂`` across
+    its last block, to the start of the call, where it reads the ``n_far`` carried states ``far_ptr``
+    (``(batch, n_far, Dk, Dv)``, of levels ``far_lev_ptr``), each at its level, or at ``cross_level``
+    if higher, for the rows from ``cross_row`` on (:class:`Carried`)."""
+    G: tl.constexpr = 2 if PAIR else 1
+    i = tl.program_id(0) * G  # the program's first chunk
+    bh = tl.program_id(1).to(tl.int64)
+    b0, b1 = bh // B1, bh % B1
+    t = i * C + tl.arange(0, G * C)
+    if FULL_CHUNKS:
+        tmask = tl.full((G * C,), 1, tl.int1)
+    else:
+        tmask = t < T
     # the mask's validation (with a flag), before the products need the registers
     validate_rows(flag_ptr, l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L, g_ptr + b0 * sgb0 + b1 * sgb1, sgt, t, tmask,
                   BL, HAS_G)
-    r = tl.arange(0, C)
     dk = tl.arange(0, BDK)
     dv = tl.program_id(2) * BDV + tl.arange(0, BDV)
-    Qin = load_rows(q_ptr, b0, b1 // GRP, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, q_ptr.dtype.element_ty)
-    Kin = load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, dk, DK, k_ptr.dtype.element_ty)
-    Q = Qin.to(ACC)
-    beta = tl.load(b_ptr + b0 * sbb0 + b1 * sbb1 + t * sbt, mask=tmask, other=0.0).to(ACC)
-    Gam, gamma, d, gamma_end = gates(g_ptr + b0 * sgb0 + b1 * sgb1, t, tmask, sgt, T, C, HAS_G, ACC, EXACT)
-    Sq = dot(Qin, tl.trans(Kin), ACC, PREC, NATIVE) * Gam  # 16-bit inputs: exact products on the tensor cores
-    row = bh * n_chunks + i
-    P = dot(Sq, matrix_tile(x_ptr, row, r, r, C, C, ACC), ACC, PREC, False) * beta[None, :]
     l_base = l_ptr + b0 * slb0 + b1 * slb1
-    Lam = intra_scales(l_base + (i * C).to(tl.int64) * slt, slt, sll, L, tmask, C).to(ACC)
-    # 16-bit values and hierarchy tiles enter the dots in their own dtype: a widened 16-bit value is
-    # a fixed point of round_tf32, so they skip it (H200, D = 64, 2K: output kernel 0.97 ms against
-    # 1.29 with float32 reads, docs/kernels.md §7.4)
-    V = load_rows(v_ptr, b0, b1, t, tmask, svb0, svb1, svt, svd, dv, DV, v_ptr.dtype.element_ty)
-    acc = split_dot(P * Lam, V, ACC, PREC, NATIVE)
     HELD = h_ptr.dtype.element_ty
-    qh = gamma[:, None] * Q - dot(Sq, matrix_tile(w_ptr, row, r, dk, C, DK, ACC), ACC, PREC, False)
+    acc, qh = _chunk_output(q_ptr, k_ptr, v_ptr, b_ptr, l_base, g_ptr, x_ptr, w_ptr, i, bh, b0, b1, n_chunks, T, L,
+                            DK, DV, GRP, sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
+                            sbb0, sbb1, sbt, slt, sll, sgb0, sgb1, sgt, dk, dv, C, FULL_CHUNKS, HAS_G, ACC, PREC, EXACT,
+                            NATIVE)
     off = 0
     h = 0
+    if PAIR:  # the odd chunk: its level-0 block (the even chunk), then both chunks as one tile
+        acc_odd, qh_odd = _chunk_output(q_ptr, k_ptr, v_ptr, b_ptr, l_base, g_ptr, x_ptr, w_ptr, i + 1, bh, b0, b1,
+                                        n_chunks, T, L, DK, DV, GRP, sqb0, sqb1, sqt, sqd, skb0, skb1, skt, skd,
+                                        svb0, svb1, svt, svd, sbb0, sbb1, sbt, slt, sll, sgb0, sgb1, sgt, dk, dv, C,
+                                        FULL_CHUNKS, HAS_G, ACC, PREC, EXACT, NATIVE)
+        t_odd = (i + 1) * C + tl.arange(0, C)
+        blk = read_entry(bh * n_total, i + 1, 0, 0, False)
+        lam_odd = tl.load(l_base + t_odd.to(tl.int64) * slt + (LOG_C + 1) * sll, mask=t_odd < T, other=0.0).to(ACC)
+        acc_odd = split_dot(lam_odd[:, None] * qh_odd, matrix_tile(h_ptr, blk, dk, dv, DK, DV, HELD), ACC, PREC, NATIVE,
+                            acc_odd)
+        if CARRIED or i != 0:  # something earlier is read after this block: move across it
+            qh_odd = split_dot(qh_odd, matrix_tile(tr_ptr, blk, dk, dk, DK, DK, HELD), ACC, PREC, NATIVE,
+                               block_decay(gm_ptr, blk, HAS_G, ACC) * qh_odd)
+        acc = _stacked(acc, acc_odd, C, BDV)
+        qh = _stacked(qh, qh_odd, C, BDK)
+        off = next_level(off, h, n_chunks, 0, False)
+        h = 1
     while h < n_bits:  # a while loop: the interpreter cannot range() over a computed bound
         if ((i >> h) & 1) == 1:
             blk = read_entry(bh * n_total + off, i, h, 0, False)
@@ -363,6 +417,15 @@ OUTPUT_VALUE_TILE = 128
 across the blocks it reads, so a head of up to 128 value columns is one program, whose queries
 are moved once (H200, D = 128, T = 8K, bf16, whole forward: 6.67 ms against 7.81 ms with tiles of 64;
 ``docs/kernels.md`` §7.4)."""
+
+
+OUTPUT_PAIRS = {True: False, False: True}
+"""Whether an output-kernel program takes two chunks (``{Dk <= 64: ..., Dk > 64: ...}``): each
+chunk's in-chunk products apart, then the pair's odd chunk reads the even one at level 0, and from
+level 1 up the two walk as one tile of ``2C`` rows, each block's state and transition loaded once
+for both (H100, bf16, D = 128, B·T = 65,536: output kernel 1.040 / 1.268 / 1.398 / 1.634 ->
+0.979 / 1.109 / 1.189 / 1.310 ms at 2K / 8K / 16K / 64K, the same outputs bit for bit; at D = 64
+slower, 0.676 -> 0.954 ms at 2K on 4 warps; docs/kernels.md §3)."""
 
 
 BF16_HIERARCHY = True
@@ -519,14 +582,15 @@ def gated_delta_forward(q, k, v, beta, level_scales, log_decay=None, scale: floa
         far = (carried.far_states.reshape(layout.B, -1, DK, DV).to(ch.X.dtype).contiguous(),
                carried.far_levels.to(device=v.device, dtype=torch.int32), carried.far_levels.numel(),
                carried.cross_row, carried.cross_level)
-    _output_kernel[(ch.n, layout.B, n_dv)](
+    pair = OUTPUT_PAIRS[DK <= 64]
+    _output_kernel[(cdiv(ch.n, 2 if pair else 1), layout.B, n_dv)](
         layout.tensors["q"], layout.tensors["k"], v, layout.tensors["beta"], layout.tensors["l"],
         layout.decay_args()[0], ch.X, ch.W, ch.states, ch.trans, ch.decay_pointer(), o_flat, check, *far,
         T, layout.B1, ch.n, ch.states.shape[1], (ch.n - 1).bit_length(), layout.L, DK, DV, scale, layout.group,
         *layout.args("q")[1:], *layout.args("k")[1:], *layout.args("v")[1:], *layout.args("beta")[1:4],
         *layout.args("l")[1:], *layout.decay_args()[1:], *o_flat.stride(),
-        C=C, LOG_C=C.bit_length() - 1, FULL_CHUNKS=T % C == 0, BDK=BDK, BDV=BDV,
+        C=C, LOG_C=C.bit_length() - 1, FULL_CHUNKS=T % ((2 if pair else 1) * C) == 0, BDK=BDK, BDV=BDV,
         HAS_G=layout.tensors["g"] is not None, ACC=acc, PREC=prec, EXACT=exact, NATIVE=not interpreting(),
-        BL=check_block(T, check), CARRIED=far_read,
+        BL=check_block(T, check), CARRIED=far_read, PAIR=pair,
         num_warps=NUM_WARPS["gated_delta_output" if DK <= 64 else "gated_delta_output_wide"])
     return (out, ch) if return_chunks else out

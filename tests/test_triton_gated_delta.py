@@ -617,6 +617,53 @@ def test_hierarchy_levels_per_launch(levels):
         assert_close(o, chunked.gated_delta_attention(*args, 0.7, chunk=16), TOL[torch.float64], f"T={T}")
 
 
+@pytest.mark.parametrize("T, C", [(1, 16), (16, 16), (17, 16), (48, 16), (100, 16), (129, 32), (300, 16)])
+@pytest.mark.parametrize("decay", [0.5, None])
+def test_output_kernel_pairs(T, C, decay):
+    """The output kernel with two chunks a program (``OUTPUT_PAIRS``, the wide heads' setting, forced
+    here on 3-wide keys): chunk counts odd and even, a last pair of one chunk, ``T`` inside a chunk and
+    at the pairs' edge, with and without decay, never-read scales NaN, outputs NaN-filled: the chunked
+    backend's outputs, and those of one chunk a program; a NaN level scale that a pair reads (in its
+    odd chunk's level 0) sets the check flag."""
+    gd = sys.modules["hodlr.kernels.gated_delta"]
+    q, k, v, beta, lam, g, _ = _two_sequences(np.random.default_rng(T), T, 3, decay=decay)
+    outs = {}
+    for pair in (False, True):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(gd.OUTPUT_PAIRS, True, pair)
+            outs[pair] = kernels.gated_delta_forward(q, k, v, beta, lam, g, 0.7, chunk=C,
+                                                     out=_nan_like((2, T, 3), torch.float64))
+    want = chunked.gated_delta_attention(q, k, v, beta, lam, g, 0.7, chunk=C)
+    assert_close(outs[True], want, TOL[torch.float64], f"pairs, T={T}")
+    assert_close(outs[True], outs[False], TOL[torch.float64], f"pairs against one chunk a program, T={T}")
+    if T > C:  # row C reads level log2(C) + 1 (the pair's even chunk)
+        bad = lam.clone()
+        bad[1, C, C.bit_length()] = float("nan")
+        for pair in (False, True):
+            check = torch.zeros(1, dtype=torch.int32)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setitem(gd.OUTPUT_PAIRS, True, pair)
+                kernels.gated_delta_forward(q, k, v, beta, bad, g, 0.7, chunk=C, check=check)
+            assert check.item() == 1, f"pair={pair}"
+
+
+@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+@pytest.mark.parametrize("a, T", [(5, 3), (1000, 129), (63, 65), (2 ** 16 + 3, 61)])
+def test_output_kernel_pairs_continued(a, T, monkeypatch):
+    """A call continuing from a state (the output kernel's carried reads) with two chunks a program:
+    the chunked backend's outputs and final states."""
+    gd = sys.modules["hodlr.kernels.gated_delta"]
+    monkeypatch.setitem(gd.OUTPUT_PAIRS, True, True)
+    args, state = _continued_call(np.random.default_rng(a), a, T, True, B=1)
+    with torch.no_grad():
+        o, final = hodlr.log_linear_gated_delta_rule(*args, initial_state=state, output_final_state=True,
+                                                     backend="triton")
+    want_o, want = hodlr.log_linear_gated_delta_rule(*args, initial_state=state, output_final_state=True,
+                                                     backend="chunked")
+    assert_close(o, want_o, TOL[torch.float64], "outputs")
+    assert_close(final.states, want.states, TOL[torch.float64], "final states")
+
+
 @pytest.mark.parametrize("levels", [0, -1, 2.0, True])
 def test_hierarchy_levels_must_be_positive_ints(levels):
     gd = sys.modules["hodlr.kernels.gated_delta"]
