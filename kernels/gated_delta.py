@@ -28,7 +28,8 @@ near 1 on the diagonal of the transitions of short blocks, keeps its full precis
 Launches (see ``docs/kernels.md``):
 
 1. ``_chunk_kernel``, grid ``(chunk, batch)``: ``X`` (stored), ``W`` (stored), ``Tr`` and ``U``
-   (level 0 of the hierarchy);
+   (level 0 of the hierarchy); for narrow keys a pair of chunks a program, which also builds their
+   parent on level 1 (:data:`CHUNK_KERNEL_PARENTS`);
 2. ``_hierarchy_kernel``, one launch per :data:`HIERARCHY_LEVELS` levels, grid ``(subtree, batch)``:
    ``H`` and ``T`` of the levels above, each program a subtree read back from what it stored;
 3. ``_output_kernel``, grid ``(chunk, batch, Dv-tile)`` (a pair of chunks a program for wide keys,
@@ -138,17 +139,13 @@ def transition_tile(tr_ptr, gm_ptr, index, rows, cols, DK, HAS_G: tl.constexpr, 
 # ---------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "GRP", "sbb0", "sbb1", "sgb0", "sgb1"])
-def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr,
-                  T, B1, n_chunks, n_total, GRP, DK: tl.constexpr, DV: tl.constexpr,
-                  skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt, sgb0, sgb1, sgt,
-                  C: tl.constexpr, FULL_CHUNKS: tl.constexpr,
-                  BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr,
-                  PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr, KB: tl.constexpr):
-    """Program ``(chunk i, batch entry)``: ``X = N⁻¹`` and ``W`` of the chunk (stored, ``(C, C)``
-    and ``(C, Dk)``), its transition ``Tr = γ_end I + R`` (``R`` and ``γ_end``) and its state ``U``
-    (level 0 of the hierarchy), ``R`` and ``U`` ``KB`` key rows at a time (``STATE_KEY_ROWS``)."""
-    i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C, FULL_CHUNKS)
+@triton.jit
+def _chunk_block(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, i, bh, b0, b1, t, tmask,
+                 T, n_chunks, n_total, GRP, DK: tl.constexpr, DV: tl.constexpr,
+                 skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt, sgb0, sgb1, sgt,
+                 C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr,
+                 PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr, KB: tl.constexpr):
+    """Chunk ``i`` of batch entry ``bh`` (rows ``t``, ``tmask``): what :func:`_chunk_kernel` stores for it."""
     r = tl.arange(0, C)
     dk = tl.arange(0, BDK)
     Kin = load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, dk, DK, k_ptr.dtype.element_ty)
@@ -180,11 +177,11 @@ def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_pt
 @triton.jit
 def _parent_block(h_ptr, tr_ptr, gm_ptr, even, dst, with_transition, DK: tl.constexpr, DV: tl.constexpr,
                   BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                  NATIVE: tl.constexpr):
+                  NATIVE: tl.constexpr, TB: tl.constexpr):
     """Block ``dst`` of the level above from its children ``even``, ``even + 1``, with the
     transitions ``T = γ I + R``: ``H = T_o H_e + H_o = R_o H_e + γ_o H_e + H_o`` (value tiles of
-    ``BDV``) and, where ``with_transition``, ``T = T_o T_e``: ``R = R_o R_e + γ_o R_e + γ_e R_o``,
-    ``γ = γ_o γ_e``."""
+    ``BDV``) and, where ``with_transition``, ``T = T_o T_e``: ``R = R_o R_e + γ_o R_e + γ_e R_o``
+    (``TB`` of its columns at a time), ``γ = γ_o γ_e``."""
     dk = tl.arange(0, BDK)
     HELD = h_ptr.dtype.element_ty  # bfloat16 tiles go to the tensor cores as they are (exact products)
     R_odd = matrix_tile(tr_ptr, even + 1, dk, dk, DK, DK, HELD)
@@ -195,12 +192,56 @@ def _parent_block(h_ptr, tr_ptr, gm_ptr, even, dst, with_transition, DK: tl.cons
         H = dot(R_odd, H_even, ACC, PREC, NATIVE) + gamma_odd * H_even.to(ACC)
         store_matrix_tile(h_ptr, dst, H + matrix_tile(h_ptr, even + 1, dk, dv, DK, DV, ACC), dk, dv, DK, DV)
     if with_transition:
-        R_even = matrix_tile(tr_ptr, even, dk, dk, DK, DK, HELD)
         gamma_even = block_decay(gm_ptr, even, HAS_G, ACC)
-        R = dot(R_odd, R_even, ACC, PREC, NATIVE) + gamma_odd * R_even.to(ACC) + gamma_even * R_odd.to(ACC)
-        store_matrix_tile(tr_ptr, dst, R, dk, dk, DK, DK)
+        for c0 in tl.static_range(0, BDK, TB):  # TB columns of R at a time
+            dc = c0 + tl.arange(0, TB)
+            R_even = matrix_tile(tr_ptr, even, dk, dc, DK, DK, HELD)
+            R = dot(R_odd, R_even, ACC, PREC, NATIVE) + gamma_odd * R_even.to(ACC) + gamma_even * matrix_tile(
+                tr_ptr, even + 1, dk, dc, DK, DK, ACC)
+            store_matrix_tile(tr_ptr, dst, R, dk, dc, DK, DK)
         if HAS_G:
             tl.store(gm_ptr + dst, gamma_odd * gamma_even)
+
+
+@triton.jit(do_not_specialize=["T", "B1", "n_chunks", "n_total", "GRP", "sbb0", "sbb1", "sgb0", "sgb1",
+                               "parent_transitions"])
+def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr,
+                  T, B1, n_chunks, n_total, GRP, DK: tl.constexpr, DV: tl.constexpr,
+                  skb0, skb1, skt, skd, svb0, svb1, svt, svd, sbb0, sbb1, sbt, sgb0, sgb1, sgt, parent_transitions,
+                  C: tl.constexpr, FULL_CHUNKS: tl.constexpr,
+                  BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr,
+                  PREC: tl.constexpr, EXACT: tl.constexpr, NATIVE: tl.constexpr, KB: tl.constexpr,
+                  PARENTS: tl.constexpr):
+    """Program ``(chunk i, batch entry)``: ``X = N⁻¹`` and ``W`` of the chunk (stored, ``(C, C)``
+    and ``(C, Dk)``), its transition ``Tr = γ_end I + R`` (``R`` and ``γ_end``) and its state ``U``
+    (level 0 of the hierarchy), ``R`` and ``U`` ``KB`` key rows at a time (``STATE_KEY_ROWS``).
+    With ``PARENTS`` the program is ``(pair p, batch entry)``: chunks ``2p`` and ``2p + 1``, then
+    block ``p`` of level 1 from the two it has just stored (read back from L2; its transition
+    where ``parent_transitions``), so the hierarchy starts from level 1."""
+    if PARENTS:
+        p = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b0, b1 = bh // B1, bh % B1
+        for c in tl.static_range(2):
+            i = 2 * p + c
+            if i < n_chunks:
+                t = i * C + tl.arange(0, C)
+                if FULL_CHUNKS:
+                    tmask = tl.full((C,), 1, tl.int1)
+                else:
+                    tmask = t < T
+                _chunk_block(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, i, bh, b0, b1, t, tmask,
+                             T, n_chunks, n_total, GRP, DK, DV, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
+                             sbb0, sbb1, sbt, sgb0, sgb1, sgt, C, BDK, BDV, HAS_G, ACC, PREC, EXACT, NATIVE, KB)
+        if 2 * p + 1 < n_chunks:
+            tl.debug_barrier()  # the parent reads what the two chunks stored
+            _parent_block(h_ptr, tr_ptr, gm_ptr, bh * n_total + 2 * p, bh * n_total + n_chunks + p,
+                          parent_transitions != 0, DK, DV, BDK, BDV, HAS_G, ACC, PREC, NATIVE, KB)
+    else:
+        i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C, FULL_CHUNKS)
+        _chunk_block(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, i, bh, b0, b1, t, tmask,
+                     T, n_chunks, n_total, GRP, DK, DV, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
+                     sbb0, sbb1, sbt, sgb0, sgb1, sgt, C, BDK, BDV, HAS_G, ACC, PREC, EXACT, NATIVE, KB)
 
 
 @triton.jit(do_not_specialize=["n_total", "off_child", "n_child", "n_build", "n_transitions"])
@@ -226,7 +267,7 @@ def _hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, n_total, off_child, n_child, n_buil
                 if parent < parents:
                     _parent_block(h_ptr, tr_ptr, gm_ptr, bh * n_total + off + 2 * parent,
                                   bh * n_total + off + size + parent, lv < n_transitions, DK, DV, BDK, BDV, HAS_G,
-                                  ACC, PREC, NATIVE)
+                                  ACC, PREC, NATIVE, BDK)
             tl.debug_barrier()  # the next level reads what this one stored
             off += size
             size = parents
@@ -428,6 +469,15 @@ for both (H100, bf16, D = 128, B·T = 65,536: output kernel 1.040 / 1.268 / 1.39
 slower, 0.676 -> 0.954 ms at 2K on 4 warps; docs/kernels.md §3)."""
 
 
+CHUNK_KERNEL_PARENTS = {True: True, False: False}
+"""Whether the chunk kernel also builds level 1 of the hierarchy (``{Dk <= 64: ..., Dk > 64: ...}``):
+a program takes a pair of chunks and forms their parent from the tiles it has just stored, read back
+from L2 instead of from DRAM by the hierarchy's first launch (not for calls that add carried states
+to level 0).  H100, bf16, B·T = 65,536, public forward: D = 64 1.934 -> 1.854 ms at 2K and 2.259 ->
+2.222 at 64K (chunk kernel 0.74 -> 0.92, hierarchy 0.50 -> 0.24), the outputs equal bit for bit; at
+D = 128 slower, 3.07 -> 4.22 ms at 2K (chunk kernel 0.80 -> 2.72); docs/kernels.md §3."""
+
+
 BF16_HIERARCHY = True
 """bfloat16 calls hold the hierarchy (the states and the transitions' rests ``R``; the ``γ`` stay
 float32) in bfloat16: its products take bfloat16 operands on the tensor cores (exact products,
@@ -495,13 +545,16 @@ def chunk_hierarchy(layout, C: int, carried=None) -> Chunks:
     X, W, states, trans = ch.X, ch.W, ch.states, ch.trans
     has_g = ch.decays is not None
     BDK, BDV, _ = tiles(layout)
-    _chunk_kernel[(n, B)](
+    top = len(sizes) - 1
+    # level 1 built by the chunk kernel, unless carried states are added to level 0 after it
+    parents = CHUNK_KERNEL_PARENTS[DK <= 64] and top >= 1 and (carried is None or not carried.level0_index.numel())
+    _chunk_kernel[(cdiv(n, 2) if parents else n, B)](
         layout.tensors["k"], v, layout.tensors["beta"], layout.decay_args()[0], X, W, states, trans,
         ch.decay_pointer(),
         layout.T, layout.B1, n, N, layout.group, DK, DV, *layout.args("k")[1:], *layout.args("v")[1:],
-        *layout.args("beta")[1:4], *layout.decay_args()[1:],
+        *layout.args("beta")[1:4], *layout.decay_args()[1:], int(carried is not None or top > 1),
         C=C, FULL_CHUNKS=layout.T % C == 0, BDK=BDK, BDV=BDV, HAS_G=has_g, ACC=acc, PREC=prec, EXACT=exact,
-        NATIVE=not interpreting(),
+        NATIVE=not interpreting(), PARENTS=parents,
         KB=min(BDK, STATE_KEY_ROWS), num_warps=NUM_WARPS["gated_delta"],
         # capped where measured: 64-wide key tiles (narrower ones use more registers, 143 at Dk = 32,
         # and would spill under the cap; ptxas of Triton 3.6)
@@ -511,8 +564,7 @@ def chunk_hierarchy(layout, C: int, carried=None) -> Chunks:
         rows = carried.level0_index.to(states.device)
         add = carried.level0_states.reshape(B, -1, DK * DV).to(states.dtype)
         states.index_add_(1, rows, add)
-    top = len(sizes) - 1
-    h = 0
+    h = 1 if parents else 0
     while h < top:  # top-level transitions only with carried states: no other query crosses a top-level block
         build = min(levels, top - h)
         _hierarchy_kernel[(cdiv(sizes[h], 1 << levels), B)](

@@ -664,6 +664,34 @@ def test_output_kernel_pairs_continued(a, T, monkeypatch):
     assert_close(final.states, want.states, TOL[torch.float64], "final states")
 
 
+@pytest.mark.parametrize("T", [1, 16, 17, 33, 48, 145, 300])
+@pytest.mark.parametrize("decay", [0.5, None])
+@pytest.mark.parametrize("levels", [1, 2])
+def test_chunk_kernel_builds_level_one(T, decay, levels):
+    """Level 1 of the hierarchy built by the chunk kernel (``CHUNK_KERNEL_PARENTS``: a pair of chunks a
+    program, the parent from the tiles it has just stored; chunk counts 1, 2, 3, odd and even, the
+    hierarchy's launches then starting from level 1 one or two levels at a time) equals the hierarchy
+    built from level 0 by the hierarchy kernel bit for bit, with and without decay (calls with carried
+    states leave level 1 to the hierarchy kernel: ``test_continued_calls_equal_chunked``)."""
+    gd = sys.modules["hodlr.kernels.gated_delta"]
+    q, k, v, beta, lam, g, _ = _two_sequences(np.random.default_rng(T), T, 3, decay=decay)
+    layout = gd.gated_delta_layout(q, k, v, beta, lam, g)
+    built = {}
+    for parents in (False, True):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(gd.CHUNK_KERNEL_PARENTS, True, parents)
+            mp.setattr(gd, "HIERARCHY_LEVELS", levels)
+            built[parents] = gd.chunk_hierarchy(layout, 16)
+    want, got = built[False], built[True]
+    used = sum(hierarchy_sizes(got.n))
+    below_top = used - hierarchy_sizes(got.n)[-1]  # the top level gets no transitions
+    assert torch.equal(got.X, want.X) and torch.equal(got.W, want.W)
+    assert torch.equal(got.states[:, :used], want.states[:, :used])
+    assert torch.equal(got.trans[:, :below_top], want.trans[:, :below_top])
+    if decay is not None:
+        assert torch.equal(got.decays[:, :below_top], want.decays[:, :below_top])
+
+
 @pytest.mark.parametrize("levels", [0, -1, 2.0, True])
 def test_hierarchy_levels_must_be_positive_ints(levels):
     gd = sys.modules["hodlr.kernels.gated_delta"]
