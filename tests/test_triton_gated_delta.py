@@ -341,7 +341,12 @@ def test_continued_calls_equal_chunked(decay, split, monkeypatch):
 @given(a=st.integers(0, 2 ** 21), T=st.integers(1, 120), decay=st.booleans(), seed=st.integers(0, 2 ** 16))
 def test_continued_calls_from_any_position(a, T, decay, seed):
     """The same from drawn positions and lengths."""
-    args, state = _continued_call(np.random.default_rng(seed), a, T, decay, B=1)
+    _assert_continued_call_equals_chunked(*_continued_call(np.random.default_rng(seed), a, T, decay, B=1))
+
+
+def _assert_continued_call_equals_chunked(args, state):
+    """A call from ``state`` without gradient on ``triton``: the ``chunked`` backend's outputs and final
+    states (float64)."""
     with torch.no_grad():
         o, final = hodlr.log_linear_gated_delta_rule(*args, initial_state=state, output_final_state=True,
                                                      backend="triton")
@@ -654,14 +659,7 @@ def test_output_kernel_pairs_continued(a, T, monkeypatch):
     the chunked backend's outputs and final states."""
     gd = sys.modules["hodlr.kernels.gated_delta"]
     monkeypatch.setitem(gd.OUTPUT_PAIRS, True, True)
-    args, state = _continued_call(np.random.default_rng(a), a, T, True, B=1)
-    with torch.no_grad():
-        o, final = hodlr.log_linear_gated_delta_rule(*args, initial_state=state, output_final_state=True,
-                                                     backend="triton")
-    want_o, want = hodlr.log_linear_gated_delta_rule(*args, initial_state=state, output_final_state=True,
-                                                     backend="chunked")
-    assert_close(o, want_o, TOL[torch.float64], "outputs")
-    assert_close(final.states, want.states, TOL[torch.float64], "final states")
+    _assert_continued_call_equals_chunked(*_continued_call(np.random.default_rng(a), a, T, True, B=1))
 
 
 @pytest.mark.parametrize("T", [1, 16, 17, 33, 48, 145, 300])
