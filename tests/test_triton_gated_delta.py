@@ -622,6 +622,7 @@ def test_hierarchy_levels_per_launch(levels):
         assert_close(o, chunked.gated_delta_attention(*args, 0.7, chunk=16), TOL[torch.float64], f"T={T}")
 
 
+@pytest.mark.skipif(not INTERP, reason="float64 on the CPU under the interpreter")
 @pytest.mark.parametrize("T, C", [(1, 16), (16, 16), (17, 16), (48, 16), (100, 16), (129, 32), (300, 16)])
 @pytest.mark.parametrize("decay", [0.5, None])
 def test_output_kernel_pairs(T, C, decay):
@@ -662,6 +663,7 @@ def test_output_kernel_pairs_continued(a, T, monkeypatch):
     _assert_continued_call_equals_chunked(*_continued_call(np.random.default_rng(a), a, T, True, B=1))
 
 
+@pytest.mark.skipif(not INTERP, reason="float64 on the CPU under the interpreter")
 @pytest.mark.parametrize("T", [1, 16, 17, 33, 48, 145, 300])
 @pytest.mark.parametrize("decay", [0.5, None])
 @pytest.mark.parametrize("levels", [1, 2])
