@@ -17,11 +17,17 @@ def chunk_rows(B1, T, C: tl.constexpr, FULL_CHUNKS: tl.constexpr):
     i = tl.program_id(0)
     bh = tl.program_id(1)
     t = i * C + tl.arange(0, C)
+    return i, bh.to(tl.int64), (bh // B1).to(tl.int64), (bh % B1).to(tl.int64), t, rows_inside(t, T, C, FULL_CHUNKS)
+
+
+@triton.jit
+def rows_inside(t, T, C: tl.constexpr, FULL_CHUNKS: tl.constexpr):
+    """``t < T`` for the ``C`` rows ``t`` of a chunk (or of a program's chunks): a constant ``True``
+    with ``FULL_CHUNKS`` (the launcher's guarantee that every such row lies inside ``T``)."""
     if FULL_CHUNKS:
-        tmask = tl.full((C,), 1, tl.int1)
+        return tl.full((C,), 1, tl.int1)
     else:
-        tmask = t < T
-    return i, bh.to(tl.int64), (bh // B1).to(tl.int64), (bh % B1).to(tl.int64), t, tmask
+        return t < T
 
 
 @triton.jit

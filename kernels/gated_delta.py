@@ -52,7 +52,7 @@ from hodlr.fenwick.arrays import check_scale
 
 from . import _layout, states as _states
 from ._device import (causal_decay, chunk_decays, chunk_rows, dot, intra_scales, matrix_tile, next_level, read_entry,
-                      split_dot, store_matrix_tile, validate_rows)
+                      rows_inside, split_dot, store_matrix_tile, validate_rows)
 from ._layout import (MAX_REGISTERS, NUM_WARPS, block, cdiv, check_block, check_chunk, check_flag, chunk_count,
                       compute_types, hierarchy_sizes, interpreting, level_offsets, output_buffer)
 from .attention import attention_layout
@@ -177,11 +177,13 @@ def _chunk_block(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr
 @triton.jit
 def _parent_block(h_ptr, tr_ptr, gm_ptr, even, dst, with_transition, DK: tl.constexpr, DV: tl.constexpr,
                   BDK: tl.constexpr, BDV: tl.constexpr, HAS_G: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                  NATIVE: tl.constexpr, TB: tl.constexpr):
+                  NATIVE: tl.constexpr, TB: tl.constexpr, RELOAD: tl.constexpr):
     """Block ``dst`` of the level above from its children ``even``, ``even + 1``, with the
     transitions ``T = γ I + R``: ``H = T_o H_e + H_o = R_o H_e + γ_o H_e + H_o`` (value tiles of
     ``BDV``) and, where ``with_transition``, ``T = T_o T_e``: ``R = R_o R_e + γ_o R_e + γ_e R_o``
-    (``TB`` of its columns at a time), ``γ = γ_o γ_e``."""
+    (``TB`` of its columns at a time; ``RELOAD``: ``R_o``'s columns for the ``γ_e R_o`` term loaded
+    again rather than taken from the tile held for the products, as the chunk kernel, short of
+    registers, does), ``γ = γ_o γ_e``."""
     dk = tl.arange(0, BDK)
     HELD = h_ptr.dtype.element_ty  # bfloat16 tiles go to the tensor cores as they are (exact products)
     R_odd = matrix_tile(tr_ptr, even + 1, dk, dk, DK, DK, HELD)
@@ -196,8 +198,11 @@ def _parent_block(h_ptr, tr_ptr, gm_ptr, even, dst, with_transition, DK: tl.cons
         for c0 in tl.static_range(0, BDK, TB):  # TB columns of R at a time
             dc = c0 + tl.arange(0, TB)
             R_even = matrix_tile(tr_ptr, even, dk, dc, DK, DK, HELD)
-            R = dot(R_odd, R_even, ACC, PREC, NATIVE) + gamma_odd * R_even.to(ACC) + gamma_even * matrix_tile(
-                tr_ptr, even + 1, dk, dc, DK, DK, ACC)
+            if TB == BDK and not RELOAD:  # R_odd's columns: the tile loaded above
+                R_odd_cols = R_odd.to(ACC)
+            else:  # loaded again (from L1 / L2): a register tile cannot be sliced, and a reload holds fewer registers
+                R_odd_cols = matrix_tile(tr_ptr, even + 1, dk, dc, DK, DK, ACC)
+            R = dot(R_odd, R_even, ACC, PREC, NATIVE) + gamma_odd * R_even.to(ACC) + gamma_even * R_odd_cols
             store_matrix_tile(tr_ptr, dst, R, dk, dc, DK, DK)
         if HAS_G:
             tl.store(gm_ptr + dst, gamma_odd * gamma_even)
@@ -219,24 +224,19 @@ def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_pt
     block ``p`` of level 1 from the two it has just stored (read back from L2; its transition
     where ``parent_transitions``), so the hierarchy starts from level 1."""
     if PARENTS:
-        p = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        b0, b1 = bh // B1, bh % B1
+        p, bh, b0, b1, _, _ = chunk_rows(B1, T, 2 * C, False)
         for c in tl.static_range(2):
             i = 2 * p + c
             if i < n_chunks:
                 t = i * C + tl.arange(0, C)
-                if FULL_CHUNKS:
-                    tmask = tl.full((C,), 1, tl.int1)
-                else:
-                    tmask = t < T
+                tmask = rows_inside(t, T, C, FULL_CHUNKS)
                 _chunk_block(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, i, bh, b0, b1, t, tmask,
                              T, n_chunks, n_total, GRP, DK, DV, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
                              sbb0, sbb1, sbt, sgb0, sgb1, sgt, C, BDK, BDV, HAS_G, ACC, PREC, EXACT, NATIVE, KB)
         if 2 * p + 1 < n_chunks:
             tl.debug_barrier()  # the parent reads what the two chunks stored
             _parent_block(h_ptr, tr_ptr, gm_ptr, bh * n_total + 2 * p, bh * n_total + n_chunks + p,
-                          parent_transitions != 0, DK, DV, BDK, BDV, HAS_G, ACC, PREC, NATIVE, KB)
+                          parent_transitions != 0, DK, DV, BDK, BDV, HAS_G, ACC, PREC, NATIVE, KB, True)
     else:
         i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C, FULL_CHUNKS)
         _chunk_block(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, i, bh, b0, b1, t, tmask,
@@ -267,7 +267,7 @@ def _hierarchy_kernel(h_ptr, tr_ptr, gm_ptr, n_total, off_child, n_child, n_buil
                 if parent < parents:
                     _parent_block(h_ptr, tr_ptr, gm_ptr, bh * n_total + off + 2 * parent,
                                   bh * n_total + off + size + parent, lv < n_transitions, DK, DV, BDK, BDV, HAS_G,
-                                  ACC, PREC, NATIVE, BDK)
+                                  ACC, PREC, NATIVE, BDK, False)
             tl.debug_barrier()  # the next level reads what this one stored
             off += size
             size = parents
@@ -283,10 +283,7 @@ def _chunk_output(q_ptr, k_ptr, v_ptr, b_ptr, l_base, g_ptr, x_ptr, w_ptr, i, bh
     chunk at or past ``n_chunks`` reads the last chunk's ``X`` and ``W``, and masks every row)."""
     r = tl.arange(0, C)
     t = i * C + r
-    if FULL_CHUNKS:
-        tmask = tl.full((C,), 1, tl.int1)
-    else:
-        tmask = t < T
+    tmask = rows_inside(t, T, C, FULL_CHUNKS)
     Qin = load_rows(q_ptr, b0, b1 // GRP, t, tmask, sqb0, sqb1, sqt, sqd, dk, DK, q_ptr.dtype.element_ty)
     Kin = load_rows(k_ptr, b0, b1 // GRP, t, tmask, skb0, skb1, skt, skd, dk, DK, k_ptr.dtype.element_ty)
     beta = tl.load(b_ptr + b0 * sbb0 + b1 * sbb1 + t * sbt, mask=tmask, other=0.0).to(ACC)
@@ -332,14 +329,8 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, l_ptr, g_ptr, x_ptr, w_ptr, h_ptr
     (``(batch, n_far, Dk, Dv)``, of levels ``far_lev_ptr``), each at its level, or at ``cross_level``
     if higher, for the rows from ``cross_row`` on (:class:`Carried`)."""
     G: tl.constexpr = 2 if PAIR else 1
-    i = tl.program_id(0) * G  # the program's first chunk
-    bh = tl.program_id(1).to(tl.int64)
-    b0, b1 = bh // B1, bh % B1
-    t = i * C + tl.arange(0, G * C)
-    if FULL_CHUNKS:
-        tmask = tl.full((G * C,), 1, tl.int1)
-    else:
-        tmask = t < T
+    p, bh, b0, b1, t, tmask = chunk_rows(B1, T, G * C, FULL_CHUNKS)  # the program's rows, all its chunks'
+    i = p * G  # the program's first chunk
     # the mask's validation (with a flag), before the products need the registers
     validate_rows(flag_ptr, l_ptr + b0 * slb0 + b1 * slb1, slt, sll, L, g_ptr + b0 * sgb0 + b1 * sgb1, sgt, t, tmask,
                   BL, HAS_G)

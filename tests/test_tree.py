@@ -37,8 +37,11 @@ def test_every_block_has_rank_exactly_one(M):
     want = [(b.level, b.index, range(b.row_start, b.row_stop), range(b.col_start, b.col_stop))
             for b in fenwick.offdiag_blocks(M.T)]
     assert [(b.level, b.index, b.rows, b.cols) for b in blocks] == want
-    def normal(x):  # subnormal entries (a steep decay) carry an absolute rounding of 2^-1074, not a
-        return np.where(np.abs(x) < np.finfo(x.dtype).tiny, 0.0, x)  # relative one: no rank is defined there
+
+    def normal(x):
+        """``x`` with its subnormal entries (a steep decay's) flushed to 0: they carry an absolute
+        rounding of 2^-1074, not a relative one, so no numerical rank is defined there."""
+        return np.where(np.abs(x) < np.finfo(x.dtype).tiny, 0.0, x)
 
     for b in blocks:
         sub = dense[b.rows.start : b.rows.stop, b.cols.start : b.cols.stop]
