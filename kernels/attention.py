@@ -485,9 +485,9 @@ def attention_forward(q, k, v, level_scales, log_decay=None, scale: float = 1.0,
     check_flag(check, q.device)
     T, DK, DV, L = layout.T, layout.DK, layout.DV, layout.L
     v = layout.tensors["v"]
-    acc, prec, exact = compute_types(v.dtype)
     out = output_buffer(out, layout.batch + (T, DV), v, {"q": q, "k": k, "v": v, "level_scales": level_scales,
                                                          "log_decay": log_decay})
+    acc, prec, exact = compute_types(v.dtype)
     o_flat = out.reshape((layout.B0, layout.B1, T, DV))
     states, logdec = chunk_states(layout, C, *state_dtypes(v.dtype))
     n = chunk_count(T, C)

@@ -44,6 +44,8 @@ pytestmark = pytest.mark.skipif(not INTERP and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
 DTYPES = [torch.float64, torch.float32] if INTERP else [torch.float32]
 TOL = {torch.float64: TOLERANCES["interpreter_float64"], torch.float32: TOLERANCES["interpreter_float32"]}
+FLOAT64_ONLY = pytest.mark.skipif(not INTERP, reason="float64 inputs: the kernels take them only under the interpreter")
+"""For tests of float64 problems: on a GPU (no interpreter) the launchers refuse float64."""
 CHUNK = 16
 """Small chunk: short sequences then span several chunks and several chunk levels."""
 
@@ -88,6 +90,7 @@ def test_forward_equals_dense(dtype, args, scale):
     assert err <= TOL[dtype], f"scaled error {err:.3e} > {TOL[dtype]:.0e} (T={M.T})"
 
 
+@FLOAT64_ONLY
 @pytest.mark.parametrize("T, C", [(1, 16), (2, 16), (17, 16), (65, 16), (97, 32), (130, 64), (64, 32)])
 def test_awkward_lengths_equal_chunked(T, C):
     """float64, strong decay (steps down to -50), β up to 2, grouped heads (two value heads read
@@ -135,6 +138,7 @@ def _chunks_used():
         yield chunks
 
 
+@FLOAT64_ONLY
 def test_wide_keys_default_chunk():
     """Keys wider than 64 (128-wide key tiles) run forward and backward at the default chunk
     ``DEFAULT_CHUNK["gated_delta"]`` (checked by a spy: the forward builds the hierarchy, the
@@ -151,6 +155,7 @@ def test_wide_keys_default_chunk():
         assert_close(grad.cpu(), want[name], GRAD_TOL[torch.float64], f"d{name}")
 
 
+@FLOAT64_ONLY
 def test_wide_chunk_forward_differentiates_at_the_backward_chunk():
     """A forward at chunk 64 differentiates through a backward at ``MAX_BACKWARD_CHUNK`` (its chunk
     kernel at 64 does not fit a GPU's shared memory; the gradients do not depend on the chunk), and
@@ -523,6 +528,7 @@ def test_gradients_equal_dense(dtype, args, scale, seed):
     _check_grads((q, k, v, beta, M.level_scales, M.log_decay), w, scale, dtype)
 
 
+@FLOAT64_ONLY
 @pytest.mark.parametrize("T, C, decay, Dk, Dv", [
     (1, 16, True, 3, 2), (2, 16, False, 3, 2), (3, 16, True, 1, 3), (17, 16, False, 3, 2), (33, 16, True, 5, 2),
     (65, 16, True, 3, 2), (65, 16, False, 2, 3), (100, 32, True, 3, 2), (20, 16, True, 2, 67), (40, 16, True, 67, 3),
@@ -541,6 +547,7 @@ def test_gradients_awkward_lengths(T, C, decay, Dk, Dv):
     _check_grads((q, k, v, beta, lam, g), t(2, T, Dv), 0.6, torch.float64, chunk=C)
 
 
+@FLOAT64_ONLY
 @pytest.mark.parametrize("T, period", [(2, 2), (3, 2), (17, 2), (40, 2), (100, 37), (200, 50)])
 def test_strong_decay_gradients(T, period):
     """Decay steps of -31 every ``period`` positions, steps near 0 elsewhere (float64): the decay
@@ -597,6 +604,7 @@ def test_bfloat16_hierarchy(split_above, share_up_to, key_rows, decay, D, monkey
     assert relative_error(o.double().cpu(), ref) <= 2e-2
 
 
+@FLOAT64_ONLY
 @pytest.mark.parametrize("levels", [3, 5])
 def test_hierarchy_levels_per_launch(levels):
     """The hierarchy built ``levels`` levels a launch (each program a subtree of ``2**levels``
@@ -622,7 +630,7 @@ def test_hierarchy_levels_per_launch(levels):
         assert_close(o, chunked.gated_delta_attention(*args, 0.7, chunk=16), TOL[torch.float64], f"T={T}")
 
 
-@pytest.mark.skipif(not INTERP, reason="float64 on the CPU under the interpreter")
+@FLOAT64_ONLY
 @pytest.mark.parametrize("T, C", [(1, 16), (16, 16), (17, 16), (48, 16), (100, 16), (129, 32), (300, 16)])
 @pytest.mark.parametrize("decay", [0.5, None])
 def test_output_kernel_pairs(T, C, decay):
@@ -663,7 +671,7 @@ def test_output_kernel_pairs_continued(a, T, monkeypatch):
     _assert_continued_call_equals_chunked(*_continued_call(np.random.default_rng(a), a, T, True, B=1))
 
 
-@pytest.mark.skipif(not INTERP, reason="float64 on the CPU under the interpreter")
+@FLOAT64_ONLY
 @pytest.mark.parametrize("T", [1, 16, 17, 33, 48, 145, 300])
 @pytest.mark.parametrize("decay", [0.5, None])
 @pytest.mark.parametrize("levels", [1, 2])
@@ -695,11 +703,11 @@ def test_chunk_kernel_builds_level_one(T, decay, levels):
 @pytest.mark.parametrize("levels", [0, -1, 2.0, True])
 def test_hierarchy_levels_must_be_positive_ints(levels):
     gd = sys.modules["hodlr.kernels.gated_delta"]
-    q, k, v, beta, lam, g, _ = _two_sequences(np.random.default_rng(0), 40, 3)
+    args = [x.to(DEVICE, torch.float32) for x in _two_sequences(np.random.default_rng(0), 40, 3)[:6]]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gd, "HIERARCHY_LEVELS", levels)
         with pytest.raises(ValueError, match=f"HIERARCHY_LEVELS must be an int >= 1 .*got {levels!r}"):
-            kernels.gated_delta_forward(q, k, v, beta, lam, g, 0.5, chunk=16)
+            kernels.gated_delta_forward(*args, 0.5, chunk=16)
 
 
 def _two_sequences(rng, T, Dv, extra_levels=1, decay=0.5, Dk=3):
@@ -715,6 +723,7 @@ def _two_sequences(rng, T, Dv, extra_levels=1, decay=0.5, Dk=3):
     return q, k, v, beta, lam, g, t
 
 
+@FLOAT64_ONLY
 @pytest.mark.parametrize("group, value_tile, T, Dv", [
     (1, 128, 65, 3), (1, 128, 130, 3), (2, 128, 100, 3), (2, 128, 260, 3), (4, 128, 150, 3), (8, 128, 260, 3),
     (2, 16, 100, 40)])
@@ -735,6 +744,7 @@ def test_gradients_reader_groups(group, value_tile, T, Dv):
         _check_grads((q, k, v, beta, lam, g), t(2, T, Dv), 0.6, torch.float64, chunk=16)
 
 
+@FLOAT64_ONLY
 @pytest.mark.parametrize("T, Dk, Dv, decay, launches", [(65, 3, 3, 0.5, 2), (100, 3, 40, None, 2),
                                                          (40, 67, 3, 0.5, 1)])
 def test_gradients_chunk_kernel_launches(T, Dk, Dv, decay, launches):
@@ -1066,7 +1076,7 @@ def _unit_lower_inverse_kernel(l_ptr, x_ptr, C: tl.constexpr, ACC: tl.constexpr,
     tl.store(x_ptr + r[:, None] * C + r[None, :], unit_lower_inverse(Lm, C, ACC, PREC))
 
 
-@pytest.mark.skipif(not INTERP, reason="float64 runs under the interpreter")
+@FLOAT64_ONLY
 @pytest.mark.parametrize("C", [16, 32, 64])
 @pytest.mark.parametrize("shared", [0.0, 3.0])
 def test_unit_lower_inverse(C, shared):
