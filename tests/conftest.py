@@ -45,16 +45,23 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    has_gpu = False
+    has_gpu, interpreted = False, False
     if importlib.util.find_spec("torch") is not None:
         import torch
 
+        import hodlr
+
         has_gpu = torch.cuda.is_available()
+        interpreted = hodlr.backends.load("triton").unavailable_reason("torch", torch.device("cpu")) is None
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_compiled = pytest.mark.skip(reason="runs the kernels on CPU tensors: needs Triton's interpreter "
+                                            "(TRITON_INTERPRET=1, set here on machines without a CUDA GPU)")
     skip_slow = pytest.mark.skip(reason="slow: pass --runslow")
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip_gpu)
+        if "interpreter" in item.keywords and not interpreted:
+            item.add_marker(skip_compiled)
         if "slow" in item.keywords and not config.getoption("--runslow"):
             item.add_marker(skip_slow)
 

@@ -19,6 +19,7 @@ def bench_hattention(monkeypatch):
     return bench_hattention
 
 
+@pytest.mark.interpreter
 def test_code_path_on_cpu_without_hattention(bench_hattention, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out, png = tmp_path / "hatt.json", tmp_path / "hatt.png"

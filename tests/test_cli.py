@@ -409,6 +409,7 @@ def test_bench_cpu_prints_no_exponent_for_one_length(capsys, tmp_path):
     assert code == 0 and "growth exponent" in out and "nan" not in out.lower()
 
 
+@pytest.mark.interpreter
 def test_bench_gated_delta_code_path_on_cpu(tmp_path):
     """``hodlr bench-gated-delta --device cpu`` (tiny sizes): the timing rows with their per-kernel
     split, the compiled call beside the eager one and the prefill, the accuracy row and the picture are written
@@ -534,6 +535,7 @@ def test_bench_gated_delta_cpu_defaults_are_a_smoke_run(tmp_path):
     assert (row["D"], row["T"], row["B"]) == (16, 64, 2)
 
 
+@pytest.mark.interpreter
 def test_bench_keeps_the_rows_of_a_stopped_run(tmp_path, monkeypatch):
     """A benchmark stopped part-way (here in its accuracy section) leaves a JSON with the rows it
     measured, marked ``"complete": false``; a finished run is marked ``true``."""
@@ -602,14 +604,19 @@ def test_bench_arguments_are_checked_before_running(capsys, argv, message):
     assert err.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_cli_edges_a_user_meets(capsys):
-    """A backend whose kernels take narrower keys is a refusal row (not a disagreement); a ``show``
-    past 2**50 a one-line error; ``2x3`` a batch shape; a closed pipe no traceback."""
+@pytest.mark.interpreter
+def test_verify_reports_narrower_kernels_as_a_refusal(capsys):
+    """A backend whose kernels take narrower keys is a refusal row in ``verify``, not a disagreement
+    (``--batch 1x1``: a batch shape)."""
     code, out, _ = run(capsys, "verify", "-T", "20", "--dk", "129", "--dv", "2", "--d", "1", "--batch", "1x1",
                        "--ops", "gated_delta_attention", "--backends", "triton,fenwick", "--arrays", "torch")
     assert code == 0, out
     assert re.search(r"triton .* gated_delta_attention .*refused: its kernels take keys up to 128 wide, these are 129",
                      out), out
+
+
+def test_cli_edges_a_user_meets(capsys):
+    """A ``show`` past 2**50 a one-line error; a closed pipe no traceback."""
     code, _, err = run(capsys, "show", str(2**50 + 1))
     assert code == 2 and err.strip() == f"hodlr show: error: T must be <= 2**50 = {2**50}, got {2**50 + 1}"
     piped = subprocess.run(f"{sys.executable} -m hodlr show 64 | head -1", shell=True, capture_output=True, text=True,

@@ -208,7 +208,7 @@ def test_fenwick_round_trip_keeps_a_preallocated_shape_and_reorders_without_host
     assert torch.equal(got.states, want.states) and torch.equal(got.positions, want.positions)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "fenwick", "triton"])
+@pytest.mark.parametrize("backend", ["chunked", "fenwick", pytest.param("triton", marks=pytest.mark.interpreter)])
 @pytest.mark.parametrize("gated", [False, True])
 def test_an_empty_sequence_reads_no_level_scales(backend, gated):
     """An empty packed sequence passes its state through without reading a level scale: a call

@@ -44,8 +44,6 @@ pytestmark = pytest.mark.skipif(not INTERP and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
 DTYPES = [torch.float64, torch.float32] if INTERP else [torch.float32]
 TOL = {torch.float64: TOLERANCES["interpreter_float64"], torch.float32: TOLERANCES["interpreter_float32"]}
-FLOAT64_ONLY = pytest.mark.skipif(not INTERP, reason="float64 inputs: the kernels take them only under the interpreter")
-"""For tests of float64 problems: on a GPU (no interpreter) the launchers refuse float64."""
 CHUNK = 16
 """Small chunk: short sequences then span several chunks and several chunk levels."""
 
@@ -90,7 +88,7 @@ def test_forward_equals_dense(dtype, args, scale):
     assert err <= TOL[dtype], f"scaled error {err:.3e} > {TOL[dtype]:.0e} (T={M.T})"
 
 
-@FLOAT64_ONLY
+@pytest.mark.interpreter
 @pytest.mark.parametrize("T, C", [(1, 16), (2, 16), (17, 16), (65, 16), (97, 32), (130, 64), (64, 32)])
 def test_awkward_lengths_equal_chunked(T, C):
     """float64, strong decay (steps down to -50), β up to 2, grouped heads (two value heads read
@@ -138,7 +136,7 @@ def _chunks_used():
         yield chunks
 
 
-@FLOAT64_ONLY
+@pytest.mark.interpreter
 def test_wide_keys_default_chunk():
     """Keys wider than 64 (128-wide key tiles) run forward and backward at the default chunk
     ``DEFAULT_CHUNK["gated_delta"]`` (checked by a spy: the forward builds the hierarchy, the
@@ -155,7 +153,7 @@ def test_wide_keys_default_chunk():
         assert_close(grad.cpu(), want[name], GRAD_TOL[torch.float64], f"d{name}")
 
 
-@FLOAT64_ONLY
+@pytest.mark.interpreter
 def test_wide_chunk_forward_differentiates_at_the_backward_chunk():
     """A forward at chunk 64 differentiates through a backward at ``MAX_BACKWARD_CHUNK`` (its chunk
     kernel at 64 does not fit a GPU's shared memory; the gradients do not depend on the chunk), and
@@ -169,7 +167,7 @@ def test_wide_chunk_forward_differentiates_at_the_backward_chunk():
         kernels.gated_delta_backward(*dev, 0.3, torch.ones_like(dev[2]), chunk=64)
 
 
-@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+@pytest.mark.interpreter
 def test_public_api_and_no_decay(rng):
     """``hodlr.gated_delta_attention(..., backend="triton")`` (default chunk, no decay, a mask
     shared by the heads, float32 operands) equals the fenwick recurrence."""
@@ -196,7 +194,7 @@ def _rule(args, dtype, **kw):
     return hodlr.log_linear_gated_delta_rule(*(None if x is None else x.to(DEVICE, dtype) for x in args), **kw)
 
 
-@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("decay", [True, False])
 def test_prefill_final_state_equals_chunked(dtype, decay):
@@ -221,7 +219,7 @@ def test_prefill_final_state_equals_chunked(dtype, decay):
         assert_close(torch.cat([o, o_rest], 1), whole, TOL[dtype], f"prefill + continuation at T={T}")
 
 
-@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+@pytest.mark.interpreter
 @pytest.mark.parametrize("lengths", [[0, 5, 70, 1, 32], [300, 1, 0, 257, 64, 33]])
 def test_prefill_of_packed_sequences_equals_chunked(lengths):
     """Packed sequences (some empty, some shorter than a chunk, some over several, the longer over
@@ -242,7 +240,7 @@ def test_prefill_of_packed_sequences_equals_chunked(lengths):
     assert state.positions.tolist() == lengths
 
 
-@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+@pytest.mark.interpreter
 @settings(max_examples=10, deadline=None)
 @given(lengths=st.lists(st.integers(0, 80), min_size=2, max_size=7).filter(any), decay=st.booleans(), grouped=st.booleans(),
        seed=st.integers(0, 2 ** 16))
@@ -309,7 +307,7 @@ def _continued_call(rng, a, T, decay, Hqk=1, B=2, poison=True):
     return [q, k, v, g if decay else None, beta, torch.as_tensor(lam).transpose(1, 2)], state
 
 
-@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+@pytest.mark.interpreter
 @pytest.mark.parametrize("split", [True, False])
 @pytest.mark.parametrize("decay", [True, False])
 def test_continued_calls_equal_chunked(decay, split, monkeypatch):
@@ -341,7 +339,7 @@ def test_continued_calls_equal_chunked(decay, split, monkeypatch):
         assert len(forwards) == (4 if split and (a, T) in ((100, 64), (1000, 129)) else 2), (a, T)
 
 
-@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+@pytest.mark.interpreter
 @settings(max_examples=12, deadline=None)
 @given(a=st.integers(0, 2 ** 21), T=st.integers(1, 120), decay=st.booleans(), seed=st.integers(0, 2 ** 16))
 def test_continued_calls_from_any_position(a, T, decay, seed):
@@ -361,7 +359,7 @@ def _assert_continued_call_equals_chunked(args, state):
     assert_close(final.states, want.states, TOL[torch.float64], "final states")
 
 
-@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+@pytest.mark.interpreter
 def test_packed_sequences_with_states_equal_chunked():
     """Packed sequences continuing from states at different positions (one empty) without gradient:
     one stream each, the outputs and final states of ``chunked``."""
@@ -383,7 +381,7 @@ def test_packed_sequences_with_states_equal_chunked():
     assert_close(final.states, want.states, TOL[torch.float64], "final states")
 
 
-@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+@pytest.mark.interpreter
 def test_packed_sequences_run_as_one_call(monkeypatch):
     """Packed sequences without state on ``triton`` are one forward and one backward over the aligned
     stream: outputs and gradients equal the float64 ``chunked`` backend's per-sequence calls."""
@@ -416,7 +414,7 @@ def test_packed_sequences_run_as_one_call(monkeypatch):
         assert_close(a, b, TOL[torch.float64], f"d{name} (never-read scales' exactly 0)")
 
 
-@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+@pytest.mark.interpreter
 def test_packed_bfloat16_sequences_cross_their_zero_transitions():
     """bfloat16 packed sequences over one stream: each sequence's first log-decay is -inf (a zero
     transition), and the chunks holding one form their in-chunk decays from the terms, not as
@@ -438,7 +436,7 @@ def test_packed_bfloat16_sequences_cross_their_zero_transitions():
         assert relative_error(a, b) <= TOLERANCES["gpu_bfloat16"], f"d{name}"
 
 
-@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+@pytest.mark.interpreter
 def test_compiled_prefill_differentiates_through_chunked():
     """Compiled, the operator's forward runs without autograd, so a call with a final state and no
     initial one is the triton prefill even where a gradient is wanted; its backward recomputes with
@@ -528,7 +526,7 @@ def test_gradients_equal_dense(dtype, args, scale, seed):
     _check_grads((q, k, v, beta, M.level_scales, M.log_decay), w, scale, dtype)
 
 
-@FLOAT64_ONLY
+@pytest.mark.interpreter
 @pytest.mark.parametrize("T, C, decay, Dk, Dv", [
     (1, 16, True, 3, 2), (2, 16, False, 3, 2), (3, 16, True, 1, 3), (17, 16, False, 3, 2), (33, 16, True, 5, 2),
     (65, 16, True, 3, 2), (65, 16, False, 2, 3), (100, 32, True, 3, 2), (20, 16, True, 2, 67), (40, 16, True, 67, 3),
@@ -547,7 +545,7 @@ def test_gradients_awkward_lengths(T, C, decay, Dk, Dv):
     _check_grads((q, k, v, beta, lam, g), t(2, T, Dv), 0.6, torch.float64, chunk=C)
 
 
-@FLOAT64_ONLY
+@pytest.mark.interpreter
 @pytest.mark.parametrize("T, period", [(2, 2), (3, 2), (17, 2), (40, 2), (100, 37), (200, 50)])
 def test_strong_decay_gradients(T, period):
     """Decay steps of -31 every ``period`` positions, steps near 0 elsewhere (float64): the decay
@@ -604,7 +602,7 @@ def test_bfloat16_hierarchy(split_above, share_up_to, key_rows, decay, D, monkey
     assert relative_error(o.double().cpu(), ref) <= 2e-2
 
 
-@FLOAT64_ONLY
+@pytest.mark.interpreter
 @pytest.mark.parametrize("levels", [3, 5])
 def test_hierarchy_levels_per_launch(levels):
     """The hierarchy built ``levels`` levels a launch (each program a subtree of ``2**levels``
@@ -630,7 +628,7 @@ def test_hierarchy_levels_per_launch(levels):
         assert_close(o, chunked.gated_delta_attention(*args, 0.7, chunk=16), TOL[torch.float64], f"T={T}")
 
 
-@FLOAT64_ONLY
+@pytest.mark.interpreter
 @pytest.mark.parametrize("T, C", [(1, 16), (16, 16), (17, 16), (48, 16), (100, 16), (129, 32), (300, 16)])
 @pytest.mark.parametrize("decay", [0.5, None])
 def test_output_kernel_pairs(T, C, decay):
@@ -661,7 +659,7 @@ def test_output_kernel_pairs(T, C, decay):
             assert check.item() == 1, f"pair={pair}"
 
 
-@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+@pytest.mark.interpreter
 @pytest.mark.parametrize("a, T", [(5, 3), (1000, 129), (63, 65), (2 ** 16 + 3, 61)])
 def test_output_kernel_pairs_continued(a, T, monkeypatch):
     """A call continuing from a state (the output kernel's carried reads) with two chunks a program:
@@ -671,7 +669,7 @@ def test_output_kernel_pairs_continued(a, T, monkeypatch):
     _assert_continued_call_equals_chunked(*_continued_call(np.random.default_rng(a), a, T, True, B=1))
 
 
-@FLOAT64_ONLY
+@pytest.mark.interpreter
 @pytest.mark.parametrize("T", [1, 16, 17, 33, 48, 145, 300])
 @pytest.mark.parametrize("decay", [0.5, None])
 @pytest.mark.parametrize("levels", [1, 2])
@@ -723,7 +721,7 @@ def _two_sequences(rng, T, Dv, extra_levels=1, decay=0.5, Dk=3):
     return q, k, v, beta, lam, g, t
 
 
-@FLOAT64_ONLY
+@pytest.mark.interpreter
 @pytest.mark.parametrize("group, value_tile, T, Dv", [
     (1, 128, 65, 3), (1, 128, 130, 3), (2, 128, 100, 3), (2, 128, 260, 3), (4, 128, 150, 3), (8, 128, 260, 3),
     (2, 16, 100, 40)])
@@ -744,7 +742,7 @@ def test_gradients_reader_groups(group, value_tile, T, Dv):
         _check_grads((q, k, v, beta, lam, g), t(2, T, Dv), 0.6, torch.float64, chunk=16)
 
 
-@FLOAT64_ONLY
+@pytest.mark.interpreter
 @pytest.mark.parametrize("T, Dk, Dv, decay, launches", [(65, 3, 3, 0.5, 2), (100, 3, 40, None, 2),
                                                          (40, 67, 3, 0.5, 1)])
 def test_gradients_chunk_kernel_launches(T, Dk, Dv, decay, launches):
@@ -759,7 +757,7 @@ def test_gradients_chunk_kernel_launches(T, Dk, Dv, decay, launches):
         _check_grads((q, k, v, beta, lam, g), t(2, T, Dv), 0.6, torch.float64, chunk=16)
 
 
-@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+@pytest.mark.interpreter
 def test_public_api_gradients(rng):
     """``hodlr.gated_delta_attention(..., backend="triton")`` and ``log_linear_gated_delta_rule``
     with the triton backend (default chunk, grouped heads) differentiate: their gradients equal
@@ -897,7 +895,7 @@ def test_autograd_gradients_laid_out_as_the_inputs():
         assert torch.equal(a, b), name
 
 
-@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+@pytest.mark.interpreter
 def test_operator_backward_gradients_laid_out_as_the_inputs():
     """The operator's backward on the triton backend (``gated_delta_vjp``) hands back gradients laid
     out as its ``(N, H, T, D)`` views of fla-layout inputs (so the operator copies none of them),
@@ -1076,7 +1074,7 @@ def _unit_lower_inverse_kernel(l_ptr, x_ptr, C: tl.constexpr, ACC: tl.constexpr,
     tl.store(x_ptr + r[:, None] * C + r[None, :], unit_lower_inverse(Lm, C, ACC, PREC))
 
 
-@FLOAT64_ONLY
+@pytest.mark.interpreter
 @pytest.mark.parametrize("C", [16, 32, 64])
 @pytest.mark.parametrize("shared", [0.0, 3.0])
 def test_unit_lower_inverse(C, shared):
