@@ -245,8 +245,7 @@ def test_opcheck_gated_delta_rule(with_state, packed):
                           (q, k, v, g, beta, lam, 0.5, states, positions, cu, True, 5, "chunked", True))
 
 
-@pytest.mark.skipif(hodlr.backends.load("triton").unavailable_reason("torch", torch.device("cpu")) is not None,
-                    reason="needs the Triton interpreter (TRITON_INTERPRET=1)")
+@pytest.mark.interpreter
 @pytest.mark.parametrize("packed", [False, True])
 def test_opcheck_gated_delta_rule_triton_with_state(packed):
     """The operator on ``triton`` with states: its forward (without autograd) runs the Triton stream

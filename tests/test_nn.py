@@ -686,8 +686,7 @@ def test_mamba2_parameters_follow_the_default_dtype():
 
 
 # -- on a GPU ------------------------------------------------------------------------------------------------
-@pytest.mark.skipif(hodlr.backends.load("triton").unavailable_reason("torch", torch.device("cpu")) is not None,
-                    reason="needs the Triton interpreter (TRITON_INTERPRET=1)")
+@pytest.mark.interpreter
 def test_gated_delta_generation_on_triton_without_gradient():
     """A Gated DeltaNet layer made with ``backend="triton"`` generates under ``torch.no_grad`` (its
     prefill, continuation and steps from the cache on the Triton kernels): the outputs of one pass."""
