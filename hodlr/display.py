@@ -385,7 +385,9 @@ def factor_rank(u, v, rtol=None) -> np.ndarray:
 
     Computed from the factors, never from the ``m x n`` block: QR of each factor, then the
     singular values of the ``r x r`` core ``R_u R_v^T``; singular values above
-    ``rtol * sigma_max`` count (``rtol`` defaults to ``max(m, n, r) * eps``).
+    ``rtol * sigma_max`` and above the smallest normal float64 count (``rtol`` defaults to
+    ``max(m, n, r) * eps``; a subnormal value carries an absolute rounding, so a block that a
+    steep decay underflows has rank 0, as :func:`hodlr.tree.numerical_rank` counts it).
 
     Examples
     --------
@@ -410,8 +412,8 @@ def factor_rank(u, v, rtol=None) -> np.ndarray:
     if core.shape[-1] == 0 or core.shape[-2] == 0:
         return np.zeros(core.shape[:-2], dtype=np.int64)
     sv = np.linalg.svd(core, compute_uv=False)
-    top = sv[..., :1]
-    return np.sum((sv > rtol * top) & (top > 0), axis=-1).astype(np.int64)
+    floor = np.maximum(rtol * sv[..., :1], np.finfo(np.float64).tiny)
+    return np.sum(sv > floor, axis=-1).astype(np.int64)
 
 
 def _tree_ranks(tree, levels, rtol) -> tuple[dict, dict]:

@@ -60,9 +60,11 @@ def _default_tol(dtype) -> float:
 
 def truncated_svd(B: np.ndarray, tol: float):
     """``(P, s, Qt, r)``: the thin SVD of ``B`` and its numerical rank ``r``, the number of
-    singular values above ``tol * sigma_max(B)`` (0 for a zero or empty block)."""
+    singular values above ``tol * sigma_max(B)`` and above the smallest normal number of their
+    dtype (0 for a zero or empty block): below it a number carries an absolute rounding, not a
+    relative one (the entries a steep decay underflows), so no rank is read there."""
     P, s, Qt = np.linalg.svd(B, full_matrices=False)
-    r = int(np.count_nonzero(s > tol * s[0])) if s.size and s[0] > 0 else 0
+    r = int(np.count_nonzero(s > max(tol * s[0], np.finfo(s.dtype).tiny))) if s.size else 0
     return P, s, Qt, r
 
 

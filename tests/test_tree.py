@@ -10,6 +10,7 @@ from hodlr import fenwick
 import hodlr
 from hodlr.errors import RankExceededError
 from hodlr.testing import TOLERANCES, assert_close, masks, operands, st_lengths
+from hodlr.display import factor_rank
 from hodlr.tree import HODLRMatrix, numerical_rank
 
 TOL64 = TOLERANCES["cpu_float64"]
@@ -38,19 +39,31 @@ def test_every_block_has_rank_exactly_one(M):
             for b in fenwick.offdiag_blocks(M.T)]
     assert [(b.level, b.index, b.rows, b.cols) for b in blocks] == want
 
-    def normal(x):
-        """``x`` with its subnormal entries (a steep decay's) flushed to 0: they carry an absolute
-        rounding of 2^-1074, not a relative one, so no numerical rank is defined there."""
-        return np.where(np.abs(x) < np.finfo(x.dtype).tiny, 0.0, x)
-
     for b in blocks:
         sub = dense[b.rows.start : b.rows.stop, b.cols.start : b.cols.stop]
         assert b.U.shape == (len(b.rows), 1) and b.V.shape == (len(b.cols), 1)
-        rank = 1 if np.any(normal(sub)) else 0
-        assert numerical_rank(normal(sub)) == rank
-        assert numerical_rank(normal(b.U @ b.V.T)) == rank
+        rank = 1 if np.any(np.abs(sub) >= np.finfo(sub.dtype).tiny) else 0  # subnormals: no rank
+        assert numerical_rank(sub) == rank
+        assert numerical_rank(b.U @ b.V.T) == rank
         assert_close(b.U @ b.V.T, sub, TOL64, f"block {b.level, b.index}")
     assert H.rank == 1 and H.levels == list(range(1, M.num_levels))
+
+
+def test_subnormal_singular_values_have_no_rank(rng):
+    """A singular value below the smallest normal number carries an absolute rounding, not a relative
+    one: a rank-1 block whose entries underflow to subnormals (a steep decay's) has rank 0, not the
+    rank its roundings would give, and subnormal bits beside a normal rank-1 block add none; the
+    same from the factors (``rank_profile`` of a tree)."""
+    u, v = rng.uniform(0.5, 1, (8, 1)), rng.uniform(0.5, 1, (8, 1))
+    tiny = (u * 1e-160) @ (v * 1e-160).T  # entries ~1e-320
+    assert 0 < np.abs(tiny).max() < np.finfo(np.float64).tiny
+    assert numerical_rank(tiny) == 0 and numerical_rank(tiny.astype(np.float32)) == 0
+    mixed = u @ v.T
+    mixed[:4, :4] += 3 * tiny[:4, :4]
+    assert numerical_rank(mixed) == 1
+    assert factor_rank(u * 1e-160, v * 1e-160) == 0
+    assert factor_rank(np.hstack([u, 1e-200 * u[::-1]]), np.hstack([v, 1e-120 * v[::-1]])) == 1
+    assert factor_rank(np.hstack([u, u[::-1]]), np.hstack([v, v[::-1]])) == 2
 
 
 @pytest.mark.parametrize("T", [1, 2, 3, 63, 65, 1000, 1025])
