@@ -108,8 +108,10 @@ def _tensors(**named) -> None:
 
 
 def _broadcast(tensors, batch):
-    return [None if x is None else x.expand(batch + tuple(x.shape[len(x.shape) - tail:]))
-            for x, tail in tensors]
+    """Each ``(x, tail)`` viewed with the batch shape ``batch`` (its last ``tail`` dims kept); a tensor
+    that has that batch already is passed as it is (no view, no node in autograd's graph)."""
+    return [x if x is None or tuple(x.shape[:len(x.shape) - tail]) == batch
+            else x.expand(batch + tuple(x.shape[len(x.shape) - tail:])) for x, tail in tensors]
 
 
 def attention(q, k, v, level_scales, log_decay=None, scale: float = 1.0, *, chunk=None, initial_state=None,
