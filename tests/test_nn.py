@@ -685,7 +685,7 @@ def test_mamba2_parameters_follow_the_default_dtype():
         torch.set_default_dtype(before)
 
 
-# -- on a GPU ------------------------------------------------------------------------------------------------
+# -- the Triton kernels under the interpreter ----------------------------------------------------------------
 @pytest.mark.interpreter
 def test_gated_delta_generation_on_triton_without_gradient():
     """A Gated DeltaNet layer made with ``backend="triton"`` generates under ``torch.no_grad`` (its
@@ -698,6 +698,7 @@ def test_gated_delta_generation_on_triton_without_gradient():
     assert relative_error(got, want) <= 1e-12 and cache.state.positions.tolist() == [40, 40]
 
 
+# -- on a GPU ------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls", [LogLinearMamba2, LogLinearGatedDeltaNet])
 def test_gpu_generation_equals_full_pass(cls):
