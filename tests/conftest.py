@@ -58,11 +58,11 @@ def pytest_collection_modifyitems(config, items):
                                             "(TRITON_INTERPRET=1, set here on machines without a CUDA GPU)")
     skip_slow = pytest.mark.skip(reason="slow: pass --runslow")
     for item in items:
-        if "gpu" in item.keywords and not has_gpu:
+        if item.get_closest_marker("gpu") and not has_gpu:
             item.add_marker(skip_gpu)
-        if "interpreter" in item.keywords and not interpreted:
+        if item.get_closest_marker("interpreter") and not interpreted:
             item.add_marker(skip_compiled)
-        if "slow" in item.keywords and not config.getoption("--runslow"):
+        if item.get_closest_marker("slow") and not config.getoption("--runslow"):
             item.add_marker(skip_slow)
 
 
