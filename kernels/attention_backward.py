@@ -81,6 +81,10 @@ level, a state tile."""
 SPAN_WEIGHT_CHUNKS = 128
 """Chunks of one ``_span_weight_kernel`` program (a power of two)."""
 
+SPAN_WEIGHT_WARPS = 4
+"""Warps of a ``_span_weight_kernel`` program that also writes the decay gradient of its chunks'
+positions (calls without sequences; one warp where it writes the chunks' weights alone)."""
+
 TILE_CHUNKS = 16
 """Chunks summed by one program of ``_query_block_kernel`` (a power of two): blocks of at most
 this many chunks are summed whole and stored, larger ones tile by tile with one atomic add each."""
@@ -239,9 +243,11 @@ def _span_kernel(h_ptr, a_ptr, r_ptr, psi_ptr, later_ptr, tab_ptr, cs_ptr, n_chu
     tl.store(later_ptr + (bh * n_chunks + gi) * DK * DV + tile, later.to(later_ptr.dtype.element_ty), mask=fmask)
 
 
-@triton.jit(do_not_specialize=["n_chunks", "n_total", "n_r", "n_bits", "n_psi", "n_tiles"])
-def _span_weight_kernel(psi_ptr, a_ptr, out_ptr, tab_ptr, cs_ptr, n_chunks, n_total, n_r, n_bits, n_psi, n_tiles,
-                        TILE: tl.constexpr, LOG_C: tl.constexpr, ACC: tl.constexpr, VARLEN: tl.constexpr):
+@triton.jit(do_not_specialize=["n_chunks", "n_total", "n_r", "n_bits", "n_psi", "n_tiles", "n_levels", "T", "n_parts",
+                               "part_stride"])
+def _span_weight_kernel(psi_ptr, a_ptr, out_ptr, tab_ptr, cs_ptr, gap_ptr, dgl_ptr, n_chunks, n_total, n_r, n_bits,
+                        n_psi, n_tiles, n_levels, T, n_parts, part_stride, TILE: tl.constexpr, LOG_C: tl.constexpr,
+                        ACC: tl.constexpr, VARLEN: tl.constexpr, ASSEMBLE: tl.constexpr):
     """Programs ``(group of TILE chunks or chunk slots, batch entry or head)``: the weight of the
     pairs that span chunk ``i`` inside one level block,
     ``Σ_h exp(A_i + ζ_h + γ_h) ψ_h[i >> h]`` over the set bits ``h`` of ``i``, from the Frobenius
@@ -249,7 +255,13 @@ def _span_weight_kernel(psi_ptr, a_ptr, out_ptr, tab_ptr, cs_ptr, n_chunks, n_to
     the chunk's log-decay, ``ζ_h`` that of the right siblings at the clear bits below ``h`` (from
     the chunk's end to its level-``h`` block's end), ``γ_h`` that of the blocks read at the set
     bits below ``h`` (from the end of the state read at ``h`` to the chunk's start).  Writes
-    ``(batch entry or head, chunk or chunk slot)``."""
+    ``(batch entry or head, chunk or chunk slot)``.
+
+    With ``ASSEMBLE`` (calls without sequences) it writes the decay gradient ``dg (batch entry, T)``
+    itself instead: each position's chunk-local part (``dgl (n_parts, batch entry, n_chunks C)``,
+    summed over its ``n_parts`` slices ``part_stride`` apart) plus its chunk's weight and its
+    chunk's gap sums (``gap (batch entry, n_levels, n_chunks)`` of :func:`_gap_kernel`, summed over
+    the levels), 0 at position 0, in ``out``'s dtype."""
     lane = tl.program_id(0) * TILE + tl.arange(0, TILE)
     bh = tl.program_id(1).to(tl.int64)
     if VARLEN:  # each lane's sequence (lanes past the slots read sequence 0's row)
@@ -293,7 +305,25 @@ def _span_weight_kernel(psi_ptr, a_ptr, out_ptr, tab_ptr, cs_ptr, n_chunks, n_to
         if not VARLEN:
             roff += _reader_blocks(n_chunks, h)
         h += 1
-    tl.store(out_ptr + bh * n_chunks + lane, span, mask=lane < n_chunks)
+    if ASSEMBLE:
+        C: tl.constexpr = 1 << LOG_C
+        CB: tl.constexpr = 16  # positions of a chunk a step (C >= 16)
+        gaps = tl.zeros((TILE,), dtype=ACC)
+        for lv in range(n_levels):
+            gaps += tl.load(gap_ptr + (bh * n_levels + lv) * n_chunks + lane, mask=live, other=0.0)
+        weight = span + gaps
+        for c0 in tl.static_range(0, C, CB):
+            pos = lane[:, None] * C + c0 + tl.arange(0, CB)[None, :]
+            inside = live[:, None] & (pos < T)
+            local = tl.zeros((TILE, CB), dtype=ACC)
+            part_ptr = dgl_ptr + bh * n_chunks * C + pos
+            for _ in range(n_parts):
+                local += tl.load(part_ptr, mask=inside, other=0.0)
+                part_ptr += part_stride
+            dg = tl.where(pos == 0, 0.0, local + weight[:, None])
+            tl.store(out_ptr + bh * T + pos, dg.to(out_ptr.dtype.element_ty), mask=inside)
+    else:
+        tl.store(out_ptr + bh * n_chunks + lane, span, mask=lane < n_chunks)
 
 
 @triton.jit(do_not_specialize=["n_total", "n_bits", "S_IN", "S_OUT"])
@@ -854,19 +884,19 @@ def _gap_kernel(rows_ptr, out_ptr, idx_ptr, own_ptr, n, TILE: tl.constexpr, VARL
         tl.store(out_ptr + base + p, tl.where(bit & valid, total, 0.0), mask=valid)
 
 
-def _spanning_in_gap(level_rows, chunk_index=None, owner=None):
-    """Per chunk (slot): the summed weights of the pairs that span it with it in the gap between
-    the state a later chunk reads at level ``h`` and that chunk -- the later chunks of its own
-    level-``h`` block when bit ``h`` of its index is set.  ``level_rows (B, levels, n)`` holds
-    each chunk's row sums per level; ``chunk_index``, ``owner (n,)`` give each slot's chunk and
-    sequence in calls over sequences (:func:`_gap_kernel`).  Returns ``(B, n)``."""
+def _gap_sums(level_rows, chunk_index=None, owner=None):
+    """Per chunk (slot) and level ``h``: the summed weights of the pairs that span it with it in the
+    gap between the state a later chunk reads at level ``h`` and that chunk -- the later chunks of
+    its own level-``h`` block when bit ``h`` of its index is set.  ``level_rows (B, levels, n)``
+    holds each chunk's row sums per level; ``chunk_index``, ``owner (n,)`` give each slot's chunk
+    and sequence in calls over sequences (:func:`_gap_kernel`).  Returns ``(B, levels, n)``."""
     B, levels, n = level_rows.shape
     level_rows = level_rows.contiguous()
     out = torch.empty_like(level_rows)
     varlen = chunk_index is not None
     _gap_kernel[(B, levels, 1)](level_rows, out, chunk_index if varlen else level_rows,
                              owner if varlen else level_rows, n, TILE=128, VARLEN=varlen, num_warps=4)
-    return out.sum(1)
+    return out
 
 
 def _feature_tiles(DK: int, DV: int):
@@ -1014,19 +1044,16 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
                 FULL_CHUNKS=T % C == 0, BDK=BDK, BDV=BDV, BL=next_power_of_2(L), NB=NB, EXACT=exact, VARLEN=False,
                 FINAL=False, SIDE=side, **meta)
     dg = None
-    if has_g:
-        span = scratch((B, n), acc_torch, dev)
-        _span_weight_kernel[(cdiv(n, SPAN_WEIGHT_CHUNKS), B, 1)](psi, logdec, span, logdec, logdec, n, states.shape[1],
-                                                             n_r, n_bits, B * n_r, span_tiles,
-                                                             TILE=SPAN_WEIGHT_CHUNKS, LOG_C=C.bit_length() - 1,
-                                                             ACC=acc, VARLEN=False, num_warps=1)
+    if has_g:  # one launch sums the parts: the chunk-local ones, the span weights, the gap sums
         if tiled:
             lvl_rows = lvl_rows.view((tiles, -1) + lvl_rows.shape[1:]).sum(0)
-        if tiled or sides > 1:
-            dgl = dgl.view((tiles * sides, -1) + dgl.shape[1:]).sum(0)
-        dg = (dgl.view(B, n, C) + (span + _spanning_in_gap(lvl_rows))[..., None]).view(B, n * C)[:, :T]
-        dg[:, 0] = 0
-        dg = dg.reshape(batch + (T,)).to(log_decay.dtype)
+        gaps = _gap_sums(lvl_rows)
+        dg = torch.empty((B, T), dtype=log_decay.dtype, device=dev)
+        _span_weight_kernel[(cdiv(n, SPAN_WEIGHT_CHUNKS), B, 1)](
+            psi, logdec, dg, logdec, logdec, gaps, dgl, n, states.shape[1], n_r, n_bits, B * n_r, span_tiles,
+            gaps.shape[1], T, tiles * sides, B * n * C, TILE=SPAN_WEIGHT_CHUNKS, LOG_C=C.bit_length() - 1, ACC=acc,
+            VARLEN=False, ASSEMBLE=True, num_warps=SPAN_WEIGHT_WARPS)
+        dg = dg.reshape(batch + (T,))
     if tiled:
         dl = dl.view((tiles, -1) + dl.shape[1:]).sum(0)
     made = {"dq": (dq, q), "dk": (dk, k), "dv": (dv, v), "dl": (dl, level_scales)}
@@ -1061,7 +1088,7 @@ def _sequence_dg(seqs, C: int, dgl, span, level_rows, final_reads, N: int, T: in
     """``dg (N, H, T)`` of a call over sequences from the per-chunk-slot parts (``dgl (H, slots *
     C)``, ``span (H, slots)``, ``level_rows (H, NB, slots)``, ``final_reads (count, H, NB)`` or
     None): the chunk-local sums, the pairs spanning each chunk (the span kernel's, and those with
-    the later chunks of its own level block (:func:`_spanning_in_gap`) and the final state as
+    the later chunks of its own level block (:func:`_gap_sums`) and the final state as
     readers), gathered to the tokens; exactly 0 at absolute position 0."""
     dev = dgl.device
     H, levels = level_rows.shape[:2]
@@ -1073,7 +1100,7 @@ def _sequence_dg(seqs, C: int, dgl, span, level_rows, final_reads, N: int, T: in
     I0, e = a >> c, a + length
     I, I1, E = I0 + slot - first, (e - 1) >> c, e >> c
     live = (length > 0) & (I <= I1)
-    across = _spanning_in_gap(level_rows, I, torch.where(live, seq, -1))
+    across = _gap_sums(level_rows, I, torch.where(live, seq, -1)).sum(1)
     if final_reads is not None:
         h = torch.arange(levels, device=dev)[:, None]
         later = (((I >> h) & 1) == 1) & live & ((E >> h) == (I >> h)) & (E > I)
@@ -1189,8 +1216,9 @@ def attention_state_backward(q, k, v, level_scales, log_decay, scale, do, dfinal
         span = scratch((H, seqs.n_slots), acc_torch, dev)
         if seqs.n_slots and H:
             _span_weight_kernel[(cdiv(seqs.n_slots, SPAN_WEIGHT_CHUNKS), H, 1)](
-                psi, logdec, span, seqs.table, seqs.chunk_seq, seqs.n_slots, seqs.n_entries, 0, NH,
-                H * seqs.n_entries, span_tiles, TILE=SPAN_WEIGHT_CHUNKS, LOG_C=c, ACC=acc, VARLEN=True, num_warps=1)
+                psi, logdec, span, seqs.table, seqs.chunk_seq, logdec, logdec, seqs.n_slots, seqs.n_entries, 0, NH,
+                H * seqs.n_entries, span_tiles, 0, 0, 0, 0, TILE=SPAN_WEIGHT_CHUNKS, LOG_C=c, ACC=acc, VARLEN=True,
+                ASSEMBLE=False, num_warps=1)
         if tiled:
             dgl, lvl_rows = (x.view((tiles, -1) + x.shape[1:]).sum(0) for x in (dgl, lvl_rows))
         dg = _sequence_dg(seqs, C, dgl, span, lvl_rows, reads.sum(2) if final else None, N, T, acc_torch)
