@@ -24,8 +24,6 @@ from test_gated_delta import _step_case
 from test_ops import draw_inputs
 
 DT = torch.float64
-INTERP = hodlr.backends.load("triton").unavailable_reason("torch", torch.device("cpu")) is None
-interpreter = pytest.mark.skipif(not INTERP, reason="CPU tensors on the triton backend need TRITON_INTERPRET=1")
 
 
 def model(q, k, v, g, lam, state, backend):
@@ -81,12 +79,12 @@ def test_opcheck_chunked(with_state, packed):
     torch.library.opcheck(torch.ops.hodlr.log_linear_attn.default, op_args("chunked", with_state, packed))
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_opcheck_triton_state():
     torch.library.opcheck(torch.ops.hodlr.log_linear_attn.default, op_args("triton", True, True))
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("keep", [True, False])
 def test_opcheck_triton_without_state(keep):
     """The interpreted Triton kernels through the op's plain path (no state, no packing), keeping
@@ -115,7 +113,7 @@ def _spy_on_kept(monkeypatch, backward_name, keyword):
     return handed
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("keep", [True, False])
 def test_op_keeps_states_for_its_backward(keep, monkeypatch):
     """The operator's plain path keeps the forward's chunk states for its backward (extra outputs
@@ -139,7 +137,7 @@ def test_op_keeps_states_for_its_backward(keep, monkeypatch):
         assert torch.allclose(a, c, rtol=1e-12, atol=1e-12) and torch.allclose(b, c, rtol=1e-12, atol=1e-12)
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("with_state, packed, final", [(False, False, False), (False, False, True),
                                                        (True, False, True), (True, True, True)])
 def test_compiled_triton_backward_equals_chunked(with_state, packed, final, monkeypatch):
@@ -320,7 +318,7 @@ def test_gated_delta_step_compiles_without_host_reads():
     assert cache.positions.tolist() == eager.positions.tolist() == [1, 4, 9, 16]
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("decay", [True, False])
 def test_compiled_gated_delta_triton_backward_equals_chunked(decay, monkeypatch):
     """The compiled Gated DeltaNet operator's backward on the triton backend comes straight from
@@ -348,7 +346,7 @@ def test_compiled_gated_delta_triton_backward_equals_chunked(decay, monkeypatch)
         assert relative_error(a, b) <= 1e-10
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("keep, decay", [(True, True), (False, False)])
 def test_gated_delta_op_keeps_chunks_for_its_backward(keep, decay, monkeypatch):
     """The Gated DeltaNet operator's plain path keeps the forward's ``X``, ``W`` and hierarchy for its
@@ -375,7 +373,7 @@ def test_gated_delta_op_keeps_chunks_for_its_backward(keep, decay, monkeypatch):
         assert torch.equal(a, c) and torch.equal(b, c)
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("op", ["attention", "gated_delta"])
 def test_compiled_graph_follows_the_save_states_option(op, monkeypatch):
     """The option deciding whether an operator keeps its forward's intermediates is an argument of
@@ -402,7 +400,7 @@ def test_compiled_graph_follows_the_save_states_option(op, monkeypatch):
             assert torch.equal(a, b)
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("op", ["attention", "gated_delta"])
 def test_compiled_graph_without_gradients_keeps_nothing(op, monkeypatch):
     """A compiled call that differentiates nothing (under ``no_grad``, or on inputs that do not
@@ -436,7 +434,7 @@ def test_compiled_graph_without_gradients_keeps_nothing(op, monkeypatch):
     assert kept == [True]
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("op", ["attention", "gated_delta"])
 def test_compiled_kept_intermediates_do_not_pin_the_length(op):
     """The kept intermediates' shapes are linear in the chunk count: a compiled call whose length
@@ -460,7 +458,7 @@ def test_compiled_kept_intermediates_do_not_pin_the_length(op):
     assert counter.frame_count <= 2
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("op", ["attention", "gated_delta"])
 @pytest.mark.parametrize("B, T", [(0, 37), (2, 0)])
 def test_compiled_call_without_tokens(op, B, T):
@@ -481,7 +479,7 @@ def test_compiled_call_without_tokens(op, B, T):
         assert d is not None and d.shape == x.shape and not d.any()
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("T, decay, keep", [(9, True, True), (9, True, False), (70, True, True), (70, False, False)])
 def test_opcheck_gated_delta_rule_triton_without_state(T, decay, keep):
     """The interpreted Triton kernels through the Gated DeltaNet operator's plain path (its backward

@@ -206,7 +206,7 @@ def test_packed_tokens_one_a_sequence_are_a_step(op):
                           torch.where(live, stepped.states, 0.0)) <= TOL
 
 
-@pytest.mark.skipif(not INTERP, reason="the smoke test runs the interpreter on the CPU")
+@pytest.mark.interpreter
 def test_bench_decode_gpu_step_smoke():
     """``hodlr bench-decode --gpu-step`` on the CPU (interpreter, tiny sizes): the code path runs
     and the byte model counts 2 * live + 1 state matrices."""

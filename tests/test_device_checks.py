@@ -13,7 +13,6 @@ import hodlr
 from hodlr import fenwick, kernels
 from hodlr.testing import poison_unread
 
-interpreter = pytest.mark.skipif(not kernels.interpreting(), reason="runs the check kernel in the interpreter")
 
 
 def _flag(lam, g=None):
@@ -22,7 +21,7 @@ def _flag(lam, g=None):
     return int(nonfinite_flag(lam, g)[0])
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("T", [1, 2, 37, 130])
 def test_unread_entries_never_flag(T):
     L = fenwick.num_levels(T) + 2
@@ -31,7 +30,7 @@ def test_unread_entries_never_flag(T):
     assert _flag(lam, -torch.rand(3, T)) == 0
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_every_read_entry_flags(bad, rng):
     T = 37
@@ -46,7 +45,7 @@ def test_every_read_entry_flags(bad, rng):
     assert _flag(torch.rand(T, L), g) == 1
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_strided_and_broadcast_inputs():
     T, L = 50, 7
     lam = torch.rand(T, 3, L).transpose(0, 1)  # (3, T, L), strided rows
@@ -77,7 +76,7 @@ def _fused_flag(op, lam, g, chunk, D=4, batch=None):
     return int(flag[0])
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("op", ["attention", "matmul", "gated_delta"])
 @pytest.mark.parametrize("T", [1, 3, 65])
 def test_output_kernels_validate_as_the_check_kernel(op, T, rng):
@@ -98,7 +97,7 @@ def test_output_kernels_validate_as_the_check_kernel(op, T, rng):
     assert _fused_flag(op, lam, poisoned, 16) == 1
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("op", ["attention", "matmul", "gated_delta"])
 def test_output_kernels_validate_broadcast_batches_and_value_tiles(op):
     """Scales and decays broadcast against the operands' batch (stride 0), and several value tiles
@@ -118,7 +117,7 @@ def test_output_kernels_validate_broadcast_batches_and_value_tiles(op):
     assert _fused_flag(op, lam, poisoned, 16, D, (2, 2)) == 1
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("backend", ["triton", "chunked"])
 def test_the_first_computation_checks_the_mask(backend):
     """A CUDA mask is checked by its first computation: inside the triton backend's forward kernels
@@ -157,7 +156,7 @@ def test_the_first_computation_checks_the_mask(backend):
         hodlr.matmul(hodlr.LogLinearMask(lam, g), q)        # once
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_mask_methods_check_an_unchecked_mask():
     T = 9
     lam = poison_unread(torch.rand(T, fenwick.num_levels(T), dtype=torch.float64))
@@ -171,7 +170,7 @@ def test_mask_methods_check_an_unchecked_mask():
             M.check()
 
 
-@pytest.mark.parametrize("unchecked", [False, pytest.param(True, marks=interpreter)])
+@pytest.mark.parametrize("unchecked", [False, pytest.param(True, marks=pytest.mark.interpreter)])
 def test_each_public_call_reports_once(monkeypatch, unchecked):
     """``matmul``, ``attention``, ``gated_delta_attention`` and ``gated_delta_matrix`` report the
     deferred checks exactly once per call, on every backend that runs here (the recursive one
@@ -218,7 +217,7 @@ def test_each_public_call_reports_once(monkeypatch, unchecked):
     assert len(reports) == 1, reports
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_a_check_that_fails_to_queue_leaves_the_mask_unchecked(monkeypatch):
     from hodlr import mask as mask_module
 
@@ -239,7 +238,7 @@ def test_a_check_that_fails_to_queue_leaves_the_mask_unchecked(monkeypatch):
         M.check()
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_empty_broadcast_batch_has_nothing_to_check():
     T = 5
     lam = torch.full((1, T, fenwick.num_levels(T)), float("nan"))
@@ -337,7 +336,7 @@ def test_gpu_level_scales_with_rows_past_int32_offsets():
         assert int(flag[0]) == 1
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_a_mask_found_bad_is_refused_at_every_later_use():
     """Once its device check has failed, the mask raises at every ``check()`` and every later
     computation (not only at the first report), and the other hodlr calls report it once."""

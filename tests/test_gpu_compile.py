@@ -26,7 +26,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from hodlr import kernels
 
-pytestmark = pytest.mark.skipif(not kernels.interpreting(), reason="records launches under the interpreter")
+pytestmark = pytest.mark.interpreter  # records launches under the interpreter
 
 TARGET = ("cuda", 90, 32)
 """``triton.backends.compiler.GPUTarget`` arguments: sm_90 (H100, H200), 32-thread warps."""

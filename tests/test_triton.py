@@ -124,7 +124,7 @@ def _cpu_backends():
     return names
 
 
-@pytest.mark.skipif(not INTERP, reason="compares with the CPU backends under the interpreter")
+@pytest.mark.interpreter
 @settings(max_examples=15)
 @given(M=masks(T=st_lengths(1, 70), batch_shape=batch_shapes(1, 2), library="torch", dtype=torch.float64), seed=st.integers(0, 2**31))
 def test_equals_every_backend(M, seed):

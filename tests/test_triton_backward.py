@@ -33,7 +33,6 @@ CHUNK = 16
 """Small chunk for the interpreter tests, so that short sequences span several chunks and
 span several levels of the block sums."""
 
-interpreter = pytest.mark.skipif(not kernels.interpreting(), reason="CPU proofs run under TRITON_INTERPRET=1")
 
 
 def _leaves(tensors):
@@ -92,7 +91,7 @@ def _inputs(M, q, k, v):
     return q, k, v, M.level_scales, M.log_decay
 
 
-@interpreter
+@pytest.mark.interpreter
 @settings(max_examples=12)
 @given(data=st.data())
 def test_attention_gradients_match_dense(data):
@@ -107,7 +106,7 @@ def test_attention_gradients_match_dense(data):
     _check_unread_zero(got["level_scales"], M.T)
 
 
-@interpreter
+@pytest.mark.interpreter
 @settings(max_examples=10)
 @given(data=st.data())
 def test_matmul_gradients_match_dense(data):
@@ -134,7 +133,7 @@ def _case(T, rng, dtype=torch.float64, batch=(2,), Dk=3, Dv=4, decay=0.5, poison
     return q, k, v, lam, g, w
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("T, decay", [(T, decay) for T in (1, 17, 63, 65) for decay in (None, 0.5, 30.0)]
                          + [(2, None), (3, 0.5), (15, 30.0), (16, None), (33, 0.5), (129, 30.0), (257, 0.5),
                             (64, 0.5), (128, None)])  # whole chunks too: the kernels' FULL_CHUNKS variant
@@ -158,7 +157,7 @@ def _backward_against_dense(module, monkeypatch, T, rng, what, **case):
     _check_unread_zero(got["level_scales"], T)
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("T", [1, 17, 65, 200])
 @pytest.mark.parametrize("tile_chunks", [1, 2, 16])
 def test_block_sum_tiles(T, tile_chunks, rng, monkeypatch):
@@ -169,7 +168,7 @@ def test_block_sum_tiles(T, tile_chunks, rng, monkeypatch):
     _backward_against_dense(module, monkeypatch, T, rng, f"tiles of {tile_chunks} chunks", Dk=5, Dv=3)
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("T, decay", [(1000, 0.5), (1041, 30.0)])
 def test_deep_hierarchy(T, decay, rng, monkeypatch):
     """Six and seven chunk levels (63 and 66 chunks of 16): the later readers and the spanning
@@ -179,7 +178,7 @@ def test_deep_hierarchy(T, decay, rng, monkeypatch):
     _backward_against_dense(module, monkeypatch, T, rng, f"{T} tokens", Dk=3, Dv=2, decay=decay)
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("chunk", [16, 32, 64])
 def test_chunk_sizes(chunk, rng):
     T = 150
@@ -188,7 +187,7 @@ def test_chunk_sizes(chunk, rng):
     _check(got, _dense_grads("attention", q, k, v, lam, g, 1.0, w), TOLERANCES["grad_float64"], f"chunk {chunk}", T)
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("T, decay, Dk, Dv", [(17, None, 40, 33), (70, 0.5, 40, 33), (70, 0.5, 40, 17),
                                               (17, None, 10, 33), (65, 0.5, 33, 1)])
 def test_feature_tiles(T, decay, Dk, Dv, rng, monkeypatch):
@@ -201,7 +200,7 @@ def test_feature_tiles(T, decay, Dk, Dv, rng, monkeypatch):
     _backward_against_dense(module, monkeypatch, T, rng, "feature tiles", Dk=Dk, Dv=Dv, decay=decay)
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("T, decay, max_tile", [(70, 0.5, 128), (17, None, 128), (70, 0.5, 16)])
 def test_span_key_rows(T, decay, max_tile, rng, monkeypatch):
     """The span kernel on feature tiles of fewer key rows than the chunk kernel's
@@ -213,7 +212,7 @@ def test_span_key_rows(T, decay, max_tile, rng, monkeypatch):
     _backward_against_dense(module, monkeypatch, T, rng, "span tiles", Dk=40, Dv=33, decay=decay)
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("T, decay, max_tile", [(1, 0.5, 128), (17, None, 128), (70, 0.5, 128), (70, 30.0, 128),
                                                 (1, 0.5, 16), (17, None, 16), (70, 30.0, 16)])
 def test_query_and_key_sides(T, decay, max_tile, rng, monkeypatch):
@@ -225,7 +224,7 @@ def test_query_and_key_sides(T, decay, max_tile, rng, monkeypatch):
     _backward_against_dense(module, monkeypatch, T, rng, "two sides", Dk=40, Dv=33, decay=decay)
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("T, period", [(2, 2), (3, 2), (17, 2), (40, 2), (100, 37), (300, 50)])
 @pytest.mark.parametrize("sides", [1, 2])
 def test_strong_decay_gradients(T, period, sides, rng, monkeypatch):
@@ -246,7 +245,7 @@ def test_strong_decay_gradients(T, period, sides, rng, monkeypatch):
         assert_elementwise(got["log_decay"], want["log_decay"], 1e-10, f"{op}, T={T}: dlog_decay")
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("Dk, Dv", [(5, 3), (20, 17)])
 def test_gradients_into_strided_buffers(Dk, Dv, rng, monkeypatch):
     """``out=``: buffers laid out like (B, T, H, ·) inputs seen as (B, H, T, ·), NaN-filled, get
@@ -274,7 +273,7 @@ def test_gradients_into_strided_buffers(Dk, Dv, rng, monkeypatch):
             assert torch.equal(a, b)
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("Hqk", [3, 1])
 def test_operator_backward_gradients_laid_out_as_the_inputs(Hqk, rng):
     """The operator's backward on the triton backend (``attention_state_vjp``, no state) hands back
@@ -301,7 +300,7 @@ def test_operator_backward_gradients_laid_out_as_the_inputs(Hqk, rng):
         assert relative_error(x, ref) <= 1e-10, name
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("T, decay", [(1, 0.5), (33, None), (70, 30.0)])
 def test_saved_states_equal_recomputed(T, decay, rng):
     """The forward's chunk states kept for the backward (``save_states=True``, the default) give
@@ -323,7 +322,7 @@ def test_saved_states_equal_recomputed(T, decay, rng):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("keep", [True, False])
 def test_option_decides_what_the_public_call_keeps(keep, rng, monkeypatch):
     """``hodlr.options.attention_save_states`` through ``hodlr.attention(..., backend="triton")``:
@@ -344,7 +343,7 @@ def test_option_decides_what_the_public_call_keeps(keep, rng, monkeypatch):
         hodlr.options.attention_save_states = "yes"
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_saved_states_refused_when_they_do_not_fit(rng):
     q, k, v, lam, g, w = _case(40, rng)
     module = importlib.import_module("hodlr.kernels.attention_backward")
@@ -359,7 +358,7 @@ def test_saved_states_refused_when_they_do_not_fit(rng):
         kernels.attention(q, k, v, lam, g, 0.5, save_states="yes")
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("T", [5, 40, 100])
 def test_float32(T, rng):
     q, k, v, lam, g, w = _case(T, rng, dtype=torch.float32)
@@ -368,7 +367,7 @@ def test_float32(T, rng):
         _check(got, _dense_grads(op, q, k, v, lam, g, 0.5, w), TOLERANCES["interpreter_float32"], op, T)
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("T", [3, 33, 65])
 def test_unread_finite_scales_get_exactly_zero(T, rng):
     """Unread scales hold finite values here, so a leak would show as a number."""
@@ -380,7 +379,7 @@ def test_unread_finite_scales_get_exactly_zero(T, rng):
         assert bool((dlam[..., read] != 0).all()), f"{op}: a read scale got a zero gradient"
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_gradcheck(rng):
     T = 37
     q, k, v, lam, g, _ = _case(T, rng, batch=(), Dk=2, Dv=2, poison=False)
@@ -390,7 +389,7 @@ def test_gradcheck(rng):
                                     fast_mode=True)
 
 
-@interpreter
+@pytest.mark.interpreter
 @settings(max_examples=10)
 @given(data=st.data())
 def test_registered_backend_gradients(data):

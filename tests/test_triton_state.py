@@ -35,8 +35,6 @@ from hodlr.testing import poison_unread, relative_error
 
 from test_ops import assert_elementwise, dense, dense_final_state, draw_inputs
 
-interpreter = pytest.mark.skipif(not kernels.interpreting(),
-                                 reason="float64 proofs on the CPU: run under TRITON_INTERPRET=1")
 CHUNK = 16
 TOL = 1e-10
 FEW = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -101,7 +99,7 @@ def split_pipeline(call, xs, a, scale):
     return torch.cat([o1, o2], 2), s2, p2
 
 
-@interpreter
+@pytest.mark.interpreter
 @settings(max_examples=4, **FEW)
 @given(shape=st.sampled_from([(1, 1, 1), (2, 1, 2), (1, 2, 2)]), T=st.sampled_from([1, 2, 3, 17, 33]),
        data=st.data(), decay=st.sampled_from(["none", "mild", "strong"]), seed=st.integers(0, 2**31))
@@ -145,7 +143,7 @@ def live_state(rng, starts, H, Dk, Dv):
     return states
 
 
-@interpreter
+@pytest.mark.interpreter
 @settings(max_examples=4, **FEW)
 @given(lengths=st.lists(st.sampled_from([0, 1, 2, 3, 15, 17]), min_size=1, max_size=3),
        starts=st.lists(st.one_of(st.sampled_from([0, 1, 15, 16, 31, 64]), st.integers(0, 300)), min_size=3,
@@ -194,7 +192,7 @@ def test_packed_sequences(nan_buffers, lengths, starts, with_state, final, group
         compare_grads(got, want, [m for m, x in zip(names, inputs) if x is not None], f"packed {lengths} from {starts}")
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("lengths", [[2, 40], [100, 37, 130]])
 def test_strong_decay_gradients(nan_buffers, lengths):
     """Packed sequences from position 0, final states returned, decay steps of -31 every 37th
@@ -257,7 +255,7 @@ def check_against_chunked(inputs, pos, cu, tol=TOL):
         assert relative_error(x, y) <= tol, name
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("Dk, Dv", [(20, 17), (20, 40)])
 def test_feature_tiles(Dk, Dv, nan_buffers, monkeypatch):
     """Heads wider than a backward tile: ``(Dk-tile, Dv-tile)`` programs, one diagonal of tiles a
@@ -267,7 +265,7 @@ def test_feature_tiles(Dk, Dv, nan_buffers, monkeypatch):
     check_against_chunked(inputs, pos, cu)
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_span_key_rows(nan_buffers, monkeypatch):
     """The span kernel on feature tiles of fewer key rows than the backward's (``SPAN_KEY_ROWS``):
     its partial Frobenius products summed by ``_span_weight_kernel``, each tile's gathered block sums stored in
@@ -277,7 +275,7 @@ def test_span_key_rows(nan_buffers, monkeypatch):
     check_against_chunked(inputs, pos, cu)
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_output_tiles(nan_buffers, monkeypatch):
     """The forward's output kernel on tiles narrower than the head (three value-tile programs a
     chunk, two key tiles) over packed sequences with states."""
@@ -286,7 +284,7 @@ def test_output_tiles(nan_buffers, monkeypatch):
     check_against_chunked(inputs, pos, cu)
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_block_sums_of_groups(nan_buffers, monkeypatch):
     """Groups of one chunk: every level above the first sums its blocks group by group with atomic
     adds, decayed by the groups before (from the sequence's first: chunks 6..9 of levels 1..3)."""
@@ -295,13 +293,13 @@ def test_block_sums_of_groups(nan_buffers, monkeypatch):
     check_against_chunked(inputs, pos, cu)
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_float32(nan_buffers):
     inputs, pos, cu = one_case(3, [20, 3], [5, 70], dtype=torch.float32)
     check_against_chunked(inputs, pos, cu, tol=1e-5)
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_grouped_heads_without_state():
     """``q, k`` with 2 heads serving 4 heads of ``v`` (no state, no packing): the plain op per head."""
     rng = np.random.default_rng(4)
@@ -314,7 +312,7 @@ def test_grouped_heads_without_state():
     assert relative_error(o, want) <= 1e-12
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_narrow_level_scales_give_nan():
     """The positions stay on the device, so the kernels cannot refuse level scales too narrow for
     them: the rows that would read past ``L`` come out NaN (``hodlr.log_linear_attn`` refuses first)."""
@@ -326,7 +324,7 @@ def test_narrow_level_scales_give_nan():
     assert torch.isnan(o[0, :, rows >= 32]).all() and torch.isfinite(o[0, :, rows < 32]).all()
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_bad_input():
     inputs, pos, cu = one_case(6, [5, 3], [1, 2])
     q, k, v, lam, g, state = inputs
@@ -357,7 +355,7 @@ class _Recorder:
         return lambda *args, **kwargs: None
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_many_sequences_grids(monkeypatch):
     """``10**5`` sequences (with states, packed, final state, forward and backward): every launch
     puts at most 65,535 programs on grid axes 1 and 2 (the sequences and chunk slots go on axis 0),
