@@ -1044,7 +1044,7 @@ def attention_backward(q, k, v, level_scales, log_decay, scale, do, *, chunk=Non
                 FULL_CHUNKS=T % C == 0, BDK=BDK, BDV=BDV, BL=next_power_of_2(L), NB=NB, EXACT=exact, VARLEN=False,
                 FINAL=False, SIDE=side, **meta)
     dg = None
-    if has_g:  # one launch sums the parts: the chunk-local ones, the span weights, the gap sums
+    if has_g:  # the span weights' launch adds the chunk-local parts and the gap sums and writes dg
         if tiled:
             lvl_rows = lvl_rows.view((tiles, -1) + lvl_rows.shape[1:]).sum(0)
         gaps = _gap_sums(lvl_rows)
