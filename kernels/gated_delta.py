@@ -223,25 +223,21 @@ def _chunk_kernel(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_pt
     With ``PARENTS`` the program is ``(pair p, batch entry)``: chunks ``2p`` and ``2p + 1``, then
     block ``p`` of level 1 from the two it has just stored (read back from L2; its transition
     where ``parent_transitions``), so the hierarchy starts from level 1."""
+    G: tl.constexpr = 2 if PARENTS else 1
+    p, bh, b0, b1, _, _ = chunk_rows(B1, T, G * C, False)
+    for c in tl.static_range(G):
+        i = G * p + c
+        if (G == 1) or (i < n_chunks):  # (one chunk a program: the grid's chunks, all inside)
+            t = i * C + tl.arange(0, C)
+            tmask = rows_inside(t, T, C, FULL_CHUNKS)
+            _chunk_block(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, i, bh, b0, b1, t, tmask,
+                         T, n_chunks, n_total, GRP, DK, DV, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
+                         sbb0, sbb1, sbt, sgb0, sgb1, sgt, C, BDK, BDV, HAS_G, ACC, PREC, EXACT, NATIVE, KB)
     if PARENTS:
-        p, bh, b0, b1, _, _ = chunk_rows(B1, T, 2 * C, False)
-        for c in tl.static_range(2):
-            i = 2 * p + c
-            if i < n_chunks:
-                t = i * C + tl.arange(0, C)
-                tmask = rows_inside(t, T, C, FULL_CHUNKS)
-                _chunk_block(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, i, bh, b0, b1, t, tmask,
-                             T, n_chunks, n_total, GRP, DK, DV, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
-                             sbb0, sbb1, sbt, sgb0, sgb1, sgt, C, BDK, BDV, HAS_G, ACC, PREC, EXACT, NATIVE, KB)
         if 2 * p + 1 < n_chunks:
             tl.debug_barrier()  # the parent reads what the two chunks stored
             _parent_block(h_ptr, tr_ptr, gm_ptr, bh * n_total + 2 * p, bh * n_total + n_chunks + p,
                           parent_transitions != 0, DK, DV, BDK, BDV, HAS_G, ACC, PREC, NATIVE, KB, True)
-    else:
-        i, bh, b0, b1, t, tmask = chunk_rows(B1, T, C, FULL_CHUNKS)
-        _chunk_block(k_ptr, v_ptr, b_ptr, g_ptr, x_ptr, w_ptr, h_ptr, tr_ptr, gm_ptr, i, bh, b0, b1, t, tmask,
-                     T, n_chunks, n_total, GRP, DK, DV, skb0, skb1, skt, skd, svb0, svb1, svt, svd,
-                     sbb0, sbb1, sbt, sgb0, sgb1, sgt, C, BDK, BDV, HAS_G, ACC, PREC, EXACT, NATIVE, KB)
 
 
 @triton.jit(do_not_specialize=["n_total", "off_child", "n_child", "n_build", "n_transitions"])
