@@ -168,9 +168,11 @@ def broadcast_batch(named_shapes: dict) -> tuple:
 
 
 def broadcast_to(x, shape):
-    """A view of ``x`` broadcast to ``shape`` (no copy)."""
+    """A view of ``x`` broadcast to ``shape`` (no copy); a torch tensor that has that shape already
+    is returned as it is (no view: no node in autograd's graph, whose backward would only pass the
+    gradient on)."""
     if is_torch(x):
-        return x.expand(*shape)
+        return x if tuple(x.shape) == tuple(shape) else x.expand(*shape)
     return np.broadcast_to(x, shape)
 
 
