@@ -290,10 +290,11 @@ def collapse_batch(batch: tuple, tensors: list):
         largest tensor that folds -- the only case that materialises anything
         (:func:`collapse_grouped` reads grouped heads without that copy).
     """
-    runs = _runs(batch, tensors)
+    strides = _stride_tuples(tensors)
+    runs = _runs(batch, strides)
     if len(runs) > 2:
-        return _fold_in_two(batch, runs, tensors)
-    return _fold(batch, runs, tensors)
+        return _fold_in_two(batch, runs, tensors, strides)
+    return _fold(batch, runs, tensors, strides)
 
 
 def collapse_grouped(batch: tuple, tensors: list, grouped):
@@ -313,22 +314,24 @@ def collapse_grouped(batch: tuple, tensors: list, grouped):
         tensors fold into two runs and every grouped tensor is broadcast over the same trailing
         dims of the inner run (and folds over the rest of it), else :func:`collapse_batch`.
     """
-    runs = _runs(batch, tensors)
+    given = _stride_tuples(tensors)
+    runs = _runs(batch, given)
     if len(runs) <= 2:
-        return (*_fold(batch, runs, tensors), 1)
+        return (*_fold(batch, runs, tensors, given), 1)
     others = [None if i in grouped else x for i, x in enumerate(tensors)]
-    other_runs = _runs(batch, others)
+    other_strides = [None if i in grouped else st for i, st in enumerate(given)]
+    other_runs = _runs(batch, other_strides)
     if len(other_runs) == 2:
         outer, inner = other_runs
-        strides, groups = list(_fold(batch, other_runs, others)[2]), set()
+        strides, groups = list(_fold(batch, other_runs, others, other_strides)[2]), set()
         for i in grouped:
-            x = tensors[i]
-            if x is None:
+            st = given[i]
+            if st is None:
                 continue
             tail = len(inner)
-            while tail and x.stride(inner[tail - 1]) == 0:
+            while tail and st[inner[tail - 1]] == 0:
                 tail -= 1
-            s0, s1 = _run_stride(tensors, i, batch, outer), _run_stride(tensors, i, batch, inner[:tail])
+            s0, s1 = _run_stride(st, batch, outer), _run_stride(st, batch, inner[:tail])
             if s0 is None or s1 is None:
                 break
             strides[i] = (s0, s1)
@@ -337,59 +340,63 @@ def collapse_grouped(batch: tuple, tensors: list, grouped):
             if len(groups) == 1 and (group := groups.pop()) > 1:
                 return (math.prod(batch[d] for d in outer), math.prod(batch[d] for d in inner), strides, tensors,
                         group)
-    return (*_fold_in_two(batch, runs, tensors), 1)
+    return (*_fold_in_two(batch, runs, tensors, given), 1)
 
 
-def _runs(batch, tensors):
-    """The runs of adjacent batch dims (size-1 dims left out) that every tensor's strides merge."""
+def _stride_tuples(tensors):
+    """Each tensor's strides (None for None), read once for the fold's many comparisons."""
+    return [None if x is None else x.stride() for x in tensors]
+
+
+def _runs(batch, strides):
+    """The runs of adjacent batch dims (size-1 dims left out) that every tensor's strides
+    (``strides``, :func:`_stride_tuples`) merge."""
     runs = []
     for d, size in enumerate(batch):
         if size == 1:
             continue
-        if runs and all(_run_stride(tensors, i, batch, runs[-1] + [d]) is not None for i in range(len(tensors))):
+        if runs and all(_run_stride(st, batch, runs[-1] + [d]) is not None for st in strides):
             runs[-1].append(d)
         else:
             runs.append([d])
     return runs
 
 
-def _fold(batch, runs, tensors):
+def _fold(batch, runs, tensors, strides):
     """:func:`collapse_batch` for at most two ``runs``: views, nothing copied."""
-    runs = [[]] * (2 - len(runs)) + runs
-    sizes = [math.prod(batch[d] for d in run) for run in runs]
-    strides = [tuple(_run_stride(tensors, i, batch, run) for run in runs) for i in range(len(tensors))]
-    return sizes[0], sizes[1], strides, tensors
+    outer, inner = [[]] * (2 - len(runs)) + runs
+    return (math.prod(batch[d] for d in outer), math.prod(batch[d] for d in inner),
+            [(_run_stride(st, batch, outer), _run_stride(st, batch, inner)) for st in strides], tensors)
 
 
-def _run_stride(tensors, i, batch, run):
-    """The stride of tensor ``i`` (0 for None) over the adjacent batch dims ``run`` merged into
-    one (0 for no dims), or None where its strides do not allow it."""
-    x = tensors[i]
-    if x is None or not run:
+def _run_stride(strides, batch, run):
+    """The stride over the adjacent batch dims ``run`` merged into one (0 for no dims) of a tensor
+    with ``strides`` (0 for None: no tensor), or None where its strides do not allow it."""
+    if strides is None or not run:
         return 0
     for outer, inner in zip(run, run[1:]):
-        if x.stride(outer) != x.stride(inner) * batch[inner]:
+        if strides[outer] != strides[inner] * batch[inner]:
             return None
-    return x.stride(run[-1])
+    return strides[run[-1]]
 
 
-def _fold_in_two(batch, runs, tensors):
+def _fold_in_two(batch, runs, tensors, strides):
     """:func:`collapse_batch` for more than two runs of batch dims: the split into two that copies
     the fewest elements, the tensors that do not fold so copied (:func:`_dense_copy`)."""
     best = None
     for split in range(1, len(runs)):
         outer, inner = sum(runs[:split], []), sum(runs[split:], [])
-        folds = [_run_stride(tensors, i, batch, outer) is not None and _run_stride(tensors, i, batch, inner) is not None
-                 for i in range(len(tensors))]
+        folds = [_run_stride(st, batch, outer) is not None and _run_stride(st, batch, inner) is not None
+                 for st in strides]
         copied = sum(x.numel() for x, ok in zip(tensors, folds) if not ok)
         if best is None or copied < best[0]:
             best = (copied, outer, inner, folds)
     _, outer, inner, folds = best
-    dense = [x for x, ok in zip(tensors, folds) if ok and x is not None and 0 not in x.stride()[:len(batch)]]
+    dense = [x for x, st, ok in zip(tensors, strides, folds) if ok and st is not None and 0 not in st[:len(batch)]]
     template = max(dense, key=torch.Tensor.numel, default=None)
     out = [x if ok else _dense_copy(x, template, batch, outer, inner) for x, ok in zip(tensors, folds)]
-    strides = [(_run_stride(out, i, batch, outer), _run_stride(out, i, batch, inner)) for i in range(len(out))]
-    return math.prod(batch[d] for d in outer), math.prod(batch[d] for d in inner), strides, out
+    folded = [(_run_stride(st, batch, outer), _run_stride(st, batch, inner)) for st in _stride_tuples(out)]
+    return math.prod(batch[d] for d in outer), math.prod(batch[d] for d in inner), folded, out
 
 
 def _dense_copy(x, template, batch, outer, inner):
@@ -404,7 +411,7 @@ def _dense_copy(x, template, batch, outer, inner):
             strides[d] = step
             step *= x.shape[d]
         y = torch.empty_strided(tuple(x.shape), strides, dtype=x.dtype, device=x.device)
-        if all(_run_stride([y], 0, batch, run) is not None for run in (outer, inner)):
+        if all(_run_stride(y.stride(), batch, run) is not None for run in (outer, inner)):
             return y.copy_(x)
     return x.contiguous()
 
