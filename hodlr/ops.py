@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -102,7 +104,28 @@ def _check_static(q, k, v, g, level_scales, initial_state, output_final_state, c
                             f"{work_dtype(v.dtype)} state")
         if s.device != q.device:
             raise ValueError(f"{state_name} is on device {s.device} but q is on {q.device}")
+    if initial_state is None and cu_seqlens is None:
+        _warn_if_head_first(q)
     return scale, Nseq, bool(output_final_state)
+
+
+def _warn_if_head_first(q) -> None:
+    """Warn (``UserWarning``, as fla's chunked ops do) when ``q (B, T, H, Dk)`` has fewer tokens than
+    heads (and at least one): what head-first ``(B, H, T, Dk)`` tensors passed by mistake look like.
+    Only calls from outside hodlr are checked (hodlr's layers and context parallelism lay the
+    tensors out themselves), and calls that carry a state or packed sequences (decoding steps, short
+    continuations) not at all.  The warning names the caller's line."""
+    if not 0 < q.shape[1] < q.shape[2] or torch.compiler.is_compiling():
+        return
+    frame, level = sys._getframe(), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("hodlr"):
+        if frame.f_globals["__name__"] not in ("hodlr.ops", "hodlr._checks"):
+            return  # called by another part of hodlr
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"q has shape {tuple(q.shape)}: read in the (B, T, H, D) layout that is T={q.shape[1]} tokens "
+                  f"of H={q.shape[2]} heads, fewer tokens than heads, as head-first (B, H, T, D) tensors passed "
+                  "by mistake would be; pass q.transpose(1, 2) (and k, v, g, beta, level_scales alike) if they "
+                  "are head-first", UserWarning, stacklevel=level)
 
 
 def check_cu_seqlens(cu_seqlens, x, name: str) -> int:

@@ -19,6 +19,8 @@ fewer examples (``TRITON_EXAMPLES``).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -346,6 +348,47 @@ def test_fla_argument_order_and_defaults():
                                    output_final_state=True, scale=0.5)
     assert o3.dtype == torch.bfloat16 and s3.dtype == torch.float32
     assert relative_error(o3, o1) <= TOLERANCES["gpu_bfloat16"]
+
+
+@pytest.mark.parametrize("op", ["log_linear_attn", "log_linear_gated_delta_rule"])
+def test_head_first_inputs_warn_at_the_callers_line(op):
+    """Head-first ``(B, H, T, D)`` tensors handed to the ``(B, T, H, D)`` ops (more tokens than
+    heads, read as fewer tokens than heads) raise fla's ``UserWarning``, naming the caller's line;
+    the same tensors transposed to the documented layout do not."""
+    B, H, T, D = 1, 2, 8, 3
+    q, k, v = (torch.randn(B, H, T, D, dtype=DT) for _ in range(3))
+    g, beta = -torch.rand(B, H, T, dtype=DT), torch.rand(B, H, T, dtype=DT)
+    head_first = [q, k, v, g] + ([beta] if op == "log_linear_gated_delta_rule" else [])
+    fn = getattr(hodlr, op)
+    with pytest.warns(UserWarning, match="fewer tokens than heads") as caught:
+        fn(*head_first, torch.rand(B, H, T, fenwick.num_levels(H), dtype=DT))
+    assert [w.filename for w in caught] == [__file__]
+    flipped = [x.transpose(1, 2) for x in head_first]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fn(*flipped, torch.rand(B, T, H, fenwick.num_levels(T), dtype=DT))
+
+
+@pytest.mark.parametrize("op", ["log_linear_attn", "log_linear_gated_delta_rule"])
+def test_no_head_first_warning_with_a_state_no_tokens_or_inside_hodlr(op):
+    """Fewer tokens than heads is no warning in a call with a state (a decoding step, a short
+    continuation), with packed sequences, with no tokens, or from hodlr's own layers."""
+    B, T, H, D = 2, 1, 4, 3
+    q, k, v = (torch.randn(B, T, H, D, dtype=DT) for _ in range(3))
+    g, beta = -torch.rand(B, T, H, dtype=DT), torch.rand(B, T, H, dtype=DT)
+    args = [q, k, v, g] + ([beta] if op == "log_linear_gated_delta_rule" else [])
+    lam = torch.rand(B, T, H, 3, dtype=DT)
+    fn = getattr(hodlr, op)
+    with pytest.warns(UserWarning, match="fewer tokens than heads"):
+        _, state = fn(*args, lam, output_final_state=True)
+    packed = [x.reshape((1, B * T) + x.shape[2:]) for x in args]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fn(*args, lam, initial_state=state)
+        fn(*packed, lam.reshape(1, B * T, H, 3), cu_seqlens=torch.tensor([0, 1, 2]))
+        fn(*(x[:, :0] for x in args), lam[:, :0])
+        layer = hodlr.nn.LogLinearMamba2(num_heads=4, head_dim=3, hidden_size=6, state_size=5).double()
+        layer(torch.randn(1, 2, 6, dtype=DT))
 
 
 @pytest.mark.parametrize("B, T", [(2, 0), (0, 5)])
