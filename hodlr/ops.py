@@ -115,7 +115,7 @@ def _warn_if_head_first(q) -> None:
     Only calls from outside hodlr are checked (hodlr's layers and context parallelism lay the
     tensors out themselves), and calls that carry a state or packed sequences (decoding steps, short
     continuations) not at all.  The warning names the caller's line."""
-    if not 0 < q.shape[1] < q.shape[2] or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not 0 < q.shape[1] < q.shape[2]:  # (no shape guard while tracing)
         return
     frame, level = sys._getframe(), 1
     while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("hodlr"):
