@@ -148,9 +148,9 @@ def check_cu_seqlens(cu_seqlens, x, name: str) -> int:
 
 
 def check_cu_seqlens_values(cu_seqlens, T: int, name: str = "q") -> None:
-    """The checks of packed sequences that read ``cu_seqlens`` on the host: from 0, non-decreasing,
-    to the ``T`` tokens of ``name``."""
-    cu = cu_seqlens.tolist()
+    """The checks of packed sequences that read ``cu_seqlens`` on the host (a tensor, or the list a
+    caller read already): from 0, non-decreasing, to the ``T`` tokens of ``name``."""
+    cu = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
     if cu[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0]={cu[0]}")
     for i in range(1, len(cu)):
@@ -162,8 +162,9 @@ def check_cu_seqlens_values(cu_seqlens, T: int, name: str = "q") -> None:
 
 
 def _check_values(N, T, L, cu_seqlens, initial_positions, num_slots=None, state_name="initial_state"):
-    """The checks that read ``cu_seqlens`` and the state's positions on the host (``N`` rows of
-    ``T`` tokens); returns the largest end position."""
+    """The checks that read ``cu_seqlens`` (a tensor, or its values read once by the caller as a
+    list) and the state's positions on the host (``N`` rows of ``T`` tokens); returns the largest
+    end position."""
     if cu_seqlens is not None:
         check_cu_seqlens_values(cu_seqlens, T)
     if cu_seqlens is None and initial_positions is None:  # N rows from position 0 (no host work)
@@ -564,9 +565,10 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
         o, states, positions, _, _ = _op(_bhtd(q), _bhtd(k), _bhtd(v), g_, lam, scale, init, pos, cu_seqlens,
                                          output_final_state, final_slots, backend, keep)
     else:
-        end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
+        cu = None if cu_seqlens is None else cu_seqlens.tolist()  # one host read for the checks and the rows
+        end = _check_values(B, T, L, cu, pos, S_in if initial_state is not None else None)
         final_slots = max(S_in, fenwick.num_slots(end))
-        rows = _kernel_decoding_rows(T, initial_state, cu_seqlens, backend, q, k, v, g, level_scales)
+        rows = _kernel_decoding_rows(T, initial_state, cu, backend, q, k, v, g, level_scales)
         if rows:
             state = initial_state.with_slots(final_slots)  # new tensors: the step updates them in place
             o = rows(log_linear_attn_step, q, k, v, g, level_scales, state, scale=scale, backend="triton",
@@ -581,16 +583,17 @@ def log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_s
     return o, LogLinearState(states, positions, validate=False)
 
 
-def _decoding_rows(T, initial_state, cu_seqlens):
+def _decoding_rows(T, initial_state, cu):
     """Whether an eager call with a state is one decoding step: one token a row of the batch, or
-    packed sequences of one token each (``cu_seqlens`` read on the host, as the call's checks
-    did).  Returns None, or ``run(step, *inputs, state, **kw)`` calling a decoding step on the
-    inputs with each sequence a row (packed tokens moved to the batch axis and back)."""
+    packed sequences of one token each (``cu``: the values of ``cu_seqlens`` as the call's checks
+    read them, a list, or None).  Returns None, or ``run(step, *inputs, state, **kw)`` calling a
+    decoding step on the inputs with each sequence a row (packed tokens moved to the batch axis
+    and back)."""
     if initial_state is None:
         return None
-    if cu_seqlens is None:
+    if cu is None:
         return None if T != 1 else (lambda step, *xs, **kw: step(*xs, **kw))
-    if T != initial_state.batch_size or not (np.diff(np.asarray(cu_seqlens.tolist())) == 1).all():
+    if T != initial_state.batch_size or not (np.diff(np.asarray(cu)) == 1).all():
         return None
 
     def packed(step, *xs, **kw):
@@ -601,11 +604,11 @@ def _decoding_rows(T, initial_state, cu_seqlens):
     return packed
 
 
-def _kernel_decoding_rows(T, initial_state, cu_seqlens, backend, q, *inputs):
+def _kernel_decoding_rows(T, initial_state, cu, backend, q, *inputs):
     """:func:`_decoding_rows` where the decode kernel runs the step: on a GPU, a float32 state,
     ``backend`` ``"triton"`` or ``"auto"`` with the kernels available, no gradient wanted of
     ``q``, ``inputs`` (None entries allowed) or the state; else None."""
-    rows = _decoding_rows(T, initial_state, cu_seqlens)
+    rows = _decoding_rows(T, initial_state, cu)
     if (rows and q.device.type == "cuda" and initial_state.states.dtype != torch.float64
             and (backend == "triton" or backend == "auto" and _kernels_on(q.device, q.dtype))
             and not _checks.wants_grad(q, *inputs, initial_state.states)):
@@ -1272,8 +1275,9 @@ def log_linear_gated_delta_rule(q, k, v, g, beta, level_scales, *, scale=None, i
         o, states, positions, *_ = _gd_op(_bhtd(q), _bhtd(k), _bhtd(v), g_, beta_, lam, scale, init, pos,
                                           cu_seqlens, output_final_state, final_slots, backend, keep)
     else:
-        end = _check_values(B, T, L, cu_seqlens, pos, S_in if initial_state is not None else None)
-        rows = _kernel_decoding_rows(T, initial_state, cu_seqlens, backend, q, k, v, g, beta, level_scales)
+        cu = None if cu_seqlens is None else cu_seqlens.tolist()  # one host read for the checks and the rows
+        end = _check_values(B, T, L, cu, pos, S_in if initial_state is not None else None)
+        rows = _kernel_decoding_rows(T, initial_state, cu, backend, q, k, v, g, beta, level_scales)
         if rows:  # decoding: the decode kernel
             state = initial_state.with_slots(max(S_in, fenwick.num_slots(end)))  # new tensors, stepped in place
             o = rows(log_linear_gated_delta_step, q, k, v, g, beta, level_scales, state, scale=scale,

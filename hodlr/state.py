@@ -444,7 +444,8 @@ def segments(N: int, T: int, cu_seqlens=None, initial_positions=None):
     ``cu_seqlens``, ``N == 1`` and ``len(cu_seqlens) - 1`` packed sequences.  Returns int64 numpy
     arrays ``(batch, offset, length, start)``, one entry per sequence: its batch row and first token
     along ``T``, its length, and the absolute position of its first token (``initial_positions``, or 0).
-    One host read of ``cu_seqlens`` and ``initial_positions``.
+    One host read of ``cu_seqlens`` (none where the caller passes its values, a list) and of
+    ``initial_positions``.
     """
     if cu_seqlens is None:
         count = N
@@ -452,7 +453,7 @@ def segments(N: int, T: int, cu_seqlens=None, initial_positions=None):
         offset = np.zeros(N, dtype=np.int64)
         length = np.full(N, T, dtype=np.int64)
     else:
-        cu = np.asarray(cu_seqlens.tolist(), dtype=np.int64)
+        cu = np.asarray(cu_seqlens.tolist() if hasattr(cu_seqlens, "tolist") else cu_seqlens, dtype=np.int64)
         count = cu.size - 1
         batch = np.zeros(count, dtype=np.int64)
         offset = cu[:-1]
