@@ -118,7 +118,7 @@ def _warn_if_head_first(q) -> None:
     if torch.compiler.is_compiling() or not 0 < q.shape[1] < q.shape[2]:  # (no shape guard while tracing)
         return
     frame, level = sys._getframe(), 1
-    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("hodlr"):
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "hodlr":
         if frame.f_globals["__name__"] not in ("hodlr.ops", "hodlr._checks"):
             return  # called by another part of hodlr
         frame, level = frame.f_back, level + 1
