@@ -402,10 +402,15 @@ def _fold_in_two(batch, runs, tensors, strides):
 def _dense_copy(x, template, batch, outer, inner):
     """``x`` copied into new memory whose dims are ordered as ``template``'s (a tensor of the same
     batch that folds; equal strides keep their order), so that the copy folds as the template does
-    and is written in the order it is read; batch-major (``contiguous``) where that order would
-    not fold or there is no template."""
+    and is written in the order it is read -- where the template has other trailing dims (a
+    log-decay beside level scales), its batch dims' order and then ``x``'s trailing dims in their
+    own; batch-major (``contiguous``) where that order would not fold or there is no template."""
     if template is not None:
-        order = sorted(range(x.dim()), key=lambda d: (-template.stride(d), d))
+        if template.dim() == x.dim():
+            order = sorted(range(x.dim()), key=lambda d: (-template.stride(d), d))
+        else:
+            nb = len(batch)
+            order = sorted(range(nb), key=lambda d: (-template.stride(d), d)) + list(range(nb, x.dim()))
         strides, step = [0] * x.dim(), 1
         for d in reversed(order):
             strides[d] = step

@@ -263,19 +263,38 @@ def test_grouped_heads_in_fla_layout_fold_without_copying_the_values():
     assert attention_layout(q.contiguous(), q.contiguous(), v, lam, None).group == 1
 
 
+def test_collapse_batch_copies_a_tensor_with_more_trailing_dims_than_the_template():
+    """Three runs of batch dims, the tensor that does not fold having more trailing dims than the
+    one it is copied after (level scales beside a log-decay): the copy takes the template's batch
+    order and keeps its own trailing dims, and every entry is addressed."""
+    from hodlr.kernels._layout import collapse_batch
+
+    lam = torch.randn(2, 1, 4, 5, 3).expand(2, 3, 4, 5, 3)  # (B, H, G, T, L), broadcast over H
+    g = torch.randn(2, 3, 4, 5)  # (B, H, G, T)
+    B0, B1, strides, out = collapse_batch((2, 3, 4), [lam, g])
+    assert out[1] is g and out[0].data_ptr() != lam.data_ptr()
+    for x, y, (s0, s1) in zip((lam, g), out, strides):
+        tail = tuple(x.shape[3:])
+        for b in range(B0 * B1):
+            b0, b1 = divmod(b, B1)
+            rows = torch.as_strided(y, tail, y.stride()[3:], y.storage_offset() + b0 * s0 + b1 * s1)
+            assert torch.equal(rows, x.reshape((-1,) + tail)[b])
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_collapse_batch_addresses_every_entry(data):
     """Tensors of one batch in any memory order, some batch dims broadcast (stride 0), some of
-    size 1: the two folded indices and strides address every batch entry's ``(T, D)`` rows, and a
-    tensor is copied only where it does not fold; with some tensors grouped (``collapse_grouped``),
-    those read at ``b1 // group``, and a grouped fold copies nothing."""
+    size 1, with trailing dims ``(T, D)`` or ``(T,)`` (a log-decay beside level scales): the two
+    folded indices and strides address every batch entry's rows, and a tensor is copied only where
+    it does not fold; with some tensors grouped (``collapse_grouped``), those read at
+    ``b1 // group``, and a grouped fold copies nothing."""
     from hodlr.kernels._layout import collapse_batch, collapse_grouped
 
     batch = tuple(data.draw(st.lists(st.integers(1, 3), min_size=1, max_size=4), label="batch"))
     tensors = []
     for j in range(data.draw(st.integers(1, 4), label="count")):
-        full = batch + (3, 2)
+        full = batch + data.draw(st.sampled_from([(3, 2), (3,)]), label=f"trailing dims {j}")
         order = data.draw(st.permutations(range(len(full))), label=f"order {j}")
         base = torch.randn([full[d] for d in order]).permute([order.index(d) for d in range(len(full))])
         keep = data.draw(st.lists(st.booleans(), min_size=len(batch), max_size=len(batch)), label=f"kept {j}")
@@ -296,8 +315,9 @@ def test_collapse_batch_addresses_every_entry(data):
             for b in range(B0 * B1):
                 b0, b1 = divmod(b, B1)
                 j = b1 // group if i in grouped else b1
-                rows = torch.as_strided(y, (3, 2), (y.stride(-2), y.stride(-1)), y.storage_offset() + b0 * s0 + j * s1)
-                assert torch.equal(rows, x.reshape((-1, 3, 2))[b])
+                tail = tuple(x.shape[len(batch):])
+                rows = torch.as_strided(y, tail, y.stride()[len(batch):], y.storage_offset() + b0 * s0 + j * s1)
+                assert torch.equal(rows, x.reshape((-1,) + tail)[b])
 
 
 @settings(max_examples=40, deadline=None)
