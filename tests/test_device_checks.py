@@ -57,6 +57,19 @@ def test_strided_and_broadcast_inputs():
     assert _flag(lam, g) == 1
 
 
+@pytest.mark.interpreter
+def test_three_runs_of_batch_dims_with_broadcast_scales():
+    """Level scales broadcast over a middle batch dim beside a full log-decay: three runs of batch
+    dims, the scales copied for the fold (after the log-decay's batch order) and checked."""
+    T, L = 9, 5
+    lam = poison_unread(torch.rand(2, 1, 4, T, L)).expand(2, 3, 4, T, L)
+    g = -torch.rand(2, 3, 4, T)
+    assert _flag(lam, g) == 0
+    bad = lam.clone()
+    bad[1, 0, 3, 8, 0] = float("nan")
+    assert _flag(bad[:, :1].expand(2, 3, 4, T, L), g) == 1
+
+
 def _fused_flag(op, lam, g, chunk, D=4, batch=None):
     """The verdict of the forward ``op``'s output kernel, validating as it computes (operands of
     batch shape ``batch``, default ``lam``'s, against which ``lam`` and ``g`` broadcast)."""
