@@ -925,9 +925,13 @@ def _gated_delta_forward(q, k, v, beta, g, level_scales, scale, init_states, ini
             init5 = _pick(init_states, seqs).to(work)
             init5 = init5.unflatten(1, (Hqk, grp))
         Tn = sl.stop - sl.start
-        if Tn == 0:
-            o5 = v5.new_zeros(v5.shape)
-            fin5 = init5 if init5 is not None else v5.new_zeros(v5.shape[:3] + (0, Dk, Dv), dtype=work)
+        if Tn == 0:  # the state passes through, in new tensors (a later step updates them in place),
+            o5 = v5.new_zeros(v5.shape)  # with its empty buckets' slots 0
+            if init5 is None:
+                fin5 = v5.new_zeros(v5.shape[:3] + (0, Dk, Dv), dtype=work)
+            else:
+                fin5 = init5.clone()
+                fin5[:, :, :, [j for j in range(fin5.shape[3]) if not (a >> j) & 1]] = 0
         elif inference:
             o5, fin5 = module.gated_delta_with_state(q5, k5, v5, beta5, lam5, g5, scale, state=init5, position=a,
                                                      final_state=output_final_state)

@@ -407,6 +407,29 @@ def test_calls_without_tokens_differentiate(op, B, T):
         assert [x.shape for x in grads] == [x.shape for x in args], backend
 
 
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 0]])
+@pytest.mark.parametrize("backend", ["chunked", "fenwick"])
+@pytest.mark.parametrize("op", ["log_linear_attn", "log_linear_gated_delta_rule"])
+def test_a_call_without_tokens_passes_its_state_on_in_new_tensors(op, backend, cu_seqlens):
+    """A call with no token and a state returns that state in new tensors (a decoding step on it,
+    which updates it in place, leaves the caller's state alone), its empty buckets' slots 0."""
+    H, D = 2, 3
+    state = hodlr.LogLinearState(torch.randn(1, H, 3, D, D, dtype=DT), torch.tensor([5]))  # slots 0, 2 live
+    given = state.states.clone()
+    e = lambda *shape: torch.zeros(shape, dtype=DT)  # noqa: E731
+    args = [e(1, 0, H, D), e(1, 0, H, D), e(1, 0, H, D), e(1, 0, H)]
+    if op == "log_linear_gated_delta_rule":
+        args.append(e(1, 0, H))
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens)
+    _, final = getattr(hodlr, op)(*args, e(1, 0, H, 4), initial_state=state, output_final_state=True,
+                                  cu_seqlens=cu, backend=backend)
+    assert final.states.data_ptr() != state.states.data_ptr() and final.positions.tolist() == [5]
+    assert torch.equal(final.states[:, :, [0, 2]], given[:, :, [0, 2]])
+    assert torch.equal(final.states[:, :, 1], torch.zeros_like(given[:, :, 1]))
+    final.states.zero_()
+    assert torch.equal(state.states, given)
+
+
 @pytest.mark.parametrize("backend", ["chunked", "fenwick"])
 def test_autocast_leaves_the_precision_to_the_inputs(backend):
     """Under ``torch.autocast`` every public operation computes in its inputs' dtypes, as outside it
