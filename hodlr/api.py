@@ -77,6 +77,34 @@ def _mask_args(M, batch, module=None):
     return lam, g
 
 
+def _no_terms(shape, like, *inputs):
+    """The zeros of ``shape`` (``like``'s library, dtype and device) that an operation with no term
+    returns (an empty batch, or empty dot products); for torch inputs that want a gradient, inside
+    autograd's graph, every input's gradient zeros of its shape (as a torch operation on empty
+    tensors gives), so that a training step through such a call runs."""
+    if not any(_checks.is_torch(x) and x.requires_grad for x in inputs + (like,)) or not _torch_grad_enabled():
+        return zeros(shape, like)
+    import torch
+
+    class _NoTerms(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *xs):
+            ctx.specs = [(x.shape, x.dtype, x.device) for x in xs]
+            return like.new_zeros(shape)
+
+        @staticmethod
+        def backward(ctx, _):
+            return tuple(torch.zeros(sh, dtype=dt, device=dev) for sh, dt, dev in ctx.specs)
+
+    return _NoTerms.apply(*(x for x in inputs + (like,) if _checks.is_torch(x)))
+
+
+def _torch_grad_enabled() -> bool:
+    import torch
+
+    return torch.is_grad_enabled()
+
+
 @_checks.without_autocast
 def matmul(M, X, *, backend: str = "auto"):
     """``Y = M @ X`` for a log-linear mask ``M``.
@@ -123,7 +151,7 @@ def matmul(M, X, *, backend: str = "auto"):
     batch = _checks.broadcast_batch({"M": M.batch_shape, "X": tuple(X.shape[:-2])})
     module = _resolve(backend, M, batch, "matmul", dtype=X.dtype)
     if _empty(batch) or X.shape[-1] == 0:
-        return zeros(batch + tuple(X.shape[-2:]), X)
+        return _no_terms(batch + tuple(X.shape[-2:]), X, M.level_scales, M.log_decay)
     lam, g = _mask_args(M, batch, module)
     X = _checks.broadcast_to(X, batch + tuple(X.shape[-2:]))
     return _run(module, "matmul", M, lam, g, X)
@@ -192,7 +220,7 @@ def attention(q, k, v, M, *, scale=None, backend: str = "auto"):
     )
     module = _resolve(backend, M, batch, "attention", dtype=v.dtype)
     if _empty(batch) or q.shape[-1] == 0 or v.shape[-1] == 0:
-        return zeros(batch + tuple(v.shape[-2:]), v)
+        return _no_terms(batch + tuple(v.shape[-2:]), v, q, k, M.level_scales, M.log_decay)
     lam, g = _mask_args(M, batch, module)
     q, k, v = (_checks.broadcast_to(a, batch + tuple(a.shape[-2:])) for a in (q, k, v))
     return _run(module, "attention", M, q, k, v, lam, g, scale)
@@ -290,7 +318,7 @@ def gated_delta_attention(q, k, v, beta, M, *, scale=None, backend: str = "auto"
     q, k, beta, v, batch, scale = _gated_delta_operands(M, scale, q, k, beta, v)
     module = _resolve(backend, M, batch, "gated_delta_attention", q.shape[-1], v.dtype)
     if _empty(batch) or q.shape[-1] == 0 or v.shape[-1] == 0:
-        return zeros(batch + tuple(v.shape[-2:]), v)
+        return _no_terms(batch + tuple(v.shape[-2:]), v, q, k, beta, M.level_scales, M.log_decay)
     lam, g = _mask_args(M, batch, module)
     q, k, v = (_checks.broadcast_to(a, batch + tuple(a.shape[-2:])) for a in (q, k, v))
     beta = _checks.broadcast_to(beta, batch + (M.T,))

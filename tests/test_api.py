@@ -200,3 +200,23 @@ def test_a_16_bit_mask_is_computed_as_a_float32_one(dtype):
             got = f(half, *args, backend=backend) if op == "matmul" else f(*args, half, backend=backend)
             want = f(wide, *args, backend=backend) if op == "matmul" else f(*args, wide, backend=backend)
             assert got.dtype == dtype and torch.equal(got, want), (backend, op)
+
+
+@pytest.mark.parametrize("backend", ["dense", "chunked"])
+def test_calls_without_terms_stay_in_the_autograd_graph(backend):
+    """An empty batch or empty dot products (Dk = 0) run no backend, yet the result is part of
+    autograd's graph: a backward through it gives every input zeros of its shape."""
+    T = 5
+    lam = (torch.rand(T, hodlr.num_levels(T), dtype=torch.float64) + 0.5).requires_grad_()
+    g = (-torch.rand(T, dtype=torch.float64)).requires_grad_()
+    M = hodlr.LogLinearMask(lam, g)
+    x = torch.randn(0, T, 3, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(2, T, 0, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, T, 4, dtype=torch.float64, requires_grad=True)
+    beta = torch.rand(2, T, dtype=torch.float64, requires_grad=True)
+    outs = [hodlr.matmul(M, x, backend=backend), hodlr.attention(q, q, v, M, backend=backend),
+            hodlr.gated_delta_attention(q, q, v, beta, M, backend=backend)]
+    assert [tuple(o.shape) for o in outs] == [(0, T, 3), (2, T, 4), (2, T, 4)]
+    grads = torch.autograd.grad(sum(o.sum() for o in outs), (lam, g, x, q, v, beta))
+    for given, grad in zip((lam, g, x, q, v, beta), grads):
+        assert grad.shape == given.shape and not grad.any()
