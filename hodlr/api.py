@@ -79,30 +79,15 @@ def _mask_args(M, batch, module=None):
 
 def _no_terms(shape, like, *inputs):
     """The zeros of ``shape`` (``like``'s library, dtype and device) that an operation with no term
-    returns (an empty batch, or empty dot products); for torch inputs that want a gradient, inside
-    autograd's graph, every input's gradient zeros of its shape (as a torch operation on empty
-    tensors gives), so that a training step through such a call runs."""
-    if not any(_checks.is_torch(x) and x.requires_grad for x in inputs + (like,)) or not _torch_grad_enabled():
-        return zeros(shape, like)
-    import torch
-
-    class _NoTerms(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *xs):
-            ctx.specs = [(x.shape, x.dtype, x.device) for x in xs]
-            return like.new_zeros(shape)
-
-        @staticmethod
-        def backward(ctx, _):
-            return tuple(torch.zeros(sh, dtype=dt, device=dev) for sh, dt, dev in ctx.specs)
-
-    return _NoTerms.apply(*(x for x in inputs + (like,) if _checks.is_torch(x)))
-
-
-def _torch_grad_enabled() -> bool:
-    import torch
-
-    return torch.is_grad_enabled()
+    returns (an empty batch, or empty dot products), inside autograd's graph for torch inputs that
+    want a gradient: each such input adds an empty sum (0, exactly), whose backward gives it zeros
+    of its shape, as a torch operation on empty tensors does, so that a training step through such
+    a call runs."""
+    out = zeros(shape, like)
+    for x in (like,) + inputs:
+        if _checks.is_torch(x) and x.requires_grad:
+            out = out + x.reshape(-1)[:0].sum()
+    return out
 
 
 @_checks.without_autocast
