@@ -273,11 +273,19 @@ def test_collapse_batch_copies_a_tensor_with_more_trailing_dims_than_the_templat
     g = torch.randn(2, 3, 4, 5)  # (B, H, G, T)
     B0, B1, strides, out = collapse_batch((2, 3, 4), [lam, g])
     assert out[1] is g and out[0].data_ptr() != lam.data_ptr()
-    for x, y, (s0, s1) in zip((lam, g), out, strides):
-        tail = tuple(x.shape[3:])
+    _assert_fold_addresses((2, 3, 4), [lam, g], B0, B1, strides, out)
+
+
+def _assert_fold_addresses(batch, tensors, B0, B1, strides, out, grouped=(), group=1):
+    """Every batch entry ``b`` of each of ``tensors`` is found in the folded ``out`` tensor at
+    ``b0 * s0 + b1 * s1`` (``b1 // group`` for the tensors at the indices ``grouped``), with its
+    trailing dims through ``out``'s own strides."""
+    for i, (x, y, (s0, s1)) in enumerate(zip(tensors, out, strides)):
+        tail = tuple(x.shape[len(batch):])
         for b in range(B0 * B1):
             b0, b1 = divmod(b, B1)
-            rows = torch.as_strided(y, tail, y.stride()[3:], y.storage_offset() + b0 * s0 + b1 * s1)
+            j = b1 // group if i in grouped else b1
+            rows = torch.as_strided(y, tail, y.stride()[len(batch):], y.storage_offset() + b0 * s0 + j * s1)
             assert torch.equal(rows, x.reshape((-1,) + tail)[b])
 
 
@@ -310,14 +318,8 @@ def test_collapse_batch_addresses_every_entry(data):
             if group > 1:
                 assert all(y is x for x, y in zip(tensors, out))
         assert B0 * B1 == math.prod(batch) and B1 % group == 0
-        for i, (x, y, (s0, s1)) in enumerate(zip(tensors, out, strides)):
-            assert y is x or y.data_ptr() != x.data_ptr()
-            for b in range(B0 * B1):
-                b0, b1 = divmod(b, B1)
-                j = b1 // group if i in grouped else b1
-                tail = tuple(x.shape[len(batch):])
-                rows = torch.as_strided(y, tail, y.stride()[len(batch):], y.storage_offset() + b0 * s0 + j * s1)
-                assert torch.equal(rows, x.reshape((-1,) + tail)[b])
+        assert all(y is x or y.data_ptr() != x.data_ptr() for x, y in zip(tensors, out))
+        _assert_fold_addresses(batch, tensors, B0, B1, strides, out, grouped, group)
 
 
 @settings(max_examples=40, deadline=None)
